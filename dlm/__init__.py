@@ -1,0 +1,1 @@
+"""dlm: a block-parallel diffusion language model engine. Token ids in, token ids out."""

@@ -1,0 +1,5 @@
+import sys
+
+from voice_agent.cli import main
+
+sys.exit(main())

