@@ -5,7 +5,7 @@ The engine raises these for one request and keeps serving the others.
 
 from __future__ import annotations
 
-__all__ = ["DlmError", "ModelNotFoundError", "UnsupportedCheckpointError", "InvalidRequestError"]
+__all__ = ["DlmError", "InvalidRequestError", "ModelNotFoundError", "UnsupportedCheckpointError"]
 
 
 class DlmError(Exception):

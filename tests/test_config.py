@@ -1,0 +1,93 @@
+"""Configuration loading: defaults, unknown keys, wrong types, --set overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from voice_agent.config import Config, ConfigError, default_config_text, load_config
+
+
+def test_default_toml_matches_the_dataclass_defaults() -> None:
+    # configs/default.toml is the documented copy of the defaults; the two must not drift.
+    loaded = load_config()
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        assert getattr(loaded, section.name) == getattr(defaults, section.name), section.name
+
+
+def test_every_default_key_is_in_default_toml() -> None:
+    import tomllib
+
+    data = tomllib.loads(default_config_text())
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        keys = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+        missing = keys - set(data.get(section.name, {}))
+        # Long texts (the system prompt) may stay in the dataclass only.
+        missing -= {"system_prompt"}
+        assert not missing, f"[{section.name}] is missing {sorted(missing)} in configs/default.toml"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[llm]\nfoo = 1\n", "unknown key 'llm.foo'"),
+        ("[nosuch]\nx = 1\n", "unknown key 'nosuch'"),
+        ("[server]\nport = \"80\"\n", "server.port: expected int"),
+        ("[server]\nport = true\n", "server.port: expected int"),
+        ("[server]\nallowed_origins = \"x\"\n", "server.allowed_origins: expected a list"),
+        ("[server]\nallowed_origins = [1]\n", "server.allowed_origins[0]: expected str"),
+        ("llm = 3\n", "llm: expected a [llm] table"),
+        ("[llm\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(path)
+
+
+def test_int_is_accepted_for_float() -> None:
+    config = load_config(overrides=["llm.threshold=1"])
+    assert config.llm.threshold == 1.0 and isinstance(config.llm.threshold, float)
+
+
+def test_set_overrides() -> None:
+    config = load_config(overrides=["llm.device=cuda", "server.port=9000", "agent.speculative_start=false"])
+    assert config.llm.device == "cuda"
+    assert config.server.port == 9000
+    assert config.agent.speculative_start is False
+    # A bare word that is not TOML is taken as a string.
+    assert load_config(overrides=["asr.model=base.en"]).asr.model == "base.en"
+
+
+@pytest.mark.parametrize("bad", ["llm.device", "device=cpu", "a.b.c=1", "llm.nosuch=1", "server.port=x"])
+def test_bad_overrides(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        load_config(overrides=[bad])
+
+
+def test_missing_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_token_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOICE_AGENT_TOKEN", "s3cret")
+    assert load_config().server.token == "s3cret"
+
+
+def test_shipped_configs_load() -> None:
+    from importlib import resources
+
+    for entry in resources.files("voice_agent.configs").iterdir():
+        if entry.name.endswith(".toml") and entry.name != "models.toml":
+            with resources.as_file(entry) as path:
+                load_config(path)
