@@ -1,0 +1,363 @@
+"""Voice activity detection and endpointing: audio chunks in, turn events out.
+
+Contract:
+- `Endpointer(sample_rate_hz=16000, aggressiveness=2, frame_ms=20, pre_roll_ms=300,
+  min_speech_ms=200, end_silence_ms=600, backend="webrtc", max_utterance_ms=30000)`.
+  `.feed(chunk)` takes float32 mono chunks of any size (int16 arrays are accepted too) and returns
+  the events decided by that chunk, in order: `SpeechStarted` and `SpeechEnded`.
+  Stream times (`t_s`, `audio_start_s`) count seconds of audio fed since creation or `reset()`.
+- A turn starts once `min_speech_ms` of voiced frames have been seen with no pause longer than
+  `_START_GAP_MS` between them, so a cough or a click is not a turn. `SpeechStarted.t_s` is the
+  start of the first voiced frame (the event itself is emitted `min_speech_ms` later).
+- A turn ends after `end_silence_ms` of unvoiced frames, or when it reaches `max_utterance_ms`
+  (then the next voiced audio starts a new turn at once). `SpeechEnded.t_s` is the endpoint: the
+  stream time at which the end was decided. `SpeechEnded.audio` holds the utterance: `pre_roll_ms`
+  of audio before the first voiced frame (so the start of the first word is never cut), the
+  speech, and up to `pre_roll_ms` of trailing audio after the last voiced frame.
+- `.utterance_audio()` is the audio of the turn in progress (the same layout, growing), or an empty
+  array between turns: the input for partial transcripts. `.in_speech` says whether a turn is open.
+- `.reset()` forgets everything, stream time included.
+- Backends: "webrtc" (webrtcvad; 8/16/32/48 kHz; frame_ms 10, 20 or 30; aggressiveness 0..3 is
+  webrtcvad's mode) and "silero" (the ONNX model bundled in the `silero-vad` package, run with
+  onnxruntime, no torch; 8 or 16 kHz; fixed 32 ms frames; aggressiveness 0..3 maps to a speech
+  probability threshold of 0.3, 0.4, 0.5, 0.6). A missing optional backend raises
+  `AudioModelNotFoundError` with the install command; bad settings raise `AudioError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from audio.codecs import float32_to_pcm16
+from audio.errors import AudioError, AudioModelNotFoundError
+
+__all__ = [
+    "BACKENDS",
+    "Endpointer",
+    "FrameClassifier",
+    "SileroVad",
+    "SpeechEnded",
+    "SpeechStarted",
+    "WebRtcVad",
+    "make_classifier",
+]
+
+BACKENDS = ("webrtc", "silero")
+
+# A start candidate survives pauses up to this long (stop closures and short gaps between
+# syllables) and is dropped after a longer one, so two coughs half a second apart are not a turn.
+_START_GAP_MS = 200
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """A turn has started (emitted `min_speech_ms` after the first voiced frame)."""
+
+    t_s: float  # stream time of the first voiced frame
+
+
+@dataclass(frozen=True)
+class SpeechEnded:
+    """A turn has ended; carries the whole utterance."""
+
+    t_s: float  # stream time of the endpoint (when the end was decided)
+    audio: np.ndarray = field(repr=False)  # float32 mono: pre-roll + speech + trailing pad
+    audio_start_s: float = 0.0  # stream time of audio[0]
+    speech_start_s: float = 0.0  # stream time of the first voiced frame
+    speech_end_s: float = 0.0  # stream time of the end of the last voiced frame
+
+
+class FrameClassifier(Protocol):
+    """Says whether one fixed-size frame is speech."""
+
+    frame_samples: int
+
+    def is_speech(self, frame: np.ndarray) -> bool: ...
+
+    def reset(self) -> None: ...
+
+
+class WebRtcVad:
+    """webrtcvad (the WebRTC GMM voice detector): cheap, 10/20/30 ms frames."""
+
+    SAMPLE_RATES_HZ = (8000, 16000, 32000, 48000)
+    FRAME_MS = (10, 20, 30)
+
+    def __init__(self, sample_rate_hz: int, aggressiveness: int = 2, frame_ms: int = 20) -> None:
+        import webrtcvad
+
+        if sample_rate_hz not in self.SAMPLE_RATES_HZ:
+            raise AudioError(
+                f"the webrtc VAD needs {self.SAMPLE_RATES_HZ} Hz audio, got {sample_rate_hz} Hz: resample first"
+            )
+        if frame_ms not in self.FRAME_MS:
+            raise AudioError(f"the webrtc VAD takes frames of {self.FRAME_MS} ms, got frame_ms={frame_ms}")
+        self._vad = webrtcvad.Vad(int(aggressiveness))
+        self._sample_rate_hz = sample_rate_hz
+        self.frame_samples = sample_rate_hz * frame_ms // 1000
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        return self._vad.is_speech(float32_to_pcm16(frame), self._sample_rate_hz)
+
+    def reset(self) -> None:
+        """webrtcvad keeps only slowly adapting noise statistics; nothing to clear."""
+
+
+_SILERO_THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
+
+
+def silero_model_path() -> Path:
+    """The ONNX model bundled in the installed `silero-vad` package (found without importing it)."""
+    try:
+        spec = importlib.util.find_spec("silero_vad")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise AudioModelNotFoundError(
+            "the silero VAD backend needs the silero-vad package: pip install silero-vad"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    if not path.exists():
+        raise AudioModelNotFoundError(
+            f"the silero-vad package has no bundled model at {path}; reinstall it: pip install --force-reinstall silero-vad"
+        )
+    return path
+
+
+class SileroVad:
+    """Silero VAD v5+ (a small LSTM) through onnxruntime: 32 ms frames, a recurrent state."""
+
+    SAMPLE_RATES_HZ = (8000, 16000)
+
+    def __init__(self, sample_rate_hz: int, aggressiveness: int = 2) -> None:
+        if sample_rate_hz not in self.SAMPLE_RATES_HZ:
+            raise AudioError(
+                f"the silero VAD needs {self.SAMPLE_RATES_HZ} Hz audio, got {sample_rate_hz} Hz: resample first"
+            )
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        # One frame is ~0.1 ms of work: threads only add scheduling overhead.
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(silero_model_path()), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._sample_rate_hz = sample_rate_hz
+        self.frame_samples = 512 if sample_rate_hz == 16000 else 256
+        self._context_samples = 64 if sample_rate_hz == 16000 else 32
+        self.threshold = _SILERO_THRESHOLDS[int(aggressiveness)]
+        self.reset()
+
+    def reset(self) -> None:
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._context = np.zeros((1, self._context_samples), dtype=np.float32)
+
+    def probability(self, frame: np.ndarray) -> float:
+        """Speech probability of one frame (advances the recurrent state)."""
+        x = np.concatenate([self._context, frame.reshape(1, -1).astype(np.float32)], axis=1)
+        out, self._state = self._session.run(
+            None, {"input": x, "state": self._state, "sr": np.array(self._sample_rate_hz, dtype=np.int64)}
+        )
+        self._context = x[:, -self._context_samples :]
+        return float(out.reshape(-1)[0])
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        return self.probability(frame) >= self.threshold
+
+
+def make_classifier(backend: str, sample_rate_hz: int, aggressiveness: int, frame_ms: int) -> FrameClassifier:
+    """The frame classifier for a backend name (see the module docstring)."""
+    if not 0 <= int(aggressiveness) <= 3:
+        raise AudioError(f"VAD aggressiveness must be 0..3, got {aggressiveness}")
+    if backend == "webrtc":
+        return WebRtcVad(sample_rate_hz, aggressiveness, frame_ms)
+    if backend == "silero":
+        return SileroVad(sample_rate_hz, aggressiveness)
+    raise AudioError(f"unknown VAD backend {backend!r} (known: {', '.join(BACKENDS)})")
+
+
+def _as_mono_float32(chunk: np.ndarray) -> np.ndarray:
+    a = np.asarray(chunk)
+    if a.ndim == 2 and 1 in a.shape:
+        a = a.ravel()
+    if a.ndim != 1:
+        raise AudioError(f"expected mono audio (a 1-D array), got shape {a.shape}")
+    if a.dtype == np.int16:
+        return a.astype(np.float32) / np.float32(32768.0)
+    if a.dtype.kind != "f":
+        raise AudioError(f"expected float32 or int16 audio, got dtype {a.dtype}")
+    # Non-finite samples are treated as silence rather than poisoning the detector state.
+    return np.clip(
+        np.nan_to_num(a.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0
+    )
+
+
+class Endpointer:
+    """webrtcvad or silero frames -> SpeechStarted / SpeechEnded (see the module docstring)."""
+
+    def __init__(
+        self,
+        sample_rate_hz: int = 16000,
+        aggressiveness: int = 2,
+        frame_ms: int = 20,
+        pre_roll_ms: int = 300,
+        min_speech_ms: int = 200,
+        end_silence_ms: int = 600,
+        backend: str = "webrtc",
+        max_utterance_ms: int = 30_000,
+    ) -> None:
+        for name, value in (
+            ("pre_roll_ms", pre_roll_ms),
+            ("min_speech_ms", min_speech_ms),
+            ("end_silence_ms", end_silence_ms),
+        ):
+            if value < 0:
+                raise AudioError(f"{name} must be >= 0, got {value}")
+        if max_utterance_ms <= 0:
+            raise AudioError(f"max_utterance_ms must be > 0, got {max_utterance_ms}")
+        self.sample_rate_hz = int(sample_rate_hz)
+        self.backend = backend
+        self._classifier = make_classifier(backend, self.sample_rate_hz, aggressiveness, frame_ms)
+        self.frame_samples = self._classifier.frame_samples
+        self.frame_ms = self.frame_samples * 1000 / self.sample_rate_hz
+        self._pre_roll_samples = self.sample_rate_hz * pre_roll_ms // 1000
+        self._min_speech_frames = max(1, int(np.ceil(min_speech_ms / self.frame_ms)))
+        self._start_gap_frames = max(1, int(np.ceil(_START_GAP_MS / self.frame_ms)))
+        self._end_silence_frames = max(1, int(np.ceil(end_silence_ms / self.frame_ms)))
+        self._max_utterance_frames = max(1, int(max_utterance_ms / self.frame_ms))
+        self._tail_frames = int(np.ceil(pre_roll_ms / self.frame_ms))
+        self._pre_roll_frames = int(np.ceil(self._pre_roll_samples / self.frame_samples))
+        self.reset()
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget all audio and state; stream time restarts at 0."""
+        self._classifier.reset()
+        self._pending = np.zeros(0, dtype=np.float32)  # samples not yet making a whole frame
+        self._frames_seen = 0  # frames classified since reset
+        # Recent frames before any turn (pre-roll + start candidate): (frame index, samples).
+        self._history: collections.deque[tuple[int, np.ndarray]] = collections.deque()
+        # The start candidate: first voiced frame index, voiced frame count, last voiced index.
+        self._cand_first = -1
+        self._cand_voiced = 0
+        self._cand_last = -1
+        # The open turn.
+        self.in_speech = False
+        self._utt: list[np.ndarray] = []
+        self._utt_start_frame = 0  # frame index of _utt[0] (pre-roll start, frame aligned)
+        self._utt_lead_samples = 0  # pre-roll samples that precede the first whole frame
+        self._speech_first = 0  # frame index of the first voiced frame
+        self._speech_last = 0  # frame index of the last voiced frame
+        self._silence_run = 0  # unvoiced frames since the last voiced frame
+
+    def _t(self, frame_index: int) -> float:
+        return frame_index * self.frame_samples / self.sample_rate_hz
+
+    # --- feeding -------------------------------------------------------------------------------
+
+    def feed(self, chunk: np.ndarray) -> list[SpeechStarted | SpeechEnded]:
+        """Classify the whole frames now available; return the events they decide."""
+        audio = _as_mono_float32(chunk)
+        if self._pending.size:
+            audio = np.concatenate([self._pending, audio])
+        n_frames = audio.size // self.frame_samples
+        events: list[SpeechStarted | SpeechEnded] = []
+        for i in range(n_frames):
+            frame = audio[i * self.frame_samples : (i + 1) * self.frame_samples]
+            voiced = self._classifier.is_speech(frame)
+            index = self._frames_seen
+            self._frames_seen += 1
+            if self.in_speech:
+                self._in_turn(index, frame, voiced, events)
+            else:
+                self._between_turns(index, frame, voiced, events)
+        self._pending = audio[n_frames * self.frame_samples :].copy()
+        return events
+
+    def _between_turns(self, index: int, frame: np.ndarray, voiced: bool, events: list) -> None:
+        self._history.append((index, frame.copy()))
+        if voiced:
+            if self._cand_first < 0:
+                self._cand_first = index
+                self._cand_voiced = 0
+            self._cand_voiced += 1
+            self._cand_last = index
+            if self._cand_voiced >= self._min_speech_frames:
+                self._open_turn(events)
+                return
+        elif self._cand_first >= 0 and index - self._cand_last > self._start_gap_frames:
+            self._cand_first = -1  # too short: a cough, a click
+        # Keep the candidate and the pre-roll before it (or before now when there is none).
+        keep_from = (self._cand_first if self._cand_first >= 0 else index + 1) - self._pre_roll_frames
+        while self._history and self._history[0][0] < keep_from:
+            self._history.popleft()
+
+    def _open_turn(self, events: list) -> None:
+        first = self._cand_first
+        pre_roll_start = first - self._pre_roll_frames
+        frames = [(i, f) for i, f in self._history if i >= pre_roll_start]
+        self._utt = [f for _, f in frames]
+        self._utt_start_frame = frames[0][0]
+        # Trim the pre-roll to exactly pre_roll_ms where a whole frame would overshoot it.
+        have = (first - self._utt_start_frame) * self.frame_samples
+        self._utt_lead_samples = max(0, have - self._pre_roll_samples)
+        self._history.clear()
+        self._speech_first = first
+        self._speech_last = self._cand_last
+        self._silence_run = 0  # a turn opens on a voiced frame
+        self._cand_first = -1
+        self.in_speech = True
+        events.append(SpeechStarted(t_s=self._t(first)))
+
+    def _in_turn(self, index: int, frame: np.ndarray, voiced: bool, events: list) -> None:
+        self._utt.append(frame.copy())
+        if voiced:
+            self._speech_last = index
+            self._silence_run = 0
+        else:
+            self._silence_run += 1
+        too_long = index + 1 - self._utt_start_frame >= self._max_utterance_frames
+        if self._silence_run >= self._end_silence_frames or too_long:
+            self._close_turn(index, events)
+
+    def _close_turn(self, index: int, events: list) -> None:
+        # Keep up to the pre-roll length of audio after the last voiced frame.
+        end_frame = min(index, self._speech_last + self._tail_frames)  # inclusive
+        n_frames = end_frame - self._utt_start_frame + 1
+        audio = np.concatenate(self._utt[:n_frames])[self._utt_lead_samples :]
+        events.append(
+            SpeechEnded(
+                t_s=self._t(index + 1),
+                audio=audio,
+                audio_start_s=self._t(self._utt_start_frame) + self._utt_lead_samples / self.sample_rate_hz,
+                speech_start_s=self._t(self._speech_first),
+                speech_end_s=self._t(self._speech_last + 1),
+            )
+        )
+        # The last frames seen are the pre-roll of a turn that starts right away.
+        n_kept = min(self._pre_roll_frames, len(self._utt))
+        kept = self._utt[len(self._utt) - n_kept :]
+        self._history = collections.deque((index + 1 - n_kept + k, f) for k, f in enumerate(kept))
+        self.in_speech = False
+        self._utt = []
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def utterance_audio(self) -> np.ndarray:
+        """The audio of the turn in progress (pre-roll included), or an empty array."""
+        if not self.in_speech or not self._utt:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(self._utt)[self._utt_lead_samples :]
+
+    @property
+    def time_s(self) -> float:
+        """Stream time of the audio fed so far (whole frames and pending samples)."""
+        return (self._frames_seen * self.frame_samples + self._pending.size) / self.sample_rate_hz
