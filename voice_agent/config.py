@@ -63,6 +63,8 @@ class VadConfig:
     pre_roll_ms: int = 300
     min_speech_ms: int = 200
     end_silence_ms: int = 600
+    # A turn longer than this is ended anyway (whisper decodes at most 30 s at once).
+    max_utterance_ms: int = 30000
 
 
 @dataclass
@@ -75,6 +77,8 @@ class AsrConfig:
     language: str = "en"
     beam_size: int = 1
     partial_interval_ms: int = 400
+    # CTranslate2 threads on CPU; 0 lets CTranslate2 choose.
+    cpu_threads: int = 0
 
 
 @dataclass

@@ -1,0 +1,190 @@
+"""Speech recognition with faster-whisper (CTranslate2): whole utterances and streaming partials.
+
+Contract:
+- `Transcriber(model, device="cpu", compute_type="int8", language="en", beam_size=1,
+  cpu_threads=0)`: `model` is a CTranslate2 Whisper folder (the embedded tiny.en is one) or a
+  faster-whisper size name ("base.en", "small", ...) already in the Hugging Face cache. Nothing is
+  ever downloaded (`local_files_only=True`); a model that is not on disk raises
+  `AudioModelNotFoundError`. `language` "" or "auto" lets a multilingual model detect it.
+- `.transcribe(audio, sample_rate_hz=16000) -> str`: float32 (or int16) mono audio. Defined
+  behaviour for awkward input: other rates are resampled to 16 kHz; empty or near-silent audio
+  (peak below -60 dBFS) gives "" without running the model; samples beyond [-1, 1] are clipped.
+  Errors (`AudioError`, raised before the model runs): more than one channel, NaN or infinite
+  samples, a non-numeric dtype, a non-positive rate.
+- `StreamingTranscriber(transcriber, partial_interval_ms=400)`: `.partial(audio)` takes the whole
+  growing utterance (e.g. `Endpointer.utterance_audio()`) and returns a hypothesis when at least
+  `partial_interval_ms` of new audio arrived since the last partial, else None; it never decodes
+  the same audio twice. `.final(audio)` returns the transcript of the finished utterance (reusing
+  the last partial when the audio is identical to it) and resets for the next utterance.
+  The interval is measured in audio time, so results do not depend on the machine's speed.
+Not thread-safe: one Transcriber per thread, or a lock around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from audio.errors import AudioError, AudioModelNotFoundError
+from audio.resample import resample
+
+__all__ = ["ASR_SAMPLE_RATE_HZ", "StreamingTranscriber", "Transcriber", "prepare_audio"]
+
+log = logging.getLogger(__name__)
+
+ASR_SAMPLE_RATE_HZ = 16000
+# Below this peak (-60 dBFS) there is nothing to recognize; whisper would hallucinate "you".
+_SILENCE_PEAK = 1e-3
+
+
+def prepare_audio(audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -> np.ndarray:
+    """Validate and convert any mono audio to float32 16 kHz in [-1, 1] (see the module docstring)."""
+    a = np.asarray(audio)
+    if a.ndim == 2 and 1 in a.shape:
+        a = a.ravel()
+    if a.ndim != 1:
+        raise AudioError(
+            f"ASR expects mono audio (a 1-D array), got shape {a.shape}: mix the channels down first"
+        )
+    if a.dtype == np.int16:
+        a = a.astype(np.float32) / np.float32(32768.0)
+    elif a.dtype.kind != "f":
+        raise AudioError(f"ASR expects float32 or int16 audio, got dtype {a.dtype}")
+    if (
+        isinstance(sample_rate_hz, bool)
+        or not isinstance(sample_rate_hz, int | np.integer)
+        or sample_rate_hz <= 0
+    ):
+        raise AudioError(f"invalid sample rate {sample_rate_hz!r}")
+    a = a.astype(np.float32, copy=False)
+    if a.size and not np.isfinite(a).all():
+        raise AudioError("audio contains NaN or infinite samples")
+    a = np.clip(a, -1.0, 1.0)
+    if a.size and sample_rate_hz != ASR_SAMPLE_RATE_HZ:
+        a = resample(a, int(sample_rate_hz), ASR_SAMPLE_RATE_HZ)
+    return a
+
+
+class Transcriber:
+    """A loaded faster-whisper model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        device: str = "cpu",
+        compute_type: str = "int8",
+        language: str = "en",
+        beam_size: int = 1,
+        cpu_threads: int = 0,
+    ) -> None:
+        from faster_whisper import WhisperModel
+
+        if beam_size < 1:
+            raise AudioError(f"beam_size must be >= 1, got {beam_size}")
+        self.model_name = os.fspath(model)
+        self.language = None if language in ("", "auto") else language
+        self.beam_size = int(beam_size)
+        started = time.perf_counter()
+        try:
+            self._model = WhisperModel(
+                self.model_name,
+                device=device,
+                compute_type=compute_type,
+                cpu_threads=int(cpu_threads),
+                local_files_only=True,  # never download
+            )
+        except FileNotFoundError as e:  # huggingface_hub's LocalEntryNotFoundError
+            raise AudioModelNotFoundError(
+                f"whisper model {self.model_name!r} is not on disk and downloads are off: "
+                "give a CTranslate2 model folder, or a size name already in the Hugging Face cache"
+            ) from e
+        except ValueError as e:  # not a size name and not a folder
+            raise AudioModelNotFoundError(f"whisper model {self.model_name!r} not found: {e}") from e
+        except RuntimeError as e:  # a folder without model.bin, a bad device or compute type
+            raise AudioModelNotFoundError(f"cannot load whisper model {self.model_name!r}: {e}") from e
+        self.load_s = time.perf_counter() - started
+        log.debug("loaded whisper %s on %s/%s in %.2f s", self.model_name, device, compute_type, self.load_s)
+
+    def transcribe(self, audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -> str:
+        """The text of one utterance ("" for empty or silent audio)."""
+        a = prepare_audio(audio, sample_rate_hz)
+        if a.size == 0 or float(np.max(np.abs(a))) < _SILENCE_PEAK:
+            return ""
+        segments, _info = self._model.transcribe(
+            a,
+            language=self.language,
+            beam_size=self.beam_size,
+            temperature=0.0,  # one greedy pass; the fallback schedule multiplies the worst case
+            condition_on_previous_text=False,
+            without_timestamps=True,
+            vad_filter=False,  # the Endpointer already cut the utterance
+        )
+        return " ".join(s.text.strip() for s in segments).strip()
+
+
+def _fingerprint(a: np.ndarray) -> tuple[int, bytes]:
+    return a.size, hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class _Decoded:
+    fingerprint: tuple[int, bytes]
+    text: str
+
+
+class StreamingTranscriber:
+    """Partial hypotheses of a growing utterance and its final transcript (see the module docstring)."""
+
+    def __init__(self, transcriber: Transcriber, partial_interval_ms: int = 400) -> None:
+        if partial_interval_ms <= 0:
+            raise AudioError(f"partial_interval_ms must be > 0, got {partial_interval_ms}")
+        self.transcriber = transcriber
+        self.partial_interval_ms = int(partial_interval_ms)
+        self._interval_samples = ASR_SAMPLE_RATE_HZ * self.partial_interval_ms // 1000
+        self.decodes = 0  # model calls since creation: for tests and benchmarks
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new utterance."""
+        self._last: _Decoded | None = None
+        self._last_partial_samples = 0
+        self.last_partial: str | None = None
+
+    def partial(self, audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -> str | None:
+        """A hypothesis of the utterance so far, or None when there is nothing new to decode."""
+        a = prepare_audio(audio, sample_rate_hz)
+        if a.size < self._last_partial_samples:
+            # The caller started a new utterance without final(): begin again.
+            self._last_partial_samples = 0
+            self._last = None
+        if a.size - self._last_partial_samples < self._interval_samples:
+            return None
+        fingerprint = _fingerprint(a)
+        if self._last is not None and self._last.fingerprint == fingerprint:
+            return None
+        text = self._decode(a, fingerprint)
+        self._last_partial_samples = a.size
+        self.last_partial = text
+        return text
+
+    def final(self, audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -> str:
+        """The transcript of the finished utterance; resets for the next one."""
+        a = prepare_audio(audio, sample_rate_hz)
+        fingerprint = _fingerprint(a)
+        if self._last is not None and self._last.fingerprint == fingerprint:
+            text = self._last.text
+        else:
+            text = self._decode(a, fingerprint)
+        self.reset()
+        return text
+
+    def _decode(self, a: np.ndarray, fingerprint: tuple[int, bytes]) -> str:
+        text = self.transcriber.transcribe(a)
+        self.decodes += 1
+        self._last = _Decoded(fingerprint, text)
+        return text

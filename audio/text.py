@@ -1,0 +1,147 @@
+"""Cut streamed LLM text into sentences for speech synthesis.
+
+Contract:
+- `SentenceChunker(max_chars=160)`: `.push(text) -> list[str]` returns the sentences completed by
+  this piece of text; `.flush() -> list[str]` returns what is left at the end of the reply and
+  empties the chunker. Sentences are stripped and never empty; joined with spaces they hold every
+  word of the input, in order (only whitespace between sentences is dropped).
+- A sentence ends at `.`, `!`, `?` or `…` (optionally followed by closing quotes or brackets) when
+  whitespace follows, and at a line break. Not an end: a known abbreviation ("Dr.", "Mr.", "e.g.",
+  "etc." before a lower-case word), a single-letter initial ("J. K."), a number that begins a
+  line or follows a list ("1. "), a decimal or an amount ("$3.50": no whitespace follows).
+  Because the character after a full stop decides, a piece of text that ends right after one is
+  held until the next push (or flush).
+- A sentence longer than `max_chars` is cut at the last clause boundary (`,` `;` `:` or a dash)
+  before the limit, else at the last space, else at the limit; so text with no punctuation at all
+  still comes out in pieces of at most `max_chars` characters.
+Pure text processing: no audio, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["ABBREVIATIONS", "SentenceChunker"]
+
+# Lower-case, without the final dot. Titles and Latin abbreviations never end a sentence;
+# "etc", "inc" and similar end one only when a capitalized word follows; "U.S." never does
+# here (merging two sentences costs nothing audible, a pause inside a name does).
+ABBREVIATIONS = frozenset(
+    {
+        "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "ft", "vs", "no", "nos", "vol",
+        "fig", "figs", "approx", "dept", "gen", "gov", "lt", "col", "sgt", "capt", "rev",
+        "e.g", "i.e", "cf", "al", "a.m", "p.m", "u.s", "u.k", "jan", "feb", "mar", "apr", "jun",
+        "jul", "aug", "sep", "sept", "oct", "nov", "dec", "mon", "tue", "wed", "thu", "fri", "sat",
+        "sun", "ave", "blvd", "rd", "hwy", "tel",
+    }
+)  # fmt: skip
+_MAYBE_FINAL_ABBREVIATIONS = frozenset({"etc", "inc", "ltd", "co", "corp", "min", "max", "est"})
+
+# Terminal punctuation, closing quotes/brackets, then whitespace (or the end of the buffer).
+_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
+_CLAUSE = re.compile(r"[,;:](?=\s)|\s[–—-]\s")
+_WORD_BEFORE = re.compile(r"(?:^|\s)[(\"'“‘]*([\w.$]+)$")
+# A list number: alone at the start of a line (or of what is left after the last sentence), or
+# right after a colon ("Steps: 1. Mix").
+_LIST_NUMBER = re.compile(r"(?:^|:)\s*\d{1,3}$")
+
+
+class SentenceChunker:
+    """Streamed text in, whole sentences out (see the module docstring)."""
+
+    def __init__(self, max_chars: int = 160) -> None:
+        if max_chars < 8:
+            raise ValueError(f"max_chars must be >= 8, got {max_chars}")
+        self.max_chars = int(max_chars)
+        self._buffer = ""
+
+    def push(self, text: str) -> list[str]:
+        """Add text; return the sentences it completes."""
+        self._buffer += text
+        return self._drain(final=False)
+
+    def flush(self) -> list[str]:
+        """Return everything still held (the end of the reply) and empty the chunker."""
+        out = self._drain(final=True)
+        rest = self._buffer.strip()
+        self._buffer = ""
+        if rest:
+            out.extend(self._split_long(rest))
+        return out
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _drain(self, *, final: bool) -> list[str]:
+        out: list[str] = []
+        while True:
+            cut = self._find_end(final=final)
+            if cut is None:
+                break
+            sentence, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:]
+            if sentence:
+                out.extend(self._split_long(sentence))
+        # No end in sight: cut an over-long run at a clause boundary now rather than wait.
+        while len(self._buffer.strip()) > self.max_chars:
+            stripped = self._buffer.lstrip()
+            cut = self._clause_cut(stripped)
+            out.append(stripped[:cut].strip())
+            self._buffer = stripped[cut:]
+        return out
+
+    def _find_end(self, *, final: bool) -> int | None:
+        """Index just past the first sentence end in the buffer, or None."""
+        buf = self._buffer
+        newline = buf.find("\n")
+        for m in _END.finditer(buf):
+            if newline != -1 and newline < m.start():
+                break
+            if m.end() == len(buf) and not final:
+                return None  # the next character decides (e.g. "$3." then "50")
+            if self._is_end(buf, m):
+                return m.end()
+        if newline != -1:
+            return newline + 1
+        return None
+
+    def _is_end(self, buf: str, m: re.Match[str]) -> bool:
+        if buf[m.start()] != ".":
+            return True  # ! ? … always end a sentence
+        if m.end() - m.start() > 1:
+            return True  # "..." or ".)" or '."'
+        before = buf[: m.start()]
+        if _LIST_NUMBER.search(before[before.rfind("\n") + 1 :]):
+            return False  # "1. Preheat the oven"
+        w = _WORD_BEFORE.search(before)
+        if w is None:
+            return True
+        word = w.group(1).lower()
+        if len(word) == 1 and word.isalpha():
+            return False  # an initial: "J. K. Rowling"
+        if word in ABBREVIATIONS or word in _MAYBE_FINAL_ABBREVIATIONS:
+            following = buf[m.end() :].lstrip()
+            if not following:
+                return word in _MAYBE_FINAL_ABBREVIATIONS  # the text ends here (flush)
+            # "etc. Then" ends a sentence; "Dr. Smith" and "etc. and" do not.
+            return word in _MAYBE_FINAL_ABBREVIATIONS and following[0].isupper()
+        return True
+
+    def _split_long(self, sentence: str) -> list[str]:
+        out = []
+        while len(sentence) > self.max_chars:
+            cut = self._clause_cut(sentence)
+            out.append(sentence[:cut].strip())
+            sentence = sentence[cut:].strip()
+        if sentence:
+            out.append(sentence)
+        return out
+
+    def _clause_cut(self, text: str) -> int:
+        """Where to cut `text` (longer than max_chars): after a clause mark, a space, or at the limit."""
+        window = text[: self.max_chars + 1]
+        clauses = [m.end() for m in _CLAUSE.finditer(window) if m.end() <= self.max_chars]
+        if clauses and clauses[-1] > self.max_chars // 4:
+            return clauses[-1]
+        space = window.rfind(" ")
+        if space > 0:
+            return space + 1
+        return self.max_chars

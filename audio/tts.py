@@ -1,0 +1,133 @@
+"""Speech synthesis with piper (piper-tts 1.x, ONNX): text in, float32 audio out, one chunk per sentence.
+
+Contract:
+- `Synthesizer(voice_path, length_scale=1.0, *, speaker_id=None, use_cuda=False)`: a piper voice
+  `.onnx` with its `.onnx.json` beside it. A missing file raises `AudioModelNotFoundError`.
+  `.sample_rate_hz` is the voice's own rate (22050 Hz for the medium voices).
+- `.synthesize(text, sample_rate_hz=None) -> ndarray`: the whole text as float32 mono at the
+  voice's rate, or at `sample_rate_hz` (resampled with soxr). Empty text gives an empty array.
+- `.stream(text_or_sentences, sample_rate_hz=None, cancel=None) -> Iterator[SpeechChunk]`: a
+  generator that synthesizes one sentence at a time, so the caller can play the first sentence
+  while the next is computed. A string is split into sentences with `SentenceChunker`; an iterable
+  of strings is taken as streamed text deltas (an LLM's output: concatenated as given, consumed
+  lazily, so synthesis of the first sentence starts before the LLM has finished).
+  Cancellation: when `cancel` (a `threading.Event`) is set, the generator stops before the next
+  sentence; closing the generator (`.close()`) also stops it. One sentence being synthesized is
+  not interrupted (piper runs it in one ONNX call, ~0.1-0.5 s on a CPU).
+- Each chunk is peak-normalized by piper (its default) and clipped to [-1, 1].
+The ONNX session is thread-safe; the piper voice object keeps no per-call state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from audio.errors import AudioError, AudioModelNotFoundError
+from audio.resample import resample
+from audio.text import SentenceChunker
+
+__all__ = ["SpeechChunk", "Synthesizer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeechChunk:
+    """The audio of one sentence."""
+
+    text: str  # the sentence as given to piper
+    audio: np.ndarray = field(repr=False)  # float32 mono
+    sample_rate_hz: int
+    synth_s: float  # seconds spent synthesizing (and resampling) this sentence
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.size / self.sample_rate_hz
+
+
+class Synthesizer:
+    """A loaded piper voice (see the module docstring)."""
+
+    def __init__(
+        self,
+        voice_path: str | os.PathLike[str],
+        length_scale: float = 1.0,
+        *,
+        speaker_id: int | None = None,
+        use_cuda: bool = False,
+        max_sentence_chars: int = 160,
+    ) -> None:
+        from piper import PiperVoice, SynthesisConfig
+
+        path = Path(voice_path)
+        config_path = Path(str(path) + ".json")
+        if not path.is_file():
+            raise AudioModelNotFoundError(f"piper voice {str(path)!r} not found")
+        if not config_path.is_file():
+            raise AudioModelNotFoundError(f"piper voice {path.name} has no {config_path.name} beside it")
+        if length_scale <= 0:
+            raise AudioError(f"length_scale must be > 0, got {length_scale}")
+        started = time.perf_counter()
+        try:
+            self._voice = PiperVoice.load(path, config_path=config_path, use_cuda=use_cuda)
+        except Exception as e:  # onnxruntime raises its own exception types for a bad file
+            raise AudioModelNotFoundError(f"cannot load piper voice {str(path)!r}: {e}") from e
+        self.load_s = time.perf_counter() - started
+        self.voice_path = path
+        self.sample_rate_hz = int(self._voice.config.sample_rate)
+        self.max_sentence_chars = int(max_sentence_chars)
+        self._syn_config = SynthesisConfig(speaker_id=speaker_id, length_scale=float(length_scale))
+
+    def _piper(self, text: str) -> np.ndarray:
+        """One piece of text -> float32 at the voice's rate (piper may split it further)."""
+        parts = [c.audio_float_array for c in self._voice.synthesize(text, syn_config=self._syn_config)]
+        if not parts:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def _to_rate(self, audio: np.ndarray, sample_rate_hz: int | None) -> np.ndarray:
+        if sample_rate_hz is None or sample_rate_hz == self.sample_rate_hz or audio.size == 0:
+            return audio
+        return np.clip(resample(audio, self.sample_rate_hz, sample_rate_hz), -1.0, 1.0)
+
+    def synthesize(self, text: str, sample_rate_hz: int | None = None) -> np.ndarray:
+        """The whole text as one float32 array (at `sample_rate_hz`, default the voice's rate)."""
+        if not isinstance(text, str):
+            raise AudioError(f"text must be a string, got {type(text).__name__}")
+        if not text.strip():
+            return np.zeros(0, dtype=np.float32)
+        return self._to_rate(self._piper(text), sample_rate_hz)
+
+    def stream(
+        self,
+        text: str | Iterable[str],
+        sample_rate_hz: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[SpeechChunk]:
+        """Synthesize sentence by sentence (see the module docstring)."""
+        out_rate_hz = self.sample_rate_hz if sample_rate_hz is None else int(sample_rate_hz)
+        for sentence in self._sentences(text):
+            if cancel is not None and cancel.is_set():
+                return
+            started = time.perf_counter()
+            audio = self._to_rate(self._piper(sentence), out_rate_hz)
+            if audio.size == 0:
+                continue
+            yield SpeechChunk(sentence, audio, out_rate_hz, time.perf_counter() - started)
+
+    def _sentences(self, text: str | Iterable[str]) -> Iterator[str]:
+        chunker = SentenceChunker(self.max_sentence_chars)
+        pieces = [text] if isinstance(text, str) else text
+        for piece in pieces:
+            if not isinstance(piece, str):
+                raise AudioError(f"text must be strings, got {type(piece).__name__}")
+            yield from chunker.push(piece)
+        yield from chunker.flush()
