@@ -1,0 +1,411 @@
+"""The dlm engine: a worker thread that owns the model and serves many requests at once.
+
+Contract (docs/contracts.md): `Engine(loaded, max_batch_size=8, ...)`; `submit(prompt, params,
+on_delta=None) -> RequestHandle`; `abort(request_id)`; `close()` (idempotent). Token ids in,
+token ids (and their text) out: the engine renders chat messages with the checkpoint's template
+and detokenizes committed ids, but knows nothing about audio, sessions or servers.
+
+- Validation happens in `submit()`, in the caller's thread: an empty prompt, a prompt that does
+  not fit the context, or absurd parameters raise `InvalidRequestError` for that request only.
+- One engine step = one `BlockDecoder.step()`: one forward over the current block of every active
+  request (see dlm/decode.py). Between steps the worker applies aborts and admits new requests
+  into free cache rows (continuous batching: nobody waits for the batch to drain). Finished and
+  aborted requests leave the decoder at once and cost no further compute; the remaining rows are
+  compacted into fixed-size buckets, which is cheaper on CPU than computing masked-out rows.
+- Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
+  left-most contiguous committed part of the current block. Text is held back while it might be
+  the start of a stop string or ends inside a UTF-8 sequence.
+- An exception while processing one request (its detokenization, stop strings, its callback)
+  fails that request with finish_reason "error"; an exception in a batched forward fails the
+  requests of that batch. The worker keeps running either way.
+- `on_delta` is called from the worker thread: it must be quick and must not block.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dlm.config import DiffusionSpec
+from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, StepTrace, resolve_cache_mode
+from dlm.errors import DlmError, InvalidRequestError
+from dlm.policies import POLICIES
+
+__all__ = ["Delta", "Engine", "GenerationParams", "RequestHandle", "StepTrace"]
+
+log = logging.getLogger(__name__)
+
+# Limits on request parameters: beyond these a request is refused, not clamped.
+MAX_BLOCK_SIZE = 1024
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_PENDING_REQUESTS = 1024  # submissions waiting for a free row; beyond: InvalidRequestError
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 96  # generation stops with finish_reason "length" after this many tokens
+    policy: str = "threshold"  # "threshold" | "fixed_steps" | "factor" (see dlm.policies)
+    threshold: float | None = None  # Threshold policy's confidence bar; None: the checkpoint's
+    factor: float = 1.0  # Factor policy's f (larger: more tokens per step)
+    steps_per_block: int = 0  # FixedSteps: steps per block/sub-block; 0: the checkpoint's, else one per token
+    block_size: int = 0  # tokens per block; 0: the checkpoint's
+    sub_block_size: int = 0  # tokens per sub-block; 0: the checkpoint's (none: the whole block)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus sampling mass; 1: off
+    seed: int | None = None  # sampling seed; None: nondeterministic where temperature > 0
+    stop: list[str] = field(default_factory=list)  # stop strings; the text ends before the first one
+    trace_steps: bool = False  # also emit a StepTrace of the current block at every step
+
+
+@dataclass
+class Delta:
+    text: str  # new final text (possibly empty)
+    token_ids: list[int]  # new final token ids (EOS excluded)
+    finished: bool = False  # True on the request's last delta
+    finish_reason: str | None = None  # "eos" | "stop" | "length" | "abort" | "error" on the last delta
+    error: str | None = None  # the error message where finish_reason == "error"
+    steps: int = 0  # forward passes so far for this request (prefill included)
+    tokens: int = 0  # generated tokens committed and final so far
+    trace: StepTrace | None = None  # the current block after this step, where params.trace_steps
+
+
+class RequestHandle:
+    """One request's stream of deltas. Iterating blocks until the next delta."""
+
+    def __init__(self, request_id: str, engine: Engine) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        # Unbounded on purpose: reply text is never dropped, and a request produces at most
+        # max_new_tokens + its steps deltas.
+        self._deltas: queue.Queue[Delta] = queue.Queue()
+        self.finish_reason: str | None = None  # set when the last delta is read
+        self.error: str | None = None
+
+    def __iter__(self) -> Iterator[Delta]:
+        while self.finish_reason is None:
+            delta = self._deltas.get()
+            if delta.finished:
+                self.finish_reason, self.error = delta.finish_reason, delta.error
+            yield delta
+
+    def result(self) -> str:
+        """Block until the request ends; the whole text."""
+        return "".join(d.text for d in self)
+
+    def abort(self) -> None:
+        self._engine.abort(self.request_id)
+
+
+class _TextStream:
+    """Committed ids -> final text deltas: never changes emitted text, never splits UTF-8, and
+    holds back a tail that could be the start of a stop string."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already emitted
+
+    def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
+        """New ids -> (text to emit, stop string hit)."""
+        self.ids.extend(ids)
+        if self.tokenizer is None:
+            return "", False
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:
+            text = text.rstrip("\ufffd")  # a multi-byte character is not complete yet
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            cut = min(hits)
+            out, self.sent = text[self.sent:cut], max(self.sent, cut)
+            return out, True
+        end = len(text)
+        if not final:
+            for s in self.stop:  # hold back a suffix that may grow into a stop string
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        end = min(end, len(text) - k)
+                        break
+        out = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out, False
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    settings: DecodeSettings
+    handle: RequestHandle
+    on_delta: Callable[[Delta], None] | None
+    text: _TextStream
+    slot: int | None = None  # cache row while active
+    steps: int = 0
+    tokens: int = 0
+
+
+class Engine:
+    """Continuous-batching block-diffusion engine; see the module docstring."""
+
+    def __init__(self, loaded: Any, *, max_batch_size: int = 8, max_seq_len: int | None = None,
+                 cache: str = "auto") -> None:
+        """`loaded`: a `dlm.checkpoints.LoadedModel` (or anything with .model, .config, .spec,
+        .tokenizer). `cache`: "auto" | "exact" | "none" | "prefix" | "dual" (dlm/decode.py)."""
+        self.model = loaded.model
+        self.config = loaded.config
+        self.spec: DiffusionSpec = self._engine_spec(loaded.spec)
+        self.tokenizer = getattr(loaded, "tokenizer", None)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len or self.config.max_seq_len
+        resolve_cache_mode(self.spec.attention, cache)  # fail here, not in the worker
+        self.model.eval()
+        self._decoder = BlockDecoder(self.model, self.spec, max_batch_size=max_batch_size,
+                                     max_seq_len=self.max_seq_len, cache=cache)
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=MAX_PENDING_REQUESTS)
+        self._pending: list[_Request] = []
+        self._active: dict[int, _Request] = {}  # slot -> request
+        self._ids = itertools.count()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="dlm-engine", daemon=True)
+        self._thread.start()
+
+    # -- hooks for the AR baseline -----------------------------------------------------------
+    def _engine_spec(self, spec: DiffusionSpec) -> DiffusionSpec:
+        if spec.attention != "causal" and spec.mask_token_id is None:
+            raise DlmError(f"checkpoint family {spec.family!r} has no mask token: it cannot be diffusion-decoded")
+        return spec
+
+    def _force(self, params: GenerationParams) -> GenerationParams:
+        return params
+
+    # -- public API ----------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[dict] | Sequence[int], params: GenerationParams | None = None,
+               on_delta: Callable[[Delta], None] | None = None) -> RequestHandle:
+        params = self._force(params or GenerationParams())
+        prompt_ids = self._prompt_ids(prompt)
+        settings = self._settings(params, len(prompt_ids))
+        with self._lock:
+            if self._closed:
+                raise DlmError("the engine is closed")
+            request_id = f"req-{next(self._ids)}"
+            handle = RequestHandle(request_id, self)
+            req = _Request(request_id, prompt_ids, settings, handle, on_delta, _TextStream(self.tokenizer, list(params.stop)))
+            try:
+                self._commands.put_nowait(("submit", req))
+            except queue.Full:
+                raise InvalidRequestError(f"the engine has {MAX_PENDING_REQUESTS} requests waiting; try later") from None
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """Takes effect between two steps; the request's last delta has finish_reason "abort"."""
+        self._commands.put(("abort", request_id))
+
+    def close(self) -> None:
+        """Abort everything and stop the worker. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._commands.put(("close", None))
+        self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- validation (caller's thread) ----------------------------------------------------------
+    def _prompt_ids(self, prompt: Sequence[dict] | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            raise InvalidRequestError("prompt must be a list of chat messages or of token ids, not a string")
+        items = list(prompt)
+        if not items:
+            raise InvalidRequestError("empty prompt")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+            ids = items
+        elif all(isinstance(m, dict) for m in items):
+            ids = self._render_chat(items)
+        else:
+            raise InvalidRequestError("prompt must be a list of chat messages or of token ids")
+        if not ids:
+            raise InvalidRequestError("empty prompt")
+        V = self.config.vocab_size
+        if any(t < 0 or t >= V for t in ids):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {V})")
+        if len(ids) >= self.max_seq_len:
+            raise InvalidRequestError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_seq_len}")
+        return ids
+
+    def _render_chat(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer: pass token ids, not chat messages")
+        for m in messages:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidRequestError("each chat message needs a string 'role' and 'content'")
+        try:
+            from dlm.chat import ChatFormatter  # the checkpoint's template, special tokens escaped
+        except ImportError:
+            ChatFormatter = None
+        if ChatFormatter is not None:
+            return list(ChatFormatter(self.tokenizer, self.spec).encode(messages))
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+    def _settings(self, p: GenerationParams, prompt_len: int) -> DecodeSettings:
+        spec = self.spec
+
+        def bad(msg: str) -> InvalidRequestError:
+            return InvalidRequestError(f"invalid parameter: {msg}")
+
+        if p.policy not in POLICIES:
+            raise bad(f"policy {p.policy!r}; expected one of {sorted(POLICIES)}")
+        if not isinstance(p.max_new_tokens, int) or not 1 <= p.max_new_tokens < self.max_seq_len:
+            raise bad(f"max_new_tokens {p.max_new_tokens!r} must lie in [1, {self.max_seq_len})")
+        block = p.block_size or spec.block_size
+        if not 1 <= block <= MAX_BLOCK_SIZE:
+            raise bad(f"block_size {p.block_size!r} must lie in [0, {MAX_BLOCK_SIZE}]")
+        sub = p.sub_block_size or (spec.sub_block_size if not p.block_size else 0) or block
+        if sub < 1 or block % sub:
+            raise bad(f"sub_block_size {sub} must divide block_size {block}")
+        threshold = spec.threshold if p.threshold is None else p.threshold
+        if not 0.0 < threshold <= 1.0:
+            raise bad(f"threshold {threshold!r} must lie in (0, 1]")
+        if not 0.0 < p.factor <= 1e3:
+            raise bad(f"factor {p.factor!r} must lie in (0, 1000]")
+        steps = p.steps_per_block or spec.steps_per_block or sub
+        if not 1 <= steps <= sub:
+            raise bad(f"steps_per_block {steps} must lie in [1, {sub}] (tokens per (sub-)block)")
+        if not 0.0 <= p.temperature <= MAX_TEMPERATURE:
+            raise bad(f"temperature {p.temperature!r} must lie in [0, {MAX_TEMPERATURE}]")
+        if not 0.0 < p.top_p <= 1.0:
+            raise bad(f"top_p {p.top_p!r} must lie in (0, 1]")
+        if len(p.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in p.stop):
+            raise bad(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
+        settings = DecodeSettings(
+            block_size=block, sub_block_size=sub, max_new_tokens=p.max_new_tokens,
+            policy=POLICIES[p.policy], threshold=threshold, factor=p.factor, steps_per_block=steps,
+            temperature=p.temperature, top_p=p.top_p, seed=p.seed, trace=p.trace_steps,
+        )
+        need = self._decoder.required_len(prompt_len, settings)
+        if need > self.max_seq_len:
+            raise InvalidRequestError(
+                f"prompt of {prompt_len} tokens + max_new_tokens {p.max_new_tokens} (rounded to blocks: "
+                f"{need}) exceeds the context of {self.max_seq_len}")
+        return settings
+
+    # -- the worker ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                idle = not self._active and not self._pending
+                if not self._drain(block=idle):
+                    break
+                self._admit()
+                if self._active:
+                    self._step()
+        for req in [*self._pending, *self._active.values()]:
+            self._finish(req, "abort")
+        self._pending.clear()
+        self._active.clear()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands; False once closed."""
+        while True:
+            try:
+                cmd, arg = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if cmd == "close":
+                return False
+            if cmd == "submit":
+                self._pending.append(arg)
+            elif cmd == "abort":
+                self._abort(arg)
+
+    def _abort(self, request_id: str) -> None:
+        for req in self._pending:
+            if req.request_id == request_id:
+                self._pending.remove(req)
+                self._finish(req, "abort")
+                return
+        for slot, req in list(self._active.items()):
+            if req.request_id == request_id:
+                self._release(slot)
+                self._finish(req, "abort")
+                return
+
+    def _admit(self) -> None:
+        free = [s for s in range(self.max_batch_size) if s not in self._active]
+        while self._pending and free:
+            req = self._pending.pop(0)
+            slot = free.pop(0)
+            try:
+                self._decoder.add(slot, req.prompt_ids, req.settings)
+            except Exception as e:
+                log.exception("request %s failed at prefill", req.request_id)
+                self._decoder.remove(slot)
+                free.insert(0, slot)
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+                continue
+            req.slot = slot
+            self._active[slot] = req
+
+    def _release(self, slot: int) -> None:
+        self._decoder.remove(slot)
+        self._active.pop(slot, None)
+
+    def _step(self) -> None:
+        try:
+            updates = self._decoder.step()
+        except Exception as e:
+            log.exception("engine step failed; failing the requests of this batch")
+            for slot, req in list(self._active.items()):
+                self._release(slot)
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            return
+        for update in updates:
+            req = self._active.get(update.slot)
+            if req is None:
+                continue
+            try:
+                self._apply(req, update)
+            except Exception as e:
+                log.exception("request %s failed", req.request_id)
+                self._release(update.slot)
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+
+    def _apply(self, req: _Request, u: RowUpdate) -> None:
+        req.steps, req.tokens = u.steps, u.tokens
+        finish = u.finish_reason
+        text, stopped = req.text.push(u.new_ids, final=finish is not None)
+        if stopped:
+            finish = "stop"
+        if finish is not None:
+            self._release(u.slot)
+            self._emit(req, Delta(text, u.new_ids, True, finish, None, u.steps, u.tokens, u.trace),
+                       callback_errors=False)
+        elif text or u.new_ids or u.trace is not None:
+            self._emit(req, Delta(text, u.new_ids, steps=u.steps, tokens=u.tokens, trace=u.trace))
+
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+        self._emit(req, Delta("", [], True, reason, error, req.steps, req.tokens), callback_errors=False)
+
+    def _emit(self, req: _Request, delta: Delta, callback_errors: bool = True) -> None:
+        req.handle._deltas.put(delta)
+        if req.on_delta is not None:
+            try:
+                req.on_delta(delta)
+            except Exception:
+                if callback_errors:
+                    raise
+                log.exception("on_delta of %s failed", req.request_id)
