@@ -1,0 +1,154 @@
+"""Block decoding: AR equivalence, exact cache == no cache, the LLaDA reference, EOS, sub-blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dlm_tiny_models import MASK, counting_loaded, random_loaded
+
+from dlm.ar import AREngine
+from dlm.engine import Engine, GenerationParams
+from dlm.masks import full_mask
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
+
+
+def _run(engine: Engine, prompts, params: GenerationParams) -> list[tuple[list[int], str | None]]:
+    handles = [engine.submit(p, params) for p in prompts]
+    out = []
+    for h in handles:
+        ids = [t for d in h for t in d.token_ids]
+        out.append((ids, h.finish_reason))
+    return out
+
+
+def test_block_size_one_equals_ar_baseline():
+    """Required (1): block-causal, block size 1, one token per step == AR greedy, same weights."""
+    loaded = random_loaded("block_causal", seed=3, eos=[5], scale=2.0)
+    params = GenerationParams(max_new_tokens=24, block_size=1, policy="fixed_steps", steps_per_block=1)
+    with Engine(loaded, max_batch_size=4) as dlm, AREngine(loaded, max_batch_size=4) as ar:
+        got = _run(dlm, PROMPTS, params)
+        want = _run(ar, PROMPTS, GenerationParams(max_new_tokens=24))
+    assert got == want
+    assert any(len(ids) >= 10 for ids, _ in got)
+
+
+def test_ar_is_one_forward_per_token():
+    loaded = random_loaded("block_causal", seed=1)
+    with AREngine(loaded, max_batch_size=1) as ar:
+        deltas = list(ar.submit([1, 2, 3], GenerationParams(max_new_tokens=12)))
+    assert deltas[-1].finish_reason == "length" and deltas[-1].tokens == 12
+    assert deltas[-1].steps == 12  # one prefill + one cache write per token except the last
+
+
+@pytest.mark.parametrize("logit_shift", [True, False])
+@pytest.mark.parametrize("policy", ["threshold", "fixed_steps", "factor"])
+def test_exact_cache_equals_no_cache(logit_shift, policy):
+    """Required (2): the per-block cache of a block-causal model is exact."""
+    loaded = random_loaded("block_causal", seed=5, logit_shift=logit_shift, scale=3.0)
+    params = GenerationParams(max_new_tokens=14, block_size=4, policy=policy, threshold=0.6,
+                              steps_per_block=2, factor=1.5)
+    with Engine(loaded, max_batch_size=4, cache="exact") as cached, Engine(loaded, max_batch_size=4, cache="none") as plain:
+        got = _run(cached, PROMPTS, params)
+        want = _run(plain, PROMPTS, params)
+    assert got == want
+    assert all(len(ids) == 14 for ids, _ in got)
+
+
+def _llada_reference(model, prompt: list[int], gen_length: int, block_length: int, steps: int) -> list[int]:
+    """LLaDA's semi-autoregressive sampler with low-confidence remasking (Nie et al. 2025, Alg. 4
+    / generate.py), greedy, written out plainly: the whole canvas is fed at every step."""
+    P = len(prompt)
+    x = torch.full((1, P + gen_length), MASK, dtype=torch.long)
+    x[0, :P] = torch.tensor(prompt)
+    masked = torch.zeros_like(x, dtype=torch.bool)
+    masked[0, P:] = True
+    steps_per_block = steps // (gen_length // block_length)
+    T = x.shape[1]
+    for b in range(gen_length // block_length):
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        n = int(masked[0, lo:hi].sum())
+        schedule = [n // steps_per_block + (1 if i < n % steps_per_block else 0) for i in range(steps_per_block)]
+        for i in range(steps_per_block):
+            logits = model(x, torch.arange(T)[None], full_mask(T))  # (1, T, V)
+            p = logits.softmax(-1)
+            x0 = logits.argmax(-1)
+            conf = p.gather(-1, x0[..., None]).squeeze(-1)
+            conf[:, hi:] = float("-inf")
+            conf = torch.where(masked, conf, torch.tensor(float("-inf")))
+            idx = conf[0].topk(schedule[i]).indices
+            x[0, idx] = x0[0, idx]
+            masked[0, idx] = False
+    return x[0, P:].tolist()
+
+
+def test_fixed_steps_reproduces_llada_reference():
+    """Required (3): FixedSteps on a full-attention model == LLaDA's low-confidence remasking."""
+    loaded = random_loaded("full", seed=7, logit_shift=False, block_size=8, scale=3.0)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    params = GenerationParams(max_new_tokens=16, block_size=8, policy="fixed_steps", steps_per_block=4)
+    with torch.no_grad():
+        want = [_llada_reference(loaded.model, p, 16, 8, 8) for p in prompts]
+    with Engine(loaded, max_batch_size=2, cache="none") as engine:
+        got = [ids for ids, _ in _run(engine, prompts, params)]
+    assert got == want
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_full_attention_caches_run(cache):
+    loaded = random_loaded("full", seed=7, logit_shift=True, block_size=4, scale=3.0)
+    params = GenerationParams(max_new_tokens=10, block_size=4, policy="threshold", threshold=0.5)
+    with Engine(loaded, max_batch_size=2, cache=cache) as engine:
+        out = _run(engine, PROMPTS[:2], params)
+    assert all(len(ids) == 10 and reason == "length" for ids, reason in out)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_refresh_step_equals_no_cache(cache):
+    """The approximate caches are refreshed once per block: that step sees the same context as
+    the uncached decoder, so the first step of the first block commits the same slots."""
+    loaded = random_loaded("full", seed=2, logit_shift=True, block_size=8, scale=3.0)
+    params = GenerationParams(max_new_tokens=8, block_size=8, policy="fixed_steps", steps_per_block=4,
+                              trace_steps=True)
+
+    def first_trace(engine):
+        return next(d.trace for d in engine.submit(PROMPTS[0], params) if d.trace is not None)
+
+    with Engine(loaded, max_batch_size=1, cache=cache) as a, Engine(loaded, max_batch_size=1, cache="none") as b:
+        assert first_trace(a) == first_trace(b)
+
+
+def test_counting_model_known_output_and_eos_stops_early():
+    loaded = counting_loaded(eos=[12], block_size=4)
+    with Engine(loaded, max_batch_size=2) as engine:
+        deltas = list(engine.submit([1, 2, 3], GenerationParams(max_new_tokens=100, threshold=0.9)))
+    ids = [t for d in deltas for t in d.token_ids]
+    assert ids == list(range(4, 12))
+    assert deltas[-1].finish_reason == "eos" and deltas[-1].tokens == 8
+    # Nothing past the EOS block: prefill + per block (slots + a write), no further block.
+    assert deltas[-1].steps <= 1 + 3 * (4 + 1)
+
+
+def test_streaming_releases_left_part_of_a_block_early():
+    loaded = counting_loaded(block_size=8)
+    with Engine(loaded, max_batch_size=1) as engine:
+        deltas = list(engine.submit([1], GenerationParams(max_new_tokens=8, threshold=0.9)))
+    # The counting model commits one slot per step left to right: each becomes final at once.
+    assert [d.token_ids for d in deltas if d.token_ids] == [[t] for t in range(2, 10)]
+
+
+def test_sub_blocks_commit_in_order_and_trace():
+    loaded = random_loaded("block_causal", seed=4, block_size=8, scale=3.0)
+    params = GenerationParams(max_new_tokens=8, block_size=8, sub_block_size=4, policy="fixed_steps",
+                              steps_per_block=2, trace_steps=True)
+    with Engine(loaded, max_batch_size=1) as engine:
+        deltas = list(engine.submit(list(range(1, 9)), params))
+    traces = [d.trace for d in deltas if d.trace is not None]
+    masked = [t.masked for t in traces]
+    assert sum(masked[0][:4]) == 2 and all(masked[0][4:])  # 2 of the first sub-block only
+    assert masked[1] == [False] * 4 + [True] * 4
+    assert not any(masked[2][:4]) and sum(masked[2][4:]) == 2
+    assert masked[3] == [False] * 8
+    assert all(t.block_start == 8 for t in traces)
+    with Engine(loaded, max_batch_size=1) as engine:
+        assert all(d.trace is None for d in engine.submit([1, 2], GenerationParams(max_new_tokens=4)))
