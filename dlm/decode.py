@@ -174,6 +174,10 @@ class BlockDecoder:
         param = model.model.embed_tokens.weight
         self.device = param.device
         model.setup_cache(max_batch_size, max_seq_len, dtype=param.dtype, device=self.device)
+        # The cache lives in the model's layers (gpt-fast style). Keep ours, so that a second
+        # decoder on the same model (the AR baseline next to the dLLM) does not take it over;
+        # two decoders must still not run on one model at the same time.
+        self._caches = [layer.self_attn.kv_cache for layer in model.model.layers]
         rows = max_batch_size + 1  # + the scratch row
         self.canvas = torch.full((rows, max_seq_len + 1), self.filler, dtype=torch.long, device=self.device)
         self.committed = torch.zeros((rows, max_seq_len + 1), dtype=torch.bool, device=self.device)
@@ -273,7 +277,7 @@ class BlockDecoder:
         B = _bucket(n)
         W = _bucket(max(length for _, _, length, _ in plan))
         N = max(row.settings.block_size for row, *_ in plan)
-        slots = [self.model.scratch_row] * B
+        slots = [self.max_batch_size] * B  # padding rows use the scratch row
         wstart, wlen, bs, total = [0] * B, [0] * B, [1] * B, [1] * B
         key_end = 1
         out_rel = torch.zeros((B, N), dtype=torch.long)
@@ -291,6 +295,9 @@ class BlockDecoder:
             else:
                 key_end = max(key_end, start + length)
         K = min(_bucket(key_end), self.S)
+        for layer, kv in zip(self.model.model.layers, self._caches, strict=True):
+            layer.self_attn.kv_cache = kv
+        self.model.max_batch_size, self.model.cache_seq_len = self.max_batch_size, self.S
         rows_t = torch.tensor(slots, device=dev)
         wstart_t, wlen_t = torch.tensor(wstart, device=dev), torch.tensor(wlen, device=dev)
         j = torch.arange(W, device=dev)
