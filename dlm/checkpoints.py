@@ -1,0 +1,312 @@
+"""Find, recognise and load a checkpoint of any supported family into our `Transformer`.
+
+Contract:
+- `load_model(path, *, device="cpu", dtype=None, max_seq_len=None) -> LoadedModel` with
+  `.model` (dlm.model.Transformer, eval mode), `.config`, `.spec`, `.tokenizer`, `.family`, `.path`.
+- `detect_family(path) -> str`, one of `SUPPORTED_FAMILIES`, from what the checkpoint says about
+  itself: the bd format marker in a safetensors header, the GGUF magic and
+  `general.architecture`, or config.json's `architectures` / `model_type`. Never from file names.
+- Accepted paths: a bd .safetensors file or a folder holding exactly one; a GGUF file or a folder
+  holding exactly one; a Hugging Face folder (config.json + *.safetensors + tokenizer); a Hugging
+  Face cache entry (`.../hub/models--ORG--NAME`), which resolves to its snapshot.
+- Errors: `ModelNotFoundError` for a path that does not exist, `UnsupportedCheckpointError`
+  naming what was found (architectures, model_type, GGUF architecture) and the supported families.
+- A GGUF is converted once into a float32 bd file under `cache_dir` (default
+  `dlm.gguf_file.default_cache_dir()`); later loads memory-map that file.
+- dtype (a torch dtype or "float32" / "bfloat16" / "float16" / "auto") None: float32 on CPU, bfloat16 elsewhere. max_seq_len None: the checkpoint's context
+  length capped at `DEFAULT_MAX_SEQ_LEN` (it sizes the RoPE table and the default KV cache).
+Nothing here downloads anything or runs code shipped with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from dlm.bd_format import is_bd_checkpoint, read_bd_checkpoint
+from dlm.config import DiffusionSpec, ModelConfig
+from dlm.errors import ModelNotFoundError, UnsupportedCheckpointError
+from dlm.families import Family, family_for_config, stop_token_ids
+from dlm.gguf_file import SUPPORTED_GGUF_ARCHITECTURES, cached_gguf, convert_gguf, default_cache_dir
+from dlm.model import Transformer
+
+__all__ = [
+    "DEFAULT_MAX_SEQ_LEN",
+    "SUPPORTED_FAMILIES",
+    "LoadedModel",
+    "detect_family",
+    "load_model",
+    "resolve_checkpoint",
+]
+
+SUPPORTED_FAMILIES = ("bd", "fast_dllm_v2", "sdar", "llada", "dream", "ar")
+DEFAULT_MAX_SEQ_LEN = 4096
+_GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: ModelConfig
+    spec: DiffusionSpec
+    tokenizer: Any  # a transformers tokenizer
+    family: str  # one of SUPPORTED_FAMILIES
+    path: Path  # the file or folder actually loaded (a HF cache entry resolves to its snapshot)
+
+
+def _unsupported(path: Path, found: str) -> UnsupportedCheckpointError:
+    return UnsupportedCheckpointError(
+        f"{path}: not a supported checkpoint ({found}); supported families: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+# -- locating the checkpoint ----------------------------------------------------------------------
+
+def _hf_cache_snapshot(folder: Path) -> Path | None:
+    """models--ORG--NAME/ -> snapshots/<revision of refs/main, else the newest snapshot>."""
+    snapshots = folder / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        candidate = snapshots / ref.read_text().strip()
+        if candidate.is_dir():
+            return candidate
+    found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == _GGUF_MAGIC
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The file or folder to load: expands ~, resolves a HF cache entry, picks the single bd or
+    GGUF file of a folder without config.json."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path {path} does not exist")
+    if path.is_file():
+        return path
+    snapshot = _hf_cache_snapshot(path)
+    if snapshot is not None:
+        path = snapshot
+    if (path / "config.json").is_file():
+        return path
+    singles = [p for p in sorted(path.iterdir()) if p.is_file() and (_is_gguf(p) or is_bd_checkpoint(p))]
+    if len(singles) == 1:
+        return singles[0]
+    if len(singles) > 1:
+        raise UnsupportedCheckpointError(
+            f"{path} holds several checkpoint files ({', '.join(p.name for p in singles)}); point at one of them")
+    return path
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise _unsupported(folder, f"config.json unreadable: {exc}") from exc
+
+
+# -- GGUF header ----------------------------------------------------------------------------------
+
+# GGUF value type -> struct format of a scalar; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _gguf_architecture(path: Path) -> str:
+    """general.architecture, read by walking the header's key/values (no tensor data, no full
+    metadata parse: the tokenizer arrays are skipped, not decoded)."""
+    with path.open("rb") as f:
+        def read(fmt: str) -> Any:
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def read_str() -> bytes:
+            return f.read(read("<Q"))
+
+        def skip(vtype: int) -> None:
+            if vtype == 8:
+                f.seek(read("<Q"), 1)
+            elif vtype == 9:
+                item_type, count = read("<I"), read("<Q")
+                if item_type in _GGUF_SCALARS:
+                    f.seek(struct.calcsize(_GGUF_SCALARS[item_type]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item_type)
+            else:
+                f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
+
+        if f.read(4) != _GGUF_MAGIC:
+            return ""
+        read("<I")  # version
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key, vtype = read_str(), read("<I")
+            if key == b"general.architecture" and vtype == 8:
+                return read_str().decode("utf-8")
+            skip(vtype)
+    return ""
+
+
+# -- detection ------------------------------------------------------------------------------------
+
+def _detect(path: Path) -> tuple[str, Family | None]:
+    if path.is_file():
+        if is_bd_checkpoint(path):
+            return "bd", None
+        if _is_gguf(path):
+            arch = _gguf_architecture(path)
+            if arch in SUPPORTED_GGUF_ARCHITECTURES:
+                return "ar", None
+            raise _unsupported(path, f"GGUF general.architecture={arch!r}")
+        raise _unsupported(path, "neither a bd .safetensors file nor a GGUF file")
+    if not (path / "config.json").is_file():
+        names = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "empty folder"
+        raise _unsupported(path, f"no config.json, no bd or GGUF file; found: {names}")
+    config = _read_config(path)
+    family = family_for_config(config)
+    if family is None:
+        raise _unsupported(path, f"architectures={config.get('architectures')}, model_type={config.get('model_type')!r}")
+    return family.name, family
+
+
+def detect_family(path: str | Path) -> str:
+    return _detect(resolve_checkpoint(path))[0]
+
+
+# -- Hugging Face folders -------------------------------------------------------------------------
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        bins = sorted(p.name for p in folder.glob("*.bin"))
+        found = f"only {', '.join(bins)}" if bins else "no weight files"
+        raise _unsupported(folder, f"{found}; convert the weights to safetensors")
+    return files
+
+
+def _read_hf_tensors(folder: Path, family: Family, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in _safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                ours = family.rename(name)
+                if ours is not None:
+                    state_dict[ours] = f.get_tensor(name).to(dtype)
+    return state_dict
+
+
+def _hf_tokenizer(folder: Path):
+    """The checkpoint's tokenizer without running its code. A custom tokenizer class (Dream's
+    DreamTokenizer) is a byte-level BPE underneath: fall back to tokenizer.json, then to the
+    Qwen2 BPE files (vocab.json + merges.txt) every Qwen-based family ships."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError, KeyError, AttributeError, ImportError) as exc:
+        auto_error = exc
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return Qwen2Tokenizer.from_pretrained(str(folder), local_files_only=True)
+    raise UnsupportedCheckpointError(f"{folder}: no usable tokenizer ({auto_error})")
+
+
+def _generation_eos(folder: Path) -> list[int]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return []
+    value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _load_hf_folder(folder: Path, family: Family, dtype: torch.dtype):
+    hf_config = _read_config(folder)
+    config = family.model_config(hf_config)
+    tokenizer = _hf_tokenizer(folder)
+    spec = family.spec(hf_config)
+    spec.eos_token_ids = stop_token_ids(hf_config, tokenizer, _generation_eos(folder))
+    state_dict = _read_hf_tensors(folder, family, dtype)
+    return config, spec, state_dict, tokenizer
+
+
+# -- building the model ---------------------------------------------------------------------------
+
+def _build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], path: Path,
+                 device: torch.device, dtype: torch.dtype) -> Transformer:
+    # Tied checkpoints may still carry a copy of the embedding as lm_head; untied ones never lack it.
+    if config.tie_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in state_dict:
+        config.tie_embeddings = True
+    with torch.device("meta"):  # no random init, no memory: the checkpoint's tensors are assigned
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise _unsupported(path, f"tensor names do not map onto the model: missing {missing[:4]}, "
+                                 f"unexpected {unexpected[:4]} ({len(missing)} / {len(unexpected)} in all)")
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    # The RoPE tables are non-persistent buffers built on "meta" above: rebuild them for real.
+    model._build_rope(config.max_seq_len + 1, device)
+    return model.to(device).eval()
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None / "auto": float32 on CPU (fast kernels, exact), bfloat16 on an accelerator."""
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} or 'auto', not {dtype!r}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def _load_bd(path: Path, dtype: torch.dtype):
+    bd = read_bd_checkpoint(path, dtype=dtype)
+    return bd.config, bd.spec, bd.state_dict, bd.tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path):
+    try:
+        return _load_bd(cached_gguf(path, cache_dir), dtype)
+    except OSError:  # a read-only cache location: convert in memory every time
+        config, spec, state_dict, tokenizer = convert_gguf(path)
+        return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+               max_seq_len: int | None = None, cache_dir: str | Path | None = None) -> LoadedModel:
+    resolved = resolve_checkpoint(path)
+    family_name, family = _detect(resolved)
+    device = torch.device(device)
+    dtype = _resolve_dtype(dtype, device)
+    if family is not None:
+        config, spec, state_dict, tokenizer = _load_hf_folder(resolved, family, dtype)
+    elif family_name == "bd":
+        config, spec, state_dict, tokenizer = _load_bd(resolved, dtype)
+    else:
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        config, spec, state_dict, tokenizer = _load_gguf(resolved, dtype, cache)
+    config.max_seq_len = max_seq_len or min(config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+    model = _build_model(config, state_dict, resolved, device, dtype)
+    return LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved)
