@@ -1,0 +1,102 @@
+"""`voice-agent chat`: a streaming text REPL on the configured model (no audio).
+
+Text appears block by block as the engine finalizes it; after each reply one line gives tokens,
+forward passes, tokens per forward and the time to the first text. Ctrl-C during a reply aborts
+that request; Ctrl-D or an empty line quits. While the adapted dLLM is not shipped the "default"
+model resolves to the AR SmolLM2 checkpoint: the command then says so and chats through the AR
+baseline engine instead of pretending to diffusion-decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from voice_agent.config import Config
+
+HELP = "chat with the configured LLM in the terminal (streaming text, no audio)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="torch device (default: llm.device)")
+    parser.add_argument("--ar", action="store_true", help="use the AR baseline engine on the same weights")
+    parser.add_argument("--max-new-tokens", type=int, help="default: llm.max_new_tokens")
+
+
+def load_llm(config: Config, name: str, device: str, dtype: str) -> tuple[Any, bool]:
+    """Load a model by registry name or path -> (LoadedModel, diffusion_capable). Prints a
+    warning line where a fallback stands in for the configured model."""
+    from dlm.checkpoints import load_model
+    from voice_agent.models import resolve_llm_model
+
+    resolved = resolve_llm_model(name)
+    if resolved.fallback_from:
+        print(f"WARNING: model {resolved.fallback_from!r} is not shipped yet; using the AR model "
+              f"{resolved.name!r} ({resolved.path}) instead: no diffusion decoding.", file=sys.stderr)
+    loaded = load_model(resolved.path, device=device, dtype=dtype)
+    diffusion = loaded.spec.mask_token_id is not None and loaded.spec.attention != "causal"
+    return loaded, diffusion
+
+
+def generation_params(config: Config, max_new_tokens: int | None = None):
+    from dlm.engine import GenerationParams
+
+    llm = config.llm
+    return GenerationParams(
+        max_new_tokens=max_new_tokens or llm.max_new_tokens, policy=llm.policy, threshold=llm.threshold,
+        factor=llm.factor, steps_per_block=llm.steps_per_block, block_size=llm.block_size,
+        sub_block_size=llm.sub_block_size, temperature=llm.temperature, top_p=llm.top_p,
+    )
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from dlm.ar import AREngine
+    from dlm.engine import Engine
+
+    device = args.device or config.llm.device
+    loaded, diffusion = load_llm(config, config.llm.model, device, config.llm.dtype)
+    use_ar = args.ar or not diffusion
+    if not diffusion and not args.ar:
+        print(f"WARNING: {loaded.path} ({loaded.family}) has no mask token; chatting with the AR baseline engine.",
+              file=sys.stderr)
+    engine_cls = AREngine if use_ar else Engine
+    params = generation_params(config, args.max_new_tokens)
+    history: list[dict[str, str]] = [{"role": "system", "content": config.agent.system_prompt}]
+    print(f"{loaded.family} model from {loaded.path} on {device}, {'AR' if use_ar else 'block diffusion'} "
+          "decoding. Empty line or Ctrl-D quits.", file=sys.stderr)
+    with engine_cls(loaded, max_batch_size=1) as engine:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if not line:
+                return 0
+            history.append({"role": "user", "content": line})
+            t0 = time.perf_counter()
+            handle = engine.submit(history, params)
+            first_s = None
+            reply: list[str] = []
+            last = None
+            print("bot> ", end="", flush=True)
+            try:
+                for delta in handle:
+                    if delta.text and first_s is None:
+                        first_s = time.perf_counter() - t0
+                    reply.append(delta.text)
+                    print(delta.text, end="", flush=True)
+                    last = delta
+            except KeyboardInterrupt:
+                engine.abort(handle.request_id)
+                for delta in handle:  # drain up to the abort delta
+                    last = delta
+            wall = time.perf_counter() - t0
+            history.append({"role": "assistant", "content": "".join(reply)})
+            if last is not None:
+                per_fwd = last.tokens / max(last.steps, 1)
+                first = f"{first_s * 1000:.0f} ms" if first_s is not None else "-"
+                print(f"\n  [{last.finish_reason}; {last.tokens} tokens, {last.steps} forwards, "
+                      f"{per_fwd:.2f} tok/forward, first text {first}, {wall:.2f} s]", file=sys.stderr)
