@@ -50,6 +50,8 @@ class ServerConfig:
     max_calls: int = 8
     max_message_bytes: int = 1_048_576
     max_queued_messages: int = 64
+    # Reply audio is paced in real time; the client holds at most this much not yet played.
+    playback_lead_ms: int = 200
     # Timeouts
     idle_timeout_s: float = 300.0
     shutdown_grace_s: float = 10.0
@@ -128,7 +130,13 @@ class AgentConfig:
     )
     history_tokens: int = 1024
     speculative_start: bool = True
+    # Silence that counts as a pause for the speculative start (shorter than vad.end_silence_ms).
+    speculative_pause_ms: int = 250
     sample_rate_hz: int = 24000
+    # Limits: caller audio waiting for the VAD (the oldest is dropped beyond), and audio held
+    # for a client-committed turn when server VAD is off.
+    max_inbox_audio_s: float = 2.0
+    max_manual_audio_s: float = 60.0
 
 
 @dataclass

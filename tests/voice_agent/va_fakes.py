@@ -1,0 +1,198 @@
+"""Fakes for driving sessions without models: a fake clock, endpointer, ASR, TTS and LLM.
+
+Audio convention: a 20 ms frame whose peak exceeds 0.1 is speech. The fake ASR hears one word
+per burst of speech (a run of voiced frames), so a test writes an utterance as bursts and gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+
+from audio.resample import Resampler
+from audio.text import SentenceChunker
+from audio.vad import SpeechEnded, SpeechStarted
+from voice_agent.llm import LlmDelta
+
+RATE = 16_000
+FRAME = RATE // 50  # 20 ms
+WORDS = ["what", "is", "the", "weather", "like", "today", "in", "paris"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def speech(ms: int) -> np.ndarray:
+    return np.full(RATE * ms // 1000, 0.5, dtype=np.float32)
+
+
+def silence(ms: int) -> np.ndarray:
+    return np.zeros(RATE * ms // 1000, dtype=np.float32)
+
+
+def bursts(n: int, word_ms: int = 240, gap_ms: int = 100) -> np.ndarray:
+    parts = []
+    for i in range(n):
+        parts.append(speech(word_ms))
+        if i < n - 1:
+            parts.append(silence(gap_ms))
+    return np.concatenate(parts)
+
+
+class FakeEndpointer:
+    """Frame energy VAD with the Endpointer's interface and event types."""
+
+    def __init__(self, end_silence_ms: int = 600, min_speech_ms: int = 100) -> None:
+        self.end_frames = end_silence_ms // 20
+        self.min_frames = min_speech_ms // 20
+        self.reset()
+
+    def reset(self) -> None:
+        self._pending = np.zeros(0, np.float32)
+        self._frames = 0
+        self.in_speech = False
+        self._utt: list[np.ndarray] = []
+        self._voiced_run = 0
+        self._silence_run = 0
+        self._first_voiced = 0
+
+    def time_s(self) -> float:
+        return self._frames * 0.02
+
+    def utterance_audio(self) -> np.ndarray:
+        return np.concatenate(self._utt) if self._utt else np.zeros(0, np.float32)
+
+    def feed(self, chunk: np.ndarray) -> list:
+        audio = np.concatenate([self._pending, np.asarray(chunk, np.float32)])
+        n = len(audio) // FRAME
+        self._pending = audio[n * FRAME :]
+        events = []
+        for i in range(n):
+            frame = audio[i * FRAME : (i + 1) * FRAME]
+            voiced = float(np.max(np.abs(frame))) > 0.1
+            self._frames += 1
+            if not self.in_speech:
+                if voiced:
+                    if self._voiced_run == 0:
+                        self._first_voiced = self._frames - 1
+                        self._utt = []
+                    self._voiced_run += 1
+                    self._utt.append(frame)
+                    if self._voiced_run >= self.min_frames:
+                        self.in_speech = True
+                        self._silence_run = 0
+                        events.append(SpeechStarted(t_s=self._first_voiced * 0.02))
+                else:
+                    self._voiced_run = 0
+                continue
+            self._utt.append(frame)
+            self._silence_run = 0 if voiced else self._silence_run + 1
+            if self._silence_run >= self.end_frames:
+                events.append(SpeechEnded(t_s=self.time_s(), audio=self.utterance_audio()))
+                self.in_speech = False
+                self._voiced_run = 0
+                self._utt = []
+        return events
+
+
+def count_bursts(audio: np.ndarray) -> int:
+    n = len(audio) // FRAME
+    voiced = [float(np.max(np.abs(audio[i * FRAME : (i + 1) * FRAME]))) > 0.1 for i in range(n)]
+    return sum(1 for i, v in enumerate(voiced) if v and (i == 0 or not voiced[i - 1]))
+
+
+class FakeLLM:
+    """Replies with `reply` in word pieces; `hold=True` keeps each request open until released."""
+
+    name = "fake"
+
+    def __init__(self, reply: str = "It is sunny. Take a hat. Have fun!", *, hold: bool = False) -> None:
+        self.reply = reply
+        self.hold = hold
+        self.requests: list[list[dict[str, str]]] = []
+        self.aborted = 0
+        self.completed = 0
+        self.release = asyncio.Event()
+        self.fail: str | None = None
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def stream(self, messages: list[dict[str, str]], *, trace_steps: bool = False) -> AsyncIterator[LlmDelta]:
+        from voice_agent.llm import LlmError
+
+        self.requests.append(messages)
+        finished = False
+        try:
+            if self.hold:
+                await self.release.wait()
+            if self.fail:
+                raise LlmError(self.fail)
+            pieces = [w + " " for w in self.reply.split(" ")]
+            tokens = 0
+            for i, piece in enumerate(pieces):
+                tokens += 1
+                if trace_steps:
+                    yield LlmDelta(text="", trace=(i + 1, [piece.strip(), "<mask>"]))
+                yield LlmDelta(text=piece if i < len(pieces) - 1 else piece.rstrip(), steps=(tokens + 1) // 2, tokens=tokens)
+                await asyncio.sleep(0)
+            finished = True
+            self.completed += 1
+            yield LlmDelta(text="", finished=True, finish_reason="eos", steps=(tokens + 1) // 2, tokens=tokens)
+        finally:
+            if not finished:
+                self.aborted += 1
+
+    async def aclose(self) -> None:
+        pass
+
+
+class FakeServices:
+    def __init__(self, llm: FakeLLM | None = None, *, end_silence_ms: int = 600, partial_interval_ms: int = 0) -> None:
+        self.llm = llm or FakeLLM()
+        self.end_silence_ms = end_silence_ms
+        self.partial_interval_ms = partial_interval_ms
+        # Transcript of an utterance: by default one word per burst.
+        self.asr: Callable[[np.ndarray], str] = lambda a: " ".join(WORDS[: count_bursts(a)])
+        self.transcribed: list[str] = []
+        self.tts_rate = 16_000
+        self.synthesized: list[str] = []
+
+    async def transcribe(self, audio_16k: np.ndarray) -> str:
+        text = self.asr(audio_16k)
+        self.transcribed.append(text)
+        return text
+
+    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        self.synthesized.append(text)
+        # 50 ms per word, quiet enough not to count as speech if echoed
+        return np.full(len(text.split()) * self.tts_rate // 20, 0.05, np.float32), self.tts_rate
+
+    def make_endpointer(self, end_silence_ms: int | None = None) -> FakeEndpointer:
+        return FakeEndpointer(self.end_silence_ms if end_silence_ms is None else end_silence_ms)
+
+    def make_chunker(self) -> SentenceChunker:
+        return SentenceChunker(160)
+
+    def make_resampler(self, from_hz: int, to_hz: int) -> Resampler:
+        return Resampler(from_hz, to_hz)
+
+
+async def settle(rounds: int = 200) -> None:
+    """Let every ready task run (no time passes: this is not a sleep)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def drain(outbox) -> list:
+    out = []
+    while (event := outbox.get_nowait()) is not None:
+        out.append(event)
+    return out

@@ -1,0 +1,66 @@
+"""`voice-agent serve`: the server with the web demo, `/v1/realtime` and `/twilio`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+from voice_agent.config import Config
+
+HELP = "run the voice agent server: web demo at /, OpenAI Realtime at /v1/realtime, Twilio at /twilio"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="interface to listen on (default: server.host)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: server.port; 0 picks a free one)")
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from voice_agent.services import ModelServices
+    from voice_agent.store import CallStore
+
+    if args.host:
+        config.server.host = args.host
+    if args.port is not None:
+        config.server.port = args.port
+    # The API key of a remote LLM comes from the environment variable named in the config.
+    api_key = os.environ.get(config.llm.api_key_env, "") if config.llm.backend == "openai" else ""
+    services = ModelServices.load(config, api_key=api_key)
+    store = CallStore(config.store.path) if config.store.path else None
+    try:
+        asyncio.run(_serve(config, services, store))
+    finally:
+        if store is not None:
+            store.close()
+    return 0
+
+
+async def _serve(config: Config, services, store) -> None:
+    from voice_agent.server import VoiceServer
+
+    server = VoiceServer(config, services, store=store, model_name=services.llm.name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    host = config.server.host
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    url = f"http://{shown}:{server.port}/"
+    print(f"voice-agent: demo at {url}", flush=True)
+    print(f"  OpenAI Realtime: ws://{shown}:{server.port}/v1/realtime  (openai SDK: base_url={url}v1)", flush=True)
+    print(f"  Twilio Media Streams: ws://{shown}:{server.port}/twilio", flush=True)
+    if config.server.token:
+        print("  an access token is required (Authorization: Bearer, or ?token= for browsers)", flush=True)
+    if store is not None:
+        print(f"  calls are stored in {store.path}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.shutdown()
+        await services.aclose()

@@ -1,0 +1,298 @@
+"""Typed events between the transports and the per-call session.
+
+Contract:
+- Every event carries `turn_id` (0 before the first turn; a turn is one user utterance or text
+  message and the reply to it) and `t`, a monotonic timestamp in seconds from the session's clock.
+- `Input*` events flow from a transport's framing into the session; the others flow from the
+  session to the transport. The core dispatches on the class, never on strings.
+- Each class's docstring says what happens to it on an interruption (barge-in): *dropped* means
+  the outbox discards it when the session flushes the turn; *kept* means it is delivered anyway.
+- Audio is float32 mono in [-1, 1] with its rate in the event (`sample_rate_hz`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "AudioIn",
+    "AudioSent",
+    "CallEnded",
+    "CallStarted",
+    "CancelResponse",
+    "ClearAudio",
+    "CommitAudio",
+    "ConfigureSession",
+    "CreateResponse",
+    "DenoiseStep",
+    "Dtmf",
+    "ErrorEvent",
+    "Flush",
+    "InputEvent",
+    "OutputEvent",
+    "PlaybackMark",
+    "PlaybackTruncate",
+    "ReplyAudio",
+    "ReplyStarted",
+    "ReplyTextDelta",
+    "ResponseDone",
+    "SpeechStarted",
+    "SpeechStopped",
+    "TranscriptDelta",
+    "TranscriptFinal",
+    "TurnMetrics",
+    "UserText",
+]
+
+
+@dataclass(kw_only=True)
+class Event:
+    turn_id: int = 0
+    t: float = 0.0  # monotonic seconds from the session's clock; 0.0 where the framing cannot know
+
+
+# Inputs: transport framing -> session ---------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class AudioIn(Event):
+    """Caller audio. Never interrupted; under overload the session drops the *oldest* audio."""
+
+    samples: np.ndarray  # float32 mono
+    sample_rate_hz: int
+
+
+@dataclass(kw_only=True)
+class CommitAudio(Event):
+    """The client ends the user's turn by hand (no server VAD): transcribe what was appended."""
+
+    respond: bool = False  # also start a reply (False for Realtime: the client sends response.create)
+
+
+@dataclass(kw_only=True)
+class ClearAudio(Event):
+    """Discard caller audio not yet committed."""
+
+
+@dataclass(kw_only=True)
+class UserText(Event):
+    """A typed user message; interrupts a reply in progress like speech does."""
+
+    text: str
+    respond: bool = True
+
+
+@dataclass(kw_only=True)
+class CreateResponse(Event):
+    """Start a reply to the conversation as it stands."""
+
+
+@dataclass(kw_only=True)
+class CancelResponse(Event):
+    """Stop the reply in progress (LLM, queued TTS) and flush the client's playback."""
+
+
+@dataclass(kw_only=True)
+class PlaybackMark(Event):
+    """The client has played reply chunk `chunk_index` of turn `turn_id` to its end."""
+
+    chunk_index: int
+
+
+@dataclass(kw_only=True)
+class PlaybackTruncate(Event):
+    """The client played only the first `audio_end_ms` of the reply of turn `turn_id`."""
+
+    audio_end_ms: int
+
+
+@dataclass(kw_only=True)
+class ConfigureSession(Event):
+    """Session settings from the client; None leaves a setting unchanged."""
+
+    instructions: str | None = None
+    input_rate_hz: int | None = None
+    output_rate_hz: int | None = None
+    server_vad: bool | None = None  # False: the client commits turns itself
+    audio_output: bool | None = None  # False: text-only replies (no TTS)
+    trace_steps: bool | None = None  # vendor extension: voice_agent.denoise_step events
+
+
+@dataclass(kw_only=True)
+class Dtmf(Event):
+    """A key pressed on a phone keypad. Logged and stored with the call; not an interruption."""
+
+    digit: str
+
+
+@dataclass(kw_only=True)
+class CallStarted(Event):
+    """The call's metadata (Twilio `start`); kept."""
+
+    call_sid: str = ""
+    stream_sid: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class CallEnded(Event):
+    """The caller hung up (Twilio `stop`); the session finishes and stores the call."""
+
+
+InputEvent = (
+    AudioIn
+    | CommitAudio
+    | ClearAudio
+    | UserText
+    | CreateResponse
+    | CancelResponse
+    | PlaybackMark
+    | PlaybackTruncate
+    | ConfigureSession
+    | Dtmf
+    | CallStarted
+    | CallEnded
+)
+
+
+# Outputs: session -> transport ----------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class SpeechStarted(Event):
+    """The VAD heard the caller start speaking. Kept, and urgent: it jumps the outbox queue."""
+
+    audio_start_ms: int  # position in the caller's audio stream
+
+
+@dataclass(kw_only=True)
+class SpeechStopped(Event):
+    """The endpointer decided the caller's turn has ended. Kept."""
+
+    audio_end_ms: int
+
+
+@dataclass(kw_only=True)
+class TranscriptDelta(Event):
+    """A partial transcript of the utterance in progress (the whole hypothesis so far). Kept."""
+
+    text: str
+
+
+@dataclass(kw_only=True)
+class TranscriptFinal(Event):
+    """The final transcript of the user's spoken turn. Kept."""
+
+    text: str
+    audio_s: float = 0.0  # duration of the utterance
+
+
+@dataclass(kw_only=True)
+class ReplyStarted(Event):
+    """A reply for turn `turn_id` begins. Kept."""
+
+    audio_output: bool
+
+
+@dataclass(kw_only=True)
+class ReplyTextDelta(Event):
+    """New reply text from the LLM (text-only sessions), dropped on interruption."""
+
+    text: str
+
+
+@dataclass(kw_only=True)
+class ReplyAudio(Event):
+    """One synthesized reply chunk (one sentence) and its text. Dropped on interruption.
+
+    The transport sends `text` as transcript and `samples` as audio, then marks the end of the
+    chunk so that the client's playback position comes back as `PlaybackMark(chunk_index)`.
+    """
+
+    chunk_index: int
+    text: str
+    samples: np.ndarray  # float32 mono
+    sample_rate_hz: int
+
+
+@dataclass(kw_only=True)
+class DenoiseStep(Event):
+    """A snapshot of the block being denoised (vendor extension, opt-in). Dropped on interruption."""
+
+    step: int
+    tokens: list[str]  # the block's slots; masked slots hold `mask`
+    mask: str = "<mask>"
+
+
+@dataclass(kw_only=True)
+class Flush(Event):
+    """Barge-in or cancel: the client must drop the reply audio it holds. Urgent; kept.
+
+    The outbox discards the turn's queued droppable events before delivering it.
+    """
+
+    reason: str  # "speech" | "text" | "cancel"
+
+
+@dataclass(kw_only=True)
+class ResponseDone(Event):
+    """The reply of turn `turn_id` ended. Kept.
+
+    `status`: "completed", "cancelled" (barge-in or cancel) or "failed" (`error` says why).
+    `text` is what was generated; `heard` what the caller heard (what goes into the history).
+    """
+
+    status: str
+    text: str
+    heard: str
+    audio_output: bool
+    reason: str | None = None  # for "cancelled": "speech" | "text" | "cancel" | "hangup"
+    error: str | None = None
+
+
+@dataclass(kw_only=True)
+class TurnMetrics(Event):
+    """Latencies of one turn, in milliseconds from the end of the user's speech. Kept.
+
+    None where a stage did not happen (typed text has no transcript stage, a cancelled reply may
+    have no audio). `speculative` is "hit", "miss" or "off".
+    """
+
+    values: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class ErrorEvent(Event):
+    """Something the client did wrong or a failure it should know of; the call goes on. Kept."""
+
+    code: str
+    message: str
+    client_event_id: str | None = None
+
+
+OutputEvent = (
+    SpeechStarted
+    | SpeechStopped
+    | TranscriptDelta
+    | TranscriptFinal
+    | ReplyStarted
+    | ReplyTextDelta
+    | ReplyAudio
+    | DenoiseStep
+    | Flush
+    | ResponseDone
+    | TurnMetrics
+    | ErrorEvent
+)
+
+
+@dataclass(kw_only=True)
+class AudioSent(Event):
+    """Writer -> session: the first byte of the reply audio of `turn_id` went out on the wire."""
+
+
+DROPPED_ON_INTERRUPT: tuple[type, ...] = (ReplyTextDelta, ReplyAudio, DenoiseStep)
+URGENT: tuple[type, ...] = (SpeechStarted, Flush)

@@ -1,0 +1,265 @@
+"""LLM clients behind one interface: the in-process dlm engine, or an OpenAI-compatible server.
+
+Contract:
+- `client.stream(messages, trace_steps=False)` is an async iterator of `LlmDelta`s for one chat
+  request (`messages` = `[{"role", "content"}]`, system prompt first). Text in a delta is final:
+  it is never revised later. The last delta has `finished=True`.
+- Cancelling the consumer (or closing the iterator) aborts the request: `LocalDLM` calls
+  `Engine.abort`, which takes effect within one denoising step; `OpenAICompatibleLLM` closes the
+  HTTP response, which a streaming server treats as an abort.
+- `count_tokens(text)` counts with the model's tokenizer where there is one, otherwise estimates
+  (4 characters per token), for the history budget.
+- Failures surface as `LlmError` with a one-line message; secrets never appear in messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from voice_agent.config import LlmConfig
+from voice_agent.errors import UserError
+
+__all__ = ["LlmClient", "LlmDelta", "LlmError", "LocalDLM", "OpenAICompatibleLLM", "build_llm"]
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+MASK = "<mask>"  # a still-masked slot in a denoising trace
+
+
+class LlmError(Exception):
+    """A request failed (server unreachable, HTTP error, engine error); one line, no secrets."""
+
+
+@dataclass
+class LlmDelta:
+    text: str  # new final text (may be empty, e.g. on a trace-only or final delta)
+    finished: bool = False
+    finish_reason: str | None = None  # "eos" | "stop" | "length" | "abort" | "error"
+    steps: int | None = None  # forward passes so far for this request (None: the backend does not say)
+    tokens: int | None = None  # tokens committed so far
+    trace: tuple[int, list[str]] | None = None  # (step, block slots as text) where trace_steps was asked
+
+
+class LlmClient(Protocol):
+    name: str
+
+    def stream(self, messages: Messages, *, trace_steps: bool = False) -> AsyncIterator[LlmDelta]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, (len(text) + 3) // 4) if text else 0
+
+
+# In-process dlm engine ------------------------------------------------------------------------
+
+
+class LocalDLM:
+    """The dlm `Engine` in this process; one engine batches the requests of every call.
+
+    The engine's worker thread calls `on_delta`; deltas cross into the event loop with
+    `loop.call_soon_threadsafe`. The per-request queue is unbounded on purpose: it holds at most
+    `max_new_tokens + 1` deltas (plus trace snapshots), and reply text must never be dropped.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        make_params: Callable[[bool], Any],
+        *,
+        tokenizer: Any = None,
+        name: str = "local",
+    ) -> None:
+        self._engine = engine
+        self._make_params = make_params
+        self._tokenizer = tokenizer
+        self.name = name
+
+    def count_tokens(self, text: str) -> int:
+        if self._tokenizer is None:
+            return estimate_tokens(text)
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    async def stream(self, messages: Messages, *, trace_steps: bool = False) -> AsyncIterator[LlmDelta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def on_delta(item: Any) -> None:  # the engine's worker thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the call is over
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        handle = self._engine.submit(messages, self._make_params(trace_steps), on_delta=on_delta)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                delta = self._convert(item)
+                if delta.finished:
+                    finished = True
+                    if delta.finish_reason == "error":
+                        raise LlmError(f"dlm engine: {getattr(item, 'error', None) or 'request failed'}")
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._engine.abort(handle.request_id)
+
+    def _convert(self, delta: Any) -> LlmDelta:
+        """A dlm `Delta` -> LlmDelta (its StepTrace, if any, as the block's slots in text)."""
+        trace = None
+        if getattr(delta, "trace", None) is not None:
+            st = delta.trace
+            slots = [MASK if masked else self._token_text(tid) for tid, masked in zip(st.token_ids, st.masked, strict=True)]
+            trace = (st.step, slots)
+        return LlmDelta(
+            text=delta.text,
+            finished=bool(delta.finished),
+            finish_reason=delta.finish_reason,
+            steps=delta.steps,
+            tokens=delta.tokens,
+            trace=trace,
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        if self._tokenizer is None:
+            return str(token_id)
+        return self._tokenizer.decode([token_id])
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._engine.close)
+
+
+# OpenAI-compatible streaming server -----------------------------------------------------------
+
+
+class OpenAICompatibleLLM:
+    """Any server with a streaming `POST {base_url}/chat/completions` (SSE): Inception's Mercury
+    API, SGLang or vLLM serving a dLLM, or another `voice-agent`.
+
+    `api_key` comes from the environment variable named by `llm.api_key_env`; it is sent as a
+    bearer token and never logged.
+    """
+
+    def __init__(self, config: LlmConfig, *, api_key: str = "", transport: Any = None) -> None:
+        import httpx2
+
+        if not config.base_url:
+            raise UserError("llm.backend = 'openai' needs llm.base_url (e.g. https://api.inceptionlabs.ai/v1)")
+        self._config = config
+        self._url = config.base_url.rstrip("/") + "/chat/completions"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx2.AsyncClient(
+            headers=headers,
+            timeout=httpx2.Timeout(config.timeout_s, connect=min(config.timeout_s, 10.0)),
+            transport=transport,
+        )
+        self._httpx = httpx2
+        self.name = f"openai:{config.api_model or '(default)'}@{config.base_url}"
+
+    def count_tokens(self, text: str) -> int:
+        return estimate_tokens(text)
+
+    async def stream(self, messages: Messages, *, trace_steps: bool = False) -> AsyncIterator[LlmDelta]:
+        body: dict[str, Any] = {
+            "messages": messages,
+            "stream": True,
+            "max_tokens": self._config.max_new_tokens,
+            "temperature": self._config.temperature,
+            "top_p": self._config.top_p,
+        }
+        if self._config.api_model:
+            body["model"] = self._config.api_model
+        tokens = 0
+        try:
+            async with self._client.stream("POST", self._url, json=body) as response:
+                if response.status_code != 200:
+                    detail = (await response.aread())[:200].decode("utf-8", "replace")
+                    raise LlmError(f"{self._url}: HTTP {response.status_code}: {detail}")
+                finish_reason = None
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # SSE comments, event names and blank separators
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                        choice = chunk["choices"][0] if chunk.get("choices") else {}
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        raise LlmError(f"{self._url}: malformed stream chunk {data[:80]!r}") from None
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    if text:
+                        tokens += 1  # one chunk is about one token on the servers we target
+                        yield LlmDelta(text=text, tokens=tokens)
+                yield LlmDelta(text="", finished=True, finish_reason=finish_reason or "stop", tokens=tokens)
+        except self._httpx.HTTPError as e:
+            raise LlmError(f"{self._url}: {type(e).__name__}: {e}") from None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+# Construction ---------------------------------------------------------------------------------
+
+
+def _generation_params(config: LlmConfig, trace_steps: bool) -> Any:
+    from dlm.engine import GenerationParams
+
+    return GenerationParams(
+        max_new_tokens=config.max_new_tokens,
+        policy=config.policy,
+        threshold=config.threshold,
+        factor=config.factor,
+        steps_per_block=config.steps_per_block,
+        block_size=config.block_size,
+        sub_block_size=config.sub_block_size,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        trace_steps=trace_steps,
+    )
+
+
+def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
+    """The configured client. Loading the local model takes seconds: call it from a thread."""
+    if config.backend == "openai":
+        return OpenAICompatibleLLM(config, api_key=api_key)
+    if config.backend != "local":
+        raise UserError(f"llm.backend must be 'local' or 'openai', not {config.backend!r}")
+    from dlm.checkpoints import load_model
+    from dlm.engine import Engine
+    from voice_agent.models import resolve_llm_model
+
+    resolved = resolve_llm_model(config.model)
+    if resolved.fallback_from:
+        log.warning(
+            "!!! llm.model %r is not shipped yet: FALLING BACK to the autoregressive model %r "
+            "(no diffusion decoding; tokens per forward pass will be 1) !!!",
+            resolved.fallback_from,
+            resolved.name,
+        )
+    loaded = load_model(resolved.path, device=config.device, dtype=config.dtype)
+    if loaded.spec.attention == "causal" or loaded.spec.mask_token_id is None:
+        from dlm.ar import AREngine
+
+        engine = AREngine(loaded, max_batch_size=config.max_batch_size)
+    else:
+        engine = Engine(loaded, max_batch_size=config.max_batch_size)
+    log.info("LLM: %s (%s, %s) on %s", resolved.name, loaded.family, resolved.path, config.device)
+    return LocalDLM(
+        engine,
+        lambda trace: _generation_params(config, trace),
+        tokenizer=loaded.tokenizer,
+        name=f"local:{resolved.name}",
+    )

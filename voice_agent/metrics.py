@@ -1,0 +1,105 @@
+"""Process-wide counters and latency histograms, rendered as Prometheus text for `/metrics`.
+
+Contract: `Metrics` is fed by the server (calls, rejections, protocol errors) and by every
+finished turn (`turn_finished`, the session's sink interface); `render()` returns the text
+exposition format (version 0.0.4). No client library: a handful of counters does not need one.
+All methods run on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from typing import Any
+
+__all__ = ["LATENCY_BUCKETS_S", "STAGES", "Metrics"]
+
+# Per-turn stages measured from the end of the user's speech (keys of TurnMetrics.values).
+STAGES = {
+    "asr_final_ms": "final_transcript",
+    "llm_first_text_ms": "first_llm_text",
+    "tts_first_audio_ms": "first_tts_audio",
+    "voice_to_voice_ms": "first_audio_sent",
+}
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class _Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, value)] += 1
+        self.total += value
+        self.n += 1
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.calls_total: Counter[str] = Counter()  # by route
+        self.calls_rejected: Counter[str] = Counter()  # by reason
+        self.calls_active = 0
+        self.turns_total: Counter[str] = Counter()  # by status
+        self.errors_total: Counter[str] = Counter()  # by kind
+        self.speculative_total: Counter[str] = Counter()  # by result
+        self.tokens_total = 0
+        self.forward_passes_total = 0
+        self._latency = {stage: _Histogram() for stage in STAGES.values()}
+
+    def turn_finished(self, call_id: str, record: Any) -> None:
+        self.turns_total[record.status] += 1
+        values = record.metrics
+        for key, stage in STAGES.items():
+            ms = values.get(key)
+            if ms is not None and ms >= 0:
+                self._latency[stage].observe(ms / 1000)
+        if values.get("speculative") not in (None, "off"):
+            self.speculative_total[values["speculative"]] += 1
+        if values.get("tokens") and values.get("forward_passes"):
+            self.tokens_total += values["tokens"]
+            self.forward_passes_total += values["forward_passes"]
+
+    def error(self, kind: str) -> None:
+        self.errors_total[kind] += 1
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        family("voice_agent_calls_total", "counter", "Calls accepted, by route.")
+        for route, n in sorted(self.calls_total.items()):
+            lines.append(f'voice_agent_calls_total{{route="{route}"}} {n}')
+        family("voice_agent_calls_rejected_total", "counter", "Calls refused, by reason.")
+        for reason, n in sorted(self.calls_rejected.items()):
+            lines.append(f'voice_agent_calls_rejected_total{{reason="{reason}"}} {n}')
+        family("voice_agent_calls_active", "gauge", "Calls in progress.")
+        lines.append(f"voice_agent_calls_active {self.calls_active}")
+        family("voice_agent_turns_total", "counter", "Finished turns, by status.")
+        for status, n in sorted(self.turns_total.items()):
+            lines.append(f'voice_agent_turns_total{{status="{status}"}} {n}')
+        family("voice_agent_errors_total", "counter", "Errors, by kind.")
+        for kind, n in sorted(self.errors_total.items()):
+            lines.append(f'voice_agent_errors_total{{kind="{kind}"}} {n}')
+        family("voice_agent_speculative_starts_total", "counter", "Speculative LLM starts, by result.")
+        for result, n in sorted(self.speculative_total.items()):
+            lines.append(f'voice_agent_speculative_starts_total{{result="{result}"}} {n}')
+        family("voice_agent_llm_tokens_total", "counter", "Reply tokens of turns whose backend reports forward passes.")
+        lines.append(f"voice_agent_llm_tokens_total {self.tokens_total}")
+        family("voice_agent_llm_forward_passes_total", "counter", "LLM forward passes (tokens per pass = tokens / passes).")
+        lines.append(f"voice_agent_llm_forward_passes_total {self.forward_passes_total}")
+        name = "voice_agent_stage_latency_seconds"
+        family(name, "histogram", "Time from the end of the user's speech to each stage of a turn.")
+        for stage, h in self._latency.items():
+            cumulative = 0
+            for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), h.counts, strict=True):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f'{name}_bucket{{stage="{stage}",le="{le}"}} {cumulative}')
+            lines.append(f'{name}_sum{{stage="{stage}"}} {h.total:.6f}')
+            lines.append(f'{name}_count{{stage="{stage}"}} {h.n}')
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,99 @@
+"""The models shared by every call of one process: ASR, TTS, the LLM client, VAD settings.
+
+Contract:
+- `ModelServices.load(config, api_key=...)` loads the models (seconds; call it from a thread or
+  before the event loop starts). It logs loudly when the LLM is an AR fallback.
+- `await transcribe(audio_16k)` and `await synthesize(text)` run the blocking model in a worker
+  thread, one call at a time per model (a lock): faster-whisper and piper are not reentrant, and
+  on a small CPU two concurrent decodes only slow each other down. Cancelling the await is safe;
+  the model call in its thread runs to its end and its result is discarded.
+- `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from voice_agent.config import Config
+from voice_agent.llm import LlmClient, build_llm
+
+__all__ = ["ModelServices"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelServices:
+    def __init__(self, config: Config, *, transcriber: Any, synthesizer: Any, llm: LlmClient) -> None:
+        self.config = config
+        self.llm = llm
+        self.partial_interval_ms = config.asr.partial_interval_ms
+        self.end_silence_ms = config.vad.end_silence_ms
+        self._transcriber = transcriber
+        self._synthesizer = synthesizer
+        self._asr_lock = threading.Lock()
+        self._tts_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, config: Config, *, api_key: str = "") -> ModelServices:
+        from audio.asr import Transcriber
+        from audio.tts import Synthesizer
+        from voice_agent.models import resolve_asr_model, resolve_tts_voice
+
+        transcriber = Transcriber(
+            resolve_asr_model(config.asr.model),
+            device=config.asr.device,
+            compute_type=config.asr.compute_type,
+            language=config.asr.language,
+            beam_size=config.asr.beam_size,
+        )
+        synthesizer = Synthesizer(resolve_tts_voice(config.tts.voice), length_scale=config.tts.length_scale)
+        llm = build_llm(config.llm, api_key=api_key)
+        log.info("models ready: ASR %s, TTS %s, LLM %s", config.asr.model, config.tts.voice, llm.name)
+        return cls(config, transcriber=transcriber, synthesizer=synthesizer, llm=llm)
+
+    def _transcribe_blocking(self, audio_16k: np.ndarray) -> str:
+        with self._asr_lock:
+            return self._transcriber.transcribe(audio_16k)
+
+    def _synthesize_blocking(self, text: str) -> np.ndarray:
+        with self._tts_lock:
+            return self._synthesizer.synthesize(text)
+
+    async def transcribe(self, audio_16k: np.ndarray) -> str:
+        return await asyncio.to_thread(self._transcribe_blocking, audio_16k)
+
+    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        samples = await asyncio.to_thread(self._synthesize_blocking, text)
+        return samples, self._synthesizer.sample_rate_hz
+
+    def make_endpointer(self, end_silence_ms: int | None = None) -> Any:
+        from audio.vad import Endpointer
+
+        vad = self.config.vad
+        return Endpointer(
+            sample_rate_hz=16_000,
+            aggressiveness=vad.aggressiveness,
+            frame_ms=vad.frame_ms,
+            pre_roll_ms=vad.pre_roll_ms,
+            min_speech_ms=vad.min_speech_ms,
+            end_silence_ms=vad.end_silence_ms if end_silence_ms is None else end_silence_ms,
+            backend=vad.backend,
+        )
+
+    def make_chunker(self) -> Any:
+        from audio.text import SentenceChunker
+
+        return SentenceChunker(max_chars=self.config.tts.max_sentence_chars)
+
+    def make_resampler(self, from_hz: int, to_hz: int) -> Any:
+        from audio.resample import Resampler
+
+        return Resampler(from_hz, to_hz)
+
+    async def aclose(self) -> None:
+        await self.llm.aclose()

@@ -1,0 +1,972 @@
+"""One conversation: turn taking, barge-in, memory, speculative start, per-turn metrics.
+
+Contract:
+- A `Session` is driven by `await session.handle(event)` with the `Input*` events of
+  `voice_agent.events` (the transport's framing makes them) and by `session.audio_sent(turn_id)`
+  from the transport's writer. It emits output events into `session.outbox`; the writer drains it.
+- States: LISTENING -> USER_SPEAKING (VAD heard speech) -> THINKING (final transcript, LLM
+  running) -> SPEAKING (first reply chunk out) -> LISTENING (the reply has been played).
+- Barge-in: speech or typed text while THINKING or SPEAKING aborts the LLM request, drops the
+  turn's queued reply events from the outbox, emits `Flush` (urgent) and `ResponseDone(cancelled)`.
+  What enters the history is what the caller heard: the chunks whose playback marks came back,
+  or the prefix given by a `PlaybackTruncate`; not what was generated.
+- Speculative start: a second endpointer with a short silence (`agent.speculative_pause_ms`)
+  marks pauses; at a pause the utterance so far is transcribed and the LLM starts on it, its
+  output held back. If the final transcript matches (case and punctuation aside) the held
+  output is adopted ("hit"), else the request is aborted and restarted ("miss").
+- Heavy work never runs on the event loop: `services` wraps ASR and TTS in threads and the LLM
+  client streams asynchronously. The session itself never sleeps; time comes from `clock`.
+- `close()` is idempotent: it cancels the tasks, stores the unfinished turn and the call's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from audio.vad import SpeechStarted as VadSpeechStarted
+from voice_agent.config import AgentConfig
+from voice_agent.events import (
+    DROPPED_ON_INTERRUPT,
+    AudioIn,
+    CallEnded,
+    CallStarted,
+    CancelResponse,
+    ClearAudio,
+    CommitAudio,
+    ConfigureSession,
+    CreateResponse,
+    DenoiseStep,
+    Dtmf,
+    ErrorEvent,
+    Event,
+    Flush,
+    InputEvent,
+    PlaybackMark,
+    PlaybackTruncate,
+    ReplyAudio,
+    ReplyStarted,
+    ReplyTextDelta,
+    ResponseDone,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptDelta,
+    TranscriptFinal,
+    TurnMetrics,
+    UserText,
+)
+from voice_agent.llm import LlmClient, LlmDelta, LlmError
+
+__all__ = ["Outbox", "Services", "Session", "State", "TurnRecord", "normalize_transcript"]
+
+log = logging.getLogger(__name__)
+
+ASR_RATE_HZ = 16_000
+
+
+class State(enum.Enum):
+    LISTENING = "listening"
+    USER_SPEAKING = "user_speaking"
+    THINKING = "thinking"
+    SPEAKING = "speaking"
+
+
+class Services(Protocol):
+    """The models a session uses; shared by every call of the process (see voice_agent.services)."""
+
+    llm: LlmClient
+    partial_interval_ms: int  # 0: no partial transcripts
+    end_silence_ms: int  # the endpointer's: speech ended this long before SpeechEnded
+
+    async def transcribe(self, audio_16k: np.ndarray) -> str: ...
+
+    async def synthesize(self, text: str) -> tuple[np.ndarray, int]: ...
+
+    def make_endpointer(self, end_silence_ms: int | None = None) -> Any: ...
+
+    def make_chunker(self) -> Any: ...
+
+    def make_resampler(self, from_hz: int, to_hz: int) -> Any: ...
+
+
+class TurnSink(Protocol):
+    """Where finished turns go (the call store, the metrics registry); must not block."""
+
+    def turn_finished(self, call_id: str, record: TurnRecord) -> None: ...
+
+
+# The outbox -----------------------------------------------------------------------------------
+
+
+class Outbox:
+    """Session -> transport writer: ordered, bounded, with an urgent lane.
+
+    Overflow policy: `put` waits while `max_items` events are queued (backpressure on the reply
+    pipeline; reply text and audio are never dropped for lack of room). `put_urgent` never waits:
+    urgent events (speech started, flush) go into their own lane, read before the ordered one.
+    `drop_turn(turn_id)` discards the turn's droppable events (see `events.DROPPED_ON_INTERRUPT`)
+    and remembers the turn as flushed, so that the writer stops sending what it already holds.
+    """
+
+    def __init__(self, max_items: int = 64) -> None:
+        self._items: collections.deque[Event] = collections.deque()
+        self._urgent: collections.deque[Event] = collections.deque()
+        self._max_items = max_items
+        self._changed = asyncio.Event()
+        self._closed = False
+        self.flushed_turns: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._items) + len(self._urgent)
+
+    async def put(self, event: Event) -> None:
+        """Queue `event`; waits while the queue is full. Cancelling it is safe (nothing queued)."""
+        while len(self._items) >= self._max_items and not self._closed:
+            self._changed.clear()
+            await self._changed.wait()
+        if self._closed:
+            return
+        self._items.append(event)
+        self._changed.set()
+
+    def put_urgent(self, event: Event) -> None:
+        if not self._closed:
+            self._urgent.append(event)
+            self._changed.set()
+
+    def has_urgent(self) -> bool:
+        return bool(self._urgent)
+
+    def get_urgent_nowait(self) -> Event | None:
+        if not self._urgent:
+            return None
+        self._changed.set()
+        return self._urgent.popleft()
+
+    def drop_turn(self, turn_id: int) -> int:
+        """Discard the turn's droppable events; returns how many were dropped."""
+        self.flushed_turns.add(turn_id)
+        before = len(self._items)
+        self._items = collections.deque(
+            e for e in self._items if not (e.turn_id == turn_id and isinstance(e, DROPPED_ON_INTERRUPT))
+        )
+        self._changed.set()
+        return before - len(self._items)
+
+    def put_nowait(self, event: Event) -> None:
+        """Queue a small kept event in order, past the bound if need be (one per turn at most:
+        a reply's end and its metrics must neither wait nor jump ahead of the reply)."""
+        if not self._closed:
+            self._items.append(event)
+            self._changed.set()
+
+    def get_nowait(self) -> Event | None:
+        if self._urgent:
+            event = self._urgent.popleft()
+        elif self._items:
+            event = self._items.popleft()
+        else:
+            return None
+        self._changed.set()
+        return event
+
+    async def get(self) -> Event | None:
+        """The next event, urgent ones first; None once closed and empty. Cancelling is safe."""
+        while True:
+            event = self.get_nowait()
+            if event is not None or self._closed:
+                return event
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def wait_changed(self) -> None:
+        """Returns at the next put, get or flush (for a writer pacing audio)."""
+        self._changed.clear()
+        await self._changed.wait()
+
+    def close(self) -> None:
+        """Idempotent. Queued events stay readable; puts are ignored from now on."""
+        self._closed = True
+        self._changed.set()
+
+
+# LLM runs -------------------------------------------------------------------------------------
+
+
+class LlmRun:
+    """One LLM request pumped into a buffer as it streams, so that a speculative start can be
+    adopted later and read from the beginning. The buffer holds at most one request's deltas."""
+
+    def __init__(self, llm: LlmClient, messages: list[dict[str, str]], *, trace_steps: bool, clock: Callable[[], float]):
+        self.messages = messages
+        self.user_text = messages[-1]["content"] if messages else ""
+        self.t_start = clock()
+        self.t_first_text: float | None = None
+        self._clock = clock
+        self._buffer: list[LlmDelta] = []
+        self._done = False
+        self.error: str | None = None
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._pump(llm, trace_steps), name="llm-run")
+
+    async def _pump(self, llm: LlmClient, trace_steps: bool) -> None:
+        try:
+            async with contextlib.aclosing(llm.stream(self.messages, trace_steps=trace_steps)) as stream:
+                async for delta in stream:
+                    if delta.text and self.t_first_text is None:
+                        self.t_first_text = self._clock()
+                    self._buffer.append(delta)
+                    self._changed.set()
+        except LlmError as e:
+            self.error = str(e)
+        except Exception as e:  # a bug in a client must end this reply, not the call
+            log.exception("LLM client failed")
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self._done = True
+            self._changed.set()
+
+    async def deltas(self) -> AsyncIterator[LlmDelta]:
+        """Every delta from the first; raises LlmError if the request failed."""
+        i = 0
+        while True:
+            while i < len(self._buffer):
+                yield self._buffer[i]
+                i += 1
+            if self._done:
+                if self.error:
+                    raise LlmError(self.error)
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+    def cancel(self) -> None:
+        """Abort the request (the client aborts it in the engine or closes the HTTP stream)."""
+        self._task.cancel()
+
+
+# Turns ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    text: str
+    duration_s: float
+    played: bool = False
+
+
+@dataclass
+class TurnRecord:
+    """One user turn and the reply to it: what the call store keeps."""
+
+    turn_id: int
+    kind: str  # "speech" | "text" | "response" (a reply without new user input)
+    started_at: float  # wall clock, seconds since the epoch
+    user_text: str = ""
+    reply_text: str = ""  # what the LLM generated
+    heard: str = ""  # what the caller heard
+    status: str = "open"  # "completed" | "cancelled" | "failed" | "no_reply"
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Turn:
+    record: TurnRecord
+    t_speech_end: float | None = None  # monotonic: the reference of the latencies
+    t_asr: float | None = None
+    t_first_audio: float | None = None
+    t_first_sent: float | None = None
+    speculative: str = "off"  # "off" | "none" | "hit" | "miss"
+    speculative_saved_ms: float | None = None
+    run: LlmRun | None = None
+    reply_task: asyncio.Task[None] | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+    generation_done: bool = False
+    audio_output: bool = True
+    steps: int | None = None
+    tokens: int | None = None
+    truncated_ms: int | None = None
+    finished: bool = False
+
+
+@dataclass
+class _Speculation:
+    turn_id: int
+    text: str
+    run: LlmRun
+
+
+_WORDS = re.compile(r"[\w']+")
+
+
+def normalize_transcript(text: str) -> str:
+    """Lower case, words only: 'Hello, there!' and 'hello there' match."""
+    return " ".join(_WORDS.findall(text.lower()))
+
+
+def heard_prefix(text: str, fraction: float) -> str:
+    """The first `fraction` of `text`, cut back to a word boundary."""
+    if fraction >= 1.0:
+        return text
+    if fraction <= 0.0:
+        return ""
+    cut = int(len(text) * fraction)
+    space = text.rfind(" ", 0, cut + 1)
+    return text[: space if space > 0 else 0].rstrip()
+
+
+class Session:
+    """One call (see the module docstring)."""
+
+    def __init__(
+        self,
+        services: Services,
+        config: AgentConfig,
+        *,
+        call_id: str | None = None,
+        sink: TurnSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        # Limits
+        max_outbox_events: int = 64,
+    ) -> None:
+        self.services = services
+        self.config = config
+        self.call_id = call_id or uuid.uuid4().hex[:16]
+        self.outbox = Outbox(max_outbox_events)
+        self._sink = sink
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.state = State.LISTENING
+        # Settings the client may change.
+        self.instructions = config.system_prompt
+        self.input_rate_hz = config.sample_rate_hz
+        self.server_vad = True
+        self.audio_output = True
+        self.trace_steps = False
+        # Conversation memory: (turn_id, message); the system prompt is added per request.
+        self.history: list[tuple[int, dict[str, str]]] = []
+        self.records: list[TurnRecord] = []
+        self._chunks_by_turn: dict[int, list[Chunk]] = {}
+        self.dtmf: list[str] = []
+        self.call_info: CallStarted | None = None
+        # Turn bookkeeping.
+        self._next_turn_id = 1
+        self._user_turn: _Turn | None = None  # the turn whose user speech is in progress
+        self._reply_turn: _Turn | None = None  # the turn whose reply is in progress
+        self._speculation: _Speculation | None = None
+        self._spec_task: asyncio.Task[None] | None = None
+        self._partial_task: asyncio.Task[None] | None = None
+        self._partial_at_s = 0.0
+        # Audio in: drop-oldest inbox, processed by one task.
+        self._inbox: collections.deque[AudioIn] = collections.deque()
+        self._inbox_s = 0.0
+        self._max_inbox_s = config.max_inbox_audio_s
+        self.dropped_audio_s = 0.0
+        self._inbox_ready = asyncio.Event()
+        self._resampler: Any = None
+        self._resampler_rate = 0
+        self._endpointer = services.make_endpointer()
+        self._pause_endpointer = (
+            services.make_endpointer(config.speculative_pause_ms) if config.speculative_start else None
+        )
+        self._manual_audio: collections.deque[np.ndarray] = collections.deque()
+        self._manual_s = 0.0
+        self._stream_s = 0.0  # seconds of caller audio processed
+        self._ep_origin_s = 0.0  # stream time at which the endpointers' own clocks started
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._audio_task = self._spawn(self._audio_loop(), "audio-in")
+        self.ended = False
+        self._closed = False
+
+    # --- public API ----------------------------------------------------------------------------
+
+    async def handle(self, event: InputEvent) -> None:
+        """Apply one input event. Returns quickly: heavy work goes to tasks."""
+        match event:
+            case AudioIn():
+                self._push_audio(event)
+            case ConfigureSession():
+                self._configure(event)
+            case UserText():
+                await self._on_user_text(event)
+            case CommitAudio():
+                await self._on_commit(event)
+            case ClearAudio():
+                self._manual_audio.clear()
+                self._manual_s = 0.0
+            case CreateResponse():
+                await self._on_create_response(event)
+            case CancelResponse():
+                if self._reply_turn is None:
+                    await self._error("response_cancel_not_active", "there is no reply in progress to cancel")
+                else:
+                    await self._interrupt("cancel")
+            case PlaybackMark():
+                self.playback_mark(event.turn_id, event.chunk_index)
+            case PlaybackTruncate():
+                self._on_truncate(event)
+            case Dtmf():
+                self.dtmf.append(event.digit)
+                log.info("call %s: DTMF %s", self.call_id, event.digit)
+            case CallStarted():
+                self.call_info = event
+            case CallEnded():
+                self.ended = True
+            case _:
+                raise TypeError(f"not an input event: {event!r}")
+
+    def audio_sent(self, turn_id: int) -> None:
+        """The writer sent the first byte of turn `turn_id`'s reply audio."""
+        turn = self._reply_turn
+        if turn is not None and turn.record.turn_id == turn_id and turn.t_first_sent is None:
+            turn.t_first_sent = self._clock()
+
+    async def close(self) -> None:
+        """End the call: cancel the tasks, record the unfinished turn. Idempotent; safe to cancel
+        (the store write is handed to the sink synchronously)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._speculation is not None:
+            self._speculation.run.cancel()
+            self._speculation = None
+        turn = self._reply_turn
+        if turn is not None:
+            self._stop_reply(turn)
+            self._finish(turn, "cancelled", reason="hangup")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.outbox.close()
+
+    @property
+    def turns(self) -> list[TurnRecord]:
+        return self.records
+
+    # --- configuration -------------------------------------------------------------------------
+
+    def _configure(self, event: ConfigureSession) -> None:
+        if event.instructions is not None:
+            self.instructions = event.instructions
+        if event.input_rate_hz is not None:
+            self.input_rate_hz = event.input_rate_hz
+        if event.server_vad is not None:
+            self.server_vad = event.server_vad
+        if event.audio_output is not None:
+            self.audio_output = event.audio_output
+        if event.trace_steps is not None:
+            self.trace_steps = event.trace_steps
+
+    # --- audio in ------------------------------------------------------------------------------
+
+    def _push_audio(self, event: AudioIn) -> None:
+        """Queue caller audio. Overflow policy: past `max_inbox_audio_s` the oldest audio is dropped."""
+        duration = len(event.samples) / event.sample_rate_hz
+        self._inbox.append(event)
+        self._inbox_s += duration
+        while self._inbox_s > self._max_inbox_s and len(self._inbox) > 1:
+            old = self._inbox.popleft()
+            old_s = len(old.samples) / old.sample_rate_hz
+            self._inbox_s -= old_s
+            self.dropped_audio_s += old_s
+        self._inbox_ready.set()
+
+    async def _audio_loop(self) -> None:
+        while True:
+            while not self._inbox:
+                self._inbox_ready.clear()
+                await self._inbox_ready.wait()
+            event = self._inbox.popleft()
+            self._inbox_s -= len(event.samples) / event.sample_rate_hz
+            try:
+                await self._process_audio(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("call %s: audio processing failed", self.call_id)
+                await self._error("audio_error", f"{type(e).__name__}: {e}")
+
+    def _to_16k(self, event: AudioIn) -> np.ndarray:
+        if event.sample_rate_hz == ASR_RATE_HZ:
+            return np.asarray(event.samples, dtype=np.float32)
+        if self._resampler is None or self._resampler_rate != event.sample_rate_hz:
+            self._resampler = self.services.make_resampler(event.sample_rate_hz, ASR_RATE_HZ)
+            self._resampler_rate = event.sample_rate_hz
+        return self._resampler.process(event.samples)
+
+    async def _process_audio(self, event: AudioIn) -> None:
+        audio = self._to_16k(event)
+        self._stream_s += len(audio) / ASR_RATE_HZ
+        if not self.server_vad:
+            self._manual_audio.append(audio)
+            self._manual_s += len(audio) / ASR_RATE_HZ
+            while self._manual_s > self.config.max_manual_audio_s and len(self._manual_audio) > 1:
+                self._manual_s -= len(self._manual_audio.popleft()) / ASR_RATE_HZ
+            return
+        for ev in self._endpointer.feed(audio):
+            if isinstance(ev, VadSpeechStarted):
+                await self._on_speech_started(self._ep_origin_s + ev.t_s)
+            else:
+                await self._on_speech_ended(self._ep_origin_s + ev.t_s - self.config_end_silence_s, ev.audio)
+        if self._pause_endpointer is not None:
+            for ev in self._pause_endpointer.feed(audio):
+                if isinstance(ev, VadSpeechStarted):
+                    self._drop_speculation("the caller went on speaking")
+                elif self.state is State.USER_SPEAKING:
+                    self._start_speculation(ev.audio)
+        if self.state is State.USER_SPEAKING:
+            self._maybe_partial()
+
+    # --- user speech ---------------------------------------------------------------------------
+
+    def _new_turn(self, kind: str) -> _Turn:
+        turn_id = self._next_turn_id
+        self._next_turn_id += 1
+        record = TurnRecord(turn_id=turn_id, kind=kind, started_at=self._wall_clock())
+        turn = _Turn(record=record, audio_output=self.audio_output)
+        turn.speculative = "none" if (self.config.speculative_start and kind == "speech") else "off"
+        return turn
+
+    async def _on_speech_started(self, start_s: float) -> None:
+        """`start_s`: stream time of the first voiced frame."""
+        if self._reply_turn is not None:
+            await self._interrupt("speech")
+        turn = self._new_turn("speech")
+        self._user_turn = turn
+        self.state = State.USER_SPEAKING
+        self._partial_at_s = self._stream_s
+        self.outbox.put_urgent(SpeechStarted(turn_id=turn.record.turn_id, t=self._clock(), audio_start_ms=int(start_s * 1000)))
+
+    def _stream_time_to_clock(self, t_s: float) -> float:
+        """Map a stream time of the caller's audio onto the monotonic clock."""
+        return self._clock() - max(0.0, self._stream_s - t_s)
+
+    async def _on_speech_ended(self, end_s: float, audio: np.ndarray) -> None:
+        """`end_s`: stream time at which the caller stopped speaking; `audio`: the utterance."""
+        turn = self._user_turn
+        self._user_turn = None
+        if turn is None:  # speech ended without a start we saw (e.g. after a commit)
+            return
+        turn.t_speech_end = self._stream_time_to_clock(end_s)
+        if self._partial_task is not None:
+            self._partial_task.cancel()
+        await self.outbox.put(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(end_s * 1000)))
+        self.state = State.THINKING
+        self._reply_turn = turn
+        turn.reply_task = self._spawn(self._finalize_speech(turn, audio), f"turn-{turn.record.turn_id}")
+
+    @property
+    def config_end_silence_s(self) -> float:
+        return self.services.end_silence_ms / 1000
+
+    def _maybe_partial(self) -> None:
+        interval_s = self.services.partial_interval_ms / 1000
+        if interval_s <= 0 or (self._partial_task is not None and not self._partial_task.done()):
+            return
+        if self._stream_s - self._partial_at_s < interval_s or self._user_turn is None:
+            return
+        self._partial_at_s = self._stream_s
+        audio = self._endpointer.utterance_audio()
+        turn_id = self._user_turn.record.turn_id
+        self._partial_task = self._spawn(self._partial(turn_id, audio), "asr-partial")
+
+    async def _partial(self, turn_id: int, audio: np.ndarray) -> None:
+        text = await self.services.transcribe(audio)
+        if text and self._user_turn is not None and self._user_turn.record.turn_id == turn_id:
+            await self.outbox.put(TranscriptDelta(turn_id=turn_id, t=self._clock(), text=text))
+
+    # --- speculative start ---------------------------------------------------------------------
+
+    def _start_speculation(self, audio: np.ndarray) -> None:
+        turn = self._user_turn
+        if turn is None or self._speculation is not None or (self._spec_task and not self._spec_task.done()):
+            return
+        self._spec_task = self._spawn(self._speculate(turn, audio), "speculate")
+
+    async def _speculate(self, turn: _Turn, audio: np.ndarray) -> None:
+        text = await self.services.transcribe(audio)
+        if not text.strip() or self._user_turn is not turn:
+            return  # nothing said, or the turn already ended: the final path starts the LLM
+        run = LlmRun(self.services.llm, self._messages(text), trace_steps=self.trace_steps, clock=self._clock)
+        self._speculation = _Speculation(turn.record.turn_id, text, run)
+        log.debug("call %s turn %d: speculative start on %r", self.call_id, turn.record.turn_id, text)
+
+    def _drop_speculation(self, why: str) -> None:
+        if self._spec_task is not None and not self._spec_task.done():
+            self._spec_task.cancel()
+        if self._speculation is not None:
+            log.debug("call %s: speculative start dropped: %s", self.call_id, why)
+            self._speculation.run.cancel()
+            self._speculation = None
+
+    # --- turns ---------------------------------------------------------------------------------
+
+    async def _finalize_speech(self, turn: _Turn, audio: np.ndarray) -> None:
+        text = await self.services.transcribe(audio)
+        turn.t_asr = self._clock()
+        # A speculation still transcribing is moot now; a finished one is judged.
+        if self._spec_task is not None and not self._spec_task.done():
+            self._spec_task.cancel()
+        spec, self._speculation = self._speculation, None
+        turn.record.user_text = text
+        await self.outbox.put(TranscriptFinal(turn_id=turn.record.turn_id, t=self._clock(), text=text))
+        if not text.strip():
+            if spec is not None:
+                spec.run.cancel()
+            self._finish(turn, "no_reply")
+            return
+        run = None
+        if spec is not None and spec.turn_id == turn.record.turn_id:
+            if normalize_transcript(spec.text) == normalize_transcript(text):
+                turn.speculative = "hit"
+                turn.speculative_saved_ms = (turn.t_asr - spec.run.t_start) * 1000
+                run = spec.run
+            else:
+                turn.speculative = "miss"
+                spec.run.cancel()
+        elif spec is not None:
+            spec.run.cancel()
+        self._add_history(turn.record.turn_id, "user", text)
+        if run is None:
+            run = LlmRun(self.services.llm, self._messages(), trace_steps=self.trace_steps, clock=self._clock)
+        await self._reply(turn, run)
+
+    async def _on_user_text(self, event: UserText) -> None:
+        if self._reply_turn is not None:
+            await self._interrupt("text")
+        turn = self._new_turn("text")
+        turn.t_speech_end = self._clock()
+        turn.record.user_text = event.text
+        self._add_history(turn.record.turn_id, "user", event.text)
+        self.records.append(turn.record)  # visible at once; finished when its reply is
+        if event.respond:
+            self._start_reply(turn)
+        else:
+            self._finish(turn, "no_reply")
+
+    async def _on_commit(self, event: CommitAudio) -> None:
+        if self.server_vad and self._user_turn is not None:
+            # Server VAD, but the client ends the turn now: what the endpointer holds is the turn.
+            audio = self._endpointer.utterance_audio()
+            self._endpointer.reset()
+            if self._pause_endpointer is not None:
+                self._pause_endpointer.reset()
+            self._ep_origin_s = self._stream_s
+            await self._on_speech_ended(self._stream_s, audio)
+            return
+        if not self._manual_audio:
+            await self._error("input_audio_buffer_commit_empty", "the input audio buffer is empty")
+            return
+        audio = np.concatenate(list(self._manual_audio))
+        self._manual_audio.clear()
+        self._manual_s = 0.0
+        if self._reply_turn is not None:
+            await self._interrupt("speech")
+        turn = self._new_turn("speech")
+        turn.speculative = "off"
+        turn.t_speech_end = self._clock()
+        await self.outbox.put(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(self._stream_s * 1000)))
+        text = await self.services.transcribe(audio)
+        turn.t_asr = self._clock()
+        turn.record.user_text = text
+        await self.outbox.put(TranscriptFinal(turn_id=turn.record.turn_id, t=self._clock(), text=text))
+        if text.strip():
+            self._add_history(turn.record.turn_id, "user", text)
+        if event.respond and text.strip():
+            self._start_reply(turn)
+        else:
+            self._finish(turn, "no_reply")
+
+    async def _on_create_response(self, event: CreateResponse) -> None:
+        if self._reply_turn is not None:
+            await self._error("conversation_already_has_active_response", "a reply is already in progress")
+            return
+        if not any(m["role"] == "user" for _, m in self.history):
+            await self._error("no_user_input", "there is nothing to reply to yet")
+            return
+        turn = self._new_turn("response")
+        turn.t_speech_end = self._clock()
+        self._start_reply(turn)
+
+    def _start_reply(self, turn: _Turn) -> None:
+        self._reply_turn = turn
+        self.state = State.THINKING
+        run = LlmRun(self.services.llm, self._messages(), trace_steps=self.trace_steps, clock=self._clock)
+        turn.reply_task = self._spawn(self._reply(turn, run), f"turn-{turn.record.turn_id}")
+
+    # --- the reply pipeline --------------------------------------------------------------------
+
+    async def _reply(self, turn: _Turn, run: LlmRun) -> None:
+        """LLM text -> sentences -> TTS -> outbox, with TTS overlapping generation."""
+        turn.run = run
+        turn_id = turn.record.turn_id
+        self._reply_turn = turn
+        self.state = State.THINKING
+        if turn.record not in self.records:
+            self.records.append(turn.record)
+        await self.outbox.put(ReplyStarted(turn_id=turn_id, t=self._clock(), audio_output=turn.audio_output))
+        # Bounded; `put` waits, so no sentence is ever dropped.
+        sentences: asyncio.Queue[str | None] = asyncio.Queue(maxsize=16)
+        speaker = self._spawn(self._speak(turn, sentences), f"tts-{turn_id}") if turn.audio_output else None
+        chunker = self.services.make_chunker()
+        try:
+            async for delta in run.deltas():
+                if delta.steps is not None:
+                    turn.steps, turn.tokens = delta.steps, delta.tokens
+                elif delta.tokens is not None:
+                    turn.tokens = delta.tokens
+                if delta.trace is not None and self.trace_steps:
+                    step, slots = delta.trace
+                    await self.outbox.put(DenoiseStep(turn_id=turn_id, t=self._clock(), step=step, tokens=slots))
+                if not delta.text:
+                    continue
+                turn.record.reply_text += delta.text
+                if speaker is None:
+                    self.state = State.SPEAKING
+                    await self.outbox.put(ReplyTextDelta(turn_id=turn_id, t=self._clock(), text=delta.text))
+                else:
+                    for sentence in chunker.push(delta.text):
+                        await sentences.put(sentence)
+            if speaker is not None:
+                for sentence in chunker.flush():
+                    await sentences.put(sentence)
+                await sentences.put(None)
+                await speaker
+        except LlmError as e:
+            if speaker is not None:
+                speaker.cancel()
+            await self._error("llm_error", str(e))
+            self._finish(turn, "failed", error=str(e))
+            return
+        turn.generation_done = True
+        self._maybe_complete(turn)
+
+    async def _speak(self, turn: _Turn, sentences: asyncio.Queue[str | None]) -> None:
+        turn_id = turn.record.turn_id
+        while (sentence := await sentences.get()) is not None:
+            samples, rate = await self.services.synthesize(sentence)
+            if turn.t_first_audio is None:
+                turn.t_first_audio = self._clock()
+            if len(samples) == 0:
+                continue
+            turn.chunks.append(Chunk(sentence, len(samples) / rate))
+            self.state = State.SPEAKING
+            await self.outbox.put(
+                ReplyAudio(
+                    turn_id=turn_id,
+                    t=self._clock(),
+                    chunk_index=len(turn.chunks) - 1,
+                    text=sentence,
+                    samples=samples,
+                    sample_rate_hz=rate,
+                )
+            )
+
+    def _maybe_complete(self, turn: _Turn) -> None:
+        """Finish the turn once generation is done and (for audio) every chunk has played."""
+        if turn.finished or not turn.generation_done:
+            return
+        if turn.audio_output and not all(c.played for c in turn.chunks):
+            return
+        self._finish(turn, "completed")
+
+    def playback_mark(self, turn_id: int, chunk_index: int) -> None:
+        """The client played chunk `chunk_index` of turn `turn_id` to its end."""
+        turn = self._reply_turn
+        if turn is None or turn.record.turn_id != turn_id or turn_id in self.outbox.flushed_turns:
+            return  # a mark of an interrupted or finished turn: what was heard is already decided
+        for chunk in turn.chunks[: chunk_index + 1]:
+            chunk.played = True
+        self._maybe_complete(turn)
+
+    def _on_truncate(self, event: PlaybackTruncate) -> None:
+        """The client says how much of a reply it played; the history keeps that much."""
+        record = next((r for r in self.records if r.turn_id == event.turn_id), None)
+        if record is None:
+            self.outbox.put_urgent(
+                ErrorEvent(turn_id=event.turn_id, t=self._clock(), code="item_not_found", message="no such reply")
+            )
+            return
+        turn = self._reply_turn
+        if turn is not None and turn.record is record:
+            turn.truncated_ms = event.audio_end_ms
+            self._interrupt_now(turn, "cancel")
+            return
+        # A turn already finished (typically: interrupted, then truncated by the client).
+        chunks = self._chunks_by_turn.get(record.turn_id)
+        if chunks:
+            record.heard = self._heard_from(chunks, event.audio_end_ms)
+            self._replace_history(record.turn_id, record.heard)
+            if self._sink is not None:
+                self._sink.turn_finished(self.call_id, record)
+
+    @staticmethod
+    def _heard_from(chunks: list[Chunk], audio_end_ms: int | None) -> str:
+        if audio_end_ms is None:
+            return " ".join(c.text for c in chunks if c.played)
+        heard, t_ms = [], 0.0
+        for chunk in chunks:
+            d_ms = chunk.duration_s * 1000
+            if t_ms + d_ms <= audio_end_ms:
+                heard.append(chunk.text)
+            else:
+                part = heard_prefix(chunk.text, (audio_end_ms - t_ms) / d_ms if d_ms else 0.0)
+                if part:
+                    heard.append(part)
+                break
+            t_ms += d_ms
+        return " ".join(heard)
+
+    # --- interruption --------------------------------------------------------------------------
+
+    async def _interrupt(self, reason: str) -> None:
+        turn = self._reply_turn
+        if turn is not None:
+            self._interrupt_now(turn, reason)
+
+    def _interrupt_now(self, turn: _Turn, reason: str) -> None:
+        """Barge-in or cancel: abort the LLM, drop queued audio, flush the client, keep what was heard."""
+        turn_id = turn.record.turn_id
+        self._stop_reply(turn)
+        dropped = self.outbox.drop_turn(turn_id)
+        self.outbox.put_urgent(Flush(turn_id=turn_id, t=self._clock(), reason=reason))
+        log.info("call %s turn %d: interrupted (%s), %d queued events dropped", self.call_id, turn_id, reason, dropped)
+        self._finish(turn, "cancelled", reason=reason)
+
+    def _stop_reply(self, turn: _Turn) -> None:
+        if turn.run is not None:
+            turn.run.cancel()
+        if turn.reply_task is not None and turn.reply_task is not asyncio.current_task():
+            turn.reply_task.cancel()
+
+    # --- finishing a turn ----------------------------------------------------------------------
+
+    def _finish(self, turn: _Turn, status: str, *, reason: str | None = None, error: str | None = None) -> None:
+        """Record the turn (history, store, metrics) and go back to listening. Synchronous, so
+        that an interruption never leaves a turn half-recorded."""
+        if turn.finished:
+            return
+        turn.finished = True
+        record = turn.record
+        record.status = status
+        if status == "completed":
+            record.heard = record.reply_text.strip() if not turn.audio_output else " ".join(c.text for c in turn.chunks)
+        elif turn.audio_output:
+            record.heard = self._heard_from(turn.chunks, turn.truncated_ms)
+        else:
+            record.heard = record.reply_text.strip()  # text on screen was all shown as it came
+        self._chunks_by_turn[record.turn_id] = turn.chunks  # for a later truncate
+        if status != "no_reply" and record.heard:
+            self._add_history(record.turn_id, "assistant", record.heard)
+        record.metrics = self._metrics(turn)
+        if record not in self.records:
+            self.records.append(record)
+        if self._reply_turn is turn:
+            self._reply_turn = None
+            if self.state in (State.THINKING, State.SPEAKING):
+                self.state = State.LISTENING
+        t = self._clock()
+        if status != "no_reply":
+            self.outbox.put_nowait(
+                ResponseDone(
+                    turn_id=record.turn_id,
+                    t=t,
+                    status=status,
+                    text=record.reply_text,
+                    heard=record.heard,
+                    audio_output=turn.audio_output,
+                    reason=reason,
+                    error=error,
+                )
+            )
+            self.outbox.put_nowait(TurnMetrics(turn_id=record.turn_id, t=t, values=record.metrics))
+        if self._sink is not None:
+            self._sink.turn_finished(self.call_id, record)
+
+    def _metrics(self, turn: _Turn) -> dict[str, Any]:
+        t0 = turn.t_speech_end
+
+        def ms(t: float | None) -> float | None:
+            return None if t is None or t0 is None else round((t - t0) * 1000, 1)
+
+        run = turn.run
+        return {
+            "asr_final_ms": ms(turn.t_asr),
+            "llm_first_text_ms": ms(run.t_first_text if run else None),
+            "tts_first_audio_ms": ms(turn.t_first_audio),
+            "voice_to_voice_ms": ms(turn.t_first_sent),
+            "tokens": turn.tokens,
+            "forward_passes": turn.steps,
+            "tokens_per_forward": round(turn.tokens / turn.steps, 3) if turn.tokens and turn.steps else None,
+            "speculative": turn.speculative,
+            "speculative_saved_ms": round(turn.speculative_saved_ms, 1) if turn.speculative_saved_ms else None,
+            "interrupted": turn.record.status == "cancelled",
+            "dropped_audio_s": round(self.dropped_audio_s, 3),
+        }
+
+    # --- memory --------------------------------------------------------------------------------
+
+    def _add_history(self, turn_id: int, role: str, content: str) -> None:
+        self.history.append((turn_id, {"role": role, "content": content}))
+
+    def _replace_history(self, turn_id: int, heard: str) -> None:
+        """Set the assistant message of `turn_id` to `heard` (adding or removing it)."""
+        entry = (turn_id, {"role": "assistant", "content": heard})
+        for i, (tid, message) in enumerate(self.history):
+            if tid == turn_id and message["role"] == "assistant":
+                if heard:
+                    self.history[i] = entry
+                else:
+                    del self.history[i]
+                return
+        if heard:
+            after = max((i for i, (tid, _) in enumerate(self.history) if tid == turn_id), default=len(self.history) - 1)
+            self.history.insert(after + 1, entry)
+
+    def _messages(self, pending_user_text: str | None = None) -> list[dict[str, str]]:
+        """System prompt + the newest history that fits `history_tokens` (+ a pending user turn)."""
+        tail = [m for _, m in self.history]
+        if pending_user_text is not None:
+            tail.append({"role": "user", "content": pending_user_text})
+        count = self.services.llm.count_tokens
+        budget = self.config.history_tokens
+        kept: list[dict[str, str]] = []
+        for message in reversed(tail):
+            cost = count(message["content"]) + 4  # role and separators
+            if kept and cost > budget:
+                break
+            kept.append(message)
+            budget -= cost
+        kept.reverse()
+        while kept and kept[0]["role"] != "user" and len(kept) > 1:
+            kept.pop(0)  # a window starts with a user message
+        return [{"role": "system", "content": self.instructions}, *kept]
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    async def _error(self, code: str, message: str) -> None:
+        self.outbox.put_urgent(ErrorEvent(t=self._clock(), code=code, message=message))
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("call %s: task %s failed", self.call_id, task.get_name(), exc_info=task.exception())
+

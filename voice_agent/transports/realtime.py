@@ -1,0 +1,626 @@
+"""`/v1/realtime`: a subset of the OpenAI Realtime API (GA event names, `openai.types.realtime`).
+
+Contract (docs/protocol.md has the full list and example exchanges):
+- `RealtimeProtocol.start()` returns the `session.created` message.
+- `feed(message)` takes one WebSocket message and returns the input events it carries. Anything
+  wrong with a message (not JSON, not an object, unknown `type`, a field of the wrong type, an
+  oversized message, bad base64, an unknown item) queues an `error` event for `take_outgoing()`
+  and the call continues. Acknowledgements (`session.updated`, `input_audio_buffer.cleared`,
+  `conversation.item.added` for typed text, `conversation.item.truncated`) are queued the same way.
+- `encode(event)` turns one session output event into messages. Audio deltas carry about
+  `delta_ms` of audio each. The vendor events `voice_agent.metrics` (on unless the client turns it
+  off) and `voice_agent.denoise_step` (off unless asked) are only sent where enabled with
+  `session.update` `{"session": {"voice_agent": {"metrics": bool, "denoise_steps": bool}}}`.
+- Client playback is acknowledged with `conversation.item.truncate`; without it the server
+  assumes the audio it paced out was heard (`OutMessage.played_chunk`).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from audio.codecs import (
+    alaw_decode,
+    alaw_encode,
+    b64decode,
+    b64encode,
+    float32_to_pcm16,
+    mulaw_decode,
+    mulaw_encode,
+    pcm16_to_float32,
+)
+from audio.errors import AudioError
+from audio.resample import resample
+from voice_agent.events import (
+    AudioIn,
+    CancelResponse,
+    ClearAudio,
+    CommitAudio,
+    ConfigureSession,
+    CreateResponse,
+    DenoiseStep,
+    ErrorEvent,
+    Event,
+    Flush,
+    InputEvent,
+    PlaybackTruncate,
+    ReplyAudio,
+    ReplyStarted,
+    ReplyTextDelta,
+    ResponseDone,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptDelta,
+    TranscriptFinal,
+    TurnMetrics,
+    UserText,
+)
+from voice_agent.transports import OutMessage
+
+__all__ = ["SUPPORTED_CLIENT_EVENTS", "RealtimeProtocol"]
+
+SUPPORTED_CLIENT_EVENTS = (
+    "session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "conversation.item.create",
+    "conversation.item.truncate",
+    "response.create",
+    "response.cancel",
+    "output_audio_buffer.clear",
+)
+
+# Rates accepted for "audio/pcm" (the OpenAI service takes 24 kHz only; we take these).
+PCM_RATES_HZ = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+_BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+
+
+class _BadEvent(Exception):
+    """A client event that cannot be applied; becomes an `error` event."""
+
+    def __init__(self, message: str, *, code: str = "invalid_value", param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+@dataclass
+class AudioFormat:
+    type: str = "audio/pcm"  # "audio/pcm" (PCM16 LE) | "audio/pcmu" (µ-law) | "audio/pcma" (A-law)
+    rate_hz: int = 24000
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "rate": self.rate_hz} if self.type == "audio/pcm" else {"type": self.type}
+
+
+@dataclass
+class _Response:
+    response_id: str
+    item_id: str
+    audio_output: bool
+    audio_s: float = 0.0
+
+
+@dataclass
+class RealtimeSettings:
+    instructions: str
+    model: str = "voice-agent"
+    voice: str = "default"
+    input_format: AudioFormat = field(default_factory=AudioFormat)
+    output_format: AudioFormat = field(default_factory=AudioFormat)
+    server_vad: bool = True
+    audio_output: bool = True
+    metrics: bool = True
+    denoise_steps: bool = False
+
+
+def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], param: str, *, required: bool = False) -> Any:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise _BadEvent(f"missing required parameter {param!r}", code="missing_required_parameter", param=param)
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _BadEvent(f"{param} must be {names}, got {type(value).__name__}", code="invalid_type", param=param)
+    return value
+
+
+class RealtimeProtocol:
+    """Framing of one `/v1/realtime` connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        instructions: str,
+        model: str = "voice-agent",
+        sample_rate_hz: int = 24000,
+        # Limits
+        max_message_bytes: int = 1_048_576,
+        delta_ms: int = 100,
+    ) -> None:
+        self.settings = RealtimeSettings(
+            instructions=instructions,
+            model=model,
+            input_format=AudioFormat("audio/pcm", sample_rate_hz),
+            output_format=AudioFormat("audio/pcm", sample_rate_hz),
+        )
+        self.session_id = "sess_" + uuid.uuid4().hex[:20]
+        self._prefix = uuid.uuid4().hex[:8]
+        self._max_message_bytes = max_message_bytes
+        self._delta_ms = delta_ms
+        self._outgoing: list[str] = []
+        self._event_counter = 0
+        self._responses: dict[int, _Response] = {}
+        self._assistant_items: dict[str, int] = {}  # item id -> turn id (for truncate)
+        self._transcripts: dict[int, str] = {}  # partial transcript text already sent, per turn
+        self._last_item_id: str | None = None
+        self._current_event_id: str | None = None
+
+    # --- ids -----------------------------------------------------------------------------------
+
+    def _event_id(self) -> str:
+        self._event_counter += 1
+        return f"event_{self._prefix}{self._event_counter:06d}"
+
+    def _user_item(self, turn_id: int) -> str:
+        return f"item_{self._prefix}_{turn_id:04d}_user"
+
+    def _message(self, type_: str, **fields: Any) -> str:
+        return json.dumps({"type": type_, "event_id": self._event_id(), **fields}, separators=(",", ":"))
+
+    def _queue(self, type_: str, **fields: Any) -> None:
+        self._outgoing.append(self._message(type_, **fields))
+
+    def take_outgoing(self) -> list[str]:
+        """Messages the framing answers by itself (errors, acknowledgements), oldest first."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def _error(self, message: str, *, code: str, param: str | None = None, kind: str = "invalid_request_error") -> None:
+        error: dict[str, Any] = {"type": kind, "code": code, "message": message, "param": param}
+        error["event_id"] = self._current_event_id
+        self._queue("error", error=error)
+
+    # --- session -------------------------------------------------------------------------------
+
+    def session_json(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": self.session_id,
+            "model": s.model,
+            "instructions": s.instructions,
+            "output_modalities": ["audio"] if s.audio_output else ["text"],
+            "audio": {
+                "input": {
+                    "format": s.input_format.to_json(),
+                    "transcription": {"model": "whisper"},
+                    "turn_detection": {"type": "server_vad"} if s.server_vad else None,
+                },
+                "output": {"format": s.output_format.to_json(), "voice": s.voice},
+            },
+            "voice_agent": {"metrics": s.metrics, "denoise_steps": s.denoise_steps},
+        }
+
+    def start(self) -> list[str]:
+        return [self._message("session.created", session=self.session_json())]
+
+    # --- client -> server ----------------------------------------------------------------------
+
+    def feed(self, message: str | bytes) -> list[InputEvent]:
+        """One client message -> the input events it carries (errors go to take_outgoing())."""
+        self._current_event_id = None
+        if isinstance(message, bytes):
+            self._error("binary messages are not part of this protocol; send JSON text", code="invalid_message")
+            return []
+        if len(message) > self._max_message_bytes:
+            self._error(f"message of {len(message)} bytes exceeds the limit of {self._max_message_bytes}", code="message_too_large")
+            return []
+        try:
+            event = json.loads(message)
+        except (ValueError, RecursionError):
+            self._error("the message is not valid JSON", code="invalid_json")
+            return []
+        if not isinstance(event, dict):
+            self._error("an event must be a JSON object", code="invalid_event")
+            return []
+        event_id = event.get("event_id")
+        self._current_event_id = event_id if isinstance(event_id, str) else None
+        type_ = event.get("type")
+        if not isinstance(type_, str):
+            self._error("the event has no string 'type'", code="invalid_event", param="type")
+            return []
+        handler = _HANDLERS.get(type_)
+        if handler is None:
+            self._error(f"unknown or unsupported event type {type_!r}", code="unknown_event_type", param="type")
+            return []
+        try:
+            return handler(self, event)
+        except _BadEvent as e:
+            self._error(str(e), code=e.code, param=e.param)
+            return []
+
+    def _parse_format(self, value: Any, param: str) -> AudioFormat:
+        if isinstance(value, str):  # beta API: "pcm16", "g711_ulaw", "g711_alaw"
+            if value not in _BETA_FORMATS:
+                raise _BadEvent(f"unsupported audio format {value!r}", param=param)
+            type_ = _BETA_FORMATS[value]
+            return AudioFormat(type_, 24000 if type_ == "audio/pcm" else 8000)
+        if not isinstance(value, dict):
+            raise _BadEvent(f"{param} must be an object", code="invalid_type", param=param)
+        type_ = _get(value, "type", str, f"{param}.type") or "audio/pcm"
+        if type_ in ("audio/pcmu", "audio/pcma"):
+            return AudioFormat(type_, 8000)
+        if type_ != "audio/pcm":
+            raise _BadEvent(f"unsupported audio format {type_!r}", param=f"{param}.type")
+        rate = _get(value, "rate", int, f"{param}.rate") or 24000
+        if rate not in PCM_RATES_HZ:
+            raise _BadEvent(f"unsupported rate {rate}; supported: {list(PCM_RATES_HZ)}", param=f"{param}.rate")
+        return AudioFormat("audio/pcm", rate)
+
+    def _on_session_update(self, event: dict[str, Any]) -> list[InputEvent]:
+        session = _get(event, "session", dict, "session", required=True)
+        s = self.settings
+        # Validate everything before changing anything.
+        instructions = _get(session, "instructions", str, "session.instructions")
+        modalities = _get(session, "output_modalities", list, "session.output_modalities")
+        if modalities is None:
+            modalities = _get(session, "modalities", list, "session.modalities")  # beta name
+        audio = _get(session, "audio", dict, "session.audio") or {}
+        audio_in = _get(audio, "input", dict, "session.audio.input") or {}
+        audio_out = _get(audio, "output", dict, "session.audio.output") or {}
+        in_format = out_format = None
+        if "format" in audio_in:
+            in_format = self._parse_format(audio_in["format"], "session.audio.input.format")
+        elif "input_audio_format" in session:
+            in_format = self._parse_format(session["input_audio_format"], "session.input_audio_format")
+        if "format" in audio_out:
+            out_format = self._parse_format(audio_out["format"], "session.audio.output.format")
+        elif "output_audio_format" in session:
+            out_format = self._parse_format(session["output_audio_format"], "session.output_audio_format")
+        server_vad = None
+        for container, key, param in (
+            (audio_in, "turn_detection", "session.audio.input.turn_detection"),
+            (session, "turn_detection", "session.turn_detection"),
+        ):
+            if key in container:
+                td = container[key]
+                if td is None:
+                    server_vad = False
+                elif isinstance(td, dict) and td.get("type", "server_vad") in ("server_vad", "semantic_vad"):
+                    server_vad = True
+                else:
+                    raise _BadEvent("turn_detection must be null or {'type': 'server_vad'}", param=param)
+        audio_output = None
+        if modalities is not None:
+            if not modalities or not all(m in ("text", "audio") for m in modalities):
+                raise _BadEvent("output_modalities must be ['audio'] or ['text']", param="session.output_modalities")
+            audio_output = "audio" in modalities
+        vendor = _get(session, "voice_agent", dict, "session.voice_agent") or {}
+        metrics = _get(vendor, "metrics", bool, "session.voice_agent.metrics")
+        denoise = _get(vendor, "denoise_steps", bool, "session.voice_agent.denoise_steps")
+        voice = _get(audio_out, "voice", str, "session.audio.output.voice")
+        # Apply.
+        if instructions is not None:
+            s.instructions = instructions
+        if in_format is not None:
+            s.input_format = in_format
+        if out_format is not None:
+            s.output_format = out_format
+        if server_vad is not None:
+            s.server_vad = server_vad
+        if audio_output is not None:
+            s.audio_output = audio_output
+        if metrics is not None:
+            s.metrics = metrics
+        if denoise is not None:
+            s.denoise_steps = denoise
+        if voice is not None:
+            s.voice = voice
+        self._queue("session.updated", session=self.session_json())
+        return [
+            ConfigureSession(
+                instructions=instructions,
+                input_rate_hz=s.input_format.rate_hz,
+                output_rate_hz=s.output_format.rate_hz,
+                server_vad=server_vad,
+                audio_output=audio_output,
+                trace_steps=denoise,
+            )
+        ]
+
+    def _decode_audio(self, data: bytes) -> np.ndarray:
+        fmt = self.settings.input_format
+        if fmt.type == "audio/pcmu":
+            return mulaw_decode(data)
+        if fmt.type == "audio/pcma":
+            return alaw_decode(data)
+        return pcm16_to_float32(data)
+
+    def _on_append(self, event: dict[str, Any]) -> list[InputEvent]:
+        audio = _get(event, "audio", str, "audio", required=True)
+        try:
+            samples = self._decode_audio(b64decode(audio))
+        except (AudioError, binascii.Error, ValueError) as e:
+            raise _BadEvent(f"audio: {e}", code="invalid_audio", param="audio") from None
+        if samples.size == 0:
+            return []
+        return [AudioIn(samples=samples, sample_rate_hz=self.settings.input_format.rate_hz)]
+
+    def _on_commit(self, event: dict[str, Any]) -> list[InputEvent]:
+        return [CommitAudio(respond=False)]
+
+    def _on_clear(self, event: dict[str, Any]) -> list[InputEvent]:
+        self._queue("input_audio_buffer.cleared")
+        return [ClearAudio()]
+
+    def _on_item_create(self, event: dict[str, Any]) -> list[InputEvent]:
+        item = _get(event, "item", dict, "item", required=True)
+        if item.get("type", "message") != "message":
+            raise _BadEvent("only items of type 'message' are supported", code="unsupported", param="item.type")
+        role = _get(item, "role", str, "item.role", required=True)
+        if role != "user":
+            raise _BadEvent("only user messages can be added", code="unsupported", param="item.role")
+        content = _get(item, "content", list, "item.content", required=True)
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("input_text", "text"):
+                raise _BadEvent("content parts must be {'type': 'input_text', 'text': ...}", param=f"item.content[{i}]")
+            texts.append(_get(part, "text", str, f"item.content[{i}].text", required=True))
+        text = " ".join(t.strip() for t in texts if t.strip())
+        if not text:
+            raise _BadEvent("the message has no text", param="item.content")
+        item_id = item.get("id") if isinstance(item.get("id"), str) else f"item_{self._prefix}_{uuid.uuid4().hex[:8]}"
+        full = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "user",
+            "status": "completed",
+            "content": [{"type": "input_text", "text": text}],
+        }
+        self._queue("conversation.item.added", previous_item_id=self._last_item_id, item=full)
+        self._queue("conversation.item.done", previous_item_id=self._last_item_id, item=full)
+        self._last_item_id = item_id
+        return [UserText(text=text, respond=False)]
+
+    def _on_truncate(self, event: dict[str, Any]) -> list[InputEvent]:
+        item_id = _get(event, "item_id", str, "item_id", required=True)
+        audio_end_ms = _get(event, "audio_end_ms", int, "audio_end_ms", required=True)
+        content_index = _get(event, "content_index", int, "content_index") or 0
+        if audio_end_ms < 0:
+            raise _BadEvent("audio_end_ms must be >= 0", param="audio_end_ms")
+        turn_id = self._assistant_items.get(item_id)
+        if turn_id is None:
+            raise _BadEvent(f"no assistant item {item_id!r}", code="item_not_found", param="item_id")
+        response = self._responses.get(turn_id)
+        if response is not None and audio_end_ms > response.audio_s * 1000 + 1:
+            raise _BadEvent(
+                f"audio_end_ms {audio_end_ms} is past the end of the item's audio ({response.audio_s * 1000:.0f} ms)",
+                param="audio_end_ms",
+            )
+        self._queue("conversation.item.truncated", item_id=item_id, content_index=content_index, audio_end_ms=audio_end_ms)
+        return [PlaybackTruncate(turn_id=turn_id, audio_end_ms=audio_end_ms)]
+
+    def _on_response_create(self, event: dict[str, Any]) -> list[InputEvent]:
+        _get(event, "response", dict, "response")  # accepted; per-response overrides are not supported
+        return [CreateResponse()]
+
+    def _on_response_cancel(self, event: dict[str, Any]) -> list[InputEvent]:
+        _get(event, "response_id", str, "response_id")
+        return [CancelResponse()]
+
+    # --- server -> client ----------------------------------------------------------------------
+
+    def encode(self, event: Event) -> list[OutMessage]:
+        """One session output event -> the messages to send (possibly none)."""
+        match event:
+            case SpeechStarted():
+                if not self.settings.server_vad:
+                    return []
+                return self._out("input_audio_buffer.speech_started", audio_start_ms=event.audio_start_ms, item_id=self._user_item(event.turn_id))
+            case SpeechStopped():
+                return self._speech_stopped(event)
+            case TranscriptDelta():
+                sent = self._transcripts.get(event.turn_id, "")
+                if not event.text.startswith(sent) or event.text == sent:
+                    return []  # a revised hypothesis: deltas only ever append
+                self._transcripts[event.turn_id] = event.text
+                delta = event.text[len(sent) :]
+                return self._out(
+                    "conversation.item.input_audio_transcription.delta",
+                    item_id=self._user_item(event.turn_id),
+                    content_index=0,
+                    delta=delta,
+                )
+            case TranscriptFinal():
+                self._transcripts.pop(event.turn_id, None)
+                return self._out(
+                    "conversation.item.input_audio_transcription.completed",
+                    item_id=self._user_item(event.turn_id),
+                    content_index=0,
+                    transcript=event.text,
+                    usage={"type": "duration", "seconds": round(event.audio_s, 3)},
+                )
+            case ReplyStarted():
+                return self._response_created(event)
+            case ReplyTextDelta():
+                r = self._responses.get(event.turn_id)
+                if r is None:
+                    return []
+                return self._out("response.output_text.delta", **self._where(r), delta=event.text)
+            case ReplyAudio():
+                return self._reply_audio(event)
+            case DenoiseStep():
+                if not self.settings.denoise_steps:
+                    return []
+                return self._out("voice_agent.denoise_step", turn_id=event.turn_id, step=event.step, tokens=event.tokens, mask=event.mask)
+            case Flush():
+                r = self._responses.get(event.turn_id)
+                return self._out("output_audio_buffer.cleared", response_id=r.response_id) if r else []
+            case ResponseDone():
+                return self._response_done(event)
+            case TurnMetrics():
+                if not self.settings.metrics:
+                    return []
+                return self._out("voice_agent.metrics", turn_id=event.turn_id, metrics=event.values)
+            case ErrorEvent():
+                kind = "server_error" if event.code in ("llm_error", "audio_error") else "invalid_request_error"
+                return self._out(
+                    "error", error={"type": kind, "code": event.code, "message": event.message, "param": None, "event_id": event.client_event_id}
+                )
+        return []
+
+    def _out(self, type_: str, **fields: Any) -> list[OutMessage]:
+        return [OutMessage(self._message(type_, **fields))]
+
+    def _speech_stopped(self, event: SpeechStopped) -> list[OutMessage]:
+        item_id = self._user_item(event.turn_id)
+        out = []
+        if self.settings.server_vad:
+            out += self._out("input_audio_buffer.speech_stopped", audio_end_ms=event.audio_end_ms, item_id=item_id)
+        out += self._out("input_audio_buffer.committed", previous_item_id=self._last_item_id, item_id=item_id)
+        item = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "user",
+            "status": "completed",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }
+        out += self._out("conversation.item.added", previous_item_id=self._last_item_id, item=item)
+        self._last_item_id = item_id
+        return out
+
+    @staticmethod
+    def _where(r: _Response) -> dict[str, Any]:
+        return {"response_id": r.response_id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
+
+    def _response_json(self, r: _Response, status: str, item: dict[str, Any] | None, reason: str | None = None) -> dict[str, Any]:
+        details = None
+        if status == "cancelled":
+            details = {"type": "cancelled", "reason": reason or "client_cancelled"}
+        elif status == "failed":
+            details = {"type": "failed", "error": {"type": "server_error", "code": "llm_error", "message": reason}}
+        return {
+            "id": r.response_id,
+            "object": "realtime.response",
+            "status": status,
+            "status_details": details,
+            "output": [item] if item else [],
+            "output_modalities": ["audio"] if r.audio_output else ["text"],
+            "conversation_id": self.session_id,
+            "usage": None,
+        }
+
+    def _assistant_item(self, r: _Response, status: str, text: str | None) -> dict[str, Any]:
+        part: dict[str, Any] = {"type": "output_audio", "transcript": text} if r.audio_output else {"type": "output_text", "text": text}
+        return {
+            "id": r.item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "assistant",
+            "status": status,
+            "content": [part] if text is not None else [],
+        }
+
+    def _response_created(self, event: ReplyStarted) -> list[OutMessage]:
+        r = _Response(
+            response_id=f"resp_{self._prefix}_{event.turn_id:04d}",
+            item_id=f"item_{self._prefix}_{event.turn_id:04d}_assistant",
+            audio_output=event.audio_output,
+        )
+        self._responses[event.turn_id] = r
+        self._assistant_items[r.item_id] = event.turn_id
+        item = self._assistant_item(r, "in_progress", None)
+        out = self._out("response.created", response=self._response_json(r, "in_progress", None))
+        out += self._out("response.output_item.added", response_id=r.response_id, output_index=0, item=item)
+        out += self._out("conversation.item.added", previous_item_id=self._last_item_id, item=item)
+        self._last_item_id = r.item_id
+        part = {"type": "audio", "transcript": ""} if r.audio_output else {"type": "text", "text": ""}
+        out += self._out("response.content_part.added", response_id=r.response_id, item_id=r.item_id, output_index=0, content_index=0, part=part)
+        return out
+
+    def _encode_audio(self, samples: np.ndarray, rate_hz: int) -> tuple[bytes, int, int]:
+        """(bytes, bytes per sample, output rate) in the session's output format."""
+        fmt = self.settings.output_format
+        out = resample(samples, rate_hz, fmt.rate_hz) if rate_hz != fmt.rate_hz else samples
+        if fmt.type == "audio/pcmu":
+            return mulaw_encode(out), 1, fmt.rate_hz
+        if fmt.type == "audio/pcma":
+            return alaw_encode(out), 1, fmt.rate_hz
+        return float32_to_pcm16(out), 2, fmt.rate_hz
+
+    def _reply_audio(self, event: ReplyAudio) -> list[OutMessage]:
+        r = self._responses.get(event.turn_id)
+        if r is None:
+            return []
+        out = [
+            OutMessage(
+                self._message("response.output_audio_transcript.delta", **self._where(r), delta=event.text + " "),
+                turn_id=event.turn_id,
+            )
+        ]
+        data, width, rate = self._encode_audio(event.samples, event.sample_rate_hz)
+        step = max(width, rate * self._delta_ms // 1000 * width)
+        pieces = range(0, len(data), step)
+        for i, start in enumerate(pieces):
+            piece = data[start : start + step]
+            seconds = len(piece) / width / rate
+            r.audio_s += seconds
+            last = i == len(pieces) - 1
+            out.append(
+                OutMessage(
+                    self._message("response.output_audio.delta", **self._where(r), delta=b64encode(piece)),
+                    audio_s=seconds,
+                    turn_id=event.turn_id,
+                    played_chunk=event.chunk_index if last else None,
+                )
+            )
+        return out
+
+    def _response_done(self, event: ResponseDone) -> list[OutMessage]:
+        r = self._responses.get(event.turn_id)
+        if r is None:
+            return []  # interrupted before the reply started: nothing was announced
+        status = {"completed": "completed", "cancelled": "cancelled", "failed": "failed"}.get(event.status, "incomplete")
+        item_status = "completed" if status == "completed" else "incomplete"
+        text = event.heard if status != "completed" else event.text.strip()
+        out: list[OutMessage] = []
+        if r.audio_output:
+            out += self._out("response.output_audio.done", **self._where(r))
+            out += self._out("response.output_audio_transcript.done", **self._where(r), transcript=text)
+            part = {"type": "audio", "transcript": text}
+        else:
+            out += self._out("response.output_text.done", **self._where(r), text=text)
+            part = {"type": "text", "text": text}
+        out += self._out("response.content_part.done", response_id=r.response_id, item_id=r.item_id, output_index=0, content_index=0, part=part)
+        item = self._assistant_item(r, item_status, text)
+        out += self._out("response.output_item.done", response_id=r.response_id, output_index=0, item=item)
+        out += self._out("conversation.item.done", previous_item_id=None, item=item)
+        reason = event.error if status == "failed" else ("turn_detected" if event.reason in ("speech", "text") else "client_cancelled")
+        out += self._out("response.done", response=self._response_json(r, status, item, reason))
+        return out
+
+
+_HANDLERS = {
+    "session.update": RealtimeProtocol._on_session_update,
+    "input_audio_buffer.append": RealtimeProtocol._on_append,
+    "input_audio_buffer.commit": RealtimeProtocol._on_commit,
+    "input_audio_buffer.clear": RealtimeProtocol._on_clear,
+    "conversation.item.create": RealtimeProtocol._on_item_create,
+    "conversation.item.truncate": RealtimeProtocol._on_truncate,
+    "response.create": RealtimeProtocol._on_response_create,
+    "response.cancel": RealtimeProtocol._on_response_cancel,
+    "output_audio_buffer.clear": RealtimeProtocol._on_response_cancel,
+}
+assert set(_HANDLERS) == set(SUPPORTED_CLIENT_EVENTS)
