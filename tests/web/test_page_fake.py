@@ -1,0 +1,126 @@
+"""The page's logic in headless Chromium against a model-free stand-in server (fake_realtime.py).
+
+Fast checks of what the real end-to-end test cannot provoke cheaply: barge-in with the truncate
+acknowledgement, the denoising view, and every error state (token, full, unreachable, denied).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from chromium_cdp import Chromium
+from conftest import read_wav, speak, write_wav
+from fake_realtime import FakeOptions, FakeRealtimeServer
+
+pytestmark = pytest.mark.browser
+
+STATE = "window.voiceAgent.state()"
+
+
+@contextmanager
+def fake_server(options: FakeOptions | None = None) -> Iterator[FakeRealtimeServer]:
+    """The fake server on its own event loop in a thread, for a synchronous test."""
+    loop = asyncio.new_event_loop()
+    server = FakeRealtimeServer(options)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.__aenter__(), loop).result(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def two_utterances(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """'hello there', a pause long enough for the reply to start, then speech over the reply."""
+    folder = tmp_path_factory.mktemp("speech")
+    first, rate_hz = read_wav(speak("hello there", folder / "first.wav", lead_s=1.0, tail_s=1.6))
+    second, _ = read_wav(speak("wait a moment", folder / "second.wav", lead_s=0.0, tail_s=2.0))
+    path = folder / "two.wav"
+    write_wav(path, np.concatenate([first, second]), rate_hz)
+    return path
+
+
+def test_conversation_barge_in_and_denoising(chromium: str, two_utterances: Path, artifacts: Path) -> None:
+    with fake_server() as server, Chromium(server.url, fake_audio=two_utterances) as browser:
+        browser.wait_for_load()
+        browser.evaluate("document.getElementById('trace-toggle').click()", gesture=True)
+        browser.evaluate("document.getElementById('start').click()", gesture=True)
+        try:
+            browser.wait_for(f"{STATE}.transcripts.agent.some(a => a.interrupted)", timeout_s=30)
+            state = browser.wait_for(f"{STATE}.waterfall.turns.length >= 1 && {STATE}", timeout_s=15)
+        finally:
+            browser.screenshot(artifacts / "fake-barge-in.png")
+        assert state["transcripts"]["user"][0]["final"] == "hello there"
+        interrupted = next(a for a in state["transcripts"]["agent"] if a["interrupted"])
+        assert interrupted["heard"] != interrupted["text"], "the cut must fall inside the reply"
+        assert state["playback"]["playedMs"] > 0
+        assert state["denoise"]["steps"] >= 1
+        truncates = server.calls[0].truncates
+        assert truncates, "barge-in must be acknowledged with conversation.item.truncate"
+        assert 0 < truncates[0]["audio_end_ms"] < 3000
+
+
+def test_push_to_talk_and_typing(chromium: str, artifacts: Path) -> None:
+    with fake_server() as server, Chromium(server.url) as browser:
+        browser.wait_for_load()
+        browser.evaluate(
+            "document.getElementById('composer-text').value = 'hi by text';"
+            "document.getElementById('composer').requestSubmit()",
+            gesture=True,
+        )
+        state = browser.wait_for(f"{STATE}.waterfall.turns.length >= 1 && {STATE}", timeout_s=20)
+        assert state["transcripts"]["user"][0]["final"] == "hi by text"
+        assert state["transcripts"]["agent"][0]["done"]
+        browser.evaluate("document.querySelector('input[value=ptt]').click()", gesture=True)
+        assert browser.evaluate("!document.getElementById('talk').hidden")
+        browser.screenshot(artifacts / "fake-typed.png")
+
+
+@pytest.mark.parametrize(
+    ("options", "kind"),
+    [(FakeOptions(token="secret"), "token"), (FakeOptions(full=True), "full")],
+    ids=["token", "full"],
+)
+def test_refusals_are_explained(chromium: str, options: FakeOptions, kind: str, artifacts: Path) -> None:
+    with fake_server(options) as server, Chromium(server.url) as browser:
+        browser.wait_for_load()
+        browser.evaluate("document.getElementById('start').click()", gesture=True)
+        assert browser.wait_for(f"{STATE}.notice", timeout_s=10) == kind
+        browser.screenshot(artifacts / f"fake-notice-{kind}.png")
+        if kind == "token":
+            browser.evaluate(
+                "document.getElementById('token-input').value = 'secret';"
+                "document.getElementById('token-form').requestSubmit()",
+                gesture=True,
+            )
+            browser.wait_for(f"{STATE}.connected", timeout_s=10)
+
+
+def test_denied_microphone_then_unreachable_server(chromium: str, artifacts: Path) -> None:
+    server_context = fake_server()
+    server = server_context.__enter__()
+    with Chromium(server.url, deny_microphone=True) as browser:
+        try:
+            browser.wait_for_load()
+            browser.evaluate("document.getElementById('start').click()", gesture=True)
+            assert browser.wait_for(f"{STATE}.notice", timeout_s=10) == "denied"
+            assert browser.evaluate(f"{STATE}.connected"), "typing still works without a microphone"
+            browser.screenshot(artifacts / "fake-notice-denied.png")
+            browser.evaluate("document.getElementById('start').click()")  # stop
+        finally:
+            server_context.__exit__(None, None, None)
+        # The page stays open; the server is gone.
+        browser.evaluate("document.getElementById('start').click()", gesture=True)
+        assert browser.wait_for(f"{STATE}.notice === 'unreachable' && {STATE}.notice", timeout_s=10)
+        browser.screenshot(artifacts / "fake-notice-unreachable.png")
