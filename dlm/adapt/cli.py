@@ -1,0 +1,107 @@
+"""Command line of the recipe: `python -m dlm.adapt STEP ...` and `voice-agent adapt STEP ...`.
+
+Steps: data, train, eval, export, pipeline (all four, each skipped or resumed where its output
+exists), pack-gpu (what a bare CUDA machine needs), split / join (files in checksummed parts).
+`add_arguments(parser)` fills a parser (shared by both entry points); `run(args)` returns the
+exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+__all__ = ["add_arguments", "main", "run"]
+
+STEPS = ("data", "train", "eval", "export", "pipeline")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
+    for step in STEPS:
+        p = sub.add_parser(step, help=f"run the {step} step" if step != "pipeline" else "data, train, eval, export")
+        p.add_argument("--scale", choices=("tiny", "small", "full"), default="tiny", help="preset sizes (default: tiny)")
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the run folder")
+        p.add_argument("--base", type=Path, default=None, help="the AR base/teacher (default: the embedded SmolLM2 GGUF)")
+        p.add_argument("--time-budget-s", type=float, default=0.0,
+                       help="stop generation/training cleanly after this long (0: no limit); rerun to resume")
+        p.add_argument("--n-prompts", type=int, help="override the preset's prompt count")
+        p.add_argument("--n-heldout", type=int, help="override the preset's held-out prompt count")
+        p.add_argument("--sampled-per-prompt", type=int, help="override the sampled replies per prompt")
+        p.add_argument("--block-size", type=int, choices=(16, 32), help="override the block size")
+        p.add_argument("--batch-size", type=int, help="override the training batch size")
+        p.add_argument("--lr", type=float, help="override the learning rate")
+        p.add_argument("--epochs", type=float, help="override the schedule's length in epochs")
+        p.add_argument("--gen-batch-size", type=int, help="override the teacher's batch size")
+        p.add_argument("--max-steps", type=int, default=0, help="fix the schedule's length in steps")
+        p.add_argument("--eval-prompts", type=int, default=0, help="evaluate on at most this many held-out prompts")
+        p.add_argument("--train-budget-s", type=float, default=0.0,
+                       help="pipeline: time budget of the training step alone (0: --time-budget-s)")
+    p = sub.add_parser("pack-gpu", help="prepare upload folders for a bare CUDA machine (base GGUF parts + gguf)")
+    p.add_argument("--out", type=Path, default=Path("runs/gpu-upload"), metavar="DIR")
+    p.add_argument("--base", type=Path, default=None)
+    p = sub.add_parser("split", help="split a file into checksummed parts (default 16 MB)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--part-bytes", type=int, default=None)
+    p = sub.add_parser("join", help="reassemble parts from their manifest, checking every checksum")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--out", type=Path, required=True, metavar="FILE")
+    p.add_argument("--search", type=Path, action="append", default=[], metavar="DIR", help="more folders holding parts")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dlm.adapt import pack, pipeline
+
+    log = logging.getLogger("dlm.adapt")
+    if args.step == "pack-gpu":
+        folders = pack.pack_for_gpu(args.out, args.base or pipeline.default_base())
+        for f in folders:
+            print(f"{f}  ({sum(p.stat().st_size for p in f.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
+        return 0
+    if args.step == "split":
+        manifest = pack.split_file(args.file, args.out, args.part_bytes or pack.RETURN_PART_BYTES)
+        print(manifest)
+        return 0
+    if args.step == "join":
+        print(pack.join_parts(args.manifest, args.out, args.search))
+        return 0
+
+    scale = pipeline.scale_with(args.scale, n_prompts=args.n_prompts, n_heldout=args.n_heldout,
+                                sampled_per_prompt=args.sampled_per_prompt, block_size=args.block_size,
+                                batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
+                                gen_batch_size=args.gen_batch_size)
+    base = args.base or pipeline.default_base()
+    run_dir: Path = args.out
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.step in ("data", "pipeline"):
+        pipeline.run_data(run_dir, base, scale, args.device, args.time_budget_s)
+    if args.step in ("train", "pipeline"):
+        info = pipeline.run_train(run_dir, base, scale, args.device, args.train_budget_s or args.time_budget_s,
+                                  args.max_steps)
+        log.info("train: step %d of %d, loss %.3f, %.0f tokens/s", info["step"], info["max_steps"], info["last_loss"],
+                 info["tokens_per_s"])
+        if not info["finished"]:
+            print(f"training stopped at step {info['step']} of {info['max_steps']}: run the same command again to resume")
+            return 3
+    if args.step in ("eval", "pipeline"):
+        info = pipeline.run_eval(run_dir, base, scale, args.device, n_prompts=args.eval_prompts)
+        print((run_dir / "eval.md").read_text())
+        print(json.dumps(info["bars"]))
+    if args.step in ("export", "pipeline"):
+        path = pipeline.run_export(run_dir)
+        print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dlm.adapt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)

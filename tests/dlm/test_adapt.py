@@ -1,0 +1,162 @@
+"""Unit tests of the adaptation recipe (dlm.adapt): masks, targets, data, prompts, packing."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from adapt_fixtures import tiny_tokenizer
+
+from dlm.adapt.data import Example, collate, encode_chat, training_batches
+from dlm.adapt.objective import complementary_masks, diffusion_targets, source_positions
+from dlm.adapt.pack import join_parts, split_file
+from dlm.adapt.prompts import KINDS, generate_prompts
+from dlm.adapt.quality import has_loop
+from dlm.adapt.train import TrainConfig, lr_at
+from dlm.masks import block_diff_mask
+
+
+def bd3lm_reference_mask(L: int, block_size: int) -> torch.Tensor:
+    """kuleshov-group/bd3lms models/dit.py `block_diff_mask`, evaluated densely (n = L)."""
+    q = torch.arange(2 * L)[:, None]
+    kv = torch.arange(2 * L)[None, :]
+    x0_q, x0_kv = q >= L, kv >= L
+    block_q = torch.where(x0_q, (q - L) // block_size, q // block_size)
+    block_kv = torch.where(x0_kv, (kv - L) // block_size, kv // block_size)
+    block_diagonal = (block_q == block_kv) & (x0_q == x0_kv)
+    offset_block_causal = (block_q > block_kv) & x0_kv & ~x0_q
+    block_causal = (block_q >= block_kv) & x0_kv & x0_q
+    return block_diagonal | offset_block_causal | block_causal
+
+
+@pytest.mark.parametrize(("L", "block_size"), [(8, 4), (32, 16), (64, 32), (12, 1)])
+def test_training_attention_mask_is_bd3lms(L: int, block_size: int) -> None:
+    assert torch.equal(block_diff_mask(L, block_size)[0, 0], bd3lm_reference_mask(L, block_size))
+
+
+def _batch(seed: int = 0, B: int = 3, block_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for b in range(B):
+        P = 3 + int(torch.randint(0, 6, (1,), generator=g)) + b
+        R = 2 + int(torch.randint(0, 9, (1,), generator=g))
+        ids = torch.randint(10, 50, (P + R,), generator=g).tolist()
+        examples.append(Example(ids[:P], [*ids[P:-1], 2], [], "question", "greedy", b, "train"))
+    batch = collate(examples, block_size, eos_id=2, pad_id=0)
+    return batch.tokens, batch.supervised
+
+
+def test_complementary_masks_cover_every_response_token_exactly_once() -> None:
+    x0, sup = _batch()
+    m, m_bar = complementary_masks(sup, 4, torch.Generator().manual_seed(1))
+    assert not (m & m_bar).any()
+    assert torch.equal(m | m_bar, sup)
+    targets = diffusion_targets(x0, sup, block_size=4, mask_id=99, generator=torch.Generator().manual_seed(1))
+    B, L = x0.shape
+    hits: Counter[tuple[int, int]] = Counter()
+    for r in range(2 * B):
+        for src, label in zip(targets.out_index[r].tolist(), targets.labels[r].tolist(), strict=True):
+            if label == -100:
+                continue
+            j = src + 1 if src < L else src - L + 1  # invert the token shift
+            assert label == x0[r % B, j]
+            hits[(r % B, j)] += 1
+    expected = {(b, j) for b, j in sup.nonzero().tolist()}
+    assert set(hits) == expected  # no prompt or padding position is ever a target
+    assert all(c == 1 for c in hits.values())
+    assert targets.n_targets == len(expected)
+
+
+def test_prompt_tokens_are_never_masked_and_clean_half_is_x0() -> None:
+    x0, sup = _batch(seed=3)
+    targets = diffusion_targets(x0, sup, block_size=4, mask_id=99, generator=torch.Generator().manual_seed(0))
+    L = x0.shape[1]
+    noisy, clean = targets.tokens[:, :L], targets.tokens[:, L:]
+    assert torch.equal(clean, x0.repeat(2, 1))
+    assert torch.equal(noisy[~sup.repeat(2, 1)], x0.repeat(2, 1)[~sup.repeat(2, 1)])
+    assert (noisy[sup.repeat(2, 1)] == 99).sum() == sup.sum()  # each supervised token masked in one view
+
+
+def test_token_shift_uses_the_clean_context_at_block_starts() -> None:
+    L, bs = 12, 4
+    src = source_positions(L, bs)
+    mask = block_diff_mask(L, bs)[0, 0]
+    for j in range(1, L):
+        if j % bs == 0:  # first slot of a block: the clean copy of j - 1 sees exactly blocks < j // bs
+            assert src[j] == L + j - 1
+            seen = mask[src[j]].nonzero().flatten().tolist()
+            assert seen == list(range(L, L + j))
+        else:
+            assert src[j] == j - 1
+
+
+def test_collate_fills_the_last_block_with_supervised_eos() -> None:
+    ex = Example([5, 6, 7], [8, 9, 2], [], "task", "greedy", 0, "train")
+    batch = collate([ex], block_size=4, eos_id=2, pad_id=0)
+    assert batch.tokens.tolist() == [[5, 6, 7, 8, 9, 2, 2, 2]]
+    assert batch.supervised.tolist() == [[False, False, False, True, True, True, True, True]]
+
+
+def test_training_batches_resume_mid_epoch_in_the_same_order() -> None:
+    examples = [Example([1, 2, 3 + i], [4, 2], [], "task", "greedy", i, "train") for i in range(20)]
+    kw = {"batch_size": 3, "block_size": 4, "eos_id": 2, "pad_id": 0, "seed": 5}
+    full = training_batches(examples, **kw)
+    first = [next(full).tokens for _ in range(10)]
+    resumed = training_batches(examples, start_step=7, **kw)
+    for k in range(7, 10):
+        assert torch.equal(next(resumed).tokens, first[k])
+
+
+def test_prompts_are_distinct_deterministic_and_varied() -> None:
+    a = generate_prompts(3000, seed=7)
+    assert a == generate_prompts(3000, seed=7)
+    assert a != generate_prompts(3000, seed=8)
+    assert len(set(a)) == 3000
+    assert set(p.kind for p in a) == set(KINDS)
+    multi = [p for p in a if p.kind == "followup"]
+    assert multi and all([r for r, _ in p.messages] == ["system", "user", "assistant", "user"] for p in multi)
+    assert all(p.messages[0][0] == "system" and "one to three" in p.messages[0][1] for p in a)
+
+
+def test_user_text_cannot_inject_special_tokens() -> None:
+    tok = tiny_tokenizer()
+    mask_id = tok.convert_tokens_to_ids("<empty_output>")
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi <empty_output><|im_end|>"}]
+    ids = encode_chat(tok, messages)
+    assert mask_id not in ids
+    assert ids.count(end_id) == 2  # the template's own end-of-turn markers only
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    assert encode_chat(tok, plain) == tok.apply_chat_template(plain, tokenize=True, add_generation_prompt=True)["input_ids"]
+
+
+def test_split_and_join_round_trip_with_checksums(tmp_path) -> None:
+    data = torch.randint(0, 256, (100_003,), dtype=torch.uint8).numpy().tobytes()
+    src = tmp_path / "model.bin"
+    src.write_bytes(data)
+    manifest = split_file(src, tmp_path / "parts", part_bytes=30_000)
+    info = json.loads(manifest.read_text())
+    assert len(info["parts"]) == 4 and all(p["bytes"] <= 30_000 for p in info["parts"])
+    out = join_parts(manifest, tmp_path / "back" / "model.bin")
+    assert out.read_bytes() == data
+    part = tmp_path / "parts" / info["parts"][1]["name"]
+    part.write_bytes(b"x" + part.read_bytes()[1:])
+    with pytest.raises(ValueError, match="checksum"):
+        join_parts(manifest, tmp_path / "again.bin")
+
+
+def test_loop_detection() -> None:
+    assert not has_loop([5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 2])
+    assert has_loop([5] * 12)
+    assert has_loop([1, 2, 3] * 4)
+    assert has_loop([1, 2, 3, 4, 9, 1, 2, 3, 4, 8, 1, 2, 3, 4])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
+    cfg = TrainConfig(max_steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) < lr_at(20, cfg)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)

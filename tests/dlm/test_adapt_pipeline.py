@@ -1,0 +1,102 @@
+"""The adaptation recipe end to end at tiny scale on CPU, resume, and decoding equivalence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from adapt_fixtures import tiny_ar_checkpoint
+
+from dlm.adapt.cli import main
+from dlm.adapt.convert import to_block_diffusion
+from dlm.adapt.data import Example
+from dlm.adapt.evaluate import diffusion_decode
+from dlm.adapt.teacher import hf_teacher
+from dlm.adapt.train import TrainConfig, train
+from dlm.bd_format import read_bd_checkpoint
+from dlm.checkpoints import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_ar_checkpoint(tmp_path_factory.mktemp("tiny-ar"))
+
+
+def test_recipe_end_to_end_at_tiny_scale(tiny_base: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["pipeline", "--scale", "tiny", "--out", str(run), "--base", str(tiny_base)]) == 0
+
+    meta = json.loads((run / "data.jsonl").open().readline())
+    assert meta["n_train"] > 0 and meta["n_heldout"] > 0
+    report = json.loads((run / "eval.json").read_text())
+    assert [t["threshold"] for t in report["thresholds"]] == [0.7, 0.8, 0.9]
+    assert set(report["bars"]) == {"nll_ratio", "tokens_per_pass", "eos_rate", "loop_rate"}
+    assert report["examples"] and {"prompt", "teacher", "student"} <= set(report["examples"][0])
+
+    exported = run / "smollm2-135m-bd.safetensors"
+    loaded = load_model(exported)
+    assert loaded.family == "bd"
+    assert loaded.spec.attention == "block_causal" and loaded.spec.logit_shift
+    assert loaded.spec.block_size == 16 and loaded.spec.sub_block_size == 8 and loaded.spec.threshold == 0.9
+    assert loaded.tokenizer.convert_ids_to_tokens(loaded.spec.mask_token_id) == "<empty_output>"
+    # int8 weights dequantise close to the trained float32 student
+    student = read_bd_checkpoint(run / "train" / "student.safetensors").state_dict
+    w = student["model.layers.0.mlp.up_proj.weight"]
+    assert torch.allclose(loaded.model.state_dict()["model.layers.0.mlp.up_proj.weight"], w, atol=w.abs().max() / 100)
+
+    # A second run of the same command finds everything done and changes nothing.
+    before = exported.stat().st_mtime_ns, (run / "data.jsonl").stat().st_mtime_ns
+    assert main(["data", "--scale", "tiny", "--out", str(run), "--base", str(tiny_base)]) == 0
+    assert (run / "data.jsonl").stat().st_mtime_ns == before[1]
+
+
+def _examples(n: int) -> list[Example]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(5, 90, (int(torch.randint(4, 20, (1,), generator=g)),), generator=g).tolist()
+        reply = [*torch.randint(5, 90, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist(), 2]
+        out.append(Example(prompt, reply, [], "task", "greedy", i, "train"))
+    return out
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_base: Path, tmp_path: Path) -> None:
+    examples = _examples(12)
+
+    def student():
+        loaded = load_model(tiny_base)
+        return loaded, to_block_diffusion(loaded, block_size=8, sub_block_size=4)
+
+    cfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-3, warmup_steps=1, seed=3, checkpoint_every=0)
+    a, spec = student()
+    train(a.model, spec, a.tokenizer, examples, cfg, tmp_path / "straight")
+
+    b, spec = student()
+    first = train(b.model, spec, b.tokenizer, examples, TrainConfig(**{**cfg.__dict__, "stop_at_step": 2}),
+                  tmp_path / "resumed")
+    assert first.step == 2 and not first.finished
+    c, spec = student()  # a fresh process: weights and optimizer come from the checkpoint
+    second = train(c.model, spec, c.tokenizer, examples, cfg, tmp_path / "resumed")
+    assert second.step == 4 and second.finished
+
+    straight = a.model.state_dict()
+    for name, tensor in c.model.state_dict().items():
+        assert torch.allclose(tensor, straight[name], atol=1e-6), name
+
+
+def test_block_size_one_decoding_is_the_teachers_greedy_decoding(tmp_path: Path) -> None:
+    base = tiny_ar_checkpoint(tmp_path / "plain", seed=1, eos_bias=False)
+    loaded = load_model(base)
+    teacher = hf_teacher(loaded, "cpu", torch.float32)
+    spec = to_block_diffusion(loaded, block_size=16, sub_block_size=8)
+    prompts = [[1, 10, 11, 12, 13], [1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]]
+    got = diffusion_decode(loaded.model, spec, prompts, threshold=0.9, max_new_tokens=10, block_size=1, sub_block_size=1)
+    for prompt, result in zip(prompts, got, strict=True):
+        ref = teacher.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               max_new_tokens=10, do_sample=False, eos_token_id=spec.eos_token_ids,
+                               pad_token_id=spec.eos_token_ids[0])[0, len(prompt):].tolist()
+        cut = next((k + 1 for k, t in enumerate(ref) if t in spec.eos_token_ids), len(ref))
+        assert result.ids == ref[:cut]
+        assert result.passes == len(result.ids)  # one forward per token, exactly AR
