@@ -50,22 +50,25 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static per-layer cache (B_max + 1, H_kv, S + 1, D), written in place by index."""
+    """Static per-layer cache (B_max + 1, S + 1, H_kv, D), written in place by index.
+
+    Row and position lead the layout so that writing by (row, position) index is a cheap
+    index_put on the leading dims; with heads in front, torch restrides the whole cache per write."""
 
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
-        shape = (max_batch_size + 1, n_kv_heads, max_seq_len + 1, head_dim)
+        shape = (max_batch_size + 1, max_seq_len + 1, n_kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H, T, D) at (rows (B,), positions (B, T)); return (B, H, K, D) views."""
         r = rows[:, None]  # (B, 1) broadcasts against positions (B, T)
-        # Advanced indices on dims 0 and 2 put (B, T) first: the value is (B, T, H, D).
-        self.k[r, :, positions] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[r, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[rows, :, :kv_len], self.v[rows, :, :kv_len]
+        self.k[r, positions] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, H, D)
+        self.v[r, positions] = v.transpose(1, 2).to(self.v.dtype)
+        # Slice first (a view), then gather the rows: only K positions are copied.
+        return self.k[:, :kv_len][rows].transpose(1, 2), self.v[:, :kv_len][rows].transpose(1, 2)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
