@@ -1,0 +1,123 @@
+"""dlm.engine: concurrency, aborts, bad input, errors, stop strings."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from dlm_tiny_models import CharTokenizer, counting_loaded, random_loaded
+
+from dlm.engine import Engine, GenerationParams
+from dlm.errors import InvalidRequestError
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [3, 3], [21, 22, 23, 24, 25]]
+
+
+def _ids(handle) -> list[int]:
+    return [t for d in handle for t in d.token_ids]
+
+
+def test_concurrent_requests_equal_each_alone():
+    """Required (4): continuous batching does not change greedy outputs."""
+    loaded = random_loaded("block_causal", seed=11, eos=[9], scale=3.0)
+    params = GenerationParams(max_new_tokens=12, block_size=4, threshold=0.7)
+    with Engine(loaded, max_batch_size=4) as engine:
+        alone = [_ids(engine.submit(p, params)) for p in PROMPTS]
+        handles = [engine.submit(p, params) for p in PROMPTS]  # 6 requests, 4 rows: later ones join
+        together = [_ids(h) for h in handles]
+    assert together == alone
+
+
+def test_greedy_row_unaffected_by_a_sampled_neighbour():
+    loaded = random_loaded("block_causal", seed=11, scale=3.0)
+    greedy = GenerationParams(max_new_tokens=10, block_size=4, threshold=0.7)
+    sampled = GenerationParams(max_new_tokens=10, block_size=4, threshold=0.7, temperature=1.0, top_p=0.9, seed=1)
+    with Engine(loaded, max_batch_size=2) as engine:
+        alone = _ids(engine.submit(PROMPTS[0], greedy))
+        hs, hg = engine.submit(PROMPTS[1], sampled), engine.submit(PROMPTS[0], greedy)
+        assert _ids(hg) == alone
+        first = _ids(hs)
+        assert _ids(engine.submit(PROMPTS[1], sampled)) == first  # same seed, same sample
+
+
+def test_abort_mid_block_stops_within_one_step_and_frees_the_row():
+    """Required (5)."""
+    loaded = counting_loaded(block_size=8)
+    engine = Engine(loaded, max_batch_size=1)
+    try:
+        seen: list = []
+
+        def on_delta(d):
+            seen.append(d)
+            if len(seen) == 2:  # mid-block: 2 of 8 slots final
+                engine.abort(handle.request_id)
+
+        handle = engine.submit([1], GenerationParams(max_new_tokens=200, threshold=0.9), on_delta=on_delta)
+        deltas = list(handle)
+        assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
+        assert deltas[-1].steps <= seen[1].steps + 1
+        assert handle.finish_reason == "abort"
+        # The only row is free again: the next request runs to the end.
+        nxt = list(engine.submit([1], GenerationParams(max_new_tokens=5, threshold=0.9)))
+        assert nxt[-1].finish_reason == "length" and [t for d in nxt for t in d.token_ids] == [2, 3, 4, 5, 6]
+    finally:
+        engine.close()
+        engine.close()  # idempotent
+
+
+def test_abort_of_a_waiting_request():
+    loaded = counting_loaded(block_size=4)
+    with Engine(loaded, max_batch_size=1) as engine:
+        gate = threading.Event()
+        first = engine.submit([1], GenerationParams(max_new_tokens=40), on_delta=lambda d: gate.wait(5))
+        waiting = engine.submit([2], GenerationParams(max_new_tokens=40))
+        engine.abort(waiting.request_id)
+        gate.set()
+        assert list(waiting)[-1].finish_reason == "abort"
+        assert first.result() == "" and first.finish_reason == "length"
+
+
+@pytest.mark.parametrize("prompt,params", [
+    ([], GenerationParams()),
+    ([1] * 300, GenerationParams()),
+    ([1, 2], GenerationParams(max_new_tokens=255)),  # 2 + 255 > 256 positions
+    ([1, 2], GenerationParams(max_new_tokens=-1)),
+    ([1, 2], GenerationParams(policy="best")),
+    ([1, 2], GenerationParams(threshold=0.0)),
+    ([1, 2], GenerationParams(temperature=-1.0)),
+    ([1, 2], GenerationParams(top_p=1.5)),
+    ([1, 2], GenerationParams(block_size=4, sub_block_size=3)),
+    ([1, 2], GenerationParams(steps_per_block=99)),
+    ([1, 99999], GenerationParams()),
+    ("hello", GenerationParams()),
+    ([{"role": "user", "content": "hi"}], GenerationParams()),  # no tokenizer
+])
+def test_bad_input_is_refused_and_the_engine_keeps_serving(prompt, params):
+    loaded = counting_loaded(block_size=4)
+    with Engine(loaded, max_batch_size=2) as engine:
+        with pytest.raises(InvalidRequestError):
+            engine.submit(prompt, params)
+        assert _ids(engine.submit([1], GenerationParams(max_new_tokens=3))) == [2, 3, 4]
+
+
+def test_error_in_one_request_fails_only_that_request():
+    loaded = counting_loaded(block_size=4)
+    with Engine(loaded, max_batch_size=2) as engine:
+        def boom(d):
+            raise RuntimeError("callback broke")
+
+        bad = engine.submit([1], GenerationParams(max_new_tokens=8), on_delta=boom)
+        good = engine.submit([5], GenerationParams(max_new_tokens=8))
+        last = list(bad)[-1]
+        assert last.finish_reason == "error" and "callback broke" in last.error
+        assert _ids(good) == list(range(6, 14))
+
+
+def test_stop_string_and_text():
+    loaded = counting_loaded(block_size=4, tokenizer=CharTokenizer())
+    with Engine(loaded, max_batch_size=1) as engine:
+        h = engine.submit([0], GenerationParams(max_new_tokens=20, stop=["efg"]))
+        deltas = list(h)
+    assert "".join(d.text for d in deltas) == "bcd"
+    assert deltas[-1].finish_reason == "stop"
+    assert deltas[-1].steps < 20  # stopped without decoding the rest
