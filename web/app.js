@@ -74,9 +74,20 @@ function setPhase(phase) {
   if (phase === "listening" && call.mode === "ptt") text = "Hold to talk";
   if (phase === "listening" && !call.microphone) text = "Connected · type to talk";
   ui.status.textContent = text;
-  const live = phase !== "idle";
-  ui.start.querySelector(".start-label").textContent = live ? "Stop" : "Start";
-  ui.start.setAttribute("aria-pressed", String(live));
+  renderStartButton();
+}
+
+/** "Start" opens the microphone (connecting first if needed); "Stop" ends the call. */
+function renderStartButton() {
+  const listening = Boolean(call.microphone);
+  ui.start.querySelector(".start-label").textContent = listening ? "Stop" : "Start";
+  ui.start.setAttribute("aria-pressed", String(listening));
+}
+
+function onStartClick() {
+  if (call.phase === "idle") start();
+  else if (!call.microphone) openMicrophone().then(() => setPhase(call.phase));
+  else stop();
 }
 
 function announce(text) {
@@ -170,9 +181,11 @@ async function openMicrophone() {
   try {
     await microphone.open();
   } catch (error) {
-    showNotice(error instanceof MicrophoneError ? error.kind : "failed", error.message);
+    const kind = error instanceof MicrophoneError ? error.kind : "failed";
+    showNotice(kind, kind === "failed" ? error.message : "");
     return;
   }
+  hideNotice();
   call.microphone = microphone;
   microphone.setSending(call.mode === "vad");
 }
@@ -357,8 +370,12 @@ function countEvent(event) {
   call.eventCounts[event.type] = (call.eventCounts[event.type] || 0) + 1;
 }
 
+/** The models in use: `session.voice_agent.models` ({asr, llm, tts}) where the server sends it,
+ * else the session's `model` (the LLM). */
 function showModels(session) {
-  const models = session && session.voice_agent && session.voice_agent.models;
+  if (!session) return;
+  const vendor = session.voice_agent || {};
+  const models = vendor.models || (session.model ? { llm: session.model } : null);
   if (!models) return;
   call.models = models;
   const parts = Object.entries(models).map(([role, name]) => `${role.toUpperCase()} ${name}`);
@@ -379,8 +396,13 @@ function onTranscriptDelta(event) {
 }
 
 function onTranscriptCompleted(event) {
-  conversation.user(event.item_id).setFinal(event.transcript);
-  announce(`You said: ${event.transcript}`);
+  const text = (event.transcript || "").trim();
+  if (!text) {
+    conversation.dropUser(event.item_id); // nothing recognizable was said
+    return;
+  }
+  conversation.user(event.item_id).setFinal(text);
+  announce(`You said: ${text}`);
 }
 
 function onResponseCreated(event) {
@@ -439,7 +461,7 @@ function onServerError(event) {
 // Wiring ---------------------------------------------------------------------------------------
 
 function wire() {
-  ui.start.addEventListener("click", () => (call.phase === "idle" ? start() : stop()));
+  ui.start.addEventListener("click", onStartClick);
   for (const radio of document.querySelectorAll('input[name="mode"]')) {
     radio.addEventListener("change", () => setMode(radio.value));
   }

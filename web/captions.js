@@ -130,6 +130,12 @@ export class Conversation {
     return this.users.get(itemId);
   }
 
+  dropUser(itemId) {
+    const caption = this.users.get(itemId);
+    if (caption) caption.element.remove();
+    this.users.delete(itemId);
+  }
+
   agent(responseId, options = { audio: true }) {
     if (!this.agents.has(responseId)) {
       this.agents.set(responseId, this.follow(() => new AgentCaption(this.list, options)));

@@ -6,6 +6,7 @@
 
 const FRAME_MS = 70;
 const MAX_BACKLOG = 12;
+const SPECIAL_TOKEN = /^<\|.*\|>$|^<\/?s>$/; // end-of-turn and similar markers, drawn faint
 
 export class DenoiseView {
   constructor(root) {
@@ -107,6 +108,7 @@ function tile(token, mask, before) {
     return element;
   }
   element.className = before === token ? "slot filled" : "slot filled new";
+  if (SPECIAL_TOKEN.test(token)) element.classList.add("special");
   element.textContent = visibleToken(token);
   return element;
 }

@@ -22,6 +22,7 @@ export class Waterfall {
     this.history = root.querySelector(".waterfall-history");
     this.medianOutput = root.querySelector(".waterfall-median");
     this.caption = root.querySelector(".waterfall-turn");
+    this.passes = root.querySelector(".waterfall-passes");
   }
 
   /** Merge values into turn `id` (server metrics and the browser's own playback time). */
@@ -55,6 +56,15 @@ export class Waterfall {
     this.renderLatest(latest, scaleMs);
     this.renderHistory(complete.slice(-HISTORY_ROWS), scaleMs);
     this.renderMedian();
+    this.renderPasses(latest);
+  }
+
+  /** The diffusion model's point: more than one token per forward pass. */
+  renderPasses(turn) {
+    const { tokens, forward_passes: passes } = turn.values;
+    if (!tokens || !passes) return;
+    const perPass = (tokens / passes).toFixed(2);
+    this.passes.textContent = `Reply: ${tokens} tokens in ${passes} forward passes (${perPass} per pass)`;
   }
 
   renderLatest(turn, scaleMs) {

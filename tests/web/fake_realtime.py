@@ -44,6 +44,8 @@ class FakeOptions:
 class _Call:
     ws: ServerConnection
     trace: bool = False
+    server_vad: bool = True
+    commits: int = 0
     speaking: bool = False
     speech_ms: int = 0
     silence_ms: int = 0
@@ -99,10 +101,18 @@ class FakeRealtimeServer:
     async def _receive(self, call: _Call, event: dict[str, Any]) -> None:
         kind = event["type"]
         if kind == "session.update":
-            call.trace = bool(event["session"].get("voice_agent", {}).get("denoise_steps"))
+            session = event["session"]
+            call.trace = bool(session.get("voice_agent", {}).get("denoise_steps"))
+            call.server_vad = session.get("audio", {}).get("input", {}).get("turn_detection") is not None
             await _send(call.ws, "session.updated", session=event["session"])
-        elif kind == "input_audio_buffer.append":
+        elif kind == "input_audio_buffer.append" and call.server_vad:
             await self._audio(call, base64.b64decode(event["audio"]))
+        elif kind == "input_audio_buffer.commit":  # push to talk; the reply waits for response.create
+            call.commits += 1
+            call.turn += 1
+            await self._transcribe(call)
+        elif kind == "response.create" and call.commits:
+            self._start_reply(call)
         elif kind == "conversation.item.create":
             await self._interrupt(call)
             call.turn += 1
@@ -131,13 +141,16 @@ class FakeRealtimeServer:
             call.speech_ms = 0
 
     async def _end_of_turn(self, call: _Call) -> None:
+        await _send(call.ws, "input_audio_buffer.speech_stopped", audio_end_ms=call.audio_ms, item_id=_user_item(call))
+        await self._transcribe(call)
+        self._start_reply(call)
+
+    async def _transcribe(self, call: _Call) -> None:
         item_id = _user_item(call)
-        await _send(call.ws, "input_audio_buffer.speech_stopped", audio_end_ms=call.audio_ms, item_id=item_id)
         first, _, rest = TRANSCRIPT.partition(" ")
         for delta in (first, " " + rest):
             await _send(call.ws, "conversation.item.input_audio_transcription.delta", item_id=item_id, content_index=0, delta=delta)
         await _send(call.ws, "conversation.item.input_audio_transcription.completed", item_id=item_id, content_index=0, transcript=TRANSCRIPT)
-        self._start_reply(call)
 
     async def _interrupt(self, call: _Call) -> None:
         if call.reply and not call.reply.done():

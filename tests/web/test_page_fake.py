@@ -71,8 +71,8 @@ def test_conversation_barge_in_and_denoising(chromium: str, two_utterances: Path
         assert 0 < truncates[0]["audio_end_ms"] < 3000
 
 
-def test_push_to_talk_and_typing(chromium: str, artifacts: Path) -> None:
-    with fake_server() as server, Chromium(server.url) as browser:
+def test_typing_then_push_to_talk(chromium: str, two_utterances: Path, artifacts: Path) -> None:
+    with fake_server() as server, Chromium(server.url, fake_audio=two_utterances) as browser:
         browser.wait_for_load()
         browser.evaluate(
             "document.getElementById('composer-text').value = 'hi by text';"
@@ -82,9 +82,20 @@ def test_push_to_talk_and_typing(chromium: str, artifacts: Path) -> None:
         state = browser.wait_for(f"{STATE}.waterfall.turns.length >= 1 && {STATE}", timeout_s=20)
         assert state["transcripts"]["user"][0]["final"] == "hi by text"
         assert state["transcripts"]["agent"][0]["done"]
+        assert state["microphone"] is None, "typing must not open the microphone"
+
         browser.evaluate("document.querySelector('input[value=ptt]').click()", gesture=True)
-        assert browser.evaluate("!document.getElementById('talk').hidden")
-        browser.screenshot(artifacts / "fake-typed.png")
+        browser.evaluate("document.getElementById('start').click()", gesture=True)  # opens the microphone
+        browser.wait_for(f"{STATE}.microphone", timeout_s=10)
+        space = {"key": " ", "code": "Space", "windowsVirtualKeyCode": 32}
+        browser.call("Input.dispatchKeyEvent", type="keyDown", **space)
+        browser.wait_for(f"{STATE}.phase === 'hearing'", timeout_s=5)
+        browser.call("Input.dispatchKeyEvent", type="keyUp", **space)
+        state = browser.wait_for(f"{STATE}.waterfall.turns.length >= 2 && {STATE}", timeout_s=20)
+        assert [u["final"] for u in state["transcripts"]["user"]] == ["hi by text", "hello there"]
+        assert server.calls[0].commits == 1
+        assert not server.calls[0].server_vad
+        browser.screenshot(artifacts / "fake-typed-then-push-to-talk.png")
 
 
 @pytest.mark.parametrize(
