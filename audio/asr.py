@@ -14,15 +14,17 @@ Contract:
 - `StreamingTranscriber(transcriber, partial_interval_ms=400)`: `.partial(audio)` takes the whole
   growing utterance (e.g. `Endpointer.utterance_audio()`) and returns a hypothesis when at least
   `partial_interval_ms` of new audio arrived since the last partial, else None; it never decodes
-  the same audio twice. `.final(audio)` returns the transcript of the finished utterance (reusing
-  the last partial when the audio is identical to it) and resets for the next utterance.
+  the same audio twice. `.final(audio)` returns the transcript of the finished utterance and
+  resets for the next utterance. It reuses the last partial, without decoding, when one of the two
+  audios is a prefix of the other and the rest is only quiet trailing audio (RMS at least 20 dB
+  below the speech): the endpointer's silence after the last word changes nothing, so a partial
+  taken during that silence is already the final and the endpoint costs no decode.
   The interval is measured in audio time, so results do not depend on the machine's speed.
 Not thread-safe: one Transcriber per thread, or a lock around it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 ASR_SAMPLE_RATE_HZ = 16000
 # Below this peak (-60 dBFS) there is nothing to recognize; whisper would hallucinate "you".
 _SILENCE_PEAK = 1e-3
+# Trailing audio this much quieter than the speech (RMS ratio, -20 dB) cannot change a transcript.
+_QUIET_TAIL_RATIO = 0.1
 
 
 def prepare_audio(audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -> np.ndarray:
@@ -127,14 +131,21 @@ class Transcriber:
         return " ".join(s.text.strip() for s in segments).strip()
 
 
-def _fingerprint(a: np.ndarray) -> tuple[int, bytes]:
-    return a.size, hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+def _rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))) if a.size else 0.0
 
 
 @dataclass
 class _Decoded:
-    fingerprint: tuple[int, bytes]
+    audio: np.ndarray  # the 16 kHz audio that was decoded
     text: str
+
+    def same_speech(self, a: np.ndarray) -> bool:
+        """True when `a` differs from the decoded audio only by quiet audio at the end."""
+        short, long = (a, self.audio) if a.size <= self.audio.size else (self.audio, a)
+        if short.size == 0 or not np.array_equal(short, long[: short.size]):
+            return False
+        return long.size == short.size or _rms(long[short.size :]) <= _QUIET_TAIL_RATIO * _rms(short)
 
 
 class StreamingTranscriber:
@@ -147,6 +158,7 @@ class StreamingTranscriber:
         self.partial_interval_ms = int(partial_interval_ms)
         self._interval_samples = ASR_SAMPLE_RATE_HZ * self.partial_interval_ms // 1000
         self.decodes = 0  # model calls since creation: for tests and benchmarks
+        self.reused_finals = 0  # finals answered with the last partial, without a decode
         self.reset()
 
     def reset(self) -> None:
@@ -164,10 +176,9 @@ class StreamingTranscriber:
             self._last = None
         if a.size - self._last_partial_samples < self._interval_samples:
             return None
-        fingerprint = _fingerprint(a)
-        if self._last is not None and self._last.fingerprint == fingerprint:
+        if self._last is not None and self._last.audio.size == a.size and np.array_equal(self._last.audio, a):
             return None
-        text = self._decode(a, fingerprint)
+        text = self._decode(a)
         self._last_partial_samples = a.size
         self.last_partial = text
         return text
@@ -175,16 +186,16 @@ class StreamingTranscriber:
     def final(self, audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -> str:
         """The transcript of the finished utterance; resets for the next one."""
         a = prepare_audio(audio, sample_rate_hz)
-        fingerprint = _fingerprint(a)
-        if self._last is not None and self._last.fingerprint == fingerprint:
+        if self._last is not None and self._last.same_speech(a):
             text = self._last.text
+            self.reused_finals += 1
         else:
-            text = self._decode(a, fingerprint)
+            text = self._decode(a)
         self.reset()
         return text
 
-    def _decode(self, a: np.ndarray, fingerprint: tuple[int, bytes]) -> str:
+    def _decode(self, a: np.ndarray) -> str:
         text = self.transcriber.transcribe(a)
         self.decodes += 1
-        self._last = _Decoded(fingerprint, text)
+        self._last = _Decoded(a.copy(), text)
         return text

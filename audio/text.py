@@ -97,13 +97,17 @@ class SentenceChunker:
                 break
             if m.end() == len(buf) and not final:
                 return None  # the next character decides (e.g. "$3." then "50")
-            if self._is_end(buf, m):
+            decision = self._is_end(buf, m)
+            if decision is None:  # "etc. ": the next word decides; at the end of the text it ends
+                return m.end() if final else None
+            if decision:
                 return m.end()
         if newline != -1:
             return newline + 1
         return None
 
-    def _is_end(self, buf: str, m: re.Match[str]) -> bool:
+    def _is_end(self, buf: str, m: re.Match[str]) -> bool | None:
+        """Whether the match ends a sentence; None when it depends on text not here yet."""
         if buf[m.start()] != ".":
             return True  # ! ? … always end a sentence
         if m.end() - m.start() > 1:
@@ -120,7 +124,7 @@ class SentenceChunker:
         if word in ABBREVIATIONS or word in _MAYBE_FINAL_ABBREVIATIONS:
             following = buf[m.end() :].lstrip()
             if not following:
-                return word in _MAYBE_FINAL_ABBREVIATIONS  # the text ends here (flush)
+                return None if word in _MAYBE_FINAL_ABBREVIATIONS else False
             # "etc. Then" ends a sentence; "Dr. Smith" and "etc. and" do not.
             return word in _MAYBE_FINAL_ABBREVIATIONS and following[0].isupper()
         return True

@@ -1,0 +1,132 @@
+"""SentenceChunker: abbreviations, amounts, lists, no punctuation, any split of the stream."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from audio.text import SentenceChunker
+
+
+def chunk(pieces: list[str], max_chars: int = 160) -> list[str]:
+    c = SentenceChunker(max_chars)
+    out = [s for p in pieces for s in c.push(p)]
+    return out + c.flush()
+
+
+def char_by_char(text: str, max_chars: int = 160) -> list[str]:
+    return chunk(list(text), max_chars)
+
+
+@pytest.mark.parametrize("split", [chunk, char_by_char])
+def test_title_abbreviation_and_amount(split):
+    text = "Dr. Smith paid $3.50. He left."
+    pieces = [text] if split is chunk else text
+    assert chunk(list(pieces)) == ["Dr. Smith paid $3.50.", "He left."]
+
+
+def test_decimal_split_across_pushes_waits_for_the_next_character():
+    c = SentenceChunker()
+    assert c.push("It costs $3.") == []
+    assert c.push("50 today. And") == ["It costs $3.50 today."]
+    assert c.flush() == ["And"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Use a solvent, e.g. water. Then stir.", ["Use a solvent, e.g. water.", "Then stir."]),
+        ("That is, i.e. never. Ok!", ["That is, i.e. never.", "Ok!"]),
+        ("Ask Mr. and Mrs. Jones. They know.", ["Ask Mr. and Mrs. Jones.", "They know."]),
+        ("Apples, pears, etc. are fruit. Bananas too.", ["Apples, pears, etc. are fruit.", "Bananas too."]),
+        ("Bring pens, paper, etc. Then we start.", ["Bring pens, paper, etc.", "Then we start."]),
+        ("J. K. Rowling wrote it. Really?! Yes…", ["J. K. Rowling wrote it.", "Really?!", "Yes…"]),
+        ('He said "stop." Then he left.', ['He said "stop."', "Then he left."]),
+        ("Pi is about 3.14159 here. Fine.", ["Pi is about 3.14159 here.", "Fine."]),
+        ("Wait... what? No.", ["Wait...", "what?", "No."]),
+    ],
+)
+def test_sentence_boundaries(text, expected):
+    assert chunk([text]) == expected
+    assert char_by_char(text) == expected
+
+
+def test_numbered_lists():
+    text = "Here are the steps:\n1. Preheat the oven.\n2. Mix the flour.\n3. Bake it."
+    expected = ["Here are the steps:", "1. Preheat the oven.", "2. Mix the flour.", "3. Bake it."]
+    assert chunk([text]) == expected
+    assert char_by_char(text) == expected
+    assert chunk(["Steps: 1. Mix. 2. Bake. Enjoy"]) == ["Steps: 1. Mix.", "2. Bake.", "Enjoy"]
+
+
+def test_no_punctuation_is_cut_at_max_chars_and_flushed():
+    words = "this text has no punctuation at all and it keeps going without any end in sight"
+    c = SentenceChunker(max_chars=30)
+    out = c.push(words)
+    assert out, "an over-long run must not wait for flush()"
+    out += c.flush()
+    assert all(len(s) <= 30 for s in out)
+    assert " ".join(out).split() == words.split()
+
+
+def test_long_sentence_is_cut_at_a_clause_boundary():
+    text = "When the train arrives at the station, please take your bags and walk to the exit on the left."
+    out = chunk([text], max_chars=60)
+    assert out == [
+        "When the train arrives at the station,",
+        "please take your bags and walk to the exit on the left.",
+    ]
+
+
+def test_short_text_without_punctuation_comes_out_at_flush():
+    c = SentenceChunker()
+    assert c.push("hello there") == []
+    assert c.flush() == ["hello there"]
+    assert c.flush() == []
+
+
+def test_max_chars_must_be_sensible():
+    with pytest.raises(ValueError):
+        SentenceChunker(max_chars=3)
+
+
+_WORDS = st.sampled_from(
+    [
+        "Dr.",
+        "Smith",
+        "paid",
+        "$3.50.",
+        "e.g.",
+        "1.",
+        "etc.",
+        "Hello,",
+        "world!",
+        "why?",
+        "ok",
+        "U.S.",
+        "x",
+        "\n",
+        "—",
+        "2)",
+        "a;",
+        "long" * 12,
+    ]
+)
+
+
+@given(
+    st.lists(_WORDS, max_size=60), st.lists(st.integers(1, 25), min_size=1, max_size=30), st.integers(20, 120)
+)
+def test_any_split_keeps_every_word_in_order_within_max_chars(words, cuts, max_chars):
+    text = " ".join(words)
+    pieces, pos = [], 0
+    for n in cuts:
+        pieces.append(text[pos : pos + n])
+        pos += n
+    pieces.append(text[pos:])
+    out = chunk(pieces, max_chars)
+    assert all(s and s == s.strip() for s in out)
+    # Every character but whitespace, in order (a word longer than max_chars is cut inside).
+    assert "".join("".join(out).split()) == "".join(text.split())
+    assert all(len(s) <= max_chars for s in out)

@@ -1,0 +1,135 @@
+"""Endpointer on real speech (espeak-ng): turns, pre-roll, coughs, chunking, backends."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from audio.errors import AudioError
+from audio.vad import Endpointer, SpeechEnded, SpeechStarted
+
+SR = 16000
+HAS_SILERO = importlib.util.find_spec("silero_vad") is not None
+BACKENDS = [
+    "webrtc",
+    pytest.param("silero", marks=pytest.mark.skipif(not HAS_SILERO, reason="silero-vad is not installed")),
+]
+
+
+def feed_all(endpointer: Endpointer, audio: np.ndarray, chunk_samples: int = 320) -> list:
+    events = []
+    for i in range(0, audio.size, chunk_samples):
+        events += endpointer.feed(audio[i : i + chunk_samples])
+    return events
+
+
+@pytest.fixture(scope="module")
+def two_utterances(espeak, speech_bounds_s):
+    """0.5 s silence, utterance, 1.0 s silence, utterance, 1.0 s silence; with the truth."""
+    a = espeak("Hello there, how are you doing today?")
+    b = espeak("Please book a table for two at seven.")
+    silence = np.zeros(SR // 2, np.float32)
+    scene = np.concatenate([silence, a, silence, silence, b, silence, silence])
+    a0, a1 = speech_bounds_s(a)
+    b0, b1 = speech_bounds_s(b)
+    offset_b = (silence.size + a.size + 2 * silence.size) / SR
+    truth = [(0.5 + a0, 0.5 + a1), (offset_b + b0, offset_b + b1)]
+    return scene, truth
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_utterances_give_exactly_two_turns_without_clipping(two_utterances, backend):
+    scene, truth = two_utterances
+    events = feed_all(Endpointer(SR, backend=backend), scene)
+    assert [type(e) for e in events] == [SpeechStarted, SpeechEnded, SpeechStarted, SpeechEnded]
+    for ended, (start_s, end_s) in zip(events[1::2], truth, strict=True):
+        audio_end_s = ended.audio_start_s + ended.audio.size / SR
+        assert ended.audio_start_s <= start_s - 0.1, "the start of the first word was cut"
+        assert audio_end_s >= end_s, "the end of the last word was cut"
+        # The audio really is that stretch of the scene.
+        i = round(ended.audio_start_s * SR)
+        np.testing.assert_array_equal(ended.audio, scene[i : i + ended.audio.size])
+        assert ended.t_s >= ended.speech_end_s + 0.6 - 1e-9
+
+
+def test_events_do_not_depend_on_chunk_size(two_utterances):
+    scene, _ = two_utterances
+    scene = scene[: int(3.5 * SR)]  # the first turn is enough, and chunks of 7 samples are slow
+    reference = feed_all(Endpointer(SR), scene, 320)
+    for chunk in (7, 77, 480, 4000, scene.size):
+        events = feed_all(Endpointer(SR), scene, chunk)
+        assert [(type(e), e.t_s) for e in events] == [(type(e), e.t_s) for e in reference]
+        assert len(events) == 2 and np.array_equal(events[1].audio, reference[1].audio)
+
+
+def test_utterance_audio_grows_during_a_turn_and_is_empty_between(espeak):
+    speech = espeak("One two three four five.")
+    endpointer = Endpointer(SR)
+    assert endpointer.utterance_audio().size == 0
+    sizes = []
+    for i in range(0, speech.size, 320):
+        endpointer.feed(speech[i : i + 320])
+        if endpointer.in_speech:
+            sizes.append(endpointer.utterance_audio().size)
+    assert sizes and sizes == sorted(sizes) and sizes[-1] > sizes[0]
+    events = endpointer.feed(np.zeros(SR, np.float32))
+    assert isinstance(events[-1], SpeechEnded)
+    assert endpointer.utterance_audio().size == 0 and not endpointer.in_speech
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cough_is_not_a_turn(backend):
+    rng = np.random.default_rng(1)
+    burst = (rng.standard_normal(int(0.12 * SR)) * np.hanning(int(0.12 * SR)) * 0.4).astype(np.float32)
+    silence = np.zeros(SR, np.float32)
+    events = feed_all(
+        Endpointer(SR, backend=backend, min_speech_ms=200), np.concatenate([silence, burst, silence])
+    )
+    assert events == []
+
+
+def test_silence_and_noise_floor_give_no_turn():
+    rng = np.random.default_rng(2)
+    quiet = (rng.standard_normal(3 * SR) * 0.001).astype(np.float32)
+    assert feed_all(Endpointer(SR, aggressiveness=3), quiet) == []
+
+
+def test_max_utterance_ends_a_turn_and_speech_goes_on_in_a_new_one(espeak):
+    speech = np.concatenate([espeak("This is a rather long sentence that keeps on going for a while.")] * 2)
+    events = feed_all(
+        Endpointer(SR, max_utterance_ms=2000), np.concatenate([speech, np.zeros(SR, np.float32)])
+    )
+    ended = [e for e in events if isinstance(e, SpeechEnded)]
+    assert len(ended) >= 3
+    assert all(e.audio.size <= 2.0 * SR + 320 for e in ended)
+
+
+def test_reset_restarts_stream_time(two_utterances):
+    scene, _ = two_utterances
+    endpointer = Endpointer(SR)
+    first = feed_all(endpointer, scene)
+    endpointer.reset()
+    assert endpointer.time_s == 0
+    assert [e.t_s for e in feed_all(endpointer, scene)] == [e.t_s for e in first]
+
+
+def test_bad_input_and_settings():
+    with pytest.raises(AudioError, match="needs"):
+        Endpointer(22050)
+    with pytest.raises(AudioError, match="frames"):
+        Endpointer(SR, frame_ms=25)
+    with pytest.raises(AudioError, match="aggressiveness"):
+        Endpointer(SR, aggressiveness=4)
+    with pytest.raises(AudioError, match="unknown VAD backend"):
+        Endpointer(SR, backend="nope")
+    with pytest.raises(AudioError, match="mono"):
+        Endpointer(SR).feed(np.zeros((320, 2), np.float32))
+    with pytest.raises(AudioError, match="dtype"):
+        Endpointer(SR).feed(np.zeros(320, np.int32))
+    # NaN samples are treated as silence, int16 chunks are accepted.
+    endpointer = Endpointer(SR)
+    assert endpointer.feed(np.full(640, np.nan, np.float32)) == []
+    assert endpointer.feed(np.zeros(640, np.int16)) == []
+    assert endpointer.time_s == pytest.approx(0.08)
