@@ -158,16 +158,29 @@ class Chromium:
         method = message.get("method")
         params = message.get("params", {})
         if method == "Runtime.consoleAPICalled":
-            text = " ".join(str(arg.get("value", arg.get("description", ""))) for arg in params.get("args", []))
+            text = " ".join(
+                str(arg.get("value", arg.get("description", ""))) for arg in params.get("args", [])
+            )
             self.console.append(f"{params.get('type')}: {text}")
         elif method == "Runtime.exceptionThrown":
             details = params.get("exceptionDetails", {})
-            self.console.append(f"exception: {details.get('exception', {}).get('description', details.get('text'))}")
+            self.console.append(
+                f"exception: {details.get('exception', {}).get('description', details.get('text'))}"
+            )
+
+    def exceptions(self) -> list[str]:
+        """Uncaught page exceptions seen so far (reported while waiting for other answers)."""
+        self.evaluate("0")  # collect what is pending
+        return [line for line in self.console if line.startswith("exception")]
 
     def evaluate(self, expression: str, *, gesture: bool = False) -> Any:
         """The value of a JavaScript expression (promises awaited); `gesture` counts as a click."""
         result = self.call(
-            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True, userGesture=gesture
+            "Runtime.evaluate",
+            expression=expression,
+            returnByValue=True,
+            awaitPromise=True,
+            userGesture=gesture,
         )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression!r} threw: {result['exceptionDetails']}")
@@ -185,7 +198,9 @@ class Chromium:
             time.sleep(interval_s)
 
     def wait_for_load(self) -> None:
-        self.wait_for("document.readyState === 'complete' && window.voiceAgent !== undefined", timeout_s=self.timeout_s)
+        self.wait_for(
+            "document.readyState === 'complete' && window.voiceAgent !== undefined", timeout_s=self.timeout_s
+        )
 
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]

@@ -33,7 +33,7 @@ def artifacts() -> Path:
 def speak(text: str, path: Path, *, lead_s: float = 1.0, tail_s: float = 2.0) -> Path:
     """espeak-ng speech with silence around it, so the server's VAD sees the start and the end."""
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+        pytest.fail("espeak-ng is not installed: apt-get install espeak-ng (./install.sh --dev does)")
     raw = path.with_suffix(".raw.wav")
     subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), text], check=True, capture_output=True)
     with wave.open(str(raw), "rb") as source:

@@ -13,6 +13,8 @@ import base64
 import contextlib
 import json
 import mimetypes
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
@@ -23,7 +25,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-__all__ = ["FakeOptions", "FakeRealtimeServer"]
+__all__ = ["FakeOptions", "FakeRealtimeServer", "fake_server"]
 
 RATE_HZ = 24000
 TRANSCRIPT = "hello there"
@@ -93,7 +95,10 @@ class FakeRealtimeServer:
     async def _handle(self, ws: ServerConnection) -> None:
         call = _Call(ws)
         self.calls.append(call)
-        session = {"id": "sess_fake", "voice_agent": {"models": {"asr": "fake", "llm": "fake-dllm", "tts": "tone"}}}
+        session = {
+            "id": "sess_fake",
+            "voice_agent": {"models": {"asr": "fake", "llm": "fake-dllm", "tts": "tone"}},
+        }
         await _send(ws, "session.created", session=session)
         async for message in ws:
             await self._receive(call, json.loads(message))
@@ -133,7 +138,12 @@ class FakeRealtimeServer:
             call.speaking = True
             call.turn += 1
             await self._interrupt(call)
-            await _send(call.ws, "input_audio_buffer.speech_started", audio_start_ms=call.audio_ms, item_id=_user_item(call))
+            await _send(
+                call.ws,
+                "input_audio_buffer.speech_started",
+                audio_start_ms=call.audio_ms,
+                item_id=_user_item(call),
+            )
         elif call.speaking and call.silence_ms >= self.options.end_silence_ms:
             call.speaking, call.speech_ms = False, 0
             await self._end_of_turn(call)
@@ -141,7 +151,9 @@ class FakeRealtimeServer:
             call.speech_ms = 0
 
     async def _end_of_turn(self, call: _Call) -> None:
-        await _send(call.ws, "input_audio_buffer.speech_stopped", audio_end_ms=call.audio_ms, item_id=_user_item(call))
+        await _send(
+            call.ws, "input_audio_buffer.speech_stopped", audio_end_ms=call.audio_ms, item_id=_user_item(call)
+        )
         await self._transcribe(call)
         self._start_reply(call)
 
@@ -149,8 +161,20 @@ class FakeRealtimeServer:
         item_id = _user_item(call)
         first, _, rest = TRANSCRIPT.partition(" ")
         for delta in (first, " " + rest):
-            await _send(call.ws, "conversation.item.input_audio_transcription.delta", item_id=item_id, content_index=0, delta=delta)
-        await _send(call.ws, "conversation.item.input_audio_transcription.completed", item_id=item_id, content_index=0, transcript=TRANSCRIPT)
+            await _send(
+                call.ws,
+                "conversation.item.input_audio_transcription.delta",
+                item_id=item_id,
+                content_index=0,
+                delta=delta,
+            )
+        await _send(
+            call.ws,
+            "conversation.item.input_audio_transcription.completed",
+            item_id=item_id,
+            content_index=0,
+            transcript=TRANSCRIPT,
+        )
 
     async def _interrupt(self, call: _Call) -> None:
         if call.reply and not call.reply.done():
@@ -158,7 +182,9 @@ class FakeRealtimeServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await call.reply
             await _send(call.ws, "output_audio_buffer.cleared", response_id=f"resp_{call.turn - 1}")
-            await _send(call.ws, "response.done", response={"id": f"resp_{call.turn - 1}", "status": "cancelled"})
+            await _send(
+                call.ws, "response.done", response={"id": f"resp_{call.turn - 1}", "status": "cancelled"}
+            )
 
     def _start_reply(self, call: _Call) -> None:
         call.reply = asyncio.create_task(self._reply(call, call.turn))
@@ -177,7 +203,12 @@ class FakeRealtimeServer:
                 await asyncio.sleep(0.05)  # faster than real time, like TTS
         await _send(call.ws, "response.output_audio.done", **ids)
         await _send(call.ws, "response.done", response={"id": ids["response_id"], "status": "completed"})
-        metrics = {"asr_final_ms": 120.0, "llm_first_text_ms": 260.0, "tts_first_audio_ms": 380.0, "voice_to_voice_ms": 390.0}
+        metrics = {
+            "asr_final_ms": 120.0,
+            "llm_first_text_ms": 260.0,
+            "tts_first_audio_ms": 380.0,
+            "voice_to_voice_ms": 390.0,
+        }
         await _send(call.ws, "voice_agent.metrics", turn_id=turn, metrics=metrics)
 
     async def _trace(self, call: _Call, turn: int) -> None:
@@ -186,7 +217,14 @@ class FakeRealtimeServer:
         for step, order in enumerate([(0, 1), (2, 6), (3, 4, 5), (7,)]):
             for i in order:
                 slots[i] = words[i]
-            await _send(call.ws, "voice_agent.denoise_step", turn_id=turn, step=step + 1, tokens=list(slots), mask=MASK)
+            await _send(
+                call.ws,
+                "voice_agent.denoise_step",
+                turn_id=turn,
+                step=step + 1,
+                tokens=list(slots),
+                mask=MASK,
+            )
 
 
 def _user_item(call: _Call) -> str:
@@ -221,5 +259,24 @@ def _refusal(status: HTTPStatus, code: str, message: str) -> Response:
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers({"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-store"})
+    headers = Headers(
+        {"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-store"}
+    )
     return Response(status.value, status.phrase, headers, body)
+
+
+@contextlib.contextmanager
+def fake_server(options: FakeOptions | None = None) -> Iterator[FakeRealtimeServer]:
+    """The fake server on its own event loop in a thread, for a synchronous test."""
+    loop = asyncio.new_event_loop()
+    server = FakeRealtimeServer(options)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.__aenter__(), loop).result(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -52,7 +52,9 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     threading.Thread(target=read, daemon=True).start()
     try:
         if not found.wait(STARTUP_TIMEOUT_S):
-            pytest.fail(f"voice-agent serve did not start in {STARTUP_TIMEOUT_S} s:\n{''.join(lines)[-3000:]}")
+            pytest.fail(
+                f"voice-agent serve did not start in {STARTUP_TIMEOUT_S} s:\n{''.join(lines)[-3000:]}"
+            )
         yield url[0]
     finally:
         process.terminate()
@@ -64,7 +66,9 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         print("".join(lines)[-3000:])  # the server's log, shown by pytest where the test failed
 
 
-def test_spoken_turn_through_the_real_server(chromium: str, server_url: str, tmp_path: Path, artifacts: Path) -> None:
+def test_spoken_turn_through_the_real_server(
+    chromium: str, server_url: str, tmp_path: Path, artifacts: Path
+) -> None:
     wav = speak(QUESTION, tmp_path / "question.wav", lead_s=1.5, tail_s=3.0)
     with Chromium(server_url, fake_audio=wav) as browser:
         browser.wait_for_load()
@@ -82,6 +86,7 @@ def test_spoken_turn_through_the_real_server(chromium: str, server_url: str, tmp
         finally:
             shot = browser.screenshot(artifacts / "e2e-real-server.png")
             print(f"screenshot: {shot}; console: {browser.console[-10:]}")
+        exceptions = browser.exceptions()
         print(f"turn took {time.monotonic() - started:.1f} s; state: {state}")
     words = transcript.lower()
     assert "capital" in words or "france" in words, transcript
@@ -92,3 +97,4 @@ def test_spoken_turn_through_the_real_server(chromium: str, server_url: str, tmp
         assert turn.get(stage) is not None, f"{stage} missing from {turn}"
     assert turn["played_first_audio_ms"] >= turn["tts_first_audio_ms"]
     assert not state["errors"], state["errors"]
+    assert not exceptions, exceptions

@@ -6,38 +6,17 @@ acknowledgement, the denoising view, and every error state (token, full, unreach
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from chromium_cdp import Chromium
 from conftest import read_wav, speak, write_wav
-from fake_realtime import FakeOptions, FakeRealtimeServer
+from fake_realtime import FakeOptions, fake_server
 
 pytestmark = pytest.mark.browser
 
 STATE = "window.voiceAgent.state()"
-
-
-@contextmanager
-def fake_server(options: FakeOptions | None = None) -> Iterator[FakeRealtimeServer]:
-    """The fake server on its own event loop in a thread, for a synchronous test."""
-    loop = asyncio.new_event_loop()
-    server = FakeRealtimeServer(options)
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(server.__aenter__(), loop).result(10)
-    try:
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.__aexit__(None, None, None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +48,7 @@ def test_conversation_barge_in_and_denoising(chromium: str, two_utterances: Path
         truncates = server.calls[0].truncates
         assert truncates, "barge-in must be acknowledged with conversation.item.truncate"
         assert 0 < truncates[0]["audio_end_ms"] < 3000
+        assert not browser.exceptions()
 
 
 def test_typing_then_push_to_talk(chromium: str, two_utterances: Path, artifacts: Path) -> None:
