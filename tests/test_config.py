@@ -15,7 +15,7 @@ def test_default_toml_matches_the_dataclass_defaults() -> None:
     loaded = load_config()
     defaults = Config()
     for section in dataclasses.fields(Config):
-        if section.name == "source":
+        if section.name in ("source", "secrets"):
             continue
         assert getattr(loaded, section.name) == getattr(defaults, section.name), section.name
 
@@ -25,7 +25,7 @@ def test_every_default_key_is_in_default_toml() -> None:
 
     data = tomllib.loads(default_config_text())
     for section in dataclasses.fields(Config):
-        if section.name == "source":
+        if section.name in ("source", "secrets"):
             continue
         keys = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
         missing = keys - set(data.get(section.name, {}))
@@ -91,3 +91,10 @@ def test_shipped_configs_load() -> None:
         if entry.name.endswith(".toml") and entry.name != "models.toml":
             with resources.as_file(entry) as path:
                 load_config(path)
+
+
+def test_llm_api_key_comes_from_the_named_variable_and_is_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_LLM_KEY", "sk-very-secret")
+    config = load_config(overrides=["llm.api_key_env=MY_LLM_KEY"])
+    assert config.secrets.llm_api_key == "sk-very-secret"
+    assert "sk-very-secret" not in repr(config)

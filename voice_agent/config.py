@@ -4,7 +4,8 @@ Contract:
 - `load_config(path=None, overrides=())` reads `configs/default.toml` (installed with the package)
   or the given file, applies `--set section.key=value` overrides, and returns a `Config`.
 - Unknown sections or keys and values of the wrong type raise `ConfigError` naming the key.
-- The environment is read here and nowhere else (`VOICE_AGENT_TOKEN`, the LLM API key).
+- The environment is read here and nowhere else: `VOICE_AGENT_TOKEN` overrides `server.token`;
+  the LLM API key is read from the variable named by `llm.api_key_env` into `config.secrets`.
 """
 
 from __future__ import annotations
@@ -146,6 +147,14 @@ class StoreConfig:
 
 
 @dataclass
+class Secrets:
+    """Values read from the environment by `load_config`; never from TOML, never printed."""
+
+    # The API key of a remote LLM (backend = "openai"), from the variable named by llm.api_key_env.
+    llm_api_key: str = field(default="", repr=False)
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     vad: VadConfig = field(default_factory=VadConfig)
@@ -156,9 +165,11 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     # Where the configuration came from, for messages; not a TOML key.
     source: str = field(default="<defaults>", compare=False)
+    # Filled from the environment by load_config; not TOML keys.
+    secrets: Secrets = field(default_factory=Secrets, compare=False, repr=False)
 
 
-_NOT_KEYS = {"source"}
+_NOT_KEYS = {"source", "secrets"}
 
 
 def default_config_text() -> str:
@@ -265,4 +276,6 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.It
     token = os.environ.get("VOICE_AGENT_TOKEN")
     if token:
         config.server.token = token
+    if config.llm.api_key_env:
+        config.secrets.llm_api_key = os.environ.get(config.llm.api_key_env, "")
     return config

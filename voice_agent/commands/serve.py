@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 
 from voice_agent.config import Config
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if args.port is not None:
         config.server.port = args.port
     # The API key of a remote LLM comes from the environment variable named in the config.
-    api_key = os.environ.get(config.llm.api_key_env, "") if config.llm.backend == "openai" else ""
+    api_key = config.secrets.llm_api_key if config.llm.backend == "openai" else ""
     services = ModelServices.load(config, api_key=api_key)
     store = CallStore(config.store.path) if config.store.path else None
     try:
