@@ -48,7 +48,9 @@ const call = {
   firstAudioAt: new Map(), // response id -> performance.now() of its first audio delta
   playStartedAt: new Map(), // response id -> performance.now() its first sample was heard
   serverMetrics: new Map(), // response id -> metrics values
+  activeResponse: null, // between response.created and response.done
   speakingResponse: null, // the response whose audio is playing or queued
+  silenced: new Set(), // responses interrupted here: late audio deltas for them are dropped
   lastDoneResponse: null, // the response of the latest response.done
   playedSamples: new Map(), // output item id -> samples of it played
   errors: [],
@@ -240,7 +242,7 @@ async function pressTalk() {
   if (call.mode !== "ptt" || call.talking || !call.microphone) return;
   call.talking = true;
   ui.talk.setAttribute("aria-pressed", "true");
-  await interruptPlayback();
+  await bargeIn({ cancel: true }); // without server VAD the server does not know the user speaks
   call.connection.send("input_audio_buffer.clear");
   call.microphone.setSending(true);
   setPhase("hearing");
@@ -268,7 +270,7 @@ function setMode(mode) {
 
 async function sendText(text) {
   if (!(await start({ withMicrophone: false }))) return;
-  await interruptPlayback();
+  await bargeIn({ cancel: false }); // a typed message interrupts the reply on the server too
   const itemId = `item_web_${Date.now()}`;
   conversation.user(itemId, { typed: true }).setFinal(text);
   call.connection.send("conversation.item.create", {
@@ -279,6 +281,19 @@ async function sendText(text) {
 }
 
 // Playback and barge-in ------------------------------------------------------------------------
+
+/**
+ * The user interrupts: the reply in progress goes quiet here at once (late audio deltas for it are
+ * dropped); `cancel` also asks the server to stop it, where the server cannot know by itself.
+ */
+async function bargeIn({ cancel, responseId = call.activeResponse }) {
+  if (responseId) {
+    call.silenced.add(responseId);
+    if (cancel) call.connection?.send("response.cancel", { response_id: responseId });
+  }
+  if (call.speakingResponse) call.silenced.add(call.speakingResponse);
+  await interruptPlayback();
+}
 
 /**
  * Stop reply audio at once and tell the server how much of it was heard
@@ -359,7 +374,7 @@ function registerHandlers(connection) {
     .on("response.output_audio_transcript.delta", (e) => onReplyText(e, true))
     .on("response.output_text.delta", (e) => onReplyText(e, false))
     .on("response.output_audio.done", () => call.player?.end())
-    .on("output_audio_buffer.cleared", () => interruptPlayback())
+    .on("output_audio_buffer.cleared", (e) => bargeIn({ cancel: false, responseId: e.response_id }))
     .on("response.done", onResponseDone)
     .on("voice_agent.metrics", onMetrics)
     .on("voice_agent.denoise_step", (e) => denoise.push(e))
@@ -386,7 +401,7 @@ function showModels(session) {
 async function onSpeechStarted(event) {
   setPhase("hearing");
   conversation.user(event.item_id).setPartial("…");
-  await interruptPlayback();
+  await bargeIn({ cancel: false }); // server VAD: the server has cancelled the reply itself
 }
 
 function onTranscriptDelta(event) {
@@ -407,6 +422,7 @@ function onTranscriptCompleted(event) {
 
 function onResponseCreated(event) {
   const responseId = event.response.id;
+  call.activeResponse = responseId;
   denoise.reset();
   conversation.agent(responseId, { audio: true });
   setPhase("thinking");
@@ -414,13 +430,14 @@ function onResponseCreated(event) {
 
 function onAudioDelta(event) {
   const responseId = event.response_id;
+  if (call.silenced.has(responseId)) return;
   call.itemResponse.set(event.item_id, responseId);
   if (!call.firstAudioAt.has(responseId)) call.firstAudioAt.set(responseId, performance.now());
   const pcm = pcm16FromBase64(event.delta);
   conversation.agent(responseId).addAudio(pcm.length);
   call.speakingResponse = responseId;
   call.player.enqueue(event.item_id, pcm);
-  if (call.phase === "thinking") setPhase("speaking");
+  if (call.phase === "thinking" || call.phase === "listening") setPhase("speaking");
 }
 
 function onReplyText(event, spoken) {
@@ -433,13 +450,15 @@ function onReplyText(event, spoken) {
 function onResponseDone(event) {
   const response = event.response;
   call.lastDoneResponse = response.id;
+  const current = call.activeResponse === response.id;
+  if (current) call.activeResponse = null;
   const caption = conversation.agents.get(response.id);
   if (!caption) return;
   caption.finish({ cancelled: response.status === "cancelled" });
   call.player?.end();
-  if (response.status === "cancelled" && call.speakingResponse === response.id) interruptPlayback();
+  if (response.status === "cancelled") bargeIn({ cancel: false, responseId: response.id });
   if (caption.text) announce(`Agent: ${caption.text}`);
-  if (call.phase === "thinking") setPhase("listening");
+  if (current && call.phase === "thinking") setPhase("listening"); // a reply without audio
 }
 
 /** Metrics follow their turn's response.done; `response_id` is used where the server sends it. */

@@ -98,3 +98,38 @@ def test_spoken_turn_through_the_real_server(
     assert turn["played_first_audio_ms"] >= turn["tts_first_audio_ms"]
     assert not state["errors"], state["errors"]
     assert not exceptions, exceptions
+
+
+def test_push_to_talk_interrupts_a_typed_reply(
+    chromium: str, server_url: str, tmp_path: Path, artifacts: Path
+) -> None:
+    """Barge-in by hand: the reply stops, the caption is cut, the server acknowledges the truncate."""
+    wav = speak("Stop please.", tmp_path / "stop.wav", lead_s=0.5, tail_s=1.0)
+    space = {"key": " ", "code": "Space", "windowsVirtualKeyCode": 32}
+    with Chromium(server_url, fake_audio=wav) as browser:
+        browser.wait_for_load()
+        browser.evaluate("document.querySelector('input[value=ptt]').click()", gesture=True)
+        browser.evaluate(
+            "document.getElementById('composer-text').value = 'Tell me a long story about a cat in Paris.';"
+            "document.getElementById('composer').requestSubmit()",
+            gesture=True,
+        )
+        try:
+            browser.wait_for(f"{STATE}.playback.playedMs > 1000", timeout_s=60)
+            browser.evaluate("document.getElementById('start').click()", gesture=True)  # the microphone
+            browser.wait_for(f"{STATE}.microphone", timeout_s=10)
+            browser.call("Input.dispatchKeyEvent", type="keyDown", **space)
+            browser.wait_for(f"{STATE}.transcripts.agent[0].interrupted", timeout_s=5)
+            time.sleep(2.0)  # "stop please" plays from the fake microphone
+            browser.call("Input.dispatchKeyEvent", type="keyUp", **space)
+            state = browser.wait_for(f"{STATE}.transcripts.user.length >= 2 && {STATE}", timeout_s=30)
+        finally:
+            browser.screenshot(artifacts / "e2e-push-to-talk-barge-in.png")
+        exceptions = browser.exceptions()
+    reply = state["transcripts"]["agent"][0]
+    assert reply["heard"] and reply["heard"] != reply["text"], reply
+    assert state["events"].get("output_audio_buffer.cleared") == 1
+    assert state["events"].get("conversation.item.truncated") == 1
+    assert "stop" in state["transcripts"]["user"][1]["final"].lower()
+    assert not state["errors"], state["errors"]
+    assert not exceptions, exceptions
