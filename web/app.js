@@ -10,6 +10,9 @@ import { ConnectionError, errorKind, pcm16FromBase64, RealtimeConnection, realti
 import { Waterfall } from "./waterfall.js";
 
 const SESSION_RATE_HZ = 24000;
+const MIN_TALK_MS = 200; // a shorter push-to-talk press is a tap: nothing is committed
+// Server errors that only mean a harmless race (the reply ended as the user cancelled it).
+const QUIET_ERRORS = new Set(["response_cancel_not_active", "input_audio_buffer_commit_empty"]);
 
 const $ = (id) => document.getElementById(id);
 
@@ -43,6 +46,7 @@ const call = {
   player: null,
   mode: "vad", // "vad" (server VAD, hands-free) or "ptt" (push to talk)
   talking: false, // push-to-talk held
+  talkedMs: 0, // audio sent during this push-to-talk press
   token: new URLSearchParams(window.location.search).get("token") || sessionStorage.getItem("voice-agent-token") || "",
   itemResponse: new Map(), // output item id -> response id
   firstAudioAt: new Map(), // response id -> performance.now() of its first audio delta
@@ -227,7 +231,9 @@ function configureSession() {
 // Microphone -----------------------------------------------------------------------------------
 
 function sendAudio(pcm) {
-  if (call.connection) call.connection.send("input_audio_buffer.append", { audio: toBase64(pcm) });
+  if (!call.connection) return;
+  call.connection.send("input_audio_buffer.append", { audio: toBase64(pcm) });
+  if (call.talking) call.talkedMs += (1000 * pcm.length) / SESSION_RATE_HZ;
 }
 
 function showLevel(rms) {
@@ -241,6 +247,7 @@ function showLevel(rms) {
 async function pressTalk() {
   if (call.mode !== "ptt" || call.talking || !call.microphone) return;
   call.talking = true;
+  call.talkedMs = 0;
   ui.talk.setAttribute("aria-pressed", "true");
   await bargeIn({ cancel: true }); // without server VAD the server does not know the user speaks
   call.connection.send("input_audio_buffer.clear");
@@ -253,6 +260,11 @@ function releaseTalk() {
   call.talking = false;
   ui.talk.setAttribute("aria-pressed", "false");
   call.microphone.setSending(false);
+  if (call.talkedMs < MIN_TALK_MS) {
+    call.connection.send("input_audio_buffer.clear"); // a tap, not a turn
+    setPhase("listening");
+    return;
+  }
   call.connection.send("input_audio_buffer.commit");
   call.connection.send("response.create");
   setPhase("thinking");
@@ -471,10 +483,10 @@ function onMetrics(event) {
 
 function onServerError(event) {
   const error = event.error || {};
+  if (QUIET_ERRORS.has(error.code)) return;
   const kind = errorKind(error.code);
   if (kind) showNotice(kind, error.message);
   else showNotice("server", error.message || error.code || "");
-  call.errors.push({ kind: "server", code: error.code, message: error.message });
 }
 
 // Wiring ---------------------------------------------------------------------------------------

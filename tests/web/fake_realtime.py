@@ -84,15 +84,16 @@ class FakeRealtimeServer:
         path, _, query = request.path.partition("?")
         if path != "/v1/realtime":
             return _static(path)
-        if self.options.full:
-            return _refusal(HTTPStatus.SERVICE_UNAVAILABLE, "server_full", "too many calls")
         if self.options.token and f"token={self.options.token}" not in query:
-            return _refusal(HTTPStatus.UNAUTHORIZED, "unauthorized", "token required")
+            return _refusal(HTTPStatus.UNAUTHORIZED, "invalid or missing access token")
         return None
 
     # WebSocket: the call ------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        if self.options.full:  # like the real server at max_calls: accept, then close with 1013
+            await ws.close(1013, "too many calls: the limit is 0")
+            return
         call = _Call(ws)
         self.calls.append(call)
         session = {
@@ -253,9 +254,8 @@ def _static(path: str) -> Response:
     return _response(HTTPStatus.OK, resource.read_bytes(), kind)
 
 
-def _refusal(status: HTTPStatus, code: str, message: str) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    return _response(status, body, "application/json")
+def _refusal(status: HTTPStatus, message: str) -> Response:
+    return _response(status, f"{message}\n".encode(), "text/plain")
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
