@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--gen-batch-size", type=int, help="override the teacher's batch size")
         p.add_argument("--max-steps", type=int, default=0, help="fix the schedule's length in steps")
         p.add_argument("--eval-prompts", type=int, default=0, help="evaluate on at most this many held-out prompts")
+        p.add_argument("--student", type=Path, default=None,
+                       help="eval/export: this bd checkpoint instead of the run's train/student.safetensors")
         p.add_argument("--train-budget-s", type=float, default=0.0,
                        help="pipeline: time budget of the training step alone (0: --time-budget-s)")
     p = sub.add_parser("pack-gpu", help="prepare upload folders for a bare CUDA machine (base GGUF parts + gguf)")
@@ -88,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"training stopped at step {info['step']} of {info['max_steps']}: run the same command again to resume")
             return 3
     if args.step in ("eval", "pipeline"):
-        info = pipeline.run_eval(run_dir, base, scale, args.device, n_prompts=args.eval_prompts)
+        info = pipeline.run_eval(run_dir, base, scale, args.device, student=args.student, n_prompts=args.eval_prompts)
         print((run_dir / "eval.md").read_text())
         print(json.dumps(info["bars"]))
     if args.step in ("export", "pipeline"):
-        path = pipeline.run_export(run_dir)
+        path = pipeline.run_export(run_dir, student=args.student)
         print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -30,6 +30,7 @@ from dlm.adapt.data import Example, encode_chat, read_dataset, steps_per_epoch, 
 from dlm.adapt.evaluate import evaluate
 from dlm.adapt.export import export_student
 from dlm.adapt.prompts import generate_prompts
+from dlm.adapt.quality import has_loop
 from dlm.adapt.teacher import generate_replies, hf_teacher
 from dlm.adapt.train import STUDENT_FILE, TrainConfig, train
 from dlm.checkpoints import LoadedModel, load_model
@@ -48,7 +49,8 @@ class Scale:
     n_prompts: int  # prompts generated, held-out ones included
     n_heldout: int  # the last n_heldout prompts are held out
     sampled_per_prompt: int  # sampled teacher replies per training prompt, beside the greedy one
-    teacher_max_new_tokens: int  # replies without EOS by then are dropped
+    teacher_max_new_tokens: int  # training replies without EOS by then are dropped
+    max_reply_tokens: int  # training replies longer than this (EOS included) are dropped
     gen_batch_size: int
     max_prompt_tokens: int  # longer prompts are skipped
     block_size: int
@@ -63,13 +65,13 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "tiny": Scale(n_prompts=24, n_heldout=4, sampled_per_prompt=1, teacher_max_new_tokens=24, gen_batch_size=8,
+    "tiny": Scale(n_prompts=24, n_heldout=4, sampled_per_prompt=1, teacher_max_new_tokens=24, max_reply_tokens=24, gen_batch_size=8,
                   max_prompt_tokens=512, block_size=16, sub_block_size=8, batch_size=4, epochs=0.5, lr=1e-3,
                   warmup_steps=1, checkpoint_every=0, eval_batch_size=8),
-    "small": Scale(n_prompts=240, n_heldout=16, sampled_per_prompt=0, teacher_max_new_tokens=64, gen_batch_size=32,
+    "small": Scale(n_prompts=240, n_heldout=16, sampled_per_prompt=0, teacher_max_new_tokens=64, max_reply_tokens=64, gen_batch_size=32,
                    max_prompt_tokens=256, block_size=32, sub_block_size=8, batch_size=8, epochs=1.0, lr=5e-5,
                    warmup_steps=5, checkpoint_every=10, eval_batch_size=16),
-    "full": Scale(n_prompts=40_000, n_heldout=256, sampled_per_prompt=1, teacher_max_new_tokens=96, gen_batch_size=768,
+    "full": Scale(n_prompts=40_000, n_heldout=256, sampled_per_prompt=1, teacher_max_new_tokens=64, max_reply_tokens=64, gen_batch_size=768,
                   max_prompt_tokens=256, block_size=32, sub_block_size=8, batch_size=64, epochs=1.0, lr=1e-4,
                   warmup_steps=50, checkpoint_every=200, eval_batch_size=128),
 }
@@ -120,14 +122,21 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
            "deadline": deadline}
     examples: list[Example] = []
     t_gen = time.monotonic()
-    greedy = generate_replies(teacher, [encoded[i] for i in keep], do_sample=False, desc="teacher greedy", **gen)
+    # Held-out prompts keep the teacher's greedy reply even where it runs past the limit without
+    # EOS or loops: evaluation compares against the teacher on every held-out prompt.
+    greedy = generate_replies(teacher, [encoded[i] for i in keep], do_sample=False, desc="teacher greedy",
+                              keep_unfinished=True, **gen)
     seen: set[tuple[int, tuple[int, ...]]] = set()
+    eos = set(eos_ids)
 
     def add(i: int, reply: list[int] | None, source: str) -> None:
         if reply is None or (i, tuple(reply)) in seen:
             return
-        seen.add((i, tuple(reply)))
         split = "heldout" if i >= heldout_from else "train"
+        usable = reply[-1] in eos and len(reply) <= scale.max_reply_tokens and not has_loop(reply)
+        if split == "train" and not usable:
+            return
+        seen.add((i, tuple(reply)))
         examples.append(Example(encoded[i], reply, prompts[i].as_messages(), prompts[i].kind, source, i, split))
 
     for i, reply in zip(keep, greedy, strict=True):
@@ -143,7 +152,9 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     meta = {"base": str(base), "seed": scale.seed, "n_prompts": scale.n_prompts, "n_heldout_prompts": scale.n_heldout,
             "eos_token_ids": eos_ids, "teacher_max_new_tokens": scale.teacher_max_new_tokens,
             "n_examples": len(examples), "n_train": sum(e.split == "train" for e in examples),
-            "n_heldout": sum(e.split == "heldout" for e in examples), "reply_tokens": reply_tokens}
+            "n_heldout": sum(e.split == "heldout" for e in examples), "reply_tokens": reply_tokens,
+            "greedy_kept_rate": round(sum(r is not None and r[-1] in eos and len(r) <= scale.max_reply_tokens
+                                          and not has_loop(r) for r in greedy) / max(len(greedy), 1), 3)}
     write_dataset(out, examples, meta)
     _record(run_dir, "data", {**meta, "device": device, "generation_s": round(gen_s, 1),
                               "reply_tokens_per_s": round(reply_tokens / max(gen_s, 1e-9), 1),

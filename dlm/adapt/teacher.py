@@ -6,7 +6,8 @@ Contract:
   `generate`. Llama-shaped models only (no q/k/v biases, no q/k norms).
 - `generate_replies(...)` answers prompts (token ids) greedily or by sampling, in length-sorted
   batches, and returns per prompt the reply cut after its first EOS id, or None where the reply did
-  not end with EOS within `max_new_tokens` or loops (such replies are not kept).
+  not end with EOS within `max_new_tokens` or loops (such replies are not kept for training);
+  with `keep_unfinished=True` such a reply is returned as generated (held-out references).
 - `reply_nll(...)` is the teacher's mean negative log-likelihood per token of given replies
   (EOS included) after their prompts: the quality measure of evaluation.
 A `deadline` (time.monotonic() value) stops generation between batches; unfinished prompts get None.
@@ -51,7 +52,8 @@ def hf_teacher(loaded: LoadedModel, device: str | torch.device, dtype: torch.dty
 @torch.inference_mode()
 def generate_replies(model, prompts: Sequence[list[int]], *, eos_ids: list[int], max_new_tokens: int,
                      batch_size: int, do_sample: bool, temperature: float = 0.7, top_p: float = 0.9,
-                     seed: int = 0, deadline: float | None = None, desc: str = "teacher") -> list[list[int] | None]:
+                     seed: int = 0, deadline: float | None = None, desc: str = "teacher",
+                     keep_unfinished: bool = False) -> list[list[int] | None]:
     device = next(model.parameters()).device
     pad_id = eos_ids[0]
     eos = set(eos_ids)
@@ -81,7 +83,9 @@ def generate_replies(model, prompts: Sequence[list[int]], *, eos_ids: list[int],
             cut = next((k for k, t in enumerate(reply) if t in eos), None)
             if cut is not None and not has_loop(reply[:cut]):
                 replies[i] = reply[:cut + 1]
-                n_tokens += cut + 1
+            elif keep_unfinished:
+                replies[i] = reply[:cut + 1] if cut is not None else reply
+            n_tokens += len(replies[i] or ())
         bar.update(len(idx))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.monotonic() - t0, 1e-9):.0f}")
     bar.close()

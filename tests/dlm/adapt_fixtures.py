@@ -44,7 +44,7 @@ def tiny_ar_checkpoint(folder: Path, seed: int = 0, eos_bias: bool = True) -> Pa
 
     tokenizer = tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=50_000.0,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
