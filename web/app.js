@@ -91,6 +91,7 @@ function renderStartButton() {
 }
 
 function onStartClick() {
+  if (call.phase === "connecting") return;
   if (call.phase === "idle") start();
   else if (!call.microphone) openMicrophone().then(() => setPhase(call.phase));
   else stop();
@@ -107,7 +108,7 @@ const NOTICES = {
   missing: ["No microphone", "No microphone was found. Plug one in and press Start again, or type below."],
   unsupported: ["No microphone access", "This page cannot use the microphone here (it needs http://localhost or https). You can still type below."],
   failed: ["Microphone problem", ""],
-  unreachable: ["Server unreachable", "The voice-agent server did not answer. Check that `voice-agent serve` is running, then press Start again."],
+  unreachable: ["Server unreachable", "The voice-agent server did not answer. Check that voice-agent serve is running, then press Start again."],
   token: ["Access token required", "This server asks for an access token. Enter it below."],
   full: ["Server busy", "The server is handling as many calls as it allows. Please try again in a minute."],
   closed: ["Connection lost", "The connection to the server closed. Press Start to reconnect."],
@@ -118,7 +119,10 @@ const NOTICES = {
 function showNotice(kind, detail = "") {
   const [title, body] = NOTICES[kind] || ["Something went wrong", ""];
   ui.noticeTitle.textContent = title;
-  ui.noticeBody.textContent = [body, detail].filter(Boolean).join(" ");
+  const details = document.createElement("span");
+  details.className = "notice-detail";
+  details.textContent = detail;
+  ui.noticeBody.replaceChildren(body, details);
   ui.tokenForm.hidden = kind !== "token";
   ui.notice.hidden = false;
   ui.notice.dataset.kind = kind;
@@ -146,9 +150,12 @@ async function start({ withMicrophone = true } = {}) {
   try {
     await connect();
   } catch (error) {
-    return fail(error instanceof ConnectionError ? error.kind : "unreachable", "");
+    const kind = error instanceof ConnectionError ? error.kind : "unreachable";
+    const detail = kind === "token" && call.token ? "The token given was not accepted." : error.message;
+    return fail(kind, detail);
   }
   if (withMicrophone) await openMicrophone();
+  if (!call.connection) return false; // closed while the microphone prompt was open
   configureSession();
   setPhase("listening");
   return true;
@@ -211,7 +218,7 @@ function stop() {
 
 /** The session settings: PCM16 at the session rate both ways, the turn-taking mode, the trace. */
 function configureSession() {
-  call.connection.send("session.update", {
+  call.connection?.send("session.update", {
     session: {
       type: "realtime",
       output_modalities: ["audio"],

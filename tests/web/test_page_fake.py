@@ -98,7 +98,7 @@ def test_refusals_are_explained(chromium: str, options: FakeOptions, kind: str, 
             browser.wait_for(f"{STATE}.connected", timeout_s=10)
 
 
-def test_denied_microphone_then_unreachable_server(chromium: str, artifacts: Path) -> None:
+def test_denied_microphone_then_lost_and_unreachable_server(chromium: str, artifacts: Path) -> None:
     server_context = fake_server()
     server = server_context.__enter__()
     with Chromium(server.url, deny_microphone=True) as browser:
@@ -108,10 +108,10 @@ def test_denied_microphone_then_unreachable_server(chromium: str, artifacts: Pat
             assert browser.wait_for(f"{STATE}.notice", timeout_s=10) == "denied"
             assert browser.evaluate(f"{STATE}.connected"), "typing still works without a microphone"
             browser.screenshot(artifacts / "fake-notice-denied.png")
-            browser.evaluate("document.getElementById('start').click()")  # stop
         finally:
             server_context.__exit__(None, None, None)
         # The page stays open; the server is gone.
+        assert browser.wait_for(f"{STATE}.notice === 'closed' && {STATE}.notice", timeout_s=10)
         browser.evaluate("document.getElementById('start').click()", gesture=True)
         assert browser.wait_for(f"{STATE}.notice === 'unreachable' && {STATE}.notice", timeout_s=10)
         browser.screenshot(artifacts / "fake-notice-unreachable.png")
