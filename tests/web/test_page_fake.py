@@ -6,6 +6,7 @@ acknowledgement, the denoising view, and every error state (token, full, unreach
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,7 @@ def test_typing_then_push_to_talk(chromium: str, two_utterances: Path, artifacts
         space = {"key": " ", "code": "Space", "windowsVirtualKeyCode": 32}
         browser.call("Input.dispatchKeyEvent", type="keyDown", **space)
         browser.wait_for(f"{STATE}.phase === 'hearing'", timeout_s=5)
+        time.sleep(1.0)  # a press shorter than 200 ms is a tap and commits nothing
         browser.call("Input.dispatchKeyEvent", type="keyUp", **space)
         state = browser.wait_for(f"{STATE}.waterfall.turns.length >= 2 && {STATE}", timeout_s=20)
         assert [u["final"] for u in state["transcripts"]["user"]] == ["hi by text", "hello there"]
