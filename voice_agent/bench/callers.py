@@ -1,0 +1,539 @@
+"""Simulated callers: spoken prompts streamed in real time, the silence until the reply timed.
+
+Contract:
+- `run_callers(base_url, route, prompts, callers=..., turns_per_call=..., ...)` runs `callers`
+  concurrent callers against one server and returns one `TurnResult` per prompt (the prompts are
+  dealt round-robin to the callers; each caller hangs up and calls again every `turns_per_call`
+  prompts, so conversations have the same depth at every concurrency). Never raises for a
+  server problem: a refused connection, a closed call, an error event or a reply that does not
+  come within `reply_timeout_s` becomes a failed `TurnResult` with its reason.
+- A caller behaves like a microphone or a phone line: it sends a 20 ms frame every 20 ms, always
+  (silence between prompts), waits `prompt.pause_before_ms` before each prompt, and listens to the
+  whole reply (until the reply audio it received has had time to play) before the next one.
+- Routes: "realtime" sends `input_audio_buffer.append` in the session's input format (from
+  `session.created`) and reads `response.output_audio.delta`, `input_audio_buffer.speech_stopped`,
+  `response.done` and the vendor `voice_agent.metrics` event; "twilio" speaks Twilio Media
+  Streams (`connected`, `start`, µ-law 8 kHz `media`, `stop`), reads outbound `media`, and echoes
+  each `mark` once the audio before it has played, as Twilio does.
+- Voice-to-voice latency: from the moment the frame holding the last voiced sample of the prompt
+  (found by energy, `prompts.voiced_bounds`) was sent, to the arrival of the first reply audio
+  message after it. Frames are sent when they have been "recorded" (a frame covering
+  [t, t + 20 ms] leaves at t + 20 ms), so the measure includes at most one frame of capture delay,
+  as a real microphone does.
+- `attach_store_metrics(results, store_path)` fills `TurnResult.server` from the server's call
+  store where no metrics event carried them (the Twilio route), matching turns by call and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from audio.codecs import alaw_encode, float32_to_pcm16, mulaw_encode
+from audio.resample import resample
+from voice_agent.bench.prompts import PROMPT_RATE_HZ, SpokenPrompt
+
+__all__ = ["ROUTES", "TurnResult", "attach_store_metrics", "run_callers"]
+
+ROUTES = {"realtime": "/v1/realtime", "twilio": "/twilio"}
+FRAME_MS = 20
+TWILIO_RATE_HZ = 8000
+_QUIET_AFTER_REPLY_S = 0.8  # Twilio has no "reply done": a reply is over after this much silence
+_METRICS_WAIT_S = 3.0  # the metrics event follows response.done at once; wait at most this long
+
+
+@dataclass
+class TurnResult:
+    """One prompt spoken by one caller and what came back."""
+
+    route: str  # "realtime" | "twilio"
+    config: str  # the configuration under test ("dllm", "ar", "target")
+    callers: int  # concurrent callers in this run
+    caller: int  # which of them
+    call_index: int  # which call of this caller (a call holds up to turns_per_call prompts)
+    prompt_id: int
+    voice: str
+    text: str
+    ok: bool = False
+    error: str | None = None  # why the turn failed: "timeout: ...", "server error: ...", ...
+    # Client side, from the send time of the frame with the last voiced sample.
+    voice_to_voice_ms: float | None = None  # to the first reply audio received
+    endpoint_ms: float | None = None  # to `speech_stopped` (Realtime only)
+    reply_audio_s: float = 0.0  # seconds of reply audio received
+    transcript: str | None = None  # the server's final transcript of the prompt (Realtime only)
+    response_id: str | None = None  # Realtime: the response whose audio came first
+    # The server's per-turn metrics (voice_agent.metrics / the call store): ms from its end of speech.
+    server: dict[str, Any] = field(default_factory=dict)
+    # Wall-clock bounds of the spoken prompt, to find the turn in the call store.
+    speech_start_wall_s: float | None = None
+    voice_end_wall_s: float | None = None
+    call_sid: str | None = None  # Twilio: the callSid this bench gave the call
+
+
+@dataclass
+class _In:
+    """One message from the server, reduced to what the measures need."""
+
+    t_s: float  # time.monotonic() at arrival
+    kind: str  # "audio" | "endpoint" | "transcript" | "done" | "metrics" | "error" | "mark" | "clear"
+    response_id: str | None = None
+    audio_s: float = 0.0  # "audio": seconds of reply audio
+    data: Any = None  # "transcript": text; "done": status; "metrics": dict; "error": message; "mark": name
+
+
+class _Inbound:
+    """Everything the server sent on one call, in arrival order, with a playback clock."""
+
+    def __init__(self) -> None:
+        self.items: list[_In] = []
+        self.closed: str | None = None  # why the connection ended, once it has
+        self.play_end_s = 0.0  # monotonic time at which the reply audio received so far has played
+        self._changed = asyncio.Event()
+
+    def add(self, item: _In) -> None:
+        if item.kind == "audio":
+            self.play_end_s = max(self.play_end_s, item.t_s) + item.audio_s
+        elif item.kind == "clear":
+            self.play_end_s = item.t_s
+        self.items.append(item)
+        self._changed.set()
+
+    def close(self, why: str) -> None:
+        if self.closed is None:
+            self.closed = why
+        self._changed.set()
+
+    async def wait(self, match: Callable[[_In], bool], start: int, deadline_s: float) -> int | None:
+        """Index of the first item from `start` that matches, or None at the deadline / on close.
+
+        Cancelling it is safe."""
+        i = start
+        while True:
+            while i < len(self.items):
+                if match(self.items[i]):
+                    return i
+                i += 1
+            if self.closed is not None:
+                return None
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0:
+                return None
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining_s):
+                    await self._changed.wait()
+
+
+@dataclass
+class _Speech:
+    frames: list[bytes]  # encoded frames at the wire rate
+    voiced_end_frame: int  # index of the frame holding the last voiced sample
+    done: asyncio.Future[tuple[float, float, float]]  # (mono end, wall start, wall end)
+
+
+class _Mic:
+    """Sends one frame every FRAME_MS, in real time: the prompt being spoken, else silence."""
+
+    def __init__(self, send: Callable[[bytes], Any], silence_frame: bytes) -> None:
+        self._send = send
+        self._silence = silence_frame
+        self._speech: _Speech | None = None
+        self._index = 0
+        self._wall_start_s = 0.0
+
+    def say(self, frames: list[bytes], voiced_end_frame: int) -> asyncio.Future[tuple[float, float, float]]:
+        """Speak `frames`; the future gets (monotonic and wall send time of the frame holding the
+        last voiced sample, wall time of the first frame)."""
+        future = asyncio.get_running_loop().create_future()
+        self._speech = _Speech(frames, voiced_end_frame, future)
+        self._index = 0
+        return future
+
+    async def run(self) -> None:
+        """Until cancelled (cancelling it is safe)."""
+        frame_s = FRAME_MS / 1000
+        t0 = time.monotonic()
+        k = 0
+        while True:
+            k += 1
+            # A frame leaves once it has been recorded; when late (a busy machine), catch up.
+            await asyncio.sleep(max(0.0, t0 + k * frame_s - time.monotonic()))
+            speech = self._speech
+            if speech is None:
+                await self._send(self._silence)
+                continue
+            if self._index == 0:
+                self._wall_start_s = time.time()
+            await self._send(speech.frames[self._index])
+            if self._index == speech.voiced_end_frame and not speech.done.done():
+                speech.done.set_result((time.monotonic(), self._wall_start_s, time.time()))
+            self._index += 1
+            if self._index >= len(speech.frames):
+                self._speech = None
+
+
+# --- wire formats ----------------------------------------------------------------------------------
+
+
+class _Wire:
+    """How one route frames caller audio and reads server messages."""
+
+    rate_hz: int
+
+    def encode(self, samples: np.ndarray) -> str: ...
+
+    def start(self) -> list[str]:
+        return []
+
+    def stop(self) -> list[str]:
+        return []
+
+    def parse(self, message: str | bytes, t_s: float) -> list[_In]: ...
+
+
+class _RealtimeWire(_Wire):
+    def __init__(self, session_created: dict[str, Any]) -> None:
+        fmt = (((session_created.get("session") or {}).get("audio") or {}).get("input") or {}).get("format") or {}
+        self.format = fmt.get("type", "audio/pcm")
+        if self.format not in ("audio/pcm", "audio/pcmu", "audio/pcma"):
+            raise ValueError(f"unsupported input format {self.format!r} in session.created")
+        self.rate_hz = int(fmt.get("rate", 24000)) if self.format == "audio/pcm" else 8000
+        self._bytes_per_s = self.rate_hz * (2 if self.format == "audio/pcm" else 1)
+        out = (((session_created.get("session") or {}).get("audio") or {}).get("output") or {}).get("format") or {}
+        out_type = out.get("type", "audio/pcm")
+        self._out_bytes_per_s = int(out.get("rate", 24000)) * 2 if out_type == "audio/pcm" else 8000
+
+    def encode(self, samples: np.ndarray) -> str:
+        if self.format == "audio/pcmu":
+            data = mulaw_encode(samples)
+        elif self.format == "audio/pcma":
+            data = alaw_encode(samples)
+        else:
+            data = float32_to_pcm16(samples)
+        return json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(data).decode()})
+
+    def parse(self, message: str | bytes, t_s: float) -> list[_In]:
+        event = json.loads(message)
+        kind = event.get("type")
+        if kind == "response.output_audio.delta":
+            n_bytes = len(event.get("delta", "")) * 3 // 4
+            return [_In(t_s, "audio", event.get("response_id"), n_bytes / self._out_bytes_per_s)]
+        if kind == "input_audio_buffer.speech_stopped":
+            return [_In(t_s, "endpoint")]
+        if kind == "conversation.item.input_audio_transcription.completed":
+            return [_In(t_s, "transcript", data=event.get("transcript"))]
+        if kind == "response.done":
+            response = event.get("response") or {}
+            return [_In(t_s, "done", response.get("id"), data=response.get("status"))]
+        if kind == "voice_agent.metrics":
+            return [_In(t_s, "metrics", data=event.get("metrics") or {})]
+        if kind == "error":
+            error = event.get("error") or {}
+            return [_In(t_s, "error", data=f"{error.get('code')}: {error.get('message')}")]
+        if kind == "output_audio_buffer.cleared":
+            return [_In(t_s, "clear", event.get("response_id"))]
+        return []
+
+
+class _TwilioWire(_Wire):
+    rate_hz = TWILIO_RATE_HZ
+
+    def __init__(self, call_sid: str) -> None:
+        self.call_sid = call_sid
+        self.stream_sid = "MZ" + uuid.uuid4().hex
+        self._sequence = 0
+        self._chunk = 0
+
+    def _seq(self) -> str:
+        self._sequence += 1
+        return str(self._sequence)
+
+    def start(self) -> list[str]:
+        start = {
+            "accountSid": "AC" + "0" * 32,
+            "streamSid": self.stream_sid,
+            "callSid": self.call_sid,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": TWILIO_RATE_HZ, "channels": 1},
+            "customParameters": {"client": "voice-agent bench e2e"},
+        }
+        return [
+            json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
+            json.dumps({"event": "start", "sequenceNumber": self._seq(), "start": start, "streamSid": self.stream_sid}),
+        ]
+
+    def encode(self, samples: np.ndarray) -> str:
+        self._chunk += 1
+        media = {
+            "track": "inbound",
+            "chunk": str(self._chunk),
+            "timestamp": str(self._chunk * FRAME_MS),
+            "payload": base64.b64encode(mulaw_encode(samples)).decode(),
+        }
+        return json.dumps({"event": "media", "sequenceNumber": self._seq(), "media": media, "streamSid": self.stream_sid})
+
+    def mark(self, name: str) -> str:
+        return json.dumps({"event": "mark", "sequenceNumber": self._seq(), "streamSid": self.stream_sid, "mark": {"name": name}})
+
+    def stop(self) -> list[str]:
+        stop = {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}
+        return [json.dumps({"event": "stop", "sequenceNumber": self._seq(), "streamSid": self.stream_sid, "stop": stop})]
+
+    def parse(self, message: str | bytes, t_s: float) -> list[_In]:
+        event = json.loads(message)
+        kind = event.get("event")
+        if kind == "media":
+            payload = (event.get("media") or {}).get("payload", "")
+            return [_In(t_s, "audio", audio_s=len(payload) * 3 // 4 / TWILIO_RATE_HZ)]
+        if kind == "mark":
+            return [_In(t_s, "mark", data=(event.get("mark") or {}).get("name"))]
+        if kind == "clear":
+            return [_In(t_s, "clear")]
+        return []
+
+
+def _frames(samples: np.ndarray, rate_hz: int, encode: Callable[[np.ndarray], str]) -> list[str]:
+    n = rate_hz * FRAME_MS // 1000
+    padded = np.concatenate([samples, np.zeros((-samples.size) % n, dtype=np.float32)])
+    return [encode(padded[i : i + n]) for i in range(0, padded.size, n)]
+
+
+# --- one call --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Timeouts:
+    connect_s: float
+    reply_s: float  # no first reply audio within this: the turn fails
+    listen_s: float  # a reply longer than this is not waited for to the end
+
+
+async def _call(
+    url: str,
+    route: str,
+    turns: list[tuple[SpokenPrompt, TurnResult]],
+    timeouts: _Timeouts,
+    on_turn: Callable[[TurnResult], None],
+) -> None:
+    """One call holding `turns`; fills each TurnResult and reports it through `on_turn`."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
+
+    def fail_rest(start: int, why: str) -> None:
+        for _, result in turns[start:]:
+            if not result.ok and result.error is None:
+                result.error = why
+                on_turn(result)
+
+    try:
+        async with asyncio.timeout(timeouts.connect_s):
+            ws = await connect(url, open_timeout=timeouts.connect_s, compression=None, max_size=2**22)
+    except InvalidStatus as e:
+        fail_rest(0, f"connection refused: HTTP {e.response.status_code} ({e.response.body.decode(errors='replace').strip()})")
+        return
+    except (OSError, TimeoutError, InvalidURI, WebSocketException) as e:
+        fail_rest(0, f"cannot connect to {url}: {type(e).__name__}: {e}")
+        return
+    inbound = _Inbound()
+    tasks: list[asyncio.Task[Any]] = []
+    done_turns = 0
+    try:
+        if route == "realtime":
+            try:
+                async with asyncio.timeout(timeouts.connect_s):
+                    first = json.loads(await ws.recv())
+            except (TimeoutError, ConnectionClosed, ValueError) as e:
+                fail_rest(0, f"no session.created from {url}: {type(e).__name__}: {e}")
+                return
+            if first.get("type") != "session.created":
+                fail_rest(0, f"expected session.created, got {str(first.get('type'))!r}")
+                return
+            wire: _Wire = _RealtimeWire(first)
+        else:
+            wire = _TwilioWire("CA" + uuid.uuid4().hex)
+            for result in (r for _, r in turns):
+                result.call_sid = wire.call_sid
+        for message in wire.start():
+            await ws.send(message)
+
+        async def read() -> None:
+            try:
+                async for message in ws:
+                    now = time.monotonic()
+                    for item in wire.parse(message, now):
+                        inbound.add(item)
+                        if item.kind == "mark" and isinstance(wire, _TwilioWire):
+                            tasks.append(asyncio.create_task(echo_mark(item.data, inbound.play_end_s)))
+                inbound.close(f"the server closed the call ({ws.close_code} {ws.close_reason or ''})".strip())
+            except ConnectionClosed as e:
+                inbound.close(f"connection closed: {e}")
+
+        async def echo_mark(name: str, at_s: float) -> None:
+            await asyncio.sleep(max(0.0, at_s - time.monotonic()))
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(wire.mark(name))  # type: ignore[attr-defined]
+
+        silence = wire.encode(np.zeros(wire.rate_hz * FRAME_MS // 1000, dtype=np.float32))
+        mic = _Mic(ws.send, silence)
+        tasks += [asyncio.create_task(read()), asyncio.create_task(mic.run())]
+        for spoken, result in turns:
+            await asyncio.sleep(spoken.prompt.pause_before_ms / 1000)
+            if inbound.closed:
+                break
+            await _one_turn(spoken, result, wire, mic, inbound, timeouts)
+            done_turns += 1
+            on_turn(result)
+            if inbound.closed:
+                break
+        fail_rest(done_turns, inbound.closed or "the call ended early")
+        if isinstance(wire, _RealtimeWire):
+            # Replies cut short by the next prompt (--listen-s) report their metrics when
+            # cancelled; the last reply's come when it has been played: wait before hanging up.
+            await _collect_metrics(inbound, [r for _, r in turns], time.monotonic() + timeouts.listen_s)
+        for message in wire.stop():
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(message)
+    except ConnectionClosed as e:
+        fail_rest(done_turns, f"connection closed: {e}")
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await task
+        await ws.close()
+
+
+async def _collect_metrics(inbound: _Inbound, results: list[TurnResult], deadline_s: float) -> None:
+    """Fill `server` from the `voice_agent.metrics` event that follows each reply's `response.done`
+    (the server sends them back to back)."""
+    for result in results:
+        if not result.ok or result.server or result.response_id is None:
+            continue
+        done = await inbound.wait(lambda x, rid=result.response_id: x.kind == "done" and x.response_id == rid, 0, deadline_s)
+        if done is None:
+            continue
+        metrics = await inbound.wait(lambda x: x.kind == "metrics", done, time.monotonic() + _METRICS_WAIT_S)
+        if metrics is not None:
+            result.server = dict(inbound.items[metrics].data)
+
+
+async def _one_turn(
+    spoken: SpokenPrompt, result: TurnResult, wire: _Wire, mic: _Mic, inbound: _Inbound, timeouts: _Timeouts
+) -> None:
+    audio = spoken.audio if wire.rate_hz == PROMPT_RATE_HZ else resample(spoken.audio, PROMPT_RATE_HZ, wire.rate_hz)
+    frames = _frames(audio, wire.rate_hz, wire.encode)
+    end_sample = spoken.voiced_end_sample * wire.rate_hz // PROMPT_RATE_HZ
+    voiced_end_frame = min(len(frames) - 1, max(0, end_sample - 1) // (wire.rate_hz * FRAME_MS // 1000))
+    start = len(inbound.items)
+    said = mic.say(frames, voiced_end_frame)
+    closed_wait = asyncio.create_task(inbound.wait(lambda _: False, len(inbound.items), float("inf")))
+    await asyncio.wait([said, closed_wait], return_when=asyncio.FIRST_COMPLETED)
+    closed_wait.cancel()
+    if not said.done():
+        result.error = inbound.closed or "the call ended while the prompt was being spoken"
+        said.cancel()
+        return
+    t_end_s, result.speech_start_wall_s, result.voice_end_wall_s = said.result()
+
+    def reply_or_failure(item: _In) -> bool:
+        return (item.kind == "audio" and item.t_s >= t_end_s) or item.kind == "error" or (item.kind == "done" and item.data == "failed")
+
+    i = await inbound.wait(reply_or_failure, start, t_end_s + timeouts.reply_s)
+    endpoint = next((x for x in inbound.items[start:] if x.kind == "endpoint" and x.t_s >= t_end_s), None)
+    if endpoint is not None:
+        result.endpoint_ms = (endpoint.t_s - t_end_s) * 1000
+    if i is None:
+        result.error = inbound.closed or f"timeout: no reply audio within {timeouts.reply_s:.0f} s"
+        return
+    first = inbound.items[i]
+    if first.kind != "audio":
+        result.error = f"server error: {first.data}" if first.kind == "error" else "server error: the reply failed"
+        return
+    result.ok = True
+    result.voice_to_voice_ms = (first.t_s - t_end_s) * 1000
+    result.response_id = first.response_id
+    # Listen to the whole reply before the next prompt.
+    listen_deadline_s = first.t_s + timeouts.listen_s
+    if isinstance(wire, _RealtimeWire):
+        await _collect_metrics(inbound, [result], listen_deadline_s)
+    while time.monotonic() < listen_deadline_s and inbound.closed is None:
+        last_audio_s = max((x.t_s for x in inbound.items[i:] if x.kind == "audio"), default=first.t_s)
+        quiet_until_s = max(inbound.play_end_s, last_audio_s + _QUIET_AFTER_REPLY_S if isinstance(wire, _TwilioWire) else 0.0)
+        if time.monotonic() >= quiet_until_s:
+            break
+        await asyncio.sleep(min(0.1, quiet_until_s - time.monotonic()))
+    reply = [x for x in inbound.items[i:] if x.kind == "audio" and (x.response_id == first.response_id)]
+    result.reply_audio_s = round(sum(x.audio_s for x in reply), 3)
+    result.transcript = next((x.data for x in inbound.items[start:] if x.kind == "transcript" and x.t_s >= t_end_s), None)
+
+
+async def run_callers(
+    base_url: str,
+    route: str,
+    prompts: list[SpokenPrompt],
+    *,
+    config_name: str,
+    callers: int,
+    turns_per_call: int,
+    on_turn: Callable[[TurnResult], None] = lambda result: None,
+    # Timeouts
+    connect_timeout_s: float = 10.0,
+    reply_timeout_s: float = 30.0,
+    listen_timeout_s: float = 60.0,
+) -> list[TurnResult]:
+    """Run `callers` concurrent callers over `prompts` (see the module docstring)."""
+    url = base_url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + ROUTES[route]
+    timeouts = _Timeouts(connect_timeout_s, reply_timeout_s, listen_timeout_s)
+    results: list[TurnResult] = []
+    per_caller: list[list[list[tuple[SpokenPrompt, TurnResult]]]] = []
+    for caller in range(callers):
+        mine = prompts[caller::callers]
+        calls = []
+        for call_index, at in enumerate(range(0, len(mine), turns_per_call)):
+            turns = []
+            for spoken in mine[at : at + turns_per_call]:
+                result = TurnResult(route, config_name, callers, caller, call_index, spoken.prompt_id, spoken.prompt.voice, spoken.prompt.text)
+                results.append(result)
+                turns.append((spoken, result))
+            calls.append(turns)
+        per_caller.append(calls)
+
+    async def caller_loop(calls: list[list[tuple[SpokenPrompt, TurnResult]]]) -> None:
+        for turns in calls:
+            await _call(url, route, turns, timeouts, on_turn)
+
+    await asyncio.gather(*(caller_loop(calls) for calls in per_caller))
+    return results
+
+
+def attach_store_metrics(results: list[TurnResult], store_path: str) -> int:
+    """Fill `server` of the Twilio results from the call store; returns how many were matched."""
+    from voice_agent.store import get_call, list_calls
+
+    by_sid: dict[str, list[dict[str, Any]]] = {}
+    for call in list_calls(store_path, limit=100_000):
+        sid = (call.get("info") or {}).get("call_sid")
+        if sid:
+            full = get_call(store_path, call["call_id"])
+            by_sid[sid] = full["turns"] if full else []
+    matched = 0
+    for result in results:
+        if result.server or result.call_sid not in by_sid or result.speech_start_wall_s is None:
+            continue
+        # The turn that started while this prompt was being spoken (its VAD start), replied to.
+        lo_s, hi_s = result.speech_start_wall_s - 0.5, (result.voice_end_wall_s or result.speech_start_wall_s) + 0.5
+        candidates = [t for t in by_sid[result.call_sid] if lo_s <= t["started_at"] <= hi_s and t["status"] != "no_reply"]
+        if candidates:
+            result.server = dict(candidates[-1]["metrics"])
+            matched += 1
+    return matched
