@@ -1,7 +1,8 @@
 """Command line of the recipe: `python -m dlm.adapt STEP ...` and `voice-agent adapt STEP ...`.
 
 Steps: data, train, eval, export, pipeline (all four, each skipped or resumed where its output
-exists), pack-gpu (what a bare CUDA machine needs), split / join (files in checksummed parts).
+exists), bench (step times on a random model of the real shape), pack-gpu (what a bare CUDA
+machine needs), split / join (files in checksummed parts).
 `add_arguments(parser)` fills a parser (shared by both entry points); `run(args)` returns the
 exit status.
 """
@@ -42,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="eval/export: this bd checkpoint instead of the run's train/student.safetensors")
         p.add_argument("--train-budget-s", type=float, default=0.0,
                        help="pipeline: time budget of the training step alone (0: --time-budget-s)")
+    p = sub.add_parser("bench", help="time training and teacher-decoding steps on a random SmolLM2-135M-shaped model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64, help="training examples per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training example")
+    p.add_argument("--train-steps", type=int, default=10)
+    p.add_argument("--gen-batch-size", type=int, default=768)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the result as JSON")
     p = sub.add_parser("pack-gpu", help="prepare upload folders for a bare CUDA machine (base GGUF parts + gguf)")
     p.add_argument("--out", type=Path, default=Path("runs/gpu-upload"), metavar="DIR")
     p.add_argument("--base", type=Path, default=None)
@@ -63,6 +72,15 @@ def run(args: argparse.Namespace) -> int:
         folders = pack.pack_for_gpu(args.out, args.base or pipeline.default_base())
         for f in folders:
             print(f"{f}  ({sum(p.stat().st_size for p in f.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
+        return 0
+    if args.step == "bench":
+        from dlm.adapt.bench import bench
+
+        result = bench(args.device, batch_size=args.batch_size, seq_len=args.seq_len, train_steps=args.train_steps,
+                       gen_batch_size=args.gen_batch_size, new_tokens=args.new_tokens)
+        print(json.dumps(result))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
         return 0
     if args.step == "split":
         manifest = pack.split_file(args.file, args.out, args.part_bytes or pack.RETURN_PART_BYTES)

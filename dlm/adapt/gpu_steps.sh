@@ -5,6 +5,10 @@
 #   bash dlm/adapt/gpu_steps.sh call1     # carry runs/gpu-upload/upload1: base part 1 + gguf; CUDA smoke test
 #   bash dlm/adapt/gpu_steps.sh call2     # carry runs/gpu-upload/upload2: base part 2; data + training
 #   bash dlm/adapt/gpu_steps.sh call3     # training to the end, eval, export; returns parts 0-3
+#
+# Environment knobs (the defaults are the plan): DATA_BUDGET_S (220), TRAIN_BUDGET_S (240 in
+# call2, 360 in call3), EPOCHS (the preset's 1.0; must be the same in call2 and call3, since
+# the learning-rate schedule's length depends on it).
 #   bash dlm/adapt/gpu_steps.sh return 4  # returns parts 4-7 (then: return 8 for part 8 on)
 #
 # Everything lives in runs/gpu-work on the machine's disk (ignored, so kept between calls while
@@ -37,21 +41,23 @@ from adapt_fixtures import tiny_ar_checkpoint; tiny_ar_checkpoint(Path('$W/tiny-
     rm -rf "$W/tiny-run"
     "${ADAPT[@]}" pipeline --scale tiny --device cuda --base "$W/tiny-base" --out "$W/tiny-run" 2>&1 | tail -25 | tee -a "$OUT/steps.log"
     cp "$W/tiny-run/summary.json" "$OUT/tiny-summary.json"
+    log "bench: training and teacher-decoding step times on a random SmolLM2-135M-shaped model"
+    "${ADAPT[@]}" bench --device cuda --out "$OUT/bench.json" 2>&1 | tail -3 | tee -a "$OUT/steps.log"
     log "call1 done"
     ;;
 call2)
     cp -r runs/gpu-upload/upload2/. "$W/base/"
     "${ADAPT[@]}" join "$BASE.manifest.json" --out "$BASE" || exit 1
-    log "data (teacher generation), budget 250 s"
-    "${ADAPT[@]}" data "${FULL[@]}" --time-budget-s 250 2>&1 | tail -5 | tee -a "$OUT/steps.log"
-    log "training, budget 270 s (resumable)"
-    "${ADAPT[@]}" train "${FULL[@]}" --time-budget-s 270 2>&1 | tail -5 | tee -a "$OUT/steps.log"
+    log "data (teacher generation), budget ${DATA_BUDGET_S:-220} s"
+    "${ADAPT[@]}" data "${FULL[@]}" --time-budget-s "${DATA_BUDGET_S:-220}" 2>&1 | tail -5 | tee -a "$OUT/steps.log"
+    log "training, budget ${TRAIN_BUDGET_S:-240} s (resumable)"
+    "${ADAPT[@]}" train "${FULL[@]}" ${EPOCHS:+--epochs "$EPOCHS"} --time-budget-s "${TRAIN_BUDGET_S:-240}" 2>&1 | tail -5 | tee -a "$OUT/steps.log"
     cp "$RUN/summary.json" "$OUT/"
     log "call2 done"
     ;;
 call3)
     log "training to the end (budget 360 s), eval, export"
-    "${ADAPT[@]}" pipeline "${FULL[@]}" --train-budget-s 360 --eval-prompts 256 2>&1 | tail -40 | tee -a "$OUT/steps.log"
+    "${ADAPT[@]}" pipeline "${FULL[@]}" ${EPOCHS:+--epochs "$EPOCHS"} --train-budget-s "${TRAIN_BUDGET_S:-360}" --eval-prompts 256 2>&1 | tail -40 | tee -a "$OUT/steps.log"
     if [ -f "$RUN/smollm2-135m-bd.safetensors" ]; then
         rm -rf "$W/ret"
         "${ADAPT[@]}" split "$RUN/smollm2-135m-bd.safetensors" --out "$W/ret"

@@ -86,7 +86,7 @@ def _save(out_dir: Path, model: Transformer, spec: DiffusionSpec, tokenizer: Any
                        extra={"step": str(step), "train_config": json.dumps(asdict(cfg))})
 
 
-def _resume(out_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> int:
+def _resume(out_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> int:
     student, opt_file = out_dir / STUDENT_FILE, out_dir / OPTIMIZER_FILE
     if not (student.exists() and opt_file.exists()):
         return 0
@@ -95,6 +95,11 @@ def _resume(out_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer)
     step = int(ckpt.extra["step"])
     if saved["step"] != step:
         raise RuntimeError(f"{out_dir}: student at step {step} but optimizer at {saved['step']}; delete both to restart")
+    before = json.loads(ckpt.extra["train_config"])
+    changed = [k for k in ("max_steps", "batch_size", "lr", "warmup_steps", "seed") if before[k] != getattr(cfg, k)]
+    if changed:
+        raise RuntimeError(f"{out_dir} was trained with other settings ({', '.join(changed)}): resuming would not "
+                           f"continue the same run; use the same settings or delete {out_dir} to restart")
     device = model.model.embed_tokens.weight.device
     model.load_state_dict({k: v.to(device) for k, v in ckpt.state_dict.items()})
     optimizer.load_state_dict(saved["optimizer"])
@@ -116,7 +121,7 @@ def train(model: Transformer, spec: DiffusionSpec, tokenizer: Any, examples: lis
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
-    step = _resume(out_dir, model, optimizer)
+    step = _resume(out_dir, model, optimizer, cfg)
     pad_id = spec.eos_token_ids[0]
     eos_id = spec.eos_token_ids[0] if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
     batches = training_batches(examples, batch_size=cfg.batch_size, block_size=spec.block_size, eos_id=eos_id,

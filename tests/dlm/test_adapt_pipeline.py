@@ -100,3 +100,22 @@ def test_block_size_one_decoding_is_the_teachers_greedy_decoding(tmp_path: Path)
         cut = next((k + 1 for k, t in enumerate(ref) if t in spec.eos_token_ids), len(ref))
         assert result.ids == ref[:cut]
         assert result.passes == len(result.ids)  # one forward per token, exactly AR
+
+
+def test_resume_refuses_a_changed_schedule(tiny_base: Path, tmp_path: Path) -> None:
+    loaded = load_model(tiny_base)
+    spec = to_block_diffusion(loaded, block_size=8, sub_block_size=4)
+    cfg = TrainConfig(max_steps=2, batch_size=4, warmup_steps=1, checkpoint_every=0, stop_at_step=1)
+    train(loaded.model, spec, loaded.tokenizer, _examples(8), cfg, tmp_path)
+    with pytest.raises(RuntimeError, match="max_steps"):
+        train(loaded.model, spec, loaded.tokenizer, _examples(8), TrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path)
+
+
+def test_bench_reports_step_times() -> None:
+    from dlm.adapt.bench import bench
+    from dlm.config import ModelConfig
+
+    config = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64)
+    result = bench("cpu", batch_size=2, seq_len=16, block_size=8, train_steps=1, gen_batch_size=2, prompt_len=4,
+                   new_tokens=3, config=config)
+    assert result["train_s_per_step"] > 0 and result["gen_tokens_per_s"] > 0
