@@ -13,6 +13,11 @@ Contract:
   right by decoding each new token together with the tokens before it. `flush()` returns what
   is still held back (at the end of a reply). Concatenated deltas equal
   `tokenizer.decode(all_ids)` whenever that decodes to valid UTF-8.
+- `TextStream(tokenizer, stop=()).push(ids, final=False) -> (text, stopped)`: the engine's one
+  path from committed ids to reply text. An `IncrementalDetokenizer` plus stop strings: the text
+  ends just before the first occurrence of any stop string, and a tail that could still grow
+  into one is held back until it cannot (or the reply ends). Same guarantees: emitted text never
+  changes and never contains a broken character. With no tokenizer it emits no text.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 from dlm.config import DiffusionSpec
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "ChatFormatter", "IncrementalDetokenizer"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "ChatFormatter", "IncrementalDetokenizer", "TextStream"]
 
 # ChatML, for a tokenizer that ships no template.
 DEFAULT_CHAT_TEMPLATE = (
@@ -120,3 +125,40 @@ class IncrementalDetokenizer:
         self._prefix = self._read = len(self.ids)
         self.text += delta
         return delta
+
+
+class TextStream:
+    """Committed ids -> final reply text, cut at the first stop string (see the module docstring).
+
+    Invariant: `_held` is the longest tail of the text so far that is a proper prefix of some stop
+    string. Text already released therefore never contains the start of a stop occurrence, so a
+    stop string, once complete, lies entirely in `_held` + the new delta: only that is searched.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str] | tuple[str, ...] = ()) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.stop = [s for s in stop if s]
+        self._held = ""  # decoded, not yet released: it may be the start of a stop string
+        self.stopped = False
+
+    def push(self, ids: list[int], final: bool = False) -> tuple[str, bool]:
+        """New committed ids -> (text to emit now, a stop string was hit). `final`: the reply
+        ends here, release everything (up to a stop string)."""
+        if self._detok is None or self.stopped:
+            return "", self.stopped
+        text = self._held + self._detok.push(ids) + (self._detok.flush() if final else "")
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._held, self.stopped = "", True
+            return text[: min(hits)], True
+        keep = 0 if final else max((self._prefix_tail(text, s) for s in self.stop), default=0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
+
+    @staticmethod
+    def _prefix_tail(text: str, stop: str) -> int:
+        """Length of the longest tail of text that is a proper prefix of stop."""
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                return k
+        return 0

@@ -84,5 +84,5 @@ def counting_loaded(*, attention: str = "block_causal", block_size: int = 4, eos
 class CharTokenizer:
     """id t <-> chr(97 + t % 26)."""
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, **kwargs: object) -> str:
         return "".join(chr(97 + t % 26) for t in ids)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
-from dlm.chat import ChatFormatter, IncrementalDetokenizer
+from dlm.chat import ChatFormatter, IncrementalDetokenizer, TextStream
 from dlm.config import DiffusionSpec
 
 SPEC = DiffusionSpec(family="bd", attention="block_causal", mask_token_id=tiny.MASK_ID, eos_token_ids=[2])
@@ -105,3 +105,28 @@ def test_byte_level_property(ids, chunks):
        chunks=st.lists(st.integers(1, 5), max_size=12))
 def test_sentencepiece_property(ids, chunks):
     _property(SENTENCEPIECE, ids, chunks)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet="ab c😀", max_size=30), stop=st.lists(st.text(alphabet="ab c", min_size=1, max_size=3), max_size=3),
+       chunks=st.lists(st.integers(1, 4), max_size=12))
+def test_text_stream_cuts_at_the_first_stop_string(text, stop, chunks):
+    """The engine's text path: deltas never retract, never split a character, and join to the
+    text up to the first occurrence of any stop string."""
+    ids = BYTE_LEVEL.encode(text, add_special_tokens=False)
+    stream = TextStream(BYTE_LEVEL, stop)
+    out, i, stopped = [], 0, False
+    for size in [*chunks, len(ids)]:
+        piece, stopped = stream.push(ids[i:i + size], final=i + size >= len(ids))
+        out.append(piece)
+        i += size
+        if stopped or i >= len(ids):
+            break
+    hits = [k for k in (text.find(s) for s in stop) if k >= 0]
+    assert "".join(out) == (text[: min(hits)] if hits else text)
+    assert stopped == bool(hits)
+    assert all("\ufffd" not in piece for piece in out)
+
+
+def test_text_stream_without_a_tokenizer_emits_nothing():
+    assert TextStream(None, ["x"]).push([1, 2, 3], final=True) == ("", False)
