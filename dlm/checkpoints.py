@@ -43,6 +43,7 @@ __all__ = [
     "detect_family",
     "load_model",
     "resolve_checkpoint",
+    "resolve_dtype",
 ]
 
 SUPPORTED_FAMILIES = ("bd", "fast_dllm_v2", "sdar", "llada", "dream", "ar")
@@ -263,14 +264,14 @@ def _build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], path:
                                  f"unexpected {unexpected[:4]} ({len(missing)} / {len(unexpected)} in all)")
     model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
     # The RoPE tables are non-persistent buffers built on "meta" above: rebuild them for real.
-    model._build_rope(config.max_seq_len + 1, device)
+    model.build_rope(device)
     return model.to(device).eval()
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """None / "auto": float32 on CPU (fast kernels, exact), bfloat16 on an accelerator."""
     if dtype is None or dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -299,7 +300,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     resolved = resolve_checkpoint(path)
     family_name, family = _detect(resolved)
     device = torch.device(device)
-    dtype = _resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     if family is not None:
         config, spec, state_dict, tokenizer = _load_hf_folder(resolved, family, dtype)
     elif family_name == "bd":

@@ -17,15 +17,20 @@ whole block is still fed to the model.
 Logit shift (`spec.logit_shift`). The logits at position i predict the token at i + 1, so slot j
 of a block is predicted from position bstart + j - 1. Where that position is not in this step's
 window (the first slot of a block whose previous block is cached), its logits are the "carry":
-kept from the forward that last saw that position (the prefill, the block write, the refresh).
-For a causal or block-causal model with block size 1 this means the single slot is decided from
-the carry without a forward: one forward per token, exactly AR decoding.
+kept from the forward that last saw that position clean (the prefill, the block write, the
+refresh). For a causal or block-causal model with block size 1 the single slot is decided from
+the carry alone: one forward per token (the previous token's write), exactly AR decoding.
 
 Cache modes (`cache=`):
 - "exact" (causal, block_causal): the prompt is prefilled once; each denoising step feeds only
   the current block (its noisy K/V go into the cache at the block's positions and are attended by
-  the block itself); when a block is complete, one "write" forward feeds the clean block, so its
-  cache entries are exact, are never recomputed, and the forward's last logits become the carry.
+  the block itself). When a block is complete, its clean K/V must be written once; that write is
+  fused into the next block's first denoising step: the same forward carries one more batch row,
+  pointing at the same cache row, that feeds the clean finished block. Attention is
+  block-causal, so the clean tokens do not see the noisy next block, and the model writes every
+  row's K/V before any row attends, so the next block sees the clean K/V of this very forward.
+  The cache stays exact, each block costs no forward beyond its denoising steps, and the write
+  row's last logits become the carry (the next block's first slot).
 - "none": every step feeds everything up to the end of the canvas (full attention) or of the
   current block (block-causal): the uncached reference.
 - "prefix" (full): once per block a "refresh" forward feeds the whole canvas (and its logits
@@ -34,19 +39,33 @@ Cache modes (`cache=`):
 - "dual" (full): as "prefix", but later steps feed the current block only: both prefix and
   suffix are cached, refreshed once per block. Fast-dLLM's dual cache.
 
+The prefill is a forward of its own (at `add()`, batch 1, run eagerly): fused into a shared step
+it would widen every row's window to the prompt's length.
+
 Batching. Finished and aborted rows are removed from the decoder and cost nothing. The active
 rows of a step are compacted into a batch whose size, window length and key length are rounded
-up to buckets (powers of two, multiples of 64), so shapes come from a small fixed set; padding
-rows and padding slots read and write the cache's scratch row/position and are masked out.
+up to buckets (batch: powers of two up to 8, then multiples of 8; windows and keys: powers of two
+up to 32, then multiples of 64), so shapes come from a small fixed set; padding rows and padding
+slots read and write the cache's scratch row/position and are masked out.
 
-Host synchronization: one device-to-host copy per step, of the current block of each decided row
-(B, N tokens and flags), to find what became final, detect EOS and advance blocks. There is no
-per-token sync and no `.item()` inside the policy or sampling code.
+Sharing a model. The decoder owns its KV cache (`Transformer.new_cache`), canvas and carry; the
+model holds only weights and RoPE tables, which no forward writes. Several decoders (engines) on
+one model therefore cannot corrupt each other, whichever threads drive them.
+
+Device work and host synchronization. Per step, the host-side plan (rows, windows, schedules) goes
+to the device in two non-blocking copies (pinned memory on CUDA); sampling parameters live on the
+device per slot, written at `add()`. The one host synchronization of a step is the copy back of
+the decided rows' current blocks (tokens and committed flags, pinned and non-blocking, then one
+wait), to find what became final, detect EOS and advance blocks. There is no `.item()` and no
+per-token sync in the policy or sampling code. `compile_mode` compiles the denoising forward with
+`torch.compile` (the cache is marked as a static address so CUDA graphs replay in place); the
+prefill stays eager.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,9 +76,12 @@ from dlm.masks import limit_mask
 from dlm.model import Transformer
 from dlm.policies import StepInputs, UnmaskPolicy, fixed_steps_schedule, sample_tokens
 
-__all__ = ["CACHE_MODES", "BlockDecoder", "DecodeSettings", "RowUpdate", "StepTrace", "resolve_cache_mode"]
+__all__ = ["CACHE_MODES", "COMPILE_MODES", "BlockDecoder", "DecodeSettings", "RowUpdate", "StepTrace",
+           "resolve_cache_mode"]
 
 CACHE_MODES = ("auto", "exact", "none", "prefix", "dual")
+# torch.compile modes for the denoising forward ("reduce-overhead" and "max-autotune" use CUDA graphs).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def resolve_cache_mode(attention: str, cache: str) -> str:
@@ -114,9 +136,9 @@ class RowUpdate:
     trace: StepTrace | None = None  # only where settings.trace
 
 
+
 class Phase(enum.Enum):
     DENOISE = "denoise"  # feed the current block (or the mode's window), commit some slots
-    WRITE = "write"  # exact cache: feed the just-completed block once, clean
     REFRESH = "refresh"  # prefix/dual cache: feed the whole canvas, then denoise from it
 
 
@@ -136,6 +158,7 @@ class _Row:
     unit_step: int = 0  # steps taken in the current sub-block
     eos_pos: int | None = None  # earliest committed EOS position
     steps: int = 0
+    pending_write: bool = False  # exact cache: the previous block is complete, its clean K/V not yet written
     block: list[int] = field(default_factory=list)  # last synced block tokens
     done: list[bool] = field(default_factory=list)  # last synced committed flags
 
@@ -150,16 +173,40 @@ class _Row:
         return end if self.eos_pos is None else min(end, self.eos_pos + 1)
 
 
+@dataclass
+class _Entry:
+    """One batch row of a forward."""
+
+    row: _Row
+    start: int  # first position fed
+    length: int  # positions fed
+    # "prefill" / "write": clean tokens, whose K/V become exact and whose last logits become the
+    # row's carry; "decide": the current block (or the cache mode's window), predictions wanted.
+    kind: str
+
+
 def _bucket(n: int) -> int:
-    """Fixed shape buckets: powers of two up to 32, then multiples of 64."""
+    """Window and key length buckets: powers of two up to 32, then multiples of 64."""
     if n <= 32:
         return 1 << max(0, (n - 1).bit_length())
     return -(-n // 64) * 64
 
 
+def _batch_bucket(n: int) -> int:
+    """Batch buckets: powers of two up to 8, then multiples of 8 (a fused write adds a row; a
+    coarser bucket would often double the batch for it)."""
+    if n <= 8:
+        return 1 << max(0, (n - 1).bit_length())
+    return -(-n // 8) * 8
+
+
+ModelFn = Callable[..., Tensor]
+
+
 class BlockDecoder:
     def __init__(self, model: Transformer, spec: DiffusionSpec, *, max_batch_size: int,
-                 max_seq_len: int, cache: str = "auto") -> None:
+                 max_seq_len: int, cache: str = "auto", compile_mode: str | None = None) -> None:
+        """compile_mode: None (eager) or one of COMPILE_MODES for the denoising forward."""
         self.model = model
         self.spec = spec
         self.attention = spec.attention
@@ -171,18 +218,39 @@ class BlockDecoder:
         self.filler = spec.mask_token_id if spec.mask_token_id is not None else 0
         self.max_batch_size = max_batch_size
         self.S = max_seq_len
-        param = model.model.embed_tokens.weight
-        self.device = param.device
-        model.setup_cache(max_batch_size, max_seq_len, dtype=param.dtype, device=self.device)
-        # The cache lives in the model's layers (gpt-fast style). Keep ours, so that a second
-        # decoder on the same model (the AR baseline next to the dLLM) does not take it over;
-        # two decoders must still not run on one model at the same time.
-        self._caches = [layer.self_attn.kv_cache for layer in model.model.layers]
+        self.device = model.model.embed_tokens.weight.device
+        self.kv = model.new_cache(max_batch_size, max_seq_len)  # ours alone (see "Sharing a model")
+        self._step_fn: ModelFn = model
+        if compile_mode is not None:
+            if compile_mode not in COMPILE_MODES:
+                raise ValueError(f"unknown compile mode {compile_mode!r}; expected one of {COMPILE_MODES}")
+            for t in (self.kv.k, self.kv.v):  # CUDA graphs write the cache in place: it must not move
+                torch._dynamo.mark_static_address(t)
+            self._step_fn = torch.compile(model, mode=compile_mode, fullgraph=True)
         rows = max_batch_size + 1  # + the scratch row
-        self.canvas = torch.full((rows, max_seq_len + 1), self.filler, dtype=torch.long, device=self.device)
-        self.committed = torch.zeros((rows, max_seq_len + 1), dtype=torch.bool, device=self.device)
-        self.carry = torch.zeros((rows, model.config.vocab_size), dtype=torch.float32, device=self.device)
+        dev = self.device
+        self.canvas = torch.full((rows, max_seq_len + 1), self.filler, dtype=torch.long, device=dev)
+        self.committed = torch.zeros((rows, max_seq_len + 1), dtype=torch.bool, device=dev)
+        self.carry = torch.zeros((rows, model.config.vocab_size), dtype=torch.float32, device=dev)
+        # Per slot: temperature, top_p, threshold, factor; written at add(), read by every step.
+        self.sampling = torch.zeros((rows, 4), dtype=torch.float32, device=dev)
         self.rows: dict[int, _Row] = {}
+
+    # -- host <-> device ---------------------------------------------------------------------
+    def _upload(self, host: Tensor) -> Tensor:
+        """A host tensor on the device without a host sync (pinned, non-blocking on CUDA; the
+        caching host allocator keeps the pinned buffer alive until the copy is done)."""
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
+
+    def _download(self, t: Tensor) -> list:
+        """The step's one host sync: t as (nested) lists."""
+        if self.device.type == "cuda":
+            host = t.to("cpu", non_blocking=True)  # lands in pinned memory
+            torch.cuda.current_stream(self.device).synchronize()
+            return host.tolist()
+        return t.tolist()
 
     # -- layout ------------------------------------------------------------------------------
     def _origin(self, prompt_len: int, block_size: int) -> int:
@@ -207,8 +275,18 @@ class BlockDecoder:
             lim = total[:, None].expand_as(pos)
         return torch.where(valid, lim, torch.ones_like(lim))
 
+    def _key_end(self, entry: _Entry) -> int:
+        """One past the last cache position the entry's queries may attend."""
+        row, end = entry.row, entry.start + entry.length
+        if self.attention == "full":
+            return row.total_len
+        if self.attention == "block_causal":
+            bs = row.settings.block_size
+            return -(-end // bs) * bs
+        return end
+
     # -- rows --------------------------------------------------------------------------------
-    def add(self, slot: int, prompt_ids: list[int], settings: DecodeSettings) -> RowUpdate | None:
+    def add(self, slot: int, prompt_ids: list[int], settings: DecodeSettings) -> None:
         """Start a request in a free slot; prefills where the cache is exact."""
         if slot in self.rows:
             raise RuntimeError(f"slot {slot} is busy")
@@ -217,27 +295,27 @@ class BlockDecoder:
         if total > self.S:
             raise ValueError(f"needs {total} positions; the cache has {self.S}")
         origin = self._origin(P, settings.block_size)
-        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         self.canvas[slot].fill_(self.filler)
-        self.canvas[slot, :P] = prompt
+        self.canvas[slot, :P] = self._upload(torch.tensor(prompt_ids, dtype=torch.long))
         self.committed[slot].zero_()
         self.committed[slot, :P] = True
+        s = settings
+        self.sampling[slot] = self._upload(torch.tensor([s.temperature, s.top_p, s.threshold, s.factor]))
         generator = None
-        if settings.temperature > 0:
+        if s.temperature > 0:
             generator = torch.Generator(device=self.device)
-            if settings.seed is not None:
-                generator.manual_seed(settings.seed)
+            if s.seed is not None:
+                generator.manual_seed(s.seed)
             else:
                 generator.seed()
         phase = Phase.REFRESH if self.cache in ("prefix", "dual") else Phase.DENOISE
-        row = _Row(slot=slot, prompt_len=P, settings=settings, gen_end=P + settings.max_new_tokens,
+        row = _Row(slot=slot, prompt_len=P, settings=s, gen_end=P + s.max_new_tokens,
                    total_len=total, block_start=origin, phase=phase, final_upto=P,
                    unit_start=P, unit_masked=0, generator=generator)
         self._start_unit(row, P)
         self.rows[slot] = row
         if self.cache == "exact" and origin > 0:
-            self._forward([(row, 0, origin, "prefill")])
-        return None
+            self._forward([_Entry(row, 0, origin, "prefill")], self.model)
 
     def remove(self, slot: int) -> None:
         self.rows.pop(slot, None)
@@ -252,141 +330,143 @@ class BlockDecoder:
         row.unit_step = 0
 
     def _carry_only(self, row: _Row) -> bool:
-        """True where the current block is decided from the carry alone (AR-style, no forward)."""
-        return self.cache == "exact" and self.shift == 1 and row.settings.block_size == 1 and row.phase is Phase.DENOISE
+        """True where the current block is decided from the carry alone (AR-style: no slot fed)."""
+        return self.cache == "exact" and self.shift == 1 and row.settings.block_size == 1
 
-    def _window(self, row: _Row) -> tuple[int, int, str]:
-        """(start, length, kind) of the row's window at this step."""
-        bs = row.settings.block_size
-        if row.phase is Phase.WRITE:
-            return row.block_start - bs, bs, "write"
+    def _window(self, row: _Row) -> tuple[int, int]:
+        """(start, length) of the row's decide window at this step."""
         if row.phase is Phase.REFRESH or self.cache == "none":
             end = row.total_len if self.attention == "full" else row.block_end
-            return 0, end, "decide"
+            return 0, end
         if self.cache == "prefix":
-            return row.block_start, row.total_len - row.block_start, "decide"
-        return row.block_start, bs, "decide"  # exact, dual
+            return row.block_start, row.total_len - row.block_start
+        return row.block_start, row.settings.block_size  # exact, dual
 
     # -- the forward ---------------------------------------------------------------------------
-    def _forward(self, plan: list[tuple[_Row, int, int, str]]) -> Tensor:
-        """One batched forward over windows; returns logits (B, N, V) at each decide row's block
-        slots (minus the shift), or at a write/prefill row's last position (column 0).
-        Also updates the carry of write/prefill rows (and refresh rows, for their slot 0)."""
-        dev = self.device
-        n = len(plan)
-        B = _bucket(n)
-        W = _bucket(max(length for _, _, length, _ in plan))
-        N = max(row.settings.block_size for row, *_ in plan)
-        slots = [self.max_batch_size] * B  # padding rows use the scratch row
-        wstart, wlen, bs, total = [0] * B, [0] * B, [1] * B, [1] * B
+    def _forward(self, entries: list[_Entry], fn: ModelFn) -> Tensor:
+        """One batched forward over the entries' windows -> logits (B, N, V): at a decide entry,
+        its block slots minus the shift (clamped into the window: where a slot's predictor lies
+        before the window, the caller takes the carry instead); at a prefill/write entry, its last
+        position (every column). Sets the carry of prefill/write entries, and of refresh entries
+        where logits are shifted, from this forward's logits."""
+        n = len(entries)
+        B = _batch_bucket(n)
+        W = _bucket(max(e.length for e in entries))
+        N = max(e.row.settings.block_size for e in entries)
+        # Host plan, (6, B): slot, start, length, block size, canvas extent, sets the carry.
+        plan = [[self.kv.scratch_row] * B, [0] * B, [0] * B, [1] * B, [1] * B, [0] * B]
+        out_rel = [[0] * N for _ in range(B)]
         key_end = 1
-        out_rel = torch.zeros((B, N), dtype=torch.long)
-        for i, (row, start, length, kind) in enumerate(plan):
-            slots[i], wstart[i], wlen[i] = row.slot, start, length
-            bs[i], total[i] = row.settings.block_size, row.total_len
-            if kind == "decide":
-                out_rel[i] = row.block_start - start + torch.arange(N) - self.shift
+        for i, e in enumerate(entries):
+            row = e.row
+            plan[0][i], plan[1][i], plan[2][i] = row.slot, e.start, e.length
+            plan[3][i], plan[4][i] = row.settings.block_size, row.total_len
+            if e.kind == "decide":
+                base = row.block_start - e.start - self.shift
+                out_rel[i] = [min(max(base + j, 0), W - 1) for j in range(N)]
+                plan[5][i] = int(row.phase is Phase.REFRESH and self.shift == 1)
             else:
-                out_rel[i] = length - 1
-            if self.attention == "full":
-                key_end = max(key_end, row.total_len)
-            elif self.attention == "block_causal":
-                key_end = max(key_end, -(-(start + length) // bs[i]) * bs[i])
-            else:
-                key_end = max(key_end, start + length)
+                out_rel[i] = [e.length - 1] * N
+                plan[5][i] = 1
+            key_end = max(key_end, self._key_end(e))
         K = min(_bucket(key_end), self.S)
-        for layer, kv in zip(self.model.model.layers, self._caches, strict=True):
-            layer.self_attn.kv_cache = kv
-        self.model.max_batch_size, self.model.cache_seq_len = self.max_batch_size, self.S
-        rows_t = torch.tensor(slots, device=dev)
-        wstart_t, wlen_t = torch.tensor(wstart, device=dev), torch.tensor(wlen, device=dev)
-        j = torch.arange(W, device=dev)
-        valid = j[None, :] < wlen_t[:, None]  # (B, W)
-        pos = torch.where(valid, wstart_t[:, None] + j[None, :], self.S)  # padding -> scratch position
-        limits = self._limits(pos, valid, torch.tensor(bs, device=dev), torch.tensor(total, device=dev))
+        host = torch.cat([torch.tensor(plan, dtype=torch.long), torch.tensor(out_rel, dtype=torch.long).T])
+        dev_plan = self._upload(host)  # (6 + N, B)
+        rows_t, start_t, len_t, bs_t, total_t, sets_carry = dev_plan[:6]
+        out_index = dev_plan[6:].T  # (B, N)
+        j = torch.arange(W, device=self.device)
+        valid = j[None, :] < len_t[:, None]  # (B, W)
+        pos = torch.where(valid, start_t[:, None] + j[None, :], self.kv.scratch_pos)  # padding -> scratch
+        limits = self._limits(pos, valid, bs_t, total_t)
         tokens = self.canvas[rows_t[:, None], pos]  # (B, W)
-        out_rel = out_rel.to(dev)
-        use_carry = out_rel < 0
-        logits = self.model(tokens, pos, limit_mask(limits, K), cache_rows=rows_t,
-                            out_index=out_rel.clamp(0, W - 1))  # (B, N, V)
-        logits = torch.where(use_carry[..., None], self.carry[rows_t][:, None, :], logits)
-        for i, (row, _, _, kind) in enumerate(plan):
+        logits = fn(tokens, pos, limit_mask(limits, K), cache=self.kv, cache_rows=rows_t,
+                    out_index=out_index)  # (B, N, V)
+        # Rows that do not set their carry write the scratch row's (nobody reads it).
+        carry_rows = torch.where(sets_carry.bool(), rows_t, self.kv.scratch_row)
+        self.carry[carry_rows] = logits[:, 0]
+        for row in {id(e.row): e.row for e in entries}.values():
             row.steps += 1
-            if kind != "decide" or (row.phase is Phase.REFRESH and self.shift):
-                self.carry[row.slot] = logits[i, 0]
-        return logits[:n]
+        return logits
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RowUpdate]:
-        """One denoising step of every active row; returns an update per row that decided."""
+        """One denoising step of every active row (one forward at most); an update per row."""
         if not self.rows:
             return []
-        forward_plan = [(row, *self._window(row)) for row in self.rows.values() if not self._carry_only(row)]
-        preds: dict[int, Tensor] = {}
-        if forward_plan:
-            logits = self._forward(forward_plan)
-            for i, (row, _, _, kind) in enumerate(forward_plan):
-                if kind == "write":
-                    row.phase = Phase.DENOISE  # the next block starts
-                else:
-                    preds[row.slot] = logits[i]
-        decide = [row for row in self.rows.values() if row.slot in preds or self._carry_only(row)]
-        if not decide:
-            return []
-        return self._decide(decide, preds)
+        rows = list(self.rows.values())
+        entries: list[_Entry] = []
+        decide_src: list[int] = []  # per row: its decide entry's batch index, -1 for carry only
+        for row in rows:
+            if row.pending_write:  # exact cache: the finished block, clean, in the same forward
+                bs = row.settings.block_size
+                entries.append(_Entry(row, row.block_start - bs, bs, "write"))
+                row.pending_write = False
+            if self._carry_only(row):
+                decide_src.append(-1)
+            else:
+                decide_src.append(len(entries))
+                entries.append(_Entry(row, *self._window(row), "decide"))
+        logits = self._forward(entries, self._step_fn) if entries else None
+        use_carry = [src < 0 or row.block_start - entries[src].start - self.shift < 0
+                     for row, src in zip(rows, decide_src, strict=True)]
+        return self._decide(rows, logits, decide_src, use_carry)
 
-    def _decide(self, decide: list[_Row], preds: dict[int, Tensor]) -> list[RowUpdate]:
-        dev = self.device
-        N = max(row.settings.block_size for row in decide)
+    def _decide(self, rows: list[_Row], logits: Tensor | None, src: list[int],
+                use_carry: list[bool]) -> list[RowUpdate]:
+        """Sample, select what to commit, write the canvas, sync once, advance the rows.
+        logits (B_fwd, N, V) from this step's forward or None; src: each row's batch index in it
+        (-1: none); use_carry: the row's first slot is predicted by its carry."""
+        N = max(row.settings.block_size for row in rows)
         V = self.carry.shape[-1]
-        logits = torch.stack([
-            preds[row.slot][:N] if row.slot in preds else self.carry[row.slot][None, :].expand(N, V)
-            for row in decide
-        ])  # (B, N, V)
-        B = len(decide)
-        slots = torch.tensor([row.slot for row in decide], device=dev)
-        allowed = torch.zeros((B, N), dtype=torch.bool)
-        pos_h = torch.full((B, N), self.S, dtype=torch.long)
+        n = len(rows)
+        policies = list({id(row.settings.policy): row.settings.policy for row in rows}.values())
+        pos_h = [[self.S] * N for _ in range(n)]  # the block's absolute positions (scratch past it)
+        allowed = [[0] * N for _ in range(n)]  # slots of the current sub-block
         n_commit = []
-        for i, row in enumerate(decide):
+        for i, row in enumerate(rows):
             s = row.settings
-            pos_h[i, : s.block_size] = torch.arange(row.block_start, row.block_end)
+            pos_h[i][: s.block_size] = range(row.block_start, row.block_end)
             lo, hi = row.unit_start, min(row.unit_start + s.sub_block_size, row.needed_end)
-            allowed[i, max(lo - row.block_start, 0): max(hi - row.block_start, 0)] = True
+            for j in range(max(lo - row.block_start, 0), max(hi - row.block_start, 0)):
+                allowed[i][j] = 1
             steps = s.steps_per_block or s.sub_block_size
             # Past its schedule (only if a step committed less than planned): commit the rest.
             n_commit.append(fixed_steps_schedule(row.unit_masked, steps, row.unit_step)
                             if row.unit_step < steps else row.unit_masked)
-        pos = pos_h.to(dev)
-        tok = self.canvas[slots[:, None], pos]  # (B, N)
+        per_row = [[row.slot for row in rows], [max(i, 0) for i in src], [int(c) for c in use_carry], n_commit,
+                   [next(k for k, p in enumerate(policies) if p is row.settings.policy) for row in rows]]
+        host = torch.cat([torch.tensor(per_row, dtype=torch.long).T, torch.tensor(pos_h, dtype=torch.long),
+                          torch.tensor(allowed, dtype=torch.long)], dim=1)  # (n, 5 + 2N)
+        dev = self._upload(host)
+        slots, src_t, carry_t, n_commit_t, policy_t = dev[:, :5].T
+        pos, allowed_t = dev[:, 5:5 + N], dev[:, 5 + N:].bool()
+        if logits is None:  # only carry-only rows (block size 1): N == 1
+            block_logits = self.carry[slots][:, None, :].expand(n, N, V)
+        else:
+            block_logits = logits[src_t, :N]  # (n, N, V), a copy: column 0 may be replaced below
+            block_logits[:, 0] = torch.where(carry_t.bool()[:, None], self.carry[slots], block_logits[:, 0])
+        tok = self.canvas[slots[:, None], pos]  # (n, N)
         done = self.committed[slots[:, None], pos]
-        candidates = allowed.to(dev) & ~done
-        temperature = torch.tensor([row.settings.temperature for row in decide], device=dev)
-        top_p = torch.tensor([row.settings.top_p for row in decide], device=dev)
+        candidates = allowed_t & ~done
+        sampling = self.sampling[slots]  # (n, 4)
         uniform = None
-        if any(row.generator is not None for row in decide):
+        if any(row.generator is not None for row in rows):
             uniform = torch.stack([
-                torch.rand((N, V), generator=row.generator, device=dev) if row.generator is not None
-                else torch.full((N, V), 0.5, device=dev)
-                for row in decide
+                torch.rand((N, V), generator=row.generator, device=self.device) if row.generator is not None
+                else torch.full((N, V), 0.5, device=self.device)
+                for row in rows
             ])
-        proposal, confidence = sample_tokens(logits, temperature, top_p, uniform)
-        inputs = StepInputs(
-            threshold=torch.tensor([row.settings.threshold for row in decide], device=dev),
-            factor=torch.tensor([row.settings.factor for row in decide], device=dev),
-            n_commit=torch.tensor(n_commit, device=dev),
-        )
+        proposal, confidence = sample_tokens(block_logits, sampling[:, 0], sampling[:, 1], uniform)
+        inputs = StepInputs(threshold=sampling[:, 2], factor=sampling[:, 3], n_commit=n_commit_t)
         commit = torch.zeros_like(candidates)
-        for policy in {id(row.settings.policy): row.settings.policy for row in decide}.values():
-            in_group = torch.tensor([row.settings.policy is policy for row in decide], device=dev)
-            commit |= policy.select(confidence, candidates, inputs) & in_group[:, None]
+        for k, policy in enumerate(policies):
+            commit |= policy.select(confidence, candidates, inputs) & (policy_t == k)[:, None]
         new_tok = torch.where(commit, proposal, tok)
         new_done = done | commit
         self.canvas[slots[:, None], pos] = new_tok
         self.committed[slots[:, None], pos] = new_done
-        # The one host sync of the step: the decided rows' current blocks.
-        tok_h, done_h = new_tok.cpu().tolist(), new_done.cpu().tolist()
-        return [self._advance(row, tok_h[i], done_h[i]) for i, row in enumerate(decide)]
+        tok_h, done_h = self._download(torch.stack([new_tok, new_done.long()]))  # the one host sync
+        return [self._advance(row, tok_h[i], [bool(d) for d in done_h[i]]) for i, row in enumerate(rows)]
 
     def _advance(self, row: _Row, block: list[int], done: list[bool]) -> RowUpdate:
         """Host bookkeeping after a step: EOS, what became final, the next sub-block/block."""
@@ -415,7 +495,10 @@ class BlockDecoder:
             finish = "length"
         elif row.final_upto >= end:  # block complete: move on
             row.block_start = row.block_end
-            row.phase = {"exact": Phase.WRITE, "none": Phase.DENOISE}.get(self.cache, Phase.REFRESH)
+            if self.cache == "exact":
+                row.pending_write = True
+            elif self.cache in ("prefix", "dual"):
+                row.phase = Phase.REFRESH
             self._start_unit(row, max(row.block_start, row.prompt_len))
         else:
             first_open = next(row.block_start + j for j in range(s.block_size) if not row.done[j])

@@ -14,7 +14,15 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   compacted into fixed-size buckets, which is cheaper on CPU than computing masked-out rows.
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
   left-most contiguous committed part of the current block. Text is held back while it might be
-  the start of a stop string or ends inside a UTF-8 sequence.
+  the start of a stop string or ends inside a UTF-8 sequence (`dlm.chat.TextStream`).
+- Sharing: one Engine serves any number of callers and threads (`submit`, `abort` and `close`
+  are thread-safe; one worker thread runs the model). Engines on the same model (the dLLM and
+  its AR baseline) are independent: each owns its KV cache, canvas and carry, and the model's
+  forward writes none of its own state (dlm/decode.py "Sharing a model"). They do compete for
+  the device: hold one Engine per model and let it batch.
+- GPU: load the model in bfloat16 on CUDA (`load_model(..., device="cuda")`); attention is
+  torch SDPA; shapes come from fixed buckets; `compile_mode` (off by default) compiles the
+  denoising forward with torch.compile, "reduce-overhead" adding CUDA graphs.
 - An exception while processing one request (its detokenization, stop strings, its callback)
   fails that request with finish_reason "error"; an exception in a batched forward fails the
   requests of that batch. The worker keeps running either way.
@@ -33,6 +41,7 @@ from typing import Any
 
 import torch
 
+from dlm.chat import ChatFormatter, TextStream
 from dlm.config import DiffusionSpec
 from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, StepTrace, resolve_cache_mode
 from dlm.errors import DlmError, InvalidRequestError
@@ -104,41 +113,6 @@ class RequestHandle:
         self._engine.abort(self.request_id)
 
 
-class _TextStream:
-    """Committed ids -> final text deltas: never changes emitted text, never splits UTF-8, and
-    holds back a tail that could be the start of a stop string."""
-
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text already emitted
-
-    def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """New ids -> (text to emit, stop string hit)."""
-        self.ids.extend(ids)
-        if self.tokenizer is None:
-            return "", False
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            text = text.rstrip("\ufffd")  # a multi-byte character is not complete yet
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
-        if hits:
-            cut = min(hits)
-            out, self.sent = text[self.sent:cut], max(self.sent, cut)
-            return out, True
-        end = len(text)
-        if not final:
-            for s in self.stop:  # hold back a suffix that may grow into a stop string
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        end = min(end, len(text) - k)
-                        break
-        out = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return out, False
-
-
 @dataclass
 class _Request:
     request_id: str
@@ -146,7 +120,7 @@ class _Request:
     settings: DecodeSettings
     handle: RequestHandle
     on_delta: Callable[[Delta], None] | None
-    text: _TextStream
+    text: TextStream
     slot: int | None = None  # cache row while active
     steps: int = 0
     tokens: int = 0
@@ -156,19 +130,21 @@ class Engine:
     """Continuous-batching block-diffusion engine; see the module docstring."""
 
     def __init__(self, loaded: Any, *, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 cache: str = "auto") -> None:
+                 cache: str = "auto", compile_mode: str | None = None) -> None:
         """`loaded`: a `dlm.checkpoints.LoadedModel` (or anything with .model, .config, .spec,
-        .tokenizer). `cache`: "auto" | "exact" | "none" | "prefix" | "dual" (dlm/decode.py)."""
+        .tokenizer). `cache`: "auto" | "exact" | "none" | "prefix" | "dual" (dlm/decode.py).
+        `compile_mode`: None (eager) or a `dlm.decode.COMPILE_MODES` mode for the denoising forward;
+        the first steps at each new shape then pay for compilation."""
         self.model = loaded.model
         self.config = loaded.config
         self.spec: DiffusionSpec = self._engine_spec(loaded.spec)
         self.tokenizer = getattr(loaded, "tokenizer", None)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or self.config.max_seq_len
-        resolve_cache_mode(self.spec.attention, cache)  # fail here, not in the worker
+        self.cache = resolve_cache_mode(self.spec.attention, cache)  # fail here, not in the worker
         self.model.eval()
         self._decoder = BlockDecoder(self.model, self.spec, max_batch_size=max_batch_size,
-                                     max_seq_len=self.max_seq_len, cache=cache)
+                                     max_seq_len=self.max_seq_len, cache=cache, compile_mode=compile_mode)
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=MAX_PENDING_REQUESTS)
         self._pending: list[_Request] = []
         self._active: dict[int, _Request] = {}  # slot -> request
@@ -190,20 +166,26 @@ class Engine:
     # -- public API ----------------------------------------------------------------------------
     def submit(self, prompt: Sequence[dict] | Sequence[int], params: GenerationParams | None = None,
                on_delta: Callable[[Delta], None] | None = None) -> RequestHandle:
-        params = self._force(params or GenerationParams())
-        prompt_ids = self._prompt_ids(prompt)
-        settings = self._settings(params, len(prompt_ids))
+        prompt_ids, settings = self.prepare(prompt, params or GenerationParams())
         with self._lock:
             if self._closed:
                 raise DlmError("the engine is closed")
             request_id = f"req-{next(self._ids)}"
             handle = RequestHandle(request_id, self)
-            req = _Request(request_id, prompt_ids, settings, handle, on_delta, _TextStream(self.tokenizer, list(params.stop)))
+            req = _Request(request_id, prompt_ids, settings, handle, on_delta, TextStream(self.tokenizer, list(params.stop)))
             try:
                 self._commands.put_nowait(("submit", req))
             except queue.Full:
                 raise InvalidRequestError(f"the engine has {MAX_PENDING_REQUESTS} requests waiting; try later") from None
         return handle
+
+    def prepare(self, prompt: Sequence[dict] | Sequence[int], params: GenerationParams) -> tuple[list[int], DecodeSettings]:
+        """What `submit` does in the caller's thread, without submitting: the prompt's token ids
+        and the resolved `DecodeSettings`, or InvalidRequestError. For tools that drive a
+        `dlm.decode.BlockDecoder` themselves (the profiler of `voice-agent bench llm`)."""
+        params = self._force(params)
+        prompt_ids = self._prompt_ids(prompt)
+        return prompt_ids, self._settings(params, len(prompt_ids))
 
     def abort(self, request_id: str) -> None:
         """Takes effect between two steps; the request's last delta has finish_reason "abort"."""
@@ -252,13 +234,8 @@ class Engine:
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidRequestError("each chat message needs a string 'role' and 'content'")
-        try:
-            from dlm.chat import ChatFormatter  # the checkpoint's template, special tokens escaped
-        except ImportError:
-            ChatFormatter = None
-        if ChatFormatter is not None:
-            return list(ChatFormatter(self.tokenizer, self.spec).encode(messages))
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        # The checkpoint's template, with special-token text in contents escaped.
+        return list(ChatFormatter(self.tokenizer, self.spec).encode(messages))
 
     def _settings(self, p: GenerationParams, prompt_len: int) -> DecodeSettings:
         spec = self.spec

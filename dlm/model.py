@@ -11,17 +11,26 @@ Contract:
 - Two forwards:
   * `forward(tokens, positions, mask)`: cache-free, for training layouts such as x_t ⊕ x_0
     (positions 0..L-1 repeated). `mask` is (B or 1, 1, T, T).
-  * `forward(tokens, positions, mask, cache_rows=rows)`: the cached forward. The K/V of the T
-    input tokens are first written into the static cache at (row, position), then the queries
-    attend over the first `K = mask.shape[-1]` cache positions of their rows. `mask` is
-    (B, 1, T, K). Writing before attending makes one forward serve every cache strategy: an
+  * `forward(tokens, positions, mask, cache=cache, cache_rows=rows)`: the cached forward. The
+    K/V of the T input tokens are first written into the static cache at (row, position), then
+    the queries attend over the first `K = mask.shape[-1]` cache positions of their rows. `mask`
+    is (B, 1, T, K). Writing before attending makes one forward serve every cache strategy: an
     exact block cache, a prefix cache and a dual (prefix + suffix) cache differ only in which
-    window of positions the caller feeds and which keys the mask allows.
-- The cache is allocated once by `setup_cache` with one spare row and one spare position
-  (`scratch_row`, `scratch_pos`): callers that pad a batch to a fixed shape point padding rows
-  and padding positions there, so padding never overwrites live K/V.
+    window of positions the caller feeds and which keys the mask allows. Two batch rows may
+    point at the same cache row (at disjoint positions): within each layer every row's K/V is
+    written before any row attends, so a clean block fed in one batch row is visible, exactly,
+    to the noisy next block fed in another.
+- The cache is not part of the model: `new_cache(max_batch_size, max_seq_len)` allocates a
+  `KVCache` (all layers, once) that the caller owns and passes to every cached forward. The model
+  itself holds only weights and the RoPE tables, so any number of decoders (engines) can share
+  one model, even from several threads, without touching each other's state.
+- A `KVCache` has one spare row and one spare position (`scratch_row`, `scratch_pos`): callers
+  that pad a batch to a fixed shape point padding rows and padding positions there, so padding
+  never overwrites live K/V.
 - `out_index` (B, N) selects which of the T positions get logits, so a forward that only needs
   a few predictions does not pay for the (T, V) output projection.
+- Built on the "meta" device (no memory, no init) and loaded with `assign=True`, the model has
+  no real RoPE tables yet: `build_rope(device)` makes them.
 """
 
 from __future__ import annotations
@@ -49,26 +58,39 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class KVCache(nn.Module):
-    """Static per-layer cache (B_max + 1, S + 1, H_kv, D), written in place by index.
+class KVCache:
+    """Static cache of every layer, (L, B_max + 1, S + 1, H_kv, D) for k and for v, written in
+    place by index. Row and position lead each layer's layout so that writing by (row, position)
+    is a cheap index_put on the leading dims; with heads in front, torch restrides the whole
+    cache per write."""
 
-    Row and position lead the layout so that writing by (row, position) index is a cheap
-    index_put on the leading dims; with heads in front, torch restrides the whole cache per write."""
-
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+    def __init__(self, n_layers: int, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        super().__init__()
-        shape = (max_batch_size + 1, max_seq_len + 1, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (n_layers, max_batch_size + 1, max_seq_len + 1, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
 
-    def update(self, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, T, D) at (rows (B,), positions (B, T)); return (B, H, K, D) views."""
+    @property
+    def scratch_row(self) -> int:
+        """A cache row no request owns: padding rows of a fixed-shape batch write here."""
+        return self.max_batch_size
+
+    @property
+    def scratch_pos(self) -> int:
+        """A cache position no token owns: padding slots of a window write here."""
+        return self.max_seq_len
+
+    def update(self, layer: int, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor,
+               kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hkv, T, D) at (rows (B,), positions (B, T)); return (B, Hkv, K, D)."""
         r = rows[:, None]  # (B, 1) broadcasts against positions (B, T)
-        self.k[r, positions] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, H, D)
-        self.v[r, positions] = v.transpose(1, 2).to(self.v.dtype)
+        k_layer, v_layer = self.k[layer], self.v[layer]  # views: the writes land in the cache
+        k_layer[r, positions] = k.transpose(1, 2).to(k_layer.dtype)  # (B, T, Hkv, D)
+        v_layer[r, positions] = v.transpose(1, 2).to(v_layer.dtype)
         # Slice first (a view), then gather the rows: only K positions are copied.
-        return self.k[:, :kv_len][rows].transpose(1, 2), self.v[:, :kv_len][rows].transpose(1, 2)
+        return k_layer[:, :kv_len][rows].transpose(1, 2), v_layer[:, :kv_len][rows].transpose(1, 2)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -93,10 +115,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                cache_rows: Tensor | None, positions: Tensor) -> Tensor:
+                cache: tuple[KVCache, int, Tensor, Tensor] | None) -> Tensor:
+        """cache: (the cache, this layer's index, rows (B,), positions (B, T)) or None."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, D)
@@ -108,15 +130,13 @@ class Attention(nn.Module):
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)  # (B, 1, T, D)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if cache_rows is not None:
-            if self.kv_cache is None:
-                raise RuntimeError("cached forward without setup_cache()")
-            k, v = self.kv_cache.update(cache_rows, positions, k, v, mask.shape[-1])  # (B, Hkv, K, D)
+        if cache is not None:
+            kv_cache, layer, rows, positions = cache
+            k, v = kv_cache.update(layer, rows, positions, k, v, mask.shape[-1])  # (B, Hkv, K, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if Hkv != H:
-            k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, K, D)
-            v = v.repeat_interleave(H // Hkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        # Grouped-query attention inside SDPA: no (B, H, K, D) copy of the keys where the kernel
+        # supports it (the math fallback expands them itself).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -140,8 +160,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                cache_rows: Tensor | None, positions: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_rows, positions)
+                cache: tuple[KVCache, int, Tensor, Tensor] | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -162,13 +182,14 @@ class Transformer(nn.Module):
         self.model = _Backbone(config)
         # Tied: no lm_head parameter at all, so the state dict has no lm_head.weight.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.max_batch_size = 0
-        self.cache_seq_len = 0
-        self._build_rope(config.max_seq_len + 1)
+        self.build_rope()
 
     # -- RoPE -----------------------------------------------------------------------------
-    def _build_rope(self, n_positions: int, device: torch.device | str | None = None) -> None:
+    def build_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the RoPE tables for positions 0..max_seq_len (one spare for the cache's
+        scratch position) on `device`: needed after building the model on the meta device."""
         D = self.config.head_dim
+        n_positions = self.config.max_seq_len + 1
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=device) / D))
         t = torch.arange(n_positions, dtype=torch.float64, device=device)
         freqs = torch.outer(t, inv_freq)  # (S, D/2)
@@ -177,42 +198,30 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", emb.sin().float(), persistent=False)
 
     # -- cache ----------------------------------------------------------------------------
-    def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None,
-                    dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        """Allocate the static KV cache once: rows 0..max_batch_size-1 plus one scratch row,
-        positions 0..max_seq_len-1 plus one scratch position."""
+    def new_cache(self, max_batch_size: int, max_seq_len: int | None = None,
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KVCache:
+        """A static KV cache for this model, allocated once: rows 0..max_batch_size-1 plus one
+        scratch row, positions 0..max_seq_len-1 plus one scratch position. The caller owns it."""
         max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.config.max_seq_len} "
+                             "(load the model with a larger max_seq_len)")
         param = self.model.embed_tokens.weight
-        dtype = dtype or param.dtype
-        device = device or param.device
-        if max_seq_len + 1 > self.rope_cos.shape[0] or self.rope_cos.device != torch.device(device):
-            self._build_rope(max(max_seq_len, self.config.max_seq_len) + 1, device)
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_kv_heads,
-                                               self.config.head_dim, dtype, device)
-        self.max_batch_size = max_batch_size
-        self.cache_seq_len = max_seq_len
-
-    @property
-    def scratch_row(self) -> int:
-        """A cache row no request owns: padding rows of a fixed-shape batch write here."""
-        return self.max_batch_size
-
-    @property
-    def scratch_pos(self) -> int:
-        """A cache position no token owns: padding slots of a window write here."""
-        return self.cache_seq_len
+        return KVCache(self.config.n_layers, max_batch_size, max_seq_len, self.config.n_kv_heads,
+                       self.config.head_dim, dtype or param.dtype, device or param.device)
 
     # -- forward --------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor, *,
+    def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor, *, cache: KVCache | None = None,
                 cache_rows: Tensor | None = None, out_index: Tensor | None = None) -> Tensor:
         """tokens, positions (B, T); mask bool (B or 1, 1, T, T) without cache, (B, 1, T, K) with;
-        cache_rows (B,) cache row per batch row; out_index (B, N): logits only there.
-        Returns logits (B, T or N, V) in float32."""
+        cache and cache_rows (B,) (the cache row of each batch row) together or not at all;
+        out_index (B, N): logits only there. Returns logits (B, T or N, V) in float32."""
+        if (cache is None) != (cache_rows is None):
+            raise ValueError("pass cache and cache_rows together")
         x = self.model.embed_tokens(tokens)  # (B, T, dim)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache_rows, positions)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else (cache, i, cache_rows, positions))
         if out_index is not None:
             x = x.gather(1, out_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, dim)
         x = self.model.norm(x)

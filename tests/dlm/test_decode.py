@@ -125,8 +125,9 @@ def test_counting_model_known_output_and_eos_stops_early():
     ids = [t for d in deltas for t in d.token_ids]
     assert ids == list(range(4, 12))
     assert deltas[-1].finish_reason == "eos" and deltas[-1].tokens == 8
-    # Nothing past the EOS block: prefill + per block (slots + a write), no further block.
-    assert deltas[-1].steps <= 1 + 3 * (4 + 1)
+    # One forward per committed slot (EOS included), nothing past it: no prefill (the prompt
+    # lies in the first block), and block writes ride along with the next block's first step.
+    assert deltas[-1].steps == 9
 
 
 def test_streaming_releases_left_part_of_a_block_early():
@@ -152,3 +153,27 @@ def test_sub_blocks_commit_in_order_and_trace():
     assert all(t.block_start == 8 for t in traces)
     with Engine(loaded, max_batch_size=1) as engine:
         assert all(d.trace is None for d in engine.submit([1, 2], GenerationParams(max_new_tokens=4)))
+
+
+@pytest.mark.parametrize("prompt", [[1], [1, 2, 3, 4, 5, 6]], ids=["no_prefill", "prefill"])
+def test_exact_cache_costs_no_forward_beyond_the_denoising_steps(prompt):
+    """The clean write of a finished block is fused with the next block's first step: the
+    counting model commits exactly one slot per step, so the exact cache takes one forward per
+    token (plus the prefill), as many as the uncached decoder, with the same output."""
+    loaded = counting_loaded(block_size=4)
+    params = GenerationParams(max_new_tokens=10, threshold=0.9)
+    with Engine(loaded, max_batch_size=2, cache="exact") as exact, Engine(loaded, max_batch_size=2, cache="none") as plain:
+        cached, uncached = list(exact.submit(prompt, params)), list(plain.submit(prompt, params))
+    ids = [t for d in cached for t in d.token_ids]
+    assert ids == [t for d in uncached for t in d.token_ids] == list(range(prompt[-1] + 1, prompt[-1] + 11))
+    prefill = 1 if len(prompt) >= 4 else 0
+    assert cached[-1].steps == prefill + 10
+    assert uncached[-1].steps == 10
+    assert [d.steps for d in cached if d.token_ids] == list(range(prefill + 1, prefill + 11))  # a token per forward
+
+
+def test_exact_cache_equals_no_cache_with_sub_blocks_and_a_batch():
+    loaded = random_loaded("block_causal", seed=8, scale=3.0, block_size=8)
+    params = GenerationParams(max_new_tokens=21, block_size=8, sub_block_size=4, policy="threshold", threshold=0.5)
+    with Engine(loaded, max_batch_size=3, cache="exact") as cached, Engine(loaded, max_batch_size=3, cache="none") as plain:
+        assert _run(cached, PROMPTS, params) == _run(plain, PROMPTS, params)

@@ -7,6 +7,7 @@ import threading
 import pytest
 from dlm_tiny_models import CharTokenizer, counting_loaded, random_loaded
 
+from dlm.ar import AREngine
 from dlm.engine import Engine, GenerationParams
 from dlm.errors import InvalidRequestError
 
@@ -121,3 +122,34 @@ def test_stop_string_and_text():
     assert "".join(d.text for d in deltas) == "bcd"
     assert deltas[-1].finish_reason == "stop"
     assert deltas[-1].steps < 20  # stopped without decoding the rest
+
+
+def test_engines_sharing_a_model_do_not_disturb_each_other():
+    """The voice layer holds one Engine per model; the dLLM and its AR baseline may still share
+    weights. Each engine owns its cache, so concurrent engines give what each gives alone."""
+    loaded = random_loaded("block_causal", seed=11, eos=[9], scale=3.0)
+    params = GenerationParams(max_new_tokens=12, block_size=4, threshold=0.7)
+    ar_params = GenerationParams(max_new_tokens=12)
+    with Engine(loaded, max_batch_size=2) as engine, AREngine(loaded, max_batch_size=2) as ar:
+        alone = [_ids(engine.submit(p, params)) for p in PROMPTS]
+        ar_alone = [_ids(ar.submit(p, ar_params)) for p in PROMPTS]
+    with Engine(loaded, max_batch_size=2) as a, Engine(loaded, max_batch_size=3) as b, \
+            AREngine(loaded, max_batch_size=2) as ar:
+        ha = [a.submit(p, params) for p in PROMPTS]
+        hb = [b.submit(p, params) for p in reversed(PROMPTS)]
+        har = [ar.submit(p, ar_params) for p in PROMPTS]
+        assert [_ids(h) for h in ha] == alone
+        assert [_ids(h) for h in hb] == alone[::-1]
+        assert [_ids(h) for h in har] == ar_alone
+
+
+def test_stop_string_across_deltas_and_hold_back():
+    """Text that may be the start of a stop string waits; when the stop string cannot complete,
+    it is released."""
+    loaded = counting_loaded(block_size=4, tokenizer=CharTokenizer())
+    with Engine(loaded, max_batch_size=1) as engine:
+        deltas = list(engine.submit([0], GenerationParams(max_new_tokens=8, stop=["dex", "fgh"])))
+    # One token per step: "d" and "de" wait (they could start "dex"), "f" frees them and waits
+    # itself (it could start "fgh"), "fgh" ends the reply before it.
+    assert [d.text for d in deltas] == ["b", "c", "", "", "de", "", ""]
+    assert deltas[-1].finish_reason == "stop"

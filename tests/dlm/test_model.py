@@ -34,7 +34,7 @@ def test_state_dict_uses_hf_llama_names(qkv_bias, qk_norm, tied):
     assert set(sd) == _hf_names(cfg.n_layers, qkv_bias=qkv_bias, qk_norm=qk_norm, tied=tied)
     assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (cfg.n_kv_heads * cfg.head_dim, cfg.dim)
     Transformer(cfg).load_state_dict(sd)  # strict: cache and RoPE buffers are not in the state dict
-    model.setup_cache(2, 32)
+    model.new_cache(2, 32)
     assert set(model.state_dict()) == set(sd)
 
 
@@ -46,9 +46,9 @@ def test_cached_forward_equals_cache_free():
     pos = torch.arange(T).expand(2, T)
     with torch.no_grad():
         ref = model(tokens, pos, causal_mask(T))  # (B, T, V)
-        model.setup_cache(3, 64)
+        cache = model.new_cache(3, 64)
         rows = torch.tensor([2, 0])  # any cache rows
-        parts = [model(tokens[:, a:b], pos[:, a:b], limit_mask(pos[:, a:b] + 1, 16), cache_rows=rows)
+        parts = [model(tokens[:, a:b], pos[:, a:b], limit_mask(pos[:, a:b] + 1, 16), cache=cache, cache_rows=rows)
                  for a, b in ((0, 5), (5, 6), (6, T))]
     torch.testing.assert_close(torch.cat(parts, 1), ref, atol=1e-5, rtol=1e-5)
 
@@ -87,8 +87,35 @@ def test_block_diff_mask_clean_half_is_block_causal():
 
 def test_bfloat16_runs():
     model = Transformer(tiny_config()).to(torch.bfloat16).eval()
-    model.setup_cache(1, 16)
+    cache = model.new_cache(1, 16)
     with torch.no_grad():
         out = model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], limit_mask(torch.tensor([[1, 2, 3]]), 16),
-                    cache_rows=torch.tensor([0]))
+                    cache=cache, cache_rows=torch.tensor([0]))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_two_batch_rows_may_share_a_cache_row():
+    """The decoder's fused block write: a clean block in one batch row and the noisy next block
+    in another, both in cache row 0, equal one row feeding both blocks block-causally."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(qkv_bias=True)).eval()
+    bs = 4
+    tokens = torch.randint(0, 60, (1, 3 * bs))
+    pos = torch.arange(3 * bs)[None]
+    lim = (pos // bs + 1) * bs  # block-causal key limits
+    with torch.no_grad():
+        ref = model(tokens, pos, block_causal_mask(3 * bs, bs))
+        cache = model.new_cache(2, 32)
+        model(tokens[:, :bs], pos[:, :bs], limit_mask(lim[:, :bs], 16), cache=cache, cache_rows=torch.tensor([0]))
+        clean, noisy = slice(bs, 2 * bs), slice(2 * bs, 3 * bs)
+        fused = model(torch.cat([tokens[:, clean], tokens[:, noisy]]), torch.cat([pos[:, clean], pos[:, noisy]]),
+                      limit_mask(torch.cat([lim[:, clean], lim[:, noisy]]), 16), cache=cache,
+                      cache_rows=torch.tensor([0, 0]))
+    torch.testing.assert_close(fused[0], ref[0, clean], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[1], ref[0, noisy], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_longer_than_the_rope_table_is_refused():
+    model = Transformer(tiny_config(max_seq_len=64))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.new_cache(1, 128)
