@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from dlm.adapt.convert import to_block_diffusion
-from dlm.adapt.data import Example, encode_chat, read_dataset, steps_per_epoch, write_dataset
+from dlm.adapt.data import Example, encode_chats, read_dataset, steps_per_epoch, write_dataset
 from dlm.adapt.evaluate import evaluate
 from dlm.adapt.export import export_student
 from dlm.adapt.prompts import generate_prompts
@@ -115,7 +115,7 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     tok = loaded.tokenizer
     eos_ids = loaded.spec.eos_token_ids
     prompts = generate_prompts(scale.n_prompts, scale.seed)
-    encoded = [encode_chat(tok, p.as_messages()) for p in prompts]
+    encoded = encode_chats(tok, [p.as_messages() for p in prompts])
     keep = [i for i, ids in enumerate(encoded) if len(ids) <= scale.max_prompt_tokens]
     heldout_from = scale.n_prompts - scale.n_heldout
     gen = {"max_new_tokens": scale.teacher_max_new_tokens, "batch_size": scale.gen_batch_size, "eos_ids": eos_ids,

@@ -121,7 +121,7 @@ def train(model: Transformer, spec: DiffusionSpec, tokenizer: Any, examples: lis
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
-    step = _resume(out_dir, model, optimizer, cfg)
+    step = start_step = _resume(out_dir, model, optimizer, cfg)
     pad_id = spec.eos_token_ids[0]
     eos_id = spec.eos_token_ids[0] if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
     batches = training_batches(examples, batch_size=cfg.batch_size, block_size=spec.block_size, eos_id=eos_id,
@@ -166,7 +166,8 @@ def train(model: Transformer, spec: DiffusionSpec, tokenizer: Any, examples: lis
     if window:
         last_loss = sum(window) / len(window)
         history.append((step, last_loss))
-    _save(out_dir, model, spec, tokenizer, optimizer, step, cfg)
+    if step > start_step or not (out_dir / STUDENT_FILE).exists():
+        _save(out_dir, model, spec, tokenizer, optimizer, step, cfg)
     model.eval()
     seconds = time.monotonic() - t0
     return TrainResult(step=step, finished=step >= cfg.max_steps, last_loss=last_loss,

@@ -119,3 +119,24 @@ def test_bench_reports_step_times() -> None:
     result = bench("cpu", batch_size=2, seq_len=16, block_size=8, train_steps=1, gen_batch_size=2, prompt_len=4,
                    new_tokens=3, config=config)
     assert result["train_s_per_step"] > 0 and result["gen_tokens_per_s"] > 0
+
+
+def test_block_size_one_loss_is_the_ar_loss(tiny_base: Path) -> None:
+    """With blocks of one token every target is predicted from the clean prefix: the objective
+    reduces to next-token cross-entropy on the supervised positions."""
+    import torch.nn.functional as F
+
+    from dlm.adapt.data import collate
+    from dlm.adapt.objective import diffusion_loss, diffusion_targets
+    from dlm.masks import causal_mask
+
+    loaded = load_model(tiny_base)
+    batch = collate(_examples(4), block_size=1, eos_id=2, pad_id=0)
+    targets = diffusion_targets(batch.tokens, batch.supervised, block_size=1, mask_id=4,
+                                generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = diffusion_loss(loaded.model, targets, 1)
+        T = batch.tokens.shape[1]
+        logits = loaded.model(batch.tokens, torch.arange(T)[None].expand(len(batch.tokens), -1), causal_mask(T))
+        ce = F.cross_entropy(logits[:, :-1][batch.supervised[:, 1:]], batch.tokens[:, 1:][batch.supervised[:, 1:]])
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-5)
