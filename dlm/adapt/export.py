@@ -45,5 +45,6 @@ def export_student(student_path: str | Path, out_path: str | Path, *, quantizati
     loaded = load_model(tmp)
     if loaded.family != "bd" or loaded.spec.mask_token_id != spec.mask_token_id:
         raise RuntimeError(f"{tmp} loads as family {loaded.family!r}, not as the bd model written")
+    tmp.chmod(0o644)  # package data: readable by everyone once installed
     tmp.replace(out_path)
     return out_path

@@ -8,7 +8,9 @@
 #
 # Environment knobs (the defaults are the plan): DATA_BUDGET_S (220), TRAIN_BUDGET_S (240 in
 # call2, 360 in call3), EPOCHS (the preset's 1.0; must be the same in call2 and call3, since
-# the learning-rate schedule's length depends on it).
+# the learning-rate schedule's length depends on it). For a dry run on CPU of the whole
+# sequence: DEVICE=cpu SCALE=tiny PYTHON=.venv/bin/python OUT=runs/dry-out BENCH_ARGS="--batch-size 1
+# --seq-len 32 --train-steps 1 --gen-batch-size 1 --new-tokens 2".
 #   bash dlm/adapt/gpu_steps.sh return 4  # returns parts 4-7 (then: return 8 for part 8 on)
 #
 # Everything lives in runs/gpu-work on the machine's disk (ignored, so kept between calls while
@@ -25,7 +27,8 @@ export VOICE_AGENT_CACHE_DIR="$PWD/$W/cache"  # the GGUF's float32 conversion, m
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 ADAPT=("$PY" -m dlm.adapt)
-FULL=(--scale full --device cuda --base "$BASE" --out "$RUN")
+DEVICE=${DEVICE:-cuda}
+FULL=(--scale "${SCALE:-full}" --device "$DEVICE" --base "$BASE" --out "$RUN")
 
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
 
@@ -39,10 +42,11 @@ call1)
     "$PY" -c "import sys; sys.path.insert(0, 'tests/dlm'); from pathlib import Path; \
 from adapt_fixtures import tiny_ar_checkpoint; tiny_ar_checkpoint(Path('$W/tiny-base'))"
     rm -rf "$W/tiny-run"
-    "${ADAPT[@]}" pipeline --scale tiny --device cuda --base "$W/tiny-base" --out "$W/tiny-run" 2>&1 | tail -25 | tee -a "$OUT/steps.log"
+    "${ADAPT[@]}" pipeline --scale tiny --device "$DEVICE" --base "$W/tiny-base" --out "$W/tiny-run" 2>&1 | tail -25 | tee -a "$OUT/steps.log"
     cp "$W/tiny-run/summary.json" "$OUT/tiny-summary.json"
     log "bench: training and teacher-decoding step times on a random SmolLM2-135M-shaped model"
-    "${ADAPT[@]}" bench --device cuda --out "$OUT/bench.json" 2>&1 | tail -3 | tee -a "$OUT/steps.log"
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of options on purpose
+    "${ADAPT[@]}" bench --device "$DEVICE" --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tail -3 | tee -a "$OUT/steps.log"
     log "call1 done"
     ;;
 call2)
@@ -63,8 +67,11 @@ call3)
         "${ADAPT[@]}" split "$RUN/smollm2-135m-bd.safetensors" --out "$W/ret"
         cp "$W"/ret/*.manifest.json "$W"/ret/*.part0[0-3] "$OUT/"
     fi
+    # The held-out examples travel back too, so the student can be re-checked on CPU.
+    "$PY" -c "f = open('$RUN/data.jsonl'); o = open('$RUN/heldout.jsonl', 'w'); o.write(f.readline()); \
+[o.write(line) for line in f if '\"split\":\"heldout\"' in line]"
     # At most 8 files come back: manifest + 4 parts + reports.tgz + steps.log.
-    tar czf "$OUT/reports.tgz" -C "$RUN" summary.json eval.md eval.json
+    tar czf "$OUT/reports.tgz" -C "$RUN" summary.json eval.md eval.json heldout.jsonl
     log "call3 done"
     ;;
 return)
