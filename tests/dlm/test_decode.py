@@ -177,3 +177,17 @@ def test_exact_cache_equals_no_cache_with_sub_blocks_and_a_batch():
     params = GenerationParams(max_new_tokens=21, block_size=8, sub_block_size=4, policy="threshold", threshold=0.5)
     with Engine(loaded, max_batch_size=3, cache="exact") as cached, Engine(loaded, max_batch_size=3, cache="none") as plain:
         assert _run(cached, PROMPTS, params) == _run(plain, PROMPTS, params)
+
+
+def test_synthetic_model_fixed_steps_do_fixed_work():
+    """`voice-agent bench llm --synthetic`: no EOS, a fixed number of steps per block, so the
+    work per reply is known: the prefill, then block / steps tokens per forward."""
+    from dlm.synthetic import synthetic_model
+
+    loaded = synthetic_model("small", max_seq_len=256)
+    assert loaded.tokenizer is None and loaded.spec.eos_token_ids == []
+    params = GenerationParams(max_new_tokens=64, policy="fixed_steps", steps_per_block=8)
+    with Engine(loaded, max_batch_size=2) as engine:
+        handles = [engine.submit(list(range(100, 164)), params) for _ in range(2)]
+        finals = [list(h)[-1] for h in handles]
+    assert all(d.finish_reason == "length" and d.tokens == 64 and d.steps == 1 + 2 * 8 for d in finals)

@@ -1,11 +1,27 @@
 """`voice-agent bench llm|audio|e2e`: measurements, not tests.
 
-`bench llm` runs the dLLM engine and the AR baseline engine on the same weights, in one run, over
-a fixed set of short voice-assistant prompts, at batch 1 (one request at a time) and with all
-prompts submitted concurrently. Per reply: wall time, time to the first final text, tokens per
-forward pass and tokens/s; a table (or --json). Where the configured model has no diffusion
-decoding (the AR fallback while the adapted model is not shipped), it says so and measures the
-AR baseline only. `bench audio` and `bench e2e` live in `bench_audio` / `bench_e2e` modules.
+`bench llm` runs the dLLM engine and the AR baseline engine on the same weights, in one run:
+- by default, the configured model with its chat template over short voice-assistant prompts
+  (where it is an AR model, the AR fallback while the adapted model is not shipped, it says so
+  and measures the AR baseline only);
+- `--untrained-bd`: the configured AR model's weights decoded as a block-diffusion model
+  (`dlm.adapt.convert.to_block_diffusion`, no training): shows the mechanics; its tokens per
+  forward pass say nothing about a trained model;
+- `--synthetic NAME`: random weights in the shapes of a real checkpoint (`dlm.synthetic`, e.g.
+  fast-dllm-v2-1.5b), prompts of random token ids, no EOS, and a fixed number of denoising steps
+  per block (`--steps-per-block`), so every reply does the same work on any machine.
+
+At each concurrency level C (`--concurrency 1,8,32,128`), C requests are submitted at once to one
+engine whose max batch is the largest level, after an untimed warm-up at that level (which also
+compiles the shapes under `--compile`). Per reply: time to the first final text (first final
+token ids where the model has no tokenizer), wall time, tokens, forward passes. Per level: tokens
+per forward pass, median tokens/s per request, aggregate tokens/s (all tokens / the level's wall
+time), and on CUDA the peak memory (`torch.cuda.max_memory_allocated`).
+
+`--json FILE` writes the raw records with the environment (device name, driver from nvidia-smi
+where present, torch and CUDA versions, the exact command line). `--profile FILE` runs
+torch.profiler over a short run at the first level and writes a table of the top ops.
+`bench audio` and `bench e2e` live in the `bench_audio` / `bench_e2e` modules.
 """
 
 from __future__ import annotations
@@ -13,9 +29,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import platform
+import shlex
+import shutil
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from voice_agent.config import Config
@@ -32,6 +55,8 @@ PROMPTS = [
     "Remind me what a healthy breakfast looks like.",
     "What time zone is Tokyo in?",
 ]
+SYNTHETIC_PROMPT_TOKENS = 64  # prompt length of a synthetic request (random ids): two whole blocks of 32
+PROFILE_MAX_NEW_TOKENS = 64  # the profiled run: a few blocks, enough steps to average over
 
 _OTHERS = {"audio": "bench_audio", "e2e": "bench_e2e"}
 
@@ -45,15 +70,37 @@ def _other(target: str):
         raise
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not levels or any(c < 1 for c in levels):
+        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
+    return levels
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
     llm = sub.add_parser("llm", help="dLLM engine vs AR baseline on the same weights")
-    llm.add_argument("--device", help="torch device (default: llm.device)")
-    llm.add_argument("--dtype", help="float32 | bfloat16 (default: llm.dtype)")
+    llm.add_argument("--device", help="torch device, e.g. cpu, cuda (default: llm.device)")
+    llm.add_argument("--dtype", help="float32 | bfloat16 | auto (default: llm.dtype; auto with --synthetic)")
     llm.add_argument("--max-new-tokens", type=int, default=64)
-    llm.add_argument("--concurrency", type=int, default=8, help="requests submitted at once in the batched run")
-    llm.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
-    llm.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    llm.add_argument("--concurrency", type=_levels, default=[1, 8], metavar="C1,C2,...",
+                     help="requests submitted at once, one level after the other (default: 1,8)")
+    llm.add_argument("--synthetic", metavar="NAME",
+                     help="random weights in a real checkpoint's shapes (dlm.synthetic: fast-dllm-v2-1.5b, small)")
+    llm.add_argument("--untrained-bd", action="store_true",
+                     help="decode the configured AR model as block diffusion, untrained (mechanics only)")
+    llm.add_argument("--policy", help="threshold | fixed_steps | factor (default: llm.policy; fixed_steps "
+                                      "with --synthetic)")
+    llm.add_argument("--steps-per-block", type=int, default=8,
+                     help="denoising steps per block under fixed_steps (default 8: 4 tokens/forward at block 32)")
+    llm.add_argument("--engines", default="dllm,ar", help="which engines to run (default: dllm,ar)")
+    llm.add_argument("--compile", metavar="MODE", help="torch.compile the denoising forward: default | "
+                                                       "reduce-overhead | max-autotune | max-autotune-no-cudagraphs")
+    llm.add_argument("--json", metavar="FILE", help="write the raw results and the environment to FILE")
+    llm.add_argument("--profile", metavar="FILE", help="profile a short run and write the top ops table to FILE")
     for target in _OTHERS:
         module = _other(target)
         p = sub.add_parser(target, help=getattr(module, "HELP", "(not built yet)"))
@@ -61,85 +108,253 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             module.add_arguments(p)
 
 
-def _measure(engine, prompts: list[list[dict]], params, concurrency: int) -> list[dict[str, Any]]:
-    """Submit in waves of `concurrency`; one record per reply, timed from its own submit."""
+# -- environment ------------------------------------------------------------------------------
+
+def _environment(device: str) -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {
+        "command": shlex.join(["voice-agent", *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "device_name": platform.processor() or platform.machine(),
+        "driver": None,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            env["driver"] = out
+        except (OSError, subprocess.SubprocessError) as e:
+            env["driver"] = f"nvidia-smi failed: {e}"
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           timeout=5, check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
+
+
+# -- workload ---------------------------------------------------------------------------------
+
+def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list[Any], Any, list[str]]:
+    """-> (loaded model, diffusion capable, prompts, GenerationParams, notes)."""
+    import torch
+
+    from voice_agent.commands.chat import generation_params, load_llm
+
+    device = args.device or config.llm.device
+    notes: list[str] = []
+    if args.synthetic:
+        from dlm.synthetic import synthetic_model
+
+        max_seq_len = -(-(SYNTHETIC_PROMPT_TOKENS + args.max_new_tokens) // 64) * 64 + 64
+        loaded = synthetic_model(args.synthetic, device=device, dtype=args.dtype or "auto", max_seq_len=max_seq_len)
+        generator = torch.Generator().manual_seed(0)
+        high = loaded.spec.mask_token_id  # ids below the mask token: ordinary vocabulary
+        prompts = [torch.randint(0, high, (SYNTHETIC_PROMPT_TOKENS,), generator=generator).tolist()
+                   for _ in range(max(args.concurrency))]
+        params = generation_params(config, args.max_new_tokens)
+        params.policy = args.policy or "fixed_steps"
+        params.steps_per_block, params.block_size, params.sub_block_size = args.steps_per_block, 0, 0
+        params.temperature = 0.0
+        notes.append(f"synthetic random weights ({args.synthetic}): no EOS, every reply runs to max_new_tokens; "
+                     f"policy {params.policy}, {args.steps_per_block} steps per block")
+        return loaded, True, prompts, params, notes
+    loaded, diffusion = load_llm(config, config.llm.model, device, args.dtype or config.llm.dtype)
+    params = generation_params(config, args.max_new_tokens)
+    if args.policy:
+        params.policy = args.policy
+    if params.policy == "fixed_steps":
+        params.steps_per_block = args.steps_per_block
+    if args.untrained_bd:
+        from dlm.adapt.convert import to_block_diffusion
+
+        if diffusion:
+            raise SystemExit("--untrained-bd needs an AR model; the configured model already is a diffusion model")
+        loaded.spec = to_block_diffusion(loaded, block_size=32, sub_block_size=0)
+        loaded.family = f"{loaded.family}->bd (untrained)"
+        diffusion = True
+        notes.append("UNTRAINED block-diffusion view of the AR weights: mechanics only; its tokens per forward "
+                     "pass and its text say nothing about a trained dLLM")
+    elif not diffusion:
+        notes.append(f"no diffusion model available: {config.llm.model!r} resolved to {loaded.path} "
+                     f"({loaded.family}, no mask token); only the AR baseline is measured")
+    system = {"role": "system", "content": config.agent.system_prompt}
+    n = max(args.concurrency)
+    prompts = [[system, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
+    return loaded, diffusion, prompts, params, notes
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+def _measure(engine, prompts: list[Any], params) -> tuple[list[dict[str, Any]], float]:
+    """Submit all prompts at once; one record per reply, timed from the common submit time.
+    Returns (records, wall time of the whole level)."""
     records: list[dict[str, Any]] = []
-    for i in range(0, len(prompts), concurrency):
-        wave = []
-        for messages in prompts[i:i + concurrency]:
-            rec: dict[str, Any] = {"t0": time.perf_counter(), "first_s": None}
+    handles = []
+    t0 = time.perf_counter()
+    for prompt in prompts:
+        rec: dict[str, Any] = {"first_output_s": None}
 
-            def on_delta(d, rec=rec):
-                now = time.perf_counter()
-                if d.text and rec["first_s"] is None:
-                    rec["first_s"] = now - rec["t0"]
-                if d.finished:
-                    rec.update(wall_s=now - rec["t0"], tokens=d.tokens, steps=d.steps, finish=d.finish_reason)
+        def on_delta(d, rec=rec):  # worker thread: record times only
+            now = time.perf_counter()
+            if rec["first_output_s"] is None and (d.text or (d.token_ids and engine.tokenizer is None)):
+                rec["first_output_s"] = now - t0
+            if d.finished:
+                rec.update(wall_s=now - t0, tokens=d.tokens, steps=d.steps, finish=d.finish_reason, error=d.error)
 
-            wave.append((engine.submit(messages, params, on_delta=on_delta), rec))
-        for handle, rec in wave:
-            rec["text"] = handle.result()
-            records.append(rec)
+        handles.append((engine.submit(prompt, params, on_delta=on_delta), rec))
+    for handle, rec in handles:
+        rec["text"] = handle.result()
+        records.append(rec)
+    wall = time.perf_counter() - t0
     for rec in records:
-        rec.pop("t0")
         rec["tokens_per_forward"] = rec["tokens"] / max(rec["steps"], 1)
         rec["tokens_per_s"] = rec["tokens"] / max(rec["wall_s"], 1e-9)
-    return records
+    return records, wall
 
 
-def _summary(engine_name: str, batch: int, records: list[dict[str, Any]]) -> dict[str, Any]:
-    med = lambda key: statistics.median(r[key] for r in records if r[key] is not None) if any(r[key] is not None for r in records) else None  # noqa: E731
+def _summary(engine_name: str, concurrency: int, records: list[dict[str, Any]], wall_s: float,
+             peak_bytes: int | None) -> dict[str, Any]:
+    def med(key: str) -> float | None:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    tokens = sum(r["tokens"] for r in records)
     return {
         "engine": engine_name,
-        "batch": batch,
+        "concurrency": concurrency,
         "replies": len(records),
+        "median_first_output_s": med("first_output_s"),
         "median_wall_s": med("wall_s"),
-        "median_first_text_s": med("first_s"),
         "median_tokens": med("tokens"),
-        "tokens_per_forward": sum(r["tokens"] for r in records) / max(sum(r["steps"] for r in records), 1),
-        "median_tokens_per_s": med("tokens_per_s"),
+        "tokens_per_forward": tokens / max(sum(r["steps"] for r in records), 1),
+        "median_tokens_per_s_per_request": med("tokens_per_s"),
+        "aggregate_tokens_per_s": tokens / max(wall_s, 1e-9),
+        "level_wall_s": wall_s,
+        "peak_memory_bytes": peak_bytes,
+        "errors": sum(1 for r in records if r.get("finish") == "error"),
         "replies_detail": records,
     }
 
 
+def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | None, path: Path) -> None:
+    """torch.profiler over a short run of the engine's step loop, driven here in this thread (the
+    profiler records the thread that starts it, not the engine's worker): a `BlockDecoder` like
+    the engine's, the same prompts and settings, one untimed run first (warm-up, compilation)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dlm.decode import BlockDecoder
+
+    cuda = loaded.model.model.embed_tokens.weight.device.type == "cuda"
+    short = replace(params, max_new_tokens=min(params.max_new_tokens, PROFILE_MAX_NEW_TOKENS))
+    requests = [engine.prepare(prompt, short) for prompt in prompts]
+    decoder = BlockDecoder(loaded.model, engine.spec, max_batch_size=len(requests), max_seq_len=engine.max_seq_len,
+                           cache=engine.cache, compile_mode=compile_mode)
+
+    def run() -> int:
+        for slot, (ids, settings) in enumerate(requests):
+            decoder.add(slot, ids, settings)
+        steps = 0
+        while decoder.rows:
+            steps += 1
+            for update in decoder.step():
+                if update.finish_reason is not None:
+                    decoder.remove(update.slot)
+        return steps
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode():
+        run()
+        with profile(activities=activities) as prof:
+            steps = run()
+            if cuda:
+                torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=30)
+    path.write_text(f"{len(requests)} requests, {steps} decoder steps (prefill included in the first)\n{table}\n",
+                    encoding="utf-8")
+
+
 def run_llm(args: argparse.Namespace, config: Config) -> int:
+    import torch
+
     from dlm.ar import AREngine
     from dlm.engine import Engine
-    from voice_agent.commands.chat import generation_params, load_llm
 
-    device = args.device or config.llm.device
-    dtype = args.dtype or config.llm.dtype
-    loaded, diffusion = load_llm(config, config.llm.model, device, dtype)
-    notes = []
-    if not diffusion:
-        notes.append(f"no diffusion model available: {config.llm.model!r} resolved to {loaded.path} "
-                     f"({loaded.family}, no mask token); only the AR baseline is measured")
-        print(f"WARNING: {notes[-1]}", file=sys.stderr)
-    params = generation_params(config, args.max_new_tokens)
-    system = {"role": "system", "content": config.agent.system_prompt}
-    prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
-    engines = ([("dllm", Engine)] if diffusion else []) + [("ar", AREngine)]
+    if args.synthetic and args.untrained_bd:
+        print("--synthetic and --untrained-bd exclude each other", file=sys.stderr)
+        return 2
+    loaded, diffusion, prompts, params, notes = _workload(args, config)
+    device = str(loaded.model.model.embed_tokens.weight.device)
+    cuda = device.startswith("cuda")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    wanted = {name.strip() for name in args.engines.split(",")}
+    engines = [(name, cls) for name, cls in (("dllm", Engine), ("ar", AREngine))
+               if name in wanted and (diffusion or name == "ar")]
+    max_c = max(args.concurrency)
+    max_seq_len = loaded.config.max_seq_len
     results = []
     for name, cls in engines:
-        with cls(loaded, max_batch_size=max(1, args.concurrency)) as engine:
-            engine.submit(prompts[0], generation_params(config, 4)).result()  # warm-up
-            for batch in (1, args.concurrency):
-                results.append(_summary(name, batch, _measure(engine, prompts, params, batch)))
-    report = {"model": str(loaded.path), "family": loaded.family, "device": device, "dtype": dtype,
-              "max_new_tokens": args.max_new_tokens, "policy": params.policy, "notes": notes, "results": results}
+        with cls(loaded, max_batch_size=max_c, max_seq_len=max_seq_len, compile_mode=args.compile) as engine:
+            if args.profile:
+                path = Path(args.profile).with_suffix(f".{name}{Path(args.profile).suffix or '.txt'}")
+                _profile(engine, loaded, prompts[: args.concurrency[0]], params, args.compile, path)
+                print(f"profile of {name} written to {path}", file=sys.stderr)
+            for c in args.concurrency:
+                _measure(engine, prompts[:c], params)  # warm-up at this level (and compile its shapes)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                records, wall = _measure(engine, prompts[:c], params)
+                peak = torch.cuda.max_memory_allocated() if cuda else None
+                results.append(_summary(name, c, records, wall, peak))
+                print(f"  {name} concurrency {c}: {wall:.2f} s", file=sys.stderr)
+    report = {
+        "environment": _environment(device),
+        "model": str(loaded.path), "family": loaded.family, "dtype": str(loaded.model.model.embed_tokens.weight.dtype),
+        "max_new_tokens": args.max_new_tokens, "policy": params.policy,
+        "steps_per_block": params.steps_per_block if params.policy == "fixed_steps" else None,
+        "compile": args.compile, "notes": notes, "results": results,
+    }
     if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"model {loaded.path} ({loaded.family}) on {device} {dtype}, max_new_tokens {args.max_new_tokens}")
-    for note in notes:
-        print(f"note: {note}")
-    print(f"{'engine':<6} {'batch':>5} {'wall s':>8} {'first text s':>12} {'tokens':>7} {'tok/fwd':>8} {'tok/s':>8}")
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    for r in results:
-        print(f"{r['engine']:<6} {r['batch']:>5} {fmt(r['median_wall_s'], '8.3f')} {fmt(r['median_first_text_s'], '12.3f')} "
-              f"{fmt(r['median_tokens'], '7.0f')} {r['tokens_per_forward']:>8.2f} {fmt(r['median_tokens_per_s'], '8.1f')}")
-    print("(medians over replies; tok/fwd = tokens per forward pass over all replies; at batch > 1 a forward serves several replies)")
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"raw results written to {args.json}", file=sys.stderr)
+    _print_table(report)
     return 0
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    env = report["environment"]
+    print(f"model {report['model']} ({report['family']}) on {env['device']} ({env['device_name']}) {report['dtype']}, "
+          f"torch {env['torch']}, max_new_tokens {report['max_new_tokens']}, policy {report['policy']}, "
+          f"compile {report['compile']}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"{'engine':<6} {'conc':>5} {'first s':>8} {'wall s':>8} {'tokens':>7} {'tok/fwd':>8} "
+          f"{'tok/s/req':>10} {'agg tok/s':>10} {'peak MiB':>9}")
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for r in report["results"]:
+        peak = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
+        print(f"{r['engine']:<6} {r['concurrency']:>5} {fmt(r['median_first_output_s'], '8.3f')} "
+              f"{fmt(r['median_wall_s'], '8.3f')} {fmt(r['median_tokens'], '7.0f')} {r['tokens_per_forward']:>8.2f} "
+              f"{fmt(r['median_tokens_per_s_per_request'], '10.1f')} {r['aggregate_tokens_per_s']:>10.1f} "
+              f"{fmt(peak, '9.0f')}")
+    print("(first s: median time to the first final text, or token ids without a tokenizer; tok/fwd: tokens per "
+          "forward pass over all replies of a level; agg tok/s: all tokens / the level's wall time)")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
