@@ -55,6 +55,8 @@ class Metrics:
             ms = values.get(key)
             if ms is not None and ms >= 0:
                 self._latency[stage].observe(ms / 1000)
+        if record.status == "failed":
+            self.errors_total[values.get("error") or "turn_failed"] += 1  # llm_error, asr_error, tts_error
         if values.get("speculative") not in (None, "off"):
             self.speculative_total[values["speculative"]] += 1
         if values.get("tokens") and values.get("forward_passes"):

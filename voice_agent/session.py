@@ -16,6 +16,12 @@ Contract:
   output is adopted ("hit"), else the request is aborted and restarted ("miss").
 - Heavy work never runs on the event loop: `services` wraps ASR and TTS in threads and the LLM
   client streams asynchronously. The session itself never sleeps; time comes from `clock`.
+- Faults: an ASR, LLM or TTS failure fails that turn only: an `ErrorEvent` (`asr_error`,
+  `llm_error`, `tts_error`), `ResponseDone(failed)` where a reply had started, and the call goes
+  on listening. A failing partial or speculative transcription is logged once per turn and skipped.
+- Memory per call is bounded however long the call runs: the newest `MAX_RECORDS` turn records,
+  `MAX_HISTORY_MESSAGES` history messages (the LLM sees fewer: `history_tokens`), and the reply
+  chunks of the newest `MAX_TRUNCATABLE_TURNS` turns (for a late `PlaybackTruncate`).
 - `close()` is idempotent: it cancels the tasks, stores the unfinished turn and the call's end.
 """
 
@@ -73,6 +79,10 @@ __all__ = ["Outbox", "Services", "Session", "State", "TurnRecord", "normalize_tr
 log = logging.getLogger(__name__)
 
 ASR_RATE_HZ = 16_000
+# Limits on what one call keeps in memory (see the module docstring).
+MAX_RECORDS = 256
+MAX_HISTORY_MESSAGES = 512
+MAX_TRUNCATABLE_TURNS = 8
 
 
 class State(enum.Enum):
@@ -129,6 +139,19 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._items) + len(self._urgent)
+
+    def backlog(self) -> int:
+        """Events queued past the ordered lane's bound: urgent ones and the kept end-of-turn events
+        of `put_nowait`. A transport stops reading its client while this is high (see
+        `wait_backlog`), so a client that floods requests without reading the answers is held back
+        by TCP instead of growing this queue."""
+        return len(self._urgent) + max(0, len(self._items) - self._max_items)
+
+    async def wait_backlog(self, limit: int) -> None:
+        """Return once `backlog() <= limit` (or the outbox is closed). Cancelling it is safe."""
+        while self.backlog() > limit and not self._closed:
+            self._changed.clear()
+            await self._changed.wait()
 
     async def put(self, event: Event) -> None:
         """Queue `event`; waits while the queue is full. Cancelling it is safe (nothing queued)."""
@@ -297,6 +320,7 @@ class _Turn:
     steps: int | None = None
     tokens: int | None = None
     truncated_ms: int | None = None
+    tts_error: str | None = None
     finished: bool = False
 
 
@@ -357,7 +381,8 @@ class Session:
         self.trace_steps = False
         # Conversation memory: (turn_id, message); the system prompt is added per request.
         self.history: list[tuple[int, dict[str, str]]] = []
-        self.records: list[TurnRecord] = []
+        self.records: collections.deque[TurnRecord] = collections.deque(maxlen=MAX_RECORDS)
+        self.turn_count = 0  # turns started in this call (records keeps the newest only)
         self._chunks_by_turn: dict[int, list[Chunk]] = {}
         self.dtmf: list[str] = []
         self.call_info: CallStarted | None = None
@@ -453,7 +478,12 @@ class Session:
 
     @property
     def turns(self) -> list[TurnRecord]:
-        return self.records
+        return list(self.records)
+
+    @property
+    def replying(self) -> bool:
+        """A turn is being transcribed, generated or played (the server's drain waits for it)."""
+        return self._reply_turn is not None
 
     # --- configuration -------------------------------------------------------------------------
 
@@ -476,9 +506,20 @@ class Session:
         duration = len(event.samples) / event.sample_rate_hz
         self._inbox.append(event)
         self._inbox_s += duration
-        while self._inbox_s > self._max_inbox_s and len(self._inbox) > 1:
-            old = self._inbox.popleft()
+        while self._inbox_s > self._max_inbox_s and self._inbox:
+            old = self._inbox[0]
             old_s = len(old.samples) / old.sample_rate_hz
+            excess_s = self._inbox_s - self._max_inbox_s
+            if old_s > excess_s:
+                # Cut the head off this chunk rather than drop it whole: one oversized append
+                # must not take the newest audio with it.
+                n = int(excess_s * old.sample_rate_hz) + 1
+                self._inbox[0] = AudioIn(samples=old.samples[n:], sample_rate_hz=old.sample_rate_hz, t=old.t)
+                cut_s = n / old.sample_rate_hz
+                self._inbox_s -= cut_s
+                self.dropped_audio_s += cut_s
+                break
+            self._inbox.popleft()
             self._inbox_s -= old_s
             self.dropped_audio_s += old_s
         self._inbox_ready.set()
@@ -534,6 +575,7 @@ class Session:
     def _new_turn(self, kind: str) -> _Turn:
         turn_id = self._next_turn_id
         self._next_turn_id += 1
+        self.turn_count += 1
         record = TurnRecord(turn_id=turn_id, kind=kind, started_at=self._wall_clock())
         turn = _Turn(record=record, audio_output=self.audio_output)
         turn.speculative = "none" if (self.config.speculative_start and kind == "speech") else "off"
@@ -546,7 +588,7 @@ class Session:
         turn = self._new_turn("speech")
         self._user_turn = turn
         self.state = State.USER_SPEAKING
-        self._partial_at_s = self._stream_s
+        self._partial_at_s = self._stream_s  # (inf after a failed partial; reset per turn here)
         self.outbox.put_urgent(SpeechStarted(turn_id=turn.record.turn_id, t=self._clock(), audio_start_ms=int(start_s * 1000)))
 
     def _stream_time_to_clock(self, t_s: float) -> float:
@@ -583,7 +625,13 @@ class Session:
         self._partial_task = self._spawn(self._partial(turn_id, audio), "asr-partial")
 
     async def _partial(self, turn_id: int, audio: np.ndarray) -> None:
-        text = await self.services.transcribe(audio)
+        try:
+            text = await self.services.transcribe(audio)
+        except Exception as e:
+            # Partials are a nicety: skip the rest of this turn's, the final transcript decides.
+            log.warning("call %s turn %d: partial transcription failed (%s: %s); no more partials this turn", self.call_id, turn_id, type(e).__name__, e)
+            self._partial_at_s = float("inf")
+            return
         if text and self._user_turn is not None and self._user_turn.record.turn_id == turn_id:
             await self.outbox.put(TranscriptDelta(turn_id=turn_id, t=self._clock(), text=text))
 
@@ -596,7 +644,11 @@ class Session:
         self._spec_task = self._spawn(self._speculate(turn, audio), "speculate")
 
     async def _speculate(self, turn: _Turn, audio: np.ndarray) -> None:
-        text = await self.services.transcribe(audio)
+        try:
+            text = await self.services.transcribe(audio)
+        except Exception as e:
+            log.warning("call %s turn %d: speculative transcription failed (%s: %s)", self.call_id, turn.record.turn_id, type(e).__name__, e)
+            return  # the final transcription decides
         if not text.strip() or self._user_turn is not turn:
             return  # nothing said, or the turn already ended: the final path starts the LLM
         run = LlmRun(self.services.llm, self._messages(text), trace_steps=self.trace_steps, clock=self._clock)
@@ -614,7 +666,14 @@ class Session:
     # --- turns ---------------------------------------------------------------------------------
 
     async def _finalize_speech(self, turn: _Turn, audio: np.ndarray) -> None:
-        text = await self.services.transcribe(audio)
+        text = await self._transcribe_final(turn, audio)
+        if text is None:
+            if self._spec_task is not None and not self._spec_task.done():
+                self._spec_task.cancel()
+            if self._speculation is not None:
+                self._speculation.run.cancel()
+                self._speculation = None
+            return
         turn.t_asr = self._clock()
         # A speculation still transcribing is moot now; a finished one is judged.
         if self._spec_task is not None and not self._spec_task.done():
@@ -643,6 +702,17 @@ class Session:
             run = LlmRun(self.services.llm, self._messages(), trace_steps=self.trace_steps, clock=self._clock)
         await self._reply(turn, run)
 
+    async def _transcribe_final(self, turn: _Turn, audio: np.ndarray) -> str | None:
+        """The turn's transcript; on an ASR failure, fail the turn (error event) and return None."""
+        try:
+            return await self.services.transcribe(audio)
+        except Exception as e:
+            log.error("call %s turn %d: transcription failed: %s: %s", self.call_id, turn.record.turn_id, type(e).__name__, e)
+            message = f"transcription failed: {type(e).__name__}: {e}"
+            await self._error("asr_error", message)
+            self._finish(turn, "failed", error=message, error_code="asr_error")
+            return None
+
     async def _on_user_text(self, event: UserText) -> None:
         if self._reply_turn is not None:
             await self._interrupt("text")
@@ -650,7 +720,7 @@ class Session:
         turn.t_speech_end = self._clock()
         turn.record.user_text = event.text
         self._add_history(turn.record.turn_id, "user", event.text)
-        self.records.append(turn.record)  # visible at once; finished when its reply is
+        self._keep_record(turn.record)  # visible at once; finished when its reply is
         if event.respond:
             self._start_reply(turn)
         else:
@@ -678,7 +748,9 @@ class Session:
         turn.speculative = "off"
         turn.t_speech_end = self._clock()
         await self.outbox.put(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(self._stream_s * 1000)))
-        text = await self.services.transcribe(audio)
+        text = await self._transcribe_final(turn, audio)
+        if text is None:
+            return
         turn.t_asr = self._clock()
         turn.record.user_text = text
         await self.outbox.put(TranscriptFinal(turn_id=turn.record.turn_id, t=self._clock(), text=text))
@@ -714,8 +786,7 @@ class Session:
         turn_id = turn.record.turn_id
         self._reply_turn = turn
         self.state = State.THINKING
-        if turn.record not in self.records:
-            self.records.append(turn.record)
+        self._keep_record(turn.record)
         await self.outbox.put(ReplyStarted(turn_id=turn_id, t=self._clock(), audio_output=turn.audio_output))
         # Bounded; `put` waits, so no sentence is ever dropped.
         sentences: asyncio.Queue[str | None] = asyncio.Queue(maxsize=16)
@@ -745,18 +816,36 @@ class Session:
                 await sentences.put(None)
                 await speaker
         except LlmError as e:
-            if speaker is not None:
-                speaker.cancel()
             await self._error("llm_error", str(e))
-            self._finish(turn, "failed", error=str(e))
+            self._finish(turn, "failed", error=str(e), error_code="llm_error")
+            return
+        finally:
+            # Interrupted (cancelled) or failed: the speaker would wait on `sentences` until the
+            # call ends, one stray task per barge-in.
+            if speaker is not None and not speaker.done():
+                speaker.cancel()
+        if turn.tts_error is not None:
+            await self._error("tts_error", turn.tts_error)
+            self._finish(turn, "failed", error=turn.tts_error, error_code="tts_error")
             return
         turn.generation_done = True
         self._maybe_complete(turn)
 
     async def _speak(self, turn: _Turn, sentences: asyncio.Queue[str | None]) -> None:
+        """Synthesize each sentence in order. On a TTS failure it stops the LLM, sets
+        `turn.tts_error` and goes on draining `sentences`, so that the producer never blocks."""
         turn_id = turn.record.turn_id
         while (sentence := await sentences.get()) is not None:
-            samples, rate = await self.services.synthesize(sentence)
+            if turn.tts_error is not None:
+                continue
+            try:
+                samples, rate = await self.services.synthesize(sentence)
+            except Exception as e:
+                log.error("call %s turn %d: speech synthesis failed: %s: %s", self.call_id, turn_id, type(e).__name__, e)
+                turn.tts_error = f"speech synthesis failed: {type(e).__name__}: {e}"
+                if turn.run is not None:
+                    turn.run.cancel()
+                continue
             if turn.t_first_audio is None:
                 turn.t_first_audio = self._clock()
             if len(samples) == 0:
@@ -853,7 +942,9 @@ class Session:
 
     # --- finishing a turn ----------------------------------------------------------------------
 
-    def _finish(self, turn: _Turn, status: str, *, reason: str | None = None, error: str | None = None) -> None:
+    def _finish(
+        self, turn: _Turn, status: str, *, reason: str | None = None, error: str | None = None, error_code: str | None = None
+    ) -> None:
         """Record the turn (history, store, metrics) and go back to listening. Synchronous, so
         that an interruption never leaves a turn half-recorded."""
         if turn.finished:
@@ -868,11 +959,14 @@ class Session:
         else:
             record.heard = record.reply_text.strip()  # text on screen was all shown as it came
         self._chunks_by_turn[record.turn_id] = turn.chunks  # for a later truncate
+        while len(self._chunks_by_turn) > MAX_TRUNCATABLE_TURNS:
+            del self._chunks_by_turn[min(self._chunks_by_turn)]
         if status != "no_reply" and record.heard:
             self._add_history(record.turn_id, "assistant", record.heard)
         record.metrics = self._metrics(turn)
-        if record not in self.records:
-            self.records.append(record)
+        if error_code is not None:
+            record.metrics["error"] = error_code
+        self._keep_record(record)
         if self._reply_turn is turn:
             self._reply_turn = None
             if self.state in (State.THINKING, State.SPEAKING):
@@ -920,6 +1014,8 @@ class Session:
 
     def _add_history(self, turn_id: int, role: str, content: str) -> None:
         self.history.append((turn_id, {"role": role, "content": content}))
+        if len(self.history) > MAX_HISTORY_MESSAGES:
+            del self.history[: len(self.history) - MAX_HISTORY_MESSAGES]
 
     def _replace_history(self, turn_id: int, heard: str) -> None:
         """Set the assistant message of `turn_id` to `heard` (adding or removing it)."""
@@ -955,6 +1051,10 @@ class Session:
         return [{"role": "system", "content": self.instructions}, *kept]
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _keep_record(self, record: TurnRecord) -> None:
+        if not any(r is record for r in self.records):
+            self.records.append(record)
 
     async def _error(self, code: str, message: str) -> None:
         self.outbox.put_urgent(ErrorEvent(t=self._clock(), code=code, message=message))

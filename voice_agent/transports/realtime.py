@@ -79,6 +79,10 @@ SUPPORTED_CLIENT_EVENTS = (
 
 # Rates accepted for "audio/pcm" (the OpenAI service takes 24 kHz only; we take these).
 PCM_RATES_HZ = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+# Error codes that are the server's fault, not the client's.
+_SERVER_ERRORS = ("llm_error", "asr_error", "tts_error", "audio_error", "server_error")
+# Responses remembered for `conversation.item.truncate` (older items get `item_not_found`).
+MAX_REMEMBERED_RESPONSES = 64
 _BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
 
 
@@ -474,7 +478,7 @@ class RealtimeProtocol:
                     return []
                 return self._out("voice_agent.metrics", turn_id=event.turn_id, metrics=event.values)
             case ErrorEvent():
-                kind = "server_error" if event.code in ("llm_error", "audio_error") else "invalid_request_error"
+                kind = "server_error" if event.code in _SERVER_ERRORS else "invalid_request_error"
                 return self._out(
                     "error", error={"type": kind, "code": event.code, "message": event.message, "param": None, "event_id": event.client_event_id}
                 )
@@ -541,6 +545,9 @@ class RealtimeProtocol:
         )
         self._responses[event.turn_id] = r
         self._assistant_items[r.item_id] = event.turn_id
+        while len(self._responses) > MAX_REMEMBERED_RESPONSES:  # a long call stays bounded
+            old = self._responses.pop(min(self._responses))
+            self._assistant_items.pop(old.item_id, None)
         item = self._assistant_item(r, "in_progress", None)
         out = self._out("response.created", response=self._response_json(r, "in_progress", None))
         out += self._out("response.output_item.added", response_id=r.response_id, output_index=0, item=item)
