@@ -55,6 +55,12 @@ class ServerConfig:
     playback_lead_ms: int = 200
     # Timeouts
     idle_timeout_s: float = 300.0
+    # /twilio: a connection that sends no `start` within this is closed (1008).
+    start_timeout_s: float = 10.0
+    # A client that takes none of the messages waiting for it for this long (the close frame
+    # included) is disconnected (1008 "client is not reading").
+    send_timeout_s: float = 20.0
+    # On SIGTERM: replies in progress get this long to finish, then calls are closed with 1001.
     shutdown_grace_s: float = 10.0
 
 

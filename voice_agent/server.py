@@ -6,15 +6,27 @@ Contract:
 - WebSocket routes check the access token first (`Authorization: Bearer <token>`, which the
   openai SDK sends, or `?token=` for browsers): a wrong or missing token gets HTTP 401 and no
   upgrade, so no audio is ever read. Beyond `server.max_calls` a call is accepted and closed at
-  once with code 1013 ("try again later") and a reason. Messages over `max_message_bytes` close
-  the call with 1009 (websockets does it). A call idle for `idle_timeout_s` is closed with 1000.
+  once with 1013 ("try again later") and a reason. Messages over `max_message_bytes` close
+  the call with 1009 (websockets does it). A call idle for `idle_timeout_s` is closed with 1000;
+  a `/twilio` connection without `start` within `start_timeout_s` with 1008.
+- Backpressure: the reader stops reading the client while the session's outbox holds more than
+  `max_queued_messages` events past its ordered lane (errors and other answers the client has
+  not taken), and every send waits at most `send_timeout_s`: a client that never reads holds a
+  bounded backlog, then is closed with 1008 "client is not reading".
+- Faults: an exception while applying one client message is logged and answered with an
+  `error` (`server_error`); the call goes on. A writer that fails closes its call with 1011.
+  Messages the Twilio framing ignores are counted; the first few of each call are logged.
 - Per call: a reader task (framing -> session) and a writer task (session outbox -> framing ->
   socket) that paces reply audio in real time, `playback_lead_ms` ahead of the client's playback,
   stops sending a turn's audio the moment the turn is flushed, and reports when the first audio
   byte of a turn went out.
-- `VoiceServer.serve(stop)` runs until `stop` is set, then stops accepting, closes every call
-  with 1001, waits up to `shutdown_grace_s` for the calls to end (each stores its last turn) and
-  flushes the store. The token is never logged.
+- `VoiceServer.serve(stop)` runs until `stop` is set, then drains: it stops accepting, gives the
+  replies in progress up to `shutdown_grace_s` to finish, closes every call with 1001 "server
+  shutting down" (each stores its last turn) and flushes the store.
+- The store is ahead of the client: a turn's `response.done` is sent only once the turn is
+  committed, so a killed process loses no turn its caller saw finish.
+- The token is never logged: websockets' own log lines (DEBUG shows request lines and headers)
+  go through a filter that masks it.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import http
 import json
 import logging
 import mimetypes
+import re
 import time
 from importlib import resources
 from typing import Any
@@ -38,7 +51,15 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from voice_agent.config import Config
-from voice_agent.events import DROPPED_ON_INTERRUPT, CallStarted, Event, Flush, ReplyAudio
+from voice_agent.events import (
+    DROPPED_ON_INTERRUPT,
+    CallStarted,
+    ErrorEvent,
+    Event,
+    Flush,
+    ReplyAudio,
+    ResponseDone,
+)
 from voice_agent.metrics import Metrics
 from voice_agent.session import Services, Session, TurnRecord
 from voice_agent.store import CallStore
@@ -53,6 +74,35 @@ log = logging.getLogger(__name__)
 ROUTES = {"/v1/realtime": "realtime", "/twilio": "twilio"}
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011
+# Ignored Twilio messages logged per call; the rest are only counted (a flood must not fill the log).
+MAX_LOGGED_PROTOCOL_ERRORS = 5
+
+
+class _ClientNotReading(Exception):
+    """A send to the client did not complete within `server.send_timeout_s`."""
+
+
+class _RedactToken(logging.Filter):
+    """Masks credentials in log records: websockets logs request lines and headers at DEBUG. Any
+    `token=` value and any Authorization header is masked, not only the right token: a rejected
+    one is often a near miss of it."""
+
+    _CREDENTIALS = re.compile(r"(?i)(token=)[^&\s]*|(authorization: *\S+ +)\S+|(authorization: *)(?!\S+ +\S)\S+")
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = self._CREDENTIALS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "<redacted>", message)
+        if self.token:
+            masked = masked.replace(self.token, "<redacted>")
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
 
 
 class _Sink:
@@ -61,12 +111,14 @@ class _Sink:
     def __init__(self, metrics: Metrics, store: CallStore | None) -> None:
         self.metrics = metrics
         self.store = store
+        self.turn_ended = asyncio.Event()  # set at every finished turn (the shutdown drain waits on it)
 
     def turn_finished(self, call_id: str, record: TurnRecord) -> None:
         self.metrics.turn_finished(call_id, record)
         if self.store is not None:
             self.store.turn_finished(call_id, record)
         log.info("call %s turn %d %s: metrics %s", call_id, record.turn_id, record.status, json.dumps(record.metrics))
+        self.turn_ended.set()
 
 
 class VoiceServer:
@@ -88,6 +140,17 @@ class VoiceServer:
         self._server: Server | None = None
         self._started = time.monotonic()
         self.port: int | None = None
+        # Calls in progress: call id -> (session, connection, writer task).
+        self._calls: dict[str, tuple[Session, ServerConnection, asyncio.Task[None]]] = {}
+        self._ws_log = logging.getLogger("websockets.server")
+        self._ws_log_filter = _RedactToken(config.server.token)
+        self._not_reading_calls: set[str] = set()
+        self._background_tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        """The sessions of the calls in progress, by call id."""
+        return {call_id: session for call_id, (session, _, _) in self._calls.items()}
 
     # --- HTTP ----------------------------------------------------------------------------------
 
@@ -164,12 +227,12 @@ class VoiceServer:
     async def _handler(self, ws: ServerConnection) -> None:
         route = ROUTES.get(urlsplit(ws.request.path).path) if ws.request else None
         if route is None:  # process_request answered every other path
-            await ws.close(1008, "unknown route")
+            await self._close(ws, 1008, "unknown route")
             return
         if self.metrics.calls_active >= self.config.server.max_calls:
             self.metrics.calls_rejected["max_calls"] += 1
             log.warning("rejected a %s call: %d calls in progress (server.max_calls)", route, self.metrics.calls_active)
-            await ws.close(CLOSE_TRY_AGAIN_LATER, f"too many calls: the limit is {self.config.server.max_calls}")
+            await self._close(ws, CLOSE_TRY_AGAIN_LATER, f"too many calls: the limit is {self.config.server.max_calls}")
             return
         self.metrics.calls_active += 1
         self.metrics.calls_total[route] += 1
@@ -177,6 +240,46 @@ class VoiceServer:
             await self._call(ws, route)
         finally:
             self.metrics.calls_active -= 1
+
+    async def _close(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close with a code and a reason. A client that does not take the close frame within
+        `send_timeout_s` is cut off (TCP abort): websockets' own close waits for the socket to
+        drain without a time limit. Idempotent; cancelling it is safe."""
+        try:
+            async with asyncio.timeout(self.config.server.send_timeout_s):
+                await ws.close(code, reason)
+        except TimeoutError:
+            ws.transport.abort()
+
+    async def _send(self, ws: ServerConnection, data: str) -> None:
+        """Send one message; raises _ClientNotReading after `send_timeout_s`. Cancelling it is safe."""
+        try:
+            async with asyncio.timeout(self.config.server.send_timeout_s):
+                await ws.send(data)
+        except TimeoutError:
+            raise _ClientNotReading from None
+
+    async def _recv(self, ws: ServerConnection, framing: Any, *, start_deadline: float | None) -> str | bytes | None:
+        """The next message; None when the call should end (idle, or no Twilio `start` in time),
+        after closing it with the reason."""
+        server = self.config.server
+        loop = asyncio.get_running_loop()
+        timeout_s = server.idle_timeout_s
+        waiting_start = start_deadline is not None and framing.stream_sid is None
+        if waiting_start:
+            timeout_s = min(timeout_s, max(0.0, start_deadline - loop.time()))
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await ws.recv()
+        except TimeoutError:
+            pass
+        if waiting_start and loop.time() >= start_deadline:
+            log.info("closing a /twilio connection: no 'start' within %.0f s", server.start_timeout_s)
+            self.metrics.error("no_start")
+            await self._close(ws, CLOSE_POLICY_VIOLATION, f"no 'start' message within {server.start_timeout_s:g} s")
+        else:
+            await self._close(ws, 1000, "idle timeout")
+        return None
 
     async def _call(self, ws: ServerConnection, route: str) -> None:
         server = self.config.server
@@ -196,47 +299,100 @@ class VoiceServer:
             sink=self._sink,
             max_outbox_events=server.max_queued_messages,
         )
-        log.info("call %s: %s connected from %s", session.call_id, route, ws.remote_address)
+        call_id = session.call_id
+        log.info("call %s: %s connected from %s", call_id, route, ws.remote_address)
         if self.store is not None:
-            self.store.call_started(session.call_id, route)
+            self.store.call_started(call_id, route)
         writer = asyncio.create_task(self._writer(ws, framing, session, local_marks=route == "realtime"), name="writer")
+        writer.add_done_callback(lambda task: self._writer_done(task, ws, call_id))
+        self._calls[call_id] = (session, ws, writer)
+        loop = asyncio.get_running_loop()
+        start_deadline = loop.time() + server.start_timeout_s if route == "twilio" else None
+        protocol_errors = 0
         try:
             for message in framing.start():
-                await ws.send(message)
+                await self._send(ws, message)
             while not session.ended:
-                try:
-                    async with asyncio.timeout(server.idle_timeout_s):
-                        message = await ws.recv()
-                except TimeoutError:
-                    log.info("call %s: idle for %.0f s, closing", session.call_id, server.idle_timeout_s)
-                    await ws.close(1000, "idle timeout")
+                message = await self._recv(ws, framing, start_deadline=start_deadline)
+                if message is None:
                     break
                 events = framing.feed(message)
                 for out in framing.take_outgoing():
-                    await ws.send(out)
+                    await self._send(ws, out)
                 if isinstance(framing, TwilioProtocol) and framing.errors:
                     for why in framing.errors:
-                        log.warning("call %s: ignored a Twilio message: %s", session.call_id, why)
+                        protocol_errors += 1
+                        if protocol_errors <= MAX_LOGGED_PROTOCOL_ERRORS:
+                            log.warning("call %s: ignored a Twilio message: %s", call_id, why)
                         self.metrics.error("protocol")
                     framing.errors.clear()
                 for event in events:
                     if isinstance(event, CallStarted) and self.store is not None:
                         # customParameters may hold anything: only their names are logged.
                         info = {"call_sid": event.call_sid, "stream_sid": event.stream_sid, "parameters": event.parameters}
-                        self.store.call_info(session.call_id, info)
-                        log.info("call %s: Twilio call %s, parameters %s", session.call_id, event.call_sid, sorted(event.parameters))
-                    await session.handle(event)
+                        self.store.call_info(call_id, info)
+                        log.info("call %s: Twilio call %s, parameters %s", call_id, event.call_sid, sorted(event.parameters))
+                    try:
+                        await session.handle(event)
+                    except Exception as e:  # a bug in handling one message must not end the call
+                        log.exception("call %s: failed to apply %s", call_id, type(event).__name__)
+                        self.metrics.error("session")
+                        session.outbox.put_urgent(ErrorEvent(t=time.monotonic(), code="server_error", message=f"{type(e).__name__}: {e}"))
+                # Backpressure: stop reading while the client leaves its answers unread.
+                try:
+                    async with asyncio.timeout(server.send_timeout_s):
+                        await session.outbox.wait_backlog(server.max_queued_messages)
+                except TimeoutError:
+                    raise _ClientNotReading from None
         except ConnectionClosed:
             pass
+        except _ClientNotReading:
+            await self._not_reading(ws, call_id)
         finally:
             await session.close()
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, _ClientNotReading):
                 await writer
+            self._calls.pop(call_id, None)
             if self.store is not None:
-                self.store.call_ended(session.call_id)
-            await ws.close(1000, "call ended")
-            log.info("call %s: ended after %d turns", session.call_id, len(session.records))
+                self.store.call_ended(call_id)
+            if protocol_errors > MAX_LOGGED_PROTOCOL_ERRORS:
+                log.warning("call %s: %d Twilio messages ignored in all", call_id, protocol_errors)
+            await self._close(ws, 1000, "call ended")
+            log.info("call %s: ended after %d turns", call_id, session.turn_count)
+
+    async def _not_reading(self, ws: ServerConnection, call_id: str) -> None:
+        """Close a call whose client takes no messages (once, whoever notices first)."""
+        if call_id in self._not_reading_calls or ws.close_code is not None:
+            return
+        self._not_reading_calls.add(call_id)
+        log.warning("call %s: the client took no message for %.0f s, closing", call_id, self.config.server.send_timeout_s)
+        self.metrics.error("client_not_reading")
+        try:
+            # The close frame may not get through either: _close cuts the connection then.
+            await self._close(ws, CLOSE_POLICY_VIOLATION, "client is not reading")
+        finally:
+            self._not_reading_calls.discard(call_id)
+
+    def _writer_done(self, task: asyncio.Task[None], ws: ServerConnection, call_id: str) -> None:
+        """A writer that stopped on its own (not cancelled) ends its call."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None or isinstance(error, ConnectionClosed):
+            return
+        if isinstance(error, _ClientNotReading):
+            self._background(self._not_reading(ws, call_id))
+            return
+        log.error("call %s: the writer failed, closing the call", call_id, exc_info=error)
+        self.metrics.error("writer")
+        self._background(self._close(ws, CLOSE_INTERNAL_ERROR, "internal error"))
+
+    def _background(self, coro: Any) -> None:
+        """Run `coro` without waiting for it; the server keeps a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     async def _writer(self, ws: ServerConnection, framing: Any, session: Session, *, local_marks: bool) -> None:
         """Outbox -> messages, with real-time pacing of the audio. Cancelling it is safe."""
@@ -250,6 +406,8 @@ class VoiceServer:
             nonlocal play_end
             if isinstance(event, Flush):
                 play_end = loop.time()  # the client drops what it holds
+            if isinstance(event, ResponseDone) and self.store is not None:
+                await self.store.barrier()  # the turn is on disk before the client hears it ended
             droppable = isinstance(event, DROPPED_ON_INTERRUPT)
             for message in framing.encode(event):
                 if droppable and event.turn_id in outbox.flushed_turns:
@@ -258,7 +416,7 @@ class VoiceServer:
                     await pace(message)
                     if droppable and event.turn_id in outbox.flushed_turns:
                         return
-                await ws.send(message.data)
+                await self._send(ws, message.data)
                 if message.audio_s:
                     play_end = max(play_end, loop.time()) + message.audio_s
                     if isinstance(event, ReplyAudio) and event.turn_id not in audio_started:
@@ -290,34 +448,59 @@ class VoiceServer:
     async def start(self) -> Server:
         """Listen (port 0 picks a free port: see `self.port`)."""
         server = self.config.server
+        self._ws_log.addFilter(self._ws_log_filter)
         self._server = await serve(
             self._handler,
             server.host,
             server.port,
             process_request=self.process_request,
             origins=[None, *server.allowed_origins] if server.allowed_origins else None,
+            logger=self._ws_log,
             # Limits
             max_size=server.max_message_bytes,
             max_queue=server.max_queued_messages,
             compression=None,  # audio does not compress; deflate only costs CPU
+            # Timeouts
+            close_timeout=server.send_timeout_s,
         )
         self.port = next(iter(self._server.sockets)).getsockname()[1]
         return self._server
 
     async def shutdown(self) -> None:
-        """Stop accepting, close every call with 1001, wait for them, flush the store. Idempotent."""
+        """Drain (see the module docstring) and flush the store. Idempotent. Takes at most about
+        `shutdown_grace_s + send_timeout_s`."""
         if self._server is None:
             return
         server, self._server = self._server, None
-        log.info("shutting down: closing %d call(s)", self.metrics.calls_active)
-        server.close(close_connections=True)
+        grace_s = self.config.server.shutdown_grace_s
+        server.close(close_connections=False)  # stop accepting; the calls go on for now
+        busy = sum(session.replying for session, _, _ in self._calls.values())
+        log.info("shutting down: %d call(s), %d with a reply in progress (up to %.0f s to finish)", len(self._calls), busy, grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         try:
-            async with asyncio.timeout(self.config.server.shutdown_grace_s):
+            async with asyncio.timeout(grace_s):
+                while any(session.replying for session, _, _ in self._calls.values()):
+                    self._sink.turn_ended.clear()
+                    await self._sink.turn_ended.wait()
+        except TimeoutError:
+            log.warning("replies still in progress after %.0f s: closing anyway", grace_s)
+        # The writers send what is queued (a finished reply's response.done), then end.
+        for session, _, _ in self._calls.values():
+            session.outbox.close()
+        writers = [writer for _, _, writer in self._calls.values()]
+        if writers:
+            await asyncio.wait(writers, timeout=max(0.1, deadline - loop.time()))
+        for _, ws, _ in list(self._calls.values()):
+            self._background(self._close(ws, CLOSE_GOING_AWAY, "server shutting down"))
+        try:
+            async with asyncio.timeout(self.config.server.send_timeout_s + 1):
                 await server.wait_closed()
         except TimeoutError:
-            log.warning("calls did not end within %.0f s", self.config.server.shutdown_grace_s)
+            log.warning("calls did not end within %.0f s of their close", self.config.server.send_timeout_s)
         if self.store is not None:
             await asyncio.to_thread(self.store.flush)
+        self._ws_log.removeFilter(self._ws_log_filter)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then shut down cleanly."""

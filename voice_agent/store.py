@@ -7,13 +7,15 @@ Contract:
 - A turn is committed as soon as it completes (`INSERT OR REPLACE` keyed by call and turn, so a
   later correction, such as a truncation from the client, replaces the row). Killing the process
   loses nothing before the last completed turn: each turn is its own committed transaction.
-- `flush()` waits until everything enqueued is on disk; `close()` flushes, then closes; both
-  are idempotent. Reading (`list_calls`, `get_call`) opens its own connection: safe while a
+- `flush()` waits until everything enqueued is on disk, `await barrier()` likewise without
+  blocking the event loop (the server sends a turn's `response.done` after it); `close()`
+  flushes, then closes; both are idempotent. Reading (`list_calls`, `get_call`) opens its own connection: safe while a
   server is writing, thanks to WAL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import json
@@ -130,6 +132,14 @@ class CallStore:
             conn.execute("UPDATE calls SET ended_at = ? WHERE call_id = ?", (ended_at, call_id))
 
     # --- lifecycle -----------------------------------------------------------------------------
+
+    def barrier(self) -> asyncio.Future[None]:
+        """Awaitable: done once every write enqueued so far is committed (no thread waits)."""
+        if self._closed:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+            return future
+        return asyncio.wrap_future(self._executor.submit(lambda: None))
 
     def flush(self) -> None:
         """Block until every write enqueued so far is committed."""
