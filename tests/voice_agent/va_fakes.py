@@ -113,9 +113,10 @@ class FakeLLM:
 
     name = "fake"
 
-    def __init__(self, reply: str = "It is sunny. Take a hat. Have fun!", *, hold: bool = False) -> None:
+    def __init__(self, reply: str = "It is sunny. Take a hat. Have fun!", *, hold: bool = False, piece_delay_s: float = 0.0) -> None:
         self.reply = reply
         self.hold = hold
+        self.piece_delay_s = piece_delay_s  # a real (not fake-clock) wait between pieces, for server tests
         self.requests: list[list[dict[str, str]]] = []
         self.aborted = 0
         self.completed = 0
@@ -142,7 +143,7 @@ class FakeLLM:
                 if trace_steps:
                     yield LlmDelta(text="", trace=(i + 1, [piece.strip(), "<mask>"]))
                 yield LlmDelta(text=piece if i < len(pieces) - 1 else piece.rstrip(), steps=(tokens + 1) // 2, tokens=tokens)
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.piece_delay_s)
             finished = True
             self.completed += 1
             yield LlmDelta(text="", finished=True, finish_reason="eos", steps=(tokens + 1) // 2, tokens=tokens)
@@ -183,6 +184,9 @@ class FakeServices:
 
     def make_resampler(self, from_hz: int, to_hz: int) -> Resampler:
         return Resampler(from_hz, to_hz)
+
+    async def aclose(self) -> None:
+        await self.llm.aclose()
 
 
 async def settle(rounds: int = 200) -> None:
