@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: llm.device)")
     parser.add_argument("--ar", action="store_true", help="use the AR baseline engine on the same weights")
     parser.add_argument("--max-new-tokens", type=int, help="default: llm.max_new_tokens")
+    parser.add_argument("--compile", metavar="MODE", help="torch.compile the denoising forward (e.g. reduce-overhead "
+                                                          "on CUDA); the first replies pay for compilation")
 
 
 def load_llm(config: Config, name: str, device: str, dtype: str) -> tuple[Any, bool]:
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     history: list[dict[str, str]] = [{"role": "system", "content": config.agent.system_prompt}]
     print(f"{loaded.family} model from {loaded.path} on {device}, {'AR' if use_ar else 'block diffusion'} "
           "decoding. Empty line or Ctrl-D quits.", file=sys.stderr)
-    with engine_cls(loaded, max_batch_size=1) as engine:
+    with engine_cls(loaded, max_batch_size=1, compile_mode=args.compile) as engine:
         while True:
             try:
                 line = input("you> ").strip()
