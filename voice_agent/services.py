@@ -3,10 +3,15 @@
 Contract:
 - `ModelServices.load(config, api_key=...)` loads the models (seconds; call it from a thread or
   before the event loop starts). It logs loudly when the LLM is an AR fallback.
-- `await transcribe(audio_16k)` and `await synthesize(text)` run the blocking model in a worker
-  thread, one call at a time per model (a lock): faster-whisper and piper are not reentrant, and
-  on a small CPU two concurrent decodes only slow each other down. Cancelling the await is safe;
-  the model call in its thread runs to its end and its result is discarded.
+- `await transcribe(audio_16k, priority=AsrPriority.FINAL, on_start=None)` and
+  `await synthesize(text)` run the blocking model in a worker thread, one call at a time per
+  model: faster-whisper and piper are not reentrant, and on a small CPU two concurrent decodes
+  only slow each other down. ASR requests queue in a `PriorityGate`: every call's finals go
+  before any speculative or partial decode (whisper pads its input to 30 s, so each decode costs
+  the same ~0.7 s, 2 s or more on a loaded CPU, however short the audio). `on_start()` runs on
+  the event loop when the decode leaves the queue. Cancelling the await is safe: a queued
+  request leaves the queue; a model call already in its thread runs to its end (the model stays
+  taken until then) and its result is discarded.
 - `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state.
 """
 
@@ -15,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from voice_agent.config import Config
 from voice_agent.llm import LlmClient, build_llm
+from voice_agent.transcription import AsrPriority, PriorityGate
 
 __all__ = ["ModelServices"]
 
@@ -35,7 +42,8 @@ class ModelServices:
         self.end_silence_ms = config.vad.end_silence_ms
         self._transcriber = transcriber
         self._synthesizer = synthesizer
-        self._asr_lock = threading.Lock()
+        self._asr_gate = PriorityGate()  # the order of ASR requests (event loop)
+        self._asr_lock = threading.Lock()  # the model itself, whoever calls it
         self._tts_lock = threading.Lock()
 
     @classmethod
@@ -64,8 +72,24 @@ class ModelServices:
         with self._tts_lock:
             return self._synthesizer.synthesize(text)
 
-    async def transcribe(self, audio_16k: np.ndarray) -> str:
-        return await asyncio.to_thread(self._transcribe_blocking, audio_16k)
+    async def transcribe(
+        self,
+        audio_16k: np.ndarray,
+        *,
+        priority: AsrPriority = AsrPriority.FINAL,
+        on_start: Callable[[], None] | None = None,
+    ) -> str:
+        await self._asr_gate.acquire(priority)
+        try:
+            if on_start is not None:
+                on_start()
+            decode = asyncio.get_running_loop().run_in_executor(None, self._transcribe_blocking, audio_16k)
+        except BaseException:
+            self._asr_gate.release()
+            raise
+        # The gate is released when the thread is done, not when the awaiting task is cancelled.
+        decode.add_done_callback(lambda _: self._asr_gate.release())
+        return await asyncio.shield(decode)
 
     async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         samples = await asyncio.to_thread(self._synthesize_blocking, text)

@@ -10,10 +10,19 @@ Contract:
   turn's queued reply events from the outbox, emits `Flush` (urgent) and `ResponseDone(cancelled)`.
   What enters the history is what the caller heard: the chunks whose playback marks came back,
   or the prefix given by a `PlaybackTruncate`; not what was generated.
+- Speech recognition (`voice_agent.transcription.TranscriptStream` over the shared model):
+  partial transcripts every `partial_interval_ms` of audio, adaptively: at most one decode per
+  call in flight, the next partial only once the previous one finished and the interval passed
+  since, none for audio already decoded (only quiet audio added) and none after the endpoint.
+  The final transcript goes before every queued partial or speculative decode of every call,
+  cancels this call's queued partial, and reuses a decode whose audio differs only by trailing
+  silence (then the endpoint costs no decode at all).
 - Speculative start: a second endpointer with a short silence (`agent.speculative_pause_ms`)
-  marks pauses; at a pause the utterance so far is transcribed and the LLM starts on it, its
-  output held back. If the final transcript matches (case and punctuation aside) the held
-  output is adopted ("hit"), else the request is aborted and restarted ("miss").
+  marks pauses; at a pause the utterance so far is transcribed (speculative priority: after
+  finals, before partials) and the LLM starts on it, its output held back. If the final
+  transcript matches (case and punctuation aside) the held output is adopted ("hit"; the final
+  usually reuses that same decode), else the request is aborted and restarted ("miss").
+  `speculative_saved_ms`: how much earlier the adopted request started than the final transcript.
 - Heavy work never runs on the event loop: `services` wraps ASR and TTS in threads and the LLM
   client streams asynchronously. The session itself never sleeps; time comes from `clock`.
 - Faults: an ASR, LLM or TTS failure fails that turn only: an `ErrorEvent` (`asr_error`,
@@ -73,6 +82,7 @@ from voice_agent.events import (
     UserText,
 )
 from voice_agent.llm import LlmClient, LlmDelta, LlmError
+from voice_agent.transcription import AsrPriority, TranscriptStream
 
 __all__ = ["Outbox", "Services", "Session", "State", "TurnRecord", "normalize_transcript"]
 
@@ -99,7 +109,9 @@ class Services(Protocol):
     partial_interval_ms: int  # 0: no partial transcripts
     end_silence_ms: int  # the endpointer's: speech ended this long before SpeechEnded
 
-    async def transcribe(self, audio_16k: np.ndarray) -> str: ...
+    async def transcribe(
+        self, audio_16k: np.ndarray, *, priority: AsrPriority = ..., on_start: Callable[[], None] | None = None
+    ) -> str: ...
 
     async def synthesize(self, text: str) -> tuple[np.ndarray, int]: ...
 
@@ -393,7 +405,8 @@ class Session:
         self._speculation: _Speculation | None = None
         self._spec_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
-        self._partial_at_s = 0.0
+        self._partial_at_s = 0.0  # stream time the last partial finished (inf: no more this turn)
+        self._asr = TranscriptStream(services.transcribe)
         # Audio in: drop-oldest inbox, processed by one task.
         self._inbox: collections.deque[AudioIn] = collections.deque()
         self._inbox_s = 0.0
@@ -467,6 +480,7 @@ class Session:
         if self._speculation is not None:
             self._speculation.run.cancel()
             self._speculation = None
+        self._asr.reset()
         turn = self._reply_turn
         if turn is not None:
             self._stop_reply(turn)
@@ -566,7 +580,9 @@ class Session:
                 if isinstance(ev, VadSpeechStarted):
                     self._drop_speculation("the caller went on speaking")
                 elif self.state is State.USER_SPEAKING:
-                    self._start_speculation(ev.audio)
+                    # The main endpointer's utterance, not this one's: a pause inside the
+                    # sentence already ended a "turn" of the pause endpointer.
+                    self._start_speculation(self._endpointer.utterance_audio())
         if self.state is State.USER_SPEAKING:
             self._maybe_partial()
 
@@ -588,7 +604,8 @@ class Session:
         turn = self._new_turn("speech")
         self._user_turn = turn
         self.state = State.USER_SPEAKING
-        self._partial_at_s = self._stream_s  # (inf after a failed partial; reset per turn here)
+        self._asr.reset()
+        self._partial_at_s = self._stream_s  # (inf during a partial or after a failed one)
         self.outbox.put_urgent(SpeechStarted(turn_id=turn.record.turn_id, t=self._clock(), audio_start_ms=int(start_s * 1000)))
 
     def _stream_time_to_clock(self, t_s: float) -> float:
@@ -603,7 +620,7 @@ class Session:
             return
         turn.t_speech_end = self._stream_time_to_clock(end_s)
         if self._partial_task is not None:
-            self._partial_task.cancel()
+            self._partial_task.cancel()  # a queued partial never starts; a running one is reused
         await self.outbox.put(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(end_s * 1000)))
         self.state = State.THINKING
         self._reply_turn = turn
@@ -614,24 +631,33 @@ class Session:
         return self.services.end_silence_ms / 1000
 
     def _maybe_partial(self) -> None:
+        """Start a partial transcript if none is in flight and the interval passed since the last
+        one finished: on a slow CPU partials come less often instead of queueing up."""
         interval_s = self.services.partial_interval_ms / 1000
-        if interval_s <= 0 or (self._partial_task is not None and not self._partial_task.done()):
+        if interval_s <= 0 or self._user_turn is None or self._asr.busy:
             return
-        if self._stream_s - self._partial_at_s < interval_s or self._user_turn is None:
+        if self._stream_s - self._partial_at_s < interval_s:
             return
-        self._partial_at_s = self._stream_s
         audio = self._endpointer.utterance_audio()
+        if self._asr.covered(audio) is not None:
+            return  # only silence since the last decode: nothing new to say
         turn_id = self._user_turn.record.turn_id
+        self._partial_at_s = float("inf")  # until this one finishes
         self._partial_task = self._spawn(self._partial(turn_id, audio), "asr-partial")
 
     async def _partial(self, turn_id: int, audio: np.ndarray) -> None:
+        failed = False
         try:
-            text = await self.services.transcribe(audio)
+            text = await self._asr.partial(audio)
         except Exception as e:
             # Partials are a nicety: skip the rest of this turn's, the final transcript decides.
             log.warning("call %s turn %d: partial transcription failed (%s: %s); no more partials this turn", self.call_id, turn_id, type(e).__name__, e)
-            self._partial_at_s = float("inf")
+            failed = True
             return
+        finally:
+            # Also when a speculative decode replaced this queued partial (cancelled).
+            if not failed and self._user_turn is not None and self._user_turn.record.turn_id == turn_id:
+                self._partial_at_s = self._stream_s
         if text and self._user_turn is not None and self._user_turn.record.turn_id == turn_id:
             await self.outbox.put(TranscriptDelta(turn_id=turn_id, t=self._clock(), text=text))
 
@@ -645,7 +671,7 @@ class Session:
 
     async def _speculate(self, turn: _Turn, audio: np.ndarray) -> None:
         try:
-            text = await self.services.transcribe(audio)
+            text = await self._asr.hypothesis(audio, AsrPriority.SPECULATIVE)
         except Exception as e:
             log.warning("call %s turn %d: speculative transcription failed (%s: %s)", self.call_id, turn.record.turn_id, type(e).__name__, e)
             return  # the final transcription decides
@@ -658,6 +684,7 @@ class Session:
     def _drop_speculation(self, why: str) -> None:
         if self._spec_task is not None and not self._spec_task.done():
             self._spec_task.cancel()
+            self._asr.drop_queued()
         if self._speculation is not None:
             log.debug("call %s: speculative start dropped: %s", self.call_id, why)
             self._speculation.run.cancel()
@@ -666,6 +693,11 @@ class Session:
     # --- turns ---------------------------------------------------------------------------------
 
     async def _finalize_speech(self, turn: _Turn, audio: np.ndarray) -> None:
+        spec_task = self._spec_task
+        if spec_task is not None and not spec_task.done() and self._asr.running is AsrPriority.SPECULATIVE:
+            # The model is busy with the speculative decode: the final waits for it anyway and
+            # reuses it; let the speculation start its request first, so that it is judged.
+            await asyncio.wait({spec_task})
         text = await self._transcribe_final(turn, audio)
         if text is None:
             if self._spec_task is not None and not self._spec_task.done():
@@ -702,10 +734,14 @@ class Session:
             run = LlmRun(self.services.llm, self._messages(), trace_steps=self.trace_steps, clock=self._clock)
         await self._reply(turn, run)
 
-    async def _transcribe_final(self, turn: _Turn, audio: np.ndarray) -> str | None:
-        """The turn's transcript; on an ASR failure, fail the turn (error event) and return None."""
+    async def _transcribe_final(self, turn: _Turn, audio: np.ndarray, *, streamed: bool = True) -> str | None:
+        """The turn's transcript (`streamed`: the utterance of the server VAD, whose partials and
+        speculative decode may be reused); on an ASR failure, fail the turn (error event) and
+        return None."""
         try:
-            return await self.services.transcribe(audio)
+            if streamed:
+                return await self._asr.final(audio)
+            return await self.services.transcribe(audio, priority=AsrPriority.FINAL)
         except Exception as e:
             log.error("call %s turn %d: transcription failed: %s: %s", self.call_id, turn.record.turn_id, type(e).__name__, e)
             message = f"transcription failed: {type(e).__name__}: {e}"
@@ -748,7 +784,7 @@ class Session:
         turn.speculative = "off"
         turn.t_speech_end = self._clock()
         await self.outbox.put(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(self._stream_s * 1000)))
-        text = await self._transcribe_final(turn, audio)
+        text = await self._transcribe_final(turn, audio, streamed=False)
         if text is None:
             return
         turn.t_asr = self._clock()

@@ -78,7 +78,9 @@ async def caller(server, turns: int, done: list[int]) -> None:
 class ThreadedServices(FakeServices):
     """ASR and TTS in worker threads, like the real ModelServices (so threads are counted too)."""
 
-    async def transcribe(self, audio_16k):
+    async def transcribe(self, audio_16k, *, priority=None, on_start=None):
+        if on_start is not None:
+            on_start()
         return await asyncio.to_thread(self.asr, audio_16k)
 
     async def synthesize(self, text):

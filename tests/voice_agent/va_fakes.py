@@ -15,6 +15,7 @@ from audio.resample import Resampler
 from audio.text import SentenceChunker
 from audio.vad import SpeechEnded, SpeechStarted
 from voice_agent.llm import LlmDelta
+from voice_agent.transcription import AsrPriority
 
 RATE = 16_000
 FRAME = RATE // 50  # 20 ms
@@ -163,12 +164,16 @@ class FakeServices:
         # Transcript of an utterance: by default one word per burst.
         self.asr: Callable[[np.ndarray], str] = lambda a: " ".join(WORDS[: count_bursts(a)])
         self.transcribed: list[str] = []
+        self.priorities: list[AsrPriority] = []
         self.tts_rate = 16_000
         self.synthesized: list[str] = []
 
-    async def transcribe(self, audio_16k: np.ndarray) -> str:
+    async def transcribe(self, audio_16k: np.ndarray, *, priority: AsrPriority = AsrPriority.FINAL, on_start=None) -> str:
+        if on_start is not None:
+            on_start()
         text = self.asr(audio_16k)
         self.transcribed.append(text)
+        self.priorities.append(priority)
         return text
 
     async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
