@@ -101,15 +101,33 @@ def test_session_update_rates_text_mode_and_vendor_fields():
         )
     ]
     updated = out(p)[0]
-    # 16 kHz PCM is our extension: the SDK's strict model only knows 24 kHz (its client parses
-    # server events without validation, so it accepts it).
-    assert updated["type"] == "session.updated"
+    # 16 kHz PCM is our extension: the SDK's strict model only knows 24 kHz, so the standard
+    # field leaves the rate out and the vendor field carries it.
+    SessionUpdatedEvent.model_validate(updated)
     assert updated["session"]["output_modalities"] == ["text"]
+    assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcm"}
+    assert updated["session"]["audio"]["output"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    assert updated["session"]["voice_agent"]["input_rate_hz"] == 16000
+    assert updated["session"]["voice_agent"]["output_rate_hz"] == 24000
     send(p, {"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}}})
     SessionUpdatedEvent.model_validate(out(p)[0])
     # Beta-style formats are understood too.
     send(p, {"type": "session.update", "session": {"input_audio_format": "g711_ulaw"}})
     assert p.settings.input_format.type == "audio/pcmu" and p.settings.input_format.rate_hz == 8000
+    updated = out(p)[0]
+    SessionUpdatedEvent.model_validate(updated)
+    assert updated["session"]["voice_agent"]["input_rate_hz"] == 8000
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 24000, 32000, 44100, 48000])
+def test_session_events_validate_as_the_sdk_types_at_every_rate(rate):
+    p = proto(sample_rate_hz=rate)
+    SessionCreatedEvent.model_validate(json.loads(p.start()[0]))
+    fmt = {"type": "audio/pcm", "rate": rate}
+    send(p, {"type": "session.update", "session": {"audio": {"input": {"format": fmt}, "output": {"format": fmt}}}})
+    updated = out(p)[0]
+    SessionUpdatedEvent.model_validate(updated)
+    assert updated["session"]["voice_agent"]["input_rate_hz"] == updated["session"]["voice_agent"]["output_rate_hz"] == rate
 
 
 @pytest.mark.parametrize(

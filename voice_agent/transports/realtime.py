@@ -11,6 +11,9 @@ Contract (docs/protocol.md has the full list and example exchanges):
   `delta_ms` of audio each. The vendor events `voice_agent.metrics` (on unless the client turns it
   off) and `voice_agent.denoise_step` (off unless asked) are only sent where enabled with
   `session.update` `{"session": {"voice_agent": {"metrics": bool, "denoise_steps": bool}}}`.
+- The session object (`session.created`, `session.updated`) validates as the openai SDK's models:
+  a PCM rate other than 24 kHz is left out of the format and stated in `voice_agent.input_rate_hz`
+  / `output_rate_hz` (see docs/protocol.md, "Sample rates").
 - Client playback is acknowledged with `conversation.item.truncate`; without it the server
   assumes the audio it paced out was heard (`OutMessage.played_chunk`).
 """
@@ -79,6 +82,7 @@ SUPPORTED_CLIENT_EVENTS = (
 
 # Rates accepted for "audio/pcm" (the OpenAI service takes 24 kHz only; we take these).
 PCM_RATES_HZ = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+STANDARD_PCM_RATE_HZ = 24000  # the only PCM rate of the OpenAI Realtime API
 # Error codes that are the server's fault, not the client's.
 _SERVER_ERRORS = ("llm_error", "asr_error", "tts_error", "audio_error", "server_error")
 # Responses remembered for `conversation.item.truncate` (older items get `item_not_found`).
@@ -101,7 +105,12 @@ class AudioFormat:
     rate_hz: int = 24000
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "rate": self.rate_hz} if self.type == "audio/pcm" else {"type": self.type}
+        """The format as the GA API writes it. The API knows PCM at 24 kHz only, and the openai
+        SDK's models reject any other `rate`: another rate is left out here (it is optional) and
+        reported in the session's vendor field `voice_agent.input_rate_hz` / `output_rate_hz`."""
+        if self.type != "audio/pcm":
+            return {"type": self.type}
+        return {"type": self.type, "rate": self.rate_hz} if self.rate_hz == STANDARD_PCM_RATE_HZ else {"type": self.type}
 
 
 @dataclass
@@ -212,7 +221,12 @@ class RealtimeProtocol:
                 },
                 "output": {"format": s.output_format.to_json(), "voice": s.voice},
             },
-            "voice_agent": {"metrics": s.metrics, "denoise_steps": s.denoise_steps},
+            "voice_agent": {
+                "metrics": s.metrics,
+                "denoise_steps": s.denoise_steps,
+                "input_rate_hz": s.input_format.rate_hz,
+                "output_rate_hz": s.output_format.rate_hz,
+            },
         }
 
     def start(self) -> list[str]:
