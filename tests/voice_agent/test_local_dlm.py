@@ -1,0 +1,84 @@
+"""LocalDLM over the REAL dlm engine with a tiny block-diffusion model: text deltas, the
+denoising trace (`voice_agent.denoise_step`), aborts. No fakes between LocalDLM and the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+# The dlm tests' tiny models (tests/ is not a package; each folder is its own import root).
+sys.path.insert(0, str(Path(__file__).parents[1] / "dlm"))
+
+from dlm_tiny_models import CharTokenizer, counting_loaded
+
+from dlm.engine import Engine, GenerationParams
+from voice_agent.llm import MASK, LocalDLM
+
+
+def stream(prompt: list[int], *, trace_steps: bool, max_new_tokens: int = 6, block_size: int = 4) -> list:
+    """The deltas of one request. The counting model writes prompt[-1] + 1, + 2, ... one
+    confident slot per denoising step; CharTokenizer spells id t as chr(97 + t)."""
+    loaded = counting_loaded(block_size=block_size, tokenizer=CharTokenizer())
+
+    async def main():
+        with Engine(loaded, max_batch_size=1) as engine:
+            llm = LocalDLM(engine, lambda trace: GenerationParams(max_new_tokens=max_new_tokens, trace_steps=trace), tokenizer=CharTokenizer())
+            return [d async for d in llm.stream(prompt, trace_steps=trace_steps)]  # token ids are a prompt too
+
+    return asyncio.run(main())
+
+
+def test_trace_is_the_block_after_each_step_with_masked_slots_marked():
+    deltas = stream([0], trace_steps=True)
+    assert "".join(d.text for d in deltas) == "bcdefg"
+    assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+    assert [d.trace for d in deltas] == [
+        # Blocks are aligned to absolute positions: the first one starts with the prompt's "a".
+        (1, ["a", "b", MASK, MASK]),
+        (2, ["a", "b", "c", MASK]),
+        (3, ["a", "b", "c", "d"]),
+        (4, ["e", MASK, MASK, MASK]),
+        (5, ["e", "f", MASK, MASK]),
+        (6, ["e", "f", "g", MASK]),  # max_new_tokens reached: that slot is never decoded
+    ]
+    assert [(d.steps, d.tokens) for d in deltas] == [(i, i) for i in range(1, 7)]
+    # Every committed slot of a trace is text already streamed (or the prompt): traces never
+    # show a token that the reply later contradicts.
+    text = "a" + "".join(d.text for d in deltas)
+    for _step, slots in (d.trace for d in deltas):
+        committed = [s for s in slots if s != MASK]
+        assert "".join(committed) in text
+
+
+def test_no_trace_unless_asked():
+    deltas = stream([3], trace_steps=False)
+    assert "".join(d.text for d in deltas) == "efghij"
+    assert all(d.trace is None for d in deltas)
+
+
+def test_closing_the_stream_aborts_the_request_in_the_engine():
+    loaded = counting_loaded(block_size=4, tokenizer=CharTokenizer())
+
+    async def main():
+        with Engine(loaded, max_batch_size=1) as engine:
+            long = LocalDLM(engine, lambda trace: GenerationParams(max_new_tokens=200), tokenizer=CharTokenizer())
+            received = ""
+            agen = long.stream([0])
+            async for delta in agen:
+                received += delta.text
+                if len(received) >= 3:
+                    break
+            await agen.aclose()  # aborts: the engine stops within one step
+            # The engine's only row is free again at once: a short request runs to its end.
+            short = LocalDLM(engine, lambda trace: GenerationParams(max_new_tokens=3), tokenizer=CharTokenizer())
+            second = await asyncio.wait_for(_collect(short, [1]), 10)
+            return received, second
+
+    received, second = asyncio.run(main())
+    assert received == "bcd"
+    assert "".join(d.text for d in second) == "cde" and second[-1].finish_reason == "length"
+
+
+async def _collect(llm: LocalDLM, prompt: list[int]) -> list:
+    return [d async for d in llm.stream(prompt)]
