@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/bench-e2e", help="folder for the JSON, PNG and table (default: runs/bench-e2e)")
     parser.add_argument("--tag", default="", help="file name stem of the outputs (default: e2e-<route>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--replot", metavar="JSON", help="no run: rebuild the table, goals and PNG of a saved JSON (next to it)")
 
 
 class _Progress:
@@ -178,9 +179,53 @@ def _configurations(config: Config, engines: list[str]) -> tuple[dict[str, dict[
     return out, notes
 
 
+def _write_outputs(document: dict[str, Any], results: list[Any], stem: Path, *, gpu: bool) -> str:
+    """Summaries, goals, table, JSON and PNG of `results` (the document is updated in place)."""
+    from voice_agent.bench import report
+
+    configs = document["configurations"]
+    summaries = report.summarize(results)
+    diffusion = not any(entry.get("fallback_from") for entry in configs.values())
+    goals = report.evaluate_goals(summaries, gpu=gpu, diffusion=diffusion)
+    document["goals"] = [asdict(g) for g in goals]
+    document["summaries"] = [asdict(s) for s in summaries]
+    document["turns"] = [asdict(r) for r in results]
+    report.write_json(stem.parent / f"{stem.name}.json", document)
+    machine = document["machine"]
+    title = f"voice-agent bench e2e on {document['device']} ({machine['cpu']}, {machine['cpu_count']} cores)"
+    if not diffusion:
+        title += " - 'dllm' is the AR fallback (dLLM not shipped)"
+    report.plot(stem.parent / f"{stem.name}.png", summaries, results, title=title)
+    lines = [report.format_table(summaries), ""]
+    lines += [f"note: {n}" for n in document["notes"]]
+    for g in goals:
+        status = "not judged" if g.met is None and g.value is not None else "not measured" if g.met is None else ("met" if g.met else "MISSED")
+        lines.append(f"goal: {g.goal}: {status} ({g.value})")
+    for s in summaries:
+        if s.failure_reasons:
+            lines.append(f"failures {s.route} {s.config} x{s.callers}: {s.failure_reasons}")
+    text = "\n".join(lines)
+    (stem.parent / f"{stem.name}.txt").write_text(text + "\n", encoding="utf-8")
+    return text
+
+
+def _replot(path: Path) -> int:
+    import json
+
+    from voice_agent.bench.callers import TurnResult
+
+    document = json.loads(path.read_text(encoding="utf-8"))
+    results = [TurnResult(**turn) for turn in document["turns"]]
+    print(_write_outputs(document, results, path.with_suffix(""), gpu=str(document["device"]).startswith("cuda")))
+    print(f"rewrote {path} and its .png and .txt", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace, config: Config) -> int:
+    if args.replot:
+        return _replot(Path(args.replot))
     from voice_agent.bench import callers as callers_mod
-    from voice_agent.bench import report, servers
+    from voice_agent.bench import servers
     from voice_agent.bench.prompts import load_prompts
     from voice_agent.errors import UserError
     from voice_agent.models import resolve_tts_voice
@@ -262,9 +307,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
                     notes.append(f"Twilio {name}: {matched} of {sum(r.ok for r in mine)} answered turns found in the call store")
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
 
-    summaries = report.summarize(results)
-    goals = report.evaluate_goals(summaries, gpu=gpu)
-    table = report.format_table(summaries)
     tag = args.tag or f"e2e-{args.route}"
     document = {
         "bench": "e2e",
@@ -287,26 +329,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
         },
         "prompts": [{"prompt_id": p.prompt_id, "text": p.prompt.text, "voice": p.prompt.voice, "speed": p.prompt.speed,
                      "duration_s": round(p.duration_s, 3)} for p in prompts],
-        "goals": [asdict(g) for g in goals],
-        "summaries": [asdict(s) for s in summaries],
-        "turns": [asdict(r) for r in results],
     }
-    json_path, png_path, txt_path = (out_dir / f"{tag}.{ext}" for ext in ("json", "png", "txt"))
-    report.write_json(json_path, document)
-    title = f"voice-agent bench e2e on {config.llm.device} ({machine['cpu']}, {machine['cpu_count']} cores)"
-    if any(c.get("fallback_from") for c in configs.values()):
-        title += " - 'dllm' is the AR fallback (dLLM not shipped)"
-    report.plot(png_path, summaries, results, title=title)
-    lines = [table, ""]
-    lines += [f"note: {n}" for n in notes]
-    for g in goals:
-        status = "not measured" if g.met is None else ("met" if g.met else "MISSED")
-        lines.append(f"goal: {g.goal}: {status} ({g.value})")
-    for s in summaries:
-        if s.failure_reasons:
-            lines.append(f"failures {s.route} {s.config} x{s.callers}: {s.failure_reasons}")
-    text = "\n".join(lines)
-    txt_path.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    stem = out_dir / tag
+    print(_write_outputs(document, results, stem, gpu=gpu))
+    json_path, png_path, txt_path = (stem.parent / f"{stem.name}.{ext}" for ext in ("json", "png", "txt"))
     print(f"wrote {json_path}, {png_path}, {txt_path}", file=sys.stderr)
     return 0 if any(r.ok for r in results) else 1
