@@ -202,15 +202,18 @@ class _Wire:
 
 class _RealtimeWire(_Wire):
     def __init__(self, session_created: dict[str, Any]) -> None:
-        fmt = (((session_created.get("session") or {}).get("audio") or {}).get("input") or {}).get("format") or {}
+        session = session_created.get("session") or {}
+        audio = session.get("audio") or {}
+        vendor = session.get("voice_agent") or {}  # states PCM rates other than 24 kHz (protocol.md)
+        fmt = (audio.get("input") or {}).get("format") or {}
         self.format = fmt.get("type", "audio/pcm")
         if self.format not in ("audio/pcm", "audio/pcmu", "audio/pcma"):
             raise ValueError(f"unsupported input format {self.format!r} in session.created")
-        self.rate_hz = int(fmt.get("rate", 24000)) if self.format == "audio/pcm" else 8000
-        self._bytes_per_s = self.rate_hz * (2 if self.format == "audio/pcm" else 1)
-        out = (((session_created.get("session") or {}).get("audio") or {}).get("output") or {}).get("format") or {}
-        out_type = out.get("type", "audio/pcm")
-        self._out_bytes_per_s = int(out.get("rate", 24000)) * 2 if out_type == "audio/pcm" else 8000
+        pcm_in_hz = int(vendor.get("input_rate_hz") or fmt.get("rate") or 24000)
+        self.rate_hz = pcm_in_hz if self.format == "audio/pcm" else 8000
+        out = (audio.get("output") or {}).get("format") or {}
+        pcm_out_hz = int(vendor.get("output_rate_hz") or out.get("rate") or 24000)
+        self._out_bytes_per_s = pcm_out_hz * 2 if out.get("type", "audio/pcm") == "audio/pcm" else 8000
 
     def encode(self, samples: np.ndarray) -> str:
         if self.format == "audio/pcmu":
