@@ -2,8 +2,8 @@
 
 Contract: token ids in, token ids out. `BlockDecoder` owns the static KV cache, a token canvas
 (B_max + 1, S + 1) and a committed-flag canvas of the same shape on the model's device. A row is
-one request living in one cache row ("slot"). `add()` writes the prompt and prefills; each
-`step()` runs at most one forward over every active row and returns one `RowUpdate` per row that
+one request living in one cache row ("slot"). `add()` writes the prompt; each `step()` runs at
+most one prefill forward (see "Prefill") and one denoising forward over every active row and returns one `RowUpdate` per row that
 took part: the tokens that became final, and the finish reason (EOS, length). The decoder knows
 nothing about text, stop strings, threads or request ids.
 
@@ -39,8 +39,17 @@ Cache modes (`cache=`):
 - "dual" (full): as "prefix", but later steps feed the current block only: both prefix and
   suffix are cached, refreshed once per block. Fast-dLLM's dual cache.
 
-The prefill is a forward of its own (at `add()`, batch 1, run eagerly): fused into a shared step
-it would widen every row's window to the prompt's length.
+Prefill (exact cache). `add()` only writes the canvas; the prompt's K/V (up to the first block)
+are written by the next steps. Each step first runs one batched prefill forward over the rows
+still prefilling (admission order), then the denoising forward of the rows ready to decode, so
+prompts admitted together are prefilled together and running rows are never starved: a long
+prompt goes in chunks (`prefill_chunk_tokens` per row, rounded down to whole blocks, so a chunk
+never ends inside a block its queries may see) and one step prefills at most
+`prefill_budget_tokens` prompt tokens (always at least one chunk). A row whose prefill completes
+at a step decodes in the same step. The prefill is a forward of its own, eager, with bucketed
+shapes: fused into the denoising forward it would widen every row's window to the chunk's length.
+A failure of the prefill forward raises `PrefillError` naming the rows it removed, so the caller
+fails those requests only.
 
 Batching. Finished and aborted rows are removed from the decoder and cost nothing. The active
 rows of a step are compacted into a batch whose size, window length and key length are rounded
@@ -59,7 +68,7 @@ the decided rows' current blocks (tokens and committed flags, pinned and non-blo
 wait), to find what became final, detect EOS and advance blocks. There is no `.item()` and no
 per-token sync in the policy or sampling code. `compile_mode` compiles the denoising forward with
 `torch.compile` (the cache is marked as a static address so CUDA graphs replay in place); the
-prefill stays eager.
+prefill forward stays eager.
 """
 
 from __future__ import annotations
@@ -72,12 +81,13 @@ import torch
 from torch import Tensor
 
 from dlm.config import DiffusionSpec
+from dlm.errors import DlmError
 from dlm.masks import limit_mask
 from dlm.model import Transformer
 from dlm.policies import StepInputs, UnmaskPolicy, fixed_steps_schedule, sample_tokens
 
-__all__ = ["CACHE_MODES", "COMPILE_MODES", "BlockDecoder", "DecodeSettings", "RowUpdate", "StepTrace",
-           "resolve_cache_mode"]
+__all__ = ["CACHE_MODES", "COMPILE_MODES", "BlockDecoder", "DecodeSettings", "PrefillError", "RowUpdate",
+           "StepTrace", "resolve_cache_mode"]
 
 CACHE_MODES = ("auto", "exact", "none", "prefix", "dual")
 # torch.compile modes for the denoising forward ("reduce-overhead" and "max-autotune" use CUDA graphs).
@@ -136,6 +146,13 @@ class RowUpdate:
     trace: StepTrace | None = None  # only where settings.trace
 
 
+class PrefillError(DlmError):
+    """The batched prefill forward of a step failed; its rows were removed from the decoder."""
+
+    def __init__(self, slots: list[int], cause: BaseException) -> None:
+        super().__init__(f"prefill failed: {type(cause).__name__}: {cause}")
+        self.slots = slots  # the removed rows' cache slots
+
 
 class Phase(enum.Enum):
     DENOISE = "denoise"  # feed the current block (or the mode's window), commit some slots
@@ -151,6 +168,8 @@ class _Row:
     total_len: int  # the canvas extent: the end of the last block
     block_start: int
     phase: Phase
+    prefill_end: int  # exact cache: prompt positions whose K/V are written before decoding (0: none)
+    prefill_upto: int  # positions below are prefilled; the row decodes once this reaches prefill_end
     final_upto: int  # positions below are final and were reported
     unit_start: int  # the current sub-block's first position
     unit_masked: int  # masked slots in the current sub-block when it started (FixedSteps)
@@ -205,8 +224,16 @@ ModelFn = Callable[..., Tensor]
 
 class BlockDecoder:
     def __init__(self, model: Transformer, spec: DiffusionSpec, *, max_batch_size: int,
-                 max_seq_len: int, cache: str = "auto", compile_mode: str | None = None) -> None:
-        """compile_mode: None (eager) or one of COMPILE_MODES for the denoising forward."""
+                 max_seq_len: int, cache: str = "auto", compile_mode: str | None = None,
+                 prefill_chunk_tokens: int = 256, prefill_budget_tokens: int = 1024) -> None:
+        """compile_mode: None (eager) or one of COMPILE_MODES for the denoising forward.
+        prefill_chunk_tokens: most prompt tokens one row prefills per step (rounded down to whole
+        blocks, at least one); prefill_budget_tokens: most prompt tokens prefilled per step over
+        all rows (at least one chunk). See "Prefill"."""
+        if prefill_chunk_tokens < 1 or prefill_budget_tokens < 1:
+            raise ValueError("prefill_chunk_tokens and prefill_budget_tokens must be >= 1")
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_budget_tokens = prefill_budget_tokens
         self.model = model
         self.spec = spec
         self.attention = spec.attention
@@ -287,7 +314,7 @@ class BlockDecoder:
 
     # -- rows --------------------------------------------------------------------------------
     def add(self, slot: int, prompt_ids: list[int], settings: DecodeSettings) -> None:
-        """Start a request in a free slot; prefills where the cache is exact."""
+        """Start a request in a free slot. No forward: the next steps prefill it (see "Prefill")."""
         if slot in self.rows:
             raise RuntimeError(f"slot {slot} is busy")
         P = len(prompt_ids)
@@ -309,13 +336,12 @@ class BlockDecoder:
             else:
                 generator.seed()
         phase = Phase.REFRESH if self.cache in ("prefix", "dual") else Phase.DENOISE
+        prefill_end = origin if self.cache == "exact" else 0
         row = _Row(slot=slot, prompt_len=P, settings=s, gen_end=P + s.max_new_tokens,
-                   total_len=total, block_start=origin, phase=phase, final_upto=P,
-                   unit_start=P, unit_masked=0, generator=generator)
+                   total_len=total, block_start=origin, phase=phase, prefill_end=prefill_end, prefill_upto=0,
+                   final_upto=P, unit_start=P, unit_masked=0, generator=generator)
         self._start_unit(row, P)
         self.rows[slot] = row
-        if self.cache == "exact" and origin > 0:
-            self._forward([_Entry(row, 0, origin, "prefill")], self.model)
 
     def remove(self, slot: int) -> None:
         self.rows.pop(slot, None)
@@ -352,7 +378,8 @@ class BlockDecoder:
         n = len(entries)
         B = _batch_bucket(n)
         W = _bucket(max(e.length for e in entries))
-        N = max(e.row.settings.block_size for e in entries)
+        # Prefill/write entries need one column; a prefill-only forward computes no more logits.
+        N = max((e.row.settings.block_size for e in entries if e.kind == "decide"), default=1)
         # Host plan, (6, B): slot, start, length, block size, canvas extent, sets the carry.
         plan = [[self.kv.scratch_row] * B, [0] * B, [0] * B, [1] * B, [1] * B, [0] * B]
         out_rel = [[0] * N for _ in range(B)]
@@ -389,11 +416,40 @@ class BlockDecoder:
         return logits
 
     # -- the step ------------------------------------------------------------------------------
+    def _prefill_entries(self) -> list[_Entry]:
+        """This step's prefill chunks: rows still prefilling, in admission order, within the budget."""
+        entries: list[_Entry] = []
+        budget = self.prefill_budget_tokens
+        for row in self.rows.values():
+            if row.prefill_upto >= row.prefill_end:
+                continue
+            bs = row.settings.block_size
+            chunk = max(self.prefill_chunk_tokens // bs, 1) * bs  # whole blocks (block-causal keys)
+            length = min(chunk, row.prefill_end - row.prefill_upto)
+            if entries and length > budget:
+                break
+            entries.append(_Entry(row, row.prefill_upto, length, "prefill"))
+            budget -= length
+        return entries
+
     def step(self) -> list[RowUpdate]:
-        """One denoising step of every active row (one forward at most); an update per row."""
-        if not self.rows:
+        """One step: a batched prefill forward over the rows still prefilling (if any), then one
+        denoising forward at most over the rows ready to decode; an update per decoded row.
+        Raises PrefillError (after removing its rows) where the prefill forward fails."""
+        prefill = self._prefill_entries()
+        if prefill:
+            try:
+                self._forward(prefill, self.model)  # eager: prompt chunks come in many shapes
+            except Exception as e:
+                slots = [entry.row.slot for entry in prefill]
+                for slot in slots:
+                    self.remove(slot)
+                raise PrefillError(slots, e) from e
+            for entry in prefill:
+                entry.row.prefill_upto = entry.start + entry.length
+        rows = [row for row in self.rows.values() if row.prefill_upto >= row.prefill_end]
+        if not rows:
             return []
-        rows = list(self.rows.values())
         entries: list[_Entry] = []
         decide_src: list[int] = []  # per row: its decide entry's batch index, -1 for carry only
         for row in rows:

@@ -7,9 +7,11 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
 
 - Validation happens in `submit()`, in the caller's thread: an empty prompt, a prompt that does
   not fit the context, or absurd parameters raise `InvalidRequestError` for that request only.
-- One engine step = one `BlockDecoder.step()`: one forward over the current block of every active
-  request (see dlm/decode.py). Between steps the worker applies aborts and admits new requests
-  into free cache rows (continuous batching: nobody waits for the batch to drain). Finished and
+- One engine step = one `BlockDecoder.step()`: one batched prefill forward over the prompts
+  admitted and not yet prefilled (chunked, within a token budget), then one forward over the
+  current block of every active request (see dlm/decode.py). Between steps the worker applies
+  aborts and admits new requests into free cache rows (continuous batching: nobody waits for the
+  batch to drain; requests admitted together are prefilled together). Finished and
   aborted requests leave the decoder at once and cost no further compute; the remaining rows are
   compacted into fixed-size buckets, which is cheaper on CPU than computing masked-out rows.
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
@@ -24,8 +26,8 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   torch SDPA; shapes come from fixed buckets; `compile_mode` (off by default) compiles the
   denoising forward with torch.compile, "reduce-overhead" adding CUDA graphs.
 - An exception while processing one request (its detokenization, stop strings, its callback)
-  fails that request with finish_reason "error"; an exception in a batched forward fails the
-  requests of that batch. The worker keeps running either way.
+  fails that request with finish_reason "error"; an exception in the prefill forward fails the
+  requests being prefilled, one in the denoising forward the requests of that batch. The worker keeps running either way.
 - `on_delta` is called from the worker thread: it must be quick and must not block.
 """
 
@@ -43,7 +45,7 @@ import torch
 
 from dlm.chat import ChatFormatter, TextStream
 from dlm.config import DiffusionSpec
-from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, StepTrace, resolve_cache_mode
+from dlm.decode import BlockDecoder, DecodeSettings, PrefillError, RowUpdate, StepTrace, resolve_cache_mode
 from dlm.errors import DlmError, InvalidRequestError
 from dlm.policies import POLICIES
 
@@ -329,7 +331,7 @@ class Engine:
             try:
                 self._decoder.add(slot, req.prompt_ids, req.settings)
             except Exception as e:
-                log.exception("request %s failed at prefill", req.request_id)
+                log.exception("request %s failed at admission", req.request_id)
                 self._decoder.remove(slot)
                 free.insert(0, slot)
                 self._finish(req, "error", error=f"{type(e).__name__}: {e}")
@@ -344,6 +346,13 @@ class Engine:
     def _step(self) -> None:
         try:
             updates = self._decoder.step()
+        except PrefillError as e:  # the requests being prefilled fail; the others keep going
+            log.exception("prefill failed; failing the requests being prefilled")
+            for slot in e.slots:
+                req = self._active.pop(slot, None)
+                if req is not None:
+                    self._finish(req, "error", error=str(e))
+            return
         except Exception as e:
             log.exception("engine step failed; failing the requests of this batch")
             for slot, req in list(self._active.items()):

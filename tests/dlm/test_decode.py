@@ -7,6 +7,7 @@ import torch
 from dlm_tiny_models import MASK, counting_loaded, random_loaded
 
 from dlm.ar import AREngine
+from dlm.decode import BlockDecoder
 from dlm.engine import Engine, GenerationParams
 from dlm.masks import full_mask
 
@@ -191,3 +192,105 @@ def test_synthetic_model_fixed_steps_do_fixed_work():
         handles = [engine.submit(list(range(100, 164)), params) for _ in range(2)]
         finals = [list(h)[-1] for h in handles]
     assert all(d.finish_reason == "length" and d.tokens == 64 and d.steps == 1 + 2 * 8 for d in finals)
+
+
+def _drive(decoder: BlockDecoder, requests: list[tuple[list[int], object]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Add every request at once, step to the end -> (ids per request, slots updated per step)."""
+    for slot, (ids, settings) in enumerate(requests):
+        decoder.add(slot, ids, settings)
+    out: list[list[int]] = [[] for _ in requests]
+    updated: list[list[int]] = []
+    with torch.inference_mode():
+        while decoder.rows:
+            updates = decoder.step()
+            updated.append([u.slot for u in updates])
+            for u in updates:
+                out[u.slot] += u.new_ids
+                if u.finish_reason is not None:
+                    decoder.remove(u.slot)
+    return out, updated
+
+
+def _prepared(loaded, prompts, params) -> list[tuple[list[int], object]]:
+    engine = Engine(loaded, max_batch_size=1)  # for its request validation only
+    engine.close()
+    return [engine.prepare(p, params) for p in prompts]
+
+
+def _forward_shapes(model) -> tuple[list[tuple[int, int]], object]:
+    shapes: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    return shapes, hook
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_prompts_admitted_together_are_prefilled_in_one_forward(block_size):
+    """Batched prefill: the first step runs one padded prefill forward for every new row (batch
+    bucket 4 for 3 rows), then the denoising forward; the outputs equal one prefill per step."""
+    loaded = random_loaded("block_causal", seed=5, scale=3.0)
+    prompts = [[1, 2, 3, 4, 5], [9, 10, 11, 12, 13, 14, 15, 16, 17], [6, 7, 8, 9, 10, 11, 12, 13]]
+    params = GenerationParams(max_new_tokens=10, block_size=block_size, threshold=0.6)
+    requests = _prepared(loaded, prompts, params)
+    one_at_a_time = BlockDecoder(loaded.model, loaded.spec, max_batch_size=3, max_seq_len=64,
+                                 prefill_budget_tokens=1)
+    want, updated_alone = _drive(one_at_a_time, requests)
+    assert [len(slots) for slots in updated_alone[:3]] == [1, 2, 3]  # one more row ready per step
+    batched = BlockDecoder(loaded.model, loaded.spec, max_batch_size=3, max_seq_len=64)
+    shapes, hook = _forward_shapes(loaded.model)
+    try:
+        got, updated = _drive(batched, requests)
+    finally:
+        hook.remove()
+    assert got == want and all(len(ids) == 10 for ids in got)
+    assert updated[0] == [0, 1, 2]  # every row decodes in the step that prefilled it
+    origin = 16 if block_size == 1 else 8  # the longest prompt's prefill: 16 (bs 1) or 2 blocks of 4
+    assert shapes[0] == (4, origin)
+    if block_size == 4:
+        assert shapes[1][0] == 4  # the denoising forward of the same step: 3 rows
+    else:
+        assert shapes[1] == (4, 1)  # AR: the next step's cache writes; the first tokens came from the carry
+
+
+def test_long_prompt_is_prefilled_in_chunks_without_starving_running_rows():
+    loaded = random_loaded("block_causal", seed=8, scale=3.0)
+    long_prompt = list(range(1, 30))  # 28 positions to prefill at block size 4
+    params = GenerationParams(max_new_tokens=12, block_size=4, threshold=0.6)
+    requests = _prepared(loaded, [[3, 4], long_prompt], params)
+    whole = BlockDecoder(loaded.model, loaded.spec, max_batch_size=2, max_seq_len=64)
+    want, _ = _drive(whole, requests)
+    chunked = BlockDecoder(loaded.model, loaded.spec, max_batch_size=2, max_seq_len=64, prefill_chunk_tokens=10)
+    shapes, hook = _forward_shapes(loaded.model)
+    try:
+        got, updated = _drive(chunked, requests)
+    finally:
+        hook.remove()
+    assert got == want
+    # Steps 1-4 each run a prefill chunk (10 tokens rounded down to 2 blocks: 8 + 8 + 8 + 4
+    # positions), then the denoising forward (the short row's block of 4, its block write fused
+    # in where one finished; from step 4, both rows').
+    assert [shapes[i] for i in (0, 2, 4, 6)] == [(1, 8), (1, 8), (1, 8), (1, 4)]
+    assert all(shapes[i][1] == 4 for i in (1, 3, 5, 7))
+    assert [0 in slots for slots in updated[:4]] == [True] * 4  # the running row decodes at every step
+    assert [1 in slots for slots in updated[:4]] == [False, False, False, True]
+
+
+def test_a_failing_prefill_fails_only_the_requests_being_prefilled():
+    loaded = counting_loaded(block_size=4)
+
+    def fail_long_prefill(module, args):
+        if args[0].shape[1] == 16:  # only the long prompt's prefill has a 16-token window
+            raise RuntimeError("prefill broke")
+
+    hook = loaded.model.register_forward_pre_hook(fail_long_prefill)
+    try:
+        with Engine(loaded, max_batch_size=2) as engine:
+            short = engine.submit([1], GenerationParams(max_new_tokens=8))
+            long = engine.submit(list(range(1, 18)), GenerationParams(max_new_tokens=8))
+            short_deltas, long_deltas = list(short), list(long)
+            assert long_deltas[-1].finish_reason == "error" and "prefill broke" in long_deltas[-1].error
+            assert [t for d in short_deltas for t in d.token_ids] == list(range(2, 10))
+            assert short_deltas[-1].finish_reason == "length"
+            ok = engine.submit([1, 2, 3, 4, 5], GenerationParams(max_new_tokens=3))
+            assert [t for d in ok for t in d.token_ids] == [6, 7, 8]  # the engine keeps serving
+    finally:
+        hook.remove()
