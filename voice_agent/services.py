@@ -11,7 +11,8 @@ Contract:
   the same ~0.7 s, 2 s or more on a loaded CPU, however short the audio). `on_start()` runs on
   the event loop when the decode leaves the queue. Cancelling the await is safe: a queued
   request leaves the queue; a model call already in its thread runs to its end (the model stays
-  taken until then) and its result is discarded.
+  taken until then) and its result is discarded. `asr_decode_s`: a moving average of the
+  model's decode time (0.0 before the first), for the speculative start's decision.
 - `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,7 @@ class ModelServices:
         self._synthesizer = synthesizer
         self._asr_gate = PriorityGate()  # the order of ASR requests (event loop)
         self._asr_lock = threading.Lock()  # the model itself, whoever calls it
+        self.asr_decode_s = 0.0
         self._tts_lock = threading.Lock()
 
     @classmethod
@@ -66,7 +69,11 @@ class ModelServices:
 
     def _transcribe_blocking(self, audio_16k: np.ndarray) -> str:
         with self._asr_lock:
-            return self._transcriber.transcribe(audio_16k)
+            started = time.perf_counter()
+            text = self._transcriber.transcribe(audio_16k)
+            took_s = time.perf_counter() - started
+            self.asr_decode_s = took_s if self.asr_decode_s == 0.0 else 0.7 * self.asr_decode_s + 0.3 * took_s
+            return text
 
     def _synthesize_blocking(self, text: str) -> np.ndarray:
         with self._tts_lock:

@@ -23,6 +23,9 @@ Contract:
   transcript matches (case and punctuation aside) the held output is adopted ("hit"; the final
   usually reuses that same decode), else the request is aborted and restarted ("miss").
   `speculative_saved_ms`: how much earlier the adopted request started than the final transcript.
+  Where one decode takes longer than the window between the pause and the endpoint
+  (`services.asr_decode_s`), a pause only starts the LLM on a decode already made (a partial that
+  covers the speech): a fresh decode could not finish sooner than the final's and would hold the model.
 - Heavy work never runs on the event loop: `services` wraps ASR and TTS in threads and the LLM
   client streams asynchronously. The session itself never sleeps; time comes from `clock`.
 - Faults: an ASR, LLM or TTS failure fails that turn only: an `ErrorEvent` (`asr_error`,
@@ -108,6 +111,7 @@ class Services(Protocol):
     llm: LlmClient
     partial_interval_ms: int  # 0: no partial transcripts
     end_silence_ms: int  # the endpointer's: speech ended this long before SpeechEnded
+    asr_decode_s: float  # recent time of one ASR decode (0.0: not known yet)
 
     async def transcribe(
         self, audio_16k: np.ndarray, *, priority: AsrPriority = ..., on_start: Callable[[], None] | None = None
@@ -666,6 +670,11 @@ class Session:
     def _start_speculation(self, audio: np.ndarray) -> None:
         turn = self._user_turn
         if turn is None or self._speculation is not None or (self._spec_task and not self._spec_task.done()):
+            return
+        window_s = (self.services.end_silence_ms - self.config.speculative_pause_ms) / 1000
+        if self._asr.covered(audio) is None and self.services.asr_decode_s > window_s:
+            # A decode would end after the endpoint: the LLM could not start sooner, and the
+            # model would be busy when the final transcript needs it (a slow CPU).
             return
         self._spec_task = self._spawn(self._speculate(turn, audio), "speculate")
 

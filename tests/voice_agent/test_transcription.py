@@ -259,3 +259,20 @@ def test_a_final_goes_before_the_partials_of_other_calls():
             await session.close()
 
     run(main())
+
+
+def test_no_speculative_decode_where_it_would_end_after_the_endpoint():
+    async def main():
+        services = SlowAsr()
+        services.asr_decode_s = 0.5  # > 600 - 200 ms between the pause and the endpoint
+        session, clock = make(services, speculative=True)
+        await feed(session, clock, bursts(2))
+        await feed(session, clock, silence(300))  # a pause: no decode is worth starting
+        assert services.started == [] and services.llm.requests == []
+        await feed(session, clock, silence(400))
+        assert services.started == [(FINAL, "what is")]
+        await services.finish()
+        assert services.llm.requests[-1][-1]["content"] == "what is"
+        await session.close()
+
+    run(main())

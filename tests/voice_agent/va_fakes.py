@@ -161,6 +161,7 @@ class FakeServices:
         self.llm = llm or FakeLLM()
         self.end_silence_ms = end_silence_ms
         self.partial_interval_ms = partial_interval_ms
+        self.asr_decode_s = 0.0
         # Transcript of an utterance: by default one word per burst.
         self.asr: Callable[[np.ndarray], str] = lambda a: " ".join(WORDS[: count_bursts(a)])
         self.transcribed: list[str] = []
