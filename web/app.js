@@ -47,6 +47,7 @@ const call = {
   mode: "vad", // "vad" (server VAD, hands-free) or "ptt" (push to talk)
   talking: false, // push-to-talk held
   talkedMs: 0, // audio sent during this push-to-talk press
+  sentMs: 0, // microphone audio sent in this page's life
   token: new URLSearchParams(window.location.search).get("token") || sessionStorage.getItem("voice-agent-token") || "",
   itemResponse: new Map(), // output item id -> response id
   firstAudioAt: new Map(), // response id -> performance.now() of its first audio delta
@@ -145,7 +146,7 @@ async function start({ withMicrophone = true } = {}) {
   try {
     call.context = call.context || (await createAudioContext());
   } catch (error) {
-    return fail("audio", String(error));
+    return fail("audio", error.message);
   }
   try {
     await connect();
@@ -240,7 +241,9 @@ function configureSession() {
 function sendAudio(pcm) {
   if (!call.connection) return;
   call.connection.send("input_audio_buffer.append", { audio: toBase64(pcm) });
-  if (call.talking) call.talkedMs += (1000 * pcm.length) / SESSION_RATE_HZ;
+  const ms = (1000 * pcm.length) / SESSION_RATE_HZ;
+  call.sentMs += ms;
+  if (call.talking) call.talkedMs += ms;
 }
 
 function showLevel(rms) {
@@ -556,6 +559,7 @@ window.voiceAgent = {
     phase: call.phase,
     connected: Boolean(call.connection && call.connection.open),
     microphone: call.microphone ? call.microphone.label || "on" : null,
+    sentMs: Math.round(call.sentMs),
     mode: call.mode,
     transcripts: conversation.snapshot(),
     playback: { startedResponses: call.playStartedAt.size, playedMs: playedMs() },

@@ -15,13 +15,24 @@ const MIC_CONSTRAINTS = {
   video: false,
 };
 
+const AUDIO_START_TIMEOUT_MS = 5000;
+
 export async function createAudioContext() {
   const context = new AudioContext({ latencyHint: "interactive" });
   const base = new URL(".", import.meta.url);
   await context.audioWorklet.addModule(new URL("capture-worklet.js", base));
   await context.audioWorklet.addModule(new URL("playback-worklet.js", base));
-  if (context.state !== "running") await context.resume();
+  // Firefox never starts a context on a machine without an audio output: say so, do not hang.
+  if (context.state !== "running") await withTimeout(context.resume(), AUDIO_START_TIMEOUT_MS);
   return context;
+}
+
+function withTimeout(promise, timeoutMs) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error("no audio output device answered")), timeoutMs);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 export class Microphone {
