@@ -35,6 +35,7 @@ export class Waterfall {
     for (const [key, value] of Object.entries(values)) {
       if (typeof value === "number" && Number.isFinite(value)) turn.values[key] = value;
     }
+    if (typeof values.speculative === "string") turn.speculative = values.speculative;
     this.render();
   }
 
@@ -64,7 +65,10 @@ export class Waterfall {
     const { tokens, forward_passes: passes } = turn.values;
     if (!tokens || !passes) return;
     const perPass = (tokens / passes).toFixed(2);
-    this.passes.textContent = `Reply: ${tokens} tokens in ${passes} forward passes (${perPass} per pass)`;
+    let text = `Reply: ${tokens} tokens in ${passes} forward passes (${perPass} per pass)`;
+    const speculative = turn.speculative;
+    if (speculative === "hit" || speculative === "miss") text += ` · speculative start: ${speculative}`;
+    this.passes.textContent = text;
   }
 
   renderLatest(turn, scaleMs) {
@@ -121,7 +125,7 @@ export class Waterfall {
 }
 
 function turnEnd(turn) {
-  return Math.max(0, ...Object.values(turn.values));
+  return Math.max(0, ...STAGES.map((stage) => turn.values[stage.key] ?? 0));
 }
 
 function median(values) {

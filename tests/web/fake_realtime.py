@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 __all__ = ["FakeOptions", "FakeRealtimeServer", "fake_server"]
@@ -101,8 +102,12 @@ class FakeRealtimeServer:
             "voice_agent": {"models": {"asr": "fake", "llm": "fake-dllm", "tts": "tone"}},
         }
         await _send(ws, "session.created", session=session)
-        async for message in ws:
-            await self._receive(call, json.loads(message))
+        try:
+            async for message in ws:
+                await self._receive(call, json.loads(message))
+        finally:
+            if call.reply:
+                call.reply.cancel()
 
     async def _receive(self, call: _Call, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -191,6 +196,10 @@ class FakeRealtimeServer:
         call.reply = asyncio.create_task(self._reply(call, call.turn))
 
     async def _reply(self, call: _Call, turn: int) -> None:
+        with contextlib.suppress(ConnectionClosed):  # the page went away mid-reply
+            await self._reply_events(call, turn)
+
+    async def _reply_events(self, call: _Call, turn: int) -> None:
         ids = {"response_id": f"resp_{turn}", "item_id": f"item_out_{turn}"}
         await _send(call.ws, "response.created", response={"id": ids["response_id"], "status": "in_progress"})
         if call.trace:
