@@ -140,6 +140,7 @@ function hideNotice() {
 
 /** Connect (and open the microphone unless `withMicrophone` is false). Returns true on success. */
 async function start({ withMicrophone = true } = {}) {
+  if (call.phase === "connecting") return false;
   if (call.phase !== "idle") return true;
   hideNotice();
   setPhase("connecting");
@@ -290,8 +291,9 @@ function setMode(mode) {
 
 // Typing ---------------------------------------------------------------------------------------
 
+/** Returns false where the message could not be sent (not connected). */
 async function sendText(text) {
-  if (!(await start({ withMicrophone: false }))) return;
+  if (!(await start({ withMicrophone: false }))) return false;
   await bargeIn({ cancel: false }); // a typed message interrupts the reply on the server too
   const itemId = `item_web_${Date.now()}`;
   conversation.user(itemId, { typed: true }).setFinal(text);
@@ -300,6 +302,7 @@ async function sendText(text) {
   });
   call.connection.send("response.create");
   setPhase("thinking");
+  return true;
 }
 
 // Playback and barge-in ------------------------------------------------------------------------
@@ -435,7 +438,8 @@ function onTranscriptDelta(event) {
 function onTranscriptCompleted(event) {
   const text = (event.transcript || "").trim();
   if (!text) {
-    conversation.dropUser(event.item_id); // nothing recognizable was said
+    conversation.dropUser(event.item_id); // nothing recognizable was said: no reply follows
+    if (call.phase === "thinking" || call.phase === "hearing") setPhase("listening");
     return;
   }
   conversation.user(event.item_id).setFinal(text);
@@ -512,7 +516,9 @@ function wire() {
     const text = ui.composerText.value.trim();
     if (!text) return;
     ui.composerText.value = "";
-    sendText(text);
+    sendText(text).then((sent) => {
+      if (!sent && !ui.composerText.value) ui.composerText.value = text; // keep it for a retry
+    });
   });
   ui.traceToggle.addEventListener("change", () => {
     document.body.classList.toggle("trace-on", ui.traceToggle.checked);
