@@ -146,6 +146,7 @@ async function start({ withMicrophone = true } = {}) {
   setPhase("connecting");
   try {
     call.context = call.context || (await createAudioContext());
+    if (call.context.state === "suspended") await call.context.resume(); // suspended by stop()
   } catch (error) {
     return fail("audio", error.message);
   }
@@ -214,6 +215,7 @@ function stop() {
   call.microphone = null;
   call.player = null;
   call.talking = false;
+  if (call.context && call.context.state === "running") call.context.suspend(); // no audio thread while idle
   showLevel(0);
   setPhase("idle");
 }
