@@ -360,7 +360,11 @@ async def _call(
             if first.get("type") != "session.created":
                 fail_rest(0, f"expected session.created, got {str(first.get('type'))!r}")
                 return
-            wire: _Wire = _RealtimeWire(first)
+            try:
+                wire: _Wire = _RealtimeWire(first)
+            except ValueError as e:
+                fail_rest(0, str(e))
+                return
         else:
             wire = _TwilioWire("CA" + uuid.uuid4().hex)
             for result in (r for _, r in turns):
@@ -372,7 +376,11 @@ async def _call(
             try:
                 async for message in ws:
                     now = time.monotonic()
-                    for item in wire.parse(message, now):
+                    try:
+                        items = wire.parse(message, now)
+                    except (ValueError, AttributeError):
+                        continue  # not a JSON object: nothing this bench reads
+                    for item in items:
                         inbound.add(item)
                         if item.kind == "mark" and isinstance(wire, _TwilioWire):
                             tasks.append(asyncio.create_task(echo_mark(item.data, inbound.play_end_s)))
@@ -400,8 +408,12 @@ async def _call(
         fail_rest(done_turns, inbound.closed or "the call ended early")
         if isinstance(wire, _RealtimeWire):
             # Replies cut short by the next prompt (--listen-s) report their metrics when
-            # cancelled; the last reply's come when it has been played: wait before hanging up.
-            await _collect_metrics(inbound, [r for _, r in turns], time.monotonic() + timeouts.listen_s)
+            # cancelled. A last reply still playing is cancelled before hanging up, so that its
+            # metrics come too (a hang-up would end the turn without them).
+            last = turns[-1][1] if turns else None
+            if last is not None and last.ok and not any(x.kind == "done" and x.response_id == last.response_id for x in inbound.items):
+                await ws.send(json.dumps({"type": "response.cancel"}))
+            await _collect_metrics(inbound, [r for _, r in turns], time.monotonic() + max(_METRICS_WAIT_S, timeouts.listen_s))
         for message in wire.stop():
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(message)
