@@ -223,6 +223,7 @@ class DenoiseStep(Event):
     """A snapshot of the block being denoised (vendor extension, opt-in). Dropped on interruption."""
 
     step: int
+    block_start: int  # absolute position of the block's first slot: a new value starts a new block
     tokens: list[str]  # the block's slots; masked slots hold `mask`
     mask: str = "<mask>"
 

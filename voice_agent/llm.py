@@ -20,12 +20,12 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from voice_agent.config import LlmConfig
 from voice_agent.errors import UserError
 
-__all__ = ["LlmClient", "LlmDelta", "LlmError", "LocalDLM", "OpenAICompatibleLLM", "build_llm"]
+__all__ = ["BlockTrace", "LlmClient", "LlmDelta", "LlmError", "LocalDLM", "OpenAICompatibleLLM", "build_llm"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,14 @@ class LlmError(Exception):
     """A request failed (server unreachable, HTTP error, engine error); one line, no secrets."""
 
 
+class BlockTrace(NamedTuple):
+    """One denoising step of the block being decoded (vendor extension, opt-in)."""
+
+    step: int  # forward passes so far for this request
+    block_start: int  # absolute position of the block's first slot (changes when a new block starts)
+    slots: list[str]  # the block's slots as text; still-masked slots hold MASK
+
+
 @dataclass
 class LlmDelta:
     text: str  # new final text (may be empty, e.g. on a trace-only or final delta)
@@ -44,7 +52,7 @@ class LlmDelta:
     finish_reason: str | None = None  # "eos" | "stop" | "length" | "abort" | "error"
     steps: int | None = None  # forward passes so far for this request (None: the backend does not say)
     tokens: int | None = None  # tokens committed so far
-    trace: tuple[int, list[str]] | None = None  # (step, block slots as text) where trace_steps was asked
+    trace: BlockTrace | None = None  # where trace_steps was asked
 
 
 class LlmClient(Protocol):
@@ -121,7 +129,7 @@ class LocalDLM:
         if getattr(delta, "trace", None) is not None:
             st = delta.trace
             slots = [MASK if masked else self._token_text(tid) for tid, masked in zip(st.token_ids, st.masked, strict=True)]
-            trace = (st.step, slots)
+            trace = BlockTrace(st.step, st.block_start, slots)
         return LlmDelta(
             text=delta.text,
             finished=bool(delta.finished),

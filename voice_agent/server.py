@@ -130,12 +130,15 @@ class VoiceServer:
         store: CallStore | None = None,
         metrics: Metrics | None = None,
         model_name: str = "voice-agent",
+        model_names: dict[str, str] | None = None,
     ) -> None:
         self.config = config
         self.services = services
         self.store = store
         self.metrics = metrics or Metrics()
         self.model_name = model_name
+        # By role ("asr", "llm", "tts"): reported to Realtime clients in the session object.
+        self.model_names = dict(model_names or {"llm": model_name})
         self._sink = _Sink(self.metrics, store)
         self._server: Server | None = None
         self._started = time.monotonic()
@@ -288,6 +291,7 @@ class VoiceServer:
             framing = RealtimeProtocol(
                 instructions=self.config.agent.system_prompt,
                 model=self.model_name,
+                models=self.model_names,
                 sample_rate_hz=self.config.agent.sample_rate_hz,
                 max_message_bytes=server.max_message_bytes,
             )

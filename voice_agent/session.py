@@ -844,8 +844,10 @@ class Session:
                 elif delta.tokens is not None:
                     turn.tokens = delta.tokens
                 if delta.trace is not None and self.trace_steps:
-                    step, slots = delta.trace
-                    await self.outbox.put(DenoiseStep(turn_id=turn_id, t=self._clock(), step=step, tokens=slots))
+                    trace = delta.trace
+                    await self.outbox.put(
+                        DenoiseStep(turn_id=turn_id, t=self._clock(), step=trace.step, block_start=trace.block_start, tokens=trace.slots)
+                    )
                 if not delta.text:
                     continue
                 turn.record.reply_text += delta.text

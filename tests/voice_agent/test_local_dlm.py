@@ -33,20 +33,20 @@ def test_trace_is_the_block_after_each_step_with_masked_slots_marked():
     deltas = stream([0], trace_steps=True)
     assert "".join(d.text for d in deltas) == "bcdefg"
     assert deltas[-1].finished and deltas[-1].finish_reason == "length"
-    assert [d.trace for d in deltas] == [
+    assert [tuple(d.trace) for d in deltas] == [
         # Blocks are aligned to absolute positions: the first one starts with the prompt's "a".
-        (1, ["a", "b", MASK, MASK]),
-        (2, ["a", "b", "c", MASK]),
-        (3, ["a", "b", "c", "d"]),
-        (4, ["e", MASK, MASK, MASK]),
-        (5, ["e", "f", MASK, MASK]),
-        (6, ["e", "f", "g", MASK]),  # max_new_tokens reached: that slot is never decoded
+        (1, 0, ["a", "b", MASK, MASK]),
+        (2, 0, ["a", "b", "c", MASK]),
+        (3, 0, ["a", "b", "c", "d"]),
+        (4, 4, ["e", MASK, MASK, MASK]),
+        (5, 4, ["e", "f", MASK, MASK]),
+        (6, 4, ["e", "f", "g", MASK]),  # max_new_tokens reached: that slot is never decoded
     ]
     assert [(d.steps, d.tokens) for d in deltas] == [(i, i) for i in range(1, 7)]
     # Every committed slot of a trace is text already streamed (or the prompt): traces never
     # show a token that the reply later contradicts.
     text = "a" + "".join(d.text for d in deltas)
-    for _step, slots in (d.trace for d in deltas):
+    for _step, _block_start, slots in (d.trace for d in deltas):
         committed = [s for s in slots if s != MASK]
         assert "".join(committed) in text
 

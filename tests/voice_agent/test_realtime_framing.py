@@ -75,6 +75,13 @@ def test_session_created_validates_as_the_sdk_type():
     assert created["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
 
 
+def test_session_object_names_the_models_by_role():
+    models = {"asr": "tiny.en", "llm": "default", "tts": "en_US-joe-medium"}
+    created = json.loads(RealtimeProtocol(instructions="x", models=models).start()[0])
+    SessionCreatedEvent.model_validate(created)
+    assert created["session"]["voice_agent"]["models"] == models
+
+
 def test_session_update_rates_text_mode_and_vendor_fields():
     p = proto()
     events = send(
@@ -244,6 +251,8 @@ def test_a_spoken_turn_encodes_to_the_realtime_sequence_and_validates():
     assert [m["delta"] for m in messages[1:3]] == ["what is", " the"]
     assert kinds.count("response.output_audio.delta") == 10  # 100 ms each
     assert kinds[-2:] == ["response.done", "voice_agent.metrics"]
+    # Vendor events name the response they belong to.
+    assert messages[-1]["response_id"] == messages[-2]["response"]["id"]
     InputAudioBufferSpeechStartedEvent.model_validate(messages[0])
     ConversationItemInputAudioTranscriptionCompletedEvent.model_validate(messages[6])
     ResponseCreatedEvent.model_validate(messages[7])
@@ -296,10 +305,12 @@ def test_truncate_maps_the_item_to_its_turn_and_checks_the_length():
 
 def test_vendor_events_only_where_enabled():
     p = proto()
-    step = DenoiseStep(turn_id=1, step=1, tokens=["Hi", "<mask>"])
+    step = DenoiseStep(turn_id=1, step=1, block_start=32, tokens=["Hi", "<mask>"])
     assert encoded(p, step) == []
     send(p, {"type": "session.update", "session": {"voice_agent": {"denoise_steps": True, "metrics": False}}})
-    assert encoded(p, step)[0]["type"] == "voice_agent.denoise_step"
+    message = encoded(p, step)[0]
+    assert message["type"] == "voice_agent.denoise_step"
+    assert (message["block_start"], message["tokens"]) == (32, ["Hi", "<mask>"])
     assert encoded(p, TurnMetrics(turn_id=1, values={})) == []
 
 

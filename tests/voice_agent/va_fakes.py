@@ -14,7 +14,7 @@ import numpy as np
 from audio.resample import Resampler
 from audio.text import SentenceChunker
 from audio.vad import SpeechEnded, SpeechStarted
-from voice_agent.llm import LlmDelta
+from voice_agent.llm import BlockTrace, LlmDelta
 from voice_agent.transcription import AsrPriority
 
 RATE = 16_000
@@ -142,7 +142,7 @@ class FakeLLM:
             for i, piece in enumerate(pieces):
                 tokens += 1
                 if trace_steps:
-                    yield LlmDelta(text="", trace=(i + 1, [piece.strip(), "<mask>"]))
+                    yield LlmDelta(text="", trace=BlockTrace(i + 1, 2 * i, [piece.strip(), "<mask>"]))
                 yield LlmDelta(text=piece if i < len(pieces) - 1 else piece.rstrip(), steps=(tokens + 1) // 2, tokens=tokens)
                 await asyncio.sleep(self.piece_delay_s)
             finished = True

@@ -42,7 +42,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
 async def _serve(config: Config, services, store) -> None:
     from voice_agent.server import VoiceServer
 
-    server = VoiceServer(config, services, store=store, model_name=services.llm.name)
+    model_names = {"asr": config.asr.model, "llm": services.llm.name, "tts": config.tts.voice}
+    server = VoiceServer(config, services, store=store, model_name=services.llm.name, model_names=model_names)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -132,6 +132,8 @@ class RealtimeSettings:
     audio_output: bool = True
     metrics: bool = True
     denoise_steps: bool = False
+    # The models in use by role ("asr", "llm", "tts"), shown by clients such as the web demo.
+    models: dict[str, str] = field(default_factory=dict)
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], param: str, *, required: bool = False) -> Any:
@@ -154,6 +156,7 @@ class RealtimeProtocol:
         *,
         instructions: str,
         model: str = "voice-agent",
+        models: dict[str, str] | None = None,
         sample_rate_hz: int = 24000,
         # Limits
         max_message_bytes: int = 1_048_576,
@@ -162,6 +165,7 @@ class RealtimeProtocol:
         self.settings = RealtimeSettings(
             instructions=instructions,
             model=model,
+            models=dict(models or {}),
             input_format=AudioFormat("audio/pcm", sample_rate_hz),
             output_format=AudioFormat("audio/pcm", sample_rate_hz),
         )
@@ -226,6 +230,7 @@ class RealtimeProtocol:
                 "denoise_steps": s.denoise_steps,
                 "input_rate_hz": s.input_format.rate_hz,
                 "output_rate_hz": s.output_format.rate_hz,
+                "models": s.models,
             },
         }
 
@@ -481,7 +486,14 @@ class RealtimeProtocol:
             case DenoiseStep():
                 if not self.settings.denoise_steps:
                     return []
-                return self._out("voice_agent.denoise_step", turn_id=event.turn_id, step=event.step, tokens=event.tokens, mask=event.mask)
+                return self._out(
+                    "voice_agent.denoise_step",
+                    **self._vendor_ids(event.turn_id),
+                    step=event.step,
+                    block_start=event.block_start,
+                    tokens=event.tokens,
+                    mask=event.mask,
+                )
             case Flush():
                 r = self._responses.get(event.turn_id)
                 return self._out("output_audio_buffer.cleared", response_id=r.response_id) if r else []
@@ -490,7 +502,7 @@ class RealtimeProtocol:
             case TurnMetrics():
                 if not self.settings.metrics:
                     return []
-                return self._out("voice_agent.metrics", turn_id=event.turn_id, metrics=event.values)
+                return self._out("voice_agent.metrics", **self._vendor_ids(event.turn_id), metrics=event.values)
             case ErrorEvent():
                 kind = "server_error" if event.code in _SERVER_ERRORS else "invalid_request_error"
                 return self._out(
@@ -518,6 +530,15 @@ class RealtimeProtocol:
         out += self._out("conversation.item.added", previous_item_id=self._last_item_id, item=item)
         self._last_item_id = item_id
         return out
+
+    def _vendor_ids(self, turn_id: int) -> dict[str, Any]:
+        """turn_id, plus response_id and item_id where the turn has a response: vendor events name
+        the response they belong to, so a client need not rely on their order."""
+        r = self._responses.get(turn_id)
+        ids: dict[str, Any] = {"turn_id": turn_id}
+        if r is not None:
+            ids.update(response_id=r.response_id, item_id=r.item_id)
+        return ids
 
     @staticmethod
     def _where(r: _Response) -> dict[str, Any]:
