@@ -89,8 +89,12 @@ class KVCache:
         k_layer, v_layer = self.k[layer], self.v[layer]  # views: the writes land in the cache
         k_layer[r, positions] = k.transpose(1, 2).to(k_layer.dtype)  # (B, T, Hkv, D)
         v_layer[r, positions] = v.transpose(1, 2).to(v_layer.dtype)
-        # Slice first (a view), then gather the rows: only K positions are copied.
-        return k_layer[:, :kv_len][rows].transpose(1, 2), v_layer[:, :kv_len][rows].transpose(1, 2)
+        # Slice first (a view), then gather the rows: only K positions are copied. index_select
+        # copies whole (K, Hkv, D) slabs; advanced indexing computes every element's offset
+        # (about twice as slow on CPU).
+        k_rows = k_layer[:, :kv_len].index_select(0, rows)  # (B, K, Hkv, D)
+        v_rows = v_layer[:, :kv_len].index_select(0, rows)
+        return k_rows.transpose(1, 2), v_rows.transpose(1, 2)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
