@@ -46,10 +46,23 @@ prompts admitted together are prefilled together and running rows are never star
 prompt goes in chunks (`prefill_chunk_tokens` per row, rounded down to whole blocks, so a chunk
 never ends inside a block its queries may see) and one step prefills at most
 `prefill_budget_tokens` prompt tokens (always at least one chunk). A row whose prefill completes
-at a step decodes in the same step. The prefill is a forward of its own, eager, with bucketed
-shapes: fused into the denoising forward it would widen every row's window to the chunk's length.
+at a step decodes in the same step. The prefill is a forward of its own, eager, with finer
+buckets than the denoising forward (batch: exact; window: powers of two up to 8, then multiples
+of 8 up to the chunk size): no compiled graph depends on them, and on a compute-bound CPU every
+padded position costs as much as a real one. Fused into the denoising forward it would widen
+every row's window to the chunk's length.
 A failure of the prefill forward raises `PrefillError` naming the rows it removed, so the caller
 fails those requests only.
+
+Prefix reuse (exact cache). A voice call re-sends its system prompt and history every turn. A
+cache row keeps, after its request leaves, the token ids of the positions whose clean K/V it
+holds (the prefill and every block written clean; never the last, noisy block). A new request
+added to that slot starts its prefill after the longest common prefix of those ids and its
+prompt: exact, since a position's K/V depend only on the tokens it attends, which are the same
+(causal: the tokens up to it; block-causal: up to the end of its block, so the reused length is
+rounded down to whole blocks and the block size must match). The last prefill position is always
+recomputed: its logits are the carry. `prefix_match()` tells the caller (the engine picks the
+free slot with the longest match) how many positions a slot would reuse.
 
 Batching. Finished and aborted rows are removed from the decoder and cost nothing. The active
 rows of a step are compacted into a batch whose size, window length and key length are rounded
@@ -170,6 +183,8 @@ class _Row:
     phase: Phase
     prefill_end: int  # exact cache: prompt positions whose K/V are written before decoding (0: none)
     prefill_upto: int  # positions below are prefilled; the row decodes once this reaches prefill_end
+    ids: list[int]  # host copy of the row's tokens: the prompt, then every final token (EOS included)
+    clean_upto: int  # exact cache: positions below hold clean K/V (prefill, block writes)
     final_upto: int  # positions below are final and were reported
     unit_start: int  # the current sub-block's first position
     unit_masked: int  # masked slots in the current sub-block when it started (FixedSteps)
@@ -190,6 +205,14 @@ class _Row:
         """One past the last slot of the current block that must be decoded."""
         end = min(self.block_end, self.gen_end)
         return end if self.eos_pos is None else min(end, self.eos_pos + 1)
+
+
+@dataclass
+class _CachedPrefix:
+    """What a free cache row still holds from its last request (exact cache)."""
+
+    ids: list[int]  # token ids of the positions 0..len-1, whose clean K/V are in the row
+    block_size: int  # the block size they were written under (block-causal keys depend on it)
 
 
 @dataclass
@@ -262,6 +285,7 @@ class BlockDecoder:
         # Per slot: temperature, top_p, threshold, factor; written at add(), read by every step.
         self.sampling = torch.zeros((rows, 4), dtype=torch.float32, device=dev)
         self.rows: dict[int, _Row] = {}
+        self.cached: dict[int, _CachedPrefix] = {}  # free slots' reusable prefixes (see "Prefix reuse")
 
     # -- host <-> device ---------------------------------------------------------------------
     def _upload(self, host: Tensor) -> Tensor:
@@ -337,14 +361,32 @@ class BlockDecoder:
                 generator.seed()
         phase = Phase.REFRESH if self.cache in ("prefix", "dual") else Phase.DENOISE
         prefill_end = origin if self.cache == "exact" else 0
+        reuse = self.prefix_match(slot, prompt_ids, settings)
+        self.cached.pop(slot, None)  # the row's positions from `reuse` on are this request's now
         row = _Row(slot=slot, prompt_len=P, settings=s, gen_end=P + s.max_new_tokens,
-                   total_len=total, block_start=origin, phase=phase, prefill_end=prefill_end, prefill_upto=0,
-                   final_upto=P, unit_start=P, unit_masked=0, generator=generator)
+                   total_len=total, block_start=origin, phase=phase, prefill_end=prefill_end, prefill_upto=reuse,
+                   ids=list(prompt_ids), clean_upto=reuse, final_upto=P, unit_start=P, unit_masked=0,
+                   generator=generator)
         self._start_unit(row, P)
         self.rows[slot] = row
 
+    def prefix_match(self, slot: int, prompt_ids: list[int], settings: DecodeSettings) -> int:
+        """Prompt positions whose K/V the free slot already holds exactly (see "Prefix reuse")."""
+        cached = self.cached.get(slot)
+        if cached is None or slot in self.rows:
+            return 0
+        bs = settings.block_size
+        if self.attention == "block_causal" and cached.block_size != bs:
+            return 0
+        end = min(len(cached.ids), self._origin(len(prompt_ids), bs) - 1)  # keep the carry's position
+        n = next((i for i in range(end) if cached.ids[i] != prompt_ids[i]), max(end, 0))
+        return n // bs * bs if self.attention == "block_causal" else n
+
     def remove(self, slot: int) -> None:
-        self.rows.pop(slot, None)
+        """Free the slot; its clean prefix stays reusable by the next request there."""
+        row = self.rows.pop(slot, None)
+        if row is not None and self.cache == "exact" and row.clean_upto > 0:
+            self.cached[slot] = _CachedPrefix(row.ids[: row.clean_upto], row.settings.block_size)
 
     def _start_unit(self, row: _Row, first_open: int) -> None:
         """Enter the sub-block holding position first_open (the first uncommitted slot)."""
@@ -369,15 +411,18 @@ class BlockDecoder:
         return row.block_start, row.settings.block_size  # exact, dual
 
     # -- the forward ---------------------------------------------------------------------------
-    def _forward(self, entries: list[_Entry], fn: ModelFn) -> Tensor:
+    def _forward(self, entries: list[_Entry], fn: ModelFn, *, eager_prefill: bool = False) -> Tensor:
         """One batched forward over the entries' windows -> logits (B, N, V): at a decide entry,
         its block slots minus the shift (clamped into the window: where a slot's predictor lies
         before the window, the caller takes the carry instead); at a prefill/write entry, its last
         position (every column). Sets the carry of prefill/write entries, and of refresh entries
         where logits are shifted, from this forward's logits."""
         n = len(entries)
-        B = _batch_bucket(n)
-        W = _bucket(max(e.length for e in entries))
+        L = max(e.length for e in entries)
+        if eager_prefill:  # no compiled graph depends on these shapes: pad less (a compute-bound CPU pays for it)
+            B, W = n, min(_bucket(L), -(-L // 8) * 8)
+        else:
+            B, W = _batch_bucket(n), _bucket(L)
         # Prefill/write entries need one column; a prefill-only forward computes no more logits.
         N = max((e.row.settings.block_size for e in entries if e.kind == "decide"), default=1)
         # Host plan, (6, B): slot, start, length, block size, canvas extent, sets the carry.
@@ -413,6 +458,9 @@ class BlockDecoder:
         self.carry[carry_rows] = logits[:, 0]
         for row in {id(e.row): e.row for e in entries}.values():
             row.steps += 1
+        for e in entries:
+            if e.kind != "decide":  # prefill / write: these positions now hold clean K/V
+                e.row.clean_upto = max(e.row.clean_upto, e.start + e.length)
         return logits
 
     # -- the step ------------------------------------------------------------------------------
@@ -439,7 +487,7 @@ class BlockDecoder:
         prefill = self._prefill_entries()
         if prefill:
             try:
-                self._forward(prefill, self.model)  # eager: prompt chunks come in many shapes
+                self._forward(prefill, self.model, eager_prefill=True)  # prompt chunks come in many shapes
             except Exception as e:
                 slots = [entry.row.slot for entry in prefill]
                 for slot in slots:
@@ -539,6 +587,7 @@ class BlockDecoder:
             t = row.block[row.final_upto - row.block_start]
             if row.final_upto != row.eos_pos:
                 new_ids.append(t)
+            row.ids.append(t)
             row.final_upto += 1
         trace = None
         if s.trace:

@@ -11,7 +11,9 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   admitted and not yet prefilled (chunked, within a token budget), then one forward over the
   current block of every active request (see dlm/decode.py). Between steps the worker applies
   aborts and admits new requests into free cache rows (continuous batching: nobody waits for the
-  batch to drain; requests admitted together are prefilled together). Finished and
+  batch to drain; requests admitted together are prefilled together). A new request goes to the
+  free row that still holds the longest prefix of its prompt (exact caches: the previous turn of
+  a call), and only the rest of its prompt is prefilled. Finished and
   aborted requests leave the decoder at once and cost no further compute; the remaining rows are
   compacted into fixed-size buckets, which is cheaper on CPU than computing masked-out rows.
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
@@ -327,13 +329,16 @@ class Engine:
         free = [s for s in range(self.max_batch_size) if s not in self._active]
         while self._pending and free:
             req = self._pending.pop(0)
-            slot = free.pop(0)
+            # The free row holding the longest prefix of this prompt (a previous turn of the same
+            # call): only the rest is prefilled. Ties: the lowest slot.
+            slot = max(free, key=lambda s: self._decoder.prefix_match(s, req.prompt_ids, req.settings))
+            free.remove(slot)
             try:
                 self._decoder.add(slot, req.prompt_ids, req.settings)
             except Exception as e:
                 log.exception("request %s failed at admission", req.request_id)
                 self._decoder.remove(slot)
-                free.insert(0, slot)
+                free.append(slot)
                 self._finish(req, "error", error=f"{type(e).__name__}: {e}")
                 continue
             req.slot = slot

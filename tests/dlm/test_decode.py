@@ -225,8 +225,8 @@ def _forward_shapes(model) -> tuple[list[tuple[int, int]], object]:
 
 @pytest.mark.parametrize("block_size", [1, 4])
 def test_prompts_admitted_together_are_prefilled_in_one_forward(block_size):
-    """Batched prefill: the first step runs one padded prefill forward for every new row (batch
-    bucket 4 for 3 rows), then the denoising forward; the outputs equal one prefill per step."""
+    """Batched prefill: the first step runs one padded prefill forward for every new row, then the
+    denoising forward; the outputs equal one prefill per step."""
     loaded = random_loaded("block_causal", seed=5, scale=3.0)
     prompts = [[1, 2, 3, 4, 5], [9, 10, 11, 12, 13, 14, 15, 16, 17], [6, 7, 8, 9, 10, 11, 12, 13]]
     params = GenerationParams(max_new_tokens=10, block_size=block_size, threshold=0.6)
@@ -244,9 +244,9 @@ def test_prompts_admitted_together_are_prefilled_in_one_forward(block_size):
     assert got == want and all(len(ids) == 10 for ids in got)
     assert updated[0] == [0, 1, 2]  # every row decodes in the step that prefilled it
     origin = 16 if block_size == 1 else 8  # the longest prompt's prefill: 16 (bs 1) or 2 blocks of 4
-    assert shapes[0] == (4, origin)
+    assert shapes[0] == (3, origin)  # exact batch, window to a multiple of 8
     if block_size == 4:
-        assert shapes[1][0] == 4  # the denoising forward of the same step: 3 rows
+        assert shapes[1][0] == 4  # the denoising forward of the same step: 3 rows, batch bucket 4
     else:
         assert shapes[1] == (4, 1)  # AR: the next step's cache writes; the first tokens came from the carry
 
@@ -294,3 +294,48 @@ def test_a_failing_prefill_fails_only_the_requests_being_prefilled():
             assert [t for d in ok for t in d.token_ids] == [6, 7, 8]  # the engine keeps serving
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("attention,engine_cls,block_size", [("block_causal", Engine, 4), ("causal", AREngine, 1)],
+                         ids=["bd", "ar"])
+def test_next_turn_reuses_the_cached_prefix_of_its_row(attention, engine_cls, block_size):
+    """Prefix reuse: turn 2 re-sends turn 1's prompt and reply; it lands in the row that served
+    turn 1 (not the neighbour's), prefills only the tail and decodes as a fresh engine does."""
+    loaded = random_loaded(attention, seed=5, scale=3.0, block_size=block_size)
+    params = GenerationParams(max_new_tokens=9, threshold=0.6)
+    first = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
+    with engine_cls(loaded, max_batch_size=3) as engine:
+        handles = [engine.submit(p, params) for p in first]
+        replies = [[t for d in h for t in d.token_ids] for h in handles]
+        second = first[1] + replies[1] + [40, 41, 42]
+        shapes, hook = _forward_shapes(loaded.model)
+        try:
+            got = [t for d in engine.submit(second, params) for t in d.token_ids]
+        finally:
+            hook.remove()
+    with engine_cls(loaded, max_batch_size=3) as fresh:
+        fresh_shapes, hook = _forward_shapes(loaded.model)
+        try:
+            want = [t for d in fresh.submit(second, params) for t in d.token_ids]
+        finally:
+            hook.remove()
+    assert len(replies[1]) == 9 and got == want and len(got) == 9
+    # 23 prompt tokens. A fresh row prefills 23 (AR) or 20 (5 blocks) positions, window padded to
+    # 24. Turn 1's row holds clean K/V up to its last token (AR: 11 + 9 - 1 = 19) or its last
+    # block (bd: 16), so turn 2 prefills positions 19..22 or 16..19: 4 positions.
+    assert fresh_shapes[0] == (1, 24)
+    assert shapes[0] == (1, 4)
+
+
+def test_prefix_match_needs_the_same_tokens_and_block_size():
+    loaded = random_loaded("block_causal", seed=5, scale=3.0)
+    params4 = GenerationParams(max_new_tokens=4, block_size=4, threshold=0.6)
+    prompt = list(range(1, 14))  # 13 tokens: 12 prefilled in 3 blocks
+    (ids, settings), = _prepared(loaded, [prompt], params4)
+    decoder = BlockDecoder(loaded.model, loaded.spec, max_batch_size=2, max_seq_len=64)
+    _drive(decoder, [(ids, settings)])
+    assert decoder.prefix_match(0, ids, settings) == 8  # whole blocks, the carry's block recomputed
+    assert decoder.prefix_match(0, ids[:6] + [50] * 7, settings) == 4  # diverges inside block 2
+    assert decoder.prefix_match(1, ids, settings) == 0  # another row holds nothing
+    (_, settings2), = _prepared(loaded, [prompt], GenerationParams(max_new_tokens=4, block_size=2, threshold=0.6))
+    assert decoder.prefix_match(0, ids, settings2) == 0  # other block size: other block-causal keys
