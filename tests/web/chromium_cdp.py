@@ -2,24 +2,22 @@
 
 No chromedriver and no extra Python package: the DevTools protocol is JSON over a WebSocket, and
 `websockets` is already a dependency of the project. The microphone is Chromium's fake capture
-device fed from a WAV file; the permission prompt is answered yes by a flag.
+device fed from a WAV file; the permission prompt is answered yes by a flag. The process, the
+profile and the command channel are browser_process.py's, shared with firefox_bidi.py.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import itertools
 import json
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from websockets.sync.client import ClientConnection, connect
+from browser_process import BrowserProcess
 
 __all__ = ["Chromium", "chromium_path"]
 
@@ -48,8 +46,10 @@ def chromium_path() -> str | None:
     return None
 
 
-class Chromium:
+class Chromium(BrowserProcess):
     """`with Chromium(url, fake_audio=wav) as browser:` opens `url` in a fresh profile."""
+
+    profile_prefix = "voice-agent-chromium-"
 
     def __init__(
         self,
@@ -60,29 +60,16 @@ class Chromium:
         window: tuple[int, int] = (1280, 860),
         timeout_s: float = 30.0,
     ) -> None:
-        self.url = url
+        super().__init__(url, timeout_s=timeout_s)
         self.fake_audio = fake_audio
         self.deny_microphone = deny_microphone
         self.window = window
-        self.timeout_s = timeout_s
-        self.profile = Path(tempfile.mkdtemp(prefix="voice-agent-chromium-"))
-        self.process: subprocess.Popen[bytes] | None = None
-        self.socket: ClientConnection | None = None
-        self.ids = itertools.count(1)
         self.console: list[str] = []
 
-    def __enter__(self) -> Chromium:
-        try:
-            self._launch()
-            self.call("Runtime.enable")
-            self.call("Page.enable")
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _start(self) -> None:
+        self._launch()
+        self.call("Runtime.enable")
+        self.call("Page.enable")
 
     def _flags(self) -> list[str]:
         flags = [
@@ -109,8 +96,7 @@ class Chromium:
         log = open(self.profile / "chromium.log", "wb")  # noqa: SIM115 (closed with the process)
         self.process = subprocess.Popen([binary, *self._flags(), self.url], stdout=log, stderr=log)
         port = self._devtools_port()
-        socket = connect(self._page_socket_url(port), max_size=64 * 2**20, open_timeout=self.timeout_s)
-        self.socket = socket.__enter__()  # closed in close()
+        self._connect(self._page_socket_url(port))
 
     def _devtools_port(self) -> int:
         active = self.profile / "DevToolsActivePort"
@@ -140,21 +126,11 @@ class Chromium:
 
     # DevTools protocol -----------------------------------------------------------------------
 
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        """Send one command and wait for its answer; events seen meanwhile are kept in `console`."""
-        assert self.socket is not None
-        message_id = next(self.ids)
-        self.socket.send(json.dumps({"id": message_id, "method": method, "params": params}))
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            message = json.loads(self.socket.recv(timeout=max(0.1, deadline - time.monotonic())))
-            if message.get("id") == message_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-            self._event(message)
+    def _error(self, message: dict[str, Any]) -> str | None:
+        return str(message["error"]) if "error" in message else None
 
     def _event(self, message: dict[str, Any]) -> None:
+        """Console lines and uncaught exceptions are kept in `console`."""
         method = message.get("method")
         params = message.get("params", {})
         if method == "Runtime.consoleAPICalled":
@@ -186,39 +162,5 @@ class Chromium:
             raise RuntimeError(f"{expression!r} threw: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, *, timeout_s: float, interval_s: float = 0.25) -> Any:
-        """Poll `expression` until it is truthy; returns its value or raises TimeoutError."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{expression!r} stayed falsy for {timeout_s} s")
-            time.sleep(interval_s)
-
-    def wait_for_load(self) -> None:
-        self.wait_for(
-            "document.readyState === 'complete' && window.voiceAgent !== undefined", timeout_s=self.timeout_s
-        )
-
-    def screenshot(self, path: Path) -> Path:
-        data = self.call("Page.captureScreenshot", format="png")["data"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
-        return path
-
-    def close(self) -> None:
-        if self.socket is not None:
-            with contextlib.suppress(Exception):
-                self.socket.close()
-            self.socket = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        shutil.rmtree(self.profile, ignore_errors=True)
+    def _screenshot_png_base64(self) -> str:
+        return self.call("Page.captureScreenshot", format="png")["data"]

@@ -9,15 +9,14 @@ artifacts/web/.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from browser_process import stop_process, watch_lines
 from chromium_cdp import Chromium
 from conftest import speak
 
@@ -36,33 +35,17 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     command = [sys.executable, "-m", "voice_agent", "serve", "--port", "0", "--host", "127.0.0.1",
                "--set", f"store.path={folder / 'calls.db'}"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert process.stdout is not None
     lines: list[str] = []
-    found = threading.Event()
-    url: list[str] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            match = re.search(r"demo at (http://\S+)", line)
-            if match and not url:
-                url.append(match.group(1).replace("localhost", "127.0.0.1"))
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    found, url = watch_lines(process.stdout, r"demo at (http://\S+)", lines)
     try:
         if not found.wait(STARTUP_TIMEOUT_S):
             pytest.fail(
                 f"voice-agent serve did not start in {STARTUP_TIMEOUT_S} s:\n{''.join(lines)[-3000:]}"
             )
-        yield url[0]
+        yield url[0].replace("localhost", "127.0.0.1")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=20)
         print("".join(lines)[-3000:])  # the server's log, shown by pytest where the test failed
 
 
@@ -109,11 +92,7 @@ def test_push_to_talk_interrupts_a_typed_reply(
     with Chromium(server_url, fake_audio=wav) as browser:
         browser.wait_for_load()
         browser.evaluate("document.querySelector('input[value=ptt]').click()", gesture=True)
-        browser.evaluate(
-            "document.getElementById('composer-text').value = 'Tell me a long story about a cat in Paris.';"
-            "document.getElementById('composer').requestSubmit()",
-            gesture=True,
-        )
+        browser.submit_text("Tell me a long story about a cat in Paris.")
         try:
             browser.wait_for(f"{STATE}.playback.playedMs > 1000", timeout_s=60)
             browser.evaluate("document.getElementById('start').click()", gesture=True)  # the microphone

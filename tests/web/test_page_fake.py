@@ -55,11 +55,7 @@ def test_conversation_barge_in_and_denoising(chromium: str, two_utterances: Path
 def test_typing_then_push_to_talk(chromium: str, two_utterances: Path, artifacts: Path) -> None:
     with fake_server() as server, Chromium(server.url, fake_audio=two_utterances) as browser:
         browser.wait_for_load()
-        browser.evaluate(
-            "document.getElementById('composer-text').value = 'hi by text';"
-            "document.getElementById('composer').requestSubmit()",
-            gesture=True,
-        )
+        browser.submit_text("hi by text")
         state = browser.wait_for(f"{STATE}.waterfall.turns.length >= 1 && {STATE}", timeout_s=20)
         assert state["transcripts"]["user"][0]["final"] == "hi by text"
         assert state["transcripts"]["agent"][0]["done"]

@@ -38,14 +38,8 @@ def pulse_server() -> Iterator[str]:
 
 def test_typing_and_push_to_talk_in_firefox(pulse_server: str, artifacts: Path) -> None:
     with fake_server() as server, Firefox(server.url, pulse_server=pulse_server) as browser:
-        browser.wait_for(
-            "document.readyState === 'complete' && window.voiceAgent !== undefined", timeout_s=20
-        )
-        browser.evaluate(
-            "document.getElementById('composer-text').value = 'hi from firefox',"
-            "document.getElementById('composer').requestSubmit()",
-            gesture=True,
-        )
+        browser.wait_for_load(timeout_s=20)
+        browser.submit_text("hi from firefox")
         state = browser.wait_for(f"{STATE}.waterfall.turns.length >= 1 && {STATE}", timeout_s=30)
         assert state["transcripts"]["user"][0]["final"] == "hi from firefox"
         assert state["playback"]["playedMs"] > 0
