@@ -13,7 +13,10 @@
 
 At each concurrency level C (`--concurrency 1,8,32,128`), C requests are submitted at once to one
 engine whose max batch is the largest level, after an untimed warm-up at that level (which also
-compiles the shapes under `--compile`). Per reply: time to the first final text (first final
+compiles the shapes under `--compile`). The warm-up's prompts differ from the measured ones (other
+user messages, other random ids): the engine reuses the cached K/V of a prompt prefix left in a
+free row (dlm/decode.py "Prefix reuse"), so the measured chat requests reuse the shared system
+prompt, as every new call does on a running server, but never their own user message. Per reply: time to the first final text (first final
 token ids where the model has no tokenizer), wall time, tokens, forward passes. Per level: tokens
 per forward pass, median tokens/s per request, aggregate tokens/s (all tokens / the level's wall
 time), and on CUDA the peak memory (`torch.cuda.max_memory_allocated`).
@@ -144,8 +147,8 @@ def _environment(device: str) -> dict[str, Any]:
 
 # -- workload ---------------------------------------------------------------------------------
 
-def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list[Any], Any, list[str]]:
-    """-> (loaded model, diffusion capable, prompts, GenerationParams, notes)."""
+def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list[Any], list[Any], Any, list[str]]:
+    """-> (loaded model, diffusion capable, prompts, warm-up prompts, GenerationParams, notes)."""
     import torch
 
     from voice_agent.commands.chat import generation_params, load_llm
@@ -160,14 +163,14 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
         generator = torch.Generator().manual_seed(0)
         high = loaded.spec.mask_token_id  # ids below the mask token: ordinary vocabulary
         prompts = [torch.randint(0, high, (SYNTHETIC_PROMPT_TOKENS,), generator=generator).tolist()
-                   for _ in range(max(args.concurrency))]
+                   for _ in range(2 * max(args.concurrency))]
         params = generation_params(config, args.max_new_tokens)
         params.policy = args.policy or "fixed_steps"
         params.steps_per_block, params.block_size, params.sub_block_size = args.steps_per_block, 0, 0
         params.temperature = 0.0
         notes.append(f"synthetic random weights ({args.synthetic}): no EOS, every reply runs to max_new_tokens; "
                      f"policy {params.policy}, {args.steps_per_block} steps per block")
-        return loaded, True, prompts, params, notes
+        return loaded, True, prompts[::2], prompts[1::2], params, notes
     loaded, diffusion = load_llm(config, config.llm.model, device, args.dtype or config.llm.dtype)
     params = generation_params(config, args.max_new_tokens)
     if args.policy:
@@ -190,7 +193,8 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
     system = {"role": "system", "content": config.agent.system_prompt}
     n = max(args.concurrency)
     prompts = [[system, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
-    return loaded, diffusion, prompts, params, notes
+    warm_up = [[system, {"role": "user", "content": f"(warm-up) {PROMPTS[i % len(PROMPTS)]}"}] for i in range(n)]
+    return loaded, diffusion, prompts, warm_up, params, notes
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -258,10 +262,10 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
     cuda = loaded.model.model.embed_tokens.weight.device.type == "cuda"
     short = replace(params, max_new_tokens=min(params.max_new_tokens, PROFILE_MAX_NEW_TOKENS))
     requests = [engine.prepare(prompt, short) for prompt in prompts]
-    decoder = BlockDecoder(loaded.model, engine.spec, max_batch_size=len(requests), max_seq_len=engine.max_seq_len,
-                           cache=engine.cache, compile_mode=compile_mode)
-
     def run() -> int:
+        # A fresh decoder (cache) per run: the profiled run prefills its prompts like the first one.
+        decoder = BlockDecoder(loaded.model, engine.spec, max_batch_size=len(requests),
+                               max_seq_len=engine.max_seq_len, cache=engine.cache, compile_mode=compile_mode)
         for slot, (ids, settings) in enumerate(requests):
             decoder.add(slot, ids, settings)
         steps = 0
@@ -281,7 +285,7 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
                 torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=30)
-    path.write_text(f"{len(requests)} requests, {steps} decoder steps (prefill included in the first)\n{table}\n",
+    path.write_text(f"{len(requests)} requests, {steps} decoder steps (the batched prefill in the first)\n{table}\n",
                     encoding="utf-8")
 
 
@@ -294,7 +298,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     if args.synthetic and args.untrained_bd:
         print("--synthetic and --untrained-bd exclude each other", file=sys.stderr)
         return 2
-    loaded, diffusion, prompts, params, notes = _workload(args, config)
+    loaded, diffusion, prompts, warm_up, params, notes = _workload(args, config)
     device = str(loaded.model.model.embed_tokens.weight.device)
     cuda = device.startswith("cuda")
     for note in notes:
@@ -312,7 +316,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 _profile(engine, loaded, prompts[: args.concurrency[0]], params, args.compile, path)
                 print(f"profile of {name} written to {path}", file=sys.stderr)
             for c in args.concurrency:
-                _measure(engine, prompts[:c], params)  # warm-up at this level (and compile its shapes)
+                _measure(engine, warm_up[:c], params)  # warm-up at this level (and compile its shapes)
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
