@@ -404,7 +404,7 @@ function registerHandlers(connection) {
     .on("output_audio_buffer.cleared", (e) => bargeIn({ cancel: false, responseId: e.response_id }))
     .on("response.done", onResponseDone)
     .on("voice_agent.metrics", onMetrics)
-    .on("voice_agent.denoise_step", (e) => denoise.push(e))
+    .on("voice_agent.denoise_step", onDenoiseStep)
     .on("error", onServerError);
 }
 
@@ -495,6 +495,13 @@ function onMetrics(event) {
   if (!responseId) return;
   call.serverMetrics.set(responseId, { ...(call.serverMetrics.get(responseId) || {}), ...event.metrics });
   updateWaterfall(responseId);
+}
+
+/** The denoising view shows the reply in progress: a step naming another response (a late step of
+ * a reply already done or replaced) is dropped. Without `response_id`, steps are taken in order. */
+function onDenoiseStep(event) {
+  if (event.response_id && event.response_id !== call.activeResponse) return;
+  denoise.push(event);
 }
 
 function onServerError(event) {

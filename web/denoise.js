@@ -21,10 +21,10 @@ export class DenoiseView {
     this.steps = 0;
   }
 
-  /** One voice_agent.denoise_step event: {turn_id, step, tokens, mask}. */
+  /** One voice_agent.denoise_step event: {turn_id, response_id, item_id, step, block_start, tokens, mask}. */
   push(event) {
     const last = this.received;
-    if (last && !continues(last.tokens, event.tokens, maskOf(event))) this.queue.push({ commit: blockText(last) });
+    if (last && startsBlock(last, event)) this.queue.push({ commit: blockText(last) });
     this.received = event;
     this.queue.push({ event });
     this.trim();
@@ -93,6 +93,14 @@ function maskOf(event) {
 
 function blockText(event) {
   return event.tokens.filter((t) => t !== maskOf(event)).join("");
+}
+
+/** A new block began: `block_start` changed where the server sends it, else inferred from the slots. */
+function startsBlock(last, event) {
+  if (Number.isInteger(last.block_start) && Number.isInteger(event.block_start)) {
+    return event.block_start !== last.block_start;
+  }
+  return !continues(last.tokens, event.tokens, maskOf(event));
 }
 
 /** Within a block a committed slot never changes: any change means the next block began. */

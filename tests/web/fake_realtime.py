@@ -32,6 +32,16 @@ RATE_HZ = 24000
 TRANSCRIPT = "hello there"
 REPLY = ["Hi, nice to hear you. ", "This is a fake reply that takes a while to say."]
 MASK = "<mask>"
+MODELS = {"asr": "fake", "llm": "fake-dllm", "tts": "tone"}
+# The scripted denoising trace: two blocks of 8 slots, each filled in over a few forward passes.
+TRACE_BLOCKS = [
+    (["Hi", ",", " nice", " to", " hear", " you", ".", " This"], [(0, 1), (2, 6), (3, 4, 5), (7,)]),
+    (
+        [" is", " a", " fake", " reply", ".", "<|eot_id|>", "<|eot_id|>", "<|eot_id|>"],
+        [(0, 1, 2), (3, 4, 5, 6, 7)],
+    ),
+]
+STALE_TOKEN = "STALE"  # a late step of the previous reply, sent after the next reply began
 
 
 @dataclass
@@ -97,10 +107,7 @@ class FakeRealtimeServer:
             return
         call = _Call(ws)
         self.calls.append(call)
-        session = {
-            "id": "sess_fake",
-            "voice_agent": {"models": {"asr": "fake", "llm": "fake-dllm", "tts": "tone"}},
-        }
+        session = {"id": "sess_fake", "voice_agent": {"models": MODELS}}
         await _send(ws, "session.created", session=session)
         try:
             async for message in ws:
@@ -115,7 +122,9 @@ class FakeRealtimeServer:
             session = event["session"]
             call.trace = bool(session.get("voice_agent", {}).get("denoise_steps"))
             call.server_vad = session.get("audio", {}).get("input", {}).get("turn_detection") is not None
-            await _send(call.ws, "session.updated", session=event["session"])
+            # The whole session back, models included, like the real server.
+            vendor = {**session.get("voice_agent", {}), "models": MODELS}
+            await _send(call.ws, "session.updated", session={**session, "voice_agent": vendor})
         elif kind == "input_audio_buffer.append" and call.server_vad:
             await self._audio(call, base64.b64decode(event["audio"]))
         elif kind == "input_audio_buffer.commit":  # push to talk; the reply waits for response.create
@@ -203,7 +212,11 @@ class FakeRealtimeServer:
         ids = {"response_id": f"resp_{turn}", "item_id": f"item_out_{turn}"}
         await _send(call.ws, "response.created", response={"id": ids["response_id"], "status": "in_progress"})
         if call.trace:
-            await self._trace(call, turn)
+            if turn > 1:  # vendor events name their response, so the page can drop this one
+                previous = {"response_id": f"resp_{turn - 1}", "item_id": f"item_out_{turn - 1}"}
+                await _send(call.ws, "voice_agent.denoise_step", turn_id=turn - 1, **previous, step=99,
+                            block_start=0, tokens=[STALE_TOKEN] * 8, mask=MASK)  # fmt: skip
+            await self._trace(call, turn, ids)
         tone = _tone(self.options.reply_tone_s)
         for sentence in REPLY:
             await _send(call.ws, "response.output_audio_transcript.delta", **ids, delta=sentence)
@@ -219,22 +232,27 @@ class FakeRealtimeServer:
             "tts_first_audio_ms": 380.0,
             "voice_to_voice_ms": 390.0,
         }
-        await _send(call.ws, "voice_agent.metrics", turn_id=turn, metrics=metrics)
+        await _send(call.ws, "voice_agent.metrics", turn_id=turn, **ids, metrics=metrics)
 
-    async def _trace(self, call: _Call, turn: int) -> None:
-        words = ["Hi", ",", " nice", " to", " hear", " you", ".", " This"]
-        slots = [MASK] * len(words)
-        for step, order in enumerate([(0, 1), (2, 6), (3, 4, 5), (7,)]):
-            for i in order:
-                slots[i] = words[i]
-            await _send(
-                call.ws,
-                "voice_agent.denoise_step",
-                turn_id=turn,
-                step=step + 1,
-                tokens=list(slots),
-                mask=MASK,
-            )
+    async def _trace(self, call: _Call, turn: int, ids: dict[str, str]) -> None:
+        step, block_start = 0, 0
+        for words, orders in TRACE_BLOCKS:
+            slots = [MASK] * len(words)
+            for order in orders:
+                for i in order:
+                    slots[i] = words[i]
+                step += 1
+                await _send(
+                    call.ws,
+                    "voice_agent.denoise_step",
+                    turn_id=turn,
+                    **ids,
+                    step=step,
+                    block_start=block_start,
+                    tokens=list(slots),
+                    mask=MASK,
+                )
+            block_start += len(words)
 
 
 def _user_item(call: _Call) -> str:

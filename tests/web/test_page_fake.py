@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from chromium_cdp import Chromium
 from conftest import read_wav, speak, write_wav
-from fake_realtime import FakeOptions, fake_server
+from fake_realtime import MODELS, STALE_TOKEN, FakeOptions, fake_server
 
 pytestmark = pytest.mark.browser
 
@@ -46,6 +46,19 @@ def test_conversation_barge_in_and_denoising(chromium: str, two_utterances: Path
         assert interrupted["heard"] != interrupted["text"], "the cut must fall inside the reply"
         assert state["playback"]["playedMs"] > 0
         assert state["denoise"]["steps"] >= 1
+        # The first block is committed when block_start changes; the late step of the interrupted
+        # reply (another response_id), sent after the second reply began, is never shown.
+        state = browser.wait_for(
+            f"{STATE}.transcripts.agent.length >= 2 && {STATE}.transcripts.agent[1].done && {STATE}",
+            timeout_s=15,
+        )
+        assert state["denoise"]["committed"] == "Hi, nice to hear you. This", state["denoise"]
+        assert state["denoise"]["tokens"][:4] == [" is", " a", " fake", " reply"], state["denoise"]
+        assert STALE_TOKEN not in state["denoise"]["tokens"]
+        assert state["models"] == MODELS
+        assert browser.evaluate("document.getElementById('models').textContent") == (
+            "ASR fake · LLM fake-dllm · TTS tone"
+        )
         truncates = server.calls[0].truncates
         assert truncates, "barge-in must be acknowledged with conversation.item.truncate"
         assert 0 < truncates[0]["audio_end_ms"] < 3000
