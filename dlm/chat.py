@@ -7,6 +7,7 @@ Contract:
   tokenized with special-token parsing off: text such as "<|im_end|>" typed by a user stays
   plain text and can never become the end-of-turn, mask or any other special id. Only the
   template's own markup is parsed for special tokens. `stop_token_ids` are `spec.eos_token_ids`.
+  `encode_many(conversations)` is the same over many conversations at once (data sets).
 - `IncrementalDetokenizer(tokenizer).push(ids) -> str` returns the new text that is final:
   emitted text never changes later, never ends inside a UTF-8 sequence (an incomplete byte
   sequence is held back until it completes), and keeps SentencePiece / byte-level BPE spacing
@@ -58,32 +59,58 @@ class ChatFormatter:
                                                   add_generation_prompt=add_generation_prompt, tokenize=False)
 
     def encode(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """Template markup with special tokens parsed, contents with special tokens escaped.
+        """Template markup with special tokens parsed, contents with special tokens escaped."""
+        return self.encode_many([messages], add_generation_prompt)[0]
+
+    def encode_many(self, conversations: list[list[dict[str, str]]], add_generation_prompt: bool = True) -> list[list[int]]:
+        """`encode` over many conversations, for data sets of tens of thousands of prompts.
 
         The template is rendered with a random placeholder per message content; the rendered text
-        is split at the placeholders and each piece is tokenized with the right parsing mode.
+        is split at the placeholders and each piece is tokenized with the right parsing mode. The
+        markup pieces depend only on the sequence of roles, so they are rendered and tokenized once
+        per sequence; all contents are tokenized in one batched call.
         """
-        messages = self._with_system(messages)
+        conversations = [self._with_system(messages) for messages in conversations]
+        shells: dict[tuple[str, ...], list[list[int]]] = {}
+        for messages in conversations:
+            roles = tuple(m["role"] for m in messages)
+            if roles not in shells:
+                shells[roles] = self._markup_pieces(roles, add_generation_prompt)
+        contents = iter(self._contents_ids([m["content"] for messages in conversations for m in messages]))
+        out = []
+        for messages in conversations:
+            pieces = shells[tuple(m["role"] for m in messages)]
+            ids: list[int] = []
+            for markup in pieces[:-1]:
+                ids += markup + next(contents)
+            out.append(ids + pieces[-1])
+        return out
+
+    def _markup_pieces(self, roles: tuple[str, ...], add_generation_prompt: bool) -> list[list[int]]:
+        """The template's markup around the contents of messages with these roles: one more piece
+        than messages (the last one follows the last content)."""
         nonce = secrets.token_hex(8)
-        holders = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
-        placeholder_messages = [{**m, "content": h} for m, h in zip(messages, holders, strict=True)]
+        holders = [f"\x00{nonce}:{i}\x00" for i in range(len(roles))]
+        placeholder_messages = [{"role": r, "content": h} for r, h in zip(roles, holders, strict=True)]
         text = self.tokenizer.apply_chat_template(placeholder_messages, chat_template=self.template,
                                                   add_generation_prompt=add_generation_prompt, tokenize=False)
-        ids: list[int] = []
-        for message, holder in zip(messages, holders, strict=True):
+        pieces: list[list[int]] = []
+        for role, holder in zip(roles, holders, strict=True):
             markup, found, text = text.partition(holder)
             if not found:  # the template dropped or rewrote a message: refuse rather than guess
-                raise ValueError(f"chat template does not render the content of a {message['role']!r} message verbatim")
-            ids += self._markup_ids(markup) + self._content_ids(message["content"])
-        return ids + self._markup_ids(text)
+                raise ValueError(f"chat template does not render the content of a {role!r} message verbatim")
+            pieces.append(self._markup_ids(markup))
+        return [*pieces, self._markup_ids(text)]
 
     def _markup_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    def _content_ids(self, text: str) -> list[int]:
-        if not text:
+    def _contents_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids with special-token parsing off, in one batched tokenizer call."""
+        if not texts:
             return []
-        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        encoded = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [list(ids) for ids in encoded]
 
 
 class IncrementalDetokenizer:

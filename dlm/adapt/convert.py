@@ -7,7 +7,7 @@ unused special token of the tokenizer as the mask token, so the vocabulary does 
 
 `choose_mask_token(tokenizer)` picks that token: the first of `MASK_TOKEN_CANDIDATES` that the
 tokenizer knows as a single special id. User text must be encoded with special-token parsing off
-(see `dlm.adapt.data.encode_chat`), so no caller can type the mask token.
+(see `dlm.chat.ChatFormatter`), so no caller can type the mask token.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DATA_FORMAT", "Batch", "Example", "collate", "encode_chat", "encode_chats", "read_dataset", "steps_per_epoch",
+__all__ = ["DATA_FORMAT", "Batch", "Example", "collate", "read_dataset", "steps_per_epoch",
            "training_batches", "write_dataset"]
 
 DATA_FORMAT = "voice-agent-adapt-data/1"
@@ -45,49 +45,6 @@ class Batch:
     tokens: Tensor  # (B, L) long: prompt, reply, EOS fill to the block boundary, then pad
     supervised: Tensor  # (B, L) bool: the positions that carry a loss (reply and EOS fill)
     n_real_tokens: int  # prompt + reply tokens, padding excluded (for tokens/s)
-
-
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-    """Chat-template token ids where message contents are encoded with special-token parsing off.
-
-    The template is rendered with placeholder contents; its own text (role markers) is encoded
-    normally, each content with `split_special_tokens=True`, so typed text such as
-    "<|im_end|>" or the mask token's string stays plain text.
-    """
-    return encode_chats(tokenizer, [messages], add_generation_prompt)[0]
-
-
-def encode_chats(tokenizer: Any, conversations: list[list[dict[str, str]]],
-                 add_generation_prompt: bool = True) -> list[list[int]]:
-    """`encode_chat` over many conversations: the template is rendered and its pieces encoded once
-    per sequence of roles, and all contents are encoded in one batched call (tens of thousands of
-    prompts in seconds rather than minutes)."""
-    shells: dict[tuple[str, ...], list[list[int]]] = {}
-    for messages in conversations:
-        roles = tuple(m["role"] for m in messages)
-        if roles in shells:
-            continue
-        marks = [f"\x00{i}\x00" for i in range(len(roles))]
-        text = tokenizer.apply_chat_template([{"role": r, "content": k} for r, k in zip(roles, marks, strict=True)],
-                                             tokenize=False, add_generation_prompt=add_generation_prompt)
-        pieces = []
-        for mark in marks:
-            head, sep, text = text.partition(mark)
-            if not sep:
-                raise ValueError("the chat template dropped a message")
-            pieces.append(head)
-        shells[roles] = [tokenizer.encode(p, add_special_tokens=False) for p in [*pieces, text]]
-    contents = [m["content"] for messages in conversations for m in messages]
-    encoded = iter(tokenizer(contents, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if contents \
-        else iter(())
-    out = []
-    for messages in conversations:
-        pieces = shells[tuple(m["role"] for m in messages)]
-        ids: list[int] = []
-        for piece in pieces[:-1]:
-            ids += piece + list(next(encoded))
-        out.append(ids + pieces[-1])
-    return out
 
 
 def write_dataset(path: str | Path, examples: Iterable[Example], meta: dict[str, Any]) -> Path:

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from dlm.adapt.convert import to_block_diffusion
-from dlm.adapt.data import Example, encode_chats, read_dataset, steps_per_epoch, write_dataset
+from dlm.adapt.data import Example, read_dataset, steps_per_epoch, write_dataset
 from dlm.adapt.evaluate import evaluate
 from dlm.adapt.export import export_student
 from dlm.adapt.prompts import generate_prompts
 from dlm.adapt.quality import has_loop
 from dlm.adapt.teacher import generate_replies, hf_teacher
 from dlm.adapt.train import STUDENT_FILE, TrainConfig, train
+from dlm.chat import ChatFormatter
 from dlm.checkpoints import LoadedModel, load_model
 
 __all__ = ["SCALES", "Scale", "default_base", "run_data", "run_eval", "run_export", "run_train"]
@@ -115,7 +116,7 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     tok = loaded.tokenizer
     eos_ids = loaded.spec.eos_token_ids
     prompts = generate_prompts(scale.n_prompts, scale.seed)
-    encoded = encode_chats(tok, [p.as_messages() for p in prompts])
+    encoded = ChatFormatter(tok, loaded.spec).encode_many([p.as_messages() for p in prompts])
     keep = [i for i, ids in enumerate(encoded) if len(ids) <= scale.max_prompt_tokens]
     heldout_from = scale.n_prompts - scale.n_heldout
     gen = {"max_new_tokens": scale.teacher_max_new_tokens, "batch_size": scale.gen_batch_size, "eos_ids": eos_ids,
