@@ -3,9 +3,9 @@
 Contract: token ids in, token ids out. `BlockDecoder` owns the static KV cache, a token canvas
 (B_max + 1, S + 1) and a committed-flag canvas of the same shape on the model's device. A row is
 one request living in one cache row ("slot"). `add()` writes the prompt; each `step()` runs at
-most one prefill forward (see "Prefill") and one denoising forward over every active row and returns one `RowUpdate` per row that
-took part: the tokens that became final, and the finish reason (EOS, length). The decoder knows
-nothing about text, stop strings, threads or request ids.
+most one prefill forward (see "Prefill") and one denoising forward over every active row, and
+returns one `RowUpdate` per row that took part: the tokens that became final, and the finish
+reason (EOS, length). The decoder knows nothing about text, stop strings, threads or request ids.
 
 Blocks. The generated region is decoded block by block. For causal and block-causal models
 blocks are aligned to absolute positions (multiples of the block size, as the model was trained),
@@ -419,7 +419,7 @@ class BlockDecoder:
         where logits are shifted, from this forward's logits."""
         n = len(entries)
         L = max(e.length for e in entries)
-        if eager_prefill:  # no compiled graph depends on these shapes: pad less (a compute-bound CPU pays for it)
+        if eager_prefill:  # no compiled graph depends on these shapes: pad less (see "Prefill")
             B, W = n, min(_bucket(L), -(-L // 8) * 8)
         else:
             B, W = _batch_bucket(n), _bucket(L)
