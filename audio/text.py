@@ -14,6 +14,14 @@ Contract:
 - A sentence longer than `max_chars` is cut at the last clause boundary (`,` `;` `:` or a dash)
   before the limit, else at the last space, else at the limit; so text with no punctuation at all
   still comes out in pieces of at most `max_chars` characters.
+- `SentenceChunker(max_chars, first_chunk_min_words=N)` with N > 0 lets the FIRST chunk out early,
+  for time to first audio: at the first clause boundary that has at least N words before it, if
+  that comes before the first sentence end. Later chunks are whole sentences (better prosody).
+  A clause mark counts only when whitespace follows it ("3,500", "10:30" and "well-known" are
+  never cut), not right after an abbreviation ("e.g.,"), and a dash between numbers ("3 - 5") is
+  not one. 0 (the default) disables it. `flush()` re-arms it for the next reply.
+- The chunks do not depend on how the stream is split into pushes (for sentences shorter than
+  `max_chars`; over-long runs are cut as soon as they exceed the limit).
 Pure text processing: no audio, no I/O.
 """
 
@@ -49,11 +57,16 @@ _LIST_NUMBER = re.compile(r"(?:^|:)\s*\d{1,3}$")
 class SentenceChunker:
     """Streamed text in, whole sentences out (see the module docstring)."""
 
-    def __init__(self, max_chars: int = 160) -> None:
+    def __init__(self, max_chars: int = 160, *, first_chunk_min_words: int = 0) -> None:
         if max_chars < 8:
             raise ValueError(f"max_chars must be >= 8, got {max_chars}")
+        if first_chunk_min_words < 0:
+            raise ValueError(f"first_chunk_min_words must be >= 0, got {first_chunk_min_words}")
         self.max_chars = int(max_chars)
+        self.first_chunk_min_words = int(first_chunk_min_words)
         self._buffer = ""
+        self._first_pending = self.first_chunk_min_words > 0  # no chunk out yet, early cut allowed
+        self._context = ""  # the early first chunk, while the rest of its sentence is in the buffer
 
     def push(self, text: str) -> list[str]:
         """Add text; return the sentences it completes."""
@@ -67,6 +80,8 @@ class SentenceChunker:
         self._buffer = ""
         if rest:
             out.extend(self._split_long(rest))
+        self._first_pending = self.first_chunk_min_words > 0
+        self._context = ""
         return out
 
     # --- internals -----------------------------------------------------------------------------
@@ -75,18 +90,51 @@ class SentenceChunker:
         out: list[str] = []
         while True:
             cut = self._find_end(final=final)
+            early = False
+            if self._first_pending:
+                clause = self._first_clause_end(final=final)
+                if clause is not None and (cut is None or clause < cut):
+                    cut, early = clause, True
             if cut is None:
                 break
-            sentence, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:]
+            head, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            # The rest of a sentence cut early is judged with its start in view ("I had 5. Then").
+            self._context = head if early else ""
+            sentence = head.strip()
             if sentence:
                 out.extend(self._split_long(sentence))
+                self._first_pending = False
         # No end in sight: cut an over-long run at a clause boundary now rather than wait.
         while len(self._buffer.strip()) > self.max_chars:
             stripped = self._buffer.lstrip()
             cut = self._clause_cut(stripped)
             out.append(stripped[:cut].strip())
             self._buffer = stripped[cut:]
+            self._first_pending = False
+            self._context = ""
         return out
+
+    def _first_clause_end(self, *, final: bool) -> int | None:
+        """Index just past the first clause boundary with enough words before it, or None
+        (also when a dash at the end of the buffer waits for the next character)."""
+        buf = self._buffer
+        for m in _CLAUSE.finditer(buf):
+            head = buf[: m.start()]
+            words = sum(1 for w in head.split() if any(ch.isalnum() for ch in w))
+            if words < self.first_chunk_min_words:
+                continue
+            if buf[m.start()] in ",;:":
+                w = _WORD_BEFORE.search(head)
+                if w is not None and w.group(1).lower().rstrip(".") in ABBREVIATIONS and w.group(1).endswith("."):
+                    continue  # "e.g., water": the phrase goes on
+            elif head[-1:].isdigit():  # a dash after a number: a range ("3 - 5") is not a clause
+                if m.end() == len(buf):
+                    if not final:
+                        return None  # the next character decides
+                elif buf[m.end()].isdigit():
+                    continue
+            return m.end()
+        return None
 
     def _find_end(self, *, final: bool) -> int | None:
         """Index just past the first sentence end in the buffer, or None."""
@@ -112,7 +160,7 @@ class SentenceChunker:
             return True  # ! ? … always end a sentence
         if m.end() - m.start() > 1:
             return True  # "..." or ".)" or '."'
-        before = buf[: m.start()]
+        before = self._context + buf[: m.start()]
         if _LIST_NUMBER.search(before[before.rfind("\n") + 1 :]):
             return False  # "1. Preheat the oven"
         w = _WORD_BEFORE.search(before)

@@ -98,6 +98,10 @@ class TtsConfig:
     length_scale: float = 1.0
     # A sentence longer than this many characters is flushed at a clause boundary.
     max_sentence_chars: int = 160
+    # Time to first audio: the first chunk of a reply goes to TTS at its first clause boundary
+    # (, ; : or a dash) once it holds at least this many words; later chunks are whole
+    # sentences. 0: the first chunk is a whole sentence too.
+    first_chunk_min_words: int = 4
 
 
 @dataclass

@@ -13,7 +13,8 @@ Contract:
   request leaves the queue; a model call already in its thread runs to its end (the model stays
   taken until then) and its result is discarded. `asr_decode_s`: a moving average of the
   model's decode time (0.0 before the first), for the speculative start's decision.
-- `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state.
+- `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state; a chunker
+  serves one reply (its first chunk may end at a clause: `tts.first_chunk_min_words`).
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class ModelServices:
     def make_chunker(self) -> Any:
         from audio.text import SentenceChunker
 
-        return SentenceChunker(max_chars=self.config.tts.max_sentence_chars)
+        tts = self.config.tts
+        return SentenceChunker(max_chars=tts.max_sentence_chars, first_chunk_min_words=tts.first_chunk_min_words)
 
     def make_resampler(self, from_hz: int, to_hz: int) -> Any:
         from audio.resample import Resampler

@@ -130,3 +130,83 @@ def test_any_split_keeps_every_word_in_order_within_max_chars(words, cuts, max_c
     # Every character but whitespace, in order (a word longer than max_chars is cut inside).
     assert "".join("".join(out).split()) == "".join(text.split())
     assert all(len(s) <= max_chars for s in out)
+
+
+# --- the early first chunk (tts.first_chunk_min_words) ------------------------------------------
+
+
+def early(pieces: list[str], min_words: int = 4, max_chars: int = 1000) -> list[str]:
+    c = SentenceChunker(max_chars, first_chunk_min_words=min_words)
+    out = [s for p in pieces for s in c.push(p)]
+    return out + c.flush()
+
+
+def test_first_chunk_goes_out_at_the_first_clause_with_enough_words():
+    c = SentenceChunker(first_chunk_min_words=4)
+    assert c.push("Sure, the weather ") == []  # "Sure," has one word: too short
+    assert c.push("looks great today, so") == ["Sure, the weather looks great today,"]
+    # Later chunks are whole sentences, commas and all.
+    assert c.push(" take a hat. Have fun, and bring water, ok? Bye") == ["so take a hat.", "Have fun, and bring water, ok?"]
+    assert c.flush() == ["Bye"]
+    # flush() ends the reply: the next one gets an early first chunk again.
+    assert c.push("One two three four; five. ") == ["One two three four;", "five."]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Not clause boundaries: a thousands separator, a time, a hyphen, a range, "e.g.,".
+        ("It costs 3,500 dollars, more or less. Ok.", ["It costs 3,500 dollars,", "more or less.", "Ok."]),
+        ("We meet at 10:30 tomorrow: see you. Ok.", ["We meet at 10:30 tomorrow:", "see you.", "Ok."]),
+        ("A well-known and loved song - really. Ok.", ["A well-known and loved song -", "really.", "Ok."]),
+        ("Read pages 3 - 5 first — then rest. Ok.", ["Read pages 3 - 5 first —", "then rest.", "Ok."]),
+        ("Use a solvent, e.g., water, then stir. Ok.", ["Use a solvent, e.g., water,", "then stir.", "Ok."]),
+        # A short first sentence is the first chunk; the next sentence stays whole.
+        ("Yes. The weather looks great, so go out. Ok.", ["Yes.", "The weather looks great, so go out.", "Ok."]),
+        # The rest of a cut sentence keeps its context: "5." there is not a list number.
+        ("I counted them all again, 5. Then we left.", ["I counted them all again,", "5.", "Then we left."]),
+    ],
+)
+def test_first_chunk_boundaries(text, expected):
+    assert early([text]) == expected
+    assert early(list(text)) == expected
+
+
+def test_zero_disables_the_early_first_chunk():
+    text = "The weather looks great today, so take a hat."
+    assert early([text], min_words=0) == [text]
+    with pytest.raises(ValueError):
+        SentenceChunker(first_chunk_min_words=-1)
+
+
+_EARLY_WORDS = st.sampled_from(
+    ["Dr.", "Smith", "paid", "3,500", "$3.50.", "e.g.,", "1.", "5", "etc.", "Hello,", "world!", "why?", "ok",
+     "a;", "to:", "—", "-", "x", "\n", "Then", "10:30"]
+)  # fmt: skip
+
+
+def _split(text: str, cuts: list[int]) -> list[str]:
+    pieces, pos = [], 0
+    for n in cuts:
+        pieces.append(text[pos : pos + n])
+        pos += n
+    return [*pieces, text[pos:]]
+
+
+@given(st.lists(_EARLY_WORDS, max_size=50), st.lists(st.integers(1, 12), min_size=1, max_size=40), st.integers(0, 5))
+def test_early_first_chunk_does_not_depend_on_the_split(words, cuts, min_words):
+    text = " ".join(words)
+    out = early(_split(text, cuts), min_words)
+    # Any split of the stream gives the same chunks, in order.
+    assert out == early([text], min_words) == early(list(text), min_words)
+    assert "".join("".join(out).split()) == "".join(text.split())
+    # Never a boundary inside "3,500" (joined with spaces, a cut there would read "3, 500").
+    assert " ".join(out).count("3,500") == text.count("3,500")
+    # Only the first chunk may end early: the rest are the whole-sentence chunks of the text,
+    # the first sentence's remainder aside.
+    sentences = early([text], 0)
+    if out != sentences:
+        assert min_words > 0
+        assert out[0] + " " + out[1] == sentences[0]
+        assert out[2:] == sentences[1:]
+        assert len(out[0].split()) >= min_words

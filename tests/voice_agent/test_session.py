@@ -465,3 +465,58 @@ def test_text_helpers():
     assert heard_prefix("one two three four", 0.5) == "one two"
     assert heard_prefix("one two", 1.0) == "one two"
     assert heard_prefix("one two", 0.0) == ""
+
+
+class PacedLLM(FakeLLM):
+    """Streams the pieces the test hands it, one at a time: an LLM slower than speech synthesis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def stream(self, messages, *, trace_steps=False):
+        from voice_agent.llm import LlmDelta
+
+        self.requests.append(messages)
+        while (piece := await self.pieces.get()) is not None:
+            yield LlmDelta(text=piece)
+        yield LlmDelta(text="", finished=True, finish_reason="eos")
+
+
+def test_first_clause_reaches_tts_before_the_first_sentence_ends():
+    async def main():
+        llm = PacedLLM()
+        services = FakeServices(llm, first_chunk_min_words=4)
+        config = AgentConfig(speculative_start=False, sample_rate_hz=RATE)
+        session = Session(services, config, sink=Sink(), clock=FakeClock(), wall_clock=lambda: 1.0)
+        await session.handle(UserText(text="weather?"))
+        await settle()
+        for piece in ["The ", "weather ", "looks ", "great ", "today, ", "so "]:
+            await llm.pieces.put(piece)
+            await settle()
+        # The sentence is still being generated; the first clause is already being spoken.
+        assert services.synthesized == ["The weather looks great today,"]
+        for piece in ["take ", "a ", "hat. ", "Have ", "fun, ", "and ", "bring ", "water."]:
+            await llm.pieces.put(piece)
+            await settle()
+        # Later chunks wait for whole sentences.
+        assert services.synthesized == ["The weather looks great today,", "so take a hat."]
+        await llm.pieces.put(None)
+        await settle()
+        assert services.synthesized == ["The weather looks great today,", "so take a hat.", "Have fun, and bring water."]
+        await session.close()
+
+    run(main())
+
+
+def test_model_services_chunker_follows_the_config():
+    from voice_agent.config import load_config
+    from voice_agent.services import ModelServices
+
+    def chunks(config, text):
+        chunker = ModelServices(config, transcriber=None, synthesizer=None, llm=FakeLLM()).make_chunker()
+        return chunker.push(text) + chunker.flush()
+
+    text = "The weather looks great today, so take a hat."
+    assert chunks(load_config(), text) == ["The weather looks great today,", "so take a hat."]
+    assert chunks(load_config(overrides=["tts.first_chunk_min_words=0"]), text) == [text]

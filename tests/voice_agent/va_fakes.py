@@ -157,8 +157,11 @@ class FakeLLM:
 
 
 class FakeServices:
-    def __init__(self, llm: FakeLLM | None = None, *, end_silence_ms: int = 600, partial_interval_ms: int = 0) -> None:
+    def __init__(
+        self, llm: FakeLLM | None = None, *, end_silence_ms: int = 600, partial_interval_ms: int = 0, first_chunk_min_words: int = 0
+    ) -> None:
         self.llm = llm or FakeLLM()
+        self.first_chunk_min_words = first_chunk_min_words
         self.end_silence_ms = end_silence_ms
         self.partial_interval_ms = partial_interval_ms
         self.asr_decode_s = 0.0
@@ -186,7 +189,7 @@ class FakeServices:
         return FakeEndpointer(self.end_silence_ms if end_silence_ms is None else end_silence_ms)
 
     def make_chunker(self) -> SentenceChunker:
-        return SentenceChunker(160)
+        return SentenceChunker(160, first_chunk_min_words=self.first_chunk_min_words)
 
     def make_resampler(self, from_hz: int, to_hz: int) -> Resampler:
         return Resampler(from_hz, to_hz)
