@@ -27,7 +27,11 @@ def test_say_then_transcribe(tmp_path, capsys, loaded_models):
     capsys.readouterr()
     assert main(["transcribe", str(out), "--turns", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result["turns"]) == 1 and "kitchen" in result["turns"][0]["text"].lower()
+    # Piper's synthesis is not deterministic (its duration and noise sampling are random), and
+    # tiny.en sometimes mishears "kitchen"; the command pipeline is what this test checks.
+    assert len(result["turns"]) == 1
+    text = result["turns"][0]["text"].lower()
+    assert "evening" in text and "closed" in text, text
 
 
 def test_unreadable_file_and_bad_options_are_one_line_errors(tmp_path, capsys):
