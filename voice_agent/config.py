@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "LLM_ENGINES",
     "AgentConfig",
     "AsrConfig",
     "Config",
@@ -33,6 +34,10 @@ __all__ = [
     "default_config_text",
     "load_config",
 ]
+
+# llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
+# engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR).
+LLM_ENGINES = ("auto", "ar")
 
 
 class ConfigError(ValueError):
@@ -110,6 +115,9 @@ class LlmConfig:
     backend: str = "local"
     # A name from configs/models.toml, a checkpoint folder or a GGUF file.
     model: str = "default"
+    # "auto": diffusion decoding for diffusion checkpoints, the AR engine for causal ones; "ar":
+    # the AR baseline engine (dlm.ar) on the same weights, for a dLLM-vs-AR comparison of one model.
+    engine: str = "auto"
     # The AR baseline used by benchmarks; same weights as the default dLLM's teacher.
     baseline_model: str = "smollm2-135m-instruct"
     device: str = "cpu"
@@ -131,6 +139,11 @@ class LlmConfig:
     api_model: str = ""
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        # The loader checks types only; a value it cannot check is checked here, naming the key.
+        if self.engine not in LLM_ENGINES:
+            raise ConfigError(f"llm.engine must be one of {', '.join(map(repr, LLM_ENGINES))}, not {self.engine!r}")
 
 
 @dataclass

@@ -9,6 +9,9 @@ Contract:
   HTTP response, which a streaming server treats as an abort.
 - `count_tokens(text)` counts with the model's tokenizer where there is one, otherwise estimates
   (4 characters per token), for the history budget.
+- `build_llm(config)`: `llm.engine = "auto"` decodes a diffusion checkpoint by diffusion and a
+  causal one with the AR engine; `"ar"` uses the AR baseline engine (`dlm.ar.AREngine`) on any
+  checkpoint, named `local:<model>+ar`. Other values raise `UserError` naming the key.
 - Failures surface as `LlmError` with a one-line message; secrets never appear in messages.
 """
 
@@ -22,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from voice_agent.config import LlmConfig
+from voice_agent.config import LLM_ENGINES, LlmConfig
 from voice_agent.errors import UserError
 
 __all__ = ["BlockTrace", "LlmClient", "LlmDelta", "LlmError", "LocalDLM", "OpenAICompatibleLLM", "build_llm"]
@@ -245,6 +248,8 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
         return OpenAICompatibleLLM(config, api_key=api_key)
     if config.backend != "local":
         raise UserError(f"llm.backend must be 'local' or 'openai', not {config.backend!r}")
+    if config.engine not in LLM_ENGINES:  # LlmConfig checks this too; the field may be set later
+        raise UserError(f"llm.engine must be one of {', '.join(map(repr, LLM_ENGINES))}, not {config.engine!r}")
     from dlm.checkpoints import load_model
     from dlm.engine import Engine
     from voice_agent.models import resolve_llm_model
@@ -258,16 +263,28 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
             resolved.name,
         )
     loaded = load_model(resolved.path, device=config.device, dtype=config.dtype)
-    if loaded.spec.attention == "causal" or loaded.spec.mask_token_id is None:
+    diffusion = loaded.spec.attention != "causal" and loaded.spec.mask_token_id is not None
+    if config.engine == "ar" or not diffusion:
         from dlm.ar import AREngine
 
+        if diffusion and not loaded.spec.logit_shift:
+            log.warning(
+                "llm.engine = 'ar' on %s (%s): trained without a token shift, so its logits do not "
+                "predict the next token; expect meaningless replies",
+                resolved.name,
+                loaded.family,
+            )
         engine = AREngine(loaded, max_batch_size=config.max_batch_size)
+        decoding = "AR" if diffusion else "AR (causal checkpoint)"
     else:
         engine = Engine(loaded, max_batch_size=config.max_batch_size)
-    log.info("LLM: %s (%s, %s) on %s", resolved.name, loaded.family, resolved.path, config.device)
+        decoding = "block diffusion"
+    log.info("LLM: %s (%s, %s) on %s, %s decoding", resolved.name, loaded.family, resolved.path, config.device, decoding)
+    # "+ar" marks a diffusion checkpoint forced onto the AR engine, in logs and the call store.
+    suffix = "+ar" if diffusion and config.engine == "ar" else ""
     return LocalDLM(
         engine,
         lambda trace: _generation_params(config, trace),
         tokenizer=loaded.tokenizer,
-        name=f"local:{resolved.name}",
+        name=f"local:{resolved.name}{suffix}",
     )

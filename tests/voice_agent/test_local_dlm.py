@@ -82,3 +82,70 @@ def test_closing_the_stream_aborts_the_request_in_the_engine():
 
 async def _collect(llm: LocalDLM, prompt: list[int]) -> list:
     return [d async for d in llm.stream(prompt)]
+
+
+# --- llm.engine: "auto" or "ar" on the same weights --------------------------------------------
+
+
+def build_on_tiny_model(monkeypatch, engine: str, *, attention: str = "block_causal"):
+    """build_llm over a tiny counting model in place of a checkpoint on disk."""
+    import dlm.checkpoints
+    import voice_agent.models
+    from voice_agent.config import LlmConfig
+    from voice_agent.llm import build_llm
+    from voice_agent.models import ResolvedLlm
+
+    loaded = counting_loaded(attention=attention, block_size=4, tokenizer=CharTokenizer())
+    monkeypatch.setattr(voice_agent.models, "resolve_llm_model", lambda name: ResolvedLlm(Path("<memory>"), name))
+    monkeypatch.setattr(dlm.checkpoints, "load_model", lambda path, **kw: loaded)
+    return build_llm(LlmConfig(model="tiny", engine=engine, max_new_tokens=6, max_batch_size=1, steps_per_block=4))
+
+
+def reply(llm, prompt: list[int]) -> list:
+    async def main():
+        try:
+            return [d async for d in llm.stream(prompt)]
+        finally:
+            await llm.aclose()
+
+    return asyncio.run(main())
+
+
+def test_engine_auto_decodes_a_diffusion_checkpoint_by_diffusion(monkeypatch):
+    llm = build_on_tiny_model(monkeypatch, "auto")
+    assert type(llm._engine) is Engine and llm.name == "local:tiny"
+    deltas = reply(llm, [0])
+    assert "".join(d.text for d in deltas) == "bcdefg"
+    assert deltas[-1].steps == 6  # one confident slot per denoising step, no carry
+
+
+def test_engine_ar_forces_the_ar_baseline_on_the_same_weights(monkeypatch):
+    from dlm.ar import AREngine
+
+    llm = build_on_tiny_model(monkeypatch, "ar")
+    assert type(llm._engine) is AREngine and llm.name == "local:tiny+ar"
+    deltas = reply(llm, [0])
+    assert "".join(d.text for d in deltas) == "bcdefg"  # the counting model counts causally too
+
+
+def test_engine_auto_uses_ar_for_a_causal_checkpoint(monkeypatch):
+    from dlm.ar import AREngine
+
+    llm = build_on_tiny_model(monkeypatch, "auto", attention="causal")
+    assert type(llm._engine) is AREngine and llm.name == "local:tiny"
+    asyncio.run(llm.aclose())
+
+
+def test_unknown_engine_names_the_key():
+    import pytest
+
+    from voice_agent.config import ConfigError, LlmConfig, load_config
+    from voice_agent.errors import UserError
+    from voice_agent.llm import build_llm
+
+    with pytest.raises(ConfigError, match=r"llm\.engine must be one of 'auto', 'ar', not 'dllm'"):
+        load_config(overrides=["llm.engine=dllm"])
+    config = LlmConfig()
+    config.engine = "fast"  # set after construction: build_llm checks it before loading anything
+    with pytest.raises(UserError, match=r"llm\.engine"):
+        build_llm(config)
