@@ -19,6 +19,7 @@ import time
 import numpy as np
 from va_fakes import FakeLLM, FakeServices, bursts, silence
 from va_server import (
+    POOL_MAX_THREADS,
     make_config,
     pcm_b64,
     recv_json,
@@ -115,7 +116,8 @@ def test_soak_turns_over_concurrent_calls():
             )
             assert growth < MAX_RSS_GROWTH_MB
             assert after.tasks <= before.tasks
-            assert after.threads <= before.threads
+            assert after.threads <= before.threads, (before.thread_names, after.thread_names)
+            assert after.pool_threads <= POOL_MAX_THREADS
             assert after.fds <= before.fds
 
     asyncio.run(main())
@@ -178,7 +180,9 @@ def test_connection_churn_leaks_nothing():
                 f"tasks {before.tasks} -> {after.tasks}; threads {before.threads} -> {after.threads}; fds {before.fds} -> {after.fds}"
             )
             assert server.metrics.calls_active == 0 and server.sessions == {}
-            assert after.tasks <= before.tasks and after.threads <= before.threads and after.fds <= before.fds
+            assert after.tasks <= before.tasks and after.fds <= before.fds
+            assert after.threads <= before.threads, (before.thread_names, after.thread_names)
+            assert after.pool_threads <= POOL_MAX_THREADS
             assert after.rss_mb - before.rss_mb < MAX_RSS_GROWTH_MB
             # Rejected connections leak nothing either (the token check answers 401 before any call).
             server.config.server.token = "t"

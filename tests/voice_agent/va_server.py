@@ -118,8 +118,16 @@ def twilio_media(samples_8k: np.ndarray, stream_sid: str = "MZ1") -> list[str]:
 class Resources:
     rss_mb: float
     tasks: int
-    threads: int
+    threads: int  # threads other than the event loop's default executor's workers
+    pool_threads: int  # the default executor's workers: started lazily, reused, bounded
     fds: int
+    thread_names: tuple[str, ...] = ()  # for the message of a failed assertion
+
+
+# asyncio's default executor names its workers "asyncio_0", "asyncio_1", ... It starts them one at
+# a time as concurrent work needs them (up to min(32, cpus + 4)) and keeps them: a worker started
+# after warm-up is not a leak, so they are counted apart and bounded by POOL_MAX_THREADS.
+POOL_MAX_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
 def rss_mb() -> float:
@@ -134,4 +142,8 @@ async def resources(*, settle_s: float = 0.2) -> Resources:
     """Tasks, threads and file descriptors of this process once things have settled."""
     await asyncio.sleep(settle_s)
     gc.collect()
-    return Resources(rss_mb(), len(asyncio.all_tasks()), threading.active_count(), len(os.listdir("/proc/self/fd")))
+    names = [t.name for t in threading.enumerate()]
+    pool = sum(1 for name in names if name.startswith("asyncio_"))
+    return Resources(
+        rss_mb(), len(asyncio.all_tasks()), len(names) - pool, pool, len(os.listdir("/proc/self/fd")), tuple(sorted(names))
+    )
