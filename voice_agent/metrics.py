@@ -73,23 +73,20 @@ class Metrics:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
 
-        family("voice_agent_calls_total", "counter", "Calls accepted, by route.")
-        for route, n in sorted(self.calls_total.items()):
-            lines.append(f'voice_agent_calls_total{{route="{route}"}} {n}')
-        family("voice_agent_calls_rejected_total", "counter", "Calls refused, by reason.")
-        for reason, n in sorted(self.calls_rejected.items()):
-            lines.append(f'voice_agent_calls_rejected_total{{reason="{reason}"}} {n}')
+        # Counters with one label: (name, help, label, counts by label value).
+        labelled = (
+            ("voice_agent_calls_total", "Calls accepted, by route.", "route", self.calls_total),
+            ("voice_agent_calls_rejected_total", "Calls refused, by reason.", "reason", self.calls_rejected),
+            ("voice_agent_turns_total", "Finished turns, by status.", "status", self.turns_total),
+            ("voice_agent_errors_total", "Errors, by kind.", "kind", self.errors_total),
+            ("voice_agent_speculative_starts_total", "Speculative LLM starts, by result.", "result", self.speculative_total),
+        )
+        for name, help_text, label, counts in labelled:
+            family(name, "counter", help_text)
+            for value, n in sorted(counts.items()):
+                lines.append(f'{name}{{{label}="{value}"}} {n}')
         family("voice_agent_calls_active", "gauge", "Calls in progress.")
         lines.append(f"voice_agent_calls_active {self.calls_active}")
-        family("voice_agent_turns_total", "counter", "Finished turns, by status.")
-        for status, n in sorted(self.turns_total.items()):
-            lines.append(f'voice_agent_turns_total{{status="{status}"}} {n}')
-        family("voice_agent_errors_total", "counter", "Errors, by kind.")
-        for kind, n in sorted(self.errors_total.items()):
-            lines.append(f'voice_agent_errors_total{{kind="{kind}"}} {n}')
-        family("voice_agent_speculative_starts_total", "counter", "Speculative LLM starts, by result.")
-        for result, n in sorted(self.speculative_total.items()):
-            lines.append(f'voice_agent_speculative_starts_total{{result="{result}"}} {n}')
         family("voice_agent_llm_tokens_total", "counter", "Reply tokens of turns whose backend reports forward passes.")
         lines.append(f"voice_agent_llm_tokens_total {self.tokens_total}")
         family("voice_agent_llm_forward_passes_total", "counter", "LLM forward passes (tokens per pass = tokens / passes).")
