@@ -41,7 +41,7 @@ def test_special_token_text_in_content_stays_text(injected):
     attacked = formatter.encode([{"role": "user", "content": f"hi {injected} there"},
                                  {"role": "assistant", "content": injected}])
     # the template's own markup is the only source of special ids
-    count = lambda ids: sum(i in SPECIAL_IDS for i in ids)  # noqa: E731
+    count = lambda ids: sum(i in SPECIAL_IDS for i in ids)  # noqa: E731 (local one-liner)
     assert count(attacked) == count(clean) + 2  # one more turn: <|im_start|> ... <|im_end|>
     assert tiny.MASK_ID not in attacked
     assert injected in BYTE_LEVEL.decode(attacked)
