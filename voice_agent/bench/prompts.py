@@ -26,7 +26,7 @@ import numpy as np
 
 from voice_agent.errors import UserError
 
-__all__ = ["PROMPTS", "PROMPT_RATE_HZ", "Prompt", "SpokenPrompt", "load_prompts", "voiced_bounds"]
+__all__ = ["PROMPTS", "PROMPT_RATE_HZ", "Prompt", "SpokenPrompt", "espeak", "load_prompts", "voiced_bounds"]
 
 PROMPT_RATE_HZ = 16_000
 PIPER = "piper"  # the `voice` of prompts spoken by the piper voice
@@ -130,26 +130,27 @@ class _Synth:
 
                 self._piper = Synthesizer(self._piper_voice_path, length_scale=1.0 / speed)
             return self._piper.synthesize(text, sample_rate_hz=PROMPT_RATE_HZ)
-        return _espeak(text, voice, int(speed))
+        return espeak(text, voice=voice, words_per_minute=int(speed))
 
 
-def _espeak(text: str, voice: str, words_per_minute: int) -> np.ndarray:
+def espeak(
+    text: str, *, voice: str | None = None, words_per_minute: int | None = None, sample_rate_hz: int = PROMPT_RATE_HZ
+) -> np.ndarray:
+    """espeak-ng speech as float32 mono at `sample_rate_hz` (espeak's own voice and speed where None).
+
+    Raises UserError where espeak-ng is missing or fails. The benchmarks' one espeak-ng path."""
     from audio.io import read_wav
 
     binary = shutil.which("espeak-ng")
     if binary is None:
-        raise UserError("bench e2e needs espeak-ng for half of its prompts: apt-get install espeak-ng")
+        raise UserError("the benchmarks need espeak-ng for part of their speech: apt-get install espeak-ng")
+    options = [*(["-v", voice] if voice else []), *(["-s", str(words_per_minute)] if words_per_minute else [])]
     with tempfile.TemporaryDirectory(prefix="voice-agent-espeak-") as tmp:
         path = Path(tmp) / "phrase.wav"
-        done = subprocess.run(
-            [binary, "-v", voice, "-s", str(words_per_minute), "-w", str(path), text],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        done = subprocess.run([binary, *options, "-w", str(path), text], capture_output=True, text=True, check=False)
         if done.returncode != 0 or not path.exists():
             raise UserError(f"espeak-ng failed for voice {voice!r}: {done.stderr.strip() or done.returncode}")
-        audio, _ = read_wav(path, PROMPT_RATE_HZ)
+        audio, _ = read_wav(path, sample_rate_hz)
     return audio
 
 

@@ -17,12 +17,10 @@ This module is dispatched by `voice-agent bench audio`; it exposes `add_argument
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import time
 from typing import Any
 
@@ -157,12 +155,12 @@ def _bench_tts(synthesizer, rate_hz: int, repeats: int) -> dict[str, Any]:
 
 
 def _espeak(text: str) -> np.ndarray | None:
-    from audio.io import read_wav
+    """espeak-ng speech for the VAD comparison, or None where espeak-ng is not installed."""
+    from voice_agent.bench.prompts import espeak
 
     if shutil.which("espeak-ng") is None:
         return None
-    wav = subprocess.run(["espeak-ng", "--stdout", text], check=True, capture_output=True).stdout
-    return read_wav(io.BytesIO(wav), sample_rate_hz=_SAMPLE_RATE_HZ)[0]
+    return espeak(text, sample_rate_hz=_SAMPLE_RATE_HZ)
 
 
 def _speech_bounds(clip: np.ndarray) -> tuple[int, int]:
