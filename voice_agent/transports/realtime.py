@@ -332,23 +332,20 @@ class RealtimeProtocol:
         metrics = _get(vendor, "metrics", bool, "session.voice_agent.metrics")
         denoise = _get(vendor, "denoise_steps", bool, "session.voice_agent.denoise_steps")
         voice = _get(audio_out, "voice", str, "session.audio.output.voice")
-        # Apply.
-        if instructions is not None:
-            s.instructions = instructions
-        if in_format is not None:
-            s.input_format = in_format
-        if out_format is not None:
-            s.output_format = out_format
-        if server_vad is not None:
-            s.server_vad = server_vad
-        if audio_output is not None:
-            s.audio_output = audio_output
-        if metrics is not None:
-            s.metrics = metrics
-        if denoise is not None:
-            s.denoise_steps = denoise
-        if voice is not None:
-            s.voice = voice
+        # Apply: every field was validated above, so nothing changes where one was invalid.
+        changes = {
+            "instructions": instructions,
+            "input_format": in_format,
+            "output_format": out_format,
+            "server_vad": server_vad,
+            "audio_output": audio_output,
+            "metrics": metrics,
+            "denoise_steps": denoise,
+            "voice": voice,
+        }
+        for name, value in changes.items():
+            if value is not None:
+                setattr(s, name, value)
         self._queue("session.updated", session=self.session_json())
         return [
             ConfigureSession(
