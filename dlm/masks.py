@@ -32,11 +32,19 @@ def block_causal_mask(T: int, block_size: int, device: torch.device | str | None
     return (block[None, :] <= block[:, None])[None, None]  # (1, 1, T, T)
 
 
-def block_diff_mask(L: int, block_size: int, device: torch.device | str | None = None) -> Tensor:
-    """(1, 1, 2L, 2L) mask for the sequence x_t ⊕ x_0 (BD3-LM, Arriola et al. 2025)."""
-    idx = torch.arange(2 * L, device=device)
-    is_clean = idx >= L  # second half: x_0
-    block = (idx % L) // block_size
+def block_diff_mask(L: int, block_size: int, device: torch.device | str | None = None, noisy_from: int = 0) -> Tensor:
+    """(1, 1, T, T) mask for the sequence x_t ⊕ x_0 (BD3-LM, Arriola et al. 2025), T = 2L - noisy_from.
+
+    The noisy half may start at a block boundary `noisy_from` > 0 (positions noisy_from..L-1):
+    blocks before it are never masked, and no clean token attends to a noisy one, so leaving
+    their noisy copies out changes no output (the training step skips the prompt's blocks).
+    """
+    if noisy_from % block_size or not 0 <= noisy_from < L:
+        raise ValueError(f"noisy_from={noisy_from} must be a block boundary inside [0, {L})")
+    n_noisy = L - noisy_from
+    idx = torch.arange(n_noisy + L, device=device)
+    is_clean = idx >= n_noisy  # second part: x_0
+    block = torch.where(is_clean, idx - n_noisy, idx + noisy_from) // block_size
     q_clean, k_clean = is_clean[:, None], is_clean[None, :]
     q_block, k_block = block[:, None], block[None, :]
     noisy_self = ~q_clean & ~k_clean & (q_block == k_block)  # block-diagonal on x_t

@@ -12,7 +12,10 @@ Contract (what the engine's decoding relies on):
   supervised positions, so every supervised token is predicted exactly once per row. The mask
   rate is drawn per (row, block) uniformly in [eps, 1 - eps].
 - Only supervised positions (the reply and the EOS fill of its last block) are masked or carry a
-  loss; prompt tokens are always visible and never predicted.
+  loss; prompt tokens are always visible and never predicted. The noisy half therefore starts at
+  the first block of the batch that holds a supervised token (`noisy_from`): the prompt's blocks
+  before it would be noisy copies equal to the clean ones that nothing reads, and voice prompts
+  (system prompt included) are about two thirds of a training sequence.
 - The loss is the mean cross-entropy over the supervised tokens (each counted once).
 """
 
@@ -44,27 +47,32 @@ def complementary_masks(supervised: Tensor, block_size: int, generator: torch.Ge
     return masked, supervised & ~masked
 
 
-def source_positions(L: int, block_size: int, device: torch.device | str | None = None) -> Tensor:
-    """(L,) long: the index in the 2L-long x_t ⊕ x_0 sequence whose hidden state predicts the
-    token at position j (entry 0 is unused: position 0 is never a target)."""
+def source_positions(L: int, block_size: int, device: torch.device | str | None = None, noisy_from: int = 0) -> Tensor:
+    """(L,) long: the index in the x_t ⊕ x_0 sequence (noisy positions noisy_from..L-1, then clean
+    0..L-1) whose hidden state predicts the token at position j. Entries for j <= noisy_from that
+    are not block starts are unused (such positions are never targets)."""
     j = torch.arange(L, device=device)
-    src = j - 1  # noisy copy of the previous position
+    n_noisy = L - noisy_from
+    src = j - 1 - noisy_from  # noisy copy of the previous position
     block_start = (j % block_size) == 0
-    return torch.where(block_start, L + j - 1, src).clamp(min=0)  # clean copy at block starts
+    return torch.where(block_start, n_noisy + j - 1, src).clamp(min=0)  # clean copy at block starts
 
 
 @dataclass
 class DiffusionTargets:
-    tokens: Tensor  # (R, 2L) x_t ⊕ x_0 for R = 2B rows (view m, then view m̄)
-    positions: Tensor  # (R, 2L) 0..L-1 twice
-    out_index: Tensor  # (R, N) which of the 2L hidden states predict a target (0 where padding)
+    tokens: Tensor  # (R, T) x_t[noisy_from:] ⊕ x_0 for R = 2B rows (view m, then view m̄), T = 2L - noisy_from
+    positions: Tensor  # (R, T) noisy_from..L-1, then 0..L-1
+    out_index: Tensor  # (R, N) which of the T hidden states predict a target (0 where padding)
     labels: Tensor  # (R, N) target token ids, -100 where padding
     n_targets: int  # supervised tokens in the batch (each once across the two views)
+    length: int  # L
+    noisy_from: int  # first position of the noisy half (a block boundary)
 
 
 def diffusion_targets(x0: Tensor, supervised: Tensor, *, block_size: int, mask_id: int,
-                      generator: torch.Generator) -> DiffusionTargets:
-    """Build both complementary views of a batch in the x_t ⊕ x_0 layout."""
+                      generator: torch.Generator, trim_prompt: bool = True) -> DiffusionTargets:
+    """Build both complementary views of a batch in the x_t ⊕ x_0 layout. With `trim_prompt` the
+    noisy half starts at the batch's first block holding a supervised token (same loss, less work)."""
     B, L = x0.shape
     if L % block_size:
         raise ValueError(f"sequence length {L} is not a multiple of the block size {block_size}")
@@ -74,11 +82,14 @@ def diffusion_targets(x0: Tensor, supervised: Tensor, *, block_size: int, mask_i
     masked = torch.cat([m, m_bar])  # (2B, L)
     clean = x0.repeat(2, 1)  # (2B, L)
     noisy = torch.where(masked, torch.full_like(clean, mask_id), clean)
-    tokens = torch.cat([noisy, clean], dim=1)  # (2B, 2L)
+    any_sup = supervised.any(0).nonzero()
+    first = int(any_sup[0]) if trim_prompt and len(any_sup) else 0
+    noisy_from = first // block_size * block_size
+    tokens = torch.cat([noisy[:, noisy_from:], clean], dim=1)  # (2B, 2L - noisy_from)
     pos = torch.arange(L, device=x0.device)
-    positions = torch.cat([pos, pos])[None].expand(2 * B, -1)
+    positions = torch.cat([pos[noisy_from:], pos])[None].expand(2 * B, -1)
 
-    src = source_positions(L, block_size, x0.device)  # (L,)
+    src = source_positions(L, block_size, x0.device, noisy_from)  # (L,)
     counts = masked.sum(1)  # (2B,)
     N = max(int(counts.max()), 1)
     # Stable sort puts each row's masked positions first, in position order.
@@ -86,13 +97,12 @@ def diffusion_targets(x0: Tensor, supervised: Tensor, *, block_size: int, mask_i
     valid = torch.arange(N, device=x0.device)[None] < counts[:, None]  # (2B, N)
     out_index = torch.where(valid, src[order], 0)
     labels = torch.where(valid, clean.gather(1, order), -100)
-    return DiffusionTargets(tokens, positions, out_index, labels, int(supervised.sum()))
+    return DiffusionTargets(tokens, positions, out_index, labels, int(supervised.sum()), L, noisy_from)
 
 
 def diffusion_loss(model: Transformer, targets: DiffusionTargets, block_size: int) -> Tensor:
     """Mean cross-entropy per supervised token (a scalar tensor)."""
-    L = targets.tokens.shape[1] // 2
-    mask = block_diff_mask(L, block_size, targets.tokens.device)  # (1, 1, 2L, 2L)
+    mask = block_diff_mask(targets.length, block_size, targets.tokens.device, targets.noisy_from)  # (1, 1, T, T)
     logits = model(targets.tokens, targets.positions, mask, out_index=targets.out_index)  # (R, N, V)
     loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.labels.flatten(), ignore_index=-100, reduction="sum")
     return loss_sum / max(targets.n_targets, 1)

@@ -10,14 +10,15 @@ import torch
 from adapt_fixtures import tiny_tokenizer
 
 from dlm.adapt.data import Example, collate, training_batches
-from dlm.adapt.objective import complementary_masks, diffusion_targets, source_positions
+from dlm.adapt.objective import complementary_masks, diffusion_loss, diffusion_targets, source_positions
 from dlm.adapt.pack import join_parts, split_file
 from dlm.adapt.prompts import KINDS, generate_prompts
 from dlm.adapt.quality import has_loop
 from dlm.adapt.train import TrainConfig, lr_at
 from dlm.chat import ChatFormatter
-from dlm.config import DiffusionSpec
+from dlm.config import DiffusionSpec, ModelConfig
 from dlm.masks import block_diff_mask
+from dlm.model import Transformer
 
 
 def bd3lm_reference_mask(L: int, block_size: int) -> torch.Tensor:
@@ -57,12 +58,14 @@ def test_complementary_masks_cover_every_response_token_exactly_once() -> None:
     assert torch.equal(m | m_bar, sup)
     targets = diffusion_targets(x0, sup, block_size=4, mask_id=99, generator=torch.Generator().manual_seed(1))
     B, L = x0.shape
+    n_noisy = L - targets.noisy_from
+    assert targets.noisy_from > 0  # the prompt's first block is left out of the noisy half
     hits: Counter[tuple[int, int]] = Counter()
     for r in range(2 * B):
         for src, label in zip(targets.out_index[r].tolist(), targets.labels[r].tolist(), strict=True):
             if label == -100:
                 continue
-            j = src + 1 if src < L else src - L + 1  # invert the token shift
+            j = src + targets.noisy_from + 1 if src < n_noisy else src - n_noisy + 1  # invert the token shift
             assert label == x0[r % B, j]
             hits[(r % B, j)] += 1
     expected = {(b, j) for b, j in sup.nonzero().tolist()}
@@ -74,11 +77,14 @@ def test_complementary_masks_cover_every_response_token_exactly_once() -> None:
 def test_prompt_tokens_are_never_masked_and_clean_half_is_x0() -> None:
     x0, sup = _batch(seed=3)
     targets = diffusion_targets(x0, sup, block_size=4, mask_id=99, generator=torch.Generator().manual_seed(0))
-    L = x0.shape[1]
-    noisy, clean = targets.tokens[:, :L], targets.tokens[:, L:]
+    L, nf = x0.shape[1], targets.noisy_from
+    noisy, clean = targets.tokens[:, :L - nf], targets.tokens[:, L - nf:]
     assert torch.equal(clean, x0.repeat(2, 1))
-    assert torch.equal(noisy[~sup.repeat(2, 1)], x0.repeat(2, 1)[~sup.repeat(2, 1)])
-    assert (noisy[sup.repeat(2, 1)] == 99).sum() == sup.sum()  # each supervised token masked in one view
+    assert torch.equal(targets.positions[0], torch.cat([torch.arange(nf, L), torch.arange(L)]))
+    x0_n, sup_n = x0[:, nf:].repeat(2, 1), sup[:, nf:].repeat(2, 1)
+    assert not sup[:, :nf].any()
+    assert torch.equal(noisy[~sup_n], x0_n[~sup_n])
+    assert (noisy[sup_n] == 99).sum() == sup.sum()  # each supervised token masked in one view
 
 
 def test_token_shift_uses_the_clean_context_at_block_starts() -> None:
@@ -92,6 +98,36 @@ def test_token_shift_uses_the_clean_context_at_block_starts() -> None:
             assert seen == list(range(L, L + j))
         else:
             assert src[j] == j - 1
+
+
+def test_leaving_the_prompt_blocks_out_of_the_noisy_half_changes_no_loss_or_gradient() -> None:
+    x0, sup = _batch(seed=5, B=4)
+    cfg = ModelConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    results = []
+    for trim in (False, True):
+        targets = diffusion_targets(x0, sup, block_size=4, mask_id=99, generator=torch.Generator().manual_seed(2),
+                                    trim_prompt=trim)
+        model.zero_grad()
+        loss = diffusion_loss(model, targets, 4)
+        loss.backward()
+        results.append((targets.tokens.shape[1], loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (t_full, loss_full, g_full), (t_trim, loss_trim, g_trim) = results
+    assert t_trim < t_full
+    torch.testing.assert_close(loss_trim, loss_full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_trim, g_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("L,block_size,noisy_from", [(8, 4, 4), (12, 4, 8), (16, 8, 8)])
+def test_trimmed_block_diff_mask_is_the_full_mask_without_the_left_out_rows(L: int, block_size: int,
+                                                                             noisy_from: int) -> None:
+    full = block_diff_mask(L, block_size)[0, 0]
+    keep = torch.cat([torch.arange(noisy_from, L), torch.arange(L, 2 * L)])
+    assert torch.equal(block_diff_mask(L, block_size, noisy_from=noisy_from)[0, 0], full[keep][:, keep])
+    with pytest.raises(ValueError, match="block boundary"):
+        block_diff_mask(L, block_size, noisy_from=noisy_from - 1)
 
 
 def test_collate_fills_the_last_block_with_supervised_eos() -> None:
