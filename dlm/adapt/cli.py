@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
     for step in STEPS:
         p = sub.add_parser(step, help=f"run the {step} step" if step != "pipeline" else "data, train, eval, export")
-        p.add_argument("--scale", choices=("tiny", "small", "full"), default="tiny", help="preset sizes (default: tiny)")
+        p.add_argument("--scale", choices=("tiny", "small", "cpu", "full"), default="tiny", help="preset sizes (default: tiny)")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the run folder")
         p.add_argument("--base", type=Path, default=None, help="the AR base/teacher (default: the embedded SmolLM2 GGUF)")

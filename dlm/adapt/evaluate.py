@@ -1,18 +1,18 @@
 """Evaluation of a student on the held-out prompts, against the teacher.
 
 Contract: `evaluate(student, spec, teacher, heldout, ...) -> EvalReport` decodes every held-out
-prompt greedily with `diffusion_decode` at each threshold and measures:
+prompt greedily with `diffusion_decode` (the engine's `BlockDecoder`: exact cache, the finished
+block's clean write fused into the next block's first pass) at each threshold and measures:
 - the teacher's NLL per token of the student's replies, and its ratio to the NLL per token of
   the teacher's own greedy replies to the same prompts (token-weighted means);
-- tokens per denoising forward pass (all reply tokens / all passes), and per pass counting the
-  one extra "block write" pass an exact-cache engine spends per finished block;
+- tokens per denoising forward pass (all reply tokens / all passes; the prompt's prefill forward
+  is not counted: it does not depend on the reply);
 - the share of replies that end with EOS within `max_new_tokens` (64), and the share that loop;
 - ten example replies side by side with the teacher's.
 `EvalReport.bars` checks the quality bars of docs/models.md at threshold 0.9.
 
-`diffusion_decode` is a compact uncached reference of the engine's decoding (dlm.decode,
-cache="none"): blocks aligned to absolute positions, token shift, sub-blocks, the threshold
-policy committing at least one slot per step, EOS ending a row once everything before it is final.
+`diffusion_decode` drives `dlm.decode.BlockDecoder` itself (no engine thread): what the
+evaluation measures is what the engine will do.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from dlm.adapt.data import Example
 from dlm.adapt.quality import ends_with_eos, has_loop
 from dlm.adapt.teacher import reply_nll
 from dlm.config import DiffusionSpec
-from dlm.masks import block_causal_mask
+from dlm.decode import BlockDecoder, DecodeSettings
 from dlm.model import Transformer
+from dlm.policies import Threshold
 
 __all__ = ["BARS", "DecodeResult", "EvalReport", "diffusion_decode", "evaluate"]
 
@@ -40,8 +41,7 @@ BARS = {"max_nll_ratio": 1.3, "min_tokens_per_pass": 2.5, "min_eos_rate": 0.95, 
 @dataclass
 class DecodeResult:
     ids: list[int]  # the reply, EOS included where it ended with one
-    passes: int  # denoising forward passes spent on this row
-    blocks: int  # blocks this row decoded (completed or ended in)
+    passes: int  # denoising forward passes spent on this row (the prompt's prefill not counted)
     eos: bool  # ended with EOS within max_new_tokens
 
 
@@ -49,74 +49,35 @@ class DecodeResult:
 def diffusion_decode(model: Transformer, spec: DiffusionSpec, prompts: list[list[int]], *, threshold: float,
                      max_new_tokens: int = 64, batch_size: int = 64, block_size: int = 0,
                      sub_block_size: int = 0, desc: str = "decode") -> list[DecodeResult]:
+    """Greedy threshold decoding of every prompt with the engine's own step loop
+    (`dlm.decode.BlockDecoder`, exact cache), `batch_size` rows at a time."""
     bs = block_size or spec.block_size
-    sub = sub_block_size or spec.sub_block_size or bs
+    sub = sub_block_size or (spec.sub_block_size if not block_size else 0) or bs
     if spec.mask_token_id is None or not spec.logit_shift or spec.attention != "block_causal":
         raise ValueError("diffusion_decode expects a block-causal model with a mask token and token shift")
-    device = model.model.embed_tokens.weight.device
-    eos = set(spec.eos_token_ids)
+    settings = DecodeSettings(block_size=bs, sub_block_size=sub, max_new_tokens=max_new_tokens, policy=Threshold(),
+                              threshold=threshold, factor=1.0, steps_per_block=sub, temperature=0.0, top_p=1.0,
+                              seed=None)
     results: list[DecodeResult] = []
     for b in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", mininterval=2.0):
-        results += _decode_batch(model, prompts[b:b + batch_size], threshold, max_new_tokens, bs, sub,
-                                 spec.mask_token_id, eos, device)
+        batch = prompts[b:b + batch_size]
+        longest = max(len(p) for p in batch) + max_new_tokens + 2 * bs
+        decoder = BlockDecoder(model, spec, max_batch_size=len(batch), max_seq_len=longest,
+                               prefill_budget_tokens=sum(len(p) for p in batch))
+        done: list[DecodeResult | None] = [None] * len(batch)
+        passes = [0] * len(batch)
+        for slot, prompt in enumerate(batch):
+            decoder.add(slot, prompt, settings)
+        while decoder.rows:
+            for update in decoder.step():  # one update per row per denoising forward
+                passes[update.slot] += 1
+                if update.finish_reason is not None:
+                    # The row's final tokens, EOS included (RowUpdate.new_ids leaves EOS out).
+                    reply = decoder.rows[update.slot].ids[len(batch[update.slot]):]
+                    done[update.slot] = DecodeResult(reply, passes[update.slot], update.finish_reason == "eos")
+                    decoder.remove(update.slot)
+        results += [d for d in done if d is not None]
     return results
-
-
-def _decode_batch(model: Transformer, prompts: list[list[int]], threshold: float, max_new_tokens: int, bs: int,
-                  sub: int, mask_id: int, eos: set[int], device: torch.device) -> list[DecodeResult]:
-    B = len(prompts)
-    P = [len(p) for p in prompts]
-    origin = [p // bs * bs for p in P]
-    gen_end = [p + max_new_tokens for p in P]
-    total = max(o + -(-(g - o) // bs) * bs for o, g in zip(origin, gen_end, strict=True))
-    canvas = torch.full((B, total), mask_id, dtype=torch.long)
-    committed = torch.zeros((B, total), dtype=torch.bool)
-    for r, p in enumerate(prompts):
-        canvas[r, :len(p)] = torch.tensor(p)
-        committed[r, :len(p)] = True
-    block_start = list(origin)
-    eos_pos: list[int | None] = [None] * B
-    passes, blocks = [0] * B, [1] * B
-    active = list(range(B))
-    while active:
-        T = max(block_start[r] + bs for r in active)
-        rows = torch.tensor(active)
-        tokens = canvas[rows, :T].to(device)
-        positions = torch.arange(T, device=device)[None].expand(len(active), -1)
-        # Token shift: slot j of the block is predicted at position j - 1.
-        out_index = torch.tensor([[max(block_start[r] + j - 1, 0) for j in range(bs)] for r in active], device=device)
-        logits = model(tokens, positions, block_causal_mask(T, bs, device), out_index=out_index)  # (A, bs, V)
-        conf, proposal = logits.softmax(-1).max(-1)
-        conf, proposal = conf.cpu(), proposal.cpu()
-        still = []
-        for a, r in enumerate(active):
-            passes[r] += 1
-            s = block_start[r]
-            needed = min(s + bs, gen_end[r], (eos_pos[r] + 1) if eos_pos[r] is not None else total)
-            first_open = next(j for j in range(s, needed) if not committed[r, j])
-            unit = s + (first_open - s) // sub * sub
-            cand = [j for j in range(max(unit, s), min(unit + sub, needed)) if not committed[r, j]]
-            commit = [j for j in cand if conf[a, j - s] >= threshold]
-            if not commit:
-                commit = [max(cand, key=lambda j: conf[a, j - s].item())]
-            for j in commit:
-                canvas[r, j] = proposal[a, j - s]
-                committed[r, j] = True
-                if int(proposal[a, j - s]) in eos and j >= P[r] and (eos_pos[r] is None or j < eos_pos[r]):
-                    eos_pos[r] = j
-            needed = min(s + bs, gen_end[r], (eos_pos[r] + 1) if eos_pos[r] is not None else total)
-            if not bool(committed[r, s:needed].all()):
-                still.append(r)
-            elif eos_pos[r] is None and needed < gen_end[r]:
-                block_start[r] += bs  # the block is final: move on
-                blocks[r] += 1
-                still.append(r)
-        active = still
-    out = []
-    for r in range(B):
-        end = eos_pos[r] + 1 if eos_pos[r] is not None else gen_end[r]
-        out.append(DecodeResult(canvas[r, P[r]:end].tolist(), passes[r], blocks[r], eos_pos[r] is not None))
-    return out
 
 
 @dataclass
@@ -124,8 +85,7 @@ class ThresholdReport:
     threshold: float
     student_nll_per_token: float  # teacher NLL per token of the student's replies
     nll_ratio: float  # student_nll_per_token / teacher's own
-    tokens_per_pass: float  # reply tokens / denoising passes
-    tokens_per_pass_with_writes: float  # counting one block-write pass per block (exact cache)
+    tokens_per_pass: float  # reply tokens / denoising passes (block writes are fused into them)
     eos_rate: float  # share ending with EOS within max_new_tokens
     loop_rate: float  # share with a loop (dlm.adapt.quality.has_loop)
     mean_reply_tokens: float
@@ -146,11 +106,11 @@ class EvalReport:
     def markdown(self) -> str:
         lines = [f"held-out prompts: {self.n_prompts}; teacher NLL/token of its own replies: "
                  f"{self.teacher_nll_per_token:.3f} (mean {self.teacher_mean_reply_tokens:.1f} tokens)", "",
-                 "| threshold | NLL/token | ratio | tokens/pass | tokens/pass (with block writes) | EOS ≤64 | loops | mean tokens |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "| threshold | NLL/token | ratio | tokens/pass | EOS ≤64 | loops | mean tokens |",
+                 "|---|---|---|---|---|---|---|"]
         for t in self.thresholds:
             lines.append(f"| {t.threshold} | {t.student_nll_per_token:.3f} | {t.nll_ratio:.2f} | {t.tokens_per_pass:.2f} | "
-                         f"{t.tokens_per_pass_with_writes:.2f} | {t.eos_rate:.1%} | {t.loop_rate:.1%} | {t.mean_reply_tokens:.1f} |")
+                         f"{t.eos_rate:.1%} | {t.loop_rate:.1%} | {t.mean_reply_tokens:.1f} |")
         lines += ["", "| bar (threshold 0.9) | value | limit | pass |", "|---|---|---|---|"]
         for name, bar in self.bars.items():
             lines.append(f"| {name} | {bar['value']:.3f} | {bar['limit']} | {'yes' if bar['pass'] else 'NO'} |")
@@ -185,7 +145,6 @@ def evaluate(student: Transformer, spec: DiffusionSpec, teacher: Any, tokenizer:
             student_nll_per_token=nll,
             nll_ratio=nll / max(teacher_nll, 1e-9),
             tokens_per_pass=n_tok / max(passes, 1),
-            tokens_per_pass_with_writes=n_tok / max(passes + sum(d.blocks for d in decoded), 1),
             eos_rate=sum(ends_with_eos(d.ids, eos, max_new_tokens) for d in decoded) / max(len(decoded), 1),
             loop_rate=sum(has_loop(d.ids) for d in decoded) / max(len(decoded), 1),
             mean_reply_tokens=n_tok / max(len(decoded), 1),
