@@ -206,12 +206,14 @@ def _measure(engine, prompts: list[Any], params) -> tuple[list[dict[str, Any]], 
     handles = []
     t0 = time.perf_counter()
     for prompt in prompts:
-        rec: dict[str, Any] = {"first_output_s": None}
+        rec: dict[str, Any] = {"first_output_s": None, "token_times": []}
 
         def on_delta(d, rec=rec):  # worker thread: record times only
             now = time.perf_counter()
             if rec["first_output_s"] is None and (d.text or (d.token_ids and engine.tokenizer is None)):
                 rec["first_output_s"] = now - t0
+            if d.token_ids:  # when each count of final tokens was reached: [seconds, tokens so far]
+                rec["token_times"].append([round(now - t0, 6), d.tokens])
             if d.finished:
                 rec.update(wall_s=now - t0, tokens=d.tokens, steps=d.steps, finish=d.finish_reason, error=d.error)
 
@@ -330,12 +332,60 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         "max_new_tokens": args.max_new_tokens, "policy": params.policy,
         "steps_per_block": params.steps_per_block if params.policy == "fixed_steps" else None,
         "compile": args.compile, "notes": notes, "results": results,
+        "bars": speed_bars(results, min(args.concurrency)) if not args.synthetic else None,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"raw results written to {args.json}", file=sys.stderr)
     _print_table(report)
     return 0
+
+
+# The issue's speed bars (measured here, not in tests): tokens per forward pass, wall time for the
+# same number of tokens (48 or the shorter reply), time to the dLLM's first final text vs the AR's
+# time to as many tokens. All at concurrency 1, prompt by prompt, medians.
+BAR_TOKENS = 48
+BARS = {"tokens_per_forward": 3.0, "wall_speedup": 2.0, "first_text_ratio": 1 / 3}
+
+
+def _time_to(token_times: list[list[float]], n: int) -> float | None:
+    """When a reply first had at least n final tokens."""
+    return next((t for t, k in token_times if k >= n), None)
+
+
+def speed_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str, Any] | None:
+    """The dLLM vs AR comparison of one concurrency level, or None without both engines there.
+    Replies are paired by prompt (same order in both engines' records)."""
+    by_engine = {r["engine"]: r for r in results if r["concurrency"] == concurrency}
+    if "dllm" not in by_engine or "ar" not in by_engine:
+        return None
+    speedups, first_ratios = [], []
+    for d, a in zip(by_engine["dllm"]["replies_detail"], by_engine["ar"]["replies_detail"], strict=True):
+        if not d.get("token_times") or not a.get("token_times"):
+            continue
+        n = min(d["token_times"][-1][1], a["token_times"][-1][1], BAR_TOKENS)
+        t_d, t_a = _time_to(d["token_times"], n), _time_to(a["token_times"], n)
+        if t_d and t_a:
+            speedups.append(t_a / t_d)
+        k = min(d["token_times"][0][1], a["token_times"][-1][1])  # the dLLM's first final text, in tokens
+        t_d, t_a = _time_to(d["token_times"], k), _time_to(a["token_times"], k)
+        if t_d and t_a:
+            first_ratios.append(t_d / t_a)
+    tpf = by_engine["dllm"]["tokens_per_forward"]
+    wall = statistics.median(speedups) if speedups else None
+    first = statistics.median(first_ratios) if first_ratios else None
+    return {
+        "concurrency": concurrency,
+        "pairs": len(speedups),
+        "tokens_per_forward": {"value": tpf, "limit": f">= {BARS['tokens_per_forward']}",
+                               "pass": tpf >= BARS["tokens_per_forward"]},
+        "wall_speedup": {"value": wall, "limit": f">= {BARS['wall_speedup']} (AR time / dLLM time to the same "
+                                                 f"number of tokens, {BAR_TOKENS} or the shorter reply)",
+                         "pass": wall is not None and wall >= BARS["wall_speedup"]},
+        "first_text_ratio": {"value": first, "limit": "<= 1/3 (dLLM time to its first final text / AR time to as "
+                                                      "many tokens)",
+                             "pass": first is not None and first <= BARS["first_text_ratio"]},
+    }
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -359,6 +409,12 @@ def _print_table(report: dict[str, Any]) -> None:
               f"{fmt(peak, '9.0f')}")
     print("(first s: median time to the first final text, or token ids without a tokenizer; tok/fwd: tokens per "
           "forward pass over all replies of a level; agg tok/s: all tokens / the level's wall time)")
+    bars = report.get("bars")
+    if bars:
+        print(f"speed bars at concurrency {bars['concurrency']} ({bars['pairs']} prompts, medians):")
+        for name in BARS:
+            bar = bars[name]
+            print(f"  {name:<18} {fmt(bar['value'], '6.2f')}  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
