@@ -31,7 +31,10 @@ def test_recipe_end_to_end_at_tiny_scale(tiny_base: Path, tmp_path: Path) -> Non
     meta = json.loads((run / "data.jsonl").open().readline())
     assert meta["n_train"] > 0 and meta["n_heldout"] > 0
     report = json.loads((run / "eval.json").read_text())
-    assert [t["threshold"] for t in report["thresholds"]] == [0.7, 0.8, 0.9]
+    assert [t["threshold"] for t in report["thresholds"]] == [0.7, 0.8, 0.9, 1.0]
+    # One token per step: never more than one kept token per pass (fewer where slots committed
+    # after the reply's EOS are dropped).
+    assert 0 < report["thresholds"][-1]["tokens_per_pass"] <= 1.0
     assert set(report["bars"]) == {"nll_ratio", "tokens_per_pass", "eos_rate", "loop_rate"}
     assert report["examples"] and {"prompt", "teacher", "student"} <= set(report["examples"][0])
 
