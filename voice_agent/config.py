@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dlm.adapt.prompts import VOICE_SYSTEM_PROMPT
+
 __all__ = [
     "LLM_ENGINES",
     "AgentConfig",
@@ -148,10 +150,9 @@ class LlmConfig:
 
 @dataclass
 class AgentConfig:
-    system_prompt: str = (
-        "You are a helpful voice assistant. Answer in one to three short spoken sentences. "
-        "Do not use lists, markdown or emoji."
-    )
+    # The system prompt the default dLLM was trained with (dlm/adapt/prompts.py): a model is most
+    # confident, so decodes most tokens per pass, on the prompt distribution it was trained on.
+    system_prompt: str = VOICE_SYSTEM_PROMPT
     history_tokens: int = 1024
     speculative_start: bool = True
     # Silence that counts as a pause for the speculative start (shorter than vad.end_silence_ms).
