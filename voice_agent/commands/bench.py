@@ -13,7 +13,8 @@
 
 At each concurrency level C (`--concurrency 1,8,32,128`), C requests are submitted at once to one
 engine whose max batch is the largest level, after an untimed warm-up at that level (which also
-compiles the shapes under `--compile`). The warm-up's prompts differ from the measured ones (other
+compiles the shapes under `--compile`); up to 8 such rounds run on different prompts (level 1: each
+of the 8 prompts alone, one after the other), and a level's wall time is the sum of its rounds'. The warm-up's prompts differ from the measured ones (other
 user messages, other random ids): the engine reuses the cached K/V of a prompt prefix left in a
 free row (dlm/decode.py "Prefix reuse"), so the measured chat requests reuse the shared system
 prompt, as every new call does on a running server, but never their own user message. Per reply: time to the first final text (first final
@@ -59,7 +60,8 @@ PROMPTS = [
     "What time zone is Tokyo in?",
 ]
 SYNTHETIC_PROMPT_TOKENS = 64  # prompt length of a synthetic request (random ids): two whole blocks of 32
-PROFILE_MAX_NEW_TOKENS = 64  # the profiled run: a few blocks, enough steps to average over
+PROFILE_MAX_NEW_TOKENS = 64
+MAX_ROUNDS = 8  # rounds of C requests measured per concurrency level C (fewer where prompts run out)  # the profiled run: a few blocks, enough steps to average over
 
 _OTHERS = {"audio": "bench_audio", "e2e": "bench_e2e"}
 
@@ -191,7 +193,7 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
         notes.append(f"no diffusion model available: {config.llm.model!r} resolved to {loaded.path} "
                      f"({loaded.family}, no mask token); only the AR baseline is measured")
     system = {"role": "system", "content": config.agent.system_prompt}
-    n = max(args.concurrency)
+    n = max(max(args.concurrency), len(PROMPTS))  # level 1 runs every prompt once, one at a time
     prompts = [[system, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
     warm_up = [[system, {"role": "user", "content": f"(warm-up) {PROMPTS[i % len(PROMPTS)]}"}] for i in range(n)]
     return loaded, diffusion, prompts, warm_up, params, notes
@@ -322,7 +324,13 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                records, wall = _measure(engine, prompts[:c], params)
+                # Up to MAX_ROUNDS rounds of c requests, each round on other prompts, so that low
+                # levels (concurrency 1 above all) are measured over more than one or two replies.
+                records, wall = [], 0.0
+                for r in range(min(MAX_ROUNDS, max(1, len(prompts) // c))):
+                    round_records, round_wall = _measure(engine, prompts[r * c:(r + 1) * c], params)
+                    records += round_records
+                    wall += round_wall
                 peak = torch.cuda.max_memory_allocated() if cuda else None
                 results.append(_summary(name, c, records, wall, peak))
                 print(f"  {name} concurrency {c}: {wall:.2f} s", file=sys.stderr)
