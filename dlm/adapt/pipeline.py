@@ -11,7 +11,7 @@ the whole recipe can be spread over several bounded calls (a 10-minute GPU comma
 
 `SCALES` holds the presets: "tiny" (the test suite: a few prompts and steps), "small" (the real
 model on CPU, mechanics and throughput only), "cpu" (the real model on a 2-core CPU within a few
-hours: block 16, 6000 prompts, a schedule of about 0.6 epoch, resumable with a time budget; the
+hours: block 16, 3000 prompts, a schedule of about 1.2 epochs, resumable with a time budget; the
 stand-in while no GPU is lent), "full" (the production run on an H100).
 """
 
@@ -74,8 +74,8 @@ SCALES: dict[str, Scale] = {
     "small": Scale(n_prompts=240, n_heldout=16, sampled_per_prompt=0, teacher_max_new_tokens=64, max_reply_tokens=64, gen_batch_size=32,
                    max_prompt_tokens=256, block_size=32, sub_block_size=8, batch_size=8, epochs=1.0, lr=5e-5,
                    warmup_steps=5, checkpoint_every=10, eval_batch_size=16),
-    "cpu": Scale(n_prompts=6000, n_heldout=64, sampled_per_prompt=0, teacher_max_new_tokens=64, max_reply_tokens=64, gen_batch_size=96,
-                 max_prompt_tokens=256, block_size=16, sub_block_size=8, batch_size=8, epochs=0.6, lr=2e-4,
+    "cpu": Scale(n_prompts=3000, n_heldout=64, sampled_per_prompt=0, teacher_max_new_tokens=64, max_reply_tokens=64, gen_batch_size=96,
+                 max_prompt_tokens=256, block_size=16, sub_block_size=8, batch_size=8, epochs=1.2, lr=2e-4,
                  warmup_steps=20, checkpoint_every=25, eval_batch_size=32),
     "full": Scale(n_prompts=40_000, n_heldout=256, sampled_per_prompt=1, teacher_max_new_tokens=64, max_reply_tokens=64, gen_batch_size=768,
                   max_prompt_tokens=256, block_size=32, sub_block_size=8, batch_size=64, epochs=1.0, lr=1e-4,
