@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from va_fakes import RATE, FakeClock, FakeLLM, FakeServices, bursts, drain, settle, silence, speech
+from va_fakes import RATE, FakeClock, FakeLLM, FakeServices, bursts, drain, feed, settle, silence, speech
 
 from voice_agent.config import AgentConfig
 from voice_agent.events import (
@@ -47,15 +47,6 @@ def make(*, llm=None, speculative=False, **agent):
     config = AgentConfig(speculative_start=speculative, sample_rate_hz=RATE, **agent)
     session = Session(services, config, sink=sink, clock=clock, wall_clock=lambda: 1.0)
     return session, services, clock, sink
-
-
-async def feed(session, clock, audio, chunk_ms=20):
-    n = RATE * chunk_ms // 1000
-    for i in range(0, len(audio), n):
-        clock.t += chunk_ms / 1000
-        await session.handle(AudioIn(samples=audio[i : i + n], sample_rate_hz=RATE))
-        await settle(10)
-    await settle()
 
 
 async def play_all(session, events):

@@ -8,10 +8,10 @@ import asyncio
 import threading
 
 import numpy as np
-from va_fakes import RATE, FakeClock, FakeLLM, FakeServices, bursts, drain, settle, silence, speech
+from va_fakes import RATE, FakeClock, FakeLLM, FakeServices, bursts, drain, feed, settle, silence, speech
 
 from voice_agent.config import AgentConfig, Config
-from voice_agent.events import AudioIn, TranscriptDelta, TranscriptFinal, TurnMetrics
+from voice_agent.events import TranscriptDelta, TranscriptFinal, TurnMetrics
 from voice_agent.services import ModelServices
 from voice_agent.session import Session
 from voice_agent.transcription import AsrPriority, PriorityGate, TranscriptStream, same_speech
@@ -188,15 +188,6 @@ def make(services: FakeServices, *, speculative: bool = False) -> tuple[Session,
     clock = FakeClock()
     config = AgentConfig(speculative_start=speculative, speculative_pause_ms=200, sample_rate_hz=RATE)
     return Session(services, config, clock=clock, wall_clock=lambda: 1.0), clock
-
-
-async def feed(session: Session, clock: FakeClock, audio: np.ndarray, chunk_ms: int = 20) -> None:
-    n = RATE * chunk_ms // 1000
-    for i in range(0, len(audio), n):
-        clock.t += chunk_ms / 1000
-        await session.handle(AudioIn(samples=audio[i : i + n], sample_rate_hz=RATE))
-        await settle(10)
-    await settle()
 
 
 def test_partials_are_adaptive_and_the_final_reuses_the_speculative_decode():

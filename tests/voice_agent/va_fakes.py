@@ -14,6 +14,7 @@ import numpy as np
 from audio.resample import Resampler
 from audio.text import SentenceChunker
 from audio.vad import SpeechEnded, SpeechStarted
+from voice_agent.events import AudioIn
 from voice_agent.llm import BlockTrace, LlmDelta
 from voice_agent.transcription import AsrPriority
 
@@ -202,6 +203,16 @@ async def settle(rounds: int = 200) -> None:
     """Let every ready task run (no time passes: this is not a sleep)."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+async def feed(session, clock: FakeClock, audio: np.ndarray, chunk_ms: int = 20) -> None:
+    """Hand a session `audio` in chunk_ms AudioIn events, advancing the fake clock by each chunk."""
+    n = RATE * chunk_ms // 1000
+    for i in range(0, len(audio), n):
+        clock.t += chunk_ms / 1000
+        await session.handle(AudioIn(samples=audio[i : i + n], sample_rate_hz=RATE))
+        await settle(10)
+    await settle()
 
 
 def drain(outbox) -> list:
