@@ -1,7 +1,8 @@
 """The dlm engine: a worker thread that owns the model and serves many requests at once.
 
 Contract (docs/contracts.md): `Engine(loaded, max_batch_size=8, ...)`; `submit(prompt, params,
-on_delta=None) -> RequestHandle`; `abort(request_id)`; `close()` (idempotent). Token ids in,
+on_delta=None, owner=None) -> RequestHandle`; `abort(request_id)`; `abort_owner(owner)`;
+`load() -> EngineLoad`; `close()` (idempotent). Token ids in,
 token ids (and their text) out: the engine renders chat messages with the checkpoint's template
 and detokenizes committed ids, but knows nothing about audio, sessions or servers.
 
@@ -16,11 +17,18 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   a call), and only the rest of its prompt is prefilled. Finished and
   aborted requests leave the decoder at once and cost no further compute; the remaining rows are
   compacted into fixed-size buckets, which is cheaper on CPU than computing masked-out rows.
+- Owners: a request may name its `owner` (a call, an API request). `abort_owner(owner)` aborts
+  every request of that owner wherever it is (waiting for a row, prefilling, decoding), so whoever
+  ends a call need not know which of its requests are still alive. `load()` says what the engine
+  holds now (rows, queue, requests by owner) for tests and /metrics; a request counts until its
+  last delta is emitted. Admission is fair between owners: a free row goes to the waiting request
+  whose owner holds the fewest rows (first come first served among equals), so one owner's burst
+  cannot keep the others' requests out of the rows that free up.
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
   left-most contiguous committed part of the current block. Text is held back while it might be
   the start of a stop string or ends inside a UTF-8 sequence (`dlm.chat.TextStream`).
-- Sharing: one Engine serves any number of callers and threads (`submit`, `abort` and `close`
-  are thread-safe; one worker thread runs the model). Engines on the same model (the dLLM and
+- Sharing: one Engine serves any number of callers and threads (`submit`, `abort`,
+  `abort_owner`, `load` and `close` are thread-safe and never block on the worker; one worker thread runs the model). Engines on the same model (the dLLM and
   its AR baseline) are independent: each owns its KV cache, canvas and carry, and the model's
   forward writes none of its own state (dlm/decode.py "Sharing a model"). They do compete for
   the device: hold one Engine per model and let it batch.
@@ -35,6 +43,7 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
@@ -51,7 +60,7 @@ from dlm.decode import BlockDecoder, DecodeSettings, PrefillError, RowUpdate, St
 from dlm.errors import DlmError, InvalidRequestError
 from dlm.policies import POLICIES
 
-__all__ = ["Delta", "Engine", "GenerationParams", "RequestHandle", "StepTrace"]
+__all__ = ["Delta", "Engine", "EngineLoad", "GenerationParams", "RequestHandle", "StepTrace"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +68,7 @@ log = logging.getLogger(__name__)
 MAX_BLOCK_SIZE = 1024
 MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 16
-MAX_PENDING_REQUESTS = 1024  # submissions waiting for a free row; beyond: InvalidRequestError
+MAX_PENDING_REQUESTS = 1024  # requests waiting for a free row; beyond: InvalidRequestError
 
 
 @dataclass
@@ -88,6 +97,19 @@ class Delta:
     steps: int = 0  # forward passes so far for this request (prefill included)
     tokens: int = 0  # generated tokens committed and final so far
     trace: StepTrace | None = None  # the current block after this step, where params.trace_steps
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine holds at one moment (`Engine.load()`)."""
+
+    rows: int  # requests in cache rows (prefilling or decoding)
+    queued: int  # requests submitted and not yet in a row
+    owners: dict[str, int]  # requests held (rows + queued) by owner; requests without one under ""
+
+    @property
+    def idle(self) -> bool:
+        return self.rows == 0 and self.queued == 0
 
 
 class RequestHandle:
@@ -125,6 +147,7 @@ class _Request:
     handle: RequestHandle
     on_delta: Callable[[Delta], None] | None
     text: TextStream
+    owner: str | None = None  # who may abort it wholesale (abort_owner): a call id, an API request
     slot: int | None = None  # cache row while active
     steps: int = 0
     tokens: int = 0
@@ -149,7 +172,9 @@ class Engine:
         self.model.eval()
         self._decoder = BlockDecoder(self.model, self.spec, max_batch_size=max_batch_size,
                                      max_seq_len=self.max_seq_len, cache=cache, compile_mode=compile_mode)
-        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=MAX_PENDING_REQUESTS)
+        # Unbounded, so that abort() never blocks; submissions are bounded by `_held` instead.
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._held: dict[str, _Request] = {}  # every request until its last delta (under _lock)
         self._pending: list[_Request] = []
         self._active: dict[int, _Request] = {}  # slot -> request
         self._ids = itertools.count()
@@ -169,18 +194,21 @@ class Engine:
 
     # -- public API ----------------------------------------------------------------------------
     def submit(self, prompt: Sequence[dict] | Sequence[int], params: GenerationParams | None = None,
-               on_delta: Callable[[Delta], None] | None = None) -> RequestHandle:
-        prompt_ids, settings = self.prepare(prompt, params or GenerationParams())
+               on_delta: Callable[[Delta], None] | None = None, *, owner: str | None = None) -> RequestHandle:
+        """Queue one request. `owner`: see `abort_owner`."""
+        params = params or GenerationParams()
+        prompt_ids, settings = self.prepare(prompt, params)
         with self._lock:
             if self._closed:
                 raise DlmError("the engine is closed")
+            if len(self._held) >= self.max_batch_size + MAX_PENDING_REQUESTS:
+                raise InvalidRequestError(f"the engine has {MAX_PENDING_REQUESTS} requests waiting; try later")
             request_id = f"req-{next(self._ids)}"
             handle = RequestHandle(request_id, self)
-            req = _Request(request_id, prompt_ids, settings, handle, on_delta, TextStream(self.tokenizer, list(params.stop)))
-            try:
-                self._commands.put_nowait(("submit", req))
-            except queue.Full:
-                raise InvalidRequestError(f"the engine has {MAX_PENDING_REQUESTS} requests waiting; try later") from None
+            req = _Request(request_id, prompt_ids, settings, handle, on_delta,
+                           TextStream(self.tokenizer, list(params.stop)), owner=owner)
+            self._held[request_id] = req
+            self._commands.put(("submit", req))
         return handle
 
     def prepare(self, prompt: Sequence[dict] | Sequence[int], params: GenerationParams) -> tuple[list[int], DecodeSettings]:
@@ -194,6 +222,19 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Takes effect between two steps; the request's last delta has finish_reason "abort"."""
         self._commands.put(("abort", request_id))
+
+    def abort_owner(self, owner: str) -> None:
+        """Abort every request of `owner` submitted before this call, wherever it is; takes
+        effect between two steps, like `abort`."""
+        self._commands.put(("abort_owner", owner))
+
+    def load(self) -> EngineLoad:
+        """The requests held now: in rows, waiting, and by owner."""
+        with self._lock:
+            held = list(self._held.values())
+        rows = sum(1 for r in held if r.slot is not None)
+        owners = collections.Counter(r.owner or "" for r in held)
+        return EngineLoad(rows=rows, queued=len(held) - rows, owners=dict(owners))
 
     def close(self) -> None:
         """Abort everything and stop the worker. Idempotent."""
@@ -311,24 +352,27 @@ class Engine:
             if cmd == "submit":
                 self._pending.append(arg)
             elif cmd == "abort":
-                self._abort(arg)
+                self._abort(lambda req, request_id=arg: req.request_id == request_id)
+            elif cmd == "abort_owner":
+                self._abort(lambda req, owner=arg: req.owner == owner)
 
-    def _abort(self, request_id: str) -> None:
-        for req in self._pending:
-            if req.request_id == request_id:
-                self._pending.remove(req)
-                self._finish(req, "abort")
-                return
+    def _abort(self, match: Callable[[_Request], bool]) -> None:
+        """Abort every pending or active request that `match`es."""
+        for req in [r for r in self._pending if match(r)]:
+            self._pending.remove(req)
+            self._finish(req, "abort")
         for slot, req in list(self._active.items()):
-            if req.request_id == request_id:
+            if match(req):
                 self._release(slot)
                 self._finish(req, "abort")
-                return
 
     def _admit(self) -> None:
         free = [s for s in range(self.max_batch_size) if s not in self._active]
         while self._pending and free:
-            req = self._pending.pop(0)
+            # Fair between owners: the first waiting request of an owner holding the fewest rows.
+            rows = collections.Counter(r.owner for r in self._active.values() if r.owner is not None)
+            req = min(self._pending, key=lambda r: rows[r.owner] if r.owner is not None else 0)
+            self._pending.remove(req)
             # The free row holding the longest prefix of this prompt (a previous turn of the same
             # call): only the rest is prefilled. Ties: the lowest slot.
             slot = max(free, key=lambda s: self._decoder.prefix_match(s, req.prompt_ids, req.settings))
@@ -392,6 +436,9 @@ class Engine:
         self._emit(req, Delta("", [], True, reason, error, req.steps, req.tokens), callback_errors=False)
 
     def _emit(self, req: _Request, delta: Delta, callback_errors: bool = True) -> None:
+        if delta.finished:
+            with self._lock:
+                self._held.pop(req.request_id, None)
         req.handle._deltas.put(delta)
         if req.on_delta is not None:
             try:

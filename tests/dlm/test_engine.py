@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from dlm_tiny_models import CharTokenizer, counting_loaded, random_loaded
 
 from dlm.ar import AREngine
-from dlm.engine import Engine, GenerationParams
+from dlm.engine import MAX_PENDING_REQUESTS, Engine, GenerationParams
 from dlm.errors import InvalidRequestError
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [3, 3], [21, 22, 23, 24, 25]]
@@ -153,3 +154,81 @@ def test_stop_string_across_deltas_and_hold_back():
     # itself (it could start "fgh"), "fgh" ends the reply before it.
     assert [d.text for d in deltas] == ["b", "c", "", "", "de", "", ""]
     assert deltas[-1].finish_reason == "stop"
+
+
+def _until(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+@pytest.mark.parametrize("engine_cls", [Engine, AREngine])
+def test_abort_owner_ends_every_request_of_the_owner_wherever_it_is(engine_cls):
+    loaded = counting_loaded(block_size=4)
+    with engine_cls(loaded, max_batch_size=2) as engine:
+        gate = threading.Event()
+        params = GenerationParams(max_new_tokens=200)
+        slow = dict(on_delta=lambda d: gate.wait(5))
+        # Two rows, both the hostile owner's (one decoding, one held by its callback), two more
+        # of its requests waiting, and an honest request waiting behind them.
+        mine = [engine.submit([1], params, owner="call-a", **slow) for _ in range(4)]
+        honest = engine.submit([2], GenerationParams(max_new_tokens=6), owner="call-b")
+        assert _until(lambda: engine.load().rows == 2)
+        load = engine.load()
+        assert load.queued == 3 and load.owners == {"call-a": 4, "call-b": 1} and not load.idle
+        engine.abort_owner("call-a")
+        gate.set()
+        assert [list(h)[-1].finish_reason for h in mine] == ["abort"] * 4
+        assert list(honest)[-1].finish_reason == "length"
+        assert _until(lambda: engine.load().idle)
+        assert engine.load().owners == {}
+
+
+def test_a_free_row_goes_to_the_owner_holding_the_fewest():
+    """Fair share: one owner's burst of requests does not keep another owner out of the row
+    that frees up next."""
+    loaded = counting_loaded(block_size=4)
+    with Engine(loaded, max_batch_size=2) as engine:
+        order: list[str] = []
+        lock = threading.Lock()
+
+        def started(name):
+            def on_delta(d):
+                with lock:
+                    if name not in order:
+                        order.append(name)
+            return on_delta
+
+        gate = threading.Event()
+        hold = engine.submit([1], GenerationParams(max_new_tokens=40), on_delta=lambda d: gate.wait(5), owner="a")
+        burst = [engine.submit([1], GenerationParams(max_new_tokens=4), owner="a", on_delta=started(f"a{i}")) for i in range(3)]
+        other = engine.submit([2], GenerationParams(max_new_tokens=4), owner="b", on_delta=started("b"))
+        gate.set()
+        for h in [hold, *burst, other]:
+            list(h)
+        # "a" holds a row throughout; the second row went to a0, then to b (holding none), then a1.
+        assert order.index("b") < order.index("a2")
+
+
+def test_abort_never_blocks_with_many_requests_waiting():
+    loaded = counting_loaded(block_size=4)
+    with Engine(loaded, max_batch_size=1) as engine:
+        gate = threading.Event()
+        first = engine.submit([1], GenerationParams(max_new_tokens=8), on_delta=lambda d: gate.wait(5), owner="x")
+        waiting = []
+        with pytest.raises(InvalidRequestError):
+            for _ in range(MAX_PENDING_REQUESTS + 2):
+                waiting.append(engine.submit([1], GenerationParams(max_new_tokens=8), owner="x"))
+        assert len(waiting) == MAX_PENDING_REQUESTS
+        started = time.monotonic()
+        for h in waiting:
+            engine.abort(h.request_id)  # the command queue is unbounded: nothing waits here
+        engine.abort_owner("x")
+        assert time.monotonic() - started < 1.0
+        gate.set()
+        assert all(list(h)[-1].finish_reason == "abort" for h in waiting)
+        list(first)
+        assert _until(lambda: engine.load().idle)
