@@ -1,9 +1,16 @@
 """LLM clients behind one interface: the in-process dlm engine, or an OpenAI-compatible server.
 
 Contract:
-- `client.stream(messages, trace_steps=False)` is an async iterator of `LlmDelta`s for one chat
-  request (`messages` = `[{"role", "content"}]`, system prompt first). Text in a delta is final:
-  it is never revised later. The last delta has `finished=True`.
+- `client.stream(messages, trace_steps=False, owner=None)` is an async iterator of `LlmDelta`s for
+  one chat request (`messages` = `[{"role", "content"}]`, system prompt first). Text in a delta is
+  final: it is never revised later. The last delta has `finished=True`. `owner` names who the
+  request works for (a call id).
+- `client.abort_owner(owner)` aborts every request of that owner still held by the backend
+  (`LocalDLM`: the engine's `abort_owner`, effective within one denoising step; the OpenAI client
+  holds nothing once its streams are closed). A session calls it when its call ends, so no work
+  outlives the call even if a stream was never consumed.
+- `client.load()`: what the backend holds now (`dlm.engine.EngineLoad` for `LocalDLM`; None where
+  the backend cannot say), for /metrics and tests.
 - Cancelling the consumer (or closing the iterator) aborts the request: `LocalDLM` calls
   `Engine.abort`, which takes effect within one denoising step; `OpenAICompatibleLLM` closes the
   HTTP response, which a streaming server treats as an abort.
@@ -61,7 +68,11 @@ class LlmDelta:
 class LlmClient(Protocol):
     name: str
 
-    def stream(self, messages: Messages, *, trace_steps: bool = False) -> AsyncIterator[LlmDelta]: ...
+    def stream(self, messages: Messages, *, trace_steps: bool = False, owner: str | None = None) -> AsyncIterator[LlmDelta]: ...
+
+    def abort_owner(self, owner: str) -> None: ...
+
+    def load(self) -> Any: ...
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -99,9 +110,16 @@ class LocalDLM:
     def count_tokens(self, text: str) -> int:
         if self._tokenizer is None:
             return estimate_tokens(text)
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
+        # As the chat template encodes contents: special-token text counts as the plain text it is.
+        return len(self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
-    async def stream(self, messages: Messages, *, trace_steps: bool = False) -> AsyncIterator[LlmDelta]:
+    def abort_owner(self, owner: str) -> None:
+        self._engine.abort_owner(owner)
+
+    def load(self) -> Any:
+        return self._engine.load()
+
+    async def stream(self, messages: Messages, *, trace_steps: bool = False, owner: str | None = None) -> AsyncIterator[LlmDelta]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -109,7 +127,7 @@ class LocalDLM:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the call is over
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        handle = self._engine.submit(messages, self._make_params(trace_steps), on_delta=on_delta)
+        handle = self._engine.submit(messages, self._make_params(trace_steps), on_delta=on_delta, owner=owner)
         finished = False
         try:
             while True:
@@ -181,7 +199,13 @@ class OpenAICompatibleLLM:
     def count_tokens(self, text: str) -> int:
         return estimate_tokens(text)
 
-    async def stream(self, messages: Messages, *, trace_steps: bool = False) -> AsyncIterator[LlmDelta]:
+    def abort_owner(self, owner: str) -> None:
+        """Nothing to do: a request lives as long as its stream, which its consumer closes."""
+
+    def load(self) -> Any:
+        return None  # the remote server's own metrics say what it holds
+
+    async def stream(self, messages: Messages, *, trace_steps: bool = False, owner: str | None = None) -> AsyncIterator[LlmDelta]:
         body: dict[str, Any] = {
             "messages": messages,
             "stream": True,

@@ -12,7 +12,7 @@ import bisect
 from collections import Counter
 from typing import Any
 
-__all__ = ["LATENCY_BUCKETS_S", "STAGES", "Metrics"]
+__all__ = ["LATENCY_BUCKETS_S", "STAGES", "WORK_HELP", "Metrics"]
 
 # Per-turn stages measured from the end of the user's speech (keys of TurnMetrics.values).
 STAGES = {
@@ -20,6 +20,15 @@ STAGES = {
     "llm_first_text_ms": "first_llm_text",
     "tts_first_audio_ms": "first_tts_audio",
     "voice_to_voice_ms": "first_audio_sent",
+}
+# Gauges of the work in progress on the shared models (ModelServices.work()).
+WORK_HELP = {
+    "llm_rows": "LLM requests in engine rows (prefilling or decoding).",
+    "llm_queued": "LLM requests waiting for an engine row.",
+    "llm_owners": "Calls or API requests holding LLM requests.",
+    "asr_running": "ASR decodes running on the model (0 or 1).",
+    "asr_waiting": "ASR decodes waiting for the model.",
+    "tts_jobs": "Speech syntheses running or waiting for the voice.",
 }
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -66,7 +75,8 @@ class Metrics:
     def error(self, kind: str) -> None:
         self.errors_total[kind] += 1
 
-    def render(self) -> str:
+    def render(self, work: dict[str, int] | None = None) -> str:
+        """`work`: the services' work in progress (`ModelServices.work()`), rendered as gauges."""
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -91,6 +101,9 @@ class Metrics:
         lines.append(f"voice_agent_llm_tokens_total {self.tokens_total}")
         family("voice_agent_llm_forward_passes_total", "counter", "LLM forward passes (tokens per pass = tokens / passes).")
         lines.append(f"voice_agent_llm_forward_passes_total {self.forward_passes_total}")
+        for key, value in sorted((work or {}).items()):
+            family(f"voice_agent_work_{key}", "gauge", WORK_HELP.get(key, "Work in progress."))
+            lines.append(f"voice_agent_work_{key} {value}")
         name = "voice_agent_stage_latency_seconds"
         family(name, "histogram", "Time from the end of the user's speech to each stage of a turn.")
         for stage, h in self._latency.items():

@@ -197,11 +197,12 @@ class VoiceServer:
                     "calls_active": self.metrics.calls_active,
                     "uptime_s": round(time.monotonic() - self._started, 1),
                     "llm": getattr(self.services.llm, "name", "?"),
+                    "work": self.services.work(),
                 }
             ).encode()
             return self._http(connection, 200, body, "application/json")
         if path == "/metrics":
-            return self._http(connection, 200, self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            return self._http(connection, 200, self.metrics.render(self.services.work()).encode(), "text/plain; version=0.0.4; charset=utf-8")
         return self._static(connection, path)
 
     def _static(self, connection: ServerConnection, path: str) -> Response:
@@ -294,6 +295,8 @@ class VoiceServer:
                 models=self.model_names,
                 sample_rate_hz=self.config.agent.sample_rate_hz,
                 max_message_bytes=server.max_message_bytes,
+                max_instructions_chars=self.config.agent.max_instructions_chars,
+                max_item_chars=self.config.agent.max_item_chars,
             )
         else:
             framing = TwilioProtocol(max_message_bytes=server.max_message_bytes)

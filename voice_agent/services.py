@@ -13,6 +13,9 @@ Contract:
   request leaves the queue; a model call already in its thread runs to its end (the model stays
   taken until then) and its result is discarded. `asr_decode_s`: a moving average of the
   model's decode time (0.0 before the first), for the speculative start's decision.
+- `work()` says what the shared models are doing now (LLM rows and queue from the client's
+  `load()`, ASR decodes running and waiting, TTS syntheses running or waiting for the voice), for
+  /metrics, /healthz and the tests that check no work outlives its call.
 - `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state; a chunker
   serves one reply (its first chunk may end at a clause: `tts.first_chunk_min_words`).
 """
@@ -49,6 +52,8 @@ class ModelServices:
         self._asr_lock = threading.Lock()  # the model itself, whoever calls it
         self.asr_decode_s = 0.0
         self._tts_lock = threading.Lock()
+        self._tts_jobs = 0  # syntheses in a thread: running or waiting for the voice
+        self._tts_jobs_lock = threading.Lock()
 
     @classmethod
     def load(cls, config: Config, *, api_key: str = "") -> ModelServices:
@@ -77,8 +82,26 @@ class ModelServices:
             return text
 
     def _synthesize_blocking(self, text: str) -> np.ndarray:
-        with self._tts_lock:
-            return self._synthesizer.synthesize(text)
+        with self._tts_jobs_lock:
+            self._tts_jobs += 1
+        try:
+            with self._tts_lock:
+                return self._synthesizer.synthesize(text)
+        finally:
+            with self._tts_jobs_lock:
+                self._tts_jobs -= 1
+
+    def work(self) -> dict[str, int]:
+        """Work in progress on the shared models (see the module docstring)."""
+        load = self.llm.load()
+        return {
+            "llm_rows": load.rows if load is not None else 0,
+            "llm_queued": load.queued if load is not None else 0,
+            "llm_owners": len(load.owners) if load is not None else 0,
+            "asr_running": int(self._asr_lock.locked()),
+            "asr_waiting": self._asr_gate.waiting(),
+            "tts_jobs": self._tts_jobs,
+        }
 
     async def transcribe(
         self,

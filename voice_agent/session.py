@@ -32,8 +32,21 @@ Contract:
   `llm_error`, `tts_error`), `ResponseDone(failed)` where a reply had started, and the call goes
   on listening. A failing partial or speculative transcription is logged once per turn and skipped.
 - Memory per call is bounded however long the call runs: the newest `MAX_RECORDS` turn records,
-  `MAX_HISTORY_MESSAGES` history messages (the LLM sees fewer: `history_tokens`), and the reply
-  chunks of the newest `MAX_TRUNCATABLE_TURNS` turns (for a late `PlaybackTruncate`).
+  `agent.max_items` history messages, and the reply chunks of the newest
+  `MAX_TRUNCATABLE_TURNS` turns (for a late `PlaybackTruncate`).
+- The prompt of every LLM request is the system prompt plus at most `agent.history_tokens` of
+  history (counted with the LLM's tokenizer): the newest messages that fit, and of a newest
+  message longer than the whole budget, its end.
+- Per-call limits (docs/reliability.md): one reply at a time (a `CreateResponse` while one is in
+  progress is refused with `conversation_already_has_active_response`, as OpenAI's Realtime API
+  does); `CreateResponse` and `UserText` beyond `agent.max_responses_per_minute` /
+  `max_items_per_minute` are refused with `rate_limit_exceeded` (a token bucket holding a sixth of
+  the per-minute figure).
+- No work outlives the call: every LLM request the session starts (replies, speculative starts,
+  replies superseded before they began) is an `LlmRun` the session keeps until it ends; `close()`
+  cancels them all and then asks the LLM client to abort whatever it still holds for this call
+  (`abort_owner(call_id)`). Queued ASR decodes are dropped; one already running on the model
+  finishes (it cannot be interrupted) and its result is discarded.
 - `close()` is idempotent: it cancels the tasks, stores the unfinished turn and the call's end.
 """
 
@@ -94,8 +107,8 @@ log = logging.getLogger(__name__)
 ASR_RATE_HZ = 16_000
 # Limits on what one call keeps in memory (see the module docstring).
 MAX_RECORDS = 256
-MAX_HISTORY_MESSAGES = 512
 MAX_TRUNCATABLE_TURNS = 8
+MESSAGE_OVERHEAD_TOKENS = 4  # a message's role and separators in the chat template
 
 
 class State(enum.Enum):
@@ -243,11 +256,33 @@ class Outbox:
 # LLM runs -------------------------------------------------------------------------------------
 
 
+class RateLimit:
+    """A token bucket: `per_minute` events a minute on average, bursts of a sixth of that."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
+        self.capacity = max(1.0, per_minute / 6)
+        self._rate_per_s = per_minute / 60
+        self._tokens = self.capacity
+        self._clock = clock
+        self._t = clock()
+
+    def allow(self) -> bool:
+        """Take one token if there is one."""
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._t) * self._rate_per_s)
+        self._t = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class LlmRun:
     """One LLM request pumped into a buffer as it streams, so that a speculative start can be
     adopted later and read from the beginning. The buffer holds at most one request's deltas."""
 
-    def __init__(self, llm: LlmClient, messages: list[dict[str, str]], *, trace_steps: bool, clock: Callable[[], float]):
+    def __init__(self, llm: LlmClient, messages: list[dict[str, str]], *, trace_steps: bool,
+                 clock: Callable[[], float], owner: str | None = None):
         self.messages = messages
         self.user_text = messages[-1]["content"] if messages else ""
         self.t_start = clock()
@@ -257,11 +292,11 @@ class LlmRun:
         self._done = False
         self.error: str | None = None
         self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._pump(llm, trace_steps), name="llm-run")
+        self._task = asyncio.create_task(self._pump(llm, trace_steps, owner), name="llm-run")
 
-    async def _pump(self, llm: LlmClient, trace_steps: bool) -> None:
+    async def _pump(self, llm: LlmClient, trace_steps: bool, owner: str | None) -> None:
         try:
-            async with contextlib.aclosing(llm.stream(self.messages, trace_steps=trace_steps)) as stream:
+            async with contextlib.aclosing(llm.stream(self.messages, trace_steps=trace_steps, owner=owner)) as stream:
                 async for delta in stream:
                     if delta.text and self.t_first_text is None:
                         self.t_first_text = self._clock()
@@ -293,6 +328,11 @@ class LlmRun:
     def cancel(self) -> None:
         """Abort the request (the client aborts it in the engine or closes the HTTP stream)."""
         self._task.cancel()
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The task streaming the request; done once the request ended or was aborted."""
+        return self._task
 
 
 # Turns ----------------------------------------------------------------------------------------
@@ -428,6 +468,9 @@ class Session:
         self._stream_s = 0.0  # seconds of caller audio processed
         self._ep_origin_s = 0.0  # stream time at which the endpointers' own clocks started
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._runs: set[LlmRun] = set()  # every LLM request of this call not yet ended
+        self._response_rate = RateLimit(config.max_responses_per_minute, clock)
+        self._item_rate = RateLimit(config.max_items_per_minute, clock)
         self._audio_task = self._spawn(self._audio_loop(), "audio-in")
         self.ended = False
         self._closed = False
@@ -491,7 +534,11 @@ class Session:
             self._finish(turn, "cancelled", reason="hangup")
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for run in list(self._runs):
+            run.cancel()
+        await asyncio.gather(*self._tasks, *(run.task for run in list(self._runs)), return_exceptions=True)
+        # Whatever the client still holds for this call (nothing, unless a stream was lost).
+        self.services.llm.abort_owner(self.call_id)
         self.outbox.close()
 
     @property
@@ -686,7 +733,7 @@ class Session:
             return  # the final transcription decides
         if not text.strip() or self._user_turn is not turn:
             return  # nothing said, or the turn already ended: the final path starts the LLM
-        run = LlmRun(self.services.llm, self._messages(text), trace_steps=self.trace_steps, clock=self._clock)
+        run = self._new_run(self._messages(text))
         self._speculation = _Speculation(turn.record.turn_id, text, run)
         log.debug("call %s turn %d: speculative start on %r", self.call_id, turn.record.turn_id, text)
 
@@ -740,7 +787,7 @@ class Session:
             spec.run.cancel()
         self._add_history(turn.record.turn_id, "user", text)
         if run is None:
-            run = LlmRun(self.services.llm, self._messages(), trace_steps=self.trace_steps, clock=self._clock)
+            run = self._new_run(self._messages())
         await self._reply(turn, run)
 
     async def _transcribe_final(self, turn: _Turn, audio: np.ndarray, *, streamed: bool = True) -> str | None:
@@ -759,6 +806,9 @@ class Session:
             return None
 
     async def _on_user_text(self, event: UserText) -> None:
+        if not self._item_rate.allow():
+            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} messages a minute (agent.max_items_per_minute)")
+            return
         if self._reply_turn is not None:
             await self._interrupt("text")
         turn = self._new_turn("text")
@@ -813,6 +863,9 @@ class Session:
         if not any(m["role"] == "user" for _, m in self.history):
             await self._error("no_user_input", "there is nothing to reply to yet")
             return
+        if not self._response_rate.allow():
+            await self._error("rate_limit_exceeded", f"more than {self.config.max_responses_per_minute} responses a minute (agent.max_responses_per_minute)")
+            return
         turn = self._new_turn("response")
         turn.t_speech_end = self._clock()
         self._start_reply(turn)
@@ -820,7 +873,8 @@ class Session:
     def _start_reply(self, turn: _Turn) -> None:
         self._reply_turn = turn
         self.state = State.THINKING
-        run = LlmRun(self.services.llm, self._messages(), trace_steps=self.trace_steps, clock=self._clock)
+        # turn.run is set now, not when the task starts: an interruption before then aborts it.
+        run = turn.run = self._new_run(self._messages())
         turn.reply_task = self._spawn(self._reply(turn, run), f"turn-{turn.record.turn_id}")
 
     # --- the reply pipeline --------------------------------------------------------------------
@@ -1061,8 +1115,8 @@ class Session:
 
     def _add_history(self, turn_id: int, role: str, content: str) -> None:
         self.history.append((turn_id, {"role": role, "content": content}))
-        if len(self.history) > MAX_HISTORY_MESSAGES:
-            del self.history[: len(self.history) - MAX_HISTORY_MESSAGES]
+        if len(self.history) > self.config.max_items:
+            del self.history[: len(self.history) - self.config.max_items]
 
     def _replace_history(self, turn_id: int, heard: str) -> None:
         """Set the assistant message of `turn_id` to `heard` (adding or removing it)."""
@@ -1087,8 +1141,10 @@ class Session:
         budget = self.config.history_tokens
         kept: list[dict[str, str]] = []
         for message in reversed(tail):
-            cost = count(message["content"]) + 4  # role and separators
-            if kept and cost > budget:
+            cost = count(message["content"]) + MESSAGE_OVERHEAD_TOKENS
+            if cost > budget:
+                if not kept:  # the newest message alone is over the budget: its end
+                    kept.append({**message, "content": self._tail_within(message["content"], budget - MESSAGE_OVERHEAD_TOKENS)})
                 break
             kept.append(message)
             budget -= cost
@@ -1097,7 +1153,26 @@ class Session:
             kept.pop(0)  # a window starts with a user message
         return [{"role": "system", "content": self.instructions}, *kept]
 
+    def _tail_within(self, text: str, tokens: int) -> str:
+        """The longest end of `text` that counts at most `tokens` (binary search on its start)."""
+        count = self.services.llm.count_tokens
+        lo, hi = 0, len(text)  # text[hi:] fits (empty); find the smallest start that fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if count(text[mid:]) <= tokens:
+                hi = mid
+            else:
+                lo = mid + 1
+        return text[hi:]
+
     # --- helpers -------------------------------------------------------------------------------
+
+    def _new_run(self, messages: list[dict[str, str]]) -> LlmRun:
+        """Start an LLM request for this call; the session keeps it until it ends (see close)."""
+        run = LlmRun(self.services.llm, messages, trace_steps=self.trace_steps, clock=self._clock, owner=self.call_id)
+        self._runs.add(run)
+        run.task.add_done_callback(lambda _: self._runs.discard(run))
+        return run
 
     def _keep_record(self, record: TurnRecord) -> None:
         if not any(r is record for r in self.records):

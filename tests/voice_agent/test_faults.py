@@ -41,10 +41,10 @@ HERE = Path(__file__).parent
 class PickyLLM(FakeLLM):
     """Raises a plain exception (not LlmError: a bug, not a reported failure) on 'boom'."""
 
-    async def stream(self, messages, *, trace_steps=False):
+    async def stream(self, messages, *, trace_steps=False, owner=None):
         if "boom" in messages[-1]["content"]:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        async for delta in super().stream(messages, trace_steps=trace_steps):
+        async for delta in super().stream(messages, trace_steps=trace_steps, owner=owner):
             yield delta
 
 
@@ -72,7 +72,7 @@ class FakeEngine:
         self.aborted: list[int] = []
         self._next = 0
 
-    def submit(self, prompt, params, on_delta=None):
+    def submit(self, prompt, params, on_delta=None, owner=None):
         import threading
 
         self._next += 1
@@ -92,6 +92,9 @@ class FakeEngine:
 
     def abort(self, request_id):
         self.aborted.append(request_id)
+
+    def abort_owner(self, owner):
+        pass  # nothing outlives a request here: each ends on its own at once
 
     def close(self):
         pass

@@ -465,7 +465,7 @@ class PacedLLM(FakeLLM):
         super().__init__()
         self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
 
-    async def stream(self, messages, *, trace_steps=False):
+    async def stream(self, messages, *, trace_steps=False, owner=None):
         from voice_agent.llm import LlmDelta
 
         self.requests.append(messages)

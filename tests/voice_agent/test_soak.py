@@ -92,6 +92,8 @@ class ThreadedServices(FakeServices):
 def test_soak_turns_over_concurrent_calls():
     # playback_lead_ms: the client here does not play audio, so the pacing need not wait.
     config = make_config(max_calls=max(8, CALLS), playback_lead_ms=60_000)
+    # The soak's client asks for replies as fast as they come: lift the per-call rate limits.
+    config.agent.max_responses_per_minute = config.agent.max_items_per_minute = 1_000_000
     llm = FakeLLM(REPLY)
 
     async def main():

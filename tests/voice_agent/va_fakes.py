@@ -120,6 +120,9 @@ class FakeLLM:
         self.hold = hold
         self.piece_delay_s = piece_delay_s  # a real (not fake-clock) wait between pieces, for server tests
         self.requests: list[list[dict[str, str]]] = []
+        self.owners: list[str | None] = []  # the owner of each request, in order
+        self.open = 0  # streams started and not yet ended (an engine's held requests)
+        self.aborted_owners: list[str] = []
         self.aborted = 0
         self.completed = 0
         self.release = asyncio.Event()
@@ -128,10 +131,20 @@ class FakeLLM:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    async def stream(self, messages: list[dict[str, str]], *, trace_steps: bool = False) -> AsyncIterator[LlmDelta]:
+    def abort_owner(self, owner: str) -> None:
+        self.aborted_owners.append(owner)
+
+    def load(self) -> None:
+        return None
+
+    async def stream(
+        self, messages: list[dict[str, str]], *, trace_steps: bool = False, owner: str | None = None
+    ) -> AsyncIterator[LlmDelta]:
         from voice_agent.llm import LlmError
 
         self.requests.append(messages)
+        self.owners.append(owner)
+        self.open += 1
         finished = False
         try:
             if self.hold:
@@ -150,6 +163,7 @@ class FakeLLM:
             self.completed += 1
             yield LlmDelta(text="", finished=True, finish_reason="eos", steps=(tokens + 1) // 2, tokens=tokens)
         finally:
+            self.open -= 1
             if not finished:
                 self.aborted += 1
 
@@ -185,6 +199,9 @@ class FakeServices:
         self.synthesized.append(text)
         # 50 ms per word, quiet enough not to count as speech if echoed
         return np.full(len(text.split()) * self.tts_rate // 20, 0.05, np.float32), self.tts_rate
+
+    def work(self) -> dict[str, int]:
+        return {"llm_streams": self.llm.open}
 
     def make_endpointer(self, end_silence_ms: int | None = None) -> FakeEndpointer:
         return FakeEndpointer(self.end_silence_ms if end_silence_ms is None else end_silence_ms)

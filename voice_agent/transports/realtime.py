@@ -4,8 +4,8 @@ Contract (docs/protocol.md has the full list and example exchanges):
 - `RealtimeProtocol.start()` returns the `session.created` message.
 - `feed(message)` takes one WebSocket message and returns the input events it carries. Anything
   wrong with a message (not JSON, not an object, unknown `type`, a field of the wrong type, an
-  oversized message, bad base64, an unknown item) queues an `error` event for `take_outgoing()`
-  and the call continues. Acknowledgements (`session.updated`, `input_audio_buffer.cleared`,
+  oversized message, bad base64, an unknown item, instructions or a message text over its limit:
+  `string_above_max_length`) queues an `error` event for `take_outgoing()` and the call continues. Acknowledgements (`session.updated`, `input_audio_buffer.cleared`,
   `conversation.item.added` for typed text, `conversation.item.truncated`) are queued the same way.
 - `encode(event)` turns one session output event into messages. Audio deltas carry about
   `delta_ms` of audio each. The vendor events `voice_agent.metrics` (on unless the client turns it
@@ -160,6 +160,8 @@ class RealtimeProtocol:
         sample_rate_hz: int = 24000,
         # Limits
         max_message_bytes: int = 1_048_576,
+        max_instructions_chars: int = 8000,
+        max_item_chars: int = 4000,
         delta_ms: int = 100,
     ) -> None:
         self.settings = RealtimeSettings(
@@ -172,6 +174,8 @@ class RealtimeProtocol:
         self.session_id = "sess_" + uuid.uuid4().hex[:20]
         self._prefix = uuid.uuid4().hex[:8]
         self._max_message_bytes = max_message_bytes
+        self._max_instructions_chars = max_instructions_chars
+        self._max_item_chars = max_item_chars
         self._delta_ms = delta_ms
         self._outgoing: list[str] = []
         self._event_counter = 0
@@ -295,6 +299,9 @@ class RealtimeProtocol:
         s = self.settings
         # Validate everything before changing anything.
         instructions = _get(session, "instructions", str, "session.instructions")
+        if instructions is not None and len(instructions) > self._max_instructions_chars:
+            raise _BadEvent(f"instructions of {len(instructions)} characters exceed the limit of {self._max_instructions_chars}",
+                            code="string_above_max_length", param="session.instructions")
         modalities = _get(session, "output_modalities", list, "session.output_modalities")
         if modalities is None:
             modalities = _get(session, "modalities", list, "session.modalities")  # beta name
@@ -399,6 +406,9 @@ class RealtimeProtocol:
         text = " ".join(t.strip() for t in texts if t.strip())
         if not text:
             raise _BadEvent("the message has no text", param="item.content")
+        if len(text) > self._max_item_chars:
+            raise _BadEvent(f"a message of {len(text)} characters exceeds the limit of {self._max_item_chars}",
+                            code="string_above_max_length", param="item.content")
         item_id = item.get("id") if isinstance(item.get("id"), str) else f"item_{self._prefix}_{uuid.uuid4().hex[:8]}"
         full = {
             "id": item_id,
