@@ -41,7 +41,7 @@ Cache modes (`cache=`):
 
 Prefill (exact cache). `add()` only writes the canvas; the prompt's K/V (up to the first block)
 are written by the next steps. Each step first runs one batched prefill forward over the rows
-still prefilling (admission order), then the denoising forward of the rows ready to decode, so
+still prefilling (least prompt left first), then the denoising forward of the rows ready to decode, so
 prompts admitted together are prefilled together and running rows are never starved: a long
 prompt goes in chunks (`prefill_chunk_tokens` per row, rounded down to whole blocks, so a chunk
 never ends inside a block its queries may see) and one step prefills at most
@@ -248,7 +248,7 @@ ModelFn = Callable[..., Tensor]
 class BlockDecoder:
     def __init__(self, model: Transformer, spec: DiffusionSpec, *, max_batch_size: int,
                  max_seq_len: int, cache: str = "auto", compile_mode: str | None = None,
-                 prefill_chunk_tokens: int = 256, prefill_budget_tokens: int = 1024) -> None:
+                 prefill_chunk_tokens: int = 256, prefill_budget_tokens: int = 256) -> None:
         """compile_mode: None (eager) or one of COMPILE_MODES for the denoising forward.
         prefill_chunk_tokens: most prompt tokens one row prefills per step (rounded down to whole
         blocks, at least one); prefill_budget_tokens: most prompt tokens prefilled per step over
@@ -465,12 +465,13 @@ class BlockDecoder:
 
     # -- the step ------------------------------------------------------------------------------
     def _prefill_entries(self) -> list[_Entry]:
-        """This step's prefill chunks: rows still prefilling, in admission order, within the budget."""
+        """This step's prefill chunks within the budget: rows still prefilling, the one with the
+        least prompt left first (a short voice prompt is not held behind a long one; ties in
+        admission order)."""
         entries: list[_Entry] = []
         budget = self.prefill_budget_tokens
-        for row in self.rows.values():
-            if row.prefill_upto >= row.prefill_end:
-                continue
+        waiting = [row for row in self.rows.values() if row.prefill_upto < row.prefill_end]
+        for row in sorted(waiting, key=lambda r: r.prefill_end - r.prefill_upto):
             bs = row.settings.block_size
             chunk = max(self.prefill_chunk_tokens // bs, 1) * bs  # whole blocks (block-causal keys)
             length = min(chunk, row.prefill_end - row.prefill_upto)

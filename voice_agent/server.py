@@ -316,6 +316,7 @@ class VoiceServer:
         loop = asyncio.get_running_loop()
         start_deadline = loop.time() + server.start_timeout_s if route == "twilio" else None
         protocol_errors = 0
+        closed = asyncio.ensure_future(ws.wait_closed())  # done once the connection is gone
         try:
             for message in framing.start():
                 await self._send(ws, message)
@@ -340,22 +341,31 @@ class VoiceServer:
                         self.store.call_info(call_id, info)
                         log.info("call %s: Twilio call %s, parameters %s", call_id, event.call_sid, sorted(event.parameters))
                     try:
-                        await session.handle(event)
+                        await session.handle(event)  # returns at once: heavy work goes to tasks
                     except Exception as e:  # a bug in handling one message must not end the call
                         log.exception("call %s: failed to apply %s", call_id, type(event).__name__)
                         self.metrics.error("session")
                         session.outbox.put_urgent(ErrorEvent(t=time.monotonic(), code="server_error", message=f"{type(e).__name__}: {e}"))
-                # Backpressure: stop reading while the client leaves its answers unread.
-                try:
-                    async with asyncio.timeout(server.send_timeout_s):
-                        await session.outbox.wait_backlog(server.max_queued_messages)
-                except TimeoutError:
-                    raise _ClientNotReading from None
+                # Backpressure: stop reading while the client leaves its answers unread. A
+                # connection that closes meanwhile (the writer ends) ends the call at once: its
+                # work must not wait for send_timeout_s.
+                if session.outbox.backlog() > server.max_queued_messages:
+                    drained = asyncio.ensure_future(session.outbox.wait_backlog(server.max_queued_messages))
+                    try:
+                        done, _ = await asyncio.wait({drained, closed, writer}, timeout=server.send_timeout_s,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        drained.cancel()
+                    if drained not in done:
+                        if done:
+                            break  # the connection closed or the writer ended
+                        raise _ClientNotReading
         except ConnectionClosed:
             pass
         except _ClientNotReading:
             await self._not_reading(ws, call_id)
         finally:
+            closed.cancel()
             await session.close()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, _ClientNotReading):

@@ -449,6 +449,8 @@ class Session:
         self._speculation: _Speculation | None = None
         self._spec_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None  # the newest manual commit's transcription
+        self._response_waiting = False  # a CreateResponse waits for a commit's transcript
         self._partial_at_s = 0.0  # stream time the last partial finished (inf: no more this turn)
         self._asr = TranscriptStream(services.transcribe)
         # Audio in: drop-oldest inbox, processed by one task.
@@ -834,6 +836,9 @@ class Session:
         if not self._manual_audio:
             await self._error("input_audio_buffer_commit_empty", "the input audio buffer is empty")
             return
+        if not self._item_rate.allow():  # a commit makes a conversation item
+            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)")
+            return
         audio = np.concatenate(list(self._manual_audio))
         self._manual_audio.clear()
         self._manual_s = 0.0
@@ -843,6 +848,13 @@ class Session:
         turn.speculative = "off"
         turn.t_speech_end = self._clock()
         await self.outbox.put(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(self._stream_s * 1000)))
+        # Transcribed in a task, after the call's earlier commits: `handle` returns at once, so
+        # the transport keeps reading (a hang-up is seen at once); see `_on_create_response`.
+        self._commit_task = self._spawn(self._commit(turn, audio, event.respond, self._commit_task), f"commit-{turn.record.turn_id}")
+
+    async def _commit(self, turn: _Turn, audio: np.ndarray, respond: bool, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})  # the call's items stay in the order of the commits
         text = await self._transcribe_final(turn, audio, streamed=False)
         if text is None:
             return
@@ -851,21 +863,45 @@ class Session:
         await self.outbox.put(TranscriptFinal(turn_id=turn.record.turn_id, t=self._clock(), text=text))
         if text.strip():
             self._add_history(turn.record.turn_id, "user", text)
-        if event.respond and text.strip():
+        if respond and text.strip():
+            if self._reply_turn is not None:
+                await self._interrupt("speech")
             self._start_reply(turn)
         else:
             self._finish(turn, "no_reply")
 
     async def _on_create_response(self, event: CreateResponse) -> None:
-        if self._reply_turn is not None:
+        if self._reply_turn is not None or self._response_waiting:
             await self._error("conversation_already_has_active_response", "a reply is already in progress")
             return
-        if not any(m["role"] == "user" for _, m in self.history):
+        commit = self._commit_task
+        committing = commit is not None and not commit.done()
+        if not committing and not any(m["role"] == "user" for _, m in self.history):
             await self._error("no_user_input", "there is nothing to reply to yet")
             return
         if not self._response_rate.allow():
             await self._error("rate_limit_exceeded", f"more than {self.config.max_responses_per_minute} responses a minute (agent.max_responses_per_minute)")
             return
+        if committing:
+            # Committed audio is still being transcribed: the reply starts once it is in the history.
+            self._response_waiting = True
+            self._spawn(self._create_response_after(commit), "response-after-commit")
+            return
+        self._create_response()
+
+    async def _create_response_after(self, commit: asyncio.Task[None]) -> None:
+        try:
+            await asyncio.wait({commit})
+        finally:
+            self._response_waiting = False
+        if self._reply_turn is not None:  # e.g. the caller spoke meanwhile (server VAD)
+            await self._error("conversation_already_has_active_response", "a reply is already in progress")
+        elif not any(m["role"] == "user" for _, m in self.history):
+            await self._error("no_user_input", "there is nothing to reply to yet")
+        else:
+            self._create_response()
+
+    def _create_response(self) -> None:
         turn = self._new_turn("response")
         turn.t_speech_end = self._clock()
         self._start_reply(turn)
