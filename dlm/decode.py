@@ -45,7 +45,11 @@ still prefilling (least prompt left first), then the denoising forward of the ro
 prompts admitted together are prefilled together and running rows are never starved: a long
 prompt goes in chunks (`prefill_chunk_tokens` per row, rounded down to whole blocks, so a chunk
 never ends inside a block its queries may see) and one step prefills at most
-`prefill_budget_tokens` prompt tokens (always at least one chunk). A row whose prefill completes
+`prefill_budget_tokens` prompt tokens (always at least one chunk), so an abort or a new request
+waits at most one such step. While other rows decode, the chunks of long prompts (more than one
+chunk left) take at most `long_prefill_share` of the wall time: after one, they wait twice its
+time (at 1/3), and the decoding rows step on meanwhile. A prompt that fits one chunk (a voice
+turn, or the new tail of a call's prompt after prefix reuse) is never held back. A row whose prefill completes
 at a step decodes in the same step. The prefill is a forward of its own, eager, with finer
 buckets than the denoising forward (batch: exact; window: powers of two up to 8, then multiples
 of 8 up to the chunk size): no compiled graph depends on them, and on a compute-bound CPU every
@@ -87,6 +91,7 @@ prefill forward stays eager.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -248,15 +253,21 @@ ModelFn = Callable[..., Tensor]
 class BlockDecoder:
     def __init__(self, model: Transformer, spec: DiffusionSpec, *, max_batch_size: int,
                  max_seq_len: int, cache: str = "auto", compile_mode: str | None = None,
-                 prefill_chunk_tokens: int = 256, prefill_budget_tokens: int = 256) -> None:
+                 prefill_chunk_tokens: int = 256, prefill_budget_tokens: int = 256,
+                 long_prefill_share: float = 1 / 3) -> None:
         """compile_mode: None (eager) or one of COMPILE_MODES for the denoising forward.
         prefill_chunk_tokens: most prompt tokens one row prefills per step (rounded down to whole
         blocks, at least one); prefill_budget_tokens: most prompt tokens prefilled per step over
-        all rows (at least one chunk). See "Prefill"."""
+        all rows (at least one chunk); long_prefill_share: most of the wall time that chunks of
+        long prompts (more than one chunk left) take while other rows decode. See "Prefill"."""
         if prefill_chunk_tokens < 1 or prefill_budget_tokens < 1:
             raise ValueError("prefill_chunk_tokens and prefill_budget_tokens must be >= 1")
+        if not 0.0 < long_prefill_share <= 1.0:
+            raise ValueError("long_prefill_share must lie in (0, 1]")
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_budget_tokens = prefill_budget_tokens
+        self.long_prefill_share = long_prefill_share
+        self._long_prefill_resume_s = 0.0  # time.monotonic() from which a long prompt's chunk may run again
         self.model = model
         self.spec = spec
         self.attention = spec.attention
@@ -471,10 +482,13 @@ class BlockDecoder:
         entries: list[_Entry] = []
         budget = self.prefill_budget_tokens
         waiting = [row for row in self.rows.values() if row.prefill_upto < row.prefill_end]
+        decoding = len(waiting) < len(self.rows)
         for row in sorted(waiting, key=lambda r: r.prefill_end - r.prefill_upto):
             bs = row.settings.block_size
             chunk = max(self.prefill_chunk_tokens // bs, 1) * bs  # whole blocks (block-causal keys)
             length = min(chunk, row.prefill_end - row.prefill_upto)
+            if decoding and row.prefill_end - row.prefill_upto > chunk and time.monotonic() < self._long_prefill_resume_s:
+                continue  # a long prompt's turn comes later: the decoding rows go on meanwhile
             if entries and length > budget:
                 break
             entries.append(_Entry(row, row.prefill_upto, length, "prefill"))
@@ -487,6 +501,8 @@ class BlockDecoder:
         Raises PrefillError (after removing its rows) where the prefill forward fails."""
         prefill = self._prefill_entries()
         if prefill:
+            long = any(e.row.prefill_end - e.start > e.length for e in prefill) and len(self.rows) > len(prefill)
+            started_s = time.monotonic()
             try:
                 self._forward(prefill, self.model, eager_prefill=True)  # prompt chunks come in many shapes
             except Exception as e:
@@ -496,6 +512,9 @@ class BlockDecoder:
                 raise PrefillError(slots, e) from e
             for entry in prefill:
                 entry.row.prefill_upto = entry.start + entry.length
+            if long:  # while other rows decode, long prompts take at most long_prefill_share of the time
+                took_s = time.monotonic() - started_s
+                self._long_prefill_resume_s = time.monotonic() + took_s * (1 / self.long_prefill_share - 1)
         rows = [row for row in self.rows.values() if row.prefill_upto >= row.prefill_end]
         if not rows:
             return []

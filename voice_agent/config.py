@@ -162,22 +162,27 @@ class AgentConfig:
     # for a client-committed turn when server VAD is off.
     max_inbox_audio_s: float = 2.0
     max_manual_audio_s: float = 60.0
-    # Per-call limits against clients that flood a call (docs/reliability.md). Instructions and
-    # one conversation item are refused beyond these lengths (error `string_above_max_length`);
+    # Per-call limits against clients that flood a call (docs/reliability.md). Instructions
+    # (counted with the LLM's tokenizer) and one conversation item are refused beyond these
+    # lengths (error `string_above_max_length`);
     # the history keeps the newest `max_items` messages (the LLM sees at most `history_tokens`
     # of them); `response.create` and new conversation items beyond these rates are refused
     # (error `rate_limit_exceeded`; a burst of a sixth of the per-minute figure is allowed).
-    max_instructions_chars: int = 8000
+    max_instructions_tokens: int = 1024
     max_item_chars: int = 4000
     max_items: int = 512
-    max_responses_per_minute: int = 60
-    max_items_per_minute: int = 120
+    max_responses_per_minute: int = 30
+    max_items_per_minute: int = 60
+    # Caller audio faster than this many times real time, after a burst of max_audio_burst_s
+    # (a client may send a recorded utterance at once), is dropped.
+    max_audio_speed: float = 2.0
+    max_audio_burst_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("history_tokens", "max_instructions_chars", "max_item_chars", "max_items",
-                     "max_responses_per_minute", "max_items_per_minute"):
+        for name in ("history_tokens", "max_instructions_tokens", "max_item_chars", "max_items",
+                     "max_responses_per_minute", "max_items_per_minute", "max_audio_speed", "max_audio_burst_s"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"agent.{name} must be at least 1")
+                raise ConfigError(f"agent.{name} must be at least 1")  # a speed below 1 would drop a talking caller
 
 
 @dataclass

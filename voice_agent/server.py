@@ -295,7 +295,8 @@ class VoiceServer:
                 models=self.model_names,
                 sample_rate_hz=self.config.agent.sample_rate_hz,
                 max_message_bytes=server.max_message_bytes,
-                max_instructions_chars=self.config.agent.max_instructions_chars,
+                max_instructions_tokens=self.config.agent.max_instructions_tokens,
+                count_tokens=self.services.llm.count_tokens,
                 max_item_chars=self.config.agent.max_item_chars,
             )
         else:

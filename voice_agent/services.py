@@ -13,6 +13,10 @@ Contract:
   request leaves the queue; a model call already in its thread runs to its end (the model stays
   taken until then) and its result is discarded. `asr_decode_s`: a moving average of the
   model's decode time (0.0 before the first), for the speculative start's decision.
+- TTS requests queue in a first-come gate of their own on the event loop, for the same reason: a
+  request cancelled while it waits (a barge-in, a hang-up) leaves the queue at once instead of
+  holding a worker thread until the voice is free. Each call synthesizes one sentence at a time,
+  so the calls take turns.
 - `work()` says what the shared models are doing now (LLM rows and queue from the client's
   `load()`, ASR decodes running and waiting, TTS syntheses running or waiting for the voice), for
   /metrics, /healthz and the tests that check no work outlives its call.
@@ -51,7 +55,8 @@ class ModelServices:
         self._asr_gate = PriorityGate()  # the order of ASR requests (event loop)
         self._asr_lock = threading.Lock()  # the model itself, whoever calls it
         self.asr_decode_s = 0.0
-        self._tts_lock = threading.Lock()
+        self._tts_gate = PriorityGate()  # the order of TTS requests (event loop)
+        self._tts_lock = threading.Lock()  # the voice itself, whoever calls it
         self._tts_jobs = 0  # syntheses in a thread: running or waiting for the voice
         self._tts_jobs_lock = threading.Lock()
 
@@ -100,7 +105,7 @@ class ModelServices:
             "llm_owners": len(load.owners) if load is not None else 0,
             "asr_running": int(self._asr_lock.locked()),
             "asr_waiting": self._asr_gate.waiting(),
-            "tts_jobs": self._tts_jobs,
+            "tts_jobs": self._tts_jobs + self._tts_gate.waiting(),
         }
 
     async def transcribe(
@@ -110,21 +115,28 @@ class ModelServices:
         priority: AsrPriority = AsrPriority.FINAL,
         on_start: Callable[[], None] | None = None,
     ) -> str:
-        await self._asr_gate.acquire(priority)
+        return await self._in_thread(self._asr_gate, self._transcribe_blocking, audio_16k, priority, on_start)
+
+    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        """Cancelling it is safe: a queued request leaves the queue; one already in its thread runs
+        to its end and its result is discarded."""
+        samples = await self._in_thread(self._tts_gate, self._synthesize_blocking, text)
+        return samples, self._synthesizer.sample_rate_hz
+
+    async def _in_thread(self, gate: PriorityGate, fn: Callable[[Any], Any], arg: Any, priority: int = 0,
+                         on_start: Callable[[], None] | None = None) -> Any:
+        """`fn(arg)` in a worker thread once `gate` lets it through; the gate is released when the
+        thread is done, not when the awaiting task is cancelled."""
+        await gate.acquire(priority)
         try:
             if on_start is not None:
                 on_start()
-            decode = asyncio.get_running_loop().run_in_executor(None, self._transcribe_blocking, audio_16k)
+            job = asyncio.get_running_loop().run_in_executor(None, fn, arg)
         except BaseException:
-            self._asr_gate.release()
+            gate.release()
             raise
-        # The gate is released when the thread is done, not when the awaiting task is cancelled.
-        decode.add_done_callback(lambda _: self._asr_gate.release())
-        return await asyncio.shield(decode)
-
-    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        samples = await asyncio.to_thread(self._synthesize_blocking, text)
-        return samples, self._synthesizer.sample_rate_hz
+        job.add_done_callback(lambda _: gate.release())
+        return await asyncio.shield(job)
 
     def make_endpointer(self, end_silence_ms: int | None = None) -> Any:
         from audio.vad import Endpointer

@@ -41,7 +41,9 @@ Contract:
   progress is refused with `conversation_already_has_active_response`, as OpenAI's Realtime API
   does); `CreateResponse` and `UserText` beyond `agent.max_responses_per_minute` /
   `max_items_per_minute` are refused with `rate_limit_exceeded` (a token bucket holding a sixth of
-  the per-minute figure).
+  the per-minute figure); caller audio beyond `max_audio_speed` x real time (after a burst of
+  `max_audio_burst_s`) is dropped and counted in `dropped_audio_s`, so no call makes the shared
+  VAD and ASR work faster than a talking person needs.
 - No work outlives the call: every LLM request the session starts (replies, speculative starts,
   replies superseded before they began) is an `LlmRun` the session keeps until it ends; `close()`
   cancels them all and then asks the LLM client to abort whatever it still holds for this call
@@ -256,25 +258,39 @@ class Outbox:
 # LLM runs -------------------------------------------------------------------------------------
 
 
-class RateLimit:
-    """A token bucket: `per_minute` events a minute on average, bursts of a sixth of that."""
+class TokenBucket:
+    """Holds up to `capacity`, refilled at `rate_per_s` on `clock`."""
 
-    def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
-        self.capacity = max(1.0, per_minute / 6)
-        self._rate_per_s = per_minute / 60
-        self._tokens = self.capacity
+    def __init__(self, rate_per_s: float, capacity: float, clock: Callable[[], float]) -> None:
+        self.capacity = capacity
+        self._rate_per_s = rate_per_s
+        self._level = capacity
         self._clock = clock
         self._t = clock()
 
-    def allow(self) -> bool:
-        """Take one token if there is one."""
+    def take(self, amount: float) -> float:
+        """Take up to `amount`; returns how much was there."""
         now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._t) * self._rate_per_s)
+        self._level = min(self.capacity, self._level + (now - self._t) * self._rate_per_s)
         self._t = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        taken = min(amount, self._level)
+        self._level -= taken
+        return taken
+
+
+class RateLimit(TokenBucket):
+    """`per_minute` events a minute on average, bursts of a sixth of that."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
+        super().__init__(per_minute / 60, max(1.0, per_minute / 6), clock)
+
+    def allow(self) -> bool:
+        """Take one event's token if there is a whole one."""
+        taken = self.take(1.0)
+        if taken >= 1.0:
+            return True
+        self._level += taken  # not a whole token: it stays in the bucket
+        return False
 
 
 class LlmRun:
@@ -473,6 +489,8 @@ class Session:
         self._runs: set[LlmRun] = set()  # every LLM request of this call not yet ended
         self._response_rate = RateLimit(config.max_responses_per_minute, clock)
         self._item_rate = RateLimit(config.max_items_per_minute, clock)
+        self._audio_rate = TokenBucket(config.max_audio_speed, config.max_audio_burst_s, clock)
+        self._audio_rate_logged = False
         self._audio_task = self._spawn(self._audio_loop(), "audio-in")
         self.ended = False
         self._closed = False
@@ -569,8 +587,22 @@ class Session:
     # --- audio in ------------------------------------------------------------------------------
 
     def _push_audio(self, event: AudioIn) -> None:
-        """Queue caller audio. Overflow policy: past `max_inbox_audio_s` the oldest audio is dropped."""
+        """Queue caller audio. Overflow policy: audio faster than `max_audio_speed` x real time
+        beyond a burst of `max_audio_burst_s` is dropped (the newest part of a chunk is kept);
+        past `max_inbox_audio_s` queued, the oldest audio is dropped."""
         duration = len(event.samples) / event.sample_rate_hz
+        allowed_s = self._audio_rate.take(duration)
+        if allowed_s < duration:
+            keep = int(allowed_s * event.sample_rate_hz)
+            self.dropped_audio_s += duration - keep / event.sample_rate_hz
+            if not self._audio_rate_logged:
+                self._audio_rate_logged = True
+                log.warning("call %s: audio arrives faster than %.3gx real time; the excess is dropped (agent.max_audio_speed)",
+                            self.call_id, self.config.max_audio_speed)
+            if keep == 0:
+                return
+            event = AudioIn(samples=event.samples[len(event.samples) - keep :], sample_rate_hz=event.sample_rate_hz, t=event.t)
+            duration = keep / event.sample_rate_hz
         self._inbox.append(event)
         self._inbox_s += duration
         while self._inbox_s > self._max_inbox_s and self._inbox:

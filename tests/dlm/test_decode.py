@@ -258,7 +258,8 @@ def test_long_prompt_is_prefilled_in_chunks_without_starving_running_rows():
     requests = _prepared(loaded, [[3, 4], long_prompt], params)
     whole = BlockDecoder(loaded.model, loaded.spec, max_batch_size=2, max_seq_len=64)
     want, _ = _drive(whole, requests)
-    chunked = BlockDecoder(loaded.model, loaded.spec, max_batch_size=2, max_seq_len=64, prefill_chunk_tokens=10)
+    chunked = BlockDecoder(loaded.model, loaded.spec, max_batch_size=2, max_seq_len=64, prefill_chunk_tokens=10,
+                           long_prefill_share=1.0)  # no pause between a long prompt's chunks
     shapes, hook = _forward_shapes(loaded.model)
     try:
         got, updated = _drive(chunked, requests)
@@ -272,6 +273,33 @@ def test_long_prompt_is_prefilled_in_chunks_without_starving_running_rows():
     assert all(shapes[i][1] == 4 for i in (1, 3, 5, 7))
     assert [0 in slots for slots in updated[:4]] == [True] * 4  # the running row decodes at every step
     assert [1 in slots for slots in updated[:4]] == [False, False, False, True]
+
+
+def test_a_long_prompt_yields_to_decoding_rows_and_a_short_one_does_not_wait():
+    """long_prefill_share: after a chunk of a long prompt, the next long chunk waits while other
+    rows decode (here: for good, at a tiny share); a prompt of one chunk is prefilled at once."""
+    loaded = random_loaded("block_causal", seed=8, scale=3.0)
+    params = GenerationParams(max_new_tokens=8, block_size=4, threshold=0.6)
+    short, long_prompt, late = _prepared(loaded, [[3, 4], list(range(1, 30)), [5, 6, 7]], params)
+    decoder = BlockDecoder(loaded.model, loaded.spec, max_batch_size=3, max_seq_len=64, prefill_chunk_tokens=8,
+                           long_prefill_share=1e-9)
+    decoder.add(0, *short)
+    decoder.step()  # the short row prefills and decodes
+    decoder.add(1, *long_prompt)
+    decoder.step()  # one chunk of the long prompt: 8 of 28 positions
+    assert decoder.rows[1].prefill_upto == 8
+    decoder.add(2, *late)
+    decoder.step()
+    assert decoder.rows[2].prefill_upto == decoder.rows[2].prefill_end  # not held behind the long one
+    for _ in range(3):
+        decoder.step()
+    assert decoder.rows[1].prefill_upto == 8  # paused while the others decode
+    while 0 in decoder.rows or 2 in decoder.rows:
+        for update in decoder.step():
+            if update.finish_reason is not None:
+                decoder.remove(update.slot)
+    while decoder.rows[1].prefill_upto < decoder.rows[1].prefill_end:  # alone now: no pause
+        decoder.step()
 
 
 def test_a_failing_prefill_fails_only_the_requests_being_prefilled():

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
-from va_fakes import FakeClock, FakeLLM, FakeServices, drain, settle
+import numpy as np
+from va_fakes import FakeClock, FakeLLM, FakeServices, bursts, drain, settle
 
 from voice_agent.config import AgentConfig, ConfigError
-from voice_agent.events import ConfigureSession, CreateResponse, ErrorEvent, UserText
+from voice_agent.events import AudioIn, CommitAudio, ConfigureSession, CreateResponse, ErrorEvent, UserText
 from voice_agent.session import RateLimit, Session
 
 
@@ -166,3 +167,74 @@ def test_limits_must_be_positive():
         assert "agent.max_items" in str(e)
     else:
         raise AssertionError("max_items = 0 was accepted")
+
+
+class GatedAsr(FakeServices):
+    """Transcription waits until the test opens the gate (a slow or busy ASR model)."""
+
+    def __init__(self, llm: FakeLLM) -> None:
+        super().__init__(llm)
+        self.gate = asyncio.Event()
+
+    async def transcribe(self, audio_16k, *, priority=None, on_start=None):
+        await self.gate.wait()
+        return await super().transcribe(audio_16k, on_start=on_start)
+
+
+def test_a_manual_commit_does_not_hold_up_the_call_and_the_reply_follows_its_transcript():
+    """The transport's read loop never waits for a commit's transcription (a hang-up is seen at
+    once); a response.create sent right after the commit waits for the transcript instead."""
+
+    async def main():
+        llm = FakeLLM()
+        services = GatedAsr(llm)
+        session = Session(services, AgentConfig(speculative_start=False, sample_rate_hz=16_000), clock=FakeClock(), wall_clock=lambda: 1.0)
+        await session.handle(ConfigureSession(server_vad=False, audio_output=False))
+        await session.handle(AudioIn(samples=bursts(3), sample_rate_hz=16_000))
+        await settle()
+        await asyncio.wait_for(session.handle(CommitAudio()), 1.0)  # returns with the ASR still busy
+        await asyncio.wait_for(session.handle(CreateResponse()), 1.0)
+        await session.handle(CreateResponse())  # a second one while the first waits
+        await settle()
+        assert errors(session) == ["conversation_already_has_active_response"]
+        assert llm.requests == []
+        services.gate.set()
+        await settle()
+        assert llm.requests and llm.requests[0][-1] == {"role": "user", "content": "what is the"}
+        await session.close()
+
+    asyncio.run(main())
+
+
+def test_hanging_up_during_a_manual_commit_leaves_nothing_behind():
+    async def main():
+        llm = FakeLLM()
+        services = GatedAsr(llm)
+        session = Session(services, AgentConfig(speculative_start=False, sample_rate_hz=16_000), clock=FakeClock(), wall_clock=lambda: 1.0)
+        await session.handle(ConfigureSession(server_vad=False))
+        await session.handle(AudioIn(samples=bursts(2), sample_rate_hz=16_000))
+        await settle()
+        await session.handle(CommitAudio())
+        await session.handle(CreateResponse())
+        await session.close()
+        services.gate.set()
+        await settle()
+        assert llm.requests == [] and llm.open == 0
+
+    asyncio.run(main())
+
+
+def test_audio_faster_than_real_time_is_dropped_beyond_the_burst():
+    async def main():
+        session, clock = make(FakeLLM(), max_audio_speed=2.0, max_audio_burst_s=10.0, max_inbox_audio_s=100.0)
+        quiet = np.zeros(16_000, np.float32)  # 1 s
+        for _ in range(14):  # 14 s at once: 10 s of burst pass
+            await session.handle(AudioIn(samples=quiet, sample_rate_hz=16_000))
+        assert abs(session.dropped_audio_s - 4.0) < 1e-6
+        clock.t += 1.5  # 3 s more at 2x real time
+        for _ in range(4):
+            await session.handle(AudioIn(samples=quiet, sample_rate_hz=16_000))
+        assert abs(session.dropped_audio_s - 5.0) < 1e-6
+        await session.close()
+
+    asyncio.run(main())

@@ -244,8 +244,11 @@ def test_realtime_bad_messages_get_errors_and_the_call_goes_on():
 
 
 def test_audio_of_the_wrong_rate_or_length_is_handled():
+    config = make_config()
+    config.agent.max_audio_burst_s = 60.0  # the ~31 s sent here at once: the inbox bound is tested
+
     async def main():
-        async with running() as server, connect(url(server)) as ws:
+        async with running(config) as server, connect(url(server)) as ws:
             await text_session(ws)
             # Declared 8 kHz, then 48 kHz, with audio of odd sizes: resampled, never a crash.
             sent_s = 0.0
@@ -448,6 +451,32 @@ def test_client_that_disconnects_mid_reply_leaves_nothing_behind():
                 await _calls_drain(server)
             assert server.metrics.turns_total["cancelled"] == 2
             assert llm.aborted == 2
+            assert await bystander_turn(server)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_no_work_outlives_a_hostile_flood_on_both_routes(seed):
+    """The issue's hostile client (voice_agent.bench.hostile) on both routes, with an LLM that
+    never finishes a reply by itself: once the last connection is closed, every call is gone and
+    no LLM request is held within 1 s; then an honest call is answered."""
+    from voice_agent.bench.hostile import run_hostile
+
+    async def main():
+        llm = FakeLLM("Fine.", hold=True)
+        async with running(make_config(max_calls=16), FakeServices(llm)) as server:
+            report = await run_hostile(f"http://127.0.0.1:{server.port}", messages=3000, connections=6, seed=seed)
+            assert report.sent == 3000
+            assert report.errors["rate_limit_exceeded"] > 0  # the per-call limits were hit
+            assert len(llm.requests) > 0  # replies were started, and held
+            deadline = report.last_close_t + 1.0
+            while (server.sessions or llm.open) and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll of server state
+                await asyncio.sleep(0.01)
+            assert server.sessions == {} and server.metrics.calls_active == 0
+            assert llm.open == 0, f"{llm.open} LLM requests outlived their calls"
+            assert server.services.work() == {"llm_streams": 0}
+            llm.hold = False
             assert await bystander_turn(server)
 
     asyncio.run(main())

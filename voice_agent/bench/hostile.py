@@ -11,7 +11,7 @@ Contract:
 - `run_hostile(base_url, messages=..., connections=...)` sends `messages` messages in all over
   `connections` concurrent connections, split evenly between `/v1/realtime` and `/twilio`, as
   fast as the server takes them; a connection the server closes is opened again until its share is
-  sent. Each connection reads what the server sends (a client that does not read is closed by the
+  sent (or `stop` is set). Each connection reads what the server sends (a client that does not read is closed by the
   server, tested elsewhere). Returns a `HostileReport` with the monotonic time of the last close.
 - `work(base_url)`: the server's work in progress (`/healthz` "work"), and `wait_idle(base_url,
   timeout_s)`: seconds until every gauge of it is zero, polled every 20 ms (None: not within the
@@ -148,12 +148,13 @@ async def _reader(ws: Any, report: HostileReport) -> None:
                 report.errors[(event.get("error") or {}).get("code") or "?"] += 1
 
 
-async def _connection(url: str, twilio: bool, share: int, rng: random.Random, report: HostileReport, deadline: float) -> None:
+async def _connection(url: str, twilio: bool, share: int, rng: random.Random, report: HostileReport, deadline: float,
+                      stop: asyncio.Event) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
     sent = 0
-    while sent < share and time.monotonic() < deadline:
+    while sent < share and time.monotonic() < deadline and not stop.is_set():
         try:
             async with connect(url, max_size=None, open_timeout=10, close_timeout=2) as ws:
                 report.connections += 1
@@ -163,7 +164,7 @@ async def _connection(url: str, twilio: bool, share: int, rng: random.Random, re
                         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
                         await ws.send(json.dumps({"event": "start", "streamSid": "MZhostile",
                                                   "start": {"streamSid": "MZhostile", "callSid": "CAhostile", "customParameters": {}}}))
-                    while sent < share and time.monotonic() < deadline:
+                    while sent < share and time.monotonic() < deadline and not stop.is_set():
                         message = twilio_message(rng) if twilio else realtime_message(rng)
                         await asyncio.wait_for(ws.send(message), max(0.1, deadline - time.monotonic()))
                         sent += 1
@@ -183,15 +184,16 @@ async def _connection(url: str, twilio: bool, share: int, rng: random.Random, re
             report.last_close_t = max(report.last_close_t, time.monotonic())
 
 
-async def run_hostile(base_url: str, *, messages: int, connections: int, seed: int = 0, max_duration_s: float = 600.0) -> HostileReport:
-    """Flood `base_url` (see the module docstring)."""
+async def run_hostile(base_url: str, *, messages: int, connections: int, seed: int = 0, max_duration_s: float = 600.0,
+                      stop: asyncio.Event | None = None) -> HostileReport:
+    """Flood `base_url` (see the module docstring); ends early once `stop` is set."""
     ws_base = base_url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://")
     report = HostileReport()
     started = time.monotonic()
     deadline = started + max_duration_s
     shares = [messages // connections + (1 if i < messages % connections else 0) for i in range(connections)]
     await asyncio.gather(*(
-        _connection(ws_base + ROUTES[i % 2], i % 2 == 1, share, random.Random(seed * 1000 + i), report, deadline)
+        _connection(ws_base + ROUTES[i % 2], i % 2 == 1, share, random.Random(seed * 1000 + i), report, deadline, stop or asyncio.Event())
         for i, share in enumerate(shares)
     ))
     report.wall_s = time.monotonic() - started

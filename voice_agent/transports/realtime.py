@@ -4,7 +4,8 @@ Contract (docs/protocol.md has the full list and example exchanges):
 - `RealtimeProtocol.start()` returns the `session.created` message.
 - `feed(message)` takes one WebSocket message and returns the input events it carries. Anything
   wrong with a message (not JSON, not an object, unknown `type`, a field of the wrong type, an
-  oversized message, bad base64, an unknown item, instructions or a message text over its limit:
+  oversized message, bad base64, an unknown item, instructions (in the LLM's tokens) or a message
+  text over its limit:
   `string_above_max_length`) queues an `error` event for `take_outgoing()` and the call continues. Acknowledgements (`session.updated`, `input_audio_buffer.cleared`,
   `conversation.item.added` for typed text, `conversation.item.truncated`) are queued the same way.
 - `encode(event)` turns one session output event into messages. Audio deltas carry about
@@ -23,6 +24,7 @@ from __future__ import annotations
 import binascii
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +66,7 @@ from voice_agent.events import (
     TurnMetrics,
     UserText,
 )
+from voice_agent.llm import estimate_tokens
 from voice_agent.transports import OutMessage
 
 __all__ = ["SUPPORTED_CLIENT_EVENTS", "RealtimeProtocol"]
@@ -160,10 +163,12 @@ class RealtimeProtocol:
         sample_rate_hz: int = 24000,
         # Limits
         max_message_bytes: int = 1_048_576,
-        max_instructions_chars: int = 8000,
+        max_instructions_tokens: int = 1024,
         max_item_chars: int = 4000,
         delta_ms: int = 100,
+        count_tokens: Callable[[str], int] = estimate_tokens,
     ) -> None:
+        """`count_tokens`: the LLM's token count, for `max_instructions_tokens`."""
         self.settings = RealtimeSettings(
             instructions=instructions,
             model=model,
@@ -174,7 +179,8 @@ class RealtimeProtocol:
         self.session_id = "sess_" + uuid.uuid4().hex[:20]
         self._prefix = uuid.uuid4().hex[:8]
         self._max_message_bytes = max_message_bytes
-        self._max_instructions_chars = max_instructions_chars
+        self._max_instructions_tokens = max_instructions_tokens
+        self._count_tokens = count_tokens
         self._max_item_chars = max_item_chars
         self._delta_ms = delta_ms
         self._outgoing: list[str] = []
@@ -299,9 +305,12 @@ class RealtimeProtocol:
         s = self.settings
         # Validate everything before changing anything.
         instructions = _get(session, "instructions", str, "session.instructions")
-        if instructions is not None and len(instructions) > self._max_instructions_chars:
-            raise _BadEvent(f"instructions of {len(instructions)} characters exceed the limit of {self._max_instructions_chars}",
-                            code="string_above_max_length", param="session.instructions")
+        if instructions is not None and len(instructions) > self._max_instructions_tokens:  # else it fits: a token has a character
+            # Counting costs time on the event loop: far too long is refused uncounted.
+            tokens = None if len(instructions) > 16 * self._max_instructions_tokens else self._count_tokens(instructions)
+            if tokens is None or tokens > self._max_instructions_tokens:
+                raise _BadEvent(f"instructions of {tokens or 'far more than'} tokens exceed the limit of {self._max_instructions_tokens}",
+                                code="string_above_max_length", param="session.instructions")
         modalities = _get(session, "output_modalities", list, "session.output_modalities")
         if modalities is None:
             modalities = _get(session, "modalities", list, "session.modalities")  # beta name
