@@ -58,6 +58,9 @@ class ServerConfig:
     max_calls: int = 8
     max_message_bytes: int = 1_048_576
     max_queued_messages: int = 64
+    # Client messages one call may make the server process per second (bursts of as many); a
+    # faster client is read more slowly (TCP backpressure): every call shares one event loop.
+    max_messages_per_s: float = 500.0
     # Reply audio is paced in real time; the client holds at most this much not yet played.
     playback_lead_ms: int = 200
     # Timeouts
@@ -69,6 +72,10 @@ class ServerConfig:
     send_timeout_s: float = 20.0
     # On SIGTERM: replies in progress get this long to finish, then calls are closed with 1001.
     shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_messages_per_s <= 0:
+            raise ConfigError("server.max_messages_per_s must be above 0")
 
 
 @dataclass

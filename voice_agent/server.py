@@ -61,7 +61,7 @@ from voice_agent.events import (
     ResponseDone,
 )
 from voice_agent.metrics import Metrics
-from voice_agent.session import Services, Session, TurnRecord
+from voice_agent.session import Services, Session, TokenBucket, TurnRecord
 from voice_agent.store import CallStore
 from voice_agent.transports import OutMessage
 from voice_agent.transports.realtime import RealtimeProtocol
@@ -318,10 +318,14 @@ class VoiceServer:
         start_deadline = loop.time() + server.start_timeout_s if route == "twilio" else None
         protocol_errors = 0
         closed = asyncio.ensure_future(ws.wait_closed())  # done once the connection is gone
+        pacer = TokenBucket(server.max_messages_per_s, server.max_messages_per_s, time.monotonic)
         try:
             for message in framing.start():
                 await self._send(ws, message)
             while not session.ended:
+                # Every call shares the event loop: a client past max_messages_per_s is read slower.
+                if (delay_s := pacer.borrow(1.0)) > 0:
+                    await asyncio.sleep(delay_s)
                 message = await self._recv(ws, framing, start_deadline=start_deadline)
                 if message is None:
                     break

@@ -102,7 +102,7 @@ from voice_agent.events import (
 from voice_agent.llm import LlmClient, LlmDelta, LlmError
 from voice_agent.transcription import AsrPriority, TranscriptStream
 
-__all__ = ["Outbox", "Services", "Session", "State", "TurnRecord", "normalize_transcript"]
+__all__ = ["Outbox", "RateLimit", "Services", "Session", "State", "TokenBucket", "TurnRecord", "normalize_transcript"]
 
 log = logging.getLogger(__name__)
 
@@ -268,14 +268,23 @@ class TokenBucket:
         self._clock = clock
         self._t = clock()
 
-    def take(self, amount: float) -> float:
-        """Take up to `amount`; returns how much was there."""
+    def _refill(self) -> None:
         now = self._clock()
         self._level = min(self.capacity, self._level + (now - self._t) * self._rate_per_s)
         self._t = now
-        taken = min(amount, self._level)
+
+    def take(self, amount: float) -> float:
+        """Take up to `amount`; returns how much was there."""
+        self._refill()
+        taken = max(0.0, min(amount, self._level))
         self._level -= taken
         return taken
+
+    def borrow(self, amount: float) -> float:
+        """Take `amount`, into debt if need be; returns the seconds until the debt is paid."""
+        self._refill()
+        self._level -= amount
+        return max(0.0, -self._level / self._rate_per_s)
 
 
 class RateLimit(TokenBucket):

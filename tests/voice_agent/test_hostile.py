@@ -401,6 +401,7 @@ def test_client_that_never_reads_is_closed_and_memory_stays_bounded():
 
     async def main():
         config = make_config(send_timeout_s=1.0, max_queued_messages=16)
+        config.agent.max_instructions_tokens = 100_000  # the fake LLM counts words: 200 kB of "x" is one
         async with running(config) as server:
             # A small receive window and max_queue=1: the client stops reading at once. Each
             # session.update is answered with the whole session (200 kB of instructions), and

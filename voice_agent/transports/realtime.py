@@ -307,7 +307,7 @@ class RealtimeProtocol:
         instructions = _get(session, "instructions", str, "session.instructions")
         if instructions is not None and len(instructions) > self._max_instructions_tokens:  # else it fits: a token has a character
             # Counting costs time on the event loop: far too long is refused uncounted.
-            tokens = None if len(instructions) > 16 * self._max_instructions_tokens else self._count_tokens(instructions)
+            tokens = None if len(instructions) > 8 * self._max_instructions_tokens else self._count_tokens(instructions)
             if tokens is None or tokens > self._max_instructions_tokens:
                 raise _BadEvent(f"instructions of {tokens or 'far more than'} tokens exceed the limit of {self._max_instructions_tokens}",
                                 code="string_above_max_length", param="session.instructions")
