@@ -45,8 +45,10 @@ still prefilling (least prompt left first), then the denoising forward of the ro
 prompts admitted together are prefilled together and running rows are never starved: a long
 prompt goes in chunks (`prefill_chunk_tokens` per row, rounded down to whole blocks, so a chunk
 never ends inside a block its queries may see) and one step prefills at most
-`prefill_budget_tokens` prompt tokens (always at least one chunk), so an abort or a new request
-waits at most one such step. While other rows decode, the chunks of long prompts (more than one
+`prefill_budget_tokens` prompt tokens (always at least one chunk); both shrink, at the prefill
+speed measured so far, so that a prefill forward takes about `prefill_step_s` (0.4 s: a 256-token
+chunk quiet on a 2-core CPU, fewer tokens when the CPU is shared), so an abort or a new request
+waits at most about that long. While other rows decode, the chunks of long prompts (more than one
 chunk left) take at most `long_prefill_share` of the wall time: after one, they wait twice its
 time (at 1/3), and the decoding rows step on meanwhile. A prompt that fits one chunk (a voice
 turn, or the new tail of a call's prompt after prefix reuse) is never held back. A row whose prefill completes
@@ -254,12 +256,14 @@ class BlockDecoder:
     def __init__(self, model: Transformer, spec: DiffusionSpec, *, max_batch_size: int,
                  max_seq_len: int, cache: str = "auto", compile_mode: str | None = None,
                  prefill_chunk_tokens: int = 256, prefill_budget_tokens: int = 256,
-                 long_prefill_share: float = 1 / 3) -> None:
+                 long_prefill_share: float = 1 / 3, prefill_step_s: float | None = 0.4) -> None:
         """compile_mode: None (eager) or one of COMPILE_MODES for the denoising forward.
         prefill_chunk_tokens: most prompt tokens one row prefills per step (rounded down to whole
         blocks, at least one); prefill_budget_tokens: most prompt tokens prefilled per step over
         all rows (at least one chunk); long_prefill_share: most of the wall time that chunks of
-        long prompts (more than one chunk left) take while other rows decode. See "Prefill"."""
+        long prompts (more than one chunk left) take while other rows decode; prefill_step_s:
+        chunks and budget shrink so that a prefill forward takes about this long at the prefill
+        speed measured so far (None: fixed sizes). See "Prefill"."""
         if prefill_chunk_tokens < 1 or prefill_budget_tokens < 1:
             raise ValueError("prefill_chunk_tokens and prefill_budget_tokens must be >= 1")
         if not 0.0 < long_prefill_share <= 1.0:
@@ -267,6 +271,8 @@ class BlockDecoder:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_budget_tokens = prefill_budget_tokens
         self.long_prefill_share = long_prefill_share
+        self.prefill_step_s = prefill_step_s
+        self._prefill_tokens_per_s: float | None = None  # moving average of the prefill forwards
         self._long_prefill_resume_s = 0.0  # time.monotonic() from which a long prompt's chunk may run again
         self.model = model
         self.spec = spec
@@ -480,12 +486,15 @@ class BlockDecoder:
         least prompt left first (a short voice prompt is not held behind a long one; ties in
         admission order)."""
         entries: list[_Entry] = []
-        budget = self.prefill_budget_tokens
+        limit = self.prefill_chunk_tokens
+        if self.prefill_step_s is not None and self._prefill_tokens_per_s is not None:
+            limit = max(1, min(limit, int(self._prefill_tokens_per_s * self.prefill_step_s)))
+        budget = min(self.prefill_budget_tokens, limit)
         waiting = [row for row in self.rows.values() if row.prefill_upto < row.prefill_end]
         decoding = len(waiting) < len(self.rows)
         for row in sorted(waiting, key=lambda r: r.prefill_end - r.prefill_upto):
             bs = row.settings.block_size
-            chunk = max(self.prefill_chunk_tokens // bs, 1) * bs  # whole blocks (block-causal keys)
+            chunk = max(limit // bs, 1) * bs  # whole blocks (block-causal keys)
             length = min(chunk, row.prefill_end - row.prefill_upto)
             if decoding and row.prefill_end - row.prefill_upto > chunk and time.monotonic() < self._long_prefill_resume_s:
                 continue  # a long prompt's turn comes later: the decoding rows go on meanwhile
@@ -512,8 +521,10 @@ class BlockDecoder:
                 raise PrefillError(slots, e) from e
             for entry in prefill:
                 entry.row.prefill_upto = entry.start + entry.length
+            took_s = time.monotonic() - started_s
+            rate = sum(e.length for e in prefill) / max(took_s, 1e-6)
+            self._prefill_tokens_per_s = rate if self._prefill_tokens_per_s is None else 0.7 * self._prefill_tokens_per_s + 0.3 * rate
             if long:  # while other rows decode, long prompts take at most long_prefill_share of the time
-                took_s = time.monotonic() - started_s
                 self._long_prefill_resume_s = time.monotonic() + took_s * (1 / self.long_prefill_share - 1)
         rows = [row for row in self.rows.values() if row.prefill_upto >= row.prefill_end]
         if not rows:

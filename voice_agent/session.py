@@ -219,8 +219,9 @@ class Outbox:
         return before - len(self._items)
 
     def put_nowait(self, event: Event) -> None:
-        """Queue a small kept event in order, past the bound if need be (one per turn at most:
-        a reply's end and its metrics must neither wait nor jump ahead of the reply)."""
+        """Queue a small kept event in order, past the bound if need be (a few per turn at most:
+        a turn's end of speech, a reply's end and its metrics must neither wait nor jump ahead of
+        what came before; and the transport's read path must never wait on the writer)."""
         if not self._closed:
             self._items.append(event)
             self._changed.set()
@@ -507,7 +508,8 @@ class Session:
     # --- public API ----------------------------------------------------------------------------
 
     async def handle(self, event: InputEvent) -> None:
-        """Apply one input event. Returns quickly: heavy work goes to tasks."""
+        """Apply one input event. Returns at once: it never waits for a model or for the writer
+        (the transport goes on reading, so a hang-up is seen at once); heavy work goes to tasks."""
         match event:
             case AudioIn():
                 self._push_audio(event)
@@ -715,7 +717,9 @@ class Session:
         turn.t_speech_end = self._stream_time_to_clock(end_s)
         if self._partial_task is not None:
             self._partial_task.cancel()  # a queued partial never starts; a running one is reused
-        await self.outbox.put(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(end_s * 1000)))
+        # Never waits (see Outbox.put_nowait): this runs on the transport's read path too (a
+        # commit), which must go on reading while the writer paces a long reply.
+        self.outbox.put_nowait(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(end_s * 1000)))
         self.state = State.THINKING
         self._reply_turn = turn
         turn.reply_task = self._spawn(self._finalize_speech(turn, audio), f"turn-{turn.record.turn_id}")
@@ -888,7 +892,7 @@ class Session:
         turn = self._new_turn("speech")
         turn.speculative = "off"
         turn.t_speech_end = self._clock()
-        await self.outbox.put(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(self._stream_s * 1000)))
+        self.outbox.put_nowait(SpeechStopped(turn_id=turn.record.turn_id, t=self._clock(), audio_end_ms=int(self._stream_s * 1000)))
         # Transcribed in a task, after the call's earlier commits: `handle` returns at once, so
         # the transport keeps reading (a hang-up is seen at once); see `_on_create_response`.
         self._commit_task = self._spawn(self._commit(turn, audio, event.respond, self._commit_task), f"commit-{turn.record.turn_id}")

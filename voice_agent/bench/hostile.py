@@ -11,7 +11,8 @@ Contract:
 - `run_hostile(base_url, messages=..., connections=...)` sends `messages` messages in all over
   `connections` concurrent connections, split evenly between `/v1/realtime` and `/twilio`, as
   fast as the server takes them; a connection the server closes is opened again until its share is
-  sent (or `stop` is set). Each connection reads what the server sends (a client that does not read is closed by the
+  sent (or `stop` is set), then hung up (a close frame, and the TCP connection cut if the server
+  has not answered it within 2 s). Each connection reads what the server sends (a client that does not read is closed by the
   server, tested elsewhere). Returns a `HostileReport` with the monotonic time of the last close.
 - `work(base_url)`: the server's work in progress (`/healthz` "work"), and `wait_idle(base_url,
   timeout_s)`: seconds until every gauge of it is zero, polled every 20 ms (None: not within the
@@ -175,6 +176,10 @@ async def _connection(url: str, twilio: bool, share: int, rng: random.Random, re
                     reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await reader
+                    # Hang up for real: a graceful close that the server, busy with this client's
+                    # backlog, cannot answer within close_timeout leaves websockets' transport
+                    # waiting to flush; the measure starts once no socket is left.
+                    ws.transport.abort()
         except ConnectionClosed as e:
             report.closes[f"{e.rcvd.code if e.rcvd else 'none'} {e.rcvd.reason if e.rcvd else ''}".strip()] += 1
         except (InvalidStatus, OSError, TimeoutError) as e:
