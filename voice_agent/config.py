@@ -171,10 +171,10 @@ class AgentConfig:
     max_manual_audio_s: float = 60.0
     # Per-call limits against clients that flood a call (docs/reliability.md). Instructions
     # (counted with the LLM's tokenizer) and one conversation item are refused beyond these
-    # lengths (error `string_above_max_length`);
-    # the history keeps the newest `max_items` messages (the LLM sees at most `history_tokens`
-    # of them); `response.create` and new conversation items beyond these rates are refused
-    # (error `rate_limit_exceeded`; a burst of a sixth of the per-minute figure is allowed).
+    # lengths (error `string_above_max_length`); the history keeps the newest `max_items`
+    # messages (the LLM sees at most `history_tokens` of them); `response.create` and new
+    # conversation items beyond these rates are refused (error `rate_limit_exceeded`; a burst
+    # of a sixth of the per-minute figure is allowed).
     max_instructions_tokens: int = 1024
     max_item_chars: int = 4000
     max_items: int = 512
