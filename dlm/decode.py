@@ -46,8 +46,8 @@ prompts admitted together are prefilled together and running rows are never star
 prompt goes in chunks (`prefill_chunk_tokens` per row, rounded down to whole blocks, so a chunk
 never ends inside a block its queries may see) and one step prefills at most
 `prefill_budget_tokens` prompt tokens (always at least one chunk); both shrink, at the prefill
-speed measured so far, so that a prefill forward takes about `prefill_step_s` (0.4 s: a 256-token
-chunk quiet on a 2-core CPU, fewer tokens when the CPU is shared), so an abort or a new request
+speed measured so far, so that a prefill forward takes about `prefill_step_s` (0.3 s: about 140
+prompt tokens on a quiet 2-core CPU, fewer when the CPU is shared), so an abort or a new request
 waits at most about that long. While other rows decode, the chunks of long prompts (more than one
 chunk left) take at most `long_prefill_share` of the wall time: after one, they wait twice its
 time (at 1/3), and the decoding rows step on meanwhile. A prompt that fits one chunk (a voice
@@ -256,7 +256,7 @@ class BlockDecoder:
     def __init__(self, model: Transformer, spec: DiffusionSpec, *, max_batch_size: int,
                  max_seq_len: int, cache: str = "auto", compile_mode: str | None = None,
                  prefill_chunk_tokens: int = 256, prefill_budget_tokens: int = 256,
-                 long_prefill_share: float = 1 / 3, prefill_step_s: float | None = 0.4) -> None:
+                 long_prefill_share: float = 1 / 3, prefill_step_s: float | None = 0.3) -> None:
         """compile_mode: None (eager) or one of COMPILE_MODES for the denoising forward.
         prefill_chunk_tokens: most prompt tokens one row prefills per step (rounded down to whole
         blocks, at least one); prefill_budget_tokens: most prompt tokens prefilled per step over

@@ -210,12 +210,17 @@ def work(base_url: str) -> dict[str, int]:
     return dict(check_url(base_url, timeout_s=5.0).get("work") or {})
 
 
-def wait_idle(base_url: str, timeout_s: float, since: float | None = None) -> float | None:
-    """Seconds from `since` (default: now) until every work gauge is zero; None past the timeout."""
+def wait_idle(base_url: str, timeout_s: float, since: float | None = None,
+              trace: list[tuple[float, dict[str, int]]] | None = None) -> float | None:
+    """Seconds from `since` (default: now) until every work gauge is zero; None past the timeout.
+    `trace` (if given) gets each poll's (seconds since `since`, work) where something changed."""
     since = time.monotonic() if since is None else since
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not any(work(base_url).values()):
+        now = work(base_url)
+        if trace is not None and (not trace or trace[-1][1] != now):
+            trace.append((round(time.monotonic() - since, 3), now))
+        if not any(now.values()):
             return time.monotonic() - since
         time.sleep(0.02)
     return None
