@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from voice_agent.bench import hostile, servers
-from voice_agent.commands.bench_hostile import _proc
+from voice_agent.commands.bench_hostile import process_usage
 from voice_agent.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ async def text_turn(base_url: str, text: str) -> tuple[float, str, str]:
 def test_server_is_idle_within_a_second_of_the_last_hostile_close(server):
     before = [asyncio.run(text_turn(server.url, "What is the capital of France?")) for _ in range(2)]  # also warms up
     assert all(status == "completed" for _, status, _ in before)
-    _, rss_start_mb = _proc(server.process.pid)
+    _, rss_start_mb = process_usage(server.process.pid)
     report = asyncio.run(hostile.run_hostile(server.url, messages=3000, connections=6, seed=11))
     trace: list = []
     idle_s = hostile.wait_idle(server.url, 30.0, since=report.last_close_t, trace=trace)
@@ -70,9 +70,9 @@ def test_server_is_idle_within_a_second_of_the_last_hostile_close(server):
     assert idle_s is not None and idle_s <= IDLE_BAR_S, f"idle {idle_s} s after the last close; work on the way: {trace}"
     health = servers.check_url(server.url)
     assert health["calls_active"] == 0, health
-    cpu0, _ = _proc(server.process.pid)
+    cpu0, _ = process_usage(server.process.pid)
     time.sleep(1.0)
-    cpu1, rss_mb = _proc(server.process.pid)
+    cpu1, rss_mb = process_usage(server.process.pid)
     assert cpu1 - cpu0 <= 0.05, f"{cpu1 - cpu0:.2f} CPU seconds in 1 s with no call"
     assert rss_mb - rss_start_mb <= 100, f"resident memory {rss_start_mb:.0f} -> {rss_mb:.0f} MB"
     # An honest caller afterwards is answered as fast as before the flood.

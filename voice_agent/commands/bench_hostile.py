@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="hostile", help="file name stem of the outputs (default: hostile)")
 
 
-def _proc(pid: int) -> tuple[float, float]:
+def process_usage(pid: int) -> tuple[float, float]:
     """CPU seconds (user + system) and resident MB of process `pid`."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -110,16 +110,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
         print("warm-up call ...", file=sys.stderr, flush=True)
         honest("warm-up")
-        _, rss_start_mb = _proc(pid)
+        _, rss_start_mb = process_usage(pid)
         print("solo: the honest caller alone ...", file=sys.stderr, flush=True)
         solo = honest("solo")
         for i in range(args.rounds):
             print(f"flood {i + 1}/{args.rounds}: {args.messages} messages over {args.connections} connections ...", file=sys.stderr, flush=True)
             report = asyncio.run(hostile.run_hostile(server.url, messages=args.messages, connections=args.connections, seed=args.seed + i))
             idle_s = hostile.wait_idle(server.url, 60.0, since=report.last_close_t)
-            cpu0, _ = _proc(pid)
+            cpu0, _ = process_usage(pid)
             time.sleep(args.quiet_s)
-            cpu1, rss_mb = _proc(pid)
+            cpu1, rss_mb = process_usage(pid)
             rounds.append({
                 "sent": report.sent, "connections_opened": report.connections, "wall_s": round(report.wall_s, 2),
                 "idle_after_close_s": None if idle_s is None else round(idle_s, 3),
