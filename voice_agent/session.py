@@ -296,11 +296,11 @@ class RateLimit(TokenBucket):
 
     def allow(self) -> bool:
         """Take one event's token if there is a whole one."""
-        taken = self.take(1.0)
-        if taken >= 1.0:
-            return True
-        self._level += taken  # not a whole token: it stays in the bucket
-        return False
+        self._refill()
+        if self._level < 1.0:
+            return False
+        self._level -= 1.0
+        return True
 
 
 class LlmRun:

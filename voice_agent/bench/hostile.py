@@ -99,6 +99,12 @@ def realtime_message(rng: random.Random) -> str | bytes:
     return json.dumps({"type": rng.choice(["response.teleport", "session.delete", "", "x" * 100]), "junk": _junk(rng)})
 
 
+def _twilio_start(stream_sid: str, inner_stream_sid: Any, call_sid: Any, parameters: Any) -> str:
+    """A Twilio `start` message; the inner fields may be junk."""
+    start = {"streamSid": inner_stream_sid, "callSid": call_sid, "customParameters": parameters}
+    return json.dumps({"event": "start", "streamSid": stream_sid, "start": start})
+
+
 def twilio_message(rng: random.Random, stream_sid: str = "MZhostile") -> str | bytes:
     """One hostile `/twilio` message (see the module docstring)."""
     kind = rng.choices(["binary", "invalid", "start", "media", "media_junk", "mark", "dtmf", "unknown"],
@@ -108,9 +114,8 @@ def twilio_message(rng: random.Random, stream_sid: str = "MZhostile") -> str | b
     if kind == "invalid":
         return rng.choice(["{", "[]", '{"event": 3}', '{"event": "media", "media": []}'])
     if kind == "start":
-        start = {"streamSid": rng.choice([stream_sid, _junk(rng)]), "callSid": _junk(rng) if rng.random() < 0.3 else "CAhostile",
-                 "customParameters": rng.choice([{}, _junk(rng), {"k" * 50: "v" * 500}])}
-        return json.dumps({"event": "start", "streamSid": stream_sid, "start": start})
+        return _twilio_start(stream_sid, rng.choice([stream_sid, _junk(rng)]), _junk(rng) if rng.random() < 0.3 else "CAhostile",
+                             rng.choice([{}, _junk(rng), {"k" * 50: "v" * 500}]))
     if kind == "media":
         n = 160 * rng.choice([1, 5, 10])
         samples = np.random.default_rng(rng.getrandbits(32)).uniform(-1, 1, n).astype(np.float32) * rng.choice([0.8, 0.8, 0.01])
@@ -163,8 +168,7 @@ async def _connection(url: str, twilio: bool, share: int, rng: random.Random, re
                 try:
                     if twilio:
                         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-                        await ws.send(json.dumps({"event": "start", "streamSid": "MZhostile",
-                                                  "start": {"streamSid": "MZhostile", "callSid": "CAhostile", "customParameters": {}}}))
+                        await ws.send(_twilio_start("MZhostile", "MZhostile", "CAhostile", {}))
                     while sent < share and time.monotonic() < deadline and not stop.is_set():
                         message = twilio_message(rng) if twilio else realtime_message(rng)
                         await asyncio.wait_for(ws.send(message), max(0.1, deadline - time.monotonic()))

@@ -22,7 +22,6 @@ import asyncio
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -63,8 +62,9 @@ def process_usage(pid: int) -> tuple[float, float]:
 
 
 def _p50(results: list[Any]) -> float | None:
-    values = [r.voice_to_voice_ms for r in results if r.ok and r.voice_to_voice_ms is not None]
-    return statistics.median(values) if values else None
+    from voice_agent.bench.report import percentiles
+
+    return percentiles(r.voice_to_voice_ms for r in results if r.ok)["p50"]
 
 
 async def _beside(url: str, prompts: list[Any], seed: int) -> tuple[list[Any], Any]:
