@@ -1,8 +1,9 @@
 """Find, recognise and load a checkpoint of any supported family into our `Transformer`.
 
 Contract:
-- `load_model(path, *, device="cpu", dtype=None, max_seq_len=None) -> LoadedModel` with
-  `.model` (dlm.model.Transformer, eval mode), `.config`, `.spec`, `.tokenizer`, `.family`, `.path`.
+- `load_model(path, *, device="cpu", dtype=None, max_seq_len=None, drafter=None) -> LoadedModel`
+  with `.model` (dlm.model.Transformer, eval mode), `.config`, `.spec`, `.tokenizer`, `.family`,
+  `.path`, and `.drafter` (a dlm.drafter.Drafter where a drafter file was given, else None).
 - `detect_family(path) -> str`, one of `SUPPORTED_FAMILIES`, from what the checkpoint says about
   itself: the bd format marker in a safetensors header, the GGUF magic and
   `general.architecture`, or config.json's `architectures` / `model_type`. Never from file names.
@@ -59,6 +60,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer
     family: str  # one of SUPPORTED_FAMILIES
     path: Path  # the file or folder actually loaded (a HF cache entry resolves to its snapshot)
+    drafter: Any = None  # a dlm.drafter.Drafter applied to this model (load_model(..., drafter=...)), or None
 
 
 def _unsupported(path: Path, found: str) -> UnsupportedCheckpointError:
@@ -296,7 +298,11 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path):
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-               max_seq_len: int | None = None, cache_dir: str | Path | None = None) -> LoadedModel:
+               max_seq_len: int | None = None, cache_dir: str | Path | None = None, pack: bool = True,
+               drafter: str | Path | None = None) -> LoadedModel:
+    """See the module docstring; `pack`: prepack the weights for oneDNN where that applies
+    (bfloat16 on CPU, `Transformer.pack_linears`); `drafter`: a drafter file for this model
+    (dlm.drafter), checked against it (DrafterError where it belongs to another base)."""
     resolved = resolve_checkpoint(path)
     family_name, family = _detect(resolved)
     device = torch.device(device)
@@ -310,4 +316,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         config, spec, state_dict, tokenizer = _load_gguf(resolved, dtype, cache)
     config.max_seq_len = max_seq_len or min(config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     model = _build_model(config, state_dict, resolved, device, dtype)
-    return LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved)
+    if pack:
+        model.pack_linears()
+    loaded = LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved)
+    if drafter is not None:
+        from dlm.drafter import load_drafter
+
+        loaded.drafter = load_drafter(drafter, loaded)
+    return loaded

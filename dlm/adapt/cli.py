@@ -1,7 +1,7 @@
 """Command line of the recipe: `python -m dlm.adapt STEP ...` and `voice-agent adapt STEP ...`.
 
 Steps: data, train, eval, export, pipeline (all four, each skipped or resumed where its output
-exists), bench (step times on a random model of the real shape), pack-gpu (what a bare CUDA
+exists), drafter (train / resume / evaluate the draft-and-verify drafter on data.jsonl), bench (step times on a random model of the real shape), pack-gpu (what a bare CUDA
 machine needs), split / join (files in checksummed parts).
 `add_arguments(parser)` fills a parser (shared by both entry points); `run(args)` returns the
 exit status.
@@ -43,6 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="eval/export: this bd checkpoint instead of the run's train/student.safetensors")
         p.add_argument("--train-budget-s", type=float, default=0.0,
                        help="pipeline: time budget of the training step alone (0: --time-budget-s)")
+    p = sub.add_parser("drafter", help="train (or resume) and evaluate a drafter for exact draft-and-verify "
+                                       "decoding on the run's data.jsonl (teacher greedy replies)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the run folder (holds data.jsonl)")
+    p.add_argument("--base", type=Path, default=None, help="the AR model (default: the embedded SmolLM2 GGUF)")
+    p.add_argument("--dtype", default="bfloat16", help="the base's dtype while training (default bfloat16: AMX)")
+    p.add_argument("--epochs", type=float, default=1.0, help="the schedule's length in epochs")
+    p.add_argument("--max-steps", type=int, default=0, help="fix the schedule's length in steps")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--cuts", type=int, default=8, help="draft blocks per sequence per step")
+    p.add_argument("--slots", type=int, default=6, help="mask slots per draft block (the longest draft)")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--time-budget-s", type=float, default=0.0, help="stop cleanly after this long; rerun to resume")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the run's drafter.safetensors")
+    p.add_argument("--eval-examples", type=int, default=64, help="held-out replies to evaluate on")
     p = sub.add_parser("bench", help="time training and teacher-decoding steps on a random SmolLM2-135M-shaped model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64, help="training examples per step")
@@ -90,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         print(pack.join_parts(args.manifest, args.out, args.search))
         return 0
 
+    if args.step == "drafter":
+        return _drafter(args, pipeline.default_base())
+
     scale = pipeline.scale_with(args.scale, n_prompts=args.n_prompts, n_heldout=args.n_heldout,
                                 sampled_per_prompt=args.sampled_per_prompt, block_size=args.block_size,
                                 batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
@@ -114,6 +132,38 @@ def run(args: argparse.Namespace) -> int:
     if args.step in ("export", "pipeline"):
         path = pipeline.run_export(run_dir, student=args.student)
         print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _drafter(args: argparse.Namespace, default_base: Path) -> int:
+    import math
+
+    import torch
+
+    from dlm.adapt.data import read_dataset
+    from dlm.adapt.draft import DRAFTER_FILE, DraftTrainConfig, evaluate_drafter, train_drafter
+    from dlm.checkpoints import load_model
+    from dlm.drafter import load_drafter
+
+    base = args.base or default_base
+    data = args.out / "data.jsonl"
+    if not data.exists():
+        print(f"{data} does not exist: make it first with: python -m dlm.adapt data --scale cpu --out {args.out}")
+        return 2
+    meta, examples = read_dataset(data)
+    train_set = [e for e in examples if e.split == "train"]
+    heldout = [e for e in examples if e.split == "heldout"][: args.eval_examples]
+    loaded = load_model(base, dtype=args.dtype)
+    if not args.eval_only:
+        steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / args.batch_size))
+        cfg = DraftTrainConfig(max_steps=steps, batch_size=args.batch_size, cuts_per_seq=args.cuts, n_slots=args.slots,
+                               rank=args.rank, alpha=float(args.rank), lr=args.lr, time_budget_s=args.time_budget_s)
+        train_drafter(loaded, train_set, cfg, args.out, base, info={"data": str(data), "teacher": meta.get("base")})
+    drafter = load_drafter(args.out / DRAFTER_FILE, loaded)
+    with torch.no_grad():
+        report = evaluate_drafter(loaded, drafter, heldout, drafter.n_slots)
+    (args.out / "drafter-eval.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
     return 0
 
 

@@ -1,0 +1,130 @@
+"""dlm.drafter and the model's drafting hooks: the file (round trip, wrong base, damage), the
+adapter touching mask slots only, training mechanics, and oneDNN-packed weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from dlm_tiny_models import random_loaded
+from safetensors.torch import save_file
+
+from dlm.adapt.data import Example
+from dlm.adapt.draft import DraftTrainConfig, evaluate_drafter, train_drafter
+from dlm.drafter import Drafter, DrafterConfig, DrafterError, load_drafter, save_drafter
+from dlm.masks import causal_mask
+from dlm.model import DraftInputs, can_pack_linears
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A tiny random AR model whose "base file" is a file of bytes (the fingerprint's input)."""
+    loaded = random_loaded("causal", seed=3, block_size=1, scale=2.0)
+    path = tmp_path / "base.gguf"
+    path.write_bytes(b"tiny base weights")
+    loaded.path = path
+    return loaded
+
+
+def _drafter(loaded, seed=0):
+    torch.manual_seed(seed)
+    d = Drafter(loaded.config, DrafterConfig(rank=4, n_slots=3))
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_(0.0, 0.3)
+    return d
+
+
+def test_file_round_trip_and_checks(base, tmp_path):
+    d = _drafter(base)
+    path = save_drafter(tmp_path / "d.safetensors", d, base.path, {"note": "test"}, dtype=torch.float32)
+    back = load_drafter(path, base)
+    for (name, a), (_, b) in zip(d.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert back.n_slots == 3 and not any(p.requires_grad for p in back.parameters())
+
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"another model")
+    base.path = other
+    with pytest.raises(DrafterError, match=r"d\.safetensors.*not made for the base .*other\.gguf"):
+        load_drafter(path, base)
+
+
+def test_damaged_or_foreign_files_fail_clearly(base, tmp_path):
+    good = save_drafter(tmp_path / "d.safetensors", _drafter(base), base.path)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(DrafterError, match=r"cut\.safetensors: cannot read it"):
+        load_drafter(cut, base)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    with pytest.raises(DrafterError, match="not a drafter file"):
+        load_drafter(plain, base)
+    # Right metadata, wrong tensors (a layer missing).
+    meta = json.loads(__import__("safetensors").safe_open(str(good), "pt").metadata()["voice_agent_drafter"])
+    broken = tmp_path / "broken.safetensors"
+    tensors = {k: v for k, v in _drafter(base).state_dict().items() if not k.startswith("layers.1.")}
+    save_file(tensors, str(broken), metadata={"voice_agent_drafter": json.dumps(meta)})
+    with pytest.raises(DrafterError, match="damaged"):
+        load_drafter(broken, base)
+    # Another model's shape.
+    wide = random_loaded("causal", seed=3, block_size=1, dim=48, n_heads=4, n_kv_heads=2)
+    wide.path = base.path
+    with pytest.raises(DrafterError, match="does not fit the base"):
+        load_drafter(good, wide)
+
+
+def test_adapter_touches_mask_slots_only(base):
+    """Positions before `start` compute exactly what the plain base computes; slots differ."""
+    model, d = base.model, _drafter(base)
+    tokens = torch.tensor([[5, 6, 7, 8, 0, 0]])
+    positions = torch.arange(6)[None]
+    mask = causal_mask(6)
+    with torch.no_grad():
+        plain = model(tokens, positions, mask)
+        drafted = model(tokens, positions, mask, draft=DraftInputs(d, 4, torch.tensor([[0, 1]])))
+    assert torch.equal(plain[:, :4], drafted[:, :4])
+    assert not torch.allclose(plain[:, 4:], drafted[:, 4:])
+
+
+def test_training_learns_and_resumes(base, tmp_path):
+    """A drafter for a model that always continues last + 1 learns it; a rerun resumes."""
+    examples = []
+    for i in range(24):
+        start = (3 * i) % 40
+        examples.append(Example([start, start + 1], [start + 2 + k for k in range(8)], [], "x", "greedy", i, "train"))
+    # The targets need not be the tiny model's own replies: what is checked is that the adapter
+    # fits them through the frozen base.
+    cfg = DraftTrainConfig(max_steps=60, batch_size=8, cuts_per_seq=4, n_slots=3, rank=8, alpha=8.0, lr=2e-2,
+                           warmup_steps=2, checkpoint_every=30)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before = evaluate_drafter(base, _drafter(base), examples[:8], 3)
+    drafter = train_drafter(base, examples, cfg, tmp_path / "run", base.path)
+    with torch.no_grad():
+        report = evaluate_drafter(base, drafter.eval(), examples[:8], 3)
+    assert before["slot_agreement"][0] < 0.2 < 0.6 < report["slot_agreement"][0], (before, report)
+    assert report["tokens_per_forward_by_draft_len"][3] > 1.8
+    assert (tmp_path / "run" / "drafter.safetensors").exists()
+    state = torch.load(tmp_path / "run" / "drafter-state.pt", weights_only=True)
+    assert state["step"] == 60
+    cfg.max_steps = 62  # continue the same run for two more steps
+    train_drafter(base, examples, cfg, tmp_path / "run", base.path)
+    assert torch.load(tmp_path / "run" / "drafter-state.pt", weights_only=True)["step"] == 62
+
+
+@pytest.mark.skipif(not can_pack_linears(torch.bfloat16, "cpu"), reason="no oneDNN bf16 on this CPU")
+def test_packed_bf16_weights_match_and_do_not_depend_on_the_batch():
+    loaded = random_loaded("causal", seed=4, block_size=1, dim=64, n_heads=4, n_kv_heads=2, intermediate_size=128)
+    model = loaded.model.to(torch.bfloat16)
+    tokens = torch.randint(0, 60, (3, 7), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(7)[None].expand(3, 7)
+    with torch.no_grad():
+        plain = model(tokens, positions, causal_mask(7))
+        assert model.pack_linears() and model.packed
+        packed = model(tokens, positions, causal_mask(7))
+        alone = model(tokens[1:2, :3], positions[:1, :3], causal_mask(3))
+    model.unpack_linears()
+    assert torch.allclose(plain, packed, atol=0.15, rtol=0.05)  # bf16 rounding, another kernel
+    assert torch.equal(packed[1:2, :3], alone)  # a row's result does not depend on the batch
