@@ -142,6 +142,7 @@ class DecodeSettings:
     top_p: float  # nucleus sampling mass; 1: off
     seed: int | None  # sampling seed of this request (None: nondeterministic)
     trace: bool = False  # also return a StepTrace of the current block at every step
+    draft_len: int = 0  # speculative decoding: mask slots per draft block (0: the decoder's default)
 
 
 @dataclass
@@ -164,6 +165,7 @@ class RowUpdate:
     steps: int  # forward passes so far for this row (prefill included)
     tokens: int  # generated tokens final so far
     trace: StepTrace | None = None  # only where settings.trace
+    prefill_steps: int = 0  # of `steps`, the prefill forwards
 
 
 class PrefillError(DlmError):
@@ -199,6 +201,7 @@ class _Row:
     unit_step: int = 0  # steps taken in the current sub-block
     eos_pos: int | None = None  # earliest committed EOS position
     steps: int = 0
+    prefill_steps: int = 0  # of steps, the prefill forwards
     pending_write: bool = False  # exact cache: the previous block is complete, its clean K/V not yet written
     block: list[int] = field(default_factory=list)  # last synced block tokens
     done: list[bool] = field(default_factory=list)  # last synced committed flags
@@ -508,6 +511,11 @@ class BlockDecoder:
         """One step: a batched prefill forward over the rows still prefilling (if any), then one
         denoising forward at most over the rows ready to decode; an update per decoded row.
         Raises PrefillError (after removing its rows) where the prefill forward fails."""
+        rows = self._prefill_step()
+        return self._decode_step(rows) if rows else []
+
+    def _prefill_step(self) -> list[_Row]:
+        """This step's prefill forward, if any; the rows ready to decode (prefill complete)."""
         prefill = self._prefill_entries()
         if prefill:
             long = any(e.row.prefill_end - e.start > e.length for e in prefill) and len(self.rows) > len(prefill)
@@ -521,14 +529,16 @@ class BlockDecoder:
                 raise PrefillError(slots, e) from e
             for entry in prefill:
                 entry.row.prefill_upto = entry.start + entry.length
+                entry.row.prefill_steps += 1
             took_s = time.monotonic() - started_s
             rate = sum(e.length for e in prefill) / max(took_s, 1e-6)
             self._prefill_tokens_per_s = rate if self._prefill_tokens_per_s is None else 0.7 * self._prefill_tokens_per_s + 0.3 * rate
             if long:  # while other rows decode, long prompts take at most long_prefill_share of the time
                 self._long_prefill_resume_s = time.monotonic() + took_s * (1 / self.long_prefill_share - 1)
-        rows = [row for row in self.rows.values() if row.prefill_upto >= row.prefill_end]
-        if not rows:
-            return []
+        return [row for row in self.rows.values() if row.prefill_upto >= row.prefill_end]
+
+    def _decode_step(self, rows: list[_Row]) -> list[RowUpdate]:
+        """The denoising forward over the rows ready to decode, and their updates."""
         entries: list[_Entry] = []
         decide_src: list[int] = []  # per row: its decide entry's batch index, -1 for carry only
         for row in rows:
@@ -645,4 +655,5 @@ class BlockDecoder:
             if self.cache in ("prefix", "dual"):
                 row.phase = Phase.DENOISE
         return RowUpdate(slot=row.slot, new_ids=new_ids, finish_reason=finish, steps=row.steps,
-                         tokens=row.final_upto - row.prompt_len - (1 if finish == "eos" else 0), trace=trace)
+                         tokens=row.final_upto - row.prompt_len - (1 if finish == "eos" else 0), trace=trace,
+                         prefill_steps=row.prefill_steps)

@@ -85,6 +85,7 @@ class GenerationParams:
     seed: int | None = None  # sampling seed; None: nondeterministic where temperature > 0
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before the first one
     trace_steps: bool = False  # also emit a StepTrace of the current block at every step
+    draft_len: int = 0  # speculative engine: mask slots per draft block; 0: the engine's (others ignore it)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Delta:
     steps: int = 0  # forward passes so far for this request (prefill included)
     tokens: int = 0  # generated tokens committed and final so far
     trace: StepTrace | None = None  # the current block after this step, where params.trace_steps
+    prefill_steps: int = 0  # of `steps`, the forwards that prefilled the prompt
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class _Request:
     slot: int | None = None  # cache row while active
     steps: int = 0
     tokens: int = 0
+    prefill_steps: int = 0
 
 
 class Engine:
@@ -170,8 +173,8 @@ class Engine:
         self.max_seq_len = max_seq_len or self.config.max_seq_len
         self.cache = resolve_cache_mode(self.spec.attention, cache)  # fail here, not in the worker
         self.model.eval()
-        self._decoder = BlockDecoder(self.model, self.spec, max_batch_size=max_batch_size,
-                                     max_seq_len=self.max_seq_len, cache=cache, compile_mode=compile_mode)
+        self._decoder = self.make_decoder(max_batch_size=max_batch_size, max_seq_len=self.max_seq_len, cache=cache,
+                                           compile_mode=compile_mode)
         # Unbounded, so that abort() never blocks; submissions are bounded by `_held` instead.
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._held: dict[str, _Request] = {}  # every request until its last delta (under _lock)
@@ -191,6 +194,9 @@ class Engine:
 
     def _force(self, params: GenerationParams) -> GenerationParams:
         return params
+
+    def make_decoder(self, **kwargs: Any) -> BlockDecoder:
+        return BlockDecoder(self.model, self.spec, **kwargs)
 
     # -- public API ----------------------------------------------------------------------------
     def submit(self, prompt: Sequence[dict] | Sequence[int], params: GenerationParams | None = None,
@@ -310,12 +316,14 @@ class Engine:
             raise bad(f"temperature {p.temperature!r} must lie in [0, {MAX_TEMPERATURE}]")
         if not 0.0 < p.top_p <= 1.0:
             raise bad(f"top_p {p.top_p!r} must lie in (0, 1]")
+        if not isinstance(p.draft_len, int) or not 0 <= p.draft_len <= MAX_BLOCK_SIZE:
+            raise bad(f"draft_len {p.draft_len!r} must lie in [0, {MAX_BLOCK_SIZE}]")
         if len(p.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in p.stop):
             raise bad(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
         settings = DecodeSettings(
             block_size=block, sub_block_size=sub, max_new_tokens=p.max_new_tokens,
             policy=POLICIES[p.policy], threshold=threshold, factor=p.factor, steps_per_block=steps,
-            temperature=p.temperature, top_p=p.top_p, seed=p.seed, trace=p.trace_steps,
+            temperature=p.temperature, top_p=p.top_p, seed=p.seed, trace=p.trace_steps, draft_len=p.draft_len,
         )
         need = self._decoder.required_len(prompt_len, settings)
         if need > self.max_seq_len:
@@ -420,20 +428,22 @@ class Engine:
                 self._finish(req, "error", error=f"{type(e).__name__}: {e}")
 
     def _apply(self, req: _Request, u: RowUpdate) -> None:
-        req.steps, req.tokens = u.steps, u.tokens
+        req.steps, req.tokens, req.prefill_steps = u.steps, u.tokens, u.prefill_steps
         finish = u.finish_reason
         text, stopped = req.text.push(u.new_ids, final=finish is not None)
         if stopped:
             finish = "stop"
         if finish is not None:
             self._release(u.slot)
-            self._emit(req, Delta(text, u.new_ids, True, finish, None, u.steps, u.tokens, u.trace),
+            self._emit(req, Delta(text, u.new_ids, True, finish, None, u.steps, u.tokens, u.trace, u.prefill_steps),
                        callback_errors=False)
         elif text or u.new_ids or u.trace is not None:
-            self._emit(req, Delta(text, u.new_ids, steps=u.steps, tokens=u.tokens, trace=u.trace))
+            self._emit(req, Delta(text, u.new_ids, steps=u.steps, tokens=u.tokens, trace=u.trace,
+                                  prefill_steps=u.prefill_steps))
 
     def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
-        self._emit(req, Delta("", [], True, reason, error, req.steps, req.tokens), callback_errors=False)
+        self._emit(req, Delta("", [], True, reason, error, req.steps, req.tokens, prefill_steps=req.prefill_steps),
+                   callback_errors=False)
 
     def _emit(self, req: _Request, delta: Delta, callback_errors: bool = True) -> None:
         if delta.finished:

@@ -36,6 +36,7 @@ __all__ = [
     "UnmaskPolicy",
     "fixed_steps_schedule",
     "sample_tokens",
+    "sampling_probs",
 ]
 
 
@@ -104,24 +105,38 @@ class Factor:
 POLICIES: dict[str, UnmaskPolicy] = {p.name: p for p in (FixedSteps(), Threshold(), Factor())}
 
 
+def _sampling_logits(logits: Tensor, temperature: Tensor, top_p: Tensor) -> Tensor:
+    """logits (B, N, V) / temperature with the top-p tail at -inf (always keeping the best token);
+    greedy rows (temperature 0) are left unscaled and unfiltered."""
+    greedy = temperature <= 0  # (B,)
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None, None]
+    scaled = logits / t  # (B, N, V)
+    # Top-p: drop the tail of the sorted distribution beyond top_p (always keep the best token).
+    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None, None]
+    drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
+    return scaled.masked_fill(drop & ~greedy[:, None, None], float("-inf"))
+
+
+def sampling_probs(logits: Tensor, temperature: Tensor, top_p: Tensor) -> Tensor:
+    """The distribution a sampled row draws from: softmax(logits / temperature) restricted to
+    the top-p nucleus, (B, N, V). For speculative sampling, where the probabilities themselves
+    (not only a draw) are needed."""
+    return _sampling_logits(logits, temperature, top_p).softmax(dim=-1)
+
+
 def sample_tokens(logits: Tensor, temperature: Tensor, top_p: Tensor, uniform: Tensor | None) -> tuple[Tensor, Tensor]:
     """logits (B, N, V) float32; temperature, top_p (B,); uniform (B, N, V) in (0, 1) or None
     where every row is greedy. Returns tokens (B, N) long and confidence (B, N): the
     probability of the chosen token under the row's sampling distribution (plain softmax for
     greedy rows, as in LLaDA's low-confidence remasking)."""
     greedy = temperature <= 0  # (B,)
-    t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None, None]
-    scaled = logits / t  # (B, N, V)
     if uniform is None:
-        probs = scaled.softmax(dim=-1)
+        probs = logits.softmax(dim=-1)
         tokens = probs.argmax(dim=-1)
         return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
-    # Top-p: drop the tail of the sorted distribution beyond top_p (always keep the best token).
-    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p[:, None, None]
-    drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
-    scaled = scaled.masked_fill(drop & ~greedy[:, None, None], float("-inf"))
+    scaled = _sampling_logits(logits, temperature, top_p)
     probs = scaled.softmax(dim=-1)
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))  # Gumbel-max: sample without a sync
     sampled = (scaled + gumbel).argmax(dim=-1)

@@ -1,0 +1,60 @@
+"""Which engine decodes a loaded model.
+
+Contract: `make_engine(loaded, kind="auto", **kwargs)` returns a started engine (the
+`dlm.engine.Engine` API) for a `dlm.checkpoints.LoadedModel`:
+- "auto": exact draft-and-verify (`dlm.speculative.SpeculativeEngine`) where the model carries a
+  drafter, block diffusion (`dlm.engine.Engine`) where it has a mask token and non-causal
+  attention, the AR engine (`dlm.ar.AREngine`) otherwise;
+- "ar": the AR engine on the same weights (the baseline of every comparison).
+`decoding(loaded, kind)` names what `make_engine` would run ("draft-and-verify", "block
+diffusion", "AR"); `parallel(loaded)` says whether the model decodes more than one token per
+forward at all. kwargs go to the engine (max_batch_size, max_seq_len, compile_mode, and for
+draft-and-verify draft_len and tree; draft_len 0 or None: the engine's default); the draft-and-verify
+keys are dropped for other engines, and `compile_mode=None` for draft-and-verify.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ENGINE_KINDS", "decoding", "make_engine", "parallel"]
+
+ENGINE_KINDS = ("auto", "ar")
+
+
+def _diffusion(loaded: Any) -> bool:
+    return loaded.spec.attention != "causal" and loaded.spec.mask_token_id is not None
+
+
+def parallel(loaded: Any) -> bool:
+    return getattr(loaded, "drafter", None) is not None or _diffusion(loaded)
+
+
+def decoding(loaded: Any, kind: str = "auto") -> str:
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"engine kind must be one of {ENGINE_KINDS}, not {kind!r}")
+    if kind == "ar" or not parallel(loaded):
+        return "AR"
+    return "draft-and-verify" if getattr(loaded, "drafter", None) is not None else "block diffusion"
+
+
+def make_engine(loaded: Any, kind: str = "auto", **kwargs: Any):
+    name = decoding(loaded, kind)
+    if not kwargs.get("draft_len"):  # 0 / None: the engine's default
+        kwargs.pop("draft_len", None)
+    if name != "draft-and-verify":
+        kwargs.pop("draft_len", None)
+        kwargs.pop("tree", None)
+    if name == "AR":
+        from dlm.ar import AREngine
+
+        return AREngine(loaded, **kwargs)
+    if name == "block diffusion":
+        from dlm.engine import Engine
+
+        return Engine(loaded, **kwargs)
+    from dlm.speculative import SpeculativeEngine
+
+    if kwargs.get("compile_mode") is None:
+        kwargs.pop("compile_mode", None)
+    return SpeculativeEngine(loaded, loaded.drafter, **kwargs)

@@ -1,0 +1,208 @@
+"""dlm.speculative: exact draft-and-verify decoding (greedy = the AR reply; sampling = the AR
+distribution), tokens per forward with oracle / wrong drafters, batching, aborts, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from dlm_tiny_models import COUNT_V, CharTokenizer, counting_loaded, random_loaded
+
+from dlm.ar import AREngine
+from dlm.decode import DecodeSettings
+from dlm.drafter import Drafter, DrafterConfig
+from dlm.engine import GenerationParams
+from dlm.errors import InvalidRequestError
+from dlm.masks import causal_mask
+from dlm.policies import POLICIES
+from dlm.speculative import SpeculativeDecoder, SpeculativeEngine
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [3, 3], [21, 22, 23, 24, 25]]
+
+
+def _random_drafter(loaded, n_slots: int = 4, seed: int = 0, scale: float = 0.5) -> Drafter:
+    torch.manual_seed(seed)
+    drafter = Drafter(loaded.config, DrafterConfig(rank=4, n_slots=n_slots))
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.normal_(0.0, scale)
+    return drafter.eval()
+
+
+def _run(handle) -> tuple[list[int], int, str]:
+    deltas = list(handle)
+    return [t for d in deltas for t in d.token_ids], deltas[-1].steps, deltas[-1].finish_reason
+
+
+@pytest.mark.parametrize("draft_len,tree", [(1, True), (3, True), (4, False)])
+def test_random_drafter_is_exact_and_batches_equal_each_alone(draft_len, tree):
+    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
+    drafter = _random_drafter(loaded)
+    params = GenerationParams(max_new_tokens=20)
+    with AREngine(loaded, max_batch_size=4) as ar, \
+            SpeculativeEngine(loaded, drafter, draft_len=draft_len, tree=tree, max_batch_size=4) as spec:
+        expected = [_run(ar.submit(p, params))[0] for p in PROMPTS]
+        alone = [_run(spec.submit(p, params))[0] for p in PROMPTS]
+        together = [_run(h)[0] for h in [spec.submit(p, params) for p in PROMPTS]]  # 6 requests, 4 rows
+    assert alone == expected
+    assert together == expected
+    assert any(len(ids) < 20 for ids in expected)  # EOS is handled, not only the length limit
+
+
+class _ScriptedDecoder(SpeculativeDecoder):
+    """Drafts from a rule instead of the drafter: the verifier alone decides what is final."""
+
+    rule = staticmethod(lambda last, i: 0)
+
+    def _propose(self, rows, hidden):
+        n = hidden.shape[1]
+        return [[self.rule(row.ids[-1], i) for i in range(n)] for row in rows], [None] * len(rows)
+
+
+def _scripted_engine(rule, loaded, **kwargs):
+    class Decoder(_ScriptedDecoder):
+        pass
+
+    Decoder.rule = staticmethod(rule)
+
+    class Scripted(SpeculativeEngine):
+        def make_decoder(self, **kw):
+            return Decoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree, **kw)
+
+    return Scripted(loaded, _random_drafter(loaded, n_slots=8), **kwargs)
+
+
+# The counting model writes last + 1 (mod COUNT_V - 1) after every token.
+def _oracle(last, i):
+    return (last + 1 + i) % (COUNT_V - 1)
+
+
+def _wrong(last, i):
+    return (last + 5 + i) % (COUNT_V - 1)
+
+
+@pytest.mark.parametrize("draft_len", [1, 3, 7])
+def test_oracle_drafter_gives_draft_len_plus_one_tokens_per_forward(draft_len):
+    loaded = counting_loaded(attention="causal", block_size=1)
+    params = GenerationParams(max_new_tokens=2 + 5 * (draft_len + 1))
+    with AREngine(loaded, max_batch_size=1) as ar, \
+            _scripted_engine(_oracle, loaded, draft_len=draft_len, max_batch_size=1) as spec:
+        want, ar_steps, _ = _run(ar.submit([5], params))
+        got, steps, finish = _run(spec.submit([5], params))
+    assert got == want and finish == "length"
+    # The prefill forward gives the first token; the first decoding forward has no drafts yet (1
+    # more token); every later forward accepts all draft_len drafts plus the verifier's own token.
+    assert steps == 1 + 1 + 5
+    assert ar_steps == params.max_new_tokens
+
+
+def test_always_wrong_drafter_gives_one_token_per_forward_and_stays_exact():
+    loaded = counting_loaded(attention="causal", block_size=1)
+    params = GenerationParams(max_new_tokens=17)
+    with AREngine(loaded, max_batch_size=1) as ar, _scripted_engine(_wrong, loaded, draft_len=4, max_batch_size=1) as spec:
+        want, ar_steps, _ = _run(ar.submit([7, 8], params))
+        got, steps, _ = _run(spec.submit([7, 8], params))
+    assert got == want
+    assert steps == ar_steps
+
+
+def test_stop_strings_prefix_reuse_and_abort_free_the_row():
+    loaded = counting_loaded(attention="causal", block_size=1, tokenizer=CharTokenizer())
+    with _scripted_engine(_oracle, loaded, draft_len=4, max_batch_size=1) as spec:
+        # Counting from 'b' (1): "cdefgh..."; the text ends before the stop string.
+        handle = spec.submit([1], GenerationParams(max_new_tokens=40, stop=["gh"]))
+        assert handle.result() == "cdef" and handle.finish_reason == "stop"
+        seen = []
+
+        def on_delta(d):
+            seen.append(d)
+            if len(seen) == 1:
+                spec.abort(long.request_id)
+
+        long = spec.submit([1, 2, 3], GenerationParams(max_new_tokens=200), on_delta=on_delta)
+        deltas = list(long)
+        assert deltas[-1].finish_reason == "abort" and deltas[-1].steps <= seen[0].steps + 1
+        assert spec.load().idle
+        # The row is free again, and the next request reuses the prompt's cached prefix exactly.
+        assert spec.submit([1, 2, 3], GenerationParams(max_new_tokens=6)).result() == "efghij"
+
+
+def test_bad_draft_lengths_are_refused():
+    loaded = random_loaded("causal", seed=3, block_size=1)
+    drafter = _random_drafter(loaded, n_slots=4)
+    with pytest.raises(ValueError, match="draft_len"):
+        SpeculativeEngine(loaded, drafter, draft_len=5)
+    with SpeculativeEngine(loaded, drafter, draft_len=2, max_batch_size=2) as spec:
+        with pytest.raises(InvalidRequestError, match="draft_len"):
+            spec.submit([1, 2], GenerationParams(draft_len=9))
+        with pytest.raises(InvalidRequestError, match="context"):
+            spec.submit(list(range(1, 60)) * 5, GenerationParams(max_new_tokens=8))
+        ok = spec.submit([1, 2], GenerationParams(max_new_tokens=5, draft_len=1))  # others unaffected
+        assert len(_run(ok)[0]) == 5
+
+
+def _constant_teacher(seed: int = 0):
+    """A model whose next-token distribution is the same after any context: every token embeds to
+    one vector (so the base's hidden state never depends on the text), and the mask slots (their
+    own embeddings and the adapter) make the drafter's q differ from it."""
+    loaded = random_loaded("causal", seed=seed, block_size=1, scale=2.0, max_seq_len=512)
+    with torch.no_grad():
+        emb = loaded.model.model.embed_tokens.weight
+        emb.copy_(emb[0].expand_as(emb))
+        loaded.model.lm_head.weight.mul_(1.5)
+    return loaded
+
+
+def test_speculative_sampling_keeps_the_teacher_distribution():
+    """At temperature 1 every generated token of the constant teacher is an independent draw from
+    its distribution p, whatever the drafts were: a chi-square goodness-of-fit test over 1200
+    tokens (fixed seeds) at the 0.1 % level. The same test rejects a rule that accepts every
+    draft (the drafter's q shows through)."""
+    loaded = _constant_teacher()
+    drafter = _random_drafter(loaded, n_slots=4, seed=1, scale=1.0)
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], causal_mask(3))[0]
+        assert torch.allclose(logits[0], logits[2], atol=1e-4)  # the same after any context
+        p = logits[-1].softmax(-1).double()
+
+    def sample(decoder_cls) -> torch.Tensor:
+        decoder = decoder_cls(loaded.model, loaded.spec, drafter, draft_len=4, max_batch_size=8, max_seq_len=512)
+        counts = torch.zeros(p.shape[0], dtype=torch.float64)
+
+        for wave in range(3):
+            for slot in range(8):
+                settings = DecodeSettings(block_size=1, sub_block_size=1, max_new_tokens=50, policy=POLICIES["threshold"],
+                                          threshold=0.9, factor=1.0, steps_per_block=1, temperature=1.0, top_p=1.0,
+                                          seed=1000 * wave + slot)
+                decoder.add(slot, [1, 2, 3], settings)
+            while decoder.rows:
+                with torch.inference_mode():
+                    updates = decoder.step()
+                for u in updates:
+                    for t in u.new_ids:
+                        counts[t] += 1
+                    if u.finish_reason is not None:
+                        decoder.remove(u.slot)
+        return counts
+
+    class AcceptAll(SpeculativeDecoder):
+        def _verify(self, rows, verify, drafts):  # broken on purpose: every draft is kept
+            out = super()._verify(rows, verify, drafts)
+            return [(len(d.tokens), [*d.tokens, tokens[-1]]) for (_, tokens), d in zip(out, drafts, strict=True)]
+
+    def chi2(counts: torch.Tensor) -> tuple[float, int]:
+        n = counts.sum()
+        expected = n * p
+        keep = expected >= 5  # pool the rare tokens into one cell
+        stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+        rest_o, rest_e = counts[~keep].sum(), expected[~keep].sum()
+        if rest_e > 0:
+            stat += (rest_o - rest_e) ** 2 / rest_e
+        return float(stat), int(keep.sum()) + (1 if rest_e > 0 else 0) - 1
+
+    good, dof = chi2(sample(SpeculativeDecoder))
+    critical = dof + 3.09 * math.sqrt(2 * dof) + 2  # ~ the 0.1 % quantile (Wilson-Hilferty, rounded up)
+    assert good < critical, (good, critical)
+    bad, _ = chi2(sample(AcceptAll))
+    assert bad > critical, (bad, critical)
