@@ -124,13 +124,20 @@ class LlmConfig:
     backend: str = "local"
     # A name from configs/models.toml, a checkpoint folder or a GGUF file.
     model: str = "default"
-    # "auto": diffusion decoding for diffusion checkpoints, the AR engine for causal ones; "ar":
-    # the AR baseline engine (dlm.ar) on the same weights, for a dLLM-vs-AR comparison of one model.
+    # "auto": draft-and-verify for models with a drafter, diffusion decoding for diffusion
+    # checkpoints, the AR engine for causal ones; "ar": the AR baseline engine (dlm.ar) on the
+    # same weights, for a dLLM-vs-AR comparison of one model.
     engine: str = "auto"
     # The AR baseline used by benchmarks; same weights as the default dLLM's teacher.
     baseline_model: str = "smollm2-135m-instruct"
     device: str = "cpu"
-    dtype: str = "float32"
+    # "auto": the registry's dtype for the model (the default model: bfloat16, fast on AMX), else
+    # float32 on CPU and bfloat16 on a GPU; or "float32" / "bfloat16" / "float16".
+    dtype: str = "auto"
+    # Draft-and-verify (models with a drafter): mask slots per draft block (0: 4) and one draft
+    # block per possible acceptance length (true) or only after the full draft (false).
+    draft_len: int = 0
+    draft_tree: bool = True
     # Unmasking policy: "threshold", "fixed_steps" or "factor".
     policy: str = "threshold"
     threshold: float = 0.9

@@ -266,6 +266,24 @@ def _generation_params(config: LlmConfig, trace_steps: bool) -> Any:
     )
 
 
+def load_local_llm(name: str, *, device: str, dtype: str) -> tuple[Any, Any]:
+    """A model by registry name or path, with its drafter where the registry names one ->
+    (dlm LoadedModel, voice_agent.models.ResolvedLlm). dtype "auto": the registry's dtype for
+    the model where it names one (the default model: bfloat16), else dlm's default."""
+    from dlm.checkpoints import load_model
+    from dlm.drafter import DrafterError
+    from voice_agent.models import resolve_llm_model
+
+    resolved = resolve_llm_model(name)
+    if dtype == "auto" and resolved.dtype:
+        dtype = resolved.dtype
+    try:
+        loaded = load_model(resolved.path, device=device, dtype=dtype, drafter=resolved.drafter)
+    except DrafterError as e:
+        raise UserError(str(e)) from e
+    return loaded, resolved
+
+
 def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
     """The configured client. Loading the local model takes seconds: call it from a thread."""
     if config.backend == "openai":
@@ -274,11 +292,9 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
         raise UserError(f"llm.backend must be 'local' or 'openai', not {config.backend!r}")
     if config.engine not in LLM_ENGINES:  # LlmConfig checks this too; the field may be set later
         raise UserError(f"llm.engine must be one of {', '.join(map(repr, LLM_ENGINES))}, not {config.engine!r}")
-    from dlm.checkpoints import load_model
-    from dlm.engine import Engine
-    from voice_agent.models import resolve_llm_model
+    from dlm.engines import decoding, make_engine, parallel
 
-    resolved = resolve_llm_model(config.model)
+    loaded, resolved = load_local_llm(config.model, device=config.device, dtype=config.dtype)
     if resolved.fallback_from:
         log.warning(
             "!!! llm.model %r is not shipped yet: FALLING BACK to the autoregressive model %r "
@@ -286,24 +302,21 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
             resolved.fallback_from,
             resolved.name,
         )
-    loaded = load_model(resolved.path, device=config.device, dtype=config.dtype)
-    diffusion = loaded.spec.attention != "causal" and loaded.spec.mask_token_id is not None
-    if config.engine == "ar" or not diffusion:
-        from dlm.ar import AREngine
-
-        if diffusion and not loaded.spec.logit_shift:
-            log.warning(
-                "llm.engine = 'ar' on %s (%s): trained without a token shift, so its logits do not "
-                "predict the next token; expect meaningless replies",
-                resolved.name,
-                loaded.family,
-            )
-        engine = AREngine(loaded, max_batch_size=config.max_batch_size)
-        decoding = "AR" if diffusion else "AR (causal checkpoint)"
-    else:
-        engine = Engine(loaded, max_batch_size=config.max_batch_size)
-        decoding = "block diffusion"
-    log.info("LLM: %s (%s, %s) on %s, %s decoding", resolved.name, loaded.family, resolved.path, config.device, decoding)
+    diffusion = parallel(loaded)
+    if config.engine == "ar" and diffusion and getattr(loaded, "drafter", None) is None and not loaded.spec.logit_shift:
+        log.warning(
+            "llm.engine = 'ar' on %s (%s): trained without a token shift, so its logits do not "
+            "predict the next token; expect meaningless replies",
+            resolved.name,
+            loaded.family,
+        )
+    engine = make_engine(loaded, config.engine, max_batch_size=config.max_batch_size,
+                         draft_len=config.draft_len, tree=config.draft_tree)
+    decoding_name = decoding(loaded, config.engine)
+    if decoding_name == "AR" and not diffusion:
+        decoding_name = "AR (causal checkpoint)"
+    log.info("LLM: %s (%s, %s) on %s, %s, %s decoding", resolved.name, loaded.family, resolved.path, config.device,
+             str(loaded.model.model.embed_tokens.weight.dtype).removeprefix("torch."), decoding_name)
     # "+ar" marks a diffusion checkpoint forced onto the AR engine, in logs and the call store.
     suffix = "+ar" if diffusion and config.engine == "ar" else ""
     return LocalDLM(

@@ -88,7 +88,7 @@ def package_file(source: str) -> Path:
 
 
 def model_registry() -> dict[str, dict[str, str]]:
-    """configs/models.toml: registry name -> entry (source, description, fallback)."""
+    """configs/models.toml: registry name -> entry (source, drafter, dtype, description, fallback)."""
     text = resources.files("voice_agent.configs").joinpath("models.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)["dlm"]
 
@@ -103,6 +103,15 @@ class ResolvedLlm:
     path: Path
     name: str  # the registry name or the path as configured
     fallback_from: str | None = None  # set where a registry fallback stands in for the configured model
+    drafter: Path | None = None  # the drafter file applied to the model (exact draft-and-verify decoding)
+    dtype: str | None = None  # the registry's dtype for it, used where llm.dtype is "auto"
+
+
+def _registry_path(name: str, source: str) -> Path:
+    path = package_file(source) if source.startswith("package:") else Path(os.path.expanduser(source))
+    if not path.exists():
+        raise UserError(f"model {name!r}: {path} does not exist")
+    return path
 
 
 def resolve_llm_model(name: str) -> ResolvedLlm:
@@ -115,12 +124,10 @@ def resolve_llm_model(name: str) -> ResolvedLlm:
         known = ", ".join(sorted(registry))
         raise UserError(f"unknown model {name!r}: not a file or folder, and not in the registry ({known})")
     entry = registry[name]
-    source = entry["source"]
     try:
-        path = package_file(source) if source.startswith("package:") else Path(os.path.expanduser(source))
-        if not path.exists():
-            raise UserError(f"model {name!r}: {path} does not exist")
-        return ResolvedLlm(path, name)
+        path = _registry_path(name, entry["source"])
+        drafter = _registry_path(name, entry["drafter"]) if "drafter" in entry else None
+        return ResolvedLlm(path, name, drafter=drafter, dtype=entry.get("dtype"))
     except UserError:
         fallback = entry.get("fallback")
         if not fallback:
@@ -176,6 +183,10 @@ def _info(role: str, configured: str, resolve) -> ModelInfo:
                 f"{result.name!r} instead (no diffusion decoding)"
             )
             return ModelInfo(role, configured, result.path, detail, fallback=True)
+        if result.drafter is not None:
+            return ModelInfo(role, configured, result.path,
+                             f"diffusion drafter {result.drafter.name} over the AR weights: exact draft-and-verify "
+                             f"decoding, several tokens per forward ({result.dtype or 'configured dtype'})")
         return ModelInfo(role, configured, result.path, "found")
     if isinstance(result, str):
         return ModelInfo(role, configured, None, "faster-whisper size name: looked up in the Hugging Face cache at load time")

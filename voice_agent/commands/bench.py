@@ -103,6 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--steps-per-block", type=int, default=8,
                      help="denoising steps per block under fixed_steps (default 8: 4 tokens/forward at block 32)")
     llm.add_argument("--engines", default="dllm,ar", help="which engines to run (default: dllm,ar)")
+    llm.add_argument("--draft-len", type=int, default=0, help="draft-and-verify: mask slots per draft block "
+                                                              "(default: llm.draft_len, else 4)")
     llm.add_argument("--compile", metavar="MODE", help="torch.compile the denoising forward: default | "
                                                        "reduce-overhead | max-autotune | max-autotune-no-cudagraphs")
     llm.add_argument("--json", metavar="FILE", help="write the raw results and the environment to FILE")
@@ -209,16 +211,18 @@ def _measure(engine, prompts: list[Any], params) -> tuple[list[dict[str, Any]], 
     handles = []
     t0 = time.perf_counter()
     for prompt in prompts:
-        rec: dict[str, Any] = {"first_output_s": None, "token_times": []}
+        rec: dict[str, Any] = {"first_output_s": None, "token_times": [], "token_ids": []}
 
-        def on_delta(d, rec=rec):  # worker thread: record times only
+        def on_delta(d, rec=rec):  # worker thread: record times (and ids) only
             now = time.perf_counter()
             if rec["first_output_s"] is None and (d.text or (d.token_ids and engine.tokenizer is None)):
                 rec["first_output_s"] = now - t0
             if d.token_ids:  # when each count of final tokens was reached: [seconds, tokens so far]
                 rec["token_times"].append([round(now - t0, 6), d.tokens])
+                rec["token_ids"] += d.token_ids
             if d.finished:
-                rec.update(wall_s=now - t0, tokens=d.tokens, steps=d.steps, finish=d.finish_reason, error=d.error)
+                rec.update(wall_s=now - t0, tokens=d.tokens, steps=d.steps, prefill_steps=d.prefill_steps,
+                           finish=d.finish_reason, error=d.error)
 
         handles.append((engine.submit(prompt, params, on_delta=on_delta), rec))
     for handle, rec in handles:
@@ -246,6 +250,8 @@ def _summary(engine_name: str, concurrency: int, records: list[dict[str, Any]], 
         "median_wall_s": med("wall_s"),
         "median_tokens": med("tokens"),
         "tokens_per_forward": tokens / max(sum(r["steps"] for r in records), 1),
+        # The same without the forwards that prefilled the prompts.
+        "decode_tokens_per_forward": tokens / max(sum(r["steps"] - r.get("prefill_steps", 0) for r in records), 1),
         "median_tokens_per_s_per_request": med("tokens_per_s"),
         "aggregate_tokens_per_s": tokens / max(wall_s, 1e-9),
         "level_wall_s": wall_s,
@@ -262,15 +268,13 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from dlm.decode import BlockDecoder
-
     cuda = loaded.model.model.embed_tokens.weight.device.type == "cuda"
     short = replace(params, max_new_tokens=min(params.max_new_tokens, PROFILE_MAX_NEW_TOKENS))
     requests = [engine.prepare(prompt, short) for prompt in prompts]
     def run() -> int:
         # A fresh decoder (cache) per run: the profiled run prefills its prompts like the first one.
-        decoder = BlockDecoder(loaded.model, engine.spec, max_batch_size=len(requests),
-                               max_seq_len=engine.max_seq_len, cache=engine.cache, compile_mode=compile_mode)
+        decoder = engine.make_decoder(max_batch_size=len(requests), max_seq_len=engine.max_seq_len,
+                                       cache=engine.cache, compile_mode=compile_mode)
         for slot, (ids, settings) in enumerate(requests):
             decoder.add(slot, ids, settings)
         steps = 0
@@ -297,8 +301,7 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
 def run_llm(args: argparse.Namespace, config: Config) -> int:
     import torch
 
-    from dlm.ar import AREngine
-    from dlm.engine import Engine
+    from dlm.engines import decoding, make_engine
 
     if args.synthetic and args.untrained_bd:
         print("--synthetic and --untrained-bd exclude each other", file=sys.stderr)
@@ -309,13 +312,14 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     wanted = {name.strip() for name in args.engines.split(",")}
-    engines = [(name, cls) for name, cls in (("dllm", Engine), ("ar", AREngine))
+    engines = [(name, kind) for name, kind in (("dllm", "auto"), ("ar", "ar"))
                if name in wanted and (diffusion or name == "ar")]
     max_c = max(args.concurrency)
     max_seq_len = loaded.config.max_seq_len
     results = []
-    for name, cls in engines:
-        with cls(loaded, max_batch_size=max_c, max_seq_len=max_seq_len, compile_mode=args.compile) as engine:
+    for name, kind in engines:
+        with make_engine(loaded, kind, max_batch_size=max_c, max_seq_len=max_seq_len, compile_mode=args.compile,
+                         draft_len=args.draft_len or config.llm.draft_len, tree=config.llm.draft_tree) as engine:
             if args.profile:
                 path = Path(args.profile).with_suffix(f".{name}{Path(args.profile).suffix or '.txt'}")
                 _profile(engine, loaded, prompts[: args.concurrency[0]], params, args.compile, path)
@@ -341,7 +345,9 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         "max_new_tokens": args.max_new_tokens, "policy": params.policy,
         "steps_per_block": params.steps_per_block if params.policy == "fixed_steps" else None,
         "compile": args.compile, "notes": notes, "results": results,
-        "bars": speed_bars(results, min(args.concurrency)) if not args.synthetic else None,
+        "decoding": decoding(loaded),
+        "bars": None if args.synthetic else (exact_bars if decoding(loaded) == "draft-and-verify" else speed_bars)(
+            results, min(args.concurrency)),
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -362,25 +368,43 @@ def _time_to(token_times: list[list[float]], n: int) -> float | None:
     return next((t for t, k in token_times if k >= n), None)
 
 
-def speed_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str, Any] | None:
-    """The dLLM vs AR comparison of one concurrency level, or None without both engines there.
-    Replies are paired by prompt (same order in both engines' records)."""
+def _levels(results: list[dict[str, Any]], concurrency: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The dLLM's and the AR's results at one concurrency level, or None without both."""
     by_engine = {r["engine"]: r for r in results if r["concurrency"] == concurrency}
     if "dllm" not in by_engine or "ar" not in by_engine:
         return None
-    speedups, first_ratios = [], []
-    for d, a in zip(by_engine["dllm"]["replies_detail"], by_engine["ar"]["replies_detail"], strict=True):
+    return by_engine["dllm"], by_engine["ar"]
+
+
+def _wall_speedups(dllm: dict[str, Any], ar: dict[str, Any]) -> list[float]:
+    """Per prompt: AR time / dLLM time to the same number of tokens (BAR_TOKENS or the shorter reply)."""
+    speedups = []
+    for d, a in zip(dllm["replies_detail"], ar["replies_detail"], strict=True):
         if not d.get("token_times") or not a.get("token_times"):
             continue
         n = min(d["token_times"][-1][1], a["token_times"][-1][1], BAR_TOKENS)
         t_d, t_a = _time_to(d["token_times"], n), _time_to(a["token_times"], n)
         if t_d and t_a:
             speedups.append(t_a / t_d)
+    return speedups
+
+
+def speed_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str, Any] | None:
+    """The dLLM vs AR comparison of one concurrency level, or None without both engines there.
+    Replies are paired by prompt (same order in both engines' records)."""
+    levels = _levels(results, concurrency)
+    if levels is None:
+        return None
+    dllm, ar = levels
+    speedups, first_ratios = _wall_speedups(dllm, ar), []
+    for d, a in zip(dllm["replies_detail"], ar["replies_detail"], strict=True):
+        if not d.get("token_times") or not a.get("token_times"):
+            continue
         k = min(d["token_times"][0][1], a["token_times"][-1][1])  # the dLLM's first final text, in tokens
         t_d, t_a = _time_to(d["token_times"], k), _time_to(a["token_times"], k)
         if t_d and t_a:
             first_ratios.append(t_d / t_a)
-    tpf = by_engine["dllm"]["tokens_per_forward"]
+    tpf = dllm["tokens_per_forward"]
     wall = statistics.median(speedups) if speedups else None
     first = statistics.median(first_ratios) if first_ratios else None
     return {
@@ -394,6 +418,49 @@ def speed_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str,
         "first_text_ratio": {"value": first, "limit": "<= 1/3 (dLLM time to its first final text / AR time to as "
                                                       "many tokens)",
                              "pass": first is not None and first <= BARS["first_text_ratio"]},
+    }
+
+
+# Exact draft-and-verify decoding (a model with a drafter): its own bars, at concurrency 1.
+EXACT_BARS = {"differing_replies": 0, "decode_tokens_per_forward": 2.5, "wall_speedup": 2.0, "first8_ratio": 0.5}
+FIRST_TOKENS = 8
+
+
+def exact_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str, Any] | None:
+    """Draft-and-verify vs the AR engine on the same weights: replies that differ (at temperature
+    0 there must be none), tokens per forward without the prefill, the wall-time speed-up to the
+    same number of tokens, and the time to the first FIRST_TOKENS final tokens (or the shorter
+    reply) as a fraction of the AR's. None without both engines at that level."""
+    levels = _levels(results, concurrency)
+    if levels is None:
+        return None
+    dllm, ar = levels
+    pairs = list(zip(dllm["replies_detail"], ar["replies_detail"], strict=True))
+    differing = sum(1 for d, a in pairs if d.get("token_ids") != a.get("token_ids"))
+    speedups, first = _wall_speedups(dllm, ar), []
+    for d, a in pairs:
+        if d.get("token_times") and a.get("token_times"):
+            n = min(d["token_times"][-1][1], a["token_times"][-1][1], FIRST_TOKENS)
+            t_d, t_a = _time_to(d["token_times"], n), _time_to(a["token_times"], n)
+            if t_d and t_a:
+                first.append(t_d / t_a)
+    tpf = dllm["decode_tokens_per_forward"]
+    wall = statistics.median(speedups) if speedups else None
+    first_ratio = statistics.median(first) if first else None
+    return {
+        "concurrency": concurrency,
+        "pairs": len(pairs),
+        "differing_replies": {"value": differing, "limit": "0 (token for token the AR engine's reply)",
+                              "pass": differing == 0},
+        "decode_tokens_per_forward": {"value": tpf, "limit": f">= {EXACT_BARS['decode_tokens_per_forward']} (prefill "
+                                                             f"not counted; counted: {dllm['tokens_per_forward']:.2f})",
+                                      "pass": tpf >= EXACT_BARS["decode_tokens_per_forward"]},
+        "wall_speedup": {"value": wall, "limit": f">= {EXACT_BARS['wall_speedup']} (AR time / ours to the same number "
+                                                 f"of tokens, {BAR_TOKENS} or the shorter reply)",
+                         "pass": wall is not None and wall >= EXACT_BARS["wall_speedup"]},
+        "first8_ratio": {"value": first_ratio, "limit": f"<= {EXACT_BARS['first8_ratio']} (time to the first "
+                                                        f"{FIRST_TOKENS} final tokens, ours / AR)",
+                         "pass": first_ratio is not None and first_ratio <= EXACT_BARS["first8_ratio"]},
     }
 
 
@@ -420,8 +487,9 @@ def _print_table(report: dict[str, Any]) -> None:
           "forward pass over all replies of a level; agg tok/s: all tokens / the level's wall time)")
     bars = report.get("bars")
     if bars:
-        print(f"speed bars at concurrency {bars['concurrency']} ({bars['pairs']} prompts, medians):")
-        for name in BARS:
+        print(f"{report.get('decoding', 'dLLM')} bars at concurrency {bars['concurrency']} ({bars['pairs']} prompts, "
+              "medians):")
+        for name in (EXACT_BARS if "differing_replies" in bars else BARS):
             bar = bars[name]
             print(f"  {name:<18} {fmt(bar['value'], '6.2f')}  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
 

@@ -2,9 +2,9 @@
 
 Text appears block by block as the engine finalizes it; after each reply one line gives tokens,
 forward passes, tokens per forward and the time to the first text. Ctrl-C during a reply aborts
-that request; Ctrl-D or an empty line quits. While the adapted dLLM is not shipped the "default"
-model resolves to the AR SmolLM2 checkpoint: the command then says so and chats through the AR
-baseline engine instead of pretending to diffusion-decode.
+that request; Ctrl-D or an empty line quits. The "default" model decodes by draft-and-verify (the
+AR SmolLM2 with its drafter); where the drafter file is missing it resolves to the plain AR
+checkpoint, and the command says so instead of pretending to decode in parallel.
 """
 
 from __future__ import annotations
@@ -28,18 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_llm(config: Config, name: str, device: str, dtype: str) -> tuple[Any, bool]:
-    """Load a model by registry name or path -> (LoadedModel, diffusion_capable). Prints a
-    warning line where a fallback stands in for the configured model."""
-    from dlm.checkpoints import load_model
-    from voice_agent.models import resolve_llm_model
+    """Load a model by registry name or path (with its drafter) -> (LoadedModel, decodes more
+    than one token per forward). Prints a warning line where a fallback stands in for the
+    configured model."""
+    from dlm.engines import parallel
+    from voice_agent.llm import load_local_llm
 
-    resolved = resolve_llm_model(name)
+    loaded, resolved = load_local_llm(name, device=device, dtype=dtype)
     if resolved.fallback_from:
         print(f"WARNING: model {resolved.fallback_from!r} is not shipped yet; using the AR model "
               f"{resolved.name!r} ({resolved.path}) instead: no diffusion decoding.", file=sys.stderr)
-    loaded = load_model(resolved.path, device=device, dtype=dtype)
-    diffusion = loaded.spec.mask_token_id is not None and loaded.spec.attention != "causal"
-    return loaded, diffusion
+    return loaded, parallel(loaded)
 
 
 def generation_params(config: Config, max_new_tokens: int | None = None):
@@ -54,21 +53,20 @@ def generation_params(config: Config, max_new_tokens: int | None = None):
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    from dlm.ar import AREngine
-    from dlm.engine import Engine
+    from dlm.engines import decoding, make_engine
 
     device = args.device or config.llm.device
     loaded, diffusion = load_llm(config, config.llm.model, device, config.llm.dtype)
-    use_ar = args.ar or not diffusion
+    kind = "ar" if args.ar else "auto"
     if not diffusion and not args.ar:
-        print(f"WARNING: {loaded.path} ({loaded.family}) has no mask token; chatting with the AR baseline engine.",
-              file=sys.stderr)
-    engine_cls = AREngine if use_ar else Engine
+        print(f"WARNING: {loaded.path} ({loaded.family}) has no mask token and no drafter; chatting with the AR "
+              "baseline engine.", file=sys.stderr)
     params = generation_params(config, args.max_new_tokens)
     history: list[dict[str, str]] = [{"role": "system", "content": config.agent.system_prompt}]
-    print(f"{loaded.family} model from {loaded.path} on {device}, {'AR' if use_ar else 'block diffusion'} "
+    print(f"{loaded.family} model from {loaded.path} on {device}, {decoding(loaded, kind)} "
           "decoding. Empty line or Ctrl-D quits.", file=sys.stderr)
-    with engine_cls(loaded, max_batch_size=1, compile_mode=args.compile) as engine:
+    with make_engine(loaded, kind, max_batch_size=1, compile_mode=args.compile,
+                     draft_len=config.llm.draft_len, tree=config.llm.draft_tree) as engine:
         while True:
             try:
                 line = input("you> ").strip()
