@@ -87,8 +87,11 @@ class DraftLayer(nn.Module):
     def update(self, name: str, x: Tensor, y: Tensor, start: int) -> Tensor:
         if name not in self.a:
             return y
-        xs = x[:, start:]
-        delta = F.linear(F.linear(xs, self.a[name].to(xs.dtype)), self.b[name].to(xs.dtype)) * self.scale
+        a, b = self.a[name], self.b[name]
+        # In the adapter's own dtype (float32 in use): a rank-r product of a few rows is far
+        # cheaper in float32 than through the bf16 kernels, which pay a fixed cost per call.
+        xs = x[:, start:].to(a.dtype)
+        delta = F.linear(F.linear(xs, a), b) * self.scale
         if torch.is_grad_enabled():
             return torch.cat([y[:, :start], y[:, start:] + delta.to(y.dtype)], dim=1)
         y[:, start:] += delta.to(y.dtype)
@@ -114,7 +117,7 @@ class Drafter(nn.Module):
 
     def slot_embedding(self, slot_index: Tensor, dtype: torch.dtype) -> Tensor:
         """(B, N) slot indices -> (B, N, dim) inputs of the mask slots."""
-        return self.slots.to(dtype)[slot_index]
+        return self.slots[slot_index].to(dtype)
 
 
 # -- the file ---------------------------------------------------------------------------------------
@@ -174,8 +177,8 @@ def read_drafter_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> Drafter:
-    """The drafter in `path` for `loaded` (a dlm.checkpoints.LoadedModel), in the model's dtype
-    and on its device. Raises DrafterError naming both files where the file is damaged or was
+    """The drafter in `path` for `loaded` (a dlm.checkpoints.LoadedModel), in float32 on the
+    model's device (its products are small: float32 is the fast dtype for them on CPU). Raises DrafterError naming both files where the file is damaged or was
     made for another base (fingerprint, layers, width, vocabulary)."""
     path = Path(path)
     meta = read_drafter_meta(path)
@@ -199,6 +202,6 @@ def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> D
         drafter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except Exception as e:
         raise DrafterError(f"{where}: damaged ({type(e).__name__}: {e})") from e
-    param = loaded.model.model.embed_tokens.weight
-    return drafter.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
+    device = loaded.model.model.embed_tokens.weight.device
+    return drafter.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 

@@ -41,7 +41,10 @@ Contract:
 - `pack_linears()` (bfloat16 on a CPU with oneDNN): every projection, and the output head, use
   oneDNN's prepacked weight layout, about 2.4x faster than plain bf16 matmuls at 1-32 rows on
   AMX; the packed copies live beside the weights (no state-dict change) and are dropped by
-  `unpack_linears()`. Results per row do not depend on how many rows a call has.
+  `unpack_linears()`. Calls go PACKED_ROWS rows at a time, and attention on CPU in bf16 runs in
+  float64 at text positions (`exact_attention`), so a position's result does not depend on the
+  batch, the prefill chunking or the other tokens of the forward: a forward verifying k drafts
+  reproduces the one-token-per-step logits bit for bit.
 """
 
 from __future__ import annotations
@@ -81,18 +84,35 @@ def can_pack_linears(dtype: torch.dtype, device: torch.device | str) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+# oneDNN's packed bf16 matmul gives every row the same bits whatever the other rows, as long as
+# a call has at most this many rows (beyond, it changes its blocking: measured on AMX, torch 2.13).
+PACKED_ROWS = 32
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., in) @ a packed weight, PACKED_ROWS rows per call, so that each row's result does
+    not depend on how many rows came with it (a batch, a prefill chunk, a verified draft)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= PACKED_ROWS:
+        out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    else:
+        out = torch.cat([torch.ops.mkldnn._linear_pointwise(rows[i:i + PACKED_ROWS], packed, bias, "none", [], "")
+                         for i in range(0, rows.shape[0], PACKED_ROWS)])
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class Linear(nn.Linear):
     """nn.Linear that uses a prepacked oneDNN weight once `pack()` made one (see pack_linears)."""
 
     packed: Tensor | None = None
 
     def pack(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACKED_ROWS)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is None or torch.is_grad_enabled():  # the packed op has no backward
             return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -155,6 +175,22 @@ class KVCache:
         return k_rows.transpose(1, 2), v_rows.transpose(1, 2)
 
 
+def exact_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Grouped-query attention q (B, H, T, D), k, v (B, Hkv, K, D), bool mask (B or 1, 1, T, K)
+    -> (B, H, T, D) in q's dtype, computed in float64: a product of two bf16 numbers is exact
+    there and so is a sum of D of them, so the scores do not depend on the summation order, and
+    the rest differs by ~1e-16 at most, far below a bf16 rounding step. Each query's result is
+    therefore the same whatever the other queries, the key padding or the batch are."""
+    B, H, T, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qd = q.to(torch.float64).reshape(B, Hkv, G * T, D)  # query head h = kv head h // G
+    scores = (qd @ k.to(torch.float64).transpose(-1, -2)).view(B, Hkv, G, T, K) * (1.0 / D**0.5)
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = scores.softmax(dim=-1).view(B, Hkv, G * T, K)
+    return (probs @ v.to(torch.float64)).view(B, H, T, D).to(q.dtype)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -202,7 +238,20 @@ class Attention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
         # Grouped-query attention inside SDPA: no (B, H, K, D) copy of the keys where the kernel
         # supports it (the math fallback expands them itself).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, T, D)
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            # Low-precision attention depends, in its last bits, on how many queries and keys the
+            # call holds, and in bf16 one flipped bit grows into a different token a few layers
+            # on. Text positions therefore use `exact_attention` (whose result does not depend on
+            # the rest of the forward), so a forward that verifies several tokens reproduces the
+            # one-token-per-step logits bit for bit; mask slots (drafts only) keep the fast kernel.
+            start = T if draft is None else draft[1]
+            y = exact_attention(q[:, :, :start], k, v, mask[:, :, :start])
+            if start < T:
+                fast = F.scaled_dot_product_attention(q[:, :, start:], k, v, attn_mask=mask[:, :, start:],
+                                                      enable_gqa=Hkv != H)
+                y = torch.cat([y, fast], dim=2)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(y) if draft is None else draft[0].update("o", y, self.o_proj(y), draft[1])
 
@@ -268,7 +317,7 @@ class Transformer(nn.Module):
             if isinstance(module, Linear):
                 module.pack()
         if self.lm_head is None:
-            self._packed_head = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+            self._packed_head = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_ROWS)
         return True
 
     def unpack_linears(self) -> None:
@@ -341,5 +390,5 @@ class Transformer(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(h).float()
         if self._packed_head is not None and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(h, self._packed_head, None, "none", [], "").float()
+            return packed_linear(h, self._packed_head, None).float()
         return F.linear(h, self.model.embed_tokens.weight).float()  # (..., V)

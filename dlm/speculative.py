@@ -11,7 +11,7 @@ prefill, prefix reuse and row bookkeeping it keeps).
 One step of a row (I-DLM / Medusa-style, in one forward over the whole batch):
 - State: the final text up to position c - 1; the K/V of positions < c - 1 are in the cache (the
   last final token x at c - 1 is not yet fed); drafts d_1..d_k for positions c..c+k-1 (k = 0
-  right after the prefill, where the first token comes from the prefill's logits, as in AR).
+  after the prefill, whose logits give the first token at once, in the prefill's step, as in AR).
 - Fed: x, d_1..d_k at their positions, causally (the verifier: unchanged base weights, exact
   K/V), then draft blocks of n mask slots (n = the draft length): the block for acceptance j
   sits at positions c+j..c+j+n-1 and sees x, d_1..d_j and its own earlier slots (`tree`: one
@@ -143,23 +143,22 @@ class SpeculativeDecoder(BlockDecoder):
                 dists.append(probs[i])
         return tokens, dists
 
-    def _propose(self, rows: list[_Row], hidden: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
-        """The next drafts from the accepted block's hidden states (n, m, dim): tokens per row
-        and, for sampled rows, the distribution q they were drawn from."""
-        return self._pick(rows, self.model.logits(hidden))
+    def _propose(self, rows: list[_Row], logits: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
+        """The next drafts from the accepted block's logits (n, m, V): tokens per row and, for
+        sampled rows, the distribution q they were drawn from."""
+        return self._pick(rows, logits)
 
     # -- the step ------------------------------------------------------------------------------
     def _decode_step(self, rows: list[_Row]) -> list[RowUpdate]:
         updates: dict[int, RowUpdate] = {}
         new: dict[int, list[int]] = {row.slot: [] for row in rows}
-        # Rows whose prefill just finished: their first token comes from the prefill's logits.
+        # Rows whose prefill just finished: their first token comes from the prefill's logits and
+        # goes out at once, as in AR decoding; they join the drafting forward from the next step.
         fresh = [row for row in rows if row.clean_upto >= row.final_upto]
         if fresh:
             first, _ = self._pick(fresh, self.carry[torch.tensor([r.slot for r in fresh], device=self.device)][:, None])
             for row, tokens in zip(fresh, first, strict=True):
-                finish = self._commit(row, tokens, new[row.slot])
-                if finish is not None:
-                    updates[row.slot] = self._update(row, new[row.slot], finish)
+                updates[row.slot] = self._update(row, new[row.slot], self._commit(row, tokens, new[row.slot]))
         active = [row for row in rows if row.slot not in updates]
         if active:
             self._forward_and_decide(active, new, updates)
@@ -208,7 +207,10 @@ class SpeculativeDecoder(BlockDecoder):
         draft = DraftInputs(self.drafter, Wv, self._upload(torch.tensor(slot_index, dtype=torch.long)))
         h = self.model(tok_t, pos_t, mask[:, None], cache=self.kv, cache_rows=rows_t, write_positions=wpos_t,
                        draft=draft, hidden=True)  # (B, T, dim)
-        verify = self.model.logits(h[:n, :Wv])  # (n, Wv, V): the base's next-token logits
+        # One pass through the output head for the verifier's positions and every draft block
+        # (a call costs about the same for 1 or 32 rows: it reads the whole head either way).
+        logits = self.model.logits(h[:n])  # (n, T, V)
+        verify = logits[:, :Wv]  # the base's next-token logits
         for row in rows:
             row.steps += 1
         accepted = self._verify(rows, verify, drafts)
@@ -229,8 +231,8 @@ class SpeculativeDecoder(BlockDecoder):
         if picked:
             m = max(ns[b] for b, _, _ in picked)
             index = torch.tensor([[min(start + i, T - 1) for i in range(m)] for _, _, start in picked], device=self.device)
-            hb = h[torch.tensor([b for b, _, _ in picked], device=self.device)[:, None], index]  # (p, m, dim)
-            picks = self._propose([row for _, row, _ in picked], hb)
+            lb = logits[torch.tensor([b for b, _, _ in picked], device=self.device)[:, None], index]  # (p, m, V)
+            picks = self._propose([row for _, row, _ in picked], lb)
         by_slot = {row.slot: i for i, (_, row, _) in enumerate(picked)}
         for b, row, _ in going:
             i = by_slot.get(row.slot)

@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "models": "models",
     "calls": "calls",
     "adapt": "adapt",
+    "calibrate": "calibrate",
 }
 
 _NOT_BUILT_HELP = "(not built yet)"

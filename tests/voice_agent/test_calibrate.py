@@ -1,0 +1,47 @@
+"""`voice-agent calibrate`: the config text it writes, a measurement on a tiny model, and a clear
+refusal for a model without a drafter."""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+
+from voice_agent.commands.calibrate import measure, with_llm_keys
+from voice_agent.config import default_config_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dlm"))
+from dlm_tiny_models import random_loaded  # noqa: E402
+
+from dlm.drafter import Drafter, DrafterConfig  # noqa: E402
+
+
+def test_with_llm_keys_replaces_adds_and_keeps_everything_else():
+    text = default_config_text()
+    out = with_llm_keys(text, {"draft_len": "3", "draft_tree": "false"})
+    data, before = tomllib.loads(out), tomllib.loads(text)
+    assert data["llm"]["draft_len"] == 3 and data["llm"]["draft_tree"] is False
+    data["llm"].pop("draft_len"), data["llm"].pop("draft_tree")
+    before["llm"].pop("draft_len"), before["llm"].pop("draft_tree")
+    assert data == before  # nothing else changed
+    added = tomllib.loads(with_llm_keys("[llm]\nmodel = \"x\"\n[agent]\nmax_items = 3\n", {"draft_len": "2"}))
+    assert added == {"llm": {"model": "x", "draft_len": 2}, "agent": {"max_items": 3}}
+    assert tomllib.loads(with_llm_keys("[agent]\nmax_items = 3\n", {"draft_len": "5"}))["llm"] == {"draft_len": 5}
+
+
+def test_measure_reports_time_and_tokens_per_forward():
+    loaded = random_loaded("causal", seed=3, scale=3.0, block_size=1)
+    torch.manual_seed(0)
+    loaded.drafter = Drafter(loaded.config, DrafterConfig(rank=4, n_slots=3)).eval()
+    r = measure(loaded, [[1, 2, 3], [4, 5]], draft_len=2, tree=True, max_new_tokens=12)
+    assert r["tokens"] == 2 * 11 and r["ms_per_token"] > 0 and 1.0 <= r["tokens_per_forward"] <= 3.0
+
+
+def test_a_model_without_a_drafter_is_refused(tmp_path, capsys):
+    from voice_agent.cli import main
+
+    rc = main(["calibrate", "--set", "llm.model=smollm2-135m-instruct", "--out", str(tmp_path / "c.toml")])
+    assert rc == 2 and "has no drafter" in capsys.readouterr().err
+    assert not (tmp_path / "c.toml").exists()

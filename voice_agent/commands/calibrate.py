@@ -1,0 +1,143 @@
+"""`voice-agent calibrate`: pick the draft length (and layout) that decodes fastest on this machine.
+
+Draft-and-verify decoding (a model with a drafter) trades tokens per forward against the cost of
+a forward: a longer draft block is accepted further on average but makes every forward wider,
+and where a wider forward stops being nearly free depends on the CPU (AMX, cores, memory) or the
+GPU. This command measures it instead of guessing: for every draft length (1 .. the drafter's
+slots) and both layouts (`draft_tree` true: a draft block per possible acceptance length; false:
+one block after the full draft), it decodes the same voice prompts one at a time, greedy, and
+records the wall time per generated token after the first (the prefill is the same for all) and
+the tokens per forward. It writes the fastest into a config file that it names: a copy of the
+configuration in use (`--config`, else the embedded default) with `llm.draft_len` and
+`llm.draft_tree` set, and a comment with the measurements. Use it with
+`voice-agent serve --config FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from voice_agent.config import Config, default_config_text
+
+HELP = "measure which draft length decodes fastest here and write it into a config file"
+
+DEFAULT_OUT = Path("~/.config/voice-agent/calibrated.toml")
+PROMPTS = [
+    "What is the capital of France?",
+    "Can you recommend a good book for a long flight?",
+    "How do I make a cup of green tea?",
+    "What's the weather usually like in Seattle in spring?",
+    "Tell me something interesting about octopuses.",
+    "How long should I boil an egg for a runny yolk?",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="FILE",
+                        help=f"the config file to write (default: {DEFAULT_OUT})")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="voice prompts per setting (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--draft-lens", default="", metavar="N1,N2,...",
+                        help="draft lengths to try (default: 1 .. the drafter's slots)")
+
+
+def with_llm_keys(text: str, values: dict[str, str]) -> str:
+    """A TOML config text with keys of its [llm] table set to the given (already TOML) values:
+    replaced where the key is there, added right under the table header where not, the table
+    appended where the text has none. Comments and every other line stay as they are."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "[llm]"), None)
+    if start is None:
+        lines += ["", "[llm]", *(f"{k} = {v}" for k, v in values.items())]
+        return "\n".join(lines) + "\n"
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+    missing = dict(values)
+    for i in range(start + 1, end):
+        m = re.match(r"\s*([A-Za-z0-9_]+)\s*=", lines[i])
+        if m and m.group(1) in missing:
+            lines[i] = f"{m.group(1)} = {missing.pop(m.group(1))}"
+    lines[start + 1:start + 1] = [f"{k} = {v}" for k, v in missing.items()]
+    return "\n".join(lines) + "\n"
+
+
+def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tree: bool,
+            max_new_tokens: int) -> dict[str, float]:
+    """Decode the prompts one at a time with one setting: ms per token after the first, tokens
+    per forward (prefill not counted)."""
+    from dlm.engine import GenerationParams
+    from dlm.engines import make_engine
+
+    params = GenerationParams(max_new_tokens=max_new_tokens)
+    decode_s = 0.0
+    tokens = forwards = 0
+    with make_engine(loaded, "auto", max_batch_size=1, draft_len=draft_len, tree=tree) as engine:
+        engine.submit(prompts[0], params).result()  # warm-up (and the prompt's prefix, as a call would)
+        for prompt in prompts:
+            first = last = None
+            final = None
+            for delta in engine.submit(prompt, params):
+                now = time.perf_counter()
+                if delta.token_ids:
+                    first = now if first is None else first
+                    last = now
+                final = delta
+            if first is not None and final is not None and final.tokens > 1:
+                decode_s += last - first
+                tokens += final.tokens - 1
+                forwards += final.steps - final.prefill_steps - 1
+    return {"ms_per_token": 1000 * decode_s / max(tokens, 1), "tokens_per_forward": (tokens + 1) / max(forwards + 1, 1),
+            "tokens": tokens}
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from voice_agent.llm import load_local_llm
+
+    loaded, resolved = load_local_llm(config.llm.model, device=config.llm.device, dtype=config.llm.dtype)
+    if loaded.drafter is None:
+        print(f"voice-agent calibrate: {resolved.name!r} ({resolved.path}) has no drafter; there is nothing to "
+              "calibrate (draft-and-verify needs one: see docs/models.md)", file=sys.stderr)
+        return 2
+    n_slots = loaded.drafter.n_slots
+    try:
+        lens = [int(x) for x in args.draft_lens.split(",") if x.strip()] or list(range(1, n_slots + 1))
+    except ValueError:
+        print(f"--draft-lens: expected comma-separated integers, got {args.draft_lens!r}", file=sys.stderr)
+        return 2
+    if any(not 1 <= n <= n_slots for n in lens):
+        print(f"--draft-lens: each must lie in [1, {n_slots}] (the drafter's slots)", file=sys.stderr)
+        return 2
+    if not 1 <= args.prompts <= len(PROMPTS):
+        print(f"--prompts must lie in [1, {len(PROMPTS)}]", file=sys.stderr)
+        return 2
+    system = {"role": "system", "content": config.agent.system_prompt}
+    prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
+    results = []
+    settings = [(n, tree) for tree in (True, False) for n in lens]
+    for i, (n, tree) in enumerate(settings, 1):
+        r = measure(loaded, prompts, n, tree, args.max_new_tokens)
+        results.append({"draft_len": n, "tree": tree, **r})
+        print(f"[{i}/{len(settings)}] draft_len {n} {'tree ' if tree else 'chain'}: {r['ms_per_token']:7.1f} ms/token, "
+              f"{r['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
+    best = min(results, key=lambda r: r["ms_per_token"])
+    template = Path(config.source).read_text(encoding="utf-8") if config.source and Path(config.source).is_file() \
+        else default_config_text()
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    header = [f"# Written by `voice-agent calibrate` on {stamp} ({platform.processor() or platform.machine()}, "
+              f"{resolved.name}, {config.llm.device}): ms per generated token, greedy, one call at a time"]
+    header += [f"#   draft_len {r['draft_len']} {'tree ' if r['tree'] else 'chain'}: {r['ms_per_token']:.1f} ms/token, "
+               f"{r['tokens_per_forward']:.2f} tokens/forward" for r in results]
+    text = with_llm_keys(template, {"draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower()})
+    out = args.out.expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(header) + "\n" + text, encoding="utf-8")
+    print(f"fastest: draft_len {best['draft_len']}, draft_tree {str(best['tree']).lower()} "
+          f"({best['ms_per_token']:.1f} ms/token)")
+    print(f"written to {out}: use it with  voice-agent serve --config {out}")
+    return 0
