@@ -13,9 +13,9 @@ from voice_agent.commands.calibrate import measure, with_llm_keys
 from voice_agent.config import default_config_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dlm"))
-from dlm_tiny_models import random_loaded  # noqa: E402
+from dlm_tiny_models import random_loaded
 
-from dlm.drafter import Drafter, DrafterConfig  # noqa: E402
+from dlm.drafter import Drafter, DrafterConfig
 
 
 def test_with_llm_keys_replaces_adds_and_keeps_everything_else():
