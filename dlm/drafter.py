@@ -73,25 +73,53 @@ def _shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 class DraftLayer(nn.Module):
-    """One layer's low-rank updates: y += (x A^T) B^T * alpha / rank at the mask slots."""
+    """One layer's low-rank updates: y += (x A^T) B^T * alpha / rank at the mask slots. Fused
+    projections (q, k, v or gate, up in one packed matmul) get their updates in one pair of
+    products too. The fused pairs are cached while decoding: change the weights under
+    torch.no_grad() and call `Drafter.refresh()`."""
 
     def __init__(self, model_config: ModelConfig, config: DrafterConfig) -> None:
         super().__init__()
-        shapes = _shapes(model_config)
+        shapes = self.shapes = _shapes(model_config)
         self.scale = config.alpha / config.rank
+        self._fused: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}  # decoding: see _pair
         self.a = nn.ParameterDict({n: nn.Parameter(torch.empty(config.rank, shapes[n][0])) for n in config.targets})
         self.b = nn.ParameterDict({n: nn.Parameter(torch.zeros(shapes[n][1], config.rank)) for n in config.targets})
         for a in self.a.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as LoRA (B = 0: the update starts at 0)
 
-    def update(self, name: str, x: Tensor, y: Tensor, start: int) -> Tensor:
-        if name not in self.a:
+    def _pair(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor] | None:
+        """(A, B) of the projections `names` side by side, the scale folded into B: A stacks
+        their A's (rank r each), B is block-diagonal. None where none of them is adapted. Without
+        gradients (decoding) the pair is built once and kept; with them, always anew."""
+        if len(names) == 1:
+            name = names[0]
+            return (self.a[name], self.b[name] * self.scale) if name in self.a else None
+        if not torch.is_grad_enabled() and names in self._fused:
+            return self._fused[names]
+        if not any(n in self.a for n in names):
+            return None
+        r = next(iter(self.a.values())).shape[0]
+        a = torch.cat([self.a[n] if n in self.a else self._zero_a(n, r) for n in names])
+        b = torch.block_diag(*[self.b[n] * self.scale if n in self.b else self._zero_b(n, r) for n in names])
+        if not torch.is_grad_enabled():
+            self._fused[names] = (a, b)
+        return a, b
+
+    def _zero_a(self, name: str, r: int) -> Tensor:
+        return torch.zeros(r, self.shapes[name][0], dtype=next(self.parameters()).dtype)
+
+    def _zero_b(self, name: str, r: int) -> Tensor:
+        return torch.zeros(self.shapes[name][1], r, dtype=next(self.parameters()).dtype)
+
+    def update(self, names: tuple[str, ...], x: Tensor, y: Tensor, start: int) -> Tensor:
+        pair = self._pair(names)
+        if pair is None:
             return y
-        a, b = self.a[name], self.b[name]
+        a, b = pair
         # In the adapter's own dtype (float32 in use): a rank-r product of a few rows is far
         # cheaper in float32 than through the bf16 kernels, which pay a fixed cost per call.
-        xs = x[:, start:].to(a.dtype)
-        delta = F.linear(F.linear(xs, a), b) * self.scale
+        delta = F.linear(F.linear(x[:, start:].to(a.dtype), a), b)
         if torch.is_grad_enabled():
             return torch.cat([y[:, :start], y[:, start:] + delta.to(y.dtype)], dim=1)
         y[:, start:] += delta.to(y.dtype)
@@ -109,6 +137,15 @@ class Drafter(nn.Module):
     @property
     def n_slots(self) -> int:
         return self.config.n_slots
+
+    def refresh(self) -> None:
+        """Forget the fused update pairs cached for decoding (after changing the weights)."""
+        for layer in self.layers:
+            layer._fused.clear()
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float() etc.: the cached pairs are stale
+        self.refresh()
+        return super()._apply(fn, *args, **kwargs)
 
     def init_slots(self, embedding: Tensor) -> None:
         """Start every slot embedding at the mean token embedding (a neutral input)."""

@@ -39,7 +39,7 @@ Contract:
   and `hidden=True` returns the final normed hidden states instead of logits (`logits(h)` turns
   the ones wanted into logits).
 - `pack_linears()` (bfloat16 on a CPU with oneDNN): every projection, and the output head, use
-  oneDNN's prepacked weight layout, about 2.4x faster than plain bf16 matmuls at 1-32 rows on
+  oneDNN's prepacked weight layout (q, k, v as one matmul, gate and up as one), about 2.4x faster than plain bf16 matmuls at 1-32 rows on
   AMX; the packed copies live beside the weights (no state-dict change) and are dropped by
   `unpack_linears()`. Calls go PACKED_ROWS rows at a time, and attention on CPU in bf16 runs in
   float64 at text positions (`exact_attention`), so a position's result does not depend on the
@@ -64,8 +64,9 @@ __all__ = ["Attention", "DecoderLayer", "DraftInputs", "KVCache", "RMSNorm", "Tr
 class LayerAdapter(Protocol):
     """One layer's low-rank updates (dlm.drafter.DraftLayer)."""
 
-    def update(self, name: str, x: Tensor, y: Tensor, start: int) -> Tensor:
-        """y = proj(x); return y with the update added at positions start.. (dim 1)."""
+    def update(self, names: tuple[str, ...], x: Tensor, y: Tensor, start: int) -> Tensor:
+        """y = the projections `names` of x, side by side ("q", "k", "v" fused, or one name);
+        return y with the updates added at positions start.. (dim 1)."""
         ...
 
 
@@ -214,6 +215,30 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def pack(self) -> None:
+        """q, k, v packed as one weight (one call instead of three), and o."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight.detach() for p in projs])
+        self.qkv_packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS)
+        self.qkv_bias = None if projs[0].bias is None else torch.cat([p.bias.detach() for p in projs])
+        self.o_proj.pack()
+
+    qkv_packed: Tensor | None = None
+    qkv_bias: Tensor | None = None
+
+    def _qkv(self, x: Tensor, draft: tuple[LayerAdapter, int] | None) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv_packed is not None and not torch.is_grad_enabled():
+            qkv = packed_linear(x, self.qkv_packed, self.qkv_bias)
+            if draft is not None:
+                qkv = draft[0].update(("q", "k", "v"), x, qkv, draft[1])
+            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            return qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if draft is not None:
+            lora, start = draft
+            q, k, v = (lora.update((name,), x, y, start) for name, y in (("q", q), ("k", k), ("v", v)))
+        return q, k, v
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 cache: tuple[KVCache, int, Tensor, Tensor] | None,
                 draft: tuple[LayerAdapter, int] | None = None) -> Tensor:
@@ -221,11 +246,8 @@ class Attention(nn.Module):
         draft: (this layer's adapter, first mask-slot position) or None."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if draft is not None:
-            lora, start = draft
-            q, k, v = (lora.update(name, x, y, start) for name, y in (("q", q), ("k", k), ("v", v)))
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        q, k, v = self._qkv(x, draft)
+        q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -253,7 +275,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)
-        return self.o_proj(y) if draft is None else draft[0].update("o", y, self.o_proj(y), draft[1])
+        return self.o_proj(y) if draft is None else draft[0].update(("o",), y, self.o_proj(y), draft[1])
 
 
 class MLP(nn.Module):
@@ -263,12 +285,27 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.dim, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.dim, bias=False)
 
+    gate_up_packed: Tensor | None = None
+
+    def pack(self) -> None:
+        """gate and up packed as one weight, and down."""
+        weight = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        self.gate_up_packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS)
+        self.down_proj.pack()
+
     def forward(self, x: Tensor, draft: tuple[LayerAdapter, int] | None = None) -> Tensor:
-        if draft is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        lora, start = draft
-        h = F.silu(lora.update("gate", x, self.gate_proj(x), start)) * lora.update("up", x, self.up_proj(x), start)
-        return lora.update("down", h, self.down_proj(h), start)
+        if self.gate_up_packed is not None and not torch.is_grad_enabled():
+            gate_up = packed_linear(x, self.gate_up_packed, None)
+            if draft is not None:
+                gate_up = draft[0].update(("gate", "up"), x, gate_up, draft[1])
+            gate, up = gate_up.chunk(2, dim=-1)
+        elif draft is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate = draft[0].update(("gate",), x, self.gate_proj(x), draft[1])
+            up = draft[0].update(("up",), x, self.up_proj(x), draft[1])
+        h = F.silu(gate) * up
+        return self.down_proj(h) if draft is None else draft[0].update(("down",), h, self.down_proj(h), draft[1])
 
 
 class DecoderLayer(nn.Module):
@@ -313,10 +350,12 @@ class Transformer(nn.Module):
         weight = self.model.embed_tokens.weight
         if not can_pack_linears(weight.dtype, weight.device):
             return False
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack()
-        if self.lm_head is None:
+        for layer in self.model.layers:  # q, k, v and gate, up packed fused only (that is what runs)
+            layer.self_attn.pack()
+            layer.mlp.pack()
+        if self.lm_head is not None:
+            self.lm_head.pack()
+        else:
             self._packed_head = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_ROWS)
         return True
 
@@ -324,11 +363,15 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.packed = None
+            elif isinstance(module, Attention):
+                module.qkv_packed = module.qkv_bias = None
+            elif isinstance(module, MLP):
+                module.gate_up_packed = None
         self._packed_head = None
 
     @property
     def packed(self) -> bool:
-        return self.model.layers[0].mlp.up_proj.packed is not None
+        return self.model.layers[0].mlp.gate_up_packed is not None
 
     # -- RoPE -----------------------------------------------------------------------------
     def build_rope(self, device: torch.device | str | None = None) -> None:

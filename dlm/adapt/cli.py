@@ -45,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="pipeline: time budget of the training step alone (0: --time-budget-s)")
     p = sub.add_parser("drafter", help="train (or resume) and evaluate a drafter for exact draft-and-verify "
                                        "decoding on the run's data.jsonl (teacher greedy replies)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the run folder (holds data.jsonl)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the run folder")
+    p.add_argument("--data", type=Path, default=None, metavar="FILE",
+                   help="the teacher's replies (default: DIR/data.jsonl; the embedded SmolLM2's are "
+                        "dlm/assets/smollm2-135m-teacher-greedy.jsonl.gz)")
+    p.add_argument("--init", type=Path, default=None, metavar="FILE",
+                   help="start from this drafter file (e.g. the shipped one) where DIR holds no state yet")
     p.add_argument("--base", type=Path, default=None, help="the AR model (default: the embedded SmolLM2 GGUF)")
     p.add_argument("--dtype", default="bfloat16", help="the base's dtype while training (default bfloat16: AMX)")
     p.add_argument("--epochs", type=float, default=1.0, help="the schedule's length in epochs")
@@ -146,7 +151,7 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
     from dlm.drafter import load_drafter
 
     base = args.base or default_base
-    data = args.out / "data.jsonl"
+    data = args.data or args.out / "data.jsonl"
     if not data.exists():
         print(f"{data} does not exist: make it first with: python -m dlm.adapt data --scale cpu --out {args.out}")
         return 2
@@ -158,7 +163,10 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
         steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / args.batch_size))
         cfg = DraftTrainConfig(max_steps=steps, batch_size=args.batch_size, cuts_per_seq=args.cuts, n_slots=args.slots,
                                rank=args.rank, alpha=float(args.rank), lr=args.lr, time_budget_s=args.time_budget_s)
-        train_drafter(loaded, train_set, cfg, args.out, base, info={"data": str(data), "teacher": meta.get("base")})
+        init = load_drafter(args.init, loaded) if args.init else None
+        args.out.mkdir(parents=True, exist_ok=True)
+        train_drafter(loaded, train_set, cfg, args.out, base, info={"data": data.name, "teacher": Path(str(meta.get("base"))).name},
+                      init=init)
     drafter = load_drafter(args.out / DRAFTER_FILE, loaded)
     with torch.no_grad():
         report = evaluate_drafter(loaded, drafter, heldout, drafter.n_slots)

@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -60,8 +61,9 @@ def write_dataset(path: str | Path, examples: Iterable[Example], meta: dict[str,
 
 
 def read_dataset(path: str | Path) -> tuple[dict[str, Any], list[Example]]:
+    """The header and the examples of a data file (gzip-compressed where it ends in .gz)."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as f:
         meta = json.loads(f.readline())
         if meta.get("format") != DATA_FORMAT:
             raise ValueError(f"{path}: format {meta.get('format')!r}, expected {DATA_FORMAT!r}")

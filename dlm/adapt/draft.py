@@ -86,7 +86,9 @@ def _usable(examples: list[Example]) -> list[Example]:
 def _layout(examples: list[Example], cuts: list[list[int]], n: int, pad_id: int) -> dict[str, Tensor]:
     """Tensors of one step: the base batch (prompt + reply, padded; one cache row per sequence)
     and the draft blocks, one batch row per block (C blocks per sequence), each pointing at its
-    sequence's cache row and writing its own K/V past the text (positions L..L+n-1)."""
+    sequence's cache row and writing its own K/V past the text, block c of a sequence at
+    positions L + c*n .. L + c*n + n - 1 (without gradients the writes land in the shared row,
+    so blocks must not share positions)."""
     B = len(examples)
     seqs = [e.prompt_ids + e.reply_ids for e in examples]
     L = max(len(s) for s in seqs)
@@ -103,12 +105,14 @@ def _layout(examples: list[Example], cuts: list[list[int]], n: int, pad_id: int)
     rows = torch.arange(B).repeat_interleave(C)
     target = seq[rows[:, None], target_pos.clamp_max(seq.shape[1] - 1)]
     target = torch.where(target_pos < lengths, target, torch.full_like(target, -100))
-    keys = torch.arange(L + n)[None, None, :]  # (1, 1, K)
+    base = L + torch.arange(C).repeat(B)[:, None] * n  # (B*C, 1): where each block's K/V go
+    wpos = base + i  # (B*C, n)
+    keys = torch.arange(L + C * n)[None, None, :]  # (1, 1, K)
     lim = (q + 1).expand(-1, n)[..., None]  # the text up to q
-    own = (keys >= L) & (keys <= L + i[..., None])  # this block's slots up to the query's own
+    own = (keys >= base[..., None]) & (keys <= wpos[..., None])  # this block's slots up to the query's own
     mask = (keys < lim) | own  # (B*C, n, K)
-    return {"tokens": tokens, "rows": rows, "pos": pos, "wpos": (L + i).expand(B * C, n), "mask": mask[:, None],
-            "slot": i.expand(B * C, n), "target": target, "L": L}
+    return {"tokens": tokens, "rows": rows, "pos": pos, "wpos": wpos, "mask": mask[:, None],
+            "slot": i.expand(B * C, n), "target": target, "L": L, "C": C}
 
 
 def _cuts(examples: list[Example], k: int, rng: random.Random) -> list[list[int]]:
@@ -126,7 +130,7 @@ def _draft_hidden(model: Transformer, drafter: Drafter, lay: dict[str, Tensor], 
     """The base over the text without gradients (K/V into a cache), then the draft blocks over
     it: their final hidden states (B*C, n, dim)."""
     B, L = lay["tokens"].shape
-    cache = model.new_cache(B, L + n)
+    cache = model.new_cache(B, L + lay["C"] * n)
     with torch.no_grad():
         positions = torch.arange(L)[None].expand(B, L)
         causal = torch.ones(L, L, dtype=torch.bool).tril()[None, None].expand(B, 1, L, L)
@@ -168,8 +172,10 @@ def _save(out_dir: Path, drafter: Drafter, optimizer: torch.optim.Optimizer, ste
 
 
 def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, out_dir: str | Path,
-                  base_path: str | Path, info: dict[str, Any] | None = None) -> Drafter:
-    """Train (or resume) a drafter for the frozen `loaded.model`; see the module docstring."""
+                  base_path: str | Path, info: dict[str, Any] | None = None, init: Drafter | None = None) -> Drafter:
+    """Train (or resume) a drafter for the frozen `loaded.model`; see the module docstring.
+    `init`: the weights to start from where out_dir holds no state yet (a shipped drafter, to
+    train it further in a later session; its rank and slots replace cfg's)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model: Transformer = loaded.model
@@ -177,8 +183,12 @@ def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, o
     examples = _usable(examples)
     if not examples:
         raise ValueError("no training example has a reply of two tokens or more")
+    if init is not None:
+        cfg.rank, cfg.alpha, cfg.n_slots = init.config.rank, init.config.alpha, init.config.n_slots
     drafter = Drafter(loaded.config, DrafterConfig(rank=cfg.rank, alpha=cfg.alpha, n_slots=cfg.n_slots))
     drafter.init_slots(model.model.embed_tokens.weight)
+    if init is not None:
+        drafter.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     step = 0

@@ -103,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--steps-per-block", type=int, default=8,
                      help="denoising steps per block under fixed_steps (default 8: 4 tokens/forward at block 32)")
     llm.add_argument("--engines", default="dllm,ar", help="which engines to run (default: dllm,ar)")
+    llm.add_argument("--heldout", metavar="DATA.jsonl", type=Path,
+                     help="prompts: the held-out prompts of a dlm.adapt data file (as the drafter's "
+                          "evaluation), instead of the built-in voice prompts")
+    llm.add_argument("--n-prompts", type=int, default=32, help="with --heldout: at most this many (default 32)")
     llm.add_argument("--draft-len", type=int, default=0, help="draft-and-verify: mask slots per draft block "
                                                               "(default: llm.draft_len, else 4)")
     llm.add_argument("--compile", metavar="MODE", help="torch.compile the denoising forward: default | "
@@ -196,6 +200,22 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
         notes.append(f"no diffusion model available: {config.llm.model!r} resolved to {loaded.path} "
                      f"({loaded.family}, no mask token); only the AR baseline is measured")
     system = {"role": "system", "content": config.agent.system_prompt}
+    if args.heldout:
+        from dlm.adapt.data import read_dataset
+
+        _, examples = read_dataset(args.heldout)
+        seen: dict[int, list[dict[str, str]]] = {}
+        for e in examples:
+            if e.split == "heldout" and e.prompt_index not in seen and len(seen) < args.n_prompts:
+                seen[e.prompt_index] = e.messages
+        if not seen:
+            raise SystemExit(f"{args.heldout}: no held-out prompts")
+        held = list(seen.values())
+        notes.append(f"{len(held)} held-out prompts of {args.heldout} (their own system prompts)")
+        n = max(max(args.concurrency), len(held))
+        prompts = [held[i % len(held)] for i in range(n)]
+        warm_up = [[system, {"role": "user", "content": f"(warm-up) {PROMPTS[i % len(PROMPTS)]}"}] for i in range(n)]
+        return loaded, diffusion, prompts, warm_up, params, notes
     n = max(max(args.concurrency), len(PROMPTS))  # level 1 runs every prompt once, one at a time
     prompts = [[system, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
     warm_up = [[system, {"role": "user", "content": f"(warm-up) {PROMPTS[i % len(PROMPTS)]}"}] for i in range(n)]
@@ -332,7 +352,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 # Up to MAX_ROUNDS rounds of c requests, each round on other prompts, so that low
                 # levels (concurrency 1 above all) are measured over more than one or two replies.
                 records, wall = [], 0.0
-                for r in range(min(MAX_ROUNDS, max(1, len(prompts) // c))):
+                rounds = max(1, len(prompts) // c)  # --heldout: every held-out prompt
+                for r in range(rounds if args.heldout else min(MAX_ROUNDS, rounds)):
                     round_records, round_wall = _measure(engine, prompts[r * c:(r + 1) * c], params)
                     records += round_records
                     wall += round_wall
@@ -368,7 +389,7 @@ def _time_to(token_times: list[list[float]], n: int) -> float | None:
     return next((t for t, k in token_times if k >= n), None)
 
 
-def _levels(results: list[dict[str, Any]], concurrency: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def _level_pair(results: list[dict[str, Any]], concurrency: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The dLLM's and the AR's results at one concurrency level, or None without both."""
     by_engine = {r["engine"]: r for r in results if r["concurrency"] == concurrency}
     if "dllm" not in by_engine or "ar" not in by_engine:
@@ -392,7 +413,7 @@ def _wall_speedups(dllm: dict[str, Any], ar: dict[str, Any]) -> list[float]:
 def speed_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str, Any] | None:
     """The dLLM vs AR comparison of one concurrency level, or None without both engines there.
     Replies are paired by prompt (same order in both engines' records)."""
-    levels = _levels(results, concurrency)
+    levels = _level_pair(results, concurrency)
     if levels is None:
         return None
     dllm, ar = levels
@@ -431,7 +452,7 @@ def exact_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str,
     0 there must be none), tokens per forward without the prefill, the wall-time speed-up to the
     same number of tokens, and the time to the first FIRST_TOKENS final tokens (or the shorter
     reply) as a fraction of the AR's. None without both engines at that level."""
-    levels = _levels(results, concurrency)
+    levels = _level_pair(results, concurrency)
     if levels is None:
         return None
     dllm, ar = levels
