@@ -131,7 +131,7 @@ class LlmConfig:
     # The AR baseline used by benchmarks; same weights as the default dLLM's teacher.
     baseline_model: str = "smollm2-135m-instruct"
     device: str = "cpu"
-    # "auto": the registry's dtype for the model (the default model: bfloat16, fast on AMX), else
+    # "auto": the registry's dtype for the model (smollm2-135m-drafter: bfloat16, fast on AMX), else
     # float32 on CPU and bfloat16 on a GPU; or "float32" / "bfloat16" / "float16".
     dtype: str = "auto"
     # Draft-and-verify (models with a drafter): mask slots per draft block (0: 4) and one draft

@@ -37,3 +37,23 @@ def test_bars_pass_when_the_dllm_is_fast_enough_and_need_both_engines() -> None:
     assert bars["first_text_ratio"]["value"] == pytest.approx(0.1 / 0.32) and bars["first_text_ratio"]["pass"]
     assert speed_bars([_level("ar", ar, 1.0)]) is None
     assert speed_bars([_level("dllm", dllm, 4.0), {**_level("ar", ar, 1.0), "concurrency": 8}]) is None
+
+
+def test_exact_bars_count_differing_replies_and_leave_out_the_prefill() -> None:
+    from voice_agent.commands.bench import exact_bars
+
+    def level(engine, replies, tpf, decode_tpf):
+        return {"engine": engine, "concurrency": 1, "tokens_per_forward": tpf, "decode_tokens_per_forward": decode_tpf,
+                "replies_detail": replies}
+
+    ours = [{"token_times": [[0.1, 4], [0.2, 8], [0.3, 12]], "token_ids": [1, 2, 3]},
+            {"token_times": [[0.1, 3], [0.2, 6]], "token_ids": [4, 5]}]
+    ar = [{"token_times": [[0.05 * k, k] for k in range(1, 13)], "token_ids": [1, 2, 3]},
+          {"token_times": [[0.05 * k, k] for k in range(1, 7)], "token_ids": [4, 6]}]
+    bars = exact_bars([level("dllm", ours, 2.4, 3.0), level("ar", ar, 1.0, 1.0)])
+    assert bars["differing_replies"]["value"] == 1 and not bars["differing_replies"]["pass"]
+    assert bars["decode_tokens_per_forward"]["value"] == 3.0 and bars["decode_tokens_per_forward"]["pass"]
+    # 8 tokens: 0.2 s against 0.4 s; 6 tokens (the shorter reply): 0.2 s against 0.3 s.
+    assert bars["first8_ratio"]["value"] == pytest.approx((0.2 / 0.4 + 0.2 / 0.3) / 2)
+    # 12 tokens: 0.6 / 0.3; 6 tokens: 0.3 / 0.2.
+    assert bars["wall_speedup"]["value"] == pytest.approx((0.6 / 0.3 + 0.3 / 0.2) / 2) and not bars["wall_speedup"]["pass"]

@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -397,17 +398,22 @@ def _level_pair(results: list[dict[str, Any]], concurrency: int) -> tuple[dict[s
     return by_engine["dllm"], by_engine["ar"]
 
 
-def _wall_speedups(dllm: dict[str, Any], ar: dict[str, Any]) -> list[float]:
-    """Per prompt: AR time / dLLM time to the same number of tokens (BAR_TOKENS or the shorter reply)."""
-    speedups = []
+def _time_ratios(dllm: dict[str, Any], ar: dict[str, Any], count: Callable[[list, list], int]) -> list[float]:
+    """Per prompt: the dLLM's time / the AR's time to `count(dllm timeline, ar timeline)` tokens."""
+    ratios = []
     for d, a in zip(dllm["replies_detail"], ar["replies_detail"], strict=True):
         if not d.get("token_times") or not a.get("token_times"):
             continue
-        n = min(d["token_times"][-1][1], a["token_times"][-1][1], BAR_TOKENS)
+        n = count(d["token_times"], a["token_times"])
         t_d, t_a = _time_to(d["token_times"], n), _time_to(a["token_times"], n)
         if t_d and t_a:
-            speedups.append(t_a / t_d)
-    return speedups
+            ratios.append(t_d / t_a)
+    return ratios
+
+
+def _wall_speedups(dllm: dict[str, Any], ar: dict[str, Any]) -> list[float]:
+    """Per prompt: AR time / dLLM time to the same number of tokens (BAR_TOKENS or the shorter reply)."""
+    return [1 / r for r in _time_ratios(dllm, ar, lambda d, a: min(d[-1][1], a[-1][1], BAR_TOKENS))]
 
 
 def speed_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str, Any] | None:
@@ -417,14 +423,9 @@ def speed_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str,
     if levels is None:
         return None
     dllm, ar = levels
-    speedups, first_ratios = _wall_speedups(dllm, ar), []
-    for d, a in zip(dllm["replies_detail"], ar["replies_detail"], strict=True):
-        if not d.get("token_times") or not a.get("token_times"):
-            continue
-        k = min(d["token_times"][0][1], a["token_times"][-1][1])  # the dLLM's first final text, in tokens
-        t_d, t_a = _time_to(d["token_times"], k), _time_to(a["token_times"], k)
-        if t_d and t_a:
-            first_ratios.append(t_d / t_a)
+    speedups = _wall_speedups(dllm, ar)
+    # The dLLM's first final text, in tokens, against the AR's time to as many.
+    first_ratios = _time_ratios(dllm, ar, lambda d, a: min(d[0][1], a[-1][1]))
     tpf = dllm["tokens_per_forward"]
     wall = statistics.median(speedups) if speedups else None
     first = statistics.median(first_ratios) if first_ratios else None
@@ -458,13 +459,8 @@ def exact_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str,
     dllm, ar = levels
     pairs = list(zip(dllm["replies_detail"], ar["replies_detail"], strict=True))
     differing = sum(1 for d, a in pairs if d.get("token_ids") != a.get("token_ids"))
-    speedups, first = _wall_speedups(dllm, ar), []
-    for d, a in pairs:
-        if d.get("token_times") and a.get("token_times"):
-            n = min(d["token_times"][-1][1], a["token_times"][-1][1], FIRST_TOKENS)
-            t_d, t_a = _time_to(d["token_times"], n), _time_to(a["token_times"], n)
-            if t_d and t_a:
-                first.append(t_d / t_a)
+    speedups = _wall_speedups(dllm, ar)
+    first = _time_ratios(dllm, ar, lambda d, a: min(d[-1][1], a[-1][1], FIRST_TOKENS))
     tpf = dllm["decode_tokens_per_forward"]
     wall = statistics.median(speedups) if speedups else None
     first_ratio = statistics.median(first) if first else None
