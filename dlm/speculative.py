@@ -82,7 +82,6 @@ class SpeculativeDecoder(BlockDecoder):
         self.draft_len = draft_len
         self.tree = tree
         self.drafts: dict[int, _Drafts] = {}
-        self.vocab_size = model.config.vocab_size
 
     def _n(self, settings: DecodeSettings) -> int:
         return settings.draft_len or self.draft_len
