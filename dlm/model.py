@@ -179,9 +179,10 @@ class KVCache:
 def exact_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Grouped-query attention q (B, H, T, D), k, v (B, Hkv, K, D), bool mask (B or 1, 1, T, K)
     -> (B, H, T, D) in q's dtype, computed in float64: a product of two bf16 numbers is exact
-    there and so is a sum of D of them, so the scores do not depend on the summation order, and
-    the rest differs by ~1e-16 at most, far below a bf16 rounding step. Each query's result is
-    therefore the same whatever the other queries, the key padding or the batch are."""
+    there, and so is a sum of D of them unless their magnitudes span more than ~2^37, so the
+    scores do not depend on the summation order; the softmax and the weighted sum differ by
+    ~1e-16 at most, far below a bf16 rounding step. Each query's result is therefore the same
+    whatever the other queries, the key padding or the batch are."""
     B, H, T, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
     G = H // Hkv
