@@ -411,6 +411,10 @@ def _time_ratios(dllm: dict[str, Any], ar: dict[str, Any], count: Callable[[list
     return ratios
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def _wall_speedups(dllm: dict[str, Any], ar: dict[str, Any]) -> list[float]:
     """Per prompt: AR time / dLLM time to the same number of tokens (BAR_TOKENS or the shorter reply)."""
     return [1 / r for r in _time_ratios(dllm, ar, lambda d, a: min(d[-1][1], a[-1][1], BAR_TOKENS))]
@@ -427,8 +431,7 @@ def speed_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str,
     # The dLLM's first final text, in tokens, against the AR's time to as many.
     first_ratios = _time_ratios(dllm, ar, lambda d, a: min(d[0][1], a[-1][1]))
     tpf = dllm["tokens_per_forward"]
-    wall = statistics.median(speedups) if speedups else None
-    first = statistics.median(first_ratios) if first_ratios else None
+    wall, first = _median(speedups), _median(first_ratios)
     return {
         "concurrency": concurrency,
         "pairs": len(speedups),
@@ -462,8 +465,7 @@ def exact_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str,
     speedups = _wall_speedups(dllm, ar)
     first = _time_ratios(dllm, ar, lambda d, a: min(d[-1][1], a[-1][1], FIRST_TOKENS))
     tpf = dllm["decode_tokens_per_forward"]
-    wall = statistics.median(speedups) if speedups else None
-    first_ratio = statistics.median(first) if first else None
+    wall, first_ratio = _median(speedups), _median(first)
     return {
         "concurrency": concurrency,
         "pairs": len(pairs),
