@@ -75,14 +75,14 @@ def _shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
 class DraftLayer(nn.Module):
     """One layer's low-rank updates: y += (x A^T) B^T * alpha / rank at the mask slots. Fused
     projections (q, k, v or gate, up in one packed matmul) get their updates in one pair of
-    products too. The fused pairs are cached while decoding: change the weights under
+    products too. The pairs (scale folded in) are cached while decoding: change the weights under
     torch.no_grad() and call `Drafter.refresh()`."""
 
     def __init__(self, model_config: ModelConfig, config: DrafterConfig) -> None:
         super().__init__()
         shapes = self.shapes = _shapes(model_config)
         self.scale = config.alpha / config.rank
-        self._fused: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}  # decoding: see _pair
+        self._pairs: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}  # decoding: see _pair
         self.a = nn.ParameterDict({n: nn.Parameter(torch.empty(config.rank, shapes[n][0])) for n in config.targets})
         self.b = nn.ParameterDict({n: nn.Parameter(torch.zeros(shapes[n][1], config.rank)) for n in config.targets})
         for a in self.a.values():
@@ -92,18 +92,18 @@ class DraftLayer(nn.Module):
         """(A, B) of the projections `names` side by side, the scale folded into B: A stacks
         their A's (rank r each), B is block-diagonal. None where none of them is adapted. Without
         gradients (decoding) the pair is built once and kept; with them, always anew."""
-        if len(names) == 1:
-            name = names[0]
-            return (self.a[name], self.b[name] * self.scale) if name in self.a else None
-        if not torch.is_grad_enabled() and names in self._fused:
-            return self._fused[names]
+        if not torch.is_grad_enabled() and names in self._pairs:
+            return self._pairs[names]
         if not any(n in self.a for n in names):
             return None
-        r = next(iter(self.a.values())).shape[0]
-        a = torch.cat([self.a[n] if n in self.a else self._zero_a(n, r) for n in names])
-        b = torch.block_diag(*[self.b[n] * self.scale if n in self.b else self._zero_b(n, r) for n in names])
+        if len(names) == 1:
+            a, b = self.a[names[0]], self.b[names[0]] * self.scale
+        else:
+            r = next(iter(self.a.values())).shape[0]
+            a = torch.cat([self.a[n] if n in self.a else self._zero_a(n, r) for n in names])
+            b = torch.block_diag(*[self.b[n] * self.scale if n in self.b else self._zero_b(n, r) for n in names])
         if not torch.is_grad_enabled():
-            self._fused[names] = (a, b)
+            self._pairs[names] = (a, b)
         return a, b
 
     def _zero_a(self, name: str, r: int) -> Tensor:
@@ -139,9 +139,9 @@ class Drafter(nn.Module):
         return self.config.n_slots
 
     def refresh(self) -> None:
-        """Forget the fused update pairs cached for decoding (after changing the weights)."""
+        """Forget the update pairs cached for decoding (after changing the weights)."""
         for layer in self.layers:
-            layer._fused.clear()
+            layer._pairs.clear()
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float() etc.: the cached pairs are stale
         self.refresh()

@@ -10,7 +10,7 @@ Contract: `make_engine(loaded, kind="auto", **kwargs)` returns a started engine 
 diffusion", "AR"); `parallel(loaded)` says whether the model decodes more than one token per
 forward at all. kwargs go to the engine (max_batch_size, max_seq_len, compile_mode, and for
 draft-and-verify draft_len and tree; draft_len 0 or None: the engine's default); the draft-and-verify
-keys are dropped for other engines, and `compile_mode=None` for draft-and-verify.
+keys are dropped for other engines.
 """
 
 from __future__ import annotations
@@ -55,6 +55,4 @@ def make_engine(loaded: Any, kind: str = "auto", **kwargs: Any):
         return Engine(loaded, **kwargs)
     from dlm.speculative import SpeculativeEngine
 
-    if kwargs.get("compile_mode") is None:
-        kwargs.pop("compile_mode", None)
     return SpeculativeEngine(loaded, loaded.drafter, **kwargs)

@@ -214,7 +214,7 @@ class SpeculativeDecoder(BlockDecoder):
             row.steps += 1
         accepted = self._verify(rows, verify, drafts)
         # The accepted block of each row that goes on gives its next drafts.
-        going, picks = [], []
+        going = []
         for b, row in enumerate(rows):
             j, tokens = accepted[b]
             c = row.final_upto
@@ -285,10 +285,8 @@ class SpeculativeEngine(AREngine):
 
     def __init__(self, loaded: Any, drafter: Drafter, *, draft_len: int = DEFAULT_DRAFT_LEN, tree: bool = True,
                  **kwargs: Any) -> None:
-        if not 1 <= draft_len <= drafter.n_slots:
-            raise ValueError(f"draft_len {draft_len} must lie in [1, {drafter.n_slots}] (the drafter's slots)")
         self.drafter, self.draft_len, self.tree = drafter, draft_len, tree
-        super().__init__(loaded, **kwargs)
+        super().__init__(loaded, **kwargs)  # its decoder checks draft_len
 
     def make_decoder(self, **kwargs: Any) -> BlockDecoder:
         return SpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree,

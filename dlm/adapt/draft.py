@@ -37,7 +37,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from dlm.adapt.data import Example
@@ -115,13 +114,18 @@ def _layout(examples: list[Example], cuts: list[list[int]], n: int, pad_id: int)
             "slot": i.expand(B * C, n), "target": target, "L": L, "C": C}
 
 
+def _cut_range(e: Example) -> range:
+    """Where a draft block may follow in a sequence: q, the last position the verifier has seen,
+    from the prompt's last token to the reply's second-to-last (so slot 0 has a target)."""
+    P = len(e.prompt_ids)
+    return range(P - 1, P + len(e.reply_ids) - 2)
+
+
 def _cuts(examples: list[Example], k: int, rng: random.Random) -> list[list[int]]:
-    """k draft-block positions q per sequence: the last position the verifier has seen, from the
-    prompt's last token to the reply's second-to-last (so slot 0 has a target)."""
+    """k draft-block positions q per sequence (`_cut_range`), without repeats where there are enough."""
     out = []
     for e in examples:
-        P, R = len(e.prompt_ids), len(e.reply_ids)
-        choices = list(range(P - 1, P + R - 2))
+        choices = list(_cut_range(e))
         out.append(rng.sample(choices, k) if len(choices) >= k else [rng.choice(choices) for _ in range(k)])
     return out
 
@@ -137,10 +141,8 @@ def _draft_hidden(model: Transformer, drafter: Drafter, lay: dict[str, Tensor], 
         model(lay["tokens"], positions, causal, cache=cache, cache_rows=torch.arange(B),
               out_index=torch.zeros(B, 1, dtype=torch.long))
     blocks = lay["pos"].shape[0]
-    # A few queries per row: the math kernel's backward is far cheaper here than the flash one's.
-    with sdpa_kernel(SDPBackend.MATH):
-        return model(torch.zeros(blocks, n, dtype=torch.long), lay["pos"], lay["mask"], cache=cache, cache_rows=lay["rows"],
-                     write_positions=lay["wpos"], draft=DraftInputs(drafter, 0, lay["slot"]), hidden=True)
+    return model(torch.zeros(blocks, n, dtype=torch.long), lay["pos"], lay["mask"], cache=cache, cache_rows=lay["rows"],
+                 write_positions=lay["wpos"], draft=DraftInputs(drafter, 0, lay["slot"]), hidden=True)
 
 
 def draft_batch_loss(model: Transformer, drafter: Drafter, examples: list[Example], cuts: list[list[int]],
@@ -247,7 +249,7 @@ def evaluate_drafter(loaded: Any, drafter: Drafter, examples: list[Example], n_s
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = examples[start:start + batch_size]
-            cuts = [list(range(len(e.prompt_ids) - 1, len(e.prompt_ids) + len(e.reply_ids) - 2)) for e in batch]
+            cuts = [list(_cut_range(e)) for e in batch]
             width = max(len(c) for c in cuts)
             cuts = [c + [c[-1]] * (width - len(c)) for c in cuts]  # repeat the last: counted once below
             lay = _layout(batch, cuts, n_slots, pad_id)
@@ -256,8 +258,7 @@ def evaluate_drafter(loaded: Any, drafter: Drafter, examples: list[Example], n_s
             hit = (loaded.model.logits(h).argmax(-1) == lay["target"]).view(B, width, n_slots)
             valid = (lay["target"] >= 0).view(B, width, n_slots)
             for b, e in enumerate(batch):
-                n_cuts = len(e.prompt_ids) + len(e.reply_ids) - 2 - (len(e.prompt_ids) - 1)
-                for ci in range(n_cuts):
+                for ci in range(len(_cut_range(e))):
                     run = 0
                     for i in range(n_slots):
                         if valid[b, ci, i]:

@@ -211,14 +211,12 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
                 seen[e.prompt_index] = e.messages
         if not seen:
             raise SystemExit(f"{args.heldout}: no held-out prompts")
-        held = list(seen.values())
-        notes.append(f"{len(held)} held-out prompts of {args.heldout} (their own system prompts)")
-        n = max(max(args.concurrency), len(held))
-        prompts = [held[i % len(held)] for i in range(n)]
-        warm_up = [[system, {"role": "user", "content": f"(warm-up) {PROMPTS[i % len(PROMPTS)]}"}] for i in range(n)]
-        return loaded, diffusion, prompts, warm_up, params, notes
-    n = max(max(args.concurrency), len(PROMPTS))  # level 1 runs every prompt once, one at a time
-    prompts = [[system, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
+        chats = list(seen.values())
+        notes.append(f"{len(chats)} held-out prompts of {args.heldout} (their own system prompts)")
+    else:
+        chats = [[system, {"role": "user", "content": p}] for p in PROMPTS]
+    n = max(max(args.concurrency), len(chats))  # level 1 runs every prompt once, one at a time
+    prompts = [chats[i % len(chats)] for i in range(n)]
     warm_up = [[system, {"role": "user", "content": f"(warm-up) {PROMPTS[i % len(PROMPTS)]}"}] for i in range(n)]
     return loaded, diffusion, prompts, warm_up, params, notes
 
@@ -361,14 +359,15 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 peak = torch.cuda.max_memory_allocated() if cuda else None
                 results.append(_summary(name, c, records, wall, peak))
                 print(f"  {name} concurrency {c}: {wall:.2f} s", file=sys.stderr)
+    decoding_name = decoding(loaded)
     report = {
         "environment": _environment(device),
         "model": str(loaded.path), "family": loaded.family, "dtype": str(loaded.model.model.embed_tokens.weight.dtype),
         "max_new_tokens": args.max_new_tokens, "policy": params.policy,
         "steps_per_block": params.steps_per_block if params.policy == "fixed_steps" else None,
         "compile": args.compile, "notes": notes, "results": results,
-        "decoding": decoding(loaded),
-        "bars": None if args.synthetic else (exact_bars if decoding(loaded) == "draft-and-verify" else speed_bars)(
+        "decoding": decoding_name,
+        "bars": None if args.synthetic else (exact_bars if decoding_name == "draft-and-verify" else speed_bars)(
             results, min(args.concurrency)),
     }
     if args.json:
