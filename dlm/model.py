@@ -39,9 +39,10 @@ Contract:
   and `hidden=True` returns the final normed hidden states instead of logits (`logits(h)` turns
   the ones wanted into logits).
 - `pack_linears()` (bfloat16 on a CPU with oneDNN): every projection, and the output head, use
-  oneDNN's prepacked weight layout (q, k, v as one matmul, gate and up as one), about 2.4x faster
-  than plain bf16 matmuls at 1-32 rows on AMX; the packed copies live beside the weights (no
-  state-dict change) and are dropped by `unpack_linears()`. Calls go PACKED_ROWS rows at a time, and attention on CPU in bf16 runs in
+  oneDNN's prepacked weight layout (q, k, v as one matmul, gate and up as one): plain bf16
+  matmuls reorder the weight at every call (docs/benchmarks.md: the packed bf16 AR engine decodes
+  1.3x faster than the float32 one); the packed copies live beside the weights (no state-dict
+  change) and are dropped by `unpack_linears()`. Calls go PACKED_ROWS rows at a time, and attention on CPU in bf16 runs in
   float64 at text positions (`exact_attention`), so a position's result does not depend on the
   batch, the prefill chunking or the other tokens of the forward: a forward verifying k drafts
   reproduces the one-token-per-step logits bit for bit.
