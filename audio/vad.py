@@ -2,9 +2,10 @@
 
 Contract:
 - `Endpointer(sample_rate_hz=16000, aggressiveness=2, frame_ms=20, pre_roll_ms=300,
-  min_speech_ms=200, end_silence_ms=600, backend="webrtc", max_utterance_ms=30000)`.
+  min_speech_ms=200, end_silence_ms=600, backend="webrtc", max_utterance_ms=30000,
+  check_silence_ms=0)`.
   `.feed(chunk)` takes float32 mono chunks of any size (int16 arrays are accepted too) and returns
-  the events decided by that chunk, in order: `SpeechStarted` and `SpeechEnded`.
+  the events decided by that chunk, in order: `SpeechStarted`, `PauseCheck` and `SpeechEnded`.
   Stream times (`t_s`, `audio_start_s`) count seconds of audio fed since creation or `reset()`.
 - A turn starts once `min_speech_ms` of voiced frames have been seen with no pause longer than
   `_START_GAP_MS` between them, so a cough or a click is not a turn. `SpeechStarted.t_s` is the
@@ -14,6 +15,12 @@ Contract:
   stream time at which the end was decided. `SpeechEnded.audio` holds the utterance: `pre_roll_ms`
   of audio before the first voiced frame (so the start of the first word is never cut), the
   speech, and up to `pre_roll_ms` of trailing audio after the last voiced frame.
+- Semantic end of turn: with `check_silence_ms` > 0, every pause inside a turn that reaches
+  `check_silence_ms` of unvoiced frames emits one `PauseCheck` carrying the utterance so far
+  (trailing silence included) and a `pause_id`. Whoever judges it (an end-of-turn model) may call
+  `.end_turn(pause_id)`, which closes the turn at once (a `SpeechEnded` with `early=True`) if the
+  same pause still goes on, and returns [] if the caller spoke again or the turn already ended.
+  Otherwise the turn ends at `end_silence_ms` as usual: that is then the fallback.
 - `.utterance_audio()` is the audio of the turn in progress (the same layout, growing), or an empty
   array between turns: the input for partial transcripts. `.in_speech` says whether a turn is open.
 - `.reset()` forgets everything, stream time included.
@@ -40,6 +47,7 @@ __all__ = [
     "BACKENDS",
     "Endpointer",
     "FrameClassifier",
+    "PauseCheck",
     "SileroVad",
     "SpeechEnded",
     "SpeechStarted",
@@ -69,6 +77,17 @@ class SpeechEnded:
     audio: np.ndarray = field(repr=False)  # float32 mono: pre-roll + speech + trailing pad
     audio_start_s: float = 0.0  # stream time of audio[0]
     speech_start_s: float = 0.0  # stream time of the first voiced frame
+    speech_end_s: float = 0.0  # stream time of the end of the last voiced frame
+    early: bool = False  # ended by `Endpointer.end_turn` before the full end silence
+
+
+@dataclass(frozen=True)
+class PauseCheck:
+    """A pause of `check_silence_ms` inside a turn: is the turn over? (see `Endpointer.end_turn`)"""
+
+    t_s: float  # stream time at which the pause reached check_silence_ms
+    audio: np.ndarray = field(repr=False)  # the utterance so far, as `utterance_audio()`
+    pause_id: int  # names this pause for `end_turn`
     speech_end_s: float = 0.0  # stream time of the end of the last voiced frame
 
 
@@ -216,11 +235,13 @@ class Endpointer:
         end_silence_ms: int = 600,
         backend: str = "webrtc",
         max_utterance_ms: int = 30_000,
+        check_silence_ms: int = 0,
     ) -> None:
         for name, value in (
             ("pre_roll_ms", pre_roll_ms),
             ("min_speech_ms", min_speech_ms),
             ("end_silence_ms", end_silence_ms),
+            ("check_silence_ms", check_silence_ms),
         ):
             if value < 0:
                 raise AudioError(f"{name} must be >= 0, got {value}")
@@ -235,8 +256,11 @@ class Endpointer:
         self._min_speech_frames = max(1, int(np.ceil(min_speech_ms / self.frame_ms)))
         self._start_gap_frames = max(1, int(np.ceil(_START_GAP_MS / self.frame_ms)))
         self._end_silence_frames = max(1, int(np.ceil(end_silence_ms / self.frame_ms)))
+        # 0: no checks. A check due no sooner than the end itself is never emitted.
+        self._check_frames = int(np.ceil(check_silence_ms / self.frame_ms)) if check_silence_ms > 0 else 0
         self._max_utterance_frames = max(1, int(max_utterance_ms / self.frame_ms))
         self._tail_frames = int(np.ceil(pre_roll_ms / self.frame_ms))
+        self._pause_serial = 0  # PauseCheck ids, never reused (not even after reset)
         self._pre_roll_frames = int(np.ceil(self._pre_roll_samples / self.frame_samples))
         self.reset()
 
@@ -261,19 +285,20 @@ class Endpointer:
         self._speech_first = 0  # frame index of the first voiced frame
         self._speech_last = 0  # frame index of the last voiced frame
         self._silence_run = 0  # unvoiced frames since the last voiced frame
+        self._open_pause = -1  # pause_id of the PauseCheck of the pause going on, or -1
 
     def _t(self, frame_index: int) -> float:
         return frame_index * self.frame_samples / self.sample_rate_hz
 
     # --- feeding -------------------------------------------------------------------------------
 
-    def feed(self, chunk: np.ndarray) -> list[SpeechStarted | SpeechEnded]:
+    def feed(self, chunk: np.ndarray) -> list[SpeechStarted | PauseCheck | SpeechEnded]:
         """Classify the whole frames now available; return the events they decide."""
         audio = _as_mono_float32(chunk)
         if self._pending.size:
             audio = np.concatenate([self._pending, audio])
         n_frames = audio.size // self.frame_samples
-        events: list[SpeechStarted | SpeechEnded] = []
+        events: list[SpeechStarted | PauseCheck | SpeechEnded] = []
         for i in range(n_frames):
             frame = audio[i * self.frame_samples : (i + 1) * self.frame_samples]
             voiced = self._classifier.is_speech(frame)
@@ -326,13 +351,33 @@ class Endpointer:
         if voiced:
             self._speech_last = index
             self._silence_run = 0
+            self._open_pause = -1
         else:
             self._silence_run += 1
         too_long = index + 1 - self._utt_start_frame >= self._max_utterance_frames
         if self._silence_run >= self._end_silence_frames or too_long:
             self._close_turn(index, events)
+        elif self._check_frames and self._silence_run == self._check_frames:
+            self._pause_serial += 1
+            self._open_pause = self._pause_serial
+            events.append(
+                PauseCheck(
+                    t_s=self._t(index + 1),
+                    audio=self.utterance_audio(),
+                    pause_id=self._open_pause,
+                    speech_end_s=self._t(self._speech_last + 1),
+                )
+            )
 
-    def _close_turn(self, index: int, events: list) -> None:
+    def end_turn(self, pause_id: int) -> list[SpeechEnded]:
+        """End the turn now if the pause `pause_id` (from a `PauseCheck`) still goes on."""
+        if not self.in_speech or pause_id != self._open_pause or self._silence_run == 0:
+            return []
+        events: list[SpeechEnded] = []
+        self._close_turn(self._frames_seen - 1, events, early=True)
+        return events
+
+    def _close_turn(self, index: int, events: list, early: bool = False) -> None:
         # Keep up to the pre-roll length of audio after the last voiced frame.
         end_frame = min(index, self._speech_last + self._tail_frames)  # inclusive
         n_frames = end_frame - self._utt_start_frame + 1
@@ -344,6 +389,7 @@ class Endpointer:
                 audio_start_s=self._t(self._utt_start_frame) + self._utt_lead_samples / self.sample_rate_hz,
                 speech_start_s=self._t(self._speech_first),
                 speech_end_s=self._t(self._speech_last + 1),
+                early=early,
             )
         )
         # The last frames seen are the pre-roll of a turn that starts right away.
@@ -351,6 +397,7 @@ class Endpointer:
         kept = self._utt[len(self._utt) - n_kept :]
         self._history = collections.deque((index + 1 - n_kept + k, f) for k, f in enumerate(kept))
         self.in_speech = False
+        self._open_pause = -1
         self._utt = []
 
     # --- reading -------------------------------------------------------------------------------

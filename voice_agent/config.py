@@ -32,10 +32,14 @@ __all__ = [
     "ServerConfig",
     "StoreConfig",
     "TtsConfig",
+    "TurnConfig",
     "VadConfig",
     "default_config_text",
     "load_config",
 ]
+
+# turn.detector values (see TurnConfig).
+TURN_DETECTORS = ("smart-turn", "silence")
 
 # llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
 # engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR).
@@ -88,6 +92,31 @@ class VadConfig:
     end_silence_ms: int = 600
     # A turn longer than this is ended anyway (whisper decodes at most 30 s at once).
     max_utterance_ms: int = 30000
+
+
+@dataclass
+class TurnConfig:
+    # How the end of the caller's turn is decided. "smart-turn": each pause of check_silence_ms
+    # inside a turn is judged by Smart Turn v3.2 (audio/turn.py, from the sound of the speech);
+    # at P(turn over) >= threshold the turn ends at once, else only after max_silence_ms of
+    # silence. "silence": vad.end_silence_ms of silence alone (no model).
+    detector: str = "smart-turn"
+    check_silence_ms: int = 200
+    threshold: float = 0.5
+    max_silence_ms: int = 1500
+    # A Smart Turn v3 ONNX file; "": the v3.2 model in the pipecat-ai wheel (install.sh).
+    model: str = ""
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.detector not in TURN_DETECTORS:
+            raise ConfigError(f"turn.detector must be one of {', '.join(map(repr, TURN_DETECTORS))}, not {self.detector!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"turn.threshold must be in [0, 1], not {self.threshold}")
+        if self.check_silence_ms < 20 or self.check_silence_ms >= self.max_silence_ms:
+            raise ConfigError("turn.check_silence_ms must be at least 20 and below turn.max_silence_ms")
+        if self.threads < 1:
+            raise ConfigError("turn.threads must be at least 1")
 
 
 @dataclass
@@ -217,6 +246,7 @@ class Secrets:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     vad: VadConfig = field(default_factory=VadConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
     asr: AsrConfig = field(default_factory=AsrConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)

@@ -29,6 +29,7 @@ WORK_HELP = {
     "asr_running": "ASR decodes running on the model (0 or 1).",
     "asr_waiting": "ASR decodes waiting for the model.",
     "tts_jobs": "Speech syntheses running or waiting for the voice.",
+    "turn_checks": "End-of-turn model runs in progress or waiting.",
 }
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 

@@ -20,8 +20,15 @@ Contract:
 - `work()` says what the shared models are doing now (LLM rows and queue from the client's
   `load()`, ASR decodes running and waiting, TTS syntheses running or waiting for the voice), for
   /metrics, /healthz and the tests that check no work outlives its call.
-- `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state; a chunker
-  serves one reply (its first chunk may end at a clause: `tts.first_chunk_min_words`).
+- End of turn (`[turn]`): with `detector = "smart-turn"` the Smart Turn model is loaded once;
+  `await end_of_turn(audio_16k)` runs it in a worker thread (one call at a time, first come; a
+  cancelled request leaves the queue) and returns P(the caller's turn is over); `turn_threshold`
+  is the probability at which a turn ends. `end_silence_ms` is the silence after which a turn
+  ends without a verdict (`turn.max_silence_ms`; `vad.end_silence_ms` for "silence").
+- `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state (the main
+  endpointer emits a `PauseCheck` at each `turn.check_silence_ms` pause when a turn model is
+  loaded); a chunker serves one reply (its first chunk may end at a clause:
+  `tts.first_chunk_min_words`).
 """
 
 from __future__ import annotations
@@ -45,11 +52,15 @@ log = logging.getLogger(__name__)
 
 
 class ModelServices:
-    def __init__(self, config: Config, *, transcriber: Any, synthesizer: Any, llm: LlmClient) -> None:
+    def __init__(self, config: Config, *, transcriber: Any, synthesizer: Any, llm: LlmClient, turn_model: Any = None) -> None:
         self.config = config
         self.llm = llm
         self.partial_interval_ms = config.asr.partial_interval_ms
-        self.end_silence_ms = config.vad.end_silence_ms
+        self._turn_model = turn_model  # audio.turn.SmartTurn or None (silence alone)
+        self.turn_threshold = config.turn.threshold
+        self.end_silence_ms = config.turn.max_silence_ms if turn_model is not None else config.vad.end_silence_ms
+        self._turn_gate = PriorityGate()
+        self._turn_lock = threading.Lock()
         self._transcriber = transcriber
         self._synthesizer = synthesizer
         self._asr_gate = PriorityGate()  # the order of ASR requests (event loop)
@@ -74,9 +85,15 @@ class ModelServices:
             beam_size=config.asr.beam_size,
         )
         synthesizer = Synthesizer(resolve_tts_voice(config.tts.voice), length_scale=config.tts.length_scale)
+        turn_model = None
+        if config.turn.detector == "smart-turn":
+            from audio.turn import SmartTurn
+
+            turn_model = SmartTurn(config.turn.model or None, threads=config.turn.threads)
         llm = build_llm(config.llm, api_key=api_key)
-        log.info("models ready: ASR %s, TTS %s, LLM %s", config.asr.model, config.tts.voice, llm.name)
-        return cls(config, transcriber=transcriber, synthesizer=synthesizer, llm=llm)
+        log.info("models ready: ASR %s, TTS %s, LLM %s, end of turn %s", config.asr.model, config.tts.voice, llm.name,
+                 config.turn.detector)
+        return cls(config, transcriber=transcriber, synthesizer=synthesizer, llm=llm, turn_model=turn_model)
 
     def _transcribe_blocking(self, audio_16k: np.ndarray) -> str:
         with self._asr_lock:
@@ -96,6 +113,16 @@ class ModelServices:
             with self._tts_jobs_lock:
                 self._tts_jobs -= 1
 
+    def _end_of_turn_blocking(self, audio_16k: np.ndarray) -> float:
+        with self._turn_lock:
+            return self._turn_model.probability(audio_16k)
+
+    async def end_of_turn(self, audio_16k: np.ndarray) -> float:
+        """P(the caller's turn is over | the utterance so far); only with a turn model."""
+        if self._turn_model is None:
+            raise RuntimeError("no end-of-turn model is loaded (turn.detector = \"silence\")")
+        return await self._in_thread(self._turn_gate, self._end_of_turn_blocking, audio_16k)
+
     def work(self) -> dict[str, int]:
         """Work in progress on the shared models (see the module docstring)."""
         load = self.llm.load()
@@ -106,6 +133,7 @@ class ModelServices:
             "asr_running": int(self._asr_lock.locked()),
             "asr_waiting": self._asr_gate.waiting(),
             "tts_jobs": self._tts_jobs + self._tts_gate.waiting(),
+            "turn_checks": int(self._turn_lock.locked()) + self._turn_gate.waiting(),
         }
 
     async def transcribe(
@@ -139,17 +167,22 @@ class ModelServices:
         return await asyncio.shield(job)
 
     def make_endpointer(self, end_silence_ms: int | None = None) -> Any:
+        """The call's endpointer; with `end_silence_ms`, a plain one with that silence (no
+        pause checks: the speculative start's)."""
         from audio.vad import Endpointer
 
         vad = self.config.vad
+        main = end_silence_ms is None
         return Endpointer(
             sample_rate_hz=16_000,
             aggressiveness=vad.aggressiveness,
             frame_ms=vad.frame_ms,
             pre_roll_ms=vad.pre_roll_ms,
             min_speech_ms=vad.min_speech_ms,
-            end_silence_ms=vad.end_silence_ms if end_silence_ms is None else end_silence_ms,
+            end_silence_ms=self.end_silence_ms if main else end_silence_ms,
             backend=vad.backend,
+            max_utterance_ms=vad.max_utterance_ms,
+            check_silence_ms=self.config.turn.check_silence_ms if main and self._turn_model is not None else 0,
         )
 
     def make_chunker(self) -> Any:

@@ -68,6 +68,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from audio.vad import PauseCheck
 from audio.vad import SpeechStarted as VadSpeechStarted
 from voice_agent.config import AgentConfig
 from voice_agent.events import (
@@ -125,7 +126,8 @@ class Services(Protocol):
 
     llm: LlmClient
     partial_interval_ms: int  # 0: no partial transcripts
-    end_silence_ms: int  # the endpointer's: speech ended this long before SpeechEnded
+    end_silence_ms: int  # silence after which a turn ends without an end-of-turn verdict
+    turn_threshold: float  # P(turn over) at which a judged pause ends the turn
     asr_decode_s: float  # recent time of one ASR decode (0.0: not known yet)
 
     async def transcribe(
@@ -133,6 +135,8 @@ class Services(Protocol):
     ) -> str: ...
 
     async def synthesize(self, text: str) -> tuple[np.ndarray, int]: ...
+
+    async def end_of_turn(self, audio_16k: np.ndarray) -> float: ...
 
     def make_endpointer(self, end_silence_ms: int | None = None) -> Any: ...
 
@@ -388,6 +392,9 @@ class TurnRecord:
 @dataclass
 class _Turn:
     record: TurnRecord
+    end_p: float | None = None  # the end-of-turn model's newest P(turn over) in this turn
+    end_check_ms: float | None = None  # how long that verdict took
+    ended_by_model: bool = False  # the verdict ended the turn (not the silence fallback)
     t_speech_end: float | None = None  # monotonic: the reference of the latencies
     t_asr: float | None = None
     t_first_audio: float | None = None
@@ -475,6 +482,8 @@ class Session:
         self._speculation: _Speculation | None = None
         self._spec_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
+        self._check_task: asyncio.Task[None] | None = None  # the end-of-turn model's verdict on a pause
+        self._turn_check_failed = False  # logged once until it works again
         self._commit_task: asyncio.Task[None] | None = None  # the newest manual commit's transcription
         self._response_waiting = False  # a CreateResponse waits for a commit's transcript
         self._partial_at_s = 0.0  # stream time the last partial finished (inf: no more this turn)
@@ -669,8 +678,10 @@ class Session:
         for ev in self._endpointer.feed(audio):
             if isinstance(ev, VadSpeechStarted):
                 await self._on_speech_started(self._ep_origin_s + ev.t_s)
+            elif isinstance(ev, PauseCheck):
+                self._judge_pause(ev)
             else:
-                await self._on_speech_ended(self._ep_origin_s + ev.t_s - self.config_end_silence_s, ev.audio)
+                await self._on_speech_ended(self._ep_origin_s + ev.speech_end_s, ev.audio)
         if self._pause_endpointer is not None:
             for ev in self._pause_endpointer.feed(audio):
                 if isinstance(ev, VadSpeechStarted):
@@ -724,9 +735,33 @@ class Session:
         self._reply_turn = turn
         turn.reply_task = self._spawn(self._finalize_speech(turn, audio), f"turn-{turn.record.turn_id}")
 
-    @property
-    def config_end_silence_s(self) -> float:
-        return self.services.end_silence_ms / 1000
+    def _judge_pause(self, check: PauseCheck) -> None:
+        """A pause inside the caller's turn: ask the end-of-turn model whether the turn is over."""
+        if self._user_turn is None:
+            return
+        if self._check_task is not None:
+            self._check_task.cancel()  # an older pause's verdict no longer matters
+        self._check_task = self._spawn(self._end_turn_if_over(self._user_turn, check), "turn-check")
+
+    async def _end_turn_if_over(self, turn: _Turn, check: PauseCheck) -> None:
+        started = self._clock()
+        try:
+            p = await self.services.end_of_turn(check.audio)
+        except Exception as e:
+            # The silence fallback (services.end_silence_ms) ends the turn instead.
+            if not self._turn_check_failed:
+                log.warning("call %s: the end-of-turn model failed (%s: %s); turns end on silence alone until it works",
+                            self.call_id, type(e).__name__, e)
+            self._turn_check_failed = True
+            return
+        self._turn_check_failed = False
+        turn.end_p = p
+        turn.end_check_ms = (self._clock() - started) * 1000
+        if p < self.services.turn_threshold or self._user_turn is not turn:
+            return
+        for ev in self._endpointer.end_turn(check.pause_id):
+            turn.ended_by_model = True
+            await self._on_speech_ended(self._ep_origin_s + ev.speech_end_s, ev.audio)
 
     def _maybe_partial(self) -> None:
         """Start a partial transcript if none is in flight and the interval passed since the last
@@ -1186,6 +1221,9 @@ class Session:
             "tokens": turn.tokens,
             "forward_passes": turn.steps,
             "tokens_per_forward": round(turn.tokens / turn.steps, 3) if turn.tokens and turn.steps else None,
+            "end_of_turn": ("model" if turn.ended_by_model else "silence") if turn.record.kind == "speech" else None,
+            "end_of_turn_p": round(turn.end_p, 3) if turn.end_p is not None else None,
+            "end_of_turn_check_ms": round(turn.end_check_ms, 1) if turn.end_check_ms is not None else None,
             "speculative": turn.speculative,
             "speculative_saved_ms": round(turn.speculative_saved_ms, 1) if turn.speculative_saved_ms else None,
             "interrupted": turn.record.status == "cancelled",

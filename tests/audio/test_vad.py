@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from audio.errors import AudioError
-from audio.vad import Endpointer, SpeechEnded, SpeechStarted
+from audio.vad import Endpointer, PauseCheck, SpeechEnded, SpeechStarted
 
 SR = 16000
 HAS_SILERO = importlib.util.find_spec("silero_vad") is not None
@@ -133,3 +133,55 @@ def test_bad_input_and_settings():
     assert endpointer.feed(np.full(640, np.nan, np.float32)) == []
     assert endpointer.feed(np.zeros(640, np.int16)) == []
     assert endpointer.time_s == pytest.approx(0.08)
+
+
+def test_pause_checks_come_once_per_pause_and_end_turn_closes_the_turn_early(two_utterances):
+    scene, truth = two_utterances
+    first_turn = scene[: int((truth[0][1] + 0.9) * SR)]
+    endpointer = Endpointer(SR, end_silence_ms=600, check_silence_ms=200)
+    events = feed_all(endpointer, first_turn)
+    checks = [e for e in events if isinstance(e, PauseCheck)]
+    assert checks, "the pause after the sentence reaches 200 ms"
+    assert len({c.pause_id for c in checks}) == len(checks), "one check per pause"
+    final = checks[-1]
+    assert final.t_s == pytest.approx(final.speech_end_s + 0.2, abs=0.021)
+    assert abs(final.speech_end_s - truth[0][1]) < 0.25
+    # A check is a snapshot of the turn so far, trailing silence included.
+    assert final.audio.size / SR >= final.t_s - truth[0][0]
+    # Without a verdict the turn ends on the fallback silence, at the same speech end.
+    ended = [e for e in events if isinstance(e, SpeechEnded)]
+    assert len(ended) == 1 and not ended[0].early and ended[0].speech_end_s == final.speech_end_s
+    assert endpointer.end_turn(final.pause_id) == [], "that turn is over already"
+
+    # The same audio, but the last pause is judged complete when it is reported.
+    endpointer = Endpointer(SR, end_silence_ms=600, check_silence_ms=200)
+    early = None
+    for i in range(0, first_turn.size, 320):
+        for e in endpointer.feed(first_turn[i : i + 320]):
+            if isinstance(e, PauseCheck) and e.pause_id == final.pause_id:
+                (early,) = endpointer.end_turn(e.pause_id)
+                assert endpointer.end_turn(e.pause_id) == [], "a pause ends a turn once"
+            assert not isinstance(e, SpeechEnded), "nothing more after the early end"
+    assert early is not None and early.early and not endpointer.in_speech
+    assert early.t_s == pytest.approx(final.t_s)
+    assert early.speech_end_s == final.speech_end_s
+    np.testing.assert_array_equal(early.audio, ended[0].audio[: early.audio.size])
+
+
+def test_a_pause_check_goes_stale_when_speech_resumes(espeak):
+    words = espeak("Book a table")
+    pause = np.zeros(SR * 3 // 10, np.float32)
+    endpointer = Endpointer(SR, end_silence_ms=600, check_silence_ms=200)
+    events = feed_all(endpointer, np.concatenate([pause, words, pause]))
+    (check,) = [e for e in events if isinstance(e, PauseCheck)]
+    feed_all(endpointer, espeak("for two"))
+    assert endpointer.in_speech
+    assert endpointer.end_turn(check.pause_id) == [], "the caller spoke again after that pause"
+    assert endpointer.in_speech
+
+
+def test_no_pause_checks_unless_asked(two_utterances):
+    scene, _ = two_utterances
+    assert not [e for e in feed_all(Endpointer(SR), scene) if isinstance(e, PauseCheck)]
+    with pytest.raises(AudioError, match="check_silence_ms"):
+        Endpointer(SR, check_silence_ms=-1)

@@ -13,7 +13,7 @@ import numpy as np
 
 from audio.resample import Resampler
 from audio.text import SentenceChunker
-from audio.vad import SpeechEnded, SpeechStarted
+from audio.vad import PauseCheck, SpeechEnded, SpeechStarted
 from voice_agent.events import AudioIn
 from voice_agent.llm import BlockTrace, LlmDelta
 from voice_agent.transcription import AsrPriority
@@ -51,9 +51,11 @@ def bursts(n: int, word_ms: int = 240, gap_ms: int = 100) -> np.ndarray:
 class FakeEndpointer:
     """Frame energy VAD with the Endpointer's interface and event types."""
 
-    def __init__(self, end_silence_ms: int = 600, min_speech_ms: int = 100) -> None:
+    def __init__(self, end_silence_ms: int = 600, min_speech_ms: int = 100, check_silence_ms: int = 0) -> None:
         self.end_frames = end_silence_ms // 20
         self.min_frames = min_speech_ms // 20
+        self.check_frames = check_silence_ms // 20
+        self._pauses = 0
         self.reset()
 
     def reset(self) -> None:
@@ -64,6 +66,7 @@ class FakeEndpointer:
         self._voiced_run = 0
         self._silence_run = 0
         self._first_voiced = 0
+        self._open_pause = -1
 
     def time_s(self) -> float:
         return self._frames * 0.02
@@ -96,12 +99,29 @@ class FakeEndpointer:
                 continue
             self._utt.append(frame)
             self._silence_run = 0 if voiced else self._silence_run + 1
+            if voiced:
+                self._open_pause = -1
             if self._silence_run >= self.end_frames:
-                events.append(SpeechEnded(t_s=self.time_s(), audio=self.utterance_audio()))
-                self.in_speech = False
-                self._voiced_run = 0
-                self._utt = []
+                events.append(self._close())
+            elif self.check_frames and self._silence_run == self.check_frames:
+                self._pauses += 1
+                self._open_pause = self._pauses
+                events.append(PauseCheck(t_s=self.time_s(), audio=self.utterance_audio(), pause_id=self._pauses))
         return events
+
+    def end_turn(self, pause_id: int) -> list:
+        if not self.in_speech or pause_id != self._open_pause:
+            return []
+        return [self._close(early=True)]
+
+    def _close(self, early: bool = False) -> SpeechEnded:
+        ended = SpeechEnded(t_s=self.time_s(), audio=self.utterance_audio(),
+                            speech_end_s=self.time_s() - self._silence_run * 0.02, early=early)
+        self.in_speech = False
+        self._voiced_run = 0
+        self._utt = []
+        self._open_pause = -1
+        return ended
 
 
 def count_bursts(audio: np.ndarray) -> int:
@@ -186,6 +206,11 @@ class FakeServices:
         self.priorities: list[AsrPriority] = []
         self.tts_rate = 16_000
         self.synthesized: list[str] = []
+        # The end-of-turn model: None = silence alone; else P(turn over) of an utterance (a coroutine
+        # function may stand in, to hold the verdict back).
+        self.turn_p: Callable[[np.ndarray], object] | None = None
+        self.turn_threshold = 0.5
+        self.check_silence_ms = 200
 
     async def transcribe(self, audio_16k: np.ndarray, *, priority: AsrPriority = AsrPriority.FINAL, on_start=None) -> str:
         if on_start is not None:
@@ -200,11 +225,18 @@ class FakeServices:
         # 50 ms per word, quiet enough not to count as speech if echoed
         return np.full(len(text.split()) * self.tts_rate // 20, 0.05, np.float32), self.tts_rate
 
+    async def end_of_turn(self, audio_16k: np.ndarray) -> float:
+        assert self.turn_p is not None, "no end-of-turn model in these services"
+        p = self.turn_p(audio_16k)
+        return await p if asyncio.iscoroutine(p) else p
+
     def work(self) -> dict[str, int]:
         return {"llm_streams": self.llm.open}
 
     def make_endpointer(self, end_silence_ms: int | None = None) -> FakeEndpointer:
-        return FakeEndpointer(self.end_silence_ms if end_silence_ms is None else end_silence_ms)
+        if end_silence_ms is not None:
+            return FakeEndpointer(end_silence_ms)
+        return FakeEndpointer(self.end_silence_ms, check_silence_ms=self.check_silence_ms if self.turn_p else 0)
 
     def make_chunker(self) -> SentenceChunker:
         return SentenceChunker(160, first_chunk_min_words=self.first_chunk_min_words)

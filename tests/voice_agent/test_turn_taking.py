@@ -1,0 +1,138 @@
+"""Semantic end of turn in the session: an end-of-turn model judges each pause (fakes, fake clock)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from va_fakes import RATE, FakeClock, FakeServices, bursts, drain, feed, settle, silence
+
+from voice_agent.config import AgentConfig
+from voice_agent.events import SpeechStopped, TranscriptFinal
+from voice_agent.session import Session
+
+
+def make(turn_p, *, end_silence_ms=1500):
+    clock = FakeClock()
+    services = FakeServices(end_silence_ms=end_silence_ms)
+    services.turn_p = turn_p
+    config = AgentConfig(speculative_start=False, sample_rate_hz=RATE)
+    session = Session(services, config, clock=clock, wall_clock=lambda: 1.0)
+    return session, services, clock
+
+
+def stopped(events):
+    return [e for e in events if isinstance(e, SpeechStopped)]
+
+
+def test_a_complete_turn_ends_at_the_first_pause_not_after_the_fallback_silence():
+    async def main():
+        seen = []
+        session, _services, clock = make(lambda audio: seen.append(audio.size) or 0.9)
+        await feed(session, clock, bursts(3))
+        await feed(session, clock, silence(200))
+        events = drain(session.outbox)
+        assert len(stopped(events)) == 1, "the model said the turn is over at the 200 ms pause"
+        assert [e.text for e in events if isinstance(e, TranscriptFinal)] == ["what is the"]
+        assert len(seen) == 1 and seen[0] > 0
+        await session.close()
+        values = session.turns[-1].metrics
+        assert values["end_of_turn"] == "model" and values["end_of_turn_p"] == 0.9
+
+    asyncio.run(main())
+
+
+def test_an_unfinished_turn_waits_for_the_fallback_silence():
+    async def main():
+        session, _services, clock = make(lambda audio: 0.1, end_silence_ms=1000)
+        await feed(session, clock, bursts(3))
+        await feed(session, clock, silence(900))
+        assert stopped(drain(session.outbox)) == [], "P = 0.1: the caller may go on, keep listening"
+        await feed(session, clock, silence(200))
+        events = drain(session.outbox)
+        assert len(stopped(events)) == 1
+        # The latency reference is the end of the speech, not the end of the wait.
+        assert stopped(events)[0].audio_end_ms <= 3 * 240 + 2 * 100 + 20
+        await session.close()
+        values = session.turns[-1].metrics
+        assert values["end_of_turn"] == "silence" and values["end_of_turn_p"] == 0.1
+
+    asyncio.run(main())
+
+
+def test_a_pause_inside_a_sentence_is_judged_again_at_the_next_pause():
+    async def main():
+        verdicts = iter([0.2, 0.95])  # "what is the" ... "weather like": unfinished, then done
+        session, _services, clock = make(lambda audio: next(verdicts))
+        await feed(session, clock, bursts(3))
+        await feed(session, clock, silence(500))
+        assert stopped(drain(session.outbox)) == []
+        await feed(session, clock, bursts(2))
+        await feed(session, clock, silence(200))
+        events = drain(session.outbox)
+        assert len(stopped(events)) == 1
+        assert [e.text for e in events if isinstance(e, TranscriptFinal)] == ["what is the weather like"]
+        await session.close()
+
+    asyncio.run(main())
+
+
+def test_a_verdict_that_arrives_after_the_caller_spoke_again_ends_nothing():
+    async def main():
+        release = asyncio.Event()
+
+        async def slow(audio):
+            await release.wait()
+            return 0.99
+
+        session, _services, clock = make(slow)
+        await feed(session, clock, bursts(3))
+        await feed(session, clock, silence(200))  # the check starts, its verdict is held back
+        await feed(session, clock, bursts(2))  # the caller goes on
+        release.set()
+        await settle()
+        assert stopped(drain(session.outbox)) == [], "the pause that was judged is over"
+        await feed(session, clock, silence(100))
+        assert stopped(drain(session.outbox)) == []
+        await session.close()
+
+    asyncio.run(main())
+
+
+def test_a_failing_turn_model_falls_back_to_silence_and_says_so_once(caplog):
+    async def main():
+        def broken(audio):
+            raise RuntimeError("model file gone")
+
+        session, _services, clock = make(broken, end_silence_ms=600)
+        with caplog.at_level(logging.WARNING, logger="voice_agent.session"):
+            for _ in range(2):
+                await feed(session, clock, bursts(2))
+                await feed(session, clock, silence(300))
+                assert stopped(drain(session.outbox)) == []
+                await feed(session, clock, silence(400))
+                assert len(stopped(drain(session.outbox))) == 1
+                await feed(session, clock, silence(100))
+        assert sum("end-of-turn model failed" in r.getMessage() for r in caplog.records) == 1
+        await session.close()
+
+    asyncio.run(main())
+
+
+def test_closing_the_call_cancels_a_pending_verdict():
+    async def main():
+        never = asyncio.Event()
+
+        async def stuck(audio):
+            await never.wait()
+            return 1.0
+
+        session, _services, clock = make(stuck)
+        await feed(session, clock, bursts(3))
+        await feed(session, clock, silence(200))
+        checks = [t for t in session._tasks if t.get_name() == "turn-check"]
+        assert len(checks) == 1 and not checks[0].done()
+        await session.close()
+        assert checks[0].cancelled()
+
+    asyncio.run(main())
