@@ -83,6 +83,8 @@ class ModelServices:
             compute_type=config.asr.compute_type,
             language=config.asr.language,
             beam_size=config.asr.beam_size,
+            cpu_threads=config.asr.cpu_threads,
+            audio_context=config.asr.audio_context,
         )
         synthesizer = Synthesizer(resolve_tts_voice(config.tts.voice), length_scale=config.tts.length_scale)
         turn_model = None

@@ -139,3 +139,37 @@ def test_streaming_on_real_speech(synthesizer, transcriber):
             partials.append(p)
     assert partials, "no partial hypothesis during a 2 s utterance"
     assert final is not None and "alarm" in final.lower()
+
+
+def test_the_full_window_agrees_with_the_utterance_window(synthesizer, transcriber):
+    from voice_agent.models import resolve_asr_model
+
+    assert transcriber.audio_context == "utterance"  # the default
+    full = Transcriber(resolve_asr_model("tiny.en"), cpu_threads=2, audio_context="full")
+    agree = 0
+    for sentence in ROUND_TRIP_SENTENCES[:5]:
+        audio = synthesizer.synthesize(sentence, sample_rate_hz=SR)
+        agree += normalize(full.transcribe(audio)) == normalize(transcriber.transcribe(audio))
+    assert agree >= 4
+    # An utterance too long for the short window takes the full path, and stays correct.
+    long = synthesizer.synthesize(" ".join(ROUND_TRIP_SENTENCES[:4]), sample_rate_hz=SR)
+    long = np.concatenate([long, np.zeros(30 * SR - long.size - SR // 2, np.float32)])
+    assert "coffee" in transcriber.transcribe(long).lower()
+    with pytest.raises(AudioError, match="audio_context"):
+        Transcriber(resolve_asr_model("tiny.en"), audio_context="short")
+
+
+@pytest.mark.parametrize(
+    ("looped", "kept"),
+    [
+        ("Tell me a short joke. Tell me a short", "Tell me a short joke."),
+        ("What is it? What is it? What is it?", "What is it?"),
+        ("Hi there. Can you help me? Hi", "Hi there. Can you help me?"),
+        ("My right right right right right right", "My right"),
+        ("Yes. Yes, I do. No no no.", "Yes. Yes, I do. No no no."),  # not a loop
+    ],
+)
+def test_loops_over_the_padding_are_cut(looped, kept):
+    from audio.asr import _drop_repeats
+
+    assert _drop_repeats(looped) == kept

@@ -56,6 +56,7 @@ def load_transcriber(config: Config) -> Transcriber:
             language=config.asr.language,
             beam_size=config.asr.beam_size,
             cpu_threads=config.asr.cpu_threads,
+            audio_context=config.asr.audio_context,
         )
     except ImportError as e:
         raise _missing_library(e) from None
@@ -76,21 +77,20 @@ def load_synthesizer(config: Config) -> Synthesizer:
         raise _missing_library(e) from None
 
 
-def make_endpointer(config: Config, sample_rate_hz: int = 16000, backend: str | None = None) -> Endpointer:
-    """An Endpointer with the [vad] settings (the backend may be overridden)."""
+def make_endpointer(config: Config, sample_rate_hz: int = 16000, backend: str | None = None, **overrides: int) -> Endpointer:
+    """An Endpointer with the [vad] settings (the backend and any Endpointer argument may be overridden)."""
     try:
         from audio.vad import Endpointer
 
         vad = config.vad
-        return Endpointer(
-            sample_rate_hz=sample_rate_hz,
-            aggressiveness=vad.aggressiveness,
-            frame_ms=vad.frame_ms,
-            pre_roll_ms=vad.pre_roll_ms,
-            min_speech_ms=vad.min_speech_ms,
-            end_silence_ms=vad.end_silence_ms,
-            backend=backend or vad.backend,
-            max_utterance_ms=vad.max_utterance_ms,
-        )
+        settings = {
+            "aggressiveness": vad.aggressiveness,
+            "frame_ms": vad.frame_ms,
+            "pre_roll_ms": vad.pre_roll_ms,
+            "min_speech_ms": vad.min_speech_ms,
+            "end_silence_ms": vad.end_silence_ms,
+            "max_utterance_ms": vad.max_utterance_ms,
+        }
+        return Endpointer(sample_rate_hz=sample_rate_hz, backend=backend or vad.backend, **(settings | overrides))
     except ImportError as e:
         raise _missing_library(e) from None

@@ -1,4 +1,4 @@
-"""`voice-agent bench llm|audio|e2e|hostile`: measurements, not tests.
+"""`voice-agent bench llm|audio|e2e|hostile|turns`: measurements, not tests.
 
 `bench llm` runs the dLLM engine and the AR baseline engine on the same weights, in one run:
 - by default, the configured model with its chat template over short voice-assistant prompts
@@ -25,8 +25,8 @@ time), and on CUDA the peak memory (`torch.cuda.max_memory_allocated`).
 `--json FILE` writes the raw records with the environment (device name, driver from nvidia-smi
 where present, torch and CUDA versions, the exact command line). `--profile FILE` runs
 torch.profiler over a short run at the first level and writes a table of the top ops.
-`bench audio`, `bench e2e` and `bench hostile` live in the `bench_audio` / `bench_e2e` / `bench_hostile`
-modules.
+`bench audio`, `bench e2e`, `bench hostile` and `bench turns` live in the `bench_audio` / `bench_e2e` /
+`bench_hostile` / `bench_turns` modules.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ SYNTHETIC_PROMPT_TOKENS = 64  # prompt length of a synthetic request (random ids
 PROFILE_MAX_NEW_TOKENS = 64
 MAX_ROUNDS = 8  # rounds of C requests measured per concurrency level C (fewer where prompts run out)  # the profiled run: a few blocks, enough steps to average over
 
-_OTHERS = {"audio": "bench_audio", "e2e": "bench_e2e", "hostile": "bench_hostile"}
+_OTHERS = {"audio": "bench_audio", "e2e": "bench_e2e", "hostile": "bench_hostile", "turns": "bench_turns"}
 
 
 def _other(target: str):

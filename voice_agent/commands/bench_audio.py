@@ -7,6 +7,9 @@ Measures (each the median over `--repeats` runs):
   (`end_silence_ms`) that the endpointer waits before it declares the end.
 - TTS time to first audio (from the call to the first sentence's samples) and real-time factor,
   at the agent's output rate.
+- With `--wer`: word error rate and median decode time of each ASR `audio_context` ("full":
+  whisper's 30 s window; "utterance": the utterance plus a margin) over the spoken prompts of
+  `bench e2e` and the complete sentences of `bench turns` (both synthesized and cached as there).
 - With `--vad`: both VAD backends at every aggressiveness on generated scenes (piper and
   espeak-ng speech, silences, a cough-like burst, white noise at several SNRs): turns found,
   false turns, clipped starts and ends, detection delays, CPU cost. docs/audio.md records a run.
@@ -55,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--vad", action="store_true", help="also compare the VAD backends on generated scenes"
+    )
+    parser.add_argument(
+        "--wer", action="store_true", help="also measure ASR word error rate and decode time per audio_context"
     )
 
 
@@ -120,6 +126,48 @@ def _bench_asr(
         "final_decode_ms": _median_ms(decode_s) if decode_s else None,
         "endpoint_wait_ms": _median_ms(wait_s) if wait_s else None,
     }
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(word-level edit distance, reference words), case and punctuation aside."""
+    import re
+
+    ref, hyp = (re.sub(r"[^a-z0-9' ]", " ", t.lower()).split() for t in (reference, hypothesis))
+    row = list(range(len(hyp) + 1))
+    for i in range(1, len(ref) + 1):
+        diagonal, row[0] = row[0], i
+        for j in range(1, len(hyp) + 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (ref[i - 1] != hyp[j - 1]))
+    return row[len(hyp)], len(ref)
+
+
+def _bench_wer(config: Config) -> dict[str, Any]:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from voice_agent.bench.prompts import PROMPTS, load_prompts
+    from voice_agent.bench.turns import build_turn_set
+    from voice_agent.commands._audio_setup import load_transcriber
+    from voice_agent.models import resolve_tts_voice
+
+    voice = resolve_tts_voice(config.tts.voice)
+    spoken = [(p.prompt.text, p.audio) for p in load_prompts(len(PROMPTS), Path("~/.cache/voice-agent/bench-e2e").expanduser(), voice)]
+    items = build_turn_set(Path("~/.cache/voice-agent/bench-turns").expanduser(), voice, lambda: load_transcriber(config))
+    spoken += [(i.text, i.audio[: int((i.speech_end_s + 0.3) * _SAMPLE_RATE_HZ)]) for i in items if i.kind == "complete"]
+    out: dict[str, Any] = {"utterances": len(spoken)}
+    for context in ("full", "utterance"):
+        transcriber = load_transcriber(replace(config, asr=replace(config.asr, audio_context=context)))
+        transcriber.transcribe(spoken[0][1])  # warm-up
+        errors = words = 0
+        times = []
+        for text, audio in spoken:
+            started = time.perf_counter()
+            hypothesis = transcriber.transcribe(audio)
+            times.append(time.perf_counter() - started)
+            e, n = word_errors(text, hypothesis)
+            errors, words = errors + e, words + n
+        out[context] = {"wer": round(errors / words, 3), "decode_ms_p50": _median_ms(times)}
+    return out
 
 
 # --- TTS ----------------------------------------------------------------------------------------
@@ -316,6 +364,11 @@ def _print_table(result: dict[str, Any]) -> None:
     for name, value in lines:
         print(f"{name:<42} {value:>10}")
     print(f"transcript: {asr['transcript']}")
+    if "wer" in result:
+        wer = result["wer"]
+        print(f"\nASR on {wer['utterances']} spoken prompts, per audio_context:")
+        for context in ("full", "utterance"):
+            print(f"  {context:<10} word error rate {wer[context]['wer']:.3f}, decode p50 {wer[context]['decode_ms_p50']} ms")
     if "vad" in result:
         print()
         header = f"{'voice':<10} {'snr':>5} {'backend':<7} {'agr':>3} {'found':>5} {'match':>5} {'false':>5} {'clipS':>5} {'clipE':>5} {'startms':>7} {'endms':>6} {'cpu ms/s':>8}"
@@ -351,6 +404,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     }
     if args.vad:
         result["vad"] = _bench_vad(synthesizer, config)
+    if args.wer:
+        result["wer"] = _bench_wer(config)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -1,0 +1,266 @@
+"""`voice-agent bench turns`: how long each end-of-turn detector waits, and how often it cuts in.
+
+Runs every detector setting over the labelled turn set of `voice_agent.bench.turns` (complete
+sentences, and the same sentences with a 400-1200 ms pause spliced in at a word boundary; piper
+and espeak-ng voices), through the real endpointer as a call runs it (the [vad] settings):
+- "silence" at each `--silence-ms`: the turn ends after that much silence;
+- "smart-turn" at each `--checks-ms` x `--thresholds` x `--max-silence-ms`: each pause of the
+  check length is judged by Smart Turn v3.2 (the model really runs, once per pause, on one
+  thread; its verdict lands as many milliseconds later in the audio as it took), the turn ends
+  at P >= threshold, else after the max silence.
+Per setting: the median (and p90) wait from the caller's last word to the end of the turn over
+the complete items, and the share of paused items cut off (the turn ended before their last
+word); also complete items cut at a natural pause. The bar (issue "turn-taking latency"): median
+wait <= 250 ms with at most 5 % of the paused utterances cut off. Writes a table, JSON and a
+plot of the trade-off (`--out`, `--tag`); the configured [turn] setting is always included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from voice_agent.config import Config
+
+HELP = "end-of-turn detectors on a labelled turn set: wait after complete turns vs paused ones cut off"
+
+WAIT_BAR_MS = 250.0
+CUT_BAR = 0.05
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 20:
+        raise argparse.ArgumentTypeError(f"expected milliseconds of at least 20, got {text!r}")
+    return values
+
+
+def _probabilities(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"thresholds are probabilities in [0, 1], got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--silence-ms", type=_ints, default=[300, 400, 500, 600, 800, 1000, 1300],
+                        help="silence-only settings (default: 300,400,500,600,800,1000,1300)")
+    parser.add_argument("--checks-ms", type=_ints, default=[100, 200, 300],
+                        help="smart-turn: pause lengths judged by the model (default: 100,200,300)")
+    parser.add_argument("--thresholds", type=_probabilities, default=[0.3, 0.5, 0.7, 0.9],
+                        help="smart-turn: P(turn over) that ends the turn (default: 0.3,0.5,0.7,0.9)")
+    parser.add_argument("--max-silence-ms", type=_ints, default=[1300, 1500],
+                        help="smart-turn: the fallback silence (default: 1300,1500)")
+    parser.add_argument("--voices-per-sentence", type=int, default=2,
+                        help="recordings per sentence, each in another voice (default: 2: 48 complete + 48 paused items)")
+    parser.add_argument("--cache-dir", default="~/.cache/voice-agent/bench-turns", help="where the turn set is kept")
+    parser.add_argument("--out", default="runs/bench-turns", help="folder for the JSON, PNG and table (default: runs/bench-turns)")
+    parser.add_argument("--tag", default="turns", help="file name stem of the outputs (default: turns)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(detector: str, setting: dict[str, Any], outcomes: dict[str, str | float], kinds: dict[str, str]) -> dict[str, Any]:
+    """One row of the table from the per-item outcomes of one setting."""
+    complete = [o for i, o in outcomes.items() if kinds[i] == "complete"]
+    paused = [o for i, o in outcomes.items() if kinds[i] == "paused"]
+    waits = [o for o in complete if isinstance(o, float)]
+    cut_paused = sum(o == "cut" for o in paused) / len(paused) if paused else None
+    median = statistics.median(waits) if waits else None
+    return {
+        "detector": detector,
+        "setting": setting,
+        "complete": len(complete),
+        "paused": len(paused),
+        "median_wait_ms": median,
+        "p90_wait_ms": _percentile(waits, 0.9),
+        "paused_cut_share": cut_paused,
+        "complete_cut_share": sum(o == "cut" for o in complete) / len(complete) if complete else None,
+        "missed": sum(o == "missed" for o in outcomes.values()),
+        "meets_bar": median is not None and cut_paused is not None and median <= WAIT_BAR_MS and cut_paused <= CUT_BAR,
+    }
+
+
+def _setting_text(row: dict[str, Any]) -> str:
+    s = row["setting"]
+    if row["detector"] == "silence":
+        return f"{s['end_silence_ms']} ms"
+    return f"check {s['check_ms']} ms, p>={s['threshold']:g}, max {s['max_silence_ms']} ms"
+
+
+def format_table(rows: list[dict[str, Any]], configured: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:5.1f}%"
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:6.0f}"
+
+    lines = [f"{'detector':<11} {'setting':<38} {'wait p50':>8} {'p90':>6} | {'paused cut':>10} {'complete cut':>12} {'missed':>6}  bar",
+             "-" * 104]
+    for row in rows:
+        mark = "met" if row["meets_bar"] else ""
+        if row["detector"] == configured["detector"] and row["setting"] == configured["setting"]:
+            mark += " (configured)"
+        lines.append(f"{row['detector']:<11} {_setting_text(row):<38} {ms(row['median_wait_ms']):>8} {ms(row['p90_wait_ms']):>6} | "
+                     f"{pct(row['paused_cut_share']):>10} {pct(row['complete_cut_share']):>12} {row['missed']:>6}  {mark}")
+    lines.append(f"wait = caller's last word -> end of turn (ms), over complete items; paused cut = share of paused "
+                 f"items whose turn ended before their last word. Bar: wait p50 <= {WAIT_BAR_MS:.0f} ms with paused cut "
+                 f"<= {100 * CUT_BAR:.0f}%.")
+    return "\n".join(lines)
+
+
+def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    silence = [r for r in rows if r["detector"] == "silence" and r["median_wait_ms"] is not None]
+    ax.plot([100 * r["paused_cut_share"] for r in silence], [r["median_wait_ms"] for r in silence], "o-", color="gray",
+            label="silence only")
+    for r in silence:
+        ax.annotate(f"{r['setting']['end_silence_ms']}", (100 * r["paused_cut_share"], r["median_wait_ms"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points", color="gray")
+    smart = [r for r in rows if r["detector"] == "smart-turn" and r["median_wait_ms"] is not None]
+    for (check, max_silence), marker in zip(sorted({(r["setting"]["check_ms"], r["setting"]["max_silence_ms"]) for r in smart}),
+                                            "s^vD<>ph*", strict=False):
+        group = sorted((r for r in smart if (r["setting"]["check_ms"], r["setting"]["max_silence_ms"]) == (check, max_silence)),
+                       key=lambda r: r["setting"]["threshold"])
+        ax.plot([100 * r["paused_cut_share"] for r in group], [r["median_wait_ms"] for r in group], marker=marker,
+                label=f"smart-turn: check {check} ms, max {max_silence} ms (points: threshold)")
+    ax.axhline(WAIT_BAR_MS, color="green", lw=0.8, ls="--")
+    ax.axvline(100 * CUT_BAR, color="green", lw=0.8, ls="--")
+    ax.set_xlabel("paused utterances cut off (%)")
+    ax.set_ylabel("median wait after a complete turn (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from audio.turn import SmartTurn
+    from voice_agent.bench import report
+    from voice_agent.bench.turns import build_turn_set, first_end_s, outcome
+    from voice_agent.commands._audio_setup import load_transcriber, make_endpointer
+    from voice_agent.commands.bench_e2e import _machine
+    from voice_agent.errors import UserError
+    from voice_agent.models import resolve_tts_voice
+
+    if args.voices_per_sentence < 1:
+        raise UserError("--voices-per-sentence must be at least 1")
+    if min(args.checks_ms) >= min(args.max_silence_ms):
+        raise UserError("every --checks-ms value must be below the --max-silence-ms values")
+    turn = config.turn
+    configured = (
+        {"detector": "silence", "setting": {"end_silence_ms": config.vad.end_silence_ms}}
+        if turn.detector == "silence"
+        else {"detector": "smart-turn", "setting": {"check_ms": turn.check_silence_ms, "threshold": turn.threshold,
+                                                     "max_silence_ms": turn.max_silence_ms}}
+    )
+    silences = sorted(set(args.silence_ms) | ({config.vad.end_silence_ms} if turn.detector == "silence" else set()))
+    checks = sorted(set(args.checks_ms) | {turn.check_silence_ms})
+    thresholds = sorted(set(args.thresholds) | {turn.threshold})
+    max_silences = sorted(set(args.max_silence_ms) | {turn.max_silence_ms})
+
+    def progress(done: int, total: int) -> None:
+        if not args.no_progress and (done == total or done % 8 == 0):
+            print(f"  turn set: {done}/{total} recordings", file=sys.stderr, flush=True)
+
+    cache_dir = Path(args.cache_dir).expanduser()
+    print(f"building the turn set (piper + espeak-ng, cut with whisper word times) in {cache_dir} ...", file=sys.stderr, flush=True)
+    items = build_turn_set(cache_dir, resolve_tts_voice(config.tts.voice), lambda: load_transcriber(config),
+                           args.voices_per_sentence, progress)
+    kinds = {item.item_id: item.kind for item in items}
+    model = SmartTurn(turn.model or None, threads=turn.threads)
+
+    def endpointer(**overrides: Any) -> Any:
+        return make_endpointer(config, 16_000, **overrides)
+
+    rows: list[dict[str, Any]] = []
+    per_item: dict[str, dict[str, Any]] = {}
+    for silence in silences:
+        outcomes = {i.item_id: outcome(i, first_end_s(i, endpointer, end_silence_ms=silence)) for i in items}
+        rows.append(summarize("silence", {"end_silence_ms": silence}, outcomes, kinds))
+        per_item[f"silence {silence}"] = outcomes
+    model_ms: list[float] = []
+    verdicts: dict[tuple[str, int, int], tuple[float, float]] = {}  # (item, check_ms, k) -> (p, seconds)
+    started = time.monotonic()
+    for n_check, check in enumerate(checks):
+        if not args.no_progress:
+            print(f"  smart-turn at {check} ms pauses ({n_check + 1}/{len(checks)}), {time.monotonic() - started:.0f} s so far",
+                  file=sys.stderr, flush=True)
+        for threshold in thresholds:
+            for max_silence in max_silences:
+                outcomes = {}
+                for item in items:
+                    def verdict(k: int, audio: Any, item_id: str = item.item_id) -> tuple[float, float]:
+                        key = (item_id, check, k)
+                        if key not in verdicts:
+                            t = time.perf_counter()
+                            p = model.probability(audio)
+                            verdicts[key] = (p, time.perf_counter() - t)
+                            model_ms.append(1000 * verdicts[key][1])
+                        return verdicts[key]
+
+                    end = first_end_s(item, endpointer, end_silence_ms=max_silence, check_ms=check, threshold=threshold,
+                                      verdict=verdict)
+                    outcomes[item.item_id] = outcome(item, end)
+                setting = {"check_ms": check, "threshold": threshold, "max_silence_ms": max_silence}
+                rows.append(summarize("smart-turn", setting, outcomes, kinds))
+                per_item[f"smart-turn {check} {threshold:g} {max_silence}"] = outcomes
+
+    configured_row = next(r for r in rows if r["detector"] == configured["detector"] and r["setting"] == configured["setting"])
+    passing = [r for r in rows if r["meets_bar"]]
+    best = min(passing, key=lambda r: r["median_wait_ms"]) if passing else None
+    table = format_table(rows, configured)
+    lines = [table, "",
+             f"smart-turn model time per pause: p50 {statistics.median(model_ms):.0f} ms, p90 {_percentile(model_ms, 0.9):.0f} ms "
+             f"({len(model_ms)} runs, {turn.threads} thread)" if model_ms else "smart-turn model: never ran (no pause reached a check)",
+             f"configured [turn] ({_setting_text(configured_row)}): {'meets' if configured_row['meets_bar'] else 'MISSES'} the bar",
+             f"best setting that meets the bar: {best['detector']} {_setting_text(best)}, wait p50 {best['median_wait_ms']:.0f} ms, "
+             f"paused cut {100 * best['paused_cut_share']:.1f}%" if best else "no setting meets the bar"]
+    text = "\n".join(lines)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / args.tag
+    machine = _machine()
+    document = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["voice-agent", *sys.argv[1:]]) if sys.argv else None,
+        "machine": machine,
+        "vad": {"backend": config.vad.backend, "aggressiveness": config.vad.aggressiveness, "frame_ms": config.vad.frame_ms},
+        "configured": configured,
+        "bar": {"median_wait_ms": WAIT_BAR_MS, "paused_cut_share": CUT_BAR},
+        "model_ms": model_ms,
+        "rows": rows,
+        "items": [item.label for item in items],
+        "outcomes": per_item,
+    }
+    report.write_json(stem.with_suffix(".json"), document)
+    (stem.with_suffix(".txt")).write_text(text + "\n", encoding="utf-8")
+    plot(stem.with_suffix(".png"), rows, f"voice-agent bench turns: {len(items)} items ({machine['cpu']}, "
+                                         f"{machine['cpu_count']} cores)")
+    print(text)
+    print(f"wrote {stem}.json, {stem}.png, {stem}.txt", file=sys.stderr)
+    return 0
