@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 # turn.detector values (see TurnConfig).
-TURN_DETECTORS = ("smart-turn", "silence")
+TURN_DETECTORS = ("text", "smart-turn", "smart-turn+text", "silence")
 
 # llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
 # engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR).
@@ -96,23 +96,29 @@ class VadConfig:
 
 @dataclass
 class TurnConfig:
-    # How the end of the caller's turn is decided. "smart-turn": each pause of check_silence_ms
-    # inside a turn is judged by Smart Turn v3.2 (audio/turn.py, from the sound of the speech);
-    # at P(turn over) >= threshold the turn ends at once, else only after max_silence_ms of
-    # silence. "silence": vad.end_silence_ms of silence alone (no model).
-    detector: str = "smart-turn"
-    check_silence_ms: int = 200
+    # How the end of the caller's turn is decided. Each pause of check_silence_ms inside a turn
+    # is judged: "text": the transcript so far (a speculative decode that the final transcript
+    # reuses) read by a chat LM (voice_agent.end_of_turn.py); "smart-turn": Smart Turn v3.2 on the
+    # sound of the speech (audio/turn.py); "smart-turn+text": the mean of both. At P(turn over)
+    # >= threshold the turn ends at once, else only after max_silence_ms of silence.
+    # "silence": vad.end_silence_ms of silence alone (no model). docs/turn-taking.md compares them.
+    detector: str = "text"
+    check_silence_ms: int = 100
     threshold: float = 0.5
+    text_threshold: float = 0.03
     max_silence_ms: int = 1500
     # A Smart Turn v3 ONNX file; "": the v3.2 model in the pipecat-ai wheel (install.sh).
     model: str = ""
     threads: int = 1
+    # The chat LM of the text score (a registry name or a path), loaded in bfloat16.
+    text_model: str = "smollm2-135m-instruct"
 
     def __post_init__(self) -> None:
         if self.detector not in TURN_DETECTORS:
             raise ConfigError(f"turn.detector must be one of {', '.join(map(repr, TURN_DETECTORS))}, not {self.detector!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"turn.threshold must be in [0, 1], not {self.threshold}")
+        for name in ("threshold", "text_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"turn.{name} must be in [0, 1], not {getattr(self, name)}")
         if self.check_silence_ms < 20 or self.check_silence_ms >= self.max_silence_ms:
             raise ConfigError("turn.check_silence_ms must be at least 20 and below turn.max_silence_ms")
         if self.threads < 1:

@@ -20,11 +20,14 @@ Contract:
 - `work()` says what the shared models are doing now (LLM rows and queue from the client's
   `load()`, ASR decodes running and waiting, TTS syntheses running or waiting for the voice), for
   /metrics, /healthz and the tests that check no work outlives its call.
-- End of turn (`[turn]`): with `detector = "smart-turn"` the Smart Turn model is loaded once;
-  `await end_of_turn(audio_16k)` runs it in a worker thread (one call at a time, first come; a
-  cancelled request leaves the queue) and returns P(the caller's turn is over); `turn_threshold`
-  is the probability at which a turn ends. `end_silence_ms` is the silence after which a turn
-  ends without a verdict (`turn.max_silence_ms`; `vad.end_silence_ms` for "silence").
+- End of turn (`[turn]`): the detector's models are loaded once (Smart Turn for "smart-turn",
+  the text scorer's chat LM for "text"). `await end_of_turn(audio_16k, transcript)` returns a
+  `TurnVerdict`: Smart Turn on the audio and/or the text scorer on `await transcript()` (the
+  session's speculative decode), each model in a worker thread, one call at a time (first come;
+  a cancelled request leaves the queue), judged by `voice_agent.end_of_turn.decide` with the
+  [turn] thresholds. `end_silence_ms` is the silence after which a turn ends without a verdict
+  (`turn.max_silence_ms`; `vad.end_silence_ms` for "silence"); `judges_turns` says whether there
+  is a detector at all.
 - `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state (the main
   endpointer emits a `PauseCheck` at each `turn.check_silence_ms` pause when a turn model is
   loaded); a chunker serves one reply (its first chunk may end at a clause:
@@ -37,7 +40,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -52,15 +55,19 @@ log = logging.getLogger(__name__)
 
 
 class ModelServices:
-    def __init__(self, config: Config, *, transcriber: Any, synthesizer: Any, llm: LlmClient, turn_model: Any = None) -> None:
+    def __init__(self, config: Config, *, transcriber: Any, synthesizer: Any, llm: LlmClient, turn_model: Any = None,
+                 text_scorer: Any = None) -> None:
         self.config = config
         self.llm = llm
         self.partial_interval_ms = config.asr.partial_interval_ms
-        self._turn_model = turn_model  # audio.turn.SmartTurn or None (silence alone)
-        self.turn_threshold = config.turn.threshold
-        self.end_silence_ms = config.turn.max_silence_ms if turn_model is not None else config.vad.end_silence_ms
+        self._turn_model = turn_model  # audio.turn.SmartTurn, or None
+        self._text_scorer = text_scorer  # voice_agent.end_of_turn.TextTurnScorer, or None
+        self.judges_turns = turn_model is not None or text_scorer is not None
+        self.end_silence_ms = config.turn.max_silence_ms if self.judges_turns else config.vad.end_silence_ms
         self._turn_gate = PriorityGate()
         self._turn_lock = threading.Lock()
+        self._text_gate = PriorityGate()
+        self._text_lock = threading.Lock()
         self._transcriber = transcriber
         self._synthesizer = synthesizer
         self._asr_gate = PriorityGate()  # the order of ASR requests (event loop)
@@ -87,15 +94,20 @@ class ModelServices:
             audio_context=config.asr.audio_context,
         )
         synthesizer = Synthesizer(resolve_tts_voice(config.tts.voice), length_scale=config.tts.length_scale)
-        turn_model = None
-        if config.turn.detector == "smart-turn":
+        turn_model = text_scorer = None
+        if "smart-turn" in config.turn.detector:
             from audio.turn import SmartTurn
 
             turn_model = SmartTurn(config.turn.model or None, threads=config.turn.threads)
+        if "text" in config.turn.detector:
+            from voice_agent.end_of_turn import load_text_scorer
+
+            text_scorer = load_text_scorer(config.turn.text_model, device=config.llm.device)
         llm = build_llm(config.llm, api_key=api_key)
         log.info("models ready: ASR %s, TTS %s, LLM %s, end of turn %s", config.asr.model, config.tts.voice, llm.name,
                  config.turn.detector)
-        return cls(config, transcriber=transcriber, synthesizer=synthesizer, llm=llm, turn_model=turn_model)
+        return cls(config, transcriber=transcriber, synthesizer=synthesizer, llm=llm, turn_model=turn_model,
+                   text_scorer=text_scorer)
 
     def _transcribe_blocking(self, audio_16k: np.ndarray) -> str:
         with self._asr_lock:
@@ -115,15 +127,33 @@ class ModelServices:
             with self._tts_jobs_lock:
                 self._tts_jobs -= 1
 
-    def _end_of_turn_blocking(self, audio_16k: np.ndarray) -> float:
+    def _audio_turn_blocking(self, audio_16k: np.ndarray) -> float:
         with self._turn_lock:
             return self._turn_model.probability(audio_16k)
 
-    async def end_of_turn(self, audio_16k: np.ndarray) -> float:
-        """P(the caller's turn is over | the utterance so far); only with a turn model."""
-        if self._turn_model is None:
+    def _text_turn_blocking(self, text: str) -> float:
+        with self._text_lock:
+            return self._text_scorer.probability(text)
+
+    async def _text_turn(self, transcript: Callable[[], Awaitable[str]]) -> float:
+        return await self._in_thread(self._text_gate, self._text_turn_blocking, await transcript())
+
+    async def end_of_turn(self, audio_16k: np.ndarray, transcript: Callable[[], Awaitable[str]]) -> Any:
+        """Is the caller's turn over, given the utterance so far? (see the module docstring)"""
+        from voice_agent.end_of_turn import TurnVerdict, decide
+
+        if not self.judges_turns:
             raise RuntimeError("no end-of-turn model is loaded (turn.detector = \"silence\")")
-        return await self._in_thread(self._turn_gate, self._end_of_turn_blocking, audio_16k)
+
+        async def nothing() -> None:
+            return None
+
+        audio_p, text_p = await asyncio.gather(
+            self._in_thread(self._turn_gate, self._audio_turn_blocking, audio_16k) if self._turn_model is not None else nothing(),
+            self._text_turn(transcript) if self._text_scorer is not None else nothing(),
+        )
+        turn = self.config.turn
+        return TurnVerdict(decide(audio_p, text_p, turn.threshold, turn.text_threshold), audio_p, text_p)
 
     def work(self) -> dict[str, int]:
         """Work in progress on the shared models (see the module docstring)."""
@@ -135,7 +165,8 @@ class ModelServices:
             "asr_running": int(self._asr_lock.locked()),
             "asr_waiting": self._asr_gate.waiting(),
             "tts_jobs": self._tts_jobs + self._tts_gate.waiting(),
-            "turn_checks": int(self._turn_lock.locked()) + self._turn_gate.waiting(),
+            "turn_checks": int(self._turn_lock.locked()) + self._turn_gate.waiting()
+            + int(self._text_lock.locked()) + self._text_gate.waiting(),
         }
 
     async def transcribe(
@@ -184,7 +215,7 @@ class ModelServices:
             end_silence_ms=self.end_silence_ms if main else end_silence_ms,
             backend=vad.backend,
             max_utterance_ms=vad.max_utterance_ms,
-            check_silence_ms=self.config.turn.check_silence_ms if main and self._turn_model is not None else 0,
+            check_silence_ms=self.config.turn.check_silence_ms if main and self.judges_turns else 0,
         )
 
     def make_chunker(self) -> Any:

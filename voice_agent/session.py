@@ -62,7 +62,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -127,7 +127,6 @@ class Services(Protocol):
     llm: LlmClient
     partial_interval_ms: int  # 0: no partial transcripts
     end_silence_ms: int  # silence after which a turn ends without an end-of-turn verdict
-    turn_threshold: float  # P(turn over) at which a judged pause ends the turn
     asr_decode_s: float  # recent time of one ASR decode (0.0: not known yet)
 
     async def transcribe(
@@ -136,7 +135,7 @@ class Services(Protocol):
 
     async def synthesize(self, text: str) -> tuple[np.ndarray, int]: ...
 
-    async def end_of_turn(self, audio_16k: np.ndarray) -> float: ...
+    async def end_of_turn(self, audio_16k: np.ndarray, transcript: Callable[[], Awaitable[str]]) -> Any: ...
 
     def make_endpointer(self, end_silence_ms: int | None = None) -> Any: ...
 
@@ -392,7 +391,7 @@ class TurnRecord:
 @dataclass
 class _Turn:
     record: TurnRecord
-    end_p: float | None = None  # the end-of-turn model's newest P(turn over) in this turn
+    end_verdict: Any = None  # the newest end-of-turn verdict (voice_agent.end_of_turn.TurnVerdict) in this turn
     end_check_ms: float | None = None  # how long that verdict took
     ended_by_model: bool = False  # the verdict ended the turn (not the silence fallback)
     t_speech_end: float | None = None  # monotonic: the reference of the latencies
@@ -421,6 +420,10 @@ class _Speculation:
 
 
 _WORDS = re.compile(r"[\w']+")
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def normalize_transcript(text: str) -> str:
@@ -746,7 +749,11 @@ class Session:
     async def _end_turn_if_over(self, turn: _Turn, check: PauseCheck) -> None:
         started = self._clock()
         try:
-            p = await self.services.end_of_turn(check.audio)
+            # A text detector reads the transcript so far: a speculative decode, which the final
+            # transcript reuses when the turn ends in this pause (only silence is added).
+            verdict = await self.services.end_of_turn(
+                check.audio, lambda: self._asr.hypothesis(check.audio, AsrPriority.SPECULATIVE)
+            )
         except Exception as e:
             # The silence fallback (services.end_silence_ms) ends the turn instead.
             if not self._turn_check_failed:
@@ -755,9 +762,9 @@ class Session:
             self._turn_check_failed = True
             return
         self._turn_check_failed = False
-        turn.end_p = p
+        turn.end_verdict = verdict
         turn.end_check_ms = (self._clock() - started) * 1000
-        if p < self.services.turn_threshold or self._user_turn is not turn:
+        if not verdict.over or self._user_turn is not turn:
             return
         for ev in self._endpointer.end_turn(check.pause_id):
             turn.ended_by_model = True
@@ -1222,7 +1229,8 @@ class Session:
             "forward_passes": turn.steps,
             "tokens_per_forward": round(turn.tokens / turn.steps, 3) if turn.tokens and turn.steps else None,
             "end_of_turn": ("model" if turn.ended_by_model else "silence") if turn.record.kind == "speech" else None,
-            "end_of_turn_p": round(turn.end_p, 3) if turn.end_p is not None else None,
+            "end_of_turn_audio_p": _round(getattr(turn.end_verdict, "audio_p", None), 4),
+            "end_of_turn_text_p": _round(getattr(turn.end_verdict, "text_p", None), 4),
             "end_of_turn_check_ms": round(turn.end_check_ms, 1) if turn.end_check_ms is not None else None,
             "speculative": turn.speculative,
             "speculative_saved_ms": round(turn.speculative_saved_ms, 1) if turn.speculative_saved_ms else None,

@@ -37,7 +37,7 @@ def test_a_complete_turn_ends_at_the_first_pause_not_after_the_fallback_silence(
         assert len(seen) == 1 and seen[0] > 0
         await session.close()
         values = session.turns[-1].metrics
-        assert values["end_of_turn"] == "model" and values["end_of_turn_p"] == 0.9
+        assert values["end_of_turn"] == "model" and values["end_of_turn_audio_p"] == 0.9
 
     asyncio.run(main())
 
@@ -55,7 +55,7 @@ def test_an_unfinished_turn_waits_for_the_fallback_silence():
         assert stopped(events)[0].audio_end_ms <= 3 * 240 + 2 * 100 + 20
         await session.close()
         values = session.turns[-1].metrics
-        assert values["end_of_turn"] == "silence" and values["end_of_turn_p"] == 0.1
+        assert values["end_of_turn"] == "silence" and values["end_of_turn_audio_p"] == 0.1
 
     asyncio.run(main())
 
@@ -134,5 +134,31 @@ def test_closing_the_call_cancels_a_pending_verdict():
         assert len(checks) == 1 and not checks[0].done()
         await session.close()
         assert checks[0].cancelled()
+
+    asyncio.run(main())
+
+
+def test_a_text_detector_reads_a_decode_that_the_final_transcript_reuses():
+    async def main():
+        heard = []
+
+        def over_if_a_question_is_whole(text):
+            heard.append(text)
+            return 0.9 if text.split()[-1:] == ["weather"] else 0.1
+
+        session, services, clock = make(over_if_a_question_is_whole)
+        services.turn_reads_text = True
+        await feed(session, clock, bursts(3))
+        await feed(session, clock, silence(400))
+        assert stopped(drain(session.outbox)) == [], "'what is the' is not over"
+        await feed(session, clock, bursts(1))
+        await feed(session, clock, silence(200))
+        events = drain(session.outbox)
+        assert len(stopped(events)) == 1
+        assert heard == ["what is the", "what is the weather"]
+        assert [e.text for e in events if isinstance(e, TranscriptFinal)] == ["what is the weather"]
+        # Two decodes in all: one per judged pause; the final reused the second.
+        assert services.transcribed == ["what is the", "what is the weather"]
+        await session.close()
 
     asyncio.run(main())

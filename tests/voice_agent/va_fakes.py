@@ -207,9 +207,10 @@ class FakeServices:
         self.tts_rate = 16_000
         self.synthesized: list[str] = []
         # The end-of-turn model: None = silence alone; else P(turn over) of an utterance (a coroutine
-        # function may stand in, to hold the verdict back).
-        self.turn_p: Callable[[np.ndarray], object] | None = None
-        self.turn_threshold = 0.5
+        # function may stand in, to hold the verdict back). With turn_reads_text, it gets the
+        # transcript the session hands over instead of the audio.
+        self.turn_p: Callable[[object], object] | None = None
+        self.turn_reads_text = False
         self.check_silence_ms = 200
 
     async def transcribe(self, audio_16k: np.ndarray, *, priority: AsrPriority = AsrPriority.FINAL, on_start=None) -> str:
@@ -225,10 +226,13 @@ class FakeServices:
         # 50 ms per word, quiet enough not to count as speech if echoed
         return np.full(len(text.split()) * self.tts_rate // 20, 0.05, np.float32), self.tts_rate
 
-    async def end_of_turn(self, audio_16k: np.ndarray) -> float:
+    async def end_of_turn(self, audio_16k: np.ndarray, transcript) -> float:
         assert self.turn_p is not None, "no end-of-turn model in these services"
-        p = self.turn_p(audio_16k)
-        return await p if asyncio.iscoroutine(p) else p
+        from voice_agent.end_of_turn import TurnVerdict
+
+        p = self.turn_p(await transcript() if self.turn_reads_text else audio_16k)
+        p = await p if asyncio.iscoroutine(p) else p
+        return TurnVerdict(p >= 0.5, None if self.turn_reads_text else p, p if self.turn_reads_text else None)
 
     def work(self) -> dict[str, int]:
         return {"llm_streams": self.llm.open}

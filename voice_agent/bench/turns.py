@@ -17,8 +17,8 @@ Contract:
   missing espeak-ng raises `UserError`.
 - `first_end_s(item, ...)`: the stream time at which an endpointer ends the item's first turn,
   run exactly as a call runs it (20 ms chunks): silence alone (`check_ms=0`), or pause checks
-  whose verdict `verdict(k, audio) -> (p, seconds)` arrives `seconds` later in stream time and
-  ends the turn if p >= `threshold` and the pause still goes on. None: no turn ended.
+  whose verdict `verdict(k, audio) -> (over, seconds)` on the k-th check arrives `seconds` later
+  in stream time and ends the turn if over and the pause still goes on. None: no turn ended.
 - `outcome(item, end_s)`: "cut" (the turn ended before the caller's last word), "missed" (no
   end) or the wait in ms from the end of the speech to the end of the turn.
 """
@@ -208,29 +208,28 @@ def first_end_s(
     *,
     end_silence_ms: int,
     check_ms: int = 0,
-    threshold: float = 1.0,
-    verdict: Callable[[int, np.ndarray], tuple[float, float]] | None = None,
+    verdict: Callable[[int, np.ndarray], tuple[bool, float]] | None = None,
 ) -> float | None:
     """When the item's first turn ends (see the module docstring)."""
     from audio.vad import PauseCheck, SpeechEnded
 
     endpointer = make_endpointer(end_silence_ms=end_silence_ms, check_silence_ms=check_ms)
     chunk = int(CHUNK_S * RATE)
-    pending: list[tuple[float, int, float]] = []  # (due stream time, pause_id, p)
+    pending: list[tuple[float, int, bool]] = []  # (due stream time, pause_id, over)
     checks = 0
     for start in range(0, item.audio.size, chunk):
         t0 = start / RATE
         if pending and pending[0][0] < t0 + CHUNK_S:  # the verdict arrives within this chunk
-            due, pause_id, p = pending.pop()
-            if p >= threshold and endpointer.end_turn(pause_id):
+            due, pause_id, over = pending.pop()
+            if over and endpointer.end_turn(pause_id):
                 return max(due, t0)
         for ev in endpointer.feed(item.audio[start : start + chunk]):
             if isinstance(ev, SpeechEnded):
                 return ev.t_s
             if isinstance(ev, PauseCheck) and verdict is not None:
-                p, seconds = verdict(checks, ev.audio)
+                over, seconds = verdict(checks, ev.audio)
                 checks += 1
-                pending = [(ev.t_s + seconds, ev.pause_id, p)]  # a newer pause replaces the older one
+                pending = [(ev.t_s + seconds, ev.pause_id, over)]  # a newer pause replaces the older one
     return None
 
 

@@ -4,11 +4,14 @@ Runs every detector setting over the labelled turn set of `voice_agent.bench.tur
 sentences, and the same sentences with a 400-1200 ms pause spliced in at a word boundary; piper
 and espeak-ng voices), through the real endpointer as a call runs it (the [vad] settings):
 - "silence" at each `--silence-ms`: the turn ends after that much silence;
-- "smart-turn" at each `--checks-ms` x `--thresholds` x `--max-silence-ms`: each pause of the
-  check length is judged by Smart Turn v3.2 (the model really runs, once per pause, on one
-  thread; its verdict lands as many milliseconds later in the audio as it took), the turn ends
-  at P >= threshold, else after the max silence.
-Per setting: the median (and p90) wait from the caller's last word to the end of the turn over
+- the judged detectors at each `--checks-ms` x `--max-silence-ms`: each pause of the check length
+  is judged, and the turn ends at once if the verdict says over, else after the max silence.
+  "smart-turn" at each `--thresholds` (Smart Turn v3.2 on the audio); "text" at each
+  `--text-thresholds` (the configured ASR transcribes the pause's audio, the [turn] text model
+  scores the transcript); "smart-turn+text" at each pair (both must say over). The models really
+  run, once per pause; a verdict lands as many milliseconds later in the audio as it took (ASR
+  then text score; the longer of that and Smart Turn for both, which run side by side in a call).
+Per setting: the median (and p95) wait from the caller's last word to the end of the turn over
 the complete items, and the share of paused items cut off (the turn ended before their last
 word); also complete items cut at a natural pause. The bar (issue "turn-taking latency"): median
 wait <= 250 ms with at most 5 % of the paused utterances cut off. Writes a table, JSON and a
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
+import functools
 import sys
 import time
 from pathlib import Path
@@ -60,8 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smart-turn: pause lengths judged by the model (default: 100,200,300)")
     parser.add_argument("--thresholds", type=_probabilities, default=[0.3, 0.5, 0.7, 0.9],
                         help="smart-turn: P(turn over) that ends the turn (default: 0.3,0.5,0.7,0.9)")
-    parser.add_argument("--max-silence-ms", type=_ints, default=[1300, 1500],
-                        help="smart-turn: the fallback silence (default: 1300,1500)")
+    parser.add_argument("--text-thresholds", type=_probabilities, default=[0.001, 0.003, 0.01, 0.03, 0.1],
+                        help="text: score that ends the turn (default: 0.001,0.003,0.01,0.03,0.1)")
+    parser.add_argument("--max-silence-ms", type=_ints, default=[1500],
+                        help="judged detectors: the fallback silence (default: 1500)")
+    parser.add_argument("--detectors", default="silence,smart-turn,text,smart-turn+text",
+                        help="which detectors to run (default: all four)")
     parser.add_argument("--voices-per-sentence", type=int, default=2,
                         help="recordings per sentence, each in another voice (default: 2: 48 complete + 48 paused items)")
     parser.add_argument("--cache-dir", default="~/.cache/voice-agent/bench-turns", help="where the turn set is kept")
@@ -70,27 +77,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress lines")
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def summarize(detector: str, setting: dict[str, Any], outcomes: dict[str, str | float], kinds: dict[str, str]) -> dict[str, Any]:
     """One row of the table from the per-item outcomes of one setting."""
     complete = [o for i, o in outcomes.items() if kinds[i] == "complete"]
     paused = [o for i, o in outcomes.items() if kinds[i] == "paused"]
-    waits = [o for o in complete if isinstance(o, float)]
+    from voice_agent.bench.report import percentiles
+
+    waits = percentiles(o for o in complete if isinstance(o, float))
     cut_paused = sum(o == "cut" for o in paused) / len(paused) if paused else None
-    median = statistics.median(waits) if waits else None
+    median = waits["p50"]
     return {
         "detector": detector,
         "setting": setting,
         "complete": len(complete),
         "paused": len(paused),
         "median_wait_ms": median,
-        "p90_wait_ms": _percentile(waits, 0.9),
+        "p95_wait_ms": waits["p95"],
         "paused_cut_share": cut_paused,
         "complete_cut_share": sum(o == "cut" for o in complete) / len(complete) if complete else None,
         "missed": sum(o == "missed" for o in outcomes.values()),
@@ -102,7 +104,8 @@ def _setting_text(row: dict[str, Any]) -> str:
     s = row["setting"]
     if row["detector"] == "silence":
         return f"{s['end_silence_ms']} ms"
-    return f"check {s['check_ms']} ms, p>={s['threshold']:g}, max {s['max_silence_ms']} ms"
+    over = " & ".join(f"{name}>={s[key]:g}" for name, key in (("p", "threshold"), ("text", "text_threshold")) if key in s)
+    return f"check {s['check_ms']}, {over}, max {s['max_silence_ms']}"
 
 
 def format_table(rows: list[dict[str, Any]], configured: dict[str, Any]) -> str:
@@ -112,13 +115,13 @@ def format_table(rows: list[dict[str, Any]], configured: dict[str, Any]) -> str:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:6.0f}"
 
-    lines = [f"{'detector':<11} {'setting':<38} {'wait p50':>8} {'p90':>6} | {'paused cut':>10} {'complete cut':>12} {'missed':>6}  bar",
-             "-" * 104]
+    lines = [f"{'detector':<15} {'setting':<40} {'wait p50':>8} {'p95':>6} | {'paused cut':>10} {'complete cut':>12} {'missed':>6}  bar",
+             "-" * 110]
     for row in rows:
         mark = "met" if row["meets_bar"] else ""
         if row["detector"] == configured["detector"] and row["setting"] == configured["setting"]:
             mark += " (configured)"
-        lines.append(f"{row['detector']:<11} {_setting_text(row):<38} {ms(row['median_wait_ms']):>8} {ms(row['p90_wait_ms']):>6} | "
+        lines.append(f"{row['detector']:<15} {_setting_text(row):<40} {ms(row['median_wait_ms']):>8} {ms(row['p95_wait_ms']):>6} | "
                      f"{pct(row['paused_cut_share']):>10} {pct(row['complete_cut_share']):>12} {row['missed']:>6}  {mark}")
     lines.append(f"wait = caller's last word -> end of turn (ms), over complete items; paused cut = share of paused "
                  f"items whose turn ended before their last word. Bar: wait p50 <= {WAIT_BAR_MS:.0f} ms with paused cut "
@@ -139,13 +142,13 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     for r in silence:
         ax.annotate(f"{r['setting']['end_silence_ms']}", (100 * r["paused_cut_share"], r["median_wait_ms"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points", color="gray")
-    smart = [r for r in rows if r["detector"] == "smart-turn" and r["median_wait_ms"] is not None]
-    for (check, max_silence), marker in zip(sorted({(r["setting"]["check_ms"], r["setting"]["max_silence_ms"]) for r in smart}),
-                                            "s^vD<>ph*", strict=False):
-        group = sorted((r for r in smart if (r["setting"]["check_ms"], r["setting"]["max_silence_ms"]) == (check, max_silence)),
-                       key=lambda r: r["setting"]["threshold"])
-        ax.plot([100 * r["paused_cut_share"] for r in group], [r["median_wait_ms"] for r in group], marker=marker,
-                label=f"smart-turn: check {check} ms, max {max_silence} ms (points: threshold)")
+    judged = [r for r in rows if r["detector"] != "silence" and r["median_wait_ms"] is not None]
+    groups = sorted({(r["detector"], r["setting"]["check_ms"], r["setting"]["max_silence_ms"]) for r in judged})
+    for group, marker in zip(groups, "s^vD<>ph*xP+12348", strict=False):
+        points = sorted((r for r in judged if (r["detector"], r["setting"]["check_ms"], r["setting"]["max_silence_ms"]) == group),
+                        key=lambda r: (r["paused_cut_share"], r["median_wait_ms"]))
+        ax.plot([100 * r["paused_cut_share"] for r in points], [r["median_wait_ms"] for r in points], marker=marker, ls=":",
+                label=f"{group[0]}: check {group[1]} ms, max {group[2]} ms (points: thresholds)")
     ax.axhline(WAIT_BAR_MS, color="green", lw=0.8, ls="--")
     ax.axvline(100 * CUT_BAR, color="green", lw=0.8, ls="--")
     ax.set_xlabel("paused utterances cut off (%)")
@@ -164,23 +167,30 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from voice_agent.bench.turns import build_turn_set, first_end_s, outcome
     from voice_agent.commands._audio_setup import load_transcriber, make_endpointer
     from voice_agent.commands.bench_e2e import _machine
+    from voice_agent.end_of_turn import load_text_scorer
     from voice_agent.errors import UserError
     from voice_agent.models import resolve_tts_voice
 
+    known = ("silence", "smart-turn", "text", "smart-turn+text")
+    detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    if not detectors or any(d not in known for d in detectors):
+        raise UserError(f"--detectors takes some of {', '.join(known)}, not {args.detectors!r}")
     if args.voices_per_sentence < 1:
         raise UserError("--voices-per-sentence must be at least 1")
     if min(args.checks_ms) >= min(args.max_silence_ms):
         raise UserError("every --checks-ms value must be below the --max-silence-ms values")
     turn = config.turn
-    configured = (
-        {"detector": "silence", "setting": {"end_silence_ms": config.vad.end_silence_ms}}
-        if turn.detector == "silence"
-        else {"detector": "smart-turn", "setting": {"check_ms": turn.check_silence_ms, "threshold": turn.threshold,
-                                                     "max_silence_ms": turn.max_silence_ms}}
-    )
+    if turn.detector == "silence":
+        configured = {"detector": "silence", "setting": {"end_silence_ms": config.vad.end_silence_ms}}
+    else:
+        configured = {"detector": turn.detector, "setting": _judged_setting(turn.detector, turn.check_silence_ms, turn.threshold,
+                                                                             turn.text_threshold, turn.max_silence_ms)}
+        if turn.detector not in detectors:
+            detectors.append(turn.detector)
     silences = sorted(set(args.silence_ms) | ({config.vad.end_silence_ms} if turn.detector == "silence" else set()))
     checks = sorted(set(args.checks_ms) | {turn.check_silence_ms})
     thresholds = sorted(set(args.thresholds) | {turn.threshold})
+    text_thresholds = sorted(set(args.text_thresholds) | {turn.text_threshold})
     max_silences = sorted(set(args.max_silence_ms) | {turn.max_silence_ms})
 
     def progress(done: int, total: int) -> None:
@@ -189,57 +199,79 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     cache_dir = Path(args.cache_dir).expanduser()
     print(f"building the turn set (piper + espeak-ng, cut with whisper word times) in {cache_dir} ...", file=sys.stderr, flush=True)
-    items = build_turn_set(cache_dir, resolve_tts_voice(config.tts.voice), lambda: load_transcriber(config),
-                           args.voices_per_sentence, progress)
+    transcriber = load_transcriber(config)
+    items = build_turn_set(cache_dir, resolve_tts_voice(config.tts.voice), lambda: transcriber, args.voices_per_sentence, progress)
     kinds = {item.item_id: item.kind for item in items}
-    model = SmartTurn(turn.model or None, threads=turn.threads)
+    smart = SmartTurn(turn.model or None, threads=turn.threads) if any("smart-turn" in d for d in detectors) else None
+    scorer = load_text_scorer(turn.text_model, device=config.llm.device) if any("text" in d for d in detectors) else None
 
     def endpointer(**overrides: Any) -> Any:
         return make_endpointer(config, 16_000, **overrides)
 
     rows: list[dict[str, Any]] = []
     per_item: dict[str, dict[str, Any]] = {}
-    for silence in silences:
-        outcomes = {i.item_id: outcome(i, first_end_s(i, endpointer, end_silence_ms=silence)) for i in items}
-        rows.append(summarize("silence", {"end_silence_ms": silence}, outcomes, kinds))
-        per_item[f"silence {silence}"] = outcomes
-    model_ms: list[float] = []
-    verdicts: dict[tuple[str, int, int], tuple[float, float]] = {}  # (item, check_ms, k) -> (p, seconds)
-    started = time.monotonic()
-    for n_check, check in enumerate(checks):
-        if not args.no_progress:
-            print(f"  smart-turn at {check} ms pauses ({n_check + 1}/{len(checks)}), {time.monotonic() - started:.0f} s so far",
-                  file=sys.stderr, flush=True)
-        for threshold in thresholds:
-            for max_silence in max_silences:
-                outcomes = {}
-                for item in items:
-                    def verdict(k: int, audio: Any, item_id: str = item.item_id) -> tuple[float, float]:
-                        key = (item_id, check, k)
-                        if key not in verdicts:
-                            t = time.perf_counter()
-                            p = model.probability(audio)
-                            verdicts[key] = (p, time.perf_counter() - t)
-                            model_ms.append(1000 * verdicts[key][1])
-                        return verdicts[key]
+    if "silence" in detectors:
+        for silence in silences:
+            outcomes = {i.item_id: outcome(i, first_end_s(i, endpointer, end_silence_ms=silence)) for i in items}
+            rows.append(summarize("silence", {"end_silence_ms": silence}, outcomes, kinds))
+            per_item[f"silence {silence}"] = outcomes
 
-                    end = first_end_s(item, endpointer, end_silence_ms=max_silence, check_ms=check, threshold=threshold,
-                                      verdict=verdict)
-                    outcomes[item.item_id] = outcome(item, end)
-                setting = {"check_ms": check, "threshold": threshold, "max_silence_ms": max_silence}
-                rows.append(summarize("smart-turn", setting, outcomes, kinds))
-                per_item[f"smart-turn {check} {threshold:g} {max_silence}"] = outcomes
+    # The models' scores and times of each check, computed once: (item, check_ms, k) -> scores.
+    scores: dict[tuple[str, int, int], dict[str, float]] = {}
+    model_ms: dict[str, list[float]] = {"smart-turn": [], "asr": [], "text": []}
+
+    def scored(item_id: str, check: int, k: int, audio: Any, need: str) -> dict[str, float]:
+        entry = scores.setdefault((item_id, check, k), {})
+        if "smart-turn" in need and "audio_p" not in entry:
+            t = time.perf_counter()
+            entry["audio_p"] = smart.probability(audio)
+            entry["audio_s"] = time.perf_counter() - t
+            model_ms["smart-turn"].append(1000 * entry["audio_s"])
+        if "text" in need and "text_p" not in entry:
+            t = time.perf_counter()
+            entry["transcript"] = transcriber.transcribe(audio)
+            asr_s = time.perf_counter() - t
+            t = time.perf_counter()
+            entry["text_p"] = scorer.probability(entry["transcript"])
+            text_s = time.perf_counter() - t
+            entry["text_s"] = asr_s + text_s
+            model_ms["asr"].append(1000 * asr_s)
+            model_ms["text"].append(1000 * text_s)
+        return entry
+
+    grids = {
+        "smart-turn": [(t, None) for t in thresholds],
+        "text": [(None, t) for t in text_thresholds],
+        "smart-turn+text": [(a, t) for a in thresholds for t in text_thresholds],
+    }
+    started = time.monotonic()
+    for detector in (d for d in known[1:] if d in detectors):
+        for check in checks:
+            if not args.no_progress:
+                print(f"  {detector} at {check} ms pauses, {time.monotonic() - started:.0f} s so far", file=sys.stderr, flush=True)
+            for threshold, text_threshold in grids[detector]:
+                for max_silence in max_silences:
+                    outcomes = {}
+                    for item in items:
+                        verdict = functools.partial(_verdict, scored, item.item_id, check, detector, threshold, text_threshold)
+                        end = first_end_s(item, endpointer, end_silence_ms=max_silence, check_ms=check, verdict=verdict)
+                        outcomes[item.item_id] = outcome(item, end)
+                    setting = _judged_setting(detector, check, threshold, text_threshold, max_silence)
+                    rows.append(summarize(detector, setting, outcomes, kinds))
+                    per_item[f"{detector} {_setting_text(rows[-1])}"] = outcomes
 
     configured_row = next(r for r in rows if r["detector"] == configured["detector"] and r["setting"] == configured["setting"])
     passing = [r for r in rows if r["meets_bar"]]
     best = min(passing, key=lambda r: r["median_wait_ms"]) if passing else None
-    table = format_table(rows, configured)
-    lines = [table, "",
-             f"smart-turn model time per pause: p50 {statistics.median(model_ms):.0f} ms, p90 {_percentile(model_ms, 0.9):.0f} ms "
-             f"({len(model_ms)} runs, {turn.threads} thread)" if model_ms else "smart-turn model: never ran (no pause reached a check)",
-             f"configured [turn] ({_setting_text(configured_row)}): {'meets' if configured_row['meets_bar'] else 'MISSES'} the bar",
-             f"best setting that meets the bar: {best['detector']} {_setting_text(best)}, wait p50 {best['median_wait_ms']:.0f} ms, "
-             f"paused cut {100 * best['paused_cut_share']:.1f}%" if best else "no setting meets the bar"]
+    lines = [format_table(rows, configured), ""]
+    for name, values in model_ms.items():
+        if values:
+            spread = report.percentiles(values)
+            lines.append(f"{name} time per judged pause: p50 {spread['p50']:.0f} ms, p95 {spread['p95']:.0f} ms ({spread['n']} runs)")
+    lines.append(f"configured [turn] ({configured['detector']}, {_setting_text(configured_row)}): "
+                 f"{'meets' if configured_row['meets_bar'] else 'MISSES'} the bar")
+    lines.append(f"best setting that meets the bar: {best['detector']} {_setting_text(best)}, wait p50 {best['median_wait_ms']:.0f} ms, "
+                 f"paused cut {100 * best['paused_cut_share']:.1f}%" if best else "no setting meets the bar")
     text = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,11 +282,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
         "command": " ".join(["voice-agent", *sys.argv[1:]]) if sys.argv else None,
         "machine": machine,
         "vad": {"backend": config.vad.backend, "aggressiveness": config.vad.aggressiveness, "frame_ms": config.vad.frame_ms},
+        "asr": {"model": config.asr.model, "audio_context": config.asr.audio_context},
+        "text_model": turn.text_model,
         "configured": configured,
         "bar": {"median_wait_ms": WAIT_BAR_MS, "paused_cut_share": CUT_BAR},
         "model_ms": model_ms,
         "rows": rows,
         "items": [item.label for item in items],
+        "scores": [{"item": i, "check_ms": c, "k": k, **v} for (i, c, k), v in scores.items()],
         "outcomes": per_item,
     }
     report.write_json(stem.with_suffix(".json"), document)
@@ -264,3 +299,26 @@ def run(args: argparse.Namespace, config: Config) -> int:
     print(text)
     print(f"wrote {stem}.json, {stem}.png, {stem}.txt", file=sys.stderr)
     return 0
+
+
+def _verdict(scored: Any, item_id: str, check: int, detector: str, threshold: float | None, text_threshold: float | None,
+             k: int, audio: Any) -> tuple[bool, float]:
+    """(over, seconds the verdict took) of the k-th judged pause of an item, from cached scores."""
+    from voice_agent.end_of_turn import decide
+
+    e = scored(item_id, check, k, audio, detector)
+    audio_p = e["audio_p"] if threshold is not None else None
+    text_p = e["text_p"] if text_threshold is not None else None
+    over = decide(audio_p, text_p, threshold or 0.0, text_threshold or 0.0)
+    seconds = max(e["audio_s"] if audio_p is not None else 0.0, e["text_s"] if text_p is not None else 0.0)
+    return over, seconds
+
+
+def _judged_setting(detector: str, check: int, threshold: float | None, text_threshold: float | None, max_silence: int) -> dict[str, Any]:
+    setting: dict[str, Any] = {"check_ms": check}
+    if "smart-turn" in detector:
+        setting["threshold"] = threshold
+    if "text" in detector:
+        setting["text_threshold"] = text_threshold
+    setting["max_silence_ms"] = max_silence
+    return setting

@@ -1,0 +1,117 @@
+"""End-of-turn verdicts: the rule, the text score on the real embedded chat LM, the services' wiring."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "dlm"))
+
+from voice_agent.config import Config
+from voice_agent.end_of_turn import TextTurnScorer, TurnVerdict, decide, normalize_for_turn
+from voice_agent.services import ModelServices
+
+
+@pytest.mark.parametrize(
+    ("audio_p", "text_p", "over"),
+    [
+        (0.9, None, True),
+        (0.4, None, False),
+        (None, 0.05, True),
+        (None, 0.01, False),
+        (0.9, 0.05, True),
+        (0.9, 0.01, False),  # the transcript is unfinished: both must agree
+        (0.4, 0.05, False),
+        (None, None, False),  # nothing judged: never over
+    ],
+)
+def test_every_score_present_must_reach_its_threshold(audio_p, text_p, over):
+    assert decide(audio_p, text_p, 0.5, 0.03) is over
+
+
+def test_transcripts_are_normalized_before_scoring():
+    assert normalize_for_turn("  What's the TIME, please?! ") == "what's the time please"
+    assert normalize_for_turn("...") == ""
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from voice_agent.end_of_turn import load_text_scorer
+    from voice_agent.errors import UserError
+
+    try:
+        return load_text_scorer("smollm2-135m-instruct")
+    except UserError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_the_chat_lm_scores_finished_requests_above_fragments(scorer):
+    pairs = [
+        ("What time do you close tonight?", "What time do you"),
+        ("I would like to book a table for two.", "I would like to book a table for"),
+        ("Can you tell me the weather in Boston?", "Can you tell me the weather in"),
+    ]
+    for whole, fragment in pairs:
+        p_whole, p_fragment = scorer.probability(whole), scorer.probability(fragment)
+        assert p_whole >= 0.03 > p_fragment, (whole, p_whole, fragment, p_fragment)
+    assert scorer.probability("") == 0.0
+    assert scorer.probability("What time do you close tonight") == scorer.probability("what time do you close tonight?")
+
+
+def test_a_model_without_a_chat_template_is_refused():
+    from dlm_tiny_models import CharTokenizer, counting_loaded
+
+    with pytest.raises(ValueError, match="chat template"):
+        TextTurnScorer(counting_loaded(block_size=4, tokenizer=CharTokenizer()))
+
+
+class _Scores:
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.seen: list = []
+
+    def probability(self, x) -> float:
+        self.seen.append(x)
+        return self.p
+
+
+def _services(detector: str, audio_p: float | None, text_p: float | None) -> tuple[ModelServices, _Scores | None, _Scores | None]:
+    config = Config()
+    config.turn.detector = detector
+    smart = _Scores(audio_p) if audio_p is not None else None
+    text = _Scores(text_p) if text_p is not None else None
+    services = ModelServices(config, transcriber=None, synthesizer=None, llm=None, turn_model=smart, text_scorer=text)
+    return services, smart, text
+
+
+def test_services_judge_with_the_loaded_models_only():
+    async def verdict(services):
+        asked = []
+
+        async def transcript():
+            asked.append(1)
+            return "what time do you close"
+
+        v = await services.end_of_turn(np.zeros(1600, np.float32), transcript)
+        return v, len(asked)
+
+    services, smart, _ = _services("smart-turn", 0.8, None)
+    assert asyncio.run(verdict(services)) == (TurnVerdict(True, 0.8, None), 0), "no transcript needed"
+    assert len(smart.seen) == 1 and smart.seen[0].size == 1600
+    services, _, text = _services("text", None, 0.01)
+    assert asyncio.run(verdict(services)) == (TurnVerdict(False, None, 0.01), 1)
+    assert text.seen == ["what time do you close"]
+    services, _, _ = _services("smart-turn+text", 0.8, 0.2)
+    assert asyncio.run(verdict(services)) == (TurnVerdict(True, 0.8, 0.2), 1)
+    services, _, _ = _services("smart-turn+text", 0.2, 0.2)
+    assert asyncio.run(verdict(services))[0].over is False
+    assert services.judges_turns and services.end_silence_ms == Config().turn.max_silence_ms
+    silent, _, _ = _services("silence", None, None)
+    assert not silent.judges_turns and silent.end_silence_ms == Config().vad.end_silence_ms
+    with pytest.raises(RuntimeError, match="no end-of-turn model"):
+        asyncio.run(verdict(silent))
