@@ -20,6 +20,11 @@ Contract:
   A clause mark counts only when whitespace follows it ("3,500", "10:30" and "well-known" are
   never cut), not right after an abbreviation ("e.g.,"), and a dash between numbers ("3 - 5") is
   not one. 0 (the default) disables it. `flush()` re-arms it for the next reply.
+- `first_chunk_max_words=M` (> first_chunk_min_words, 0 = off): a first sentence that runs past
+  M words with no clause mark is cut anyway, as soon as its word M+1 starts: before the first
+  function word ("and", "to", "of", "is", ... `PHRASE_STARTS`) among words N+1..M+1 (a phrase
+  boundary), else after word M. Shorter first sentences stay whole. Decided from the first M+1
+  words only, so the cut does not depend on how the stream was split either.
 - The chunks do not depend on how the stream is split into pushes (for sentences shorter than
   `max_chars`; over-long runs are cut as soon as they exceed the limit).
 Pure text processing: no audio, no I/O.
@@ -27,9 +32,10 @@ Pure text processing: no audio, no I/O.
 
 from __future__ import annotations
 
+import itertools
 import re
 
-__all__ = ["ABBREVIATIONS", "SentenceChunker"]
+__all__ = ["ABBREVIATIONS", "PHRASE_STARTS", "SentenceChunker"]
 
 # Lower-case, without the final dot. Titles and Latin abbreviations never end a sentence;
 # "etc", "inc" and similar end one only when a capitalized word follows; "U.S." never does
@@ -41,6 +47,14 @@ ABBREVIATIONS = frozenset(
         "e.g", "i.e", "cf", "al", "a.m", "p.m", "u.s", "u.k", "jan", "feb", "mar", "apr", "jun",
         "jul", "aug", "sep", "sept", "oct", "nov", "dec", "mon", "tue", "wed", "thu", "fri", "sat",
         "sun", "ave", "blvd", "rd", "hwy", "tel",
+    }
+)  # fmt: skip
+# Words that start a phrase: a first chunk cut before one of them still sounds like a phrase.
+PHRASE_STARTS = frozenset(
+    {
+        "and", "but", "or", "so", "because", "since", "to", "for", "in", "on", "at", "with", "of",
+        "from", "about", "into", "that", "which", "who", "where", "when", "while", "if", "than",
+        "is", "are", "was", "were", "will", "can", "by", "as", "like",
     }
 )  # fmt: skip
 _MAYBE_FINAL_ABBREVIATIONS = frozenset({"etc", "inc", "ltd", "co", "corp", "min", "max", "est"})
@@ -57,13 +71,17 @@ _LIST_NUMBER = re.compile(r"(?:^|:)\s*\d{1,3}$")
 class SentenceChunker:
     """Streamed text in, whole sentences out (see the module docstring)."""
 
-    def __init__(self, max_chars: int = 160, *, first_chunk_min_words: int = 0) -> None:
+    def __init__(self, max_chars: int = 160, *, first_chunk_min_words: int = 0, first_chunk_max_words: int = 0) -> None:
         if max_chars < 8:
             raise ValueError(f"max_chars must be >= 8, got {max_chars}")
         if first_chunk_min_words < 0:
             raise ValueError(f"first_chunk_min_words must be >= 0, got {first_chunk_min_words}")
+        if first_chunk_max_words and first_chunk_max_words <= first_chunk_min_words:
+            raise ValueError(f"first_chunk_max_words ({first_chunk_max_words}) must be 0 or above first_chunk_min_words "
+                             f"({first_chunk_min_words})")
         self.max_chars = int(max_chars)
         self.first_chunk_min_words = int(first_chunk_min_words)
+        self.first_chunk_max_words = int(first_chunk_max_words)
         self._buffer = ""
         self._first_pending = self.first_chunk_min_words > 0  # no chunk out yet, early cut allowed
         self._context = ""  # the early first chunk, while the rest of its sentence is in the buffer
@@ -93,6 +111,11 @@ class SentenceChunker:
             early = False
             if self._first_pending:
                 clause = self._first_clause_end(final=final)
+                phrase = self._first_phrase_cut()
+                # The phrase cut wins over a clause mark or sentence end that came only after it
+                # was decided (as a word-by-word stream would have seen it).
+                if phrase is not None and all(x is None or x > phrase[1] for x in (clause, cut)):
+                    clause = phrase[0]
                 if clause is not None and (cut is None or clause < cut):
                     cut, early = clause, True
             if cut is None:
@@ -135,6 +158,20 @@ class SentenceChunker:
                     continue
             return m.end()
         return None
+
+    def _first_phrase_cut(self) -> tuple[int, int] | None:
+        """(where a long first sentence is cut, the index at which that was decided: the start
+        of word M+1), or None before word M+1 starts (see the module docstring)."""
+        m = self.first_chunk_max_words
+        if not m:
+            return None
+        words = list(itertools.islice(re.finditer(r"\S+", self._buffer), m + 1))
+        if len(words) <= m:
+            return None
+        for j in range(max(self.first_chunk_min_words, 1), m + 1):  # cut before word j (0-based)
+            if words[j].group().lower().strip("\"'“‘(") in PHRASE_STARTS:
+                return words[j].start(), words[m].start()
+        return words[m].start(), words[m].start()
 
     def _find_end(self, *, final: bool) -> int | None:
         """Index just past the first sentence end in the buffer, or None."""

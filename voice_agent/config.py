@@ -158,6 +158,14 @@ class TtsConfig:
     # (, ; : or a dash) once it holds at least this many words; later chunks are whole
     # sentences. 0: the first chunk is a whole sentence too.
     first_chunk_min_words: int = 4
+    # A first sentence longer than this many words, with no clause mark in time, is cut anyway:
+    # before the first phrase start ("and", "to", "of", "is", ...) after first_chunk_min_words
+    # words, else after this many words. 0: never (only clauses and sentence ends cut).
+    first_chunk_max_words: int = 7
+
+    def __post_init__(self) -> None:
+        if self.first_chunk_min_words < 0 or (self.first_chunk_max_words and self.first_chunk_max_words <= self.first_chunk_min_words):
+            raise ConfigError("tts.first_chunk_min_words must be >= 0 and tts.first_chunk_max_words 0 or above it")
 
 
 @dataclass

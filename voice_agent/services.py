@@ -30,8 +30,8 @@ Contract:
   is a detector at all.
 - `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state (the main
   endpointer emits a `PauseCheck` at each `turn.check_silence_ms` pause when a turn model is
-  loaded); a chunker serves one reply (its first chunk may end at a clause:
-  `tts.first_chunk_min_words`).
+  loaded); a chunker serves one reply (its first chunk may end at a clause or a phrase start:
+  `tts.first_chunk_min_words`, `tts.first_chunk_max_words`).
 """
 
 from __future__ import annotations
@@ -222,7 +222,8 @@ class ModelServices:
         from audio.text import SentenceChunker
 
         tts = self.config.tts
-        return SentenceChunker(max_chars=tts.max_sentence_chars, first_chunk_min_words=tts.first_chunk_min_words)
+        return SentenceChunker(max_chars=tts.max_sentence_chars, first_chunk_min_words=tts.first_chunk_min_words,
+                               first_chunk_max_words=tts.first_chunk_max_words)
 
     def make_resampler(self, from_hz: int, to_hz: int) -> Any:
         from audio.resample import Resampler

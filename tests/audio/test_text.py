@@ -210,3 +210,48 @@ def test_early_first_chunk_does_not_depend_on_the_split(words, cuts, min_words):
         assert out[0] + " " + out[1] == sentences[0]
         assert out[2:] == sentences[1:]
         assert len(out[0].split()) >= min_words
+
+
+def early_phrase(pieces: list[str], min_words: int, max_words: int) -> list[str]:
+    chunker = SentenceChunker(160, first_chunk_min_words=min_words, first_chunk_max_words=max_words)
+    out = [c for piece in pieces for c in chunker.push(piece)]
+    return out + chunker.flush()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The capital of Australia is Canberra.", ["The capital of Australia is Canberra."]),  # short: whole
+        ("The sky is blue because of a process called Rayleigh scattering.",
+         ["The sky is blue", "because of a process called Rayleigh scattering."]),
+        ("A healthy breakfast is a combination of whole grains, fruits and proteins.",
+         ["A healthy breakfast is a combination", "of whole grains, fruits and proteins."]),
+        ("Bonjour le monde est toujours par le monde encore une fois.",
+         ["Bonjour le monde est toujours par le", "monde encore une fois."]),  # no phrase start: after M words
+        ("Of course, I'd be happy to help you today. Then more.",
+         ["Of course, I'd be happy", "to help you today.", "Then more."]),
+        ("Well, the weather in Paris is mild, and sunny.", ["Well, the weather in Paris is mild,", "and sunny."]),
+    ],
+)
+def test_a_long_first_sentence_is_cut_at_a_phrase_start(text, expected):
+    assert early_phrase([text], 4, 7) == expected
+    assert early_phrase(list(text), 4, 7) == expected
+
+
+def test_phrase_cuts_need_a_sensible_maximum():
+    with pytest.raises(ValueError, match="first_chunk_max_words"):
+        SentenceChunker(first_chunk_min_words=4, first_chunk_max_words=4)
+    text = "The sky is blue because of a process called Rayleigh scattering."
+    assert early_phrase([text], 4, 0) == [text], "0 turns it off"
+
+
+@given(st.lists(_EARLY_WORDS | st.sampled_from(["of", "and", "sky", "blue", "is"]), max_size=50),
+       st.lists(st.integers(1, 12), min_size=1, max_size=40), st.integers(0, 4), st.integers(1, 6))
+def test_phrase_cut_first_chunk_does_not_depend_on_the_split(words, cuts, min_words, extra):
+    text = " ".join(words)
+    max_words = min_words + extra
+    out = early_phrase(_split(text, cuts), min_words, max_words)
+    assert out == early_phrase([text], min_words, max_words) == early_phrase(list(text), min_words, max_words)
+    assert "".join("".join(out).split()) == "".join(text.split())
+    if out:
+        assert len(out[0].split()) <= max(max_words, len(early([text], min_words)[0].split()))

@@ -510,4 +510,7 @@ def test_model_services_chunker_follows_the_config():
 
     text = "The weather looks great today, so take a hat."
     assert chunks(load_config(), text) == ["The weather looks great today,", "so take a hat."]
-    assert chunks(load_config(overrides=["tts.first_chunk_min_words=0"]), text) == [text]
+    assert chunks(load_config(overrides=["tts.first_chunk_min_words=0", "tts.first_chunk_max_words=0"]), text) == [text]
+    long = "The sky is blue because of a process called Rayleigh scattering."
+    assert chunks(load_config(), long) == ["The sky is blue", "because of a process called Rayleigh scattering."]
+    assert chunks(load_config(overrides=["tts.first_chunk_max_words=0"]), long) == [long]
