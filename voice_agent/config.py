@@ -241,12 +241,18 @@ class AgentConfig:
     # (a client may send a recorded utterance at once), is dropped.
     max_audio_speed: float = 2.0
     max_audio_burst_s: float = 30.0
+    # Echo gate: while a reply plays, caller audio quieter than this times the reply's own level
+    # (in the 0.8 s before) is taken for its echo and never starts a turn (no false barge-in from
+    # a speakerphone). 0: off (a client that cancels echo itself, or a very quiet caller).
+    echo_gate_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("history_tokens", "max_instructions_tokens", "max_item_chars", "max_items",
                      "max_responses_per_minute", "max_items_per_minute", "max_audio_speed", "max_audio_burst_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"agent.{name} must be at least 1")  # a speed below 1 would drop a talking caller
+        if not 0.0 <= self.echo_gate_ratio < 10.0:
+            raise ConfigError("agent.echo_gate_ratio must be in [0, 10)")
 
 
 @dataclass

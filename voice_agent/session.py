@@ -17,6 +17,16 @@ Contract:
   The final transcript goes before every queued partial or speculative decode of every call,
   cancels this call's queued partial, and reuses a decode whose audio differs only by trailing
   silence (then the endpoint costs no decode at all).
+- End of turn: the endpointer reports each pause of `turn.check_silence_ms` in the caller's turn
+  (`PauseCheck`); `services.end_of_turn` judges it (the text detector on a speculative decode of
+  the utterance, which the final transcript then reuses) and a verdict of "over" ends the turn
+  at once, if the caller has not spoken since; else the turn ends after `services.end_silence_ms`
+  of silence. docs/turn-taking.md.
+- Echo gate (`agent.echo_gate_ratio`): while a reply plays (from the writer's first byte) and for
+  0.8 s after, caller audio quieter than the ratio x the reply's own level in the 0.8 s before
+  it is taken for the reply's echo and silenced before the VAD, so a speakerphone does not
+  interrupt the agent; a caller talking over the reply is louder and barges in. Off after a
+  barge-in (the client stops playing). `echo_gated_s` in the turn metrics.
 - Speculative start: a second endpointer with a short silence (`agent.speculative_pause_ms`)
   marks pauses; at a pause the utterance so far is transcribed (speculative priority: after
   finals, before partials) and the LLM starts on it, its output held back. If the final
@@ -112,6 +122,10 @@ ASR_RATE_HZ = 16_000
 MAX_RECORDS = 256
 MAX_TRUNCATABLE_TURNS = 8
 MESSAGE_OVERHEAD_TOKENS = 4  # a message's role and separators in the chat template
+# The echo gate: reply audio levels per 20 ms, compared with the caller's audio that arrives up
+# to this many frames (0.8 s: the transport's lead, the network both ways, the room) after it.
+ECHO_FRAME_S = 0.02
+ECHO_WINDOW_FRAMES = 40
 
 
 class State(enum.Enum):
@@ -398,6 +412,9 @@ class _Turn:
     t_asr: float | None = None
     t_first_audio: float | None = None
     t_first_sent: float | None = None
+    # The reply's audio level, one RMS per ECHO_FRAME_S from the start of its playback (the echo gate).
+    far_end: list[np.ndarray] = field(default_factory=list)
+    far_end_frames: int = 0
     speculative: str = "off"  # "off" | "none" | "hit" | "miss"
     speculative_saved_ms: float | None = None
     run: LlmRun | None = None
@@ -496,6 +513,8 @@ class Session:
         self._inbox_s = 0.0
         self._max_inbox_s = config.max_inbox_audio_s
         self.dropped_audio_s = 0.0
+        self.echo_gated_s = 0.0  # caller audio silenced by the echo gate
+        self._echo_turn: _Turn | None = None  # the reply playing now or last (its echo may still come)
         self._inbox_ready = asyncio.Event()
         self._resampler: Any = None
         self._resampler_rate = 0
@@ -560,6 +579,7 @@ class Session:
         turn = self._reply_turn
         if turn is not None and turn.record.turn_id == turn_id and turn.t_first_sent is None:
             turn.t_first_sent = self._clock()
+            self._echo_turn = turn
 
     async def close(self) -> None:
         """End the call: cancel the tasks, record the unfinished turn. Idempotent; safe to cancel
@@ -672,6 +692,8 @@ class Session:
     async def _process_audio(self, event: AudioIn) -> None:
         audio = self._to_16k(event)
         self._stream_s += len(audio) / ASR_RATE_HZ
+        if self.config.echo_gate_ratio > 0 and self._echo_turn is not None:
+            audio = self._gate_echo(self._echo_turn, audio)
         if not self.server_vad:
             self._manual_audio.append(audio)
             self._manual_s += len(audio) / ASR_RATE_HZ
@@ -695,6 +717,41 @@ class Session:
                     self._start_speculation(self._endpointer.utterance_audio())
         if self.state is State.USER_SPEAKING:
             self._maybe_partial()
+
+    # --- echo gate -----------------------------------------------------------------------------
+
+    def _add_far_end(self, turn: _Turn, samples: np.ndarray, rate: int) -> None:
+        n = int(rate * ECHO_FRAME_S)
+        frames = np.asarray(samples, dtype=np.float32)[: len(samples) // n * n].reshape(-1, n)
+        turn.far_end.append(np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1)))
+        turn.far_end_frames += len(frames)
+
+    def _gate_echo(self, turn: _Turn, audio: np.ndarray) -> np.ndarray:
+        """Silence the caller's frames that are only the reply's own voice coming back: a frame
+        quieter than `echo_gate_ratio` x the loudest reply audio played in the echo window before
+        it (a Geigel double-talk test on RMS levels). The caller talking over the reply is louder
+        than the echo of it and passes. Frames more than the window after the reply's end pass.
+        Every sample is judged (a chunk's last, partial frame too: the VAD's frames straddle
+        chunks)."""
+        if audio.size == 0 or not turn.far_end:
+            return audio
+        n = int(ASR_RATE_HZ * ECHO_FRAME_S)
+        starts = np.arange(0, audio.size, n)
+        far = np.concatenate(turn.far_end)
+        # Arrival time of each frame (the chunk has just arrived), in reply frames since playback began.
+        ends = self._clock() - (audio.size - np.minimum(starts + n, audio.size)) / ASR_RATE_HZ
+        at = np.floor((ends - turn.t_first_sent) / ECHO_FRAME_S).astype(np.int64)
+        lo = np.clip(at - ECHO_WINDOW_FRAMES, 0, far.size)
+        hi = np.clip(at + 1, 0, far.size)
+        gated = audio
+        for i in np.flatnonzero(hi > lo):
+            frame = audio[starts[i] : starts[i] + n]
+            if np.sqrt(np.mean(np.square(frame, dtype=np.float64))) < self.config.echo_gate_ratio * far[lo[i] : hi[i]].max():
+                if gated is audio:
+                    gated = audio.copy()
+                gated[starts[i] : starts[i] + n] = 0.0
+                self.echo_gated_s += frame.size / ASR_RATE_HZ
+        return gated
 
     # --- user speech ---------------------------------------------------------------------------
 
@@ -1075,6 +1132,8 @@ class Session:
             if len(samples) == 0:
                 continue
             turn.chunks.append(Chunk(sentence, len(samples) / rate))
+            if self.config.echo_gate_ratio > 0:
+                self._add_far_end(turn, samples, rate)
             self.state = State.SPEAKING
             await self.outbox.put(
                 ReplyAudio(
@@ -1153,6 +1212,7 @@ class Session:
         """Barge-in or cancel: abort the LLM, drop queued audio, flush the client, keep what was heard."""
         turn_id = turn.record.turn_id
         self._stop_reply(turn)
+        self._echo_turn = None  # the client stops playing it: no more echo to expect
         dropped = self.outbox.drop_turn(turn_id)
         self.outbox.put_urgent(Flush(turn_id=turn_id, t=self._clock(), reason=reason))
         log.info("call %s turn %d: interrupted (%s), %d queued events dropped", self.call_id, turn_id, reason, dropped)
@@ -1236,6 +1296,7 @@ class Session:
             "speculative_saved_ms": round(turn.speculative_saved_ms, 1) if turn.speculative_saved_ms else None,
             "interrupted": turn.record.status == "cancelled",
             "dropped_audio_s": round(self.dropped_audio_s, 3),
+            "echo_gated_s": round(self.echo_gated_s, 3),
         }
 
     # --- memory --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import json
 import shutil
 import subprocess
@@ -196,3 +197,59 @@ def test_twilio_route_and_barge_in(services, tmp_path):
     # espeak's audio starts with a few ms of silence: the speech itself starts a little later.
     assert clear_t - barge_t < 0.3 + 0.05, "clear came too late"
     assert last_media is None or last_media - barge_t < 0.3 + 0.05
+
+
+def test_twilio_speakerphone_echo_does_not_interrupt_the_reply(services, tmp_path):
+    """The phone plays the reply and its microphone hears it again, 100 ms later at -10 dB, and
+    nothing else: the agent must not take its own voice for the caller's."""
+    from websockets.asyncio.client import connect
+
+    question_8k = resample(espeak(QUESTION, tmp_path), 16000, 8000)
+
+    async def main():
+        server = VoiceServer(make_config(), services)
+        await server.start()
+        playback: collections.deque = collections.deque()  # reply frames and marks, in order
+        events: list[str] = []
+        played = 0
+        async with connect(f"ws://127.0.0.1:{server.port}/twilio") as ws:
+            await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+            start = {"streamSid": "MZe2e", "callSid": "CAecho", "customParameters": {}, "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}
+            await ws.send(json.dumps({"event": "start", "streamSid": "MZe2e", "start": start}))
+
+            async def receive():
+                while True:
+                    msg = json.loads(await ws.recv())
+                    events.append(msg["event"])
+                    if msg["event"] == "media":
+                        playback.append(mulaw_decode(base64.b64decode(msg["media"]["payload"])))
+                    elif msg["event"] == "mark":
+                        playback.append(msg["mark"]["name"])
+                    elif msg["event"] == "clear":
+                        playback.clear()
+
+            async def phone():
+                nonlocal played
+                await send_paced(ws, twilio_messages(question_8k))
+                delay = collections.deque([np.zeros(160, np.float32)] * 5)  # 100 ms
+                started = time.monotonic()
+                for i in range(int(20 / 0.02)):
+                    while playback and isinstance(playback[0], str):  # played up to a mark: say so
+                        await ws.send(json.dumps({"event": "mark", "streamSid": "MZe2e", "mark": {"name": playback.popleft()}}))
+                    frame = playback.popleft() if playback else np.zeros(160, np.float32)
+                    played += bool(np.any(frame))
+                    delay.append(frame)
+                    await ws.send(twilio_messages(0.3 * delay.popleft())[0])
+                    await asyncio.sleep(max(0.0, started + (i + 1) * 0.02 - time.monotonic()))
+
+            receiver = asyncio.create_task(receive())
+            await asyncio.wait_for(phone(), 60)
+            receiver.cancel()
+            await ws.send(json.dumps({"event": "stop", "streamSid": "MZe2e"}))
+        await server.shutdown()
+        return events, played
+
+    events, played = asyncio.run(main())
+    print(f"\nreply frames played: {played}, events: {dict(collections.Counter(events))}")
+    assert played * 0.02 > 1.0, "less than a second of reply was played"
+    assert "clear" not in events, "the agent's own echo was taken for a barge-in"

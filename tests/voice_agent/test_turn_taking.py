@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from va_fakes import RATE, FakeClock, FakeServices, bursts, drain, feed, settle, silence
+import numpy as np
+from va_fakes import RATE, FakeClock, FakeServices, bursts, drain, feed, settle, silence, speech
 
 from voice_agent.config import AgentConfig
-from voice_agent.events import SpeechStopped, TranscriptFinal
+from voice_agent.events import Flush, ReplyAudio, SpeechStarted, SpeechStopped, TranscriptFinal
 from voice_agent.session import Session
 
 
@@ -159,6 +160,45 @@ def test_a_text_detector_reads_a_decode_that_the_final_transcript_reuses():
         assert [e.text for e in events if isinstance(e, TranscriptFinal)] == ["what is the weather"]
         # Two decodes in all: one per judged pause; the final reused the second.
         assert services.transcribed == ["what is the", "what is the weather"]
+        await session.close()
+
+    asyncio.run(main())
+
+
+def _echo_call(gate: float):
+    clock = FakeClock()
+    services = FakeServices()
+    services.tts_level = 0.5  # a loud reply: its echo at 30 % would pass the fake VAD's 0.1
+    config = AgentConfig(speculative_start=False, sample_rate_hz=RATE, echo_gate_ratio=gate)
+    return Session(services, config, clock=clock, wall_clock=lambda: 1.0), clock
+
+
+async def _reply_playing(session, clock):
+    await feed(session, clock, bursts(2))
+    await feed(session, clock, silence(700))
+    replies = [e for e in drain(session.outbox) if isinstance(e, ReplyAudio)]
+    assert replies
+    session.audio_sent(replies[0].turn_id)  # the writer started sending it: playback begins
+    return np.concatenate([r.samples for r in replies])
+
+
+def test_the_reply_echoed_back_is_no_barge_in_but_the_caller_talking_over_it_is():
+    async def main():
+        session, clock = _echo_call(0.5)
+        reply = await _reply_playing(session, clock)
+        await feed(session, clock, np.concatenate([silence(100), 0.3 * reply[: RATE]]))  # 100 ms late, -10 dB
+        events = drain(session.outbox)
+        assert not [e for e in events if isinstance(e, (Flush, SpeechStarted))], "its own echo interrupted the reply"
+        assert session.echo_gated_s > 0.5
+        await feed(session, clock, speech(300))  # the caller, as loud as the reply
+        events = drain(session.outbox)
+        assert any(isinstance(e, Flush) for e in events) and any(isinstance(e, SpeechStarted) for e in events)
+        await session.close()
+
+        session, clock = _echo_call(0.0)  # the gate off: the same echo is taken for the caller
+        reply = await _reply_playing(session, clock)
+        await feed(session, clock, np.concatenate([silence(100), 0.3 * reply[: RATE]]))
+        assert any(isinstance(e, Flush) for e in drain(session.outbox))
         await session.close()
 
     asyncio.run(main())

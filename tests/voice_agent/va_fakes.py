@@ -205,6 +205,7 @@ class FakeServices:
         self.transcribed: list[str] = []
         self.priorities: list[AsrPriority] = []
         self.tts_rate = 16_000
+        self.tts_level = 0.05  # quiet enough not to count as speech if echoed (the fake VAD's 0.1)
         self.synthesized: list[str] = []
         # The end-of-turn model: None = silence alone; else P(turn over) of an utterance (a coroutine
         # function may stand in, to hold the verdict back). With turn_reads_text, it gets the
@@ -223,8 +224,8 @@ class FakeServices:
 
     async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         self.synthesized.append(text)
-        # 50 ms per word, quiet enough not to count as speech if echoed
-        return np.full(len(text.split()) * self.tts_rate // 20, 0.05, np.float32), self.tts_rate
+        # 50 ms per word
+        return np.full(len(text.split()) * self.tts_rate // 20, self.tts_level, np.float32), self.tts_rate
 
     async def end_of_turn(self, audio_16k: np.ndarray, transcript) -> float:
         assert self.turn_p is not None, "no end-of-turn model in these services"
