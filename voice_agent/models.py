@@ -27,6 +27,7 @@ __all__ = [
     "resolve_asr_model",
     "resolve_llm_model",
     "resolve_tts_voice",
+    "resolve_turn_model",
 ]
 
 # Python package -> what it carries; all are installed with `pip install --no-deps`.
@@ -171,6 +172,22 @@ def resolve_tts_voice(name: str) -> Path:
     return local
 
 
+def resolve_turn_model(name: str) -> Path:
+    """The Smart Turn ONNX file: "" is the one in the pipecat-ai wheel, else a path."""
+    if not name:
+        from audio.errors import AudioModelNotFoundError
+        from audio.turn import smart_turn_model_path
+
+        try:
+            return smart_turn_model_path()
+        except AudioModelNotFoundError as e:
+            raise UserError(str(e)) from None
+    local = _local_path(name)
+    if local is None or not local.is_file():
+        raise UserError(f"Smart Turn model {name!r} not found: give the path to its .onnx file")
+    return local
+
+
 def _info(role: str, configured: str, resolve) -> ModelInfo:
     try:
         result = resolve(configured)
@@ -203,4 +220,9 @@ def describe_models(config: Config) -> list[ModelInfo]:
     else:
         infos.append(ModelInfo("dLLM", config.llm.api_model or "(server default)", None, f"remote: {config.llm.base_url}"))
     infos.append(_info("AR baseline", config.llm.baseline_model, resolve_llm_model))
+    if "text" in config.turn.detector:
+        infos.append(_info("turn (text)", config.turn.text_model, resolve_llm_model))
+    if "smart-turn" in config.turn.detector:
+        infos.append(_info("turn (audio)", config.turn.model or "smart-turn-v3.2 (pipecat-ai)",
+                           lambda name: resolve_turn_model(config.turn.model)))
     return infos

@@ -97,8 +97,9 @@ class ModelServices:
         turn_model = text_scorer = None
         if "smart-turn" in config.turn.detector:
             from audio.turn import SmartTurn
+            from voice_agent.models import resolve_turn_model
 
-            turn_model = SmartTurn(config.turn.model or None, threads=config.turn.threads)
+            turn_model = SmartTurn(resolve_turn_model(config.turn.model), threads=config.turn.threads)
         if "text" in config.turn.detector:
             from voice_agent.end_of_turn import load_text_scorer
 

@@ -115,3 +115,18 @@ def test_services_judge_with_the_loaded_models_only():
     assert not silent.judges_turns and silent.end_silence_ms == Config().vad.end_silence_ms
     with pytest.raises(RuntimeError, match="no end-of-turn model"):
         asyncio.run(verdict(silent))
+
+
+@pytest.mark.slow
+def test_the_cached_prefix_gives_the_scores_of_a_whole_forward(scorer):
+    import torch
+
+    for text in ("what time do you close tonight", "i would like to book a table for"):
+        ids = scorer._tokenizer(scorer._prefix + text, add_special_tokens=False)["input_ids"]
+        n = len(ids)
+        with torch.inference_mode():
+            logits = scorer._model(torch.tensor([ids]), torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None, None])
+        whole = float(torch.softmax(logits[0, -1].float(), -1)[scorer._end_ids].sum())
+        assert scorer.probability(text) == pytest.approx(whole, rel=1e-3, abs=1e-7)
+    # A transcript longer than the cache holds keeps its newest words.
+    assert 0.0 <= scorer.probability("and then " * 200 + "that is all") <= 1.0
