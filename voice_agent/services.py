@@ -203,21 +203,12 @@ class ModelServices:
     def make_endpointer(self, end_silence_ms: int | None = None) -> Any:
         """The call's endpointer; with `end_silence_ms`, a plain one with that silence (no
         pause checks: the speculative start's)."""
-        from audio.vad import Endpointer
+        from voice_agent.commands._audio_setup import make_endpointer
 
-        vad = self.config.vad
-        main = end_silence_ms is None
-        return Endpointer(
-            sample_rate_hz=16_000,
-            aggressiveness=vad.aggressiveness,
-            frame_ms=vad.frame_ms,
-            pre_roll_ms=vad.pre_roll_ms,
-            min_speech_ms=vad.min_speech_ms,
-            end_silence_ms=self.end_silence_ms if main else end_silence_ms,
-            backend=vad.backend,
-            max_utterance_ms=vad.max_utterance_ms,
-            check_silence_ms=self.config.turn.check_silence_ms if main and self.judges_turns else 0,
-        )
+        if end_silence_ms is not None:
+            return make_endpointer(self.config, 16_000, end_silence_ms=end_silence_ms)
+        checks = self.config.turn.check_silence_ms if self.judges_turns else 0
+        return make_endpointer(self.config, 16_000, end_silence_ms=self.end_silence_ms, check_silence_ms=checks)
 
     def make_chunker(self) -> Any:
         from audio.text import SentenceChunker

@@ -24,7 +24,7 @@ Contract:
   of silence. docs/turn-taking.md.
 - Echo gate (`agent.echo_gate_ratio`): while a reply plays (from the writer's first byte) and for
   0.8 s after, caller audio quieter than the ratio x the reply's own level in the 0.8 s before
-  it is taken for the reply's echo and silenced before the VAD, so a speakerphone does not
+  it is taken for the reply's echo and silenced before the VAD and ASR, so a speakerphone does not
   interrupt the agent; a caller talking over the reply is louder and barges in. Off after a
   barge-in (the client stops playing). `echo_gated_s` in the turn metrics.
 - Speculative start: a second endpointer with a short silence (`agent.speculative_pause_ms`)
@@ -407,14 +407,13 @@ class _Turn:
     record: TurnRecord
     end_verdict: Any = None  # the newest end-of-turn verdict (voice_agent.end_of_turn.TurnVerdict) in this turn
     end_check_ms: float | None = None  # how long that verdict took
-    ended_by_model: bool = False  # the verdict ended the turn (not the silence fallback)
+    ended_by: str | None = None  # "model" (a verdict) or "silence" (the fallback); None: not by the VAD
     t_speech_end: float | None = None  # monotonic: the reference of the latencies
     t_asr: float | None = None
     t_first_audio: float | None = None
     t_first_sent: float | None = None
     # The reply's audio level, one RMS per ECHO_FRAME_S from the start of its playback (the echo gate).
     far_end: list[np.ndarray] = field(default_factory=list)
-    far_end_frames: int = 0
     speculative: str = "off"  # "off" | "none" | "hit" | "miss"
     speculative_saved_ms: float | None = None
     run: LlmRun | None = None
@@ -706,6 +705,8 @@ class Session:
             elif isinstance(ev, PauseCheck):
                 self._judge_pause(ev)
             else:
+                if self._user_turn is not None:
+                    self._user_turn.ended_by = "silence"
                 await self._on_speech_ended(self._ep_origin_s + ev.speech_end_s, ev.audio)
         if self._pause_endpointer is not None:
             for ev in self._pause_endpointer.feed(audio):
@@ -724,7 +725,6 @@ class Session:
         n = int(rate * ECHO_FRAME_S)
         frames = np.asarray(samples, dtype=np.float32)[: len(samples) // n * n].reshape(-1, n)
         turn.far_end.append(np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1)))
-        turn.far_end_frames += len(frames)
 
     def _gate_echo(self, turn: _Turn, audio: np.ndarray) -> np.ndarray:
         """Silence the caller's frames that are only the reply's own voice coming back: a frame
@@ -824,7 +824,7 @@ class Session:
         if not verdict.over or self._user_turn is not turn:
             return
         for ev in self._endpointer.end_turn(check.pause_id):
-            turn.ended_by_model = True
+            turn.ended_by = "model"
             await self._on_speech_ended(self._ep_origin_s + ev.speech_end_s, ev.audio)
 
     def _maybe_partial(self) -> None:
@@ -1288,7 +1288,7 @@ class Session:
             "tokens": turn.tokens,
             "forward_passes": turn.steps,
             "tokens_per_forward": round(turn.tokens / turn.steps, 3) if turn.tokens and turn.steps else None,
-            "end_of_turn": ("model" if turn.ended_by_model else "silence") if turn.record.kind == "speech" else None,
+            "end_of_turn": turn.ended_by,
             "end_of_turn_audio_p": _round(getattr(turn.end_verdict, "audio_p", None), 4),
             "end_of_turn_text_p": _round(getattr(turn.end_verdict, "text_p", None), 4),
             "end_of_turn_check_ms": round(turn.end_check_ms, 1) if turn.end_check_ms is not None else None,

@@ -111,8 +111,12 @@ def test_services_judge_with_the_loaded_models_only():
     services, _, _ = _services("smart-turn+text", 0.2, 0.2)
     assert asyncio.run(verdict(services))[0].over is False
     assert services.judges_turns and services.end_silence_ms == Config().turn.max_silence_ms
+    # The call's endpointer reports pauses of turn.check_silence_ms; the speculative start's does not.
+    assert services.make_endpointer()._check_frames == Config().turn.check_silence_ms // 20
+    assert services.make_endpointer(250)._check_frames == 0
     silent, _, _ = _services("silence", None, None)
     assert not silent.judges_turns and silent.end_silence_ms == Config().vad.end_silence_ms
+    assert silent.make_endpointer()._check_frames == 0
     with pytest.raises(RuntimeError, match="no end-of-turn model"):
         asyncio.run(verdict(silent))
 
