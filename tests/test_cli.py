@@ -51,10 +51,15 @@ def test_models_lists_every_role_with_a_path() -> None:
     result = run_cli("models", "--json")
     assert result.returncode == 0, result.stderr
     infos = {i["role"]: i for i in json.loads(result.stdout)}
-    assert set(infos) == {"ASR", "TTS", "dLLM", "AR baseline"}
+    assert set(infos) == {"ASR", "TTS", "dLLM", "AR baseline", "turn (text)"}  # the default turn detector's model
     for info in infos.values():
         assert info["path"], info
         assert info["size_bytes"] > 1_000_000, info
+    both = run_cli("models", "--json", "--set", "turn.detector=smart-turn+text")
+    roles = {i["role"]: i for i in json.loads(both.stdout)}
+    assert roles["turn (audio)"]["path"].endswith("smart-turn-v3.2-cpu.onnx") and roles["turn (audio)"]["size_bytes"] > 1_000_000
+    silence = run_cli("models", "--json", "--set", "turn.detector=silence")
+    assert not any(i["role"].startswith("turn") for i in json.loads(silence.stdout))
 
 
 def test_models_names_a_missing_model_and_how_to_get_it() -> None:
