@@ -1,4 +1,5 @@
-"""End of turn from what was said: our own chat LM's probability that the user's message is over.
+"""End-of-turn verdicts, and the text score: our own chat LM's probability that the caller's
+message is over, from what was said.
 
 Contract:
 - `TurnVerdict(over, audio_p, text_p)`: a judged pause; `decide(audio_p, text_p, threshold,
@@ -19,7 +20,8 @@ Contract:
   the transcript); this model is not fine-tuned for it. The newest `MAX_TOKENS` tokens count.
   The chat template's prefix (system prompt, user header) is run once into a small KV cache of
   the scorer's own; each call runs only the transcript's tokens over it (where the tokenizer
-  would merge across the boundary, the whole text is run without the cache). Calls are
+  would merge a token across the boundary, the whole text is run from position 0 and the prefix
+  is cached again after). Calls are
   serialized by a lock; the model's weights are shared and never written, so it may run beside
   the engine's own thread.
 """
