@@ -1,4 +1,4 @@
-"""Chat messages in, prompt token ids out; committed token ids in, final text deltas out.
+r"""Chat messages in, prompt token ids out; committed token ids in, final text deltas out.
 
 Contract:
 - `ChatFormatter(tokenizer, spec, system_prompt=None).encode(messages) -> list[int]` renders
@@ -19,16 +19,37 @@ Contract:
   ends just before the first occurrence of any stop string, and a tail that could still grow
   into one is held back until it cannot (or the reply ends). Same guarantees: emitted text never
   changes and never contains a broken character. With no tokenizer it emits no text.
+  `TextStream(..., loop_guard=True)` also runs the text through a `LoopGuard`; `.finish_reason`
+  says why a stopped stream stopped ("stop" or "repetition").
+- `LoopGuard().push(text, final=False) -> (text to release, looped)`: a reply that starts
+  repeating itself stops at the end of its last good sentence. A loop is a run of words said
+  again right after itself (a unit of 1-3 words three times in a row, "il bacalaco, il bacalaco,
+  il bacalaco", or of 4-12 words twice) or a sentence of two words or more that says an earlier
+  sentence again (case and punctuation aside). The text is cut at the last sentence end before
+  the loop's second copy, never before text already released. To make that possible the guard
+  holds back text while it could still become a loop: the longest run of last words that says
+  again words said before (up to 24), and the sentence in progress while its words so far are the
+  start of an earlier sentence. A word at the very end of the text so far is judged only once
+  something follows it (a token may be half a word). A reply that does not repeat itself streams
+  as it comes, a word or two later at most where a word recurs. Words are `[\w']+` runs,
+  lower-cased.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
 from dlm.config import DiffusionSpec
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "ChatFormatter", "IncrementalDetokenizer", "TextStream"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "ChatFormatter", "IncrementalDetokenizer", "LoopGuard", "TextStream"]
+
+_WORD = re.compile(r"[\w']+")
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
+# (unit length in words, copies in a row that make a loop)
+_LOOP_UNITS = tuple((k, 3 if k <= 3 else 2) for k in range(1, 13))
+_MAX_HOLD_WORDS = 24
 
 # ChatML, for a tokenizer that ships no template.
 DEFAULT_CHAT_TEMPLATE = (
@@ -154,6 +175,87 @@ class IncrementalDetokenizer:
         return delta
 
 
+class LoopGuard:
+    """Text in as it is decoded, text out until the reply starts repeating itself (see the module
+    docstring)."""
+
+    def __init__(self) -> None:
+        self.text = ""  # everything pushed
+        self.released = 0  # characters of `text` handed out
+        self.looped = False
+
+    def push(self, text: str, final: bool = False) -> tuple[str, bool]:
+        if self.looped:
+            return "", True
+        self.text += text
+        found = list(_WORD.finditer(self.text))
+        # A word at the very end may still grow ("I" before "'m"): judged once something follows.
+        partial = found.pop().start() if found and not final and found[-1].end() == len(self.text) else len(self.text)
+        words = [(m.start(), m.group().lower()) for m in found]
+        ends = [m.end() for m in _SENTENCE_END.finditer(self.text)]
+        loop = self._loop_start(words, ends)
+        if loop is not None:
+            self.looped = True
+            cut = max(self.released, max((e for e in ends if e <= loop), default=0))
+            return self._release(cut), True
+        return self._release(len(self.text) if final else min(partial, self._hold_from(words, ends))), False
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.released)
+        out, self.released = self.text[self.released : upto], upto
+        return out
+
+    def _loop_start(self, words: list[tuple[int, str]], ends: list[int]) -> int | None:
+        """Character index of a loop's second copy, or None."""
+        w = [word for _, word in words]
+        first: int | None = None
+        for k, copies in _LOOP_UNITS:
+            for i in range(len(w) - k * copies + 1):
+                unit = w[i : i + k]
+                if all(w[i + c * k : i + (c + 1) * k] == unit for c in range(1, copies)):
+                    at = words[i + k][0]
+                    first = at if first is None else min(first, at)
+                    break
+        sentences = self._sentences(words, ends)
+        for j, (start, sentence, complete) in enumerate(sentences):
+            if complete and len(sentence) >= 2 and any(sentence == earlier for _, earlier, _ in sentences[:j]):
+                first = start if first is None else min(first, start)
+                break
+        return first
+
+    @staticmethod
+    def _sentences(words: list[tuple[int, str]], ends: list[int]) -> list[tuple[int, list[str], bool]]:
+        """(start index, words, complete) of each sentence, the one in progress last."""
+        out: list[tuple[int, list[str], bool]] = []
+        bounds = [*ends, None]
+        i = 0
+        for end in bounds:
+            group = [(pos, word) for pos, word in words[i:] if end is None or pos < end]
+            i += len(group)
+            if group:
+                out.append((group[0][0], [word for _, word in group], end is not None))
+        return out
+
+    def _hold_from(self, words: list[tuple[int, str]], ends: list[int]) -> int:
+        """Where the text that could still become a loop starts (len(text): nothing to hold): the
+        longest run of last words that says again words said before, or the sentence in progress
+        while its words so far are the start of an earlier sentence."""
+        w = [word for _, word in words]
+        n = len(w)
+        hold = len(self.text)
+        for m in range(min(n - 1, _MAX_HOLD_WORDS), 0, -1):
+            tail = w[n - m :]
+            if any(w[j : j + m] == tail for j in range(n - m)):  # an earlier start (overlap: a loop in progress)
+                hold = words[n - m][0]
+                break
+        sentences = self._sentences(words, ends)
+        if sentences and not sentences[-1][2]:
+            start, current, _ = sentences[-1]
+            if any(earlier[: len(current)] == current for _, earlier, complete in sentences[:-1] if complete):
+                hold = min(hold, start)
+        return hold
+
+
 class TextStream:
     """Committed ids -> final reply text, cut at the first stop string (see the module docstring).
 
@@ -162,21 +264,32 @@ class TextStream:
     stop string, once complete, lies entirely in `_held` + the new delta: only that is searched.
     """
 
-    def __init__(self, tokenizer: Any, stop: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str] | tuple[str, ...] = (), loop_guard: bool = False) -> None:
         self._detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.stop = [s for s in stop if s]
         self._held = ""  # decoded, not yet released: it may be the start of a stop string
+        self._guard = LoopGuard() if loop_guard else None
         self.stopped = False
+        self.finish_reason: str | None = None  # "stop" or "repetition" once stopped
 
     def push(self, ids: list[int], final: bool = False) -> tuple[str, bool]:
-        """New committed ids -> (text to emit now, a stop string was hit). `final`: the reply
-        ends here, release everything (up to a stop string)."""
+        """New committed ids -> (text to emit now, the text has ended: a stop string or a loop).
+        `final`: the reply ends here, release everything (up to a stop string or a loop)."""
         if self._detok is None or self.stopped:
             return "", self.stopped
-        text = self._held + self._detok.push(ids) + (self._detok.flush() if final else "")
+        text, stopped = self._stop_strings(self._held + self._detok.push(ids) + (self._detok.flush() if final else ""), final)
+        if stopped:
+            self.stopped, self.finish_reason = True, "stop"
+        if self._guard is not None:
+            text, looped = self._guard.push(text, final=final or stopped)
+            if looped:
+                self.stopped, self.finish_reason = True, "repetition"
+        return text, self.stopped
+
+    def _stop_strings(self, text: str, final: bool) -> tuple[str, bool]:
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if hits:
-            self._held, self.stopped = "", True
+            self._held = ""
             return text[: min(hits)], True
         keep = 0 if final else max((self._prefix_tail(text, s) for s in self.stop), default=0)
         self._held = text[len(text) - keep:] if keep else ""

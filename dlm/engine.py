@@ -86,6 +86,7 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before the first one
     trace_steps: bool = False  # also emit a StepTrace of the current block at every step
     draft_len: int = 0  # speculative engine: mask slots per draft block; 0: the engine's (others ignore it)
+    loop_guard: bool = False  # stop a reply that repeats itself, finish_reason "repetition" (dlm.chat.LoopGuard)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Delta:
     text: str  # new final text (possibly empty)
     token_ids: list[int]  # new final token ids (EOS excluded)
     finished: bool = False  # True on the request's last delta
-    finish_reason: str | None = None  # "eos" | "stop" | "length" | "abort" | "error" on the last delta
+    finish_reason: str | None = None  # "eos" | "stop" | "repetition" | "length" | "abort" | "error" on the last delta
     error: str | None = None  # the error message where finish_reason == "error"
     steps: int = 0  # forward passes so far for this request (prefill included)
     tokens: int = 0  # generated tokens committed and final so far
@@ -212,7 +213,7 @@ class Engine:
             request_id = f"req-{next(self._ids)}"
             handle = RequestHandle(request_id, self)
             req = _Request(request_id, prompt_ids, settings, handle, on_delta,
-                           TextStream(self.tokenizer, list(params.stop)), owner=owner)
+                           TextStream(self.tokenizer, list(params.stop), loop_guard=params.loop_guard), owner=owner)
             self._held[request_id] = req
             self._commands.put(("submit", req))
         return handle
@@ -432,7 +433,7 @@ class Engine:
         finish = u.finish_reason
         text, stopped = req.text.push(u.new_ids, final=finish is not None)
         if stopped:
-            finish = "stop"
+            finish = req.text.finish_reason  # a stop string or a loop
         if finish is not None:
             self._release(u.slot)
             self._emit(req, Delta(text, u.new_ids, True, finish, None, u.steps, u.tokens, u.trace, u.prefill_steps),

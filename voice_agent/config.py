@@ -197,6 +197,9 @@ class LlmConfig:
     block_size: int = 0
     sub_block_size: int = 0
     max_new_tokens: int = 96
+    # A reply that starts repeating itself (words said again right after themselves, or an
+    # earlier sentence again) stops at the end of its last good sentence (dlm.chat.LoopGuard).
+    loop_guard: bool = True
     temperature: float = 0.0
     top_p: float = 1.0
     max_batch_size: int = 8

@@ -59,7 +59,7 @@ class BlockTrace(NamedTuple):
 class LlmDelta:
     text: str  # new final text (may be empty, e.g. on a trace-only or final delta)
     finished: bool = False
-    finish_reason: str | None = None  # "eos" | "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "eos" | "stop" | "repetition" | "length" | "abort" | "error"
     steps: int | None = None  # forward passes so far for this request (None: the backend does not say)
     tokens: int | None = None  # tokens committed so far
     trace: BlockTrace | None = None  # where trace_steps was asked
@@ -249,11 +249,13 @@ class OpenAICompatibleLLM:
 # Construction ---------------------------------------------------------------------------------
 
 
-def _generation_params(config: LlmConfig, trace_steps: bool) -> Any:
+def generation_params(config: LlmConfig, *, trace_steps: bool = False, max_new_tokens: int | None = None,
+                      loop_guard: bool | None = None) -> Any:
+    """The dlm `GenerationParams` of the [llm] settings (`loop_guard` None: `config.loop_guard`)."""
     from dlm.engine import GenerationParams
 
     return GenerationParams(
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=max_new_tokens or config.max_new_tokens,
         policy=config.policy,
         threshold=config.threshold,
         factor=config.factor,
@@ -263,6 +265,7 @@ def _generation_params(config: LlmConfig, trace_steps: bool) -> Any:
         temperature=config.temperature,
         top_p=config.top_p,
         trace_steps=trace_steps,
+        loop_guard=config.loop_guard if loop_guard is None else loop_guard,
     )
 
 
@@ -321,7 +324,7 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
     suffix = "+ar" if diffusion and config.engine == "ar" else ""
     return LocalDLM(
         engine,
-        lambda trace: _generation_params(config, trace),
+        lambda trace: generation_params(config, trace_steps=trace),
         tokenizer=loaded.tokenizer,
         name=f"local:{resolved.name}{suffix}",
     )

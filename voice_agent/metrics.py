@@ -54,6 +54,7 @@ class Metrics:
         self.turns_total: Counter[str] = Counter()  # by status
         self.errors_total: Counter[str] = Counter()  # by kind
         self.speculative_total: Counter[str] = Counter()  # by result
+        self.llm_finishes_total: Counter[str] = Counter()  # by finish reason
         self.tokens_total = 0
         self.forward_passes_total = 0
         self._latency = {stage: _Histogram() for stage in STAGES.values()}
@@ -67,6 +68,8 @@ class Metrics:
                 self._latency[stage].observe(ms / 1000)
         if record.status == "failed":
             self.errors_total[values.get("error") or "turn_failed"] += 1  # llm_error, asr_error, tts_error
+        if values.get("llm_finish"):
+            self.llm_finishes_total[values["llm_finish"]] += 1
         if values.get("speculative") not in (None, "off"):
             self.speculative_total[values["speculative"]] += 1
         if values.get("tokens") and values.get("forward_passes"):
@@ -91,6 +94,8 @@ class Metrics:
             ("voice_agent_turns_total", "Finished turns, by status.", "status", self.turns_total),
             ("voice_agent_errors_total", "Errors, by kind.", "kind", self.errors_total),
             ("voice_agent_speculative_starts_total", "Speculative LLM starts, by result.", "result", self.speculative_total),
+            ("voice_agent_llm_finishes_total", "LLM replies by why they ended (repetition: the loop guard stopped one).",
+             "reason", self.llm_finishes_total),
         )
         for name, help_text, label, counts in labelled:
             family(name, "counter", help_text)

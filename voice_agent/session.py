@@ -408,6 +408,7 @@ class _Turn:
     end_verdict: Any = None  # the newest end-of-turn verdict (voice_agent.end_of_turn.TurnVerdict) in this turn
     end_check_ms: float | None = None  # how long that verdict took
     ended_by: str | None = None  # "model" (a verdict) or "silence" (the fallback); None: not by the VAD
+    llm_finish: str | None = None  # why the LLM's reply ended ("eos", "repetition", "length", ...)
     t_speech_end: float | None = None  # monotonic: the reference of the latencies
     t_asr: float | None = None
     t_first_audio: float | None = None
@@ -1073,6 +1074,8 @@ class Session:
         chunker = self.services.make_chunker()
         try:
             async for delta in run.deltas():
+                if delta.finished:
+                    turn.llm_finish = delta.finish_reason
                 if delta.steps is not None:
                     turn.steps, turn.tokens = delta.steps, delta.tokens
                 elif delta.tokens is not None:
@@ -1288,6 +1291,7 @@ class Session:
             "tokens": turn.tokens,
             "forward_passes": turn.steps,
             "tokens_per_forward": round(turn.tokens / turn.steps, 3) if turn.tokens and turn.steps else None,
+            "llm_finish": turn.llm_finish,
             "end_of_turn": turn.ended_by,
             "end_of_turn_audio_p": _round(getattr(turn.end_verdict, "audio_p", None), 4),
             "end_of_turn_text_p": _round(getattr(turn.end_verdict, "text_p", None), 4),

@@ -514,3 +514,21 @@ def test_model_services_chunker_follows_the_config():
     long = "The sky is blue because of a process called Rayleigh scattering."
     assert chunks(load_config(), long) == ["The sky is blue", "because of a process called Rayleigh scattering."]
     assert chunks(load_config(overrides=["tts.first_chunk_max_words=0"]), long) == [long]
+
+
+def test_why_the_reply_ended_is_in_the_turn_metrics_and_counted():
+    from voice_agent.metrics import Metrics
+
+    async def main():
+        session, _services, clock, _sink = make(llm=FakeLLM("No, we are closed.", finish_reason="repetition"))
+        await feed(session, clock, np.concatenate([bursts(2), silence(700)]))
+        await play_all(session, drain(session.outbox))
+        metrics = next(e for e in drain(session.outbox) if isinstance(e, TurnMetrics)).values
+        await session.close()
+        return metrics, session.turns[-1]
+
+    values, record = asyncio.run(main())
+    assert values["llm_finish"] == "repetition"
+    registry = Metrics()
+    registry.turn_finished("call", record)
+    assert 'voice_agent_llm_finishes_total{reason="repetition"} 1' in registry.render()

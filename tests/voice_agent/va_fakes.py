@@ -135,7 +135,9 @@ class FakeLLM:
 
     name = "fake"
 
-    def __init__(self, reply: str = "It is sunny. Take a hat. Have fun!", *, hold: bool = False, piece_delay_s: float = 0.0) -> None:
+    def __init__(self, reply: str = "It is sunny. Take a hat. Have fun!", *, hold: bool = False, piece_delay_s: float = 0.0,
+                 finish_reason: str = "eos") -> None:
+        self.finish_reason = finish_reason
         self.reply = reply
         self.hold = hold
         self.piece_delay_s = piece_delay_s  # a real (not fake-clock) wait between pieces, for server tests
@@ -181,7 +183,7 @@ class FakeLLM:
                 await asyncio.sleep(self.piece_delay_s)
             finished = True
             self.completed += 1
-            yield LlmDelta(text="", finished=True, finish_reason="eos", steps=(tokens + 1) // 2, tokens=tokens)
+            yield LlmDelta(text="", finished=True, finish_reason=self.finish_reason, steps=(tokens + 1) // 2, tokens=tokens)
         finally:
             self.open -= 1
             if not finished:

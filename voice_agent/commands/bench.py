@@ -161,7 +161,8 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
     """-> (loaded model, diffusion capable, prompts, warm-up prompts, GenerationParams, notes)."""
     import torch
 
-    from voice_agent.commands.chat import generation_params, load_llm
+    from voice_agent.commands.chat import load_llm
+    from voice_agent.llm import generation_params
 
     device = args.device or config.llm.device
     notes: list[str] = []
@@ -174,7 +175,7 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
         high = loaded.spec.mask_token_id  # ids below the mask token: ordinary vocabulary
         prompts = [torch.randint(0, high, (SYNTHETIC_PROMPT_TOKENS,), generator=generator).tolist()
                    for _ in range(2 * max(args.concurrency))]
-        params = generation_params(config, args.max_new_tokens)
+        params = generation_params(config.llm, max_new_tokens=args.max_new_tokens, loop_guard=False)
         params.policy = args.policy or "fixed_steps"
         params.steps_per_block, params.block_size, params.sub_block_size = args.steps_per_block, 0, 0
         params.temperature = 0.0
@@ -182,7 +183,7 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
                      f"policy {params.policy}, {args.steps_per_block} steps per block")
         return loaded, True, prompts[::2], prompts[1::2], params, notes
     loaded, diffusion = load_llm(config, config.llm.model, device, args.dtype or config.llm.dtype)
-    params = generation_params(config, args.max_new_tokens)
+    params = generation_params(config.llm, max_new_tokens=args.max_new_tokens, loop_guard=False)
     if args.policy:
         params.policy = args.policy
     if params.policy == "fixed_steps":

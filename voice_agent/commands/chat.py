@@ -41,19 +41,9 @@ def load_llm(config: Config, name: str, device: str, dtype: str) -> tuple[Any, b
     return loaded, parallel(loaded)
 
 
-def generation_params(config: Config, max_new_tokens: int | None = None):
-    from dlm.engine import GenerationParams
-
-    llm = config.llm
-    return GenerationParams(
-        max_new_tokens=max_new_tokens or llm.max_new_tokens, policy=llm.policy, threshold=llm.threshold,
-        factor=llm.factor, steps_per_block=llm.steps_per_block, block_size=llm.block_size,
-        sub_block_size=llm.sub_block_size, temperature=llm.temperature, top_p=llm.top_p,
-    )
-
-
 def run(args: argparse.Namespace, config: Config) -> int:
     from dlm.engines import decoding, make_engine
+    from voice_agent.llm import generation_params
 
     device = args.device or config.llm.device
     loaded, diffusion = load_llm(config, config.llm.model, device, config.llm.dtype)
@@ -61,7 +51,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if not diffusion and not args.ar:
         print(f"WARNING: {loaded.path} ({loaded.family}) has no mask token and no drafter; chatting with the AR "
               "baseline engine.", file=sys.stderr)
-    params = generation_params(config, args.max_new_tokens)
+    params = generation_params(config.llm, max_new_tokens=args.max_new_tokens)
     history: list[dict[str, str]] = [{"role": "system", "content": config.agent.system_prompt}]
     print(f"{loaded.family} model from {loaded.path} on {device}, {decoding(loaded, kind)} "
           "decoding. Empty line or Ctrl-D quits.", file=sys.stderr)
