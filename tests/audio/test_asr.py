@@ -48,8 +48,10 @@ def test_espeak_at_its_own_rate_is_resampled(espeak, transcriber):
     assert "door" in transcriber.transcribe(audio, sample_rate_hz=22050).lower()
 
 
-def test_clipped_and_int16_input_is_defined(synthesizer, transcriber):
-    audio = synthesizer.synthesize("Good morning everyone.", sample_rate_hz=SR)
+def test_clipped_and_int16_input_is_defined(espeak, transcriber):
+    # espeak-ng: the same samples every run (piper's voice adds random noise, and a clipped
+    # variant of it was once heard as "bit").
+    audio = espeak("Good morning everyone.")
     loud = audio * 4.0  # far beyond full scale: clipped to [-1, 1], still recognized
     assert "morning" in transcriber.transcribe(loud).lower()
     pcm = np.round(audio * 32767).astype(np.int16)
