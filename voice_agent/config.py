@@ -245,9 +245,11 @@ class AgentConfig:
     max_audio_speed: float = 2.0
     max_audio_burst_s: float = 30.0
     # Echo gate: while a reply plays, caller audio quieter than this times the reply's own level
-    # (in the 0.8 s before) is taken for its echo and never starts a turn (no false barge-in from
-    # a speakerphone). 0: off (a client that cancels echo itself, or a very quiet caller).
-    echo_gate_ratio: float = 0.5
+    # (the loudest in the 0.8 s before) is taken for its echo and never starts a turn: no false
+    # barge-in from a speakerphone without echo cancelling (0.5 gates an echo 10 dB down). Off by
+    # default: a caller quieter than the agent's voice is gated too, so barge-in waits for their
+    # louder syllables (docs/turn-taking.md). 0: off.
+    echo_gate_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("history_tokens", "max_instructions_tokens", "max_item_chars", "max_items",

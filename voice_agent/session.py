@@ -22,11 +22,12 @@ Contract:
   the utterance, which the final transcript then reuses) and a verdict of "over" ends the turn
   at once, if the caller has not spoken since; else the turn ends after `services.end_silence_ms`
   of silence. docs/turn-taking.md.
-- Echo gate (`agent.echo_gate_ratio`): while a reply plays (from the writer's first byte) and for
-  0.8 s after, caller audio quieter than the ratio x the reply's own level in the 0.8 s before
-  it is taken for the reply's echo and silenced before the VAD and ASR, so a speakerphone does not
-  interrupt the agent; a caller talking over the reply is louder and barges in. Off after a
-  barge-in (the client stops playing). `echo_gated_s` in the turn metrics.
+- Echo gate (`agent.echo_gate_ratio`; 0, the default, is off): while a reply plays (from the
+  writer's first byte) and for 0.8 s after, caller audio quieter than the ratio x the reply's own
+  level in the 0.8 s before it is taken for the reply's echo and silenced before the VAD and ASR,
+  so a speakerphone does not interrupt the agent; a caller talking over the reply louder than
+  that barges in. Off after a barge-in (the client stops playing). `echo_gated_s` in the turn
+  metrics.
 - Speculative start: a second endpointer with a short silence (`agent.speculative_pause_ms`)
   marks pauses; at a pause the utterance so far is transcribed (speculative priority: after
   finals, before partials) and the LLM starts on it, its output held back. If the final
@@ -126,6 +127,7 @@ MESSAGE_OVERHEAD_TOKENS = 4  # a message's role and separators in the chat templ
 # to this many frames (0.8 s: the transport's lead, the network both ways, the room) after it.
 ECHO_FRAME_S = 0.02
 ECHO_WINDOW_FRAMES = 40
+ECHO_FLOOR_RMS = 1e-3  # -60 dBFS: a frame this quiet is silence, not echo (echo_gated_s)
 
 
 class State(enum.Enum):
@@ -747,11 +749,13 @@ class Session:
         gated = audio
         for i in np.flatnonzero(hi > lo):
             frame = audio[starts[i] : starts[i] + n]
-            if np.sqrt(np.mean(np.square(frame, dtype=np.float64))) < self.config.echo_gate_ratio * far[lo[i] : hi[i]].max():
+            level = np.sqrt(np.mean(np.square(frame, dtype=np.float64)))
+            if level < self.config.echo_gate_ratio * far[lo[i] : hi[i]].max():
                 if gated is audio:
                     gated = audio.copy()
                 gated[starts[i] : starts[i] + n] = 0.0
-                self.echo_gated_s += frame.size / ASR_RATE_HZ
+                if level > ECHO_FLOOR_RMS:  # silence is not counted as echo
+                    self.echo_gated_s += frame.size / ASR_RATE_HZ
         return gated
 
     # --- user speech ---------------------------------------------------------------------------

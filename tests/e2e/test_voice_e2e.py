@@ -207,7 +207,9 @@ def test_twilio_speakerphone_echo_does_not_interrupt_the_reply(services, tmp_pat
     question_8k = resample(espeak(QUESTION, tmp_path), 16000, 8000)
 
     async def main():
-        server = VoiceServer(make_config(), services)
+        config = make_config()
+        config.agent.echo_gate_ratio = 0.5  # off by default (docs/turn-taking.md); a speakerphone line turns it on
+        server = VoiceServer(config, services)
         await server.start()
         playback: collections.deque = collections.deque()  # reply frames and marks, in order
         events: list[str] = []

@@ -189,7 +189,7 @@ def test_the_reply_echoed_back_is_no_barge_in_but_the_caller_talking_over_it_is(
         await feed(session, clock, np.concatenate([silence(100), 0.3 * reply[: RATE]]))  # 100 ms late, -10 dB
         events = drain(session.outbox)
         assert not [e for e in events if isinstance(e, (Flush, SpeechStarted))], "its own echo interrupted the reply"
-        assert session.echo_gated_s > 0.5
+        assert session.echo_gated_s >= 0.3  # the echo, not the silence before it
         await feed(session, clock, speech(300))  # the caller, as loud as the reply
         events = drain(session.outbox)
         assert any(isinstance(e, Flush) for e in events) and any(isinstance(e, SpeechStarted) for e in events)
