@@ -12,7 +12,7 @@ Contract:
   template (the embedded SmolLM2-135M-Instruct; `load_text_scorer(name)` loads one by registry
   name in bfloat16, the fastest dtype on this CPU's AMX).
 - `.probability(transcript) -> float`: the transcript so far is lower-cased and stripped of
-  punctuation (ASR punctuation says little about a fragment), placed as the user's message in the
+  punctuation (`normalize_transcript`: ASR punctuation says little about a fragment), placed as the user's message in the
   chat template, and the model reads the next token: the probability of the template's
   end-of-message token or of sentence-final punctuation (".", "?", "!"), summed. A finished
   request ("what time do you close tonight") scores high, a fragment ("i would like to book a
@@ -28,12 +28,13 @@ Contract:
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_TOKENS", "TextTurnScorer", "TurnVerdict", "decide", "load_text_scorer", "normalize_for_turn"]
+from voice_agent.transcription import normalize_transcript
+
+__all__ = ["MAX_TOKENS", "TextTurnScorer", "TurnVerdict", "decide", "load_text_scorer"]
 
 MAX_TOKENS = 96
 _MARK = "\x00turn\x00"
@@ -51,10 +52,6 @@ def decide(audio_p: float | None, text_p: float | None, threshold: float, text_t
     scores = [(audio_p, threshold), (text_p, text_threshold)]
     present = [(p, t) for p, t in scores if p is not None]
     return bool(present) and all(p >= t for p, t in present)
-
-
-def normalize_for_turn(transcript: str) -> str:
-    return " ".join(re.sub(r"[^\w\s']", " ", transcript.lower()).split())
 
 
 class TextTurnScorer:
@@ -96,7 +93,7 @@ class TextTurnScorer:
             return torch.softmax(logits.float(), dim=-1)
 
     def probability(self, transcript: str) -> float:
-        text = normalize_for_turn(transcript)
+        text = normalize_transcript(transcript)
         if not text:
             return 0.0
         ids = self._tokenizer(self._prefix + text, add_special_tokens=False)["input_ids"]

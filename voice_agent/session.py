@@ -70,7 +70,6 @@ import collections
 import contextlib
 import enum
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -112,7 +111,7 @@ from voice_agent.events import (
     UserText,
 )
 from voice_agent.llm import LlmClient, LlmDelta, LlmError
-from voice_agent.transcription import AsrPriority, TranscriptStream
+from voice_agent.transcription import AsrPriority, TranscriptStream, normalize_transcript
 
 __all__ = ["Outbox", "RateLimit", "Services", "Session", "State", "TokenBucket", "TurnRecord", "normalize_transcript"]
 
@@ -438,16 +437,8 @@ class _Speculation:
     run: LlmRun
 
 
-_WORDS = re.compile(r"[\w']+")
-
-
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def normalize_transcript(text: str) -> str:
-    """Lower case, words only: 'Hello, there!' and 'hello there' match."""
-    return " ".join(_WORDS.findall(text.lower()))
 
 
 def heard_prefix(text: str, fraction: float) -> str:

@@ -1,4 +1,4 @@
-"""Scheduling speech recognition: one shared model, many calls, finals first.
+r"""Scheduling speech recognition: one shared model, many calls, finals first.
 
 Contract:
 - `AsrPriority`: what a decode is for, most urgent first: `FINAL` (a caller is waiting for the
@@ -9,6 +9,8 @@ Contract:
   (not thread-safe), one loop at a time: used from another loop it starts afresh (the old loop
   is over; tests run one `asyncio.run` after another on shared services). Cancelling `acquire`
   is safe (the place in the queue is given up, or the gate passed on if it had just been granted).
+- `normalize_transcript(text)`: lower case, words only (`[\w']+` runs joined by one space):
+  how transcripts are compared (the speculative start) and read (the text end-of-turn score).
 - `TranscriptStream`: the ASR of one call's utterances over the shared model, with the rules of
   `audio.asr.StreamingTranscriber` (a decode is reused when the audio only differs by quiet
   trailing audio, so the endpointer's silence costs no decode), made asynchronous and
@@ -28,18 +30,27 @@ import enum
 import heapq
 import itertools
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AsrPriority", "PriorityGate", "TranscribeFn", "TranscriptStream"]
+__all__ = ["AsrPriority", "PriorityGate", "TranscribeFn", "TranscriptStream", "normalize_transcript"]
 
 log = logging.getLogger(__name__)
 
 # Trailing audio this much quieter than the speech (RMS ratio, -20 dB) cannot change a transcript
 # (the value of audio.asr's StreamingTranscriber).
 QUIET_TAIL_RATIO = 0.1
+
+
+_WORDS = re.compile(r"[\w']+")
+
+
+def normalize_transcript(text: str) -> str:
+    """Lower case, words only: 'Hello, there!' and 'hello there' match."""
+    return " ".join(_WORDS.findall(text.lower()))
 
 
 class AsrPriority(enum.IntEnum):

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "dlm"))
 
 from voice_agent.config import Config
-from voice_agent.end_of_turn import TextTurnScorer, TurnVerdict, decide, normalize_for_turn
+from voice_agent.end_of_turn import TextTurnScorer, TurnVerdict, decide
 from voice_agent.services import ModelServices
 
 
@@ -34,8 +34,10 @@ def test_every_score_present_must_reach_its_threshold(audio_p, text_p, over):
 
 
 def test_transcripts_are_normalized_before_scoring():
-    assert normalize_for_turn("  What's the TIME, please?! ") == "what's the time please"
-    assert normalize_for_turn("...") == ""
+    from voice_agent.transcription import normalize_transcript
+
+    assert normalize_transcript("  What's the TIME, please?! ") == "what's the time please"
+    assert normalize_transcript("...") == ""
 
 
 @pytest.fixture(scope="module")
