@@ -197,19 +197,20 @@ class LoopGuard:
         starts = [m.start() for m in found]
         words = [m.group().lower() for m in found]
         ends = [m.end() for m in _SENTENCE_END.finditer(self.text) if m.end() <= partial]
-        loop = self._loop_start(starts, words, ends)
+        sentences = _sentences(starts, words, ends)
+        loop = self._loop_start(starts, words, sentences)
         if loop is not None:
             self.looped = True
             cut = max(self.released, max((e for e in ends if e <= loop), default=0))
             return self._release(cut), True
-        return self._release(len(self.text) if final else min(partial, self._hold_from(starts, words, ends))), False
+        return self._release(len(self.text) if final else min(partial, self._hold_from(starts, words, sentences))), False
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self.released)
         out, self.released = self.text[self.released : upto], upto
         return out
 
-    def _loop_start(self, starts: list[int], words: list[str], ends: list[int]) -> int | None:
+    def _loop_start(self, starts: list[int], words: list[str], sentences: list[tuple[int, list[str], bool]]) -> int | None:
         """Character index of the second copy of a loop that the new words complete, or None."""
         first: int | None = None
         for e in range(self._examined, len(words)):  # a run of copies ending at word e
@@ -221,7 +222,6 @@ class LoopGuard:
             if first is not None:
                 break
         self._examined = len(words)
-        sentences = _sentences(starts, words, ends)
         complete = [x for x in sentences if x[2]]
         for j in range(self._ends_examined, len(complete)):
             start, sentence, _ = complete[j]
@@ -231,7 +231,7 @@ class LoopGuard:
         self._ends_examined = len(complete)
         return first
 
-    def _hold_from(self, starts: list[int], words: list[str], ends: list[int]) -> int:
+    def _hold_from(self, starts: list[int], words: list[str], sentences: list[tuple[int, list[str], bool]]) -> int:
         """Where the text that could still become a loop starts (len(text): nothing to hold): the
         longest run of last words that says again words said before, or the sentence in progress
         while its words so far are the start of an earlier sentence."""
@@ -245,7 +245,6 @@ class LoopGuard:
                 m += 1
                 hold = starts[n - m]
                 matches = [e for e in matches if e - m >= 0 and words[e - m] == words[n - 1 - m]]
-        sentences = _sentences(starts, words, ends)
         if sentences and not sentences[-1][2]:
             start, current, _ = sentences[-1]
             if any(earlier[: len(current)] == current for _, earlier, complete in sentences[:-1] if complete):

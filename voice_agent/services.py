@@ -64,10 +64,9 @@ class ModelServices:
         self._text_scorer = text_scorer  # voice_agent.end_of_turn.TextTurnScorer, or None
         self.judges_turns = turn_model is not None or text_scorer is not None
         self.end_silence_ms = config.turn.max_silence_ms if self.judges_turns else config.vad.end_silence_ms
+        # One model run at a time each: a gate is held until its worker thread is done.
         self._turn_gate = PriorityGate()
-        self._turn_lock = threading.Lock()
         self._text_gate = PriorityGate()
-        self._text_lock = threading.Lock()
         self._transcriber = transcriber
         self._synthesizer = synthesizer
         self._asr_gate = PriorityGate()  # the order of ASR requests (event loop)
@@ -128,16 +127,8 @@ class ModelServices:
             with self._tts_jobs_lock:
                 self._tts_jobs -= 1
 
-    def _audio_turn_blocking(self, audio_16k: np.ndarray) -> float:
-        with self._turn_lock:
-            return self._turn_model.probability(audio_16k)
-
-    def _text_turn_blocking(self, text: str) -> float:
-        with self._text_lock:
-            return self._text_scorer.probability(text)
-
     async def _text_turn(self, transcript: Callable[[], Awaitable[str]]) -> float:
-        return await self._in_thread(self._text_gate, self._text_turn_blocking, await transcript())
+        return await self._in_thread(self._text_gate, self._text_scorer.probability, await transcript())
 
     async def end_of_turn(self, audio_16k: np.ndarray, transcript: Callable[[], Awaitable[str]]) -> Any:
         """Is the caller's turn over, given the utterance so far? (see the module docstring)"""
@@ -150,7 +141,7 @@ class ModelServices:
             return None
 
         audio_p, text_p = await asyncio.gather(
-            self._in_thread(self._turn_gate, self._audio_turn_blocking, audio_16k) if self._turn_model is not None else nothing(),
+            self._in_thread(self._turn_gate, self._turn_model.probability, audio_16k) if self._turn_model is not None else nothing(),
             self._text_turn(transcript) if self._text_scorer is not None else nothing(),
         )
         turn = self.config.turn
@@ -166,8 +157,7 @@ class ModelServices:
             "asr_running": int(self._asr_lock.locked()),
             "asr_waiting": self._asr_gate.waiting(),
             "tts_jobs": self._tts_jobs + self._tts_gate.waiting(),
-            "turn_checks": int(self._turn_lock.locked()) + self._turn_gate.waiting()
-            + int(self._text_lock.locked()) + self._text_gate.waiting(),
+            "turn_checks": sum(int(gate.held) + gate.waiting() for gate in (self._turn_gate, self._text_gate)),
         }
 
     async def transcribe(

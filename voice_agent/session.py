@@ -415,7 +415,7 @@ class _Turn:
     t_first_audio: float | None = None
     t_first_sent: float | None = None
     # The reply's audio level, one RMS per ECHO_FRAME_S from the start of its playback (the echo gate).
-    far_end: list[np.ndarray] = field(default_factory=list)
+    far_end: np.ndarray = field(default_factory=lambda: np.zeros(0))
     speculative: str = "off"  # "off" | "none" | "hit" | "miss"
     speculative_saved_ms: float | None = None
     run: LlmRun | None = None
@@ -718,7 +718,8 @@ class Session:
     def _add_far_end(self, turn: _Turn, samples: np.ndarray, rate: int) -> None:
         n = int(rate * ECHO_FRAME_S)
         frames = np.asarray(samples, dtype=np.float32)[: len(samples) // n * n].reshape(-1, n)
-        turn.far_end.append(np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1)))
+        # Grown once per reply chunk (a sentence), read for every chunk of caller audio.
+        turn.far_end = np.concatenate([turn.far_end, np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))])
 
     def _gate_echo(self, turn: _Turn, audio: np.ndarray) -> np.ndarray:
         """Silence the caller's frames that are only the reply's own voice coming back: a frame
@@ -727,11 +728,11 @@ class Session:
         than the echo of it and passes. Frames more than the window after the reply's end pass.
         Every sample is judged (a chunk's last, partial frame too: the VAD's frames straddle
         chunks)."""
-        if audio.size == 0 or not turn.far_end:
+        far = turn.far_end
+        if audio.size == 0 or far.size == 0:
             return audio
         n = int(ASR_RATE_HZ * ECHO_FRAME_S)
         starts = np.arange(0, audio.size, n)
-        far = np.concatenate(turn.far_end)
         # Arrival time of each frame (the chunk has just arrived), in reply frames since playback began.
         ends = self._clock() - (audio.size - np.minimum(starts + n, audio.size)) / ASR_RATE_HZ
         at = np.floor((ends - turn.t_first_sent) / ECHO_FRAME_S).astype(np.int64)
@@ -1290,7 +1291,7 @@ class Session:
             "end_of_turn": turn.ended_by,
             "end_of_turn_audio_p": _round(getattr(turn.end_verdict, "audio_p", None), 4),
             "end_of_turn_text_p": _round(getattr(turn.end_verdict, "text_p", None), 4),
-            "end_of_turn_check_ms": round(turn.end_check_ms, 1) if turn.end_check_ms is not None else None,
+            "end_of_turn_check_ms": _round(turn.end_check_ms, 1),
             "speculative": turn.speculative,
             "speculative_saved_ms": round(turn.speculative_saved_ms, 1) if turn.speculative_saved_ms else None,
             "interrupted": turn.record.status == "cancelled",
