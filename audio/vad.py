@@ -371,7 +371,7 @@ class Endpointer:
 
     def end_turn(self, pause_id: int) -> list[SpeechEnded]:
         """End the turn now if the pause `pause_id` (from a `PauseCheck`) still goes on."""
-        if not self.in_speech or pause_id != self._open_pause or self._silence_run == 0:
+        if pause_id != self._open_pause:  # -1 unless a turn is open and that pause goes on
             return []
         events: list[SpeechEnded] = []
         self._close_turn(self._frames_seen - 1, events, early=True)
