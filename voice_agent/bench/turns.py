@@ -215,12 +215,12 @@ def first_end_s(
 
     endpointer = make_endpointer(end_silence_ms=end_silence_ms, check_silence_ms=check_ms)
     chunk = int(CHUNK_S * RATE)
-    pending: list[tuple[float, int, bool]] = []  # (due stream time, pause_id, over)
+    pending: tuple[float, int, bool] | None = None  # the newest pause's verdict: (due stream time, pause_id, over)
     checks = 0
     for start in range(0, item.audio.size, chunk):
         t0 = start / RATE
-        if pending and pending[0][0] < t0 + CHUNK_S:  # the verdict arrives within this chunk
-            due, pause_id, over = pending.pop()
+        if pending is not None and pending[0] < t0 + CHUNK_S:  # the verdict arrives within this chunk
+            (due, pause_id, over), pending = pending, None
             if over and endpointer.end_turn(pause_id):
                 return max(due, t0)
         for ev in endpointer.feed(item.audio[start : start + chunk]):
@@ -229,7 +229,7 @@ def first_end_s(
             if isinstance(ev, PauseCheck) and verdict is not None:
                 over, seconds = verdict(checks, ev.audio)
                 checks += 1
-                pending = [(ev.t_s + seconds, ev.pause_id, over)]  # a newer pause replaces the older one
+                pending = (ev.t_s + seconds, ev.pause_id, over)  # a newer pause replaces the older one
     return None
 
 
