@@ -24,6 +24,7 @@ from dlm.adapt.prompts import VOICE_SYSTEM_PROMPT
 
 __all__ = [
     "LLM_ENGINES",
+    "TURN_DETECTORS",
     "AgentConfig",
     "AsrConfig",
     "Config",
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 # turn.detector values (see TurnConfig).
-TURN_DETECTORS = ("text", "smart-turn", "smart-turn+text", "silence")
+TURN_DETECTORS = ("silence", "smart-turn", "text", "smart-turn+text")
 
 # llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
 # engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR).

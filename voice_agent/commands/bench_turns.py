@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from voice_agent.config import Config
+from voice_agent.config import TURN_DETECTORS, Config
 
 HELP = "end-of-turn detectors on a labelled turn set: wait after complete turns vs paused ones cut off"
 
@@ -67,8 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text: score that ends the turn (default: 0.001,0.003,0.01,0.03,0.1)")
     parser.add_argument("--max-silence-ms", type=_ints, default=[1500],
                         help="judged detectors: the fallback silence (default: 1500)")
-    parser.add_argument("--detectors", default="silence,smart-turn,text,smart-turn+text",
-                        help="which detectors to run (default: all four)")
+    parser.add_argument("--detectors", default=",".join(TURN_DETECTORS), help=f"which detectors to run (default: all, {','.join(TURN_DETECTORS)})")
     parser.add_argument("--voices-per-sentence", type=int, default=2,
                         help="recordings per sentence, each in another voice (default: 2: 48 complete + 48 paused items)")
     parser.add_argument("--cache-dir", default="~/.cache/voice-agent/bench-turns", help="where the turn set is kept")
@@ -169,12 +168,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from voice_agent.commands.bench_e2e import _machine
     from voice_agent.end_of_turn import load_text_scorer
     from voice_agent.errors import UserError
-    from voice_agent.models import resolve_tts_voice
+    from voice_agent.models import resolve_tts_voice, resolve_turn_model
 
-    known = ("silence", "smart-turn", "text", "smart-turn+text")
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
-    if not detectors or any(d not in known for d in detectors):
-        raise UserError(f"--detectors takes some of {', '.join(known)}, not {args.detectors!r}")
+    if not detectors or any(d not in TURN_DETECTORS for d in detectors):
+        raise UserError(f"--detectors takes some of {', '.join(TURN_DETECTORS)}, not {args.detectors!r}")
     if args.voices_per_sentence < 1:
         raise UserError("--voices-per-sentence must be at least 1")
     if min(args.checks_ms) >= min(args.max_silence_ms):
@@ -202,7 +200,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     transcriber = load_transcriber(config)
     items = build_turn_set(cache_dir, resolve_tts_voice(config.tts.voice), lambda: transcriber, args.voices_per_sentence, progress)
     kinds = {item.item_id: item.kind for item in items}
-    smart = SmartTurn(turn.model or None, threads=turn.threads) if any("smart-turn" in d for d in detectors) else None
+    smart = SmartTurn(resolve_turn_model(turn.model), threads=turn.threads) if any("smart-turn" in d for d in detectors) else None
     scorer = load_text_scorer(turn.text_model, device=config.llm.device) if any("text" in d for d in detectors) else None
 
     def endpointer(**overrides: Any) -> Any:
@@ -245,7 +243,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         "smart-turn+text": [(a, t) for a in thresholds for t in text_thresholds],
     }
     started = time.monotonic()
-    for detector in (d for d in known[1:] if d in detectors):
+    for detector in (d for d in TURN_DETECTORS if d != "silence" and d in detectors):  # the table's order
         for check in checks:
             if not args.no_progress:
                 print(f"  {detector} at {check} ms pauses, {time.monotonic() - started:.0f} s so far", file=sys.stderr, flush=True)
