@@ -37,10 +37,16 @@ __all__ = [
     "VadConfig",
     "default_config_text",
     "load_config",
+    "turn_models",
 ]
 
 # turn.detector values (see TurnConfig).
 TURN_DETECTORS = ("silence", "smart-turn", "text", "smart-turn+text")
+
+
+def turn_models(detector: str) -> set[str]:
+    """The end-of-turn models a turn.detector runs: "smart-turn+text" -> {"smart-turn", "text"}."""
+    return set(detector.split("+")) - {"silence"}
 
 # llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
 # engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR).

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from voice_agent.config import Config
+from voice_agent.config import Config, turn_models
 from voice_agent.errors import UserError
 
 __all__ = [
@@ -220,9 +220,9 @@ def describe_models(config: Config) -> list[ModelInfo]:
     else:
         infos.append(ModelInfo("dLLM", config.llm.api_model or "(server default)", None, f"remote: {config.llm.base_url}"))
     infos.append(_info("AR baseline", config.llm.baseline_model, resolve_llm_model))
-    if "text" in config.turn.detector:
+    if "text" in turn_models(config.turn.detector):
         infos.append(_info("turn (text)", config.turn.text_model, resolve_llm_model))
-    if "smart-turn" in config.turn.detector:
+    if "smart-turn" in turn_models(config.turn.detector):
         infos.append(_info("turn (audio)", config.turn.model or "smart-turn-v3.2 (pipecat-ai)",
                            lambda name: resolve_turn_model(config.turn.model)))
     return infos

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from voice_agent.config import Config
+from voice_agent.config import Config, turn_models
 from voice_agent.llm import LlmClient, build_llm
 from voice_agent.transcription import AsrPriority, PriorityGate
 
@@ -94,12 +94,12 @@ class ModelServices:
         )
         synthesizer = Synthesizer(resolve_tts_voice(config.tts.voice), length_scale=config.tts.length_scale)
         turn_model = text_scorer = None
-        if "smart-turn" in config.turn.detector:
+        if "smart-turn" in turn_models(config.turn.detector):
             from audio.turn import SmartTurn
             from voice_agent.models import resolve_turn_model
 
             turn_model = SmartTurn(resolve_turn_model(config.turn.model), threads=config.turn.threads)
-        if "text" in config.turn.detector:
+        if "text" in turn_models(config.turn.detector):
             from voice_agent.end_of_turn import load_text_scorer
 
             text_scorer = load_text_scorer(config.turn.text_model, device=config.llm.device)

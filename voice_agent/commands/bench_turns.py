@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from voice_agent.config import TURN_DETECTORS, Config
+from voice_agent.config import TURN_DETECTORS, Config, turn_models
 
 HELP = "end-of-turn detectors on a labelled turn set: wait after complete turns vs paused ones cut off"
 
@@ -200,8 +200,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     transcriber = load_transcriber(config)
     items = build_turn_set(cache_dir, resolve_tts_voice(config.tts.voice), lambda: transcriber, args.voices_per_sentence, progress)
     kinds = {item.item_id: item.kind for item in items}
-    smart = SmartTurn(resolve_turn_model(turn.model), threads=turn.threads) if any("smart-turn" in d for d in detectors) else None
-    scorer = load_text_scorer(turn.text_model, device=config.llm.device) if any("text" in d for d in detectors) else None
+    smart = SmartTurn(resolve_turn_model(turn.model), threads=turn.threads) if any("smart-turn" in turn_models(d) for d in detectors) else None
+    scorer = load_text_scorer(turn.text_model, device=config.llm.device) if any("text" in turn_models(d) for d in detectors) else None
 
     def endpointer(**overrides: Any) -> Any:
         return make_endpointer(config, 16_000, **overrides)
@@ -220,12 +220,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     def scored(item_id: str, check: int, k: int, audio: Any, need: str) -> dict[str, float]:
         entry = scores.setdefault((item_id, check, k), {})
-        if "smart-turn" in need and "audio_p" not in entry:
+        if "smart-turn" in turn_models(need) and "audio_p" not in entry:
             t = time.perf_counter()
             entry["audio_p"] = smart.probability(audio)
             entry["audio_s"] = time.perf_counter() - t
             model_ms["smart-turn"].append(1000 * entry["audio_s"])
-        if "text" in need and "text_p" not in entry:
+        if "text" in turn_models(need) and "text_p" not in entry:
             t = time.perf_counter()
             entry["transcript"] = transcriber.transcribe(audio)
             asr_s = time.perf_counter() - t
@@ -314,9 +314,9 @@ def _verdict(scored: Any, item_id: str, check: int, detector: str, threshold: fl
 
 def _judged_setting(detector: str, check: int, threshold: float | None, text_threshold: float | None, max_silence: int) -> dict[str, Any]:
     setting: dict[str, Any] = {"check_ms": check}
-    if "smart-turn" in detector:
+    if "smart-turn" in turn_models(detector):
         setting["threshold"] = threshold
-    if "text" in detector:
+    if "text" in turn_models(detector):
         setting["text_threshold"] = text_threshold
     setting["max_silence_ms"] = max_silence
     return setting
