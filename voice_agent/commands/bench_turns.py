@@ -197,8 +197,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     cache_dir = Path(args.cache_dir).expanduser()
     print(f"building the turn set (piper + espeak-ng, cut with whisper word times) in {cache_dir} ...", file=sys.stderr, flush=True)
-    transcriber = load_transcriber(config)
-    items = build_turn_set(cache_dir, resolve_tts_voice(config.tts.voice), lambda: transcriber, args.voices_per_sentence, progress)
+    transcriber = functools.cache(lambda: load_transcriber(config))  # loaded once, where it is needed
+    items = build_turn_set(cache_dir, resolve_tts_voice(config.tts.voice), transcriber, args.voices_per_sentence, progress)
     kinds = {item.item_id: item.kind for item in items}
     smart = SmartTurn(resolve_turn_model(turn.model), threads=turn.threads) if any("smart-turn" in turn_models(d) for d in detectors) else None
     scorer = load_text_scorer(turn.text_model, device=config.llm.device) if any("text" in turn_models(d) for d in detectors) else None
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
             model_ms["smart-turn"].append(1000 * entry["audio_s"])
         if "text" in turn_models(need) and "text_p" not in entry:
             t = time.perf_counter()
-            entry["transcript"] = transcriber.transcribe(audio)
+            entry["transcript"] = transcriber().transcribe(audio)
             asr_s = time.perf_counter() - t
             t = time.perf_counter()
             entry["text_p"] = scorer.probability(entry["transcript"])
