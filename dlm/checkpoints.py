@@ -34,12 +34,19 @@ from dlm.bd_format import is_bd_checkpoint, read_bd_checkpoint
 from dlm.config import DiffusionSpec, ModelConfig
 from dlm.errors import ModelNotFoundError, UnsupportedCheckpointError
 from dlm.families import Family, family_for_config, stop_token_ids
-from dlm.gguf_file import SUPPORTED_GGUF_ARCHITECTURES, cached_gguf, convert_gguf, default_cache_dir
-from dlm.model import Transformer
+from dlm.gguf_file import (
+    SUPPORTED_GGUF_ARCHITECTURES,
+    cached_gguf,
+    convert_gguf,
+    default_cache_dir,
+    read_quant_blocks,
+)
+from dlm.model import Int4Weight, Int8AsInt4Weight, Transformer, can_pack_linears
 
 __all__ = [
     "DEFAULT_MAX_SEQ_LEN",
     "SUPPORTED_FAMILIES",
+    "WEIGHT_FORMATS",
     "LoadedModel",
     "detect_family",
     "load_model",
@@ -49,6 +56,7 @@ __all__ = [
 
 SUPPORTED_FAMILIES = ("bd", "fast_dllm_v2", "sdar", "llada", "dream", "ar")
 DEFAULT_MAX_SEQ_LEN = 4096
+WEIGHT_FORMATS = ("dense", "int4")
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -297,15 +305,40 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path):
         return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap pages the conversion freed back to the OS (glibc keeps them otherwise: about
+    250 MB after an int4 load of SmolLM2); a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                max_seq_len: int | None = None, cache_dir: str | Path | None = None, pack: bool = True,
-               drafter: str | Path | None = None) -> LoadedModel:
+               drafter: str | Path | None = None, weights: str = "dense") -> LoadedModel:
     """See the module docstring; `pack`: prepack the weights for oneDNN where that applies
     (bfloat16 on CPU, `Transformer.pack_linears`); `drafter`: a drafter file for this model
-    (dlm.drafter), checked against it (DrafterError where it belongs to another base)."""
+    (dlm.drafter), checked against it (DrafterError where it belongs to another base);
+    `weights`: "dense", or "int4": a GGUF's own Q4_0 / Q4_1 projections run the decoding steps
+    (`dlm.model.Int4Weight`), packed bf16 copies the prefill, and the dense copies are released
+    (inference only: `Transformer.release_dense_weights`); bfloat16 on CPU only."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     resolved = resolve_checkpoint(path)
     family_name, family = _detect(resolved)
     device = torch.device(device)
+    if weights == "int4":
+        dtype = torch.bfloat16 if dtype in (None, "auto") else dtype
+        if not _is_gguf(resolved):
+            raise UnsupportedCheckpointError(f"{resolved}: weights='int4' runs a GGUF's own 4-bit weights; "
+                                             "this is not a GGUF file")
+        if resolve_dtype(dtype, device) != torch.bfloat16 or not can_pack_linears(torch.bfloat16, device):
+            raise ValueError(f"weights='int4' needs bfloat16 on a CPU with oneDNN bf16 (asked: {dtype}, {device})")
     dtype = resolve_dtype(dtype, device)
     if family is not None:
         config, spec, state_dict, tokenizer = _load_hf_folder(resolved, family, dtype)
@@ -316,7 +349,17 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         config, spec, state_dict, tokenizer = _load_gguf(resolved, dtype, cache)
     config.max_seq_len = max_seq_len or min(config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     model = _build_model(config, state_dict, resolved, device, dtype)
-    if pack:
+    if weights == "int4":
+        int4 = {name: Int4Weight.from_blocks(q, scale, minimum) if kind == "q4" else Int8AsInt4Weight(q, scale)
+                for name, (kind, q, scale, minimum) in read_quant_blocks(resolved).items()}
+        if not any(isinstance(w, Int4Weight) for w in int4.values()):
+            raise UnsupportedCheckpointError(f"{resolved}: weights='int4' needs Q4_0 or Q4_1 tensors; this GGUF has none")
+        # The output head's bf16 copy only serves draft blocks (many positions' logits at once).
+        model.pack_linears(int4, head_amx=drafter is not None)
+        model.release_dense_weights()
+        del state_dict, int4
+        _return_freed_memory()
+    elif pack:
         model.pack_linears()
     loaded = LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved)
     if drafter is not None:

@@ -68,7 +68,10 @@ prompt: exact, since a position's K/V depend only on the tokens it attends, whic
 (causal: the tokens up to it; block-causal: up to the end of its block, so the reused length is
 rounded down to whole blocks and the block size must match). The last prefill position is always
 recomputed: its logits are the carry. `prefix_match()` tells the caller (the engine picks the
-free slot with the longest match) how many positions a slot would reuse.
+free slot with the longest match) how many positions a slot would reuse. Where the model's
+decoding steps run other kernels than its prefill (`Transformer.step_kernels`: int4 steps, bf16
+prefill), a generated position's K/V differ in their last bits from what a prefill writes, so
+only the prefilled positions are kept: the next turn re-prefills the previous reply.
 
 Batching. Finished and aborted rows are removed from the decoder and cost nothing. The active
 rows of a step are compacted into a batch whose size, window length and key length are rounded
@@ -405,8 +408,13 @@ class BlockDecoder:
     def remove(self, slot: int) -> None:
         """Free the slot; its clean prefix stays reusable by the next request there."""
         row = self.rows.pop(slot, None)
-        if row is not None and self.cache == "exact" and row.clean_upto > 0:
-            self.cached[slot] = _CachedPrefix(row.ids[: row.clean_upto], row.settings.block_size)
+        if row is None or self.cache != "exact":
+            return
+        # Where decoding steps run other kernels than the prefill (Transformer.step_kernels), only
+        # prefilled positions are kept: reused, they hold exactly what a fresh prefill writes.
+        upto = min(row.clean_upto, row.prefill_upto) if self.model.step_kernels else row.clean_upto
+        if upto > 0:
+            self.cached[slot] = _CachedPrefix(row.ids[:upto], row.settings.block_size)
 
     def _start_unit(self, row: _Row, first_open: int) -> None:
         """Enter the sub-block holding position first_open (the first uncommitted slot)."""

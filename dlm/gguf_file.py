@@ -27,7 +27,8 @@ from dlm.bd_format import save_bd_checkpoint
 from dlm.errors import UnsupportedCheckpointError
 from dlm.families import FAMILIES, stop_token_ids
 
-__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "cached_gguf", "convert_gguf", "default_cache_dir", "gguf_architecture"]
+__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "cached_gguf", "convert_gguf", "default_cache_dir", "gguf_architecture",
+           "read_quant_blocks"]
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _CACHE_VERSION = "1"
@@ -151,6 +152,46 @@ def convert_gguf(path: str | Path):
     spec = family.spec(hf_config)
     spec.eos_token_ids = stop_token_ids(hf_config, tokenizer)
     return config, spec, state_dict, tokenizer
+
+
+# Block types read as they are stored: name -> (bytes per block of 32 weights, kind). Q4_0: fp16 d,
+# then 16 bytes of nibbles, w = d * (q - 8); Q4_1: fp16 d, fp16 m, then the nibbles, w = d * q + m
+# (byte j holds weight j in its low nibble and weight j + 16 in its high one: ggml's layout);
+# Q8_0: fp16 d, then 32 int8, w = d * q.
+_BLOCK_TYPES = {"Q4_0": (18, "q4_0"), "Q4_1": (20, "q4_1"), "Q8_0": (34, "q8_0")}
+
+
+def read_quant_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The Q4_0, Q4_1 and Q8_0 weights of a GGUF as they are stored, by our name: (kind, q (N, K),
+    scale (N, K / 32) float32, minimum (N, K / 32) float32) with w = q * scale + minimum exactly as
+    `convert_gguf` dequantises them (q/k rows un-permuted the same way); kind "q4" (q uint8
+    0..15) or "q8" (q int8, minimum 0). Tensors of other types are left out."""
+    path = Path(path)
+    reader = _reader(path)
+    hf_config = _hf_config(reader)
+    arch = hf_config["model_type"]
+    n_heads, n_kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for tensor in reader.tensors:
+        block = _BLOCK_TYPES.get(tensor.tensor_type.name)
+        if block is None or not tensor.name.endswith(".weight"):
+            continue
+        size, kind = block
+        blocks = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, size)  # (N, K / 32, bytes)
+        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if kind == "q8_0":
+            q = blocks[..., 2:].copy().view(np.int8).reshape(blocks.shape[0], -1)
+            minimum = np.zeros_like(scale)
+        else:
+            nibbles = blocks[..., 4:] if kind == "q4_1" else blocks[..., 2:]
+            q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(blocks.shape[0], -1)
+            minimum = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "q4_1" else -8 * scale
+        if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = n_heads if tensor.name.endswith("attn_q.weight") else n_kv_heads
+            q, scale, minimum = (_unpermute(a, heads) for a in (q, scale, minimum))
+        tensors = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, scale, minimum))
+        out[_our_name(tensor.name)] = ("q8" if kind == "q8_0" else "q4", *tensors)
+    return out
 
 
 def cached_gguf(path: str | Path, cache_dir: Path) -> Path:

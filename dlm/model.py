@@ -59,7 +59,8 @@ from torch import Tensor, nn
 
 from dlm.config import ModelConfig
 
-__all__ = ["Attention", "DecoderLayer", "DraftInputs", "KVCache", "RMSNorm", "Transformer", "can_pack_linears"]
+__all__ = ["Attention", "DecoderLayer", "DraftInputs", "Int4Weight", "KVCache", "Projection", "RMSNorm", "Transformer",
+           "can_pack_linears"]
 
 
 class LayerAdapter(Protocol):
@@ -103,18 +104,116 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+@dataclass
+class Int4Weight:
+    """A weight stored as groups of 4-bit integers, in torch's CPU int4 layout: within each group
+    of `group_size` inputs, w = (q - 8) * scale + zero. GGUF's Q4_0 and Q4_1 blocks are exactly
+    this (blocks of 32: w = d * q + m, so scale = d and zero = m + 8 d), so a GGUF's own weights
+    run without re-quantising (scale and zero are rounded to bf16). The kernel computes each row
+    on its own: a row's bits do not depend on the other rows of the call."""
+
+    packed: Tensor  # (N, K / 2) uint8
+    scales_zeros: Tensor  # (K / group_size, N, 2) bf16
+    group_size: int
+
+    @classmethod
+    def from_blocks(cls, q: Tensor, scale: Tensor, minimum: Tensor) -> Int4Weight:
+        """q (N, K) integers 0..15, scale and minimum (N, K / group): w = q * scale + minimum."""
+        group = q.shape[1] // scale.shape[1]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        zero = minimum.float() + 8 * scale.float()
+        scales_zeros = torch.stack([scale.float().t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return cls(packed, scales_zeros, group)
+
+    @staticmethod
+    def cat(parts: list[Int4Weight]) -> Int4Weight:
+        """Projections of the same input side by side (fused q/k/v, gate/up)."""
+        if len({p.group_size for p in parts}) != 1:
+            raise ValueError("fused int4 weights need one group size")
+        return Int4Weight(torch.cat([p.packed for p in parts]), torch.cat([p.scales_zeros for p in parts], dim=1),
+                          parts[0].group_size)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel reads rows densely
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_zeros)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes
+
+
+class Int8AsInt4Weight:
+    """A weight of 8-bit blocks (GGUF's Q8_0: w = d * q, q in -128..127, blocks of 32) run as two
+    int4 weights: with q + 128 = 16 hi + lo, w = 16 d (hi - 8) + d lo, exactly (d rounded to
+    bf16). At one row two int4 passes read 17 MB where bf16 reads 56 for SmolLM2's head."""
+
+    def __init__(self, q: Tensor, scale: Tensor) -> None:
+        """q (N, K) integers -128..127, scale (N, K / group)."""
+        u = q.to(torch.int32) + 128
+        self.hi = Int4Weight.from_blocks(u >> 4, 16 * scale.float(), -128 * scale.float())
+        self.lo = Int4Weight.from_blocks(u & 15, scale.float(), torch.zeros_like(scale, dtype=torch.float32))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.hi(x) + self.lo(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.hi.nbytes + self.lo.nbytes
+
+
+class Projection:
+    """One projection, or several of the same input fused side by side, in the formats the CPU
+    inference path runs (no autograd): `amx` (oneDNN-packed bf16, for calls of many rows: AMX
+    makes 32 rows cost about what one does) and optionally `int4` (for the rows of a decoding
+    step: at one row a matmul reads the whole weight, and 4 bits read a quarter of bf16's bytes).
+    `step` leading positions (dim 1) take `int4` where there is one, the rest `amx`; which
+    positions are steps is the forward's choice (`Transformer.forward`), never the call's size,
+    so a position's bits do not depend on what came with it. `amx=False` (with int4 only): no
+    bf16 copy, every row runs int4 (the output head, which sees a row or two per prompt)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, int4: Int4Weight | Int8AsInt4Weight | None = None,
+                 amx: bool = True) -> None:
+        if not amx and int4 is None:
+            raise ValueError("a projection needs its bf16 copy or an int4 weight")
+        self.amx = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_ROWS) if amx else None
+        self.bias = None if bias is None else bias.detach()
+        self.int4 = int4
+
+    def __call__(self, x: Tensor, step: int) -> Tensor:
+        if self.int4 is None or (step <= 0 and self.amx is not None):
+            return packed_linear(x, self.amx, self.bias)
+        if step >= x.shape[1] or self.amx is None:
+            y = self.int4(x)
+        else:
+            y = torch.cat([self.int4(x[:, :step]), packed_linear(x[:, step:], self.amx, None)], dim=1)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        amx = 0 if self.amx is None else self.amx.element_size() * self.amx.numel()  # also an opaque oneDNN tensor
+        return amx + (self.int4.nbytes if self.int4 is not None else 0)
+
+
+def _dense(weight: Tensor) -> None:
+    if weight.is_meta:
+        raise RuntimeError("this model was loaded for inference only (its dense weights were released after "
+                           "packing): load it with weights='dense' to train or to run it with gradients")
+
+
 class Linear(nn.Linear):
-    """nn.Linear that uses a prepacked oneDNN weight once `pack()` made one (see pack_linears)."""
+    """nn.Linear that runs a `Projection` once `pack()` made one (see pack_linears)."""
 
-    packed: Tensor | None = None
+    proj: Projection | None = None
 
-    def pack(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACKED_ROWS)
+    def pack(self, int4: Int4Weight | None = None) -> None:
+        self.proj = Projection(self.weight, self.bias, int4)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.packed is None or torch.is_grad_enabled():  # the packed op has no backward
+    def forward(self, x: Tensor, step: int = 0) -> Tensor:
+        if self.proj is None or torch.is_grad_enabled():  # the packed ops have no backward
+            _dense(self.weight)
             return super().forward(x)
-        return packed_linear(x, self.packed, self.bias)
+        return self.proj(x, step)
 
 
 class RMSNorm(nn.Module):
@@ -124,11 +223,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 (as Hugging Face Llama does) so bf16 matches the reference.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalise in float32, then round and scale in x's dtype, as Hugging Face Llama does (in
+        # place where that saves a call: at one row per step the calls are what costs).
+        y = x.float()
+        return self.weight * (y * (y.pow(2).mean(-1, keepdim=True) + self.eps).rsqrt_()).to(x.dtype)
 
 
 class KVCache:
@@ -169,6 +267,9 @@ class KVCache:
             return k_rows[:, :kv_len].transpose(1, 2), v_rows[:, :kv_len].transpose(1, 2)
         k_layer[r, positions] = k.transpose(1, 2).to(k_layer.dtype)  # (B, T, Hkv, D)
         v_layer[r, positions] = v.transpose(1, 2).to(v_layer.dtype)
+        if rows.shape[0] == 1 and rows.device.type == "cpu":  # one row: a view, no copy
+            r0 = int(rows[0])
+            return k_layer[r0:r0 + 1, :kv_len].transpose(1, 2), v_layer[r0:r0 + 1, :kv_len].transpose(1, 2)
         # Slice first (a view), then gather the rows: only K positions are copied. index_select
         # copies whole (K, Hkv, D) slabs; advanced indexing computes every element's offset
         # (about twice as slow on CPU).
@@ -178,25 +279,28 @@ class KVCache:
 
 
 def exact_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Grouped-query attention q (B, H, T, D), k, v (B, Hkv, K, D), bool mask (B or 1, 1, T, K)
-    -> (B, H, T, D) in q's dtype, computed in float64: a product of two bf16 numbers is exact
+    """Grouped-query attention q (B, H, T, D), k, v (B, Hkv, K, D), mask (B or 1, 1, T, K): bool,
+    or float64 additive (`exact_mask`) -> (B, H, T, D) in q's dtype, computed in float64: a product of two bf16 numbers is exact
     there, and so is a sum of D of them unless their magnitudes span more than ~2^37, so the
     scores do not depend on the summation order; the softmax and the weighted sum differ by
     ~1e-16 at most, far below a bf16 rounding step. Each query's result is therefore the same
-    whatever the other queries, the key padding or the batch are."""
-    B, H, T, D = q.shape
-    Hkv, K = k.shape[1], k.shape[2]
-    G = H // Hkv
-    qd = q.to(torch.float64).reshape(B, Hkv, G * T, D)  # query head h = kv head h // G
-    scores = (qd @ k.to(torch.float64).transpose(-1, -2)).view(B, Hkv, G, T, K) * (1.0 / D**0.5)
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    probs = scores.softmax(dim=-1).view(B, Hkv, G * T, K)
-    return (probs @ v.to(torch.float64)).view(B, H, T, D).to(q.dtype)
+    whatever the other queries, the key padding or the batch are. One fused SDPA call (fewer
+    calls than the explicit products: at one query per row the calls are what costs)."""
+    y = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    return y.to(q.dtype)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def exact_mask(mask: Tensor) -> Tensor:
+    """A bool mask as exact_attention's additive float64 mask (0 where True, -inf elsewhere):
+    made once per forward, so that no layer converts it again."""
+    return torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate-half RoPE on x (..., D): x * cos + (-x2, x1) * sin, with the sign folded into the
+    table ((-sin, sin) halves) so that the rotation is one roll; the same bits as with a negation."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class Attention(nn.Module):
@@ -217,45 +321,53 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def pack(self) -> None:
-        """q, k, v packed as one weight (one call instead of three), and o."""
+    qkv: Projection | None = None
+
+    def pack(self, int4: dict[str, Int4Weight]) -> None:
+        """q, k, v as one projection (one call instead of three), and o; `int4`: the int4 weights
+        of this layer's projections by name ("q", "k", "v", "o"), where the checkpoint has them."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         weight = torch.cat([p.weight.detach() for p in projs])
-        self.qkv_packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS)
-        self.qkv_bias = None if projs[0].bias is None else torch.cat([p.bias.detach() for p in projs])
-        self.o_proj.pack()
+        bias = None if projs[0].bias is None else torch.cat([p.bias.detach() for p in projs])
+        parts = [int4.get(name) for name in ("q", "k", "v")]
+        self.qkv = Projection(weight, bias, Int4Weight.cat(parts) if all(parts) else None)
+        self.o_proj.pack(int4.get("o"))
 
-    qkv_packed: Tensor | None = None
-    qkv_bias: Tensor | None = None
-
-    def _qkv(self, x: Tensor, draft: tuple[LayerAdapter, int] | None) -> tuple[Tensor, Tensor, Tensor]:
-        if self.qkv_packed is not None and not torch.is_grad_enabled():
-            qkv = packed_linear(x, self.qkv_packed, self.qkv_bias)
-            if draft is not None:
-                qkv = draft[0].update(("q", "k", "v"), x, qkv, draft[1])
-            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            return qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if draft is not None:
-            lora, start = draft
-            q, k, v = (lora.update((name,), x, y, start) for name, y in (("q", q), ("k", k), ("v", v)))
-        return q, k, v
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                cache: tuple[KVCache, int, Tensor, Tensor] | None,
-                draft: tuple[LayerAdapter, int] | None = None) -> Tensor:
-        """cache: (the cache, this layer's index, rows (B,), write positions (B, T)) or None;
-        draft: (this layer's adapter, first mask-slot position) or None."""
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor, draft: tuple[LayerAdapter, int] | None,
+             step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, T, H, D), k, v (B, T, Hkv, D), RoPE applied to q and k."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self._qkv(x, draft)
+        if self.qkv is not None and not torch.is_grad_enabled():
+            qkv = self.qkv(x, step)
+            if draft is not None:
+                qkv = draft[0].update(("q", "k", "v"), x, qkv, draft[1])
+            if self.q_norm is None:  # q and k side by side: one RoPE call for both
+                qk = apply_rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), cos, sin)
+                return qk[:, :, :H], qk[:, :, H:], qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if draft is not None:
+                lora, start = draft
+                q, k, v = (lora.update((name,), x, y, start) for name, y in (("q", q), ("k", k), ("v", v)))
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # cos, sin (B, T, 1, D) in x's dtype
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                cache: tuple[KVCache, int, Tensor, Tensor] | None,
+                draft: tuple[LayerAdapter, int] | None = None, step: int = 0,
+                exact: Tensor | None = None) -> Tensor:
+        """cache: (the cache, this layer's index, rows (B,), write positions (B, T)) or None;
+        draft: (this layer's adapter, first mask-slot position) or None; step: the leading
+        positions that run the step kernels (`Projection`); exact: `exact_mask(mask)` where
+        this forward runs exact attention (bf16 on CPU), made once for every layer."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self._qkv(x, cos, sin, draft, step)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)  # (B, 1, T, D)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
         if cache is not None:
             kv_cache, layer, rows, positions = cache
             k, v = kv_cache.update(layer, rows, positions, k, v, mask.shape[-1])  # (B, Hkv, K, D)
@@ -269,7 +381,7 @@ class Attention(nn.Module):
             # the rest of the forward), so a forward that verifies several tokens reproduces the
             # one-token-per-step logits bit for bit; mask slots (drafts only) keep the fast kernel.
             start = T if draft is None else draft[1]
-            y = exact_attention(q[:, :, :start], k, v, mask[:, :, :start])
+            y = exact_attention(q[:, :, :start], k, v, (exact_mask(mask) if exact is None else exact)[:, :, :start])
             if start < T:
                 fast = F.scaled_dot_product_attention(q[:, :, start:], k, v, attn_mask=mask[:, :, start:],
                                                       enable_gqa=Hkv != H)
@@ -277,7 +389,8 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)
-        return self.o_proj(y) if draft is None else draft[0].update(("o",), y, self.o_proj(y), draft[1])
+        out = self.o_proj(y, step)
+        return out if draft is None else draft[0].update(("o",), y, out, draft[1])
 
 
 class MLP(nn.Module):
@@ -287,17 +400,18 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.dim, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.dim, bias=False)
 
-    gate_up_packed: Tensor | None = None
+    gate_up: Projection | None = None
 
-    def pack(self) -> None:
-        """gate and up packed as one weight, and down."""
+    def pack(self, int4: dict[str, Int4Weight]) -> None:
+        """gate and up as one projection, and down (`int4` as in Attention.pack)."""
         weight = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
-        self.gate_up_packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS)
-        self.down_proj.pack()
+        parts = [int4.get("gate"), int4.get("up")]
+        self.gate_up = Projection(weight, None, Int4Weight.cat(parts) if all(parts) else None)
+        self.down_proj.pack(int4.get("down"))
 
-    def forward(self, x: Tensor, draft: tuple[LayerAdapter, int] | None = None) -> Tensor:
-        if self.gate_up_packed is not None and not torch.is_grad_enabled():
-            gate_up = packed_linear(x, self.gate_up_packed, None)
+    def forward(self, x: Tensor, draft: tuple[LayerAdapter, int] | None = None, step: int = 0) -> Tensor:
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate_up = self.gate_up(x, step)
             if draft is not None:
                 gate_up = draft[0].update(("gate", "up"), x, gate_up, draft[1])
             gate, up = gate_up.chunk(2, dim=-1)
@@ -307,7 +421,8 @@ class MLP(nn.Module):
             gate = draft[0].update(("gate",), x, self.gate_proj(x), draft[1])
             up = draft[0].update(("up",), x, self.up_proj(x), draft[1])
         h = F.silu(gate) * up
-        return self.down_proj(h) if draft is None else draft[0].update(("down",), h, self.down_proj(h), draft[1])
+        out = self.down_proj(h, step)
+        return out if draft is None else draft[0].update(("down",), h, out, draft[1])
 
 
 class DecoderLayer(nn.Module):
@@ -320,9 +435,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 cache: tuple[KVCache, int, Tensor, Tensor] | None,
-                draft: tuple[LayerAdapter, int] | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, draft)
-        return x + self.mlp(self.post_attention_layernorm(x), draft)
+                draft: tuple[LayerAdapter, int] | None = None, step: int = 0,
+                exact: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, draft, step, exact)
+        return x + self.mlp(self.post_attention_layernorm(x), draft, step)
 
 
 class _Backbone(nn.Module):
@@ -342,38 +458,82 @@ class Transformer(nn.Module):
         self.model = _Backbone(config)
         # Tied: no lm_head parameter at all, so the state dict has no lm_head.weight.
         self.lm_head = None if config.tie_embeddings else Linear(config.dim, config.vocab_size, bias=False)
-        self._packed_head: Tensor | None = None  # the tied output head, packed (pack_linears)
+        self._head: Projection | None = None  # the tied output head, packed (pack_linears)
         self.build_rope()
 
     # -- oneDNN packed weights ------------------------------------------------------------
-    def pack_linears(self) -> bool:
+    def pack_linears(self, int4: dict[str, Int4Weight | Int8AsInt4Weight] | None = None, *,
+                     head_amx: bool = True) -> bool:
         """Prepack every projection and the output head for oneDNN (bf16 on CPU); False (and
-        nothing done) where `can_pack_linears` says no. Call again after changing weights."""
+        nothing done) where `can_pack_linears` says no. Call again after changing weights.
+        `int4`: int4 weights by state-dict name ("model.layers.0.mlp.down_proj.weight", ...) that
+        the decoding steps run instead (see `Projection`); projections without one, fused groups
+        with a member without one run the packed bf16 weights only; the output head runs its int4
+        weight ("lm_head.weight", or the tied "model.embed_tokens.weight") at step positions, and
+        everywhere with `head_amx=False` (no bf16 copy of the head: the prefill needs logits of
+        one position per prompt; keep the copy where many positions need logits at once, as
+        draft-and-verify's draft blocks do)."""
         weight = self.model.embed_tokens.weight
         if not can_pack_linears(weight.dtype, weight.device):
             return False
-        for layer in self.model.layers:  # q, k, v and gate, up packed fused only (that is what runs)
-            layer.self_attn.pack()
-            layer.mlp.pack()
-        if self.lm_head is not None:
-            self.lm_head.pack()
-        else:
-            self._packed_head = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_ROWS)
+        int4 = int4 or {}
+        names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+        for i, layer in enumerate(self.model.layers):  # q, k, v and gate, up packed fused only (that is what runs)
+            mine = {short: int4[f"model.layers.{i}.{name}.weight"] for short, name in names.items()
+                    if f"model.layers.{i}.{name}.weight" in int4}
+            layer.self_attn.pack(mine)
+            layer.mlp.pack(mine)
+        head_int4 = int4.get("lm_head.weight" if self.lm_head is not None else "model.embed_tokens.weight")
+        head = self.lm_head.weight if self.lm_head is not None else weight
+        self._head = Projection(head, None, head_int4, amx=head_amx or head_int4 is None)
         return True
 
     def unpack_linears(self) -> None:
+        for module in self.model.layers.modules():
+            if isinstance(module, Linear):
+                _dense(module.weight)
         for module in self.modules():
             if isinstance(module, Linear):
-                module.packed = None
+                module.proj = None
             elif isinstance(module, Attention):
-                module.qkv_packed = module.qkv_bias = None
+                module.qkv = None
             elif isinstance(module, MLP):
-                module.gate_up_packed = None
-        self._packed_head = None
+                module.gate_up = None
+        self._head = None
+
+    def release_dense_weights(self) -> int:
+        """Free the dense copies of the packed projections (inference only from then on: a
+        forward with gradients, a state dict or unpacking fails); returns the bytes freed. The
+        embedding stays (the lookup table, and the tied head's source)."""
+        if not self.packed:
+            raise RuntimeError("pack_linears() first: the packed copies are what runs")
+        freed = 0
+        for module in self.model.layers.modules():
+            if isinstance(module, Linear) and not module.weight.is_meta:
+                freed += module.weight.nbytes
+                module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
+        return freed
 
     @property
     def packed(self) -> bool:
-        return self.model.layers[0].mlp.gate_up_packed is not None
+        return self.model.layers[0].mlp.gate_up is not None
+
+    @property
+    def step_kernels(self) -> bool:
+        """True where decoding steps run other kernels (int4) than the prefill: a position's K/V
+        then depend on whether a prefill or a step computed it (dlm.decode's prefix reuse keeps
+        prefilled positions only)."""
+        return self.packed and self.model.layers[0].mlp.gate_up.int4 is not None
+
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor the forward reads (dense parameters, packed copies)."""
+        total = sum(p.nbytes for p in self.parameters() if not p.is_meta)
+        for module in self.modules():
+            for proj in (getattr(module, "proj", None), getattr(module, "qkv", None), getattr(module, "gate_up", None)):
+                if isinstance(proj, Projection):
+                    total += proj.nbytes
+        return total + (self._head.nbytes if self._head is not None else 0)
 
     # -- RoPE -----------------------------------------------------------------------------
     def build_rope(self, device: torch.device | str | None = None) -> None:
@@ -386,7 +546,9 @@ class Transformer(nn.Module):
         freqs = torch.outer(t, inv_freq)  # (S, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (S, D): rotate-half layout, as in HF Llama
         self.register_buffer("rope_cos", emb.cos().float(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin().float(), persistent=False)
+        sin = emb.sin().float()
+        sin[:, : D // 2] *= -1  # the rotation's sign (apply_rope)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     # -- cache ----------------------------------------------------------------------------
     def new_cache(self, max_batch_size: int, max_seq_len: int | None = None,
@@ -405,35 +567,41 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor, *, cache: KVCache | None = None,
                 cache_rows: Tensor | None = None, out_index: Tensor | None = None,
                 write_positions: Tensor | None = None, draft: DraftInputs | None = None,
-                hidden: bool = False) -> Tensor:
+                hidden: bool = False, step: bool = False) -> Tensor:
         """tokens, positions (B, T); mask bool (B or 1, 1, T, T) without cache, (B, 1, T, K) with;
         cache and cache_rows (B,) (the cache row of each batch row) together or not at all;
         out_index (B, N): logits only there; write_positions (B, T): cache positions of the
         inputs' K/V (default: `positions`); draft: mask slots and their adapter (see the module
-        docstring). Returns logits (B, T or N, V) in float32, or with `hidden` the final normed
-        hidden states (B, T or N, dim) in the model's dtype."""
+        docstring); step: a decoding step of a few rows (AR, verification): its text positions
+        run the step kernels where the model has them (int4, see `Projection`), mask slots and
+        every other forward the packed bf16 ones. Returns logits (B, T or N, V) in float32, or
+        with `hidden` the final normed hidden states (B, T or N, dim) in the model's dtype."""
         if (cache is None) != (cache_rows is None):
             raise ValueError("pass cache and cache_rows together")
         x = self.model.embed_tokens(tokens)  # (B, T, dim)
         if draft is not None:
             slots = draft.adapter.slot_embedding(draft.slot_index, x.dtype)  # (B, T - start, dim)
             x = torch.cat([x[:, :draft.start], slots], dim=1)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
+        # (B, T, 1, D) in the model's dtype, once for every layer
+        cos, sin = self.rope_cos[positions, None].to(x.dtype), self.rope_sin[positions, None].to(x.dtype)
         writes = positions if write_positions is None else write_positions
+        n_step = 0 if not step else x.shape[1] if draft is None else draft.start
+        exact = exact_mask(mask) if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else None
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, None if cache is None else (cache, i, cache_rows, writes),
-                      None if draft is None else (draft.adapter.layers[i], draft.start))
+                      None if draft is None else (draft.adapter.layers[i], draft.start), n_step, exact)
         if out_index is not None:
             x = x.gather(1, out_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, dim)
         x = self.model.norm(x)
-        return x if hidden else self.logits(x, normed=True)
+        return x if hidden else self.logits(x, normed=True, step=x.shape[1] if step and draft is None else 0)
 
-    def logits(self, h: Tensor, *, normed: bool = True) -> Tensor:
-        """Logits (..., V) in float32 of final hidden states h (..., dim), normed or not."""
+    def logits(self, h: Tensor, *, normed: bool = True, step: int = 0) -> Tensor:
+        """Logits (..., V) in float32 of final hidden states h (B, T, dim), normed or not; the
+        first `step` positions (dim 1) are decoding-step positions (see `Projection`)."""
         if not normed:
             h = self.model.norm(h)
+        if self._head is not None and not torch.is_grad_enabled():
+            return self._head(h, step).float()
         if self.lm_head is not None:
             return self.lm_head(h).float()
-        if self._packed_head is not None and not torch.is_grad_enabled():
-            return packed_linear(h, self._packed_head, None).float()
         return F.linear(h, self.model.embed_tokens.weight).float()  # (..., V)

@@ -5,7 +5,7 @@ Contract: `SpeculativeEngine(loaded, drafter, draft_len=4, tree=True, ...)` beha
 strings, fair admission) and produces the same tokens: at temperature 0 every reply is the AR
 model's greedy reply, token for token; at temperature > 0 the speculative-sampling acceptance rule
 keeps the AR model's (top-p) sampling distribution. What changes is how many tokens one forward
-pass yields. `SpeculativeDecoder` is its step, without threads (a `dlm.decode.BlockDecoder` whose
+pass yields. `SpeculativeDecoder` is its step, without threads (a `dlm.ar.ARDecoder`, whose
 prefill, prefix reuse and row bookkeeping it keeps).
 
 One step of a row (I-DLM / Medusa-style, in one forward over the whole batch):
@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dlm.ar import AREngine
+from dlm.ar import ARDecoder, AREngine
 from dlm.config import DiffusionSpec
-from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, StepTrace, _batch_bucket, _bucket, _Row
+from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, _batch_bucket, _bucket, _Row
 from dlm.drafter import Drafter
 from dlm.engine import GenerationParams
 from dlm.errors import InvalidRequestError
@@ -60,7 +60,7 @@ class _Drafts:
     probs: Tensor | None  # (k, V): the distribution each was sampled from (sampled rows only)
 
 
-class SpeculativeDecoder(BlockDecoder):
+class SpeculativeDecoder(ARDecoder):
     def __init__(self, model: Transformer, spec: DiffusionSpec, drafter: Drafter, *, draft_len: int = DEFAULT_DRAFT_LEN,
                  tree: bool = True, max_batch_size: int, max_seq_len: int, cache: str = "exact",
                  compile_mode: str | None = None, **prefill: Any) -> None:
@@ -70,13 +70,9 @@ class SpeculativeDecoder(BlockDecoder):
         knobs."""
         if compile_mode is not None:
             raise ValueError("compile_mode is not supported by speculative decoding (its forward is eager)")
-        if cache not in ("auto", "exact"):
-            raise ValueError(f"speculative decoding keeps an exact KV cache, not {cache!r}")
-        if spec.attention != "causal" or not spec.logit_shift:
-            raise ValueError("speculative decoding needs a causal model whose logits predict the next token")
         if not 1 <= draft_len <= drafter.n_slots:
             raise ValueError(f"draft_len {draft_len} must lie in [1, {drafter.n_slots}] (the drafter's slots)")
-        super().__init__(model, spec, max_batch_size=max_batch_size, max_seq_len=max_seq_len, cache="exact",
+        super().__init__(model, spec, max_batch_size=max_batch_size, max_seq_len=max_seq_len, cache=cache,
                          **prefill)
         self.drafter = drafter
         self.draft_len = draft_len
@@ -96,72 +92,14 @@ class SpeculativeDecoder(BlockDecoder):
         super().remove(slot)
         self.drafts.pop(slot, None)
 
-    # -- committing ----------------------------------------------------------------------------
-    def _commit(self, row: _Row, tokens: list[int], new_ids: list[int]) -> str | None:
-        """Make tokens final (up to EOS / the length limit); the finish reason or None."""
-        for t in tokens:
-            if row.final_upto >= row.gen_end:
-                break
-            row.ids.append(t)
-            row.final_upto += 1
-            if t in self.eos:
-                row.eos_pos = row.final_upto - 1
-                return "eos"
-            new_ids.append(t)
-        return "length" if row.final_upto >= row.gen_end else None
-
-    def _update(self, row: _Row, new_ids: list[int], finish: str | None) -> RowUpdate:
-        trace = None
-        if row.settings.trace:
-            drafts = self.drafts.get(row.slot)
-            tokens = list(drafts.tokens) if drafts is not None and finish is None else []
-            trace = StepTrace(step=row.steps, block_start=row.final_upto, token_ids=tokens, masked=[True] * len(tokens))
-        return RowUpdate(slot=row.slot, new_ids=new_ids, finish_reason=finish, steps=row.steps,
-                         tokens=row.final_upto - row.prompt_len - (1 if finish == "eos" else 0), trace=trace,
-                         prefill_steps=row.prefill_steps)
-
-    def _params(self, rows: list[_Row]) -> tuple[Tensor, Tensor]:
-        sampling = self.sampling[torch.tensor([r.slot for r in rows], device=self.device)]
-        return sampling[:, 0], sampling[:, 1]  # temperature, top_p
-
-    def _pick(self, rows: list[_Row], logits: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
-        """logits (n, N, V) -> per row N tokens (argmax, or samples) and, for sampled rows, the
-        distribution (N, V) they were drawn from."""
-        greedy = logits.argmax(dim=-1).tolist()
-        if all(r.generator is None for r in rows):
-            return greedy, [None] * len(rows)
-        temperature, top_p = self._params(rows)
-        probs = sampling_probs(logits, temperature, top_p)
-        tokens, dists = [], []
-        for i, row in enumerate(rows):
-            if row.generator is None:
-                tokens.append(greedy[i])
-                dists.append(None)
-            else:
-                tokens.append(torch.multinomial(probs[i], 1, generator=row.generator)[:, 0].tolist())
-                dists.append(probs[i])
-        return tokens, dists
+    def _trace_tokens(self, row: _Row) -> list[int]:
+        drafts = self.drafts.get(row.slot)
+        return list(drafts.tokens) if drafts is not None else []
 
     def _propose(self, rows: list[_Row], logits: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
         """The next drafts from the accepted block's logits (n, m, V): tokens per row and, for
         sampled rows, the distribution q they were drawn from."""
         return self._pick(rows, logits)
-
-    # -- the step ------------------------------------------------------------------------------
-    def _decode_step(self, rows: list[_Row]) -> list[RowUpdate]:
-        updates: dict[int, RowUpdate] = {}
-        new: dict[int, list[int]] = {row.slot: [] for row in rows}
-        # Rows whose prefill just finished: their first token comes from the prefill's logits and
-        # goes out at once, as in AR decoding; they join the drafting forward from the next step.
-        fresh = [row for row in rows if row.clean_upto >= row.final_upto]
-        if fresh:
-            first, _ = self._pick(fresh, self.carry[torch.tensor([r.slot for r in fresh], device=self.device)][:, None])
-            for row, tokens in zip(fresh, first, strict=True):
-                updates[row.slot] = self._update(row, new[row.slot], self._commit(row, tokens, new[row.slot]))
-        active = [row for row in rows if row.slot not in updates]
-        if active:
-            self._forward_and_decide(active, new, updates)
-        return [updates[row.slot] for row in rows]
 
     def _forward_and_decide(self, rows: list[_Row], new: dict[int, list[int]], updates: dict[int, RowUpdate]) -> None:
         n = len(rows)
@@ -205,10 +143,10 @@ class SpeculativeDecoder(BlockDecoder):
         rows_t = self._upload(torch.tensor(slots, dtype=torch.long))
         draft = DraftInputs(self.drafter, Wv, self._upload(torch.tensor(slot_index, dtype=torch.long)))
         h = self.model(tok_t, pos_t, mask[:, None], cache=self.kv, cache_rows=rows_t, write_positions=wpos_t,
-                       draft=draft, hidden=True)  # (B, T, dim)
+                       draft=draft, hidden=True, step=True)  # (B, T, dim)
         # One pass through the output head for the verifier's positions and every draft block
         # (a call costs about the same for 1 or 32 rows: it reads the whole head either way).
-        logits = self.model.logits(h[:n])  # (n, T, V)
+        logits = self.model.logits(h[:n], step=Wv)  # (n, T, V): the verifier's positions are steps
         verify = logits[:, :Wv]  # the base's next-token logits
         for row in rows:
             row.steps += 1
