@@ -24,6 +24,7 @@ from dlm.adapt.prompts import VOICE_SYSTEM_PROMPT
 
 __all__ = [
     "LLM_ENGINES",
+    "LLM_WEIGHTS",
     "TURN_DETECTORS",
     "AgentConfig",
     "AsrConfig",
@@ -51,6 +52,7 @@ def turn_models(detector: str) -> set[str]:
 # llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
 # engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR).
 LLM_ENGINES = ("auto", "ar")
+LLM_WEIGHTS = ("auto", "dense", "int4")  # dlm.checkpoints.WEIGHT_FORMATS and "auto"
 
 
 class ConfigError(ValueError):
@@ -191,6 +193,10 @@ class LlmConfig:
     # "auto": the registry's dtype for the model (smollm2-135m-drafter: bfloat16, fast on AMX), else
     # float32 on CPU and bfloat16 on a GPU; or "float32" / "bfloat16" / "float16".
     dtype: str = "auto"
+    # How the weights run on CPU: "auto" (the registry's choice for the model, else "dense"),
+    # "dense" (the dtype above), or "int4": a GGUF's own 4-bit weights in the decoding steps and
+    # packed bf16 copies in the prefill (bfloat16 only; dlm.checkpoints.load_model).
+    weights: str = "auto"
     # Draft-and-verify (models with a drafter): mask slots per draft block (0: 4) and one draft
     # block per possible acceptance length (true) or only after the full draft (false).
     draft_len: int = 0
@@ -220,6 +226,8 @@ class LlmConfig:
         # The loader checks types only; a value it cannot check is checked here, naming the key.
         if self.engine not in LLM_ENGINES:
             raise ConfigError(f"llm.engine must be one of {', '.join(map(repr, LLM_ENGINES))}, not {self.engine!r}")
+        if self.weights not in LLM_WEIGHTS:
+            raise ConfigError(f"llm.weights must be one of {', '.join(map(repr, LLM_WEIGHTS))}, not {self.weights!r}")
 
 
 @dataclass

@@ -269,21 +269,32 @@ def generation_params(config: LlmConfig, *, trace_steps: bool = False, max_new_t
     )
 
 
-def load_local_llm(name: str, *, device: str, dtype: str) -> tuple[Any, Any]:
+def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto") -> tuple[Any, Any]:
     """A model by registry name or path, with its drafter where the registry names one ->
     (dlm LoadedModel, voice_agent.models.ResolvedLlm). dtype "auto": the registry's dtype for
-    the model where it names one (the default model: bfloat16), else dlm's default."""
-    from dlm.checkpoints import load_model
+    the model where it names one (the default model: bfloat16), else dlm's default; weights
+    "auto": the registry's weight format where it names one and the device is a CPU, else
+    "dense" (dlm.checkpoints.load_model)."""
+    from dlm.checkpoints import WEIGHT_FORMATS, load_model
     from dlm.drafter import DrafterError
+    from dlm.errors import UnsupportedCheckpointError
     from voice_agent.models import resolve_llm_model
 
     resolved = resolve_llm_model(name)
     if dtype == "auto" and resolved.dtype:
         dtype = resolved.dtype
+    if weights == "auto":
+        weights = resolved.weights if resolved.weights and str(device).startswith("cpu") else "dense"
+    if weights not in WEIGHT_FORMATS:
+        raise UserError(f"llm.weights must be 'auto' or one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     try:
-        loaded = load_model(resolved.path, device=device, dtype=dtype, drafter=resolved.drafter)
+        loaded = load_model(resolved.path, device=device, dtype=dtype, drafter=resolved.drafter, weights=weights)
     except DrafterError as e:
         raise UserError(str(e)) from e
+    except (UnsupportedCheckpointError, ValueError) as e:
+        if weights == "dense":
+            raise
+        raise UserError(f"model {resolved.name!r} with llm.weights = {weights!r}: {e}") from e
     return loaded, resolved
 
 
@@ -297,7 +308,7 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
         raise UserError(f"llm.engine must be one of {', '.join(map(repr, LLM_ENGINES))}, not {config.engine!r}")
     from dlm.engines import decoding, make_engine, parallel
 
-    loaded, resolved = load_local_llm(config.model, device=config.device, dtype=config.dtype)
+    loaded, resolved = load_local_llm(config.model, device=config.device, dtype=config.dtype, weights=config.weights)
     if resolved.fallback_from:
         log.warning(
             "!!! llm.model %r is not shipped yet: FALLING BACK to the autoregressive model %r "

@@ -106,6 +106,7 @@ class ResolvedLlm:
     fallback_from: str | None = None  # set where a registry fallback stands in for the configured model
     drafter: Path | None = None  # the drafter file applied to the model (exact draft-and-verify decoding)
     dtype: str | None = None  # the registry's dtype for it, used where llm.dtype is "auto"
+    weights: str | None = None  # the registry's weight format for it, used where llm.weights is "auto"
 
 
 def _registry_path(name: str, source: str) -> Path:
@@ -128,7 +129,7 @@ def resolve_llm_model(name: str) -> ResolvedLlm:
     try:
         path = _registry_path(name, entry["source"])
         drafter = _registry_path(name, entry["drafter"]) if "drafter" in entry else None
-        return ResolvedLlm(path, name, drafter=drafter, dtype=entry.get("dtype"))
+        return ResolvedLlm(path, name, drafter=drafter, dtype=entry.get("dtype"), weights=entry.get("weights"))
     except UserError:
         fallback = entry.get("fallback")
         if not fallback:
@@ -204,6 +205,10 @@ def _info(role: str, configured: str, resolve) -> ModelInfo:
             return ModelInfo(role, configured, result.path,
                              f"diffusion drafter {result.drafter.name} over the AR weights: exact draft-and-verify "
                              f"decoding, several tokens per forward ({result.dtype or 'configured dtype'})")
+        if result.weights and result.weights != "dense":
+            return ModelInfo(role, configured, result.path, f"found; {result.weights} weights in the decoding steps "
+                                                            f"({result.dtype or 'configured dtype'}) where llm.weights "
+                                                            "is auto")
         return ModelInfo(role, configured, result.path, "found")
     if isinstance(result, str):
         return ModelInfo(role, configured, None, "faster-whisper size name: looked up in the Hugging Face cache at load time")

@@ -57,3 +57,64 @@ def test_exact_bars_count_differing_replies_and_leave_out_the_prefill() -> None:
     assert bars["first8_ratio"]["value"] == pytest.approx((0.2 / 0.4 + 0.2 / 0.3) / 2)
     # 12 tokens: 0.6 / 0.3; 6 tokens: 0.3 / 0.2.
     assert bars["wall_speedup"]["value"] == pytest.approx((0.6 / 0.3 + 0.3 / 0.2) / 2) and not bars["wall_speedup"]["pass"]
+
+
+def test_reference_bars_compare_our_engines_with_llama_cpp() -> None:
+    from voice_agent.commands.bench import REFERENCE, reference_bars
+
+    def level(engine, tps, first, replies):
+        return {"engine": engine, "concurrency": 1, "replies": len(replies), "median_tokens_per_s_per_request": tps,
+                "median_first_output_s": first, "replies_detail": replies}
+
+    ar = [{"token_times": [[0.02 * k, k] for k in range(1, 11)], "token_ids": [1, 2]},
+          {"token_times": [[0.02 * k, k] for k in range(1, 11)], "token_ids": [3]}]
+    ref = [{"token_times": [[0.01 * k, k] for k in range(1, 11)], "token_ids": [1, 2]},
+           {"token_times": [[0.01 * k, k] for k in range(1, 11)], "token_ids": [4]}]
+    dllm = [{"token_times": [[0.02, 5], [0.04, 10]], "token_ids": [1, 2]},
+            {"token_times": [[0.02, 5], [0.04, 10]], "token_ids": [3]}]
+    assert reference_bars([level("ar", 50.0, 0.02, ar)]) is None  # no reference, no bars
+    bars = reference_bars([level("ar", 50.0, 0.02, ar), level(REFERENCE, 100.0, 0.04, ref),
+                           level("dllm", 250.0, 0.02, dllm)])
+    assert bars["ar_tokens_per_s_ratio"]["value"] == pytest.approx(0.5) and not bars["ar_tokens_per_s_ratio"]["pass"]
+    assert bars["ar_first_output_ratio"]["value"] == pytest.approx(0.5) and bars["ar_first_output_ratio"]["pass"]
+    assert bars["same_replies_as_ar"] == 1
+    # llama.cpp takes 0.1 s to 10 tokens, the dLLM 0.04 s: 2.5x on both prompts.
+    assert bars["dllm_wall_speedup"]["value"] == pytest.approx(2.5) and bars["dllm_wall_speedup"]["pass"]
+
+
+def test_a_missing_llama_cpp_is_one_note_and_the_run_goes_on(monkeypatch, capsys) -> None:
+    import argparse
+    from types import SimpleNamespace
+
+    from voice_agent.bench import reference
+    from voice_agent.commands.bench import _reference
+
+    monkeypatch.setattr(reference, "llama_cpp_missing", lambda: "llama-cpp-python is not installed (test)")
+    notes: list[str] = []
+    args = argparse.Namespace(reference="llama.cpp", synthetic=None)
+    assert _reference(args, SimpleNamespace(path="model.gguf"), notes) is None
+    assert notes == ["llama.cpp skipped: llama-cpp-python is not installed (test)"]
+    assert "llama.cpp skipped" in capsys.readouterr().err
+    monkeypatch.setattr(reference, "llama_cpp_missing", lambda: None)
+    notes.clear()
+    assert _reference(args, SimpleNamespace(path="model.safetensors"), notes) is None  # llama.cpp runs GGUF only
+    assert "not a GGUF file" in notes[0]
+    assert _reference(argparse.Namespace(reference=None, synthetic=None), SimpleNamespace(path="m.gguf"), notes) is None
+
+
+def test_forward_costs_time_a_step_a_block_and_a_prefill() -> None:
+    import torch
+
+    from dlm.config import ModelConfig
+    from dlm.model import Transformer
+    from voice_agent.commands.bench import forward_costs
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                                    max_seq_len=64)).eval()
+    costs = forward_costs(model, context=20, block=4, prompt=12)
+    assert costs["block"] == 4 and costs["prompt"] == 12
+    assert all(costs[k] > 0 for k in ("step_ms", "block_step_ms", "block_bulk_ms", "prefill_ms"))
+    ratio = costs["bars"]["block_step_ratio"]
+    assert ratio["value"] == pytest.approx(costs["block_step_ms"] / costs["step_ms"])
+    assert ratio["pass"] == (ratio["value"] <= 1.3)

@@ -92,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm = sub.add_parser("llm", help="dLLM engine vs AR baseline on the same weights")
     llm.add_argument("--device", help="torch device, e.g. cpu, cuda (default: llm.device)")
     llm.add_argument("--dtype", help="float32 | bfloat16 | auto (default: llm.dtype; auto with --synthetic)")
+    llm.add_argument("--weights", help="dense | int4 | auto (default: llm.weights)")
     llm.add_argument("--max-new-tokens", type=int, default=64)
     llm.add_argument("--concurrency", type=_levels, default=[1, 8], metavar="C1,C2,...",
                      help="requests submitted at once, one level after the other (default: 1,8)")
@@ -112,6 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                               "(default: llm.draft_len, else 4)")
     llm.add_argument("--compile", metavar="MODE", help="torch.compile the denoising forward: default | "
                                                        "reduce-overhead | max-autotune | max-autotune-no-cudagraphs")
+    llm.add_argument("--reference", choices=["llama.cpp"],
+                     help="also run llama.cpp (llama-cpp-python, an optional extra) on the same GGUF and prompts, "
+                          "greedy, at concurrency 1, in the same run")
+    llm.add_argument("--fidelity", action="store_true",
+                     help="also compare with the same weights in float32, dense: greedy AR replies that differ, "
+                          "and the largest logit difference at the prefill's and at a decoding step's position")
     llm.add_argument("--json", metavar="FILE", help="write the raw results and the environment to FILE")
     llm.add_argument("--profile", metavar="FILE", help="profile a short run and write the top ops table to FILE")
     for target in _OTHERS:
@@ -182,7 +189,7 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
         notes.append(f"synthetic random weights ({args.synthetic}): no EOS, every reply runs to max_new_tokens; "
                      f"policy {params.policy}, {args.steps_per_block} steps per block")
         return loaded, True, prompts[::2], prompts[1::2], params, notes
-    loaded, diffusion = load_llm(config, config.llm.model, device, args.dtype or config.llm.dtype)
+    loaded, diffusion = load_llm(config, config.llm.model, device, args.dtype or config.llm.dtype, args.weights)
     params = generation_params(config.llm, max_new_tokens=args.max_new_tokens, loop_guard=False)
     if args.policy:
         params.policy = args.policy
@@ -318,6 +325,141 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
                     encoding="utf-8")
 
 
+REFERENCE = "llama.cpp"
+
+
+FORWARD_REPEATS = 7
+
+
+def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: int = 150) -> dict[str, Any]:
+    """Wall time of single forwards of the model on this machine (the fastest of FORWARD_REPEATS,
+    after a warm-up; a 1-row batch, random token ids): a decoding step of one token after
+    `context` cached positions; `block` positions after it, as a step (verifying a draft: the
+    step kernels) and as a bulk forward (denoising a block: the prefill kernels); the prefill of
+    a `prompt`-token prompt. With the issue's bars: a block at most 1.3x a step, the prefill at
+    most 40 ms."""
+    import torch
+
+    V = model.config.vocab_size
+    cache = model.new_cache(1, context + max(block, prompt) + 1)
+    rows = torch.tensor([0])
+
+    def forward(start: int, T: int, step: bool) -> Callable[[], Any]:
+        tokens = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
+        keys = torch.arange(start + T)
+        mask = (keys[start:, None] >= keys[None, :])[None, None]  # causal over the cache
+        return lambda: model(tokens, keys[None, start:], mask, cache=cache, cache_rows=rows,
+                             out_index=torch.tensor([[T - 1]]), step=step)
+
+    def fastest(fn: Callable[[], Any]) -> float:
+        fn()
+        times = []
+        for _ in range(FORWARD_REPEATS):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        forward(0, context, False)()  # the context's K/V
+        step_s = fastest(forward(context, 1, True))
+        verify_s = fastest(forward(context, block, True))
+        denoise_s = fastest(forward(context, block, False))
+        prefill_s = fastest(forward(0, prompt, False))
+    return {
+        "step_ms": 1e3 * step_s, "block": block, "block_step_ms": 1e3 * verify_s, "block_bulk_ms": 1e3 * denoise_s,
+        "prompt": prompt, "prefill_ms": 1e3 * prefill_s,
+        "bars": {
+            "block_step_ratio": {"value": verify_s / step_s, "limit": f"<= 1.3 ({block} positions as a step / one "
+                                                                    "token's step)", "pass": verify_s / step_s <= 1.3},
+            "block_bulk_ratio": {"value": denoise_s / step_s, "limit": f"<= 1.3 ({block} positions in bulk / one "
+                                                                     "token's step)", "pass": denoise_s / step_s <= 1.3},
+            "prefill_ms": {"value": 1e3 * prefill_s, "limit": f"<= 40 (a {prompt}-token prompt)",
+                           "pass": prefill_s <= 0.040},
+        },
+    }
+
+
+def _memory(model: Any) -> dict[str, Any]:
+    """The model's weight bytes (dense and packed copies) and this process's resident size."""
+    rss = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            rss = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        pass
+    return {"weight_bytes": model.weight_bytes(), "process_rss_bytes": rss}
+
+
+def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, Any]], params: Any) -> dict[str, Any]:
+    """The model under test against the same weights in float32, dense (issue 15: report the
+    logit difference and whether greedy replies change): the float32 AR engine's greedy replies
+    to the same prompt ids, and per prompt the largest |logit difference| at the last prompt
+    position (the prefill's kernels) and at the first reply token's position (a decoding step's)."""
+    import torch
+
+    from dlm.ar import AREngine
+    from dlm.checkpoints import load_model
+    from dlm.masks import causal_mask
+
+    print("  fidelity: loading the float32 reference", file=sys.stderr)
+    ref = load_model(loaded.path, dtype="float32", max_seq_len=loaded.config.max_seq_len)
+    greedy = replace(params, temperature=0.0)
+    with AREngine(ref, max_batch_size=1) as engine:
+        ref_ids = [[t for d in engine.submit(ids, greedy) for t in d.token_ids] for ids in prompt_ids]
+    prefill_diffs, step_diffs = [], []
+    model, dtype = loaded.model, loaded.model.model.embed_tokens.weight.dtype
+    with torch.inference_mode():
+        for ids, rec in zip(prompt_ids, replies, strict=True):
+            if not rec["token_ids"]:
+                continue
+            seq = torch.tensor([ids + rec["token_ids"][:1]])
+            P = len(ids)
+            full = ref.model(seq, torch.arange(P + 1)[None], causal_mask(P + 1))[0]  # (P + 1, V)
+            cache = model.new_cache(1, P + 8, dtype=dtype)
+            rows = torch.tensor([0])
+            keys = torch.arange(P + 1)
+            prefill = model(seq[:, :P], keys[None, :P], (keys[:P, None] >= keys[None, :P])[None, None], cache=cache,
+                            cache_rows=rows, out_index=torch.tensor([[P - 1]]))[0, 0]
+            step = model(seq[:, P:], keys[None, P:], torch.ones(1, 1, 1, P + 1, dtype=torch.bool), cache=cache,
+                         cache_rows=rows, step=True)[0, 0]
+            prefill_diffs.append(float((prefill - full[P - 1]).abs().max()))
+            step_diffs.append(float((step - full[P]).abs().max()))
+    differing = [i for i, (a, b) in enumerate(zip(ref_ids, replies, strict=True)) if a != b["token_ids"]]
+    first_diff = [next((j for j, (x, y) in enumerate(zip(ref_ids[i], replies[i]["token_ids"], strict=False))
+                        if x != y),
+                       min(len(ref_ids[i]), len(replies[i]["token_ids"]))) for i in differing]
+    return {
+        "replies": len(prompt_ids),
+        "differing_replies": len(differing),
+        "first_difference_at": first_diff,  # token index of the first difference, per differing reply
+        "median_max_abs_logit_diff_prefill": _median(prefill_diffs),
+        "median_max_abs_logit_diff_step": _median(step_diffs),
+        "max_abs_logit_diff": max(prefill_diffs + step_diffs, default=None),
+        "float32_token_ids": ref_ids,
+    }
+
+
+def _reference(args: argparse.Namespace, loaded: Any, notes: list[str]):
+    """The llama.cpp reference where asked for and possible; otherwise None and a note saying why."""
+    if not getattr(args, "reference", None):
+        return None
+    from voice_agent.bench.reference import LlamaCppReference, llama_cpp_missing
+
+    missing = llama_cpp_missing()
+    if missing is None and Path(loaded.path).suffix.lower() != ".gguf":
+        missing = f"the model under test is not a GGUF file ({loaded.path}); llama.cpp runs GGUF files"
+    if missing is None and args.synthetic:
+        missing = "--synthetic weights exist only in this process"
+    if missing is not None:
+        print(f"note: {REFERENCE} skipped: {missing}", file=sys.stderr)
+        notes.append(f"{REFERENCE} skipped: {missing}")
+        return None
+    import torch
+
+    return LlamaCppReference(loaded.path, threads=torch.get_num_threads(), n_ctx=loaded.config.max_seq_len)
+
+
 def run_llm(args: argparse.Namespace, config: Config) -> int:
     import torch
 
@@ -337,9 +479,15 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     max_c = max(args.concurrency)
     max_seq_len = loaded.config.max_seq_len
     results = []
+    reference = _reference(args, loaded, notes)
+    memory = _memory(loaded.model)
+    costs = None if cuda else forward_costs(loaded.model)
+    prompt_ids: list[list[int]] = []
     for name, kind in engines:
         with make_engine(loaded, kind, max_batch_size=max_c, max_seq_len=max_seq_len, compile_mode=args.compile,
                          draft_len=args.draft_len or config.llm.draft_len, tree=config.llm.draft_tree) as engine:
+            if not prompt_ids:  # the token ids both engines and the reference decode
+                prompt_ids = [engine.prepare(p, params)[0] for p in [*warm_up[:1], *prompts]]
             if args.profile:
                 path = Path(args.profile).with_suffix(f".{name}{Path(args.profile).suffix or '.txt'}")
                 _profile(engine, loaded, prompts[: args.concurrency[0]], params, args.compile, path)
@@ -360,6 +508,22 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 peak = torch.cuda.max_memory_allocated() if cuda else None
                 results.append(_summary(name, c, records, wall, peak))
                 print(f"  {name} concurrency {c}: {wall:.2f} s", file=sys.stderr)
+    if reference is not None and 1 in args.concurrency:
+        level = next(r for r in results if r["concurrency"] == 1)
+        reference.measure(prompt_ids[:1], args.max_new_tokens, loaded.spec.eos_token_ids)  # warm-up, as ours
+        records, wall = reference.measure(prompt_ids[1:1 + level["replies"]], args.max_new_tokens,
+                                          loaded.spec.eos_token_ids)
+        results.append(_summary(REFERENCE, 1, records, wall, None))
+        print(f"  {REFERENCE} concurrency 1: {wall:.2f} s", file=sys.stderr)
+    elif reference is not None:
+        notes.append(f"{REFERENCE} runs at concurrency 1 only; this run has no level 1")
+    fidelity = None
+    if args.fidelity:
+        ar_level = next((r for r in results if r["engine"] == "ar" and r["concurrency"] == 1), None)
+        if ar_level is None:
+            notes.append("--fidelity compares the AR engine's replies at concurrency 1; this run has none")
+        else:
+            fidelity = _fidelity(loaded, prompt_ids[1:1 + ar_level["replies"]], ar_level["replies_detail"], params)
     decoding_name = decoding(loaded)
     report = {
         "environment": _environment(device),
@@ -370,6 +534,12 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         "decoding": decoding_name,
         "bars": None if args.synthetic else (exact_bars if decoding_name == "draft-and-verify" else speed_bars)(
             results, min(args.concurrency)),
+        "reference": None if reference is None else {"engine": REFERENCE, "version": reference.version,
+                                                     "model": str(reference.path)},
+        "reference_bars": reference_bars(results),
+        "fidelity": fidelity,
+        "forward_costs": costs,
+        "memory": memory,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -483,6 +653,43 @@ def exact_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str,
     }
 
 
+# Our engines against llama.cpp on the same GGUF (issue 15), at concurrency 1, medians.
+REFERENCE_BARS = {"ar_tokens_per_s_ratio": 1.0, "ar_first_output_ratio": 1.0, "dllm_wall_speedup": 2.0}
+
+
+def reference_bars(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The AR engine's tokens/s per request and time to first output against llama.cpp's, and the
+    dLLM's wall-time speed-up over llama.cpp to the same number of tokens (where a dLLM ran);
+    None without the reference."""
+    by_engine = {r["engine"]: r for r in results if r["concurrency"] == 1}
+    ref = by_engine.get(REFERENCE)
+    if ref is None:
+        return None
+    bars: dict[str, Any] = {"pairs": ref["replies"]}
+    ar = by_engine.get("ar")
+    if ar is not None:
+        tps = _ratio(ar["median_tokens_per_s_per_request"], ref["median_tokens_per_s_per_request"])
+        first = _ratio(ar["median_first_output_s"], ref["median_first_output_s"])
+        same = sum(1 for a, r in zip(ar["replies_detail"], ref["replies_detail"], strict=True)
+                   if a.get("token_ids") == r.get("token_ids"))
+        bars["ar_tokens_per_s_ratio"] = {"value": tps, "limit": ">= 1 (AR engine tokens/s per request / llama.cpp's)",
+                                         "pass": tps is not None and tps >= REFERENCE_BARS["ar_tokens_per_s_ratio"]}
+        bars["ar_first_output_ratio"] = {"value": first, "limit": "<= 1 (AR engine time to first output / llama.cpp's)",
+                                         "pass": first is not None and first <= REFERENCE_BARS["ar_first_output_ratio"]}
+        bars["same_replies_as_ar"] = same  # information: llama.cpp's arithmetic differs from ours
+    dllm = by_engine.get("dllm")
+    if dllm is not None:
+        wall = _median(_wall_speedups(dllm, ref))
+        bars["dllm_wall_speedup"] = {"value": wall, "limit": f">= 2 (llama.cpp time / dLLM time to the same number "
+                                                             f"of tokens, {BAR_TOKENS} or the shorter reply)",
+                                     "pass": wall is not None and wall >= REFERENCE_BARS["dllm_wall_speedup"]}
+    return bars
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def _print_table(report: dict[str, Any]) -> None:
     env = report["environment"]
     print(f"model {report['model']} ({report['family']}) on {env['device']} ({env['device_name']}) {report['dtype']}, "
@@ -511,6 +718,36 @@ def _print_table(report: dict[str, Any]) -> None:
         for name in (EXACT_BARS if "differing_replies" in bars else BARS):
             bar = bars[name]
             print(f"  {name:<18} {fmt(bar['value'], '6.2f')}  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
+    mem = report.get("memory")
+    if mem:
+        rss = mem["process_rss_bytes"]
+        print(f"memory: weights {mem['weight_bytes'] / 2**20:.0f} MiB (dense and packed copies), process resident "
+              f"{'-' if rss is None else f'{rss / 2**20:.0f} MiB'} after loading")
+    costs = report.get("forward_costs")
+    if costs:
+        print(f"single forwards (fastest of {FORWARD_REPEATS}): step {costs['step_ms']:.1f} ms, {costs['block']} "
+              f"positions as a step {costs['block_step_ms']:.1f} ms / in bulk {costs['block_bulk_ms']:.1f} ms, "
+              f"prefill of {costs['prompt']} tokens {costs['prefill_ms']:.1f} ms")
+        for name, bar in costs["bars"].items():
+            print(f"  {name:<18} {fmt(bar['value'], '6.2f')}  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
+    fid = report.get("fidelity")
+    if fid:
+        print(f"against the same weights in float32, dense ({fid['replies']} prompts, greedy): "
+              f"{fid['differing_replies']} replies differ (first difference at tokens {fid['first_difference_at']}); "
+              f"max |logit difference| median {fmt(fid['median_max_abs_logit_diff_prefill'], '.3f')} at the prefill's "
+              f"position, {fmt(fid['median_max_abs_logit_diff_step'], '.3f')} at a step's, "
+              f"largest {fmt(fid['max_abs_logit_diff'], '.3f')}")
+    ref = report.get("reference_bars")
+    if ref:
+        print(f"against {REFERENCE} at concurrency 1 ({ref['pairs']} prompts, medians):")
+        for name in REFERENCE_BARS:
+            if name in ref:
+                bar = ref[name]
+                print(f"  {name:<22} {fmt(bar['value'], '6.2f')}  {bar['limit']}: "
+                      f"{'pass' if bar['pass'] else 'MISSED'}")
+        if "same_replies_as_ar" in ref:
+            print(f"  replies token for token the same as our AR engine's: {ref['same_replies_as_ar']} of "
+                  f"{ref['pairs']} (the two compute in different arithmetic)")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:

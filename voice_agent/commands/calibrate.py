@@ -99,7 +99,8 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
 def run(args: argparse.Namespace, config: Config) -> int:
     from voice_agent.llm import load_local_llm
 
-    loaded, resolved = load_local_llm(config.llm.model, device=config.llm.device, dtype=config.llm.dtype)
+    loaded, resolved = load_local_llm(config.llm.model, device=config.llm.device, dtype=config.llm.dtype,
+                                      weights=config.llm.weights)
     if loaded.drafter is None:
         print(f"voice-agent calibrate: {resolved.name!r} ({resolved.path}) has no drafter; there is nothing to "
               "calibrate (draft-and-verify needs one: see docs/models.md)", file=sys.stderr)

@@ -27,14 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "on CUDA); the first replies pay for compilation")
 
 
-def load_llm(config: Config, name: str, device: str, dtype: str) -> tuple[Any, bool]:
+def load_llm(config: Config, name: str, device: str, dtype: str, weights: str | None = None) -> tuple[Any, bool]:
     """Load a model by registry name or path (with its drafter) -> (LoadedModel, decodes more
     than one token per forward). Prints a warning line where a fallback stands in for the
     configured model."""
     from dlm.engines import parallel
     from voice_agent.llm import load_local_llm
 
-    loaded, resolved = load_local_llm(name, device=device, dtype=dtype)
+    loaded, resolved = load_local_llm(name, device=device, dtype=dtype, weights=weights or config.llm.weights)
     if resolved.fallback_from:
         print(f"WARNING: model {resolved.fallback_from!r} is not shipped yet; using the AR model "
               f"{resolved.name!r} ({resolved.path}) instead: no diffusion decoding.", file=sys.stderr)
