@@ -381,7 +381,8 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
 
 
 def _memory(model: Any) -> dict[str, Any]:
-    """The model's weight bytes (dense and packed copies) and this process's resident size."""
+    """The model's weight bytes (dense and packed copies) and this process's resident size (the
+    model, torch, the tokenizer: everything `bench llm` has loaded so far)."""
     rss = None
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -479,8 +480,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     max_c = max(args.concurrency)
     max_seq_len = loaded.config.max_seq_len
     results = []
+    memory = _memory(loaded.model)  # before llama.cpp loads into this process
     reference = _reference(args, loaded, notes)
-    memory = _memory(loaded.model)
     costs = None if cuda else forward_costs(loaded.model)
     prompt_ids: list[list[int]] = []
     for name, kind in engines:
