@@ -46,6 +46,12 @@ Contract:
   float64 at text positions (`exact_attention`), so a position's result does not depend on the
   batch, the prefill chunking or the other tokens of the forward: a forward verifying k drafts
   reproduces the one-token-per-step logits bit for bit.
+- `pack_linears(int4)` with int4 weights (`Int4Weight`, from a GGUF's own 4-bit blocks:
+  dlm.checkpoints.load_model(weights="int4")): the text positions of a decoding step
+  (`forward(step=True)`: the AR step, the positions a draft-and-verify forward verifies) run the
+  int4 weights, which read a quarter of bf16's bytes; the prefill and mask slots run the packed
+  bf16 copies (see `Projection`). `release_dense_weights()` then frees the dense copies: the
+  model is inference-only from there on.
 """
 
 from __future__ import annotations
@@ -240,6 +246,7 @@ class KVCache:
         shape = (n_layers, max_batch_size + 1, max_seq_len + 1, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views, made once
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
 
@@ -254,22 +261,23 @@ class KVCache:
         return self.max_seq_len
 
     def update(self, layer: int, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor,
-               kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, T, D) at (rows (B,), positions (B, T)); return (B, Hkv, K, D).
-        Where k carries gradients (training a drafter over a cached prefix), nothing is written:
-        the returned keys are the cache's with k, v put in their place."""
-        r = rows[:, None]  # (B, 1) broadcasts against positions (B, T)
-        k_layer, v_layer = self.k[layer], self.v[layer]  # views: the writes land in the cache
+               kv_len: int, row: int | None = None) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, T, Hkv, D) at (rows (B,), positions (B, T)); return (B, Hkv, K, D).
+        `row`: rows[0] as an int where the batch is that one row on a CPU (the keys are then a
+        view of the cache, not a copy). Where k carries gradients (training a drafter over a
+        cached prefix), nothing is written: the returned keys are the cache's with k, v put in
+        their place."""
+        k_layer, v_layer = self._layers[layer]  # views: the writes land in the cache
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             b = torch.arange(rows.shape[0], device=rows.device)[:, None]
-            k_rows = k_layer.index_select(0, rows).to(k.dtype).index_put((b, positions), k.transpose(1, 2))
-            v_rows = v_layer.index_select(0, rows).to(v.dtype).index_put((b, positions), v.transpose(1, 2))
+            k_rows = k_layer.index_select(0, rows).to(k.dtype).index_put((b, positions), k)
+            v_rows = v_layer.index_select(0, rows).to(v.dtype).index_put((b, positions), v)
             return k_rows[:, :kv_len].transpose(1, 2), v_rows[:, :kv_len].transpose(1, 2)
-        k_layer[r, positions] = k.transpose(1, 2).to(k_layer.dtype)  # (B, T, Hkv, D)
-        v_layer[r, positions] = v.transpose(1, 2).to(v_layer.dtype)
-        if rows.shape[0] == 1 and rows.device.type == "cpu":  # one row: a view, no copy
-            r0 = int(rows[0])
-            return k_layer[r0:r0 + 1, :kv_len].transpose(1, 2), v_layer[r0:r0 + 1, :kv_len].transpose(1, 2)
+        r = rows[:, None]  # (B, 1) broadcasts against positions (B, T)
+        k_layer[r, positions] = k if k.dtype == k_layer.dtype else k.to(k_layer.dtype)
+        v_layer[r, positions] = v if v.dtype == v_layer.dtype else v.to(v_layer.dtype)
+        if row is not None:  # one row: a view, no copy
+            return k_layer[row:row + 1, :kv_len].transpose(1, 2), v_layer[row:row + 1, :kv_len].transpose(1, 2)
         # Slice first (a view), then gather the rows: only K positions are copied. index_select
         # copies whole (K, Hkv, D) slabs; advanced indexing computes every element's offset
         # (about twice as slow on CPU).
@@ -357,21 +365,25 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # cos, sin (B, T, 1, D) in x's dtype
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                cache: tuple[KVCache, int, Tensor, Tensor] | None,
+                cache: tuple[KVCache, int, Tensor, Tensor, int | None] | None,
                 draft: tuple[LayerAdapter, int] | None = None, step: int = 0,
                 exact: Tensor | None = None) -> Tensor:
-        """cache: (the cache, this layer's index, rows (B,), write positions (B, T)) or None;
+        """cache: (the cache, this layer's index, rows (B,), write positions (B, T), rows[0] as
+        an int where the batch is one row on a CPU, else None) or None;
         draft: (this layer's adapter, first mask-slot position) or None; step: the leading
         positions that run the step kernels (`Projection`); exact: `exact_mask(mask)` where
         this forward runs exact attention (bf16 on CPU), made once for every layer."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self._qkv(x, cos, sin, draft, step)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = self._qkv(x, cos, sin, draft, step)  # (B, T, heads, D)
         if cache is not None:
-            kv_cache, layer, rows, positions = cache
-            k, v = kv_cache.update(layer, rows, positions, k, v, mask.shape[-1])  # (B, Hkv, K, D)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            kv_cache, layer, rows, positions, row = cache
+            k, v = kv_cache.update(layer, rows, positions, k, v, mask.shape[-1], row)  # (B, Hkv, K, D)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q = q.transpose(1, 2)  # (B, H, T, D)
         # Grouped-query attention inside SDPA: no (B, H, K, D) copy of the keys where the kernel
         # supports it (the math fallback expands them itself).
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
@@ -434,7 +446,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                cache: tuple[KVCache, int, Tensor, Tensor] | None,
+                cache: tuple[KVCache, int, Tensor, Tensor, int | None] | None,
                 draft: tuple[LayerAdapter, int] | None = None, step: int = 0,
                 exact: Tensor | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, draft, step, exact)
@@ -587,8 +599,9 @@ class Transformer(nn.Module):
         writes = positions if write_positions is None else write_positions
         n_step = 0 if not step else x.shape[1] if draft is None else draft.start
         exact = exact_mask(mask) if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else None
+        row = int(cache_rows[0]) if cache_rows is not None and cache_rows.shape[0] == 1 and x.device.type == "cpu" else None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else (cache, i, cache_rows, writes),
+            x = layer(x, cos, sin, mask, None if cache is None else (cache, i, cache_rows, writes, row),
                       None if draft is None else (draft.adapter.layers[i], draft.start), n_step, exact)
         if out_index is not None:
             x = x.gather(1, out_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, dim)
