@@ -152,7 +152,7 @@ class Int4Weight:
 class Int8AsInt4Weight:
     """A weight of 8-bit blocks (GGUF's Q8_0: w = d * q, q in -128..127, blocks of 32) run as two
     int4 weights: with q + 128 = 16 hi + lo, w = 16 d (hi - 8) + d lo, exactly (d rounded to
-    bf16). At one row two int4 passes read 17 MB where bf16 reads 56 for SmolLM2's head."""
+    bf16). At one row the two int4 passes read 35 MB where bf16 reads 56 for SmolLM2's head."""
 
     def __init__(self, q: Tensor, scale: Tensor) -> None:
         """q (N, K) integers -128..127, scale (N, K / group)."""
@@ -288,7 +288,8 @@ class KVCache:
 
 def exact_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Grouped-query attention q (B, H, T, D), k, v (B, Hkv, K, D), mask (B or 1, 1, T, K): bool,
-    or float64 additive (`exact_mask`) -> (B, H, T, D) in q's dtype, computed in float64: a product of two bf16 numbers is exact
+    or float64 additive (`exact_mask`) -> (B, H, T, D) in q's dtype, computed in float64: a
+    product of two bf16 numbers is exact
     there, and so is a sum of D of them unless their magnitudes span more than ~2^37, so the
     scores do not depend on the summation order; the softmax and the weighted sum differ by
     ~1e-16 at most, far below a bf16 rounding step. Each query's result is therefore the same
