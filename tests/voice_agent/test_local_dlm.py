@@ -149,3 +149,15 @@ def test_unknown_engine_names_the_key():
     config.engine = "fast"  # set after construction: build_llm checks it before loading anything
     with pytest.raises(UserError, match=r"llm\.engine"):
         build_llm(config)
+
+
+def test_int4_weights_on_a_model_that_cannot_have_them_is_one_clear_error(tmp_path):
+    import pytest
+
+    from voice_agent.errors import UserError
+    from voice_agent.llm import load_local_llm
+
+    with pytest.raises(UserError, match=r"llm\.weights = 'int4'.*bfloat16"):
+        load_local_llm("smollm2-135m-instruct", device="cpu", dtype="float32", weights="int4")
+    with pytest.raises(UserError, match=r"llm\.weights must be"):
+        load_local_llm("smollm2-135m-instruct", device="cpu", dtype="auto", weights="int3")
