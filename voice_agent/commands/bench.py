@@ -25,6 +25,12 @@ time), and on CUDA the peak memory (`torch.cuda.max_memory_allocated`).
 `--json FILE` writes the raw records with the environment (device name, driver from nvidia-smi
 where present, torch and CUDA versions, the exact command line). `--profile FILE` runs
 torch.profiler over a short run at the first level and writes a table of the top ops.
+`--weights int4` runs the GGUF's own 4-bit weights in the decoding steps (docs/models.md).
+`--reference llama.cpp` runs llama.cpp (llama-cpp-python, an optional extra; one note line where
+it is missing) on the same GGUF and token ids at concurrency 1 in the same run, with bars for our
+engines against it; `--fidelity` compares the AR engine's greedy replies and logits with the same
+weights in float32. On CPU every run also times single forwards (a step, a block of 16, a
+150-token prefill: issue 15's bars) and reports the model's weight bytes and the process RSS.
 `bench audio`, `bench e2e`, `bench hostile` and `bench turns` live in the `bench_audio` / `bench_e2e` /
 `bench_hostile` / `bench_turns` modules.
 """
