@@ -307,7 +307,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path):
 
 def _return_freed_memory() -> None:
     """Hand the heap pages the conversion freed back to the OS (glibc keeps them otherwise: about
-    250 MB after an int4 load of SmolLM2); a no-op where there is no glibc."""
+    250 MB after an int4 load of SmolLM2, `voice-agent bench llm`'s memory line); a no-op where
+    there is no glibc."""
     import ctypes
     import ctypes.util
 
@@ -320,13 +321,15 @@ def _return_freed_memory() -> None:
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                max_seq_len: int | None = None, cache_dir: str | Path | None = None, pack: bool = True,
-               drafter: str | Path | None = None, weights: str = "dense") -> LoadedModel:
+               drafter: str | Path | None = None, weights: str = "dense", inference_only: bool = False) -> LoadedModel:
     """See the module docstring; `pack`: prepack the weights for oneDNN where that applies
     (bfloat16 on CPU, `Transformer.pack_linears`); `drafter`: a drafter file for this model
     (dlm.drafter), checked against it (DrafterError where it belongs to another base);
     `weights`: "dense", or "int4": a GGUF's own Q4_0 / Q4_1 projections run the decoding steps
     (`dlm.model.Int4Weight`), packed bf16 copies the prefill, and the dense copies are released
-    (inference only: `Transformer.release_dense_weights`); bfloat16 on CPU only."""
+    (inference only: `Transformer.release_dense_weights`); bfloat16 on CPU only.
+    `inference_only`: where the weights were packed, release their dense copies too (serving
+    runs the packed ones; about 210 MB for SmolLM2 in bf16)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     resolved = resolve_checkpoint(path)
@@ -357,10 +360,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         # The output head's bf16 copy only serves draft blocks (many positions' logits at once).
         model.pack_linears(int4, head_amx=drafter is not None)
         model.release_dense_weights()
-        del state_dict, int4
-        _return_freed_memory()
-    elif pack:
-        model.pack_linears()
+        del int4
+    elif pack and model.pack_linears() and inference_only:
+        model.release_dense_weights()
+    del state_dict
+    _return_freed_memory()
     loaded = LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved)
     if drafter is not None:
         from dlm.drafter import load_drafter

@@ -274,7 +274,8 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto")
     (dlm LoadedModel, voice_agent.models.ResolvedLlm). dtype "auto": the registry's dtype for
     the model where it names one (the default model: bfloat16), else dlm's default; weights
     "auto": the registry's weight format where it names one and the device is a CPU, else
-    "dense" (dlm.checkpoints.load_model)."""
+    "dense" (dlm.checkpoints.load_model). For inference only: where the weights were packed,
+    their dense copies are released (training loads through dlm.checkpoints.load_model)."""
     from dlm.checkpoints import WEIGHT_FORMATS, load_model
     from dlm.drafter import DrafterError
     from dlm.errors import UnsupportedCheckpointError
@@ -288,7 +289,8 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto")
     if weights not in WEIGHT_FORMATS:
         raise UserError(f"llm.weights must be 'auto' or one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     try:
-        loaded = load_model(resolved.path, device=device, dtype=dtype, drafter=resolved.drafter, weights=weights)
+        loaded = load_model(resolved.path, device=device, dtype=dtype, drafter=resolved.drafter, weights=weights,
+                            inference_only=True)
     except DrafterError as e:
         raise UserError(str(e)) from e
     except (UnsupportedCheckpointError, ValueError) as e:

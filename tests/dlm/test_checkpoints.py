@@ -187,3 +187,22 @@ def test_real_smollm2_chat_reply_stops_at_im_end():
     assert deltas[-1].finish_reason == "eos", text
     assert "Paris" in text and "<|im_end|>" not in text
     assert im_end not in [t for d in deltas for t in d.token_ids]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+def test_inference_only_loads_keep_the_packed_copies_alone(tmp_path):
+    from dlm.model import can_pack_linears
+
+    model = _random_model()
+    path = save_bd_checkpoint(tmp_path / "m.safetensors", model.state_dict(), CONFIG, SPEC, tiny.hf_tokenizer(),
+                              dtype=torch.float32)
+    dense = load_model(path, dtype="float32", inference_only=True)  # nothing packed: nothing released
+    assert not dense.model.model.layers[0].mlp.down_proj.weight.is_meta
+    if not can_pack_linears(torch.bfloat16, "cpu"):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    kept = load_model(path, dtype="bfloat16")
+    served = load_model(path, dtype="bfloat16", inference_only=True)
+    assert served.model.model.layers[0].mlp.down_proj.weight.is_meta
+    assert served.model.weight_bytes() < kept.model.weight_bytes()
+    with torch.no_grad():  # the same packed arithmetic
+        torch.testing.assert_close(_logits(served.model), _logits(kept.model), atol=0, rtol=0)
