@@ -1,7 +1,8 @@
 """Find, recognise and load a checkpoint of any supported family into our `Transformer`.
 
 Contract:
-- `load_model(path, *, device="cpu", dtype=None, max_seq_len=None, drafter=None) -> LoadedModel`
+- `load_model(path, *, device="cpu", dtype=None, max_seq_len=None, drafter=None, weights="dense",
+  inference_only=False) -> LoadedModel` (`weights`: one of `WEIGHT_FORMATS`, see load_model)
   with `.model` (dlm.model.Transformer, eval mode), `.config`, `.spec`, `.tokenizer`, `.family`,
   `.path`, and `.drafter` (a dlm.drafter.Drafter where a drafter file was given, else None).
 - `detect_family(path) -> str`, one of `SUPPORTED_FAMILIES`, from what the checkpoint says about
