@@ -26,6 +26,7 @@ from torch import Tensor
 from dlm.config import DiffusionSpec
 from dlm.decode import BlockDecoder, RowUpdate, StepTrace, _batch_bucket, _bucket, _Row
 from dlm.engine import Engine, GenerationParams
+from dlm.masks import limit_mask
 from dlm.model import Transformer
 from dlm.policies import sampling_probs
 
@@ -125,9 +126,8 @@ class ARDecoder(BlockDecoder):
             plan[0][b], plan[1][b], plan[2][b], plan[3][b] = row.ids[c - 1], c - 1, c, row.slot
         K = min(_bucket(max(row.final_upto for row in rows)), self.S)
         tok_t, pos_t, lim_t, rows_t = self._upload(torch.tensor(plan, dtype=torch.long))
-        mask = torch.arange(K, device=self.device)[None, :] < lim_t[:, None]  # (B, K)
-        logits = self._step_fn(tok_t[:, None], pos_t[:, None], mask[:, None, None], cache=self.kv, cache_rows=rows_t,
-                               step=True)  # (B, 1, V)
+        logits = self._step_fn(tok_t[:, None], pos_t[:, None], limit_mask(lim_t[:, None], K), cache=self.kv,
+                               cache_rows=rows_t, step=True)  # (B, 1, V)
         tokens, _ = self._pick(rows, logits[:n])
         for row, picked in zip(rows, tokens, strict=True):
             row.steps += 1

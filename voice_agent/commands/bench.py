@@ -69,6 +69,7 @@ PROMPTS = [
 ]
 SYNTHETIC_PROMPT_TOKENS = 64  # prompt length of a synthetic request (random ids): two whole blocks of 32
 PROFILE_MAX_NEW_TOKENS = 64
+REFERENCE = "llama.cpp"  # the reference engine of --reference (voice_agent/bench/reference.py)
 MAX_ROUNDS = 8  # rounds of C requests measured per concurrency level C (fewer where prompts run out)  # the profiled run: a few blocks, enough steps to average over
 
 _OTHERS = {"audio": "bench_audio", "e2e": "bench_e2e", "hostile": "bench_hostile", "turns": "bench_turns"}
@@ -119,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                               "(default: llm.draft_len, else 4)")
     llm.add_argument("--compile", metavar="MODE", help="torch.compile the denoising forward: default | "
                                                        "reduce-overhead | max-autotune | max-autotune-no-cudagraphs")
-    llm.add_argument("--reference", choices=["llama.cpp"],
+    llm.add_argument("--reference", choices=[REFERENCE],
                      help="also run llama.cpp (llama-cpp-python, an optional extra) on the same GGUF and prompts, "
                           "greedy, at concurrency 1, in the same run")
     llm.add_argument("--fidelity", action="store_true",
@@ -331,9 +332,6 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
                     encoding="utf-8")
 
 
-REFERENCE = "llama.cpp"
-
-
 FORWARD_REPEATS = 7
 
 
@@ -346,15 +344,17 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     most 40 ms."""
     import torch
 
+    from dlm.masks import limit_mask
+
     V = model.config.vocab_size
     cache = model.new_cache(1, context + max(block, prompt) + 1)
     rows = torch.tensor([0])
 
     def forward(start: int, T: int, step: bool) -> Callable[[], Any]:
         tokens = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
-        keys = torch.arange(start + T)
-        mask = (keys[start:, None] >= keys[None, :])[None, None]  # causal over the cache
-        return lambda: model(tokens, keys[None, start:], mask, cache=cache, cache_rows=rows,
+        positions = torch.arange(start, start + T)[None]
+        mask = limit_mask(positions + 1, start + T)  # causal over the cache
+        return lambda: model(tokens, positions, mask, cache=cache, cache_rows=rows,
                              out_index=torch.tensor([[T - 1]]), step=step)
 
     def fastest(fn: Callable[[], Any]) -> float:
@@ -426,8 +426,8 @@ def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, 
             cache = model.new_cache(1, P + 8, dtype=dtype)
             rows = torch.tensor([0])
             keys = torch.arange(P + 1)
-            prefill = model(seq[:, :P], keys[None, :P], (keys[:P, None] >= keys[None, :P])[None, None], cache=cache,
-                            cache_rows=rows, out_index=torch.tensor([[P - 1]]))[0, 0]
+            prefill = model(seq[:, :P], keys[None, :P], causal_mask(P), cache=cache, cache_rows=rows,
+                            out_index=torch.tensor([[P - 1]]))[0, 0]
             step = model(seq[:, P:], keys[None, P:], torch.ones(1, 1, 1, P + 1, dtype=torch.bool), cache=cache,
                          cache_rows=rows, step=True)[0, 0]
             prefill_diffs.append(float((prefill - full[P - 1]).abs().max()))
