@@ -30,6 +30,7 @@ __all__ = ["COMMANDS", "main"]
 # Subcommand name -> module under voice_agent.commands.
 COMMANDS: dict[str, str] = {
     "serve": "serve",
+    "serve-llm": "serve_llm",
     "talk": "talk",
     "chat": "chat",
     "say": "say",

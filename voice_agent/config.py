@@ -27,6 +27,7 @@ __all__ = [
     "LLM_WEIGHTS",
     "TURN_DETECTORS",
     "AgentConfig",
+    "ApiConfig",
     "AsrConfig",
     "Config",
     "ConfigError",
@@ -63,7 +64,8 @@ class ConfigError(ValueError):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    # Access token for both WebSocket routes; empty means no token. VOICE_AGENT_TOKEN overrides.
+    # Access token for every route but the web page, /healthz and /metrics (the WebSocket calls and
+    # the chat API); empty means no token. VOICE_AGENT_TOKEN overrides.
     token: str = ""
     # Browser Origin values accepted on WebSocket routes; empty accepts any (and non-browser clients).
     allowed_origins: list[str] = field(default_factory=list)
@@ -276,6 +278,32 @@ class AgentConfig:
 
 
 @dataclass
+class ApiConfig:
+    # The OpenAI-compatible chat API (/v1/chat/completions, /v1/models; voice_agent/chat_api.py):
+    # on `serve` (same port and token as the calls; a local LLM only) and on `serve-llm`.
+    enabled: bool = True
+    # Limits: a request body beyond max_body_bytes gets 413; beyond max_requests requests in
+    # flight (per engine) 429 with Retry-After; a request may ask for at most max_tokens tokens
+    # (also its default when it asks for none).
+    max_body_bytes: int = 1_048_576
+    max_requests: int = 32
+    max_tokens: int = 1024
+    retry_after_s: int = 1
+    # `serve-llm`: its port (vLLM's default), and with --ray the CPUs each replica reserves
+    # (torch uses as many threads) and the Ray Serve application's name.
+    port: int = 8000
+    replica_cpus: float = 1.0
+    ray_app: str = "voice-agent-llm"
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_requests", "max_tokens", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"api.{name} must be at least 1")
+        if self.replica_cpus <= 0:
+            raise ConfigError("api.replica_cpus must be above 0")
+
+
+@dataclass
 class StoreConfig:
     # SQLite call store; "~" is expanded. Empty disables the store.
     path: str = "~/.local/share/voice-agent/calls.db"
@@ -298,6 +326,7 @@ class Config:
     tts: TtsConfig = field(default_factory=TtsConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     # Where the configuration came from, for messages; not a TOML key.
     source: str = field(default="<defaults>", compare=False)

@@ -4,7 +4,13 @@ Contract:
 - `client.stream(messages, trace_steps=False, owner=None)` is an async iterator of `LlmDelta`s for
   one chat request (`messages` = `[{"role", "content"}]`, system prompt first). Text in a delta is
   final: it is never revised later. The last delta has `finished=True`. `owner` names who the
-  request works for (a call id).
+  request works for (a call id). `LocalDLM.stream` also takes `params` (a dlm `GenerationParams`
+  for this request instead of the configured ones) and token ids as `messages`;
+  `LocalDLM.prepare(messages, params)` validates a request and returns its prompt's token ids
+  (the chat API counts and checks prompts with it before it answers 200).
+- `await client.health()`: whether the backend can serve now, `{"reachable": bool, ...}` with an
+  `"error"` line where not (`OpenAICompatibleLLM` asks the server's `/models`, at most once per
+  `HEALTH_CACHE_S`), for /healthz.
 - `client.abort_owner(owner)` aborts every request of that owner still held by the backend
   (`LocalDLM`: the engine's `abort_owner`, effective within one denoising step; the OpenAI client
   holds nothing once its streams are closed). A session calls it when its call ends, so no work
@@ -14,6 +20,8 @@ Contract:
 - Cancelling the consumer (or closing the iterator) aborts the request: `LocalDLM` calls
   `Engine.abort`, which takes effect within one denoising step; `OpenAICompatibleLLM` closes the
   HTTP response, which a streaming server treats as an abort.
+- A stream that ends without its `[DONE]` (the server died mid-reply) or carries an `error`
+  chunk raises LlmError: a cut reply is never passed off as a whole one.
 - `count_tokens(text)` counts with the model's tokenizer where there is one, otherwise estimates
   (4 characters per token), for the history budget.
 - `build_llm(config)`: `llm.engine = "auto"` decodes a diffusion checkpoint by diffusion and a
@@ -41,6 +49,10 @@ log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 MASK = "<mask>"  # a still-masked slot in a denoising trace
+# voice-agent's own statistics in a chat completion (voice_agent.chat_api), which other clients ignore.
+STATS_FIELD = "voice_agent"
+HEALTH_CACHE_S = 2.0  # OpenAICompatibleLLM.health() asks the server at most this often
+HEALTH_TIMEOUT_S = 2.0
 
 
 class LlmError(Exception):
@@ -63,6 +75,7 @@ class LlmDelta:
     steps: int | None = None  # forward passes so far for this request (None: the backend does not say)
     tokens: int | None = None  # tokens committed so far
     trace: BlockTrace | None = None  # where trace_steps was asked
+    prefill_steps: int | None = None  # of `steps`, the forwards that prefilled the prompt
 
 
 class LlmClient(Protocol):
@@ -73,6 +86,8 @@ class LlmClient(Protocol):
     def abort_owner(self, owner: str) -> None: ...
 
     def load(self) -> Any: ...
+
+    async def health(self) -> dict[str, Any]: ...
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -119,7 +134,26 @@ class LocalDLM:
     def load(self) -> Any:
         return self._engine.load()
 
-    async def stream(self, messages: Messages, *, trace_steps: bool = False, owner: str | None = None) -> AsyncIterator[LlmDelta]:
+    async def health(self) -> dict[str, Any]:
+        return {"reachable": True}
+
+    @property
+    def max_seq_len(self) -> int:
+        """The engine's context, in tokens."""
+        return self._engine.max_seq_len
+
+    def params(self, trace_steps: bool = False) -> Any:
+        """The configured dlm `GenerationParams` (a fresh object: callers may change it)."""
+        return self._make_params(trace_steps)
+
+    def prepare(self, messages: Messages | list[int], params: Any) -> list[int]:
+        """The prompt's token ids; `dlm.errors.InvalidRequestError` where the engine would refuse
+        the request (empty, beyond the context, absurd parameters). Tokenizes: seconds for a
+        huge prompt, so call it from a thread."""
+        return self._engine.prepare(messages, params)[0]
+
+    async def stream(self, messages: Messages | list[int], *, trace_steps: bool = False, owner: str | None = None,
+                     params: Any = None) -> AsyncIterator[LlmDelta]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -127,7 +161,8 @@ class LocalDLM:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the call is over
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        handle = self._engine.submit(messages, self._make_params(trace_steps), on_delta=on_delta, owner=owner)
+        params = params if params is not None else self._make_params(trace_steps)
+        handle = self._engine.submit(messages, params, on_delta=on_delta, owner=owner)
         finished = False
         try:
             while True:
@@ -158,6 +193,7 @@ class LocalDLM:
             steps=delta.steps,
             tokens=delta.tokens,
             trace=trace,
+            prefill_steps=getattr(delta, "prefill_steps", None),
         )
 
     def _token_text(self, token_id: int) -> str:
@@ -194,6 +230,8 @@ class OpenAICompatibleLLM:
             transport=transport,
         )
         self._httpx = httpx2
+        self._health: dict[str, Any] | None = None
+        self._health_at = 0.0
         self.name = f"openai:{config.api_model or '(default)'}@{config.base_url}"
 
     def count_tokens(self, text: str) -> int:
@@ -204,6 +242,24 @@ class OpenAICompatibleLLM:
 
     def load(self) -> Any:
         return None  # the remote server's own metrics say what it holds
+
+    async def health(self) -> dict[str, Any]:
+        """Asks `{base_url}/models` (a cheap authenticated GET every OpenAI-compatible server
+        has), at most once per HEALTH_CACHE_S whoever asks; never raises."""
+        loop = asyncio.get_running_loop()
+        if self._health is not None and loop.time() - self._health_at < HEALTH_CACHE_S:
+            return self._health
+        url = self._config.base_url.rstrip("/") + "/models"
+        try:
+            response = await self._client.get(url, timeout=HEALTH_TIMEOUT_S)
+            if response.status_code == 200:
+                health: dict[str, Any] = {"reachable": True}
+            else:
+                health = {"reachable": False, "error": f"{url}: HTTP {response.status_code}"}
+        except self._httpx.HTTPError as e:
+            health = {"reachable": False, "error": f"{url}: {type(e).__name__}: {e}"}
+        self._health, self._health_at = health, loop.time()
+        return health
 
     async def stream(self, messages: Messages, *, trace_steps: bool = False, owner: str | None = None) -> AsyncIterator[LlmDelta]:
         body: dict[str, Any] = {
@@ -222,23 +278,36 @@ class OpenAICompatibleLLM:
                     detail = (await response.aread())[:200].decode("utf-8", "replace")
                     raise LlmError(f"{self._url}: HTTP {response.status_code}: {detail}")
                 finish_reason = None
+                steps = None  # forwards, where the server reports them (voice-agent's extension)
+                done = False
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue  # SSE comments, event names and blank separators
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        done = True
                         break
                     try:
                         chunk = json.loads(data)
+                        if chunk.get("error") is not None:
+                            error = chunk["error"]
+                            message = error.get("message") if isinstance(error, dict) else error
+                            raise LlmError(f"{self._url}: the server failed the reply: {str(message)[:200]}")
                         choice = chunk["choices"][0] if chunk.get("choices") else {}
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        stats = chunk.get(STATS_FIELD)
                     except (ValueError, KeyError, TypeError, AttributeError):
                         raise LlmError(f"{self._url}: malformed stream chunk {data[:80]!r}") from None
-                    text = (choice.get("delta") or {}).get("content") or ""
                     finish_reason = choice.get("finish_reason") or finish_reason
+                    if isinstance(stats, dict) and isinstance(stats.get("forwards"), int):
+                        steps = stats["forwards"]
                     if text:
                         tokens += 1  # one chunk is about one token on the servers we target
                         yield LlmDelta(text=text, tokens=tokens)
-                yield LlmDelta(text="", finished=True, finish_reason=finish_reason or "stop", tokens=tokens)
+                if not done:
+                    # The connection ended inside the reply: the server (or its replica) died.
+                    raise LlmError(f"{self._url}: the stream ended before the reply did")
+                yield LlmDelta(text="", finished=True, finish_reason=finish_reason or "stop", tokens=tokens, steps=steps)
         except self._httpx.HTTPError as e:
             raise LlmError(f"{self._url}: {type(e).__name__}: {e}") from None
 

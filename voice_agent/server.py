@@ -1,8 +1,14 @@
-"""One `websockets` asyncio server: `/v1/realtime`, `/twilio`, the web demo, `/healthz`, `/metrics`.
+"""One `websockets` asyncio server: `/v1/realtime`, `/twilio`, the web demo, `/healthz`,
+`/metrics`, and on the same port the OpenAI-compatible chat API (`/v1/chat/completions`,
+`/v1/models`: voice_agent/chat_api.py) of the local engine.
 
 Contract:
 - HTTP routes are answered in `process_request` (before any WebSocket upgrade): `/` and the
-  files of the installed `voice_agent.web` package, `/healthz` (JSON), `/metrics` (Prometheus).
+  files of the installed `voice_agent.web` package, `/healthz` (JSON; 503 with `llm_error` while
+  the LLM cannot serve, e.g. a remote LLM tier that is unreachable), `/metrics` (Prometheus).
+- The chat API's requests (POSTs, and GETs under /v1/ but the realtime route) are handed to its
+  ASGI app before websockets parses them (voice_agent/shared_port.py). With a remote LLM, or
+  `api.enabled = false`, its routes answer 404 saying why. Same access token as the calls.
 - WebSocket routes check the access token first (`Authorization: Bearer <token>`, which the
   openai SDK sends, or `?token=` for browsers): a wrong or missing token gets HTTP 401 and no
   upgrade, so no audio is ever read. Beyond `server.max_calls` a call is accepted and closed at
@@ -39,7 +45,9 @@ import http
 import json
 import logging
 import mimetypes
+import os
 import re
+import socket
 import time
 from importlib import resources
 from typing import Any
@@ -62,6 +70,7 @@ from voice_agent.events import (
 )
 from voice_agent.metrics import Metrics
 from voice_agent.session import Services, Session, TokenBucket, TurnRecord
+from voice_agent.shared_port import AsgiHandover, SharedPortConnection
 from voice_agent.store import CallStore
 from voice_agent.transports import OutMessage
 from voice_agent.transports.realtime import RealtimeProtocol
@@ -149,6 +158,7 @@ class VoiceServer:
         self._ws_log_filter = _RedactToken(config.server.token)
         self._not_reading_calls: set[str] = set()
         self._background_tasks: set[asyncio.Task[Any]] = set()
+        self._handover: AsgiHandover | None = None  # the chat API's connections (voice_agent.shared_port)
 
     @property
     def sessions(self) -> dict[str, Session]:
@@ -157,7 +167,7 @@ class VoiceServer:
 
     # --- HTTP ----------------------------------------------------------------------------------
 
-    def _http(self, connection: ServerConnection, status: int, body: bytes, content_type: str) -> Response:
+    def _http(self, status: int, body: bytes, content_type: str) -> Response:
         headers = Headers(
             [
                 ("Date", email.utils.formatdate(usegmt=True)),
@@ -182,49 +192,88 @@ class VoiceServer:
             given = (query.get("token") or [""])[0]
         return hmac.compare_digest(given.encode(), token.encode())
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path in ROUTES:
             if not self._authorized(request):
                 self.metrics.calls_rejected["unauthorized"] += 1
                 log.warning("rejected a %s connection from %s: bad or missing token", path, connection.remote_address)
-                return self._http(connection, 401, b"invalid or missing access token\n", "text/plain; charset=utf-8")
+                return self._http(401, b"invalid or missing access token\n", "text/plain; charset=utf-8")
             return None  # upgrade
-        if path == "/healthz":
-            body = json.dumps(
-                {
-                    "status": "ok",
-                    "calls_active": self.metrics.calls_active,
-                    "uptime_s": round(time.monotonic() - self._started, 1),
-                    "llm": getattr(self.services.llm, "name", "?"),
-                    "work": self.services.work(),
-                }
-            ).encode()
-            return self._http(connection, 200, body, "application/json")
-        if path == "/metrics":
-            return self._http(connection, 200, self.metrics.render(self.services.work()).encode(), "text/plain; version=0.0.4; charset=utf-8")
-        return self._static(connection, path)
+        return self._http(*await self.answer_get(path))
 
-    def _static(self, connection: ServerConnection, path: str) -> Response:
+    async def answer_get(self, path: str) -> tuple[int, bytes, str]:
+        """(status, body, content type) of a GET route: /healthz, /metrics, the web page. The chat
+        API's app answers with it too, on a kept-alive connection that it took over."""
+        if path == "/healthz":
+            health = await self._llm_health()
+            body = {
+                "status": "ok" if health["reachable"] else "degraded",
+                "calls_active": self.metrics.calls_active,
+                "uptime_s": round(time.monotonic() - self._started, 1),
+                "llm": getattr(self.services.llm, "name", "?"),
+                "llm_reachable": health["reachable"],
+                "work": self.services.work(),
+            }
+            if not health["reachable"]:
+                body["llm_error"] = health.get("error", "unreachable")
+            # 503 takes a frontend whose LLM tier is gone out of a load balancer's rotation.
+            return (200 if health["reachable"] else 503), json.dumps(body).encode(), "application/json"
+        if path == "/metrics":
+            return 200, self.metrics.render(self.services.work()).encode(), "text/plain; version=0.0.4; charset=utf-8"
+        return self._static(path)
+
+    async def _llm_health(self) -> dict[str, Any]:
+        health = getattr(self.services.llm, "health", None)
+        if health is None:
+            return {"reachable": True}
+        try:
+            return await health()
+        except Exception as e:  # a health probe must never take /healthz down with it
+            log.warning("the LLM's health check failed", exc_info=True)
+            return {"reachable": False, "error": f"health check failed: {type(e).__name__}"}
+
+    def _static(self, path: str) -> tuple[int, bytes, str]:
+        not_found = 404, b"not found\n", "text/plain; charset=utf-8"
         parts = [p for p in path.split("/") if p]
         if not parts:
             parts = ["index.html"]
         if any(p.startswith(".") or p == "__init__.py" or p.endswith(".pyc") for p in parts) or "__pycache__" in parts:
-            return self._http(connection, 404, b"not found\n", "text/plain; charset=utf-8")
+            return not_found
         node = resources.files("voice_agent.web")
         for part in parts:
             node = node.joinpath(part)
         if not node.is_file():
             if parts == ["index.html"]:
                 body = b"voice-agent: the web demo is not installed; the WebSocket routes are /v1/realtime and /twilio\n"
-                return self._http(connection, 200, body, "text/plain; charset=utf-8")
-            return self._http(connection, 404, b"not found\n", "text/plain; charset=utf-8")
+                return 200, body, "text/plain; charset=utf-8"
+            return not_found
         content_type = mimetypes.guess_type(parts[-1])[0] or "application/octet-stream"
         if parts[-1].endswith(".js") or parts[-1].endswith(".mjs"):
             content_type = "text/javascript"
         if content_type.startswith("text/") or content_type == "application/json":
             content_type += "; charset=utf-8"
-        return self._http(connection, 200, node.read_bytes(), content_type)
+        return 200, node.read_bytes(), content_type
+
+    # --- the chat API --------------------------------------------------------------------------
+
+    def _chat_app(self) -> Any:
+        """The chat API's ASGI app: the local engine's, or one that says why there is none."""
+        from voice_agent.chat_api import ChatService, chat_app, served_model_id
+        from voice_agent.llm import LocalDLM
+
+        llm = self.services.llm
+        service = None
+        if not self.config.api.enabled:
+            unavailable = "the chat API is off on this server (api.enabled = false)"
+        elif not isinstance(llm, LocalDLM):
+            unavailable = (f"this server's LLM is not local ({getattr(llm, 'name', '?')}); send chat requests to "
+                           "that server itself")
+        else:
+            unavailable = ""
+            service = ChatService(llm, self.config.api, token=self.config.server.token,
+                                  model_id=served_model_id(llm), replica=f"{socket.gethostname()}:{os.getpid()}")
+        return chat_app(service, fallback=self.answer_get, unavailable=unavailable)
 
     # --- WebSocket calls -----------------------------------------------------------------------
 
@@ -471,10 +520,12 @@ class VoiceServer:
         """Listen (port 0 picks a free port: see `self.port`)."""
         server = self.config.server
         self._ws_log.addFilter(self._ws_log_filter)
+        self._handover = AsgiHandover(self._chat_app())
         self._server = await serve(
             self._handler,
             server.host,
             server.port,
+            create_connection=SharedPortConnection.factory(self._handover, ROUTES),
             process_request=self.process_request,
             origins=[None, *server.allowed_origins] if server.allowed_origins else None,
             logger=self._ws_log,
@@ -520,6 +571,10 @@ class VoiceServer:
                 await server.wait_closed()
         except TimeoutError:
             log.warning("calls did not end within %.0f s of their close", self.config.server.send_timeout_s)
+        if self._handover is not None:
+            # Chat API requests in progress get what is left of the grace period.
+            await self._handover.shutdown(max(0.1, deadline - loop.time()))
+            self._handover = None
         if self.store is not None:
             await asyncio.to_thread(self.store.flush)
         self._ws_log.removeFilter(self._ws_log_filter)

@@ -70,7 +70,7 @@ def hf_tokenizer(tok: Tokenizer | None = None) -> PreTrainedTokenizerFast:
 def _small(**extra) -> dict:
     return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rms_norm_eps=1e-6, rope_theta=10000.0, **extra)
+                rms_norm_eps=1e-6, rope_theta=10000.0) | extra
 
 
 def _write(folder: Path, config: dict, tensors: dict[str, torch.Tensor], tokenizer_files: bool = True) -> Path:
@@ -157,8 +157,9 @@ def dream(folder: Path):
     return folder, ref
 
 
-def llama_ar(folder: Path):
-    cfg = _small(tie_word_embeddings=True)
+def llama_ar(folder: Path, **sizes):
+    """`sizes`: LlamaConfig keys that replace the tiny defaults (a bigger, slower model)."""
+    cfg = _small(tie_word_embeddings=True, **sizes)
     ref = _random(LlamaForCausalLM(LlamaConfig(**cfg)), 5)
     ref.save_pretrained(str(folder))
     hf_tokenizer().save_pretrained(str(folder))

@@ -79,6 +79,32 @@ async def stream_realtime(conn, audio_24k: np.ndarray, chunk_ms: int = 40) -> No
         await asyncio.sleep(max(0.0, start + (i + 1) * chunk_ms / 1000 - time.monotonic()))
 
 
+async def spoken_turn(conn, utterance_16k: np.ndarray, timeout_s: float = 90) -> dict:
+    """One spoken turn on a Realtime connection (openai SDK), audio paced in real time, up to the
+    turn's `voice_agent.metrics`: what the server heard, the reply's text and audio, its metrics,
+    and every error's message."""
+    await conn.session.update(session={"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}})
+    audio = resample(np.concatenate([utterance_16k, np.zeros(16000 * 2, np.float32)]), 16000, 24000)
+    sender = asyncio.create_task(stream_realtime(conn, audio))
+    turn = {"user_text": "", "transcript": "", "reply": [], "metrics": None, "errors": []}
+    async with asyncio.timeout(timeout_s):
+        async for event in conn:
+            if event.type == "conversation.item.input_audio_transcription.completed":
+                turn["user_text"] = event.transcript
+            elif event.type == "response.output_audio.delta":
+                turn["reply"].append(base64.b64decode(event.delta))
+            elif event.type == "response.output_audio_transcript.delta":
+                turn["transcript"] += event.delta
+            elif event.type == "error":
+                turn["errors"].append(event.error.message)
+            elif event.type == "voice_agent.metrics":
+                turn["metrics"] = event.metrics
+                break
+    await sender
+    turn["reply"] = pcm16_to_float32(b"".join(turn["reply"]))
+    return turn
+
+
 def test_realtime_route_with_the_openai_sdk(services, tmp_path):
     from openai import AsyncOpenAI
 
@@ -90,26 +116,12 @@ def test_realtime_route_with_the_openai_sdk(services, tmp_path):
         await server.start()
         client = AsyncOpenAI(api_key="unused", base_url=f"http://127.0.0.1:{server.port}/v1")
         async with client.realtime.connect(model="voice-agent") as conn:
-            await conn.session.update(session={"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}})
-            audio = resample(np.concatenate([utterance, np.zeros(16000 * 2, np.float32)]), 16000, 24000)
-            sender = asyncio.create_task(stream_realtime(conn, audio))
-            reply, transcript, user_text, metrics = [], "", "", None
-            async with asyncio.timeout(90):
-                async for event in conn:
-                    if event.type == "conversation.item.input_audio_transcription.completed":
-                        user_text = event.transcript
-                    elif event.type == "response.output_audio.delta":
-                        reply.append(base64.b64decode(event.delta))
-                    elif event.type == "response.output_audio_transcript.delta":
-                        transcript += event.delta
-                    elif event.type == "voice_agent.metrics":
-                        metrics = event.metrics
-                        break
-            await sender
+            turn = await spoken_turn(conn, utterance)
         await server.shutdown()
-        return user_text, transcript, pcm16_to_float32(b"".join(reply)), metrics
+        return turn
 
-    user_text, transcript, reply, metrics = asyncio.run(main())
+    turn = asyncio.run(main())
+    user_text, transcript, reply, metrics = turn["user_text"], turn["transcript"], turn["reply"], turn["metrics"]
     assert "capital" in user_text.lower()
     assert len(reply) > 24000 // 2, "less than half a second of reply audio"
     heard = asyncio.run(transcribe(services, reply, 24000))

@@ -50,3 +50,47 @@ def test_http_errors_and_malformed_chunks_raise_llm_error_without_the_key():
     assert "401" in str(info.value) and "sk-secret" not in str(info.value)
     with pytest.raises(LlmError):
         collect(client(lambda r: httpx2.Response(200, content=b"data: {nope\n\n")))
+
+
+def test_a_stream_cut_before_done_or_carrying_an_error_raises_llm_error():
+    cut = sse("Hel", "lo.").replace(b"data: [DONE]\n\n", b"")  # the server died mid-reply
+    with pytest.raises(LlmError, match="ended before the reply"):
+        collect(client(lambda r: httpx2.Response(200, content=cut)))
+    error = b'data: {"error": {"message": "The engine failed this request", "type": "server_error"}}\n\n'
+    with pytest.raises(LlmError, match="engine failed"):
+        collect(client(lambda r: httpx2.Response(200, content=sse("Hel").replace(b"data: [DONE]\n\n", error))))
+
+
+def test_forwards_reported_by_a_voice_agent_tier_reach_the_last_delta():
+    chunk = {"choices": [{"delta": {}, "finish_reason": "length"}], "voice_agent": {"forwards": 7}}
+    body = sse("Hi").replace(b"data: [DONE]", f"data: {json.dumps(chunk)}\n\ndata: [DONE]".encode())
+    deltas = collect(client(lambda r: httpx2.Response(200, content=body)))
+    assert deltas[-1].finished and deltas[-1].finish_reason == "length" and deltas[-1].steps == 7
+
+
+def test_health_asks_the_models_route_and_caches_the_answer():
+    calls = []
+
+    def handler(request):
+        calls.append(request.url.path)
+        return httpx2.Response(503 if len(calls) == 1 else 200, json={"data": []})
+
+    llm = client(handler)
+
+    async def main():
+        first = await llm.health()
+        again = await llm.health()  # within HEALTH_CACHE_S: not asked again
+        llm._health_at -= 10  # as if the cache had expired
+        later = await llm.health()
+        return first, again, later
+
+    first, again, later = asyncio.run(main())
+    assert first == again == {"reachable": False, "error": "http://llm.test/v1/models: HTTP 503"}
+    assert later == {"reachable": True}
+    assert calls == ["/v1/models", "/v1/models"]
+
+    def down(request):
+        raise httpx2.ConnectError("connection refused")
+
+    health = asyncio.run(client(down).health())
+    assert health["reachable"] is False and "ConnectError" in health["error"] and "sk-secret" not in health["error"]

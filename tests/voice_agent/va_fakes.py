@@ -238,7 +238,10 @@ class FakeServices:
         return TurnVerdict(p >= 0.5, None if self.turn_reads_text else p, p if self.turn_reads_text else None)
 
     def work(self) -> dict[str, int]:
-        return {"llm_streams": self.llm.open}
+        load = self.llm.load()  # a real LocalDLM says what its engine holds; FakeLLM counts streams
+        if load is not None:
+            return {"llm_rows": load.rows, "llm_queued": load.queued}
+        return {"llm_streams": getattr(self.llm, "open", 0)}  # a remote LLM holds nothing here
 
     def make_endpointer(self, end_silence_ms: int | None = None) -> FakeEndpointer:
         if end_silence_ms is not None:
