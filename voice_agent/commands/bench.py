@@ -31,7 +31,9 @@ it is missing) on the same GGUF and token ids at concurrency 1 in the same run, 
 engines against it; `--fidelity` compares the AR engine's greedy replies and logits with the same
 weights in float32. On CPU every run also times single forwards (a step, a block of 16, a
 150-token prefill: issue 15's bars) and reports the model's weight bytes and the process RSS.
-`bench audio`, `bench e2e`, `bench hostile` and `bench turns` live in the `bench_audio` / `bench_e2e` /
+`--url URL` measures an OpenAI-compatible server instead (voice_agent/bench/remote.py): the same
+prompts, levels and records, streamed greedy completions; tokens per forward where the server
+reports its forwards (our LLM tier does). `bench audio`, `bench e2e`, `bench hostile` and `bench turns` live in the `bench_audio` / `bench_e2e` /
 `bench_hostile` / `bench_turns` modules.
 """
 
@@ -126,6 +128,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--fidelity", action="store_true",
                      help="also compare with the same weights in float32, dense: greedy AR replies that differ, "
                           "and the largest logit difference at the prefill's and at a decoding step's position")
+    llm.add_argument("--url", metavar="URL",
+                     help="measure an OpenAI-compatible server instead (its /v1, e.g. http://host:8000/v1: our "
+                          "serve-llm, vLLM, SGLang, Mercury); the key comes from llm.api_key_env")
+    llm.add_argument("--model", help="with --url: the model to request (default: llm.api_model, else the server's first)")
+    llm.add_argument("--against-local", action="store_true",
+                     help="with --url: also run the configured model in this process, prompt by prompt alternately "
+                          "with the server at concurrency 1: the cost of the hop (the LLM tier's bar)")
     llm.add_argument("--json", metavar="FILE", help="write the raw results and the environment to FILE")
     llm.add_argument("--profile", metavar="FILE", help="profile a short run and write the top ops table to FILE")
     for target in _OTHERS:
@@ -215,6 +224,13 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
     elif not diffusion:
         notes.append(f"no diffusion model available: {config.llm.model!r} resolved to {loaded.path} "
                      f"({loaded.family}, no mask token); only the AR baseline is measured")
+    prompts, warm_up = _chat_prompts(args, config, notes)
+    return loaded, diffusion, prompts, warm_up, params, notes
+
+
+def _chat_prompts(args: argparse.Namespace, config: Config, notes: list[str]) -> tuple[list[Any], list[Any]]:
+    """(measured chats, warm-up chats): the voice prompts (or --heldout's), as many as the
+    largest level needs."""
     system = {"role": "system", "content": config.agent.system_prompt}
     if args.heldout:
         from dlm.adapt.data import read_dataset
@@ -233,7 +249,30 @@ def _workload(args: argparse.Namespace, config: Config) -> tuple[Any, bool, list
     n = max(max(args.concurrency), len(chats))  # level 1 runs every prompt once, one at a time
     prompts = [chats[i % len(chats)] for i in range(n)]
     warm_up = [[system, {"role": "user", "content": f"(warm-up) {PROMPTS[i % len(PROMPTS)]}"}] for i in range(n)]
-    return loaded, diffusion, prompts, warm_up, params, notes
+    return prompts, warm_up
+
+
+def _levels_measured(measure: Callable[[list[Any]], tuple[list[dict[str, Any]], float]], name: str,
+                     concurrency: list[int], prompts: list[Any], warm_up: list[Any], *, every_prompt: bool,
+                     before: Callable[[], None] = lambda: None,
+                     peak: Callable[[], int | None] = lambda: None) -> list[dict[str, Any]]:
+    """Each level C: an untimed warm-up of C requests, then up to MAX_ROUNDS rounds of C requests
+    on other prompts (`every_prompt`: as many rounds as the prompts fill), summed."""
+    results = []
+    for c in concurrency:
+        measure(warm_up[:c])  # warm-up at this level (and compile its shapes)
+        before()
+        # Each round on other prompts, so that low levels (concurrency 1 above all) are measured
+        # over more than one or two replies.
+        records, wall = [], 0.0
+        rounds = max(1, len(prompts) // c)
+        for r in range(rounds if every_prompt else min(MAX_ROUNDS, rounds)):
+            round_records, round_wall = measure(prompts[r * c:(r + 1) * c])
+            records += round_records
+            wall += round_wall
+        results.append(_summary(name, c, records, wall, peak()))
+        print(f"  {name} concurrency {c}: {wall:.2f} s", file=sys.stderr)
+    return results
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -276,6 +315,8 @@ def _summary(engine_name: str, concurrency: int, records: list[dict[str, Any]], 
         return statistics.median(values) if values else None
 
     tokens = sum(r["tokens"] for r in records)
+    # A remote server that does not report its forwards (`bench llm --url`): no tokens per forward.
+    counted = all(r.get("steps") is not None for r in records)
     return {
         "engine": engine_name,
         "concurrency": concurrency,
@@ -283,9 +324,10 @@ def _summary(engine_name: str, concurrency: int, records: list[dict[str, Any]], 
         "median_first_output_s": med("first_output_s"),
         "median_wall_s": med("wall_s"),
         "median_tokens": med("tokens"),
-        "tokens_per_forward": tokens / max(sum(r["steps"] for r in records), 1),
+        "tokens_per_forward": tokens / max(sum(r["steps"] for r in records), 1) if counted else None,
         # The same without the forwards that prefilled the prompts.
-        "decode_tokens_per_forward": tokens / max(sum(r["steps"] - r.get("prefill_steps", 0) for r in records), 1),
+        "decode_tokens_per_forward": tokens / max(sum(r["steps"] - r.get("prefill_steps", 0) for r in records), 1)
+        if counted else None,
         "median_tokens_per_s_per_request": med("tokens_per_s"),
         "aggregate_tokens_per_s": tokens / max(wall_s, 1e-9),
         "level_wall_s": wall_s,
@@ -467,7 +509,99 @@ def _reference(args: argparse.Namespace, loaded: Any, notes: list[str]):
     return LlamaCppReference(loaded.path, threads=torch.get_num_threads(), n_ctx=loaded.config.max_seq_len)
 
 
+# Options that measure the in-process engine: they do not go with --url.
+LOCAL_ONLY = ("device", "dtype", "weights", "synthetic", "untrained_bd", "policy", "draft_len", "compile", "reference",
+              "fidelity", "profile")
+
+
+def run_remote(args: argparse.Namespace, config: Config) -> int:
+    """`bench llm --url`: the same prompts and levels against an OpenAI-compatible server."""
+    from voice_agent.bench.remote import RemoteChat
+
+    given = [f"--{name.replace('_', '-')}" for name in LOCAL_ONLY if getattr(args, name, None)]
+    if given:
+        print(f"{', '.join(given)}: measure the in-process engine, not a server at --url", file=sys.stderr)
+        return 2
+    notes: list[str] = []
+    remote = RemoteChat(args.url, api_key=config.secrets.llm_api_key, model=args.model or config.llm.api_model)
+    try:
+        model = remote.model()
+    except RuntimeError as e:
+        print(f"voice-agent bench llm: {e}", file=sys.stderr)
+        return 2
+    prompts, warm_up = _chat_prompts(args, config, notes)
+    results = _levels_measured(lambda batch: remote.measure(batch, args.max_new_tokens), "remote", args.concurrency,
+                               prompts, warm_up, every_prompt=bool(args.heldout))
+    hop = _hop_against_local(args, config, remote, prompts, warm_up, results) if args.against_local else None
+    failed = [r.get("error") for level in results for r in level["replies_detail"] if r.get("error")]
+    if failed:
+        notes.append(f"{len(failed)} requests failed, e.g. {failed[0]}")
+    if any(level["tokens_per_forward"] is None for level in results):
+        notes.append("the server does not report its forward passes (voice-agent's `voice_agent` extension): "
+                     "no tokens per forward")
+    report = {
+        "environment": {**_environment("remote"), "url": args.url},
+        "model": model, "family": f"served at {args.url}", "dtype": "the server's", "max_new_tokens": args.max_new_tokens,
+        "policy": "the server's", "compile": None, "notes": notes, "results": results, "decoding": "remote",
+        "hop": hop,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"raw results written to {args.json}", file=sys.stderr)
+    _print_table(report)
+    return 1 if failed else 0
+
+
+HOP_BAR_MS = 30.0  # issue 17: the LLM tier may add at most this to the time to the first text
+
+
+def _hop_against_local(args: argparse.Namespace, config: Config, remote: Any, prompts: list[Any], warm_up: list[Any],
+                       results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The configured model in this process against the server, prompt by prompt alternately at
+    concurrency 1 (the machine's load drifts; pairs see the same): median time to the first text
+    of each, the median of the paired differences and its bar. The in-process level joins
+    `results` as engine "local"."""
+    from dlm.engines import make_engine
+    from voice_agent.commands.chat import load_llm
+    from voice_agent.llm import generation_params
+
+    loaded, _ = load_llm(config, config.llm.model, config.llm.device, config.llm.dtype)
+    params = generation_params(config.llm, max_new_tokens=args.max_new_tokens, loop_guard=False)
+    params.temperature = 0.0  # as the server is asked
+    local_records, remote_records, local_wall, remote_wall = [], [], 0.0, 0.0
+    with make_engine(loaded, config.llm.engine, max_batch_size=1, draft_len=config.llm.draft_len,
+                     tree=config.llm.draft_tree) as engine:
+        _measure(engine, warm_up[:1], params)
+        remote.measure(warm_up[:1], args.max_new_tokens)
+        for prompt in prompts[:MAX_ROUNDS]:
+            records, wall = _measure(engine, [prompt], params)
+            local_records += records
+            local_wall += wall
+            records, wall = remote.measure([prompt], args.max_new_tokens)
+            remote_records += records
+            remote_wall += wall
+    print(f"  local and remote alternately at concurrency 1: {local_wall + remote_wall:.2f} s", file=sys.stderr)
+    results.append(_summary("local", 1, local_records, local_wall, None))
+    pairs = [(r["first_output_s"] - lo["first_output_s"]) * 1000 for lo, r in zip(local_records, remote_records, strict=True)
+             if r["first_output_s"] is not None and lo["first_output_s"] is not None]
+    diff = _median(pairs)
+    return {
+        "pairs": len(pairs),
+        "local_first_output_ms": _median([r["first_output_s"] * 1000 for r in local_records if r["first_output_s"]]),
+        "remote_first_output_ms": _median([r["first_output_s"] * 1000 for r in remote_records if r["first_output_s"]]),
+        "remote_results": _summary("remote-paired", 1, remote_records, remote_wall, None),
+        "bar": {"value": diff, "limit": f"<= {HOP_BAR_MS:g} ms (median of the paired differences in the time to the "
+                                        "first text, server - in-process)",
+                "pass": diff is not None and diff <= HOP_BAR_MS},
+    }
+
+
 def run_llm(args: argparse.Namespace, config: Config) -> int:
+    if args.url:
+        return run_remote(args, config)
+    if args.against_local or args.model:
+        print("--against-local and --model go with --url", file=sys.stderr)
+        return 2
     import torch
 
     from dlm.engines import decoding, make_engine
@@ -499,22 +633,16 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 path = Path(args.profile).with_suffix(f".{name}{Path(args.profile).suffix or '.txt'}")
                 _profile(engine, loaded, prompts[: args.concurrency[0]], params, args.compile, path)
                 print(f"profile of {name} written to {path}", file=sys.stderr)
-            for c in args.concurrency:
-                _measure(engine, warm_up[:c], params)  # warm-up at this level (and compile its shapes)
+
+            def reset_peak() -> None:
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                # Up to MAX_ROUNDS rounds of c requests, each round on other prompts, so that low
-                # levels (concurrency 1 above all) are measured over more than one or two replies.
-                records, wall = [], 0.0
-                rounds = max(1, len(prompts) // c)  # --heldout: every held-out prompt
-                for r in range(rounds if args.heldout else min(MAX_ROUNDS, rounds)):
-                    round_records, round_wall = _measure(engine, prompts[r * c:(r + 1) * c], params)
-                    records += round_records
-                    wall += round_wall
-                peak = torch.cuda.max_memory_allocated() if cuda else None
-                results.append(_summary(name, c, records, wall, peak))
-                print(f"  {name} concurrency {c}: {wall:.2f} s", file=sys.stderr)
+
+            results += _levels_measured(
+                lambda batch, engine=engine: _measure(engine, batch, params), name, args.concurrency, prompts, warm_up,
+                every_prompt=bool(args.heldout), before=reset_peak,  # --heldout: every held-out prompt
+                peak=lambda: torch.cuda.max_memory_allocated() if cuda else None)
     level = next((r for r in results if r["concurrency"] == 1), None)
     if reference is not None and level is not None:
         reference.measure(prompt_ids[:1], args.max_new_tokens, loaded.spec.eos_token_ids)  # warm-up, as ours
@@ -713,7 +841,7 @@ def _print_table(report: dict[str, Any]) -> None:
     for r in report["results"]:
         peak = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
         print(f"{r['engine']:<6} {r['concurrency']:>5} {fmt(r['median_first_output_s'], '8.3f')} "
-              f"{fmt(r['median_wall_s'], '8.3f')} {fmt(r['median_tokens'], '7.0f')} {r['tokens_per_forward']:>8.2f} "
+              f"{fmt(r['median_wall_s'], '8.3f')} {fmt(r['median_tokens'], '7.0f')} {fmt(r['tokens_per_forward'], '8.2f')} "
               f"{fmt(r['median_tokens_per_s_per_request'], '10.1f')} {r['aggregate_tokens_per_s']:>10.1f} "
               f"{fmt(peak, '9.0f')}")
     print("(first s: median time to the first final text, or token ids without a tokenizer; tok/fwd: tokens per "
@@ -744,6 +872,12 @@ def _print_table(report: dict[str, Any]) -> None:
               f"max |logit difference| median {fmt(fid['median_max_abs_logit_diff_prefill'], '.3f')} at the prefill's "
               f"position, {fmt(fid['median_max_abs_logit_diff_step'], '.3f')} at a step's, "
               f"largest {fmt(fid['max_abs_logit_diff'], '.3f')}")
+    hop = report.get("hop")
+    if hop:
+        bar = hop["bar"]
+        print(f"the hop ({hop['pairs']} prompts alternately, concurrency 1): first text in-process "
+              f"{fmt(hop['local_first_output_ms'], '.1f')} ms, through the server {fmt(hop['remote_first_output_ms'], '.1f')} "
+              f"ms; paired difference {fmt(bar['value'], '.1f')} ms  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
     ref = report.get("reference_bars")
     if ref:
         print(f"against {REFERENCE} at concurrency 1 ({ref['pairs']} prompts, medians):")
