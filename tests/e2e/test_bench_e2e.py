@@ -274,6 +274,19 @@ def test_summaries_table_goals_json_and_png(tmp_path: Path) -> None:
     assert png.stat().st_size < 200_000
 
 
+def test_the_tier_goal_is_the_extra_hop_at_one_caller() -> None:
+    results = [r for r in synthetic_results() if r.config == "dllm"]
+    tier = []
+    for r in results:
+        hop = TurnResult(**{**r.__dict__, "config": "tier"})
+        if hop.ok:
+            hop.voice_to_voice_ms = r.voice_to_voice_ms + 12.0  # the tier adds 12 ms to every turn
+        tier.append(hop)
+    goal = next(g for g in evaluate_goals(summarize(results + tier), gpu=False) if "LLM tier" in g.goal)
+    assert goal.value == pytest.approx(12.0, abs=0.1) and goal.met
+    assert not [g for g in evaluate_goals(summarize(results), gpu=False) if "LLM tier" in g.goal]
+
+
 def test_replot_rebuilds_the_report_of_a_saved_json(tmp_path: Path, capsys) -> None:
     from dataclasses import asdict
 

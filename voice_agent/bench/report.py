@@ -218,6 +218,13 @@ def evaluate_goals(summaries: list[Summary], *, gpu: bool, diffusion: bool = Tru
         check(text, ratio, 1.5, at_most=False)
     else:
         goals.append(Goal(text + " (not judged: 'dllm' fell back to the AR model)", ratio, 1.5, None))
+    tier = _find(summaries, "realtime", "tier", 1)
+    if tier is not None:
+        local = _find(summaries, "realtime", "dllm", 1)
+        hop = None
+        if local is not None and tier.voice_to_voice_ms["p50"] is not None and local.voice_to_voice_ms["p50"] is not None:
+            hop = round(tier.voice_to_voice_ms["p50"] - local.voice_to_voice_ms["p50"], 1)
+        check("1 caller: p50 voice-to-voice through the LLM tier minus in-process <= 30 ms", hop, 30)
     return goals
 
 

@@ -1,9 +1,9 @@
 """The servers under test: a `voice-agent serve` subprocess per configuration, or one by URL.
 
 Contract:
-- `start_server(name, overrides, work_dir, config_path=...)` starts `voice-agent serve` on a
-  free port of 127.0.0.1 with its call store and log in `work_dir`, and returns a
-  `ServerProcess` at once; `wait_healthy(server, timeout_s)` then waits for `/healthz`. A server
+- `start_server(name, overrides, work_dir, config_path=...)` starts `voice-agent serve` (or
+  with `command_name="serve-llm"` the LLM tier) on a free port of 127.0.0.1 with its call store
+  and log in `work_dir`, and returns a `ServerProcess` at once; `wait_healthy(server, timeout_s)` then waits for `/healthz`. A server
   that exits or does not answer in time raises `UserError` with the tail of its log.
   `stop()` is idempotent: SIGTERM, then SIGKILL after `grace_s`.
 - `check_url(base_url, timeout_s)` fetches `/healthz` of a running server and returns its JSON,
@@ -79,13 +79,17 @@ def _voice_agent_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "voice_agent"]
 
 
-def start_server(name: str, overrides: list[str], work_dir: Path, *, config_path: str | None = None) -> ServerProcess:
-    """Start `voice-agent serve` (see the module docstring); returns before it is ready."""
+def start_server(name: str, overrides: list[str], work_dir: Path, *, config_path: str | None = None,
+                 command_name: str = "serve", args: list[str] | None = None) -> ServerProcess:
+    """Start `voice-agent serve` (see the module docstring); returns before it is ready.
+    `command_name="serve-llm"` (with its `args`, e.g. --ray) starts the LLM tier instead, on the
+    free port (`api.port`); its url is then the tier's root, its /v1 the chat API."""
     port = free_port()
     store_path = work_dir / f"calls-{name}.db"
     log_path = work_dir / f"server-{name}.log"
-    all_overrides = [*overrides, "server.host=127.0.0.1", f"server.port={port}", f"store.path={store_path}"]
-    command = [*_voice_agent_command(), "serve"]
+    all_overrides = [*overrides, "server.host=127.0.0.1", f"server.port={port}", f"api.port={port}",
+                     f"store.path={store_path}"]
+    command = [*_voice_agent_command(), command_name, *(args or [])]
     if config_path:
         command += ["--config", config_path]
     for override in all_overrides:

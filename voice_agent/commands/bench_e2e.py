@@ -11,6 +11,9 @@ them at each concurrency so that both see the same machine load:
 - `dllm`: the configured `llm.model` (with the embedded defaults, the block-diffusion SmolLM2;
   while it is not shipped, that name falls back to the AR SmolLM2, and the report says so);
 - `ar`: `llm.model = llm.baseline_model` (an autoregressive checkpoint, decoded by the AR engine).
+- `tier`: a voice frontend whose LLM is the LLM tier (`llm.backend = "openai"` at its /v1): the
+  configured model in a Ray Serve replica (`voice-agent serve-llm --ray`, started for the run, or
+  `--tier-url`), so that `dllm` against `tier` is the cost of the extra hop.
 With `--url` it measures one running server instead (configuration `target`).
 
 Output: a table on stdout, and `<tag>.json`, `<tag>.png`, `<tag>.txt` in `--out`. A reply that
@@ -49,7 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="measure a running server (http://host:port) instead of starting servers")
     parser.add_argument("--route", choices=("realtime", "twilio", "both"), default="realtime", help="WebSocket route (default: realtime)")
     parser.add_argument("--callers", help="concurrent callers, comma separated (default: 1,2,4 on CPU; 1,2,4,8,16,32 with llm.device=cuda)")
-    parser.add_argument("--engines", default="dllm,ar", help="configurations to start: dllm, ar or both (default: dllm,ar); ignored with --url")
+    parser.add_argument("--engines", default="dllm,ar", help="configurations to start: dllm, ar, tier (default: dllm,ar); "
+                        "ignored with --url")
+    parser.add_argument("--tier-url", help="with the tier configuration: a running LLM tier's /v1 (default: start "
+                        "`voice-agent serve-llm --ray` for the run)")
+    parser.add_argument("--tier-replicas", type=int, default=1, help="replicas of the tier the bench starts (default 1)")
     parser.add_argument("--prompts", type=int, default=MIN_PROMPTS, help=f"spoken prompts per run (default: {MIN_PROMPTS})")
     parser.add_argument("--turns-per-call", type=int, default=5, help="prompts per call before a caller hangs up and calls again (default: 5)")
     parser.add_argument("--reply-timeout-s", type=float, default=30.0, help="no reply audio this long after the prompt: a failed turn (default: 30)")
@@ -167,16 +174,35 @@ def _configurations(config: Config, engines: list[str]) -> tuple[dict[str, dict[
                     "ar run the same AR model and their ratio only shows the noise of the machine"
                 )
             out[name] = entry
+        elif name == "tier":
+            resolved = resolve_llm_model(config.llm.model)
+            # The frontend's overrides pointing at the tier are added once its URL is known.
+            out[name] = {"llm.model": config.llm.model, "resolved": resolved.name, "path": str(resolved.path),
+                         "fallback_from": resolved.fallback_from, "diffusion": not resolved.fallback_from,
+                         "overrides": []}
         elif name == "ar":
             resolved = resolve_llm_model(config.llm.baseline_model)
             out[name] = {"llm.model": config.llm.baseline_model, "resolved": resolved.name, "path": str(resolved.path),
                          "fallback_from": resolved.fallback_from, "diffusion": False,
                          "overrides": [f"llm.model={config.llm.baseline_model}"]}
         else:
-            raise UserError(f"--engines: unknown configuration {name!r} (dllm, ar)")
+            raise UserError(f"--engines: unknown configuration {name!r} (dllm, ar, tier)")
     if config.llm.backend != "local":
         notes.append(f"llm.backend is {config.llm.backend!r}: both configurations use the remote LLM; 'ar' only changes llm.model")
     return out, notes
+
+
+def _start_tier(args: argparse.Namespace, base: list[str], work_dir: Path, started: dict[str, Any]) -> str:
+    """Start `voice-agent serve-llm --ray` for the run (in `started`, so it is stopped with the
+    servers); its /v1 once it answers."""
+    from voice_agent.bench import servers
+
+    tier = servers.start_server("tier-llm", base, work_dir, config_path=args.config, command_name="serve-llm",
+                                args=["--ray", "--replicas", str(args.tier_replicas)])
+    started["tier-llm"] = tier
+    print(f"starting the LLM tier on Ray Serve ({tier.url}, log {tier.log_path}) ...", file=sys.stderr, flush=True)
+    servers.wait_healthy(tier, args.startup_timeout_s)
+    return f"{tier.url}/v1"
 
 
 def _write_outputs(document: dict[str, Any], results: list[Any], stem: Path, *, gpu: bool) -> str:
@@ -266,9 +292,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
             max_calls = max(levels) + 1
             if config.server.max_calls < max_calls:
                 base.append(f"server.max_calls={max_calls}")
+            if "tier" in configs:
+                configs["tier"]["tier_url"] = tier_url = args.tier_url or _start_tier(args, base, work_dir, started)
+                configs["tier"]["overrides"] = ["llm.backend=openai", f"llm.base_url={tier_url}", "llm.api_model="]
             for name, entry in configs.items():
                 started[name] = servers.start_server(name, [*base, *entry["overrides"]], work_dir, config_path=args.config)
             for name, server in started.items():
+                if name not in configs:
+                    continue  # the tier: already up
                 print(f"starting the {name} server ({server.url}, log {server.log_path}) ...", file=sys.stderr, flush=True)
                 health = servers.wait_healthy(server, args.startup_timeout_s)
                 configs[name]["llm"] = health.get("llm")
@@ -301,6 +332,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
             notes.append("Twilio route against --url: no per-stage breakdown (it comes from the server's call store)")
         else:
             for name, server in started.items():
+                if name not in configs:
+                    continue
                 mine = [r for r in results if r.route == "twilio" and r.config == name]
                 matched = callers_mod.attach_store_metrics(mine, str(server.store_path))
                 if matched < sum(r.ok for r in mine):
