@@ -16,7 +16,7 @@ Contract:
   `IGNORED_PARAMETERS`) are accepted and ignored; an argument OpenAI does not know is refused, as
   OpenAI refuses it (400 `unknown_parameter`).
 - Answers carry `usage`, `finish_reason` ("stop" or "length") and our statistics in the extension
-  field `voice_agent` (`STATS_FIELD`), which OpenAI clients ignore: forwards, prefill_forwards,
+  field `voice_agent` (`STATS_FIELD`), which OpenAI clients ignore: completion_tokens, forwards, prefill_forwards,
   tokens_per_forward (completion tokens per forward, as `voice-agent bench llm` counts them),
   decode_tokens_per_forward (the prefill not counted), the engine's own finish reason
   ("eos", "stop", "repetition", "length") and the replica. Every response, errors included,
@@ -29,7 +29,8 @@ Contract:
   flight (429 with `Retry-After`), what this server cannot do (tools, images, audio, n > 1,
   logprobs: 400 `unsupported_parameter` or `unsupported_value`).
 - Alone (no `fallback`), the app also answers `GET /healthz` without a token: the model, the
-  replica, the requests in flight and what the engine holds (rows, queue), for load balancers.
+  replica and its process id, the requests in flight and what the engine holds (rows, queue),
+  for load balancers and operators.
 - A client that goes away (its connection closes; under Ray Serve its request is cancelled)
   aborts its engine request within one denoising step, streamed or not. A streamed reply whose
   engine request fails ends with an SSE chunk `{"error": {...}}` and no `[DONE]`; a non-streamed
@@ -43,6 +44,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -313,8 +315,8 @@ class ChatService:
     def health(self) -> dict[str, Any]:
         """The tier's /healthz (no token, as the voice server's): what this engine holds now."""
         load = self.llm.load()
-        return {"status": "ok", "model": self.model_id, "replica": self.replica, "requests_in_flight": self.in_flight,
-                "engine": {"rows": load.rows, "queued": load.queued}}
+        return {"status": "ok", "model": self.model_id, "replica": self.replica, "pid": os.getpid(),
+                "requests_in_flight": self.in_flight, "engine": {"rows": load.rows, "queued": load.queued}}
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "voice-agent"}
@@ -338,10 +340,10 @@ class ChatService:
             prompt_ids = await asyncio.to_thread(self.llm.prepare, request.messages, params)
         except InvalidRequestError as e:
             message = str(e)
-            code = "context_length_exceeded" if "context" in message else "invalid_value"
-            raise _bad(f"{message} (this model's context is {self.llm.max_seq_len} tokens)"
-                       if code == "context_length_exceeded" else message, "messages" if code != "invalid_value" else None,
-                       code) from None
+            if "context" in message:
+                raise _bad(f"{message} (this model's context is {self.llm.max_seq_len} tokens)", "messages",
+                           "context_length_exceeded") from None
+            raise _bad(message, None, "invalid_value") from None
         return prompt_ids, params
 
     def stats(self, last: Any) -> dict[str, Any]:
@@ -351,6 +353,7 @@ class ChatService:
         decoding = max(0, forwards - prefill)
         tokens = last.tokens or 0
         return {
+            "completion_tokens": tokens,  # also in a streamed reply without include_usage (frontends count with it)
             "forwards": forwards,
             "prefill_forwards": prefill,
             "tokens_per_forward": round(tokens / forwards, 3) if forwards else None,

@@ -279,6 +279,7 @@ class OpenAICompatibleLLM:
                     raise LlmError(f"{self._url}: HTTP {response.status_code}: {detail}")
                 finish_reason = None
                 steps = None  # forwards, where the server reports them (voice-agent's extension)
+                exact_tokens = None  # completion tokens, likewise
                 done = False
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
@@ -299,15 +300,18 @@ class OpenAICompatibleLLM:
                     except (ValueError, KeyError, TypeError, AttributeError):
                         raise LlmError(f"{self._url}: malformed stream chunk {data[:80]!r}") from None
                     finish_reason = choice.get("finish_reason") or finish_reason
-                    if isinstance(stats, dict) and isinstance(stats.get("forwards"), int):
-                        steps = stats["forwards"]
+                    if isinstance(stats, dict):  # a voice-agent tier counts exactly: tokens, not chunks
+                        steps = stats.get("forwards") if isinstance(stats.get("forwards"), int) else steps
+                        exact_tokens = stats.get("completion_tokens") if isinstance(stats.get("completion_tokens"), int) \
+                            else exact_tokens
                     if text:
                         tokens += 1  # one chunk is about one token on the servers we target
                         yield LlmDelta(text=text, tokens=tokens)
                 if not done:
                     # The connection ended inside the reply: the server (or its replica) died.
                     raise LlmError(f"{self._url}: the stream ended before the reply did")
-                yield LlmDelta(text="", finished=True, finish_reason=finish_reason or "stop", tokens=tokens, steps=steps)
+                yield LlmDelta(text="", finished=True, finish_reason=finish_reason or "stop",
+                               tokens=tokens if exact_tokens is None else exact_tokens, steps=steps)
         except self._httpx.HTTPError as e:
             raise LlmError(f"{self._url}: {type(e).__name__}: {e}") from None
 

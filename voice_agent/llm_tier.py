@@ -97,7 +97,9 @@ def _replica_class() -> Any:
 
             torch.set_num_threads(max(1, int(config.api.replica_cpus)))
             replica = serve.get_replica_context().replica_id.to_full_id_str()
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            # Ray Serve's handlers write the replica's log; ours says what the replica serves and
+            # one line per completion.
+            logging.getLogger("voice_agent").setLevel(logging.INFO)
             self.service = load_chat_service(config, replica=replica)
             log.info("replica %s: serving %s", replica, self.service.model_id)
 

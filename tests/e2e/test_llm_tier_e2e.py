@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 
 import pytest
 from test_voice_e2e import QUESTION, espeak, relevant, spoken_turn
@@ -21,27 +20,22 @@ from voice_agent.server import VoiceServer
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def tier_url():
+def tier_url(tmp_path_factory):
+    """`voice-agent serve-llm --ray` as a subprocess (Ray's driver stays out of pytest's process)."""
     pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'voice-agent[ray]')")
-    from voice_agent.llm_tier import deploy, undeploy
+    from voice_agent.bench.servers import start_server, wait_healthy
 
-    config = load_config(overrides=["llm.model=smollm2-135m-instruct", "store.path=''"])
+    server = start_server("tier", ["llm.model=smollm2-135m-instruct"], tmp_path_factory.mktemp("ray"),
+                          command_name="serve-llm", args=["--ray", "--replicas", "1", "--num-cpus", "2"])
     try:
-        url = deploy(config, replicas=1, address=None, host="127.0.0.1", port=_free_port(),
-                     ray_init={"num_cpus": 2, "include_dashboard": False, "log_to_driver": False})
-    except UserError as e:
-        pytest.skip(f"the tier could not start: {e}")
-    try:
-        yield url
+        try:
+            wait_healthy(server, 180)
+        except UserError as e:
+            pytest.skip(f"the tier could not start: {e}")
+        yield f"{server.url}/v1"
     finally:
-        undeploy(config, stop_ray=True)
+        server.stop(grace_s=60)
 
 
 def test_a_spoken_call_answered_by_the_ray_tier(tier_url, tmp_path):

@@ -64,7 +64,7 @@ def test_completion_with_usage_finish_reason_and_statistics(tier, client):
     assert completion.usage.completion_tokens == 6
     assert completion.usage.total_tokens == len(prompt) + 6
     stats = completion.model_extra["voice_agent"]  # the SDK keeps the extension, ignoring it
-    assert stats["forwards"] >= 6 and stats["prefill_forwards"] >= 1
+    assert stats["completion_tokens"] == 6 and stats["forwards"] >= 6 and stats["prefill_forwards"] >= 1
     assert stats["tokens_per_forward"] == pytest.approx(6 / stats["forwards"], abs=1e-3)
     assert stats["finish_reason"] == "length" and stats["replica"] == tier.service.replica
 

@@ -61,11 +61,14 @@ def test_a_stream_cut_before_done_or_carrying_an_error_raises_llm_error():
         collect(client(lambda r: httpx2.Response(200, content=sse("Hel").replace(b"data: [DONE]\n\n", error))))
 
 
-def test_forwards_reported_by_a_voice_agent_tier_reach_the_last_delta():
-    chunk = {"choices": [{"delta": {}, "finish_reason": "length"}], "voice_agent": {"forwards": 7}}
-    body = sse("Hi").replace(b"data: [DONE]", f"data: {json.dumps(chunk)}\n\ndata: [DONE]".encode())
+def test_forwards_and_tokens_reported_by_a_voice_agent_tier_reach_the_last_delta():
+    chunk = {"choices": [{"delta": {}, "finish_reason": "length"}], "voice_agent": {"forwards": 7, "completion_tokens": 9}}
+    body = sse("Hi", " there").replace(b"data: [DONE]", f"data: {json.dumps(chunk)}\n\ndata: [DONE]".encode())
     deltas = collect(client(lambda r: httpx2.Response(200, content=body)))
     assert deltas[-1].finished and deltas[-1].finish_reason == "length" and deltas[-1].steps == 7
+    assert deltas[-1].tokens == 9  # the tier's count, not the 2 chunks
+    plain = collect(client(lambda r: httpx2.Response(200, content=sse("Hi", " there"))))
+    assert plain[-1].tokens == 2 and plain[-1].steps is None  # elsewhere: one token per chunk
 
 
 def test_health_asks_the_models_route_and_caches_the_answer():

@@ -1,46 +1,54 @@
 """`serve-llm --ray`: the chat API on Ray Serve with two replicas, in a real local Ray instance
-(num_cpus=2) and the official openai SDK as the client: requests spread over the replicas,
+(`--num-cpus 2`) and the official openai SDK as the client: requests spread over the replicas,
 refusals keep OpenAI's shape through Ray's proxy, a client that goes away frees its replica's
-engine, and a replica killed mid-stream fails only its own requests and is replaced."""
+engine, and a replica killed mid-stream (SIGKILL) fails only its own requests and is replaced.
+
+The tier runs as the real command in a subprocess: Ray's driver (its gRPC channels, its threads)
+stays out of the pytest process, whose own resources other tests count."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
+import os
+import signal
 import time
 
 import httpx2 as httpx
 import openai
 import pytest
-from tier_helpers import TOKEN, tier_config, tiny_model
+from tier_helpers import TOKEN, tiny_model
 
 from voice_agent.chat_api import REPLICA_HEADER
 
-ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'voice-agent[ray]')")
+pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'voice-agent[ray]')")
 
 pytestmark = pytest.mark.slow  # starts Ray (~15 s) and loads a model in each replica
 
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tier(tmp_path_factory):
-    from voice_agent.llm_tier import deploy, undeploy
+    from voice_agent.bench.servers import start_server, wait_healthy
 
-    config = tier_config(tiny_model(tmp_path_factory.mktemp("tiny") / "model", slow=True), max_tokens=600)
-    config.llm.loop_guard = False
-    url = deploy(config, replicas=2, address=None, host="127.0.0.1", port=_free_port(),
-                 ray_init={"num_cpus": 2, "include_dashboard": False, "log_to_driver": False})
+    model = tiny_model(tmp_path_factory.mktemp("tiny") / "model", slow=True)
+    overrides = [f"llm.model={model}", "llm.dtype=float32", "llm.loop_guard=false", f"server.token={TOKEN}",
+                 "api.max_tokens=600"]
+    server = start_server("tier", overrides, tmp_path_factory.mktemp("ray"), command_name="serve-llm",
+                          args=["--ray", "--replicas", "2", "--num-cpus", "2"])
     try:
-        yield url
+        wait_healthy(server, 180)
+        # Ray's proxy learns of the replicas from its controller a moment after the deployment is
+        # up: wait until both answer through it.
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen.add(httpx.get(f"{server.url}/healthz", timeout=30).json()["replica"])
+        assert len(seen) == 2, f"only {seen} answered within 60 s"
+        yield f"{server.url}/v1"
     finally:
-        undeploy(config, stop_ray=True)
+        server.stop(grace_s=60)  # SIGTERM: the command removes its application and stops Ray
+        assert server.process.returncode == 0, server.log_tail()
 
 
 def _client(url: str) -> openai.AsyncOpenAI:
@@ -129,6 +137,16 @@ def test_a_client_that_goes_away_frees_its_replica(tier):
     assert time.monotonic() - started < 8.0
 
 
+def _pid_of(url: str, replica: str, timeout_s: float = 20.0) -> int:
+    """The process of `replica`, from its /healthz (Ray picks which replica answers)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        health = httpx.get(url.removesuffix("/v1") + "/healthz", timeout=30).json()
+        if health["replica"] == replica:
+            return health["pid"]
+    raise AssertionError(f"{replica} never answered /healthz")
+
+
 def test_a_killed_replica_fails_only_its_requests_and_is_replaced(tier):
     url = tier
 
@@ -144,7 +162,7 @@ def test_a_killed_replica_fails_only_its_requests_and_is_replaced(tier):
                 break
         assert len(streams) == 2, "Ray never routed to the second replica"
         victim, survivor = sorted(streams)
-        ray.kill(ray.get_actor(victim, namespace="serve"))
+        os.kill(await asyncio.to_thread(_pid_of, url, victim), signal.SIGKILL)
 
         async def finish(stream) -> str:
             text = ""

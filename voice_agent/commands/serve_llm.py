@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "without --ray)")
     parser.add_argument("--ray", action="store_true", help="deploy on Ray Serve, one engine per replica")
     parser.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)")
+    parser.add_argument("--num-cpus", type=float, metavar="N",
+                        help="with --ray, without --ray-address: CPUs the local Ray instance may use (default: all; "
+                        "leave some to voice frontends on the same machine)")
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="with --ray: a running Ray cluster (e.g. auto, or ray://head:10001); default: start a "
                         "local Ray instance")
@@ -39,8 +42,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     host = args.host or config.server.host
     port = config.api.port if args.port is None else args.port
-    if not args.ray and (args.replicas != 1 or args.ray_address):
-        raise UserError("--replicas and --ray-address need --ray")
+    if not args.ray and (args.replicas != 1 or args.ray_address or args.num_cpus is not None):
+        raise UserError("--replicas, --num-cpus and --ray-address need --ray")
+    if args.num_cpus is not None and (args.ray_address or args.num_cpus <= 0):
+        raise UserError("--num-cpus sizes a local Ray instance: above 0, and not with --ray-address")
     if args.ray:
         return _run_ray(args, config, host, port)
     from voice_agent.llm_tier import load_chat_service, serve_standalone
@@ -67,7 +72,8 @@ def _run_ray(args: argparse.Namespace, config: Config, host: str, port: int) -> 
 
     print(f"voice-agent LLM tier: deploying {args.replicas} replica(s) on Ray Serve "
           f"({args.ray_address or 'a local Ray instance'}); each loads the model...", flush=True)
-    url = deploy(config, replicas=args.replicas, address=args.ray_address, host=host, port=port)
+    ray_init = {"num_cpus": args.num_cpus} if args.num_cpus is not None else None
+    url = deploy(config, replicas=args.replicas, address=args.ray_address, host=host, port=port, ray_init=ray_init)
     _print_ready(url, config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
