@@ -364,7 +364,9 @@ class ChatService:
 
 
 def _json_response(status: int, body: dict[str, Any], replica: str, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse(body, status_code=status, headers={REPLICA_HEADER: replica, **(headers or {})})
+    """JSON with the replica header (none where there is no engine to name)."""
+    return JSONResponse(body, status_code=status, headers={**({REPLICA_HEADER: replica} if replica else {}),
+                                                            **(headers or {})})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

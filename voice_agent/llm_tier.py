@@ -6,7 +6,8 @@ Contract:
 - `load_chat_service(config, replica=)` loads the configured local LLM (seconds) and wraps it in a
   `ChatService`; `config.llm.backend` must be "local".
 - `serve_standalone(config, service, host=, port=, stop=, on_ready=)` runs the chat app on
-  uvicorn until `stop` is set; `on_ready(port)` is called once it listens (port 0 picks one).
+  uvicorn until `stop` is set; `on_ready(port)` is called once its socket listens (port 0 picks
+  one); a port it cannot bind raises `UserError` (the service's engine is closed either way).
 - `deploy(config, replicas=, address=, host=, port=)`: the same app on Ray Serve, `replicas`
   replicas (each owns one engine, reserves `api.replica_cpus` CPUs and runs torch on as many
   threads), behind Ray Serve's HTTP proxies on host:port (one on every node that holds a replica, so a
@@ -61,25 +62,27 @@ async def serve_standalone(config: Config, service: Any, *, host: str, port: int
 
     from voice_agent.chat_api import chat_app
 
+    # The socket is bound here, so that a taken port is a clear error (uvicorn would sys.exit).
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        await service.llm.aclose()
+        raise UserError(f"the LLM tier cannot listen on {host}:{port}: {e.strerror or e}") from None
     server = uvicorn.Server(uvicorn.Config(
-        chat_app(service), host=host, port=port, lifespan="off", log_config=None, access_log=False,
+        chat_app(service), lifespan="off", log_config=None, access_log=False,
         timeout_graceful_shutdown=int(config.server.shutdown_grace_s) or None))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the caller owns signals
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        while not server.started:
-            if task.done():
-                task.result()  # raises what stopped it (the port is taken, ...)
-                raise UserError(f"the LLM tier could not listen on {host}:{port}")
-            await asyncio.sleep(0.02)
-        if on_ready is not None:
-            on_ready(server.servers[0].sockets[0].getsockname()[1])
+        if on_ready is not None:  # the socket listens already: a client's connection waits for uvicorn
+            on_ready(sock.getsockname()[1])
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
     finally:
         server.should_exit = True
         await task
+        sock.close()
         await service.llm.aclose()
 
 

@@ -285,12 +285,21 @@ def test_an_engine_failure_mid_stream_fails_that_request_only(tier, client, monk
         return step(*args, **kwargs)
 
     monkeypatch.setattr(decoder, "step", failing)
-    stream = client.chat.completions.create(model=tier.service.model_id, messages=HELLO, max_tokens=20, stream=True)
+    # Greedy: a sampled reply might end (EOS) before the fourth step.
+    stream = client.chat.completions.create(model=tier.service.model_id, messages=LONG, max_tokens=20, temperature=0,
+                                            stream=True)
     with pytest.raises(openai.APIError, match="engine failed"):
         for _ in stream:
             pass
     with pytest.raises(openai.InternalServerError):
         calls.clear()
-        client.chat.completions.create(model=tier.service.model_id, messages=HELLO, max_tokens=20)
+        client.chat.completions.create(model=tier.service.model_id, messages=LONG, max_tokens=20, temperature=0)
     monkeypatch.setattr(decoder, "step", step)
     assert client.chat.completions.create(model=tier.service.model_id, messages=HELLO, max_tokens=3).choices
+
+
+def test_a_taken_port_is_a_clear_error(tier):
+    from voice_agent.errors import UserError
+
+    with pytest.raises(UserError, match="cannot listen"):
+        RunningTier(tier.config, port=tier.port).__enter__()  # a second engine of its own, closed on the way out
