@@ -1,4 +1,4 @@
-"""`voice-agent serve`: the server with the web demo, `/v1/realtime` and `/twilio`."""
+"""`voice-agent serve`: the server with the web demo, `/v1/realtime`, `/twilio` and the chat API."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import signal
 
 from voice_agent.config import Config
 
-HELP = "run the voice agent server: web demo at /, OpenAI Realtime at /v1/realtime, Twilio at /twilio"
+HELP = ("run the voice agent server: web demo at /, OpenAI Realtime at /v1/realtime, Twilio at /twilio, "
+        "chat completions at /v1/chat/completions")
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ async def _serve(config: Config, services, store) -> None:
     print(f"voice-agent: demo at {url}", flush=True)
     print(f"  OpenAI Realtime: ws://{shown}:{server.port}/v1/realtime  (openai SDK: base_url={url}v1)", flush=True)
     print(f"  Twilio Media Streams: ws://{shown}:{server.port}/twilio", flush=True)
+    if config.api.enabled and config.llm.backend == "local":
+        print(f"  OpenAI chat completions: {url}v1/chat/completions  (docs/api.md)", flush=True)
     if config.server.token:
         print("  an access token is required (Authorization: Bearer, or ?token= for browsers)", flush=True)
     if store is not None:
