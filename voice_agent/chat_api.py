@@ -2,8 +2,9 @@
 server-sent events, or not) and `GET /v1/models`, as one ASGI app.
 
 Contract:
-- `ChatService(llm, api, token=, model_id=, replica=)`: one in-process engine (`LocalDLM`) behind
-  the API; the engine batches the requests of every client (continuous batching). `chat_app(service,
+- `ChatService.of(llm, config, replica=None)`: one in-process engine (`LocalDLM`) behind the
+  API, with the config's `[api]` limits and `server.token`, the model named by the registry name
+  (or path) it was loaded from, the replica by Ray's id or else host:pid; the engine batches the requests of every client (continuous batching). `chat_app(service,
   fallback=None)` is the Starlette app. The same app runs in `voice-agent serve` (the
   `VoiceServer` hands it the HTTP requests that websockets cannot take, `fallback` answering the
   server's own GET routes on a kept-alive connection), standalone in `serve-llm` (uvicorn) and in
@@ -45,6 +46,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -59,10 +61,10 @@ from starlette.routing import Route
 
 from dlm.engine import MAX_STOP_STRINGS
 from dlm.errors import InvalidRequestError
-from voice_agent.config import ApiConfig
+from voice_agent.config import ApiConfig, Config
 from voice_agent.llm import STATS_FIELD, LlmError, LocalDLM
 
-__all__ = ["REPLICA_HEADER", "ApiError", "ChatRequest", "ChatService", "chat_app", "parse_chat_request", "served_model_id"]
+__all__ = ["REPLICA_HEADER", "ApiError", "ChatRequest", "ChatService", "chat_app", "parse_chat_request"]
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +290,12 @@ class ChatService:
         self._token = token
         self.in_flight = 0
         self.created = int(time.time())
+
+    @classmethod
+    def of(cls, llm: LocalDLM, config: Config, *, replica: str | None = None) -> ChatService:
+        """The service of `llm` under `config` (module docstring); `replica` None: host:pid."""
+        return cls(llm, config.api, token=config.server.token, model_id=llm.name.removeprefix("local:"),
+                   replica=replica or f"{socket.gethostname()}:{os.getpid()}")
 
     def check_token(self, headers: Any) -> None:
         """ApiError 401 unless the request carries the access token (or none is set)."""
@@ -572,9 +580,4 @@ def chat_app(service: ChatService | None, *, fallback: Callable[[str], Awaitable
         routes.append(Route("/healthz", lambda request: _json_response(200, service.health(), replica), methods=["GET"]))
     return Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                         Exception: server_error})
-
-
-def served_model_id(llm: LocalDLM) -> str:
-    """The id clients name the model by: the registry name (or path) the engine was loaded from."""
-    return llm.name.removeprefix("local:")
 

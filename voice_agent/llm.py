@@ -21,7 +21,8 @@ Contract:
   `Engine.abort`, which takes effect within one denoising step; `OpenAICompatibleLLM` closes the
   HTTP response, which a streaming server treats as an abort.
 - A stream that ends without its `[DONE]` (the server died mid-reply) or carries an `error`
-  chunk raises LlmError: a cut reply is never passed off as a whole one.
+  chunk raises LlmError: a cut reply is never passed off as a whole one. `parse_stream_line`
+  reads one line of such a stream (also for `voice-agent bench llm --url`).
 - `count_tokens(text)` counts with the model's tokenizer where there is one, otherwise estimates
   (4 characters per token), for the history budget.
 - `build_llm(config)`: `llm.engine = "auto"` decodes a diffusion checkpoint by diffusion and a
@@ -43,7 +44,8 @@ from typing import Any, NamedTuple, Protocol
 from voice_agent.config import LLM_ENGINES, LlmConfig
 from voice_agent.errors import UserError
 
-__all__ = ["BlockTrace", "LlmClient", "LlmDelta", "LlmError", "LocalDLM", "OpenAICompatibleLLM", "build_llm"]
+__all__ = ["BlockTrace", "LlmClient", "LlmDelta", "LlmError", "LocalDLM", "OpenAICompatibleLLM", "StreamChunk", "build_llm",
+           "parse_stream_line"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,50 @@ class LlmDelta:
     tokens: int | None = None  # tokens committed so far
     trace: BlockTrace | None = None  # where trace_steps was asked
     prefill_steps: int | None = None  # of `steps`, the forwards that prefilled the prompt
+
+
+@dataclass
+class StreamChunk:
+    """One `data:` line of a streamed chat completion (OpenAI's server-sent events), parsed."""
+
+    done: bool = False  # the closing `data: [DONE]`
+    text: str = ""  # choices[0].delta.content
+    finish_reason: str | None = None
+    stats: dict[str, Any] | None = None  # voice-agent's extension (STATS_FIELD), where the chunk has it
+    usage_tokens: int | None = None  # usage.completion_tokens, in a usage chunk (stream_options.include_usage)
+
+    def stat(self, key: str) -> int | None:
+        """An integer of the extension (forwards, completion_tokens, ...), else None."""
+        value = (self.stats or {}).get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_stream_line(line: str) -> StreamChunk | None:
+    """None for a line that is no `data:` (SSE comments, event names, blank separators). Raises
+    LlmError for an `error` chunk (the server failed the reply) and ValueError for data that is
+    not a chat completion chunk."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return StreamChunk(done=True)
+    try:
+        chunk = json.loads(data)
+        if chunk.get("error") is not None:
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise LlmError(f"the server failed the reply: {str(message)[:200]}")
+        choice = chunk["choices"][0] if chunk.get("choices") else {}
+        stats = chunk.get(STATS_FIELD)
+        usage = chunk.get("usage")
+        return StreamChunk(
+            text=(choice.get("delta") or {}).get("content") or "",
+            finish_reason=choice.get("finish_reason"),
+            stats=stats if isinstance(stats, dict) else None,
+            usage_tokens=usage.get("completion_tokens") if isinstance(usage, dict) else None,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"malformed stream chunk {data[:80]!r}") from None
 
 
 class LlmClient(Protocol):
@@ -282,31 +328,23 @@ class OpenAICompatibleLLM:
                 exact_tokens = None  # completion tokens, likewise
                 done = False
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # SSE comments, event names and blank separators
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                    try:
+                        chunk = parse_stream_line(line)
+                    except (LlmError, ValueError) as e:
+                        raise LlmError(f"{self._url}: {e}") from None
+                    if chunk is None:
+                        continue
+                    if chunk.done:
                         done = True
                         break
-                    try:
-                        chunk = json.loads(data)
-                        if chunk.get("error") is not None:
-                            error = chunk["error"]
-                            message = error.get("message") if isinstance(error, dict) else error
-                            raise LlmError(f"{self._url}: the server failed the reply: {str(message)[:200]}")
-                        choice = chunk["choices"][0] if chunk.get("choices") else {}
-                        text = (choice.get("delta") or {}).get("content") or ""
-                        stats = chunk.get(STATS_FIELD)
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        raise LlmError(f"{self._url}: malformed stream chunk {data[:80]!r}") from None
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    if isinstance(stats, dict):  # a voice-agent tier counts exactly: tokens, not chunks
-                        steps = stats.get("forwards") if isinstance(stats.get("forwards"), int) else steps
-                        exact_tokens = stats.get("completion_tokens") if isinstance(stats.get("completion_tokens"), int) \
-                            else exact_tokens
-                    if text:
+                    finish_reason = chunk.finish_reason or finish_reason
+                    # A voice-agent tier counts exactly: tokens, not chunks.
+                    steps = chunk.stat("forwards") if chunk.stat("forwards") is not None else steps
+                    exact_tokens = chunk.stat("completion_tokens") if chunk.stat("completion_tokens") is not None \
+                        else exact_tokens
+                    if chunk.text:
                         tokens += 1  # one chunk is about one token on the servers we target
-                        yield LlmDelta(text=text, tokens=tokens)
+                        yield LlmDelta(text=chunk.text, tokens=tokens)
                 if not done:
                     # The connection ended inside the reply: the server (or its replica) died.
                     raise LlmError(f"{self._url}: the stream ended before the reply did")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -43,15 +42,14 @@ RAY_MISSING = "Ray Serve is not installed: pip install 'voice-agent[ray]' (or: p
 
 def load_chat_service(config: Config, *, replica: str | None = None) -> Any:
     """The configured local engine behind a `ChatService` (loads the model: seconds)."""
-    from voice_agent.chat_api import ChatService, served_model_id
+    from voice_agent.chat_api import ChatService
     from voice_agent.llm import LocalDLM, build_llm
 
     if config.llm.backend != "local":
         raise UserError(f"the LLM tier serves a local model: llm.backend must be 'local', not {config.llm.backend!r}")
     llm = build_llm(config.llm)
     assert isinstance(llm, LocalDLM)
-    return ChatService(llm, config.api, token=config.server.token, model_id=served_model_id(llm),
-                       replica=replica or f"{socket.gethostname()}:{os.getpid()}")
+    return ChatService.of(llm, config, replica=replica)
 
 
 async def serve_standalone(config: Config, service: Any, *, host: str, port: int, stop: asyncio.Event,

@@ -45,9 +45,7 @@ import http
 import json
 import logging
 import mimetypes
-import os
 import re
-import socket
 import time
 from importlib import resources
 from typing import Any
@@ -259,7 +257,7 @@ class VoiceServer:
 
     def _chat_app(self) -> Any:
         """The chat API's ASGI app: the local engine's, or one that says why there is none."""
-        from voice_agent.chat_api import ChatService, chat_app, served_model_id
+        from voice_agent.chat_api import ChatService, chat_app
         from voice_agent.llm import LocalDLM
 
         llm = self.services.llm
@@ -271,8 +269,7 @@ class VoiceServer:
                            "that server itself")
         else:
             unavailable = ""
-            service = ChatService(llm, self.config.api, token=self.config.server.token,
-                                  model_id=served_model_id(llm), replica=f"{socket.gethostname()}:{os.getpid()}")
+            service = ChatService.of(llm, self.config)
         return chat_app(service, fallback=self.answer_get, unavailable=unavailable)
 
     # --- WebSocket calls -----------------------------------------------------------------------

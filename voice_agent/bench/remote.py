@@ -14,13 +14,12 @@ The API key is sent as a bearer token and never printed.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 import httpx2
 
-from voice_agent.llm import STATS_FIELD
+from voice_agent.llm import LlmError, parse_stream_line
 
 __all__ = ["RemoteChat"]
 
@@ -70,27 +69,22 @@ class RemoteChat:
                     detail = (await response.aread())[:200].decode("utf-8", "replace")
                     raise RuntimeError(f"HTTP {response.status_code}: {detail}")
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    chunk = parse_stream_line(line)
+                    if chunk is None or chunk.done:
                         continue
-                    chunk = json.loads(line[5:])
                     now = time.perf_counter() - t0
-                    if chunk.get("error"):
-                        raise RuntimeError(str(chunk["error"])[:200])
-                    for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content") or ""
-                        if text:
-                            chunks += 1
-                            rec["first_output_s"] = rec["first_output_s"] or now
-                            rec["text"] += text
-                            rec["token_times"].append([round(now, 6), chunks])
-                        rec["finish"] = choice.get("finish_reason") or rec["finish"]
-                    stats = chunk.get(STATS_FIELD)
-                    if isinstance(stats, dict):
-                        rec["steps"] = stats.get("forwards")
-                        rec["prefill_steps"] = stats.get("prefill_forwards") or 0
-                    if chunk.get("usage"):
-                        rec["tokens"] = chunk["usage"]["completion_tokens"]
-        except (httpx2.HTTPError, RuntimeError, ValueError, KeyError, TypeError) as e:
+                    if chunk.text:
+                        chunks += 1
+                        rec["first_output_s"] = rec["first_output_s"] or now
+                        rec["text"] += chunk.text
+                        rec["token_times"].append([round(now, 6), chunks])
+                    rec["finish"] = chunk.finish_reason or rec["finish"]
+                    if chunk.stats is not None:
+                        rec["steps"] = chunk.stat("forwards")
+                        rec["prefill_steps"] = chunk.stat("prefill_forwards") or 0
+                    if chunk.usage_tokens:
+                        rec["tokens"] = chunk.usage_tokens
+        except (httpx2.HTTPError, LlmError, RuntimeError, ValueError) as e:
             rec["error"] = f"{type(e).__name__}: {e}"
             rec["finish"] = "error"
         rec["tokens"] = rec["tokens"] or chunks

@@ -192,17 +192,16 @@ def _configurations(config: Config, engines: list[str]) -> tuple[dict[str, dict[
     return out, notes
 
 
-def _start_tier(args: argparse.Namespace, base: list[str], work_dir: Path, started: dict[str, Any]) -> str:
-    """Start `voice-agent serve-llm --ray` for the run (in `started`, so it is stopped with the
-    servers); its /v1 once it answers."""
+def _start_tier(args: argparse.Namespace, base: list[str], work_dir: Path) -> Any:
+    """`voice-agent serve-llm --ray` for the run, once it answers (`wait_healthy` stops it where
+    it does not)."""
     from voice_agent.bench import servers
 
     tier = servers.start_server("tier-llm", base, work_dir, config_path=args.config, command_name="serve-llm",
                                 args=["--ray", "--replicas", str(args.tier_replicas)])
-    started["tier-llm"] = tier
     print(f"starting the LLM tier on Ray Serve ({tier.url}, log {tier.log_path}) ...", file=sys.stderr, flush=True)
     servers.wait_healthy(tier, args.startup_timeout_s)
-    return f"{tier.url}/v1"
+    return tier
 
 
 def _write_outputs(document: dict[str, Any], results: list[Any], stem: Path, *, gpu: bool) -> str:
@@ -282,7 +281,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix="voice-agent-bench-e2e-"))
-    started: dict[str, servers.ServerProcess] = {}
+    started: dict[str, servers.ServerProcess] = {}  # the voice servers, by configuration
+    tier_llm: servers.ServerProcess | None = None  # the LLM tier this run started
     results: list[callers_mod.TurnResult] = []
     total = len(routes) * len(levels) * len(configs) * len(prompts)
     progress = _Progress(total, not args.no_progress)
@@ -293,13 +293,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
             if config.server.max_calls < max_calls:
                 base.append(f"server.max_calls={max_calls}")
             if "tier" in configs:
-                configs["tier"]["tier_url"] = tier_url = args.tier_url or _start_tier(args, base, work_dir, started)
+                tier_url = args.tier_url
+                if not tier_url:
+                    tier_llm = _start_tier(args, base, work_dir)
+                    tier_url = f"{tier_llm.url}/v1"
+                configs["tier"]["tier_url"] = tier_url
                 configs["tier"]["overrides"] = ["llm.backend=openai", f"llm.base_url={tier_url}", "llm.api_model="]
             for name, entry in configs.items():
                 started[name] = servers.start_server(name, [*base, *entry["overrides"]], work_dir, config_path=args.config)
             for name, server in started.items():
-                if name not in configs:
-                    continue  # the tier: already up
                 print(f"starting the {name} server ({server.url}, log {server.log_path}) ...", file=sys.stderr, flush=True)
                 health = servers.wait_healthy(server, args.startup_timeout_s)
                 configs[name]["llm"] = health.get("llm")
@@ -327,13 +329,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
         progress.close()
         for server in started.values():
             server.stop()
+        if tier_llm is not None:
+            tier_llm.stop(grace_s=60)  # SIGTERM: serve-llm removes its application and stops Ray
     if "twilio" in routes:
         if args.url:
             notes.append("Twilio route against --url: no per-stage breakdown (it comes from the server's call store)")
         else:
             for name, server in started.items():
-                if name not in configs:
-                    continue
                 mine = [r for r in results if r.route == "twilio" and r.config == name]
                 matched = callers_mod.attach_store_metrics(mine, str(server.store_path))
                 if matched < sum(r.ok for r in mine):
