@@ -4,8 +4,9 @@ Contract:
 - `Synthesizer(voice_path, length_scale=1.0, *, speaker_id=None, use_cuda=False)`: a piper voice
   `.onnx` with its `.onnx.json` beside it. A missing file raises `AudioModelNotFoundError`.
   `.sample_rate_hz` is the voice's own rate (22050 Hz for the medium voices).
-- `.synthesize(text, sample_rate_hz=None) -> ndarray`: the whole text as float32 mono at the
-  voice's rate, or at `sample_rate_hz` (resampled with soxr). Empty text gives an empty array.
+- `.synthesize(text, sample_rate_hz=None, length_scale=None) -> ndarray`: the whole text as
+  float32 mono at the voice's rate, or at `sample_rate_hz` (resampled with soxr); `length_scale`
+  for this text only (> 1 slower). Empty text gives an empty array.
 - `.stream(text_or_sentences, sample_rate_hz=None, cancel=None) -> Iterator[SpeechChunk]`: a
   generator that synthesizes one sentence at a time, so the caller can play the first sentence
   while the next is computed. A string is split into sentences with `SentenceChunker`; an iterable
@@ -20,6 +21,7 @@ The ONNX session is thread-safe; the piper voice object keeps no per-call state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -86,9 +88,14 @@ class Synthesizer:
         self.max_sentence_chars = int(max_sentence_chars)
         self._syn_config = SynthesisConfig(speaker_id=speaker_id, length_scale=float(length_scale))
 
-    def _piper(self, text: str) -> np.ndarray:
+    def _piper(self, text: str, length_scale: float | None = None) -> np.ndarray:
         """One piece of text -> float32 at the voice's rate (piper may split it further)."""
-        parts = [c.audio_float_array for c in self._voice.synthesize(text, syn_config=self._syn_config)]
+        config = self._syn_config
+        if length_scale is not None:
+            if not length_scale > 0:
+                raise AudioError(f"length_scale must be > 0, got {length_scale}")
+            config = dataclasses.replace(config, length_scale=float(length_scale))
+        parts = [c.audio_float_array for c in self._voice.synthesize(text, syn_config=config)]
         if not parts:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(parts).astype(np.float32, copy=False)
@@ -98,13 +105,13 @@ class Synthesizer:
             return audio
         return np.clip(resample(audio, self.sample_rate_hz, sample_rate_hz), -1.0, 1.0)
 
-    def synthesize(self, text: str, sample_rate_hz: int | None = None) -> np.ndarray:
+    def synthesize(self, text: str, sample_rate_hz: int | None = None, length_scale: float | None = None) -> np.ndarray:
         """The whole text as one float32 array (at `sample_rate_hz`, default the voice's rate)."""
         if not isinstance(text, str):
             raise AudioError(f"text must be a string, got {type(text).__name__}")
         if not text.strip():
             return np.zeros(0, dtype=np.float32)
-        return self._to_rate(self._piper(text), sample_rate_hz)
+        return self._to_rate(self._piper(text, length_scale), sample_rate_hz)
 
     def stream(
         self,

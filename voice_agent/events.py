@@ -8,6 +8,11 @@ Contract:
 - Each class's docstring says what happens to it on an interruption (barge-in): *dropped* means
   the outbox discards it when the session flushes the turn; *kept* means it is delivered anyway.
 - Audio is float32 mono in [-1, 1] with its rate in the event (`sample_rate_hz`).
+- `client_event_id`: on an input, the id of the client's message that carried it (Realtime's
+  `event_id`); an `ErrorEvent` the session raises while applying that input echoes it.
+- Conversation items (Realtime): messages and function calls enter the session's history under
+  the client's item id where the client named it (`item_id`); items the server makes (spoken user
+  turns, replies) are named by the transport from their turn ids.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "AddItem",
     "AudioIn",
     "AudioSent",
     "CallEnded",
@@ -27,15 +33,18 @@ __all__ = [
     "CommitAudio",
     "ConfigureSession",
     "CreateResponse",
+    "DeleteItem",
     "DenoiseStep",
     "Dtmf",
     "ErrorEvent",
     "Flush",
+    "FunctionCall",
     "InputEvent",
     "OutputEvent",
     "PlaybackMark",
     "PlaybackTruncate",
     "ReplyAudio",
+    "ReplyOptions",
     "ReplyStarted",
     "ReplyTextDelta",
     "ResponseDone",
@@ -44,7 +53,9 @@ __all__ = [
     "TranscriptDelta",
     "TranscriptFinal",
     "TurnMetrics",
+    "Usage",
     "UserText",
+    "VadSettings",
 ]
 
 
@@ -52,6 +63,7 @@ __all__ = [
 class Event:
     turn_id: int = 0
     t: float = 0.0  # monotonic seconds from the session's clock; 0.0 where the framing cannot know
+    client_event_id: str | None = None  # the client message it came from / an error answers
 
 
 # Inputs: transport framing -> session ---------------------------------------------------------
@@ -83,11 +95,47 @@ class UserText(Event):
 
     text: str
     respond: bool = True
+    item_id: str | None = None
+
+
+@dataclass(kw_only=True)
+class AddItem(Event):
+    """A conversation item the client adds that is no user turn: a system or assistant message
+    (context, a scripted line), a function call, or a function's result (`{"role": "tool",
+    "tool_call_id", "content"}`). `message` is in Chat Completions form. It enters the history
+    the LLM sees; it interrupts nothing and asks for no reply (the client sends `CreateResponse`)."""
+
+    message: dict[str, Any]
+    item_id: str | None = None
+
+
+@dataclass(kw_only=True)
+class DeleteItem(Event):
+    """Remove a conversation item from the history: one the client named (`item_id`), or the
+    message of `role` ("user" | "assistant") of turn `turn_id`."""
+
+    item_id: str | None = None
+    role: str | None = None
+
+
+@dataclass
+class ReplyOptions:
+    """How one reply is made; None: the session's setting. Tools are in Chat Completions form
+    (`{"type": "function", "function": {"name", "description", "parameters"}}`)."""
+
+    instructions: str | None = None
+    audio_output: bool | None = None
+    max_output_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" | "required" | {"type": "function", "name"}
 
 
 @dataclass(kw_only=True)
 class CreateResponse(Event):
-    """Start a reply to the conversation as it stands."""
+    """Start a reply to the conversation as it stands (with only the instructions, the model
+    speaks first: a greeting)."""
+
+    options: ReplyOptions = field(default_factory=ReplyOptions)
 
 
 @dataclass(kw_only=True)
@@ -109,6 +157,17 @@ class PlaybackTruncate(Event):
     audio_end_ms: int
 
 
+@dataclass
+class VadSettings:
+    """The client's turn detection; None: the server's configuration."""
+
+    silence_duration_ms: int | None = None  # silence that ends a turn
+    threshold: float | None = None  # speech probability in [0, 1]
+    prefix_padding_ms: int | None = None  # audio kept before the detected start of speech
+    eagerness: str | None = None  # semantic VAD: "low" | "medium" | "high" | "auto"
+    create_response: bool | None = None  # False: a spoken turn gets no reply until the client asks
+
+
 @dataclass(kw_only=True)
 class ConfigureSession(Event):
     """Session settings from the client; None leaves a setting unchanged."""
@@ -119,6 +178,11 @@ class ConfigureSession(Event):
     server_vad: bool | None = None  # False: the client commits turns itself
     audio_output: bool | None = None  # False: text-only replies (no TTS)
     trace_steps: bool | None = None  # vendor extension: voice_agent.denoise_step events
+    vad: VadSettings | None = None  # replaces the whole turn detection where given
+    max_output_tokens: int | None = None  # 0: back to the server's limit
+    speed: float | None = None  # speech rate of the replies (1.0: normal)
+    tools: list[dict[str, Any]] | None = None  # [] removes them (Chat Completions form)
+    tool_choice: str | dict[str, Any] | None = None
 
 
 @dataclass(kw_only=True)
@@ -147,6 +211,8 @@ InputEvent = (
     | CommitAudio
     | ClearAudio
     | UserText
+    | AddItem
+    | DeleteItem
     | CreateResponse
     | CancelResponse
     | PlaybackMark
@@ -239,11 +305,30 @@ class Flush(Event):
 
 
 @dataclass(kw_only=True)
+class FunctionCall(Event):
+    """The model calls a function the client declared; after the reply's text, before its
+    `ResponseDone`. Kept. `arguments` is a JSON object's text."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass
+class Usage:
+    """Tokens of one reply: the prompt the LLM read and what it generated."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(kw_only=True)
 class ResponseDone(Event):
     """The reply of turn `turn_id` ended. Kept.
 
     `status`: "completed", "cancelled" (barge-in or cancel) or "failed" (`error` says why).
     `text` is what was generated; `heard` what the caller heard (what goes into the history).
+    `calls`: the function calls the reply made (also sent before as `FunctionCall`).
     """
 
     status: str
@@ -252,6 +337,8 @@ class ResponseDone(Event):
     audio_output: bool
     reason: str | None = None  # for "cancelled": "speech" | "text" | "cancel" | "hangup"
     error: str | None = None
+    usage: Usage | None = None
+    calls: list[FunctionCall] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -271,7 +358,6 @@ class ErrorEvent(Event):
 
     code: str
     message: str
-    client_event_id: str | None = None
 
 
 OutputEvent = (
@@ -284,6 +370,7 @@ OutputEvent = (
     | ReplyAudio
     | DenoiseStep
     | Flush
+    | FunctionCall
     | ResponseDone
     | TurnMetrics
     | ErrorEvent

@@ -1,10 +1,14 @@
 """LLM clients behind one interface: the in-process dlm engine, or an OpenAI-compatible server.
 
 Contract:
-- `client.stream(messages, trace_steps=False, owner=None)` is an async iterator of `LlmDelta`s for
-  one chat request (`messages` = `[{"role", "content"}]`, system prompt first). Text in a delta is
-  final: it is never revised later. The last delta has `finished=True`. `owner` names who the
-  request works for (a call id). `LocalDLM.stream` also takes `params` (a dlm `GenerationParams`
+- `client.stream(messages, trace_steps=False, owner=None, options=None)` is an async iterator of
+  `LlmDelta`s for one chat request (`messages`: Chat Completions messages, system prompt first;
+  assistant messages may carry `tool_calls` and `tool` messages a function's result). Text in a
+  delta is final: it is never revised later. The last delta has `finished=True`. `owner` names
+  who the request works for (a call id). `options` (`LlmOptions`): a lower limit on the reply's
+  tokens (never above the configured one), and tools the model may call: the calls come whole,
+  as `ToolCall`s in a delta's `tool_calls` (the OpenAI client passes tools through to the
+  server; the local model's are made by `voice_agent.tools`). `LocalDLM.stream` also takes `params` (a dlm `GenerationParams`
   for this request instead of the configured ones) and token ids as `messages`;
   `LocalDLM.prepare(messages, params)` validates a request and returns its prompt's token ids
   (the chat API counts and checks prompts with it before it answers 200).
@@ -38,18 +42,18 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from voice_agent.config import LLM_ENGINES, LlmConfig
 from voice_agent.errors import UserError
 
-__all__ = ["BlockTrace", "LlmClient", "LlmDelta", "LlmError", "LocalDLM", "OpenAICompatibleLLM", "StreamChunk", "build_llm",
-           "parse_stream_line"]
+__all__ = ["BlockTrace", "LlmClient", "LlmDelta", "LlmError", "LlmOptions", "LocalDLM", "OpenAICompatibleLLM", "StreamChunk",
+           "ToolCall", "build_llm", "parse_stream_line"]
 
 log = logging.getLogger(__name__)
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 MASK = "<mask>"  # a still-masked slot in a denoising trace
 # voice-agent's own statistics in a chat completion (voice_agent.chat_api), which other clients ignore.
 STATS_FIELD = "voice_agent"
@@ -70,6 +74,24 @@ class BlockTrace(NamedTuple):
 
 
 @dataclass
+class ToolCall:
+    """A function call the model made: `arguments` is a JSON object's text."""
+
+    name: str
+    arguments: str
+    call_id: str | None = None  # the server's id, where it gave one
+
+
+@dataclass
+class LlmOptions:
+    """One request's options (see the module docstring); None: the configured behaviour."""
+
+    max_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None  # Chat Completions form: {"type": "function", "function": {...}}
+    tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+
+
+@dataclass
 class LlmDelta:
     text: str  # new final text (may be empty, e.g. on a trace-only or final delta)
     finished: bool = False
@@ -78,6 +100,7 @@ class LlmDelta:
     tokens: int | None = None  # tokens committed so far
     trace: BlockTrace | None = None  # where trace_steps was asked
     prefill_steps: int | None = None  # of `steps`, the forwards that prefilled the prompt
+    tool_calls: list[ToolCall] | None = None  # whole calls, on the last delta
 
 
 @dataclass
@@ -89,6 +112,7 @@ class StreamChunk:
     finish_reason: str | None = None
     stats: dict[str, Any] | None = None  # voice-agent's extension (STATS_FIELD), where the chunk has it
     usage_tokens: int | None = None  # usage.completion_tokens, in a usage chunk (stream_options.include_usage)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # choices[0].delta.tool_calls: fragments by index
 
     def stat(self, key: str) -> int | None:
         """An integer of the extension (forwards, completion_tokens, ...), else None."""
@@ -114,11 +138,16 @@ def parse_stream_line(line: str) -> StreamChunk | None:
         choice = chunk["choices"][0] if chunk.get("choices") else {}
         stats = chunk.get(STATS_FIELD)
         usage = chunk.get("usage")
+        delta = choice.get("delta") or {}
+        calls = delta.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise ValueError("tool_calls")
         return StreamChunk(
-            text=(choice.get("delta") or {}).get("content") or "",
+            text=delta.get("content") or "",
             finish_reason=choice.get("finish_reason"),
             stats=stats if isinstance(stats, dict) else None,
             usage_tokens=usage.get("completion_tokens") if isinstance(usage, dict) else None,
+            tool_calls=calls,
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(f"malformed stream chunk {data[:80]!r}") from None
@@ -127,7 +156,8 @@ def parse_stream_line(line: str) -> StreamChunk | None:
 class LlmClient(Protocol):
     name: str
 
-    def stream(self, messages: Messages, *, trace_steps: bool = False, owner: str | None = None) -> AsyncIterator[LlmDelta]: ...
+    def stream(self, messages: Messages, *, trace_steps: bool = False, owner: str | None = None,
+               options: LlmOptions | None = None) -> AsyncIterator[LlmDelta]: ...
 
     def abort_owner(self, owner: str) -> None: ...
 
@@ -199,7 +229,7 @@ class LocalDLM:
         return self._engine.prepare(messages, params)[0]
 
     async def stream(self, messages: Messages | list[int], *, trace_steps: bool = False, owner: str | None = None,
-                     params: Any = None) -> AsyncIterator[LlmDelta]:
+                     params: Any = None, options: LlmOptions | None = None) -> AsyncIterator[LlmDelta]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -208,6 +238,8 @@ class LocalDLM:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         params = params if params is not None else self._make_params(trace_steps)
+        if options is not None and options.max_tokens:
+            params.max_new_tokens = min(params.max_new_tokens, options.max_tokens)
         handle = self._engine.submit(messages, params, on_delta=on_delta, owner=owner)
         finished = False
         try:
@@ -307,16 +339,23 @@ class OpenAICompatibleLLM:
         self._health, self._health_at = health, loop.time()
         return health
 
-    async def stream(self, messages: Messages, *, trace_steps: bool = False, owner: str | None = None) -> AsyncIterator[LlmDelta]:
+    async def stream(self, messages: Messages, *, trace_steps: bool = False, owner: str | None = None,
+                     options: LlmOptions | None = None) -> AsyncIterator[LlmDelta]:
+        options = options or LlmOptions()
         body: dict[str, Any] = {
             "messages": messages,
             "stream": True,
-            "max_tokens": self._config.max_new_tokens,
+            "max_tokens": min(self._config.max_new_tokens, options.max_tokens or self._config.max_new_tokens),
             "temperature": self._config.temperature,
             "top_p": self._config.top_p,
         }
         if self._config.api_model:
             body["model"] = self._config.api_model
+        if options.tools:
+            body["tools"] = options.tools
+            if options.tool_choice is not None:
+                body["tool_choice"] = options.tool_choice
+        calls: dict[int, dict[str, str]] = {}  # tool call fragments by index, joined
         tokens = 0
         try:
             async with self._client.stream("POST", self._url, json=body) as response:
@@ -338,6 +377,8 @@ class OpenAICompatibleLLM:
                         done = True
                         break
                     finish_reason = chunk.finish_reason or finish_reason
+                    for fragment in chunk.tool_calls:
+                        _join_tool_call(calls, fragment)
                     # A voice-agent tier counts exactly: tokens, not chunks.
                     steps = chunk.stat("forwards") if chunk.stat("forwards") is not None else steps
                     exact_tokens = chunk.stat("completion_tokens") if chunk.stat("completion_tokens") is not None \
@@ -348,13 +389,32 @@ class OpenAICompatibleLLM:
                 if not done:
                     # The connection ended inside the reply: the server (or its replica) died.
                     raise LlmError(f"{self._url}: the stream ended before the reply did")
+                if any(not c["name"] for c in calls.values()):
+                    raise LlmError(f"{self._url}: a tool call without a function name")
+                tool_calls = [ToolCall(c["name"], c["arguments"] or "{}", c["id"] or None) for _, c in sorted(calls.items())]
                 yield LlmDelta(text="", finished=True, finish_reason=finish_reason or "stop",
-                               tokens=tokens if exact_tokens is None else exact_tokens, steps=steps)
+                               tokens=tokens if exact_tokens is None else exact_tokens, steps=steps,
+                               tool_calls=tool_calls or None)
         except self._httpx.HTTPError as e:
             raise LlmError(f"{self._url}: {type(e).__name__}: {e}") from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _join_tool_call(calls: dict[int, dict[str, str]], fragment: dict[str, Any]) -> None:
+    """Add one streamed `tool_calls` fragment (OpenAI streams a call's id and name first, then
+    its arguments in pieces, all under the call's `index`)."""
+    index = fragment.get("index", 0)
+    function = fragment.get("function") or {}
+    if not isinstance(index, int) or not isinstance(function, dict):
+        raise LlmError("malformed tool call in the stream")
+    call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+    for key, value in (("id", fragment.get("id")), ("name", function.get("name"))):
+        if isinstance(value, str) and value:
+            call[key] = value
+    if isinstance(function.get("arguments"), str):
+        call["arguments"] += function["arguments"]
 
 
 # Construction ---------------------------------------------------------------------------------

@@ -32,6 +32,13 @@ Contract:
   endpointer emits a `PauseCheck` at each `turn.check_silence_ms` pause when a turn model is
   loaded); a chunker serves one reply (its first chunk may end at a clause or a phrase start:
   `tts.first_chunk_min_words`, `tts.first_chunk_max_words`).
+- A call's own turn detection (`make_endpointer(vad=VadSettings)`, Realtime's session setting):
+  `silence_duration_ms` is the silence that ends a turn (with a detector: the fallback after
+  which it ends without a verdict); semantic VAD's `eagerness` scales that silence instead (low
+  x2, medium and auto x1, high x0.5; `turn_silence_ms` says what it comes to); `threshold`, a
+  speech probability, picks the VAD's aggressiveness (0.3, 0.4, 0.5, 0.6 -> 0..3, as silero maps
+  them); `prefix_padding_ms` is the audio kept before the start of speech.
+- `synthesize(text, speed=1.0)`: `speed` > 1 speaks faster (piper's length scale divided by it).
 """
 
 from __future__ import annotations
@@ -46,12 +53,22 @@ from typing import Any
 import numpy as np
 
 from voice_agent.config import Config, turn_models
+from voice_agent.events import VadSettings
 from voice_agent.llm import LlmClient, build_llm
 from voice_agent.transcription import AsrPriority, PriorityGate
 
-__all__ = ["ModelServices"]
+__all__ = ["EAGERNESS_SCALE", "ModelServices", "vad_aggressiveness"]
 
 log = logging.getLogger(__name__)
+
+# Semantic VAD's eagerness -> a factor on the silence that ends a turn without a verdict.
+EAGERNESS_SCALE = {"low": 2.0, "medium": 1.0, "auto": 1.0, "high": 0.5}
+MIN_TURN_SILENCE_MS = 100
+
+
+def vad_aggressiveness(threshold: float) -> int:
+    """A speech-probability threshold -> the VAD's aggressiveness 0..3 (0.3, 0.4, 0.5, 0.6)."""
+    return int(min(3, max(0, round((threshold - 0.3) / 0.1))))
 
 
 class ModelServices:
@@ -117,12 +134,15 @@ class ModelServices:
             self.asr_decode_s = took_s if self.asr_decode_s == 0.0 else 0.7 * self.asr_decode_s + 0.3 * took_s
             return text
 
-    def _synthesize_blocking(self, text: str) -> np.ndarray:
+    def _synthesize_blocking(self, job: tuple[str, float]) -> np.ndarray:
+        text, speed = job
         with self._tts_jobs_lock:
             self._tts_jobs += 1
         try:
             with self._tts_lock:
-                return self._synthesizer.synthesize(text)
+                if speed == 1.0:
+                    return self._synthesizer.synthesize(text)
+                return self._synthesizer.synthesize(text, length_scale=self.config.tts.length_scale / speed)
         finally:
             with self._tts_jobs_lock:
                 self._tts_jobs -= 1
@@ -169,10 +189,10 @@ class ModelServices:
     ) -> str:
         return await self._in_thread(self._asr_gate, self._transcribe_blocking, audio_16k, priority, on_start)
 
-    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+    async def synthesize(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
         """Cancelling it is safe: a queued request leaves the queue; one already in its thread runs
         to its end and its result is discarded."""
-        samples = await self._in_thread(self._tts_gate, self._synthesize_blocking, text)
+        samples = await self._in_thread(self._tts_gate, self._synthesize_blocking, (text, speed))
         return samples, self._synthesizer.sample_rate_hz
 
     async def _in_thread(self, gate: PriorityGate, fn: Callable[[Any], Any], arg: Any, priority: int = 0,
@@ -190,15 +210,31 @@ class ModelServices:
         job.add_done_callback(lambda _: gate.release())
         return await asyncio.shield(job)
 
-    def make_endpointer(self, end_silence_ms: int | None = None) -> Any:
-        """The call's endpointer; with `end_silence_ms`, a plain one with that silence (no
-        pause checks: the speculative start's)."""
+    def turn_silence_ms(self, vad: VadSettings | None) -> int:
+        """The silence that ends a turn without a verdict, under a call's turn detection."""
+        if vad is None:
+            return self.end_silence_ms
+        if vad.silence_duration_ms is not None:
+            return max(MIN_TURN_SILENCE_MS, vad.silence_duration_ms)
+        scale = EAGERNESS_SCALE.get(vad.eagerness or "auto", 1.0)
+        return max(MIN_TURN_SILENCE_MS, round(self.end_silence_ms * scale))
+
+    def make_endpointer(self, end_silence_ms: int | None = None, *, vad: VadSettings | None = None) -> Any:
+        """The call's endpointer (under the call's turn detection `vad`, see the module
+        docstring); with `end_silence_ms`, a plain one with that silence (no pause checks: the
+        speculative start's)."""
         from voice_agent.commands._audio_setup import make_endpointer
 
         if end_silence_ms is not None:
             return make_endpointer(self.config, 16_000, end_silence_ms=end_silence_ms)
         checks = self.config.turn.check_silence_ms if self.judges_turns else 0
-        return make_endpointer(self.config, 16_000, end_silence_ms=self.end_silence_ms, check_silence_ms=checks)
+        overrides = {}
+        if vad is not None and vad.threshold is not None:
+            overrides["aggressiveness"] = vad_aggressiveness(vad.threshold)
+        if vad is not None and vad.prefix_padding_ms is not None:
+            overrides["pre_roll_ms"] = vad.prefix_padding_ms
+        return make_endpointer(self.config, 16_000, end_silence_ms=self.turn_silence_ms(vad), check_silence_ms=checks,
+                               **overrides)
 
     def make_chunker(self) -> Any:
         from audio.text import SentenceChunker

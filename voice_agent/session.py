@@ -47,7 +47,19 @@ Contract:
   `MAX_TRUNCATABLE_TURNS` turns (for a late `PlaybackTruncate`).
 - The prompt of every LLM request is the system prompt plus at most `agent.history_tokens` of
   history (counted with the LLM's tokenizer): the newest messages that fit, and of a newest
-  message longer than the whole budget, its end.
+  message longer than the whole budget, its end. The history holds user messages (spoken or
+  typed), the replies as heard, and what the client adds (`AddItem`: system and assistant
+  messages, function calls and results), in order; `DeleteItem` removes one.
+- Replies: `CreateResponse` answers the conversation as it stands, with no user message too (the
+  agent speaks first, from the instructions). A reply's `ReplyOptions` (instructions, modality,
+  `max_output_tokens`, tools) override the session's for that reply. Where the session has tools
+  (`ConfigureSession.tools`), the LLM may answer with function calls: each becomes a
+  `FunctionCall` event after the reply's words and enters the history with them; the client
+  sends the result (`AddItem`) and a new `CreateResponse`. `ResponseDone.usage` counts the
+  prompt (the LLM's tokenizer, plus `MESSAGE_OVERHEAD_TOKENS` per message) and the reply's tokens.
+- Session settings: `ConfigureSession.vad` (the client's turn detection) takes effect between
+  turns (a new endpointer from `services.make_endpointer(vad=...)`); `speed` is the TTS rate.
+- Errors the session raises while applying an input echo its `client_event_id`.
 - Per-call limits (docs/reliability.md): one reply at a time (a `CreateResponse` while one is in
   progress is refused with `conversation_already_has_active_response`, as OpenAI's Realtime API
   does); `CreateResponse` and `UserText` beyond `agent.max_responses_per_minute` /
@@ -69,6 +81,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import json
 import logging
 import time
 import uuid
@@ -83,6 +96,7 @@ from audio.vad import SpeechStarted as VadSpeechStarted
 from voice_agent.config import AgentConfig
 from voice_agent.events import (
     DROPPED_ON_INTERRUPT,
+    AddItem,
     AudioIn,
     CallEnded,
     CallStarted,
@@ -91,15 +105,18 @@ from voice_agent.events import (
     CommitAudio,
     ConfigureSession,
     CreateResponse,
+    DeleteItem,
     DenoiseStep,
     Dtmf,
     ErrorEvent,
     Event,
     Flush,
+    FunctionCall,
     InputEvent,
     PlaybackMark,
     PlaybackTruncate,
     ReplyAudio,
+    ReplyOptions,
     ReplyStarted,
     ReplyTextDelta,
     ResponseDone,
@@ -108,12 +125,15 @@ from voice_agent.events import (
     TranscriptDelta,
     TranscriptFinal,
     TurnMetrics,
+    Usage,
     UserText,
+    VadSettings,
 )
-from voice_agent.llm import LlmClient, LlmDelta, LlmError
+from voice_agent.llm import LlmClient, LlmDelta, LlmError, LlmOptions, ToolCall
 from voice_agent.transcription import AsrPriority, TranscriptStream, normalize_transcript
 
-__all__ = ["Outbox", "RateLimit", "Services", "Session", "State", "TokenBucket", "TurnRecord", "normalize_transcript"]
+__all__ = ["HistoryEntry", "Outbox", "RateLimit", "Services", "Session", "State", "TokenBucket", "TurnRecord",
+           "normalize_transcript"]
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +168,13 @@ class Services(Protocol):
         self, audio_16k: np.ndarray, *, priority: AsrPriority = ..., on_start: Callable[[], None] | None = None
     ) -> str: ...
 
-    async def synthesize(self, text: str) -> tuple[np.ndarray, int]: ...
+    async def synthesize(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]: ...
 
     async def end_of_turn(self, audio_16k: np.ndarray, transcript: Callable[[], Awaitable[str]]) -> Any: ...
 
-    def make_endpointer(self, end_silence_ms: int | None = None) -> Any: ...
+    def make_endpointer(self, end_silence_ms: int | None = None, *, vad: VadSettings | None = None) -> Any: ...
+
+    def turn_silence_ms(self, vad: VadSettings | None) -> int: ...
 
     def make_chunker(self) -> Any: ...
 
@@ -325,10 +347,10 @@ class LlmRun:
     """One LLM request pumped into a buffer as it streams, so that a speculative start can be
     adopted later and read from the beginning. The buffer holds at most one request's deltas."""
 
-    def __init__(self, llm: LlmClient, messages: list[dict[str, str]], *, trace_steps: bool,
-                 clock: Callable[[], float], owner: str | None = None):
+    def __init__(self, llm: LlmClient, messages: list[dict[str, Any]], *, trace_steps: bool,
+                 clock: Callable[[], float], owner: str | None = None, options: LlmOptions | None = None):
         self.messages = messages
-        self.user_text = messages[-1]["content"] if messages else ""
+        self.options = options
         self.t_start = clock()
         self.t_first_text: float | None = None
         self._clock = clock
@@ -340,7 +362,8 @@ class LlmRun:
 
     async def _pump(self, llm: LlmClient, trace_steps: bool, owner: str | None) -> None:
         try:
-            async with contextlib.aclosing(llm.stream(self.messages, trace_steps=trace_steps, owner=owner)) as stream:
+            stream_ = llm.stream(self.messages, trace_steps=trace_steps, owner=owner, options=self.options)
+            async with contextlib.aclosing(stream_) as stream:
                 async for delta in stream:
                     if delta.text and self.t_first_text is None:
                         self.t_first_text = self._clock()
@@ -428,6 +451,19 @@ class _Turn:
     truncated_ms: int | None = None
     tts_error: str | None = None
     finished: bool = False
+    input_tokens: int | None = None  # the prompt of its LLM request, in the LLM's tokens
+    calls: list[FunctionCall] = field(default_factory=list)  # function calls the reply made
+
+
+@dataclass
+class HistoryEntry:
+    """One message of the conversation. `turn_id` is that of the turn it belongs to (0 for items
+    the client added that are no turn: system and assistant messages, function results);
+    `item_id` the client's id for an item it added (None: named by the transport from the turn)."""
+
+    turn_id: int
+    message: dict[str, Any]  # a Chat Completions message: role, content (+ tool_calls / tool_call_id)
+    item_id: str | None = None
 
 
 @dataclass
@@ -481,8 +517,13 @@ class Session:
         self.server_vad = True
         self.audio_output = True
         self.trace_steps = False
-        # Conversation memory: (turn_id, message); the system prompt is added per request.
-        self.history: list[tuple[int, dict[str, str]]] = []
+        self.vad: VadSettings | None = None  # the client's turn detection (None: the server's)
+        self.max_output_tokens: int | None = None  # None: the LLM's own limit
+        self.speed = 1.0  # speech rate of the replies
+        self.tools: list[dict[str, Any]] = []  # functions the model may call (Chat Completions form)
+        self.tool_choice: str | dict[str, Any] = "auto"
+        # Conversation memory; the system prompt is added per request.
+        self.history: list[HistoryEntry] = []
         self.records: collections.deque[TurnRecord] = collections.deque(maxlen=MAX_RECORDS)
         self.turn_count = 0  # turns started in this call (records keeps the newest only)
         self._chunks_by_turn: dict[int, list[Chunk]] = {}
@@ -512,6 +553,7 @@ class Session:
         self._resampler: Any = None
         self._resampler_rate = 0
         self._endpointer = services.make_endpointer()
+        self._vad_changed = False
         self._pause_endpointer = (
             services.make_endpointer(config.speculative_pause_ms) if config.speculative_start else None
         )
@@ -541,6 +583,10 @@ class Session:
                 self._configure(event)
             case UserText():
                 await self._on_user_text(event)
+            case AddItem():
+                self._on_item(event)
+            case DeleteItem():
+                self._delete_item(event)
             case CommitAudio():
                 await self._on_commit(event)
             case ClearAudio():
@@ -550,7 +596,7 @@ class Session:
                 await self._on_create_response(event)
             case CancelResponse():
                 if self._reply_turn is None:
-                    await self._error("response_cancel_not_active", "there is no reply in progress to cancel")
+                    await self._error("response_cancel_not_active", "there is no reply in progress to cancel", event)
                 else:
                     await self._interrupt("cancel")
             case PlaybackMark():
@@ -619,6 +665,35 @@ class Session:
             self.audio_output = event.audio_output
         if event.trace_steps is not None:
             self.trace_steps = event.trace_steps
+        if event.max_output_tokens is not None:
+            self.max_output_tokens = event.max_output_tokens or None
+        if event.speed is not None:
+            self.speed = event.speed
+        if event.tools is not None:
+            self.tools = event.tools
+        if event.tool_choice is not None:
+            self.tool_choice = event.tool_choice
+        if event.vad is not None and event.vad != self.vad:
+            self.vad = event.vad
+            self._vad_changed = True  # the endpointer is rebuilt between turns (_process_audio)
+
+    def _rebuild_endpointer(self) -> None:
+        """The endpointer of the client's turn detection, made between two turns."""
+        self._vad_changed = False
+        self._endpointer = self.services.make_endpointer(vad=self.vad)
+        if self._pause_endpointer is not None:
+            self._pause_endpointer.reset()
+        self._ep_origin_s = self._stream_s
+
+    @property
+    def auto_reply(self) -> bool:
+        """Whether a spoken turn gets a reply by itself (Realtime's `create_response`)."""
+        return self.vad is None or self.vad.create_response is not False
+
+    @property
+    def end_silence_ms(self) -> int:
+        """The silence that ends a turn without an end-of-turn verdict, for this call."""
+        return self.services.turn_silence_ms(self.vad)
 
     # --- audio in ------------------------------------------------------------------------------
 
@@ -683,6 +758,8 @@ class Session:
         return self._resampler.process(event.samples)
 
     async def _process_audio(self, event: AudioIn) -> None:
+        if self._vad_changed and self._user_turn is None:
+            self._rebuild_endpointer()
         audio = self._to_16k(event)
         self._stream_s += len(audio) / ASR_RATE_HZ
         if self.config.echo_gate_ratio > 0 and self._echo_turn is not None:
@@ -763,14 +840,15 @@ class Session:
 
     async def _on_speech_started(self, start_s: float) -> None:
         """`start_s`: stream time of the first voiced frame."""
+        turn = self._new_turn("speech")
+        # Speech started first, then the interrupted reply's flush (OpenAI's order on barge-in).
+        self.outbox.put_urgent(SpeechStarted(turn_id=turn.record.turn_id, t=self._clock(), audio_start_ms=int(start_s * 1000)))
         if self._reply_turn is not None:
             await self._interrupt("speech")
-        turn = self._new_turn("speech")
         self._user_turn = turn
         self.state = State.USER_SPEAKING
         self._asr.reset()
         self._partial_at_s = self._stream_s  # (inf during a partial or after a failed one)
-        self.outbox.put_urgent(SpeechStarted(turn_id=turn.record.turn_id, t=self._clock(), audio_start_ms=int(start_s * 1000)))
 
     def _stream_time_to_clock(self, t_s: float) -> float:
         """Map a stream time of the caller's audio onto the monotonic clock."""
@@ -859,9 +937,9 @@ class Session:
 
     def _start_speculation(self, audio: np.ndarray) -> None:
         turn = self._user_turn
-        if turn is None or self._speculation is not None or (self._spec_task and not self._spec_task.done()):
+        if turn is None or not self.auto_reply or self._speculation is not None or (self._spec_task and not self._spec_task.done()):
             return
-        window_s = (self.services.end_silence_ms - self.config.speculative_pause_ms) / 1000
+        window_s = (self.end_silence_ms - self.config.speculative_pause_ms) / 1000
         if self._asr.covered(audio) is None and self.services.asr_decode_s > window_s:
             # A decode would end after the endpoint: the LLM could not start sooner, and the
             # model would be busy when the final transcript needs it (a slow CPU).
@@ -928,7 +1006,12 @@ class Session:
                 spec.run.cancel()
         elif spec is not None:
             spec.run.cancel()
-        self._add_history(turn.record.turn_id, "user", text)
+        self._add_history(turn.record.turn_id, {"role": "user", "content": text})
+        if not self.auto_reply:
+            if run is not None:
+                run.cancel()
+            self._finish(turn, "no_reply")
+            return
         if run is None:
             run = self._new_run(self._messages())
         await self._reply(turn, run)
@@ -950,19 +1033,37 @@ class Session:
 
     async def _on_user_text(self, event: UserText) -> None:
         if not self._item_rate.allow():
-            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} messages a minute (agent.max_items_per_minute)")
+            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} messages a minute (agent.max_items_per_minute)", event)
             return
         if self._reply_turn is not None:
             await self._interrupt("text")
         turn = self._new_turn("text")
         turn.t_speech_end = self._clock()
         turn.record.user_text = event.text
-        self._add_history(turn.record.turn_id, "user", event.text)
+        self._add_history(turn.record.turn_id, {"role": "user", "content": event.text}, event.item_id)
         self._keep_record(turn.record)  # visible at once; finished when its reply is
         if event.respond:
             self._start_reply(turn)
         else:
             self._finish(turn, "no_reply")
+
+    def _on_item(self, event: AddItem) -> None:
+        """A system or assistant message, a function call or result: into the history, no reply."""
+        if not self._item_rate.allow():
+            self.outbox.put_urgent(ErrorEvent(t=self._clock(), code="rate_limit_exceeded", client_event_id=event.client_event_id,
+                                              message=f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)"))
+            return
+        self._add_history(0, event.message, event.item_id)
+
+    def _delete_item(self, event: DeleteItem) -> None:
+        """Remove the item from the history (the transport checked that it exists)."""
+        for i, entry in enumerate(self.history):
+            named = event.item_id is not None and entry.item_id == event.item_id
+            by_turn = (event.item_id is None and entry.item_id is None and entry.turn_id == event.turn_id
+                       and entry.message["role"] == event.role)
+            if named or by_turn:
+                del self.history[i]
+                return
 
     async def _on_commit(self, event: CommitAudio) -> None:
         if self.server_vad and self._user_turn is not None:
@@ -975,10 +1076,10 @@ class Session:
             await self._on_speech_ended(self._stream_s, audio)
             return
         if not self._manual_audio:
-            await self._error("input_audio_buffer_commit_empty", "the input audio buffer is empty")
+            await self._error("input_audio_buffer_commit_empty", "the input audio buffer is empty", event)
             return
         if not self._item_rate.allow():  # a commit makes a conversation item
-            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)")
+            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)", event)
             return
         audio = np.concatenate(list(self._manual_audio))
         self._manual_audio.clear()
@@ -1003,7 +1104,7 @@ class Session:
         turn.record.user_text = text
         await self.outbox.put(TranscriptFinal(turn_id=turn.record.turn_id, t=self._clock(), text=text))
         if text.strip():
-            self._add_history(turn.record.turn_id, "user", text)
+            self._add_history(turn.record.turn_id, {"role": "user", "content": text})
         if respond and text.strip():
             if self._reply_turn is not None:
                 await self._interrupt("speech")
@@ -1012,46 +1113,44 @@ class Session:
             self._finish(turn, "no_reply")
 
     async def _on_create_response(self, event: CreateResponse) -> None:
+        """A reply to the conversation as it stands; with no user message yet, to the
+        instructions alone (the agent speaks first: a greeting)."""
         if self._reply_turn is not None or self._response_waiting:
-            await self._error("conversation_already_has_active_response", "a reply is already in progress")
-            return
-        commit = self._commit_task
-        committing = commit is not None and not commit.done()
-        if not committing and not any(m["role"] == "user" for _, m in self.history):
-            await self._error("no_user_input", "there is nothing to reply to yet")
+            await self._error("conversation_already_has_active_response", "a reply is already in progress", event)
             return
         if not self._response_rate.allow():
-            await self._error("rate_limit_exceeded", f"more than {self.config.max_responses_per_minute} responses a minute (agent.max_responses_per_minute)")
+            await self._error("rate_limit_exceeded", f"more than {self.config.max_responses_per_minute} responses a minute (agent.max_responses_per_minute)", event)
             return
-        if committing:
+        commit = self._commit_task
+        if commit is not None and not commit.done():
             # Committed audio is still being transcribed: the reply starts once it is in the history.
             self._response_waiting = True
-            self._spawn(self._create_response_after(commit), "response-after-commit")
+            self._spawn(self._create_response_after(commit, event), "response-after-commit")
             return
-        self._create_response()
+        self._create_response(event.options)
 
-    async def _create_response_after(self, commit: asyncio.Task[None]) -> None:
+    async def _create_response_after(self, commit: asyncio.Task[None], event: CreateResponse) -> None:
         try:
             await asyncio.wait({commit})
         finally:
             self._response_waiting = False
         if self._reply_turn is not None:  # e.g. the caller spoke meanwhile (server VAD)
-            await self._error("conversation_already_has_active_response", "a reply is already in progress")
-        elif not any(m["role"] == "user" for _, m in self.history):
-            await self._error("no_user_input", "there is nothing to reply to yet")
+            await self._error("conversation_already_has_active_response", "a reply is already in progress", event)
         else:
-            self._create_response()
+            self._create_response(event.options)
 
-    def _create_response(self) -> None:
+    def _create_response(self, options: ReplyOptions) -> None:
         turn = self._new_turn("response")
         turn.t_speech_end = self._clock()
-        self._start_reply(turn)
+        if options.audio_output is not None:
+            turn.audio_output = options.audio_output
+        self._start_reply(turn, options)
 
-    def _start_reply(self, turn: _Turn) -> None:
+    def _start_reply(self, turn: _Turn, options: ReplyOptions | None = None) -> None:
         self._reply_turn = turn
         self.state = State.THINKING
         # turn.run is set now, not when the task starts: an interruption before then aborts it.
-        run = turn.run = self._new_run(self._messages())
+        run = turn.run = self._new_run(self._messages(instructions=options.instructions if options else None), options)
         turn.reply_task = self._spawn(self._reply(turn, run), f"turn-{turn.record.turn_id}")
 
     # --- the reply pipeline --------------------------------------------------------------------
@@ -1059,6 +1158,7 @@ class Session:
     async def _reply(self, turn: _Turn, run: LlmRun) -> None:
         """LLM text -> sentences -> TTS -> outbox, with TTS overlapping generation."""
         turn.run = run
+        turn.input_tokens = sum(self._cost(m) for m in run.messages)
         turn_id = turn.record.turn_id
         self._reply_turn = turn
         self.state = State.THINKING
@@ -1068,6 +1168,7 @@ class Session:
         sentences: asyncio.Queue[str | None] = asyncio.Queue(maxsize=16)
         speaker = self._spawn(self._speak(turn, sentences), f"tts-{turn_id}") if turn.audio_output else None
         chunker = self.services.make_chunker()
+        calls: list[ToolCall] = []
         try:
             async for delta in run.deltas():
                 if delta.finished:
@@ -1076,6 +1177,7 @@ class Session:
                     turn.steps, turn.tokens = delta.steps, delta.tokens
                 elif delta.tokens is not None:
                     turn.tokens = delta.tokens
+                calls += delta.tool_calls or ()
                 if delta.trace is not None and self.trace_steps:
                     trace = delta.trace
                     await self.outbox.put(
@@ -1095,6 +1197,10 @@ class Session:
                     await sentences.put(sentence)
                 await sentences.put(None)
                 await speaker
+            for call in calls:  # after the reply's own words, before its end
+                event = self._function_call(turn, call)
+                turn.calls.append(event)
+                await self.outbox.put(event)
         except LlmError as e:
             await self._error("llm_error", str(e))
             self._finish(turn, "failed", error=str(e), error_code="llm_error")
@@ -1111,6 +1217,10 @@ class Session:
         turn.generation_done = True
         self._maybe_complete(turn)
 
+    def _function_call(self, turn: _Turn, call: ToolCall) -> FunctionCall:
+        call_id = call.call_id or f"call_{uuid.uuid4().hex[:16]}"
+        return FunctionCall(turn_id=turn.record.turn_id, t=self._clock(), call_id=call_id, name=call.name, arguments=call.arguments)
+
     async def _speak(self, turn: _Turn, sentences: asyncio.Queue[str | None]) -> None:
         """Synthesize each sentence in order. On a TTS failure it stops the LLM, sets
         `turn.tts_error` and goes on draining `sentences`, so that the producer never blocks."""
@@ -1119,7 +1229,7 @@ class Session:
             if turn.tts_error is not None:
                 continue
             try:
-                samples, rate = await self.services.synthesize(sentence)
+                samples, rate = await self.services.synthesize(sentence, speed=self.speed)
             except Exception as e:
                 log.error("call %s turn %d: speech synthesis failed: %s: %s", self.call_id, turn_id, type(e).__name__, e)
                 turn.tts_error = f"speech synthesis failed: {type(e).__name__}: {e}"
@@ -1167,7 +1277,8 @@ class Session:
         record = next((r for r in self.records if r.turn_id == event.turn_id), None)
         if record is None:
             self.outbox.put_urgent(
-                ErrorEvent(turn_id=event.turn_id, t=self._clock(), code="item_not_found", message="no such reply")
+                ErrorEvent(turn_id=event.turn_id, t=self._clock(), code="item_not_found", message="no such reply",
+                           client_event_id=event.client_event_id)
             )
             return
         turn = self._reply_turn
@@ -1244,8 +1355,14 @@ class Session:
         self._chunks_by_turn[record.turn_id] = turn.chunks  # for a later truncate
         while len(self._chunks_by_turn) > MAX_TRUNCATABLE_TURNS:
             del self._chunks_by_turn[min(self._chunks_by_turn)]
-        if status != "no_reply" and record.heard:
-            self._add_history(record.turn_id, "assistant", record.heard)
+        if status != "no_reply" and (record.heard or turn.calls):
+            message: dict[str, Any] = {"role": "assistant", "content": record.heard or None}
+            if turn.calls:
+                message["tool_calls"] = [
+                    {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in turn.calls
+                ]
+            self._add_history(record.turn_id, message)
         record.metrics = self._metrics(turn)
         if error_code is not None:
             record.metrics["error"] = error_code
@@ -1266,6 +1383,8 @@ class Session:
                     audio_output=turn.audio_output,
                     reason=reason,
                     error=error,
+                    usage=Usage(turn.input_tokens, turn.tokens or 0) if turn.input_tokens is not None else None,
+                    calls=list(turn.calls),
                 )
             )
             self.outbox.put_nowait(TurnMetrics(turn_id=record.turn_id, t=t, values=record.metrics))
@@ -1301,45 +1420,55 @@ class Session:
 
     # --- memory --------------------------------------------------------------------------------
 
-    def _add_history(self, turn_id: int, role: str, content: str) -> None:
-        self.history.append((turn_id, {"role": role, "content": content}))
+    def _add_history(self, turn_id: int, message: dict[str, Any], item_id: str | None = None) -> None:
+        self.history.append(HistoryEntry(turn_id, message, item_id))
         if len(self.history) > self.config.max_items:
             del self.history[: len(self.history) - self.config.max_items]
 
     def _replace_history(self, turn_id: int, heard: str) -> None:
-        """Set the assistant message of `turn_id` to `heard` (adding or removing it)."""
-        entry = (turn_id, {"role": "assistant", "content": heard})
-        for i, (tid, message) in enumerate(self.history):
-            if tid == turn_id and message["role"] == "assistant":
-                if heard:
-                    self.history[i] = entry
+        """Set the text of the reply of `turn_id` to `heard` (adding or removing its message; a
+        message that also holds function calls keeps them)."""
+        for i, entry in enumerate(self.history):
+            if entry.turn_id == turn_id and entry.item_id is None and entry.message["role"] == "assistant":
+                if heard or entry.message.get("tool_calls"):
+                    entry.message = {**entry.message, "content": heard or None}
                 else:
                     del self.history[i]
                 return
         if heard:
-            after = max((i for i, (tid, _) in enumerate(self.history) if tid == turn_id), default=len(self.history) - 1)
-            self.history.insert(after + 1, entry)
+            after = max((i for i, e in enumerate(self.history) if e.turn_id == turn_id), default=len(self.history) - 1)
+            self.history.insert(after + 1, HistoryEntry(turn_id, {"role": "assistant", "content": heard}))
 
-    def _messages(self, pending_user_text: str | None = None) -> list[dict[str, str]]:
-        """System prompt + the newest history that fits `history_tokens` (+ a pending user turn)."""
-        tail = [m for _, m in self.history]
+    def _cost(self, message: dict[str, Any]) -> int:
+        """A message's tokens as the LLM counts them, its calls included."""
+        text = message.get("content") or ""
+        if message.get("tool_calls"):
+            text += json.dumps(message["tool_calls"])
+        return self.services.llm.count_tokens(text) + MESSAGE_OVERHEAD_TOKENS
+
+    def _messages(self, pending_user_text: str | None = None, instructions: str | None = None) -> list[dict[str, Any]]:
+        """System prompt (the session's, or this reply's `instructions`) + the newest history that
+        fits `history_tokens` (+ a pending user turn). Where older messages were left out, the
+        window starts at a user or system message (not at an answer whose question is gone), and
+        never at a function's result (whose call is gone)."""
+        tail = [e.message for e in self.history]
         if pending_user_text is not None:
             tail.append({"role": "user", "content": pending_user_text})
-        count = self.services.llm.count_tokens
         budget = self.config.history_tokens
-        kept: list[dict[str, str]] = []
+        kept: list[dict[str, Any]] = []
         for message in reversed(tail):
-            cost = count(message["content"]) + MESSAGE_OVERHEAD_TOKENS
+            cost = self._cost(message)
             if cost > budget:
-                if not kept:  # the newest message alone is over the budget: its end
+                if not kept and isinstance(message.get("content"), str):  # the newest alone is over the budget: its end
                     kept.append({**message, "content": self._tail_within(message["content"], budget - MESSAGE_OVERHEAD_TOKENS)})
                 break
             kept.append(message)
             budget -= cost
         kept.reverse()
-        while kept and kept[0]["role"] != "user" and len(kept) > 1:
-            kept.pop(0)  # a window starts with a user message
-        return [{"role": "system", "content": self.instructions}, *kept]
+        cut = len(kept) < len(tail)
+        while len(kept) > 1 and (kept[0]["role"] == "tool" or (cut and kept[0]["role"] not in ("user", "system"))):
+            kept.pop(0)
+        return [{"role": "system", "content": self.instructions if instructions is None else instructions}, *kept]
 
     def _tail_within(self, text: str, tokens: int) -> str:
         """The longest end of `text` that counts at most `tokens` (binary search on its start)."""
@@ -1355,9 +1484,18 @@ class Session:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _new_run(self, messages: list[dict[str, str]]) -> LlmRun:
+    def _llm_options(self, options: ReplyOptions | None) -> LlmOptions:
+        """The LLM request's options: the reply's, else the session's."""
+        options = options or ReplyOptions()
+        tools = self.tools if options.tools is None else options.tools
+        choice = self.tool_choice if options.tool_choice is None else options.tool_choice
+        limit = options.max_output_tokens if options.max_output_tokens is not None else self.max_output_tokens
+        return LlmOptions(max_tokens=limit, tools=tools or None, tool_choice=choice if tools else None)
+
+    def _new_run(self, messages: list[dict[str, Any]], options: ReplyOptions | None = None) -> LlmRun:
         """Start an LLM request for this call; the session keeps it until it ends (see close)."""
-        run = LlmRun(self.services.llm, messages, trace_steps=self.trace_steps, clock=self._clock, owner=self.call_id)
+        run = LlmRun(self.services.llm, messages, trace_steps=self.trace_steps, clock=self._clock, owner=self.call_id,
+                     options=self._llm_options(options))
         self._runs.add(run)
         run.task.add_done_callback(lambda _: self._runs.discard(run))
         return run
@@ -1366,8 +1504,10 @@ class Session:
         if not any(r is record for r in self.records):
             self.records.append(record)
 
-    async def _error(self, code: str, message: str) -> None:
-        self.outbox.put_urgent(ErrorEvent(t=self._clock(), code=code, message=message))
+    async def _error(self, code: str, message: str, cause: Event | None = None) -> None:
+        """An error event; `cause`: the input it answers (its client event id is echoed)."""
+        self.outbox.put_urgent(ErrorEvent(t=self._clock(), code=code, message=message,
+                                          client_event_id=cause.client_event_id if cause else None))
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)

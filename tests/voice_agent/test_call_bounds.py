@@ -119,7 +119,7 @@ def test_item_rate_is_limited():
         await session.handle(UserText(text="a", respond=False))
         await session.handle(UserText(text="b", respond=False))
         assert errors(session) == ["rate_limit_exceeded"]
-        assert [m["content"] for _, m in session.history] == ["a"]
+        assert [e.message["content"] for e in session.history] == ["a"]
         await session.close()
 
     asyncio.run(main())
@@ -130,7 +130,7 @@ def test_the_prompt_stays_within_the_history_budget_however_long_the_message():
         llm = FakeLLM()  # counts words as tokens
         session, _ = make(llm, history_tokens=20, system_prompt="Be brief.")
         words = [f"w{i}" for i in range(100)]
-        session._add_history(1, "user", " ".join(words))
+        session._add_history(1, {"role": "user", "content": " ".join(words)})
         messages = session._messages()
         assert messages[0] == {"role": "system", "content": "Be brief."}
         assert len(messages) == 2
@@ -145,8 +145,8 @@ def test_history_keeps_the_newest_max_items_messages():
     async def main():
         session, _ = make(FakeLLM(), max_items=3)
         for i in range(5):
-            session._add_history(i, "user", f"m{i}")
-        assert [m["content"] for _, m in session.history] == ["m2", "m3", "m4"]
+            session._add_history(i, {"role": "user", "content": f"m{i}"})
+        assert [e.message["content"] for e in session.history] == ["m2", "m3", "m4"]
         await session.close()
 
     asyncio.run(main())

@@ -41,10 +41,10 @@ HERE = Path(__file__).parent
 class PickyLLM(FakeLLM):
     """Raises a plain exception (not LlmError: a bug, not a reported failure) on 'boom'."""
 
-    async def stream(self, messages, *, trace_steps=False, owner=None):
+    async def stream(self, messages, *, trace_steps=False, owner=None, options=None):
         if "boom" in messages[-1]["content"]:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        async for delta in super().stream(messages, trace_steps=trace_steps, owner=owner):
+        async for delta in super().stream(messages, trace_steps=trace_steps, owner=owner, options=options):
             yield delta
 
 
@@ -166,10 +166,10 @@ class FlakyTTS(FakeServices):
         super().__init__(*args, **kwargs)
         self.fail_on = fail_on
 
-    async def synthesize(self, text):
+    async def synthesize(self, text, speed=1.0):
         if self.fail_on in text:
             raise OSError("piper: onnxruntime session failed")
-        return await super().synthesize(text)
+        return await super().synthesize(text, speed)
 
 
 def test_tts_failure_fails_one_turn_and_the_call_goes_on():

@@ -173,13 +173,23 @@ def test_append_decodes_pcm16_and_mulaw():
         ("[1, 2]", "invalid_event"),
         ('{"no_type": 1}', "invalid_event"),
         ('{"type": 7}', "invalid_event"),
-        ('{"type": "conversation.item.retrieve", "item_id": "x"}', "unknown_event_type"),
+        ('{"type": "conversation.item.frobnicate", "item_id": "x"}', "unknown_event_type"),
+        ('{"type": "conversation.item.retrieve", "item_id": "x"}', "item_retrieve_invalid_item_id"),
+        ('{"type": "conversation.item.delete", "item_id": "x"}', "item_delete_invalid_item_id"),
         ('{"type": "input_audio_buffer.append", "audio": 5}', "invalid_type"),
         ('{"type": "input_audio_buffer.append"}', "missing_required_parameter"),
         ('{"type": "input_audio_buffer.append", "audio": "%%%not base64"}', "invalid_audio"),
         ('{"type": "input_audio_buffer.append", "audio": "AA=="}', "invalid_audio"),  # odd PCM16 length
         ('{"type": "session.update", "session": "x"}', "invalid_type"),
-        ('{"type": "conversation.item.create", "item": {"role": "system", "content": []}}', "unsupported"),
+        ('{"type": "conversation.item.create", "item": {"role": "system", "content": []}}', "invalid_value"),
+        ('{"type": "conversation.item.create", "item": {"role": "tool", "content": []}}', "invalid_value"),
+        ('{"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "c"}}',
+         "missing_required_parameter"),
+        ('{"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"threshold": 2}}}}}', "invalid_value"),
+        ('{"type": "session.update", "session": {"audio": {"output": {"speed": 3}}}}', "invalid_value"),
+        ('{"type": "session.update", "session": {"tools": [{"type": "function"}]}}', "missing_required_parameter"),
+        ('{"type": "session.update", "session": {"tool_choice": {"type": "function", "name": "nope"}}}', "invalid_value"),
+        ('{"type": "response.create", "response": {"conversation": "none"}}', "unsupported_feature"),
         ('{"type": "conversation.item.truncate", "item_id": "nope", "content_index": 0, "audio_end_ms": 10}', "item_not_found"),
     ],
 )
@@ -211,7 +221,8 @@ def test_client_events_map_to_input_events():
     assert [m["type"] for m in out(p)] == ["input_audio_buffer.cleared"]
     assert send(p, {"type": "response.cancel"}) == [CancelResponse()]
     item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi there"}]}
-    assert send(p, {"type": "conversation.item.create", "item": item}) == [UserText(text="Hi there", respond=False)]
+    (typed,) = send(p, {"type": "conversation.item.create", "item": item})
+    assert typed == UserText(text="Hi there", respond=False, item_id=typed.item_id) and typed.item_id
     assert [m["type"] for m in out(p)] == ["conversation.item.added", "conversation.item.done"]
 
 
@@ -279,9 +290,12 @@ def test_local_playback_marks_are_attached_to_the_last_audio_message():
 def test_text_only_reply_and_cancellation():
     p = proto()
     send(p, {"type": "session.update", "session": {"output_modalities": ["text"]}})
-    encoded(p, ReplyStarted(turn_id=2, audio_output=False))
-    (delta,) = encoded(p, ReplyTextDelta(turn_id=2, text="Hello"))
+    assert [m["type"] for m in encoded(p, ReplyStarted(turn_id=2, audio_output=False))] == ["response.created"]
+    # The message item opens at the reply's first words.
+    *opened, delta = encoded(p, ReplyTextDelta(turn_id=2, text="Hello"))
+    assert [m["type"] for m in opened] == ["response.output_item.added", "conversation.item.added", "response.content_part.added"]
     assert delta["type"] == "response.output_text.delta" and delta["delta"] == "Hello"
+    assert [m["type"] for m in encoded(p, ReplyTextDelta(turn_id=2, text=" there"))] == ["response.output_text.delta"]
     (cleared,) = encoded(p, Flush(turn_id=2, reason="speech"))
     assert cleared["type"] == "output_audio_buffer.cleared"
     done = encoded(p, ResponseDone(turn_id=2, status="cancelled", text="Hello there", heard="Hello", audio_output=False, reason="speech"))

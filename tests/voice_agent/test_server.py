@@ -137,12 +137,12 @@ def test_openai_sdk_text_conversation():
                     break
             assert text.strip() == "Sure. It is sunny today."
             assert kinds[0] == "session.created" and "session.updated" in kinds
-            # Unknown events get an error and the call goes on.
-            await conn.send({"type": "conversation.item.retrieve", "item_id": "x"})
+            # Unknown events get an error (naming the client's event) and the call goes on.
+            await conn.send({"type": "conversation.item.frobnicate", "item_id": "x", "event_id": "evt_42"})
             event = await conn.recv()
             while event.type == "voice_agent.metrics":
                 event = await conn.recv()
-            assert event.type == "error" and event.error.code == "unknown_event_type"
+            assert event.type == "error" and event.error.code == "unknown_event_type" and event.error.event_id == "evt_42"
         await server.shutdown()
 
     asyncio.run(main())

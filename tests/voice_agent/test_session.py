@@ -86,7 +86,7 @@ def test_spoken_turn_runs_through_all_states():
         assert types(done) == ["ResponseDone", "TurnMetrics"]
         assert done[0].status == "completed" and done[0].heard == "It is sunny. Take a hat. Have fun!"
         assert session.state is State.LISTENING
-        assert [m["role"] for _, m in session.history] == ["user", "assistant"]
+        assert [e.message["role"] for e in session.history] == ["user", "assistant"]
         assert sink.records == [(1, "completed", "It is sunny. Take a hat. Have fun!")]
         metrics = done[1].values
         assert metrics["speculative"] == "off"
@@ -122,13 +122,14 @@ def test_barge_in_while_speaking_keeps_only_what_was_heard():
         await feed(session, clock, speech(200))  # and interrupts
         events = drain(session.outbox)
         # Urgent first: the flush of the old turn, then the new turn's speech start.
-        assert isinstance(events[0], Flush) and events[0].turn_id == 1
-        assert isinstance(events[1], SpeechStarted) and events[1].turn_id == 2
+        # OpenAI's order: the caller's speech first, then the interrupted reply's flush.
+        assert isinstance(events[0], SpeechStarted) and events[0].turn_id == 2
+        assert isinstance(events[1], Flush) and events[1].turn_id == 1
         done = next(e for e in events if isinstance(e, ResponseDone))
         assert done.status == "cancelled" and done.reason == "speech"
         assert done.heard == "It is sunny."
         assert not any(isinstance(e, ReplyAudio) for e in events)
-        assert session.history[-1] == (1, {"role": "assistant", "content": "It is sunny."})
+        assert (session.history[-1].turn_id, session.history[-1].message) == (1, {"role": "assistant", "content": "It is sunny."})
         assert session.state is State.USER_SPEAKING
         assert sink.records[-1] == (1, "cancelled", "It is sunny.")
         # Marks that come back after the flush (Twilio returns pending marks on clear) change nothing.
@@ -152,7 +153,7 @@ def test_barge_in_while_thinking_aborts_the_llm_and_drops_queued_audio():
         done = next(e for e in events if isinstance(e, ResponseDone))
         assert done.status == "cancelled" and done.heard == ""
         # Nothing the caller did not hear enters the history.
-        assert [m["role"] for _, m in session.history] == ["user"]
+        assert [e.message["role"] for e in session.history] == ["user"]
         await session.close()
 
     run(main())
@@ -204,7 +205,7 @@ def test_typed_text_in_a_text_only_session():
         assert isinstance(events[-2], ResponseDone) and events[-2].status == "completed"
         assert isinstance(events[-1], TurnMetrics)
         assert services.synthesized == []
-        assert session.history[0][1] == {"role": "user", "content": "hello"}
+        assert session.history[0].message == {"role": "user", "content": "hello"}
         assert session.state is State.LISTENING
         await session.close()
 
@@ -231,8 +232,8 @@ def test_system_prompt_and_history_budget():
     async def main():
         session, _, _, _ = make(history_tokens=30, system_prompt="Be brief.")
         for i in range(10):
-            session._add_history(i, "user", f"question number {i} " * 2)
-            session._add_history(i, "assistant", f"answer {i}")
+            session._add_history(i, {"role": "user", "content": f"question number {i} " * 2})
+            session._add_history(i, {"role": "assistant", "content": f"answer {i}"})
         messages = session._messages()
         assert messages[0] == {"role": "system", "content": "Be brief."}
         assert messages[-1]["content"] == "answer 9"
@@ -329,7 +330,7 @@ def test_truncate_after_an_interruption_corrects_the_history():
         first_ms = int(len(audio[0].samples) / RATE * 1000)
         await session.handle(PlaybackTruncate(turn_id=1, audio_end_ms=first_ms))
         assert session.records[0].heard == "It is sunny."
-        assert session.history[-1][1] == {"role": "assistant", "content": "It is sunny."}
+        assert session.history[-1].message == {"role": "assistant", "content": "It is sunny."}
         assert sink.records[-1] == (1, "cancelled", "It is sunny.")
         await session.close()
 
@@ -338,11 +339,13 @@ def test_truncate_after_an_interruption_corrects_the_history():
 
 def test_cancel_without_a_reply_is_an_error_and_the_call_goes_on():
     async def main():
-        session, _, _, _ = make()
-        await session.handle(CancelResponse())
-        await session.handle(CreateResponse())
+        session, services, _, _ = make()
+        await session.handle(CancelResponse(client_event_id="evt_7"))
         events = drain(session.outbox)
-        assert [e.code for e in events if isinstance(e, ErrorEvent)] == ["response_cancel_not_active", "no_user_input"]
+        assert [(e.code, e.client_event_id) for e in events if isinstance(e, ErrorEvent)] == [("response_cancel_not_active", "evt_7")]
+        await session.handle(UserText(text="hello", respond=True))
+        await settle()
+        assert services.llm.completed == 1
         await session.close()
 
     run(main())
@@ -465,7 +468,7 @@ class PacedLLM(FakeLLM):
         super().__init__()
         self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
 
-    async def stream(self, messages, *, trace_steps=False, owner=None):
+    async def stream(self, messages, *, trace_steps=False, owner=None, options=None):
         from voice_agent.llm import LlmDelta
 
         self.requests.append(messages)

@@ -84,7 +84,7 @@ class ThreadedServices(FakeServices):
             on_start()
         return await asyncio.to_thread(self.asr, audio_16k)
 
-    async def synthesize(self, text):
+    async def synthesize(self, text, speed=1.0):
         samples = await asyncio.to_thread(np.full, len(text.split()) * self.tts_rate // 20, 0.05, np.float32)
         return samples, self.tts_rate
 

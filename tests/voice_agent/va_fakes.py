@@ -131,7 +131,8 @@ def count_bursts(audio: np.ndarray) -> int:
 
 
 class FakeLLM:
-    """Replies with `reply` in word pieces; `hold=True` keeps each request open until released."""
+    """Replies with `reply` in word pieces; `hold=True` keeps each request open until released.
+    Where a request has tools, `tool_calls` (ToolCalls) come on its last delta."""
 
     name = "fake"
 
@@ -149,6 +150,8 @@ class FakeLLM:
         self.completed = 0
         self.release = asyncio.Event()
         self.fail: str | None = None
+        self.options: list = []  # the LlmOptions of each request, in order
+        self.tool_calls: list = []
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
@@ -160,12 +163,13 @@ class FakeLLM:
         return None
 
     async def stream(
-        self, messages: list[dict[str, str]], *, trace_steps: bool = False, owner: str | None = None
+        self, messages: list[dict], *, trace_steps: bool = False, owner: str | None = None, options=None
     ) -> AsyncIterator[LlmDelta]:
         from voice_agent.llm import LlmError
 
         self.requests.append(messages)
         self.owners.append(owner)
+        self.options.append(options)
         self.open += 1
         finished = False
         try:
@@ -173,7 +177,10 @@ class FakeLLM:
                 await self.release.wait()
             if self.fail:
                 raise LlmError(self.fail)
-            pieces = [w + " " for w in self.reply.split(" ")]
+            calls = list(self.tool_calls) if options is not None and options.tools else []
+            pieces = [w + " " for w in self.reply.split(" ")] if self.reply else []
+            if options is not None and options.max_tokens:
+                pieces = pieces[: options.max_tokens]
             tokens = 0
             for i, piece in enumerate(pieces):
                 tokens += 1
@@ -183,7 +190,8 @@ class FakeLLM:
                 await asyncio.sleep(self.piece_delay_s)
             finished = True
             self.completed += 1
-            yield LlmDelta(text="", finished=True, finish_reason=self.finish_reason, steps=(tokens + 1) // 2, tokens=tokens)
+            yield LlmDelta(text="", finished=True, finish_reason=self.finish_reason, steps=(tokens + 1) // 2, tokens=tokens,
+                           tool_calls=calls or None)
         finally:
             self.open -= 1
             if not finished:
@@ -209,6 +217,8 @@ class FakeServices:
         self.tts_rate = 16_000
         self.tts_level = 0.05  # quiet enough not to count as speech if echoed (the fake VAD's 0.1)
         self.synthesized: list[str] = []
+        self.speeds: list[float] = []
+        self.endpointers: list = []  # the VadSettings of each main endpointer made (None: the server's)
         # The end-of-turn model: None = silence alone; else P(turn over) of an utterance (a coroutine
         # function may stand in, to hold the verdict back). With turn_reads_text, it gets the
         # transcript the session hands over instead of the audio.
@@ -224,10 +234,11 @@ class FakeServices:
         self.priorities.append(priority)
         return text
 
-    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+    async def synthesize(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
         self.synthesized.append(text)
-        # 50 ms per word
-        return np.full(len(text.split()) * self.tts_rate // 20, self.tts_level, np.float32), self.tts_rate
+        self.speeds.append(speed)
+        # 50 ms per word at speed 1
+        return np.full(int(len(text.split()) * self.tts_rate / 20 / speed), self.tts_level, np.float32), self.tts_rate
 
     async def end_of_turn(self, audio_16k: np.ndarray, transcript) -> float:
         assert self.turn_p is not None, "no end-of-turn model in these services"
@@ -243,10 +254,14 @@ class FakeServices:
             return {"llm_rows": load.rows, "llm_queued": load.queued}
         return {"llm_streams": getattr(self.llm, "open", 0)}  # a remote LLM holds nothing here
 
-    def make_endpointer(self, end_silence_ms: int | None = None) -> FakeEndpointer:
+    def turn_silence_ms(self, vad) -> int:
+        return vad.silence_duration_ms if vad is not None and vad.silence_duration_ms is not None else self.end_silence_ms
+
+    def make_endpointer(self, end_silence_ms: int | None = None, *, vad=None) -> FakeEndpointer:
         if end_silence_ms is not None:
             return FakeEndpointer(end_silence_ms)
-        return FakeEndpointer(self.end_silence_ms, check_silence_ms=self.check_silence_ms if self.turn_p else 0)
+        self.endpointers.append(vad)
+        return FakeEndpointer(self.turn_silence_ms(vad), check_silence_ms=self.check_silence_ms if self.turn_p else 0)
 
     def make_chunker(self) -> SentenceChunker:
         return SentenceChunker(160, first_chunk_min_words=self.first_chunk_min_words)

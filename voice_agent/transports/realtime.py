@@ -7,7 +7,18 @@ Contract (docs/protocol.md has the full list and example exchanges):
   oversized message, bad base64, an unknown item, instructions (in the LLM's tokens) or a message
   text over its limit:
   `string_above_max_length`) queues an `error` event for `take_outgoing()` and the call continues. Acknowledgements (`session.updated`, `input_audio_buffer.cleared`,
-  `conversation.item.added` for typed text, `conversation.item.truncated`) are queued the same way.
+  `conversation.item.added` for typed text, `conversation.item.truncated`,
+  `conversation.item.retrieved`, `conversation.item.deleted`) are queued the same way. Every input
+  event carries the client's `event_id` (`client_event_id`), and so does every error about it.
+- Conversation items: the framing remembers the newest `MAX_REMEMBERED_ITEMS` items as the client
+  sees them (its own, spoken turns with their transcripts, replies, function calls) for
+  `conversation.item.retrieve` and `.delete`. Messages of any role, `function_call` and
+  `function_call_output` items can be created; an `input_image` part is kept in the item but the
+  LLM (which cannot see) reads a note in its place.
+- A response's output items open when they have something: the assistant message at its first
+  text or audio (or at the end, empty, where the reply said nothing and called nothing), each
+  function call as a `function_call` item with `response.function_call_arguments.delta/.done`.
+  `response.done` carries `usage` (input, output and total tokens).
 - `encode(event)` turns one session output event into messages. Audio deltas carry about
   `delta_ms` of audio each. The vendor events `voice_agent.metrics` (on unless the client turns it
   off) and `voice_agent.denoise_step` (off unless asked) are only sent where enabled with
@@ -22,6 +33,7 @@ Contract (docs/protocol.md has the full list and example exchanges):
 from __future__ import annotations
 
 import binascii
+import collections
 import json
 import uuid
 from collections.abc import Callable
@@ -43,19 +55,23 @@ from audio.codecs import (
 from audio.errors import AudioError
 from audio.resample import resample
 from voice_agent.events import (
+    AddItem,
     AudioIn,
     CancelResponse,
     ClearAudio,
     CommitAudio,
     ConfigureSession,
     CreateResponse,
+    DeleteItem,
     DenoiseStep,
     ErrorEvent,
     Event,
     Flush,
+    FunctionCall,
     InputEvent,
     PlaybackTruncate,
     ReplyAudio,
+    ReplyOptions,
     ReplyStarted,
     ReplyTextDelta,
     ResponseDone,
@@ -64,7 +80,9 @@ from voice_agent.events import (
     TranscriptDelta,
     TranscriptFinal,
     TurnMetrics,
+    Usage,
     UserText,
+    VadSettings,
 )
 from voice_agent.llm import estimate_tokens
 from voice_agent.transports import OutMessage
@@ -77,6 +95,8 @@ SUPPORTED_CLIENT_EVENTS = (
     "input_audio_buffer.commit",
     "input_audio_buffer.clear",
     "conversation.item.create",
+    "conversation.item.retrieve",
+    "conversation.item.delete",
     "conversation.item.truncate",
     "response.create",
     "response.cancel",
@@ -90,6 +110,14 @@ STANDARD_PCM_RATE_HZ = 24000  # the only PCM rate of the OpenAI Realtime API
 _SERVER_ERRORS = ("llm_error", "asr_error", "tts_error", "audio_error", "server_error")
 # Responses remembered for `conversation.item.truncate` (older items get `item_not_found`).
 MAX_REMEMBERED_RESPONSES = 64
+# Items remembered for `conversation.item.retrieve` / `.delete` (older ones are gone).
+MAX_REMEMBERED_ITEMS = 256
+MAX_TOOLS = 64  # functions one session may declare
+MAX_TOOLS_JSON_CHARS = 32_000  # their declarations, as JSON
+SPEED_RANGE = (0.25, 1.5)  # audio.output.speed, as OpenAI bounds it
+EAGERNESS = ("low", "medium", "high", "auto")
+# What the LLM reads in place of an image (it cannot see).
+IMAGE_NOTE = "[The user sent an image here. You cannot see images: say so if it matters.]"
 _BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
 
 
@@ -122,6 +150,9 @@ class _Response:
     item_id: str
     audio_output: bool
     audio_s: float = 0.0
+    message_open: bool = False  # the assistant message item was announced
+    outputs: list[str] = field(default_factory=list)  # item ids in output order
+    calls: list[dict[str, Any]] = field(default_factory=list)  # its function_call items, done
 
 
 @dataclass
@@ -137,6 +168,13 @@ class RealtimeSettings:
     denoise_steps: bool = False
     # The models in use by role ("asr", "llm", "tts"), shown by clients such as the web demo.
     models: dict[str, str] = field(default_factory=dict)
+    # The client's turn detection as it sent it (type, threshold, ...), echoed in the session.
+    turn_detection: dict[str, Any] = field(default_factory=lambda: {"type": "server_vad"})
+    max_output_tokens: int | str = "inf"
+    speed: float = 1.0
+    tools: list[dict[str, Any]] = field(default_factory=list)  # Realtime form
+    tool_choice: str | dict[str, Any] = "auto"
+    transcription: dict[str, Any] = field(default_factory=lambda: {"model": "whisper"})
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], param: str, *, required: bool = False) -> Any:
@@ -149,6 +187,110 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], param: st
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise _BadEvent(f"{param} must be {names}, got {type(value).__name__}", code="invalid_type", param=param)
     return value
+
+
+def _parse_turn_detection(td: Any, param: str) -> tuple[bool, VadSettings | None, dict[str, Any] | None]:
+    """(server VAD on, its settings, the object echoed in the session). `null` or `false` (as
+    Pipecat sends it) turns it off: the client commits turns."""
+    if td is None or td is False:
+        return False, None, None
+    if td is True:
+        td = {}
+    if not isinstance(td, dict):
+        raise _BadEvent("turn_detection must be null or an object", code="invalid_type", param=param)
+    type_ = _get(td, "type", str, f"{param}.type") or "server_vad"
+    if type_ not in ("server_vad", "semantic_vad"):
+        raise _BadEvent(f"turn_detection.type must be 'server_vad' or 'semantic_vad', not {type_!r}", param=f"{param}.type")
+    threshold = _get(td, "threshold", (int, float), f"{param}.threshold")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise _BadEvent("threshold must lie in [0, 1]", param=f"{param}.threshold")
+    prefix = _get(td, "prefix_padding_ms", int, f"{param}.prefix_padding_ms")
+    if prefix is not None and not 0 <= prefix <= 5000:
+        raise _BadEvent("prefix_padding_ms must lie in [0, 5000]", param=f"{param}.prefix_padding_ms")
+    silence = _get(td, "silence_duration_ms", int, f"{param}.silence_duration_ms")
+    if silence is not None and not 0 <= silence <= 10_000:
+        raise _BadEvent("silence_duration_ms must lie in [0, 10000]", param=f"{param}.silence_duration_ms")
+    eagerness = _get(td, "eagerness", str, f"{param}.eagerness")
+    if eagerness is not None and eagerness not in EAGERNESS:
+        raise _BadEvent(f"eagerness must be one of {list(EAGERNESS)}", param=f"{param}.eagerness")
+    create_response = _get(td, "create_response", bool, f"{param}.create_response")
+    interrupt_response = _get(td, "interrupt_response", bool, f"{param}.interrupt_response")
+    _get(td, "idle_timeout_ms", int, f"{param}.idle_timeout_ms")  # accepted, ignored (docs/protocol.md)
+    if type_ == "semantic_vad":
+        vad = VadSettings(eagerness=eagerness or "auto", create_response=create_response)
+        echo: dict[str, Any] = {"type": type_, "eagerness": eagerness or "auto"}
+    else:
+        vad = VadSettings(silence_duration_ms=silence, threshold=threshold, prefix_padding_ms=prefix,
+                          create_response=create_response)
+        echo = {"type": type_}
+        echo.update({k: v for k, v in (("threshold", threshold), ("prefix_padding_ms", prefix),
+                                       ("silence_duration_ms", silence)) if v is not None})
+    for key, value in (("create_response", create_response), ("interrupt_response", interrupt_response)):
+        if value is not None:
+            echo[key] = value
+    return True, vad, echo
+
+
+def _parse_max_output_tokens(obj: dict[str, Any], param: str) -> int | str | None:
+    value = obj.get("max_output_tokens", obj.get("max_response_output_tokens"))  # GA / beta name
+    if value is None or value == "inf":
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+        raise _BadEvent("max_output_tokens must be an integer in [1, 4096] or 'inf'", param=param)
+    return value
+
+
+def _parse_tools(tools: Any, param: str) -> list[dict[str, Any]]:
+    """Function tools in Realtime form (`{"type": "function", "name", "description",
+    "parameters"}`; the Chat Completions form with a nested `function` is taken too)."""
+    if not isinstance(tools, list):
+        raise _BadEvent(f"{param} must be a list", code="invalid_type", param=param)
+    if len(tools) > MAX_TOOLS or len(json.dumps(tools)) > MAX_TOOLS_JSON_CHARS:
+        raise _BadEvent(f"at most {MAX_TOOLS} tools of {MAX_TOOLS_JSON_CHARS} characters in all", param=param)
+    out, names = [], set()
+    for i, tool in enumerate(tools):
+        where = f"{param}[{i}]"
+        if not isinstance(tool, dict):
+            raise _BadEvent(f"{where} must be an object", code="invalid_type", param=where)
+        if tool.get("type", "function") != "function":
+            raise _BadEvent(f"tools of type {tool.get('type')!r} are not supported (only 'function')", param=f"{where}.type")
+        spec = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        name = _get(spec, "name", str, f"{where}.name", required=True)
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+            raise _BadEvent("a function name is 1-64 letters, digits, '_' or '-'", param=f"{where}.name")
+        if name in names:
+            raise _BadEvent(f"two tools are named {name!r}", param=f"{where}.name")
+        names.add(name)
+        description = _get(spec, "description", str, f"{where}.description") or ""
+        parameters = _get(spec, "parameters", dict, f"{where}.parameters") or {"type": "object", "properties": {}}
+        out.append({"type": "function", "name": name, "description": description, "parameters": parameters})
+    return out
+
+
+def _parse_tool_choice(choice: Any, tools: list[dict[str, Any]], param: str) -> str | dict[str, Any] | None:
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise _BadEvent("tool_choice must be 'auto', 'none', 'required' or a function", param=param)
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        if not isinstance(name, str) or name not in {t["name"] for t in tools}:
+            raise _BadEvent(f"tool_choice names no declared function: {name!r}", param=param)
+        return {"type": "function", "name": name}
+    raise _BadEvent("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'name': ...}", param=param)
+
+
+def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A Realtime function tool -> its Chat Completions form (what LLM clients take)."""
+    return {"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")}}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, dict):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
 
 
 class RealtimeProtocol:
@@ -190,6 +332,8 @@ class RealtimeProtocol:
         self._transcripts: dict[int, str] = {}  # partial transcript text already sent, per turn
         self._last_item_id: str | None = None
         self._current_event_id: str | None = None
+        self._items: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._turn_items: dict[str, tuple[int, str]] = {}  # item id -> (turn id, role), server-made items
 
     # --- ids -----------------------------------------------------------------------------------
 
@@ -230,11 +374,14 @@ class RealtimeProtocol:
             "audio": {
                 "input": {
                     "format": s.input_format.to_json(),
-                    "transcription": {"model": "whisper"},
-                    "turn_detection": {"type": "server_vad"} if s.server_vad else None,
+                    "transcription": s.transcription,
+                    "turn_detection": dict(s.turn_detection) if s.server_vad else None,
                 },
-                "output": {"format": s.output_format.to_json(), "voice": s.voice},
+                "output": {"format": s.output_format.to_json(), "voice": s.voice, "speed": s.speed},
             },
+            "tools": s.tools,
+            "tool_choice": s.tool_choice,
+            "max_output_tokens": s.max_output_tokens,
             "voice_agent": {
                 "metrics": s.metrics,
                 "denoise_steps": s.denoise_steps,
@@ -277,10 +424,13 @@ class RealtimeProtocol:
             self._error(f"unknown or unsupported event type {type_!r}", code="unknown_event_type", param="type")
             return []
         try:
-            return handler(self, event)
+            events = handler(self, event)
         except _BadEvent as e:
             self._error(str(e), code=e.code, param=e.param)
             return []
+        for input_event in events:
+            input_event.client_event_id = self._current_event_id
+        return events
 
     def _parse_format(self, value: Any, param: str) -> AudioFormat:
         if isinstance(value, str):  # beta API: "pcm16", "g711_ulaw", "g711_alaw"
@@ -326,19 +476,21 @@ class RealtimeProtocol:
             out_format = self._parse_format(audio_out["format"], "session.audio.output.format")
         elif "output_audio_format" in session:
             out_format = self._parse_format(session["output_audio_format"], "session.output_audio_format")
-        server_vad = None
+        server_vad = vad = turn_detection = None
         for container, key, param in (
             (audio_in, "turn_detection", "session.audio.input.turn_detection"),
             (session, "turn_detection", "session.turn_detection"),
         ):
             if key in container:
-                td = container[key]
-                if td is None:
-                    server_vad = False
-                elif isinstance(td, dict) and td.get("type", "server_vad") in ("server_vad", "semantic_vad"):
-                    server_vad = True
-                else:
-                    raise _BadEvent("turn_detection must be null or {'type': 'server_vad'}", param=param)
+                server_vad, vad, turn_detection = _parse_turn_detection(container[key], param)
+                break
+        max_output_tokens = _parse_max_output_tokens(session, "session.max_output_tokens")
+        speed = _get(audio_out, "speed", (int, float), "session.audio.output.speed")
+        if speed is not None and not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
+            raise _BadEvent(f"speed must lie in [{SPEED_RANGE[0]}, {SPEED_RANGE[1]}]", param="session.audio.output.speed")
+        tools = _parse_tools(session["tools"], "session.tools") if session.get("tools") is not None else None
+        tool_choice = _parse_tool_choice(session.get("tool_choice"), tools if tools is not None else s.tools, "session.tool_choice")
+        transcription = _get(audio_in, "transcription", dict, "session.audio.input.transcription")
         audio_output = None
         if modalities is not None:
             if not modalities or not all(m in ("text", "audio") for m in modalities):
@@ -354,10 +506,17 @@ class RealtimeProtocol:
             "input_format": in_format,
             "output_format": out_format,
             "server_vad": server_vad,
+            "turn_detection": turn_detection,
             "audio_output": audio_output,
             "metrics": metrics,
             "denoise_steps": denoise,
             "voice": voice,
+            "max_output_tokens": max_output_tokens,
+            "speed": float(speed) if speed is not None else None,
+            "tools": tools,
+            "tool_choice": tool_choice,
+            # Kept and echoed; whisper takes no options here (docs/protocol.md lists what is ignored).
+            "transcription": transcription,
         }
         for name, value in changes.items():
             if value is not None:
@@ -371,6 +530,11 @@ class RealtimeProtocol:
                 server_vad=server_vad,
                 audio_output=audio_output,
                 trace_steps=denoise,
+                vad=vad,
+                max_output_tokens=(0 if max_output_tokens == "inf" else max_output_tokens),
+                speed=float(speed) if speed is not None else None,
+                tools=[_chat_tool(t) for t in tools] if tools is not None else None,
+                tool_choice=_chat_tool_choice(tool_choice) if tool_choice is not None else None,
             )
         ]
 
@@ -399,38 +563,123 @@ class RealtimeProtocol:
         self._queue("input_audio_buffer.cleared")
         return [ClearAudio()]
 
-    def _on_item_create(self, event: dict[str, Any]) -> list[InputEvent]:
-        item = _get(event, "item", dict, "item", required=True)
-        if item.get("type", "message") != "message":
-            raise _BadEvent("only items of type 'message' are supported", code="unsupported", param="item.type")
-        role = _get(item, "role", str, "item.role", required=True)
-        if role != "user":
-            raise _BadEvent("only user messages can be added", code="unsupported", param="item.role")
+    # --- conversation items --------------------------------------------------------------------
+
+    def _remember(self, item: dict[str, Any], turn: tuple[int, str] | None = None) -> None:
+        """Keep `item` (a new one, or a newer state of one) for retrieve and delete; `turn`:
+        (turn id, role) of an item the server made from a turn (the session's key for it)."""
+        self._items[item["id"]] = item
+        if turn is not None:
+            self._turn_items[item["id"]] = turn
+        while len(self._items) > MAX_REMEMBERED_ITEMS:
+            old_id, _ = self._items.popitem(last=False)
+            self._turn_items.pop(old_id, None)
+
+    def _new_item_id(self, item: dict[str, Any]) -> str:
+        item_id = item.get("id")
+        if item_id is None:
+            return f"item_{self._prefix}_{uuid.uuid4().hex[:8]}"
+        if not isinstance(item_id, str) or not 1 <= len(item_id) <= 64:
+            raise _BadEvent("item.id must be a string of 1 to 64 characters", param="item.id")
+        if item_id in self._items or item_id in self._assistant_items:
+            raise _BadEvent(f"an item with id {item_id!r} already exists", code="item_already_exists", param="item.id")
+        return item_id
+
+    def _message_text(self, item: dict[str, Any], role: str) -> tuple[str, list[dict[str, Any]]]:
+        """(the text the LLM reads, the content parts as the item keeps them)."""
         content = _get(item, "content", list, "item.content", required=True)
-        texts = []
+        texts, parts = [], []
         for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("input_text", "text"):
-                raise _BadEvent("content parts must be {'type': 'input_text', 'text': ...}", param=f"item.content[{i}]")
-            texts.append(_get(part, "text", str, f"item.content[{i}].text", required=True))
+            where = f"item.content[{i}]"
+            if not isinstance(part, dict):
+                raise _BadEvent(f"{where} must be an object", code="invalid_type", param=where)
+            kind = part.get("type")
+            if kind in ("input_text", "text", "output_text"):
+                text = _get(part, "text", str, f"{where}.text", required=True)
+                texts.append(text)
+                # As the GA API writes them: assistants' parts are output, the others' input.
+                parts.append({"type": "output_text" if role == "assistant" else "input_text", "text": text})
+            elif kind in ("input_audio", "output_audio", "audio"):
+                transcript = _get(part, "transcript", str, f"{where}.transcript")
+                if transcript is None:
+                    raise _BadEvent("audio content needs its 'transcript' here (audio items are not transcribed)",
+                                    code="unsupported_content", param=where)
+                texts.append(transcript)
+                parts.append({"type": "output_audio" if role == "assistant" else "input_audio", "transcript": transcript})
+            elif kind == "input_image" and role == "user":
+                texts.append(IMAGE_NOTE)
+                parts.append({"type": "input_image", "detail": part.get("detail") or "auto"})  # the image is not kept
+            else:
+                raise _BadEvent(f"content parts of type {kind!r} are not supported in a {role} message", param=f"{where}.type")
         text = " ".join(t.strip() for t in texts if t.strip())
-        if not text:
-            raise _BadEvent("the message has no text", param="item.content")
         if len(text) > self._max_item_chars:
             raise _BadEvent(f"a message of {len(text)} characters exceeds the limit of {self._max_item_chars}",
                             code="string_above_max_length", param="item.content")
-        item_id = item.get("id") if isinstance(item.get("id"), str) else f"item_{self._prefix}_{uuid.uuid4().hex[:8]}"
-        full = {
-            "id": item_id,
-            "object": "realtime.item",
-            "type": "message",
-            "role": "user",
-            "status": "completed",
-            "content": [{"type": "input_text", "text": text}],
-        }
+        return text, parts
+
+    def _on_item_create(self, event: dict[str, Any]) -> list[InputEvent]:
+        item = _get(event, "item", dict, "item", required=True)
+        _get(event, "previous_item_id", str, "previous_item_id")  # items go at the end (docs/protocol.md)
+        kind = item.get("type", "message")
+        full: dict[str, Any] = {"object": "realtime.item", "type": kind, "status": "completed"}
+        if kind == "message":
+            role = _get(item, "role", str, "item.role", required=True)
+            if role not in ("user", "system", "assistant"):
+                raise _BadEvent("item.role must be 'user', 'system' or 'assistant'", param="item.role")
+            text, parts = self._message_text(item, role)
+            if not text:
+                raise _BadEvent("the message has no text", param="item.content")
+            item_id = self._new_item_id(item)
+            full.update(id=item_id, role=role, content=parts)
+            if role == "user":
+                result: InputEvent = UserText(text=text, respond=False, item_id=item_id)
+            else:
+                result = AddItem(message={"role": role, "content": text}, item_id=item_id)
+        elif kind == "function_call":
+            call_id = _get(item, "call_id", str, "item.call_id", required=True)
+            name = _get(item, "name", str, "item.name", required=True)
+            arguments = _get(item, "arguments", str, "item.arguments") or "{}"
+            if len(arguments) > self._max_item_chars:
+                raise _BadEvent("the arguments exceed the item limit", code="string_above_max_length", param="item.arguments")
+            item_id = self._new_item_id(item)
+            full.update(id=item_id, call_id=call_id, name=name, arguments=arguments)
+            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            result = AddItem(message={"role": "assistant", "content": None, "tool_calls": [call]}, item_id=item_id)
+        elif kind == "function_call_output":
+            call_id = _get(item, "call_id", str, "item.call_id", required=True)
+            output = _get(item, "output", str, "item.output", required=True)
+            if len(output) > self._max_item_chars:
+                raise _BadEvent(f"an output of {len(output)} characters exceeds the limit of {self._max_item_chars}",
+                                code="string_above_max_length", param="item.output")
+            item_id = self._new_item_id(item)
+            full.update(id=item_id, call_id=call_id, output=output)
+            result = AddItem(message={"role": "tool", "tool_call_id": call_id, "content": output}, item_id=item_id)
+        else:
+            raise _BadEvent(f"items of type {kind!r} are not supported", param="item.type")
         self._queue("conversation.item.added", previous_item_id=self._last_item_id, item=full)
         self._queue("conversation.item.done", previous_item_id=self._last_item_id, item=full)
         self._last_item_id = item_id
-        return [UserText(text=text, respond=False)]
+        self._remember(full)
+        return [result]
+
+    def _on_item_retrieve(self, event: dict[str, Any]) -> list[InputEvent]:
+        item_id = _get(event, "item_id", str, "item_id", required=True)
+        item = self._items.get(item_id)
+        if item is None:
+            raise _BadEvent(f"no item {item_id!r} in the conversation", code="item_retrieve_invalid_item_id", param="item_id")
+        self._queue("conversation.item.retrieved", item=item)
+        return []
+
+    def _on_item_delete(self, event: dict[str, Any]) -> list[InputEvent]:
+        item_id = _get(event, "item_id", str, "item_id", required=True)
+        item = self._items.pop(item_id, None)
+        if item is None:
+            raise _BadEvent(f"no item {item_id!r} in the conversation", code="item_delete_invalid_item_id", param="item_id")
+        self._queue("conversation.item.deleted", item_id=item_id)
+        if item_id in self._turn_items:
+            turn_id, role = self._turn_items.pop(item_id)
+            return [DeleteItem(turn_id=turn_id, role=role)]
+        return [DeleteItem(item_id=item_id)]
 
     def _on_truncate(self, event: dict[str, Any]) -> list[InputEvent]:
         item_id = _get(event, "item_id", str, "item_id", required=True)
@@ -451,8 +700,31 @@ class RealtimeProtocol:
         return [PlaybackTruncate(turn_id=turn_id, audio_end_ms=audio_end_ms)]
 
     def _on_response_create(self, event: dict[str, Any]) -> list[InputEvent]:
-        _get(event, "response", dict, "response")  # accepted; per-response overrides are not supported
-        return [CreateResponse()]
+        response = _get(event, "response", dict, "response") or {}
+        if response.get("conversation", "auto") != "auto" or response.get("input") is not None:
+            raise _BadEvent("out-of-band responses (conversation 'none', custom input) are not supported",
+                            code="unsupported_feature", param="response.conversation")
+        instructions = _get(response, "instructions", str, "response.instructions")
+        if instructions is not None and len(instructions) > 8 * self._max_instructions_tokens:
+            raise _BadEvent("the response's instructions are too long", code="string_above_max_length", param="response.instructions")
+        modalities = _get(response, "output_modalities", list, "response.output_modalities")
+        if modalities is None:
+            modalities = _get(response, "modalities", list, "response.modalities")  # beta name
+        if modalities is not None and (not modalities or not all(m in ("text", "audio") for m in modalities)):
+            raise _BadEvent("output_modalities must be ['audio'] or ['text']", param="response.output_modalities")
+        max_tokens = _parse_max_output_tokens(response, "response.max_output_tokens")
+        tools = _parse_tools(response["tools"], "response.tools") if response.get("tools") is not None else None
+        choice = _parse_tool_choice(response.get("tool_choice"), tools if tools is not None else self.settings.tools,
+                                    "response.tool_choice")
+        _get(response, "metadata", dict, "response.metadata")  # accepted, not echoed
+        options = ReplyOptions(
+            instructions=instructions,
+            audio_output=("audio" in modalities) if modalities is not None else None,
+            max_output_tokens=None if max_tokens in (None, "inf") else max_tokens,
+            tools=[_chat_tool(t) for t in tools] if tools is not None else None,
+            tool_choice=_chat_tool_choice(choice) if choice is not None else None,
+        )
+        return [CreateResponse(options=options)]
 
     def _on_response_cancel(self, event: dict[str, Any]) -> list[InputEvent]:
         _get(event, "response_id", str, "response_id")
@@ -483,6 +755,9 @@ class RealtimeProtocol:
                 )
             case TranscriptFinal():
                 self._transcripts.pop(event.turn_id, None)
+                item = self._items.get(self._user_item(event.turn_id))
+                if item is not None:
+                    item["content"] = [{"type": "input_audio", "transcript": event.text}]
                 return self._out(
                     "conversation.item.input_audio_transcription.completed",
                     item_id=self._user_item(event.turn_id),
@@ -496,7 +771,10 @@ class RealtimeProtocol:
                 r = self._responses.get(event.turn_id)
                 if r is None:
                     return []
-                return self._out("response.output_text.delta", **self._where(r), delta=event.text)
+                return self._open_message(r) + self._out("response.output_text.delta", **self._where(r), delta=event.text)
+            case FunctionCall():
+                r = self._responses.get(event.turn_id)
+                return self._function_call(r, event) if r is not None else []
             case ReplyAudio():
                 return self._reply_audio(event)
             case DenoiseStep():
@@ -545,6 +823,7 @@ class RealtimeProtocol:
         }
         out += self._out("conversation.item.added", previous_item_id=self._last_item_id, item=item)
         self._last_item_id = item_id
+        self._remember(item, (event.turn_id, "user"))
         return out
 
     def _vendor_ids(self, turn_id: int) -> dict[str, Any]:
@@ -558,9 +837,10 @@ class RealtimeProtocol:
 
     @staticmethod
     def _where(r: _Response) -> dict[str, Any]:
-        return {"response_id": r.response_id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
+        return {"response_id": r.response_id, "item_id": r.item_id, "output_index": r.outputs.index(r.item_id), "content_index": 0}
 
-    def _response_json(self, r: _Response, status: str, item: dict[str, Any] | None, reason: str | None = None) -> dict[str, Any]:
+    def _response_json(self, r: _Response, status: str, output: list[dict[str, Any]], reason: str | None = None,
+                       usage: Usage | None = None) -> dict[str, Any]:
         details = None
         if status == "cancelled":
             details = {"type": "cancelled", "reason": reason or "client_cancelled"}
@@ -571,10 +851,16 @@ class RealtimeProtocol:
             "object": "realtime.response",
             "status": status,
             "status_details": details,
-            "output": [item] if item else [],
+            "output": output,
             "output_modalities": ["audio"] if r.audio_output else ["text"],
             "conversation_id": self.session_id,
-            "usage": None,
+            "usage": None if usage is None else {
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "total_tokens": usage.input_tokens + usage.output_tokens,
+                "input_token_details": {"text_tokens": usage.input_tokens, "audio_tokens": 0, "cached_tokens": 0},
+                "output_token_details": {"text_tokens": usage.output_tokens, "audio_tokens": 0},
+            },
         }
 
     def _assistant_item(self, r: _Response, status: str, text: str | None) -> dict[str, Any]:
@@ -599,13 +885,42 @@ class RealtimeProtocol:
         while len(self._responses) > MAX_REMEMBERED_RESPONSES:  # a long call stays bounded
             old = self._responses.pop(min(self._responses))
             self._assistant_items.pop(old.item_id, None)
+        return self._out("response.created", response=self._response_json(r, "in_progress", []))
+
+    def _open_message(self, r: _Response) -> list[OutMessage]:
+        """Announce the reply's assistant message item (at its first words)."""
+        if r.message_open:
+            return []
+        r.message_open = True
+        r.outputs.append(r.item_id)
         item = self._assistant_item(r, "in_progress", None)
-        out = self._out("response.created", response=self._response_json(r, "in_progress", None))
-        out += self._out("response.output_item.added", response_id=r.response_id, output_index=0, item=item)
+        index = r.outputs.index(r.item_id)
+        out = self._out("response.output_item.added", response_id=r.response_id, output_index=index, item=item)
         out += self._out("conversation.item.added", previous_item_id=self._last_item_id, item=item)
         self._last_item_id = r.item_id
         part = {"type": "audio", "transcript": ""} if r.audio_output else {"type": "text", "text": ""}
-        out += self._out("response.content_part.added", response_id=r.response_id, item_id=r.item_id, output_index=0, content_index=0, part=part)
+        out += self._out("response.content_part.added", response_id=r.response_id, item_id=r.item_id, output_index=index,
+                         content_index=0, part=part)
+        return out
+
+    def _function_call(self, r: _Response, call: FunctionCall) -> list[OutMessage]:
+        """One function call of the reply, whole: its item, its arguments (one delta), done."""
+        item_id = f"item_{self._prefix}_{call.turn_id:04d}_call{len(r.outputs)}"
+        r.outputs.append(item_id)
+        index = len(r.outputs) - 1
+        item = {"id": item_id, "object": "realtime.item", "type": "function_call", "status": "in_progress",
+                "call_id": call.call_id, "name": call.name, "arguments": ""}
+        ids = {"response_id": r.response_id, "item_id": item_id, "output_index": index, "call_id": call.call_id}
+        out = self._out("response.output_item.added", response_id=r.response_id, output_index=index, item=item)
+        out += self._out("conversation.item.added", previous_item_id=self._last_item_id, item=item)
+        self._last_item_id = item_id
+        out += self._out("response.function_call_arguments.delta", **ids, delta=call.arguments)
+        out += self._out("response.function_call_arguments.done", **ids, name=call.name, arguments=call.arguments)
+        done = {**item, "status": "completed", "arguments": call.arguments}
+        out += self._out("response.output_item.done", response_id=r.response_id, output_index=index, item=done)
+        out += self._out("conversation.item.done", previous_item_id=None, item=done)
+        self._remember(done, (call.turn_id, "assistant"))
+        r.calls.append(done)
         return out
 
     def _encode_audio(self, samples: np.ndarray, rate_hz: int) -> tuple[bytes, int, int]:
@@ -622,7 +937,8 @@ class RealtimeProtocol:
         r = self._responses.get(event.turn_id)
         if r is None:
             return []
-        out = [
+        out = self._open_message(r)
+        out += [
             OutMessage(
                 self._message("response.output_audio_transcript.delta", **self._where(r), delta=event.text + " "),
                 turn_id=event.turn_id,
@@ -653,7 +969,12 @@ class RealtimeProtocol:
         status = {"completed": "completed", "cancelled": "cancelled", "failed": "failed"}.get(event.status, "incomplete")
         item_status = "completed" if status == "completed" else "incomplete"
         text = event.heard if status != "completed" else event.text.strip()
-        out: list[OutMessage] = []
+        reason = event.error if status == "failed" else ("turn_detected" if event.reason in ("speech", "text") else "client_cancelled")
+        if not r.message_open and (r.calls or (status != "completed" and not text)):
+            # Nothing was said: the response holds its function calls, or nothing.
+            return self._out("response.done", response=self._response_json(r, status, list(r.calls), reason, event.usage))
+        out: list[OutMessage] = self._open_message(r)
+        index = r.outputs.index(r.item_id)
         if r.audio_output:
             out += self._out("response.output_audio.done", **self._where(r))
             out += self._out("response.output_audio_transcript.done", **self._where(r), transcript=text)
@@ -661,12 +982,14 @@ class RealtimeProtocol:
         else:
             out += self._out("response.output_text.done", **self._where(r), text=text)
             part = {"type": "text", "text": text}
-        out += self._out("response.content_part.done", response_id=r.response_id, item_id=r.item_id, output_index=0, content_index=0, part=part)
+        out += self._out("response.content_part.done", response_id=r.response_id, item_id=r.item_id, output_index=index,
+                         content_index=0, part=part)
         item = self._assistant_item(r, item_status, text)
-        out += self._out("response.output_item.done", response_id=r.response_id, output_index=0, item=item)
+        out += self._out("response.output_item.done", response_id=r.response_id, output_index=index, item=item)
         out += self._out("conversation.item.done", previous_item_id=None, item=item)
-        reason = event.error if status == "failed" else ("turn_detected" if event.reason in ("speech", "text") else "client_cancelled")
-        out += self._out("response.done", response=self._response_json(r, status, item, reason))
+        self._remember(item, (event.turn_id, "assistant"))
+        output = [item if item_id == r.item_id else next(c for c in r.calls if c["id"] == item_id) for item_id in r.outputs]
+        out += self._out("response.done", response=self._response_json(r, status, output, reason, event.usage))
         return out
 
 
@@ -676,6 +999,8 @@ _HANDLERS = {
     "input_audio_buffer.commit": RealtimeProtocol._on_commit,
     "input_audio_buffer.clear": RealtimeProtocol._on_clear,
     "conversation.item.create": RealtimeProtocol._on_item_create,
+    "conversation.item.retrieve": RealtimeProtocol._on_item_retrieve,
+    "conversation.item.delete": RealtimeProtocol._on_item_delete,
     "conversation.item.truncate": RealtimeProtocol._on_truncate,
     "response.create": RealtimeProtocol._on_response_create,
     "response.cancel": RealtimeProtocol._on_response_cancel,
