@@ -9,7 +9,7 @@ import httpx2
 import pytest
 
 from voice_agent.config import LlmConfig
-from voice_agent.llm import LlmError, OpenAICompatibleLLM
+from voice_agent.llm import LlmError, LlmOptions, OpenAICompatibleLLM, ToolCall
 
 
 def sse(*chunks: str) -> bytes:
@@ -97,3 +97,44 @@ def test_health_asks_the_models_route_and_caches_the_answer():
 
     health = asyncio.run(client(down).health())
     assert health["reachable"] is False and "ConnectError" in health["error"] and "sk-secret" not in health["error"]
+
+
+def test_tools_pass_through_and_streamed_calls_are_joined():
+    seen = {}
+    chunks = [
+        {"choices": [{"delta": {"content": "Checking."}, "finish_reason": None}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_9", "type": "function",
+                                                "function": {"name": "get_weather", "arguments": ""}}]}, "finish_reason": None}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}, "finish_reason": None}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}, "finish_reason": None}]},
+        {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+
+    def handler(request):
+        seen["body"] = json.loads(request.content)
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx2.Response(200, content=body.encode(), headers={"Content-Type": "text/event-stream"})
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+    async def main():
+        llm = client(handler)
+        options = LlmOptions(max_tokens=7, tools=[tool], tool_choice="auto")
+        return [d async for d in llm.stream([{"role": "user", "content": "hi"}], options=options)]
+
+    deltas = asyncio.run(main())
+    assert seen["body"]["tools"] == [tool] and seen["body"]["tool_choice"] == "auto" and seen["body"]["max_tokens"] == 7
+    assert "".join(d.text for d in deltas) == "Checking."
+    assert deltas[-1].finish_reason == "tool_calls"
+    assert deltas[-1].tool_calls == [ToolCall("get_weather", '{"city": "Oslo"}', "call_9")]
+
+
+def test_a_tool_call_without_a_name_is_an_error():
+    chunk = {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}, "finish_reason": None}]}
+
+    def handler(request):
+        return httpx2.Response(200, content=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(),
+                               headers={"Content-Type": "text/event-stream"})
+
+    with pytest.raises(LlmError, match="without a function name"):
+        collect(client(handler))

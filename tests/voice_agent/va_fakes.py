@@ -132,7 +132,8 @@ def count_bursts(audio: np.ndarray) -> int:
 
 class FakeLLM:
     """Replies with `reply` in word pieces; `hold=True` keeps each request open until released.
-    Where a request has tools, `tool_calls` (ToolCalls) come on its last delta."""
+    Where a request has tools, `tool_calls` (ToolCalls) come on its last delta. `script`: (reply,
+    tool calls) for the next requests in turn, before `reply` and `tool_calls` apply."""
 
     name = "fake"
 
@@ -152,6 +153,7 @@ class FakeLLM:
         self.fail: str | None = None
         self.options: list = []  # the LlmOptions of each request, in order
         self.tool_calls: list = []
+        self.script: list[tuple[str, list]] = []
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
@@ -177,8 +179,9 @@ class FakeLLM:
                 await self.release.wait()
             if self.fail:
                 raise LlmError(self.fail)
-            calls = list(self.tool_calls) if options is not None and options.tools else []
-            pieces = [w + " " for w in self.reply.split(" ")] if self.reply else []
+            reply, calls = self.script.pop(0) if self.script else (self.reply, self.tool_calls)
+            calls = list(calls) if options is not None and options.tools else []
+            pieces = [w + " " for w in reply.split(" ")] if reply else []
             if options is not None and options.max_tokens:
                 pieces = pieces[: options.max_tokens]
             tokens = 0
