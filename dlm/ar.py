@@ -13,6 +13,9 @@ one forward (`step=True`: the model's step kernels, dlm.model.Projection) and ta
 from its logits: argmax, or a sample of the (top-p) distribution with the row's own generator.
 No canvas, policy or block bookkeeping runs per token. `dlm.speculative.SpeculativeDecoder`
 builds on it (the same first token, then drafts verified in the same kind of forward).
+
+A request with a constraint (`GenerationParams.constraint`, dlm/constraints.py) has its logits
+masked before each pick, and every token it commits advances the constraint.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dlm.config import DiffusionSpec
+from dlm.constraints import mask_logits
 from dlm.decode import BlockDecoder, RowUpdate, StepTrace, _batch_bucket, _bucket, _Row
 from dlm.engine import Engine, GenerationParams
 from dlm.masks import limit_mask
@@ -54,9 +58,12 @@ class ARDecoder(BlockDecoder):
     # -- committing ----------------------------------------------------------------------------
     def _commit(self, row: _Row, tokens: list[int], new_ids: list[int]) -> str | None:
         """Make tokens final (up to EOS / the length limit); the finish reason or None."""
+        constraint = row.settings.constraint
         for t in tokens:
             if row.final_upto >= row.gen_end:
                 break
+            if constraint is not None and t not in self.eos and not constraint.consume(t):
+                raise RuntimeError(f"token {t} breaks the request's constraint")  # a decoder bug: fail the request
             row.ids.append(t)
             row.final_upto += 1
             if t in self.eos:
@@ -81,6 +88,16 @@ class ARDecoder(BlockDecoder):
     def _params(self, rows: list[_Row]) -> tuple[Tensor, Tensor]:
         sampling = self.sampling[torch.tensor([r.slot for r in rows], device=self.device)]
         return sampling[:, 0], sampling[:, 1]  # temperature, top_p
+
+    def _constrain(self, rows: list[_Row], logits: Tensor) -> Tensor:
+        """logits (n, 1, V) with each constrained row's disallowed tokens at -inf."""
+        if all(row.settings.constraint is None for row in rows):
+            return logits
+        logits = logits.clone()
+        for i, row in enumerate(rows):
+            if row.settings.constraint is not None:
+                logits[i, 0] = mask_logits(logits[i, 0], row.settings.constraint.allowed())
+        return logits
 
     def _pick(self, rows: list[_Row], logits: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
         """logits (n, N, V) -> per row N tokens (argmax, or samples) and, for sampled rows, the
@@ -108,7 +125,8 @@ class ARDecoder(BlockDecoder):
         # goes out at once; they join the stepping forward from the next step.
         fresh = [row for row in rows if row.clean_upto >= row.final_upto]
         if fresh:
-            first, _ = self._pick(fresh, self.carry[torch.tensor([r.slot for r in fresh], device=self.device)][:, None])
+            carry = self.carry[torch.tensor([r.slot for r in fresh], device=self.device)][:, None]
+            first, _ = self._pick(fresh, self._constrain(fresh, carry))
             for row, tokens in zip(fresh, first, strict=True):
                 updates[row.slot] = self._update(row, new[row.slot], self._commit(row, tokens, new[row.slot]))
         active = [row for row in rows if row.slot not in updates]
@@ -128,7 +146,7 @@ class ARDecoder(BlockDecoder):
         tok_t, pos_t, lim_t, rows_t = self._upload(torch.tensor(plan, dtype=torch.long))
         logits = self._step_fn(tok_t[:, None], pos_t[:, None], limit_mask(lim_t[:, None], K), cache=self.kv,
                                cache_rows=rows_t, step=True)  # (B, 1, V)
-        tokens, _ = self._pick(rows, logits[:n])
+        tokens, _ = self._pick(rows, self._constrain(rows, logits[:n]))
         for row, picked in zip(rows, tokens, strict=True):
             row.steps += 1
             row.clean_upto = row.final_upto  # the fed token's K/V are in the cache now
@@ -136,6 +154,8 @@ class ARDecoder(BlockDecoder):
 
 
 class AREngine(Engine):
+    supports_constraints = True
+
     def __init__(self, loaded: Any, **kwargs: Any) -> None:
         kwargs.setdefault("cache", "exact")
         super().__init__(loaded, **kwargs)

@@ -99,6 +99,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -146,6 +147,7 @@ class DecodeSettings:
     seed: int | None  # sampling seed of this request (None: nondeterministic)
     trace: bool = False  # also return a StepTrace of the current block at every step
     draft_len: int = 0  # speculative decoding: mask slots per draft block (0: the decoder's default)
+    constraint: Any = None  # this request's dlm.constraints.TokenConstraint (AR decoders only)
 
 
 @dataclass

@@ -87,6 +87,8 @@ class GenerationParams:
     trace_steps: bool = False  # also emit a StepTrace of the current block at every step
     draft_len: int = 0  # speculative engine: mask slots per draft block; 0: the engine's (others ignore it)
     loop_guard: bool = False  # stop a reply that repeats itself, finish_reason "repetition" (dlm.chat.LoopGuard)
+    # Format-constrained decoding: makes this request's dlm.constraints.TokenConstraint (AR engines only).
+    constraint: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -158,6 +160,7 @@ class _Request:
 
 
 class Engine:
+    supports_constraints = False  # GenerationParams.constraint (dlm.constraints): the AR engines
     """Continuous-batching block-diffusion engine; see the module docstring."""
 
     def __init__(self, loaded: Any, *, max_batch_size: int = 8, max_seq_len: int | None = None,
@@ -321,10 +324,13 @@ class Engine:
             raise bad(f"draft_len {p.draft_len!r} must lie in [0, {MAX_BLOCK_SIZE}]")
         if len(p.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in p.stop):
             raise bad(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
+        if p.constraint is not None and not self.supports_constraints:
+            raise bad("constraint: this engine does not decode under a grammar (the AR engines do)")
         settings = DecodeSettings(
             block_size=block, sub_block_size=sub, max_new_tokens=p.max_new_tokens,
             policy=POLICIES[p.policy], threshold=threshold, factor=p.factor, steps_per_block=steps,
             temperature=p.temperature, top_p=p.top_p, seed=p.seed, trace=p.trace_steps, draft_len=p.draft_len,
+            constraint=p.constraint() if p.constraint is not None else None,
         )
         need = self._decoder.required_len(prompt_len, settings)
         if need > self.max_seq_len:

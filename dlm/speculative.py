@@ -42,6 +42,7 @@ from torch import Tensor
 
 from dlm.ar import ARDecoder, AREngine
 from dlm.config import DiffusionSpec
+from dlm.constraints import mask_logits
 from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, _batch_bucket, _bucket, _Row
 from dlm.drafter import Drafter
 from dlm.engine import GenerationParams
@@ -183,7 +184,15 @@ class SpeculativeDecoder(ARDecoder):
             updates[row.slot] = self._update(row, new[row.slot], None)
 
     def _verify(self, rows: list[_Row], verify: Tensor, drafts: list[_Drafts]) -> list[tuple[int, list[int]]]:
-        """Per row: (accepted drafts j, the tokens that become final: d_1..d_j and the base's own)."""
+        """Per row: (accepted drafts j, the tokens that become final: d_1..d_j and the base's own).
+        A constrained row's verifier logits are masked position by position (the masks after
+        each accepted prefix of its drafts): what it commits is what constrained AR would."""
+        if any(row.settings.constraint is not None for row in rows):
+            verify = verify.clone()
+            for b, row in enumerate(rows):
+                if row.settings.constraint is not None:
+                    for j, mask in enumerate(row.settings.constraint.lookahead(drafts[b].tokens)):
+                        verify[b, j] = mask_logits(verify[b, j], mask)
         best = verify.argmax(dim=-1).tolist()  # (n, Wv)
         out = []
         sampled = [b for b, row in enumerate(rows) if row.generator is not None]

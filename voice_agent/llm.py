@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -196,6 +197,7 @@ class LocalDLM:
         self._engine = engine
         self._make_params = make_params
         self._tokenizer = tokenizer
+        self._router: Any = None  # voice_agent.tools.ToolRouter, made at the first request with tools
         self.name = name
 
     def count_tokens(self, text: str) -> int:
@@ -238,10 +240,21 @@ class LocalDLM:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         params = params if params is not None else self._make_params(trace_steps)
+        call_opening = None  # where the reply is one function call (decoded under its grammar): its prefilled opening
+        if messages and not isinstance(messages[0], int):
+            options = options or LlmOptions()
+            if options.tools and options.tool_choice != "none":
+                # In a thread: routing runs the model, and a tokenizer's first grammar takes a second.
+                messages, call_opening = await asyncio.to_thread(self._with_tools, messages, params, options)
+            else:
+                from voice_agent.tools import plain_messages
+
+                messages = plain_messages(messages)
         if options is not None and options.max_tokens:
             params.max_new_tokens = min(params.max_new_tokens, options.max_tokens)
         handle = self._engine.submit(messages, params, on_delta=on_delta, owner=owner)
         finished = False
+        held = call_opening or ""
         try:
             while True:
                 item = await queue.get()
@@ -250,12 +263,67 @@ class LocalDLM:
                     finished = True
                     if delta.finish_reason == "error":
                         raise LlmError(f"dlm engine: {getattr(item, 'error', None) or 'request failed'}")
+                if call_opening is not None:  # the call is held back and parsed whole at the end
+                    held += delta.text
+                    delta.text = ""
+                    if finished:
+                        from voice_agent.tools import parse_call
+
+                        try:
+                            delta.tool_calls = [parse_call(held)]
+                        except ValueError as e:
+                            raise LlmError(f"dlm engine: {e}") from None
                 yield delta
                 if finished:
                     return
         finally:
             if not finished:
                 self._engine.abort(handle.request_id)
+
+    def _with_tools(self, messages: Messages, params: Any, options: LlmOptions) -> tuple[Messages | list[int], str | None]:
+        """The request's prompt, and where its reply is a function call, the call's opening
+        (prefilled with the prompt). Which function (if any) is routed
+        (`voice_agent.tools.ToolRouter`) unless the client named one; a call is decoded under
+        that function's grammar (its params change) and the prompt is then token ids."""
+        from voice_agent import tools as t
+
+        functions = t.functions_of(options.tools or [])
+        choice = options.tool_choice or "auto"
+        if self._tokenizer is None:
+            raise LlmError("tools need a model with a tokenizer")
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") or choice.get("name")
+            function = next((f for f in functions if f["name"] == name), None)
+            if function is None:
+                raise LlmError(f"tools: tool_choice names no declared function: {name!r}")
+        elif choice not in ("auto", "required"):
+            raise LlmError(f"tools: tool_choice must be auto, required, none or a function, not {choice!r}")
+        elif not functions:
+            raise LlmError("tools: no function tools")
+        else:
+            last = messages[-1] if messages else {}
+            if choice == "auto" and last.get("role") != "user":
+                function = None  # after a function's result: the answer, in words
+            elif len(functions) == 1 and choice == "required":
+                function = functions[0]
+            else:
+                if self._router is None:
+                    self._router = t.ToolRouter(self._engine.model, self._tokenizer)
+                name = self._router.choose(str(last.get("content") or ""), functions, allow_none=choice == "auto")
+                function = next((f for f in functions if f["name"] == name), None)
+        if function is None:
+            return t.plain_messages(messages), None
+        grammar = t.call_grammar(function, self._tokenizer)
+        # What the grammar forces (the call's opening, up to the first free value) is prefilled
+        # with the prompt in one forward instead of decoded a token per forward.
+        forced = grammar.forced()
+        params.constraint = functools.partial(grammar.constraint, after=forced)
+        params.max_new_tokens = max(params.max_new_tokens, t.MIN_CALL_TOKENS)
+        params.loop_guard = False  # JSON repeats its own shapes; the grammar ends the call
+        params.stop = []
+        params.temperature = 0.0  # the arguments are read off the request, not sampled
+        prompt = self._engine.prepare(t.call_messages(messages, function), params)[0]
+        return prompt + forced, self._tokenizer.decode(forced)
 
     def _convert(self, delta: Any) -> LlmDelta:
         """A dlm `Delta` -> LlmDelta (its StepTrace, if any, as the block's slots in text)."""
