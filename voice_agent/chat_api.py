@@ -12,7 +12,11 @@ Contract:
 - Requests as OpenAI documents them: `messages` with system (or developer), user and assistant
   roles, content a string or text parts; `model` (optional: the one served), `temperature`,
   `top_p`, `max_tokens` / `max_completion_tokens` (default and ceiling `api.max_tokens`), `stop`
-  (a string or a list), `seed`, `stream`, `stream_options.include_usage`, `n` = 1. Parameters
+  (a string or a list), `seed`, `stream`, `stream_options.include_usage`, `n` = 1; function
+  calling: `tools`, `tool_choice` ("auto", "none", "required", a named function), assistant
+  messages with `tool_calls` and `tool` messages with their `tool_call_id` (the local model's
+  calls: `voice_agent.tools`; a call comes whole, in one chunk when streamed, with
+  `finish_reason` "tool_calls"). Parameters
   that change nothing the engine does (presence and frequency penalties, `user`, `metadata`, ...:
   `IGNORED_PARAMETERS`) are accepted and ignored; an argument OpenAI does not know is refused, as
   OpenAI refuses it (400 `unknown_parameter`).
@@ -27,8 +31,8 @@ Contract:
   anything of the request is read; the token is never logged), a body over `api.max_body_bytes`
   (413), malformed JSON or parameters (400), an unknown model (404), a prompt (plus max_tokens)
   beyond the context (400 `context_length_exceeded`), more than `api.max_requests` requests in
-  flight (429 with `Retry-After`), what this server cannot do (tools, images, audio, n > 1,
-  logprobs: 400 `unsupported_parameter` or `unsupported_value`).
+  flight (429 with `Retry-After`), what this server cannot do (images, audio, n > 1, logprobs,
+  the legacy `functions`: 400 `unsupported_parameter` or `unsupported_value`).
 - Alone (no `fallback`), the app also answers `GET /healthz` without a token: the model, the
   replica and its process id, the requests in flight and what the engine holds (rows, queue),
   for load balancers and operators.
@@ -62,7 +66,15 @@ from starlette.routing import Route
 from dlm.engine import MAX_STOP_STRINGS
 from dlm.errors import InvalidRequestError
 from voice_agent.config import ApiConfig, Config
-from voice_agent.llm import STATS_FIELD, LlmError, LocalDLM
+from voice_agent.llm import STATS_FIELD, LlmError, LlmOptions, LocalDLM
+from voice_agent.tools import (
+    ToolSpecError,
+    chat_tool,
+    chat_tool_choice,
+    parse_tool_choice,
+    parse_tools,
+    plain_messages,
+)
 
 __all__ = ["REPLICA_HEADER", "ApiError", "ChatRequest", "ChatService", "chat_app", "parse_chat_request"]
 
@@ -74,6 +86,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # The engine's finish reasons -> OpenAI's. "repetition" (the loop guard ended a reply at its last
 # good sentence) is a natural stop; the engine's own reason is in the statistics.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
+MAX_TOOL_CALL_ID = 64
 # Accepted and ignored: they change nothing the engine does, and clients send them by default.
 IGNORED_PARAMETERS = frozenset({
     "frequency_penalty", "presence_penalty", "user", "metadata", "store", "service_tier",
@@ -81,14 +94,14 @@ IGNORED_PARAMETERS = frozenset({
 })
 # Refused: accepting them would silently give the client something else than it asked for.
 UNSUPPORTED_PARAMETERS = {
-    "tools": "function calling", "functions": "function calling", "tool_choice": "function calling",
-    "function_call": "function calling", "audio": "audio output", "modalities": "audio output",
+    "functions": "the legacy functions (use tools)", "function_call": "the legacy function_call (use tool_choice)",
+    "audio": "audio output", "modalities": "audio output",
     "prediction": "predicted outputs", "logit_bias": "logit_bias", "top_logprobs": "logprobs",
     "web_search_options": "web search",
 }
 KNOWN_PARAMETERS = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-    "stream", "stream_options", "n", "logprobs", "response_format",
+    "stream", "stream_options", "n", "logprobs", "response_format", "tools", "tool_choice",
 })
 
 
@@ -117,7 +130,7 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Api
 class ChatRequest:
     """A validated `/v1/chat/completions` request."""
 
-    messages: list[dict[str, str]]  # {"role": system|user|assistant, "content": str}
+    messages: list[dict[str, Any]]  # {"role": system|user|assistant|tool, "content"} (+ tool_calls, tool_call_id)
     model: str  # the served model's id (a request without one gets it)
     max_tokens: int
     temperature: float
@@ -126,6 +139,8 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    tools: list[dict[str, Any]] = field(default_factory=list)  # Chat Completions function tools
+    tool_choice: str | dict[str, Any] | None = None
 
 
 def _number(body: dict[str, Any], key: str, low: float, high: float, default: float) -> float:
@@ -183,23 +198,16 @@ def parse_chat_request(raw: bytes, *, model_id: str, max_tokens: int) -> ChatReq
     if not isinstance(messages, list) or not messages:
         raise _bad("messages must be a non-empty list of messages", "messages",
                    "empty_array" if isinstance(messages, list) else "invalid_type")
-    chat = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _bad(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]", "invalid_type")
-        role = message.get("role")
-        if role not in ROLES:
-            if role in ("tool", "function"):
-                raise _bad(f"messages[{i}]: role {role!r}: function calling is not supported by this server",
-                           f"messages[{i}].role", "unsupported_value")
-            raise _bad(f"messages[{i}]: unknown role {str(role)[:40]!r}; expected one of {', '.join(ROLES)}",
-                       f"messages[{i}].role", "invalid_value")
-        if message.get("tool_calls"):
-            raise _bad(f"messages[{i}]: tool_calls: function calling is not supported by this server",
-                       f"messages[{i}].tool_calls", "unsupported_parameter")
-        chat.append({"role": ROLES[role], "content": _content(message, i)})
-    if not any(m["content"].strip() for m in chat):
+    chat = [_message(message, i) for i, message in enumerate(messages)]
+    if not any((m["content"] or "").strip() or m.get("tool_calls") for m in chat):
         raise _bad("messages are all empty: there is nothing to answer", "messages", "empty_content")
+    try:
+        functions = parse_tools(body["tools"], "tools") if body.get("tools") is not None else []
+        choice = parse_tool_choice(body.get("tool_choice"), functions, "tool_choice")
+    except ToolSpecError as e:
+        raise _bad(str(e), e.param, "invalid_value") from None
+    if choice is not None and choice != "none" and not functions:
+        raise _bad("tool_choice needs tools", "tool_choice", "invalid_value")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     if limit is None:
@@ -248,7 +256,44 @@ def parse_chat_request(raw: bytes, *, model_id: str, max_tokens: int) -> ChatReq
         seed=seed,
         stream=bool(stream),
         include_usage=include_usage,
+        tools=[chat_tool(f) for f in functions],
+        tool_choice=chat_tool_choice(choice) if choice is not None else None,
     )
+
+
+def _message(message: Any, i: int) -> dict[str, Any]:
+    """One request message as the engine's side takes it (see ChatRequest.messages)."""
+    if not isinstance(message, dict):
+        raise _bad(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]", "invalid_type")
+    role = message.get("role")
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or not 1 <= len(call_id) <= MAX_TOOL_CALL_ID:
+            raise _bad(f"messages[{i}]: a tool message needs its 'tool_call_id'", f"messages[{i}].tool_call_id",
+                       "invalid_value")
+        return {"role": "tool", "tool_call_id": call_id, "content": _content(message, i)}
+    if role not in ROLES:
+        if role == "function":
+            raise _bad(f"messages[{i}]: the legacy role 'function' is not supported: use 'tool'", f"messages[{i}].role",
+                       "unsupported_value")
+        raise _bad(f"messages[{i}]: unknown role {str(role)[:40]!r}; expected one of {', '.join([*ROLES, 'tool'])}",
+                   f"messages[{i}].role", "invalid_value")
+    calls = message.get("tool_calls")
+    if not calls or role != "assistant":
+        if calls:
+            raise _bad(f"messages[{i}]: only assistant messages carry tool_calls", f"messages[{i}].tool_calls", "invalid_value")
+        return {"role": ROLES[role], "content": _content(message, i)}
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str) and isinstance(c["function"].get("arguments", ""), str)
+            for c in calls):
+        raise _bad(f"messages[{i}]: tool_calls must be function calls with an id, a name and arguments as a string",
+                   f"messages[{i}].tool_calls", "invalid_value")
+    content = _content(message, i) if message.get("content") is not None else None
+    return {"role": "assistant", "content": content, "tool_calls": [
+        {"id": c["id"], "type": "function", "function": {"name": c["function"]["name"],
+                                                          "arguments": c["function"].get("arguments") or "{}"}}
+        for c in calls]}
 
 
 class _ClientGone(Exception):
@@ -341,18 +386,27 @@ class ChatService:
         params.top_p = 1.0 if greedy else request.top_p
         return params
 
-    async def prepare(self, request: ChatRequest) -> tuple[list[int], Any]:
-        """(prompt token ids, params), or ApiError 400 where the engine would refuse the request."""
+    async def prepare(self, request: ChatRequest) -> tuple[list[int], Any, str | None]:
+        """(prompt token ids, params, the opening of the function call the reply is, if it is
+        one), or ApiError 400 where the engine would refuse the request."""
         params = self.params(request)
+        opening = None
         try:
-            prompt_ids = await asyncio.to_thread(self.llm.prepare, request.messages, params)
+            if request.tools and request.tool_choice != "none":
+                options = LlmOptions(tools=request.tools, tool_choice=request.tool_choice)
+                prompt, opening = await asyncio.to_thread(self.llm.tool_prompt, request.messages, params, options)
+            else:
+                prompt = plain_messages(request.messages)
+            prompt_ids = await asyncio.to_thread(self.llm.prepare, prompt, params)
+        except LlmError as e:
+            raise _bad(str(e), "tools", "invalid_value") from None
         except InvalidRequestError as e:
             message = str(e)
             if "context" in message:
                 raise _bad(f"{message} (this model's context is {self.llm.max_seq_len} tokens)", "messages",
                            "context_length_exceeded") from None
             raise _bad(message, None, "invalid_value") from None
-        return prompt_ids, params
+        return prompt_ids, params, opening
 
     def stats(self, last: Any) -> dict[str, Any]:
         """The extension field of a finished request, from its last delta."""
@@ -407,13 +461,14 @@ class _Completions:
             with service.slot():
                 raw = await _read_body(request, service.api.max_body_bytes)
                 chat = parse_chat_request(raw, model_id=service.model_id, max_tokens=service.api.max_tokens)
-                prompt_ids, params = await _unless_disconnected(receive, service.prepare(chat))
+                prompt_ids, params, opening = await _unless_disconnected(receive, service.prepare(chat))
                 request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
                 started = time.monotonic()
                 if chat.stream:
-                    last = await _unless_disconnected(receive, self._stream(send, chat, request_id, prompt_ids, params))
+                    last = await _unless_disconnected(receive, self._stream(send, chat, request_id, prompt_ids, params,
+                                                                            opening))
                 else:
-                    text, last = await _unless_disconnected(receive, self._collect(request_id, prompt_ids, params))
+                    text, last = await _unless_disconnected(receive, self._collect(request_id, prompt_ids, params, opening))
                     await _json_response(200, self._completion(chat, request_id, prompt_ids, text, last),
                                          service.replica)(scope, receive, send)
                 if last is not None:
@@ -425,10 +480,10 @@ class _Completions:
         except _ClientGone:
             log.info("chat: the client went away; its request was aborted")
 
-    async def _collect(self, request_id: str, prompt_ids: list[int], params: Any) -> tuple[str, Any]:
+    async def _collect(self, request_id: str, prompt_ids: list[int], params: Any, opening: str | None) -> tuple[str, Any]:
         parts, last = [], None
         try:
-            async for delta in self.service.llm.stream(prompt_ids, params=params, owner=request_id):
+            async for delta in self.service.llm.stream(prompt_ids, params=params, owner=request_id, call_opening=opening):
                 parts.append(delta.text)
                 last = delta
         except LlmError as e:
@@ -445,16 +500,18 @@ class _Completions:
             "model": chat.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": {"role": "assistant", "content": None if last.tool_calls else text, "refusal": None,
+                            **({"tool_calls": _tool_calls(last, request_id)} if last.tool_calls else {})},
                 "logprobs": None,
-                "finish_reason": FINISH_REASONS.get(last.finish_reason, "stop"),
+                "finish_reason": "tool_calls" if last.tool_calls else FINISH_REASONS.get(last.finish_reason, "stop"),
             }],
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
                       "total_tokens": len(prompt_ids) + completion},
             STATS_FIELD: self.service.stats(last),
         }
 
-    async def _stream(self, send: Any, chat: ChatRequest, request_id: str, prompt_ids: list[int], params: Any) -> Any:
+    async def _stream(self, send: Any, chat: ChatRequest, request_id: str, prompt_ids: list[int], params: Any,
+                      opening: str | None) -> Any:
         """Sends the reply as server-sent events; returns the last delta (None if it failed)."""
         service = self.service
         created = int(time.time())
@@ -481,7 +538,7 @@ class _Completions:
             (b"x-accel-buffering", b"no"), (REPLICA_HEADER.encode(), service.replica.encode())]})
         await emit(event(choice({"role": "assistant", "content": ""})))
         last = None
-        deltas = service.llm.stream(prompt_ids, params=params, owner=request_id)
+        deltas = service.llm.stream(prompt_ids, params=params, owner=request_id, call_opening=opening)
         try:
             async for delta in deltas:
                 if delta.text:
@@ -495,7 +552,11 @@ class _Completions:
         finally:
             await deltas.aclose()  # aborts the engine request unless it finished
         if last is not None:
-            await emit(event(choice({}, FINISH_REASONS.get(last.finish_reason, "stop")), **{STATS_FIELD: service.stats(last)}))
+            if last.tool_calls:  # a call comes whole: its name and arguments in one chunk
+                calls = [{"index": i, **call} for i, call in enumerate(_tool_calls(last, request_id))]
+                await emit(event(choice({"tool_calls": calls})))
+            finish = "tool_calls" if last.tool_calls else FINISH_REASONS.get(last.finish_reason, "stop")
+            await emit(event(choice({}, finish), **{STATS_FIELD: service.stats(last)}))
             if chat.include_usage:
                 completion = last.tokens or 0
                 await emit(event([], usage={"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
@@ -504,6 +565,12 @@ class _Completions:
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         return last
+
+
+def _tool_calls(last: Any, request_id: str) -> list[dict[str, Any]]:
+    """The reply's function calls as Chat Completions writes them (ids made from the request's)."""
+    return [{"id": f"call_{request_id.removeprefix('chatcmpl-')[:16]}_{i}", "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}} for i, call in enumerate(last.tool_calls)]
 
 
 def chat_app(service: ChatService | None, *, fallback: Callable[[str], Awaitable[tuple[int, bytes, str]]] | None = None,

@@ -8,10 +8,12 @@ Contract:
   who the request works for (a call id). `options` (`LlmOptions`): a lower limit on the reply's
   tokens (never above the configured one), and tools the model may call: the calls come whole,
   as `ToolCall`s in a delta's `tool_calls` (the OpenAI client passes tools through to the
-  server; the local model's are made by `voice_agent.tools`). `LocalDLM.stream` also takes `params` (a dlm `GenerationParams`
-  for this request instead of the configured ones) and token ids as `messages`;
-  `LocalDLM.prepare(messages, params)` validates a request and returns its prompt's token ids
-  (the chat API counts and checks prompts with it before it answers 200).
+  server; the local model's are made by `voice_agent.tools`). `LocalDLM.stream` also takes
+  `params` (a dlm `GenerationParams` for this request instead of the configured ones) and token
+  ids as `messages`; `LocalDLM.prepare(messages, params)` validates a request and returns its
+  prompt's token ids (the chat API counts and checks prompts with it before it answers 200), and
+  `LocalDLM.tool_prompt(messages, params, options)` makes the prompt of a request with tools
+  (the chat API then streams its token ids with `call_opening`).
 - `await client.health()`: whether the backend can serve now, `{"reachable": bool, ...}` with an
   `"error"` line where not (`OpenAICompatibleLLM` asks the server's `/models`, at most once per
   `HEALTH_CACHE_S`), for /healthz.
@@ -231,7 +233,10 @@ class LocalDLM:
         return self._engine.prepare(messages, params)[0]
 
     async def stream(self, messages: Messages | list[int], *, trace_steps: bool = False, owner: str | None = None,
-                     params: Any = None, options: LlmOptions | None = None) -> AsyncIterator[LlmDelta]:
+                     params: Any = None, options: LlmOptions | None = None,
+                     call_opening: str | None = None) -> AsyncIterator[LlmDelta]:
+        """`call_opening`: with token ids from `tool_prompt` (and its params), the opening of the
+        function call they end with: the reply is that call."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -240,12 +245,12 @@ class LocalDLM:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         params = params if params is not None else self._make_params(trace_steps)
-        call_opening = None  # where the reply is one function call (decoded under its grammar): its prefilled opening
+        # Where the reply is one function call (decoded under its grammar): its prefilled opening.
         if messages and not isinstance(messages[0], int):
             options = options or LlmOptions()
             if options.tools and options.tool_choice != "none":
                 # In a thread: routing runs the model, and a tokenizer's first grammar takes a second.
-                messages, call_opening = await asyncio.to_thread(self._with_tools, messages, params, options)
+                messages, call_opening = await asyncio.to_thread(self.tool_prompt, messages, params, options)
             else:
                 from voice_agent.tools import plain_messages
 
@@ -280,11 +285,12 @@ class LocalDLM:
             if not finished:
                 self._engine.abort(handle.request_id)
 
-    def _with_tools(self, messages: Messages, params: Any, options: LlmOptions) -> tuple[Messages | list[int], str | None]:
+    def tool_prompt(self, messages: Messages, params: Any, options: LlmOptions) -> tuple[Messages | list[int], str | None]:
         """The request's prompt, and where its reply is a function call, the call's opening
         (prefilled with the prompt). Which function (if any) is routed
         (`voice_agent.tools.ToolRouter`) unless the client named one; a call is decoded under
-        that function's grammar (its params change) and the prompt is then token ids."""
+        that function's grammar (its params change) and the prompt is then token ids. Runs the
+        model (routing) and may build a grammar: call it from a thread."""
         from voice_agent import tools as t
 
         functions = t.functions_of(options.tools or [])

@@ -2,6 +2,13 @@
 makes the call the model writes valid JSON for that function's schema.
 
 Contract:
+- `parse_tools(tools, param)` / `parse_tool_choice(choice, functions, param)`: a client's function
+  tools (the Realtime form `{"type": "function", "name", "description", "parameters"}` or the Chat
+  Completions form with a nested `function`) as function specs `{"name", "description",
+  "parameters"}`, and its tool choice as "auto" | "none" | "required" | `{"name": ...}`; a bad
+  declaration raises `ToolSpecError` naming the parameter (at most `MAX_TOOLS` functions of
+  `MAX_TOOLS_JSON_CHARS` characters; names of 1-64 letters, digits, "_" and "-", none twice).
+  `chat_tool(spec)` / `chat_tool_choice(choice)` write them as Chat Completions has them.
 - `plain_messages(messages)`: Chat Completions messages (assistant `tool_calls`, `tool`
   results) as the plain role/content messages a local chat template takes: a call is written
   `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in the assistant's text, a result
@@ -37,8 +44,8 @@ from typing import Any
 
 from voice_agent.llm import ToolCall
 
-__all__ = ["CALL_CLOSE", "CALL_OPEN", "NO_FUNCTION", "ToolRouter", "call_grammar", "call_messages", "parse_call",
-           "plain_messages"]
+__all__ = ["CALL_CLOSE", "CALL_OPEN", "NO_FUNCTION", "ToolRouter", "ToolSpecError", "call_grammar", "call_messages",
+           "chat_tool", "chat_tool_choice", "parse_call", "parse_tool_choice", "parse_tools", "plain_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,65 @@ MAX_CACHED_GRAMMARS = 32
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _GRAMMARS: collections.OrderedDict[tuple[str, int], Any] = collections.OrderedDict()
 _GRAMMARS_LOCK = threading.Lock()
+MAX_TOOLS = 64  # functions one session or request may declare
+MAX_TOOLS_JSON_CHARS = 32_000  # their declarations, as JSON
+
+
+class ToolSpecError(ValueError):
+    """A bad tool declaration; `param` names where it is."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def parse_tools(tools: Any, param: str) -> list[dict[str, Any]]:
+    """Function specs of a client's tools (see the module docstring)."""
+    if not isinstance(tools, list):
+        raise ToolSpecError(f"{param} must be a list", param)
+    if len(tools) > MAX_TOOLS or len(json.dumps(tools)) > MAX_TOOLS_JSON_CHARS:
+        raise ToolSpecError(f"at most {MAX_TOOLS} tools of {MAX_TOOLS_JSON_CHARS} characters in all", param)
+    specs: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        where = f"{param}[{i}]"
+        if not isinstance(tool, dict):
+            raise ToolSpecError(f"{where} must be an object", where)
+        if tool.get("type", "function") != "function":
+            raise ToolSpecError(f"tools of type {tool.get('type')!r} are not supported (only 'function')", f"{where}.type")
+        spec = tool["function"] if isinstance(tool.get("function"), dict) else tool
+        name = spec.get("name")
+        if not isinstance(name, str) or not 1 <= len(name) <= 64 or not all(c.isalnum() or c in "_-" for c in name):
+            raise ToolSpecError("a function name is 1-64 letters, digits, '_' or '-'", f"{where}.name")
+        if any(s["name"] == name for s in specs):
+            raise ToolSpecError(f"two tools are named {name!r}", f"{where}.name")
+        description = spec.get("description") or ""
+        parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(description, str):
+            raise ToolSpecError("description must be a string", f"{where}.description")
+        if not isinstance(parameters, dict):
+            raise ToolSpecError("parameters must be a JSON schema object", f"{where}.parameters")
+        specs.append({"name": name, "description": description, "parameters": parameters})
+    return specs
+
+
+def parse_tool_choice(choice: Any, functions: list[dict[str, Any]], param: str) -> str | dict[str, str] | None:
+    """"auto" | "none" | "required" | {"name": ...} (None where the client gave none)."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        if not isinstance(name, str) or not any(f["name"] == name for f in functions):
+            raise ToolSpecError(f"tool_choice names no declared function: {str(name)[:64]!r}", param)
+        return {"name": name}
+    raise ToolSpecError("tool_choice must be 'auto', 'none', 'required' or a function", param)
+
+
+def chat_tool(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": dict(spec)}
+
+
+def chat_tool_choice(choice: str | dict[str, str]) -> str | dict[str, Any]:
+    return {"type": "function", "function": {"name": choice["name"]}} if isinstance(choice, dict) else choice
 
 
 def _call_text(name: str, arguments: str) -> str:

@@ -4,7 +4,9 @@ one refuse it; the llguidance grammar on a real tokenizer."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from typing import ClassVar
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ PROMPTS = [[2, 3, 4], [5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16]]
 class Staircase:
     """A toy grammar: strictly increasing even tokens, then EOS once 30 is passed."""
 
-    made: list[Staircase] = []
+    made: ClassVar[list[Staircase]] = []
 
     def __init__(self) -> None:
         self.last = 0
@@ -60,7 +62,7 @@ class Staircase:
 
 
 def _staircase(ids: list[int]) -> bool:
-    return all(t % 2 == 0 for t in ids) and all(a < b for a, b in zip(ids, ids[1:], strict=False))
+    return all(t % 2 == 0 for t in ids) and all(a < b for a, b in itertools.pairwise(ids))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -85,6 +85,7 @@ from voice_agent.events import (
     VadSettings,
 )
 from voice_agent.llm import estimate_tokens
+from voice_agent.tools import ToolSpecError, chat_tool, chat_tool_choice, parse_tool_choice, parse_tools
 from voice_agent.transports import OutMessage
 
 __all__ = ["SUPPORTED_CLIENT_EVENTS", "RealtimeProtocol"]
@@ -112,8 +113,6 @@ _SERVER_ERRORS = ("llm_error", "asr_error", "tts_error", "audio_error", "server_
 MAX_REMEMBERED_RESPONSES = 64
 # Items remembered for `conversation.item.retrieve` / `.delete` (older ones are gone).
 MAX_REMEMBERED_ITEMS = 256
-MAX_TOOLS = 64  # functions one session may declare
-MAX_TOOLS_JSON_CHARS = 32_000  # their declarations, as JSON
 SPEED_RANGE = (0.25, 1.5)  # audio.output.speed, as OpenAI bounds it
 EAGERNESS = ("low", "medium", "high", "auto")
 # What the LLM reads in place of an image (it cannot see).
@@ -243,54 +242,27 @@ def _parse_max_output_tokens(obj: dict[str, Any], param: str) -> int | str | Non
 def _parse_tools(tools: Any, param: str) -> list[dict[str, Any]]:
     """Function tools in Realtime form (`{"type": "function", "name", "description",
     "parameters"}`; the Chat Completions form with a nested `function` is taken too)."""
-    if not isinstance(tools, list):
-        raise _BadEvent(f"{param} must be a list", code="invalid_type", param=param)
-    if len(tools) > MAX_TOOLS or len(json.dumps(tools)) > MAX_TOOLS_JSON_CHARS:
-        raise _BadEvent(f"at most {MAX_TOOLS} tools of {MAX_TOOLS_JSON_CHARS} characters in all", param=param)
-    out, names = [], set()
-    for i, tool in enumerate(tools):
-        where = f"{param}[{i}]"
-        if not isinstance(tool, dict):
-            raise _BadEvent(f"{where} must be an object", code="invalid_type", param=where)
-        if tool.get("type", "function") != "function":
-            raise _BadEvent(f"tools of type {tool.get('type')!r} are not supported (only 'function')", param=f"{where}.type")
-        spec = tool.get("function") if isinstance(tool.get("function"), dict) else tool
-        name = _get(spec, "name", str, f"{where}.name", required=True)
-        if not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
-            raise _BadEvent("a function name is 1-64 letters, digits, '_' or '-'", param=f"{where}.name")
-        if name in names:
-            raise _BadEvent(f"two tools are named {name!r}", param=f"{where}.name")
-        names.add(name)
-        description = _get(spec, "description", str, f"{where}.description") or ""
-        parameters = _get(spec, "parameters", dict, f"{where}.parameters") or {"type": "object", "properties": {}}
-        out.append({"type": "function", "name": name, "description": description, "parameters": parameters})
-    return out
+    try:
+        return [{"type": "function", **spec} for spec in parse_tools(tools, param)]
+    except ToolSpecError as e:
+        raise _BadEvent(str(e), param=e.param) from None
 
 
 def _parse_tool_choice(choice: Any, tools: list[dict[str, Any]], param: str) -> str | dict[str, Any] | None:
-    if choice is None:
-        return None
-    if isinstance(choice, str):
-        if choice not in ("auto", "none", "required"):
-            raise _BadEvent("tool_choice must be 'auto', 'none', 'required' or a function", param=param)
-        return choice
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        name = choice.get("name") or (choice.get("function") or {}).get("name")
-        if not isinstance(name, str) or name not in {t["name"] for t in tools}:
-            raise _BadEvent(f"tool_choice names no declared function: {name!r}", param=param)
-        return {"type": "function", "name": name}
-    raise _BadEvent("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'name': ...}", param=param)
+    try:
+        parsed = parse_tool_choice(choice, tools, param)
+    except ToolSpecError as e:
+        raise _BadEvent(str(e), param=e.param) from None
+    return {"type": "function", "name": parsed["name"]} if isinstance(parsed, dict) else parsed
 
 
 def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
     """A Realtime function tool -> its Chat Completions form (what LLM clients take)."""
-    return {"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")}}
+    return chat_tool({k: tool[k] for k in ("name", "description", "parameters")})
 
 
 def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
-    if isinstance(choice, dict):
-        return {"type": "function", "function": {"name": choice["name"]}}
-    return choice
+    return chat_tool_choice({"name": choice["name"]} if isinstance(choice, dict) else choice)
 
 
 class RealtimeProtocol:
