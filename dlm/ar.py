@@ -20,6 +20,7 @@ masked before each pick, and every token it commits advances the constraint.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -35,6 +36,8 @@ from dlm.model import Transformer
 from dlm.policies import sampling_probs
 
 __all__ = ["ARDecoder", "AREngine", "ar_spec"]
+
+log = logging.getLogger(__name__)
 
 
 def ar_spec(spec: DiffusionSpec) -> DiffusionSpec:
@@ -63,7 +66,8 @@ class ARDecoder(BlockDecoder):
             if row.final_upto >= row.gen_end:
                 break
             if constraint is not None and t not in self.eos and not constraint.consume(t):
-                raise RuntimeError(f"token {t} breaks the request's constraint")  # a decoder bug: fail the request
+                log.error("row %d: token %d breaks its constraint; the request fails", row.slot, t)  # a decoder bug
+                return "error"
             row.ids.append(t)
             row.final_upto += 1
             if t in self.eos:

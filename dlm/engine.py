@@ -160,8 +160,9 @@ class _Request:
 
 
 class Engine:
-    supports_constraints = False  # GenerationParams.constraint (dlm.constraints): the AR engines
     """Continuous-batching block-diffusion engine; see the module docstring."""
+
+    supports_constraints = False  # GenerationParams.constraint (dlm.constraints): the AR engines
 
     def __init__(self, loaded: Any, *, max_batch_size: int = 8, max_seq_len: int | None = None,
                  cache: str = "auto", compile_mode: str | None = None) -> None:

@@ -127,7 +127,7 @@ class ReplyOptions:
     audio_output: bool | None = None
     max_output_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" | "required" | {"type": "function", "name"}
+    tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
 
 
 @dataclass(kw_only=True)
@@ -328,7 +328,7 @@ class ResponseDone(Event):
 
     `status`: "completed", "cancelled" (barge-in or cancel) or "failed" (`error` says why).
     `text` is what was generated; `heard` what the caller heard (what goes into the history).
-    `calls`: the function calls the reply made (also sent before as `FunctionCall`).
+    `reason` of a completed reply: "length" where it stopped at its token limit.
     """
 
     status: str
@@ -338,7 +338,6 @@ class ResponseDone(Event):
     reason: str | None = None  # for "cancelled": "speech" | "text" | "cancel" | "hangup"
     error: str | None = None
     usage: Usage | None = None
-    calls: list[FunctionCall] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

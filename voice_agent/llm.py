@@ -255,7 +255,7 @@ class LocalDLM:
                 from voice_agent.tools import plain_messages
 
                 messages = plain_messages(messages)
-        if options is not None and options.max_tokens:
+        if options is not None and options.max_tokens and call_opening is None:  # a call is finished whole
             params.max_new_tokens = min(params.max_new_tokens, options.max_tokens)
         handle = self._engine.submit(messages, params, on_delta=on_delta, owner=owner)
         finished = False

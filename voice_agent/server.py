@@ -396,7 +396,8 @@ class VoiceServer:
                     except Exception as e:  # a bug in handling one message must not end the call
                         log.exception("call %s: failed to apply %s", call_id, type(event).__name__)
                         self.metrics.error("session")
-                        session.outbox.put_urgent(ErrorEvent(t=time.monotonic(), code="server_error", message=f"{type(e).__name__}: {e}"))
+                        session.outbox.put_urgent(ErrorEvent(t=time.monotonic(), code="server_error", message=f"{type(e).__name__}: {e}",
+                                                             client_event_id=event.client_event_id))
                 # Backpressure: stop reading while the client leaves its answers unread. A
                 # connection that closes meanwhile (the writer ends) ends the call at once: its
                 # work must not wait for send_timeout_s.

@@ -473,6 +473,35 @@ class _Speculation:
     run: LlmRun
 
 
+def _paired_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as a strict Chat Completions server takes them: every function call answered
+    by its result right after it. Calls of consecutive assistant messages are merged into one
+    message; a call with no result (the caller spoke before the client answered it) is left out,
+    and so is a result whose call is gone (deleted, or out of the window)."""
+    answered = {m.get("tool_call_id") for m in messages if m["role"] == "tool"}
+    out: list[dict[str, Any]] = []
+    open_calls: set[str] = set()
+    for m in messages:
+        if m["role"] == "tool":
+            if m.get("tool_call_id") in open_calls:
+                out.append(m)
+            continue
+        open_calls = set()
+        calls = [c for c in m.get("tool_calls") or () if c["id"] in answered]
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            previous = out[-1] if out else None
+            if previous is not None and previous.get("tool_calls") and not previous.get("content") and not m.get("content"):
+                previous["tool_calls"] = [*previous["tool_calls"], *calls]
+                open_calls = {c["id"] for c in previous["tool_calls"]}
+                continue
+            m = {k: v for k, v in m.items() if k != "tool_calls"} | ({"tool_calls": calls} if calls else {})
+            if not calls and not m.get("content"):
+                continue
+            open_calls = {c["id"] for c in calls}
+        out.append(dict(m))
+    return out
+
+
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -584,7 +613,7 @@ class Session:
             case UserText():
                 await self._on_user_text(event)
             case AddItem():
-                self._on_item(event)
+                await self._on_item(event)
             case DeleteItem():
                 self._delete_item(event)
             case CommitAudio():
@@ -677,10 +706,11 @@ class Session:
             self.vad = event.vad
             self._vad_changed = True  # the endpointer is rebuilt between turns (_process_audio)
 
-    def _rebuild_endpointer(self) -> None:
-        """The endpointer of the client's turn detection, made between two turns."""
+    async def _rebuild_endpointer(self) -> None:
+        """The endpointer of the client's turn detection, made between two turns (in a thread:
+        the silero backend loads an ONNX session)."""
         self._vad_changed = False
-        self._endpointer = self.services.make_endpointer(vad=self.vad)
+        self._endpointer = await asyncio.to_thread(self.services.make_endpointer, vad=self.vad)
         if self._pause_endpointer is not None:
             self._pause_endpointer.reset()
         self._ep_origin_s = self._stream_s
@@ -759,7 +789,7 @@ class Session:
 
     async def _process_audio(self, event: AudioIn) -> None:
         if self._vad_changed and self._user_turn is None:
-            self._rebuild_endpointer()
+            await self._rebuild_endpointer()
         audio = self._to_16k(event)
         self._stream_s += len(audio) / ASR_RATE_HZ
         if self.config.echo_gate_ratio > 0 and self._echo_turn is not None:
@@ -1047,11 +1077,10 @@ class Session:
         else:
             self._finish(turn, "no_reply")
 
-    def _on_item(self, event: AddItem) -> None:
+    async def _on_item(self, event: AddItem) -> None:
         """A system or assistant message, a function call or result: into the history, no reply."""
         if not self._item_rate.allow():
-            self.outbox.put_urgent(ErrorEvent(t=self._clock(), code="rate_limit_exceeded", client_event_id=event.client_event_id,
-                                              message=f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)"))
+            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)", event)
             return
         self._add_history(0, event.message, event.item_id)
 
@@ -1177,7 +1206,8 @@ class Session:
                     turn.steps, turn.tokens = delta.steps, delta.tokens
                 elif delta.tokens is not None:
                     turn.tokens = delta.tokens
-                calls += delta.tool_calls or ()
+                if delta.tool_calls and run.options is not None and run.options.tools:
+                    calls += delta.tool_calls  # (a backend's calls where none was offered are dropped)
                 if delta.trace is not None and self.trace_steps:
                     trace = delta.trace
                     await self.outbox.put(
@@ -1199,8 +1229,8 @@ class Session:
                 await speaker
             for call in calls:  # after the reply's own words, before its end
                 event = self._function_call(turn, call)
-                turn.calls.append(event)
                 await self.outbox.put(event)
+                turn.calls.append(event)  # sent: now it is part of the reply (and of the history)
         except LlmError as e:
             await self._error("llm_error", str(e))
             self._finish(turn, "failed", error=str(e), error_code="llm_error")
@@ -1372,6 +1402,8 @@ class Session:
             if self.state in (State.THINKING, State.SPEAKING):
                 self.state = State.LISTENING
         t = self._clock()
+        if status == "completed" and turn.llm_finish == "length":
+            reason = "length"  # whole as generated, but cut at the token limit
         if status != "no_reply":
             self.outbox.put_nowait(
                 ResponseDone(
@@ -1384,7 +1416,6 @@ class Session:
                     reason=reason,
                     error=error,
                     usage=Usage(turn.input_tokens, turn.tokens or 0) if turn.input_tokens is not None else None,
-                    calls=list(turn.calls),
                 )
             )
             self.outbox.put_nowait(TurnMetrics(turn_id=record.turn_id, t=t, values=record.metrics))
@@ -1468,7 +1499,7 @@ class Session:
         cut = len(kept) < len(tail)
         while len(kept) > 1 and (kept[0]["role"] == "tool" or (cut and kept[0]["role"] not in ("user", "system"))):
             kept.pop(0)
-        return [{"role": "system", "content": self.instructions if instructions is None else instructions}, *kept]
+        return [{"role": "system", "content": self.instructions if instructions is None else instructions}, *_paired_calls(kept)]
 
     def _tail_within(self, text: str, tokens: int) -> str:
         """The longest end of `text` that counts at most `tokens` (binary search on its start)."""

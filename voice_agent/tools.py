@@ -105,7 +105,8 @@ def parse_tool_choice(choice: Any, functions: list[dict[str, Any]], param: str) 
     if choice is None or choice in ("auto", "none", "required"):
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        nested = choice.get("function")
+        name = choice.get("name") or (nested.get("name") if isinstance(nested, dict) else None)
         if not isinstance(name, str) or not any(f["name"] == name for f in functions):
             raise ToolSpecError(f"tool_choice names no declared function: {str(name)[:64]!r}", param)
         return {"name": name}
@@ -195,6 +196,8 @@ class ToolRouter:
             return logp.gather(-1, target)[..., 0].sum(dim=-1).tolist()
 
     def choose(self, request: str, functions: list[dict[str, Any]], allow_none: bool = True) -> str | None:
+        if not request.strip() and allow_none:
+            return None  # no words to read: nothing asks for a function
         descriptions = [_description(f) for f in functions] + ([NO_FUNCTION] if allow_none else [])
         scores = self.scores(request, descriptions)
         best = max(range(len(scores)), key=scores.__getitem__)

@@ -190,6 +190,9 @@ def test_append_decodes_pcm16_and_mulaw():
         ('{"type": "session.update", "session": {"tools": [{"type": "function"}]}}', "invalid_value"),
         ('{"type": "session.update", "session": {"tool_choice": {"type": "function", "name": "nope"}}}', "invalid_value"),
         ('{"type": "response.create", "response": {"conversation": "none"}}', "unsupported_feature"),
+        ('{"type": "response.create", "response": {"tool_choice": {"type": "function", "function": "x"}}}', "invalid_value"),
+        ('{"type": "conversation.item.create", "item": {"role": "system", "content": [{"type": "input_audio", "transcript": "x"}]}}',
+         "invalid_value"),
         ('{"type": "conversation.item.truncate", "item_id": "nope", "content_index": 0, "audio_end_ms": 10}', "item_not_found"),
     ],
 )

@@ -178,7 +178,7 @@ def test_a_reply_that_only_calls_a_function_holds_no_message():
     ]
     assert messages[3]["call_id"] == "call_x" and json.loads(messages[3]["arguments"]) == {"city": "Oslo"}
     (done,) = encoded(p, ResponseDone(turn_id=3, status="completed", text="", heard="", audio_output=True,
-                                      usage=Usage(120, 9), calls=[call]))
+                                      usage=Usage(120, 9)))
     response = done["response"]
     assert [o["type"] for o in response["output"]] == ["function_call"]
     assert response["usage"]["input_tokens"] == 120 and response["usage"]["output_tokens"] == 9
@@ -194,9 +194,28 @@ def test_words_then_a_call_are_two_outputs_in_order():
     call = FunctionCall(turn_id=4, call_id="c", name="get_weather", arguments="{}")
     assert encoded(p, call)[0]["output_index"] == 1
     done = encoded(p, ResponseDone(turn_id=4, status="completed", text="Let me check.", heard="Let me check.",
-                                   audio_output=True, calls=[call]))[-1]
+                                   audio_output=True))[-1]
     assert [o["type"] for o in done["response"]["output"]] == ["message", "function_call"]
     assert done["response"]["usage"] is None  # the session said nothing about tokens
+
+
+def test_a_reply_cut_at_its_token_limit_is_incomplete():
+    p = proto()
+    encoded(p, ReplyStarted(turn_id=5, audio_output=False))
+    encoded(p, ReplyTextDelta(turn_id=5, text="One two"))
+    done = encoded(p, ResponseDone(turn_id=5, status="completed", text="One two", heard="One two", audio_output=False,
+                                   reason="length"))[-1]
+    assert done["response"]["status"] == "incomplete"
+    assert done["response"]["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
+    assert done["response"]["output"][0]["status"] == "incomplete"
+
+
+def test_a_tool_choice_naming_a_removed_function_goes_back_to_auto():
+    p = proto()
+    send(p, {"type": "session.update", "session": {"tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"}}})
+    timer = {**WEATHER, "name": "set_timer"}
+    (configure,) = send(p, {"type": "session.update", "session": {"tools": [timer]}})
+    assert configure.tool_choice == "auto" and p.settings.tool_choice == "auto"
 
 
 def test_session_settings_map_to_the_session_and_echo_back():

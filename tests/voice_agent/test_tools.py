@@ -81,7 +81,27 @@ def test_a_named_function_is_called_and_none_means_words(llm):
                     tool_choice={"type": "function", "function": {"name": "set_timer"}})
     (call,) = calls
     assert call.name == "set_timer" and isinstance(json.loads(call.arguments)["minutes"], int)
+    # A reply limit too small for a call does not cut it: a call is finished whole.
+    _, calls = _ask(llm, [system, {"role": "user", "content": "A timer for 3 minutes."}], max_tokens=2,
+                    tool_choice={"type": "function", "function": {"name": "set_timer"}})
+    assert json.loads(calls[0].arguments)["minutes"] == 3
     text, calls = _ask(llm, [system, {"role": "user", "content": "Set a timer for 3 minutes."}], tool_choice="none")
     assert text.strip() and calls is None
     with pytest.raises(LlmError, match="names no declared function"):
         _ask(llm, [system, {"role": "user", "content": "Hi"}], tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_bench_tools_scores_the_cases_and_writes_json(tmp_path, capsys):
+    from voice_agent import cli
+
+    out = tmp_path / "tools.json"
+    assert cli.main(["bench", "tools", "--cases", "2", "--modes", "required", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows = results["modes"]["required"]["rows"]
+    assert [r["expected"] for r in rows] == ["get_weather", "get_weather"]
+    assert all(r["called"] and r["valid"] for r in rows)  # the grammar: every call is valid for its schema
+    scores = results["modes"]["required"]["scores"]
+    assert scores["cases"] == 2 and scores["valid_calls"] == scores["calls"] == 2
+    assert "required: right calls" in capsys.readouterr().out
+    assert cli.main(["bench", "tools", "--modes", "sometimes"]) == 2
+    assert "--modes takes auto, required" in capsys.readouterr().err

@@ -67,3 +67,35 @@ def test_a_realtime_call_through_the_tier_makes_the_call_and_answers(tier):
     call, text, _ = asyncio.run(main())
     assert call.name == "get_weather" and json.loads(call.arguments)["city"].lower() == "oslo"
     assert text.strip()
+
+
+@pytest.fixture(scope="module")
+def local_llm():
+    from voice_agent.llm import build_llm
+
+    llm = build_llm(Config().llm)  # the embedded default model, in this process
+    yield llm
+    asyncio.run(llm.aclose())
+
+
+def test_the_openai_sdk_round_trip_with_the_local_model(local_llm):
+    async def main():
+        async with running(services=FakeServices(local_llm)) as server:
+            return await tool_round_trip(server.port)
+
+    call, text, _ = asyncio.run(main())
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"].lower() == "oslo"
+    assert text.strip()
+
+
+def test_pipecat_round_trip_with_the_local_model(local_llm):
+    pytest.importorskip("pipecat", reason="pipecat-ai is a dev dependency")
+    from test_pipecat_client import weather_call
+
+    async def main():
+        async with running(services=FakeServices(local_llm)) as server:
+            return await weather_call(server.port)
+
+    calls, recorder = asyncio.run(main())
+    assert [c["city"].lower() for c in calls] == ["oslo"]
+    assert recorder.spoken().strip() and recorder.audio_bytes() > 0

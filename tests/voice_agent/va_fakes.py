@@ -132,7 +132,7 @@ def count_bursts(audio: np.ndarray) -> int:
 
 class FakeLLM:
     """Replies with `reply` in word pieces; `hold=True` keeps each request open until released.
-    Where a request has tools, `tool_calls` (ToolCalls) come on its last delta. `script`: (reply,
+    `tool_calls` (ToolCalls) come on its last delta (tools offered or not). `script`: (reply,
     tool calls) for the next requests in turn, before `reply` and `tool_calls` apply."""
 
     name = "fake"
@@ -180,7 +180,7 @@ class FakeLLM:
             if self.fail:
                 raise LlmError(self.fail)
             reply, calls = self.script.pop(0) if self.script else (self.reply, self.tool_calls)
-            calls = list(calls) if options is not None and options.tools else []
+            calls = list(calls)  # also where no tools were offered: a backend that misbehaves
             pieces = [w + " " for w in reply.split(" ")] if reply else []
             if options is not None and options.max_tokens:
                 pieces = pieces[: options.max_tokens]

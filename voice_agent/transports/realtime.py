@@ -35,6 +35,7 @@ from __future__ import annotations
 import binascii
 import collections
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ SUPPORTED_CLIENT_EVENTS = (
     "response.cancel",
     "output_audio_buffer.clear",
 )
+
+log = logging.getLogger(__name__)
 
 # Rates accepted for "audio/pcm" (the OpenAI service takes 24 kHz only; we take these).
 PCM_RATES_HZ = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -400,6 +403,10 @@ class RealtimeProtocol:
         except _BadEvent as e:
             self._error(str(e), code=e.code, param=e.param)
             return []
+        except Exception as e:  # a bug in reading one message must not end the call
+            log.exception("realtime: failed to read a %s event", type_)
+            self._error(f"{type(e).__name__}: {e}", code="server_error", kind="server_error")
+            return []
         for input_event in events:
             input_event.client_event_id = self._current_event_id
         return events
@@ -462,6 +469,9 @@ class RealtimeProtocol:
             raise _BadEvent(f"speed must lie in [{SPEED_RANGE[0]}, {SPEED_RANGE[1]}]", param="session.audio.output.speed")
         tools = _parse_tools(session["tools"], "session.tools") if session.get("tools") is not None else None
         tool_choice = _parse_tool_choice(session.get("tool_choice"), tools if tools is not None else s.tools, "session.tool_choice")
+        if (tool_choice is None and tools is not None and isinstance(s.tool_choice, dict)
+                and not any(t["name"] == s.tool_choice["name"] for t in tools)):
+            tool_choice = "auto"  # the function it named is gone with the old tools
         transcription = _get(audio_in, "transcription", dict, "session.audio.input.transcription")
         audio_output = None
         if modalities is not None:
@@ -571,7 +581,7 @@ class RealtimeProtocol:
                 texts.append(text)
                 # As the GA API writes them: assistants' parts are output, the others' input.
                 parts.append({"type": "output_text" if role == "assistant" else "input_text", "text": text})
-            elif kind in ("input_audio", "output_audio", "audio"):
+            elif kind in ("input_audio", "output_audio", "audio") and role != "system":
                 transcript = _get(part, "transcript", str, f"{where}.transcript")
                 if transcript is None:
                     raise _BadEvent("audio content needs its 'transcript' here (audio items are not transcribed)",
@@ -579,8 +589,11 @@ class RealtimeProtocol:
                 texts.append(transcript)
                 parts.append({"type": "output_audio" if role == "assistant" else "input_audio", "transcript": transcript})
             elif kind == "input_image" and role == "user":
+                detail = part.get("detail") or "auto"
+                if detail not in ("auto", "low", "high"):
+                    raise _BadEvent("detail must be 'auto', 'low' or 'high'", param=f"{where}.detail")
                 texts.append(IMAGE_NOTE)
-                parts.append({"type": "input_image", "detail": part.get("detail") or "auto"})  # the image is not kept
+                parts.append({"type": "input_image", "detail": detail})  # the image is not kept
             else:
                 raise _BadEvent(f"content parts of type {kind!r} are not supported in a {role} message", param=f"{where}.type")
         text = " ".join(t.strip() for t in texts if t.strip())
@@ -650,6 +663,7 @@ class RealtimeProtocol:
         self._queue("conversation.item.deleted", item_id=item_id)
         if item_id in self._turn_items:
             turn_id, role = self._turn_items.pop(item_id)
+            self._assistant_items.pop(item_id, None)  # no truncate brings it back
             return [DeleteItem(turn_id=turn_id, role=role)]
         return [DeleteItem(item_id=item_id)]
 
@@ -818,6 +832,8 @@ class RealtimeProtocol:
             details = {"type": "cancelled", "reason": reason or "client_cancelled"}
         elif status == "failed":
             details = {"type": "failed", "error": {"type": "server_error", "code": "llm_error", "message": reason}}
+        elif status == "incomplete":
+            details = {"type": "incomplete", "reason": reason}
         return {
             "id": r.response_id,
             "object": "realtime.response",
@@ -939,9 +955,12 @@ class RealtimeProtocol:
         if r is None:
             return []  # interrupted before the reply started: nothing was announced
         status = {"completed": "completed", "cancelled": "cancelled", "failed": "failed"}.get(event.status, "incomplete")
-        item_status = "completed" if status == "completed" else "incomplete"
         text = event.heard if status != "completed" else event.text.strip()
-        reason = event.error if status == "failed" else ("turn_detected" if event.reason in ("speech", "text") else "client_cancelled")
+        if status == "completed" and event.reason == "length":
+            status = "incomplete"  # the reply reached its token limit (OpenAI: max_output_tokens)
+        item_status = "completed" if status == "completed" else "incomplete"
+        reason = event.error if status == "failed" else ("turn_detected" if event.reason in ("speech", "text") else
+                                                         "max_output_tokens" if event.reason == "length" else "client_cancelled")
         if not r.message_open and (r.calls or (status != "completed" and not text)):
             # Nothing was said: the response holds its function calls, or nothing.
             return self._out("response.done", response=self._response_json(r, status, list(r.calls), reason, event.usage))
