@@ -683,25 +683,15 @@ class Session:
 
     # --- configuration -------------------------------------------------------------------------
 
+    # ConfigureSession fields that are session attributes of the same name (None: unchanged).
+    _SETTINGS = ("instructions", "input_rate_hz", "server_vad", "audio_output", "trace_steps", "speed", "tools", "tool_choice")
+
     def _configure(self, event: ConfigureSession) -> None:
-        if event.instructions is not None:
-            self.instructions = event.instructions
-        if event.input_rate_hz is not None:
-            self.input_rate_hz = event.input_rate_hz
-        if event.server_vad is not None:
-            self.server_vad = event.server_vad
-        if event.audio_output is not None:
-            self.audio_output = event.audio_output
-        if event.trace_steps is not None:
-            self.trace_steps = event.trace_steps
+        for name in self._SETTINGS:
+            if (value := getattr(event, name)) is not None:
+                setattr(self, name, value)
         if event.max_output_tokens is not None:
-            self.max_output_tokens = event.max_output_tokens or None
-        if event.speed is not None:
-            self.speed = event.speed
-        if event.tools is not None:
-            self.tools = event.tools
-        if event.tool_choice is not None:
-            self.tool_choice = event.tool_choice
+            self.max_output_tokens = event.max_output_tokens or None  # 0: back to the LLM's own limit
         if event.vad is not None and event.vad != self.vad:
             self.vad = event.vad
             self._vad_changed = True  # the endpointer is rebuilt between turns (_process_audio)
