@@ -62,7 +62,8 @@ def test_a_frontend_reports_its_tier_down_and_recovers(tmp_path):
                     assert (await _health(server)).json()["llm_reachable"] is True
                     events = await _turn(ws, "Hello again?")  # the same call, answered by the tier now
                     done = events[-1]["response"]
-                    assert done["status"] == "completed", done
+                    # A random tiny model talks until its 8 tokens are out: "incomplete", not "failed".
+                    assert done["status"] == "completed" or done["status_details"]["reason"] == "max_output_tokens", done
                     assert done["output"][0]["content"][0]["text"]
                     assert not [e for e in events if e["type"] == "error"]
                 finally:
