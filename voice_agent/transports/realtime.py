@@ -1,12 +1,13 @@
-"""`/v1/realtime`: a subset of the OpenAI Realtime API (GA event names, `openai.types.realtime`).
+"""`/v1/realtime`: the OpenAI Realtime API (GA event names, `openai.types.realtime`): every client
+event of the GA API, what a text-and-speech server cannot do refused as OpenAI refuses it.
 
 Contract (docs/protocol.md has the full list and example exchanges):
 - `RealtimeProtocol.start()` returns the `session.created` message.
 - `feed(message)` takes one WebSocket message and returns the input events it carries. Anything
   wrong with a message (not JSON, not an object, unknown `type`, a field of the wrong type, an
   oversized message, bad base64, an unknown item, instructions (in the LLM's tokens) or a message
-  text over its limit:
-  `string_above_max_length`) queues an `error` event for `take_outgoing()` and the call continues. Acknowledgements (`session.updated`, `input_audio_buffer.cleared`,
+  text over its limit: `string_above_max_length`; a bug while reading it: `server_error`) queues
+  an `error` event for `take_outgoing()` and the call continues. Acknowledgements (`session.updated`, `input_audio_buffer.cleared`,
   `conversation.item.added` for typed text, `conversation.item.truncated`,
   `conversation.item.retrieved`, `conversation.item.deleted`) are queued the same way. Every input
   event carries the client's `event_id` (`client_event_id`), and so does every error about it.
