@@ -74,8 +74,8 @@ PROFILE_MAX_NEW_TOKENS = 64
 REFERENCE = "llama.cpp"  # the reference engine of --reference (voice_agent/bench/reference.py)
 MAX_ROUNDS = 8  # rounds of C requests measured per concurrency level C (fewer where prompts run out)  # the profiled run: a few blocks, enough steps to average over
 
-_OTHERS = {"audio": "bench_audio", "e2e": "bench_e2e", "hostile": "bench_hostile", "tools": "bench_tools",
-           "turns": "bench_turns"}
+_OTHERS = {"audio": "bench_audio", "e2e": "bench_e2e", "hostile": "bench_hostile", "quality": "bench_quality",
+           "tools": "bench_tools", "turns": "bench_turns"}
 
 
 def _other(target: str):
