@@ -62,6 +62,14 @@ async def text_turn(base_url: str, text: str) -> tuple[float, str, str]:
 def test_server_is_idle_within_a_second_of_the_last_hostile_close(server):
     before = [asyncio.run(text_turn(server.url, "What is the capital of France?")) for _ in range(2)]  # also warms up
     assert all(status == "completed" for _, status, _ in before)
+
+    async def together(n: int) -> list:
+        return await asyncio.gather(*(text_turn(server.url, "Tell me about Paris.") for _ in range(n)))
+
+    # The flood runs several replies at once (greetings from response.create): the engine's and
+    # oneDNN's first buffers for a batch of rows are allocated once, here, not counted as growth.
+    for n in (2, 4, 6):
+        asyncio.run(together(n))
     _, rss_start_mb = process_usage(server.process.pid)
     report = asyncio.run(hostile.run_hostile(server.url, messages=3000, connections=6, seed=11))
     trace: list = []
@@ -74,6 +82,7 @@ def test_server_is_idle_within_a_second_of_the_last_hostile_close(server):
     time.sleep(1.0)
     cpu1, rss_mb = process_usage(server.process.pid)
     assert cpu1 - cpu0 <= 0.05, f"{cpu1 - cpu0:.2f} CPU seconds in 1 s with no call"
+    print(f"resident memory {rss_start_mb:.0f} -> {rss_mb:.0f} MB")
     assert rss_mb - rss_start_mb <= 100, f"resident memory {rss_start_mb:.0f} -> {rss_mb:.0f} MB"
     # An honest caller afterwards is answered as fast as before the flood.
     first_s, status, reply = asyncio.run(text_turn(server.url, "What is the capital of France?"))
