@@ -72,6 +72,7 @@ class Grammar:
         if probe.is_error():
             raise ValueError(f"invalid grammar: {probe.get_error()}")
         self.vocab_size = self._tokenizer.vocab_size
+        self._forced = list(probe.compute_ff_tokens())
 
     @classmethod
     def llg_tokenizer(cls, tokenizer: Any) -> Any:
@@ -97,10 +98,9 @@ class Grammar:
 
     def forced(self) -> list[int]:
         """The tokens every sentence of the grammar starts with (llguidance's fast-forward
-        tokens): a decoder may prefill them with the prompt instead of decoding them one by one."""
-        import llguidance
-
-        return list(llguidance.LLMatcher(self._tokenizer, self._grammar).compute_ff_tokens())
+        tokens, found once per grammar): a decoder may prefill them with the prompt instead of
+        decoding them one by one."""
+        return list(self._forced)
 
 
 class GrammarConstraint:

@@ -294,16 +294,16 @@ class LocalDLM:
         from voice_agent import tools as t
 
         functions = t.functions_of(options.tools or [])
-        choice = options.tool_choice or "auto"
         if self._tokenizer is None:
             raise LlmError("tools need a model with a tokenizer")
+        try:
+            choice = t.parse_tool_choice(options.tool_choice, functions, "tool_choice") or "auto"
+        except t.ToolSpecError as e:
+            raise LlmError(f"tools: {e}") from None
         if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name") or choice.get("name")
-            function = next((f for f in functions if f["name"] == name), None)
-            if function is None:
-                raise LlmError(f"tools: tool_choice names no declared function: {name!r}")
-        elif choice not in ("auto", "required"):
-            raise LlmError(f"tools: tool_choice must be auto, required, none or a function, not {choice!r}")
+            function = next(f for f in functions if f["name"] == choice["name"])
+        elif choice == "none":
+            raise LlmError("tools: tool_choice 'none' asks for no tools")  # callers decode such requests without tools
         elif not functions:
             raise LlmError("tools: no function tools")
         else:

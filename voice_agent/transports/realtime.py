@@ -468,6 +468,7 @@ class RealtimeProtocol:
         speed = _get(audio_out, "speed", (int, float), "session.audio.output.speed")
         if speed is not None and not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
             raise _BadEvent(f"speed must lie in [{SPEED_RANGE[0]}, {SPEED_RANGE[1]}]", param="session.audio.output.speed")
+        speed = float(speed) if speed is not None else None
         tools = _parse_tools(session["tools"], "session.tools") if session.get("tools") is not None else None
         tool_choice = _parse_tool_choice(session.get("tool_choice"), tools if tools is not None else s.tools, "session.tool_choice")
         if (tool_choice is None and tools is not None and isinstance(s.tool_choice, dict)
@@ -495,7 +496,7 @@ class RealtimeProtocol:
             "denoise_steps": denoise,
             "voice": voice,
             "max_output_tokens": max_output_tokens,
-            "speed": float(speed) if speed is not None else None,
+            "speed": speed,
             "tools": tools,
             "tool_choice": tool_choice,
             # Kept and echoed; whisper takes no options here (docs/protocol.md lists what is ignored).
@@ -515,7 +516,7 @@ class RealtimeProtocol:
                 trace_steps=denoise,
                 vad=vad,
                 max_output_tokens=(0 if max_output_tokens == "inf" else max_output_tokens),
-                speed=float(speed) if speed is not None else None,
+                speed=speed,
                 tools=[_chat_tool(t) for t in tools] if tools is not None else None,
                 tool_choice=_chat_tool_choice(tool_choice) if tool_choice is not None else None,
             )
