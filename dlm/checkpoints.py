@@ -1,10 +1,11 @@
 """Find, recognise and load a checkpoint of any supported family into our `Transformer`.
 
 Contract:
-- `load_model(path, *, device="cpu", dtype=None, max_seq_len=None, drafter=None, weights="dense",
-  inference_only=False) -> LoadedModel` (`weights`: one of `WEIGHT_FORMATS`, see load_model)
-  with `.model` (dlm.model.Transformer, eval mode), `.config`, `.spec`, `.tokenizer`, `.family`,
-  `.path`, and `.drafter` (a dlm.drafter.Drafter where a drafter file was given, else None).
+- `load_model(path, *, device="cpu", dtype=None, max_seq_len=None, drafter=None, adapter=None,
+  weights="dense", inference_only=False) -> LoadedModel` (`weights`: one of `WEIGHT_FORMATS`, see
+  load_model) with `.model` (dlm.model.Transformer, eval mode), `.config`, `.spec`, `.tokenizer`,
+  `.family`, `.path`, `.adapter` (the adapter file merged into the weights, dlm.adapter, or None)
+  and `.drafter` (a dlm.drafter.Drafter where a drafter file was given, else None).
 - `detect_family(path) -> str`, one of `SUPPORTED_FAMILIES`, from what the checkpoint says about
   itself: the bd format marker in a safetensors header, the GGUF magic and
   `general.architecture`, or config.json's `architectures` / `model_type`. Never from file names.
@@ -70,6 +71,7 @@ class LoadedModel:
     family: str  # one of SUPPORTED_FAMILIES
     path: Path  # the file or folder actually loaded (a HF cache entry resolves to its snapshot)
     drafter: Any = None  # a dlm.drafter.Drafter applied to this model (load_model(..., drafter=...)), or None
+    adapter: Path | None = None  # the adapter file merged into the weights (load_model(..., adapter=...)), or None
 
 
 def _unsupported(path: Path, found: str) -> UnsupportedCheckpointError:
@@ -322,10 +324,14 @@ def _return_freed_memory() -> None:
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                max_seq_len: int | None = None, cache_dir: str | Path | None = None, pack: bool = True,
-               drafter: str | Path | None = None, weights: str = "dense", inference_only: bool = False) -> LoadedModel:
+               drafter: str | Path | None = None, adapter: str | Path | None = None, weights: str = "dense",
+               inference_only: bool = False) -> LoadedModel:
     """See the module docstring; `pack`: prepack the weights for oneDNN where that applies
-    (bfloat16 on CPU, `Transformer.pack_linears`); `drafter`: a drafter file for this model
-    (dlm.drafter), checked against it (DrafterError where it belongs to another base);
+    (bfloat16 on CPU, `Transformer.pack_linears`); `adapter`: a fine-tune of this model
+    (dlm.adapter), merged into its weights before they are packed (AdapterError where it belongs
+    to another base; not with int4 weights, which are the base's own); `drafter`: a drafter file
+    for this model, adapter included (dlm.drafter), checked against it (DrafterError where it
+    belongs to another base or adapter);
     `weights`: "dense", or "int4": a GGUF's own Q4_0 / Q4_1 projections run the decoding steps
     (`dlm.model.Int4Weight`), packed bf16 copies the prefill, and the dense copies are released
     (inference only: `Transformer.release_dense_weights`); bfloat16 on CPU only.
@@ -333,6 +339,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     runs the packed ones; about 210 MB for SmolLM2 in bf16)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+    if adapter is not None and weights != "dense":
+        raise ValueError(f"an adapter ({Path(adapter).name}) changes the weights: it cannot run with weights={weights!r} "
+                         "(the checkpoint's own quantized blocks); use weights='dense'")
     resolved = resolve_checkpoint(path)
     family_name, family = _detect(resolved)
     device = torch.device(device)
@@ -353,6 +362,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         config, spec, state_dict, tokenizer = _load_gguf(resolved, dtype, cache)
     config.max_seq_len = max_seq_len or min(config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     model = _build_model(config, state_dict, resolved, device, dtype)
+    if adapter is not None:
+        from dlm.adapter import load_adapter, merge_adapter
+
+        merge_adapter(model, load_adapter(adapter, config, resolved))
     if weights == "int4":
         int4 = {name: Int4Weight.from_blocks(q, scale, minimum) if kind == "q4" else Int8AsInt4Weight(q, scale)
                 for name, (kind, q, scale, minimum) in read_quant_blocks(resolved).items()}
@@ -366,7 +379,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         model.release_dense_weights()
     del state_dict
     _return_freed_memory()
-    loaded = LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved)
+    loaded = LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved,
+                         adapter=None if adapter is None else Path(adapter))
     if drafter is not None:
         from dlm.drafter import load_drafter
 

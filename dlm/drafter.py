@@ -14,14 +14,15 @@ Contract:
 - File format: one safetensors file, `save_drafter(path, drafter, base_path, info)` /
   `load_drafter(path, loaded)`. Metadata "voice_agent_drafter" holds the format, the config, and
   the base's fingerprint (`base_fingerprint`: sha256 of the base's weight files) with its name and
-  shapes. Loading checks all of it against the model it is applied to and raises `DrafterError`
-  naming both files where anything differs or the file is damaged: never a silent fallback.
+  shapes, and the adapter merged into the base while training (dlm.adapter: name and sha256) or
+  none: a drafter predicts the model it was trained on, so the adapter must match too (the file
+  format is dlm.tuned_file's). Loading checks all of it against the model it is applied to and
+  raises `DrafterError` naming both files where anything differs or the file is damaged: never a
+  silent fallback.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +30,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from dlm import tuned_file
 from dlm.config import ModelConfig
 from dlm.errors import DlmError
 
@@ -162,83 +162,55 @@ class Drafter(nn.Module):
 def base_fingerprint(path: str | Path) -> str:
     """sha256 over the base checkpoint's weight files (a GGUF file, a bd file, or a folder's
     *.safetensors in name order): what a drafter was trained on."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.glob("*.gguf"))
-    if not files:
-        raise DrafterError(f"{path}: no weight files to fingerprint")
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
+    return tuned_file.base_fingerprint(path, DrafterError)
 
 
 def save_drafter(path: str | Path, drafter: Drafter, base_path: str | Path, info: dict[str, Any] | None = None,
-                 dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the drafter (weights in `dtype`) with its config and its base's fingerprint."""
-    path = Path(path)
-    c = drafter.model_config
-    meta = {
-        "format": DRAFTER_FORMAT,
-        "config": asdict(drafter.config),
-        "base": {"name": Path(base_path).name, "sha256": base_fingerprint(base_path), "n_layers": c.n_layers,
-                 "dim": c.dim, "vocab_size": c.vocab_size},
-        "info": info or {},
-    }
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in drafter.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    tmp.replace(path)
-    return path
+                 dtype: torch.dtype = torch.bfloat16, adapter: str | Path | None = None) -> Path:
+    """Write the drafter (weights in `dtype`) with its config and its base's fingerprint, and
+    that of the adapter merged into the base while it was trained (dlm.adapter), if any."""
+    base = tuned_file.base_record(drafter.model_config, base_path)
+    base["adapter"] = None if adapter is None else {"name": Path(adapter).name, "sha256": tuned_file.file_sha256(adapter)}
+    record = {"format": DRAFTER_FORMAT, "config": asdict(drafter.config), "base": base, "info": info or {}}
+    return tuned_file.write(path, drafter.state_dict(), META_KEY, record, dtype)
 
 
 def read_drafter_meta(path: str | Path) -> dict[str, Any]:
     """The file's metadata, or DrafterError where it is not a readable drafter file."""
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except Exception as e:
-        raise DrafterError(f"drafter {path}: cannot read it ({type(e).__name__}: {e})") from e
-    if raw is None:
-        raise DrafterError(f"drafter {path}: not a drafter file (no {META_KEY!r} metadata)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DrafterError(f"drafter {path}: damaged metadata ({e})") from e
-    if meta.get("format") != DRAFTER_FORMAT:
-        raise DrafterError(f"drafter {path}: format {meta.get('format')!r}, expected {DRAFTER_FORMAT!r}")
-    return meta
+    return tuned_file.read_record(path, META_KEY, DRAFTER_FORMAT, "drafter", DrafterError)
 
 
 def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> Drafter:
     """The drafter in `path` for `loaded` (a dlm.checkpoints.LoadedModel), in float32 on the
-    model's device (its products are small: float32 is the fast dtype for them on CPU). Raises DrafterError naming both files where the file is damaged or was
-    made for another base (fingerprint, layers, width, vocabulary)."""
+    model's device (its products are small: float32 is the fast dtype for them on CPU). Raises
+    DrafterError naming both files where the file is damaged or was made for another base
+    (fingerprint, layers, width, vocabulary) or another adapter of it (`check_base=False`: the
+    shapes only, for a drafter to start training from)."""
     path = Path(path)
     meta = read_drafter_meta(path)
     base = meta.get("base", {})
-    c = loaded.config
     where = f"drafter {path} (made for {base.get('name')!r}, sha256 {str(base.get('sha256'))[:12]}...)"
-    shapes = {"n_layers": c.n_layers, "dim": c.dim, "vocab_size": c.vocab_size}
-    for key, value in shapes.items():
-        if base.get(key) != value:
-            raise DrafterError(f"{where} does not fit the base {loaded.path}: {key} {base.get(key)} != {value}")
+    tuned_file.check_base(meta, loaded.config, loaded.path, where, DrafterError, check_sha=check_base,
+                          retrain=": retrain it for this base (voice-agent adapt drafter) or install the base it was "
+                                  "made for")
     if check_base:
-        actual = base_fingerprint(loaded.path)
-        if base.get("sha256") != actual:
-            raise DrafterError(f"{where} was not made for the base {loaded.path} (sha256 {actual[:12]}...): "
-                               "retrain it for this base (voice-agent adapt drafter) or install the base it was made for")
+        _check_adapter(where, base.get("adapter"), getattr(loaded, "adapter", None))
     try:
-        config = DrafterConfig(**meta["config"])
-        drafter = Drafter(c, config)
-        with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        drafter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        drafter = Drafter(loaded.config, DrafterConfig(**meta["config"]))
     except Exception as e:
         raise DrafterError(f"{where}: damaged ({type(e).__name__}: {e})") from e
+    tuned_file.read_tensors(path, drafter, where, DrafterError)
     device = loaded.model.model.embed_tokens.weight.device
     return drafter.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 
+
+def _check_adapter(where: str, made_with: dict[str, str] | None, merged: Path | None) -> None:
+    """A drafter predicts the model it was trained on: the base with the same adapter, or none."""
+    actual = None if merged is None else tuned_file.file_sha256(merged)
+    expected = None if not made_with else made_with.get("sha256")
+    if actual == expected:
+        return
+    trained = f"the adapter {made_with.get('name')!r}" if made_with else "no adapter"
+    loaded = f"the adapter {merged}" if merged is not None else "no adapter"
+    raise DrafterError(f"{where} was trained on the base with {trained}, but the model is loaded with {loaded}: "
+                       "retrain it on this model's replies (voice-agent adapt drafter --adapter ...)")

@@ -396,12 +396,13 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)  # (B, H, T, D)
         # Grouped-query attention inside SDPA: no (B, H, K, D) copy of the keys where the kernel
         # supports it (the math fallback expands them itself).
-        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
             # Low-precision attention depends, in its last bits, on how many queries and keys the
             # call holds, and in bf16 one flipped bit grows into a different token a few layers
             # on. Text positions therefore use `exact_attention` (whose result does not depend on
             # the rest of the forward), so a forward that verifies several tokens reproduces the
             # one-token-per-step logits bit for bit; mask slots (drafts only) keep the fast kernel.
+            # Training (gradients on) needs no such bits and always takes the fast kernel.
             start = T if draft is None else draft[1]
             y = exact_attention(q[:, :, :start], k, v, (exact_mask(mask) if exact is None else exact)[:, :, :start])
             if start < T:

@@ -19,7 +19,8 @@ __all__ = ["add_arguments", "main", "run"]
 STEPS = ("data", "train", "eval", "export", "pipeline")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """The steps' options; returns the subparsers (voice-agent adapt adds its own steps)."""
     sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
     for step in STEPS:
         p = sub.add_parser(step, help=f"run the {step} step" if step != "pipeline" else "data, train, eval, export")
@@ -43,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="eval/export: this bd checkpoint instead of the run's train/student.safetensors")
         p.add_argument("--train-budget-s", type=float, default=0.0,
                        help="pipeline: time budget of the training step alone (0: --time-budget-s)")
+        if step == "data":
+            p.add_argument("--adapter", type=Path, default=None, metavar="FILE",
+                           help="the teacher is the base with this adapter merged (dlm.adapter), e.g. the "
+                                "grounded one: a drafter for that model trains on its replies")
     p = sub.add_parser("drafter", help="train (or resume) and evaluate a drafter for exact draft-and-verify "
                                        "decoding on the run's data.jsonl (teacher greedy replies)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the run folder")
@@ -52,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--init", type=Path, default=None, metavar="FILE",
                    help="start from this drafter file (e.g. the shipped one) where DIR holds no state yet")
     p.add_argument("--base", type=Path, default=None, help="the AR model (default: the embedded SmolLM2 GGUF)")
+    p.add_argument("--adapter", type=Path, default=None, metavar="FILE",
+                   help="merge this adapter (dlm.adapter) into the base: the drafter is trained for, and "
+                        "only loads onto, the base with it")
     p.add_argument("--dtype", default="bfloat16", help="the base's dtype while training (default bfloat16: AMX)")
     p.add_argument("--epochs", type=float, default=1.0, help="the schedule's length in epochs")
     p.add_argument("--max-steps", type=int, default=0, help="fix the schedule's length in steps")
@@ -82,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", type=Path)
     p.add_argument("--out", type=Path, required=True, metavar="FILE")
     p.add_argument("--search", type=Path, action="append", default=[], metavar="DIR", help="more folders holding parts")
+    return sub
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir: Path = args.out
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.step in ("data", "pipeline"):
-        pipeline.run_data(run_dir, base, scale, args.device, args.time_budget_s)
+        pipeline.run_data(run_dir, base, scale, args.device, args.time_budget_s, adapter=getattr(args, "adapter", None))
     if args.step in ("train", "pipeline"):
         info = pipeline.run_train(run_dir, base, scale, args.device, args.train_budget_s or args.time_budget_s,
                                   args.max_steps)
@@ -158,12 +167,13 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
     meta, examples = read_dataset(data)
     train_set = [e for e in examples if e.split == "train"]
     heldout = [e for e in examples if e.split == "heldout"][: args.eval_examples]
-    loaded = load_model(base, dtype=args.dtype)
+    loaded = load_model(base, dtype=args.dtype, adapter=args.adapter)
     if not args.eval_only:
         steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / args.batch_size))
         cfg = DraftTrainConfig(max_steps=steps, batch_size=args.batch_size, cuts_per_seq=args.cuts, n_slots=args.slots,
                                rank=args.rank, alpha=float(args.rank), lr=args.lr, time_budget_s=args.time_budget_s)
-        init = load_drafter(args.init, loaded) if args.init else None
+        # A starting point only: it may come from the base without the adapter (the teacher before).
+        init = load_drafter(args.init, loaded, check_base=False) if args.init else None
         args.out.mkdir(parents=True, exist_ok=True)
         train_drafter(loaded, train_set, cfg, args.out, base, info={"data": data.name, "teacher": Path(str(meta.get("base"))).name},
                       init=init)

@@ -4,6 +4,7 @@ Contract: `train_drafter(loaded, examples, cfg, out_dir, base_path)` trains a `D
 frozen AR model `loaded` and writes into `out_dir`:
 
     drafter.safetensors   the drafter in bf16 (`dlm.drafter.save_drafter`: config, base fingerprint,
+                          that of the adapter merged into the base (`loaded.adapter`) if any,
                           training info), the file to ship; written at every checkpoint
     drafter-state.pt      fp32 weights, AdamW state and step: what a resumed run continues from
                           (never shipped, never committed)
@@ -27,7 +28,6 @@ measure; this one is quick and needs no decoding.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dlm.adapt.data import Example
+from dlm.adapt.state import batch_indices, lr_at, resume_state, save_state
 from dlm.drafter import Drafter, DrafterConfig, save_drafter
 from dlm.model import DraftInputs, Transformer
 
@@ -68,13 +69,6 @@ class DraftTrainConfig:
     seed: int = 0
     checkpoint_every: int = 50  # steps; 0: only at the end and at the time budget
     time_budget_s: float = 0.0  # 0: no limit
-
-
-def _lr(step: int, cfg: DraftTrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 def _usable(examples: list[Example]) -> list[Example]:
@@ -165,12 +159,10 @@ def draft_batch_loss(model: Transformer, drafter: Drafter, examples: list[Exampl
 
 
 def _save(out_dir: Path, drafter: Drafter, optimizer: torch.optim.Optimizer, step: int, cfg: DraftTrainConfig,
-          base_path: Path, info: dict[str, Any]) -> None:
-    tmp = out_dir / (STATE_FILE + ".tmp")
-    torch.save({"step": step, "drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(),
-                "config": asdict(cfg)}, tmp)
-    tmp.replace(out_dir / STATE_FILE)
-    save_drafter(out_dir / DRAFTER_FILE, drafter, base_path, {**info, "step": step, "train": asdict(cfg)})
+          base_path: Path, info: dict[str, Any], adapter: Path | None) -> None:
+    save_state(out_dir / STATE_FILE, step, drafter, optimizer, cfg)
+    save_drafter(out_dir / DRAFTER_FILE, drafter, base_path, {**info, "step": step, "train": asdict(cfg)},
+                 adapter=adapter)
 
 
 def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, out_dir: str | Path,
@@ -193,17 +185,11 @@ def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, o
         drafter.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    step = 0
-    state_file = out_dir / STATE_FILE
-    if state_file.exists():
-        saved = torch.load(state_file, map_location="cpu", weights_only=True)
-        drafter.load_state_dict(saved["drafter"])
-        optimizer.load_state_dict(saved["optimizer"])
-        step = saved["step"]
+    step = resume_state(out_dir / STATE_FILE, drafter, optimizer, cfg)
+    if step:
         log.info("drafter: resuming from step %d of %d", step, cfg.max_steps)
     pad_id = loaded.spec.eos_token_ids[0] if loaded.spec.eos_token_ids else 0
     info = dict(info or {}, n_train=len(examples))
-    per_epoch = math.ceil(len(examples) / cfg.batch_size)
     started = time.monotonic()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="drafter", unit="step", mininterval=2.0)
     tokens_done, window_t0 = 0, time.monotonic()
@@ -212,13 +198,10 @@ def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, o
         if cfg.time_budget_s and time.monotonic() - started > cfg.time_budget_s:
             bar.write(f"drafter: time budget of {cfg.time_budget_s:.0f} s reached at step {step}; rerun to resume")
             break
-        epoch, index = divmod(step, per_epoch)
-        order = list(range(len(examples)))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)  # depends on (seed, epoch) only
-        batch = [examples[i] for i in order[index * cfg.batch_size:(index + 1) * cfg.batch_size]]
+        batch = [examples[i] for i in batch_indices(len(examples), step, cfg.batch_size, cfg.seed)]
         cuts = _cuts(batch, cfg.cuts_per_seq, random.Random(cfg.seed * 7919 + step))
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg)
+            group["lr"] = lr_at(step, cfg)
         loss, stats = draft_batch_loss(model, drafter, batch, cuts, cfg.n_slots, cfg.slot_decay, pad_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,9 +214,9 @@ def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, o
         bar.set_postfix(loss=f"{loss_ema:.3f}", acc0=f"{stats['acc0']:.2f}", acc1=f"{stats.get('acc1', 0):.2f}",
                         tok_s=f"{tokens_done / max(time.monotonic() - window_t0, 1e-9):.0f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save(out_dir, drafter, optimizer, step, cfg, Path(base_path), info)
+            _save(out_dir, drafter, optimizer, step, cfg, Path(base_path), info, getattr(loaded, "adapter", None))
     bar.close()
-    _save(out_dir, drafter, optimizer, step, cfg, Path(base_path), info)
+    _save(out_dir, drafter, optimizer, step, cfg, Path(base_path), info, getattr(loaded, "adapter", None))
     return drafter
 
 

@@ -103,20 +103,23 @@ def _record(run_dir: Path, step: str, info: dict[str, Any]) -> None:
     path.write_text(json.dumps(summary, indent=1))
 
 
-def _load_base(base: str | Path) -> LoadedModel:
-    return load_model(base, device="cpu", dtype=torch.float32)
+def _load_base(base: str | Path, adapter: str | Path | None = None) -> LoadedModel:
+    return load_model(base, device="cpu", dtype=torch.float32, adapter=adapter)
 
 
 # -- data ------------------------------------------------------------------------------------------
 
-def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_budget_s: float = 0.0) -> Path:
+def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_budget_s: float = 0.0,
+             adapter: str | Path | None = None) -> Path:
+    """The teacher's replies to generated voice prompts (DATA_FILE); `adapter`: the teacher is
+    the base with this adapter merged (dlm.adapter)."""
     out = run_dir / DATA_FILE
     if out.exists():
         log.info("data: %s exists, skipped", out)
         return out
     t0 = time.monotonic()
     deadline = t0 + time_budget_s if time_budget_s else None
-    loaded = _load_base(base)
+    loaded = _load_base(base, adapter)
     teacher = hf_teacher(loaded, device, _dtype(device))
     tok = loaded.tokenizer
     eos_ids = loaded.spec.eos_token_ids
@@ -155,7 +158,8 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
             add(i, reply, "sampled")
     gen_s = time.monotonic() - t_gen
     reply_tokens = sum(len(e.reply_ids) for e in examples)
-    meta = {"base": str(base), "seed": scale.seed, "n_prompts": scale.n_prompts, "n_heldout_prompts": scale.n_heldout,
+    meta = {"base": str(base), "adapter": None if adapter is None else Path(adapter).name, "seed": scale.seed,
+            "n_prompts": scale.n_prompts, "n_heldout_prompts": scale.n_heldout,
             "eos_token_ids": eos_ids, "teacher_max_new_tokens": scale.teacher_max_new_tokens,
             "n_examples": len(examples), "n_train": sum(e.split == "train" for e in examples),
             "n_heldout": sum(e.split == "heldout" for e in examples), "reply_tokens": reply_tokens,

@@ -17,7 +17,6 @@ masks only on (seed, step), so a resumed run matches an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from dlm.adapt.data import Example, steps_per_epoch, training_batches
 from dlm.adapt.objective import diffusion_loss, diffusion_targets
+from dlm.adapt.state import lr_at
 from dlm.bd_format import read_bd_checkpoint, save_bd_checkpoint
 from dlm.config import DiffusionSpec
 from dlm.model import Transformer
@@ -63,15 +63,6 @@ class TrainResult:
     tokens_per_s: float  # real (unpadded) tokens through the model per second, this run
     seconds: float  # wall time of this run
     history: list[tuple[int, float]]  # (step, mean loss) per logging window
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _save(out_dir: Path, model: Transformer, spec: DiffusionSpec, tokenizer: Any,

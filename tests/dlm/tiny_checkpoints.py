@@ -171,8 +171,9 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_gguf(path: Path):
-    """A GGUF written with gguf's GGUFWriter: llama arch, permuted q/k, Q8_0 matrices, gpt2 tokenizer."""
+def llama_gguf(path: Path, context: int = 256):
+    """A GGUF written with gguf's GGUFWriter: llama arch, permuted q/k, Q8_0 matrices, gpt2 tokenizer;
+    `context`: its context length in tokens."""
     import gguf
 
     cfg = _small(tie_word_embeddings=True) | {"intermediate_size": 64}
@@ -185,7 +186,7 @@ def llama_gguf(path: Path):
               for m in json.loads(tok.to_str())["model"]["merges"]]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(2)
-    w.add_context_length(256)
+    w.add_context_length(context)
     w.add_embedding_length(32)
     w.add_feed_forward_length(64)
     w.add_head_count(4)

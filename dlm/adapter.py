@@ -1,0 +1,162 @@
+"""A fine-tune of a model's weights as a small low-rank file (LoRA), merged into the weights at load.
+
+Contract:
+- `Adapter(model_config, AdapterConfig(rank, alpha, targets))` holds, per layer, low-rank updates
+  W' = W + (alpha / rank) B A of the projections named in `targets` (q, k, v, o, gate, up, down),
+  A (rank, in) and B (out, rank), B starting at zero (the adapted model starts as the base).
+- Training: `adapter.attach(model)` hooks every targeted projection so its output gains
+  x A^T B^T (alpha / rank) while gradients are on (the packed inference path never runs with
+  gradients, see dlm.model.Linear); it returns the hook handles (`detach(handles)` removes them).
+  Only the adapter's parameters need gradients; the base stays frozen.
+- Inference: `merge_adapter(model, adapter)` adds the updates into the dense weights, once, before
+  they are packed (dlm.checkpoints.load_model(adapter=...)): decoding then costs exactly what the
+  base costs. A merged model cannot take int4 weights (the GGUF's 4-bit blocks are the base's).
+- File: one safetensors file (dlm.tuned_file), `save_adapter(path, adapter, base_path, info)` / `load_adapter(path,
+  loaded_config, base_path)`. Metadata "voice_agent_adapter" holds the format, the config and the
+  base's fingerprint (dlm.tuned_file.base_fingerprint) with its name and shapes; loading checks all of
+  it and raises `AdapterError` naming both files where anything differs or the file is damaged.
+- `adapter_fingerprint(path)`: sha256 of the adapter file. A drafter trained on an adapted model
+  records it (dlm.drafter), so it cannot be applied to the base without it, or with another one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dlm import tuned_file
+from dlm.config import ModelConfig
+from dlm.errors import DlmError
+
+__all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterConfig", "AdapterError", "adapter_fingerprint", "load_adapter",
+           "merge_adapter", "read_adapter_meta", "save_adapter"]
+
+ADAPTER_FORMAT = "voice-agent-adapter/1"
+META_KEY = "voice_agent_adapter"
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+class AdapterError(DlmError):
+    """An adapter file that is damaged or does not belong to the base model it is applied to."""
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = TARGETS
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if not self.targets or set(self.targets) - set(TARGETS):
+            raise ValueError(f"targets must be a non-empty subset of {TARGETS}, not {self.targets}")
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
+
+
+def _shape(c: ModelConfig, name: str) -> tuple[int, int]:
+    """(in, out) of a projection."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    return {"q": (c.dim, q), "k": (c.dim, kv), "v": (c.dim, kv), "o": (q, c.dim), "gate": (c.dim, c.intermediate_size),
+            "up": (c.dim, c.intermediate_size), "down": (c.intermediate_size, c.dim)}[name]
+
+
+class Adapter(nn.Module):
+    def __init__(self, model_config: ModelConfig, config: AdapterConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or AdapterConfig()
+        self.model_config = model_config
+        self.scale = self.config.alpha / self.config.rank
+        self.a = nn.ParameterDict()
+        self.b = nn.ParameterDict()
+        for i in range(model_config.n_layers):
+            for name in self.config.targets:
+                n_in, n_out = _shape(model_config, name)
+                key = f"{i}_{name}"
+                self.a[key] = nn.Parameter(torch.empty(self.config.rank, n_in))
+                nn.init.kaiming_uniform_(self.a[key], a=math.sqrt(5))
+                self.b[key] = nn.Parameter(torch.zeros(n_out, self.config.rank))
+
+    def _modules_of(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        layers = model.model.layers
+        if len(layers) != self.model_config.n_layers:
+            raise AdapterError(f"the adapter has {self.model_config.n_layers} layers, the model {len(layers)}")
+        return [(f"{i}_{name}", layer.get_submodule(_MODULES[name]))
+                for i, layer in enumerate(layers) for name in self.config.targets]
+
+    def attach(self, model: nn.Module) -> list[Any]:
+        """Hook the targeted projections of `model` (training; see the module docstring)."""
+        handles = []
+        for key, module in self._modules_of(model):
+            a, b = self.a[key], self.b[key]
+
+            def hook(_module: nn.Module, args: tuple[Tensor, ...], out: Tensor, a: Tensor = a, b: Tensor = b) -> Tensor:
+                if not torch.is_grad_enabled():
+                    raise RuntimeError("an attached adapter runs with gradients only (training); merge it to decode")
+                delta = F.linear(F.linear(args[0].to(a.dtype), a), b) * self.scale
+                return out + delta.to(out.dtype)
+
+            handles.append(module.register_forward_hook(hook))
+        return handles
+
+    @staticmethod
+    def detach(handles: list[Any]) -> None:
+        for h in handles:
+            h.remove()
+
+    def delta(self, key: str) -> Tensor:
+        """The update of one projection, (out, in), float32."""
+        return (self.b[key].float() @ self.a[key].float()) * self.scale
+
+
+def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
+    """W += the adapter's update, for every targeted projection (dense weights, before packing)."""
+    with torch.no_grad():
+        for key, module in adapter._modules_of(model):
+            w = module.weight
+            if w.is_meta:
+                raise AdapterError("the model's dense weights were released: merge the adapter before packing")
+            # A new tensor, not an in-place add: the loaded weights may be a read-only memory map.
+            w.data = (w.float() + adapter.delta(key).to(w.device)).to(w.dtype)
+
+
+def adapter_fingerprint(path: str | Path) -> str:
+    return tuned_file.file_sha256(path)
+
+
+def save_adapter(path: str | Path, adapter: Adapter, base_path: str | Path, info: dict[str, Any] | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the adapter (weights in `dtype`) with its config and its base's fingerprint."""
+    record = {"format": ADAPTER_FORMAT, "config": asdict(adapter.config),
+              "base": tuned_file.base_record(adapter.model_config, base_path), "info": info or {}}
+    return tuned_file.write(path, adapter.state_dict(), META_KEY, record, dtype)
+
+
+def read_adapter_meta(path: str | Path) -> dict[str, Any]:
+    """The file's metadata, or AdapterError where it is not a readable adapter file."""
+    return tuned_file.read_record(path, META_KEY, ADAPTER_FORMAT, "adapter", AdapterError)
+
+
+def load_adapter(path: str | Path, model_config: ModelConfig, base_path: str | Path, *,
+                 check_base: bool = True) -> Adapter:
+    """The adapter in `path` for the model of `model_config` loaded from `base_path`, in float32.
+    AdapterError naming both files where the file is damaged or made for another base."""
+    path = Path(path)
+    meta = read_adapter_meta(path)
+    base = meta.get("base", {})
+    where = f"adapter {path} (made for {base.get('name')!r}, sha256 {str(base.get('sha256'))[:12]}...)"
+    tuned_file.check_base(meta, model_config, base_path, where, AdapterError, check_sha=check_base)
+    try:
+        adapter = Adapter(model_config, AdapterConfig(**meta["config"]))
+    except Exception as e:
+        raise AdapterError(f"{where}: damaged ({type(e).__name__}: {e})") from e
+    tuned_file.read_tensors(path, adapter, where, AdapterError)
+    return adapter

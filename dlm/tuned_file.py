@@ -1,0 +1,110 @@
+"""The files that tune a base model without changing its file (a drafter, dlm/drafter.py; an
+adapter, dlm/adapter.py): one safetensors file whose metadata, under a key of its own, holds a
+JSON record of the format, the config and the base it was made for.
+
+Contract:
+- `file_sha256(path)`; `base_fingerprint(path)`: sha256 over a checkpoint's weight files (a GGUF
+  file, a bd file, or a folder's *.safetensors, else *.gguf, in name order).
+- `base_record(config, base_path)`: {name, sha256, n_layers, dim, vocab_size} of the base.
+- `write(path, tensors, key, record, dtype)`: the tensors in `dtype` and the record, atomically.
+- `read_record(path, key, fmt, what, error)`: the record, or `error` (a DlmError subclass) saying
+  the file cannot be read, is not such a file, has damaged metadata or another format.
+- `check_base(record, config, base_path, where, error, check_sha)`: `error` where the record's
+  shapes differ from `config` or (with check_sha) its sha256 from the base file's; `where` names
+  the tuning file in the message, which names the base too.
+- `read_tensors(path, module, where, error)`: the file's tensors into `module` (float32, strict),
+  or `error` saying it is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dlm.config import ModelConfig
+from dlm.errors import DlmError
+
+__all__ = ["base_fingerprint", "base_record", "check_base", "file_sha256", "read_record", "read_tensors", "write"]
+
+
+def _sha256(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    return _sha256([Path(path)])
+
+
+def base_fingerprint(path: str | Path, error: type[DlmError] = DlmError) -> str:
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.glob("*.gguf"))
+    if not files:
+        raise error(f"{path}: no weight files to fingerprint")
+    return _sha256(files)
+
+
+def base_record(config: ModelConfig, base_path: str | Path) -> dict[str, Any]:
+    return {"name": Path(base_path).name, "sha256": base_fingerprint(base_path), "n_layers": config.n_layers,
+            "dim": config.dim, "vocab_size": config.vocab_size}
+
+
+def write(path: str | Path, tensors: dict[str, torch.Tensor], key: str, record: dict[str, Any],
+          dtype: torch.dtype) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={key: json.dumps(record)})
+    tmp.replace(path)
+    return path
+
+
+def read_record(path: str | Path, key: str, fmt: str, what: str, error: type[DlmError]) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(key)
+    except Exception as e:
+        raise error(f"{what} {path}: cannot read it ({type(e).__name__}: {e})") from e
+    if raw is None:
+        raise error(f"{what} {path}: not {'an' if what[0] in 'aeiou' else 'a'} {what} file (no {key!r} metadata)")
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} {path}: damaged metadata ({e})") from e
+    if record.get("format") != fmt:
+        raise error(f"{what} {path}: format {record.get('format')!r}, expected {fmt!r}")
+    return record
+
+
+def check_base(record: dict[str, Any], config: ModelConfig, base_path: str | Path, where: str,
+               error: type[DlmError], *, check_sha: bool = True, retrain: str = "") -> None:
+    base = record.get("base", {})
+    for k, value in {"n_layers": config.n_layers, "dim": config.dim, "vocab_size": config.vocab_size}.items():
+        if base.get(k) != value:
+            raise error(f"{where} does not fit the base {base_path}: {k} {base.get(k)} != {value}")
+    if check_sha:
+        actual = base_fingerprint(base_path, error)
+        if base.get("sha256") != actual:
+            raise error(f"{where} was not made for the base {base_path} (sha256 {actual[:12]}...){retrain}")
+
+
+def read_tensors(path: str | Path, module: nn.Module, where: str, error: type[DlmError]) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except Exception as e:
+        raise error(f"{where}: damaged ({type(e).__name__}: {e})") from e
