@@ -515,12 +515,13 @@ def generation_params(config: LlmConfig, *, trace_steps: bool = False, max_new_t
 
 
 def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto") -> tuple[Any, Any]:
-    """A model by registry name or path, with its drafter where the registry names one ->
+    """A model by registry name or path, with its adapter and drafter where the registry names them ->
     (dlm LoadedModel, voice_agent.models.ResolvedLlm). dtype "auto": the registry's dtype for
     the model where it names one (the default model: bfloat16), else dlm's default; weights
     "auto": the registry's weight format where it names one and the device is a CPU, else
     "dense" (dlm.checkpoints.load_model). For inference only: where the weights were packed,
     their dense copies are released (training loads through dlm.checkpoints.load_model)."""
+    from dlm.adapter import AdapterError
     from dlm.checkpoints import WEIGHT_FORMATS, load_model
     from dlm.drafter import DrafterError
     from dlm.errors import UnsupportedCheckpointError
@@ -534,9 +535,9 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto")
     if weights not in WEIGHT_FORMATS:
         raise UserError(f"llm.weights must be 'auto' or one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     try:
-        loaded = load_model(resolved.path, device=device, dtype=dtype, drafter=resolved.drafter, weights=weights,
-                            inference_only=True)
-    except DrafterError as e:
+        loaded = load_model(resolved.path, device=device, dtype=dtype, drafter=resolved.drafter,
+                            adapter=resolved.adapter, weights=weights, inference_only=True)
+    except (DrafterError, AdapterError) as e:
         raise UserError(str(e)) from e
     except (UnsupportedCheckpointError, ValueError) as e:
         if weights == "dense":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -89,7 +89,8 @@ def package_file(source: str) -> Path:
 
 
 def model_registry() -> dict[str, dict[str, str]]:
-    """configs/models.toml: registry name -> entry (source, drafter, dtype, description, fallback)."""
+    """configs/models.toml: registry name -> entry (source, adapter, drafter, dtype, weights, description,
+    fallback)."""
     text = resources.files("voice_agent.configs").joinpath("models.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)["dlm"]
 
@@ -105,6 +106,7 @@ class ResolvedLlm:
     name: str  # the registry name or the path as configured
     fallback_from: str | None = None  # set where a registry fallback stands in for the configured model
     drafter: Path | None = None  # the drafter file applied to the model (exact draft-and-verify decoding)
+    adapter: Path | None = None  # the fine-tune merged into the model's weights at load (dlm.adapter)
     dtype: str | None = None  # the registry's dtype for it, used where llm.dtype is "auto"
     weights: str | None = None  # the registry's weight format for it, used where llm.weights is "auto"
 
@@ -129,13 +131,14 @@ def resolve_llm_model(name: str) -> ResolvedLlm:
     try:
         path = _registry_path(name, entry["source"])
         drafter = _registry_path(name, entry["drafter"]) if "drafter" in entry else None
-        return ResolvedLlm(path, name, drafter=drafter, dtype=entry.get("dtype"), weights=entry.get("weights"))
+        adapter = _registry_path(name, entry["adapter"]) if "adapter" in entry else None
+        return ResolvedLlm(path, name, drafter=drafter, adapter=adapter, dtype=entry.get("dtype"),
+                           weights=entry.get("weights"))
     except UserError:
         fallback = entry.get("fallback")
         if not fallback:
             raise
-        resolved = resolve_llm_model(fallback)
-        return ResolvedLlm(resolved.path, fallback, fallback_from=name)
+        return replace(resolve_llm_model(fallback), fallback_from=name)
 
 
 def resolve_asr_model(name: str) -> Path | str:
@@ -195,21 +198,22 @@ def _info(role: str, configured: str, resolve) -> ModelInfo:
     except UserError as e:
         return ModelInfo(role, configured, None, f"NOT FOUND: {e}")
     if isinstance(result, ResolvedLlm):
+        tuned = "" if result.adapter is None else f"; fine-tune {result.adapter.name} merged into its weights"
         if result.fallback_from:
             detail = (
                 f"FALLBACK: {result.fallback_from!r} is not shipped yet; using the AR model "
-                f"{result.name!r} instead (no diffusion decoding)"
+                f"{result.name!r} instead (no diffusion decoding){tuned}"
             )
             return ModelInfo(role, configured, result.path, detail, fallback=True)
         if result.drafter is not None:
             return ModelInfo(role, configured, result.path,
                              f"diffusion drafter {result.drafter.name} over the AR weights: exact draft-and-verify "
-                             f"decoding, several tokens per forward ({result.dtype or 'configured dtype'})")
+                             f"decoding, several tokens per forward ({result.dtype or 'configured dtype'}){tuned}")
         if result.weights and result.weights != "dense":
             return ModelInfo(role, configured, result.path, f"found; {result.weights} weights in the decoding steps "
                                                             f"({result.dtype or 'configured dtype'}) where llm.weights "
-                                                            "is auto")
-        return ModelInfo(role, configured, result.path, "found")
+                                                            f"is auto{tuned}")
+        return ModelInfo(role, configured, result.path, f"found{tuned}")
     if isinstance(result, str):
         return ModelInfo(role, configured, None, "faster-whisper size name: looked up in the Hugging Face cache at load time")
     return ModelInfo(role, configured, result, "found")

@@ -6,7 +6,7 @@ with questions whose right answer can be checked against its facts, and the chec
   `HELDOUT_SEED` are for tuning and training; `heldout(n)` gives the first n at and above it,
   never to be trained on.
 - `operator_instructions(b)`: the instructions an operator would write for it (facts, and "answer
-  in one or two short sentences").
+  in one or two short sentences"). `VOICE_RULES`: the voice rules a prompt assembly may add.
 - `questions(b)`: (question, check) pairs: open on the closed day (no) and on an open day (yes),
   closing and opening time (the hour), an item's price (the number), the street, a booking
   within and beyond the largest party (yes / no); and `OFF_TOPIC` turns that have no checked
@@ -26,7 +26,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["HELDOUT_SEED", "OFF_TOPIC", "Business", "Check", "business", "english", "heldout", "loops",
+__all__ = ["HELDOUT_SEED", "OFF_TOPIC", "VOICE_RULES", "Business", "Check", "business", "clock", "english", "heldout", "loops",
            "operator_instructions", "questions", "words"]
 
 HELDOUT_SEED = 10_000
@@ -46,10 +46,12 @@ KINDS = {
 CITIES = ["Boston", "Denver", "Portland", "Austin", "Chicago", "Seattle", "Atlanta", "Phoenix"]
 STREETS = ["Main Street", "Oak Avenue", "Maple Road", "Harbor Street", "Elm Street", "Park Avenue", "Cedar Lane",
            "Lake Street"]
+VOICE_RULES = ("Answer the caller in English, in one or two short spoken sentences, "
+               "using only the facts above; if you do not know, say so.")
 OFF_TOPIC = ["Hi, how are you today?", "What is the capital of Spain?", "Can you tell me a joke?", "Thanks, bye!"]
 
 
-def _hour(h: int) -> str:
+def clock(h: int) -> str:
     return f"{h % 12 or 12} {'am' if h < 12 else 'pm'}"
 
 
@@ -94,13 +96,13 @@ def operator_instructions(b: Business) -> str:
     party = (f"We take bookings for up to {b.max_party} people." if b.kind == "restaurant"
              else f"Book {b.booking} by phone.")
     return (f"You are the phone assistant of {b.name}, a {b.kind} in {b.city}, at {b.number} {b.street}. "
-            f"Open {_hour(b.open_hour)} to {_hour(b.close_hour)}, closed {b.closed_day}s. Prices: {prices}. "
+            f"Open {clock(b.open_hour)} to {clock(b.close_hour)}, closed {b.closed_day}s. Prices: {prices}. "
             f"{party} Answer in one or two short sentences.")
 
 
 _YES = re.compile(r"\b(yes|yeah|yep|sure|of course|absolutely|certainly|we are open|we're open|open on|we can|we do)\b")
 _NO = re.compile(r"\b(no|nope|closed|not open|aren't open|are not open|i'm not|we're not|we are not|cannot|can't|"
-                 r"only up to|not able)\b")
+                 r"only up to|only take|not able)\b")
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def questions(b: Business) -> list[tuple[str, Check]]:
     rng = random.Random(b.seed + 1)
     open_day = rng.choice(b.open_days)
     item, price = rng.choice(b.items)
-    close, opening = _hour(b.close_hour), _hour(b.open_hour)
+    close, opening = clock(b.close_hour), clock(b.open_hour)
     out = [
         (f"Are you open on {b.closed_day}?", Check("no")),
         (f"Are you open on {open_day}?", Check("yes")),
@@ -155,7 +157,10 @@ def loops(reply: str) -> bool:
 
 _ENGLISH = {"the", "a", "an", "is", "are", "we", "you", "i", "it", "to", "and", "of", "on", "at", "our", "yes", "no",
             "open", "closed", "for", "in", "my", "your", "this", "that", "be", "can", "do", "not", "with", "hello", "hi",
-            "thank", "thanks", "sorry", "sure", "am", "pm", "what", "how", "good", "great", "bye", "have", "day"}
+            "thank", "thanks", "sorry", "sure", "am", "pm", "what", "how", "good", "great", "bye", "have", "day",
+            "you're", "we're", "i'm", "it's", "welcome", "goodbye", "please", "okay", "they", "he", "she", "why",
+            "who", "when", "where", "there", "here", "would", "will", "was", "were", "so", "but", "or", "if", "all",
+            "don't", "up", "out", "each", "other", "because", "by", "from", "just", "like", "about", "very"}
 _ROMANCE = {"il", "el", "la", "le", "lo", "gli", "los", "las", "è", "es", "un", "una", "uno", "di", "de", "del",
             "della", "che", "que", "per", "por", "con", "sono", "está", "non", "y", "e", "cielo"}
 

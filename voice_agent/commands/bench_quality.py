@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from voice_agent.bench import phone_bot as pb
 from voice_agent.config import Config
 
 HELP = "phone-bot eval: answers right by the facts, loops, language, reply length, per prompt assembly"
-VOICE_RULES = ("Answer the caller in English, in one or two short spoken sentences, "
-               "using only the facts above; if you do not know, say so.")
 ASSEMBLIES = {
     "operator": lambda text: text,
-    "rules-after": lambda text: f"{text}\n{VOICE_RULES}",
-    "rules-before": lambda text: f"{VOICE_RULES.replace(' above', ' below')}\n{text}",
+    "rules-after": lambda text: f"{text}\n{pb.VOICE_RULES}",
+    "rules-before": lambda text: f"{pb.VOICE_RULES.replace(' above', ' below')}\n{text}",
 }
 
 
@@ -59,7 +58,6 @@ def _score(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    from voice_agent.bench import phone_bot as pb
     from voice_agent.errors import UserError
     from voice_agent.llm import LlmError, build_llm
 
