@@ -190,7 +190,7 @@ class LlmConfig:
     # same weights, for a dLLM-vs-AR comparison of one model.
     engine: str = "auto"
     # The AR baseline used by benchmarks; same weights as the default dLLM's teacher.
-    baseline_model: str = "smollm2-135m-instruct"
+    baseline_model: str = "smollm2-135m-grounded"
     device: str = "cpu"
     # "auto": the registry's dtype for the model (smollm2-135m-drafter: bfloat16, fast on AMX), else
     # float32 on CPU and bfloat16 on a GPU; or "float32" / "bfloat16" / "float16".
