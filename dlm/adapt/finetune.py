@@ -16,10 +16,11 @@ Contract:
                             (never shipped, never committed)
 
   Sequences without a target, or longer than the model's context (a warning says how many), are
-  left out. One step: a batch of sequences (right-padded; causal attention, so no real token sees padding),
-  cross entropy over the target tokens only, gradients on the adapter only. The order of
-  sequences depends on (seed, epoch) alone, so a resumed run sees the batches an uninterrupted
-  one would (dlm.adapt.state). `time_budget_s` stops cleanly at a step boundary (rerun the same command to resume).
+  left out. One step: a batch of sequences (right-padded; causal attention, so no real token
+  sees padding), cross entropy over the target tokens only, gradients on the adapter only. The
+  order of sequences depends on (seed, epoch) alone, so a resumed run sees the batches an
+  uninterrupted one would (dlm.adapt.state). `time_budget_s` stops cleanly at a step boundary
+  (rerun the same command to resume).
 - `target_loss(loaded, seqs)`: the mean cross entropy per target token, without gradients (how
   well a model, adapted or not, predicts held-out replies).
 """

@@ -14,6 +14,8 @@ from dlm_tiny_models import random_loaded
 from safetensors.torch import save_file
 
 from dlm.adapt import finetune as finetune_module
+from dlm.adapt.data import Example
+from dlm.adapt.draft import DraftTrainConfig, train_drafter
 from dlm.adapt.finetune import (
     ADAPTER_FILE,
     FinetuneConfig,
@@ -26,7 +28,7 @@ from dlm.adapter import Adapter, AdapterConfig, AdapterError, load_adapter, merg
 from dlm.chat import ChatFormatter
 from dlm.checkpoints import load_model
 from dlm.config import DiffusionSpec
-from dlm.drafter import Drafter, DrafterConfig, DrafterError, load_drafter, save_drafter
+from dlm.drafter import Drafter, DrafterConfig, DrafterError, load_drafter, read_drafter_meta, save_drafter
 from dlm.masks import causal_mask
 
 
@@ -122,6 +124,14 @@ def test_load_model_merges_the_adapter_and_binds_the_drafter_to_it(tmp_path):
         load_drafter(without, tuned)
     with pytest.raises(DrafterError, match=r"trained on the base with the adapter 'a\.safetensors', but .* no adapter"):
         load_drafter(with_adapter, load_model(gguf, cache_dir=tmp_path / "cache"))
+    load_drafter(without, tuned, check_base=False)  # a starting point for training: shapes only
+
+    # Training a drafter on the adapted model records the adapter in the file it writes.
+    examples = [Example([5, 6], [7, 8, 9, 10, 2], [], "x", "greedy", 0, "train")] * 4
+    cfg = DraftTrainConfig(max_steps=1, batch_size=4, cuts_per_seq=2, n_slots=2, rank=2, checkpoint_every=0)
+    train_drafter(tuned, examples, cfg, tmp_path / "run", gguf)
+    assert read_drafter_meta(tmp_path / "run" / "drafter.safetensors")["base"]["adapter"]["name"] == "a.safetensors"
+    load_drafter(tmp_path / "run" / "drafter.safetensors", tuned)
 
 
 def test_conversation_targets_are_the_replies_and_their_end_of_turn():

