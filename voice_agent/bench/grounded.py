@@ -119,7 +119,7 @@ def turns(b: pb.Business, rng: random.Random) -> list[tuple[str, str]]:
     ]
     if other_items:
         other = rng.choice(other_items)
-        out.append((f"How much is the {other}?" if rng.random() < 0.5 else f"Do you have {other}?",
+        out.append((f"What does the {other} cost?" if rng.random() < 0.5 else f"Do you have {other}?",
                     f"Sorry, we don't have {other}. We have {menu}."))
     if b.kind == "restaurant":
         small = rng.randint(1, b.max_party)
