@@ -83,6 +83,21 @@ def test_load_prompts_synthesizes_once_into_the_cache(tmp_path: Path) -> None:
         np.testing.assert_allclose(a.audio, b.audio, atol=1 / 32768)
 
 
+def test_each_piper_prompt_is_spoken_at_its_own_speed() -> None:
+    """The synthesizer is loaded once, on the first piper prompt: later prompts keep their speed."""
+    from voice_agent.bench.prompts import _Synth
+    from voice_agent.models import resolve_tts_voice
+
+    try:
+        voice = resolve_tts_voice("en_US-joe-medium")
+    except UserError as e:
+        pytest.skip(str(e))
+    synth = _Synth(voice)
+    text = "How many minutes are there in a day?"
+    slow, fast = synth.phrase(text, "piper", 0.8), synth.phrase(text, "piper", 1.25)
+    assert len(fast) < 0.8 * len(slow)
+
+
 # --- fake servers ------------------------------------------------------------------------------
 
 

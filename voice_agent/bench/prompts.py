@@ -30,7 +30,8 @@ __all__ = ["PROMPTS", "PROMPT_RATE_HZ", "Prompt", "SpokenPrompt", "espeak", "loa
 
 PROMPT_RATE_HZ = 16_000
 PIPER = "piper"  # the `voice` of prompts spoken by the piper voice
-_GENERATOR_VERSION = "1"  # bump when the synthesis below changes, to invalidate cached audio
+_GENERATOR_VERSION = "2"  # bump when the synthesis below changes, to invalidate cached audio
+# 2: each piper prompt at its own speed (1 spoke every piper prompt at the first one's speed)
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,8 @@ class _Synth:
             if self._piper is None:
                 from audio.tts import Synthesizer
 
-                self._piper = Synthesizer(self._piper_voice_path, length_scale=1.0 / speed)
-            return self._piper.synthesize(text, sample_rate_hz=PROMPT_RATE_HZ)
+                self._piper = Synthesizer(self._piper_voice_path)
+            return self._piper.synthesize(text, sample_rate_hz=PROMPT_RATE_HZ, length_scale=1.0 / speed)
         return espeak(text, voice=voice, words_per_minute=int(speed))
 
 
