@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -65,6 +64,7 @@ from starlette.routing import Route
 
 from dlm.engine import MAX_STOP_STRINGS
 from dlm.errors import InvalidRequestError
+from voice_agent.access import token_ok
 from voice_agent.config import ApiConfig, Config
 from voice_agent.llm import STATS_FIELD, LlmError, LlmOptions, LocalDLM
 from voice_agent.tools import (
@@ -344,11 +344,7 @@ class ChatService:
 
     def check_token(self, headers: Any) -> None:
         """ApiError 401 unless the request carries the access token (or none is set)."""
-        if not self._token:
-            return
-        auth = headers.get("authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(given.encode(), self._token.encode()):
+        if not token_ok(self._token, headers.get("authorization", "")):
             raise ApiError(401, "Incorrect or missing API key: send the server's access token as 'Authorization: Bearer "
                            "<token>'", code="invalid_api_key")
 

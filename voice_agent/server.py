@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import hmac
 import http
 import json
 import logging
@@ -56,6 +55,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from voice_agent.access import token_ok
 from voice_agent.config import Config
 from voice_agent.events import (
     DROPPED_ON_INTERRUPT,
@@ -178,17 +178,8 @@ class VoiceServer:
         return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
     def _authorized(self, request: Request) -> bool:
-        token = self.config.server.token
-        if not token:
-            return True
-        given = ""
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        else:
-            query = parse_qs(urlsplit(request.path).query)
-            given = (query.get("token") or [""])[0]
-        return hmac.compare_digest(given.encode(), token.encode())
+        query = (parse_qs(urlsplit(request.path).query).get("token") or [""])[0]
+        return token_ok(self.config.server.token, request.headers.get("Authorization", ""), query)
 
     async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
