@@ -40,6 +40,9 @@ Contract:
   aborts its engine request within one denoising step, streamed or not. A streamed reply whose
   engine request fails ends with an SSE chunk `{"error": {...}}` and no `[DONE]`; a non-streamed
   one gets 500 `server_error`.
+- CORS: with `api.cors_origins` set, a page from a listed origin may call the API from a browser
+  (preflight answered without the token; the request itself still needs it); unset, no CORS
+  headers are sent and browsers refuse cross-origin calls.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -641,6 +646,9 @@ def chat_app(service: ChatService | None, *, fallback: Callable[[str], Awaitable
         routes.append(Route("/{rest:path}", other, methods=["GET"]))
     elif service is not None:
         routes.append(Route("/healthz", lambda request: _json_response(200, service.health(), replica), methods=["GET"]))
-    return Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
-                                                        Exception: server_error})
+    origins = list(service.api.cors_origins) if service is not None else []
+    middleware = [Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                             allow_headers=["authorization", "content-type"], max_age=600)] if origins else []
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
 

@@ -294,6 +294,9 @@ class ApiConfig:
     port: int = 8000
     replica_cpus: float = 1.0
     ray_app: str = "voice-agent-llm"
+    # Browser origins (e.g. "https://app.example.com") whose pages may call the API directly
+    # (CORS); empty: none (servers and SDKs need no CORS). "*" allows any origin.
+    cors_origins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_requests", "max_tokens", "retry_after_s"):

@@ -309,3 +309,25 @@ def test_a_taken_port_is_a_clear_error(tier):
 
     with pytest.raises(UserError, match="cannot listen"):
         RunningTier(tier.config, port=tier.port).__enter__()  # a second engine of its own, closed on the way out
+
+
+def test_cors_only_for_the_configured_origins(tmp_path):
+    """A page from a listed origin may call the API (its preflight needs no token, the call still
+    does); other origins, and every origin where none is configured, get no CORS headers."""
+    config = tier_config(tiny_model(tmp_path / "model"), cors_origins=["https://app.example"])
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    with RunningTier(config) as running:
+        ok = httpx.options(f"{running.url}/chat/completions", headers=preflight, timeout=30)
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in ok.headers["access-control-allow-methods"]
+        other = httpx.options(f"{running.url}/chat/completions", headers={**preflight, "Origin": "https://evil.example"},
+                              timeout=30)
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        call = httpx.get(f"{running.url}/models", headers={"Origin": "https://app.example"}, timeout=30)
+        assert call.status_code == 401  # the token is still required
+        assert call.headers["access-control-allow-origin"] == "https://app.example"
+    with RunningTier(tier_config(tiny_model(tmp_path / "model2"))) as running:
+        plain = httpx.get(f"{running.url}/models", headers={"Origin": "https://app.example",
+                                                            "Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
