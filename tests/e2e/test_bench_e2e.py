@@ -85,7 +85,7 @@ def test_load_prompts_synthesizes_once_into_the_cache(tmp_path: Path) -> None:
 
 def test_each_piper_prompt_is_spoken_at_its_own_speed() -> None:
     """The synthesizer is loaded once, on the first piper prompt: later prompts keep their speed."""
-    from voice_agent.bench.prompts import _Synth
+    from voice_agent.bench.prompts import _Synth, _trim
     from voice_agent.models import resolve_tts_voice
 
     try:
@@ -94,8 +94,10 @@ def test_each_piper_prompt_is_spoken_at_its_own_speed() -> None:
         pytest.skip(str(e))
     synth = _Synth(voice)
     text = "How many minutes are there in a day?"
-    slow, fast = synth.phrase(text, "piper", 0.8), synth.phrase(text, "piper", 1.25)
-    assert len(fast) < 0.8 * len(slow)
+    # Piper draws its durations with noise (same speed: length ratios 0.9-1.1); at 0.6 and 1.6 the
+    # trimmed speech measures about 0.5 of the length.
+    slow, fast = _trim(synth.phrase(text, "piper", 0.6)), _trim(synth.phrase(text, "piper", 1.6))
+    assert len(fast) < 0.75 * len(slow)
 
 
 # --- fake servers ------------------------------------------------------------------------------
