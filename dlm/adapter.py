@@ -33,15 +33,14 @@ from torch import Tensor, nn
 from dlm import tuned_file
 from dlm.config import ModelConfig
 from dlm.errors import DlmError
+from dlm.model import PROJECTIONS, projection_shapes
 
 __all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterConfig", "AdapterError", "adapter_fingerprint", "load_adapter",
            "merge_adapter", "read_adapter_meta", "save_adapter"]
 
 ADAPTER_FORMAT = "voice-agent-adapter/1"
 META_KEY = "voice_agent_adapter"
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+TARGETS = tuple(PROJECTIONS)
 
 
 class AdapterError(DlmError):
@@ -62,13 +61,6 @@ class AdapterConfig:
             raise ValueError("rank must be >= 1")
 
 
-def _shape(c: ModelConfig, name: str) -> tuple[int, int]:
-    """(in, out) of a projection."""
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    return {"q": (c.dim, q), "k": (c.dim, kv), "v": (c.dim, kv), "o": (q, c.dim), "gate": (c.dim, c.intermediate_size),
-            "up": (c.dim, c.intermediate_size), "down": (c.intermediate_size, c.dim)}[name]
-
-
 class Adapter(nn.Module):
     def __init__(self, model_config: ModelConfig, config: AdapterConfig | None = None) -> None:
         super().__init__()
@@ -77,9 +69,10 @@ class Adapter(nn.Module):
         self.scale = self.config.alpha / self.config.rank
         self.a = nn.ParameterDict()
         self.b = nn.ParameterDict()
+        shapes = projection_shapes(model_config)
         for i in range(model_config.n_layers):
             for name in self.config.targets:
-                n_in, n_out = _shape(model_config, name)
+                n_in, n_out = shapes[name]
                 key = f"{i}_{name}"
                 self.a[key] = nn.Parameter(torch.empty(self.config.rank, n_in))
                 nn.init.kaiming_uniform_(self.a[key], a=math.sqrt(5))
@@ -89,7 +82,7 @@ class Adapter(nn.Module):
         layers = model.model.layers
         if len(layers) != self.model_config.n_layers:
             raise AdapterError(f"the adapter has {self.model_config.n_layers} layers, the model {len(layers)}")
-        return [(f"{i}_{name}", layer.get_submodule(_MODULES[name]))
+        return [(f"{i}_{name}", layer.get_submodule(PROJECTIONS[name]))
                 for i, layer in enumerate(layers) for name in self.config.targets]
 
     def attach(self, model: nn.Module) -> list[Any]:

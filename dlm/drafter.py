@@ -35,13 +35,14 @@ from torch import Tensor, nn
 from dlm import tuned_file
 from dlm.config import ModelConfig
 from dlm.errors import DlmError
+from dlm.model import PROJECTIONS, projection_shapes
 
 __all__ = ["DRAFTER_FORMAT", "TARGETS", "DraftLayer", "Drafter", "DrafterConfig", "DrafterError",
            "base_fingerprint", "load_drafter", "read_drafter_meta", "save_drafter"]
 
 DRAFTER_FORMAT = "voice-agent-drafter/1"
 META_KEY = "voice_agent_drafter"
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = tuple(PROJECTIONS)
 
 
 class DrafterError(DlmError):
@@ -64,14 +65,6 @@ class DrafterConfig:
             raise ValueError("rank and n_slots must be >= 1")
 
 
-def _shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each projection."""
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    return {"q": (c.dim, q), "k": (c.dim, kv), "v": (c.dim, kv), "o": (q, c.dim),
-            "gate": (c.dim, c.intermediate_size), "up": (c.dim, c.intermediate_size),
-            "down": (c.intermediate_size, c.dim)}
-
-
 class DraftLayer(nn.Module):
     """One layer's low-rank updates: y += (x A^T) B^T * alpha / rank at the mask slots. Fused
     projections (q, k, v or gate, up in one packed matmul) get their updates in one pair of
@@ -80,7 +73,7 @@ class DraftLayer(nn.Module):
 
     def __init__(self, model_config: ModelConfig, config: DrafterConfig) -> None:
         super().__init__()
-        shapes = self.shapes = _shapes(model_config)
+        shapes = self.shapes = projection_shapes(model_config)
         self.scale = config.alpha / config.rank
         self._pairs: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}  # decoding: see _pair
         self.a = nn.ParameterDict({n: nn.Parameter(torch.empty(config.rank, shapes[n][0])) for n in config.targets})

@@ -65,8 +65,20 @@ from torch import Tensor, nn
 
 from dlm.config import ModelConfig
 
-__all__ = ["Attention", "DecoderLayer", "DraftInputs", "Int4Weight", "KVCache", "Projection", "RMSNorm", "Transformer",
-           "can_pack_linears"]
+__all__ = ["PROJECTIONS", "Attention", "DecoderLayer", "DraftInputs", "Int4Weight", "KVCache", "Projection", "RMSNorm",
+           "Transformer", "can_pack_linears", "projection_shapes"]
+
+# A layer's projections: short name -> the module's path inside the layer (Hugging Face names).
+PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def projection_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection of a layer, by short name."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    return {"q": (c.dim, q), "k": (c.dim, kv), "v": (c.dim, kv), "o": (q, c.dim),
+            "gate": (c.dim, c.intermediate_size), "up": (c.dim, c.intermediate_size),
+            "down": (c.intermediate_size, c.dim)}
 
 
 class LayerAdapter(Protocol):
@@ -500,10 +512,8 @@ class Transformer(nn.Module):
         if not can_pack_linears(weight.dtype, weight.device):
             return False
         int4 = int4 or {}
-        names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
         for i, layer in enumerate(self.model.layers):  # q, k, v and gate, up packed fused only (that is what runs)
-            mine = {short: int4[f"model.layers.{i}.{name}.weight"] for short, name in names.items()
+            mine = {short: int4[f"model.layers.{i}.{name}.weight"] for short, name in PROJECTIONS.items()
                     if f"model.layers.{i}.{name}.weight" in int4}
             layer.self_attn.pack(mine)
             layer.mlp.pack(mine)
