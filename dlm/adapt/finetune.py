@@ -90,9 +90,9 @@ def conversation_seq(formatter: Any, messages: list[dict[str, str]], kind: str =
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(formatter.encode(messages[:k], add_generation_prompt=True))
-        end = len(formatter.encode(messages[:k + 1], add_generation_prompt=False))
-        if ids[:start] != formatter.encode(messages[:k], add_generation_prompt=True):
+        prompt = formatter.encode(messages[:k], add_generation_prompt=True)
+        start, end = len(prompt), len(formatter.encode(messages[:k + 1], add_generation_prompt=False))
+        if ids[:start] != prompt:
             raise ValueError("the chat template does not render a conversation as the prefixes of its turns")
         close = next((t for t in range(start, end) if ids[t] in eos), None)
         if close is None:
