@@ -10,7 +10,10 @@ Contract:
   Only the adapter's parameters need gradients; the base stays frozen.
 - Inference: `merge_adapter(model, adapter)` adds the updates into the dense weights, once, before
   they are packed (dlm.checkpoints.load_model(adapter=...)): decoding then costs exactly what the
-  base costs. A merged model cannot take int4 weights (the GGUF's 4-bit blocks are the base's).
+  base costs. With int4 weights (the GGUF's 4-bit blocks are the base's, and the update is smaller
+  than a 4-bit step: re-quantising would erase it) the decoding steps run the blocks plus the
+  update unmerged (`low_rank_int4`, dlm.model.Int4Weight.with_low_rank: two small products per
+  projection); the prefill's packed bf16 copies are the merged weights.
 - File: one safetensors file (dlm.tuned_file), `save_adapter(path, adapter, base_path, info)` / `load_adapter(path,
   loaded_config, base_path)`. Metadata "voice_agent_adapter" holds the format, the config and the
   base's fingerprint (dlm.tuned_file.base_fingerprint) with its name and shapes; loading checks all of
@@ -36,7 +39,7 @@ from dlm.errors import DlmError
 from dlm.model import PROJECTIONS, projection_shapes
 
 __all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterConfig", "AdapterError", "adapter_fingerprint", "load_adapter",
-           "merge_adapter", "read_adapter_meta", "save_adapter"]
+           "low_rank_int4", "merge_adapter", "read_adapter_meta", "save_adapter"]
 
 ADAPTER_FORMAT = "voice-agent-adapter/1"
 META_KEY = "voice_agent_adapter"
@@ -119,6 +122,25 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
                 raise AdapterError("the model's dense weights were released: merge the adapter before packing")
             # A new tensor, not an in-place add: the loaded weights may be a read-only memory map.
             w.data = (w.float() + adapter.delta(key).to(w.device)).to(w.dtype)
+
+
+def low_rank_int4(int4: dict[str, Any], adapter: Adapter) -> dict[str, Any]:
+    """The int4 step weights of an adapted model (dlm.checkpoints.load_model(weights="int4",
+    adapter=...)): each targeted projection's `Int4Weight` carries the adapter's update unmerged
+    (`Int4Weight.with_low_rank`); a targeted projection stored otherwise (8-bit blocks) is left
+    out, so it runs the packed bf16 copy of the merged weights. `int4`: by state-dict name."""
+    from dlm.model import Int4Weight
+
+    out = dict(int4)
+    for i in range(adapter.model_config.n_layers):
+        for name in adapter.config.targets:
+            key, weight_name = f"{i}_{name}", f"model.layers.{i}.{PROJECTIONS[name]}.weight"
+            weight = out.get(weight_name)
+            if isinstance(weight, Int4Weight):
+                out[weight_name] = weight.with_low_rank(adapter.a[key].detach(), adapter.b[key].detach() * adapter.scale)
+            else:
+                out.pop(weight_name, None)
+    return out
 
 
 def adapter_fingerprint(path: str | Path) -> str:

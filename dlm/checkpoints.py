@@ -329,7 +329,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     """See the module docstring; `pack`: prepack the weights for oneDNN where that applies
     (bfloat16 on CPU, `Transformer.pack_linears`); `adapter`: a fine-tune of this model
     (dlm.adapter), merged into its weights before they are packed (AdapterError where it belongs
-    to another base; not with int4 weights, which are the base's own); `drafter`: a drafter file
+    to another base; with int4 weights, the steps add it unmerged: dlm.adapter.low_rank_int4); `drafter`: a drafter file
     for this model, adapter included (dlm.drafter), checked against it (DrafterError where it
     belongs to another base or adapter);
     `weights`: "dense", or "int4": a GGUF's own Q4_0 / Q4_1 projections run the decoding steps
@@ -339,9 +339,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     runs the packed ones; about 210 MB for SmolLM2 in bf16)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
-    if adapter is not None and weights != "dense":
-        raise ValueError(f"an adapter ({Path(adapter).name}) changes the weights: it cannot run with weights={weights!r} "
-                         "(the checkpoint's own quantized blocks); use weights='dense'")
     resolved = resolve_checkpoint(path)
     family_name, family = _detect(resolved)
     device = torch.device(device)
@@ -362,15 +359,21 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         config, spec, state_dict, tokenizer = _load_gguf(resolved, dtype, cache)
     config.max_seq_len = max_seq_len or min(config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     model = _build_model(config, state_dict, resolved, device, dtype)
+    fine_tune = None
     if adapter is not None:
         from dlm.adapter import load_adapter, merge_adapter
 
-        merge_adapter(model, load_adapter(adapter, config, resolved))
+        fine_tune = load_adapter(adapter, config, resolved)
+        merge_adapter(model, fine_tune)
     if weights == "int4":
         int4 = {name: Int4Weight.from_blocks(q, scale, minimum) if kind == "q4" else Int8AsInt4Weight(q, scale)
                 for name, (kind, q, scale, minimum) in read_quant_blocks(resolved).items()}
         if not any(isinstance(w, Int4Weight) for w in int4.values()):
             raise UnsupportedCheckpointError(f"{resolved}: weights='int4' needs Q4_0 or Q4_1 tensors; this GGUF has none")
+        if fine_tune is not None:
+            from dlm.adapter import low_rank_int4
+
+            int4 = low_rank_int4(int4, fine_tune)
         # The output head's bf16 copy only serves draft blocks (many positions' logits at once).
         model.pack_linears(int4, head_amx=drafter is not None)
         model.release_dense_weights()

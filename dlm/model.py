@@ -122,6 +122,10 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+# torch's CPU int4 kernel packs and computes a weight's outputs in blocks of this many.
+INT4_BLOCK_OUTPUTS = 64
+
+
 @dataclass
 class Int4Weight:
     """A weight stored as groups of 4-bit integers, in torch's CPU int4 layout: within each group
@@ -133,6 +137,9 @@ class Int4Weight:
     packed: Tensor  # (N, K / 2) uint8
     scales_zeros: Tensor  # (K / group_size, N, 2) bf16
     group_size: int
+    # A fine-tune's update of these weights (dlm.adapter), unmerged: (down (R, K), up (N, R)) in
+    # float64, output += x down^T up^T. See `with_low_rank`.
+    low_rank: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def from_blocks(cls, q: Tensor, scale: Tensor, minimum: Tensor) -> Int4Weight:
@@ -143,22 +150,62 @@ class Int4Weight:
         scales_zeros = torch.stack([scale.float().t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         return cls(packed, scales_zeros, group)
 
+    def with_low_rank(self, down: Tensor, up: Tensor) -> Int4Weight:
+        """These weights plus a low-rank update W + up @ down (down (R, K), up (N, R); a LoRA
+        adapter with its scale folded into `up`), kept apart from the 4-bit blocks: rounding the
+        update into them would erase most of it (it is smaller than a 4-bit step). The update runs
+        in float64: x down^T is exact there (products of bf16 numbers, summed in any order), the
+        product with up rounds at ~1e-16 relative, far below the bf16 step its sum with the int4
+        output is rounded to once; so a row's result does not depend on the other rows of the
+        call, as the int4 kernel's does not."""
+        if self.low_rank is not None:
+            raise ValueError("these int4 weights already carry a low-rank update")
+        n, k = self.packed.shape[0], self.packed.shape[1] * 2
+        if down.shape[1] != k or up.shape[0] != n or down.shape[0] != up.shape[1]:
+            raise ValueError(f"a low-rank update of a ({n}, {k}) weight needs down (R, {k}) and up ({n}, R), "
+                             f"not {tuple(down.shape)} and {tuple(up.shape)}")
+        return Int4Weight(self.packed, self.scales_zeros, self.group_size,
+                          (down.detach().double().contiguous(), up.detach().double().contiguous()))
+
     @staticmethod
-    def cat(parts: list[Int4Weight]) -> Int4Weight:
-        """Projections of the same input side by side (fused q/k/v, gate/up)."""
+    def cat(parts: list[Int4Weight | None]) -> Int4Weight | None:
+        """Projections of the same input side by side (fused q/k/v, gate/up); their low-rank
+        updates, where any has one, side by side too (one down of the summed rank, a block-diagonal
+        up). None where a part has no int4 weight, or where a part before the last has a number of
+        outputs that is not a multiple of INT4_BLOCK_OUTPUTS (the packed layout goes by blocks of
+        that many outputs: such a part's tail would be read as its neighbour's)."""
+        if not all(parts) or any(p.packed.shape[0] % INT4_BLOCK_OUTPUTS for p in parts[:-1]):
+            return None
         if len({p.group_size for p in parts}) != 1:
             raise ValueError("fused int4 weights need one group size")
+        low_rank = None
+        if any(p.low_rank is not None for p in parts):
+            downs = [p.low_rank[0] for p in parts if p.low_rank is not None]
+            up = torch.zeros(sum(p.packed.shape[0] for p in parts), sum(d.shape[0] for d in downs),
+                             dtype=torch.float64)
+            row = col = 0
+            for p in parts:
+                if p.low_rank is not None:
+                    part_up = p.low_rank[1]
+                    up[row:row + part_up.shape[0], col:col + part_up.shape[1]] = part_up
+                    col += part_up.shape[1]
+                row += p.packed.shape[0]
+            low_rank = (torch.cat(downs), up)
         return Int4Weight(torch.cat([p.packed for p in parts]), torch.cat([p.scales_zeros for p in parts], dim=1),
-                          parts[0].group_size)
+                          parts[0].group_size, low_rank)
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel reads rows densely
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_zeros)
+        if self.low_rank is not None:
+            down, up = self.low_rank
+            out = F.linear(F.linear(rows.double(), down), up).add_(out).to(out.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_zeros.nbytes
+        low_rank = 0 if self.low_rank is None else sum(t.nbytes for t in self.low_rank)
+        return self.packed.nbytes + self.scales_zeros.nbytes + low_rank
 
 
 class Int8AsInt4Weight:
@@ -355,12 +402,13 @@ class Attention(nn.Module):
 
     def pack(self, int4: dict[str, Int4Weight]) -> None:
         """q, k, v as one projection (one call instead of three), and o; `int4`: the int4 weights
-        of this layer's projections by name ("q", "k", "v", "o"), where the checkpoint has them."""
+        of this layer's projections by name ("q", "k", "v", "o"), where the checkpoint has them
+        (the fused q, k, v run int4 where `Int4Weight.cat` can fuse them)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         weight = torch.cat([p.weight.detach() for p in projs])
         bias = None if projs[0].bias is None else torch.cat([p.bias.detach() for p in projs])
         parts = [int4.get(name) for name in ("q", "k", "v")]
-        self.qkv = Projection(weight, bias, Int4Weight.cat(parts) if all(parts) else None)
+        self.qkv = Projection(weight, bias, Int4Weight.cat(parts))
         self.o_proj.pack(int4.get("o"))
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor, draft: tuple[LayerAdapter, int] | None,
@@ -441,7 +489,7 @@ class MLP(nn.Module):
         """gate and up as one projection, and down (`int4` as in Attention.pack)."""
         weight = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
         parts = [int4.get("gate"), int4.get("up")]
-        self.gate_up = Projection(weight, None, Int4Weight.cat(parts) if all(parts) else None)
+        self.gate_up = Projection(weight, None, Int4Weight.cat(parts))
         self.down_proj.pack(int4.get("down"))
 
     def forward(self, x: Tensor, draft: tuple[LayerAdapter, int] | None = None, step: int = 0) -> Tensor:

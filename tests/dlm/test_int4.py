@@ -1,8 +1,8 @@
 """Weights in int4 for the decoding steps (dlm.model.Int4Weight, Int8AsInt4Weight, Projection;
-dlm.checkpoints.load_model(weights="int4")): the kernels compute what the blocks say, a row's
-bits do not depend on the other rows, and the engines built on them stay exact: the AR engine's
-replies do not depend on its batch or on prefix reuse, and draft-and-verify writes them token
-for token."""
+dlm.checkpoints.load_model(weights="int4"), with or without a fine-tune's low-rank update): the
+kernels compute what the blocks (and the update) say, a row's bits do not depend on the other
+rows, and the engines built on them stay exact: the AR engine's replies do not depend on its
+batch or on prefix reuse, and draft-and-verify writes them token for token."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 from dlm_tiny_models import random_loaded
 from test_speculative import PROMPTS, _random_drafter, _run
 
+from dlm.adapter import Adapter, AdapterConfig, low_rank_int4, merge_adapter
 from dlm.ar import AREngine
+from dlm.chat import ChatFormatter
 from dlm.checkpoints import load_model
 from dlm.engine import GenerationParams
 from dlm.errors import UnsupportedCheckpointError
@@ -48,6 +50,39 @@ def test_int4_weight_computes_its_blocks_and_each_row_alone():
     assert torch.equal(weight(x[7:8]), y[7:8])
 
 
+def test_a_low_rank_update_adds_to_the_blocks_and_keeps_each_row_alone():
+    q, scale, minimum = _blocks(96, 128, seed=5)
+    g = torch.Generator().manual_seed(6)
+    down = torch.randn(4, 128, generator=g).to(torch.bfloat16)
+    up = (torch.randn(96, 4, generator=g) * 0.05).to(torch.bfloat16)
+    base = Int4Weight.from_blocks(q, scale, minimum)
+    weight = base.with_low_rank(down, up)
+    x = torch.randn(40, 128).to(torch.bfloat16)
+    y = weight(x)
+    update = x.double() @ (up.double() @ down.double()).T
+    reference = x.double() @ _dequantized(q, scale, minimum).double().T + update
+    assert update.abs().max() > 0.5  # large enough that dropping it would fail the next line
+    assert torch.allclose(y.double(), reference, atol=3e-2, rtol=2e-2)
+    assert not torch.allclose(base(x).double(), reference, atol=3e-2, rtol=2e-2)
+    for rows in (1, 2, 5, 17, 33):
+        assert torch.equal(weight(x[:rows]), y[:rows])
+    with pytest.raises(ValueError, match="already carry"):
+        weight.with_low_rank(down, up)
+    with pytest.raises(ValueError, match=r"needs down \(R, 128\)"):
+        base.with_low_rank(down[:, :64], up)
+
+    # Fused side by side with weights with and without an update: each part's output, bit for bit.
+    first = Int4Weight.from_blocks(*_blocks(128, 128, seed=7)).with_low_rank(down, torch.cat([up, up[:32]]))
+    other = Int4Weight.from_blocks(*_blocks(64, 128, seed=8))
+    third = Int4Weight.from_blocks(*_blocks(96, 128, seed=9)).with_low_rank(down[:2], up[:, :2])
+    fused = Int4Weight.cat([first, other, third])
+    assert fused.low_rank[0].shape == (6, 128) and fused.low_rank[1].shape == (288, 6)
+    assert torch.equal(fused(x), torch.cat([first(x), other(x), third(x)], dim=1))
+    assert Int4Weight.cat([other, other]).low_rank is None
+    # The kernel's packed layout goes by blocks of 64 outputs: a part of 96 cannot lead a fusion.
+    assert Int4Weight.cat([third, other]) is None and Int4Weight.cat([other, None]) is None
+
+
 def test_int8_as_two_int4_weights_is_the_q8_weight():
     g = torch.Generator().manual_seed(1)
     q = torch.randint(-128, 128, (64, 96), generator=g, dtype=torch.int8)
@@ -64,9 +99,10 @@ def test_int8_as_two_int4_weights_is_the_q8_weight():
     assert (read_back - expected).abs().max() <= 2 * 2**-8 * expected.abs().max()
 
 
-def _int4_loaded(seed: int = 3):
+def _int4_loaded(seed: int = 3, adapted: bool = False):
     """A random causal model at SmolLM2's widths whose projections run int4 weights in the steps
-    and the same weights, dequantized to bf16, in the prefill."""
+    and the same weights, dequantized to bf16, in the prefill; `adapted`: plus a random adapter,
+    merged into the prefill's weights and unmerged in the steps' (as load_model does)."""
     loaded = random_loaded("causal", seed=seed, eos=[1], block_size=1, dim=576, n_heads=9, n_kv_heads=3,
                            intermediate_size=1536)
     model = loaded.model.to(torch.bfloat16)
@@ -77,14 +113,23 @@ def _int4_loaded(seed: int = 3):
         with torch.no_grad():
             param.copy_(_dequantized(q, scale, minimum) * 20)  # SmolLM2-like magnitudes for this init
         int4[name] = Int4Weight.from_blocks(q, scale * 20, minimum * 20)
+    if adapted:
+        torch.manual_seed(seed)
+        adapter = Adapter(loaded.config, AdapterConfig(rank=4, alpha=8.0))
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.normal_(0.0, 0.2)
+        merge_adapter(model, adapter)
+        int4 = low_rank_int4(int4, adapter)
     assert model.pack_linears(int4) and model.step_kernels
     model.release_dense_weights()
     return loaded
 
 
 @needs_bf16
-def test_int4_engines_are_exact_whatever_the_batch_and_the_prefix_reuse():
-    loaded = _int4_loaded()
+@pytest.mark.parametrize("adapted", [False, True])
+def test_int4_engines_are_exact_whatever_the_batch_and_the_prefix_reuse(adapted):
+    loaded = _int4_loaded(adapted=adapted)
     drafter = _random_drafter(loaded)
     params = GenerationParams(max_new_tokens=16)
     prompts = [p * 9 for p in PROMPTS]  # prefills of more than one packed call
@@ -151,3 +196,38 @@ def test_the_embedded_gguf_in_int4_reads_its_own_blocks_and_answers():
     with AREngine(loaded, max_batch_size=1) as engine:
         reply = engine.submit(messages, GenerationParams(max_new_tokens=12)).result()
     assert "paris" in reply.lower()
+
+
+@pytest.mark.slow
+def test_the_grounded_fine_tune_runs_on_the_int4_steps():
+    """The shipped adapter on the GGUF's int4 blocks: a decoding step's logits are the fine-tuned
+    model's (float32, merged), not the base's, to within the int4 path's bf16 arithmetic."""
+    from voice_agent.models import resolve_llm_model
+
+    resolved = resolve_llm_model("smollm2-135m-grounded-int4")
+    assert resolved.weights == "int4" and resolved.adapter is not None
+    tuned = load_model(resolved.path, adapter=resolved.adapter, weights="int4")
+    base = load_model(resolved.path, weights="int4")
+    reference = load_model(resolved.path, adapter=resolved.adapter, dtype="float32")
+    messages = [{"role": "system", "content": "You answer the phone for Rosa's Bakery. Hours: 7am to 3pm."},
+                {"role": "user", "content": "What time do you open?"}]
+    ids = torch.tensor([ChatFormatter(tuned.tokenizer, tuned.spec).encode(messages)])
+
+    def step_logits(loaded):
+        # the prefill's K/V, then one step at the last position (the steps' kernels)
+        cache = loaded.model.new_cache(1, 64)
+        with torch.no_grad():
+            n = ids.shape[1] - 1
+            loaded.model(ids[:, :n], torch.arange(n)[None], causal_mask(n), cache=cache,
+                         cache_rows=torch.tensor([0]))
+            mask = torch.ones(1, 1, 1, n + 1, dtype=torch.bool)
+            return loaded.model(ids[:, n:], torch.tensor([[n]]), mask, cache=cache, cache_rows=torch.tensor([0]),
+                                step=True)[0, -1].float()
+
+    want = step_logits(reference)
+    tuned_gap = (step_logits(tuned) - want).abs().max()
+    base_gap = (step_logits(base) - want).abs().max()
+    assert tuned_gap < 1.5 and base_gap > 2 * tuned_gap, (tuned_gap, base_gap)
+    with AREngine(tuned, max_batch_size=1) as engine:
+        reply = engine.submit(messages, GenerationParams(max_new_tokens=24)).result()
+    assert "7" in reply
