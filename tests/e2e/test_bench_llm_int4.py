@@ -1,6 +1,6 @@
-"""`voice-agent bench llm` on the embedded model with int4 decoding steps: the fidelity report
-against float32, the single-forward costs, the memory line, and a missing llama.cpp reference
-that leaves one note and a complete run."""
+"""`voice-agent bench llm` on the embedded fine-tuned model with int4 decoding steps: the fidelity
+report against float32 (fine-tune included), the single-forward costs, the memory line, and a
+missing llama.cpp reference that leaves one note and a complete run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from voice_agent.bench import reference
 def test_bench_llm_int4_reports_fidelity_costs_and_memory(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(reference, "llama_cpp_missing", lambda: "llama-cpp-python is not installed (test)")
     out = tmp_path / "llm.json"
-    status = cli.main(["bench", "--set", "llm.model=smollm2-135m-instruct", "llm", "--engines", "ar", "--weights",
+    # The fine-tuned model on int4 steps: its float32 reference must carry the fine-tune too (the
+    # base's logits are about 25 away from the fine-tune's, far outside the bound below).
+    status = cli.main(["bench", "--set", "llm.model=smollm2-135m-grounded-int4", "llm", "--engines", "ar", "--weights",
                        "int4", "--concurrency", "1", "--max-new-tokens", "6", "--reference", "llama.cpp", "--fidelity",
                        "--json", str(out)])
     assert status == 0

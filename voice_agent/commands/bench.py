@@ -442,10 +442,11 @@ def _memory(model: Any) -> dict[str, Any]:
 
 
 def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, Any]], params: Any) -> dict[str, Any]:
-    """The model under test against the same weights in float32, dense (issue 15: report the
-    logit difference and whether greedy replies change): the float32 AR engine's greedy replies
-    to the same prompt ids, and per prompt the largest |logit difference| at the last prompt
-    position (the prefill's kernels) and at the first reply token's position (a decoding step's)."""
+    """The model under test against the same weights (its fine-tune included) in float32, dense
+    (issue 15: report the logit difference and whether greedy replies change): the float32 AR
+    engine's greedy replies to the same prompt ids, and per prompt the largest |logit difference|
+    at the last prompt position (the prefill's kernels) and at the first reply token's position
+    (a decoding step's)."""
     import torch
 
     from dlm.ar import AREngine
@@ -453,7 +454,7 @@ def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, 
     from dlm.masks import causal_mask
 
     print("  fidelity: loading the float32 reference", file=sys.stderr)
-    ref = load_model(loaded.path, dtype="float32", max_seq_len=loaded.config.max_seq_len)
+    ref = load_model(loaded.path, dtype="float32", max_seq_len=loaded.config.max_seq_len, adapter=loaded.adapter)
     greedy = replace(params, temperature=0.0)
     with AREngine(ref, max_batch_size=1) as engine:
         ref_ids = [[t for d in engine.submit(ids, greedy) for t in d.token_ids] for ids in prompt_ids]
