@@ -286,3 +286,20 @@ def test_configure_session_carries_nothing_it_was_not_given():
     p = proto()
     (configure,) = send(p, {"type": "session.update", "session": {"instructions": "Hi."}})
     assert configure == ConfigureSession(instructions="Hi.", input_rate_hz=24000, output_rate_hz=24000)
+
+
+def test_instructions_are_bounded_in_the_llms_tokens_for_the_session_and_for_a_response():
+    p = RealtimeProtocol(instructions="Be brief.", max_instructions_tokens=20, count_tokens=lambda t: len(t.split()))
+    fits = " ".join(["word"] * 20)  # 99 characters, 20 tokens
+    over = " ".join(["word"] * 21)
+    assert any(isinstance(e, ConfigureSession) for e in send(p, {"type": "session.update", "session": {"instructions": fits}}))
+    for event, param in (({"type": "session.update", "session": {"instructions": over}}, "session.instructions"),
+                         ({"type": "response.create", "response": {"instructions": over}}, "response.instructions"),
+                         ({"type": "response.create", "response": {"instructions": "x" * 200}}, "response.instructions")):
+        out(p)
+        assert send(p, event) == []
+        [error] = [m for m in out(p) if m["type"] == "error"]
+        assert error["error"]["code"] == "string_above_max_length" and error["error"]["param"] == param
+    assert p.settings.instructions == fits
+    [created] = send(p, {"type": "response.create", "response": {"instructions": fits}})
+    assert isinstance(created, CreateResponse) and created.options.instructions == fits

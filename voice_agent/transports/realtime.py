@@ -430,17 +430,23 @@ class RealtimeProtocol:
             raise _BadEvent(f"unsupported rate {rate}; supported: {list(PCM_RATES_HZ)}", param=f"{param}.rate")
         return AudioFormat("audio/pcm", rate)
 
-    def _on_session_update(self, event: dict[str, Any]) -> list[InputEvent]:
-        session = _get(event, "session", dict, "session", required=True)
-        s = self.settings
-        # Validate everything before changing anything.
-        instructions = _get(session, "instructions", str, "session.instructions")
+    def _instructions(self, holder: dict[str, Any], param: str) -> str | None:
+        """`holder`'s instructions, refused (string_above_max_length) beyond max_instructions_tokens
+        of the LLM's tokens: a session's and a single response's alike."""
+        instructions = _get(holder, "instructions", str, param)
         if instructions is not None and len(instructions) > self._max_instructions_tokens:  # else it fits: a token has a character
             # Counting costs time on the event loop: far too long is refused uncounted.
             tokens = None if len(instructions) > 8 * self._max_instructions_tokens else self._count_tokens(instructions)
             if tokens is None or tokens > self._max_instructions_tokens:
                 raise _BadEvent(f"instructions of {tokens or 'far more than'} tokens exceed the limit of {self._max_instructions_tokens}",
-                                code="string_above_max_length", param="session.instructions")
+                                code="string_above_max_length", param=param)
+        return instructions
+
+    def _on_session_update(self, event: dict[str, Any]) -> list[InputEvent]:
+        session = _get(event, "session", dict, "session", required=True)
+        s = self.settings
+        # Validate everything before changing anything.
+        instructions = self._instructions(session, "session.instructions")
         modalities = _get(session, "output_modalities", list, "session.output_modalities")
         if modalities is None:
             modalities = _get(session, "modalities", list, "session.modalities")  # beta name
@@ -692,9 +698,7 @@ class RealtimeProtocol:
         if response.get("conversation", "auto") != "auto" or response.get("input") is not None:
             raise _BadEvent("out-of-band responses (conversation 'none', custom input) are not supported",
                             code="unsupported_feature", param="response.conversation")
-        instructions = _get(response, "instructions", str, "response.instructions")
-        if instructions is not None and len(instructions) > 8 * self._max_instructions_tokens:
-            raise _BadEvent("the response's instructions are too long", code="string_above_max_length", param="response.instructions")
+        instructions = self._instructions(response, "response.instructions")
         modalities = _get(response, "output_modalities", list, "response.output_modalities")
         if modalities is None:
             modalities = _get(response, "modalities", list, "response.modalities")  # beta name
