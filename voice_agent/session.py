@@ -81,6 +81,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import json
 import logging
 import time
@@ -142,6 +143,7 @@ ASR_RATE_HZ = 16_000
 MAX_RECORDS = 256
 MAX_TRUNCATABLE_TURNS = 8
 MESSAGE_OVERHEAD_TOKENS = 4  # a message's role and separators in the chat template
+MAX_COUNTED_TEXTS = 1024  # token counts a session remembers (its history's messages)
 # The echo gate: reply audio levels per 20 ms, compared with the caller's audio that arrives up
 # to this many frames (0.8 s: the transport's lead, the network both ways, the room) after it.
 ECHO_FRAME_S = 0.02
@@ -534,6 +536,9 @@ class Session:
     ) -> None:
         self.services = services
         self.config = config
+        # A message's token count, remembered: every reply counts the whole history again (to fit
+        # it into history_tokens, then for its usage). Bounded; the texts are the history's own.
+        self._count_tokens = functools.lru_cache(maxsize=MAX_COUNTED_TEXTS)(services.llm.count_tokens)
         self.call_id = call_id or uuid.uuid4().hex[:16]
         self.outbox = Outbox(max_outbox_events)
         self._sink = sink
@@ -1465,7 +1470,7 @@ class Session:
         text = message.get("content") or ""
         if message.get("tool_calls"):
             text += json.dumps(message["tool_calls"])
-        return self.services.llm.count_tokens(text) + MESSAGE_OVERHEAD_TOKENS
+        return self._count_tokens(text) + MESSAGE_OVERHEAD_TOKENS
 
     def _messages(self, pending_user_text: str | None = None, instructions: str | None = None) -> list[dict[str, Any]]:
         """System prompt (the session's, or this reply's `instructions`) + the newest history that

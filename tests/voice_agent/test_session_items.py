@@ -22,7 +22,7 @@ from voice_agent.events import (
     VadSettings,
 )
 from voice_agent.llm import ToolCall
-from voice_agent.session import Session
+from voice_agent.session import MESSAGE_OVERHEAD_TOKENS, Session
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather.",
                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -210,3 +210,26 @@ def test_the_prompt_pairs_every_call_with_its_result():
         {"role": "user", "content": "never mind"},
     ]
     assert messages[1]["tool_calls"] == [call("a")]  # the history itself is left alone
+
+
+def test_each_message_is_counted_once_however_many_replies_read_it():
+    async def main():
+        llm = FakeLLM("Sure.")
+        counted: list[str] = []
+        words = llm.count_tokens
+        llm.count_tokens = lambda text: counted.append(text) or words(text)
+        session, services, _ = make(llm)
+        await text_session(session)
+        for question in ("Is Sam in?", "When is he back?", "Can I leave a message?"):
+            await session.handle(UserText(text=question))
+            await settle()
+        dones = [e for e in drain(session.outbox) if isinstance(e, ResponseDone)]
+        # The third reply read the system prompt, three questions and two answers: its usage
+        # counts them all, yet no text was tokenized twice over the three replies.
+        assert len(services.llm.requests) == 3 and len(services.llm.requests[-1]) == 6
+        assert dones[-1].usage.input_tokens == sum(words(m["content"]) + MESSAGE_OVERHEAD_TOKENS
+                                                   for m in services.llm.requests[-1])
+        assert sorted(counted) == sorted(set(counted))
+        await session.close()
+
+    asyncio.run(main())
