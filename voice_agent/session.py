@@ -477,9 +477,10 @@ class _Speculation:
 
 def _paired_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages as a strict Chat Completions server takes them: every function call answered
-    by its result right after it. Calls of consecutive assistant messages are merged into one
-    message; a call with no result (the caller spoke before the client answered it) is left out,
-    and so is a result whose call is gone (deleted, or out of the window)."""
+    by its result right after it. Consecutive assistant messages with calls are merged into one
+    (their words joined, their calls together); a call with no result (the caller spoke before the
+    client answered it) is left out, and so is a result whose call is gone (deleted, or out of the
+    window)."""
     answered = {m.get("tool_call_id") for m in messages if m["role"] == "tool"}
     out: list[dict[str, Any]] = []
     open_calls: set[str] = set()
@@ -492,8 +493,9 @@ def _paired_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         calls = [c for c in m.get("tool_calls") or () if c["id"] in answered]
         if m["role"] == "assistant" and m.get("tool_calls"):
             previous = out[-1] if out else None
-            if previous is not None and previous.get("tool_calls") and not previous.get("content") and not m.get("content"):
-                previous["tool_calls"] = [*previous["tool_calls"], *calls]
+            if previous is not None and previous["role"] == "assistant" and previous.get("tool_calls"):
+                words = " ".join(t for t in (previous.get("content"), m.get("content")) if t)
+                previous.update(content=words or None, tool_calls=[*previous["tool_calls"], *calls])
                 open_calls = {c["id"] for c in previous["tool_calls"]}
                 continue
             m = {k: v for k, v in m.items() if k != "tool_calls"} | ({"tool_calls": calls} if calls else {})

@@ -211,6 +211,21 @@ def test_the_prompt_pairs_every_call_with_its_result():
     ]
     assert messages[1]["tool_calls"] == [call("a")]  # the history itself is left alone
 
+    # Words with a call, then more calls (a reply's own words and call, then a client's item):
+    # one message with both, its results after it.
+    spoken = [
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [call("d")]},
+        {"role": "assistant", "content": None, "tool_calls": [call("e")]},
+        {"role": "assistant", "content": "And this.", "tool_calls": [call("f")]},
+        {"role": "tool", "tool_call_id": "d", "content": "D"},
+        {"role": "tool", "tool_call_id": "e", "content": "E"},
+        {"role": "tool", "tool_call_id": "f", "content": "F"},
+    ]
+    assert _paired_calls(spoken) == [
+        {"role": "assistant", "content": "Let me check. And this.", "tool_calls": [call("d"), call("e"), call("f")]},
+        *spoken[3:],
+    ]
+
 
 def test_each_message_is_counted_once_however_many_replies_read_it():
     async def main():
