@@ -329,9 +329,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     """See the module docstring; `pack`: prepack the weights for oneDNN where that applies
     (bfloat16 on CPU, `Transformer.pack_linears`); `adapter`: a fine-tune of this model
     (dlm.adapter), merged into its weights before they are packed (AdapterError where it belongs
-    to another base; with int4 weights, the steps add it unmerged: dlm.adapter.low_rank_int4); `drafter`: a drafter file
-    for this model, adapter included (dlm.drafter), checked against it (DrafterError where it
-    belongs to another base or adapter);
+    to another base; with int4 weights the decoding steps add it unmerged, dlm.adapter.low_rank_int4);
+    `drafter`: a drafter file for this model, adapter included (dlm.drafter), checked against it
+    (DrafterError where it belongs to another base or adapter);
     `weights`: "dense", or "int4": a GGUF's own Q4_0 / Q4_1 projections run the decoding steps
     (`dlm.model.Int4Weight`), packed bf16 copies the prefill, and the dense copies are released
     (inference only: `Transformer.release_dense_weights`); bfloat16 on CPU only.

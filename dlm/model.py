@@ -49,8 +49,9 @@ Contract:
 - `pack_linears(int4)` with int4 weights (`Int4Weight`, from a GGUF's own 4-bit blocks:
   dlm.checkpoints.load_model(weights="int4")): the text positions of a decoding step
   (`forward(step=True)`: the AR step, the positions a draft-and-verify forward verifies) run the
-  int4 weights, which read a quarter of bf16's bytes; the prefill and mask slots run the packed
-  bf16 copies (see `Projection`). `release_dense_weights()` then frees the dense copies: the
+  int4 weights, which read a quarter of bf16's bytes (a fine-tune's low-rank update beside them,
+  unmerged: `Int4Weight.with_low_rank`); the prefill and mask slots run the packed bf16 copies
+  (see `Projection`). `release_dense_weights()` then frees the dense copies: the
   model is inference-only from there on.
 """
 
