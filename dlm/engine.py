@@ -23,7 +23,12 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   holds now (rows, queue, requests by owner) for tests and /metrics; a request counts until its
   last delta is emitted. Admission is fair between owners: a free row goes to the waiting request
   whose owner holds the fewest rows (first come first served among equals), so one owner's burst
-  cannot keep the others' requests out of the rows that free up.
+  cannot keep the others' requests out of the rows that free up. Of the free rows, a request
+  takes the one whose cached prefix it reuses most (dlm/decode.py "Prefix reuse"), but a row
+  cached by another owner counts EVICT_PENALTY_TOKENS less: a call whose prompts share nothing
+  with anyone's (new instructions at every turn) takes empty rows and its own, and leaves other
+  calls' cached histories in place for their next turn, while a long shared prefix (a chat API
+  client re-sending a conversation) is still reused.
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
   left-most contiguous committed part of the current block. Text is held back while it might be
   the start of a stop string or ends inside a UTF-8 sequence (`dlm.chat.TextStream`).
@@ -69,6 +74,9 @@ MAX_BLOCK_SIZE = 1024
 MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 16
 MAX_PENDING_REQUESTS = 1024  # requests waiting for a free row; beyond: InvalidRequestError
+# A free row cached by another owner is worth this many prompt tokens less to a request (a row's
+# prefix is only kept while nobody else takes the row: see "Owners" above).
+EVICT_PENALTY_TOKENS = 64
 
 
 @dataclass
@@ -185,6 +193,7 @@ class Engine:
         self._held: dict[str, _Request] = {}  # every request until its last delta (under _lock)
         self._pending: list[_Request] = []
         self._active: dict[int, _Request] = {}  # slot -> request
+        self._slot_owner: dict[int, str | None] = {}  # slot -> the owner of its last request (worker only)
         self._ids = itertools.count()
         self._closed = False
         self._lock = threading.Lock()
@@ -391,7 +400,7 @@ class Engine:
             self._pending.remove(req)
             # The free row holding the longest prefix of this prompt (a previous turn of the same
             # call): only the rest is prefilled. Ties: the lowest slot.
-            slot = max(free, key=lambda s: self._decoder.prefix_match(s, req.prompt_ids, req.settings))
+            slot = max(free, key=lambda s: self._reuse_score(s, req))
             free.remove(slot)
             try:
                 self._decoder.add(slot, req.prompt_ids, req.settings)
@@ -403,6 +412,17 @@ class Engine:
                 continue
             req.slot = slot
             self._active[slot] = req
+            self._slot_owner[slot] = req.owner
+
+    def _reuse_score(self, slot: int, req: _Request) -> int:
+        """What `req` gains from the free `slot`: the prompt positions it reuses there, less
+        EVICT_PENALTY_TOKENS where the row holds another (named) owner's cached prefix (the module
+        docstring, "Owners"). Ties go to the lowest slot."""
+        score = self._decoder.prefix_match(slot, req.prompt_ids, req.settings)
+        owner = self._slot_owner.get(slot)
+        if owner is not None and owner != req.owner and slot in self._decoder.cached:
+            score -= EVICT_PENALTY_TOKENS
+        return score
 
     def _release(self, slot: int) -> None:
         self._decoder.remove(slot)

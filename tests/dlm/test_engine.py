@@ -213,6 +213,28 @@ def test_a_free_row_goes_to_the_owner_holding_the_fewest():
         assert order.index("b") < order.index("a2")
 
 
+def test_a_call_keeps_its_cached_prefix_when_another_call_shares_little_with_it():
+    """A request that reuses next to nothing takes an empty row rather than another call's cached
+    history; a long shared prefix (a client re-sending a conversation) is still reused."""
+    loaded = random_loaded("causal", seed=5, eos=[1], block_size=1)
+    history = [5 + i % 40 for i in range(100)]
+    params = GenerationParams(max_new_tokens=3)
+
+    def holding(engine, ids):
+        assert _until(lambda: engine.load().idle)
+        return [slot for slot, cached in engine._decoder.cached.items() if cached.ids[:len(ids)] == ids]
+
+    with AREngine(loaded, max_batch_size=2) as engine:
+        list(engine.submit(history, params, owner="call-a"))
+        [slot] = holding(engine, history)
+        # Another call whose prompt starts like call-a's (the chat template's first tokens) only.
+        list(engine.submit(history[:3] + [50, 51, 52], params, owner="call-b"))
+        assert holding(engine, history) == [slot]
+        # A chat API request continuing call-a's conversation reuses its 100 tokens.
+        list(engine.submit(history + [53, 54], params, owner="api-1"))
+        assert holding(engine, history + [53, 54]) == [slot]
+
+
 def test_abort_never_blocks_with_many_requests_waiting():
     loaded = counting_loaded(block_size=4)
     with Engine(loaded, max_batch_size=1) as engine:
