@@ -228,11 +228,11 @@ def test_a_call_keeps_its_cached_prefix_when_another_call_shares_little_with_it(
         list(engine.submit(history, params, owner="call-a"))
         [slot] = holding(engine, history)
         # Another call whose prompt starts like call-a's (the chat template's first tokens) only.
-        list(engine.submit(history[:3] + [50, 51, 52], params, owner="call-b"))
+        list(engine.submit([*history[:3], 50, 51, 52], params, owner="call-b"))
         assert holding(engine, history) == [slot]
         # A chat API request continuing call-a's conversation reuses its 100 tokens.
-        list(engine.submit(history + [53, 54], params, owner="api-1"))
-        assert holding(engine, history + [53, 54]) == [slot]
+        list(engine.submit([*history, 53, 54], params, owner="api-1"))
+        assert holding(engine, [*history, 53, 54]) == [slot]
 
 
 def test_abort_never_blocks_with_many_requests_waiting():
