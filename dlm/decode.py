@@ -51,7 +51,9 @@ prompt tokens on a quiet 2-core CPU, fewer when the CPU is shared), so an abort 
 waits at most about that long. While other rows decode, the chunks of long prompts (more than one
 chunk left) take at most `long_prefill_share` of the wall time: after one, they wait twice its
 time (at 1/3), and the decoding rows step on meanwhile. A prompt that fits one chunk (a voice
-turn, or the new tail of a call's prompt after prefix reuse) is never held back. A row whose prefill completes
+turn, or the new tail of a call's prompt after prefix reuse) is never held back; "one chunk" is
+`prefill_chunk_tokens`, not the chunk shrunk to the measured speed (on a shared CPU that would
+make a voice turn's tail "long"). A row whose prefill completes
 at a step decodes in the same step. The prefill is a forward of its own, eager, with finer
 buckets than the denoising forward (batch: exact; window: powers of two up to 8, then multiples
 of 8 up to the chunk size): no compiled graph depends on them, and on a compute-bound CPU every
@@ -509,13 +511,22 @@ class BlockDecoder:
             bs = row.settings.block_size
             chunk = max(limit // bs, 1) * bs  # whole blocks (block-causal keys)
             length = min(chunk, row.prefill_end - row.prefill_upto)
-            if decoding and row.prefill_end - row.prefill_upto > chunk and time.monotonic() < self._long_prefill_resume_s:
+            if decoding and self._long(row, row.prefill_upto) and time.monotonic() < self._long_prefill_resume_s:
                 continue  # a long prompt's turn comes later: the decoding rows go on meanwhile
             if entries and length > budget:
                 break
             entries.append(_Entry(row, row.prefill_upto, length, "prefill"))
             budget -= length
         return entries
+
+    def _long(self, row: _Row, upto: int) -> bool:
+        """Whether the row's prompt from `upto` on is a long one (more than one chunk of
+        `prefill_chunk_tokens`, whole blocks), which yields to decoding rows. Judged by the
+        configured chunk, not by the chunk shrunk to the measured prefill speed: on a CPU shared
+        with other work that speed drops, and a voice turn's few dozen new tokens would count as
+        long and wait behind every long prompt's share of the time."""
+        bs = row.settings.block_size
+        return row.prefill_end - upto > max(self.prefill_chunk_tokens // bs, 1) * bs
 
     def step(self) -> list[RowUpdate]:
         """One step: a batched prefill forward over the rows still prefilling (if any), then one
@@ -528,7 +539,7 @@ class BlockDecoder:
         """This step's prefill forward, if any; the rows ready to decode (prefill complete)."""
         prefill = self._prefill_entries()
         if prefill:
-            long = any(e.row.prefill_end - e.start > e.length for e in prefill) and len(self.rows) > len(prefill)
+            long = any(self._long(e.row, e.start) for e in prefill) and len(self.rows) > len(prefill)
             started_s = time.monotonic()
             try:
                 self._forward(prefill, self.model, eager_prefill=True)  # prompt chunks come in many shapes

@@ -302,6 +302,29 @@ def test_a_long_prompt_yields_to_decoding_rows_and_a_short_one_does_not_wait():
         decoder.step()
 
 
+def test_a_short_prompt_is_not_held_back_when_the_measured_prefill_speed_is_low():
+    """On a CPU shared with other work the chunks shrink to the measured prefill speed; a prompt
+    that fits one configured chunk still never waits for a long prompt's share of the time."""
+    loaded = random_loaded("block_causal", seed=8, scale=3.0)
+    params = GenerationParams(max_new_tokens=8, block_size=4, threshold=0.6)
+    short, long_prompt, late = _prepared(loaded, [[3, 4], list(range(1, 40)), list(range(5, 17))], params)
+    decoder = BlockDecoder(loaded.model, loaded.spec, max_batch_size=3, max_seq_len=96, prefill_chunk_tokens=16,
+                           long_prefill_share=1e-9, prefill_step_s=0.3)
+    decoder.add(0, *short)
+    decoder.step()
+    decoder.add(1, *long_prompt)
+    decoder.step()  # a chunk of the long prompt: the long prompts' gate closes for good (tiny share)
+    decoder._prefill_tokens_per_s = 10.0  # a slow, shared CPU: chunks of 3 tokens, whole blocks: 4
+    decoder.add(2, *late)
+    steps = 0
+    while decoder.rows[2].prefill_upto < decoder.rows[2].prefill_end:
+        decoder.step()
+        decoder._prefill_tokens_per_s = 10.0  # as measured on that CPU, whatever this one does
+        steps += 1
+        assert steps <= 4, "a one-chunk prompt waited behind the long one"
+    assert decoder.rows[2].prefill_steps == steps >= 2  # in shrunk chunks, one a step
+
+
 def test_a_failing_prefill_fails_only_the_requests_being_prefilled():
     loaded = counting_loaded(block_size=4)
 
