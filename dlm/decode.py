@@ -53,8 +53,7 @@ chunk left) take at most `long_prefill_share` of the wall time: after one, they 
 time (at 1/3), and the decoding rows step on meanwhile. A prompt that fits one chunk (a voice
 turn, or the new tail of a call's prompt after prefix reuse) is never held back; "one chunk" is
 `prefill_chunk_tokens`, not the chunk shrunk to the measured speed (on a shared CPU that would
-make a voice turn's tail "long"). A row whose prefill completes
-at a step decodes in the same step. The prefill is a forward of its own, eager, with finer
+make a voice turn's tail "long"). A row whose prefill completes at a step decodes in the same step. The prefill is a forward of its own, eager, with finer
 buckets than the denoising forward (batch: exact; window: powers of two up to 8, then multiples
 of 8 up to the chunk size): no compiled graph depends on them, and on a compute-bound CPU every
 padded position costs as much as a real one. Fused into the denoising forward it would widen

@@ -399,7 +399,7 @@ class Engine:
             req = min(self._pending, key=lambda r: rows[r.owner] if r.owner is not None else 0)
             self._pending.remove(req)
             # The free row holding the longest prefix of this prompt (a previous turn of the same
-            # call): only the rest is prefilled. Ties: the lowest slot.
+            # call): only the rest is prefilled. Another owner's row counts less (_reuse_score).
             slot = max(free, key=lambda s: self._reuse_score(s, req))
             free.remove(slot)
             try:
