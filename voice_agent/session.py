@@ -143,7 +143,11 @@ ASR_RATE_HZ = 16_000
 MAX_RECORDS = 256
 MAX_TRUNCATABLE_TURNS = 8
 MESSAGE_OVERHEAD_TOKENS = 4  # a message's role and separators in the chat template
-MAX_COUNTED_TEXTS = 1024  # token counts a session remembers (its history's messages)
+# Token counts a session remembers: the messages of a reply's window (history_tokens) are a few
+# dozen; texts longer than MAX_COUNTED_CHARS are counted each time (kept, a flood of long
+# instructions or items would hold memory the history already dropped).
+MAX_COUNTED_TEXTS = 64
+MAX_COUNTED_CHARS = 2000
 # The echo gate: reply audio levels per 20 ms, compared with the caller's audio that arrives up
 # to this many frames (0.8 s: the transport's lead, the network both ways, the room) after it.
 ECHO_FRAME_S = 0.02
@@ -539,8 +543,8 @@ class Session:
         self.services = services
         self.config = config
         # A message's token count, remembered: every reply counts the whole history again (to fit
-        # it into history_tokens, then for its usage). Bounded; the texts are the history's own.
-        self._count_tokens = functools.lru_cache(maxsize=MAX_COUNTED_TEXTS)(services.llm.count_tokens)
+        # it into history_tokens, then for its usage). Bounded in entries and in text length.
+        self._counted = functools.lru_cache(maxsize=MAX_COUNTED_TEXTS)(services.llm.count_tokens)
         self.call_id = call_id or uuid.uuid4().hex[:16]
         self.outbox = Outbox(max_outbox_events)
         self._sink = sink
@@ -1472,7 +1476,8 @@ class Session:
         text = message.get("content") or ""
         if message.get("tool_calls"):
             text += json.dumps(message["tool_calls"])
-        return self._count_tokens(text) + MESSAGE_OVERHEAD_TOKENS
+        count = self._counted if len(text) <= MAX_COUNTED_CHARS else self.services.llm.count_tokens
+        return count(text) + MESSAGE_OVERHEAD_TOKENS
 
     def _messages(self, pending_user_text: str | None = None, instructions: str | None = None) -> list[dict[str, Any]]:
         """System prompt (the session's, or this reply's `instructions`) + the newest history that
