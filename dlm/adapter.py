@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from dlm import tuned_file
 from dlm.config import ModelConfig
 from dlm.errors import DlmError
-from dlm.model import PROJECTIONS, projection_shapes
+from dlm.model import PROJECTIONS, Int4Weight, projection_shapes, projection_subset
 
 __all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterConfig", "AdapterError", "adapter_fingerprint", "load_adapter",
            "low_rank_int4", "merge_adapter", "read_adapter_meta", "save_adapter"]
@@ -57,9 +57,7 @@ class AdapterConfig:
     targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
-        if not self.targets or set(self.targets) - set(TARGETS):
-            raise ValueError(f"targets must be a non-empty subset of {TARGETS}, not {self.targets}")
+        self.targets = projection_subset(self.targets)
         if self.rank < 1:
             raise ValueError("rank must be >= 1")
 
@@ -129,8 +127,6 @@ def low_rank_int4(int4: dict[str, Any], adapter: Adapter) -> dict[str, Any]:
     adapter=...)): each targeted projection's `Int4Weight` carries the adapter's update unmerged
     (`Int4Weight.with_low_rank`); a targeted projection stored otherwise (8-bit blocks) is left
     out, so it runs the packed bf16 copy of the merged weights. `int4`: by state-dict name."""
-    from dlm.model import Int4Weight
-
     out = dict(int4)
     for i in range(adapter.model_config.n_layers):
         for name in adapter.config.targets:

@@ -361,7 +361,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     model = _build_model(config, state_dict, resolved, device, dtype)
     fine_tune = None
     if adapter is not None:
-        from dlm.adapter import load_adapter, merge_adapter
+        from dlm.adapter import load_adapter, low_rank_int4, merge_adapter
 
         fine_tune = load_adapter(adapter, config, resolved)
         merge_adapter(model, fine_tune)
@@ -371,8 +371,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         if not any(isinstance(w, Int4Weight) for w in int4.values()):
             raise UnsupportedCheckpointError(f"{resolved}: weights='int4' needs Q4_0 or Q4_1 tensors; this GGUF has none")
         if fine_tune is not None:
-            from dlm.adapter import low_rank_int4
-
             int4 = low_rank_int4(int4, fine_tune)
         # The output head's bf16 copy only serves draft blocks (many positions' logits at once).
         model.pack_linears(int4, head_amx=drafter is not None)

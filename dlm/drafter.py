@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from dlm import tuned_file
 from dlm.config import ModelConfig
 from dlm.errors import DlmError
-from dlm.model import PROJECTIONS, projection_shapes
+from dlm.model import PROJECTIONS, projection_shapes, projection_subset
 
 __all__ = ["DRAFTER_FORMAT", "TARGETS", "DraftLayer", "Drafter", "DrafterConfig", "DrafterError",
            "base_fingerprint", "load_drafter", "read_drafter_meta", "save_drafter"]
@@ -57,10 +57,7 @@ class DrafterConfig:
     targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
-        unknown = set(self.targets) - set(TARGETS)
-        if unknown or not self.targets:
-            raise ValueError(f"targets must be a non-empty subset of {TARGETS}, not {self.targets}")
+        self.targets = projection_subset(self.targets)
         if self.rank < 1 or self.n_slots < 1:
             raise ValueError("rank and n_slots must be >= 1")
 

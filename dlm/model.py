@@ -67,11 +67,20 @@ from torch import Tensor, nn
 from dlm.config import ModelConfig
 
 __all__ = ["PROJECTIONS", "Attention", "DecoderLayer", "DraftInputs", "Int4Weight", "KVCache", "Projection", "RMSNorm",
-           "Transformer", "can_pack_linears", "projection_shapes"]
+           "Transformer", "can_pack_linears", "projection_shapes", "projection_subset"]
 
 # A layer's projections: short name -> the module's path inside the layer (Hugging Face names).
 PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def projection_subset(names: Any) -> tuple[str, ...]:
+    """`names` as a tuple; ValueError unless they are a non-empty subset of PROJECTIONS' short
+    names (what a low-rank file, an adapter or a drafter, may target)."""
+    names = tuple(names)
+    if not names or set(names) - set(PROJECTIONS):
+        raise ValueError(f"targets must be a non-empty subset of {tuple(PROJECTIONS)}, not {names}")
+    return names
 
 
 def projection_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:

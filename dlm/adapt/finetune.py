@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from dlm.adapt.data import Example
 from dlm.adapt.state import batch_indices, lr_at, resume_state, save_state
-from dlm.adapter import Adapter, AdapterConfig, save_adapter
+from dlm.adapter import TARGETS, Adapter, AdapterConfig, save_adapter
 
 __all__ = ["ADAPTER_FILE", "FinetuneConfig", "SupervisedSeq", "conversation_seq", "example_seq", "finetune",
            "target_loss"]
@@ -68,7 +68,7 @@ class FinetuneConfig:
     batch_size: int = 8
     rank: int = 16
     alpha: float = 32.0
-    targets: tuple[str, ...] = field(default_factory=lambda: ("q", "k", "v", "o", "gate", "up", "down"))
+    targets: tuple[str, ...] = TARGETS  # every projection of every layer
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10

@@ -181,3 +181,11 @@ def test_finetune_learns_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert target_loss(loaded, seqs) < 0.9 * before
     with pytest.raises(ValueError, match="no training sequence has a target"):
         finetune(loaded, [SupervisedSeq([1, 2], [False, False])], FinetuneConfig(max_steps=1), tmp_path / "x", base)
+
+
+@pytest.mark.parametrize("make", [lambda t: AdapterConfig(targets=t), lambda t: DrafterConfig(targets=t)])
+def test_adapter_and_drafter_configs_take_a_non_empty_subset_of_the_projections(make):
+    assert make(["q", "down"]).targets == ("q", "down")
+    for bad in ([], ["q", "lm_head"]):
+        with pytest.raises(ValueError, match="targets must be a non-empty subset"):
+            make(bad)
