@@ -5,7 +5,10 @@ Contract: token ids in, token ids out. `BlockDecoder` owns the static KV cache, 
 one request living in one cache row ("slot"). `add()` writes the prompt; each `step()` runs at
 most one prefill forward (see "Prefill") and one denoising forward over every active row, and
 returns one `RowUpdate` per row that took part: the tokens that became final, and the finish
-reason (EOS, length). The decoder knows nothing about text, stop strings, threads or request ids.
+reason (EOS, length). `step(hold)` leaves the rows of the slots in `hold` out of that step (they
+keep their state; the engine holds back background owners' rows so), and `step_seconds` then
+says what the step cost each row that took part. The decoder knows nothing about text, stop
+strings, threads or request ids.
 
 Blocks. The generated region is decoded block by block. For causal and block-causal models
 blocks are aligned to absolute positions (multiples of the block size, as the model was trained),
@@ -98,7 +101,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -311,6 +314,7 @@ class BlockDecoder:
         # Per slot: temperature, top_p, threshold, factor; written at add(), read by every step.
         self.sampling = torch.zeros((rows, 4), dtype=torch.float32, device=dev)
         self.rows: dict[int, _Row] = {}
+        self.step_seconds: dict[int, float] = {}  # the last step's cost per slot (see step())
         self.cached: dict[int, _CachedPrefix] = {}  # free slots' reusable prefixes (see "Prefix reuse")
 
     # -- host <-> device ---------------------------------------------------------------------
@@ -495,17 +499,17 @@ class BlockDecoder:
         return logits
 
     # -- the step ------------------------------------------------------------------------------
-    def _prefill_entries(self) -> list[_Entry]:
-        """This step's prefill chunks within the budget: rows still prefilling, the one with the
-        least prompt left first (a short voice prompt is not held behind a long one; ties in
-        admission order)."""
+    def _prefill_entries(self, rows: list[_Row]) -> list[_Entry]:
+        """This step's prefill chunks within the budget: of `rows` (this step's), those still
+        prefilling, the one with the least prompt left first (a short voice prompt is not held
+        behind a long one; ties in admission order)."""
         entries: list[_Entry] = []
         limit = self.prefill_chunk_tokens
         if self.prefill_step_s is not None and self._prefill_tokens_per_s is not None:
             limit = max(1, min(limit, int(self._prefill_tokens_per_s * self.prefill_step_s)))
         budget = min(self.prefill_budget_tokens, limit)
-        waiting = [row for row in self.rows.values() if row.prefill_upto < row.prefill_end]
-        decoding = len(waiting) < len(self.rows)
+        waiting = [row for row in rows if row.prefill_upto < row.prefill_end]
+        decoding = len(waiting) < len(rows)
         for row in sorted(waiting, key=lambda r: r.prefill_end - r.prefill_upto):
             bs = row.settings.block_size
             chunk = max(limit // bs, 1) * bs  # whole blocks (block-causal keys)
@@ -527,18 +531,30 @@ class BlockDecoder:
         bs = row.settings.block_size
         return row.prefill_end - upto > max(self.prefill_chunk_tokens // bs, 1) * bs
 
-    def step(self) -> list[RowUpdate]:
+    def step(self, hold: Collection[int] = ()) -> list[RowUpdate]:
         """One step: a batched prefill forward over the rows still prefilling (if any), then one
-        denoising forward at most over the rows ready to decode; an update per decoded row.
+        denoising forward at most over the rows ready to decode; an update per decoded row. Rows
+        whose slot is in `hold` take no part: they keep their state for a later step. Afterwards
+        `step_seconds` says what the step cost each row that took part (slot -> seconds: a prefill
+        forward's time split by the rows' prompt tokens, the denoising forward's split evenly).
         Raises PrefillError (after removing its rows) where the prefill forward fails."""
-        rows = self._prefill_step()
-        return self._decode_step(rows) if rows else []
+        self.step_seconds = {}
+        rows = self._prefill_step([row for slot, row in self.rows.items() if slot not in hold])
+        if not rows:
+            return []
+        started_s = time.monotonic()
+        updates = self._decode_step(rows)
+        share_s = (time.monotonic() - started_s) / len(rows)
+        for row in rows:
+            self.step_seconds[row.slot] = self.step_seconds.get(row.slot, 0.0) + share_s
+        return updates
 
-    def _prefill_step(self) -> list[_Row]:
-        """This step's prefill forward, if any; the rows ready to decode (prefill complete)."""
-        prefill = self._prefill_entries()
+    def _prefill_step(self, rows: list[_Row]) -> list[_Row]:
+        """This step's prefill forward over `rows`, if any; those of them ready to decode (prefill
+        complete)."""
+        prefill = self._prefill_entries(rows)
         if prefill:
-            long = any(self._long(e.row, e.start) for e in prefill) and len(self.rows) > len(prefill)
+            long = any(self._long(e.row, e.start) for e in prefill) and len(rows) > len(prefill)
             started_s = time.monotonic()
             try:
                 self._forward(prefill, self.model, eager_prefill=True)  # prompt chunks come in many shapes
@@ -551,11 +567,14 @@ class BlockDecoder:
                 entry.row.prefill_upto = entry.start + entry.length
                 entry.row.prefill_steps += 1
             took_s = time.monotonic() - started_s
-            rate = sum(e.length for e in prefill) / max(took_s, 1e-6)
+            tokens = sum(e.length for e in prefill)
+            for entry in prefill:
+                self.step_seconds[entry.row.slot] = took_s * entry.length / tokens
+            rate = tokens / max(took_s, 1e-6)
             self._prefill_tokens_per_s = rate if self._prefill_tokens_per_s is None else 0.7 * self._prefill_tokens_per_s + 0.3 * rate
             if long:  # while other rows decode, long prompts take at most long_prefill_share of the time
                 self._long_prefill_resume_s = time.monotonic() + took_s * (1 / self.long_prefill_share - 1)
-        return [row for row in self.rows.values() if row.prefill_upto >= row.prefill_end]
+        return [row for row in rows if row.prefill_upto >= row.prefill_end]
 
     def _decode_step(self, rows: list[_Row]) -> list[RowUpdate]:
         """The denoising forward over the rows ready to decode, and their updates."""

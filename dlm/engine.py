@@ -29,6 +29,13 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   with anyone's (new instructions at every turn) takes empty rows and its own, and leaves other
   calls' cached histories in place for their next turn, while a long shared prefix (a chat API
   client re-sending a conversation) is still reused.
+- Background owners: `set_background(owners)` names owners (calls that have used far more than
+  their share lately: voice_agent/fair_share.py decides) whose requests yield to everyone
+  else's: while any other request holds a row, their rows take no part in the steps (they keep
+  their state and go on when the others are done), and a free row goes to another owner's request
+  first. Work-conserving: alone, background requests run as any other. `on_usage`, where set, is
+  called from the worker after each step with what the step cost each named owner (seconds of
+  the step's forwards, `BlockDecoder.step_seconds`); it must be quick and must not block.
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
   left-most contiguous committed part of the current block. Text is held back while it might be
   the start of a stop string or ends inside a UTF-8 sequence (`dlm.chat.TextStream`).
@@ -53,7 +60,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,6 +202,8 @@ class Engine:
         self._active: dict[int, _Request] = {}  # slot -> request
         self._slot_owner: dict[int, str | None] = {}  # slot -> the owner of its last request (worker only)
         self._ids = itertools.count()
+        self._background: frozenset[str] = frozenset()  # set_background(); replaced whole, never mutated
+        self.on_usage: Callable[[dict[str, float]], None] | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="dlm-engine", daemon=True)
@@ -247,6 +256,11 @@ class Engine:
         """Abort every request of `owner` submitted before this call, wherever it is; takes
         effect between two steps, like `abort`."""
         self._commands.put(("abort_owner", owner))
+
+    def set_background(self, owners: Collection[str]) -> None:
+        """The owners whose requests yield to the others' from the next step on (see the module
+        docstring, "Background owners"); replaces the previous set."""
+        self._background = frozenset(owners)
 
     def load(self) -> EngineLoad:
         """The requests held now: in rows, waiting, and by owner."""
@@ -394,9 +408,11 @@ class Engine:
     def _admit(self) -> None:
         free = [s for s in range(self.max_batch_size) if s not in self._active]
         while self._pending and free:
-            # Fair between owners: the first waiting request of an owner holding the fewest rows.
+            # Fair between owners: the first waiting request of an owner holding the fewest rows,
+            # background owners' last.
             rows = collections.Counter(r.owner for r in self._active.values() if r.owner is not None)
-            req = min(self._pending, key=lambda r: rows[r.owner] if r.owner is not None else 0)
+            background = self._background
+            req = min(self._pending, key=lambda r: (r.owner in background, rows[r.owner] if r.owner is not None else 0))
             self._pending.remove(req)
             # The free row holding the longest prefix of this prompt (a previous turn of the same
             # call): only the rest is prefilled. Another owner's row counts less (_reuse_score).
@@ -428,9 +444,31 @@ class Engine:
         self._decoder.remove(slot)
         self._active.pop(slot, None)
 
+    def _held_back(self) -> set[int]:
+        """The slots of background owners' rows, while any other request holds a row."""
+        background = self._background
+        if not background:
+            return set()
+        held = {slot for slot, req in self._active.items() if req.owner in background}
+        return held if len(held) < len(self._active) else set()
+
+    def _report_usage(self) -> None:
+        if self.on_usage is None:
+            return
+        usage: dict[str, float] = {}
+        for slot, seconds in self._decoder.step_seconds.items():
+            owner = self._slot_owner.get(slot)
+            if owner is not None:
+                usage[owner] = usage.get(owner, 0.0) + seconds
+        if usage:
+            try:
+                self.on_usage(usage)
+            except Exception:
+                log.exception("on_usage failed")
+
     def _step(self) -> None:
         try:
-            updates = self._decoder.step()
+            updates = self._decoder.step(self._held_back())
         except PrefillError as e:  # the requests being prefilled fail; the others keep going
             log.exception("prefill failed; failing the requests being prefilled")
             for slot in e.slots:
@@ -444,6 +482,8 @@ class Engine:
                 self._release(slot)
                 self._finish(req, "error", error=f"{type(e).__name__}: {e}")
             return
+        finally:
+            self._report_usage()
         for update in updates:
             req = self._active.get(update.slot)
             if req is None:

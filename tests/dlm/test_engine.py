@@ -254,3 +254,38 @@ def test_abort_never_blocks_with_many_requests_waiting():
         assert all(list(h)[-1].finish_reason == "abort" for h in waiting)
         list(first)
         assert _until(lambda: engine.load().idle)
+
+
+@pytest.mark.parametrize("engine_cls", [Engine, AREngine])
+def test_a_background_owner_waits_while_others_decode_and_its_output_is_unchanged(engine_cls):
+    """set_background: the owner's row takes no part in the steps while another owner's request
+    holds a row, then goes on from where it was (same tokens as alone); on_usage charges both."""
+    loaded = random_loaded("causal" if engine_cls is AREngine else "block_causal", seed=7, eos=[],
+                           block_size=1 if engine_cls is AREngine else 4)
+    params = GenerationParams(max_new_tokens=24)
+    with engine_cls(loaded, max_batch_size=2) as engine:
+        alone = _ids(engine.submit(PROMPTS[3], params))
+    with engine_cls(loaded, max_batch_size=2) as engine:
+        events: list[tuple[str, int, bool]] = []  # (owner, new tokens, finished), in the worker's order
+        usage: dict[str, float] = {}
+        engine.on_usage = lambda step: [usage.__setitem__(o, usage.get(o, 0.0) + s) for o, s in step.items()]
+        engine.set_background({"heavy"})
+        started = threading.Event()
+
+        def record(owner):
+            def on_delta(d):
+                events.append((owner, len(d.token_ids), d.finished))
+                if owner == "heavy" and d.token_ids:
+                    started.set()
+            return on_delta
+
+        heavy = engine.submit(PROMPTS[3], params, on_delta=record("heavy"), owner="heavy")
+        assert started.wait(5)  # alone, a background request runs
+        light = engine.submit(PROMPTS[1], GenerationParams(max_new_tokens=6), on_delta=record("light"), owner="light")
+        assert len(_ids(light)) == 6
+        assert _ids(heavy) == alone
+    first = next(i for i, e in enumerate(events) if e[0] == "light")
+    last = next(i for i, e in enumerate(events) if e[0] == "light" and e[2])
+    assert not any(owner == "heavy" and n for owner, n, _ in events[first:last]), events
+    assert any(owner == "heavy" and n for owner, n, _ in events[last:])  # and it went on afterwards
+    assert usage.keys() == {"heavy", "light"} and min(usage.values()) > 0
