@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm.adapt.prompts import VOICE_SYSTEM_PROMPT
+from voice_agent.fair_share import BUSY_CPUS, HALF_LIFE_S
 
 __all__ = [
     "LLM_ENGINES",
@@ -267,6 +268,13 @@ class AgentConfig:
     # default: a caller quieter than the agent's voice is gated too, so barge-in waits for their
     # louder syllables (docs/turn-taking.md). 0: off.
     echo_gate_ratio: float = 0.0
+    # Fair share of the models between calls (voice_agent/fair_share.py): a call that has kept
+    # this many model threads busy on average lately (decayed with the half-life), and twice as
+    # many as the lightest other call, runs in the background until it falls below half of that
+    # or below the lightest other call: its jobs wait while another call has work, and its LLM
+    # rows yield. A conversation takes about 0.25-0.35 here; a flooding call about 0.9. 0: off.
+    busy_call_cpus: float = BUSY_CPUS
+    busy_call_half_life_s: float = HALF_LIFE_S
 
     def __post_init__(self) -> None:
         for name in ("history_tokens", "max_instructions_tokens", "max_item_chars", "max_items",
@@ -275,6 +283,10 @@ class AgentConfig:
                 raise ConfigError(f"agent.{name} must be at least 1")  # a speed below 1 would drop a talking caller
         if not 0.0 <= self.echo_gate_ratio < 10.0:
             raise ConfigError("agent.echo_gate_ratio must be in [0, 10)")
+        if self.busy_call_cpus < 0:
+            raise ConfigError("agent.busy_call_cpus must be at least 0 (0: off)")
+        if not 0.0 < self.busy_call_half_life_s <= 3600.0:
+            raise ConfigError("agent.busy_call_half_life_s must be in (0, 3600]")
 
 
 @dataclass

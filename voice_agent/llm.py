@@ -21,6 +21,9 @@ Contract:
   (`LocalDLM`: the engine's `abort_owner`, effective within one denoising step; the OpenAI client
   holds nothing once its streams are closed). A session calls it when its call ends, so no work
   outlives the call even if a stream was never consumed.
+- `LocalDLM.attach_share(share)`: the engine charges its steps to the calls of a
+  `voice_agent.fair_share.CallShare` and holds back its background calls' rows (the services do
+  it; a remote backend has no such method: its own server shares its engine).
 - `client.load()`: what the backend holds now (`dlm.engine.EngineLoad` for `LocalDLM`; None where
   the backend cannot say), for /metrics and tests.
 - Cancelling the consumer (or closing the iterator) aborts the request: `LocalDLM` calls
@@ -213,6 +216,12 @@ class LocalDLM:
 
     def load(self) -> Any:
         return self._engine.load()
+
+    def attach_share(self, share: Any) -> None:
+        """Charge the engine's steps to the calls of `share` (a `voice_agent.fair_share.CallShare`)
+        and hold back the rows of its background calls while others have work."""
+        self._engine.on_usage = share.charge_many
+        share.on_background = self._engine.set_background
 
     async def health(self) -> dict[str, Any]:
         return {"reachable": True}

@@ -39,6 +39,12 @@ Contract:
   speech probability, picks the VAD's aggressiveness (0.3, 0.4, 0.5, 0.6 -> 0..3, as silero maps
   them); `prefix_padding_ms` is the audio kept before the start of speech.
 - `synthesize(text, speed=1.0)`: `speed` > 1 speaks faster (piper's length scale divided by it).
+- Fair share between calls (`share`, a `voice_agent.fair_share.CallShare` built from
+  `agent.busy_call_cpus` / `agent.busy_call_half_life_s`): `transcribe`, `synthesize` and
+  `end_of_turn` take the call's id as `owner`; each job's time in its thread is charged to it, a
+  call in the background waits before the gate while another call has work in flight, and a
+  local engine (`attach_share`) charges its steps and holds back background calls' rows. The
+  session joins the ledger when the call starts and leaves it when it ends.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import numpy as np
 
 from voice_agent.config import Config, turn_models
 from voice_agent.events import VadSettings
+from voice_agent.fair_share import CallShare
 from voice_agent.llm import LlmClient, build_llm
 from voice_agent.transcription import AsrPriority, PriorityGate
 
@@ -93,6 +100,10 @@ class ModelServices:
         self._tts_lock = threading.Lock()  # the voice itself, whoever calls it
         self._tts_jobs = 0  # syntheses in a thread: running or waiting for the voice
         self._tts_jobs_lock = threading.Lock()
+        self.share = CallShare(config.agent.busy_call_cpus, config.agent.busy_call_half_life_s)
+        attach = getattr(llm, "attach_share", None)  # a local engine yields its rows too
+        if attach is not None:
+            attach(self.share)
 
     @classmethod
     def load(cls, config: Config, *, api_key: str = "") -> ModelServices:
@@ -147,10 +158,11 @@ class ModelServices:
             with self._tts_jobs_lock:
                 self._tts_jobs -= 1
 
-    async def _text_turn(self, transcript: Callable[[], Awaitable[str]]) -> float:
-        return await self._in_thread(self._text_gate, self._text_scorer.probability, await transcript())
+    async def _text_turn(self, transcript: Callable[[], Awaitable[str]], owner: str | None) -> float:
+        return await self._in_thread(self._text_gate, self._text_scorer.probability, await transcript(), owner=owner)
 
-    async def end_of_turn(self, audio_16k: np.ndarray, transcript: Callable[[], Awaitable[str]]) -> Any:
+    async def end_of_turn(self, audio_16k: np.ndarray, transcript: Callable[[], Awaitable[str]], *,
+                          owner: str | None = None) -> Any:
         """Is the caller's turn over, given the utterance so far? (see the module docstring)"""
         from voice_agent.end_of_turn import TurnVerdict, decide
 
@@ -161,8 +173,9 @@ class ModelServices:
             return None
 
         audio_p, text_p = await asyncio.gather(
-            self._in_thread(self._turn_gate, self._turn_model.probability, audio_16k) if self._turn_model is not None else nothing(),
-            self._text_turn(transcript) if self._text_scorer is not None else nothing(),
+            self._in_thread(self._turn_gate, self._turn_model.probability, audio_16k, owner=owner)
+            if self._turn_model is not None else nothing(),
+            self._text_turn(transcript, owner) if self._text_scorer is not None else nothing(),
         )
         turn = self.config.turn
         return TurnVerdict(decide(audio_p, text_p, turn.threshold, turn.text_threshold), audio_p, text_p)
@@ -186,28 +199,61 @@ class ModelServices:
         *,
         priority: AsrPriority = AsrPriority.FINAL,
         on_start: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> str:
-        return await self._in_thread(self._asr_gate, self._transcribe_blocking, audio_16k, priority, on_start)
+        return await self._in_thread(self._asr_gate, self._transcribe_blocking, audio_16k, priority, on_start, owner=owner)
 
-    async def synthesize(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
+    async def synthesize(self, text: str, speed: float = 1.0, *, owner: str | None = None) -> tuple[np.ndarray, int]:
         """Cancelling it is safe: a queued request leaves the queue; one already in its thread runs
         to its end and its result is discarded."""
-        samples = await self._in_thread(self._tts_gate, self._synthesize_blocking, (text, speed))
+        samples = await self._in_thread(self._tts_gate, self._synthesize_blocking, (text, speed), owner=owner)
         return samples, self._synthesizer.sample_rate_hz
 
+    def _llm_owners(self) -> dict[str, int]:
+        load = self.llm.load()
+        return load.owners if load is not None else {}
+
     async def _in_thread(self, gate: PriorityGate, fn: Callable[[Any], Any], arg: Any, priority: int = 0,
-                         on_start: Callable[[], None] | None = None) -> Any:
+                         on_start: Callable[[], None] | None = None, *, owner: str | None = None) -> Any:
         """`fn(arg)` in a worker thread once `gate` lets it through; the gate is released when the
-        thread is done, not when the awaiting task is cancelled."""
-        await gate.acquire(priority)
+        thread is done, not when the awaiting task is cancelled. A call in the background
+        (`share`) waits before the gate while another call has work; the job's time is charged
+        to `owner`."""
+        share = self.share
+        while True:
+            await share.wait_turn(owner, self._llm_owners)
+            share.begin(owner)
+            try:
+                await gate.acquire(priority)
+            except BaseException:
+                share.end(owner)
+                raise
+            if not share.must_wait(owner, self._llm_owners()):
+                break
+            # Another call's work came while this one queued at the gate: it goes first.
+            gate.release()
+            share.end(owner)
+
+        def charged(arg: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return fn(arg)
+            finally:
+                if owner is not None:
+                    share.charge(owner, time.monotonic() - started)
+
+        def done(_: Any) -> None:
+            gate.release()
+            share.end(owner)
+
         try:
             if on_start is not None:
                 on_start()
-            job = asyncio.get_running_loop().run_in_executor(None, fn, arg)
+            job = asyncio.get_running_loop().run_in_executor(None, charged, arg)
         except BaseException:
-            gate.release()
+            done(None)
             raise
-        job.add_done_callback(lambda _: gate.release())
+        job.add_done_callback(done)
         return await asyncio.shield(job)
 
     def turn_silence_ms(self, vad: VadSettings | None) -> int:

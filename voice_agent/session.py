@@ -72,6 +72,10 @@ Contract:
   cancels them all and then asks the LLM client to abort whatever it still holds for this call
   (`abort_owner(call_id)`). Queued ASR decodes are dropped; one already running on the model
   finishes (it cannot be interrupted) and its result is discarded.
+- Fair share: the call joins `services.share` (voice_agent/fair_share.py) at construction and
+  leaves it in `close()`; every ASR, TTS and end-of-turn job and LLM request names the call id as
+  its owner, so a call that keeps the models busy far beyond a conversation's needs runs behind
+  the others.
 - `close()` is idempotent: it cancels the tasks, stores the unfinished turn and the call's end.
 """
 
@@ -130,6 +134,7 @@ from voice_agent.events import (
     UserText,
     VadSettings,
 )
+from voice_agent.fair_share import CallShare
 from voice_agent.llm import LlmClient, LlmDelta, LlmError, LlmOptions, ToolCall
 from voice_agent.transcription import AsrPriority, TranscriptStream, normalize_transcript
 
@@ -169,14 +174,17 @@ class Services(Protocol):
     partial_interval_ms: int  # 0: no partial transcripts
     end_silence_ms: int  # silence after which a turn ends without an end-of-turn verdict
     asr_decode_s: float  # recent time of one ASR decode (0.0: not known yet)
+    share: CallShare  # fair share between calls: each call joins it, and names itself as `owner`
 
     async def transcribe(
-        self, audio_16k: np.ndarray, *, priority: AsrPriority = ..., on_start: Callable[[], None] | None = None
+        self, audio_16k: np.ndarray, *, priority: AsrPriority = ..., on_start: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> str: ...
 
-    async def synthesize(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]: ...
+    async def synthesize(self, text: str, speed: float = 1.0, *, owner: str | None = None) -> tuple[np.ndarray, int]: ...
 
-    async def end_of_turn(self, audio_16k: np.ndarray, transcript: Callable[[], Awaitable[str]]) -> Any: ...
+    async def end_of_turn(self, audio_16k: np.ndarray, transcript: Callable[[], Awaitable[str]], *,
+                          owner: str | None = None) -> Any: ...
 
     def make_endpointer(self, end_silence_ms: int | None = None, *, vad: VadSettings | None = None) -> Any: ...
 
@@ -546,6 +554,7 @@ class Session:
         # it into history_tokens, then for its usage). Bounded in entries and in text length.
         self._counted = functools.lru_cache(maxsize=MAX_COUNTED_TEXTS)(services.llm.count_tokens)
         self.call_id = call_id or uuid.uuid4().hex[:16]
+        services.share.join(self.call_id)  # left in close()
         self.outbox = Outbox(max_outbox_events)
         self._sink = sink
         self._clock = clock
@@ -581,7 +590,7 @@ class Session:
         self._commit_task: asyncio.Task[None] | None = None  # the newest manual commit's transcription
         self._response_waiting = False  # a CreateResponse waits for a commit's transcript
         self._partial_at_s = 0.0  # stream time the last partial finished (inf: no more this turn)
-        self._asr = TranscriptStream(services.transcribe)
+        self._asr = TranscriptStream(functools.partial(services.transcribe, owner=self.call_id))
         # Audio in: drop-oldest inbox, processed by one task.
         self._inbox: collections.deque[AudioIn] = collections.deque()
         self._inbox_s = 0.0
@@ -681,6 +690,7 @@ class Session:
         await asyncio.gather(*self._tasks, *(run.task for run in list(self._runs)), return_exceptions=True)
         # Whatever the client still holds for this call (nothing, unless a stream was lost).
         self.services.llm.abort_owner(self.call_id)
+        self.services.share.leave(self.call_id)
         self.outbox.close()
 
     @property
@@ -915,7 +925,7 @@ class Session:
             # A text detector reads the transcript so far: a speculative decode, which the final
             # transcript reuses when the turn ends in this pause (only silence is added).
             verdict = await self.services.end_of_turn(
-                check.audio, lambda: self._asr.hypothesis(check.audio, AsrPriority.SPECULATIVE)
+                check.audio, lambda: self._asr.hypothesis(check.audio, AsrPriority.SPECULATIVE), owner=self.call_id
             )
         except Exception as e:
             # The silence fallback (services.end_silence_ms) ends the turn instead.
@@ -1054,7 +1064,7 @@ class Session:
         try:
             if streamed:
                 return await self._asr.final(audio)
-            return await self.services.transcribe(audio, priority=AsrPriority.FINAL)
+            return await self.services.transcribe(audio, priority=AsrPriority.FINAL, owner=self.call_id)
         except Exception as e:
             log.error("call %s turn %d: transcription failed: %s: %s", self.call_id, turn.record.turn_id, type(e).__name__, e)
             message = f"transcription failed: {type(e).__name__}: {e}"
@@ -1260,7 +1270,7 @@ class Session:
             if turn.tts_error is not None:
                 continue
             try:
-                samples, rate = await self.services.synthesize(sentence, speed=self.speed)
+                samples, rate = await self.services.synthesize(sentence, speed=self.speed, owner=self.call_id)
             except Exception as e:
                 log.error("call %s turn %d: speech synthesis failed: %s: %s", self.call_id, turn_id, type(e).__name__, e)
                 turn.tts_error = f"speech synthesis failed: {type(e).__name__}: {e}"

@@ -176,7 +176,7 @@ class GatedAsr(FakeServices):
         super().__init__(llm)
         self.gate = asyncio.Event()
 
-    async def transcribe(self, audio_16k, *, priority=None, on_start=None):
+    async def transcribe(self, audio_16k, *, priority=None, on_start=None, owner=None):
         await self.gate.wait()
         return await super().transcribe(audio_16k, on_start=on_start)
 

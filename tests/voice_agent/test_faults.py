@@ -166,7 +166,7 @@ class FlakyTTS(FakeServices):
         super().__init__(*args, **kwargs)
         self.fail_on = fail_on
 
-    async def synthesize(self, text, speed=1.0):
+    async def synthesize(self, text, speed=1.0, *, owner=None):
         if self.fail_on in text:
             raise OSError("piper: onnxruntime session failed")
         return await super().synthesize(text, speed)

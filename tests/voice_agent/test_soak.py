@@ -79,12 +79,12 @@ async def caller(server, turns: int, done: list[int]) -> None:
 class ThreadedServices(FakeServices):
     """ASR and TTS in worker threads, like the real ModelServices (so threads are counted too)."""
 
-    async def transcribe(self, audio_16k, *, priority=None, on_start=None):
+    async def transcribe(self, audio_16k, *, priority=None, on_start=None, owner=None):
         if on_start is not None:
             on_start()
         return await asyncio.to_thread(self.asr, audio_16k)
 
-    async def synthesize(self, text, speed=1.0):
+    async def synthesize(self, text, speed=1.0, *, owner=None):
         samples = await asyncio.to_thread(np.full, len(text.split()) * self.tts_rate // 20, 0.05, np.float32)
         return samples, self.tts_rate
 

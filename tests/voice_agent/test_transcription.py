@@ -90,7 +90,7 @@ class SlowAsr(FakeServices):
         self.started: list[tuple[AsrPriority, str]] = []
         self._finish = asyncio.Event()
 
-    async def transcribe(self, audio_16k, *, priority=FINAL, on_start=None):
+    async def transcribe(self, audio_16k, *, priority=FINAL, on_start=None, owner=None):
         await self.gate.acquire(priority)
         try:
             if on_start is not None:

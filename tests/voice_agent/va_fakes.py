@@ -15,6 +15,7 @@ from audio.resample import Resampler
 from audio.text import SentenceChunker
 from audio.vad import PauseCheck, SpeechEnded, SpeechStarted
 from voice_agent.events import AudioIn
+from voice_agent.fair_share import CallShare
 from voice_agent.llm import BlockTrace, LlmDelta
 from voice_agent.transcription import AsrPriority
 
@@ -213,6 +214,7 @@ class FakeServices:
         self.end_silence_ms = end_silence_ms
         self.partial_interval_ms = partial_interval_ms
         self.asr_decode_s = 0.0
+        self.share = CallShare()  # the sessions join and leave it; the fakes charge nothing
         # Transcript of an utterance: by default one word per burst.
         self.asr: Callable[[np.ndarray], str] = lambda a: " ".join(WORDS[: count_bursts(a)])
         self.transcribed: list[str] = []
@@ -229,7 +231,8 @@ class FakeServices:
         self.turn_reads_text = False
         self.check_silence_ms = 200
 
-    async def transcribe(self, audio_16k: np.ndarray, *, priority: AsrPriority = AsrPriority.FINAL, on_start=None) -> str:
+    async def transcribe(self, audio_16k: np.ndarray, *, priority: AsrPriority = AsrPriority.FINAL, on_start=None,
+                         owner=None) -> str:
         if on_start is not None:
             on_start()
         text = self.asr(audio_16k)
@@ -237,13 +240,13 @@ class FakeServices:
         self.priorities.append(priority)
         return text
 
-    async def synthesize(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
+    async def synthesize(self, text: str, speed: float = 1.0, *, owner=None) -> tuple[np.ndarray, int]:
         self.synthesized.append(text)
         self.speeds.append(speed)
         # 50 ms per word at speed 1
         return np.full(int(len(text.split()) * self.tts_rate / 20 / speed), self.tts_level, np.float32), self.tts_rate
 
-    async def end_of_turn(self, audio_16k: np.ndarray, transcript) -> float:
+    async def end_of_turn(self, audio_16k: np.ndarray, transcript, *, owner=None) -> float:
         assert self.turn_p is not None, "no end-of-turn model in these services"
         from voice_agent.end_of_turn import TurnVerdict
 

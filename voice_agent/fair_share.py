@@ -1,0 +1,161 @@
+"""Fair share of the shared models between calls: a call that has kept the models busy far more
+than a conversation does runs in the background, behind every other call's work.
+
+On two cores, every model job of one call (a whisper decode, a piper sentence, an end-of-turn
+check, an engine step) slows down every other call's. Queues that are fair per model (docs/
+reliability.md) still let one call keep all of them busy at once, and take half the machine from
+an honest caller. The ledger counts, per call, the seconds of model work done for it, decayed
+with a half-life; a call whose recent rate reaches `busy_cpus` (model-seconds per second: a
+conversation, whose stages mostly take turns and which listens half of the time, stays well
+below one) and `RELATIVE` times the lightest other call's is in the background until its rate
+falls below half of `busy_cpus` or below the lightest other call's. (Job times are wall times:
+on a crowded CPU every call's rate rises, the relative rule keeps equals equal.) A background call's new
+jobs wait while any other call has work in flight, and its engine rows yield to the others'
+(`dlm.engine.Engine.set_background`). Nothing is refused, and it is work-conserving: a
+background call alone, or beside calls with nothing to do, runs at full speed.
+
+Contract:
+- `CallShare(busy_cpus=BUSY_CPUS, half_life_s=HALF_LIFE_S, clock=time.monotonic)`;
+  `busy_cpus <= 0` turns it off (no call is ever in the background).
+- `join(owner)` / `leave(owner)`: a call's life; `leave` forgets its usage and its jobs.
+- `charge(owner, seconds)` / `charge_many({owner: seconds})`: model work done for that owner
+  (thread-safe; the engine's `on_usage` is `charge_many`). Owners that never joined (chat API
+  requests) are not counted.
+- `rate(owner)`: its decayed model-seconds per second. `background()`: the calls in the
+  background now (recomputed at every charge and on demand; `on_background(owners)` is called
+  with the new set whenever it changes, under the ledger's lock, from whichever thread charged:
+  it must be quick and must not call the ledger).
+- `begin(owner)` / `end(owner)`: one job in flight (a job waiting for its model counts too). `foreground_busy(llm_owners)`: whether a call not in the background has a job in flight
+  or (per `llm_owners`, the engine's `load().owners`) requests in the LLM.
+- `must_wait(owner, llm_owners)`: `owner` is in the background and another call has work in
+  flight. `async wait_turn(owner, llm_owners)`: returns once that is not so, polling every
+  `POLL_S` (`llm_owners` is then a function). Cancelling it is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+__all__ = ["BUSY_CPUS", "HALF_LIFE_S", "POLL_S", "RELATIVE", "CallShare"]
+
+POLL_S = 0.05
+BUSY_CPUS = 0.5  # the defaults of agent.busy_call_cpus and agent.busy_call_half_life_s
+HALF_LIFE_S = 10.0
+RELATIVE = 2.0  # a call enters the background only at this many times the lightest other call's rate
+
+log = logging.getLogger(__name__)
+
+
+class _Usage:
+    __slots__ = ("at", "jobs", "seconds")
+
+    def __init__(self, at: float) -> None:
+        self.seconds = 0.0  # decayed model-seconds as of `at`
+        self.at = at
+        self.jobs = 0  # jobs in flight
+
+
+class CallShare:
+    def __init__(self, busy_cpus: float = BUSY_CPUS, half_life_s: float = HALF_LIFE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if half_life_s <= 0:
+            raise ValueError("half_life_s must be above 0")
+        self.busy_cpus = busy_cpus
+        self.half_life_s = half_life_s
+        self._decay = math.log(2) / half_life_s  # rate = decayed seconds x this
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._calls: dict[str, _Usage] = {}
+        self._background: frozenset[str] = frozenset()
+        self.on_background: Callable[[frozenset[str]], None] | None = None
+
+    def join(self, owner: str) -> None:
+        with self._lock:
+            self._calls.setdefault(owner, _Usage(self._clock()))
+
+    def leave(self, owner: str) -> None:
+        with self._lock:
+            self._calls.pop(owner, None)
+        self.background()
+
+    def charge(self, owner: str, seconds: float) -> None:
+        self.charge_many({owner: seconds})
+
+    def charge_many(self, usage: Mapping[str, float]) -> None:
+        now = self._clock()
+        with self._lock:
+            for owner, seconds in usage.items():
+                call = self._calls.get(owner)
+                if call is not None:
+                    call.seconds = self._decayed(call, now) + max(0.0, seconds)
+                    call.at = now
+        self.background()
+
+    def _decayed(self, call: _Usage, now: float) -> float:
+        return call.seconds * math.exp(-self._decay * max(0.0, now - call.at))
+
+    def rate(self, owner: str) -> float:
+        with self._lock:
+            call = self._calls.get(owner)
+            return 0.0 if call is None else self._decayed(call, self._clock()) * self._decay
+
+    def background(self) -> frozenset[str]:
+        """The calls in the background now (see the module docstring); tells `on_background` of a
+        change."""
+        with self._lock:
+            now = self._clock()
+            rates = {owner: self._decayed(call, now) * self._decay for owner, call in self._calls.items()}
+            current = frozenset(owner for owner, rate in rates.items() if self._busy(owner, rate, rates))
+            if current != self._background:
+                log.info("calls in the background (fair share): %s", ", ".join(
+                    f"{owner} at {rates[owner]:.2f} model-s/s" for owner in sorted(current)) or "none")
+                self._background = current
+                if self.on_background is not None:  # under the lock: listeners see the sets in order
+                    self.on_background(current)
+        return current
+
+    def _busy(self, owner: str, rate: float, rates: dict[str, float]) -> bool:
+        """Enter the background at `busy_cpus` and RELATIVE x the lightest other call's rate;
+        leave below half of `busy_cpus` or the lightest other call's rate (hysteresis: held back,
+        a call's rate falls, and it must not come back at once)."""
+        others = [r for o, r in rates.items() if o != owner]
+        if self.busy_cpus <= 0 or not others:
+            return False
+        if owner in self._background:
+            return rate >= self.busy_cpus / 2 and rate >= min(others)
+        return rate >= self.busy_cpus and rate >= RELATIVE * min(others)
+
+    def begin(self, owner: str | None) -> None:
+        """One more job of `owner` in flight (None: nobody's)."""
+        self._count_job(owner, 1)
+
+    def end(self, owner: str | None) -> None:
+        """That job is done (or was dropped before it ran)."""
+        self._count_job(owner, -1)
+
+    def _count_job(self, owner: str | None, step: int) -> None:
+        with self._lock:
+            call = self._calls.get(owner) if owner is not None else None
+            if call is not None:
+                call.jobs = max(0, call.jobs + step)
+
+    def foreground_busy(self, llm_owners: Mapping[str, int]) -> bool:
+        background = self.background()
+        with self._lock:
+            return any(owner not in background and (call.jobs > 0 or llm_owners.get(owner, 0) > 0)
+                       for owner, call in self._calls.items())
+
+    def must_wait(self, owner: str | None, llm_owners: Mapping[str, int]) -> bool:
+        """Whether `owner` is in the background while another call has work in flight."""
+        return owner is not None and owner in self.background() and self.foreground_busy(llm_owners)
+
+    async def wait_turn(self, owner: str | None, llm_owners: Callable[[], Mapping[str, int]]) -> None:
+        """Wait while `must_wait(owner, llm_owners())`."""
+        # Polled, not an event: usage decays with time and the engine's rows change in its thread.
+        while self.must_wait(owner, llm_owners()):  # noqa: ASYNC110
+            await asyncio.sleep(POLL_S)
