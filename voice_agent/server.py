@@ -31,6 +31,8 @@ Contract:
   shutting down" (each stores its last turn) and flushes the store.
 - The store is ahead of the client: a turn's `response.done` is sent only once the turn is
   committed, so a killed process loses no turn its caller saw finish.
+- Memory: when the last call ends and the models' work has drained, the C heap's free pages go
+  back to the system (`release_free_memory`, glibc's malloc_trim).
 - The token is never logged: websockets' own log lines (DEBUG shows request lines and headers)
   go through a filter that masks it.
 """
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import email.utils
 import http
 import json
@@ -85,6 +88,7 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
 # Ignored Twilio messages logged per call; the rest are only counted (a flood must not fill the log).
 MAX_LOGGED_PROTOCOL_ERRORS = 5
+IDLE_TRIM_WAIT_S = 5.0  # after the last call: how long to wait for the models' work to drain before trimming
 
 
 class _ClientNotReading(Exception):
@@ -128,6 +132,17 @@ class _Sink:
         self.turn_ended.set()
 
 
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the system (glibc's `malloc_trim(0)`); False where the C
+    library has no such call (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return False
+    trim(0)
+    return True
+
+
 class VoiceServer:
     def __init__(
         self,
@@ -156,6 +171,7 @@ class VoiceServer:
         self._ws_log_filter = _RedactToken(config.server.token)
         self._not_reading_calls: set[str] = set()
         self._background_tasks: set[asyncio.Task[Any]] = set()
+        self._trimming = False  # a _trim_when_idle is waiting
         self._handover: AsgiHandover | None = None  # the chat API's connections (voice_agent.shared_port)
 
     @property
@@ -281,6 +297,23 @@ class VoiceServer:
             await self._call(ws, route)
         finally:
             self.metrics.calls_active -= 1
+            if self.metrics.calls_active == 0 and not self._trimming:
+                self._trimming = True
+                self._background(self._trim_when_idle())
+
+    async def _trim_when_idle(self) -> None:
+        """Once the models' work has drained (within IDLE_TRIM_WAIT_S) and no call has started,
+        hand the C heap's free pages back to the system: a flood of calls leaves tens of MB of
+        freed buffers (prompts, audio, tensors) in the process otherwise, a little more each time."""
+        try:
+            deadline = time.monotonic() + IDLE_TRIM_WAIT_S
+            # Polled: the work gauges belong to the models' threads, which signal nothing.
+            while any(self.services.work().values()) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            if self.metrics.calls_active == 0:
+                await asyncio.to_thread(release_free_memory)
+        finally:
+            self._trimming = False
 
     async def _close(self, ws: ServerConnection, code: int, reason: str) -> None:
         """Close with a code and a reason. A client that does not take the close frame within

@@ -102,6 +102,32 @@ def test_too_many_calls_are_closed_with_1013_and_a_reason():
     asyncio.run(main())
 
 
+def test_the_heap_is_trimmed_once_the_last_call_has_ended(monkeypatch):
+    import voice_agent.server as server_module
+
+    assert server_module.release_free_memory() is True  # glibc: the call exists and runs
+    trims: list[int] = []
+
+    async def main():
+        server = await started(make_config())
+        monkeypatch.setattr(server_module, "release_free_memory", lambda: trims.append(server.metrics.calls_active))
+        url = f"ws://127.0.0.1:{server.port}/v1/realtime"
+        async with connect(url) as first:
+            await first.recv()
+            async with connect(url) as second:
+                await second.recv()
+            await asyncio.sleep(0.3)
+            assert trims == []  # a call is still on
+        for _ in range(50):
+            if trims:
+                break
+            await asyncio.sleep(0.02)
+        assert trims == [0]
+        await server.shutdown()
+
+    asyncio.run(main())
+
+
 def test_idle_calls_are_closed():
     async def main():
         server = await started(make_config(idle_timeout_s=0.3))
