@@ -6,13 +6,14 @@ check, an engine step) slows down every other call's. Queues that are fair per m
 reliability.md) still let one call keep all of them busy at once, and take half the machine from
 an honest caller. The ledger counts, per call, the seconds of model work done for it, decayed
 with a half-life; a call whose recent rate reaches `busy_cpus` (model-seconds per second: a
-conversation, whose stages mostly take turns and which listens half of the time, stays well
-below one) and `RELATIVE` times the lightest other call's is in the background until its rate
-falls below half of `busy_cpus` or below the lightest other call's. (Job times are wall times:
-on a crowded CPU every call's rate rises, the relative rule keeps equals equal.) A background call's new
-jobs wait while any other call has work in flight, and its engine rows yield to the others'
-(`dlm.engine.Engine.set_background`). Nothing is refused, and it is work-conserving: a
-background call alone, or beside calls with nothing to do, runs at full speed.
+conversation, whose stages mostly take turns and which listens half of the time, takes about
+0.3 here, a flooding call about 0.9) and `RELATIVE` times the lightest other call's is in the
+background until its rate falls below half of `busy_cpus` or below the lightest other call's.
+(Job times are wall times: on a crowded CPU every call's rate rises; the relative rule keeps
+equals equal.) A background call's new jobs wait while any other call has work in flight, and
+its engine rows yield to the others' (`dlm.engine.Engine.set_background`). Nothing is refused,
+and it is work-conserving: a background call alone, or beside calls with nothing to do, runs at
+full speed.
 
 Contract:
 - `CallShare(busy_cpus=BUSY_CPUS, half_life_s=HALF_LIFE_S, clock=time.monotonic)`;
@@ -25,8 +26,9 @@ Contract:
   background now (recomputed at every charge and on demand; `on_background(owners)` is called
   with the new set whenever it changes, under the ledger's lock, from whichever thread charged:
   it must be quick and must not call the ledger).
-- `begin(owner)` / `end(owner)`: one job in flight (a job waiting for its model counts too). `foreground_busy(llm_owners)`: whether a call not in the background has a job in flight
-  or (per `llm_owners`, the engine's `load().owners`) requests in the LLM.
+- `begin(owner)` / `end(owner)`: one job in flight (a job waiting for its model counts too).
+  `foreground_busy(llm_owners)`: whether a call not in the background has a job in flight or
+  (per `llm_owners`, the engine's `load().owners`) requests in the LLM.
 - `must_wait(owner, llm_owners)`: `owner` is in the background and another call has work in
   flight. `async wait_turn(owner, llm_owners)`: returns once that is not so, polling every
   `POLL_S` (`llm_owners` is then a function). Cancelling it is safe.
