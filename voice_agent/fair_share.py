@@ -159,5 +159,5 @@ class CallShare:
     async def wait_turn(self, owner: str | None, llm_owners: Callable[[], Mapping[str, int]]) -> None:
         """Wait while `must_wait(owner, llm_owners())`."""
         # Polled, not an event: usage decays with time and the engine's rows change in its thread.
-        while self.must_wait(owner, llm_owners()):  # noqa: ASYNC110
+        while owner is not None and self.must_wait(owner, llm_owners()):  # noqa: ASYNC110
             await asyncio.sleep(POLL_S)

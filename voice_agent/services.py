@@ -228,7 +228,7 @@ class ModelServices:
             except BaseException:
                 share.end(owner)
                 raise
-            if not share.must_wait(owner, self._llm_owners()):
+            if owner is None or not share.must_wait(owner, self._llm_owners()):
                 break
             # Another call's work came while this one queued at the gate: it goes first.
             gate.release()
