@@ -43,6 +43,7 @@ from dlm.gguf_file import (
     default_cache_dir,
     read_quant_blocks,
 )
+from dlm.memory import release_free_memory
 from dlm.model import Int4Weight, Int8AsInt4Weight, Transformer, can_pack_linears
 
 __all__ = [
@@ -308,20 +309,6 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path):
         return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
 
 
-def _return_freed_memory() -> None:
-    """Hand the heap pages the conversion freed back to the OS (glibc keeps them otherwise: about
-    250 MB after an int4 load of SmolLM2, `voice-agent bench llm`'s memory line); a no-op where
-    there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                max_seq_len: int | None = None, cache_dir: str | Path | None = None, pack: bool = True,
                drafter: str | Path | None = None, adapter: str | Path | None = None, weights: str = "dense",
@@ -379,7 +366,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     elif pack and model.pack_linears() and inference_only:
         model.release_dense_weights()
     del state_dict
-    _return_freed_memory()
+    # The conversion's freed buffers (about 250 MB after an int4 load of SmolLM2, `voice-agent
+    # bench llm`'s memory line) go back to the system; glibc keeps them otherwise.
+    release_free_memory()
     loaded = LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved,
                          adapter=None if adapter is None else Path(adapter))
     if drafter is not None:

@@ -31,8 +31,10 @@ Contract:
   shutting down" (each stores its last turn) and flushes the store.
 - The store is ahead of the client: a turn's `response.done` is sent only once the turn is
   committed, so a killed process loses no turn its caller saw finish.
-- Memory: when the last call ends and the models' work has drained, the C heap's free pages go
-  back to the system (`release_free_memory`, glibc's malloc_trim).
+- Memory: an ended call is freed when it ends (no reference cycle holds it: tests check); when the
+  last call ends and the models' work has drained, a full garbage collection runs (a backstop)
+  and the C heap's free pages go back to the system (`dlm.memory.release_free_memory`, glibc's
+  malloc_trim).
 - The token is never logged: websockets' own log lines (DEBUG shows request lines and headers)
   go through a filter that masks it.
 """
@@ -41,14 +43,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import email.utils
+import gc
 import http
 import json
 import logging
 import mimetypes
 import re
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -58,6 +61,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from dlm.memory import release_free_memory
 from voice_agent.access import token_ok
 from voice_agent.config import Config
 from voice_agent.events import (
@@ -130,17 +134,6 @@ class _Sink:
             self.store.turn_finished(call_id, record)
         log.info("call %s turn %d %s: metrics %s", call_id, record.turn_id, record.status, json.dumps(record.metrics))
         self.turn_ended.set()
-
-
-def release_free_memory() -> bool:
-    """Return the C heap's free pages to the system (glibc's `malloc_trim(0)`); False where the C
-    library has no such call (musl, macOS)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return False
-    trim(0)
-    return True
 
 
 class VoiceServer:
@@ -311,6 +304,7 @@ class VoiceServer:
             while any(self.services.work().values()) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             if self.metrics.calls_active == 0:
+                gc.collect()  # a backstop for cycles we missed (cheap once serve has frozen the models' objects)
                 await asyncio.to_thread(release_free_memory)
         finally:
             self._trimming = False
@@ -506,7 +500,7 @@ class VoiceServer:
                 if droppable and event.turn_id in outbox.flushed_turns:
                     return
                 if message.audio_s:
-                    await pace(message)
+                    await pace(message, send_event)
                     if droppable and event.turn_id in outbox.flushed_turns:
                         return
                 await self._send(ws, message.data)
@@ -518,14 +512,16 @@ class VoiceServer:
                     if local_marks and message.played_chunk is not None:
                         loop.call_at(play_end, session.playback_mark, event.turn_id, message.played_chunk)
 
-        async def pace(message: OutMessage) -> None:
+        async def pace(message: OutMessage, send: Callable[[Event], Awaitable[None]]) -> None:
             """Wait until the client holds at most `lead_s` of unplayed audio; urgent events
-            (a barge-in's flush) are sent while waiting."""
+            (a barge-in's flush) are sent while waiting. `send` is `send_event`, passed in: two
+            closures naming each other are a reference cycle, which would keep the session alive
+            after the call until a full garbage collection."""
             while True:
                 while outbox.has_urgent():
                     urgent = outbox.get_urgent_nowait()
                     if urgent is not None:
-                        await send_event(urgent)
+                        await send(urgent)
                 wait_s = play_end - lead_s - loop.time()
                 if wait_s <= 0 or message.turn_id in outbox.flushed_turns:
                     return

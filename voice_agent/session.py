@@ -357,6 +357,17 @@ class RateLimit(TokenBucket):
         return True
 
 
+def release_cancelled(task: asyncio.Task[Any]) -> None:
+    """A done-callback: drop the CancelledError a cancelled task keeps. Its traceback holds the
+    task's frames, whose locals hold the object that holds the task: a reference cycle that only
+    the cyclic garbage collector frees, and a full collection is rare in a process with a big
+    heap, so every ended call's buffers (audio, history) would linger for minutes. Reading the
+    result hands the error over (asyncio keeps it only until then) and it dies here."""
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
+
+
 class LlmRun:
     """One LLM request pumped into a buffer as it streams, so that a speculative start can be
     adopted later and read from the beginning. The buffer holds at most one request's deltas."""
@@ -373,6 +384,7 @@ class LlmRun:
         self.error: str | None = None
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._pump(llm, trace_steps, owner), name="llm-run")
+        self._task.add_done_callback(release_cancelled)
 
     async def _pump(self, llm: LlmClient, trace_steps: bool, owner: str | None) -> None:
         try:
@@ -1560,6 +1572,8 @@ class Session:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            release_cancelled(task)
+        elif task.exception() is not None:
             log.error("call %s: task %s failed", self.call_id, task.get_name(), exc_info=task.exception())
 

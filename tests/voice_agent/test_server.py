@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import sqlite3
 import urllib.request
@@ -100,6 +101,65 @@ def test_too_many_calls_are_closed_with_1013_and_a_reason():
         await server.shutdown()
 
     asyncio.run(main())
+
+
+def test_an_ended_call_is_freed_without_the_cyclic_garbage_collector():
+    """With the collector off, a call's session (its audio, history and tasks) must die with the
+    call: a reference cycle would keep every ended call of a busy server for minutes (issue 18's
+    memory bar). Both routes; replies finished, cancelled by a new turn and cut by the hang-up."""
+    import gc
+    import weakref
+
+    async def main():
+        server = await started(make_config(), FakeServices(FakeLLM("Sure. It is sunny today.", piece_delay_s=0.02)))
+        gone: list[weakref.ref] = []
+
+        def watch() -> None:
+            (session,) = server.sessions.values()
+            gone.append(weakref.ref(session))
+
+        async def read_all(ws) -> None:  # a client that reads: its close handshake ends at once
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in ws:
+                    pass
+
+        speech = np.concatenate([bursts(3), silence(900)])
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/realtime") as ws:
+            await ws.recv()
+            watch()
+            reader = asyncio.create_task(read_all(ws))
+            for text in ("Hello there", "And again", "Once more"):
+                await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
+                await ws.send(json.dumps({"type": "response.create"}))
+                await asyncio.sleep(0.05)  # the next turn cuts this reply short
+            for start in range(0, len(speech), 3200):
+                pcm = float32_to_pcm16(resample(speech[start:start + 3200], 16_000, 24_000))
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}))
+            await asyncio.sleep(1.2)  # the spoken turn's reply is under way at the hang-up
+        await reader
+        async with connect(f"ws://127.0.0.1:{server.port}/twilio") as ws:
+            await ws.send(json.dumps({"event": "start", "start": {"streamSid": "MZ1", "callSid": "CA1"}, "streamSid": "MZ1"}))
+            await asyncio.sleep(0.1)
+            watch()
+            payload = base64.b64encode(mulaw_encode(resample(speech, 16_000, 8_000))).decode()
+            await ws.send(json.dumps({"event": "media", "streamSid": "MZ1", "media": {"payload": payload}}))
+            await asyncio.sleep(1.2)
+        for _ in range(100):
+            if not server.sessions:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the calls' tasks finish
+        alive = [ref() for ref in gone if ref() is not None]
+        await server.shutdown()
+        assert len(gone) == 2 and not alive, [f"{s.call_id}: {[type(r).__name__ for r in gc.get_referrers(s)]}" for s in alive]
+
+    gc.collect()
+    gc.disable()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
 
 
 def test_the_heap_is_trimmed_once_the_last_call_has_ended(monkeypatch):
