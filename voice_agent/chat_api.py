@@ -24,7 +24,9 @@ Contract:
   field `voice_agent` (`STATS_FIELD`), which OpenAI clients ignore: completion_tokens, forwards, prefill_forwards,
   tokens_per_forward (completion tokens per forward, as `voice-agent bench llm` counts them),
   decode_tokens_per_forward (the prefill not counted), the engine's own finish reason
-  ("eos", "stop", "repetition", "length") and the replica. Every response, errors included,
+  ("eos", "stop", "repetition", "length"), the replica, and first_text_ms: the server's own time
+  from the request's arrival to its first text (sent, when streamed), so that a client can tell
+  the time its request spent in the network and HTTP from the time it spent here. Every response, errors included,
   names the replica that served it in the `x-voice-agent-replica` header.
 - Refusals have OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`) and a
   4xx status, and touch nobody else's request: a wrong or missing token (401, checked before
@@ -409,8 +411,9 @@ class ChatService:
             raise _bad(message, None, "invalid_value") from None
         return prompt_ids, params, opening
 
-    def stats(self, last: Any) -> dict[str, Any]:
-        """The extension field of a finished request, from its last delta."""
+    def stats(self, last: Any, first_text_s: float | None) -> dict[str, Any]:
+        """The extension field of a finished request, from its last delta and the seconds from the
+        request's arrival to its first text (None: no text)."""
         forwards = last.steps or 0
         prefill = last.prefill_steps or 0
         decoding = max(0, forwards - prefill)
@@ -423,6 +426,7 @@ class ChatService:
             "decode_tokens_per_forward": round(tokens / decoding, 3) if decoding else None,
             "finish_reason": last.finish_reason,
             "replica": self.replica,
+            "first_text_ms": None if first_text_s is None else round(first_text_s * 1000, 1),
         }
 
 
@@ -457,6 +461,7 @@ class _Completions:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         service = self.service
         request = Request(scope, receive)
+        arrived = time.monotonic()
         try:
             service.check_token(request.headers)
             with service.slot():
@@ -467,10 +472,11 @@ class _Completions:
                 started = time.monotonic()
                 if chat.stream:
                     last = await _unless_disconnected(receive, self._stream(send, chat, request_id, prompt_ids, params,
-                                                                            opening))
+                                                                            opening, arrived))
                 else:
-                    text, last = await _unless_disconnected(receive, self._collect(request_id, prompt_ids, params, opening))
-                    await _json_response(200, self._completion(chat, request_id, prompt_ids, text, last),
+                    text, last, first_text_s = await _unless_disconnected(
+                        receive, self._collect(request_id, prompt_ids, params, opening, arrived))
+                    await _json_response(200, self._completion(chat, request_id, prompt_ids, text, last, first_text_s),
                                          service.replica)(scope, receive, send)
                 if last is not None:
                     log.info("chat %s: %d prompt + %d completion tokens, %d forwards, %s, %.2f s", request_id,
@@ -481,18 +487,23 @@ class _Completions:
         except _ClientGone:
             log.info("chat: the client went away; its request was aborted")
 
-    async def _collect(self, request_id: str, prompt_ids: list[int], params: Any, opening: str | None) -> tuple[str, Any]:
-        parts, last = [], None
+    async def _collect(self, request_id: str, prompt_ids: list[int], params: Any, opening: str | None,
+                       arrived: float) -> tuple[str, Any, float | None]:
+        """(the reply's text, its last delta, seconds from `arrived` to its first text)."""
+        parts, last, first_text_s = [], None, None
         try:
             async for delta in self.service.llm.stream(prompt_ids, params=params, owner=request_id, call_opening=opening):
+                if delta.text and first_text_s is None:
+                    first_text_s = time.monotonic() - arrived
                 parts.append(delta.text)
                 last = delta
         except LlmError as e:
             log.warning("chat %s failed: %s", request_id, e)
             raise ApiError(500, f"The engine failed this request: {e}", kind="server_error", code="engine_error") from None
-        return "".join(parts), last
+        return "".join(parts), last, first_text_s
 
-    def _completion(self, chat: ChatRequest, request_id: str, prompt_ids: list[int], text: str, last: Any) -> dict:
+    def _completion(self, chat: ChatRequest, request_id: str, prompt_ids: list[int], text: str, last: Any,
+                    first_text_s: float | None) -> dict:
         completion = last.tokens or 0
         return {
             "id": request_id,
@@ -508,12 +519,13 @@ class _Completions:
             }],
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
                       "total_tokens": len(prompt_ids) + completion},
-            STATS_FIELD: self.service.stats(last),
+            STATS_FIELD: self.service.stats(last, first_text_s),
         }
 
     async def _stream(self, send: Any, chat: ChatRequest, request_id: str, prompt_ids: list[int], params: Any,
-                      opening: str | None) -> Any:
-        """Sends the reply as server-sent events; returns the last delta (None if it failed)."""
+                      opening: str | None, arrived: float) -> Any:
+        """Sends the reply as server-sent events; returns the last delta (None if it failed).
+        `arrived`: the request's arrival (monotonic), for the first text's time in the stats."""
         service = self.service
         created = int(time.time())
 
@@ -538,12 +550,14 @@ class _Completions:
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"), (REPLICA_HEADER.encode(), service.replica.encode())]})
         await emit(event(choice({"role": "assistant", "content": ""})))
-        last = None
+        last, first_text_s = None, None
         deltas = service.llm.stream(prompt_ids, params=params, owner=request_id, call_opening=opening)
         try:
             async for delta in deltas:
                 if delta.text:
                     await emit(event(choice({"content": delta.text})))
+                    if first_text_s is None:
+                        first_text_s = time.monotonic() - arrived
                 last = delta
         except LlmError as e:
             log.warning("chat %s failed mid-stream: %s", request_id, e)
@@ -557,7 +571,7 @@ class _Completions:
                 calls = [{"index": i, **call} for i, call in enumerate(_tool_calls(last, request_id))]
                 await emit(event(choice({"tool_calls": calls})))
             finish = "tool_calls" if last.tool_calls else FINISH_REASONS.get(last.finish_reason, "stop")
-            await emit(event(choice({}, finish), **{STATS_FIELD: service.stats(last)}))
+            await emit(event(choice({}, finish), **{STATS_FIELD: service.stats(last, first_text_s)}))
             if chat.include_usage:
                 completion = last.tokens or 0
                 await emit(event([], usage={"prompt_tokens": len(prompt_ids), "completion_tokens": completion,

@@ -67,6 +67,7 @@ def test_completion_with_usage_finish_reason_and_statistics(tier, client):
     assert stats["completion_tokens"] == 6 and stats["forwards"] >= 6 and stats["prefill_forwards"] >= 1
     assert stats["tokens_per_forward"] == pytest.approx(6 / stats["forwards"], abs=1e-3)
     assert stats["finish_reason"] == "length" and stats["replica"] == tier.service.replica
+    assert stats["first_text_ms"] > 0
 
 
 def test_streamed_reply_is_the_same_text_with_a_usage_chunk_last(tier, client):
@@ -79,6 +80,17 @@ def test_streamed_reply_is_the_same_text_with_a_usage_chunk_last(tier, client):
     finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finish) == 1 and finish[0].choices[0].finish_reason == "length"
     assert finish[0].model_extra["voice_agent"]["forwards"] >= 12
+    # The server's own time to the first text: within the client's (which adds the transport).
+    started = time.monotonic()
+    stream = client.chat.completions.create(messages=HELLO, model=tier.service.model_id, max_tokens=12, temperature=0,
+                                            stream=True)
+    client_first_ms = None
+    for chunk in stream:
+        if client_first_ms is None and chunk.choices and chunk.choices[0].delta.content:
+            client_first_ms = (time.monotonic() - started) * 1000
+        if chunk.choices and chunk.choices[0].finish_reason:
+            server_first_ms = chunk.model_extra["voice_agent"]["first_text_ms"]
+    assert 0 < server_first_ms <= client_first_ms
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
     # Without include_usage there is no usage chunk.

@@ -7,7 +7,8 @@ prompt at once as a streamed, greedy chat completion with `stream_options.includ
 returns (records, wall time of the level) with records shaped like `bench llm`'s own: time to the
 first text, per-chunk times, wall time, completion tokens (the server's usage, else one per text
 chunk), forward passes where the server reports them (voice-agent's `voice_agent.forwards`
-extension; None elsewhere), the finish reason, and an `error` line for a request that failed.
+extension; None elsewhere), the server's own time to the first text (`voice_agent.first_text_ms`;
+None elsewhere), the finish reason, and an `error` line for a request that failed.
 The API key is sent as a bearer token and never printed.
 """
 
@@ -60,8 +61,8 @@ class RemoteChat:
     async def _one(self, client: Any, messages: list[dict[str, str]], max_tokens: int, t0: float) -> dict[str, Any]:
         body = {"model": self.model(), "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
-        rec: dict[str, Any] = {"first_output_s": None, "token_times": [], "text": "", "tokens": 0, "steps": None,
-                               "prefill_steps": 0, "finish": None, "error": None}
+        rec: dict[str, Any] = {"first_output_s": None, "server_first_output_s": None, "token_times": [], "text": "",
+                               "tokens": 0, "steps": None, "prefill_steps": 0, "finish": None, "error": None}
         chunks = 0
         try:
             async with client.stream("POST", f"{self.url}/chat/completions", json=body) as response:
@@ -82,6 +83,9 @@ class RemoteChat:
                     if chunk.stats is not None:
                         rec["steps"] = chunk.stat("forwards")
                         rec["prefill_steps"] = chunk.stat("prefill_forwards") or 0
+                        server_ms = chunk.stats.get("first_text_ms")  # a float: not one of stat()'s integers
+                        if isinstance(server_ms, int | float) and not isinstance(server_ms, bool):
+                            rec["server_first_output_s"] = server_ms / 1000
                     if chunk.usage_tokens:
                         rec["tokens"] = chunk.usage_tokens
         except (httpx2.HTTPError, LlmError, RuntimeError, ValueError) as e:
