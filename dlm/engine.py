@@ -33,7 +33,10 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   their share lately: voice_agent/fair_share.py decides) whose requests yield to everyone
   else's: while any other request holds a row, their rows take no part in the steps (they keep
   their state and go on when the others are done), and a free row goes to another owner's request
-  first. Work-conserving: alone, background requests run as any other. `on_usage`, where set, is
+  first. Work-conserving: alone, background requests run as any other, unless
+  `pause_background(True)` says the others have work elsewhere (their speech being transcribed
+  or synthesized on the same cores): then background rows sit out every step (the worker waits,
+  polling its commands every PAUSE_POLL_S) until `pause_background(False)`. `on_usage`, where set, is
   called from the worker after each step with what the step cost each named owner (seconds of
   the step's forwards, `BlockDecoder.step_seconds`); it must be quick and must not block.
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
@@ -84,6 +87,7 @@ MAX_PENDING_REQUESTS = 1024  # requests waiting for a free row; beyond: InvalidR
 # A free row cached by another owner is worth this many prompt tokens less to a request (a row's
 # prefix is only kept while nobody else takes the row: see "Owners" above).
 EVICT_PENALTY_TOKENS = 64
+PAUSE_POLL_S = 0.01  # with every row paused (pause_background): how often the worker looks at its commands
 
 
 @dataclass
@@ -203,6 +207,7 @@ class Engine:
         self._slot_owner: dict[int, str | None] = {}  # slot -> the owner of its last request (worker only)
         self._ids = itertools.count()
         self._background: frozenset[str] = frozenset()  # set_background(); replaced whole, never mutated
+        self._background_paused = False  # pause_background()
         self.on_usage: Callable[[dict[str, float]], None] | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -261,6 +266,11 @@ class Engine:
         """The owners whose requests yield to the others' from the next step on (see the module
         docstring, "Background owners"); replaces the previous set."""
         self._background = frozenset(owners)
+
+    def pause_background(self, paused: bool) -> None:
+        """True: background owners' rows sit out the steps even with no other request in a row
+        (the others' work is elsewhere, e.g. their ASR and TTS); False: work-conserving again."""
+        self._background_paused = bool(paused)
 
     def load(self) -> EngineLoad:
         """The requests held now: in rows, waiting, and by owner."""
@@ -366,26 +376,29 @@ class Engine:
     # -- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():
+            waiting = False  # every row held back by pause_background: nothing to step
             while True:
                 idle = not self._active and not self._pending
-                if not self._drain(block=idle):
+                if not self._drain(block=idle, timeout=PAUSE_POLL_S if waiting else None):
                     break
                 self._admit()
-                if self._active:
+                waiting = bool(self._active) and len(self._held_back()) == len(self._active)
+                if self._active and not waiting:
                     self._step()
         for req in [*self._pending, *self._active.values()]:
             self._finish(req, "abort")
         self._pending.clear()
         self._active.clear()
 
-    def _drain(self, block: bool) -> bool:
-        """Apply queued commands; False once closed."""
+    def _drain(self, block: bool, timeout: float | None = None) -> bool:
+        """Apply queued commands (`timeout`: wait at most this long for the first one, whatever
+        `block` says); False once closed."""
         while True:
             try:
-                cmd, arg = self._commands.get(block=block)
+                cmd, arg = self._commands.get(timeout=timeout) if timeout is not None else self._commands.get(block=block)
             except queue.Empty:
                 return True
-            block = False
+            block, timeout = False, None
             if cmd == "close":
                 return False
             if cmd == "submit":
@@ -445,12 +458,13 @@ class Engine:
         self._active.pop(slot, None)
 
     def _held_back(self) -> set[int]:
-        """The slots of background owners' rows, while any other request holds a row."""
+        """The slots of background owners' rows, while any other request holds a row or the
+        others' work elsewhere has paused them."""
         background = self._background
         if not background:
             return set()
         held = {slot for slot, req in self._active.items() if req.owner in background}
-        return held if len(held) < len(self._active) else set()
+        return held if len(held) < len(self._active) or self._background_paused else set()
 
     def _report_usage(self) -> None:
         if self.on_usage is None:

@@ -11,9 +11,11 @@ conversation, whose stages mostly take turns and which listens half of the time,
 background until its rate falls below half of `busy_cpus` or below the lightest other call's.
 (Job times are wall times: on a crowded CPU every call's rate rises; the relative rule keeps
 equals equal.) A background call's new jobs wait while any other call has work in flight, and
-its engine rows yield to the others' (`dlm.engine.Engine.set_background`). Nothing is refused,
-and it is work-conserving: a background call alone, or beside calls with nothing to do, runs at
-full speed.
+its engine rows yield to the others' (`dlm.engine.Engine.set_background`), also while another
+call's speech is being transcribed or synthesized (`Engine.pause_background`: an engine step
+runs on both cores and would slow that job down as much as another engine row would). Nothing is
+refused, and it is work-conserving: a background call alone, or beside calls with nothing to do,
+runs at full speed.
 
 Contract:
 - `CallShare(busy_cpus=BUSY_CPUS, half_life_s=HALF_LIFE_S, clock=time.monotonic)`;
@@ -27,6 +29,8 @@ Contract:
   with the new set whenever it changes, under the ledger's lock, from whichever thread charged:
   it must be quick and must not call the ledger).
 - `begin(owner)` / `end(owner)`: one job in flight (a job waiting for its model counts too).
+  `on_foreground_jobs(busy)`, where set, is called whenever "a call not in the background has a
+  job in flight" changes (under the lock, from the thread that changed it; quick, no ledger calls).
   `foreground_busy(llm_owners)`: whether a call not in the background has a job in flight or
   (per `llm_owners`, the engine's `load().owners`) requests in the LLM.
 - `must_wait(owner, llm_owners)`: `owner` is in the background and another call has work in
@@ -75,6 +79,8 @@ class CallShare:
         self._calls: dict[str, _Usage] = {}
         self._background: frozenset[str] = frozenset()
         self.on_background: Callable[[frozenset[str]], None] | None = None
+        self._foreground_jobs = False
+        self.on_foreground_jobs: Callable[[bool], None] | None = None
 
     def join(self, owner: str) -> None:
         with self._lock:
@@ -83,6 +89,7 @@ class CallShare:
     def leave(self, owner: str) -> None:
         with self._lock:
             self._calls.pop(owner, None)
+            self._tell_foreground_jobs()
         self.background()
 
     def charge(self, owner: str, seconds: float) -> None:
@@ -119,6 +126,7 @@ class CallShare:
                 self._background = current
                 if self.on_background is not None:  # under the lock: listeners see the sets in order
                     self.on_background(current)
+                self._tell_foreground_jobs()
         return current
 
     def _busy(self, owner: str, rate: float, rates: dict[str, float]) -> bool:
@@ -145,6 +153,16 @@ class CallShare:
             call = self._calls.get(owner) if owner is not None else None
             if call is not None:
                 call.jobs = max(0, call.jobs + step)
+                self._tell_foreground_jobs()
+
+    def _tell_foreground_jobs(self) -> None:
+        """Under the lock: call `on_foreground_jobs` if whether a call outside the background has
+        a job in flight has changed."""
+        busy = any(call.jobs > 0 for owner, call in self._calls.items() if owner not in self._background)
+        if busy != self._foreground_jobs:
+            self._foreground_jobs = busy
+            if self.on_foreground_jobs is not None:
+                self.on_foreground_jobs(busy)
 
     def foreground_busy(self, llm_owners: Mapping[str, int]) -> bool:
         background = self.background()

@@ -219,9 +219,11 @@ class LocalDLM:
 
     def attach_share(self, share: Any) -> None:
         """Charge the engine's steps to the calls of `share` (a `voice_agent.fair_share.CallShare`)
-        and hold back the rows of its background calls while others have work."""
+        and hold back the rows of its background calls while others have work (in the engine, or
+        jobs of their own: ASR, TTS, end-of-turn checks)."""
         self._engine.on_usage = share.charge_many
         share.on_background = self._engine.set_background
+        share.on_foreground_jobs = self._engine.pause_background
 
     async def health(self) -> dict[str, Any]:
         return {"reachable": True}

@@ -70,6 +70,39 @@ def test_equals_stay_equal_and_a_call_alone_is_never_in_the_background():
     assert share.background() == frozenset()
 
 
+def test_the_engine_is_told_when_a_call_outside_the_background_has_a_job_in_flight():
+    """on_foreground_jobs (the engine's pause_background): True while a foreground call's ASR,
+    TTS or end-of-turn job is in flight, False once none is; a background call's own jobs and
+    jobs of nobody's do not count; a call entering the background, or leaving, updates it."""
+    share = CallShare(busy_cpus=1.0, half_life_s=10.0)
+    told: list[bool] = []
+    share.on_foreground_jobs = told.append
+    for owner in ("heavy", "light"):
+        share.join(owner)
+    share.begin(None)
+    share.begin("heavy")
+    assert told == [True]  # heavy is not in the background yet
+    share.end("heavy")
+    assert told == [True, False]
+    share.charge("heavy", 100.0)
+    assert share.background() == {"heavy"}
+    share.begin("heavy")  # in the background: its jobs do not pause anything
+    assert told == [True, False]
+    share.begin("light")
+    share.begin("light")
+    assert told == [True, False, True]
+    share.end("light")
+    assert told == [True, False, True]  # one still in flight
+    share.leave("light")  # a call that ends takes its jobs with it; heavy, alone, leaves the
+    assert told == [True, False, True, False, True]  # background, and its job now counts
+    share.join("light")
+    share.charge("light", 1000.0)
+    assert share.background() == {"light"}
+    share.begin("light")
+    share.end("heavy")
+    assert told[-1] is False  # only a background call's job is left
+
+
 def test_busy_cpus_zero_puts_no_call_in_the_background():
     share = CallShare(busy_cpus=0.0)
     share.join("a")
