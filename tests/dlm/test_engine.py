@@ -256,16 +256,21 @@ def test_abort_never_blocks_with_many_requests_waiting():
         assert _until(lambda: engine.load().idle)
 
 
+def _heavy_alone(engine_cls):
+    """(model, params, the tokens of PROMPTS[3] decoded alone): the background tests' reference."""
+    loaded = random_loaded("causal" if engine_cls is AREngine else "block_causal", seed=7, eos=[],
+                           block_size=1 if engine_cls is AREngine else 4)
+    params = GenerationParams(max_new_tokens=24)
+    with engine_cls(loaded, max_batch_size=2) as engine:
+        return loaded, params, _ids(engine.submit(PROMPTS[3], params))
+
+
 @pytest.mark.parametrize("engine_cls", [Engine, AREngine])
 def test_paused_background_rows_wait_without_spinning_and_go_on_unchanged(engine_cls):
     """pause_background(True): a background owner's row takes no step even alone (the others'
     work is elsewhere), the worker waits without burning the CPU; once unpaused the request goes
     on and ends with the same tokens as alone. Other owners are never paused."""
-    loaded = random_loaded("causal" if engine_cls is AREngine else "block_causal", seed=7, eos=[],
-                           block_size=1 if engine_cls is AREngine else 4)
-    params = GenerationParams(max_new_tokens=24)
-    with engine_cls(loaded, max_batch_size=2) as engine:
-        alone = _ids(engine.submit(PROMPTS[3], params))
+    loaded, params, alone = _heavy_alone(engine_cls)
     with engine_cls(loaded, max_batch_size=2) as engine:
         engine.set_background({"heavy"})
         engine.pause_background(True)
@@ -284,11 +289,7 @@ def test_paused_background_rows_wait_without_spinning_and_go_on_unchanged(engine
 def test_a_background_owner_waits_while_others_decode_and_its_output_is_unchanged(engine_cls):
     """set_background: the owner's row takes no part in the steps while another owner's request
     holds a row, then goes on from where it was (same tokens as alone); on_usage charges both."""
-    loaded = random_loaded("causal" if engine_cls is AREngine else "block_causal", seed=7, eos=[],
-                           block_size=1 if engine_cls is AREngine else 4)
-    params = GenerationParams(max_new_tokens=24)
-    with engine_cls(loaded, max_batch_size=2) as engine:
-        alone = _ids(engine.submit(PROMPTS[3], params))
+    loaded, params, alone = _heavy_alone(engine_cls)
     with engine_cls(loaded, max_batch_size=2) as engine:
         events: list[tuple[str, int, bool]] = []  # (owner, new tokens, finished), in the worker's order
         usage: dict[str, float] = {}
