@@ -382,9 +382,10 @@ class Engine:
                 if not self._drain(block=idle, timeout=PAUSE_POLL_S if waiting else None):
                     break
                 self._admit()
-                waiting = bool(self._active) and len(self._held_back()) == len(self._active)
+                held = self._held_back()
+                waiting = bool(self._active) and len(held) == len(self._active)
                 if self._active and not waiting:
-                    self._step()
+                    self._step(held)
         for req in [*self._pending, *self._active.values()]:
             self._finish(req, "abort")
         self._pending.clear()
@@ -395,7 +396,7 @@ class Engine:
         `block` says); False once closed."""
         while True:
             try:
-                cmd, arg = self._commands.get(timeout=timeout) if timeout is not None else self._commands.get(block=block)
+                cmd, arg = self._commands.get(block=block or timeout is not None, timeout=timeout)
             except queue.Empty:
                 return True
             block, timeout = False, None
@@ -480,9 +481,10 @@ class Engine:
             except Exception:
                 log.exception("on_usage failed")
 
-    def _step(self) -> None:
+    def _step(self, held: set[int]) -> None:
+        """One step of every row but the `held` ones (`_held_back()`)."""
         try:
-            updates = self._decoder.step(self._held_back())
+            updates = self._decoder.step(held)
         except PrefillError as e:  # the requests being prefilled fail; the others keep going
             log.exception("prefill failed; failing the requests being prefilled")
             for slot in e.slots:

@@ -165,10 +165,10 @@ class CallShare:
                 self.on_foreground_jobs(busy)
 
     def foreground_busy(self, llm_owners: Mapping[str, int]) -> bool:
-        background = self.background()
+        background = self.background()  # brings _foreground_jobs up to date with the set
         with self._lock:
-            return any(owner not in background and (call.jobs > 0 or llm_owners.get(owner, 0) > 0)
-                       for owner, call in self._calls.items())
+            return self._foreground_jobs or any(owner not in background and llm_owners.get(owner, 0) > 0
+                                                for owner in self._calls)
 
     def must_wait(self, owner: str | None, llm_owners: Mapping[str, int]) -> bool:
         """Whether `owner` is in the background while another call has work in flight."""
