@@ -97,6 +97,10 @@ def test_push_to_talk_interrupts_a_typed_reply(
             browser.wait_for(f"{STATE}.playback.playedMs > 1000", timeout_s=60)
             browser.evaluate("document.getElementById('start').click()", gesture=True)  # the microphone
             browser.wait_for(f"{STATE}.microphone", timeout_s=10)
+            # Press while a received part of the reply is still unheard: on a loaded CPU the reply
+            # can pause between sentences (all of it heard), and a barge-in there cuts nothing.
+            agent = f"{STATE}.transcripts.agent[0]"
+            browser.wait_for(f"{agent}.heard.length < {agent}.text.length", timeout_s=60)
             browser.call("Input.dispatchKeyEvent", type="keyDown", **space)
             browser.wait_for(f"{STATE}.transcripts.agent[0].interrupted", timeout_s=5)
             time.sleep(2.0)  # "stop please" plays from the fake microphone
