@@ -272,7 +272,8 @@ class AgentConfig:
     # this many model threads busy on average lately (decayed with the half-life), and twice as
     # many as the lightest other call, runs in the background until it falls below half of that
     # or below the lightest other call: its jobs wait while another call has work, and its LLM
-    # rows yield. A conversation takes about 0.25-0.35 here; a flooding call about 0.9. 0: off.
+    # rows yield. A call refused by the rate limits above is there for a half-life after the last
+    # refusal. A conversation takes about 0.25-0.35 here; a flooding call about 0.9. 0: off.
     busy_call_cpus: float = BUSY_CPUS
     busy_call_half_life_s: float = HALF_LIFE_S
 

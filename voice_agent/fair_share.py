@@ -10,7 +10,13 @@ conversation, whose stages mostly take turns and which listens half of the time,
 0.3 here, a flooding call about 0.9) and `RELATIVE` times the lightest other call's is in the
 background until its rate falls below half of `busy_cpus` or below the lightest other call's.
 (Job times are wall times: on a crowded CPU every call's rate rises; the relative rule keeps
-equals equal.) A background call's new jobs wait while any other call has work in flight, and
+equals equal.) A call whose input the per-call rate limits refused (`over_limit`: more replies,
+items or audio than `agent.max_*` allow) is in the background at once, for a half-life after
+the last refusal, whatever its rate: a flooding client's cost grows with the history it builds,
+so its rate lags behind the harm it does (measured: 0.1-0.25 model-s/s for its first 25 s, then
+0.8-0.95), while a conversation never meets those limits. Such a call is no one's yardstick
+either: the relative rule compares a call with the lightest other call that is not over a
+limit. A background call's new jobs wait while any other call has work in flight, and
 its engine rows yield to the others' (`dlm.engine.Engine.set_background`), also while another
 call's speech is being transcribed or synthesized (`Engine.pause_background`: an engine step
 runs on both cores and would slow that job down as much as another engine row would). Nothing is
@@ -24,6 +30,7 @@ Contract:
 - `charge(owner, seconds)` / `charge_many({owner: seconds})`: model work done for that owner
   (thread-safe; the engine's `on_usage` is `charge_many`). Owners that never joined (chat API
   requests) are not counted.
+- `over_limit(owner)`: the per-call limits just refused some of `owner`'s input (thread-safe).
 - `rate(owner)`: its decayed model-seconds per second. `background()`: the calls in the
   background now (recomputed at every charge and on demand; `on_background(owners)` is called
   with the new set whenever it changes, under the ledger's lock, from whichever thread charged:
@@ -58,12 +65,13 @@ log = logging.getLogger(__name__)
 
 
 class _Usage:
-    __slots__ = ("at", "jobs", "seconds")
+    __slots__ = ("at", "jobs", "refused_at", "seconds")
 
     def __init__(self, at: float) -> None:
         self.seconds = 0.0  # decayed model-seconds as of `at`
         self.at = at
         self.jobs = 0  # jobs in flight
+        self.refused_at: float | None = None  # when a per-call limit last refused its input
 
 
 class CallShare:
@@ -108,6 +116,18 @@ class CallShare:
     def _decayed(self, call: _Usage, now: float) -> float:
         return call.seconds * math.exp(-self._decay * max(0.0, now - call.at))
 
+    def over_limit(self, owner: str) -> None:
+        """A per-call limit refused some of `owner`'s input now: it is in the background for a
+        half-life."""
+        with self._lock:
+            call = self._calls.get(owner)
+            if call is not None:
+                call.refused_at = self._clock()
+        self.background()
+
+    def _refused(self, call: _Usage, now: float) -> bool:
+        return call.refused_at is not None and now - call.refused_at < self.half_life_s
+
     def rate(self, owner: str) -> float:
         with self._lock:
             call = self._calls.get(owner)
@@ -119,22 +139,30 @@ class CallShare:
         with self._lock:
             now = self._clock()
             rates = {owner: self._decayed(call, now) * self._decay for owner, call in self._calls.items()}
-            current = frozenset(owner for owner, rate in rates.items() if self._busy(owner, rate, rates))
+            refused = {owner for owner, call in self._calls.items() if self._refused(call, now)}
+            current = frozenset(owner for owner, rate in rates.items() if self._busy(owner, rate, rates, refused))
             if current != self._background:
-                log.info("calls in the background (fair share): %s", ", ".join(
-                    f"{owner} at {rates[owner]:.2f} model-s/s" for owner in sorted(current)) or "none")
+                log.info("calls in the background (fair share): %s; others: %s", ", ".join(
+                    f"{owner} at {rates[owner]:.2f} model-s/s{' (over a limit)' if owner in refused else ''}"
+                    for owner in sorted(current)) or "none", ", ".join(
+                    f"{owner} at {rate:.2f}" for owner, rate in sorted(rates.items()) if owner not in current) or "none")
                 self._background = current
                 if self.on_background is not None:  # under the lock: listeners see the sets in order
                     self.on_background(current)
                 self._tell_foreground_jobs()
         return current
 
-    def _busy(self, owner: str, rate: float, rates: dict[str, float]) -> bool:
-        """Enter the background at `busy_cpus` and RELATIVE x the lightest other call's rate;
-        leave below half of `busy_cpus` or the lightest other call's rate (hysteresis: held back,
-        a call's rate falls, and it must not come back at once)."""
-        others = [r for o, r in rates.items() if o != owner]
-        if self.busy_cpus <= 0 or not others:
+    def _busy(self, owner: str, rate: float, rates: dict[str, float], refused: set[str]) -> bool:
+        """Alone, never. Over a limit lately (`refused`), always. Else enter the background at
+        `busy_cpus` and RELATIVE x the lightest other call's rate (of those not over a limit);
+        leave below half of `busy_cpus` or that call's rate (hysteresis: held back, a call's rate
+        falls, and it must not come back at once)."""
+        if self.busy_cpus <= 0 or len(rates) < 2:
+            return False
+        if owner in refused:
+            return True
+        others = [r for o, r in rates.items() if o != owner and o not in refused]
+        if not others:
             return False
         if owner in self._background:
             return rate >= self.busy_cpus / 2 and rate >= min(others)

@@ -66,7 +66,8 @@ Contract:
   `max_items_per_minute` are refused with `rate_limit_exceeded` (a token bucket holding a sixth of
   the per-minute figure); caller audio beyond `max_audio_speed` x real time (after a burst of
   `max_audio_burst_s`) is dropped and counted in `dropped_audio_s`, so no call makes the shared
-  VAD and ASR work faster than a talking person needs.
+  VAD and ASR work faster than a talking person needs. A call refused or dropped so is over a
+  limit for the fair share (`share.over_limit`: it runs in the background for a while).
 - No work outlives the call: every LLM request the session starts (replies, speculative starts,
   replies superseded before they began) is an `LlmRun` the session keeps until it ends; `close()`
   cancels them all and then asks the LLM client to abort whatever it still holds for this call
@@ -757,6 +758,7 @@ class Session:
         duration = len(event.samples) / event.sample_rate_hz
         allowed_s = self._audio_rate.take(duration)
         if allowed_s < duration:
+            self.services.share.over_limit(self.call_id)
             keep = int(allowed_s * event.sample_rate_hz)
             self.dropped_audio_s += duration - keep / event.sample_rate_hz
             if not self._audio_rate_logged:
@@ -1086,7 +1088,7 @@ class Session:
 
     async def _on_user_text(self, event: UserText) -> None:
         if not self._item_rate.allow():
-            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} messages a minute (agent.max_items_per_minute)", event)
+            await self._over_rate(f"more than {self.config.max_items_per_minute} messages a minute (agent.max_items_per_minute)", event)
             return
         if self._reply_turn is not None:
             await self._interrupt("text")
@@ -1103,7 +1105,7 @@ class Session:
     async def _on_item(self, event: AddItem) -> None:
         """A system or assistant message, a function call or result: into the history, no reply."""
         if not self._item_rate.allow():
-            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)", event)
+            await self._over_rate(f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)", event)
             return
         self._add_history(0, event.message, event.item_id)
 
@@ -1131,7 +1133,7 @@ class Session:
             await self._error("input_audio_buffer_commit_empty", "the input audio buffer is empty", event)
             return
         if not self._item_rate.allow():  # a commit makes a conversation item
-            await self._error("rate_limit_exceeded", f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)", event)
+            await self._over_rate(f"more than {self.config.max_items_per_minute} items a minute (agent.max_items_per_minute)", event)
             return
         audio = np.concatenate(list(self._manual_audio))
         self._manual_audio.clear()
@@ -1171,7 +1173,7 @@ class Session:
             await self._error("conversation_already_has_active_response", "a reply is already in progress", event)
             return
         if not self._response_rate.allow():
-            await self._error("rate_limit_exceeded", f"more than {self.config.max_responses_per_minute} responses a minute (agent.max_responses_per_minute)", event)
+            await self._over_rate(f"more than {self.config.max_responses_per_minute} responses a minute (agent.max_responses_per_minute)", event)
             return
         commit = self._commit_task
         if commit is not None and not commit.done():
@@ -1558,6 +1560,12 @@ class Session:
     def _keep_record(self, record: TurnRecord) -> None:
         if not any(r is record for r in self.records):
             self.records.append(record)
+
+    async def _over_rate(self, message: str, cause: Event) -> None:
+        """Refuse `cause` for a per-call rate limit (error `rate_limit_exceeded`); the fair share
+        puts the call in the background for a while."""
+        self.services.share.over_limit(self.call_id)
+        await self._error("rate_limit_exceeded", message, cause)
 
     async def _error(self, code: str, message: str, cause: Event | None = None) -> None:
         """An error event; `cause`: the input it answers (its client event id is echoed)."""

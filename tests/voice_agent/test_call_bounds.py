@@ -238,3 +238,30 @@ def test_audio_faster_than_real_time_is_dropped_beyond_the_burst():
         await session.close()
 
     asyncio.run(main())
+
+
+def test_a_call_the_rate_limits_refuse_runs_in_the_background_of_the_fair_share():
+    """Refused items or responses, or audio dropped for its speed, put the call behind the
+    others at once (voice_agent/fair_share.py); a call within its limits stays in front."""
+
+    async def main():
+        services = FakeServices(FakeLLM())
+        config = AgentConfig(speculative_start=False, sample_rate_hz=16_000, max_items_per_minute=6,
+                             max_audio_speed=2.0, max_audio_burst_s=1.0)
+        sessions = [Session(services, config, clock=FakeClock(), wall_clock=lambda: 1.0) for _ in range(3)]
+        honest, texter, streamer = sessions
+        await honest.handle(UserText(text="hello", respond=False))
+        await texter.handle(UserText(text="a", respond=False))
+        assert services.share.background() == frozenset()
+        await texter.handle(UserText(text="b", respond=False))  # over max_items_per_minute
+        assert errors(texter) == ["rate_limit_exceeded"]
+        assert services.share.background() == {texter.call_id}
+        await streamer.handle(AudioIn(samples=np.zeros(16_000, np.float32), sample_rate_hz=16_000))  # the burst
+        assert services.share.background() == {texter.call_id}
+        await streamer.handle(AudioIn(samples=np.zeros(16_000, np.float32), sample_rate_hz=16_000))  # dropped
+        assert services.share.background() == {texter.call_id, streamer.call_id}
+        for session in sessions:
+            await session.close()
+        assert services.share.background() == frozenset()
+
+    asyncio.run(main())

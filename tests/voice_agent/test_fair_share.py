@@ -70,6 +70,37 @@ def test_equals_stay_equal_and_a_call_alone_is_never_in_the_background():
     assert share.background() == frozenset()
 
 
+def test_a_call_over_a_per_call_limit_is_in_the_background_for_a_half_life_and_is_no_yardstick():
+    """A flooding client's model work grows slowly (its history grows); the rate limits it meets
+    say what it is at once. The honest call beside it is compared with calls not over a limit."""
+    clock = FakeClock()
+    share = CallShare(busy_cpus=1.0, half_life_s=10.0, clock=clock)
+    share.join("flood")
+    share.over_limit("flood")
+    assert share.background() == frozenset()  # alone: nobody to yield to
+    share.join("honest")
+    assert share.background() == {"flood"}  # at once, at a rate of 0
+    share.charge("honest", 10.0)  # 0.69 model-s/s: below busy_cpus
+    assert share.background() == {"flood"}
+    share.charge("honest", 90.0)  # 6.9 model-s/s, far above the flood's 0: the flood is no yardstick
+    assert share.background() == {"flood"}
+    clock.t += 9.0
+    share.over_limit("ghost")  # never joined: nothing
+    assert share.background() == {"flood"}
+    clock.t += 1.0  # a half-life after the refusal the flood is back, a yardstick again
+    assert share.background() == {"honest"}  # 3.5 model-s/s against its 0
+    share.leave("honest")
+    share.join("honest")
+    share.over_limit("flood")
+    share.charge("flood", 100.0)
+    clock.t += 10.0  # the refusal has expired; its rate (3.5) is still above half of busy_cpus and honest's (0)
+    assert share.background() == {"flood"}
+    share.over_limit("honest")  # calls over a limit go behind those within them, whatever their rates
+    assert share.background() == {"honest"}
+    share.leave("flood")
+    assert share.background() == frozenset()
+
+
 def test_the_engine_is_told_when_a_call_outside_the_background_has_a_job_in_flight():
     """on_foreground_jobs (the engine's pause_background): True while a foreground call's ASR,
     TTS or end-of-turn job is in flight, False once none is; a background call's own jobs and
