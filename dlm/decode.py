@@ -499,14 +499,14 @@ class BlockDecoder:
         return logits
 
     # -- the step ------------------------------------------------------------------------------
-    def _prefill_entries(self, rows: list[_Row]) -> list[_Entry]:
+    def _prefill_entries(self, rows: list[_Row], step_s: float | None) -> list[_Entry]:
         """This step's prefill chunks within the budget: of `rows` (this step's), those still
         prefilling, the one with the least prompt left first (a short voice prompt is not held
-        behind a long one; ties in admission order)."""
+        behind a long one; ties in admission order). `step_s`: the prefill forward's target time."""
         entries: list[_Entry] = []
         limit = self.prefill_chunk_tokens
-        if self.prefill_step_s is not None and self._prefill_tokens_per_s is not None:
-            limit = max(1, min(limit, int(self._prefill_tokens_per_s * self.prefill_step_s)))
+        if step_s is not None and self._prefill_tokens_per_s is not None:
+            limit = max(1, min(limit, int(self._prefill_tokens_per_s * step_s)))
         budget = min(self.prefill_budget_tokens, limit)
         waiting = [row for row in rows if row.prefill_upto < row.prefill_end]
         decoding = len(waiting) < len(rows)
@@ -531,15 +531,21 @@ class BlockDecoder:
         bs = row.settings.block_size
         return row.prefill_end - upto > max(self.prefill_chunk_tokens // bs, 1) * bs
 
-    def step(self, hold: Collection[int] = ()) -> list[RowUpdate]:
+    def step(self, hold: Collection[int] = (), prefill_step_s: float | None = None) -> list[RowUpdate]:
         """One step: a batched prefill forward over the rows still prefilling (if any), then one
         denoising forward at most over the rows ready to decode; an update per decoded row. Rows
-        whose slot is in `hold` take no part: they keep their state for a later step. Afterwards
+        whose slot is in `hold` take no part: they keep their state for a later step.
+        `prefill_step_s`, where given, replaces the decoder's for this step's prefill (shorter: a
+        step that others may have to wait for ends sooner; such a step's prefill speed is not
+        measured: a forward of fewer tokens does less per second, and the next steps' chunks
+        would shrink). Afterwards
         `step_seconds` says what the step cost each row that took part (slot -> seconds: a prefill
         forward's time split by the rows' prompt tokens, the denoising forward's split evenly).
         Raises PrefillError (after removing its rows) where the prefill forward fails."""
         self.step_seconds = {}
-        rows = self._prefill_step([row for slot, row in self.rows.items() if slot not in hold])
+        step_s = self.prefill_step_s if prefill_step_s is None else prefill_step_s
+        rows = self._prefill_step([row for slot, row in self.rows.items() if slot not in hold], step_s,
+                                  measure=prefill_step_s is None)
         if not rows:
             return []
         started_s = time.monotonic()
@@ -549,10 +555,11 @@ class BlockDecoder:
             self.step_seconds[row.slot] = self.step_seconds.get(row.slot, 0.0) + share_s
         return updates
 
-    def _prefill_step(self, rows: list[_Row]) -> list[_Row]:
-        """This step's prefill forward over `rows`, if any; those of them ready to decode (prefill
-        complete)."""
-        prefill = self._prefill_entries(rows)
+    def _prefill_step(self, rows: list[_Row], step_s: float | None, measure: bool) -> list[_Row]:
+        """This step's prefill forward over `rows`, if any, sized to take about `step_s` (and
+        where `measure`, its speed updates the measured prefill speed); those of them ready to
+        decode (prefill complete)."""
+        prefill = self._prefill_entries(rows, step_s)
         if prefill:
             long = any(self._long(e.row, e.start) for e in prefill) and len(rows) > len(prefill)
             started_s = time.monotonic()
@@ -570,8 +577,9 @@ class BlockDecoder:
             tokens = sum(e.length for e in prefill)
             for entry in prefill:
                 self.step_seconds[entry.row.slot] = took_s * entry.length / tokens
-            rate = tokens / max(took_s, 1e-6)
-            self._prefill_tokens_per_s = rate if self._prefill_tokens_per_s is None else 0.7 * self._prefill_tokens_per_s + 0.3 * rate
+            if measure:
+                rate = tokens / max(took_s, 1e-6)
+                self._prefill_tokens_per_s = rate if self._prefill_tokens_per_s is None else 0.7 * self._prefill_tokens_per_s + 0.3 * rate
             if long:  # while other rows decode, long prompts take at most long_prefill_share of the time
                 self._long_prefill_resume_s = time.monotonic() + took_s * (1 / self.long_prefill_share - 1)
         return [row for row in rows if row.prefill_upto >= row.prefill_end]

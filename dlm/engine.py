@@ -36,7 +36,10 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   first. Work-conserving: alone, background requests run as any other, unless
   `pause_background(True)` says the others have work elsewhere (their speech being transcribed
   or synthesized on the same cores): then background rows sit out every step (the worker waits,
-  polling its commands every PAUSE_POLL_S) until `pause_background(False)`. `on_usage`, where set, is
+  polling its commands every PAUSE_POLL_S) until `pause_background(False)`. A step of background
+  rows alone prefills for about BACKGROUND_PREFILL_STEP_S (dlm/decode.py's `prefill_step_s`, 0.3 s
+  otherwise): the others' next request, or a pause, waits at most about that long for it (a
+  step cannot be interrupted). `on_usage`, where set, is
   called from the worker after each step with what the step cost each named owner (seconds of
   the step's forwards, `BlockDecoder.step_seconds`); it must be quick and must not block.
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
@@ -88,6 +91,7 @@ MAX_PENDING_REQUESTS = 1024  # requests waiting for a free row; beyond: InvalidR
 # prefix is only kept while nobody else takes the row: see "Owners" above).
 EVICT_PENALTY_TOKENS = 64
 PAUSE_POLL_S = 0.01  # with every row paused (pause_background): how often the worker looks at its commands
+BACKGROUND_PREFILL_STEP_S = 0.08  # a prefill forward of background rows alone aims at this long
 
 
 @dataclass
@@ -482,9 +486,12 @@ class Engine:
                 log.exception("on_usage failed")
 
     def _step(self, held: set[int]) -> None:
-        """One step of every row but the `held` ones (`_held_back()`)."""
+        """One step of every row but the `held` ones (`_held_back()`); brief prefill forwards
+        where only background owners' rows take part."""
+        background = self._background
+        brief = bool(background) and all(req.owner in background for slot, req in self._active.items() if slot not in held)
         try:
-            updates = self._decoder.step(held)
+            updates = self._decoder.step(held, BACKGROUND_PREFILL_STEP_S if brief else None)
         except PrefillError as e:  # the requests being prefilled fail; the others keep going
             log.exception("prefill failed; failing the requests being prefilled")
             for slot in e.slots:

@@ -325,6 +325,26 @@ def test_a_short_prompt_is_not_held_back_when_the_measured_prefill_speed_is_low(
     assert decoder.rows[2].prefill_steps == steps >= 2  # in shrunk chunks, one a step
 
 
+def test_a_step_may_aim_its_prefill_at_a_shorter_time():
+    """step(prefill_step_s=...) sizes that step's chunks for it (the engine's steps of background
+    rows alone) and leaves the measured prefill speed alone; the next step is back to the
+    decoder's own."""
+    loaded = random_loaded("block_causal", seed=8, scale=3.0)
+    params = GenerationParams(max_new_tokens=8, block_size=4, threshold=0.6)
+    [prompt] = _prepared(loaded, [[5 + i % 40 for i in range(80)]], params)
+    decoder = BlockDecoder(loaded.model, loaded.spec, max_batch_size=1, max_seq_len=128, prefill_chunk_tokens=32,
+                           prefill_step_s=0.3)
+    decoder.add(0, *prompt)
+    decoder.step()  # the first chunk is the configured one: nothing measured yet
+    first = decoder.rows[0].prefill_upto
+    decoder._prefill_tokens_per_s = 40.0  # 0.3 s: 12 tokens; 0.1 s: 4 (whole blocks)
+    decoder.step(prefill_step_s=0.1)
+    assert decoder.rows[0].prefill_upto - first == 4
+    assert decoder._prefill_tokens_per_s == 40.0  # a brief step's speed is not measured
+    decoder.step()
+    assert decoder.rows[0].prefill_upto - first == 4 + 12
+
+
 def test_a_failing_prefill_fails_only_the_requests_being_prefilled():
     loaded = counting_loaded(block_size=4)
 

@@ -9,7 +9,7 @@ import pytest
 from dlm_tiny_models import CharTokenizer, counting_loaded, random_loaded
 
 from dlm.ar import AREngine
-from dlm.engine import MAX_PENDING_REQUESTS, Engine, GenerationParams
+from dlm.engine import BACKGROUND_PREFILL_STEP_S, MAX_PENDING_REQUESTS, Engine, GenerationParams
 from dlm.errors import InvalidRequestError
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [3, 3], [21, 22, 23, 24, 25]]
@@ -283,6 +283,27 @@ def test_paused_background_rows_wait_without_spinning_and_go_on_unchanged(engine
         assert time.process_time() - cpu < 0.25  # polling its commands, not stepping
         engine.pause_background(False)
         assert _ids(heavy) == alone
+
+
+def test_steps_of_background_rows_alone_prefill_briefly():
+    """A step in which only background owners' rows take part aims its prefill forward at
+    BACKGROUND_PREFILL_STEP_S: the others' next request waits at most about that long."""
+    loaded = random_loaded("block_causal", seed=7, eos=[], block_size=4)
+    with Engine(loaded, max_batch_size=2) as engine:
+        asked: list[tuple[str, float | None]] = []
+        step = engine._decoder.step
+
+        def spy(hold=(), prefill_step_s=None):
+            owners = {engine._slot_owner.get(slot) for slot in engine._decoder.rows if slot not in hold}
+            asked.append(("+".join(sorted(o for o in owners if o)), prefill_step_s))
+            return step(hold, prefill_step_s)
+
+        engine._decoder.step = spy
+        engine.set_background({"heavy"})
+        list(engine.submit(PROMPTS[3], GenerationParams(max_new_tokens=8), owner="heavy"))
+        list(engine.submit(PROMPTS[1], GenerationParams(max_new_tokens=8), owner="light"))
+    assert {a for a in asked if a[0] == "heavy"} == {("heavy", BACKGROUND_PREFILL_STEP_S)}
+    assert {a for a in asked if a[0] == "light"} == {("light", None)}
 
 
 @pytest.mark.parametrize("engine_cls", [Engine, AREngine])
