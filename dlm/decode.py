@@ -51,7 +51,8 @@ never ends inside a block its queries may see) and one step prefills at most
 `prefill_budget_tokens` prompt tokens (always at least one chunk); both shrink, at the prefill
 speed measured so far, so that a prefill forward takes about `prefill_step_s` (0.3 s: about 140
 prompt tokens on a quiet 2-core CPU, fewer when the CPU is shared), so an abort or a new request
-waits at most about that long. While other rows decode, the chunks of long prompts (more than one
+waits at most about that long. The speed is measured on forwards of at least half a chunk (or
+slower than the target): a short prompt's forward is mostly fixed cost and would under-read it. While other rows decode, the chunks of long prompts (more than one
 chunk left) take at most `long_prefill_share` of the wall time: after one, they wait twice its
 time (at 1/3), and the decoding rows step on meanwhile. A prompt that fits one chunk (a voice
 turn, or the new tail of a call's prompt after prefix reuse) is never held back; "one chunk" is
@@ -504,9 +505,7 @@ class BlockDecoder:
         prefilling, the one with the least prompt left first (a short voice prompt is not held
         behind a long one; ties in admission order). `step_s`: the prefill forward's target time."""
         entries: list[_Entry] = []
-        limit = self.prefill_chunk_tokens
-        if step_s is not None and self._prefill_tokens_per_s is not None:
-            limit = max(1, min(limit, int(self._prefill_tokens_per_s * step_s)))
+        limit = self._prefill_limit(step_s)
         budget = min(self.prefill_budget_tokens, limit)
         waiting = [row for row in rows if row.prefill_upto < row.prefill_end]
         decoding = len(waiting) < len(rows)
@@ -521,6 +520,13 @@ class BlockDecoder:
             entries.append(_Entry(row, row.prefill_upto, length, "prefill"))
             budget -= length
         return entries
+
+    def _prefill_limit(self, step_s: float | None) -> int:
+        """Most prompt tokens of one row in a prefill forward meant to take about `step_s`."""
+        limit = self.prefill_chunk_tokens
+        if step_s is not None and self._prefill_tokens_per_s is not None:
+            limit = max(1, min(limit, int(self._prefill_tokens_per_s * step_s)))
+        return limit
 
     def _long(self, row: _Row, upto: int) -> bool:
         """Whether the row's prompt from `upto` on is a long one (more than one chunk of
@@ -577,7 +583,12 @@ class BlockDecoder:
             tokens = sum(e.length for e in prefill)
             for entry in prefill:
                 self.step_seconds[entry.row.slot] = took_s * entry.length / tokens
-            if measure:
+            # A forward's fixed cost weighs more the fewer tokens it has: only a forward of at
+            # least half a chunk, or one slower than the target, says what a chunk will take.
+            # (Measured from every forward, a voice call's short tails of 10-30 new tokens a turn
+            # drove it from 178 to 52 tokens/s in eight turns, and each tail then took 2 forwards.)
+            if measure and (self._prefill_tokens_per_s is None or 2 * tokens >= self._prefill_limit(step_s)
+                            or (step_s is not None and took_s > step_s)):
                 rate = tokens / max(took_s, 1e-6)
                 self._prefill_tokens_per_s = rate if self._prefill_tokens_per_s is None else 0.7 * self._prefill_tokens_per_s + 0.3 * rate
             if long:  # while other rows decode, long prompts take at most long_prefill_share of the time

@@ -345,6 +345,40 @@ def test_a_step_may_aim_its_prefill_at_a_shorter_time():
     assert decoder.rows[0].prefill_upto - first == 4 + 12
 
 
+def test_the_prefill_speed_is_measured_on_chunks_not_on_short_tails(monkeypatch):
+    """A forward's fixed cost dominates a short prompt's: measured there, the speed under-reads
+    what a chunk takes and later prompts go in needlessly many forwards. Only a forward of at
+    least half a chunk, or one slower than the target, updates it."""
+    import dlm.decode
+
+    loaded = random_loaded("block_causal", seed=8, scale=3.0)
+    params = GenerationParams(max_new_tokens=4, block_size=4, threshold=0.6)
+    long_prompt, tail, other = _prepared(loaded, [[5 + i % 40 for i in range(60)], [3, 4, 5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4, 3, 2]], params)
+    decoder = BlockDecoder(loaded.model, loaded.spec, max_batch_size=3, max_seq_len=96, prefill_chunk_tokens=64, prefill_step_s=0.3)
+    clock = [0.0]
+    fixed_s = [0.1]  # a prefill forward: this plus 200 tokens a second
+    monkeypatch.setattr(dlm.decode.time, "monotonic", lambda: clock[0])
+    forward = decoder._forward
+
+    def timed(entries, fn, *, eager_prefill=False):
+        if eager_prefill:
+            clock[0] += fixed_s[0] + sum(e.length for e in entries) / 200.0
+        return forward(entries, fn, eager_prefill=eager_prefill)
+
+    decoder._forward = timed
+    decoder.add(0, *long_prompt)
+    decoder.step()  # 60 tokens in 0.4 s: the first measure
+    assert decoder._prefill_tokens_per_s == pytest.approx(150.0)
+    decoder.add(1, *tail)
+    decoder.step()  # 8 tokens in 0.14 s (57/s): mostly fixed cost, not measured
+    assert decoder.rows[1].prefill_upto == decoder.rows[1].prefill_end
+    assert decoder._prefill_tokens_per_s == pytest.approx(150.0)
+    fixed_s[0] = 0.5  # a crowded CPU: even a short forward overruns the target
+    decoder.add(2, *other)
+    decoder.step()
+    assert decoder._prefill_tokens_per_s < 150.0
+
+
 def test_a_failing_prefill_fails_only_the_requests_being_prefilled():
     loaded = counting_loaded(block_size=4)
 
