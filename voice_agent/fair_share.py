@@ -35,7 +35,8 @@ Contract:
   background now (recomputed at every charge and on demand; `on_background(owners)` is called
   with the new set whenever it changes, under the ledger's lock, from whichever thread charged:
   it must be quick and must not call the ledger).
-- `begin(owner)` / `end(owner)`: one job in flight (a job waiting for its model counts too).
+- `begin(owner)` / `end(owner)`: one job in flight (a job waiting for its model counts too; the
+  session counts its caller's speech as one).
   `on_foreground_jobs(busy)`, where set, is called whenever "a call not in the background has a
   job in flight" changes (under the lock, from the thread that changed it; quick, no ledger calls).
   `foreground_busy(llm_owners)`: whether a call not in the background has a job in flight or

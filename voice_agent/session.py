@@ -76,7 +76,8 @@ Contract:
 - Fair share: the call joins `services.share` (voice_agent/fair_share.py) at construction and
   leaves it in `close()`; every ASR, TTS and end-of-turn job and LLM request names the call id as
   its owner, so a call that keeps the models busy far beyond a conversation's needs runs behind
-  the others.
+  the others; the caller's speech (VAD start to end) counts as a job in flight, so a background
+  call's work pauses before the turn's end needs the models.
 - `close()` is idempotent: it cancels the tasks, stores the unfinished turn and the call's end.
 """
 
@@ -900,6 +901,11 @@ class Session:
         self.outbox.put_urgent(SpeechStarted(turn_id=turn.record.turn_id, t=self._clock(), audio_start_ms=int(start_s * 1000)))
         if self._reply_turn is not None:
             await self._interrupt("speech")
+        if self._user_turn is None:
+            # The fair share counts a caller's speech as work in flight: its end needs the
+            # models within a second, and a background call's job or step started meanwhile
+            # would still hold them then. Ended in _on_speech_ended (or by leaving the share).
+            self.services.share.begin(self.call_id)
         self._user_turn = turn
         self.state = State.USER_SPEAKING
         self._asr.reset()
@@ -915,6 +921,7 @@ class Session:
         self._user_turn = None
         if turn is None:  # speech ended without a start we saw (e.g. after a commit)
             return
+        self.services.share.end(self.call_id)
         turn.t_speech_end = self._stream_time_to_clock(end_s)
         if self._partial_task is not None:
             self._partial_task.cancel()  # a queued partial never starts; a running one is reused

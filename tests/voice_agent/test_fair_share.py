@@ -9,11 +9,13 @@ import time
 
 import numpy as np
 import pytest
-from va_fakes import FakeClock, FakeLLM
+from va_fakes import FakeClock, FakeLLM, FakeServices, settle, silence, speech
 
 from voice_agent.config import AgentConfig, Config, ConfigError
+from voice_agent.events import AudioIn
 from voice_agent.fair_share import CallShare
 from voice_agent.services import ModelServices
+from voice_agent.session import Session
 
 
 def test_usage_decays_with_the_half_life_and_counts_only_calls_that_joined():
@@ -99,6 +101,33 @@ def test_a_call_over_a_per_call_limit_is_in_the_background_for_a_half_life_and_i
     assert share.background() == {"honest"}
     share.leave("flood")
     assert share.background() == frozenset()
+
+
+def test_a_caller_speaking_counts_as_work_in_flight():
+    """From the VAD's start of speech to its end the call has a job in flight: a background
+    call's work pauses before the end of the turn needs the models."""
+
+    async def main():
+        services = FakeServices(FakeLLM())
+        told: list[bool] = []
+        services.share.on_foreground_jobs = told.append
+        config = AgentConfig(speculative_start=False, sample_rate_hz=16_000)
+        session = Session(services, config, clock=FakeClock(), wall_clock=lambda: 1.0)
+        await session.handle(AudioIn(samples=silence(300), sample_rate_hz=16_000))
+        await settle()
+        assert told == []
+        await session.handle(AudioIn(samples=speech(400), sample_rate_hz=16_000))
+        await settle()
+        assert told == [True] and services.share.foreground_busy({})
+        await session.handle(AudioIn(samples=silence(800), sample_rate_hz=16_000))  # the turn ends
+        await settle()
+        assert told == [True, False]
+        await session.handle(AudioIn(samples=speech(400), sample_rate_hz=16_000))
+        await settle()
+        await session.close()  # mid-speech: leaving the share ends it
+        assert told == [True, False, True, False]
+
+    asyncio.run(main())
 
 
 def test_the_engine_is_told_when_a_call_outside_the_background_has_a_job_in_flight():
