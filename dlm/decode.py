@@ -52,9 +52,10 @@ never ends inside a block its queries may see) and one step prefills at most
 speed measured so far, so that a prefill forward takes about `prefill_step_s` (0.3 s: about 140
 prompt tokens on a quiet 2-core CPU, fewer when the CPU is shared), so an abort or a new request
 waits at most about that long. The speed is measured on forwards of at least half a chunk (or
-slower than the target): a short prompt's forward is mostly fixed cost and would under-read it. While other rows decode, the chunks of long prompts (more than one
-chunk left) take at most `long_prefill_share` of the wall time: after one, they wait twice its
-time (at 1/3), and the decoding rows step on meanwhile. A prompt that fits one chunk (a voice
+slower than the target): a short prompt's forward is mostly fixed cost and would under-read it.
+While other rows decode, the chunks of long prompts (more than one chunk left) take at most
+`long_prefill_share` of the wall time: after one, they wait twice its time (at 1/3), and the
+decoding rows step on meanwhile. A prompt that fits one chunk (a voice
 turn, or the new tail of a call's prompt after prefix reuse) is never held back; "one chunk" is
 `prefill_chunk_tokens`, not the chunk shrunk to the measured speed (on a shared CPU that would
 make a voice turn's tail "long"). A row whose prefill completes at a step decodes in the same step. The prefill is a forward of its own, eager, with finer
@@ -586,7 +587,7 @@ class BlockDecoder:
             # A forward's fixed cost weighs more the fewer tokens it has: only a forward of at
             # least half a chunk, or one slower than the target, says what a chunk will take.
             # (Measured from every forward, a voice call's short tails of 10-30 new tokens a turn
-            # drove it from 178 to 52 tokens/s in eight turns, and each tail then took 2 forwards.)
+            # drove it from 178 to 52 tokens/s in eight turns, and each tail then took 2-8 forwards.)
             if measure and (self._prefill_tokens_per_s is None or 2 * tokens >= self._prefill_limit(step_s)
                             or (step_s is not None and took_s > step_s)):
                 rate = tokens / max(took_s, 1e-6)
