@@ -118,8 +118,8 @@ class CallShare:
         return call.seconds * math.exp(-self._decay * max(0.0, now - call.at))
 
     def over_limit(self, owner: str) -> None:
-        """A per-call limit refused some of `owner`'s input now: it is in the background for a
-        half-life."""
+        """A per-call limit refused some of `owner`'s input now: it is in the background (unless
+        alone, or the share is off) for a half-life, and longer while the rate rule holds."""
         with self._lock:
             call = self._calls.get(owner)
             if call is not None:

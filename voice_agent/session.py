@@ -630,6 +630,7 @@ class Session:
         self._item_rate = RateLimit(config.max_items_per_minute, clock)
         self._audio_rate = TokenBucket(config.max_audio_speed, config.max_audio_burst_s, clock)
         self._audio_rate_logged = False
+        self._speech_held = False  # _hold_speech
         self._audio_task = self._spawn(self._audio_loop(), "audio-in")
         self.ended = False
         self._closed = False
@@ -701,10 +702,11 @@ class Session:
             task.cancel()
         for run in list(self._runs):
             run.cancel()
+        # Before any await: a close cancelled there must not leave the call's jobs counted.
+        self.services.share.leave(self.call_id)
         await asyncio.gather(*self._tasks, *(run.task for run in list(self._runs)), return_exceptions=True)
         # Whatever the client still holds for this call (nothing, unless a stream was lost).
         self.services.llm.abort_owner(self.call_id)
-        self.services.share.leave(self.call_id)
         self.outbox.close()
 
     @property
@@ -727,6 +729,8 @@ class Session:
                 setattr(self, name, value)
         if event.max_output_tokens is not None:
             self.max_output_tokens = event.max_output_tokens or None  # 0: back to the LLM's own limit
+        if not self.server_vad:
+            self._hold_speech(False)  # no endpointer will end the speech now
         if event.vad is not None and event.vad != self.vad:
             self.vad = event.vad
             self._vad_changed = True  # the endpointer is rebuilt between turns (_process_audio)
@@ -901,15 +905,20 @@ class Session:
         self.outbox.put_urgent(SpeechStarted(turn_id=turn.record.turn_id, t=self._clock(), audio_start_ms=int(start_s * 1000)))
         if self._reply_turn is not None:
             await self._interrupt("speech")
-        if self._user_turn is None:
-            # The fair share counts a caller's speech as work in flight: its end needs the
-            # models within a second, and a background call's job or step started meanwhile
-            # would still hold them then. Ended in _on_speech_ended (or by leaving the share).
-            self.services.share.begin(self.call_id)
+        self._hold_speech(True)
         self._user_turn = turn
         self.state = State.USER_SPEAKING
         self._asr.reset()
         self._partial_at_s = self._stream_s  # (inf during a partial or after a failed one)
+
+    def _hold_speech(self, speaking: bool) -> None:
+        """The fair share counts the caller's speech as this call's work in flight: the end of
+        the turn needs the models within a second, and a background call's job or step started
+        meanwhile would still hold them then. Begun and ended once each, whatever the path
+        (speech end, turn detection switched off mid-speech, close)."""
+        if speaking != self._speech_held:
+            self._speech_held = speaking
+            (self.services.share.begin if speaking else self.services.share.end)(self.call_id)
 
     def _stream_time_to_clock(self, t_s: float) -> float:
         """Map a stream time of the caller's audio onto the monotonic clock."""
@@ -919,9 +928,9 @@ class Session:
         """`end_s`: stream time at which the caller stopped speaking; `audio`: the utterance."""
         turn = self._user_turn
         self._user_turn = None
+        self._hold_speech(False)
         if turn is None:  # speech ended without a start we saw (e.g. after a commit)
             return
-        self.services.share.end(self.call_id)
         turn.t_speech_end = self._stream_time_to_clock(end_s)
         if self._partial_task is not None:
             self._partial_task.cancel()  # a queued partial never starts; a running one is reused

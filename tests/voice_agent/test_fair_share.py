@@ -12,7 +12,7 @@ import pytest
 from va_fakes import FakeClock, FakeLLM, FakeServices, settle, silence, speech
 
 from voice_agent.config import AgentConfig, Config, ConfigError
-from voice_agent.events import AudioIn
+from voice_agent.events import AudioIn, ConfigureSession
 from voice_agent.fair_share import CallShare
 from voice_agent.services import ModelServices
 from voice_agent.session import Session
@@ -124,8 +124,19 @@ def test_a_caller_speaking_counts_as_work_in_flight():
         assert told == [True, False]
         await session.handle(AudioIn(samples=speech(400), sample_rate_hz=16_000))
         await settle()
-        await session.close()  # mid-speech: leaving the share ends it
+        await session.handle(ConfigureSession(server_vad=False))  # no endpointer will end it now
         assert told == [True, False, True, False]
+        await session.handle(ConfigureSession(server_vad=True))
+        services.share.begin(session.call_id)  # another job of the call in flight
+        await session.handle(AudioIn(samples=silence(800), sample_rate_hz=16_000))  # the old turn ends
+        await settle()
+        assert services.share._calls[session.call_id].jobs == 1  # the speech was ended once, not twice
+        services.share.end(session.call_id)
+        assert told == [True, False, True, False, True, False]
+        await session.handle(AudioIn(samples=speech(400), sample_rate_hz=16_000))
+        await settle()
+        await session.close()  # mid-speech: leaving the share ends it
+        assert told == [True, False, True, False, True, False, True, False]
 
     asyncio.run(main())
 
