@@ -51,7 +51,7 @@ never ends inside a block its queries may see) and one step prefills at most
 `prefill_budget_tokens` prompt tokens (always at least one chunk); both shrink, at the prefill
 speed measured so far, so that a prefill forward takes about `prefill_step_s` (0.3 s: about 140
 prompt tokens on a quiet 2-core CPU, fewer when the CPU is shared), so an abort or a new request
-waits at most about that long. The speed is measured on forwards of at least half a chunk (or
+waits at most about that long. The speed is measured on forwards that hold a full chunk (or run
 slower than the target): a short prompt's forward is mostly fixed cost and would under-read it.
 While other rows decode, the chunks of long prompts (more than one chunk left) take at most
 `long_prefill_share` of the wall time: after one, they wait twice its time (at 1/3), and the
@@ -584,12 +584,15 @@ class BlockDecoder:
             tokens = sum(e.length for e in prefill)
             for entry in prefill:
                 self.step_seconds[entry.row.slot] = took_s * entry.length / tokens
-            # A forward's fixed cost weighs more the fewer tokens it has: only a forward of at
-            # least half a chunk, or one slower than the target, says what a chunk will take.
-            # (Measured from every forward, a voice call's short tails of 10-30 new tokens a turn
-            # drove it from 178 to 52 tokens/s in eight turns, and each tail then took 2-8 forwards.)
-            if measure and (self._prefill_tokens_per_s is None or 2 * tokens >= self._prefill_limit(step_s)
-                            or (step_s is not None and took_s > step_s)):
+            # A forward's fixed cost weighs more the fewer tokens it has: only a forward with a
+            # full chunk (a row cut at this step's limit), or one slower than the target, says
+            # what a chunk will take. (Measured from every forward, a voice call's short tails of
+            # 10-30 new tokens a turn drove it from 178 to 52 tokens/s in eight turns, and each
+            # tail then took 2-8 forwards; measured on full chunks only, a low reading recovers:
+            # its chunks are full and run faster than it says.)
+            limit = self._prefill_limit(step_s)
+            full = any(e.length >= max(limit // e.row.settings.block_size, 1) * e.row.settings.block_size for e in prefill)
+            if measure and (self._prefill_tokens_per_s is None or full or (step_s is not None and took_s > step_s)):
                 rate = tokens / max(took_s, 1e-6)
                 self._prefill_tokens_per_s = rate if self._prefill_tokens_per_s is None else 0.7 * self._prefill_tokens_per_s + 0.3 * rate
             if long:  # while other rows decode, long prompts take at most long_prefill_share of the time

@@ -33,13 +33,14 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   their share lately: voice_agent/fair_share.py decides) whose requests yield to everyone
   else's: while any other request holds a row, their rows take no part in the steps (they keep
   their state and go on when the others are done), and a free row goes to another owner's request
-  first. Work-conserving: alone, background requests run as any other, unless
+  first. Work-conserving: alone, background requests run (in shorter prefill forwards, below), unless
   `pause_background(True)` says the others have work elsewhere (their speech being transcribed
   or synthesized on the same cores): then background rows sit out every step (the worker waits,
   polling its commands every PAUSE_POLL_S) until `pause_background(False)`. A step of background
-  rows alone prefills for about BACKGROUND_PREFILL_STEP_S (dlm/decode.py's `prefill_step_s`, 0.3 s
-  otherwise): the others' next request, or a pause, waits at most about that long for it (a
-  step cannot be interrupted). `on_usage`, where set, is
+  rows alone aims its prefill forward at BACKGROUND_PREFILL_STEP_S (dlm/decode.py's
+  `prefill_step_s`, 0.3 s otherwise; once a prefill speed has been measured): the others' next
+  request, or a pause, waits for that forward and the step's denoising forward at most (a step
+  cannot be interrupted). `on_usage`, where set, is
   called from the worker after each step with what the step cost each named owner (seconds of
   the step's forwards, `BlockDecoder.step_seconds`); it must be quick and must not block.
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the

@@ -347,8 +347,10 @@ def test_a_step_may_aim_its_prefill_at_a_shorter_time():
 
 def test_the_prefill_speed_is_measured_on_chunks_not_on_short_tails(monkeypatch):
     """A forward's fixed cost dominates a short prompt's: measured there, the speed under-reads
-    what a chunk takes and later prompts go in needlessly many forwards. Only a forward of at
-    least half a chunk, or one slower than the target, updates it."""
+    what a chunk takes and later prompts go in needlessly many forwards. Only a forward with a
+    full chunk, or one slower than the target, updates it."""
+    from types import SimpleNamespace
+
     import dlm.decode
 
     loaded = random_loaded("block_causal", seed=8, scale=3.0)
@@ -357,7 +359,7 @@ def test_the_prefill_speed_is_measured_on_chunks_not_on_short_tails(monkeypatch)
     decoder = BlockDecoder(loaded.model, loaded.spec, max_batch_size=3, max_seq_len=96, prefill_chunk_tokens=64, prefill_step_s=0.3)
     clock = [0.0]
     fixed_s = [0.1]  # a prefill forward: this plus 200 tokens a second
-    monkeypatch.setattr(dlm.decode.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(dlm.decode, "time", SimpleNamespace(monotonic=lambda: clock[0]))  # this module's clock only
     forward = decoder._forward
 
     def timed(entries, fn, *, eager_prefill=False):
