@@ -501,19 +501,16 @@ class BlockDecoder:
         return logits
 
     # -- the step ------------------------------------------------------------------------------
-    def _prefill_entries(self, rows: list[_Row], step_s: float | None) -> list[_Entry]:
+    def _prefill_entries(self, rows: list[_Row], limit: int) -> list[_Entry]:
         """This step's prefill chunks within the budget: of `rows` (this step's), those still
         prefilling, the one with the least prompt left first (a short voice prompt is not held
-        behind a long one; ties in admission order). `step_s`: the prefill forward's target time."""
+        behind a long one; ties in admission order). `limit`: `_prefill_limit` of this step."""
         entries: list[_Entry] = []
-        limit = self._prefill_limit(step_s)
         budget = min(self.prefill_budget_tokens, limit)
         waiting = [row for row in rows if row.prefill_upto < row.prefill_end]
         decoding = len(waiting) < len(rows)
         for row in sorted(waiting, key=lambda r: r.prefill_end - r.prefill_upto):
-            bs = row.settings.block_size
-            chunk = max(limit // bs, 1) * bs  # whole blocks (block-causal keys)
-            length = min(chunk, row.prefill_end - row.prefill_upto)
+            length = min(self._chunk(limit, row), row.prefill_end - row.prefill_upto)
             if decoding and self._long(row, row.prefill_upto) and time.monotonic() < self._long_prefill_resume_s:
                 continue  # a long prompt's turn comes later: the decoding rows go on meanwhile
             if entries and length > budget:
@@ -529,14 +526,20 @@ class BlockDecoder:
             limit = max(1, min(limit, int(self._prefill_tokens_per_s * step_s)))
         return limit
 
+    @staticmethod
+    def _chunk(limit: int, row: _Row) -> int:
+        """`limit` prompt tokens rounded down to whole blocks of the row, at least one (a chunk
+        never ends inside a block its queries may see: block-causal keys)."""
+        bs = row.settings.block_size
+        return max(limit // bs, 1) * bs
+
     def _long(self, row: _Row, upto: int) -> bool:
         """Whether the row's prompt from `upto` on is a long one (more than one chunk of
         `prefill_chunk_tokens`, whole blocks), which yields to decoding rows. Judged by the
         configured chunk, not by the chunk shrunk to the measured prefill speed: on a CPU shared
         with other work that speed drops, and a voice turn's few dozen new tokens would count as
         long and wait behind every long prompt's share of the time."""
-        bs = row.settings.block_size
-        return row.prefill_end - upto > max(self.prefill_chunk_tokens // bs, 1) * bs
+        return row.prefill_end - upto > self._chunk(self.prefill_chunk_tokens, row)
 
     def step(self, hold: Collection[int] = (), prefill_step_s: float | None = None) -> list[RowUpdate]:
         """One step: a batched prefill forward over the rows still prefilling (if any), then one
@@ -566,7 +569,8 @@ class BlockDecoder:
         """This step's prefill forward over `rows`, if any, sized to take about `step_s` (and
         where `measure`, its speed updates the measured prefill speed); those of them ready to
         decode (prefill complete)."""
-        prefill = self._prefill_entries(rows, step_s)
+        limit = self._prefill_limit(step_s)
+        prefill = self._prefill_entries(rows, limit)
         if prefill:
             long = any(self._long(e.row, e.start) for e in prefill) and len(rows) > len(prefill)
             started_s = time.monotonic()
@@ -590,8 +594,7 @@ class BlockDecoder:
             # 10-30 new tokens a turn drove it from 178 to 52 tokens/s in eight turns, and each
             # tail then took 2-8 forwards; measured on full chunks only, a low reading recovers:
             # its chunks are full and run faster than it says.)
-            limit = self._prefill_limit(step_s)
-            full = any(e.length >= max(limit // e.row.settings.block_size, 1) * e.row.settings.block_size for e in prefill)
+            full = any(e.length >= self._chunk(limit, e.row) for e in prefill)
             if measure and (self._prefill_tokens_per_s is None or full or (step_s is not None and took_s > step_s)):
                 rate = tokens / max(took_s, 1e-6)
                 self._prefill_tokens_per_s = rate if self._prefill_tokens_per_s is None else 0.7 * self._prefill_tokens_per_s + 0.3 * rate
