@@ -387,10 +387,10 @@ class Engine:
                 if not self._drain(block=idle, timeout=PAUSE_POLL_S if waiting else None):
                     break
                 self._admit()
-                held = self._held_back()
+                held, brief = self._held_back()
                 waiting = bool(self._active) and len(held) == len(self._active)
                 if self._active and not waiting:
-                    self._step(held)
+                    self._step(held, brief)
         for req in [*self._pending, *self._active.values()]:
             self._finish(req, "abort")
         self._pending.clear()
@@ -463,14 +463,17 @@ class Engine:
         self._decoder.remove(slot)
         self._active.pop(slot, None)
 
-    def _held_back(self) -> set[int]:
+    def _held_back(self) -> tuple[set[int], bool]:
         """The slots of background owners' rows, while any other request holds a row or the
-        others' work elsewhere has paused them."""
+        others' work elsewhere has paused them; and whether the rows that step are background
+        owners' alone (their prefill is brief)."""
         background = self._background
         if not background:
-            return set()
+            return set(), False
         held = {slot for slot, req in self._active.items() if req.owner in background}
-        return held if len(held) < len(self._active) or self._background_paused else set()
+        if len(held) < len(self._active) or self._background_paused:
+            return held, False
+        return set(), bool(held)
 
     def _report_usage(self) -> None:
         if self.on_usage is None:
@@ -486,11 +489,9 @@ class Engine:
             except Exception:
                 log.exception("on_usage failed")
 
-    def _step(self, held: set[int]) -> None:
-        """One step of every row but the `held` ones (`_held_back()`); brief prefill forwards
-        where only background owners' rows take part."""
-        background = self._background
-        brief = bool(background) and all(req.owner in background for slot, req in self._active.items() if slot not in held)
+    def _step(self, held: set[int], brief: bool) -> None:
+        """One step of every row but the `held` ones, with brief prefill forwards where `brief`
+        (both from `_held_back()`)."""
         try:
             updates = self._decoder.step(held, BACKGROUND_PREFILL_STEP_S if brief else None)
         except PrefillError as e:  # the requests being prefilled fail; the others keep going
