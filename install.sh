@@ -32,8 +32,9 @@ die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
 # --- Debian packages -------------------------------------------------------------------------
 # libportaudio2: the microphone mode (`voice-agent talk`, through sounddevice).
+# gcc: builds the float32 block kernel of the LLM (dlm/blocks.c; without it the LLM runs dense, slower).
 # espeak-ng, chromium: only the tests (real speech audio, the headless browser test of the page).
-apt_pkgs=(libportaudio2)
+apt_pkgs=(libportaudio2 gcc)
 if [ "$dev" = 1 ]; then
   apt_pkgs+=(espeak-ng chromium)
 fi
@@ -100,4 +101,8 @@ say "checking the default models"
 if ! "$venv/bin/voice-agent" models; then
   die "a default model was not found (see above)"
 fi
+# The float32 kernel on the LLM's GGUF blocks (dlm/blocks.c) is compiled with the system C compiler
+# on first use; build it now, so the first `serve` does not, and say where it cannot run.
+say "building the float32 block kernel (dlm/blocks.c)"
+"$venv/bin/python" -c 'import sys, dlm.blocks as b; r = b.available(); print(r or "ok"); sys.exit(0)'
 say "done: run  $venv/bin/voice-agent serve"

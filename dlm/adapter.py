@@ -12,7 +12,7 @@ Contract:
   they are packed (dlm.checkpoints.load_model(adapter=...)): decoding then costs exactly what the
   base costs. With int4 weights (the GGUF's 4-bit blocks are the base's, and the update is smaller
   than a 4-bit step: re-quantising would erase it) the decoding steps run the blocks plus the
-  update unmerged (`low_rank_int4`, dlm.model.Int4Weight.with_low_rank: two small products per
+  update unmerged (`unmerged_update`, dlm.model.Int4Weight.with_low_rank: two small products per
   projection); the prefill's packed bf16 copies are the merged weights.
 - File: one safetensors file (dlm.tuned_file), `save_adapter(path, adapter, base_path, info)` / `load_adapter(path,
   loaded_config, base_path)`. Metadata "voice_agent_adapter" holds the format, the config and the
@@ -39,7 +39,7 @@ from dlm.errors import DlmError
 from dlm.model import PROJECTIONS, Int4Weight, projection_shapes, projection_subset
 
 __all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterConfig", "AdapterError", "adapter_fingerprint", "load_adapter",
-           "low_rank_int4", "merge_adapter", "read_adapter_meta", "save_adapter"]
+           "merge_adapter", "read_adapter_meta", "save_adapter", "unmerged_update"]
 
 ADAPTER_FORMAT = "voice-agent-adapter/1"
 META_KEY = "voice_agent_adapter"
@@ -122,17 +122,20 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
             w.data = (w.float() + adapter.delta(key).to(w.device)).to(w.dtype)
 
 
-def low_rank_int4(int4: dict[str, Any], adapter: Adapter) -> dict[str, Any]:
-    """The int4 step weights of an adapted model (dlm.checkpoints.load_model(weights="int4",
-    adapter=...)): each targeted projection's `Int4Weight` carries the adapter's update unmerged
-    (`Int4Weight.with_low_rank`); a targeted projection stored otherwise (8-bit blocks) is left
-    out, so it runs the packed bf16 copy of the merged weights. `int4`: by state-dict name."""
-    out = dict(int4)
+def unmerged_update(weights: dict[str, Any], adapter: Adapter) -> dict[str, Any]:
+    """The quantized weights of an adapted model (dlm.checkpoints.load_model(weights="int4" or
+    "blocks", adapter=...)), by state-dict name: each targeted projection's `Int4Weight` or
+    `dlm.blocks.BlockWeight` carries the adapter's update unmerged (`with_low_rank`: rounding it
+    into 4-bit blocks would erase it); a targeted projection of another kind (int4: 8-bit blocks)
+    is left out, so it runs the packed bf16 copy of the merged weights."""
+    from dlm.blocks import BlockWeight
+
+    out = dict(weights)
     for i in range(adapter.model_config.n_layers):
         for name in adapter.config.targets:
             key, weight_name = f"{i}_{name}", f"model.layers.{i}.{PROJECTIONS[name]}.weight"
             weight = out.get(weight_name)
-            if isinstance(weight, Int4Weight):
+            if isinstance(weight, Int4Weight | BlockWeight):
                 out[weight_name] = weight.with_low_rank(adapter.a[key].detach(), adapter.b[key].detach() * adapter.scale)
             else:
                 out.pop(weight_name, None)

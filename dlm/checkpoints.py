@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 
 from dlm.bd_format import is_bd_checkpoint, read_bd_checkpoint
+from dlm.blocks import UNIT as BLOCK_UNIT
+from dlm.blocks import BlockWeight
 from dlm.config import DiffusionSpec, ModelConfig
 from dlm.errors import ModelNotFoundError, UnsupportedCheckpointError
 from dlm.families import Family, family_for_config, stop_token_ids
@@ -59,7 +61,7 @@ __all__ = [
 
 SUPPORTED_FAMILIES = ("bd", "fast_dllm_v2", "sdar", "llada", "dream", "ar")
 DEFAULT_MAX_SEQ_LEN = 4096
-WEIGHT_FORMATS = ("dense", "int4")
+WEIGHT_FORMATS = ("dense", "int4", "blocks")
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -316,12 +318,14 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     """See the module docstring; `pack`: prepack the weights for oneDNN where that applies
     (bfloat16 on CPU, `Transformer.pack_linears`); `adapter`: a fine-tune of this model
     (dlm.adapter), merged into its weights before they are packed (AdapterError where it belongs
-    to another base; with int4 weights the decoding steps add it unmerged, dlm.adapter.low_rank_int4);
+    to another base; with int4 weights the decoding steps add it unmerged, dlm.adapter.unmerged_update);
     `drafter`: a drafter file for this model, adapter included (dlm.drafter), checked against it
     (DrafterError where it belongs to another base or adapter);
     `weights`: "dense", or "int4": a GGUF's own Q4_0 / Q4_1 projections run the decoding steps
     (`dlm.model.Int4Weight`), packed bf16 copies the prefill, and the dense copies are released
-    (inference only: `Transformer.release_dense_weights`); bfloat16 on CPU only.
+    (inference only: `Transformer.release_dense_weights`); bfloat16 on CPU only; or "blocks": a
+    GGUF's own Q4_0 / Q4_1 / Q8_0 blocks run every position in float32 (dlm.blocks: the float32
+    weights bit for bit, a sixth of their bytes), inference only; float32 on a CPU with AVX-512.
     `inference_only`: where the weights were packed, release their dense copies too (serving
     runs the packed ones; about 210 MB for SmolLM2 in bf16)."""
     if weights not in WEIGHT_FORMATS:
@@ -336,6 +340,17 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
                                              "this is not a GGUF file")
         if resolve_dtype(dtype, device) != torch.bfloat16 or not can_pack_linears(torch.bfloat16, device):
             raise ValueError(f"weights='int4' needs bfloat16 on a CPU with oneDNN bf16 (asked: {dtype}, {device})")
+    if weights == "blocks":
+        from dlm.blocks import available
+
+        dtype = torch.float32 if dtype in (None, "auto") else dtype
+        if not _is_gguf(resolved):
+            raise UnsupportedCheckpointError(f"{resolved}: weights='blocks' runs a GGUF's own quantized blocks; "
+                                             "this is not a GGUF file")
+        if resolve_dtype(dtype, device) != torch.float32 or device.type != "cpu":
+            raise ValueError(f"weights='blocks' needs float32 on a CPU (asked: {dtype}, {device})")
+        if available() is not None:
+            raise ValueError(f"weights='blocks': {available()}")
     dtype = resolve_dtype(dtype, device)
     if family is not None:
         config, spec, state_dict, tokenizer = _load_hf_folder(resolved, family, dtype)
@@ -348,7 +363,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     model = _build_model(config, state_dict, resolved, device, dtype)
     fine_tune = None
     if adapter is not None:
-        from dlm.adapter import load_adapter, low_rank_int4, merge_adapter
+        from dlm.adapter import load_adapter, merge_adapter, unmerged_update
 
         fine_tune = load_adapter(adapter, config, resolved)
         merge_adapter(model, fine_tune)
@@ -358,11 +373,23 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         if not any(isinstance(w, Int4Weight) for w in int4.values()):
             raise UnsupportedCheckpointError(f"{resolved}: weights='int4' needs Q4_0 or Q4_1 tensors; this GGUF has none")
         if fine_tune is not None:
-            int4 = low_rank_int4(int4, fine_tune)
+            int4 = unmerged_update(int4, fine_tune)
         # The output head's bf16 copy only serves draft blocks (many positions' logits at once).
         model.pack_linears(int4, head_amx=drafter is not None)
         model.release_dense_weights()
         del int4
+    elif weights == "blocks":
+        blocks = {name: BlockWeight.q4(q, scale, minimum) if kind == "q4" else BlockWeight.q8(q, scale)
+                  for name, (kind, q, scale, minimum) in read_quant_blocks(resolved).items()
+                  if q.shape[1] % BLOCK_UNIT == 0}
+        if fine_tune is not None:
+            blocks = unmerged_update(blocks, fine_tune)
+        try:
+            model.use_blocks(blocks)
+        except ValueError as e:
+            raise UnsupportedCheckpointError(f"{resolved}: weights='blocks': {e}") from e
+        model.release_dense_weights()
+        del blocks
     elif pack and model.pack_linears() and inference_only:
         model.release_dense_weights()
     del state_dict

@@ -53,6 +53,11 @@ Contract:
   unmerged: `Int4Weight.with_low_rank`); the prefill and mask slots run the packed bf16 copies
   (see `Projection`). `release_dense_weights()` then frees the dense copies: the
   model is inference-only from there on.
+- `use_blocks(blocks)` (float32 on CPU): every projection and the output head run a GGUF's own
+  quantized blocks (`dlm.blocks.BlockWeight`, dlm.checkpoints.load_model(weights="blocks")) at
+  every position, in float32: the dense float32 model's weights bit for bit, only the order of the
+  sums differs (fixed, and per row, so a position's result does not depend on the batch either);
+  about a sixth of float32's bytes a token. `release_dense_weights()` applies as after packing.
 """
 
 from __future__ import annotations
@@ -64,10 +69,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dlm.blocks import BlockWeight
 from dlm.config import ModelConfig
 
-__all__ = ["PROJECTIONS", "Attention", "DecoderLayer", "DraftInputs", "Int4Weight", "KVCache", "Projection", "RMSNorm",
-           "Transformer", "can_pack_linears", "projection_shapes", "projection_subset"]
+__all__ = ["PROJECTIONS", "Attention", "BlockProjection", "DecoderLayer", "DraftInputs", "Int4Weight", "KVCache",
+           "Projection", "RMSNorm", "Transformer", "can_pack_linears", "projection_shapes", "projection_subset"]
 
 # A layer's projections: short name -> the module's path inside the layer (Hugging Face names).
 PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -264,6 +270,11 @@ class Projection:
         self.bias = None if bias is None else bias.detach()
         self.int4 = int4
 
+    @property
+    def step_kernels(self) -> bool:
+        """True where a decoding step's positions run other kernels than the prefill's."""
+        return self.int4 is not None
+
     def __call__(self, x: Tensor, step: int) -> Tensor:
         if self.int4 is None or (step <= 0 and self.amx is not None):
             return packed_linear(x, self.amx, self.bias)
@@ -279,6 +290,25 @@ class Projection:
         return amx + (self.int4.nbytes if self.int4 is not None else 0)
 
 
+class BlockProjection:
+    """One projection (or a fused group) on float32 block weights (dlm.blocks) at every position:
+    the same kernel for the prefill and the steps, so a step's K/V are what a prefill writes."""
+
+    step_kernels = False
+
+    def __init__(self, weight: BlockWeight, bias: Tensor | None) -> None:
+        self.weight = weight
+        self.bias = None if bias is None else bias.detach().float()
+
+    def __call__(self, x: Tensor, step: int) -> Tensor:
+        y = self.weight(x)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
 def _dense(weight: Tensor) -> None:
     if weight.is_meta:
         raise RuntimeError("this model was loaded for inference only (its dense weights were released after "
@@ -288,7 +318,7 @@ def _dense(weight: Tensor) -> None:
 class Linear(nn.Linear):
     """nn.Linear that runs a `Projection` once `pack()` made one (see pack_linears)."""
 
-    proj: Projection | None = None
+    proj: Projection | BlockProjection | None = None
 
     def pack(self, int4: Int4Weight | None = None) -> None:
         self.proj = Projection(self.weight, self.bias, int4)
@@ -408,7 +438,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    qkv: Projection | None = None
+    qkv: Projection | BlockProjection | None = None
 
     def pack(self, int4: dict[str, Int4Weight]) -> None:
         """q, k, v as one projection (one call instead of three), and o; `int4`: the int4 weights
@@ -493,7 +523,7 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.dim, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.dim, bias=False)
 
-    gate_up: Projection | None = None
+    gate_up: Projection | BlockProjection | None = None
 
     def pack(self, int4: dict[str, Int4Weight]) -> None:
         """gate and up as one projection, and down (`int4` as in Attention.pack)."""
@@ -551,7 +581,7 @@ class Transformer(nn.Module):
         self.model = _Backbone(config)
         # Tied: no lm_head parameter at all, so the state dict has no lm_head.weight.
         self.lm_head = None if config.tie_embeddings else Linear(config.dim, config.vocab_size, bias=False)
-        self._head: Projection | None = None  # the tied output head, packed (pack_linears)
+        self._head: Projection | BlockProjection | None = None  # the output head, packed (pack_linears, use_blocks)
         self.build_rope()
 
     # -- oneDNN packed weights ------------------------------------------------------------
@@ -580,6 +610,35 @@ class Transformer(nn.Module):
         self._head = Projection(head, None, head_int4, amx=head_amx or head_int4 is None)
         return True
 
+    def use_blocks(self, blocks: dict[str, BlockWeight]) -> None:
+        """Run every projection and the output head on float32 block weights, by state-dict name
+        (the tied head: "model.embed_tokens.weight"); see the module docstring. ValueError naming
+        the first projection without one: a model runs on blocks whole or not at all."""
+        weight = self.model.embed_tokens.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(f"float32 block weights need a float32 model on a CPU, not {weight.dtype} on {weight.device}")
+        head_name = "lm_head.weight" if self.lm_head is not None else "model.embed_tokens.weight"
+        names = [f"model.layers.{i}.{name}.weight" for i in range(len(self.model.layers)) for name in PROJECTIONS.values()]
+        missing = [name for name in [*names, head_name] if name not in blocks]
+        if missing:
+            raise ValueError(f"no block weights for {missing[0]} (and {len(missing) - 1} more): "
+                             "every projection and the output head need Q4_0, Q4_1 or Q8_0 blocks")
+
+        def fused(i: int, parts: tuple[str, ...], bias: Tensor | None) -> BlockProjection:
+            weight = BlockWeight.cat([blocks[f"model.layers.{i}.{PROJECTIONS[p]}.weight"] for p in parts])
+            if weight is None:
+                raise ValueError(f"layer {i}: the block weights of {', '.join(parts)} are of different kinds")
+            return BlockProjection(weight, bias)
+
+        for i, layer in enumerate(self.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            attn.qkv = fused(i, ("q", "k", "v"), bias)
+            attn.o_proj.proj = fused(i, ("o",), None)
+            mlp.gate_up = fused(i, ("gate", "up"), None)
+            mlp.down_proj.proj = fused(i, ("down",), None)
+        self._head = BlockProjection(blocks[head_name], None)
+
     def unpack_linears(self) -> None:
         for module in self.model.layers.modules():
             if isinstance(module, Linear):
@@ -598,7 +657,7 @@ class Transformer(nn.Module):
         forward with gradients, a state dict or unpacking fails); returns the bytes freed. The
         embedding stays (the lookup table, and the tied head's source)."""
         if not self.packed:
-            raise RuntimeError("pack_linears() first: the packed copies are what runs")
+            raise RuntimeError("pack_linears() or use_blocks() first: the packed copies are what runs")
         freed = 0
         for module in self.model.layers.modules():
             if isinstance(module, Linear) and not module.weight.is_meta:
@@ -615,14 +674,14 @@ class Transformer(nn.Module):
         """True where decoding steps run other kernels (int4) than the prefill: a position's K/V
         then depend on whether a prefill or a step computed it (dlm.decode's prefix reuse keeps
         prefilled positions only)."""
-        return self.packed and self.model.layers[0].mlp.gate_up.int4 is not None
+        return self.packed and self.model.layers[0].mlp.gate_up.step_kernels
 
     def weight_bytes(self) -> int:
         """Bytes of every tensor the forward reads (dense parameters, packed copies)."""
         total = sum(p.nbytes for p in self.parameters() if not p.is_meta)
         for module in self.modules():
             for proj in (getattr(module, "proj", None), getattr(module, "qkv", None), getattr(module, "gate_up", None)):
-                if isinstance(proj, Projection):
+                if isinstance(proj, Projection | BlockProjection):
                     total += proj.nbytes
         return total + (self._head.nbytes if self._head is not None else 0)
 

@@ -525,12 +525,31 @@ def generation_params(config: LlmConfig, *, trace_steps: bool = False, max_new_t
     )
 
 
+# The dtype each weight format computes in (dlm.checkpoints.load_model).
+_FORMAT_DTYPES = {"int4": "bfloat16", "blocks": "float32"}
+
+
+def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
+    """llm.weights "auto": the registry's format where it fits the device and the dtype asked
+    for (a caller asking bfloat16 of a float32-blocks model gets dense bfloat16), and where its
+    kernel runs on this machine (float32 blocks need AVX-512: else dense float32, with a warning)."""
+    if not registry or not str(device).startswith("cpu") or dtype not in ("auto", _FORMAT_DTYPES.get(registry, dtype)):
+        return "dense"
+    if registry == "blocks":
+        from dlm.blocks import available
+
+        if available() is not None:
+            log.warning("float32 block weights unavailable (%s): the model runs dense float32, slower", available())
+            return "dense"
+    return registry
+
+
 def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto") -> tuple[Any, Any]:
     """A model by registry name or path, with its adapter and drafter where the registry names them ->
     (dlm LoadedModel, voice_agent.models.ResolvedLlm). dtype "auto": the registry's dtype for
     the model where it names one (the default model: bfloat16), else dlm's default; weights
-    "auto": the registry's weight format where it names one and the device is a CPU, else
-    "dense" (dlm.checkpoints.load_model). For inference only: where the weights were packed,
+    "auto": the registry's weight format where it names one, the device is a CPU and the dtype
+    fits (`_registry_weights`), else "dense" (dlm.checkpoints.load_model). For inference only: where the weights were packed,
     their dense copies are released (training loads through dlm.checkpoints.load_model)."""
     from dlm.adapter import AdapterError
     from dlm.checkpoints import WEIGHT_FORMATS, load_model
@@ -542,7 +561,7 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto")
     if dtype == "auto" and resolved.dtype:
         dtype = resolved.dtype
     if weights == "auto":
-        weights = resolved.weights if resolved.weights and str(device).startswith("cpu") else "dense"
+        weights = _registry_weights(resolved.weights, device, dtype)
     if weights not in WEIGHT_FORMATS:
         raise UserError(f"llm.weights must be 'auto' or one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     try:

@@ -198,7 +198,7 @@ def _info(role: str, configured: str, resolve) -> ModelInfo:
     except UserError as e:
         return ModelInfo(role, configured, None, f"NOT FOUND: {e}")
     if isinstance(result, ResolvedLlm):
-        tuned = "" if result.adapter is None else f"; fine-tune {result.adapter.name} merged into its weights"
+        tuned = "" if result.adapter is None else f"; fine-tune {result.adapter.name} applied to its weights"
         if result.fallback_from:
             detail = (
                 f"FALLBACK: {result.fallback_from!r} is not shipped yet; using the AR model "
@@ -209,6 +209,9 @@ def _info(role: str, configured: str, resolve) -> ModelInfo:
             return ModelInfo(role, configured, result.path,
                              f"diffusion drafter {result.drafter.name} over the AR weights: exact draft-and-verify "
                              f"decoding, several tokens per forward ({result.dtype or 'configured dtype'}){tuned}")
+        if result.weights == "blocks":
+            return ModelInfo(role, configured, result.path, "found; its GGUF blocks in float32 (AVX-512) where "
+                                                            f"llm.weights is auto{tuned}")
         if result.weights and result.weights != "dense":
             return ModelInfo(role, configured, result.path, f"found; {result.weights} weights in the decoding steps "
                                                             f"({result.dtype or 'configured dtype'}) where llm.weights "

@@ -11,7 +11,7 @@ import torch
 from dlm_tiny_models import random_loaded
 from test_speculative import PROMPTS, _random_drafter, _run
 
-from dlm.adapter import Adapter, AdapterConfig, low_rank_int4, merge_adapter
+from dlm.adapter import Adapter, AdapterConfig, unmerged_update, merge_adapter
 from dlm.ar import AREngine
 from dlm.chat import ChatFormatter
 from dlm.checkpoints import load_model
@@ -120,7 +120,7 @@ def _int4_loaded(seed: int = 3, adapted: bool = False):
             for p in adapter.parameters():
                 p.normal_(0.0, 0.2)
         merge_adapter(model, adapter)
-        int4 = low_rank_int4(int4, adapter)
+        int4 = unmerged_update(int4, adapter)
     assert model.pack_linears(int4) and model.step_kernels
     model.release_dense_weights()
     return loaded

@@ -25,7 +25,8 @@ time), and on CUDA the peak memory (`torch.cuda.max_memory_allocated`).
 `--json FILE` writes the raw records with the environment (device name, driver from nvidia-smi
 where present, torch and CUDA versions, the exact command line). `--profile FILE` runs
 torch.profiler over a short run at the first level and writes a table of the top ops.
-`--weights int4` runs the GGUF's own 4-bit weights in the decoding steps (docs/models.md).
+`--weights int4` runs the GGUF's own 4-bit weights in the decoding steps, `--weights blocks` its own
+blocks at every position in float32 (docs/models.md).
 `--reference llama.cpp` runs llama.cpp (llama-cpp-python, an optional extra; one note line where
 it is missing) on the same GGUF and token ids at concurrency 1 in the same run, with bars for our
 engines against it; `--fidelity` compares the AR engine's greedy replies and logits with the same
@@ -102,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm = sub.add_parser("llm", help="dLLM engine vs AR baseline on the same weights")
     llm.add_argument("--device", help="torch device, e.g. cpu, cuda (default: llm.device)")
     llm.add_argument("--dtype", help="float32 | bfloat16 | auto (default: llm.dtype; auto with --synthetic)")
-    llm.add_argument("--weights", help="dense | int4 | auto (default: llm.weights)")
+    llm.add_argument("--weights", help="dense | int4 | blocks | auto (default: llm.weights)")
     llm.add_argument("--max-new-tokens", type=int, default=64)
     llm.add_argument("--concurrency", type=_levels, default=[1, 8], metavar="C1,C2,...",
                      help="requests submitted at once, one level after the other (default: 1,8)")

@@ -1,0 +1,242 @@
+"""Float32 matrix products on a GGUF's own quantized blocks, on CPUs with AVX-512.
+
+Why: at one row per decoding step a matrix product reads its whole weight. SmolLM2's float32
+weights are 513 MiB a token; its GGUF blocks (Q4_1, Q8_0 head) are about a sixth of that, and
+rebuilt in registers they give exactly the float32 model's weights. So the default model keeps
+its float32 arithmetic, and its replies, at a fraction of the bytes.
+
+Contract:
+- `available()` -> None where the kernel runs here, else the reason it does not (no AVX-512, no C
+  compiler, a failed build; or VOICE_AGENT_BLOCKS=0 in the environment).
+- `BlockWeight.q4(q, scale, minimum)` (GGUF Q4_0 / Q4_1: w = q * scale + minimum, q 0..15) and
+  `BlockWeight.q8(q, scale)` (Q8_0: w = q * scale): a weight (N, K) kept as its blocks of 32 (K a
+  multiple of 64), in the layouts dlm/blocks.c describes. Calling it on x (..., K) float32 gives
+  x @ W^T in float32, where each weight is, bit for bit, the float32 dequantisation's
+  (dlm.gguf_file.convert_gguf); only the order of the sums differs from a dense product, and that
+  order is fixed: a row's result does not depend on the other rows of the call, nor on the thread
+  count. `with_low_rank(down, up)`: plus an unmerged update x down^T up^T in float32 (a fine-tune,
+  dlm.adapter), inside the same call (`LowRank`); `cat(parts)`: projections of one input side by side (one call).
+- The C source (dlm/blocks.c, shipped in the package) is compiled with the system C compiler ($CC,
+  else cc) on first use into <cache dir>/kernels/ (dlm.gguf_file.default_cache_dir), named by a hash
+  of the source and the compiler command, so a change of either builds again; concurrent builders
+  each write their own file and rename it into place. It runs in torch's own OpenMP runtime
+  (torch is imported first, and the library names the same libgomp.so.1), with torch's intra-op
+  thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlm.gguf_file import default_cache_dir
+
+__all__ = ["UNIT", "BlockWeight", "LowRank", "available"]
+
+SOURCE = Path(__file__).with_name("blocks.c")
+UNIT = 64  # inputs per unit of the kernel (two blocks of 32): K must be a multiple
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_tried = False
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc) or shutil.which("gcc")
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    target = default_cache_dir() / "kernels" / f"blocks-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".blocks-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {done.stderr.strip()[-800:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _reason, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("VOICE_AGENT_BLOCKS", "1") == "0":
+            _reason = "switched off (VOICE_AGENT_BLOCKS=0)"
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build()))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _reason = f"the float32 block kernel could not be built: {e}"
+            return None
+        if not lib.blocks_cpu_supported():
+            _reason = "this CPU has no AVX-512 (F and BW), which the float32 block kernel needs"
+            return None
+        lib.blocks_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+                                      + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p])
+        lib.blocks_matmul.restype = None
+        _lib = lib
+        return lib
+
+
+def available() -> str | None:
+    """None where the kernel runs on this machine, else why not (one line)."""
+    _load()
+    return _reason
+
+
+@dataclass
+class LowRank:
+    """An update W + up @ down, unmerged, in the kernel's layout: output n adds
+    t[offset[n] : offset[n] + rank] . up[n], where t = x @ down^T (fused projections keep their
+    own slices of t); the rank is padded with zeros to a multiple of 16."""
+
+    down: Tensor  # (R_total, K) float32
+    up: Tensor  # (N, rank) float32
+    offset: Tensor  # (N,) int32
+
+    @classmethod
+    def of(cls, down: Tensor, up: Tensor) -> LowRank:
+        rank = -(-down.shape[0] // 16) * 16
+        return cls(F.pad(down.detach().float(), (0, 0, 0, rank - down.shape[0])).contiguous(),
+                   F.pad(up.detach().float(), (0, rank - up.shape[1])).contiguous(),
+                   torch.zeros(up.shape[0], dtype=torch.int32))
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.down.nbytes + self.up.nbytes + self.offset.nbytes
+
+
+@dataclass
+class BlockWeight:
+    """A weight (N, K) as its quantized blocks; see the module docstring."""
+
+    kind: int  # 0: Q4 (Q4_0, Q4_1), 1: Q8 (Q8_0)
+    data: Tensor  # Q4: (N, K / 64, 32) uint8; Q8: (N, K) int8
+    scales: Tensor  # Q4: (N, K / 64, 4) float32 (d, m of each block of the unit); Q8: (N, K / 32) float32
+    in_features: int
+    low_rank: LowRank | None = None
+
+    @classmethod
+    def q4(cls, q: Tensor, scale: Tensor, minimum: Tensor) -> BlockWeight:
+        """q (N, K) integers 0..15, scale and minimum (N, K / 32): w = q * scale + minimum."""
+        n, k = _check_shape(q, scale)
+        lanes = q.to(torch.int32).view(n, k // UNIT, 4, 16)  # nibble s of lane j: weight s * 16 + j of the unit
+        packed = lanes[:, :, 0] | lanes[:, :, 1] << 4 | lanes[:, :, 2] << 8 | lanes[:, :, 3] << 12
+        data = packed.to(torch.int16).contiguous().view(torch.uint8).view(n, k // UNIT, 32)
+        scales = torch.stack([scale.float(), minimum.float()], dim=-1).view(n, k // UNIT, 4).contiguous()
+        return cls(0, data, scales, k)
+
+    @classmethod
+    def q8(cls, q: Tensor, scale: Tensor) -> BlockWeight:
+        """q (N, K) integers -128..127, scale (N, K / 32): w = q * scale."""
+        _, k = _check_shape(q, scale)
+        return cls(1, q.to(torch.int8).contiguous(), scale.float().contiguous(), k)
+
+    @property
+    def out_features(self) -> int:
+        return self.data.shape[0]
+
+    def with_low_rank(self, down: Tensor, up: Tensor) -> BlockWeight:
+        """These weights plus W += up @ down (a LoRA update with its scale folded into `up`), kept
+        apart: a float32 product of the rows with it is added to the block product."""
+        if self.low_rank is not None:
+            raise ValueError("these block weights already carry a low-rank update")
+        n, k = self.out_features, self.in_features
+        if down.shape[1] != k or up.shape[0] != n or down.shape[0] != up.shape[1]:
+            raise ValueError(f"a low-rank update of a ({n}, {k}) weight needs down (R, {k}) and up ({n}, R), "
+                             f"not {tuple(down.shape)} and {tuple(up.shape)}")
+        return BlockWeight(self.kind, self.data, self.scales, k, LowRank.of(down, up))
+
+    @staticmethod
+    def cat(parts: list[BlockWeight | None]) -> BlockWeight | None:
+        """Weights of one input side by side (fused q/k/v, gate/up); None where a part is missing
+        or the parts' kinds differ. Low-rank updates, where any part has one, side by side too:
+        the downs stacked, each output reading its own part's slice (a part without an update adds
+        zeros)."""
+        if not all(parts) or len({(p.kind, p.in_features) for p in parts}) != 1:
+            return None
+        low_rank = None
+        updates = [p.low_rank for p in parts if p.low_rank is not None]
+        if updates:
+            rank = max(u.rank for u in updates)
+            downs, ups, offsets, base = [], [], [], 0
+            for p in parts:
+                u = p.low_rank
+                if u is None:
+                    ups.append(torch.zeros(p.out_features, rank))
+                    offsets.append(torch.zeros(p.out_features, dtype=torch.int32))
+                    continue
+                if u.rank < rank and u.down.shape[0] != u.rank:
+                    raise ValueError("fused block weights of several ranks: fuse the single projections")
+                downs.append(F.pad(u.down, (0, 0, 0, rank - u.rank)))  # a single part's down: rank rows
+                ups.append(F.pad(u.up, (0, rank - u.rank)))
+                offsets.append(u.offset + base)
+                base += downs[-1].shape[0]
+            low_rank = LowRank(torch.cat(downs).contiguous(), torch.cat(ups).contiguous(), torch.cat(offsets))
+        return BlockWeight(parts[0].kind, torch.cat([p.data for p in parts]), torch.cat([p.scales for p in parts]),
+                           parts[0].in_features, low_rank)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        lib = _load()
+        if lib is None:
+            raise RuntimeError(f"float32 block weights cannot run: {_reason}")
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"float32 block weights take float32 CPU inputs, not {x.dtype} on {x.device}")
+        rows = x.reshape(-1, self.in_features).contiguous()
+        m = rows.shape[0]
+        out = torch.empty(m, self.out_features)
+        u = self.low_rank
+        if m and u is None:
+            lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
+                              self.out_features, self.in_features, self.kind, torch.get_num_threads(),
+                              None, None, None, 0, 0, None)
+        elif m:
+            t = torch.empty(m, u.down.shape[0])
+            lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
+                              self.out_features, self.in_features, self.kind, torch.get_num_threads(),
+                              u.down.data_ptr(), u.up.data_ptr(), u.offset.data_ptr(), u.down.shape[0], u.rank,
+                              t.data_ptr())
+        return out.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes + (0 if self.low_rank is None else self.low_rank.nbytes)
+
+
+def _check_shape(q: Tensor, scale: Tensor) -> tuple[int, int]:
+    n, k = q.shape
+    if k % UNIT or scale.shape != (n, k // 32):
+        raise ValueError(f"block weights need K a multiple of {UNIT} and one scale per 32 weights: "
+                         f"q {tuple(q.shape)}, scale {tuple(scale.shape)}")
+    return n, k

@@ -1,0 +1,237 @@
+"""Float32 block weights (dlm.blocks, dlm.model.Transformer.use_blocks, load_model(weights="blocks")):
+the kernel rebuilds each weight exactly as the float32 dequantisation does, a row's bits do not
+depend on the other rows or on the thread count, and a model on blocks decodes what the dense
+float32 model decodes; where the kernel cannot run, the registry's choice falls back to dense."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from dlm_tiny_models import random_loaded
+from test_speculative import PROMPTS, _run
+
+import dlm.blocks
+from dlm.adapter import Adapter, AdapterConfig, merge_adapter, unmerged_update
+from dlm.ar import AREngine
+from dlm.blocks import BlockWeight
+from dlm.checkpoints import load_model
+from dlm.engine import GenerationParams
+from dlm.errors import UnsupportedCheckpointError
+from dlm.masks import causal_mask
+
+needs_kernel = pytest.mark.skipif(dlm.blocks.available() is not None,
+                                  reason=f"float32 block kernel unavailable: {dlm.blocks.available()}")
+
+
+def _q4(n: int, k: int, seed: int, q4_0: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(n, k // 32, generator=g) * 0.02 + 0.002).half().float()  # GGUF stores float16
+    minimum = -8 * scale if q4_0 else (-torch.rand(n, k // 32, generator=g) * 0.16).half().float()
+    return q, scale, minimum
+
+
+def _q8(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    return q, (torch.rand(n, k // 32, generator=g) * 0.01 + 0.001).half().float()
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> torch.Tensor:
+    """As dlm.gguf_file.convert_gguf writes them: q * scale, then + minimum, in float32."""
+    n, k = q.shape
+    w = q.float().view(n, -1, 32) * scale[..., None]
+    return (w if minimum is None else w + minimum[..., None]).view(n, k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
+def test_each_weight_is_the_float32_dequantisation_bit_for_bit(kind):
+    n, k = 70, 192  # 70 outputs: tiles of 4 and 2 with a tail
+    if kind == "q8_0":
+        q, scale = _q8(n, k, seed=1)
+        weight, dense = BlockWeight.q8(q, scale), _dequantized(q, scale)
+    else:
+        q, scale, minimum = _q4(n, k, seed=1, q4_0=kind == "q4_0")
+        weight, dense = BlockWeight.q4(q, scale, minimum), _dequantized(q, scale, minimum)
+    # one-hot rows read one weight each: exact whatever the order of the sums
+    assert torch.equal(weight(torch.eye(k)), dense.T)
+    x = torch.randn(9, k)
+    assert torch.allclose(weight(x), x @ dense.T, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_a_rows_bits_depend_neither_on_the_other_rows_nor_on_the_threads():
+    q, scale, minimum = _q4(300, 576, seed=2)
+    weight = BlockWeight.q4(q, scale, minimum)
+    x = torch.randn(21, 576)
+    y = weight(x)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 17):  # every row-tile width of the kernel, and more than one tile
+        assert torch.equal(weight(x[:rows]), y[:rows]), rows
+    assert torch.equal(weight(x[13:14]), y[13:14])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(weight(x), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_fused_parts_and_a_low_rank_update():
+    parts = [BlockWeight.q4(*_q4(n, 128, seed=10 + n)) for n in (64, 40, 40)]
+    x = torch.randn(6, 128)
+    fused = BlockWeight.cat(parts)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))  # same order of sums per output
+    assert BlockWeight.cat([parts[0], BlockWeight.q8(*_q8(8, 128, seed=3))]) is None  # kinds differ
+    assert BlockWeight.cat([parts[0], None]) is None
+    g = torch.Generator().manual_seed(4)
+    down, up = torch.randn(4, 128, generator=g), torch.randn(64, 4, generator=g) * 0.05
+    adapted = parts[0].with_low_rank(down, up)
+    dense = _dequantized(*_q4(64, 128, seed=74)) + up @ down
+    assert torch.allclose(adapted(x), x @ dense.T, atol=1e-5, rtol=1e-5)
+    both = BlockWeight.cat([adapted, parts[1]])
+    assert torch.allclose(both(x), torch.cat([adapted(x), parts[1](x)], dim=-1), atol=1e-6)
+    with pytest.raises(ValueError, match="already carry"):
+        adapted.with_low_rank(down, up)
+    with pytest.raises(ValueError, match="down"):
+        parts[0].with_low_rank(down[:, :64], up)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        BlockWeight.q4(*_q4(8, 96, seed=5))
+    with pytest.raises(ValueError, match="float32"):
+        parts[0](x.to(torch.bfloat16))
+
+
+def _blocks_loaded(seed: int = 3, adapted: bool = False):
+    """A random causal model (widths multiples of 64) whose dense float32 weights are the
+    dequantisation of random blocks; returns (dense model, the same on blocks)."""
+    def make():
+        return random_loaded("causal", seed=seed, eos=[1], block_size=1, dim=128, n_heads=4, n_kv_heads=2,
+                             intermediate_size=256)
+
+    dense, on_blocks = make(), make()
+    blocks = {}
+    params = dict(dense.model.named_parameters())
+    for i, name in enumerate(n for n, p in params.items() if p.ndim == 2):
+        if name.endswith("embed_tokens.weight"):  # the tied head: Q8_0, as SmolLM2's GGUF has it
+            q, scale = _q8(*params[name].shape, seed=100 + i)
+            blocks[name], w = BlockWeight.q8(q, scale * 20), _dequantized(q, scale * 20)
+        else:
+            q, scale, minimum = _q4(*params[name].shape, seed=100 + i)
+            blocks[name], w = BlockWeight.q4(q, scale * 20, minimum * 20), _dequantized(q, scale * 20, minimum * 20)
+        for model in (dense.model, on_blocks.model):
+            with torch.no_grad():
+                dict(model.named_parameters())[name].copy_(w)
+    if adapted:
+        torch.manual_seed(seed)
+        adapter = Adapter(dense.config, AdapterConfig(rank=4, alpha=8.0))
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.normal_(0.0, 0.2)
+        merge_adapter(dense.model, adapter)
+        blocks = unmerged_update(blocks, adapter)
+    on_blocks.model.use_blocks(blocks)
+    on_blocks.model.release_dense_weights()
+    assert not on_blocks.model.step_kernels  # one kernel everywhere: step positions are reusable
+    return dense, on_blocks
+
+
+@needs_kernel
+@pytest.mark.parametrize("adapted", [False, True])
+def test_a_model_on_blocks_decodes_what_the_dense_float32_model_decodes(adapted):
+    dense, on_blocks = _blocks_loaded(adapted=adapted)
+    tokens = torch.tensor([[3, 9, 4, 1, 7, 7, 2]])
+    with torch.no_grad():
+        want = dense.model(tokens, torch.arange(7)[None], causal_mask(7))
+        got = on_blocks.model(tokens, torch.arange(7)[None], causal_mask(7))
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+    params = GenerationParams(max_new_tokens=16)
+    prompts = [p * 5 for p in PROMPTS]
+    with AREngine(dense, max_batch_size=4) as reference, AREngine(on_blocks, max_batch_size=4) as engine:
+        expected = [_run(reference.submit(p, params))[0] for p in prompts]
+        together = [_run(h)[0] for h in [engine.submit(p, params) for p in prompts]]
+        alone = [_run(engine.submit(p, params))[0] for p in prompts]
+        turn2 = prompts[0] + expected[0] + [5, 6, 7]  # reuses the first turn's prompt and reply
+        reused = _run(engine.submit(turn2, params))[0]
+    with AREngine(on_blocks, max_batch_size=1) as fresh:
+        assert _run(fresh.submit(turn2, params))[0] == reused
+    assert together == alone == expected
+    assert any(len(ids) > 3 for ids in expected)
+
+
+@needs_kernel
+def test_use_blocks_wants_every_projection_and_a_float32_model():
+    dense, _ = _blocks_loaded(seed=4)
+    with pytest.raises(ValueError, match=r"no block weights for model\.layers\.0\.self_attn\.q_proj\.weight"):
+        dense.model.use_blocks({})
+    with pytest.raises(ValueError, match="float32"):
+        dense.model.to(torch.bfloat16).use_blocks({})
+
+
+def test_blocks_need_a_gguf_and_float32(tmp_path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises((UnsupportedCheckpointError, ValueError)):
+        load_model(bad, weights="blocks")
+
+
+def test_a_failed_build_is_reported_and_the_registry_falls_back_to_dense(tmp_path, monkeypatch, caplog):
+    from voice_agent.llm import _registry_weights
+
+    broken = tmp_path / "blocks.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setenv("VOICE_AGENT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(dlm.blocks, "SOURCE", broken)
+    monkeypatch.setattr(dlm.blocks, "_tried", False)
+    monkeypatch.setattr(dlm.blocks, "_lib", None)
+    monkeypatch.setattr(dlm.blocks, "_reason", None)
+    reason = dlm.blocks.available()
+    assert reason is not None and "could not be built" in reason and "blocks.c" in reason
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # no half-written library left
+    with pytest.raises(RuntimeError, match="could not be built"):
+        BlockWeight.q8(*_q8(8, 64, seed=0))(torch.randn(1, 64))
+    with caplog.at_level(logging.WARNING):
+        assert _registry_weights("blocks", "cpu", "auto") == "dense"
+    assert "unavailable" in caplog.text
+    assert _registry_weights("blocks", "cpu", "bfloat16") == "dense"  # the format computes in float32
+    assert _registry_weights("int4", "cuda", "auto") == "dense"
+    assert _registry_weights("int4", "cpu", "auto") == "int4"
+
+
+@needs_kernel
+def test_the_kernel_is_built_once_per_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOICE_AGENT_CACHE_DIR", str(tmp_path))
+    first = dlm.blocks._build()
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert dlm.blocks._build() == first and first.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_the_default_teacher_on_blocks_answers_as_the_dense_float32_one():
+    """The shipped fine-tune on the embedded GGUF's blocks: the same greedy reply as dense float32,
+    logits within float32 rounding, at under half the weight bytes."""
+    from dlm.chat import ChatFormatter
+    from voice_agent.models import resolve_llm_model
+
+    resolved = resolve_llm_model("smollm2-135m-grounded")
+    assert resolved.weights == "blocks" and resolved.adapter is not None
+    reference = load_model(resolved.path, adapter=resolved.adapter, dtype="float32")
+    loaded = load_model(resolved.path, adapter=resolved.adapter, weights="blocks", inference_only=True)
+    assert loaded.model.weight_bytes() < 0.5 * reference.model.weight_bytes()
+    messages = [{"role": "system", "content": "You answer the phone for Rosa's Bakery. Hours: 7am to 3pm."},
+                {"role": "user", "content": "What time do you open?"}]
+    ids = torch.tensor([ChatFormatter(loaded.tokenizer, loaded.spec).encode(messages)])
+    n = ids.shape[1]
+    with torch.no_grad():
+        want = reference.model(ids, torch.arange(n)[None], causal_mask(n))
+        got = loaded.model(ids, torch.arange(n)[None], causal_mask(n))
+    assert (got - want).abs().max() < 1e-3
+    params = GenerationParams(max_new_tokens=24)
+    with AREngine(reference, max_batch_size=1) as dense_engine, AREngine(loaded, max_batch_size=1) as engine:
+        expected = dense_engine.submit(messages, params).result()
+        assert engine.submit(messages, params).result() == expected
+    assert "7" in expected
