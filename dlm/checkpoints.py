@@ -366,7 +366,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         from dlm.adapter import load_adapter, merge_adapter, unmerged_update
 
         fine_tune = load_adapter(adapter, config, resolved)
-        merge_adapter(model, fine_tune)
+        if weights != "blocks":  # blocks carry the update unmerged and release the dense weights
+            merge_adapter(model, fine_tune)
     if weights == "int4":
         int4 = {name: Int4Weight.from_blocks(q, scale, minimum) if kind == "q4" else Int8AsInt4Weight(q, scale)
                 for name, (kind, q, scale, minimum) in read_quant_blocks(resolved).items()}
