@@ -78,6 +78,7 @@ from dlm.config import DiffusionSpec
 from dlm.decode import BlockDecoder, DecodeSettings, PrefillError, RowUpdate, StepTrace, resolve_cache_mode
 from dlm.errors import DlmError, InvalidRequestError
 from dlm.policies import POLICIES
+from dlm.threads import claim_for_engine
 
 __all__ = ["Delta", "Engine", "EngineLoad", "GenerationParams", "RequestHandle", "StepTrace"]
 
@@ -380,6 +381,7 @@ class Engine:
 
     # -- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
+        claim_for_engine()  # this thread's share of the cores (dlm.threads)
         with torch.inference_mode():
             waiting = False  # every row held back by pause_background: nothing to step
             while True:

@@ -1,5 +1,5 @@
 import sys
 
-from voice_agent.cli import main
+from voice_agent.cli import run
 
-sys.exit(main())
+sys.exit(run())

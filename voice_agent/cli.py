@@ -89,6 +89,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType | None
     return parser, modules
 
 
+def run() -> int:
+    """The `voice-agent` command: the engines get the CPU's OpenMP threads (dlm.threads; before
+    any torch work in this process), then `main`."""
+    from dlm.threads import confine_to_engines
+
+    confine_to_engines()
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)

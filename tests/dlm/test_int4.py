@@ -11,7 +11,7 @@ import torch
 from dlm_tiny_models import random_loaded
 from test_speculative import PROMPTS, _random_drafter, _run
 
-from dlm.adapter import Adapter, AdapterConfig, unmerged_update, merge_adapter
+from dlm.adapter import Adapter, AdapterConfig, merge_adapter, unmerged_update
 from dlm.ar import AREngine
 from dlm.chat import ChatFormatter
 from dlm.checkpoints import load_model

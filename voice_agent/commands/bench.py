@@ -389,6 +389,7 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     import torch
 
     from dlm.masks import limit_mask
+    from dlm.threads import in_engine_thread
 
     V = model.config.vocab_size
     cache = model.new_cache(1, context + max(block, prompt) + 1)
@@ -410,12 +411,14 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    with torch.inference_mode():
-        forward(0, context, False)()  # the context's K/V
-        step_s = fastest(forward(context, 1, True))
-        verify_s = fastest(forward(context, block, True))
-        denoise_s = fastest(forward(context, block, False))
-        prefill_s = fastest(forward(0, prompt, False))
+    def measure() -> tuple[float, float, float, float]:
+        with torch.inference_mode():
+            forward(0, context, False)()  # the context's K/V
+            return (fastest(forward(context, 1, True)), fastest(forward(context, block, True)),
+                    fastest(forward(context, block, False)), fastest(forward(0, prompt, False)))
+
+    # where an engine's forwards run: in a thread with the engines' share of the cores (dlm.threads)
+    step_s, verify_s, denoise_s, prefill_s = in_engine_thread(measure)
     return {
         "step_ms": 1e3 * step_s, "block": block, "block_step_ms": 1e3 * verify_s, "block_bulk_ms": 1e3 * denoise_s,
         "prompt": prompt, "prefill_ms": 1e3 * prefill_s,
@@ -509,7 +512,10 @@ def _reference(args: argparse.Namespace, loaded: Any, notes: list[str]):
         return None
     import torch
 
-    return LlamaCppReference(loaded.path, threads=torch.get_num_threads(), n_ctx=loaded.config.max_seq_len)
+    from dlm.threads import engine_threads
+
+    return LlamaCppReference(loaded.path, threads=engine_threads() or torch.get_num_threads(),
+                             n_ctx=loaded.config.max_seq_len)
 
 
 # Options that measure the in-process engine: they do not go with --url.
@@ -653,9 +659,14 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 peak=lambda: torch.cuda.max_memory_allocated() if cuda else None)
     level = next((r for r in results if r["concurrency"] == 1), None)
     if reference is not None and level is not None:
-        reference.measure(prompt_ids[:1], args.max_new_tokens, loaded.spec.eos_token_ids)  # warm-up, as ours
-        records, wall = reference.measure(prompt_ids[1:1 + level["replies"]], args.max_new_tokens,
-                                          loaded.spec.eos_token_ids)
+        from dlm.threads import in_engine_thread
+
+        def run_reference() -> tuple[list[dict[str, Any]], float]:
+            reference.measure(prompt_ids[:1], args.max_new_tokens, loaded.spec.eos_token_ids)  # warm-up, as ours
+            return reference.measure(prompt_ids[1:1 + level["replies"]], args.max_new_tokens, loaded.spec.eos_token_ids)
+
+        # in a thread with the cores our engines get (dlm.threads): llama.cpp's OpenMP is torch's
+        records, wall = in_engine_thread(run_reference)
         results.append(_summary(REFERENCE, 1, records, wall, None))
         print(f"  {REFERENCE} concurrency 1: {wall:.2f} s", file=sys.stderr)
     elif reference is not None:
