@@ -43,6 +43,9 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   cannot be interrupted). `on_usage`, where set, is
   called from the worker after each step with what the step cost each named owner (seconds of
   the step's forwards, `BlockDecoder.step_seconds`); it must be quick and must not block.
+- `hold_owner(owner, True)`: that owner's rows sit out the steps (keeping their state) until
+  `hold_owner(owner, False)`: a voice call holds its reply while its first words are being
+  synthesized on the same cores (the rest of the reply is not needed before they have played).
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
   left-most contiguous committed part of the current block. Text is held back while it might be
   the start of a stop string or ends inside a UTF-8 sequence (`dlm.chat.TextStream`).
@@ -214,6 +217,7 @@ class Engine:
         self._ids = itertools.count()
         self._background: frozenset[str] = frozenset()  # set_background(); replaced whole, never mutated
         self._background_paused = False  # pause_background()
+        self._held_owners: frozenset[str] = frozenset()  # hold_owner(); replaced whole under _lock
         self.on_usage: Callable[[dict[str, float]], None] | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -277,6 +281,11 @@ class Engine:
         """True: background owners' rows sit out the steps even with no other request in a row
         (the others' work is elsewhere, e.g. their ASR and TTS); False: work-conserving again."""
         self._background_paused = bool(paused)
+
+    def hold_owner(self, owner: str, held: bool) -> None:
+        """Hold (True) or release (False) `owner`'s rows from the next step on (module docstring)."""
+        with self._lock:
+            self._held_owners = self._held_owners | {owner} if held else self._held_owners - {owner}
 
     def load(self) -> EngineLoad:
         """The requests held now: in rows, waiting, and by owner."""
@@ -383,7 +392,7 @@ class Engine:
     def _run(self) -> None:
         claim_for_engine()  # this thread's share of the cores (dlm.threads)
         with torch.inference_mode():
-            waiting = False  # every row held back by pause_background: nothing to step
+            waiting = False  # every row held back (pause_background, hold_owner): nothing to step
             while True:
                 idle = not self._active and not self._pending
                 if not self._drain(block=idle, timeout=PAUSE_POLL_S if waiting else None):
@@ -466,16 +475,18 @@ class Engine:
         self._active.pop(slot, None)
 
     def _held_back(self) -> tuple[set[int], bool]:
-        """The slots of background owners' rows, while any other request holds a row or the
-        others' work elsewhere has paused them; and whether the rows that step are background
-        owners' alone (their prefill is brief)."""
+        """The slots that sit out this step: held owners' rows, and background owners' rows while
+        any other request's row steps or the others' work elsewhere has paused them; and whether
+        the rows that step are background owners' alone (their prefill is brief)."""
+        holding = self._held_owners
+        held = {slot for slot, req in self._active.items() if req.owner in holding} if holding else set()
         background = self._background
         if not background:
-            return set(), False
-        held = {slot for slot, req in self._active.items() if req.owner in background}
-        if len(held) < len(self._active) or self._background_paused:
             return held, False
-        return set(), bool(held)
+        behind = {slot for slot, req in self._active.items() if req.owner in background}
+        if len(held | behind) < len(self._active) or self._background_paused:
+            return held | behind, False
+        return held, bool(behind - held)
 
     def _report_usage(self) -> None:
         if self.on_usage is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -91,10 +92,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType | None
 
 def run() -> int:
     """The `voice-agent` command: the engines get the CPU's OpenMP threads (dlm.threads; before
-    any torch work in this process), then `main`."""
+    any torch work in this process), then `main`. VOICE_AGENT_ENGINE_THREADS: how many (default:
+    torch's count, the cores); 0: leave torch's threads as they are, shared by every thread."""
     from dlm.threads import confine_to_engines
 
-    confine_to_engines()
+    wanted = os.environ.get("VOICE_AGENT_ENGINE_THREADS", "").strip()
+    if not wanted.isdigit() and wanted:
+        print(f"VOICE_AGENT_ENGINE_THREADS must be a whole number, not {wanted!r}", file=sys.stderr)
+        return 2
+    if wanted != "0":
+        confine_to_engines(int(wanted) if wanted else None)
     return main()
 
 

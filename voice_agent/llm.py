@@ -167,6 +167,8 @@ class LlmClient(Protocol):
 
     def abort_owner(self, owner: str) -> None: ...
 
+    def hold_owner(self, owner: str, held: bool) -> None: ...
+
     def load(self) -> Any: ...
 
     async def health(self) -> dict[str, Any]: ...
@@ -213,6 +215,11 @@ class LocalDLM:
 
     def abort_owner(self, owner: str) -> None:
         self._engine.abort_owner(owner)
+
+    def hold_owner(self, owner: str, held: bool) -> None:
+        """Hold `owner`'s requests out of the engine's steps, or let them go on (the engine keeps
+        their state): while a call's first words are being synthesized on the same cores."""
+        self._engine.hold_owner(owner, held)
 
     def load(self) -> Any:
         return self._engine.load()
@@ -402,6 +409,9 @@ class OpenAICompatibleLLM:
 
     def abort_owner(self, owner: str) -> None:
         """Nothing to do: a request lives as long as its stream, which its consumer closes."""
+
+    def hold_owner(self, owner: str, held: bool) -> None:
+        """Nothing to do: the remote server's cores are not the ones synthesizing speech here."""
 
     def load(self) -> Any:
         return None  # the remote server's own metrics say what it holds

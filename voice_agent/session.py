@@ -1299,6 +1299,12 @@ class Session:
         while (sentence := await sentences.get()) is not None:
             if turn.tts_error is not None:
                 continue
+            # The reply's first words are what the caller waits for: the rest of the reply sits
+            # out the engine's steps while they are synthesized on the same cores (it has the
+            # time they take to play).
+            hold = turn.t_first_audio is None
+            if hold:
+                self.services.llm.hold_owner(self.call_id, True)
             try:
                 samples, rate = await self.services.synthesize(sentence, speed=self.speed, owner=self.call_id)
             except Exception as e:
@@ -1307,6 +1313,9 @@ class Session:
                 if turn.run is not None:
                     turn.run.cancel()
                 continue
+            finally:
+                if hold:
+                    self.services.llm.hold_owner(self.call_id, False)
             if turn.t_first_audio is None:
                 turn.t_first_audio = self._clock()
             if len(samples) == 0:

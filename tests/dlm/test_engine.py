@@ -285,6 +285,25 @@ def test_paused_background_rows_wait_without_spinning_and_go_on_unchanged(engine
         assert _ids(heavy) == alone
 
 
+@pytest.mark.parametrize("engine_cls", [Engine, AREngine])
+def test_a_held_owner_sits_out_the_steps_and_goes_on_unchanged(engine_cls):
+    """hold_owner(owner, True): that owner's rows take no step (others' do, background or not),
+    the worker waits without burning the CPU; released, the request ends with its tokens alone."""
+    loaded, params, alone = _heavy_alone(engine_cls)
+    with engine_cls(loaded, max_batch_size=2) as engine:
+        engine.hold_owner("caller", True)
+        engine.set_background({"other"})  # a background owner still steps while the holder waits
+        tokens: list[int] = []
+        held = engine.submit(PROMPTS[3], params, on_delta=lambda d: tokens.extend(d.token_ids), owner="caller")
+        assert len(_ids(engine.submit(PROMPTS[1], GenerationParams(max_new_tokens=6), owner="other"))) == 6
+        cpu = time.process_time()
+        time.sleep(0.5)
+        assert tokens == []
+        assert time.process_time() - cpu < 0.25  # polling its commands, not stepping
+        engine.hold_owner("caller", False)
+        assert _ids(held) == alone
+
+
 def test_steps_of_background_rows_alone_prefill_briefly():
     """A step in which only background owners' rows take part aims its prefill forward at
     BACKGROUND_PREFILL_STEP_S: the others' next request waits at most about that long."""

@@ -96,6 +96,9 @@ class FakeEngine:
     def abort_owner(self, owner):
         pass  # nothing outlives a request here: each ends on its own at once
 
+    def hold_owner(self, owner, held):
+        pass  # requests here do not step
+
     def close(self):
         pass
 

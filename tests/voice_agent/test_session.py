@@ -503,6 +503,30 @@ def test_first_clause_reaches_tts_before_the_first_sentence_ends():
     run(main())
 
 
+def test_the_reply_waits_in_the_engine_while_its_first_words_are_synthesized():
+    """The first chunk's synthesis holds the call's LLM requests (the cores go to the voice) and
+    lets them go after it, on success as on failure; later chunks hold nothing."""
+    async def main():
+        llm = PacedLLM()
+        services = FakeServices(llm, first_chunk_min_words=4)
+        config = AgentConfig(speculative_start=False, sample_rate_hz=RATE)
+        session = Session(services, config, sink=Sink(), clock=FakeClock(), wall_clock=lambda: 1.0)
+        await session.handle(UserText(text="weather?"))
+        await settle()
+        for piece in ["The weather ", "looks great today, ", "so take a hat. ", "Have fun. "]:
+            await llm.pieces.put(piece)
+            await settle()
+        await llm.pieces.put(None)
+        await settle()
+        call = session.call_id
+        assert services.synthesized == ["The weather looks great today,", "so take a hat.", "Have fun."]
+        assert services.holds_at_synthesis[0] == [(call, True)]  # held while the first chunk is made
+        assert llm.holds == [(call, True), (call, False)]  # released after it, never again
+        await session.close()
+
+    run(main())
+
+
 def test_model_services_chunker_follows_the_config():
     from voice_agent.config import load_config
     from voice_agent.services import ModelServices

@@ -155,12 +155,16 @@ class FakeLLM:
         self.options: list = []  # the LlmOptions of each request, in order
         self.tool_calls: list = []
         self.script: list[tuple[str, list]] = []
+        self.holds: list[tuple[str, bool]] = []  # hold_owner(owner, held) calls, in order
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
     def abort_owner(self, owner: str) -> None:
         self.aborted_owners.append(owner)
+
+    def hold_owner(self, owner: str, held: bool) -> None:
+        self.holds.append((owner, held))
 
     def load(self) -> None:
         return None
@@ -210,6 +214,7 @@ class FakeServices:
         self, llm: FakeLLM | None = None, *, end_silence_ms: int = 600, partial_interval_ms: int = 0, first_chunk_min_words: int = 0
     ) -> None:
         self.llm = llm or FakeLLM()
+        self.holds_at_synthesis: list[list[tuple[str, bool]]] = []  # the LLM's hold_owner() calls so far, at each synthesis
         self.first_chunk_min_words = first_chunk_min_words
         self.end_silence_ms = end_silence_ms
         self.partial_interval_ms = partial_interval_ms
@@ -242,6 +247,7 @@ class FakeServices:
 
     async def synthesize(self, text: str, speed: float = 1.0, *, owner=None) -> tuple[np.ndarray, int]:
         self.synthesized.append(text)
+        self.holds_at_synthesis.append(list(getattr(self.llm, "holds", [])))
         self.speeds.append(speed)
         # 50 ms per word at speed 1
         return np.full(int(len(text.split()) * self.tts_rate / 20 / speed), self.tts_level, np.float32), self.tts_rate
