@@ -147,9 +147,9 @@ class AsrConfig:
     language: str = "en"
     beam_size: int = 1
     partial_interval_ms: int = 400
-    # CTranslate2 threads on CPU. 1: whisper decodes on one thread. CTranslate2 brings its own OpenMP runtime, whose idle
-    # workers spin after each decode on the cores the LLM needs right then (bench e2e, session 14:
-    # the reply's first words came about 80-100 ms sooner with 1); 0: CTranslate2 chooses.
+    # CTranslate2 threads on CPU; 0 lets CTranslate2 choose. 1 (the default): CTranslate2 brings
+    # its own OpenMP runtime, whose idle workers spin after each decode on the cores the LLM needs
+    # right then (bench e2e, session 14: the reply's first words came 80-100 ms sooner with 1).
     cpu_threads: int = 1
     # "utterance": whisper encodes the utterance plus 1 s instead of a 30 s window (4-5x faster
     # on short turns, about the same word error rate: docs/audio.md); "full": the 30 s window.
