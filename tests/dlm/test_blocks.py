@@ -10,10 +10,11 @@ import logging
 import pytest
 import torch
 from dlm_tiny_models import random_loaded
+from test_int4 import random_adapter
 from test_speculative import PROMPTS, _run
 
 import dlm.blocks
-from dlm.adapter import Adapter, AdapterConfig, merge_adapter, unmerged_update
+from dlm.adapter import merge_adapter, unmerged_update
 from dlm.ar import AREngine
 from dlm.blocks import BlockWeight
 from dlm.checkpoints import load_model
@@ -125,11 +126,7 @@ def _blocks_loaded(seed: int = 3, adapted: bool = False):
             with torch.no_grad():
                 dict(model.named_parameters())[name].copy_(w)
     if adapted:
-        torch.manual_seed(seed)
-        adapter = Adapter(dense.config, AdapterConfig(rank=4, alpha=8.0))
-        with torch.no_grad():
-            for p in adapter.parameters():
-                p.normal_(0.0, 0.2)
+        adapter = random_adapter(dense.config, seed)
         merge_adapter(dense.model, adapter)
         blocks = unmerged_update(blocks, adapter)
     on_blocks.model.use_blocks(blocks)

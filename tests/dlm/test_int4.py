@@ -99,6 +99,16 @@ def test_int8_as_two_int4_weights_is_the_q8_weight():
     assert (read_back - expected).abs().max() <= 2 * 2**-8 * expected.abs().max()
 
 
+def random_adapter(config, seed: int) -> Adapter:
+    """A rank-4 adapter with random weights (large enough to change replies)."""
+    torch.manual_seed(seed)
+    adapter = Adapter(config, AdapterConfig(rank=4, alpha=8.0))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0.0, 0.2)
+    return adapter
+
+
 def _int4_loaded(seed: int = 3, adapted: bool = False):
     """A random causal model at SmolLM2's widths whose projections run int4 weights in the steps
     and the same weights, dequantized to bf16, in the prefill; `adapted`: plus a random adapter,
@@ -114,11 +124,7 @@ def _int4_loaded(seed: int = 3, adapted: bool = False):
             param.copy_(_dequantized(q, scale, minimum) * 20)  # SmolLM2-like magnitudes for this init
         int4[name] = Int4Weight.from_blocks(q, scale * 20, minimum * 20)
     if adapted:
-        torch.manual_seed(seed)
-        adapter = Adapter(loaded.config, AdapterConfig(rank=4, alpha=8.0))
-        with torch.no_grad():
-            for p in adapter.parameters():
-                p.normal_(0.0, 0.2)
+        adapter = random_adapter(loaded.config, seed)
         merge_adapter(model, adapter)
         int4 = unmerged_update(int4, adapter)
     assert model.pack_linears(int4) and model.step_kernels

@@ -477,14 +477,20 @@ class PacedLLM(FakeLLM):
         yield LlmDelta(text="", finished=True, finish_reason="eos")
 
 
+async def _paced_reply() -> tuple[PacedLLM, FakeServices, Session]:
+    """A session asked a typed question, its reply streamed by the test (PacedLLM)."""
+    llm = PacedLLM()
+    services = FakeServices(llm, first_chunk_min_words=4)
+    config = AgentConfig(speculative_start=False, sample_rate_hz=RATE)
+    session = Session(services, config, sink=Sink(), clock=FakeClock(), wall_clock=lambda: 1.0)
+    await session.handle(UserText(text="weather?"))
+    await settle()
+    return llm, services, session
+
+
 def test_first_clause_reaches_tts_before_the_first_sentence_ends():
     async def main():
-        llm = PacedLLM()
-        services = FakeServices(llm, first_chunk_min_words=4)
-        config = AgentConfig(speculative_start=False, sample_rate_hz=RATE)
-        session = Session(services, config, sink=Sink(), clock=FakeClock(), wall_clock=lambda: 1.0)
-        await session.handle(UserText(text="weather?"))
-        await settle()
+        llm, services, session = await _paced_reply()
         for piece in ["The ", "weather ", "looks ", "great ", "today, ", "so "]:
             await llm.pieces.put(piece)
             await settle()
@@ -507,12 +513,7 @@ def test_the_reply_waits_in_the_engine_while_its_first_words_are_synthesized():
     """The first chunk's synthesis holds the call's LLM requests (the cores go to the voice) and
     lets them go after it, on success as on failure; later chunks hold nothing."""
     async def main():
-        llm = PacedLLM()
-        services = FakeServices(llm, first_chunk_min_words=4)
-        config = AgentConfig(speculative_start=False, sample_rate_hz=RATE)
-        session = Session(services, config, sink=Sink(), clock=FakeClock(), wall_clock=lambda: 1.0)
-        await session.handle(UserText(text="weather?"))
-        await settle()
+        llm, services, session = await _paced_reply()
         for piece in ["The weather ", "looks great today, ", "so take a hat. ", "Have fun. "]:
             await llm.pieces.put(piece)
             await settle()
