@@ -316,7 +316,8 @@ def _dense(weight: Tensor) -> None:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs a `Projection` once `pack()` made one (see pack_linears)."""
+    """nn.Linear that runs its `proj` once there is one: a `Projection` (`pack()`, see
+    pack_linears) or a `BlockProjection` (`Transformer.use_blocks`)."""
 
     proj: Projection | BlockProjection | None = None
 

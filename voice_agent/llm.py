@@ -559,8 +559,9 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto")
     (dlm LoadedModel, voice_agent.models.ResolvedLlm). dtype "auto": the registry's dtype for
     the model where it names one (the default model: bfloat16), else dlm's default; weights
     "auto": the registry's weight format where it names one, the device is a CPU and the dtype
-    fits (`_registry_weights`), else "dense" (dlm.checkpoints.load_model). For inference only: where the weights were packed,
-    their dense copies are released (training loads through dlm.checkpoints.load_model)."""
+    fits (`_registry_weights`), else "dense" (dlm.checkpoints.load_model). For inference only:
+    where the weights were packed, their dense copies are released (training loads through
+    dlm.checkpoints.load_model)."""
     from dlm.adapter import AdapterError
     from dlm.checkpoints import WEIGHT_FORMATS, load_model
     from dlm.drafter import DrafterError
