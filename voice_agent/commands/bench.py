@@ -434,8 +434,9 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
 
 
 def _memory(model: Any) -> dict[str, Any]:
-    """The model's weight bytes (dense and packed copies) and this process's resident size (the
-    model, torch, the tokenizer: everything `bench llm` has loaded so far)."""
+    """The model's weight bytes (every copy the forward reads: dense, packed, blocks) and this
+    process's resident size (the model, torch, the tokenizer: everything `bench llm` has loaded
+    so far)."""
     rss = None
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -875,7 +876,7 @@ def _print_table(report: dict[str, Any]) -> None:
     mem = report.get("memory")
     if mem:
         rss = mem["process_rss_bytes"]
-        print(f"memory: weights {mem['weight_bytes'] / 2**20:.0f} MiB (dense and packed copies), process resident "
+        print(f"memory: weights {mem['weight_bytes'] / 2**20:.0f} MiB (every copy the forward reads), process resident "
               f"{'-' if rss is None else f'{rss / 2**20:.0f} MiB'} after loading")
     costs = report.get("forward_costs")
     if costs:
