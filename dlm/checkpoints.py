@@ -34,7 +34,7 @@ from safetensors import safe_open
 
 from dlm.bd_format import is_bd_checkpoint, read_bd_checkpoint
 from dlm.blocks import UNIT as BLOCK_UNIT
-from dlm.blocks import BlockWeight
+from dlm.blocks import BlockWeight, available
 from dlm.config import DiffusionSpec, ModelConfig
 from dlm.errors import ModelNotFoundError, UnsupportedCheckpointError
 from dlm.families import Family, family_for_config, stop_token_ids
@@ -50,6 +50,7 @@ from dlm.model import Int4Weight, Int8AsInt4Weight, Transformer, can_pack_linear
 
 __all__ = [
     "DEFAULT_MAX_SEQ_LEN",
+    "FORMAT_DTYPES",
     "SUPPORTED_FAMILIES",
     "WEIGHT_FORMATS",
     "LoadedModel",
@@ -62,6 +63,8 @@ __all__ = [
 SUPPORTED_FAMILIES = ("bd", "fast_dllm_v2", "sdar", "llada", "dream", "ar")
 DEFAULT_MAX_SEQ_LEN = 4096
 WEIGHT_FORMATS = ("dense", "int4", "blocks")
+# The dtype each of a GGUF's quantized formats computes in (load_model's `weights`).
+FORMAT_DTYPES = {"int4": torch.bfloat16, "blocks": torch.float32}
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -333,20 +336,15 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     resolved = resolve_checkpoint(path)
     family_name, family = _detect(resolved)
     device = torch.device(device)
-    if weights == "int4":
-        dtype = torch.bfloat16 if dtype in (None, "auto") else dtype
+    if weights in FORMAT_DTYPES:
+        dtype = FORMAT_DTYPES[weights] if dtype in (None, "auto") else dtype
         if not _is_gguf(resolved):
-            raise UnsupportedCheckpointError(f"{resolved}: weights='int4' runs a GGUF's own 4-bit weights; "
-                                             "this is not a GGUF file")
-        if resolve_dtype(dtype, device) != torch.bfloat16 or not can_pack_linears(torch.bfloat16, device):
-            raise ValueError(f"weights='int4' needs bfloat16 on a CPU with oneDNN bf16 (asked: {dtype}, {device})")
+            raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r} runs a GGUF's own quantized "
+                                             "blocks; this is not a GGUF file")
+    if weights == "int4" and (resolve_dtype(dtype, device) != torch.bfloat16
+                              or not can_pack_linears(torch.bfloat16, device)):
+        raise ValueError(f"weights='int4' needs bfloat16 on a CPU with oneDNN bf16 (asked: {dtype}, {device})")
     if weights == "blocks":
-        from dlm.blocks import available
-
-        dtype = torch.float32 if dtype in (None, "auto") else dtype
-        if not _is_gguf(resolved):
-            raise UnsupportedCheckpointError(f"{resolved}: weights='blocks' runs a GGUF's own quantized blocks; "
-                                             "this is not a GGUF file")
         if resolve_dtype(dtype, device) != torch.float32 or device.type != "cpu":
             raise ValueError(f"weights='blocks' needs float32 on a CPU (asked: {dtype}, {device})")
         if available() is not None:

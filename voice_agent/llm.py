@@ -535,15 +535,18 @@ def generation_params(config: LlmConfig, *, trace_steps: bool = False, max_new_t
     )
 
 
-# The dtype each weight format computes in (dlm.checkpoints.load_model).
-_FORMAT_DTYPES = {"int4": "bfloat16", "blocks": "float32"}
-
-
 def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
     """llm.weights "auto": the registry's format where it fits the device and the dtype asked
     for (a caller asking bfloat16 of a float32-blocks model gets dense bfloat16), and where its
     kernel runs on this machine (float32 blocks need AVX-512: else dense float32, with a warning)."""
-    if not registry or not str(device).startswith("cpu") or dtype not in ("auto", _FORMAT_DTYPES.get(registry, dtype)):
+    import torch
+
+    from dlm.checkpoints import FORMAT_DTYPES, resolve_dtype
+
+    if not registry or not str(device).startswith("cpu"):
+        return "dense"
+    wanted = FORMAT_DTYPES.get(registry)
+    if wanted is not None and dtype != "auto" and resolve_dtype(dtype, torch.device("cpu")) != wanted:
         return "dense"
     if registry == "blocks":
         from dlm.blocks import available
