@@ -208,7 +208,7 @@ class BlockWeight:
                            parts[0].in_features, low_rank)
 
     def __call__(self, x: Tensor) -> Tensor:
-        lib = _load()
+        lib = _lib or _load()  # loaded once; no lock on the decoding path after that
         if lib is None:
             raise RuntimeError(f"float32 block weights cannot run: {_reason}")
         if x.dtype != torch.float32 or x.device.type != "cpu":
@@ -217,16 +217,14 @@ class BlockWeight:
         m = rows.shape[0]
         out = torch.empty(m, self.out_features)
         u = self.low_rank
-        if m and u is None:
+        if u is None:
+            update = (None, None, None, 0, 0, None)
+        else:
+            t = torch.empty(m, u.down.shape[0])  # the kernel's scratch: x @ down^T
+            update = (u.down.data_ptr(), u.up.data_ptr(), u.offset.data_ptr(), u.down.shape[0], u.rank, t.data_ptr())
+        if m:
             lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
-                              self.out_features, self.in_features, self.kind, torch.get_num_threads(),
-                              None, None, None, 0, 0, None)
-        elif m:
-            t = torch.empty(m, u.down.shape[0])
-            lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
-                              self.out_features, self.in_features, self.kind, torch.get_num_threads(),
-                              u.down.data_ptr(), u.up.data_ptr(), u.offset.data_ptr(), u.down.shape[0], u.rank,
-                              t.data_ptr())
+                              self.out_features, self.in_features, self.kind, torch.get_num_threads(), *update)
         return out.view(*x.shape[:-1], self.out_features)
 
     @property

@@ -26,6 +26,7 @@ Contract:
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -41,6 +42,7 @@ T = TypeVar("T")
 _engine_threads: int | None = None
 
 
+@functools.cache
 def _libgomp() -> ctypes.CDLL | None:
     try:  # torch's own copy is loaded already (same soname): this names it
         return ctypes.CDLL("libgomp.so.1")
