@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from dlm_tiny_models import CharTokenizer, counting_loaded, random_loaded
@@ -265,43 +267,45 @@ def _heavy_alone(engine_cls):
         return loaded, params, _ids(engine.submit(PROMPTS[3], params))
 
 
-@pytest.mark.parametrize("engine_cls", [Engine, AREngine])
-def test_paused_background_rows_wait_without_spinning_and_go_on_unchanged(engine_cls):
-    """pause_background(True): a background owner's row takes no step even alone (the others'
-    work is elsewhere), the worker waits without burning the CPU; once unpaused the request goes
-    on and ends with the same tokens as alone. Other owners are never paused."""
+def _waits_then_goes_on(engine_cls, hold: Callable[[Any], None], release: Callable[[Any], None],
+                        waiting: str, other: str) -> None:
+    """After `hold(engine)`, `waiting`'s request takes no step while `other`'s runs to its end,
+    the worker waits without burning the CPU; after `release(engine)` the request ends with the
+    same tokens as alone."""
     loaded, params, alone = _heavy_alone(engine_cls)
     with engine_cls(loaded, max_batch_size=2) as engine:
-        engine.set_background({"heavy"})
-        engine.pause_background(True)
+        hold(engine)
         tokens: list[int] = []
-        heavy = engine.submit(PROMPTS[3], params, on_delta=lambda d: tokens.extend(d.token_ids), owner="heavy")
-        assert len(_ids(engine.submit(PROMPTS[1], GenerationParams(max_new_tokens=6), owner="light"))) == 6
+        held = engine.submit(PROMPTS[3], params, on_delta=lambda d: tokens.extend(d.token_ids), owner=waiting)
+        assert len(_ids(engine.submit(PROMPTS[1], GenerationParams(max_new_tokens=6), owner=other))) == 6
         cpu = time.process_time()
         time.sleep(0.5)
         assert tokens == []
         assert time.process_time() - cpu < 0.25  # polling its commands, not stepping
-        engine.pause_background(False)
-        assert _ids(heavy) == alone
+        release(engine)
+        assert _ids(held) == alone
+
+
+@pytest.mark.parametrize("engine_cls", [Engine, AREngine])
+def test_paused_background_rows_wait_without_spinning_and_go_on_unchanged(engine_cls):
+    """pause_background(True): a background owner's row takes no step even alone (the others'
+    work is elsewhere); once unpaused it goes on unchanged. Other owners are never paused."""
+    def hold(engine):
+        engine.set_background({"heavy"})
+        engine.pause_background(True)
+
+    _waits_then_goes_on(engine_cls, hold, lambda engine: engine.pause_background(False), "heavy", "light")
 
 
 @pytest.mark.parametrize("engine_cls", [Engine, AREngine])
 def test_a_held_owner_sits_out_the_steps_and_goes_on_unchanged(engine_cls):
-    """hold_owner(owner, True): that owner's rows take no step (others' do, background or not),
-    the worker waits without burning the CPU; released, the request ends with its tokens alone."""
-    loaded, params, alone = _heavy_alone(engine_cls)
-    with engine_cls(loaded, max_batch_size=2) as engine:
+    """hold_owner(owner, True): that owner's rows take no step, others' do, background or not
+    (a background owner still steps while the holder waits); released, it goes on unchanged."""
+    def hold(engine):
         engine.hold_owner("caller", True)
-        engine.set_background({"other"})  # a background owner still steps while the holder waits
-        tokens: list[int] = []
-        held = engine.submit(PROMPTS[3], params, on_delta=lambda d: tokens.extend(d.token_ids), owner="caller")
-        assert len(_ids(engine.submit(PROMPTS[1], GenerationParams(max_new_tokens=6), owner="other"))) == 6
-        cpu = time.process_time()
-        time.sleep(0.5)
-        assert tokens == []
-        assert time.process_time() - cpu < 0.25  # polling its commands, not stepping
-        engine.hold_owner("caller", False)
-        assert _ids(held) == alone
+        engine.set_background({"other"})
+
+    _waits_then_goes_on(engine_cls, hold, lambda engine: engine.hold_owner("caller", False), "caller", "other")
 
 
 def test_steps_of_background_rows_alone_prefill_briefly():
