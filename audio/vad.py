@@ -3,7 +3,7 @@
 Contract:
 - `Endpointer(sample_rate_hz=16000, aggressiveness=2, frame_ms=20, pre_roll_ms=300,
   min_speech_ms=200, end_silence_ms=600, backend="webrtc", max_utterance_ms=30000,
-  check_silence_ms=0)`.
+  check_silence_ms=0, quiet_db=0.0)`.
   `.feed(chunk)` takes float32 mono chunks of any size (int16 arrays are accepted too) and returns
   the events decided by that chunk, in order: `SpeechStarted`, `PauseCheck` and `SpeechEnded`.
   Stream times (`t_s`, `audio_start_s`) count seconds of audio fed since creation or `reset()`.
@@ -15,6 +15,12 @@ Contract:
   stream time at which the end was decided. `SpeechEnded.audio` holds the utterance: `pre_roll_ms`
   of audio before the first voiced frame (so the start of the first word is never cut), the
   speech, and up to `pre_roll_ms` of trailing audio after the last voiced frame.
+- Quiet frames (`quiet_db` > 0): inside a turn, a frame whose RMS is more than `quiet_db` below
+  the turn's mean voiced level (in dB, over its voiced frames so far, at least
+  `_QUIET_MIN_FRAMES` of them) counts as unvoiced whatever the classifier says. webrtcvad calls
+  about 100 ms of silence after speech voiced (its hangover); on a line whose background is that
+  far below the voice, a pause is then counted from the end of the speech itself. Over a louder
+  background no frame is that quiet and the classifier alone decides. 0: off.
 - Semantic end of turn: with `check_silence_ms` > 0, every pause inside a turn that reaches
   `check_silence_ms` of unvoiced frames emits one `PauseCheck` carrying the utterance so far
   (trailing silence included) and a `pause_id`. Whoever judges it (an end-of-turn model) may call
@@ -60,6 +66,8 @@ BACKENDS = ("webrtc", "silero")
 # A start candidate survives pauses up to this long (stop closures and short gaps between
 # syllables) and is dropped after a longer one, so two coughs half a second apart are not a turn.
 _START_GAP_MS = 200
+# The quiet-frame rule needs this many voiced frames of the turn to know its level.
+_QUIET_MIN_FRAMES = 5
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,7 @@ class Endpointer:
         backend: str = "webrtc",
         max_utterance_ms: int = 30_000,
         check_silence_ms: int = 0,
+        quiet_db: float = 0.0,
     ) -> None:
         for name, value in (
             ("pre_roll_ms", pre_roll_ms),
@@ -247,6 +256,9 @@ class Endpointer:
                 raise AudioError(f"{name} must be >= 0, got {value}")
         if max_utterance_ms <= 0:
             raise AudioError(f"max_utterance_ms must be > 0, got {max_utterance_ms}")
+        if not 0.0 <= quiet_db < 200.0:
+            raise AudioError(f"quiet_db must be in [0, 200), got {quiet_db}")
+        self._quiet_db = float(quiet_db)
         self.sample_rate_hz = int(sample_rate_hz)
         self.backend = backend
         self._classifier = make_classifier(backend, self.sample_rate_hz, aggressiveness, frame_ms)
@@ -277,6 +289,7 @@ class Endpointer:
         self._cand_first = -1
         self._cand_voiced = 0
         self._cand_last = -1
+        self._cand_db = 0.0  # sum of the candidate's voiced frame levels (dB)
         # The open turn.
         self.in_speech = False
         self._utt: list[np.ndarray] = []
@@ -286,6 +299,13 @@ class Endpointer:
         self._speech_last = 0  # frame index of the last voiced frame
         self._silence_run = 0  # unvoiced frames since the last voiced frame
         self._open_pause = -1  # pause_id of the PauseCheck of the pause going on, or -1
+        self._level_db = 0.0  # sum of the turn's voiced frame levels (dB) ...
+        self._level_frames = 0  # ... over this many frames
+
+    @staticmethod
+    def _db(frame: np.ndarray) -> float:
+        """The frame's RMS level in dB, floored at -100 (digital silence would weigh on a mean)."""
+        return 10.0 * float(np.log10(max(float(np.dot(frame, frame)) / frame.size, 1e-10)))
 
     def _t(self, frame_index: int) -> float:
         return frame_index * self.frame_samples / self.sample_rate_hz
@@ -317,8 +337,11 @@ class Endpointer:
             if self._cand_first < 0:
                 self._cand_first = index
                 self._cand_voiced = 0
+                self._cand_db = 0.0
             self._cand_voiced += 1
             self._cand_last = index
+            if self._quiet_db:
+                self._cand_db += self._db(frame)
             if self._cand_voiced >= self._min_speech_frames:
                 self._open_turn(events)
                 return
@@ -342,12 +365,20 @@ class Endpointer:
         self._speech_first = first
         self._speech_last = self._cand_last
         self._silence_run = 0  # a turn opens on a voiced frame
+        self._level_db, self._level_frames = self._cand_db, self._cand_voiced
         self._cand_first = -1
         self.in_speech = True
         events.append(SpeechStarted(t_s=self._t(first)))
 
     def _in_turn(self, index: int, frame: np.ndarray, voiced: bool, events: list) -> None:
         self._utt.append(frame.copy())
+        if voiced and self._quiet_db:
+            level = self._db(frame)
+            if self._level_frames >= _QUIET_MIN_FRAMES and level < self._level_db / self._level_frames - self._quiet_db:
+                voiced = False  # the classifier's hangover, or a pause over a quiet background
+            else:
+                self._level_db += level
+                self._level_frames += 1
         if voiced:
             self._speech_last = index
             self._silence_run = 0

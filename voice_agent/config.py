@@ -104,6 +104,14 @@ class VadConfig:
     end_silence_ms: int = 600
     # A turn longer than this is ended anyway (whisper decodes at most 30 s at once).
     max_utterance_ms: int = 30000
+    # Inside a turn, a frame this many dB below the turn's mean voiced level is silence whatever
+    # the VAD says (webrtcvad calls ~100 ms of silence after speech voiced): pauses then count
+    # from the end of the speech on a line whose background is that quiet. 0: off.
+    quiet_db: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.quiet_db < 200.0:
+            raise ConfigError(f"vad.quiet_db must be in [0, 200) dB (0: off), not {self.quiet_db}")
 
 
 @dataclass
@@ -175,7 +183,7 @@ class TtsConfig:
     # A first sentence longer than this many words, with no clause mark in time, is cut anyway:
     # before the first phrase start ("and", "to", "of", "is", ...) after first_chunk_min_words
     # words, else after this many words. 0: never (only clauses and sentence ends cut).
-    first_chunk_max_words: int = 7
+    first_chunk_max_words: int = 5
 
     def __post_init__(self) -> None:
         if self.first_chunk_min_words < 0 or (self.first_chunk_max_words and self.first_chunk_max_words <= self.first_chunk_min_words):
@@ -242,6 +250,9 @@ class AgentConfig:
     # confident, so decodes most tokens per pass, on the prompt distribution it was trained on.
     system_prompt: str = VOICE_SYSTEM_PROMPT
     history_tokens: int = 1024
+    # The LLM starts on the transcript so far at a pause, its output held back, and is adopted
+    # when the turn ends on those words: at a pause judged by the text detector (once its
+    # transcript is there), and at any pause of speculative_pause_ms.
     speculative_start: bool = True
     # Silence that counts as a pause for the speculative start (shorter than vad.end_silence_ms).
     speculative_pause_ms: int = 250

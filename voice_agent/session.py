@@ -30,7 +30,9 @@ Contract:
   metrics.
 - Speculative start: a second endpointer with a short silence (`agent.speculative_pause_ms`)
   marks pauses; at a pause the utterance so far is transcribed (speculative priority: after
-  finals, before partials) and the LLM starts on it, its output held back. If the final
+  finals, before partials) and the LLM starts on it, its output held back. A pause judged by the
+  text detector starts it too, as soon as the transcript it reads is there (the LLM runs while
+  the verdict is computed); one pause's two requests share the decode and the request. If the final
   transcript matches (case and punctuation aside) the held output is adopted ("hit"; the final
   usually reuses that same decode), else the request is aborted and restarted ("miss").
   `speculative_saved_ms`: how much earlier the adopted request started than the final transcript.
@@ -953,10 +955,14 @@ class Session:
         started = self._clock()
         try:
             # A text detector reads the transcript so far: a speculative decode, which the final
-            # transcript reuses when the turn ends in this pause (only silence is added).
-            verdict = await self.services.end_of_turn(
-                check.audio, lambda: self._asr.hypothesis(check.audio, AsrPriority.SPECULATIVE), owner=self.call_id
-            )
+            # transcript reuses when the turn ends in this pause (only silence is added). The
+            # LLM starts on it meanwhile (the speculative start), while the verdict is computed.
+            async def transcript() -> str:
+                text = await self._asr.hypothesis(check.audio, AsrPriority.SPECULATIVE)
+                self._speculate_on(turn, text)
+                return text
+
+            verdict = await self.services.end_of_turn(check.audio, transcript, owner=self.call_id)
         except Exception as e:
             # The silence fallback (services.end_silence_ms) ends the turn instead.
             if not self._turn_check_failed:
@@ -1023,8 +1029,18 @@ class Session:
         except Exception as e:
             log.warning("call %s turn %d: speculative transcription failed (%s: %s)", self.call_id, turn.record.turn_id, type(e).__name__, e)
             return  # the final transcription decides
-        if not text.strip() or self._user_turn is not turn:
+        self._speculate_on(turn, text)
+
+    def _speculate_on(self, turn: _Turn, text: str) -> None:
+        """Start the LLM on the transcript so far, its output held back, unless it already runs
+        on these words; a speculation on other words (an earlier pause's) gives way."""
+        if not self.config.speculative_start or not self.auto_reply or not text.strip() or self._user_turn is not turn:
             return  # nothing said, or the turn already ended: the final path starts the LLM
+        old = self._speculation
+        if old is not None:
+            if old.turn_id == turn.record.turn_id and normalize_transcript(old.text) == normalize_transcript(text):
+                return
+            old.run.cancel()
         run = self._new_run(self._messages(text))
         self._speculation = _Speculation(turn.record.turn_id, text, run)
         log.debug("call %s turn %d: speculative start on %r", self.call_id, turn.record.turn_id, text)

@@ -15,9 +15,10 @@ Contract:
   `audio.asr.StreamingTranscriber` (a decode is reused when the audio only differs by quiet
   trailing audio, so the endpointer's silence costs no decode), made asynchronous and
   prioritized. At most one decode per call is queued or running. `partial()` skips audio already
-  decoded; `hypothesis()` (speculative start) and `final()` cancel a queued partial, wait for a
-  running decode and reuse it where it covers the speech, and decode otherwise at their own
-  priority. Cancelling a caller of these methods never cancels a decode that has started: its
+  decoded; `hypothesis()` (speculative start, end-of-turn checks) and `final()` cancel a queued
+  decode of other speech or at a lower priority, wait for a running decode or a queued one of
+  the same speech at their priority or above, reuse it where it covers the speech, and decode
+  otherwise at their own priority (two hypotheses of one pause share one decode). Cancelling a caller of these methods never cancels a decode that has started: its
   result still serves the next request of the call.
   (StreamingTranscriber itself cannot be used here: it decides inside `partial()` whether to
   decode, and decodes synchronously, so a priority could not be applied before the model runs.)
@@ -165,10 +166,10 @@ class TranscriptStream:
         """The transcript of `audio` as it stands, reusing what this call already decoded."""
         job = self._job
         if job is not None and not job.task.done():
-            if not job.started:
-                job.task.cancel()  # a queued decode of older audio: this one replaces it
+            if not job.started and not (job.priority <= priority and same_speech(job.audio, audio)):
+                job.task.cancel()  # a queued decode of older audio (or less urgent): this one replaces it
             else:
-                await asyncio.wait({job.task})  # running: the model is busy with it anyway
+                await asyncio.wait({job.task})  # running, or queued for this same speech: shared
         if (text := self.covered(audio)) is not None:
             self.reused += 1
             return text

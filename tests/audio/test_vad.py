@@ -185,3 +185,24 @@ def test_no_pause_checks_unless_asked(two_utterances):
     assert not [e for e in feed_all(Endpointer(SR), scene) if isinstance(e, PauseCheck)]
     with pytest.raises(AudioError, match="check_silence_ms"):
         Endpointer(SR, check_silence_ms=-1)
+
+
+def test_quiet_frames_end_the_speech_where_it_ends_on_a_quiet_line(two_utterances):
+    """webrtcvad calls ~100 ms of silence after speech voiced; with quiet_db the pause counts
+    from the speech's own end. Over a background less than quiet_db below the voice, the
+    classifier alone decides, as without the rule."""
+    scene, truth = two_utterances
+
+    def ends(audio: np.ndarray, quiet_db: float) -> list[float]:
+        events = feed_all(Endpointer(SR, check_silence_ms=100, quiet_db=quiet_db), audio)
+        assert [type(e) for e in events if not isinstance(e, PauseCheck)] == [SpeechStarted, SpeechEnded] * 2
+        return [e.speech_end_s for e in events if isinstance(e, SpeechEnded)]
+
+    plain, quiet = ends(scene, 0.0), ends(scene, 30.0)
+    for (_, true_end), p, q in zip(truth, plain, quiet, strict=True):
+        assert p - true_end >= 0.06, "the hangover this rule is for"
+        assert abs(q - true_end) <= 0.03
+    noisy = scene + np.random.default_rng(0).normal(0.0, 10 ** (-45 / 20), scene.size).astype(np.float32)
+    assert ends(noisy, 30.0) == ends(noisy, 0.0)
+    with pytest.raises(AudioError, match="quiet_db"):
+        Endpointer(SR, quiet_db=-1)

@@ -150,6 +150,43 @@ def test_stream_final_cancels_a_queued_partial_and_decodes_first():
     run(main())
 
 
+
+def test_two_hypotheses_of_one_pause_share_a_queued_decode_and_a_final_overtakes_it():
+    async def main():
+        services = SlowAsr()
+        other = TranscriptStream(services.transcribe)
+        stream = TranscriptStream(services.transcribe)
+        busy = asyncio.create_task(other.partial(bursts(1)))  # the model is taken by another call
+        await settle()
+        words = bursts(2)
+        first = asyncio.create_task(stream.hypothesis(words))  # the end-of-turn check's
+        await settle()
+        second = asyncio.create_task(stream.hypothesis(np.concatenate([words, silence(20)])))  # the speculative start's
+        await settle()
+        assert not first.done(), "the queued decode was shared, not replaced"
+        await services.finish()
+        await services.finish()
+        assert busy.result() == "what" and first.result() == second.result() == "what is"
+        assert services.started == [(PARTIAL, "what"), (SPECULATIVE, "what is")]
+        assert (stream.decodes, stream.reused) == (1, 1)
+
+        # A final is more urgent than a queued speculative decode of the same speech: it
+        # replaces it rather than waiting at the lower priority.
+        busy = asyncio.create_task(other.partial(bursts(3)))
+        await settle()
+        queued = asyncio.create_task(stream.hypothesis(bursts(4)))
+        await settle()
+        final = asyncio.create_task(stream.final(bursts(4)))
+        await settle()
+        assert queued.cancelled()
+        await services.finish()
+        await services.finish()
+        assert final.result() == "what is the weather"
+        assert services.started[-1] == (FINAL, "what is the weather")
+
+    run(main())
+
+
 def test_model_services_release_the_model_only_when_the_thread_is_done():
     """Real threads: a cancelled caller does not free the model while its decode still runs,
     and a final queued behind that decode goes before partials queued earlier."""

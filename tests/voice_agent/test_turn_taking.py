@@ -6,10 +6,19 @@ import asyncio
 import logging
 
 import numpy as np
-from va_fakes import RATE, FakeClock, FakeServices, bursts, drain, feed, settle, silence, speech
+import pytest
+from va_fakes import RATE, FakeClock, FakeLLM, FakeServices, bursts, drain, feed, settle, silence, speech
 
 from voice_agent.config import AgentConfig
-from voice_agent.events import Flush, ReplyAudio, SpeechStarted, SpeechStopped, TranscriptFinal
+from voice_agent.events import (
+    Flush,
+    PlaybackMark,
+    ReplyAudio,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptFinal,
+    TurnMetrics,
+)
 from voice_agent.session import Session
 
 
@@ -160,6 +169,49 @@ def test_a_text_detector_reads_a_decode_that_the_final_transcript_reuses():
         assert [e.text for e in events if isinstance(e, TranscriptFinal)] == ["what is the weather"]
         # Two decodes in all: one per judged pause; the final reused the second.
         assert services.transcribed == ["what is the", "what is the weather"]
+        await session.close()
+
+    asyncio.run(main())
+
+
+
+@pytest.mark.parametrize("pause_ms", [1000, 200])
+def test_a_judged_pause_starts_the_llm_on_its_transcript_while_the_verdict_is_computed(pause_ms):
+    """The speculative start at a judged pause: the LLM runs on the transcript the text detector
+    reads, before the verdict; a speculative pause endpointer firing at the same pause (200)
+    shares the decode and the request; the final transcript adopts it."""
+
+    async def main():
+        verdict = asyncio.Event()
+
+        async def held_until_released(text):
+            await verdict.wait()
+            return 0.9
+
+        llm = FakeLLM()
+        services = FakeServices(llm, end_silence_ms=1500)
+        services.turn_p, services.turn_reads_text = held_until_released, True
+        config = AgentConfig(speculative_start=True, speculative_pause_ms=pause_ms, sample_rate_hz=RATE)
+        clock = FakeClock()
+        session = Session(services, config, clock=clock, wall_clock=lambda: 1.0)
+        await feed(session, clock, bursts(3))
+        await feed(session, clock, silence(200))  # the judged pause (and the speculative one)
+        await settle()
+        assert stopped(drain(session.outbox)) == [], "no verdict yet"
+        assert [r[-1]["content"] for r in llm.requests] == ["what is the"], "the LLM already runs on it"
+        assert services.transcribed == ["what is the"], "one decode for both"
+        verdict.set()
+        await settle()
+        events = drain(session.outbox)
+        assert len(stopped(events)) == 1
+        assert len(llm.requests) == 1 and llm.aborted == 0
+        for e in events:
+            if isinstance(e, ReplyAudio):
+                await session.handle(PlaybackMark(turn_id=e.turn_id, chunk_index=e.chunk_index))
+        await settle()
+        metrics = next(e for e in drain(session.outbox) if isinstance(e, TurnMetrics)).values
+        assert metrics["speculative"] == "hit" and metrics["end_of_turn"] == "model"
+        assert services.transcribed == ["what is the"], "the final reused the pause's decode"
         await session.close()
 
     asyncio.run(main())

@@ -77,7 +77,7 @@ def load_synthesizer(config: Config) -> Synthesizer:
         raise _missing_library(e) from None
 
 
-def make_endpointer(config: Config, sample_rate_hz: int = 16000, backend: str | None = None, **overrides: int) -> Endpointer:
+def make_endpointer(config: Config, sample_rate_hz: int = 16000, backend: str | None = None, **overrides: float) -> Endpointer:
     """An Endpointer with the [vad] settings (the backend and any Endpointer argument may be overridden)."""
     try:
         from audio.vad import Endpointer
@@ -90,6 +90,7 @@ def make_endpointer(config: Config, sample_rate_hz: int = 16000, backend: str | 
             "min_speech_ms": vad.min_speech_ms,
             "end_silence_ms": vad.end_silence_ms,
             "max_utterance_ms": vad.max_utterance_ms,
+            "quiet_db": vad.quiet_db,
         }
         return Endpointer(sample_rate_hz=sample_rate_hz, backend=backend or vad.backend, **(settings | overrides))
     except ImportError as e:
