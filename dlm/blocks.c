@@ -22,8 +22,11 @@
    up[n] (Rp a multiple of 16; fused projections keep their own rank-Rp slices of t) into its
    first accumulator before the reduction: one more fixed step in the order of the sums. */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define TARGET __attribute__((target("avx512f,avx512bw")))
 #define INLINE static inline __attribute__((always_inline))
@@ -169,4 +172,187 @@ void blocks_matmul(const float *x, const uint8_t *data, const float *scales, flo
     } else {
         range(x, data, scales, y, M, N, K, 0, N, kind, lr);
     }
+}
+
+/* ---- A whole decoder forward on block weights (dlm/blocks.py `BlockLayers`) ----------------
+
+   Llama-style layers (RMSNorm, fused q/k/v with optional bias, rotate-half RoPE, grouped-query
+   attention over a KV cache, SiLU-gated MLP), every row in float32, each row computed from its
+   own inputs and its own cache row only: a row's bits do not depend on the other rows of the call
+   (the products above guarantee it for the projections; norms, RoPE, attention and the MLP's
+   gate are per row), nor on the thread count. The torch ops of dlm/model.py compute the same
+   formulas; only the order of some sums differs. */
+
+typedef struct {
+    const uint8_t *data;
+    const float *scales;
+    int64_t n, k, kind;
+    const float *down, *up;
+    const int32_t *offset;
+    int64_t r_total, rp;
+    const float *bias; /* (n,) or NULL */
+} block_weight;
+
+typedef struct {
+    const float *ln_in, *ln_post; /* RMSNorm weights (D,) */
+    block_weight qkv, o, gate_up, down;
+} block_layer;
+
+static void project(const float *x, const block_weight *w, float *y, int64_t M, int threads, float *t) {
+    blocks_matmul(x, w->data, w->scales, y, M, w->n, w->k, (int)w->kind, threads, w->down, w->up, w->offset,
+                  w->r_total, w->rp, t);
+    if (w->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < w->n; j++) y[m * w->n + j] += w->bias[j];
+}
+
+/* h = w * (x * 1/sqrt(mean(x^2) + eps)), D a multiple of 16. */
+TARGET static void rms_norm(const float *x, const float *w, float *h, int64_t D, float eps) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        a = _mm512_fmadd_ps(v, v, a);
+    }
+    const float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(a) / (float)D + eps);
+    for (int64_t i = 0; i < D; i++) h[i] = w[i] * (x[i] * inv);
+}
+
+/* Rotate-half RoPE of one head in place: x * cos + roll(x, Dh / 2) * sin (sin's first half negated). */
+static void rope(float *x, const float *cos, const float *sin, int64_t Dh) {
+    float r[256];
+    const int64_t half = Dh / 2;
+    for (int64_t i = 0; i < Dh; i++) r[i] = x[i < half ? i + half : i - half];
+    for (int64_t i = 0; i < Dh; i++) x[i] = x[i] * cos[i] + r[i] * sin[i];
+}
+
+/* e^x in 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, then
+   scaled by 2^n), within about 2 ulp of expf; inputs below -87.3 give 0, above 88.7 +inf. */
+TARGET INLINE __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.72283f);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
+}
+
+/* act = silu(g) * u = g / (1 + e^-g) * u, n a multiple of 16. */
+TARGET static void silu_mul(const float *g, const float *u, float *act, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(g + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        _mm512_storeu_ps(act + i, _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+    }
+}
+
+TARGET static float dot(const float *a, const float *b, int64_t n) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
+    return _mm512_reduce_add_ps(s);
+}
+
+/* One query head over its row's cached keys 0..K-1 where mask allows: softmax(q k / sqrt(Dh)) v. */
+TARGET static void attend(const float *q, const float *keys, const float *values, const uint8_t *mask, int64_t K,
+                          int64_t stride, int64_t Dh, float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)Dh);
+    float top = -INFINITY;
+    for (int64_t j = 0; j < K; j++) {
+        scores[j] = mask[j] ? dot(q, keys + j * stride, Dh) * scale : -INFINITY;
+        if (scores[j] > top) top = scores[j];
+    }
+    __m512 acc[16];
+    const int64_t nv = Dh / 16;
+    for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
+    float total = 0.0f;
+    if (top > -INFINITY) {
+        /* The weights e^(s - top), 16 at a time (masked keys: 0), then the weighted values. */
+        const __m512 t = _mm512_set1_ps(top);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < K; j += 16) {
+            const __mmask16 in = K - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - j)) - 1);
+            const __m512 sj = _mm512_maskz_loadu_ps(in, scores + j);
+            const __mmask16 live = _mm512_mask_cmp_ps_mask(in, sj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, t)));
+            sum = _mm512_add_ps(sum, p);
+            _mm512_mask_storeu_ps(scores + j, in, p);
+        }
+        total = _mm512_reduce_add_ps(sum);
+        for (int64_t j = 0; j < K; j++) {
+            if (!mask[j]) continue;
+            const __m512 pv = _mm512_set1_ps(scores[j]);
+            for (int64_t i = 0; i < nv; i++)
+                acc[i] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(values + j * stride + 16 * i), acc[i]);
+        }
+    }
+    const __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+    for (int64_t i = 0; i < nv; i++) _mm512_storeu_ps(out + 16 * i, _mm512_mul_ps(acc[i], inv));
+}
+
+/* x (M, D) in place through every layer. Row m: cache row cache_row[m], written at write_pos[m],
+   attends to its cache positions 0..K-1 where mask (M, K) is nonzero; cos, sin (M, Dh) its RoPE.
+   The cache: k_cache, v_cache (L, rows, S1, Hkv, Dh) float32 contiguous. Dimensions are
+   multiples of 16 (dlm/blocks.py checks), Dh at most 256. Returns 0, or -1 where memory ran out. */
+int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block_layer *layers, int64_t H,
+                   int64_t Hkv, int64_t Dh, int64_t F, float eps, const float *cos, const float *sin,
+                   float *k_cache, float *v_cache, int64_t cache_rows, int64_t S1, const int64_t *cache_row,
+                   const int64_t *write_pos, const uint8_t *mask, int64_t K, int threads) {
+    const int64_t QKV = (H + 2 * Hkv) * Dh, kv = Hkv * Dh, layer_stride = cache_rows * S1 * kv;
+    int64_t r_max = 0;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const block_weight *ws[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};
+        for (int i = 0; i < 4; i++)
+            if (ws[i]->down && ws[i]->r_total > r_max) r_max = ws[i]->r_total;
+    }
+    const int64_t widest = QKV > 2 * F ? QKV : 2 * F;
+    float *h = malloc(sizeof(float) * M * D), *wide = malloc(sizeof(float) * M * widest);
+    float *att = malloc(sizeof(float) * M * H * Dh), *act = malloc(sizeof(float) * M * F);
+    float *out = malloc(sizeof(float) * M * D), *t = malloc(sizeof(float) * (M * r_max + 1));
+    float *scores = malloc(sizeof(float) * (K + 1) * (threads > 0 ? threads : 1));
+    int status = 0;
+    if (!h || !wide || !att || !act || !out || !t || !scores) {
+        status = -1;
+        goto done;
+    }
+    for (int64_t l = 0; l < n_layers; l++) {
+        const block_layer *ly = &layers[l];
+        float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
+        for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_in, h + m * D, D, eps);
+        project(h, &ly->qkv, wide, M, threads, t);
+        for (int64_t m = 0; m < M; m++) {
+            float *row = wide + m * QKV;
+            for (int64_t g = 0; g < H + Hkv; g++) rope(row + g * Dh, cos + m * Dh, sin + m * Dh, Dh);
+            const int64_t at = (cache_row[m] * S1 + write_pos[m]) * kv;
+            memcpy(kc + at, row + H * Dh, sizeof(float) * kv);
+            memcpy(vc + at, row + (H + Hkv) * Dh, sizeof(float) * kv);
+        }
+        const int64_t group = H / Hkv, pairs = M * H;
+        const int parallel = threads > 1 && pairs * K * Dh >= (int64_t)1 << 15;
+#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+        for (int64_t i = 0; i < pairs; i++) {
+            const int64_t m = i / H, head = i % H, g = head / group;
+            const float *base_k = kc + cache_row[m] * S1 * kv + g * Dh, *base_v = vc + cache_row[m] * S1 * kv + g * Dh;
+            attend(wide + m * QKV + head * Dh, base_k, base_v, mask + m * K, K, kv, Dh,
+                   scores + (int64_t)omp_get_thread_num() * (K + 1), att + (m * H + head) * Dh);
+        }
+        project(att, &ly->o, out, M, threads, t);
+        for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
+        for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_post, h + m * D, D, eps);
+        project(h, &ly->gate_up, wide, M, threads, t);
+        for (int64_t m = 0; m < M; m++) silu_mul(wide + m * 2 * F, wide + m * 2 * F + F, act + m * F, F);
+        project(act, &ly->down, out, M, threads, t);
+        for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
+    }
+done:
+    free(h), free(wide), free(att), free(act), free(out), free(t), free(scores);
+    return status;
 }

@@ -42,11 +42,12 @@ from torch import Tensor
 
 from dlm.gguf_file import default_cache_dir
 
-__all__ = ["UNIT", "BlockWeight", "LowRank", "available"]
+__all__ = ["UNIT", "BlockLayers", "BlockWeight", "LowRank", "available"]
 
 SOURCE = Path(__file__).with_name("blocks.c")
 UNIT = 64  # inputs per unit of the kernel (two blocks of 32): K must be a multiple
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+_LIBS = ["-lm"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -63,7 +64,7 @@ def _build() -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, *_LIBS]).encode()).hexdigest()[:16]
     target = default_cache_dir() / "kernels" / f"blocks-{key}.so"
     if target.exists():
         return target
@@ -71,7 +72,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".blocks-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(SOURCE), *_LIBS], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {done.stderr.strip()[-800:]}")
         os.replace(tmp, target)
@@ -101,6 +102,10 @@ def _load() -> ctypes.CDLL | None:
         lib.blocks_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
                                       + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p])
         lib.blocks_matmul.restype = None
+        lib.blocks_forward.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+                                       + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4
+                                       + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int])
+        lib.blocks_forward.restype = ctypes.c_int
         _lib = lib
         return lib
 
@@ -230,6 +235,92 @@ class BlockWeight:
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + self.scales.nbytes + (0 if self.low_rank is None else self.low_rank.nbytes)
+
+
+class _CWeight(ctypes.Structure):
+    """dlm/blocks.c `block_weight`."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("kind", ctypes.c_int64), ("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+
+
+class _CLayer(ctypes.Structure):
+    """dlm/blocks.c `block_layer`."""
+
+    _fields_ = [("ln_in", ctypes.c_void_p), ("ln_post", ctypes.c_void_p), ("qkv", _CWeight), ("o", _CWeight),
+                ("gate_up", _CWeight), ("down", _CWeight)]
+
+
+def _c_weight(weight: BlockWeight, bias: Tensor | None) -> _CWeight:
+    u = weight.low_rank
+    return _CWeight(weight.data.data_ptr(), weight.scales.data_ptr(), weight.out_features, weight.in_features, weight.kind,
+                    u.down.data_ptr() if u else None, u.up.data_ptr() if u else None, u.offset.data_ptr() if u else None,
+                    u.down.shape[0] if u else 0, u.rank if u else 0, None if bias is None else bias.data_ptr())
+
+
+@dataclass
+class LayerWeights:
+    """One Llama-style decoder layer on block weights: RMSNorm weights (D,) float32, and the fused
+    q/k/v (with its bias or None), o, fused gate/up and down projections."""
+
+    ln_in: Tensor
+    ln_post: Tensor
+    qkv: BlockWeight
+    qkv_bias: Tensor | None
+    o: BlockWeight
+    gate_up: BlockWeight
+    down: BlockWeight
+
+
+class BlockLayers:
+    """Every decoder layer of a model at once: one C call (`blocks_forward`) runs a forward's rows
+    through all of them, instead of some twenty torch operations per layer (at one row per
+    decoding step those calls, not the arithmetic, were a third of the time). Each row is computed
+    from its own inputs and cache row only (dlm/blocks.c). `supported(...)` says whether the
+    dimensions fit the kernel (None) or why not."""
+
+    def __init__(self, layers: list[LayerWeights], *, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> None:
+        reason = self.supported(layers[0].qkv.in_features, n_heads, n_kv_heads, head_dim, layers[0].down.in_features)
+        if reason is not None:
+            raise ValueError(reason)
+        self._keep = [(w.ln_in.detach().float().contiguous(), w.ln_post.detach().float().contiguous(),
+                       None if w.qkv_bias is None else w.qkv_bias.detach().float().contiguous()) for w in layers]
+        self._layers = (_CLayer * len(layers))(*[
+            _CLayer(ln_in.data_ptr(), ln_post.data_ptr(), _c_weight(w.qkv, bias), _c_weight(w.o, None),
+                    _c_weight(w.gate_up, None), _c_weight(w.down, None))
+            for w, (ln_in, ln_post, bias) in zip(layers, self._keep, strict=True)])
+        self._weights = layers  # the blocks the structures point into stay alive with them
+        self._address = ctypes.addressof(self._layers)
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = layers[0].qkv.in_features, n_heads, n_kv_heads, head_dim
+        self.intermediate = layers[0].down.in_features
+        self.eps = float(eps)
+
+    @staticmethod
+    def supported(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, intermediate: int) -> str | None:
+        if dim % 16 or head_dim % 16 or intermediate % 16 or head_dim > 256:
+            return (f"the fused block forward needs the width, head size and MLP size multiples of 16 (head size at "
+                    f"most 256), not {dim}, {head_dim}, {intermediate}")
+        if n_heads % n_kv_heads:
+            return f"{n_heads} query heads do not share {n_kv_heads} key/value heads evenly"
+        return None
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
+                 writes: Tensor, mask: Tensor) -> None:
+        """x (M, dim) float32 contiguous, run through every layer in place. Row m: RoPE tables cos,
+        sin (M, head_dim); its K/V written at cache row rows[m], position writes[m] (int64, (M,));
+        it attends to that row's positions 0..K-1 where mask (M, K) (bool or uint8) is true.
+        k_cache, v_cache (L, cache rows, S + 1, Hkv, head_dim) float32 contiguous (dlm.model.KVCache)."""
+        lib = _lib or _load()
+        if lib is None:
+            raise RuntimeError(f"float32 block weights cannot run: {_reason}")
+        m, k = mask.shape
+        if m and lib.blocks_forward(
+                x.data_ptr(), m, self.dim, len(self._layers), self._address, self.n_heads, self.n_kv_heads, self.head_dim,
+                self.intermediate, self.eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                k_cache.shape[1], k_cache.shape[2], rows.data_ptr(), writes.data_ptr(), mask.data_ptr(), k,
+                torch.get_num_threads()) != 0:
+            raise MemoryError("the fused block forward could not allocate its buffers")
 
 
 def _check_shape(q: Tensor, scale: Tensor) -> tuple[int, int]:

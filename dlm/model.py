@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlm.blocks import BlockWeight
+from dlm.blocks import BlockLayers, BlockWeight, LayerWeights
 from dlm.config import ModelConfig
 
 __all__ = ["PROJECTIONS", "Attention", "BlockProjection", "DecoderLayer", "DraftInputs", "Int4Weight", "KVCache",
@@ -583,6 +583,7 @@ class Transformer(nn.Module):
         # Tied: no lm_head parameter at all, so the state dict has no lm_head.weight.
         self.lm_head = None if config.tie_embeddings else Linear(config.dim, config.vocab_size, bias=False)
         self._head: Projection | BlockProjection | None = None  # the output head, packed (pack_linears, use_blocks)
+        self._block_layers: BlockLayers | None = None  # every layer in one call (use_blocks), for forwards with a cache
         self.build_rope()
 
     # -- oneDNN packed weights ------------------------------------------------------------
@@ -639,6 +640,13 @@ class Transformer(nn.Module):
             mlp.gate_up = fused(i, ("gate", "up"), None)
             mlp.down_proj.proj = fused(i, ("down",), None)
         self._head = BlockProjection(blocks[head_name], None)
+        c = self.config
+        if not c.qk_norm and BlockLayers.supported(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size) is None:
+            self._block_layers = BlockLayers(
+                [LayerWeights(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                              layer.self_attn.qkv.weight, layer.self_attn.qkv.bias, layer.self_attn.o_proj.proj.weight,
+                              layer.mlp.gate_up.weight, layer.mlp.down_proj.proj.weight) for layer in self.model.layers],
+                n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, eps=c.norm_eps)
 
     def unpack_linears(self) -> None:
         for module in self.model.layers.modules():
@@ -652,6 +660,7 @@ class Transformer(nn.Module):
             elif isinstance(module, MLP):
                 module.gate_up = None
         self._head = None
+        self._block_layers = None
 
     def release_dense_weights(self) -> int:
         """Free the dense copies of the packed projections (inference only from then on: a
@@ -739,13 +748,29 @@ class Transformer(nn.Module):
         n_step = 0 if not step else x.shape[1] if draft is None else draft.start
         exact = exact_mask(mask) if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else None
         row = int(cache_rows[0]) if cache_rows is not None and cache_rows.shape[0] == 1 and x.device.type == "cpu" else None
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else (cache, i, cache_rows, writes, row),
-                      None if draft is None else (draft.adapter.layers[i], draft.start), n_step, exact)
+        if (self._block_layers is not None and cache is not None and draft is None and not torch.is_grad_enabled()
+                and mask.dtype == torch.bool and cache.k.dtype == torch.float32):
+            x = self._blocks_forward(x, cos, sin, mask, cache, cache_rows, writes)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, mask, None if cache is None else (cache, i, cache_rows, writes, row),
+                          None if draft is None else (draft.adapter.layers[i], draft.start), n_step, exact)
         if out_index is not None:
             x = x.gather(1, out_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, dim)
         x = self.model.norm(x)
         return x if hidden else self.logits(x, normed=True, step=x.shape[1] if step and draft is None else 0)
+
+    def _blocks_forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, cache_rows: Tensor,
+                        writes: Tensor) -> Tensor:
+        """Every layer in one call of the block kernel (use_blocks): the same formulas as the
+        layers' own forward, each row from its own inputs and cache row only."""
+        B, T, D = x.shape
+        x = x.reshape(B * T, D).contiguous()
+        rows = cache_rows[:, None].expand(B, T).reshape(-1).contiguous()
+        flat = mask.expand(B, 1, T, mask.shape[-1]).reshape(B * T, -1).contiguous()
+        self._block_layers(x, cos.reshape(B * T, -1).contiguous(), sin.reshape(B * T, -1).contiguous(), cache.k, cache.v,
+                           rows, writes.reshape(-1).contiguous(), flat)
+        return x.view(B, T, D)
 
     def logits(self, h: Tensor, *, normed: bool = True, step: int = 0) -> Tensor:
         """Logits (..., V) in float32 of final hidden states h (B, T, dim), normed or not; the

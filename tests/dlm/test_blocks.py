@@ -158,6 +158,42 @@ def test_a_model_on_blocks_decodes_what_the_dense_float32_model_decodes(adapted)
     assert any(len(ids) > 3 for ids in expected)
 
 
+
+@needs_kernel
+def test_the_one_call_forward_computes_what_the_layers_compute_and_each_row_alone():
+    """dlm.blocks.BlockLayers (every layer in one C call, for forwards with a cache) against the
+    layers' own torch forward on the same blocks: the same logits and cache up to the order of
+    sums; and a row's bits are those it gets alone (another batch, another cache row)."""
+    _, on_blocks = _blocks_loaded(seed=5, adapted=True)
+    model = on_blocks.model
+    assert model._block_layers is not None
+    tokens = torch.tensor([[3, 9, 4, 1, 7, 2], [5, 5, 8, 2, 6, 1]])
+    positions = torch.arange(6).expand(2, 6)
+    mask = causal_mask(6).expand(2, 1, 6, 6)
+
+    def run(rows, *, fused=True, batch=slice(None)):
+        cache = model.new_cache(3, 16)
+        saved = model._block_layers
+        model._block_layers = saved if fused else None
+        try:
+            with torch.no_grad():
+                logits = model(tokens[batch], positions[batch], mask[batch], cache=cache, cache_rows=torch.tensor(rows))
+        finally:
+            model._block_layers = saved
+        return logits, cache
+
+    fused, cache = run([0, 2])
+    layers, reference = run([0, 2], fused=False)
+    scale = layers.abs().max()
+    assert (fused - layers).abs().max() < 1e-4 * scale
+    written = cache.k[:, [0, 2], :6]
+    assert (written - reference.k[:, [0, 2], :6]).abs().max() < 1e-4 * written.abs().max()
+    assert (cache.v[:, [0, 2], :6] - reference.v[:, [0, 2], :6]).abs().max() < 1e-4 * cache.v.abs().max()
+    alone, alone_cache = run([1], batch=slice(1, 2))
+    assert torch.equal(alone[0], fused[1])
+    assert torch.equal(alone_cache.k[:, 1, :6], cache.k[:, 2, :6])
+
+
 @needs_kernel
 def test_use_blocks_wants_every_projection_and_a_float32_model():
     dense, _ = _blocks_loaded(seed=4)
