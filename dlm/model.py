@@ -58,6 +58,9 @@ Contract:
   every position, in float32: the dense float32 model's weights bit for bit, only the order of the
   sums differs (fixed, and per row, so a position's result does not depend on the batch either);
   about a sixth of float32's bytes a token. `release_dense_weights()` applies as after packing.
+  A forward with a cache (the engines': prefills, steps) then runs every layer in one C call
+  (`dlm.blocks.BlockLayers`: the same formulas, each row from its own inputs and cache row only);
+  forwards without a cache, with a draft or with gradients run the layers' own torch forward.
 """
 
 from __future__ import annotations
