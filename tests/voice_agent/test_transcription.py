@@ -129,13 +129,19 @@ def test_stream_reuses_a_covering_decode_and_waits_for_a_running_one():
     run(main())
 
 
+async def _model_taken_by_another_call(services: SlowAsr):
+    """(the other call's stream, this call's stream, the other call's partial holding the model)."""
+    other = TranscriptStream(services.transcribe)
+    stream = TranscriptStream(services.transcribe)
+    busy = asyncio.create_task(other.partial(bursts(1)))
+    await settle()
+    return other, stream, busy
+
+
 def test_stream_final_cancels_a_queued_partial_and_decodes_first():
     async def main():
         services = SlowAsr()
-        other = TranscriptStream(services.transcribe)
-        stream = TranscriptStream(services.transcribe)
-        busy = asyncio.create_task(other.partial(bursts(1)))  # the model is taken by another call
-        await settle()
+        _, stream, busy = await _model_taken_by_another_call(services)
         queued = asyncio.create_task(stream.partial(bursts(2)))
         await settle()
         assert stream.busy and stream.running is None
@@ -150,14 +156,10 @@ def test_stream_final_cancels_a_queued_partial_and_decodes_first():
     run(main())
 
 
-
 def test_two_hypotheses_of_one_pause_share_a_queued_decode_and_a_final_overtakes_it():
     async def main():
         services = SlowAsr()
-        other = TranscriptStream(services.transcribe)
-        stream = TranscriptStream(services.transcribe)
-        busy = asyncio.create_task(other.partial(bursts(1)))  # the model is taken by another call
-        await settle()
+        other, stream, busy = await _model_taken_by_another_call(services)
         words = bursts(2)
         first = asyncio.create_task(stream.hypothesis(words))  # the end-of-turn check's
         await settle()
