@@ -18,8 +18,9 @@ Contract:
   decoded; `hypothesis()` (speculative start, end-of-turn checks) and `final()` cancel a queued
   decode of other speech or at a lower priority, wait for a running decode or a queued one of
   the same speech at their priority or above, reuse it where it covers the speech, and decode
-  otherwise at their own priority (two hypotheses of one pause share one decode). Cancelling a caller of these methods never cancels a decode that has started: its
-  result still serves the next request of the call.
+  otherwise at their own priority (two hypotheses of one pause share one decode). Cancelling a
+  caller of these methods never cancels a decode that has started: its result still serves the
+  next request of the call.
   (StreamingTranscriber itself cannot be used here: it decides inside `partial()` whether to
   decode, and decodes synchronously, so a priority could not be applied before the model runs.)
 """
