@@ -310,11 +310,15 @@ class BlockLayers:
         """x (M, dim) float32 contiguous, run through every layer in place. Row m: RoPE tables cos,
         sin (M, head_dim); its K/V written at cache row rows[m], position writes[m] (int64, (M,));
         it attends to that row's positions 0..K-1 where mask (M, K) (bool or uint8) is true.
-        k_cache, v_cache (L, cache rows, S + 1, Hkv, head_dim) float32 contiguous (dlm.model.KVCache)."""
+        k_cache, v_cache (L, cache rows, S + 1, Hkv, head_dim) float32 contiguous (dlm.model.KVCache).
+        IndexError where a row, a position or K falls outside the cache."""
         lib = _lib or _load()
         if lib is None:
             raise RuntimeError(f"float32 block weights cannot run: {_reason}")
         m, k = mask.shape
+        if m and (k > k_cache.shape[2] or min(int(rows.min()), int(writes.min())) < 0 or int(rows.max()) >= k_cache.shape[1]
+                  or int(writes.max()) >= k_cache.shape[2]):
+            raise IndexError(f"cache rows or positions out of the cache's {tuple(k_cache.shape[1:3])} (keys: {k})")
         if m and lib.blocks_forward(
                 x.data_ptr(), m, self.dim, len(self._layers), self._address, self.n_heads, self.n_kv_heads, self.head_dim,
                 self.intermediate, self.eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),

@@ -769,10 +769,10 @@ class Transformer(nn.Module):
         layers' own forward, each row from its own inputs and cache row only."""
         B, T, D = x.shape
         x = x.reshape(B * T, D).contiguous()
-        rows = cache_rows[:, None].expand(B, T).reshape(-1).contiguous()
+        rows = cache_rows[:, None].expand(B, T).reshape(-1).to(torch.int64).contiguous()
         flat = mask.expand(B, 1, T, mask.shape[-1]).reshape(B * T, -1).contiguous()
         self._block_layers(x, cos.reshape(B * T, -1).contiguous(), sin.reshape(B * T, -1).contiguous(), cache.k, cache.v,
-                           rows, writes.reshape(-1).contiguous(), flat)
+                           rows, writes.reshape(-1).to(torch.int64).contiguous(), flat)
         return x.view(B, T, D)
 
     def logits(self, h: Tensor, *, normed: bool = True, step: int = 0) -> Tensor:

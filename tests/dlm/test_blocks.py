@@ -192,6 +192,8 @@ def test_the_one_call_forward_computes_what_the_layers_compute_and_each_row_alon
     alone, alone_cache = run([1], batch=slice(1, 2))
     assert torch.equal(alone[0], fused[1])
     assert torch.equal(alone_cache.k[:, 1, :6], cache.k[:, 2, :6])
+    with pytest.raises(IndexError, match="out of the cache"):
+        run([0, 4])  # the cache has rows 0..2 and the scratch row 3
 
 
 @needs_kernel
