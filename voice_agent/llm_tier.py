@@ -9,8 +9,8 @@ Contract:
   uvicorn until `stop` is set; `on_ready(port)` is called once its socket listens (port 0 picks
   one); a port it cannot bind raises `UserError` (the service's engine is closed either way).
 - `deploy(config, replicas=, address=, host=, port=)`: the same app on Ray Serve, `replicas`
-  replicas (each owns one engine, reserves `api.replica_cpus` CPUs and runs torch on as many
-  threads), behind Ray Serve's HTTP proxies on host:port (one on every node that holds a replica, so a
+  replicas (each owns one engine, reserves `api.replica_cpus` CPUs and runs its engine on as many
+  threads, its other threads on one: dlm.threads), behind Ray Serve's HTTP proxies on host:port (one on every node that holds a replica, so a
   load balancer can reach any of them). `address` None starts a local Ray instance; otherwise
   it names a running cluster ("auto", "ray://head:10001", "head:6379"). Returns the URL of the
   deployment's `/v1`. Ray does placement, routing and restarts: a replica that dies is replaced by
@@ -94,9 +94,11 @@ def _replica_class() -> Any:
         """One engine per replica; its ASGI app is built once the engine is loaded."""
 
         def __init__(self, config: Config) -> None:
-            import torch
+            from dlm.threads import confine_to_engines
 
-            torch.set_num_threads(max(1, int(config.api.replica_cpus)))
+            # As the voice-agent command does (dlm/threads.py): the engine's worker thread gets
+            # the replica's CPUs, every other thread of the actor one torch thread.
+            confine_to_engines(max(1, int(config.api.replica_cpus)))
             replica = serve.get_replica_context().replica_id.to_full_id_str()
             # Ray Serve's handlers write the replica's log; ours says what the replica serves and
             # one line per completion.
