@@ -16,6 +16,10 @@ Contract:
   order is fixed: a row's result does not depend on the other rows of the call, nor on the thread
   count. `with_low_rank(down, up)`: plus an unmerged update x down^T up^T in float32 (a fine-tune,
   dlm.adapter), inside the same call (`LowRank`); `cat(parts)`: projections of one input side by side (one call).
+- `BlockLayers(layers, n_heads=, n_kv_heads=, head_dim=, eps=)` (`LayerWeights` per layer): a
+  Llama-style decoder's every layer in one C call over a KV cache (dlm.model.Transformer.use_blocks
+  builds it); each row from its own inputs and cache row only; `supported(...)` says which
+  shapes it takes.
 - The C source (dlm/blocks.c, shipped in the package) is compiled with the system C compiler ($CC,
   else cc) on first use into <cache dir>/kernels/ (dlm.gguf_file.default_cache_dir), named by a hash
   of the source and the compiler command, so a change of either builds again; concurrent builders
