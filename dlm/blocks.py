@@ -114,6 +114,14 @@ def _load() -> ctypes.CDLL | None:
         return lib
 
 
+def _kernel() -> ctypes.CDLL:
+    """The loaded library (loaded once; no lock on the decoding path after that), or RuntimeError."""
+    lib = _lib or _load()
+    if lib is None:
+        raise RuntimeError(f"float32 block weights cannot run: {_reason}")
+    return lib
+
+
 def available() -> str | None:
     """None where the kernel runs on this machine, else why not (one line)."""
     _load()
@@ -140,6 +148,10 @@ class LowRank:
     @property
     def rank(self) -> int:
         return self.up.shape[1]
+
+    def kernel_args(self) -> tuple[int, int, int, int, int]:
+        """(down, up, offset pointers, rows of down, rank): the kernel's view of the update."""
+        return self.down.data_ptr(), self.up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank
 
     @property
     def nbytes(self) -> int:
@@ -217,9 +229,7 @@ class BlockWeight:
                            parts[0].in_features, low_rank)
 
     def __call__(self, x: Tensor) -> Tensor:
-        lib = _lib or _load()  # loaded once; no lock on the decoding path after that
-        if lib is None:
-            raise RuntimeError(f"float32 block weights cannot run: {_reason}")
+        lib = _kernel()
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise ValueError(f"float32 block weights take float32 CPU inputs, not {x.dtype} on {x.device}")
         rows = x.reshape(-1, self.in_features).contiguous()
@@ -230,7 +240,7 @@ class BlockWeight:
             update = (None, None, None, 0, 0, None)
         else:
             t = torch.empty(m, u.down.shape[0])  # the kernel's scratch: x @ down^T
-            update = (u.down.data_ptr(), u.up.data_ptr(), u.offset.data_ptr(), u.down.shape[0], u.rank, t.data_ptr())
+            update = (*u.kernel_args(), t.data_ptr())
         if m:
             lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
                               self.out_features, self.in_features, self.kind, torch.get_num_threads(), *update)
@@ -257,10 +267,9 @@ class _CLayer(ctypes.Structure):
 
 
 def _c_weight(weight: BlockWeight, bias: Tensor | None) -> _CWeight:
-    u = weight.low_rank
+    update = (None, None, None, 0, 0) if weight.low_rank is None else weight.low_rank.kernel_args()
     return _CWeight(weight.data.data_ptr(), weight.scales.data_ptr(), weight.out_features, weight.in_features, weight.kind,
-                    u.down.data_ptr() if u else None, u.up.data_ptr() if u else None, u.offset.data_ptr() if u else None,
-                    u.down.shape[0] if u else 0, u.rank if u else 0, None if bias is None else bias.data_ptr())
+                    *update, None if bias is None else bias.data_ptr())
 
 
 @dataclass
@@ -316,9 +325,7 @@ class BlockLayers:
         it attends to that row's positions 0..K-1 where mask (M, K) (bool or uint8) is true.
         k_cache, v_cache (L, cache rows, S + 1, Hkv, head_dim) float32 contiguous (dlm.model.KVCache).
         IndexError where a row, a position or K falls outside the cache."""
-        lib = _lib or _load()
-        if lib is None:
-            raise RuntimeError(f"float32 block weights cannot run: {_reason}")
+        lib = _kernel()
         m, k = mask.shape
         if m and (k > k_cache.shape[2] or min(int(rows.min()), int(writes.min())) < 0 or int(rows.max()) >= k_cache.shape[1]
                   or int(writes.max()) >= k_cache.shape[2]):

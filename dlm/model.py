@@ -748,13 +748,13 @@ class Transformer(nn.Module):
         # (B, T, 1, D) in the model's dtype, once for every layer
         cos, sin = self.rope_cos[positions, None].to(x.dtype), self.rope_sin[positions, None].to(x.dtype)
         writes = positions if write_positions is None else write_positions
-        n_step = 0 if not step else x.shape[1] if draft is None else draft.start
-        exact = exact_mask(mask) if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else None
-        row = int(cache_rows[0]) if cache_rows is not None and cache_rows.shape[0] == 1 and x.device.type == "cpu" else None
         if (self._block_layers is not None and cache is not None and draft is None and not torch.is_grad_enabled()
                 and mask.dtype == torch.bool and cache.k.dtype == torch.float32):
             x = self._blocks_forward(x, cos, sin, mask, cache, cache_rows, writes)
         else:
+            n_step = 0 if not step else x.shape[1] if draft is None else draft.start
+            exact = exact_mask(mask) if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else None
+            row = int(cache_rows[0]) if cache_rows is not None and cache_rows.shape[0] == 1 and x.device.type == "cpu" else None
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, mask, None if cache is None else (cache, i, cache_rows, writes, row),
                           None if draft is None else (draft.adapter.layers[i], draft.start), n_step, exact)
