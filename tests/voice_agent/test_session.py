@@ -5,7 +5,19 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from va_fakes import RATE, FakeClock, FakeLLM, FakeServices, bursts, drain, feed, settle, silence, speech
+from va_fakes import (
+    RATE,
+    FakeClock,
+    FakeLLM,
+    FakeServices,
+    bursts,
+    drain,
+    feed,
+    play_all,
+    settle,
+    silence,
+    speech,
+)
 
 from voice_agent.config import AgentConfig
 from voice_agent.events import (
@@ -47,14 +59,6 @@ def make(*, llm=None, speculative=False, **agent):
     config = AgentConfig(speculative_start=speculative, sample_rate_hz=RATE, **agent)
     session = Session(services, config, sink=sink, clock=clock, wall_clock=lambda: 1.0)
     return session, services, clock, sink
-
-
-async def play_all(session, events):
-    """Acknowledge every reply chunk as played, as a client would."""
-    for e in events:
-        if isinstance(e, ReplyAudio):
-            await session.handle(PlaybackMark(turn_id=e.turn_id, chunk_index=e.chunk_index))
-    await settle()
 
 
 def types(events):

@@ -7,12 +7,23 @@ import logging
 
 import numpy as np
 import pytest
-from va_fakes import RATE, FakeClock, FakeLLM, FakeServices, bursts, drain, feed, settle, silence, speech
+from va_fakes import (
+    RATE,
+    FakeClock,
+    FakeLLM,
+    FakeServices,
+    bursts,
+    drain,
+    feed,
+    play_all,
+    settle,
+    silence,
+    speech,
+)
 
 from voice_agent.config import AgentConfig
 from voice_agent.events import (
     Flush,
-    PlaybackMark,
     ReplyAudio,
     SpeechStarted,
     SpeechStopped,
@@ -205,10 +216,7 @@ def test_a_judged_pause_starts_the_llm_on_its_transcript_while_the_verdict_is_co
         events = drain(session.outbox)
         assert len(stopped(events)) == 1
         assert len(llm.requests) == 1 and llm.aborted == 0
-        for e in events:
-            if isinstance(e, ReplyAudio):
-                await session.handle(PlaybackMark(turn_id=e.turn_id, chunk_index=e.chunk_index))
-        await settle()
+        await play_all(session, events)
         metrics = next(e for e in drain(session.outbox) if isinstance(e, TurnMetrics)).values
         assert metrics["speculative"] == "hit" and metrics["end_of_turn"] == "model"
         assert services.transcribed == ["what is the"], "the final reused the pause's decode"

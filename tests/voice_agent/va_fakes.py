@@ -14,7 +14,7 @@ import numpy as np
 from audio.resample import Resampler
 from audio.text import SentenceChunker
 from audio.vad import PauseCheck, SpeechEnded, SpeechStarted
-from voice_agent.events import AudioIn
+from voice_agent.events import AudioIn, PlaybackMark, ReplyAudio
 from voice_agent.fair_share import CallShare
 from voice_agent.llm import BlockTrace, LlmDelta
 from voice_agent.transcription import AsrPriority
@@ -306,3 +306,11 @@ def drain(outbox) -> list:
     while (event := outbox.get_nowait()) is not None:
         out.append(event)
     return out
+
+
+async def play_all(session, events) -> None:
+    """Acknowledge every reply chunk as played, as a client would."""
+    for e in events:
+        if isinstance(e, ReplyAudio):
+            await session.handle(PlaybackMark(turn_id=e.turn_id, chunk_index=e.chunk_index))
+    await settle()
