@@ -1,8 +1,10 @@
 """Speech synthesis with piper (piper-tts 1.x, ONNX): text in, float32 audio out, one chunk per sentence.
 
 Contract:
-- `Synthesizer(voice_path, length_scale=1.0, *, speaker_id=None, use_cuda=False)`: a piper voice
-  `.onnx` with its `.onnx.json` beside it. A missing file raises `AudioModelNotFoundError`.
+- `Synthesizer(voice_path, length_scale=1.0, *, speaker_id=None, use_cuda=False, noise_scale=None,
+  noise_w_scale=None)`: a piper voice `.onnx` with its `.onnx.json` beside it. A missing file raises
+  `AudioModelNotFoundError`. The noise scales (None: the voice's own) set how much random variation
+  piper adds to each utterance; 0 and 0 give the same samples for the same text every time.
   `.sample_rate_hz` is the voice's own rate (22050 Hz for the medium voices).
 - `.synthesize(text, sample_rate_hz=None, length_scale=None) -> ndarray`: the whole text as
   float32 mono at the voice's rate, or at `sample_rate_hz` (resampled with soxr); `length_scale`
@@ -66,6 +68,8 @@ class Synthesizer:
         speaker_id: int | None = None,
         use_cuda: bool = False,
         max_sentence_chars: int = 160,
+        noise_scale: float | None = None,
+        noise_w_scale: float | None = None,
     ) -> None:
         from piper import PiperVoice, SynthesisConfig
 
@@ -77,6 +81,9 @@ class Synthesizer:
             raise AudioModelNotFoundError(f"piper voice {path.name} has no {config_path.name} beside it")
         if length_scale <= 0:
             raise AudioError(f"length_scale must be > 0, got {length_scale}")
+        for name, value in (("noise_scale", noise_scale), ("noise_w_scale", noise_w_scale)):
+            if value is not None and not value >= 0:
+                raise AudioError(f"{name} must be >= 0 (or None: the voice's own), got {value}")
         started = time.perf_counter()
         try:
             self._voice = PiperVoice.load(path, config_path=config_path, use_cuda=use_cuda)
@@ -86,7 +93,8 @@ class Synthesizer:
         self.voice_path = path
         self.sample_rate_hz = int(self._voice.config.sample_rate)
         self.max_sentence_chars = int(max_sentence_chars)
-        self._syn_config = SynthesisConfig(speaker_id=speaker_id, length_scale=float(length_scale))
+        self._syn_config = SynthesisConfig(speaker_id=speaker_id, length_scale=float(length_scale),
+                                           noise_scale=noise_scale, noise_w_scale=noise_w_scale)
 
     def _piper(self, text: str, length_scale: float | None = None) -> np.ndarray:
         """One piece of text -> float32 at the voice's rate (piper may split it further)."""

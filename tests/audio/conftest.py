@@ -54,7 +54,9 @@ def transcriber():
 
 @pytest.fixture(scope="session")
 def synthesizer():
-    """The embedded piper en_US-joe-medium voice, loaded once per session."""
+    """The embedded piper en_US-joe-medium voice, loaded once per session, without piper's random
+    variation (the same samples for the same text in every run: a test's outcome cannot depend on
+    the draw)."""
     from audio.tts import Synthesizer
     from voice_agent.errors import UserError
     from voice_agent.models import resolve_tts_voice
@@ -63,7 +65,7 @@ def synthesizer():
         path = resolve_tts_voice("en_US-joe-medium")
     except UserError as e:
         pytest.skip(str(e))
-    return Synthesizer(path)
+    return Synthesizer(path, noise_scale=0.0, noise_w_scale=0.0)
 
 
 @pytest.fixture(scope="session")

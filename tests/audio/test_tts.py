@@ -72,3 +72,11 @@ def test_missing_voice(tmp_path):
     onnx.write_bytes(b"not a model")
     with pytest.raises(AudioModelNotFoundError, match="json"):
         Synthesizer(onnx)
+
+
+def test_without_noise_the_same_text_gives_the_same_samples(synthesizer):
+    # The fixture's voice has noise_scale = noise_w_scale = 0 (what every audio test relies on).
+    first = synthesizer.synthesize("Your table is booked for seven.")
+    assert np.array_equal(first, synthesizer.synthesize("Your table is booked for seven."))
+    with pytest.raises(AudioError, match="noise_scale"):
+        Synthesizer(synthesizer.voice_path, noise_scale=-1.0)
