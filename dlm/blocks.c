@@ -198,6 +198,35 @@ typedef struct {
     block_weight qkv, o, gate_up, down;
 } block_layer;
 
+/* A drafter's low-rank updates of one layer (dlm/drafter.py), in low_rank's layout (t unused):
+   added to the outputs of the rows that are draft slots only, after their block product. A
+   projection without an update has down == NULL. */
+typedef struct {
+    const float *down, *up;
+    const int32_t *offset;
+    int64_t r_total, rp;
+} draft_update;
+
+typedef struct {
+    draft_update qkv, o, gate_up, down;
+} draft_layer;
+
+/* y (M, N) += (x (M, K) @ down^T) . up at the rows where drafted[m] (t: a scratch of r_total). */
+TARGET static void add_draft(const float *x, const uint8_t *drafted, int64_t M, int64_t K, const draft_update *u,
+                             float *y, int64_t N, float *t) {
+    if (!u->down) return;
+    for (int64_t m = 0; m < M; m++) {
+        if (!drafted[m]) continue;
+        down_product(x + m * K, u->down, t, 1, K, u->r_total);
+        for (int64_t n = 0; n < N; n++) {
+            const float *tn = t + u->offset[n], *un = u->up + n * u->rp;
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t j = 0; j < u->rp; j += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(tn + j), _mm512_loadu_ps(un + j), a);
+            y[m * N + n] += _mm512_reduce_add_ps(a);
+        }
+    }
+}
+
 static void project(const float *x, const block_weight *w, float *y, int64_t M, int threads, float *t) {
     blocks_matmul(x, w->data, w->scales, y, M, w->n, w->k, (int)w->kind, threads, w->down, w->up, w->offset,
                   w->r_total, w->rp, t);
@@ -300,19 +329,28 @@ TARGET static void attend(const float *q, const float *keys, const float *values
 
 /* x (M, D) in place through every layer. Row m: cache row cache_row[m], written at write_pos[m],
    attends to its cache positions 0..K-1 where mask (M, K) is nonzero; cos, sin (M, Dh) its RoPE.
-   The cache: k_cache, v_cache (L, rows, S1, Hkv, Dh) float32 contiguous. Dimensions are
-   multiples of 16 (dlm/blocks.py checks), Dh at most 256. Returns 0, or -1 where memory ran out. */
+   The cache: k_cache, v_cache (L, rows, S1, Hkv, Dh) float32 contiguous. Where drafts is not NULL
+   (one draft_layer per layer), the rows with drafted[m] != 0 are draft slots: every projection
+   adds the drafter's update there (the other rows' bits stay what they are without it). Dimensions
+   are multiples of 16 (dlm/blocks.py checks), Dh at most 256. Returns 0, or -1 where memory ran out. */
 int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block_layer *layers, int64_t H,
                    int64_t Hkv, int64_t Dh, int64_t F, float eps, const float *cos, const float *sin,
                    float *k_cache, float *v_cache, int64_t cache_rows, int64_t S1, const int64_t *cache_row,
-                   const int64_t *write_pos, const uint8_t *mask, int64_t K, int threads) {
+                   const int64_t *write_pos, const uint8_t *mask, int64_t K, int threads, const draft_layer *drafts,
+                   const uint8_t *drafted) {
     const int64_t QKV = (H + 2 * Hkv) * Dh, kv = Hkv * Dh, layer_stride = cache_rows * S1 * kv;
     int64_t r_max = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const block_weight *ws[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};
         for (int i = 0; i < 4; i++)
             if (ws[i]->down && ws[i]->r_total > r_max) r_max = ws[i]->r_total;
+        if (drafts) {
+            const draft_update *us[4] = {&drafts[l].qkv, &drafts[l].o, &drafts[l].gate_up, &drafts[l].down};
+            for (int i = 0; i < 4; i++)
+                if (us[i]->down && us[i]->r_total > r_max) r_max = us[i]->r_total;
+        }
     }
+    if (!drafts) drafted = 0;
     const int64_t widest = QKV > 2 * F ? QKV : 2 * F;
     float *h = malloc(sizeof(float) * M * D), *wide = malloc(sizeof(float) * M * widest);
     float *att = malloc(sizeof(float) * M * H * Dh), *act = malloc(sizeof(float) * M * F);
@@ -328,6 +366,7 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
         float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_in, h + m * D, D, eps);
         project(h, &ly->qkv, wide, M, threads, t);
+        if (drafted) add_draft(h, drafted, M, D, &drafts[l].qkv, wide, QKV, t);
         for (int64_t m = 0; m < M; m++) {
             float *row = wide + m * QKV;
             for (int64_t g = 0; g < H + Hkv; g++) rope(row + g * Dh, cos + m * Dh, sin + m * Dh, Dh);
@@ -345,11 +384,14 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
                    scores + (int64_t)omp_get_thread_num() * (K + 1), att + (m * H + head) * Dh);
         }
         project(att, &ly->o, out, M, threads, t);
+        if (drafted) add_draft(att, drafted, M, H * Dh, &drafts[l].o, out, D, t);
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_post, h + m * D, D, eps);
         project(h, &ly->gate_up, wide, M, threads, t);
+        if (drafted) add_draft(h, drafted, M, D, &drafts[l].gate_up, wide, 2 * F, t);
         for (int64_t m = 0; m < M; m++) silu_mul(wide + m * 2 * F, wide + m * 2 * F + F, act + m * F, F);
         project(act, &ly->down, out, M, threads, t);
+        if (drafted) add_draft(act, drafted, M, F, &drafts[l].down, out, D, t);
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
     }
 done:

@@ -19,7 +19,8 @@ Contract:
 - `BlockLayers(layers, n_heads=, n_kv_heads=, head_dim=, eps=)` (`LayerWeights` per layer): a
   Llama-style decoder's every layer in one C call over a KV cache (dlm.model.Transformer.use_blocks
   builds it); each row from its own inputs and cache row only; `supported(...)` says which
-  shapes it takes.
+  shapes it takes. With `DraftUpdates` (a drafter's low-rank updates, dlm.drafter) the rows
+  marked as draft slots add them to every projection; the other rows are computed as without.
 - The C source (dlm/blocks.c, shipped in the package) is compiled with the system C compiler ($CC,
   else cc) on first use into <cache dir>/kernels/ (dlm.gguf_file.default_cache_dir), named by a hash
   of the source and the compiler command, so a change of either builds again; concurrent builders
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from dlm.gguf_file import default_cache_dir
 
-__all__ = ["UNIT", "BlockLayers", "BlockWeight", "LowRank", "available"]
+__all__ = ["FUSED_PROJECTIONS", "UNIT", "BlockLayers", "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "available"]
 
 SOURCE = Path(__file__).with_name("blocks.c")
 UNIT = 64  # inputs per unit of the kernel (two blocks of 32): K must be a multiple
@@ -108,7 +109,8 @@ def _load() -> ctypes.CDLL | None:
         lib.blocks_matmul.restype = None
         lib.blocks_forward.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                                        + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4
-                                       + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int])
+                                       + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
+                                       + [ctypes.c_void_p] * 2)
         lib.blocks_forward.restype = ctypes.c_int
         _lib = lib
         return lib
@@ -144,6 +146,29 @@ class LowRank:
         return cls(F.pad(down.detach().float(), (0, 0, 0, rank - down.shape[0])).contiguous(),
                    F.pad(up.detach().float(), (0, rank - up.shape[1])).contiguous(),
                    torch.zeros(up.shape[0], dtype=torch.int32))
+
+    @staticmethod
+    def cat(parts: list[LowRank | None], out_features: list[int]) -> LowRank | None:
+        """The updates of projections of one input side by side (fused q/k/v, gate/up): the downs
+        stacked, each output reading its own part's slice (a part without an update, None, adds
+        zeros); `out_features`: each part's outputs. None where no part has one."""
+        updates = [u for u in parts if u is not None]
+        if not updates:
+            return None
+        rank = max(u.rank for u in updates)
+        downs, ups, offsets, base = [], [], [], 0
+        for u, n in zip(parts, out_features, strict=True):
+            if u is None:
+                ups.append(torch.zeros(n, rank))
+                offsets.append(torch.zeros(n, dtype=torch.int32))
+                continue
+            if u.rank < rank and u.down.shape[0] != u.rank:
+                raise ValueError("fused block weights of several ranks: fuse the single projections")
+            downs.append(F.pad(u.down, (0, 0, 0, rank - u.rank)))  # a single part's down: rank rows
+            ups.append(F.pad(u.up, (0, rank - u.rank)))
+            offsets.append(u.offset + base)
+            base += downs[-1].shape[0]
+        return LowRank(torch.cat(downs).contiguous(), torch.cat(ups).contiguous(), torch.cat(offsets))
 
     @property
     def rank(self) -> int:
@@ -207,24 +232,7 @@ class BlockWeight:
         zeros)."""
         if not all(parts) or len({(p.kind, p.in_features) for p in parts}) != 1:
             return None
-        low_rank = None
-        updates = [p.low_rank for p in parts if p.low_rank is not None]
-        if updates:
-            rank = max(u.rank for u in updates)
-            downs, ups, offsets, base = [], [], [], 0
-            for p in parts:
-                u = p.low_rank
-                if u is None:
-                    ups.append(torch.zeros(p.out_features, rank))
-                    offsets.append(torch.zeros(p.out_features, dtype=torch.int32))
-                    continue
-                if u.rank < rank and u.down.shape[0] != u.rank:
-                    raise ValueError("fused block weights of several ranks: fuse the single projections")
-                downs.append(F.pad(u.down, (0, 0, 0, rank - u.rank)))  # a single part's down: rank rows
-                ups.append(F.pad(u.up, (0, rank - u.rank)))
-                offsets.append(u.offset + base)
-                base += downs[-1].shape[0]
-            low_rank = LowRank(torch.cat(downs).contiguous(), torch.cat(ups).contiguous(), torch.cat(offsets))
+        low_rank = LowRank.cat([p.low_rank for p in parts], [p.out_features for p in parts])
         return BlockWeight(parts[0].kind, torch.cat([p.data for p in parts]), torch.cat([p.scales for p in parts]),
                            parts[0].in_features, low_rank)
 
@@ -270,6 +278,41 @@ def _c_weight(weight: BlockWeight, bias: Tensor | None) -> _CWeight:
     update = (None, None, None, 0, 0) if weight.low_rank is None else weight.low_rank.kernel_args()
     return _CWeight(weight.data.data_ptr(), weight.scales.data_ptr(), weight.out_features, weight.in_features, weight.kind,
                     *update, None if bias is None else bias.data_ptr())
+
+
+# BlockLayers' projections of a layer, in its order, and the projections (dlm.model.PROJECTIONS'
+# short names) each one fuses
+FUSED_PROJECTIONS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+
+
+class _CDraftUpdate(ctypes.Structure):
+    """dlm/blocks.c `draft_update`."""
+
+    _fields_ = [("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64)]
+
+
+class _CDraftLayer(ctypes.Structure):
+    """dlm/blocks.c `draft_layer`."""
+
+    _fields_ = [(name, _CDraftUpdate) for name in FUSED_PROJECTIONS]
+
+
+class DraftUpdates:
+    """A drafter's low-rank updates of every layer in the kernel's layout (dlm.drafter.Drafter
+    .block_updates builds them): per layer, a LowRank or None for each of FUSED_PROJECTIONS (fused
+    q/k/v and gate/up as `LowRank.cat` lays them out). `BlockLayers` adds them at the rows that are
+    draft slots only."""
+
+    def __init__(self, layers: list[dict[str, LowRank | None]]) -> None:
+        def c(u: LowRank | None) -> _CDraftUpdate:
+            return _CDraftUpdate() if u is None else _CDraftUpdate(*u.kernel_args())
+
+        self._keep = layers  # the tensors the structures point into
+        self._layers = (_CDraftLayer * len(layers))(*[_CDraftLayer(*[c(layer.get(n)) for n in FUSED_PROJECTIONS])
+                                                      for layer in layers])
+        self.address = ctypes.addressof(self._layers)
+        self.n_layers = len(layers)
 
 
 @dataclass
@@ -319,14 +362,18 @@ class BlockLayers:
         return None
 
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
-                 writes: Tensor, mask: Tensor) -> None:
+                 writes: Tensor, mask: Tensor, drafts: DraftUpdates | None = None, drafted: Tensor | None = None) -> None:
         """x (M, dim) float32 contiguous, run through every layer in place. Row m: RoPE tables cos,
         sin (M, head_dim); its K/V written at cache row rows[m], position writes[m] (int64, (M,));
         it attends to that row's positions 0..K-1 where mask (M, K) (bool or uint8) is true.
         k_cache, v_cache (L, cache rows, S + 1, Hkv, head_dim) float32 contiguous (dlm.model.KVCache).
-        IndexError where a row, a position or K falls outside the cache."""
+        drafts, drafted (M,) bool: a drafter's updates, added at the rows where drafted is true
+        (draft slots; the other rows come out as without them). IndexError where a row, a position
+        or K falls outside the cache."""
         lib = _kernel()
         m, k = mask.shape
+        if (drafts is None) != (drafted is None) or (drafts is not None and drafts.n_layers != len(self._layers)):
+            raise ValueError("pass a drafter's updates of every layer and the rows they apply to together")
         if m and (k > k_cache.shape[2] or min(int(rows.min()), int(writes.min())) < 0 or int(rows.max()) >= k_cache.shape[1]
                   or int(writes.max()) >= k_cache.shape[2]):
             raise IndexError(f"cache rows or positions out of the cache's {tuple(k_cache.shape[1:3])} (keys: {k})")
@@ -334,7 +381,8 @@ class BlockLayers:
                 x.data_ptr(), m, self.dim, len(self._layers), self._address, self.n_heads, self.n_kv_heads, self.head_dim,
                 self.intermediate, self.eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                 k_cache.shape[1], k_cache.shape[2], rows.data_ptr(), writes.data_ptr(), mask.data_ptr(), k,
-                torch.get_num_threads()) != 0:
+                torch.get_num_threads(), None if drafts is None else drafts.address,
+                None if drafted is None else drafted.data_ptr()) != 0:
             raise MemoryError("the fused block forward could not allocate its buffers")
 
 

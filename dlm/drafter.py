@@ -123,6 +123,7 @@ class Drafter(nn.Module):
         self.model_config = model_config
         self.layers = nn.ModuleList(DraftLayer(model_config, self.config) for _ in range(model_config.n_layers))
         self.slots = nn.Parameter(torch.zeros(self.config.n_slots, model_config.dim))
+        self._block_updates: Any = None  # dlm.blocks.DraftUpdates, built on first use (block_updates)
 
     @property
     def n_slots(self) -> int:
@@ -132,6 +133,21 @@ class Drafter(nn.Module):
         """Forget the update pairs cached for decoding (after changing the weights)."""
         for layer in self.layers:
             layer._pairs.clear()
+        self._block_updates = None
+
+    def block_updates(self) -> Any:
+        """Every layer's updates in the fused block kernel's layout (a dlm.blocks.DraftUpdates: q/k/v
+        and gate/up fused, the scale folded in, float32), built once until `refresh()`: what a model
+        on block weights (Transformer.use_blocks) adds at the mask slots."""
+        if self._block_updates is None:
+            from dlm.blocks import FUSED_PROJECTIONS, DraftUpdates, LowRank
+
+            with torch.no_grad():
+                layers = [{name: LowRank.cat([LowRank.of(layer.a[p], layer.b[p] * layer.scale) if p in layer.a else None
+                                              for p in parts], [layer.shapes[p][1] for p in parts])
+                           for name, parts in FUSED_PROJECTIONS.items()} for layer in self.layers]
+            self._block_updates = DraftUpdates(layers)
+        return self._block_updates
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float() etc.: the cached pairs are stale
         self.refresh()

@@ -59,8 +59,10 @@ Contract:
   sums differs (fixed, and per row, so a position's result does not depend on the batch either);
   about a sixth of float32's bytes a token. `release_dense_weights()` applies as after packing.
   A forward with a cache (the engines': prefills, steps) then runs every layer in one C call
-  (`dlm.blocks.BlockLayers`: the same formulas, each row from its own inputs and cache row only);
-  forwards without a cache, with a draft or with gradients run the layers' own torch forward.
+  (`dlm.blocks.BlockLayers`: the same formulas, each row from its own inputs and cache row only;
+  a draft's mask slots add the drafter's updates there, `Drafter.block_updates`; padding rows,
+  written at the scratch position, are skipped); forwards without a cache or with gradients run
+  the layers' own torch forward.
 """
 
 from __future__ import annotations
@@ -748,9 +750,9 @@ class Transformer(nn.Module):
         # (B, T, 1, D) in the model's dtype, once for every layer
         cos, sin = self.rope_cos[positions, None].to(x.dtype), self.rope_sin[positions, None].to(x.dtype)
         writes = positions if write_positions is None else write_positions
-        if (self._block_layers is not None and cache is not None and draft is None and not torch.is_grad_enabled()
+        if (self._block_layers is not None and cache is not None and not torch.is_grad_enabled()
                 and mask.dtype == torch.bool and cache.k.dtype == torch.float32):
-            x = self._blocks_forward(x, cos, sin, mask, cache, cache_rows, writes)
+            x = self._blocks_forward(x, cos, sin, mask, cache, cache_rows, writes, draft)
         else:
             n_step = 0 if not step else x.shape[1] if draft is None else draft.start
             exact = exact_mask(mask) if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else None
@@ -764,16 +766,35 @@ class Transformer(nn.Module):
         return x if hidden else self.logits(x, normed=True, step=x.shape[1] if step and draft is None else 0)
 
     def _blocks_forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, cache_rows: Tensor,
-                        writes: Tensor) -> Tensor:
+                        writes: Tensor, draft: DraftInputs | None) -> Tensor:
         """Every layer in one call of the block kernel (use_blocks): the same formulas as the
-        layers' own forward, each row from its own inputs and cache row only."""
+        layers' own forward, each row from its own inputs and cache row only; a draft's mask slots
+        add the drafter's updates (`Drafter.block_updates`). Padding (positions written at the
+        cache's scratch position) is not computed: its outputs are its inputs, which no caller reads."""
         B, T, D = x.shape
-        x = x.reshape(B * T, D).contiguous()
-        rows = cache_rows[:, None].expand(B, T).reshape(-1).to(torch.int64).contiguous()
-        flat = mask.expand(B, 1, T, mask.shape[-1]).reshape(B * T, -1).contiguous()
-        self._block_layers(x, cos.reshape(B * T, -1).contiguous(), sin.reshape(B * T, -1).contiguous(), cache.k, cache.v,
-                           rows, writes.reshape(-1).to(torch.int64).contiguous(), flat)
-        return x.view(B, T, D)
+        writes = writes.reshape(-1).to(torch.int64)
+        live = writes != cache.scratch_pos
+        index = None if bool(live.all()) else live.nonzero().squeeze(1)
+
+        def take(t: Tensor) -> Tensor:
+            return (t if index is None else t[index]).contiguous()
+
+        flat_x = x.reshape(B * T, D)
+        rows = cache_rows[:, None].expand(B, T).reshape(-1)
+        flat_mask = mask.expand(B, 1, T, mask.shape[-1]).reshape(B * T, -1)
+        drafts = drafted = None
+        if draft is not None:
+            drafts = draft.adapter.block_updates()
+            drafted = take((torch.arange(T) >= draft.start).expand(B, T).reshape(-1))
+        h = take(flat_x)
+        if h.shape[0]:
+            self._block_layers(h, take(cos.reshape(B * T, -1)), take(sin.reshape(B * T, -1)), cache.k, cache.v,
+                               take(rows.to(torch.int64)), take(writes), take(flat_mask), drafts, drafted)
+        if index is None:
+            return h.view(B, T, D)
+        out = flat_x.clone()
+        out[index] = h
+        return out.view(B, T, D)
 
     def logits(self, h: Tensor, *, normed: bool = True, step: int = 0) -> Tensor:
         """Logits (..., V) in float32 of final hidden states h (B, T, dim), normed or not; the

@@ -203,7 +203,7 @@ class LlmConfig:
     # The AR baseline used by benchmarks; same weights as the default dLLM's teacher.
     baseline_model: str = "smollm2-135m-grounded"
     device: str = "cpu"
-    # "auto": the registry's dtype for the model (smollm2-135m-drafter: bfloat16, fast on AMX), else
+    # "auto": the registry's dtype for the model (smollm2-135m-instruct-int4: bfloat16), else
     # float32 on CPU and bfloat16 on a GPU; or "float32" / "bfloat16" / "float16".
     dtype: str = "auto"
     # How the weights run on CPU: "auto" (the registry's choice for the model, else "dense"),

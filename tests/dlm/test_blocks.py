@@ -11,7 +11,7 @@ import pytest
 import torch
 from dlm_tiny_models import random_loaded
 from test_int4 import random_adapter
-from test_speculative import PROMPTS, _run
+from test_speculative import PROMPTS, _random_drafter, _run
 
 import dlm.blocks
 from dlm.adapter import merge_adapter, unmerged_update
@@ -21,6 +21,8 @@ from dlm.checkpoints import load_model
 from dlm.engine import GenerationParams
 from dlm.errors import UnsupportedCheckpointError
 from dlm.masks import causal_mask
+from dlm.model import DraftInputs
+from dlm.speculative import SpeculativeEngine
 
 needs_kernel = pytest.mark.skipif(dlm.blocks.available() is not None,
                                   reason=f"float32 block kernel unavailable: {dlm.blocks.available()}")
@@ -194,6 +196,77 @@ def test_the_one_call_forward_computes_what_the_layers_compute_and_each_row_alon
     assert torch.equal(alone_cache.k[:, 1, :6], cache.k[:, 2, :6])
     with pytest.raises(IndexError, match="out of the cache"):
         run([0, 4])  # the cache has rows 0..2 and the scratch row 3
+
+
+@needs_kernel
+def test_draft_slots_in_the_one_call_forward_add_the_drafters_update_there_only():
+    """A draft-and-verify forward on blocks: the mask slots (the drafter's slot embeddings and
+    low-rank updates, K/V at spare positions, each slot seeing the text and its block's earlier
+    slots) come out as the layers' torch forward computes them; the text positions' bits are
+    those of the same forward without slots; padding (written at the scratch position) is skipped."""
+    _, on_blocks = _blocks_loaded(seed=6, adapted=True)
+    model = on_blocks.model
+    drafter = _random_drafter(on_blocks, n_slots=3, scale=0.2)
+    tokens = torch.tensor([[3, 9, 4, 0, 0, 0], [5, 5, 8, 0, 0, 0]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5]] * 2)
+    writes = torch.tensor([[0, 1, 2, 8, 9, 10]] * 2)
+    keys = torch.arange(16)
+    limit = torch.tensor([1, 2, 3, 3, 3, 3])
+    block_end = torch.tensor([0, 0, 0, 9, 10, 11])
+    mask = ((keys[None] < limit[:, None]) | ((keys[None] >= 8) & (keys[None] < block_end[:, None])))[None, None]
+    mask = mask.expand(2, 1, 6, 16)
+
+    def run(fused: bool, draft: bool = True, pad: bool = False):
+        cache = model.new_cache(3, 16)
+        saved = model._block_layers
+        model._block_layers = saved if fused else None
+        t, p, w, m = (tokens, positions, writes, mask) if draft else (tokens[:, :3], positions[:, :3], writes[:, :3],
+                                                                     mask[:, :, :3])
+        if pad:  # a third batch row of padding, as the engines add it
+            t, p, m = torch.cat([t, t[:1]]), torch.cat([p, p[:1]]), torch.cat([m, m[:1]])
+            w = torch.cat([w, torch.full_like(w[:1], cache.scratch_pos)])
+        rows = torch.tensor([0, 2, 3][:t.shape[0]])
+        inputs = DraftInputs(drafter, 3, torch.tensor([[0, 1, 2]] * t.shape[0])) if draft else None
+        try:
+            with torch.no_grad():
+                h = model(t, p, m, cache=cache, cache_rows=rows, write_positions=w, draft=inputs, hidden=True)
+        finally:
+            model._block_layers = saved
+        return h[:2], cache
+
+    fused, cache = run(True)
+    layers, reference = run(False)
+    assert (fused - layers).abs().max() < 1e-4 * layers.abs().max()
+    assert (cache.k[:, [0, 2], 8:11] - reference.k[:, [0, 2], 8:11]).abs().max() < 1e-4 * cache.k.abs().max()
+    text, _ = run(True, draft=False)
+    assert torch.equal(fused[:, :3], text)
+    padded, _ = run(True, pad=True)
+    assert torch.equal(padded, fused)
+    with torch.no_grad():  # the same slots without the low-rank updates: other outputs there
+        for layer in drafter.layers:
+            for b in layer.b.values():
+                b.zero_()
+    drafter.refresh()
+    bare, _ = run(True)
+    assert torch.equal(bare[:, :3], fused[:, :3])
+    assert (bare[:, 3:] - fused[:, 3:]).abs().max() > 1e-2 * fused.abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("draft_len,tree", [(2, True), (3, False)])
+def test_draft_and_verify_on_blocks_is_exact_and_batches_equal_each_alone(draft_len, tree):
+    _, on_blocks = _blocks_loaded(seed=3, adapted=True)
+    drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
+    params = GenerationParams(max_new_tokens=16)
+    prompts = [p * 5 for p in PROMPTS]
+    with AREngine(on_blocks, max_batch_size=4) as ar, \
+            SpeculativeEngine(on_blocks, drafter, draft_len=draft_len, tree=tree, max_batch_size=4) as spec:
+        expected = [_run(ar.submit(p, params))[0] for p in prompts]
+        alone = [_run(spec.submit(p, params))[0] for p in prompts]
+        together = [_run(h)[0] for h in [spec.submit(p, params) for p in prompts]]
+    assert alone == expected
+    assert together == expected
+    assert any(len(ids) > 3 for ids in expected)
 
 
 @needs_kernel
