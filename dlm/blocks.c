@@ -21,19 +21,33 @@
    erase it), where given: t = x @ down^T (M, R) first, then each output adds t[offset[n]..+Rp] .
    up[n] (Rp a multiple of 16; fused projections keep their own rank-Rp slices of t) into its
    first accumulator before the reduction: one more fixed step in the order of the sums. */
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define TARGET __attribute__((target("avx512f,avx512bw")))
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
 #define INLINE static inline __attribute__((always_inline))
 
 int blocks_cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+/* 0 where this CPU has AMX (tiles, bf16) and AVX512-BF16 and the kernel lets this process use the
+   tiles (Linux: arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), else a negative number. */
+int blocks_amx_init(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return -1;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return -2;
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return -3;
+    return 0;
 }
 
 /* The 64 weights of unit p of output n, as four 16-lane vectors. */
@@ -65,7 +79,29 @@ typedef struct {
     const float *up;       /* (N, Rp) */
     const int32_t *offset; /* (N,): where output n's slice of t starts */
     int64_t r_total, rp;
+    const float *up_t;     /* (N / 16, Rp, 16): up by tiles of 16 outputs, transposed (the bf16
+                              products' and a drafter's layout) */
 } low_rank;
+
+/* The update of outputs n..n+15 of one row whose t is tm: out[i] = t[offset[n + i] ..] . up[n + i].
+   Where the 16 outputs read one slice of t (they lie in one part of a fused projection): 16 lanes
+   over the rank (up_t), else output by output (16 lanes, one reduction); either way fixed by n
+   alone, so a row's update does not depend on the other rows. */
+TARGET static void low_rank_16(const float *tm, const low_rank *lr, int64_t N, int64_t n, float out[16]) {
+    if (lr->offset[n] == lr->offset[n + 15]) {
+        const float *tn = tm + lr->offset[n], *ut = lr->up_t + n * lr->rp;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t j = 0; j < lr->rp; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(tn[j]), _mm512_loadu_ps(ut + j * 16), a);
+        _mm512_storeu_ps(out, a);
+        return;
+    }
+    for (int64_t i = 0; i < 16; i++) {
+        const float *tn = tm + lr->offset[n + i], *un = lr->up + (n + i) * lr->rp;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t j = 0; j < lr->rp; j += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(tn + j), _mm512_loadu_ps(un + j), a);
+        out[i] = _mm512_reduce_add_ps(a);
+    }
+}
 
 /* Outputs n..n+T-1 of rows 0..R-1 (T and R compile-time constants after inlining). */
 TARGET INLINE void tile(const float *x, const uint8_t *data, const float *scales, float *y, int64_t N,
@@ -151,16 +187,209 @@ TARGET static void down_product(const float *x, const float *down, float *t, int
         }
 }
 
+/* ---- The same products in bf16 on AMX (amx != 0) ---------------------------------------------
+
+   Each weight is the float32 dequantisation above rounded to bf16 (round to nearest even: the
+   dense bf16 model's weight), each input rounded to bf16 likewise, the products summed in float32
+   by the tiles: A = 16 outputs x 32 inputs of weights (one block of each output), B = the same 32
+   inputs of up to 16 rows (pairs of inputs side by side, the tiles' layout), C (outputs x rows) +=
+   A B over the blocks in order. An output's sum depends on its own weights and its own row only,
+   in the same order whatever the other rows or the thread count. A low-rank update is added to
+   each output after its sum (16 lanes, then one reduction). N must be a multiple of 16. */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+AMX_TARGET static void amx_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 7; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+/* The B tiles of rows 0..M-1: for each group of 16 rows and block c of 32 inputs, 16 lines of 16
+   pairs: line r, pair m = inputs 32c + 2r, 2r + 1 of row 16g + m (rows past M: zeros). */
+AMX_TARGET static void amx_inputs(const float *x, int64_t M, int64_t K, uint32_t *b) {
+    const int64_t chunks = K / 32, groups = (M + 15) / 16;
+    memset(b, 0, sizeof(uint32_t) * groups * chunks * 256);
+    for (int64_t m = 0; m < M; m++) {
+        uint32_t *g = b + (m / 16) * chunks * 256 + m % 16;
+        for (int64_t c = 0; c < chunks; c++) {
+            const float *xc = x + m * K + c * 32;
+            uint32_t pairs[16] __attribute__((aligned(64)));
+            _mm512_store_si512((__m512i *)pairs,
+                               (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xc + 16), _mm512_loadu_ps(xc)));
+            for (int r = 0; r < 16; r++) g[c * 256 + r * 16] = pairs[r];
+        }
+    }
+}
+
+/* The A tiles of outputs n..n+15: a (K / 32 blocks, 16 outputs, 32 bf16). */
+AMX_TARGET static void amx_weights(const uint8_t *data, const float *scales, int64_t K, int64_t n, int q8, uint16_t *a) {
+    const int64_t np = K / 64;
+    for (int64_t t = 0; t < 16; t++)
+        for (int64_t p = 0; p < np; p++) {
+            __m512 w[4];
+            if (q8) unit_q8(data, scales, np, n + t, p, w);
+            else unit_q4(data, scales, np, n + t, p, w);
+            _mm512_store_si512((__m512i *)(a + (2 * p) * 512 + t * 32), (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+            _mm512_store_si512((__m512i *)(a + (2 * p + 1) * 512 + t * 32), (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
+        }
+}
+
+/* A C tile (outputs n..n+15 x rows 16g..16g+15) into y, each output plus its low-rank update. */
+AMX_TARGET static void amx_store(const float *c, float *y, int64_t M, int64_t N, int64_t n, int64_t g,
+                                 const low_rank *lr) {
+    const int64_t rows = M - 16 * g < 16 ? M - 16 * g : 16;
+    for (int64_t m = 0; m < rows; m++) {
+        const int64_t row = 16 * g + m;
+        float u[16] = {0};
+        if (lr) low_rank_16(lr->t + row * lr->r_total, lr, N, n, u);
+        for (int64_t t = 0; t < 16; t++) y[row * N + n + t] = c[t * 16 + m] + u[t];
+    }
+}
+
+/* Outputs n0..n1-1 (multiples of 16) of every row, four tiles of 16 outputs at a time (four
+   independent sums in flight); each tile's A is made once (a: 4 x 16 x K bf16) and serves every
+   group of rows. The order of each output's sums is the same on both paths below. */
+AMX_TARGET static void amx_range(const uint32_t *b, const uint8_t *data, const float *scales, float *y, int64_t M,
+                                 int64_t N, int64_t K, int64_t n0, int64_t n1, int q8, const low_rank *lr,
+                                 uint16_t *a) {
+    const int64_t chunks = K / 32, groups = (M + 15) / 16, span = 16 * K;
+    float c[4][256] __attribute__((aligned(64)));
+    amx_configure();
+    int64_t n = n0;
+    for (; groups == 1 && n + 64 <= n1; n += 64) {
+        /* One group of rows (a decoding step, a draft block): the weights of each unit of 64
+           inputs go through the tiles as soon as they are made, while they are in L1. */
+        const int64_t np = K / 64;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t p = 0; p < np; p++) {
+            if (n + 128 <= n1) /* 64 outputs read side by side are 64 streams: fetch the next 64's ahead */
+                for (int64_t t = 64; t < 128; t++) {
+                    const int64_t u = (n + t) * np + p;
+                    _mm_prefetch((const char *)(data + u * (q8 ? 64 : 32)), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(scales + u * (q8 ? 2 : 4)), _MM_HINT_T0);
+                }
+            for (int64_t t = 0; t < 64; t++) {
+                __m512 w[4];
+                if (q8) unit_q8(data, scales, np, n + t, p, w);
+                else unit_q4(data, scales, np, n + t, p, w);
+                uint16_t *at = a + (t / 16) * 1024 + (t % 16) * 32;
+                _mm512_store_si512((__m512i *)at, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+                _mm512_store_si512((__m512i *)(at + 512), (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
+            }
+            for (int h = 0; h < 2; h++) {
+                _tile_loadd(4, b + (2 * p + h) * 256, 64);
+                _tile_loadd(5, a + h * 512, 64);
+                _tile_dpbf16ps(0, 5, 4);
+                _tile_loadd(6, a + 1024 + h * 512, 64);
+                _tile_dpbf16ps(1, 6, 4);
+                _tile_loadd(5, a + 2048 + h * 512, 64);
+                _tile_dpbf16ps(2, 5, 4);
+                _tile_loadd(6, a + 3072 + h * 512, 64);
+                _tile_dpbf16ps(3, 6, 4);
+            }
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        for (int i = 0; i < 4; i++) amx_store(c[i], y, M, N, n + 16 * i, 0, lr);
+    }
+    for (; n + 64 <= n1; n += 64) {
+        for (int i = 0; i < 4; i++) amx_weights(data, scales, K, n + 16 * i, q8, a + i * span);
+        for (int64_t g = 0; g < groups; g++) {
+            const uint32_t *bg = b + g * chunks * 256;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t ch = 0; ch < chunks; ch++) {
+                _tile_loadd(4, bg + ch * 256, 64);
+                _tile_loadd(5, a + ch * 512, 64);
+                _tile_dpbf16ps(0, 5, 4);
+                _tile_loadd(6, a + span + ch * 512, 64);
+                _tile_dpbf16ps(1, 6, 4);
+                _tile_loadd(5, a + 2 * span + ch * 512, 64);
+                _tile_dpbf16ps(2, 5, 4);
+                _tile_loadd(6, a + 3 * span + ch * 512, 64);
+                _tile_dpbf16ps(3, 6, 4);
+            }
+            _tile_stored(0, c[0], 64);
+            _tile_stored(1, c[1], 64);
+            _tile_stored(2, c[2], 64);
+            _tile_stored(3, c[3], 64);
+            for (int i = 0; i < 4; i++) amx_store(c[i], y, M, N, n + 16 * i, g, lr);
+        }
+    }
+    for (; n < n1; n += 16) {
+        amx_weights(data, scales, K, n, q8, a);
+        for (int64_t g = 0; g < groups; g++) {
+            _tile_zero(0);
+            for (int64_t ch = 0; ch < chunks; ch++) {
+                _tile_loadd(4, b + (g * chunks + ch) * 256, 64);
+                _tile_loadd(5, a + ch * 512, 64);
+                _tile_dpbf16ps(0, 5, 4);
+            }
+            _tile_stored(0, c[0], 64);
+            amx_store(c[0], y, M, N, n, g, lr);
+        }
+    }
+    _tile_release();
+}
+
+static void amx_matmul(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M, int64_t N,
+                       int64_t K, int q8, int threads, const low_rank *lr, int *status) {
+    const int64_t groups = (M + 15) / 16, tiles = N / 16;
+    uint32_t *b = aligned_alloc(64, sizeof(uint32_t) * groups * (K / 32) * 256);
+    if (!b) {
+        *status = -1;
+        return;
+    }
+    amx_inputs(x, M, K, b);
+    const int parallel = threads > 1 && tiles >= 8;
+#pragma omp parallel num_threads(parallel ? threads : 1)
+    {
+        const int i = omp_get_thread_num(), k = omp_get_num_threads();
+        const int64_t per = (tiles + k - 1) / k, lo = i * per * 16, hi = (i + 1) * per * 16 < N ? (i + 1) * per * 16 : N;
+        uint16_t *a = aligned_alloc(64, sizeof(uint16_t) * 4 * 16 * K);
+        if (!a) {
+#pragma omp atomic write
+            *status = -1;
+        } else if (lo < hi) {
+            amx_range(b, data, scales, y, M, N, K, lo, hi, q8, lr, a);
+        }
+        free(a);
+    }
+    free(b);
+}
+
 /* kind 0: Q4, 1: Q8. K must be a multiple of 64; x, y contiguous. threads: how many OpenMP
    threads share the outputs (the caller passes torch's intra-op count: this library runs in
    torch's own OpenMP runtime, so they are the same pool). The low-rank update, where down is not
-   NULL: down (r_total, K), up (N, rp), offset (N,), t a scratch of (M, r_total) floats. */
-void blocks_matmul(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M,
-                   int64_t N, int64_t K, int kind, int threads, const float *down, const float *up,
-                   const int32_t *offset, int64_t r_total, int64_t rp, float *t) {
-    low_rank update = {t, up, offset, r_total, rp};
+   NULL: down (r_total, K), up (N, rp), offset (N,), up_t (N / 16, rp, 16) (up by tiles of 16 outputs,
+   transposed; read where N is a multiple of 16), t a scratch of
+   (M, r_total) floats. amx: the products in bf16 on AMX (above; blocks_amx_init first). Returns 0,
+   or -1 where memory ran out. */
+int blocks_matmul(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M,
+                  int64_t N, int64_t K, int kind, int threads, const float *down, const float *up,
+                  const int32_t *offset, int64_t r_total, int64_t rp, float *t, const float *up_t, int amx) {
+    low_rank update = {t, up, offset, r_total, rp, up_t};
     const low_rank *lr = down ? &update : 0;
     if (lr) down_product(x, down, t, M, K, r_total);
+    if (amx) {
+        int status = 0;
+        amx_matmul(x, data, scales, y, M, N, K, kind, threads, lr, &status);
+        return status;
+    }
     if (threads > 1 && N >= 64 && M * N * K >= (int64_t)1 << 17) {
 #pragma omp parallel num_threads(threads)
         {
@@ -172,6 +401,7 @@ void blocks_matmul(const float *x, const uint8_t *data, const float *scales, flo
     } else {
         range(x, data, scales, y, M, N, K, 0, N, kind, lr);
     }
+    return 0;
 }
 
 /* ---- A whole decoder forward on block weights (dlm/blocks.py `BlockLayers`) ----------------
@@ -191,6 +421,8 @@ typedef struct {
     const int32_t *offset;
     int64_t r_total, rp;
     const float *bias; /* (n,) or NULL */
+    const float *up_t; /* the update's up transposed */
+    int64_t amx;       /* the products in bf16 on AMX (blocks_matmul) */
 } block_weight;
 
 typedef struct {
@@ -205,34 +437,37 @@ typedef struct {
     const float *down, *up;
     const int32_t *offset;
     int64_t r_total, rp;
+    const float *up_t;
 } draft_update;
 
 typedef struct {
     draft_update qkv, o, gate_up, down;
 } draft_layer;
 
-/* y (M, N) += (x (M, K) @ down^T) . up at the rows where drafted[m] (t: a scratch of r_total). */
+/* y (M, N) += (x (M, K) @ down^T) . up at the rows where drafted[m] (t: a scratch of r_total;
+   N a multiple of 16). */
 TARGET static void add_draft(const float *x, const uint8_t *drafted, int64_t M, int64_t K, const draft_update *u,
                              float *y, int64_t N, float *t) {
     if (!u->down) return;
+    const low_rank lr = {t, u->up, u->offset, u->r_total, u->rp, u->up_t};
     for (int64_t m = 0; m < M; m++) {
         if (!drafted[m]) continue;
         down_product(x + m * K, u->down, t, 1, K, u->r_total);
-        for (int64_t n = 0; n < N; n++) {
-            const float *tn = t + u->offset[n], *un = u->up + n * u->rp;
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t j = 0; j < u->rp; j += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(tn + j), _mm512_loadu_ps(un + j), a);
-            y[m * N + n] += _mm512_reduce_add_ps(a);
+        for (int64_t n = 0; n < N; n += 16) {
+            float d[16];
+            low_rank_16(t, &lr, N, n, d);
+            for (int i = 0; i < 16; i++) y[m * N + n + i] += d[i];
         }
     }
 }
 
-static void project(const float *x, const block_weight *w, float *y, int64_t M, int threads, float *t) {
-    blocks_matmul(x, w->data, w->scales, y, M, w->n, w->k, (int)w->kind, threads, w->down, w->up, w->offset,
-                  w->r_total, w->rp, t);
+static int project(const float *x, const block_weight *w, float *y, int64_t M, int threads, float *t) {
+    const int status = blocks_matmul(x, w->data, w->scales, y, M, w->n, w->k, (int)w->kind, threads, w->down, w->up,
+                                     w->offset, w->r_total, w->rp, t, w->up_t, (int)w->amx);
     if (w->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < w->n; j++) y[m * w->n + j] += w->bias[j];
+    return status;
 }
 
 /* h = w * (x * 1/sqrt(mean(x^2) + eps)), D a multiple of 16. */
@@ -365,7 +600,7 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
         const block_layer *ly = &layers[l];
         float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_in, h + m * D, D, eps);
-        project(h, &ly->qkv, wide, M, threads, t);
+        if (project(h, &ly->qkv, wide, M, threads, t)) goto oom;
         if (drafted) add_draft(h, drafted, M, D, &drafts[l].qkv, wide, QKV, t);
         for (int64_t m = 0; m < M; m++) {
             float *row = wide + m * QKV;
@@ -383,17 +618,20 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
             attend(wide + m * QKV + head * Dh, base_k, base_v, mask + m * K, K, kv, Dh,
                    scores + (int64_t)omp_get_thread_num() * (K + 1), att + (m * H + head) * Dh);
         }
-        project(att, &ly->o, out, M, threads, t);
+        if (project(att, &ly->o, out, M, threads, t)) goto oom;
         if (drafted) add_draft(att, drafted, M, H * Dh, &drafts[l].o, out, D, t);
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_post, h + m * D, D, eps);
-        project(h, &ly->gate_up, wide, M, threads, t);
+        if (project(h, &ly->gate_up, wide, M, threads, t)) goto oom;
         if (drafted) add_draft(h, drafted, M, D, &drafts[l].gate_up, wide, 2 * F, t);
         for (int64_t m = 0; m < M; m++) silu_mul(wide + m * 2 * F, wide + m * 2 * F + F, act + m * F, F);
-        project(act, &ly->down, out, M, threads, t);
+        if (project(act, &ly->down, out, M, threads, t)) goto oom;
         if (drafted) add_draft(act, drafted, M, F, &drafts[l].down, out, D, t);
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
     }
+    goto done;
+oom:
+    status = -1;
 done:
     free(h), free(wide), free(att), free(act), free(out), free(t), free(scores);
     return status;

@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ from torch import Tensor
 
 from dlm.gguf_file import default_cache_dir
 
-__all__ = ["FUSED_PROJECTIONS", "UNIT", "BlockLayers", "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "available"]
+__all__ = ["FUSED_PROJECTIONS", "UNIT", "BlockLayers", "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "amx_available", "available"]
 
 SOURCE = Path(__file__).with_name("blocks.c")
 UNIT = 64  # inputs per unit of the kernel (two blocks of 32): K must be a multiple
@@ -105,8 +105,9 @@ def _load() -> ctypes.CDLL | None:
             _reason = "this CPU has no AVX-512 (F and BW), which the float32 block kernel needs"
             return None
         lib.blocks_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
-                                      + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p])
-        lib.blocks_matmul.restype = None
+                                      + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+        lib.blocks_matmul.restype = ctypes.c_int
+        lib.blocks_amx_init.restype = ctypes.c_int
         lib.blocks_forward.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                                        + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4
                                        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
@@ -130,6 +131,32 @@ def available() -> str | None:
     return _reason
 
 
+_amx_reason: str | None = None
+_amx_tried = False
+
+
+def amx_available() -> str | None:
+    """None where the bf16 (AMX) products run here (`BlockWeight.bf16`), else why not (one line)."""
+    global _amx_reason, _amx_tried
+    with _lock:
+        if _amx_tried:
+            return _amx_reason
+    reason = available()
+    lib = _lib
+    with _lock:
+        if not _amx_tried:
+            _amx_tried = True
+            if reason is not None:
+                _amx_reason = reason
+            elif os.environ.get("VOICE_AGENT_AMX", "1") == "0":
+                _amx_reason = "switched off (VOICE_AGENT_AMX=0)"
+            else:
+                code = lib.blocks_amx_init()
+                _amx_reason = {0: None, -1: "this CPU has no AMX tiles with bf16",
+                               -2: "this CPU has no AVX512-BF16"}.get(code, "the kernel does not let this process use AMX tiles")
+        return _amx_reason
+
+
 @dataclass
 class LowRank:
     """An update W + up @ down, unmerged, in the kernel's layout: output n adds
@@ -139,6 +166,13 @@ class LowRank:
     down: Tensor  # (R_total, K) float32
     up: Tensor  # (N, rank) float32
     offset: Tensor  # (N,) int32
+
+    def __post_init__(self) -> None:
+        # (N / 16, rank, 16): up by tiles of 16 outputs, transposed, what the bf16 products and a
+        # drafter's update read (16 outputs at a time; N a multiple of 16 there)
+        n, rank = self.up.shape
+        tiles = self.up[: n - n % 16].reshape(n // 16, 16, rank)
+        self.up_t = tiles.transpose(1, 2).contiguous()
 
     @classmethod
     def of(cls, down: Tensor, up: Tensor) -> LowRank:
@@ -175,12 +209,13 @@ class LowRank:
         return self.up.shape[1]
 
     def kernel_args(self) -> tuple[int, int, int, int, int]:
-        """(down, up, offset pointers, rows of down, rank): the kernel's view of the update."""
+        """(down, up, offset pointers, rows of down, rank): the kernel's view of the update
+        (`up_t`'s pointer goes beside it)."""
         return self.down.data_ptr(), self.up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank
 
     @property
     def nbytes(self) -> int:
-        return self.down.nbytes + self.up.nbytes + self.offset.nbytes
+        return self.down.nbytes + self.up.nbytes + self.offset.nbytes + self.up_t.nbytes
 
 
 @dataclass
@@ -192,6 +227,7 @@ class BlockWeight:
     scales: Tensor  # Q4: (N, K / 64, 4) float32 (d, m of each block of the unit); Q8: (N, K / 32) float32
     in_features: int
     low_rank: LowRank | None = None
+    amx: bool = False  # the products in bf16 on AMX (`bf16()`)
 
     @classmethod
     def q4(cls, q: Tensor, scale: Tensor, minimum: Tensor) -> BlockWeight:
@@ -213,6 +249,17 @@ class BlockWeight:
     def out_features(self) -> int:
         return self.data.shape[0]
 
+    def bf16(self) -> BlockWeight:
+        """The same blocks, their products in bf16 on AMX (dlm/blocks.c): each weight the float32
+        dequantisation rounded to bf16, each input rounded to bf16, sums in float32; a row's
+        result still depends on nothing but its own inputs. RuntimeError where AMX cannot run here."""
+        reason = amx_available()
+        if reason is not None:
+            raise RuntimeError(f"bf16 block products cannot run: {reason}")
+        if self.out_features % 16:
+            raise ValueError(f"bf16 block products need outputs in multiples of 16, not {self.out_features}")
+        return replace(self, amx=True)
+
     def with_low_rank(self, down: Tensor, up: Tensor) -> BlockWeight:
         """These weights plus W += up @ down (a LoRA update with its scale folded into `up`), kept
         apart: a float32 product of the rows with it is added to the block product."""
@@ -222,7 +269,7 @@ class BlockWeight:
         if down.shape[1] != k or up.shape[0] != n or down.shape[0] != up.shape[1]:
             raise ValueError(f"a low-rank update of a ({n}, {k}) weight needs down (R, {k}) and up ({n}, R), "
                              f"not {tuple(down.shape)} and {tuple(up.shape)}")
-        return BlockWeight(self.kind, self.data, self.scales, k, LowRank.of(down, up))
+        return replace(self, low_rank=LowRank.of(down, up))
 
     @staticmethod
     def cat(parts: list[BlockWeight | None]) -> BlockWeight | None:
@@ -234,7 +281,7 @@ class BlockWeight:
             return None
         low_rank = LowRank.cat([p.low_rank for p in parts], [p.out_features for p in parts])
         return BlockWeight(parts[0].kind, torch.cat([p.data for p in parts]), torch.cat([p.scales for p in parts]),
-                           parts[0].in_features, low_rank)
+                           parts[0].in_features, low_rank, all(p.amx for p in parts))
 
     def __call__(self, x: Tensor) -> Tensor:
         lib = _kernel()
@@ -245,13 +292,14 @@ class BlockWeight:
         out = torch.empty(m, self.out_features)
         u = self.low_rank
         if u is None:
-            update = (None, None, None, 0, 0, None)
+            update = (None, None, None, 0, 0, None, None)
         else:
             t = torch.empty(m, u.down.shape[0])  # the kernel's scratch: x @ down^T
-            update = (*u.kernel_args(), t.data_ptr())
-        if m:
-            lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
-                              self.out_features, self.in_features, self.kind, torch.get_num_threads(), *update)
+            update = (*u.kernel_args(), t.data_ptr(), u.up_t.data_ptr())
+        if m and lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
+                                   self.out_features, self.in_features, self.kind, torch.get_num_threads(), *update,
+                                   int(self.amx)) != 0:
+            raise MemoryError("the block product could not allocate its buffers")
         return out.view(*x.shape[:-1], self.out_features)
 
     @property
@@ -264,7 +312,8 @@ class _CWeight(ctypes.Structure):
 
     _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("kind", ctypes.c_int64), ("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("bias", ctypes.c_void_p), ("up_t", ctypes.c_void_p),
+                ("amx", ctypes.c_int64)]
 
 
 class _CLayer(ctypes.Structure):
@@ -275,9 +324,11 @@ class _CLayer(ctypes.Structure):
 
 
 def _c_weight(weight: BlockWeight, bias: Tensor | None) -> _CWeight:
-    update = (None, None, None, 0, 0) if weight.low_rank is None else weight.low_rank.kernel_args()
+    u = weight.low_rank
+    update = (None, None, None, 0, 0) if u is None else u.kernel_args()
     return _CWeight(weight.data.data_ptr(), weight.scales.data_ptr(), weight.out_features, weight.in_features, weight.kind,
-                    *update, None if bias is None else bias.data_ptr())
+                    *update, None if bias is None else bias.data_ptr(), None if u is None else u.up_t.data_ptr(),
+                    int(weight.amx))
 
 
 # BlockLayers' projections of a layer, in its order, and the projections (dlm.model.PROJECTIONS'
@@ -289,7 +340,7 @@ class _CDraftUpdate(ctypes.Structure):
     """dlm/blocks.c `draft_update`."""
 
     _fields_ = [("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64)]
+                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("up_t", ctypes.c_void_p)]
 
 
 class _CDraftLayer(ctypes.Structure):
@@ -306,7 +357,7 @@ class DraftUpdates:
 
     def __init__(self, layers: list[dict[str, LowRank | None]]) -> None:
         def c(u: LowRank | None) -> _CDraftUpdate:
-            return _CDraftUpdate() if u is None else _CDraftUpdate(*u.kernel_args())
+            return _CDraftUpdate() if u is None else _CDraftUpdate(*u.kernel_args(), u.up_t.data_ptr())
 
         self._keep = layers  # the tensors the structures point into
         self._layers = (_CDraftLayer * len(layers))(*[_CDraftLayer(*[c(layer.get(n)) for n in FUSED_PROJECTIONS])

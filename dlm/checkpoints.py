@@ -34,7 +34,7 @@ from safetensors import safe_open
 
 from dlm.bd_format import is_bd_checkpoint, read_bd_checkpoint
 from dlm.blocks import UNIT as BLOCK_UNIT
-from dlm.blocks import BlockWeight, available
+from dlm.blocks import BlockWeight, amx_available, available
 from dlm.config import DiffusionSpec, ModelConfig
 from dlm.errors import ModelNotFoundError, UnsupportedCheckpointError
 from dlm.families import Family, family_for_config, stop_token_ids
@@ -62,9 +62,10 @@ __all__ = [
 
 SUPPORTED_FAMILIES = ("bd", "fast_dllm_v2", "sdar", "llada", "dream", "ar")
 DEFAULT_MAX_SEQ_LEN = 4096
-WEIGHT_FORMATS = ("dense", "int4", "blocks")
-# The dtype each of a GGUF's quantized formats computes in (load_model's `weights`).
-FORMAT_DTYPES = {"int4": torch.bfloat16, "blocks": torch.float32}
+WEIGHT_FORMATS = ("dense", "int4", "blocks", "blocks-bf16")
+# The dtype of the model each of a GGUF's quantized formats runs in (load_model's `weights`;
+# "blocks-bf16": a float32 model whose matrix products round their inputs to bf16).
+FORMAT_DTYPES = {"int4": torch.bfloat16, "blocks": torch.float32, "blocks-bf16": torch.float32}
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -328,7 +329,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     (`dlm.model.Int4Weight`), packed bf16 copies the prefill, and the dense copies are released
     (inference only: `Transformer.release_dense_weights`); bfloat16 on CPU only; or "blocks": a
     GGUF's own Q4_0 / Q4_1 / Q8_0 blocks run every position in float32 (dlm.blocks: the float32
-    weights bit for bit, a sixth of their bytes), inference only; float32 on a CPU with AVX-512.
+    weights bit for bit, a sixth of their bytes), inference only; float32 on a CPU with AVX-512;
+    or "blocks-bf16": the same, the matrix products in bf16 on AMX (`BlockWeight.bf16`: weights and
+    inputs rounded to bf16, sums in float32; many rows for about the price of one; other greedy
+    replies than float32's on some prompts), on a CPU with AMX.
     `inference_only`: where the weights were packed, release their dense copies too (serving
     runs the packed ones; about 210 MB for SmolLM2 in bf16)."""
     if weights not in WEIGHT_FORMATS:
@@ -344,11 +348,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     if weights == "int4" and (resolve_dtype(dtype, device) != torch.bfloat16
                               or not can_pack_linears(torch.bfloat16, device)):
         raise ValueError(f"weights='int4' needs bfloat16 on a CPU with oneDNN bf16 (asked: {dtype}, {device})")
-    if weights == "blocks":
+    if weights in ("blocks", "blocks-bf16"):
         if resolve_dtype(dtype, device) != torch.float32 or device.type != "cpu":
-            raise ValueError(f"weights='blocks' needs float32 on a CPU (asked: {dtype}, {device})")
-        if available() is not None:
-            raise ValueError(f"weights='blocks': {available()}")
+            raise ValueError(f"weights={weights!r} needs float32 on a CPU (asked: {dtype}, {device})")
+        reason = available() if weights == "blocks" else amx_available()
+        if reason is not None:
+            raise ValueError(f"weights={weights!r}: {reason}")
     dtype = resolve_dtype(dtype, device)
     if family is not None:
         config, spec, state_dict, tokenizer = _load_hf_folder(resolved, family, dtype)
@@ -364,7 +369,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         from dlm.adapter import load_adapter, merge_adapter, unmerged_update
 
         fine_tune = load_adapter(adapter, config, resolved)
-        if weights != "blocks":  # blocks carry the update unmerged and release the dense weights
+        if not weights.startswith("blocks"):  # blocks carry the update unmerged and release the dense weights
             merge_adapter(model, fine_tune)
     if weights == "int4":
         int4 = {name: Int4Weight.from_blocks(q, scale, minimum) if kind == "q4" else Int8AsInt4Weight(q, scale)
@@ -377,16 +382,18 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         model.pack_linears(int4, head_amx=drafter is not None)
         model.release_dense_weights()
         del int4
-    elif weights == "blocks":
+    elif weights.startswith("blocks"):
         blocks = {name: BlockWeight.q4(q, scale, minimum) if kind == "q4" else BlockWeight.q8(q, scale)
                   for name, (kind, q, scale, minimum) in read_quant_blocks(resolved).items()
                   if q.shape[1] % BLOCK_UNIT == 0}
         if fine_tune is not None:
             blocks = unmerged_update(blocks, fine_tune)
         try:
+            if weights == "blocks-bf16":
+                blocks = {name: w.bf16() for name, w in blocks.items()}
             model.use_blocks(blocks)
         except ValueError as e:
-            raise UnsupportedCheckpointError(f"{resolved}: weights='blocks': {e}") from e
+            raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r}: {e}") from e
         model.release_dense_weights()
         del blocks
     elif pack and model.pack_linears() and inference_only:

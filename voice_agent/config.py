@@ -54,7 +54,7 @@ def turn_models(detector: str) -> set[str]:
 # llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
 # engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR).
 LLM_ENGINES = ("auto", "ar")
-LLM_WEIGHTS = ("auto", "dense", "int4", "blocks")  # dlm.checkpoints.WEIGHT_FORMATS and "auto"
+LLM_WEIGHTS = ("auto", "dense", "int4", "blocks", "blocks-bf16")  # dlm.checkpoints.WEIGHT_FORMATS and "auto"
 
 
 class ConfigError(ValueError):
@@ -208,8 +208,10 @@ class LlmConfig:
     dtype: str = "auto"
     # How the weights run on CPU: "auto" (the registry's choice for the model, else "dense"),
     # "dense" (the dtype above), "int4": a GGUF's own 4-bit weights in the decoding steps and
-    # packed bf16 copies in the prefill (bfloat16 only), or "blocks": a GGUF's own blocks at every
-    # position in float32 (the float32 weights bit for bit; a CPU with AVX-512; dlm/blocks.py).
+    # packed bf16 copies in the prefill (bfloat16 only), "blocks": a GGUF's own blocks at every
+    # position in float32 (the float32 weights bit for bit; a CPU with AVX-512; dlm/blocks.py), or
+    # "blocks-bf16": the same blocks, the matrix products in bf16 on AMX (many rows for about the
+    # price of one: batches, prefills, draft blocks; other greedy replies than float32's on some prompts).
     weights: str = "auto"
     # Draft-and-verify (models with a drafter): mask slots per draft block (0: 4) and one draft
     # block per possible acceptance length (true) or only after the full draft (false).

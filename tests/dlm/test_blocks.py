@@ -26,6 +26,8 @@ from dlm.speculative import SpeculativeEngine
 
 needs_kernel = pytest.mark.skipif(dlm.blocks.available() is not None,
                                   reason=f"float32 block kernel unavailable: {dlm.blocks.available()}")
+needs_amx = pytest.mark.skipif(dlm.blocks.amx_available() is not None,
+                               reason=f"bf16 block products unavailable: {dlm.blocks.amx_available()}")
 
 
 def _q4(n: int, k: int, seed: int, q4_0: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,6 +84,56 @@ def test_a_rows_bits_depend_neither_on_the_other_rows_nor_on_the_threads():
         torch.set_num_threads(threads)
 
 
+@needs_amx
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_bf16_products_round_weights_and_inputs_and_a_rows_bits_are_its_own(kind):
+    """BlockWeight.bf16 (AMX): each weight the float32 dequantisation rounded to bf16, each input
+    rounded to bf16, sums in float32; a row's bits whatever the other rows (one tile of 16 rows or
+    several, tails of 16 outputs) or the thread count; a low-rank update beside it, also across
+    the boundary of fused parts inside a tile of 16 outputs."""
+    n, k = 176, 192  # 11 tiles of 16 outputs: groups of 4 and a tail
+    if kind == "q4":
+        q, scale, minimum = _q4(n, k, seed=7)
+        weight, dense = BlockWeight.q4(q, scale, minimum), _dequantized(q, scale, minimum)
+    else:
+        q, scale = _q8(n, k, seed=7)
+        weight, dense = BlockWeight.q8(q, scale), _dequantized(q, scale)
+    x = torch.randn(37, k)
+    bf16 = weight.bf16()
+    y = bf16(x)
+    want = x.bfloat16().double() @ dense.bfloat16().double().T
+    assert (y.double() - want).abs().max() < 1e-5 * want.abs().max()
+    for rows in (1, 5, 16, 17):
+        assert torch.equal(bf16(x[:rows]), y[:rows]), rows
+    assert torch.equal(bf16(x[20:21]), y[20:21])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(bf16(x), y)
+    finally:
+        torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(8)
+    down, up = torch.randn(4, k, generator=g), torch.randn(40, 4, generator=g) * 0.05
+    parts, dense_parts = [], []
+    for size, seed in ((168, 9), (40, 10)):  # outputs 160..175: a tile of 16 outputs across both parts
+        if kind == "q4":
+            q, scale, minimum = _q4(size, k, seed=seed)
+            parts.append(BlockWeight.q4(q, scale, minimum))
+            dense_parts.append(_dequantized(q, scale, minimum))
+        else:
+            q, scale = _q8(size, k, seed=seed)
+            parts.append(BlockWeight.q8(q, scale))
+            dense_parts.append(_dequantized(q, scale))
+    fused = BlockWeight.cat([parts[0], parts[1].with_low_rank(down, up)]).bf16()
+    got = fused(x)
+    reference = x.bfloat16().double() @ torch.cat(dense_parts).bfloat16().double().T
+    reference[:, 168:] += (x @ down.T @ up.T).double()
+    assert (got.double() - reference).abs().max() < 1e-5 * reference.abs().max()
+    assert torch.equal(fused(x[3:4]), got[3:4])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        BlockWeight.q4(*_q4(40, k, seed=1)).bf16()
+
+
 @needs_kernel
 def test_fused_parts_and_a_low_rank_update():
     parts = [BlockWeight.q4(*_q4(n, 128, seed=10 + n)) for n in (64, 40, 40)]
@@ -107,9 +159,10 @@ def test_fused_parts_and_a_low_rank_update():
         parts[0](x.to(torch.bfloat16))
 
 
-def _blocks_loaded(seed: int = 3, adapted: bool = False):
+def _blocks_loaded(seed: int = 3, adapted: bool = False, bf16: bool = False):
     """A random causal model (widths multiples of 64) whose dense float32 weights are the
-    dequantisation of random blocks; returns (dense model, the same on blocks)."""
+    dequantisation of random blocks; returns (dense model, the same on blocks; `bf16`: its products
+    in bf16, BlockWeight.bf16)."""
     def make():
         return random_loaded("causal", seed=seed, eos=[1], block_size=1, dim=128, n_heads=4, n_kv_heads=2,
                              intermediate_size=256)
@@ -131,10 +184,39 @@ def _blocks_loaded(seed: int = 3, adapted: bool = False):
         adapter = random_adapter(dense.config, seed)
         merge_adapter(dense.model, adapter)
         blocks = unmerged_update(blocks, adapter)
+    if bf16:
+        blocks = {name: w.bf16() for name, w in blocks.items()}
     on_blocks.model.use_blocks(blocks)
     on_blocks.model.release_dense_weights()
     assert not on_blocks.model.step_kernels  # one kernel everywhere: step positions are reusable
     return dense, on_blocks
+
+
+@needs_amx
+def test_a_model_with_bf16_products_decodes_alike_alone_batched_and_reused():
+    """load_model(weights="blocks-bf16")'s arithmetic: close to float32's, and, as on float32
+    blocks, a reply does not depend on the batch, and a reused prefix gives what a fresh prefill
+    gives; draft-and-verify on it writes its AR replies."""
+    dense, on_blocks = _blocks_loaded(adapted=True, bf16=True)
+    tokens = torch.tensor([[3, 9, 4, 1, 7, 7, 2]])
+    with torch.no_grad():
+        want = dense.model(tokens, torch.arange(7)[None], causal_mask(7))
+        got = on_blocks.model(tokens, torch.arange(7)[None], causal_mask(7))
+    assert (got - want).abs().max() < 3e-2 * want.abs().max()
+    params = GenerationParams(max_new_tokens=16)
+    prompts = [p * 5 for p in PROMPTS]
+    drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
+    with AREngine(on_blocks, max_batch_size=4) as engine, \
+            SpeculativeEngine(on_blocks, drafter, draft_len=3, max_batch_size=4) as spec:
+        alone = [_run(engine.submit(p, params))[0] for p in prompts]
+        together = [_run(h)[0] for h in [engine.submit(p, params) for p in prompts]]
+        drafted = [_run(h)[0] for h in [spec.submit(p, params) for p in prompts]]
+        turn2 = prompts[0] + alone[0] + [5, 6, 7]
+        reused = _run(engine.submit(turn2, params))[0]
+    with AREngine(on_blocks, max_batch_size=1) as fresh:
+        assert _run(fresh.submit(turn2, params))[0] == reused
+    assert together == alone == drafted
+    assert any(len(ids) > 3 for ids in alone)
 
 
 @needs_kernel
@@ -283,6 +365,20 @@ def test_blocks_need_a_gguf_and_float32(tmp_path):
     bad.write_bytes(b"not a gguf")
     with pytest.raises((UnsupportedCheckpointError, ValueError)):
         load_model(bad, weights="blocks")
+
+
+def test_bf16_products_where_amx_cannot_run_are_refused_with_the_reason(monkeypatch):
+    from voice_agent.models import resolve_llm_model
+
+    monkeypatch.setattr(dlm.blocks, "_amx_tried", True)
+    monkeypatch.setattr(dlm.blocks, "_amx_reason", "switched off (VOICE_AGENT_AMX=0)")
+    with pytest.raises(RuntimeError, match="VOICE_AGENT_AMX=0"):
+        BlockWeight.q4(*_q4(16, 64, seed=1)).bf16()
+    gguf = resolve_llm_model("smollm2-135m-instruct").path
+    with pytest.raises(ValueError, match=r"blocks-bf16.*VOICE_AGENT_AMX=0"):
+        load_model(gguf, weights="blocks-bf16")
+    with pytest.raises(ValueError, match="float32"):
+        load_model(gguf, weights="blocks-bf16", dtype="bfloat16")
 
 
 def test_a_failed_build_is_reported_and_the_registry_falls_back_to_dense(tmp_path, monkeypatch, caplog):
