@@ -430,33 +430,62 @@ typedef struct {
     block_weight qkv, o, gate_up, down;
 } block_layer;
 
-/* A drafter's low-rank updates of one layer (dlm/drafter.py), in low_rank's layout (t unused):
-   added to the outputs of the rows that are draft slots only, after their block product. A
-   projection without an update has down == NULL. */
+/* A drafter's low-rank updates of one layer (dlm/drafter.py), added to the outputs of the rows
+   that are draft slots only, after their block product. Kept in bf16 (what it reads per forward
+   is what it costs; a draft decides nothing exact): down (r_total, K), up_t (N / 16, rp, 16): up
+   by tiles of 16 outputs, transposed, where the 16 outputs of a tile read one slice of t
+   (offset[n], the same for the tile: dlm/blocks.py checks). down == NULL: no update. */
 typedef struct {
-    const float *down, *up;
+    const uint16_t *down, *up_t;
     const int32_t *offset;
     int64_t r_total, rp;
-    const float *up_t;
 } draft_update;
 
 typedef struct {
     draft_update qkv, o, gate_up, down;
 } draft_layer;
 
-/* y (M, N) += (x (M, K) @ down^T) . up at the rows where drafted[m] (t: a scratch of r_total;
-   N a multiple of 16). */
+TARGET INLINE __m512 bf16_16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* y (M, N) += (x (M, K) @ down^T) . up at the rows where drafted[m]: every such row at once, so
+   the update's weights are read once a forward (t: a scratch of M x r_total; N a multiple of 16). */
 TARGET static void add_draft(const float *x, const uint8_t *drafted, int64_t M, int64_t K, const draft_update *u,
-                             float *y, int64_t N, float *t) {
+                             float *y, int64_t N, float *t, int threads) {
     if (!u->down) return;
-    const low_rank lr = {t, u->up, u->offset, u->r_total, u->rp, u->up_t};
-    for (int64_t m = 0; m < M; m++) {
-        if (!drafted[m]) continue;
-        down_product(x + m * K, u->down, t, 1, K, u->r_total);
-        for (int64_t n = 0; n < N; n += 16) {
-            float d[16];
-            low_rank_16(t, &lr, N, n, d);
-            for (int i = 0; i < 16; i++) y[m * N + n + i] += d[i];
+    int64_t rows[M > 0 ? M : 1], S = 0;
+    for (int64_t m = 0; m < M; m++)
+        if (drafted[m]) rows[S++] = m;
+    if (!S) return;
+    const int64_t R = u->r_total, tiles = N / 16;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < R; j++) {
+            __m512 a[8];
+            for (int64_t s0 = 0; s0 < S; s0 += 8) {
+                const int64_t n_rows = S - s0 < 8 ? S - s0 : 8;
+                for (int64_t i = 0; i < n_rows; i++) a[i] = _mm512_setzero_ps();
+                for (int64_t k = 0; k < K; k += 16) {
+                    const __m512 d = bf16_16(u->down + j * K + k);
+                    for (int64_t i = 0; i < n_rows; i++)
+                        a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + rows[s0 + i] * K + k), d, a[i]);
+                }
+                for (int64_t i = 0; i < n_rows; i++) t[(s0 + i) * R + j] = _mm512_reduce_add_ps(a[i]);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < tiles; tile++) {
+            const int64_t n = tile * 16;
+            const uint16_t *ut = u->up_t + n * u->rp;
+            for (int64_t s = 0; s < S; s++) {
+                const float *tn = t + s * R + u->offset[n];
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t j = 0; j < u->rp; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(tn[j]), bf16_16(ut + j * 16), a);
+                float *yn = y + rows[s] * N + n;
+                _mm512_storeu_ps(yn, _mm512_add_ps(_mm512_loadu_ps(yn), a));
+            }
         }
     }
 }
@@ -601,7 +630,7 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
         float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_in, h + m * D, D, eps);
         if (project(h, &ly->qkv, wide, M, threads, t)) goto oom;
-        if (drafted) add_draft(h, drafted, M, D, &drafts[l].qkv, wide, QKV, t);
+        if (drafted) add_draft(h, drafted, M, D, &drafts[l].qkv, wide, QKV, t, threads);
         for (int64_t m = 0; m < M; m++) {
             float *row = wide + m * QKV;
             for (int64_t g = 0; g < H + Hkv; g++) rope(row + g * Dh, cos + m * Dh, sin + m * Dh, Dh);
@@ -619,14 +648,14 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
                    scores + (int64_t)omp_get_thread_num() * (K + 1), att + (m * H + head) * Dh);
         }
         if (project(att, &ly->o, out, M, threads, t)) goto oom;
-        if (drafted) add_draft(att, drafted, M, H * Dh, &drafts[l].o, out, D, t);
+        if (drafted) add_draft(att, drafted, M, H * Dh, &drafts[l].o, out, D, t, threads);
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_post, h + m * D, D, eps);
         if (project(h, &ly->gate_up, wide, M, threads, t)) goto oom;
-        if (drafted) add_draft(h, drafted, M, D, &drafts[l].gate_up, wide, 2 * F, t);
+        if (drafted) add_draft(h, drafted, M, D, &drafts[l].gate_up, wide, 2 * F, t, threads);
         for (int64_t m = 0; m < M; m++) silu_mul(wide + m * 2 * F, wide + m * 2 * F + F, act + m * F, F);
         if (project(act, &ly->down, out, M, threads, t)) goto oom;
-        if (drafted) add_draft(act, drafted, M, F, &drafts[l].down, out, D, t);
+        if (drafted) add_draft(act, drafted, M, F, &drafts[l].down, out, D, t, threads);
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
     }
     goto done;

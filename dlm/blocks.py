@@ -339,8 +339,8 @@ FUSED_PROJECTIONS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "u
 class _CDraftUpdate(ctypes.Structure):
     """dlm/blocks.c `draft_update`."""
 
-    _fields_ = [("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("up_t", ctypes.c_void_p)]
+    _fields_ = [("down", ctypes.c_void_p), ("up_t", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64)]
 
 
 class _CDraftLayer(ctypes.Structure):
@@ -353,13 +353,24 @@ class DraftUpdates:
     """A drafter's low-rank updates of every layer in the kernel's layout (dlm.drafter.Drafter
     .block_updates builds them): per layer, a LowRank or None for each of FUSED_PROJECTIONS (fused
     q/k/v and gate/up as `LowRank.cat` lays them out). `BlockLayers` adds them at the rows that are
-    draft slots only."""
+    draft slots only, kept in bf16 (a draft decides nothing exact, and its weights are read every
+    forward). ValueError where a tile of 16 outputs reads two slices of t (parts of a fused
+    projection that are not multiples of 16 wide)."""
 
     def __init__(self, layers: list[dict[str, LowRank | None]]) -> None:
-        def c(u: LowRank | None) -> _CDraftUpdate:
-            return _CDraftUpdate() if u is None else _CDraftUpdate(*u.kernel_args(), u.up_t.data_ptr())
+        self._keep: list[Tensor] = []  # the tensors the structures point into
 
-        self._keep = layers  # the tensors the structures point into
+        def c(u: LowRank | None) -> _CDraftUpdate:
+            if u is None:
+                return _CDraftUpdate()
+            n = u.up.shape[0]
+            offsets = u.offset.view(-1, 16) if n % 16 == 0 else None
+            if offsets is None or not bool((offsets == offsets[:, :1]).all()):
+                raise ValueError("a drafter's update needs each tile of 16 outputs in one part of a fused projection")
+            down, up_t = u.down.to(torch.bfloat16).contiguous(), u.up_t.to(torch.bfloat16).contiguous()
+            self._keep += [down, up_t, u.offset]
+            return _CDraftUpdate(down.data_ptr(), up_t.data_ptr(), u.offset.data_ptr(), u.down.shape[0], u.rank)
+
         self._layers = (_CDraftLayer * len(layers))(*[_CDraftLayer(*[c(layer.get(n)) for n in FUSED_PROJECTIONS])
                                                       for layer in layers])
         self.address = ctypes.addressof(self._layers)

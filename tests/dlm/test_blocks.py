@@ -284,11 +284,14 @@ def test_the_one_call_forward_computes_what_the_layers_compute_and_each_row_alon
 def test_draft_slots_in_the_one_call_forward_add_the_drafters_update_there_only():
     """A draft-and-verify forward on blocks: the mask slots (the drafter's slot embeddings and
     low-rank updates, K/V at spare positions, each slot seeing the text and its block's earlier
-    slots) come out as the layers' torch forward computes them; the text positions' bits are
+    slots) come out as the layers' torch forward computes them (for updates that bf16 holds); the text positions' bits are
     those of the same forward without slots; padding (written at the scratch position) is skipped."""
     _, on_blocks = _blocks_loaded(seed=6, adapted=True)
     model = on_blocks.model
     drafter = _random_drafter(on_blocks, n_slots=3, scale=0.2)
+    with torch.no_grad():  # values bf16 holds (the kernel keeps a drafter's updates in bf16)
+        for p in drafter.parameters():
+            p.copy_(p.bfloat16().float())
     tokens = torch.tensor([[3, 9, 4, 0, 0, 0], [5, 5, 8, 0, 0, 0]])
     positions = torch.tensor([[0, 1, 2, 3, 4, 5]] * 2)
     writes = torch.tensor([[0, 1, 2, 8, 9, 10]] * 2)
