@@ -79,29 +79,7 @@ typedef struct {
     const float *up;       /* (N, Rp) */
     const int32_t *offset; /* (N,): where output n's slice of t starts */
     int64_t r_total, rp;
-    const float *up_t;     /* (N / 16, Rp, 16): up by tiles of 16 outputs, transposed (the bf16
-                              products' and a drafter's layout) */
 } low_rank;
-
-/* The update of outputs n..n+15 of one row whose t is tm: out[i] = t[offset[n + i] ..] . up[n + i].
-   Where the 16 outputs read one slice of t (they lie in one part of a fused projection): 16 lanes
-   over the rank (up_t), else output by output (16 lanes, one reduction); either way fixed by n
-   alone, so a row's update does not depend on the other rows. */
-TARGET static void low_rank_16(const float *tm, const low_rank *lr, int64_t N, int64_t n, float out[16]) {
-    if (lr->offset[n] == lr->offset[n + 15]) {
-        const float *tn = tm + lr->offset[n], *ut = lr->up_t + n * lr->rp;
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t j = 0; j < lr->rp; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(tn[j]), _mm512_loadu_ps(ut + j * 16), a);
-        _mm512_storeu_ps(out, a);
-        return;
-    }
-    for (int64_t i = 0; i < 16; i++) {
-        const float *tn = tm + lr->offset[n + i], *un = lr->up + (n + i) * lr->rp;
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t j = 0; j < lr->rp; j += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(tn + j), _mm512_loadu_ps(un + j), a);
-        out[i] = _mm512_reduce_add_ps(a);
-    }
-}
 
 /* Outputs n..n+T-1 of rows 0..R-1 (T and R compile-time constants after inlining). */
 TARGET INLINE void tile(const float *x, const uint8_t *data, const float *scales, float *y, int64_t N,
@@ -241,24 +219,18 @@ AMX_TARGET static void amx_weights(const uint8_t *data, const float *scales, int
         }
 }
 
-/* A C tile (outputs n..n+15 x rows 16g..16g+15) into y, each output plus its low-rank update. */
-AMX_TARGET static void amx_store(const float *c, float *y, int64_t M, int64_t N, int64_t n, int64_t g,
-                                 const low_rank *lr) {
+/* A C tile (outputs n..n+15 x rows 16g..16g+15) into y. */
+AMX_TARGET static void amx_store(const float *c, float *y, int64_t M, int64_t N, int64_t n, int64_t g) {
     const int64_t rows = M - 16 * g < 16 ? M - 16 * g : 16;
-    for (int64_t m = 0; m < rows; m++) {
-        const int64_t row = 16 * g + m;
-        float u[16] = {0};
-        if (lr) low_rank_16(lr->t + row * lr->r_total, lr, N, n, u);
-        for (int64_t t = 0; t < 16; t++) y[row * N + n + t] = c[t * 16 + m] + u[t];
-    }
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t t = 0; t < 16; t++) y[(16 * g + m) * N + n + t] = c[t * 16 + m];
 }
 
 /* Outputs n0..n1-1 (multiples of 16) of every row, four tiles of 16 outputs at a time (four
    independent sums in flight); each tile's A is made once (a: 4 x 16 x K bf16) and serves every
    group of rows. The order of each output's sums is the same on both paths below. */
 AMX_TARGET static void amx_range(const uint32_t *b, const uint8_t *data, const float *scales, float *y, int64_t M,
-                                 int64_t N, int64_t K, int64_t n0, int64_t n1, int q8, const low_rank *lr,
-                                 uint16_t *a) {
+                                 int64_t N, int64_t K, int64_t n0, int64_t n1, int q8, uint16_t *a) {
     const int64_t chunks = K / 32, groups = (M + 15) / 16, span = 16 * K;
     float c[4][256] __attribute__((aligned(64)));
     amx_configure();
@@ -302,7 +274,7 @@ AMX_TARGET static void amx_range(const uint32_t *b, const uint8_t *data, const f
         _tile_stored(1, c[1], 64);
         _tile_stored(2, c[2], 64);
         _tile_stored(3, c[3], 64);
-        for (int i = 0; i < 4; i++) amx_store(c[i], y, M, N, n + 16 * i, 0, lr);
+        for (int i = 0; i < 4; i++) amx_store(c[i], y, M, N, n + 16 * i, 0);
     }
     for (; n + 64 <= n1; n += 64) {
         for (int i = 0; i < 4; i++) amx_weights(data, scales, K, n + 16 * i, q8, a + i * span);
@@ -327,7 +299,7 @@ AMX_TARGET static void amx_range(const uint32_t *b, const uint8_t *data, const f
             _tile_stored(1, c[1], 64);
             _tile_stored(2, c[2], 64);
             _tile_stored(3, c[3], 64);
-            for (int i = 0; i < 4; i++) amx_store(c[i], y, M, N, n + 16 * i, g, lr);
+            for (int i = 0; i < 4; i++) amx_store(c[i], y, M, N, n + 16 * i, g);
         }
     }
     for (; n < n1; n += 16) {
@@ -340,56 +312,140 @@ AMX_TARGET static void amx_range(const uint32_t *b, const uint8_t *data, const f
                 _tile_dpbf16ps(0, 5, 4);
             }
             _tile_stored(0, c[0], 64);
-            amx_store(c[0], y, M, N, n, g, lr);
+            amx_store(c[0], y, M, N, n, g);
         }
     }
     _tile_release();
 }
 
+/* A low-rank update kept in bf16 (its weights are read at every forward: half the bytes), added
+   after the product: a fine-tune beside bf16 products, a drafter's update at its draft slots.
+   down (r_total, K), up_t (N / 16, rp, 16): up by tiles of 16 outputs, transposed, where the 16
+   outputs of a tile read one slice of t (offset[n], the same for the tile: dlm/blocks.py checks).
+   down == NULL: no update. Each row's update is its own: the same sums in the same order. */
+typedef struct {
+    const uint16_t *down, *up_t;
+    const int32_t *offset;
+    int64_t r_total, rp;
+} bf16_update;
+
+TARGET INLINE __m512 bf16_16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* t (S, r_total) = x's rows rows[0..S-1] @ down^T, entries j0..j1-1 (all the rows at once: the
+   update's weights are read once). */
+TARGET static void update_t(const float *x, const int64_t *rows, int64_t S, int64_t K, const bf16_update *u, float *t,
+                            int64_t j0, int64_t j1) {
+    const int64_t R = u->r_total;
+    for (int64_t j = j0; j < j1; j++) {
+        __m512 a[8];
+        for (int64_t s0 = 0; s0 < S; s0 += 8) {
+            const int64_t n_rows = S - s0 < 8 ? S - s0 : 8;
+            for (int64_t i = 0; i < n_rows; i++) a[i] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                const __m512 d = bf16_16(u->down + j * K + k);
+                for (int64_t i = 0; i < n_rows; i++) a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + rows[s0 + i] * K + k), d, a[i]);
+            }
+            for (int64_t i = 0; i < n_rows; i++) t[(s0 + i) * R + j] = _mm512_reduce_add_ps(a[i]);
+        }
+    }
+}
+
+/* y[rows[s]][n] += t[s][offset[n]..] . up[n] for the outputs n0..n1-1 (multiples of 16). */
+TARGET static void update_add(const int64_t *rows, int64_t S, const bf16_update *u, const float *t, float *y, int64_t N,
+                              int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n += 16) {
+        const uint16_t *ut = u->up_t + n * u->rp;
+        for (int64_t s = 0; s < S; s++) {
+            const float *tn = t + s * u->r_total + u->offset[n];
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t j = 0; j < u->rp; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(tn[j]), bf16_16(ut + j * 16), a);
+            float *yn = y + rows[s] * N + n;
+            _mm512_storeu_ps(yn, _mm512_add_ps(_mm512_loadu_ps(yn), a));
+        }
+    }
+}
+
+/* This thread's share of i of k: [lo, hi) of `count` units of `unit` each. */
+static void share(int64_t count, int64_t unit, int i, int k, int64_t *lo, int64_t *hi) {
+    const int64_t per = (count + k - 1) / k;
+    *lo = i * per < count ? i * per * unit : count * unit;
+    *hi = (i + 1) * per < count ? (i + 1) * per * unit : count * unit;
+}
+
+/* y (M, N) += (x (M, K) @ down^T) . up at the rows where drafted[m] (a drafter's update at its
+   draft slots): all those rows at once, the work split between the threads (t: a scratch of
+   M x r_total; N a multiple of 16). */
+TARGET static void add_update(const float *x, const uint8_t *drafted, int64_t M, int64_t K, const bf16_update *u,
+                              float *y, int64_t N, float *t, int threads) {
+    if (!u->down) return;
+    int64_t rows[M > 0 ? M : 1], S = 0;
+    for (int64_t m = 0; m < M; m++)
+        if (drafted[m]) rows[S++] = m;
+    if (!S) return;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        int64_t lo, hi;
+        share(u->r_total, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        update_t(x, rows, S, K, u, t, lo, hi);
+#pragma omp barrier
+        share(N / 16, 16, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        update_add(rows, S, u, t, y, N, lo, hi);
+    }
+}
+
+/* y (M, N) = x @ W^T in bf16 products (above), plus the update u (or NULL) in bf16: its t made
+   first (t: a scratch of M x u->r_total), then each thread adds it to its own outputs. */
 static void amx_matmul(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M, int64_t N,
-                       int64_t K, int q8, int threads, const low_rank *lr, int *status) {
+                       int64_t K, int q8, int threads, const bf16_update *u, float *t, int *status) {
     const int64_t groups = (M + 15) / 16, tiles = N / 16;
     uint32_t *b = aligned_alloc(64, sizeof(uint32_t) * groups * (K / 32) * 256);
-    if (!b) {
+    int64_t *rows = malloc(sizeof(int64_t) * (M > 0 ? M : 1));
+    if (!b || !rows) {
+        free(b), free(rows);
         *status = -1;
         return;
     }
+    for (int64_t m = 0; m < M; m++) rows[m] = m;
+    if (u && !u->down) u = 0;
+    if (u) update_t(x, rows, M, K, u, t, 0, u->r_total);
     amx_inputs(x, M, K, b);
     const int parallel = threads > 1 && tiles >= 8;
 #pragma omp parallel num_threads(parallel ? threads : 1)
     {
-        const int i = omp_get_thread_num(), k = omp_get_num_threads();
-        const int64_t per = (tiles + k - 1) / k, lo = i * per * 16, hi = (i + 1) * per * 16 < N ? (i + 1) * per * 16 : N;
+        int64_t lo, hi;
+        share(tiles, 16, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         uint16_t *a = aligned_alloc(64, sizeof(uint16_t) * 4 * 16 * K);
         if (!a) {
 #pragma omp atomic write
             *status = -1;
         } else if (lo < hi) {
-            amx_range(b, data, scales, y, M, N, K, lo, hi, q8, lr, a);
+            amx_range(b, data, scales, y, M, N, K, lo, hi, q8, a);
+            if (u) update_add(rows, M, u, t, y, N, lo, hi);
         }
         free(a);
     }
-    free(b);
+    free(b), free(rows);
 }
 
 /* kind 0: Q4, 1: Q8. K must be a multiple of 64; x, y contiguous. threads: how many OpenMP
    threads share the outputs (the caller passes torch's intra-op count: this library runs in
    torch's own OpenMP runtime, so they are the same pool). The low-rank update, where down is not
-   NULL: down (r_total, K), up (N, rp), offset (N,), up_t (N / 16, rp, 16) (up by tiles of 16 outputs,
-   transposed; read where N is a multiple of 16), t a scratch of
-   (M, r_total) floats. amx: the products in bf16 on AMX (above; blocks_amx_init first). Returns 0,
-   or -1 where memory ran out. */
+   NULL: down (r_total, K), up (N, rp), offset (N,), t a scratch of (M, r_total) floats; amx: the
+   products in bf16 on AMX (above; blocks_amx_init first), its update (upd, or NULL) in bf16 after
+   them (t then a scratch of M x upd->r_total). Returns 0, or -1 where memory ran out. */
 int blocks_matmul(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M,
                   int64_t N, int64_t K, int kind, int threads, const float *down, const float *up,
-                  const int32_t *offset, int64_t r_total, int64_t rp, float *t, const float *up_t, int amx) {
-    low_rank update = {t, up, offset, r_total, rp, up_t};
-    const low_rank *lr = down ? &update : 0;
-    if (lr) down_product(x, down, t, M, K, r_total);
+                  const int32_t *offset, int64_t r_total, int64_t rp, float *t, int amx, const bf16_update *upd) {
     if (amx) {
         int status = 0;
-        amx_matmul(x, data, scales, y, M, N, K, kind, threads, lr, &status);
+        amx_matmul(x, data, scales, y, M, N, K, kind, threads, upd, t, &status);
         return status;
     }
+    low_rank update = {t, up, offset, r_total, rp};
+    const low_rank *lr = down ? &update : 0;
+    if (lr) down_product(x, down, t, M, K, r_total);
     if (threads > 1 && N >= 64 && M * N * K >= (int64_t)1 << 17) {
 #pragma omp parallel num_threads(threads)
         {
@@ -421,78 +477,22 @@ typedef struct {
     const int32_t *offset;
     int64_t r_total, rp;
     const float *bias; /* (n,) or NULL */
-    const float *up_t; /* the update's up transposed */
-    int64_t amx;       /* the products in bf16 on AMX (blocks_matmul) */
+    int64_t amx;       /* the products in bf16 on AMX, the update in upd (blocks_matmul) */
+    bf16_update upd;
 } block_weight;
+
+typedef struct {
+    bf16_update qkv, o, gate_up, down;
+} draft_layer;
 
 typedef struct {
     const float *ln_in, *ln_post; /* RMSNorm weights (D,) */
     block_weight qkv, o, gate_up, down;
 } block_layer;
 
-/* A drafter's low-rank updates of one layer (dlm/drafter.py), added to the outputs of the rows
-   that are draft slots only, after their block product. Kept in bf16 (what it reads per forward
-   is what it costs; a draft decides nothing exact): down (r_total, K), up_t (N / 16, rp, 16): up
-   by tiles of 16 outputs, transposed, where the 16 outputs of a tile read one slice of t
-   (offset[n], the same for the tile: dlm/blocks.py checks). down == NULL: no update. */
-typedef struct {
-    const uint16_t *down, *up_t;
-    const int32_t *offset;
-    int64_t r_total, rp;
-} draft_update;
-
-typedef struct {
-    draft_update qkv, o, gate_up, down;
-} draft_layer;
-
-TARGET INLINE __m512 bf16_16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* y (M, N) += (x (M, K) @ down^T) . up at the rows where drafted[m]: every such row at once, so
-   the update's weights are read once a forward (t: a scratch of M x r_total; N a multiple of 16). */
-TARGET static void add_draft(const float *x, const uint8_t *drafted, int64_t M, int64_t K, const draft_update *u,
-                             float *y, int64_t N, float *t, int threads) {
-    if (!u->down) return;
-    int64_t rows[M > 0 ? M : 1], S = 0;
-    for (int64_t m = 0; m < M; m++)
-        if (drafted[m]) rows[S++] = m;
-    if (!S) return;
-    const int64_t R = u->r_total, tiles = N / 16;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < R; j++) {
-            __m512 a[8];
-            for (int64_t s0 = 0; s0 < S; s0 += 8) {
-                const int64_t n_rows = S - s0 < 8 ? S - s0 : 8;
-                for (int64_t i = 0; i < n_rows; i++) a[i] = _mm512_setzero_ps();
-                for (int64_t k = 0; k < K; k += 16) {
-                    const __m512 d = bf16_16(u->down + j * K + k);
-                    for (int64_t i = 0; i < n_rows; i++)
-                        a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + rows[s0 + i] * K + k), d, a[i]);
-                }
-                for (int64_t i = 0; i < n_rows; i++) t[(s0 + i) * R + j] = _mm512_reduce_add_ps(a[i]);
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t tile = 0; tile < tiles; tile++) {
-            const int64_t n = tile * 16;
-            const uint16_t *ut = u->up_t + n * u->rp;
-            for (int64_t s = 0; s < S; s++) {
-                const float *tn = t + s * R + u->offset[n];
-                __m512 a = _mm512_setzero_ps();
-                for (int64_t j = 0; j < u->rp; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(tn[j]), bf16_16(ut + j * 16), a);
-                float *yn = y + rows[s] * N + n;
-                _mm512_storeu_ps(yn, _mm512_add_ps(_mm512_loadu_ps(yn), a));
-            }
-        }
-    }
-}
-
 static int project(const float *x, const block_weight *w, float *y, int64_t M, int threads, float *t) {
     const int status = blocks_matmul(x, w->data, w->scales, y, M, w->n, w->k, (int)w->kind, threads, w->down, w->up,
-                                     w->offset, w->r_total, w->rp, t, w->up_t, (int)w->amx);
+                                     w->offset, w->r_total, w->rp, t, (int)w->amx, &w->upd);
     if (w->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < w->n; j++) y[m * w->n + j] += w->bias[j];
@@ -606,10 +606,12 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
     int64_t r_max = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const block_weight *ws[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < 4; i++) {
             if (ws[i]->down && ws[i]->r_total > r_max) r_max = ws[i]->r_total;
+            if (ws[i]->upd.down && ws[i]->upd.r_total > r_max) r_max = ws[i]->upd.r_total;
+        }
         if (drafts) {
-            const draft_update *us[4] = {&drafts[l].qkv, &drafts[l].o, &drafts[l].gate_up, &drafts[l].down};
+            const bf16_update *us[4] = {&drafts[l].qkv, &drafts[l].o, &drafts[l].gate_up, &drafts[l].down};
             for (int i = 0; i < 4; i++)
                 if (us[i]->down && us[i]->r_total > r_max) r_max = us[i]->r_total;
         }
@@ -630,7 +632,7 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
         float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_in, h + m * D, D, eps);
         if (project(h, &ly->qkv, wide, M, threads, t)) goto oom;
-        if (drafted) add_draft(h, drafted, M, D, &drafts[l].qkv, wide, QKV, t, threads);
+        if (drafted) add_update(h, drafted, M, D, &drafts[l].qkv, wide, QKV, t, threads);
         for (int64_t m = 0; m < M; m++) {
             float *row = wide + m * QKV;
             for (int64_t g = 0; g < H + Hkv; g++) rope(row + g * Dh, cos + m * Dh, sin + m * Dh, Dh);
@@ -648,14 +650,14 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
                    scores + (int64_t)omp_get_thread_num() * (K + 1), att + (m * H + head) * Dh);
         }
         if (project(att, &ly->o, out, M, threads, t)) goto oom;
-        if (drafted) add_draft(att, drafted, M, H * Dh, &drafts[l].o, out, D, t, threads);
+        if (drafted) add_update(att, drafted, M, H * Dh, &drafts[l].o, out, D, t, threads);
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_post, h + m * D, D, eps);
         if (project(h, &ly->gate_up, wide, M, threads, t)) goto oom;
-        if (drafted) add_draft(h, drafted, M, D, &drafts[l].gate_up, wide, 2 * F, t, threads);
+        if (drafted) add_update(h, drafted, M, D, &drafts[l].gate_up, wide, 2 * F, t, threads);
         for (int64_t m = 0; m < M; m++) silu_mul(wide + m * 2 * F, wide + m * 2 * F + F, act + m * F, F);
         if (project(act, &ly->down, out, M, threads, t)) goto oom;
-        if (drafted) add_draft(act, drafted, M, F, &drafts[l].down, out, D, t, threads);
+        if (drafted) add_update(act, drafted, M, F, &drafts[l].down, out, D, t, threads);
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
     }
     goto done;

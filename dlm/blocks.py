@@ -39,6 +39,7 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -105,7 +106,8 @@ def _load() -> ctypes.CDLL | None:
             _reason = "this CPU has no AVX-512 (F and BW), which the float32 block kernel needs"
             return None
         lib.blocks_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
-                                      + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+                                      + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int,
+                                                                                        ctypes.c_void_p])
         lib.blocks_matmul.restype = ctypes.c_int
         lib.blocks_amx_init.restype = ctypes.c_int
         lib.blocks_forward.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
@@ -157,6 +159,13 @@ def amx_available() -> str | None:
         return _amx_reason
 
 
+class _CBf16Update(ctypes.Structure):
+    """dlm/blocks.c `bf16_update`."""
+
+    _fields_ = [("down", ctypes.c_void_p), ("up_t", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64)]
+
+
 @dataclass
 class LowRank:
     """An update W + up @ down, unmerged, in the kernel's layout: output n adds
@@ -166,13 +175,6 @@ class LowRank:
     down: Tensor  # (R_total, K) float32
     up: Tensor  # (N, rank) float32
     offset: Tensor  # (N,) int32
-
-    def __post_init__(self) -> None:
-        # (N / 16, rank, 16): up by tiles of 16 outputs, transposed, what the bf16 products and a
-        # drafter's update read (16 outputs at a time; N a multiple of 16 there)
-        n, rank = self.up.shape
-        tiles = self.up[: n - n % 16].reshape(n // 16, 16, rank)
-        self.up_t = tiles.transpose(1, 2).contiguous()
 
     @classmethod
     def of(cls, down: Tensor, up: Tensor) -> LowRank:
@@ -209,13 +211,27 @@ class LowRank:
         return self.up.shape[1]
 
     def kernel_args(self) -> tuple[int, int, int, int, int]:
-        """(down, up, offset pointers, rows of down, rank): the kernel's view of the update
-        (`up_t`'s pointer goes beside it)."""
+        """(down, up, offset pointers, rows of down, rank): the kernel's view of the update."""
         return self.down.data_ptr(), self.up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank
+
+    @cached_property
+    def bf16(self) -> _CBf16Update:
+        """The update in bf16 as the kernel adds it after bf16 products and at draft slots
+        (dlm/blocks.c `bf16_update`: down, and up by tiles of 16 outputs, transposed); built once.
+        ValueError where a tile of 16 outputs would read two slices of t (parts of a fused
+        projection that are not multiples of 16 wide)."""
+        n, rank = self.up.shape
+        tiles = self.offset.view(-1, 16) if n % 16 == 0 else None
+        if tiles is None or not bool((tiles == tiles[:, :1]).all()):
+            raise ValueError("a low-rank update in bf16 needs each tile of 16 outputs in one part of a fused projection")
+        down = self.down.to(torch.bfloat16).contiguous()
+        up_t = self.up.view(n // 16, 16, rank).transpose(1, 2).to(torch.bfloat16).contiguous()
+        self._bf16_tensors = (down, up_t)  # what the structure points into
+        return _CBf16Update(down.data_ptr(), up_t.data_ptr(), self.offset.data_ptr(), self.down.shape[0], rank)
 
     @property
     def nbytes(self) -> int:
-        return self.down.nbytes + self.up.nbytes + self.offset.nbytes + self.up_t.nbytes
+        return self.down.nbytes + self.up.nbytes + self.offset.nbytes
 
 
 @dataclass
@@ -291,14 +307,12 @@ class BlockWeight:
         m = rows.shape[0]
         out = torch.empty(m, self.out_features)
         u = self.low_rank
-        if u is None:
-            update = (None, None, None, 0, 0, None, None)
-        else:
-            t = torch.empty(m, u.down.shape[0])  # the kernel's scratch: x @ down^T
-            update = (*u.kernel_args(), t.data_ptr(), u.up_t.data_ptr())
+        t = None if u is None else torch.empty(m, u.down.shape[0])  # the kernel's scratch: x @ down^T
+        f32_update = (None, None, None, 0, 0) if u is None or self.amx else u.kernel_args()
+        bf16_update = ctypes.addressof(u.bf16) if u is not None and self.amx else None
         if m and lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
-                                   self.out_features, self.in_features, self.kind, torch.get_num_threads(), *update,
-                                   int(self.amx)) != 0:
+                                   self.out_features, self.in_features, self.kind, torch.get_num_threads(), *f32_update,
+                                   None if t is None else t.data_ptr(), int(self.amx), bf16_update) != 0:
             raise MemoryError("the block product could not allocate its buffers")
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -312,8 +326,8 @@ class _CWeight(ctypes.Structure):
 
     _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("kind", ctypes.c_int64), ("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("bias", ctypes.c_void_p), ("up_t", ctypes.c_void_p),
-                ("amx", ctypes.c_int64)]
+                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("bias", ctypes.c_void_p), ("amx", ctypes.c_int64),
+                ("upd", _CBf16Update)]
 
 
 class _CLayer(ctypes.Structure):
@@ -325,10 +339,10 @@ class _CLayer(ctypes.Structure):
 
 def _c_weight(weight: BlockWeight, bias: Tensor | None) -> _CWeight:
     u = weight.low_rank
-    update = (None, None, None, 0, 0) if u is None else u.kernel_args()
+    f32_update = (None, None, None, 0, 0) if u is None or weight.amx else u.kernel_args()
     return _CWeight(weight.data.data_ptr(), weight.scales.data_ptr(), weight.out_features, weight.in_features, weight.kind,
-                    *update, None if bias is None else bias.data_ptr(), None if u is None else u.up_t.data_ptr(),
-                    int(weight.amx))
+                    *f32_update, None if bias is None else bias.data_ptr(), int(weight.amx),
+                    u.bf16 if u is not None and weight.amx else _CBf16Update())
 
 
 # BlockLayers' projections of a layer, in its order, and the projections (dlm.model.PROJECTIONS'
@@ -336,17 +350,10 @@ def _c_weight(weight: BlockWeight, bias: Tensor | None) -> _CWeight:
 FUSED_PROJECTIONS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 
 
-class _CDraftUpdate(ctypes.Structure):
-    """dlm/blocks.c `draft_update`."""
-
-    _fields_ = [("down", ctypes.c_void_p), ("up_t", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64)]
-
-
 class _CDraftLayer(ctypes.Structure):
     """dlm/blocks.c `draft_layer`."""
 
-    _fields_ = [(name, _CDraftUpdate) for name in FUSED_PROJECTIONS]
+    _fields_ = [(name, _CBf16Update) for name in FUSED_PROJECTIONS]
 
 
 class DraftUpdates:
@@ -358,21 +365,10 @@ class DraftUpdates:
     projection that are not multiples of 16 wide)."""
 
     def __init__(self, layers: list[dict[str, LowRank | None]]) -> None:
-        self._keep: list[Tensor] = []  # the tensors the structures point into
-
-        def c(u: LowRank | None) -> _CDraftUpdate:
-            if u is None:
-                return _CDraftUpdate()
-            n = u.up.shape[0]
-            offsets = u.offset.view(-1, 16) if n % 16 == 0 else None
-            if offsets is None or not bool((offsets == offsets[:, :1]).all()):
-                raise ValueError("a drafter's update needs each tile of 16 outputs in one part of a fused projection")
-            down, up_t = u.down.to(torch.bfloat16).contiguous(), u.up_t.to(torch.bfloat16).contiguous()
-            self._keep += [down, up_t, u.offset]
-            return _CDraftUpdate(down.data_ptr(), up_t.data_ptr(), u.offset.data_ptr(), u.down.shape[0], u.rank)
-
-        self._layers = (_CDraftLayer * len(layers))(*[_CDraftLayer(*[c(layer.get(n)) for n in FUSED_PROJECTIONS])
-                                                      for layer in layers])
+        self._keep = layers  # the updates whose bf16 tensors the structures point into
+        self._layers = (_CDraftLayer * len(layers))(*[
+            _CDraftLayer(*[_CBf16Update() if layer.get(n) is None else layer[n].bf16 for n in FUSED_PROJECTIONS])
+            for layer in layers])
         self.address = ctypes.addressof(self._layers)
         self.n_layers = len(layers)
 

@@ -113,7 +113,9 @@ def test_bf16_products_round_weights_and_inputs_and_a_rows_bits_are_its_own(kind
     finally:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(8)
-    down, up = torch.randn(4, k, generator=g), torch.randn(40, 4, generator=g) * 0.05
+    # an update that bf16 holds (bf16 products add their updates in bf16)
+    down = torch.randn(4, k, generator=g).bfloat16().float()
+    up = (torch.randn(40, 4, generator=g) * 0.05).bfloat16().float()
     parts, dense_parts = [], []
     for size, seed in ((168, 9), (40, 10)):  # outputs 160..175: a tile of 16 outputs across both parts
         if kind == "q4":
