@@ -172,8 +172,8 @@ TARGET static void down_product(const float *x, const float *down, float *t, int
    by the tiles: A = 16 outputs x 32 inputs of weights (one block of each output), B = the same 32
    inputs of up to 16 rows (pairs of inputs side by side, the tiles' layout), C (outputs x rows) +=
    A B over the blocks in order. An output's sum depends on its own weights and its own row only,
-   in the same order whatever the other rows or the thread count. A low-rank update is added to
-   each output after its sum (16 lanes, then one reduction). N must be a multiple of 16. */
+   in the same order whatever the other rows or the thread count. A low-rank update is added after
+   the product, in bf16 too (bf16_update, below). N must be a multiple of 16. */
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];

@@ -16,6 +16,9 @@ Contract:
   order is fixed: a row's result does not depend on the other rows of the call, nor on the thread
   count. `with_low_rank(down, up)`: plus an unmerged update x down^T up^T in float32 (a fine-tune,
   dlm.adapter), inside the same call (`LowRank`); `cat(parts)`: projections of one input side by side (one call).
+  `bf16()`: the same blocks with their products in bf16 on AMX (weights and inputs rounded to bf16,
+  float32 sums in a fixed order per output, the update in bf16 after them): still a row's own bits;
+  `amx_available()` says whether that runs here (AMX, AVX512-BF16, VOICE_AGENT_AMX not 0).
 - `BlockLayers(layers, n_heads=, n_kv_heads=, head_dim=, eps=)` (`LayerWeights` per layer): a
   Llama-style decoder's every layer in one C call over a KV cache (dlm.model.Transformer.use_blocks
   builds it); each row from its own inputs and cache row only; `supported(...)` says which
@@ -267,8 +270,9 @@ class BlockWeight:
 
     def bf16(self) -> BlockWeight:
         """The same blocks, their products in bf16 on AMX (dlm/blocks.c): each weight the float32
-        dequantisation rounded to bf16, each input rounded to bf16, sums in float32; a row's
-        result still depends on nothing but its own inputs. RuntimeError where AMX cannot run here."""
+        dequantisation rounded to bf16, each input rounded to bf16, sums in float32, a low-rank
+        update (`LowRank.bf16`) added after them in bf16; a row's result still depends on nothing
+        but its own inputs. RuntimeError where AMX cannot run here."""
         reason = amx_available()
         if reason is not None:
             raise RuntimeError(f"bf16 block products cannot run: {reason}")
@@ -278,7 +282,8 @@ class BlockWeight:
 
     def with_low_rank(self, down: Tensor, up: Tensor) -> BlockWeight:
         """These weights plus W += up @ down (a LoRA update with its scale folded into `up`), kept
-        apart: a float32 product of the rows with it is added to the block product."""
+        apart: a float32 product of the rows with it is added to the block product (in bf16 where
+        the products are, `bf16()`)."""
         if self.low_rank is not None:
             raise ValueError("these block weights already carry a low-rank update")
         n, k = self.out_features, self.in_features

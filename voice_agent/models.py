@@ -192,6 +192,15 @@ def resolve_turn_model(name: str) -> Path:
     return local
 
 
+def _arithmetic(result: ResolvedLlm) -> str:
+    """How the registry runs the model where llm.weights and llm.dtype are auto (one phrase)."""
+    if result.weights == "blocks":
+        return "the GGUF's blocks in float32 where AVX-512 runs"
+    if result.weights and result.weights != "dense":
+        return f"{result.weights} weights"
+    return result.dtype or "configured dtype"
+
+
 def _info(role: str, configured: str, resolve) -> ModelInfo:
     try:
         result = resolve(configured)
@@ -208,7 +217,7 @@ def _info(role: str, configured: str, resolve) -> ModelInfo:
         if result.drafter is not None:
             return ModelInfo(role, configured, result.path,
                              f"diffusion drafter {result.drafter.name} over the AR weights: exact draft-and-verify "
-                             f"decoding, several tokens per forward ({result.dtype or 'configured dtype'}){tuned}")
+                             f"decoding, several tokens per forward ({_arithmetic(result)}){tuned}")
         if result.weights == "blocks":
             return ModelInfo(role, configured, result.path, "found; its GGUF blocks in float32 (AVX-512) where "
                                                             f"llm.weights is auto{tuned}")
