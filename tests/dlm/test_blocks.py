@@ -5,6 +5,7 @@ float32 model decodes; where the kernel cannot run, the registry's choice falls 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -67,6 +68,25 @@ def test_each_weight_is_the_float32_dequantisation_bit_for_bit(kind):
     assert torch.allclose(weight(x), x @ dense.T, atol=1e-5, rtol=1e-5)
 
 
+def _random_blocks(kind: str, n: int, k: int, seed: int) -> tuple[BlockWeight, torch.Tensor]:
+    """Random Q4 or Q8 block weights (n, k) and their float32 dequantisation."""
+    if kind == "q4":
+        q, scale, minimum = _q4(n, k, seed=seed)
+        return BlockWeight.q4(q, scale, minimum), _dequantized(q, scale, minimum)
+    q, scale = _q8(n, k, seed=seed)
+    return BlockWeight.q8(q, scale), _dequantized(q, scale)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_kernel
 def test_a_rows_bits_depend_neither_on_the_other_rows_nor_on_the_threads():
     q, scale, minimum = _q4(300, 576, seed=2)
@@ -76,12 +96,8 @@ def test_a_rows_bits_depend_neither_on_the_other_rows_nor_on_the_threads():
     for rows in (1, 2, 3, 4, 5, 8, 9, 17):  # every row-tile width of the kernel, and more than one tile
         assert torch.equal(weight(x[:rows]), y[:rows]), rows
     assert torch.equal(weight(x[13:14]), y[13:14])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with _one_thread():
         assert torch.equal(weight(x), y)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @needs_amx
@@ -92,12 +108,7 @@ def test_bf16_products_round_weights_and_inputs_and_a_rows_bits_are_its_own(kind
     several, tails of 16 outputs) or the thread count; a low-rank update beside it, also across
     the boundary of fused parts inside a tile of 16 outputs."""
     n, k = 176, 192  # 11 tiles of 16 outputs: groups of 4 and a tail
-    if kind == "q4":
-        q, scale, minimum = _q4(n, k, seed=7)
-        weight, dense = BlockWeight.q4(q, scale, minimum), _dequantized(q, scale, minimum)
-    else:
-        q, scale = _q8(n, k, seed=7)
-        weight, dense = BlockWeight.q8(q, scale), _dequantized(q, scale)
+    weight, dense = _random_blocks(kind, n, k, seed=7)
     x = torch.randn(37, k)
     bf16 = weight.bf16()
     y = bf16(x)
@@ -106,26 +117,14 @@ def test_bf16_products_round_weights_and_inputs_and_a_rows_bits_are_its_own(kind
     for rows in (1, 5, 16, 17):
         assert torch.equal(bf16(x[:rows]), y[:rows]), rows
     assert torch.equal(bf16(x[20:21]), y[20:21])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with _one_thread():
         assert torch.equal(bf16(x), y)
-    finally:
-        torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(8)
     # an update that bf16 holds (bf16 products add their updates in bf16)
     down = torch.randn(4, k, generator=g).bfloat16().float()
     up = (torch.randn(40, 4, generator=g) * 0.05).bfloat16().float()
-    parts, dense_parts = [], []
-    for size, seed in ((168, 9), (40, 10)):  # outputs 160..175: a tile of 16 outputs across both parts
-        if kind == "q4":
-            q, scale, minimum = _q4(size, k, seed=seed)
-            parts.append(BlockWeight.q4(q, scale, minimum))
-            dense_parts.append(_dequantized(q, scale, minimum))
-        else:
-            q, scale = _q8(size, k, seed=seed)
-            parts.append(BlockWeight.q8(q, scale))
-            dense_parts.append(_dequantized(q, scale))
+    # outputs 160..175: a tile of 16 outputs across both parts
+    parts, dense_parts = zip(*[_random_blocks(kind, size, k, seed) for size, seed in ((168, 9), (40, 10))], strict=True)
     fused = BlockWeight.cat([parts[0], parts[1].with_low_rank(down, up)]).bf16()
     got = fused(x)
     reference = x.bfloat16().double() @ torch.cat(dense_parts).bfloat16().double().T
@@ -194,29 +193,43 @@ def _blocks_loaded(seed: int = 3, adapted: bool = False, bf16: bool = False):
     return dense, on_blocks
 
 
+PARAMS = GenerationParams(max_new_tokens=16)
+BLOCK_PROMPTS = [p * 5 for p in PROMPTS]
+
+
+def _alone_together_and_reused(loaded) -> tuple[list[list[int]], list[list[int]]]:
+    """The AR engine's replies to BLOCK_PROMPTS one at a time and all at once; checks on the way
+    that a second turn reusing the first turn's prompt and reply gets what a fresh engine gives."""
+    with AREngine(loaded, max_batch_size=4) as engine:
+        alone = [_run(engine.submit(p, PARAMS))[0] for p in BLOCK_PROMPTS]
+        together = [_run(h)[0] for h in [engine.submit(p, PARAMS) for p in BLOCK_PROMPTS]]
+        turn2 = BLOCK_PROMPTS[0] + alone[0] + [5, 6, 7]
+        reused = _run(engine.submit(turn2, PARAMS))[0]
+    with AREngine(loaded, max_batch_size=1) as fresh:
+        assert _run(fresh.submit(turn2, PARAMS))[0] == reused
+    return alone, together
+
+
+def _logit_gap(dense, on_blocks) -> float:
+    """The largest logit difference of the two models on a short prompt, relative to the largest logit."""
+    tokens = torch.tensor([[3, 9, 4, 1, 7, 7, 2]])
+    with torch.no_grad():
+        want = dense.model(tokens, torch.arange(7)[None], causal_mask(7))
+        got = on_blocks.model(tokens, torch.arange(7)[None], causal_mask(7))
+    return float((got - want).abs().max() / want.abs().max())
+
+
 @needs_amx
 def test_a_model_with_bf16_products_decodes_alike_alone_batched_and_reused():
     """load_model(weights="blocks-bf16")'s arithmetic: close to float32's, and, as on float32
     blocks, a reply does not depend on the batch, and a reused prefix gives what a fresh prefill
     gives; draft-and-verify on it writes its AR replies."""
     dense, on_blocks = _blocks_loaded(adapted=True, bf16=True)
-    tokens = torch.tensor([[3, 9, 4, 1, 7, 7, 2]])
-    with torch.no_grad():
-        want = dense.model(tokens, torch.arange(7)[None], causal_mask(7))
-        got = on_blocks.model(tokens, torch.arange(7)[None], causal_mask(7))
-    assert (got - want).abs().max() < 3e-2 * want.abs().max()
-    params = GenerationParams(max_new_tokens=16)
-    prompts = [p * 5 for p in PROMPTS]
+    assert _logit_gap(dense, on_blocks) < 3e-2
+    alone, together = _alone_together_and_reused(on_blocks)
     drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
-    with AREngine(on_blocks, max_batch_size=4) as engine, \
-            SpeculativeEngine(on_blocks, drafter, draft_len=3, max_batch_size=4) as spec:
-        alone = [_run(engine.submit(p, params))[0] for p in prompts]
-        together = [_run(h)[0] for h in [engine.submit(p, params) for p in prompts]]
-        drafted = [_run(h)[0] for h in [spec.submit(p, params) for p in prompts]]
-        turn2 = prompts[0] + alone[0] + [5, 6, 7]
-        reused = _run(engine.submit(turn2, params))[0]
-    with AREngine(on_blocks, max_batch_size=1) as fresh:
-        assert _run(fresh.submit(turn2, params))[0] == reused
+    with SpeculativeEngine(on_blocks, drafter, draft_len=3, max_batch_size=4) as spec:
+        drafted = [_run(h)[0] for h in [spec.submit(p, PARAMS) for p in BLOCK_PROMPTS]]
     assert together == alone == drafted
     assert any(len(ids) > 3 for ids in alone)
 
@@ -225,24 +238,12 @@ def test_a_model_with_bf16_products_decodes_alike_alone_batched_and_reused():
 @pytest.mark.parametrize("adapted", [False, True])
 def test_a_model_on_blocks_decodes_what_the_dense_float32_model_decodes(adapted):
     dense, on_blocks = _blocks_loaded(adapted=adapted)
-    tokens = torch.tensor([[3, 9, 4, 1, 7, 7, 2]])
-    with torch.no_grad():
-        want = dense.model(tokens, torch.arange(7)[None], causal_mask(7))
-        got = on_blocks.model(tokens, torch.arange(7)[None], causal_mask(7))
-    assert (got - want).abs().max() < 1e-3 * want.abs().max()
-    params = GenerationParams(max_new_tokens=16)
-    prompts = [p * 5 for p in PROMPTS]
-    with AREngine(dense, max_batch_size=4) as reference, AREngine(on_blocks, max_batch_size=4) as engine:
-        expected = [_run(reference.submit(p, params))[0] for p in prompts]
-        together = [_run(h)[0] for h in [engine.submit(p, params) for p in prompts]]
-        alone = [_run(engine.submit(p, params))[0] for p in prompts]
-        turn2 = prompts[0] + expected[0] + [5, 6, 7]  # reuses the first turn's prompt and reply
-        reused = _run(engine.submit(turn2, params))[0]
-    with AREngine(on_blocks, max_batch_size=1) as fresh:
-        assert _run(fresh.submit(turn2, params))[0] == reused
+    assert _logit_gap(dense, on_blocks) < 1e-3
+    with AREngine(dense, max_batch_size=4) as reference:
+        expected = [_run(reference.submit(p, PARAMS))[0] for p in BLOCK_PROMPTS]
+    alone, together = _alone_together_and_reused(on_blocks)
     assert together == alone == expected
     assert any(len(ids) > 3 for ids in expected)
-
 
 
 @needs_kernel
@@ -344,13 +345,11 @@ def test_draft_slots_in_the_one_call_forward_add_the_drafters_update_there_only(
 def test_draft_and_verify_on_blocks_is_exact_and_batches_equal_each_alone(draft_len, tree):
     _, on_blocks = _blocks_loaded(seed=3, adapted=True)
     drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
-    params = GenerationParams(max_new_tokens=16)
-    prompts = [p * 5 for p in PROMPTS]
     with AREngine(on_blocks, max_batch_size=4) as ar, \
             SpeculativeEngine(on_blocks, drafter, draft_len=draft_len, tree=tree, max_batch_size=4) as spec:
-        expected = [_run(ar.submit(p, params))[0] for p in prompts]
-        alone = [_run(spec.submit(p, params))[0] for p in prompts]
-        together = [_run(h)[0] for h in [spec.submit(p, params) for p in prompts]]
+        expected = [_run(ar.submit(p, PARAMS))[0] for p in BLOCK_PROMPTS]
+        alone = [_run(spec.submit(p, PARAMS))[0] for p in BLOCK_PROMPTS]
+        together = [_run(h)[0] for h in [spec.submit(p, PARAMS) for p in BLOCK_PROMPTS]]
     assert alone == expected
     assert together == expected
     assert any(len(ids) > 3 for ids in expected)
