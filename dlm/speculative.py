@@ -52,7 +52,10 @@ from dlm.policies import sampling_probs
 
 __all__ = ["DEFAULT_DRAFT_LEN", "SpeculativeDecoder", "SpeculativeEngine"]
 
-DEFAULT_DRAFT_LEN = 4
+# One mask slot per draft block: the fastest length for the shipped drafter on a 2-core CPU (each
+# slot row costs a share of an AR step, and the drafter's later slots are rarely accepted:
+# docs/benchmarks.md, session 16); `voice-agent calibrate` measures it on the machine at hand.
+DEFAULT_DRAFT_LEN = 1
 
 
 @dataclass

@@ -213,7 +213,7 @@ class LlmConfig:
     # "blocks-bf16": the same blocks, the matrix products in bf16 on AMX (many rows for about the
     # price of one: batches, prefills, draft blocks; other greedy replies than float32's on some prompts).
     weights: str = "auto"
-    # Draft-and-verify (models with a drafter): mask slots per draft block (0: 4) and one draft
+    # Draft-and-verify (models with a drafter): mask slots per draft block (0: 1) and one draft
     # block per possible acceptance length (true) or only after the full draft (false).
     draft_len: int = 0
     draft_tree: bool = True

@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "evaluation), instead of the built-in voice prompts")
     llm.add_argument("--n-prompts", type=int, default=32, help="with --heldout: at most this many (default 32)")
     llm.add_argument("--draft-len", type=int, default=0, help="draft-and-verify: mask slots per draft block "
-                                                              "(default: llm.draft_len, else 4)")
+                                                              "(default: llm.draft_len, else 1)")
     llm.add_argument("--compile", metavar="MODE", help="torch.compile the denoising forward: default | "
                                                        "reduce-overhead | max-autotune | max-autotune-no-cudagraphs")
     llm.add_argument("--reference", choices=[REFERENCE],
