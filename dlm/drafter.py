@@ -137,8 +137,8 @@ class Drafter(nn.Module):
 
     def block_updates(self) -> Any:
         """Every layer's updates in the fused block kernel's layout (a dlm.blocks.DraftUpdates: q/k/v
-        and gate/up fused, the scale folded in, float32), built once until `refresh()`: what a model
-        on block weights (Transformer.use_blocks) adds at the mask slots."""
+        and gate/up fused, the scale folded in, kept in bf16 by the kernel), built once until
+        `refresh()`: what a model on block weights (Transformer.use_blocks) adds at the mask slots."""
         if self._block_updates is None:
             from dlm.blocks import FUSED_PROJECTIONS, DraftUpdates, LowRank
 
