@@ -333,8 +333,8 @@ TARGET INLINE __m512 bf16_16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* t (S, r_total) = x's rows rows[0..S-1] @ down^T, entries j0..j1-1 (all the rows at once: the
-   update's weights are read once). */
+/* t (S, r_total) = x's rows rows[0..S-1] (rows NULL: 0..S-1) @ down^T, entries j0..j1-1 (all
+   the rows at once: the update's weights are read once). */
 TARGET static void update_t(const float *x, const int64_t *rows, int64_t S, int64_t K, const bf16_update *u, float *t,
                             int64_t j0, int64_t j1) {
     const int64_t R = u->r_total;
@@ -345,14 +345,16 @@ TARGET static void update_t(const float *x, const int64_t *rows, int64_t S, int6
             for (int64_t i = 0; i < n_rows; i++) a[i] = _mm512_setzero_ps();
             for (int64_t k = 0; k < K; k += 16) {
                 const __m512 d = bf16_16(u->down + j * K + k);
-                for (int64_t i = 0; i < n_rows; i++) a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + rows[s0 + i] * K + k), d, a[i]);
+                for (int64_t i = 0; i < n_rows; i++)
+                    a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (rows ? rows[s0 + i] : s0 + i) * K + k), d, a[i]);
             }
             for (int64_t i = 0; i < n_rows; i++) t[(s0 + i) * R + j] = _mm512_reduce_add_ps(a[i]);
         }
     }
 }
 
-/* y[rows[s]][n] += t[s][offset[n]..] . up[n] for the outputs n0..n1-1 (multiples of 16). */
+/* y[rows[s]][n] (rows NULL: y[s][n]) += t[s][offset[n]..] . up[n] for the outputs n0..n1-1
+   (multiples of 16). */
 TARGET static void update_add(const int64_t *rows, int64_t S, const bf16_update *u, const float *t, float *y, int64_t N,
                               int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n += 16) {
@@ -361,7 +363,7 @@ TARGET static void update_add(const int64_t *rows, int64_t S, const bf16_update 
             const float *tn = t + s * u->r_total + u->offset[n];
             __m512 a = _mm512_setzero_ps();
             for (int64_t j = 0; j < u->rp; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(tn[j]), bf16_16(ut + j * 16), a);
-            float *yn = y + rows[s] * N + n;
+            float *yn = y + (rows ? rows[s] : s) * N + n;
             _mm512_storeu_ps(yn, _mm512_add_ps(_mm512_loadu_ps(yn), a));
         }
     }
@@ -401,15 +403,12 @@ static void amx_matmul(const float *x, const uint8_t *data, const float *scales,
                        int64_t K, int q8, int threads, const bf16_update *u, float *t, int *status) {
     const int64_t groups = (M + 15) / 16, tiles = N / 16;
     uint32_t *b = aligned_alloc(64, sizeof(uint32_t) * groups * (K / 32) * 256);
-    int64_t *rows = malloc(sizeof(int64_t) * (M > 0 ? M : 1));
-    if (!b || !rows) {
-        free(b), free(rows);
+    if (!b) {
         *status = -1;
         return;
     }
-    for (int64_t m = 0; m < M; m++) rows[m] = m;
     if (u && !u->down) u = 0;
-    if (u) update_t(x, rows, M, K, u, t, 0, u->r_total);
+    if (u) update_t(x, 0, M, K, u, t, 0, u->r_total);
     amx_inputs(x, M, K, b);
     const int parallel = threads > 1 && tiles >= 8;
 #pragma omp parallel num_threads(parallel ? threads : 1)
@@ -422,11 +421,11 @@ static void amx_matmul(const float *x, const uint8_t *data, const float *scales,
             *status = -1;
         } else if (lo < hi) {
             amx_range(b, data, scales, y, M, N, K, lo, hi, q8, a);
-            if (u) update_add(rows, M, u, t, y, N, lo, hi);
+            if (u) update_add(0, M, u, t, y, N, lo, hi);
         }
         free(a);
     }
-    free(b), free(rows);
+    free(b);
 }
 
 /* kind 0: Q4, 1: Q8. K must be a multiple of 64; x, y contiguous. threads: how many OpenMP

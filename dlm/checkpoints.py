@@ -66,6 +66,7 @@ WEIGHT_FORMATS = ("dense", "int4", "blocks", "blocks-bf16")
 # The dtype of the model each of a GGUF's quantized formats runs in (load_model's `weights`;
 # "blocks-bf16": a float32 model whose matrix products round their inputs to bf16).
 FORMAT_DTYPES = {"int4": torch.bfloat16, "blocks": torch.float32, "blocks-bf16": torch.float32}
+BLOCK_FORMATS = ("blocks", "blocks-bf16")  # the formats that run a GGUF's blocks at every position (dlm.blocks)
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -348,7 +349,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     if weights == "int4" and (resolve_dtype(dtype, device) != torch.bfloat16
                               or not can_pack_linears(torch.bfloat16, device)):
         raise ValueError(f"weights='int4' needs bfloat16 on a CPU with oneDNN bf16 (asked: {dtype}, {device})")
-    if weights in ("blocks", "blocks-bf16"):
+    if weights in BLOCK_FORMATS:
         if resolve_dtype(dtype, device) != torch.float32 or device.type != "cpu":
             raise ValueError(f"weights={weights!r} needs float32 on a CPU (asked: {dtype}, {device})")
         reason = available() if weights == "blocks" else amx_available()
@@ -369,7 +370,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         from dlm.adapter import load_adapter, merge_adapter, unmerged_update
 
         fine_tune = load_adapter(adapter, config, resolved)
-        if not weights.startswith("blocks"):  # blocks carry the update unmerged and release the dense weights
+        if weights not in BLOCK_FORMATS:  # blocks carry the update unmerged and release the dense weights
             merge_adapter(model, fine_tune)
     if weights == "int4":
         int4 = {name: Int4Weight.from_blocks(q, scale, minimum) if kind == "q4" else Int8AsInt4Weight(q, scale)
@@ -382,7 +383,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         model.pack_linears(int4, head_amx=drafter is not None)
         model.release_dense_weights()
         del int4
-    elif weights.startswith("blocks"):
+    elif weights in BLOCK_FORMATS:
         blocks = {name: BlockWeight.q4(q, scale, minimum) if kind == "q4" else BlockWeight.q8(q, scale)
                   for name, (kind, q, scale, minimum) in read_quant_blocks(resolved).items()
                   if q.shape[1] % BLOCK_UNIT == 0}
