@@ -1,4 +1,4 @@
-"""`voice-agent bench llm|audio|e2e|hostile|turns`: measurements, not tests.
+"""`voice-agent bench llm|audio|barge-in|e2e|hostile|quality|tools|turns`: measurements, not tests.
 
 `bench llm` runs the dLLM engine and the AR baseline engine on the same weights, in one run:
 - by default, the configured model with its chat template over short voice-assistant prompts
@@ -34,8 +34,8 @@ weights in float32. On CPU every run also times single forwards (a step, a block
 150-token prefill: issue 15's bars) and reports the model's weight bytes and the process RSS.
 `--url URL` measures an OpenAI-compatible server instead (voice_agent/bench/remote.py): the same
 prompts, levels and records, streamed greedy completions; tokens per forward where the server
-reports its forwards (our LLM tier does). `bench audio`, `bench e2e`, `bench hostile` and `bench turns` live in the `bench_audio` / `bench_e2e` /
-`bench_hostile` / `bench_turns` modules.
+reports its forwards (our LLM tier does). The other targets live in their own modules (`_OTHERS`: `bench_audio`, `bench_barge_in`,
+`bench_e2e`, `bench_hostile`, `bench_quality`, `bench_tools`, `bench_turns`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ PROFILE_MAX_NEW_TOKENS = 64
 REFERENCE = "llama.cpp"  # the reference engine of --reference (voice_agent/bench/reference.py)
 MAX_ROUNDS = 8  # rounds of C requests measured per concurrency level C (fewer where prompts run out)  # the profiled run: a few blocks, enough steps to average over
 
-_OTHERS = {"audio": "bench_audio", "e2e": "bench_e2e", "hostile": "bench_hostile", "quality": "bench_quality",
+_OTHERS = {"audio": "bench_audio", "barge-in": "bench_barge_in", "e2e": "bench_e2e", "hostile": "bench_hostile", "quality": "bench_quality",
            "tools": "bench_tools", "turns": "bench_turns"}
 
 
