@@ -278,12 +278,13 @@ class AgentConfig:
     # (a client may send a recorded utterance at once), is dropped.
     max_audio_speed: float = 2.0
     max_audio_burst_s: float = 30.0
-    # Echo gate: while a reply plays, caller audio quieter than this times the reply's own level
-    # (the loudest in the 0.8 s before) is taken for its echo and never starts a turn: no false
-    # barge-in from a speakerphone without echo cancelling (0.5 gates an echo 10 dB down). Off by
-    # default: a caller quieter than the agent's voice is gated too, so barge-in waits for their
-    # louder syllables (docs/turn-taking.md). 0: off.
-    echo_gate_ratio: float = 0.0
+    # Echo gate: while a reply plays, caller audio that is only the reply coming back (a
+    # speakerphone without echo cancelling) never starts a turn. The call's echo path (delay and
+    # gain, learnt from levels: audio/echo.py) predicts each frame's echo; until it is known (about
+    # the first second of the first reply), audio quieter than this times the reply's loudest
+    # level in the 0.8 s before is taken for echo (0.5 gates an echo 10 dB down). On a line that
+    # carries no echo nothing is gated once that is known (docs/turn-taking.md). 0: off.
+    echo_gate_ratio: float = 0.5
     # Fair share of the models between calls (voice_agent/fair_share.py): a call that has kept
     # this many model threads busy on average lately (decayed with the half-life), and twice as
     # many as the lightest other call, runs in the background until it falls below half of that

@@ -22,11 +22,15 @@ Contract:
   the utterance, which the final transcript then reuses) and a verdict of "over" ends the turn
   at once, if the caller has not spoken since; else the turn ends after `services.end_silence_ms`
   of silence. docs/turn-taking.md.
-- Echo gate (`agent.echo_gate_ratio`; 0, the default, is off): while a reply plays (from the
-  writer's first byte) and for 0.8 s after, caller audio quieter than the ratio x the reply's own
-  level in the 0.8 s before it is taken for the reply's echo and silenced before the VAD and ASR,
-  so a speakerphone does not interrupt the agent; a caller talking over the reply louder than
-  that barges in. Off after a barge-in (the client stops playing). `echo_gated_s` in the turn
+- Echo gate (`agent.echo_gate_ratio`; 0 is off): while a reply plays (from the writer's first
+  byte) and for 0.8 s after, caller audio that is only the reply's echo is silenced before the
+  VAD and ASR, so a speakerphone does not interrupt the agent. The call's echo path
+  (`audio.echo.EchoPath`: delay and gain, learnt from the 20 ms levels of the reply and of what
+  comes back, over all its replies) predicts each frame's echo: a frame at most ECHO_MARGIN_DB
+  above it is echo; on a line that carries no echo nothing is gated; until the path is known
+  (about the first second of the call's first reply), a frame quieter than the ratio x the
+  reply's loudest level in the 0.8 s before it is. A caller talking over the reply louder than
+  its echo barges in. Off after a barge-in (the client stops playing). `echo_gated_s` in the turn
   metrics.
 - Speculative start: a second endpointer with a short silence (`agent.speculative_pause_ms`)
   marks pauses; at a pause the utterance so far is transcribed (speculative priority: after
@@ -100,6 +104,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from audio.echo import EchoPath, level_db
 from audio.vad import PauseCheck
 from audio.vad import SpeechStarted as VadSpeechStarted
 from voice_agent.config import AgentConfig
@@ -162,6 +167,8 @@ MAX_COUNTED_CHARS = 2000
 ECHO_FRAME_S = 0.02
 ECHO_WINDOW_FRAMES = 40
 ECHO_FLOOR_RMS = 1e-3  # -60 dBFS: a frame this quiet is silence, not echo (echo_gated_s)
+ECHO_FLOOR_DB = -60.0
+ECHO_MARGIN_DB = 6.0  # a caller's frame up to this far above the echo the call's echo path predicts is that echo
 
 
 class State(enum.Enum):
@@ -467,6 +474,7 @@ class _Turn:
     t_asr: float | None = None
     t_first_audio: float | None = None
     t_first_sent: float | None = None
+    stream_first_sent: float = 0.0  # the caller's stream time (s) at t_first_sent
     # The reply's audio level, one RMS per ECHO_FRAME_S from the start of its playback (the echo gate).
     far_end: np.ndarray = field(default_factory=lambda: np.zeros(0))
     speculative: str = "off"  # "off" | "none" | "hit" | "miss"
@@ -614,6 +622,7 @@ class Session:
         self.dropped_audio_s = 0.0
         self.echo_gated_s = 0.0  # caller audio silenced by the echo gate
         self._echo_turn: _Turn | None = None  # the reply playing now or last (its echo may still come)
+        self._echo_path: EchoPath | None = None  # how the replies come back on this call (the echo gate)
         self._inbox_ready = asyncio.Event()
         self._resampler: Any = None
         self._resampler_rate = 0
@@ -684,6 +693,7 @@ class Session:
         turn = self._reply_turn
         if turn is not None and turn.record.turn_id == turn_id and turn.t_first_sent is None:
             turn.t_first_sent = self._clock()
+            turn.stream_first_sent = self._stream_s + self._inbox_s  # the caller audio received by then
             self._echo_turn = turn
 
     async def close(self) -> None:
@@ -857,36 +867,65 @@ class Session:
     def _add_far_end(self, turn: _Turn, samples: np.ndarray, rate: int) -> None:
         n = int(rate * ECHO_FRAME_S)
         frames = np.asarray(samples, dtype=np.float32)[: len(samples) // n * n].reshape(-1, n)
-        # Grown once per reply chunk (a sentence), read for every chunk of caller audio.
-        turn.far_end = np.concatenate([turn.far_end, np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))])
+        levels = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+        # A chunk plays after the one before it, or, when the reply fell behind (the one before has
+        # played out), from now on: the silence between goes into the levels, so that they stay
+        # aligned with what the caller hears. Grown once per reply chunk (a sentence), read for
+        # every chunk of caller audio.
+        gap = 0
+        if turn.t_first_sent is not None:
+            gap = max(0, int((self._clock() - turn.t_first_sent) / ECHO_FRAME_S) - turn.far_end.size)
+        turn.far_end = np.concatenate([turn.far_end, np.zeros(gap), levels])
 
     def _gate_echo(self, turn: _Turn, audio: np.ndarray) -> np.ndarray:
-        """Silence the caller's frames that are only the reply's own voice coming back: a frame
-        quieter than `echo_gate_ratio` x the loudest reply audio played in the echo window before
-        it (a Geigel double-talk test on RMS levels). The caller talking over the reply is louder
-        than the echo of it and passes. Frames more than the window after the reply's end pass.
-        Every sample is judged (a chunk's last, partial frame too: the VAD's frames straddle
-        chunks)."""
+        """Silence the caller's frames that are only the reply's own voice coming back. The call's
+        echo path (`audio.echo.EchoPath`: delay and gain, learnt from the levels of every frame
+        heard while a reply plays) predicts each frame's echo: where there is one, a frame no more
+        than ECHO_MARGIN_DB above it is echo; where nothing comes back, nothing is gated; until
+        the path is known (about the first second of the first reply), a frame quieter than
+        `echo_gate_ratio` x the loudest reply audio played in the echo window before it is (a
+        Geigel double-talk test). The caller talking over the reply is louder than the echo of it
+        and passes. Frames more than the window after the reply's end pass. Every sample is
+        judged (a chunk's last, partial frame too: the VAD's frames straddle chunks)."""
         far = turn.far_end
         if audio.size == 0 or far.size == 0:
             return audio
         n = int(ASR_RATE_HZ * ECHO_FRAME_S)
         starts = np.arange(0, audio.size, n)
-        # Arrival time of each frame (the chunk has just arrived), in reply frames since playback began.
-        ends = self._clock() - (audio.size - np.minimum(starts + n, audio.size)) / ASR_RATE_HZ
-        at = np.floor((ends - turn.t_first_sent) / ECHO_FRAME_S).astype(np.int64)
-        lo = np.clip(at - ECHO_WINDOW_FRAMES, 0, far.size)
-        hi = np.clip(at + 1, 0, far.size)
+        # When each frame was heard, in reply frames since playback began: by the caller's own
+        # stream (20 ms of audio is 20 ms of the call, however late this task reads it).
+        ends = self._stream_s - (audio.size - np.minimum(starts + n, audio.size)) / ASR_RATE_HZ
+        at = np.floor((ends - turn.stream_first_sent) / ECHO_FRAME_S).astype(np.int64)
+        heard = np.flatnonzero((at >= 0) & (at - ECHO_WINDOW_FRAMES < far.size))  # frames the reply's echo may be in
+        if heard.size == 0:
+            return audio
+        if self._echo_path is None:
+            self._echo_path = EchoPath(ECHO_WINDOW_FRAMES, floor_db=ECHO_FLOOR_DB)
+        path = self._echo_path
+        far_db = level_db(far, ECHO_FLOOR_DB)
+        lags = at[heard, None] - np.arange(ECHO_WINDOW_FRAMES + 1)  # (frames, delays): the reply frame each delay points at
+        played = np.where((lags >= 0) & (lags < far.size), far_db[np.clip(lags, 0, far.size - 1)], ECHO_FLOOR_DB)
+        levels = np.array([np.sqrt(np.mean(np.square(audio[starts[i] : starts[i] + n], dtype=np.float64))) for i in heard])
+        for i, level, row in zip(heard, levels, played, strict=True):
+            if audio.size - starts[i] >= n // 2:  # a chunk's last few samples say little of a level
+                path.observe(float(level_db(level, ECHO_FLOOR_DB)), row)
+        estimate = path.estimate()
         gated = audio
-        for i in np.flatnonzero(hi > lo):
-            frame = audio[starts[i] : starts[i] + n]
-            level = np.sqrt(np.mean(np.square(frame, dtype=np.float64)))
-            if level < self.config.echo_gate_ratio * far[lo[i] : hi[i]].max():
+        for i, level, row in zip(heard, levels, played, strict=True):
+            if estimate.kind == "echo":
+                echo = path.echo_db(row, estimate) + ECHO_MARGIN_DB
+                is_echo = level_db(level, ECHO_FLOOR_DB) <= echo
+            elif estimate.kind == "none":
+                is_echo = False
+            else:
+                window = far[max(0, at[i] - ECHO_WINDOW_FRAMES) : at[i] + 1]
+                is_echo = window.size > 0 and level < self.config.echo_gate_ratio * window.max()
+            if is_echo:
                 if gated is audio:
                     gated = audio.copy()
                 gated[starts[i] : starts[i] + n] = 0.0
                 if level > ECHO_FLOOR_RMS:  # silence is not counted as echo
-                    self.echo_gated_s += frame.size / ASR_RATE_HZ
+                    self.echo_gated_s += min(n, audio.size - starts[i]) / ASR_RATE_HZ
         return gated
 
     # --- user speech ---------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def test_twilio_speakerphone_echo_does_not_interrupt_the_reply(services, tmp_pat
 
     async def main():
         config = make_config()
-        config.agent.echo_gate_ratio = 0.5  # off by default (docs/turn-taking.md); a speakerphone line turns it on
+        assert config.agent.echo_gate_ratio > 0, "the echo gate is on by default"
         server = VoiceServer(config, services)
         await server.start()
         playback: collections.deque = collections.deque()  # reply frames and marks, in order

@@ -262,3 +262,22 @@ def test_the_reply_echoed_back_is_no_barge_in_but_the_caller_talking_over_it_is(
         await session.close()
 
     asyncio.run(main())
+
+
+def test_a_caller_quieter_than_the_reply_barges_in_once_the_line_is_known_to_carry_no_echo():
+    async def main():
+        clock = FakeClock()
+        services = FakeServices(FakeLLM(" ".join(["word"] * 60) + "."))  # a 3 s reply
+        services.tts_level = 0.5
+        config = AgentConfig(speculative_start=False, sample_rate_hz=RATE, echo_gate_ratio=0.5)
+        session = Session(services, config, clock=clock, wall_clock=lambda: 1.0)
+        await _reply_playing(session, clock)
+        await feed(session, clock, silence(1000))  # nothing comes back while it plays
+        assert session._echo_path is not None and session._echo_path.estimate().kind == "none"
+        # A caller at 0.2, below half the reply's level: the level rule alone would take it for echo.
+        await feed(session, clock, 0.4 * speech(300))
+        assert any(isinstance(e, Flush) for e in drain(session.outbox))
+        assert session.echo_gated_s == 0
+        await session.close()
+
+    asyncio.run(main())
