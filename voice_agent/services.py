@@ -290,9 +290,9 @@ class ModelServices:
                                first_chunk_max_words=tts.first_chunk_max_words)
 
     def make_resampler(self, from_hz: int, to_hz: int) -> Any:
-        from audio.resample import Resampler
+        from audio.resample import LIVE_QUALITY, Resampler
 
-        return Resampler(from_hz, to_hz)
+        return Resampler(from_hz, to_hz, LIVE_QUALITY)  # a call's audio: what the filter holds back is latency
 
     async def aclose(self) -> None:
         await self.llm.aclose()

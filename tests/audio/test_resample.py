@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from audio.errors import AudioError
-from audio.resample import Resampler, ResampleStream, resample
+from audio.resample import LIVE_QUALITY, Resampler, ResampleStream, resample
 
 RATES_HZ = (8000, 16000, 22050, 24000, 48000)
 
@@ -89,3 +89,22 @@ def test_bad_shapes_and_types_raise():
     with pytest.raises(AudioError, match="float"):
         resample(np.zeros(100, np.int16), 16000, 8000)
     assert resample(np.zeros(0, np.float32), 16000, 8000).size == 0
+
+
+@pytest.mark.parametrize(("from_hz", "held_hq_ms", "held_live_ms"), [(8000, 60, 30), (24000, 19, 17), (48000, 19, 17)])
+def test_a_live_stream_holds_back_less_with_the_same_passband(tone, from_hz, held_hq_ms, held_live_ms):
+    """A call's audio is resampled as it comes: what the filter holds back is latency."""
+
+    def held_back_ms(quality: str) -> float:
+        stream, n = Resampler(from_hz, 16000, quality), from_hz // 50
+        out = sum(stream.process(np.zeros(n, np.float32)).size for _ in range(50))
+        return (50 * 320 - out) / 16
+
+    assert held_back_ms("HQ") > held_hq_ms and held_back_ms(LIVE_QUALITY) < held_live_ms
+    top = 0.92 * min(from_hz, 16000) / 2  # 3.7 kHz of a phone line
+    stream = Resampler(from_hz, 16000, LIVE_QUALITY)
+    x = tone(top, from_hz, 1.0)
+    y = np.concatenate([stream.process(x[i : i + from_hz // 50]) for i in range(0, x.size, from_hz // 50)])
+    assert _amplitude_at(y, top, 16000) > 0.5 * 10 ** (-0.6 / 20)
+    with pytest.raises(AudioError):
+        Resampler(8000, 16000, "best")
