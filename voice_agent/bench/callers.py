@@ -148,12 +148,14 @@ class _Speech:
 
 
 class _Mic:
-    """Sends one frame every FRAME_MS, in real time: the prompt being spoken, else `idle()` (silence,
-    or what else the line carries between prompts, e.g. an echo)."""
+    """Sends one frame every FRAME_MS, in real time: the prompt being spoken, else `idle(t_s)`
+    (silence, or what else the line carries between prompts, e.g. an echo) for the frame recorded
+    until monotonic time `t_s` (its nominal time: a late loop catches up, sending several frames at
+    once, but each still holds its own 20 ms)."""
 
-    def __init__(self, send: Callable[[bytes], Any], silence_frame: bytes, idle: Callable[[], bytes] | None = None) -> None:
+    def __init__(self, send: Callable[[bytes], Any], silence_frame: bytes, idle: Callable[[float], bytes] | None = None) -> None:
         self._send = send
-        self._idle = idle or (lambda: silence_frame)
+        self._idle = idle or (lambda t_s: silence_frame)
         self._speech: _Speech | None = None
         self._index = 0
         self._wall_start_s = 0.0
@@ -177,7 +179,7 @@ class _Mic:
             await asyncio.sleep(max(0.0, t0 + k * frame_s - time.monotonic()))
             speech = self._speech
             if speech is None:
-                await self._send(self._idle())
+                await self._send(self._idle(t0 + k * frame_s))
                 continue
             if self._index == 0:
                 self._wall_start_s = time.time()
@@ -640,7 +642,7 @@ class BargeInResult:
 class _EchoLine:
     """The reply as a speakerphone plays it, back in the caller's microphone `delay_s` later at
     `gain`: `hear(item)` takes the server's messages (audio is played in arrival order, a flush
-    stops playback), `frame()` is the microphone's next frame."""
+    stops playback), `frame(t_s)` is the microphone's frame recorded until `t_s`."""
 
     def __init__(self, wire: _Wire, delay_s: float, gain: float) -> None:
         self._wire = wire
@@ -660,10 +662,11 @@ class _EchoLine:
             self._chunks = [(t, x[: max(0, int((item.t_s - t) * rate))]) for t, x in self._chunks if t < item.t_s]
             self._end_s = min(self._end_s, item.t_s)
 
-    def frame(self) -> str:
+    def frame(self, t_s: float) -> str:
+        """The microphone's frame recorded until monotonic time `t_s`."""
         rate = self._wire.rate_hz
         n = rate * FRAME_MS // 1000
-        t0 = time.monotonic() - FRAME_MS / 1000 - self._delay_s  # the frame just recorded, as played delay_s ago
+        t0 = t_s - FRAME_MS / 1000 - self._delay_s  # what played delay_s before that frame
         out = np.zeros(n, dtype=np.float32)
         for start_s, samples in self._chunks:
             lo = round((t0 - start_s) * rate)
