@@ -3,7 +3,9 @@
 The session is the same as the server's; the "transport" is the sound card: microphone blocks
 go into the session, reply chunks are played one after the other and acknowledged as played
 (so a barge-in keeps only what was heard). Without a headset the speaker's sound reaches the
-microphone and interrupts the agent: use headphones.
+microphone; the echo gate (`agent.echo_gate_ratio`, on by default) learns how it comes back and
+keeps it from interrupting the agent, but a loudspeaker next to the microphone can be louder than
+its user (never tried here: no sound card): headphones remain the safe choice.
 """
 
 from __future__ import annotations
