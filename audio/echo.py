@@ -4,8 +4,8 @@ A speakerphone without echo cancelling plays the reply and its microphone picks 
 some tens to hundreds of milliseconds later and some decibels down. `EchoPath` learns that delay
 and gain from 20 ms RMS levels alone (no waveforms: the reply and the caller's audio may be at
 other rates, through other codecs), so that the session can tell the echo from a caller talking
-over the reply: a caller's frame is echo when it is no louder than the echo the model predicts
-for it (`margin_db` above it), whatever the caller's own level.
+over the reply: a caller's frame is echo when it is no louder than the echo the path predicts
+for it (plus a margin: the session's `ECHO_MARGIN_DB`), whatever the caller's own level.
 
 Contract:
 - `EchoPath(max_delay_frames=40, floor_db=-60.0, history_frames=500)`.
@@ -13,13 +13,14 @@ Contract:
   frames played 0, 1, ... `max_delay_frames` frames before it (an array of that length + 1;
   `floor_db` where nothing played). Kept in a rolling history of `history_frames` frames (10 s),
   across replies: the echo path of a call does not change from one reply to the next.
-- `.estimate()` -> `Estimate(kind, delay_frames, gain_db)`: from the history, for each delay d,
-  the frames whose reply level (the loudest of d-1, d, d+1: an echo straddles two frames) is
-  loud enough to be heard back (above `floor_db` + 20 dB); r = caller level - reply level.
-  Where an echo comes back at delay d with gain g, r is g in every frame the caller is silent
-  (and above it where the caller talks over it); at other delays r follows the reply's own
-  envelope. So the delay is the one whose lower half of r is tightest, and the gain that lower
-  half's middle (30th percentile):
+- `.estimate()` -> `Estimate(kind, delay_frames, gain_db)`: from the history, for each candidate
+  delay (`delay_frames` 0..max: whole frames; max + 1 + d: half a frame past d, the mean power of
+  frames d and d + 1, as an echo that straddles two frames hears them), the frames whose reply
+  level there is loud enough to be heard back (above `floor_db` + 20 dB); r = caller level -
+  reply level. Where an echo comes back at that delay with gain g, r is g in every frame the
+  caller is silent (and above it where the caller talks over it); at other delays r follows the
+  reply's own envelope. So the delay is the candidate whose lower half of r is tightest, and the
+  gain that lower half's middle (30th percentile):
   "echo" where that spread is at most `SPREAD_DB`, half the median spread or less (an echo
   comes back at one delay, not at all of them), over at least `ECHO_FRAMES` frames (fewer
   match a caller's speech by chance), and the gain is above `NONE_DB`; "none" where

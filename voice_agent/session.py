@@ -167,7 +167,7 @@ MAX_COUNTED_CHARS = 2000
 ECHO_FRAME_S = 0.02
 ECHO_WINDOW_FRAMES = 40
 ECHO_FLOOR_RMS = 1e-3  # -60 dBFS: a frame this quiet is silence, not echo (echo_gated_s)
-ECHO_FLOOR_DB = -60.0
+ECHO_FLOOR_DB = float(20 * np.log10(ECHO_FLOOR_RMS))
 ECHO_MARGIN_DB = 6.0  # a caller's frame up to this far above the echo the call's echo path predicts is that echo
 
 
