@@ -131,8 +131,8 @@ def _sounds(kind: str, trials: int, prompts: list[Any], echo_name: str) -> list[
     from voice_agent.bench.callers import BargeInSound
 
     if kind == "speech":  # the interruption: a prompt half the set away (prompts alternate piper and espeak-ng voices)
-        return [BargeInSound("speech", prompts[(k + 1 + len(prompts) // 2) % len(prompts)].prompt.voice,
-                             prompts[(k + 1 + len(prompts) // 2) % len(prompts)].audio) for k in range(trials)]
+        others = [prompts[(k + 1 + len(prompts) // 2) % len(prompts)] for k in range(trials)]
+        return [BargeInSound("speech", other.prompt.voice, other.audio) for other in others]
     if kind == "echo":
         return [BargeInSound("echo", echo_name) for _ in range(trials)]
     table = list(noises().items())
