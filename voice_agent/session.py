@@ -906,15 +906,15 @@ class Session:
         lags = at[heard, None] - np.arange(ECHO_WINDOW_FRAMES + 1)  # (frames, delays): the reply frame each delay points at
         played = np.where((lags >= 0) & (lags < far.size), far_db[np.clip(lags, 0, far.size - 1)], ECHO_FLOOR_DB)
         levels = np.array([np.sqrt(np.mean(np.square(audio[starts[i] : starts[i] + n], dtype=np.float64))) for i in heard])
-        for i, level, row in zip(heard, levels, played, strict=True):
+        levels_db = level_db(levels, ECHO_FLOOR_DB)
+        for i, level, row in zip(heard, levels_db, played, strict=True):
             if audio.size - starts[i] >= n // 2:  # a chunk's last few samples say little of a level
-                path.observe(float(level_db(level, ECHO_FLOOR_DB)), row)
+                path.observe(float(level), row)
         estimate = path.estimate()
         gated = audio
-        for i, level, row in zip(heard, levels, played, strict=True):
+        for i, level, level_in_db, row in zip(heard, levels, levels_db, played, strict=True):
             if estimate.kind == "echo":
-                echo = path.echo_db(row, estimate) + ECHO_MARGIN_DB
-                is_echo = level_db(level, ECHO_FLOOR_DB) <= echo
+                is_echo = level_in_db <= path.echo_db(row, estimate) + ECHO_MARGIN_DB
             elif estimate.kind == "none":
                 is_echo = False
             else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import time
@@ -648,7 +649,8 @@ class _EchoLine:
         self._wire = wire
         self._delay_s = delay_s
         self._gain = gain
-        self._chunks: list[tuple[float, np.ndarray]] = []  # (playback start, samples at the wire rate)
+        # (playback start, samples at the wire rate), in playback order; dropped once played and heard
+        self._chunks: collections.deque[tuple[float, np.ndarray]] = collections.deque()
         self._end_s = 0.0
 
     def hear(self, item: _In) -> None:
@@ -659,7 +661,7 @@ class _EchoLine:
             self._end_s = start_s + samples.size / self._wire.rate_hz
         elif item.kind == "clear":
             rate = self._wire.rate_hz
-            self._chunks = [(t, x[: max(0, int((item.t_s - t) * rate))]) for t, x in self._chunks if t < item.t_s]
+            self._chunks = collections.deque((t, x[: max(0, int((item.t_s - t) * rate))]) for t, x in self._chunks if t < item.t_s)
             self._end_s = min(self._end_s, item.t_s)
 
     def frame(self, t_s: float) -> str:
@@ -668,6 +670,9 @@ class _EchoLine:
         n = rate * FRAME_MS // 1000
         t0 = t_s - FRAME_MS / 1000 - self._delay_s  # what played delay_s before that frame
         out = np.zeros(n, dtype=np.float32)
+        # Frames come in time order: a chunk that ended before this one's window is never heard again.
+        while self._chunks and self._chunks[0][0] + self._chunks[0][1].size / rate <= t0:
+            self._chunks.popleft()
         for start_s, samples in self._chunks:
             lo = round((t0 - start_s) * rate)
             if lo >= samples.size or lo + n <= 0:
