@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from dlm import tuned_file
 from dlm.config import ModelConfig
+from dlm.draft_head import DRAFT_HEAD_FORMAT, DraftHead, DraftHeadConfig
 from dlm.errors import DlmError
 from dlm.model import PROJECTIONS, projection_shapes, projection_subset
 
@@ -171,24 +172,28 @@ def base_fingerprint(path: str | Path) -> str:
     return tuned_file.base_fingerprint(path, DrafterError)
 
 
-def save_drafter(path: str | Path, drafter: Drafter, base_path: str | Path, info: dict[str, Any] | None = None,
-                 dtype: torch.dtype = torch.bfloat16, adapter: str | Path | None = None) -> Path:
-    """Write the drafter (weights in `dtype`) with its config and its base's fingerprint, and
-    that of the adapter merged into the base while it was trained (dlm.adapter), if any."""
+def save_drafter(path: str | Path, drafter: Drafter | DraftHead, base_path: str | Path,
+                 info: dict[str, Any] | None = None, dtype: torch.dtype = torch.bfloat16,
+                 adapter: str | Path | None = None) -> Path:
+    """Write the drafter (mask slots, or a draft head: dlm/draft_head.py; weights in `dtype`)
+    with its config and its base's fingerprint, and that of the adapter merged into the base
+    while it was trained (dlm.adapter), if any."""
     base = tuned_file.base_record(drafter.model_config, base_path)
     base["adapter"] = None if adapter is None else {"name": Path(adapter).name, "sha256": tuned_file.file_sha256(adapter)}
-    record = {"format": DRAFTER_FORMAT, "config": asdict(drafter.config), "base": base, "info": info or {}}
+    fmt = DRAFT_HEAD_FORMAT if isinstance(drafter, DraftHead) else DRAFTER_FORMAT
+    record = {"format": fmt, "config": asdict(drafter.config), "base": base, "info": info or {}}
     return tuned_file.write(path, drafter.state_dict(), META_KEY, record, dtype)
 
 
 def read_drafter_meta(path: str | Path) -> dict[str, Any]:
     """The file's metadata, or DrafterError where it is not a readable drafter file."""
-    return tuned_file.read_record(path, META_KEY, DRAFTER_FORMAT, "drafter", DrafterError)
+    return tuned_file.read_record(path, META_KEY, (DRAFTER_FORMAT, DRAFT_HEAD_FORMAT), "drafter", DrafterError)
 
 
-def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> Drafter:
-    """The drafter in `path` for `loaded` (a dlm.checkpoints.LoadedModel), in float32 on the
-    model's device (its products are small: float32 is the fast dtype for them on CPU). Raises
+def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> Drafter | DraftHead:
+    """The drafter in `path` for `loaded` (a dlm.checkpoints.LoadedModel): mask slots (Drafter) or
+    a draft head (attached to the model, and packed: `DraftHead.pack`), whichever the file holds,
+    in float32 on the model's device (a draft head in packed bf16 where that applies). Raises
     DrafterError naming both files where the file is damaged or was made for another base
     (fingerprint, layers, width, vocabulary) or another adapter of it (`check_base=False`: the
     shapes only, for a drafter to start training from)."""
@@ -202,12 +207,21 @@ def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> D
     if check_base:
         _check_adapter(where, base.get("adapter"), getattr(loaded, "adapter", None))
     try:
-        drafter = Drafter(loaded.config, DrafterConfig(**meta["config"]))
+        if meta["format"] == DRAFT_HEAD_FORMAT:
+            drafter = DraftHead(loaded.config, DraftHeadConfig(**meta["config"]))
+        else:
+            drafter = Drafter(loaded.config, DrafterConfig(**meta["config"]))
     except Exception as e:
         raise DrafterError(f"{where}: damaged ({type(e).__name__}: {e})") from e
     tuned_file.read_tensors(path, drafter, where, DrafterError)
+    if isinstance(drafter, DraftHead) and not bool(((drafter.vocab >= 0) & (drafter.vocab < loaded.config.vocab_size)).all()):
+        raise DrafterError(f"{where}: damaged (token ids outside the vocabulary)")
     device = loaded.model.model.embed_tokens.weight.device
-    return drafter.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    drafter = drafter.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    if isinstance(drafter, DraftHead):
+        drafter.attach(loaded.model)
+        drafter.pack()  # bf16 on packed weights where oneDNN has bf16: 3x faster in an engine's thread
+    return drafter
 
 
 def _check_adapter(where: str, made_with: dict[str, str] | None, merged: Path | None) -> None:

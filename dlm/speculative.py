@@ -1,14 +1,16 @@
-"""Exact draft-and-verify decoding: an AR model with a learned drafter (dlm/drafter.py).
+"""Exact draft-and-verify decoding: an AR model with a learned drafter (mask slots, dlm/drafter.py,
+or a draft head, dlm/draft_head.py).
 
-Contract: `SpeculativeEngine(loaded, drafter, draft_len=4, tree=True, ...)` behaves like
+Contract: `SpeculativeEngine(loaded, drafter, draft_len=None, tree=True, ...)` behaves like
 `dlm.ar.AREngine` (submit, abort, abort_owner, load, close, Delta streams, prefix reuse, stop
 strings, fair admission) and produces the same tokens: at temperature 0 every reply is the AR
 model's greedy reply, token for token; at temperature > 0 the speculative-sampling acceptance rule
 keeps the AR model's (top-p) sampling distribution. What changes is how many tokens one forward
-pass yields. `SpeculativeDecoder` is its step, without threads (a `dlm.ar.ARDecoder`, whose
-prefill, prefix reuse and row bookkeeping it keeps).
+pass yields. `SpeculativeDecoder` (mask slots) and `HeadSpeculativeDecoder` (a draft head) are its
+step, without threads (`dlm.ar.ARDecoder`s, whose prefill, prefix reuse and row bookkeeping they
+keep); both verify alike (below, "Decided").
 
-One step of a row (I-DLM / Medusa-style, in one forward over the whole batch):
+One step of a row with mask slots (I-DLM / Medusa-style, in one forward over the whole batch):
 - State: the final text up to position c - 1; the K/V of positions < c - 1 are in the cache (the
   last final token x at c - 1 is not yet fed); drafts d_1..d_k for positions c..c+k-1 (k = 0
   after the prefill, whose logits give the first token at once, in the prefill's step, as in AR).
@@ -27,6 +29,10 @@ One step of a row (I-DLM / Medusa-style, in one forward over the whole batch):
 - A row yields between 1 and n + 1 tokens per forward: 1 with a drafter that is always wrong, n + 1
   with an oracle. The cache stays exact: positions < c + j hold the verified K/V, everything past
   them is overwritten before it is ever attended.
+With a draft head the forward holds only x, d_1..d_k (1 + k positions): the hidden states of the
+accepted positions, each paired with the token it made final, extend the row's window, and the
+head drafts the next n tokens from it after the forward, knowing the token just decided (see
+`HeadSpeculativeDecoder`).
 Rows accept different numbers of tokens and leave or join between steps (continuous batching);
 padding rows and slots use the cache's scratch row and position. The forward is eager
 (`compile_mode` is not supported here).
@@ -43,19 +49,25 @@ from torch import Tensor
 from dlm.ar import ARDecoder, AREngine
 from dlm.config import DiffusionSpec
 from dlm.constraints import mask_logits
-from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, _batch_bucket, _bucket, _Row
+from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, _batch_bucket, _bucket, _Entry, _Row
+from dlm.draft_head import DraftHead
 from dlm.drafter import Drafter
 from dlm.engine import GenerationParams
 from dlm.errors import InvalidRequestError
+from dlm.masks import limit_mask
 from dlm.model import DraftInputs, Transformer
 from dlm.policies import sampling_probs
 
-__all__ = ["DEFAULT_DRAFT_LEN", "SpeculativeDecoder", "SpeculativeEngine"]
+__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_LEN", "HeadSpeculativeDecoder", "SpeculativeDecoder",
+           "SpeculativeEngine"]
 
-# One mask slot per draft block: the fastest length for the shipped drafter on a 2-core CPU (each
-# slot row costs a share of an AR step, and the drafter's later slots are rarely accepted:
-# docs/benchmarks.md, session 16); `voice-agent calibrate` measures it on the machine at hand.
+# One mask slot per draft block: the fastest length for the mask-slot drafter on a 2-core CPU
+# (each slot row costs a share of an AR step, and its later slots are rarely accepted:
+# docs/benchmarks.md, session 16). A draft head's drafts cost one row each in the verifying forward
+# and nothing more: 3 (docs/benchmarks.md, session 18). `voice-agent calibrate` measures it on
+# the machine at hand.
 DEFAULT_DRAFT_LEN = 1
+DEFAULT_HEAD_DRAFT_LEN = 3
 
 
 @dataclass
@@ -64,33 +76,22 @@ class _Drafts:
     probs: Tensor | None  # (k, V): the distribution each was sampled from (sampled rows only)
 
 
-class SpeculativeDecoder(ARDecoder):
-    def __init__(self, model: Transformer, spec: DiffusionSpec, drafter: Drafter, *, draft_len: int = DEFAULT_DRAFT_LEN,
-                 tree: bool = True, max_batch_size: int, max_seq_len: int, cache: str = "exact",
-                 compile_mode: str | None = None, **prefill: Any) -> None:
-        """spec: the AR model's (causal, logit shift); draft_len: default mask slots per draft
-        block (1..drafter.n_slots, a request may ask for fewer); tree: one draft block per
-        possible acceptance length (see the module docstring). `prefill`: BlockDecoder's prefill
-        knobs."""
+class _DraftVerifyDecoder(ARDecoder):
+    """What both drafters' decoders share: each row's pending drafts and their verification."""
+
+    def __init__(self, model: Transformer, spec: DiffusionSpec, n_slots: int, *, draft_len: int, max_batch_size: int,
+                 max_seq_len: int, cache: str = "exact", compile_mode: str | None = None, **prefill: Any) -> None:
         if compile_mode is not None:
             raise ValueError("compile_mode is not supported by speculative decoding (its forward is eager)")
-        if not 1 <= draft_len <= drafter.n_slots:
-            raise ValueError(f"draft_len {draft_len} must lie in [1, {drafter.n_slots}] (the drafter's slots)")
+        if not 1 <= draft_len <= n_slots:
+            raise ValueError(f"draft_len {draft_len} must lie in [1, {n_slots}] (the drafter's slots)")
         super().__init__(model, spec, max_batch_size=max_batch_size, max_seq_len=max_seq_len, cache=cache,
                          **prefill)
-        self.drafter = drafter
         self.draft_len = draft_len
-        self.tree = tree
         self.drafts: dict[int, _Drafts] = {}
 
     def _n(self, settings: DecodeSettings) -> int:
         return settings.draft_len or self.draft_len
-
-    def required_len(self, prompt_len: int, settings: DecodeSettings) -> int:
-        """The text, plus room past it for the drafts and the draft blocks' K/V."""
-        n = self._n(settings)
-        blocks = n + 1 if self.tree else 1
-        return prompt_len + settings.max_new_tokens + n + blocks * n
 
     def remove(self, slot: int) -> None:
         super().remove(slot)
@@ -99,6 +100,79 @@ class SpeculativeDecoder(ARDecoder):
     def _trace_tokens(self, row: _Row) -> list[int]:
         drafts = self.drafts.get(row.slot)
         return list(drafts.tokens) if drafts is not None else []
+
+    def _keep_drafts(self, row: _Row, n: int, tokens: list[int] | None, dist: Tensor | None) -> None:
+        """A row's next drafts (None: none), at most n and none past its length limit."""
+        room = max(0, row.gen_end - row.final_upto - 1)  # drafts past the length limit are useless
+        count = min(n, room)
+        if tokens is None or count == 0:
+            self.drafts.pop(row.slot, None)
+        else:
+            self.drafts[row.slot] = _Drafts(tokens[:count], None if dist is None else dist[:count])
+
+    def _verify(self, rows: list[_Row], verify: Tensor, drafts: list[_Drafts]) -> list[tuple[int, list[int]]]:
+        """Per row: (accepted drafts j, the tokens that become final: d_1..d_j and the base's own).
+        A constrained row's verifier logits are masked position by position (the masks after
+        each accepted prefix of its drafts): what it commits is what constrained AR would."""
+        if any(row.settings.constraint is not None for row in rows):
+            verify = verify.clone()
+            for b, row in enumerate(rows):
+                if row.settings.constraint is not None:
+                    for j, mask in enumerate(row.settings.constraint.lookahead(drafts[b].tokens)):
+                        verify[b, j] = mask_logits(verify[b, j], mask)
+        best = verify.argmax(dim=-1).tolist()  # (n, Wv)
+        out = []
+        sampled = [b for b, row in enumerate(rows) if row.generator is not None]
+        probs = None
+        if sampled:
+            temperature, top_p = self._params([rows[b] for b in sampled])
+            probs = sampling_probs(verify[sampled], temperature, top_p)  # (s, Wv, V)
+        for b, row in enumerate(rows):
+            d = drafts[b].tokens
+            if row.generator is None:
+                j = 0
+                while j < len(d) and d[j] == best[b][j]:
+                    j += 1
+                out.append((j, [*d[:j], best[b][j]]))
+                continue
+            p = probs[sampled.index(b)]
+            q = drafts[b].probs
+            j, token = 0, None
+            while j < len(d):
+                u = torch.rand((), generator=row.generator, device=self.device)
+                if u * q[j, d[j]] <= p[j, d[j]]:
+                    j += 1
+                    continue
+                residual = (p[j] - q[j]).clamp_min(0)
+                if float(residual.sum()) <= 0:  # q == p where it matters: any draw from p is right
+                    residual = p[j]
+                token = int(torch.multinomial(residual, 1, generator=row.generator))
+                break
+            if token is None:
+                token = int(torch.multinomial(p[j], 1, generator=row.generator))
+            out.append((j, [*d[:j], token]))
+        return out
+
+
+
+class SpeculativeDecoder(_DraftVerifyDecoder):
+    """Drafts from mask slots inside the verifying forward (dlm/drafter.py)."""
+
+    def __init__(self, model: Transformer, spec: DiffusionSpec, drafter: Drafter, *, draft_len: int = DEFAULT_DRAFT_LEN,
+                 tree: bool = True, **kwargs: Any) -> None:
+        """spec: the AR model's (causal, logit shift); draft_len: default mask slots per draft
+        block (1..drafter.n_slots, a request may ask for fewer); tree: one draft block per
+        possible acceptance length (see the module docstring). kwargs: ARDecoder's (batch and
+        length limits, BlockDecoder's prefill knobs)."""
+        super().__init__(model, spec, drafter.n_slots, draft_len=draft_len, **kwargs)
+        self.drafter = drafter
+        self.tree = tree
+
+    def required_len(self, prompt_len: int, settings: DecodeSettings) -> int:
+        """The text, plus room past it for the drafts and the draft blocks' K/V."""
+        n = self._n(settings)
+        blocks = n + 1 if self.tree else 1
+        return prompt_len + settings.max_new_tokens + n + blocks * n
 
     def _propose(self, rows: list[_Row], logits: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
         """The next drafts from the accepted block's logits (n, m, V): tokens per row and, for
@@ -177,70 +251,165 @@ class SpeculativeDecoder(ARDecoder):
         by_slot = {row.slot: i for i, (_, row, _) in enumerate(picked)}
         for b, row, _ in going:
             i = by_slot.get(row.slot)
-            room = max(0, row.gen_end - row.final_upto - 1)  # drafts past the length limit are useless
-            count = min(ns[b], room)
-            if i is None or count == 0:
-                self.drafts.pop(row.slot, None)
-            else:
-                tokens, dist = picks[0][i], picks[1][i]
-                self.drafts[row.slot] = _Drafts(tokens[:count], None if dist is None else dist[:count])
+            self._keep_drafts(row, ns[b], None if i is None else picks[0][i], None if i is None else picks[1][i])
             updates[row.slot] = self._update(row, new[row.slot], None)
 
-    def _verify(self, rows: list[_Row], verify: Tensor, drafts: list[_Drafts]) -> list[tuple[int, list[int]]]:
-        """Per row: (accepted drafts j, the tokens that become final: d_1..d_j and the base's own).
-        A constrained row's verifier logits are masked position by position (the masks after
-        each accepted prefix of its drafts): what it commits is what constrained AR would."""
-        if any(row.settings.constraint is not None for row in rows):
-            verify = verify.clone()
-            for b, row in enumerate(rows):
-                if row.settings.constraint is not None:
-                    for j, mask in enumerate(row.settings.constraint.lookahead(drafts[b].tokens)):
-                        verify[b, j] = mask_logits(verify[b, j], mask)
-        best = verify.argmax(dim=-1).tolist()  # (n, Wv)
-        out = []
-        sampled = [b for b, row in enumerate(rows) if row.generator is not None]
-        probs = None
-        if sampled:
-            temperature, top_p = self._params([rows[b] for b in sampled])
-            probs = sampling_probs(verify[sampled], temperature, top_p)  # (s, Wv, V)
+
+class HeadSpeculativeDecoder(_DraftVerifyDecoder):
+    """Drafts from a draft head (dlm/draft_head.py) after the verifying forward: a forward feeds
+    each row's last final token and its drafts (1 + k positions, no mask slots); the verifier's
+    final hidden states at the accepted positions, paired with the tokens they made final, join
+    the row's context window, and the head denoises the next n drafts from it in one small pass,
+    knowing the token just decided. The prefill keeps the hidden states of a row's last prompt
+    positions, so the first drafts come with the first token."""
+
+    def __init__(self, model: Transformer, spec: DiffusionSpec, head: DraftHead, *,
+                 draft_len: int = DEFAULT_DRAFT_LEN, tree: bool = True, **kwargs: Any) -> None:
+        """draft_len: default drafts per forward (1..head.n_slots); tree: ignored (the head
+        drafts after the acceptance is known: one chain). kwargs: ARDecoder's."""
+        super().__init__(model, spec, head.n_slots, draft_len=draft_len, **kwargs)
+        self.head = head
+        W, D = head.config.window, model.config.dim
+        rows = self.kv.max_batch_size + 1
+        self.window_h = torch.zeros(rows, W, D, device=self.device)  # per cache row: the context window
+        self.window_t = torch.zeros(rows, W, dtype=torch.long, device=self.device)
+        self.window_n: dict[int, int] = {}
+
+    def required_len(self, prompt_len: int, settings: DecodeSettings) -> int:
+        """The text, plus room past it for the drafts."""
+        return prompt_len + settings.max_new_tokens + self._n(settings)
+
+    def remove(self, slot: int) -> None:
+        super().remove(slot)
+        self.window_n.pop(slot, None)
+
+    def _forward_and_decide(self, rows: list[_Row], new: dict[int, list[int]], updates: dict[int, RowUpdate]) -> None:
+        n = len(rows)
+        B = _batch_bucket(n)
+        scratch = self.kv.scratch_pos
+        drafts = [self.drafts.get(row.slot, _Drafts([], None)) for row in rows]
+        Wv = 1 + max(len(d.tokens) for d in drafts)
+        # Host plan (B, Wv): token, position (also where its K/V go), key limit. Causal.
+        tok = [[0] * Wv for _ in range(B)]
+        pos = [[scratch] * Wv for _ in range(B)]
+        lim = [[1] * Wv for _ in range(B)]
         for b, row in enumerate(rows):
-            d = drafts[b].tokens
-            if row.generator is None:
-                j = 0
-                while j < len(d) and d[j] == best[b][j]:
-                    j += 1
-                out.append((j, [*d[:j], best[b][j]]))
+            c = row.final_upto
+            for t, token in enumerate([row.ids[c - 1], *drafts[b].tokens]):
+                tok[b][t], pos[b][t], lim[b][t] = token, c - 1 + t, c + t
+        K = min(_bucket(max(row.final_upto + len(d.tokens) for row, d in zip(rows, drafts, strict=True))), self.S)
+        slots = [row.slot for row in rows] + [self.kv.scratch_row] * (B - n)
+        tok_t, pos_t, lim_t = self._upload(torch.tensor([tok, pos, lim], dtype=torch.long))  # (3, B, Wv)
+        rows_t = self._upload(torch.tensor(slots, dtype=torch.long))
+        h = self.model(tok_t, pos_t, limit_mask(lim_t, K), cache=self.kv, cache_rows=rows_t, hidden=True,
+                       step=True)  # (B, Wv, dim)
+        logits = self.model.logits(h[:n], step=Wv)  # (n, Wv, V)
+        for row in rows:
+            row.steps += 1
+        accepted = self._verify(rows, logits, drafts)
+        going = []
+        for b, row in enumerate(rows):
+            j, tokens = accepted[b]
+            c = row.final_upto
+            finish = self._commit(row, tokens, new[row.slot])
+            row.clean_upto = c + j  # x and the accepted drafts hold verified K/V now
+            if finish is not None:
+                self.drafts.pop(row.slot, None)
+                self.window_n.pop(row.slot, None)
+                updates[row.slot] = self._update(row, new[row.slot], finish)
                 continue
-            p = probs[sampled.index(b)]
-            q = drafts[b].probs
-            j, token = 0, None
-            while j < len(d):
-                u = torch.rand((), generator=row.generator, device=self.device)
-                if u * q[j, d[j]] <= p[j, d[j]]:
-                    j += 1
-                    continue
-                residual = (p[j] - q[j]).clamp_min(0)
-                if float(residual.sum()) <= 0:  # q == p where it matters: any draw from p is right
-                    residual = p[j]
-                token = int(torch.multinomial(residual, 1, generator=row.generator))
-                break
-            if token is None:
-                token = int(torch.multinomial(p[j], 1, generator=row.generator))
-            out.append((j, [*d[:j], token]))
-        return out
+            self._extend_window(row.slot, h[b, : j + 1], tokens)
+            going.append((b, row))
+        self._draft([row for _, row in going])
+        for _, row in going:
+            updates[row.slot] = self._update(row, new[row.slot], None)
+
+    def _forward(self, entries: list[_Entry], fn: Any, *, eager_prefill: bool = False) -> Tensor:
+        """The prefill's forward keeps each row's last hidden states: its window, so that the
+        head drafts as soon as the first token is known (`_decode_step`)."""
+        return super()._forward(entries, self._prefill_and_keep if fn is self.model else fn, eager_prefill=eager_prefill)
+
+    def _prefill_and_keep(self, tokens: Tensor, positions: Tensor, mask: Tensor, *, cache: Any, cache_rows: Tensor,
+                          out_index: Tensor) -> Tensor:
+        """model(...) of a prefill forward (logits at out_index, whose first column is each row's
+        last position), also writing the window of hidden states ending there; the window's last
+        token (the first reply token) comes with the commit."""
+        W = self.window_h.shape[1]
+        last = out_index[:, :1]  # (B, 1)
+        index = (last + torch.arange(-W + 1, 1, device=self.device)[None]).clamp_min(0)  # (B, W)
+        h = self.model(tokens, positions, mask, cache=cache, cache_rows=cache_rows, out_index=index, hidden=True)
+        logits = self.model.logits(h[:, -1:])  # (B, 1, V): the model's own prefill logits at `last`
+        following = tokens.gather(1, (index + 1).clamp_max(tokens.shape[1] - 1))  # the token after each position
+        for b, slot in enumerate(cache_rows.tolist()):
+            if slot != self.kv.scratch_row:
+                self.window_h[slot] = h[b].float()
+                self.window_t[slot] = following[b]
+                self.window_n[slot] = min(W, int(last[b]) + 1)
+        return logits.expand(-1, out_index.shape[1], -1)
+
+    def _decode_step(self, rows: list[_Row]) -> list[RowUpdate]:
+        """The AR decoder's step; rows whose first token has just come from the prefill's logits
+        get their first drafts from the prefill's window at once."""
+        fresh = [row for row in rows if row.clean_upto >= row.final_upto]
+        updates = super()._decode_step(rows)
+        done = {u.slot for u in updates if u.finish_reason is not None}
+        going = [row for row in fresh if row.slot not in done and row.slot in self.window_n]
+        for row in going:
+            self.window_t[row.slot, -1] = row.ids[row.final_upto - 1]
+        self._draft(going)
+        return updates
+
+    def _draft(self, rows: list[_Row]) -> None:
+        """Each row's next drafts from its window."""
+        if not rows:
+            return
+        # Always the head's full block (the slots see each other: a shorter block is another
+        # input than it was trained on); each row keeps the drafts it asked for.
+        index = torch.tensor([row.slot for row in rows], device=self.device)
+        valid = torch.tensor([self.window_n[row.slot] for row in rows], device=self.device)
+        scores = self.head(self.window_h[index], self.window_t[index], valid, self.head.n_slots)  # (p, n, V')
+        tokens, dists = self._propose(rows, scores)
+        for i, row in enumerate(rows):
+            self._keep_drafts(row, self._n(row.settings), tokens[i], dists[i])
+
+    def _extend_window(self, slot: int, h: Tensor, tokens: list[int]) -> None:
+        """Append (hidden state, the token it made final) pairs to the row's window."""
+        W = self.window_h.shape[1]
+        k = min(len(tokens), W)
+        have = min(self.window_n.get(slot, 0), W - k)
+        if have:
+            self.window_h[slot, W - k - have: W - k] = self.window_h[slot, W - have:].clone()
+            self.window_t[slot, W - k - have: W - k] = self.window_t[slot, W - have:].clone()
+        self.window_h[slot, W - k:] = h[-k:].float()
+        self.window_t[slot, W - k:] = torch.tensor(tokens[-k:], device=self.device)
+        self.window_n[slot] = have + k
+
+    def _propose(self, rows: list[_Row], scores: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
+        """The head's scores (p, m, V') over its vocabulary -> drafts (and, for sampled rows, the
+        distribution over the whole vocabulary they were drawn from: zero off the head's)."""
+        if all(row.generator is None for row in rows):
+            return self.head.draft_ids(scores.argmax(dim=-1)).tolist(), [None] * len(rows)
+        full = torch.full((*scores.shape[:2], self.model.config.vocab_size), float("-inf"), device=self.device)
+        full[..., self.head.vocab] = scores
+        return self._pick(rows, full)
 
 
 class SpeculativeEngine(AREngine):
     """The AR engine's API and output, decoded by draft-and-verify (see the module docstring)."""
 
-    def __init__(self, loaded: Any, drafter: Drafter, *, draft_len: int = DEFAULT_DRAFT_LEN, tree: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(self, loaded: Any, drafter: Drafter | DraftHead, *, draft_len: int | None = None,
+                 tree: bool = True, **kwargs: Any) -> None:
+        """drafter: mask slots in the base's forward (Drafter) or a draft head after it (DraftHead);
+        draft_len None: DEFAULT_DRAFT_LEN, or DEFAULT_HEAD_DRAFT_LEN for a head (at most its slots)."""
+        if draft_len is None:
+            draft_len = min(DEFAULT_HEAD_DRAFT_LEN, drafter.n_slots) if isinstance(drafter, DraftHead) \
+                else DEFAULT_DRAFT_LEN
         self.drafter, self.draft_len, self.tree = drafter, draft_len, tree
         super().__init__(loaded, **kwargs)  # its decoder checks draft_len
 
     def make_decoder(self, **kwargs: Any) -> BlockDecoder:
-        return SpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree,
-                                  **kwargs)
+        kind = HeadSpeculativeDecoder if isinstance(self.drafter, DraftHead) else SpeculativeDecoder
+        return kind(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree, **kwargs)
 
     def _force(self, params: GenerationParams) -> GenerationParams:
         if params.draft_len and not 1 <= params.draft_len <= self.drafter.n_slots:

@@ -6,13 +6,16 @@ Contract:
 - `file_sha256(path)`; `base_fingerprint(path)`: sha256 over a checkpoint's weight files (a GGUF
   file, a bd file, or a folder's *.safetensors, else *.gguf, in name order).
 - `base_record(config, base_path)`: {name, sha256, n_layers, dim, vocab_size} of the base.
-- `write(path, tensors, key, record, dtype)`: the tensors in `dtype` and the record, atomically.
+- `write(path, tensors, key, record, dtype)`: the floating-point tensors in `dtype` (integer ones
+  as they are) and the record, atomically.
 - `read_record(path, key, fmt, what, error)`: the record, or `error` (a DlmError subclass) saying
-  the file cannot be read, is not such a file, has damaged metadata or another format.
+  the file cannot be read, is not such a file, has damaged metadata or another format (`fmt`: one
+  format or a tuple of those accepted).
 - `check_base(record, config, base_path, where, error, check_sha)`: `error` where the record's
   shapes differ from `config` or (with check_sha) its sha256 from the base file's; `where` names
   the tuning file in the message, which names the base too.
-- `read_tensors(path, module, where, error)`: the file's tensors into `module` (float32, strict),
+- `read_tensors(path, module, where, error)`: the file's tensors into `module` (floating-point
+  ones as float32, strict),
   or `error` saying it is damaged.
 """
 
@@ -65,13 +68,15 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], key: str, record: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(tmp),
+    save_file({k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+               for k, v in tensors.items()}, str(tmp),
               metadata={key: json.dumps(record)})
     tmp.replace(path)
     return path
 
 
-def read_record(path: str | Path, key: str, fmt: str, what: str, error: type[DlmError]) -> dict[str, Any]:
+def read_record(path: str | Path, key: str, fmt: str | tuple[str, ...], what: str,
+                error: type[DlmError]) -> dict[str, Any]:
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -84,8 +89,9 @@ def read_record(path: str | Path, key: str, fmt: str, what: str, error: type[Dlm
         record = json.loads(raw)
     except json.JSONDecodeError as e:
         raise error(f"{what} {path}: damaged metadata ({e})") from e
-    if record.get("format") != fmt:
-        raise error(f"{what} {path}: format {record.get('format')!r}, expected {fmt!r}")
+    formats = (fmt,) if isinstance(fmt, str) else fmt
+    if record.get("format") not in formats:
+        raise error(f"{what} {path}: format {record.get('format')!r}, expected {' or '.join(map(repr, formats))}")
     return record
 
 
@@ -105,6 +111,6 @@ def read_tensors(path: str | Path, module: nn.Module, where: str, error: type[Dl
     try:
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     except Exception as e:
         raise error(f"{where}: damaged ({type(e).__name__}: {e})") from e

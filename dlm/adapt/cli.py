@@ -51,22 +51,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction
     p = sub.add_parser("drafter", help="train (or resume) and evaluate a drafter for exact draft-and-verify "
                                        "decoding on the run's data.jsonl (teacher greedy replies)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the run folder")
-    p.add_argument("--data", type=Path, default=None, metavar="FILE",
+    p.add_argument("--data", type=Path, nargs="+", default=None, metavar="FILE",
                    help="the teacher's replies (default: DIR/data.jsonl; the embedded SmolLM2's are "
-                        "dlm/assets/smollm2-135m-teacher-greedy.jsonl.gz)")
+                        "dlm/assets/smollm2-135m-teacher-greedy.jsonl.gz); with several files, the held-out "
+                        "replies are the first file's, and training replies to those prompts are left out")
     p.add_argument("--init", type=Path, default=None, metavar="FILE",
                    help="start from this drafter file (e.g. the shipped one) where DIR holds no state yet")
     p.add_argument("--base", type=Path, default=None, help="the AR model (default: the embedded SmolLM2 GGUF)")
     p.add_argument("--adapter", type=Path, default=None, metavar="FILE",
                    help="merge this adapter (dlm.adapter) into the base: the drafter is trained for, and "
                         "only loads onto, the base with it")
-    p.add_argument("--dtype", default="bfloat16", help="the base's dtype while training (default bfloat16: AMX)")
-    p.add_argument("--epochs", type=float, default=1.0, help="the schedule's length in epochs")
-    p.add_argument("--max-steps", type=int, default=0, help="fix the schedule's length in steps")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    p.add_argument("--cuts", type=int, default=8, help="draft blocks per sequence per step")
+    p.add_argument("--kind", choices=("head", "slots"), default="head",
+                   help="head (default): a draft head after the verifying forward (dlm/draft_head.py); slots: "
+                        "mask slots with a LoRA adapter inside it (dlm/drafter.py)")
+    p.add_argument("--dtype", default=None,
+                   help="the base's dtype while training (default: float32 on the GGUF's blocks for a head, the "
+                        "serving arithmetic; bfloat16 for slots: AMX)")
+    p.add_argument("--epochs", type=float, default=1.0, help="slots: the schedule's length in epochs")
+    p.add_argument("--max-steps", type=int, default=0, help="fix the schedule's length in steps (head default: 3000)")
+    p.add_argument("--batch-size", type=int, default=0, help="sequences per step (slots, default 8) or reply "
+                                                             "positions per step (head, default 256)")
+    p.add_argument("--cuts", type=int, default=8, help="slots: draft blocks per sequence per step")
     p.add_argument("--slots", type=int, default=6, help="mask slots per draft block (the longest draft)")
-    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--window", type=int, default=4, help="head: context pairs (hidden state, token) it reads")
+    p.add_argument("--layers", type=int, default=2, help="head: transformer layers")
+    p.add_argument("--rank", type=int, default=32, help="slots: LoRA rank")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--time-budget-s", type=float, default=0.0, help="stop cleanly after this long; rerun to resume")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the run's drafter.safetensors")
@@ -155,31 +164,59 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
     import torch
 
     from dlm.adapt.data import read_dataset
-    from dlm.adapt.draft import DRAFTER_FILE, DraftTrainConfig, evaluate_drafter, train_drafter
     from dlm.checkpoints import load_model
     from dlm.drafter import load_drafter
 
     base = args.base or default_base
-    data = args.data or args.out / "data.jsonl"
-    if not data.exists():
-        print(f"{data} does not exist: make it first with: python -m dlm.adapt data --scale cpu --out {args.out}")
-        return 2
-    meta, examples = read_dataset(data)
-    train_set = [e for e in examples if e.split == "train"]
-    heldout = [e for e in examples if e.split == "heldout"][: args.eval_examples]
-    loaded = load_model(base, dtype=args.dtype, adapter=args.adapter)
-    if not args.eval_only:
-        steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / args.batch_size))
-        cfg = DraftTrainConfig(max_steps=steps, batch_size=args.batch_size, cuts_per_seq=args.cuts, n_slots=args.slots,
-                               rank=args.rank, alpha=float(args.rank), lr=args.lr, time_budget_s=args.time_budget_s)
-        # A starting point only: it may come from the base without the adapter (the teacher before).
-        init = load_drafter(args.init, loaded, check_base=False) if args.init else None
-        args.out.mkdir(parents=True, exist_ok=True)
-        train_drafter(loaded, train_set, cfg, args.out, base, info={"data": data.name, "teacher": Path(str(meta.get("base"))).name},
-                      init=init)
-    drafter = load_drafter(args.out / DRAFTER_FILE, loaded)
-    with torch.no_grad():
-        report = evaluate_drafter(loaded, drafter, heldout, drafter.n_slots)
+    files = args.data or [args.out / "data.jsonl"]
+    for data in files:
+        if not data.exists():
+            print(f"{data} does not exist: make it first with: python -m dlm.adapt data --scale cpu --out {args.out}")
+            return 2
+    sets = [read_dataset(data) for data in files]
+    meta = sets[0][0]
+    heldout = [e for e in sets[0][1] if e.split == "heldout"]
+    held_prompts = {tuple(e.prompt_ids) for e in heldout}
+    train_set = [e for _, examples in sets for e in examples
+                 if e.split == "train" and tuple(e.prompt_ids) not in held_prompts]
+    heldout = heldout[: args.eval_examples]
+    info = {"data": [data.name for data in files], "teacher": Path(str(meta.get("base"))).name}
+    if args.kind == "head":
+        from dlm.adapt.head import DRAFTER_FILE, HeadTrainConfig, evaluate_head, train_head
+
+        # The head learns from the hidden states decoding will compute: the serving arithmetic.
+        if args.dtype in (None, "float32"):
+            from dlm.blocks import available
+
+            blocks = str(base).endswith(".gguf") and available() is None
+            loaded = load_model(base, weights="blocks" if blocks else "dense", dtype=torch.float32, adapter=args.adapter,
+                                inference_only=True)
+        else:
+            loaded = load_model(base, dtype=args.dtype, adapter=args.adapter)
+        if not args.eval_only:
+            cfg = HeadTrainConfig(max_steps=args.max_steps or 3000, batch_size=args.batch_size or 256, window=args.window,
+                                  n_slots=args.slots, n_layers=args.layers, lr=args.lr,
+                                  time_budget_s=args.time_budget_s)
+            init = load_drafter(args.init, loaded, check_base=False) if args.init else None
+            train_head(loaded, train_set, cfg, args.out, base, info=info, init=init)
+        with torch.no_grad():
+            report = evaluate_head(loaded, load_drafter(args.out / DRAFTER_FILE, loaded), heldout)
+    else:
+        from dlm.adapt.draft import DRAFTER_FILE, DraftTrainConfig, evaluate_drafter, train_drafter
+
+        loaded = load_model(base, dtype=args.dtype or "bfloat16", adapter=args.adapter)
+        if not args.eval_only:
+            batch_size = args.batch_size or 8
+            steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / batch_size))
+            cfg = DraftTrainConfig(max_steps=steps, batch_size=batch_size, cuts_per_seq=args.cuts, n_slots=args.slots,
+                                   rank=args.rank, alpha=float(args.rank), lr=args.lr, time_budget_s=args.time_budget_s)
+            # A starting point only: it may come from the base without the adapter (the teacher before).
+            init = load_drafter(args.init, loaded, check_base=False) if args.init else None
+            args.out.mkdir(parents=True, exist_ok=True)
+            train_drafter(loaded, train_set, cfg, args.out, base, info=info, init=init)
+        drafter = load_drafter(args.out / DRAFTER_FILE, loaded)
+        with torch.no_grad():
+            report = evaluate_drafter(loaded, drafter, heldout, drafter.n_slots)
     (args.out / "drafter-eval.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
     return 0

@@ -1,5 +1,6 @@
 """dlm.drafter and the model's drafting hooks: the file (round trip, wrong base, damage), the
-adapter touching mask slots only, training mechanics, and oneDNN-packed weights."""
+adapter touching mask slots only, training mechanics (mask slots and the draft head), and
+oneDNN-packed weights."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from safetensors.torch import save_file
 
 from dlm.adapt.data import Example
 from dlm.adapt.draft import DraftTrainConfig, evaluate_drafter, train_drafter
+from dlm.adapt.head import HeadTrainConfig, evaluate_head, train_head
+from dlm.draft_head import DraftHead, DraftHeadConfig
 from dlm.drafter import Drafter, DrafterConfig, DrafterError, load_drafter, save_drafter
 from dlm.masks import causal_mask
 from dlm.model import DraftInputs, can_pack_linears
@@ -128,3 +131,63 @@ def test_packed_bf16_weights_match_and_do_not_depend_on_the_batch():
     model.unpack_linears()
     assert torch.allclose(plain, packed, atol=0.15, rtol=0.05)  # bf16 rounding, another kernel
     assert torch.equal(packed[1:2, :3], alone)  # a row's result does not depend on the batch
+
+
+def _head(loaded, vocab: list[int], seed=0):
+    torch.manual_seed(seed)
+    head = DraftHead(loaded.config, DraftHeadConfig(window=3, n_slots=3, vocab_size=len(vocab)))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, 0.3)
+        head.vocab.copy_(torch.tensor(vocab))
+    return head
+
+
+def test_a_draft_head_file_round_trips_and_is_checked_like_a_drafter(base, tmp_path):
+    vocab = [3, 7, 40, 61]
+    head = _head(base, vocab)
+    path = save_drafter(tmp_path / "h.safetensors", head, base.path, dtype=torch.float32)
+    back = load_drafter(path, base)
+    assert isinstance(back, DraftHead) and back.vocab.tolist() == vocab  # ids stay integers in the file
+    for (name, a), (_, b) in zip(head.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a.to(b.dtype), b), name  # in bf16 where it was packed for oneDNN
+    assert (back.fuse.weight.dtype == torch.bfloat16) == can_pack_linears(torch.bfloat16, "cpu")
+    # Attached on load: it drafts from the model's own embeddings, only tokens of its vocabulary.
+    feats = torch.randn(2, 3, base.config.dim)
+    scores = back(feats, torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([3, 1]), 2)
+    assert scores.shape == (2, 2, len(vocab)) and set(back.draft_ids(scores.argmax(-1)).flatten().tolist()) <= set(vocab)
+    # A short window: the padding pairs are nobody's keys, so what they hold changes nothing.
+    changed = feats.clone()
+    changed[1, :2] = 9.0
+    again = back(changed, torch.tensor([[1, 2, 3], [0, 0, 6]]), torch.tensor([3, 1]), 2)
+    assert torch.allclose(scores[1], again[1], atol=1e-5)
+
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"another model")
+    elsewhere = random_loaded("causal", seed=3, block_size=1, scale=2.0)
+    elsewhere.path = other
+    with pytest.raises(DrafterError, match=r"h\.safetensors.*not made for the base .*other\.gguf"):
+        load_drafter(path, elsewhere)
+    bad = _head(base, [3, 7, 40, base.config.vocab_size + 5])
+    with pytest.raises(DrafterError, match="outside the vocabulary"):
+        load_drafter(save_drafter(tmp_path / "bad.safetensors", bad, base.path), base)
+
+
+def test_a_draft_head_learns_from_the_bases_hidden_states_and_resumes(base, tmp_path):
+    """Replies that count up (next = last + 1): the head learns them from (hidden state, token)
+    pairs of the frozen base; a rerun with more steps continues the same run."""
+    examples = []
+    for i in range(24):
+        start = (3 * i) % 40
+        examples.append(Example([start, start + 1], [start + 2 + k for k in range(10)], [], "x", "greedy", i, "train"))
+    cfg = HeadTrainConfig(max_steps=80, batch_size=64, window=3, n_slots=3, n_layers=1, lr=3e-3, warmup_steps=2,
+                          checkpoint_every=40)
+    head = train_head(base, examples, cfg, tmp_path / "run", base.path)
+    report = evaluate_head(base, head, examples[:8])
+    assert report["slot_agreement"][0] > 0.6 and report["tokens_per_forward_by_draft_len"][3] > 2.0, report
+    assert report["vocab"] == len({t for e in examples for t in e.reply_ids})
+    assert (tmp_path / "run" / "features.pt").exists()  # computed once, read back by a resumed run
+    cfg.max_steps = 82
+    train_head(base, examples, cfg, tmp_path / "run", base.path)
+    assert torch.load(tmp_path / "run" / "drafter-state.pt", weights_only=True)["step"] == 82
+    assert isinstance(load_drafter(tmp_path / "run" / "drafter.safetensors", base), DraftHead)

@@ -11,13 +11,14 @@ from dlm_tiny_models import COUNT_V, CharTokenizer, counting_loaded, random_load
 
 from dlm.ar import AREngine
 from dlm.decode import DecodeSettings
+from dlm.draft_head import DraftHead, DraftHeadConfig
 from dlm.drafter import Drafter, DrafterConfig
 from dlm.engine import GenerationParams
 from dlm.errors import InvalidRequestError
 from dlm.masks import causal_mask
 from dlm.model import can_pack_linears
 from dlm.policies import POLICIES
-from dlm.speculative import SpeculativeDecoder, SpeculativeEngine
+from dlm.speculative import HeadSpeculativeDecoder, SpeculativeDecoder, SpeculativeEngine
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [3, 3], [21, 22, 23, 24, 25]]
 
@@ -31,15 +32,33 @@ def _random_drafter(loaded, n_slots: int = 4, seed: int = 0, scale: float = 0.5)
     return drafter.eval()
 
 
+def _random_head(loaded, n_slots: int = 4, seed: int = 0, scale: float = 0.5, vocab: int = 0) -> DraftHead:
+    """A draft head with random weights over the first `vocab` token ids (0: all)."""
+    torch.manual_seed(seed)
+    V = vocab or loaded.config.vocab_size
+    head = DraftHead(loaded.config, DraftHeadConfig(window=3, n_slots=n_slots, vocab_size=V))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, scale)
+        head.vocab.copy_(torch.arange(V))
+    head.attach(loaded.model)
+    return head.eval()
+
+
+def _drafter(kind: str, loaded, **kwargs) -> Drafter | DraftHead:
+    return _random_head(loaded, **kwargs) if kind == "head" else _random_drafter(loaded, **kwargs)
+
+
 def _run(handle) -> tuple[list[int], int, str]:
     deltas = list(handle)
     return [t for d in deltas for t in d.token_ids], deltas[-1].steps, deltas[-1].finish_reason
 
 
-@pytest.mark.parametrize("draft_len,tree", [(1, True), (3, True), (4, False)])
-def test_random_drafter_is_exact_and_batches_equal_each_alone(draft_len, tree):
+@pytest.mark.parametrize("kind,draft_len,tree", [("slots", 1, True), ("slots", 3, True), ("slots", 4, False),
+                                                  ("head", 1, True), ("head", 4, True)])
+def test_random_drafter_is_exact_and_batches_equal_each_alone(kind, draft_len, tree):
     loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
-    drafter = _random_drafter(loaded)
+    drafter = _drafter(kind, loaded)
     params = GenerationParams(max_new_tokens=20)
     with AREngine(loaded, max_batch_size=4) as ar, \
             SpeculativeEngine(loaded, drafter, draft_len=draft_len, tree=tree, max_batch_size=4) as spec:
@@ -51,27 +70,20 @@ def test_random_drafter_is_exact_and_batches_equal_each_alone(draft_len, tree):
     assert any(len(ids) < 20 for ids in expected)  # EOS is handled, not only the length limit
 
 
-class _ScriptedDecoder(SpeculativeDecoder):
+def _scripted_engine(rule, loaded, kind: str = "slots", **kwargs):
     """Drafts from a rule instead of the drafter: the verifier alone decides what is final."""
+    base = HeadSpeculativeDecoder if kind == "head" else SpeculativeDecoder
 
-    rule = staticmethod(lambda last, i: 0)
-
-    def _propose(self, rows, logits):
-        n = logits.shape[1]
-        return [[self.rule(row.ids[-1], i) for i in range(n)] for row in rows], [None] * len(rows)
-
-
-def _scripted_engine(rule, loaded, **kwargs):
-    class Decoder(_ScriptedDecoder):
-        pass
-
-    Decoder.rule = staticmethod(rule)
+    class Decoder(base):
+        def _propose(self, rows, logits):
+            n = logits.shape[1]
+            return [[rule(row.ids[-1], i) for i in range(n)] for row in rows], [None] * len(rows)
 
     class Scripted(SpeculativeEngine):
         def make_decoder(self, **kw):
             return Decoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree, **kw)
 
-    return Scripted(loaded, _random_drafter(loaded, n_slots=8), **kwargs)
+    return Scripted(loaded, _drafter(kind, loaded, n_slots=8), **kwargs)
 
 
 # The counting model writes last + 1 (mod COUNT_V - 1) after every token.
@@ -83,34 +95,40 @@ def _wrong(last, i):
     return (last + 5 + i) % (COUNT_V - 1)
 
 
-@pytest.mark.parametrize("draft_len", [1, 3, 7])
-def test_oracle_drafter_gives_draft_len_plus_one_tokens_per_forward(draft_len):
+@pytest.mark.parametrize("kind,draft_len", [("slots", 1), ("slots", 3), ("slots", 7), ("head", 1), ("head", 7)])
+def test_oracle_drafter_gives_draft_len_plus_one_tokens_per_forward(kind, draft_len):
     loaded = counting_loaded(attention="causal", block_size=1)
-    params = GenerationParams(max_new_tokens=2 + 5 * (draft_len + 1))
+    # Mask slots: the first decoding forward has no drafts yet (1 more token); a draft head drafts
+    # from the prefill's hidden states at once.
+    first = 1 if kind == "head" else 2
+    params = GenerationParams(max_new_tokens=first + 5 * (draft_len + 1))
     with AREngine(loaded, max_batch_size=1) as ar, \
-            _scripted_engine(_oracle, loaded, draft_len=draft_len, max_batch_size=1) as spec:
+            _scripted_engine(_oracle, loaded, kind, draft_len=draft_len, max_batch_size=1) as spec:
         want, ar_steps, _ = _run(ar.submit([5], params))
         got, steps, finish = _run(spec.submit([5], params))
     assert got == want and finish == "length"
-    # The prefill forward gives the first token; the first decoding forward has no drafts yet (1
-    # more token); every later forward accepts all draft_len drafts plus the verifier's own token.
-    assert steps == 1 + 1 + 5
+    # The prefill forward gives the first token, every later forward accepts all draft_len
+    # drafts plus the verifier's own token.
+    assert steps == first + 5
     assert ar_steps == params.max_new_tokens
 
 
-def test_always_wrong_drafter_gives_one_token_per_forward_and_stays_exact():
+@pytest.mark.parametrize("kind", ["slots", "head"])
+def test_always_wrong_drafter_gives_one_token_per_forward_and_stays_exact(kind):
     loaded = counting_loaded(attention="causal", block_size=1)
     params = GenerationParams(max_new_tokens=17)
-    with AREngine(loaded, max_batch_size=1) as ar, _scripted_engine(_wrong, loaded, draft_len=4, max_batch_size=1) as spec:
+    with AREngine(loaded, max_batch_size=1) as ar, \
+            _scripted_engine(_wrong, loaded, kind, draft_len=4, max_batch_size=1) as spec:
         want, ar_steps, _ = _run(ar.submit([7, 8], params))
         got, steps, _ = _run(spec.submit([7, 8], params))
     assert got == want
     assert steps == ar_steps
 
 
-def test_stop_strings_prefix_reuse_and_abort_free_the_row():
+@pytest.mark.parametrize("kind", ["slots", "head"])
+def test_stop_strings_prefix_reuse_and_abort_free_the_row(kind):
     loaded = counting_loaded(attention="causal", block_size=1, tokenizer=CharTokenizer())
-    with _scripted_engine(_oracle, loaded, draft_len=4, max_batch_size=1) as spec:
+    with _scripted_engine(_oracle, loaded, kind, draft_len=4, max_batch_size=1) as spec:
         # Counting from 'b' (1): "cdefgh..."; the text ends before the stop string.
         handle = spec.submit([1], GenerationParams(max_new_tokens=40, stop=["gh"]))
         assert handle.result() == "cdef" and handle.finish_reason == "stop"
@@ -155,13 +173,19 @@ def _constant_teacher(seed: int = 0):
     return loaded
 
 
-def test_speculative_sampling_keeps_the_teacher_distribution():
+@pytest.mark.parametrize("kind", ["slots", "head"])
+def test_speculative_sampling_keeps_the_teacher_distribution(kind):
     """At temperature 1 every generated token of the constant teacher is an independent draw from
     its distribution p, whatever the drafts were: a chi-square goodness-of-fit test over 1200
     tokens (fixed seeds) at the 0.1 % level. The same test rejects a rule that accepts every
-    draft (the drafter's q shows through)."""
+    draft (the drafter's q shows through). The draft head drafts from half the vocabulary only
+    (q is zero on the rest, which p still reaches through the corrections)."""
     loaded = _constant_teacher()
-    drafter = _random_drafter(loaded, n_slots=4, seed=1, scale=1.0)
+    if kind == "head":
+        drafter = _random_head(loaded, n_slots=4, seed=1, scale=1.0, vocab=loaded.config.vocab_size // 2)
+    else:
+        drafter = _random_drafter(loaded, n_slots=4, seed=1, scale=1.0)
+    base = HeadSpeculativeDecoder if kind == "head" else SpeculativeDecoder
     with torch.no_grad():
         logits = loaded.model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], causal_mask(3))[0]
         assert torch.allclose(logits[0], logits[2], atol=1e-4)  # the same after any context
@@ -187,7 +211,7 @@ def test_speculative_sampling_keeps_the_teacher_distribution():
                         decoder.remove(u.slot)
         return counts
 
-    class AcceptAll(SpeculativeDecoder):
+    class AcceptAll(base):
         def _verify(self, rows, verify, drafts):  # broken on purpose: every draft is kept
             out = super()._verify(rows, verify, drafts)
             return [(len(d.tokens), [*d.tokens, tokens[-1]]) for (_, tokens), d in zip(out, drafts, strict=True)]
@@ -202,7 +226,7 @@ def test_speculative_sampling_keeps_the_teacher_distribution():
             stat += (rest_o - rest_e) ** 2 / rest_e
         return float(stat), int(keep.sum()) + (1 if rest_e > 0 else 0) - 1
 
-    good, dof = chi2(sample(SpeculativeDecoder))
+    good, dof = chi2(sample(base))
     critical = dof + 3.09 * math.sqrt(2 * dof) + 2  # ~ the 0.1 % quantile (Wilson-Hilferty, rounded up)
     assert good < critical, (good, critical)
     bad, _ = chi2(sample(AcceptAll))

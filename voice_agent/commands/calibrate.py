@@ -4,8 +4,8 @@ Draft-and-verify decoding (a model with a drafter) trades tokens per forward aga
 a forward: a longer draft block is accepted further on average but makes every forward wider,
 and where a wider forward stops being nearly free depends on the CPU (AMX, cores, memory) or the
 GPU. This command measures it instead of guessing: for every draft length (1 .. the drafter's
-slots) and both layouts (`draft_tree` true: a draft block per possible acceptance length; false:
-one block after the full draft), it decodes the same voice prompts one at a time, greedy, and
+slots) and, for a mask-slot drafter, both layouts (`draft_tree` true: a draft block per possible
+acceptance length; false: one block after the full draft; a draft head has one), it decodes the same voice prompts one at a time, greedy, and
 records the wall time per generated token after the first (the prefill is the same for all) and
 the tokens per forward. It writes the fastest into a config file that it names: a copy of the
 configuration in use (`--config`, else the embedded default) with `llm.draft_len` and
@@ -120,7 +120,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     system = {"role": "system", "content": config.agent.system_prompt}
     prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
     results = []
-    settings = [(n, tree) for tree in (True, False) for n in lens]
+    from dlm.draft_head import DraftHead
+
+    # A draft head drafts after the acceptance is known: one chain, so the layout changes nothing.
+    layouts = (True,) if isinstance(loaded.drafter, DraftHead) else (True, False)
+    settings = [(n, tree) for tree in layouts for n in lens]
     for i, (n, tree) in enumerate(settings, 1):
         r = measure(loaded, prompts, n, tree, args.max_new_tokens)
         results.append({"draft_len": n, "tree": tree, **r})

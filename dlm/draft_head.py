@@ -1,0 +1,133 @@
+"""The draft head: a small block-diffusion drafter that reads the verifier's own hidden states.
+
+Contract:
+- `DraftHead(model_config, DraftHeadConfig(...), vocab)` is a one- or two-layer transformer of the
+  base's shape beside the base (whose weights it never changes). Its input is a context of up to
+  `window` pairs (the base's final normed hidden state at a position, the token that position's
+  prediction became final as: EAGLE's pairing of a feature with the token it produced) followed by
+  `n_slots` mask slots; the slots attend to the whole context and to each other (bidirectional,
+  as in a block-diffusion model's block) and are denoised in one pass. Slot i's output, through
+  its own final norm and the base's output embedding restricted to `vocab` (the tokens the
+  teacher's replies use), drafts the token i + 1 places after the context's last
+  token. The context's last pair carries the token the verifier has just decided (the
+  "bonus"), so unlike mask slots inside the base's forward (dlm/drafter.py) every draft knows the
+  token before it.
+- `forward(feats, tokens, valid, n)`: feats (B, W, dim), tokens (B, W), valid (B,) how many of
+  the W pairs (the last ones) are real (fewer after a prefill, whose hidden states the engine
+  does not keep) -> logits (B, n, len(vocab)) in float32.
+- It runs after the verifying forward, on that forward's hidden states (dlm.speculative's
+  `HeadSpeculativeDecoder`): a forward feeds only the last final token and the drafts, so a row's
+  forward costs 1 + k positions of the base, and drafting costs one small pass.
+- File: one safetensors file like a drafter's (dlm/drafter.py: the base's fingerprint, the adapter
+  merged into it while training, `DrafterError` on any mismatch or damage), format
+  `DRAFT_HEAD_FORMAT`; `dlm.drafter.load_drafter` reads either kind. The output embedding is not
+  stored: `attach(model)` takes the vocab's rows from the base it is loaded onto.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dlm.config import ModelConfig
+from dlm.model import DecoderLayer, Linear, Projection, RMSNorm, Transformer, can_pack_linears
+
+__all__ = ["DRAFT_HEAD_FORMAT", "DraftHead", "DraftHeadConfig"]
+
+DRAFT_HEAD_FORMAT = "voice-agent-draft-head/1"
+
+
+@dataclass
+class DraftHeadConfig:
+    window: int = 4  # context pairs (hidden state, token)
+    n_slots: int = 4  # the longest draft block it was trained for
+    n_layers: int = 1
+    vocab_size: int = 0  # tokens it can draft (the ids are a buffer of the file)
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.n_slots < 1 or self.n_layers < 1 or self.vocab_size < 1:
+            raise ValueError("window, n_slots, n_layers and vocab_size must be >= 1")
+
+
+class DraftHead(nn.Module):
+    def __init__(self, model_config: ModelConfig, config: DraftHeadConfig) -> None:
+        super().__init__()
+        self.config, self.model_config = config, model_config
+        D = model_config.dim
+        self.fuse = Linear(2 * D, D, bias=False)
+        self.slots = nn.Parameter(torch.zeros(config.n_slots, D))
+        self.layers = nn.ModuleList(DecoderLayer(model_config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(D, model_config.norm_eps)
+        self.register_buffer("vocab", torch.zeros(config.vocab_size, dtype=torch.long))
+        self._embed: Tensor | None = None  # the base's input embedding (attach)
+        self._head: Tensor | None = None  # its output embedding at `vocab` (attach)
+        self._rope: tuple[Tensor, Tensor] | None = None
+        self._packed_head: Projection | None = None  # `pack()`
+
+    @property
+    def n_slots(self) -> int:
+        return self.config.n_slots
+
+    def attach(self, model: Transformer) -> None:
+        """Read the base's embeddings and RoPE tables (never trained, never stored here)."""
+        embed = model.model.embed_tokens.weight.detach()
+        head = embed if model.lm_head is None else model.lm_head.weight.detach()
+        self._embed = embed
+        self._head = head[self.vocab].float()
+        T = self.config.window + self.config.n_slots
+        self._rope = (model.rope_cos[:T, None].float(), model.rope_sin[:T, None].float())
+
+    def pack(self) -> bool:
+        """For inference on a CPU with oneDNN bf16 (AMX): every product in bf16 on packed weights
+        (`dlm.model.Projection`), which take the calling thread's OpenMP threads; float32 products
+        would run on one core inside an engine's worker (dlm.threads) and cost about 5 ms a pass
+        for two layers. False (nothing done) where packing does not apply. Call after `attach`."""
+        if self._head is None or not can_pack_linears(torch.bfloat16, self._head.device):
+            return False
+        self.to(torch.bfloat16)
+        for layer in self.layers:
+            layer.self_attn.pack({})
+            layer.mlp.pack({})
+        self.fuse.pack()
+        self._packed_head = Projection(self._head.to(torch.bfloat16), None)
+        return True
+
+    def init_from(self, model: Transformer) -> None:
+        """A starting point for training: the base's final norm, the fused input averaging the
+        feature and the token's embedding, every slot the mean embedding; the layers keep their
+        random initialisation (copies of the base's last layer were worse on held-out replies:
+        docs/models.md)."""
+        with torch.no_grad():
+            self.norm.load_state_dict({k: v.float() for k, v in model.model.norm.state_dict().items()})
+            D = self.model_config.dim
+            eye = torch.eye(D) * 0.5
+            self.fuse.weight.copy_(torch.cat([eye, eye], dim=1))
+            self.slots.copy_(model.model.embed_tokens.weight.float().mean(0, keepdim=True).expand_as(self.slots))
+
+    def forward(self, feats: Tensor, tokens: Tensor, valid: Tensor, n: int) -> Tensor:
+        if self._embed is None or self._rope is None or self._head is None:
+            raise RuntimeError("attach(model) first")
+        B, W, _ = feats.shape
+        dtype = self.fuse.weight.dtype
+        ctx = self.fuse(torch.cat([feats.to(dtype), self._embed[tokens].to(dtype)], dim=-1))  # (B, W, D)
+        x = torch.cat([ctx, self.slots[:n].to(ctx.dtype)[None].expand(B, -1, -1)], dim=1)  # (B, W + n, D)
+        T = W + n
+        cos, sin = self._rope[0][:T][None].to(x.dtype), self._rope[1][:T][None].to(x.dtype)
+        keys = torch.arange(T, device=x.device)
+        real = keys[None, :] >= (W - valid)[:, None]  # (B, T): padding pairs are nobody's keys
+        real = real | (keys[None, :] >= W)
+        # The context causally (it never sees the slots); the slots: the whole context and block.
+        causal = ((keys[None, :] < W) & (keys[:, None] >= keys[None, :])) | (keys[:, None] >= W)
+        mask = (causal[None] & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)[None]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask[:, None], None)
+        out = self.norm(x[:, W:])
+        if self._packed_head is not None and not torch.is_grad_enabled():
+            return self._packed_head(out, 0).float()
+        return (out @ self._head.to(x.dtype).T).float()  # (B, n, V')
+
+    def draft_ids(self, index: Tensor) -> Tensor:
+        """Indices into the head's vocabulary -> token ids."""
+        return self.vocab[index]
