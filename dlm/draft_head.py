@@ -1,8 +1,9 @@
 """The draft head: a small block-diffusion drafter that reads the verifier's own hidden states.
 
 Contract:
-- `DraftHead(model_config, DraftHeadConfig(...), vocab)` is a one- or two-layer transformer of the
-  base's shape beside the base (whose weights it never changes). Its input is a context of up to
+- `DraftHead(model_config, DraftHeadConfig(...))` is a transformer of `n_layers` layers of the
+  base's shape (2 in the shipped head) beside the base, whose weights it never changes; its
+  `vocab` buffer holds the token ids it can draft. Its input is a context of up to
   `window` pairs (the base's final normed hidden state at a position, the token that position's
   prediction became final as: EAGLE's pairing of a feature with the token it produced) followed by
   `n_slots` mask slots; the slots attend to the whole context and to each other (bidirectional,
@@ -13,8 +14,9 @@ Contract:
   "bonus"), so unlike mask slots inside the base's forward (dlm/drafter.py) every draft knows the
   token before it.
 - `forward(feats, tokens, valid, n)`: feats (B, W, dim), tokens (B, W), valid (B,) how many of
-  the W pairs (the last ones) are real (fewer after a prefill, whose hidden states the engine
-  does not keep) -> logits (B, n, len(vocab)) in float32.
+  the W pairs (the last ones) are real (fewer where a prefill forward held fewer positions, as a
+  short new turn after prefix reuse) -> logits (B, n, len(vocab)) in float32. The engine always
+  asks for all `n_slots` (the slots see each other: a shorter block is another input).
 - It runs after the verifying forward, on that forward's hidden states (dlm.speculative's
   `HeadSpeculativeDecoder`): a forward feeds only the last final token and the drafts, so a row's
   forward costs 1 + k positions of the base, and drafting costs one small pass.
@@ -42,8 +44,8 @@ DRAFT_HEAD_FORMAT = "voice-agent-draft-head/1"
 @dataclass
 class DraftHeadConfig:
     window: int = 4  # context pairs (hidden state, token)
-    n_slots: int = 4  # the longest draft block it was trained for
-    n_layers: int = 1
+    n_slots: int = 6  # the longest draft block it was trained for
+    n_layers: int = 2
     vocab_size: int = 0  # tokens it can draft (the ids are a buffer of the file)
 
     def __post_init__(self) -> None:

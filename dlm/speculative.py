@@ -154,7 +154,6 @@ class _DraftVerifyDecoder(ARDecoder):
         return out
 
 
-
 class SpeculativeDecoder(_DraftVerifyDecoder):
     """Drafts from mask slots inside the verifying forward (dlm/drafter.py)."""
 
@@ -264,7 +263,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
     positions, so the first drafts come with the first token."""
 
     def __init__(self, model: Transformer, spec: DiffusionSpec, head: DraftHead, *,
-                 draft_len: int = DEFAULT_DRAFT_LEN, tree: bool = True, **kwargs: Any) -> None:
+                 draft_len: int = DEFAULT_HEAD_DRAFT_LEN, tree: bool = True, **kwargs: Any) -> None:
         """draft_len: default drafts per forward (1..head.n_slots); tree: ignored (the head
         drafts after the acceptance is known: one chain). kwargs: ARDecoder's."""
         super().__init__(model, spec, head.n_slots, draft_len=draft_len, **kwargs)
@@ -319,9 +318,9 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                 updates[row.slot] = self._update(row, new[row.slot], finish)
                 continue
             self._extend_window(row.slot, h[b, : j + 1], tokens)
-            going.append((b, row))
-        self._draft([row for _, row in going])
-        for _, row in going:
+            going.append(row)
+        self._draft(going)
+        for row in going:
             updates[row.slot] = self._update(row, new[row.slot], None)
 
     def _forward(self, entries: list[_Entry], fn: Any, *, eager_prefill: bool = False) -> Tensor:

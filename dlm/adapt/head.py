@@ -60,8 +60,8 @@ class HeadTrainConfig:
     max_steps: int
     batch_size: int = 256  # samples (reply positions) per step
     window: int = 4
-    n_slots: int = 4
-    n_layers: int = 1
+    n_slots: int = 6
+    n_layers: int = 2
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
