@@ -110,6 +110,25 @@ class _DraftVerifyDecoder(ARDecoder):
         else:
             self.drafts[row.slot] = _Drafts(tokens[:count], None if dist is None else dist[:count])
 
+    def _settle(self, rows: list[_Row], verify: Tensor, drafts: list[_Drafts], new: dict[int, list[int]],
+                updates: dict[int, RowUpdate]) -> list[tuple[int, _Row, int, list[int]]]:
+        """After a verifying forward: each row's accepted drafts and the base's own token made
+        final; finished rows get their update here. Returns (batch index, row, accepted drafts j,
+        the tokens made final) of the rows that go on (their updates are the caller's, after it
+        set their next drafts)."""
+        going = []
+        for b, (row, (j, tokens)) in enumerate(zip(rows, self._verify(rows, verify, drafts), strict=True)):
+            row.steps += 1
+            c = row.final_upto
+            finish = self._commit(row, tokens, new[row.slot])
+            row.clean_upto = c + j  # x and the accepted drafts hold verified K/V now
+            if finish is None:
+                going.append((b, row, j, tokens))
+            else:
+                self.drafts.pop(row.slot, None)
+                updates[row.slot] = self._update(row, new[row.slot], finish)
+        return going
+
     def _verify(self, rows: list[_Row], verify: Tensor, drafts: list[_Drafts]) -> list[tuple[int, list[int]]]:
         """Per row: (accepted drafts j, the tokens that become final: d_1..d_j and the base's own).
         A constrained row's verifier logits are masked position by position (the masks after
@@ -225,20 +244,9 @@ class SpeculativeDecoder(_DraftVerifyDecoder):
         # (a call costs about the same for 1 or 32 rows: it reads the whole head either way).
         logits = self.model.logits(h[:n], step=Wv)  # (n, T, V): the verifier's positions are steps
         verify = logits[:, :Wv]  # the base's next-token logits
-        for row in rows:
-            row.steps += 1
-        accepted = self._verify(rows, verify, drafts)
         # The accepted block of each row that goes on gives its next drafts.
         going = []
-        for b, row in enumerate(rows):
-            j, tokens = accepted[b]
-            c = row.final_upto
-            finish = self._commit(row, tokens, new[row.slot])
-            row.clean_upto = c + j  # x and the accepted drafts hold verified K/V now
-            if finish is not None:
-                self.drafts.pop(row.slot, None)
-                updates[row.slot] = self._update(row, new[row.slot], finish)
-                continue
+        for b, row, j, _ in self._settle(rows, verify, drafts, new, updates):
             start = Wv + blocks[b].index(j) * ns[b] if j in blocks[b] else -1
             going.append((b, row, start))
         picked = [(b, row, start) for b, row, start in going if start >= 0]
@@ -303,20 +311,8 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         h = self.model(tok_t, pos_t, limit_mask(lim_t, K), cache=self.kv, cache_rows=rows_t, hidden=True,
                        step=True)  # (B, Wv, dim)
         logits = self.model.logits(h[:n], step=Wv)  # (n, Wv, V)
-        for row in rows:
-            row.steps += 1
-        accepted = self._verify(rows, logits, drafts)
         going = []
-        for b, row in enumerate(rows):
-            j, tokens = accepted[b]
-            c = row.final_upto
-            finish = self._commit(row, tokens, new[row.slot])
-            row.clean_upto = c + j  # x and the accepted drafts hold verified K/V now
-            if finish is not None:
-                self.drafts.pop(row.slot, None)
-                self.window_n.pop(row.slot, None)
-                updates[row.slot] = self._update(row, new[row.slot], finish)
-                continue
+        for b, row, j, tokens in self._settle(rows, logits, drafts, new, updates):
             self._extend_window(row.slot, h[b, : j + 1], tokens)
             going.append(row)
         self._draft(going)
