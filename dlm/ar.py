@@ -87,7 +87,7 @@ class ARDecoder(BlockDecoder):
             trace = StepTrace(step=row.steps, block_start=row.final_upto, token_ids=tokens, masked=[True] * len(tokens))
         return RowUpdate(slot=row.slot, new_ids=new_ids, finish_reason=finish, steps=row.steps,
                          tokens=row.final_upto - row.prompt_len - (1 if finish == "eos" else 0), trace=trace,
-                         prefill_steps=row.prefill_steps)
+                         prefill_steps=row.prefill_steps, eos_id=row.ids[row.eos_pos] if finish == "eos" else None)
 
     def _params(self, rows: list[_Row]) -> tuple[Tensor, Tensor]:
         sampling = self.sampling[torch.tensor([r.slot for r in rows], device=self.device)]

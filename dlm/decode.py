@@ -177,6 +177,7 @@ class RowUpdate:
     tokens: int  # generated tokens final so far
     trace: StepTrace | None = None  # only where settings.trace
     prefill_steps: int = 0  # of `steps`, the prefill forwards
+    eos_id: int | None = None  # the EOS id the model wrote, where finish_reason == "eos"
 
 
 class PrefillError(DlmError):
@@ -721,4 +722,4 @@ class BlockDecoder:
                 row.phase = Phase.DENOISE
         return RowUpdate(slot=row.slot, new_ids=new_ids, finish_reason=finish, steps=row.steps,
                          tokens=row.final_upto - row.prompt_len - (1 if finish == "eos" else 0), trace=trace,
-                         prefill_steps=row.prefill_steps)
+                         prefill_steps=row.prefill_steps, eos_id=row.ids[row.eos_pos] if finish == "eos" else None)

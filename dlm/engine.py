@@ -130,6 +130,7 @@ class Delta:
     tokens: int = 0  # generated tokens committed and final so far
     trace: StepTrace | None = None  # the current block after this step, where params.trace_steps
     prefill_steps: int = 0  # of `steps`, the forwards that prefilled the prompt
+    eos_id: int | None = None  # the EOS id the model wrote (token_ids exclude it), where finish_reason == "eos"
 
 
 @dataclass(frozen=True)
@@ -541,8 +542,8 @@ class Engine:
             finish = req.text.finish_reason  # a stop string or a loop
         if finish is not None:
             self._release(u.slot)
-            self._emit(req, Delta(text, u.new_ids, True, finish, None, u.steps, u.tokens, u.trace, u.prefill_steps),
-                       callback_errors=False)
+            self._emit(req, Delta(text, u.new_ids, True, finish, None, u.steps, u.tokens, u.trace, u.prefill_steps,
+                                  u.eos_id if finish == "eos" else None), callback_errors=False)
         elif text or u.new_ids or u.trace is not None:
             self._emit(req, Delta(text, u.new_ids, steps=u.steps, tokens=u.tokens, trace=u.trace,
                                   prefill_steps=u.prefill_steps))

