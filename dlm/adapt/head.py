@@ -42,16 +42,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dlm.adapt.data import Example
+from dlm.adapt.draft import DRAFTER_FILE, STATE_FILE
 from dlm.adapt.state import lr_at, resume_state, save_state
 from dlm.draft_head import DraftHead, DraftHeadConfig
 from dlm.drafter import save_drafter
 
-__all__ = ["HeadTrainConfig", "evaluate_head", "head_features", "train_head"]
+__all__ = ["DRAFTER_FILE", "HeadTrainConfig", "evaluate_head", "head_features", "train_head"]
 
 log = logging.getLogger(__name__)
 
-DRAFTER_FILE = "drafter.safetensors"
-STATE_FILE = "drafter-state.pt"
 FEATURES_FILE = "features.pt"
 
 
