@@ -13,10 +13,11 @@
    Layouts (dlm/blocks.py makes them from the GGUF's blocks), per output row n and unit p (64
    inputs = two blocks):
      Q4: data (N, K/64, 32 bytes): 16-bit lane j holds nibble s at bits 4s..4s+3, the weight
-         (s / 2) * 32 + (s % 2) * 16 + j of the unit; scales (N, K/64, 4): d0, m0, d1, m1.
+         (s / 2) * 32 + (s % 2) * 16 + j of the unit; scales (N, K/64, 4): d0, m0, d1, m1, as
+         the GGUF's float16 (a third of the bytes a decoding step reads were float32 scales).
          A block's 16 possible weights are made once (a table of 16 floats) and looked up with
          one permute per 16 weights: the permute reads only the low 4 bits of each lane.
-     Q8: data (N, K) int8 as stored; scales (N, K/32): d.
+     Q8: data (N, K) int8 as stored; scales (N, K/32): d, float16.
    A low-rank update W + up @ down (a fine-tune, kept apart: rounding it into 4-bit blocks would
    erase it), where given: t = x @ down^T (M, R) first, then each output adds t[offset[n]..+Rp] .
    up[n] (Rp a multiple of 16; fused projections keep their own rank-Rp slices of t) into its
@@ -31,13 +32,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define TARGET __attribute__((target("avx512f,avx512bw")))
-#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
+#define TARGET __attribute__((target("avx512f,avx512bw,f16c")))
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,f16c,avx512bf16,amx-tile,amx-bf16")))
 #define INLINE static inline __attribute__((always_inline))
 
 int blocks_cpu_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("f16c");
 }
 
 /* 0 where this CPU has AMX (tiles, bf16) and AVX512-BF16 and the kernel lets this process use the
@@ -51,26 +52,26 @@ int blocks_amx_init(void) {
 }
 
 /* The 64 weights of unit p of output n, as four 16-lane vectors. */
-TARGET INLINE void unit_q4(const uint8_t *data, const float *scales, int64_t np, int64_t n, int64_t p,
+TARGET INLINE void unit_q4(const uint8_t *data, const uint16_t *scales, int64_t np, int64_t n, int64_t p,
                            __m512 w[4]) {
     const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const float *s = scales + (n * np + p) * 4;
+    const uint16_t *s = scales + (n * np + p) * 4;
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(data + (n * np + p) * 32)));
-    __m512 t0 = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1]));
-    __m512 t1 = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[2]), _mm512_set1_ps(s[3]));
+    __m512 t0 = _mm512_fmadd_ps(iota, _mm512_set1_ps(_cvtsh_ss(s[0])), _mm512_set1_ps(_cvtsh_ss(s[1])));
+    __m512 t1 = _mm512_fmadd_ps(iota, _mm512_set1_ps(_cvtsh_ss(s[2])), _mm512_set1_ps(_cvtsh_ss(s[3])));
     w[0] = _mm512_permutexvar_ps(v, t0);
     w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t0);
     w[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), t1);
     w[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), t1);
 }
 
-TARGET INLINE void unit_q8(const uint8_t *data, const float *scales, int64_t np, int64_t n, int64_t p,
+TARGET INLINE void unit_q8(const uint8_t *data, const uint16_t *scales, int64_t np, int64_t n, int64_t p,
                            __m512 w[4]) {
     const int8_t *q = (const int8_t *)data + (n * np + p) * 64;
-    const float *d = scales + (n * np + p) * 2;
+    const uint16_t *d = scales + (n * np + p) * 2;
     for (int i = 0; i < 4; i++) {
         __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i))));
-        w[i] = _mm512_mul_ps(f, _mm512_set1_ps(d[i / 2]));
+        w[i] = _mm512_mul_ps(f, _mm512_set1_ps(_cvtsh_ss(d[i / 2])));
     }
 }
 
@@ -82,7 +83,7 @@ typedef struct {
 } low_rank;
 
 /* Outputs n..n+T-1 of rows 0..R-1 (T and R compile-time constants after inlining). */
-TARGET INLINE void tile(const float *x, const uint8_t *data, const float *scales, float *y, int64_t N,
+TARGET INLINE void tile(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t N,
                         int64_t K, int64_t n, const int T, const int R, const int q8, const low_rank *lr) {
     const int64_t np = K / 64;
     __m512 a[T][R][2];
@@ -117,7 +118,7 @@ TARGET INLINE void tile(const float *x, const uint8_t *data, const float *scales
 /* Rows 0..R-1, outputs n0..n1-1: T outputs at a time (several accumulator chains in flight
    where there are few rows), the rest one by one. */
 #define ROWS(R, T)                                                                                       \
-    TARGET static void rows##R(const float *x, const uint8_t *data, const float *scales, float *y,     \
+    TARGET static void rows##R(const float *x, const uint8_t *data, const uint16_t *scales, float *y,     \
                                int64_t N, int64_t K, int64_t n0, int64_t n1, int q8, const low_rank *lr) { \
         int64_t n = n0;                                                                                  \
         if (q8) {                                                                                        \
@@ -141,7 +142,7 @@ typedef void (*rows_fn)(const float *, const uint8_t *, const float *, float *, 
                         int64_t, int, const low_rank *);
 static const rows_fn ROWS_FN[9] = {0, rows1, rows2, rows3, rows4, rows5, rows6, rows7, rows8};
 
-static void range(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M, int64_t N,
+static void range(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t M, int64_t N,
                   int64_t K, int64_t n0, int64_t n1, int q8, const low_rank *lr) {
     for (int64_t r0 = 0; r0 < M; r0 += 8) {
         const int64_t R = M - r0 < 8 ? M - r0 : 8;
@@ -207,7 +208,7 @@ AMX_TARGET static void amx_inputs(const float *x, int64_t M, int64_t K, uint32_t
 }
 
 /* The A tiles of outputs n..n+15: a (K / 32 blocks, 16 outputs, 32 bf16). */
-AMX_TARGET static void amx_weights(const uint8_t *data, const float *scales, int64_t K, int64_t n, int q8, uint16_t *a) {
+AMX_TARGET static void amx_weights(const uint8_t *data, const uint16_t *scales, int64_t K, int64_t n, int q8, uint16_t *a) {
     const int64_t np = K / 64;
     for (int64_t t = 0; t < 16; t++)
         for (int64_t p = 0; p < np; p++) {
@@ -229,7 +230,7 @@ AMX_TARGET static void amx_store(const float *c, float *y, int64_t M, int64_t N,
 /* Outputs n0..n1-1 (multiples of 16) of every row, four tiles of 16 outputs at a time (four
    independent sums in flight); each tile's A is made once (a: 4 x 16 x K bf16) and serves every
    group of rows. The order of each output's sums is the same on both paths below. */
-AMX_TARGET static void amx_range(const uint32_t *b, const uint8_t *data, const float *scales, float *y, int64_t M,
+AMX_TARGET static void amx_range(const uint32_t *b, const uint8_t *data, const uint16_t *scales, float *y, int64_t M,
                                  int64_t N, int64_t K, int64_t n0, int64_t n1, int q8, uint16_t *a) {
     const int64_t chunks = K / 32, groups = (M + 15) / 16, span = 16 * K;
     float c[4][256] __attribute__((aligned(64)));
@@ -397,9 +398,216 @@ TARGET static void add_update(const float *x, const uint8_t *drafted, int64_t M,
     }
 }
 
+/* ---- Float32-accurate products on AMX (amx == 2, `BlockWeight.split`) ------------------------
+
+   The blocks' integers q are exact in bf16 (Q4: 0..15, Q8: -128..127), and each float32 input is
+   the exact sum of three bf16 parts (x0 = bf16(x), x1 = bf16(x - x0), x2 = x - x0 - x1: 8 + 8 + 8
+   significant bits), so every product of a part and an integer is exact in float32, and the tiles
+   sum them in float32: a block's S = sum of x q over its 32 inputs is a float32 sum, as on the
+   float32 path (in another order), and each output adds d S + m (sum of x) block after block, in
+   float32 (w = q d + m; Q8: m = 0). Errors of float32's order, not bf16's. The tiles, per block:
+   B = the integers of 16 outputs for its 32 inputs (line i: inputs 2i, 2i + 1 of each output side
+   by side), A_p = part p of a group of up to SPLIT_ROWS rows (R lines: the rows' 32 inputs), and
+   C (rows x outputs) = A_0 B + A_1 B + A_2 B, summed by the tiles in that order; tiles of R lines
+   cost what their lines do (`split_configure`). A row's bits depend on its own inputs only.
+   Layouts (dlm/blocks.py `BlockWeight.split` makes them), per tile of 16 outputs and block c:
+     Q4: data (N / 16, K / 32, 8, 32 bytes): byte j of pair L holds lane j of line 2L in its low
+         nibble, of line 2L + 1 in its high one (lane j of line i: output j / 2, input 2i + j % 2).
+     Q8: data (N / 16, K / 32, 16, 32) int8: line i, lane j as above.
+     scales (N / 16, K / 32, 2, 16) float16: d, then m, of the tile's 16 outputs.
+   A low-rank update stays float32: t = x @ down^T first (down_product), then each output adds
+   t[offset..+rp] . up after the blocks, up_t (N / 16, rp, 16) (one offset per tile of 16). */
+
+#define SPLIT_ROWS 5
+
+/* The A lines of rows 0..M-1: group g (rows SPLIT_ROWS g ..., R of them) starts at line
+   3 SPLIT_ROWS g and holds 3R lines of K bf16 (its A tiles: 3R lines, `split_configure`).
+   sx (M, K / 32): each row's sum over each block. */
+AMX_TARGET static void split_inputs(const float *x, int64_t M, int64_t K, uint16_t *a, float *sx) {
+    const int64_t chunks = K / 32;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t g = m / SPLIT_ROWS, r = m % SPLIT_ROWS;
+        const int64_t R = M - g * SPLIT_ROWS < SPLIT_ROWS ? M - g * SPLIT_ROWS : SPLIT_ROWS;
+        uint16_t *lines = a + 3 * SPLIT_ROWS * g * K;
+        const float *xm = x + m * K;
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = _mm512_loadu_ps(xm + k);
+            for (int p = 0; p < 3; p++) {
+                const __m256bh h = _mm512_cvtneps_pbh(v);
+                _mm256_storeu_si256((__m256i *)(lines + (p * R + r) * K + k), (__m256i)h);
+                v = _mm512_sub_ps(v, _mm512_cvtpbh_ps(h));
+            }
+        }
+        for (int64_t c = 0; c < chunks; c++)
+            sx[m * chunks + c] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xm + 32 * c),
+                                                                    _mm512_loadu_ps(xm + 32 * c + 16)));
+    }
+}
+
+/* The B tiles of tile `tile` (16 outputs) for every block: b (K / 32, 16 lines, 32) bf16. */
+AMX_TARGET static void split_weights(const uint8_t *data, int64_t K, int64_t tile, int q8, uint16_t *b) {
+    const int64_t chunks = K / 32;
+    if (q8) {
+        const int8_t *q = (const int8_t *)data + tile * chunks * 512;
+        for (int64_t i = 0; i < chunks * 16; i++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+            _mm512_store_si512((__m512i *)(b + 32 * i), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        return;
+    }
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(iota, iota); /* bf16 of 0..15 at indices 0..15 */
+    const __m512i nibble = _mm512_set1_epi16(15);
+    const uint8_t *q = data + tile * chunks * 256;
+    for (int64_t i = 0; i < chunks * 8; i++) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + 32 * i)));
+        _mm512_store_si512((__m512i *)(b + 64 * i), _mm512_permutexvar_epi16(_mm512_and_si512(v, nibble), table));
+        _mm512_store_si512((__m512i *)(b + 64 * i + 32), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+    }
+}
+
+typedef struct {
+    const float *t;    /* this group's rows of x @ down^T (rows r_total apart), or NULL */
+    const float *up_t; /* this tile's (rp, 16) */
+    int64_t r_total, offset, rp;
+} split_update;
+
+/* Rows 0..R-1 of a group (A lines a, sums sx), the 16 outputs of tile `tile` (B tiles b) into
+   y (rows N apart): two C tiles in turn, so that one block's product runs while the other's is
+   scaled. c: 2 x 256 floats, aligned. */
+AMX_TARGET INLINE void split_group(const uint16_t *a, const uint16_t *b, const uint16_t *scales, const float *sx,
+                                   float *y, int64_t N, int64_t K, int64_t tile, const int R, const int q8,
+                                   const split_update *u, float *c) {
+    const int64_t chunks = K / 32, stride = 2 * K;
+    const uint16_t *s = scales + tile * chunks * 32;
+    __m512 acc[SPLIT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    /* Block ch into C tile T: its B tile (into tile BT), then the three parts' A tiles. */
+#define SPLIT_ISSUE(T, BT, ch)                                                                            \
+    do {                                                                                              \
+        _tile_zero(T);                                                                                \
+        _tile_loadd(BT, b + (ch) * 512, 64);                                                       \
+        _tile_loadd(2, a + (ch) * 32, stride);                                                        \
+        _tile_dpbf16ps(T, 2, BT);                                                                  \
+        _tile_loadd(3, a + R * K + (ch) * 32, stride);                                                \
+        _tile_dpbf16ps(T, 3, BT);                                                                  \
+        _tile_loadd(6, a + 2 * R * K + (ch) * 32, stride);                                            \
+        _tile_dpbf16ps(T, 6, BT);                                                                  \
+    } while (0)
+#define SPLIT_SCALE(ch, cbuf)                                                                         \
+    do {                                                                                              \
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + (ch) * 32)));      \
+        const __m512 mm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + (ch) * 32 + 16))); \
+        for (int r = 0; r < R; r++) {                                                                 \
+            acc[r] = _mm512_fmadd_ps(_mm512_load_ps((cbuf) + 16 * r), d, acc[r]);                     \
+            if (!q8) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sx[r * chunks + (ch)]), mm, acc[r]);     \
+        }                                                                                             \
+    } while (0)
+    SPLIT_ISSUE(0, 4, 0);
+    for (int64_t ch = 0; ch < chunks; ch += 2) {
+        SPLIT_ISSUE(1, 5, ch + 1);
+        _tile_stored(0, c, 64);
+        SPLIT_SCALE(ch, c);
+        if (ch + 2 < chunks) SPLIT_ISSUE(0, 4, ch + 2);
+        _tile_stored(1, c + 256, 64);
+        SPLIT_SCALE(ch + 1, c + 256);
+    }
+#undef SPLIT_ISSUE
+#undef SPLIT_SCALE
+    for (int r = 0; r < R; r++) {
+        __m512 v = acc[r];
+        if (u->t)
+            for (int64_t j = 0; j < u->rp; j++)
+                v = _mm512_fmadd_ps(_mm512_set1_ps(u->t[r * u->r_total + u->offset + j]), _mm512_loadu_ps(u->up_t + 16 * j), v);
+        _mm512_storeu_ps(y + r * N + 16 * tile, v);
+    }
+}
+
+AMX_TARGET static void split_group_any(const uint16_t *a, const uint16_t *b, const uint16_t *scales, const float *sx,
+                                       float *y, int64_t N, int64_t K, int64_t tile, int R, int q8,
+                                       const split_update *u, float *c) {
+#define SPLIT_CASE(n)                                                                                      \
+    case n:                                                                                                \
+        if (q8) split_group(a, b, scales, sx, y, N, K, tile, n, 1, u, c);                                  \
+        else split_group(a, b, scales, sx, y, N, K, tile, n, 0, u, c);                                     \
+        break;
+    switch (R) {
+        SPLIT_CASE(1)
+        SPLIT_CASE(2)
+        SPLIT_CASE(3)
+        SPLIT_CASE(4)
+        SPLIT_CASE(5)
+    }
+#undef SPLIT_CASE
+}
+
+/* Tiles 0, 1 (C) and 2, 3, 6 (A) of `rows` lines (the tiles cost what their lines do), 4, 5 (B) of 16. */
+AMX_TARGET static void split_configure(int rows) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 7; i++) cfg.rows[i] = i == 4 || i == 5 ? 16 : rows, cfg.colsb[i] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+/* Tiles lo..hi-1 of 16 outputs, every group of rows (b: a scratch of 16 K bf16). */
+AMX_TARGET static void split_range(const uint16_t *a, const float *sx, const uint8_t *data, const uint16_t *scales, float *y,
+                                   int64_t M, int64_t N, int64_t K, int64_t lo, int64_t hi, int q8, const float *t,
+                                   const float *up_t, const int32_t *offset, int64_t r_total, int64_t rp, uint16_t *b) {
+    const int64_t chunks = K / 32, groups = (M + SPLIT_ROWS - 1) / SPLIT_ROWS;
+    float c[512] __attribute__((aligned(64)));
+    int64_t configured = 0;
+    for (int64_t tile = lo; tile < hi; tile++) {
+        split_weights(data, K, tile, q8, b);
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t R = M - g * SPLIT_ROWS < SPLIT_ROWS ? M - g * SPLIT_ROWS : SPLIT_ROWS;
+            if (R != configured) split_configure((int)(configured = R));
+            const split_update u = {t ? t + g * SPLIT_ROWS * r_total : 0, t ? up_t + tile * rp * 16 : 0, r_total,
+                                    t ? offset[16 * tile] : 0, rp};
+            split_group_any(a + 3 * SPLIT_ROWS * g * K, b, scales, sx + g * SPLIT_ROWS * chunks, y + g * SPLIT_ROWS * N,
+                            N, K, tile, (int)R, q8, &u, c);
+        }
+    }
+    _tile_release();
+}
+
+/* y (M, N) = x @ W^T as above, plus the float32 update (down (r_total, K), up_t, offset, or
+   down NULL; t a scratch of M x r_total). N a multiple of 16, K of 64. */
+static void split_matmul(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t M, int64_t N,
+                         int64_t K, int q8, int threads, const float *down, const float *up_t, const int32_t *offset,
+                         int64_t r_total, int64_t rp, float *t, int *status) {
+    const int64_t chunks = K / 32, tiles = N / 16;
+    uint16_t *a = aligned_alloc(64, sizeof(uint16_t) * 3 * M * K);
+    float *sx = malloc(sizeof(float) * M * chunks);
+    if (!a || !sx) {
+        free(a), free(sx);
+        *status = -1;
+        return;
+    }
+    if (down) down_product(x, down, t, M, K, r_total);
+    split_inputs(x, M, K, a, sx);
+    const int parallel = threads > 1 && tiles >= 8;
+#pragma omp parallel num_threads(parallel ? threads : 1)
+    {
+        int64_t lo, hi;
+        share(tiles, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        uint16_t *b = aligned_alloc(64, sizeof(uint16_t) * 16 * K);
+        if (!b) {
+#pragma omp atomic write
+            *status = -1;
+        } else if (lo < hi) {
+            split_range(a, sx, data, scales, y, M, N, K, lo, hi, q8, down ? t : 0, up_t, offset, r_total, rp, b);
+        }
+        free(b);
+    }
+    free(a), free(sx);
+}
+
 /* y (M, N) = x @ W^T in bf16 products (above), plus the update u (or NULL) in bf16: its t made
    first (t: a scratch of M x u->r_total), then each thread adds it to its own outputs. */
-static void amx_matmul(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M, int64_t N,
+static void amx_matmul(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t M, int64_t N,
                        int64_t K, int q8, int threads, const bf16_update *u, float *t, int *status) {
     const int64_t groups = (M + 15) / 16, tiles = N / 16;
     uint32_t *b = aligned_alloc(64, sizeof(uint32_t) * groups * (K / 32) * 256);
@@ -431,12 +639,18 @@ static void amx_matmul(const float *x, const uint8_t *data, const float *scales,
 /* kind 0: Q4, 1: Q8. K must be a multiple of 64; x, y contiguous. threads: how many OpenMP
    threads share the outputs (the caller passes torch's intra-op count: this library runs in
    torch's own OpenMP runtime, so they are the same pool). The low-rank update, where down is not
-   NULL: down (r_total, K), up (N, rp), offset (N,), t a scratch of (M, r_total) floats; amx: the
+   NULL: down (r_total, K), up (N, rp), offset (N,), t a scratch of (M, r_total) floats; amx 1: the
    products in bf16 on AMX (above; blocks_amx_init first), its update (upd, or NULL) in bf16 after
-   them (t then a scratch of M x upd->r_total). Returns 0, or -1 where memory ran out. */
-int blocks_matmul(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M,
+   them (t then a scratch of M x upd->r_total); amx 2: float32-accurate products on AMX, data and
+   scales in their own layout and up by tiles (split_matmul). Returns 0, or -1 where memory ran out. */
+int blocks_matmul(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t M,
                   int64_t N, int64_t K, int kind, int threads, const float *down, const float *up,
                   const int32_t *offset, int64_t r_total, int64_t rp, float *t, int amx, const bf16_update *upd) {
+    if (amx == 2) {
+        int status = 0;
+        split_matmul(x, data, scales, y, M, N, K, kind, threads, down, up, offset, r_total, rp, t, &status);
+        return status;
+    }
     if (amx) {
         int status = 0;
         amx_matmul(x, data, scales, y, M, N, K, kind, threads, upd, t, &status);
@@ -470,13 +684,13 @@ int blocks_matmul(const float *x, const uint8_t *data, const float *scales, floa
 
 typedef struct {
     const uint8_t *data;
-    const float *scales;
+    const uint16_t *scales;
     int64_t n, k, kind;
     const float *down, *up;
     const int32_t *offset;
     int64_t r_total, rp;
     const float *bias; /* (n,) or NULL */
-    int64_t amx;       /* the products in bf16 on AMX, the update in upd (blocks_matmul) */
+    int64_t amx;       /* 1: the products in bf16 on AMX, the update in upd; 2: float32-accurate on AMX (blocks_matmul) */
     bf16_update upd;
 } block_weight;
 

@@ -19,6 +19,10 @@ Contract:
   `bf16()`: the same blocks with their products in bf16 on AMX (weights and inputs rounded to bf16,
   float32 sums in a fixed order per output, the update in bf16 after them): still a row's own bits;
   `amx_available()` says whether that runs here (AMX, AVX512-BF16, VOICE_AGENT_AMX not 0).
+  `split()`: the same blocks with float32-accurate products on AMX (each input the exact sum of
+  three bf16 parts, the blocks' integers exact in bf16, float32 sums; the update in float32): a
+  float32 model's results up to the order of its sums, at about the price of bf16 for many rows
+  (a row's own bits too; the same `amx_available()`).
 - `BlockLayers(layers, n_heads=, n_kv_heads=, head_dim=, eps=)` (`LayerWeights` per layer): a
   Llama-style decoder's every layer in one C call over a KV cache (dlm.model.Transformer.use_blocks
   builds it); each row from its own inputs and cache row only; `supported(...)` says which
@@ -51,10 +55,11 @@ from torch import Tensor
 
 from dlm.gguf_file import default_cache_dir
 
-__all__ = ["FUSED_PROJECTIONS", "UNIT", "BlockLayers", "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "amx_available", "available"]
+__all__ = ["AMX_BF16", "AMX_SPLIT", "FUSED_PROJECTIONS", "UNIT", "BlockLayers", "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "amx_available", "available"]
 
 SOURCE = Path(__file__).with_name("blocks.c")
 UNIT = 64  # inputs per unit of the kernel (two blocks of 32): K must be a multiple
+AMX_BF16, AMX_SPLIT = 1, 2  # `BlockWeight.amx`: bf16 products (`bf16()`), float32-accurate ones (`split()`)
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 _lock = threading.Lock()
@@ -217,20 +222,34 @@ class LowRank:
         """(down, up, offset pointers, rows of down, rank): the kernel's view of the update."""
         return self.down.data_ptr(), self.up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank
 
+    def _up_by_tiles(self, what: str) -> Tensor:
+        """up by tiles of 16 outputs, transposed: (N / 16, rank, 16). ValueError where a tile of
+        16 outputs would read two slices of t (parts of a fused projection that are not multiples
+        of 16 wide)."""
+        n, rank = self.up.shape
+        tiles = self.offset.view(-1, 16) if n % 16 == 0 else None
+        if tiles is None or not bool((tiles == tiles[:, :1]).all()):
+            raise ValueError(f"a low-rank update {what} needs each tile of 16 outputs in one part of a fused projection")
+        return self.up.view(n // 16, 16, rank).transpose(1, 2)
+
     @cached_property
     def bf16(self) -> _CBf16Update:
         """The update in bf16 as the kernel adds it after bf16 products and at draft slots
         (dlm/blocks.c `bf16_update`: down, and up by tiles of 16 outputs, transposed); built once.
-        ValueError where a tile of 16 outputs would read two slices of t (parts of a fused
-        projection that are not multiples of 16 wide)."""
-        n, rank = self.up.shape
-        tiles = self.offset.view(-1, 16) if n % 16 == 0 else None
-        if tiles is None or not bool((tiles == tiles[:, :1]).all()):
-            raise ValueError("a low-rank update in bf16 needs each tile of 16 outputs in one part of a fused projection")
+        ValueError: see `_up_by_tiles`."""
+        up_t = self._up_by_tiles("in bf16").to(torch.bfloat16).contiguous()
         down = self.down.to(torch.bfloat16).contiguous()
-        up_t = self.up.view(n // 16, 16, rank).transpose(1, 2).to(torch.bfloat16).contiguous()
         self._bf16_tensors = (down, up_t)  # what the structure points into
-        return _CBf16Update(down.data_ptr(), up_t.data_ptr(), self.offset.data_ptr(), self.down.shape[0], rank)
+        return _CBf16Update(down.data_ptr(), up_t.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank)
+
+    @cached_property
+    def _split_up(self) -> Tensor:
+        return self._up_by_tiles("beside split products").contiguous()
+
+    def split_args(self) -> tuple[int, int, int, int, int]:
+        """`kernel_args` for split products (dlm/blocks.c: up by tiles of 16 outputs, transposed,
+        float32); ValueError: see `_up_by_tiles`."""
+        return self.down.data_ptr(), self._split_up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank
 
     @property
     def nbytes(self) -> int:
@@ -243,10 +262,11 @@ class BlockWeight:
 
     kind: int  # 0: Q4 (Q4_0, Q4_1), 1: Q8 (Q8_0)
     data: Tensor  # Q4: (N, K / 64, 32) uint8; Q8: (N, K) int8
-    scales: Tensor  # Q4: (N, K / 64, 4) float32 (d, m of each block of the unit); Q8: (N, K / 32) float32
+    scales: Tensor  # Q4: (N, K / 64, 4) float16 (d, m of each block of the unit); Q8: (N, K / 32) float16
+    # (split products keep both in their own layouts by tiles of 16 outputs: dlm/blocks.c)
     in_features: int
     low_rank: LowRank | None = None
-    amx: bool = False  # the products in bf16 on AMX (`bf16()`)
+    amx: int = 0  # 0: float32 products; AMX_BF16: in bf16 on AMX (`bf16()`); AMX_SPLIT: float32-accurate on AMX (`split()`)
 
     @classmethod
     def q4(cls, q: Tensor, scale: Tensor, minimum: Tensor) -> BlockWeight:
@@ -255,30 +275,59 @@ class BlockWeight:
         lanes = q.to(torch.int32).view(n, k // UNIT, 4, 16)  # nibble s of lane j: weight s * 16 + j of the unit
         packed = lanes[:, :, 0] | lanes[:, :, 1] << 4 | lanes[:, :, 2] << 8 | lanes[:, :, 3] << 12
         data = packed.to(torch.int16).contiguous().view(torch.uint8).view(n, k // UNIT, 32)
-        scales = torch.stack([scale.float(), minimum.float()], dim=-1).view(n, k // UNIT, 4).contiguous()
+        scales = torch.stack([_half(scale), _half(minimum)], dim=-1).view(n, k // UNIT, 4).contiguous()
         return cls(0, data, scales, k)
 
     @classmethod
     def q8(cls, q: Tensor, scale: Tensor) -> BlockWeight:
         """q (N, K) integers -128..127, scale (N, K / 32): w = q * scale."""
         _, k = _check_shape(q, scale)
-        return cls(1, q.to(torch.int8).contiguous(), scale.float().contiguous(), k)
+        return cls(1, q.to(torch.int8).contiguous(), _half(scale).contiguous(), k)
 
     @property
     def out_features(self) -> int:
-        return self.data.shape[0]
+        return self.data.shape[0] * (16 if self.amx == AMX_SPLIT else 1)  # split: tiles of 16 outputs
 
     def bf16(self) -> BlockWeight:
         """The same blocks, their products in bf16 on AMX (dlm/blocks.c): each weight the float32
         dequantisation rounded to bf16, each input rounded to bf16, sums in float32, a low-rank
         update (`LowRank.bf16`) added after them in bf16; a row's result still depends on nothing
         but its own inputs. RuntimeError where AMX cannot run here."""
+        self._check_amx("bf16", AMX_BF16)
+        return replace(self, amx=AMX_BF16)
+
+    def split(self) -> BlockWeight:
+        """The same blocks, their products float32-accurate on AMX (dlm/blocks.c "Float32-accurate
+        products on AMX"): each input split into three bf16 parts whose sum it is exactly, the
+        blocks' integers (exact in bf16) multiplied by them in the tiles, float32 sums, then each
+        block's scale and minimum applied in float32; a low-rank update added in float32. Results
+        of the float32 path's accuracy (not its bits: another order of sums), a row's own bits,
+        in a layout of its own. RuntimeError where AMX cannot run here."""
+        self._check_amx("split", AMX_SPLIT)
+        if self.amx == AMX_SPLIT:
+            return self
+        n, k = self.out_features, self.in_features
+        if self.kind == 0:
+            lanes = self.data.view(torch.int16).view(n, k // UNIT, 1, 16).to(torch.int32)
+            q = ((lanes >> torch.tensor([0, 4, 8, 12]).view(1, 1, 4, 1)) & 15).view(n, k)  # see `q4`
+            d, m = self.scales.view(n, k // 32, 2).unbind(-1)
+        else:
+            q = self.data.to(torch.int32)
+            d, m = self.scales, torch.zeros_like(self.scales)
+        # line i of a block's B tile: lane 2t + e = input 2i + e of the tile's output t
+        lines = q.view(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 16, 32)
+        data = (lines[:, :, 0::2] | lines[:, :, 1::2] << 4).to(torch.uint8) if self.kind == 0 else lines.to(torch.int8)
+        scales = torch.stack([t.reshape(n // 16, 16, k // 32).transpose(1, 2) for t in (d, m)], dim=2)
+        return replace(self, data=data.contiguous(), scales=scales.contiguous(), amx=AMX_SPLIT)
+
+    def _check_amx(self, what: str, amx: int) -> None:
         reason = amx_available()
         if reason is not None:
-            raise RuntimeError(f"bf16 block products cannot run: {reason}")
+            raise RuntimeError(f"{what} block products cannot run: {reason}")
+        if self.amx not in (0, amx):
+            raise ValueError(f"these block weights already run their products another way on AMX, not {what}")
         if self.out_features % 16:
-            raise ValueError(f"bf16 block products need outputs in multiples of 16, not {self.out_features}")
-        return replace(self, amx=True)
+            raise ValueError(f"{what} block products need outputs in multiples of 16, not {self.out_features}")
 
     def with_low_rank(self, down: Tensor, up: Tensor) -> BlockWeight:
         """These weights plus W += up @ down (a LoRA update with its scale folded into `up`), kept
@@ -298,11 +347,11 @@ class BlockWeight:
         or the parts' kinds differ. Low-rank updates, where any part has one, side by side too:
         the downs stacked, each output reading its own part's slice (a part without an update adds
         zeros)."""
-        if not all(parts) or len({(p.kind, p.in_features) for p in parts}) != 1:
+        if not all(parts) or len({(p.kind, p.in_features, p.amx) for p in parts}) != 1:
             return None
         low_rank = LowRank.cat([p.low_rank for p in parts], [p.out_features for p in parts])
         return BlockWeight(parts[0].kind, torch.cat([p.data for p in parts]), torch.cat([p.scales for p in parts]),
-                           parts[0].in_features, low_rank, all(p.amx for p in parts))
+                           parts[0].in_features, low_rank, parts[0].amx)
 
     def __call__(self, x: Tensor) -> Tensor:
         lib = _kernel()
@@ -313,11 +362,10 @@ class BlockWeight:
         out = torch.empty(m, self.out_features)
         u = self.low_rank
         t = None if u is None else torch.empty(m, u.down.shape[0])  # the kernel's scratch: x @ down^T
-        f32_update = (None, None, None, 0, 0) if u is None or self.amx else u.kernel_args()
-        bf16_update = ctypes.addressof(u.bf16) if u is not None and self.amx else None
+        bf16_update = ctypes.addressof(u.bf16) if u is not None and self.amx == AMX_BF16 else None
         if m and lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
-                                   self.out_features, self.in_features, self.kind, torch.get_num_threads(), *f32_update,
-                                   None if t is None else t.data_ptr(), int(self.amx), bf16_update) != 0:
+                                   self.out_features, self.in_features, self.kind, torch.get_num_threads(),
+                                   *_f32_update(self), None if t is None else t.data_ptr(), self.amx, bf16_update) != 0:
             raise MemoryError("the block product could not allocate its buffers")
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -342,12 +390,19 @@ class _CLayer(ctypes.Structure):
                 ("gate_up", _CWeight), ("down", _CWeight)]
 
 
+def _f32_update(weight: BlockWeight) -> tuple[int | None, ...]:
+    """The kernel's float32 update arguments (none where there is no update or it runs in bf16)."""
+    u = weight.low_rank
+    if u is None or weight.amx == AMX_BF16:
+        return None, None, None, 0, 0
+    return u.split_args() if weight.amx == AMX_SPLIT else u.kernel_args()
+
+
 def _c_weight(weight: BlockWeight, bias: Tensor | None) -> _CWeight:
     u = weight.low_rank
-    f32_update = (None, None, None, 0, 0) if u is None or weight.amx else u.kernel_args()
     return _CWeight(weight.data.data_ptr(), weight.scales.data_ptr(), weight.out_features, weight.in_features, weight.kind,
-                    *f32_update, None if bias is None else bias.data_ptr(), int(weight.amx),
-                    u.bf16 if u is not None and weight.amx else _CBf16Update())
+                    *_f32_update(weight), None if bias is None else bias.data_ptr(), weight.amx,
+                    u.bf16 if u is not None and weight.amx == AMX_BF16 else _CBf16Update())
 
 
 # BlockLayers' projections of a layer, in its order, and the projections (dlm.model.PROJECTIONS'
@@ -447,6 +502,14 @@ class BlockLayers:
                 torch.get_num_threads(), None if drafts is None else drafts.address,
                 None if drafted is None else drafted.data_ptr()) != 0:
             raise MemoryError("the fused block forward could not allocate its buffers")
+
+
+def _half(t: Tensor) -> Tensor:
+    """A GGUF's block scales as the float16 they are stored in; ValueError where a value is not one."""
+    half = t.to(torch.float16)
+    if not torch.equal(half.float(), t.float()):
+        raise ValueError("block scales and minimums must be float16 values, as a GGUF stores them")
+    return half
 
 
 def _check_shape(q: Tensor, scale: Tensor) -> tuple[int, int]:

@@ -62,11 +62,14 @@ __all__ = [
 
 SUPPORTED_FAMILIES = ("bd", "fast_dllm_v2", "sdar", "llada", "dream", "ar")
 DEFAULT_MAX_SEQ_LEN = 4096
-WEIGHT_FORMATS = ("dense", "int4", "blocks", "blocks-bf16")
+WEIGHT_FORMATS = ("dense", "int4", "blocks", "blocks-amx", "blocks-bf16")
 # The dtype of the model each of a GGUF's quantized formats runs in (load_model's `weights`;
 # "blocks-bf16": a float32 model whose matrix products round their inputs to bf16).
-FORMAT_DTYPES = {"int4": torch.bfloat16, "blocks": torch.float32, "blocks-bf16": torch.float32}
-BLOCK_FORMATS = ("blocks", "blocks-bf16")  # the formats that run a GGUF's blocks at every position (dlm.blocks)
+FORMAT_DTYPES = {"int4": torch.bfloat16, "blocks": torch.float32, "blocks-amx": torch.float32,
+                 "blocks-bf16": torch.float32}
+# The formats that run a GGUF's blocks at every position (dlm.blocks), and those that need AMX
+BLOCK_FORMATS = ("blocks", "blocks-amx", "blocks-bf16")
+AMX_FORMATS = ("blocks-amx", "blocks-bf16")
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -331,6 +334,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     (inference only: `Transformer.release_dense_weights`); bfloat16 on CPU only; or "blocks": a
     GGUF's own Q4_0 / Q4_1 / Q8_0 blocks run every position in float32 (dlm.blocks: the float32
     weights bit for bit, a sixth of their bytes), inference only; float32 on a CPU with AVX-512;
+    or "blocks-amx": the same, the matrix products float32-accurate on AMX (`BlockWeight.split`: the
+    inputs split into three bf16 parts, the blocks' integers exact; float32's accuracy, not its
+    bits; several rows for about the price of one), on a CPU with AMX;
     or "blocks-bf16": the same, the matrix products in bf16 on AMX (`BlockWeight.bf16`: weights and
     inputs rounded to bf16, sums in float32; many rows for about the price of one; other greedy
     replies than float32's on some prompts), on a CPU with AMX.
@@ -352,7 +358,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     if weights in BLOCK_FORMATS:
         if resolve_dtype(dtype, device) != torch.float32 or device.type != "cpu":
             raise ValueError(f"weights={weights!r} needs float32 on a CPU (asked: {dtype}, {device})")
-        reason = available() if weights == "blocks" else amx_available()
+        reason = amx_available() if weights in AMX_FORMATS else available()
         if reason is not None:
             raise ValueError(f"weights={weights!r}: {reason}")
     dtype = resolve_dtype(dtype, device)
@@ -392,6 +398,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         try:
             if weights == "blocks-bf16":
                 blocks = {name: w.bf16() for name, w in blocks.items()}
+            elif weights == "blocks-amx":
+                blocks = {name: w.split() for name, w in blocks.items()}
             model.use_blocks(blocks)
         except ValueError as e:
             raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r}: {e}") from e

@@ -5,9 +5,12 @@ Contract: `make_engine(loaded, kind="auto", **kwargs)` returns a started engine 
 - "auto": exact draft-and-verify (`dlm.speculative.SpeculativeEngine`) where the model carries a
   drafter, block diffusion (`dlm.engine.Engine`) where it has a mask token and non-causal
   attention, the AR engine (`dlm.ar.AREngine`) otherwise;
-- "ar": the AR engine on the same weights (the baseline of every comparison).
-`decoding(loaded, kind)` names what `make_engine` would run ("draft-and-verify", "block
-diffusion", "AR"); `parallel(loaded)` says whether the model decodes more than one token per
+- "ar": the AR engine on the same weights (the baseline of every comparison);
+- "speculative": exact draft-and-verify, with the model's drafter, or a block-diffusion model
+  drafting for itself (`dlm.speculative.self_drafting_reason`: ValueError where it cannot), which
+  writes the model's own one-token-per-step (AR) replies in fewer forwards.
+`decoding(loaded, kind)` names what `make_engine` would run ("draft-and-verify",
+"self-speculative", "block diffusion", "AR"); `parallel(loaded)` says whether the model decodes more than one token per
 forward at all. kwargs go to the engine (max_batch_size, max_seq_len, compile_mode, and for
 draft-and-verify draft_len and tree; draft_len 0 or None: the engine's default); the draft-and-verify
 keys are dropped for other engines.
@@ -19,7 +22,7 @@ from typing import Any
 
 __all__ = ["ENGINE_KINDS", "decoding", "make_engine", "parallel"]
 
-ENGINE_KINDS = ("auto", "ar")
+ENGINE_KINDS = ("auto", "ar", "speculative")
 
 
 def _diffusion(loaded: Any) -> bool:
@@ -33,16 +36,25 @@ def parallel(loaded: Any) -> bool:
 def decoding(loaded: Any, kind: str = "auto") -> str:
     if kind not in ENGINE_KINDS:
         raise ValueError(f"engine kind must be one of {ENGINE_KINDS}, not {kind!r}")
+    if getattr(loaded, "drafter", None) is not None and kind != "ar":
+        return "draft-and-verify"
+    if kind == "speculative":
+        from dlm.speculative import self_drafting_reason
+
+        reason = self_drafting_reason(loaded.spec)
+        if reason is not None:
+            raise ValueError(f"engine 'speculative' cannot decode this model: {reason}")
+        return "self-speculative"
     if kind == "ar" or not parallel(loaded):
         return "AR"
-    return "draft-and-verify" if getattr(loaded, "drafter", None) is not None else "block diffusion"
+    return "block diffusion"
 
 
 def make_engine(loaded: Any, kind: str = "auto", **kwargs: Any):
     name = decoding(loaded, kind)
     if not kwargs.get("draft_len"):  # 0 / None: the engine's default
         kwargs.pop("draft_len", None)
-    if name != "draft-and-verify":
+    if name not in ("draft-and-verify", "self-speculative"):
         kwargs.pop("draft_len", None)
         kwargs.pop("tree", None)
     if name == "AR":
@@ -55,4 +67,4 @@ def make_engine(loaded: Any, kind: str = "auto", **kwargs: Any):
         return Engine(loaded, **kwargs)
     from dlm.speculative import SpeculativeEngine
 
-    return SpeculativeEngine(loaded, loaded.drafter, **kwargs)
+    return SpeculativeEngine(loaded, getattr(loaded, "drafter", None), **kwargs)

@@ -1,5 +1,5 @@
 """Exact draft-and-verify decoding: an AR model with a learned drafter (mask slots, dlm/drafter.py,
-or a draft head, dlm/draft_head.py).
+or a draft head, dlm/draft_head.py), or a block-diffusion model drafting for itself.
 
 Contract: `SpeculativeEngine(loaded, drafter, draft_len=None, tree=True, ...)` behaves like
 `dlm.ar.AREngine` (submit, abort, abort_owner, load, close, Delta streams, prefix reuse, stop
@@ -9,6 +9,14 @@ keeps the AR model's (top-p) sampling distribution. What changes is how many tok
 pass yields. `SpeculativeDecoder` (mask slots) and `HeadSpeculativeDecoder` (a draft head) are its
 step, without threads (`dlm.ar.ARDecoder`s, whose prefill, prefix reuse and row bookkeeping they
 keep); both verify alike (below, "Decided").
+
+Self-speculation (`drafter=None`; S2D2, arXiv 2603.25702): a block-diffusion model with a logit
+shift and block-causal attention (this project's bd format, Fast-dLLM v2) is at block size 1 an AR
+model, so the same weights verify their own drafts: the mask slots below are the model's own mask
+token, a draft block attends its whole self (as the model denoises a block), and the verifier's
+positions run causally. Training-free, and exact with respect to the model's one-token-per-step
+decoding (`dlm.ar.AREngine` on its weights). `self_drafting_reason(spec)` says why a model cannot
+(SDAR and LLaDA predict a position from itself, not from the one before; Dream attends in full).
 
 One step of a row with mask slots (I-DLM / Medusa-style, in one forward over the whole batch):
 - State: the final text up to position c - 1; the K/V of positions < c - 1 are in the cache (the
@@ -58,8 +66,8 @@ from dlm.masks import limit_mask
 from dlm.model import DraftInputs, Transformer
 from dlm.policies import sampling_probs
 
-__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_LEN", "HeadSpeculativeDecoder", "SpeculativeDecoder",
-           "SpeculativeEngine"]
+__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_SELF_DRAFT_LEN", "HeadSpeculativeDecoder",
+           "SpeculativeDecoder", "SpeculativeEngine", "self_drafting_reason"]
 
 # One mask slot per draft block: the fastest length for the mask-slot drafter on a 2-core CPU
 # (each slot row costs a share of an AR step, and its later slots are rarely accepted:
@@ -68,6 +76,17 @@ __all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_LEN", "HeadSpeculativeDecode
 # the machine at hand.
 DEFAULT_DRAFT_LEN = 1
 DEFAULT_HEAD_DRAFT_LEN = 3
+DEFAULT_SELF_DRAFT_LEN = 4  # a block-diffusion model's own drafts (at most its block size)
+
+
+def self_drafting_reason(spec: DiffusionSpec) -> str | None:
+    """None where a model can draft for itself (see the module docstring), else why not."""
+    if spec.mask_token_id is None:
+        return "it has no mask token (an AR model needs a drafter)"
+    if spec.attention != "block_causal" or not spec.logit_shift:
+        return (f"its {spec.family} decoding is not causal at block size 1 (self-speculation needs block-causal "
+                "attention and a logit shift: this project's bd format, Fast-dLLM v2)")
+    return None
 
 
 @dataclass
@@ -174,17 +193,26 @@ class _DraftVerifyDecoder(ARDecoder):
 
 
 class SpeculativeDecoder(_DraftVerifyDecoder):
-    """Drafts from mask slots inside the verifying forward (dlm/drafter.py)."""
+    """Drafts from mask slots inside the verifying forward: a drafter's (dlm/drafter.py), or the
+    model's own (drafter None: self-speculation, see the module docstring)."""
 
-    def __init__(self, model: Transformer, spec: DiffusionSpec, drafter: Drafter, *, draft_len: int = DEFAULT_DRAFT_LEN,
-                 tree: bool = True, **kwargs: Any) -> None:
-        """spec: the AR model's (causal, logit shift); draft_len: default mask slots per draft
-        block (1..drafter.n_slots, a request may ask for fewer); tree: one draft block per
-        possible acceptance length (see the module docstring). kwargs: ARDecoder's (batch and
-        length limits, BlockDecoder's prefill knobs)."""
-        super().__init__(model, spec, drafter.n_slots, draft_len=draft_len, **kwargs)
+    def __init__(self, model: Transformer, spec: DiffusionSpec, drafter: Drafter | None, *,
+                 draft_len: int = DEFAULT_DRAFT_LEN, tree: bool = True, block_size: int = 0, **kwargs: Any) -> None:
+        """spec: the model decoded as AR (`dlm.ar.ar_spec`: causal, logit shift); drafter None:
+        the model drafts for itself in blocks of at most `block_size` mask slots (its checkpoint's:
+        `self_drafting_reason` of that spec is the caller's check); draft_len: default mask slots
+        per draft block (1..drafter.n_slots or block_size; a request may ask for fewer); tree: one
+        draft block per possible acceptance length (see the module docstring). kwargs:
+        ARDecoder's (batch and length limits, BlockDecoder's prefill knobs)."""
+        if drafter is None and (spec.mask_token_id is None or block_size < 1):
+            raise ValueError("self-drafting needs the model's mask token and its block size")
+        super().__init__(model, spec, block_size if drafter is None else drafter.n_slots, draft_len=draft_len,
+                         **kwargs)
         self.drafter = drafter
         self.tree = tree
+        # A self-drafting block is the model's mask tokens, denoised together; a drafter's slots
+        # are its own embeddings (DraftInputs), each seeing its block's earlier slots.
+        self.slot_token = spec.mask_token_id if drafter is None else 0
 
     def required_len(self, prompt_len: int, settings: DecodeSettings) -> int:
         """The text, plus room past it for the drafts and the draft blocks' K/V."""
@@ -226,8 +254,8 @@ class SpeculativeDecoder(_DraftVerifyDecoder):
                 spare = c + k + blk * m  # where this block's K/V go
                 for i in range(m):
                     col = Wv + blk * m + i
-                    pos[b][col], wpos[b][col], lim[b][col] = c + j + i, spare + i, c + j
-                    lo[b][col], hi[b][col] = spare, spare + i + 1
+                    tok[b][col], pos[b][col], wpos[b][col], lim[b][col] = self.slot_token, c + j + i, spare + i, c + j
+                    lo[b][col], hi[b][col] = spare, spare + (m if self.drafter is None else i + 1)
                     slot_index[b][col - Wv] = i
             key_end = max(key_end, c + k + len(blocks[b]) * m)
         K = min(_bucket(key_end), S)
@@ -237,7 +265,8 @@ class SpeculativeDecoder(_DraftVerifyDecoder):
         keys = torch.arange(K, device=self.device)[None, None, :]
         mask = (keys < lim_t[..., None]) | ((keys >= lo_t[..., None]) & (keys < hi_t[..., None]))  # (B, T, K)
         rows_t = self._upload(torch.tensor(slots, dtype=torch.long))
-        draft = DraftInputs(self.drafter, Wv, self._upload(torch.tensor(slot_index, dtype=torch.long)))
+        draft = None if self.drafter is None else \
+            DraftInputs(self.drafter, Wv, self._upload(torch.tensor(slot_index, dtype=torch.long)))
         h = self.model(tok_t, pos_t, mask[:, None], cache=self.kv, cache_rows=rows_t, write_positions=wpos_t,
                        draft=draft, hidden=True, step=True)  # (B, T, dim)
         # One pass through the output head for the verifier's positions and every draft block
@@ -392,22 +421,29 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
 class SpeculativeEngine(AREngine):
     """The AR engine's API and output, decoded by draft-and-verify (see the module docstring)."""
 
-    def __init__(self, loaded: Any, drafter: Drafter | DraftHead, *, draft_len: int | None = None,
+    def __init__(self, loaded: Any, drafter: Drafter | DraftHead | None, *, draft_len: int | None = None,
                  tree: bool = True, **kwargs: Any) -> None:
-        """drafter: mask slots in the base's forward (Drafter) or a draft head after it (DraftHead);
-        draft_len None: DEFAULT_DRAFT_LEN, or DEFAULT_HEAD_DRAFT_LEN for a head (at most its slots)."""
+        """drafter: mask slots in the base's forward (Drafter), a draft head after it (DraftHead),
+        or None: a block-diffusion model drafting for itself (ValueError where it cannot);
+        draft_len None: DEFAULT_DRAFT_LEN, DEFAULT_HEAD_DRAFT_LEN for a head, DEFAULT_SELF_DRAFT_LEN
+        for self-drafting (at most the drafter's slots, the model's block size)."""
+        if drafter is None and (reason := self_drafting_reason(loaded.spec)) is not None:
+            raise ValueError(f"this model cannot draft for itself: {reason}")
+        self.n_slots = loaded.spec.block_size if drafter is None else drafter.n_slots
         if draft_len is None:
-            draft_len = min(DEFAULT_HEAD_DRAFT_LEN, drafter.n_slots) if isinstance(drafter, DraftHead) \
-                else DEFAULT_DRAFT_LEN
+            draft_len = min(DEFAULT_SELF_DRAFT_LEN if drafter is None else DEFAULT_HEAD_DRAFT_LEN
+                            if isinstance(drafter, DraftHead) else DEFAULT_DRAFT_LEN, self.n_slots)
         self.drafter, self.draft_len, self.tree = drafter, draft_len, tree
         super().__init__(loaded, **kwargs)  # its decoder checks draft_len
 
     def make_decoder(self, **kwargs: Any) -> BlockDecoder:
-        kind = HeadSpeculativeDecoder if isinstance(self.drafter, DraftHead) else SpeculativeDecoder
-        return kind(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree, **kwargs)
+        if isinstance(self.drafter, DraftHead):
+            return HeadSpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, **kwargs)
+        return SpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree,
+                                  block_size=self.n_slots, **kwargs)
 
     def _force(self, params: GenerationParams) -> GenerationParams:
-        if params.draft_len and not 1 <= params.draft_len <= self.drafter.n_slots:
+        if params.draft_len and not 1 <= params.draft_len <= self.n_slots:
             raise InvalidRequestError(f"invalid parameter: draft_len {params.draft_len!r} must lie in "
-                                      f"[0, {self.drafter.n_slots}] (0: the engine's {self.draft_len})")
+                                      f"[0, {self.n_slots}] (0: the engine's {self.draft_len})")
         return super()._force(params)

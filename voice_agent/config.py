@@ -52,9 +52,10 @@ def turn_models(detector: str) -> set[str]:
     return set(detector.split("+")) - {"silence"}
 
 # llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
-# engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR).
-LLM_ENGINES = ("auto", "ar")
-LLM_WEIGHTS = ("auto", "dense", "int4", "blocks", "blocks-bf16")  # dlm.checkpoints.WEIGHT_FORMATS and "auto"
+# engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR);
+# "speculative": exact draft-and-verify, a block-diffusion checkpoint drafting for itself.
+LLM_ENGINES = ("auto", "ar", "speculative")  # dlm.engines.ENGINE_KINDS
+LLM_WEIGHTS = ("auto", "dense", "int4", "blocks", "blocks-amx", "blocks-bf16")  # dlm.checkpoints.WEIGHT_FORMATS and "auto"
 
 
 class ConfigError(ValueError):
@@ -198,7 +199,9 @@ class LlmConfig:
     model: str = "default"
     # "auto": draft-and-verify for models with a drafter, diffusion decoding for diffusion
     # checkpoints, the AR engine for causal ones; "ar": the AR baseline engine (dlm.ar) on the
-    # same weights, for a dLLM-vs-AR comparison of one model.
+    # same weights, for a dLLM-vs-AR comparison of one model; "speculative": exact draft-and-verify,
+    # also for a block-diffusion checkpoint with no drafter (its own blocks verified causally by the
+    # same weights: its AR replies in fewer forwards; bd format and Fast-dLLM v2).
     engine: str = "auto"
     # The AR baseline used by benchmarks; same weights as the default dLLM's teacher.
     baseline_model: str = "smollm2-135m-grounded"
@@ -209,7 +212,9 @@ class LlmConfig:
     # How the weights run on CPU: "auto" (the registry's choice for the model, else "dense"),
     # "dense" (the dtype above), "int4": a GGUF's own 4-bit weights in the decoding steps and
     # packed bf16 copies in the prefill (bfloat16 only), "blocks": a GGUF's own blocks at every
-    # position in float32 (the float32 weights bit for bit; a CPU with AVX-512; dlm/blocks.py), or
+    # position in float32 (the float32 weights bit for bit; a CPU with AVX-512; dlm/blocks.py),
+    # "blocks-amx": the same blocks, the matrix products float32-accurate on AMX (many rows for
+    # about the price of one; float32's accuracy in another order of sums), or
     # "blocks-bf16": the same blocks, the matrix products in bf16 on AMX (many rows for about the
     # price of one: batches, prefills, draft blocks; other greedy replies than float32's on some prompts).
     weights: str = "auto"

@@ -36,7 +36,9 @@ Contract:
   (4 characters per token), for the history budget.
 - `build_llm(config)`: `llm.engine = "auto"` decodes a diffusion checkpoint by diffusion and a
   causal one with the AR engine; `"ar"` uses the AR baseline engine (`dlm.ar.AREngine`) on any
-  checkpoint, named `local:<model>+ar`. Other values raise `UserError` naming the key.
+  checkpoint, named `local:<model>+ar`; `"speculative"`: exact draft-and-verify, also a
+  block-diffusion checkpoint drafting for itself (`UserError` where the model cannot). Other
+  values raise `UserError` naming the key.
 - Failures surface as `LlmError` with a one-line message; secrets never appear in messages.
 """
 
@@ -538,7 +540,8 @@ def generation_params(config: LlmConfig, *, trace_steps: bool = False, max_new_t
 def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
     """llm.weights "auto": the registry's format where it fits the device and the dtype asked
     for (a caller asking bfloat16 of a float32-blocks model gets dense bfloat16), and where its
-    kernel runs on this machine (float32 blocks need AVX-512: else dense float32, with a warning)."""
+    kernel runs on this machine (float32 blocks need AVX-512: else dense float32, with a warning;
+    float32-accurate products on AMX need AMX: else float32 blocks, with a note)."""
     import torch
 
     from dlm.checkpoints import FORMAT_DTYPES, resolve_dtype
@@ -548,6 +551,13 @@ def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
     wanted = FORMAT_DTYPES.get(registry)
     if wanted is not None and dtype != "auto" and resolve_dtype(dtype, torch.device("cpu")) != wanted:
         return "dense"
+    if registry == "blocks-amx":
+        from dlm.blocks import amx_available
+
+        if amx_available() is None:
+            return registry
+        log.info("float32-accurate products on AMX unavailable (%s): float32 blocks instead", amx_available())
+        registry = "blocks"
     if registry == "blocks":
         from dlm.blocks import available
 
@@ -616,9 +626,12 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
             resolved.name,
             loaded.family,
         )
+    try:
+        decoding_name = decoding(loaded, config.engine)
+    except ValueError as e:  # llm.engine = "speculative" on a model that has no way to draft
+        raise UserError(f"llm.engine: {e}") from e
     engine = make_engine(loaded, config.engine, max_batch_size=config.max_batch_size,
                          draft_len=config.draft_len, tree=config.draft_tree)
-    decoding_name = decoding(loaded, config.engine)
     if decoding_name == "AR" and not diffusion:
         decoding_name = "AR (causal checkpoint)"
     log.info("LLM: %s (%s, %s) on %s, %s, %s decoding", resolved.name, loaded.family, resolved.path, config.device,

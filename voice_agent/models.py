@@ -196,6 +196,8 @@ def _arithmetic(result: ResolvedLlm) -> str:
     """How the registry runs the model where llm.weights and llm.dtype are auto (one phrase)."""
     if result.weights == "blocks":
         return "the GGUF's blocks in float32 where AVX-512 runs"
+    if result.weights == "blocks-amx":
+        return "the GGUF's blocks, float32-accurate products on AMX where it runs, else in float32"
     if result.weights and result.weights != "dense":
         return f"{result.weights} weights"
     return result.dtype or "configured dtype"
@@ -218,9 +220,9 @@ def _info(role: str, configured: str, resolve) -> ModelInfo:
             return ModelInfo(role, configured, result.path,
                              f"diffusion drafter {result.drafter.name} over the AR weights: exact draft-and-verify "
                              f"decoding, several tokens per forward ({_arithmetic(result)}){tuned}")
-        if result.weights == "blocks":
-            return ModelInfo(role, configured, result.path, "found; its GGUF blocks in float32 (AVX-512) where "
-                                                            f"llm.weights is auto{tuned}")
+        if result.weights in ("blocks", "blocks-amx"):
+            return ModelInfo(role, configured, result.path, f"found; {_arithmetic(result)} where llm.weights is "
+                                                            f"auto{tuned}")
         if result.weights and result.weights != "dense":
             return ModelInfo(role, configured, result.path, f"found; {result.weights} weights in the decoding steps "
                                                             f"({result.dtype or 'configured dtype'}) where llm.weights "

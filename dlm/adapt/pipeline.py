@@ -109,7 +109,7 @@ def _load_base(base: str | Path, adapter: str | Path | None = None) -> LoadedMod
 
 # -- data ------------------------------------------------------------------------------------------
 
-TEACHER_WEIGHTS = ("hf", "blocks", "blocks-bf16")
+TEACHER_WEIGHTS = ("hf", "blocks", "blocks-amx", "blocks-bf16")
 
 
 def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_budget_s: float = 0.0,
@@ -117,8 +117,8 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     """The teacher's replies to generated voice prompts (DATA_FILE); `adapter`: the teacher is
     the base with this adapter merged (dlm.adapter); `teacher_weights`: "hf" (Hugging Face
     `generate` in float32, or bf16 on CUDA) or a GGUF's blocks on this project's AR engine
-    ("blocks": float32, the default teacher's serving arithmetic; "blocks-bf16": AMX, faster
-    prefill, a few replies differ), 8 rows at a time; `first_prompt`: skip the prompts before it
+    ("blocks": float32; "blocks-amx": float32-accurate on AMX, the default's serving arithmetic
+    where AMX runs; "blocks-bf16": AMX bf16, a few replies differ), 8 rows at a time; `first_prompt`: skip the prompts before it
     (more data after an earlier run on the same seed: its prompts are 0 .. its n_prompts - 1)."""
     if teacher_weights not in TEACHER_WEIGHTS:
         raise ValueError(f"teacher_weights must be one of {TEACHER_WEIGHTS}, not {teacher_weights!r}")

@@ -135,6 +135,49 @@ def test_bf16_products_round_weights_and_inputs_and_a_rows_bits_are_its_own(kind
         BlockWeight.q4(*_q4(40, k, seed=1)).bf16()
 
 
+@needs_amx
+@pytest.mark.parametrize("kind", ["q4", "q4_0", "q8"])
+def test_split_products_are_float32_accurate_and_a_rows_bits_are_its_own(kind):
+    """BlockWeight.split (AMX): inputs split into three bf16 parts, the blocks' integers exact, so
+    the result is as close to the exact product as the float32 path's (not bf16's); a row's bits
+    whatever the other rows (groups of 5 rows, several groups) or the thread count; a float32
+    low-rank update, also across fused parts inside a tile of 16 outputs."""
+    n, k = 176, 192
+    if kind == "q4_0":
+        q, scale, minimum = _q4(n, k, seed=7, q4_0=True)
+        weight, dense = BlockWeight.q4(q, scale, minimum), _dequantized(q, scale, minimum)
+    else:
+        weight, dense = _random_blocks(kind, n, k, seed=7)
+    x = torch.randn(37, k)
+    split = weight.split()
+    assert split.out_features == n and split.split() is split
+    y = split(x)
+    exact = x.double() @ dense.double().T
+    float32_error = (weight(x).double() - exact).abs().max()
+    assert (y.double() - exact).abs().max() < 4 * float32_error + 1e-7 * exact.abs().max()
+    bf16_error = (weight.bf16()(x).double() - exact).abs().max()
+    assert (y.double() - exact).abs().max() < 0.01 * bf16_error
+    for rows in (1, 2, 4, 5, 6, 16, 17):
+        assert torch.equal(split(x[:rows]), y[:rows]), rows
+    assert torch.equal(split(x[20:21]), y[20:21])
+    with _one_thread():
+        assert torch.equal(split(x), y)
+    g = torch.Generator().manual_seed(8)
+    down, up = torch.randn(4, k, generator=g), torch.randn(40, 4, generator=g) * 0.05
+    parts, dense_parts = zip(*[_random_blocks("q4", size, k, seed) for size, seed in ((168, 9), (40, 10))], strict=True)
+    fused = BlockWeight.cat([parts[0], parts[1].with_low_rank(down, up)])
+    got = fused.split()(x)
+    reference = x.double() @ torch.cat(dense_parts).double().T
+    reference[:, 168:] += x.double() @ down.double().T @ up.double().T
+    assert (got - fused(x)).abs().max() < 1e-5 * reference.abs().max()
+    assert (got.double() - reference).abs().max() < 1e-6 * reference.abs().max()
+    assert torch.equal(fused.split()(x[3:4]), got[3:4])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        BlockWeight.q4(*_q4(40, k, seed=1)).split()
+    with pytest.raises(ValueError, match="another way"):
+        split.bf16()
+
+
 @needs_kernel
 def test_fused_parts_and_a_low_rank_update():
     parts = [BlockWeight.q4(*_q4(n, 128, seed=10 + n)) for n in (64, 40, 40)]
@@ -160,10 +203,10 @@ def test_fused_parts_and_a_low_rank_update():
         parts[0](x.to(torch.bfloat16))
 
 
-def _blocks_loaded(seed: int = 3, adapted: bool = False, bf16: bool = False):
+def _blocks_loaded(seed: int = 3, adapted: bool = False, amx: str | None = None):
     """A random causal model (widths multiples of 64) whose dense float32 weights are the
-    dequantisation of random blocks; returns (dense model, the same on blocks; `bf16`: its products
-    in bf16, BlockWeight.bf16)."""
+    dequantisation of random blocks; returns (dense model, the same on blocks; `amx` "bf16" or
+    "split": its products on AMX, BlockWeight.bf16 or .split)."""
     def make():
         return random_loaded("causal", seed=seed, eos=[1], block_size=1, dim=128, n_heads=4, n_kv_heads=2,
                              intermediate_size=256)
@@ -174,10 +217,10 @@ def _blocks_loaded(seed: int = 3, adapted: bool = False, bf16: bool = False):
     for i, name in enumerate(n for n, p in params.items() if p.ndim == 2):
         if name.endswith("embed_tokens.weight"):  # the tied head: Q8_0, as SmolLM2's GGUF has it
             q, scale = _q8(*params[name].shape, seed=100 + i)
-            blocks[name], w = BlockWeight.q8(q, scale * 20), _dequantized(q, scale * 20)
+            blocks[name], w = BlockWeight.q8(q, scale * 16), _dequantized(q, scale * 16)
         else:
             q, scale, minimum = _q4(*params[name].shape, seed=100 + i)
-            blocks[name], w = BlockWeight.q4(q, scale * 20, minimum * 20), _dequantized(q, scale * 20, minimum * 20)
+            blocks[name], w = BlockWeight.q4(q, scale * 16, minimum * 16), _dequantized(q, scale * 16, minimum * 16)
         for model in (dense.model, on_blocks.model):
             with torch.no_grad():
                 dict(model.named_parameters())[name].copy_(w)
@@ -185,8 +228,8 @@ def _blocks_loaded(seed: int = 3, adapted: bool = False, bf16: bool = False):
         adapter = random_adapter(dense.config, seed)
         merge_adapter(dense.model, adapter)
         blocks = unmerged_update(blocks, adapter)
-    if bf16:
-        blocks = {name: w.bf16() for name, w in blocks.items()}
+    if amx is not None:
+        blocks = {name: getattr(w, amx)() for name, w in blocks.items()}
     on_blocks.model.use_blocks(blocks)
     on_blocks.model.release_dense_weights()
     assert not on_blocks.model.step_kernels  # one kernel everywhere: step positions are reusable
@@ -224,7 +267,7 @@ def test_a_model_with_bf16_products_decodes_alike_alone_batched_and_reused():
     """load_model(weights="blocks-bf16")'s arithmetic: close to float32's, and, as on float32
     blocks, a reply does not depend on the batch, and a reused prefix gives what a fresh prefill
     gives; draft-and-verify on it writes its AR replies."""
-    dense, on_blocks = _blocks_loaded(adapted=True, bf16=True)
+    dense, on_blocks = _blocks_loaded(adapted=True, amx="bf16")
     assert _logit_gap(dense, on_blocks) < 3e-2
     alone, together = _alone_together_and_reused(on_blocks)
     drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
@@ -235,9 +278,11 @@ def test_a_model_with_bf16_products_decodes_alike_alone_batched_and_reused():
 
 
 @needs_kernel
-@pytest.mark.parametrize("adapted", [False, True])
-def test_a_model_on_blocks_decodes_what_the_dense_float32_model_decodes(adapted):
-    dense, on_blocks = _blocks_loaded(adapted=adapted)
+@pytest.mark.parametrize("adapted,amx", [(False, None), (True, None),
+                                         pytest.param(True, "split", marks=needs_amx)])
+def test_a_model_on_blocks_decodes_what_the_dense_float32_model_decodes(adapted, amx):
+    """Float32 blocks, and their float32-accurate products on AMX ("blocks-amx")."""
+    dense, on_blocks = _blocks_loaded(adapted=adapted, amx=amx)
     assert _logit_gap(dense, on_blocks) < 1e-3
     with AREngine(dense, max_batch_size=4) as reference:
         expected = [_run(reference.submit(p, PARAMS))[0] for p in BLOCK_PROMPTS]
@@ -341,9 +386,10 @@ def test_draft_slots_in_the_one_call_forward_add_the_drafters_update_there_only(
 
 
 @needs_kernel
-@pytest.mark.parametrize("draft_len,tree", [(2, True), (3, False)])
-def test_draft_and_verify_on_blocks_is_exact_and_batches_equal_each_alone(draft_len, tree):
-    _, on_blocks = _blocks_loaded(seed=3, adapted=True)
+@pytest.mark.parametrize("draft_len,tree,amx", [(2, True, None), (3, False, None),
+                                                pytest.param(3, True, "split", marks=needs_amx)])
+def test_draft_and_verify_on_blocks_is_exact_and_batches_equal_each_alone(draft_len, tree, amx):
+    _, on_blocks = _blocks_loaded(seed=3, adapted=True, amx=amx)
     drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
     with AREngine(on_blocks, max_batch_size=4) as ar, \
             SpeculativeEngine(on_blocks, drafter, draft_len=draft_len, tree=tree, max_batch_size=4) as spec:
@@ -364,6 +410,13 @@ def test_use_blocks_wants_every_projection_and_a_float32_model():
         dense.model.to(torch.bfloat16).use_blocks({})
 
 
+def test_block_scales_are_kept_as_the_float16_a_gguf_stores():
+    q, scale = _q8(16, 64, seed=2)
+    assert BlockWeight.q8(q, scale).scales.dtype == torch.float16
+    with pytest.raises(ValueError, match="float16"):
+        BlockWeight.q8(q, scale + 1e-6)
+
+
 def test_blocks_need_a_gguf_and_float32(tmp_path):
     bad = tmp_path / "notes.gguf"
     bad.write_bytes(b"not a gguf")
@@ -371,18 +424,25 @@ def test_blocks_need_a_gguf_and_float32(tmp_path):
         load_model(bad, weights="blocks")
 
 
-def test_bf16_products_where_amx_cannot_run_are_refused_with_the_reason(monkeypatch):
+def test_products_on_amx_where_it_cannot_run_are_refused_with_the_reason(monkeypatch, caplog):
+    from voice_agent.llm import _registry_weights
     from voice_agent.models import resolve_llm_model
 
     monkeypatch.setattr(dlm.blocks, "_amx_tried", True)
     monkeypatch.setattr(dlm.blocks, "_amx_reason", "switched off (VOICE_AGENT_AMX=0)")
-    with pytest.raises(RuntimeError, match="VOICE_AGENT_AMX=0"):
-        BlockWeight.q4(*_q4(16, 64, seed=1)).bf16()
     gguf = resolve_llm_model("smollm2-135m-instruct").path
-    with pytest.raises(ValueError, match=r"blocks-bf16.*VOICE_AGENT_AMX=0"):
-        load_model(gguf, weights="blocks-bf16")
-    with pytest.raises(ValueError, match="float32"):
-        load_model(gguf, weights="blocks-bf16", dtype="bfloat16")
+    for method, weights in (("bf16", "blocks-bf16"), ("split", "blocks-amx")):
+        with pytest.raises(RuntimeError, match="VOICE_AGENT_AMX=0"):
+            getattr(BlockWeight.q4(*_q4(16, 64, seed=1)), method)()
+        with pytest.raises(ValueError, match=rf"{weights}.*VOICE_AGENT_AMX=0"):
+            load_model(gguf, weights=weights)
+        with pytest.raises(ValueError, match="float32"):
+            load_model(gguf, weights=weights, dtype="bfloat16")
+    # The registry's float32-accurate AMX products become float32 blocks here (the same accuracy).
+    with caplog.at_level(logging.INFO, logger="voice_agent.llm"):
+        expected = "blocks" if dlm.blocks.available() is None else "dense"
+        assert _registry_weights("blocks-amx", "cpu", "auto") == expected
+    assert "VOICE_AGENT_AMX=0" in caplog.text
 
 
 def test_a_failed_build_is_reported_and_the_registry_falls_back_to_dense(tmp_path, monkeypatch, caplog):

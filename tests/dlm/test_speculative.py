@@ -254,3 +254,66 @@ def test_bf16_packed_model_is_exact_whatever_the_batch_holds():
         together = [_run(h)[0] for h in [spec.submit(p, params) for p in prompts]]
     assert ar_together == expected
     assert together == expected
+
+
+# -- self-speculation: a block-diffusion model drafting for itself -----------------------------------
+
+@pytest.mark.parametrize("draft_len,tree", [(2, True), (4, False)])
+def test_a_block_diffusion_model_drafting_for_itself_writes_its_ar_replies(draft_len, tree):
+    """No drafter: the model's own mask-token blocks are the drafts, its causal forward the
+    verifier; the replies are its AR (one token per step) replies, alone and batched."""
+    loaded = random_loaded("block_causal", seed=5, eos=[1], scale=3.0, block_size=4)
+    params = GenerationParams(max_new_tokens=20)
+    with AREngine(loaded, max_batch_size=4) as ar, \
+            SpeculativeEngine(loaded, None, draft_len=draft_len, tree=tree, max_batch_size=4) as spec:
+        expected = [_run(ar.submit(p, params))[0] for p in PROMPTS]
+        alone = [_run(spec.submit(p, params))[0] for p in PROMPTS]
+        together = [_run(h)[0] for h in [spec.submit(p, params) for p in PROMPTS]]
+    assert alone == expected
+    assert together == expected
+    assert any(len(ids) > 3 for ids in expected)
+
+
+def test_self_drafts_that_are_right_give_draft_len_plus_one_tokens_per_forward():
+    """A model that writes token 0 whatever it sees (its final norm zeroed: flat logits) drafts
+    right every time: after the first forward (no drafts yet), draft_len + 1 tokens each."""
+    loaded = random_loaded("block_causal", seed=6, eos=[1], block_size=4)
+    with torch.no_grad():
+        loaded.model.model.norm.weight.zero_()
+    params = GenerationParams(max_new_tokens=2 + 5 * 4)
+    with AREngine(loaded, max_batch_size=1) as ar, SpeculativeEngine(loaded, None, draft_len=3, max_batch_size=1) as spec:
+        want, _, _ = _run(ar.submit([5, 6], params))
+        got, steps, finish = _run(spec.submit([5, 6], params))
+    assert got == want == [0] * params.max_new_tokens and finish == "length"
+    assert steps == 2 + 5
+
+
+@pytest.mark.parametrize("attention,logit_shift,why", [("causal", True, "no mask token"),
+                                                      ("block_causal", False, "not causal at block size 1"),
+                                                      ("full", True, "not causal at block size 1")])
+def test_models_that_cannot_draft_for_themselves_are_refused_with_the_reason(attention, logit_shift, why):
+    from dlm.engines import decoding, make_engine
+
+    loaded = random_loaded(attention, seed=1, logit_shift=logit_shift, block_size=1 if attention == "causal" else 4)
+    if attention == "causal":
+        loaded.spec.mask_token_id = None
+    with pytest.raises(ValueError, match=why):
+        SpeculativeEngine(loaded, None)
+    with pytest.raises(ValueError, match=why):
+        decoding(loaded, "speculative")
+    with pytest.raises(ValueError, match=why):
+        make_engine(loaded, "speculative")
+
+
+def test_engine_kind_speculative_picks_the_drafter_or_the_model_itself():
+    from dlm.engines import decoding, make_engine
+
+    bd = random_loaded("block_causal", seed=2, block_size=4)
+    assert decoding(bd, "speculative") == "self-speculative" and decoding(bd) == "block diffusion"
+    with make_engine(bd, "speculative", max_batch_size=1, draft_len=2) as engine:
+        assert isinstance(engine, SpeculativeEngine) and engine.drafter is None and engine.draft_len == 2
+        with pytest.raises(InvalidRequestError, match=r"draft_len 5 must lie in \[0, 4\]"):
+            engine.submit([3], GenerationParams(max_new_tokens=4, draft_len=5))
+    causal = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
+    causal.drafter = _random_drafter(causal)
+    assert decoding(causal, "speculative") == decoding(causal) == "draft-and-verify"

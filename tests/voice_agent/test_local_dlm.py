@@ -143,7 +143,7 @@ def test_unknown_engine_names_the_key():
     from voice_agent.errors import UserError
     from voice_agent.llm import build_llm
 
-    with pytest.raises(ConfigError, match=r"llm\.engine must be one of 'auto', 'ar', not 'dllm'"):
+    with pytest.raises(ConfigError, match=r"llm\.engine must be one of 'auto', 'ar', 'speculative', not 'dllm'"):
         load_config(overrides=["llm.engine=dllm"])
     config = LlmConfig()
     config.engine = "fast"  # set after construction: build_llm checks it before loading anything

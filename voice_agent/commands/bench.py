@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm = sub.add_parser("llm", help="dLLM engine vs AR baseline on the same weights")
     llm.add_argument("--device", help="torch device, e.g. cpu, cuda (default: llm.device)")
     llm.add_argument("--dtype", help="float32 | bfloat16 | auto (default: llm.dtype; auto with --synthetic)")
-    llm.add_argument("--weights", help="dense | int4 | blocks | blocks-bf16 | auto (default: llm.weights)")
+    llm.add_argument("--weights", help="dense | int4 | blocks | blocks-amx | blocks-bf16 | auto (default: llm.weights)")
     llm.add_argument("--max-new-tokens", type=int, default=64)
     llm.add_argument("--concurrency", type=_levels, default=[1, 8], metavar="C1,C2,...",
                      help="requests submitted at once, one level after the other (default: 1,8)")
@@ -630,7 +630,9 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     wanted = {name.strip() for name in args.engines.split(",")}
-    engines = [(name, kind) for name, kind in (("dllm", "auto"), ("ar", "ar"))
+    # The dLLM row decodes as llm.engine asks ("speculative": a bd checkpoint drafting for itself).
+    dllm = "speculative" if config.llm.engine == "speculative" else "auto"
+    engines = [(name, kind) for name, kind in (("dllm", dllm), ("ar", "ar"))
                if name in wanted and (diffusion or name == "ar")]
     max_c = max(args.concurrency)
     max_seq_len = loaded.config.max_seq_len
