@@ -13,11 +13,10 @@
    Layouts (dlm/blocks.py makes them from the GGUF's blocks), per output row n and unit p (64
    inputs = two blocks):
      Q4: data (N, K/64, 32 bytes): 16-bit lane j holds nibble s at bits 4s..4s+3, the weight
-         (s / 2) * 32 + (s % 2) * 16 + j of the unit; scales (N, K/64, 4): d0, m0, d1, m1, as
-         the GGUF's float16 (a third of the bytes a decoding step reads were float32 scales).
+         (s / 2) * 32 + (s % 2) * 16 + j of the unit; scales (N, K/64, 4): d0, m0, d1, m1.
          A block's 16 possible weights are made once (a table of 16 floats) and looked up with
          one permute per 16 weights: the permute reads only the low 4 bits of each lane.
-     Q8: data (N, K) int8 as stored; scales (N, K/32): d, float16.
+     Q8: data (N, K) int8 as stored; scales (N, K/32): d.
    A low-rank update W + up @ down (a fine-tune, kept apart: rounding it into 4-bit blocks would
    erase it), where given: t = x @ down^T (M, R) first, then each output adds t[offset[n]..+Rp] .
    up[n] (Rp a multiple of 16; fused projections keep their own rank-Rp slices of t) into its
@@ -32,13 +31,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define TARGET __attribute__((target("avx512f,avx512bw,f16c")))
-#define AMX_TARGET __attribute__((target("avx512f,avx512bw,f16c,avx512bf16,amx-tile,amx-bf16")))
+#define TARGET __attribute__((target("avx512f,avx512bw")))
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
 #define INLINE static inline __attribute__((always_inline))
 
 int blocks_cpu_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
 
 /* 0 where this CPU has AMX (tiles, bf16) and AVX512-BF16 and the kernel lets this process use the
@@ -52,26 +51,26 @@ int blocks_amx_init(void) {
 }
 
 /* The 64 weights of unit p of output n, as four 16-lane vectors. */
-TARGET INLINE void unit_q4(const uint8_t *data, const uint16_t *scales, int64_t np, int64_t n, int64_t p,
+TARGET INLINE void unit_q4(const uint8_t *data, const float *scales, int64_t np, int64_t n, int64_t p,
                            __m512 w[4]) {
     const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const uint16_t *s = scales + (n * np + p) * 4;
+    const float *s = scales + (n * np + p) * 4;
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(data + (n * np + p) * 32)));
-    __m512 t0 = _mm512_fmadd_ps(iota, _mm512_set1_ps(_cvtsh_ss(s[0])), _mm512_set1_ps(_cvtsh_ss(s[1])));
-    __m512 t1 = _mm512_fmadd_ps(iota, _mm512_set1_ps(_cvtsh_ss(s[2])), _mm512_set1_ps(_cvtsh_ss(s[3])));
+    __m512 t0 = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1]));
+    __m512 t1 = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[2]), _mm512_set1_ps(s[3]));
     w[0] = _mm512_permutexvar_ps(v, t0);
     w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t0);
     w[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), t1);
     w[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), t1);
 }
 
-TARGET INLINE void unit_q8(const uint8_t *data, const uint16_t *scales, int64_t np, int64_t n, int64_t p,
+TARGET INLINE void unit_q8(const uint8_t *data, const float *scales, int64_t np, int64_t n, int64_t p,
                            __m512 w[4]) {
     const int8_t *q = (const int8_t *)data + (n * np + p) * 64;
-    const uint16_t *d = scales + (n * np + p) * 2;
+    const float *d = scales + (n * np + p) * 2;
     for (int i = 0; i < 4; i++) {
         __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i))));
-        w[i] = _mm512_mul_ps(f, _mm512_set1_ps(_cvtsh_ss(d[i / 2])));
+        w[i] = _mm512_mul_ps(f, _mm512_set1_ps(d[i / 2]));
     }
 }
 
@@ -83,7 +82,7 @@ typedef struct {
 } low_rank;
 
 /* Outputs n..n+T-1 of rows 0..R-1 (T and R compile-time constants after inlining). */
-TARGET INLINE void tile(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t N,
+TARGET INLINE void tile(const float *x, const uint8_t *data, const float *scales, float *y, int64_t N,
                         int64_t K, int64_t n, const int T, const int R, const int q8, const low_rank *lr) {
     const int64_t np = K / 64;
     __m512 a[T][R][2];
@@ -118,7 +117,7 @@ TARGET INLINE void tile(const float *x, const uint8_t *data, const uint16_t *sca
 /* Rows 0..R-1, outputs n0..n1-1: T outputs at a time (several accumulator chains in flight
    where there are few rows), the rest one by one. */
 #define ROWS(R, T)                                                                                       \
-    TARGET static void rows##R(const float *x, const uint8_t *data, const uint16_t *scales, float *y,     \
+    TARGET static void rows##R(const float *x, const uint8_t *data, const float *scales, float *y,     \
                                int64_t N, int64_t K, int64_t n0, int64_t n1, int q8, const low_rank *lr) { \
         int64_t n = n0;                                                                                  \
         if (q8) {                                                                                        \
@@ -142,7 +141,7 @@ typedef void (*rows_fn)(const float *, const uint8_t *, const float *, float *, 
                         int64_t, int, const low_rank *);
 static const rows_fn ROWS_FN[9] = {0, rows1, rows2, rows3, rows4, rows5, rows6, rows7, rows8};
 
-static void range(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t M, int64_t N,
+static void range(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M, int64_t N,
                   int64_t K, int64_t n0, int64_t n1, int q8, const low_rank *lr) {
     for (int64_t r0 = 0; r0 < M; r0 += 8) {
         const int64_t R = M - r0 < 8 ? M - r0 : 8;
@@ -208,7 +207,7 @@ AMX_TARGET static void amx_inputs(const float *x, int64_t M, int64_t K, uint32_t
 }
 
 /* The A tiles of outputs n..n+15: a (K / 32 blocks, 16 outputs, 32 bf16). */
-AMX_TARGET static void amx_weights(const uint8_t *data, const uint16_t *scales, int64_t K, int64_t n, int q8, uint16_t *a) {
+AMX_TARGET static void amx_weights(const uint8_t *data, const float *scales, int64_t K, int64_t n, int q8, uint16_t *a) {
     const int64_t np = K / 64;
     for (int64_t t = 0; t < 16; t++)
         for (int64_t p = 0; p < np; p++) {
@@ -230,7 +229,7 @@ AMX_TARGET static void amx_store(const float *c, float *y, int64_t M, int64_t N,
 /* Outputs n0..n1-1 (multiples of 16) of every row, four tiles of 16 outputs at a time (four
    independent sums in flight); each tile's A is made once (a: 4 x 16 x K bf16) and serves every
    group of rows. The order of each output's sums is the same on both paths below. */
-AMX_TARGET static void amx_range(const uint32_t *b, const uint8_t *data, const uint16_t *scales, float *y, int64_t M,
+AMX_TARGET static void amx_range(const uint32_t *b, const uint8_t *data, const float *scales, float *y, int64_t M,
                                  int64_t N, int64_t K, int64_t n0, int64_t n1, int q8, uint16_t *a) {
     const int64_t chunks = K / 32, groups = (M + 15) / 16, span = 16 * K;
     float c[4][256] __attribute__((aligned(64)));
@@ -505,15 +504,18 @@ AMX_TARGET INLINE void split_group(const uint16_t *a, const uint16_t *b, const u
             if (!q8) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sx[r * chunks + (ch)]), mm, acc[r]);     \
         }                                                                                             \
     } while (0)
+    /* Each block's C is read back one step after it is stored (a tile's store does not forward
+       to the loads right behind it). */
     SPLIT_ISSUE(0, 4, 0);
     for (int64_t ch = 0; ch < chunks; ch += 2) {
         SPLIT_ISSUE(1, 5, ch + 1);
         _tile_stored(0, c, 64);
-        SPLIT_SCALE(ch, c);
+        if (ch) SPLIT_SCALE(ch - 1, c + 256);
         if (ch + 2 < chunks) SPLIT_ISSUE(0, 4, ch + 2);
         _tile_stored(1, c + 256, 64);
-        SPLIT_SCALE(ch + 1, c + 256);
+        SPLIT_SCALE(ch, c);
     }
+    SPLIT_SCALE(chunks - 1, c + 256);
 #undef SPLIT_ISSUE
 #undef SPLIT_SCALE
     for (int r = 0; r < R; r++) {
@@ -607,7 +609,7 @@ static void split_matmul(const float *x, const uint8_t *data, const uint16_t *sc
 
 /* y (M, N) = x @ W^T in bf16 products (above), plus the update u (or NULL) in bf16: its t made
    first (t: a scratch of M x u->r_total), then each thread adds it to its own outputs. */
-static void amx_matmul(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t M, int64_t N,
+static void amx_matmul(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M, int64_t N,
                        int64_t K, int q8, int threads, const bf16_update *u, float *t, int *status) {
     const int64_t groups = (M + 15) / 16, tiles = N / 16;
     uint32_t *b = aligned_alloc(64, sizeof(uint32_t) * groups * (K / 32) * 256);
@@ -642,8 +644,9 @@ static void amx_matmul(const float *x, const uint8_t *data, const uint16_t *scal
    NULL: down (r_total, K), up (N, rp), offset (N,), t a scratch of (M, r_total) floats; amx 1: the
    products in bf16 on AMX (above; blocks_amx_init first), its update (upd, or NULL) in bf16 after
    them (t then a scratch of M x upd->r_total); amx 2: float32-accurate products on AMX, data and
-   scales in their own layout and up by tiles (split_matmul). Returns 0, or -1 where memory ran out. */
-int blocks_matmul(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t M,
+   scales (float16) in their own layout and up by tiles (split_matmul). Returns 0, or -1 where
+   memory ran out. */
+int blocks_matmul(const float *x, const uint8_t *data, const void *scales, float *y, int64_t M,
                   int64_t N, int64_t K, int kind, int threads, const float *down, const float *up,
                   const int32_t *offset, int64_t r_total, int64_t rp, float *t, int amx, const bf16_update *upd) {
     if (amx == 2) {
@@ -684,7 +687,7 @@ int blocks_matmul(const float *x, const uint8_t *data, const uint16_t *scales, f
 
 typedef struct {
     const uint8_t *data;
-    const uint16_t *scales;
+    const void *scales; /* float32; split products (amx 2): float16 */
     int64_t n, k, kind;
     const float *down, *up;
     const int32_t *offset;

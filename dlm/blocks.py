@@ -262,8 +262,8 @@ class BlockWeight:
 
     kind: int  # 0: Q4 (Q4_0, Q4_1), 1: Q8 (Q8_0)
     data: Tensor  # Q4: (N, K / 64, 32) uint8; Q8: (N, K) int8
-    scales: Tensor  # Q4: (N, K / 64, 4) float16 (d, m of each block of the unit); Q8: (N, K / 32) float16
-    # (split products keep both in their own layouts by tiles of 16 outputs: dlm/blocks.c)
+    scales: Tensor  # Q4: (N, K / 64, 4) float32 (d, m of each block of the unit); Q8: (N, K / 32) float32
+    # (split products keep both in their own layouts by tiles of 16 outputs, scales in float16: dlm/blocks.c)
     in_features: int
     low_rank: LowRank | None = None
     amx: int = 0  # 0: float32 products; AMX_BF16: in bf16 on AMX (`bf16()`); AMX_SPLIT: float32-accurate on AMX (`split()`)
@@ -275,14 +275,14 @@ class BlockWeight:
         lanes = q.to(torch.int32).view(n, k // UNIT, 4, 16)  # nibble s of lane j: weight s * 16 + j of the unit
         packed = lanes[:, :, 0] | lanes[:, :, 1] << 4 | lanes[:, :, 2] << 8 | lanes[:, :, 3] << 12
         data = packed.to(torch.int16).contiguous().view(torch.uint8).view(n, k // UNIT, 32)
-        scales = torch.stack([_half(scale), _half(minimum)], dim=-1).view(n, k // UNIT, 4).contiguous()
+        scales = torch.stack([scale.float(), minimum.float()], dim=-1).view(n, k // UNIT, 4).contiguous()
         return cls(0, data, scales, k)
 
     @classmethod
     def q8(cls, q: Tensor, scale: Tensor) -> BlockWeight:
         """q (N, K) integers -128..127, scale (N, K / 32): w = q * scale."""
         _, k = _check_shape(q, scale)
-        return cls(1, q.to(torch.int8).contiguous(), _half(scale).contiguous(), k)
+        return cls(1, q.to(torch.int8).contiguous(), scale.float().contiguous(), k)
 
     @property
     def out_features(self) -> int:
@@ -317,7 +317,7 @@ class BlockWeight:
         # line i of a block's B tile: lane 2t + e = input 2i + e of the tile's output t
         lines = q.view(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 16, 32)
         data = (lines[:, :, 0::2] | lines[:, :, 1::2] << 4).to(torch.uint8) if self.kind == 0 else lines.to(torch.int8)
-        scales = torch.stack([t.reshape(n // 16, 16, k // 32).transpose(1, 2) for t in (d, m)], dim=2)
+        scales = torch.stack([_half(t).reshape(n // 16, 16, k // 32).transpose(1, 2) for t in (d, m)], dim=2)
         return replace(self, data=data.contiguous(), scales=scales.contiguous(), amx=AMX_SPLIT)
 
     def _check_amx(self, what: str, amx: int) -> None:
@@ -505,7 +505,8 @@ class BlockLayers:
 
 
 def _half(t: Tensor) -> Tensor:
-    """A GGUF's block scales as the float16 they are stored in; ValueError where a value is not one."""
+    """A GGUF's block scales as the float16 they are stored in (split products read them so: a
+    fifth of the bytes a step reads, and one conversion per 16); ValueError where a value is not one."""
     half = t.to(torch.float16)
     if not torch.equal(half.float(), t.float()):
         raise ValueError("block scales and minimums must be float16 values, as a GGUF stores them")

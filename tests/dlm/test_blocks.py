@@ -410,11 +410,12 @@ def test_use_blocks_wants_every_projection_and_a_float32_model():
         dense.model.to(torch.bfloat16).use_blocks({})
 
 
-def test_block_scales_are_kept_as_the_float16_a_gguf_stores():
+@needs_amx
+def test_split_products_keep_the_scales_as_the_float16_a_gguf_stores():
     q, scale = _q8(16, 64, seed=2)
-    assert BlockWeight.q8(q, scale).scales.dtype == torch.float16
+    assert BlockWeight.q8(q, scale).split().scales.dtype == torch.float16
     with pytest.raises(ValueError, match="float16"):
-        BlockWeight.q8(q, scale + 1e-6)
+        BlockWeight.q8(q, scale + 1e-6).split()
 
 
 def test_blocks_need_a_gguf_and_float32(tmp_path):
