@@ -425,6 +425,17 @@ def test_blocks_need_a_gguf_and_float32(tmp_path):
         load_model(bad, weights="blocks")
 
 
+@needs_amx
+def test_the_default_model_runs_float32_accurate_products_on_amx_where_it_can():
+    from voice_agent.llm import _registry_weights
+    from voice_agent.models import resolve_llm_model
+
+    for name in ("default", "smollm2-135m-drafter"):
+        assert resolve_llm_model(name).weights == "blocks-amx"
+    assert _registry_weights("blocks-amx", "cpu", "auto") == "blocks-amx"
+    assert _registry_weights("blocks-amx", "cpu", "bfloat16") == "dense"  # the format computes in float32
+
+
 def test_products_on_amx_where_it_cannot_run_are_refused_with_the_reason(monkeypatch, caplog):
     from voice_agent.llm import _registry_weights
     from voice_agent.models import resolve_llm_model
