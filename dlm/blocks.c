@@ -419,9 +419,9 @@ TARGET static void add_update(const float *x, const uint8_t *drafted, int64_t M,
 
 #define SPLIT_ROWS 5
 
-/* The A lines of rows 0..M-1: group g (rows SPLIT_ROWS g ..., R of them) starts at line
-   3 SPLIT_ROWS g and holds 3R lines of K bf16 (its A tiles: 3R lines, `split_configure`).
-   sx (M, K / 32): each row's sum over each block. */
+/* The A lines of rows 0..M-1, K bf16 each: group g (rows SPLIT_ROWS g ..., R of them) starts at
+   line 3 SPLIT_ROWS g, part p of its row r at line p R + r from there (so part p's A tile is R
+   lines from line p R). sx (M, K / 32): each row's sum over each block. */
 AMX_TARGET static void split_inputs(const float *x, int64_t M, int64_t K, uint16_t *a, float *sx) {
     const int64_t chunks = K / 32;
     for (int64_t m = 0; m < M; m++) {

@@ -302,7 +302,8 @@ class BlockWeight:
         blocks' integers (exact in bf16) multiplied by them in the tiles, float32 sums, then each
         block's scale and minimum applied in float32; a low-rank update added in float32. Results
         of the float32 path's accuracy (not its bits: another order of sums), a row's own bits,
-        in a layout of its own. RuntimeError where AMX cannot run here."""
+        in a layout of its own (scales in float16). RuntimeError where AMX cannot run here;
+        ValueError where a scale is not a float16 value (a GGUF's always are)."""
         self._check_amx("split", AMX_SPLIT)
         if self.amx == AMX_SPLIT:
             return self

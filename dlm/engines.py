@@ -10,10 +10,10 @@ Contract: `make_engine(loaded, kind="auto", **kwargs)` returns a started engine 
   drafting for itself (`dlm.speculative.self_drafting_reason`: ValueError where it cannot), which
   writes the model's own one-token-per-step (AR) replies in fewer forwards.
 `decoding(loaded, kind)` names what `make_engine` would run ("draft-and-verify",
-"self-speculative", "block diffusion", "AR"); `parallel(loaded)` says whether the model decodes more than one token per
-forward at all. kwargs go to the engine (max_batch_size, max_seq_len, compile_mode, and for
-draft-and-verify draft_len and tree; draft_len 0 or None: the engine's default); the draft-and-verify
-keys are dropped for other engines.
+"self-speculative", "block diffusion", "AR"); `parallel(loaded)` says whether the model decodes
+more than one token per forward at all. kwargs go to the engine (max_batch_size, max_seq_len,
+compile_mode, and for draft-and-verify draft_len and tree; draft_len 0 or None: the engine's
+default); the draft-and-verify keys are dropped for other engines.
 """
 
 from __future__ import annotations

@@ -118,8 +118,9 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     the base with this adapter merged (dlm.adapter); `teacher_weights`: "hf" (Hugging Face
     `generate` in float32, or bf16 on CUDA) or a GGUF's blocks on this project's AR engine
     ("blocks": float32; "blocks-amx": float32-accurate on AMX, the default's serving arithmetic
-    where AMX runs; "blocks-bf16": AMX bf16, a few replies differ), 8 rows at a time; `first_prompt`: skip the prompts before it
-    (more data after an earlier run on the same seed: its prompts are 0 .. its n_prompts - 1)."""
+    where AMX runs; "blocks-bf16": AMX bf16, a few replies differ), 8 rows at a time;
+    `first_prompt`: skip the prompts before it (more data after an earlier run on the same seed:
+    its prompts are 0 .. its n_prompts - 1)."""
     if teacher_weights not in TEACHER_WEIGHTS:
         raise ValueError(f"teacher_weights must be one of {TEACHER_WEIGHTS}, not {teacher_weights!r}")
     if not 0 <= first_prompt < scale.n_prompts - scale.n_heldout:

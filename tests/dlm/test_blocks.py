@@ -1,7 +1,8 @@
 """Float32 block weights (dlm.blocks, dlm.model.Transformer.use_blocks, load_model(weights="blocks")):
 the kernel rebuilds each weight exactly as the float32 dequantisation does, a row's bits do not
 depend on the other rows or on the thread count, and a model on blocks decodes what the dense
-float32 model decodes; where the kernel cannot run, the registry's choice falls back to dense."""
+float32 model decodes, on float32 FMAs and on float32-accurate AMX products alike (BlockWeight.split);
+where the kernel cannot run, the registry's choice falls back (to dense, or from AMX to float32 blocks)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from dlm_tiny_models import random_loaded
 from test_int4 import random_adapter
-from test_speculative import PROMPTS, _random_drafter, _run
+from test_speculative import PROMPTS, _random_drafter, _run, ar_alone_together
 
 import dlm.blocks
 from dlm.adapter import merge_adapter, unmerged_update
@@ -391,11 +392,8 @@ def test_draft_slots_in_the_one_call_forward_add_the_drafters_update_there_only(
 def test_draft_and_verify_on_blocks_is_exact_and_batches_equal_each_alone(draft_len, tree, amx):
     _, on_blocks = _blocks_loaded(seed=3, adapted=True, amx=amx)
     drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
-    with AREngine(on_blocks, max_batch_size=4) as ar, \
-            SpeculativeEngine(on_blocks, drafter, draft_len=draft_len, tree=tree, max_batch_size=4) as spec:
-        expected = [_run(ar.submit(p, PARAMS))[0] for p in BLOCK_PROMPTS]
-        alone = [_run(spec.submit(p, PARAMS))[0] for p in BLOCK_PROMPTS]
-        together = [_run(h)[0] for h in [spec.submit(p, PARAMS) for p in BLOCK_PROMPTS]]
+    expected, alone, together = ar_alone_together(on_blocks, drafter, BLOCK_PROMPTS, PARAMS, draft_len=draft_len,
+                                                  tree=tree)
     assert alone == expected
     assert together == expected
     assert any(len(ids) > 3 for ids in expected)

@@ -54,17 +54,22 @@ def _run(handle) -> tuple[list[int], int, str]:
     return [t for d in deltas for t in d.token_ids], deltas[-1].steps, deltas[-1].finish_reason
 
 
+def ar_alone_together(loaded, drafter, prompts, params, **kwargs) -> tuple[list, list, list]:
+    """The AR engine's replies to `prompts`, then draft-and-verify's (drafter None: the model's own
+    drafts) one request at a time, then all at once (more requests than the engine's 4 rows)."""
+    with AREngine(loaded, max_batch_size=4) as ar, SpeculativeEngine(loaded, drafter, max_batch_size=4, **kwargs) as spec:
+        expected = [_run(ar.submit(p, params))[0] for p in prompts]
+        alone = [_run(spec.submit(p, params))[0] for p in prompts]
+        together = [_run(h)[0] for h in [spec.submit(p, params) for p in prompts]]
+    return expected, alone, together
+
+
 @pytest.mark.parametrize("kind,draft_len,tree", [("slots", 1, True), ("slots", 3, True), ("slots", 4, False),
                                                   ("head", 1, True), ("head", 4, True)])
 def test_random_drafter_is_exact_and_batches_equal_each_alone(kind, draft_len, tree):
     loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
-    drafter = _drafter(kind, loaded)
-    params = GenerationParams(max_new_tokens=20)
-    with AREngine(loaded, max_batch_size=4) as ar, \
-            SpeculativeEngine(loaded, drafter, draft_len=draft_len, tree=tree, max_batch_size=4) as spec:
-        expected = [_run(ar.submit(p, params))[0] for p in PROMPTS]
-        alone = [_run(spec.submit(p, params))[0] for p in PROMPTS]
-        together = [_run(h)[0] for h in [spec.submit(p, params) for p in PROMPTS]]  # 6 requests, 4 rows
+    expected, alone, together = ar_alone_together(loaded, _drafter(kind, loaded), PROMPTS,
+                                                  GenerationParams(max_new_tokens=20), draft_len=draft_len, tree=tree)
     assert alone == expected
     assert together == expected
     assert any(len(ids) < 20 for ids in expected)  # EOS is handled, not only the length limit
@@ -263,12 +268,8 @@ def test_a_block_diffusion_model_drafting_for_itself_writes_its_ar_replies(draft
     """No drafter: the model's own mask-token blocks are the drafts, its causal forward the
     verifier; the replies are its AR (one token per step) replies, alone and batched."""
     loaded = random_loaded("block_causal", seed=5, eos=[1], scale=3.0, block_size=4)
-    params = GenerationParams(max_new_tokens=20)
-    with AREngine(loaded, max_batch_size=4) as ar, \
-            SpeculativeEngine(loaded, None, draft_len=draft_len, tree=tree, max_batch_size=4) as spec:
-        expected = [_run(ar.submit(p, params))[0] for p in PROMPTS]
-        alone = [_run(spec.submit(p, params))[0] for p in PROMPTS]
-        together = [_run(h)[0] for h in [spec.submit(p, params) for p in PROMPTS]]
+    expected, alone, together = ar_alone_together(loaded, None, PROMPTS, GenerationParams(max_new_tokens=20),
+                                                  draft_len=draft_len, tree=tree)
     assert alone == expected
     assert together == expected
     assert any(len(ids) > 3 for ids in expected)
