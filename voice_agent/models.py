@@ -221,8 +221,8 @@ def _info(role: str, configured: str, resolve) -> ModelInfo:
                              f"diffusion drafter {result.drafter.name} over the AR weights: exact draft-and-verify "
                              f"decoding, several tokens per forward ({_arithmetic(result)}){tuned}")
         if result.weights in ("blocks", "blocks-amx"):
-            return ModelInfo(role, configured, result.path, f"found; {_arithmetic(result)} where llm.weights is "
-                                                            f"auto{tuned}")
+            return ModelInfo(role, configured, result.path, f"found; where llm.weights is auto: "
+                                                            f"{_arithmetic(result)}{tuned}")
         if result.weights and result.weights != "dense":
             return ModelInfo(role, configured, result.path, f"found; {result.weights} weights in the decoding steps "
                                                             f"({result.dtype or 'configured dtype'}) where llm.weights "
