@@ -20,7 +20,9 @@
    A low-rank update W + up @ down (a fine-tune, kept apart: rounding it into 4-bit blocks would
    erase it), where given: t = x @ down^T (M, R) first, then each output adds t[offset[n]..+Rp] .
    up[n] (Rp a multiple of 16; fused projections keep their own rank-Rp slices of t) into its
-   first accumulator before the reduction: one more fixed step in the order of the sums. */
+   first accumulator before the reduction: one more fixed step in the order of the sums. down and
+   up are float32, or bf16 (lr_bf16) where every value is one (a fine-tune saved in bf16): read
+   as the same float32 numbers, at half the bytes, so the sums are the same. */
 #include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
@@ -74,11 +76,20 @@ TARGET INLINE void unit_q8(const uint8_t *data, const float *scales, int64_t np,
     }
 }
 
+/* 16 float32 lanes from p[i..i+15], stored as float32 or (bf16 != 0) as bf16: exact either way. */
+TARGET INLINE __m512 lanes16(const void *p, int64_t i, int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
 typedef struct {
     const float *t;        /* (M, R_total): x @ down^T */
-    const float *up;       /* (N, Rp) */
+    const void *up;        /* (N, Rp), float32 or (bf16) bf16 */
     const int32_t *offset; /* (N,): where output n's slice of t starts */
     int64_t r_total, rp;
+    int bf16;
 } low_rank;
 
 /* Outputs n..n+T-1 of rows 0..R-1 (T and R compile-time constants after inlining). */
@@ -105,7 +116,7 @@ TARGET INLINE void tile(const float *x, const uint8_t *data, const float *scales
     if (lr)
         for (int t = 0; t < T; t++)
             for (int64_t j = 0; j < lr->rp; j += 16) {
-                const __m512 u = _mm512_loadu_ps(lr->up + (n + t) * lr->rp + j);
+                const __m512 u = lanes16(lr->up, (n + t) * lr->rp + j, lr->bf16);
                 for (int r = 0; r < R; r++)
                     a[t][r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(lr->t + r * lr->r_total + lr->offset[n + t] + j), u,
                                                  a[t][r][0]);
@@ -154,15 +165,41 @@ static void range(const float *x, const uint8_t *data, const float *scales, floa
     }
 }
 
-/* t (M, R) = x (M, K) @ down (R, K)^T, 16 lanes then one reduction per entry. */
-TARGET static void down_product(const float *x, const float *down, float *t, int64_t M, int64_t K, int64_t R) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t j = 0; j < R; j++) {
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k += 16)
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), _mm512_loadu_ps(down + j * K + k), a);
-            t[m * R + j] = _mm512_reduce_add_ps(a);
+/* t (S, r_total) = x's rows rows[0..S-1] (rows NULL: 0..S-1) @ down (r_total, K)^T (float32, or
+   bf16 where bf16 != 0), entries j0..j1-1 of each row: for each entry 16 lanes then one reduction,
+   eight rows at a time (each weight read once for them, eight sums in flight). */
+TARGET static void rows_down(const float *x, const int64_t *rows, int64_t S, int64_t K, const void *down, int bf16,
+                             int64_t r_total, float *t, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        __m512 a[8];
+        for (int64_t s0 = 0; s0 < S; s0 += 8) {
+            const int64_t n_rows = S - s0 < 8 ? S - s0 : 8;
+            for (int64_t i = 0; i < n_rows; i++) a[i] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                const __m512 d = lanes16(down, j * K + k, bf16);
+                for (int64_t i = 0; i < n_rows; i++)
+                    a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (rows ? rows[s0 + i] : s0 + i) * K + k), d, a[i]);
+            }
+            for (int64_t i = 0; i < n_rows; i++) t[(s0 + i) * r_total + j] = _mm512_reduce_add_ps(a[i]);
         }
+    }
+}
+
+/* This thread's share of i of k: [lo, hi) of `count` units of `unit` each. */
+static void share(int64_t count, int64_t unit, int i, int k, int64_t *lo, int64_t *hi) {
+    const int64_t per = (count + k - 1) / k;
+    *lo = i * per < count ? i * per * unit : count * unit;
+    *hi = (i + 1) * per < count ? (i + 1) * per * unit : count * unit;
+}
+
+/* rows_down, this thread's share of the entries, then a barrier: every thread of the team reads
+   all of t after it. */
+static void team_down(const float *x, const int64_t *rows, int64_t S, int64_t K, const void *down, int bf16,
+                      int64_t r_total, float *t) {
+    int64_t lo, hi;
+    share(r_total, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+    rows_down(x, rows, S, K, down, bf16, r_total, t, lo, hi);
+#pragma omp barrier
 }
 
 /* ---- The same products in bf16 on AMX (amx != 0) ---------------------------------------------
@@ -329,30 +366,6 @@ typedef struct {
     int64_t r_total, rp;
 } bf16_update;
 
-TARGET INLINE __m512 bf16_16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* t (S, r_total) = x's rows rows[0..S-1] (rows NULL: 0..S-1) @ down^T, entries j0..j1-1 (all
-   the rows at once: the update's weights are read once). */
-TARGET static void update_t(const float *x, const int64_t *rows, int64_t S, int64_t K, const bf16_update *u, float *t,
-                            int64_t j0, int64_t j1) {
-    const int64_t R = u->r_total;
-    for (int64_t j = j0; j < j1; j++) {
-        __m512 a[8];
-        for (int64_t s0 = 0; s0 < S; s0 += 8) {
-            const int64_t n_rows = S - s0 < 8 ? S - s0 : 8;
-            for (int64_t i = 0; i < n_rows; i++) a[i] = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k += 16) {
-                const __m512 d = bf16_16(u->down + j * K + k);
-                for (int64_t i = 0; i < n_rows; i++)
-                    a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (rows ? rows[s0 + i] : s0 + i) * K + k), d, a[i]);
-            }
-            for (int64_t i = 0; i < n_rows; i++) t[(s0 + i) * R + j] = _mm512_reduce_add_ps(a[i]);
-        }
-    }
-}
-
 /* y[rows[s]][n] (rows NULL: y[s][n]) += t[s][offset[n]..] . up[n] for the outputs n0..n1-1
    (multiples of 16). */
 TARGET static void update_add(const int64_t *rows, int64_t S, const bf16_update *u, const float *t, float *y, int64_t N,
@@ -362,18 +375,11 @@ TARGET static void update_add(const int64_t *rows, int64_t S, const bf16_update 
         for (int64_t s = 0; s < S; s++) {
             const float *tn = t + s * u->r_total + u->offset[n];
             __m512 a = _mm512_setzero_ps();
-            for (int64_t j = 0; j < u->rp; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(tn[j]), bf16_16(ut + j * 16), a);
+            for (int64_t j = 0; j < u->rp; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(tn[j]), lanes16(ut, j * 16, 1), a);
             float *yn = y + (rows ? rows[s] : s) * N + n;
             _mm512_storeu_ps(yn, _mm512_add_ps(_mm512_loadu_ps(yn), a));
         }
     }
-}
-
-/* This thread's share of i of k: [lo, hi) of `count` units of `unit` each. */
-static void share(int64_t count, int64_t unit, int i, int k, int64_t *lo, int64_t *hi) {
-    const int64_t per = (count + k - 1) / k;
-    *lo = i * per < count ? i * per * unit : count * unit;
-    *hi = (i + 1) * per < count ? (i + 1) * per * unit : count * unit;
 }
 
 /* y (M, N) += (x (M, K) @ down^T) . up at the rows where drafted[m] (a drafter's update at its
@@ -388,10 +394,8 @@ TARGET static void add_update(const float *x, const uint8_t *drafted, int64_t M,
     if (!S) return;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
+        team_down(x, rows, S, K, u->down, 1, u->r_total, t);
         int64_t lo, hi;
-        share(u->r_total, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        update_t(x, rows, S, K, u, t, lo, hi);
-#pragma omp barrier
         share(N / 16, 16, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         update_add(rows, S, u, t, y, N, lo, hi);
     }
@@ -414,8 +418,9 @@ TARGET static void add_update(const float *x, const uint8_t *drafted, int64_t M,
          nibble, of line 2L + 1 in its high one (lane j of line i: output j / 2, input 2i + j % 2).
      Q8: data (N / 16, K / 32, 16, 32) int8: line i, lane j as above.
      scales (N / 16, K / 32, 2, 16) float16: d, then m, of the tile's 16 outputs.
-   A low-rank update stays float32: t = x @ down^T first (down_product), then each output adds
-   t[offset..+rp] . up after the blocks, up_t (N / 16, rp, 16) (one offset per tile of 16). */
+   A low-rank update stays float32 (its weights float32 or bf16, as on the float32 path): t = x @
+   down^T first (rows_down, shared between the threads), then each output adds t[offset..+rp] . up
+   after the blocks, up_t (N / 16, rp, 16) (one offset per tile of 16). */
 
 #define SPLIT_ROWS 5
 
@@ -469,8 +474,9 @@ AMX_TARGET static void split_weights(const uint8_t *data, int64_t K, int64_t til
 
 typedef struct {
     const float *t;    /* this group's rows of x @ down^T (rows r_total apart), or NULL */
-    const float *up_t; /* this tile's (rp, 16) */
+    const void *up_t;  /* this tile's (rp, 16), float32 or (bf16) bf16 */
     int64_t r_total, offset, rp;
+    int bf16;
 } split_update;
 
 /* Rows 0..R-1 of a group (A lines a, sums sx), the 16 outputs of tile `tile` (B tiles b) into
@@ -518,13 +524,13 @@ AMX_TARGET INLINE void split_group(const uint16_t *a, const uint16_t *b, const u
     SPLIT_SCALE(chunks - 1, c + 256);
 #undef SPLIT_ISSUE
 #undef SPLIT_SCALE
-    for (int r = 0; r < R; r++) {
-        __m512 v = acc[r];
-        if (u->t)
-            for (int64_t j = 0; j < u->rp; j++)
-                v = _mm512_fmadd_ps(_mm512_set1_ps(u->t[r * u->r_total + u->offset + j]), _mm512_loadu_ps(u->up_t + 16 * j), v);
-        _mm512_storeu_ps(y + r * N + 16 * tile, v);
-    }
+    if (u->t)
+        for (int64_t j = 0; j < u->rp; j++) {
+            const __m512 w = lanes16(u->up_t, 16 * j, u->bf16);
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(u->t[r * u->r_total + u->offset + j]), w, acc[r]);
+        }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * N + 16 * tile, acc[r]);
 }
 
 AMX_TARGET static void split_group_any(const uint16_t *a, const uint16_t *b, const uint16_t *scales, const float *sx,
@@ -557,7 +563,8 @@ AMX_TARGET static void split_configure(int rows) {
 /* Tiles lo..hi-1 of 16 outputs, every group of rows (b: a scratch of 16 K bf16). */
 AMX_TARGET static void split_range(const uint16_t *a, const float *sx, const uint8_t *data, const uint16_t *scales, float *y,
                                    int64_t M, int64_t N, int64_t K, int64_t lo, int64_t hi, int q8, const float *t,
-                                   const float *up_t, const int32_t *offset, int64_t r_total, int64_t rp, uint16_t *b) {
+                                   const void *up_t, int lr_bf16, const int32_t *offset, int64_t r_total, int64_t rp,
+                                   uint16_t *b) {
     const int64_t chunks = K / 32, groups = (M + SPLIT_ROWS - 1) / SPLIT_ROWS;
     float c[512] __attribute__((aligned(64)));
     int64_t configured = 0;
@@ -566,8 +573,9 @@ AMX_TARGET static void split_range(const uint16_t *a, const float *sx, const uin
         for (int64_t g = 0; g < groups; g++) {
             const int64_t R = M - g * SPLIT_ROWS < SPLIT_ROWS ? M - g * SPLIT_ROWS : SPLIT_ROWS;
             if (R != configured) split_configure((int)(configured = R));
-            const split_update u = {t ? t + g * SPLIT_ROWS * r_total : 0, t ? up_t + tile * rp * 16 : 0, r_total,
-                                    t ? offset[16 * tile] : 0, rp};
+            const split_update u = {t ? t + g * SPLIT_ROWS * r_total : 0,
+                                    t ? (const char *)up_t + tile * rp * 16 * (lr_bf16 ? 2 : 4) : 0, r_total,
+                                    t ? offset[16 * tile] : 0, rp, lr_bf16};
             split_group_any(a + 3 * SPLIT_ROWS * g * K, b, scales, sx + g * SPLIT_ROWS * chunks, y + g * SPLIT_ROWS * N,
                             N, K, tile, (int)R, q8, &u, c);
         }
@@ -575,11 +583,11 @@ AMX_TARGET static void split_range(const uint16_t *a, const float *sx, const uin
     _tile_release();
 }
 
-/* y (M, N) = x @ W^T as above, plus the float32 update (down (r_total, K), up_t, offset, or
-   down NULL; t a scratch of M x r_total). N a multiple of 16, K of 64. */
+/* y (M, N) = x @ W^T as above, plus the float32 update (down (r_total, K), up_t, offset, in
+   float32 or (lr_bf16) bf16, or down NULL; t a scratch of M x r_total). N a multiple of 16, K of 64. */
 static void split_matmul(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t M, int64_t N,
-                         int64_t K, int q8, int threads, const float *down, const float *up_t, const int32_t *offset,
-                         int64_t r_total, int64_t rp, float *t, int *status) {
+                         int64_t K, int q8, int threads, const void *down, const void *up_t, int lr_bf16,
+                         const int32_t *offset, int64_t r_total, int64_t rp, float *t, int *status) {
     const int64_t chunks = K / 32, tiles = N / 16;
     uint16_t *a = aligned_alloc(64, sizeof(uint16_t) * 3 * M * K);
     float *sx = malloc(sizeof(float) * M * chunks);
@@ -588,11 +596,11 @@ static void split_matmul(const float *x, const uint8_t *data, const uint16_t *sc
         *status = -1;
         return;
     }
-    if (down) down_product(x, down, t, M, K, r_total);
     split_inputs(x, M, K, a, sx);
     const int parallel = threads > 1 && tiles >= 8;
 #pragma omp parallel num_threads(parallel ? threads : 1)
     {
+        if (down) team_down(x, 0, M, K, down, lr_bf16, r_total, t);
         int64_t lo, hi;
         share(tiles, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         uint16_t *b = aligned_alloc(64, sizeof(uint16_t) * 16 * K);
@@ -600,7 +608,7 @@ static void split_matmul(const float *x, const uint8_t *data, const uint16_t *sc
 #pragma omp atomic write
             *status = -1;
         } else if (lo < hi) {
-            split_range(a, sx, data, scales, y, M, N, K, lo, hi, q8, down ? t : 0, up_t, offset, r_total, rp, b);
+            split_range(a, sx, data, scales, y, M, N, K, lo, hi, q8, down ? t : 0, up_t, lr_bf16, offset, r_total, rp, b);
         }
         free(b);
     }
@@ -608,7 +616,7 @@ static void split_matmul(const float *x, const uint8_t *data, const uint16_t *sc
 }
 
 /* y (M, N) = x @ W^T in bf16 products (above), plus the update u (or NULL) in bf16: its t made
-   first (t: a scratch of M x u->r_total), then each thread adds it to its own outputs. */
+   first by the team (t: a scratch of M x u->r_total), then each thread adds it to its own outputs. */
 static void amx_matmul(const float *x, const uint8_t *data, const float *scales, float *y, int64_t M, int64_t N,
                        int64_t K, int q8, int threads, const bf16_update *u, float *t, int *status) {
     const int64_t groups = (M + 15) / 16, tiles = N / 16;
@@ -618,11 +626,11 @@ static void amx_matmul(const float *x, const uint8_t *data, const float *scales,
         return;
     }
     if (u && !u->down) u = 0;
-    if (u) update_t(x, 0, M, K, u, t, 0, u->r_total);
     amx_inputs(x, M, K, b);
     const int parallel = threads > 1 && tiles >= 8;
 #pragma omp parallel num_threads(parallel ? threads : 1)
     {
+        if (u) team_down(x, 0, M, K, u->down, 1, u->r_total, t);
         int64_t lo, hi;
         share(tiles, 16, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         uint16_t *a = aligned_alloc(64, sizeof(uint16_t) * 4 * 16 * K);
@@ -641,17 +649,19 @@ static void amx_matmul(const float *x, const uint8_t *data, const float *scales,
 /* kind 0: Q4, 1: Q8. K must be a multiple of 64; x, y contiguous. threads: how many OpenMP
    threads share the outputs (the caller passes torch's intra-op count: this library runs in
    torch's own OpenMP runtime, so they are the same pool). The low-rank update, where down is not
-   NULL: down (r_total, K), up (N, rp), offset (N,), t a scratch of (M, r_total) floats; amx 1: the
+   NULL: down (r_total, K), up (N, rp), offset (N,), down and up float32 or (lr_bf16) bf16, t a
+   scratch of (M, r_total) floats; amx 1: the
    products in bf16 on AMX (above; blocks_amx_init first), its update (upd, or NULL) in bf16 after
    them (t then a scratch of M x upd->r_total); amx 2: float32-accurate products on AMX, data and
    scales (float16) in their own layout and up by tiles (split_matmul). Returns 0, or -1 where
    memory ran out. */
 int blocks_matmul(const float *x, const uint8_t *data, const void *scales, float *y, int64_t M,
-                  int64_t N, int64_t K, int kind, int threads, const float *down, const float *up,
-                  const int32_t *offset, int64_t r_total, int64_t rp, float *t, int amx, const bf16_update *upd) {
+                  int64_t N, int64_t K, int kind, int threads, const void *down, const void *up,
+                  const int32_t *offset, int64_t r_total, int64_t rp, int lr_bf16, float *t, int amx,
+                  const bf16_update *upd) {
     if (amx == 2) {
         int status = 0;
-        split_matmul(x, data, scales, y, M, N, K, kind, threads, down, up, offset, r_total, rp, t, &status);
+        split_matmul(x, data, scales, y, M, N, K, kind, threads, down, up, lr_bf16, offset, r_total, rp, t, &status);
         return status;
     }
     if (amx) {
@@ -659,18 +669,19 @@ int blocks_matmul(const float *x, const uint8_t *data, const void *scales, float
         amx_matmul(x, data, scales, y, M, N, K, kind, threads, upd, t, &status);
         return status;
     }
-    low_rank update = {t, up, offset, r_total, rp};
+    low_rank update = {t, up, offset, r_total, rp, lr_bf16};
     const low_rank *lr = down ? &update : 0;
-    if (lr) down_product(x, down, t, M, K, r_total);
     if (threads > 1 && N >= 64 && M * N * K >= (int64_t)1 << 17) {
 #pragma omp parallel num_threads(threads)
         {
+            if (lr) team_down(x, 0, M, K, down, lr_bf16, r_total, t);
             const int i = omp_get_thread_num(), k = omp_get_num_threads();
             const int64_t per = ((N + k - 1) / k + 3) / 4 * 4;
             const int64_t a = i * per, b = a + per < N ? a + per : N;
             if (a < b) range(x, data, scales, y, M, N, K, a, b, kind, lr);
         }
     } else {
+        if (lr) rows_down(x, 0, M, K, down, lr_bf16, r_total, t, 0, r_total);
         range(x, data, scales, y, M, N, K, 0, N, kind, lr);
     }
     return 0;
@@ -689,9 +700,9 @@ typedef struct {
     const uint8_t *data;
     const void *scales; /* float32; split products (amx 2): float16 */
     int64_t n, k, kind;
-    const float *down, *up;
+    const void *down, *up; /* float32, or bf16 where lr_bf16 */
     const int32_t *offset;
-    int64_t r_total, rp;
+    int64_t r_total, rp, lr_bf16;
     const float *bias; /* (n,) or NULL */
     int64_t amx;       /* 1: the products in bf16 on AMX, the update in upd; 2: float32-accurate on AMX (blocks_matmul) */
     bf16_update upd;
@@ -708,7 +719,7 @@ typedef struct {
 
 static int project(const float *x, const block_weight *w, float *y, int64_t M, int threads, float *t) {
     const int status = blocks_matmul(x, w->data, w->scales, y, M, w->n, w->k, (int)w->kind, threads, w->down, w->up,
-                                     w->offset, w->r_total, w->rp, t, (int)w->amx, &w->upd);
+                                     w->offset, w->r_total, w->rp, (int)w->lr_bf16, t, (int)w->amx, &w->upd);
     if (w->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < w->n; j++) y[m * w->n + j] += w->bias[j];

@@ -114,8 +114,8 @@ def _load() -> ctypes.CDLL | None:
             _reason = "this CPU has no AVX-512 (F and BW), which the float32 block kernel needs"
             return None
         lib.blocks_matmul.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
-                                      + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int,
-                                                                                        ctypes.c_void_p])
+                                      + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+                                      + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p])
         lib.blocks_matmul.restype = ctypes.c_int
         lib.blocks_amx_init.restype = ctypes.c_int
         lib.blocks_forward.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
@@ -178,17 +178,22 @@ class _CBf16Update(ctypes.Structure):
 class LowRank:
     """An update W + up @ down, unmerged, in the kernel's layout: output n adds
     t[offset[n] : offset[n] + rank] . up[n], where t = x @ down^T (fused projections keep their
-    own slices of t); the rank is padded with zeros to a multiple of 16."""
+    own slices of t); the rank is padded with zeros to a multiple of 16. down and up are kept in
+    bf16 where every value of both is a bf16 number (a fine-tune saved in bf16, dlm.adapter), else
+    in float32: the kernel reads the same float32 numbers either way, bf16 at half the bytes (an
+    update is read at every forward)."""
 
-    down: Tensor  # (R_total, K) float32
-    up: Tensor  # (N, rank) float32
+    down: Tensor  # (R_total, K) float32 or bfloat16
+    up: Tensor  # (N, rank), down's dtype
     offset: Tensor  # (N,) int32
 
     @classmethod
     def of(cls, down: Tensor, up: Tensor) -> LowRank:
         rank = -(-down.shape[0] // 16) * 16
-        return cls(F.pad(down.detach().float(), (0, 0, 0, rank - down.shape[0])).contiguous(),
-                   F.pad(up.detach().float(), (0, rank - up.shape[1])).contiguous(),
+        down, up = down.detach().float(), up.detach().float()
+        if all(torch.equal(t.to(torch.bfloat16).float(), t) for t in (down, up)):
+            down, up = down.to(torch.bfloat16), up.to(torch.bfloat16)
+        return cls(F.pad(down, (0, 0, 0, rank - down.shape[0])).contiguous(), F.pad(up, (0, rank - up.shape[1])).contiguous(),
                    torch.zeros(up.shape[0], dtype=torch.int32))
 
     @staticmethod
@@ -200,16 +205,17 @@ class LowRank:
         if not updates:
             return None
         rank = max(u.rank for u in updates)
+        dtype = torch.bfloat16 if all(u.down.dtype == torch.bfloat16 for u in updates) else torch.float32
         downs, ups, offsets, base = [], [], [], 0
         for u, n in zip(parts, out_features, strict=True):
             if u is None:
-                ups.append(torch.zeros(n, rank))
+                ups.append(torch.zeros(n, rank, dtype=dtype))
                 offsets.append(torch.zeros(n, dtype=torch.int32))
                 continue
             if u.rank < rank and u.down.shape[0] != u.rank:
                 raise ValueError("fused block weights of several ranks: fuse the single projections")
-            downs.append(F.pad(u.down, (0, 0, 0, rank - u.rank)))  # a single part's down: rank rows
-            ups.append(F.pad(u.up, (0, rank - u.rank)))
+            downs.append(F.pad(u.down.to(dtype), (0, 0, 0, rank - u.rank)))  # a single part's down: rank rows
+            ups.append(F.pad(u.up.to(dtype), (0, rank - u.rank)))
             offsets.append(u.offset + base)
             base += downs[-1].shape[0]
         return LowRank(torch.cat(downs).contiguous(), torch.cat(ups).contiguous(), torch.cat(offsets))
@@ -218,9 +224,10 @@ class LowRank:
     def rank(self) -> int:
         return self.up.shape[1]
 
-    def kernel_args(self) -> tuple[int, int, int, int, int]:
-        """(down, up, offset pointers, rows of down, rank): the kernel's view of the update."""
-        return self.down.data_ptr(), self.up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank
+    def kernel_args(self) -> tuple[int, int, int, int, int, int]:
+        """(down, up, offset pointers, rows of down, rank, 1 where bf16): the kernel's view of the update."""
+        return (self.down.data_ptr(), self.up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank,
+                int(self.down.dtype == torch.bfloat16))
 
     def _up_by_tiles(self, what: str) -> Tensor:
         """up by tiles of 16 outputs, transposed: (N / 16, rank, 16). ValueError where a tile of
@@ -246,10 +253,11 @@ class LowRank:
     def _split_up(self) -> Tensor:
         return self._up_by_tiles("beside split products").contiguous()
 
-    def split_args(self) -> tuple[int, int, int, int, int]:
-        """`kernel_args` for split products (dlm/blocks.c: up by tiles of 16 outputs, transposed,
-        float32); ValueError: see `_up_by_tiles`."""
-        return self.down.data_ptr(), self._split_up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank
+    def split_args(self) -> tuple[int, int, int, int, int, int]:
+        """`kernel_args` for split products (dlm/blocks.c: up by tiles of 16 outputs, transposed);
+        ValueError: see `_up_by_tiles`."""
+        return (self.down.data_ptr(), self._split_up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank,
+                int(self.down.dtype == torch.bfloat16))
 
     @property
     def nbytes(self) -> int:
@@ -380,7 +388,8 @@ class _CWeight(ctypes.Structure):
 
     _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("kind", ctypes.c_int64), ("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("bias", ctypes.c_void_p), ("amx", ctypes.c_int64),
+                ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("lr_bf16", ctypes.c_int64), ("bias", ctypes.c_void_p),
+                ("amx", ctypes.c_int64),
                 ("upd", _CBf16Update)]
 
 
@@ -395,7 +404,7 @@ def _f32_update(weight: BlockWeight) -> tuple[int | None, ...]:
     """The kernel's float32 update arguments (none where there is no update or it runs in bf16)."""
     u = weight.low_rank
     if u is None or weight.amx == AMX_BF16:
-        return None, None, None, 0, 0
+        return None, None, None, 0, 0, 0
     return u.split_args() if weight.amx == AMX_SPLIT else u.kernel_args()
 
 

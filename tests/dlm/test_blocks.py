@@ -180,6 +180,37 @@ def test_split_products_are_float32_accurate_and_a_rows_bits_are_its_own(kind):
 
 
 @needs_kernel
+@pytest.mark.parametrize("products", ["float32", pytest.param("split", marks=needs_amx)])
+def test_an_update_of_bf16_numbers_is_kept_in_bf16_and_gives_the_same_bits(products):
+    """A fine-tune saved in bf16 is read at half the bytes: LowRank keeps down and up in bf16 where
+    every value is a bf16 number, and the kernel gives, bit for bit, what the same numbers held in
+    float32 give (its t shared between the threads: a row's bits whatever the threads or rows);
+    an update with any other value stays float32."""
+    from dlm.blocks import LowRank
+
+    k = 192
+    parts = [_random_blocks("q4", size, k, seed)[0] for size, seed in ((160, 21), (48, 22))]
+    g = torch.Generator().manual_seed(23)
+    down = torch.randn(12, k, generator=g).to(torch.bfloat16).float()
+    up = (torch.randn(48, 12, generator=g) * 0.05).to(torch.bfloat16).float()
+    fused = BlockWeight.cat([parts[0], parts[1].with_low_rank(down, up)])
+    u = fused.low_rank
+    assert u.down.dtype == u.up.dtype == torch.bfloat16
+    held_in_float32 = BlockWeight(fused.kind, fused.data, fused.scales, fused.in_features,
+                                  LowRank(u.down.float(), u.up.float(), u.offset))
+    if products == "split":
+        fused, held_in_float32 = fused.split(), held_in_float32.split()
+    x = torch.randn(13, k)
+    y = fused(x)
+    assert torch.equal(y, held_in_float32(x))
+    for rows in (1, 4, 5, 8, 9):
+        assert torch.equal(fused(x[:rows]), y[:rows]), rows
+    with _one_thread():
+        assert torch.equal(fused(x), y)
+    assert parts[1].with_low_rank(down + 1e-4, up).low_rank.down.dtype == torch.float32
+
+
+@needs_kernel
 def test_fused_parts_and_a_low_rank_update():
     parts = [BlockWeight.q4(*_q4(n, 128, seed=10 + n)) for n in (64, 40, 40)]
     x = torch.randn(6, 128)
