@@ -292,6 +292,19 @@ class BlockWeight:
         _, k = _check_shape(q, scale)
         return cls(1, q.to(torch.int8).contiguous(), scale.float().contiguous(), k)
 
+    @classmethod
+    def quantize_q8(cls, weight: Tensor) -> BlockWeight:
+        """A float weight (N, K) rounded to Q8_0 blocks as a GGUF writer rounds it: for each 32
+        inputs of an output a float16 scale d = max |w| / 127, q = round(w / d)."""
+        w = weight.detach().float()
+        n, k = w.shape
+        if k % 32:
+            raise ValueError(f"Q8 blocks need inputs in multiples of 32, not {k}")
+        blocks = w.view(n, k // 32, 32)
+        d = (blocks.abs().amax(-1) / 127).half().float()
+        q = torch.where(d[..., None] > 0, torch.round(blocks / d[..., None].clamp_min(1e-30)), 0).clamp(-128, 127)
+        return cls.q8(q.view(n, k), d)
+
     @property
     def out_features(self) -> int:
         return self.data.shape[0] * (16 if self.amx == AMX_SPLIT else 1)  # split: tiles of 16 outputs

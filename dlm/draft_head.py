@@ -33,8 +33,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dlm.blocks import BlockLayers
 from dlm.config import ModelConfig
-from dlm.model import DecoderLayer, Linear, Projection, RMSNorm, Transformer, can_pack_linears
+from dlm.model import (
+    BlockProjection,
+    DecoderLayer,
+    Linear,
+    Projection,
+    RMSNorm,
+    Transformer,
+    can_pack_linears,
+)
 
 __all__ = ["DRAFT_HEAD_FORMAT", "DraftHead", "DraftHeadConfig"]
 
@@ -66,7 +75,8 @@ class DraftHead(nn.Module):
         self._embed: Tensor | None = None  # the base's input embedding (attach)
         self._head: Tensor | None = None  # its output embedding at `vocab` (attach)
         self._rope: tuple[Tensor, Tensor] | None = None
-        self._packed_head: Projection | None = None  # `pack()`
+        self._packed_head: Projection | BlockProjection | None = None  # `pack()`, `use_blocks()`
+        self._block_layers: BlockLayers | None = None  # `use_blocks()`
 
     @property
     def n_slots(self) -> int:
@@ -96,6 +106,46 @@ class DraftHead(nn.Module):
         self._packed_head = Projection(self._head.to(torch.bfloat16), None)
         return True
 
+    def use_blocks(self) -> bool:
+        """For inference on a CPU where the block kernel runs (dlm.blocks): the head's weights
+        rounded to Q8 blocks (as a GGUF's Q8_0: a float16 scale per 32 weights), half the bytes of
+        bf16 (they are read at every step), products float32-accurate on AMX where it runs
+        (`BlockWeight.split`), float32 elsewhere, and both layers in one C call (`BlockLayers`,
+        over a scratch cache of the pass's positions) instead of some forty torch operations. A
+        draft moves only as much as that rounding moves it; the verifier decides every token.
+        False (nothing done) where the kernel or the fused forward does not run here. Call after
+        `attach`, on a float32 head."""
+        from dlm import blocks
+        from dlm.blocks import BlockLayers, BlockWeight, LayerWeights
+
+        c = self.model_config
+        if (self._head is None or self._head.device.type != "cpu" or self.fuse.weight.dtype != torch.float32
+                or c.qk_norm or blocks.available() is not None
+                or any(k % blocks.UNIT for k in (c.dim, c.n_heads * c.head_dim, c.intermediate_size))
+                or BlockLayers.supported(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size) is not None):
+            return False
+        amx = blocks.amx_available() is None
+
+        def q8(*weights: Tensor) -> BlockWeight:
+            weight = BlockWeight.quantize_q8(torch.cat([w.detach() for w in weights]))
+            return weight.split() if amx else weight
+
+        layers = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            layers.append(LayerWeights(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                       q8(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight), bias,
+                                       q8(attn.o_proj.weight), q8(mlp.gate_proj.weight, mlp.up_proj.weight),
+                                       q8(mlp.down_proj.weight)))
+        self._block_layers = BlockLayers(layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+                                         eps=c.norm_eps)
+        self.fuse.proj = BlockProjection(q8(self.fuse.weight), None)
+        rows = -len(self._head) % 16  # AMX tiles hold 16 outputs: zero rows, sliced off
+        self._packed_head = BlockProjection(q8(torch.cat([self._head, self._head.new_zeros(rows, self._head.shape[1])])),
+                                            None)
+        return True
+
     def init_from(self, model: Transformer) -> None:
         """A starting point for training: the base's final norm, the fused input averaging the
         feature and the token's embedding, every slot the mean embedding; the layers keep their
@@ -123,12 +173,31 @@ class DraftHead(nn.Module):
         # The context causally (it never sees the slots); the slots: the whole context and block.
         causal = ((keys[None, :] < W) & (keys[:, None] >= keys[None, :])) | (keys[:, None] >= W)
         mask = (causal[None] & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)[None]
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask[:, None], None)
+        if self._block_layers is not None and not torch.is_grad_enabled():
+            x = self._through_blocks(x, mask)
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask[:, None], None)
         out = self.norm(x[:, W:])
         if self._packed_head is not None and not torch.is_grad_enabled():
-            return self._packed_head(out, 0).float()
+            return self._packed_head(out, 0)[..., : len(self.vocab)].float()
         return (out @ self._head.to(x.dtype).T).float()  # (B, n, V')
+
+    def _through_blocks(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, T, D) through the layers in one `BlockLayers` call: each pass's positions 0..T-1
+        in a cache row of its own (a scratch cache: every position's K/V are written before any
+        attends, so the slots see each other as the mask says)."""
+        B, T, D = x.shape
+        c = self.model_config
+        rows = x.reshape(B * T, D).float().contiguous()
+        cos, sin = (table[:T, 0].repeat(B, 1).contiguous() for table in self._rope)
+        k_cache = torch.empty(len(self.layers), B, T, c.n_kv_heads, c.head_dim)
+        v_cache = torch.empty_like(k_cache)
+        cache_rows = torch.arange(B).repeat_interleave(T)
+        writes = torch.arange(T).repeat(B)
+        self._block_layers(rows, cos, sin, k_cache, v_cache, cache_rows, writes,
+                           mask.reshape(B * T, T).to(torch.uint8).contiguous())
+        return rows.view(B, T, D)
 
     def draft_ids(self, index: Tensor) -> Tensor:
         """Indices into the head's vocabulary -> token ids."""

@@ -192,8 +192,9 @@ def read_drafter_meta(path: str | Path) -> dict[str, Any]:
 
 def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> Drafter | DraftHead:
     """The drafter in `path` for `loaded` (a dlm.checkpoints.LoadedModel): mask slots (Drafter) or
-    a draft head (attached to the model, and packed: `DraftHead.pack`), whichever the file holds,
-    in float32 on the model's device (a draft head in packed bf16 where that applies). Raises
+    a draft head (attached to the model, and on Q8 blocks, `DraftHead.use_blocks`, or packed,
+    `DraftHead.pack`, where either applies), whichever the file holds, in float32 on the model's
+    device (a draft head in packed bf16 where that is what applies). Raises
     DrafterError naming both files where the file is damaged or was made for another base
     (fingerprint, layers, width, vocabulary) or another adapter of it (`check_base=False`: the
     shapes only, for a drafter to start training from)."""
@@ -220,7 +221,10 @@ def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> D
     drafter = drafter.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     if isinstance(drafter, DraftHead):
         drafter.attach(loaded.model)
-        drafter.pack()  # bf16 on packed weights where oneDNN has bf16: 3x faster in an engine's thread
+        # Q8 blocks in one C call where the kernel runs, else bf16 on packed weights where oneDNN
+        # has bf16: each several times faster in an engine's thread than float32 torch ops
+        if not drafter.use_blocks():
+            drafter.pack()
     return drafter
 
 

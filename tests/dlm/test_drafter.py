@@ -11,6 +11,7 @@ import torch
 from dlm_tiny_models import random_loaded
 from safetensors.torch import save_file
 
+import dlm.blocks
 from dlm.adapt.data import Example
 from dlm.adapt.draft import DraftTrainConfig, evaluate_drafter, train_drafter
 from dlm.adapt.head import HeadTrainConfig, evaluate_head, train_head
@@ -171,6 +172,39 @@ def test_a_draft_head_file_round_trips_and_is_checked_like_a_drafter(base, tmp_p
     bad = _head(base, [3, 7, 40, base.config.vocab_size + 5])
     with pytest.raises(DrafterError, match="outside the vocabulary"):
         load_drafter(save_drafter(tmp_path / "bad.safetensors", bad, base.path), base)
+
+
+@pytest.mark.skipif(dlm.blocks.available() is not None, reason=f"block kernel unavailable: {dlm.blocks.available()}")
+def test_a_draft_head_on_q8_blocks_drafts_what_its_float32_layers_draft(tmp_path):
+    """DraftHead.use_blocks: the head's weights rounded to Q8 blocks, its layers in one C call:
+    scores within that rounding of the float32 head's, padding pairs still nobody's keys, each pass
+    of a batch computed as alone; load_drafter runs a head on blocks where the kernel runs."""
+    loaded = random_loaded("causal", seed=4, block_size=1, dim=64, n_heads=4, n_kv_heads=2, intermediate_size=128)
+    loaded.path = tmp_path / "base.gguf"
+    loaded.path.write_bytes(b"tiny base weights")
+    vocab = list(range(0, 60, 3))
+    head = _head(loaded, vocab)
+    head.attach(loaded.model)
+    g = torch.Generator().manual_seed(5)
+    feats, tokens = torch.randn(3, 3, 64, generator=g), torch.randint(0, 60, (3, 3), generator=g)
+    valid = torch.tensor([3, 1, 2])
+    changed = feats.clone()
+    changed[1, :2] = 9.0
+    with torch.no_grad():
+        plain = head(feats, tokens, valid, 3)
+        assert head.use_blocks()
+        on_blocks = head(feats, tokens, valid, 3)
+        alone = head(feats[1:2], tokens[1:2], valid[1:2], 3)
+        again = head(changed, tokens, valid, 3)
+    error = (on_blocks - plain).abs().max()
+    assert 0 < error < 0.03 * plain.abs().max()  # other weights (Q8), within their rounding
+    assert torch.equal(alone[0], on_blocks[1])
+    assert torch.equal(again[1], on_blocks[1])
+    back = load_drafter(save_drafter(tmp_path / "h.safetensors", _head(loaded, vocab), loaded.path, dtype=torch.float32),
+                        loaded)
+    assert back._block_layers is not None and back.fuse.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(back(feats, tokens, valid, 3), on_blocks)
 
 
 def test_a_draft_head_learns_from_the_bases_hidden_states_and_resumes(base, tmp_path):
