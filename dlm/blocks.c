@@ -218,12 +218,16 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
+/* ldtilecfg of the whole 64-byte configuration. (GCC 12's _tile_loadconfig tells the compiler it
+   reads 8 bytes, which lets it drop the stores of the rest as dead: a configuration of garbage.) */
+static inline void load_tile_config(const tile_config *cfg) { __asm__ volatile("ldtilecfg %0" ::"m"(*cfg)); }
+
 AMX_TARGET static void amx_configure(void) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int i = 0; i < 7; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
-    _tile_loadconfig(&cfg);
+    load_tile_config(&cfg);
 }
 
 /* The B tiles of rows 0..M-1: for each group of 16 rows and block c of 32 inputs, 16 lines of 16
@@ -422,7 +426,7 @@ TARGET static void add_update(const float *x, const uint8_t *drafted, int64_t M,
    down^T first (rows_down, shared between the threads), then each output adds t[offset..+rp] . up
    after the blocks, up_t (N / 16, rp, 16) (one offset per tile of 16). */
 
-#define SPLIT_ROWS 5
+#define SPLIT_ROWS 16 /* rows per group, a tile's 16 lines (with 5, a verifying forward of 6 rows ran two groups) */
 
 /* The A lines of rows 0..M-1, K bf16 each: group g (rows SPLIT_ROWS g ..., R of them) starts at
    line 3 SPLIT_ROWS g, part p of its row r at line p R + r from there (so part p's A tile is R
@@ -547,6 +551,17 @@ AMX_TARGET static void split_group_any(const uint16_t *a, const uint16_t *b, con
         SPLIT_CASE(3)
         SPLIT_CASE(4)
         SPLIT_CASE(5)
+        SPLIT_CASE(6)
+        SPLIT_CASE(7)
+        SPLIT_CASE(8)
+        SPLIT_CASE(9)
+        SPLIT_CASE(10)
+        SPLIT_CASE(11)
+        SPLIT_CASE(12)
+        SPLIT_CASE(13)
+        SPLIT_CASE(14)
+        SPLIT_CASE(15)
+        SPLIT_CASE(16)
     }
 #undef SPLIT_CASE
 }
@@ -557,7 +572,7 @@ AMX_TARGET static void split_configure(int rows) {
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int i = 0; i < 7; i++) cfg.rows[i] = i == 4 || i == 5 ? 16 : rows, cfg.colsb[i] = 64;
-    _tile_loadconfig(&cfg);
+    load_tile_config(&cfg);
 }
 
 /* Tiles lo..hi-1 of 16 outputs, every group of rows (b: a scratch of 16 K bf16). */

@@ -141,7 +141,7 @@ def test_bf16_products_round_weights_and_inputs_and_a_rows_bits_are_its_own(kind
 def test_split_products_are_float32_accurate_and_a_rows_bits_are_its_own(kind):
     """BlockWeight.split (AMX): inputs split into three bf16 parts, the blocks' integers exact, so
     the result is as close to the exact product as the float32 path's (not bf16's); a row's bits
-    whatever the other rows (groups of 5 rows, several groups) or the thread count; a float32
+    whatever the other rows (groups of 16 rows, several groups) or the thread count; a float32
     low-rank update, also across fused parts inside a tile of 16 outputs."""
     n, k = 176, 192
     if kind == "q4_0":
