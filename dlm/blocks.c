@@ -488,7 +488,7 @@ typedef struct {
    scaled. c: 2 x 256 floats, aligned. */
 AMX_TARGET INLINE void split_group(const uint16_t *a, const uint16_t *b, const uint16_t *scales, const float *sx,
                                    float *y, int64_t N, int64_t K, int64_t tile, const int R, const int q8,
-                                   const split_update *u, float *c) {
+                                   const split_update *u, const uint8_t *next, const uint16_t *next_scales, float *c) {
     const int64_t chunks = K / 32, stride = 2 * K;
     const uint16_t *s = scales + tile * chunks * 32;
     __m512 acc[SPLIT_ROWS];
@@ -518,6 +518,11 @@ AMX_TARGET INLINE void split_group(const uint16_t *a, const uint16_t *b, const u
        to the loads right behind it). */
     SPLIT_ISSUE(0, 4, 0);
     for (int64_t ch = 0; ch < chunks; ch += 2) {
+        if (next) { /* the next tile's blocks of these two chunks, towards L2, while the tiles work */
+            for (int i = 0; i < (q8 ? 16 : 8); i++) _mm_prefetch((const char *)next + ch * (q8 ? 512 : 256) + 64 * i, _MM_HINT_T1);
+            _mm_prefetch((const char *)(next_scales + ch * 32), _MM_HINT_T1);
+            _mm_prefetch((const char *)(next_scales + ch * 32 + 32), _MM_HINT_T1);
+        }
         SPLIT_ISSUE(1, 5, ch + 1);
         _tile_stored(0, c, 64);
         if (ch) SPLIT_SCALE(ch - 1, c + 256);
@@ -539,11 +544,12 @@ AMX_TARGET INLINE void split_group(const uint16_t *a, const uint16_t *b, const u
 
 AMX_TARGET static void split_group_any(const uint16_t *a, const uint16_t *b, const uint16_t *scales, const float *sx,
                                        float *y, int64_t N, int64_t K, int64_t tile, int R, int q8,
-                                       const split_update *u, float *c) {
+                                       const split_update *u, const uint8_t *next, const uint16_t *next_scales,
+                                       float *c) {
 #define SPLIT_CASE(n)                                                                                      \
     case n:                                                                                                \
-        if (q8) split_group(a, b, scales, sx, y, N, K, tile, n, 1, u, c);                                  \
-        else split_group(a, b, scales, sx, y, N, K, tile, n, 0, u, c);                                     \
+        if (q8) split_group(a, b, scales, sx, y, N, K, tile, n, 1, u, next, next_scales, c);               \
+        else split_group(a, b, scales, sx, y, N, K, tile, n, 0, u, next, next_scales, c);                  \
         break;
     switch (R) {
         SPLIT_CASE(1)
@@ -591,8 +597,10 @@ AMX_TARGET static void split_range(const uint16_t *a, const float *sx, const uin
             const split_update u = {t ? t + g * SPLIT_ROWS * r_total : 0,
                                     t ? (const char *)up_t + tile * rp * 16 * (lr_bf16 ? 2 : 4) : 0, r_total,
                                     t ? offset[16 * tile] : 0, rp, lr_bf16};
+            const int ahead = g == 0 && tile + 1 < hi;
             split_group_any(a + 3 * SPLIT_ROWS * g * K, b, scales, sx + g * SPLIT_ROWS * chunks, y + g * SPLIT_ROWS * N,
-                            N, K, tile, (int)R, q8, &u, c);
+                            N, K, tile, (int)R, q8, &u, ahead ? data + (tile + 1) * chunks * (q8 ? 512 : 256) : 0,
+                            ahead ? scales + (tile + 1) * chunks * 32 : 0, c);
         }
     }
     _tile_release();
