@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dlm.blocks import BlockLayers
+from dlm.blocks import UNIT, BlockLayers, BlockWeight, LayerWeights, amx_available, available
 from dlm.config import ModelConfig
 from dlm.model import (
     BlockProjection,
@@ -115,16 +115,13 @@ class DraftHead(nn.Module):
         draft moves only as much as that rounding moves it; the verifier decides every token.
         False (nothing done) where the kernel or the fused forward does not run here. Call after
         `attach`, on a float32 head."""
-        from dlm import blocks
-        from dlm.blocks import BlockLayers, BlockWeight, LayerWeights
-
         c = self.model_config
         if (self._head is None or self._head.device.type != "cpu" or self.fuse.weight.dtype != torch.float32
-                or c.qk_norm or blocks.available() is not None
-                or any(k % blocks.UNIT for k in (c.dim, c.n_heads * c.head_dim, c.intermediate_size))
+                or c.qk_norm or available() is not None
+                or any(k % UNIT for k in (c.dim, c.n_heads * c.head_dim, c.intermediate_size))
                 or BlockLayers.supported(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size) is not None):
             return False
-        amx = blocks.amx_available() is None
+        amx = amx_available() is None
 
         def q8(*weights: Tensor) -> BlockWeight:
             weight = BlockWeight.quantize_q8(torch.cat([w.detach() for w in weights]))
