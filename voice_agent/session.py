@@ -697,15 +697,15 @@ class Session:
             self._echo_turn = turn
 
     async def close(self) -> None:
-        """End the call: cancel the tasks, record the unfinished turn. Idempotent; safe to cancel
-        (the store write is handed to the sink synchronously)."""
+        """End the call: cancel the tasks (its ASR decodes too), record the unfinished turn.
+        Idempotent; safe to cancel (the store write is handed to the sink synchronously)."""
         if self._closed:
             return
         self._closed = True
         if self._speculation is not None:
             self._speculation.run.cancel()
             self._speculation = None
-        self._asr.reset()
+        decodes = self._asr.close()
         turn = self._reply_turn
         if turn is not None:
             self._stop_reply(turn)
@@ -716,7 +716,7 @@ class Session:
             run.cancel()
         # Before any await: a close cancelled there must not leave the call's jobs counted.
         self.services.share.leave(self.call_id)
-        await asyncio.gather(*self._tasks, *(run.task for run in list(self._runs)), return_exceptions=True)
+        await asyncio.gather(*self._tasks, *(run.task for run in list(self._runs)), *decodes, return_exceptions=True)
         # Whatever the client still holds for this call (nothing, unless a stream was lost).
         self.services.llm.abort_owner(self.call_id)
         self.outbox.close()

@@ -20,7 +20,9 @@ Contract:
   the same speech at their priority or above, reuse it where it covers the speech, and decode
   otherwise at their own priority (two hypotheses of one pause share one decode). Cancelling a
   caller of these methods never cancels a decode that has started: its result still serves the
-  next request of the call.
+  next request of the call. `close()` (the call is over) cancels every decode of the call, queued
+  or running, and returns their tasks to await: none outlives the call (a running decode's thread
+  finishes on its own, unread; the services release the model when it does).
   (StreamingTranscriber itself cannot be used here: it decides inside `partial()` whether to
   decode, and decodes synchronously, so a priority could not be applied before the model runs.)
 """
@@ -135,6 +137,7 @@ class TranscriptStream:
     def __init__(self, transcribe: TranscribeFn) -> None:
         self._transcribe = transcribe
         self._job: _Job | None = None
+        self._decodes: set[asyncio.Task[str]] = set()  # every decode task of the call not yet done
         self._last: tuple[np.ndarray, str] | None = None  # the newest decode of this utterance
         self._epoch = 0  # bumped per utterance: a late decode of the previous one is not reused
         self.decodes = 0  # decodes started (for tests and benchmarks)
@@ -188,6 +191,15 @@ class TranscriptStream:
         if self._job is not None and not self._job.started:
             self._job.task.cancel()
 
+    def close(self) -> list[asyncio.Task[str]]:
+        """The call is over: cancel its decodes, queued or running (see the module docstring);
+        their tasks, to await."""
+        tasks = list(self._decodes)
+        for task in tasks:
+            task.cancel()
+        self.reset()
+        return tasks
+
     def reset(self) -> None:
         """Start a new utterance (a queued decode is dropped; a running one is not reused)."""
         self.drop_queued()
@@ -213,5 +225,7 @@ class TranscriptStream:
         # A failure is the requester's to report; a job nobody awaits any more must not log
         # "exception was never retrieved".
         job.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._decodes.add(job.task)
+        job.task.add_done_callback(self._decodes.discard)
         self._job = job
         return job

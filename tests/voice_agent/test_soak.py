@@ -26,6 +26,7 @@ from va_server import (
     recv_until,
     resources,
     running,
+    settled,
     text_session,
     text_turn,
     twilio_media,
@@ -106,7 +107,7 @@ def test_soak_turns_over_concurrent_calls():
             per_call = -(-TURNS // CALLS)
             await asyncio.gather(*(caller(server, per_call, done) for _ in range(CALLS)))
             elapsed_s = time.monotonic() - t0
-            after = await resources()
+            after = await settled(before)
             assert len(done) == per_call * CALLS
             assert server.metrics.calls_active == 0 and server.sessions == {}
             assert server.metrics.turns_total["failed"] == 0
@@ -117,7 +118,7 @@ def test_soak_turns_over_concurrent_calls():
                 f"fds {before.fds} -> {after.fds}; turns by status {dict(server.metrics.turns_total)}"
             )
             assert growth < MAX_RSS_GROWTH_MB
-            assert after.tasks <= before.tasks
+            assert after.tasks <= before.tasks, (before.task_names, after.task_names)
             assert after.threads <= before.threads, (before.thread_names, after.thread_names)
             assert after.pool_threads <= POOL_MAX_THREADS
             assert after.fds <= before.fds
@@ -176,13 +177,13 @@ def test_connection_churn_leaks_nothing():
                 await one_cycle(server, i)
             await _drained(server)
             elapsed_s = time.monotonic() - t0
-            after = await resources()
+            after = await settled(before)
             print(
                 f"\nchurn: {CYCLES} connect/disconnect cycles in {elapsed_s:.1f} s; RSS {before.rss_mb:.1f} -> {after.rss_mb:.1f} MB; "
                 f"tasks {before.tasks} -> {after.tasks}; threads {before.threads} -> {after.threads}; fds {before.fds} -> {after.fds}"
             )
             assert server.metrics.calls_active == 0 and server.sessions == {}
-            assert after.tasks <= before.tasks and after.fds <= before.fds
+            assert after.tasks <= before.tasks and after.fds <= before.fds, (before.task_names, after.task_names)
             assert after.threads <= before.threads, (before.thread_names, after.thread_names)
             assert after.pool_threads <= POOL_MAX_THREADS
             assert after.rss_mb - before.rss_mb < MAX_RSS_GROWTH_MB

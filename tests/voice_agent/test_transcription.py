@@ -129,6 +129,32 @@ def test_stream_reuses_a_covering_decode_and_waits_for_a_running_one():
     run(main())
 
 
+def test_closing_the_stream_cancels_its_decodes_running_and_queued():
+    """A call that hangs up mid-decode leaves no decode task behind: the running one (here of an
+    earlier utterance, which `reset` lets run on) and the queued one are both cancelled, and
+    the model is free again."""
+    async def main():
+        services = SlowAsr()
+        stream = TranscriptStream(services.transcribe)
+        running = asyncio.create_task(stream.partial(bursts(2)))
+        await settle()
+        assert stream.running is PARTIAL
+        stream.reset()  # the next utterance: the running decode of this one goes on
+        queued = asyncio.create_task(stream.partial(bursts(1)))
+        await settle()
+        assert stream.busy and stream.running is None  # queued behind the running decode
+        decodes = stream.close()
+        assert len(decodes) == 2
+        async with asyncio.timeout(5):  # (a decode left running would never end here)
+            await asyncio.gather(*decodes, return_exceptions=True)
+        await settle()
+        assert running.cancelled() and queued.cancelled()
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("asr-")]
+        assert not stream.busy and not services.gate.held and services.transcribed == []
+
+    run(main())
+
+
 async def _model_taken_by_another_call(services: SlowAsr):
     """(the other call's stream, this call's stream, the other call's partial holding the model)."""
     other = TranscriptStream(services.transcribe)

@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -122,6 +123,7 @@ class Resources:
     pool_threads: int  # the default executor's workers: started lazily, reused, bounded
     fds: int
     thread_names: tuple[str, ...] = ()  # for the message of a failed assertion
+    task_names: tuple[str, ...] = ()  # each task's coroutine and where it waits, likewise
 
 
 # asyncio's default executor names its workers "asyncio_0", "asyncio_1", ... It starts them one at
@@ -144,6 +146,28 @@ async def resources(*, settle_s: float = 0.2) -> Resources:
     gc.collect()
     names = [t.name for t in threading.enumerate()]
     pool = sum(1 for name in names if name.startswith("asyncio_"))
+    tasks = asyncio.all_tasks()
     return Resources(
-        rss_mb(), len(asyncio.all_tasks()), len(names) - pool, pool, len(os.listdir("/proc/self/fd")), tuple(sorted(names))
+        rss_mb(), len(tasks), len(names) - pool, pool, len(os.listdir("/proc/self/fd")), tuple(sorted(names)),
+        tuple(sorted(_task_name(t) for t in tasks)),
     )
+
+
+async def settled(before: Resources, *, timeout_s: float = 5.0) -> Resources:
+    """`resources()` once tasks, threads and file descriptors are back to `before`'s counts, or
+    as they are after `timeout_s`: work that ends a moment after the last call (a connection's
+    closing handshake, a worker thread's last job on a loaded machine) is not a leak, and what
+    leaks is still there when the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = await resources()
+        back = now.tasks <= before.tasks and now.threads <= before.threads and now.fds <= before.fds
+        if back or time.monotonic() >= deadline:
+            return now
+
+
+def _task_name(task: asyncio.Task) -> str:
+    coro = task.get_coro()
+    frames = task.get_stack(limit=1)
+    where = f" at {frames[0].f_code.co_filename.rsplit('/', 1)[-1]}:{frames[0].f_lineno}" if frames else ""
+    return f"{getattr(coro, '__qualname__', coro)}{where}"
