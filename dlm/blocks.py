@@ -298,8 +298,8 @@ class BlockWeight:
         inputs of an output a float16 scale d = max |w| / 127, q = round(w / d)."""
         w = weight.detach().float()
         n, k = w.shape
-        if k % 32:
-            raise ValueError(f"Q8 blocks need inputs in multiples of 32, not {k}")
+        if k % UNIT:
+            raise ValueError(f"block weights need K a multiple of {UNIT}, not {k}")
         blocks = w.view(n, k // 32, 32)
         d = (blocks.abs().amax(-1) / 127).half().float()
         q = torch.where(d[..., None] > 0, torch.round(blocks / d[..., None].clamp_min(1e-30)), 0).clamp(-128, 127)

@@ -210,6 +210,25 @@ def test_an_update_of_bf16_numbers_is_kept_in_bf16_and_gives_the_same_bits(produ
     assert parts[1].with_low_rank(down + 1e-4, up).low_rank.down.dtype == torch.float32
 
 
+def test_a_float_weight_rounds_to_q8_blocks_as_a_gguf_writer_rounds_it():
+    """BlockWeight.quantize_q8 (the draft head's weights): per 32 inputs a float16 scale max|w| / 127
+    and q = round(w / d): within half a step of each weight, and Q8 blocks come back as they were."""
+    q, scale = _q8(24, 128, seed=31)
+    q = q.clamp(-127, 127)
+    q[:, ::32] = 127  # each block's largest magnitude is 127 steps, as a writer makes it
+    dense = _dequantized(q, scale)
+    again = BlockWeight.quantize_q8(dense)
+    assert torch.equal(again.data, q) and torch.equal(again.scales, scale)
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(32))
+    w[3, :32] = 0.0  # an all-zero block: scale 0, weights 0
+    rounded = BlockWeight.quantize_q8(w)
+    step = rounded.scales.repeat_interleave(32, dim=1)
+    assert ((rounded.data.float() * step - w).abs() <= step * 0.5 + 1e-6 * w.abs()).all()
+    assert (rounded.data[3, :32] == 0).all()
+    with pytest.raises(ValueError, match="multiple of 64"):
+        BlockWeight.quantize_q8(torch.randn(4, 96))
+
+
 @needs_kernel
 def test_fused_parts_and_a_low_rank_update():
     parts = [BlockWeight.q4(*_q4(n, 128, seed=10 + n)) for n in (64, 40, 40)]
