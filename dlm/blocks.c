@@ -100,6 +100,14 @@ TARGET INLINE void tile(const float *x, const uint8_t *data, const float *scales
     for (int t = 0; t < T; t++)
         for (int r = 0; r < R; r++) a[t][r][0] = a[t][r][1] = _mm512_setzero_ps();
     for (int64_t p = 0; p < np; p++) {
+        /* With one or two rows the products wait on memory: the next outputs' unit p comes in
+           towards L2 meanwhile (past the array's end a prefetch is a no-op). More rows take
+           longer to compute than to read: no prefetches there (they cost more than they save). */
+        if (R <= 2)
+            for (int t = 0; t < T; t++) {
+                _mm_prefetch((const char *)(data + ((n + T + t) * np + p) * (q8 ? 64 : 32)), _MM_HINT_T1);
+                if (p % 4 == 0) _mm_prefetch((const char *)(scales + ((n + T + t) * np + p) * (q8 ? 2 : 4)), _MM_HINT_T1);
+            }
         for (int t = 0; t < T; t++) {
             __m512 w[4];
             if (q8) unit_q8(data, scales, np, n + t, p, w);
