@@ -110,7 +110,7 @@ class DraftHead(nn.Module):
         """For inference on a CPU where the block kernel runs (dlm.blocks): the head's weights
         rounded to Q8 blocks (as a GGUF's Q8_0: a float16 scale per 32 weights), half the bytes of
         bf16 (they are read at every step), products float32-accurate on AMX where it runs
-        (`BlockWeight.split`), float32 elsewhere, and both layers in one C call (`BlockLayers`,
+        (`BlockWeight.split`), float32 elsewhere, and its layers in one C call (`BlockLayers`,
         over a scratch cache of the pass's positions) instead of some forty torch operations. A
         draft moves only as much as that rounding moves it; the verifier decides every token.
         False (nothing done) where the kernel or the fused forward does not run here. Call after
