@@ -681,11 +681,10 @@ static void amx_matmul(const float *x, const uint8_t *data, const float *scales,
    threads share the outputs (the caller passes torch's intra-op count: this library runs in
    torch's own OpenMP runtime, so they are the same pool). The low-rank update, where down is not
    NULL: down (r_total, K), up (N, rp), offset (N,), down and up float32 or (lr_bf16) bf16, t a
-   scratch of (M, r_total) floats; amx 1: the
-   products in bf16 on AMX (above; blocks_amx_init first), its update (upd, or NULL) in bf16 after
-   them (t then a scratch of M x upd->r_total); amx 2: float32-accurate products on AMX, data and
-   scales (float16) in their own layout and up by tiles (split_matmul). Returns 0, or -1 where
-   memory ran out. */
+   scratch of (M, r_total) floats; amx 1: the products in bf16 on AMX (above; blocks_amx_init
+   first), its update (upd, or NULL) in bf16 after them (t then a scratch of M x upd->r_total);
+   amx 2: float32-accurate products on AMX, data and scales (float16) in their own layout and up
+   by tiles (split_matmul). Returns 0, or -1 where memory ran out. */
 int blocks_matmul(const float *x, const uint8_t *data, const void *scales, float *y, int64_t M,
                   int64_t N, int64_t K, int kind, int threads, const void *down, const void *up,
                   const int32_t *offset, int64_t r_total, int64_t rp, int lr_bf16, float *t, int amx,
