@@ -58,6 +58,7 @@ __all__ = [
     "load_model",
     "resolve_checkpoint",
     "resolve_dtype",
+    "runnable_weights",
 ]
 
 SUPPORTED_FAMILIES = ("bd", "fast_dllm_v2", "sdar", "llada", "dream", "ar")
@@ -70,6 +71,8 @@ FORMAT_DTYPES = {"int4": torch.bfloat16, "blocks": torch.float32, "blocks-amx": 
 # The formats that run a GGUF's blocks at every position (dlm.blocks), and those that need AMX
 BLOCK_FORMATS = ("blocks", "blocks-amx", "blocks-bf16")
 AMX_FORMATS = ("blocks-amx", "blocks-bf16")
+# Where a format's kernel cannot run here, the next format of the same accuracy (runnable_weights)
+_SAME_ACCURACY = {"blocks-amx": "blocks", "blocks": "dense"}
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -319,6 +322,24 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path):
         return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
 
 
+def _kernel_reason(weights: str) -> str | None:
+    """None where `weights`' kernel runs on this machine (always, for dense and int4), else why not."""
+    if weights not in BLOCK_FORMATS:
+        return None
+    return amx_available() if weights in AMX_FORMATS else available()
+
+
+def runnable_weights(weights: str) -> tuple[str, list[tuple[str, str]]]:
+    """`weights`, or where its kernel cannot run on this machine the next format of the same
+    accuracy that can (blocks-amx -> blocks -> dense): (that format, [(each format passed over,
+    why it cannot run)])."""
+    passed: list[tuple[str, str]] = []
+    while weights in _SAME_ACCURACY and (reason := _kernel_reason(weights)) is not None:
+        passed.append((weights, reason))
+        weights = _SAME_ACCURACY[weights]
+    return weights, passed
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                max_seq_len: int | None = None, cache_dir: str | Path | None = None, pack: bool = True,
                drafter: str | Path | None = None, adapter: str | Path | None = None, weights: str = "dense",
@@ -358,8 +379,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     if weights in BLOCK_FORMATS:
         if resolve_dtype(dtype, device) != torch.float32 or device.type != "cpu":
             raise ValueError(f"weights={weights!r} needs float32 on a CPU (asked: {dtype}, {device})")
-        reason = amx_available() if weights in AMX_FORMATS else available()
-        if reason is not None:
+        if (reason := _kernel_reason(weights)) is not None:
             raise ValueError(f"weights={weights!r}: {reason}")
     dtype = resolve_dtype(dtype, device)
     if family is not None:

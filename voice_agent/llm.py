@@ -544,27 +544,20 @@ def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
     float32-accurate products on AMX need AMX: else float32 blocks, with a note)."""
     import torch
 
-    from dlm.checkpoints import FORMAT_DTYPES, resolve_dtype
+    from dlm.checkpoints import FORMAT_DTYPES, resolve_dtype, runnable_weights
 
     if not registry or not str(device).startswith("cpu"):
         return "dense"
     wanted = FORMAT_DTYPES.get(registry)
     if wanted is not None and dtype != "auto" and resolve_dtype(dtype, torch.device("cpu")) != wanted:
         return "dense"
-    if registry == "blocks-amx":
-        from dlm.blocks import amx_available
-
-        if amx_available() is None:
-            return registry
-        log.info("float32-accurate products on AMX unavailable (%s): float32 blocks instead", amx_available())
-        registry = "blocks"
-    if registry == "blocks":
-        from dlm.blocks import available
-
-        if available() is not None:
-            log.warning("float32 block weights unavailable (%s): the model runs dense float32, slower", available())
-            return "dense"
-    return registry
+    weights, passed = runnable_weights(registry)
+    for skipped, reason in passed:
+        if skipped == "blocks-amx":
+            log.info("float32-accurate products on AMX unavailable (%s): float32 blocks instead", reason)
+        else:
+            log.warning("float32 block weights unavailable (%s): the model runs dense float32, slower", reason)
+    return weights
 
 
 def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto") -> tuple[Any, Any]:

@@ -173,7 +173,7 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
     import torch
 
     from dlm.adapt.data import read_dataset
-    from dlm.checkpoints import load_model
+    from dlm.checkpoints import load_model, runnable_weights
     from dlm.drafter import load_drafter
 
     base = args.base or default_base
@@ -196,11 +196,7 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
         # The head learns from the hidden states decoding will compute: float32 (on AMX where it
         # runs: the same accuracy, the features' prefills 1.7x faster).
         if args.dtype in (None, "float32"):
-            from dlm.blocks import amx_available, available
-
-            weights = "dense"
-            if str(base).endswith(".gguf") and available() is None:
-                weights = "blocks-amx" if amx_available() is None else "blocks"
+            weights = runnable_weights("blocks-amx")[0] if str(base).endswith(".gguf") else "dense"
             loaded = load_model(base, weights=weights, dtype=torch.float32, adapter=args.adapter, inference_only=True)
         else:
             loaded = load_model(base, dtype=args.dtype, adapter=args.adapter)
