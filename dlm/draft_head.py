@@ -13,7 +13,7 @@ Contract:
   token. The context's last pair carries the token the verifier has just decided (the
   "bonus"), so unlike mask slots inside the base's forward (dlm/drafter.py) every draft knows the
   token before it.
-- `forward(feats, tokens, valid, n)`: feats (B, W, dim), tokens (B, W), valid (B,) how many of
+- `forward(feats, tokens, valid, n)`: feats (B, W, dim) (n_features * dim with `feature_layers`), tokens (B, W), valid (B,) how many of
   the W pairs (the last ones) are real (fewer where a prefill forward held fewer positions, as a
   short new turn after prefix reuse) -> logits (B, n, len(vocab)) in float32. The engine always
   asks for all `n_slots` (the slots see each other: a shorter block is another input).
@@ -56,10 +56,23 @@ class DraftHeadConfig:
     n_slots: int = 6  # the longest draft block it was trained for
     n_layers: int = 2
     vocab_size: int = 0  # tokens it can draft (the ids are a buffer of the file)
+    # Base layers whose outputs (RMS-normalised, no weight) join the final normed hidden state in
+    # each context pair, as EAGLE-3's low/mid/high features; () (the shipped head): the final state
+    # only. Training and evaluation compute them; the engine feeds the final state only, and
+    # refuses a head that reads more (HeadSpeculativeDecoder).
+    feature_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self.feature_layers = tuple(self.feature_layers)
         if self.window < 1 or self.n_slots < 1 or self.n_layers < 1 or self.vocab_size < 1:
             raise ValueError("window, n_slots, n_layers and vocab_size must be >= 1")
+        if any(i < 0 for i in self.feature_layers):
+            raise ValueError("feature_layers are base layer indices >= 0")
+
+    @property
+    def n_features(self) -> int:
+        """Hidden-state vectors per context pair (each of the base's width)."""
+        return 1 + len(self.feature_layers)
 
 
 class DraftHead(nn.Module):
@@ -67,7 +80,7 @@ class DraftHead(nn.Module):
         super().__init__()
         self.config, self.model_config = config, model_config
         D = model_config.dim
-        self.fuse = Linear(2 * D, D, bias=False)
+        self.fuse = Linear((config.n_features + 1) * D, D, bias=False)
         self.slots = nn.Parameter(torch.zeros(config.n_slots, D))
         self.layers = nn.ModuleList(DecoderLayer(model_config) for _ in range(config.n_layers))
         self.norm = RMSNorm(D, model_config.norm_eps)
@@ -152,10 +165,12 @@ class DraftHead(nn.Module):
             self.norm.load_state_dict({k: v.float() for k, v in model.model.norm.state_dict().items()})
             D = self.model_config.dim
             eye = torch.eye(D) * 0.5
-            self.fuse.weight.copy_(torch.cat([eye, eye], dim=1))
+            more = torch.zeros(D, D * len(self.config.feature_layers))  # other layers' features: learned from zero
+            self.fuse.weight.copy_(torch.cat([more, eye, eye], dim=1))
             self.slots.copy_(model.model.embed_tokens.weight.float().mean(0, keepdim=True).expand_as(self.slots))
 
     def forward(self, feats: Tensor, tokens: Tensor, valid: Tensor, n: int) -> Tensor:
+        """feats (B, W, n_features * dim): the feature layers' outputs, then the final normed state."""
         if self._embed is None or self._rope is None or self._head is None:
             raise RuntimeError("attach(model) first")
         B, W, _ = feats.shape

@@ -303,6 +303,9 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                  draft_len: int = DEFAULT_HEAD_DRAFT_LEN, tree: bool = True, **kwargs: Any) -> None:
         """draft_len: default drafts per forward (1..head.n_slots); tree: ignored (the head
         drafts after the acceptance is known: one chain). kwargs: ARDecoder's."""
+        if head.config.feature_layers:
+            raise ValueError(f"this draft head reads the outputs of base layers {list(head.config.feature_layers)}; "
+                             "the engine feeds it the final hidden states only")
         super().__init__(model, spec, head.n_slots, draft_len=draft_len, **kwargs)
         self.head = head
         W, D = head.config.window, model.config.dim

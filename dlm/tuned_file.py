@@ -68,7 +68,7 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], key: str, record: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+    save_file({k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
                for k, v in tensors.items()}, str(tmp),
               metadata={key: json.dumps(record)})
     tmp.replace(path)

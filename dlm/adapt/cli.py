@@ -84,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction
     p.add_argument("--layers", type=int, default=2, help="head: transformer layers")
     p.add_argument("--rank", type=int, default=32, help="slots: LoRA rank")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--soft", type=float, default=0.0,
+                   help="head: share of the loss that matches the teacher's whole distribution at each target "
+                        "(distillation), beside its greedy token (default 0)")
+    p.add_argument("--feature-layers", default="", metavar="I,J,...",
+                   help="head: also read these base layers' outputs (EAGLE-3's low/mid features; training and "
+                        "evaluation only, the engine does not feed them yet)")
+    p.add_argument("--device", default="cpu", help="head: where the base's features and the training run (cpu, cuda)")
     p.add_argument("--time-budget-s", type=float, default=0.0, help="stop cleanly after this long; rerun to resume")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the run's drafter.safetensors")
     p.add_argument("--eval-examples", type=int, default=64, help="held-out replies to evaluate on")
@@ -194,15 +201,20 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
         from dlm.adapt.head import DRAFTER_FILE, HeadTrainConfig, evaluate_head, train_head
 
         # The head learns from the hidden states decoding will compute: float32 (on AMX where it
-        # runs: the same accuracy, the features' prefills 1.7x faster).
+        # runs: the same accuracy, the features' prefills 1.7x faster; on a GPU dense float32,
+        # TF32 off as torch leaves it).
         if args.dtype in (None, "float32"):
-            weights = runnable_weights("blocks-amx")[0] if str(base).endswith(".gguf") else "dense"
-            loaded = load_model(base, weights=weights, dtype=torch.float32, adapter=args.adapter, inference_only=True)
+            on_cpu = torch.device(args.device).type == "cpu"
+            blocks = on_cpu and str(base).endswith(".gguf") and not args.feature_layers  # one call: no layer taps
+            weights = runnable_weights("blocks-amx")[0] if blocks else "dense"
+            loaded = load_model(base, device=args.device, weights=weights, dtype=torch.float32, adapter=args.adapter,
+                                inference_only=True)
         else:
-            loaded = load_model(base, dtype=args.dtype, adapter=args.adapter)
+            loaded = load_model(base, device=args.device, dtype=args.dtype, adapter=args.adapter)
         if not args.eval_only:
             cfg = HeadTrainConfig(max_steps=args.max_steps or 3000, batch_size=args.batch_size or 256, window=args.window,
-                                  n_slots=args.slots, n_layers=args.layers, lr=args.lr,
+                                  n_slots=args.slots, n_layers=args.layers, lr=args.lr, soft=args.soft,
+                                  feature_layers=tuple(int(i) for i in args.feature_layers.split(",") if i),
                                   time_budget_s=args.time_budget_s)
             init = load_drafter(args.init, loaded, check_base=False) if args.init else None
             train_head(loaded, train_set, cfg, args.out, base, info=info, init=init)

@@ -1,4 +1,5 @@
-"""Training the draft head (dlm/draft_head.py) on the teacher's greedy replies, resumable, on CPU.
+"""Training the draft head (dlm/draft_head.py) on the teacher's greedy replies, resumable, on the
+CPU or a GPU (wherever the base `loaded` lives: features, training and evaluation run there).
 
 Contract: `train_head(loaded, examples, cfg, out_dir, base_path)` trains a `DraftHead` for the
 frozen AR model `loaded` and writes into `out_dir`:
@@ -9,7 +10,8 @@ frozen AR model `loaded` and writes into `out_dir`:
     drafter-state.pt      fp32 weights, AdamW state and step: what a resumed run continues from
                           (never shipped, never committed)
     features.pt           the base's hidden states over every example (float16), computed once
-                          (`head_features`); a resumed run reads them back
+                          (`head_features`; with `feature_layers`, those layers' outputs too);
+                          a resumed run, or another run given a link to the file, reads them back
 
 The base runs once per example, without gradients, over prompt + reply (exactly the hidden states
 decoding computes, since the replies are the teacher's own greedy ones); training then never
@@ -17,15 +19,16 @@ touches the base again, so a step costs only the head: thousands of samples a se
 a position t of a reply: the window of (hidden state, next token) pairs ending at t (its last
 token is the one t's prediction made final), and the targets t + 2 .. t + 1 + n_slots (cross
 entropy over the head's vocabulary, weight `slot_decay ** i`: a draft counts only if every earlier
-one was accepted). A share of samples (`short_window`) sees fewer pairs, as right after a prefill.
-The vocabulary is every token the training replies use (targets outside it cannot be drafted).
+one was accepted; with `soft`, that share of each target's loss is the cross entropy to the
+teacher's whole distribution there instead, computed from the stored final states). A share of
+samples (`short_window`) sees fewer pairs, as right after a prefill. The vocabulary is every token the training replies use (targets outside it cannot be drafted).
 
 `evaluate_head(loaded, head, examples)` reports each slot's agreement with the teacher on
 held-out replies and, for each draft length n, the tokens per forward of greedy verification as
 decoding goes: from a reply's start, each forward makes 1 + the leading drafts that agree (at
 most n) final, and the next starts after them. That is what the engine does (it drafts after
-every forward from the same hidden states), apart from arithmetic (the engine's head runs in
-packed bf16) and the short windows of prompts shorter than the window.
+every forward from the same hidden states), apart from arithmetic (the engine's head runs on Q8
+blocks or packed bf16) and the short windows of prompts shorter than the window.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class HeadTrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     slot_decay: float = 0.8
+    soft: float = 0.0  # share of the loss that matches the teacher's distribution at each target (0: hard targets)
+    feature_layers: tuple[int, ...] = ()  # DraftHeadConfig.feature_layers
     short_window: float = 0.1  # share of samples with a random shorter window
     seed: int = 0
     checkpoint_every: int = 500  # steps; 0: only at the end and at the time budget
@@ -74,10 +79,11 @@ class HeadTrainConfig:
 
 
 class _Corpus:
-    """Every example's tokens and hidden states end to end (each followed by a gap of padding),
-    and the global index of each sample position t."""
+    """Every example's tokens and hidden states end to end (each followed by a gap of padding) on
+    `device`, and the global index of each sample position t (on the CPU, where batches are drawn)."""
 
-    def __init__(self, examples: list[Example], features: list[Tensor], n_slots: int) -> None:
+    def __init__(self, examples: list[Example], features: list[Tensor], n_slots: int,
+                 device: torch.device | str = "cpu") -> None:
         pad = n_slots + 2
         ids, hs, samples = [], [], []
         offset = 0
@@ -88,38 +94,70 @@ class _Corpus:
             hs += [h, torch.zeros(pad, h.shape[1], dtype=h.dtype)]
             samples.append(torch.arange(offset + P - 1, offset + T - 1))  # t: t + 1 (the bonus) is a reply token
             offset += T + pad
-        self.ids, self.h, self.samples = torch.cat(ids), torch.cat(hs), torch.cat(samples)
+        self.ids, self.h, self.samples = torch.cat(ids).to(device), torch.cat(hs).to(device), torch.cat(samples)
 
     def batch(self, t: Tensor, window: int, n: int, remap: Tensor, valid: Tensor | None = None
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Samples at global positions t (S,) -> feats (S, W, dim), tokens (S, W), valid (S,),
         targets (S, n) as indices into the head's vocabulary (-100: none or outside it)."""
-        back = torch.arange(-window + 1, 1)
+        device = self.ids.device
+        t = t.to(device)
+        back = torch.arange(-window + 1, 1, device=device)
         g = (t[:, None] + back[None]).clamp_min(0)
         feats = self.h[g].float()
         tokens = self.ids[g + 1].clamp_min(0)
-        target = self.ids[t[:, None] + 2 + torch.arange(n)[None]]
+        target = self.ids[t[:, None] + 2 + torch.arange(n, device=device)[None]]
         target = torch.where(target >= 0, remap[target.clamp_min(0)], target)
-        if valid is None:
-            valid = torch.full((len(t),), window)
+        valid = torch.full((len(t),), window, device=device) if valid is None else valid.to(device)
         return feats, tokens, valid, target
 
+    def teacher_logits(self, t: Tensor, n: int, head_rows: Tensor) -> Tensor:
+        """The teacher's logits over the head's vocabulary (its output embedding rows `head_rows`)
+        at each of samples t's n targets: from the final normed hidden state just before it."""
+        t = t.to(self.h.device)
+        h = self.h[t[:, None] + 1 + torch.arange(n, device=t.device)[None], -head_rows.shape[1]:]  # the final state
+        return h.float() @ head_rows.T
 
-def head_features(loaded: Any, examples: list[Example], desc: str = "features") -> list[Tensor]:
-    """The base's final normed hidden states over each example's prompt + reply, (T, dim) float16."""
+
+def head_features(loaded: Any, examples: list[Example], desc: str = "features", batch_size: int = 0,
+                  layers: tuple[int, ...] = ()) -> list[Tensor]:
+    """The base's final normed hidden states over each example's prompt + reply, (T, dim) float16
+    on the CPU; with `layers`, (T, (len(layers) + 1) * dim): those layers' outputs, RMS-normalised,
+    then the final state (DraftHeadConfig.feature_layers; the layers' own forwards only, not the
+    block kernel's single call). `batch_size` sequences per forward (0: one on a CPU, 64
+    elsewhere), padded at the end to the batch's longest (causal: padding changes no real
+    position's state)."""
     model = loaded.model
-    longest = max(len(e.prompt_ids) + len(e.reply_ids) for e in examples)
-    cache = model.new_cache(1, longest)
-    out = []
-    with torch.no_grad():
-        for e in tqdm(examples, desc=desc, unit="seq", mininterval=2.0):
-            seq = e.prompt_ids + e.reply_ids
-            T = len(seq)
-            causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
-            h = model(torch.tensor([seq]), torch.arange(T)[None], causal, cache=cache,
-                      cache_rows=torch.zeros(1, dtype=torch.long), hidden=True)[0]
-            out.append(h.to(torch.float16))
-    return out
+    taps: list[Tensor] = []
+    hooks = [model.model.layers[i].register_forward_hook(lambda _m, _i, out: taps.append(F.rms_norm(
+        out.float(), out.shape[-1:]))) for i in layers]
+    device = model.model.embed_tokens.weight.device
+    batch_size = batch_size or (1 if device.type == "cpu" else 64)
+    seqs = [e.prompt_ids + e.reply_ids for e in examples]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar lengths
+    longest = max(map(len, seqs))
+    cache = model.new_cache(batch_size, longest, device=device)
+    out: list[Tensor | None] = [None] * len(seqs)
+    with torch.no_grad(), tqdm(total=len(seqs), desc=desc, unit="seq", mininterval=2.0) as bar:
+        for start in range(0, len(order), batch_size):
+            picked = order[start:start + batch_size]
+            T = max(len(seqs[i]) for i in picked)
+            ids = torch.tensor([seqs[i] + [0] * (T - len(seqs[i])) for i in picked], device=device)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+            positions = torch.arange(T, device=device)[None].expand(len(picked), T)
+            taps.clear()
+            h = model(ids, positions, causal, cache=cache, cache_rows=torch.arange(len(picked), device=device),
+                      hidden=True)
+            if len(taps) != len(layers):
+                raise ValueError(f"feature layers {list(layers)}: this model's forward does not run them one by one "
+                                 "(load it with weights='dense')")
+            h = torch.cat([*taps, h.float()], dim=-1).to(torch.float16).cpu()
+            for row, i in enumerate(picked):
+                out[i] = h[row, : len(seqs[i])].clone()
+            bar.update(len(picked))
+    for hook in hooks:
+        hook.remove()
+    return out  # type: ignore[return-value]
 
 
 def _vocab(examples: list[Example], vocab_size: int) -> Tensor:
@@ -138,26 +176,34 @@ def _remap(vocab: Tensor, vocab_size: int) -> Tensor:
 def _loss(head: DraftHead, corpus: _Corpus, t: Tensor, valid: Tensor, remap: Tensor, cfg: HeadTrainConfig
           ) -> tuple[Tensor, float]:
     feats, tokens, valid, target = corpus.batch(t, cfg.window, cfg.n_slots, remap, valid)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(feats.device.type, dtype=torch.bfloat16):
         scores = head(feats, tokens, valid, cfg.n_slots)
     ce = F.cross_entropy(scores.float().reshape(-1, scores.shape[-1]), target.reshape(-1), reduction="none",
                          ignore_index=-100).view_as(target)
-    weight = (cfg.slot_decay ** torch.arange(cfg.n_slots).float())[None] * (target >= 0)
+    if cfg.soft:
+        # Distillation: the teacher's whole distribution at each target, beside its greedy token.
+        with torch.no_grad():
+            teacher = corpus.teacher_logits(t, cfg.n_slots, head._head).softmax(-1)
+        soft = -(teacher * scores.float().log_softmax(-1)).sum(-1)
+        ce = (1 - cfg.soft) * ce + cfg.soft * soft
+    weight = (cfg.slot_decay ** torch.arange(cfg.n_slots, device=ce.device).float())[None] * (target >= 0)
     with torch.no_grad():
         acc0 = float(((scores[:, 0].argmax(-1) == target[:, 0]) & (target[:, 0] >= 0)).float().mean())
     return (ce * weight).sum() / weight.sum().clamp_min(1.0), acc0
 
 
-def _features(loaded: Any, examples: list[Example], out_dir: Path) -> list[Tensor]:
+def _features(loaded: Any, examples: list[Example], out_dir: Path, layers: tuple[int, ...]) -> list[Tensor]:
     path = out_dir / FEATURES_FILE
     key = [len(e.prompt_ids) + len(e.reply_ids) for e in examples]
     if path.exists():
         saved = torch.load(path)
-        if saved.get("lengths") == key:
+        if saved.get("lengths") == key and tuple(saved.get("layers", ())) == layers:
             return saved["h"]
-        log.info("head: %s is for other examples; computing them again", path)
-    h = head_features(loaded, examples)
-    torch.save({"lengths": key, "h": h}, path)
+        log.info("head: %s is for other examples or layers; computing them again", path)
+    h = head_features(loaded, examples, layers=layers)
+    tmp = path.with_name(path.name + ".tmp")  # then renamed: never a half-written file, nor one shared by a link
+    torch.save({"lengths": key, "layers": list(layers), "h": h}, tmp)
+    tmp.replace(path)
     return h
 
 
@@ -175,13 +221,16 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     V = loaded.config.vocab_size
     if init is not None:
         cfg.window, cfg.n_slots, cfg.n_layers = init.config.window, init.config.n_slots, init.config.n_layers
+        cfg.feature_layers = init.config.feature_layers
         vocab = init.vocab.clone()
     else:
         vocab = _vocab(examples, V)
-    corpus = _Corpus(examples, _features(loaded, examples, out_dir), cfg.n_slots)
-    remap = _remap(vocab, V)
+    device = model.model.embed_tokens.weight.device
+    cfg.feature_layers = tuple(cfg.feature_layers)
+    corpus = _Corpus(examples, _features(loaded, examples, out_dir, cfg.feature_layers), cfg.n_slots, device)
+    remap = _remap(vocab, V).to(device)
     head = DraftHead(loaded.config, DraftHeadConfig(window=cfg.window, n_slots=cfg.n_slots, n_layers=cfg.n_layers,
-                                                    vocab_size=len(vocab)))
+                                                    vocab_size=len(vocab), feature_layers=cfg.feature_layers)).to(device)
     head.vocab.copy_(vocab)
     if init is not None:
         head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init.state_dict().items()})
@@ -189,7 +238,8 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
         head.init_from(model)
     head.attach(model)
     params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+                                  fused=device.type == "cuda")
     step = resume_state(out_dir / STATE_FILE, head, optimizer, cfg)
     if step:
         log.info("head: resuming from step %d of %d", step, cfg.max_steps)
@@ -238,17 +288,19 @@ def evaluate_head(loaded: Any, head: DraftHead, examples: list[Example], batch_s
     greedy verification gets (see the module docstring)."""
     examples = [e for e in examples if len(e.reply_ids) >= 2]
     n, V = head.n_slots, loaded.config.vocab_size
-    corpus = _Corpus(examples, head_features(loaded, examples, desc="held-out features"), n)
-    remap = _remap(head.vocab, V)
-    runs, hits, counts = [], torch.zeros(n), torch.zeros(n)
+    device = head.vocab.device
+    corpus = _Corpus(examples, head_features(loaded, examples, desc="held-out features",
+                                             layers=head.config.feature_layers), n, device)
+    remap = _remap(head.vocab, V).to(device)
+    runs, hits, counts = [], torch.zeros(n, device=device), torch.zeros(n, device=device)
     with torch.no_grad():
         for start in range(0, len(corpus.samples), batch_size):
             feats, tokens, valid, target = corpus.batch(corpus.samples[start:start + batch_size], head.config.window, n,
                                                         remap)
             hit = (head(feats, tokens, valid, n).argmax(-1) == target) & (target >= 0)
             hits += hit.float().sum(0)
-            t = corpus.samples[start:start + batch_size]
-            counts += (corpus.ids[t[:, None] + 2 + torch.arange(n)[None]] >= 0).float().sum(0)
+            t = corpus.samples[start:start + batch_size].to(device)
+            counts += (corpus.ids[t[:, None] + 2 + torch.arange(n, device=device)[None]] >= 0).float().sum(0)
             runs.append(hit.long().cumprod(1).sum(1))
     run = torch.cat(runs).tolist()  # per sample: how many leading drafts agree
     # Tokens per forward as decoding gets them: from each reply's start, a forward at position t

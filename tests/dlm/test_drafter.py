@@ -16,7 +16,7 @@ from dlm.adapt.data import Example
 from dlm.adapt.draft import DraftTrainConfig, evaluate_drafter, train_drafter
 from dlm.adapt.head import HeadTrainConfig, evaluate_head, train_head
 from dlm.draft_head import DraftHead, DraftHeadConfig
-from dlm.drafter import Drafter, DrafterConfig, DrafterError, load_drafter, save_drafter
+from dlm.drafter import Drafter, DrafterConfig, DrafterError, load_drafter, read_drafter_meta, save_drafter
 from dlm.masks import causal_mask
 from dlm.model import DraftInputs, can_pack_linears
 
@@ -232,3 +232,49 @@ def test_a_draft_head_learns_from_the_bases_hidden_states_and_resumes(base, tmp_
     train_head(base, examples, cfg, tmp_path / "run", base.path)
     assert torch.load(tmp_path / "run" / "drafter-state.pt", weights_only=True)["step"] == 82
     assert isinstance(load_drafter(tmp_path / "run" / "drafter.safetensors", base), DraftHead)
+
+
+def test_head_features_in_batches_equal_one_sequence_at_a_time(base):
+    """Batched features (padded at the end, as on a GPU) are each sequence's own, to float16."""
+    from dlm.adapt.head import head_features
+
+    examples = [Example(list(range(3, 3 + n)), [40 + k for k in range(n % 5 + 2)], [], "x", "greedy", n, "train")
+                for n in (2, 9, 4, 7, 5)]
+    alone = head_features(base, examples, batch_size=1)
+    batched = head_features(base, examples, batch_size=3)
+    assert [h.shape for h in alone] == [(len(e.prompt_ids) + len(e.reply_ids), base.config.dim) for e in examples]
+    for a, b in zip(alone, batched, strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_a_head_trained_with_soft_targets_learns_and_records_the_share(base, tmp_path):
+    """Distillation to the teacher's distribution (`soft`) trains a head that drafts the counting
+    replies; the share is in the file's training info."""
+    examples = [Example([(3 * i) % 40, (3 * i) % 40 + 1], [(3 * i) % 40 + 2 + k for k in range(10)], [], "x",
+                        "greedy", i, "train") for i in range(24)]
+    cfg = HeadTrainConfig(max_steps=80, batch_size=64, window=3, n_slots=3, n_layers=1, lr=3e-3, warmup_steps=2,
+                          soft=0.5)
+    head = train_head(base, examples, cfg, tmp_path / "run", base.path)
+    report = evaluate_head(base, head, examples[:8])
+    assert report["slot_agreement"][0] > 0.6, report
+    assert read_drafter_meta(tmp_path / "run" / "drafter.safetensors")["info"]["train"]["soft"] == 0.5
+
+
+def test_a_head_on_more_layers_features_trains_and_the_engine_refuses_it(base, tmp_path):
+    """feature_layers: the head reads a base layer's output beside the final state (training and
+    evaluation compute it); the engine, which feeds the final state only, says so at once."""
+    from dlm.speculative import SpeculativeEngine
+
+    examples = [Example([(3 * i) % 40, (3 * i) % 40 + 1], [(3 * i) % 40 + 2 + k for k in range(10)], [], "x",
+                        "greedy", i, "train") for i in range(24)]
+    cfg = HeadTrainConfig(max_steps=60, batch_size=64, window=3, n_slots=3, n_layers=1, lr=3e-3, warmup_steps=2,
+                          feature_layers=(0,))
+    head = train_head(base, examples, cfg, tmp_path / "run", base.path)
+    assert head.fuse.weight.shape[1] == 3 * base.config.dim
+    assert evaluate_head(base, head, examples[:8])["slot_agreement"][0] > 0.5
+    saved = torch.load(tmp_path / "run" / "features.pt", weights_only=True)
+    assert saved["layers"] == [0] and saved["h"][0].shape[1] == 2 * base.config.dim
+    loaded = load_drafter(tmp_path / "run" / "drafter.safetensors", base)
+    assert loaded.config.feature_layers == (0,)
+    with pytest.raises(ValueError, match=r"layers \[0\]"):
+        SpeculativeEngine(base, loaded, max_batch_size=2)
