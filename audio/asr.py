@@ -15,7 +15,11 @@ Contract:
   Measured on 72 spoken prompts (`voice-agent bench audio --wer`, docs/audio.md): word error rate
   0.130 against 0.136 for "full", decode p50 144 against 565 ms. Utterances too long for the
   margin, and `language="auto"` on a multilingual model, always use "full".
-- `.transcribe(audio, sample_rate_hz=16000) -> str`: float32 (or int16) mono audio. Defined
+- `.transcribe(audio, sample_rate_hz=16000) -> Transcript`: float32 (or int16) mono audio. A
+  `Transcript` is the text (a `str`) carrying whisper's mean log-probability per token,
+  `.avg_logprob` (None where no model ran): how sure whisper was of it. Garbled speech reads
+  lower (the e2e bench's piper prompts: -0.6 to -1.0 where the words came out wrong, -0.05 to
+  -0.4 where they came out right). Defined
   behaviour for awkward input: other rates are resampled to 16 kHz; empty or near-silent audio
   (peak below -60 dBFS) gives "" without running the model; samples beyond [-1, 1] are clipped.
   Errors (`AudioError`, raised before the model runs): more than one channel, NaN or infinite
@@ -48,7 +52,7 @@ import numpy as np
 from audio.errors import AudioError, AudioModelNotFoundError
 from audio.resample import resample
 
-__all__ = ["ASR_SAMPLE_RATE_HZ", "StreamingTranscriber", "Transcriber", "Word", "prepare_audio"]
+__all__ = ["ASR_SAMPLE_RATE_HZ", "StreamingTranscriber", "Transcriber", "Transcript", "Word", "prepare_audio"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,18 @@ def prepare_audio(audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -
     if a.size and sample_rate_hz != ASR_SAMPLE_RATE_HZ:
         a = resample(a, int(sample_rate_hz), ASR_SAMPLE_RATE_HZ)
     return a
+
+
+class Transcript(str):
+    """A transcript's text, with whisper's mean log-probability per token (None: no model ran).
+    A `str` everywhere else, so that code that only needs the text is unchanged."""
+
+    avg_logprob: float | None
+
+    def __new__(cls, text: str = "", avg_logprob: float | None = None) -> Transcript:
+        self = super().__new__(cls, text)
+        self.avg_logprob = avg_logprob
+        return self
 
 
 class Transcriber:
@@ -139,11 +155,11 @@ class Transcriber:
         self._short: tuple | None = None  # (tokenizer, prompt, suppressed ids) for "utterance"
         log.debug("loaded whisper %s on %s/%s in %.2f s", self.model_name, device, compute_type, self.load_s)
 
-    def transcribe(self, audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -> str:
-        """The text of one utterance ("" for empty or silent audio)."""
+    def transcribe(self, audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -> Transcript:
+        """The text of one utterance ("" for empty or silent audio), with whisper's confidence."""
         a = prepare_audio(audio, sample_rate_hz)
         if a.size == 0 or float(np.max(np.abs(a))) < _SILENCE_PEAK:
-            return ""
+            return Transcript()
         if self.audio_context == "utterance" and (self.language is not None or not self._model.model.is_multilingual):
             frames = a.size // 160 + int(CONTEXT_MARGIN_S * 100)
             if frames < _WINDOW_FRAMES:
@@ -157,9 +173,11 @@ class Transcriber:
             without_timestamps=True,
             vad_filter=False,  # the Endpointer already cut the utterance
         )
-        return " ".join(s.text.strip() for s in segments).strip()
+        segments = list(segments)
+        logprob = float(np.mean([s.avg_logprob for s in segments])) if segments else None
+        return Transcript(" ".join(s.text.strip() for s in segments).strip(), logprob)
 
-    def _transcribe_short(self, a: np.ndarray, frames: int) -> str:
+    def _transcribe_short(self, a: np.ndarray, frames: int) -> Transcript:
         """Whisper on a window of `frames` feature frames instead of 30 s (audio_context="utterance")."""
         import ctranslate2
         from faster_whisper.tokenizer import Tokenizer
@@ -182,8 +200,8 @@ class Transcriber:
         tokens = result.sequences_ids[0]
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
         if result.no_speech_prob > _NO_SPEECH_PROB and avg_logprob < _NO_SPEECH_LOGPROB:
-            return ""
-        return _drop_repeats(tokenizer.decode(tokens).strip())
+            return Transcript("", avg_logprob)
+        return Transcript(_drop_repeats(tokenizer.decode(tokens).strip()), avg_logprob)
 
     def words(self, audio: np.ndarray, sample_rate_hz: int = ASR_SAMPLE_RATE_HZ) -> list[Word]:
         """The words of `audio` with their times (see the module docstring)."""

@@ -26,6 +26,10 @@ Contract:
   (trailing silence included) and a `pause_id`. Whoever judges it (an end-of-turn model) may call
   `.end_turn(pause_id)`, which closes the turn at once (a `SpeechEnded` with `early=True`) if the
   same pause still goes on, and returns [] if the caller spoke again or the turn already ended.
+  `.shorten_pause(pause_id, silence_ms)` lets that same pause end the turn after `silence_ms`
+  of silence instead of `end_silence_ms` (a judge that cannot tell, as when the transcript is
+  unsure): the turn ends at once (returned) if the pause is already that long, else when it gets
+  there (from `feed`), with `early=True` either way; speech resets it.
   Otherwise the turn ends at `end_silence_ms` as usual: that is then the fallback.
 - `.utterance_audio()` is the audio of the turn in progress (the same layout, growing), or an empty
   array between turns: the input for partial transcripts. `.in_speech` says whether a turn is open.
@@ -86,7 +90,7 @@ class SpeechEnded:
     audio_start_s: float = 0.0  # stream time of audio[0]
     speech_start_s: float = 0.0  # stream time of the first voiced frame
     speech_end_s: float = 0.0  # stream time of the end of the last voiced frame
-    early: bool = False  # ended by `Endpointer.end_turn` before the full end silence
+    early: bool = False  # ended before the full end silence: by `end_turn`, or a pause `shorten_pause` shortened
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,7 @@ class Endpointer:
         self._speech_last = 0  # frame index of the last voiced frame
         self._silence_run = 0  # unvoiced frames since the last voiced frame
         self._open_pause = -1  # pause_id of the PauseCheck of the pause going on, or -1
+        self._pause_end_frames = 0  # this pause's own end silence (shorten_pause), 0: end_silence_ms
         self._level_db = 0.0  # sum of the turn's voiced frame levels (dB) ...
         self._level_frames = 0  # ... over this many frames
 
@@ -383,11 +388,13 @@ class Endpointer:
             self._speech_last = index
             self._silence_run = 0
             self._open_pause = -1
+            self._pause_end_frames = 0
         else:
             self._silence_run += 1
         too_long = index + 1 - self._utt_start_frame >= self._max_utterance_frames
-        if self._silence_run >= self._end_silence_frames or too_long:
-            self._close_turn(index, events)
+        shortened = 0 < self._pause_end_frames <= self._silence_run < self._end_silence_frames
+        if self._silence_run >= self._end_silence_frames or too_long or shortened:
+            self._close_turn(index, events, early=shortened and not too_long)
         elif self._check_frames and self._silence_run == self._check_frames:
             self._pause_serial += 1
             self._open_pause = self._pause_serial
@@ -407,6 +414,18 @@ class Endpointer:
         events: list[SpeechEnded] = []
         self._close_turn(self._frames_seen - 1, events, early=True)
         return events
+
+    def shorten_pause(self, pause_id: int, silence_ms: int) -> list[SpeechEnded]:
+        """Let the pause `pause_id` end the turn after `silence_ms` of silence (see the module
+        docstring); the turn's end if that is already past, else []."""
+        if silence_ms < 0:
+            raise AudioError(f"silence_ms must be >= 0, got {silence_ms}")
+        if pause_id != self._open_pause:
+            return []
+        self._pause_end_frames = max(1, int(np.ceil(silence_ms / self.frame_ms)))
+        if self._silence_run < self._pause_end_frames:
+            return []
+        return self.end_turn(pause_id)
 
     def _close_turn(self, index: int, events: list, early: bool = False) -> None:
         # Keep up to the pre-roll length of audio after the last voiced frame.
@@ -429,6 +448,7 @@ class Endpointer:
         self._history = collections.deque((index + 1 - n_kept + k, f) for k, f in enumerate(kept))
         self.in_speech = False
         self._open_pause = -1
+        self._pause_end_frames = 0
         self._utt = []
 
     # --- reading -------------------------------------------------------------------------------

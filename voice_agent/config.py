@@ -128,6 +128,13 @@ class TurnConfig:
     threshold: float = 0.5
     text_threshold: float = 0.03
     max_silence_ms: int = 1500
+    # Where whisper was unsure of the transcript at a pause (its mean log-probability per token
+    # below unsure_logprob: garbled words, which the text score cannot judge), that pause ends
+    # the turn after unsure_silence_ms instead of max_silence_ms. 0: off.
+    # -1.0 and 1000: no paused utterance of the turn set cut off that was not cut before (fragments
+    # at a mid-sentence pause often read below -0.5 too: docs/turn-taking.md, session 21).
+    unsure_logprob: float = -1.0
+    unsure_silence_ms: int = 1000
     # A Smart Turn v3 ONNX file; "": the v3.2 model in the pipecat-ai wheel (install.sh).
     model: str = ""
     threads: int = 1
@@ -144,6 +151,11 @@ class TurnConfig:
             raise ConfigError("turn.check_silence_ms must be at least 20 and below turn.max_silence_ms")
         if self.threads < 1:
             raise ConfigError("turn.threads must be at least 1")
+        if self.unsure_silence_ms and not self.check_silence_ms < self.unsure_silence_ms < self.max_silence_ms:
+            raise ConfigError("turn.unsure_silence_ms must be 0 (off) or between turn.check_silence_ms and "
+                              "turn.max_silence_ms")
+        if self.unsure_logprob > 0:
+            raise ConfigError("turn.unsure_logprob is a log-probability: at most 0")
 
 
 @dataclass

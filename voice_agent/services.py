@@ -27,7 +27,8 @@ Contract:
   a cancelled request leaves the queue), judged by `voice_agent.end_of_turn.decide` with the
   [turn] thresholds. `end_silence_ms` is the silence after which a turn ends without a verdict
   (`turn.max_silence_ms`; `vad.end_silence_ms` for "silence"); `judges_turns` says whether there
-  is a detector at all.
+  is a detector at all. `unsure_silence_ms(transcript)`: the shorter silence for a pause whose
+  transcript whisper was unsure of (`turn.unsure_logprob`, `turn.unsure_silence_ms`; 0: none).
 - `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state (the main
   endpointer emits a `PauseCheck` at each `turn.check_silence_ms` pause when a turn model is
   loaded); a chunker serves one reply (its first chunk may end at a clause or a phrase start:
@@ -255,6 +256,16 @@ class ModelServices:
             raise
         job.add_done_callback(done)
         return await asyncio.shield(job)
+
+    def unsure_silence_ms(self, transcript: str) -> int:
+        """The shorter silence that ends a turn whose transcript so far whisper was unsure of
+        (its mean log-probability per token below turn.unsure_logprob: garbled words, which the
+        text score cannot judge); 0 where it was sure, or the rule is off."""
+        turn = self.config.turn
+        logprob = getattr(transcript, "avg_logprob", None)  # an audio.asr.Transcript's
+        if not turn.unsure_silence_ms or logprob is None or logprob >= turn.unsure_logprob:
+            return 0
+        return turn.unsure_silence_ms
 
     def turn_silence_ms(self, vad: VadSettings | None) -> int:
         """The silence that ends a turn without a verdict, under a call's turn detection."""

@@ -21,7 +21,9 @@ Contract:
   (`PauseCheck`); `services.end_of_turn` judges it (the text detector on a speculative decode of
   the utterance, which the final transcript then reuses) and a verdict of "over" ends the turn
   at once, if the caller has not spoken since; else the turn ends after `services.end_silence_ms`
-  of silence. docs/turn-taking.md.
+  of silence, or after `turn.unsure_silence_ms` where whisper was unsure of the transcript it
+  read (`services.unsure_silence_ms`: garbled words, which the text detector cannot judge; the
+  turn's `end_of_turn` metric says "unsure"). docs/turn-taking.md.
 - Echo gate (`agent.echo_gate_ratio`; 0 is off): while a reply plays (from the writer's first
   byte) and for 0.8 s after, caller audio that is only the reply's echo is silenced before the
   VAD and ASR, so a speakerphone does not interrupt the agent. The call's echo path
@@ -468,7 +470,9 @@ class _Turn:
     record: TurnRecord
     end_verdict: Any = None  # the newest end-of-turn verdict (voice_agent.end_of_turn.TurnVerdict) in this turn
     end_check_ms: float | None = None  # how long that verdict took
-    ended_by: str | None = None  # "model" (a verdict) or "silence" (the fallback); None: not by the VAD
+    # "model" (a verdict), "unsure" (the shorter silence after an unsure transcript: turn.unsure_*)
+    # or "silence" (the fallback); None: not by the VAD
+    ended_by: str | None = None
     llm_finish: str | None = None  # why the LLM's reply ended ("eos", "repetition", "length", ...)
     t_speech_end: float | None = None  # monotonic: the reference of the latencies
     t_asr: float | None = None
@@ -849,7 +853,8 @@ class Session:
                 self._judge_pause(ev)
             else:
                 if self._user_turn is not None:
-                    self._user_turn.ended_by = "silence"
+                    # early: a pause the end-of-turn check shortened (an unsure transcript)
+                    self._user_turn.ended_by = "unsure" if ev.early else "silence"
                 await self._on_speech_ended(self._ep_origin_s + ev.speech_end_s, ev.audio)
         if self._pause_endpointer is not None:
             for ev in self._pause_endpointer.feed(audio):
@@ -996,9 +1001,12 @@ class Session:
             # A text detector reads the transcript so far: a speculative decode, which the final
             # transcript reuses when the turn ends in this pause (only silence is added). The
             # LLM starts on it meanwhile (the speculative start), while the verdict is computed.
+            heard: list[str] = []
+
             async def transcript() -> str:
                 text = await self._asr.hypothesis(check.audio, AsrPriority.SPECULATIVE)
                 self._speculate_on(turn, text)
+                heard.append(text)
                 return text
 
             verdict = await self.services.end_of_turn(check.audio, transcript, owner=self.call_id)
@@ -1012,7 +1020,16 @@ class Session:
         self._turn_check_failed = False
         turn.end_verdict = verdict
         turn.end_check_ms = (self._clock() - started) * 1000
-        if not verdict.over or self._user_turn is not turn:
+        if self._user_turn is not turn:
+            return
+        if not verdict.over:
+            # Whisper unsure of the words: the text score cannot judge them, so this pause ends
+            # the turn after turn.unsure_silence_ms instead of the full fallback.
+            unsure_ms = self.services.unsure_silence_ms(heard[0]) if heard else 0
+            if unsure_ms:
+                for ev in self._endpointer.shorten_pause(check.pause_id, unsure_ms):
+                    turn.ended_by = "unsure"
+                    await self._on_speech_ended(self._ep_origin_s + ev.speech_end_s, ev.audio)
             return
         for ev in self._endpointer.end_turn(check.pause_id):
             turn.ended_by = "model"

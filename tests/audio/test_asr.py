@@ -63,6 +63,19 @@ def test_empty_and_silent_audio_give_empty_text(transcriber):
     assert transcriber.transcribe(np.zeros(SR, np.float32)) == ""
 
 
+def test_a_transcript_says_how_sure_whisper_was(synthesizer, transcriber):
+    """avg_logprob: high for clear speech, low for speech whisper cannot make out (the same
+    audio reversed), None where no model ran; the transcript is the text either way."""
+    for sentence in ROUND_TRIP_SENTENCES[1:3]:  # about -0.15 each (the first: -0.4, too near the bound)
+        audio = synthesizer.synthesize(sentence, sample_rate_hz=SR)
+        clear, garbled = transcriber.transcribe(audio), transcriber.transcribe(audio[::-1].copy())
+        print(f"{sentence!r}: {clear.avg_logprob:.3f}; reversed {str(garbled)!r}: {garbled.avg_logprob:.3f}")
+        assert isinstance(clear, str) and normalize(clear) == normalize(sentence)
+        assert -0.5 < clear.avg_logprob <= 0.0
+        assert garbled.avg_logprob < -0.8
+    assert transcriber.transcribe(np.zeros(SR, np.float32)).avg_logprob is None
+
+
 @pytest.mark.parametrize(
     ("audio", "rate", "message"),
     [

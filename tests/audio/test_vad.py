@@ -168,6 +168,51 @@ def test_pause_checks_come_once_per_pause_and_end_turn_closes_the_turn_early(two
     np.testing.assert_array_equal(early.audio, ended[0].audio[: early.audio.size])
 
 
+def test_a_shortened_pause_ends_the_turn_at_its_own_silence_and_only_that_pause(espeak):
+    """shorten_pause: the pause ends the turn after its shorter silence (early), at once if it is
+    already that long; speech after it, or another turn, keeps the full end silence."""
+    words = espeak("Book a table")
+    lead = np.zeros(SR * 3 // 10, np.float32)
+    silence = np.zeros(SR, np.float32)
+
+    def run(shorten_ms: int, at_check: bool = True):
+        endpointer = Endpointer(SR, end_silence_ms=900, check_silence_ms=100)
+        events = []
+        for chunk in np.array_split(np.concatenate([lead, words, silence]), 80):
+            for e in endpointer.feed(chunk):
+                events.append(e)
+                if isinstance(e, PauseCheck) and at_check:
+                    events += endpointer.shorten_pause(e.pause_id, shorten_ms)
+        return endpointer, events
+
+    _, full = run(0, at_check=False)
+    (plain,) = [e for e in full if isinstance(e, SpeechEnded)]
+    assert not plain.early and plain.t_s - plain.speech_end_s == pytest.approx(0.9, abs=0.021)
+    _, events = run(400)
+    (short,) = [e for e in events if isinstance(e, SpeechEnded)]
+    assert short.early and short.speech_end_s == plain.speech_end_s
+    assert short.t_s - short.speech_end_s == pytest.approx(0.4, abs=0.021)
+    # Shortened to less than the pause already lasts: the turn ends at once, from the call.
+    endpointer = Endpointer(SR, end_silence_ms=900, check_silence_ms=100)
+    events = feed_all(endpointer, np.concatenate([lead, words, silence[: SR // 2]]))
+    (check,) = [e for e in events if isinstance(e, PauseCheck)]
+    (now,) = endpointer.shorten_pause(check.pause_id, 200)
+    assert now.early and not endpointer.in_speech and now.speech_end_s == plain.speech_end_s
+    assert endpointer.shorten_pause(check.pause_id, 200) == [], "that turn is over already"
+    # The caller speaks again: the next pause has the full end silence.
+    endpointer = Endpointer(SR, end_silence_ms=900, check_silence_ms=100)
+    events = feed_all(endpointer, np.concatenate([lead, words, silence[: SR // 5]]))
+    (check,) = [e for e in events if isinstance(e, PauseCheck)]
+    assert endpointer.shorten_pause(check.pause_id, 400) == []
+    more = espeak("for two")
+    more = more[np.flatnonzero(np.abs(more) > 0.01)[0]:]  # espeak's own lead silence would lengthen the pause
+    events = feed_all(endpointer, np.concatenate([more, silence]))
+    (ended,) = [e for e in events if isinstance(e, SpeechEnded)]
+    assert not ended.early and ended.t_s - ended.speech_end_s == pytest.approx(0.9, abs=0.021)
+    with pytest.raises(AudioError, match="silence_ms"):
+        endpointer.shorten_pause(1, -1)
+
+
 def test_a_pause_check_goes_stale_when_speech_resumes(espeak):
     words = espeak("Book a table")
     pause = np.zeros(SR * 3 // 10, np.float32)

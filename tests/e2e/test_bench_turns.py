@@ -50,18 +50,24 @@ def test_a_verdict_ends_the_turn_where_it_says_over(paused_item):
 
     def over_at_the_end(k, audio):
         calls.append(audio.size / RATE)
-        return audio.size / RATE > paused_item.speech_end_s - 0.5, 0.1  # the last pause only; 100 ms late
+        return audio.size / RATE > paused_item.speech_end_s - 0.5, 0.1, 0  # the last pause only; 100 ms late
 
     end = first_end_s(paused_item, endpointer, end_silence_ms=1500, check_ms=100, verdict=over_at_the_end)
     wait = outcome(paused_item, end)
     assert isinstance(wait, float) and 200 <= wait <= 450, wait
     assert len(calls) >= 2, "the spliced pause and the end were both judged"
-    always = first_end_s(paused_item, endpointer, end_silence_ms=1500, check_ms=100, verdict=lambda k, a: (True, 0.05))
+    always = first_end_s(paused_item, endpointer, end_silence_ms=1500, check_ms=100, verdict=lambda k, a: (True, 0.05, 0))
     assert outcome(paused_item, always) == "cut"
-    never = first_end_s(paused_item, endpointer, end_silence_ms=1500, check_ms=100, verdict=lambda k, a: (False, 0.05))
+    never = first_end_s(paused_item, endpointer, end_silence_ms=1500, check_ms=100, verdict=lambda k, a: (False, 0.05, 0))
     assert outcome(paused_item, never) >= 1500
+    # Not over, but an unsure transcript: the pause ends the turn after the shorter silence,
+    # here inside the 800 ms spliced pause (a cut); one longer than the pause cuts nothing.
+    unsure = first_end_s(paused_item, endpointer, end_silence_ms=1500, check_ms=100, verdict=lambda k, a: (False, 0.05, 500))
+    assert outcome(paused_item, unsure) == "cut"
+    patient = first_end_s(paused_item, endpointer, end_silence_ms=1500, check_ms=100, verdict=lambda k, a: (False, 0.05, 1000))
+    assert 1000 <= outcome(paused_item, patient) <= 1000 + 250
     # A verdict slower than the pause comes too late to end anything there.
-    slow = first_end_s(paused_item, endpointer, end_silence_ms=1500, check_ms=100, verdict=lambda k, a: (k > 0, 1.0))
+    slow = first_end_s(paused_item, endpointer, end_silence_ms=1500, check_ms=100, verdict=lambda k, a: (k > 0, 1.0, 0))
     assert outcome(paused_item, slow) != "cut"
     assert outcome(paused_item, None) == "missed"
 
@@ -82,7 +88,7 @@ def test_the_command_writes_a_table_json_and_plot(tmp_path, monkeypatch, capsys)
     add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path), "--tag", "t", "--cache-dir", str(tmp_path / "cache"),
                               "--silence-ms", "600", "--checks-ms", "100", "--thresholds", "0.5", "--text-thresholds", "0.03",
-                              "--no-progress"])
+                              "--unsure-silence-ms", "600", "--no-progress"])
     assert run(args, load_config()) == 0
     document = json.loads((tmp_path / "t.json").read_text())
     assert len(document["items"]) == 2 * 2 * 2  # 2 sentences x 2 voices x (complete, paused)

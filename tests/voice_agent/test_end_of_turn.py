@@ -136,3 +136,22 @@ def test_the_cached_prefix_gives_the_scores_of_a_whole_forward(scorer):
         assert scorer.probability(text) == pytest.approx(whole, rel=1e-3, abs=1e-7)
     # A transcript longer than the cache holds keeps its newest words.
     assert 0.0 <= scorer.probability("and then " * 200 + "that is all") <= 1.0
+
+
+def test_an_unsure_transcript_gets_the_shorter_silence_and_the_settings_are_checked():
+    from types import SimpleNamespace
+
+    from audio.asr import Transcript
+    from voice_agent.config import ConfigError, TurnConfig
+
+    def unsure_ms(text, **turn):
+        return ModelServices.unsure_silence_ms(SimpleNamespace(config=SimpleNamespace(turn=TurnConfig(**turn))), text)
+
+    assert unsure_ms(Transcript("book a tab", -1.3)) == TurnConfig().unsure_silence_ms == 1000
+    assert unsure_ms(Transcript("book a table for", -0.6)) == 0
+    assert unsure_ms("no confidence attached") == 0 and unsure_ms(Transcript("", None)) == 0
+    assert unsure_ms(Transcript("book a tab", -1.3), unsure_silence_ms=0) == 0  # off
+    assert unsure_ms(Transcript("book a tab", -1.3), unsure_logprob=-1.5) == 0
+    for bad in ({"unsure_silence_ms": 1500}, {"unsure_silence_ms": 50}, {"unsure_logprob": 0.5}):
+        with pytest.raises(ConfigError, match="unsure"):
+            TurnConfig(**bad)

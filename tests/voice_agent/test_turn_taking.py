@@ -81,6 +81,32 @@ def test_an_unfinished_turn_waits_for_the_fallback_silence():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("logprob", [-0.9, -0.1])
+def test_a_pause_after_an_unsure_transcript_ends_the_turn_after_the_shorter_silence(logprob):
+    """Whisper unsure of the words (garbled speech): the text score cannot judge them, so the
+    pause ends the turn after the shorter silence (turn.unsure_silence_ms), said in the metrics;
+    a transcript whisper was sure of waits for the full fallback."""
+    async def main():
+        session, services, clock = make(lambda text: 0.1, end_silence_ms=1500)
+        services.turn_reads_text = True
+        services.asr_logprob, services.unsure_ms = logprob, 600
+        await feed(session, clock, bursts(3))
+        await feed(session, clock, silence(500))
+        assert stopped(drain(session.outbox)) == []
+        await feed(session, clock, silence(200))
+        events = drain(session.outbox)
+        if logprob > -0.5:
+            assert stopped(events) == [], "sure of 'what is the', not over: keep listening"
+            await feed(session, clock, silence(900))
+            events = drain(session.outbox)
+        assert len(stopped(events)) == 1
+        assert [e.text for e in events if isinstance(e, TranscriptFinal)] == ["what is the"]
+        await session.close()
+        assert session.turns[-1].metrics["end_of_turn"] == ("unsure" if logprob < -0.5 else "silence")
+
+    asyncio.run(main())
+
+
 def test_a_pause_inside_a_sentence_is_judged_again_at_the_next_pause():
     async def main():
         verdicts = iter([0.2, 0.95])  # "what is the" ... "weather like": unfinished, then done

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
+from audio.asr import Transcript
 from audio.resample import Resampler
 from audio.text import SentenceChunker
 from audio.vad import PauseCheck, SpeechEnded, SpeechStarted
@@ -68,6 +69,7 @@ class FakeEndpointer:
         self._silence_run = 0
         self._first_voiced = 0
         self._open_pause = -1
+        self._pause_end = 0  # shorten_pause's frames for the open pause, 0: end_frames
 
     def time_s(self) -> float:
         return self._frames * 0.02
@@ -102,8 +104,11 @@ class FakeEndpointer:
             self._silence_run = 0 if voiced else self._silence_run + 1
             if voiced:
                 self._open_pause = -1
+                self._pause_end = 0
             if self._silence_run >= self.end_frames:
                 events.append(self._close())
+            elif self._pause_end and self._silence_run >= self._pause_end:
+                events.append(self._close(early=True))
             elif self.check_frames and self._silence_run == self.check_frames:
                 self._pauses += 1
                 self._open_pause = self._pauses
@@ -115,6 +120,12 @@ class FakeEndpointer:
             return []
         return [self._close(early=True)]
 
+    def shorten_pause(self, pause_id: int, silence_ms: int) -> list:
+        if not self.in_speech or pause_id != self._open_pause:
+            return []
+        self._pause_end = max(1, silence_ms // 20)
+        return [self._close(early=True)] if self._silence_run >= self._pause_end else []
+
     def _close(self, early: bool = False) -> SpeechEnded:
         ended = SpeechEnded(t_s=self.time_s(), audio=self.utterance_audio(),
                             speech_end_s=self.time_s() - self._silence_run * 0.02, early=early)
@@ -122,6 +133,7 @@ class FakeEndpointer:
         self._voiced_run = 0
         self._utt = []
         self._open_pause = -1
+        self._pause_end = 0
         return ended
 
 
@@ -235,12 +247,16 @@ class FakeServices:
         self.turn_p: Callable[[object], object] | None = None
         self.turn_reads_text = False
         self.check_silence_ms = 200
+        # Whisper's confidence in every transcript (audio.asr.Transcript.avg_logprob), and the
+        # shorter silence for a pause whose transcript is below -0.5 (0: off; turn.unsure_*).
+        self.asr_logprob: float | None = None
+        self.unsure_ms = 0
 
     async def transcribe(self, audio_16k: np.ndarray, *, priority: AsrPriority = AsrPriority.FINAL, on_start=None,
                          owner=None) -> str:
         if on_start is not None:
             on_start()
-        text = self.asr(audio_16k)
+        text = Transcript(self.asr(audio_16k), self.asr_logprob)
         self.transcribed.append(text)
         self.priorities.append(priority)
         return text
@@ -265,6 +281,10 @@ class FakeServices:
         if load is not None:
             return {"llm_rows": load.rows, "llm_queued": load.queued}
         return {"llm_streams": getattr(self.llm, "open", 0)}  # a remote LLM holds nothing here
+
+    def unsure_silence_ms(self, transcript: str) -> int:
+        logprob = getattr(transcript, "avg_logprob", None)
+        return self.unsure_ms if logprob is not None and logprob < -0.5 else 0
 
     def turn_silence_ms(self, vad) -> int:
         return vad.silence_duration_ms if vad is not None and vad.silence_duration_ms is not None else self.end_silence_ms

@@ -17,8 +17,10 @@ Contract:
   missing espeak-ng raises `UserError`.
 - `first_end_s(item, ...)`: the stream time at which an endpointer ends the item's first turn,
   run exactly as a call runs it (20 ms chunks): silence alone (`check_ms=0`), or pause checks
-  whose verdict `verdict(k, audio) -> (over, seconds)` on the k-th check arrives `seconds` later
-  in stream time and ends the turn if over and the pause still goes on. None: no turn ended.
+  whose verdict `verdict(k, audio) -> (over, seconds, unsure_ms)` on the k-th check arrives
+  `seconds` later in stream time and ends the turn if over and the pause still goes on; if not
+  over, a non-zero `unsure_ms` (an unsure transcript: turn.unsure_silence_ms) lets that pause end
+  the turn after that much silence (`Endpointer.shorten_pause`). None: no turn ended.
 - `outcome(item, end_s)`: "cut" (the turn ended before the caller's last word), "missed" (no
   end) or the wait in ms from the end of the speech to the end of the turn.
 """
@@ -208,28 +210,30 @@ def first_end_s(
     *,
     end_silence_ms: int,
     check_ms: int = 0,
-    verdict: Callable[[int, np.ndarray], tuple[bool, float]] | None = None,
+    verdict: Callable[[int, np.ndarray], tuple[bool, float, int]] | None = None,
 ) -> float | None:
     """When the item's first turn ends (see the module docstring)."""
     from audio.vad import PauseCheck, SpeechEnded
 
     endpointer = make_endpointer(end_silence_ms=end_silence_ms, check_silence_ms=check_ms)
     chunk = int(CHUNK_S * RATE)
-    pending: tuple[float, int, bool] | None = None  # the newest pause's verdict: (due stream time, pause_id, over)
+    pending: tuple[float, int, bool, int] | None = None  # the newest pause's verdict: (due, pause_id, over, unsure_ms)
     checks = 0
     for start in range(0, item.audio.size, chunk):
         t0 = start / RATE
         if pending is not None and pending[0] < t0 + CHUNK_S:  # the verdict arrives within this chunk
-            (due, pause_id, over), pending = pending, None
+            (due, pause_id, over, unsure_ms), pending = pending, None
             if over and endpointer.end_turn(pause_id):
+                return max(due, t0)
+            if not over and unsure_ms and endpointer.shorten_pause(pause_id, unsure_ms):
                 return max(due, t0)
         for ev in endpointer.feed(item.audio[start : start + chunk]):
             if isinstance(ev, SpeechEnded):
                 return ev.t_s
             if isinstance(ev, PauseCheck) and verdict is not None:
-                over, seconds = verdict(checks, ev.audio)
+                over, seconds, unsure_ms = verdict(checks, ev.audio)
                 checks += 1
-                pending = (ev.t_s + seconds, ev.pause_id, over)  # a newer pause replaces the older one
+                pending = (ev.t_s + seconds, ev.pause_id, over, unsure_ms)  # a newer pause replaces the older one
     return None
 
 

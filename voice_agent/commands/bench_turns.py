@@ -36,13 +36,14 @@ WAIT_BAR_MS = 250.0
 CUT_BAR = 0.05
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, *, off: bool = False) -> list[int]:
+    """Comma-separated milliseconds, each at least 20 (or 0 where `off`: the rule switched off)."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 20:
-        raise argparse.ArgumentTypeError(f"expected milliseconds of at least 20, got {text!r}")
+    if not values or any(v < 20 and not (off and v == 0) for v in values):
+        raise argparse.ArgumentTypeError(f"expected milliseconds of at least 20{' or 0' if off else ''}, got {text!r}")
     return values
 
 
@@ -67,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text: score that ends the turn (default: 0.001,0.003,0.01,0.03,0.1)")
     parser.add_argument("--max-silence-ms", type=_ints, default=[1500],
                         help="judged detectors: the fallback silence (default: 1500)")
+    parser.add_argument("--unsure-silence-ms", type=functools.partial(_ints, off=True), default=[0],
+                        help="text detectors: the shorter silence after a transcript whisper was unsure of "
+                             "(turn.unsure_silence_ms; 0: off; the configured value is always added; default: 0)")
     parser.add_argument("--detectors", default=",".join(TURN_DETECTORS), help=f"which detectors to run (default: all, {','.join(TURN_DETECTORS)})")
     parser.add_argument("--voices-per-sentence", type=int, default=2,
                         help="recordings per sentence, each in another voice (default: 2: 48 complete + 48 paused items)")
@@ -104,7 +108,8 @@ def _setting_text(row: dict[str, Any]) -> str:
     if row["detector"] == "silence":
         return f"{s['end_silence_ms']} ms"
     over = " & ".join(f"{name}>={s[key]:g}" for name, key in (("p", "threshold"), ("text", "text_threshold")) if key in s)
-    return f"check {s['check_ms']}, {over}, max {s['max_silence_ms']}"
+    unsure = f", unsure {s['unsure_silence_ms']}" if s.get("unsure_silence_ms") else ""
+    return f"check {s['check_ms']}, {over}, max {s['max_silence_ms']}{unsure}"
 
 
 def format_table(rows: list[dict[str, Any]], configured: dict[str, Any]) -> str:
@@ -182,7 +187,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         configured = {"detector": "silence", "setting": {"end_silence_ms": config.vad.end_silence_ms}}
     else:
         configured = {"detector": turn.detector, "setting": _judged_setting(turn.detector, turn.check_silence_ms, turn.threshold,
-                                                                             turn.text_threshold, turn.max_silence_ms)}
+                                                                             turn.text_threshold, turn.max_silence_ms,
+                                                                             turn.unsure_silence_ms)}
         if turn.detector not in detectors:
             detectors.append(turn.detector)
     silences = sorted(set(args.silence_ms) | ({config.vad.end_silence_ms} if turn.detector == "silence" else set()))
@@ -190,6 +196,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     thresholds = sorted(set(args.thresholds) | {turn.threshold})
     text_thresholds = sorted(set(args.text_thresholds) | {turn.text_threshold})
     max_silences = sorted(set(args.max_silence_ms) | {turn.max_silence_ms})
+    unsure_silences = sorted(set(args.unsure_silence_ms) | {turn.unsure_silence_ms})
 
     def progress(done: int, total: int) -> None:
         if not args.no_progress and (done == total or done % 8 == 0):
@@ -227,7 +234,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
             model_ms["smart-turn"].append(1000 * entry["audio_s"])
         if "text" in turn_models(need) and "text_p" not in entry:
             t = time.perf_counter()
-            entry["transcript"] = transcriber().transcribe(audio)
+            heard = transcriber().transcribe(audio)
+            entry["transcript"], entry["asr_logprob"] = str(heard), heard.avg_logprob
             asr_s = time.perf_counter() - t
             t = time.perf_counter()
             entry["text_p"] = scorer.probability(entry["transcript"])
@@ -249,14 +257,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 print(f"  {detector} at {check} ms pauses, {time.monotonic() - started:.0f} s so far", file=sys.stderr, flush=True)
             for threshold, text_threshold in grids[detector]:
                 for max_silence in max_silences:
-                    outcomes = {}
-                    for item in items:
-                        verdict = functools.partial(_verdict, scored, item.item_id, check, detector, threshold, text_threshold)
-                        end = first_end_s(item, endpointer, end_silence_ms=max_silence, check_ms=check, verdict=verdict)
-                        outcomes[item.item_id] = outcome(item, end)
-                    setting = _judged_setting(detector, check, threshold, text_threshold, max_silence)
-                    rows.append(summarize(detector, setting, outcomes, kinds))
-                    per_item[f"{detector} {_setting_text(rows[-1])}"] = outcomes
+                    for unsure in unsure_silences if "text" in turn_models(detector) else [0]:
+                        if unsure >= max_silence:
+                            continue
+                        outcomes = {}
+                        for item in items:
+                            verdict = functools.partial(_verdict, scored, item.item_id, check, detector, threshold,
+                                                        text_threshold, unsure, turn.unsure_logprob)
+                            end = first_end_s(item, endpointer, end_silence_ms=max_silence, check_ms=check, verdict=verdict)
+                            outcomes[item.item_id] = outcome(item, end)
+                        setting = _judged_setting(detector, check, threshold, text_threshold, max_silence, unsure)
+                        rows.append(summarize(detector, setting, outcomes, kinds))
+                        per_item[f"{detector} {_setting_text(rows[-1])}"] = outcomes
 
     configured_row = next(r for r in rows if r["detector"] == configured["detector"] and r["setting"] == configured["setting"])
     passing = [r for r in rows if r["meets_bar"]]
@@ -300,8 +312,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _verdict(scored: Any, item_id: str, check: int, detector: str, threshold: float | None, text_threshold: float | None,
-             k: int, audio: Any) -> tuple[bool, float]:
-    """(over, seconds the verdict took) of the k-th judged pause of an item, from cached scores."""
+             unsure_ms: int, unsure_logprob: float, k: int, audio: Any) -> tuple[bool, float, int]:
+    """(over, seconds the verdict took, the shorter silence of an unsure transcript or 0) of the
+    k-th judged pause of an item, from cached scores (the session's rule: services.unsure_silence_ms)."""
     from voice_agent.end_of_turn import decide
 
     e = scored(item_id, check, k, audio, detector)
@@ -309,14 +322,19 @@ def _verdict(scored: Any, item_id: str, check: int, detector: str, threshold: fl
     text_p = e["text_p"] if text_threshold is not None else None
     over = decide(audio_p, text_p, threshold or 0.0, text_threshold or 0.0)
     seconds = max(e["audio_s"] if audio_p is not None else 0.0, e["text_s"] if text_p is not None else 0.0)
-    return over, seconds
+    logprob = e.get("asr_logprob") if text_p is not None else None
+    unsure = unsure_ms if logprob is not None and logprob < unsure_logprob else 0
+    return over, seconds, unsure
 
 
-def _judged_setting(detector: str, check: int, threshold: float | None, text_threshold: float | None, max_silence: int) -> dict[str, Any]:
+def _judged_setting(detector: str, check: int, threshold: float | None, text_threshold: float | None, max_silence: int,
+                    unsure_silence: int = 0) -> dict[str, Any]:
     setting: dict[str, Any] = {"check_ms": check}
     if "smart-turn" in turn_models(detector):
         setting["threshold"] = threshold
     if "text" in turn_models(detector):
         setting["text_threshold"] = text_threshold
     setting["max_silence_ms"] = max_silence
+    if "text" in turn_models(detector):
+        setting["unsure_silence_ms"] = unsure_silence
     return setting
