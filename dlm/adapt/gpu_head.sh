@@ -4,8 +4,8 @@
 #
 #   bash dlm/adapt/gpu_head.sh pack    # here: .gpu/up1 and .gpu/up2, the folders the calls carry
 #   bash dlm/adapt/gpu_head.sh call1   # carry .gpu/up1: the base GGUF's first part and `gguf`; GPU and versions
-#   bash dlm/adapt/gpu_head.sh call2   # carry .gpu/up2: its second part, the adapter, the shipped head,
-#                                      # the fourth reply file; bench (float32), features, heads one
+#   bash dlm/adapt/gpu_head.sh call2   # carry .gpu/up2: its second part, the adapter, the shipped head;
+#                                      # bench (float32), features, heads one
 #                                      # after another while time is left, the best heads back
 #
 # call2 must follow call1 while the machine is warm (the first part waits in $W on its disk).
@@ -23,7 +23,6 @@ OUT=${OUT:-$W/out}
 BASE_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 ADAPTER=dlm/assets/smollm2-135m-grounded.safetensors
 HEAD=dlm/assets/smollm2-135m-draft-head.safetensors
-MORE2=smollm2-135m-grounded-greedy-more2.jsonl.gz
 STEPS=${HEAD_STEPS:-4500}
 export PYTHONUNBUFFERED=1
 mkdir -p "$W" "$OUT"
@@ -32,7 +31,7 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
 case "${1:-}" in
 pack)
     # Part 0 fills call 1 beside the working tree (about 3 MB once the large tracked files are
-    # left out); part 1 goes with the adapter, the head and the replies in call 2.
+    # left out); part 1 goes with the adapter and the head in call 2.
     base=$("${PY}" -c "from dlm.adapt.pipeline import default_base; print(default_base())")
     rm -rf .gpu && mkdir -p .gpu/up1 .gpu/up2 .gpu/parts
     "${PY}" -m dlm.adapt split "$base" --out .gpu/parts --part-bytes 61500000 >/dev/null || exit 1
@@ -40,7 +39,6 @@ pack)
     cp .gpu/parts/$BASE_NAME.manifest.json .gpu/up2/ && rm -r .gpu/parts
     "${PY}" -c "from pathlib import Path; from dlm.adapt.pack import _vendor_gguf; _vendor_gguf(Path('.gpu/up1/site'))"
     cp "$ADAPTER" "$HEAD" .gpu/up2/
-    cp "runs/$MORE2" .gpu/up2/ || exit 1
     du -sb .gpu/up1 .gpu/up2
     ;;
 call1)
@@ -78,7 +76,7 @@ call2)
     log "bench exit $?"; tail -25 "$OUT/bench-llm-$DEVICE-float32.txt"
 
     data=(dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz dlm/assets/smollm2-135m-teacher-greedy.jsonl.gz
-          dlm/assets/smollm2-135m-grounded-greedy-more.jsonl.gz "$W/$MORE2")
+          dlm/assets/smollm2-135m-grounded-greedy-more.jsonl.gz dlm/assets/smollm2-135m-grounded-greedy-more2.jsonl.gz)
     # shellcheck disable=SC2206  # DATA: a list of files on purpose (a rehearsal's small data)
     [ -z "${DATA:-}" ] || data=($DATA)
     head_run() {  # name, then the drafter command's options
@@ -91,13 +89,13 @@ call2)
             --time-budget-s "$(upto "$TRAIN_S" 90)" "${small[@]}" "$@" > "$W/$name.log" 2>&1
         echo "$name exit $? $*: $(tail -c 400 "$W/$name/drafter-eval.json" 2>/dev/null | tr -d '\n ')" | tee -a "$OUT/steps.log"
     }
-    log "head h0 (session 19's recipe: its features for the others), $(left) s left"
-    TRAIN_S=100 head_run h0 --layers 2
+    log "head h0 (the shipped head's recipe: its features for the others), $(left) s left"
+    TRAIN_S=100 head_run h0 --layers 2 --soft 0.5
     # One run at a time: four at once on the one GPU printed nothing in 297 s and were killed
     # (session 21), where one alone takes about 100 s with h0's features. Best first.
     TRAIN_S=75
-    for run in "h1 --layers 2 --soft 0.5" "h2 --layers 3 --soft 0.5" "h3 --layers 2 --soft 0.5 --feature-layers 2,15" \
-               "h4 --layers 2 --soft 0.9" "h5 --layers 2 --soft 0.5 --batch-size 1024"; do
+    for run in "h1 --layers 3 --soft 0.5" "h2 --layers 2 --soft 0.5 --feature-layers 2,15" "h3 --layers 2 --soft 0.9" \
+               "h4 --layers 2 --soft 0.5 --batch-size 1024"; do
         [ "$(left)" -gt 130 ] || break
         log "head ${run%% *}, $(left) s left"
         # shellcheck disable=SC2086  # the run's name and options, split on purpose
