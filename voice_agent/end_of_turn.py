@@ -7,7 +7,8 @@ Contract:
   (Smart Turn's P >= `threshold`, the text score >= `text_threshold`; with both, both must agree,
   so that neither alone cuts a caller off). The two scores live on different scales (the text
   score is a raw next-token probability, below 0.5 even for finished requests), hence two
-  thresholds.
+  thresholds. `unsure_silence_ms(avg_logprob, unsure_logprob, silence_ms)`: where a verdict is not
+  "over", the shorter silence for a transcript whisper was unsure of (turn.unsure_*), else 0.
 - `TextTurnScorer(loaded)`: `loaded` is a dlm `LoadedModel` of a causal chat model with a chat
   template (the embedded SmolLM2-135M-Instruct; `load_text_scorer(name)` loads one by registry
   name in bfloat16, the fastest dtype on this CPU's AMX).
@@ -34,7 +35,7 @@ from typing import Any
 
 from voice_agent.transcription import normalize_transcript
 
-__all__ = ["MAX_TOKENS", "TextTurnScorer", "TurnVerdict", "decide", "load_text_scorer"]
+__all__ = ["MAX_TOKENS", "TextTurnScorer", "TurnVerdict", "decide", "load_text_scorer", "unsure_silence_ms"]
 
 MAX_TOKENS = 96
 _MARK = "\x00turn\x00"
@@ -52,6 +53,15 @@ def decide(audio_p: float | None, text_p: float | None, threshold: float, text_t
     scores = [(audio_p, threshold), (text_p, text_threshold)]
     present = [(p, t) for p, t in scores if p is not None]
     return bool(present) and all(p >= t for p, t in present)
+
+
+def unsure_silence_ms(avg_logprob: float | None, unsure_logprob: float, silence_ms: int) -> int:
+    """The shorter silence that ends a turn at a pause whose transcript whisper was unsure of:
+    `silence_ms` where its mean log-probability per token is below `unsure_logprob` (garbled
+    words, which the text score cannot judge), else 0; 0 also where the rule is off."""
+    if not silence_ms or avg_logprob is None or avg_logprob >= unsure_logprob:
+        return 0
+    return silence_ms
 
 
 class TextTurnScorer:

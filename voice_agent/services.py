@@ -261,11 +261,11 @@ class ModelServices:
         """The shorter silence that ends a turn whose transcript so far whisper was unsure of
         (its mean log-probability per token below turn.unsure_logprob: garbled words, which the
         text score cannot judge); 0 where it was sure, or the rule is off."""
+        from voice_agent.end_of_turn import unsure_silence_ms
+
         turn = self.config.turn
-        logprob = getattr(transcript, "avg_logprob", None)  # an audio.asr.Transcript's
-        if not turn.unsure_silence_ms or logprob is None or logprob >= turn.unsure_logprob:
-            return 0
-        return turn.unsure_silence_ms
+        # an audio.asr.Transcript's confidence; a plain str has none
+        return unsure_silence_ms(getattr(transcript, "avg_logprob", None), turn.unsure_logprob, turn.unsure_silence_ms)
 
     def turn_silence_ms(self, vad: VadSettings | None) -> int:
         """The silence that ends a turn without a verdict, under a call's turn detection."""

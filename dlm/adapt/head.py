@@ -21,7 +21,8 @@ token is the one t's prediction made final), and the targets t + 2 .. t + 1 + n_
 entropy over the head's vocabulary, weight `slot_decay ** i`: a draft counts only if every earlier
 one was accepted; with `soft`, that share of each target's loss is the cross entropy to the
 teacher's whole distribution there instead, computed from the stored final states). A share of
-samples (`short_window`) sees fewer pairs, as right after a prefill. The vocabulary is every token the training replies use (targets outside it cannot be drafted).
+samples (`short_window`) sees fewer pairs, as right after a prefill. The vocabulary is every
+token the training replies use (targets outside it cannot be drafted).
 
 `evaluate_head(loaded, head, examples)` reports each slot's agreement with the teacher on
 held-out replies and, for each draft length n, the tokens per forward of greedy verification as
@@ -138,25 +139,27 @@ def head_features(loaded: Any, examples: list[Example], desc: str = "features", 
     longest = max(map(len, seqs))
     cache = model.new_cache(batch_size, longest, device=device)
     out: list[Tensor | None] = [None] * len(seqs)
-    with torch.no_grad(), tqdm(total=len(seqs), desc=desc, unit="seq", mininterval=2.0) as bar:
-        for start in range(0, len(order), batch_size):
-            picked = order[start:start + batch_size]
-            T = max(len(seqs[i]) for i in picked)
-            ids = torch.tensor([seqs[i] + [0] * (T - len(seqs[i])) for i in picked], device=device)
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
-            positions = torch.arange(T, device=device)[None].expand(len(picked), T)
-            taps.clear()
-            h = model(ids, positions, causal, cache=cache, cache_rows=torch.arange(len(picked), device=device),
-                      hidden=True)
-            if len(taps) != len(layers):
-                raise ValueError(f"feature layers {list(layers)}: this model's forward does not run them one by one "
-                                 "(load it with weights='dense')")
-            h = torch.cat([*taps, h.float()], dim=-1).to(torch.float16).cpu()
-            for row, i in enumerate(picked):
-                out[i] = h[row, : len(seqs[i])].clone()
-            bar.update(len(picked))
-    for hook in hooks:
-        hook.remove()
+    try:
+        with torch.no_grad(), tqdm(total=len(seqs), desc=desc, unit="seq", mininterval=2.0) as bar:
+            for start in range(0, len(order), batch_size):
+                picked = order[start:start + batch_size]
+                T = max(len(seqs[i]) for i in picked)
+                ids = torch.tensor([seqs[i] + [0] * (T - len(seqs[i])) for i in picked], device=device)
+                causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+                positions = torch.arange(T, device=device)[None].expand(len(picked), T)
+                taps.clear()
+                h = model(ids, positions, causal, cache=cache, cache_rows=torch.arange(len(picked), device=device),
+                          hidden=True)
+                if len(taps) != len(layers):
+                    raise ValueError(f"feature layers {list(layers)}: this model's forward does not run them one by "
+                                     "one (load it with weights='dense')")
+                h = torch.cat([*taps, h.float()], dim=-1).to(torch.float16).cpu()
+                for row, i in enumerate(picked):
+                    out[i] = h[row, : len(seqs[i])].clone()
+                bar.update(len(picked))
+    finally:
+        for hook in hooks:
+            hook.remove()
     return out  # type: ignore[return-value]
 
 

@@ -88,7 +88,7 @@ def test_the_command_writes_a_table_json_and_plot(tmp_path, monkeypatch, capsys)
     add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path), "--tag", "t", "--cache-dir", str(tmp_path / "cache"),
                               "--silence-ms", "600", "--checks-ms", "100", "--thresholds", "0.5", "--text-thresholds", "0.03",
-                              "--unsure-silence-ms", "600", "--no-progress"])
+                              "--unsure-silence-ms", str(load_config().turn.unsure_silence_ms), "--no-progress"])
     assert run(args, load_config()) == 0
     document = json.loads((tmp_path / "t.json").read_text())
     assert len(document["items"]) == 2 * 2 * 2  # 2 sentences x 2 voices x (complete, paused)

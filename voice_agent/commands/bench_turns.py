@@ -11,6 +11,9 @@ and espeak-ng voices), through the real endpointer as a call runs it (the [vad] 
   scores the transcript); "smart-turn+text" at each pair (both must say over). The models really
   run, once per pause; a verdict lands as many milliseconds later in the audio as it took (ASR
   then text score; the longer of that and Smart Turn for both, which run side by side in a call).
+  The text detectors also at each `--unsure-silence-ms` (the configured turn.unsure_silence_ms
+  added; 0: off): a pause whose transcript whisper was unsure of (below turn.unsure_logprob)
+  ends the turn after that much silence when its verdict is not "over".
 Per setting: the median (and p95) wait from the caller's last word to the end of the turn over
 the complete items, and the share of paused items cut off (the turn ended before their last
 word); also complete items cut at a natural pause. The bar (issue "turn-taking latency"): median
@@ -315,16 +318,14 @@ def _verdict(scored: Any, item_id: str, check: int, detector: str, threshold: fl
              unsure_ms: int, unsure_logprob: float, k: int, audio: Any) -> tuple[bool, float, int]:
     """(over, seconds the verdict took, the shorter silence of an unsure transcript or 0) of the
     k-th judged pause of an item, from cached scores (the session's rule: services.unsure_silence_ms)."""
-    from voice_agent.end_of_turn import decide
+    from voice_agent.end_of_turn import decide, unsure_silence_ms
 
     e = scored(item_id, check, k, audio, detector)
     audio_p = e["audio_p"] if threshold is not None else None
     text_p = e["text_p"] if text_threshold is not None else None
     over = decide(audio_p, text_p, threshold or 0.0, text_threshold or 0.0)
     seconds = max(e["audio_s"] if audio_p is not None else 0.0, e["text_s"] if text_p is not None else 0.0)
-    logprob = e.get("asr_logprob") if text_p is not None else None
-    unsure = unsure_ms if logprob is not None and logprob < unsure_logprob else 0
-    return over, seconds, unsure
+    return over, seconds, unsure_silence_ms(e.get("asr_logprob") if text_p is not None else None, unsure_logprob, unsure_ms)
 
 
 def _judged_setting(detector: str, check: int, threshold: float | None, text_threshold: float | None, max_silence: int,
