@@ -13,10 +13,11 @@ Contract:
   token. The context's last pair carries the token the verifier has just decided (the
   "bonus"), so unlike mask slots inside the base's forward (dlm/drafter.py) every draft knows the
   token before it.
-- `forward(feats, tokens, valid, n)`: feats (B, W, dim) (n_features * dim with `feature_layers`), tokens (B, W), valid (B,) how many of
-  the W pairs (the last ones) are real (fewer where a prefill forward held fewer positions, as a
-  short new turn after prefix reuse) -> logits (B, n, len(vocab)) in float32. The engine always
-  asks for all `n_slots` (the slots see each other: a shorter block is another input).
+- `forward(feats, tokens, valid, n)`: feats (B, W, dim) (n_features * dim with `feature_layers`),
+  tokens (B, W), valid (B,) how many of the W pairs (the last ones) are real (fewer where a
+  prefill forward held fewer positions, as a short new turn after prefix reuse) -> logits (B, n,
+  len(vocab)) in float32. The engine always asks for all `n_slots` (the slots see each other: a
+  shorter block is another input).
 - It runs after the verifying forward, on that forward's hidden states (dlm.speculative's
   `HeadSpeculativeDecoder`): a forward feeds only the last final token and the drafts, so a row's
   forward costs 1 + k positions of the base, and drafting costs one small pass.

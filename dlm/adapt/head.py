@@ -129,6 +129,8 @@ def head_features(loaded: Any, examples: list[Example], desc: str = "features", 
     elsewhere), padded at the end to the batch's longest (causal: padding changes no real
     position's state)."""
     model = loaded.model
+    if any(i >= len(model.model.layers) for i in layers):
+        raise ValueError(f"feature layers {list(layers)}: the base has layers 0..{len(model.model.layers) - 1}")
     taps: list[Tensor] = []
     hooks = [model.model.layers[i].register_forward_hook(lambda _m, _i, out: taps.append(F.rms_norm(
         out.float(), out.shape[-1:]))) for i in layers]

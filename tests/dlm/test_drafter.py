@@ -278,3 +278,12 @@ def test_a_head_on_more_layers_features_trains_and_the_engine_refuses_it(base, t
     assert loaded.config.feature_layers == (0,)
     with pytest.raises(ValueError, match=r"layers \[0\]"):
         SpeculativeEngine(base, loaded, max_batch_size=2)
+
+
+def test_feature_layers_past_the_base_are_refused_with_its_range(base):
+    from dlm.adapt.head import head_features
+
+    examples = [Example([3, 4], [5, 6], [], "x", "greedy", 0, "train")]
+    with pytest.raises(ValueError, match=r"layers 0\.\."):
+        head_features(base, examples, layers=(len(base.model.model.layers),))
+    assert not any(layer._forward_hooks for layer in base.model.model.layers)
