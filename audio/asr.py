@@ -18,8 +18,8 @@ Contract:
 - `.transcribe(audio, sample_rate_hz=16000) -> Transcript`: float32 (or int16) mono audio. A
   `Transcript` is the text (a `str`) carrying whisper's mean log-probability per token,
   `.avg_logprob` (None where no model ran): how sure whisper was of it. Garbled speech reads
-  lower (the e2e bench's piper prompts: -0.6 to -1.0 where the words came out wrong, -0.05 to
-  -0.4 where they came out right). Defined
+  lower (the e2e bench's spoken prompts, read by a throwaway script in session 20: -0.6 to -1.0
+  where the words came out wrong, -0.05 to -0.4 where they came out right). Defined
   behaviour for awkward input: other rates are resampled to 16 kHz; empty or near-silent audio
   (peak below -60 dBFS) gives "" without running the model; samples beyond [-1, 1] are clipped.
   Errors (`AudioError`, raised before the model runs): more than one channel, NaN or infinite

@@ -78,6 +78,9 @@ class HeadTrainConfig:
     checkpoint_every: int = 500  # steps; 0: only at the end and at the time budget
     time_budget_s: float = 0.0  # 0: no limit
 
+    def __post_init__(self) -> None:
+        self.feature_layers = tuple(self.feature_layers)
+
 
 class _Corpus:
     """Every example's tokens and hidden states end to end (each followed by a gap of padding) on
@@ -231,7 +234,6 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     else:
         vocab = _vocab(examples, V)
     device = model.model.embed_tokens.weight.device
-    cfg.feature_layers = tuple(cfg.feature_layers)
     corpus = _Corpus(examples, _features(loaded, examples, out_dir, cfg.feature_layers), cfg.n_slots, device)
     remap = _remap(vocab, V).to(device)
     head = DraftHead(loaded.config, DraftHeadConfig(window=cfg.window, n_slots=cfg.n_slots, n_layers=cfg.n_layers,

@@ -283,8 +283,9 @@ class FakeServices:
         return {"llm_streams": getattr(self.llm, "open", 0)}  # a remote LLM holds nothing here
 
     def unsure_silence_ms(self, transcript: str) -> int:
-        logprob = getattr(transcript, "avg_logprob", None)
-        return self.unsure_ms if logprob is not None and logprob < -0.5 else 0
+        from voice_agent.end_of_turn import unsure_silence_ms
+
+        return unsure_silence_ms(getattr(transcript, "avg_logprob", None), -0.5, self.unsure_ms)
 
     def turn_silence_ms(self, vad) -> int:
         return vad.silence_duration_ms if vad is not None and vad.silence_duration_ms is not None else self.end_silence_ms
