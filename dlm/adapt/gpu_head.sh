@@ -11,7 +11,7 @@
 # call2 must follow call1 while the machine is warm (the first part waits in $W on its disk).
 # A working tree of tracked files travels with each call: docs/gpu-run.md says which files to
 # leave out of it for these calls and how. Knobs: PY (python3), DEVICE (cuda), W (runs/gpu-head),
-# OUT (the device's $OUT), BUDGET_S (call2's wall-time budget, 540), HEAD_STEPS (4500),
+# OUT (the device's $OUT), BUDGET_S (call2's wall-time budget, 540), HEAD_STEPS (4500), BENCH=0 (no bench),
 # N_PROMPTS (24, bench), SMALL=1 (a rehearsal on CPU: tiny steps, two bench prompts), DATA (the
 # reply files, space-separated; default: the four the shipped head was trained on).
 set -uo pipefail
@@ -68,12 +68,14 @@ call2)
     n_prompts=${N_PROMPTS:-24}; small=()
     if [ -n "${SMALL:-}" ]; then n_prompts=2; STEPS=20; small=(--eval-examples 4); fi
 
-    log "bench llm on $DEVICE, float32 (the shipped default against its AR engine)"
-    timeout "$(upto 100 300)" "$PY" -m voice_agent bench --set llm.model=smollm2-135m-drafter llm \
-        --device "$DEVICE" --dtype float32 --weights dense --concurrency 1 --max-new-tokens 64 \
-        --heldout dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz --n-prompts "$n_prompts" \
-        --json "$OUT/bench-llm-$DEVICE-float32.json" > "$OUT/bench-llm-$DEVICE-float32.txt" 2>&1
-    log "bench exit $?"; tail -25 "$OUT/bench-llm-$DEVICE-float32.txt"
+    if [ "${BENCH:-1}" != 0 ]; then
+        log "bench llm on $DEVICE, float32 (the shipped default against its AR engine)"
+        timeout "$(upto 100 300)" "$PY" -m voice_agent bench --set llm.model=smollm2-135m-drafter llm \
+            --device "$DEVICE" --dtype float32 --weights dense --concurrency 1 --max-new-tokens 64 \
+            --heldout dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz --n-prompts "$n_prompts" \
+            --json "$OUT/bench-llm-$DEVICE-float32.json" > "$OUT/bench-llm-$DEVICE-float32.txt" 2>&1
+        log "bench exit $?"; tail -25 "$OUT/bench-llm-$DEVICE-float32.txt"
+    fi
 
     data=(dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz dlm/assets/smollm2-135m-teacher-greedy.jsonl.gz
           dlm/assets/smollm2-135m-grounded-greedy-more.jsonl.gz dlm/assets/smollm2-135m-grounded-greedy-more2.jsonl.gz)
@@ -94,18 +96,17 @@ call2)
     # One run at a time: four at once on the one GPU printed nothing in 297 s and were killed
     # (session 21), where one alone takes about 100 s with h0's features. Best first.
     TRAIN_S=75
-    for run in "h1 --layers 3 --soft 0.5" "h2 --layers 2 --soft 0.5 --feature-layers 2,15" "h3 --layers 2 --soft 0.9" \
-               "h4 --layers 2 --soft 0.5 --batch-size 1024"; do
+    for run in "h1 --layers 2 --soft 0.5 --feature-layers 2,15" "h2 --layers 3 --soft 0.5" \
+               "h3 --layers 2 --soft 0.5 --batch-size 1024" "h4 --layers 2 --soft 0.9" "h5 --layers 2 --soft 0.5 --window 8"; do
         [ "$(left)" -gt 130 ] || break
         log "head ${run%% *}, $(left) s left"
         # shellcheck disable=SC2086  # the run's name and options, split on purpose
         head_run $run
     done
     log "collecting, $(left) s left"
-    # Every run's evaluation and log in one archive; the best heads by tokens per forward at
-    # draft length 3 (the engine's default), in parts of at most 16 MB where larger.
-    (cd "$W" && tar czf "$OUT/head-sweep.tgz" h*/drafter-eval.json h*.log -C "$OUT" $(cd "$OUT" && ls bench-* 2>/dev/null)) \
-        && rm -f "$OUT"/bench-*
+    # The runs ranked by tokens per forward at draft length 3 (the engine's default) in
+    # head-sweep.json; the best heads back, in parts of at most 16 MB where larger. At most 8
+    # files come back: steps.log, one archive, two heads of up to three files each.
     "$PY" - "$W" "$OUT" <<'EOF'
 import json, shutil, sys
 from pathlib import Path
@@ -118,12 +119,11 @@ for ev in sorted(w.glob("h*/drafter-eval.json")):
     runs.append({"run": ev.parent.name, "config": meta["config"], "step": meta["info"].get("step"),
                  "train": meta["info"].get("train"), **json.loads(ev.read_text())})
 runs.sort(key=lambda r: r["tokens_per_forward_by_draft_len"].get("3", 0), reverse=True)
-(out / "head-sweep.json").write_text(json.dumps(runs, indent=1))
-# The best head the engine can run (no feature layers), and the best of the shipped head's size
-# (two layers) where that is another run; of the others only the evaluation comes back.
+(w / "head-sweep.json").write_text(json.dumps(runs, indent=1))
+# The best head of all (with feature layers the engine cannot run it yet) and the best it can
+# run, where that is another run; of the others only the evaluation comes back.
 usable = [r for r in runs if not r["config"].get("feature_layers")]
-two = [r for r in usable if r["config"]["n_layers"] == 2]
-for name in dict.fromkeys(r["run"] for r in usable[:1] + two[:1]):
+for name in dict.fromkeys(r["run"] for r in runs[:1] + usable[:1]):
     head = w / name / "drafter.safetensors"
     if head.stat().st_size <= 16_000_000:
         shutil.copy(head, out / f"{name}-drafter.safetensors")
@@ -131,6 +131,9 @@ for name in dict.fromkeys(r["run"] for r in usable[:1] + two[:1]):
         split_file(head, out / name, 16_000_000)
     print("returned", name)
 EOF
+    # Every run's evaluation and log, the ranking and the bench's text and JSON in one archive.
+    mv "$OUT"/bench-* "$W/" 2>/dev/null
+    (cd "$W" && tar czf "$OUT/head-sweep.tgz" head-sweep.json h*/drafter-eval.json h*.log $(ls bench-* 2>/dev/null))
     log "call2 done, $(left) s left"
     ;;
 *)
