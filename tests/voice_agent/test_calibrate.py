@@ -1,5 +1,5 @@
-"""`voice-agent calibrate`: the config text it writes, a measurement on a tiny model, and a clear
-refusal for a model without a drafter."""
+"""`voice-agent calibrate`: the config text it writes, a measurement on a tiny model (drafted and
+AR), the choice between them, and a clear refusal for a model without a drafter."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from voice_agent.commands.calibrate import measure, with_llm_keys
+from voice_agent.commands.calibrate import choose, measure, with_llm_keys
 from voice_agent.config import default_config_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dlm"))
@@ -37,6 +37,18 @@ def test_measure_reports_time_and_tokens_per_forward():
     loaded.drafter = Drafter(loaded.config, DrafterConfig(rank=4, n_slots=3)).eval()
     r = measure(loaded, [[1, 2, 3], [4, 5]], draft_len=2, tree=True, max_new_tokens=12)
     assert r["tokens"] == 2 * 11 and r["ms_per_token"] > 0 and 1.0 <= r["tokens_per_forward"] <= 3.0
+    ar = measure(loaded, [[1, 2, 3], [4, 5]], draft_len=2, tree=True, max_new_tokens=12, engine_kind="ar")
+    # one forward per token (the first token's, the prefill, is not counted: just over 1)
+    assert ar["tokens"] == 2 * 11 and ar["ms_per_token"] > 0 and 1.0 <= ar["tokens_per_forward"] < 1.1
+
+
+def test_choose_keeps_the_fastest_draft_setting_and_picks_ar_only_where_it_was_faster():
+    drafted = [{"draft_len": 1, "tree": True, "ms_per_token": 9.0}, {"draft_len": 3, "tree": False, "ms_per_token": 7.5},
+               {"draft_len": 4, "tree": True, "ms_per_token": 8.0}]
+    assert choose({"ms_per_token": 10.0}, drafted) == {"engine": '"auto"', "draft_len": "3", "draft_tree": "false"}
+    assert choose({"ms_per_token": 7.0}, drafted) == {"engine": '"ar"', "draft_len": "3", "draft_tree": "false"}
+    written = tomllib.loads(with_llm_keys(default_config_text(), choose({"ms_per_token": 7.0}, drafted)))["llm"]
+    assert (written["engine"], written["draft_len"], written["draft_tree"]) == ("ar", 3, False)
 
 
 def test_a_model_without_a_drafter_is_refused(tmp_path, capsys):

@@ -7,10 +7,13 @@ GPU. This command measures it instead of guessing: for every draft length (1 .. 
 slots) and, for a mask-slot drafter, both layouts (`draft_tree` true: a draft block per possible
 acceptance length; false: one block after the full draft; a draft head has one), it decodes the same voice prompts one at a time, greedy, and
 records the wall time per generated token after the first (the prefill is the same for all) and
-the tokens per forward. It writes the fastest into a config file that it names: a copy of the
-configuration in use (`--config`, else the embedded default) with `llm.draft_len` and
-`llm.draft_tree` set, and a comment with the measurements. Use it with
-`voice-agent serve --config FILE`.
+the tokens per forward; and the same model's AR engine (no drafts: the same replies) as the
+baseline, since on some CPUs a verifying forward over several positions costs nearly as much as
+that many steps (no AMX: docs/benchmarks.md, "A CPU without AMX"). It writes the fastest into a
+config file that it names: a copy of the configuration in use (`--config`, else the embedded
+default) with `llm.engine` ("auto", or "ar" where the AR engine was fastest), `llm.draft_len`
+and `llm.draft_tree` (the fastest draft setting) set, and a comment with the measurements. Use
+it with `voice-agent serve --config FILE`.
 """
 
 from __future__ import annotations
@@ -68,16 +71,17 @@ def with_llm_keys(text: str, values: dict[str, str]) -> str:
 
 
 def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tree: bool,
-            max_new_tokens: int) -> dict[str, float]:
-    """Decode the prompts one at a time with one setting: ms per token after the first, tokens
-    per forward (prefill not counted)."""
+            max_new_tokens: int, engine_kind: str = "auto") -> dict[str, float]:
+    """Decode the prompts one at a time with one setting (`engine_kind` "ar": the AR engine,
+    draft_len and tree unused): ms per token after the first, tokens per forward (prefill not
+    counted)."""
     from dlm.engine import GenerationParams
     from dlm.engines import make_engine
 
     params = GenerationParams(max_new_tokens=max_new_tokens)
     decode_s = 0.0
     tokens = forwards = 0
-    with make_engine(loaded, "auto", max_batch_size=1, draft_len=draft_len, tree=tree) as engine:
+    with make_engine(loaded, engine_kind, max_batch_size=1, draft_len=draft_len, tree=tree) as engine:
         engine.submit(prompts[0], params).result()  # warm-up (and the prompt's prefix, as a call would)
         for prompt in prompts:
             first = last = None
@@ -94,6 +98,14 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
                 forwards += final.steps - final.prefill_steps - 1
     return {"ms_per_token": 1000 * decode_s / max(tokens, 1), "tokens_per_forward": (tokens + 1) / max(forwards + 1, 1),
             "tokens": tokens}
+
+
+def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> dict[str, str]:
+    """The [llm] keys (TOML values) of the fastest setting: the fastest draft setting's length and
+    layout, and the engine: "ar" where the AR engine's ms per token beat every draft setting's."""
+    best = min(drafted, key=lambda r: r["ms_per_token"])
+    engine = "ar" if ar["ms_per_token"] < best["ms_per_token"] else "auto"
+    return {"engine": f'"{engine}"', "draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower()}
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -125,24 +137,34 @@ def run(args: argparse.Namespace, config: Config) -> int:
     # A draft head drafts after the acceptance is known: one chain, so the layout changes nothing.
     layouts = (True,) if isinstance(loaded.drafter, DraftHead) else (True, False)
     settings = [(n, tree) for tree in layouts for n in lens]
-    for i, (n, tree) in enumerate(settings, 1):
+    total = len(settings) + 1
+    ar = measure(loaded, prompts, 1, True, args.max_new_tokens, engine_kind="ar")
+    print(f"[1/{total}] AR engine (no drafts) : {ar['ms_per_token']:7.1f} ms/token", file=sys.stderr, flush=True)
+    for i, (n, tree) in enumerate(settings, 2):
         r = measure(loaded, prompts, n, tree, args.max_new_tokens)
         results.append({"draft_len": n, "tree": tree, **r})
-        print(f"[{i}/{len(settings)}] draft_len {n} {'tree ' if tree else 'chain'}: {r['ms_per_token']:7.1f} ms/token, "
+        print(f"[{i}/{total}] draft_len {n} {'tree ' if tree else 'chain'}: {r['ms_per_token']:7.1f} ms/token, "
               f"{r['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
+    keys = choose(ar, results)
     best = min(results, key=lambda r: r["ms_per_token"])
     template = Path(config.source).read_text(encoding="utf-8") if config.source and Path(config.source).is_file() \
         else default_config_text()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     header = [f"# Written by `voice-agent calibrate` on {stamp} ({platform.processor() or platform.machine()}, "
               f"{resolved.name}, {config.llm.device}): ms per generated token, greedy, one call at a time"]
+    header += [f"#   AR engine (no drafts): {ar['ms_per_token']:.1f} ms/token"]
     header += [f"#   draft_len {r['draft_len']} {'tree ' if r['tree'] else 'chain'}: {r['ms_per_token']:.1f} ms/token, "
                f"{r['tokens_per_forward']:.2f} tokens/forward" for r in results]
-    text = with_llm_keys(template, {"draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower()})
+    text = with_llm_keys(template, keys)
     out = args.out.expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(header) + "\n" + text, encoding="utf-8")
-    print(f"fastest: draft_len {best['draft_len']}, draft_tree {str(best['tree']).lower()} "
-          f"({best['ms_per_token']:.1f} ms/token)")
+    speedup = ar["ms_per_token"] / max(best["ms_per_token"], 1e-9)
+    if keys["engine"] == '"ar"':
+        print(f"fastest: the AR engine ({ar['ms_per_token']:.1f} ms/token; the same replies): the best draft "
+              f"setting, draft_len {best['draft_len']}, ran at {speedup:.2f}x its speed here")
+    else:
+        print(f"fastest: draft_len {best['draft_len']}, draft_tree {str(best['tree']).lower()} "
+              f"({best['ms_per_token']:.1f} ms/token, {speedup:.2f}x the AR engine)")
     print(f"written to {out}: use it with  voice-agent serve --config {out}")
     return 0
