@@ -72,10 +72,12 @@ __all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_SELF_DRAFT_LE
 # One mask slot per draft block: the fastest length for the mask-slot drafter on a 2-core CPU
 # (each slot row costs a share of an AR step, and its later slots are rarely accepted:
 # docs/benchmarks.md, session 16). A draft head's drafts cost one row each in the verifying forward
-# and nothing more: 3 (docs/benchmarks.md, session 18). `voice-agent calibrate` measures it on
-# the machine at hand.
+# and nothing more: 4 with the soft-target head on a CPU with AMX, where a row costs little
+# (session 21: 1.57x the AR engine against 1.54x at 3, 2.38 tokens per forward against 2.22; on
+# all 64 held-out prompts 2.60; docs/benchmarks.md, session 22). Without AMX a row costs nearly a
+# step and no length gains much: `voice-agent calibrate` measures it on the machine at hand.
 DEFAULT_DRAFT_LEN = 1
-DEFAULT_HEAD_DRAFT_LEN = 3
+DEFAULT_HEAD_DRAFT_LEN = 4
 DEFAULT_SELF_DRAFT_LEN = 4  # a block-diffusion model's own drafts (at most its block size)
 
 

@@ -104,7 +104,7 @@ call2)
         head_run $run
     done
     log "collecting, $(left) s left"
-    # The runs ranked by tokens per forward at draft length 3 (the engine's default) in
+    # The runs ranked by tokens per forward at draft length 3 (session 21's default) in
     # head-sweep.json; the best heads back, in parts of at most 16 MB where larger. At most 8
     # files come back: steps.log, one archive, two heads of up to three files each.
     "$PY" - "$W" "$OUT" <<'EOF'
