@@ -45,9 +45,11 @@ def test_measure_reports_time_and_tokens_per_forward():
 def test_choose_keeps_the_fastest_draft_setting_and_picks_ar_only_where_it_was_faster():
     drafted = [{"draft_len": 1, "tree": True, "ms_per_token": 9.0}, {"draft_len": 3, "tree": False, "ms_per_token": 7.5},
                {"draft_len": 4, "tree": True, "ms_per_token": 8.0}]
-    assert choose({"ms_per_token": 10.0}, drafted) == {"engine": '"auto"', "draft_len": "3", "draft_tree": "false"}
-    assert choose({"ms_per_token": 7.0}, drafted) == {"engine": '"ar"', "draft_len": "3", "draft_tree": "false"}
-    written = tomllib.loads(with_llm_keys(default_config_text(), choose({"ms_per_token": 7.0}, drafted)))["llm"]
+    assert choose({"ms_per_token": 10.0}, drafted) == ({"engine": '"auto"', "draft_len": "3", "draft_tree": "false"},
+                                                       drafted[1])
+    keys, best = choose({"ms_per_token": 7.0}, drafted)
+    assert keys == {"engine": '"ar"', "draft_len": "3", "draft_tree": "false"} and best is drafted[1]
+    written = tomllib.loads(with_llm_keys(default_config_text(), keys))["llm"]
     assert (written["engine"], written["draft_len"], written["draft_tree"]) == ("ar", 3, False)
 
 

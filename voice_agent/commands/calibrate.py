@@ -9,7 +9,7 @@ acceptance length; false: one block after the full draft; a draft head has one),
 records the wall time per generated token after the first (the prefill is the same for all) and
 the tokens per forward; and the same model's AR engine (no drafts: the same replies) as the
 baseline, since on some CPUs a verifying forward over several positions costs nearly as much as
-that many steps (no AMX: docs/benchmarks.md, "A CPU without AMX"). It writes the fastest into a
+that many steps (no AMX: docs/benchmarks.md, "Session 22: a CPU without AMX"). It writes the fastest into a
 config file that it names: a copy of the configuration in use (`--config`, else the embedded
 default) with `llm.engine` ("auto", or "ar" where the AR engine was fastest), `llm.draft_len`
 and `llm.draft_tree` (the fastest draft setting) set, and a comment with the measurements. Use
@@ -29,7 +29,7 @@ from typing import Any
 
 from voice_agent.config import Config, default_config_text
 
-HELP = "measure which draft length decodes fastest here and write it into a config file"
+HELP = "measure which draft length decodes fastest here, against the AR engine, and write the fastest into a config file"
 
 DEFAULT_OUT = Path("~/.config/voice-agent/calibrated.toml")
 PROMPTS = [
@@ -100,12 +100,13 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
             "tokens": tokens}
 
 
-def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> dict[str, str]:
-    """The [llm] keys (TOML values) of the fastest setting: the fastest draft setting's length and
-    layout, and the engine: "ar" where the AR engine's ms per token beat every draft setting's."""
+def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, Any]]:
+    """(the [llm] keys as TOML values, the fastest draft setting's measurement): that setting's
+    length and layout, and the engine: "ar" where the AR engine's ms per token beat every draft
+    setting's, else "auto"."""
     best = min(drafted, key=lambda r: r["ms_per_token"])
     engine = "ar" if ar["ms_per_token"] < best["ms_per_token"] else "auto"
-    return {"engine": f'"{engine}"', "draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower()}
+    return {"engine": f'"{engine}"', "draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower()}, best
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -145,8 +146,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         results.append({"draft_len": n, "tree": tree, **r})
         print(f"[{i}/{total}] draft_len {n} {'tree ' if tree else 'chain'}: {r['ms_per_token']:7.1f} ms/token, "
               f"{r['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
-    keys = choose(ar, results)
-    best = min(results, key=lambda r: r["ms_per_token"])
+    keys, best = choose(ar, results)
     template = Path(config.source).read_text(encoding="utf-8") if config.source and Path(config.source).is_file() \
         else default_config_text()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
