@@ -1,6 +1,8 @@
-"""`voice-agent bench llm`: the speed bars computed from the per-reply token timelines."""
+"""`voice-agent bench llm`: the speed bars computed from the per-reply token timelines, and the machine a run names."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +120,23 @@ def test_forward_costs_time_a_step_a_block_and_a_prefill() -> None:
     ratio = costs["bars"]["block_step_ratio"]
     assert ratio["value"] == pytest.approx(costs["block_step_ms"] / costs["step_ms"])
     assert ratio["pass"] == (ratio["value"] <= 1.3)
+
+
+def test_the_environment_names_the_cpu_and_whether_its_amx_products_run(tmp_path, monkeypatch) -> None:
+    from dlm.blocks import amx_available
+    from voice_agent.commands import bench
+
+    env = bench._environment("cpu")
+    assert env["device_name"] == bench._cpu_model() and env["device_name"]
+    assert env["amx"] == (amx_available() or "yes")  # "yes", or why not: the default's arithmetic differs
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: Example\nmodel name\t: Example CPU 9000 @ 3.0GHz\nflags\t\t: fpu\n")
+    real = Path
+
+    def fake_path(p: str, *a):
+        return cpuinfo if p == "/proc/cpuinfo" else real(p, *a)
+
+    monkeypatch.setattr(bench, "Path", fake_path)
+    assert bench._cpu_model() == "Example CPU 9000 @ 3.0GHz"
+    cpuinfo.write_text("processor\t: 0\n")  # no model name (some ARM kernels): what platform says
+    assert bench._cpu_model() == (bench.platform.processor() or bench.platform.machine())

@@ -148,7 +148,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # -- environment ------------------------------------------------------------------------------
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _environment(device: str) -> dict[str, Any]:
+    """Where a run ran: versions, the device by name, on a CPU its model and whether the block
+    kernel's AMX products run there ("amx": "yes", else why not), the git commit."""
     import torch
 
     env: dict[str, Any] = {
@@ -165,6 +178,11 @@ def _environment(device: str) -> dict[str, Any]:
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    if device.startswith("cpu"):
+        from dlm.blocks import amx_available
+
+        env["device_name"] = _cpu_model()
+        env["amx"] = amx_available() or "yes"  # the default model's arithmetic differs with and without
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
@@ -849,7 +867,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _print_table(report: dict[str, Any]) -> None:
     env = report["environment"]
-    print(f"model {report['model']} ({report['family']}) on {env['device']} ({env['device_name']}) {report['dtype']}, "
+    amx = f"; AMX: {env['amx']}" if env.get("amx") else ""
+    print(f"model {report['model']} ({report['family']}) on {env['device']} ({env['device_name']}{amx}) {report['dtype']}, "
           f"torch {env['torch']}, max_new_tokens {report['max_new_tokens']}, policy {report['policy']}, "
           f"compile {report['compile']}")
     for note in report["notes"]:
