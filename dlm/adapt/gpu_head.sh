@@ -12,6 +12,7 @@
 # A working tree of tracked files travels with each call: docs/gpu-run.md says which files to
 # leave out of it for these calls and how. Knobs: PY (python3), DEVICE (cuda), W (runs/gpu-head),
 # OUT (the device's $OUT), BUDGET_S (call2's wall-time budget, 540), HEAD_STEPS (4500), BENCH=0 (no bench),
+# HEADS=0 (no head runs: the bench alone, at the engine's default draft length, with the whole budget),
 # N_PROMPTS (24, bench), SMALL=1 (a rehearsal on CPU: tiny steps, two bench prompts), DATA (the
 # reply files, space-separated; default: the four the shipped head was trained on).
 set -uo pipefail
@@ -70,7 +71,9 @@ call2)
 
     if [ "${BENCH:-1}" != 0 ]; then
         log "bench llm on $DEVICE, float32 (the shipped default against its AR engine)"
-        timeout "$(upto 100 300)" "$PY" -m voice_agent bench --set llm.model=smollm2-135m-drafter llm \
+        # 100 s beside the heads' runs; without them (HEADS=0) as long as the budget lets it.
+        timeout "$(if [ "${HEADS:-1}" = 0 ]; then upto 500 10; else upto 100 300; fi)" \
+            "$PY" -m voice_agent bench --set llm.model=smollm2-135m-drafter llm \
             --device "$DEVICE" --dtype float32 --weights dense --concurrency 1 --max-new-tokens 64 \
             --heldout dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz --n-prompts "$n_prompts" \
             --json "$OUT/bench-llm-$DEVICE-float32.json" > "$OUT/bench-llm-$DEVICE-float32.txt" 2>&1
@@ -91,18 +94,20 @@ call2)
             --time-budget-s "$(upto "$TRAIN_S" 90)" "${small[@]}" "$@" > "$W/$name.log" 2>&1
         echo "$name exit $? $*: $(tail -c 400 "$W/$name/drafter-eval.json" 2>/dev/null | tr -d '\n ')" | tee -a "$OUT/steps.log"
     }
-    log "head h0 (the shipped head's recipe: its features for the others), $(left) s left"
-    TRAIN_S=100 head_run h0 --layers 2 --soft 0.5
-    # One run at a time: four at once on the one GPU printed nothing in 297 s and were killed
-    # (session 21), where one alone takes about 100 s with h0's features. Best first.
-    TRAIN_S=75
-    for run in "h1 --layers 2 --soft 0.5 --feature-layers 2,15" "h2 --layers 3 --soft 0.5" \
-               "h3 --layers 2 --soft 0.5 --batch-size 1024" "h4 --layers 2 --soft 0.9" "h5 --layers 2 --soft 0.5 --window 8"; do
-        [ "$(left)" -gt 130 ] || break
-        log "head ${run%% *}, $(left) s left"
-        # shellcheck disable=SC2086  # the run's name and options, split on purpose
-        head_run $run
-    done
+    if [ "${HEADS:-1}" != 0 ]; then
+        log "head h0 (the shipped head's recipe: its features for the others), $(left) s left"
+        TRAIN_S=100 head_run h0 --layers 2 --soft 0.5
+        # One run at a time: four at once on the one GPU printed nothing in 297 s and were killed
+        # (session 21), where one alone takes about 100 s with h0's features. Best first.
+        TRAIN_S=75
+        for run in "h1 --layers 2 --soft 0.5 --feature-layers 2,15" "h2 --layers 3 --soft 0.5" \
+                   "h3 --layers 2 --soft 0.5 --batch-size 1024" "h4 --layers 2 --soft 0.9" "h5 --layers 2 --soft 0.5 --window 8"; do
+            [ "$(left)" -gt 130 ] || break
+            log "head ${run%% *}, $(left) s left"
+            # shellcheck disable=SC2086  # the run's name and options, split on purpose
+            head_run $run
+        done
+    fi
     log "collecting, $(left) s left"
     # The runs ranked by tokens per forward at draft length 3 (session 21's default) in
     # head-sweep.json; the best heads back, in parts of at most 16 MB where larger. At most 8
@@ -133,7 +138,7 @@ for name in dict.fromkeys(r["run"] for r in runs[:1] + usable[:1]):
 EOF
     # Every run's evaluation and log, the ranking and the bench's text and JSON in one archive.
     mv "$OUT"/bench-* "$W/" 2>/dev/null
-    (cd "$W" && tar czf "$OUT/head-sweep.tgz" head-sweep.json h*/drafter-eval.json h*.log $(ls bench-* 2>/dev/null))
+    (cd "$W" && tar czf "$OUT/head-sweep.tgz" head-sweep.json $(ls h*/drafter-eval.json h*.log bench-* 2>/dev/null))
     log "call2 done, $(left) s left"
     ;;
 *)
