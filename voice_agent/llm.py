@@ -554,7 +554,9 @@ def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
     weights, passed = runnable_weights(registry)
     for skipped, reason in passed:
         if skipped == "blocks-amx":
-            log.info("float32-accurate products on AMX unavailable (%s): float32 blocks instead", reason)
+            log.info("float32-accurate products on AMX unavailable (%s): float32 blocks instead, where a drafted row "
+                     "costs nearly a step, so draft-and-verify gains little over the AR engine; `voice-agent "
+                     "calibrate` measures which is faster here", reason)
         else:
             log.warning("float32 block weights unavailable (%s): the model runs dense float32, slower", reason)
     return weights

@@ -502,7 +502,7 @@ def test_products_on_amx_where_it_cannot_run_are_refused_with_the_reason(monkeyp
     with caplog.at_level(logging.INFO, logger="voice_agent.llm"):
         expected = "blocks" if dlm.blocks.available() is None else "dense"
         assert _registry_weights("blocks-amx", "cpu", "auto") == expected
-    assert "VOICE_AGENT_AMX=0" in caplog.text
+    assert "VOICE_AGENT_AMX=0" in caplog.text and "voice-agent calibrate" in caplog.text  # where to look next
 
 
 def test_a_failed_build_is_reported_and_the_registry_falls_back_to_dense(tmp_path, monkeypatch, caplog):
