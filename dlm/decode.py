@@ -153,6 +153,7 @@ class DecodeSettings:
     seed: int | None  # sampling seed of this request (None: nondeterministic)
     trace: bool = False  # also return a StepTrace of the current block at every step
     draft_len: int = 0  # speculative decoding: mask slots per draft block (0: the decoder's default)
+    accept: float = 1.0  # speculative decoding, greedy: a draft's least share of the top probability (1: exact)
     constraint: Any = None  # this request's dlm.constraints.TokenConstraint (AR decoders only)
 
 

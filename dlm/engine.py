@@ -114,6 +114,10 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before the first one
     trace_steps: bool = False  # also emit a StepTrace of the current block at every step
     draft_len: int = 0  # speculative engine: mask slots per draft block; 0: the engine's (others ignore it)
+    # Speculative engine at temperature 0: a draft is accepted where the verifier gives it at least
+    # `accept` times its top token's probability. 1 (default): exact, the AR replies token for token;
+    # lower: more tokens per forward, other replies (lossy). Sampled rows and other engines ignore it.
+    accept: float = 1.0
     loop_guard: bool = False  # stop a reply that repeats itself, finish_reason "repetition" (dlm.chat.LoopGuard)
     # Format-constrained decoding: makes this request's dlm.constraints.TokenConstraint (AR engines only).
     constraint: Callable[[], Any] | None = None
@@ -372,6 +376,8 @@ class Engine:
             raise bad(f"top_p {p.top_p!r} must lie in (0, 1]")
         if not isinstance(p.draft_len, int) or not 0 <= p.draft_len <= MAX_BLOCK_SIZE:
             raise bad(f"draft_len {p.draft_len!r} must lie in [0, {MAX_BLOCK_SIZE}]")
+        if not isinstance(p.accept, (int, float)) or not 0.0 < p.accept <= 1.0:
+            raise bad(f"accept {p.accept!r} must lie in (0, 1]")
         if len(p.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in p.stop):
             raise bad(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
         if p.constraint is not None and not self.supports_constraints:
@@ -380,7 +386,7 @@ class Engine:
             block_size=block, sub_block_size=sub, max_new_tokens=p.max_new_tokens,
             policy=POLICIES[p.policy], threshold=threshold, factor=p.factor, steps_per_block=steps,
             temperature=p.temperature, top_p=p.top_p, seed=p.seed, trace=p.trace_steps, draft_len=p.draft_len,
-            constraint=p.constraint() if p.constraint is not None else None,
+            accept=float(p.accept), constraint=p.constraint() if p.constraint is not None else None,
         )
         need = self._decoder.required_len(prompt_len, settings)
         if need > self.max_seq_len:

@@ -30,7 +30,9 @@ One step of a row with mask slots (I-DLM / Medusa-style, in one forward over the
   so they never touch the verified cache.
 - Decided: greedy rows accept the longest prefix of drafts equal to the base's argmax, then take
   the base's own next token (the correction, or a bonus where all k were accepted): j + 1 tokens
-  final at once. Sampled rows accept d_i with probability min(1, p(d_i) / q(d_i)) and, on a
+  final at once. (Lossy, opt-in: with `GenerationParams.accept` a < 1 a greedy row accepts the
+  longest prefix of drafts whose base probability is at least a times the top token's; the
+  replies are then no longer the AR model's.) Sampled rows accept d_i with probability min(1, p(d_i) / q(d_i)) and, on a
   rejection, sample the correction from max(p - q, 0) normalised (Leviathan et al. 2023), which
   leaves the output distributed as the base's. The block of the accepted j gives the next drafts
   (argmax, or samples from its distribution q).
@@ -171,8 +173,15 @@ class _DraftVerifyDecoder(ARDecoder):
             d = drafts[b].tokens
             if row.generator is None:
                 j = 0
-                while j < len(d) and d[j] == best[b][j]:
-                    j += 1
+                if row.settings.accept < 1.0 and d:  # lossy: a draft close enough to the top token
+                    p = torch.softmax(verify[b, : len(d)].float(), dim=-1)
+                    near = (p[torch.arange(len(d)), torch.tensor(d, device=p.device)]
+                            >= row.settings.accept * p.max(dim=-1).values).tolist()
+                    while j < len(d) and near[j]:
+                        j += 1
+                else:
+                    while j < len(d) and d[j] == best[b][j]:
+                        j += 1
                 out.append((j, [*d[:j], best[b][j]]))
                 continue
             p = probs[sampled.index(b)]

@@ -46,6 +46,8 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("llm = 3\n", "llm: expected a [llm] table"),
         ("[llm\n", "not valid TOML"),
         ("[llm]\nweights = \"int3\"\n", "llm.weights must be one of 'auto', 'dense', 'int4', 'blocks', 'blocks-amx', 'blocks-bf16', not 'int3'"),
+        ("[llm]\naccept = 0\n", "llm.accept must lie in .0, 1.* not 0.0$"),
+        ("[llm]\naccept = 1.5\n", "llm.accept must lie in .0, 1.* not 1.5$"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -230,10 +230,15 @@ class LlmConfig:
     # "blocks-bf16": the same blocks, the matrix products in bf16 on AMX (many rows for about the
     # price of one: batches, prefills, draft blocks; other greedy replies than float32's on some prompts).
     weights: str = "auto"
-    # Draft-and-verify (models with a drafter): mask slots per draft block (0: 1) and one draft
-    # block per possible acceptance length (true) or only after the full draft (false).
+    # Draft-and-verify (models with a drafter): drafts per forward (0: the engine's default, 4 for
+    # a draft head, 1 for mask slots) and one draft block per possible acceptance length (true) or
+    # only after the full draft (false).
     draft_len: int = 0
     draft_tree: bool = True
+    # Draft-and-verify at temperature 0: a draft is accepted where the model gives it at least this
+    # share of its top token's probability. 1: exact (the AR model's replies); lower: lossy, faster.
+    # Sampled replies (temperature > 0) keep exact speculative sampling whatever this says.
+    accept: float = 1.0
     # Unmasking policy: "threshold", "fixed_steps" or "factor".
     policy: str = "threshold"
     threshold: float = 0.9
@@ -261,6 +266,8 @@ class LlmConfig:
             raise ConfigError(f"llm.engine must be one of {', '.join(map(repr, LLM_ENGINES))}, not {self.engine!r}")
         if self.weights not in LLM_WEIGHTS:
             raise ConfigError(f"llm.weights must be one of {', '.join(map(repr, LLM_WEIGHTS))}, not {self.weights!r}")
+        if not 0.0 < self.accept <= 1.0:
+            raise ConfigError(f"llm.accept must lie in (0, 1] (1: exact), not {self.accept!r}")
 
 
 @dataclass

@@ -534,6 +534,7 @@ def generation_params(config: LlmConfig, *, trace_steps: bool = False, max_new_t
         top_p=config.top_p,
         trace_steps=trace_steps,
         loop_guard=config.loop_guard if loop_guard is None else loop_guard,
+        accept=config.accept,
     )
 
 

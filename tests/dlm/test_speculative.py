@@ -318,3 +318,34 @@ def test_engine_kind_speculative_picks_the_drafter_or_the_model_itself():
     causal = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
     causal.drafter = _random_drafter(causal)
     assert decoding(causal, "speculative") == decoding(causal) == "draft-and-verify"
+
+
+def test_lossy_acceptance_takes_more_drafts_per_forward_and_leaves_sampled_rows_exact():
+    """accept < 1 (opt-in): a greedy row also accepts drafts within that share of the top token's
+    probability: fewer forwards for other replies; accept 1 is exact; sampled rows ignore it."""
+    loaded = random_loaded("causal", seed=3, scale=1.0, block_size=1)
+    head = _random_head(loaded, n_slots=4, seed=2)
+    prompts = PROMPTS[:4]
+    runs = {}
+    with SpeculativeEngine(loaded, head, draft_len=4, max_batch_size=4) as spec:
+        for accept in (1.0, 0.5, 1e-6):
+            params = GenerationParams(max_new_tokens=24, accept=accept)
+            runs[accept] = [_run(spec.submit(p, params)) for p in prompts]
+        with pytest.raises(InvalidRequestError, match="accept"):
+            spec.submit(prompts[0], GenerationParams(accept=0.0))
+        with pytest.raises(InvalidRequestError, match="accept"):
+            spec.submit(prompts[0], GenerationParams(accept=1.5))
+    sampled = []
+    for accept in (1.0, 0.5):  # a fresh engine each: the same seed, the same state
+        with SpeculativeEngine(loaded, head, draft_len=4, max_batch_size=4) as spec:
+            params = GenerationParams(max_new_tokens=24, temperature=0.8, seed=5, accept=accept)
+            sampled.append(_run(spec.submit(prompts[0], params))[0])
+    expected, _, _ = ar_alone_together(loaded, head, prompts, GenerationParams(max_new_tokens=24), draft_len=4)
+    assert [r[0] for r in runs[1.0]] == expected  # exact
+    steps = {a: sum(r[1] for r in rs) for a, rs in runs.items()}
+    tokens = {a: sum(len(r[0]) for r in rs) for a, rs in runs.items()}
+    assert tokens[1e-6] / steps[1e-6] > tokens[0.5] / steps[0.5] >= tokens[1.0] / steps[1.0]
+    # Accepting nearly any draft: almost every forward takes all 4 drafts and the model's own token.
+    assert tokens[1e-6] / steps[1e-6] > 3.0
+    assert [r[0] for r in runs[1e-6]] != expected  # lossy: other replies
+    assert sampled[0] == sampled[1]  # speculative sampling stays exact whatever accept says

@@ -22,15 +22,18 @@ token ids where the model has no tokenizer), wall time, tokens, forward passes. 
 per forward pass, median tokens/s per request, aggregate tokens/s (all tokens / the level's wall
 time), and on CUDA the peak memory (`torch.cuda.max_memory_allocated`).
 
-`--json FILE` writes the raw records with the environment (device name, driver from nvidia-smi
-where present, torch and CUDA versions, the exact command line). `--profile FILE` runs
+`--json FILE` writes the raw records with the environment (device name, on a CPU its model and
+whether the AMX products run, driver from nvidia-smi where present, torch and CUDA versions, the
+exact command line). `--profile FILE` runs
 torch.profiler over a short run at the first level and writes a table of the top ops.
 `--weights int4` runs the GGUF's own 4-bit weights in the decoding steps, `--weights blocks` its own
 blocks at every position in float32 (docs/models.md).
 `--reference llama.cpp` runs llama.cpp (llama-cpp-python, an optional extra; one note line where
 it is missing) on the same GGUF and token ids at concurrency 1 in the same run, with bars for our
 engines against it; `--fidelity` compares the AR engine's greedy replies and logits with the same
-weights in float32. On CPU every run also times single forwards (a step, a block of 16, a
+weights in float32. With `--set llm.accept=A` (< 1: lossy acceptance) it also reports the
+teacher's NLL per token of the dLLM's replies against its own greedy replies' (the same weights in
+float32). On CPU every run also times single forwards (a step, a block of 16, a
 150-token prefill: issue 15's bars) and reports the model's weight bytes and the process RSS.
 `--url URL` measures an OpenAI-compatible server instead (voice_agent/bench/remote.py): the same
 prompts, levels and records, streamed greedy completions; tokens per forward where the server
@@ -514,6 +517,41 @@ def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, 
     }
 
 
+def _lossy_quality(loaded: Any, prompt_ids: list[list[int]], ours: list[dict[str, Any]], ar: list[dict[str, Any]],
+                   accept: float) -> dict[str, Any]:
+    """Lossy acceptance (`llm.accept` < 1): the teacher's negative log-likelihood per token (the
+    same weights and fine-tune in float32, dense, as an AR model) of draft-and-verify's replies,
+    divided by that of the teacher's own greedy replies (the AR engine's) to the same prompts:
+    the quality axis of issue 14's frontier (1: as good as the teacher by its own measure)."""
+    import torch
+
+    from dlm.checkpoints import load_model
+    from dlm.masks import causal_mask
+
+    print("  quality: loading the float32 teacher", file=sys.stderr)
+    ref = load_model(loaded.path, dtype="float32", max_seq_len=loaded.config.max_seq_len, adapter=loaded.adapter)
+
+    def nll(replies: list[dict[str, Any]]) -> tuple[float, int]:
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for ids, rec in zip(prompt_ids, replies, strict=True):
+                reply = rec["token_ids"]
+                if not reply:
+                    continue
+                seq = torch.tensor([ids + reply])
+                n = seq.shape[1]
+                logits = ref.model(seq, torch.arange(n)[None], causal_mask(n))[0]  # (n, V)
+                logp = torch.log_softmax(logits[len(ids) - 1 : n - 1].float(), dim=-1)
+                total -= float(logp[torch.arange(len(reply)), torch.tensor(reply)].sum())
+                count += len(reply)
+        return total, count
+
+    (ours_nll, ours_n), (ar_nll, ar_n) = nll(ours), nll(ar)
+    ours_per, ar_per = ours_nll / max(ours_n, 1), ar_nll / max(ar_n, 1)
+    return {"accept": accept, "replies": len(prompt_ids), "teacher_nll_per_token": ours_per,
+            "teacher_own_nll_per_token": ar_per, "nll_ratio": ours_per / ar_per if ar_per > 0 else None}
+
+
 def _reference(args: argparse.Namespace, loaded: Any, notes: list[str]):
     """The llama.cpp reference where asked for and possible; otherwise None and a note saying why."""
     if not getattr(args, "reference", None):
@@ -699,6 +737,14 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
             notes.append("--fidelity compares the AR engine's replies at concurrency 1; this run has none")
         else:
             fidelity = _fidelity(loaded, prompt_ids[1:1 + ar_level["replies"]], ar_level["replies_detail"], params)
+    quality = None
+    if getattr(params, "accept", 1.0) < 1.0:
+        pair = _level_pair(results, 1)
+        if pair is None:
+            notes.append("llm.accept < 1: the teacher-NLL ratio needs both engines at concurrency 1; this run has not")
+        else:
+            quality = _lossy_quality(loaded, prompt_ids[1:1 + pair[1]["replies"]], pair[0]["replies_detail"],
+                                     pair[1]["replies_detail"], params.accept)
     decoding_name = decoding(loaded)
     report = {
         "environment": _environment(device),
@@ -713,6 +759,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                                                      "model": str(reference.path)},
         "reference_bars": reference_bars(results),
         "fidelity": fidelity,
+        "lossy_quality": quality,
         "forward_costs": costs,
         "memory": memory,
     }
@@ -906,6 +953,11 @@ def _print_table(report: dict[str, Any]) -> None:
               f"prefill of {costs['prompt']} tokens {costs['prefill_ms']:.1f} ms")
         for name, bar in costs["bars"].items():
             print(f"  {name:<18} {fmt(bar['value'], '6.2f')}  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
+    quality = report.get("lossy_quality")
+    if quality:
+        print(f"lossy acceptance (llm.accept {quality['accept']}; {quality['replies']} prompts): the teacher's NLL per "
+              f"token of these replies {quality['teacher_nll_per_token']:.3f} against {quality['teacher_own_nll_per_token']:.3f} "
+              f"for its own greedy replies: ratio {fmt(quality['nll_ratio'], '.3f')}")
     fid = report.get("fidelity")
     if fid:
         print(f"against the same weights in float32, dense ({fid['replies']} prompts, greedy): "
