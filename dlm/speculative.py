@@ -4,7 +4,8 @@ or a draft head, dlm/draft_head.py), or a block-diffusion model drafting for its
 Contract: `SpeculativeEngine(loaded, drafter, draft_len=None, tree=True, ...)` behaves like
 `dlm.ar.AREngine` (submit, abort, abort_owner, load, close, Delta streams, prefix reuse, stop
 strings, fair admission) and produces the same tokens: at temperature 0 every reply is the AR
-model's greedy reply, token for token; at temperature > 0 the speculative-sampling acceptance rule
+model's greedy reply, token for token (unless a request opts into lossy acceptance, `accept` < 1:
+below, "Decided"); at temperature > 0 the speculative-sampling acceptance rule
 keeps the AR model's (top-p) sampling distribution. What changes is how many tokens one forward
 pass yields. `SpeculativeDecoder` (mask slots) and `HeadSpeculativeDecoder` (a draft head) are its
 step, without threads (`dlm.ar.ARDecoder`s, whose prefill, prefix reuse and row bookkeeping they
@@ -32,9 +33,9 @@ One step of a row with mask slots (I-DLM / Medusa-style, in one forward over the
   the base's own next token (the correction, or a bonus where all k were accepted): j + 1 tokens
   final at once. (Lossy, opt-in: with `GenerationParams.accept` a < 1 a greedy row accepts the
   longest prefix of drafts whose base probability is at least a times the top token's; the
-  replies are then no longer the AR model's.) Sampled rows accept d_i with probability min(1, p(d_i) / q(d_i)) and, on a
-  rejection, sample the correction from max(p - q, 0) normalised (Leviathan et al. 2023), which
-  leaves the output distributed as the base's. The block of the accepted j gives the next drafts
+  replies are then no longer the AR model's.) Sampled rows accept d_i with probability
+  min(1, p(d_i) / q(d_i)) and, on a rejection, sample the correction from max(p - q, 0)
+  normalised (Leviathan et al. 2023), which leaves the output distributed as the base's. The block of the accepted j gives the next drafts
   (argmax, or samples from its distribution q).
 - A row yields between 1 and n + 1 tokens per forward: 1 with a drafter that is always wrong, n + 1
   with an oracle. The cache stays exact: positions < c + j hold the verified K/V, everything past
