@@ -35,8 +35,8 @@ One step of a row with mask slots (I-DLM / Medusa-style, in one forward over the
   longest prefix of drafts whose base probability is at least a times the top token's; the
   replies are then no longer the AR model's.) Sampled rows accept d_i with probability
   min(1, p(d_i) / q(d_i)) and, on a rejection, sample the correction from max(p - q, 0)
-  normalised (Leviathan et al. 2023), which leaves the output distributed as the base's. The block of the accepted j gives the next drafts
-  (argmax, or samples from its distribution q).
+  normalised (Leviathan et al. 2023), which leaves the output distributed as the base's. The
+  block of the accepted j gives the next drafts (argmax, or samples from its distribution q).
 - A row yields between 1 and n + 1 tokens per forward: 1 with a drafter that is always wrong, n + 1
   with an oracle. The cache stays exact: positions < c + j hold the verified K/V, everything past
   them is overwritten before it is ever attended.

@@ -476,11 +476,9 @@ def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, 
     import torch
 
     from dlm.ar import AREngine
-    from dlm.checkpoints import load_model
     from dlm.masks import causal_mask
 
-    print("  fidelity: loading the float32 reference", file=sys.stderr)
-    ref = load_model(loaded.path, dtype="float32", max_seq_len=loaded.config.max_seq_len, adapter=loaded.adapter)
+    ref = _float32_reference(loaded, "fidelity")
     greedy = replace(params, temperature=0.0)
     with AREngine(ref, max_batch_size=1) as engine:
         ref_ids = [[t for d in engine.submit(ids, greedy) for t in d.token_ids] for ids in prompt_ids]
@@ -517,37 +515,33 @@ def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, 
     }
 
 
+def _float32_reference(loaded: Any, why: str) -> Any:
+    """The model under test's weights (its fine-tune included) loaded again, dense, in float32."""
+    from dlm.checkpoints import load_model
+
+    print(f"  {why}: loading the float32 reference", file=sys.stderr)
+    return load_model(loaded.path, dtype="float32", max_seq_len=loaded.config.max_seq_len, adapter=loaded.adapter)
+
+
 def _lossy_quality(loaded: Any, prompt_ids: list[list[int]], ours: list[dict[str, Any]], ar: list[dict[str, Any]],
                    accept: float) -> dict[str, Any]:
     """Lossy acceptance (`llm.accept` < 1): the teacher's negative log-likelihood per token (the
     same weights and fine-tune in float32, dense, as an AR model) of draft-and-verify's replies,
     divided by that of the teacher's own greedy replies (the AR engine's) to the same prompts:
-    the quality axis of issue 14's frontier (1: as good as the teacher by its own measure)."""
+    the quality axis of issue 14's frontier (1: as good as the teacher by its own measure), the
+    measure of the adaptation recipe's evaluation (dlm.adapt.teacher.reply_nll)."""
     import torch
 
-    from dlm.checkpoints import load_model
-    from dlm.masks import causal_mask
+    from dlm.adapt.teacher import hf_teacher, reply_nll
 
-    print("  quality: loading the float32 teacher", file=sys.stderr)
-    ref = load_model(loaded.path, dtype="float32", max_seq_len=loaded.config.max_seq_len, adapter=loaded.adapter)
+    teacher = hf_teacher(_float32_reference(loaded, "quality"), "cpu", torch.float32)
 
-    def nll(replies: list[dict[str, Any]]) -> tuple[float, int]:
-        total, count = 0.0, 0
-        with torch.inference_mode():
-            for ids, rec in zip(prompt_ids, replies, strict=True):
-                reply = rec["token_ids"]
-                if not reply:
-                    continue
-                seq = torch.tensor([ids + reply])
-                n = seq.shape[1]
-                logits = ref.model(seq, torch.arange(n)[None], causal_mask(n))[0]  # (n, V)
-                logp = torch.log_softmax(logits[len(ids) - 1 : n - 1].float(), dim=-1)
-                total -= float(logp[torch.arange(len(reply)), torch.tensor(reply)].sum())
-                count += len(reply)
-        return total, count
+    def per_token(replies: list[dict[str, Any]]) -> float:
+        pairs = [(ids, rec["token_ids"]) for ids, rec in zip(prompt_ids, replies, strict=True) if rec["token_ids"]]
+        sums = reply_nll(teacher, [p for p, _ in pairs], [r for _, r in pairs]) if pairs else []
+        return sum(n for n, _ in sums) / max(sum(k for _, k in sums), 1)
 
-    (ours_nll, ours_n), (ar_nll, ar_n) = nll(ours), nll(ar)
-    ours_per, ar_per = ours_nll / max(ours_n, 1), ar_nll / max(ar_n, 1)
+    ours_per, ar_per = per_token(ours), per_token(ar)
     return {"accept": accept, "replies": len(prompt_ids), "teacher_nll_per_token": ours_per,
             "teacher_own_nll_per_token": ar_per, "nll_ratio": ours_per / ar_per if ar_per > 0 else None}
 
