@@ -210,7 +210,7 @@ static void team_down(const float *x, const int64_t *rows, int64_t S, int64_t K,
 #pragma omp barrier
 }
 
-/* ---- The same products in bf16 on AMX (amx != 0) ---------------------------------------------
+/* ---- The same products in bf16 on AMX (products == 1) ------------------------------------------
 
    Each weight is the float32 dequantisation above rounded to bf16 (round to nearest even: the
    dense bf16 model's weight), each input rounded to bf16 likewise, the products summed in float32
@@ -413,7 +413,7 @@ TARGET static void add_update(const float *x, const uint8_t *drafted, int64_t M,
     }
 }
 
-/* ---- Float32-accurate products on AMX (amx == 2, `BlockWeight.split`) ------------------------
+/* ---- Float32-accurate products on AMX (products == 2, `BlockWeight.split`) ----------------------
 
    The blocks' integers q are exact in bf16 (Q4: 0..15, Q8: -128..127), and each float32 input is
    the exact sum of three bf16 parts (x0 = bf16(x), x1 = bf16(x - x0), x2 = x - x0 - x1: 8 + 8 + 8
@@ -489,14 +489,14 @@ typedef struct {
     const void *up_t;  /* this tile's (rp, 16), float32 or (bf16) bf16 */
     int64_t r_total, offset, rp;
     int bf16;
-} split_update;
+} tile_update;
 
 /* Rows 0..R-1 of a group (A lines a, sums sx), the 16 outputs of tile `tile` (B tiles b) into
    y (rows N apart): two C tiles in turn, so that one block's product runs while the other's is
    scaled. c: 2 x 256 floats, aligned. */
 AMX_TARGET INLINE void split_group(const uint16_t *a, const uint16_t *b, const uint16_t *scales, const float *sx,
                                    float *y, int64_t N, int64_t K, int64_t tile, const int R, const int q8,
-                                   const split_update *u, const uint8_t *next, const uint16_t *next_scales, float *c) {
+                                   const tile_update *u, const uint8_t *next, const uint16_t *next_scales, float *c) {
     const int64_t chunks = K / 32, stride = 2 * K;
     const uint16_t *s = scales + tile * chunks * 32;
     __m512 acc[SPLIT_ROWS];
@@ -552,7 +552,7 @@ AMX_TARGET INLINE void split_group(const uint16_t *a, const uint16_t *b, const u
 
 AMX_TARGET static void split_group_any(const uint16_t *a, const uint16_t *b, const uint16_t *scales, const float *sx,
                                        float *y, int64_t N, int64_t K, int64_t tile, int R, int q8,
-                                       const split_update *u, const uint8_t *next, const uint16_t *next_scales,
+                                       const tile_update *u, const uint8_t *next, const uint16_t *next_scales,
                                        float *c) {
 #define SPLIT_CASE(n)                                                                                      \
     case n:                                                                                                \
@@ -602,7 +602,7 @@ AMX_TARGET static void split_range(const uint16_t *a, const float *sx, const uin
         for (int64_t g = 0; g < groups; g++) {
             const int64_t R = M - g * SPLIT_ROWS < SPLIT_ROWS ? M - g * SPLIT_ROWS : SPLIT_ROWS;
             if (R != configured) split_configure((int)(configured = R));
-            const split_update u = {t ? t + g * SPLIT_ROWS * r_total : 0,
+            const tile_update u = {t ? t + g * SPLIT_ROWS * r_total : 0,
                                     t ? (const char *)up_t + tile * rp * 16 * (lr_bf16 ? 2 : 4) : 0, r_total,
                                     t ? offset[16 * tile] : 0, rp, lr_bf16};
             const int ahead = g == 0 && tile + 1 < hi;
@@ -677,24 +677,241 @@ static void amx_matmul(const float *x, const uint8_t *data, const float *scales,
     free(b);
 }
 
+/* ---- Integer products on VNNI: 8-bit inputs (llama.cpp's arithmetic, products == 3,
+   `BlockWeight.int8`) and 16-bit inputs (products == 4, `BlockWeight.int16`) ----------------------
+
+   Each row's inputs are rounded to integers per block of 32, scaled by the block's largest:
+     8 bits (as llama.cpp rounds its activations, Q8_0 / Q8_1): X = round(x 127 / max |x|), in
+       -127..127, unit da = max |x| / 127;
+     16 bits: X = round(x 32512 / max |x|), in -32512..32512, unit da = max |x| / 32512, as two
+       bytes: X = 256 H + L, H = (X + 128) >> 8 in -127..127, L in -128..127.
+   The weights' integers u (Q4: q in 0..15; Q8: q + 128 in 0..255, unsigned) times X are summed
+   exactly in int32 by VNNI (vpdpbusd: four u8 x s8 products per 32-bit lane; 16 bits: the H and L
+   sums apart, then S = 256 S_H + S_L), then each output adds, block after block in order, in float32:
+     Q4: (d da) S + m sx      (w = d q + m; sx the block's float32 sum of its inputs, exact ones)
+     Q8: (d da) (S - 128 sum X)   (the offset of u taken off in int32, exactly).
+   The only rounding beyond float32's is the inputs': up to 1/254 of the block's largest input
+   with 8 bits (logits close to float32's, not its greedy replies on every prompt), 1/65024 with
+   16 bits (closer than bf16 inputs). A row's bits depend on its own inputs only, whatever the
+   other rows or the thread count.
+   Lanes are outputs: per tile of 16 outputs and block, eight vectors hold the integers of inputs
+   4i..4i+3 of the 16 outputs (lane j, bytes 4j..4j+3: output j), each multiplied by the row's
+   inputs 4i..4i+3 broadcast to every lane. Layouts (dlm/blocks.py `BlockWeight.int8` makes them),
+   per tile and block:
+     Q4: data (N / 16, K / 32, 4, 64 bytes): byte 4j + c of vector L holds output j's integer of
+         input 4L + c in its low nibble, of input 16 + 4L + c in its high one;
+     Q8: data (N / 16, K / 32, 8, 64 bytes): byte 4j + c of vector i, output j's q + 128 of input 4i + c;
+     scales (N / 16, K / 32, 2, 16) float16: d, then m (Q4), of the tile's 16 outputs.
+   A low-rank update in float32 as on the split path (t = x @ down^T first, up by tiles, added
+   after the blocks). */
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define INT8_ROWS 8 /* rows per group: each weight vector, once unpacked, serves up to 8 rows */
+typedef int32_t quad __attribute__((may_alias, aligned(4))); /* four int8 inputs read as one */
+
+int blocks_vnni_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+}
+
+typedef struct {
+    const int8_t *q, *lo; /* (rows, K): X (8 bits) or H (16 bits); L (16 bits), else NULL */
+    const float *d, *s;   /* (rows, K / 32): da, sx */
+    const int32_t *c;     /* (rows, K / 32): -128 sum X (Q8's offset, taken off in int32) */
+} int_inputs;
+
+/* Rows 0..M-1 as int_inputs (wide: 16 bits), into the buffers `in` points to. */
+VNNI_TARGET static void int_inputs_of(const float *x, int64_t M, int64_t K, int wide, const int_inputs *in) {
+    const int64_t chunks = K / 32;
+    const float top_int = wide ? 32512.0f : 127.0f;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t at = m * K + 32 * c, i = m * chunks + c;
+            const __m512 lo = _mm512_loadu_ps(x + at), hi = _mm512_loadu_ps(x + at + 16);
+            const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            const __m512 scale = _mm512_set1_ps(top > 0.0f ? top_int / top : 0.0f);
+            __m512i v[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(lo, scale)), _mm512_cvtps_epi32(_mm512_mul_ps(hi, scale))};
+            ((float *)in->d)[i] = top / top_int;
+            ((float *)in->s)[i] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+            ((int32_t *)in->c)[i] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(v[0], v[1]));
+            for (int h = 0; h < 2; h++) {
+                __m512i high = v[h];
+                if (wide) {
+                    high = _mm512_srai_epi32(_mm512_add_epi32(v[h], _mm512_set1_epi32(128)), 8);
+                    const __m512i low = _mm512_sub_epi32(v[h], _mm512_slli_epi32(high, 8));
+                    _mm_storeu_si128((__m128i *)(in->lo + at + 16 * h), _mm512_cvtsepi32_epi8(low));
+                }
+                _mm_storeu_si128((__m128i *)(in->q + at + 16 * h), _mm512_cvtsepi32_epi8(high));
+            }
+        }
+}
+
+/* Rows 0..R-1 of a group (`in` from its first row), tiles `tile`..+T-1 (16 outputs each) into y
+   (rows N apart); lr: the update (t from the group's first row), or NULL. */
+VNNI_TARGET INLINE void int_tile(const int_inputs *in, const uint8_t *data, const uint16_t *scales, float *y,
+                                 int64_t N, int64_t K, int64_t tile, const int T, const int R, const int q8,
+                                 const int wide, const low_rank *lr) {
+    const int64_t chunks = K / 32, bytes = q8 ? 512 : 256;
+    const __m512i nibble = _mm512_set1_epi8(15);
+    __m512 acc[T][R];
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < R; r++) acc[t][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++)
+        for (int t = 0; t < T; t++) {
+            const uint8_t *wd = data + ((tile + t) * chunks + c) * bytes;
+            const uint16_t *sc = scales + ((tile + t) * chunks + c) * 32;
+            __m512i w[8];
+            if (q8)
+                for (int i = 0; i < 8; i++) w[i] = _mm512_loadu_si512((const void *)(wd + 64 * i));
+            else
+                for (int i = 0; i < 4; i++) {
+                    const __m512i v = _mm512_loadu_si512((const void *)(wd + 64 * i));
+                    w[i] = _mm512_and_si512(v, nibble);
+                    w[i + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                }
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+            const __m512 mn = q8 ? _mm512_setzero_ps() : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 16)));
+            for (int r = 0; r < R; r++) {
+                /* four inputs at a time, broadcast straight from memory into the products */
+                const quad *hi = (const quad *)(in->q + r * K + 32 * c), *lo = (const quad *)(in->lo + r * K + 32 * c);
+                const __m512i offset = q8 ? _mm512_set1_epi32(in->c[r * chunks + c]) : _mm512_setzero_si512();
+                __m512i sum;
+                if (wide) { /* S_H and S_L, one chain each: S = 256 S_H + S_L (the offset in S_L) */
+                    __m512i sh = _mm512_setzero_si512(), sl = offset;
+                    for (int i = 0; i < 8; i++) {
+                        sh = _mm512_dpbusd_epi32(sh, w[i], _mm512_set1_epi32(hi[i]));
+                        sl = _mm512_dpbusd_epi32(sl, w[i], _mm512_set1_epi32(lo[i]));
+                    }
+                    sum = _mm512_add_epi32(_mm512_slli_epi32(sh, 8), sl);
+                } else { /* two chains of four products (the offset in the second) */
+                    __m512i s0 = _mm512_setzero_si512(), s1 = offset;
+                    for (int i = 0; i < 8; i += 2) {
+                        s0 = _mm512_dpbusd_epi32(s0, w[i], _mm512_set1_epi32(hi[i]));
+                        s1 = _mm512_dpbusd_epi32(s1, w[i + 1], _mm512_set1_epi32(hi[i + 1]));
+                    }
+                    sum = _mm512_add_epi32(s0, s1);
+                }
+                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(in->d[r * chunks + c])),
+                                            acc[t][r]);
+                if (!q8) acc[t][r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(in->s[r * chunks + c]), acc[t][r]);
+            }
+        }
+    for (int t = 0; t < T; t++) {
+        if (lr) /* up by tiles: this tile's (rp, 16) */
+            for (int64_t j = 0; j < lr->rp; j++) {
+                const __m512 w = lanes16(lr->up, ((tile + t) * lr->rp + j) * 16, lr->bf16);
+                const float *tj = lr->t + lr->offset[16 * (tile + t)] + j;
+                for (int r = 0; r < R; r++) acc[t][r] = _mm512_fmadd_ps(_mm512_set1_ps(tj[r * lr->r_total]), w, acc[t][r]);
+            }
+        for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * N + 16 * (tile + t), acc[t][r]);
+    }
+}
+
+/* A group of R rows, tiles lo..hi-1: T tiles at a time where there are few rows (independent sums
+   in flight), the rest one by one. */
+#define INT_TILES(T, R)                                                                           \
+    do {                                                                                          \
+        if (q8 && wide) int_tile(in, data, scales, y, N, K, tile, T, R, 1, 1, lr);                \
+        else if (q8) int_tile(in, data, scales, y, N, K, tile, T, R, 1, 0, lr);                   \
+        else if (wide) int_tile(in, data, scales, y, N, K, tile, T, R, 0, 1, lr);                 \
+        else int_tile(in, data, scales, y, N, K, tile, T, R, 0, 0, lr);                           \
+    } while (0)
+#define INT_GROUP(R, T)                                                                                    \
+    VNNI_TARGET static void int_group##R(const int_inputs *in, const uint8_t *data, const uint16_t *scales, \
+                                         float *y, int64_t N, int64_t K, int64_t lo, int64_t hi, int q8,    \
+                                         int wide, const low_rank *lr) {                                    \
+        int64_t tile = lo;                                                                                 \
+        for (; tile + T <= hi; tile += T) INT_TILES(T, R);                                                 \
+        for (; tile < hi; tile++) INT_TILES(1, R);                                                         \
+    }
+INT_GROUP(1, 4)
+INT_GROUP(2, 2)
+INT_GROUP(3, 1)
+INT_GROUP(4, 1)
+INT_GROUP(5, 1)
+INT_GROUP(6, 1)
+INT_GROUP(7, 1)
+INT_GROUP(8, 1)
+#undef INT_GROUP
+#undef INT_TILES
+
+typedef void (*int_group_fn)(const int_inputs *, const uint8_t *, const uint16_t *, float *, int64_t, int64_t,
+                             int64_t, int64_t, int, int, const low_rank *);
+static const int_group_fn INT_GROUP_FN[INT8_ROWS + 1] = {0, int_group1, int_group2, int_group3, int_group4,
+                                                         int_group5, int_group6, int_group7, int_group8};
+
+/* Tiles lo..hi-1 of every row: with one group, all of them in one pass; with several, one tile
+   at a time for every group (its weights stay in L1 from one group to the next). */
+static void int_range(const int_inputs *in, const uint8_t *data, const uint16_t *scales, float *y, int64_t M,
+                      int64_t N, int64_t K, int64_t lo, int64_t hi, int q8, int wide, const float *t, const void *up_t,
+                      int lr_bf16, const int32_t *offset, int64_t r_total, int64_t rp) {
+    const int64_t chunks = K / 32, step = M <= INT8_ROWS ? hi - lo : 1;
+    for (int64_t a = lo; a < hi; a += step) {
+        const int64_t b = a + step < hi ? a + step : hi;
+        for (int64_t r0 = 0; r0 < M; r0 += INT8_ROWS) {
+            const int64_t R = M - r0 < INT8_ROWS ? M - r0 : INT8_ROWS;
+            const int_inputs rows = {in->q + r0 * K, wide ? in->lo + r0 * K : 0, in->d + r0 * chunks,
+                                     in->s + r0 * chunks, in->c + r0 * chunks};
+            const low_rank update = {t ? t + r0 * r_total : 0, up_t, offset, r_total, rp, lr_bf16};
+            INT_GROUP_FN[R](&rows, data, scales, y + r0 * N, N, K, a, b, q8, wide, t ? &update : 0);
+        }
+    }
+}
+
+/* y (M, N) = x @ W^T in integer products (above; wide: 16-bit inputs), plus the float32 update
+   (down (r_total, K), up_t, offset, in float32 or (lr_bf16) bf16, or down NULL; t a scratch of
+   M x r_total). N a multiple of 16, K of 64. */
+static void int_matmul(const float *x, const uint8_t *data, const uint16_t *scales, float *y, int64_t M, int64_t N,
+                       int64_t K, int q8, int wide, int threads, const void *down, const void *up_t, int lr_bf16,
+                       const int32_t *offset, int64_t r_total, int64_t rp, float *t, int *status) {
+    const int64_t chunks = K / 32, tiles = N / 16;
+    int8_t *bytes = aligned_alloc(64, (wide ? 2 : 1) * M * K);
+    float *sums = malloc(sizeof(float) * 3 * M * chunks);
+    if (!bytes || !sums) {
+        free(bytes), free(sums);
+        *status = -1;
+        return;
+    }
+    const int_inputs in = {bytes, wide ? bytes + M * K : 0, sums, sums + M * chunks, (int32_t *)(sums + 2 * M * chunks)};
+    int_inputs_of(x, M, K, wide, &in);
+    const int parallel = threads > 1 && tiles >= 8 && M * N * K >= (int64_t)1 << 17;
+#pragma omp parallel num_threads(parallel ? threads : 1)
+    {
+        if (down) team_down(x, 0, M, K, down, lr_bf16, r_total, t);
+        int64_t lo, hi;
+        share(tiles, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        if (lo < hi)
+            int_range(&in, data, scales, y, M, N, K, lo, hi, q8, wide, down ? t : 0, up_t, lr_bf16, offset, r_total, rp);
+    }
+    free(bytes), free(sums);
+}
+
 /* kind 0: Q4, 1: Q8. K must be a multiple of 64; x, y contiguous. threads: how many OpenMP
    threads share the outputs (the caller passes torch's intra-op count: this library runs in
    torch's own OpenMP runtime, so they are the same pool). The low-rank update, where down is not
    NULL: down (r_total, K), up (N, rp), offset (N,), down and up float32 or (lr_bf16) bf16, t a
-   scratch of (M, r_total) floats; amx 1: the products in bf16 on AMX (above; blocks_amx_init
+   scratch of (M, r_total) floats. products 0: float32 (above); 1: in bf16 on AMX (blocks_amx_init
    first), its update (upd, or NULL) in bf16 after them (t then a scratch of M x upd->r_total);
-   amx 2: float32-accurate products on AMX, data and scales (float16) in their own layout and up
-   by tiles (split_matmul). Returns 0, or -1 where memory ran out. */
+   2: float32-accurate on AMX, data and scales (float16) in their own layout and up by tiles
+   (split_matmul); 3, 4: integer products on VNNI, 8-bit (llama.cpp's arithmetic) or 16-bit inputs
+   (int_matmul: its own layout, up by tiles; blocks_vnni_supported first). Returns 0, or -1 where
+   memory ran out. */
 int blocks_matmul(const float *x, const uint8_t *data, const void *scales, float *y, int64_t M,
                   int64_t N, int64_t K, int kind, int threads, const void *down, const void *up,
-                  const int32_t *offset, int64_t r_total, int64_t rp, int lr_bf16, float *t, int amx,
+                  const int32_t *offset, int64_t r_total, int64_t rp, int lr_bf16, float *t, int products,
                   const bf16_update *upd) {
-    if (amx == 2) {
+    if (products == 3 || products == 4) {
+        int status = 0;
+        int_matmul(x, data, scales, y, M, N, K, kind, products == 4, threads, down, up, lr_bf16, offset, r_total, rp, t,
+                   &status);
+        return status;
+    }
+    if (products == 2) {
         int status = 0;
         split_matmul(x, data, scales, y, M, N, K, kind, threads, down, up, lr_bf16, offset, r_total, rp, t, &status);
         return status;
     }
-    if (amx) {
+    if (products) {
         int status = 0;
         amx_matmul(x, data, scales, y, M, N, K, kind, threads, upd, t, &status);
         return status;
@@ -728,13 +945,13 @@ int blocks_matmul(const float *x, const uint8_t *data, const void *scales, float
 
 typedef struct {
     const uint8_t *data;
-    const void *scales; /* float32; split products (amx 2): float16 */
+    const void *scales; /* float32; split and integer products (products 2-4): float16 */
     int64_t n, k, kind;
     const void *down, *up; /* float32, or bf16 where lr_bf16 */
     const int32_t *offset;
     int64_t r_total, rp, lr_bf16;
     const float *bias; /* (n,) or NULL */
-    int64_t amx;       /* 1: the products in bf16 on AMX, the update in upd; 2: float32-accurate on AMX (blocks_matmul) */
+    int64_t products;  /* 0: float32; 1: bf16 on AMX, the update in upd; 2: float32-accurate on AMX; 3, 4: integer (blocks_matmul) */
     bf16_update upd;
 } block_weight;
 
@@ -749,7 +966,7 @@ typedef struct {
 
 static int project(const float *x, const block_weight *w, float *y, int64_t M, int threads, float *t) {
     const int status = blocks_matmul(x, w->data, w->scales, y, M, w->n, w->k, (int)w->kind, threads, w->down, w->up,
-                                     w->offset, w->r_total, w->rp, (int)w->lr_bf16, t, (int)w->amx, &w->upd);
+                                     w->offset, w->r_total, w->rp, (int)w->lr_bf16, t, (int)w->products, &w->upd);
     if (w->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < w->n; j++) y[m * w->n + j] += w->bias[j];

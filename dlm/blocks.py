@@ -23,6 +23,10 @@ Contract:
   three bf16 parts, the blocks' integers exact in bf16, float32 sums; the update in float32): a
   float32 model's results up to the order of its sums, at about the price of bf16 for many rows
   (a row's own bits too; the same `amx_available()`).
+  `int8()` / `int16()`: the same blocks in integer products on AVX512-VNNI, each row's inputs
+  rounded to 8 bits (llama.cpp's arithmetic: logits close to float32's, other greedy replies on
+  some prompts) or 16 bits (logit errors some 250 times smaller) per block of 32; `vnni_available()`
+  says whether they run here (VOICE_AGENT_VNNI not 0); a row's own bits too.
 - `BlockLayers(layers, n_heads=, n_kv_heads=, head_dim=, eps=)` (`LayerWeights` per layer): a
   Llama-style decoder's every layer in one C call over a KV cache (dlm.model.Transformer.use_blocks
   builds it); each row from its own inputs and cache row only; `supported(...)` says which
@@ -55,11 +59,15 @@ from torch import Tensor
 
 from dlm.gguf_file import default_cache_dir
 
-__all__ = ["AMX_BF16", "AMX_SPLIT", "FUSED_PROJECTIONS", "UNIT", "BlockLayers", "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "amx_available", "available"]
+__all__ = ["AMX_BF16", "AMX_SPLIT", "FUSED_PROJECTIONS", "UNIT", "VNNI_INT8", "VNNI_INT16", "BlockLayers", "BlockWeight", "DraftUpdates",
+           "LayerWeights", "LowRank", "amx_available", "available", "vnni_available"]
 
 SOURCE = Path(__file__).with_name("blocks.c")
 UNIT = 64  # inputs per unit of the kernel (two blocks of 32): K must be a multiple
-AMX_BF16, AMX_SPLIT = 1, 2  # `BlockWeight.amx`: bf16 products (`bf16()`), float32-accurate ones (`split()`)
+# `BlockWeight.products`: float32 (0), bf16 on AMX (`bf16()`), float32-accurate on AMX (`split()`),
+# integer products on VNNI with 8-bit (llama.cpp's arithmetic, `int8()`) or 16-bit inputs (`int16()`)
+AMX_BF16, AMX_SPLIT, VNNI_INT8, VNNI_INT16 = 1, 2, 3, 4
+_TILED = (AMX_SPLIT, VNNI_INT8, VNNI_INT16)  # products whose weights are laid out by tiles of 16 outputs
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 _lock = threading.Lock()
@@ -118,6 +126,7 @@ def _load() -> ctypes.CDLL | None:
                                       + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p])
         lib.blocks_matmul.restype = ctypes.c_int
         lib.blocks_amx_init.restype = ctypes.c_int
+        lib.blocks_vnni_supported.restype = ctypes.c_int
         lib.blocks_forward.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                                        + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4
                                        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
@@ -165,6 +174,16 @@ def amx_available() -> str | None:
                 _amx_reason = {0: None, -1: "this CPU has no AMX tiles with bf16",
                                -2: "this CPU has no AVX512-BF16"}.get(code, "the kernel does not let this process use AMX tiles")
         return _amx_reason
+
+
+def vnni_available() -> str | None:
+    """None where integer products run here (`BlockWeight.int8`, `int16`: AVX512-VNNI), else why not."""
+    reason = available()
+    if reason is None and os.environ.get("VOICE_AGENT_VNNI", "1") == "0":
+        reason = "switched off (VOICE_AGENT_VNNI=0)"
+    elif reason is None and not _lib.blocks_vnni_supported():
+        reason = "this CPU has no AVX512-VNNI, which the integer products need"
+    return reason
 
 
 class _CBf16Update(ctypes.Structure):
@@ -250,13 +269,13 @@ class LowRank:
         return _CBf16Update(down.data_ptr(), up_t.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank)
 
     @cached_property
-    def _split_up(self) -> Tensor:
-        return self._up_by_tiles("beside split products").contiguous()
+    def _tiled_up(self) -> Tensor:
+        return self._up_by_tiles("beside split or int8 products").contiguous()
 
-    def split_args(self) -> tuple[int, int, int, int, int, int]:
-        """`kernel_args` for split products (dlm/blocks.c: up by tiles of 16 outputs, transposed);
-        ValueError: see `_up_by_tiles`."""
-        return (self.down.data_ptr(), self._split_up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank,
+    def tile_args(self) -> tuple[int, int, int, int, int, int]:
+        """`kernel_args` for split and int8 products (dlm/blocks.c: up by tiles of 16 outputs,
+        transposed); ValueError: see `_up_by_tiles`."""
+        return (self.down.data_ptr(), self._tiled_up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank,
                 int(self.down.dtype == torch.bfloat16))
 
     @property
@@ -274,7 +293,8 @@ class BlockWeight:
     # (split products keep both in their own layouts by tiles of 16 outputs, scales in float16: dlm/blocks.c)
     in_features: int
     low_rank: LowRank | None = None
-    amx: int = 0  # 0: float32 products; AMX_BF16: in bf16 on AMX (`bf16()`); AMX_SPLIT: float32-accurate on AMX (`split()`)
+    products: int = 0  # 0: float32; AMX_BF16: bf16 on AMX (`bf16()`); AMX_SPLIT: float32-accurate on AMX (`split()`);
+    # VNNI_INT8 / VNNI_INT16: integer products with 8-bit / 16-bit inputs (`int8()`, `int16()`)
 
     @classmethod
     def q4(cls, q: Tensor, scale: Tensor, minimum: Tensor) -> BlockWeight:
@@ -307,15 +327,15 @@ class BlockWeight:
 
     @property
     def out_features(self) -> int:
-        return self.data.shape[0] * (16 if self.amx == AMX_SPLIT else 1)  # split: tiles of 16 outputs
+        return self.data.shape[0] * (16 if self.products in _TILED else 1)
 
     def bf16(self) -> BlockWeight:
         """The same blocks, their products in bf16 on AMX (dlm/blocks.c): each weight the float32
         dequantisation rounded to bf16, each input rounded to bf16, sums in float32, a low-rank
         update (`LowRank.bf16`) added after them in bf16; a row's result still depends on nothing
         but its own inputs. RuntimeError where AMX cannot run here."""
-        self._check_amx("bf16", AMX_BF16)
-        return replace(self, amx=AMX_BF16)
+        self._check_products("bf16", AMX_BF16, amx_available())
+        return replace(self, products=AMX_BF16)
 
     def split(self) -> BlockWeight:
         """The same blocks, their products float32-accurate on AMX (dlm/blocks.c "Float32-accurate
@@ -325,29 +345,66 @@ class BlockWeight:
         of the float32 path's accuracy (not its bits: another order of sums), a row's own bits,
         in a layout of its own (scales in float16). RuntimeError where AMX cannot run here;
         ValueError where a scale is not a float16 value (a GGUF's always are)."""
-        self._check_amx("split", AMX_SPLIT)
-        if self.amx == AMX_SPLIT:
+        self._check_products("split", AMX_SPLIT, amx_available())
+        if self.products == AMX_SPLIT:
             return self
+        n, k = self.out_features, self.in_features
+        q, d, m = self._integers()
+        # line i of a block's B tile: lane 2t + e = input 2i + e of the tile's output t
+        lines = q.view(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 16, 32)
+        data = (lines[:, :, 0::2] | lines[:, :, 1::2] << 4).to(torch.uint8) if self.kind == 0 else lines.to(torch.int8)
+        return replace(self, data=data.contiguous(), scales=self._tile_scales(d, m), products=AMX_SPLIT)
+
+    def int8(self) -> BlockWeight:
+        """The same blocks in llama.cpp's arithmetic on AVX512-VNNI (dlm/blocks.c "Integer products
+        on VNNI"): each row's inputs rounded to 8 bits per block of 32 (unit max |x| / 127), the
+        integer products summed exactly, then each block's scales applied in float32; a low-rank
+        update added in float32. Logits close to float32's but not its greedy replies on every
+        prompt; a row's own bits still (whatever the other rows). About a third of the float32
+        path's arithmetic per row. RuntimeError where VNNI cannot run here; ValueError where a
+        scale is not a float16 value (a GGUF's always are)."""
+        return self._integer_products("int8", VNNI_INT8)
+
+    def int16(self) -> BlockWeight:
+        """`int8`'s layout and products, each row's inputs rounded to 16 bits per block of 32
+        (unit max |x| / 32512, in two bytes: two integer products per weight): errors some 250
+        times smaller than 8 bits' (smaller than bf16 inputs'), at about half the float32 path's
+        arithmetic per row."""
+        return self._integer_products("int16", VNNI_INT16)
+
+    def _integer_products(self, what: str, products: int) -> BlockWeight:
+        self._check_products(what, products, vnni_available())
+        if self.products in (VNNI_INT8, VNNI_INT16):  # the same layout
+            return replace(self, products=products)
+        n, k = self.out_features, self.in_features
+        q, d, m = self._integers()
+        if self.kind == 1:
+            q = q + 128  # unsigned for VNNI; the kernel takes 128 times the inputs' sum off
+        # vector i of a block: lane j (bytes 4j..4j+3) = inputs 4i..4i+3 of the tile's output j
+        vectors = q.view(n // 16, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 8, 64)
+        data = vectors[:, :, :4] | vectors[:, :, 4:] << 4 if self.kind == 0 else vectors
+        return replace(self, data=data.to(torch.uint8).contiguous(), scales=self._tile_scales(d, m), products=products)
+
+    def _integers(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(q (N, K) int32, d, m (N, K / 32)) of float32-product blocks: w = q d + m (Q8: m = 0)."""
         n, k = self.out_features, self.in_features
         if self.kind == 0:
             lanes = self.data.view(torch.int16).view(n, k // UNIT, 1, 16).to(torch.int32)
             q = ((lanes >> torch.tensor([0, 4, 8, 12]).view(1, 1, 4, 1)) & 15).view(n, k)  # see `q4`
             d, m = self.scales.view(n, k // 32, 2).unbind(-1)
-        else:
-            q = self.data.to(torch.int32)
-            d, m = self.scales, torch.zeros_like(self.scales)
-        # line i of a block's B tile: lane 2t + e = input 2i + e of the tile's output t
-        lines = q.view(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 16, 32)
-        data = (lines[:, :, 0::2] | lines[:, :, 1::2] << 4).to(torch.uint8) if self.kind == 0 else lines.to(torch.int8)
-        scales = torch.stack([_half(t).reshape(n // 16, 16, k // 32).transpose(1, 2) for t in (d, m)], dim=2)
-        return replace(self, data=data.contiguous(), scales=scales.contiguous(), amx=AMX_SPLIT)
+            return q, d, m
+        return self.data.to(torch.int32), self.scales, torch.zeros_like(self.scales)
 
-    def _check_amx(self, what: str, amx: int) -> None:
-        reason = amx_available()
+    def _tile_scales(self, d: Tensor, m: Tensor) -> Tensor:
+        """d and m by tiles of 16 outputs, in float16: (N / 16, K / 32, 2, 16)."""
+        n, k = self.out_features, self.in_features
+        return torch.stack([_half(t).reshape(n // 16, 16, k // 32).transpose(1, 2) for t in (d, m)], dim=2).contiguous()
+
+    def _check_products(self, what: str, products: int, reason: str | None) -> None:
         if reason is not None:
             raise RuntimeError(f"{what} block products cannot run: {reason}")
-        if self.amx not in (0, amx):
-            raise ValueError(f"these block weights already run their products another way on AMX, not {what}")
+        if self.products not in (0, products) and {self.products, products} != {VNNI_INT8, VNNI_INT16}:
+            raise ValueError(f"these block weights already run their products another way, not {what}")
         if self.out_features % 16:
             raise ValueError(f"{what} block products need outputs in multiples of 16, not {self.out_features}")
 
@@ -369,11 +426,11 @@ class BlockWeight:
         or the parts' kinds differ. Low-rank updates, where any part has one, side by side too:
         the downs stacked, each output reading its own part's slice (a part without an update adds
         zeros)."""
-        if not all(parts) or len({(p.kind, p.in_features, p.amx) for p in parts}) != 1:
+        if not all(parts) or len({(p.kind, p.in_features, p.products) for p in parts}) != 1:
             return None
         low_rank = LowRank.cat([p.low_rank for p in parts], [p.out_features for p in parts])
         return BlockWeight(parts[0].kind, torch.cat([p.data for p in parts]), torch.cat([p.scales for p in parts]),
-                           parts[0].in_features, low_rank, parts[0].amx)
+                           parts[0].in_features, low_rank, parts[0].products)
 
     def __call__(self, x: Tensor) -> Tensor:
         lib = _kernel()
@@ -384,10 +441,10 @@ class BlockWeight:
         out = torch.empty(m, self.out_features)
         u = self.low_rank
         t = None if u is None else torch.empty(m, u.down.shape[0])  # the kernel's scratch: x @ down^T
-        bf16_update = ctypes.addressof(u.bf16) if u is not None and self.amx == AMX_BF16 else None
+        bf16_update = ctypes.addressof(u.bf16) if u is not None and self.products == AMX_BF16 else None
         if m and lib.blocks_matmul(rows.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr(), m,
                                    self.out_features, self.in_features, self.kind, torch.get_num_threads(),
-                                   *_f32_update(self), None if t is None else t.data_ptr(), self.amx, bf16_update) != 0:
+                                   *_f32_update(self), None if t is None else t.data_ptr(), self.products, bf16_update) != 0:
             raise MemoryError("the block product could not allocate its buffers")
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -402,7 +459,7 @@ class _CWeight(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("kind", ctypes.c_int64), ("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("offset", ctypes.c_void_p),
                 ("r_total", ctypes.c_int64), ("rp", ctypes.c_int64), ("lr_bf16", ctypes.c_int64), ("bias", ctypes.c_void_p),
-                ("amx", ctypes.c_int64),
+                ("products", ctypes.c_int64),
                 ("upd", _CBf16Update)]
 
 
@@ -416,16 +473,16 @@ class _CLayer(ctypes.Structure):
 def _f32_update(weight: BlockWeight) -> tuple[int | None, ...]:
     """The kernel's float32 update arguments (none where there is no update or it runs in bf16)."""
     u = weight.low_rank
-    if u is None or weight.amx == AMX_BF16:
+    if u is None or weight.products == AMX_BF16:
         return None, None, None, 0, 0, 0
-    return u.split_args() if weight.amx == AMX_SPLIT else u.kernel_args()
+    return u.tile_args() if weight.products in _TILED else u.kernel_args()
 
 
 def _c_weight(weight: BlockWeight, bias: Tensor | None) -> _CWeight:
     u = weight.low_rank
     return _CWeight(weight.data.data_ptr(), weight.scales.data_ptr(), weight.out_features, weight.in_features, weight.kind,
-                    *_f32_update(weight), None if bias is None else bias.data_ptr(), weight.amx,
-                    u.bf16 if u is not None and weight.amx == AMX_BF16 else _CBf16Update())
+                    *_f32_update(weight), None if bias is None else bias.data_ptr(), weight.products,
+                    u.bf16 if u is not None and weight.products == AMX_BF16 else _CBf16Update())
 
 
 # BlockLayers' projections of a layer, in its order, and the projections (dlm.model.PROJECTIONS'

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dlm.blocks import UNIT, BlockLayers, BlockWeight, LayerWeights, amx_available, available
+from dlm.blocks import UNIT, BlockLayers, BlockWeight, LayerWeights, amx_available, available, vnni_available
 from dlm.config import ModelConfig
 from dlm.model import (
     BlockProjection,
@@ -124,7 +124,8 @@ class DraftHead(nn.Module):
         """For inference on a CPU where the block kernel runs (dlm.blocks): the head's weights
         rounded to Q8 blocks (as a GGUF's Q8_0: a float16 scale per 32 weights), half the bytes of
         bf16 (they are read at every step), products float32-accurate on AMX where it runs
-        (`BlockWeight.split`), float32 elsewhere, and its layers in one C call (`BlockLayers`,
+        (`BlockWeight.split`), else with 16-bit inputs on VNNI (`BlockWeight.int16`), else in
+        float32, and its layers in one C call (`BlockLayers`,
         over a scratch cache of the pass's positions) instead of some forty torch operations. A
         draft moves only as much as that rounding moves it; the verifier decides every token.
         False (nothing done) where the kernel or the fused forward does not run here. Call after
@@ -135,11 +136,11 @@ class DraftHead(nn.Module):
                 or any(k % UNIT for k in (c.dim, c.n_heads * c.head_dim, c.intermediate_size))
                 or BlockLayers.supported(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size) is not None):
             return False
-        amx = amx_available() is None
+        amx, vnni = amx_available() is None, vnni_available() is None
 
         def q8(*weights: Tensor) -> BlockWeight:
             weight = BlockWeight.quantize_q8(torch.cat([w.detach() for w in weights]))
-            return weight.split() if amx else weight
+            return weight.split() if amx else weight.int16() if vnni else weight
 
         layers = []
         for layer in self.layers:
@@ -152,7 +153,7 @@ class DraftHead(nn.Module):
         self._block_layers = BlockLayers(layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
                                          eps=c.norm_eps)
         self.fuse.proj = BlockProjection(q8(self.fuse.weight), None)
-        rows = -len(self._head) % 16  # AMX tiles hold 16 outputs: zero rows, sliced off
+        rows = -len(self._head) % 16  # tiled products hold 16 outputs: zero rows, sliced off
         self._packed_head = BlockProjection(q8(torch.cat([self._head, self._head.new_zeros(rows, self._head.shape[1])])),
                                             None)
         return True

@@ -55,7 +55,7 @@ def turn_models(detector: str) -> set[str]:
 # engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR);
 # "speculative": exact draft-and-verify, a block-diffusion checkpoint drafting for itself.
 LLM_ENGINES = ("auto", "ar", "speculative")  # dlm.engines.ENGINE_KINDS
-LLM_WEIGHTS = ("auto", "dense", "int4", "blocks", "blocks-amx", "blocks-bf16")  # dlm.checkpoints.WEIGHT_FORMATS and "auto"
+LLM_WEIGHTS = ("auto", "dense", "int4", "blocks", "blocks-amx", "blocks-bf16", "blocks-int8", "blocks-int16")  # dlm.checkpoints.WEIGHT_FORMATS and "auto"
 
 
 class ConfigError(ValueError):
@@ -228,7 +228,11 @@ class LlmConfig:
     # "blocks-amx": the same blocks, the matrix products float32-accurate on AMX (many rows for
     # about the price of one; float32's accuracy in another order of sums), or
     # "blocks-bf16": the same blocks, the matrix products in bf16 on AMX (many rows for about the
-    # price of one: batches, prefills, draft blocks; other greedy replies than float32's on some prompts).
+    # price of one: batches, prefills, draft blocks; other greedy replies than float32's on some prompts),
+    # "blocks-int8": the same blocks in llama.cpp's arithmetic (inputs rounded to 8 bits, integer
+    # products on AVX512-VNNI: about a third of float32's work per row, where AMX is missing too;
+    # other greedy replies than float32's on some prompts), "blocks-int16": the same with inputs
+    # rounded to 16 bits (closer to float32 than bf16; about half float32's work per row).
     weights: str = "auto"
     # Draft-and-verify (models with a drafter): drafts per forward (0: the engine's default, 4 for
     # a draft head, 1 for mask slots) and one draft block per possible acceptance length (true) or

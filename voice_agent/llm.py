@@ -542,7 +542,8 @@ def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
     """llm.weights "auto": the registry's format where it fits the device and the dtype asked
     for (a caller asking bfloat16 of a float32-blocks model gets dense bfloat16), and where its
     kernel runs on this machine (float32 blocks need AVX-512: else dense float32, with a warning;
-    float32-accurate products on AMX need AMX: else float32 blocks, with a note)."""
+    float32-accurate products on AMX need AMX: else 16-bit integer products on AVX512-VNNI, else
+    float32 blocks, with a note)."""
     import torch
 
     from dlm.checkpoints import FORMAT_DTYPES, resolve_dtype, runnable_weights
@@ -552,14 +553,17 @@ def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
     wanted = FORMAT_DTYPES.get(registry)
     if wanted is not None and dtype != "auto" and resolve_dtype(dtype, torch.device("cpu")) != wanted:
         return "dense"
-    weights, passed = runnable_weights(registry)
-    for skipped, reason in passed:
-        if skipped == "blocks-amx":
-            log.info("float32-accurate products on AMX unavailable (%s): float32 blocks instead, where a drafted row "
-                     "costs nearly a step, so draft-and-verify gains little over the AR engine; `voice-agent "
-                     "calibrate` measures which is faster here", reason)
-        else:
-            log.warning("float32 block weights unavailable (%s): the model runs dense float32, slower", reason)
+    weights, passed = runnable_weights(registry, near=True)
+    why = dict(passed)
+    if weights == "blocks-int16" and "blocks-amx" in why:
+        log.info("float32-accurate products on AMX unavailable (%s): integer products with 16-bit inputs on VNNI "
+                 "instead (logits within about 0.01 of float32's)", why["blocks-amx"])
+    elif weights == "blocks" and "blocks-int16" in why:
+        log.info("products on AMX and on VNNI unavailable (%s; %s): float32 blocks instead, where a drafted row costs "
+                 "nearly a step, so draft-and-verify gains little over the AR engine; `voice-agent calibrate` "
+                 "measures which is faster here", why.get("blocks-amx", "not asked for"), why["blocks-int16"])
+    if "blocks" in why:
+        log.warning("float32 block weights unavailable (%s): the model runs dense float32, slower", why["blocks"])
     return weights
 
 

@@ -197,7 +197,8 @@ def _arithmetic(result: ResolvedLlm) -> str:
     if result.weights == "blocks":
         return "the GGUF's blocks in float32 where AVX-512 runs"
     if result.weights == "blocks-amx":
-        return "the GGUF's blocks, float32-accurate products on AMX where it runs, else in float32"
+        return ("the GGUF's blocks, float32-accurate products on AMX where it runs, else integer products with "
+                "16-bit inputs on AVX512-VNNI, else in float32")
     if result.weights and result.weights != "dense":
         return f"{result.weights} weights"
     return result.dtype or "configured dtype"

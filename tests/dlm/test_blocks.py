@@ -19,7 +19,7 @@ import dlm.blocks
 from dlm.adapter import merge_adapter, unmerged_update
 from dlm.ar import AREngine
 from dlm.blocks import BlockWeight
-from dlm.checkpoints import load_model
+from dlm.checkpoints import load_model, runnable_weights
 from dlm.engine import GenerationParams
 from dlm.errors import UnsupportedCheckpointError
 from dlm.masks import causal_mask
@@ -30,6 +30,8 @@ needs_kernel = pytest.mark.skipif(dlm.blocks.available() is not None,
                                   reason=f"float32 block kernel unavailable: {dlm.blocks.available()}")
 needs_amx = pytest.mark.skipif(dlm.blocks.amx_available() is not None,
                                reason=f"bf16 block products unavailable: {dlm.blocks.amx_available()}")
+needs_vnni = pytest.mark.skipif(dlm.blocks.vnni_available() is not None,
+                                reason=f"integer block products unavailable: {dlm.blocks.vnni_available()}")
 
 
 def _q4(n: int, k: int, seed: int, q4_0: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,6 +181,83 @@ def test_split_products_are_float32_accurate_and_a_rows_bits_are_its_own(kind):
         split.bf16()
 
 
+def _integer_reference(x: torch.Tensor, weight: BlockWeight, bits: int) -> torch.Tensor:
+    """dlm/blocks.c's integer products, in float64: each row's inputs rounded per block of 32 to
+    integers of at most 127 (8 bits) or 32512 (16 bits) times the block's largest magnitude, times
+    the blocks' integers, scaled by d and the inputs' unit; plus m times the block's exact sum."""
+    n, k = weight.out_features, weight.in_features
+    q, d, m = weight._integers()
+    blocks = x.view(-1, k // 32, 32)
+    top = blocks.abs().amax(-1, keepdim=True)
+    largest = 127.0 if bits == 8 else 32512.0
+    scale = torch.where(top > 0, largest / top, torch.zeros_like(top))
+    ints = torch.round(blocks * scale).double()  # x * scale in float32, rounded to nearest even, as the kernel
+    sums = torch.einsum("rbi,nbi->rnb", ints, q.view(n, k // 32, 32).double())
+    return (sums * d.double() * (top / largest).double().transpose(1, 2)).sum(-1) + blocks.sum(-1).double() @ m.double().T
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind", ["q4", "q4_0", "q8"])
+def test_integer_products_round_each_rows_inputs_per_block_and_a_rows_bits_are_its_own(kind):
+    """BlockWeight.int8 / int16 (AVX512-VNNI): each row's inputs rounded per block of 32 to 8 or
+    16 bits of its largest magnitude, the blocks' integers multiplied exactly, float32 scales;
+    16 bits far closer to the exact product than 8 (and than bf16 inputs); a row's bits whatever
+    the other rows (groups of 8 rows, several groups, tiles of 4 and 2 with tails) or the thread
+    count; a float32 low-rank update, also across fused parts inside a tile of 16 outputs."""
+    n, k = 176, 192
+    if kind == "q4_0":
+        q, scale, minimum = _q4(n, k, seed=7, q4_0=True)
+        weight, dense = BlockWeight.q4(q, scale, minimum), _dequantized(q, scale, minimum)
+    else:
+        weight, dense = _random_blocks(kind, n, k, seed=7)
+    x = torch.randn(37, k)
+    x[5, 32:64] = 0.0  # a block of zeros: unit 0
+    exact = x.double() @ dense.double().T
+    errors = {}
+    for bits, products in ((8, weight.int8()), (16, weight.int16())):
+        assert products.out_features == n
+        y = products(x)
+        assert (y.double() - _integer_reference(x, weight, bits)).abs().max() < 1e-5 * exact.abs().max()
+        errors[bits] = float((y.double() - exact).abs().max() / exact.abs().max())
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17):
+            assert torch.equal(products(x[:rows]), y[:rows]), (bits, rows)
+        assert torch.equal(products(x[20:21]), y[20:21])
+        with _one_thread():
+            assert torch.equal(products(x), y)
+    assert errors[8] < 2e-2 and errors[16] < 2e-4 and errors[16] < errors[8] / 50
+    g = torch.Generator().manual_seed(8)
+    down, up = torch.randn(4, k, generator=g), torch.randn(40, 4, generator=g) * 0.05
+    parts, dense_parts = zip(*[_random_blocks("q4", size, k, seed) for size, seed in ((168, 9), (40, 10))], strict=True)
+    fused = BlockWeight.cat([parts[0], parts[1].with_low_rank(down, up)])
+    got = fused.int16()(x)
+    reference = x.double() @ torch.cat(dense_parts).double().T
+    reference[:, 168:] += x.double() @ down.double().T @ up.double().T
+    assert (got.double() - reference).abs().max() < 2e-4 * reference.abs().max()
+    assert torch.equal(fused.int16()(x[3:4]), got[3:4])
+    assert torch.equal(fused.int8().int16()(x), got)  # one layout, two input widths
+    with pytest.raises(ValueError, match="multiples of 16"):
+        BlockWeight.q4(*_q4(40, k, seed=1)).int8()
+    if dlm.blocks.amx_available() is None:
+        with pytest.raises(ValueError, match="another way"):
+            weight.split().int8()
+
+
+@needs_vnni
+@pytest.mark.parametrize("products", ["int8", "int16"])
+def test_a_model_with_integer_products_decodes_alike_alone_batched_reused_and_drafted(products):
+    """load_model(weights="blocks-int8" / "blocks-int16")'s arithmetic: close to float32's (16
+    bits far closer), and, as on float32 blocks, a reply does not depend on the batch, a reused
+    prefix gives what a fresh prefill gives, and draft-and-verify on it writes its AR replies."""
+    dense, on_blocks = _blocks_loaded(adapted=True, products=products)
+    assert _logit_gap(dense, on_blocks) < (0.15 if products == "int8" else 1e-3)
+    alone, together = _alone_together_and_reused(on_blocks)
+    drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
+    with SpeculativeEngine(on_blocks, drafter, draft_len=3, max_batch_size=4) as spec:
+        drafted = [_run(h)[0] for h in [spec.submit(p, PARAMS) for p in BLOCK_PROMPTS]]
+    assert together == alone == drafted
+    assert any(len(ids) > 3 for ids in alone)
+
+
 @needs_kernel
 @pytest.mark.parametrize("products", ["float32", pytest.param("split", marks=needs_amx)])
 def test_an_update_of_bf16_numbers_is_kept_in_bf16_and_gives_the_same_bits(products):
@@ -254,10 +333,10 @@ def test_fused_parts_and_a_low_rank_update():
         parts[0](x.to(torch.bfloat16))
 
 
-def _blocks_loaded(seed: int = 3, adapted: bool = False, amx: str | None = None):
+def _blocks_loaded(seed: int = 3, adapted: bool = False, products: str | None = None):
     """A random causal model (widths multiples of 64) whose dense float32 weights are the
-    dequantisation of random blocks; returns (dense model, the same on blocks; `amx` "bf16" or
-    "split": its products on AMX, BlockWeight.bf16 or .split)."""
+    dequantisation of random blocks; returns (dense model, the same on blocks; `products` "bf16",
+    "split" (on AMX), "int8" or "int16" (on VNNI): its products so, BlockWeight's method of that name)."""
     def make():
         return random_loaded("causal", seed=seed, eos=[1], block_size=1, dim=128, n_heads=4, n_kv_heads=2,
                              intermediate_size=256)
@@ -279,8 +358,8 @@ def _blocks_loaded(seed: int = 3, adapted: bool = False, amx: str | None = None)
         adapter = random_adapter(dense.config, seed)
         merge_adapter(dense.model, adapter)
         blocks = unmerged_update(blocks, adapter)
-    if amx is not None:
-        blocks = {name: getattr(w, amx)() for name, w in blocks.items()}
+    if products is not None:
+        blocks = {name: getattr(w, products)() for name, w in blocks.items()}
     on_blocks.model.use_blocks(blocks)
     on_blocks.model.release_dense_weights()
     assert not on_blocks.model.step_kernels  # one kernel everywhere: step positions are reusable
@@ -318,7 +397,7 @@ def test_a_model_with_bf16_products_decodes_alike_alone_batched_and_reused():
     """load_model(weights="blocks-bf16")'s arithmetic: close to float32's, and, as on float32
     blocks, a reply does not depend on the batch, and a reused prefix gives what a fresh prefill
     gives; draft-and-verify on it writes its AR replies."""
-    dense, on_blocks = _blocks_loaded(adapted=True, amx="bf16")
+    dense, on_blocks = _blocks_loaded(adapted=True, products="bf16")
     assert _logit_gap(dense, on_blocks) < 3e-2
     alone, together = _alone_together_and_reused(on_blocks)
     drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
@@ -333,7 +412,7 @@ def test_a_model_with_bf16_products_decodes_alike_alone_batched_and_reused():
                                          pytest.param(True, "split", marks=needs_amx)])
 def test_a_model_on_blocks_decodes_what_the_dense_float32_model_decodes(adapted, amx):
     """Float32 blocks, and their float32-accurate products on AMX ("blocks-amx")."""
-    dense, on_blocks = _blocks_loaded(adapted=adapted, amx=amx)
+    dense, on_blocks = _blocks_loaded(adapted=adapted, products=amx)
     assert _logit_gap(dense, on_blocks) < 1e-3
     with AREngine(dense, max_batch_size=4) as reference:
         expected = [_run(reference.submit(p, PARAMS))[0] for p in BLOCK_PROMPTS]
@@ -440,7 +519,7 @@ def test_draft_slots_in_the_one_call_forward_add_the_drafters_update_there_only(
 @pytest.mark.parametrize("draft_len,tree,amx", [(2, True, None), (3, False, None),
                                                 pytest.param(3, True, "split", marks=needs_amx)])
 def test_draft_and_verify_on_blocks_is_exact_and_batches_equal_each_alone(draft_len, tree, amx):
-    _, on_blocks = _blocks_loaded(seed=3, adapted=True, amx=amx)
+    _, on_blocks = _blocks_loaded(seed=3, adapted=True, products=amx)
     drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
     expected, alone, together = ar_alone_together(on_blocks, drafter, BLOCK_PROMPTS, PARAMS, draft_len=draft_len,
                                                   tree=tree)
@@ -498,11 +577,23 @@ def test_products_on_amx_where_it_cannot_run_are_refused_with_the_reason(monkeyp
             load_model(gguf, weights=weights)
         with pytest.raises(ValueError, match="float32"):
             load_model(gguf, weights=weights, dtype="bfloat16")
-    # The registry's float32-accurate AMX products become float32 blocks here (the same accuracy).
+    # The registry's float32-accurate AMX products become 16-bit integer products on VNNI here
+    # (nearly the same accuracy), or, without VNNI, float32 blocks (the same accuracy).
     with caplog.at_level(logging.INFO, logger="voice_agent.llm"):
-        expected = "blocks" if dlm.blocks.available() is None else "dense"
-        assert _registry_weights("blocks-amx", "cpu", "auto") == expected
-    assert "VOICE_AGENT_AMX=0" in caplog.text and "voice-agent calibrate" in caplog.text  # where to look next
+        expected = "blocks-int16" if dlm.blocks.vnni_available() is None else "blocks"
+        assert _registry_weights("blocks-amx", "cpu", "auto") == (expected if dlm.blocks.available() is None else "dense")
+    assert "VOICE_AGENT_AMX=0" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("VOICE_AGENT_VNNI", "0")
+    with caplog.at_level(logging.INFO, logger="voice_agent.llm"):
+        assert _registry_weights("blocks-amx", "cpu", "auto") == ("blocks" if dlm.blocks.available() is None else "dense")
+    assert "VOICE_AGENT_VNNI=0" in caplog.text and "voice-agent calibrate" in caplog.text  # where to look next
+    if dlm.blocks.available() is None:  # training features keep float32's accuracy, VNNI or not
+        assert runnable_weights("blocks-amx") == ("blocks", [("blocks-amx", "switched off (VOICE_AGENT_AMX=0)")])
+    with pytest.raises(RuntimeError, match="VOICE_AGENT_VNNI=0"):
+        BlockWeight.q4(*_q4(16, 64, seed=1)).int16()
+    with pytest.raises(ValueError, match=r"blocks-int8.*VOICE_AGENT_VNNI=0"):
+        load_model(gguf, weights="blocks-int8")
 
 
 def test_a_failed_build_is_reported_and_the_registry_falls_back_to_dense(tmp_path, monkeypatch, caplog):

@@ -175,15 +175,16 @@ def test_a_draft_head_file_round_trips_and_is_checked_like_a_drafter(base, tmp_p
 
 
 @pytest.mark.skipif(dlm.blocks.available() is not None, reason=f"block kernel unavailable: {dlm.blocks.available()}")
-@pytest.mark.parametrize("amx", [True, False], ids=["amx-where-it-runs", "float32-products"])
+@pytest.mark.parametrize("amx", [True, False], ids=["amx-or-vnni-where-they-run", "float32-products"])
 def test_a_draft_head_on_q8_blocks_drafts_what_its_float32_layers_draft(tmp_path, monkeypatch, amx):
     """DraftHead.use_blocks: the head's weights rounded to Q8 blocks, its layers in one C call
-    (products on AMX where it runs, else float32): scores within that rounding of the float32
+    (products on AMX where it runs, else on VNNI, else float32): scores within that rounding of the float32
     head's, padding pairs still nobody's keys, each pass of a batch computed as alone;
     load_drafter runs a head on blocks where the kernel runs."""
     if not amx:
         monkeypatch.setattr(dlm.blocks, "_amx_tried", True)
         monkeypatch.setattr(dlm.blocks, "_amx_reason", "switched off (VOICE_AGENT_AMX=0)")
+        monkeypatch.setenv("VOICE_AGENT_VNNI", "0")
     loaded = random_loaded("causal", seed=4, block_size=1, dim=64, n_heads=4, n_kv_heads=2, intermediate_size=128)
     loaded.path = tmp_path / "base.gguf"
     loaded.path.write_bytes(b"tiny base weights")
@@ -198,8 +199,9 @@ def test_a_draft_head_on_q8_blocks_drafts_what_its_float32_layers_draft(tmp_path
     with torch.no_grad():
         plain = head(feats, tokens, valid, 3)
         assert head.use_blocks()
-        split = amx and dlm.blocks.amx_available() is None
-        assert head._packed_head.weight.amx == (dlm.blocks.AMX_SPLIT if split else 0)
+        split, vnni = amx and dlm.blocks.amx_available() is None, amx and dlm.blocks.vnni_available() is None
+        assert head._packed_head.weight.products == (dlm.blocks.AMX_SPLIT if split else dlm.blocks.VNNI_INT16 if vnni
+                                                     else 0)
         on_blocks = head(feats, tokens, valid, 3)
         alone = head(feats[1:2], tokens[1:2], valid[1:2], 3)
         again = head(changed, tokens, valid, 3)

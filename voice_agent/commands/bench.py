@@ -106,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm = sub.add_parser("llm", help="dLLM engine vs AR baseline on the same weights")
     llm.add_argument("--device", help="torch device, e.g. cpu, cuda (default: llm.device)")
     llm.add_argument("--dtype", help="float32 | bfloat16 | auto (default: llm.dtype; auto with --synthetic)")
-    llm.add_argument("--weights", help="dense | int4 | blocks | blocks-amx | blocks-bf16 | auto (default: llm.weights)")
+    llm.add_argument("--weights", help="dense | int4 | blocks | blocks-amx | blocks-bf16 | blocks-int8 | blocks-int16 | auto (default: llm.weights)")
     llm.add_argument("--max-new-tokens", type=int, default=64)
     llm.add_argument("--concurrency", type=_levels, default=[1, 8], metavar="C1,C2,...",
                      help="requests submitted at once, one level after the other (default: 1,8)")
