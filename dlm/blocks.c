@@ -717,31 +717,33 @@ int blocks_vnni_supported(void) {
 typedef struct {
     const int8_t *q, *lo; /* (rows, K): X (8 bits) or H (16 bits); L (16 bits), else NULL */
     const float *d, *s;   /* (rows, K / 32): da, sx */
-    const int32_t *c;     /* (rows, K / 32): -128 sum X (Q8's offset, taken off in int32) */
+    const int32_t *offset; /* (rows, K / 32): -128 sum X (Q8's offset, taken off in int32) */
 } int_inputs;
 
-/* Rows 0..M-1 as int_inputs (wide: 16 bits), into the buffers `in` points to. */
-VNNI_TARGET static void int_inputs_of(const float *x, int64_t M, int64_t K, int wide, const int_inputs *in) {
+/* Rows 0..M-1 as int_inputs (wide: 16 bits): q, lo (wide only) (M, K); d, s, offset (M, K / 32). */
+VNNI_TARGET static void int_inputs_of(const float *x, int64_t M, int64_t K, int wide, int8_t *q, int8_t *lo, float *d,
+                                      float *s, int32_t *offset) {
     const int64_t chunks = K / 32;
     const float top_int = wide ? 32512.0f : 127.0f;
     for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t at = m * K + 32 * c, i = m * chunks + c;
-            const __m512 lo = _mm512_loadu_ps(x + at), hi = _mm512_loadu_ps(x + at + 16);
-            const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            const __m512 first = _mm512_loadu_ps(x + at), second = _mm512_loadu_ps(x + at + 16);
+            const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
             const __m512 scale = _mm512_set1_ps(top > 0.0f ? top_int / top : 0.0f);
-            __m512i v[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(lo, scale)), _mm512_cvtps_epi32(_mm512_mul_ps(hi, scale))};
-            ((float *)in->d)[i] = top / top_int;
-            ((float *)in->s)[i] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-            ((int32_t *)in->c)[i] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(v[0], v[1]));
+            const __m512i v[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(first, scale)),
+                                  _mm512_cvtps_epi32(_mm512_mul_ps(second, scale))};
+            d[i] = top / top_int;
+            s[i] = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
+            offset[i] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(v[0], v[1]));
             for (int h = 0; h < 2; h++) {
                 __m512i high = v[h];
                 if (wide) {
                     high = _mm512_srai_epi32(_mm512_add_epi32(v[h], _mm512_set1_epi32(128)), 8);
                     const __m512i low = _mm512_sub_epi32(v[h], _mm512_slli_epi32(high, 8));
-                    _mm_storeu_si128((__m128i *)(in->lo + at + 16 * h), _mm512_cvtsepi32_epi8(low));
+                    _mm_storeu_si128((__m128i *)(lo + at + 16 * h), _mm512_cvtsepi32_epi8(low));
                 }
-                _mm_storeu_si128((__m128i *)(in->q + at + 16 * h), _mm512_cvtsepi32_epi8(high));
+                _mm_storeu_si128((__m128i *)(q + at + 16 * h), _mm512_cvtsepi32_epi8(high));
             }
         }
 }
@@ -774,7 +776,7 @@ VNNI_TARGET INLINE void int_tile(const int_inputs *in, const uint8_t *data, cons
             for (int r = 0; r < R; r++) {
                 /* four inputs at a time, broadcast straight from memory into the products */
                 const quad *hi = (const quad *)(in->q + r * K + 32 * c), *lo = (const quad *)(in->lo + r * K + 32 * c);
-                const __m512i offset = q8 ? _mm512_set1_epi32(in->c[r * chunks + c]) : _mm512_setzero_si512();
+                const __m512i offset = q8 ? _mm512_set1_epi32(in->offset[r * chunks + c]) : _mm512_setzero_si512();
                 __m512i sum;
                 if (wide) { /* S_H and S_L, one chain each: S = 256 S_H + S_L (the offset in S_L) */
                     __m512i sh = _mm512_setzero_si512(), sl = offset;
@@ -851,7 +853,7 @@ static void int_range(const int_inputs *in, const uint8_t *data, const uint16_t 
         for (int64_t r0 = 0; r0 < M; r0 += INT8_ROWS) {
             const int64_t R = M - r0 < INT8_ROWS ? M - r0 : INT8_ROWS;
             const int_inputs rows = {in->q + r0 * K, wide ? in->lo + r0 * K : 0, in->d + r0 * chunks,
-                                     in->s + r0 * chunks, in->c + r0 * chunks};
+                                     in->s + r0 * chunks, in->offset + r0 * chunks};
             const low_rank update = {t ? t + r0 * r_total : 0, up_t, offset, r_total, rp, lr_bf16};
             INT_GROUP_FN[R](&rows, data, scales, y + r0 * N, N, K, a, b, q8, wide, t ? &update : 0);
         }
@@ -872,8 +874,9 @@ static void int_matmul(const float *x, const uint8_t *data, const uint16_t *scal
         *status = -1;
         return;
     }
-    const int_inputs in = {bytes, wide ? bytes + M * K : 0, sums, sums + M * chunks, (int32_t *)(sums + 2 * M * chunks)};
-    int_inputs_of(x, M, K, wide, &in);
+    int32_t *offsets = (int32_t *)(sums + 2 * M * chunks);
+    int_inputs_of(x, M, K, wide, bytes, wide ? bytes + M * K : 0, sums, sums + M * chunks, offsets);
+    const int_inputs in = {bytes, wide ? bytes + M * K : 0, sums, sums + M * chunks, offsets};
     const int parallel = threads > 1 && tiles >= 8 && M * N * K >= (int64_t)1 << 17;
 #pragma omp parallel num_threads(parallel ? threads : 1)
     {

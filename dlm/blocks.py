@@ -270,10 +270,10 @@ class LowRank:
 
     @cached_property
     def _tiled_up(self) -> Tensor:
-        return self._up_by_tiles("beside split or int8 products").contiguous()
+        return self._up_by_tiles("beside split or integer products").contiguous()
 
     def tile_args(self) -> tuple[int, int, int, int, int, int]:
-        """`kernel_args` for split and int8 products (dlm/blocks.c: up by tiles of 16 outputs,
+        """`kernel_args` for split and integer products (dlm/blocks.c: up by tiles of 16 outputs,
         transposed); ValueError: see `_up_by_tiles`."""
         return (self.down.data_ptr(), self._tiled_up.data_ptr(), self.offset.data_ptr(), self.down.shape[0], self.rank,
                 int(self.down.dtype == torch.bfloat16))
@@ -290,7 +290,7 @@ class BlockWeight:
     kind: int  # 0: Q4 (Q4_0, Q4_1), 1: Q8 (Q8_0)
     data: Tensor  # Q4: (N, K / 64, 32) uint8; Q8: (N, K) int8
     scales: Tensor  # Q4: (N, K / 64, 4) float32 (d, m of each block of the unit); Q8: (N, K / 32) float32
-    # (split products keep both in their own layouts by tiles of 16 outputs, scales in float16: dlm/blocks.c)
+    # (split and integer products keep both in their own layouts by tiles of 16 outputs, scales in float16: dlm/blocks.c)
     in_features: int
     low_rank: LowRank | None = None
     products: int = 0  # 0: float32; AMX_BF16: bf16 on AMX (`bf16()`); AMX_SPLIT: float32-accurate on AMX (`split()`);

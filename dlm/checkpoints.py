@@ -92,6 +92,7 @@ class LoadedModel:
     path: Path  # the file or folder actually loaded (a HF cache entry resolves to its snapshot)
     drafter: Any = None  # a dlm.drafter.Drafter applied to this model (load_model(..., drafter=...)), or None
     adapter: Path | None = None  # the adapter file merged into the weights (load_model(..., adapter=...)), or None
+    weights: str = "dense"  # the weight format it runs (one of WEIGHT_FORMATS: load_model's `weights`)
 
 
 def _unsupported(path: Path, found: str) -> UnsupportedCheckpointError:
@@ -448,7 +449,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     # bench llm`'s memory line) go back to the system; glibc keeps them otherwise.
     release_free_memory()
     loaded = LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved,
-                         adapter=None if adapter is None else Path(adapter))
+                         adapter=None if adapter is None else Path(adapter), weights=weights)
     if drafter is not None:
         from dlm.drafter import load_drafter
 

@@ -24,6 +24,7 @@ def test_bench_llm_int4_reports_fidelity_costs_and_memory(tmp_path, monkeypatch,
     assert status == 0
     report = json.loads(out.read_text())
     assert report["dtype"] == "torch.bfloat16" and report["reference"] is None and report["reference_bars"] is None
+    assert report["weights"] == "int4"  # the format that ran (with "auto" it depends on the CPU)
     assert any("llama.cpp skipped" in note for note in report["notes"])
     fidelity = report["fidelity"]
     replies = report["results"][0]["replies"]
@@ -37,3 +38,4 @@ def test_bench_llm_int4_reports_fidelity_costs_and_memory(tmp_path, monkeypatch,
     assert 200e6 < report["memory"]["weight_bytes"] < 450e6
     printed = capsys.readouterr().out
     assert "against the same weights in float32" in printed and "single forwards" in printed
+    assert "torch.bfloat16 on int4 weights" in printed

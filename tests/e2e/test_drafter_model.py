@@ -71,3 +71,34 @@ def test_it_writes_the_ar_reply_in_fewer_forwards(drafted):
             forwards += ours[-1].steps - ours[-1].prefill_steps
     # A trained drafter is accepted (an untrained one: about 1.0); the rate itself is benchmarked.
     assert tokens / forwards > 1.15, (tokens, forwards)
+
+
+def test_it_runs_the_closest_arithmetic_this_cpu_has(drafted):
+    """The registry's float32-accurate AMX products, else 16-bit integer products on VNNI, else
+    float32 blocks, else dense float32 (dlm.checkpoints.runnable_weights(near=True))."""
+    loaded, _ = drafted
+    expected = ("blocks-amx" if dlm.blocks.amx_available() is None else
+                "blocks-int16" if dlm.blocks.vnni_available() is None else
+                "blocks" if dlm.blocks.available() is None else "dense")
+    assert loaded.weights == expected
+
+
+@pytest.mark.skipif(dlm.blocks.vnni_available() is not None, reason=f"no VNNI: {dlm.blocks.vnni_available()}")
+def test_16_bit_integer_products_stay_within_a_hundredth_of_float32_logits_on_real_weights():
+    """The default's arithmetic where AMX is missing: on the real model and a real prompt its
+    logits stay close to the float32 blocks' (docs/models.md: within about 0.016 over 24 prompts),
+    the same top token at every position; 8-bit inputs (llama.cpp's arithmetic) move them far more."""
+    import torch
+
+    from dlm.masks import causal_mask
+
+    logits = {}
+    for weights in ("blocks", "blocks-int16", "blocks-int8"):
+        loaded, _ = load_local_llm("smollm2-135m-grounded", device="cpu", dtype="auto", weights=weights)
+        ids = loaded.tokenizer.encode("Hello! Could you tell me when the pharmacy on Main Street opens tomorrow?")
+        with torch.inference_mode():
+            logits[weights] = loaded.model(torch.tensor([ids]), torch.arange(len(ids))[None], causal_mask(len(ids)))[0]
+    gap16 = float((logits["blocks-int16"] - logits["blocks"]).abs().max())
+    gap8 = float((logits["blocks-int8"] - logits["blocks"]).abs().max())
+    assert gap16 < 0.05 and gap8 > 10 * gap16
+    assert torch.equal(logits["blocks-int16"].argmax(-1), logits["blocks"].argmax(-1))

@@ -743,7 +743,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     report = {
         "environment": _environment(device),
         "model": str(loaded.path), "family": loaded.family, "dtype": str(loaded.model.model.embed_tokens.weight.dtype),
-        "max_new_tokens": args.max_new_tokens, "policy": params.policy,
+        "weights": getattr(loaded, "weights", None), "max_new_tokens": args.max_new_tokens, "policy": params.policy,
         "steps_per_block": params.steps_per_block if params.policy == "fixed_steps" else None,
         "compile": args.compile, "notes": notes, "results": results,
         "decoding": decoding_name,
@@ -909,7 +909,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _print_table(report: dict[str, Any]) -> None:
     env = report["environment"]
     amx = f"; AMX: {env['amx']}" if env.get("amx") else ""
-    print(f"model {report['model']} ({report['family']}) on {env['device']} ({env['device_name']}{amx}) {report['dtype']}, "
+    weights = f" on {report['weights']} weights" if report.get("weights") else ""
+    print(f"model {report['model']} ({report['family']}) on {env['device']} ({env['device_name']}{amx}) {report['dtype']}{weights}, "
           f"torch {env['torch']}, max_new_tokens {report['max_new_tokens']}, policy {report['policy']}, "
           f"compile {report['compile']}")
     for note in report["notes"]:
