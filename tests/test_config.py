@@ -45,7 +45,7 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("[server]\nallowed_origins = [1]\n", "server.allowed_origins[0]: expected str"),
         ("llm = 3\n", "llm: expected a [llm] table"),
         ("[llm\n", "not valid TOML"),
-        ("[llm]\nweights = \"int3\"\n", "llm.weights must be one of 'auto', 'dense', 'int4', 'blocks', 'blocks-amx', 'blocks-bf16', not 'int3'"),
+        ("[llm]\nweights = \"int3\"\n", "llm.weights must be one of 'auto', 'dense', 'int4', 'blocks', 'blocks-amx', 'blocks-bf16', 'blocks-int8', 'blocks-int16', not 'int3'"),
         ("[llm]\naccept = 0\n", "llm.accept must lie in .0, 1.* not 0.0$"),
         ("[llm]\naccept = 1.5\n", "llm.accept must lie in .0, 1.* not 1.5$"),
     ],
