@@ -730,10 +730,11 @@ VNNI_TARGET static void int_inputs_of(const float *x, int64_t M, int64_t K, int 
             const int64_t at = m * K + 32 * c, i = m * chunks + c;
             const __m512 first = _mm512_loadu_ps(x + at), second = _mm512_loadu_ps(x + at + 16);
             const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
-            const __m512 scale = _mm512_set1_ps(top > 0.0f ? top_int / top : 0.0f);
+            const __mmask16 nan = _mm512_cmp_ps_mask(first, first, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(second, second, _CMP_UNORD_Q);
+            const __m512 scale = _mm512_set1_ps(top > 0.0f && top < INFINITY ? top_int / top : 0.0f);
             const __m512i v[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(first, scale)),
                                   _mm512_cvtps_epi32(_mm512_mul_ps(second, scale))};
-            d[i] = top / top_int;
+            d[i] = nan || !(top < INFINITY) ? NAN : top / top_int; /* not finite in: NaN out (float32: NaN or inf) */
             s[i] = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
             offset[i] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(v[0], v[1]));
             for (int h = 0; h < 2; h++) {
