@@ -677,7 +677,7 @@ static void amx_matmul(const float *x, const uint8_t *data, const float *scales,
     free(b);
 }
 
-/* ---- Integer products on VNNI: 8-bit inputs (llama.cpp's arithmetic, products == 3,
+/* ---- Integer products on VNNI: 8-bit inputs (rounded as llama.cpp rounds its activations, products == 3,
    `BlockWeight.int8`) and 16-bit inputs (products == 4, `BlockWeight.int16`) ----------------------
 
    Each row's inputs are rounded to integers per block of 32, scaled by the block's largest:
@@ -706,7 +706,7 @@ static void amx_matmul(const float *x, const uint8_t *data, const float *scales,
    after the blocks). */
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define INT8_ROWS 8 /* rows per group: each weight vector, once unpacked, serves up to 8 rows */
+#define INT_ROWS 8 /* rows per group: each weight vector, once unpacked, serves up to 8 rows */
 typedef int32_t quad __attribute__((may_alias, aligned(4))); /* four int8 inputs read as one */
 
 int blocks_vnni_supported(void) {
@@ -731,12 +731,14 @@ VNNI_TARGET static void int_inputs_of(const float *x, int64_t M, int64_t K, int 
             const __m512 first = _mm512_loadu_ps(x + at), second = _mm512_loadu_ps(x + at + 16);
             const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
             const __mmask16 nan = _mm512_cmp_ps_mask(first, first, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(second, second, _CMP_UNORD_Q);
-            const __m512 scale = _mm512_set1_ps(top > 0.0f && top < INFINITY ? top_int / top : 0.0f);
+            const float inverse = top_int / top; /* +inf for a block of zeros or of tiny numbers: scale 0 then */
+            const __m512 scale = _mm512_set1_ps(top > 0.0f && inverse < INFINITY ? inverse : 0.0f);
             const __m512i v[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(first, scale)),
                                   _mm512_cvtps_epi32(_mm512_mul_ps(second, scale))};
             d[i] = nan || !(top < INFINITY) ? NAN : top / top_int; /* not finite in: NaN out (float32: NaN or inf) */
             s[i] = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
-            offset[i] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(v[0], v[1]));
+            /* in uint32: a non-finite input's X (INT_MIN) wraps instead of overflowing (its outputs are NaN) */
+            offset[i] = (int32_t)(0u - 128u * (uint32_t)_mm512_reduce_add_epi32(_mm512_add_epi32(v[0], v[1])));
             for (int h = 0; h < 2; h++) {
                 __m512i high = v[h];
                 if (wide) {
@@ -776,10 +778,11 @@ VNNI_TARGET INLINE void int_tile(const int_inputs *in, const uint8_t *data, cons
             const __m512 mn = q8 ? _mm512_setzero_ps() : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 16)));
             for (int r = 0; r < R; r++) {
                 /* four inputs at a time, broadcast straight from memory into the products */
-                const quad *hi = (const quad *)(in->q + r * K + 32 * c), *lo = (const quad *)(in->lo + r * K + 32 * c);
+                const quad *hi = (const quad *)(in->q + r * K + 32 * c);
                 const __m512i offset = q8 ? _mm512_set1_epi32(in->offset[r * chunks + c]) : _mm512_setzero_si512();
                 __m512i sum;
                 if (wide) { /* S_H and S_L, one chain each: S = 256 S_H + S_L (the offset in S_L) */
+                    const quad *lo = (const quad *)(in->lo + r * K + 32 * c);
                     __m512i sh = _mm512_setzero_si512(), sl = offset;
                     for (int i = 0; i < 8; i++) {
                         sh = _mm512_dpbusd_epi32(sh, w[i], _mm512_set1_epi32(hi[i]));
@@ -840,7 +843,7 @@ INT_GROUP(8, 1)
 
 typedef void (*int_group_fn)(const int_inputs *, const uint8_t *, const uint16_t *, float *, int64_t, int64_t,
                              int64_t, int64_t, int, int, const low_rank *);
-static const int_group_fn INT_GROUP_FN[INT8_ROWS + 1] = {0, int_group1, int_group2, int_group3, int_group4,
+static const int_group_fn INT_GROUP_FN[INT_ROWS + 1] = {0, int_group1, int_group2, int_group3, int_group4,
                                                          int_group5, int_group6, int_group7, int_group8};
 
 /* Tiles lo..hi-1 of every row: with one group, all of them in one pass; with several, one tile
@@ -848,11 +851,11 @@ static const int_group_fn INT_GROUP_FN[INT8_ROWS + 1] = {0, int_group1, int_grou
 static void int_range(const int_inputs *in, const uint8_t *data, const uint16_t *scales, float *y, int64_t M,
                       int64_t N, int64_t K, int64_t lo, int64_t hi, int q8, int wide, const float *t, const void *up_t,
                       int lr_bf16, const int32_t *offset, int64_t r_total, int64_t rp) {
-    const int64_t chunks = K / 32, step = M <= INT8_ROWS ? hi - lo : 1;
+    const int64_t chunks = K / 32, step = M <= INT_ROWS ? hi - lo : 1;
     for (int64_t a = lo; a < hi; a += step) {
         const int64_t b = a + step < hi ? a + step : hi;
-        for (int64_t r0 = 0; r0 < M; r0 += INT8_ROWS) {
-            const int64_t R = M - r0 < INT8_ROWS ? M - r0 : INT8_ROWS;
+        for (int64_t r0 = 0; r0 < M; r0 += INT_ROWS) {
+            const int64_t R = M - r0 < INT_ROWS ? M - r0 : INT_ROWS;
             const int_inputs rows = {in->q + r0 * K, wide ? in->lo + r0 * K : 0, in->d + r0 * chunks,
                                      in->s + r0 * chunks, in->offset + r0 * chunks};
             const low_rank update = {t ? t + r0 * r_total : 0, up_t, offset, r_total, rp, lr_bf16};
@@ -897,7 +900,7 @@ static void int_matmul(const float *x, const uint8_t *data, const uint16_t *scal
    scratch of (M, r_total) floats. products 0: float32 (above); 1: in bf16 on AMX (blocks_amx_init
    first), its update (upd, or NULL) in bf16 after them (t then a scratch of M x upd->r_total);
    2: float32-accurate on AMX, data and scales (float16) in their own layout and up by tiles
-   (split_matmul); 3, 4: integer products on VNNI, 8-bit (llama.cpp's arithmetic) or 16-bit inputs
+   (split_matmul); 3, 4: integer products on VNNI, 8-bit (llama.cpp-style) or 16-bit inputs
    (int_matmul: its own layout, up by tiles; blocks_vnni_supported first). Returns 0, or -1 where
    memory ran out. */
 int blocks_matmul(const float *x, const uint8_t *data, const void *scales, float *y, int64_t M,

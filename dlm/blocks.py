@@ -24,7 +24,7 @@ Contract:
   float32 model's results up to the order of its sums, at about the price of bf16 for many rows
   (a row's own bits too; the same `amx_available()`).
   `int8()` / `int16()`: the same blocks in integer products on AVX512-VNNI, each row's inputs
-  rounded to 8 bits (llama.cpp's arithmetic: logits close to float32's, other greedy replies on
+  rounded to 8 bits (llama.cpp-style: logits close to float32's, other greedy replies on
   some prompts) or 16 bits (logit errors some 250 times smaller) per block of 32; `vnni_available()`
   says whether they run here (VOICE_AGENT_VNNI not 0); a row's own bits too.
 - `BlockLayers(layers, n_heads=, n_kv_heads=, head_dim=, eps=)` (`LayerWeights` per layer): a
@@ -65,7 +65,7 @@ __all__ = ["AMX_BF16", "AMX_SPLIT", "FUSED_PROJECTIONS", "UNIT", "VNNI_INT8", "V
 SOURCE = Path(__file__).with_name("blocks.c")
 UNIT = 64  # inputs per unit of the kernel (two blocks of 32): K must be a multiple
 # `BlockWeight.products`: float32 (0), bf16 on AMX (`bf16()`), float32-accurate on AMX (`split()`),
-# integer products on VNNI with 8-bit (llama.cpp's arithmetic, `int8()`) or 16-bit inputs (`int16()`)
+# integer products on VNNI with 8-bit (llama.cpp-style, `int8()`) or 16-bit inputs (`int16()`)
 AMX_BF16, AMX_SPLIT, VNNI_INT8, VNNI_INT16 = 1, 2, 3, 4
 _TILED = (AMX_SPLIT, VNNI_INT8, VNNI_INT16)  # products whose weights are laid out by tiles of 16 outputs
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
@@ -356,7 +356,7 @@ class BlockWeight:
         return replace(self, data=data.contiguous(), scales=self._tile_scales(d, m), products=AMX_SPLIT)
 
     def int8(self) -> BlockWeight:
-        """The same blocks in llama.cpp's arithmetic on AVX512-VNNI (dlm/blocks.c "Integer products
+        """The same blocks with llama.cpp-style 8-bit inputs on AVX512-VNNI (dlm/blocks.c "Integer products
         on VNNI"): each row's inputs rounded to 8 bits per block of 32 (unit max |x| / 127), the
         integer products summed exactly, then each block's scales applied in float32; a low-rank
         update added in float32. Logits close to float32's but not its greedy replies on every

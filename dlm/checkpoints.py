@@ -371,7 +371,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     or "blocks-bf16": the same, the matrix products in bf16 on AMX (`BlockWeight.bf16`: weights and
     inputs rounded to bf16, sums in float32; many rows for about the price of one; other greedy
     replies than float32's on some prompts), on a CPU with AMX;
-    or "blocks-int8": the same, in llama.cpp's arithmetic (`BlockWeight.int8`: inputs rounded to 8
+    or "blocks-int8": the same, with llama.cpp-style inputs (`BlockWeight.int8`: inputs rounded to 8
     bits per block of 32, exact integer products on VNNI, float32 scales; about a third of the
     float32 path's arithmetic; other greedy replies than float32's on some prompts), on a CPU with
     AVX512-VNNI; or "blocks-int16": the same with inputs rounded to 16 bits (`BlockWeight.int16`:

@@ -229,7 +229,7 @@ class LlmConfig:
     # about the price of one; float32's accuracy in another order of sums), or
     # "blocks-bf16": the same blocks, the matrix products in bf16 on AMX (many rows for about the
     # price of one: batches, prefills, draft blocks; other greedy replies than float32's on some prompts),
-    # "blocks-int8": the same blocks in llama.cpp's arithmetic (inputs rounded to 8 bits, integer
+    # "blocks-int8": the same blocks with llama.cpp-style 8-bit inputs (rounded as llama.cpp rounds its activations, integer
     # products on AVX512-VNNI: about a third of float32's work per row, where AMX is missing too;
     # other greedy replies than float32's on some prompts), "blocks-int16": the same with inputs
     # rounded to 16 bits (closer to float32 than bf16; about half float32's work per row).

@@ -127,8 +127,9 @@ def load_text_scorer(name: str, *, device: str = "cpu") -> TextTurnScorer:
     from voice_agent.llm import load_local_llm
     from voice_agent.models import resolve_llm_model
 
-    gguf = resolve_llm_model(name).path.suffix == ".gguf"
-    if device == "cpu" and gguf and amx_available() is not None and vnni_available() is None:
+    resolved = resolve_llm_model(name)
+    float32_gguf = resolved.path.suffix == ".gguf" and resolved.dtype in (None, "float32")  # not an int4 entry
+    if device == "cpu" and float32_gguf and amx_available() is not None and vnni_available() is None:
         loaded, _resolved = load_local_llm(name, device=device, dtype="auto", weights="blocks-int16")
     else:
         loaded, _resolved = load_local_llm(name, device=device, dtype="bfloat16")

@@ -559,9 +559,10 @@ def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
         log.info("float32-accurate products on AMX unavailable (%s): integer products with 16-bit inputs on VNNI "
                  "instead (logits within about 0.01 of float32's)", why["blocks-amx"])
     elif weights == "blocks" and "blocks-int16" in why:
-        log.info("products on AMX and on VNNI unavailable (%s; %s): float32 blocks instead, where a drafted row costs "
-                 "nearly a step, so draft-and-verify gains little over the AR engine; `voice-agent calibrate` "
-                 "measures which is faster here", why.get("blocks-amx", "not asked for"), why["blocks-int16"])
+        what = "products on AMX and integer products on VNNI" if "blocks-amx" in why else "integer products on VNNI"
+        log.info("%s unavailable (%s): float32 blocks instead, where a drafted row costs nearly a step, so "
+                 "draft-and-verify gains little over the AR engine; `voice-agent calibrate` measures which is faster "
+                 "here", what, "; ".join(why[k] for k in ("blocks-amx", "blocks-int16") if k in why))
     if "blocks" in why:
         log.warning("float32 block weights unavailable (%s): the model runs dense float32, slower", why["blocks"])
     return weights

@@ -183,14 +183,15 @@ def test_split_products_are_float32_accurate_and_a_rows_bits_are_its_own(kind):
 
 def _integer_reference(x: torch.Tensor, weight: BlockWeight, bits: int) -> torch.Tensor:
     """dlm/blocks.c's integer products, in float64: each row's inputs rounded per block of 32 to
-    integers of at most 127 (8 bits) or 32512 (16 bits) times the block's largest magnitude, times
+    integers of at most 127 (8 bits) or 32512 (16 bits) over the block's largest magnitude, times
     the blocks' integers, scaled by d and the inputs' unit; plus m times the block's exact sum."""
     n, k = weight.out_features, weight.in_features
     q, d, m = weight._integers()
     blocks = x.view(-1, k // 32, 32)
     top = blocks.abs().amax(-1, keepdim=True)
     largest = 127.0 if bits == 8 else 32512.0
-    scale = torch.where(top > 0, largest / top, torch.zeros_like(top))
+    inverse = largest / top  # inf for a block of zeros or of tiny numbers: those round to 0
+    scale = torch.where(inverse.isfinite(), inverse, torch.zeros_like(top))
     ints = torch.round(blocks * scale).double()  # x * scale in float32, rounded to nearest even, as the kernel
     sums = torch.einsum("rbi,nbi->rnb", ints, q.view(n, k // 32, 32).double())
     return (sums * d.double() * (top / largest).double().transpose(1, 2)).sum(-1) + blocks.sum(-1).double() @ m.double().T
@@ -212,6 +213,7 @@ def test_integer_products_round_each_rows_inputs_per_block_and_a_rows_bits_are_i
         weight, dense = _random_blocks(kind, n, k, seed=7)
     x = torch.randn(37, k)
     x[5, 32:64] = 0.0  # a block of zeros: unit 0
+    x[6, 64:96] = 1e-38  # a block too small for 127 / its largest to be finite: unit 0 too
     exact = x.double() @ dense.double().T
     errors = {}
     for bits, products in ((8, weight.int8()), (16, weight.int16())):

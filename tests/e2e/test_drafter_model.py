@@ -87,7 +87,7 @@ def test_it_runs_the_closest_arithmetic_this_cpu_has(drafted):
 def test_16_bit_integer_products_stay_within_a_hundredth_of_float32_logits_on_real_weights():
     """The default's arithmetic where AMX is missing: on the real model and a real prompt its
     logits stay close to the float32 blocks' (docs/models.md: within about 0.016 over 24 prompts),
-    the same top token at every position; 8-bit inputs (llama.cpp's arithmetic) move them far more."""
+    the same top token at every position; 8-bit inputs (llama.cpp-style) move them far more."""
     import torch
 
     from dlm.masks import causal_mask
