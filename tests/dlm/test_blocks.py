@@ -72,9 +72,9 @@ def test_each_weight_is_the_float32_dequantisation_bit_for_bit(kind):
 
 
 def _random_blocks(kind: str, n: int, k: int, seed: int) -> tuple[BlockWeight, torch.Tensor]:
-    """Random Q4 or Q8 block weights (n, k) and their float32 dequantisation."""
-    if kind == "q4":
-        q, scale, minimum = _q4(n, k, seed=seed)
+    """Random Q4 (Q4_1; "q4_0": Q4_0) or Q8 block weights (n, k) and their float32 dequantisation."""
+    if kind in ("q4", "q4_0"):
+        q, scale, minimum = _q4(n, k, seed=seed, q4_0=kind == "q4_0")
         return BlockWeight.q4(q, scale, minimum), _dequantized(q, scale, minimum)
     q, scale = _q8(n, k, seed=seed)
     return BlockWeight.q8(q, scale), _dequantized(q, scale)
@@ -138,6 +138,18 @@ def test_bf16_products_round_weights_and_inputs_and_a_rows_bits_are_its_own(kind
         BlockWeight.q4(*_q4(40, k, seed=1)).bf16()
 
 
+def _fused_with_update(x: torch.Tensor) -> tuple[BlockWeight, torch.Tensor]:
+    """Q4 blocks of two fused parts (168 + 40 outputs: the tile of outputs 160..175 spans both),
+    the second with a float32 low-rank update; and their exact product with x (float64)."""
+    k = x.shape[1]
+    g = torch.Generator().manual_seed(8)
+    down, up = torch.randn(4, k, generator=g), torch.randn(40, 4, generator=g) * 0.05
+    parts, dense_parts = zip(*[_random_blocks("q4", size, k, seed) for size, seed in ((168, 9), (40, 10))], strict=True)
+    reference = x.double() @ torch.cat(dense_parts).double().T
+    reference[:, 168:] += x.double() @ down.double().T @ up.double().T
+    return BlockWeight.cat([parts[0], parts[1].with_low_rank(down, up)]), reference
+
+
 @needs_amx
 @pytest.mark.parametrize("kind", ["q4", "q4_0", "q8"])
 def test_split_products_are_float32_accurate_and_a_rows_bits_are_its_own(kind):
@@ -146,11 +158,7 @@ def test_split_products_are_float32_accurate_and_a_rows_bits_are_its_own(kind):
     whatever the other rows (groups of 16 rows, several groups) or the thread count; a float32
     low-rank update, also across fused parts inside a tile of 16 outputs."""
     n, k = 176, 192
-    if kind == "q4_0":
-        q, scale, minimum = _q4(n, k, seed=7, q4_0=True)
-        weight, dense = BlockWeight.q4(q, scale, minimum), _dequantized(q, scale, minimum)
-    else:
-        weight, dense = _random_blocks(kind, n, k, seed=7)
+    weight, dense = _random_blocks(kind, n, k, seed=7)
     x = torch.randn(37, k)
     split = weight.split()
     assert split.out_features == n and split.split() is split
@@ -165,13 +173,8 @@ def test_split_products_are_float32_accurate_and_a_rows_bits_are_its_own(kind):
     assert torch.equal(split(x[20:21]), y[20:21])
     with _one_thread():
         assert torch.equal(split(x), y)
-    g = torch.Generator().manual_seed(8)
-    down, up = torch.randn(4, k, generator=g), torch.randn(40, 4, generator=g) * 0.05
-    parts, dense_parts = zip(*[_random_blocks("q4", size, k, seed) for size, seed in ((168, 9), (40, 10))], strict=True)
-    fused = BlockWeight.cat([parts[0], parts[1].with_low_rank(down, up)])
+    fused, reference = _fused_with_update(x)
     got = fused.split()(x)
-    reference = x.double() @ torch.cat(dense_parts).double().T
-    reference[:, 168:] += x.double() @ down.double().T @ up.double().T
     assert (got - fused(x)).abs().max() < 1e-5 * reference.abs().max()
     assert (got.double() - reference).abs().max() < 1e-6 * reference.abs().max()
     assert torch.equal(fused.split()(x[3:4]), got[3:4])
@@ -206,11 +209,7 @@ def test_integer_products_round_each_rows_inputs_per_block_and_a_rows_bits_are_i
     the other rows (groups of 8 rows, several groups, tiles of 4 and 2 with tails) or the thread
     count; a float32 low-rank update, also across fused parts inside a tile of 16 outputs."""
     n, k = 176, 192
-    if kind == "q4_0":
-        q, scale, minimum = _q4(n, k, seed=7, q4_0=True)
-        weight, dense = BlockWeight.q4(q, scale, minimum), _dequantized(q, scale, minimum)
-    else:
-        weight, dense = _random_blocks(kind, n, k, seed=7)
+    weight, dense = _random_blocks(kind, n, k, seed=7)
     x = torch.randn(37, k)
     x[5, 32:64] = 0.0  # a block of zeros: unit 0
     x[6, 64:96] = 1e-38  # a block too small for 127 / its largest to be finite: unit 0 too
@@ -232,13 +231,8 @@ def test_integer_products_round_each_rows_inputs_per_block_and_a_rows_bits_are_i
         broken[1, 70] = bad
         out = weight.int8()(broken)
         assert not out[1].isfinite().any() and torch.equal(out[[0, 2]], weight.int8()(x[[0, 2]]))
-    g = torch.Generator().manual_seed(8)
-    down, up = torch.randn(4, k, generator=g), torch.randn(40, 4, generator=g) * 0.05
-    parts, dense_parts = zip(*[_random_blocks("q4", size, k, seed) for size, seed in ((168, 9), (40, 10))], strict=True)
-    fused = BlockWeight.cat([parts[0], parts[1].with_low_rank(down, up)])
+    fused, reference = _fused_with_update(x)
     got = fused.int16()(x)
-    reference = x.double() @ torch.cat(dense_parts).double().T
-    reference[:, 168:] += x.double() @ down.double().T @ up.double().T
     assert (got.double() - reference).abs().max() < 2e-4 * reference.abs().max()
     assert torch.equal(fused.int16()(x[3:4]), got[3:4])
     assert torch.equal(fused.int8().int16()(x), got)  # one layout, two input widths
@@ -247,22 +241,6 @@ def test_integer_products_round_each_rows_inputs_per_block_and_a_rows_bits_are_i
     if dlm.blocks.amx_available() is None:
         with pytest.raises(ValueError, match="another way"):
             weight.split().int8()
-
-
-@needs_vnni
-@pytest.mark.parametrize("products", ["int8", "int16"])
-def test_a_model_with_integer_products_decodes_alike_alone_batched_reused_and_drafted(products):
-    """load_model(weights="blocks-int8" / "blocks-int16")'s arithmetic: close to float32's (16
-    bits far closer), and, as on float32 blocks, a reply does not depend on the batch, a reused
-    prefix gives what a fresh prefill gives, and draft-and-verify on it writes its AR replies."""
-    dense, on_blocks = _blocks_loaded(adapted=True, products=products)
-    assert _logit_gap(dense, on_blocks) < (0.15 if products == "int8" else 1e-3)
-    alone, together = _alone_together_and_reused(on_blocks)
-    drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
-    with SpeculativeEngine(on_blocks, drafter, draft_len=3, max_batch_size=4) as spec:
-        drafted = [_run(h)[0] for h in [spec.submit(p, PARAMS) for p in BLOCK_PROMPTS]]
-    assert together == alone == drafted
-    assert any(len(ids) > 3 for ids in alone)
 
 
 @needs_kernel
@@ -399,13 +377,16 @@ def _logit_gap(dense, on_blocks) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
-@needs_amx
-def test_a_model_with_bf16_products_decodes_alike_alone_batched_and_reused():
-    """load_model(weights="blocks-bf16")'s arithmetic: close to float32's, and, as on float32
-    blocks, a reply does not depend on the batch, and a reused prefix gives what a fresh prefill
-    gives; draft-and-verify on it writes its AR replies."""
-    dense, on_blocks = _blocks_loaded(adapted=True, products="bf16")
-    assert _logit_gap(dense, on_blocks) < 3e-2
+@pytest.mark.parametrize("products,gap", [pytest.param("bf16", 3e-2, marks=needs_amx),
+                                          pytest.param("int8", 0.15, marks=needs_vnni),
+                                          pytest.param("int16", 1e-3, marks=needs_vnni)])
+def test_a_model_with_rounded_products_decodes_alike_alone_batched_reused_and_drafted(products, gap):
+    """load_model(weights="blocks-bf16" / "blocks-int8" / "blocks-int16")'s arithmetic: close to
+    float32's (16-bit inputs far closer than bf16's or 8-bit ones), and, as on float32 blocks, a
+    reply does not depend on the batch, a reused prefix gives what a fresh prefill gives, and
+    draft-and-verify on it writes its AR replies."""
+    dense, on_blocks = _blocks_loaded(adapted=True, products=products)
+    assert _logit_gap(dense, on_blocks) < gap
     alone, together = _alone_together_and_reused(on_blocks)
     drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
     with SpeculativeEngine(on_blocks, drafter, draft_len=3, max_batch_size=4) as spec:
