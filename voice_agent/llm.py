@@ -635,8 +635,9 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
                          draft_len=config.draft_len, tree=config.draft_tree)
     if decoding_name == "AR" and not diffusion:
         decoding_name = "AR (causal checkpoint)"
-    log.info("LLM: %s (%s, %s) on %s, %s, %s decoding", resolved.name, loaded.family, resolved.path, config.device,
-             str(loaded.model.model.embed_tokens.weight.dtype).removeprefix("torch."), decoding_name)
+    log.info("LLM: %s (%s, %s) on %s, %s, %s weights, %s decoding", resolved.name, loaded.family, resolved.path,
+             config.device, str(loaded.model.model.embed_tokens.weight.dtype).removeprefix("torch."), loaded.weights,
+             decoding_name)
     # "+ar" marks a diffusion checkpoint forced onto the AR engine, in logs and the call store.
     suffix = "+ar" if diffusion and config.engine == "ar" else ""
     return LocalDLM(

@@ -30,6 +30,7 @@ class Loaded:
     tokenizer: Any = None
     family: str = "test"
     path: str = "<memory>"
+    weights: str = "dense"  # as dlm.checkpoints.LoadedModel
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:
