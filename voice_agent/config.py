@@ -229,10 +229,10 @@ class LlmConfig:
     # about the price of one; float32's accuracy in another order of sums), or
     # "blocks-bf16": the same blocks, the matrix products in bf16 on AMX (many rows for about the
     # price of one: batches, prefills, draft blocks; other greedy replies than float32's on some prompts),
-    # "blocks-int8": the same blocks with llama.cpp-style 8-bit inputs (rounded as llama.cpp rounds its activations, integer
-    # products on AVX512-VNNI: about a third of float32's work per row, where AMX is missing too;
-    # other greedy replies than float32's on some prompts), "blocks-int16": the same with inputs
-    # rounded to 16 bits (closer to float32 than bf16; about half float32's work per row).
+    # "blocks-int8": the same blocks in integer products on AVX512-VNNI, each row's inputs rounded
+    # to 8 bits as llama.cpp rounds its activations (about a third of float32's work per row, where
+    # AMX is missing too; other greedy replies than float32's on most prompts), "blocks-int16": the
+    # same with inputs rounded to 16 bits (closer to float32 than bf16; about half float32's work per row).
     weights: str = "auto"
     # Draft-and-verify (models with a drafter): drafts per forward (0: the engine's default, 4 for
     # a draft head, 1 for mask slots) and one draft block per possible acceptance length (true) or

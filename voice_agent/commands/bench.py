@@ -467,9 +467,10 @@ def _memory(model: Any) -> dict[str, Any]:
     return {"weight_bytes": model.weight_bytes(), "process_rss_bytes": rss}
 
 
-def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, Any]], params: Any) -> dict[str, Any]:
-    """The model under test against the same weights (its fine-tune included) in float32, dense
-    (issue 15: report the logit difference and whether greedy replies change): the float32 AR
+def _fidelity(loaded: Any, ref: Any, prompt_ids: list[list[int]], replies: list[dict[str, Any]],
+              params: Any) -> dict[str, Any]:
+    """The model under test against `ref`, the same weights (its fine-tune included) in float32,
+    dense (issue 15: report the logit difference and whether greedy replies change): the float32 AR
     engine's greedy replies to the same prompt ids, and per prompt the largest |logit difference|
     at the last prompt position (the prefill's kernels) and at the first reply token's position
     (a decoding step's)."""
@@ -478,7 +479,6 @@ def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, 
     from dlm.ar import AREngine
     from dlm.masks import causal_mask
 
-    ref = _float32_reference(loaded, "fidelity")
     greedy = replace(params, temperature=0.0)
     with AREngine(ref, max_batch_size=1) as engine:
         ref_ids = [[t for d in engine.submit(ids, greedy) for t in d.token_ids] for ids in prompt_ids]
@@ -515,18 +515,18 @@ def _fidelity(loaded: Any, prompt_ids: list[list[int]], replies: list[dict[str, 
     }
 
 
-def _float32_reference(loaded: Any, why: str) -> Any:
+def _float32_reference(loaded: Any) -> Any:
     """The model under test's weights (its fine-tune included) loaded again, dense, in float32."""
     from dlm.checkpoints import load_model
 
-    print(f"  {why}: loading the float32 reference", file=sys.stderr)
+    print("  loading the float32 reference (fidelity, lossy quality)", file=sys.stderr)
     return load_model(loaded.path, dtype="float32", max_seq_len=loaded.config.max_seq_len, adapter=loaded.adapter)
 
 
-def _lossy_quality(loaded: Any, prompt_ids: list[list[int]], ours: list[dict[str, Any]], ar: list[dict[str, Any]],
+def _lossy_quality(ref: Any, prompt_ids: list[list[int]], ours: list[dict[str, Any]], ar: list[dict[str, Any]],
                    accept: float) -> dict[str, Any]:
-    """Lossy acceptance (`llm.accept` < 1): the teacher's negative log-likelihood per token (the
-    same weights and fine-tune in float32, dense, as an AR model) of draft-and-verify's replies,
+    """Lossy acceptance (`llm.accept` < 1): the teacher's negative log-likelihood per token (`ref`,
+    the same weights and fine-tune in float32, dense, as an AR model) of draft-and-verify's replies,
     divided by that of the teacher's own greedy replies (the AR engine's) to the same prompts:
     the quality axis of issue 14's frontier (1: as good as the teacher by its own measure), the
     measure of the adaptation recipe's evaluation (dlm.adapt.teacher.reply_nll)."""
@@ -534,7 +534,7 @@ def _lossy_quality(loaded: Any, prompt_ids: list[list[int]], ours: list[dict[str
 
     from dlm.adapt.teacher import hf_teacher, reply_nll
 
-    teacher = hf_teacher(_float32_reference(loaded, "quality"), "cpu", torch.float32)
+    teacher = hf_teacher(ref, "cpu", torch.float32)
 
     def per_token(replies: list[dict[str, Any]]) -> float:
         pairs = [(ids, rec["token_ids"]) for ids, rec in zip(prompt_ids, replies, strict=True) if rec["token_ids"]]
@@ -724,26 +724,28 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         print(f"  {REFERENCE} concurrency 1: {wall:.2f} s", file=sys.stderr)
     elif reference is not None:
         notes.append(f"{REFERENCE} runs at concurrency 1, beside our engines' level 1; this run has none")
-    fidelity = None
+    ar_level = pair = None
     if args.fidelity:
         ar_level = next((r for r in results if r["engine"] == "ar" and r["concurrency"] == 1), None)
         if ar_level is None:
             notes.append("--fidelity compares the AR engine's replies at concurrency 1; this run has none")
-        else:
-            fidelity = _fidelity(loaded, prompt_ids[1:1 + ar_level["replies"]], ar_level["replies_detail"], params)
-    quality = None
-    if getattr(params, "accept", 1.0) < 1.0:
+    if params.accept < 1.0:
         pair = _level_pair(results, 1)
         if pair is None:
             notes.append("llm.accept < 1: the teacher-NLL ratio needs both engines at concurrency 1; this run has not")
-        else:
-            quality = _lossy_quality(loaded, prompt_ids[1:1 + pair[1]["replies"]], pair[0]["replies_detail"],
+    fidelity = quality = None
+    if ar_level is not None or pair is not None:
+        ref = _float32_reference(loaded)  # loaded once for both
+        if ar_level is not None:
+            fidelity = _fidelity(loaded, ref, prompt_ids[1:1 + ar_level["replies"]], ar_level["replies_detail"], params)
+        if pair is not None:
+            quality = _lossy_quality(ref, prompt_ids[1:1 + pair[1]["replies"]], pair[0]["replies_detail"],
                                      pair[1]["replies_detail"], params.accept)
     decoding_name = decoding(loaded)
     report = {
         "environment": _environment(device),
         "model": str(loaded.path), "family": loaded.family, "dtype": str(loaded.model.model.embed_tokens.weight.dtype),
-        "weights": getattr(loaded, "weights", None), "max_new_tokens": args.max_new_tokens, "policy": params.policy,
+        "weights": loaded.weights, "max_new_tokens": args.max_new_tokens, "policy": params.policy,
         "steps_per_block": params.steps_per_block if params.policy == "fixed_steps" else None,
         "compile": args.compile, "notes": notes, "results": results,
         "decoding": decoding_name,
