@@ -301,9 +301,9 @@ class ModelServices:
                                first_chunk_max_words=tts.first_chunk_max_words)
 
     def make_resampler(self, from_hz: int, to_hz: int) -> Any:
-        from audio.resample import LIVE_QUALITY, Resampler
+        from audio.resample import LiveResampler
 
-        return Resampler(from_hz, to_hz, LIVE_QUALITY)  # a call's audio: what the filter holds back is latency
+        return LiveResampler(from_hz, to_hz)  # a call's audio: what a filter holds back is latency
 
     async def aclose(self) -> None:
         await self.llm.aclose()
