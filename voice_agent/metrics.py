@@ -18,6 +18,7 @@ __all__ = ["LATENCY_BUCKETS_S", "STAGES", "WORK_HELP", "Metrics"]
 STAGES = {
     "asr_final_ms": "final_transcript",
     "llm_first_text_ms": "first_llm_text",
+    "tts_first_chunk_ms": "first_tts_chunk",
     "tts_first_audio_ms": "first_tts_audio",
     "voice_to_voice_ms": "first_audio_sent",
 }

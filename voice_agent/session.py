@@ -476,6 +476,7 @@ class _Turn:
     llm_finish: str | None = None  # why the LLM's reply ended ("eos", "repetition", "length", ...)
     t_speech_end: float | None = None  # monotonic: the reference of the latencies
     t_asr: float | None = None
+    t_first_chunk: float | None = None  # the reply's first chunk of text final, handed to TTS
     t_first_audio: float | None = None
     t_first_sent: float | None = None
     stream_first_sent: float = 0.0  # the caller's stream time (s) at t_first_sent
@@ -1334,9 +1335,11 @@ class Session:
                     await self.outbox.put(ReplyTextDelta(turn_id=turn_id, t=self._clock(), text=delta.text))
                 else:
                     for sentence in chunker.push(delta.text):
+                        turn.t_first_chunk = turn.t_first_chunk or self._clock()
                         await sentences.put(sentence)
             if speaker is not None:
                 for sentence in chunker.flush():
+                    turn.t_first_chunk = turn.t_first_chunk or self._clock()
                     await sentences.put(sentence)
                 await sentences.put(None)
                 await speaker
@@ -1554,6 +1557,7 @@ class Session:
         return {
             "asr_final_ms": ms(turn.t_asr),
             "llm_first_text_ms": ms(run.t_first_text if run else None),
+            "tts_first_chunk_ms": ms(turn.t_first_chunk),
             "tts_first_audio_ms": ms(turn.t_first_audio),
             "voice_to_voice_ms": ms(turn.t_first_sent),
             "tokens": turn.tokens,

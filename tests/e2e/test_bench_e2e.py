@@ -238,8 +238,8 @@ def synthetic_results() -> list[TurnResult]:
                     tts = llm + 120
                     r.endpoint_ms = 600 + rng.uniform(0, 30)
                     r.voice_to_voice_ms = tts + 30
-                    r.server = {"asr_final_ms": asr, "llm_first_text_ms": llm, "tts_first_audio_ms": tts,
-                                "voice_to_voice_ms": tts + 10, "tokens": 20, "forward_passes": 10, "speculative": "none"}
+                    r.server = {"asr_final_ms": asr, "llm_first_text_ms": llm, "tts_first_chunk_ms": tts - 50,
+                                "tts_first_audio_ms": tts, "voice_to_voice_ms": tts + 10, "tokens": 20, "forward_passes": 10, "speculative": "none"}
                 else:
                     r.error = "timeout: no reply audio within 30 s"
                 results.append(r)
@@ -272,7 +272,9 @@ def test_summaries_table_goals_json_and_png(tmp_path: Path) -> None:
     assert dllm1.failure_reasons == {"timeout": 1}
     assert dllm1.llm_stage_ms["p50"] == pytest.approx(100.0)
     assert dllm1.tokens_per_forward == 2.0
+    assert dllm1.chunk_to_audio_ms["p50"] == dllm1.chunk_to_audio_ms["max"] == pytest.approx(60.0)
     table = format_table(summaries)
+    assert "chunk>audio" in table
     assert len([line for line in table.splitlines() if line.startswith("realtime")]) == 4
     goals = {g.goal: g for g in evaluate_goals(summaries, gpu=False)}
     ratio = next(g for name, g in goals.items() if "1.5x" in name)
@@ -369,4 +371,6 @@ def test_real_run_two_prompts_one_caller(tmp_path: Path) -> None:
     turns = document["turns"]
     assert len(turns) == 2 and all(t["ok"] for t in turns), turns
     assert all(t["voice_to_voice_ms"] > 0 and t["server"].get("asr_final_ms") is not None for t in turns)
+    assert all(t["server"]["tts_first_chunk_ms"] <= t["server"]["tts_first_audio_ms"] for t in turns)
+    assert all(s["chunk_to_audio_ms"]["n"] == 2 for s in document["summaries"])
     assert (tmp_path / "real.png").stat().st_size < 200_000

@@ -9,7 +9,9 @@ Contract:
   client's last voiced sample (they differ by the VAD's frame, 20 ms). A stage that ended before
   the previous one (the LLM started speculatively before the final transcript) counts as 0.
 - `summarize(results)` groups turns by (route, config, callers) into `Summary`s with p50, p95 and
-  max; failed turns count in `failures` and are left out of the percentiles.
+  max; failed turns count in `failures` and are left out of the percentiles. `chunk_to_audio_ms`
+  is the server's own: the reply's first chunk of text final (handed to TTS) -> its first audio
+  sent (`chunk_to_audio_ms(result)`).
 - `format_table(summaries)` is the text table; `write_json(path, document)`; `plot(path, summaries,
   results)` draws the PNG (latency distribution per configuration, stacked p50 stages).
 - `evaluate_goals(summaries, gpu)` checks the project's latency goals; they are reported, not asserted.
@@ -32,6 +34,7 @@ __all__ = [
     "STAGES",
     "Goal",
     "Summary",
+    "chunk_to_audio_ms",
     "evaluate_goals",
     "format_table",
     "percentiles",
@@ -89,6 +92,13 @@ def stage_durations(result: TurnResult) -> dict[str, float | None]:
     return durations
 
 
+def chunk_to_audio_ms(result: TurnResult) -> float | None:
+    """The reply's first chunk of text final -> its first audio sent, both on the server's clock."""
+    server = result.server or {}
+    chunk, sent = server.get("tts_first_chunk_ms"), server.get("voice_to_voice_ms")
+    return None if chunk is None or sent is None or not result.ok else round(sent - chunk, 1)
+
+
 def llm_stage_ms(result: TurnResult) -> float | None:
     """Final transcript -> first LLM text (negative where a speculative start got ahead)."""
     server = result.server or {}
@@ -107,6 +117,7 @@ class Summary:
     stages_ms: dict[str, dict[str, float | None]]  # stage -> p50, p95, max, n
     llm_stage_ms: dict[str, float | None]  # final transcript -> first LLM text
     server_voice_to_voice_ms: dict[str, float | None]  # server side: its end of speech -> first audio sent
+    chunk_to_audio_ms: dict[str, float | None] = field(default_factory=dict)  # server: first chunk of text -> first audio sent
     speculative: dict[str, int] = field(default_factory=dict)  # result -> turns
     tokens_per_forward: float | None = None  # over the turns that report it
     failure_reasons: dict[str, int] = field(default_factory=dict)
@@ -142,6 +153,7 @@ def summarize(results: list[TurnResult]) -> list[Summary]:
                 stages_ms={name: percentiles(s[name] for s in stages) for name in STAGES},
                 llm_stage_ms=percentiles(llm_stage_ms(r) for r in ok),
                 server_voice_to_voice_ms=percentiles((r.server or {}).get("voice_to_voice_ms") for r in ok),
+                chunk_to_audio_ms=percentiles(chunk_to_audio_ms(r) for r in ok),
                 speculative=speculative,
                 tokens_per_forward=round(tokens / passes, 3) if passes else None,
                 failure_reasons=reasons,
@@ -159,7 +171,8 @@ def format_table(summaries: list[Summary]) -> str:
     """One line per (route, config, callers): voice-to-voice and p50 stage durations, in ms."""
     head = (
         f"{'route':<8} {'config':<7} {'callers':>7} {'turns':>5} {'fail':>4} | {'v2v p50':>7} {'p95':>6} {'max':>6} | "
-        f"{'endpt':>6} {'asr':>6} {'llm':>6} {'tts':>6} {'deliv':>6} | {'llm stage p50':>13} {'tok/fwd':>7}"
+        f"{'endpt':>6} {'asr':>6} {'llm':>6} {'tts':>6} {'deliv':>6} | {'llm stage p50':>13} {'tok/fwd':>7} | "
+        f"{'chunk>audio p50':>15} {'p95':>5}"
     )
     lines = [head, "-" * len(head)]
     for s in summaries:
@@ -169,11 +182,13 @@ def format_table(summaries: list[Summary]) -> str:
             f"{_ms(v['p50']):>7} {_ms(v['p95']):>6} {_ms(v['max']):>6} | "
             + " ".join(f"{_ms(st[name]['p50']):>6}" for name in STAGES)
             + f" | {_ms(s.llm_stage_ms['p50']):>13} {s.tokens_per_forward if s.tokens_per_forward is not None else '-':>7}"
+            + f" | {_ms(s.chunk_to_audio_ms.get('p50')):>15} {_ms(s.chunk_to_audio_ms.get('p95')):>5}"
         )
     lines.append(
         "ms; v2v = last voiced sample sent -> first reply audio received (client); stage columns are p50 durations: "
         "endpointing (client, Realtime only), ASR, LLM first text, TTS first audio, delivery; "
-        "llm stage = final transcript -> first LLM text (p50, negative with a speculative start)"
+        "llm stage = final transcript -> first LLM text (p50, negative with a speculative start); "
+        "chunk>audio = the reply's first chunk of text final -> its first audio sent (server)"
     )
     return "\n".join(lines)
 
