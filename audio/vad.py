@@ -3,13 +3,21 @@
 Contract:
 - `Endpointer(sample_rate_hz=16000, aggressiveness=2, frame_ms=20, pre_roll_ms=300,
   min_speech_ms=200, end_silence_ms=600, backend="webrtc", max_utterance_ms=30000,
-  check_silence_ms=0, quiet_db=0.0)`.
+  check_silence_ms=0, quiet_db=0.0, confirm_start="")`.
   `.feed(chunk)` takes float32 mono chunks of any size (int16 arrays are accepted too) and returns
   the events decided by that chunk, in order: `SpeechStarted`, `PauseCheck` and `SpeechEnded`.
   Stream times (`t_s`, `audio_start_s`) count seconds of audio fed since creation or `reset()`.
 - A turn starts once `min_speech_ms` of voiced frames have been seen with no pause longer than
   `_START_GAP_MS` between them, so a cough or a click is not a turn. `SpeechStarted.t_s` is the
   start of the first voiced frame (the event itself is emitted `min_speech_ms` later).
+- Confirmed starts (`confirm_start="silero"`, with the webrtc backend): a start candidate opens a
+  turn only once the silero model has also called some of its audio speech (P >= 0.5 in one of its
+  32 ms frames, run from `_CONFIRM_CONTEXT_MS` before the candidate's first voiced frame). webrtcvad
+  takes knocks and coughs for speech (its hangover makes three knocks 300 ms of "speech"); silero
+  calls them 0.0-0.1 and real speech 0.9-1.0 within 30-130 ms of its start, well before webrtc's
+  `min_speech_ms`, so speech starts as soon as without it. A candidate still unconfirmed after
+  `_CONFIRM_MAX_MS` (a long noise) is dropped and the next voiced frame starts a new one. "" turns
+  it off. 8 or 16 kHz only (silero's rates).
 - A turn ends after `end_silence_ms` of unvoiced frames, or when it reaches `max_utterance_ms`
   (then the next voiced audio starts a new turn at once). `SpeechEnded.t_s` is the endpoint: the
   stream time at which the end was decided. `SpeechEnded.audio` holds the utterance: `pre_roll_ms`
@@ -55,6 +63,7 @@ from audio.errors import AudioError, AudioModelNotFoundError
 
 __all__ = [
     "BACKENDS",
+    "CONFIRM_MODELS",
     "Endpointer",
     "FrameClassifier",
     "PauseCheck",
@@ -70,6 +79,12 @@ BACKENDS = ("webrtc", "silero")
 # A start candidate survives pauses up to this long (stop closures and short gaps between
 # syllables) and is dropped after a longer one, so two coughs half a second apart are not a turn.
 _START_GAP_MS = 200
+# Confirmed starts: silero runs from this long before the candidate's first voiced frame (its
+# recurrent state warms up on the background), and gives up on a candidate after this long.
+_CONFIRM_CONTEXT_MS = 64
+_CONFIRM_MAX_MS = 3000
+_CONFIRM_THRESHOLD = 0.5
+CONFIRM_MODELS = ("", "silero")
 # The quiet-frame rule needs this many voiced frames of the turn to know its level.
 _QUIET_MIN_FRAMES = 5
 
@@ -154,7 +169,7 @@ def silero_model_path() -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise AudioModelNotFoundError(
-            "the silero VAD backend needs the silero-vad package: pip install silero-vad"
+            "the silero VAD (vad.backend = \"silero\", vad.confirm_start = \"silero\") needs the silero-vad package: pip install silero-vad"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
     if not path.exists():
@@ -162,6 +177,24 @@ def silero_model_path() -> Path:
             f"the silero-vad package has no bundled model at {path}; reinstall it: pip install --force-reinstall silero-vad"
         )
     return path
+
+
+_silero: object | None = None
+
+
+def _silero_session() -> object:
+    """One onnxruntime session for every SileroVad of the process (each keeps its own recurrent
+    state; a session's `run` may be called from several threads)."""
+    global _silero
+    if _silero is None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        # One frame is ~0.1 ms of work: threads only add scheduling overhead.
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = 1
+        _silero = onnxruntime.InferenceSession(str(silero_model_path()), sess_options=options, providers=["CPUExecutionProvider"])
+    return _silero
 
 
 class SileroVad:
@@ -174,15 +207,7 @@ class SileroVad:
             raise AudioError(
                 f"the silero VAD needs {self.SAMPLE_RATES_HZ} Hz audio, got {sample_rate_hz} Hz: resample first"
             )
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        # One frame is ~0.1 ms of work: threads only add scheduling overhead.
-        options.inter_op_num_threads = 1
-        options.intra_op_num_threads = 1
-        self._session = onnxruntime.InferenceSession(
-            str(silero_model_path()), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self._session = _silero_session()
         self._sample_rate_hz = sample_rate_hz
         self.frame_samples = 512 if sample_rate_hz == 16000 else 256
         self._context_samples = 64 if sample_rate_hz == 16000 else 32
@@ -249,6 +274,7 @@ class Endpointer:
         max_utterance_ms: int = 30_000,
         check_silence_ms: int = 0,
         quiet_db: float = 0.0,
+        confirm_start: str = "",
     ) -> None:
         for name, value in (
             ("pre_roll_ms", pre_roll_ms),
@@ -262,10 +288,14 @@ class Endpointer:
             raise AudioError(f"max_utterance_ms must be > 0, got {max_utterance_ms}")
         if not 0.0 <= quiet_db < 200.0:
             raise AudioError(f"quiet_db must be in [0, 200), got {quiet_db}")
+        if confirm_start not in CONFIRM_MODELS:
+            raise AudioError(f"confirm_start must be one of {CONFIRM_MODELS}, got {confirm_start!r}")
         self._quiet_db = float(quiet_db)
         self.sample_rate_hz = int(sample_rate_hz)
         self.backend = backend
         self._classifier = make_classifier(backend, self.sample_rate_hz, aggressiveness, frame_ms)
+        # The confirming model (silero confirming silero would add nothing).
+        self._confirm = SileroVad(self.sample_rate_hz) if confirm_start and backend != "silero" else None
         self.frame_samples = self._classifier.frame_samples
         self.frame_ms = self.frame_samples * 1000 / self.sample_rate_hz
         self._pre_roll_samples = self.sample_rate_hz * pre_roll_ms // 1000
@@ -278,6 +308,8 @@ class Endpointer:
         self._tail_frames = int(np.ceil(pre_roll_ms / self.frame_ms))
         self._pause_serial = 0  # PauseCheck ids, never reused (not even after reset)
         self._pre_roll_frames = int(np.ceil(self._pre_roll_samples / self.frame_samples))
+        self._confirm_context_frames = int(np.ceil(_CONFIRM_CONTEXT_MS / self.frame_ms))
+        self._confirm_max_frames = int(np.ceil(_CONFIRM_MAX_MS / self.frame_ms))
         self.reset()
 
     # --- state ---------------------------------------------------------------------------------
@@ -294,6 +326,8 @@ class Endpointer:
         self._cand_voiced = 0
         self._cand_last = -1
         self._cand_db = 0.0  # sum of the candidate's voiced frame levels (dB)
+        self._confirmed = False  # the confirming model called some of the candidate's audio speech
+        self._confirm_pending = np.zeros(0, dtype=np.float32)  # its input not yet making a frame
         # The open turn.
         self.in_speech = False
         self._utt: list[np.ndarray] = []
@@ -337,25 +371,45 @@ class Endpointer:
         return events
 
     def _between_turns(self, index: int, frame: np.ndarray, voiced: bool, events: list) -> None:
+        if self._cand_first >= 0 and self._confirm is not None and index - self._cand_first >= self._confirm_max_frames:
+            self._cand_first = -1  # a long noise the confirming model never called speech
+        if voiced and self._cand_first < 0:
+            self._cand_first = index
+            self._cand_voiced = 0
+            self._cand_db = 0.0
+            if self._confirm is not None:
+                self._confirm.reset()
+                self._confirmed = False
+                context = [f for i, f in self._history if i >= index - self._confirm_context_frames]
+                self._confirm_pending = np.concatenate(context) if context else np.zeros(0, dtype=np.float32)
         self._history.append((index, frame.copy()))
+        if self._cand_first >= 0 and self._confirm is not None and not self._confirmed:
+            self._run_confirm(frame)
         if voiced:
-            if self._cand_first < 0:
-                self._cand_first = index
-                self._cand_voiced = 0
-                self._cand_db = 0.0
             self._cand_voiced += 1
             self._cand_last = index
             if self._quiet_db:
                 self._cand_db += self._db(frame)
-            if self._cand_voiced >= self._min_speech_frames:
-                self._open_turn(events)
-                return
         elif self._cand_first >= 0 and index - self._cand_last > self._start_gap_frames:
             self._cand_first = -1  # too short: a cough, a click
+        if self._cand_first >= 0 and self._cand_voiced >= self._min_speech_frames and (self._confirm is None or self._confirmed):
+            self._open_turn(events)
+            return
         # Keep the candidate and the pre-roll before it (or before now when there is none).
         keep_from = (self._cand_first if self._cand_first >= 0 else index + 1) - self._pre_roll_frames
         while self._history and self._history[0][0] < keep_from:
             self._history.popleft()
+
+    def _run_confirm(self, frame: np.ndarray) -> None:
+        """Feed the confirming model the candidate's audio, one of its frames at a time."""
+        confirm = self._confirm
+        pending = np.concatenate([self._confirm_pending, frame])
+        n = confirm.frame_samples
+        done = 0
+        while pending.size - done >= n and not self._confirmed:
+            self._confirmed = confirm.probability(pending[done : done + n]) >= _CONFIRM_THRESHOLD
+            done += n
+        self._confirm_pending = pending[done:]
 
     def _open_turn(self, events: list) -> None:
         first = self._cand_first

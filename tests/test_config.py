@@ -48,6 +48,7 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("[llm]\nweights = \"int3\"\n", "llm.weights must be one of 'auto', 'dense', 'int4', 'blocks', 'blocks-amx', 'blocks-bf16', 'blocks-int8', 'blocks-int16', not 'int3'"),
         ("[llm]\naccept = 0\n", "llm.accept must lie in .0, 1.* not 0.0$"),
         ("[llm]\naccept = 1.5\n", "llm.accept must lie in .0, 1.* not 1.5$"),
+        ("[vad]\nconfirm_start = \"smart-turn\"\n", "vad.confirm_start must be \"silero\" or \"\" .off., not 'smart-turn'"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:

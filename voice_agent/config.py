@@ -109,10 +109,15 @@ class VadConfig:
     # the VAD says (webrtcvad calls ~100 ms of silence after speech voiced): pauses then count
     # from the end of the speech on a line whose background is that quiet. 0: off.
     quiet_db: float = 30.0
+    # A turn that webrtcvad starts opens only once the silero model has also called some of its
+    # audio speech (knocks and coughs do not barge in; speech starts no later). "": off.
+    confirm_start: str = "silero"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.quiet_db < 200.0:
             raise ConfigError(f"vad.quiet_db must be in [0, 200) dB (0: off), not {self.quiet_db}")
+        if self.confirm_start not in ("", "silero"):
+            raise ConfigError(f"vad.confirm_start must be \"silero\" or \"\" (off), not {self.confirm_start!r}")
 
 
 @dataclass

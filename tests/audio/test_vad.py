@@ -90,6 +90,67 @@ def test_a_cough_is_not_a_turn(backend):
     assert events == []
 
 
+def _noise_burst(rng, seconds: float, peak: float, lowpass: int = 1) -> np.ndarray:
+    n = int(seconds * SR)
+    x = np.convolve(rng.standard_normal(n + lowpass - 1), np.ones(lowpass) / lowpass, mode="valid") * np.hanning(n)
+    return (peak * x / np.abs(x).max()).astype(np.float32)
+
+
+def _start_chunk(endpointer: Endpointer, audio: np.ndarray, chunk: int = 320) -> int | None:
+    """The index of the chunk whose feeding emitted the first SpeechStarted."""
+    for k, i in enumerate(range(0, audio.size, chunk)):
+        if any(isinstance(e, SpeechStarted) for e in endpointer.feed(audio[i : i + chunk])):
+            return k
+    return None
+
+
+@pytest.mark.skipif(not HAS_SILERO, reason="silero-vad is not installed")
+def test_knocks_and_a_double_cough_start_a_turn_only_without_the_confirming_model():
+    """webrtcvad calls ~100 ms after each knock voiced, so three knocks are a turn (a barge-in on a
+    call); silero calls such noises 0.0-0.1 and confirms none of them."""
+    rng = np.random.default_rng(7)
+    gap, silence = np.zeros(int(0.15 * SR), np.float32), np.zeros(SR, np.float32)
+    knocks = np.concatenate([_noise_burst(rng, 0.03, 0.7, 8), gap, _noise_burst(rng, 0.03, 0.7, 8), gap, _noise_burst(rng, 0.03, 0.7, 8)])
+    coughs = np.concatenate([_noise_burst(rng, 0.15, 0.4), np.zeros(int(0.1 * SR), np.float32), _noise_burst(rng, 0.15, 0.4)])
+    for noise in (knocks, coughs):
+        scene = np.concatenate([silence, noise, silence])
+        assert any(isinstance(e, SpeechStarted) for e in feed_all(Endpointer(SR), scene))
+        assert feed_all(Endpointer(SR, confirm_start="silero"), scene) == []
+
+
+@pytest.mark.skipif(not HAS_SILERO, reason="silero-vad is not installed")
+def test_a_confirmed_start_comes_as_soon_as_without_confirmation(two_utterances):
+    scene, _ = two_utterances
+    plain, confirmed = Endpointer(SR), Endpointer(SR, confirm_start="silero")
+    assert _start_chunk(plain, scene) == _start_chunk(confirmed, scene) is not None
+    rest = scene[int(scene.size * 0.2) // 320 * 320 :]  # both endpointers are past the first start here
+    assert [(type(e), e.t_s) for e in feed_all(plain, rest)] == [(type(e), e.t_s) for e in feed_all(confirmed, rest)]
+
+
+@pytest.mark.skipif(not HAS_SILERO, reason="silero-vad is not installed")
+def test_a_long_noise_is_no_turn_keeps_no_growing_history_and_speech_after_it_starts_one(espeak):
+    rng = np.random.default_rng(3)
+    noise = (rng.standard_normal(8 * SR) * 0.2).astype(np.float32)  # webrtcvad calls it voiced throughout
+    endpointer = Endpointer(SR, confirm_start="silero")
+    assert feed_all(Endpointer(SR), noise[: SR // 2]) != []  # (webrtcvad alone starts a turn)
+    longest = 0
+    for i in range(0, noise.size, 320):
+        assert endpointer.feed(noise[i : i + 320]) == []
+        longest = max(longest, len(endpointer._history))
+    assert longest <= (3000 + 300) // 20 + 2  # the candidate gives up after 3 s; plus the pre-roll
+    speech = espeak("Hello there, how are you doing today?")
+    events = feed_all(endpointer, np.concatenate([np.zeros(SR // 2, np.float32), speech, np.zeros(SR, np.float32)]))
+    assert [type(e) for e in events] == [SpeechStarted, SpeechEnded]
+
+
+def test_confirm_start_checks_its_setting():
+    with pytest.raises(AudioError, match="confirm_start"):
+        Endpointer(SR, confirm_start="smart-turn")
+    if HAS_SILERO:
+        with pytest.raises(AudioError, match="8000"):
+            Endpointer(48000, confirm_start="silero")
+
+
 def test_silence_and_noise_floor_give_no_turn():
     rng = np.random.default_rng(2)
     quiet = (rng.standard_normal(3 * SR) * 0.001).astype(np.float32)

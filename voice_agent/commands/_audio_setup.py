@@ -91,6 +91,7 @@ def make_endpointer(config: Config, sample_rate_hz: int = 16000, backend: str | 
             "end_silence_ms": vad.end_silence_ms,
             "max_utterance_ms": vad.max_utterance_ms,
             "quiet_db": vad.quiet_db,
+            "confirm_start": vad.confirm_start,
         }
         return Endpointer(sample_rate_hz=sample_rate_hz, backend=backend or vad.backend, **(settings | overrides))
     except ImportError as e:
