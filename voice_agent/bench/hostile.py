@@ -14,9 +14,9 @@ Contract:
   sent (or `stop` is set), then hung up (a close frame, and the TCP connection cut if the server
   has not answered it within 2 s). Each connection reads what the server sends (a client that does not read is closed by the
   server, tested elsewhere). Returns a `HostileReport` with the monotonic time of the last close.
-- `work(base_url)`: the server's work in progress (`/healthz` "work"), and `wait_idle(base_url,
-  timeout_s)`: seconds until every gauge of it is zero, polled every 20 ms (None: not within the
-  timeout). Every loop here is bounded by a count or a deadline.
+- `work(base_url)`: the server's work in progress (`/healthz` "work", and its "calls_active":
+  a call still open after its client hung up is work too), and `wait_idle(base_url, timeout_s)`:
+  seconds until every gauge of it is zero, polled every 20 ms (None: not within the timeout). Every loop here is bounded by a count or a deadline.
 - Only ever aimed at a server on this machine (the bench starts its own on 127.0.0.1).
 """
 
@@ -210,8 +210,9 @@ async def run_hostile(base_url: str, *, messages: int, connections: int, seed: i
 
 
 def work(base_url: str) -> dict[str, int]:
-    """The server's work in progress (its `/healthz` "work")."""
-    return dict(check_url(base_url, timeout_s=5.0).get("work") or {})
+    """The server's work in progress (its `/healthz` "work") and the calls it still has open."""
+    health = check_url(base_url, timeout_s=5.0)
+    return dict(health.get("work") or {}) | {"calls_active": int(health.get("calls_active") or 0)}
 
 
 def wait_idle(base_url: str, timeout_s: float, since: float | None = None,
