@@ -55,7 +55,7 @@ import collections
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -179,10 +179,10 @@ def silero_model_path() -> Path:
     return path
 
 
-_silero: object | None = None
+_silero: Any = None
 
 
-def _silero_session() -> object:
+def _silero_session() -> Any:
     """One onnxruntime session for every SileroVad of the process (each keeps its own recurrent
     state; a session's `run` may be called from several threads)."""
     global _silero
