@@ -18,12 +18,18 @@ Contract:
   sentence; closing the generator (`.close()`) also stops it. One sentence being synthesized is
   not interrupted (piper runs it in one ONNX call, ~0.1-0.5 s on a CPU).
 - Each chunk is peak-normalized by piper (its default) and clipped to [-1, 1].
+- On CPU the voice's onnxruntime session is made here, not by piper: its threads (one per core,
+  onnxruntime's default) do not spin-wait between operators. Spinning, a synthesis took 2.2x as
+  long beside one other busy thread on the 2-core machine (132 against 59 ms for a 4-word first
+  chunk), as in a call where the LLM, the ASR or the event loop hold a core; without it 70 against
+  52 ms (docs/audio.md "tts").
 The ONNX session is thread-safe; the piper voice object keeps no per-call state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -31,6 +37,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +64,16 @@ class SpeechChunk:
         return self.audio.size / self.sample_rate_hz
 
 
+def _cpu_session(path: Path) -> Any:
+    """The voice's onnxruntime session on CPU: onnxruntime's default threads, not spinning (see
+    the module docstring)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
 class Synthesizer:
     """A loaded piper voice (see the module docstring)."""
 
@@ -71,7 +88,7 @@ class Synthesizer:
         noise_scale: float | None = None,
         noise_w_scale: float | None = None,
     ) -> None:
-        from piper import PiperVoice, SynthesisConfig
+        from piper import PiperConfig, PiperVoice, SynthesisConfig
 
         path = Path(voice_path)
         config_path = Path(str(path) + ".json")
@@ -86,7 +103,11 @@ class Synthesizer:
                 raise AudioError(f"{name} must be >= 0 (or None: the voice's own), got {value}")
         started = time.perf_counter()
         try:
-            self._voice = PiperVoice.load(path, config_path=config_path, use_cuda=use_cuda)
+            if use_cuda:
+                self._voice = PiperVoice.load(path, config_path=config_path, use_cuda=True)
+            else:
+                config = PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+                self._voice = PiperVoice(config=config, session=_cpu_session(path))
         except Exception as e:  # onnxruntime raises its own exception types for a bad file
             raise AudioModelNotFoundError(f"cannot load piper voice {str(path)!r}: {e}") from e
         self.load_s = time.perf_counter() - started

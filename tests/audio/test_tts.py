@@ -80,3 +80,10 @@ def test_without_noise_the_same_text_gives_the_same_samples(synthesizer):
     assert np.array_equal(first, synthesizer.synthesize("Your table is booked for seven."))
     with pytest.raises(AudioError, match="noise_scale"):
         Synthesizer(synthesizer.voice_path, noise_scale=-1.0)
+
+
+def test_the_cpu_session_does_not_spin_between_operators(synthesizer):
+    """Spinning threads doubled a synthesis beside one busy core (audio/tts.py's docstring): the
+    voice's session is ours, with onnxruntime's spinning off."""
+    options = synthesizer._voice.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
