@@ -16,7 +16,8 @@ Contract:
   server, tested elsewhere). Returns a `HostileReport` with the monotonic time of the last close.
 - `work(base_url)`: the server's work in progress (`/healthz` "work", and its "calls_active":
   a call still open after its client hung up is work too), and `wait_idle(base_url, timeout_s)`:
-  seconds until every gauge of it is zero, polled every 20 ms (None: not within the timeout). Every loop here is bounded by a count or a deadline.
+  seconds until every gauge of it is zero, polled every 20 ms (None: not within the timeout).
+  Every loop here is bounded by a count or a deadline.
 - Only ever aimed at a server on this machine (the bench starts its own on 127.0.0.1).
 """
 
