@@ -83,7 +83,6 @@ _START_GAP_MS = 200
 # recurrent state warms up on the background), and gives up on a candidate after this long.
 _CONFIRM_CONTEXT_MS = 64
 _CONFIRM_MAX_MS = 3000
-_CONFIRM_THRESHOLD = 0.5
 CONFIRM_MODELS = ("", "silero")
 # The quiet-frame rule needs this many voiced frames of the turn to know its level.
 _QUIET_MIN_FRAMES = 5
@@ -294,8 +293,8 @@ class Endpointer:
         self.sample_rate_hz = int(sample_rate_hz)
         self.backend = backend
         self._classifier = make_classifier(backend, self.sample_rate_hz, aggressiveness, frame_ms)
-        # The confirming model (silero confirming silero would add nothing).
-        self._confirm = SileroVad(self.sample_rate_hz) if confirm_start and backend != "silero" else None
+        # The confirming model, at P >= 0.5 (silero confirming silero would add nothing).
+        self._confirm = SileroVad(self.sample_rate_hz, aggressiveness=2) if confirm_start and backend != "silero" else None
         self.frame_samples = self._classifier.frame_samples
         self.frame_ms = self.frame_samples * 1000 / self.sample_rate_hz
         self._pre_roll_samples = self.sample_rate_hz * pre_roll_ms // 1000
@@ -407,7 +406,7 @@ class Endpointer:
         n = confirm.frame_samples
         done = 0
         while pending.size - done >= n and not self._confirmed:
-            self._confirmed = confirm.probability(pending[done : done + n]) >= _CONFIRM_THRESHOLD
+            self._confirmed = confirm.is_speech(pending[done : done + n])
             done += n
         self._confirm_pending = pending[done:]
 

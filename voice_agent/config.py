@@ -116,7 +116,7 @@ class VadConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.quiet_db < 200.0:
             raise ConfigError(f"vad.quiet_db must be in [0, 200) dB (0: off), not {self.quiet_db}")
-        if self.confirm_start not in ("", "silero"):
+        if self.confirm_start not in ("", "silero"):  # audio.vad.CONFIRM_MODELS (config imports no audio code)
             raise ConfigError(f"vad.confirm_start must be \"silero\" or \"\" (off), not {self.confirm_start!r}")
 
 

@@ -117,7 +117,7 @@ class Summary:
     stages_ms: dict[str, dict[str, float | None]]  # stage -> p50, p95, max, n
     llm_stage_ms: dict[str, float | None]  # final transcript -> first LLM text
     server_voice_to_voice_ms: dict[str, float | None]  # server side: its end of speech -> first audio sent
-    chunk_to_audio_ms: dict[str, float | None] = field(default_factory=dict)  # server: first chunk of text -> first audio sent
+    chunk_to_audio_ms: dict[str, float | None]  # server: the first chunk of text final -> its first audio sent
     speculative: dict[str, int] = field(default_factory=dict)  # result -> turns
     tokens_per_forward: float | None = None  # over the turns that report it
     failure_reasons: dict[str, int] = field(default_factory=dict)
@@ -182,7 +182,7 @@ def format_table(summaries: list[Summary]) -> str:
             f"{_ms(v['p50']):>7} {_ms(v['p95']):>6} {_ms(v['max']):>6} | "
             + " ".join(f"{_ms(st[name]['p50']):>6}" for name in STAGES)
             + f" | {_ms(s.llm_stage_ms['p50']):>13} {s.tokens_per_forward if s.tokens_per_forward is not None else '-':>7}"
-            + f" | {_ms(s.chunk_to_audio_ms.get('p50')):>15} {_ms(s.chunk_to_audio_ms.get('p95')):>5}"
+            + f" | {_ms(s.chunk_to_audio_ms['p50']):>15} {_ms(s.chunk_to_audio_ms['p95']):>5}"
         )
     lines.append(
         "ms; v2v = last voiced sample sent -> first reply audio received (client); stage columns are p50 durations: "
