@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "calls": "calls",
     "adapt": "adapt",
     "calibrate": "calibrate",
+    "train-turn": "train_turn",
 }
 
 _NOT_BUILT_HELP = "(not built yet)"

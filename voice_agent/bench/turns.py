@@ -23,6 +23,13 @@ Contract:
   the turn after that much silence (`Endpointer.shorten_pause`). None: no turn ended.
 - `outcome(item, end_s)`: "cut" (the turn ended before the caller's last word), "missed" (no
   end) or the wait in ms from the end of the speech to the end of the turn.
+- `build_training_clips(cache_dir, piper_voice_path, transcriber_factory, voices_per_sentence=8)`:
+  the prosody turn model's training set (`audio.prosody`), made the same way from
+  `TRAIN_SENTENCES` (none of them in `SENTENCES` or the e2e bench's prompts, so `bench turns`
+  stays a held-out test): sentence i spoken by voices i*3, i*3+1, ... (modulo `VOICES`); each
+  recording gives one `TrainingClip` with label 1 (the whole sentence: the turn is over) and one
+  with label 0 at every word boundary inside it (the audio up to that word boundary, cut as
+  above: the turn goes on), each followed by `CLIP_TAIL_S` of silence. Cached like the turn set.
 """
 
 from __future__ import annotations
@@ -42,8 +49,11 @@ __all__ = [
     "PAUSES_MS",
     "SENTENCES",
     "TRAIL_S",
+    "TRAIN_SENTENCES",
     "VOICES",
+    "TrainingClip",
     "TurnItem",
+    "build_training_clips",
     "build_turn_set",
     "first_end_s",
     "outcome",
@@ -80,6 +90,130 @@ SENTENCES: tuple[str, ...] = (
     "I want to add my daughter as a second driver on my car insurance.",
     "Where can I find the nearest charging station for an electric car?",
     "The package was left at the wrong door and my neighbor has it.",
+)
+
+# The prosody model's training sentences: other requests, answers and short replies of every
+# length (short complete turns keep the model from learning that a short utterance goes on).
+TRAIN_SENTENCES: tuple[str, ...] = (
+    "Yes, please.",
+    "No, thank you.",
+    "That is all for today.",
+    "Sure, go ahead.",
+    "I am not sure.",
+    "Thanks a lot, goodbye.",
+    "Sorry, could you repeat that?",
+    "Okay, that works for me.",
+    "Hello, is anyone there?",
+    "Maybe later.",
+    "Can I change the date of my reservation?",
+    "My credit card was charged twice for the same order.",
+    "I would like to know if you deliver on weekends.",
+    "The printer in our office keeps jamming every morning.",
+    "How do I update the address on my account?",
+    "We need a taxi to the museum at ten o'clock.",
+    "Is there a discount for students or seniors?",
+    "I lost my keys somewhere in the parking garage.",
+    "Could you check whether my prescription is ready?",
+    "The internet has been down since yesterday afternoon.",
+    "What documents do I need to open a bank account?",
+    "I want to return a jacket that does not fit.",
+    "Please tell the doctor that I will be ten minutes late.",
+    "Our team meeting has moved to the second floor.",
+    "Do you know a good plumber in this neighborhood?",
+    "My son has a fever and a sore throat since Monday.",
+    "Can you help me reset the password for my email?",
+    "The train to Boston was cancelled again this morning.",
+    "I am looking for a gift for my mother's birthday.",
+    "How early should I arrive at the airport for an international flight?",
+    "Is it possible to bring a dog into the hotel?",
+    "The washing machine makes a loud noise when it spins.",
+    "I would like to order two large pizzas and a salad.",
+    "When does the library close on Saturdays?",
+    "My neighbor's car is blocking our driveway.",
+    "Could you send a technician to look at the boiler?",
+    "We booked a double room but got a single one.",
+    "I need a receipt for the repair you did last week.",
+    "What is the fastest way to get downtown during rush hour?",
+    "Please cancel the newspaper delivery while we are away.",
+    "Our flight lands at midnight, so we will check in late.",
+    "The water in the bathroom has been cold for two days.",
+    "Can I transfer my membership to my brother?",
+    "I would like to report a broken street light on Oak Avenue.",
+    "Is the museum free on the first Sunday of the month?",
+    "My package says delivered but there is nothing at the door.",
+    "How much would it cost to ship a box to Canada?",
+    "We are planning a small party for about twenty guests.",
+    "The elevator in building C has been out of order all week.",
+    "Can you tell me which bus goes to the university?",
+    "I think there is a mistake on my phone bill.",
+    "Please add extra cheese and no onions.",
+    "Do I need an appointment, or can I just walk in?",
+    "The kids would like to try the swimming lessons in summer.",
+    "I forgot my umbrella on the bus this morning.",
+    "Could we get a table by the window, please?",
+    "Got it.",
+    "Not right now, thanks.",
+    "Yes, that is correct.",
+    "Wait, one more thing.",
+    "Perfect, thank you very much.",
+    "No, the other one.",
+    "I already did that.",
+    "That sounds good to me.",
+    "Can you spell that for me?",
+    "It is the blue house on the corner.",
+    "My account number starts with three seven.",
+    "I have been waiting on hold for almost an hour.",
+    "Would it be possible to speak to a manager?",
+    "The heater in the car only blows cold air.",
+    "We would like two tickets for the evening show.",
+    "How many days does it take for a refund to arrive?",
+    "Is there parking at the stadium or should we take the train?",
+    "I moved last month and never got my new card.",
+    "Can you book me a haircut for Friday after lunch?",
+    "The coffee machine on the third floor is leaking again.",
+    "Which platform does the express to the airport leave from?",
+    "My grandmother needs a wheelchair at the gate.",
+    "I was charged a late fee even though I paid on time.",
+    "Do you sell gift cards in the store or only online?",
+    "Our dishwasher stopped halfway through the cycle.",
+    "Please put me down for the early shift next week.",
+    "What is the difference between the basic and the premium plan?",
+    "I would rather have the window seat if there is one.",
+    "The lights in the hallway keep flickering at night.",
+    "Can I bring my own wine to the restaurant?",
+    "I need to renew my passport before our trip in June.",
+    "How late is the pharmacy open on public holidays?",
+    "There is a strange smell coming from the basement.",
+    "Our cat has not eaten anything since yesterday.",
+    "Is breakfast included in the price of the room?",
+    "I want to move my savings into a fixed deposit.",
+    "The garage door will not open with the remote.",
+    "Could you read me the last three transactions on my card?",
+    "We are two adults and three children under twelve.",
+    "I think I left my laptop charger in room two hundred.",
+    "What time is checkout on the day we leave?",
+    "My daughter would like to join the football club.",
+    "Can the delivery be left with the building manager?",
+    "The app keeps logging me out every few minutes.",
+    "Please let me know when the part comes in.",
+    "How much is it to add another line to my phone plan?",
+    "I need someone to fix a leak under the kitchen sink.",
+    "Are there any tables free for lunch today?",
+    "The bus was so full that it did not stop at our station.",
+    "Could you move the meeting to half past three?",
+    "I am allergic to nuts, so please check the dessert.",
+    "My internet bill went up without any warning.",
+    "We would like to extend our stay by one more night.",
+    "Where do I drop off old batteries for recycling?",
+    "The doctor said I should call back with my test results.",
+    "Can you tell my husband that I will pick up the kids?",
+    "I have a question about the warranty on my television.",
+    "Our neighbors have been playing loud music all night.",
+    "Is the road to the mountains open after the snow?",
+    "I ordered a large but they sent me a small.",
+    "How do I know if my application was received?",
+    "Please transfer me to the billing department.",
+    "The kettle switched itself off and now it will not turn on.",
 )
 
 # (voice, speed): piper speed is 1 / length_scale, espeak-ng speed is words per minute.
@@ -129,20 +263,41 @@ def _synthesize(text: str, voice: str, speed: float, piper_voice_path: Path, cac
     return audio[start:end].astype(np.float32)
 
 
+def _quietest(audio: np.ndarray, boundary_s: float) -> int:
+    """The middle of the quietest 10 ms within 60 ms of `boundary_s`: where a cut clips no word."""
+    frame = RATE // 100
+    lo = max(frame, int((boundary_s - 0.06) * RATE))
+    hi = min(audio.size - frame, int((boundary_s + 0.06) * RATE))
+    starts = np.arange(lo, max(lo + 1, hi - frame), frame // 2)
+    energy = [float(np.mean(np.square(audio[s : s + frame], dtype=np.float64))) for s in starts]
+    return int(starts[int(np.argmin(energy))] + frame // 2)
+
+
 def _cut_sample(audio: np.ndarray, words, k: int) -> tuple[int, str]:
     """A cut between two words inside the sentence (k picks which), at the quietest 10 ms."""
     inner = list(range(2, len(words) - 1))  # cut before word j: >= 2 words before, >= 2 after
     if not inner:
         raise UserError(f"whisper found too few words to cut ({len(words)}) in a sentence of the turn set")
     j = inner[(k * 7) % len(inner)]
-    boundary_s = (words[j - 1].end_s + words[j].start_s) / 2
-    frame = RATE // 100
-    lo = max(frame, int((boundary_s - 0.06) * RATE))
-    hi = min(audio.size - frame, int((boundary_s + 0.06) * RATE))
-    starts = np.arange(lo, max(lo + 1, hi - frame), frame // 2)
-    energy = [float(np.mean(np.square(audio[s : s + frame], dtype=np.float64))) for s in starts]
-    cut = int(starts[int(np.argmin(energy))] + frame // 2)
-    return cut, " ".join(w.text for w in words[:j])
+    return _quietest(audio, (words[j - 1].end_s + words[j].start_s) / 2), " ".join(w.text for w in words[:j])
+
+
+@dataclass
+class TrainingClip:
+    sentence: int  # index into TRAIN_SENTENCES (the group of a held-out split)
+    voice: str
+    label: int  # 1: the turn is over (the whole sentence); 0: it goes on (cut at a word boundary)
+    words: str  # the words the clip holds
+    audio: np.ndarray = field(repr=False)  # float32 16 kHz, then CLIP_TAIL_S of silence
+
+
+CLIP_TAIL_S = 0.3
+
+
+def _word_cuts(audio: np.ndarray, words) -> list[tuple[int, str]]:
+    """(cut, the words before it) at every boundary between two words, at the quietest 10 ms."""
+    return [(_quietest(audio, (words[j - 1].end_s + words[j].start_s) / 2), " ".join(w.text for w in words[:j]))
+            for j in range(1, len(words))]
 
 
 def _key(*parts: object) -> str:
@@ -202,6 +357,49 @@ def build_turn_set(
             if progress is not None:
                 progress(k, total)
     return items
+
+
+def build_training_clips(
+    cache_dir: Path,
+    piper_voice_path: Path,
+    transcriber_factory: Callable[[], object],
+    voices_per_sentence: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[TrainingClip]:
+    """The prosody model's labelled clips (see the module docstring)."""
+    from audio.io import read_wav, write_wav
+
+    if not 1 <= voices_per_sentence <= len(VOICES):
+        raise UserError(f"voices per sentence must be 1..{len(VOICES)}, got {voices_per_sentence}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    pipers: dict = {}
+    transcriber = None
+    clips: list[TrainingClip] = []
+    tail = np.zeros(int(CLIP_TAIL_S * RATE), np.float32)
+    total = len(TRAIN_SENTENCES) * voices_per_sentence
+    done = 0
+    for i, text in enumerate(TRAIN_SENTENCES):
+        for v in range(voices_per_sentence):
+            voice, speed = VOICES[(i * 3 + v) % len(VOICES)]
+            voice_id = f"piper:{piper_voice_path.name}" if voice == PIPER else f"espeak-ng:{voice}"
+            key = _key("train", voice_id, speed, text)
+            wav, meta = cache_dir / f"{key}.wav", cache_dir / f"{key}.json"
+            if wav.exists() and meta.exists():
+                speech, _ = read_wav(wav, RATE)
+                cuts = [tuple(c) for c in json.loads(meta.read_text())["cuts"]]
+            else:
+                if transcriber is None:
+                    transcriber = transcriber_factory()
+                speech = _synthesize(text, voice, speed, piper_voice_path, pipers)
+                cuts = _word_cuts(speech, transcriber.words(speech))
+                write_wav(wav, speech, RATE)
+                meta.write_text(json.dumps({"cuts": cuts}))  # last: its presence says the entry is whole
+            clips.append(TrainingClip(i, voice, 1, text, np.concatenate([speech, tail])))
+            clips.extend(TrainingClip(i, voice, 0, words, np.concatenate([speech[:cut], tail])) for cut, words in cuts)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return clips
 
 
 def first_end_s(
