@@ -3,11 +3,16 @@ message is over, from what was said.
 
 Contract:
 - `TurnVerdict(over, audio_p, text_p)`: a judged pause; `decide(audio_p, text_p, threshold,
-  text_threshold)` is the rule: the turn is over when every score there is reaches its threshold
-  (Smart Turn's P >= `threshold`, the text score >= `text_threshold`; with both, both must agree,
-  so that neither alone cuts a caller off). The two scores live on different scales (the text
-  score is a raw next-token probability, below 0.5 even for finished requests), hence two
-  thresholds. `unsure_silence_ms(avg_logprob, unsure_logprob, silence_ms)`: where a verdict is not
+  text_threshold)` is the rule. One score: over when it reaches its threshold (the audio model's
+  P >= `threshold`, the text score >= `text_threshold`). Both: their evidence multiplies, as two
+  independent witnesses' odds do: over when (text_p / text_threshold) x (odds(audio_p) /
+  odds(threshold)) >= 1, so each threshold is where its score is neutral, a clear verdict of one
+  outweighs a doubtful one of the other, and two doubtful ones ("over" and "goes on") leave it to
+  the surer. On the training sentences of the prosody model, held out (docs/turn-taking.md,
+  session 25), this ended 89 % of finished sentences at the first pause against 81 % when both
+  had to agree, and 3.6 % of mid-sentence pauses against 2.7 % (the text score alone: 88 % and
+  25 %). The two scores live on different scales (the text score is a raw next-token
+  probability, below 0.5 even for finished requests), hence two thresholds. `unsure_silence_ms(avg_logprob, unsure_logprob, silence_ms)`: where a verdict is not
   "over", the shorter silence for a transcript whisper was unsure of (turn.unsure_*), else 0.
 - `TextTurnScorer(loaded)`: `loaded` is a dlm `LoadedModel` of a causal chat model with a chat
   template (the embedded SmolLM2-135M-Instruct; `load_text_scorer(name)` loads one by registry
@@ -30,6 +35,7 @@ Contract:
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -45,15 +51,23 @@ _MARK = "\x00turn\x00"
 @dataclass(frozen=True)
 class TurnVerdict:
     over: bool
-    audio_p: float | None = None  # Smart Turn's P(turn over), where it ran
+    audio_p: float | None = None  # the audio model's P(turn over) (Smart Turn or prosody), where it ran
     text_p: float | None = None  # the text score, where it ran
 
 
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1.0 - 1e-6)
+    return math.log(p / (1.0 - p))
+
+
 def decide(audio_p: float | None, text_p: float | None, threshold: float, text_threshold: float) -> bool:
-    """Over when every score there is reaches its threshold (and there is one)."""
-    scores = [(audio_p, threshold), (text_p, text_threshold)]
-    present = [(p, t) for p, t in scores if p is not None]
-    return bool(present) and all(p >= t for p, t in present)
+    """Over or not, from the scores there are (see the module docstring); no score: never over."""
+    if audio_p is None or text_p is None:
+        if audio_p is not None:
+            return audio_p >= threshold
+        return text_p is not None and text_p >= text_threshold
+    text_evidence = math.log(max(text_p, 1e-12) / max(text_threshold, 1e-12))
+    return text_evidence + _logit(audio_p) - _logit(threshold) >= 0.0
 
 
 def unsure_silence_ms(avg_logprob: float | None, unsure_logprob: float, silence_ms: int) -> int:

@@ -24,13 +24,27 @@ from voice_agent.services import ModelServices
         (None, 0.05, True),
         (None, 0.01, False),
         (0.9, 0.05, True),
-        (0.9, 0.01, False),  # the transcript is unfinished: both must agree
-        (0.4, 0.05, False),
+        (0.6, 0.01, False),  # a doubtful "over" from the sound, a clear "goes on" from the words
+        (0.2, 0.05, False),  # a doubtful "over" from the words, a clear "goes on" from the sound
+        (0.99, 0.01, True),  # garbled words (a low text score) from a voice that clearly finished
+        (0.3, 0.5, True),  # a clearly finished request in a doubtful voice
+        (0.5, 0.03, True),  # both at their thresholds: neutral evidence is enough
+        (0.9, 0.0, False),  # nothing heard: the sound alone does not end it
         (None, None, False),  # nothing judged: never over
     ],
 )
-def test_every_score_present_must_reach_its_threshold(audio_p, text_p, over):
+def test_one_score_must_reach_its_threshold_and_two_multiply_their_odds(audio_p, text_p, over):
     assert decide(audio_p, text_p, 0.5, 0.03) is over
+
+
+def test_the_rule_with_both_scores_is_monotone_in_each():
+    grid = np.linspace(0.0, 1.0, 21)
+    for text_p in (0.0, 0.001, 0.01, 0.03, 0.1, 0.9):
+        verdicts = [decide(a, text_p, 0.5, 0.03) for a in grid]
+        assert verdicts == sorted(verdicts)  # once over, a higher audio P stays over
+    for audio_p in grid:
+        verdicts = [decide(audio_p, t, 0.5, 0.03) for t in grid]
+        assert verdicts == sorted(verdicts)
 
 
 def test_transcripts_are_normalized_before_scoring():
@@ -110,7 +124,7 @@ def test_services_judge_with_the_loaded_models_only():
     assert text.seen == ["what time do you close"]
     services, _, _ = _services("smart-turn+text", 0.8, 0.2)
     assert asyncio.run(verdict(services)) == (TurnVerdict(True, 0.8, 0.2), 1)
-    services, _, _ = _services("smart-turn+text", 0.2, 0.2)
+    services, _, _ = _services("smart-turn+text", 0.1, 0.05)
     assert asyncio.run(verdict(services))[0].over is False
     assert services.judges_turns and services.end_silence_ms == Config().turn.max_silence_ms
     # The call's endpointer reports pauses of turn.check_silence_ms; the speculative start's does not.
