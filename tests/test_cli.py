@@ -51,13 +51,16 @@ def test_models_lists_every_role_with_a_path() -> None:
     result = run_cli("models", "--json")
     assert result.returncode == 0, result.stderr
     infos = {i["role"]: i for i in json.loads(result.stdout)}
-    assert set(infos) == {"ASR", "TTS", "dLLM", "AR baseline", "turn (text)"}  # the default turn detector's model
+    assert set(infos) == {"ASR", "TTS", "dLLM", "AR baseline", "turn (text)", "turn (audio)"}  # the default detector's
+    assert infos["turn (audio)"]["path"].endswith("audio/assets/prosody-turn.npz")  # the shipped head, ~17 kB
     for info in infos.values():
         assert info["path"], info
-        assert info["size_bytes"] > 1_000_000, info
+        assert info["size_bytes"] > (10_000 if info["role"] == "turn (audio)" else 1_000_000), info
     both = run_cli("models", "--json", "--set", "turn.detector=smart-turn+text")
     roles = {i["role"]: i for i in json.loads(both.stdout)}
     assert roles["turn (audio)"]["path"].endswith("smart-turn-v3.2-cpu.onnx") and roles["turn (audio)"]["size_bytes"] > 1_000_000
+    missing = run_cli("models", "--json", "--set", "turn.model=/nonexistent/head.npz")
+    assert "prosody turn head '/nonexistent/head.npz' not found" in missing.stdout + missing.stderr
     silence = run_cli("models", "--json", "--set", "turn.detector=silence")
     assert not any(i["role"].startswith("turn") for i in json.loads(silence.stdout))
 

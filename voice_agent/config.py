@@ -24,6 +24,7 @@ from dlm.adapt.prompts import VOICE_SYSTEM_PROMPT
 from voice_agent.fair_share import BUSY_CPUS, HALF_LIFE_S
 
 __all__ = [
+    "AUDIO_TURN_MODELS",
     "LLM_ENGINES",
     "LLM_WEIGHTS",
     "TURN_DETECTORS",
@@ -38,18 +39,25 @@ __all__ = [
     "TtsConfig",
     "TurnConfig",
     "VadConfig",
+    "audio_turn_model",
     "default_config_text",
     "load_config",
     "turn_models",
 ]
 
 # turn.detector values (see TurnConfig).
-TURN_DETECTORS = ("silence", "smart-turn", "text", "smart-turn+text")
+TURN_DETECTORS = ("silence", "smart-turn", "text", "smart-turn+text", "prosody", "prosody+text")
+AUDIO_TURN_MODELS = ("smart-turn", "prosody")
 
 
 def turn_models(detector: str) -> set[str]:
     """The end-of-turn models a turn.detector runs: "smart-turn+text" -> {"smart-turn", "text"}."""
     return set(detector.split("+")) - {"silence"}
+
+
+def audio_turn_model(detector: str) -> str | None:
+    """The audio model a turn.detector runs ("smart-turn" or "prosody"), or None."""
+    return next((m for m in AUDIO_TURN_MODELS if m in turn_models(detector)), None)
 
 # llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
 # engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR);
@@ -125,10 +133,13 @@ class TurnConfig:
     # How the end of the caller's turn is decided. Each pause of check_silence_ms inside a turn
     # is judged: "text": the transcript so far (a speculative decode that the final transcript
     # reuses) read by a chat LM (voice_agent.end_of_turn.py); "smart-turn": Smart Turn v3.2 on the
-    # sound of the speech (audio/turn.py); "smart-turn+text": the mean of both. At P(turn over)
-    # >= threshold the turn ends at once, else only after max_silence_ms of silence.
+    # sound of the speech (audio/turn.py); "prosody": our own head on whisper's encoder over the
+    # last second before the pause (audio/prosody.py, trained on synthesized speech);
+    # "smart-turn+text", "prosody+text": both, their odds multiplied (voice_agent.end_of_turn.decide).
+    # At P(turn over) >= threshold (the audio model's; text_threshold: the text score's; with both:
+    # where each is neutral) the turn ends at once, else only after max_silence_ms of silence.
     # "silence": vad.end_silence_ms of silence alone (no model). docs/turn-taking.md compares them.
-    detector: str = "text"
+    detector: str = "prosody+text"
     check_silence_ms: int = 100
     threshold: float = 0.5
     text_threshold: float = 0.03
@@ -140,7 +151,9 @@ class TurnConfig:
     # at a mid-sentence pause often read below -0.5 too: docs/turn-taking.md, session 21).
     unsure_logprob: float = -1.0
     unsure_silence_ms: int = 1000
-    # A Smart Turn v3 ONNX file; "": the v3.2 model in the pipecat-ai wheel (install.sh).
+    # The audio model's file. smart-turn: a Smart Turn v3 ONNX file, "": the v3.2 model in the
+    # pipecat-ai wheel (install.sh); prosody: a head written by `voice-agent train-turn`, "": the
+    # one shipped in audio/assets/.
     model: str = ""
     threads: int = 1
     # The chat LM of the text score (a registry name or a path), loaded in bfloat16.

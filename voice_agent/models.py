@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from voice_agent.config import Config, turn_models
+from voice_agent.config import Config, audio_turn_model, turn_models
 from voice_agent.errors import UserError
 
 __all__ = [
@@ -176,8 +176,17 @@ def resolve_tts_voice(name: str) -> Path:
     return local
 
 
-def resolve_turn_model(name: str) -> Path:
-    """The Smart Turn ONNX file: "" is the one in the pipecat-ai wheel, else a path."""
+def resolve_turn_model(name: str, audio_model: str = "smart-turn") -> Path:
+    """The audio turn model's file (turn.model): for "smart-turn" the Smart Turn ONNX file ("" the
+    one in the pipecat-ai wheel), for "prosody" the head ("" the one in audio/assets/); else a path."""
+    if audio_model == "prosody":
+        from audio.prosody import DEFAULT_HEAD
+
+        path = _local_path(name) if name else DEFAULT_HEAD
+        if path is None or not path.is_file():
+            raise UserError(f"prosody turn head {name or str(DEFAULT_HEAD)!r} not found: give the path to a file "
+                            "written by `voice-agent train-turn`")
+        return path
     if not name:
         from audio.errors import AudioModelNotFoundError
         from audio.turn import smart_turn_model_path
@@ -246,7 +255,9 @@ def describe_models(config: Config) -> list[ModelInfo]:
     infos.append(_info("AR baseline", config.llm.baseline_model, resolve_llm_model))
     if "text" in turn_models(config.turn.detector):
         infos.append(_info("turn (text)", config.turn.text_model, resolve_llm_model))
-    if "smart-turn" in turn_models(config.turn.detector):
-        infos.append(_info("turn (audio)", config.turn.model or "smart-turn-v3.2 (pipecat-ai)",
-                           lambda name: resolve_turn_model(config.turn.model)))
+    audio_model = audio_turn_model(config.turn.detector)
+    if audio_model is not None:
+        bundled = "smart-turn-v3.2 (pipecat-ai)" if audio_model == "smart-turn" else "prosody head (audio/assets)"
+        infos.append(_info("turn (audio)", config.turn.model or bundled,
+                           lambda name: resolve_turn_model(config.turn.model, audio_model)))
     return infos

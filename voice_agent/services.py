@@ -21,8 +21,9 @@ Contract:
   `load()`, ASR decodes running and waiting, TTS syntheses running or waiting for the voice), for
   /metrics, /healthz and the tests that check no work outlives its call.
 - End of turn (`[turn]`): the detector's models are loaded once (Smart Turn for "smart-turn",
-  the text scorer's chat LM for "text"). `await end_of_turn(audio_16k, transcript)` returns a
-  `TurnVerdict`: Smart Turn on the audio and/or the text scorer on `await transcript()` (the
+  the prosody head on whisper's encoder for "prosody", the text scorer's chat LM for "text").
+  `await end_of_turn(audio_16k, transcript)` returns a `TurnVerdict`: the audio model on the
+  audio and/or the text scorer on `await transcript()` (the
   session's speculative decode), each model in a worker thread, one call at a time (first come;
   a cancelled request leaves the queue), judged by `voice_agent.end_of_turn.decide` with the
   [turn] thresholds. `end_silence_ms` is the silence after which a turn ends without a verdict
@@ -59,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from voice_agent.config import Config, turn_models
+from voice_agent.config import Config, audio_turn_model, turn_models
 from voice_agent.events import VadSettings
 from voice_agent.fair_share import CallShare
 from voice_agent.llm import LlmClient, build_llm
@@ -85,7 +86,7 @@ class ModelServices:
         self.config = config
         self.llm = llm
         self.partial_interval_ms = config.asr.partial_interval_ms
-        self._turn_model = turn_model  # audio.turn.SmartTurn, or None
+        self._turn_model = turn_model  # audio.turn.SmartTurn or audio.prosody.ProsodyTurn, or None
         self._text_scorer = text_scorer  # voice_agent.end_of_turn.TextTurnScorer, or None
         self.judges_turns = turn_model is not None or text_scorer is not None
         self.end_silence_ms = config.turn.max_silence_ms if self.judges_turns else config.vad.end_silence_ms
@@ -123,11 +124,18 @@ class ModelServices:
         )
         synthesizer = Synthesizer(resolve_tts_voice(config.tts.voice), length_scale=config.tts.length_scale)
         turn_model = text_scorer = None
-        if "smart-turn" in turn_models(config.turn.detector):
+        audio_model = audio_turn_model(config.turn.detector)
+        if audio_model == "smart-turn":
             from audio.turn import SmartTurn
             from voice_agent.models import resolve_turn_model
 
             turn_model = SmartTurn(resolve_turn_model(config.turn.model), threads=config.turn.threads)
+        elif audio_model == "prosody":
+            from audio.prosody import ProsodyTurn
+            from voice_agent.models import EMBEDDED_ASR, resolve_asr_model, resolve_turn_model
+
+            turn_model = ProsodyTurn(resolve_asr_model(EMBEDDED_ASR), resolve_turn_model(config.turn.model, "prosody"),
+                                     threads=config.turn.threads)
         if "text" in turn_models(config.turn.detector):
             from voice_agent.end_of_turn import load_text_scorer
 

@@ -2,7 +2,8 @@
 
 The endpointing tests use espeak-ng speech through the real endpointer with scripted verdicts;
 the command test builds a small turn set (two sentences, piper and espeak-ng, cut with whisper's
-word times) and runs the real Smart Turn model and the real text score over it (a minute or so).
+word times) and runs the real Smart Turn model, the prosody model and the real text score over it
+(a minute or so).
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ def test_the_command_writes_a_table_json_and_plot(tmp_path, monkeypatch, capsys)
     assert {i["kind"] for i in document["items"]} == {"complete", "paused"}
     assert all(i["cut_after"] for i in document["items"] if i["kind"] == "paused")
     detectors = [r["detector"] for r in document["rows"]]
-    assert detectors == ["silence", "smart-turn", "text", "smart-turn+text"]
-    assert document["configured"]["detector"] == "text"
+    assert detectors == ["silence", "smart-turn", "text", "smart-turn+text", "prosody", "prosody+text"]
+    assert document["configured"]["detector"] == load_config().turn.detector
+    assert all(0.0 <= s["prosody_p"] <= 1.0 and 0.0 <= s["smart-turn_p"] <= 1.0 for s in document["scores"])
     assert all(s["transcript"] is not None for s in document["scores"] if "text_p" in s)
     assert (tmp_path / "t.png").stat().st_size > 10_000 and (tmp_path / "t.txt").exists()
     out = capsys.readouterr().out

@@ -6,11 +6,13 @@ and espeak-ng voices), through the real endpointer as a call runs it (the [vad] 
 - "silence" at each `--silence-ms`: the turn ends after that much silence;
 - the judged detectors at each `--checks-ms` x `--max-silence-ms`: each pause of the check length
   is judged, and the turn ends at once if the verdict says over, else after the max silence.
-  "smart-turn" at each `--thresholds` (Smart Turn v3.2 on the audio); "text" at each
+  "smart-turn" (Smart Turn v3.2) and "prosody" (our head on whisper's encoder, audio/prosody.py,
+  `turn.model` or the shipped one) at each `--thresholds`, on the audio; "text" at each
   `--text-thresholds` (the configured ASR transcribes the pause's audio, the [turn] text model
-  scores the transcript); "smart-turn+text" at each pair (both must say over). The models really
-  run, once per pause; a verdict lands as many milliseconds later in the audio as it took (ASR
-  then text score; the longer of that and Smart Turn for both, which run side by side in a call).
+  scores the transcript); "smart-turn+text" and "prosody+text" at each pair (the session's rule:
+  their odds multiplied, `voice_agent.end_of_turn.decide`). The models really run, once per pause; a verdict lands as many milliseconds later in
+  the audio as it took (ASR then text score; the longer of that and the audio model for both,
+  which run side by side in a call).
   The text detectors also at each `--unsure-silence-ms` (the configured turn.unsure_silence_ms
   added; 0: off): a pause whose transcript whisper was unsure of (below turn.unsure_logprob)
   ends the turn after that much silence when its verdict is not "over".
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from voice_agent.config import TURN_DETECTORS, Config, turn_models
+from voice_agent.config import AUDIO_TURN_MODELS, TURN_DETECTORS, Config, audio_turn_model, turn_models
 
 HELP = "end-of-turn detectors on a labelled turn set: wait after complete turns vs paused ones cut off"
 
@@ -64,9 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--silence-ms", type=_ints, default=[300, 400, 500, 600, 800, 1000, 1300],
                         help="silence-only settings (default: 300,400,500,600,800,1000,1300)")
     parser.add_argument("--checks-ms", type=_ints, default=[100, 200, 300],
-                        help="smart-turn: pause lengths judged by the model (default: 100,200,300)")
+                        help="judged detectors: pause lengths judged by the models (default: 100,200,300)")
     parser.add_argument("--thresholds", type=_probabilities, default=[0.3, 0.5, 0.7, 0.9],
-                        help="smart-turn: P(turn over) that ends the turn (default: 0.3,0.5,0.7,0.9)")
+                        help="smart-turn, prosody: P(turn over) that ends the turn (default: 0.3,0.5,0.7,0.9)")
     parser.add_argument("--text-thresholds", type=_probabilities, default=[0.001, 0.003, 0.01, 0.03, 0.1],
                         help="text: score that ends the turn (default: 0.001,0.003,0.01,0.03,0.1)")
     parser.add_argument("--max-silence-ms", type=_ints, default=[1500],
@@ -110,7 +112,10 @@ def _setting_text(row: dict[str, Any]) -> str:
     s = row["setting"]
     if row["detector"] == "silence":
         return f"{s['end_silence_ms']} ms"
-    over = " & ".join(f"{name}>={s[key]:g}" for name, key in (("p", "threshold"), ("text", "text_threshold")) if key in s)
+    if "threshold" in s and "text_threshold" in s:  # both: their odds multiplied (end_of_turn.decide)
+        over = f"p {s['threshold']:g} x text {s['text_threshold']:g}"
+    else:
+        over = " & ".join(f"{name}>={s[key]:g}" for name, key in (("p", "threshold"), ("text", "text_threshold")) if key in s)
     unsure = f", unsure {s['unsure_silence_ms']}" if s.get("unsure_silence_ms") else ""
     return f"check {s['check_ms']}, {over}, max {s['max_silence_ms']}{unsure}"
 
@@ -132,7 +137,7 @@ def format_table(rows: list[dict[str, Any]], configured: dict[str, Any]) -> str:
                      f"{pct(row['paused_cut_share']):>10} {pct(row['complete_cut_share']):>12} {row['missed']:>6}  {mark}")
     lines.append(f"wait = caller's last word -> end of turn (ms), over complete items; paused cut = share of paused "
                  f"items whose turn ended before their last word. Bar: wait p50 <= {WAIT_BAR_MS:.0f} ms with paused cut "
-                 f"<= {100 * CUT_BAR:.0f}%.")
+                 f"<= {100 * CUT_BAR:.0f}%. \"p A x text T\": over when (text / T) x (odds(p) / odds(A)) >= 1.")
     return "\n".join(lines)
 
 
@@ -169,6 +174,7 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    from audio.prosody import ProsodyTurn
     from audio.turn import SmartTurn
     from voice_agent.bench import report
     from voice_agent.bench.turns import build_turn_set, first_end_s, outcome
@@ -176,7 +182,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from voice_agent.commands.bench_e2e import _machine
     from voice_agent.end_of_turn import load_text_scorer
     from voice_agent.errors import UserError
-    from voice_agent.models import resolve_tts_voice, resolve_turn_model
+    from voice_agent.models import EMBEDDED_ASR, resolve_asr_model, resolve_tts_voice, resolve_turn_model
 
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
     if not detectors or any(d not in TURN_DETECTORS for d in detectors):
@@ -210,7 +216,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
     transcriber = functools.cache(lambda: load_transcriber(config))  # loaded once, where it is needed
     items = build_turn_set(cache_dir, resolve_tts_voice(config.tts.voice), transcriber, args.voices_per_sentence, progress)
     kinds = {item.item_id: item.kind for item in items}
-    smart = SmartTurn(resolve_turn_model(turn.model), threads=turn.threads) if any("smart-turn" in turn_models(d) for d in detectors) else None
+    # turn.model names the configured detector's audio model; the other one runs its bundled file.
+    def model_file(name: str) -> Any:
+        return resolve_turn_model(turn.model if audio_turn_model(turn.detector) == name else "", name)
+
+    audio_models: dict[str, Any] = {}
+    if any(audio_turn_model(d) == "smart-turn" for d in detectors):
+        audio_models["smart-turn"] = SmartTurn(model_file("smart-turn"), threads=turn.threads)
+    if any(audio_turn_model(d) == "prosody" for d in detectors):
+        audio_models["prosody"] = ProsodyTurn(resolve_asr_model(EMBEDDED_ASR), model_file("prosody"), threads=turn.threads)
     scorer = load_text_scorer(turn.text_model, device=config.llm.device) if any("text" in turn_models(d) for d in detectors) else None
 
     def endpointer(**overrides: Any) -> Any:
@@ -226,15 +240,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     # The models' scores and times of each check, computed once: (item, check_ms, k) -> scores.
     scores: dict[tuple[str, int, int], dict[str, float]] = {}
-    model_ms: dict[str, list[float]] = {"smart-turn": [], "asr": [], "text": []}
+    model_ms: dict[str, list[float]] = {**{name: [] for name in AUDIO_TURN_MODELS}, "asr": [], "text": []}
 
     def scored(item_id: str, check: int, k: int, audio: Any, need: str) -> dict[str, float]:
         entry = scores.setdefault((item_id, check, k), {})
-        if "smart-turn" in turn_models(need) and "audio_p" not in entry:
+        name = audio_turn_model(need)
+        if name is not None and f"{name}_p" not in entry:
             t = time.perf_counter()
-            entry["audio_p"] = smart.probability(audio)
-            entry["audio_s"] = time.perf_counter() - t
-            model_ms["smart-turn"].append(1000 * entry["audio_s"])
+            entry[f"{name}_p"] = audio_models[name].probability(audio)
+            entry[f"{name}_s"] = time.perf_counter() - t
+            model_ms[name].append(1000 * entry[f"{name}_s"])
         if "text" in turn_models(need) and "text_p" not in entry:
             t = time.perf_counter()
             heard = transcriber().transcribe(audio)
@@ -253,6 +268,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         "text": [(None, t) for t in text_thresholds],
         "smart-turn+text": [(a, t) for a in thresholds for t in text_thresholds],
     }
+    grids["prosody"], grids["prosody+text"] = grids["smart-turn"], grids["smart-turn+text"]
     started = time.monotonic()
     for detector in (d for d in TURN_DETECTORS if d != "silence" and d in detectors):  # the table's order
         for check in checks:
@@ -321,17 +337,18 @@ def _verdict(scored: Any, item_id: str, check: int, detector: str, threshold: fl
     from voice_agent.end_of_turn import decide, unsure_silence_ms
 
     e = scored(item_id, check, k, audio, detector)
-    audio_p = e["audio_p"] if threshold is not None else None
+    name = audio_turn_model(detector)
+    audio_p = e[f"{name}_p"] if threshold is not None else None
     text_p = e["text_p"] if text_threshold is not None else None
     over = decide(audio_p, text_p, threshold or 0.0, text_threshold or 0.0)
-    seconds = max(e["audio_s"] if audio_p is not None else 0.0, e["text_s"] if text_p is not None else 0.0)
+    seconds = max(e[f"{name}_s"] if audio_p is not None else 0.0, e["text_s"] if text_p is not None else 0.0)
     return over, seconds, unsure_silence_ms(e.get("asr_logprob") if text_p is not None else None, unsure_logprob, unsure_ms)
 
 
 def _judged_setting(detector: str, check: int, threshold: float | None, text_threshold: float | None, max_silence: int,
                     unsure_silence: int = 0) -> dict[str, Any]:
     setting: dict[str, Any] = {"check_ms": check}
-    if "smart-turn" in turn_models(detector):
+    if audio_turn_model(detector) is not None:
         setting["threshold"] = threshold
     if "text" in turn_models(detector):
         setting["text_threshold"] = text_threshold
