@@ -59,6 +59,7 @@ def audio_turn_model(detector: str) -> str | None:
     """The audio model a turn.detector runs ("smart-turn" or "prosody"), or None."""
     return next((m for m in AUDIO_TURN_MODELS if m in turn_models(detector)), None)
 
+
 # llm.engine values: "auto" decodes diffusion checkpoints by diffusion and causal ones with the AR
 # engine; "ar" forces the AR baseline engine on any checkpoint (one model, dLLM vs AR);
 # "speculative": exact draft-and-verify, a block-diffusion checkpoint drafting for itself.

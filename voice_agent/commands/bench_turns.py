@@ -10,9 +10,9 @@ and espeak-ng voices), through the real endpointer as a call runs it (the [vad] 
   `turn.model` or the shipped one) at each `--thresholds`, on the audio; "text" at each
   `--text-thresholds` (the configured ASR transcribes the pause's audio, the [turn] text model
   scores the transcript); "smart-turn+text" and "prosody+text" at each pair (the session's rule:
-  their odds multiplied, `voice_agent.end_of_turn.decide`). The models really run, once per pause; a verdict lands as many milliseconds later in
-  the audio as it took (ASR then text score; the longer of that and the audio model for both,
-  which run side by side in a call).
+  their odds multiplied, `voice_agent.end_of_turn.decide`). The models really run, once per
+  pause; a verdict lands as many milliseconds later in the audio as it took (ASR then text score;
+  the longer of that and the audio model for both, which run side by side in a call).
   The text detectors also at each `--unsure-silence-ms` (the configured turn.unsure_silence_ms
   added; 0: off): a pause whose transcript whisper was unsure of (below turn.unsure_logprob)
   ends the turn after that much silence when its verdict is not "over".
