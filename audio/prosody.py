@@ -13,22 +13,25 @@ Contract:
   `WINDOW_S` before the end of the voiced audio (one past the last 10 ms frame within
   `VOICED_DB` of the loudest) and the `TAIL_S` after it. Zero-padded at the front where the
   utterance is shorter (so that the window shows no more of its length than `WINDOW_S`) and at
-  the back where the audio stops sooner. Silent audio gives zeros.
+  the back where the audio stops sooner. Silent audio gives zeros; NaN samples count as 0.
 - `pool(encoded)` -> the feature vector (3 x the encoder width) of one window's
   encoder output (positions of 20 ms): the means over the last 500 ms and the last 160 ms before
   the end of the voice, and over the `TAIL_S` after it.
 - `ProsodyHead(mean, scale, weights, bias, meta)`: `probability(features)` = the logistic of the
   standardized features' dot product; `.save(path)` / `ProsodyHead.load(path)` (an .npz; a file
-  that is not one raises `AudioError`, a missing one `AudioModelNotFoundError`);
+  that is not one, or holds non-finite numbers, raises `AudioError`, a missing one
+  `AudioModelNotFoundError`);
   `fit_head(features, labels, l2=100.0, meta=None)` fits one (the standardization from the
   features given; Newton's method; the two classes weighted equally).
 - `WindowEncoder(whisper_model, threads=1)`: `whisper_model` a CTranslate2 Whisper folder (the
   embedded tiny.en, which the shipped head was trained on; a missing one raises
   `AudioModelNotFoundError`), loaded on its own (not the ASR's instance: no lock between them).
   `.features(audio_16k)` -> `pool` of the encoder over `prosody_window(audio_16k)` (a 2 s encoder
-  input, the window zero-padded): about 9 ms on one core here.
+  input: the window's log-mel features, then zeros, as the ASR's short window pads them): about 9 ms
+  on one core here.
 - `ProsodyTurn(whisper_model, head_path=None, threads=1)`: a `WindowEncoder` and a head
-  (`head_path` None or "": `DEFAULT_HEAD`, shipped in `audio/assets/`). `.probability(audio_16k)`
+  (`head_path` None or "": `DEFAULT_HEAD`, shipped in `audio/assets/`); a head that takes another
+  number of features than the encoder gives raises `AudioError` here, not at the first pause. `.probability(audio_16k)`
   -> P(the turn is over | the utterance so far, trailing silence included): the interface of
   `audio.turn.SmartTurn`, so the session runs either as its audio turn model.
 """
@@ -67,7 +70,7 @@ DEFAULT_HEAD = Path(__file__).resolve().parent / "assets" / "prosody-turn.npz"
 
 def prosody_window(audio_16k: np.ndarray) -> np.ndarray:
     """The fixed window at the end of the voice (see the module docstring)."""
-    a = np.asarray(audio_16k, dtype=np.float32).ravel()
+    a = np.nan_to_num(np.asarray(audio_16k, dtype=np.float32).ravel(), nan=0.0, posinf=1.0, neginf=-1.0)
     before, after = int(WINDOW_S * SAMPLE_RATE_HZ), int(TAIL_S * SAMPLE_RATE_HZ)
     out = np.zeros(before + after, dtype=np.float32)
     n = a.size // _FRAME
@@ -106,6 +109,9 @@ class ProsodyHead:
                              f"{self.mean.shape}, {self.scale.shape}, {self.weights.shape}")
         if not np.all(self.scale > 0):
             raise AudioError("a prosody head's scale must be positive")
+        if not (np.all(np.isfinite(self.mean)) and np.all(np.isfinite(self.scale)) and np.all(np.isfinite(self.weights))
+                and np.isfinite(bias)):
+            raise AudioError("a prosody head's numbers must be finite")
         self.bias = float(bias)
         self.meta = dict(meta or {})
 
@@ -134,8 +140,11 @@ class ProsodyHead:
             raise AudioModelNotFoundError(f"no prosody turn head at {path}")
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(z["mean"], z["scale"], z["weights"], float(z["bias"]), json.loads(str(z["meta"])))
-        except (OSError, ValueError, KeyError) as e:
+                meta = json.loads(str(z["meta"]))
+                if not isinstance(meta, dict):
+                    raise ValueError("its meta is not a JSON object")
+                return cls(z["mean"], z["scale"], z["weights"], float(z["bias"]), meta)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: a .npy, not an .npz
             raise AudioError(f"{path} is not a prosody turn head: {e}") from e
 
 
@@ -148,6 +157,8 @@ def fit_head(features: np.ndarray, labels: np.ndarray, l2: float = 100.0, meta: 
         raise AudioError(f"need a (samples, features) matrix and one label per sample, got {x.shape} and {y.shape}")
     if not set(np.unique(y)) == {0.0, 1.0}:
         raise AudioError("labels must be 0 (the turn goes on) and 1 (the turn is over), both present")
+    if not np.all(np.isfinite(x)):
+        raise AudioError("features must be finite")
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale < 1e-8] = 1.0
     z = np.hstack([(x - mean) / scale, np.ones((y.size, 1))])
@@ -202,9 +213,10 @@ class ProsodyTurn:
         self.path = Path(head_path).expanduser() if head_path not in (None, "") else DEFAULT_HEAD
         self.head = ProsodyHead.load(self.path)
         self.encoder = WindowEncoder(whisper_model, threads)
-        width = self.head.meta.get("features")
-        if width is not None and int(width) != self.head.weights.size:
-            raise AudioError(f"the prosody head {self.path} is inconsistent: {width} features, {self.head.weights.size} weights")
+        features = self.encoder.features(np.zeros(0, np.float32))  # also the encoder's first, slow run
+        if features.size != self.head.weights.size:
+            raise AudioError(f"the prosody head {self.path} takes {self.head.weights.size} features; this whisper "
+                             f"encoder gives {features.size} (the head was trained on another model)")
 
     def probability(self, audio_16k: np.ndarray) -> float:
         """P(the turn is over | the utterance so far, trailing silence included)."""

@@ -49,6 +49,10 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("[llm]\naccept = 0\n", "llm.accept must lie in .0, 1.* not 0.0$"),
         ("[llm]\naccept = 1.5\n", "llm.accept must lie in .0, 1.* not 1.5$"),
         ("[vad]\nconfirm_start = \"smart-turn\"\n", "vad.confirm_start must be \"silero\" or \"\" .off., not 'smart-turn'"),
+        ("[turn]\nthreshold = 1.0\n", "turn.detector 'prosody.text' multiplies the two scores' odds"),
+        ("[turn]\ndetector = \"smart-turn+text\"\ntext_threshold = 0.0\n", "turn.text_threshold above 0"),
+        ("[turn]\ndetector = \"prosody\"\nthreshold = 1.5\n", "turn.threshold must be in .0, 1."),
+        ("[turn]\ndetector = \"nosuch\"\n", "turn.detector must be one of .*'prosody\\+text'"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:

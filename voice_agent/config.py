@@ -166,6 +166,10 @@ class TurnConfig:
         for name in ("threshold", "text_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"turn.{name} must be in [0, 1], not {getattr(self, name)}")
+        both = audio_turn_model(self.detector) is not None and "text" in turn_models(self.detector)
+        if both and (not 0.0 < self.threshold < 1.0 or self.text_threshold <= 0.0):  # the odds rule divides by both
+            raise ConfigError(f"turn.detector {self.detector!r} multiplies the two scores' odds: turn.threshold must be "
+                              "strictly between 0 and 1 and turn.text_threshold above 0")
         if self.check_silence_ms < 20 or self.check_silence_ms >= self.max_silence_ms:
             raise ConfigError("turn.check_silence_ms must be at least 20 and below turn.max_silence_ms")
         if self.threads < 1:

@@ -10,8 +10,8 @@ Contract:
   outweighs a doubtful one of the other, and two doubtful ones ("over" and "goes on") leave it to
   the surer. On the training sentences of the prosody model, held out (docs/turn-taking.md,
   session 25), this ended 89 % of finished sentences at the first pause against 81 % when both
-  had to agree, and 3.6 % of mid-sentence pauses against 2.7 % (the text score alone: 88 % and
-  25 %). The two scores live on different scales (the text score is a raw next-token
+  had to agree (P >= 0.2), and 3.6 % of mid-sentence pauses against 2.7 % (the text score alone:
+  88 % and 25 %). The two scores live on different scales (the text score is a raw next-token
   probability, below 0.5 even for finished requests), hence two thresholds. `unsure_silence_ms(avg_logprob, unsure_logprob, silence_ms)`: where a verdict is not
   "over", the shorter silence for a transcript whisper was unsure of (turn.unsure_*), else 0.
 - `TextTurnScorer(loaded)`: `loaded` is a dlm `LoadedModel` of a causal chat model with a chat

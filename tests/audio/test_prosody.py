@@ -101,6 +101,20 @@ def test_bad_training_input_and_bad_head_files_are_clear_errors(tmp_path):
         ProsodyHead(np.zeros(3), np.ones(3), np.ones(3), 0.0).probability(np.zeros(4))
     with pytest.raises(AudioError, match="scale must be positive"):
         ProsodyHead(np.zeros(3), np.zeros(3), np.ones(3), 0.0)
+    with pytest.raises(AudioError, match="must be finite"):
+        ProsodyHead(np.zeros(3), np.ones(3), np.array([1.0, np.nan, 1.0]), 0.0)
+    with pytest.raises(AudioError, match="features must be finite"):
+        fit_head(np.array([[0.0], [np.nan]]), np.array([0, 1]))
+    npy = tmp_path / "array.npy"
+    np.save(npy, np.zeros(3))
+    with pytest.raises(AudioError, match="not a prosody turn head"):
+        ProsodyHead.load(npy)
+    odd_meta = tmp_path / "odd.npz"
+    with open(odd_meta, "wb") as f:
+        np.savez(f, mean=np.zeros(3), scale=np.ones(3), weights=np.ones(3), bias=np.float32(0), meta=np.array("[1, 2]"))
+    with pytest.raises(AudioError, match="not a JSON object"):
+        ProsodyHead.load(odd_meta)
+    assert not prosody_window(np.full(SR, np.nan, np.float32)).any()
 
 
 def test_the_shipped_head_is_in_the_package_and_matches_the_encoder():
@@ -149,3 +163,7 @@ def test_a_missing_whisper_folder_or_head_is_a_clear_error(tmp_path):
         ProsodyTurn(resolve_asr_model("tiny.en"), tmp_path / "none.npz")
     with pytest.raises(AudioError, match="at least one thread"):
         WindowEncoder(resolve_asr_model("tiny.en"), threads=0)
+    foreign = tmp_path / "foreign.npz"
+    ProsodyHead(np.zeros(5), np.ones(5), np.ones(5), 0.0).save(foreign)  # trained on another encoder
+    with pytest.raises(AudioError, match="takes 5 features; this whisper encoder gives 1152"):
+        ProsodyTurn(resolve_asr_model("tiny.en"), foreign)

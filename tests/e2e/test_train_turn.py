@@ -14,7 +14,7 @@ import pytest
 
 from audio.prosody import ProsodyHead
 from voice_agent.bench import turns as turn_set
-from voice_agent.commands.train_turn import add_arguments, phone_line, roc_auc, run
+from voice_agent.commands.train_turn import add_arguments, noise_floor, phone_line, roc_auc, run
 from voice_agent.config import load_config
 from voice_agent.errors import UserError
 
@@ -25,6 +25,13 @@ def test_roc_auc_counts_pairs_and_halves_ties():
     assert roc_auc(np.array([0.5, 0.9, 0.5, 0.1]), np.array([1, 1, 0, 0])) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
     with pytest.raises(ValueError, match="both classes"):
         roc_auc(np.array([0.1, 0.2]), np.array([1, 1]))
+
+
+def test_noise_floor_is_repeatable_and_between_its_levels():
+    silence = np.zeros(16_000, np.float32)
+    levels = [20 * np.log10(np.sqrt(np.mean(np.square(noise_floor(silence, seed))))) for seed in range(20)]
+    assert all(-66 < level < -44 for level in levels) and max(levels) - min(levels) > 5
+    np.testing.assert_array_equal(noise_floor(silence, 3), noise_floor(silence, 3))
 
 
 def test_phone_line_keeps_the_length_and_the_band_of_a_phone_call():
@@ -51,20 +58,22 @@ def test_the_command_fits_a_head_checks_it_on_left_out_sentences_and_writes_it(t
     monkeypatch.setattr(turn_set, "TRAIN_SENTENCES", sentences)
     assert run(_args(tmp_path, "--folds", "2"), load_config()) == 0
     out = capsys.readouterr().out
-    assert "held out by sentence (2 folds): AUC" in out and "each also over a phone line" in out
+    assert "held out by sentence (2 folds): AUC" in out and "each clip also over a phone line" in out
+    assert "each clip also over a noise floor" in out
     head = ProsodyHead.load(tmp_path / "head.npz")
     meta = head.meta
-    assert meta["sentences"] == 4 and meta["voices_per_sentence"] == 2 and meta["phone_line_copies"] is True
-    assert meta["over"] == 4 * 2 * 2  # every recording whole, also over the phone line
+    assert meta["sentences"] == 4 and meta["voices_per_sentence"] == 2
+    assert meta["phone_line_copies"] is True and meta["noise_floor_copies"] is True
+    assert meta["over"] == 4 * 2 * 3  # every recording whole, also over the phone line and over noise
     assert meta["clips"] > meta["over"] * 3  # and cut at each of its word boundaries
     assert 0.0 <= meta["held_out"]["auc"] <= 1.0 and meta["held_out"]["folds"] == 2
     assert meta["features"] == head.weights.size == 3 * 384
-    # A second run reads the cached recordings; without phone copies there are half the clips.
+    # A second run reads the cached recordings; without the copies there are a third of the clips.
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert run(_args(tmp_path, "--folds", "0", "--no-phone"), load_config()) == 0
+    assert run(_args(tmp_path, "--folds", "0", "--no-phone", "--no-noise"), load_config()) == 0
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached
     again = ProsodyHead.load(tmp_path / "head.npz").meta
-    assert again["clips"] * 2 == meta["clips"] and again["held_out"] is None
+    assert again["clips"] * 3 == meta["clips"] and again["held_out"] is None
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -268,6 +268,8 @@ def _quietest(audio: np.ndarray, boundary_s: float) -> int:
     frame = RATE // 100
     lo = max(frame, int((boundary_s - 0.06) * RATE))
     hi = min(audio.size - frame, int((boundary_s + 0.06) * RATE))
+    if hi - lo < frame:  # a boundary at an edge of the recording: no room to look around it
+        return int(np.clip(boundary_s * RATE, 0, audio.size))
     starts = np.arange(lo, max(lo + 1, hi - frame), frame // 2)
     energy = [float(np.mean(np.square(audio[s : s + frame], dtype=np.float64))) for s in starts]
     return int(starts[int(np.argmin(energy))] + frame // 2)
@@ -393,6 +395,7 @@ def build_training_clips(
                 speech = _synthesize(text, voice, speed, piper_voice_path, pipers)
                 cuts = _word_cuts(speech, transcriber.words(speech))
                 write_wav(wav, speech, RATE)
+                speech, _ = read_wav(wav, RATE)  # the 16-bit samples a later run reads from the cache
                 meta.write_text(json.dumps({"cuts": cuts}))  # last: its presence says the entry is whole
             clips.append(TrainingClip(i, voice, 1, text, np.concatenate([speech, tail])))
             clips.extend(TrainingClip(i, voice, 0, words, np.concatenate([speech[:cut], tail])) for cut, words in cuts)

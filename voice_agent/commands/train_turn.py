@@ -2,14 +2,17 @@
 
 Builds the training clips of `voice_agent.bench.turns.build_training_clips` (synthesized once and
 cached: piper and espeak-ng voices saying `TRAIN_SENTENCES`, whole and cut at every word
-boundary; each clip also as a phone caller's: 8 kHz G.711 µ-law and back, as /twilio hears it),
+boundary; each clip also as a phone caller's: 8 kHz G.711 µ-law and back, as /twilio hears it,
+and over a noise floor: white noise 45-65 dB below full scale, as a real line has, where
+synthesized speech falls to digital silence),
 runs whisper tiny.en's encoder over the window at the end of each clip, checks the
 head on sentences it was not fitted on (`--folds` splits by sentence: the area under the ROC
 curve, and how many clips of each kind fall on the wrong side of 0.5), then fits it on every clip
 and writes it to `--out`. The head shipped in `audio/assets/` is this command's output with
 `--out audio/assets/prosody-turn.npz`; `voice-agent bench turns --detectors prosody+text` tests
-it on the turn set, whose sentences it never heard. A few minutes on two cores the first time
-(synthesis and word times), under a minute from the cache.
+it on the turn set, whose sentences it never heard. About 15 minutes on two cores the first time
+(the synthesis and whisper's word times of 952 recordings), about 8 from the cache (the encoder
+over 25,935 clips; progress lines on stderr).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recordings per sentence, each in another voice (default: 8, all of them)")
     parser.add_argument("--phone", action=argparse.BooleanOptionalAction, default=True,
                         help="add each clip as heard over a phone line, 8 kHz µ-law (default: on)")
+    parser.add_argument("--noise", action=argparse.BooleanOptionalAction, default=True,
+                        help="add each clip over a noise floor, 45-65 dB below full scale (default: on)")
     parser.add_argument("--folds", type=int, default=8, help="held-out check: sentence folds (default: 8; 0: none)")
     parser.add_argument("--l2", type=float, default=100.0, help="L2 penalty on the standardized weights (default: 100)")
     parser.add_argument("--cache-dir", default="~/.cache/voice-agent/turn-training", help="where the clips are kept")
@@ -64,6 +69,13 @@ def phone_line(audio_16k: np.ndarray) -> np.ndarray:
     from audio.resample import resample
 
     return resample(mulaw_decode(mulaw_encode(resample(audio_16k, 16_000, 8_000))), 8_000, 16_000)
+
+
+def noise_floor(audio_16k: np.ndarray, seed: int) -> np.ndarray:
+    """The audio over white noise at an RMS level between -65 and -45 dBFS (drawn from `seed`)."""
+    rng = np.random.default_rng(seed)
+    level = 10 ** (rng.uniform(-65.0, -45.0) / 20)
+    return (audio_16k + rng.normal(0.0, level, audio_16k.size)).astype(np.float32)
 
 
 def held_out(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int, l2: float) -> dict[str, Any]:
@@ -112,7 +124,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
     encoder = WindowEncoder(resolve_asr_model(EMBEDDED_ASR))
     rows, labels, groups = [], [], []
     for n, clip in enumerate(clips, 1):
-        for audio in (clip.audio, phone_line(clip.audio)) if args.phone else (clip.audio,):
+        copies = [clip.audio]
+        if args.phone:
+            copies.append(phone_line(clip.audio))
+        if args.noise:
+            copies.append(noise_floor(clip.audio, seed=n))
+        for audio in copies:
             rows.append(encoder.features(audio))
             labels.append(clip.label)
             groups.append(clip.sentence)
@@ -130,16 +147,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
         "sentences": len(TRAIN_SENTENCES),
         "voices_per_sentence": args.voices_per_sentence,
         "phone_line_copies": args.phone,
+        "noise_floor_copies": args.noise,
         "l2": args.l2,
         "held_out": check,
     }
     head = fit_head(features, labels, l2=args.l2, meta=meta)
     head.save(args.out)
-    print(f"{labels.size} clips ({int(labels.sum())} whole sentences, {int((labels == 0).sum())} cut at a word boundary) "
-          f"from {len(TRAIN_SENTENCES)} sentences x {args.voices_per_sentence} voices"
-          f"{', each also over a phone line' if args.phone else ''}")
+    print(f"{labels.size} clips ({int(labels.sum())} of a whole sentence, {int((labels == 0).sum())} cut at a word "
+          f"boundary) from {len(TRAIN_SENTENCES)} sentences x {args.voices_per_sentence} voices"
+          f"{', each clip also over a phone line (counted)' if args.phone else ''}"
+          f"{', each clip also over a noise floor (counted)' if args.noise else ''}")
     if check:
-        print(f"held out by sentence ({check['folds']} folds): AUC {check['auc']:.3f}; whole sentences below 0.5: "
+        print(f"held out by sentence ({check['folds']} folds): AUC {check['auc']:.3f}; whole-sentence clips below 0.5: "
               f"{check['over_below_half']}/{check['over']}; cut ones at or above 0.5: "
               f"{check['goes_on_above_half']}/{check['goes_on']}")
     train_p = head.probability(features)
