@@ -10,8 +10,8 @@ trained by `voice-agent train-turn` on synthesized speech (piper and espeak-ng v
 
 Contract:
 - `prosody_window(audio_16k)` -> float32 of exactly `WINDOW_S + TAIL_S` seconds: the last
-  `WINDOW_S` before the end of the voiced audio (one past the last 10 ms frame within
-  `VOICED_DB` of the loudest) and the `TAIL_S` after it. Zero-padded at the front where the
+  `WINDOW_S` before the end of the voiced audio (`audio.vad.voiced_bounds`: one past the last
+  10 ms frame within `VOICED_DB` of the loudest) and the `TAIL_S` after it. Zero-padded at the front where the
   utterance is shorter (so that the window shows no more of its length than `WINDOW_S`) and at
   the back where the audio stops sooner. Silent audio gives zeros; NaN samples count as 0.
 - `pool(encoded)` -> the feature vector (3 x the encoder width) of one window's
@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from audio.errors import AudioError, AudioModelNotFoundError
+from audio.vad import voiced_bounds
 
 __all__ = [
     "DEFAULT_HEAD",
@@ -62,7 +63,6 @@ SAMPLE_RATE_HZ = 16_000
 WINDOW_S = 1.0
 TAIL_S = 0.1
 VOICED_DB = -35.0
-_FRAME = SAMPLE_RATE_HZ // 100  # 10 ms
 _POSITION_S = 0.02  # one encoder position
 _ENCODER_FRAMES = 200  # the encoder's input: 2 s of 10 ms feature frames, the window zero-padded
 DEFAULT_HEAD = Path(__file__).resolve().parent / "assets" / "prosody-turn.npz"
@@ -73,14 +73,9 @@ def prosody_window(audio_16k: np.ndarray) -> np.ndarray:
     a = np.nan_to_num(np.asarray(audio_16k, dtype=np.float32).ravel(), nan=0.0, posinf=1.0, neginf=-1.0)
     before, after = int(WINDOW_S * SAMPLE_RATE_HZ), int(TAIL_S * SAMPLE_RATE_HZ)
     out = np.zeros(before + after, dtype=np.float32)
-    n = a.size // _FRAME
-    if n == 0:
+    end = voiced_bounds(a, SAMPLE_RATE_HZ, frame_ms=10, threshold_db=VOICED_DB)[1]
+    if end == 0:  # empty or silent
         return out
-    rms = np.sqrt(np.mean(np.square(a[: n * _FRAME].reshape(n, _FRAME), dtype=np.float64), axis=1))
-    peak = float(rms.max())
-    if peak <= 1e-6:
-        return out
-    end = (int(np.flatnonzero(rms >= peak * 10 ** (VOICED_DB / 20))[-1]) + 1) * _FRAME
     piece = a[max(0, end - before) : end + after]
     start = before - min(before, end)
     out[start : start + piece.size] = piece

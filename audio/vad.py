@@ -1,6 +1,9 @@
 """Voice activity detection and endpointing: audio chunks in, turn events out.
 
 Contract:
+- `voiced_bounds(audio, rate_hz, frame_ms=10, threshold_db=-35.0)` -> (first voiced sample, one
+  past the last): frames within `threshold_db` of the loudest frame's RMS (no model; for trimming
+  recordings and finding where a voice ended). Silent audio gives (0, 0).
 - `Endpointer(sample_rate_hz=16000, aggressiveness=2, frame_ms=20, pre_roll_ms=300,
   min_speech_ms=200, end_silence_ms=600, backend="webrtc", max_utterance_ms=30000,
   check_silence_ms=0, quiet_db=0.0, confirm_start="")`.
@@ -72,6 +75,7 @@ __all__ = [
     "SpeechStarted",
     "WebRtcVad",
     "make_classifier",
+    "voiced_bounds",
 ]
 
 BACKENDS = ("webrtc", "silero")
@@ -516,3 +520,22 @@ class Endpointer:
     def time_s(self) -> float:
         """Stream time of the audio fed so far (whole frames and pending samples)."""
         return (self._frames_seen * self.frame_samples + self._pending.size) / self.sample_rate_hz
+
+
+def voiced_bounds(audio: np.ndarray, rate_hz: int, *, frame_ms: int = 10, threshold_db: float = -35.0) -> tuple[int, int]:
+    """(first voiced sample, one past the last voiced sample) by frame RMS energy.
+
+    A frame is voiced when its RMS is within `threshold_db` of the loudest frame's. Silent
+    audio gives (0, 0).
+    """
+    frame = max(1, rate_hz * frame_ms // 1000)
+    n_frames = audio.size // frame
+    if n_frames == 0:
+        return 0, 0
+    frames = audio[: n_frames * frame].astype(np.float64).reshape(n_frames, frame)
+    rms = np.sqrt(np.mean(frames * frames, axis=1))  # (n_frames,)
+    peak = float(rms.max())
+    if peak <= 1e-6:
+        return 0, 0
+    voiced = np.flatnonzero(rms >= peak * 10 ** (threshold_db / 20))
+    return int(voiced[0]) * frame, (int(voiced[-1]) + 1) * frame

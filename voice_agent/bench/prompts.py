@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from audio.vad import voiced_bounds
 from voice_agent.errors import UserError
 
 __all__ = ["PROMPTS", "PROMPT_RATE_HZ", "Prompt", "SpokenPrompt", "espeak", "load_prompts", "voiced_bounds"]
@@ -91,25 +92,6 @@ PROMPTS: tuple[Prompt, ...] = (
     _p("What are three things to see in Rome?", PIPER, 1.0, 700),
     _p("Can you explain what a leap year is?", "en-us", 165, 900),
 )
-
-
-def voiced_bounds(audio: np.ndarray, rate_hz: int, *, frame_ms: int = 10, threshold_db: float = -35.0) -> tuple[int, int]:
-    """(first voiced sample, one past the last voiced sample) by frame RMS energy.
-
-    A frame is voiced when its RMS is within `threshold_db` of the loudest frame's. Silent
-    audio gives (0, 0).
-    """
-    frame = max(1, rate_hz * frame_ms // 1000)
-    n_frames = audio.size // frame
-    if n_frames == 0:
-        return 0, 0
-    frames = audio[: n_frames * frame].astype(np.float64).reshape(n_frames, frame)
-    rms = np.sqrt(np.mean(frames * frames, axis=1))  # (n_frames,)
-    peak = float(rms.max())
-    if peak <= 1e-6:
-        return 0, 0
-    voiced = np.flatnonzero(rms >= peak * 10 ** (threshold_db / 20))
-    return int(voiced[0]) * frame, (int(voiced[-1]) + 1) * frame
 
 
 def _trim(audio: np.ndarray) -> np.ndarray:
