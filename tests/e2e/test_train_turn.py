@@ -27,6 +27,19 @@ def test_roc_auc_counts_pairs_and_halves_ties():
         roc_auc(np.array([0.1, 0.2]), np.array([1, 1]))
 
 
+def test_training_sentences_are_not_the_ones_the_benchmarks_test_on():
+    from voice_agent.bench.prompts import PROMPTS
+
+    def norm(text: str) -> str:
+        return " ".join("".join(ch for ch in text.lower() if ch.isalnum() or ch.isspace()).split())
+
+    train = [norm(s) for s in turn_set.TRAIN_SENTENCES]
+    assert len(set(train)) == len(train), "a training sentence twice"
+    tested = {norm(s) for s in turn_set.SENTENCES}
+    tested |= {norm(" ".join(p.phrases)) for p in PROMPTS} | {norm(phrase) for p in PROMPTS for phrase in p.phrases}
+    assert not tested & set(train)
+
+
 def test_noise_floor_is_repeatable_and_between_its_levels():
     silence = np.zeros(16_000, np.float32)
     levels = [20 * np.log10(np.sqrt(np.mean(np.square(noise_floor(silence, seed))))) for seed in range(20)]

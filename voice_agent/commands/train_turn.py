@@ -10,9 +10,9 @@ head on sentences it was not fitted on (`--folds` splits by sentence: the area u
 curve, and how many clips of each kind fall on the wrong side of 0.5), then fits it on every clip
 and writes it to `--out`. The head shipped in `audio/assets/` is this command's output with
 `--out audio/assets/prosody-turn.npz`; `voice-agent bench turns --detectors prosody+text` tests
-it on the turn set, whose sentences it never heard. About 15 minutes on two cores the first time
-(the synthesis and whisper's word times of 952 recordings), about 8 from the cache (the encoder
-over 25,935 clips; progress lines on stderr).
+it on the turn set, whose sentences it never heard. About 30 minutes on two cores the first time
+(the synthesis and whisper's word times of 1,992 recordings), about 15 from the cache (the
+encoder over 47,061 clips; progress lines on stderr).
 """
 
 from __future__ import annotations
