@@ -25,6 +25,13 @@ Contract:
   function word ("and", "to", "of", "is", ... `PHRASE_STARTS`) among words N+1..M+1 (a phrase
   boundary), else after word M. Shorter first sentences stay whole. Decided from the first M+1
   words only, so the cut does not depend on how the stream was split either.
+- `first_chunk_max_syllables=S` (0 = off) bounds the first chunk by how long it takes to say,
+  not how many words it has written: piper's time to the first audio grows with the chunk's
+  spoken length, and "2,150,000" is one written word but ten spoken syllables
+  (`spoken_syllables`). A first sentence whose first k+1 words hold more than S syllables is
+  cut, as soon as word k+2 starts, as the word rule cuts it with k in place of M (and of N
+  where k is smaller; at least one word): whichever of the two bounds comes first decides. Also
+  decided from whole words only.
 - The chunks do not depend on how the stream is split into pushes (for sentences shorter than
   `max_chars`; over-long runs are cut as soon as they exceed the limit).
 Pure text processing: no audio, no I/O.
@@ -32,10 +39,9 @@ Pure text processing: no audio, no I/O.
 
 from __future__ import annotations
 
-import itertools
 import re
 
-__all__ = ["ABBREVIATIONS", "PHRASE_STARTS", "SentenceChunker"]
+__all__ = ["ABBREVIATIONS", "PHRASE_STARTS", "SentenceChunker", "spoken_syllables"]
 
 # Lower-case, without the final dot. Titles and Latin abbreviations never end a sentence;
 # "etc", "inc" and similar end one only when a capitalized word follows; "U.S." never does
@@ -66,12 +72,43 @@ _WORD_BEFORE = re.compile(r"(?:^|\s)[(\"'“‘]*([\w.$]+)$")
 # A list number: alone at the start of a line (or of what is left after the last sentence), or
 # right after a colon ("Steps: 1. Mix").
 _LIST_NUMBER = re.compile(r"(?:^|:)\s*\d{1,3}$")
+_VOWELS = re.compile(r"[aeiouy]+")
+_SILENT_E = re.compile(r"[^aeiouyl]e$")
+# Symbols a voice reads as words ("50%": "fifty percent").
+_SPOKEN_SYMBOLS = {"%": 2, "$": 2, "€": 2, "£": 2, "&": 1, "+": 1, "=": 2, "@": 1, "°": 2}
+
+
+def spoken_syllables(word: str) -> int:
+    """About how many syllables a voice says for one written word: vowel groups (a final silent
+    "e" not counted), each letter of an all-capital abbreviation ("GPS"), one and a half per
+    digit ("2,150,000": 11, said "two million one hundred fifty thousand": 10), and symbols
+    read as words; at least 1 for a word with anything to say, 0 for bare punctuation."""
+    digits = sum(ch.isdigit() for ch in word)
+    letters = "".join(ch for ch in word if ch.isalpha())
+    count = (3 * digits + 1) // 2 + sum(_SPOKEN_SYMBOLS.get(ch, 0) for ch in word)
+    if letters:
+        if 2 <= len(letters) <= 5 and letters.isupper():
+            count += len(letters)
+        else:
+            lower = letters.lower()
+            groups = len(_VOWELS.findall(lower))
+            if groups > 1 and _SILENT_E.search(lower):
+                groups -= 1
+            count += max(groups, 1)
+    return count
 
 
 class SentenceChunker:
     """Streamed text in, whole sentences out (see the module docstring)."""
 
-    def __init__(self, max_chars: int = 160, *, first_chunk_min_words: int = 0, first_chunk_max_words: int = 0) -> None:
+    def __init__(
+        self,
+        max_chars: int = 160,
+        *,
+        first_chunk_min_words: int = 0,
+        first_chunk_max_words: int = 0,
+        first_chunk_max_syllables: int = 0,
+    ) -> None:
         if max_chars < 8:
             raise ValueError(f"max_chars must be >= 8, got {max_chars}")
         if first_chunk_min_words < 0:
@@ -79,7 +116,10 @@ class SentenceChunker:
         if first_chunk_max_words and first_chunk_max_words <= first_chunk_min_words:
             raise ValueError(f"first_chunk_max_words ({first_chunk_max_words}) must be 0 or above first_chunk_min_words "
                              f"({first_chunk_min_words})")
+        if first_chunk_max_syllables < 0:
+            raise ValueError(f"first_chunk_max_syllables must be >= 0, got {first_chunk_max_syllables}")
         self.max_chars = int(max_chars)
+        self.first_chunk_max_syllables = int(first_chunk_max_syllables)
         self.first_chunk_min_words = int(first_chunk_min_words)
         self.first_chunk_max_words = int(first_chunk_max_words)
         self._buffer = ""
@@ -161,17 +201,32 @@ class SentenceChunker:
 
     def _first_phrase_cut(self) -> tuple[int, int] | None:
         """(where a long first sentence is cut, the index at which that was decided: the start
-        of word M+1), or None before word M+1 starts (see the module docstring)."""
-        m = self.first_chunk_max_words
-        if not m:
+        of the word after the last one it needed), or None before then (see the module
+        docstring)."""
+        m, budget = self.first_chunk_max_words, self.first_chunk_max_syllables
+        if not m and not budget:
             return None
-        words = list(itertools.islice(re.finditer(r"\S+", self._buffer), m + 1))
-        if len(words) <= m:
+        words: list[re.Match[str]] = []
+        latest = None  # the cut comes before this word (0-based) at the latest
+        syllables = 0
+        for word in re.finditer(r"\S+", self._buffer):
+            words.append(word)
+            j = len(words) - 1  # word j has started, so word j-1 is whole
+            if budget and j >= 1:
+                syllables += spoken_syllables(words[j - 1].group())
+                if syllables > budget:
+                    latest = max(j - 1, 1)
+            if latest is None and m and j == m:
+                latest = m
+            if latest is not None:
+                break
+        if latest is None:
             return None
-        for j in range(max(self.first_chunk_min_words, 1), m + 1):  # cut before word j (0-based)
+        decided = words[-1].start()
+        for j in range(max(min(self.first_chunk_min_words, latest), 1), latest + 1):  # cut before word j
             if words[j].group().lower().strip("\"'“‘(") in PHRASE_STARTS:
-                return words[j].start(), words[m].start()
-        return words[m].start(), words[m].start()
+                return words[j].start(), decided
+        return words[latest].start(), decided
 
     def _find_end(self, *, final: bool) -> int | None:
         """Index just past the first sentence end in the buffer, or None."""

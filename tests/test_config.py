@@ -53,6 +53,7 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("[turn]\ndetector = \"smart-turn+text\"\ntext_threshold = 0.0\n", "turn.text_threshold above 0"),
         ("[turn]\ndetector = \"prosody\"\nthreshold = 1.5\n", "turn.threshold must be in .0, 1."),
         ("[turn]\ndetector = \"nosuch\"\n", "turn.detector must be one of .*'prosody\\+text'"),
+        ("[tts]\nfirst_chunk_max_syllables = -1\n", "tts.first_chunk_max_syllables must be >= 0"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -220,10 +220,15 @@ class TtsConfig:
     # before the first phrase start ("and", "to", "of", "is", ...) after first_chunk_min_words
     # words, else after this many words. 0: never (only clauses and sentence ends cut).
     first_chunk_max_words: int = 5
+    # ... and once its words hold more than this many spoken syllables ("2,150,000" is one word
+    # and about ten syllables; piper's first audio waits for the whole chunk). 0: no such bound.
+    first_chunk_max_syllables: int = 6
 
     def __post_init__(self) -> None:
         if self.first_chunk_min_words < 0 or (self.first_chunk_max_words and self.first_chunk_max_words <= self.first_chunk_min_words):
             raise ConfigError("tts.first_chunk_min_words must be >= 0 and tts.first_chunk_max_words 0 or above it")
+        if self.first_chunk_max_syllables < 0:
+            raise ConfigError("tts.first_chunk_max_syllables must be >= 0 (0: off)")
 
 
 @dataclass

@@ -33,7 +33,7 @@ Contract:
 - `make_endpointer()`, `make_chunker()`, `make_resampler()` build the per-call state (the main
   endpointer emits a `PauseCheck` at each `turn.check_silence_ms` pause when a turn model is
   loaded); a chunker serves one reply (its first chunk may end at a clause or a phrase start:
-  `tts.first_chunk_min_words`, `tts.first_chunk_max_words`).
+  `tts.first_chunk_min_words`, `tts.first_chunk_max_words`, `tts.first_chunk_max_syllables`).
 - A call's own turn detection (`make_endpointer(vad=VadSettings)`, Realtime's session setting):
   `silence_duration_ms` is the silence that ends a turn (with a detector: the fallback after
   which it ends without a verdict); semantic VAD's `eagerness` scales that silence instead (low
@@ -306,7 +306,8 @@ class ModelServices:
 
         tts = self.config.tts
         return SentenceChunker(max_chars=tts.max_sentence_chars, first_chunk_min_words=tts.first_chunk_min_words,
-                               first_chunk_max_words=tts.first_chunk_max_words)
+                               first_chunk_max_words=tts.first_chunk_max_words,
+                               first_chunk_max_syllables=tts.first_chunk_max_syllables)
 
     def make_resampler(self, from_hz: int, to_hz: int) -> Any:
         from audio.resample import LiveResampler

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from audio.text import SentenceChunker
+from audio.text import SentenceChunker, spoken_syllables
 
 
 def chunk(pieces: list[str], max_chars: int = 160) -> list[str]:
@@ -255,3 +255,62 @@ def test_phrase_cut_first_chunk_does_not_depend_on_the_split(words, cuts, min_wo
     assert "".join("".join(out).split()) == "".join(text.split())
     if out:
         assert len(out[0].split()) <= max(max_words, len(early([text], min_words)[0].split()))
+
+
+@pytest.mark.parametrize(
+    ("word", "syllables"),
+    [("moon", 1), ("healthy", 2), ("make", 1), ("little", 2), ("combination", 4), ("GPS", 3), ("I'd", 1),
+     ("10", 3), ("2,150,000", 11), ("50%", 5), ("—", 0), ("...", 0), ("ok,", 1)],
+)
+def test_spoken_syllables(word, syllables):
+    assert spoken_syllables(word) == syllables
+
+
+def early_spoken(pieces: list[str], max_syllables: int, min_words: int = 4, max_words: int = 5) -> list[str]:
+    chunker = SentenceChunker(160, first_chunk_min_words=min_words, first_chunk_max_words=max_words,
+                              first_chunk_max_syllables=max_syllables)
+    out = [c for piece in pieces for c in chunker.push(piece)]
+    return out + chunker.flush()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Four written words, but the number takes ten syllables to say: cut before the long words.
+        ("The moon is approximately 2,150,000 miles away.", ["The moon is", "approximately 2,150,000 miles away."]),
+        ("It is 2,150,000 miles away.", ["It is", "2,150,000 miles away."]),
+        # A heavy first word goes out alone.
+        ("2,150,000 people live there.", ["2,150,000", "people live there."]),
+        # Light words: the word bound decides, as without the syllable bound.
+        ("The sky is blue because of a process called Rayleigh scattering.",
+         ["The sky is blue", "because of a process called Rayleigh scattering."]),
+        # A sentence that ends before the word after the heavy one starts stays whole.
+        ("It is approximately 2,150,000.", ["It is approximately 2,150,000."]),
+    ],
+)
+def test_a_first_sentence_that_takes_long_to_say_is_cut_early(text, expected):
+    assert early_spoken([text], 8) == expected
+    assert early_spoken(list(text), 8) == expected
+
+
+def test_the_syllable_bound_alone_and_off():
+    text = "The moon is approximately 2,150,000 miles away."
+    assert early_spoken([text], 0) == ["The moon is approximately 2,150,000", "miles away."], "0: the word bound only"
+    assert early_spoken([text], 8, max_words=0) == ["The moon is", "approximately 2,150,000 miles away."], "alone"
+    with pytest.raises(ValueError, match="first_chunk_max_syllables"):
+        SentenceChunker(first_chunk_max_syllables=-1)
+
+
+@given(st.lists(_EARLY_WORDS | st.sampled_from(["of", "and", "sky", "approximately", "2,150,000", "is"]), max_size=50),
+       st.lists(st.integers(1, 12), min_size=1, max_size=40), st.integers(0, 4), st.integers(0, 6), st.integers(1, 12))
+def test_syllable_bound_first_chunk_does_not_depend_on_the_split(words, cuts, min_words, extra, max_syllables):
+    text = " ".join(words)
+    max_words = min_words + extra if extra else 0
+    out = early_spoken(_split(text, cuts), max_syllables, min_words, max_words)
+    assert out == early_spoken([text], max_syllables, min_words, max_words)
+    assert out == early_spoken(list(text), max_syllables, min_words, max_words)
+    assert "".join("".join(out).split()) == "".join(text.split())
+    # Where the bound cut, the first chunk is within it, or one word that alone is not.
+    if out != early_spoken([text], 0, min_words, max_words):
+        first = out[0].split()
+        assert len(first) == 1 or sum(map(spoken_syllables, first)) <= max_syllables
