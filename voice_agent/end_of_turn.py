@@ -8,11 +8,19 @@ Contract:
   independent witnesses' odds do: over when (text_p / text_threshold) x (odds(audio_p) /
   odds(threshold)) >= 1, so each threshold is where its score is neutral, a clear verdict of one
   outweighs a doubtful one of the other, and two doubtful ones ("over" and "goes on") leave it to
-  the surer. On the training sentences of the prosody model, held out (docs/turn-taking.md,
-  session 25), this ended 89 % of finished sentences at the first pause against 81 % when both
-  had to agree (P >= 0.2), and 3.6 % of mid-sentence pauses against 2.7 % (the text score alone:
-  88 % and 25 %). The two scores live on different scales (the text score is a raw next-token
-  probability, below 0.5 even for finished requests), hence two thresholds. `unsure_silence_ms(avg_logprob, unsure_logprob, silence_ms)`: where a verdict is not
+  the surer. The text score's say against an end is bounded (`TEXT_EVIDENCE_FLOOR`: at most
+  1:55, about as far as it reaches for one at the default text_threshold, 1/0.03 = 33:1): it
+  reads whisper's transcript, and a finished sentence garbled into a fragment must not outvote
+  a voice sure it has finished (an
+  e2e run over /twilio, session 26: "Remind me how to make a cup of green tea." at P 0.9996 and
+  text 0.0000 waited 1.5 s for the silence fallback); so at threshold 0.5, P >= 0.982 ends a
+  turn whatever the words. A text score of 0 is an empty transcript (nothing heard), which
+  never ends one. On the training sentences of the prosody model, held out (docs/turn-taking.md,
+  session 25), this rule without the bound ended 89 % of finished sentences at the first pause
+  against 81 % when both had to agree (P >= 0.2), and 3.6 % of mid-sentence pauses against
+  2.7 % (the text score alone: 88 % and 25 %). The two scores live on different scales (the
+  text score is a raw next-token probability, below 0.5 even for finished requests), hence two
+  thresholds. `unsure_silence_ms(avg_logprob, unsure_logprob, silence_ms)`: where a verdict is not
   "over", the shorter silence for a transcript whisper was unsure of (turn.unsure_*), else 0.
 - `TextTurnScorer(loaded)`: `loaded` is a dlm `LoadedModel` of a causal chat model with a chat
   template (the embedded SmolLM2-135M-Instruct; `load_text_scorer(name)` loads one by registry
@@ -42,9 +50,11 @@ from typing import Any
 
 from voice_agent.transcription import normalize_transcript
 
-__all__ = ["MAX_TOKENS", "TextTurnScorer", "TurnVerdict", "decide", "load_text_scorer", "unsure_silence_ms"]
+__all__ = ["MAX_TOKENS", "TEXT_EVIDENCE_FLOOR", "TextTurnScorer", "TurnVerdict", "decide", "load_text_scorer",
+           "unsure_silence_ms"]
 
 MAX_TOKENS = 96
+TEXT_EVIDENCE_FLOOR = -4.0  # the text score's log-odds against the end of a turn, at most (see the docstring)
 _MARK = "\x00turn\x00"
 
 
@@ -66,7 +76,9 @@ def decide(audio_p: float | None, text_p: float | None, threshold: float, text_t
         if audio_p is not None:
             return audio_p >= threshold
         return text_p is not None and text_p >= text_threshold
-    text_evidence = math.log(max(text_p, 1e-12) / max(text_threshold, 1e-12))
+    if text_p <= 0.0:
+        return False  # an empty transcript: nothing heard, and the sound alone does not end the turn
+    text_evidence = max(math.log(text_p / max(text_threshold, 1e-12)), TEXT_EVIDENCE_FLOOR)
     return text_evidence + _logit(audio_p) - _logit(threshold) >= 0.0
 
 

@@ -30,6 +30,9 @@ from voice_agent.services import ModelServices
         (0.3, 0.5, True),  # a clearly finished request in a doubtful voice
         (0.5, 0.03, True),  # both at their thresholds: neutral evidence is enough
         (0.9, 0.0, False),  # nothing heard: the sound alone does not end it
+        (0.9999, 0.0, False),  # ... however sure it is
+        (0.999, 1e-7, True),  # words garbled into a sure fragment cannot outvote a voice sure it finished
+        (0.95, 1e-7, False),  # ... nor one less sure: their say is bounded, not silenced
         (None, None, False),  # nothing judged: never over
     ],
 )
