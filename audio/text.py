@@ -28,10 +28,16 @@ Contract:
 - `first_chunk_max_syllables=S` (0 = off) bounds the first chunk by how long it takes to say,
   not how many words it has written: piper's time to the first audio grows with the chunk's
   spoken length, and "2,150,000" is one written word but ten spoken syllables
-  (`spoken_syllables`). A first sentence whose first k+1 words hold more than S syllables is
-  cut, as soon as word k+2 starts, as the word rule cuts it with k in place of M (and of N
-  where k is smaller; at least one word): whichever of the two bounds comes first decides. Also
-  decided from whole words only.
+  (`spoken_syllables` estimates 11). Once the first k+1 words hold more than S syllables (decided
+  as soon as word k+2 starts), the first sentence is cut within the first k words, at the last
+  natural boundary there: after the last clause mark (even with fewer than N words before it:
+  "Absolutely," | "I can help with that."), else before the last phrase start ("The capital" |
+  "of Australia is Canberra."), else after word k. Whichever of the two bounds comes first
+  decides.
+- Either bound's cut never leaves an article or possessive at the chunk's end (`DETERMINERS`:
+  "A healthy breakfast is" | "a combination of ..."), and keeps at least one word with something
+  to say (not a lone dash).
+- `first_chunk_min_words = 0` turns the early first chunk off altogether, both bounds with it.
 - The chunks do not depend on how the stream is split into pushes (for sentences shorter than
   `max_chars`; over-long runs are cut as soon as they exceed the limit).
 Pure text processing: no audio, no I/O.
@@ -41,7 +47,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ABBREVIATIONS", "PHRASE_STARTS", "SentenceChunker", "spoken_syllables"]
+__all__ = ["ABBREVIATIONS", "DETERMINERS", "PHRASE_STARTS", "SentenceChunker", "spoken_syllables"]
 
 # Lower-case, without the final dot. Titles and Latin abbreviations never end a sentence;
 # "etc", "inc" and similar end one only when a capitalized word follows; "U.S." never does
@@ -63,6 +69,15 @@ PHRASE_STARTS = frozenset(
         "is", "are", "was", "were", "will", "can", "by", "as", "like",
     }
 )  # fmt: skip
+# Articles and possessives: with the phrase starts, words that lean on the next one, which an
+# early first chunk never ends on.
+DETERMINERS = frozenset(
+    {
+        "a", "an", "the", "my", "your", "his", "her", "its", "our", "their", "this", "these", "those",
+        "some", "any", "every", "each", "no",
+    }
+)  # fmt: skip
+_LEANING = DETERMINERS | PHRASE_STARTS
 _MAYBE_FINAL_ABBREVIATIONS = frozenset({"etc", "inc", "ltd", "co", "corp", "min", "max", "est"})
 
 # Terminal punctuation, closing quotes/brackets, then whitespace (or the end of the buffer).
@@ -75,6 +90,7 @@ _LIST_NUMBER = re.compile(r"(?:^|:)\s*\d{1,3}$")
 _VOWELS = re.compile(r"[aeiouy]+")
 _SILENT_E = re.compile(r"[^aeiouyl]e$")
 # Symbols a voice reads as words ("50%": "fifty percent").
+_TRAILING = ".,;:!?\"')]”’…"
 _SPOKEN_SYMBOLS = {"%": 2, "$": 2, "€": 2, "£": 2, "&": 1, "+": 1, "=": 2, "@": 1, "°": 2}
 
 
@@ -87,8 +103,9 @@ def spoken_syllables(word: str) -> int:
     letters = "".join(ch for ch in word if ch.isalpha())
     count = (3 * digits + 1) // 2 + sum(_SPOKEN_SYMBOLS.get(ch, 0) for ch in word)
     if letters:
-        if 2 <= len(letters) <= 5 and letters.isupper():
-            count += len(letters)
+        initials = letters[:-1] if re.search(r"[A-Z]'?s$", word.rstrip(_TRAILING)) else letters
+        if 2 <= len(initials) <= 5 and initials.isupper():
+            count += len(initials)  # "GPS", "APIs", "URL's"
         else:
             lower = letters.lower()
             groups = len(_VOWELS.findall(lower))
@@ -186,18 +203,26 @@ class SentenceChunker:
             words = sum(1 for w in head.split() if any(ch.isalnum() for ch in w))
             if words < self.first_chunk_min_words:
                 continue
-            if buf[m.start()] in ",;:":
-                w = _WORD_BEFORE.search(head)
-                if w is not None and w.group(1).lower().rstrip(".") in ABBREVIATIONS and w.group(1).endswith("."):
-                    continue  # "e.g., water": the phrase goes on
-            elif head[-1:].isdigit():  # a dash after a number: a range ("3 - 5") is not a clause
-                if m.end() == len(buf):
-                    if not final:
-                        return None  # the next character decides
-                elif buf[m.end()].isdigit():
-                    continue
-            return m.end()
+            counts = self._is_clause(buf, m, final=final)
+            if counts is None:
+                return None  # the next character decides
+            if counts:
+                return m.end()
         return None
+
+    @staticmethod
+    def _is_clause(buf: str, m: re.Match[str], *, final: bool) -> bool | None:
+        """Whether the clause mark `m` ends a clause; None when the next character decides."""
+        head = buf[: m.start()]
+        if buf[m.start()] in ",;:":
+            w = _WORD_BEFORE.search(head)
+            # "e.g., water": the phrase goes on
+            return not (w is not None and w.group(1).lower().rstrip(".") in ABBREVIATIONS and w.group(1).endswith("."))
+        if head[-1:].isdigit():  # a dash after a number: a range ("3 - 5") is not a clause
+            if m.end() == len(buf):
+                return True if final else None
+            return not buf[m.end()].isdigit()
+        return True
 
     def _first_phrase_cut(self) -> tuple[int, int] | None:
         """(where a long first sentence is cut, the index at which that was decided: the start
@@ -206,27 +231,50 @@ class SentenceChunker:
         m, budget = self.first_chunk_max_words, self.first_chunk_max_syllables
         if not m and not budget:
             return None
+        buf = self._buffer
         words: list[re.Match[str]] = []
+        spoken = None  # the first word with something to say
         latest = None  # the cut comes before this word (0-based) at the latest
+        by_syllables = False
         syllables = 0
-        for word in re.finditer(r"\S+", self._buffer):
+        for word in re.finditer(r"\S+", buf):
             words.append(word)
             j = len(words) - 1  # word j has started, so word j-1 is whole
-            if budget and j >= 1:
-                syllables += spoken_syllables(words[j - 1].group())
-                if syllables > budget:
-                    latest = max(j - 1, 1)
+            if j >= 1:
+                said = spoken_syllables(words[j - 1].group())
+                if spoken is None and said > 0:
+                    spoken = j - 1
+                syllables += said
+                if budget and syllables > budget:  # word j-1 said something: spoken <= j-1
+                    latest, by_syllables = max(j - 1, spoken + 1), True
             if latest is None and m and j == m:
                 latest = m
             if latest is not None:
                 break
-        if latest is None:
-            return None
+        if latest is None or spoken is None or spoken + 1 > latest:
+            return None  # nothing said yet that a cut could keep
         decided = words[-1].start()
-        for j in range(max(min(self.first_chunk_min_words, latest), 1), latest + 1):  # cut before word j
-            if words[j].group().lower().strip("\"'“‘(") in PHRASE_STARTS:
-                return words[j].start(), decided
-        return words[latest].start(), decided
+        lowest = spoken + 1  # a cut before this word would leave nothing said
+
+        def bare(k: int) -> str:
+            return words[k].group().lower().strip("\"'“‘(")
+
+        cut = None
+        for mark in _CLAUSE.finditer(buf, words[spoken].start(), words[latest].start()):
+            if self._is_clause(buf, mark, final=False):  # the last clause mark with a word said before it
+                cut = mark.end()
+        if cut is not None:
+            return cut, decided
+        if by_syllables:  # the last run of function words within the bound
+            phrase = [k for k in range(lowest, latest + 1) if bare(k) in PHRASE_STARTS and bare(k - 1) not in PHRASE_STARTS]
+            c = phrase[-1] if phrase else latest
+        else:  # the first phrase start after N words
+            phrase = [k for k in range(max(self.first_chunk_min_words, lowest), latest + 1) if bare(k) in PHRASE_STARTS]
+            c = phrase[0] if phrase else latest
+        # Never end on a word that leans on the next one ("is a" | "combination"), or on a dash.
+        while c - 1 >= lowest and (bare(c - 1) in _LEANING or not spoken_syllables(words[c - 1].group())):
+            c -= 1
+        return words[c].start(), decided
 
     def _find_end(self, *, final: bool) -> int | None:
         """Index just past the first sentence end in the buffer, or None."""

@@ -214,14 +214,15 @@ class TtsConfig:
     max_sentence_chars: int = 160
     # Time to first audio: the first chunk of a reply goes to TTS at its first clause boundary
     # (, ; : or a dash) once it holds at least this many words; later chunks are whole
-    # sentences. 0: the first chunk is a whole sentence too.
+    # sentences. 0: the first chunk is a whole sentence too (and the two bounds below are off).
     first_chunk_min_words: int = 4
     # A first sentence longer than this many words, with no clause mark in time, is cut anyway:
-    # before the first phrase start ("and", "to", "of", "is", ...) after first_chunk_min_words
-    # words, else after this many words. 0: never (only clauses and sentence ends cut).
+    # after an earlier clause mark, else before the first phrase start ("and", "to", "of", "is",
+    # ...) after first_chunk_min_words words, else after this many words. 0: never.
     first_chunk_max_words: int = 5
-    # ... and once its words hold more than this many spoken syllables ("2,150,000" is one word
-    # and about ten syllables; piper's first audio waits for the whole chunk). 0: no such bound.
+    # ... and once its words hold more than this many spoken syllables, cut within them, however
+    # few words that leaves ("2,150,000" is one word and ten syllables; piper's first audio
+    # waits for the whole chunk: audio.text). 0: no such bound.
     first_chunk_max_syllables: int = 6
 
     def __post_init__(self) -> None:

@@ -54,7 +54,7 @@ __all__ = ["MAX_TOKENS", "TEXT_EVIDENCE_FLOOR", "TextTurnScorer", "TurnVerdict",
            "unsure_silence_ms"]
 
 MAX_TOKENS = 96
-TEXT_EVIDENCE_FLOOR = -4.0  # the text score's log-odds against the end of a turn, at most (see the docstring)
+TEXT_EVIDENCE_FLOOR = -4.0  # the lower bound of log(text_p / text_threshold): at most 4 nats against an end
 _MARK = "\x00turn\x00"
 
 

@@ -228,8 +228,9 @@ def early_phrase(pieces: list[str], min_words: int, max_words: int) -> list[str]
          ["A healthy breakfast is a combination", "of whole grains, fruits and proteins."]),
         ("Bonjour le monde est toujours par le monde encore une fois.",
          ["Bonjour le monde est toujours par le", "monde encore une fois."]),  # no phrase start: after M words
+        # A clause mark before the cut wins, even with fewer than N words before it.
         ("Of course, I'd be happy to help you today. Then more.",
-         ["Of course, I'd be happy", "to help you today.", "Then more."]),
+         ["Of course,", "I'd be happy to help you today.", "Then more."]),
         ("Well, the weather in Paris is mild, and sunny.", ["Well, the weather in Paris is mild,", "and sunny."]),
     ],
 )
@@ -276,11 +277,20 @@ def early_spoken(pieces: list[str], max_syllables: int, min_words: int = 4, max_
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        # Four written words, but the number takes ten syllables to say: cut before the long words.
-        ("The moon is approximately 2,150,000 miles away.", ["The moon is", "approximately 2,150,000 miles away."]),
-        ("It is 2,150,000 miles away.", ["It is", "2,150,000 miles away."]),
-        # A heavy first word goes out alone.
+        # Four written words, but the number takes ten syllables to say: cut within the bound, at
+        # its last phrase start.
+        ("The moon is approximately 2,150,000 miles away.", ["The moon", "is approximately 2,150,000 miles away."]),
+        ("It is 2,150,000 miles away.", ["It", "is 2,150,000 miles away."]),
+        ("The capital of Australia is Canberra.", ["The capital of Australia", "is Canberra."]),
+        # At a clause mark, however few words stand before it.
+        ("Absolutely, I can help with that.", ["Absolutely,", "I can help with that."]),
+        # A heavy first word goes out alone; a dash before it is not a chunk of its own.
         ("2,150,000 people live there.", ["2,150,000", "people live there."]),
+        ("- 2,150,000 people live there.", ["- 2,150,000", "people live there."]),
+        # No chunk ends on a word that leans on the next one ("a", "of", "is", ...): here the word
+        # bound (5 words) cut, before the syllable bound.
+        ("It's a bit of a long story.", ["It's a bit", "of a long story."]),
+        ("A healthy breakfast is a combination of whole grains.", ["A healthy breakfast", "is a combination of whole grains."]),
         # Light words: the word bound decides, as without the syllable bound.
         ("The sky is blue because of a process called Rayleigh scattering.",
          ["The sky is blue", "because of a process called Rayleigh scattering."]),
@@ -296,7 +306,7 @@ def test_a_first_sentence_that_takes_long_to_say_is_cut_early(text, expected):
 def test_the_syllable_bound_alone_and_off():
     text = "The moon is approximately 2,150,000 miles away."
     assert early_spoken([text], 0) == ["The moon is approximately 2,150,000", "miles away."], "0: the word bound only"
-    assert early_spoken([text], 8, max_words=0) == ["The moon is", "approximately 2,150,000 miles away."], "alone"
+    assert early_spoken([text], 8, max_words=0) == ["The moon", "is approximately 2,150,000 miles away."], "alone"
     with pytest.raises(ValueError, match="first_chunk_max_syllables"):
         SentenceChunker(first_chunk_max_syllables=-1)
 
@@ -310,7 +320,7 @@ def test_syllable_bound_first_chunk_does_not_depend_on_the_split(words, cuts, mi
     assert out == early_spoken([text], max_syllables, min_words, max_words)
     assert out == early_spoken(list(text), max_syllables, min_words, max_words)
     assert "".join("".join(out).split()) == "".join(text.split())
-    # Where the bound cut, the first chunk is within it, or one word that alone is not.
+    # Where the bound cut, the first chunk is within it, or one word said that alone is not.
     if out != early_spoken([text], 0, min_words, max_words):
-        first = out[0].split()
-        assert len(first) == 1 or sum(map(spoken_syllables, first)) <= max_syllables
+        said = [w for w in out[0].split() if spoken_syllables(w)]
+        assert len(said) == 1 or sum(map(spoken_syllables, said)) <= max_syllables
