@@ -28,15 +28,17 @@ Contract:
 - `first_chunk_max_syllables=S` (0 = off) bounds the first chunk by how long it takes to say,
   not how many words it has written: piper's time to the first audio grows with the chunk's
   spoken length, and "2,150,000" is one written word but ten spoken syllables
-  (`spoken_syllables` estimates 11). Once the first k+1 words hold more than S syllables (decided
-  as soon as word k+2 starts), the first sentence is cut within the first k words, at the last
-  natural boundary there: after the last clause mark (even with fewer than N words before it:
-  "Absolutely," | "I can help with that."), else before the last phrase start ("The capital" |
-  "of Australia is Canberra."), else after word k. Whichever of the two bounds comes first
-  decides.
-- Either bound's cut never leaves an article or possessive at the chunk's end (`DETERMINERS`:
-  "A healthy breakfast is" | "a combination of ..."), and keeps at least one word with something
-  to say (not a lone dash).
+  (`spoken_syllables` estimates 11). Once the first k+1 words hold more than S syllables
+  (decided as soon as word k+1 is whole: whitespace follows it, or the reply ends), the first
+  sentence is cut within its first k words, also where word k+1 ends the sentence or a clause
+  ("What's the capital" | "of Australia?"), at the last natural boundary there: after the last
+  clause mark, however few words stand before it ("Absolutely," | "I can help with that."),
+  else before the last phrase start ("The capital" | "of Australia is Canberra."), else after
+  word k. Whichever of the two bounds comes first decides.
+- Either bound's cut never leaves a word that leans on the next one at the chunk's end (an
+  article or possessive, `DETERMINERS`, or a phrase start: "A healthy breakfast" | "is a
+  combination of ...", not "A healthy breakfast is a"), and keeps at least one word with
+  something to say (not a lone dash).
 - `first_chunk_min_words = 0` turns the early first chunk off altogether, both bounds with it.
 - The chunks do not depend on how the stream is split into pushes (for sentences shorter than
   `max_chars`; over-long runs are cut as soon as they exceed the limit).
@@ -168,10 +170,11 @@ class SentenceChunker:
             early = False
             if self._first_pending:
                 clause = self._first_clause_end(final=final)
-                phrase = self._first_phrase_cut()
-                # The phrase cut wins over a clause mark or sentence end that came only after it
-                # was decided (as a word-by-word stream would have seen it).
-                if phrase is not None and all(x is None or x > phrase[1] for x in (clause, cut)):
+                phrase = self._first_phrase_cut(final=final)
+                # The phrase cut wins over a clause mark or sentence end found no earlier than it
+                # was decided (as a word-by-word stream would have seen it): a short first
+                # sentence that takes too long to say is split too.
+                if phrase is not None and all(x is None or x >= phrase[1] for x in (clause, cut)):
                     clause = phrase[0]
                 if clause is not None and (cut is None or clause < cut):
                     cut, early = clause, True
@@ -224,57 +227,61 @@ class SentenceChunker:
             return not buf[m.end()].isdigit()
         return True
 
-    def _first_phrase_cut(self) -> tuple[int, int] | None:
+    def _first_phrase_cut(self, *, final: bool) -> tuple[int, int] | None:
         """(where a long first sentence is cut, the index at which that was decided: the start
-        of the word after the last one it needed), or None before then (see the module
-        docstring)."""
+        of word M+1, or the end of the whole word that went over the syllable bound), or None
+        before then (see the module docstring)."""
         m, budget = self.first_chunk_max_words, self.first_chunk_max_syllables
         if not m and not budget:
             return None
         buf = self._buffer
         words: list[re.Match[str]] = []
         spoken = None  # the first word with something to say
-        latest = None  # the cut comes before this word (0-based) at the latest
+        latest = decided = None  # the cut comes before word `latest` (0-based) at the latest
         by_syllables = False
         syllables = 0
         for word in re.finditer(r"\S+", buf):
             words.append(word)
-            j = len(words) - 1  # word j has started, so word j-1 is whole
-            if j >= 1:
-                said = spoken_syllables(words[j - 1].group())
-                if spoken is None and said > 0:
-                    spoken = j - 1
-                syllables += said
-                if budget and syllables > budget:  # word j-1 said something: spoken <= j-1
-                    latest, by_syllables = max(j - 1, spoken + 1), True
-            if latest is None and m and j == m:
-                latest = m
-            if latest is not None:
+            j = len(words) - 1
+            if m and j == m:  # word M+1 has started
+                latest, decided = m, word.start()
+                break
+            if word.end() == len(buf) and not final:
+                break  # not whole yet: the next character may go on with it
+            said = spoken_syllables(word.group())
+            if spoken is None and said > 0:
+                spoken = j
+            syllables += said
+            if budget and syllables > budget:  # word j said something, so spoken <= j
+                latest, decided, by_syllables = max(j, spoken + 1), word.end(), True
                 break
         if latest is None or spoken is None or spoken + 1 > latest:
             return None  # nothing said yet that a cut could keep
-        decided = words[-1].start()
         lowest = spoken + 1  # a cut before this word would leave nothing said
+
+        def at(k: int) -> int:  # the buffer index of a cut before word k
+            return words[k].start() if k < len(words) else words[k - 1].end()
 
         def bare(k: int) -> str:
             return words[k].group().lower().strip("\"'“‘(")
 
         cut = None
-        for mark in _CLAUSE.finditer(buf, words[spoken].start(), words[latest].start()):
+        for mark in _CLAUSE.finditer(buf, words[spoken].start(), at(latest)):
             if self._is_clause(buf, mark, final=False):  # the last clause mark with a word said before it
                 cut = mark.end()
         if cut is not None:
             return cut, decided
+        known = range(lowest, min(latest, len(words) - 1) + 1)
         if by_syllables:  # the last run of function words within the bound
-            phrase = [k for k in range(lowest, latest + 1) if bare(k) in PHRASE_STARTS and bare(k - 1) not in PHRASE_STARTS]
+            phrase = [k for k in known if bare(k) in PHRASE_STARTS and bare(k - 1) not in PHRASE_STARTS]
             c = phrase[-1] if phrase else latest
         else:  # the first phrase start after N words
-            phrase = [k for k in range(max(self.first_chunk_min_words, lowest), latest + 1) if bare(k) in PHRASE_STARTS]
+            phrase = [k for k in known if k >= self.first_chunk_min_words and bare(k) in PHRASE_STARTS]
             c = phrase[0] if phrase else latest
         # Never end on a word that leans on the next one ("is a" | "combination"), or on a dash.
         while c - 1 >= lowest and (bare(c - 1) in _LEANING or not spoken_syllables(words[c - 1].group())):
             c -= 1
-        return words[c].start(), decided
+        return at(c), decided
 
     def _find_end(self, *, final: bool) -> int | None:
         """Index just past the first sentence end in the buffer, or None."""

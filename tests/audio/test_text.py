@@ -294,8 +294,11 @@ def early_spoken(pieces: list[str], max_syllables: int, min_words: int = 4, max_
         # Light words: the word bound decides, as without the syllable bound.
         ("The sky is blue because of a process called Rayleigh scattering.",
          ["The sky is blue", "because of a process called Rayleigh scattering."]),
-        # A sentence that ends before the word after the heavy one starts stays whole.
-        ("It is approximately 2,150,000.", ["It is approximately 2,150,000."]),
+        # A short sentence that takes too long to say is split too, at the end of the reply as well.
+        ("It is approximately 2,150,000.", ["It", "is approximately 2,150,000."]),
+        ("What's the capital of Australia? Canberra.", ["What's the capital", "of Australia?", "Canberra."]),
+        # ... and one that does not stays whole.
+        ("I'm here to help.", ["I'm here to help."]),
     ],
 )
 def test_a_first_sentence_that_takes_long_to_say_is_cut_early(text, expected):

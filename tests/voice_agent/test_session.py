@@ -541,7 +541,9 @@ def test_model_services_chunker_follows_the_config():
         return chunker.push(text) + chunker.flush()
 
     text = "The weather looks great today, so take a hat."
-    assert chunks(load_config(), text) == ["The weather looks great today,", "so take a hat."]
+    assert chunks(load_config(overrides=["tts.first_chunk_max_syllables=0"]), text) == [
+        "The weather looks great today,", "so take a hat."]
+    assert chunks(load_config(), text) == ["The weather looks great", "today, so take a hat."]  # 7 syllables
     assert chunks(load_config(overrides=["tts.first_chunk_min_words=0", "tts.first_chunk_max_words=0"]), text) == [text]
     long = "The sky is blue because of a process called Rayleigh scattering."
     assert chunks(load_config(), long) == ["The sky is blue", "because of a process called Rayleigh scattering."]
