@@ -21,9 +21,10 @@ Contract:
   never cut), not right after an abbreviation ("e.g.,"), and a dash between numbers ("3 - 5") is
   not one. 0 (the default) disables it. `flush()` re-arms it for the next reply.
 - `first_chunk_max_words=M` (> first_chunk_min_words, 0 = off): a first sentence that runs past
-  M words with no clause mark is cut anyway, as soon as its word M+1 starts: before the first
-  function word ("and", "to", "of", "is", ... `PHRASE_STARTS`) among words N+1..M+1 (a phrase
-  boundary), else after word M. Shorter first sentences stay whole. Decided from the first M+1
+  M words with no clause mark after N words is cut anyway, as soon as its word M+1 starts: after
+  its last clause mark, however few words stand before it ("Of course," | "I'd be happy to help
+  you today."), else before the first function word ("and", "to", "of", "is", ...
+  `PHRASE_STARTS`) among words N+1..M+1 (a phrase boundary), else after word M. Shorter first sentences stay whole. Decided from the first M+1
   words only, so the cut does not depend on how the stream was split either.
 - `first_chunk_max_syllables=S` (0 = off) bounds the first chunk by how long it takes to say,
   not how many words it has written: piper's time to the first audio grows with the chunk's
@@ -91,8 +92,8 @@ _WORD_BEFORE = re.compile(r"(?:^|\s)[(\"'“‘]*([\w.$]+)$")
 _LIST_NUMBER = re.compile(r"(?:^|:)\s*\d{1,3}$")
 _VOWELS = re.compile(r"[aeiouy]+")
 _SILENT_E = re.compile(r"[^aeiouyl]e$")
+_TRAILING = ".,;:!?\"')]”’…"  # what may follow a word ("GPS's," is "GPS's")
 # Symbols a voice reads as words ("50%": "fifty percent").
-_TRAILING = ".,;:!?\"')]”’…"
 _SPOKEN_SYMBOLS = {"%": 2, "$": 2, "€": 2, "£": 2, "&": 1, "+": 1, "=": 2, "@": 1, "°": 2}
 
 
