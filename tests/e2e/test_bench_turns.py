@@ -98,7 +98,11 @@ def test_the_command_writes_a_table_json_and_plot(tmp_path, monkeypatch, capsys)
     detectors = [r["detector"] for r in document["rows"]]
     assert detectors == ["silence", "smart-turn", "text", "smart-turn+text", "prosody", "prosody+text"]
     assert document["configured"]["detector"] == load_config().turn.detector
-    assert all(0.0 <= s["prosody_p"] <= 1.0 and 0.0 <= s["smart-turn_p"] <= 1.0 for s in document["scores"])
+    # Each model scored the checks its detectors reached (which checks those are depends on the
+    # verdicts and their times, so not every check has every score).
+    for key in ("prosody_p", "smart-turn_p", "text_p"):
+        values = [s[key] for s in document["scores"] if key in s]
+        assert values and all(0.0 <= v <= 1.0 for v in values), key
     assert all(s["transcript"] is not None for s in document["scores"] if "text_p" in s)
     assert (tmp_path / "t.png").stat().st_size > 10_000 and (tmp_path / "t.txt").exists()
     out = capsys.readouterr().out
