@@ -482,6 +482,7 @@ class _Turn:
     stream_first_sent: float = 0.0  # the caller's stream time (s) at t_first_sent
     # The reply's audio level, one RMS per ECHO_FRAME_S from the start of its playback (the echo gate).
     far_end: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    far_rest: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # a chunk's last partial frame
     speculative: str = "off"  # "off" | "none" | "hit" | "miss"
     speculative_saved_ms: float | None = None
     run: LlmRun | None = None
@@ -872,7 +873,12 @@ class Session:
 
     def _add_far_end(self, turn: _Turn, samples: np.ndarray, rate: int) -> None:
         n = int(rate * ECHO_FRAME_S)
-        frames = np.asarray(samples, dtype=np.float32)[: len(samples) // n * n].reshape(-1, n)
+        # A chunk's last partial frame plays on into the next chunk: carried over, not dropped (up
+        # to 20 ms a chunk, the levels drifted ahead of the playback; a long reply's echo then
+        # passed the gate: docs/turn-taking.md, session 26).
+        samples = np.concatenate([turn.far_rest, np.asarray(samples, dtype=np.float32)])
+        whole = len(samples) // n * n
+        frames, turn.far_rest = samples[:whole].reshape(-1, n), samples[whole:]
         levels = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
         # A chunk plays after the one before it, or, when the reply fell behind (the one before has
         # played out), from now on: the silence between goes into the levels, so that they stay

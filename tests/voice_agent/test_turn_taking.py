@@ -268,6 +268,23 @@ async def _reply_playing(session, clock):
     return np.concatenate([r.samples for r in replies])
 
 
+def test_the_reply_levels_keep_time_across_chunks_of_any_length():
+    async def main():
+        session, _ = _echo_call(0.5)
+        turn = session._new_turn("speech")
+        rate = 22_050  # piper's rate: 441 samples a 20 ms frame
+        for level in (0.5, 0.0, 0.5, 0.0):  # four chunks of 662 samples (30 ms), played back to back
+            session._add_far_end(turn, np.full(662, level, np.float32), rate)
+        # Six whole frames, each where it plays, 2 samples carried over: a chunk's partial last
+        # frame is not dropped (that made four frames, 40 ms ahead of the playback by the fourth).
+        expected = 0.5 * np.sqrt(np.array([441, 221, 0, 440, 222, 0]) / 441)
+        np.testing.assert_allclose(turn.far_end, expected, rtol=1e-5)
+        assert turn.far_rest.size == 2
+        await session.close()
+
+    asyncio.run(main())
+
+
 def test_the_reply_echoed_back_is_no_barge_in_but_the_caller_talking_over_it_is():
     async def main():
         session, clock = _echo_call(0.5)
