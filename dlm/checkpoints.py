@@ -297,6 +297,13 @@ def _build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], path:
         raise _unsupported(path, f"tensor names do not map onto the model: missing {missing[:4]}, "
                                  f"unexpected {unexpected[:4]} ({len(missing)} / {len(unexpected)} in all)")
     model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    # Norms and biases in memory of their own (a few kB; packed formats hold on to them): once the
+    # big weights are released or packed, nothing keeps a safetensors checkpoint's memory map open,
+    # and the pages read from it leave the process's resident size.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.data = param.data.clone()
     # The RoPE tables are non-persistent buffers built on "meta" above: rebuild them for real.
     model.build_rope(device)
     return model.to(device).eval()
@@ -425,9 +432,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         model.release_dense_weights()
         del int4
     elif weights in BLOCK_FORMATS:
+        quant = read_quant_blocks(resolved)
         blocks = {name: BlockWeight.q4(q, scale, minimum) if kind == "q4" else BlockWeight.q8(q, scale)
-                  for name, (kind, q, scale, minimum) in read_quant_blocks(resolved).items()
-                  if q.shape[1] % BLOCK_UNIT == 0}
+                  for name, (kind, q, scale, minimum) in quant.items() if q.shape[1] % BLOCK_UNIT == 0}
+        embedding = quant.pop("model.embed_tokens.weight", None)
+        del quant
         if fine_tune is not None:
             blocks = unmerged_update(blocks, fine_tune)
         try:
@@ -438,20 +447,22 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
             elif weights in VNNI_FORMATS:
                 blocks = {name: w.int8() if weights == "blocks-int8" else w.int16() for name, w in blocks.items()}
             model.use_blocks(blocks)
+            if embedding is not None:  # the lookups from the blocks too: the float32 table is freed below
+                model.use_block_embedding(*embedding[1:])
         except ValueError as e:
             raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r}: {e}") from e
         model.release_dense_weights()
-        del blocks
+        del blocks, embedding
     elif pack and model.pack_linears() and inference_only:
         model.release_dense_weights()
     del state_dict
-    # The conversion's freed buffers (about 250 MB after an int4 load of SmolLM2, `voice-agent
-    # bench llm`'s memory line) go back to the system; glibc keeps them otherwise.
-    release_free_memory()
     loaded = LoadedModel(model=model, config=config, spec=spec, tokenizer=tokenizer, family=family_name, path=resolved,
                          adapter=None if adapter is None else Path(adapter), weights=weights)
     if drafter is not None:
         from dlm.drafter import load_drafter
 
         loaded.drafter = load_drafter(drafter, loaded)
+    # The conversions' freed buffers (about 250 MB after an int4 load of SmolLM2, more with a
+    # drafter: `voice-agent bench llm`'s memory line) go back to the system; glibc keeps them otherwise.
+    release_free_memory()
     return loaded

@@ -301,7 +301,7 @@ class BlockDecoder:
         self.filler = spec.mask_token_id if spec.mask_token_id is not None else 0
         self.max_batch_size = max_batch_size
         self.S = max_seq_len
-        self.device = model.model.embed_tokens.weight.device
+        self.device = model.device
         self.kv = model.new_cache(max_batch_size, max_seq_len)  # ours alone (see "Sharing a model")
         self._step_fn: ModelFn = model
         if compile_mode is not None:

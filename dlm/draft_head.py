@@ -29,6 +29,7 @@ Contract:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +87,7 @@ class DraftHead(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(model_config) for _ in range(config.n_layers))
         self.norm = RMSNorm(D, model_config.norm_eps)
         self.register_buffer("vocab", torch.zeros(config.vocab_size, dtype=torch.long))
-        self._embed: Tensor | None = None  # the base's input embedding (attach)
+        self._embed: Callable[[Tensor], Tensor] | None = None  # the base's input embedding lookup (attach)
         self._head: Tensor | None = None  # its output embedding at `vocab` (attach)
         self._rope: tuple[Tensor, Tensor] | None = None
         self._packed_head: Projection | BlockProjection | None = None  # `pack()`, `use_blocks()`
@@ -98,10 +99,11 @@ class DraftHead(nn.Module):
 
     def attach(self, model: Transformer) -> None:
         """Read the base's embeddings and RoPE tables (never trained, never stored here)."""
-        embed = model.model.embed_tokens.weight.detach()
-        head = embed if model.lm_head is None else model.lm_head.weight.detach()
-        self._embed = embed
-        self._head = head[self.vocab].float()
+        # A lookup, not the table (a loaded model may keep only its blocks); the base is never trained.
+        self._embed = lambda tokens: model.embed(tokens).detach()
+        with torch.no_grad():
+            head = model.embed(self.vocab) if model.lm_head is None else model.lm_head.weight.detach()[self.vocab]
+        self._head = head.float()
         T = self.config.window + self.config.n_slots
         self._rope = (model.rope_cos[:T, None].float(), model.rope_sin[:T, None].float())
 
@@ -177,7 +179,7 @@ class DraftHead(nn.Module):
             raise RuntimeError("attach(model) first")
         B, W, _ = feats.shape
         dtype = self.fuse.weight.dtype
-        ctx = self.fuse(torch.cat([feats.to(dtype), self._embed[tokens].to(dtype)], dim=-1))  # (B, W, D)
+        ctx = self.fuse(torch.cat([feats.to(dtype), self._embed(tokens).to(dtype)], dim=-1))  # (B, W, D)
         x = torch.cat([ctx, self.slots[:n].to(ctx.dtype)[None].expand(B, -1, -1)], dim=1)  # (B, W + n, D)
         T = W + n
         cos, sin = self._rope[0][:T][None].to(x.dtype), self._rope[1][:T][None].to(x.dtype)

@@ -217,7 +217,7 @@ def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> D
     tuned_file.read_tensors(path, drafter, where, DrafterError)
     if isinstance(drafter, DraftHead) and not bool(((drafter.vocab >= 0) & (drafter.vocab < loaded.config.vocab_size)).all()):
         raise DrafterError(f"{where}: damaged (token ids outside the vocabulary)")
-    device = loaded.model.model.embed_tokens.weight.device
+    device = loaded.model.device
     drafter = drafter.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     if isinstance(drafter, DraftHead):
         drafter.attach(loaded.model)

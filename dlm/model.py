@@ -67,6 +67,8 @@ Contract:
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -314,6 +316,35 @@ class BlockProjection:
         return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
 
+class BlockEmbedding:
+    """The input embedding looked up in a GGUF's own blocks: each row dequantised as it is needed,
+    w = q * scale + minimum in float32 (a GGUF's Q4/Q8 products are exact in float32, so these are
+    the dense table's values bit for bit: `Transformer.use_block_embedding` checks every row).
+    Q8_0 SmolLM2's table: 35 MB here against 113 MB as float32 rows."""
+
+    def __init__(self, q: Tensor, scale: Tensor, minimum: Tensor) -> None:
+        n, k = q.shape
+        if scale.shape != (n, k // 32) or minimum.shape != scale.shape or k % 32:
+            raise ValueError(f"embedding blocks: q {tuple(q.shape)}, scale {tuple(scale.shape)} and minimum "
+                             f"{tuple(minimum.shape)} do not describe blocks of 32")
+        self.q = q.contiguous()
+        self.scale = scale.float().contiguous()
+        self.minimum = None if not minimum.any() else minimum.float().contiguous()  # Q8_0: none
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """tokens (...) -> their rows (..., K) in float32."""
+        k = self.q.shape[1]
+        flat = tokens.reshape(-1)
+        w = self.q.index_select(0, flat).float().view(-1, k // 32, 32) * self.scale.index_select(0, flat)[..., None]
+        if self.minimum is not None:
+            w = w + self.minimum.index_select(0, flat)[..., None]
+        return w.view(*tokens.shape, k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.q, self.scale, self.minimum) if t is not None)
+
+
 def _dense(weight: Tensor) -> None:
     if weight.is_meta:
         raise RuntimeError("this model was loaded for inference only (its dense weights were released after "
@@ -349,17 +380,33 @@ class RMSNorm(nn.Module):
         return self.weight * (y * (y.pow(2).mean(-1, keepdim=True) + self.eps).rsqrt_()).to(x.dtype)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """`torch.zeros(shape)`, but on a CPU in an anonymous memory map of its own: its pages read as
+    zeros and take memory only once written. A cache sized for the longest context and the largest
+    batch (the default model's: 1.6 GB) then holds resident only the positions its rows have used;
+    `torch.zeros` writes every page at once. Reading a page never written costs no memory either."""
+    device = torch.device(device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # (Windows: no such map)
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # Private: a page read before it is written is the system's shared zero page (a shared
+    # anonymous map would give it memory of its own). The tensor keeps the map alive
+    # (torch.frombuffer holds a reference to it).
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
+
+
 class KVCache:
     """Static cache of every layer, (L, B_max + 1, S + 1, H_kv, D) for k and for v, written in
     place by index. Row and position lead each layer's layout so that writing by (row, position)
     is a cheap index_put on the leading dims; with heads in front, torch restrides the whole
-    cache per write."""
+    cache per write. On a CPU it is `lazy_zeros`: resident only where written."""
 
     def __init__(self, n_layers: int, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         shape = (n_layers, max_batch_size + 1, max_seq_len + 1, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = lazy_zeros(shape, dtype, device)
+        self.v = lazy_zeros(shape, dtype, device)
         self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views, made once
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
@@ -589,7 +636,25 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_embeddings else Linear(config.dim, config.vocab_size, bias=False)
         self._head: Projection | BlockProjection | None = None  # the output head, packed (pack_linears, use_blocks)
         self._block_layers: BlockLayers | None = None  # every layer in one call (use_blocks), for forwards with a cache
+        self._embed_blocks: BlockEmbedding | None = None  # the input embedding from blocks (use_block_embedding)
         self.build_rope()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (its final norm's device: a weight no format releases)."""
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's activations and dense weights (its final norm's)."""
+        return self.model.norm.weight.dtype
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """The input embeddings of tokens (...) -> (..., dim): from the table, or from its blocks
+        after `use_block_embedding` (the same values)."""
+        if self._embed_blocks is not None:
+            return self._embed_blocks(tokens)
+        return self.model.embed_tokens(tokens)
 
     # -- oneDNN packed weights ------------------------------------------------------------
     def pack_linears(self, int4: dict[str, Int4Weight | Int8AsInt4Weight] | None = None, *,
@@ -653,6 +718,24 @@ class Transformer(nn.Module):
                               layer.mlp.gate_up.weight, layer.mlp.down_proj.proj.weight) for layer in self.model.layers],
                 n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, eps=c.norm_eps)
 
+    def use_block_embedding(self, q: Tensor, scale: Tensor, minimum: Tensor) -> None:
+        """Look the input embedding up in its GGUF blocks (`BlockEmbedding`), so that
+        `release_dense_weights()` frees the float32 table too (the tied output head already runs
+        its own blocks after `use_blocks`). ValueError where a row differs from the table's by a
+        bit (a fine-tune merged into it, other blocks than the table's): the table stays then."""
+        table = self.model.embed_tokens.weight
+        if table.dtype != torch.float32 or table.is_meta:
+            raise ValueError(f"the embedding from blocks replaces a float32 table, not {table.dtype} on {table.device}")
+        blocks = BlockEmbedding(q, scale, minimum)
+        if blocks.q.shape != table.shape:
+            raise ValueError(f"embedding blocks of {tuple(blocks.q.shape)} for a table of {tuple(table.shape)}")
+        with torch.no_grad():
+            for start in range(0, table.shape[0], 4096):  # every row, a slab at a time
+                ids = torch.arange(start, min(start + 4096, table.shape[0]))
+                if not torch.equal(blocks(ids), table[start:start + len(ids)]):
+                    raise ValueError(f"embedding blocks differ from the table in rows {start}..{start + len(ids) - 1}")
+        self._embed_blocks = blocks
+
     def unpack_linears(self) -> None:
         for module in self.model.layers.modules():
             if isinstance(module, Linear):
@@ -670,12 +753,16 @@ class Transformer(nn.Module):
     def release_dense_weights(self) -> int:
         """Free the dense copies of the packed projections (inference only from then on: a
         forward with gradients, a state dict or unpacking fails); returns the bytes freed. The
-        embedding stays (the lookup table, and the tied head's source)."""
+        embedding table stays (the lookup table, and the tied head's source), unless
+        `use_block_embedding` gave the lookups its blocks and the output head runs packed."""
         if not self.packed:
             raise RuntimeError("pack_linears() or use_blocks() first: the packed copies are what runs")
         freed = 0
-        for module in self.model.layers.modules():
-            if isinstance(module, Linear) and not module.weight.is_meta:
+        dense = [module for module in self.model.layers.modules() if isinstance(module, Linear)]
+        if self._embed_blocks is not None and (self.lm_head is not None or self._head is not None):
+            dense.append(self.model.embed_tokens)
+        for module in dense:
+            if not module.weight.is_meta:
                 freed += module.weight.nbytes
                 module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
         return freed
@@ -694,6 +781,7 @@ class Transformer(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of every tensor the forward reads (dense parameters, packed copies)."""
         total = sum(p.nbytes for p in self.parameters() if not p.is_meta)
+        total += self._embed_blocks.nbytes if self._embed_blocks is not None else 0
         for module in self.modules():
             for proj in (getattr(module, "proj", None), getattr(module, "qkv", None), getattr(module, "gate_up", None)):
                 if isinstance(proj, Projection | BlockProjection):
@@ -724,9 +812,8 @@ class Transformer(nn.Module):
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.config.max_seq_len} "
                              "(load the model with a larger max_seq_len)")
-        param = self.model.embed_tokens.weight
         return KVCache(self.config.n_layers, max_batch_size, max_seq_len, self.config.n_kv_heads,
-                       self.config.head_dim, dtype or param.dtype, device or param.device)
+                       self.config.head_dim, dtype or self.dtype, device or self.device)
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor, *, cache: KVCache | None = None,
@@ -743,7 +830,7 @@ class Transformer(nn.Module):
         with `hidden` the final normed hidden states (B, T or N, dim) in the model's dtype."""
         if (cache is None) != (cache_rows is None):
             raise ValueError("pass cache and cache_rows together")
-        x = self.model.embed_tokens(tokens)  # (B, T, dim)
+        x = self.embed(tokens)  # (B, T, dim)
         if draft is not None:
             slots = draft.adapter.slot_embedding(draft.slot_index, x.dtype)  # (B, T - start, dim)
             x = torch.cat([x[:, :draft.start], slots], dim=1)

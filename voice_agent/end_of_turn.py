@@ -120,7 +120,7 @@ class TextTurnScorer:
         import torch
 
         n = len(ids)
-        device = self._model.model.embed_tokens.weight.device
+        device = self._model.device
         with torch.inference_mode():
             tokens = torch.tensor([ids], device=device)
             positions = torch.arange(start, start + n, device=device)[None]

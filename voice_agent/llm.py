@@ -636,7 +636,7 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
     if decoding_name == "AR" and not diffusion:
         decoding_name = "AR (causal checkpoint)"
     log.info("LLM: %s (%s, %s) on %s, %s, %s weights, %s decoding", resolved.name, loaded.family, resolved.path,
-             config.device, str(loaded.model.model.embed_tokens.weight.dtype).removeprefix("torch."), loaded.weights,
+             config.device, str(loaded.model.dtype).removeprefix("torch."), loaded.weights,
              decoding_name)
     # "+ar" marks a diffusion checkpoint forced onto the AR engine, in logs and the call store.
     suffix = "+ar" if diffusion and config.engine == "ar" else ""

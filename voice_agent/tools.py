@@ -176,7 +176,7 @@ class ToolRouter:
             return [0.0] * len(descriptions)
         prefixes = [encode(ROUTE_PREFIX.format(description=d), add_special_tokens=False)["input_ids"] for d in descriptions]
         B, T, n = len(prefixes), max(len(p) for p in prefixes) + len(words), len(words)
-        device = self._model.model.embed_tokens.weight.device
+        device = self._model.device
         tokens = torch.zeros(B, T, dtype=torch.long)
         out_index = torch.zeros(B, n, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)

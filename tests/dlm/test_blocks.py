@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from dlm_tiny_models import random_loaded
+from dlm_tiny_models import random_loaded, tiny_config
 from test_int4 import random_adapter
 from test_speculative import PROMPTS, _random_drafter, _run, ar_alone_together
 
@@ -23,7 +23,7 @@ from dlm.checkpoints import load_model, runnable_weights
 from dlm.engine import GenerationParams
 from dlm.errors import UnsupportedCheckpointError
 from dlm.masks import causal_mask
-from dlm.model import DraftInputs
+from dlm.model import BlockEmbedding, DraftInputs, Transformer
 from dlm.speculative import SpeculativeEngine
 
 needs_kernel = pytest.mark.skipif(dlm.blocks.available() is not None,
@@ -333,6 +333,7 @@ def _blocks_loaded(seed: int = 3, adapted: bool = False, products: str | None = 
         if name.endswith("embed_tokens.weight"):  # the tied head: Q8_0, as SmolLM2's GGUF has it
             q, scale = _q8(*params[name].shape, seed=100 + i)
             blocks[name], w = BlockWeight.q8(q, scale * 16), _dequantized(q, scale * 16)
+            embedding = (q, scale * 16, torch.zeros_like(scale))
         else:
             q, scale, minimum = _q4(*params[name].shape, seed=100 + i)
             blocks[name], w = BlockWeight.q4(q, scale * 16, minimum * 16), _dequantized(q, scale * 16, minimum * 16)
@@ -346,8 +347,10 @@ def _blocks_loaded(seed: int = 3, adapted: bool = False, products: str | None = 
     if products is not None:
         blocks = {name: getattr(w, products)() for name, w in blocks.items()}
     on_blocks.model.use_blocks(blocks)
+    on_blocks.model.use_block_embedding(*embedding)  # the lookups too, as a GGUF load does
     on_blocks.model.release_dense_weights()
     assert not on_blocks.model.step_kernels  # one kernel everywhere: step positions are reusable
+    assert on_blocks.model.model.embed_tokens.weight.is_meta  # the float32 table is gone
     return dense, on_blocks
 
 
@@ -621,6 +624,44 @@ def test_the_kernel_is_built_once_per_source(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_the_embedding_looked_up_in_blocks_is_the_tables_bit_for_bit(kind):
+    """Every row of each GGUF block kind dequantised on demand equals convert_gguf's table; the
+    model then frees the table and still reports where and in what it runs."""
+    n, k = 96, 128
+    if kind == "q8_0":
+        q, scale = _q8(n, k, seed=7)
+        minimum = torch.zeros_like(scale)
+    else:
+        q, scale, minimum = _q4(n, k, seed=7, q4_0=kind == "q4_0")
+    table = _dequantized(q, scale, minimum)
+    embedding = BlockEmbedding(q, scale, minimum)
+    assert torch.equal(embedding(torch.arange(n)), table)
+    ids = torch.tensor([[5, 0, 95], [5, 5, 1]])
+    assert torch.equal(embedding(ids), table[ids]) and embedding.nbytes < table.nbytes / 2
+
+    model = Transformer(tiny_config(dim=k, vocab_size=n, tie_embeddings=True)).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(table)
+    model.use_block_embedding(q, scale, minimum)
+    assert torch.equal(model.embed(ids), table[ids])
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+
+
+def test_embedding_blocks_that_differ_from_the_table_are_refused():
+    q, scale = _q8(64, 128, seed=8)
+    model = Transformer(tiny_config(dim=128, vocab_size=64, tie_embeddings=True)).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(_dequantized(q, scale))
+    other = scale.clone()
+    other[40, 2] *= 2  # one block of one row
+    with pytest.raises(ValueError, match=r"differ from the table in rows 0\.\.63"):
+        model.use_block_embedding(q, other, torch.zeros_like(scale))
+    with pytest.raises(ValueError, match="do not describe blocks of 32"):
+        BlockEmbedding(q, scale[:, :3], torch.zeros_like(scale[:, :3]))
+    assert model._embed_blocks is None and not model.model.embed_tokens.weight.is_meta  # the table stays
+
+
 @needs_kernel
 def test_the_default_teacher_on_blocks_answers_as_the_dense_float32_one():
     """The shipped fine-tune on the embedded GGUF's blocks: the same greedy reply as dense float32,
@@ -632,7 +673,8 @@ def test_the_default_teacher_on_blocks_answers_as_the_dense_float32_one():
     assert resolved.weights == "blocks" and resolved.adapter is not None
     reference = load_model(resolved.path, adapter=resolved.adapter, dtype="float32")
     loaded = load_model(resolved.path, adapter=resolved.adapter, weights="blocks", inference_only=True)
-    assert loaded.model.weight_bytes() < 0.5 * reference.model.weight_bytes()
+    assert loaded.model.weight_bytes() < 0.3 * reference.model.weight_bytes()  # the embedding's table too
+    assert loaded.model.model.embed_tokens.weight.is_meta and loaded.model.device == torch.device("cpu")
     messages = [{"role": "system", "content": "You answer the phone for Rosa's Bakery. Hours: 7am to 3pm."},
                 {"role": "user", "content": "What time do you open?"}]
     ids = torch.tensor([ChatFormatter(loaded.tokenizer, loaded.spec).encode(messages)])

@@ -7,7 +7,7 @@ import torch
 from dlm_tiny_models import tiny_config
 
 from dlm.masks import block_causal_mask, block_diff_mask, causal_mask, full_mask, limit_mask
-from dlm.model import Transformer
+from dlm.model import Transformer, lazy_zeros
 
 
 def _hf_names(n_layers: int, *, qkv_bias: bool, qk_norm: bool, tied: bool) -> set[str]:
@@ -36,6 +36,29 @@ def test_state_dict_uses_hf_llama_names(qkv_bias, qk_norm, tied):
     Transformer(cfg).load_state_dict(sd)  # strict: cache and RoPE buffers are not in the state dict
     model.new_cache(2, 32)
     assert set(model.state_dict()) == set(sd)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_a_cpu_cache_is_zeros_that_take_memory_only_where_written():
+    """A cache sized for a long context and a full batch (the default model's is 1.6 GB) holds
+    resident only the positions written: torch.zeros would write every page at once."""
+    before = _resident_bytes()
+    k = lazy_zeros((8, 9, 4097, 3, 64), torch.float32, "cpu")  # 226 MB
+    assert _resident_bytes() - before < 20e6
+    assert k.shape == (8, 9, 4097, 3, 64) and k.dtype == torch.float32 and k.is_contiguous()
+    assert float(k.abs().sum()) == 0.0  # reads as zeros, and reading takes no memory
+    assert _resident_bytes() - before < 20e6
+    k[:, 0, :100] = 1.5  # one row's first 100 positions in each layer: about 600 kB
+    assert float(k.sum()) == 1.5 * 8 * 100 * 3 * 64
+    assert _resident_bytes() - before < 25e6
+    half = lazy_zeros((4, 5), torch.bfloat16, "cpu")
+    assert half.dtype == torch.bfloat16 and not half.any()
+    assert lazy_zeros((0, 3), torch.float32, "cpu").shape == (0, 3)
 
 
 def test_cached_forward_equals_cache_free():

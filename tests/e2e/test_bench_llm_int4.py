@@ -1,5 +1,5 @@
 """`voice-agent bench llm` on the embedded fine-tuned model with int4 decoding steps: the fidelity
-report against float32 (fine-tune included), the single-forward costs, the memory line, and a
+report against float32 (fine-tune included), the single-forward costs, the memory line and bar, and a
 missing llama.cpp reference that leaves one note and a complete run."""
 
 from __future__ import annotations
@@ -35,7 +35,14 @@ def test_bench_llm_int4_reports_fidelity_costs_and_memory(tmp_path, monkeypatch,
     costs = report["forward_costs"]
     assert costs["step_ms"] > 0 and costs["prefill_ms"] > 0 and set(costs["bars"]) == {
         "block_step_ratio", "block_bulk_ratio", "prefill_ms"}
-    assert 200e6 < report["memory"]["weight_bytes"] < 450e6
+    memory = report["memory"]
+    assert 200e6 < memory["weight_bytes"] < 450e6
+    # What the load added (weights, tokenizer) is most of the weights and far from the whole process.
+    assert 0.5 * memory["weight_bytes"] < memory["llm_rss_bytes"] < memory["process_rss_bytes"] - 100e6
+    assert set(memory["in_use_bytes"]) == {"ar"} and memory["in_use_bytes"]["ar"] > 0.5 * memory["weight_bytes"]
+    bar = memory["bars"]["llm_resident_mb"]
+    assert bar["value"] == pytest.approx(memory["llm_rss_bytes"] / 1e6) and bar["pass"] == (bar["value"] <= 400)
     printed = capsys.readouterr().out
+    assert "of which the model's load added" in printed and "llm_resident_mb" in printed
     assert "against the same weights in float32" in printed and "single forwards" in printed
     assert "torch.bfloat16 on int4 weights" in printed

@@ -367,7 +367,7 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = loaded.model.model.embed_tokens.weight.device.type == "cuda"
+    cuda = loaded.model.device.type == "cuda"
     short = replace(params, max_new_tokens=min(params.max_new_tokens, PROFILE_MAX_NEW_TOKENS))
     requests = [engine.prepare(prompt, short) for prompt in prompts]
     def run() -> int:
@@ -454,17 +454,33 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     }
 
 
-def _memory(model: Any) -> dict[str, Any]:
-    """The model's weight bytes (every copy the forward reads: dense, packed, blocks) and this
-    process's resident size (the model, torch, the tokenizer: everything `bench llm` has loaded
-    so far)."""
-    rss = None
+# Issue 15's memory bar: what loading the default model adds to a process's resident size.
+LLM_RESIDENT_BAR_BYTES = 400e6
+
+
+def _rss() -> int | None:
+    """This process's resident size in bytes (None where /proc is absent)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
-            rss = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), None)
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), None)
     except OSError:
-        pass
-    return {"weight_bytes": model.weight_bytes(), "process_rss_bytes": rss}
+        return None
+
+
+def _memory(model: Any, rss_before_load: int | None) -> dict[str, Any]:
+    """The model's weight bytes (every copy the forward reads: dense, packed, blocks), this
+    process's resident size (the model, torch, the tokenizer: everything `bench llm` has loaded
+    so far), and what loading the model added to it (the LLM's resident size: its weights, its
+    tokenizer, a drafter; the same process before loading had torch imported). The engines' KV
+    caches come on top, only where their rows have written (`dlm.model.lazy_zeros`): `bench llm`
+    adds each engine's after its levels (`in_use_bytes`)."""
+    rss = _rss()
+    added = None if rss is None or rss_before_load is None else rss - rss_before_load
+    return {"weight_bytes": model.weight_bytes(), "process_rss_bytes": rss, "process_rss_before_load_bytes": rss_before_load,
+            "llm_rss_bytes": added, "in_use_bytes": {},
+            "bars": {} if added is None else {"llm_resident_mb": {
+                "value": added / 1e6, "limit": f"<= {LLM_RESIDENT_BAR_BYTES / 1e6:.0f} (MB the model's load added to the process)",
+                "pass": added <= LLM_RESIDENT_BAR_BYTES}}}
 
 
 def _fidelity(loaded: Any, ref: Any, prompt_ids: list[list[int]], replies: list[dict[str, Any]],
@@ -483,7 +499,7 @@ def _fidelity(loaded: Any, ref: Any, prompt_ids: list[list[int]], replies: list[
     with AREngine(ref, max_batch_size=1) as engine:
         ref_ids = [[t for d in engine.submit(ids, greedy) for t in d.token_ids] for ids in prompt_ids]
     prefill_diffs, step_diffs = [], []
-    model, dtype = loaded.model, loaded.model.model.embed_tokens.weight.dtype
+    model, dtype = loaded.model, loaded.model.dtype
     with torch.inference_mode():
         for ids, rec in zip(prompt_ids, replies, strict=True):
             if not rec["token_ids"]:
@@ -674,8 +690,9 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     if args.synthetic and args.untrained_bd:
         print("--synthetic and --untrained-bd exclude each other", file=sys.stderr)
         return 2
+    rss_before_load = _rss()
     loaded, diffusion, prompts, warm_up, params, notes = _workload(args, config)
-    device = str(loaded.model.model.embed_tokens.weight.device)
+    device = str(loaded.model.device)
     cuda = device.startswith("cuda")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -687,8 +704,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     max_c = max(args.concurrency)
     max_seq_len = loaded.config.max_seq_len
     results = []
-    memory = _memory(loaded.model)  # before llama.cpp loads into this process
-    reference = _reference(args, loaded, notes)
+    memory = _memory(loaded.model, rss_before_load)
     costs = None if cuda else forward_costs(loaded.model)
     prompt_ids: list[list[int]] = []
     for name, kind in engines:
@@ -710,6 +726,10 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 lambda batch, engine=engine: _measure(engine, batch, params), name, args.concurrency, prompts, warm_up,
                 every_prompt=bool(args.heldout), before=reset_peak,  # --heldout: every held-out prompt
                 peak=lambda: torch.cuda.max_memory_allocated() if cuda else None)
+            rss = _rss()  # with this engine's cache holding what its levels wrote
+            if rss is not None and rss_before_load is not None:
+                memory["in_use_bytes"][name] = rss - rss_before_load
+    reference = _reference(args, loaded, notes)  # after our engines: llama.cpp is not in their memory figures
     level = next((r for r in results if r["concurrency"] == 1), None)
     if reference is not None and level is not None:
         from dlm.threads import in_engine_thread
@@ -744,7 +764,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     decoding_name = decoding(loaded)
     report = {
         "environment": _environment(device),
-        "model": str(loaded.path), "family": loaded.family, "dtype": str(loaded.model.model.embed_tokens.weight.dtype),
+        "model": str(loaded.path), "family": loaded.family, "dtype": str(loaded.model.dtype),
         "weights": loaded.weights, "max_new_tokens": args.max_new_tokens, "policy": params.policy,
         "steps_per_block": params.steps_per_block if params.policy == "fixed_steps" else None,
         "compile": args.compile, "notes": notes, "results": results,
@@ -941,8 +961,14 @@ def _print_table(report: dict[str, Any]) -> None:
     mem = report.get("memory")
     if mem:
         rss = mem["process_rss_bytes"]
+        added = mem.get("llm_rss_bytes")
         print(f"memory: weights {mem['weight_bytes'] / 2**20:.0f} MiB (every copy the forward reads), process resident "
-              f"{'-' if rss is None else f'{rss / 2**20:.0f} MiB'} after loading")
+              f"{'-' if rss is None else f'{rss / 2**20:.0f} MiB'} after loading, of which the model's load added "
+              f"{'-' if added is None else f'{added / 2**20:.0f} MiB'}; with each engine after its levels (its KV "
+              "cache's written rows included): "
+              + (", ".join(f"{name} {b / 2**20:.0f} MiB" for name, b in mem.get("in_use_bytes", {}).items()) or "-"))
+        for name, bar in mem.get("bars", {}).items():
+            print(f"  {name:<18} {fmt(bar['value'], '6.1f')}  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
     costs = report.get("forward_costs")
     if costs:
         print(f"single forwards (fastest of {FORWARD_REPEATS}): step {costs['step_ms']:.1f} ms, {costs['block']} "
