@@ -465,6 +465,12 @@ class TurnRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def _frame_levels(samples: np.ndarray, n: int) -> np.ndarray:
+    """The RMS level of each whole frame of n samples."""
+    frames = samples[: len(samples) // n * n].reshape(-1, n)
+    return np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+
+
 @dataclass
 class _Turn:
     record: TurnRecord
@@ -873,13 +879,6 @@ class Session:
 
     def _add_far_end(self, turn: _Turn, samples: np.ndarray, rate: int) -> None:
         n = int(rate * ECHO_FRAME_S)
-        # A chunk's last partial frame plays on into the next chunk: carried over, not dropped (up
-        # to 20 ms a chunk, the levels drifted ahead of the playback; a long reply's echo then
-        # passed the gate: docs/turn-taking.md, session 26).
-        samples = np.concatenate([turn.far_rest, np.asarray(samples, dtype=np.float32)])
-        whole = len(samples) // n * n
-        frames, turn.far_rest = samples[:whole].reshape(-1, n), samples[whole:]
-        levels = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
         # A chunk plays after the one before it, or, when the reply fell behind (the one before has
         # played out), from now on: the silence between goes into the levels, so that they stay
         # aligned with what the caller hears. Grown once per reply chunk (a sentence), read for
@@ -887,7 +886,18 @@ class Session:
         gap = 0
         if turn.t_first_sent is not None:
             gap = max(0, int((self._clock() - turn.t_first_sent) / ECHO_FRAME_S) - turn.far_end.size)
-        turn.far_end = np.concatenate([turn.far_end, np.zeros(gap), levels])
+        # A chunk's last partial frame plays on into the next chunk: carried over, not dropped (up
+        # to 20 ms a chunk, the levels drifted ahead of the playback; a long reply's echo then
+        # passed the gate: docs/turn-taking.md, session 26). Where silence comes between, it
+        # played before the silence: closed with zeros there, as the first frame of the gap.
+        closed = np.zeros(0)
+        if gap and turn.far_rest.size:
+            closed = _frame_levels(np.concatenate([turn.far_rest, np.zeros(n - turn.far_rest.size, np.float32)]), n)
+            turn.far_rest, gap = turn.far_rest[:0], gap - 1
+        samples = np.concatenate([turn.far_rest, np.asarray(samples, dtype=np.float32)])
+        whole = len(samples) // n * n
+        turn.far_rest = samples[whole:]
+        turn.far_end = np.concatenate([turn.far_end, closed, np.zeros(gap), _frame_levels(samples[:whole], n)])
 
     def _gate_echo(self, turn: _Turn, audio: np.ndarray) -> np.ndarray:
         """Silence the caller's frames that are only the reply's own voice coming back. The call's

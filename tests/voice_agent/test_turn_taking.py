@@ -285,6 +285,26 @@ def test_the_reply_levels_keep_time_across_chunks_of_any_length():
     asyncio.run(main())
 
 
+def test_a_chunks_partial_last_frame_plays_before_the_silence_when_the_reply_fell_behind():
+    async def main():
+        session, clock = _echo_call(0.5)
+        turn = session._new_turn("speech")
+        rate = 22_050
+        turn.t_first_sent = clock()  # playback begins
+        session._add_far_end(turn, np.full(662, 0.5, np.float32), rate)  # 30 ms: plays out by 30 ms
+        clock.t += 0.100  # the next chunk comes 100 ms in: 70 ms of silence went out between
+        session._add_far_end(turn, np.full(662, 0.5, np.float32), rate)
+        # The first chunk's last 10 ms closed with silence, then the rest of the gap, then the new
+        # chunk from 100 ms on (a frame, 10 ms carried over); joining the 10 ms to the new chunk put
+        # it after the gap and the new chunk's levels 10 ms late.
+        expected = [0.5, 0.5 * np.sqrt(221 / 441), 0, 0, 0, 0.5]
+        np.testing.assert_allclose(turn.far_end, expected, rtol=1e-5)
+        assert turn.far_rest.size == 221
+        await session.close()
+
+    asyncio.run(main())
+
+
 def test_the_reply_echoed_back_is_no_barge_in_but_the_caller_talking_over_it_is():
     async def main():
         session, clock = _echo_call(0.5)
