@@ -57,6 +57,10 @@ def make_engine(loaded: Any, kind: str = "auto", **kwargs: Any):
     if name not in ("draft-and-verify", "self-speculative"):
         kwargs.pop("draft_len", None)
         kwargs.pop("tree", None)
+    from dlm.draft_head import DraftHead
+
+    if not isinstance(getattr(loaded, "drafter", None), DraftHead) or name != "draft-and-verify":
+        kwargs.pop("draft_confidence", None)  # a draft head's knob
     if name == "AR":
         from dlm.ar import AREngine
 

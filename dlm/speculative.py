@@ -69,18 +69,21 @@ from dlm.masks import limit_mask
 from dlm.model import DraftInputs, Transformer
 from dlm.policies import sampling_probs
 
-__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_SELF_DRAFT_LEN", "HeadSpeculativeDecoder",
+__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_CONFIDENCE", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_SELF_DRAFT_LEN",
+           "HeadSpeculativeDecoder",
            "SpeculativeDecoder", "SpeculativeEngine", "self_drafting_reason"]
 
 # One mask slot per draft block: the fastest length for the mask-slot drafter on a 2-core CPU
 # (each slot row costs a share of an AR step, and its later slots are rarely accepted:
 # docs/benchmarks.md, session 16). A draft head's drafts cost one row each in the verifying forward
-# and nothing more: 4 with the soft-target head on a CPU with AMX, where a row costs little
-# (session 21: 1.57x the AR engine against 1.54x at 3, 2.38 tokens per forward against 2.22; on
-# all 64 held-out prompts 2.60; docs/benchmarks.md, session 22). Without AMX a row costs nearly a
-# step and no length gains much: `voice-agent calibrate` measures it on the machine at hand.
+# and nothing more (a tenth of a step with AMX, a sixth without): all six of the shipped head's
+# slots, cut where the head's chain confidence falls below 0.15 (session 27, the README's 24
+# held-out prompts: 2.37 tokens per forward with 2.71 drafts verified a forward, against 2.32 with
+# 3.99 at a fixed 4; fewer forwards and fewer rows at once; docs/benchmarks.md, "Session 27").
+# `voice-agent calibrate` measures both on the machine at hand.
 DEFAULT_DRAFT_LEN = 1
-DEFAULT_HEAD_DRAFT_LEN = 4
+DEFAULT_HEAD_DRAFT_LEN = 6
+DEFAULT_HEAD_DRAFT_CONFIDENCE = 0.15
 DEFAULT_SELF_DRAFT_LEN = 4  # a block-diffusion model's own drafts (at most its block size)
 
 
@@ -312,14 +315,20 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
     positions, so the first drafts come with the first token."""
 
     def __init__(self, model: Transformer, spec: DiffusionSpec, head: DraftHead, *,
-                 draft_len: int = DEFAULT_HEAD_DRAFT_LEN, tree: bool = True, **kwargs: Any) -> None:
+                 draft_len: int = DEFAULT_HEAD_DRAFT_LEN, tree: bool = True,
+                 draft_confidence: float = DEFAULT_HEAD_DRAFT_CONFIDENCE, **kwargs: Any) -> None:
         """draft_len: default drafts per forward (1..head.n_slots); tree: ignored (the head
-        drafts after the acceptance is known: one chain). kwargs: ARDecoder's."""
+        drafts after the acceptance is known: one chain); draft_confidence: a row's drafts end
+        before the first whose chain confidence (the product of the head's top probabilities up
+        to it) is below this (0: always draft_len; see `_confident_len`). kwargs: ARDecoder's."""
+        if not 0.0 <= draft_confidence < 1.0:
+            raise ValueError(f"draft_confidence {draft_confidence!r} must lie in [0, 1)")
         if head.config.feature_layers:
             raise ValueError(f"this draft head reads the outputs of base layers {list(head.config.feature_layers)}; "
                              "the engine feeds it the final hidden states only")
         super().__init__(model, spec, head.n_slots, draft_len=draft_len, **kwargs)
         self.head = head
+        self.draft_confidence = draft_confidence
         W, D = head.config.window, model.config.dim
         rows = self.kv.max_batch_size + 1
         self.window_h = torch.zeros(rows, W, D, device=self.device)  # per cache row: the context window
@@ -408,8 +417,21 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         valid = torch.tensor([self.window_n[row.slot] for row in rows], device=self.device)
         scores = self.head(self.window_h[index], self.window_t[index], valid, self.head.n_slots)  # (p, n, V')
         tokens, dists = self._propose(rows, scores)
+        confident = self._confident_len(scores)
         for i, row in enumerate(rows):
-            self._keep_drafts(row, self._n(row.settings), tokens[i], dists[i])
+            self._keep_drafts(row, min(self._n(row.settings), confident[i]), tokens[i], dists[i])
+
+    def _confident_len(self, scores: Tensor) -> list[int]:
+        """Per row, how many leading drafts the head is sure enough of to be worth verifying: each
+        verified draft costs a row of the next forward (on a CPU without AMX about a sixth of a
+        step), and the drafts after a rejected one are wasted, so a draft whose chain confidence
+        (the product of the head's top probabilities up to it: the chance that it and every draft
+        before it are accepted, as EAGLE-2 ranks its draft tree) is below `draft_confidence`, and
+        every draft after it, is left out. Which tokens become final never depends on it."""
+        if self.draft_confidence <= 0:
+            return [self.head.n_slots] * scores.shape[0]
+        chain = torch.softmax(scores.float(), dim=-1).amax(dim=-1).cumprod(dim=-1)  # (p, n): non-increasing
+        return (chain >= self.draft_confidence).sum(dim=-1).tolist()
 
     def _extend_window(self, slot: int, h: Tensor, tokens: list[int]) -> None:
         """Append (hidden state, the token it made final) pairs to the row's window."""
@@ -437,11 +459,20 @@ class SpeculativeEngine(AREngine):
     """The AR engine's API and output, decoded by draft-and-verify (see the module docstring)."""
 
     def __init__(self, loaded: Any, drafter: Drafter | DraftHead | None, *, draft_len: int | None = None,
-                 tree: bool = True, **kwargs: Any) -> None:
+                 tree: bool = True, draft_confidence: float | None = None, **kwargs: Any) -> None:
         """drafter: mask slots in the base's forward (Drafter), a draft head after it (DraftHead),
         or None: a block-diffusion model drafting for itself (ValueError where it cannot);
         draft_len None: DEFAULT_DRAFT_LEN, DEFAULT_HEAD_DRAFT_LEN for a head, DEFAULT_SELF_DRAFT_LEN
-        for self-drafting (at most the drafter's slots, the model's block size)."""
+        for self-drafting (at most the drafter's slots, the model's block size); draft_confidence:
+        a draft head's drafts stop where it is less sure (`HeadSpeculativeDecoder`; None:
+        DEFAULT_HEAD_DRAFT_CONFIDENCE; ValueError with another drafter, which has no such measure)."""
+        if draft_confidence is None:
+            draft_confidence = DEFAULT_HEAD_DRAFT_CONFIDENCE if isinstance(drafter, DraftHead) else 0.0
+        if draft_confidence and not isinstance(drafter, DraftHead):
+            raise ValueError("draft_confidence applies to a draft head's drafts only")
+        if not 0.0 <= draft_confidence < 1.0:
+            raise ValueError(f"draft_confidence {draft_confidence!r} must lie in [0, 1)")
+        self.draft_confidence = draft_confidence
         if drafter is None and (reason := self_drafting_reason(loaded.spec)) is not None:
             raise ValueError(f"this model cannot draft for itself: {reason}")
         self.n_slots = loaded.spec.block_size if drafter is None else drafter.n_slots
@@ -453,7 +484,8 @@ class SpeculativeEngine(AREngine):
 
     def make_decoder(self, **kwargs: Any) -> BlockDecoder:
         if isinstance(self.drafter, DraftHead):
-            return HeadSpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, **kwargs)
+            return HeadSpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len,
+                                          draft_confidence=self.draft_confidence, **kwargs)
         return SpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree,
                                   block_size=self.n_slots, **kwargs)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from voice_agent.config import Config, ConfigError, default_config_text, load_config
+from voice_agent.config import Config, ConfigError, LlmConfig, default_config_text, load_config
 
 
 def test_default_toml_matches_the_dataclass_defaults() -> None:
@@ -48,6 +48,8 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("[llm]\nweights = \"int3\"\n", "llm.weights must be one of 'auto', 'dense', 'int4', 'blocks', 'blocks-amx', 'blocks-bf16', 'blocks-int8', 'blocks-int16', not 'int3'"),
         ("[llm]\naccept = 0\n", "llm.accept must lie in .0, 1.* not 0.0$"),
         ("[llm]\naccept = 1.5\n", "llm.accept must lie in .0, 1.* not 1.5$"),
+        ("[llm]\ndraft_confidence = 1\n", "llm.draft_confidence must lie in .0, 1. .0: always draft_len., not 1.0$"),
+        ("[llm]\ndraft_confidence = -0.1\n", "llm.draft_confidence must lie in .0, 1."),
         ("[vad]\nconfirm_start = \"smart-turn\"\n", "vad.confirm_start must be \"silero\" or \"\" .off., not 'smart-turn'"),
         ("[turn]\nthreshold = 1.0\n", "turn.detector 'prosody.text' multiplies the two scores' odds"),
         ("[turn]\ndetector = \"smart-turn+text\"\ntext_threshold = 0.0\n", "turn.text_threshold above 0"),
@@ -61,6 +63,12 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None
     path.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(path)
+
+
+def test_the_draft_confidence_default_is_the_engines() -> None:
+    from dlm.speculative import DEFAULT_HEAD_DRAFT_CONFIDENCE
+
+    assert load_config().llm.draft_confidence == LlmConfig().draft_confidence == DEFAULT_HEAD_DRAFT_CONFIDENCE
 
 
 def test_int_is_accepted_for_float() -> None:

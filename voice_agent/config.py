@@ -268,6 +268,11 @@ class LlmConfig:
     # only after the full draft (false).
     draft_len: int = 0
     draft_tree: bool = True
+    # A draft head's drafts stop before the first whose chain confidence (the product of the
+    # head's top probabilities up to it) is below this: fewer rows to verify where it is unsure.
+    # 0: always draft_len. The replies never depend on it. The engine's default
+    # (dlm.speculative.DEFAULT_HEAD_DRAFT_CONFIDENCE; a mask-slot drafter ignores it).
+    draft_confidence: float = 0.15
     # Draft-and-verify at temperature 0: a draft is accepted where the model gives it at least this
     # share of its top token's probability. 1: exact (the AR model's replies); lower: lossy, faster.
     # Sampled replies (temperature > 0) keep exact speculative sampling whatever this says.
@@ -299,6 +304,8 @@ class LlmConfig:
             raise ConfigError(f"llm.engine must be one of {', '.join(map(repr, LLM_ENGINES))}, not {self.engine!r}")
         if self.weights not in LLM_WEIGHTS:
             raise ConfigError(f"llm.weights must be one of {', '.join(map(repr, LLM_WEIGHTS))}, not {self.weights!r}")
+        if not 0.0 <= self.draft_confidence < 1.0:
+            raise ConfigError(f"llm.draft_confidence must lie in [0, 1) (0: always draft_len), not {self.draft_confidence!r}")
         if not 0.0 < self.accept <= 1.0:
             raise ConfigError(f"llm.accept must lie in (0, 1] (1: exact), not {self.accept!r}")
 

@@ -75,8 +75,9 @@ def test_random_drafter_is_exact_and_batches_equal_each_alone(kind, draft_len, t
     assert any(len(ids) < 20 for ids in expected)  # EOS is handled, not only the length limit
 
 
-def _scripted_engine(rule, loaded, kind: str = "slots", **kwargs):
-    """Drafts from a rule instead of the drafter: the verifier alone decides what is final."""
+def _scripted_engine(rule, loaded, kind: str = "slots", scale: float = 0.5, **kwargs):
+    """Drafts from a rule instead of the drafter: the verifier alone decides what is final (a
+    head's own scores still say how sure it is: `draft_confidence`)."""
     base = HeadSpeculativeDecoder if kind == "head" else SpeculativeDecoder
 
     class Decoder(base):
@@ -86,9 +87,13 @@ def _scripted_engine(rule, loaded, kind: str = "slots", **kwargs):
 
     class Scripted(SpeculativeEngine):
         def make_decoder(self, **kw):
+            if kind == "head":
+                kw["draft_confidence"] = self.draft_confidence
             return Decoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree, **kw)
 
-    return Scripted(loaded, _drafter(kind, loaded, n_slots=8), **kwargs)
+    if kind == "head":  # every draft verified unless a test asks for a confidence bar (a random head is unsure)
+        kwargs.setdefault("draft_confidence", 0.0)
+    return Scripted(loaded, _drafter(kind, loaded, n_slots=8, scale=scale), **kwargs)
 
 
 # The counting model writes last + 1 (mod COUNT_V - 1) after every token.
@@ -150,6 +155,44 @@ def test_stop_strings_prefix_reuse_and_abort_free_the_row(kind):
         assert spec.load().idle
         # The row is free again, and the next request reuses the prompt's cached prefix exactly.
         assert spec.submit([1, 2, 3], GenerationParams(max_new_tokens=6)).result() == "efghij"
+
+
+def test_a_heads_drafts_stop_where_its_chain_confidence_falls_below_the_bar():
+    loaded = counting_loaded(attention="causal", block_size=1)
+    with _scripted_engine(_oracle, loaded, "head", draft_len=4, max_batch_size=1, draft_confidence=0.5) as spec:
+        decoder = spec.make_decoder(max_batch_size=1, max_seq_len=32)
+    top = torch.tensor([[0.9, 0.9, 0.5, 0.99], [0.4, 0.99, 0.99, 0.99], [0.99, 0.99, 0.99, 0.99]])
+    scores = torch.log(torch.stack([top, (1 - top) / 2, (1 - top) / 2], dim=-1))  # (3 rows, 4 slots, 3 tokens)
+    assert decoder._confident_len(scores) == [2, 0, 4]  # chains 0.9, 0.81, 0.41 | 0.4 | 0.99 ... 0.96
+    decoder.draft_confidence = 0.0
+    assert decoder._confident_len(scores) == [8, 8, 8]  # every slot: the draft length decides
+    # An oracle whose head is unsure (uniform scores: all weights zero) drafts nothing: one token
+    # a forward, as the AR engine, and the same tokens; sure or not, the verifier decides.
+    params = GenerationParams(max_new_tokens=12)
+    with AREngine(loaded, max_batch_size=1) as ar, \
+            _scripted_engine(_oracle, loaded, "head", scale=0.0, draft_len=4, max_batch_size=1,
+                             draft_confidence=0.5) as unsure, \
+            _scripted_engine(_oracle, loaded, "head", scale=0.0, draft_len=4, max_batch_size=1) as always:
+        want, ar_steps, _ = _run(ar.submit([5], params))
+        assert _run(unsure.submit([5], params))[:2] == (want, ar_steps)
+        got, steps, _ = _run(always.submit([5], params))
+        assert got == want and steps < ar_steps
+
+
+def test_random_head_with_a_confidence_bar_is_exact_and_batches_equal_each_alone():
+    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
+    expected, alone, together = ar_alone_together(loaded, _random_head(loaded, scale=2.0), PROMPTS,
+                                                  GenerationParams(max_new_tokens=20), draft_len=4,
+                                                  draft_confidence=0.2)
+    assert alone == expected and together == expected
+
+
+def test_bad_draft_confidences_are_refused():
+    loaded = random_loaded("causal", seed=3, block_size=1)
+    with pytest.raises(ValueError, match=r"draft_confidence 1\.0 must lie in \[0, 1\)"):
+        SpeculativeEngine(loaded, _random_head(loaded), draft_confidence=1.0)
+    with pytest.raises(ValueError, match="draft head's drafts only"):
+        SpeculativeEngine(loaded, _random_drafter(loaded), draft_confidence=0.3)
 
 
 def test_bad_draft_lengths_are_refused():
@@ -327,7 +370,8 @@ def test_lossy_acceptance_takes_more_drafts_per_forward_and_leaves_sampled_rows_
     head = _random_head(loaded, n_slots=4, seed=2)
     prompts = PROMPTS[:4]
     runs = {}
-    with SpeculativeEngine(loaded, head, draft_len=4, max_batch_size=4) as spec:
+    # Every draft verified (a random head is unsure of its drafts: the default bar would drop them).
+    with SpeculativeEngine(loaded, head, draft_len=4, max_batch_size=4, draft_confidence=0.0) as spec:
         for accept in (1.0, 0.5, 1e-6):
             params = GenerationParams(max_new_tokens=24, accept=accept)
             runs[accept] = [_run(spec.submit(p, params)) for p in prompts]
@@ -337,7 +381,7 @@ def test_lossy_acceptance_takes_more_drafts_per_forward_and_leaves_sampled_rows_
             spec.submit(prompts[0], GenerationParams(accept=1.5))
     sampled = []
     for accept in (1.0, 0.5):  # a fresh engine each: the same seed, the same state
-        with SpeculativeEngine(loaded, head, draft_len=4, max_batch_size=4) as spec:
+        with SpeculativeEngine(loaded, head, draft_len=4, max_batch_size=4, draft_confidence=0.0) as spec:
             params = GenerationParams(max_new_tokens=24, temperature=0.8, seed=5, accept=accept)
             sampled.append(_run(spec.submit(prompts[0], params))[0])
     expected, _, _ = ar_alone_together(loaded, head, prompts, GenerationParams(max_new_tokens=24), draft_len=4)

@@ -45,12 +45,46 @@ def test_measure_reports_time_and_tokens_per_forward():
 def test_choose_keeps_the_fastest_draft_setting_and_picks_ar_only_where_it_was_faster():
     drafted = [{"draft_len": 1, "tree": True, "ms_per_token": 9.0}, {"draft_len": 3, "tree": False, "ms_per_token": 7.5},
                {"draft_len": 4, "tree": True, "ms_per_token": 8.0}]
-    assert choose({"ms_per_token": 10.0}, drafted) == ({"engine": '"auto"', "draft_len": "3", "draft_tree": "false"},
-                                                       drafted[1])
+    assert choose({"ms_per_token": 10.0}, drafted) == ({"engine": '"auto"', "draft_len": "3", "draft_tree": "false",
+                                                        "draft_confidence": "0.0"}, drafted[1])
     keys, best = choose({"ms_per_token": 7.0}, drafted)
-    assert keys == {"engine": '"ar"', "draft_len": "3", "draft_tree": "false"} and best is drafted[1]
+    assert keys == {"engine": '"ar"', "draft_len": "3", "draft_tree": "false", "draft_confidence": "0.0"}
+    assert best is drafted[1]
     written = tomllib.loads(with_llm_keys(default_config_text(), keys))["llm"]
     assert (written["engine"], written["draft_len"], written["draft_tree"]) == ("ar", 3, False)
+    # A draft head's settings carry their confidence bar, and the fastest one's is written.
+    head = [{"draft_len": 6, "tree": True, "draft_confidence": 0.0, "ms_per_token": 6.0},
+            {"draft_len": 6, "tree": True, "draft_confidence": 0.15, "ms_per_token": 5.0}]
+    keys, best = choose({"ms_per_token": 7.0}, head)
+    assert best is head[1] and tomllib.loads(with_llm_keys(default_config_text(), keys))["llm"]["draft_confidence"] == 0.15
+
+
+def test_measure_passes_a_heads_confidence_bar_to_the_engine(monkeypatch):
+    import dlm.engines
+    from dlm.draft_head import DraftHead, DraftHeadConfig
+
+    loaded = random_loaded("causal", seed=3, scale=3.0, block_size=1)
+    torch.manual_seed(0)
+    head = DraftHead(loaded.config, DraftHeadConfig(window=3, n_slots=4, vocab_size=loaded.config.vocab_size))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()  # uniform scores: the head is sure of nothing
+        head.vocab.copy_(torch.arange(loaded.config.vocab_size))
+    head.attach(loaded.model)
+    loaded.drafter = head.eval()
+    asked = []
+    real = dlm.engines.make_engine
+
+    def recording(loaded, kind="auto", **kwargs):
+        engine = real(loaded, kind, **kwargs)
+        asked.append(engine.draft_confidence)
+        return engine
+
+    monkeypatch.setattr(dlm.engines, "make_engine", recording)
+    unsure = measure(loaded, [[1, 2, 3], [4, 5]], draft_len=4, tree=True, max_new_tokens=12, draft_confidence=0.5)
+    assert asked == [0.5]
+    # No drafts: one token a forward, as the AR engine (the prefill's token is not counted: just over 1).
+    assert unsure["tokens"] == 2 * 11 and 1.0 <= unsure["tokens_per_forward"] < 1.1
 
 
 def test_a_model_without_a_drafter_is_refused(tmp_path, capsys):

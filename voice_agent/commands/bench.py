@@ -646,7 +646,7 @@ def _hop_against_local(args: argparse.Namespace, config: Config, remote: Any, pr
     params.temperature = 0.0  # as the server is asked
     local_records, remote_records, local_wall, remote_wall = [], [], 0.0, 0.0
     with make_engine(loaded, config.llm.engine, max_batch_size=1, draft_len=config.llm.draft_len,
-                     tree=config.llm.draft_tree) as engine:
+                     tree=config.llm.draft_tree, draft_confidence=config.llm.draft_confidence) as engine:
         _measure(engine, warm_up[:1], params)
         remote.measure(warm_up[:1], args.max_new_tokens)
         for prompt in prompts[:MAX_ROUNDS]:
@@ -709,7 +709,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     prompt_ids: list[list[int]] = []
     for name, kind in engines:
         with make_engine(loaded, kind, max_batch_size=max_c, max_seq_len=max_seq_len, compile_mode=args.compile,
-                         draft_len=args.draft_len or config.llm.draft_len, tree=config.llm.draft_tree) as engine:
+                         draft_len=args.draft_len or config.llm.draft_len, tree=config.llm.draft_tree,
+                         draft_confidence=config.llm.draft_confidence) as engine:
             if not prompt_ids:  # the token ids both engines and the reference decode
                 prompt_ids = [engine.prepare(p, params)[0] for p in [*warm_up[:1], *prompts]]
             if args.profile:

@@ -5,14 +5,17 @@ a forward: a longer draft block is accepted further on average but makes every f
 and where a wider forward stops being nearly free depends on the CPU (AMX, cores, memory) or the
 GPU. This command measures it instead of guessing: for every draft length (1 .. the drafter's
 slots) and, for a mask-slot drafter, both layouts (`draft_tree` true: a draft block per possible
-acceptance length; false: one block after the full draft; a draft head has one), it decodes the same voice prompts one at a time, greedy, and
+acceptance length; false: one block after the full draft; a draft head has one), for a draft head
+each confidence bar (`llm.draft_confidence`: its drafts stop where it is less sure; 0: never), it
+decodes the same voice prompts one at a time, greedy, and
 records the wall time per generated token after the first (the prefill is the same for all) and
 the tokens per forward; and the same model's AR engine (no drafts: the same replies) as the
 baseline, since on some CPUs a verifying forward over several positions costs nearly as much as
 that many steps (no AMX: docs/benchmarks.md, "Session 22: a CPU without AMX"). It writes the fastest into a
 config file that it names: a copy of the configuration in use (`--config`, else the embedded
-default) with `llm.engine` ("auto", or "ar" where the AR engine was fastest), `llm.draft_len`
-and `llm.draft_tree` (the fastest draft setting) set, and a comment with the measurements. Use
+default) with `llm.engine` ("auto", or "ar" where the AR engine was fastest), `llm.draft_len`,
+`llm.draft_tree` and `llm.draft_confidence` (the fastest draft setting) set, and a comment with the
+measurements. Use
 it with `voice-agent serve --config FILE`.
 """
 
@@ -30,6 +33,9 @@ from typing import Any
 from voice_agent.config import Config, default_config_text
 
 HELP = "measure which draft length decodes fastest here, against the AR engine, and write the fastest into a config file"
+
+# A draft head's confidence bars tried by default (0: every draft of the length is verified).
+DEFAULT_CONFIDENCES = (0.0, 0.1, 0.15, 0.2, 0.3)
 
 DEFAULT_OUT = Path("~/.config/voice-agent/calibrated.toml")
 PROMPTS = [
@@ -49,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--draft-lens", default="", metavar="N1,N2,...",
                         help="draft lengths to try (default: 1 .. the drafter's slots)")
+    parser.add_argument("--draft-confidences", default="", metavar="C1,C2,...",
+                        help="a draft head's confidence bars to try, each in [0, 1) (default: "
+                             f"{','.join(map(str, DEFAULT_CONFIDENCES))}; a mask-slot drafter has none: 0)")
 
 
 def with_llm_keys(text: str, values: dict[str, str]) -> str:
@@ -71,17 +80,18 @@ def with_llm_keys(text: str, values: dict[str, str]) -> str:
 
 
 def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tree: bool,
-            max_new_tokens: int, engine_kind: str = "auto") -> dict[str, float]:
+            max_new_tokens: int, engine_kind: str = "auto", draft_confidence: float = 0.0) -> dict[str, float]:
     """Decode the prompts one at a time with one setting (`engine_kind` "ar": the AR engine,
-    draft_len and tree unused): ms per token after the first, tokens per forward (prefill not
-    counted)."""
+    draft_len, tree and draft_confidence unused): ms per token after the first, tokens per
+    forward (prefill not counted)."""
     from dlm.engine import GenerationParams
     from dlm.engines import make_engine
 
     params = GenerationParams(max_new_tokens=max_new_tokens)
     decode_s = 0.0
     tokens = forwards = 0
-    with make_engine(loaded, engine_kind, max_batch_size=1, draft_len=draft_len, tree=tree) as engine:
+    with make_engine(loaded, engine_kind, max_batch_size=1, draft_len=draft_len, tree=tree,
+                     draft_confidence=draft_confidence) as engine:
         engine.submit(prompts[0], params).result()  # warm-up (and the prompt's prefix, as a call would)
         for prompt in prompts:
             first = last = None
@@ -102,11 +112,18 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
 
 def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, Any]]:
     """(the [llm] keys as TOML values, the fastest draft setting's measurement): that setting's
-    length and layout, and the engine: "ar" where the AR engine's ms per token beat every draft
-    setting's, else "auto"."""
+    length, layout and confidence bar, and the engine: "ar" where the AR engine's ms per token
+    beat every draft setting's, else "auto"."""
     best = min(drafted, key=lambda r: r["ms_per_token"])
     engine = "ar" if ar["ms_per_token"] < best["ms_per_token"] else "auto"
-    return {"engine": f'"{engine}"', "draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower()}, best
+    return {"engine": f'"{engine}"', "draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower(),
+            "draft_confidence": repr(float(best.get("draft_confidence", 0.0)))}, best
+
+
+def _setting(r: dict[str, Any]) -> str:
+    """One draft setting as the report names it."""
+    return (f"draft_len {r['draft_len']} {'tree ' if r['tree'] else 'chain'} "
+            f"confidence {r.get('draft_confidence', 0.0):g}")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -130,21 +147,35 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if not 1 <= args.prompts <= len(PROMPTS):
         print(f"--prompts must lie in [1, {len(PROMPTS)}]", file=sys.stderr)
         return 2
+    from dlm.draft_head import DraftHead
+
+    head = isinstance(loaded.drafter, DraftHead)
+    try:
+        confidences = [float(x) for x in args.draft_confidences.split(",") if x.strip()] or \
+            list(DEFAULT_CONFIDENCES if head else (0.0,))
+    except ValueError:
+        print(f"--draft-confidences: expected comma-separated numbers, got {args.draft_confidences!r}", file=sys.stderr)
+        return 2
+    if any(not 0.0 <= c < 1.0 for c in confidences):
+        print("--draft-confidences: each must lie in [0, 1) (0: every draft verified)", file=sys.stderr)
+        return 2
+    if not head and any(confidences):
+        print(f"--draft-confidences: {resolved.name!r} drafts with mask slots; only a draft head has a confidence "
+              "bar (0)", file=sys.stderr)
+        return 2
     system = {"role": "system", "content": config.agent.system_prompt}
     prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
     results = []
-    from dlm.draft_head import DraftHead
-
     # A draft head drafts after the acceptance is known: one chain, so the layout changes nothing.
-    layouts = (True,) if isinstance(loaded.drafter, DraftHead) else (True, False)
-    settings = [(n, tree) for tree in layouts for n in lens]
+    layouts = (True,) if head else (True, False)
+    settings = [(n, tree, c) for tree in layouts for n in lens for c in confidences]
     total = len(settings) + 1
     ar = measure(loaded, prompts, 1, True, args.max_new_tokens, engine_kind="ar")
     print(f"[1/{total}] AR engine (no drafts) : {ar['ms_per_token']:7.1f} ms/token", file=sys.stderr, flush=True)
-    for i, (n, tree) in enumerate(settings, 2):
-        r = measure(loaded, prompts, n, tree, args.max_new_tokens)
-        results.append({"draft_len": n, "tree": tree, **r})
-        print(f"[{i}/{total}] draft_len {n} {'tree ' if tree else 'chain'}: {r['ms_per_token']:7.1f} ms/token, "
+    for i, (n, tree, c) in enumerate(settings, 2):
+        r = measure(loaded, prompts, n, tree, args.max_new_tokens, draft_confidence=c)
+        results.append({"draft_len": n, "tree": tree, "draft_confidence": c, **r})
+        print(f"[{i}/{total}] {_setting(results[-1])}: {r['ms_per_token']:7.1f} ms/token, "
               f"{r['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
     keys, best = choose(ar, results)
     template = Path(config.source).read_text(encoding="utf-8") if config.source and Path(config.source).is_file() \
@@ -153,8 +184,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     header = [f"# Written by `voice-agent calibrate` on {stamp} ({platform.processor() or platform.machine()}, "
               f"{resolved.name}, {config.llm.device}): ms per generated token, greedy, one call at a time"]
     header += [f"#   AR engine (no drafts): {ar['ms_per_token']:.1f} ms/token"]
-    header += [f"#   draft_len {r['draft_len']} {'tree ' if r['tree'] else 'chain'}: {r['ms_per_token']:.1f} ms/token, "
-               f"{r['tokens_per_forward']:.2f} tokens/forward" for r in results]
+    header += [f"#   {_setting(r)}: {r['ms_per_token']:.1f} ms/token, {r['tokens_per_forward']:.2f} tokens/forward"
+               for r in results]
     text = with_llm_keys(template, keys)
     out = args.out.expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,9 +193,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     speedup = ar["ms_per_token"] / max(best["ms_per_token"], 1e-9)
     if keys["engine"] == '"ar"':
         print(f"fastest: the AR engine ({ar['ms_per_token']:.1f} ms/token; the same replies): the best draft "
-              f"setting, draft_len {best['draft_len']}, ran at {speedup:.2f}x its speed here")
+              f"setting, {_setting(best)}, ran at {speedup:.2f}x its speed here")
     else:
-        print(f"fastest: draft_len {best['draft_len']}, draft_tree {str(best['tree']).lower()} "
-              f"({best['ms_per_token']:.1f} ms/token, {speedup:.2f}x the AR engine)")
+        print(f"fastest: {_setting(best)} ({best['ms_per_token']:.1f} ms/token, {speedup:.2f}x the AR engine)")
     print(f"written to {out}: use it with  voice-agent serve --config {out}")
     return 0
