@@ -24,6 +24,7 @@ Nothing here downloads anything or runs code shipped with a checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ __all__ = [
     "resolve_dtype",
     "runnable_weights",
 ]
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES = ("bd", "fast_dllm_v2", "sdar", "llada", "dream", "ar")
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -447,10 +450,13 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
             elif weights in VNNI_FORMATS:
                 blocks = {name: w.int8() if weights == "blocks-int8" else w.int16() for name, w in blocks.items()}
             model.use_blocks(blocks)
-            if embedding is not None:  # the lookups from the blocks too: the float32 table is freed below
-                model.use_block_embedding(*embedding[1:])
         except ValueError as e:
             raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r}: {e}") from e
+        if embedding is not None:  # the lookups from the blocks too: the float32 table is freed below
+            try:
+                model.use_block_embedding(*embedding[1:])
+            except ValueError as e:  # the table stays (113 MB for SmolLM2): the same replies either way
+                log.warning("%s: the input embedding stays a float32 table: %s", resolved, e)
         model.release_dense_weights()
         del blocks, embedding
     elif pack and model.pack_linears() and inference_only:

@@ -320,7 +320,8 @@ class BlockEmbedding:
     """The input embedding looked up in a GGUF's own blocks: each row dequantised as it is needed,
     w = q * scale + minimum in float32 (a GGUF's Q4/Q8 products are exact in float32, so these are
     the dense table's values bit for bit: `Transformer.use_block_embedding` checks every row).
-    Q8_0 SmolLM2's table: 35 MB here against 113 MB as float32 rows."""
+    Q8_0 SmolLM2's table: 32 MB here against 113 MB as float32 rows. (Q4 codes are kept one a
+    byte: twice their packed size, simpler indexing.)"""
 
     def __init__(self, q: Tensor, scale: Tensor, minimum: Tensor) -> None:
         n, k = q.shape
@@ -384,7 +385,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
     """`torch.zeros(shape)`, but on a CPU in an anonymous memory map of its own: its pages read as
     zeros and take memory only once written. A cache sized for the longest context and the largest
     batch (the default model's: 1.6 GB) then holds resident only the positions its rows have used;
-    `torch.zeros` writes every page at once. Reading a page never written costs no memory either."""
+    `torch.zeros` writes every page at once. Reading a page never written costs no memory either.
+    What a row once wrote stays resident (freed rows are overwritten, not handed back): a cache
+    grows toward the longest contexts its rows have held (the default model: 46 kB a position)."""
     device = torch.device(device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # (Windows: no such map)
@@ -393,6 +396,8 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
     # anonymous map would give it memory of its own). The tensor keeps the map alive
     # (torch.frombuffer holds a reference to it).
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # where huge pages are always on, one write would take 2 MB
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
@@ -724,8 +729,9 @@ class Transformer(nn.Module):
         its own blocks after `use_blocks`). ValueError where a row differs from the table's by a
         bit (a fine-tune merged into it, other blocks than the table's): the table stays then."""
         table = self.model.embed_tokens.weight
-        if table.dtype != torch.float32 or table.is_meta:
-            raise ValueError(f"the embedding from blocks replaces a float32 table, not {table.dtype} on {table.device}")
+        if table.dtype != torch.float32 or table.device.type != "cpu" or table.is_meta:
+            raise ValueError(f"the embedding from blocks replaces a float32 table on a CPU, not {table.dtype} on "
+                             f"{table.device}")
         blocks = BlockEmbedding(q, scale, minimum)
         if blocks.q.shape != table.shape:
             raise ValueError(f"embedding blocks of {tuple(blocks.q.shape)} for a table of {tuple(table.shape)}")
@@ -754,7 +760,8 @@ class Transformer(nn.Module):
         """Free the dense copies of the packed projections (inference only from then on: a
         forward with gradients, a state dict or unpacking fails); returns the bytes freed. The
         embedding table stays (the lookup table, and the tied head's source), unless
-        `use_block_embedding` gave the lookups its blocks and the output head runs packed."""
+        `use_block_embedding` gave the lookups its blocks and the output head does not read it
+        (untied, or packed). An untied output head's dense weight stays."""
         if not self.packed:
             raise RuntimeError("pack_linears() or use_blocks() first: the packed copies are what runs")
         freed = 0
@@ -781,7 +788,11 @@ class Transformer(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of every tensor the forward reads (dense parameters, packed copies)."""
         total = sum(p.nbytes for p in self.parameters() if not p.is_meta)
-        total += self._embed_blocks.nbytes if self._embed_blocks is not None else 0
+        if self._embed_blocks is not None:  # float32 blocks of a tied head share its Q8 data: counted once
+            head = self._head.weight if isinstance(self._head, BlockProjection) else None
+            shared = head is not None and head.data.untyped_storage().data_ptr() == \
+                self._embed_blocks.q.untyped_storage().data_ptr()
+            total += self._embed_blocks.nbytes - (head.data.nbytes if shared else 0)
         for module in self.modules():
             for proj in (getattr(module, "proj", None), getattr(module, "qkv", None), getattr(module, "gate_up", None)):
                 if isinstance(proj, Projection | BlockProjection):

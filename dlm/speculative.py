@@ -470,9 +470,7 @@ class SpeculativeEngine(AREngine):
             draft_confidence = DEFAULT_HEAD_DRAFT_CONFIDENCE if isinstance(drafter, DraftHead) else 0.0
         if draft_confidence and not isinstance(drafter, DraftHead):
             raise ValueError("draft_confidence applies to a draft head's drafts only")
-        if not 0.0 <= draft_confidence < 1.0:
-            raise ValueError(f"draft_confidence {draft_confidence!r} must lie in [0, 1)")
-        self.draft_confidence = draft_confidence
+        self.draft_confidence = draft_confidence  # its range: the decoder's check, at start
         if drafter is None and (reason := self_drafting_reason(loaded.spec)) is not None:
             raise ValueError(f"this model cannot draft for itself: {reason}")
         self.n_slots = loaded.spec.block_size if drafter is None else drafter.n_slots

@@ -263,7 +263,7 @@ class LlmConfig:
     # AMX is missing too; other greedy replies than float32's on most prompts), "blocks-int16": the
     # same with inputs rounded to 16 bits (closer to float32 than bf16; about half float32's work per row).
     weights: str = "auto"
-    # Draft-and-verify (models with a drafter): drafts per forward (0: the engine's default, 4 for
+    # Draft-and-verify (models with a drafter): drafts per forward (0: the engine's default, 6 for
     # a draft head, 1 for mask slots) and one draft block per possible acceptance length (true) or
     # only after the full draft (false).
     draft_len: int = 0
@@ -271,7 +271,7 @@ class LlmConfig:
     # A draft head's drafts stop before the first whose chain confidence (the product of the
     # head's top probabilities up to it) is below this: fewer rows to verify where it is unsure.
     # 0: always draft_len. The replies never depend on it. The engine's default
-    # (dlm.speculative.DEFAULT_HEAD_DRAFT_CONFIDENCE; a mask-slot drafter ignores it).
+    # (dlm.speculative.DEFAULT_HEAD_DRAFT_CONFIDENCE); left out for models without a draft head.
     draft_confidence: float = 0.15
     # Draft-and-verify at temperature 0: a draft is accepted where the model gives it at least this
     # share of its top token's probability. 1: exact (the AR model's replies); lower: lossy, faster.

@@ -179,12 +179,32 @@ def test_a_heads_drafts_stop_where_its_chain_confidence_falls_below_the_bar():
         assert got == want and steps < ar_steps
 
 
-def test_random_head_with_a_confidence_bar_is_exact_and_batches_equal_each_alone():
-    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
-    expected, alone, together = ar_alone_together(loaded, _random_head(loaded, scale=2.0), PROMPTS,
-                                                  GenerationParams(max_new_tokens=20), draft_len=4,
-                                                  draft_confidence=0.2)
-    assert alone == expected and together == expected
+def test_rows_whose_drafts_are_cut_to_different_lengths_batch_as_each_alone():
+    """Rows of one batch keep different numbers of drafts (here 0 to 3 by their batch place, as
+    the confidence bar cuts them): each still writes what the AR engine writes, alone or batched,
+    and the rows that keep drafts take fewer forwards."""
+    loaded = counting_loaded(attention="causal", block_size=1)
+
+    class Cut(HeadSpeculativeDecoder):
+        def _propose(self, rows, scores):
+            return [[_oracle(row.ids[-1], i) for i in range(scores.shape[1])] for row in rows], [None] * len(rows)
+
+        def _confident_len(self, scores):
+            return [i % 4 for i in range(scores.shape[0])]
+
+    class Engine(SpeculativeEngine):
+        def make_decoder(self, **kw):
+            return Cut(self.model, self.spec, self.drafter, draft_len=4, **kw)
+
+    prompts = [[3], [5, 6], [9], [2, 4, 7]]
+    params = GenerationParams(max_new_tokens=13)
+    with AREngine(loaded, max_batch_size=4) as ar, Engine(loaded, _random_head(loaded, n_slots=4), max_batch_size=4) as spec:
+        expected = [_run(ar.submit(p, params)) for p in prompts]
+        alone = [_run(spec.submit(p, params)) for p in prompts]
+        together = [_run(h) for h in [spec.submit(p, params) for p in prompts]]
+    assert [r[0] for r in alone] == [r[0] for r in together] == [r[0] for r in expected]
+    assert alone[0][1] == expected[0][1]  # alone, every row is the batch's first: no drafts, AR's forwards
+    assert together[0][1] == expected[0][1] and all(t[1] < e[1] for t, e in zip(together[1:], expected[1:], strict=True))
 
 
 def test_bad_draft_confidences_are_refused():

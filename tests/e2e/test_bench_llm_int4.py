@@ -37,12 +37,33 @@ def test_bench_llm_int4_reports_fidelity_costs_and_memory(tmp_path, monkeypatch,
         "block_step_ratio", "block_bulk_ratio", "prefill_ms"}
     memory = report["memory"]
     assert 200e6 < memory["weight_bytes"] < 450e6
-    # What the load added (weights, tokenizer) is most of the weights and far from the whole process.
-    assert 0.5 * memory["weight_bytes"] < memory["llm_rss_bytes"] < memory["process_rss_bytes"] - 100e6
-    assert set(memory["in_use_bytes"]) == {"ar"} and memory["in_use_bytes"]["ar"] > 0.5 * memory["weight_bytes"]
+    # In a test process what the load added is whatever this process's allocator made of it (the
+    # magnitudes are checked in a fresh process below); the report's fields agree with each other.
+    assert memory["process_rss_bytes"] - memory["process_rss_before_load_bytes"] == memory["llm_rss_bytes"]
+    assert set(memory["in_use_bytes"]) == {"ar"}
     bar = memory["bars"]["llm_resident_mb"]
     assert bar["value"] == pytest.approx(memory["llm_rss_bytes"] / 1e6) and bar["pass"] == (bar["value"] <= 400)
     printed = capsys.readouterr().out
     assert "of which the model's load added" in printed and "llm_resident_mb" in printed
     assert "against the same weights in float32" in printed and "single forwards" in printed
     assert "torch.bfloat16 on int4 weights" in printed
+
+
+@pytest.mark.slow
+def test_bench_llm_measures_what_the_default_models_load_adds_in_a_fresh_process(tmp_path):
+    """The memory line as a user's `voice-agent bench llm` process sees it: the load adds the
+    weights and a little more (tokenizer, draft head), nothing like the KV cache it allocates."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "llm.json"
+    run = subprocess.run([sys.executable, "-m", "voice_agent", "bench", "llm", "--concurrency", "1", "--max-new-tokens",
+                          "4", "--heldout", "dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz", "--n-prompts", "2",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    memory = json.loads(out.read_text())["memory"]
+    weights, added = memory["weight_bytes"], memory["llm_rss_bytes"]
+    assert 0.5 * weights < added < weights + 400e6
+    # Each engine's cache (1.6 GB if it were all resident, float32 at 4096 positions) added little.
+    assert all(added <= in_use < added + 200e6 for in_use in memory["in_use_bytes"].values())
+    assert set(memory["in_use_bytes"]) == {"dllm", "ar"}

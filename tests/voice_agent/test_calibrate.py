@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from voice_agent.commands.calibrate import choose, measure, with_llm_keys
+from voice_agent.commands.calibrate import choose, draft_settings, measure, with_llm_keys
 from voice_agent.config import default_config_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dlm"))
@@ -57,6 +57,13 @@ def test_choose_keeps_the_fastest_draft_setting_and_picks_ar_only_where_it_was_f
             {"draft_len": 6, "tree": True, "draft_confidence": 0.15, "ms_per_token": 5.0}]
     keys, best = choose({"ms_per_token": 7.0}, head)
     assert best is head[1] and tomllib.loads(with_llm_keys(default_config_text(), keys))["llm"]["draft_confidence"] == 0.15
+
+
+def test_a_heads_bars_are_tried_at_its_longest_length_and_mask_slots_have_none():
+    assert draft_settings([1, 2, 3], [0.0, 0.1, 0.2], head=True) == [
+        (1, True, 0.0), (2, True, 0.0), (3, True, 0.0), (3, True, 0.1), (3, True, 0.2)]
+    assert draft_settings([2, 4], [0.2, 0.1], head=True) == [(2, True, 0.1), (4, True, 0.2), (4, True, 0.1)]
+    assert draft_settings([1, 2], [0.0], head=False) == [(1, True, 0.0), (2, True, 0.0), (1, False, 0.0), (2, False, 0.0)]
 
 
 def test_measure_passes_a_heads_confidence_bar_to_the_engine(monkeypatch):

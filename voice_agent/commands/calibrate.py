@@ -6,7 +6,8 @@ and where a wider forward stops being nearly free depends on the CPU (AMX, cores
 GPU. This command measures it instead of guessing: for every draft length (1 .. the drafter's
 slots) and, for a mask-slot drafter, both layouts (`draft_tree` true: a draft block per possible
 acceptance length; false: one block after the full draft; a draft head has one), for a draft head
-each confidence bar (`llm.draft_confidence`: its drafts stop where it is less sure; 0: never), it
+at the longest length each confidence bar (`llm.draft_confidence`: its drafts stop where it is
+less sure; 0: never), it
 decodes the same voice prompts one at a time, greedy, and
 records the wall time per generated token after the first (the prefill is the same for all) and
 the tokens per forward; and the same model's AR engine (no drafts: the same replies) as the
@@ -120,6 +121,18 @@ def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> tuple[dict[str,
             "draft_confidence": repr(float(best.get("draft_confidence", 0.0)))}, best
 
 
+def draft_settings(lens: list[int], confidences: list[float], head: bool) -> list[tuple[int, bool, float]]:
+    """(draft length, tree layout, confidence bar) to measure. A mask-slot drafter: every length
+    in both layouts, no bar. A draft head drafts after the acceptance is known (one chain: the
+    layout changes nothing), and its bars cut drafts from the longest length down (a bar on a
+    short draft leaves little to cut): every length with the least bar asked (0 by default),
+    the longest with each."""
+    if not head:
+        return [(n, tree, 0.0) for tree in (True, False) for n in lens]
+    longest, least = max(lens), min(confidences)
+    return [(n, True, c) for n in lens for c in (confidences if n == longest else [least])]
+
+
 def _setting(r: dict[str, Any]) -> str:
     """One draft setting as the report names it."""
     return (f"draft_len {r['draft_len']} {'tree ' if r['tree'] else 'chain'} "
@@ -166,9 +179,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     system = {"role": "system", "content": config.agent.system_prompt}
     prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
     results = []
-    # A draft head drafts after the acceptance is known: one chain, so the layout changes nothing.
-    layouts = (True,) if head else (True, False)
-    settings = [(n, tree, c) for tree in layouts for n in lens for c in confidences]
+    settings = draft_settings(lens, confidences, head)
     total = len(settings) + 1
     ar = measure(loaded, prompts, 1, True, args.max_new_tokens, engine_kind="ar")
     print(f"[1/{total}] AR engine (no drafts) : {ar['ms_per_token']:7.1f} ms/token", file=sys.stderr, flush=True)
