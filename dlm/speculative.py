@@ -43,7 +43,9 @@ One step of a row with mask slots (I-DLM / Medusa-style, in one forward over the
 With a draft head the forward holds only x, d_1..d_k (1 + k positions): the hidden states of the
 accepted positions, each paired with the token it made final, extend the row's window, and the
 head drafts the next n tokens from it after the forward, knowing the token just decided (see
-`HeadSpeculativeDecoder`).
+`HeadSpeculativeDecoder`); a row keeps only the leading drafts the head is sure enough of
+(`draft_confidence`: each kept draft is a row of the next forward), which changes how many
+tokens a forward may yield, never which.
 Rows accept different numbers of tokens and leave or join between steps (continuous batching);
 padding rows and slots use the cache's scratch row and position. The forward is eager
 (`compile_mode` is not supported here).
