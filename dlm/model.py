@@ -342,8 +342,12 @@ class BlockEmbedding:
         return w.view(*tokens.shape, k)
 
     @property
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.q, self.scale, self.minimum) if t is not None]
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.q, self.scale, self.minimum) if t is not None)
+        return sum(t.nbytes for t in self.tensors)
 
 
 def _dense(weight: Tensor) -> None:
@@ -790,9 +794,8 @@ class Transformer(nn.Module):
         total = sum(p.nbytes for p in self.parameters() if not p.is_meta)
         if self._embed_blocks is not None:  # float32 blocks of a tied head share its Q8 data: counted once
             head = self._head.weight if isinstance(self._head, BlockProjection) else None
-            shared = head is not None and head.data.untyped_storage().data_ptr() == \
-                self._embed_blocks.q.untyped_storage().data_ptr()
-            total += self._embed_blocks.nbytes - (head.data.nbytes if shared else 0)
+            held = set() if head is None else {t.untyped_storage().data_ptr() for t in (head.data, head.scales)}
+            total += sum(t.nbytes for t in self._embed_blocks.tensors if t.untyped_storage().data_ptr() not in held)
         for module in self.modules():
             for proj in (getattr(module, "proj", None), getattr(module, "qkv", None), getattr(module, "gate_up", None)):
                 if isinstance(proj, Projection | BlockProjection):
