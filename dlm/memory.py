@@ -1,7 +1,8 @@
 """The process's C heap: `release_free_memory()` hands the pages that glibc's malloc keeps after
 big frees (a model load's conversion buffers, a flood of calls' prompts and audio) back to the
 system with `malloc_trim(0)`. False, and nothing done, where the C library has no such call (musl,
-macOS). Imports nothing heavy: the voice server uses it too."""
+macOS). `resident_bytes(pid)`: a process's resident size (VmRSS), None where /proc has none.
+Imports nothing heavy: the voice server uses it too."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import ctypes.util
 import functools
 from collections.abc import Callable
 
-__all__ = ["release_free_memory"]
+__all__ = ["release_free_memory", "resident_bytes"]
 
 
 @functools.cache
@@ -29,3 +30,13 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def resident_bytes(pid: int | str = "self") -> int | None:
+    """Process `pid`'s resident size in bytes (VmRSS of /proc/<pid>/status; default this one),
+    None where there is no such file or line (not Linux, a process gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        return None

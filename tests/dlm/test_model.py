@@ -7,6 +7,7 @@ import torch
 from dlm_tiny_models import tiny_config
 
 from dlm.masks import block_causal_mask, block_diff_mask, causal_mask, full_mask, limit_mask
+from dlm.memory import resident_bytes
 from dlm.model import Transformer, lazy_zeros
 
 
@@ -38,24 +39,19 @@ def test_state_dict_uses_hf_llama_names(qkv_bias, qk_norm, tied):
     assert set(model.state_dict()) == set(sd)
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc (Linux)")
 def test_a_cpu_cache_is_zeros_that_take_memory_only_where_written():
     """A cache sized for a long context and a full batch (the default model's is 1.6 GB) holds
     resident only the positions written: torch.zeros would write every page at once."""
-    before = _resident_bytes()
+    before = resident_bytes()
     k = lazy_zeros((30, 9, 4097, 3, 64), torch.float32, "cpu")  # 850 MB: the default model's keys
-    assert _resident_bytes() - before < 80e6
+    assert resident_bytes() - before < 80e6
     assert k.shape == (30, 9, 4097, 3, 64) and k.dtype == torch.float32 and k.is_contiguous()
     assert float(k.sum()) == 0.0 and float(k.min()) == 0.0  # reads as zeros, and reading takes no memory
-    assert _resident_bytes() - before < 80e6
+    assert resident_bytes() - before < 80e6
     k[:, 0, :100] = 1.5  # one row's first 100 positions in each layer: about 2.3 MB
     assert float(k.sum()) == 1.5 * 30 * 100 * 3 * 64
-    assert _resident_bytes() - before < 90e6
+    assert resident_bytes() - before < 90e6
     half = lazy_zeros((4, 5), torch.bfloat16, "cpu")
     assert half.dtype == torch.bfloat16 and not half.any()
     assert lazy_zeros((0, 3), torch.float32, "cpu").shape == (0, 3)

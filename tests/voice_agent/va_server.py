@@ -21,6 +21,7 @@ from va_fakes import FakeLLM, FakeServices
 from websockets.asyncio.client import ClientConnection, connect
 
 from audio.codecs import float32_to_pcm16, mulaw_encode
+from dlm.memory import resident_bytes
 from voice_agent.config import Config
 from voice_agent.server import VoiceServer
 
@@ -133,11 +134,10 @@ POOL_MAX_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    rss = resident_bytes()
+    if rss is None:
+        raise RuntimeError("no VmRSS in /proc/self/status")
+    return rss / 2**20
 
 
 async def resources(*, settle_s: float = 0.2) -> Resources:

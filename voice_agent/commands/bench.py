@@ -59,6 +59,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dlm.memory import release_free_memory, resident_bytes
 from voice_agent.config import Config
 
 HELP = "benchmark the LLM engines (dLLM vs AR), the audio models, or the whole pipeline"
@@ -458,15 +459,6 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
 LLM_RESIDENT_BAR_BYTES = 400e6
 
 
-def _rss() -> int | None:
-    """This process's resident size in bytes (None where /proc is absent)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), None)
-    except OSError:
-        return None
-
-
 def _memory(model: Any, rss_before_load: int | None) -> dict[str, Any]:
     """The model's weight bytes (every copy the forward reads: dense, packed, blocks), this
     process's resident size (the model, torch, the tokenizer: everything `bench llm` has loaded
@@ -474,7 +466,7 @@ def _memory(model: Any, rss_before_load: int | None) -> dict[str, Any]:
     tokenizer, a drafter; the same process before loading had torch imported). The engines' KV
     caches come on top, only where their rows have written (`dlm.model.lazy_zeros`): `bench llm`
     adds each engine's after its levels (`in_use_bytes`)."""
-    rss = _rss()
+    rss = resident_bytes()
     added = None if rss is None or rss_before_load is None else rss - rss_before_load
     return {"weight_bytes": model.weight_bytes(), "process_rss_bytes": rss, "process_rss_before_load_bytes": rss_before_load,
             "llm_rss_bytes": added, "in_use_bytes": {},
@@ -693,11 +685,9 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         return 2
     import gc
 
-    from dlm.memory import release_free_memory
-
     gc.collect()  # what earlier work left is not the model's: freed and trimmed before the baseline
     release_free_memory()
-    rss_before_load = _rss()
+    rss_before_load = resident_bytes()
     loaded, diffusion, prompts, warm_up, params, notes = _workload(args, config)
     device = str(loaded.model.device)
     cuda = device.startswith("cuda")
@@ -734,7 +724,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 lambda batch, engine=engine: _measure(engine, batch, params), name, args.concurrency, prompts, warm_up,
                 every_prompt=bool(args.heldout), before=reset_peak,  # --heldout: every held-out prompt
                 peak=lambda: torch.cuda.max_memory_allocated() if cuda else None)
-            rss = _rss()  # with this engine's cache holding what its levels wrote
+            rss = resident_bytes()  # with this engine's cache holding what its levels wrote
             if rss is not None and rss_before_load is not None:
                 memory["in_use_bytes"][name] = rss - rss_before_load
     reference = _reference(args, loaded, notes)  # after our engines: llama.cpp is not in their memory figures

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dlm.memory import resident_bytes
 from voice_agent.config import Config
 
 HELP = "a hostile client flooding a real server: idle after it hangs up, memory, an honest caller beside it"
@@ -54,11 +55,7 @@ def process_usage(pid: int) -> tuple[float, float]:
     """CPU seconds (user + system) and resident MB of process `pid`."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    rss_mb = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss_mb = int(line.split()[1]) / 1024
-    return cpu_s, rss_mb
+    return cpu_s, (resident_bytes(pid) or 0) / 2**20
 
 
 def _p50(results: list[Any]) -> float | None:
