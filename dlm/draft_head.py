@@ -171,7 +171,8 @@ class DraftHead(nn.Module):
             eye = torch.eye(D) * 0.5
             more = torch.zeros(D, D * len(self.config.feature_layers))  # other layers' features: learned from zero
             self.fuse.weight.copy_(torch.cat([more, eye, eye], dim=1))
-            self.slots.copy_(model.model.embed_tokens.weight.float().mean(0, keepdim=True).expand_as(self.slots))
+            every_token = torch.arange(self.model_config.vocab_size, device=model.device)  # the table may be released
+            self.slots.copy_(model.embed(every_token).float().mean(0, keepdim=True).expand_as(self.slots))
 
     def forward(self, feats: Tensor, tokens: Tensor, valid: Tensor, n: int) -> Tensor:
         """feats (B, W, n_features * dim): the feature layers' outputs, then the final normed state."""

@@ -10,8 +10,11 @@ frozen AR model `loaded` and writes into `out_dir`:
     drafter-state.pt      fp32 weights, AdamW state and step: what a resumed run continues from
                           (never shipped, never committed)
     features.pt           the base's hidden states over every example (float16), computed once
-                          (`head_features`; with `feature_layers`, those layers' outputs too);
-                          a resumed run, or another run given a link to the file, reads them back
+                          (`head_features`; with `feature_layers`, those layers' outputs too),
+                          each keyed by its token ids and saved every FEATURES_SAVE_EVERY
+                          sequences: an interrupted run goes on where it stopped, and a run given a
+                          link to another run's file computes only the sequences that file lacks
+                          (another mix of data files)
 
 The base runs once per example, without gradients, over prompt + reply (exactly the hidden states
 decoding computes, since the replies are the teacher's own greedy ones); training then never
@@ -34,8 +37,10 @@ blocks or packed bf16) and the short windows of prompts shorter than the window.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,8 @@ __all__ = ["DRAFTER_FILE", "HeadTrainConfig", "evaluate_head", "head_features", 
 log = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.pt"
+FEATURES_FORMAT = 2  # 2: a dict of sequences' features by key (1: one list in the examples' order)
+FEATURES_SAVE_EVERY = 1000  # sequences computed between saves of features.pt
 
 
 @dataclass
@@ -137,7 +144,7 @@ def head_features(loaded: Any, examples: list[Example], desc: str = "features", 
     taps: list[Tensor] = []
     hooks = [model.model.layers[i].register_forward_hook(lambda _m, _i, out: taps.append(F.rms_norm(
         out.float(), out.shape[-1:]))) for i in layers]
-    device = model.model.embed_tokens.weight.device
+    device = model.device  # the embedding table may be released (block formats)
     batch_size = batch_size or (1 if device.type == "cpu" else 64)
     seqs = [e.prompt_ids + e.reply_ids for e in examples]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar lengths
@@ -200,26 +207,42 @@ def _loss(head: DraftHead, corpus: _Corpus, t: Tensor, valid: Tensor, remap: Ten
     return (ce * weight).sum() / weight.sum().clamp_min(1.0), acc0
 
 
+def _sequence_key(e: Example) -> str:
+    return hashlib.blake2b(array("l", e.prompt_ids + e.reply_ids).tobytes(), digest_size=16).hexdigest()
+
+
 def _features(loaded: Any, examples: list[Example], out_dir: Path, layers: tuple[int, ...]) -> list[Tensor]:
+    """Each example's features from features.pt, computing (and saving every FEATURES_SAVE_EVERY)
+    those it lacks."""
     path = out_dir / FEATURES_FILE
-    key = [len(e.prompt_ids) + len(e.reply_ids) for e in examples]
+    store: dict[str, Tensor] = {}
     if path.exists():
         saved = torch.load(path)
-        if saved.get("lengths") == key and tuple(saved.get("layers", ())) == layers:
-            return saved["h"]
-        log.info("head: %s is for other examples or layers; computing them again", path)
-    h = head_features(loaded, examples, layers=layers)
-    tmp = path.with_name(path.name + ".tmp")  # then renamed: never a half-written file, nor one shared by a link
-    torch.save({"lengths": key, "layers": list(layers), "h": h}, tmp)
-    tmp.replace(path)
-    return h
+        if saved.get("format") == FEATURES_FORMAT and tuple(saved.get("layers", ())) == layers:
+            store = saved["h"]
+        else:
+            log.info("head: %s holds other layers' features or an older format; computing them again", path)
+    keys = [_sequence_key(e) for e in examples]
+    missing = list({k: e for k, e in zip(keys, examples, strict=True) if k not in store}.items())
+    if missing:
+        log.info("head: features of %d of %d sequences to compute (%s has the others)", len(missing), len(keys), path)
+    for start in range(0, len(missing), FEATURES_SAVE_EVERY):
+        chunk = missing[start:start + FEATURES_SAVE_EVERY]
+        h = head_features(loaded, [e for _, e in chunk], desc=f"features {start}+{len(chunk)} of {len(missing)}",
+                          layers=layers)
+        store.update(zip([k for k, _ in chunk], h, strict=True))
+        tmp = path.with_name(path.name + ".tmp")  # then renamed: never a half-written file, nor one shared by a link
+        torch.save({"format": FEATURES_FORMAT, "layers": list(layers), "h": store}, tmp)
+        tmp.replace(path)
+    return [store[k] for k in keys]
 
 
 def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_dir: str | Path,
                base_path: str | Path, info: dict[str, Any] | None = None, init: DraftHead | None = None) -> DraftHead:
     """Train (or resume) a draft head for the frozen `loaded.model`; see the module docstring.
     `init`: the weights to start from where out_dir holds no state yet (a shipped head, to train
-    further; its window, slots, layers and vocabulary replace cfg's and the data's)."""
+    further; its window, slots and layers replace cfg's, its vocabulary grows by the tokens the
+    data's replies use)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = [e for e in examples if len(e.reply_ids) >= 2]
@@ -230,17 +253,20 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     if init is not None:
         cfg.window, cfg.n_slots, cfg.n_layers = init.config.window, init.config.n_slots, init.config.n_layers
         cfg.feature_layers = init.config.feature_layers
-        vocab = init.vocab.clone()
+        # Its vocabulary and every token the data's replies use: no weight is per token (the
+        # output rows are the base's), so new tokens cost nothing but their rows' products.
+        vocab = torch.unique(torch.cat([init.vocab.cpu(), _vocab(examples, V)]))
     else:
         vocab = _vocab(examples, V)
-    device = model.model.embed_tokens.weight.device
+    device = model.device  # the embedding table may be released (block formats)
     corpus = _Corpus(examples, _features(loaded, examples, out_dir, cfg.feature_layers), cfg.n_slots, device)
     remap = _remap(vocab, V).to(device)
     head = DraftHead(loaded.config, DraftHeadConfig(window=cfg.window, n_slots=cfg.n_slots, n_layers=cfg.n_layers,
                                                     vocab_size=len(vocab), feature_layers=cfg.feature_layers)).to(device)
     head.vocab.copy_(vocab)
     if init is not None:
-        head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init.state_dict().items()})
+        head.load_state_dict({k: v.float() if v.is_floating_point() else head.vocab if k == "vocab" else v
+                              for k, v in init.state_dict().items()})
     else:
         head.init_from(model)
     head.attach(model)

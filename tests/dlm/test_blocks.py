@@ -688,3 +688,28 @@ def test_the_default_teacher_on_blocks_answers_as_the_dense_float32_one():
         expected = dense_engine.submit(messages, params).result()
         assert engine.submit(messages, params).result() == expected
     assert "7" in expected
+
+
+@needs_kernel
+def test_a_draft_head_trains_on_a_base_whose_embedding_table_is_freed(tmp_path):
+    """`adapt drafter --kind head` loads the base on blocks, where the float32 embedding table is
+    freed: the features, a fresh head's start and a continued head read embeddings through the
+    lookup; a continued head keeps its weights and its vocabulary grows by the data's tokens."""
+    from dlm.adapt.data import Example
+    from dlm.adapt.head import HeadTrainConfig, head_features, train_head
+
+    dense, on_blocks = _blocks_loaded(seed=5)
+    on_blocks.path = dense.path = tmp_path / "base.gguf"
+    dense.path.write_bytes(b"tiny base weights")
+    examples = [Example([3, 4 + i], [10 + i + k for k in range(8)], [], "x", "greedy", i, "train") for i in range(12)]
+    for a, b in zip(head_features(on_blocks, examples), head_features(dense, examples), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=2e-3, rtol=2e-3)  # the blocks' order of sums, float16
+    cfg = HeadTrainConfig(max_steps=0, batch_size=16, window=2, n_slots=2, n_layers=1, warmup_steps=1)
+    first = train_head(on_blocks, examples, cfg, tmp_path / "first", on_blocks.path)  # its start only
+    assert torch.equal(first.slots, dense.model.model.embed_tokens.weight.mean(0, keepdim=True).expand_as(first.slots))
+    more = [Example([5, 6], [40 + k for k in range(6)], [], "x", "greedy", 99, "train")]
+    cfg = HeadTrainConfig(max_steps=3, batch_size=16, warmup_steps=1)
+    continued = train_head(on_blocks, more, cfg, tmp_path / "more", on_blocks.path, init=first)
+    assert continued.vocab.tolist() == sorted(set(first.vocab.tolist()) | set(range(40, 46)))
+    assert (continued.config.window, continued.config.n_slots) == (2, 2)  # the head given decides its shape
+    assert not torch.equal(continued.fuse.weight, first.fuse.weight.float())  # trained on from it

@@ -249,6 +249,40 @@ def test_head_features_in_batches_equal_one_sequence_at_a_time(base):
         assert torch.allclose(a.float(), b.float(), atol=2e-3, rtol=2e-3)
 
 
+def test_head_features_are_kept_by_sequence_and_computed_only_where_missing(base, tmp_path, monkeypatch):
+    """features.pt keeps each sequence's features by its token ids, saved every few sequences: a
+    run on more data computes only the new ones, and an interrupted run goes on where it stopped."""
+    from dlm.adapt import head as head_module
+
+    examples = [Example([(3 * i) % 40, (3 * i) % 40 + 1], [(3 * i) % 40 + 2 + k for k in range(6)], [], "x",
+                        "greedy", i, "train") for i in range(24)]
+    monkeypatch.setattr(head_module, "FEATURES_SAVE_EVERY", 5)
+    computed: list[int] = []
+    real = head_module.head_features
+
+    def counting(loaded, batch, **kw):
+        if len(computed) == 2 and fail:
+            raise KeyboardInterrupt
+        computed.append(len(batch))
+        return real(loaded, batch, **kw)
+
+    monkeypatch.setattr(head_module, "head_features", counting)
+    fail = True
+    with pytest.raises(KeyboardInterrupt):
+        head_module._features(base, examples[:12], tmp_path, ())
+    assert computed == [5, 5]
+    fail, computed[:] = False, []
+    first = head_module._features(base, examples[:12], tmp_path, ())
+    assert computed == [2]  # the ten saved before the interruption are read back
+    computed.clear()
+    both = head_module._features(base, examples[::-1], tmp_path, ())
+    assert computed == [5, 5, 2]  # the other twelve only
+    assert all(torch.equal(a, b) for a, b in zip(first, both[::-1][:12], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(both, real(base, examples[::-1]), strict=True))
+    with torch.no_grad():
+        assert head_module._features(base, examples[:3], tmp_path, (0,))[0].shape[1] == 2 * base.config.dim  # others
+
+
 def test_a_head_trained_with_soft_targets_learns_and_records_the_share(base, tmp_path):
     """Distillation to the teacher's distribution (`soft`) trains a head that drafts the counting
     replies; the share is in the file's training info."""
@@ -275,7 +309,7 @@ def test_a_head_on_more_layers_features_trains_and_the_engine_refuses_it(base, t
     assert head.fuse.weight.shape[1] == 3 * base.config.dim
     assert evaluate_head(base, head, examples[:8])["slot_agreement"][0] > 0.5
     saved = torch.load(tmp_path / "run" / "features.pt", weights_only=True)
-    assert saved["layers"] == [0] and saved["h"][0].shape[1] == 2 * base.config.dim
+    assert saved["layers"] == [0] and all(h.shape[1] == 2 * base.config.dim for h in saved["h"].values())
     loaded = load_drafter(tmp_path / "run" / "drafter.safetensors", base)
     assert loaded.config.feature_layers == (0,)
     with pytest.raises(ValueError, match=r"layers \[0\]"):
