@@ -8,6 +8,8 @@ Contract:
   plain text and can never become the end-of-turn, mask or any other special id. Only the
   template's own markup is parsed for special tokens. `stop_token_ids` are `spec.eos_token_ids`.
   `encode_many(conversations)` is the same over many conversations at once (data sets).
+  `encode_open(messages)` renders the last message left open: its content so far without the
+  markup that ends it, for a model to go on writing that turn (a user's request, for data).
 - `IncrementalDetokenizer(tokenizer).push(ids) -> str` returns the new text that is final:
   emitted text never changes later, never ends inside a UTF-8 sequence (an incomplete byte
   sequence is held back until it completes), and keeps SentencePiece / byte-level BPE spacing
@@ -106,6 +108,16 @@ class ChatFormatter:
                 ids += markup + next(contents)
             out.append(ids + pieces[-1])
         return out
+
+    def encode_open(self, messages: list[dict[str, str]]) -> list[int]:
+        """`encode` without the markup after the last message's content (and no generation
+        prompt): the model's next token continues that message."""
+        messages = self._with_system(messages)
+        pieces = self._markup_pieces(tuple(m["role"] for m in messages), add_generation_prompt=False)
+        ids: list[int] = []
+        for markup, content in zip(pieces, self._contents_ids([m["content"] for m in messages]), strict=False):
+            ids += markup + content
+        return ids
 
     def _markup_pieces(self, roles: tuple[str, ...], add_generation_prompt: bool) -> list[list[int]]:
         """The template's markup around the contents of messages with these roles: one more piece

@@ -48,10 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction
             p.add_argument("--adapter", type=Path, default=None, metavar="FILE",
                            help="the teacher is the base with this adapter merged (dlm.adapter), e.g. the "
                                 "grounded one: a drafter for that model trains on its replies")
-            p.add_argument("--teacher-weights", choices=("hf", "blocks", "blocks-amx", "blocks-bf16"), default="hf",
-                           help="hf: Hugging Face generate (default); blocks / blocks-amx / blocks-bf16: this "
-                                "project's AR engine on a GGUF's own blocks (float32 / float32-accurate on AMX / "
-                                "AMX bf16), several times faster on CPU")
+            p.add_argument("--teacher-weights", choices=("hf", "blocks", "blocks-amx", "blocks-bf16", "blocks-int16"), default="hf",
+                           help="hf: Hugging Face generate (default); blocks / blocks-amx / blocks-bf16 / "
+                                "blocks-int16: this project's AR engine on a GGUF's own blocks (float32 / "
+                                "float32-accurate on AMX / AMX bf16 / 16-bit integer products on AVX512-VNNI, "
+                                "the default's arithmetic on a CPU without AMX), several times faster on CPU")
+            p.add_argument("--prompts", choices=("templates", "self"), default="templates",
+                           help="templates: the generated voice prompts (default); self: requests the teacher "
+                                "writes itself from the first words of one (Magpie), wider than the templates")
             p.add_argument("--first-prompt", type=int, default=0,
                            help="skip the generated prompts before this index (new prompts after an earlier "
                                 "data set made with the same seed)")
@@ -155,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if args.step in ("data", "pipeline"):
         pipeline.run_data(run_dir, base, scale, args.device, args.time_budget_s, adapter=getattr(args, "adapter", None),
                           teacher_weights=getattr(args, "teacher_weights", "hf"),
-                          first_prompt=getattr(args, "first_prompt", 0))
+                          first_prompt=getattr(args, "first_prompt", 0),
+                          prompt_source=getattr(args, "prompts", "templates"))
     if args.step in ("train", "pipeline"):
         info = pipeline.run_train(run_dir, base, scale, args.device, args.train_budget_s or args.time_budget_s,
                                   args.max_steps)

@@ -31,9 +31,9 @@ from dlm.adapt.convert import to_block_diffusion
 from dlm.adapt.data import Example, read_dataset, steps_per_epoch, write_dataset
 from dlm.adapt.evaluate import evaluate
 from dlm.adapt.export import export_student
-from dlm.adapt.prompts import generate_prompts
+from dlm.adapt.prompts import Prompt, generate_prompts, self_prompt_starts
 from dlm.adapt.quality import has_loop
-from dlm.adapt.teacher import engine_replies, generate_replies, hf_teacher
+from dlm.adapt.teacher import engine_replies, generate_replies, hf_teacher, written_prompts
 from dlm.adapt.train import STUDENT_FILE, TrainConfig, train
 from dlm.chat import ChatFormatter
 from dlm.checkpoints import LoadedModel, load_model
@@ -109,18 +109,30 @@ def _load_base(base: str | Path, adapter: str | Path | None = None) -> LoadedMod
 
 # -- data ------------------------------------------------------------------------------------------
 
-TEACHER_WEIGHTS = ("hf", "blocks", "blocks-amx", "blocks-bf16")
+TEACHER_WEIGHTS = ("hf", "blocks", "blocks-amx", "blocks-bf16", "blocks-int16")
+
+
+PROMPT_SOURCES = ("templates", "self")
+_SELF_DRAWS = 1.5  # requests the model starts per prompt wanted: some are not kept (clean_request, repeats)
 
 
 def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_budget_s: float = 0.0,
-             adapter: str | Path | None = None, teacher_weights: str = "hf", first_prompt: int = 0) -> Path:
+             adapter: str | Path | None = None, teacher_weights: str = "hf", first_prompt: int = 0,
+             prompt_source: str = "templates") -> Path:
     """The teacher's replies to generated voice prompts (DATA_FILE); `adapter`: the teacher is
     the base with this adapter merged (dlm.adapter); `teacher_weights`: "hf" (Hugging Face
     `generate` in float32, or bf16 on CUDA) or a GGUF's blocks on this project's AR engine
     ("blocks": float32; "blocks-amx": float32-accurate on AMX, the default's serving arithmetic
-    where AMX runs; "blocks-bf16": AMX bf16, a few replies differ), 8 rows at a time;
+    where AMX runs; "blocks-bf16": AMX bf16, a few replies differ; "blocks-int16": 16-bit integer
+    products, the default's serving arithmetic on a CPU with AVX512-VNNI and no AMX), 8 rows at a time;
     `first_prompt`: skip the prompts before it (more data after an earlier run on the same seed:
-    its prompts are 0 .. its n_prompts - 1)."""
+    its prompts are 0 .. its n_prompts - 1); `prompt_source`: "templates" (`generate_prompts`)
+    or "self": requests the teacher writes itself (`written_prompts`), up to n_prompts distinct
+    ones, the last n_heldout held out."""
+    if prompt_source not in PROMPT_SOURCES:
+        raise ValueError(f"prompt_source must be one of {PROMPT_SOURCES}, not {prompt_source!r}")
+    if prompt_source == "self" and first_prompt:
+        raise ValueError("first_prompt applies to the template prompts only (self-written ones are drawn anew)")
     if teacher_weights not in TEACHER_WEIGHTS:
         raise ValueError(f"teacher_weights must be one of {TEACHER_WEIGHTS}, not {teacher_weights!r}")
     if not 0 <= first_prompt < scale.n_prompts - scale.n_heldout:
@@ -139,10 +151,13 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
         teacher, generate = loaded, engine_replies
     tok = loaded.tokenizer
     eos_ids = loaded.spec.eos_token_ids
-    prompts = generate_prompts(scale.n_prompts, scale.seed)
+    if prompt_source == "self":
+        prompts = _self_written(loaded, scale, deadline)
+    else:
+        prompts = generate_prompts(scale.n_prompts, scale.seed)
     encoded = ChatFormatter(tok, loaded.spec).encode_many([p.as_messages() for p in prompts])
     keep = [i for i, ids in enumerate(encoded) if len(ids) <= scale.max_prompt_tokens and i >= first_prompt]
-    heldout_from = scale.n_prompts - scale.n_heldout
+    heldout_from = len(prompts) - scale.n_heldout
     gen = {"max_new_tokens": scale.teacher_max_new_tokens,
            "batch_size": scale.gen_batch_size if teacher_weights == "hf" else 8, "eos_ids": eos_ids,
            "deadline": deadline}
@@ -176,7 +191,8 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     gen_s = time.monotonic() - t_gen
     reply_tokens = sum(len(e.reply_ids) for e in examples)
     meta = {"base": str(base), "adapter": None if adapter is None else Path(adapter).name, "seed": scale.seed,
-            "n_prompts": scale.n_prompts, "n_heldout_prompts": scale.n_heldout, "first_prompt": first_prompt,
+            "prompt_source": prompt_source,
+            "n_prompts": len(prompts), "n_heldout_prompts": scale.n_heldout, "first_prompt": first_prompt,
             "teacher_weights": teacher_weights,
             "eos_token_ids": eos_ids, "teacher_max_new_tokens": scale.teacher_max_new_tokens,
             "n_examples": len(examples), "n_train": sum(e.split == "train" for e in examples),
@@ -188,6 +204,25 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
                               "reply_tokens_per_s": round(reply_tokens / max(gen_s, 1e-9), 1),
                               "seconds": round(time.monotonic() - t0, 1)})
     return out
+
+
+def _self_written(loaded: LoadedModel, scale: Scale, deadline: float | None) -> list[Prompt]:
+    """Up to scale.n_prompts distinct requests the teacher writes (`written_prompts`), in the
+    order of their starts; fewer where too many are refused or the time budget ends first."""
+    starts = self_prompt_starts(int(scale.n_prompts * _SELF_DRAWS) + 8, scale.seed)
+    written = written_prompts(loaded, starts, seed=scale.seed, deadline=deadline, desc="teacher writes prompts")
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    for p in written:
+        if p is None or len(prompts) == scale.n_prompts or (key := p.messages[-1][1].lower()) in seen:
+            continue
+        seen.add(key)
+        prompts.append(p)
+    log.info("data: %d of %d requests the teacher wrote kept (distinct, clean)", len(prompts), len(starts))
+    if len(prompts) <= scale.n_heldout:
+        raise ValueError(f"the teacher wrote only {len(prompts)} usable requests, not more than the "
+                         f"{scale.n_heldout} held out: nothing to train on")
+    return prompts
 
 
 # -- train -----------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ the category. Prompts are templates × slots (questions, small talk, everyday ta
 customer-service turns, multi-turn follow-ups); the multi-turn ones carry an earlier user turn
 and a short assistant reply written here, so the teacher answers a follow-up in context.
 
+`self_prompt_starts(n, seed)` and `clean_request(text)` are the model-free half of prompts the
+model writes itself (Magpie, arXiv 2406.08464; `dlm.adapt.teacher.written_prompts` runs the
+model): for each, a system prompt and the first words of a user's request, then the check that
+the model's continuation reads as one spoken request. Their kind is `SELF_KIND`.
+
 Nothing here tokenizes: the caller renders messages with the chat template and encodes user
 text with special-token parsing off.
 """
@@ -16,7 +21,8 @@ import random
 import string
 from dataclasses import dataclass
 
-__all__ = ["KINDS", "PHONE_SYSTEM_PROMPT", "VOICE_SYSTEM_PROMPT", "Prompt", "generate_prompts"]
+__all__ = ["KINDS", "PHONE_SYSTEM_PROMPT", "SELF_KIND", "VOICE_SYSTEM_PROMPT", "Prompt", "clean_request",
+           "generate_prompts", "self_prompt_starts"]
 
 VOICE_SYSTEM_PROMPT = (
     "You are a friendly voice assistant. Your replies are spoken aloud, so answer in one to three "
@@ -238,3 +244,51 @@ def generate_prompts(n: int, seed: int = 0) -> list[Prompt]:
             seen.add(p)
             out.append(p)
     return out
+
+
+# -- prompts the model writes ----------------------------------------------------------------------
+
+SELF_KIND = "self"
+# The first words of a request the model then goes on writing. Without them a small instruct
+# model starts nearly every request alike ("I'm looking for a new ..."); with them the requests
+# spread over questions, commands, small talk and a caller's business.
+_SELF_STARTS = (
+    "What", "What's", "What is the", "How do I", "How", "How long", "How many", "Why", "Why do", "Can you",
+    "Could you", "Tell me", "Tell me a", "Is it", "Is there", "Are", "Does", "Do you", "Where", "When",
+    "Who", "Which", "Should I", "I need", "I want to", "Help me", "Give me", "Explain", "Remind me to",
+    "Set", "Please", "My", "I'm", "I have", "I just", "Any", "Recommend", "Describe", "Let's", "Good morning",
+    "Thanks", "Okay, and", "So", "Hey, what", "Hi, can", "Quick question,", "What do you think about",
+    "Do you know", "I was wondering", "Say",
+)
+_SERVICE_STARTS = (
+    "Hi, I", "I'd like to", "I need to", "Can I", "Do you", "What are your", "How much", "When", "My",
+    "I want to", "Is it possible to", "I have a question about", "Hello, I", "I called", "Could you",
+)
+_SELF_SERVICE_SHARE = 0.25  # of the requests, a caller's to a business's phone assistant
+_MAX_REQUEST_WORDS = 40
+
+
+def self_prompt_starts(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """`n` (system prompt, first words of the user's request), deterministic for `seed`."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if rng.random() < _SELF_SERVICE_SHARE:
+            business = rng.choice(_SLOTS["business"])
+            out.append((PHONE_SYSTEM_PROMPT.format(business=business), rng.choice(_SERVICE_STARTS)))
+        else:
+            out.append((VOICE_SYSTEM_PROMPT, rng.choice(_SELF_STARTS)))
+    return out
+
+
+def clean_request(text: str) -> str | None:
+    """The request as a caller would say it, or None where the text is not one: more than one
+    line (a letter, code), characters that are not plain ASCII text, markup, fewer than 3 or more
+    than 40 words, or no end where a sentence could end."""
+    text = text.strip()
+    if not text or "\n" in text or not text.isascii() or any(c in text for c in "<>{}[]|#*_`~\\"):
+        return None
+    words = text.split()
+    if not 3 <= len(words) <= _MAX_REQUEST_WORDS or not (text[-1].isalnum() or text[-1] in ".?!"):
+        return None
+    return " ".join(words)

