@@ -9,7 +9,8 @@ Contract:
   template's own markup is parsed for special tokens. `stop_token_ids` are `spec.eos_token_ids`.
   `encode_many(conversations)` is the same over many conversations at once (data sets).
   `encode_open(messages)` renders the last message left open: its content so far without the
-  markup that ends it, for a model to go on writing that turn (a user's request, for data).
+  markup that ends it, for a model to go on writing that turn (a user's request, for data);
+  `content_ids(text)` is a content's own ids within them.
 - `IncrementalDetokenizer(tokenizer).push(ids) -> str` returns the new text that is final:
   emitted text never changes later, never ends inside a UTF-8 sequence (an incomplete byte
   sequence is held back until it completes), and keeps SentencePiece / byte-level BPE spacing
@@ -115,9 +116,13 @@ class ChatFormatter:
         messages = self._with_system(messages)
         pieces = self._markup_pieces(tuple(m["role"] for m in messages), add_generation_prompt=False)
         ids: list[int] = []
-        for markup, content in zip(pieces, self._contents_ids([m["content"] for m in messages]), strict=False):
+        for markup, content in zip(pieces[:-1], self._contents_ids([m["content"] for m in messages]), strict=True):
             ids += markup + content
         return ids
+
+    def content_ids(self, text: str) -> list[int]:
+        """A message content's ids as `encode` writes them (special-token parsing off)."""
+        return self._contents_ids([text])[0]
 
     def _markup_pieces(self, roles: tuple[str, ...], add_generation_prompt: bool) -> list[list[int]]:
         """The template's markup around the contents of messages with these roles: one more piece

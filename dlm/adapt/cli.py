@@ -79,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction
                    help="the base's dtype while training (default: float32 on the GGUF's blocks for a head, the "
                         "serving arithmetic; bfloat16 for slots: AMX)")
     p.add_argument("--epochs", type=float, default=1.0, help="slots: the schedule's length in epochs")
-    p.add_argument("--max-steps", type=int, default=0, help="fix the schedule's length in steps (head default: 3000)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="fix the schedule's length in steps (head default: 3000; 0: a head's features and "
+                        "evaluation only)")
     p.add_argument("--batch-size", type=int, default=0, help="sequences per step (slots, default 8) or reply "
                                                              "positions per step (head, default 256)")
     p.add_argument("--cuts", type=int, default=8, help="slots: draft blocks per sequence per step")
@@ -217,7 +219,8 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
         else:
             loaded = load_model(base, device=args.device, dtype=args.dtype, adapter=args.adapter)
         if not args.eval_only:
-            cfg = HeadTrainConfig(max_steps=args.max_steps or 3000, batch_size=args.batch_size or 256, window=args.window,
+            steps = 3000 if args.max_steps is None else args.max_steps
+            cfg = HeadTrainConfig(max_steps=steps, batch_size=args.batch_size or 256, window=args.window,
                                   n_slots=args.slots, n_layers=args.layers, lr=args.lr, soft=args.soft,
                                   feature_layers=tuple(int(i) for i in args.feature_layers.split(",") if i),
                                   time_budget_s=args.time_budget_s)

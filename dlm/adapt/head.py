@@ -12,9 +12,10 @@ frozen AR model `loaded` and writes into `out_dir`:
     features.pt           the base's hidden states over every example (float16), computed once
                           (`head_features`; with `feature_layers`, those layers' outputs too),
                           each keyed by its token ids and saved every FEATURES_SAVE_EVERY
-                          sequences: an interrupted run goes on where it stopped, and a run given a
-                          link to another run's file computes only the sequences that file lacks
-                          (another mix of data files)
+                          sequences with the fingerprints of the base and adapter: an interrupted
+                          run goes on where it stopped, and a run given a link to another run's
+                          file (same base, adapter, layers) computes only the sequences that file
+                          lacks (another mix of data files); its first save replaces the link
 
 The base runs once per example, without gradients, over prompt + reply (exactly the hidden states
 decoding computes, since the replies are the teacher's own greedy ones); training then never
@@ -54,7 +55,8 @@ from dlm.adapt.data import Example
 from dlm.adapt.draft import DRAFTER_FILE, STATE_FILE
 from dlm.adapt.state import lr_at, resume_state, save_state
 from dlm.draft_head import DraftHead, DraftHeadConfig
-from dlm.drafter import save_drafter
+from dlm.drafter import base_fingerprint, save_drafter
+from dlm.tuned_file import file_sha256
 
 __all__ = ["DRAFTER_FILE", "HeadTrainConfig", "evaluate_head", "head_features", "train_head"]
 
@@ -208,22 +210,30 @@ def _loss(head: DraftHead, corpus: _Corpus, t: Tensor, valid: Tensor, remap: Ten
 
 
 def _sequence_key(e: Example) -> str:
-    return hashlib.blake2b(array("l", e.prompt_ids + e.reply_ids).tobytes(), digest_size=16).hexdigest()
+    return hashlib.blake2b(array("q", e.prompt_ids + e.reply_ids).tobytes(), digest_size=16).hexdigest()
 
 
-def _features(loaded: Any, examples: list[Example], out_dir: Path, layers: tuple[int, ...]) -> list[Tensor]:
+def _features_source(base_path: str | Path, adapter: str | Path | None) -> dict[str, str | None]:
+    """What the features were computed from: the base's fingerprint and the merged adapter's."""
+    return {"base": base_fingerprint(base_path), "adapter": None if adapter is None else file_sha256(adapter)}
+
+
+def _features(loaded: Any, examples: list[Example], out_dir: Path, layers: tuple[int, ...],
+              source: dict[str, str | None]) -> list[Tensor]:
     """Each example's features from features.pt, computing (and saving every FEATURES_SAVE_EVERY)
-    those it lacks."""
+    those it lacks. A file of other layers, another base or adapter (`source`) or an older format
+    is not read. A saved file replaces a link of that name by a file of this run's own."""
     path = out_dir / FEATURES_FILE
     store: dict[str, Tensor] = {}
     if path.exists():
         saved = torch.load(path)
-        if saved.get("format") == FEATURES_FORMAT and tuple(saved.get("layers", ())) == layers:
+        if (saved.get("format"), tuple(saved.get("layers", ())), saved.get("source")) == (FEATURES_FORMAT, layers, source):
             store = saved["h"]
         else:
-            log.info("head: %s holds other layers' features or an older format; computing them again", path)
+            log.info("head: %s holds features of other layers, another base or adapter, or an older format; "
+                     "computing them again", path)
     keys = [_sequence_key(e) for e in examples]
-    missing = list({k: e for k, e in zip(keys, examples, strict=True) if k not in store}.items())
+    missing = list({k: e for k, e in zip(keys, examples, strict=True) if k not in store}.items())  # repeats once
     if missing:
         log.info("head: features of %d of %d sequences to compute (%s has the others)", len(missing), len(keys), path)
     for start in range(0, len(missing), FEATURES_SAVE_EVERY):
@@ -232,7 +242,7 @@ def _features(loaded: Any, examples: list[Example], out_dir: Path, layers: tuple
                           layers=layers)
         store.update(zip([k for k, _ in chunk], h, strict=True))
         tmp = path.with_name(path.name + ".tmp")  # then renamed: never a half-written file, nor one shared by a link
-        torch.save({"format": FEATURES_FORMAT, "layers": list(layers), "h": store}, tmp)
+        torch.save({"format": FEATURES_FORMAT, "layers": list(layers), "source": source, "h": store}, tmp)
         tmp.replace(path)
     return [store[k] for k in keys]
 
@@ -259,14 +269,16 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     else:
         vocab = _vocab(examples, V)
     device = model.device  # the embedding table may be released (block formats)
-    corpus = _Corpus(examples, _features(loaded, examples, out_dir, cfg.feature_layers), cfg.n_slots, device)
+    adapter = getattr(loaded, "adapter", None)
+    features = _features(loaded, examples, out_dir, cfg.feature_layers, _features_source(base_path, adapter))
+    corpus = _Corpus(examples, features, cfg.n_slots, device)
     remap = _remap(vocab, V).to(device)
     head = DraftHead(loaded.config, DraftHeadConfig(window=cfg.window, n_slots=cfg.n_slots, n_layers=cfg.n_layers,
                                                     vocab_size=len(vocab), feature_layers=cfg.feature_layers)).to(device)
     head.vocab.copy_(vocab)
     if init is not None:
-        head.load_state_dict({k: v.float() if v.is_floating_point() else head.vocab if k == "vocab" else v
-                              for k, v in init.state_dict().items()})
+        state = {k: v.float() if v.is_floating_point() else v for k, v in init.state_dict().items()}
+        head.load_state_dict({**state, "vocab": head.vocab})  # the grown vocabulary
     else:
         head.init_from(model)
     head.attach(model)
@@ -277,7 +289,6 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     if step:
         log.info("head: resuming from step %d of %d", step, cfg.max_steps)
     info = dict(info or {}, n_train=len(examples), n_samples=len(corpus.samples))
-    adapter = getattr(loaded, "adapter", None)
 
     def save() -> None:
         save_state(out_dir / STATE_FILE, step, head, optimizer, cfg)

@@ -207,8 +207,11 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
 
 
 def _self_written(loaded: LoadedModel, scale: Scale, deadline: float | None) -> list[Prompt]:
-    """Up to scale.n_prompts distinct requests the teacher writes (`written_prompts`), in the
-    order of their starts; fewer where too many are refused or the time budget ends first."""
+    """Up to scale.n_prompts distinct requests the teacher writes (`written_prompts`, on the AR
+    engine over the teacher's loaded weights: with teacher_weights "hf", its dense float32 ones on
+    the CPU), in the order of their starts; fewer where too many are refused or the time budget
+    ends first (then the held-out requests are others than a whole run's with the same seed: do
+    not mix the two files)."""
     starts = self_prompt_starts(int(scale.n_prompts * _SELF_DRAWS) + 8, scale.seed)
     written = written_prompts(loaded, starts, seed=scale.seed, deadline=deadline, desc="teacher writes prompts")
     prompts: list[Prompt] = []

@@ -37,7 +37,7 @@ PHONE_SYSTEM_PROMPT = (
 @dataclass(frozen=True)
 class Prompt:
     messages: tuple[tuple[str, str], ...]  # (role, content) pairs, system first
-    kind: str  # one of KINDS
+    kind: str  # one of KINDS, or SELF_KIND (a request the model wrote)
 
     def as_messages(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]
@@ -282,9 +282,10 @@ def self_prompt_starts(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 def clean_request(text: str) -> str | None:
-    """The request as a caller would say it, or None where the text is not one: more than one
-    line (a letter, code), characters that are not plain ASCII text, markup, fewer than 3 or more
-    than 40 words, or no end where a sentence could end."""
+    """The request as a caller would say it (runs of spaces made one), or None where the text is
+    not one: more than one line (a letter, code), characters that are not plain ASCII text,
+    markup, fewer than 3 or more than 40 words, or a last character that is neither a letter, a
+    digit nor . ? ! (a spoken request may trail off after a word, not inside a bracket or quote)."""
     text = text.strip()
     if not text or "\n" in text or not text.isascii() or any(c in text for c in "<>{}[]|#*_`~\\"):
         return None

@@ -199,6 +199,7 @@ def test_data_step_on_requests_the_teacher_writes(tmp_path: Path) -> None:
 
     loaded = load_model(pipeline_default_base(), weights="blocks", inference_only=True)
     first = self_prompt_starts(6, 0)
-    assert written_prompts(loaded, first, batch_size=4) == written_prompts(loaded, first, batch_size=2)
+    written = written_prompts(loaded, first, batch_size=4)
+    assert any(written) and written == written_prompts(loaded, first, batch_size=2)
     with pytest.raises(ValueError, match="first_prompt"):
         main(["data", "--scale", "tiny", "--out", str(tmp_path / "other"), "--prompts", "self", "--first-prompt", "2"])

@@ -256,6 +256,8 @@ def test_head_features_are_kept_by_sequence_and_computed_only_where_missing(base
 
     examples = [Example([(3 * i) % 40, (3 * i) % 40 + 1], [(3 * i) % 40 + 2 + k for k in range(6)], [], "x",
                         "greedy", i, "train") for i in range(24)]
+    examples.insert(3, examples[1])  # a repeated sequence is computed once
+    source = {"base": "fingerprint", "adapter": None}
     monkeypatch.setattr(head_module, "FEATURES_SAVE_EVERY", 5)
     computed: list[int] = []
     real = head_module.head_features
@@ -269,18 +271,23 @@ def test_head_features_are_kept_by_sequence_and_computed_only_where_missing(base
     monkeypatch.setattr(head_module, "head_features", counting)
     fail = True
     with pytest.raises(KeyboardInterrupt):
-        head_module._features(base, examples[:12], tmp_path, ())
+        head_module._features(base, examples[:13], tmp_path, (), source)
     assert computed == [5, 5]
     fail, computed[:] = False, []
-    first = head_module._features(base, examples[:12], tmp_path, ())
-    assert computed == [2]  # the ten saved before the interruption are read back
+    first = head_module._features(base, examples[:13], tmp_path, (), source)
+    assert computed == [2]  # the ten saved before the interruption are read back; 12 distinct of 13
+    assert first[3] is first[1]
     computed.clear()
-    both = head_module._features(base, examples[::-1], tmp_path, ())
+    both = head_module._features(base, examples[::-1], tmp_path, (), source)
     assert computed == [5, 5, 2]  # the other twelve only
-    assert all(torch.equal(a, b) for a, b in zip(first, both[::-1][:12], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, both[::-1][:13], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(both, real(base, examples[::-1]), strict=True))
-    with torch.no_grad():
-        assert head_module._features(base, examples[:3], tmp_path, (0,))[0].shape[1] == 2 * base.config.dim  # others
+    computed.clear()
+    other = {"base": "another base's fingerprint", "adapter": None}
+    assert head_module._features(base, examples[:3], tmp_path, (), other) and computed == [3]  # not read: computed
+    computed.clear()
+    assert head_module._features(base, examples[:3], tmp_path, (0,), other)[0].shape[1] == 2 * base.config.dim
+    assert computed == [3]  # other layers' features: computed
 
 
 def test_a_head_trained_with_soft_targets_learns_and_records_the_share(base, tmp_path):
