@@ -170,9 +170,11 @@ def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, m
                 if deltas[-1].finish_reason != "eos" or has_loop(ids):
                     continue
                 system, start = starts[i]
-                start_ids = formatter.content_ids(start)  # decoded with the continuation: its spacing
-                request = clean_request(loaded.tokenizer.decode(start_ids + ids, skip_special_tokens=True,
-                                                                clean_up_tokenization_spaces=False))
+                # The start decoded with the continuation (its spacing); a special token written
+                # inside the request stays as its markup text, which clean_request refuses.
+                text = loaded.tokenizer.decode(formatter.content_ids(start) + ids, skip_special_tokens=False,
+                                               clean_up_tokenization_spaces=False)
+                request = clean_request(text)
                 if request is not None:
                     out[i] = Prompt((("system", system), ("user", request)), SELF_KIND)
                     kept += 1
