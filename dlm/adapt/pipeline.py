@@ -110,8 +110,6 @@ def _load_base(base: str | Path, adapter: str | Path | None = None) -> LoadedMod
 # -- data ------------------------------------------------------------------------------------------
 
 TEACHER_WEIGHTS = ("hf", "blocks", "blocks-amx", "blocks-bf16", "blocks-int16")
-
-
 PROMPT_SOURCES = ("templates", "self")
 _SELF_DRAWS = 1.5  # requests the model starts per prompt wanted: some are not kept (clean_request, repeats)
 
