@@ -10,7 +10,8 @@ Contract:
   `encode_many(conversations)` is the same over many conversations at once (data sets).
   `encode_open(messages)` renders the last message left open: its content so far without the
   markup that ends it, for a model to go on writing that turn (a user's request, for data);
-  `content_ids(text)` is a content's own ids within them.
+  `content_ids(text)` is a content's own ids within them; `encode_many_open` is the same over
+  many conversations (the markup rendered once per role sequence).
 - `IncrementalDetokenizer(tokenizer).push(ids) -> str` returns the new text that is final:
   emitted text never changes later, never ends inside a UTF-8 sequence (an incomplete byte
   sequence is held back until it completes), and keeps SentencePiece / byte-level BPE spacing
@@ -86,7 +87,8 @@ class ChatFormatter:
         """Template markup with special tokens parsed, contents with special tokens escaped."""
         return self.encode_many([messages], add_generation_prompt)[0]
 
-    def encode_many(self, conversations: list[list[dict[str, str]]], add_generation_prompt: bool = True) -> list[list[int]]:
+    def encode_many(self, conversations: list[list[dict[str, str]]], add_generation_prompt: bool = True, *,
+                    open_last: bool = False) -> list[list[int]]:
         """`encode` over many conversations, for data sets of tens of thousands of prompts.
 
         The template is rendered with a random placeholder per message content; the rendered text
@@ -107,18 +109,17 @@ class ChatFormatter:
             ids: list[int] = []
             for markup in pieces[:-1]:
                 ids += markup + next(contents)
-            out.append(ids + pieces[-1])
+            out.append(ids if open_last else ids + pieces[-1])  # open_last: the markup ending it left out
         return out
 
     def encode_open(self, messages: list[dict[str, str]]) -> list[int]:
         """`encode` without the markup after the last message's content (and no generation
         prompt): the model's next token continues that message."""
-        messages = self._with_system(messages)
-        pieces = self._markup_pieces(tuple(m["role"] for m in messages), add_generation_prompt=False)
-        ids: list[int] = []
-        for markup, content in zip(pieces[:-1], self._contents_ids([m["content"] for m in messages]), strict=True):
-            ids += markup + content
-        return ids
+        return self.encode_many_open([messages])[0]
+
+    def encode_many_open(self, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+        """`encode_open` over many conversations (`encode_many`'s markup cache and batched contents)."""
+        return self.encode_many(conversations, add_generation_prompt=False, open_last=True)
 
     def content_ids(self, text: str) -> list[int]:
         """A message content's ids as `encode` writes them (special-token parsing off)."""

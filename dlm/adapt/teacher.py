@@ -148,10 +148,11 @@ def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, m
     formatter = ChatFormatter(loaded.tokenizer, loaded.spec)
     heads = [[{"role": "system", "content": system}, {"role": "user", "content": start}] for system, start in starts]
     if heads:  # the model ends the request with an end-of-turn id only where the template does
-        opened, closed = formatter.encode_open(heads[0]), formatter.encode(heads[0], add_generation_prompt=False)
-        if closed[len(opened):len(opened) + 1] not in ([t] for t in loaded.spec.eos_token_ids):
+        first, closed = formatter.encode_open(heads[0]), formatter.encode(heads[0], add_generation_prompt=False)
+        if closed[len(first):len(first) + 1] not in ([t] for t in loaded.spec.eos_token_ids):
             raise ValueError("the chat template does not end a user's turn with an end-of-turn id: the model "
                              "cannot say where a request it writes ends")
+    opened = formatter.encode_many_open(heads)  # the template rendered once per role sequence
     out: list[Prompt | None] = [None] * len(starts)
     bar = tqdm(total=len(starts), desc=desc, unit="prompt", mininterval=2.0)
     kept = 0
@@ -161,7 +162,6 @@ def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, m
                 bar.write(f"{desc}: time budget reached after {b} of {len(starts)} prompts")
                 break
             wave = range(b, min(b + 4 * batch_size, len(starts)))
-            opened = {i: formatter.encode_open(heads[i]) for i in wave}
             handles = [engine.submit(opened[i], GenerationParams(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)) for i in wave]
             for i, handle in zip(wave, handles, strict=True):
