@@ -211,15 +211,11 @@ def _self_written(loaded: LoadedModel, scale: Scale, deadline: float | None) -> 
     ends first (then the held-out requests are others than a whole run's with the same seed: do
     not mix the two files)."""
     starts = self_prompt_starts(int(scale.n_prompts * _SELF_DRAWS) + 8, scale.seed)
-    written = written_prompts(loaded, starts, seed=scale.seed, deadline=deadline, desc="teacher writes prompts")
-    prompts: list[Prompt] = []
-    seen: set[str] = set()
-    for p in written:
-        if p is None or len(prompts) == scale.n_prompts or (key := p.messages[-1][1].lower()) in seen:
-            continue
-        seen.add(key)
-        prompts.append(p)
-    log.info("data: %d of %d requests the teacher wrote kept (distinct, clean)", len(prompts), len(starts))
+    written = written_prompts(loaded, starts, seed=scale.seed, deadline=deadline, enough=scale.n_prompts,
+                              desc="teacher writes prompts")
+    prompts = [p for p in written if p is not None][:scale.n_prompts]  # distinct already
+    log.info("data: %d requests the teacher wrote kept (distinct, clean), of at most %d started", len(prompts),
+             len(starts))
     if len(prompts) <= scale.n_heldout:
         raise ValueError(f"the teacher wrote only {len(prompts)} usable requests, not more than the "
                          f"{scale.n_heldout} held out: nothing to train on")

@@ -13,7 +13,8 @@ Contract:
 - `written_prompts(loaded, starts, ...)`: prompts the model writes itself (Magpie, arXiv
   2406.08464): for each (system prompt, first words of a request), the chat template up to the
   user's turn and those words, continued by sampling on the AR engine until the model ends the
-  turn; `clean_request` keeps it or not (None). Deterministic for a seed.
+  turn; `clean_request` keeps it or not (None), and a request written before makes it None.
+  Deterministic for a seed.
 - `reply_nll(...)` is the teacher's mean negative log-likelihood per token of given replies
   (EOS included) after their prompts: the quality measure of evaluation.
 A `deadline` (time.monotonic() value) stops generation between batches; unfinished prompts get None.
@@ -22,7 +23,7 @@ A `deadline` (time.monotonic() value) stops generation between batches; unfinish
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,41 +108,56 @@ def engine_replies(loaded: LoadedModel, prompts: Sequence[list[int]], *, max_new
     batching of `batch_size` rows) instead of Hugging Face `generate`: on a CPU with the GGUF's
     blocks about 190 reply tokens/s against 10-40 (2 cores). Replies end with the EOS id the
     model wrote; sampled ones use seed + the prompt's index."""
-    from dlm.ar import AREngine
     from dlm.engine import GenerationParams
 
     replies: list[list[int] | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", mininterval=2.0)
     n_tokens, t0 = 0, time.monotonic()
-    with AREngine(loaded, max_batch_size=batch_size) as engine:
-        for b in range(0, len(prompts), 4 * batch_size):  # a few rows' worth queued at a time
-            if deadline is not None and time.monotonic() > deadline:
-                bar.write(f"{desc}: time budget reached after {b} of {len(prompts)} prompts")
-                break
-            wave = range(b, min(b + 4 * batch_size, len(prompts)))
-            handles = [engine.submit(prompts[i], GenerationParams(
-                max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-                top_p=top_p if do_sample else 1.0, seed=seed + i if do_sample else None)) for i in wave]
-            for i, handle in zip(wave, handles, strict=True):
-                deltas = list(handle)
-                reply = [t for d in deltas for t in d.token_ids]
-                end = [deltas[-1].eos_id] if deltas[-1].finish_reason == "eos" else []
-                if (end and not has_loop(reply)) or keep_unfinished:  # as generate_replies keeps them
-                    replies[i] = reply + end
-                n_tokens += len(replies[i] or ())
-            bar.update(len(wave))
-            bar.set_postfix(tok_s=f"{n_tokens / max(time.monotonic() - t0, 1e-9):.0f}")
+
+    def params(i: int) -> GenerationParams:
+        return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                                top_p=top_p if do_sample else 1.0, seed=seed + i if do_sample else None)
+
+    for i, deltas in _engine_runs(loaded, prompts, params, batch_size=batch_size, deadline=deadline, bar=bar):
+        reply = [t for d in deltas for t in d.token_ids]
+        end = [deltas[-1].eos_id] if deltas[-1].finish_reason == "eos" else []
+        if (end and not has_loop(reply)) or keep_unfinished:  # as generate_replies keeps them
+            replies[i] = reply + end
+        n_tokens += len(replies[i] or ())
+        bar.set_postfix(tok_s=f"{n_tokens / max(time.monotonic() - t0, 1e-9):.0f}", refresh=False)
     bar.close()
     return replies
 
 
+def _engine_runs(loaded: LoadedModel, prompts: Sequence[list[int]], params, *, batch_size: int,
+                 deadline: float | None, bar: tqdm, stop=None) -> Iterator[tuple[int, list]]:
+    """(index, the engine's deltas) per prompt, in order, on this project's AR engine with
+    `batch_size` rows; `params(i)` gives prompt i's GenerationParams. A few rows' worth are queued
+    at a time, so the deadline and `stop()` (true: enough) are checked between those waves."""
+    from dlm.ar import AREngine
+
+    with AREngine(loaded, max_batch_size=batch_size) as engine:
+        for b in range(0, len(prompts), 4 * batch_size):
+            if deadline is not None and time.monotonic() > deadline:
+                bar.write(f"{bar.desc}: time budget reached after {b} of {len(prompts)} prompts")
+                return
+            if stop is not None and stop():
+                return
+            wave = range(b, min(b + 4 * batch_size, len(prompts)))
+            handles = [engine.submit(prompts[i], params(i)) for i in wave]
+            for i, handle in zip(wave, handles, strict=True):
+                yield i, list(handle)
+                bar.update(1)
+
 def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, max_new_tokens: int = 48,
                     batch_size: int = 8, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-                    deadline: float | None = None, desc: str = "prompts") -> list[Prompt | None]:
+                    deadline: float | None = None, enough: int | None = None,
+                    desc: str = "prompts") -> list[Prompt | None]:
     """Per (system prompt, start of the request): the user's request the model wrote from it,
-    as a Prompt of kind SELF_KIND, or None (no end of turn within `max_new_tokens`, a loop, or
-    `clean_request` refused it). Row i samples with seed + i: the same prompts in any batch."""
-    from dlm.ar import AREngine
+    as a Prompt of kind SELF_KIND, or None (no end of turn within `max_new_tokens`, a loop,
+    `clean_request` refused it, or an earlier start's request was the same, case aside).
+    Row i samples with seed + i: the same prompts in any batch. With `enough`, no further wave of
+    starts is begun once that many requests are kept (the rest stay None)."""
     from dlm.chat import ChatFormatter
     from dlm.engine import GenerationParams
 
@@ -154,35 +170,29 @@ def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, m
                              "cannot say where a request it writes ends")
     opened = formatter.encode_many_open(heads)  # the template rendered once per role sequence
     out: list[Prompt | None] = [None] * len(starts)
+    seen: set[str] = set()
     bar = tqdm(total=len(starts), desc=desc, unit="prompt", mininterval=2.0)
-    kept = 0
-    with AREngine(loaded, max_batch_size=batch_size) as engine:
-        for b in range(0, len(starts), 4 * batch_size):
-            if deadline is not None and time.monotonic() > deadline:
-                bar.write(f"{desc}: time budget reached after {b} of {len(starts)} prompts")
-                break
-            wave = range(b, min(b + 4 * batch_size, len(starts)))
-            handles = [engine.submit(opened[i], GenerationParams(
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)) for i in wave]
-            for i, handle in zip(wave, handles, strict=True):
-                deltas = list(handle)
-                ids = [t for d in deltas for t in d.token_ids]
-                if deltas[-1].finish_reason != "eos" or has_loop(ids):
-                    continue
-                system, start = starts[i]
-                # The start decoded with the continuation (its spacing); a special token written
-                # inside the request stays as its markup text, which clean_request refuses.
-                text = loaded.tokenizer.decode(formatter.content_ids(start) + ids, skip_special_tokens=False,
-                                               clean_up_tokenization_spaces=False)
-                request = clean_request(text)
-                if request is not None:
-                    out[i] = Prompt((("system", system), ("user", request)), SELF_KIND)
-                    kept += 1
-            bar.update(len(wave))
-            bar.set_postfix(kept=kept)
+
+    def params(i: int) -> GenerationParams:
+        return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
+
+    for i, deltas in _engine_runs(loaded, opened, params, batch_size=batch_size, deadline=deadline, bar=bar,
+                                  stop=lambda: enough is not None and len(seen) >= enough):
+        ids = [t for d in deltas for t in d.token_ids]
+        if deltas[-1].finish_reason != "eos" or has_loop(ids):
+            continue
+        system, start = starts[i]
+        # The start decoded with the continuation (its spacing); a special token written
+        # inside the request stays as its markup text, which clean_request refuses.
+        text = loaded.tokenizer.decode(formatter.content_ids(start) + ids, skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        request = clean_request(text)
+        if request is not None and request.lower() not in seen:
+            seen.add(request.lower())
+            out[i] = Prompt((("system", system), ("user", request)), SELF_KIND)
+            bar.set_postfix(kept=len(seen), refresh=False)
     bar.close()
     return out
-
 
 @torch.inference_mode()
 def reply_nll(model, prompts: Sequence[list[int]], replies: Sequence[list[int]], *,

@@ -201,5 +201,10 @@ def test_data_step_on_requests_the_teacher_writes(tmp_path: Path) -> None:
     first = self_prompt_starts(6, 0)
     written = written_prompts(loaded, first, batch_size=4)
     assert any(written) and written == written_prompts(loaded, first, batch_size=2)
+    keys = [p.messages[-1][1].lower() for p in written if p is not None]
+    assert len(keys) == len(set(keys))  # a request written twice is kept once
+    # enough=1 with waves of 4 starts: no second wave once the first kept one
+    first_wave = 4 if any(written[:4]) else len(first)
+    assert written_prompts(loaded, first, batch_size=1, enough=1) == written[:first_wave] + [None] * (6 - first_wave)
     with pytest.raises(ValueError, match="first_prompt"):
         main(["data", "--scale", "tiny", "--out", str(tmp_path / "other"), "--prompts", "self", "--first-prompt", "2"])
