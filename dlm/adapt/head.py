@@ -11,11 +11,13 @@ frozen AR model `loaded` and writes into `out_dir`:
                           (never shipped, never committed)
     features.pt           the base's hidden states over every example (float16), computed once
                           (`head_features`; with `feature_layers`, those layers' outputs too),
-                          each keyed by its token ids and saved every FEATURES_SAVE_EVERY
-                          sequences with the fingerprints of the base and adapter: an interrupted
-                          run goes on where it stopped, and a run given a link to another run's
-                          file (same base, adapter, layers) computes only the sequences that file
-                          lacks (another mix of data files); its first save replaces the link
+                          each keyed by its token ids, with the fingerprints of the base and
+                          adapter; every FEATURES_SAVE_EVERY sequences computed are saved as a
+                          part file (features.pt.part-NNNN), merged into features.pt at the end:
+                          an interrupted run goes on where it stopped, and a run given a link to
+                          another run's file (same base, adapter, layers) computes only the
+                          sequences that file lacks (another mix of data files); the merge
+                          replaces the link
 
 The base runs once per example, without gradients, over prompt + reply (exactly the hidden states
 decoding computes, since the replies are the teacher's own greedy ones); training then never
@@ -220,32 +222,45 @@ def _features_source(base_path: str | Path, adapter: str | Path | None) -> dict[
 
 def _features(loaded: Any, examples: list[Example], out_dir: Path, layers: tuple[int, ...],
               source: dict[str, str | None]) -> list[Tensor]:
-    """Each example's features from features.pt, computing (and saving every FEATURES_SAVE_EVERY)
-    those it lacks. A file of other layers, another base or adapter (`source`) or an older format
-    is not read. A saved file replaces a link of that name by a file of this run's own."""
+    """Each example's features from features.pt and its parts, computing those they lack: every
+    FEATURES_SAVE_EVERY sequences computed are saved as one more part (features.pt.part-NNNN,
+    only the new ones), and the parts are merged into features.pt at the end (a link of that name
+    is replaced by a file of this run's own). A file of other layers, another base or adapter
+    (`source`) or an older format is not read."""
     path = out_dir / FEATURES_FILE
+    header = {"format": FEATURES_FORMAT, "layers": list(layers), "source": source}
+    parts = sorted(out_dir.glob(FEATURES_FILE + ".part-*"))
     store: dict[str, Tensor] = {}
-    if path.exists():
-        saved = torch.load(path)
-        if (saved.get("format"), tuple(saved.get("layers", ())), saved.get("source")) == (FEATURES_FORMAT, layers, source):
-            store = saved["h"]
+    for f in ([path] if path.exists() else []) + parts:
+        saved = torch.load(f)
+        if {k: saved.get(k) for k in header} == header:
+            store.update(saved["h"])
         else:
             log.info("head: %s holds features of other layers, another base or adapter, or an older format; "
-                     "computing them again", path)
+                     "not read", f)
     keys = [_sequence_key(e) for e in examples]
     missing = list({k: e for k, e in zip(keys, examples, strict=True) if k not in store}.items())  # repeats once
     if missing:
         log.info("head: features of %d of %d sequences to compute (%s has the others)", len(missing), len(keys), path)
-    for start in range(0, len(missing), FEATURES_SAVE_EVERY):
+    for n, start in enumerate(range(0, len(missing), FEATURES_SAVE_EVERY), start=len(parts)):
         chunk = missing[start:start + FEATURES_SAVE_EVERY]
         h = head_features(loaded, [e for _, e in chunk], desc=f"features {start}+{len(chunk)} of {len(missing)}",
                           layers=layers)
-        store.update(zip([k for k, _ in chunk], h, strict=True))
-        tmp = path.with_name(path.name + ".tmp")  # then renamed: never a half-written file, nor one shared by a link
-        torch.save({"format": FEATURES_FORMAT, "layers": list(layers), "source": source, "h": store}, tmp)
-        tmp.replace(path)
+        new = dict(zip([k for k, _ in chunk], h, strict=True))
+        store.update(new)
+        _save_whole(out_dir / f"{FEATURES_FILE}.part-{n:04d}", {**header, "h": new})
+    if missing or parts:
+        _save_whole(path, {**header, "h": store})
+        for f in out_dir.glob(FEATURES_FILE + ".part-*"):
+            f.unlink()
     return [store[k] for k in keys]
 
+
+def _save_whole(path: Path, obj: Any) -> None:
+    """torch.save to a temporary name, then renamed: never a half-written file, nor one shared by a link."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_dir: str | Path,
                base_path: str | Path, info: dict[str, Any] | None = None, init: DraftHead | None = None) -> DraftHead:

@@ -250,8 +250,9 @@ def test_head_features_in_batches_equal_one_sequence_at_a_time(base):
 
 
 def test_head_features_are_kept_by_sequence_and_computed_only_where_missing(base, tmp_path, monkeypatch):
-    """features.pt keeps each sequence's features by its token ids, saved every few sequences: a
-    run on more data computes only the new ones, and an interrupted run goes on where it stopped."""
+    """features.pt keeps each sequence's features by its token ids, saved every few sequences as a
+    part file of the new ones, merged at the end: a run on more data computes only the new ones,
+    and an interrupted run goes on where it stopped."""
     from dlm.adapt import head as head_module
 
     examples = [Example([(3 * i) % 40, (3 * i) % 40 + 1], [(3 * i) % 40 + 2 + k for k in range(6)], [], "x",
@@ -273,9 +274,13 @@ def test_head_features_are_kept_by_sequence_and_computed_only_where_missing(base
     with pytest.raises(KeyboardInterrupt):
         head_module._features(base, examples[:13], tmp_path, (), source)
     assert computed == [5, 5]
+    parts = sorted(f.name for f in tmp_path.glob("features*"))
+    assert parts == ["features.pt.part-0000", "features.pt.part-0001"]  # each save holds only its new five
+    assert [len(torch.load(tmp_path / f, weights_only=True)["h"]) for f in parts] == [5, 5]
     fail, computed[:] = False, []
     first = head_module._features(base, examples[:13], tmp_path, (), source)
     assert computed == [2]  # the ten saved before the interruption are read back; 12 distinct of 13
+    assert sorted(f.name for f in tmp_path.glob("features*")) == ["features.pt"]  # the parts merged into one file
     assert first[3] is first[1]
     computed.clear()
     both = head_module._features(base, examples[::-1], tmp_path, (), source)
