@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction
         p.add_argument("--lr", type=float, help="override the learning rate")
         p.add_argument("--epochs", type=float, help="override the schedule's length in epochs")
         p.add_argument("--gen-batch-size", type=int, help="override the teacher's batch size")
+        p.add_argument("--seed", type=int, help="override the preset's seed (0): the prompts, sampling and "
+                                                 "training order; another seed makes other data")
         p.add_argument("--max-steps", type=int, default=0, help="fix the schedule's length in steps")
         p.add_argument("--eval-prompts", type=int, default=0, help="evaluate on at most this many held-out prompts")
         p.add_argument("--student", type=Path, default=None,
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     scale = pipeline.scale_with(args.scale, n_prompts=args.n_prompts, n_heldout=args.n_heldout,
                                 sampled_per_prompt=args.sampled_per_prompt, block_size=args.block_size,
                                 batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
-                                gen_batch_size=args.gen_batch_size)
+                                gen_batch_size=args.gen_batch_size, seed=args.seed)
     base = args.base or pipeline.default_base()
     run_dir: Path = args.out
     run_dir.mkdir(parents=True, exist_ok=True)

