@@ -149,6 +149,7 @@ def _engine_runs(loaded: LoadedModel, prompts: Sequence[list[int]], params, *, b
                 yield i, list(handle)
                 bar.update(1)
 
+
 def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, max_new_tokens: int = 48,
                     batch_size: int = 8, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
                     deadline: float | None = None, enough: int | None = None,
