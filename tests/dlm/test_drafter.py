@@ -5,6 +5,7 @@ oneDNN-packed weights."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -277,14 +278,22 @@ def test_head_features_are_kept_by_sequence_and_computed_only_where_missing(base
     parts = sorted(f.name for f in tmp_path.glob("features*"))
     assert parts == ["features.pt.part-0000", "features.pt.part-0001"]  # each save holds only its new five
     assert [len(torch.load(tmp_path / f, weights_only=True)["h"]) for f in parts] == [5, 5]
+    (tmp_path / "features.pt.part-0002.tmp").write_bytes(b"a part cut off while it was saved")
     fail, computed[:] = False, []
     first = head_module._features(base, examples[:13], tmp_path, (), source)
     assert computed == [2]  # the ten saved before the interruption are read back; 12 distinct of 13
     assert sorted(f.name for f in tmp_path.glob("features*")) == ["features.pt"]  # the parts merged into one file
     assert first[3] is first[1]
     computed.clear()
+    other_run = tmp_path / "other-run"  # features.pt a link to another run's: that file is left as it was
+    other_run.mkdir()
+    (tmp_path / "features.pt").rename(other_run / "features.pt")
+    os.link(other_run / "features.pt", tmp_path / "features.pt")
+    theirs = (other_run / "features.pt").read_bytes()
     both = head_module._features(base, examples[::-1], tmp_path, (), source)
     assert computed == [5, 5, 2]  # the other twelve only
+    assert (other_run / "features.pt").read_bytes() == theirs
+    assert not (tmp_path / "features.pt").samefile(other_run / "features.pt")
     assert all(torch.equal(a, b) for a, b in zip(first, both[::-1][:13], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(both, real(base, examples[::-1]), strict=True))
     computed.clear()
