@@ -137,6 +137,16 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
         raise ValueError(f"first_prompt must lie in [0, {scale.n_prompts - scale.n_heldout}) (the training prompts)")
     out = run_dir / DATA_FILE
     if out.exists():
+        with out.open() as f:
+            made = json.loads(f.readline())
+        wanted = {"seed": scale.seed, "prompt_source": prompt_source, "teacher_weights": teacher_weights,
+                  "first_prompt": first_prompt, "n_heldout_prompts": scale.n_heldout,
+                  "adapter": None if adapter is None else Path(adapter).name}
+        differ = [k for k, v in wanted.items() if k in made and made[k] != v]  # older files lack some
+        if differ:
+            raise ValueError(f"{out} was made with " + ", ".join(f"{k} {made[k]!r}" for k in differ)
+                             + ", not " + ", ".join(f"{wanted[k]!r}" for k in differ)
+                             + ": give another --out, or delete that file to make the data anew")
         log.info("data: %s exists, skipped", out)
         return out
     t0 = time.monotonic()

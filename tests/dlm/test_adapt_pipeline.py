@@ -32,6 +32,12 @@ def test_recipe_end_to_end_at_tiny_scale(tiny_base: Path, tmp_path: Path) -> Non
 
     meta = json.loads((run / "data.jsonl").open().readline())
     assert meta["n_train"] > 0 and meta["n_heldout"] > 0
+    # The data step again into the same folder: the same settings reuse the file, others are refused
+    made = (run / "data.jsonl").read_bytes()
+    assert main(["data", "--scale", "tiny", "--out", str(run), "--base", str(tiny_base)]) == 0
+    with pytest.raises(ValueError, match="made with seed 0, not 5: give another --out"):
+        main(["data", "--scale", "tiny", "--out", str(run), "--base", str(tiny_base), "--seed", "5"])
+    assert (run / "data.jsonl").read_bytes() == made
     report = json.loads((run / "eval.json").read_text())
     assert [t["threshold"] for t in report["thresholds"]] == [0.7, 0.8, 0.9, 1.0]
     # One token per step: never more than one kept token per pass (fewer where slots committed
