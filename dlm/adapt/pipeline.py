@@ -136,16 +136,17 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     if not 0 <= first_prompt < scale.n_prompts - scale.n_heldout:
         raise ValueError(f"first_prompt must lie in [0, {scale.n_prompts - scale.n_heldout}) (the training prompts)")
     out = run_dir / DATA_FILE
+    # What makes the data what it is: in the file's header, and compared with an existing file's
+    settings = {"adapter": None if adapter is None else Path(adapter).name, "seed": scale.seed,
+                "prompt_source": prompt_source, "n_heldout_prompts": scale.n_heldout, "first_prompt": first_prompt,
+                "teacher_weights": teacher_weights}
     if out.exists():
         with out.open() as f:
             made = json.loads(f.readline())
-        wanted = {"seed": scale.seed, "prompt_source": prompt_source, "teacher_weights": teacher_weights,
-                  "first_prompt": first_prompt, "n_heldout_prompts": scale.n_heldout,
-                  "adapter": None if adapter is None else Path(adapter).name}
-        differ = [k for k, v in wanted.items() if k in made and made[k] != v]  # older files lack some
+        differ = [k for k, v in settings.items() if k in made and made[k] != v]  # older files lack some
         if differ:
             raise ValueError(f"{out} was made with " + ", ".join(f"{k} {made[k]!r}" for k in differ)
-                             + ", not " + ", ".join(f"{wanted[k]!r}" for k in differ)
+                             + ", not " + ", ".join(f"{settings[k]!r}" for k in differ)
                              + ": give another --out, or delete that file to make the data anew")
         log.info("data: %s exists, skipped", out)
         return out
@@ -198,10 +199,7 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
             add(i, reply, "sampled")
     gen_s = time.monotonic() - t_gen
     reply_tokens = sum(len(e.reply_ids) for e in examples)
-    meta = {"base": str(base), "adapter": None if adapter is None else Path(adapter).name, "seed": scale.seed,
-            "prompt_source": prompt_source,
-            "n_prompts": len(prompts), "n_heldout_prompts": scale.n_heldout, "first_prompt": first_prompt,
-            "teacher_weights": teacher_weights,
+    meta = {"base": str(base), **settings, "n_prompts": len(prompts),
             "eos_token_ids": eos_ids, "teacher_max_new_tokens": scale.teacher_max_new_tokens,
             "n_examples": len(examples), "n_train": sum(e.split == "train" for e in examples),
             "n_heldout": sum(e.split == "heldout" for e in examples), "reply_tokens": reply_tokens,
