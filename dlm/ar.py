@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dlm.blocks import row_argmax
 from dlm.config import DiffusionSpec
 from dlm.constraints import mask_logits
 from dlm.decode import BlockDecoder, RowUpdate, StepTrace, _batch_bucket, _bucket, _Row
@@ -106,7 +107,7 @@ class ARDecoder(BlockDecoder):
     def _pick(self, rows: list[_Row], logits: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
         """logits (n, N, V) -> per row N tokens (argmax, or samples) and, for sampled rows, the
         distribution (N, V) they were drawn from."""
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = row_argmax(logits).tolist()
         if all(r.generator is None for r in rows):
             return greedy, [None] * len(rows)
         temperature, top_p = self._params(rows)

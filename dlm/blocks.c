@@ -1076,13 +1076,15 @@ TARGET static void attend(const float *q, const float *keys, const float *values
    attends to its cache positions 0..K-1 where mask (M, K) is nonzero; cos, sin (M, Dh) its RoPE.
    The cache: k_cache, v_cache (L, rows, S1, Hkv, Dh) float32 contiguous. Where drafts is not NULL
    (one draft_layer per layer), the rows with drafted[m] != 0 are draft slots: every projection
-   adds the drafter's update there (the other rows' bits stay what they are without it). Dimensions
-   are multiples of 16 (dlm/blocks.py checks), Dh at most 256. Returns 0, or -1 where memory ran out. */
+   adds the drafter's update there (the other rows' bits stay what they are without it). Where
+   final_norm (D,) is not NULL, every row leaves through that RMSNorm (the model's final norm, as
+   its layers' norms are computed). Dimensions are multiples of 16 (dlm/blocks.py checks), Dh at
+   most 256. Returns 0, or -1 where memory ran out. */
 int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block_layer *layers, int64_t H,
                    int64_t Hkv, int64_t Dh, int64_t F, float eps, const float *cos, const float *sin,
                    float *k_cache, float *v_cache, int64_t cache_rows, int64_t S1, const int64_t *cache_row,
                    const int64_t *write_pos, const uint8_t *mask, int64_t K, int threads, const draft_layer *drafts,
-                   const uint8_t *drafted) {
+                   const uint8_t *drafted, const float *final_norm) {
     const int64_t QKV = (H + 2 * Hkv) * Dh, kv = Hkv * Dh, layer_stride = cache_rows * S1 * kv;
     int64_t r_max = 0;
     for (int64_t l = 0; l < n_layers; l++) {
@@ -1141,10 +1143,60 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
         if (drafted) add_update(act, drafted, M, F, &drafts[l].down, out, D, t, threads);
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
     }
+    if (final_norm)
+        for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, final_norm, x + m * D, D, eps);
     goto done;
 oom:
     status = -1;
 done:
     free(h), free(wide), free(att), free(act), free(out), free(t), free(scores);
     return status;
+}
+
+/* Per row of x (M, N) float32: the index of its largest value into idx (M,), the first where several
+   are, a NaN counting as largest (the first NaN's), as torch.argmax picks; and where top is not NULL,
+   that value's softmax probability 1 / sum_j e^(x_j - max) into top (M,) (NaN where the max is not
+   finite, as torch.softmax gives). Single-threaded, 16 lanes at a time: a decoding step's logits
+   (a few rows of a vocabulary) take microseconds, where torch's argmax reduction takes about a
+   microsecond per thousand values (docs/benchmarks.md, "Session 31"). */
+TARGET void blocks_argmax(const float *x, int64_t M, int64_t N, int64_t *idx, float *top) {
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * N;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i at = lanes; /* per lane: the first index of its largest value so far */
+        __mmask16 nan = 0;
+        for (int64_t j = 0; j < N; j += 16) {
+            const __mmask16 in = N - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - j)) - 1);
+            const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, row + j);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            const __mmask16 more = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, more, v);
+            at = _mm512_mask_mov_epi32(at, more, _mm512_add_epi32(lanes, _mm512_set1_epi32((int32_t)j)));
+        }
+        int64_t pick = 0;
+        float hi = -INFINITY;
+        if (nan) {
+            while (row[pick] == row[pick]) pick++;
+            hi = NAN;
+        } else {
+            hi = _mm512_reduce_max_ps(best);
+            const __mmask16 tied = _mm512_cmp_ps_mask(best, _mm512_set1_ps(hi), _CMP_EQ_OQ);
+            pick = _mm512_mask_reduce_min_epi32(tied, at);
+        }
+        idx[m] = pick;
+        if (!top) continue;
+        if (!isfinite(hi)) {
+            top[m] = NAN;
+            continue;
+        }
+        __m512 sum = _mm512_setzero_ps();
+        const __m512 h = _mm512_set1_ps(hi);
+        for (int64_t j = 0; j < N; j += 16) {
+            const __mmask16 in = N - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - j)) - 1);
+            const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, row + j);
+            sum = _mm512_add_ps(sum, exp16(_mm512_sub_ps(v, h)));
+        }
+        top[m] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
 }

@@ -92,6 +92,7 @@ class DraftHead(nn.Module):
         self._rope: tuple[Tensor, Tensor] | None = None
         self._packed_head: Projection | BlockProjection | None = None  # `pack()`, `use_blocks()`
         self._block_layers: BlockLayers | None = None  # `use_blocks()`
+        self._plans: dict[tuple, tuple[Tensor, ...]] = {}  # per shape: tensors a pass reads, never writes
 
     @property
     def n_slots(self) -> int:
@@ -106,6 +107,7 @@ class DraftHead(nn.Module):
         self._head = head.float()
         T = self.config.window + self.config.n_slots
         self._rope = (model.rope_cos[:T, None].float(), model.rope_sin[:T, None].float())
+        self._plans.clear()
 
     def pack(self) -> bool:
         """For inference on a CPU with oneDNN bf16 (AMX): every product in bf16 on packed weights
@@ -183,37 +185,47 @@ class DraftHead(nn.Module):
         ctx = self.fuse(torch.cat([feats.to(dtype), self._embed(tokens).to(dtype)], dim=-1))  # (B, W, D)
         x = torch.cat([ctx, self.slots[:n].to(ctx.dtype)[None].expand(B, -1, -1)], dim=1)  # (B, W + n, D)
         T = W + n
-        cos, sin = self._rope[0][:T][None].to(x.dtype), self._rope[1][:T][None].to(x.dtype)
-        keys = torch.arange(T, device=x.device)
-        real = keys[None, :] >= (W - valid)[:, None]  # (B, T): padding pairs are nobody's keys
-        real = real | (keys[None, :] >= W)
-        # The context causally (it never sees the slots); the slots: the whole context and block.
-        causal = ((keys[None, :] < W) & (keys[:, None] >= keys[None, :])) | (keys[:, None] >= W)
-        mask = (causal[None] & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)[None]
+        keys, causal, eye = self._pattern(W, n, x.device)
+        real = (keys[None, :] >= (W - valid)[:, None]) | (keys[None, :] >= W)  # (B, T): padding pairs are nobody's keys
+        mask = (causal[None] & real[:, None, :]) | eye[None]
         if self._block_layers is not None and not torch.is_grad_enabled():
-            x = self._through_blocks(x, mask)
+            out = self._through_blocks(x, mask)[:, W:]  # normed
         else:
+            cos, sin = self._rope[0][:T][None].to(x.dtype), self._rope[1][:T][None].to(x.dtype)
             for layer in self.layers:
                 x = layer(x, cos, sin, mask[:, None], None)
-        out = self.norm(x[:, W:])
+            out = self.norm(x[:, W:])
         if self._packed_head is not None and not torch.is_grad_enabled():
             return self._packed_head(out, 0)[..., : len(self.vocab)].float()
         return (out @ self._head.to(x.dtype).T).float()  # (B, n, V')
 
+    def _pattern(self, W: int, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(keys 0..T-1, the attention pattern without padding (T, T): the context causally, never
+        seeing the slots, the slots the whole context and block; the diagonal), T = W + n; made
+        once per shape (a pass's dozen small tensor calls cost more than its arithmetic at a step)."""
+        key = ("pattern", W, n, device)
+        if key not in self._plans:
+            keys = torch.arange(W + n, device=device)
+            causal = ((keys[None, :] < W) & (keys[:, None] >= keys[None, :])) | (keys[:, None] >= W)
+            self._plans[key] = (keys, causal, torch.eye(W + n, dtype=torch.bool, device=device))
+        return self._plans[key]
+
     def _through_blocks(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x (B, T, D) through the layers in one `BlockLayers` call: each pass's positions 0..T-1
-        in a cache row of its own (a scratch cache: every position's K/V are written before any
-        attends, so the slots see each other as the mask says)."""
+        """x (B, T, D) through the layers and the final norm in one `BlockLayers` call: each pass's
+        positions 0..T-1 in a cache row of its own (a scratch cache: every position's K/V are
+        written before any attends, so the slots see each other as the mask says)."""
         B, T, D = x.shape
         c = self.model_config
         rows = x.reshape(B * T, D).float().contiguous()
-        cos, sin = (table[:T, 0].repeat(B, 1).contiguous() for table in self._rope)
-        k_cache = torch.empty(len(self.layers), B, T, c.n_kv_heads, c.head_dim)
+        key = ("blocks", B, T)
+        if key not in self._plans:  # the RoPE tables, cache rows and positions of each row (read-only)
+            cos, sin = (table[:T, 0].repeat(B, 1).contiguous() for table in self._rope)
+            self._plans[key] = (cos, sin, torch.arange(B).repeat_interleave(T), torch.arange(T).repeat(B))
+        cos, sin, cache_rows, writes = self._plans[key]
+        k_cache = torch.empty(len(self.layers), B, T, c.n_kv_heads, c.head_dim)  # per call: engines may share a head
         v_cache = torch.empty_like(k_cache)
-        cache_rows = torch.arange(B).repeat_interleave(T)
-        writes = torch.arange(T).repeat(B)
         self._block_layers(rows, cos, sin, k_cache, v_cache, cache_rows, writes,
-                           mask.reshape(B * T, T).to(torch.uint8).contiguous())
+                           mask.reshape(B * T, T).to(torch.uint8).contiguous(), final_norm=self.norm.weight.detach())
         return rows.view(B, T, D)
 
     def draft_ids(self, index: Tensor) -> Tensor:

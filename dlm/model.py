@@ -853,7 +853,7 @@ class Transformer(nn.Module):
         writes = positions if write_positions is None else write_positions
         if (self._block_layers is not None and cache is not None and not torch.is_grad_enabled()
                 and mask.dtype == torch.bool and cache.k.dtype == torch.float32):
-            x = self._blocks_forward(x, cos, sin, mask, cache, cache_rows, writes, draft)
+            x = self._blocks_forward(x, cos, sin, mask, cache, cache_rows, writes, draft)  # normed
         else:
             n_step = 0 if not step else x.shape[1] if draft is None else draft.start
             exact = exact_mask(mask) if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else None
@@ -861,17 +861,18 @@ class Transformer(nn.Module):
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, mask, None if cache is None else (cache, i, cache_rows, writes, row),
                           None if draft is None else (draft.adapter.layers[i], draft.start), n_step, exact)
+            x = self.model.norm(x)
         if out_index is not None:
             x = x.gather(1, out_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, dim)
-        x = self.model.norm(x)
         return x if hidden else self.logits(x, normed=True, step=x.shape[1] if step and draft is None else 0)
 
     def _blocks_forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, cache_rows: Tensor,
                         writes: Tensor, draft: DraftInputs | None) -> Tensor:
-        """Every layer in one call of the block kernel (use_blocks): the same formulas as the
-        layers' own forward, each row from its own inputs and cache row only; a draft's mask slots
-        add the drafter's updates (`Drafter.block_updates`). Padding (positions written at the
-        cache's scratch position) is not computed: its outputs are its inputs, which no caller reads."""
+        """Every layer and the final norm in one call of the block kernel (use_blocks): the same
+        formulas as the layers' own forward and the norm, each row from its own inputs and cache
+        row only; a draft's mask slots add the drafter's updates (`Drafter.block_updates`). Padding
+        (positions written at the cache's scratch position) is not computed: its outputs are its
+        inputs, which no caller reads."""
         B, T, D = x.shape
         writes = writes.reshape(-1).to(torch.int64)
         live = writes != cache.scratch_pos
@@ -890,7 +891,8 @@ class Transformer(nn.Module):
         h = take(flat_x)
         if h.shape[0]:
             self._block_layers(h, take(cos.reshape(B * T, -1)), take(sin.reshape(B * T, -1)), cache.k, cache.v,
-                               take(rows.to(torch.int64)), take(writes), take(flat_mask), drafts, drafted)
+                               take(rows.to(torch.int64)), take(writes), take(flat_mask), drafts, drafted,
+                               self.model.norm.weight.detach())
         if index is None:
             return h.view(B, T, D)
         out = flat_x.clone()

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from dlm.ar import ARDecoder, AREngine
+from dlm.blocks import row_argmax, row_top
 from dlm.config import DiffusionSpec
 from dlm.constraints import mask_logits
 from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, _batch_bucket, _bucket, _Entry, _Row
@@ -168,7 +169,7 @@ class _DraftVerifyDecoder(ARDecoder):
                 if row.settings.constraint is not None:
                     for j, mask in enumerate(row.settings.constraint.lookahead(drafts[b].tokens)):
                         verify[b, j] = mask_logits(verify[b, j], mask)
-        best = verify.argmax(dim=-1).tolist()  # (n, Wv)
+        best = row_argmax(verify).tolist()  # (n, Wv)
         out = []
         sampled = [b for b, row in enumerate(rows) if row.generator is not None]
         probs = None
@@ -432,7 +433,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         every draft after it, is left out. Which tokens become final never depends on it."""
         if self.draft_confidence <= 0:
             return [self.head.n_slots] * scores.shape[0]
-        chain = torch.softmax(scores.float(), dim=-1).amax(dim=-1).cumprod(dim=-1)  # (p, n): non-increasing
+        chain = row_top(scores.float())[1].cumprod(dim=-1)  # (p, n): non-increasing
         return (chain >= self.draft_confidence).sum(dim=-1).tolist()
 
     def _extend_window(self, slot: int, h: Tensor, tokens: list[int]) -> None:
@@ -451,7 +452,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         """The head's scores (p, m, V') over its vocabulary -> drafts (and, for sampled rows, the
         distribution over the whole vocabulary they were drawn from: zero off the head's)."""
         if all(row.generator is None for row in rows):
-            return self.head.draft_ids(scores.argmax(dim=-1)).tolist(), [None] * len(rows)
+            return self.head.draft_ids(row_argmax(scores)).tolist(), [None] * len(rows)
         full = torch.full((*scores.shape[:2], self.model.config.vocab_size), float("-inf"), device=self.device)
         full[..., self.head.vocab] = scores
         return self._pick(rows, full)

@@ -714,3 +714,33 @@ def test_a_draft_head_trains_on_a_base_whose_embedding_table_is_freed(tmp_path):
     assert (continued.config.window, continued.config.n_slots) == (2, 2)  # the head given decides its shape
     given = {k: v for k, v in first.state_dict().items() if k != "vocab"}
     assert all(torch.equal(v.float(), continued.state_dict()[k].float()) for k, v in given.items())  # its start
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 7, 16, 33, 8427, 49152])
+def test_row_argmax_picks_what_torch_picks_and_row_top_its_probability(n, monkeypatch):
+    """dlm.blocks.row_argmax / row_top (the kernel's argmax of a step's logits): torch.argmax's
+    index on every row, ties (the first), NaN (the first NaN), all -inf and a tail of fewer than
+    16 values included, for any leading shape and a non-contiguous view; row_top's probability is
+    softmax's largest within float32 rounding (NaN where softmax gives NaN); without the kernel
+    loaded, torch answers the same."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, 4, n, generator=g) * 5
+    x[0, 1] = x[0, 1].round()  # ties
+    x[0, 2] = float("-inf")
+    x[1, 0] = 0.0
+    if n > 3:
+        x[1, 1, n // 2] = x[1, 1, n - 1] = float("nan")
+    x[1, 2, -1] = 1e4  # the largest last, in the tail
+    dlm.blocks.available()  # loaded: row_argmax never builds it
+    assert dlm.blocks._lib is not None
+    best, top = dlm.blocks.row_top(x)
+    assert best.dtype == torch.long and best.shape == (2, 4)
+    assert torch.equal(best, x.argmax(dim=-1))
+    assert torch.allclose(top, torch.softmax(x, dim=-1).amax(dim=-1), rtol=1e-5, atol=0, equal_nan=True)
+    view = x[:, 1:3]
+    assert not view.is_contiguous()
+    assert torch.equal(dlm.blocks.row_argmax(view), view.argmax(dim=-1))
+    monkeypatch.setattr(dlm.blocks, "_lib", None)  # the torch path
+    again, again_top = dlm.blocks.row_top(x)
+    assert torch.equal(again, best) and torch.allclose(again_top, top, rtol=1e-5, equal_nan=True)
