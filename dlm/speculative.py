@@ -45,7 +45,11 @@ accepted positions, each paired with the token it made final, extend the row's w
 head drafts the next n tokens from it after the forward, knowing the token just decided (see
 `HeadSpeculativeDecoder`); a row keeps only the leading drafts the head is sure enough of
 (`draft_confidence`: each kept draft is a row of the next forward), which changes how many
-tokens a forward may yield, never which.
+tokens a forward may yield, never which. Where the row's own text offers more (prompt lookup, as
+Saxena's prompt lookup decoding and vLLM's n-gram drafter: the last 2-4 final tokens occurred
+before, in the prompt or the reply, and what followed them there is taken as the drafts, up to
+`prompt_lookup` of them), a greedy row verifies that continuation instead of shorter head drafts:
+a spoken reply often repeats the caller's words or its own.
 Rows accept different numbers of tokens and leave or join between steps (continuous batching);
 padding rows and slots use the cache's scratch row and position. The forward is eager
 (`compile_mode` is not supported here).
@@ -53,7 +57,7 @@ padding rows and slots use the cache's scratch row and position. The forward is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -72,7 +76,8 @@ from dlm.masks import limit_mask
 from dlm.model import DraftInputs, Transformer
 from dlm.policies import sampling_probs
 
-__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_CONFIDENCE", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_SELF_DRAFT_LEN",
+__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_CONFIDENCE", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_PROMPT_LOOKUP",
+           "DEFAULT_SELF_DRAFT_LEN", "LOOKUP_NGRAM",
            "HeadSpeculativeDecoder",
            "SpeculativeDecoder", "SpeculativeEngine", "self_drafting_reason"]
 
@@ -88,6 +93,13 @@ DEFAULT_DRAFT_LEN = 1
 DEFAULT_HEAD_DRAFT_LEN = 6
 DEFAULT_HEAD_DRAFT_CONFIDENCE = 0.15
 DEFAULT_SELF_DRAFT_LEN = 4  # a block-diffusion model's own drafts (at most its block size)
+# Prompt lookup beside a draft head: at most 4 drafts copied from the row's own text where its
+# last 2 to 4 tokens occurred before (session 31, the shipped head on blocks-int16: tokens per
+# forward 1.64 -> 1.81 on bench llm's 8 spoken prompts, 2.00 -> 2.29 on 24 held-out requests the
+# teacher wrote itself, 2.65 -> 2.71 on the README's 24 template prompts; 4 verified the fewest
+# rows for the most tokens of the lengths 3-6; docs/models.md, "Prompt lookup").
+DEFAULT_PROMPT_LOOKUP = 4
+LOOKUP_NGRAM = (2, 4)  # the shortest and longest run of final tokens that prompt lookup matches
 
 
 def self_drafting_reason(spec: DiffusionSpec) -> str | None:
@@ -104,6 +116,13 @@ def self_drafting_reason(spec: DiffusionSpec) -> str | None:
 class _Drafts:
     tokens: list[int]  # drafts for the positions final_upto, final_upto + 1, ...
     probs: Tensor | None  # (k, V): the distribution each was sampled from (sampled rows only)
+
+
+@dataclass
+class _Seen:
+    """Prompt lookup's index of a row's final text: each token's positions, ascending, below upto."""
+    at: dict[int, list[int]] = field(default_factory=dict)
+    upto: int = 0
 
 
 class _DraftVerifyDecoder(ARDecoder):
@@ -319,19 +338,26 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
 
     def __init__(self, model: Transformer, spec: DiffusionSpec, head: DraftHead, *,
                  draft_len: int = DEFAULT_HEAD_DRAFT_LEN, tree: bool = True,
-                 draft_confidence: float = DEFAULT_HEAD_DRAFT_CONFIDENCE, **kwargs: Any) -> None:
+                 draft_confidence: float = DEFAULT_HEAD_DRAFT_CONFIDENCE,
+                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, **kwargs: Any) -> None:
         """draft_len: default drafts per forward (1..head.n_slots); tree: ignored (the head
         drafts after the acceptance is known: one chain); draft_confidence: a row's drafts end
         before the first whose chain confidence (the product of the head's top probabilities up
-        to it) is below this (0: always draft_len; see `_confident_len`). kwargs: ARDecoder's."""
+        to it) is below this (0: always draft_len; see `_confident_len`); prompt_lookup: at most
+        this many drafts copied from the row's own text where that is longer (0: none; see
+        `_look_up`). kwargs: ARDecoder's."""
         if not 0.0 <= draft_confidence < 1.0:
             raise ValueError(f"draft_confidence {draft_confidence!r} must lie in [0, 1)")
+        if not isinstance(prompt_lookup, int) or not 0 <= prompt_lookup <= head.n_slots:
+            raise ValueError(f"prompt_lookup {prompt_lookup!r} must lie in [0, {head.n_slots}] (the head's slots)")
         if head.config.feature_layers:
             raise ValueError(f"this draft head reads the outputs of base layers {list(head.config.feature_layers)}; "
                              "the engine feeds it the final hidden states only")
         super().__init__(model, spec, head.n_slots, draft_len=draft_len, **kwargs)
         self.head = head
         self.draft_confidence = draft_confidence
+        self.prompt_lookup = prompt_lookup
+        self.seen: dict[int, _Seen] = {}  # per row: where each of its final tokens occurs (prompt lookup)
         W, D = head.config.window, model.config.dim
         rows = self.kv.max_batch_size + 1
         self.window_h = torch.zeros(rows, W, D, device=self.device)  # per cache row: the context window
@@ -345,6 +371,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
     def remove(self, slot: int) -> None:
         super().remove(slot)
         self.window_n.pop(slot, None)
+        self.seen.pop(slot, None)
 
     def _forward_and_decide(self, rows: list[_Row], new: dict[int, list[int]], updates: dict[int, RowUpdate]) -> None:
         n = len(rows)
@@ -422,7 +449,39 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         tokens, dists = self._propose(rows, scores)
         confident = self._confident_len(scores)
         for i, row in enumerate(rows):
-            self._keep_drafts(row, min(self._n(row.settings), confident[i]), tokens[i], dists[i])
+            n = self._n(row.settings)
+            kept = min(n, confident[i])
+            # Greedy rows only: a sampled row's drafts come with the distribution they were drawn from.
+            copied = self._look_up(row, min(n, self.prompt_lookup)) if self.prompt_lookup and row.generator is None \
+                else []
+            if len(copied) > kept:  # the row's own text offers more: verify that instead
+                self._keep_drafts(row, len(copied), copied, None)
+            else:
+                self._keep_drafts(row, kept, tokens[i], dists[i])
+
+    def _look_up(self, row: _Row, most: int) -> list[int]:
+        """Prompt lookup: up to `most` tokens that followed the latest earlier occurrence of the
+        longest run (LOOKUP_NGRAM tokens) that ends the row's final text, in its prompt or its
+        reply; [] where none of at least the shortest run occurred before. Each final token is
+        indexed once (`_Seen`), so a lookup costs the earlier occurrences of the last token."""
+        seen = self.seen.get(row.slot)
+        if seen is None:
+            seen = self.seen[row.slot] = _Seen()
+        ids, end = row.ids, row.final_upto
+        for i in range(seen.upto, end):
+            seen.at.setdefault(ids[i], []).append(i)
+        seen.upto = end
+        shortest, longest = LOOKUP_NGRAM
+        best, start = 0, -1
+        for j in reversed(seen.at.get(ids[end - 1], ())[:-1] if end else ()):
+            n = 1
+            while n < longest and j - n >= 0 and ids[j - n] == ids[end - 1 - n]:
+                n += 1
+            if n > best:
+                best, start = n, j + 1
+                if n == longest:
+                    break
+        return ids[start: min(start + most, end)] if best >= shortest else []
 
     def _confident_len(self, scores: Tensor) -> list[int]:
         """Per row, how many leading drafts the head is sure enough of to be worth verifying: each
@@ -462,18 +521,27 @@ class SpeculativeEngine(AREngine):
     """The AR engine's API and output, decoded by draft-and-verify (see the module docstring)."""
 
     def __init__(self, loaded: Any, drafter: Drafter | DraftHead | None, *, draft_len: int | None = None,
-                 tree: bool = True, draft_confidence: float | None = None, **kwargs: Any) -> None:
+                 tree: bool = True, draft_confidence: float | None = None, prompt_lookup: int | None = None,
+                 **kwargs: Any) -> None:
         """drafter: mask slots in the base's forward (Drafter), a draft head after it (DraftHead),
         or None: a block-diffusion model drafting for itself (ValueError where it cannot);
         draft_len None: DEFAULT_DRAFT_LEN, DEFAULT_HEAD_DRAFT_LEN for a head, DEFAULT_SELF_DRAFT_LEN
         for self-drafting (at most the drafter's slots, the model's block size); draft_confidence:
         a draft head's drafts stop where it is less sure (`HeadSpeculativeDecoder`; None:
-        DEFAULT_HEAD_DRAFT_CONFIDENCE; ValueError with another drafter, which has no such measure)."""
+        DEFAULT_HEAD_DRAFT_CONFIDENCE; ValueError with another drafter, which has no such measure);
+        prompt_lookup: beside a draft head, at most this many drafts copied from a row's own text
+        where that offers more (None: DEFAULT_PROMPT_LOOKUP; 0: off; ValueError with another drafter)."""
+        head = isinstance(drafter, DraftHead)
         if draft_confidence is None:
-            draft_confidence = DEFAULT_HEAD_DRAFT_CONFIDENCE if isinstance(drafter, DraftHead) else 0.0
-        if draft_confidence and not isinstance(drafter, DraftHead):
+            draft_confidence = DEFAULT_HEAD_DRAFT_CONFIDENCE if head else 0.0
+        if draft_confidence and not head:
             raise ValueError("draft_confidence applies to a draft head's drafts only")
-        self.draft_confidence = draft_confidence  # its range: the decoder's check, at start
+        if prompt_lookup is None:
+            prompt_lookup = DEFAULT_PROMPT_LOOKUP if head else 0
+        if prompt_lookup and not head:
+            raise ValueError("prompt_lookup applies beside a draft head only")
+        self.draft_confidence = draft_confidence  # their ranges: the decoder's checks, at start
+        self.prompt_lookup = prompt_lookup
         if drafter is None and (reason := self_drafting_reason(loaded.spec)) is not None:
             raise ValueError(f"this model cannot draft for itself: {reason}")
         self.n_slots = loaded.spec.block_size if drafter is None else drafter.n_slots
@@ -486,7 +554,8 @@ class SpeculativeEngine(AREngine):
     def make_decoder(self, **kwargs: Any) -> BlockDecoder:
         if isinstance(self.drafter, DraftHead):
             return HeadSpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len,
-                                          draft_confidence=self.draft_confidence, **kwargs)
+                                          draft_confidence=self.draft_confidence, prompt_lookup=self.prompt_lookup,
+                                          **kwargs)
         return SpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree,
                                   block_size=self.n_slots, **kwargs)
 

@@ -50,6 +50,7 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("[llm]\naccept = 1.5\n", "llm.accept must lie in .0, 1.* not 1.5$"),
         ("[llm]\ndraft_confidence = 1\n", "llm.draft_confidence must lie in .0, 1. .0: always draft_len., not 1.0$"),
         ("[llm]\ndraft_confidence = -0.1\n", "llm.draft_confidence must lie in .0, 1."),
+        ("[llm]\nprompt_lookup = -1\n", "llm.prompt_lookup must lie in .0, 32. .0: off"),
         ("[vad]\nconfirm_start = \"smart-turn\"\n", "vad.confirm_start must be \"silero\" or \"\" .off., not 'smart-turn'"),
         ("[turn]\nthreshold = 1.0\n", "turn.detector 'prosody.text' multiplies the two scores' odds"),
         ("[turn]\ndetector = \"smart-turn+text\"\ntext_threshold = 0.0\n", "turn.text_threshold above 0"),
@@ -65,10 +66,11 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None
         load_config(path)
 
 
-def test_the_draft_confidence_default_is_the_engines() -> None:
-    from dlm.speculative import DEFAULT_HEAD_DRAFT_CONFIDENCE
+def test_the_draft_confidence_and_prompt_lookup_defaults_are_the_engines() -> None:
+    from dlm.speculative import DEFAULT_HEAD_DRAFT_CONFIDENCE, DEFAULT_PROMPT_LOOKUP
 
     assert load_config().llm.draft_confidence == LlmConfig().draft_confidence == DEFAULT_HEAD_DRAFT_CONFIDENCE
+    assert load_config().llm.prompt_lookup == LlmConfig().prompt_lookup == DEFAULT_PROMPT_LOOKUP
 
 
 def test_int_is_accepted_for_float() -> None:

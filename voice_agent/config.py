@@ -273,6 +273,11 @@ class LlmConfig:
     # 0: always draft_len. The replies never depend on it. The engine's default
     # (dlm.speculative.DEFAULT_HEAD_DRAFT_CONFIDENCE); left out for models without a draft head.
     draft_confidence: float = 0.15
+    # Beside a draft head, at temperature 0: where the last 2-4 tokens of a reply's text occurred before (in the
+    # prompt or the reply), up to this many of the tokens that followed them there are verified
+    # instead of shorter head drafts (prompt lookup; 0: off). The replies never depend on it. The
+    # engine's default (dlm.speculative.DEFAULT_PROMPT_LOOKUP); left out for models without a draft head.
+    prompt_lookup: int = 4
     # Draft-and-verify at temperature 0: a draft is accepted where the model gives it at least this
     # share of its top token's probability. 1: exact (the AR model's replies); lower: lossy, faster.
     # Sampled replies (temperature > 0) keep exact speculative sampling whatever this says.
@@ -308,6 +313,15 @@ class LlmConfig:
             raise ConfigError(f"llm.draft_confidence must lie in [0, 1) (0: always draft_len), not {self.draft_confidence!r}")
         if not 0.0 < self.accept <= 1.0:
             raise ConfigError(f"llm.accept must lie in (0, 1] (1: exact), not {self.accept!r}")
+        if not 0 <= self.prompt_lookup <= 32:
+            raise ConfigError(f"llm.prompt_lookup must lie in [0, 32] (0: off; at most the draft head's slots), "
+                              f"not {self.prompt_lookup!r}")
+
+    def draft_settings(self) -> dict[str, Any]:
+        """The draft-and-verify keys of `dlm.engines.make_engine` (it drops those a model's
+        engine does not take)."""
+        return {"draft_len": self.draft_len, "tree": self.draft_tree, "draft_confidence": self.draft_confidence,
+                "prompt_lookup": self.prompt_lookup}
 
 
 @dataclass

@@ -631,9 +631,7 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
         decoding_name = decoding(loaded, config.engine)
     except ValueError as e:  # llm.engine = "speculative" on a model that has no way to draft
         raise UserError(f"llm.engine: {e}") from e
-    engine = make_engine(loaded, config.engine, max_batch_size=config.max_batch_size,
-                         draft_len=config.draft_len, tree=config.draft_tree,
-                         draft_confidence=config.draft_confidence)
+    engine = make_engine(loaded, config.engine, max_batch_size=config.max_batch_size, **config.draft_settings())
     if decoding_name == "AR" and not diffusion:
         decoding_name = "AR (causal checkpoint)"
     log.info("LLM: %s (%s, %s) on %s, %s, %s weights, %s decoding", resolved.name, loaded.family, resolved.path,

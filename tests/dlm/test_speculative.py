@@ -89,6 +89,7 @@ def _scripted_engine(rule, loaded, kind: str = "slots", scale: float = 0.5, **kw
         def make_decoder(self, **kw):
             if kind == "head":
                 kw["draft_confidence"] = self.draft_confidence
+                kw["prompt_lookup"] = self.prompt_lookup
             return Decoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree, **kw)
 
     if kind == "head":  # every draft verified unless a test asks for a confidence bar (a random head is unsure)
@@ -177,6 +178,61 @@ def test_a_heads_drafts_stop_where_its_chain_confidence_falls_below_the_bar():
         assert _run(unsure.submit([5], params))[:2] == (want, ar_steps)
         got, steps, _ = _run(always.submit([5], params))
         assert got == want and steps < ar_steps
+
+
+def test_prompt_lookup_copies_what_followed_the_longest_latest_earlier_run():
+    """`_look_up`: the tokens after the latest earlier occurrence of the longest run (2 to 4
+    tokens) that ends the row's final text, at most `most` and not past the text; none where only
+    the last token occurred before; the index grows with the text."""
+    from types import SimpleNamespace
+
+    loaded = counting_loaded(attention="causal", block_size=1)
+    decoder = HeadSpeculativeDecoder(loaded.model, loaded.spec, _random_head(loaded, n_slots=4), draft_len=4,
+                                     max_batch_size=2, max_seq_len=64)
+
+    def look(ids, most=4, slot=0):
+        decoder.seen.pop(slot, None)
+        return decoder._look_up(SimpleNamespace(slot=slot, ids=ids, final_upto=len(ids)), most)
+
+    assert look([1, 2, 3, 4, 9, 2, 3, 5, 7, 1, 2, 3]) == [4, 9, 2, 3]  # [1, 2, 3] beats the later [2, 3]
+    assert look([1, 2, 3, 4, 9, 2, 3, 5, 7, 1, 2, 3], most=2) == [4, 9]
+    assert look([2, 3, 5, 8, 2, 3, 6, 0, 2, 3]) == [6, 0, 2, 3]  # equal runs: the latest
+    assert look([4, 7, 1, 5, 7]) == []  # only the last token occurred before
+    assert look([6, 8, 6, 8]) == [6, 8]  # what followed runs into the text's end
+    assert look([9]) == [] and look([3, 3, 3]) == [3]
+    # Indexed once: a row's text grows, its index with it (final tokens only).
+    row = SimpleNamespace(slot=1, ids=[10, 11, 12, 13, 10, 11, 0, 0], final_upto=6)
+    assert decoder._look_up(row, 4) == [12, 13, 10, 11]
+    assert decoder.seen[1].upto == 6
+    row.ids[6:8], row.final_upto = [12, 20], 8
+    assert decoder._look_up(row, 4) == []  # [12, 20] never occurred before
+    row.ids += [11, 12]
+    row.final_upto = 10
+    assert decoder._look_up(row, 4) == [20, 11, 12]  # [11, 12] again: the latest, at 5-6
+    decoder.remove(1)
+    assert 1 not in decoder.seen
+
+
+def test_prompt_lookup_drafts_where_the_head_is_unsure_and_the_replies_stay_the_ars():
+    """A head sure of nothing drafts nothing (one token a forward, as AR); with prompt lookup, a
+    reply that runs through a span of its prompt again is drafted from it: fewer forwards, the
+    same tokens. Off (0), the AR engine's forwards again; refused where no draft head drafts."""
+    loaded = counting_loaded(attention="causal", block_size=1)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 5, 6]  # the counting model goes on 7, 8, 9, ...
+    params = GenerationParams(max_new_tokens=9)
+    with AREngine(loaded, max_batch_size=1) as ar:
+        want, ar_steps, _ = _run(ar.submit(prompt, params))
+    assert want == list(range(7, 16))
+    for lookup, fewer in [(4, True), (0, False)]:
+        with _scripted_engine(_oracle, loaded, "head", scale=0.0, draft_len=4, max_batch_size=1,
+                              draft_confidence=0.5, prompt_lookup=lookup) as spec:
+            got, steps, _ = _run(spec.submit(prompt, params))
+        assert got == want
+        assert (steps < ar_steps) == fewer, (lookup, steps, ar_steps)
+    with pytest.raises(ValueError, match="beside a draft head only"):
+        SpeculativeEngine(loaded, _random_drafter(loaded), prompt_lookup=2)
+    with pytest.raises(ValueError, match=r"prompt_lookup 9 must lie in \[0, 4\]"):
+        SpeculativeEngine(loaded, _random_head(loaded, n_slots=4), prompt_lookup=9)
 
 
 def test_rows_whose_drafts_are_cut_to_different_lengths_batch_as_each_alone():

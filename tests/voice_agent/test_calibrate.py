@@ -53,10 +53,15 @@ def test_choose_keeps_the_fastest_draft_setting_and_picks_ar_only_where_it_was_f
     written = tomllib.loads(with_llm_keys(default_config_text(), keys))["llm"]
     assert (written["engine"], written["draft_len"], written["draft_tree"]) == ("ar", 3, False)
     # A draft head's settings carry their confidence bar, and the fastest one's is written.
-    head = [{"draft_len": 6, "tree": True, "draft_confidence": 0.0, "ms_per_token": 6.0},
-            {"draft_len": 6, "tree": True, "draft_confidence": 0.15, "ms_per_token": 5.0}]
+    head = [{"draft_len": 6, "tree": True, "draft_confidence": 0.0, "prompt_lookup": 4, "ms_per_token": 6.0},
+            {"draft_len": 6, "tree": True, "draft_confidence": 0.15, "prompt_lookup": 4, "ms_per_token": 5.0},
+            {"draft_len": 6, "tree": True, "draft_confidence": 0.15, "prompt_lookup": 0, "ms_per_token": 5.5}]
     keys, best = choose({"ms_per_token": 7.0}, head)
-    assert best is head[1] and tomllib.loads(with_llm_keys(default_config_text(), keys))["llm"]["draft_confidence"] == 0.15
+    written = tomllib.loads(with_llm_keys(default_config_text(), keys))["llm"]
+    assert best is head[1] and written["draft_confidence"] == 0.15 and written["prompt_lookup"] == 4
+    head[2]["ms_per_token"] = 4.0  # prompt lookup off was faster here
+    assert tomllib.loads(with_llm_keys(default_config_text(), choose({"ms_per_token": 7.0}, head)[0]))["llm"][
+        "prompt_lookup"] == 0
 
 
 def test_a_heads_bars_are_tried_at_its_longest_length_and_mask_slots_have_none():
@@ -66,7 +71,7 @@ def test_a_heads_bars_are_tried_at_its_longest_length_and_mask_slots_have_none()
     assert draft_settings([1, 2], [0.0], head=False) == [(1, True, 0.0), (2, True, 0.0), (1, False, 0.0), (2, False, 0.0)]
 
 
-def test_measure_passes_a_heads_confidence_bar_to_the_engine(monkeypatch):
+def test_measure_passes_a_heads_confidence_bar_and_prompt_lookup_to_the_engine(monkeypatch):
     import dlm.engines
     from dlm.draft_head import DraftHead, DraftHeadConfig
 
@@ -84,12 +89,14 @@ def test_measure_passes_a_heads_confidence_bar_to_the_engine(monkeypatch):
 
     def recording(loaded, kind="auto", **kwargs):
         engine = real(loaded, kind, **kwargs)
-        asked.append(engine.draft_confidence)
+        asked.append((engine.draft_confidence, engine.prompt_lookup))
         return engine
 
     monkeypatch.setattr(dlm.engines, "make_engine", recording)
     unsure = measure(loaded, [[1, 2, 3], [4, 5]], draft_len=4, tree=True, max_new_tokens=12, draft_confidence=0.5)
-    assert asked == [0.5]
+    assert asked == [(0.5, 0)]  # prompt lookup only where asked for
+    measure(loaded, [[1, 2, 3]], draft_len=4, tree=True, max_new_tokens=4, draft_confidence=0.5, prompt_lookup=3)
+    assert asked[-1] == (0.5, 3)
     # No drafts: one token a forward, as the AR engine (the prefill's token is not counted: just over 1).
     assert unsure["tokens"] == 2 * 11 and 1.0 <= unsure["tokens_per_forward"] < 1.1
 

@@ -638,8 +638,7 @@ def _hop_against_local(args: argparse.Namespace, config: Config, remote: Any, pr
     params = generation_params(config.llm, max_new_tokens=args.max_new_tokens, loop_guard=False)
     params.temperature = 0.0  # as the server is asked
     local_records, remote_records, local_wall, remote_wall = [], [], 0.0, 0.0
-    with make_engine(loaded, config.llm.engine, max_batch_size=1, draft_len=config.llm.draft_len,
-                     tree=config.llm.draft_tree, draft_confidence=config.llm.draft_confidence) as engine:
+    with make_engine(loaded, config.llm.engine, max_batch_size=1, **config.llm.draft_settings()) as engine:
         _measure(engine, warm_up[:1], params)
         remote.measure(warm_up[:1], args.max_new_tokens)
         for prompt in prompts[:MAX_ROUNDS]:
@@ -706,8 +705,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     prompt_ids: list[list[int]] = []
     for name, kind in engines:
         with make_engine(loaded, kind, max_batch_size=max_c, max_seq_len=max_seq_len, compile_mode=args.compile,
-                         draft_len=args.draft_len or config.llm.draft_len, tree=config.llm.draft_tree,
-                         draft_confidence=config.llm.draft_confidence) as engine:
+                         **{**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}) as engine:
             if not prompt_ids:  # the token ids both engines and the reference decode
                 prompt_ids = [engine.prepare(p, params)[0] for p in [*warm_up[:1], *prompts]]
             if args.profile:
@@ -767,6 +765,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         "steps_per_block": params.steps_per_block if params.policy == "fixed_steps" else None,
         "compile": args.compile, "notes": notes, "results": results,
         "decoding": decoding_name,
+        "draft_settings": {**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}
+        if decoding_name == "draft-and-verify" else None,
         "bars": None if args.synthetic else (exact_bars if decoding_name == "draft-and-verify" else speed_bars)(
             results, min(args.concurrency)),
         "reference": None if reference is None else {"engine": REFERENCE, "version": reference.version,

@@ -7,7 +7,8 @@ GPU. This command measures it instead of guessing: for every draft length (1 .. 
 slots) and, for a mask-slot drafter, both layouts (`draft_tree` true: a draft block per possible
 acceptance length; false: one block after the full draft; a draft head has one), for a draft head
 at the longest length each confidence bar (`llm.draft_confidence`: its drafts stop where it is
-less sure; 0: never), it
+less sure; 0: never) and, at the fastest of those, each prompt lookup length
+(`llm.prompt_lookup`: drafts copied from the reply's own text; 0: none), it
 decodes the same voice prompts one at a time, greedy, and
 records the wall time per generated token after the first (the prefill is the same for all) and
 the tokens per forward; and the same model's AR engine (no drafts: the same replies) as the
@@ -15,7 +16,8 @@ baseline, since on some CPUs a verifying forward over several positions costs ne
 that many steps (no AMX: docs/benchmarks.md, "Session 22: a CPU without AMX"). It writes the fastest into a
 config file that it names: a copy of the configuration in use (`--config`, else the embedded
 default) with `llm.engine` ("auto", or "ar" where the AR engine was fastest), `llm.draft_len`,
-`llm.draft_tree` and `llm.draft_confidence` (the fastest draft setting) set, and a comment with the
+`llm.draft_tree`, `llm.draft_confidence` and for a draft head `llm.prompt_lookup` (the fastest draft
+setting) set, and a comment with the
 measurements. Use
 it with `voice-agent serve --config FILE`.
 """
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-confidences", default="", metavar="C1,C2,...",
                         help="a draft head's confidence bars to try, each in [0, 1) (default: "
                              f"{','.join(map(str, DEFAULT_CONFIDENCES))}; a mask-slot drafter has none: 0)")
+    parser.add_argument("--prompt-lookups", default="", metavar="N1,N2,...",
+                        help="a draft head's prompt lookup lengths to try at its fastest setting (default: 0, the "
+                             "engine's default and llm.prompt_lookup; a mask-slot drafter has none: 0)")
 
 
 def with_llm_keys(text: str, values: dict[str, str]) -> str:
@@ -81,10 +86,11 @@ def with_llm_keys(text: str, values: dict[str, str]) -> str:
 
 
 def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tree: bool,
-            max_new_tokens: int, engine_kind: str = "auto", draft_confidence: float = 0.0) -> dict[str, float]:
+            max_new_tokens: int, engine_kind: str = "auto", draft_confidence: float = 0.0,
+            prompt_lookup: int = 0) -> dict[str, float]:
     """Decode the prompts one at a time with one setting (`engine_kind` "ar": the AR engine,
-    draft_len, tree and draft_confidence unused): ms per token after the first, tokens per
-    forward (prefill not counted)."""
+    draft_len, tree, draft_confidence and prompt_lookup unused): ms per token after the first,
+    tokens per forward (prefill not counted)."""
     from dlm.engine import GenerationParams
     from dlm.engines import make_engine
 
@@ -92,7 +98,7 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
     decode_s = 0.0
     tokens = forwards = 0
     with make_engine(loaded, engine_kind, max_batch_size=1, draft_len=draft_len, tree=tree,
-                     draft_confidence=draft_confidence) as engine:
+                     draft_confidence=draft_confidence, prompt_lookup=prompt_lookup) as engine:
         engine.submit(prompts[0], params).result()  # warm-up (and the prompt's prefix, as a call would)
         for prompt in prompts:
             first = last = None
@@ -113,12 +119,15 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
 
 def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, Any]]:
     """(the [llm] keys as TOML values, the fastest draft setting's measurement): that setting's
-    length, layout and confidence bar, and the engine: "ar" where the AR engine's ms per token
-    beat every draft setting's, else "auto"."""
+    length, layout, confidence bar (and a draft head's prompt lookup), and the engine: "ar" where
+    the AR engine's ms per token beat every draft setting's, else "auto"."""
     best = min(drafted, key=lambda r: r["ms_per_token"])
     engine = "ar" if ar["ms_per_token"] < best["ms_per_token"] else "auto"
-    return {"engine": f'"{engine}"', "draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower(),
-            "draft_confidence": repr(float(best.get("draft_confidence", 0.0)))}, best
+    keys = {"engine": f'"{engine}"', "draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower(),
+            "draft_confidence": repr(float(best.get("draft_confidence", 0.0)))}
+    if "prompt_lookup" in best:
+        keys["prompt_lookup"] = str(int(best["prompt_lookup"]))
+    return keys, best
 
 
 def draft_settings(lens: list[int], confidences: list[float], head: bool) -> list[tuple[int, bool, float]]:
@@ -135,8 +144,9 @@ def draft_settings(lens: list[int], confidences: list[float], head: bool) -> lis
 
 def _setting(r: dict[str, Any]) -> str:
     """One draft setting as the report names it."""
+    lookup = f" prompt lookup {r['prompt_lookup']}" if "prompt_lookup" in r else ""
     return (f"draft_len {r['draft_len']} {'tree ' if r['tree'] else 'chain'} "
-            f"confidence {r.get('draft_confidence', 0.0):g}")
+            f"confidence {r.get('draft_confidence', 0.0):g}{lookup}")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -176,18 +186,42 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"--draft-confidences: {resolved.name!r} drafts with mask slots; only a draft head has a confidence "
               "bar (0)", file=sys.stderr)
         return 2
+    from dlm.speculative import DEFAULT_PROMPT_LOOKUP
+
+    try:
+        lookups = [int(x) for x in args.prompt_lookups.split(",") if x.strip()] or \
+            (sorted({0, DEFAULT_PROMPT_LOOKUP, config.llm.prompt_lookup}) if head else [0])
+    except ValueError:
+        print(f"--prompt-lookups: expected comma-separated integers, got {args.prompt_lookups!r}", file=sys.stderr)
+        return 2
+    if any(not 0 <= v <= (n_slots if head else 0) for v in lookups):
+        print(f"--prompt-lookups: each must lie in [0, {n_slots if head else 0}]"
+              + ("" if head else f" ({resolved.name!r} drafts with mask slots: no prompt lookup)"), file=sys.stderr)
+        return 2
+    # The settings run with the lookup serve would use (where it is among those asked); the fastest
+    # of them then with each other lookup.
+    first = config.llm.prompt_lookup if config.llm.prompt_lookup in lookups else max(lookups)
     system = {"role": "system", "content": config.agent.system_prompt}
     prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
     results = []
     settings = draft_settings(lens, confidences, head)
-    total = len(settings) + 1
+    others = [v for v in lookups if v != first]
+    total = len(settings) + len(others) + 1
     ar = measure(loaded, prompts, 1, True, args.max_new_tokens, engine_kind="ar")
     print(f"[1/{total}] AR engine (no drafts) : {ar['ms_per_token']:7.1f} ms/token", file=sys.stderr, flush=True)
-    for i, (n, tree, c) in enumerate(settings, 2):
-        r = measure(loaded, prompts, n, tree, args.max_new_tokens, draft_confidence=c)
-        results.append({"draft_len": n, "tree": tree, "draft_confidence": c, **r})
+
+    def run_setting(i: int, n: int, tree: bool, c: float, lookup: int) -> None:
+        r = measure(loaded, prompts, n, tree, args.max_new_tokens, draft_confidence=c, prompt_lookup=lookup)
+        results.append({"draft_len": n, "tree": tree, "draft_confidence": c, **({"prompt_lookup": lookup} if head else {}),
+                        **r})
         print(f"[{i}/{total}] {_setting(results[-1])}: {r['ms_per_token']:7.1f} ms/token, "
               f"{r['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
+
+    for i, (n, tree, c) in enumerate(settings, 2):
+        run_setting(i, n, tree, c, first)
+    fastest = min(results, key=lambda r: r["ms_per_token"])
+    for i, lookup in enumerate(others, len(settings) + 2):
+        run_setting(i, fastest["draft_len"], fastest["tree"], fastest["draft_confidence"], lookup)
     keys, best = choose(ar, results)
     template = Path(config.source).read_text(encoding="utf-8") if config.source and Path(config.source).is_file() \
         else default_config_text()

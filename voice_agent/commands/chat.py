@@ -56,8 +56,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     print(f"{loaded.family} model from {loaded.path} on {device}, {decoding(loaded, kind)} "
           "decoding. Empty line or Ctrl-D quits.", file=sys.stderr)
     with make_engine(loaded, kind, max_batch_size=1, compile_mode=args.compile,
-                     draft_len=config.llm.draft_len, tree=config.llm.draft_tree,
-                     draft_confidence=config.llm.draft_confidence) as engine:
+                     **config.llm.draft_settings()) as engine:
         while True:
             try:
                 line = input("you> ").strip()
