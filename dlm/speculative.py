@@ -96,8 +96,10 @@ DEFAULT_SELF_DRAFT_LEN = 4  # a block-diffusion model's own drafts (at most its 
 # Prompt lookup beside a draft head: at most 4 drafts copied from the row's own text where its
 # last 2 to 4 tokens occurred before (session 31, the shipped head on blocks-int16: tokens per
 # forward 1.64 -> 1.81 on bench llm's 8 spoken prompts, 2.00 -> 2.29 on 24 held-out requests the
-# teacher wrote itself, 2.65 -> 2.71 on the README's 24 template prompts; 4 verified the fewest
-# rows for the most tokens of the lengths 3-6; docs/models.md, "Prompt lookup").
+# teacher wrote itself, 2.65 -> 2.71 on the README's 24 template prompts. Of the lengths 3-6, 3
+# and 4 cost least for their tokens with this CPU's rows (within 2 %: 3 verifies fewer rows, 4
+# makes more tokens a forward, which pays more where rows are cheaper); docs/models.md, "Prompt
+# lookup". `voice-agent calibrate` measures it against none on the machine at hand.
 DEFAULT_PROMPT_LOOKUP = 4
 LOOKUP_NGRAM = (2, 4)  # the shortest and longest run of final tokens that prompt lookup matches
 
