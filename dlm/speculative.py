@@ -346,12 +346,13 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         drafts after the acceptance is known: one chain); draft_confidence: a row's drafts end
         before the first whose chain confidence (the product of the head's top probabilities up
         to it) is below this (0: always draft_len; see `_confident_len`); prompt_lookup: at most
-        this many drafts copied from the row's own text where that is longer (0: none; see
-        `_look_up`). kwargs: ARDecoder's."""
+        this many drafts (and at most the row's draft length) copied from the row's own text where
+        that is longer (0: none; see `_look_up`). kwargs: ARDecoder's."""
         if not 0.0 <= draft_confidence < 1.0:
             raise ValueError(f"draft_confidence {draft_confidence!r} must lie in [0, 1)")
-        if not isinstance(prompt_lookup, int) or not 0 <= prompt_lookup <= head.n_slots:
-            raise ValueError(f"prompt_lookup {prompt_lookup!r} must lie in [0, {head.n_slots}] (the head's slots)")
+        if not isinstance(prompt_lookup, int) or prompt_lookup < 0:
+            raise ValueError(f"prompt_lookup {prompt_lookup!r} must be an integer >= 0 (0: off; a row copies at "
+                             "most its draft length)")
         if head.config.feature_layers:
             raise ValueError(f"this draft head reads the outputs of base layers {list(head.config.feature_layers)}; "
                              "the engine feeds it the final hidden states only")

@@ -314,7 +314,7 @@ class LlmConfig:
         if not 0.0 < self.accept <= 1.0:
             raise ConfigError(f"llm.accept must lie in (0, 1] (1: exact), not {self.accept!r}")
         if not 0 <= self.prompt_lookup <= 32:
-            raise ConfigError(f"llm.prompt_lookup must lie in [0, 32] (0: off; at most the draft head's slots), "
+            raise ConfigError(f"llm.prompt_lookup must lie in [0, 32] (0: off; a reply copies at most its draft length), "
                               f"not {self.prompt_lookup!r}")
 
     def draft_settings(self) -> dict[str, Any]:

@@ -231,8 +231,12 @@ def test_prompt_lookup_drafts_where_the_head_is_unsure_and_the_replies_stay_the_
         assert (steps < ar_steps) == fewer, (lookup, steps, ar_steps)
     with pytest.raises(ValueError, match="beside a draft head only"):
         SpeculativeEngine(loaded, _random_drafter(loaded), prompt_lookup=2)
-    with pytest.raises(ValueError, match=r"prompt_lookup 9 must lie in \[0, 4\]"):
-        SpeculativeEngine(loaded, _random_head(loaded, n_slots=4), prompt_lookup=9)
+    with pytest.raises(ValueError, match="prompt_lookup -1 must be an integer >= 0"):
+        SpeculativeEngine(loaded, _random_head(loaded, n_slots=4), prompt_lookup=-1)
+    with SpeculativeEngine(loaded, _random_head(loaded, n_slots=2, scale=0.0), max_batch_size=1, draft_confidence=0.5) as two:
+        assert two.prompt_lookup == 4  # the default: a row copies at most its draft length (2 here)
+        got, steps, _ = _run(two.submit(prompt, params))
+    assert got == want and steps < ar_steps
 
 
 def test_rows_whose_drafts_are_cut_to_different_lengths_batch_as_each_alone():

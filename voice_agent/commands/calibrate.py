@@ -190,7 +190,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     try:
         lookups = [int(x) for x in args.prompt_lookups.split(",") if x.strip()] or \
-            (sorted({0, DEFAULT_PROMPT_LOOKUP, config.llm.prompt_lookup}) if head else [0])
+            (sorted({min(v, n_slots) for v in (0, DEFAULT_PROMPT_LOOKUP, config.llm.prompt_lookup)}) if head else [0])
     except ValueError:
         print(f"--prompt-lookups: expected comma-separated integers, got {args.prompt_lookups!r}", file=sys.stderr)
         return 2
@@ -200,7 +200,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return 2
     # The settings run with the lookup serve would use (where it is among those asked); the fastest
     # of them then with each other lookup.
-    first = config.llm.prompt_lookup if config.llm.prompt_lookup in lookups else max(lookups)
+    serve = min(config.llm.prompt_lookup, n_slots)  # what serve's engine copies at most
+    first = serve if serve in lookups else max(lookups)
     system = {"role": "system", "content": config.agent.system_prompt}
     prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
     results = []
