@@ -703,9 +703,10 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     memory = _memory(loaded.model, rss_before_load)
     costs = None if cuda else forward_costs(loaded.model)
     prompt_ids: list[list[int]] = []
+    draft = {**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}
     for name, kind in engines:
         with make_engine(loaded, kind, max_batch_size=max_c, max_seq_len=max_seq_len, compile_mode=args.compile,
-                         **{**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}) as engine:
+                         **draft) as engine:
             if not prompt_ids:  # the token ids both engines and the reference decode
                 prompt_ids = [engine.prepare(p, params)[0] for p in [*warm_up[:1], *prompts]]
             if args.profile:
@@ -765,8 +766,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         "steps_per_block": params.steps_per_block if params.policy == "fixed_steps" else None,
         "compile": args.compile, "notes": notes, "results": results,
         "decoding": decoding_name,
-        "draft_settings": {**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}
-        if decoding_name == "draft-and-verify" else None,
+        "draft_settings": draft if decoding_name == "draft-and-verify" else None,
         "bars": None if args.synthetic else (exact_bars if decoding_name == "draft-and-verify" else speed_bars)(
             results, min(args.concurrency)),
         "reference": None if reference is None else {"engine": REFERENCE, "version": reference.version,
