@@ -22,7 +22,7 @@ STAGES = {
     "tts_first_audio_ms": "first_tts_audio",
     "voice_to_voice_ms": "first_audio_sent",
 }
-# Gauges of the work in progress on the shared models (ModelServices.work()).
+# Gauges of the work in progress on the shared models (ModelServices.work()), and the server's heap trim.
 WORK_HELP = {
     "llm_rows": "LLM requests in engine rows (prefilling or decoding).",
     "llm_queued": "LLM requests waiting for an engine row.",
@@ -31,6 +31,8 @@ WORK_HELP = {
     "asr_waiting": "ASR decodes waiting for the model.",
     "tts_jobs": "Speech syntheses running or waiting for the voice.",
     "turn_checks": "End-of-turn model runs in progress or waiting.",
+    "heap_trim": "The clean-up after the last call (0 or 1): waiting for the models' work to drain, then a "
+                 "garbage collection and the C heap's free pages handed back.",
 }
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 

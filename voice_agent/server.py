@@ -211,15 +211,21 @@ class VoiceServer:
                 "uptime_s": round(time.monotonic() - self._started, 1),
                 "llm": getattr(self.services.llm, "name", "?"),
                 "llm_reachable": health["reachable"],
-                "work": self.services.work(),
+                "work": self._work(),
             }
             if not health["reachable"]:
                 body["llm_error"] = health.get("error", "unreachable")
             # 503 takes a frontend whose LLM tier is gone out of a load balancer's rotation.
             return (200 if health["reachable"] else 503), json.dumps(body).encode(), "application/json"
         if path == "/metrics":
-            return 200, self.metrics.render(self.services.work()).encode(), "text/plain; version=0.0.4; charset=utf-8"
+            return 200, self.metrics.render(self._work()).encode(), "text/plain; version=0.0.4; charset=utf-8"
         return self._static(path)
+
+    def _work(self) -> dict[str, int]:
+        """The work gauges /healthz and /metrics report: the models' (`ModelServices.work()`) and
+        the heap trim after the last call (`_trim_when_idle`), so that "idle" means nothing left to
+        run, the server's own clean-up included."""
+        return {**self.services.work(), "heap_trim": int(self._trimming)}
 
     async def _llm_health(self) -> dict[str, Any]:
         health = getattr(self.services.llm, "health", None)

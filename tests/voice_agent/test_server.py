@@ -170,7 +170,9 @@ def test_the_heap_is_trimmed_once_the_last_call_has_ended(monkeypatch):
 
     async def main():
         server = await started(make_config())
-        monkeypatch.setattr(server_module, "release_free_memory", lambda: trims.append(server.metrics.calls_active))
+        # What /healthz says while the trim runs: a work gauge, so that "idle" waits for it too.
+        monkeypatch.setattr(server_module, "release_free_memory",
+                            lambda: trims.append((server.metrics.calls_active, server._work()["heap_trim"])))
         url = f"ws://127.0.0.1:{server.port}/v1/realtime"
         async with connect(url) as first:
             await first.recv()
@@ -178,11 +180,13 @@ def test_the_heap_is_trimmed_once_the_last_call_has_ended(monkeypatch):
                 await second.recv()
             await asyncio.sleep(0.3)
             assert trims == []  # a call is still on
+            assert json.loads((await server.answer_get("/healthz"))[1])["work"]["heap_trim"] == 0
         for _ in range(50):
-            if trims:
+            if trims and not server._trimming:
                 break
             await asyncio.sleep(0.02)
-        assert trims == [0]
+        assert trims == [(0, 1)]
+        assert json.loads((await server.answer_get("/healthz"))[1])["work"]["heap_trim"] == 0
         await server.shutdown()
 
     asyncio.run(main())

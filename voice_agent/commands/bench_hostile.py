@@ -5,9 +5,9 @@ Starts `voice-agent serve` (the configured models) on 127.0.0.1 and measures, in
    latency per prompt (the `bench e2e` caller).
 2. Flood, `--rounds` times: `--messages` hostile messages over `--connections` connections, half
    /v1/realtime, half /twilio (`voice_agent.bench.hostile`); after the last connection closed,
-   the seconds until the server holds no work (LLM rows and queue, ASR, TTS: /healthz "work"),
-   the server's CPU seconds over the `--quiet-s` after that, and its resident memory against
-   the start (after a warm-up call).
+   the seconds until the server holds no work (LLM rows and queue, ASR, TTS, the heap trim after
+   the last call: /healthz "work"), the server's CPU seconds over the `--quiet-s` after that, and
+   its resident memory against the start (after a warm-up call).
 3. Beside: the honest caller again, while one hostile connection floods /v1/realtime for as long
    as the honest calls last; honest p50 voice-to-voice / solo p50.
 Bars (issue "no work outlives its call"): idle within 1 s of the last close in every round, no CPU
