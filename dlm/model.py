@@ -854,6 +854,7 @@ class Transformer(nn.Module):
         if (self._block_layers is not None and cache is not None and not torch.is_grad_enabled()
                 and mask.dtype == torch.bool and cache.k.dtype == torch.float32):
             x = self._blocks_forward(x, cos, sin, mask, cache, cache_rows, writes, draft)  # normed
+            normed = True
         else:
             n_step = 0 if not step else x.shape[1] if draft is None else draft.start
             exact = exact_mask(mask) if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else None
@@ -861,9 +862,11 @@ class Transformer(nn.Module):
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, mask, None if cache is None else (cache, i, cache_rows, writes, row),
                           None if draft is None else (draft.adapter.layers[i], draft.start), n_step, exact)
-            x = self.model.norm(x)
+            normed = False
         if out_index is not None:
             x = x.gather(1, out_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, dim)
+        if not normed:  # the torch path norms only the rows asked for
+            x = self.model.norm(x)
         return x if hidden else self.logits(x, normed=True, step=x.shape[1] if step and draft is None else 0)
 
     def _blocks_forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, cache_rows: Tensor,

@@ -449,14 +449,16 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         index = torch.tensor([row.slot for row in rows], device=self.device)
         valid = torch.tensor([self.window_n[row.slot] for row in rows], device=self.device)
         scores = self.head(self.window_h[index], self.window_t[index], valid, self.head.n_slots)  # (p, n, V')
-        tokens, dists = self._propose(rows, scores)
-        confident = self._confident_len(scores)
+        best, top = row_top(scores)  # each slot's top token and its probability, in one pass
+        tokens, dists = self._propose(rows, scores, best)
+        confident = self._confident_len(top)
         for i, row in enumerate(rows):
             n = self._n(row.settings)
             kept = min(n, confident[i])
-            # Greedy rows only: a sampled row's drafts come with the distribution they were drawn from.
-            copied = self._look_up(row, min(n, self.prompt_lookup)) if self.prompt_lookup and row.generator is None \
-                else []
+            # Greedy rows only: a sampled row's drafts come with the distribution they were drawn
+            # from. A copy is looked up only where it could be longer than the head's drafts.
+            most = min(n, self.prompt_lookup)
+            copied = self._look_up(row, most) if most > kept and row.generator is None else []
             if len(copied) > kept:  # the row's own text offers more: verify that instead
                 self._keep_drafts(row, len(copied), copied, None)
             else:
@@ -486,16 +488,17 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                     break
         return ids[start: min(start + most, end)] if best >= shortest else []
 
-    def _confident_len(self, scores: Tensor) -> list[int]:
+    def _confident_len(self, top: Tensor) -> list[int]:
         """Per row, how many leading drafts the head is sure enough of to be worth verifying: each
         verified draft costs a row of the next forward (on a CPU without AMX about a sixth of a
         step), and the drafts after a rejected one are wasted, so a draft whose chain confidence
         (the product of the head's top probabilities up to it: the chance that it and every draft
         before it are accepted, as EAGLE-2 ranks its draft tree) is below `draft_confidence`, and
-        every draft after it, is left out. Which tokens become final never depends on it."""
+        every draft after it, is left out. Which tokens become final never depends on it. top
+        (p, n): the head's top probability at each slot (`row_top` of its scores)."""
         if self.draft_confidence <= 0:
-            return [self.head.n_slots] * scores.shape[0]
-        chain = row_top(scores.float())[1].cumprod(dim=-1)  # (p, n): non-increasing
+            return [self.head.n_slots] * top.shape[0]
+        chain = top.cumprod(dim=-1)  # (p, n): non-increasing
         return (chain >= self.draft_confidence).sum(dim=-1).tolist()
 
     def _extend_window(self, slot: int, h: Tensor, tokens: list[int]) -> None:
@@ -510,11 +513,12 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self.window_t[slot, W - k:] = torch.tensor(tokens[-k:], device=self.device)
         self.window_n[slot] = have + k
 
-    def _propose(self, rows: list[_Row], scores: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
-        """The head's scores (p, m, V') over its vocabulary -> drafts (and, for sampled rows, the
-        distribution over the whole vocabulary they were drawn from: zero off the head's)."""
+    def _propose(self, rows: list[_Row], scores: Tensor, best: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
+        """The head's scores (p, m, V') over its vocabulary and their argmax `best` -> drafts (and,
+        for sampled rows, the distribution over the whole vocabulary they were drawn from: zero
+        off the head's)."""
         if all(row.generator is None for row in rows):
-            return self.head.draft_ids(row_argmax(scores)).tolist(), [None] * len(rows)
+            return self.head.draft_ids(best).tolist(), [None] * len(rows)
         full = torch.full((*scores.shape[:2], self.model.config.vocab_size), float("-inf"), device=self.device)
         full[..., self.head.vocab] = scores
         return self._pick(rows, full)

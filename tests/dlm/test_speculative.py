@@ -10,6 +10,7 @@ import torch
 from dlm_tiny_models import COUNT_V, CharTokenizer, counting_loaded, random_loaded
 
 from dlm.ar import AREngine
+from dlm.blocks import row_top
 from dlm.decode import DecodeSettings
 from dlm.draft_head import DraftHead, DraftHeadConfig
 from dlm.drafter import Drafter, DrafterConfig
@@ -81,7 +82,7 @@ def _scripted_engine(rule, loaded, kind: str = "slots", scale: float = 0.5, **kw
     base = HeadSpeculativeDecoder if kind == "head" else SpeculativeDecoder
 
     class Decoder(base):
-        def _propose(self, rows, logits):
+        def _propose(self, rows, logits, *best):  # a head's decoder passes its argmax too
             n = logits.shape[1]
             return [[rule(row.ids[-1], i) for i in range(n)] for row in rows], [None] * len(rows)
 
@@ -164,9 +165,9 @@ def test_a_heads_drafts_stop_where_its_chain_confidence_falls_below_the_bar():
         decoder = spec.make_decoder(max_batch_size=1, max_seq_len=32)
     top = torch.tensor([[0.9, 0.9, 0.5, 0.99], [0.4, 0.99, 0.99, 0.99], [0.99, 0.99, 0.99, 0.99]])
     scores = torch.log(torch.stack([top, (1 - top) / 2, (1 - top) / 2], dim=-1))  # (3 rows, 4 slots, 3 tokens)
-    assert decoder._confident_len(scores) == [2, 0, 4]  # chains 0.9, 0.81, 0.41 | 0.4 | 0.99 ... 0.96
+    assert decoder._confident_len(row_top(scores)[1]) == [2, 0, 4]  # chains 0.9, 0.81, 0.41 | 0.4 | 0.99 ... 0.96
     decoder.draft_confidence = 0.0
-    assert decoder._confident_len(scores) == [8, 8, 8]  # every slot: the draft length decides
+    assert decoder._confident_len(row_top(scores)[1]) == [8, 8, 8]  # every slot: the draft length decides
     # An oracle whose head is unsure (uniform scores: all weights zero) drafts nothing: one token
     # a forward, as the AR engine, and the same tokens; sure or not, the verifier decides.
     params = GenerationParams(max_new_tokens=12)
@@ -246,11 +247,11 @@ def test_rows_whose_drafts_are_cut_to_different_lengths_batch_as_each_alone():
     loaded = counting_loaded(attention="causal", block_size=1)
 
     class Cut(HeadSpeculativeDecoder):
-        def _propose(self, rows, scores):
+        def _propose(self, rows, scores, best):
             return [[_oracle(row.ids[-1], i) for i in range(scores.shape[1])] for row in rows], [None] * len(rows)
 
-        def _confident_len(self, scores):
-            return [i % 4 for i in range(scores.shape[0])]
+        def _confident_len(self, top):
+            return [i % 4 for i in range(top.shape[0])]
 
     class Engine(SpeculativeEngine):
         def make_decoder(self, **kw):
