@@ -48,8 +48,9 @@ head drafts the next n tokens from it after the forward, knowing the token just 
 tokens a forward may yield, never which. Where the row's own text offers more (prompt lookup, as
 Saxena's prompt lookup decoding and vLLM's n-gram drafter: the last 2-4 final tokens occurred
 before, in the prompt or the reply, and what followed them there is taken as the drafts, up to
-`prompt_lookup` of them), a greedy row verifies that continuation instead of shorter head drafts:
-a spoken reply often repeats the caller's words or its own.
+`prompt_lookup` of them), a row verifies that continuation instead of shorter head drafts: a
+spoken reply often repeats the caller's words or its own. A sampled row's copy is a draft from a
+point mass (q = 1 at the token copied), which the acceptance rule above takes as any other.
 Rows accept different numbers of tokens and leave or join between steps (continuous batching);
 padding rows and slots use the cache's scratch row and position. The forward is eager
 (`compile_mode` is not supported here).
@@ -455,14 +456,23 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         for i, row in enumerate(rows):
             n = self._n(row.settings)
             kept = min(n, confident[i])
-            # Greedy rows only: a sampled row's drafts come with the distribution they were drawn
-            # from. A copy is looked up only where it could be longer than the head's drafts.
+            # A copy is looked up only where it could be longer than the head's drafts. Which of
+            # the two a row verifies depends on its text and the head's confidences, never on its
+            # sampled drafts, so a sampled row's copy is a draft from a point mass (`_point_masses`).
             most = min(n, self.prompt_lookup)
-            copied = self._look_up(row, most) if most > kept and row.generator is None else []
+            copied = self._look_up(row, most) if most > kept else []
             if len(copied) > kept:  # the row's own text offers more: verify that instead
-                self._keep_drafts(row, len(copied), copied, None)
+                self._keep_drafts(row, len(copied), copied, None if row.generator is None else self._point_masses(copied))
             else:
                 self._keep_drafts(row, kept, tokens[i], dists[i])
+
+    def _point_masses(self, tokens: list[int]) -> Tensor:
+        """q of copied drafts (k, V): all of each one's mass on the token copied. The acceptance
+        rule then takes a copy c with the base's probability p(c) and, on a rejection, draws from
+        p without c, renormalised: the base's distribution, as for any draft."""
+        q = torch.zeros(len(tokens), self.model.config.vocab_size, device=self.device)
+        q[torch.arange(len(tokens), device=self.device), torch.tensor(tokens, device=self.device)] = 1.0
+        return q
 
     def _look_up(self, row: _Row, most: int) -> list[int]:
         """Prompt lookup: up to `most` tokens that followed the latest earlier occurrence of the

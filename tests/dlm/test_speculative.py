@@ -290,15 +290,16 @@ def test_bad_draft_lengths_are_refused():
         assert len(_run(ok)[0]) == 5
 
 
-def _constant_teacher(seed: int = 0):
+def _constant_teacher(seed: int = 0, sharpness: float = 1.5):
     """A model whose next-token distribution is the same after any context: every token embeds to
     one vector (so the base's hidden state never depends on the text), and the mask slots (their
-    own embeddings and the adapter) make the drafter's q differ from it."""
+    own embeddings and the adapter) make the drafter's q differ from it. sharpness scales its
+    logits (higher: fewer tokens take most of the mass)."""
     loaded = random_loaded("causal", seed=seed, block_size=1, scale=2.0, max_seq_len=512)
     with torch.no_grad():
         emb = loaded.model.model.embed_tokens.weight
         emb.copy_(emb[0].expand_as(emb))
-        loaded.model.lm_head.weight.mul_(1.5)
+        loaded.model.lm_head.weight.mul_(sharpness)
     return loaded
 
 
@@ -360,6 +361,81 @@ def test_speculative_sampling_keeps_the_teacher_distribution(kind):
     assert good < critical, (good, critical)
     bad, _ = chi2(sample(AcceptAll))
     assert bad > critical, (bad, critical)
+
+
+def test_sampled_rows_copy_drafts_from_their_text_and_keep_the_teacher_distribution():
+    """Prompt lookup for sampled rows: a copied draft c is a draw from a point mass, accepted with
+    the teacher's p(c). The constant teacher's tokens are independent draws from p, and a copy is
+    fixed by the text before it, so wherever a copy is verified the token that becomes final
+    equals it with probability p(c): the sum of 1[token = c] - p(c) over the verified copies has
+    mean 0 and variance the sum of p(c)(1 - p(c)) (a martingale; 3.29 standard deviations: the
+    0.1 % level). The tokens' frequencies pass the chi-square test too. (Frequencies alone could not
+    tell a rule that keeps every copy: in an i.i.d. text what followed a run is itself a draw from
+    p.) Two broken rules fail the first test: every copy kept, and copies verified against a flat
+    q instead of their point mass (z above 40 with these seeds; a correction drawn from p itself
+    instead of p without the copy fails it too: checked by hand)."""
+    loaded = _constant_teacher(sharpness=2.25)  # repeated runs, so copies, are common
+    head = _random_head(loaded, n_slots=4, seed=1, scale=0.0)  # sure of nothing: every draft is a copy
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], causal_mask(3))[0]
+        p = logits[-1].softmax(-1).double()
+
+    class Recording(HeadSpeculativeDecoder):
+        def _verify(self, rows, verify, drafts):
+            out = super()._verify(rows, verify, drafts)
+            for (j, tokens), d in zip(out, drafts, strict=True):
+                self.checked += [(c, tokens[i]) for i, c in enumerate(d.tokens[: j + 1])]
+            return out
+
+    class AcceptAll(Recording):
+        def _verify(self, rows, verify, drafts):  # broken on purpose: every copy is kept
+            out = HeadSpeculativeDecoder._verify(self, rows, verify, drafts)
+            kept = [(len(d.tokens), [*d.tokens, tokens[-1]]) for (_, tokens), d in zip(out, drafts, strict=True)]
+            for (j, tokens), d in zip(kept, drafts, strict=True):
+                self.checked += [(c, tokens[i]) for i, c in enumerate(d.tokens[: j + 1])]
+            return kept
+
+    class Flat(Recording):
+        def _point_masses(self, tokens):  # broken on purpose: the copies' q is not where they are
+            return torch.full((len(tokens), self.model.config.vocab_size), 1.0 / self.model.config.vocab_size)
+
+    def sample(decoder_cls) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        decoder = decoder_cls(loaded.model, loaded.spec, head, draft_len=4, max_batch_size=8, max_seq_len=512,
+                              prompt_lookup=4)
+        decoder.checked = []
+        counts = torch.zeros(p.shape[0], dtype=torch.float64)
+        for wave in range(3):
+            for slot in range(8):
+                settings = DecodeSettings(block_size=1, sub_block_size=1, max_new_tokens=50, policy=POLICIES["threshold"],
+                                          threshold=0.9, factor=1.0, steps_per_block=1, temperature=1.0, top_p=1.0,
+                                          seed=1000 * wave + slot)
+                decoder.add(slot, [1, 2, 3], settings)
+            while decoder.rows:
+                with torch.inference_mode():
+                    updates = decoder.step()
+                for u in updates:
+                    for t in u.new_ids:
+                        counts[t] += 1
+                    if u.finish_reason is not None:
+                        decoder.remove(u.slot)
+        return counts, decoder.checked
+
+    def z(checked: list[tuple[int, int]]) -> float:
+        q = p[torch.tensor([c for c, _ in checked])]
+        hits = sum(c == token for c, token in checked)
+        return float((hits - q.sum()) / (q * (1 - q)).sum().sqrt())
+
+    counts, checked = sample(Recording)
+    assert len(checked) > 300, len(checked)  # copies were verified, often
+    assert abs(z(checked)) < 3.29, z(checked)
+    n = counts.sum()
+    keep = n * p >= 5
+    stat = float(((counts[keep] - n * p[keep]) ** 2 / (n * p[keep])).sum()
+                 + (counts[~keep].sum() - n * p[~keep].sum()) ** 2 / (n * p[~keep].sum()))
+    dof = int(keep.sum())
+    assert stat < dof + 3.09 * math.sqrt(2 * dof) + 2, (stat, dof)
+    for broken in (AcceptAll, Flat):
+        assert z(sample(broken)[1]) > 3.29, broken.__name__
 
 
 @pytest.mark.skipif(not can_pack_linears(torch.bfloat16, "cpu"), reason="no oneDNN bf16 on this CPU")
