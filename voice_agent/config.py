@@ -273,10 +273,10 @@ class LlmConfig:
     # 0: always draft_len. The replies never depend on it. The engine's default
     # (dlm.speculative.DEFAULT_HEAD_DRAFT_CONFIDENCE); left out for models without a draft head.
     draft_confidence: float = 0.15
-    # Beside a draft head, at temperature 0: where the last 2-4 tokens of a reply's text occurred
-    # before (in the prompt or the reply), up to this many of the tokens that followed them there
-    # are verified instead of shorter head drafts (prompt lookup; 0: off). The replies never depend
-    # on it. The engine's default (dlm.speculative.DEFAULT_PROMPT_LOOKUP); left out for models
+    # Beside a draft head: where the last 2-4 tokens of a reply's text occurred before (in the
+    # prompt or the reply), up to this many of the tokens that followed them there are verified
+    # instead of shorter head drafts (prompt lookup; 0: off). The replies never depend on it
+    # (sampled ones: their distribution). The engine's default (dlm.speculative.DEFAULT_PROMPT_LOOKUP); left out for models
     # without a draft head.
     prompt_lookup: int = 4
     # Draft-and-verify at temperature 0: a draft is accepted where the model gives it at least this
