@@ -128,10 +128,12 @@ class DraftHead(nn.Module):
         """For inference on a CPU where the block kernel runs (dlm.blocks): the head's weights
         rounded to Q8 blocks (as a GGUF's Q8_0: a float16 scale per 32 weights), half the bytes of
         bf16 (they are read at every step), products float32-accurate on AMX where it runs
-        (`BlockWeight.split`), else with 16-bit inputs on VNNI (`BlockWeight.int16`), else in
-        float32, and its layers in one C call (`BlockLayers`,
-        over a scratch cache of the pass's positions) instead of some forty torch operations. A
-        draft moves only as much as that rounding moves it; the verifier decides every token.
+        (`BlockWeight.split`), else with 8-bit inputs on VNNI (`BlockWeight.int8`, llama.cpp's
+        rounding: a pass of the shipped head 1.0 ms against 1.6 with the 16-bit inputs the base
+        takes there, the same tokens per forward within 0.01 on three prompt sets; session 32),
+        else in float32, and its layers in one C call (`BlockLayers`, over a scratch cache of the
+        pass's positions) instead of some forty torch operations. A draft moves only as much as
+        that rounding moves it; the verifier decides every token.
         False (nothing done) where the kernel or the fused forward does not run here. Call after
         `attach`, on a float32 head."""
         c = self.model_config
@@ -144,7 +146,7 @@ class DraftHead(nn.Module):
 
         def q8(*weights: Tensor) -> BlockWeight:
             weight = BlockWeight.quantize_q8(torch.cat([w.detach() for w in weights]))
-            return weight.split() if amx else weight.int16() if vnni else weight
+            return weight.split() if amx else weight.int8() if vnni else weight
 
         layers = []
         for layer in self.layers:

@@ -201,7 +201,7 @@ def test_a_draft_head_on_q8_blocks_drafts_what_its_float32_layers_draft(tmp_path
         plain = head(feats, tokens, valid, 3)
         assert head.use_blocks()
         split, vnni = amx and dlm.blocks.amx_available() is None, amx and dlm.blocks.vnni_available() is None
-        assert head._packed_head.weight.products == (dlm.blocks.AMX_SPLIT if split else dlm.blocks.VNNI_INT16 if vnni
+        assert head._packed_head.weight.products == (dlm.blocks.AMX_SPLIT if split else dlm.blocks.VNNI_INT8 if vnni
                                                      else 0)
         on_blocks = head(feats, tokens, valid, 3)
         alone = head(feats[1:2], tokens[1:2], valid[1:2], 3)
