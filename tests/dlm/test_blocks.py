@@ -193,7 +193,10 @@ def _integer_reference(x: torch.Tensor, weight: BlockWeight, bits: int) -> torch
     blocks = x.view(-1, k // 32, 32)
     top = blocks.abs().amax(-1, keepdim=True)
     largest = 127.0 if bits == 8 else 32512.0
-    inverse = largest / top  # inf for a block of zeros or of tiny numbers: those round to 0
+    # inf for a block of zeros or of tiny numbers: those round to 0. A true float32 division, as
+    # the kernel's (a number over a tensor is torch's reciprocal times the number, a rounding
+    # apart in about a quarter of cases: an input on the edge then rounds to another integer)
+    inverse = torch.full_like(top, largest) / top
     scale = torch.where(inverse.isfinite(), inverse, torch.zeros_like(top))
     ints = torch.round(blocks * scale).double()  # x * scale in float32, rounded to nearest even, as the kernel
     sums = torch.einsum("rbi,nbi->rnb", ints, q.view(n, k // 32, 32).double())
