@@ -276,8 +276,8 @@ class LlmConfig:
     # Beside a draft head: where the last 2-4 tokens of a reply's text occurred before (in the
     # prompt or the reply), up to this many of the tokens that followed them there are verified
     # instead of shorter head drafts (prompt lookup; 0: off). The replies never depend on it
-    # (sampled ones: their distribution). The engine's default (dlm.speculative.DEFAULT_PROMPT_LOOKUP); left out for models
-    # without a draft head.
+    # (sampled ones: their distribution). The engine's default
+    # (dlm.speculative.DEFAULT_PROMPT_LOOKUP); left out for models without a draft head.
     prompt_lookup: int = 4
     # Draft-and-verify at temperature 0: a draft is accepted where the model gives it at least this
     # share of its top token's probability. 1: exact (the AR model's replies); lower: lossy, faster.
