@@ -225,7 +225,8 @@ def test_split_and_join_round_trip_with_checksums(tmp_path) -> None:
     out = join_parts(manifest, tmp_path / "back" / "model.bin")
     assert out.read_bytes() == data
     part = tmp_path / "parts" / info["parts"][1]["name"]
-    part.write_bytes(b"x" + part.read_bytes()[1:])
+    damaged = part.read_bytes()
+    part.write_bytes(bytes([damaged[0] ^ 0xFF]) + damaged[1:])  # another first byte, whatever it was
     with pytest.raises(ValueError, match="checksum"):
         join_parts(manifest, tmp_path / "again.bin")
 
