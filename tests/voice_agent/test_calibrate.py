@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from voice_agent.commands.calibrate import choose, draft_settings, measure, with_llm_keys
+from voice_agent.commands.calibrate import choose, draft_settings, in_rounds, measure, with_llm_keys
 from voice_agent.config import default_config_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dlm"))
@@ -101,9 +101,34 @@ def test_measure_passes_a_heads_confidence_bar_and_prompt_lookup_to_the_engine(m
     assert unsure["tokens"] == 2 * 11 and 1.0 <= unsure["tokens_per_forward"] < 1.1
 
 
+def test_each_setting_runs_in_every_round_in_another_order_and_keeps_its_fastest():
+    """in_rounds: every candidate once a round, round r starting at candidate r * n / rounds (so
+    none is always first), each keeping its fastest round; here B is slowed in round 1 (other work
+    on the machine) and C in every round but the last."""
+    calls = []
+    times = {("A", 0): 5.0, ("A", 1): 5.2, ("A", 2): 5.1, ("B", 0): 4.0, ("B", 1): 9.0, ("B", 2): 4.2,
+             ("C", 0): 8.0, ("C", 1): 8.0, ("C", 2): 3.0}
+
+    def run(candidate):
+        r = sum(1 for c in calls if c == candidate["name"])
+        calls.append(candidate["name"])
+        return {"ms_per_token": times[(candidate["name"], r)], "tokens_per_forward": 2.0}
+
+    reported = []
+    best = in_rounds([{"name": "A"}, {"name": "B"}, {"name": "C"}], 3, run,
+                     lambda done, total, r, result: reported.append((done, total, r, result["name"])))
+    assert calls == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]
+    assert [(b["name"], b["ms_per_token"]) for b in best] == [("A", 5.0), ("B", 4.0), ("C", 3.0)]
+    assert reported[0] == (1, 9, 0, "A") and reported[-1] == (9, 9, 2, "B")
+    assert [b["name"] for b in in_rounds([{"name": "A"}, {"name": "B"}], 1, lambda c: {"ms_per_token": 1.0})] == ["A", "B"]
+
+
 def test_a_model_without_a_drafter_is_refused(tmp_path, capsys):
     from voice_agent.cli import main
 
     rc = main(["calibrate", "--set", "llm.model=smollm2-135m-instruct", "--out", str(tmp_path / "c.toml")])
     assert rc == 2 and "has no drafter" in capsys.readouterr().err
+    assert not (tmp_path / "c.toml").exists()
+    rc = main(["calibrate", "--rounds", "0", "--out", str(tmp_path / "c.toml")])
+    assert rc == 2 and "--rounds must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "c.toml").exists()

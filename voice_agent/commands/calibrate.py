@@ -7,13 +7,16 @@ GPU. This command measures it instead of guessing: for every draft length (1 .. 
 slots) and, for a mask-slot drafter, both layouts (`draft_tree` true: a draft block per possible
 acceptance length; false: one block after the full draft; a draft head has one), for a draft head
 at the longest length each confidence bar (`llm.draft_confidence`: its drafts stop where it is
-less sure; 0: never) and, at the fastest of those, each prompt lookup length
-(`llm.prompt_lookup`: drafts copied from the reply's own text; 0: none), it
-decodes the same voice prompts one at a time, greedy, and
-records the wall time per generated token after the first (the prefill is the same for all) and
-the tokens per forward; and the same model's AR engine (no drafts: the same replies) as the
-baseline, since on some CPUs a verifying forward over several positions costs nearly as much as
-that many steps (no AMX: docs/benchmarks.md, "Session 22: a CPU without AMX"). It writes the fastest into a
+less sure; 0: never), each of them with each prompt lookup length (`llm.prompt_lookup`: drafts
+copied from the reply's own text; 0: none), it decodes the same voice prompts one at a time,
+greedy, and records the wall time per generated token after the first (the prefill is the same
+for all) and the tokens per forward; and the same model's AR engine (no drafts: the same replies)
+as the baseline, since on some CPUs a verifying forward over several positions costs nearly as
+much as that many steps (no AMX: docs/benchmarks.md, "Session 22: a CPU without AMX"). Every
+setting is measured in `--rounds` rounds (default 3), each round in another order, and keeps its
+fastest round: on a shared machine other work only slows a run, and a machine that speeds up or
+slows down over the minutes of a calibration does so for every setting alike (session 32 saw
+one run of the same engine 25 % slower than the one before it). It writes the fastest into a
 config file that it names: a copy of the configuration in use (`--config`, else the embedded
 default) with `llm.engine` ("auto", or "ar" where the AR engine was fastest), `llm.draft_len`,
 `llm.draft_tree`, `llm.draft_confidence` and for a draft head `llm.prompt_lookup` (the fastest draft
@@ -30,6 +33,7 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ HELP = "measure which draft length decodes fastest here, against the AR engine, 
 
 # A draft head's confidence bars tried by default (0: every draft of the length is verified).
 DEFAULT_CONFIDENCES = (0.0, 0.1, 0.15, 0.2, 0.3)
+DEFAULT_ROUNDS = 3
 
 DEFAULT_OUT = Path("~/.config/voice-agent/calibrated.toml")
 PROMPTS = [
@@ -62,8 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a draft head's confidence bars to try, each in [0, 1) (default: "
                              f"{','.join(map(str, DEFAULT_CONFIDENCES))}; a mask-slot drafter has none: 0)")
     parser.add_argument("--prompt-lookups", default="", metavar="N1,N2,...",
-                        help="a draft head's prompt lookup lengths to try at its fastest setting (default: 0, the "
+                        help="a draft head's prompt lookup lengths to try with each setting (default: 0, the "
                              "engine's default and llm.prompt_lookup; a mask-slot drafter has none: 0)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help=f"rounds of measurements, each in another order; a setting keeps its fastest (default: "
+                             f"{DEFAULT_ROUNDS})")
 
 
 def with_llm_keys(text: str, values: dict[str, str]) -> str:
@@ -117,6 +125,27 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
             "tokens": tokens}
 
 
+def in_rounds(candidates: list[dict[str, Any]], rounds: int, run: Callable[[dict[str, Any]], dict[str, float]],
+              report: Callable[[int, int, int, dict[str, Any]], None] = lambda done, total, r, result: None,
+              ) -> list[dict[str, Any]]:
+    """Each candidate (a setting) run `rounds` times; round r starts at candidate r * n / rounds
+    and goes round (so no setting is always first or last); per candidate, in order, the setting
+    with its fastest round's measurement (lowest `ms_per_token`). `report(done, total, round,
+    result)` after each run."""
+    n = len(candidates)
+    best: list[dict[str, Any] | None] = [None] * n
+    done = 0
+    for r in range(rounds):
+        start = r * n // rounds
+        for i in [(start + j) % n for j in range(n)]:
+            result = {**candidates[i], **run(candidates[i])}
+            done += 1
+            report(done, rounds * n, r, result)
+            if best[i] is None or result["ms_per_token"] < best[i]["ms_per_token"]:
+                best[i] = result
+    return [b for b in best if b is not None]
+
+
 def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, Any]]:
     """(the [llm] keys as TOML values, the fastest draft setting's measurement): that setting's
     length, layout, confidence bar (and a draft head's prompt lookup), and the engine: "ar" where
@@ -152,6 +181,9 @@ def _setting(r: dict[str, Any]) -> str:
 def run(args: argparse.Namespace, config: Config) -> int:
     from voice_agent.llm import load_local_llm
 
+    if args.rounds < 1:
+        print(f"--rounds must be at least 1, not {args.rounds}", file=sys.stderr)
+        return 2
     loaded, resolved = load_local_llm(config.llm.model, device=config.llm.device, dtype=config.llm.dtype,
                                       weights=config.llm.weights)
     if loaded.drafter is None:
@@ -198,37 +230,30 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"--prompt-lookups: each must lie in [0, {n_slots if head else 0}]"
               + ("" if head else f" ({resolved.name!r} drafts with mask slots: no prompt lookup)"), file=sys.stderr)
         return 2
-    # The settings run with the lookup serve would use (where it is among those asked); the fastest
-    # of them then with each other lookup.
-    serve = min(config.llm.prompt_lookup, n_slots)  # what serve's engine copies at most
-    first = serve if serve in lookups else max(lookups)
     system = {"role": "system", "content": config.agent.system_prompt}
     prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
-    results = []
-    settings = draft_settings(lens, confidences, head)
-    others = [v for v in lookups if v != first]
-    total = len(settings) + len(others) + 1
-    ar = measure(loaded, prompts, 1, True, args.max_new_tokens, engine_kind="ar")
-    print(f"[1/{total}] AR engine (no drafts) : {ar['ms_per_token']:7.1f} ms/token", file=sys.stderr, flush=True)
+    candidates: list[dict[str, Any]] = [{"engine_kind": "ar"}]
+    candidates += [{"draft_len": n, "tree": tree, "draft_confidence": c, **({"prompt_lookup": v} if head else {})}
+                   for n, tree, c in draft_settings(lens, confidences, head) for v in lookups]
 
-    def run_setting(i: int, n: int, tree: bool, c: float, lookup: int) -> None:
-        r = measure(loaded, prompts, n, tree, args.max_new_tokens, draft_confidence=c, prompt_lookup=lookup)
-        results.append({"draft_len": n, "tree": tree, "draft_confidence": c, **({"prompt_lookup": lookup} if head else {}),
-                        **r})
-        print(f"[{i}/{total}] {_setting(results[-1])}: {r['ms_per_token']:7.1f} ms/token, "
-              f"{r['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
+    def run_setting(candidate: dict[str, Any]) -> dict[str, float]:
+        return measure(loaded, prompts, max_new_tokens=args.max_new_tokens, **{"draft_len": 1, "tree": True, **candidate})
 
-    for i, (n, tree, c) in enumerate(settings, 2):
-        run_setting(i, n, tree, c, first)
-    fastest = min(results, key=lambda r: r["ms_per_token"])
-    for i, lookup in enumerate(others, len(settings) + 2):
-        run_setting(i, fastest["draft_len"], fastest["tree"], fastest["draft_confidence"], lookup)
+    def report(done: int, total: int, r: int, result: dict[str, Any]) -> None:
+        what = "AR engine (no drafts)" if result.get("engine_kind") == "ar" else _setting(result)
+        forwards = "" if result.get("engine_kind") == "ar" else f", {result['tokens_per_forward']:.2f} tokens/forward"
+        print(f"[{done}/{total}] round {r + 1}/{args.rounds}: {what}: {result['ms_per_token']:7.1f} ms/token{forwards}",
+              file=sys.stderr, flush=True)
+
+    measured = in_rounds(candidates, args.rounds, run_setting, report)
+    ar, results = measured[0], measured[1:]
     keys, best = choose(ar, results)
     template = Path(config.source).read_text(encoding="utf-8") if config.source and Path(config.source).is_file() \
         else default_config_text()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     header = [f"# Written by `voice-agent calibrate` on {stamp} ({platform.processor() or platform.machine()}, "
-              f"{resolved.name}, {config.llm.device}): ms per generated token, greedy, one call at a time"]
+              f"{resolved.name}, {config.llm.device}): ms per generated token, greedy, one call at a time, "
+              f"the fastest of {args.rounds} round{'s' if args.rounds != 1 else ''}"]
     header += [f"#   AR engine (no drafts): {ar['ms_per_token']:.1f} ms/token"]
     header += [f"#   {_setting(r)}: {r['ms_per_token']:.1f} ms/token, {r['tokens_per_forward']:.2f} tokens/forward"
                for r in results]
