@@ -303,6 +303,41 @@ def _constant_teacher(seed: int = 0, sharpness: float = 1.5):
     return loaded
 
 
+def _sampled_counts(decoder, vocab_size: int) -> torch.Tensor:
+    """How often each token was generated: 3 waves of 8 rows of [1, 2, 3] sampled at temperature
+    1 (50 new tokens each, fixed seeds), stepped until every row is done."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for wave in range(3):
+        for slot in range(8):
+            settings = DecodeSettings(block_size=1, sub_block_size=1, max_new_tokens=50, policy=POLICIES["threshold"],
+                                      threshold=0.9, factor=1.0, steps_per_block=1, temperature=1.0, top_p=1.0,
+                                      seed=1000 * wave + slot)
+            decoder.add(slot, [1, 2, 3], settings)
+        while decoder.rows:
+            with torch.inference_mode():
+                updates = decoder.step()
+            for u in updates:
+                for t in u.new_ids:
+                    counts[t] += 1
+                if u.finish_reason is not None:
+                    decoder.remove(u.slot)
+    return counts
+
+
+def _chi2(counts: torch.Tensor, p: torch.Tensor) -> tuple[float, float]:
+    """Pearson's statistic of counts against p (tokens expected fewer than 5 times pooled into one
+    cell) and about its 0.1 % critical value (Wilson-Hilferty, rounded up)."""
+    n = counts.sum()
+    expected = n * p
+    keep = expected >= 5
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    rest_o, rest_e = counts[~keep].sum(), expected[~keep].sum()
+    if rest_e > 0:
+        stat += (rest_o - rest_e) ** 2 / rest_e
+    dof = int(keep.sum()) + (1 if rest_e > 0 else 0) - 1
+    return float(stat), dof + 3.09 * math.sqrt(2 * dof) + 2
+
+
 @pytest.mark.parametrize("kind", ["slots", "head"])
 def test_speculative_sampling_keeps_the_teacher_distribution(kind):
     """At temperature 1 every generated token of the constant teacher is an independent draw from
@@ -323,43 +358,16 @@ def test_speculative_sampling_keeps_the_teacher_distribution(kind):
 
     def sample(decoder_cls) -> torch.Tensor:
         decoder = decoder_cls(loaded.model, loaded.spec, drafter, draft_len=4, max_batch_size=8, max_seq_len=512)
-        counts = torch.zeros(p.shape[0], dtype=torch.float64)
-
-        for wave in range(3):
-            for slot in range(8):
-                settings = DecodeSettings(block_size=1, sub_block_size=1, max_new_tokens=50, policy=POLICIES["threshold"],
-                                          threshold=0.9, factor=1.0, steps_per_block=1, temperature=1.0, top_p=1.0,
-                                          seed=1000 * wave + slot)
-                decoder.add(slot, [1, 2, 3], settings)
-            while decoder.rows:
-                with torch.inference_mode():
-                    updates = decoder.step()
-                for u in updates:
-                    for t in u.new_ids:
-                        counts[t] += 1
-                    if u.finish_reason is not None:
-                        decoder.remove(u.slot)
-        return counts
+        return _sampled_counts(decoder, p.shape[0])
 
     class AcceptAll(base):
         def _verify(self, rows, verify, drafts):  # broken on purpose: every draft is kept
             out = super()._verify(rows, verify, drafts)
             return [(len(d.tokens), [*d.tokens, tokens[-1]]) for (_, tokens), d in zip(out, drafts, strict=True)]
 
-    def chi2(counts: torch.Tensor) -> tuple[float, int]:
-        n = counts.sum()
-        expected = n * p
-        keep = expected >= 5  # pool the rare tokens into one cell
-        stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
-        rest_o, rest_e = counts[~keep].sum(), expected[~keep].sum()
-        if rest_e > 0:
-            stat += (rest_o - rest_e) ** 2 / rest_e
-        return float(stat), int(keep.sum()) + (1 if rest_e > 0 else 0) - 1
-
-    good, dof = chi2(sample(base))
-    critical = dof + 3.09 * math.sqrt(2 * dof) + 2  # ~ the 0.1 % quantile (Wilson-Hilferty, rounded up)
+    good, critical = _chi2(sample(base), p)
     assert good < critical, (good, critical)
-    bad, _ = chi2(sample(AcceptAll))
+    bad, _ = _chi2(sample(AcceptAll), p)
     assert bad > critical, (bad, critical)
 
 
@@ -403,22 +411,7 @@ def test_sampled_rows_copy_drafts_from_their_text_and_keep_the_teacher_distribut
         decoder = decoder_cls(loaded.model, loaded.spec, head, draft_len=4, max_batch_size=8, max_seq_len=512,
                               prompt_lookup=4)
         decoder.checked = []
-        counts = torch.zeros(p.shape[0], dtype=torch.float64)
-        for wave in range(3):
-            for slot in range(8):
-                settings = DecodeSettings(block_size=1, sub_block_size=1, max_new_tokens=50, policy=POLICIES["threshold"],
-                                          threshold=0.9, factor=1.0, steps_per_block=1, temperature=1.0, top_p=1.0,
-                                          seed=1000 * wave + slot)
-                decoder.add(slot, [1, 2, 3], settings)
-            while decoder.rows:
-                with torch.inference_mode():
-                    updates = decoder.step()
-                for u in updates:
-                    for t in u.new_ids:
-                        counts[t] += 1
-                    if u.finish_reason is not None:
-                        decoder.remove(u.slot)
-        return counts, decoder.checked
+        return _sampled_counts(decoder, p.shape[0]), decoder.checked
 
     def z(checked: list[tuple[int, int]]) -> float:
         q = p[torch.tensor([c for c, _ in checked])]
@@ -428,12 +421,8 @@ def test_sampled_rows_copy_drafts_from_their_text_and_keep_the_teacher_distribut
     counts, checked = sample(Recording)
     assert len(checked) > 300, len(checked)  # copies were verified, often
     assert abs(z(checked)) < 3.29, z(checked)
-    n = counts.sum()
-    keep = n * p >= 5
-    stat = float(((counts[keep] - n * p[keep]) ** 2 / (n * p[keep])).sum()
-                 + (counts[~keep].sum() - n * p[~keep].sum()) ** 2 / (n * p[~keep].sum()))
-    dof = int(keep.sum())
-    assert stat < dof + 3.09 * math.sqrt(2 * dof) + 2, (stat, dof)
+    stat, critical = _chi2(counts, p)
+    assert stat < critical, (stat, critical)
     for broken in (AcceptAll, Flat):
         assert z(sample(broken)[1]) > 3.29, broken.__name__
 
