@@ -37,6 +37,7 @@ from dlm.adapt.teacher import engine_replies, generate_replies, hf_teacher, writ
 from dlm.adapt.train import STUDENT_FILE, TrainConfig, train
 from dlm.chat import ChatFormatter
 from dlm.checkpoints import LoadedModel, load_model
+from dlm.threads import claim_for_engine
 
 __all__ = ["SCALES", "Scale", "default_base", "run_data", "run_eval", "run_export", "run_train"]
 
@@ -153,6 +154,7 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     t0 = time.monotonic()
     deadline = t0 + time_budget_s if time_budget_s else None
     if teacher_weights == "hf":
+        claim_for_engine()  # Hugging Face generate runs in this thread (the engine claims its own worker's)
         loaded = _load_base(base, adapter)
         teacher, generate = hf_teacher(loaded, device, _dtype(device)), generate_replies
     else:
@@ -240,6 +242,7 @@ def train_config(scale: Scale, n_train: int, time_budget_s: float = 0.0, max_ste
 
 def run_train(run_dir: Path, base: str | Path, scale: Scale, device: str, time_budget_s: float = 0.0,
               max_steps: int = 0) -> dict[str, Any]:
+    claim_for_engine()  # training runs in this thread (dlm.threads; `voice-agent adapt pipeline` leaves it to each step)
     _meta, examples = read_dataset(run_dir / DATA_FILE)
     train_set = [e for e in examples if e.split == "train"]
     cfg = train_config(scale, len(train_set), time_budget_s, max_steps)
@@ -261,6 +264,7 @@ def run_train(run_dir: Path, base: str | Path, scale: Scale, device: str, time_b
 
 def run_eval(run_dir: Path, base: str | Path, scale: Scale, device: str, student: str | Path | None = None,
              n_prompts: int = 0) -> dict[str, Any]:
+    claim_for_engine()  # the evaluation decodes in this thread
     t0 = time.monotonic()
     _meta, examples = read_dataset(run_dir / DATA_FILE)
     heldout = [e for e in examples if e.split == "heldout" and e.source == "greedy"]

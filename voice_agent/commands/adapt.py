@@ -48,10 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     from dlm.threads import claim_for_engine
 
-    # Training and the teacher's decoding run in this thread: give it the cores (the `voice-agent`
-    # command leaves other threads one each, dlm.threads; without this, 1.6 draft-head steps/s
-    # instead of 2.8 on a 2-core CPU).
-    claim_for_engine()
+    # Training runs in this thread: give it the cores (the `voice-agent` command leaves other
+    # threads one each, dlm.threads; without this, 1.6 draft-head steps/s instead of 2.8 on a
+    # 2-core CPU). Not for the data steps: there the teacher decodes on the AR engine, in its
+    # worker thread, and a second thread with a team of OpenMP threads slows that worker (libgomp
+    # puts idle threads to sleep once they outnumber the cores: 15-18 ms a token against 8-10
+    # where this thread had run a parallel product first; `adapt data`'s teacher 199-213 -> 213-229
+    # tokens/s; session 32). `dlm.adapt.pipeline` claims where this thread does the work.
+    if getattr(args, "step", None) not in ("data", "pipeline"):
+        claim_for_engine()
     if args.step == "grounded":
         return _grounded(args)
     from dlm.adapt.cli import run as run_adapt
