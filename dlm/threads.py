@@ -21,6 +21,13 @@ Contract:
   per-thread setting; torch's process-wide count stays 1). Otherwise it does nothing.
 - `in_engine_thread(fn)`: fn() run in a new thread that claimed the engines' count (timings of
   single forwards that should see what an engine's forward sees); fn's result or exception.
+
+The same holds between engines: each open engine's worker keeps a team of the engines' count, so
+two engines open at once in one process (or an engine beside another thread that claimed and ran
+parallel work) put libgomp on its sleeping path, and every engine runs at about half speed on two
+cores (session 32: a throwaway comparison script that kept its engines open read the dLLM 1.24x
+the AR engine where one engine at a time read 1.08x). Time engines one at a time, as `voice-agent
+bench llm` and `calibrate` do.
 """
 
 from __future__ import annotations
