@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dlm.ar import ARDecoder, AREngine
@@ -470,9 +471,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         """q of copied drafts (k, V): all of each one's mass on the token copied. The acceptance
         rule then takes a copy c with the base's probability p(c) and, on a rejection, draws from
         p without c, renormalised: the base's distribution, as for any draft."""
-        q = torch.zeros(len(tokens), self.model.config.vocab_size, device=self.device)
-        q[torch.arange(len(tokens), device=self.device), torch.tensor(tokens, device=self.device)] = 1.0
-        return q
+        return F.one_hot(torch.tensor(tokens, device=self.device), self.model.config.vocab_size).float()
 
     def _look_up(self, row: _Row, most: int) -> list[int]:
         """Prompt lookup: up to `most` tokens that followed the latest earlier occurrence of the

@@ -324,6 +324,11 @@ def _sampled_counts(decoder, vocab_size: int) -> torch.Tensor:
     return counts
 
 
+def _every_draft_kept(out: list[tuple[int, list[int]]], drafts) -> list[tuple[int, list[int]]]:
+    """A broken acceptance rule, on purpose: `_verify`'s result with every draft kept."""
+    return [(len(d.tokens), [*d.tokens, tokens[-1]]) for (_, tokens), d in zip(out, drafts, strict=True)]
+
+
 def _chi2(counts: torch.Tensor, p: torch.Tensor) -> tuple[float, float]:
     """Pearson's statistic of counts against p (tokens expected fewer than 5 times pooled into one
     cell) and about its 0.1 % critical value (Wilson-Hilferty, rounded up)."""
@@ -362,8 +367,7 @@ def test_speculative_sampling_keeps_the_teacher_distribution(kind):
 
     class AcceptAll(base):
         def _verify(self, rows, verify, drafts):  # broken on purpose: every draft is kept
-            out = super()._verify(rows, verify, drafts)
-            return [(len(d.tokens), [*d.tokens, tokens[-1]]) for (_, tokens), d in zip(out, drafts, strict=True)]
+            return _every_draft_kept(super()._verify(rows, verify, drafts), drafts)
 
     good, critical = _chi2(sample(base), p)
     assert good < critical, (good, critical)
@@ -395,13 +399,12 @@ def test_sampled_rows_copy_drafts_from_their_text_and_keep_the_teacher_distribut
                 self.checked += [(c, tokens[i]) for i, c in enumerate(d.tokens[: j + 1])]
             return out
 
-    class AcceptAll(Recording):
+    class KeepsEvery(HeadSpeculativeDecoder):
         def _verify(self, rows, verify, drafts):  # broken on purpose: every copy is kept
-            out = HeadSpeculativeDecoder._verify(self, rows, verify, drafts)
-            kept = [(len(d.tokens), [*d.tokens, tokens[-1]]) for (_, tokens), d in zip(out, drafts, strict=True)]
-            for (j, tokens), d in zip(kept, drafts, strict=True):
-                self.checked += [(c, tokens[i]) for i, c in enumerate(d.tokens[: j + 1])]
-            return kept
+            return _every_draft_kept(super()._verify(rows, verify, drafts), drafts)
+
+    class AcceptAll(Recording, KeepsEvery):  # records what KeepsEvery keeps
+        pass
 
     class Flat(Recording):
         def _point_masses(self, tokens):  # broken on purpose: the copies' q is not where they are
