@@ -63,6 +63,7 @@ def make_engine(loaded: Any, kind: str = "auto", **kwargs: Any):
     if not isinstance(getattr(loaded, "drafter", None), DraftHead) or name != "draft-and-verify":
         kwargs.pop("draft_confidence", None)  # a draft head's knobs
         kwargs.pop("prompt_lookup", None)
+        kwargs.pop("row_cost", None)
     if name == "AR":
         from dlm.ar import AREngine
 

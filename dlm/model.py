@@ -760,6 +760,11 @@ class Transformer(nn.Module):
         self._head = None
         self._block_layers = None
 
+    def block_products(self) -> int | None:
+        """The products of the block weights the model runs (`use_blocks`; dlm.blocks: 0 float32,
+        AMX_BF16, AMX_SPLIT, VNNI_INT8, VNNI_INT16), None where it runs none."""
+        return self._head.weight.products if isinstance(self._head, BlockProjection) else None
+
     def release_dense_weights(self) -> int:
         """Free the dense copies of the packed projections (inference only from then on: a
         forward with gradients, a state dict or unpacking fails); returns the bytes freed. The

@@ -45,7 +45,9 @@ accepted positions, each paired with the token it made final, extend the row's w
 head drafts the next n tokens from it after the forward, knowing the token just decided (see
 `HeadSpeculativeDecoder`); a row keeps only the leading drafts the head is sure enough of
 (`draft_confidence`: each kept draft is a row of the next forward), which changes how many
-tokens a forward may yield, never which. Where the row's own text offers more (prompt lookup, as
+tokens a forward may yield, never which; and a forward verifies, of its greedy rows' drafts, the
+surest ones that pay for their positions at the machine's price of a position (`RowCost`: in a
+batch of many rows on a CPU, few; `HeadSpeculativeDecoder._within_budget`). Where the row's own text offers more (prompt lookup, as
 Saxena's prompt lookup decoding and vLLM's n-gram drafter: the last 2-4 final tokens occurred
 before, in the prompt or the reply, and what followed them there is taken as the drafts, up to
 `prompt_lookup` of them), a row verifies that continuation instead of shorter head drafts: a
@@ -66,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlm.ar import ARDecoder, AREngine
-from dlm.blocks import row_argmax, row_top
+from dlm.blocks import AMX_BF16, AMX_SPLIT, VNNI_INT8, VNNI_INT16, row_argmax, row_top
 from dlm.config import DiffusionSpec
 from dlm.constraints import mask_logits
 from dlm.decode import BlockDecoder, DecodeSettings, RowUpdate, _batch_bucket, _bucket, _Entry, _Row
@@ -79,9 +81,9 @@ from dlm.model import DraftInputs, Transformer
 from dlm.policies import sampling_probs
 
 __all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_CONFIDENCE", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_PROMPT_LOOKUP",
-           "DEFAULT_SELF_DRAFT_LEN", "LOOKUP_NGRAM",
-           "HeadSpeculativeDecoder",
-           "SpeculativeDecoder", "SpeculativeEngine", "self_drafting_reason"]
+           "DEFAULT_SELF_DRAFT_LEN", "LOOKUP_NGRAM", "LOOKUP_SURE",
+           "HeadSpeculativeDecoder", "RowCost",
+           "SpeculativeDecoder", "SpeculativeEngine", "row_cost_of", "self_drafting_reason"]
 
 # One mask slot per draft block: the fastest length for the mask-slot drafter on a 2-core CPU
 # (each slot row costs a share of an AR step, and its later slots are rarely accepted:
@@ -104,6 +106,61 @@ DEFAULT_SELF_DRAFT_LEN = 4  # a block-diffusion model's own drafts (at most its 
 # lookup". `voice-agent calibrate` measures it against none on the machine at hand.
 DEFAULT_PROMPT_LOOKUP = 4
 LOOKUP_NGRAM = (2, 4)  # the shortest and longest run of final tokens that prompt lookup matches
+# How often a copied draft is accepted after the ones before it (session 33: the shipped head,
+# blocks-int16, bench llm's 8 spoken prompts and 24 self-written held-out requests, 105 rows
+# verifying 4 copies: the first accepted 0.67 of the time, the first two 0.45, three 0.33, four
+# 0.23): a copy's chain confidence is LOOKUP_SURE ** its place (`_within_budget`).
+LOOKUP_SURE = 0.7
+# Under a budget, a greedy row whose drafts were all left out skips the head's pass but every
+# IDLE_PROBE-th forward (`HeadSpeculativeDecoder._draft`).
+IDLE_PROBE = 4
+# What a draft head's pass costs a row, as a share of what a verified position costs (session 33,
+# the AMD EPYC on 16-bit integer products: 0.15 + 0.44 ms a row for 1-8 rows against about 1.2 ms
+# a position; `RowCost.head`).
+HEAD_ROW_SHARE = 0.37
+
+
+@dataclass(frozen=True)
+class RowCost:
+    """What a verifying forward costs by its positions on a machine, in forwards of one position:
+    up to `free` positions cost one (the weights are read once whatever the rows: bound by
+    memory), each one more costs `each` (bound by arithmetic). `row_cost_of(model)` gives the
+    measured figures of the model's arithmetic (`llm.row_cost` sets `each` by hand)."""
+
+    free: int
+    each: float
+
+    def __post_init__(self) -> None:
+        if self.free < 1 or not 0.0 <= self.each <= 16.0:
+            raise ValueError(f"a row cost needs free >= 1 positions and each in [0, 16], not {self.free}, {self.each}")
+
+    def forward(self, positions: int) -> float:
+        return 1.0 + self.each * max(0, positions - self.free)
+
+    def head(self) -> float:
+        """A draft head's pass for one more row (two layers on 10 positions without a long
+        context: 0.44 ms a row on the EPYC against 1.2 ms a verified position, HEAD_ROW_SHARE)."""
+        return HEAD_ROW_SHARE * self.each
+
+
+def row_cost_of(model: Transformer) -> RowCost | None:
+    """The cost of a verifying forward's positions with `model`'s arithmetic, as measured on a
+    2-core CPU (docs/benchmarks.md), a forward's other costs (the draft head's pass, the step's
+    torch calls) counted in its unit; None on a GPU, whose rows cost next to nothing at these
+    batches (every draft a row keeps is verified)."""
+    if model.device.type != "cpu":
+        return None
+    products = model.block_products()
+    if products is not None:
+        if products in (VNNI_INT8, VNNI_INT16):
+            # AMD EPYC without AMX, session 33 (one row, 160 positions of context, logits at every
+            # position): 1 position 4.7 ms, 2: 4.4, 3: 5.1, 4: 6.4, 5: 7.5, 7: 10.1; 8 rows of one
+            # 13.3; with the head's pass and the step's torch calls a forward of 1-2 costs ~6 ms.
+            return RowCost(2, 0.2)
+        if products in (AMX_BF16, AMX_SPLIT):
+            return RowCost(1, 0.1)  # the Xeon with AMX, sessions 19-21: 16 positions 2.4-2.7 steps
+        return RowCost(1, 0.3)  # float32 products, session 22: 16 positions 5.2-5.8 steps
+    return RowCost(1, 0.06)  # dense weights (memory-bound up to many rows), session 22: 16 positions 1.9 steps
 
 
 def self_drafting_reason(spec: DiffusionSpec) -> str | None:
@@ -120,6 +177,9 @@ def self_drafting_reason(spec: DiffusionSpec) -> str | None:
 class _Drafts:
     tokens: list[int]  # drafts for the positions final_upto, final_upto + 1, ...
     probs: Tensor | None  # (k, V): the distribution each was sampled from (sampled rows only)
+    # Each draft's chance that it and every draft before it are accepted, as the drafter sees it
+    # (a draft head's chain confidence; None: not known, as for mask slots): `_within_budget`.
+    sure: list[float] | None = None
 
 
 @dataclass
@@ -154,14 +214,17 @@ class _DraftVerifyDecoder(ARDecoder):
         drafts = self.drafts.get(row.slot)
         return list(drafts.tokens) if drafts is not None else []
 
-    def _keep_drafts(self, row: _Row, n: int, tokens: list[int] | None, dist: Tensor | None) -> None:
-        """A row's next drafts (None: none), at most n and none past its length limit."""
+    def _keep_drafts(self, row: _Row, n: int, tokens: list[int] | None, dist: Tensor | None,
+                     sure: list[float] | None = None) -> None:
+        """A row's next drafts (None: none), at most n and none past its length limit; sure: their
+        chain confidences (`_Drafts.sure`)."""
         room = max(0, row.gen_end - row.final_upto - 1)  # drafts past the length limit are useless
         count = min(n, room)
         if tokens is None or count == 0:
             self.drafts.pop(row.slot, None)
         else:
-            self.drafts[row.slot] = _Drafts(tokens[:count], None if dist is None else dist[:count])
+            self.drafts[row.slot] = _Drafts(tokens[:count], None if dist is None else dist[:count],
+                                            None if sure is None else sure[:count])
 
     def _settle(self, rows: list[_Row], verify: Tensor, drafts: list[_Drafts], new: dict[int, list[int]],
                 updates: dict[int, RowUpdate]) -> list[tuple[int, _Row, int, list[int]]]:
@@ -343,13 +406,16 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
     def __init__(self, model: Transformer, spec: DiffusionSpec, head: DraftHead, *,
                  draft_len: int = DEFAULT_HEAD_DRAFT_LEN, tree: bool = True,
                  draft_confidence: float = DEFAULT_HEAD_DRAFT_CONFIDENCE,
-                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, **kwargs: Any) -> None:
+                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, row_cost: RowCost | None = None,
+                 **kwargs: Any) -> None:
         """draft_len: default drafts per forward (1..head.n_slots); tree: ignored (the head
         drafts after the acceptance is known: one chain); draft_confidence: a row's drafts end
         before the first whose chain confidence (the product of the head's top probabilities up
         to it) is below this (0: always draft_len; see `_confident_len`); prompt_lookup: at most
         this many drafts (and at most the row's draft length) copied from the row's own text where
-        that is longer (0: none; see `_look_up`). kwargs: ARDecoder's."""
+        that is longer (0: none; see `_look_up`); row_cost: what a verifying forward's positions
+        cost on this machine, by which a forward verifies only the drafts that pay for their rows
+        (None: every draft a row keeps; see `_within_budget`). kwargs: ARDecoder's."""
         if not 0.0 <= draft_confidence < 1.0:
             raise ValueError(f"draft_confidence {draft_confidence!r} must lie in [0, 1)")
         if not isinstance(prompt_lookup, int) or prompt_lookup < 0:
@@ -362,12 +428,17 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self.head = head
         self.draft_confidence = draft_confidence
         self.prompt_lookup = prompt_lookup
+        self.row_cost = row_cost
         self.seen: dict[int, _Seen] = {}  # per row: where each of its final tokens occurs (prompt lookup)
         W, D = head.config.window, model.config.dim
         rows = self.kv.max_batch_size + 1
         self.window_h = torch.zeros(rows, W, D, device=self.device)  # per cache row: the context window
         self.window_t = torch.zeros(rows, W, dtype=torch.long, device=self.device)
         self.window_n: dict[int, int] = {}
+        # Per greedy row under a budget: forwards since its drafts last paid for their positions
+        # and its head pass (`_within_budget`); while it is above 0 the row skips the head's pass
+        # but every IDLE_PROBE-th forward (`_draft`).
+        self.idle: dict[int, int] = {}
 
     def required_len(self, prompt_len: int, settings: DecodeSettings) -> int:
         """The text, plus room past it for the drafts."""
@@ -377,12 +448,13 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         super().remove(slot)
         self.window_n.pop(slot, None)
         self.seen.pop(slot, None)
+        self.idle.pop(slot, None)
 
     def _forward_and_decide(self, rows: list[_Row], new: dict[int, list[int]], updates: dict[int, RowUpdate]) -> None:
         n = len(rows)
         B = _batch_bucket(n)
         scratch = self.kv.scratch_pos
-        drafts = [self.drafts.get(row.slot, _Drafts([], None)) for row in rows]
+        drafts = self._within_budget(rows, [self.drafts.get(row.slot, _Drafts([], None)) for row in rows])
         Wv = 1 + max(len(d.tokens) for d in drafts)
         # Host plan (B, Wv): token, position (also where its K/V go), key limit. Causal.
         tok = [[0] * Wv for _ in range(B)]
@@ -398,7 +470,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         rows_t = self._upload(torch.tensor(slots, dtype=torch.long))
         h = self.model(tok_t, pos_t, limit_mask(lim_t, K), cache=self.kv, cache_rows=rows_t, hidden=True,
                        step=True)  # (B, Wv, dim)
-        logits = self.model.logits(h[:n], step=Wv)  # (n, Wv, V)
+        logits = self._verifier_logits(h[:n], [1 + len(d.tokens) for d in drafts])  # (n, Wv, V)
         going = []
         for b, row, j, tokens in self._settle(rows, logits, drafts, new, updates):
             self._extend_window(row.slot, h[b, : j + 1], tokens)
@@ -406,6 +478,75 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self._draft(going)
         for row in going:
             updates[row.slot] = self._update(row, new[row.slot], None)
+
+    def _verifier_logits(self, h: Tensor, live: list[int]) -> Tensor:
+        """Logits (n, Wv, V) of a verifying forward's final states h (n, Wv, dim) at each row's
+        first live[b] positions; the output head (a fifth of a position's cost on a CPU) skips the
+        padding of rows with fewer drafts, whose logits are zeros. A position's logits never depend
+        on the other rows of the call (the head's kernels compute each row alone)."""
+        n, Wv, D = h.shape
+        if min(live) == Wv:
+            return self.model.logits(h, step=Wv)
+        mask = torch.arange(Wv) < torch.tensor(live)[:, None]  # (n, Wv)
+        index = mask.reshape(-1).nonzero().squeeze(1).to(self.device)
+        flat = self.model.logits(h.reshape(1, n * Wv, D)[:, index], step=len(index))[0]  # (live positions, V)
+        logits = flat.new_empty(n * Wv, flat.shape[-1])
+        logits[index] = flat
+        logits[(~mask).reshape(-1).nonzero().squeeze(1).to(self.device)] = 0.0
+        return logits.view(n, Wv, -1)
+
+    def _within_budget(self, rows: list[_Row], drafts: list[_Drafts]) -> list[_Drafts]:
+        """The drafts a verifying forward verifies: of the greedy rows' drafts, the surest ones
+        that pay for their positions. A forward of P positions costs `row_cost.forward(P)`; the
+        forward is worth its expected tokens T (each row's own token plus, per draft, its chain
+        confidence: the chance that it and every draft before it are accepted), so a draft of
+        confidence s is worth its position where s / (its marginal cost) is at least T / (the
+        forward's cost): it raises the batch's tokens per second (a rate, as SmartSpec's goodput
+        and EAGLE-2's ranking of draft trees by chain confidence). Drafts go in from the surest
+        down, across rows, until the next one would lower the rate: alone on a CPU without AMX, a
+        row's first draft comes free and the later ones need about a third; in a batch of eight,
+        where every position costs, only drafts near certainty. A row whose kept drafts are worth
+        less than their positions and its next head pass idles (`_draft`). Which tokens become
+        final never depends on any of it. Sampled rows (their draws follow their drafts: a seed repeats a reply
+        whatever the batch), lossy ones (`accept` < 1: their replies follow their drafts) and
+        drafts without a confidence are verified as kept."""
+        if self.row_cost is None:
+            return drafts
+        positions, tokens = len(rows), float(len(rows))
+        cut = [d.sure is not None and self._greedy(row) for row, d in zip(rows, drafts, strict=True)]
+        candidates = []
+        for b, d in enumerate(drafts):
+            if cut[b]:
+                candidates += [(-s, b, i) for i, s in enumerate(d.sure)]
+            else:
+                positions += len(d.tokens)
+                tokens += sum(d.sure or ())
+        candidates.sort()  # surest first; within a row in order (its chain never rises)
+        cost = self.row_cost.forward
+        kept, gain, spent = [0] * len(rows), [0.0] * len(rows), [0.0] * len(rows)
+        for minus_s, b, _ in candidates:
+            s = -minus_s
+            more = cost(positions + 1) - cost(positions)
+            if s * cost(positions) < more * tokens:
+                break
+            kept[b] += 1
+            gain[b] += s
+            spent[b] += more
+            positions += 1
+            tokens += s
+        # A row whose kept drafts are worth less than their positions and its next head pass (in
+        # forwards: the tokens they add at the forward's cost per token) idles (`_draft`).
+        per_token = cost(positions) / tokens
+        for b, row in enumerate(rows):
+            if cut[b] and drafts[b].tokens:
+                pays = kept[b] and gain[b] * per_token - spent[b] >= self.row_cost.head()
+                self.idle[row.slot] = 0 if pays else self.idle.get(row.slot, 0) + 1
+        return [_Drafts(d.tokens[: kept[b]], None, d.sure[: kept[b]]) if cut[b] else d for b, d in enumerate(drafts)]
+
+    @staticmethod
+    def _greedy(row: _Row) -> bool:
+        """A row whose tokens never depend on which drafts it verifies: greedy and exact."""
+        return row.generator is None and row.settings.accept >= 1.0
 
     def _forward(self, entries: list[_Entry], fn: Any, *, eager_prefill: bool = False) -> Tensor:
         """The prefill's forward keeps each row's last hidden states: its window, so that the
@@ -443,7 +584,15 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         return updates
 
     def _draft(self, rows: list[_Row]) -> None:
-        """Each row's next drafts from its window."""
+        """Each row's next drafts from its window. Under a budget, a greedy row whose last drafts
+        did not pay for their positions and its head pass (`idle`, `_within_budget`) skips the
+        pass (HEAD_ROW_SHARE of a position a row): it tries again every IDLE_PROBE-th forward."""
+        if self.row_cost is not None:
+            skipping = [row for row in rows if self._greedy(row) and self.idle.get(row.slot, 0) % IDLE_PROBE]
+            for row in skipping:
+                self.idle[row.slot] += 1
+                self.drafts.pop(row.slot, None)
+            rows = [row for row in rows if row not in skipping]
         if not rows:
             return
         # Always the head's full block (the slots see each other: a shorter block is another
@@ -453,7 +602,9 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         scores = self.head(self.window_h[index], self.window_t[index], valid, self.head.n_slots)  # (p, n, V')
         best, top = row_top(scores)  # each slot's top token and its probability, in one pass
         tokens, dists = self._propose(rows, scores, best)
-        confident = self._confident_len(top)
+        chain = top.cumprod(dim=-1)  # (p, n): each draft's chance that it and those before it are accepted
+        confident = self._confident_len(chain)
+        sure = chain.tolist()
         for i, row in enumerate(rows):
             n = self._n(row.settings)
             kept = min(n, confident[i])
@@ -463,9 +614,12 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
             most = min(n, self.prompt_lookup)
             copied = self._look_up(row, most) if most > kept else []
             if len(copied) > kept:  # the row's own text offers more: verify that instead
-                self._keep_drafts(row, len(copied), copied, None if row.generator is None else self._point_masses(copied))
+                self._keep_drafts(row, len(copied), copied, None if row.generator is None else self._point_masses(copied),
+                                  [LOOKUP_SURE ** (j + 1) for j in range(len(copied))])
             else:
-                self._keep_drafts(row, kept, tokens[i], dists[i])
+                self._keep_drafts(row, kept, tokens[i], dists[i], sure[i])
+            if self.idle.get(row.slot) and row.slot not in self.drafts:  # a probe without drafts idles on
+                self.idle[row.slot] += 1
 
     def _point_masses(self, tokens: list[int]) -> Tensor:
         """q of copied drafts (k, V): all of each one's mass on the token copied. The acceptance
@@ -497,17 +651,17 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                     break
         return ids[start: min(start + most, end)] if best >= shortest else []
 
-    def _confident_len(self, top: Tensor) -> list[int]:
+    def _confident_len(self, chain: Tensor) -> list[int]:
         """Per row, how many leading drafts the head is sure enough of to be worth verifying: each
         verified draft costs a row of the next forward (on a CPU without AMX about a sixth of a
         step), and the drafts after a rejected one are wasted, so a draft whose chain confidence
         (the product of the head's top probabilities up to it: the chance that it and every draft
         before it are accepted, as EAGLE-2 ranks its draft tree) is below `draft_confidence`, and
-        every draft after it, is left out. Which tokens become final never depends on it. top
-        (p, n): the head's top probability at each slot (`row_top` of its scores)."""
+        every draft after it, is left out. Which tokens become final never depends on it. chain
+        (p, n): each slot's chain confidence (the cumulative product of `row_top`'s probabilities:
+        non-increasing)."""
         if self.draft_confidence <= 0:
-            return [self.head.n_slots] * top.shape[0]
-        chain = top.cumprod(dim=-1)  # (p, n): non-increasing
+            return [self.head.n_slots] * chain.shape[0]
         return (chain >= self.draft_confidence).sum(dim=-1).tolist()
 
     def _extend_window(self, slot: int, h: Tensor, tokens: list[int]) -> None:
@@ -538,7 +692,7 @@ class SpeculativeEngine(AREngine):
 
     def __init__(self, loaded: Any, drafter: Drafter | DraftHead | None, *, draft_len: int | None = None,
                  tree: bool = True, draft_confidence: float | None = None, prompt_lookup: int | None = None,
-                 **kwargs: Any) -> None:
+                 row_cost: float | str = "auto", **kwargs: Any) -> None:
         """drafter: mask slots in the base's forward (Drafter), a draft head after it (DraftHead),
         or None: a block-diffusion model drafting for itself (ValueError where it cannot);
         draft_len None: DEFAULT_DRAFT_LEN, DEFAULT_HEAD_DRAFT_LEN for a head, DEFAULT_SELF_DRAFT_LEN
@@ -546,7 +700,10 @@ class SpeculativeEngine(AREngine):
         a draft head's drafts stop where it is less sure (`HeadSpeculativeDecoder`; None:
         DEFAULT_HEAD_DRAFT_CONFIDENCE; ValueError with another drafter, which has no such measure);
         prompt_lookup: beside a draft head, at most this many drafts copied from a row's own text
-        where that offers more (None: DEFAULT_PROMPT_LOOKUP; 0: off; ValueError with another drafter)."""
+        where that offers more (None: DEFAULT_PROMPT_LOOKUP; 0: off; ValueError with another drafter);
+        row_cost: beside a draft head, what each verified position beyond the ones that come free
+        costs, as a share of a forward ("auto": `row_cost_of` the model; 0: no budget, every draft a
+        row keeps is verified; see `HeadSpeculativeDecoder._within_budget`)."""
         head = isinstance(drafter, DraftHead)
         if draft_confidence is None:
             draft_confidence = DEFAULT_HEAD_DRAFT_CONFIDENCE if head else 0.0
@@ -556,8 +713,11 @@ class SpeculativeEngine(AREngine):
             prompt_lookup = DEFAULT_PROMPT_LOOKUP if head else 0
         if prompt_lookup and not head:
             raise ValueError("prompt_lookup applies beside a draft head only")
+        if row_cost not in ("auto", 0) and not head:
+            raise ValueError("row_cost applies beside a draft head only")
         self.draft_confidence = draft_confidence  # their ranges: the decoder's checks, at start
         self.prompt_lookup = prompt_lookup
+        self.row_cost = self._row_cost(loaded.model, row_cost) if head else None
         if drafter is None and (reason := self_drafting_reason(loaded.spec)) is not None:
             raise ValueError(f"this model cannot draft for itself: {reason}")
         self.n_slots = loaded.spec.block_size if drafter is None else drafter.n_slots
@@ -567,11 +727,20 @@ class SpeculativeEngine(AREngine):
         self.drafter, self.draft_len, self.tree = drafter, draft_len, tree
         super().__init__(loaded, **kwargs)  # its decoder checks draft_len
 
+    @staticmethod
+    def _row_cost(model: Transformer, row_cost: float | str) -> RowCost | None:
+        measured = row_cost_of(model)
+        if row_cost == "auto":
+            return measured
+        if isinstance(row_cost, str | bool) or not 0.0 <= row_cost <= 16.0:
+            raise ValueError(f"row_cost {row_cost!r} must be 'auto' or a number in [0, 16] (0: no budget)")
+        return RowCost(measured.free if measured else 1, float(row_cost)) if row_cost else None
+
     def make_decoder(self, **kwargs: Any) -> BlockDecoder:
         if isinstance(self.drafter, DraftHead):
             return HeadSpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len,
                                           draft_confidence=self.draft_confidence, prompt_lookup=self.prompt_lookup,
-                                          **kwargs)
+                                          row_cost=self.row_cost, **kwargs)
         return SpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree,
                                   block_size=self.n_slots, **kwargs)
 

@@ -279,6 +279,13 @@ class LlmConfig:
     # (sampled ones: their distribution). The engine's default
     # (dlm.speculative.DEFAULT_PROMPT_LOOKUP); left out for models without a draft head.
     prompt_lookup: int = 4
+    # Beside a draft head: what each verified position of a forward costs beyond the ones that
+    # come free, as a share of a forward ("auto": the figure measured for the model's arithmetic,
+    # dlm.speculative.row_cost_of; `voice-agent calibrate` measures this machine). A forward then
+    # verifies only the drafts sure enough to pay for their positions: in a batch of many rows
+    # on a CPU, few. 0: every draft a row keeps. The replies never depend on it; left out for
+    # models without a draft head.
+    row_cost: float | str = "auto"
     # Draft-and-verify at temperature 0: a draft is accepted where the model gives it at least this
     # share of its top token's probability. 1: exact (the AR model's replies); lower: lossy, faster.
     # Sampled replies (temperature > 0) keep exact speculative sampling whatever this says.
@@ -314,6 +321,8 @@ class LlmConfig:
             raise ConfigError(f"llm.draft_confidence must lie in [0, 1) (0: always draft_len), not {self.draft_confidence!r}")
         if not 0.0 < self.accept <= 1.0:
             raise ConfigError(f"llm.accept must lie in (0, 1] (1: exact), not {self.accept!r}")
+        if self.row_cost != "auto" and (isinstance(self.row_cost, str) or not 0.0 <= self.row_cost <= 16.0):
+            raise ConfigError(f"llm.row_cost must be \"auto\" or a number in [0, 16] (0: no budget), not {self.row_cost!r}")
         if not 0 <= self.prompt_lookup <= 32:
             raise ConfigError(f"llm.prompt_lookup must lie in [0, 32] (0: off; a reply copies at most its draft length), "
                               f"not {self.prompt_lookup!r}")
@@ -322,7 +331,7 @@ class LlmConfig:
         """The draft-and-verify keys of `dlm.engines.make_engine` (it drops those a model's
         engine does not take)."""
         return {"draft_len": self.draft_len, "tree": self.draft_tree, "draft_confidence": self.draft_confidence,
-                "prompt_lookup": self.prompt_lookup}
+                "prompt_lookup": self.prompt_lookup, "row_cost": self.row_cost}
 
 
 @dataclass

@@ -19,7 +19,14 @@ from dlm.errors import InvalidRequestError
 from dlm.masks import causal_mask
 from dlm.model import can_pack_linears
 from dlm.policies import POLICIES
-from dlm.speculative import HeadSpeculativeDecoder, SpeculativeDecoder, SpeculativeEngine
+from dlm.speculative import (
+    HeadSpeculativeDecoder,
+    RowCost,
+    SpeculativeDecoder,
+    SpeculativeEngine,
+    _Drafts,
+    row_cost_of,
+)
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [3, 3], [21, 22, 23, 24, 25]]
 
@@ -165,9 +172,9 @@ def test_a_heads_drafts_stop_where_its_chain_confidence_falls_below_the_bar():
         decoder = spec.make_decoder(max_batch_size=1, max_seq_len=32)
     top = torch.tensor([[0.9, 0.9, 0.5, 0.99], [0.4, 0.99, 0.99, 0.99], [0.99, 0.99, 0.99, 0.99]])
     scores = torch.log(torch.stack([top, (1 - top) / 2, (1 - top) / 2], dim=-1))  # (3 rows, 4 slots, 3 tokens)
-    assert decoder._confident_len(row_top(scores)[1]) == [2, 0, 4]  # chains 0.9, 0.81, 0.41 | 0.4 | 0.99 ... 0.96
+    assert decoder._confident_len(row_top(scores)[1].cumprod(-1)) == [2, 0, 4]  # chains 0.9, 0.81, 0.41 | 0.4 | 0.99 ... 0.96
     decoder.draft_confidence = 0.0
-    assert decoder._confident_len(row_top(scores)[1]) == [8, 8, 8]  # every slot: the draft length decides
+    assert decoder._confident_len(row_top(scores)[1].cumprod(-1)) == [8, 8, 8]  # every slot: the draft length decides
     # An oracle whose head is unsure (uniform scores: all weights zero) drafts nothing: one token
     # a forward, as the AR engine, and the same tokens; sure or not, the verifier decides.
     params = GenerationParams(max_new_tokens=12)
@@ -266,6 +273,135 @@ def test_rows_whose_drafts_are_cut_to_different_lengths_batch_as_each_alone():
     assert [r[0] for r in alone] == [r[0] for r in together] == [r[0] for r in expected]
     assert alone[0][1] == expected[0][1]  # alone, every row is the batch's first: no drafts, AR's forwards
     assert together[0][1] == expected[0][1] and all(t[1] < e[1] for t, e in zip(together[1:], expected[1:], strict=True))
+
+
+def test_a_forward_verifies_the_drafts_that_pay_for_their_positions():
+    """`_within_budget` with a 2-core CPU's costs (two positions for the price of one, each more
+    0.2 of a forward): alone, a row's first draft comes free and each later one goes in while it
+    raises the expected tokens per cost; in a batch of eight greedy rows only the near-certain
+    ones do. Sampled rows, lossy rows and drafts without a confidence keep what they have; no
+    budget keeps every draft."""
+    from types import SimpleNamespace
+
+    loaded = counting_loaded(attention="causal", block_size=1)
+    decoder = HeadSpeculativeDecoder(loaded.model, loaded.spec, _random_head(loaded, n_slots=4), draft_len=4,
+                                     max_batch_size=8, max_seq_len=64, row_cost=RowCost(2, 0.2))
+    def row(slot, generator=None, accept=1.0):
+        return SimpleNamespace(slot=slot, generator=generator, settings=SimpleNamespace(accept=accept))
+
+    greedy = [row(slot) for slot in range(8)]
+    sampled, lossy = row(6, torch.Generator()), row(7, accept=0.8)
+
+    def kept(rows, sures):
+        drafts = [_Drafts([7] * len(s), None, s) if s is not None else _Drafts([7, 7], None) for s in sures]
+        return [len(d.tokens) for d in decoder._within_budget(rows, drafts)]
+
+    # Alone: 0.9 free; 0.8 x 1 >= 0.2 x 1.9; 0.5 x 1.2 >= 0.2 x 2.7; 0.3 x 1.4 < 0.2 x 3.2.
+    assert kept(greedy[:1], [[0.9, 0.8, 0.5, 0.3]]) == [3]
+    assert kept(greedy[:1], [[0.2, 0.19]]) == [1]  # the first draft is free however unsure
+    assert decoder.idle == {0: 0}
+    # Eight rows (8 positions: 2.2 forwards): every 0.95 pays for its position (the eighth: 0.95 x
+    # 3.6 >= 0.2 x 14.65), no 0.5 after them (0.5 x 3.8 < 0.2 x 15.6), but not for the next head
+    # pass too (0.95 x 3.8 / 15.6 - 0.2 < 0.37 x 0.2): the rows idle; drafts of 0.6 never pay.
+    assert kept(greedy, [[0.95, 0.5]] * 8) == [1] * 8
+    assert decoder.idle == {slot: 1 for slot in range(8)}
+    assert kept(greedy, [[0.6, 0.5]] * 8) == [0] * 8
+    assert decoder.idle == {slot: 2 for slot in range(8)}
+    # The surest across rows, each row's in order; the others keep theirs and count. Row 0's two
+    # drafts pay for their head pass too (1.97 x 3.2 / 10.27 - 0.4 >= 0.074); only greedy rows idle.
+    assert kept([*greedy[:6], sampled, lossy], [[0.99, 0.98, 0.3]] + [[0.6]] * 5 + [[0.1, 0.1], [0.1]]) == \
+        [2, 0, 0, 0, 0, 0, 2, 1]
+    assert decoder.idle == {0: 0, 1: 3, 2: 3, 3: 3, 4: 3, 5: 3, 6: 2, 7: 2}
+    assert kept(greedy[:2], [None, [0.9, 0.1]]) == [2, 1]  # no confidence: verified as kept (4 positions)
+    decoder.row_cost = None
+    assert kept(greedy, [[0.6, 0.5]] * 8) == [2] * 8
+
+
+@pytest.mark.parametrize("sure,together_steps,head_rows", [
+    ([0.99, 0.9, 0.5, 0.5], 8, 4 * 7),  # two drafts each pay: drafted after the prefill and every forward but the last
+    ([0.5, 0.5, 0.5, 0.5], 21, 4 * 5),  # none pays: after the prefill and forwards 4, 8, 12 and 16 only
+])
+def test_a_budget_drafts_less_in_a_batch_and_leaves_every_reply_as_it_was(sure, together_steps, head_rows):
+    """With drafts that are right and a budget, a request alone verifies all four drafts a
+    forward; four requests at once verify only the drafts that pay for their positions (one each,
+    or none: then the rows skip the head's pass but every IDLE_PROBE-th forward). Greedy replies
+    are the AR engine's either way; a seeded sampled reply is the same alone and beside greedy
+    rows (its drafts are not cut: its draws follow them)."""
+    loaded = counting_loaded(attention="causal", block_size=1)
+    passes = []
+
+    class Sure(HeadSpeculativeDecoder):
+        def _propose(self, rows, scores, best):
+            passes.append(len(rows))
+            return [[_oracle(row.ids[-1], i) for i in range(scores.shape[1])] for row in rows], [None] * len(rows)
+
+        def _keep_drafts(self, row, n, tokens, dist, sure_=None):
+            super()._keep_drafts(row, n, tokens, dist, sure)
+
+    class Engine(SpeculativeEngine):
+        def make_decoder(self, **kw):
+            return Sure(self.model, self.spec, self.drafter, draft_len=4, draft_confidence=0.0,
+                        row_cost=RowCost(2, 0.2), **kw)
+
+    prompts = [[3], [5, 6], [9], [2, 4, 7]]
+    params = GenerationParams(max_new_tokens=21)
+    with AREngine(loaded, max_batch_size=4) as ar, Engine(loaded, _random_head(loaded, n_slots=4), max_batch_size=4) as spec:
+        expected = [_run(ar.submit(p, params))[0] for p in prompts]
+        alone = [_run(spec.submit(p, params)) for p in prompts]
+        passes.clear()
+        together = [_run(h) for h in [spec.submit(p, params) for p in prompts]]
+    assert [r[0] for r in alone] == [r[0] for r in together] == expected
+    assert [r[1] for r in alone] == [5] * 4  # the prefill's token, then 5 a forward
+    assert [r[1] for r in together] == [together_steps] * 4  # the prefill's, then 3 (or 1) a forward
+    assert sum(passes) == head_rows  # the rows' head passes (none after a row's last forward)
+
+
+def test_a_seeded_sampled_reply_is_the_same_alone_and_beside_rows_under_a_budget():
+    """Sampled rows keep their drafts under a budget (their draws follow them), so a seed repeats
+    a reply whatever the batch holds."""
+    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
+    head = _random_head(loaded, n_slots=4, seed=2, scale=2.0)
+    sampling = GenerationParams(max_new_tokens=20, temperature=1.0, seed=7)
+    greedy = GenerationParams(max_new_tokens=20)
+    with SpeculativeEngine(loaded, head, max_batch_size=4, draft_confidence=0.0, row_cost=0.5) as spec:
+        alone = _run(spec.submit(PROMPTS[1], sampling))[0]
+        handles = [spec.submit(PROMPTS[0], greedy), spec.submit(PROMPTS[1], sampling), spec.submit(PROMPTS[3], greedy)]
+        together = [_run(h)[0] for h in handles]
+    assert together[1] == alone
+
+
+def test_the_verifier_skips_the_padding_of_rows_with_fewer_drafts():
+    """`_verifier_logits`: each row's live positions get the output head's logits, as the whole
+    padded batch would give them; the padding gets zeros."""
+    loaded = random_loaded("causal", seed=3, block_size=1)
+    decoder = HeadSpeculativeDecoder(loaded.model, loaded.spec, _random_head(loaded, n_slots=4), draft_len=4,
+                                     max_batch_size=4, max_seq_len=64)
+    h = torch.randn(3, 5, loaded.config.dim, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = loaded.model.logits(h, step=5)
+        got = decoder._verifier_logits(h, [5, 1, 3])
+        assert torch.equal(decoder._verifier_logits(h, [5, 5, 5]), full)
+    for b, live in enumerate([5, 1, 3]):
+        torch.testing.assert_close(got[b, :live], full[b, :live], rtol=0, atol=1e-5)
+        assert not got[b, live:].any()
+
+
+def test_row_costs_follow_the_arithmetic_and_bad_ones_are_refused():
+    loaded = random_loaded("causal", seed=3, block_size=1)
+    assert row_cost_of(loaded.model) == RowCost(1, 0.06)  # dense float32 on a CPU
+    head = _random_head(loaded)
+    assert SpeculativeEngine(loaded, head).row_cost == RowCost(1, 0.06)
+    assert SpeculativeEngine(loaded, head, row_cost=0.25).row_cost == RowCost(1, 0.25)
+    assert SpeculativeEngine(loaded, head, row_cost=0).row_cost is None
+    for bad in (-0.1, 17, "high", True):
+        with pytest.raises(ValueError, match=r"row_cost .* must be 'auto' or a number in \[0, 16\]"):
+            SpeculativeEngine(loaded, head, row_cost=bad)
+    with pytest.raises(ValueError, match="beside a draft head only"):
+        SpeculativeEngine(loaded, _random_drafter(loaded), row_cost=0.2)
+    with pytest.raises(ValueError, match="free >= 1"):
+        RowCost(0, 0.1)
+    assert RowCost(2, 0.2).forward(1) == RowCost(2, 0.2).forward(2) == 1.0
+    assert RowCost(2, 0.2).forward(7) == pytest.approx(2.0)
 
 
 def test_bad_draft_confidences_are_refused():
