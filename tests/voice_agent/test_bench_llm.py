@@ -140,3 +140,22 @@ def test_the_environment_names_the_cpu_and_whether_its_amx_products_run(tmp_path
     assert bench._cpu_model() == "Example CPU 9000 @ 3.0GHz"
     cpuinfo.write_text("processor\t: 0\n")  # no model name (some ARM kernels): what platform says
     assert bench._cpu_model() == (bench.platform.processor() or bench.platform.machine())
+
+
+def test_repeats_measure_each_engine_and_level_in_turn_and_keep_the_fastest(tmp_path) -> None:
+    """`bench llm --repeats 2` on a small synthetic model (whose 192 positions also shorten the
+    single forwards' context): every (engine, level) measured twice, its fastest kept."""
+    import json
+
+    from voice_agent.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["bench", "llm", "--synthetic", "small", "--concurrency", "1,2", "--max-new-tokens", "4",
+                 "--repeats", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["engine"], r["concurrency"]) for r in report["results"]] == [("dllm", 1), ("dllm", 2), ("ar", 1), ("ar", 2)]
+    for r in report["results"]:
+        assert len(r["repeat_walls_s"]) == 2 and r["level_wall_s"] == pytest.approx(min(r["repeat_walls_s"]), abs=1e-4)
+    assert report["forward_costs"]["context"] < 160  # 192 positions: 150 for the prefill, the rest context
+    with pytest.raises(SystemExit):
+        main(["bench", "llm", "--synthetic", "small", "--repeats", "0"])

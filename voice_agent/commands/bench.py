@@ -14,7 +14,10 @@
 At each concurrency level C (`--concurrency 1,8,32,128`), C requests are submitted at once to one
 engine whose max batch is the largest level, after an untimed warm-up at that level (which also
 compiles the shapes under `--compile`); up to 8 such rounds run on different prompts (level 1: each
-of the 8 prompts alone, one after the other), and a level's wall time is the sum of its rounds'. The warm-up's prompts differ from the measured ones (other
+of the 8 prompts alone, one after the other), and a level's wall time is the sum of its rounds'.
+Each engine is made for each level alone (one engine alive at a time: two would share the cores'
+OpenMP teams, dlm/threads.py); `--repeats N` measures every (engine, level) N times in rotating
+order and keeps the fastest (`voice-agent calibrate`'s rounds). The warm-up's prompts differ from the measured ones (other
 user messages, other random ids): the engine reuses the cached K/V of a prompt prefix left in a
 free row (dlm/decode.py "Prefix reuse"), so the measured chat requests reuse the shared system
 prompt, as every new call does on a running server, but never their own user message. Per reply: time to the first final text (first final
@@ -92,6 +95,16 @@ def _other(target: str):
         raise
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _levels(text: str) -> list[int]:
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
@@ -141,6 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--against-local", action="store_true",
                      help="with --url: also run the configured model in this process, prompt by prompt alternately "
                           "with the server at concurrency 1: the cost of the hop (the LLM tier's bar)")
+    llm.add_argument("--repeats", type=_positive, default=1,
+                     help="measure each engine at each level this many times, in rotating order, and keep its "
+                          "fastest measurement (a shared machine's other work only slows a run; default 1)")
     llm.add_argument("--json", metavar="FILE", help="write the raw results and the environment to FILE")
     llm.add_argument("--profile", metavar="FILE", help="profile a short run and write the top ops table to FILE")
     for target in _OTHERS:
@@ -404,7 +420,7 @@ FORWARD_REPEATS = 7
 def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: int = 150) -> dict[str, Any]:
     """Wall time of single forwards of the model on this machine (the fastest of FORWARD_REPEATS,
     after a warm-up; a 1-row batch, random token ids): a decoding step of one token after
-    `context` cached positions; `block` positions after it, as a step (verifying a draft: the
+    `context` cached positions (fewer where the model holds fewer); `block` positions after it, as a step (verifying a draft: the
     step kernels) and as a bulk forward (denoising a block: the prefill kernels); the prefill of
     a `prompt`-token prompt. With the issue's bars: a block at most 1.3x a step, the prefill at
     most 40 ms."""
@@ -414,6 +430,9 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     from dlm.threads import in_engine_thread
 
     V = model.config.vocab_size
+    if max(block, prompt) >= model.config.max_seq_len:
+        raise ValueError(f"a model of {model.config.max_seq_len} positions cannot time a {max(block, prompt)}-token forward")
+    context = min(context, model.config.max_seq_len - max(block, prompt) - 1)  # a short model: less context
     cache = model.new_cache(1, context + max(block, prompt) + 1)
     rows = torch.tensor([0])
 
@@ -442,7 +461,8 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     # where an engine's forwards run: in a thread with the engines' share of the cores (dlm.threads)
     step_s, verify_s, denoise_s, prefill_s = in_engine_thread(measure)
     return {
-        "step_ms": 1e3 * step_s, "block": block, "block_step_ms": 1e3 * verify_s, "block_bulk_ms": 1e3 * denoise_s,
+        "context": context, "step_ms": 1e3 * step_s, "block": block, "block_step_ms": 1e3 * verify_s,
+        "block_bulk_ms": 1e3 * denoise_s,
         "prompt": prompt, "prefill_ms": 1e3 * prefill_s,
         "bars": {
             "block_step_ratio": {"value": verify_s / step_s, "limit": f"<= 1.3 ({block} positions as a step / one "
@@ -704,28 +724,46 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     costs = None if cuda else forward_costs(loaded.model)
     prompt_ids: list[list[int]] = []
     draft = {**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}
-    for name, kind in engines:
-        with make_engine(loaded, kind, max_batch_size=max_c, max_seq_len=max_seq_len, compile_mode=args.compile,
-                         **draft) as engine:
+    from voice_agent.commands.calibrate import in_rounds
+
+    def reset_peak() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    walls: dict[tuple[str, int], list[float]] = {}
+
+    def run_level(candidate: dict[str, Any]) -> dict[str, Any]:
+        """One engine (made for this run alone: one engine alive at a time, dlm/threads.py) at one
+        concurrency level."""
+        nonlocal prompt_ids
+        name, level = candidate["engine_name"], candidate["level"]
+        with make_engine(loaded, candidate["kind"], max_batch_size=max_c, max_seq_len=max_seq_len,
+                         compile_mode=args.compile, **draft) as engine:
             if not prompt_ids:  # the token ids both engines and the reference decode
                 prompt_ids = [engine.prepare(p, params)[0] for p in [*warm_up[:1], *prompts]]
-            if args.profile:
+            if args.profile and level == args.concurrency[0] and (name, level) not in walls:
                 path = Path(args.profile).with_suffix(f".{name}{Path(args.profile).suffix or '.txt'}")
-                _profile(engine, loaded, prompts[: args.concurrency[0]], params, args.compile, path)
+                _profile(engine, loaded, prompts[:level], params, args.compile, path)
                 print(f"profile of {name} written to {path}", file=sys.stderr)
-
-            def reset_peak() -> None:
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-
-            results += _levels_measured(
-                lambda batch, engine=engine: _measure(engine, batch, params), name, args.concurrency, prompts, warm_up,
+            (result,) = _levels_measured(
+                lambda batch: _measure(engine, batch, params), name, [level], prompts, warm_up,
                 every_prompt=bool(args.heldout), before=reset_peak,  # --heldout: every held-out prompt
                 peak=lambda: torch.cuda.max_memory_allocated() if cuda else None)
-            rss = resident_bytes()  # with this engine's cache holding what its levels wrote
-            if rss is not None and rss_before_load is not None:
-                memory["in_use_bytes"][name] = rss - rss_before_load
+            rss = resident_bytes()  # with this engine's cache holding what its level wrote
+        if rss is not None and rss_before_load is not None:
+            memory["in_use_bytes"][name] = max(memory["in_use_bytes"].get(name, 0), rss - rss_before_load)
+        walls.setdefault((name, level), []).append(round(result["level_wall_s"], 4))
+        return result
+
+    # Each engine at each level `--repeats` times, in rotating order, its fastest measurement kept
+    # (other work on a shared machine only slows a run): the ratios between engines are then
+    # measured under like conditions.
+    candidates = [{"engine_name": name, "kind": kind, "level": c} for name, kind in engines for c in args.concurrency]
+    for measured in in_rounds(candidates, args.repeats, run_level, key="level_wall_s"):
+        name, level = measured.pop("engine_name"), measured.pop("level")
+        del measured["kind"]
+        results.append({**measured, "repeat_walls_s": walls[(name, level)]})
     reference = _reference(args, loaded, notes)  # after our engines: llama.cpp is not in their memory figures
     level = next((r for r in results if r["concurrency"] == 1), None)
     if reference is not None and level is not None:

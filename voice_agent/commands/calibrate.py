@@ -125,13 +125,13 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
             "tokens": tokens}
 
 
-def in_rounds(candidates: list[dict[str, Any]], rounds: int, run: Callable[[dict[str, Any]], dict[str, float]],
+def in_rounds(candidates: list[dict[str, Any]], rounds: int, run: Callable[[dict[str, Any]], dict[str, Any]],
               report: Callable[[int, int, int, dict[str, Any]], None] = lambda done, total, r, result: None,
-              ) -> list[dict[str, Any]]:
+              *, key: str = "ms_per_token") -> list[dict[str, Any]]:
     """Each candidate (a setting) run `rounds` times; round r starts at candidate r * n / rounds
     and goes round (so no setting is always first or last); per candidate, in order, the setting
-    with its fastest round's measurement (lowest `ms_per_token`). `report(done, total, round,
-    result)` after each run."""
+    with its fastest round's measurement (lowest `key`). `report(done, total, round, result)`
+    after each run. `bench llm --rounds` runs its engines' levels so too."""
     n = len(candidates)
     best: list[dict[str, Any] | None] = [None] * n
     done = 0
@@ -141,7 +141,7 @@ def in_rounds(candidates: list[dict[str, Any]], rounds: int, run: Callable[[dict
             result = {**candidates[i], **run(candidates[i])}
             done += 1
             report(done, rounds * n, r, result)
-            if best[i] is None or result["ms_per_token"] < best[i]["ms_per_token"]:
+            if best[i] is None or result[key] < best[i][key]:
                 best[i] = result
     return [b for b in best if b is not None]
 
