@@ -46,8 +46,10 @@ head drafts the next n tokens from it after the forward, knowing the token just 
 `HeadSpeculativeDecoder`); a row keeps only the leading drafts the head is sure enough of
 (`draft_confidence`: each kept draft is a row of the next forward), which changes how many
 tokens a forward may yield, never which; and a forward verifies, of its greedy rows' drafts, the
-surest ones that pay for their positions at the machine's price of a position (`RowCost`: in a
-batch of many rows on a CPU, few; `HeadSpeculativeDecoder._within_budget`). Where the row's own text offers more (prompt lookup, as
+surest ones that pay for their positions at the machine's price of a position where it holds
+more than one row (`RowCost`: in a batch of many rows on a CPU, few; a row alone keeps what its
+bar kept; `HeadSpeculativeDecoder._within_budget`). Where the row's own text offers more (prompt
+lookup, as
 Saxena's prompt lookup decoding and vLLM's n-gram drafter: the last 2-4 final tokens occurred
 before, in the prompt or the reply, and what followed them there is taken as the drafts, up to
 `prompt_lookup` of them), a row verifies that continuation instead of shorter head drafts: a
@@ -503,14 +505,20 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         confidence s is worth its position where s / (its marginal cost) is at least T / (the
         forward's cost): it raises the batch's tokens per second (a rate, as SmartSpec's goodput
         and EAGLE-2's ranking of draft trees by chain confidence). Drafts go in from the surest
-        down, across rows, until the next one would lower the rate: alone on a CPU without AMX, a
-        row's first draft comes free and the later ones need about a third; in a batch of eight,
-        where every position costs, only drafts near certainty. A row whose kept drafts are worth
+        down, across rows, until the next one would lower the rate: in a batch of two on a CPU
+        without AMX the second position comes free and later drafts need about a third; in a batch
+        of eight, where every position costs, only drafts near certainty. A row whose kept drafts are worth
         less than their positions and its next head pass idles (`_draft`). Which tokens become
         final never depends on any of it. Sampled rows (their draws follow their drafts: a seed repeats a reply
         whatever the batch), lossy ones (`accept` < 1: their replies follow their drafts) and
-        drafts without a confidence are verified as kept."""
+        drafts without a confidence are verified as kept, as are a row's alone in its forward: its
+        confidence bar is timed on the machine (`voice-agent calibrate`), while the rows' shared
+        price is what the bar cannot see."""
         if self.row_cost is None:
+            return drafts
+        if len(rows) < 2:  # a row alone: its drafts are the bar's (`voice-agent calibrate` times that)
+            for row in rows:
+                self.idle.pop(row.slot, None)
             return drafts
         positions, tokens = len(rows), float(len(rows))
         cut = [d.sure is not None and self._greedy(row) for row, d in zip(rows, drafts, strict=True)]
@@ -587,7 +595,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         """Each row's next drafts from its window. Under a budget, a greedy row whose last drafts
         did not pay for their positions and its head pass (`idle`, `_within_budget`) skips the
         pass (HEAD_ROW_SHARE of a position a row): it tries again every IDLE_PROBE-th forward."""
-        if self.row_cost is not None:
+        if self.row_cost is not None and len(self.rows) > 1:
             skipping = [row for row in rows if self._greedy(row) and self.idle.get(row.slot, 0) % IDLE_PROBE]
             for row in skipping:
                 self.idle[row.slot] += 1

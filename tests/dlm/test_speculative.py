@@ -296,10 +296,14 @@ def test_a_forward_verifies_the_drafts_that_pay_for_their_positions():
         drafts = [_Drafts([7] * len(s), None, s) if s is not None else _Drafts([7, 7], None) for s in sures]
         return [len(d.tokens) for d in decoder._within_budget(rows, drafts)]
 
-    # Alone: 0.9 free; 0.8 x 1 >= 0.2 x 1.9; 0.5 x 1.2 >= 0.2 x 2.7; 0.3 x 1.4 < 0.2 x 3.2.
-    assert kept(greedy[:1], [[0.9, 0.8, 0.5, 0.3]]) == [3]
-    assert kept(greedy[:1], [[0.2, 0.19]]) == [1]  # the first draft is free however unsure
-    assert decoder.idle == {0: 0}
+    # Alone, a row keeps what its confidence bar kept (the bar is timed on the machine).
+    assert kept(greedy[:1], [[0.9, 0.8, 0.5, 0.3]]) == [4]
+    assert decoder.idle == {}
+    # Two rows (2 positions: 1 forward, the free ones taken): 0.9 x 1 >= 0.2 x 2; 0.8 x 1.2 >= 0.2
+    # x 2.9; then 0.5 x 1.4 < 0.2 x 3.7, and the other row's 0.2 less still: that row idles.
+    assert kept(greedy[:2], [[0.9, 0.8, 0.5, 0.3], [0.2, 0.19]]) == [2, 0]
+    assert decoder.idle == {0: 0, 1: 1}
+    decoder.idle.clear()
     # Eight rows (8 positions: 2.2 forwards): every 0.95 pays for its position (the eighth: 0.95 x
     # 3.6 >= 0.2 x 14.65), no 0.5 after them (0.5 x 3.8 < 0.2 x 15.6), but not for the next head
     # pass too (0.95 x 3.8 / 15.6 - 0.2 < 0.37 x 0.2): the rows idle; drafts of 0.6 never pay.
@@ -312,6 +316,7 @@ def test_a_forward_verifies_the_drafts_that_pay_for_their_positions():
     assert kept([*greedy[:6], sampled, lossy], [[0.99, 0.98, 0.3]] + [[0.6]] * 5 + [[0.1, 0.1], [0.1]]) == \
         [2, 0, 0, 0, 0, 0, 2, 1]
     assert decoder.idle == {0: 0, 1: 3, 2: 3, 3: 3, 4: 3, 5: 3, 6: 2, 7: 2}
+    assert kept(greedy[1:2], [[0.1]]) == [1] and 1 not in decoder.idle  # alone again: no idling
     assert kept(greedy[:2], [None, [0.9, 0.1]]) == [2, 1]  # no confidence: verified as kept (4 positions)
     decoder.row_cost = None
     assert kept(greedy, [[0.6, 0.5]] * 8) == [2] * 8
