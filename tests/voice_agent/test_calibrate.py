@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from voice_agent.commands.calibrate import choose, draft_settings, in_rounds, measure, with_llm_keys
+from voice_agent.commands.calibrate import (
+    choose,
+    draft_settings,
+    in_rounds,
+    measure,
+    measure_batch,
+    with_llm_keys,
+)
 from voice_agent.config import default_config_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dlm"))
@@ -131,4 +138,38 @@ def test_a_model_without_a_drafter_is_refused(tmp_path, capsys):
     assert not (tmp_path / "c.toml").exists()
     rc = main(["calibrate", "--rounds", "0", "--out", str(tmp_path / "c.toml")])
     assert rc == 2 and "--rounds must be at least 1" in capsys.readouterr().err
+    for bad, why in [(["--batch", "1"], "--batch must be 0 (not measured) or lie in [2, 8]"),
+                     (["--batch", "9"], "--batch must be 0"), (["--row-costs", "0.2,x"], "--row-costs: expected"),
+                     (["--row-costs", "-1"], "--row-costs: each must lie in [0, 16]")]:
+        assert main(["calibrate", *bad, "--out", str(tmp_path / "c.toml")]) == 2  # before the model loads
+        assert why in capsys.readouterr().err
     assert not (tmp_path / "c.toml").exists()
+
+
+def test_a_batch_decodes_at_once_with_the_row_cost_asked_for(monkeypatch):
+    """measure_batch: every prompt at once (after the same batch untimed), the row cost passed to
+    the engine; the batch's ms per token over all its tokens."""
+    import dlm.engines
+    from dlm.draft_head import DraftHead, DraftHeadConfig
+
+    loaded = random_loaded("causal", seed=3, scale=3.0, block_size=1)
+    torch.manual_seed(0)
+    loaded.drafter = DraftHead(loaded.config, DraftHeadConfig(window=3, n_slots=4, vocab_size=loaded.config.vocab_size))
+    loaded.drafter.vocab.copy_(torch.arange(loaded.config.vocab_size))
+    loaded.drafter.attach(loaded.model)
+    loaded.drafter.eval()
+    asked = []
+    real = dlm.engines.make_engine
+
+    def recording(loaded, kind="auto", **kwargs):
+        engine = real(loaded, kind, **kwargs)
+        asked.append((kind, engine.max_batch_size, getattr(engine, "row_cost", None)))
+        return engine
+
+    monkeypatch.setattr(dlm.engines, "make_engine", recording)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    r = measure_batch(loaded, prompts, 10, draft_len=4, draft_confidence=0.0, row_cost=0.3)
+    assert asked[-1][:2] == ("auto", 4) and asked[-1][2].each == 0.3
+    assert r["tokens"] == 4 * 10 and r["ms_per_token"] > 0 and r["tokens_per_forward"] >= 1.0
+    ar = measure_batch(loaded, prompts, 10, "ar", draft_len=4, row_cost=0.3)  # the AR engine takes no draft keys
+    assert asked[-1][0] == "ar" and ar["tokens"] == 4 * 10 and ar["tokens_per_forward"] == 1.0

@@ -23,6 +23,12 @@ default) with `llm.engine` ("auto", or "ar" where the AR engine was fastest), `l
 setting) set, and a comment with the
 measurements. Use
 it with `voice-agent serve --config FILE`.
+
+A draft head's batches are priced too: with the fastest setting, `--batch` requests (default 8)
+decode at once for each of `--row-costs` (`llm.row_cost`: what a verified position costs in a
+forward of several rows, by which a batch verifies only the drafts that pay for theirs; 0: every
+draft) and for the AR engine, in rounds as above, and the price whose batch made the most tokens a
+second is written as `llm.row_cost` (`--batch 0`: not measured; the file keeps its row cost).
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ HELP = "measure which draft length decodes fastest here, against the AR engine, 
 # A draft head's confidence bars tried by default (0: every draft of the length is verified).
 DEFAULT_CONFIDENCES = (0.0, 0.1, 0.15, 0.2, 0.3)
 DEFAULT_ROUNDS = 3
+# A draft head's batch: requests decoded at once, and the prices of a verified position tried
+# (llm.row_cost; 0: no budget).
+DEFAULT_BATCH = 8
+DEFAULT_ROW_COSTS = (0.0, 0.1, 0.2, 0.3)
 
 DEFAULT_OUT = Path("~/.config/voice-agent/calibrated.toml")
 PROMPTS = [
@@ -54,6 +64,8 @@ PROMPTS = [
     "Tell me something interesting about octopuses.",
     "How long should I boil an egg for a runny yolk?",
 ]
+# The batch's requests: the prompts above and more, each once.
+BATCH_PROMPTS = [*PROMPTS, "Why is the sky blue?", "What should I pack for a weekend of hiking?"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lookups", default="", metavar="N1,N2,...",
                         help="a draft head's prompt lookup lengths to try with each setting (default: 0, the "
                              "engine's default and llm.prompt_lookup; a mask-slot drafter has none: 0)")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                        help=f"a draft head's batch: requests decoded at once to price its drafts in batches (0: "
+                             f"not measured; default {DEFAULT_BATCH}, at most {len(BATCH_PROMPTS)})")
+    parser.add_argument("--row-costs", default="", metavar="C1,C2,...",
+                        help="the prices of a verified position to try in the batch (llm.row_cost; 0: no budget; "
+                             f"default {','.join(map(str, DEFAULT_ROW_COSTS))})")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
                         help=f"rounds of measurements, each in another order; a setting keeps its fastest (default: "
                              f"{DEFAULT_ROUNDS})")
@@ -146,6 +164,27 @@ def in_rounds(candidates: list[dict[str, Any]], rounds: int, run: Callable[[dict
     return [b for b in best if b is not None]
 
 
+def measure_batch(loaded: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, engine_kind: str = "auto",
+                  **draft: Any) -> dict[str, float]:
+    """Decode the prompts all at once with one setting (draft: `make_engine`'s draft keys, such as
+    row_cost; unused by the AR engine), after the same batch once untimed (which leaves the
+    prompts' K/V for prefix reuse: what is timed is mostly decoding): ms per token of the batch
+    (its wall time over all its tokens), tokens per forward (prefill counted)."""
+    from dlm.engine import GenerationParams
+    from dlm.engines import make_engine
+
+    params = GenerationParams(max_new_tokens=max_new_tokens)
+    with make_engine(loaded, engine_kind, max_batch_size=len(prompts), **draft) as engine:
+        for handle in [engine.submit(p, params) for p in prompts]:
+            handle.result()
+        t0 = time.perf_counter()
+        finals = [list(handle)[-1] for handle in [engine.submit(p, params) for p in prompts]]
+        wall = time.perf_counter() - t0
+    tokens = sum(d.tokens for d in finals)
+    return {"ms_per_token": 1000 * wall / max(tokens, 1), "tokens_per_forward": tokens / max(sum(d.steps for d in finals), 1),
+            "tokens": tokens}
+
+
 def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, Any]]:
     """(the [llm] keys as TOML values, the fastest draft setting's measurement): that setting's
     length, layout, confidence bar (and a draft head's prompt lookup), and the engine: "ar" where
@@ -183,6 +222,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     if args.rounds < 1:
         print(f"--rounds must be at least 1, not {args.rounds}", file=sys.stderr)
+        return 2
+    if not (args.batch == 0 or 2 <= args.batch <= len(BATCH_PROMPTS)):
+        print(f"--batch must be 0 (not measured) or lie in [2, {len(BATCH_PROMPTS)}]", file=sys.stderr)
+        return 2
+    try:
+        row_costs = [float(x) for x in args.row_costs.split(",") if x.strip()] or list(DEFAULT_ROW_COSTS)
+    except ValueError:
+        print(f"--row-costs: expected comma-separated numbers, got {args.row_costs!r}", file=sys.stderr)
+        return 2
+    if any(not 0.0 <= c <= 16.0 for c in row_costs):
+        print("--row-costs: each must lie in [0, 16] (0: no budget)", file=sys.stderr)
         return 2
     loaded, resolved = load_local_llm(config.llm.model, device=config.llm.device, dtype=config.llm.dtype,
                                       weights=config.llm.weights)
@@ -230,6 +280,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"--prompt-lookups: each must lie in [0, {n_slots if head else 0}]"
               + ("" if head else f" ({resolved.name!r} drafts with mask slots: no prompt lookup)"), file=sys.stderr)
         return 2
+    batch = args.batch if head else 0  # mask slots have no budget to price
     system = {"role": "system", "content": config.agent.system_prompt}
     prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
     candidates: list[dict[str, Any]] = [{"engine_kind": "ar"}]
@@ -248,6 +299,22 @@ def run(args: argparse.Namespace, config: Config) -> int:
     measured = in_rounds(candidates, args.rounds, run_setting, report)
     ar, results = measured[0], measured[1:]
     keys, best = choose(ar, results)
+    batched: list[dict[str, Any]] = []
+    if batch:
+        together = [[system, {"role": "user", "content": p}] for p in BATCH_PROMPTS[:batch]]
+        setting = {k: best[k] for k in ("draft_len", "tree", "draft_confidence", "prompt_lookup") if k in best}
+
+        def run_batch(candidate: dict[str, Any]) -> dict[str, float]:
+            return measure_batch(loaded, together, args.max_new_tokens, **setting, **candidate)
+
+        def report_batch(done: int, total: int, r: int, result: dict[str, Any]) -> None:
+            what = "AR engine" if result.get("engine_kind") == "ar" else f"row cost {result['row_cost']:g}"
+            print(f"[batch {done}/{total}] round {r + 1}/{args.rounds}: {batch} at once, {what}: "
+                  f"{result['ms_per_token']:7.2f} ms/token", file=sys.stderr, flush=True)
+
+        batched = in_rounds([{"engine_kind": "ar"}, *({"row_cost": c} for c in row_costs)], args.rounds, run_batch,
+                            report_batch)
+        keys["row_cost"] = repr(min(batched[1:], key=lambda r: r["ms_per_token"])["row_cost"])
     template = Path(config.source).read_text(encoding="utf-8") if config.source and Path(config.source).is_file() \
         else default_config_text()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -257,6 +324,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     header += [f"#   AR engine (no drafts): {ar['ms_per_token']:.1f} ms/token"]
     header += [f"#   {_setting(r)}: {r['ms_per_token']:.1f} ms/token, {r['tokens_per_forward']:.2f} tokens/forward"
                for r in results]
+    if batched:
+        header += [f"# {batch} calls at once with the fastest setting, ms per token of the batch:",
+                   f"#   AR engine: {batched[0]['ms_per_token']:.2f}"]
+        header += [f"#   row cost {r['row_cost']:g}: {r['ms_per_token']:.2f}, {r['tokens_per_forward']:.2f} tokens/forward"
+                   for r in batched[1:]]
     text = with_llm_keys(template, keys)
     out = args.out.expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -267,5 +339,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
               f"setting, {_setting(best)}, ran at {speedup:.2f}x its speed here")
     else:
         print(f"fastest: {_setting(best)} ({best['ms_per_token']:.1f} ms/token, {speedup:.2f}x the AR engine)")
+    if batched:
+        fastest = min(batched[1:], key=lambda r: r["ms_per_token"])
+        print(f"in batches of {batch}: row cost {fastest['row_cost']:g} ({fastest['ms_per_token']:.2f} ms/token; "
+              f"the AR engine {batched[0]['ms_per_token']:.2f})")
     print(f"written to {out}: use it with  voice-agent serve --config {out}")
     return 0
