@@ -35,6 +35,7 @@ def test_bench_llm_measures_a_server_by_url(tmp_path, monkeypatch, capsys):
                      "--max-new-tokens", "2"]) == 1
         assert "HTTP 401" in capsys.readouterr().out
         assert main(["bench", "llm", "--url", tier.url, "--fidelity"]) == 2
+        assert main(["bench", "llm", "--url", tier.url, "--repeats", "2"]) == 2
         assert main(["bench", "llm", "--against-local"]) == 2
 
 

@@ -420,10 +420,10 @@ FORWARD_REPEATS = 7
 def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: int = 150) -> dict[str, Any]:
     """Wall time of single forwards of the model on this machine (the fastest of FORWARD_REPEATS,
     after a warm-up; a 1-row batch, random token ids): a decoding step of one token after
-    `context` cached positions (fewer where the model holds fewer); `block` positions after it, as a step (verifying a draft: the
-    step kernels) and as a bulk forward (denoising a block: the prefill kernels); the prefill of
-    a `prompt`-token prompt. With the issue's bars: a block at most 1.3x a step, the prefill at
-    most 40 ms."""
+    `context` cached positions (fewer where the model holds fewer); `block` positions after it,
+    as a step (verifying a draft: the step kernels) and as a bulk forward (denoising a block: the
+    prefill kernels); the prefill of a `prompt`-token prompt. With the issue's bars: a block at
+    most 1.3x a step, the prefill at most 40 ms."""
     import torch
 
     from dlm.masks import limit_mask
@@ -608,6 +608,7 @@ def run_remote(args: argparse.Namespace, config: Config) -> int:
     from voice_agent.bench.remote import RemoteChat
 
     given = [f"--{name.replace('_', '-')}" for name in LOCAL_ONLY if getattr(args, name, None)]
+    given += ["--repeats"] if args.repeats != 1 else []
     if given:
         print(f"{', '.join(given)}: measure the in-process engine, not a server at --url", file=sys.stderr)
         return 2
