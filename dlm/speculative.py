@@ -506,14 +506,15 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         forward's cost): it raises the batch's tokens per second (a rate, as SmartSpec's goodput
         and EAGLE-2's ranking of draft trees by chain confidence). Drafts go in from the surest
         down, across rows, until the next one would lower the rate: in a batch of two on a CPU
-        without AMX the second position comes free and later drafts need about a third; in a batch
-        of eight, where every position costs, only drafts near certainty. A row whose kept drafts are worth
-        less than their positions and its next head pass idles (`_draft`). Which tokens become
-        final never depends on any of it. Sampled rows (their draws follow their drafts: a seed repeats a reply
-        whatever the batch), lossy ones (`accept` < 1: their replies follow their drafts) and
-        drafts without a confidence are verified as kept, as are a row's alone in its forward: its
-        confidence bar is timed on the machine (`voice-agent calibrate`), while the rows' shared
-        price is what the bar cannot see."""
+        without AMX a draft needs a confidence of about 0.4, in a batch of eight, where every
+        position costs, near certainty. A row whose kept drafts are worth less than their
+        positions and its next head pass idles (`_draft`). Which tokens become final never depends
+        on any of it. Sampled rows (their draws follow their drafts: a seed repeats a reply
+        whatever the batch; their head drafts count at the head's chain confidence), lossy ones
+        (`accept` < 1: their replies follow their drafts) and drafts without a confidence are
+        verified as kept, as are a row's alone in its forward: its confidence bar is timed on the
+        machine (`voice-agent calibrate`), while the rows' shared price is what the bar cannot
+        see."""
         if self.row_cost is None:
             return drafts
         if len(rows) < 2:  # a row alone: its drafts are the bar's (`voice-agent calibrate` times that)
