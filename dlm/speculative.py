@@ -113,9 +113,13 @@ LOOKUP_NGRAM = (2, 4)  # the shortest and longest run of final tokens that promp
 # verifying 4 copies: the first accepted 0.67 of the time, the first two 0.45, three 0.33, four
 # 0.23): a copy's chain confidence is LOOKUP_SURE ** its place (`_within_budget`).
 LOOKUP_SURE = 0.7
-# Under a budget, a greedy row whose drafts were all left out skips the head's pass but every
-# IDLE_PROBE-th forward (`HeadSpeculativeDecoder._draft`).
+# Under a budget, a greedy row whose drafts did not pay skips the head's pass for IDLE_PROBE
+# forwards, then tries again; each try that does not pay doubles the wait, up to IDLE_PROBE_MAX
+# (`HeadSpeculativeDecoder._draft`; session 33, 8 calls at once on the EPYC, a throwaway script,
+# one engine alive at a time, fastest of four rounds: a fixed wait of 4 / 8 / 16 forwards 3.01 /
+# 2.90 / 2.79 s against the AR engine's 2.66: in such batches drafts rarely pay on that CPU).
 IDLE_PROBE = 4
+IDLE_PROBE_MAX = 64
 # What a draft head's pass costs a row, as a share of what a verified position costs (session 33,
 # the AMD EPYC on 16-bit integer products: 0.15 + 0.44 ms a row for 1-8 rows against about 1.2 ms
 # a position; `RowCost.head`).
@@ -437,10 +441,10 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self.window_h = torch.zeros(rows, W, D, device=self.device)  # per cache row: the context window
         self.window_t = torch.zeros(rows, W, dtype=torch.long, device=self.device)
         self.window_n: dict[int, int] = {}
-        # Per greedy row under a budget: forwards since its drafts last paid for their positions
-        # and its head pass (`_within_budget`); while it is above 0 the row skips the head's pass
-        # but every IDLE_PROBE-th forward (`_draft`).
-        self.idle: dict[int, int] = {}
+        # Per greedy row under a budget whose drafts did not pay for their positions and its head
+        # pass (`_within_budget`): [forwards since its last head pass, forwards to wait before
+        # the next] (`_draft`).
+        self.idle: dict[int, list[int]] = {}
 
     def required_len(self, prompt_len: int, settings: DecodeSettings) -> int:
         """The text, plus room past it for the drafts."""
@@ -548,9 +552,16 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         per_token = cost(positions) / tokens
         for b, row in enumerate(rows):
             if cut[b] and drafts[b].tokens:
-                pays = kept[b] and gain[b] * per_token - spent[b] >= self.row_cost.head()
-                self.idle[row.slot] = 0 if pays else self.idle.get(row.slot, 0) + 1
+                if kept[b] and gain[b] * per_token - spent[b] >= self.row_cost.head():
+                    self.idle.pop(row.slot, None)
+                else:
+                    self._idle(row.slot)
         return [_Drafts(d.tokens[: kept[b]], None, d.sure[: kept[b]]) if cut[b] else d for b, d in enumerate(drafts)]
+
+    def _idle(self, slot: int) -> None:
+        """A row's head pass did not pay: it waits IDLE_PROBE forwards, or twice its last wait."""
+        since_wait = self.idle.get(slot)
+        self.idle[slot] = [1, IDLE_PROBE if since_wait is None else min(2 * since_wait[1], IDLE_PROBE_MAX)]
 
     @staticmethod
     def _greedy(row: _Row) -> bool:
@@ -595,11 +606,12 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
     def _draft(self, rows: list[_Row]) -> None:
         """Each row's next drafts from its window. Under a budget, a greedy row whose last drafts
         did not pay for their positions and its head pass (`idle`, `_within_budget`) skips the
-        pass (HEAD_ROW_SHARE of a position a row): it tries again every IDLE_PROBE-th forward."""
+        pass (HEAD_ROW_SHARE of a position a row) until it has waited its turn (`_idle`)."""
         if self.row_cost is not None and len(self.rows) > 1:
-            skipping = [row for row in rows if self._greedy(row) and self.idle.get(row.slot, 0) % IDLE_PROBE]
+            skipping = [row for row in rows if self._greedy(row) and row.slot in self.idle
+                        and self.idle[row.slot][0] < self.idle[row.slot][1]]
             for row in skipping:
-                self.idle[row.slot] += 1
+                self.idle[row.slot][0] += 1
                 self.drafts.pop(row.slot, None)
             rows = [row for row in rows if row not in skipping]
         if not rows:
@@ -627,8 +639,8 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                                   [LOOKUP_SURE ** (j + 1) for j in range(len(copied))])
             else:
                 self._keep_drafts(row, kept, tokens[i], dists[i], sure[i])
-            if self.idle.get(row.slot) and row.slot not in self.drafts:  # a probe without drafts idles on
-                self.idle[row.slot] += 1
+            if row.slot in self.idle and row.slot not in self.drafts:  # a try without drafts waits longer
+                self._idle(row.slot)
 
     def _point_masses(self, tokens: list[int]) -> Tensor:
         """q of copied drafts (k, V): all of each one's mass on the token copied. The acceptance
