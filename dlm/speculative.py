@@ -493,12 +493,11 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         n, Wv, D = h.shape
         if min(live) == Wv:
             return self.model.logits(h, step=Wv)
-        mask = torch.arange(Wv) < torch.tensor(live)[:, None]  # (n, Wv)
-        index = mask.reshape(-1).nonzero().squeeze(1).to(self.device)
-        flat = self.model.logits(h.reshape(1, n * Wv, D)[:, index], step=len(index))[0]  # (live positions, V)
+        at = (torch.arange(Wv) < torch.tensor(live)[:, None]).reshape(-1).to(self.device)  # (n * Wv,): live
+        flat = self.model.logits(h.reshape(1, n * Wv, D)[:, at], step=sum(live))[0]  # (live positions, V)
         logits = flat.new_empty(n * Wv, flat.shape[-1])
-        logits[index] = flat
-        logits[(~mask).reshape(-1).nonzero().squeeze(1).to(self.device)] = 0.0
+        logits[at] = flat
+        logits[~at] = 0.0
         return logits.view(n, Wv, -1)
 
     def _within_budget(self, rows: list[_Row], drafts: list[_Drafts]) -> list[_Drafts]:
@@ -608,8 +607,8 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         did not pay for their positions and its head pass (`idle`, `_within_budget`) skips the
         pass (HEAD_ROW_SHARE of a position a row) until it has waited its turn (`_idle`)."""
         if self.row_cost is not None and len(self.rows) > 1:
-            skipping = [row for row in rows if self._greedy(row) and row.slot in self.idle
-                        and self.idle[row.slot][0] < self.idle[row.slot][1]]
+            # (only greedy rows idle: `_within_budget`)
+            skipping = [row for row in rows if row.slot in self.idle and self.idle[row.slot][0] < self.idle[row.slot][1]]
             for row in skipping:
                 self.idle[row.slot][0] += 1
                 self.drafts.pop(row.slot, None)
