@@ -99,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction
                    help="head: also read these base layers' outputs (EAGLE-3's low/mid features; training and "
                         "evaluation only, the engine does not feed them yet)")
     p.add_argument("--device", default="cpu", help="head: where the base's features and the training run (cpu, cuda)")
+    p.add_argument("--max-vocab", type=int, default=0, metavar="N",
+                   help="head: draft only the N tokens the training replies use most (default 0: every token "
+                        "they use, and an --init head's; each costs its output row's products at every pass)")
     p.add_argument("--time-budget-s", type=float, default=0.0, help="stop cleanly after this long; rerun to resume")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the run's drafter.safetensors")
     p.add_argument("--eval-examples", type=int, default=64, help="held-out replies to evaluate on")
@@ -225,7 +228,7 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
             cfg = HeadTrainConfig(max_steps=steps, batch_size=args.batch_size or 256, window=args.window,
                                   n_slots=args.slots, n_layers=args.layers, lr=args.lr, soft=args.soft,
                                   feature_layers=tuple(int(i) for i in args.feature_layers.split(",") if i),
-                                  time_budget_s=args.time_budget_s)
+                                  time_budget_s=args.time_budget_s, max_vocab=args.max_vocab)
             init = load_drafter(args.init, loaded, check_base=False) if args.init else None
             train_head(loaded, train_set, cfg, args.out, base, info=info, init=init)
         with torch.no_grad():

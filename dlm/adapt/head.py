@@ -88,9 +88,12 @@ class HeadTrainConfig:
     seed: int = 0
     checkpoint_every: int = 500  # steps; 0: only at the end and at the time budget
     time_budget_s: float = 0.0  # 0: no limit
+    max_vocab: int = 0  # 0: every token the replies use (and an init's); else the most used this many
 
     def __post_init__(self) -> None:
         self.feature_layers = tuple(self.feature_layers)
+        if self.max_vocab < 0:
+            raise ValueError(f"max_vocab must be >= 0 (0: no cap), not {self.max_vocab}")
 
 
 class _Corpus:
@@ -179,11 +182,20 @@ def head_features(loaded: Any, examples: list[Example], desc: str = "features", 
     return out  # type: ignore[return-value]
 
 
-def _vocab(examples: list[Example], vocab_size: int) -> Tensor:
-    used = torch.zeros(vocab_size, dtype=torch.bool)
+def _vocab(examples: list[Example], vocab_size: int, also: Tensor | None = None, limit: int = 0) -> Tensor:
+    """The token ids the replies use and `also`'s, ascending; with `limit`, only the `limit` the
+    replies use most (ties: the lower id; `also`'s unused ones last)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
     for e in examples:
-        used[torch.tensor(e.reply_ids)] = True
-    return used.nonzero().squeeze(1)
+        counts += torch.bincount(torch.tensor(e.reply_ids), minlength=vocab_size)
+    rank = counts.double()
+    if also is not None:
+        rank[also.cpu()] += 0.5  # in the vocabulary even when unused, but after every used token
+    used = (rank > 0).nonzero().squeeze(1)
+    if limit and len(used) > limit:
+        order = torch.sort(-rank[used], stable=True).indices  # most used first, ties by id
+        used = used[order[:limit]].sort().values
+    return used
 
 
 def _remap(vocab: Tensor, vocab_size: int) -> Tensor:
@@ -275,7 +287,8 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     """Train (or resume) a draft head for the frozen `loaded.model`; see the module docstring.
     `init`: the weights to start from where out_dir holds no state yet (a shipped head, to train
     further; its window, slots and layers replace cfg's, its vocabulary grows by the tokens the
-    data's replies use)."""
+    data's replies use, up to `cfg.max_vocab`: no weight is per token, so a token dropped loses
+    nothing but its drafts)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = [e for e in examples if len(e.reply_ids) >= 2]
@@ -288,9 +301,9 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
         cfg.feature_layers = init.config.feature_layers
         # Its vocabulary and every token the data's replies use: no weight is per token (the
         # output rows are the base's), so new tokens cost nothing but their rows' products.
-        vocab = torch.unique(torch.cat([init.vocab.cpu(), _vocab(examples, V)]))
+        vocab = _vocab(examples, V, also=init.vocab, limit=cfg.max_vocab)
     else:
-        vocab = _vocab(examples, V)
+        vocab = _vocab(examples, V, limit=cfg.max_vocab)
     device = model.device  # the embedding table may be released (block formats)
     adapter = getattr(loaded, "adapter", None)
     features = _features(loaded, examples, out_dir, cfg.feature_layers, _features_source(base_path, adapter))

@@ -237,6 +237,31 @@ def test_a_draft_head_learns_from_the_bases_hidden_states_and_resumes(base, tmp_
     assert isinstance(load_drafter(tmp_path / "run" / "drafter.safetensors", base), DraftHead)
 
 
+def test_a_continued_head_keeps_its_vocabulary_and_grows_it_up_to_max_vocab(base, tmp_path):
+    """`init` continues a head: its vocabulary and the new replies' tokens, unless `max_vocab`
+    caps it, then the tokens the replies use most (ties: the lower id), and the head still drafts."""
+    first = [Example([i, i + 1], [i + 2 + k for k in range(8)], [], "x", "greedy", i, "train") for i in range(0, 30, 2)]
+    cfg = HeadTrainConfig(max_steps=40, batch_size=64, window=3, n_slots=3, n_layers=1, lr=3e-3, warmup_steps=2)
+    init = train_head(base, first, cfg, tmp_path / "first", base.path)
+    assert init.vocab.tolist() == list(range(2, 38))
+    # New replies count up from 20: tokens 22..51, the low ones used most (every reply starts low).
+    more = [Example([20, 21 + i % 3], [22 + i % 3 + k for k in range(20 - i)], [], "x", "greedy", i, "train")
+            for i in range(10)]
+    counts = torch.bincount(torch.tensor([t for e in more for t in e.reply_ids]), minlength=64)
+    grown = train_head(base, more, HeadTrainConfig(max_steps=2, batch_size=64, lr=3e-3, warmup_steps=1),
+                       tmp_path / "grown", base.path, init=init)
+    assert grown.vocab.tolist() == sorted(set(range(2, 38)) | set(counts.nonzero().squeeze(1).tolist()))
+    capped = train_head(base, more, HeadTrainConfig(max_steps=60, batch_size=64, lr=3e-3, warmup_steps=2,
+                                                    max_vocab=12), tmp_path / "capped", base.path, init=init)
+    by_use = sorted(range(64), key=lambda t: (-int(counts[t]), t))[:12]
+    assert capped.vocab.tolist() == sorted(by_use) and len(by_use) == 12 and int(counts[by_use[-1]]) > 0
+    assert read_drafter_meta(tmp_path / "capped" / "drafter.safetensors")["info"]["train"]["max_vocab"] == 12
+    report = evaluate_head(base, capped, more[:4])
+    assert report["vocab"] == 12 and report["slot_agreement"][0] > 0.5, report
+    with pytest.raises(ValueError, match="max_vocab"):
+        HeadTrainConfig(max_steps=1, max_vocab=-1)
+
+
 def test_head_features_in_batches_equal_one_sequence_at_a_time(base):
     """Batched features (padded at the end, as on a GPU) are each sequence's own, to float16."""
     from dlm.adapt.head import head_features
