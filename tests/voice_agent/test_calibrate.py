@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from voice_agent.bench.rounds import in_rounds
 from voice_agent.commands.calibrate import (
     choose,
     draft_settings,
-    in_rounds,
     measure,
     measure_batch,
     with_llm_keys,

@@ -725,7 +725,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     costs = None if cuda else forward_costs(loaded.model)
     prompt_ids: list[list[int]] = []
     draft = {**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}
-    from voice_agent.commands.calibrate import in_rounds
+    from voice_agent.bench.rounds import in_rounds
 
     def reset_peak() -> None:
         if cuda:

@@ -39,10 +39,10 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from voice_agent.bench.rounds import in_rounds
 from voice_agent.config import Config, default_config_text
 
 HELP = "measure which draft length decodes fastest here, against the AR engine, and write the fastest into a config file"
@@ -141,27 +141,6 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
                 forwards += final.steps - final.prefill_steps - 1
     return {"ms_per_token": 1000 * decode_s / max(tokens, 1), "tokens_per_forward": (tokens + 1) / max(forwards + 1, 1),
             "tokens": tokens}
-
-
-def in_rounds(candidates: list[dict[str, Any]], rounds: int, run: Callable[[dict[str, Any]], dict[str, Any]],
-              report: Callable[[int, int, int, dict[str, Any]], None] = lambda done, total, r, result: None,
-              *, key: str = "ms_per_token") -> list[dict[str, Any]]:
-    """Each candidate (a setting) run `rounds` times; round r starts at candidate r * n / rounds
-    and goes round (so no setting is always first or last); per candidate, in order, the setting
-    with its fastest round's measurement (lowest `key`). `report(done, total, round, result)`
-    after each run. `bench llm --rounds` runs its engines' levels so too."""
-    n = len(candidates)
-    best: list[dict[str, Any] | None] = [None] * n
-    done = 0
-    for r in range(rounds):
-        start = r * n // rounds
-        for i in [(start + j) % n for j in range(n)]:
-            result = {**candidates[i], **run(candidates[i])}
-            done += 1
-            report(done, rounds * n, r, result)
-            if best[i] is None or result[key] < best[i][key]:
-                best[i] = result
-    return [b for b in best if b is not None]
 
 
 def measure_batch(loaded: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, engine_kind: str = "auto",
