@@ -84,7 +84,7 @@ from dlm.policies import sampling_probs
 
 __all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_CONFIDENCE", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_PROMPT_LOOKUP",
            "DEFAULT_SELF_DRAFT_LEN", "LOOKUP_NGRAM", "LOOKUP_SURE",
-           "HeadSpeculativeDecoder", "RowCost",
+           "DraftAcceptance", "HeadSpeculativeDecoder", "RowCost",
            "SpeculativeDecoder", "SpeculativeEngine", "row_cost_of", "self_drafting_reason"]
 
 # One mask slot per draft block: the fastest length for the mask-slot drafter on a 2-core CPU
@@ -111,7 +111,8 @@ LOOKUP_NGRAM = (2, 4)  # the shortest and longest run of final tokens that promp
 # How often a copied draft is accepted after the ones before it (session 33: the shipped head,
 # blocks-int16, bench llm's 8 spoken prompts and 24 self-written held-out requests, 105 rows
 # verifying 4 copies: the first accepted 0.67 of the time, the first two 0.45, three 0.33, four
-# 0.23): a copy's chain confidence is LOOKUP_SURE ** its place (`_within_budget`).
+# 0.23): a copy's chain confidence is LOOKUP_SURE ** its place (`_within_budget`). `voice-agent
+# bench llm` prints the shares measured beside the model (`DraftAcceptance`).
 LOOKUP_SURE = 0.7
 # Under a budget, a greedy row whose drafts did not pay skips the head's pass for IDLE_PROBE
 # forwards, then tries again; each try that does not pay doubles the wait, up to IDLE_PROBE_MAX
@@ -186,6 +187,47 @@ class _Drafts:
     # Each draft's chance that it and every draft before it are accepted, as the drafter sees it
     # (a draft head's chain confidence; None: not known, as for mask slots): `_within_budget`.
     sure: list[float] | None = None
+    copied: bool = False  # prompt lookup's copies of the row's own text, not the head's drafts
+
+
+class DraftAcceptance:
+    """How often a draft head's greedy exact rows had their drafts accepted, as counts: the head's
+    drafts by their chain confidence (tenths: 0.0-0.1 .. 0.9-1.0) and prompt lookup's copies by
+    their place (1..). A draft counts as accepted where it and every draft before it were the
+    verifier's tokens, which is what the chain confidence claims to be the chance of, and what
+    LOOKUP_SURE ** place models for copies: each bucket's accepted share is a check of the
+    confidence (EAGLE-2's calibration) and of LOOKUP_SURE on the machine's model and prompts.
+    Only the decoder's thread counts; `snapshot()` may be read from any thread."""
+
+    BUCKETS = 10
+
+    def __init__(self) -> None:
+        self.head = [[0, 0] for _ in range(self.BUCKETS)]  # per tenth of chain confidence: [verified, accepted]
+        self.copies: list[list[int]] = []  # per place: [verified, accepted]
+
+    def count(self, drafts: _Drafts, accepted: int) -> None:
+        """A row's verified drafts, of which the first `accepted` were accepted."""
+        if drafts.copied:
+            while len(self.copies) < len(drafts.tokens):
+                self.copies.append([0, 0])
+            for i in range(len(drafts.tokens)):
+                self.copies[i][0] += 1
+                self.copies[i][1] += i < accepted
+        elif drafts.sure is not None:
+            for i, s in enumerate(drafts.sure[: len(drafts.tokens)]):
+                tenth = self.head[min(int(s * self.BUCKETS), self.BUCKETS - 1)]
+                tenth[0] += 1
+                tenth[1] += i < accepted
+
+    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
+        """{"head": [{"confidence": [lo, hi], "verified", "accepted", "rate"}...] (buckets with
+        drafts only), "copies": [{"place", "verified", "accepted", "rate", "modelled"}...]}."""
+        head = [{"confidence": [t / self.BUCKETS, (t + 1) / self.BUCKETS], "verified": v, "accepted": a,
+                 "rate": round(a / v, 4)} for t, (v, a) in enumerate([list(x) for x in self.head]) if v]
+        copies = [{"place": i + 1, "verified": v, "accepted": a, "rate": round(a / v, 4),
+                   "modelled": round(LOOKUP_SURE ** (i + 1), 4)}
+                  for i, (v, a) in enumerate([list(x) for x in list(self.copies)]) if v]
+        return {"head": head, "copies": copies}
 
 
 @dataclass
@@ -221,16 +263,16 @@ class _DraftVerifyDecoder(ARDecoder):
         return list(drafts.tokens) if drafts is not None else []
 
     def _keep_drafts(self, row: _Row, n: int, tokens: list[int] | None, dist: Tensor | None,
-                     sure: list[float] | None = None) -> None:
+                     sure: list[float] | None = None, copied: bool = False) -> None:
         """A row's next drafts (None: none), at most n and none past its length limit; sure: their
-        chain confidences (`_Drafts.sure`)."""
+        chain confidences (`_Drafts.sure`); copied: prompt lookup's (`_Drafts.copied`)."""
         room = max(0, row.gen_end - row.final_upto - 1)  # drafts past the length limit are useless
         count = min(n, room)
         if tokens is None or count == 0:
             self.drafts.pop(row.slot, None)
         else:
             self.drafts[row.slot] = _Drafts(tokens[:count], None if dist is None else dist[:count],
-                                            None if sure is None else sure[:count])
+                                            None if sure is None else sure[:count], copied)
 
     def _settle(self, rows: list[_Row], verify: Tensor, drafts: list[_Drafts], new: dict[int, list[int]],
                 updates: dict[int, RowUpdate]) -> list[tuple[int, _Row, int, list[int]]]:
@@ -240,6 +282,7 @@ class _DraftVerifyDecoder(ARDecoder):
         set their next drafts)."""
         going = []
         for b, (row, (j, tokens)) in enumerate(zip(rows, self._verify(rows, verify, drafts), strict=True)):
+            self._accepted(row, drafts[b], j)
             row.steps += 1
             c = row.final_upto
             finish = self._commit(row, tokens, new[row.slot])
@@ -250,6 +293,9 @@ class _DraftVerifyDecoder(ARDecoder):
                 self.drafts.pop(row.slot, None)
                 updates[row.slot] = self._update(row, new[row.slot], finish)
         return going
+
+    def _accepted(self, row: _Row, drafts: _Drafts, j: int) -> None:
+        """A row's verified drafts, of which the first j were accepted (`HeadSpeculativeDecoder` counts them)."""
 
     def _verify(self, rows: list[_Row], verify: Tensor, drafts: list[_Drafts]) -> list[tuple[int, list[int]]]:
         """Per row: (accepted drafts j, the tokens that become final: d_1..d_j and the base's own).
@@ -445,6 +491,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         # pass (`_within_budget`): [forwards since its last head pass, forwards to wait before
         # the next] (`_draft`).
         self.idle: dict[int, list[int]] = {}
+        self.acceptance = DraftAcceptance()  # greedy exact rows' drafts, verified and accepted
 
     def required_len(self, prompt_len: int, settings: DecodeSettings) -> int:
         """The text, plus room past it for the drafts."""
@@ -455,6 +502,10 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self.window_n.pop(slot, None)
         self.seen.pop(slot, None)
         self.idle.pop(slot, None)
+
+    def _accepted(self, row: _Row, drafts: _Drafts, j: int) -> None:
+        if drafts.tokens and self._greedy(row):
+            self.acceptance.count(drafts, j)
 
     def _forward_and_decide(self, rows: list[_Row], new: dict[int, list[int]], updates: dict[int, RowUpdate]) -> None:
         n = len(rows)
@@ -555,7 +606,8 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                     self.idle.pop(row.slot, None)
                 else:
                     self._idle(row.slot)
-        return [_Drafts(d.tokens[: kept[b]], None, d.sure[: kept[b]]) if cut[b] else d for b, d in enumerate(drafts)]
+        return [_Drafts(d.tokens[: kept[b]], None, d.sure[: kept[b]], d.copied) if cut[b] else d
+                for b, d in enumerate(drafts)]
 
     def _idle(self, slot: int) -> None:
         """A row's head pass did not pay: it waits IDLE_PROBE forwards, or twice its last wait."""
@@ -635,7 +687,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
             copied = self._look_up(row, most) if most > kept else []
             if len(copied) > kept:  # the row's own text offers more: verify that instead
                 self._keep_drafts(row, len(copied), copied, None if row.generator is None else self._point_masses(copied),
-                                  [LOOKUP_SURE ** (j + 1) for j in range(len(copied))])
+                                  [LOOKUP_SURE ** (j + 1) for j in range(len(copied))], copied=True)
             else:
                 self._keep_drafts(row, kept, tokens[i], dists[i], sure[i])
             if row.slot in self.idle and row.slot not in self.drafts:  # a try without drafts waits longer
@@ -763,6 +815,18 @@ class SpeculativeEngine(AREngine):
                                           row_cost=self.row_cost, **kwargs)
         return SpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree,
                                   block_size=self.n_slots, **kwargs)
+
+    def draft_acceptance(self, reset: bool = False) -> dict[str, list[dict[str, Any]]] | None:
+        """A draft head's greedy rows' drafts, verified and accepted since the engine started or
+        the last reset (`DraftAcceptance.snapshot`); None for other drafters. `reset` (call while
+        the engine is idle): start counting afresh after this snapshot."""
+        decoder = self._decoder
+        if not isinstance(decoder, HeadSpeculativeDecoder):
+            return None
+        counted = decoder.acceptance.snapshot()
+        if reset:
+            decoder.acceptance = DraftAcceptance()
+        return counted
 
     def _force(self, params: GenerationParams) -> GenerationParams:
         if params.draft_len and not 1 <= params.draft_len <= self.n_slots:

@@ -3,6 +3,7 @@ distribution), tokens per forward with oracle / wrong drafters, batching, aborts
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -20,6 +21,7 @@ from dlm.masks import causal_mask
 from dlm.model import can_pack_linears
 from dlm.policies import POLICIES
 from dlm.speculative import (
+    LOOKUP_SURE,
     HeadSpeculativeDecoder,
     RowCost,
     SpeculativeDecoder,
@@ -245,6 +247,42 @@ def test_prompt_lookup_drafts_where_the_head_is_unsure_and_the_replies_stay_the_
         assert two.prompt_lookup == 4  # the default: a row copies at most its draft length (2 here)
         got, steps, _ = _run(two.submit(prompt, params))
     assert got == want and steps < ar_steps
+
+
+def test_the_engine_counts_which_drafts_were_accepted_by_confidence_and_copies_by_place():
+    """`draft_acceptance()`: an oracle head's drafts are all accepted, an always-wrong head's none,
+    each counted in the tenth of its chain confidence; prompt lookup's copies by place, a later
+    place accepted only where the earlier one was; a reset starts afresh; mask slots count none."""
+    loaded = counting_loaded(attention="causal", block_size=1)
+    params = GenerationParams(max_new_tokens=13)
+    for rule, accepted in [(_oracle, True), (_wrong, False)]:
+        with _scripted_engine(rule, loaded, "head", draft_len=3, max_batch_size=1, prompt_lookup=0) as spec:
+            _, steps, _ = _run(spec.submit([5], params))
+            counted = spec.draft_acceptance()
+        verified = sum(b["verified"] for b in counted["head"])
+        assert counted["copies"] == []
+        assert sum(b["accepted"] for b in counted["head"]) == (verified if accepted else 0)
+        # Each decoding forward verified three drafts, fewer where the reply's end is closer: the
+        # oracle's 3 forwards of 4 tokens; a wrong head's forward i (i tokens final) min(3, 12 - i).
+        assert verified == (3 * (steps - 1) if accepted else sum(min(3, 12 - i) for i in range(1, steps)))
+        for b in counted["head"]:
+            assert b["confidence"][1] == pytest.approx(b["confidence"][0] + 0.1)
+            assert b["rate"] == pytest.approx(b["accepted"] / b["verified"], abs=1e-4)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 5, 6]  # copies of 7, 8, ... (right), then of 5, 6 after 13 (wrong)
+    with _scripted_engine(_oracle, loaded, "head", scale=0.0, draft_len=4, max_batch_size=1,
+                          draft_confidence=0.5, prompt_lookup=4) as spec:
+        _run(spec.submit(prompt, params))
+        counted = spec.draft_acceptance(reset=True)
+        assert spec.draft_acceptance() == {"head": [], "copies": []}  # counting afresh
+    assert counted["head"] == []  # a head sure of nothing drafts nothing: only copies were verified
+    copies = counted["copies"]
+    assert [c["place"] for c in copies] == list(range(1, len(copies) + 1)) and len(copies) >= 2
+    assert copies[0]["accepted"] > 0 and any(c["accepted"] < c["verified"] for c in copies)
+    assert all(later["accepted"] <= earlier["accepted"] for earlier, later in itertools.pairwise(copies))
+    assert [c["modelled"] for c in copies[:2]] == [pytest.approx(LOOKUP_SURE), pytest.approx(LOOKUP_SURE ** 2)]
+    with _scripted_engine(_oracle, loaded, "slots", draft_len=1, max_batch_size=1) as slots:
+        _run(slots.submit([5], params))
+        assert slots.draft_acceptance() is None
 
 
 def test_rows_whose_drafts_are_cut_to_different_lengths_batch_as_each_alone():

@@ -52,7 +52,8 @@ def test_bench_llm_int4_reports_fidelity_costs_and_memory(tmp_path, monkeypatch,
 @pytest.mark.slow
 def test_bench_llm_measures_what_the_default_models_load_adds_in_a_fresh_process(tmp_path):
     """The memory line as a user's `voice-agent bench llm` process sees it: the load adds the
-    weights and a little more (tokenizer, draft head), nothing like the KV cache it allocates."""
+    weights and a little more (tokenizer, draft head), nothing like the KV cache it allocates.
+    The default's drafts, counted by the head's confidence, are in the report and printed."""
     import subprocess
     import sys
 
@@ -61,9 +62,13 @@ def test_bench_llm_measures_what_the_default_models_load_adds_in_a_fresh_process
                           "4", "--heldout", "dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz", "--n-prompts", "2",
                           "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    memory = json.loads(out.read_text())["memory"]
+    report = json.loads(out.read_text())
+    memory = report["memory"]
     weights, added = memory["weight_bytes"], memory["llm_rss_bytes"]
     assert 0.5 * weights < added < weights + 400e6
     # Each engine's cache (1.6 GB if it were all resident, float32 at 4096 positions) added little.
     assert all(added <= in_use < added + 200e6 for in_use in memory["in_use_bytes"].values())
     assert set(memory["in_use_bytes"]) == {"dllm", "ar"}
+    acceptance = {r["engine"]: r["draft_acceptance"] for r in report["results"]}
+    assert acceptance["ar"] is None and sum(b["verified"] for b in acceptance["dllm"]["head"]) > 0
+    assert "drafts accepted (dllm, concurrency 1; greedy rows)" in run.stdout

@@ -747,10 +747,17 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 path = Path(args.profile).with_suffix(f".{name}{Path(args.profile).suffix or '.txt'}")
                 _profile(engine, loaded, prompts[:level], params, args.compile, path)
                 print(f"profile of {name} written to {path}", file=sys.stderr)
+            acceptance = getattr(engine, "draft_acceptance", lambda reset=False: None)
+
+            def before() -> None:
+                reset_peak()
+                acceptance(reset=True)  # the warm-up's drafts are not counted
+
             (result,) = _levels_measured(
                 lambda batch: _measure(engine, batch, params), name, [level], prompts, warm_up,
-                every_prompt=bool(args.heldout), before=reset_peak,  # --heldout: every held-out prompt
+                every_prompt=bool(args.heldout), before=before,  # --heldout: every held-out prompt
                 peak=lambda: torch.cuda.max_memory_allocated() if cuda else None)
+            result["draft_acceptance"] = acceptance()
             rss = resident_bytes()  # with this engine's cache holding what its level wrote
         if rss is not None and rss_before_load is not None:
             memory["in_use_bytes"][name] = max(memory["in_use_bytes"].get(name, 0), rss - rss_before_load)
@@ -965,6 +972,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def _print_acceptance(engine: str, concurrency: int, counted: dict[str, list[dict[str, Any]]]) -> None:
+    """The draft head's greedy drafts accepted by chain confidence, prompt lookup's by place
+    (`dlm.speculative.DraftAcceptance`): the confidence's calibration and LOOKUP_SURE, checked."""
+    head = ", ".join(f"{b['confidence'][0]:.1f}-{b['confidence'][1]:.1f} {b['rate']:.2f} of {b['verified']}"
+                     for b in counted["head"]) or "none verified"
+    copies = ", ".join(f"{c['place']}: {c['rate']:.2f} of {c['verified']} (modelled {c['modelled']:.2f})"
+                       for c in counted["copies"]) or "none verified"
+    print(f"drafts accepted ({engine}, concurrency {concurrency}; greedy rows): the head's by chain confidence {head}; "
+          f"copies by place {copies}")
+
+
 def _print_table(report: dict[str, Any]) -> None:
     env = report["environment"]
     amx = f"; AMX: {env['amx']}" if env.get("amx") else ""
@@ -995,6 +1013,9 @@ def _print_table(report: dict[str, Any]) -> None:
         for name in (EXACT_BARS if "differing_replies" in bars else BARS):
             bar = bars[name]
             print(f"  {name:<18} {fmt(bar['value'], '6.2f')}  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
+    for r in report["results"]:
+        if r.get("draft_acceptance"):
+            _print_acceptance(r["engine"], r["concurrency"], r["draft_acceptance"])
     mem = report.get("memory")
     if mem:
         rss = mem["process_rss_bytes"]
