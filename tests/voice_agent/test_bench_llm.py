@@ -120,6 +120,21 @@ def test_forward_costs_time_a_step_a_block_and_a_prefill() -> None:
     ratio = costs["bars"]["block_step_ratio"]
     assert ratio["value"] == pytest.approx(costs["block_step_ms"] / costs["step_ms"])
     assert ratio["pass"] == (ratio["value"] <= 1.3)
+    assert len(costs["verify_ms_by_positions"]) == 8 and all(t > 0 for t in costs["verify_ms_by_positions"])
+    assert 1 <= costs["verify_cost"]["free"] <= 8
+    assert costs["engine_row_cost"] == {"free": 1, "each": 0.06}  # dense float32 weights (`row_cost_of`)
+
+
+def test_verify_cost_finds_the_free_positions_and_the_price_of_each_one_more() -> None:
+    from voice_agent.commands.bench import verify_cost
+
+    # Session 33's EPYC on 16-bit integer products (ms): two at one's price, then about 1.15 ms each.
+    fit = verify_cost([4.7e-3, 4.4e-3, 5.1e-3, 6.4e-3, 7.5e-3, 8.7e-3, 10.1e-3, 11.0e-3])
+    assert fit["free"] == 2 and fit["each_ms"] == pytest.approx(1.15, abs=0.01)
+    assert fit["each"] == pytest.approx(fit["each_ms"] / 4.7, abs=1e-3)
+    assert verify_cost([2e-3] * 8) == {"free": 8, "each_ms": 0.0, "each": 0.0}  # memory-bound throughout
+    linear = verify_cost([1e-3 * P for P in range(1, 9)])  # every position a whole forward
+    assert linear["free"] == 1 and linear["each"] == pytest.approx(1.0)
 
 
 def test_the_environment_names_the_cpu_and_whether_its_amx_products_run(tmp_path, monkeypatch) -> None:

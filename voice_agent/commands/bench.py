@@ -415,6 +415,7 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
 
 
 FORWARD_REPEATS = 7
+VERIFY_POSITIONS = 8  # forward_costs: a verifying forward timed at 1 .. this many positions
 
 
 def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: int = 150) -> dict[str, Any]:
@@ -423,7 +424,10 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     `context` cached positions (fewer where the model holds fewer); `block` positions after it,
     as a step (verifying a draft: the step kernels) and as a bulk forward (denoising a block: the
     prefill kernels); the prefill of a `prompt`-token prompt. With the issue's bars: a block at
-    most 1.3x a step, the prefill at most 40 ms."""
+    most 1.3x a step, the prefill at most 40 ms. And a verifying forward by its positions (1 to
+    VERIFY_POSITIONS, logits at each, as a draft head's engine verifies): how many come at one's
+    price and what each one more costs (`verify_cost`, beside the price the engine's budget
+    takes for the model's arithmetic, `dlm.speculative.row_cost_of`)."""
     import torch
 
     from dlm.masks import limit_mask
@@ -436,12 +440,12 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     cache = model.new_cache(1, context + max(block, prompt) + 1)
     rows = torch.tensor([0])
 
-    def forward(start: int, T: int, step: bool) -> Callable[[], Any]:
+    def forward(start: int, T: int, step: bool, every_logit: bool = False) -> Callable[[], Any]:
         tokens = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
         positions = torch.arange(start, start + T)[None]
         mask = limit_mask(positions + 1, start + T)  # causal over the cache
-        return lambda: model(tokens, positions, mask, cache=cache, cache_rows=rows,
-                             out_index=torch.tensor([[T - 1]]), step=step)
+        out = torch.arange(T)[None] if every_logit else torch.tensor([[T - 1]])
+        return lambda: model(tokens, positions, mask, cache=cache, cache_rows=rows, out_index=out, step=step)
 
     def fastest(fn: Callable[[], Any]) -> float:
         fn()
@@ -452,18 +456,22 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    def measure() -> tuple[float, float, float, float]:
+    def measure() -> tuple[float, float, float, float, list[float]]:
         with torch.inference_mode():
             forward(0, context, False)()  # the context's K/V
             return (fastest(forward(context, 1, True)), fastest(forward(context, block, True)),
-                    fastest(forward(context, block, False)), fastest(forward(0, prompt, False)))
+                    fastest(forward(context, block, False)), fastest(forward(0, prompt, False)),
+                    [fastest(forward(context, P, True, every_logit=True)) for P in range(1, VERIFY_POSITIONS + 1)])
 
     # where an engine's forwards run: in a thread with the engines' share of the cores (dlm.threads)
-    step_s, verify_s, denoise_s, prefill_s = in_engine_thread(measure)
+    step_s, verify_s, denoise_s, prefill_s, by_positions = in_engine_thread(measure)
     return {
         "context": context, "step_ms": 1e3 * step_s, "block": block, "block_step_ms": 1e3 * verify_s,
         "block_bulk_ms": 1e3 * denoise_s,
         "prompt": prompt, "prefill_ms": 1e3 * prefill_s,
+        "verify_ms_by_positions": [round(1e3 * t, 3) for t in by_positions],
+        "verify_cost": verify_cost(by_positions),
+        "engine_row_cost": _engine_row_cost(model),
         "bars": {
             "block_step_ratio": {"value": verify_s / step_s, "limit": f"<= 1.3 ({block} positions as a step / one "
                                                                     "token's step)", "pass": verify_s / step_s <= 1.3},
@@ -473,6 +481,29 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
                            "pass": prefill_s <= 0.040},
         },
     }
+
+
+def verify_cost(times: list[float], within: float = 0.05) -> dict[str, float]:
+    """A verifying forward's cost by positions (times[P - 1] for P = 1, 2, ...) as the engine's
+    budget prices it (`dlm.speculative.RowCost`): `free`, the most positions that cost at most
+    `within` more than one; `each_ms`, the least-squares slope of the time over the positions from
+    `free` on (what each one more costs); `each`, that as a share of one position's forward."""
+    free = max(P for P, t in enumerate(times, 1) if t <= (1 + within) * times[0])
+    points = list(enumerate(times, 1))[free - 1:]
+    if len(points) < 2:
+        return {"free": free, "each_ms": 0.0, "each": 0.0}
+    mean_p = sum(P for P, _ in points) / len(points)
+    mean_t = sum(t for _, t in points) / len(points)
+    slope = sum((P - mean_p) * (t - mean_t) for P, t in points) / sum((P - mean_p) ** 2 for P, _ in points)
+    slope = max(slope, 0.0)
+    return {"free": free, "each_ms": round(1e3 * slope, 3), "each": round(slope / times[0], 3)}
+
+
+def _engine_row_cost(model: Any) -> dict[str, float] | None:
+    from dlm.speculative import row_cost_of
+
+    cost = row_cost_of(model)
+    return None if cost is None else {"free": cost.free, "each": cost.each}
 
 
 # Issue 15's memory bar: what loading the default model adds to a process's resident size.
@@ -1034,6 +1065,13 @@ def _print_table(report: dict[str, Any]) -> None:
               f"prefill of {costs['prompt']} tokens {costs['prefill_ms']:.1f} ms")
         for name, bar in costs["bars"].items():
             print(f"  {name:<18} {fmt(bar['value'], '6.2f')}  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
+        if costs.get("verify_ms_by_positions"):
+            fit, engine = costs["verify_cost"], costs.get("engine_row_cost")
+            print("verifying forwards by positions (logits at each), ms: "
+                  + ", ".join(f"{P}: {t:.1f}" for P, t in enumerate(costs["verify_ms_by_positions"], 1))
+                  + f"; {fit['free']} at one's price, then {fit['each_ms']:.2f} ms each ({fit['each']:.2f} of one); "
+                  + ("the engine's budget prices " + f"{engine['free']} free, {engine['each']} each (of a whole step: "
+                     "with the head's pass and the step's other work)" if engine else "the engine prices none"))
     quality = report.get("lossy_quality")
     if quality:
         print(f"lossy acceptance (llm.accept {quality['accept']}; {quality['replies']} prompts): the teacher's NLL per "
