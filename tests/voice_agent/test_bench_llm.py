@@ -104,17 +104,21 @@ def test_a_missing_llama_cpp_is_one_note_and_the_run_goes_on(monkeypatch, capsys
     assert _reference(argparse.Namespace(reference=None, synthetic=None), SimpleNamespace(path="m.gguf"), notes) is None
 
 
-def test_forward_costs_time_a_step_a_block_and_a_prefill() -> None:
+def test_forward_costs_time_a_step_a_block_a_prefill_positions_and_a_heads_pass() -> None:
     import torch
 
     from dlm.config import ModelConfig
+    from dlm.draft_head import DraftHead, DraftHeadConfig
     from dlm.model import Transformer
     from voice_agent.commands.bench import forward_costs
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
                                     max_seq_len=64)).eval()
-    costs = forward_costs(model, context=20, block=4, prompt=12)
+    head = DraftHead(model.config, DraftHeadConfig(window=3, n_slots=3, vocab_size=10))
+    head.vocab.copy_(torch.arange(10, 20))
+    head.attach(model)
+    costs = forward_costs(model, context=20, block=4, prompt=12, head=head.eval())
     assert costs["block"] == 4 and costs["prompt"] == 12
     assert all(costs[k] > 0 for k in ("step_ms", "block_step_ms", "block_bulk_ms", "prefill_ms"))
     ratio = costs["bars"]["block_step_ratio"]
@@ -123,6 +127,9 @@ def test_forward_costs_time_a_step_a_block_and_a_prefill() -> None:
     assert len(costs["verify_ms_by_positions"]) == 8 and all(t > 0 for t in costs["verify_ms_by_positions"])
     assert 1 <= costs["verify_cost"]["free"] <= 8
     assert costs["engine_row_cost"] == {"free": 1, "each": 0.06}  # dense float32 weights (`row_cost_of`)
+    passes = costs["head_pass"]
+    assert passes["rows"] == [1, 2, 4, 8] and all(t > 0 for t in passes["ms"]) and passes["engine_share"] == 0.37
+    assert forward_costs(model, context=20, block=4, prompt=12)["head_pass"] is None
 
 
 def test_verify_cost_finds_the_free_positions_and_the_price_of_each_one_more() -> None:

@@ -416,9 +416,11 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
 
 FORWARD_REPEATS = 7
 VERIFY_POSITIONS = 8  # forward_costs: a verifying forward timed at 1 .. this many positions
+HEAD_ROWS = (1, 2, 4, 8)  # forward_costs: a draft head's pass timed at these many rows
 
 
-def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: int = 150) -> dict[str, Any]:
+def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: int = 150, head: Any = None
+                  ) -> dict[str, Any]:
     """Wall time of single forwards of the model on this machine (the fastest of FORWARD_REPEATS,
     after a warm-up; a 1-row batch, random token ids): a decoding step of one token after
     `context` cached positions (fewer where the model holds fewer); `block` positions after it,
@@ -427,7 +429,9 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     most 1.3x a step, the prefill at most 40 ms. And a verifying forward by its positions (1 to
     VERIFY_POSITIONS, logits at each, as a draft head's engine verifies): how many come at one's
     price and what each one more costs (`verify_cost`, beside the price the engine's budget
-    takes for the model's arithmetic, `dlm.speculative.row_cost_of`)."""
+    takes for the model's arithmetic, `dlm.speculative.row_cost_of`). With a draft `head`, its
+    pass at HEAD_ROWS rows (`head_pass`: what one more row costs, as a share of one more verified
+    position, beside the engine's HEAD_ROW_SHARE)."""
     import torch
 
     from dlm.masks import limit_mask
@@ -456,22 +460,33 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    def measure() -> tuple[float, float, float, float, list[float]]:
+    def head_pass(B: int) -> Callable[[], Any]:
+        g = torch.Generator().manual_seed(B)
+        W = head.config.window
+        feats = torch.randn(B, W, model.config.dim, generator=g)
+        tokens = head.vocab[torch.randint(0, len(head.vocab), (B, W), generator=g)]
+        valid = torch.full((B,), W)
+        return lambda: head(feats, tokens, valid, head.n_slots)
+
+    def measure() -> tuple[float, float, float, float, list[float], list[float]]:
         with torch.inference_mode():
             forward(0, context, False)()  # the context's K/V
             return (fastest(forward(context, 1, True)), fastest(forward(context, block, True)),
                     fastest(forward(context, block, False)), fastest(forward(0, prompt, False)),
-                    [fastest(forward(context, P, True, every_logit=True)) for P in range(1, VERIFY_POSITIONS + 1)])
+                    [fastest(forward(context, P, True, every_logit=True)) for P in range(1, VERIFY_POSITIONS + 1)],
+                    [] if head is None else [fastest(head_pass(B)) for B in HEAD_ROWS])
 
     # where an engine's forwards run: in a thread with the engines' share of the cores (dlm.threads)
-    step_s, verify_s, denoise_s, prefill_s, by_positions = in_engine_thread(measure)
+    step_s, verify_s, denoise_s, prefill_s, by_positions, head_s = in_engine_thread(measure)
+    fit = verify_cost(by_positions)
     return {
         "context": context, "step_ms": 1e3 * step_s, "block": block, "block_step_ms": 1e3 * verify_s,
         "block_bulk_ms": 1e3 * denoise_s,
         "prompt": prompt, "prefill_ms": 1e3 * prefill_s,
         "verify_ms_by_positions": [round(1e3 * t, 3) for t in by_positions],
-        "verify_cost": verify_cost(by_positions),
+        "verify_cost": fit,
         "engine_row_cost": _engine_row_cost(model),
+        "head_pass": None if head is None else _head_pass(head_s, fit),
         "bars": {
             "block_step_ratio": {"value": verify_s / step_s, "limit": f"<= 1.3 ({block} positions as a step / one "
                                                                     "token's step)", "pass": verify_s / step_s <= 1.3},
@@ -497,6 +512,19 @@ def verify_cost(times: list[float], within: float = 0.05) -> dict[str, float]:
     slope = sum((P - mean_p) * (t - mean_t) for P, t in points) / sum((P - mean_p) ** 2 for P, _ in points)
     slope = max(slope, 0.0)
     return {"free": free, "each_ms": round(1e3 * slope, 3), "each": round(slope / times[0], 3)}
+
+
+def _head_pass(times: list[float], fit: dict[str, float]) -> dict[str, Any]:
+    """A draft head's pass by rows (times at HEAD_ROWS): the least-squares ms per row, and that as
+    a share of one more verified position (`fit`'s each_ms), which the engine takes as HEAD_ROW_SHARE."""
+    from dlm.speculative import HEAD_ROW_SHARE
+
+    mean_b, mean_t = sum(HEAD_ROWS) / len(HEAD_ROWS), sum(times) / len(times)
+    slope = (sum((b - mean_b) * (t - mean_t) for b, t in zip(HEAD_ROWS, times, strict=True))
+             / sum((b - mean_b) ** 2 for b in HEAD_ROWS))
+    return {"rows": list(HEAD_ROWS), "ms": [round(1e3 * t, 3) for t in times], "each_row_ms": round(1e3 * slope, 3),
+            "share_of_position": round(1e3 * slope / fit["each_ms"], 3) if fit["each_ms"] > 0 else None,
+            "engine_share": HEAD_ROW_SHARE}
 
 
 def _engine_row_cost(model: Any) -> dict[str, float] | None:
@@ -729,6 +757,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         return 2
     import torch
 
+    from dlm.draft_head import DraftHead
     from dlm.engines import decoding, make_engine
 
     if args.synthetic and args.untrained_bd:
@@ -753,7 +782,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     max_seq_len = loaded.config.max_seq_len
     results = []
     memory = _memory(loaded.model, rss_before_load)
-    costs = None if cuda else forward_costs(loaded.model)
+    head = getattr(loaded, "drafter", None)
+    costs = None if cuda else forward_costs(loaded.model, head=head if isinstance(head, DraftHead) else None)
     prompt_ids: list[list[int]] = []
     draft = {**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}
     from voice_agent.bench.rounds import in_rounds
@@ -1072,6 +1102,13 @@ def _print_table(report: dict[str, Any]) -> None:
                   + f"; {fit['free']} at one's price, then {fit['each_ms']:.2f} ms each ({fit['each']:.2f} of one); "
                   + ("the engine's budget prices " + f"{engine['free']} free, {engine['each']} each (of a whole step: "
                      "with the head's pass and the step's other work)" if engine else "the engine prices none"))
+        passes = costs.get("head_pass")
+        if passes:
+            share = passes["share_of_position"]
+            print("the draft head's pass by rows, ms: " + ", ".join(f"{b}: {t:.2f}" for b, t in zip(passes["rows"], passes["ms"],
+                                                                                                   strict=True))
+                  + f"; {passes['each_row_ms']:.2f} ms a row, {fmt(share, '.2f')} of a verified position (the engine "
+                  f"takes {passes['engine_share']})")
     quality = report.get("lossy_quality")
     if quality:
         print(f"lossy acceptance (llm.accept {quality['accept']}; {quality['replies']} prompts): the teacher's NLL per "
