@@ -387,7 +387,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     AVX512-VNNI; or "blocks-int16": the same with inputs rounded to 16 bits (`BlockWeight.int16`:
     errors some 250 times smaller, about half the float32 path's arithmetic).
     `inference_only`: where the weights were packed, release their dense copies too (serving
-    runs the packed ones; about 210 MB for SmolLM2 in bf16)."""
+    runs the packed ones; about 210 MB for SmolLM2 in bf16), and a draft head's float32 weights
+    where it runs on Q8 blocks (about 50 MB)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     resolved = resolve_checkpoint(path)
@@ -467,7 +468,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     if drafter is not None:
         from dlm.drafter import load_drafter
 
-        loaded.drafter = load_drafter(drafter, loaded)
+        loaded.drafter = load_drafter(drafter, loaded, inference_only=inference_only)
     # The conversions' freed buffers (about 250 MB after an int4 load of SmolLM2, more with a
     # drafter: `voice-agent bench llm`'s memory line) go back to the system; glibc keeps them otherwise.
     release_free_memory()

@@ -164,6 +164,23 @@ class DraftHead(nn.Module):
                                             None)
         return True
 
+    def release_dense_weights(self) -> int:
+        """After `use_blocks`, for serving: free the float32 weights that only the float32 path
+        and training read (the layers' projections, the fusion's, the output rows: about 50 MB of
+        the shipped head, whose passes read their Q8 blocks); a forward with gradients, `pack` or
+        saving the head fails from then on. Returns the bytes freed."""
+        if self._block_layers is None:
+            raise RuntimeError("use_blocks() first: the Q8 blocks are what runs")
+        freed = 0
+        for module in [self.fuse, *(m for m in self.layers.modules() if isinstance(m, Linear))]:
+            if not module.weight.is_meta:
+                freed += module.weight.nbytes
+                module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
+        if self._head is not None:
+            freed += self._head.nbytes
+            self._head = None
+        return freed
+
     def init_from(self, model: Transformer) -> None:
         """A starting point for training: the base's final norm, the fused input averaging the
         feature and the token's embedding, every slot the mean embedding; the layers keep their
@@ -180,7 +197,7 @@ class DraftHead(nn.Module):
 
     def forward(self, feats: Tensor, tokens: Tensor, valid: Tensor, n: int) -> Tensor:
         """feats (B, W, n_features * dim): the feature layers' outputs, then the final normed state."""
-        if self._embed is None or self._rope is None or self._head is None:
+        if self._embed is None or self._rope is None or (self._head is None and self._packed_head is None):
             raise RuntimeError("attach(model) first")
         B, W, _ = feats.shape
         dtype = self.fuse.weight.dtype

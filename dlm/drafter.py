@@ -182,7 +182,11 @@ def save_drafter(path: str | Path, drafter: Drafter | DraftHead, base_path: str 
     base["adapter"] = None if adapter is None else {"name": Path(adapter).name, "sha256": tuned_file.file_sha256(adapter)}
     fmt = DRAFT_HEAD_FORMAT if isinstance(drafter, DraftHead) else DRAFTER_FORMAT
     record = {"format": fmt, "config": asdict(drafter.config), "base": base, "info": info or {}}
-    return tuned_file.write(path, drafter.state_dict(), META_KEY, record, dtype)
+    state = drafter.state_dict()
+    if any(t.is_meta for t in state.values()):
+        raise ValueError("this drafter was loaded for inference only (its float32 weights were released): load it "
+                         "with load_drafter(..., inference_only=False) to save or train it")
+    return tuned_file.write(path, state, META_KEY, record, dtype)
 
 
 def read_drafter_meta(path: str | Path) -> dict[str, Any]:
@@ -190,11 +194,14 @@ def read_drafter_meta(path: str | Path) -> dict[str, Any]:
     return tuned_file.read_record(path, META_KEY, (DRAFTER_FORMAT, DRAFT_HEAD_FORMAT), "drafter", DrafterError)
 
 
-def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> Drafter | DraftHead:
+def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True,
+                 inference_only: bool = False) -> Drafter | DraftHead:
     """The drafter in `path` for `loaded` (a dlm.checkpoints.LoadedModel): mask slots (Drafter) or
     a draft head (attached to the model, and on Q8 blocks, `DraftHead.use_blocks`, or packed,
     `DraftHead.pack`, where either applies), whichever the file holds, in float32 on the model's
-    device (a draft head in packed bf16 where that is what applies). Raises
+    device (a draft head in packed bf16 where that is what applies). `inference_only`: a head on
+    Q8 blocks frees its float32 weights (`DraftHead.release_dense_weights`; it can no longer be
+    trained or saved). Raises
     DrafterError naming both files where the file is damaged or was made for another base
     (fingerprint, layers, width, vocabulary) or another adapter of it (`check_base=False`: the
     shapes only, for a drafter to start training from)."""
@@ -225,6 +232,8 @@ def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True) -> D
         # has bf16: each several times faster in an engine's thread than float32 torch ops
         if not drafter.use_blocks():
             drafter.pack()
+        elif inference_only:
+            drafter.release_dense_weights()
     return drafter
 
 

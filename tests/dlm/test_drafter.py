@@ -215,6 +215,19 @@ def test_a_draft_head_on_q8_blocks_drafts_what_its_float32_layers_draft(tmp_path
     assert back._block_layers is not None and back.fuse.weight.dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(back(feats, tokens, valid, 3), on_blocks)
+    # For serving: the float32 weights go, the drafts stay; training or saving it is refused.
+    served = load_drafter(tmp_path / "h.safetensors", loaded, inference_only=True)
+    assert served.fuse.weight.is_meta and served._head is None
+    assert all(m.weight.is_meta for m in served.layers.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        assert torch.equal(served(feats, tokens, valid, 3), on_blocks)
+    with pytest.raises(RuntimeError, match="inference only"):
+        served(feats, tokens, valid, 3)  # with gradients: the float32 path
+    with pytest.raises(ValueError, match="inference only"):
+        save_drafter(tmp_path / "again.safetensors", served, loaded.path)
+    assert served.release_dense_weights() == 0  # nothing left to free
+    with pytest.raises(RuntimeError, match="use_blocks"):
+        _head(loaded, vocab).release_dense_weights()
 
 
 def test_a_draft_head_learns_from_the_bases_hidden_states_and_resumes(base, tmp_path):
