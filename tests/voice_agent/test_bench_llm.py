@@ -133,6 +133,7 @@ def test_forward_costs_time_a_step_a_block_a_prefill_positions_and_a_heads_pass(
 
 
 def test_verify_cost_finds_the_free_positions_and_the_price_of_each_one_more() -> None:
+    from voice_agent.commands import bench
     from voice_agent.commands.bench import verify_cost
 
     # Session 33's EPYC on 16-bit integer products (ms): two at one's price, then about 1.15 ms each.
@@ -142,6 +143,11 @@ def test_verify_cost_finds_the_free_positions_and_the_price_of_each_one_more() -
     assert verify_cost([2e-3] * 8) == {"free": 8, "each_ms": 0.0, "each": 0.0}  # memory-bound throughout
     linear = verify_cost([1e-3 * P for P in range(1, 9)])  # every position a whole forward
     assert linear["free"] == 1 and linear["each"] == pytest.approx(1.0)
+    # The head's pass by rows (session 34: 0.60 / 0.99 / 1.88 / 3.66 ms), priced per verified position.
+    passes = bench._head_pass([0.60e-3, 0.99e-3, 1.88e-3, 3.66e-3], {"each_ms": 1.17})
+    assert passes["each_row_ms"] == pytest.approx(0.44, abs=0.005)
+    assert passes["share_of_position"] == pytest.approx(passes["each_row_ms"] / 1.17, abs=1e-3)
+    assert bench._head_pass([1e-3] * 4, {"each_ms": 0.0})["share_of_position"] is None
 
 
 def test_the_environment_names_the_cpu_and_whether_its_amx_products_run(tmp_path, monkeypatch) -> None:

@@ -507,11 +507,15 @@ def verify_cost(times: list[float], within: float = 0.05) -> dict[str, float]:
     points = list(enumerate(times, 1))[free - 1:]
     if len(points) < 2:
         return {"free": free, "each_ms": 0.0, "each": 0.0}
-    mean_p = sum(P for P, _ in points) / len(points)
-    mean_t = sum(t for _, t in points) / len(points)
-    slope = sum((P - mean_p) * (t - mean_t) for P, t in points) / sum((P - mean_p) ** 2 for P, _ in points)
-    slope = max(slope, 0.0)
+    slope = max(_slope(points), 0.0)
     return {"free": free, "each_ms": round(1e3 * slope, 3), "each": round(slope / times[0], 3)}
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """The least-squares slope of y over x through (x, y) points (two distinct x at least)."""
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
 
 
 def _head_pass(times: list[float], fit: dict[str, float]) -> dict[str, Any]:
@@ -519,9 +523,7 @@ def _head_pass(times: list[float], fit: dict[str, float]) -> dict[str, Any]:
     a share of one more verified position (`fit`'s each_ms), which the engine takes as HEAD_ROW_SHARE."""
     from dlm.speculative import HEAD_ROW_SHARE
 
-    mean_b, mean_t = sum(HEAD_ROWS) / len(HEAD_ROWS), sum(times) / len(times)
-    slope = (sum((b - mean_b) * (t - mean_t) for b, t in zip(HEAD_ROWS, times, strict=True))
-             / sum((b - mean_b) ** 2 for b in HEAD_ROWS))
+    slope = _slope(list(zip(HEAD_ROWS, times, strict=True)))
     return {"rows": list(HEAD_ROWS), "ms": [round(1e3 * t, 3) for t in times], "each_row_ms": round(1e3 * slope, 3),
             "share_of_position": round(1e3 * slope / fit["each_ms"], 3) if fit["each_ms"] > 0 else None,
             "engine_share": HEAD_ROW_SHARE}
