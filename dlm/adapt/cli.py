@@ -195,6 +195,9 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
     from dlm.checkpoints import load_model, runnable_weights
     from dlm.drafter import load_drafter
 
+    if args.max_vocab < 0:
+        print(f"--max-vocab must be >= 0 (0: no cap), not {args.max_vocab}")
+        return 2
     base = args.base or default_base
     files = args.data or [args.out / "data.jsonl"]
     for data in files:

@@ -222,3 +222,8 @@ def test_data_step_on_requests_the_teacher_writes(tmp_path: Path, monkeypatch: p
     assert sum(p is not None for p in written_prompts(loaded, first, batch_size=4)) == 1
     with pytest.raises(ValueError, match="first_prompt"):
         main(["data", "--scale", "tiny", "--out", str(tmp_path / "other"), "--prompts", "self", "--first-prompt", "2"])
+
+
+def test_a_negative_max_vocab_is_refused_before_anything_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["drafter", "--out", str(tmp_path / "run"), "--max-vocab", "-3"]) == 2
+    assert "--max-vocab must be >= 0" in capsys.readouterr().out
