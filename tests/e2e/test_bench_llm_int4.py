@@ -67,7 +67,9 @@ def test_bench_llm_measures_what_the_default_models_load_adds_in_a_fresh_process
     weights, added = memory["weight_bytes"], memory["llm_rss_bytes"]
     assert 0.5 * weights < added < weights + 400e6
     # Each engine's cache (1.6 GB if it were all resident, float32 at 4096 positions) added little.
-    assert all(added <= in_use < added + 200e6 for in_use in memory["in_use_bytes"].values())
+    # (about the load: the single forwards' cache is freed before the engines run, and a few MB may be
+    # trimmed after the load as well)
+    assert all(0.9 * added <= in_use < added + 200e6 for in_use in memory["in_use_bytes"].values())
     assert set(memory["in_use_bytes"]) == {"dllm", "ar"}
     acceptance = {r["engine"]: r["draft_acceptance"] for r in report["results"]}
     assert acceptance["ar"] is None and sum(b["verified"] for b in acceptance["dllm"]["head"]) > 0

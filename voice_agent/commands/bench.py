@@ -415,7 +415,7 @@ def _profile(engine, loaded, prompts: list[Any], params, compile_mode: str | Non
 
 
 FORWARD_REPEATS = 7
-VERIFY_POSITIONS = 8  # forward_costs: a verifying forward timed at 1 .. this many positions
+VERIFY_POSITIONS = 8  # forward_costs: a verifying forward timed at 1 .. this many positions (and rows)
 HEAD_ROWS = (1, 2, 4, 8)  # forward_costs: a draft head's pass timed at these many rows
 
 
@@ -429,7 +429,9 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     most 1.3x a step, the prefill at most 40 ms. And a verifying forward by its positions (1 to
     VERIFY_POSITIONS, logits at each, as a draft head's engine verifies): how many come at one's
     price and what each one more costs (`verify_cost`, beside the price the engine's budget
-    takes for the model's arithmetic, `dlm.speculative.row_cost_of`). With a draft `head`, its
+    takes for the model's arithmetic, `dlm.speculative.row_cost_of`), and by its rows (1 to
+    VERIFY_POSITIONS rows of one position each, as a batch's AR steps: `verify_row_cost`, the same
+    fit; the budget prices a row's position as a draft's). With a draft `head`, its
     pass at HEAD_ROWS rows (`head_pass`: what one more row costs, as a share of one more verified
     position, beside the engine's HEAD_ROW_SHARE)."""
     import torch
@@ -441,15 +443,15 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     if max(block, prompt) >= model.config.max_seq_len:
         raise ValueError(f"a model of {model.config.max_seq_len} positions cannot time a {max(block, prompt)}-token forward")
     context = min(context, model.config.max_seq_len - max(block, prompt) - 1)  # a short model: less context
-    cache = model.new_cache(1, context + max(block, prompt) + 1)
-    rows = torch.tensor([0])
+    cache = model.new_cache(VERIFY_POSITIONS, context + max(block, prompt) + 1)
 
-    def forward(start: int, T: int, step: bool, every_logit: bool = False) -> Callable[[], Any]:
-        tokens = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
-        positions = torch.arange(start, start + T)[None]
+    def forward(start: int, T: int, step: bool, every_logit: bool = False, rows: int = 1) -> Callable[[], Any]:
+        tokens = torch.randint(0, V, (rows, T), generator=torch.Generator().manual_seed(T))
+        positions = torch.arange(start, start + T)[None].expand(rows, -1)
         mask = limit_mask(positions + 1, start + T)  # causal over the cache
-        out = torch.arange(T)[None] if every_logit else torch.tensor([[T - 1]])
-        return lambda: model(tokens, positions, mask, cache=cache, cache_rows=rows, out_index=out, step=step)
+        out = (torch.arange(T)[None] if every_logit else torch.tensor([[T - 1]])).expand(rows, -1)
+        cache_rows = torch.arange(rows)
+        return lambda: model(tokens, positions, mask, cache=cache, cache_rows=cache_rows, out_index=out, step=step)
 
     def fastest(fn: Callable[[], Any]) -> float:
         fn()
@@ -468,16 +470,17 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
         valid = torch.full((B,), W)
         return lambda: head(feats, tokens, valid, head.n_slots)
 
-    def measure() -> tuple[float, float, float, float, list[float], list[float]]:
+    def measure() -> tuple[float, float, float, float, list[float], list[float], list[float]]:
         with torch.inference_mode():
-            forward(0, context, False)()  # the context's K/V
+            forward(0, context, False, rows=VERIFY_POSITIONS)()  # every row's context K/V
             return (fastest(forward(context, 1, True)), fastest(forward(context, block, True)),
                     fastest(forward(context, block, False)), fastest(forward(0, prompt, False)),
                     [fastest(forward(context, P, True, every_logit=True)) for P in range(1, VERIFY_POSITIONS + 1)],
+                    [fastest(forward(context, 1, True, every_logit=True, rows=B)) for B in range(1, VERIFY_POSITIONS + 1)],
                     [] if head is None else [fastest(head_pass(B)) for B in HEAD_ROWS])
 
     # where an engine's forwards run: in a thread with the engines' share of the cores (dlm.threads)
-    step_s, verify_s, denoise_s, prefill_s, by_positions, head_s = in_engine_thread(measure)
+    step_s, verify_s, denoise_s, prefill_s, by_positions, by_rows, head_s = in_engine_thread(measure)
     fit = verify_cost(by_positions)
     return {
         "context": context, "step_ms": 1e3 * step_s, "block": block, "block_step_ms": 1e3 * verify_s,
@@ -485,6 +488,8 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
         "prompt": prompt, "prefill_ms": 1e3 * prefill_s,
         "verify_ms_by_positions": [round(1e3 * t, 3) for t in by_positions],
         "verify_cost": fit,
+        "verify_ms_by_rows": [round(1e3 * t, 3) for t in by_rows],
+        "verify_row_cost": verify_cost(by_rows),
         "engine_row_cost": _engine_row_cost(model),
         "head_pass": None if head is None else _head_pass(head_s, fit),
         "bars": {
@@ -786,6 +791,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     memory = _memory(loaded.model, rss_before_load)
     head = getattr(loaded, "drafter", None)
     costs = None if cuda else forward_costs(loaded.model, head=head if isinstance(head, DraftHead) else None)
+    gc.collect()  # the single forwards' cache (rows of context) is not the engines' memory: freed now
+    release_free_memory()
     prompt_ids: list[list[int]] = []
     draft = {**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}
     from voice_agent.bench.rounds import in_rounds
@@ -1104,6 +1111,12 @@ def _print_table(report: dict[str, Any]) -> None:
                   + f"; {fit['free']} at one's price, then {fit['each_ms']:.2f} ms each ({fit['each']:.2f} of one); "
                   + ("the engine's budget prices " + f"{engine['free']} free, {engine['each']} each (of a whole step: "
                      "with the head's pass and the step's other work)" if engine else "the engine prices none"))
+        if costs.get("verify_ms_by_rows"):
+            rows = costs["verify_row_cost"]
+            print("verifying forwards by rows (one position each), ms: "
+                  + ", ".join(f"{B}: {t:.1f}" for B, t in enumerate(costs["verify_ms_by_rows"], 1))
+                  + f"; {rows['free']} at one's price, then {rows['each_ms']:.2f} ms each ({rows['each']:.2f} of one; "
+                  "the budget prices a row's position as a draft's)")
         passes = costs.get("head_pass")
         if passes:
             share = passes["share_of_position"]
