@@ -127,6 +127,8 @@ def test_forward_costs_time_a_step_a_block_a_prefill_positions_and_a_heads_pass(
     assert len(costs["verify_ms_by_positions"]) == 8 and all(t > 0 for t in costs["verify_ms_by_positions"])
     assert 1 <= costs["verify_cost"]["free"] <= 8
     assert len(costs["verify_ms_by_rows"]) == 8 and 1 <= costs["verify_row_cost"]["free"] <= 8
+    # one position of one row is the step, timed once for both series
+    assert costs["verify_ms_by_rows"][0] == costs["verify_ms_by_positions"][0] == pytest.approx(costs["step_ms"], abs=1e-3)
     assert costs["engine_row_cost"] == {"free": 1, "each": 0.06}  # dense float32 weights (`row_cost_of`)
     passes = costs["head_pass"]
     assert passes["rows"] == [1, 2, 4, 8] and all(t > 0 for t in passes["ms"]) and passes["engine_share"] == 0.37

@@ -470,17 +470,20 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
         valid = torch.full((B,), W)
         return lambda: head(feats, tokens, valid, head.n_slots)
 
-    def measure() -> tuple[float, float, float, float, list[float], list[float], list[float]]:
+    def measure() -> tuple[float, float, float, list[float], list[float], list[float]]:
         with torch.inference_mode():
             forward(0, context, False, rows=VERIFY_POSITIONS)()  # every row's context K/V
-            return (fastest(forward(context, 1, True)), fastest(forward(context, block, True)),
-                    fastest(forward(context, block, False)), fastest(forward(0, prompt, False)),
-                    [fastest(forward(context, P, True, every_logit=True)) for P in range(1, VERIFY_POSITIONS + 1)],
-                    [fastest(forward(context, 1, True, every_logit=True, rows=B)) for B in range(1, VERIFY_POSITIONS + 1)],
+            # one position of one row is the decoding step: timed once, the first of both series
+            by_positions = [fastest(forward(context, P, True, every_logit=True)) for P in range(1, VERIFY_POSITIONS + 1)]
+            return (fastest(forward(context, block, True)), fastest(forward(context, block, False)),
+                    fastest(forward(0, prompt, False)), by_positions,
+                    by_positions[:1] + [fastest(forward(context, 1, True, every_logit=True, rows=B))
+                                        for B in range(2, VERIFY_POSITIONS + 1)],
                     [] if head is None else [fastest(head_pass(B)) for B in HEAD_ROWS])
 
     # where an engine's forwards run: in a thread with the engines' share of the cores (dlm.threads)
-    step_s, verify_s, denoise_s, prefill_s, by_positions, by_rows, head_s = in_engine_thread(measure)
+    verify_s, denoise_s, prefill_s, by_positions, by_rows, head_s = in_engine_thread(measure)
+    step_s = by_positions[0]
     fit = verify_cost(by_positions)
     return {
         "context": context, "step_ms": 1e3 * step_s, "block": block, "block_step_ms": 1e3 * verify_s,
