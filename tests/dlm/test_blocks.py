@@ -323,13 +323,15 @@ def test_fused_parts_and_a_low_rank_update():
         parts[0](x.to(torch.bfloat16))
 
 
-def _blocks_loaded(seed: int = 3, adapted: bool = False, products: str | None = None):
-    """A random causal model (widths multiples of 64) whose dense float32 weights are the
-    dequantisation of random blocks; returns (dense model, the same on blocks; `products` "bf16",
-    "split" (on AMX), "int8" or "int16" (on VNNI): its products so, BlockWeight's method of that name)."""
+def _blocks_loaded(seed: int = 3, adapted: bool = False, products: str | None = None, dim: int = 128,
+                   heads: tuple[int, int] = (4, 2)):
+    """A random causal model (widths multiples of 64; `heads`: query and KV heads) whose dense
+    float32 weights are the dequantisation of random blocks; returns (dense model, the same on
+    blocks; `products` "bf16", "split" (on AMX), "int8" or "int16" (on VNNI): its products so,
+    BlockWeight's method of that name)."""
     def make():
-        return random_loaded("causal", seed=seed, eos=[1], block_size=1, dim=128, n_heads=4, n_kv_heads=2,
-                             intermediate_size=256)
+        return random_loaded("causal", seed=seed, eos=[1], block_size=1, dim=dim, n_heads=heads[0],
+                             n_kv_heads=heads[1], intermediate_size=256)
 
     dense, on_blocks = make(), make()
     blocks = {}
@@ -419,14 +421,17 @@ def test_a_model_on_blocks_decodes_what_the_dense_float32_model_decodes(adapted,
 
 @needs_kernel
 @pytest.mark.parametrize("products", [None, pytest.param("int16", marks=needs_vnni), pytest.param("int8", marks=needs_vnni)])
-def test_the_one_call_forward_computes_what_the_layers_compute_and_each_row_alone(products):
+@pytest.mark.parametrize("dim,heads", [(128, (4, 2)), (384, (6, 2))])
+def test_the_one_call_forward_computes_what_the_layers_compute_and_each_row_alone(products, dim, heads):
     """dlm.blocks.BlockLayers (every layer in one C call, for forwards with a cache) against the
     layers' own torch forward on the same blocks: the same logits and cache up to the order of
     sums (with integer products also up to the inputs' rounding, which another order of sums in a
     norm can move by a unit: 16 bits stay close, 8 bits not, so only their bits are checked); and
-    a row's bits are those it gets alone (another batch, another cache row)."""
+    a row's bits are those it gets alone (another batch, another cache row). Heads of 32
+    dimensions, two a KV head, take the kernel's one-head attention; of 64, three a KV head
+    (SmolLM2's), its attention of a KV head's query heads together."""
     tolerance = {None: 1e-4, "int16": 3e-3, "int8": None}[products]
-    _, on_blocks = _blocks_loaded(seed=5, adapted=True, products=products)
+    _, on_blocks = _blocks_loaded(seed=5, adapted=True, products=products, dim=dim, heads=heads)
     model = on_blocks.model
     assert model._block_layers is not None
     tokens = torch.tensor([[3, 9, 4, 1, 7, 2], [5, 5, 8, 2, 6, 1]])
