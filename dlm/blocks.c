@@ -896,11 +896,22 @@ static void int_matmul(const float *x, const uint8_t *data, const uint16_t *scal
         return;
     }
     int32_t *offsets = (int32_t *)(sums + 2 * M * chunks);
-    int_inputs_of(x, M, K, wide, bytes, wide ? bytes + M * K : 0, sums, sums + M * chunks, offsets);
     const int_inputs in = {bytes, wide ? bytes + M * K : 0, sums, sums + M * chunks, offsets};
     const int parallel = threads > 1 && tiles >= 8 && M * N * K >= (int64_t)1 << 17;
+    /* Several rows' inputs are rounded by the team, each thread its share of the rows (a row's
+       bytes are its own either way); one row's before it starts. */
+    const int team_inputs = parallel && M >= 2;
+    if (!team_inputs) int_inputs_of(x, M, K, wide, bytes, wide ? bytes + M * K : 0, sums, sums + M * chunks, offsets);
 #pragma omp parallel num_threads(parallel ? threads : 1)
     {
+        if (team_inputs) {
+            int64_t r0, r1;
+            share(M, 1, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+            if (r0 < r1)
+                int_inputs_of(x + r0 * K, r1 - r0, K, wide, bytes + r0 * K, wide ? bytes + M * K + r0 * K : 0,
+                              sums + r0 * chunks, sums + M * chunks + r0 * chunks, offsets + r0 * chunks);
+#pragma omp barrier
+        }
         if (down) team_down(x, 0, M, K, down, lr_bf16, r_total, t);
         int64_t lo, hi;
         share(tiles, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
