@@ -1057,19 +1057,27 @@ TARGET static void silu_mul(const float *g, const float *u, float *act, int64_t 
     }
 }
 
-TARGET static float dot(const float *a, const float *b, int64_t n) {
-    __m512 s = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
-    return _mm512_reduce_add_ps(s);
+/* 16 cached values from element `at` of a KV cache of float32, or (half) of float16. */
+TARGET INLINE __m512 kv_load(const void *base, int64_t at, const int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + at)))
+                : _mm512_loadu_ps((const float *)base + at);
 }
 
-/* One query head over its row's cached keys 0..K-1 where mask allows: softmax(q k / sqrt(Dh)) v. */
-TARGET static void attend(const float *q, const float *keys, const float *values, const uint8_t *mask, int64_t K,
-                          int64_t stride, int64_t Dh, float *scores, float *out) {
+/* One query head over its row's cached keys 0..K-1 where mask allows: softmax(q k / sqrt(Dh)) v.
+   keys, values: float32, or float16 where half (each value widened to float32 as it is read). */
+TARGET static void attend(const float *q, const void *keys, const void *values, const uint8_t *mask, int64_t K,
+                          int64_t stride, int64_t Dh, float *scores, float *out, int half) {
     const float scale = 1.0f / sqrtf((float)Dh);
     float top = -INFINITY;
     for (int64_t j = 0; j < K; j++) {
-        scores[j] = mask[j] ? dot(q, keys + j * stride, Dh) * scale : -INFINITY;
+        if (mask[j]) { /* 16 lanes of sums over the head's dimensions, then across the lanes */
+            __m512 d = _mm512_setzero_ps();
+            for (int64_t i = 0; i < Dh; i += 16)
+                d = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv_load(keys, j * stride + i, half), d);
+            scores[j] = _mm512_reduce_add_ps(d) * scale;
+        } else {
+            scores[j] = -INFINITY;
+        }
         if (scores[j] > top) top = scores[j];
     }
     __m512 acc[16];
@@ -1092,8 +1100,7 @@ TARGET static void attend(const float *q, const float *keys, const float *values
         for (int64_t j = 0; j < K; j++) {
             if (!mask[j]) continue;
             const __m512 pv = _mm512_set1_ps(scores[j]);
-            for (int64_t i = 0; i < nv; i++)
-                acc[i] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(values + j * stride + 16 * i), acc[i]);
+            for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_fmadd_ps(pv, kv_load(values, j * stride + 16 * i, half), acc[i]);
         }
     }
     const __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
@@ -1104,10 +1111,12 @@ TARGET static void attend(const float *q, const float *keys, const float *values
    0..K-1 where mask allows: for each head what `attend` gives, bit for bit (the same sums in the
    same order), with each key's K and V read once for all G heads instead of once per head: the
    cache is read from memory at every forward (30 layers x 768 bytes of K and V a position in
-   SmolLM2-135M), so reading it a third as often is what longer contexts cost less by. G and NV
-   (= Dh / 16) compile-time constants after inlining; q, out: the G heads Dh apart; scores: G x (K + 1). */
-TARGET INLINE void attend_heads(const float *q, const int G, const int NV, const float *keys, const float *values,
-                                const uint8_t *mask, int64_t K, int64_t stride, float *scores, float *out) {
+   SmolLM2-135M), so reading it a third as often is what longer contexts cost less by. G, NV
+   (= Dh / 16) and half (the cache in float16: `attend`) compile-time constants after inlining;
+   q, out: the G heads Dh apart; scores: G x (K + 1). */
+TARGET INLINE void attend_heads(const float *q, const int G, const int NV, const void *keys, const void *values,
+                                const uint8_t *mask, int64_t K, int64_t stride, float *scores, float *out,
+                                const int half) {
     const int64_t Dh = 16 * NV;
     const float scale = 1.0f / sqrtf((float)Dh);
     float top[G];
@@ -1122,8 +1131,8 @@ TARGET INLINE void attend_heads(const float *q, const int G, const int NV, const
             continue;
         }
         __m512 k[NV];
-        for (int v = 0; v < NV; v++) k[v] = _mm512_loadu_ps(keys + j * stride + 16 * v);
-        for (int i = 0; i < G; i++) { /* `dot`'s sums, in its order */
+        for (int v = 0; v < NV; v++) k[v] = kv_load(keys, j * stride + 16 * v, half);
+        for (int i = 0; i < G; i++) { /* `attend`'s sums, in its order */
             __m512 d = _mm512_setzero_ps();
             for (int v = 0; v < NV; v++) d = _mm512_fmadd_ps(qv[i][v], k[v], d);
             const float sc = _mm512_reduce_add_ps(d) * scale;
@@ -1154,7 +1163,7 @@ TARGET INLINE void attend_heads(const float *q, const int G, const int NV, const
     for (int64_t j = 0; j < K; j++) {
         if (!mask[j]) continue;
         __m512 val[NV];
-        for (int v = 0; v < NV; v++) val[v] = _mm512_loadu_ps(values + j * stride + 16 * v);
+        for (int v = 0; v < NV; v++) val[v] = kv_load(values, j * stride + 16 * v, half);
         for (int i = 0; i < G; i++) {
             if (!(top[i] > -INFINITY)) continue;
             const __m512 pv = _mm512_set1_ps(scores[i * (K + 1) + j]);
@@ -1169,22 +1178,36 @@ TARGET INLINE void attend_heads(const float *q, const int G, const int NV, const
 
 /* One KV head's G query heads (`attend_heads`) where G and Dh are among the shapes it is built for
    (up to 4 heads of 64 or 128 dimensions: SmolLM2's 3 of 64, ...); else each head alone (`attend`). */
-TARGET static void attend_group(const float *q, int64_t G, const float *keys, const float *values, const uint8_t *mask,
-                                int64_t K, int64_t stride, int64_t Dh, float *scores, float *out) {
-#define ATTEND_CASE(g, nv)                                                            \
-    if (G == g && Dh == 16 * nv) {                                                   \
-        attend_heads(q, g, nv, keys, values, mask, K, stride, scores, out);           \
-        return;                                                                       \
+TARGET static void attend_group(const float *q, int64_t G, const void *keys, const void *values, const uint8_t *mask,
+                                int64_t K, int64_t stride, int64_t Dh, float *scores, float *out, int half) {
+#define ATTEND_CASE(g, nv)                                                                   \
+    if (G == g && Dh == 16 * nv) {                                                          \
+        if (half) attend_heads(q, g, nv, keys, values, mask, K, stride, scores, out, 1);     \
+        else attend_heads(q, g, nv, keys, values, mask, K, stride, scores, out, 0);          \
+        return;                                                                              \
     }
     ATTEND_CASE(1, 4) ATTEND_CASE(2, 4) ATTEND_CASE(3, 4) ATTEND_CASE(4, 4)
     ATTEND_CASE(1, 8) ATTEND_CASE(2, 8) ATTEND_CASE(3, 8) ATTEND_CASE(4, 8)
 #undef ATTEND_CASE
-    for (int64_t i = 0; i < G; i++) attend(q + i * Dh, keys, values, mask, K, stride, Dh, scores, out + i * Dh);
+    for (int64_t i = 0; i < G; i++) attend(q + i * Dh, keys, values, mask, K, stride, Dh, scores, out + i * Dh, half);
+}
+
+/* n values (a multiple of 16) into a KV cache of float32, or (half) of float16 rounded to nearest even. */
+TARGET static void store_kv(void *to, const float *from, int64_t n, int half) {
+    if (!half) {
+        memcpy(to, from, sizeof(float) * n);
+        return;
+    }
+    for (int64_t i = 0; i < n; i += 16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)to + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(from + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 /* x (M, D) in place through every layer. Row m: cache row cache_row[m], written at write_pos[m],
    attends to its cache positions 0..K-1 where mask (M, K) is nonzero; cos, sin (M, Dh) its RoPE.
-   The cache: k_cache, v_cache (L, rows, S1, Hkv, Dh) float32 contiguous. Where drafts is not NULL
+   The cache: k_cache, v_cache (L, rows, S1, Hkv, Dh) contiguous, float32, or float16 where kv_half
+   (each K and V rounded to the nearest float16 as it is written, widened as it is read: half the
+   bytes that a long context's attention reads at every forward). Where drafts is not NULL
    (one draft_layer per layer), the rows with drafted[m] != 0 are draft slots: every projection
    adds the drafter's update there (the other rows' bits stay what they are without it). Where
    final_norm (D,) is not NULL, every row leaves through that RMSNorm (the model's final norm, as
@@ -1192,10 +1215,11 @@ TARGET static void attend_group(const float *q, int64_t G, const float *keys, co
    most 256. Returns 0, or -1 where memory ran out. */
 int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block_layer *layers, int64_t H,
                    int64_t Hkv, int64_t Dh, int64_t F, float eps, const float *cos, const float *sin,
-                   float *k_cache, float *v_cache, int64_t cache_rows, int64_t S1, const int64_t *cache_row,
+                   void *k_cache, void *v_cache, int64_t cache_rows, int64_t S1, const int64_t *cache_row,
                    const int64_t *write_pos, const uint8_t *mask, int64_t K, int threads, const draft_layer *drafts,
-                   const uint8_t *drafted, const float *final_norm) {
+                   const uint8_t *drafted, const float *final_norm, int kv_half) {
     const int64_t QKV = (H + 2 * Hkv) * Dh, kv = Hkv * Dh, layer_stride = cache_rows * S1 * kv;
+    const int64_t bytes = kv_half ? 2 : 4; /* a cached value's */
     int64_t r_max = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const block_weight *ws[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};
@@ -1222,25 +1246,26 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
     }
     for (int64_t l = 0; l < n_layers; l++) {
         const block_layer *ly = &layers[l];
-        float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
+        char *kc = (char *)k_cache + l * layer_stride * bytes, *vc = (char *)v_cache + l * layer_stride * bytes;
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_in, h + m * D, D, eps);
         if (project(h, &ly->qkv, wide, M, threads, t)) goto oom;
         if (drafted) add_update(h, drafted, M, D, &drafts[l].qkv, wide, QKV, t, threads);
         for (int64_t m = 0; m < M; m++) {
             float *row = wide + m * QKV;
             for (int64_t g = 0; g < H + Hkv; g++) rope(row + g * Dh, cos + m * Dh, sin + m * Dh, Dh);
-            const int64_t at = (cache_row[m] * S1 + write_pos[m]) * kv;
-            memcpy(kc + at, row + H * Dh, sizeof(float) * kv);
-            memcpy(vc + at, row + (H + Hkv) * Dh, sizeof(float) * kv);
+            const int64_t at = (cache_row[m] * S1 + write_pos[m]) * kv * bytes;
+            store_kv(kc + at, row + H * Dh, kv, kv_half);
+            store_kv(vc + at, row + (H + Hkv) * Dh, kv, kv_half);
         }
         const int64_t group = H / Hkv, pairs = M * Hkv;
         const int parallel = threads > 1 && pairs * group * K * Dh >= (int64_t)1 << 15;
 #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
         for (int64_t i = 0; i < pairs; i++) { /* row m, KV head g: its query heads g * group.. */
             const int64_t m = i / Hkv, g = i % Hkv;
-            const float *base_k = kc + cache_row[m] * S1 * kv + g * Dh, *base_v = vc + cache_row[m] * S1 * kv + g * Dh;
-            attend_group(wide + m * QKV + g * group * Dh, group, base_k, base_v, mask + m * K, K, kv, Dh,
-                         scores + (int64_t)omp_get_thread_num() * (K + 1) * group, att + (m * H + g * group) * Dh);
+            const int64_t at = (cache_row[m] * S1 * kv + g * Dh) * bytes;
+            attend_group(wide + m * QKV + g * group * Dh, group, kc + at, vc + at, mask + m * K, K, kv, Dh,
+                         scores + (int64_t)omp_get_thread_num() * (K + 1) * group, att + (m * H + g * group) * Dh,
+                         kv_half);
         }
         if (project(att, &ly->o, out, M, threads, t)) goto oom;
         if (drafted) add_update(att, drafted, M, H * Dh, &drafts[l].o, out, D, t, threads);

@@ -32,7 +32,9 @@ Contract:
   builds it); each row from its own inputs and cache row only; `supported(...)` says which
   shapes it takes. With `DraftUpdates` (a drafter's low-rank updates, dlm.drafter) the rows
   marked as draft slots add them to every projection; the other rows are computed as without.
-  With `final_norm` the rows leave through the model's final RMSNorm, in the same call.
+  With `final_norm` the rows leave through the model's final RMSNorm, in the same call. The KV
+  cache is float32, or float16 (half the bytes a long context's attention reads; K and V rounded
+  to the nearest float16 as they are written: `llm.kv_cache`, opt-in).
 - `row_argmax(x)` / `row_top(x)`: `x.argmax(-1)` (the same indices, ties and NaN as torch picks)
   and with it softmax's largest probability, in the kernel where it is loaded already, else in
   torch: a decoding step's argmax over a vocabulary without torch's slow index reduction.
@@ -134,7 +136,7 @@ def _load() -> ctypes.CDLL | None:
         lib.blocks_forward.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                                        + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4
                                        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
-                                       + [ctypes.c_void_p] * 3)
+                                       + [ctypes.c_void_p] * 3 + [ctypes.c_int])
         lib.blocks_forward.restype = ctypes.c_int
         lib.blocks_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         lib.blocks_argmax.restype = None
@@ -600,7 +602,8 @@ class BlockLayers:
         """x (M, dim) float32 contiguous, run through every layer in place. Row m: RoPE tables cos,
         sin (M, head_dim); its K/V written at cache row rows[m], position writes[m] (int64, (M,));
         it attends to that row's positions 0..K-1 where mask (M, K) (bool or uint8) is true.
-        k_cache, v_cache (L, cache rows, S + 1, Hkv, head_dim) float32 contiguous (dlm.model.KVCache).
+        k_cache, v_cache (L, cache rows, S + 1, Hkv, head_dim) contiguous (dlm.model.KVCache), both
+        float32, or both float16 (K and V rounded to the nearest float16 as they are written).
         drafts, drafted (M,) bool: a drafter's updates, added at the rows where drafted is true
         (draft slots; the other rows come out as without them). final_norm (dim,) float32
         contiguous: every row leaves through that RMSNorm (a model's final norm, in the kernel
@@ -608,6 +611,8 @@ class BlockLayers:
         falls outside the cache."""
         lib = _kernel()
         m, k = mask.shape
+        if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"the KV cache must be float32 or float16, K and V alike, not {k_cache.dtype} and {v_cache.dtype}")
         if (drafts is None) != (drafted is None) or (drafts is not None and drafts.n_layers != len(self._layers)):
             raise ValueError("pass a drafter's updates of every layer and the rows they apply to together")
         if final_norm is not None and (final_norm.dtype != torch.float32 or final_norm.shape != (self.dim,)
@@ -622,7 +627,8 @@ class BlockLayers:
                 self.intermediate, self.eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                 k_cache.shape[1], k_cache.shape[2], rows.data_ptr(), writes.data_ptr(), mask.data_ptr(), k,
                 torch.get_num_threads(), None if drafts is None else drafts.address,
-                None if drafted is None else drafted.data_ptr(), None if final_norm is None else final_norm.data_ptr()) != 0:
+                None if drafted is None else drafted.data_ptr(), None if final_norm is None else final_norm.data_ptr(),
+                int(k_cache.dtype == torch.float16)) != 0:
             raise MemoryError("the fused block forward could not allocate its buffers")
 
 

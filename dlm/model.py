@@ -446,13 +446,16 @@ class KVCache:
         r = rows[:, None]  # (B, 1) broadcasts against positions (B, T)
         k_layer[r, positions] = k if k.dtype == k_layer.dtype else k.to(k_layer.dtype)
         v_layer[r, positions] = v if v.dtype == v_layer.dtype else v.to(v_layer.dtype)
-        if row is not None:  # one row: a view, no copy
-            return k_layer[row:row + 1, :kv_len].transpose(1, 2), v_layer[row:row + 1, :kv_len].transpose(1, 2)
-        # Slice first (a view), then gather the rows: only K positions are copied. index_select
-        # copies whole (K, Hkv, D) slabs; advanced indexing computes every element's offset
-        # (about twice as slow on CPU).
-        k_rows = k_layer[:, :kv_len].index_select(0, rows)  # (B, K, Hkv, D)
-        v_rows = v_layer[:, :kv_len].index_select(0, rows)
+        if row is not None:  # one row: a view, no copy (but for a cache in another dtype)
+            k_rows, v_rows = k_layer[row:row + 1, :kv_len], v_layer[row:row + 1, :kv_len]
+        else:
+            # Slice first (a view), then gather the rows: only K positions are copied. index_select
+            # copies whole (K, Hkv, D) slabs; advanced indexing computes every element's offset
+            # (about twice as slow on CPU).
+            k_rows = k_layer[:, :kv_len].index_select(0, rows)  # (B, K, Hkv, D)
+            v_rows = v_layer[:, :kv_len].index_select(0, rows)
+        if k_rows.dtype != k.dtype:  # a float16 cache of a float32 model (`Transformer.use_half_cache`)
+            k_rows, v_rows = k_rows.to(k.dtype), v_rows.to(v.dtype)
         return k_rows.transpose(1, 2), v_rows.transpose(1, 2)
 
 
@@ -646,6 +649,7 @@ class Transformer(nn.Module):
         self._head: Projection | BlockProjection | None = None  # the output head, packed (pack_linears, use_blocks)
         self._block_layers: BlockLayers | None = None  # every layer in one call (use_blocks), for forwards with a cache
         self._embed_blocks: BlockEmbedding | None = None  # the input embedding from blocks (use_block_embedding)
+        self.kv_dtype: torch.dtype | None = None  # new caches' dtype where not the model's (`use_half_cache`)
         self.build_rope()
 
     @property
@@ -759,6 +763,18 @@ class Transformer(nn.Module):
                 module.gate_up = None
         self._head = None
         self._block_layers = None
+        self.kv_dtype = None
+
+    def use_half_cache(self) -> None:
+        """Make new KV caches float16 (`new_cache`): each K and V rounded to the nearest float16 as
+        the fused block forward writes it (dlm.blocks.BlockLayers), half the bytes a long context's
+        attention reads at every forward; the logits move by about that rounding, so a greedy reply
+        can differ from the float32 cache's (opt-in: `llm.kv_cache`). ValueError where the fused
+        forward does not run (the torch layers compute in the model's dtype)."""
+        if self._block_layers is None:
+            raise ValueError("a float16 KV cache needs the fused block forward (llm.weights blocks, blocks-int16, "
+                             "blocks-int8, blocks-amx or blocks-bf16 on a CPU with AVX-512), which this model does not run")
+        self.kv_dtype = torch.float16
 
     def block_products(self) -> int | None:
         """The products of the block weights the model runs (`use_blocks`; dlm.blocks: 0 float32,
@@ -826,13 +842,14 @@ class Transformer(nn.Module):
     def new_cache(self, max_batch_size: int, max_seq_len: int | None = None,
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KVCache:
         """A static KV cache for this model, allocated once: rows 0..max_batch_size-1 plus one
-        scratch row, positions 0..max_seq_len-1 plus one scratch position. The caller owns it."""
+        scratch row, positions 0..max_seq_len-1 plus one scratch position; in `dtype`, else the
+        model's `kv_dtype` (`use_half_cache`), else its own. The caller owns it."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.config.max_seq_len} "
                              "(load the model with a larger max_seq_len)")
         return KVCache(self.config.n_layers, max_batch_size, max_seq_len, self.config.n_kv_heads,
-                       self.config.head_dim, dtype or self.dtype, device or self.device)
+                       self.config.head_dim, dtype or self.kv_dtype or self.dtype, device or self.device)
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor, *, cache: KVCache | None = None,
@@ -857,7 +874,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[positions, None].to(x.dtype), self.rope_sin[positions, None].to(x.dtype)
         writes = positions if write_positions is None else write_positions
         if (self._block_layers is not None and cache is not None and not torch.is_grad_enabled()
-                and mask.dtype == torch.bool and cache.k.dtype == torch.float32):
+                and mask.dtype == torch.bool and cache.k.dtype in (torch.float32, torch.float16)):
             x = self._blocks_forward(x, cos, sin, mask, cache, cache_rows, writes, draft)  # normed
             normed = True
         else:

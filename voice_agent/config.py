@@ -65,6 +65,7 @@ def audio_turn_model(detector: str) -> str | None:
 # "speculative": exact draft-and-verify, a block-diffusion checkpoint drafting for itself.
 LLM_ENGINES = ("auto", "ar", "speculative")  # dlm.engines.ENGINE_KINDS
 LLM_WEIGHTS = ("auto", "dense", "int4", "blocks", "blocks-amx", "blocks-bf16", "blocks-int8", "blocks-int16")  # dlm.checkpoints.WEIGHT_FORMATS and "auto"
+LLM_KV_CACHES = ("float32", "float16")  # dlm.model.Transformer.use_half_cache
 
 
 class ConfigError(ValueError):
@@ -263,6 +264,11 @@ class LlmConfig:
     # AMX is missing too; other greedy replies than float32's on most prompts), "blocks-int16": the
     # same with inputs rounded to 16 bits (closer to float32 than bf16; about half float32's work per row).
     weights: str = "auto"
+    # The KV cache's dtype: "float32", or "float16" (half the bytes that attention reads at every
+    # forward, which late in a long call is about what the weights cost; K and V rounded to the
+    # nearest float16, so a greedy reply can differ from float32's: opt-in; the fused block
+    # forward only, i.e. the blocks weight formats on a CPU with AVX-512).
+    kv_cache: str = "float32"
     # Draft-and-verify (models with a drafter): drafts per forward (0: the engine's default, 6 for
     # a draft head, 1 for mask slots) and one draft block per possible acceptance length (true) or
     # only after the full draft (false).
@@ -317,6 +323,8 @@ class LlmConfig:
             raise ConfigError(f"llm.engine must be one of {', '.join(map(repr, LLM_ENGINES))}, not {self.engine!r}")
         if self.weights not in LLM_WEIGHTS:
             raise ConfigError(f"llm.weights must be one of {', '.join(map(repr, LLM_WEIGHTS))}, not {self.weights!r}")
+        if self.kv_cache not in LLM_KV_CACHES:
+            raise ConfigError(f"llm.kv_cache must be one of {', '.join(map(repr, LLM_KV_CACHES))}, not {self.kv_cache!r}")
         if not 0.0 <= self.draft_confidence < 1.0:
             raise ConfigError(f"llm.draft_confidence must lie in [0, 1) (0: always draft_len), not {self.draft_confidence!r}")
         if not 0.0 < self.accept <= 1.0:

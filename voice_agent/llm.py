@@ -53,7 +53,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from voice_agent.config import LLM_ENGINES, LlmConfig
+from voice_agent.config import LLM_ENGINES, LLM_KV_CACHES, LlmConfig
 from voice_agent.errors import UserError
 
 __all__ = ["BlockTrace", "LlmClient", "LlmDelta", "LlmError", "LlmOptions", "LocalDLM", "OpenAICompatibleLLM", "StreamChunk",
@@ -568,12 +568,15 @@ def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
     return weights
 
 
-def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto") -> tuple[Any, Any]:
+def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto", kv_cache: str = "float32"
+                   ) -> tuple[Any, Any]:
     """A model by registry name or path, with its adapter and drafter where the registry names them ->
     (dlm LoadedModel, voice_agent.models.ResolvedLlm). dtype "auto": the registry's dtype for
     the model where it names one (the default model: bfloat16), else dlm's default; weights
     "auto": the registry's weight format where it names one, the device is a CPU and the dtype
-    fits (`_registry_weights`), else "dense" (dlm.checkpoints.load_model). For inference only:
+    fits (`_registry_weights`), else "dense" (dlm.checkpoints.load_model); kv_cache "float16": its
+    KV caches in float16 (`Transformer.use_half_cache`; UserError where the weights do not run the
+    fused block forward). For inference only:
     where the weights were packed, their dense copies are released (training loads through
     dlm.checkpoints.load_model)."""
     from dlm.adapter import AdapterError
@@ -589,6 +592,8 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto")
         weights = _registry_weights(resolved.weights, device, dtype)
     if weights not in WEIGHT_FORMATS:
         raise UserError(f"llm.weights must be 'auto' or one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+    if kv_cache not in LLM_KV_CACHES:
+        raise UserError(f"llm.kv_cache must be one of {', '.join(map(repr, LLM_KV_CACHES))}, not {kv_cache!r}")
     try:
         loaded = load_model(resolved.path, device=device, dtype=dtype, drafter=resolved.drafter,
                             adapter=resolved.adapter, weights=weights, inference_only=True)
@@ -598,6 +603,12 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto")
         if weights == "dense":
             raise
         raise UserError(f"model {resolved.name!r} with llm.weights = {weights!r}: {e}") from e
+    if kv_cache == "float16":
+        try:
+            loaded.model.use_half_cache()
+        except ValueError as e:
+            raise UserError(f"model {resolved.name!r} with llm.weights = {weights!r} and llm.kv_cache = 'float16': {e}"
+                            ) from e
     return loaded, resolved
 
 
@@ -611,7 +622,8 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
         raise UserError(f"llm.engine must be one of {', '.join(map(repr, LLM_ENGINES))}, not {config.engine!r}")
     from dlm.engines import decoding, make_engine, parallel
 
-    loaded, resolved = load_local_llm(config.model, device=config.device, dtype=config.dtype, weights=config.weights)
+    loaded, resolved = load_local_llm(config.model, device=config.device, dtype=config.dtype, weights=config.weights,
+                                      kv_cache=config.kv_cache)
     if resolved.fallback_from:
         log.warning(
             "!!! llm.model %r is not shipped yet: FALLING BACK to the autoregressive model %r "

@@ -464,6 +464,55 @@ def test_the_one_call_forward_computes_what_the_layers_compute_and_each_row_alon
 
 
 @needs_kernel
+@pytest.mark.parametrize("dim,heads", [(128, (4, 2)), (384, (6, 2))])
+def test_a_float16_kv_cache_holds_each_k_and_v_rounded_and_decodes_alike_alone_batched_and_drafted(dim, heads):
+    """`Transformer.use_half_cache` (llm.kv_cache = "float16"): the fused forward writes each K and
+    V rounded to the nearest float16 (the first layer's, computed before any attention read the
+    cache, are exactly the float32 cache's rounded), the logits stay close to the float32 cache's,
+    a row's bits are those it gets alone, and the engines' replies do not depend on the batch, a
+    reused prefix or drafts. Both attention paths: one head at a time (32 dimensions) and a KV
+    head's three query heads together (64)."""
+    _, on_blocks = _blocks_loaded(seed=7, adapted=True, products="int16" if dlm.blocks.vnni_available() is None else None,
+                                  dim=dim, heads=heads)
+    model = on_blocks.model
+    tokens = torch.tensor([[3, 9, 4, 1, 7, 2], [5, 5, 8, 2, 6, 1]])
+    positions = torch.arange(6).expand(2, 6)
+    mask = causal_mask(6).expand(2, 1, 6, 6)
+
+    def run(rows, batch=slice(None)):
+        cache = model.new_cache(3, 16)
+        with torch.no_grad():
+            logits = model(tokens[batch], positions[batch], mask[batch], cache=cache, cache_rows=torch.tensor(rows))
+        return logits, cache
+
+    full, full_cache = run([0, 2])
+    model.use_half_cache()
+    try:
+        half, half_cache = run([0, 2])
+        assert half_cache.k.dtype == half_cache.v.dtype == torch.float16
+        assert torch.equal(half_cache.k[0, [0, 2], :6], full_cache.k[0, [0, 2], :6].half())
+        assert torch.equal(half_cache.v[0, [0, 2], :6], full_cache.v[0, [0, 2], :6].half())
+        assert not torch.equal(half, full)  # the rounding reaches the logits ...
+        assert (half - full).abs().max() < 1e-2 * full.abs().max()  # ... by about its size
+        alone, _ = run([1], batch=slice(1, 2))
+        assert torch.equal(alone[0], half[1])
+        alone_ids, together = _alone_together_and_reused(on_blocks)
+        drafter = _random_drafter(on_blocks, n_slots=4, scale=0.2)
+        with SpeculativeEngine(on_blocks, drafter, draft_len=3, max_batch_size=4) as spec:
+            drafted = [_run(h)[0] for h in [spec.submit(p, PARAMS) for p in BLOCK_PROMPTS]]
+        assert together == alone_ids == drafted
+    finally:
+        model.kv_dtype = None
+
+
+def test_a_float16_kv_cache_needs_the_fused_block_forward():
+    model = random_loaded("causal", seed=1, eos=[1], block_size=1).model
+    with pytest.raises(ValueError, match="fused block forward"):
+        model.use_half_cache()
+    assert model.new_cache(1, 8).k.dtype == torch.float32
+
+
+@needs_kernel
 def test_draft_slots_in_the_one_call_forward_add_the_drafters_update_there_only():
     """A draft-and-verify forward on blocks: the mask slots (the drafter's slot embeddings and
     low-rank updates, K/V at spare positions, each slot seeing the text and its block's earlier

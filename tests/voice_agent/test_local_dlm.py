@@ -161,3 +161,21 @@ def test_int4_weights_on_a_model_that_cannot_have_them_is_one_clear_error(tmp_pa
         load_local_llm("smollm2-135m-instruct", device="cpu", dtype="float32", weights="int4")
     with pytest.raises(UserError, match=r"llm\.weights must be"):
         load_local_llm("smollm2-135m-instruct", device="cpu", dtype="auto", weights="int3")
+
+
+def test_a_float16_kv_cache_on_weights_without_the_fused_forward_is_one_clear_error():
+    import pytest
+    import torch
+
+    import dlm.blocks
+    from voice_agent.errors import UserError
+    from voice_agent.llm import load_local_llm
+
+    with pytest.raises(UserError, match=r"llm\.weights = 'dense' and llm\.kv_cache = 'float16'.*fused block forward"):
+        load_local_llm("smollm2-135m-instruct", device="cpu", dtype="float32", weights="dense", kv_cache="float16")
+    with pytest.raises(UserError, match=r"llm\.kv_cache must be"):
+        load_local_llm("smollm2-135m-instruct", device="cpu", dtype="auto", kv_cache="bf16")
+    if dlm.blocks.available() is None:  # the blocks formats run here: their caches are float16
+        loaded, _ = load_local_llm("smollm2-135m-instruct", device="cpu", dtype="float32", weights="blocks",
+                                   kv_cache="float16")
+        assert loaded.model.new_cache(1, 8).k.dtype == torch.float16

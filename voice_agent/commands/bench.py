@@ -581,7 +581,7 @@ def _fidelity(loaded: Any, ref: Any, prompt_ids: list[list[int]], replies: list[
     with AREngine(ref, max_batch_size=1) as engine:
         ref_ids = [[t for d in engine.submit(ids, greedy) for t in d.token_ids] for ids in prompt_ids]
     prefill_diffs, step_diffs = [], []
-    model, dtype = loaded.model, loaded.model.dtype
+    model = loaded.model
     with torch.inference_mode():
         for ids, rec in zip(prompt_ids, replies, strict=True):
             if not rec["token_ids"]:
@@ -589,7 +589,7 @@ def _fidelity(loaded: Any, ref: Any, prompt_ids: list[list[int]], replies: list[
             seq = torch.tensor([ids + rec["token_ids"][:1]])
             P = len(ids)
             full = ref.model(seq, torch.arange(P + 1)[None], causal_mask(P + 1))[0]  # (P + 1, V)
-            cache = model.new_cache(1, P + 8, dtype=dtype)
+            cache = model.new_cache(1, P + 8)  # the model's own cache (llm.kv_cache)
             rows = torch.tensor([0])
             keys = torch.arange(P + 1)
             prefill = model(seq[:, :P], keys[None, :P], causal_mask(P), cache=cache, cache_rows=rows,

@@ -214,7 +214,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print("--row-costs: each must lie in [0, 16] (0: no budget)", file=sys.stderr)
         return 2
     loaded, resolved = load_local_llm(config.llm.model, device=config.llm.device, dtype=config.llm.dtype,
-                                      weights=config.llm.weights)
+                                      weights=config.llm.weights, kv_cache=config.llm.kv_cache)
     if loaded.drafter is None:
         print(f"voice-agent calibrate: {resolved.name!r} ({resolved.path}) has no drafter; there is nothing to "
               "calibrate (draft-and-verify needs one: see docs/models.md)", file=sys.stderr)

@@ -34,7 +34,8 @@ def load_llm(config: Config, name: str, device: str, dtype: str, weights: str | 
     from dlm.engines import parallel
     from voice_agent.llm import load_local_llm
 
-    loaded, resolved = load_local_llm(name, device=device, dtype=dtype, weights=weights or config.llm.weights)
+    loaded, resolved = load_local_llm(name, device=device, dtype=dtype, weights=weights or config.llm.weights,
+                                      kv_cache=config.llm.kv_cache)
     if resolved.fallback_from:
         print(f"WARNING: model {resolved.fallback_from!r} is not shipped yet; using the AR model "
               f"{resolved.name!r} ({resolved.path}) instead: no diffusion decoding.", file=sys.stderr)
