@@ -1063,6 +1063,22 @@ TARGET INLINE __m512 kv_load(const void *base, int64_t at, const int half) {
                 : _mm512_loadu_ps((const float *)base + at);
 }
 
+/* scores[0..K-1] (-inf: a masked key) -> their softmax weights before the division, e^(s - top),
+   16 at a time (masked keys: 0), in place; returns their sum. top: the largest score, finite. */
+TARGET static float softmax_weights(float *scores, int64_t K, float top) {
+    const __m512 t = _mm512_set1_ps(top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < K; j += 16) {
+        const __mmask16 in = K - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - j)) - 1);
+        const __m512 sj = _mm512_maskz_loadu_ps(in, scores + j);
+        const __mmask16 live = _mm512_mask_cmp_ps_mask(in, sj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, t)));
+        sum = _mm512_add_ps(sum, p);
+        _mm512_mask_storeu_ps(scores + j, in, p);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
 /* One query head over its row's cached keys 0..K-1 where mask allows: softmax(q k / sqrt(Dh)) v.
    keys, values: float32, or float16 where half (each value widened to float32 as it is read). */
 TARGET static void attend(const float *q, const void *keys, const void *values, const uint8_t *mask, int64_t K,
@@ -1084,19 +1100,8 @@ TARGET static void attend(const float *q, const void *keys, const void *values, 
     const int64_t nv = Dh / 16;
     for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
     float total = 0.0f;
-    if (top > -INFINITY) {
-        /* The weights e^(s - top), 16 at a time (masked keys: 0), then the weighted values. */
-        const __m512 t = _mm512_set1_ps(top);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < K; j += 16) {
-            const __mmask16 in = K - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - j)) - 1);
-            const __m512 sj = _mm512_maskz_loadu_ps(in, scores + j);
-            const __mmask16 live = _mm512_mask_cmp_ps_mask(in, sj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, t)));
-            sum = _mm512_add_ps(sum, p);
-            _mm512_mask_storeu_ps(scores + j, in, p);
-        }
-        total = _mm512_reduce_add_ps(sum);
+    if (top > -INFINITY) { /* the weights (`softmax_weights`), then the weighted values */
+        total = softmax_weights(scores, K, top);
         for (int64_t j = 0; j < K; j++) {
             if (!mask[j]) continue;
             const __m512 pv = _mm512_set1_ps(scores[j]);
@@ -1141,22 +1146,7 @@ TARGET INLINE void attend_heads(const float *q, const int G, const int NV, const
         }
     }
     float total[G];
-    for (int i = 0; i < G; i++) {
-        float *si = scores + i * (K + 1);
-        total[i] = 0.0f;
-        if (!(top[i] > -INFINITY)) continue;
-        const __m512 t = _mm512_set1_ps(top[i]);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < K; j += 16) {
-            const __mmask16 in = K - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - j)) - 1);
-            const __m512 sj = _mm512_maskz_loadu_ps(in, si + j);
-            const __mmask16 live = _mm512_mask_cmp_ps_mask(in, sj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, t)));
-            sum = _mm512_add_ps(sum, p);
-            _mm512_mask_storeu_ps(si + j, in, p);
-        }
-        total[i] = _mm512_reduce_add_ps(sum);
-    }
+    for (int i = 0; i < G; i++) total[i] = top[i] > -INFINITY ? softmax_weights(scores + i * (K + 1), K, top[i]) : 0.0f;
     __m512 acc[G][NV];
     for (int i = 0; i < G; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
