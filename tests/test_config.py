@@ -46,7 +46,7 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("llm = 3\n", "llm: expected a [llm] table"),
         ("[llm\n", "not valid TOML"),
         ("[llm]\nweights = \"int3\"\n", "llm.weights must be one of 'auto', 'dense', 'int4', 'blocks', 'blocks-amx', 'blocks-bf16', 'blocks-int8', 'blocks-int16', not 'int3'"),
-        ("[llm]\nkv_cache = \"bfloat16\"\n", "llm.kv_cache must be one of 'float32', 'float16', not 'bfloat16'"),
+        ("[llm]\nkv_cache = \"bfloat16\"\n", "llm.kv_cache must be one of 'auto', 'float32', 'float16', not 'bfloat16'"),
         ("[llm]\naccept = 0\n", "llm.accept must lie in .0, 1.* not 0.0$"),
         ("[llm]\naccept = 1.5\n", "llm.accept must lie in .0, 1.* not 1.5$"),
         ("[llm]\ndraft_confidence = 1\n", "llm.draft_confidence must lie in .0, 1. .0: always draft_len., not 1.0$"),

@@ -65,7 +65,7 @@ def audio_turn_model(detector: str) -> str | None:
 # "speculative": exact draft-and-verify, a block-diffusion checkpoint drafting for itself.
 LLM_ENGINES = ("auto", "ar", "speculative")  # dlm.engines.ENGINE_KINDS
 LLM_WEIGHTS = ("auto", "dense", "int4", "blocks", "blocks-amx", "blocks-bf16", "blocks-int8", "blocks-int16")  # dlm.checkpoints.WEIGHT_FORMATS and "auto"
-LLM_KV_CACHES = ("float32", "float16")  # dlm.model.Transformer.use_half_cache
+LLM_KV_CACHES = ("auto", "float32", "float16")  # dlm.model.Transformer.use_half_cache
 
 
 class ConfigError(ValueError):
@@ -264,11 +264,13 @@ class LlmConfig:
     # AMX is missing too; other greedy replies than float32's on most prompts), "blocks-int16": the
     # same with inputs rounded to 16 bits (closer to float32 than bf16; about half float32's work per row).
     weights: str = "auto"
-    # The KV cache's dtype: "float32", or "float16" (half the bytes that attention reads at every
+    # The KV cache's dtype: "float32", "float16" (half the bytes that attention reads at every
     # forward, which late in a long call is about what the weights cost; K and V rounded to the
-    # nearest float16, so a greedy reply can differ from float32's: opt-in; the fused block
-    # forward only, i.e. the blocks weight formats on a CPU with AVX-512).
-    kv_cache: str = "float32"
+    # nearest float16; the fused block forward only, i.e. the blocks weight formats on a CPU with
+    # AVX-512), or "auto": float16 where the weights' products round their inputs anyway
+    # (blocks-int16, the default where AMX is missing; blocks-int8, blocks-bf16), else float32
+    # (dense, int4, and blocks and blocks-amx, which keep float32's accuracy).
+    kv_cache: str = "auto"
     # Draft-and-verify (models with a drafter): drafts per forward (0: the engine's default, 6 for
     # a draft head, 1 for mask slots) and one draft block per possible acceptance length (true) or
     # only after the full draft (false).

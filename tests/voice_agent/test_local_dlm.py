@@ -163,7 +163,7 @@ def test_int4_weights_on_a_model_that_cannot_have_them_is_one_clear_error(tmp_pa
         load_local_llm("smollm2-135m-instruct", device="cpu", dtype="auto", weights="int3")
 
 
-def test_a_float16_kv_cache_on_weights_without_the_fused_forward_is_one_clear_error():
+def test_a_float16_kv_cache_where_asked_or_where_the_products_round_and_one_clear_error_elsewhere():
     import pytest
     import torch
 
@@ -175,7 +175,15 @@ def test_a_float16_kv_cache_on_weights_without_the_fused_forward_is_one_clear_er
         load_local_llm("smollm2-135m-instruct", device="cpu", dtype="float32", weights="dense", kv_cache="float16")
     with pytest.raises(UserError, match=r"llm\.kv_cache must be"):
         load_local_llm("smollm2-135m-instruct", device="cpu", dtype="auto", kv_cache="bf16")
-    if dlm.blocks.available() is None:  # the blocks formats run here: their caches are float16
+    if dlm.blocks.available() is None:  # the blocks formats run here: their caches are float16 where asked
         loaded, _ = load_local_llm("smollm2-135m-instruct", device="cpu", dtype="float32", weights="blocks",
                                    kv_cache="float16")
+        assert loaded.model.new_cache(1, 8).k.dtype == torch.float16
+        # "auto": float32 products keep a float32 cache, rounded ones (16-bit inputs) a float16 one
+        loaded, _ = load_local_llm("smollm2-135m-instruct", device="cpu", dtype="float32", weights="blocks",
+                                   kv_cache="auto")
+        assert loaded.model.new_cache(1, 8).k.dtype == torch.float32
+    if dlm.blocks.vnni_available() is None:
+        loaded, _ = load_local_llm("smollm2-135m-instruct", device="cpu", dtype="float32", weights="blocks-int16",
+                                   kv_cache="auto")
         assert loaded.model.new_cache(1, 8).k.dtype == torch.float16
