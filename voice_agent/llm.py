@@ -574,10 +574,10 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto",
     (dlm LoadedModel, voice_agent.models.ResolvedLlm). dtype "auto": the registry's dtype for
     the model where it names one (the default model: bfloat16), else dlm's default; weights
     "auto": the registry's weight format where it names one, the device is a CPU and the dtype
-    fits (`_registry_weights`), else "dense" (dlm.checkpoints.load_model); kv_cache "float16": its
-    KV caches in float16 (`Transformer.use_half_cache`; UserError where the weights do not run the
-    fused block forward), "auto": so where its products round their inputs anyway (`_rounds_inputs`).
-    For inference only:
+    fits (`_registry_weights`), else "dense" (dlm.checkpoints.load_model); kv_cache "float32" (here
+    the default; the configuration's is llm.kv_cache's "auto"), "float16": its KV caches in float16
+    (`Transformer.use_half_cache`; UserError where the weights do not run the fused block forward),
+    "auto": float16 where its products round their inputs anyway (`_rounds_inputs`). For inference only:
     where the weights were packed, their dense copies are released (training loads through
     dlm.checkpoints.load_model)."""
     from dlm.adapter import AdapterError
