@@ -34,7 +34,8 @@ Contract:
   marked as draft slots add them to every projection; the other rows are computed as without.
   With `final_norm` the rows leave through the model's final RMSNorm, in the same call. The KV
   cache is float32, or float16 (half the bytes a long context's attention reads; K and V rounded
-  to the nearest float16 as they are written: `llm.kv_cache`, opt-in).
+  to the nearest float16 as they are written: `llm.kv_cache`, whose "auto" picks it where the
+  products round their inputs anyway).
 - `row_argmax(x)` / `row_top(x)`: `x.argmax(-1)` (the same indices, ties and NaN as torch picks)
   and with it softmax's largest probability, in the kernel where it is loaded already, else in
   torch: a decoding step's argmax over a vocabulary without torch's slow index reduction.

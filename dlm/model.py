@@ -769,7 +769,8 @@ class Transformer(nn.Module):
         """Make new KV caches float16 (`new_cache`): each K and V rounded to the nearest float16 as
         the fused block forward writes it (dlm.blocks.BlockLayers), half the bytes a long context's
         attention reads at every forward; the logits move by about that rounding, so a greedy reply
-        can differ from the float32 cache's (opt-in: `llm.kv_cache`). ValueError where the fused
+        can differ from the float32 cache's (`llm.kv_cache`: "auto" asks for it where the products
+        round their inputs anyway, voice_agent.llm). ValueError where the fused
         forward does not run (the torch layers compute in the model's dtype)."""
         if self._block_layers is None:
             raise ValueError("a float16 KV cache needs the fused block forward (llm.weights blocks, blocks-int16, "
