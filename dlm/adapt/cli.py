@@ -55,9 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction
                                 "blocks-int16: this project's AR engine on a GGUF's own blocks (float32 / "
                                 "float32-accurate on AMX / AMX bf16 / 16-bit integer products on AVX512-VNNI, "
                                 "the default's arithmetic on a CPU without AMX), several times faster on CPU")
-            p.add_argument("--prompts", choices=("templates", "self"), default="templates",
+            p.add_argument("--prompts", choices=("templates", "self", "file"), default=None,
                            help="templates: the generated voice prompts (default); self: requests the teacher "
-                                "writes itself from the first words of one (Magpie), wider than the templates")
+                                "writes itself from the first words of one (Magpie), wider than the templates; "
+                                "file: requests people wrote, from --requests")
+            p.add_argument("--requests", type=Path, default=None, metavar="FILE",
+                           help="a text file of requests, one a line (implies --prompts file): up to --n-prompts "
+                                "of them, shuffled by --seed, the last --n-heldout held out")
             p.add_argument("--first-prompt", type=int, default=0,
                            help="skip the generated prompts before this index (new prompts after an earlier "
                                 "data set made with the same seed)")
@@ -167,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         pipeline.run_data(run_dir, base, scale, args.device, args.time_budget_s, adapter=getattr(args, "adapter", None),
                           teacher_weights=getattr(args, "teacher_weights", "hf"),
                           first_prompt=getattr(args, "first_prompt", 0),
-                          prompt_source=getattr(args, "prompts", "templates"))
+                          prompt_source=_prompt_source(args), requests=getattr(args, "requests", None))
     if args.step in ("train", "pipeline"):
         info = pipeline.run_train(run_dir, base, scale, args.device, args.train_budget_s or args.time_budget_s,
                                   args.max_steps)
@@ -184,6 +188,16 @@ def run(args: argparse.Namespace) -> int:
         path = pipeline.run_export(run_dir, student=args.student)
         print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def _prompt_source(args: argparse.Namespace) -> str:
+    """`--prompts`, where given (a requests file implies "file"; SystemExit where they disagree)."""
+    source, requests = getattr(args, "prompts", None), getattr(args, "requests", None)
+    if requests is not None and source not in (None, "file"):
+        raise SystemExit(f"--requests goes with --prompts file, not --prompts {source}")
+    if source == "file" and requests is None:
+        raise SystemExit("--prompts file needs --requests FILE")
+    return "file" if requests is not None else source or "templates"
 
 
 def _drafter(args: argparse.Namespace, default_base: Path) -> int:

@@ -35,7 +35,7 @@ class Example:
     prompt_ids: list[int]  # the chat-template rendering of `messages`, generation prompt included
     reply_ids: list[int]  # the teacher's reply; its last id is an EOS id
     messages: list[dict[str, str]]  # the prompt as chat messages (system first)
-    kind: str  # prompt category (dlm.adapt.prompts.KINDS, or SELF_KIND: a request the teacher wrote)
+    kind: str  # prompt category (dlm.adapt.prompts.KINDS; SELF_KIND: a request the teacher wrote; REQUEST_KIND: from a file)
     source: str  # "greedy" or "sampled"
     prompt_index: int  # index in the generated prompt set; replies to one prompt share it
     split: str  # "train" or "heldout"

@@ -31,7 +31,7 @@ from dlm.adapt.convert import to_block_diffusion
 from dlm.adapt.data import Example, read_dataset, steps_per_epoch, write_dataset
 from dlm.adapt.evaluate import evaluate
 from dlm.adapt.export import export_student
-from dlm.adapt.prompts import Prompt, generate_prompts, self_prompt_starts
+from dlm.adapt.prompts import Prompt, generate_prompts, read_requests, self_prompt_starts
 from dlm.adapt.quality import has_loop
 from dlm.adapt.teacher import engine_replies, generate_replies, hf_teacher, written_prompts
 from dlm.adapt.train import STUDENT_FILE, TrainConfig, train
@@ -111,13 +111,13 @@ def _load_base(base: str | Path, adapter: str | Path | None = None) -> LoadedMod
 # -- data ------------------------------------------------------------------------------------------
 
 TEACHER_WEIGHTS = ("hf", "blocks", "blocks-amx", "blocks-bf16", "blocks-int16")
-PROMPT_SOURCES = ("templates", "self")
+PROMPT_SOURCES = ("templates", "self", "file")
 _SELF_DRAWS = 1.5  # requests the model starts per prompt wanted: some are not kept (clean_request, repeats)
 
 
 def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_budget_s: float = 0.0,
              adapter: str | Path | None = None, teacher_weights: str = "hf", first_prompt: int = 0,
-             prompt_source: str = "templates") -> Path:
+             prompt_source: str = "templates", requests: str | Path | None = None) -> Path:
     """The teacher's replies to generated voice prompts (DATA_FILE); `adapter`: the teacher is
     the base with this adapter merged (dlm.adapter); `teacher_weights`: "hf" (Hugging Face
     `generate` in float32, or bf16 on CUDA) or a GGUF's blocks on this project's AR engine
@@ -127,11 +127,14 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     `first_prompt`: skip the prompts before it (more data after an earlier run on the same seed:
     its prompts are 0 .. its n_prompts - 1); `prompt_source`: "templates" (`generate_prompts`)
     or "self": requests the teacher writes itself (`written_prompts`), up to n_prompts distinct
-    ones, the last n_heldout held out."""
+    ones, the last n_heldout held out; or "file": up to n_prompts requests people wrote, from the
+    text file `requests` (`read_requests`, shuffled by the seed), the last n_heldout held out."""
     if prompt_source not in PROMPT_SOURCES:
         raise ValueError(f"prompt_source must be one of {PROMPT_SOURCES}, not {prompt_source!r}")
-    if prompt_source == "self" and first_prompt:
-        raise ValueError("first_prompt applies to the template prompts only (self-written ones are drawn anew)")
+    if prompt_source != "templates" and first_prompt:
+        raise ValueError("first_prompt applies to the template prompts only")
+    if (prompt_source == "file") != (requests is not None):
+        raise ValueError("a requests file goes with prompt_source 'file', and only with it")
     if teacher_weights not in TEACHER_WEIGHTS:
         raise ValueError(f"teacher_weights must be one of {TEACHER_WEIGHTS}, not {teacher_weights!r}")
     if not 0 <= first_prompt < scale.n_prompts - scale.n_heldout:
@@ -141,6 +144,12 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     settings = {"adapter": None if adapter is None else Path(adapter).name, "seed": scale.seed,
                 "prompt_source": prompt_source, "n_heldout_prompts": scale.n_heldout, "first_prompt": first_prompt,
                 "teacher_weights": teacher_weights}
+    if requests is not None:
+        settings["requests"] = Path(requests).name
+        prompts = read_requests(requests, scale.n_prompts, scale.seed)  # a bad file fails before the model loads
+        if len(prompts) <= scale.n_heldout:
+            raise ValueError(f"{requests}: {len(prompts)} usable requests, not more than the {scale.n_heldout} "
+                             "held out: nothing to train on")
     if out.exists():
         with out.open() as f:
             made = json.loads(f.readline())
@@ -164,7 +173,7 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
     eos_ids = loaded.spec.eos_token_ids
     if prompt_source == "self":
         prompts = _self_written(loaded, scale, deadline)
-    else:
+    elif prompt_source == "templates":
         prompts = generate_prompts(scale.n_prompts, scale.seed)
     encoded = ChatFormatter(tok, loaded.spec).encode_many([p.as_messages() for p in prompts])
     keep = [i for i, ids in enumerate(encoded) if len(ids) <= scale.max_prompt_tokens and i >= first_prompt]

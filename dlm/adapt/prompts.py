@@ -11,6 +11,11 @@ model writes itself (Magpie, arXiv 2406.08464; `dlm.adapt.teacher.written_prompt
 model): for each, a system prompt and the first words of a user's request, then the check that
 the model's continuation reads as one spoken request. Their kind is `SELF_KIND`.
 
+`read_requests(path, n, seed)`: up to `n` requests written by people, from a text file (one a
+line; a public set of what callers ask a voice assistant, converted as docs/models.md shows), each
+as `clean_request` keeps it, under the voice assistant's system prompt. Their kind is
+`REQUEST_KIND`.
+
 Nothing here tokenizes: the caller renders messages with the chat template and encodes user
 text with special-token parsing off.
 """
@@ -20,9 +25,10 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["KINDS", "PHONE_SYSTEM_PROMPT", "SELF_KIND", "VOICE_SYSTEM_PROMPT", "Prompt", "clean_request",
-           "generate_prompts", "self_prompt_starts"]
+__all__ = ["KINDS", "PHONE_SYSTEM_PROMPT", "REQUEST_KIND", "SELF_KIND", "VOICE_SYSTEM_PROMPT", "Prompt",
+           "clean_request", "generate_prompts", "read_requests", "self_prompt_starts"]
 
 VOICE_SYSTEM_PROMPT = (
     "You are a friendly voice assistant. Your replies are spoken aloud, so answer in one to three "
@@ -293,3 +299,33 @@ def clean_request(text: str) -> str | None:
     if not 3 <= len(words) <= _MAX_REQUEST_WORDS or not (text[-1].isalnum() or text[-1] in ".?!"):
         return None
     return " ".join(words)
+
+
+# -- requests from a file --------------------------------------------------------------------------
+
+REQUEST_KIND = "request"
+
+
+def read_requests(path: str | Path, n: int, seed: int = 0) -> list[Prompt]:
+    """Up to `n` distinct requests (case aside) from a UTF-8 text file, one a line (blank lines and
+    lines starting with # skipped), each as `clean_request` keeps it (the others are skipped), in
+    an order shuffled by `seed`, under VOICE_SYSTEM_PROMPT. ValueError where the file cannot be
+    read as text or holds no usable request."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the requests ({e})") from e
+    seen: set[str] = set()
+    requests = []
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        request = clean_request(line)
+        if request is not None and request.lower() not in seen:
+            seen.add(request.lower())
+            requests.append(request)
+    if not requests:
+        raise ValueError(f"{path}: no usable request (one a line, 3 to {_MAX_REQUEST_WORDS} words of plain text)")
+    random.Random(seed).shuffle(requests)
+    return [Prompt((("system", VOICE_SYSTEM_PROMPT), ("user", r)), REQUEST_KIND) for r in requests[:n]]

@@ -15,9 +15,11 @@ from dlm.adapt.pack import join_parts, split_file
 from dlm.adapt.prompts import (
     KINDS,
     PHONE_SYSTEM_PROMPT,
+    REQUEST_KIND,
     VOICE_SYSTEM_PROMPT,
     clean_request,
     generate_prompts,
+    read_requests,
     self_prompt_starts,
 )
 from dlm.adapt.quality import has_loop
@@ -187,6 +189,33 @@ def test_self_prompt_starts_are_deterministic_and_mostly_the_voice_assistants() 
 ])
 def test_clean_request_keeps_one_spoken_request(text: str, kept: str | None) -> None:
     assert clean_request(text) == kept
+
+
+def test_requests_from_a_file_are_clean_distinct_and_shuffled_by_the_seed(tmp_path) -> None:
+    lines = [f"What is the weather like in city number {i}?" for i in range(50)]
+    path = tmp_path / "requests.txt"
+    path.write_text("# callers' requests\n\n" + "\n".join(lines) + "\nWHAT IS THE WEATHER LIKE IN CITY NUMBER 3?\n"
+                    "Tell me about **Paris**.\n  Set a timer for  ten minutes  \n", encoding="utf-8")
+    a = read_requests(path, 100, seed=1)
+    texts = [p.messages[1][1] for p in a]
+    assert sorted(texts) == sorted([*lines, "Set a timer for ten minutes"])  # comment, repeat, markup: left out
+    assert texts != [*lines, "Set a timer for ten minutes"] and a == read_requests(path, 100, seed=1)
+    assert [p.messages[1][1] for p in read_requests(path, 100, seed=2)] != texts
+    assert all(p.kind == REQUEST_KIND and p.messages[0] == ("system", VOICE_SYSTEM_PROMPT) for p in a)
+    assert read_requests(path, 5, seed=1) == a[:5]
+
+
+def test_a_requests_file_without_a_usable_request_is_one_clear_error(tmp_path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\nWhy?\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no usable request"):
+        read_requests(empty, 10)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="cannot read the requests"):
+        read_requests(binary, 10)
+    with pytest.raises(ValueError, match="cannot read the requests"):
+        read_requests(tmp_path / "missing.txt", 10)
 
 
 def test_encode_open_leaves_the_last_turn_open_for_the_model_to_continue() -> None:
