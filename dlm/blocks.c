@@ -1203,6 +1203,7 @@ TARGET static void store_kv(void *to, const float *from, int64_t n, int half) {
    final_norm (D,) is not NULL, every row leaves through that RMSNorm (the model's final norm, as
    its layers' norms are computed). Dimensions are multiples of 16 (dlm/blocks.py checks), Dh at
    most 256. Returns 0, or -1 where memory ran out. */
+#define ROWS_PARALLEL 16 /* blocks_forward: rows from which the work between products is shared */
 int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block_layer *layers, int64_t H,
                    int64_t Hkv, int64_t Dh, int64_t F, float eps, const float *cos, const float *sin,
                    void *k_cache, void *v_cache, int64_t cache_rows, int64_t S1, const int64_t *cache_row,
@@ -1234,12 +1235,18 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
         status = -1;
         goto done;
     }
+    /* Where many rows pass (a prefill's), the work row by row between the products is shared by
+       the threads too (each row's bits are its own either way); for a few rows a parallel region
+       costs more than it saves. */
+    const int rows_parallel = threads > 1 && M >= ROWS_PARALLEL;
     for (int64_t l = 0; l < n_layers; l++) {
         const block_layer *ly = &layers[l];
         char *kc = (char *)k_cache + l * layer_stride * bytes, *vc = (char *)v_cache + l * layer_stride * bytes;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows_parallel)
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_in, h + m * D, D, eps);
         if (project(h, &ly->qkv, wide, M, threads, t)) goto oom;
         if (drafted) add_update(h, drafted, M, D, &drafts[l].qkv, wide, QKV, t, threads);
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows_parallel)
         for (int64_t m = 0; m < M; m++) {
             float *row = wide + m * QKV;
             for (int64_t g = 0; g < H + Hkv; g++) rope(row + g * Dh, cos + m * Dh, sin + m * Dh, Dh);
@@ -1262,17 +1269,24 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
         }
         if (project(att, &ly->o, out, M, threads, t)) goto oom;
         if (drafted) add_update(att, drafted, M, H * Dh, &drafts[l].o, out, D, t, threads);
-        for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
-        for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, ly->ln_post, h + m * D, D, eps);
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows_parallel)
+        for (int64_t m = 0; m < M; m++) {
+            for (int64_t i = m * D; i < (m + 1) * D; i++) x[i] += out[i];
+            rms_norm(x + m * D, ly->ln_post, h + m * D, D, eps);
+        }
         if (project(h, &ly->gate_up, wide, M, threads, t)) goto oom;
         if (drafted) add_update(h, drafted, M, D, &drafts[l].gate_up, wide, 2 * F, t, threads);
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows_parallel)
         for (int64_t m = 0; m < M; m++) silu_mul(wide + m * 2 * F, wide + m * 2 * F + F, act + m * F, F);
         if (project(act, &ly->down, out, M, threads, t)) goto oom;
         if (drafted) add_update(act, drafted, M, F, &drafts[l].down, out, D, t, threads);
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows_parallel)
         for (int64_t i = 0; i < M * D; i++) x[i] += out[i];
     }
-    if (final_norm)
+    if (final_norm) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows_parallel)
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, final_norm, x + m * D, D, eps);
+    }
     goto done;
 oom:
     status = -1;
