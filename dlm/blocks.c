@@ -1236,8 +1236,9 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
         goto done;
     }
     /* Where many rows pass (a prefill's), the work row by row between the products is shared by
-       the threads too (each row's bits are its own either way); for a few rows a parallel region
-       costs more than it saves. */
+       the threads too (each row's bits are its own either way): the 150-token prefill 123.3 ->
+       120.9 ms, 16 positions unchanged (session 36). A decoding step's few rows stay on one
+       thread, as before (a parallel region costs microseconds; not measured to gain there). */
     const int rows_parallel = threads > 1 && M >= ROWS_PARALLEL;
     for (int64_t l = 0; l < n_layers; l++) {
         const block_layer *ly = &layers[l];
