@@ -174,13 +174,37 @@ static void range(const float *x, const uint8_t *data, const float *scales, floa
 }
 
 /* t (S, r_total) = x's rows rows[0..S-1] (rows NULL: 0..S-1) @ down (r_total, K)^T (float32, or
-   bf16 where bf16 != 0), entries j0..j1-1 of each row: for each entry 16 lanes then one reduction,
-   eight rows at a time (each weight read once for them, eight sums in flight). */
+   bf16 where bf16 != 0), entries j0..j1-1 of each row: for each entry 16 lanes then one reduction.
+   Eight rows and two entries at a time (down_tile: each input vector read once for two entries,
+   each weight vector once for eight rows, sixteen sums in flight); the rows and entries left over
+   one entry and up to eight rows at a time. Every sum is the same either way. */
+TARGET INLINE void down_tile(const float *x, const int64_t *rows, int64_t s0, int64_t K, const void *down, int bf16,
+                             int64_t r_total, float *t, int64_t j) {
+    __m512 a[2][8];
+    const float *xr[8];
+    for (int i = 0; i < 8; i++) xr[i] = x + (rows ? rows[s0 + i] : s0 + i) * K;
+    for (int q = 0; q < 2; q++)
+        for (int i = 0; i < 8; i++) a[q][i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __m512 d0 = lanes16(down, j * K + k, bf16), d1 = lanes16(down, (j + 1) * K + k, bf16);
+        for (int i = 0; i < 8; i++) {
+            const __m512 v = _mm512_loadu_ps(xr[i] + k);
+            a[0][i] = _mm512_fmadd_ps(v, d0, a[0][i]);
+            a[1][i] = _mm512_fmadd_ps(v, d1, a[1][i]);
+        }
+    }
+    for (int q = 0; q < 2; q++)
+        for (int i = 0; i < 8; i++) t[(s0 + i) * r_total + j + q] = _mm512_reduce_add_ps(a[q][i]);
+}
+
 TARGET static void rows_down(const float *x, const int64_t *rows, int64_t S, int64_t K, const void *down, int bf16,
                              int64_t r_total, float *t, int64_t j0, int64_t j1) {
+    const int64_t full = S / 8 * 8, paired = j0 + (j1 - j0) / 2 * 2;
+    for (int64_t j = j0; j < paired; j += 2)
+        for (int64_t s0 = 0; s0 < full; s0 += 8) down_tile(x, rows, s0, K, down, bf16, r_total, t, j);
     for (int64_t j = j0; j < j1; j++) {
         __m512 a[8];
-        for (int64_t s0 = 0; s0 < S; s0 += 8) {
+        for (int64_t s0 = j < paired ? full : 0; s0 < S; s0 += 8) {
             const int64_t n_rows = S - s0 < 8 ? S - s0 : 8;
             for (int64_t i = 0; i < n_rows; i++) a[i] = _mm512_setzero_ps();
             for (int64_t k = 0; k < K; k += 16) {
