@@ -307,8 +307,8 @@ REQUEST_KIND = "request"
 
 
 def read_requests(path: str | Path, n: int, seed: int = 0) -> list[Prompt]:
-    """Up to `n` distinct requests (case aside) from a UTF-8 text file, one a line (blank lines and
-    lines starting with # skipped), each as `clean_request` keeps it (the others are skipped), in
+    """Up to `n` distinct requests (case aside) from a UTF-8 text file, one a line, each as
+    `clean_request` keeps it (the others, blank lines and # comments among them, are skipped), in
     an order shuffled by `seed`, under VOICE_SYSTEM_PROMPT. ValueError where the file cannot be
     read as text or holds no usable request."""
     path = Path(path)
@@ -319,8 +319,6 @@ def read_requests(path: str | Path, n: int, seed: int = 0) -> list[Prompt]:
     seen: set[str] = set()
     requests = []
     for line in lines:
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
         request = clean_request(line)
         if request is not None and request.lower() not in seen:
             seen.add(request.lower())
