@@ -1226,7 +1226,8 @@ TARGET static void store_kv(void *to, const float *from, int64_t n, int half) {
    adds the drafter's update there (the other rows' bits stay what they are without it). Where
    final_norm (D,) is not NULL, every row leaves through that RMSNorm (the model's final norm, as
    its layers' norms are computed). Dimensions are multiples of 16 (dlm/blocks.py checks), Dh at
-   most 256. Returns 0, or -1 where memory ran out. */
+   most 256. Returns 0, -1 where memory ran out, or -2 (nothing done) where a row's cache row or
+   write position lies outside the cache, or K > S1. */
 #define ROWS_PARALLEL 16 /* blocks_forward: rows from which the work between products is shared */
 int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block_layer *layers, int64_t H,
                    int64_t Hkv, int64_t Dh, int64_t F, float eps, const float *cos, const float *sin,
@@ -1235,6 +1236,12 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
                    const uint8_t *drafted, const float *final_norm, int kv_half) {
     const int64_t QKV = (H + 2 * Hkv) * Dh, kv = Hkv * Dh, layer_stride = cache_rows * S1 * kv;
     const int64_t bytes = kv_half ? 2 : 4; /* a cached value's */
+    /* Every row's cache row and write position inside the cache, and its keys too: checked here,
+       before anything is written (a loop over a few integers, where the caller's torch reductions
+       cost microseconds each). */
+    if (K > S1) return -2;
+    for (int64_t m = 0; m < M; m++)
+        if (cache_row[m] < 0 || cache_row[m] >= cache_rows || write_pos[m] < 0 || write_pos[m] >= S1) return -2;
     int64_t r_max = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const block_weight *ws[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};

@@ -620,16 +620,18 @@ class BlockLayers:
                                        or not final_norm.is_contiguous()):
             raise ValueError(f"final_norm must be float32 contiguous ({self.dim},), not {final_norm.dtype} "
                              f"{tuple(final_norm.shape)}")
-        if m and (k > k_cache.shape[2] or min(int(rows.min()), int(writes.min())) < 0 or int(rows.max()) >= k_cache.shape[1]
-                  or int(writes.max()) >= k_cache.shape[2]):
-            raise IndexError(f"cache rows or positions out of the cache's {tuple(k_cache.shape[1:3])} (keys: {k})")
-        if m and lib.blocks_forward(
+        if not m:
+            return
+        status = lib.blocks_forward(
                 x.data_ptr(), m, self.dim, len(self._layers), self._address, self.n_heads, self.n_kv_heads, self.head_dim,
                 self.intermediate, self.eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                 k_cache.shape[1], k_cache.shape[2], rows.data_ptr(), writes.data_ptr(), mask.data_ptr(), k,
                 torch.get_num_threads(), None if drafts is None else drafts.address,
                 None if drafted is None else drafted.data_ptr(), None if final_norm is None else final_norm.data_ptr(),
-                int(k_cache.dtype == torch.float16)) != 0:
+                int(k_cache.dtype == torch.float16))
+        if status == -2:  # checked in the kernel before it wrote anything
+            raise IndexError(f"cache rows or positions out of the cache's {tuple(k_cache.shape[1:3])} (keys: {k})")
+        if status != 0:
             raise MemoryError("the fused block forward could not allocate its buffers")
 
 

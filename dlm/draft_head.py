@@ -204,12 +204,10 @@ class DraftHead(nn.Module):
         ctx = self.fuse(torch.cat([feats.to(dtype), self._embed(tokens).to(dtype)], dim=-1))  # (B, W, D)
         x = torch.cat([ctx, self.slots[:n].to(ctx.dtype)[None].expand(B, -1, -1)], dim=1)  # (B, W + n, D)
         T = W + n
-        keys, causal, eye = self._pattern(W, n, x.device)
-        real = (keys[None, :] >= (W - valid)[:, None]) | (keys[None, :] >= W)  # (B, T): padding pairs are nobody's keys
-        mask = (causal[None] & real[:, None, :]) | eye[None]
         if self._block_layers is not None and not torch.is_grad_enabled():
-            out = self._through_blocks(x, mask)[:, W:]  # normed
+            out = self._through_blocks(x, self._block_mask(W, n, valid))[:, W:]  # normed
         else:
+            mask = self._mask(W, n, valid)
             cos, sin = self._rope[0][:T][None].to(x.dtype), self._rope[1][:T][None].to(x.dtype)
             for layer in self.layers:
                 x = layer(x, cos, sin, mask[:, None], None)
@@ -229,10 +227,29 @@ class DraftHead(nn.Module):
             self._plans[key] = (keys, causal, torch.eye(W + n, dtype=torch.bool, device=device))
         return self._plans[key]
 
+    def _mask(self, W: int, n: int, valid: Tensor) -> Tensor:
+        """(B, T, T) bool: `_pattern` without the keys of each row's padding (its first W - valid[b]
+        context pairs are nobody's keys; each position still sees itself)."""
+        keys, causal, eye = self._pattern(W, n, valid.device)
+        real = (keys[None, :] >= (W - valid)[:, None]) | (keys[None, :] >= W)  # (B, T)
+        return (causal[None] & real[:, None, :]) | eye[None]
+
+    def _block_mask(self, W: int, n: int, valid: Tensor) -> Tensor:
+        """`_mask` as `_through_blocks` takes it ((B * T, T) uint8), made once per batch size where
+        every row's window is full (a decoding step's usual case: its half dozen tensor calls cost
+        a share of the pass)."""
+        if min(valid.tolist(), default=W) < W:
+            return self._mask(W, n, valid).reshape(-1, W + n).to(torch.uint8).contiguous()
+        key = ("block mask", W, n, len(valid), valid.device)
+        if key not in self._plans:
+            self._plans[key] = self._mask(W, n, valid).reshape(-1, W + n).to(torch.uint8).contiguous()
+        return self._plans[key]
+
     def _through_blocks(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x (B, T, D) through the layers and the final norm in one `BlockLayers` call: each pass's
-        positions 0..T-1 in a cache row of its own (a scratch cache: every position's K/V are
-        written before any attends, so the slots see each other as the mask says)."""
+        """x (B, T, D) through the layers and the final norm in one `BlockLayers` call (mask (B *
+        T, T) uint8: `_block_mask`): each pass's positions 0..T-1 in a cache row of its own (a
+        scratch cache: every position's K/V are written before any attends, so the slots see each
+        other as the mask says)."""
         B, T, D = x.shape
         c = self.model_config
         rows = x.reshape(B * T, D).float().contiguous()
@@ -243,8 +260,8 @@ class DraftHead(nn.Module):
         cos, sin, cache_rows, writes = self._plans[key]
         k_cache = torch.empty(len(self.layers), B, T, c.n_kv_heads, c.head_dim)  # per call: engines may share a head
         v_cache = torch.empty_like(k_cache)
-        self._block_layers(rows, cos, sin, k_cache, v_cache, cache_rows, writes,
-                           mask.reshape(B * T, T).to(torch.uint8).contiguous(), final_norm=self.norm.weight.detach())
+        self._block_layers(rows, cos, sin, k_cache, v_cache, cache_rows, writes, mask,
+                           final_norm=self.norm.weight.detach())
         return rows.view(B, T, D)
 
     def draft_ids(self, index: Tensor) -> Tensor:
