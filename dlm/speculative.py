@@ -114,6 +114,15 @@ LOOKUP_NGRAM = (2, 4)  # the shortest and longest run of final tokens that promp
 # 0.23): a copy's chain confidence is LOOKUP_SURE ** its place (`_within_budget`). `voice-agent
 # bench llm` prints the shares measured beside the model (`DraftAcceptance`).
 LOOKUP_SURE = 0.7
+# Where the head is at least this sure of its top token for the next position and a copy starts
+# with another one, the head's drafts are verified instead of the copy (`_draft`). Session 37, the
+# shipped head on blocks-int16, copies that disagreed with the head's top token on 64 self-written
+# held-out requests: with the head 0.6-1 sure the copy's drafts were accepted 0.63 a forward and
+# the head's first draft was right in half of them at least, with it less sure 1.6-1.75 (the
+# copy's) against 0.1 (the head's). Tokens per forward, a throwaway count (no timing): 8 spoken
+# prompts 1.804 -> 1.854, 64 self-written 2.209 -> 2.216, 64 CLINC150 2.649 -> 2.667, 64 template
+# 2.854 -> 2.851, each with fewer drafts verified a forward.
+LOOKUP_HEAD_SURE = 0.6
 # Under a budget, a greedy row whose drafts did not pay skips the head's pass for IDLE_PROBE
 # forwards, then tries again; each try that does not pay doubles the wait, up to IDLE_PROBE_MAX
 # (`HeadSpeculativeDecoder._draft`; session 33, 8 calls at once on the EPYC, a throwaway script,
@@ -674,17 +683,19 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         scores = self.head(self.window_h[index], self.window_t[index], valid, self.head.n_slots)  # (p, n, V')
         best, top = row_top(scores)  # each slot's top token and its probability, in one pass
         tokens, dists = self._propose(rows, scores, best)
-        chain = top.cumprod(dim=-1)  # (p, n): each draft's chance that it and those before it are accepted
-        confident = self._confident_len(chain)
-        sure = chain.tolist()
+        sure = top.cumprod(dim=-1).tolist()  # (p, n): each draft's chance that it and those before it are accepted
+        confident = self._confident_len(sure)
         for i, row in enumerate(rows):
             n = self._n(row.settings)
             kept = min(n, confident[i])
             # A copy is looked up only where it could be longer than the head's drafts. Which of
-            # the two a row verifies depends on its text and the head's confidences, never on its
-            # sampled drafts, so a sampled row's copy is a draft from a point mass (`_point_masses`).
+            # the two a row verifies depends on its text and the head's confidences and top tokens,
+            # never on its sampled drafts, so a sampled row's copy is a draft from a point mass
+            # (`_point_masses`).
             most = min(n, self.prompt_lookup)
             copied = self._look_up(row, most) if most > kept else []
+            if copied and kept and sure[i][0] >= LOOKUP_HEAD_SURE and copied[0] != int(self.head.draft_ids(best[i, 0])):
+                copied = []  # the head is sure of another next token than the copy's: its drafts
             if len(copied) > kept:  # the row's own text offers more: verify that instead
                 self._keep_drafts(row, len(copied), copied, None if row.generator is None else self._point_masses(copied),
                                   [LOOKUP_SURE ** (j + 1) for j in range(len(copied))], copied=True)
@@ -723,30 +734,28 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                     break
         return ids[start: min(start + most, end)] if best >= shortest else []
 
-    def _confident_len(self, chain: Tensor) -> list[int]:
+    def _confident_len(self, chain: list[list[float]]) -> list[int]:
         """Per row, how many leading drafts the head is sure enough of to be worth verifying: each
         verified draft costs a row of the next forward (on a CPU without AMX about a sixth of a
         step), and the drafts after a rejected one are wasted, so a draft whose chain confidence
         (the product of the head's top probabilities up to it: the chance that it and every draft
         before it are accepted, as EAGLE-2 ranks its draft tree) is below `draft_confidence`, and
         every draft after it, is left out. Which tokens become final never depends on it. chain
-        (p, n): each slot's chain confidence (the cumulative product of `row_top`'s probabilities:
-        non-increasing)."""
+        (p rows of n): each slot's chain confidence (the cumulative product of `row_top`'s
+        probabilities: non-increasing), as lists (a step's few numbers: no tensor calls)."""
         if self.draft_confidence <= 0:
-            return [self.head.n_slots] * chain.shape[0]
-        return (chain >= self.draft_confidence).sum(dim=-1).tolist()
+            return [self.head.n_slots] * len(chain)
+        return [sum(s >= self.draft_confidence for s in row) for row in chain]
 
     def _extend_window(self, slot: int, h: Tensor, tokens: list[int]) -> None:
         """Append (hidden state, the token it made final) pairs to the row's window."""
         W = self.window_h.shape[1]
         k = min(len(tokens), W)
-        have = min(self.window_n.get(slot, 0), W - k)
-        if have:
-            self.window_h[slot, W - k - have: W - k] = self.window_h[slot, W - have:].clone()
-            self.window_t[slot, W - k - have: W - k] = self.window_t[slot, W - have:].clone()
-        self.window_h[slot, W - k:] = h[-k:].float()
-        self.window_t[slot, W - k:] = torch.tensor(tokens[-k:], device=self.device)
-        self.window_n[slot] = have + k
+        # One shift of the whole window (its first k pairs drop out; past window_n, they are
+        # padding that no pass reads), then the new pairs at its end.
+        self.window_h[slot] = torch.cat([self.window_h[slot, k:], h[-k:].to(self.window_h.dtype)])
+        self.window_t[slot] = torch.cat([self.window_t[slot, k:], torch.tensor(tokens[-k:], device=self.device)])
+        self.window_n[slot] = min(self.window_n.get(slot, 0) + k, W)
 
     def _propose(self, rows: list[_Row], scores: Tensor, best: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
         """The head's scores (p, m, V') over its vocabulary and their argmax `best` -> drafts (and,

@@ -174,9 +174,9 @@ def test_a_heads_drafts_stop_where_its_chain_confidence_falls_below_the_bar():
         decoder = spec.make_decoder(max_batch_size=1, max_seq_len=32)
     top = torch.tensor([[0.9, 0.9, 0.5, 0.99], [0.4, 0.99, 0.99, 0.99], [0.99, 0.99, 0.99, 0.99]])
     scores = torch.log(torch.stack([top, (1 - top) / 2, (1 - top) / 2], dim=-1))  # (3 rows, 4 slots, 3 tokens)
-    assert decoder._confident_len(row_top(scores)[1].cumprod(-1)) == [2, 0, 4]  # chains 0.9, 0.81, 0.41 | 0.4 | 0.99 ... 0.96
+    assert decoder._confident_len(row_top(scores)[1].cumprod(-1).tolist()) == [2, 0, 4]  # chains 0.9, 0.81, 0.41 | 0.4 | 0.99 ... 0.96
     decoder.draft_confidence = 0.0
-    assert decoder._confident_len(row_top(scores)[1].cumprod(-1)) == [8, 8, 8]  # every slot: the draft length decides
+    assert decoder._confident_len(row_top(scores)[1].cumprod(-1).tolist()) == [8, 8, 8]  # every slot: the draft length decides
     # An oracle whose head is unsure (uniform scores: all weights zero) drafts nothing: one token
     # a forward, as the AR engine, and the same tokens; sure or not, the verifier decides.
     params = GenerationParams(max_new_tokens=12)
@@ -249,6 +249,47 @@ def test_prompt_lookup_drafts_where_the_head_is_unsure_and_the_replies_stay_the_
     assert got == want and steps < ar_steps
 
 
+class _SureOfTheNext(DraftHead):
+    """A head 0.9 sure of the counting model's next token and sure of nothing after it (uniform)."""
+
+    def forward(self, feats, tokens, valid, n):
+        V = self.model_config.vocab_size
+        probs = torch.full((tokens.shape[0], n, V), 1 / V)
+        probs[:, 0] = 0.1 / (V - 1)
+        probs[torch.arange(tokens.shape[0]), 0, (tokens[:, -1] + 1) % (COUNT_V - 1)] = 0.9
+        return probs.log()
+
+
+def test_a_copy_gives_way_to_a_head_sure_of_another_next_token(monkeypatch):
+    """Prompt lookup replaces the head's drafts where it copies more, except where the head is at
+    least LOOKUP_HEAD_SURE sure of its next token and the copy starts with another one: then the
+    head's draft is verified. Here every copy is wrong (each pair of the reply was followed by 30
+    in the prompt) and the head's first draft right: one token a forward where copies win, two
+    where the head does; the AR engine's reply either way."""
+    import dlm.speculative
+
+    loaded = counting_loaded(attention="causal", block_size=1)
+    head = _SureOfTheNext(loaded.config, DraftHeadConfig(window=3, n_slots=4, vocab_size=loaded.config.vocab_size))
+    head.vocab.copy_(torch.arange(loaded.config.vocab_size))
+    head.attach(loaded.model)
+    prompt = [6, 7, 30, 7, 8, 30, 8, 9, 30, 9, 10, 30, 10, 11, 30, 11, 12, 30, 12, 13, 30, 5, 6]
+    params = GenerationParams(max_new_tokens=7)
+    with AREngine(loaded, max_batch_size=1) as ar:
+        want, _, _ = _run(ar.submit(prompt, params))
+    assert want == list(range(7, 14))
+    steps, default = {}, dlm.speculative.LOOKUP_HEAD_SURE
+    assert default < 0.9
+    for bar in (default, 1.0):  # 1.0: copies always win
+        monkeypatch.setattr(dlm.speculative, "LOOKUP_HEAD_SURE", bar)
+        with SpeculativeEngine(loaded, head.eval(), max_batch_size=1, draft_confidence=0.5, prompt_lookup=4) as spec:
+            got, steps[bar], _ = _run(spec.submit(prompt, params))
+            copies = spec.draft_acceptance()["copies"]
+        assert got == want
+        assert bool(copies) == (bar == 1.0)  # copies verified only where they win
+    assert steps[1.0] == 1 + 6  # the first token from the prefill, then one a forward
+    assert steps[default] == 1 + 3  # the head's right draft and the verifier's own token a forward
+
+
 def test_the_engine_counts_which_drafts_were_accepted_by_confidence_and_copies_by_place():
     """`draft_acceptance()`: an oracle head's drafts are all accepted, an always-wrong head's none,
     each counted in the tenth of its chain confidence; prompt lookup's copies by place, a later
@@ -295,8 +336,8 @@ def test_rows_whose_drafts_are_cut_to_different_lengths_batch_as_each_alone():
         def _propose(self, rows, scores, best):
             return [[_oracle(row.ids[-1], i) for i in range(scores.shape[1])] for row in rows], [None] * len(rows)
 
-        def _confident_len(self, top):
-            return [i % 4 for i in range(top.shape[0])]
+        def _confident_len(self, chain):
+            return [i % 4 for i in range(len(chain))]
 
     class Engine(SpeculativeEngine):
         def make_decoder(self, **kw):
