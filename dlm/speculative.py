@@ -500,6 +500,9 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         # pass (`_within_budget`): [forwards since its last head pass, forwards to wait before
         # the next] (`_draft`).
         self.idle: dict[int, list[int]] = {}
+        # Rows whose first token came from the prefill's logits and went out at once: their first
+        # drafts (from the prefill's window) are made as their first decoding forward starts.
+        self.undrafted: set[int] = set()
         self.acceptance = DraftAcceptance()  # greedy exact rows' drafts, verified and accepted
 
     def required_len(self, prompt_len: int, settings: DecodeSettings) -> int:
@@ -511,12 +514,17 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self.window_n.pop(slot, None)
         self.seen.pop(slot, None)
         self.idle.pop(slot, None)
+        self.undrafted.discard(slot)
 
     def _accepted(self, row: _Row, drafts: _Drafts, j: int) -> None:
         if drafts.tokens and self._greedy(row):
             self.acceptance.count(drafts, j)
 
     def _forward_and_decide(self, rows: list[_Row], new: dict[int, list[int]], updates: dict[int, RowUpdate]) -> None:
+        first = [row for row in rows if row.slot in self.undrafted]
+        if first:
+            self.undrafted.difference_update(row.slot for row in first)
+            self._draft(first)
         n = len(rows)
         B = _batch_bucket(n)
         scratch = self.kv.scratch_pos
@@ -652,15 +660,17 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         return logits.expand(-1, out_index.shape[1], -1)
 
     def _decode_step(self, rows: list[_Row]) -> list[RowUpdate]:
-        """The AR decoder's step; rows whose first token has just come from the prefill's logits
-        get their first drafts from the prefill's window at once."""
+        """The AR decoder's step; a row whose first token has just come from the prefill's logits
+        gets its first drafts from the prefill's window as its first decoding forward starts
+        (`_forward_and_decide`), so that the token goes out before the head's pass (1-2 ms
+        sooner on a 2-core CPU)."""
         fresh = [row for row in rows if row.clean_upto >= row.final_upto]
         updates = super()._decode_step(rows)
         done = {u.slot for u in updates if u.finish_reason is not None}
-        going = [row for row in fresh if row.slot not in done and row.slot in self.window_n]
-        for row in going:
-            self.window_t[row.slot, -1] = row.ids[row.final_upto - 1]
-        self._draft(going)
+        for row in fresh:
+            if row.slot not in done and row.slot in self.window_n:
+                self.window_t[row.slot, -1] = row.ids[row.final_upto - 1]
+                self.undrafted.add(row.slot)
         return updates
 
     def _draft(self, rows: list[_Row]) -> None:

@@ -190,6 +190,25 @@ def test_a_heads_drafts_stop_where_its_chain_confidence_falls_below_the_bar():
         assert got == want and steps < ar_steps
 
 
+def test_a_heads_first_token_goes_out_before_its_first_drafts_are_made():
+    """The step whose prefill gives a row its first token returns that token without running
+    the head (its pass would delay the token); the row's first drafts, from the prefill's
+    window, are made as its next forward starts, which then accepts them all (an oracle)."""
+    loaded = counting_loaded(attention="causal", block_size=1)
+    with _scripted_engine(_oracle, loaded, "head", draft_len=3, max_batch_size=1) as spec:
+        decoder = spec.make_decoder(max_batch_size=1, max_seq_len=32)
+    passes = []
+    head_call = decoder.head.forward
+    decoder.head.forward = lambda *a, **k: passes.append(1) or head_call(*a, **k)
+    settings = spec.prepare([5], GenerationParams(max_new_tokens=9))[1]
+    decoder.add(0, [5], settings)
+    made = []
+    while not made:  # the prefill's steps, up to the first token
+        made = [t for u in decoder.step() for t in u.new_ids]
+    assert made == [6] and passes == []
+    assert [t for u in decoder.step() for t in u.new_ids] == [7, 8, 9, 10] and passes == [1, 1]  # first drafts, next ones
+
+
 def test_prompt_lookup_copies_what_followed_the_longest_latest_earlier_run():
     """`_look_up`: the tokens after the latest earlier occurrence of the longest run (2 to 4
     tokens) that ends the row's final text, at most `most` and not past the text; none where only
