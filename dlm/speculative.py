@@ -662,8 +662,8 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
     def _decode_step(self, rows: list[_Row]) -> list[RowUpdate]:
         """The AR decoder's step; a row whose first token has just come from the prefill's logits
         gets its first drafts from the prefill's window as its first decoding forward starts
-        (`_forward_and_decide`), so that the token goes out before the head's pass (1-2 ms
-        sooner on a 2-core CPU)."""
+        (`_forward_and_decide`), so that the token goes out before the head's pass (about 1 ms
+        sooner on a 2-core AMD EPYC: docs/benchmarks.md, "Session 37")."""
         fresh = [row for row in rows if row.clean_upto >= row.final_upto]
         updates = super()._decode_step(rows)
         done = {u.slot for u in updates if u.finish_reason is not None}
