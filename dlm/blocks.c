@@ -1327,6 +1327,47 @@ done:
     return status;
 }
 
+/* A draft head's pass (dlm/draft_head.py) in one call: B passes of W context rows and n slot rows,
+   T = W + n positions each. The context rows' inputs (B * W, K_in) go through `fuse` (-> D); each
+   pass's rows are its W context rows, then the first n rows of `slots` (n, D); all of them through
+   the layers (`blocks_forward`: pass b in cache row b of a scratch cache of T positions, position t
+   at t, row m attending where mask (B * T, T) says, leaving through final_norm); the slot rows'
+   outputs through `head` into out (B * n, head->n). The same products, in the same order, as those
+   three steps called one by one (dlm.blocks.BlockDraftPass's test compares the bits). Returns 0,
+   or -1 where memory ran out. */
+int blocks_draft_pass(const float *in, int64_t B, int64_t W, int64_t n, int64_t D, const block_weight *fuse,
+                      const float *slots, int64_t n_layers, const block_layer *layers, int64_t H, int64_t Hkv,
+                      int64_t Dh, int64_t F, float eps, const float *cos, const float *sin, const uint8_t *mask,
+                      const float *final_norm, const block_weight *head, float *out, int threads) {
+    const int64_t T = W + n, M = B * T, cached = n_layers * M * Hkv * Dh;
+    float *ctx = malloc(sizeof(float) * B * W * D), *x = malloc(sizeof(float) * M * D);
+    float *s = malloc(sizeof(float) * B * n * D), *t = malloc(sizeof(float)); /* no low-rank updates here */
+    float *k_cache = malloc(sizeof(float) * cached), *v_cache = malloc(sizeof(float) * cached);
+    int64_t *rows = malloc(sizeof(int64_t) * M), *at = malloc(sizeof(int64_t) * M);
+    int status = 0;
+    if (!ctx || !x || !s || !t || !k_cache || !v_cache || !rows || !at) {
+        status = -1;
+        goto done;
+    }
+    if (project(in, fuse, ctx, B * W, threads, t)) {
+        status = -1;
+        goto done;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(x + b * T * D, ctx + b * W * D, sizeof(float) * W * D);
+        memcpy(x + (b * T + W) * D, slots, sizeof(float) * n * D);
+    }
+    for (int64_t m = 0; m < M; m++) rows[m] = m / T, at[m] = m % T;
+    status = blocks_forward(x, M, D, n_layers, layers, H, Hkv, Dh, F, eps, cos, sin, k_cache, v_cache, B, T, rows, at,
+                            mask, T, threads, 0, 0, final_norm, 0);
+    if (status) goto done;
+    for (int64_t b = 0; b < B; b++) memcpy(s + b * n * D, x + (b * T + W) * D, sizeof(float) * n * D);
+    if (project(s, head, out, B * n, threads, t)) status = -1;
+done:
+    free(ctx), free(x), free(s), free(t), free(k_cache), free(v_cache), free(rows), free(at);
+    return status;
+}
+
 /* Per row of x (M, N) float32: the index of its largest value into idx (M,), the first where several
    are, a NaN counting as largest (the first NaN's), as torch.argmax picks; and where top is not NULL,
    that value's softmax probability 1 / sum_j e^(x_j - max) into top (M,) (NaN where the max is not

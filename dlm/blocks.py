@@ -66,8 +66,9 @@ from torch import Tensor
 
 from dlm.gguf_file import default_cache_dir
 
-__all__ = ["AMX_BF16", "AMX_SPLIT", "FUSED_PROJECTIONS", "UNIT", "VNNI_INT8", "VNNI_INT16", "BlockLayers", "BlockWeight", "DraftUpdates",
-           "LayerWeights", "LowRank", "amx_available", "available", "row_argmax", "row_top", "vnni_available"]
+__all__ = ["AMX_BF16", "AMX_SPLIT", "FUSED_PROJECTIONS", "UNIT", "VNNI_INT8", "VNNI_INT16", "BlockDraftPass", "BlockLayers",
+           "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "amx_available", "available", "row_argmax", "row_top",
+           "vnni_available"]
 
 SOURCE = Path(__file__).with_name("blocks.c")
 UNIT = 64  # inputs per unit of the kernel (two blocks of 32): K must be a multiple
@@ -139,6 +140,10 @@ def _load() -> ctypes.CDLL | None:
                                        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
                                        + [ctypes.c_void_p] * 3 + [ctypes.c_int])
         lib.blocks_forward.restype = ctypes.c_int
+        lib.blocks_draft_pass.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                                          + [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_float]
+                                          + [ctypes.c_void_p] * 6 + [ctypes.c_int])
+        lib.blocks_draft_pass.restype = ctypes.c_int
         lib.blocks_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         lib.blocks_argmax.restype = None
         _lib = lib
@@ -633,6 +638,46 @@ class BlockLayers:
             raise IndexError(f"cache rows or positions out of the cache's {tuple(k_cache.shape[1:3])} (keys: {k})")
         if status != 0:
             raise MemoryError("the fused block forward could not allocate its buffers")
+
+
+class BlockDraftPass:
+    """A draft head's pass (dlm/draft_head.py) in one C call (`blocks_draft_pass`): its context
+    rows through `fuse`, each pass's context rows then its first n `slots` through `layers`
+    (`BlockLayers`, over a scratch cache of the pass's positions) and a final norm, the slot rows
+    through `head`: the same products in the same order as those steps one by one (the same
+    bits), without the dozens of torch and ctypes calls between them that cost a fifth of a
+    decoding step's pass on a 2-core CPU (docs/benchmarks.md, "Session 37")."""
+
+    def __init__(self, fuse: BlockWeight, layers: BlockLayers, slots: Tensor, final_norm: Tensor, head: BlockWeight) -> None:
+        if fuse.low_rank is not None or head.low_rank is not None:
+            raise ValueError("a draft pass's input and output projections carry no low-rank update")
+        if fuse.out_features != layers.dim or head.in_features != layers.dim or slots.shape[-1] != layers.dim:
+            raise ValueError(f"a draft pass needs fuse -> {layers.dim}, slots (n, {layers.dim}) and head {layers.dim} -> "
+                             f"V, not {fuse.out_features}, {tuple(slots.shape)} and {head.in_features}")
+        self.fuse, self.layers, self.head = fuse, layers, head
+        self.slots = slots.detach().float().contiguous()
+        self.final_norm = final_norm.detach().float().contiguous()
+        self._fuse, self._head = _c_weight(fuse, None), _c_weight(head, None)
+
+    def __call__(self, inputs: Tensor, n: int, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        """inputs (B, W, fuse.in_features) float32 contiguous: the context rows' inputs; n slots
+        (at most slots' rows); cos, sin (B * T, head_dim), T = W + n: each row's RoPE tables;
+        mask (B * T, T) uint8 contiguous: which of its pass's positions each row attends to. ->
+        (B, n, head.out_features) float32."""
+        B, W, _ = inputs.shape
+        T = W + n
+        if not 1 <= n <= self.slots.shape[0] or mask.shape != (B * T, T) or mask.dtype != torch.uint8:
+            raise ValueError(f"a pass of {B} x {W} context rows and {n} slots (of {self.slots.shape[0]}) needs a "
+                             f"({B * T}, {T}) uint8 mask, not {tuple(mask.shape)} {mask.dtype}")
+        out = torch.empty(B, n, self.head.out_features)
+        lay = self.layers
+        if B and _kernel().blocks_draft_pass(
+                inputs.data_ptr(), B, W, n, lay.dim, ctypes.addressof(self._fuse), self.slots.data_ptr(), len(lay._layers),
+                lay._address, lay.n_heads, lay.n_kv_heads, lay.head_dim, lay.intermediate, lay.eps, cos.data_ptr(),
+                sin.data_ptr(), mask.data_ptr(), self.final_norm.data_ptr(), ctypes.addressof(self._head), out.data_ptr(),
+                torch.get_num_threads()) != 0:
+            raise MemoryError("the draft pass could not allocate its buffers")
+        return out
 
 
 def _half(t: Tensor) -> Tensor:

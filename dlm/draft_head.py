@@ -35,7 +35,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dlm.blocks import UNIT, BlockLayers, BlockWeight, LayerWeights, amx_available, available, vnni_available
+from dlm.blocks import (
+    UNIT,
+    BlockDraftPass,
+    BlockLayers,
+    BlockWeight,
+    LayerWeights,
+    amx_available,
+    available,
+    vnni_available,
+)
 from dlm.config import ModelConfig
 from dlm.model import (
     BlockProjection,
@@ -92,6 +101,7 @@ class DraftHead(nn.Module):
         self._rope: tuple[Tensor, Tensor] | None = None
         self._packed_head: Projection | BlockProjection | None = None  # `pack()`, `use_blocks()`
         self._block_layers: BlockLayers | None = None  # `use_blocks()`
+        self._draft_pass: BlockDraftPass | None = None  # `use_blocks()`: fuse, layers and output in one call
         self._plans: dict[tuple, tuple[Tensor, ...]] = {}  # per shape: tensors a pass reads, never writes
 
     @property
@@ -162,6 +172,8 @@ class DraftHead(nn.Module):
         rows = -len(self._head) % 16  # tiled products hold 16 outputs: zero rows, sliced off
         self._packed_head = BlockProjection(q8(torch.cat([self._head, self._head.new_zeros(rows, self._head.shape[1])])),
                                             None)
+        self._draft_pass = BlockDraftPass(self.fuse.proj.weight, self._block_layers, self.slots, self.norm.weight,
+                                          self._packed_head.weight)
         return True
 
     def release_dense_weights(self) -> int:
@@ -200,18 +212,19 @@ class DraftHead(nn.Module):
         if self._embed is None or self._rope is None or (self._head is None and self._packed_head is None):
             raise RuntimeError("attach(model) first")
         B, W, _ = feats.shape
+        T = W + n
+        if self._draft_pass is not None and not torch.is_grad_enabled():  # `use_blocks`: one C call
+            inputs = torch.cat([feats.float(), self._embed(tokens).float()], dim=-1)  # (B, W, n_features * dim + dim)
+            cos, sin = self._block_rope(B, T)
+            return self._draft_pass(inputs, n, cos, sin, self._block_mask(W, n, valid))[..., : len(self.vocab)]
         dtype = self.fuse.weight.dtype
         ctx = self.fuse(torch.cat([feats.to(dtype), self._embed(tokens).to(dtype)], dim=-1))  # (B, W, D)
         x = torch.cat([ctx, self.slots[:n].to(ctx.dtype)[None].expand(B, -1, -1)], dim=1)  # (B, W + n, D)
-        T = W + n
-        if self._block_layers is not None and not torch.is_grad_enabled():
-            out = self._through_blocks(x, self._block_mask(W, n, valid))[:, W:]  # normed
-        else:
-            mask = self._mask(W, n, valid)
-            cos, sin = self._rope[0][:T][None].to(x.dtype), self._rope[1][:T][None].to(x.dtype)
-            for layer in self.layers:
-                x = layer(x, cos, sin, mask[:, None], None)
-            out = self.norm(x[:, W:])
+        mask = self._mask(W, n, valid)
+        cos, sin = self._rope[0][:T][None].to(x.dtype), self._rope[1][:T][None].to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask[:, None], None)
+        out = self.norm(x[:, W:])
         if self._packed_head is not None and not torch.is_grad_enabled():
             return self._packed_head(out, 0)[..., : len(self.vocab)].float()
         return (out @ self._head.to(x.dtype).T).float()  # (B, n, V')
@@ -235,7 +248,7 @@ class DraftHead(nn.Module):
         return (causal[None] & real[:, None, :]) | eye[None]
 
     def _block_mask(self, W: int, n: int, valid: Tensor) -> Tensor:
-        """`_mask` as `_through_blocks` takes it ((B * T, T) uint8), made once per batch size where
+        """`_mask` as the draft pass takes it ((B * T, T) uint8), made once per batch size where
         every row's window is full (a decoding step's usual case: its half dozen tensor calls cost
         a share of the pass)."""
         if min(valid.tolist(), default=W) < W:
@@ -245,24 +258,13 @@ class DraftHead(nn.Module):
             self._plans[key] = self._mask(W, n, valid).reshape(-1, W + n).to(torch.uint8).contiguous()
         return self._plans[key]
 
-    def _through_blocks(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x (B, T, D) through the layers and the final norm in one `BlockLayers` call (mask (B *
-        T, T) uint8: `_block_mask`): each pass's positions 0..T-1 in a cache row of its own (a
-        scratch cache: every position's K/V are written before any attends, so the slots see each
-        other as the mask says)."""
-        B, T, D = x.shape
-        c = self.model_config
-        rows = x.reshape(B * T, D).float().contiguous()
-        key = ("blocks", B, T)
-        if key not in self._plans:  # the RoPE tables, cache rows and positions of each row (read-only)
-            cos, sin = (table[:T, 0].repeat(B, 1).contiguous() for table in self._rope)
-            self._plans[key] = (cos, sin, torch.arange(B).repeat_interleave(T), torch.arange(T).repeat(B))
-        cos, sin, cache_rows, writes = self._plans[key]
-        k_cache = torch.empty(len(self.layers), B, T, c.n_kv_heads, c.head_dim)  # per call: engines may share a head
-        v_cache = torch.empty_like(k_cache)
-        self._block_layers(rows, cos, sin, k_cache, v_cache, cache_rows, writes, mask,
-                           final_norm=self.norm.weight.detach())
-        return rows.view(B, T, D)
+    def _block_rope(self, B: int, T: int) -> tuple[Tensor, Tensor]:
+        """The RoPE tables of B passes' positions 0..T-1 as the draft pass takes them ((B * T,
+        head_dim) each), made once per shape."""
+        key = ("block rope", B, T)
+        if key not in self._plans:
+            self._plans[key] = tuple(table[:T, 0].repeat(B, 1).contiguous() for table in self._rope)
+        return self._plans[key]
 
     def draft_ids(self, index: Tensor) -> Tensor:
         """Indices into the head's vocabulary -> token ids."""

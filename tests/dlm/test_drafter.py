@@ -206,6 +206,16 @@ def test_a_draft_head_on_q8_blocks_drafts_what_its_float32_layers_draft(tmp_path
         on_blocks = head(feats, tokens, valid, 3)
         alone = head(feats[1:2], tokens[1:2], valid[1:2], 3)
         again = head(changed, tokens, valid, 3)
+        # The pass is one C call (`BlockDraftPass`): the bits of its three steps called one by one.
+        B, T, c = 3, 6, loaded.config
+        rows = torch.cat([head.fuse.proj(torch.cat([feats, head._embed(tokens)], dim=-1), 0),
+                          head.slots[:3][None].expand(B, -1, -1)], dim=1).reshape(B * T, 64).contiguous()
+        k_cache = torch.empty(len(head.layers), B, T, c.n_kv_heads, c.head_dim)
+        head._block_layers(rows, *head._block_rope(B, T), k_cache, torch.empty_like(k_cache),
+                           torch.arange(B).repeat_interleave(T), torch.arange(T).repeat(B), head._block_mask(3, 3, valid),
+                           final_norm=head.norm.weight.detach())
+        by_steps = head._packed_head(rows.view(B, T, 64)[:, 3:], 0)[..., : len(vocab)]
+    assert torch.equal(by_steps, on_blocks)
     error = (on_blocks - plain).abs().max()
     assert 0 < error < 0.03 * plain.abs().max()  # other weights (Q8), within their rounding
     assert torch.equal(alone[0], on_blocks[1])
