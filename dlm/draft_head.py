@@ -141,8 +141,9 @@ class DraftHead(nn.Module):
         (`BlockWeight.split`), else with 8-bit inputs on VNNI (`BlockWeight.int8`, llama.cpp's
         rounding: a pass of the shipped head 1.0 ms against 1.6 with the 16-bit inputs the base
         takes there, the same tokens per forward within 0.01 on three prompt sets; session 32),
-        else in float32, and its layers in one C call (`BlockLayers`, over a scratch cache of the
-        pass's positions) instead of some forty torch operations. A draft moves only as much as
+        else in float32, and the whole pass (fusion, layers over a scratch cache of the pass's
+        positions, final norm, output rows) in one C call (`BlockDraftPass`) instead of some forty
+        torch operations. A draft moves only as much as
         that rounding moves it; the verifier decides every token.
         False (nothing done) where the kernel or the fused forward does not run here. Call after
         `attach`, on a float32 head."""
