@@ -664,11 +664,17 @@ class BlockDraftPass:
         (at most slots' rows); cos, sin (B * T, head_dim), T = W + n: each row's RoPE tables;
         mask (B * T, T) uint8 contiguous: which of its pass's positions each row attends to. ->
         (B, n, head.out_features) float32."""
-        B, W, _ = inputs.shape
+        B, W, width = inputs.shape
         T = W + n
+        if width != self.fuse.in_features or inputs.dtype != torch.float32 or not inputs.is_contiguous():
+            raise ValueError(f"a draft pass takes float32 contiguous inputs (B, W, {self.fuse.in_features}), not "
+                             f"{inputs.dtype} {tuple(inputs.shape)}")
         if not 1 <= n <= self.slots.shape[0] or mask.shape != (B * T, T) or mask.dtype != torch.uint8:
             raise ValueError(f"a pass of {B} x {W} context rows and {n} slots (of {self.slots.shape[0]}) needs a "
                              f"({B * T}, {T}) uint8 mask, not {tuple(mask.shape)} {mask.dtype}")
+        if cos.shape != (B * T, self.layers.head_dim) or sin.shape != cos.shape:
+            raise ValueError(f"a draft pass needs RoPE tables ({B * T}, {self.layers.head_dim}), not "
+                             f"{tuple(cos.shape)} and {tuple(sin.shape)}")
         out = torch.empty(B, n, self.head.out_features)
         lay = self.layers
         if B and _kernel().blocks_draft_pass(
