@@ -1333,8 +1333,8 @@ done:
    the layers (`blocks_forward`: pass b in cache row b of a scratch cache of T positions, position t
    at t, row m attending where mask (B * T, T) says, leaving through final_norm); the slot rows'
    outputs through `head` into out (B * n, head->n). The same products, in the same order, as those
-   three steps called one by one (dlm.blocks.BlockDraftPass's test compares the bits). Returns 0,
-   or -1 where memory ran out. */
+   three steps called one by one (tests/dlm/test_drafter.py compares the bits). Returns 0, or -1
+   where memory ran out. */
 int blocks_draft_pass(const float *in, int64_t B, int64_t W, int64_t n, int64_t D, const block_weight *fuse,
                       const float *slots, int64_t n_layers, const block_layer *layers, int64_t H, int64_t Hkv,
                       int64_t Dh, int64_t F, float eps, const float *cos, const float *sin, const uint8_t *mask,

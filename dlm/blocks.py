@@ -669,12 +669,14 @@ class BlockDraftPass:
         if width != self.fuse.in_features or inputs.dtype != torch.float32 or not inputs.is_contiguous():
             raise ValueError(f"a draft pass takes float32 contiguous inputs (B, W, {self.fuse.in_features}), not "
                              f"{inputs.dtype} {tuple(inputs.shape)}")
-        if not 1 <= n <= self.slots.shape[0] or mask.shape != (B * T, T) or mask.dtype != torch.uint8:
+        if (not 1 <= n <= self.slots.shape[0] or mask.shape != (B * T, T) or mask.dtype != torch.uint8
+                or not mask.is_contiguous()):
             raise ValueError(f"a pass of {B} x {W} context rows and {n} slots (of {self.slots.shape[0]}) needs a "
-                             f"({B * T}, {T}) uint8 mask, not {tuple(mask.shape)} {mask.dtype}")
-        if cos.shape != (B * T, self.layers.head_dim) or sin.shape != cos.shape:
-            raise ValueError(f"a draft pass needs RoPE tables ({B * T}, {self.layers.head_dim}), not "
-                             f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+                             f"({B * T}, {T}) uint8 contiguous mask, not {tuple(mask.shape)} {mask.dtype}")
+        if any(t.shape != (B * T, self.layers.head_dim) or t.dtype != torch.float32 or not t.is_contiguous()
+               for t in (cos, sin)):
+            raise ValueError(f"a draft pass needs float32 contiguous RoPE tables ({B * T}, {self.layers.head_dim}), "
+                             f"not {tuple(cos.shape)} and {tuple(sin.shape)}")
         out = torch.empty(B, n, self.head.out_features)
         lay = self.layers
         if B and _kernel().blocks_draft_pass(

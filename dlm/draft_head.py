@@ -143,8 +143,8 @@ class DraftHead(nn.Module):
         takes there, the same tokens per forward within 0.01 on three prompt sets; session 32),
         else in float32, and the whole pass (fusion, layers over a scratch cache of the pass's
         positions, final norm, output rows) in one C call (`BlockDraftPass`) instead of some forty
-        torch operations. A draft moves only as much as
-        that rounding moves it; the verifier decides every token.
+        torch operations. A draft moves only as much as that rounding moves it; the verifier
+        decides every token.
         False (nothing done) where the kernel or the fused forward does not run here. Call after
         `attach`, on a float32 head."""
         c = self.model_config

@@ -219,7 +219,7 @@ def test_a_draft_head_on_q8_blocks_drafts_what_its_float32_layers_draft(tmp_path
     full = head._block_mask(3, 3, torch.tensor([3]))
     with pytest.raises(ValueError, match="float32 contiguous inputs"):  # never garbage read past the inputs
         head._draft_pass(torch.zeros(1, 3, 5), 3, *head._block_rope(1, 6), full)
-    with pytest.raises(ValueError, match=r"needs a \(6, 6\) uint8 mask"):
+    with pytest.raises(ValueError, match=r"needs a \(6, 6\) uint8 contiguous mask"):
         head._draft_pass(torch.zeros(1, 3, 128), 3, *head._block_rope(1, 6), full.bool())
     error = (on_blocks - plain).abs().max()
     assert 0 < error < 0.03 * plain.abs().max()  # other weights (Q8), within their rounding
