@@ -252,12 +252,14 @@ class DraftHead(nn.Module):
         """`_mask` as the draft pass takes it ((B * T, T) uint8), made once per batch size where
         every row's window is full (a decoding step's usual case: its half dozen tensor calls cost
         a share of the pass)."""
-        if min(valid.tolist(), default=W) < W:
-            return self._mask(W, n, valid).reshape(-1, W + n).to(torch.uint8).contiguous()
+        full = min(valid.tolist(), default=W) >= W
         key = ("block mask", W, n, len(valid), valid.device)
-        if key not in self._plans:
-            self._plans[key] = self._mask(W, n, valid).reshape(-1, W + n).to(torch.uint8).contiguous()
-        return self._plans[key]
+        if full and key in self._plans:
+            return self._plans[key]
+        mask = self._mask(W, n, valid).reshape(-1, W + n).to(torch.uint8).contiguous()
+        if full:
+            self._plans[key] = mask
+        return mask
 
     def _block_rope(self, B: int, T: int) -> tuple[Tensor, Tensor]:
         """The RoPE tables of B passes' positions 0..T-1 as the draft pass takes them ((B * T,
