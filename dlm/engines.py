@@ -12,9 +12,9 @@ Contract: `make_engine(loaded, kind="auto", **kwargs)` returns a started engine 
 `decoding(loaded, kind)` names what `make_engine` would run ("draft-and-verify",
 "self-speculative", "block diffusion", "AR"); `parallel(loaded)` says whether the model decodes
 more than one token per forward at all. kwargs go to the engine (max_batch_size, max_seq_len,
-compile_mode, and for draft-and-verify draft_len and tree, with a draft head draft_confidence and
-prompt_lookup; draft_len 0 or None: the engine's default); the keys an engine does not take are
-dropped.
+compile_mode, and for draft-and-verify draft_len and tree, with a draft head draft_confidence,
+prompt_lookup, row_cost and draft_branches; draft_len 0 or None: the engine's default); the keys
+an engine does not take are dropped.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def make_engine(loaded: Any, kind: str = "auto", **kwargs: Any):
         kwargs.pop("draft_confidence", None)  # a draft head's knobs
         kwargs.pop("prompt_lookup", None)
         kwargs.pop("row_cost", None)
+        kwargs.pop("draft_branches", None)
     if name == "AR":
         from dlm.ar import AREngine
 

@@ -55,6 +55,13 @@ before, in the prompt or the reply, and what followed them there is taken as the
 `prompt_lookup` of them), a row verifies that continuation instead of shorter head drafts: a
 spoken reply often repeats the caller's words or its own. A sampled row's copy is a draft from a
 point mass (q = 1 at the token copied), which the acceptance rule above takes as any other.
+With `draft_branches` k > 1 a greedy row's head drafts are a tree (EAGLE-2's, from each place's k
+top tokens, the surest paths first: `draft_tree`): each node a position of the forward that sees
+the row's text and its ancestors only, its K/V written in the 16-lane position of its place in
+the text (`tree_writes`, so the kernel's sums, and the logits, are the AR step's bit for bit); the
+verifier's argmax walks down it as far as a child carries it (`_walk`), and the accepted nodes'
+K/V move to their places. More tokens a forward for more rows: on a CPU without AMX the rows cost
+more than the tokens bring (docs/models.md, "A tree of drafts"), so the default is one chain.
 Rows accept different numbers of tokens and leave or join between steps (continuous batching);
 padding rows and slots use the cache's scratch row and position. The forward is eager
 (`compile_mode` is not supported here).
@@ -62,6 +69,8 @@ padding rows and slots use the cache's scratch row and position. The forward is 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +92,9 @@ from dlm.model import DraftInputs, Transformer
 from dlm.policies import sampling_probs
 
 __all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_CONFIDENCE", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_PROMPT_LOOKUP",
-           "DEFAULT_SELF_DRAFT_LEN", "LOOKUP_NGRAM", "LOOKUP_SURE",
+           "DEFAULT_SELF_DRAFT_LEN", "LOOKUP_NGRAM", "LOOKUP_SURE", "TREE_MAX_NODES",
            "DraftAcceptance", "HeadSpeculativeDecoder", "RowCost",
-           "SpeculativeDecoder", "SpeculativeEngine", "row_cost_of", "self_drafting_reason"]
+           "SpeculativeDecoder", "SpeculativeEngine", "draft_tree", "row_cost_of", "self_drafting_reason", "tree_writes"]
 
 # One mask slot per draft block: the fastest length for the mask-slot drafter on a 2-core CPU
 # (each slot row costs a share of an AR step, and its later slots are rarely accepted:
@@ -130,6 +139,14 @@ LOOKUP_HEAD_SURE = 0.6
 # 2.90 / 2.79 s against the AR engine's 2.66: in such batches drafts rarely pay on that CPU).
 IDLE_PROBE = 4
 IDLE_PROBE_MAX = 64
+# A tree of a draft head's drafts (`draft_branches` > 1, `draft_tree`): at most this many nodes
+# a row. Where rows cost next to nothing (a GPU), wider trees make more tokens a forward; on a CPU
+# each node is a row of the verifying forward (docs/models.md, "A tree of drafts").
+TREE_MAX_NODES = 12
+# The block kernel's softmax sums a row's keys in 16 lanes by their cache position (dlm/blocks.c,
+# `softmax_weights`): a tree's node is written where its key falls in the lane its place in the
+# text gives it, after its parent, so that the verifier's sums, and bits, are the AR step's.
+TREE_LANES = 16
 # What a draft head's pass costs a row, as a share of what a verified position costs (session 33,
 # the AMD EPYC on 16-bit integer products: 0.15 + 0.44 ms a row for 1-8 rows against about 1.2 ms
 # a position; `RowCost.head`).
@@ -191,12 +208,91 @@ def self_drafting_reason(spec: DiffusionSpec) -> str | None:
 
 @dataclass
 class _Drafts:
-    tokens: list[int]  # drafts for the positions final_upto, final_upto + 1, ...
+    tokens: list[int]  # drafts for the positions final_upto, final_upto + 1, ... (a chain), or a tree's nodes
     probs: Tensor | None  # (k, V): the distribution each was sampled from (sampled rows only)
     # Each draft's chance that it and every draft before it are accepted, as the drafter sees it
     # (a draft head's chain confidence; None: not known, as for mask slots): `_within_budget`.
     sure: list[float] | None = None
     copied: bool = False  # prompt lookup's copies of the row's own text, not the head's drafts
+    # A tree of drafts (`draft_tree`; greedy exact rows only): each node's parent, -1 for the row's
+    # last final token, else an earlier node; None: a chain (node i follows node i - 1). Nodes come
+    # surest first, each after its parent, so that any leading part of them is a tree.
+    parents: list[int] | None = None
+
+    def first(self, k: int) -> _Drafts:
+        """The first k drafts (a tree's k surest nodes: still a tree)."""
+        return _Drafts(self.tokens[:k], None if self.probs is None else self.probs[:k],
+                       None if self.sure is None else self.sure[:k], self.copied,
+                       None if self.parents is None else self.parents[:k])
+
+    def path(self, accepted: list[int]) -> list[int]:
+        """The drafts that the accepted tokens (the first j of a verification's) were: node
+        indices, one per token (siblings never share a token, so the tokens name the path)."""
+        if self.parents is None:
+            return list(range(len(accepted)))
+        out: list[int] = []
+        for token in accepted:
+            parent = out[-1] if out else -1
+            out.append(next(i for i, (t, p) in enumerate(zip(self.tokens, self.parents, strict=True))
+                            if p == parent and t == token))
+        return out
+
+    def depths(self) -> list[int]:
+        """Each draft's place after the row's last final token: 1, 2, ... (a chain's i + 1)."""
+        if self.parents is None:
+            return list(range(1, len(self.tokens) + 1))
+        out: list[int] = []
+        for p in self.parents:
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+
+def tree_writes(start: int, parents: list[int], depths: list[int]) -> list[int]:
+    """Cache positions for a tree's nodes (parents, depths: `_Drafts`), the row's last final token
+    at start - 1: each at the first position from its place in the text (start - 1 + depth) on, a
+    multiple of TREE_LANES further, that no other node took and that lies past its parent's. A
+    chain's drafts get their own places; any leading part of the nodes gets what it gets here."""
+    used: set[int] = set()
+    out: list[int] = []
+    for parent, depth in zip(parents, depths, strict=True):
+        at = start - 1 + depth
+        floor = out[parent] + 1 if parent >= 0 else start
+        while at < floor or at in used:
+            at += TREE_LANES
+        used.add(at)
+        out.append(at)
+    return out
+
+
+def draft_tree(tops: list[list[tuple[int, float]]], bar: float, most: int) -> tuple[list[int], list[int], list[float]]:
+    """A tree of drafts from a drafter's top tokens for each place after the row's last final token
+    (tops[d]: (token, probability) pairs for place d + 1, its surest first): (tokens, parents,
+    confidences) of at most `most` nodes, the surest first. A node's confidence is the product of
+    its own and its ancestors' probabilities (the chance that the path to it is right, where the
+    places are independent, as the draft head's slots take them: EAGLE-2's ranking); only nodes at
+    least `bar` sure are kept, each after its parent (ties keep the order they were found in), so
+    any leading part of the result is a tree. One token per place is a chain: the confident drafts
+    `_confident_len` keeps."""
+    heap: list[tuple[float, int, int, int, int]] = []  # (-confidence, order found, token, parent, place)
+    found = itertools.count()
+    if tops:
+        for token, p in tops[0]:
+            if p >= bar:
+                heapq.heappush(heap, (-p, next(found), token, -1, 0))
+    tokens: list[int] = []
+    parents: list[int] = []
+    sure: list[float] = []
+    while heap and len(tokens) < most:
+        minus, _, token, parent, place = heapq.heappop(heap)
+        node = len(tokens)
+        tokens.append(token)
+        parents.append(parent)
+        sure.append(-minus)
+        if place + 1 < len(tops):
+            for child, p in tops[place + 1]:
+                if -minus * p >= bar:
+                    heapq.heappush(heap, (minus * p, next(found), child, node, place + 1))
+    return tokens, parents, sure
 
 
 class DraftAcceptance:
@@ -214,8 +310,16 @@ class DraftAcceptance:
         self.head = [[0, 0] for _ in range(self.BUCKETS)]  # per tenth of chain confidence: [verified, accepted]
         self.copies: list[list[int]] = []  # per place: [verified, accepted]
 
-    def count(self, drafts: _Drafts, accepted: int) -> None:
-        """A row's verified drafts, of which the first `accepted` were accepted."""
+    def count(self, drafts: _Drafts, accepted: int, path: list[int] | None = None) -> None:
+        """A row's verified drafts, of which the first `accepted` were accepted (a tree's: the
+        nodes on `path`)."""
+        if drafts.parents is not None:
+            on = set(path or ())
+            for i, s in enumerate(drafts.sure or ()):
+                tenth = self.head[min(int(s * self.BUCKETS), self.BUCKETS - 1)]
+                tenth[0] += 1
+                tenth[1] += i in on
+            return
         if drafts.copied:
             while len(self.copies) < len(drafts.tokens):
                 self.copies.append([0, 0])
@@ -291,7 +395,7 @@ class _DraftVerifyDecoder(ARDecoder):
         set their next drafts)."""
         going = []
         for b, (row, (j, tokens)) in enumerate(zip(rows, self._verify(rows, verify, drafts), strict=True)):
-            self._accepted(row, drafts[b], j)
+            self._accepted(row, drafts[b], tokens[:j])
             row.steps += 1
             c = row.final_upto
             finish = self._commit(row, tokens, new[row.slot])
@@ -303,12 +407,13 @@ class _DraftVerifyDecoder(ARDecoder):
                 updates[row.slot] = self._update(row, new[row.slot], finish)
         return going
 
-    def _accepted(self, row: _Row, drafts: _Drafts, j: int) -> None:
-        """A row's verified drafts, of which the first j were accepted (`HeadSpeculativeDecoder` counts them)."""
+    def _accepted(self, row: _Row, drafts: _Drafts, accepted: list[int]) -> None:
+        """A row's verified drafts, of which these tokens were accepted (`HeadSpeculativeDecoder`
+        counts them, and moves a tree's accepted K/V to their places), before they are committed."""
 
     def _verify(self, rows: list[_Row], verify: Tensor, drafts: list[_Drafts]) -> list[tuple[int, list[int]]]:
-        """Per row: (accepted drafts j, the tokens that become final: d_1..d_j and the base's own).
-        A constrained row's verifier logits are masked position by position (the masks after
+        """Per row: (accepted drafts j, the tokens that become final: d_1..d_j and the base's own;
+        a tree's path down it, `_walk`). A constrained row's verifier logits are masked position by position (the masks after
         each accepted prefix of its drafts): what it commits is what constrained AR would."""
         if any(row.settings.constraint is not None for row in rows):
             verify = verify.clone()
@@ -325,6 +430,9 @@ class _DraftVerifyDecoder(ARDecoder):
             probs = sampling_probs(verify[sampled], temperature, top_p)  # (s, Wv, V)
         for b, row in enumerate(rows):
             d = drafts[b].tokens
+            if drafts[b].parents is not None:  # a tree (greedy exact rows only): follow the verifier's tokens down it
+                out.append(self._walk(drafts[b], best[b]))
+                continue
             if row.generator is None:
                 j = 0
                 if row.settings.accept < 1.0 and d:  # lossy: a draft close enough to the top token
@@ -355,6 +463,22 @@ class _DraftVerifyDecoder(ARDecoder):
                 token = int(torch.multinomial(p[j], 1, generator=row.generator))
             out.append((j, [*d[:j], token]))
         return out
+
+    @staticmethod
+    def _walk(drafts: _Drafts, best: list[int]) -> tuple[int, list[int]]:
+        """A tree's verification: from the row's last final token (forward position 0), the child
+        whose token is the verifier's argmax at the node's position (its node index + 1), as long
+        as there is one; then the verifier's own token. (accepted j, the tokens made final)."""
+        tokens: list[int] = []
+        at, node = 0, -1
+        while True:
+            want = best[at]
+            child = next((i for i, (t, p) in enumerate(zip(drafts.tokens, drafts.parents, strict=True))
+                          if p == node and t == want), None)
+            if child is None:
+                return len(tokens), [*tokens, want]
+            tokens.append(want)
+            node, at = child, child + 1
 
 
 class SpeculativeDecoder(_DraftVerifyDecoder):
@@ -468,7 +592,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                  draft_len: int = DEFAULT_HEAD_DRAFT_LEN, tree: bool = True,
                  draft_confidence: float = DEFAULT_HEAD_DRAFT_CONFIDENCE,
                  prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, row_cost: RowCost | None = None,
-                 **kwargs: Any) -> None:
+                 branches: int = 1, **kwargs: Any) -> None:
         """draft_len: default drafts per forward (1..head.n_slots); tree: ignored (the head
         drafts after the acceptance is known: one chain); draft_confidence: a row's drafts end
         before the first whose chain confidence (the product of the head's top probabilities up
@@ -476,12 +600,16 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         this many drafts (and at most the row's draft length) copied from the row's own text where
         that is longer (0: none; see `_look_up`); row_cost: what a verifying forward's positions
         cost on this machine, by which a forward verifies only the drafts that pay for their rows
-        (None: every draft a row keeps; see `_within_budget`). kwargs: ARDecoder's."""
+        (None: every draft a row keeps; see `_within_budget`); branches: the head's top tokens a
+        place that a greedy exact row's drafts branch into (1: one chain; more: a tree of at most
+        TREE_MAX_NODES drafts, `draft_tree`, each at least draft_confidence sure). kwargs: ARDecoder's."""
         if not 0.0 <= draft_confidence < 1.0:
             raise ValueError(f"draft_confidence {draft_confidence!r} must lie in [0, 1)")
         if not isinstance(prompt_lookup, int) or prompt_lookup < 0:
             raise ValueError(f"prompt_lookup {prompt_lookup!r} must be an integer >= 0 (0: off; a row copies at "
                              "most its draft length)")
+        if not isinstance(branches, int) or not 1 <= branches <= 8:
+            raise ValueError(f"branches {branches!r} must be an integer in [1, 8] (1: a chain of drafts)")
         if head.config.feature_layers:
             raise ValueError(f"this draft head reads the outputs of base layers {list(head.config.feature_layers)}; "
                              "the engine feeds it the final hidden states only")
@@ -490,6 +618,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self.draft_confidence = draft_confidence
         self.prompt_lookup = prompt_lookup
         self.row_cost = row_cost
+        self.branches = branches
         self.seen: dict[int, _Seen] = {}  # per row: where each of its final tokens occurs (prompt lookup)
         W, D = head.config.window, model.config.dim
         rows = self.kv.max_batch_size + 1
@@ -516,9 +645,18 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self.idle.pop(slot, None)
         self.undrafted.discard(slot)
 
-    def _accepted(self, row: _Row, drafts: _Drafts, j: int) -> None:
+    def _accepted(self, row: _Row, drafts: _Drafts, accepted: list[int]) -> None:
         if drafts.tokens and self._greedy(row):
-            self.acceptance.count(drafts, j)
+            path = drafts.path(accepted) if drafts.parents is not None else None
+            self.acceptance.count(drafts, len(accepted), path)
+            if path:  # a tree's accepted nodes: their K/V to the places of their tokens
+                c = row.final_upto
+                writes = tree_writes(c, drafts.parents, drafts.depths())
+                moved = [(writes[node], c + k) for k, node in enumerate(path) if writes[node] != c + k]
+                if moved:
+                    src, dst = ([m[i] for m in moved] for i in (0, 1))
+                    for cache in (self.kv.k, self.kv.v):
+                        cache[:, row.slot, dst] = cache[:, row.slot, src]
 
     def _forward_and_decide(self, rows: list[_Row], new: dict[int, list[int]], updates: dict[int, RowUpdate]) -> None:
         first = [row for row in rows if row.slot in self.undrafted]
@@ -530,24 +668,55 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         scratch = self.kv.scratch_pos
         drafts = self._within_budget(rows, [self.drafts.get(row.slot, _Drafts([], None)) for row in rows])
         Wv = 1 + max(len(d.tokens) for d in drafts)
-        # Host plan (B, Wv): token, position (also where its K/V go), key limit. Causal.
+        # Host plan (B, Wv): token, position (a chain's: also where its K/V go), key limit. Causal;
+        # a tree's nodes see the row's text and their ancestors (`seen`: (b, t, key)), their K/V
+        # written at `tree_writes`.
         tok = [[0] * Wv for _ in range(B)]
         pos = [[scratch] * Wv for _ in range(B)]
         lim = [[1] * Wv for _ in range(B)]
+        trees: dict[int, list[int]] = {}  # batch index -> its tree's `tree_writes`
+        seen, key_end = [], 1
         for b, row in enumerate(rows):
-            c = row.final_upto
-            for t, token in enumerate([row.ids[c - 1], *drafts[b].tokens]):
-                tok[b][t], pos[b][t], lim[b][t] = token, c - 1 + t, c + t
-        K = min(_bucket(max(row.final_upto + len(d.tokens) for row, d in zip(rows, drafts, strict=True))), self.S)
+            c, d = row.final_upto, drafts[b]
+            tok[b][0], pos[b][0], lim[b][0] = row.ids[c - 1], c - 1, c
+            if d.parents is None:
+                for t, token in enumerate(d.tokens, 1):
+                    tok[b][t], pos[b][t], lim[b][t] = token, c - 1 + t, c + t
+                key_end = max(key_end, c + len(d.tokens))
+                continue
+            depths = d.depths()
+            at = trees[b] = tree_writes(c, d.parents, depths)
+            for t, (token, depth) in enumerate(zip(d.tokens, depths, strict=True), 1):
+                tok[b][t], pos[b][t], lim[b][t] = token, c - 1 + depth, c
+                node = t - 1
+                while node >= 0:  # itself and its ancestors
+                    seen.append((b, t, at[node]))
+                    node = d.parents[node]
+            key_end = max(key_end, c, *(w + 1 for w in at))
+        writes = None
+        if trees:  # the rest (chains, padding) write where they are
+            writes = [list(p) for p in pos]
+            for b, at in trees.items():
+                writes[b][1: 1 + len(at)] = at
+        K = min(_bucket(key_end), self.S)
         slots = [row.slot for row in rows] + [self.kv.scratch_row] * (B - n)
         tok_t, pos_t, lim_t = self._upload(torch.tensor([tok, pos, lim], dtype=torch.long))  # (3, B, Wv)
         rows_t = self._upload(torch.tensor(slots, dtype=torch.long))
-        h = self.model(tok_t, pos_t, limit_mask(lim_t, K), cache=self.kv, cache_rows=rows_t, hidden=True,
-                       step=True)  # (B, Wv, dim)
+        mask = limit_mask(lim_t, K)
+        if seen:
+            index = torch.tensor(seen, dtype=torch.long, device=self.device).T
+            mask[index[0], 0, index[1], index[2]] = True
+        h = self.model(tok_t, pos_t, mask, cache=self.kv, cache_rows=rows_t, hidden=True, step=True,
+                       write_positions=None if writes is None else self._upload(torch.tensor(writes, dtype=torch.long))
+                       )  # (B, Wv, dim)
         logits = self._verifier_logits(h[:n], [1 + len(d.tokens) for d in drafts])  # (n, Wv, V)
         going = []
         for b, row, j, tokens in self._settle(rows, logits, drafts, new, updates):
-            self._extend_window(row.slot, h[b, : j + 1], tokens)
+            if drafts[b].parents is None:
+                self._extend_window(row.slot, h[b, : j + 1], tokens)
+            else:  # the root's and the accepted nodes' states
+                at = [0, *(1 + node for node in drafts[b].path(tokens[:j]))]
+                self._extend_window(row.slot, h[b, at], tokens)
             going.append(row)
         self._draft(going)
         for row in going:
@@ -623,8 +792,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                     self.idle.pop(row.slot, None)
                 else:
                     self._idle(row.slot)
-        return [_Drafts(d.tokens[: kept[b]], None, d.sure[: kept[b]], d.copied) if cut[b] else d
-                for b, d in enumerate(drafts)]
+        return [d.first(kept[b]) if cut[b] else d for b, d in enumerate(drafts)]
 
     def _idle(self, slot: int) -> None:
         """A row's head pass did not pay: it waits IDLE_PROBE forwards, or twice its last wait."""
@@ -695,6 +863,10 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         tokens, dists = self._propose(rows, scores, best)
         sure = top.cumprod(dim=-1).tolist()  # (p, n): each draft's chance that it and those before it are accepted
         confident = self._confident_len(sure)
+        tops = None  # a tree's: each place's top tokens and their probabilities, per row
+        if self.branches > 1 and any(self._branching(row) for row in rows):
+            probs, index = torch.softmax(scores.float(), dim=-1).topk(min(self.branches, scores.shape[-1]), dim=-1)
+            tops = (self.head.draft_ids(index).tolist(), probs.tolist())
         for i, row in enumerate(rows):
             n = self._n(row.settings)
             kept = min(n, confident[i])
@@ -709,10 +881,32 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
             if len(copied) > kept:  # the row's own text offers more: verify that instead
                 self._keep_drafts(row, len(copied), copied, None if row.generator is None else self._point_masses(copied),
                                   [LOOKUP_SURE ** (j + 1) for j in range(len(copied))], copied=True)
+            elif tops is not None and self._branching(row):
+                self._keep_tree(row, n, tops[0][i], tops[1][i])
             else:
                 self._keep_drafts(row, kept, tokens[i], dists[i], sure[i])
             if row.slot in self.idle and row.slot not in self.drafts:  # a try without drafts waits longer
                 self._idle(row.slot)
+
+    def _branching(self, row: _Row) -> bool:
+        """Whether a row's drafts may branch into a tree (`branches` > 1): greedy exact rows
+        without a constraint (a tree is walked down by the verifier's argmax alone, `_walk`)."""
+        return self.branches > 1 and self._greedy(row) and row.settings.constraint is None
+
+    def _keep_tree(self, row: _Row, n: int, ids: list[list[int]], probs: list[list[float]]) -> None:
+        """A row's next drafts as a tree (`draft_tree`) of its first n places' top tokens (ids,
+        probs: per place, the surest first), none past its length limit, nor with K/V past the
+        cache (`tree_writes`: the longest leading part of the nodes that fits)."""
+        places = min(n, max(0, row.gen_end - row.final_upto - 1))
+        tokens, parents, sure = draft_tree([list(zip(ids[d], probs[d], strict=True)) for d in range(places)],
+                                           self.draft_confidence, TREE_MAX_NODES)
+        tree = _Drafts(tokens, None, sure, parents=parents)
+        at = tree_writes(row.final_upto, parents, tree.depths())
+        fit = next((i for i, w in enumerate(at) if w >= self.S), len(at))
+        if fit:
+            self.drafts[row.slot] = tree.first(fit)
+        else:
+            self.drafts.pop(row.slot, None)
 
     def _point_masses(self, tokens: list[int]) -> Tensor:
         """q of copied drafts (k, V): all of each one's mass on the token copied. The acceptance
@@ -783,7 +977,7 @@ class SpeculativeEngine(AREngine):
 
     def __init__(self, loaded: Any, drafter: Drafter | DraftHead | None, *, draft_len: int | None = None,
                  tree: bool = True, draft_confidence: float | None = None, prompt_lookup: int | None = None,
-                 row_cost: float | str = "auto", **kwargs: Any) -> None:
+                 row_cost: float | str = "auto", draft_branches: int = 1, **kwargs: Any) -> None:
         """drafter: mask slots in the base's forward (Drafter), a draft head after it (DraftHead),
         or None: a block-diffusion model drafting for itself (ValueError where it cannot);
         draft_len None: DEFAULT_DRAFT_LEN, DEFAULT_HEAD_DRAFT_LEN for a head, DEFAULT_SELF_DRAFT_LEN
@@ -794,7 +988,9 @@ class SpeculativeEngine(AREngine):
         where that offers more (None: DEFAULT_PROMPT_LOOKUP; 0: off; ValueError with another drafter);
         row_cost: beside a draft head, what each verified position beyond the ones that come free
         costs, as a share of a forward ("auto": `row_cost_of` the model; 0: no budget, every draft a
-        row keeps is verified; see `HeadSpeculativeDecoder._within_budget`)."""
+        row keeps is verified; see `HeadSpeculativeDecoder._within_budget`); draft_branches: a
+        draft head's top tokens a place that greedy rows' drafts branch into (1: a chain; more: a
+        tree, `HeadSpeculativeDecoder`; ValueError above 1 with another drafter)."""
         head = isinstance(drafter, DraftHead)
         if draft_confidence is None:
             draft_confidence = DEFAULT_HEAD_DRAFT_CONFIDENCE if head else 0.0
@@ -806,6 +1002,9 @@ class SpeculativeEngine(AREngine):
             raise ValueError("prompt_lookup applies beside a draft head only")
         if row_cost not in ("auto", 0) and not head:
             raise ValueError("row_cost applies beside a draft head only")
+        if draft_branches != 1 and not head:
+            raise ValueError("draft_branches applies to a draft head's drafts only")
+        self.draft_branches = draft_branches  # its range: the decoder's check, at start
         self.draft_confidence = draft_confidence  # their ranges: the decoder's checks, at start
         self.prompt_lookup = prompt_lookup
         self.row_cost = self._row_cost(loaded.model, row_cost) if head else None
@@ -831,7 +1030,7 @@ class SpeculativeEngine(AREngine):
         if isinstance(self.drafter, DraftHead):
             return HeadSpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len,
                                           draft_confidence=self.draft_confidence, prompt_lookup=self.prompt_lookup,
-                                          row_cost=self.row_cost, **kwargs)
+                                          row_cost=self.row_cost, branches=self.draft_branches, **kwargs)
         return SpeculativeDecoder(self.model, self.spec, self.drafter, draft_len=self.draft_len, tree=self.tree,
                                   block_size=self.n_slots, **kwargs)
 

@@ -52,6 +52,8 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("[llm]\ndraft_confidence = 1\n", "llm.draft_confidence must lie in .0, 1. .0: always draft_len., not 1.0$"),
         ("[llm]\ndraft_confidence = -0.1\n", "llm.draft_confidence must lie in .0, 1."),
         ("[llm]\nprompt_lookup = -1\n", "llm.prompt_lookup must lie in .0, 32. .0: off"),
+        ("[llm]\ndraft_branches = 0\n", "llm.draft_branches must lie in .1, 8. .1: a chain of drafts., not 0$"),
+        ("[llm]\ndraft_branches = 2.5\n", "llm.draft_branches: expected int"),
         ("[llm]\nrow_cost = \"high\"\n", "llm.row_cost must be \"auto\" or a number in .0, 16. .0: no budget., not 'high'"),
         ("[llm]\nrow_cost = -0.5\n", "llm.row_cost must be \"auto\" or a number in .0, 16."),
         ("[vad]\nconfirm_start = \"smart-turn\"\n", "vad.confirm_start must be \"silero\" or \"\" .off., not 'smart-turn'"),

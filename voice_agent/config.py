@@ -287,6 +287,13 @@ class LlmConfig:
     # (sampled ones: their distribution). The engine's default
     # (dlm.speculative.DEFAULT_PROMPT_LOOKUP); left out for models without a draft head.
     prompt_lookup: int = 4
+    # A draft head's drafts as a tree: each place's this many top tokens, a greedy reply's paths
+    # kept where the product of their probabilities is at least draft_confidence (at most 12
+    # drafts: dlm.speculative.TREE_MAX_NODES). 1: one chain. Every draft is a row of the verifying
+    # forward: on a CPU a tree makes more tokens a forward but rarely pays for its rows; where rows
+    # cost next to nothing (a GPU) it does (`voice-agent calibrate` measures it). The replies never
+    # depend on it; left out for models without a draft head.
+    draft_branches: int = 1
     # Beside a draft head: what each verified position of a forward costs beyond the ones that
     # come free, as a share of a forward ("auto": the figure measured for the model's arithmetic,
     # dlm.speculative.row_cost_of; `voice-agent calibrate` measures this machine). A forward then
@@ -333,6 +340,8 @@ class LlmConfig:
             raise ConfigError(f"llm.accept must lie in (0, 1] (1: exact), not {self.accept!r}")
         if self.row_cost != "auto" and (isinstance(self.row_cost, str) or not 0.0 <= self.row_cost <= 16.0):
             raise ConfigError(f"llm.row_cost must be \"auto\" or a number in [0, 16] (0: no budget), not {self.row_cost!r}")
+        if not 1 <= self.draft_branches <= 8:
+            raise ConfigError(f"llm.draft_branches must lie in [1, 8] (1: a chain of drafts), not {self.draft_branches!r}")
         if not 0 <= self.prompt_lookup <= 32:
             raise ConfigError(f"llm.prompt_lookup must lie in [0, 32] (0: off; a reply copies at most its draft length), "
                               f"not {self.prompt_lookup!r}")
@@ -341,7 +350,7 @@ class LlmConfig:
         """The draft-and-verify keys of `dlm.engines.make_engine` (it drops those a model's
         engine does not take)."""
         return {"draft_len": self.draft_len, "tree": self.draft_tree, "draft_confidence": self.draft_confidence,
-                "prompt_lookup": self.prompt_lookup, "row_cost": self.row_cost}
+                "prompt_lookup": self.prompt_lookup, "row_cost": self.row_cost, "draft_branches": self.draft_branches}
 
 
 @dataclass

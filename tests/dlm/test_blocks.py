@@ -13,7 +13,7 @@ import pytest
 import torch
 from dlm_tiny_models import random_loaded, tiny_config
 from test_int4 import random_adapter
-from test_speculative import PROMPTS, _random_drafter, _run, ar_alone_together
+from test_speculative import PROMPTS, _random_drafter, _random_head, _run, _TreeOracle, ar_alone_together
 
 import dlm.blocks
 from dlm.adapter import merge_adapter, unmerged_update
@@ -22,9 +22,9 @@ from dlm.blocks import BlockWeight
 from dlm.checkpoints import load_model, runnable_weights
 from dlm.engine import GenerationParams
 from dlm.errors import UnsupportedCheckpointError
-from dlm.masks import causal_mask
+from dlm.masks import causal_mask, limit_mask
 from dlm.model import BlockEmbedding, DraftInputs, Transformer
-from dlm.speculative import SpeculativeEngine
+from dlm.speculative import SpeculativeEngine, tree_writes
 
 needs_kernel = pytest.mark.skipif(dlm.blocks.available() is not None,
                                   reason=f"float32 block kernel unavailable: {dlm.blocks.available()}")
@@ -580,6 +580,57 @@ def test_draft_and_verify_on_blocks_is_exact_and_batches_equal_each_alone(draft_
     assert alone == expected
     assert together == expected
     assert any(len(ids) > 3 for ids in expected)
+
+
+@needs_kernel
+def test_a_tree_node_verifies_with_the_bits_of_its_place_in_the_text():
+    """A tree's node sees the row's text and its ancestors, whose K/V lie away from their places
+    (`tree_writes`): the hidden states of a path (a, then b) through a tree whose first node is a
+    decoy sibling of a are, bit for bit, those of the chain x, a, b, after prompts of several
+    lengths. (The kernel's softmax sums keys in 16 lanes by cache position, and the nodes are
+    written in the lanes of their places, which keeps every sum's order; written at the next free
+    positions instead, the bits differed in one of 24 such cases of a sweep, not kept.)"""
+    _, on_blocks = _blocks_loaded(seed=3, products="int16" if dlm.blocks.vnni_available() is None else None)
+    model = on_blocks.model
+    V, K, rows = model.config.vocab_size, 160, torch.tensor([0])
+    for seed in range(3):
+        for c in (20, 77, 140):  # the row's last final token x at c - 1
+            torch.manual_seed(seed)
+            cache = model.new_cache(1, 192)
+            x, z, a, b = (int(t) for t in torch.randint(2, V, (4,)))
+            mask = limit_mask(torch.tensor([[c] * 4]), K)
+            writes = [c - 1, *tree_writes(c, [-1, -1, 1], [1, 1, 2])]  # nodes z, a (depth 1), b (a's child)
+            for t, seen in ((1, [1]), (2, [2]), (3, [2, 3])):
+                mask[0, 0, t, [writes[k] for k in seen]] = True
+            with torch.inference_mode():
+                model(torch.randint(2, V, (1, c - 1)), torch.arange(c - 1)[None], causal_mask(c - 1), cache=cache,
+                      cache_rows=rows)
+                chain = model(torch.tensor([[x, a, b]]), torch.tensor([[c - 1, c, c + 1]]),
+                              limit_mask(torch.tensor([[c, c + 1, c + 2]]), K), cache=cache, cache_rows=rows,
+                              hidden=True, step=True)[0, 1:]
+                tree = model(torch.tensor([[x, z, a, b]]), torch.tensor([[c - 1, c, c, c + 1]]), mask, cache=cache,
+                             cache_rows=rows, hidden=True, step=True, write_positions=torch.tensor([writes]))[0, 2:]
+            assert torch.equal(tree, chain), (seed, c)
+
+
+@needs_kernel
+def test_draft_trees_on_blocks_write_the_ar_replies_alone_and_batched():
+    """`_TreeOracle` (right only in second choices, K/V moved at every forward) on the block kernel."""
+    _, on_blocks = _blocks_loaded(seed=3, products="int16" if dlm.blocks.vnni_available() is None else None)
+
+    class Engine(SpeculativeEngine):
+        def make_decoder(self, **kw):
+            return _TreeOracle(self.model, self.spec, self.drafter, draft_len=2, draft_confidence=0.05,
+                               prompt_lookup=0, branches=2, **kw)
+
+    with AREngine(on_blocks, max_batch_size=4) as ar:
+        expected = [_run(ar.submit(p, PARAMS)) for p in BLOCK_PROMPTS]
+    _TreeOracle.replies = {tuple(p): e[0] + [1] for p, e in zip(BLOCK_PROMPTS, expected, strict=True)}
+    with Engine(on_blocks, _random_head(on_blocks, n_slots=4), max_batch_size=4) as spec:
+        alone = [_run(spec.submit(p, PARAMS)) for p in BLOCK_PROMPTS]
+        together = [_run(h) for h in [spec.submit(p, PARAMS) for p in BLOCK_PROMPTS]]
+    assert [r[0] for r in alone] == [r[0] for r in together] == [r[0] for r in expected]
+    assert sum(r[1] for r in alone) < sum(r[1] for r in expected) / 2
 
 
 @needs_kernel

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import typing
 
 import pytest
 import torch
@@ -22,12 +23,16 @@ from dlm.model import can_pack_linears
 from dlm.policies import POLICIES
 from dlm.speculative import (
     LOOKUP_SURE,
+    TREE_LANES,
+    TREE_MAX_NODES,
     HeadSpeculativeDecoder,
     RowCost,
     SpeculativeDecoder,
     SpeculativeEngine,
     _Drafts,
+    draft_tree,
     row_cost_of,
+    tree_writes,
 )
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [3, 3], [21, 22, 23, 24, 25]]
@@ -343,6 +348,115 @@ def test_the_engine_counts_which_drafts_were_accepted_by_confidence_and_copies_b
     with _scripted_engine(_oracle, loaded, "slots", draft_len=1, max_batch_size=1) as slots:
         _run(slots.submit([5], params))
         assert slots.draft_acceptance() is None
+
+
+def test_a_draft_tree_keeps_the_surest_paths_each_after_its_parent_and_writes_them_in_their_lanes():
+    tops = [[(5, 0.6), (6, 0.3)], [(7, 0.5), (8, 0.4)], [(9, 0.9), (10, 0.05)]]
+    tokens, parents, sure = draft_tree(tops, 0.1, 12)
+    tree = _Drafts(tokens, None, sure, parents=parents)
+    depths = tree.depths()
+    paths = []
+    for i in range(len(tokens)):  # each node's path of tokens, from the row's last final token
+        path, node = [], i
+        while node >= 0:
+            path.insert(0, tokens[node])
+            node = parents[node]
+        paths.append(tuple(path))
+    expected = {(5,): 0.6, (6,): 0.3, (5, 7): 0.3, (5, 8): 0.24, (6, 7): 0.15, (6, 8): 0.12, (5, 7, 9): 0.27,
+                (5, 8, 9): 0.216, (6, 7, 9): 0.135, (6, 8, 9): 0.108}  # every path at least 0.1 sure
+    assert dict(zip(paths, sure, strict=True)) == pytest.approx(expected)
+    assert sure == sorted(sure, reverse=True) and all(p < i for i, p in enumerate(parents))
+    assert [len(p) for p in paths] == depths
+    assert tree.path([5, 8, 9]) == [0, paths.index((5, 8)), paths.index((5, 8, 9))]
+    # Fewer nodes: the surest, still a tree; one token a place: the chain above the bar.
+    assert draft_tree(tops, 0.1, 4) == (tokens[:4], parents[:4], sure[:4])
+    assert draft_tree([t[:1] for t in tops], 0.1, 12) == ([5, 7, 9], [-1, 0, 1], pytest.approx([0.6, 0.3, 0.27]))
+    assert draft_tree([t[:1] for t in tops], 0.35, 12)[0] == [5]
+    assert draft_tree(tops, 0.7, 12) == ([], [], [])
+    # K/V positions: the row's last final token at 39; each node in the lane of its place in the
+    # text (39 + depth), after its parent, no two alike; a chain where it is.
+    at = tree_writes(40, parents, depths)
+    assert len(set(at)) == len(at) and min(at) >= 40
+    assert all((w - 39 - d) % TREE_LANES == 0 for w, d in zip(at, depths, strict=True))
+    assert all(p < 0 or at[p] < w for w, p in zip(at, parents, strict=True))
+    assert tree_writes(40, [-1, 0, 1], [1, 2, 3]) == [40, 41, 42]
+    assert tree_writes(40, parents[:5], depths[:5]) == at[:5]  # a leading part writes where the whole does
+
+
+class _TreeOracle(HeadSpeculativeDecoder):
+    """Trees whose first choice at every place is wrong (0.6 sure) and whose second is the reply
+    the AR engine writes (0.4; `replies`: prompt -> its reply and EOS): at two places the right
+    path is the tree's last node (0.4 x 0.4), and the K/V of both its nodes are written away from
+    their places (their lanes' first positions hold the wrong first choices) and must be moved."""
+
+    replies: typing.ClassVar[dict[tuple[int, ...], list[int]]] = {}
+
+    def _branching(self, row):  # one branch too: a chain of the first choices
+        return self._greedy(row)
+
+    def _draft(self, rows):
+        super()._draft(rows)
+        for row in rows:  # the scripted tree, whatever the random head drafted
+            self._keep_tree(row, self._n(row.settings), None, None)
+
+    def _keep_tree(self, row, n, ids, probs):
+        text = row.ids[: row.prompt_len] + self.replies[tuple(row.ids[: row.prompt_len])]
+        right = [text[c] if c < len(text) else 0 for c in range(row.final_upto, row.final_upto + n)]
+        V, k = self.model.config.vocab_size, self.branches
+        super()._keep_tree(row, n, [[(t + 1) % V, t][:k] for t in right], [[0.6, 0.4][:k]] * n)
+
+
+@pytest.mark.parametrize("branches", [2, 1])
+def test_a_tree_of_drafts_finds_second_choices_and_writes_the_ar_replies_alone_and_batched(branches):
+    """A random model (its attention matters: a node that saw the wrong keys, or K/V left where
+    the tree wrote them, would change the tokens after it) and a drafter right only in its second
+    choices: a tree (two branches a place) accepts both places' drafts at every forward, a chain
+    (one branch) none; every reply is the AR engine's, one request at a time and all at once."""
+    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
+    params = GenerationParams(max_new_tokens=20)
+
+    class Engine(SpeculativeEngine):
+        def make_decoder(self, **kw):
+            return _TreeOracle(self.model, self.spec, self.drafter, draft_len=2, draft_confidence=0.05,
+                               prompt_lookup=0, branches=branches, **kw)
+
+    with AREngine(loaded, max_batch_size=4) as ar:
+        expected = [_run(ar.submit(p, params)) for p in PROMPTS]
+    _TreeOracle.replies = {tuple(p): e[0] + [1] for p, e in zip(PROMPTS, expected, strict=True)}
+    with Engine(loaded, _random_head(loaded, n_slots=4), max_batch_size=4) as spec:
+        alone = [_run(spec.submit(p, params)) for p in PROMPTS]
+        together = [_run(h) for h in [spec.submit(p, params) for p in PROMPTS]]
+        counted = {round(c["confidence"][0], 1): c for c in spec.draft_acceptance()["head"]}
+    assert [r[0] for r in alone] == [r[0] for r in together] == [r[0] for r in expected]
+    assert any(r[2] == "eos" for r in expected) and any(r[2] == "length" for r in expected)
+    if branches == 1:
+        assert [r[1] for r in alone] == [r[1] for r in expected]  # its first choices are all wrong
+        assert counted[0.6]["accepted"] == 0
+        return
+    made = [len(r[0]) + (r[2] == "eos") for r in expected]  # EOS is a token made too
+    assert [r[1] for r in alone] == [1 + math.ceil((m - 1) / 3) for m in made]  # the prefill's token, then 3 a forward
+    # Counted by confidence: the right nodes accepted (the second, 0.16 sure, not where an EOS
+    # ended the reply at the first), the others never.
+    assert counted[0.4]["rate"] == 1.0 and 0.9 < counted[0.1]["rate"] < 1.0
+    assert counted[0.6]["accepted"] == counted[0.3]["accepted"] == counted[0.2]["accepted"] == 0
+
+
+def test_trees_are_for_greedy_exact_rows_and_bad_branches_are_refused():
+    loaded = counting_loaded(attention="causal", block_size=1)
+    head = _random_head(loaded, n_slots=4)
+    with SpeculativeEngine(loaded, head, max_batch_size=4, draft_branches=3) as spec:
+        decoder = spec.make_decoder(max_batch_size=4, max_seq_len=256)
+        for slot, params in enumerate([GenerationParams(), GenerationParams(temperature=0.7, seed=1),
+                                       GenerationParams(accept=0.8)]):
+            decoder.add(slot, [2, 3], spec.prepare([2, 3], params)[1])
+    assert decoder.branches == 3
+    assert [decoder._branching(decoder.rows[slot]) for slot in range(3)] == [True, False, False]
+    for bad in (0, 9, 1.5):
+        with pytest.raises(ValueError, match="branches"):
+            HeadSpeculativeDecoder(loaded.model, loaded.spec, head, max_batch_size=1, max_seq_len=64, branches=bad)
+    with pytest.raises(ValueError, match="draft head"):
+        SpeculativeEngine(loaded, _random_drafter(loaded), draft_branches=2)
+    assert head.n_slots <= TREE_MAX_NODES
 
 
 def test_rows_whose_drafts_are_cut_to_different_lengths_batch_as_each_alone():

@@ -69,16 +69,24 @@ def test_choose_keeps_the_fastest_draft_setting_and_picks_ar_only_where_it_was_f
     head[2]["ms_per_token"] = 4.0  # prompt lookup off was faster here
     assert tomllib.loads(with_llm_keys(default_config_text(), choose({"ms_per_token": 7.0}, head)[0]))["llm"][
         "prompt_lookup"] == 0
+    head.append({"draft_len": 6, "tree": True, "draft_confidence": 0.05, "prompt_lookup": 4, "draft_branches": 3,
+                 "ms_per_token": 3.0})  # a tree was fastest (rows cost little here)
+    written = tomllib.loads(with_llm_keys(default_config_text(), choose({"ms_per_token": 7.0}, head)[0]))["llm"]
+    assert (written["draft_branches"], written["draft_confidence"]) == (3, 0.05)
 
 
-def test_a_heads_bars_are_tried_at_its_longest_length_and_mask_slots_have_none():
+def test_a_heads_bars_and_trees_are_tried_at_its_longest_length_and_mask_slots_have_neither():
     assert draft_settings([1, 2, 3], [0.0, 0.1, 0.2], head=True) == [
-        (1, True, 0.0), (2, True, 0.0), (3, True, 0.0), (3, True, 0.1), (3, True, 0.2)]
-    assert draft_settings([2, 4], [0.2, 0.1], head=True) == [(2, True, 0.1), (4, True, 0.2), (4, True, 0.1)]
-    assert draft_settings([1, 2], [0.0], head=False) == [(1, True, 0.0), (2, True, 0.0), (1, False, 0.0), (2, False, 0.0)]
+        (1, True, 0.0, 1), (2, True, 0.0, 1), (3, True, 0.0, 1), (3, True, 0.1, 1), (3, True, 0.2, 1)]
+    assert draft_settings([2, 4], [0.2, 0.1], head=True) == [(2, True, 0.1, 1), (4, True, 0.2, 1), (4, True, 0.1, 1)]
+    assert draft_settings([2, 4], [0.2, 0.1], head=True, branches=(1, 3)) == [
+        (2, True, 0.1, 1), (4, True, 0.2, 1), (4, True, 0.1, 1), (4, True, 0.2, 3), (4, True, 0.1, 3)]
+    assert draft_settings([2, 4], [0.1], head=True, branches=(2,)) == [(4, True, 0.1, 2)]  # trees only
+    assert draft_settings([1, 2], [0.0], head=False) == [
+        (1, True, 0.0, 1), (2, True, 0.0, 1), (1, False, 0.0, 1), (2, False, 0.0, 1)]
 
 
-def test_measure_passes_a_heads_confidence_bar_and_prompt_lookup_to_the_engine(monkeypatch):
+def test_measure_passes_a_heads_confidence_bar_prompt_lookup_and_branches_to_the_engine(monkeypatch):
     import dlm.engines
     from dlm.draft_head import DraftHead, DraftHeadConfig
 
@@ -96,14 +104,15 @@ def test_measure_passes_a_heads_confidence_bar_and_prompt_lookup_to_the_engine(m
 
     def recording(loaded, kind="auto", **kwargs):
         engine = real(loaded, kind, **kwargs)
-        asked.append((engine.draft_confidence, engine.prompt_lookup))
+        asked.append((engine.draft_confidence, engine.prompt_lookup, engine.draft_branches))
         return engine
 
     monkeypatch.setattr(dlm.engines, "make_engine", recording)
     unsure = measure(loaded, [[1, 2, 3], [4, 5]], draft_len=4, tree=True, max_new_tokens=12, draft_confidence=0.5)
-    assert asked == [(0.5, 0)]  # prompt lookup only where asked for
-    measure(loaded, [[1, 2, 3]], draft_len=4, tree=True, max_new_tokens=4, draft_confidence=0.5, prompt_lookup=3)
-    assert asked[-1] == (0.5, 3)
+    assert asked == [(0.5, 0, 1)]  # prompt lookup and trees only where asked for
+    measure(loaded, [[1, 2, 3]], draft_len=4, tree=True, max_new_tokens=4, draft_confidence=0.5, prompt_lookup=3,
+            draft_branches=2)
+    assert asked[-1] == (0.5, 3, 2)
     # No drafts: one token a forward, as the AR engine (the prefill's token is not counted: just over 1).
     assert unsure["tokens"] == 2 * 11 and 1.0 <= unsure["tokens_per_forward"] < 1.1
 

@@ -7,8 +7,10 @@ GPU. This command measures it instead of guessing: for every draft length (1 .. 
 slots) and, for a mask-slot drafter, both layouts (`draft_tree` true: a draft block per possible
 acceptance length; false: one block after the full draft; a draft head has one), for a draft head
 at the longest length each confidence bar (`llm.draft_confidence`: its drafts stop where it is
-less sure; 0: never), each of them with each prompt lookup length (`llm.prompt_lookup`: drafts
-copied from the reply's own text; 0: none), it decodes the same voice prompts one at a time,
+less sure; 0: never) and each of `--draft-branches` (`llm.draft_branches`: its drafts as a tree
+of each place's top tokens; default 1, a chain only: on a 2-core CPU a tree's extra rows cost more
+than its extra tokens, docs/models.md "A tree of drafts"), each of them with each prompt lookup
+length (`llm.prompt_lookup`: drafts copied from the reply's own text; 0: none), it decodes the same voice prompts one at a time,
 greedy, and records the wall time per generated token after the first (the prefill is the same
 for all) and the tokens per forward; and the same model's AR engine (no drafts: the same replies)
 as the baseline, since on some CPUs a verifying forward over several positions costs nearly as
@@ -19,8 +21,8 @@ slows down over the minutes of a calibration does so for every setting alike (se
 one run of the same engine 25 % slower than the one before it). It writes the fastest into a
 config file that it names: a copy of the configuration in use (`--config`, else the embedded
 default) with `llm.engine` ("auto", or "ar" where the AR engine was fastest), `llm.draft_len`,
-`llm.draft_tree`, `llm.draft_confidence` and for a draft head `llm.prompt_lookup` (the fastest draft
-setting) set, and a comment with the
+`llm.draft_tree`, `llm.draft_confidence` and for a draft head `llm.prompt_lookup` and
+`llm.draft_branches` (the fastest draft setting) set, and a comment with the
 measurements. Use
 it with `voice-agent serve --config FILE`.
 
@@ -78,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-confidences", default="", metavar="C1,C2,...",
                         help="a draft head's confidence bars to try, each in [0, 1) (default: "
                              f"{','.join(map(str, DEFAULT_CONFIDENCES))}; a mask-slot drafter has none: 0)")
+    parser.add_argument("--draft-branches", default="1", metavar="K1,K2,...",
+                        help="a draft head's branches to try at the longest length with each confidence bar: 1 a "
+                             "chain, more a tree of each place's top tokens (llm.draft_branches; default 1: on a "
+                             "CPU a tree rarely pays for its rows, where rows are cheap, such as a GPU, try 1,2,3)")
     parser.add_argument("--prompt-lookups", default="", metavar="N1,N2,...",
                         help="a draft head's prompt lookup lengths to try with each setting (default: 0, the "
                              "engine's default and llm.prompt_lookup; a mask-slot drafter has none: 0)")
@@ -113,10 +119,10 @@ def with_llm_keys(text: str, values: dict[str, str]) -> str:
 
 def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tree: bool,
             max_new_tokens: int, engine_kind: str = "auto", draft_confidence: float = 0.0,
-            prompt_lookup: int = 0) -> dict[str, float]:
+            prompt_lookup: int = 0, draft_branches: int = 1) -> dict[str, float]:
     """Decode the prompts one at a time with one setting (`engine_kind` "ar": the AR engine,
-    draft_len, tree, draft_confidence and prompt_lookup unused): ms per token after the first,
-    tokens per forward (prefill not counted)."""
+    draft_len, tree, draft_confidence, prompt_lookup and draft_branches unused): ms per token
+    after the first, tokens per forward (prefill not counted)."""
     from dlm.engine import GenerationParams
     from dlm.engines import make_engine
 
@@ -124,7 +130,8 @@ def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tr
     decode_s = 0.0
     tokens = forwards = 0
     with make_engine(loaded, engine_kind, max_batch_size=1, draft_len=draft_len, tree=tree,
-                     draft_confidence=draft_confidence, prompt_lookup=prompt_lookup) as engine:
+                     draft_confidence=draft_confidence, prompt_lookup=prompt_lookup,
+                     draft_branches=draft_branches) as engine:
         engine.submit(prompts[0], params).result()  # warm-up (and the prompt's prefix, as a call would)
         for prompt in prompts:
             first = last = None
@@ -166,34 +173,40 @@ def measure_batch(loaded: Any, prompts: list[list[dict[str, str]]], max_new_toke
 
 def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, Any]]:
     """(the [llm] keys as TOML values, the fastest draft setting's measurement): that setting's
-    length, layout, confidence bar (and a draft head's prompt lookup), and the engine: "ar" where
-    the AR engine's ms per token beat every draft setting's, else "auto"."""
+    length, layout, confidence bar (and a draft head's prompt lookup and branches), and the
+    engine: "ar" where the AR engine's ms per token beat every draft setting's, else "auto"."""
     best = min(drafted, key=lambda r: r["ms_per_token"])
     engine = "ar" if ar["ms_per_token"] < best["ms_per_token"] else "auto"
     keys = {"engine": f'"{engine}"', "draft_len": str(best["draft_len"]), "draft_tree": str(best["tree"]).lower(),
             "draft_confidence": repr(float(best.get("draft_confidence", 0.0)))}
     if "prompt_lookup" in best:
         keys["prompt_lookup"] = str(int(best["prompt_lookup"]))
+    if "draft_branches" in best:
+        keys["draft_branches"] = str(int(best["draft_branches"]))
     return keys, best
 
 
-def draft_settings(lens: list[int], confidences: list[float], head: bool) -> list[tuple[int, bool, float]]:
-    """(draft length, tree layout, confidence bar) to measure. A mask-slot drafter: every length
-    in both layouts, no bar. A draft head drafts after the acceptance is known (one chain: the
-    layout changes nothing), and its bars cut drafts from the longest length down (a bar on a
-    short draft leaves little to cut): every length with the least bar asked (0 by default),
-    the longest with each."""
+def draft_settings(lens: list[int], confidences: list[float], head: bool,
+                   branches: tuple[int, ...] = (1,)) -> list[tuple[int, bool, float, int]]:
+    """(draft length, tree layout, confidence bar, branches) to measure. A mask-slot drafter:
+    every length in both layouts, no bar, one branch. A draft head drafts after the acceptance is
+    known (the layout changes nothing), and its bars cut drafts from the longest length down (a
+    bar on a short draft leaves little to cut): every length with the least bar asked (0 by
+    default), the longest with each; its chains (1 branch) so, its trees (more) at the longest
+    length with each bar (a tree's bar is what bounds it)."""
     if not head:
-        return [(n, tree, 0.0) for tree in (True, False) for n in lens]
+        return [(n, tree, 0.0, 1) for tree in (True, False) for n in lens]
     longest, least = max(lens), min(confidences)
-    return [(n, True, c) for n in lens for c in (confidences if n == longest else [least])]
+    chains = [(n, True, c, 1) for n in lens for c in (confidences if n == longest else [least])] if 1 in branches else []
+    return chains + [(longest, True, c, k) for k in branches if k > 1 for c in confidences]
 
 
 def _setting(r: dict[str, Any]) -> str:
     """One draft setting as the report names it."""
     lookup = f" prompt lookup {r['prompt_lookup']}" if "prompt_lookup" in r else ""
+    branches = f" branches {r['draft_branches']}" if r.get("draft_branches", 1) > 1 else ""
     return (f"draft_len {r['draft_len']} {'tree ' if r['tree'] else 'chain'} "
-            f"confidence {r.get('draft_confidence', 0.0):g}{lookup}")
+            f"confidence {r.get('draft_confidence', 0.0):g}{lookup}{branches}")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -259,12 +272,22 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"--prompt-lookups: each must lie in [0, {n_slots if head else 0}]"
               + ("" if head else f" ({resolved.name!r} drafts with mask slots: no prompt lookup)"), file=sys.stderr)
         return 2
+    try:
+        branches = tuple(sorted({int(x) for x in args.draft_branches.split(",") if x.strip()})) or (1,)
+    except ValueError:
+        print(f"--draft-branches: expected comma-separated integers, got {args.draft_branches!r}", file=sys.stderr)
+        return 2
+    if any(not 1 <= k <= 8 for k in branches) or (not head and branches != (1,)):
+        print("--draft-branches: each must lie in [1, 8]" + ("" if head else f" ({resolved.name!r} drafts with mask "
+              "slots: one branch)"), file=sys.stderr)
+        return 2
     batch = args.batch if head else 0  # mask slots have no budget to price
     system = {"role": "system", "content": config.agent.system_prompt}
     prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
     candidates: list[dict[str, Any]] = [{"engine_kind": "ar"}]
-    candidates += [{"draft_len": n, "tree": tree, "draft_confidence": c, **({"prompt_lookup": v} if head else {})}
-                   for n, tree, c in draft_settings(lens, confidences, head) for v in lookups]
+    candidates += [{"draft_len": n, "tree": tree, "draft_confidence": c,
+                    **({"prompt_lookup": v, "draft_branches": k} if head else {})}
+                   for n, tree, c, k in draft_settings(lens, confidences, head, branches) for v in lookups]
 
     def run_setting(candidate: dict[str, Any]) -> dict[str, float]:
         return measure(loaded, prompts, max_new_tokens=args.max_new_tokens, **{"draft_len": 1, "tree": True, **candidate})
@@ -282,7 +305,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     cheapest: dict[str, Any] | None = None  # the row cost whose batch was fastest
     if batch:
         together = [[system, {"role": "user", "content": p}] for p in BATCH_PROMPTS[:batch]]
-        setting = {k: best[k] for k in ("draft_len", "tree", "draft_confidence", "prompt_lookup") if k in best}
+        setting = {k: best[k] for k in ("draft_len", "tree", "draft_confidence", "prompt_lookup", "draft_branches")
+                   if k in best}
 
         def run_batch(candidate: dict[str, Any]) -> dict[str, float]:
             return measure_batch(loaded, together, args.max_new_tokens, **setting, **candidate)
