@@ -14,7 +14,9 @@
 # OUT (the device's $OUT), BUDGET_S (call2's wall-time budget, 540), HEAD_STEPS (4500), BENCH=0 (no bench),
 # HEADS=0 (no head runs: the bench alone, at the engine's default draft length, with the whole budget),
 # N_PROMPTS (24, bench), SMALL=1 (a rehearsal on CPU: tiny steps, two bench prompts), DATA (the
-# reply files, space-separated; default: the four the shipped head was trained on).
+# reply files, space-separated; default: the four the shipped head was trained on), TREES (after
+# the bench, one more for each BRANCHES:BAR given, space-separated, with the head's drafts as a
+# tree: llm.draft_branches and llm.draft_confidence, docs/models.md "A tree of drafts").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
@@ -78,6 +80,17 @@ call2)
             --heldout dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz --n-prompts "$n_prompts" \
             --json "$OUT/bench-llm-$DEVICE-float32.json" > "$OUT/bench-llm-$DEVICE-float32.txt" 2>&1
         log "bench exit $?"; tail -25 "$OUT/bench-llm-$DEVICE-float32.txt"
+        for tree in ${TREES:-}; do  # BRANCHES:BAR
+            name="bench-llm-$DEVICE-float32-tree${tree%%:*}-${tree#*:}"
+            log "bench llm on $DEVICE, float32, drafts as a tree: $tree"
+            timeout "$(if [ "${HEADS:-1}" = 0 ]; then upto 500 10; else upto 100 300; fi)" \
+                "$PY" -m voice_agent bench --set llm.model=smollm2-135m-drafter --set "llm.draft_branches=${tree%%:*}" \
+                --set "llm.draft_confidence=${tree#*:}" llm \
+                --device "$DEVICE" --dtype float32 --weights dense --concurrency 1 --max-new-tokens 64 \
+                --heldout dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz --n-prompts "$n_prompts" \
+                --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
+            log "bench exit $?"; tail -25 "$OUT/$name.txt"
+        done
     fi
 
     data=(dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz dlm/assets/smollm2-135m-teacher-greedy.jsonl.gz

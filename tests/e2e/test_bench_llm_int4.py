@@ -74,3 +74,5 @@ def test_bench_llm_measures_what_the_default_models_load_adds_in_a_fresh_process
     acceptance = {r["engine"]: r["draft_acceptance"] for r in report["results"]}
     assert acceptance["ar"] is None and sum(b["verified"] for b in acceptance["dllm"]["head"]) > 0
     assert "drafts accepted (dllm, concurrency 1; greedy rows)" in run.stdout
+    assert report["draft_settings"]["draft_branches"] == 1  # the default: one chain, as printed
+    assert any(line.startswith("draft settings:") and "draft_branches 1" in line for line in run.stdout.splitlines())

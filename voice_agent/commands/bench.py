@@ -1063,6 +1063,8 @@ def _print_table(report: dict[str, Any]) -> None:
     print(f"model {report['model']} ({report['family']}) on {env['device']} ({env['device_name']}{amx}) {report['dtype']}{weights}, "
           f"torch {env['torch']}, max_new_tokens {report['max_new_tokens']}, policy {report['policy']}, "
           f"compile {report['compile']}")
+    if report.get("draft_settings"):
+        print("draft settings: " + ", ".join(f"{k} {v}" for k, v in report["draft_settings"].items()))
     for note in report["notes"]:
         print(f"note: {note}")
     print(f"{'engine':<6} {'conc':>5} {'first s':>8} {'wall s':>8} {'tokens':>7} {'tok/fwd':>8} "
