@@ -48,7 +48,8 @@ call1)
     cp -r .gpu/up1/. "$W/"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/steps.log"
     PYTHONPATH="$W/site" "$PY" -c "import torch, transformers, gguf; print('torch', torch.__version__, 'cuda', \
-torch.version.cuda, torch.cuda.is_available(), 'transformers', transformers.__version__, 'gguf', gguf.__version__)" \
+torch.version.cuda, torch.cuda.is_available(), 'transformers', transformers.__version__, 'gguf', \
+getattr(gguf, '__version__', 'vendored'))" \
         2>&1 | tee -a "$OUT/steps.log"
     log "call1 done"
     ;;
