@@ -441,6 +441,30 @@ def test_a_tree_of_drafts_finds_second_choices_and_writes_the_ar_replies_alone_a
     assert counted[0.6]["accepted"] == counted[0.3]["accepted"] == counted[0.2]["accepted"] == 0
 
 
+def test_a_tree_keeps_only_the_nodes_whose_kv_fit_the_cache():
+    """Near the end of a small cache a tree's nodes written a lane further (16 positions) would
+    fall outside it: the row keeps the leading nodes that fit (`_keep_tree`), fewer drafts but
+    the same replies, no error."""
+    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
+    params = GenerationParams(max_new_tokens=20)
+
+    class Engine(SpeculativeEngine):
+        def make_decoder(self, **kw):
+            return _TreeOracle(self.model, self.spec, self.drafter, draft_len=2, draft_confidence=0.05,
+                               prompt_lookup=0, branches=2, **kw)
+
+    with AREngine(loaded, max_batch_size=4) as ar:
+        expected = [_run(ar.submit(p, params)) for p in PROMPTS]
+    _TreeOracle.replies = {tuple(p): e[0] + [1] for p, e in zip(PROMPTS, expected, strict=True)}
+    steps = {}
+    for S in (40, 256):  # 40: every row's second branch lies past the cache from position 24 on
+        with Engine(loaded, _random_head(loaded, n_slots=4), max_batch_size=4, max_seq_len=S) as spec:
+            got = [_run(h) for h in [spec.submit(p, params) for p in PROMPTS]]
+        assert [r[0] for r in got] == [r[0] for r in expected]
+        steps[S] = sum(r[1] for r in got)
+    assert steps[256] < steps[40] < sum(r[1] for r in expected)
+
+
 def test_trees_are_for_greedy_exact_rows_and_bad_branches_are_refused():
     loaded = counting_loaded(attention="causal", block_size=1)
     head = _random_head(loaded, n_slots=4)
