@@ -86,6 +86,16 @@ def test_a_heads_bars_and_trees_are_tried_at_its_longest_length_and_mask_slots_h
         (1, True, 0.0, 1), (2, True, 0.0, 1), (1, False, 0.0, 1), (2, False, 0.0, 1)]
 
 
+def test_settings_are_named_by_their_layout_and_a_heads_by_its_branches():
+    from voice_agent.commands.calibrate import _setting
+
+    assert _setting({"draft_len": 3, "tree": False, "draft_confidence": 0.0}) == "draft_len 3 chain confidence 0"
+    assert _setting({"draft_len": 3, "tree": True, "draft_confidence": 0.0}) == "draft_len 3 tree  confidence 0"
+    head = {"draft_len": 6, "tree": True, "draft_confidence": 0.15, "prompt_lookup": 4}
+    assert _setting(head) == "draft_len 6 chain confidence 0.15 prompt lookup 4"
+    assert _setting({**head, "draft_branches": 2}) == "draft_len 6 tree of 2 branches confidence 0.15 prompt lookup 4"
+
+
 def test_measure_passes_a_heads_confidence_bar_prompt_lookup_and_branches_to_the_engine(monkeypatch):
     import dlm.engines
     from dlm.draft_head import DraftHead, DraftHeadConfig

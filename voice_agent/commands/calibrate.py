@@ -203,10 +203,11 @@ def draft_settings(lens: list[int], confidences: list[float], head: bool,
 
 def _setting(r: dict[str, Any]) -> str:
     """One draft setting as the report names it."""
-    lookup = f" prompt lookup {r['prompt_lookup']}" if "prompt_lookup" in r else ""
-    branches = f" branches {r['draft_branches']}" if r.get("draft_branches", 1) > 1 else ""
-    return (f"draft_len {r['draft_len']} {'tree ' if r['tree'] else 'chain'} "
-            f"confidence {r.get('draft_confidence', 0.0):g}{lookup}{branches}")
+    if "prompt_lookup" not in r:  # mask slots: the layout of their draft blocks
+        return f"draft_len {r['draft_len']} {'tree ' if r['tree'] else 'chain'} confidence {r.get('draft_confidence', 0.0):g}"
+    k = r.get("draft_branches", 1)  # a draft head: one chain, or a tree of k branches a place
+    return (f"draft_len {r['draft_len']} {'chain' if k == 1 else f'tree of {k} branches'} "
+            f"confidence {r.get('draft_confidence', 0.0):g} prompt lookup {r['prompt_lookup']}")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
