@@ -13,7 +13,7 @@ import pytest
 import torch
 from dlm_tiny_models import random_loaded, tiny_config
 from test_int4 import random_adapter
-from test_speculative import PROMPTS, _random_drafter, _random_head, _run, _TreeOracle, ar_alone_together
+from test_speculative import PROMPTS, _random_drafter, _random_head, _run, _tree_oracle, ar_alone_together
 
 import dlm.blocks
 from dlm.adapter import merge_adapter, unmerged_update
@@ -617,15 +617,7 @@ def test_a_tree_node_verifies_with_the_bits_of_its_place_in_the_text():
 def test_draft_trees_on_blocks_write_the_ar_replies_alone_and_batched():
     """`_TreeOracle` (right only in second choices, K/V moved at every forward) on the block kernel."""
     _, on_blocks = _blocks_loaded(seed=3, products="int16" if dlm.blocks.vnni_available() is None else None)
-
-    class Engine(SpeculativeEngine):
-        def make_decoder(self, **kw):
-            return _TreeOracle(self.model, self.spec, self.drafter, draft_len=2, draft_confidence=0.05,
-                               prompt_lookup=0, branches=2, **kw)
-
-    with AREngine(on_blocks, max_batch_size=4) as ar:
-        expected = [_run(ar.submit(p, PARAMS)) for p in BLOCK_PROMPTS]
-    _TreeOracle.replies = {tuple(p): e[0] + [1] for p, e in zip(BLOCK_PROMPTS, expected, strict=True)}
+    expected, Engine = _tree_oracle(on_blocks, BLOCK_PROMPTS, PARAMS)
     with Engine(on_blocks, _random_head(on_blocks, n_slots=4), max_batch_size=4) as spec:
         alone = [_run(spec.submit(p, PARAMS)) for p in BLOCK_PROMPTS]
         together = [_run(h) for h in [spec.submit(p, PARAMS) for p in BLOCK_PROMPTS]]

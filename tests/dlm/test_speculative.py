@@ -406,6 +406,21 @@ class _TreeOracle(HeadSpeculativeDecoder):
         super()._keep_tree(row, n, [[(t + 1) % V, t][:k] for t in right], [[0.6, 0.4][:k]] * n)
 
 
+def _tree_oracle(loaded, prompts, params, branches: int = 2) -> tuple[list, type]:
+    """The AR engine's (reply, forwards, finish reason) for each prompt, and an engine whose rows
+    draft `_TreeOracle`'s trees of those replies (two places, a bar of 0.05, no prompt lookup)."""
+    with AREngine(loaded, max_batch_size=4) as ar:
+        expected = [_run(ar.submit(p, params)) for p in prompts]
+    _TreeOracle.replies = {tuple(p): e[0] + [1] for p, e in zip(prompts, expected, strict=True)}  # EOS too
+
+    class Engine(SpeculativeEngine):
+        def make_decoder(self, **kw):
+            return _TreeOracle(self.model, self.spec, self.drafter, draft_len=2, draft_confidence=0.05,
+                               prompt_lookup=0, branches=branches, **kw)
+
+    return expected, Engine
+
+
 @pytest.mark.parametrize("branches", [2, 1])
 def test_a_tree_of_drafts_finds_second_choices_and_writes_the_ar_replies_alone_and_batched(branches):
     """A random model (its attention matters: a node that saw the wrong keys, or K/V left where
@@ -414,15 +429,7 @@ def test_a_tree_of_drafts_finds_second_choices_and_writes_the_ar_replies_alone_a
     (one branch) none; every reply is the AR engine's, one request at a time and all at once."""
     loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
     params = GenerationParams(max_new_tokens=20)
-
-    class Engine(SpeculativeEngine):
-        def make_decoder(self, **kw):
-            return _TreeOracle(self.model, self.spec, self.drafter, draft_len=2, draft_confidence=0.05,
-                               prompt_lookup=0, branches=branches, **kw)
-
-    with AREngine(loaded, max_batch_size=4) as ar:
-        expected = [_run(ar.submit(p, params)) for p in PROMPTS]
-    _TreeOracle.replies = {tuple(p): e[0] + [1] for p, e in zip(PROMPTS, expected, strict=True)}
+    expected, Engine = _tree_oracle(loaded, PROMPTS, params, branches)
     with Engine(loaded, _random_head(loaded, n_slots=4), max_batch_size=4) as spec:
         alone = [_run(spec.submit(p, params)) for p in PROMPTS]
         together = [_run(h) for h in [spec.submit(p, params) for p in PROMPTS]]
@@ -447,15 +454,7 @@ def test_a_tree_keeps_only_the_nodes_whose_kv_fit_the_cache():
     the same replies, no error."""
     loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
     params = GenerationParams(max_new_tokens=20)
-
-    class Engine(SpeculativeEngine):
-        def make_decoder(self, **kw):
-            return _TreeOracle(self.model, self.spec, self.drafter, draft_len=2, draft_confidence=0.05,
-                               prompt_lookup=0, branches=2, **kw)
-
-    with AREngine(loaded, max_batch_size=4) as ar:
-        expected = [_run(ar.submit(p, params)) for p in PROMPTS]
-    _TreeOracle.replies = {tuple(p): e[0] + [1] for p, e in zip(PROMPTS, expected, strict=True)}
+    expected, Engine = _tree_oracle(loaded, PROMPTS, params)
     steps = {}
     for S in (40, 256):  # 40: every row's second branch lies past the cache from position 24 on
         with Engine(loaded, _random_head(loaded, n_slots=4), max_batch_size=4, max_seq_len=S) as spec:
