@@ -805,6 +805,12 @@ class Transformer(nn.Module):
         return self.model.layers[0].mlp.gate_up is not None
 
     @property
+    def fused_layers(self) -> bool:
+        """True where a forward over a KV cache runs every layer in the block kernel's one call
+        (`use_blocks`, `_blocks_forward`), False where the torch layers run."""
+        return self._block_layers is not None
+
+    @property
     def step_kernels(self) -> bool:
         """True where decoding steps run other kernels (int4) than the prefill: a position's K/V
         then depend on whether a prefill or a step computed it (dlm.decode's prefix reuse keeps

@@ -57,8 +57,9 @@ spoken reply often repeats the caller's words or its own. A sampled row's copy i
 point mass (q = 1 at the token copied), which the acceptance rule above takes as any other.
 With `draft_branches` k > 1 a greedy row's head drafts are a tree (EAGLE-2's, from each place's k
 top tokens, the surest paths first: `draft_tree`): each node a position of the forward that sees
-the row's text and its ancestors only, its K/V written in the 16-lane position of its place in
-the text (`tree_writes`, so the kernel's sums, and the logits, are the AR step's bit for bit); the
+the row's text and its ancestors only, its K/V written, on the block kernel, in the 16-lane
+position of its place in the text (`tree_writes`: the kernel's sums, and the logits, are then the
+AR step's bit for bit; on the torch layers to within float rounding, as a chain's); the
 verifier's argmax walks down it as far as a child carries it (`_walk`), and the accepted nodes'
 K/V move to their places. More tokens a forward for more rows: on a CPU without AMX the rows cost
 more than the tokens bring (docs/models.md, "A tree of drafts"), so the default is one chain.
@@ -144,8 +145,11 @@ IDLE_PROBE_MAX = 64
 # each node is a row of the verifying forward (docs/models.md, "A tree of drafts").
 TREE_MAX_NODES = 12
 # The block kernel's softmax sums a row's keys in 16 lanes by their cache position (dlm/blocks.c,
-# `softmax_weights`): a tree's node is written where its key falls in the lane its place in the
-# text gives it, after its parent, so that the verifier's sums, and bits, are the AR step's.
+# `softmax_weights`; its weighted values in position order): there a tree's node is written where
+# its key falls in the lane its place in the text gives it, after its parent, so that the
+# verifier's sums, and bits, are the AR step's. (The torch layers' attention, on a CPU or a GPU,
+# reduces keys in blocks of its own: there the nodes lie side by side, and a node's logits are
+# the AR step's to within float rounding, as a chain's positions there are; `tree_writes`.)
 TREE_LANES = 16
 # What a draft head's pass costs a row, as a share of what a verified position costs (session 33,
 # the AMD EPYC on 16-bit integer products: 0.15 + 0.44 ms a row for 1-8 rows against about 1.2 ms
@@ -247,18 +251,19 @@ class _Drafts:
         return out
 
 
-def tree_writes(start: int, parents: list[int], depths: list[int]) -> list[int]:
+def tree_writes(start: int, parents: list[int], depths: list[int], lanes: int = TREE_LANES) -> list[int]:
     """Cache positions for a tree's nodes (parents, depths: `_Drafts`), the row's last final token
     at start - 1: each at the first position from its place in the text (start - 1 + depth) on, a
-    multiple of TREE_LANES further, that no other node took and that lies past its parent's. A
-    chain's drafts get their own places; any leading part of the nodes gets what it gets here."""
+    multiple of `lanes` further, that no other node took and that lies past its parent's (lanes 1:
+    the nodes side by side, for the torch layers). A chain's drafts get their own places; any
+    leading part of the nodes gets what it gets here."""
     used: set[int] = set()
     out: list[int] = []
     for parent, depth in zip(parents, depths, strict=True):
         at = start - 1 + depth
         floor = out[parent] + 1 if parent >= 0 else start
         while at < floor or at in used:
-            at += TREE_LANES
+            at += lanes
         used.add(at)
         out.append(at)
     return out
@@ -297,9 +302,10 @@ def draft_tree(tops: list[list[tuple[int, float]]], bar: float, most: int) -> tu
 
 class DraftAcceptance:
     """How often a draft head's greedy exact rows had their drafts accepted, as counts: the head's
-    drafts by their chain confidence (tenths: 0.0-0.1 .. 0.9-1.0) and prompt lookup's copies by
-    their place (1..). A draft counts as accepted where it and every draft before it were the
-    verifier's tokens, which is what the chain confidence claims to be the chance of, and what
+    drafts by their chain confidence (tenths: 0.0-0.1 .. 0.9-1.0; a tree's nodes among them, by
+    their path's confidence) and prompt lookup's copies by their place (1..). A draft counts as
+    accepted where it and every draft before it (a node: its ancestors) were the verifier's
+    tokens, which is what the chain confidence claims to be the chance of, and what
     LOOKUP_SURE ** place models for copies: each bucket's accepted share is a check of the
     confidence (EAGLE-2's calibration) and of LOOKUP_SURE on the machine's model and prompts.
     Only the decoder's thread counts; `snapshot()` may be read from any thread."""
@@ -373,7 +379,14 @@ class _DraftVerifyDecoder(ARDecoder):
 
     def _trace_tokens(self, row: _Row) -> list[int]:
         drafts = self.drafts.get(row.slot)
-        return list(drafts.tokens) if drafts is not None else []
+        if drafts is None:
+            return []
+        if drafts.parents is None:
+            return list(drafts.tokens)
+        path, node = [], -1  # a tree: its surest path (each node's first child, the surest)
+        while (node := next((i for i, p in enumerate(drafts.parents) if p == node), None)) is not None:
+            path.append(drafts.tokens[node])
+        return path
 
     def _keep_drafts(self, row: _Row, n: int, tokens: list[int] | None, dist: Tensor | None,
                      sure: list[float] | None = None, copied: bool = False) -> None:
@@ -593,8 +606,9 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                  draft_confidence: float = DEFAULT_HEAD_DRAFT_CONFIDENCE,
                  prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, row_cost: RowCost | None = None,
                  branches: int = 1, **kwargs: Any) -> None:
-        """draft_len: default drafts per forward (1..head.n_slots); tree: ignored (the head
-        drafts after the acceptance is known: one chain); draft_confidence: a row's drafts end
+        """draft_len: default drafts per forward (1..head.n_slots); tree: ignored (the mask slots'
+        layout of draft blocks; a head drafts after the acceptance is known, its tree is
+        `branches`); draft_confidence: a row's drafts end
         before the first whose chain confidence (the product of the head's top probabilities up
         to it) is below this (0: always draft_len; see `_confident_len`); prompt_lookup: at most
         this many drafts (and at most the row's draft length) copied from the row's own text where
@@ -619,6 +633,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self.prompt_lookup = prompt_lookup
         self.row_cost = row_cost
         self.branches = branches
+        self.tree_lanes = TREE_LANES if model.fused_layers else 1  # `tree_writes`
         self.seen: dict[int, _Seen] = {}  # per row: where each of its final tokens occurs (prompt lookup)
         W, D = head.config.window, model.config.dim
         rows = self.kv.max_batch_size + 1
@@ -651,7 +666,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
             self.acceptance.count(drafts, len(accepted), path)
             if path:  # a tree's accepted nodes: their K/V to the places of their tokens
                 c = row.final_upto
-                writes = tree_writes(c, drafts.parents, drafts.depths())
+                writes = tree_writes(c, drafts.parents, drafts.depths(), self.tree_lanes)
                 moved = [(writes[node], c + k) for k, node in enumerate(path) if writes[node] != c + k]
                 if moved:
                     src, dst = ([m[i] for m in moved] for i in (0, 1))
@@ -685,7 +700,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                 key_end = max(key_end, c + len(d.tokens))
                 continue
             depths = d.depths()
-            at = trees[b] = tree_writes(c, d.parents, depths)
+            at = trees[b] = tree_writes(c, d.parents, depths, self.tree_lanes)
             for t, (token, depth) in enumerate(zip(d.tokens, depths, strict=True), 1):
                 tok[b][t], pos[b][t], lim[b][t] = token, c - 1 + depth, c
                 node = t - 1
@@ -901,7 +916,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         tokens, parents, sure = draft_tree([list(zip(ids[d], probs[d], strict=True)) for d in range(places)],
                                            self.draft_confidence, TREE_MAX_NODES)
         tree = _Drafts(tokens, None, sure, parents=parents)
-        at = tree_writes(row.final_upto, parents, tree.depths())
+        at = tree_writes(row.final_upto, parents, tree.depths(), self.tree_lanes)
         fit = next((i for i, w in enumerate(at) if w >= self.S), len(at))
         if fit:
             self.drafts[row.slot] = tree.first(fit)

@@ -11,7 +11,7 @@ from typing import ClassVar
 import pytest
 import torch
 from dlm_tiny_models import V, random_loaded
-from test_speculative import _random_drafter, _run
+from test_speculative import _random_drafter, _random_head, _run
 
 from dlm.ar import AREngine
 from dlm.constraints import mask_logits
@@ -82,6 +82,21 @@ def test_ar_and_draft_and_verify_decode_under_the_constraint_alike(temperature):
         assert [ids for ids, _, _ in drafted] == [ids for ids, _, _ in expected]
     for ids, _, finish in drafted:
         assert _staircase(ids) and finish == "eos"
+
+
+def test_constrained_rows_beside_tree_rows_decode_as_constrained_ar():
+    """A draft head's trees (`draft_branches`) are for unconstrained greedy rows: in one batch the
+    constrained rows keep chains and write what constrained AR writes, the others the AR replies."""
+    loaded = random_loaded("causal", seed=5, eos=[EOS], scale=3.0, block_size=1)
+    params = GenerationParams(max_new_tokens=24, constraint=Staircase)
+    free = GenerationParams(max_new_tokens=24)
+    with AREngine(loaded, max_batch_size=4) as ar, SpeculativeEngine(
+            loaded, _random_head(loaded, n_slots=4), max_batch_size=4, draft_confidence=0.0, draft_branches=3) as spec:
+        expected = [_run(ar.submit(p, params))[0] for p in PROMPTS[:3]] + [_run(ar.submit(p, free))[0] for p in PROMPTS[3:]]
+        handles = [spec.submit(p, params) for p in PROMPTS[:3]] + [spec.submit(p, free) for p in PROMPTS[3:]]
+        got = [_run(h)[0] for h in handles]
+    assert got == expected
+    assert all(_staircase(ids) for ids in got[:3])
 
 
 def test_every_committed_token_advances_the_constraint():

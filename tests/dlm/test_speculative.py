@@ -381,6 +381,8 @@ def test_a_draft_tree_keeps_the_surest_paths_each_after_its_parent_and_writes_th
     assert all(p < 0 or at[p] < w for w, p in zip(at, parents, strict=True))
     assert tree_writes(40, [-1, 0, 1], [1, 2, 3]) == [40, 41, 42]
     assert tree_writes(40, parents[:5], depths[:5]) == at[:5]  # a leading part writes where the whole does
+    # For the torch layers (one lane): side by side, each after its parent.
+    assert tree_writes(40, parents, depths, 1) == list(range(40, 40 + len(tokens)))
 
 
 class _TreeOracle(HeadSpeculativeDecoder):
@@ -406,17 +408,21 @@ class _TreeOracle(HeadSpeculativeDecoder):
         super()._keep_tree(row, n, [[(t + 1) % V, t][:k] for t in right], [[0.6, 0.4][:k]] * n)
 
 
-def _tree_oracle(loaded, prompts, params, branches: int = 2) -> tuple[list, type]:
+def _tree_oracle(loaded, prompts, params, branches: int = 2, lanes: int | None = None) -> tuple[list, type]:
     """The AR engine's (reply, forwards, finish reason) for each prompt, and an engine whose rows
-    draft `_TreeOracle`'s trees of those replies (two places, a bar of 0.05, no prompt lookup)."""
+    draft `_TreeOracle`'s trees of those replies (two places, a bar of 0.05, no prompt lookup;
+    lanes: the nodes' K/V placed as for that many kernel lanes, `tree_writes`, else as the model's
+    forward needs)."""
     with AREngine(loaded, max_batch_size=4) as ar:
         expected = [_run(ar.submit(p, params)) for p in prompts]
     _TreeOracle.replies = {tuple(p): e[0] + [1] for p, e in zip(prompts, expected, strict=True)}  # EOS too
 
     class Engine(SpeculativeEngine):
         def make_decoder(self, **kw):
-            return _TreeOracle(self.model, self.spec, self.drafter, draft_len=2, draft_confidence=0.05,
-                               prompt_lookup=0, branches=branches, **kw)
+            decoder = _TreeOracle(self.model, self.spec, self.drafter, draft_len=2, draft_confidence=0.05,
+                                  prompt_lookup=0, branches=branches, **kw)
+            decoder.tree_lanes = lanes or decoder.tree_lanes
+            return decoder
 
     return expected, Engine
 
@@ -449,12 +455,12 @@ def test_a_tree_of_drafts_finds_second_choices_and_writes_the_ar_replies_alone_a
 
 
 def test_a_tree_keeps_only_the_nodes_whose_kv_fit_the_cache():
-    """Near the end of a small cache a tree's nodes written a lane further (16 positions) would
-    fall outside it: the row keeps the leading nodes that fit (`_keep_tree`), fewer drafts but
-    the same replies, no error."""
+    """Near the end of a small cache a tree's nodes written a lane further (16 positions, as the
+    block kernel has them) would fall outside it: the row keeps the leading nodes that fit
+    (`_keep_tree`), fewer drafts but the same replies, no error."""
     loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
     params = GenerationParams(max_new_tokens=20)
-    expected, Engine = _tree_oracle(loaded, PROMPTS, params)
+    expected, Engine = _tree_oracle(loaded, PROMPTS, params, lanes=TREE_LANES)
     steps = {}
     for S in (40, 256):  # 40: every row's second branch lies past the cache from position 24 on
         with Engine(loaded, _random_head(loaded, n_slots=4), max_batch_size=4, max_seq_len=S) as spec:
@@ -608,6 +614,28 @@ def test_a_seeded_sampled_reply_is_the_same_alone_and_beside_rows_under_a_budget
         handles = [spec.submit(PROMPTS[0], greedy), spec.submit(PROMPTS[1], sampling), spec.submit(PROMPTS[3], greedy)]
         together = [_run(h)[0] for h in handles]
     assert together[1] == alone
+
+
+def test_tree_rows_beside_sampled_and_lossy_rows_under_a_budget_keep_every_reply():
+    """A real (random) head's trees, sliced by a batch's budget (`_within_budget` keeps each
+    tree's surest nodes), beside a seeded sampled row and a lossy one, which keep chains: the
+    greedy rows write the AR replies, the sampled row what it writes alone."""
+    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
+    head = _random_head(loaded, n_slots=4, seed=2, scale=2.0)
+    greedy = GenerationParams(max_new_tokens=20)
+    sampling = GenerationParams(max_new_tokens=20, temperature=1.0, seed=7)
+    lossy = GenerationParams(max_new_tokens=20, accept=0.5)
+    with AREngine(loaded, max_batch_size=4) as ar:
+        expected = [_run(ar.submit(p, greedy))[0] for p in (PROMPTS[0], PROMPTS[3])]
+    with SpeculativeEngine(loaded, head, max_batch_size=4, draft_confidence=0.0, draft_branches=3, row_cost=0.1) as spec:
+        alone = _run(spec.submit(PROMPTS[1], sampling))[0]
+        handles = [spec.submit(PROMPTS[0], greedy), spec.submit(PROMPTS[1], sampling), spec.submit(PROMPTS[3], greedy),
+                   spec.submit(PROMPTS[2], lossy)]
+        together = [_run(h)[0] for h in handles]
+        counted = spec.draft_acceptance()["head"]
+    assert [together[0], together[2]] == expected
+    assert together[1] == alone
+    assert sum(c["verified"] for c in counted) > 0
 
 
 def test_the_verifier_skips_the_padding_of_rows_with_fewer_drafts():

@@ -82,6 +82,8 @@ def test_a_heads_bars_and_trees_are_tried_at_its_longest_length_and_mask_slots_h
     assert draft_settings([2, 4], [0.2, 0.1], head=True, branches=(1, 3)) == [
         (2, True, 0.1, 1), (4, True, 0.2, 1), (4, True, 0.1, 1), (4, True, 0.2, 3), (4, True, 0.1, 3)]
     assert draft_settings([2, 4], [0.1], head=True, branches=(2,)) == [(4, True, 0.1, 2)]  # trees only
+    assert draft_settings([4], [0.1], head=True, branches=(1, 2), tree_confidences=[0.02, 0.05]) == [
+        (4, True, 0.1, 1), (4, True, 0.02, 2), (4, True, 0.05, 2)]  # trees at bars of their own
     assert draft_settings([1, 2], [0.0], head=False) == [
         (1, True, 0.0, 1), (2, True, 0.0, 1), (1, False, 0.0, 1), (2, False, 0.0, 1)]
 

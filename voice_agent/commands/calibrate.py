@@ -8,8 +8,9 @@ slots) and, for a mask-slot drafter, both layouts (`draft_tree` true: a draft bl
 acceptance length; false: one block after the full draft; a draft head has one), for a draft head
 at the longest length each confidence bar (`llm.draft_confidence`: its drafts stop where it is
 less sure; 0: never) and each of `--draft-branches` (`llm.draft_branches`: its drafts as a tree
-of each place's top tokens; default 1, a chain only: on a 2-core CPU a tree's extra rows cost more
-than its extra tokens, docs/models.md "A tree of drafts"), each of them with each prompt lookup
+of each place's top tokens, at bars of their own unless `--draft-confidences` says; default 1, a
+chain only: on a 2-core CPU a tree's extra rows cost more than its extra tokens, docs/models.md
+"A tree of drafts"), each of them with each prompt lookup
 length (`llm.prompt_lookup`: drafts copied from the reply's own text; 0: none), it decodes the same voice prompts one at a time,
 greedy, and records the wall time per generated token after the first (the prefill is the same
 for all) and the tokens per forward; and the same model's AR engine (no drafts: the same replies)
@@ -51,6 +52,9 @@ HELP = "measure which draft length decodes fastest here, against the AR engine, 
 
 # A draft head's confidence bars tried by default (0: every draft of the length is verified).
 DEFAULT_CONFIDENCES = (0.0, 0.1, 0.15, 0.2, 0.3)
+# ... and for its trees (`--draft-branches` above 1): a tree's bar is what bounds its nodes, and
+# where trees pay (cheap rows) lower bars than a chain's do (docs/models.md, "A tree of drafts").
+DEFAULT_TREE_CONFIDENCES = (0.02, 0.05, 0.1, 0.2)
 DEFAULT_ROUNDS = 3
 # A draft head's batch: requests decoded at once, and the prices of a verified position tried
 # (llm.row_cost; 0: no budget).
@@ -81,9 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a draft head's confidence bars to try, each in [0, 1) (default: "
                              f"{','.join(map(str, DEFAULT_CONFIDENCES))}; a mask-slot drafter has none: 0)")
     parser.add_argument("--draft-branches", default="1", metavar="K1,K2,...",
-                        help="a draft head's branches to try at the longest length with each confidence bar: 1 a "
-                             "chain, more a tree of each place's top tokens (llm.draft_branches; default 1: on a "
-                             "CPU a tree rarely pays for its rows, where rows are cheap, such as a GPU, try 1,2,3)")
+                        help="a draft head's branches to try at the longest length: 1 a chain, more a tree of each "
+                             "place's top tokens at each confidence bar (--draft-confidences, else "
+                             f"{','.join(map(str, DEFAULT_TREE_CONFIDENCES))}) (llm.draft_branches; default 1: on a "
+                             "CPU a tree rarely pays for its rows; where rows are cheap, such as a GPU, try 1,2,3)")
     parser.add_argument("--prompt-lookups", default="", metavar="N1,N2,...",
                         help="a draft head's prompt lookup lengths to try with each setting (default: 0, the "
                              "engine's default and llm.prompt_lookup; a mask-slot drafter has none: 0)")
@@ -186,19 +191,19 @@ def choose(ar: dict[str, Any], drafted: list[dict[str, Any]]) -> tuple[dict[str,
     return keys, best
 
 
-def draft_settings(lens: list[int], confidences: list[float], head: bool,
-                   branches: tuple[int, ...] = (1,)) -> list[tuple[int, bool, float, int]]:
+def draft_settings(lens: list[int], confidences: list[float], head: bool, branches: tuple[int, ...] = (1,),
+                   tree_confidences: list[float] | None = None) -> list[tuple[int, bool, float, int]]:
     """(draft length, tree layout, confidence bar, branches) to measure. A mask-slot drafter:
     every length in both layouts, no bar, one branch. A draft head drafts after the acceptance is
     known (the layout changes nothing), and its bars cut drafts from the longest length down (a
     bar on a short draft leaves little to cut): every length with the least bar asked (0 by
     default), the longest with each; its chains (1 branch) so, its trees (more) at the longest
-    length with each bar (a tree's bar is what bounds it)."""
+    length with each of `tree_confidences` (default: `confidences`; a tree's bar is what bounds it)."""
     if not head:
         return [(n, tree, 0.0, 1) for tree in (True, False) for n in lens]
     longest, least = max(lens), min(confidences)
     chains = [(n, True, c, 1) for n in lens for c in (confidences if n == longest else [least])] if 1 in branches else []
-    return chains + [(longest, True, c, k) for k in branches if k > 1 for c in confidences]
+    return chains + [(longest, True, c, k) for k in branches if k > 1 for c in (tree_confidences or confidences)]
 
 
 def _setting(r: dict[str, Any]) -> str:
@@ -282,13 +287,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print("--draft-branches: each must lie in [1, 8]" + ("" if head else f" ({resolved.name!r} drafts with mask "
               "slots: one branch)"), file=sys.stderr)
         return 2
+    tree_bars = confidences if args.draft_confidences.strip() else list(DEFAULT_TREE_CONFIDENCES)
     batch = args.batch if head else 0  # mask slots have no budget to price
     system = {"role": "system", "content": config.agent.system_prompt}
     prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS[: args.prompts]]
     candidates: list[dict[str, Any]] = [{"engine_kind": "ar"}]
     candidates += [{"draft_len": n, "tree": tree, "draft_confidence": c,
                     **({"prompt_lookup": v, "draft_branches": k} if head else {})}
-                   for n, tree, c, k in draft_settings(lens, confidences, head, branches) for v in lookups]
+                   for n, tree, c, k in draft_settings(lens, confidences, head, branches, tree_bars) for v in lookups]
 
     def run_setting(candidate: dict[str, Any]) -> dict[str, float]:
         return measure(loaded, prompts, max_new_tokens=args.max_new_tokens, **{"draft_len": 1, "tree": True, **candidate})
