@@ -220,14 +220,18 @@ class _Drafts:
     copied: bool = False  # prompt lookup's copies of the row's own text, not the head's drafts
     # A tree of drafts (`draft_tree`; greedy exact rows only): each node's parent, -1 for the row's
     # last final token, else an earlier node; None: a chain (node i follows node i - 1). Nodes come
-    # surest first, each after its parent, so that any leading part of them is a tree.
+    # surest first, each after its parent, so that any leading part of them is a tree. `writes`:
+    # where the verifying forward writes each node's K/V (`tree_writes`, for the row's text as it
+    # stands when the tree is drafted; a leading part of the nodes keeps its part of them).
     parents: list[int] | None = None
+    writes: list[int] | None = None
 
     def first(self, k: int) -> _Drafts:
         """The first k drafts (a tree's k surest nodes: still a tree)."""
         return _Drafts(self.tokens[:k], None if self.probs is None else self.probs[:k],
                        None if self.sure is None else self.sure[:k], self.copied,
-                       None if self.parents is None else self.parents[:k])
+                       None if self.parents is None else self.parents[:k],
+                       None if self.writes is None else self.writes[:k])
 
     def path(self, accepted: list[int]) -> list[int]:
         """The drafts that the accepted tokens (the first j of a verification's) were: node
@@ -316,27 +320,21 @@ class DraftAcceptance:
         self.head = [[0, 0] for _ in range(self.BUCKETS)]  # per tenth of chain confidence: [verified, accepted]
         self.copies: list[list[int]] = []  # per place: [verified, accepted]
 
-    def count(self, drafts: _Drafts, accepted: int, path: list[int] | None = None) -> None:
-        """A row's verified drafts, of which the first `accepted` were accepted (a tree's: the
-        nodes on `path`)."""
-        if drafts.parents is not None:
-            on = set(path or ())
-            for i, s in enumerate(drafts.sure or ()):
-                tenth = self.head[min(int(s * self.BUCKETS), self.BUCKETS - 1)]
-                tenth[0] += 1
-                tenth[1] += i in on
-            return
+    def count(self, drafts: _Drafts, path: list[int]) -> None:
+        """A row's verified drafts, of which those at the indices `path` were accepted (a chain's
+        first j, a tree's nodes down to the last accepted: `_Drafts.path`)."""
+        on = set(path)
         if drafts.copied:
             while len(self.copies) < len(drafts.tokens):
                 self.copies.append([0, 0])
             for i in range(len(drafts.tokens)):
                 self.copies[i][0] += 1
-                self.copies[i][1] += i < accepted
+                self.copies[i][1] += i in on
         elif drafts.sure is not None:
             for i, s in enumerate(drafts.sure[: len(drafts.tokens)]):
                 tenth = self.head[min(int(s * self.BUCKETS), self.BUCKETS - 1)]
                 tenth[0] += 1
-                tenth[1] += i < accepted
+                tenth[1] += i in on
 
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
         """{"head": [{"confidence": [lo, hi], "verified", "accepted", "rate"}...] (buckets with
@@ -662,11 +660,10 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
 
     def _accepted(self, row: _Row, drafts: _Drafts, accepted: list[int]) -> None:
         if drafts.tokens and self._greedy(row):
-            path = drafts.path(accepted) if drafts.parents is not None else None
-            self.acceptance.count(drafts, len(accepted), path)
-            if path:  # a tree's accepted nodes: their K/V to the places of their tokens
-                c = row.final_upto
-                writes = tree_writes(c, drafts.parents, drafts.depths(), self.tree_lanes)
+            path = drafts.path(accepted)
+            self.acceptance.count(drafts, path)
+            if drafts.writes is not None:  # a tree's accepted nodes: their K/V to the places of their tokens
+                c, writes = row.final_upto, drafts.writes
                 moved = [(writes[node], c + k) for k, node in enumerate(path) if writes[node] != c + k]
                 if moved:
                     src, dst = ([m[i] for m in moved] for i in (0, 1))
@@ -685,11 +682,11 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         Wv = 1 + max(len(d.tokens) for d in drafts)
         # Host plan (B, Wv): token, position (a chain's: also where its K/V go), key limit. Causal;
         # a tree's nodes see the row's text and their ancestors (`seen`: (b, t, key)), their K/V
-        # written at `tree_writes`.
+        # written at `_Drafts.writes`.
         tok = [[0] * Wv for _ in range(B)]
         pos = [[scratch] * Wv for _ in range(B)]
         lim = [[1] * Wv for _ in range(B)]
-        trees: dict[int, list[int]] = {}  # batch index -> its tree's `tree_writes`
+        trees: dict[int, list[int]] = {}  # batch index -> its tree's `_Drafts.writes`
         seen, key_end = [], 1
         for b, row in enumerate(rows):
             c, d = row.final_upto, drafts[b]
@@ -699,9 +696,8 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
                     tok[b][t], pos[b][t], lim[b][t] = token, c - 1 + t, c + t
                 key_end = max(key_end, c + len(d.tokens))
                 continue
-            depths = d.depths()
-            at = trees[b] = tree_writes(c, d.parents, depths, self.tree_lanes)
-            for t, (token, depth) in enumerate(zip(d.tokens, depths, strict=True), 1):
+            at = trees[b] = d.writes
+            for t, (token, depth) in enumerate(zip(d.tokens, d.depths(), strict=True), 1):
                 tok[b][t], pos[b][t], lim[b][t] = token, c - 1 + depth, c
                 node = t - 1
                 while node >= 0:  # itself and its ancestors
@@ -916,7 +912,7 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         tokens, parents, sure = draft_tree([list(zip(ids[d], probs[d], strict=True)) for d in range(places)],
                                            self.draft_confidence, TREE_MAX_NODES)
         tree = _Drafts(tokens, None, sure, parents=parents)
-        at = tree_writes(row.final_upto, parents, tree.depths(), self.tree_lanes)
+        tree.writes = at = tree_writes(row.final_upto, parents, tree.depths(), self.tree_lanes)
         fit = next((i for i, w in enumerate(at) if w >= self.S), len(at))
         if fit:
             self.drafts[row.slot] = tree.first(fit)
