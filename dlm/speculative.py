@@ -93,7 +93,7 @@ from dlm.model import DraftInputs, Transformer
 from dlm.policies import sampling_probs
 
 __all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_HEAD_DRAFT_CONFIDENCE", "DEFAULT_HEAD_DRAFT_LEN", "DEFAULT_PROMPT_LOOKUP",
-           "DEFAULT_SELF_DRAFT_LEN", "LOOKUP_NGRAM", "LOOKUP_SURE", "TREE_MAX_NODES",
+           "DEFAULT_SELF_DRAFT_LEN", "LOOKUP_NGRAM", "LOOKUP_SURE", "MAX_DRAFT_BRANCHES", "TREE_MAX_NODES",
            "DraftAcceptance", "HeadSpeculativeDecoder", "RowCost",
            "SpeculativeDecoder", "SpeculativeEngine", "draft_tree", "row_cost_of", "self_drafting_reason", "tree_writes"]
 
@@ -144,6 +144,7 @@ IDLE_PROBE_MAX = 64
 # a row. Where rows cost next to nothing (a GPU), wider trees make more tokens a forward; on a CPU
 # each node is a row of the verifying forward (docs/models.md, "A tree of drafts").
 TREE_MAX_NODES = 12
+MAX_DRAFT_BRANCHES = 8  # the most top tokens a place that a tree may branch into (`llm.draft_branches`)
 # The block kernel's softmax sums a row's keys in 16 lanes by their cache position (dlm/blocks.c,
 # `softmax_weights`; its weighted values in position order): there a tree's node is written where
 # its key falls in the lane its place in the text gives it, after its parent, so that the
@@ -620,8 +621,8 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         if not isinstance(prompt_lookup, int) or prompt_lookup < 0:
             raise ValueError(f"prompt_lookup {prompt_lookup!r} must be an integer >= 0 (0: off; a row copies at "
                              "most its draft length)")
-        if not isinstance(branches, int) or not 1 <= branches <= 8:
-            raise ValueError(f"branches {branches!r} must be an integer in [1, 8] (1: a chain of drafts)")
+        if not isinstance(branches, int) or not 1 <= branches <= MAX_DRAFT_BRANCHES:
+            raise ValueError(f"branches {branches!r} must be an integer in [1, {MAX_DRAFT_BRANCHES}] (1: a chain of drafts)")
         if head.config.feature_layers:
             raise ValueError(f"this draft head reads the outputs of base layers {list(head.config.feature_layers)}; "
                              "the engine feeds it the final hidden states only")

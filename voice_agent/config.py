@@ -340,7 +340,7 @@ class LlmConfig:
             raise ConfigError(f"llm.accept must lie in (0, 1] (1: exact), not {self.accept!r}")
         if self.row_cost != "auto" and (isinstance(self.row_cost, str) or not 0.0 <= self.row_cost <= 16.0):
             raise ConfigError(f"llm.row_cost must be \"auto\" or a number in [0, 16] (0: no budget), not {self.row_cost!r}")
-        if not 1 <= self.draft_branches <= 8:
+        if not 1 <= self.draft_branches <= 8:  # dlm.speculative.MAX_DRAFT_BRANCHES (not imported: torch)
             raise ConfigError(f"llm.draft_branches must lie in [1, 8] (1: a chain of drafts), not {self.draft_branches!r}")
         if not 0 <= self.prompt_lookup <= 32:
             raise ConfigError(f"llm.prompt_lookup must lie in [0, 32] (0: off; a reply copies at most its draft length), "

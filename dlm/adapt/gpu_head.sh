@@ -72,25 +72,23 @@ call2)
     n_prompts=${N_PROMPTS:-24}; small=()
     if [ -n "${SMALL:-}" ]; then n_prompts=2; STEPS=20; small=(--eval-examples 4); fi
 
-    if [ "${BENCH:-1}" != 0 ]; then
-        log "bench llm on $DEVICE, float32 (the shipped default against its AR engine)"
+    bench() {  # NAME [--set KEY=VALUE ...]: the default's bench llm on $DEVICE, float32, with those settings
+        local name=$1; shift
         # 100 s beside the heads' runs; without them (HEADS=0) as long as the budget lets it.
         timeout "$(if [ "${HEADS:-1}" = 0 ]; then upto 500 10; else upto 100 300; fi)" \
-            "$PY" -m voice_agent bench --set llm.model=smollm2-135m-drafter llm \
+            "$PY" -m voice_agent bench --set llm.model=smollm2-135m-drafter "$@" llm \
             --device "$DEVICE" --dtype float32 --weights dense --concurrency 1 --max-new-tokens 64 \
             --heldout dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz --n-prompts "$n_prompts" \
-            --json "$OUT/bench-llm-$DEVICE-float32.json" > "$OUT/bench-llm-$DEVICE-float32.txt" 2>&1
-        log "bench exit $?"; tail -25 "$OUT/bench-llm-$DEVICE-float32.txt"
+            --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
+        log "bench exit $?"; tail -25 "$OUT/$name.txt"
+    }
+    if [ "${BENCH:-1}" != 0 ]; then
+        log "bench llm on $DEVICE, float32 (the shipped default against its AR engine)"
+        bench "bench-llm-$DEVICE-float32"
         for tree in ${TREES:-}; do  # BRANCHES:BAR
-            name="bench-llm-$DEVICE-float32-tree${tree%%:*}-${tree#*:}"
             log "bench llm on $DEVICE, float32, drafts as a tree: $tree"
-            timeout "$(if [ "${HEADS:-1}" = 0 ]; then upto 500 10; else upto 100 300; fi)" \
-                "$PY" -m voice_agent bench --set llm.model=smollm2-135m-drafter --set "llm.draft_branches=${tree%%:*}" \
-                --set "llm.draft_confidence=${tree#*:}" llm \
-                --device "$DEVICE" --dtype float32 --weights dense --concurrency 1 --max-new-tokens 64 \
-                --heldout dlm/assets/smollm2-135m-grounded-greedy.jsonl.gz --n-prompts "$n_prompts" \
-                --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
-            log "bench exit $?"; tail -25 "$OUT/$name.txt"
+            bench "bench-llm-$DEVICE-float32-tree${tree%%:*}-${tree#*:}" \
+                --set "llm.draft_branches=${tree%%:*}" --set "llm.draft_confidence=${tree#*:}"
         done
     fi
 

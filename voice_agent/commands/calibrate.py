@@ -10,8 +10,8 @@ at the longest length each confidence bar (`llm.draft_confidence`: its drafts st
 less sure; 0: never) and each of `--draft-branches` (`llm.draft_branches`: its drafts as a tree
 of each place's top tokens, at bars of their own unless `--draft-confidences` says; default 1, a
 chain only: on a 2-core CPU a tree's extra rows cost more than its extra tokens, docs/models.md
-"A tree of drafts"), each of them with each prompt lookup
-length (`llm.prompt_lookup`: drafts copied from the reply's own text; 0: none), it decodes the same voice prompts one at a time,
+"A tree of drafts"), each of them with each prompt lookup length (`llm.prompt_lookup`: drafts
+copied from the reply's own text; 0: none), it decodes the same voice prompts one at a time,
 greedy, and records the wall time per generated token after the first (the prefill is the same
 for all) and the tokens per forward; and the same model's AR engine (no drafts: the same replies)
 as the baseline, since on some CPUs a verifying forward over several positions costs nearly as
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"--draft-confidences: {resolved.name!r} drafts with mask slots; only a draft head has a confidence "
               "bar (0)", file=sys.stderr)
         return 2
-    from dlm.speculative import DEFAULT_PROMPT_LOOKUP
+    from dlm.speculative import DEFAULT_PROMPT_LOOKUP, MAX_DRAFT_BRANCHES
 
     try:
         lookups = [int(x) for x in args.prompt_lookups.split(",") if x.strip()] or \
@@ -283,9 +283,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except ValueError:
         print(f"--draft-branches: expected comma-separated integers, got {args.draft_branches!r}", file=sys.stderr)
         return 2
-    if any(not 1 <= k <= 8 for k in branches) or (not head and branches != (1,)):
-        print("--draft-branches: each must lie in [1, 8]" + ("" if head else f" ({resolved.name!r} drafts with mask "
-              "slots: one branch)"), file=sys.stderr)
+    if any(not 1 <= k <= MAX_DRAFT_BRANCHES for k in branches) or (not head and branches != (1,)):
+        print(f"--draft-branches: each must lie in [1, {MAX_DRAFT_BRANCHES}]" + ("" if head else f" ({resolved.name!r} "
+              "drafts with mask slots: one branch)"), file=sys.stderr)
         return 2
     tree_bars = confidences if args.draft_confidences.strip() else list(DEFAULT_TREE_CONFIDENCES)
     batch = args.batch if head else 0  # mask slots have no budget to price
