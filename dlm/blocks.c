@@ -1327,18 +1327,100 @@ done:
     return status;
 }
 
+TARGET void blocks_argmax(const float *x, int64_t M, int64_t N, int64_t *idx, float *top);
+
+/* blocks_draft_pass for a causal head: see there. */
+static int draft_chain(const float *in, int64_t B, int64_t W, int64_t n, int64_t D, const block_weight *fuse,
+                       const float *slots, int64_t n_layers, const block_layer *layers, int64_t H, int64_t Hkv,
+                       int64_t Dh, int64_t F, float eps, const float *cos, const float *sin, const uint8_t *mask,
+                       const float *final_norm, const block_weight *head, float *out, const uint16_t *embed,
+                       int64_t n_vocab, float bar, int threads) {
+    const int64_t T = W + n, M0 = B * (W + 1), cached = n_layers * B * T * Hkv * Dh, V = head->n;
+    float *ctx = malloc(sizeof(float) * B * W * D), *x = malloc(sizeof(float) * M0 * D);
+    float *s = malloc(sizeof(float) * B * D), *t = malloc(sizeof(float)); /* no low-rank updates here */
+    float *k_cache = malloc(sizeof(float) * cached), *v_cache = malloc(sizeof(float) * cached);
+    float *c = malloc(sizeof(float) * M0 * Dh), *sn = malloc(sizeof(float) * M0 * Dh);
+    float *logits = malloc(sizeof(float) * B * V);
+    uint8_t *m = malloc((size_t)(M0 * T));
+    int64_t *rows = malloc(sizeof(int64_t) * M0), *at = malloc(sizeof(int64_t) * M0), *pick = malloc(sizeof(int64_t) * B);
+    float *top = malloc(sizeof(float) * B), *sure = malloc(sizeof(float) * B);
+    int status = 0;
+    if (!ctx || !x || !s || !t || !k_cache || !v_cache || !c || !sn || !logits || !m || !rows || !at || !pick || !top ||
+        !sure ||
+        project(in, fuse, ctx, B * W, threads, t)) {
+        status = -1;
+        goto done;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        /* place j's rows (with place 0, each pass's context rows before it): inputs, cache row and
+           position, mask and RoPE rows, all copied from the pass's position-ordered tables */
+        const int64_t first = j ? W + j : 0, per = j ? 1 : W + 1, M = B * per;
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t p = 0; p < per; p++) {
+                const int64_t r = b * per + p, pos = first + p;
+                rows[r] = b, at[r] = pos;
+                memcpy(m + r * T, mask + (b * T + pos) * T, (size_t)T);
+                memcpy(c + r * Dh, cos + (b * T + pos) * Dh, sizeof(float) * Dh);
+                memcpy(sn + r * Dh, sin + (b * T + pos) * Dh, sizeof(float) * Dh);
+            }
+            float *slot = x + (b * per + per - 1) * D;
+            if (!j) memcpy(x + b * per * D, ctx + b * W * D, sizeof(float) * W * D);
+            memcpy(slot, slots + j * D, sizeof(float) * D);
+            if (j) {
+                const uint16_t *e = embed + pick[b] * D;
+                for (int64_t i = 0; i < D; i++) {
+                    const uint32_t bits = (uint32_t)e[i] << 16;
+                    float v;
+                    memcpy(&v, &bits, sizeof v);
+                    slot[i] += v;
+                }
+            }
+        }
+        status = blocks_forward(x, M, D, n_layers, layers, H, Hkv, Dh, F, eps, c, sn, k_cache, v_cache, B, T, rows, at,
+                                m, T, threads, 0, 0, final_norm, 0);
+        if (status) goto done;
+        for (int64_t b = 0; b < B; b++) memcpy(s + b * D, x + (b * per + per - 1) * D, sizeof(float) * D);
+        if (project(s, head, logits, B, threads, t)) {
+            status = -1;
+            goto done;
+        }
+        for (int64_t b = 0; b < B; b++) memcpy(out + (b * n + j) * V, logits + b * V, sizeof(float) * V);
+        if (j + 1 == n) break;
+        int more = bar <= 0.0f;
+        for (int64_t b = 0; b < B; b++) {
+            blocks_argmax(logits + b * V, 1, n_vocab, pick + b, top + b);
+            sure[b] = (j ? sure[b] : 1.0f) * top[b];
+            more |= sure[b] >= bar;
+        }
+        if (!more) break; /* every row's chain is less sure than bar: out's later places stay as they were */
+    }
+done:
+    free(ctx), free(x), free(s), free(t), free(k_cache), free(v_cache), free(c), free(sn), free(logits), free(m);
+    free(rows), free(at), free(pick), free(top), free(sure);
+    return status;
+}
+
 /* A draft head's pass (dlm/draft_head.py) in one call: B passes of W context rows and n slot rows,
    T = W + n positions each. The context rows' inputs (B * W, K_in) go through `fuse` (-> D); each
    pass's rows are its W context rows, then the first n rows of `slots` (n, D); all of them through
    the layers (`blocks_forward`: pass b in cache row b of a scratch cache of T positions, position t
    at t, row m attending where mask (B * T, T) says, leaving through final_norm); the slot rows'
    outputs through `head` into out (B * n, head->n). The same products, in the same order, as those
-   three steps called one by one (tests/dlm/test_drafter.py compares the bits). Returns 0, or -1
-   where memory ran out. */
+   three steps called one by one (tests/dlm/test_drafter.py compares the bits). Where embed (V, D)
+   bf16 is not NULL (a causal head, DraftHeadConfig.causal), the slots go one place at a time
+   instead: place 0 with the context rows, then each place j > 0 alone, its input slot j plus the
+   embed row of place j - 1's draft (its first largest score among out's first n_vocab, as
+   blocks_argmax picks), attending to the cached positions before it where mask says; after the
+   first place where every pass's chain confidence (the product of its drafts' softmax
+   probabilities over those n_vocab) is below bar > 0, out's later places are left as they were.
+   Returns 0, or -1 where memory ran out. */
 int blocks_draft_pass(const float *in, int64_t B, int64_t W, int64_t n, int64_t D, const block_weight *fuse,
                       const float *slots, int64_t n_layers, const block_layer *layers, int64_t H, int64_t Hkv,
                       int64_t Dh, int64_t F, float eps, const float *cos, const float *sin, const uint8_t *mask,
-                      const float *final_norm, const block_weight *head, float *out, int threads) {
+                      const float *final_norm, const block_weight *head, float *out, const uint16_t *embed,
+                      int64_t n_vocab, float bar, int threads) {
+    if (embed) return draft_chain(in, B, W, n, D, fuse, slots, n_layers, layers, H, Hkv, Dh, F, eps, cos, sin, mask,
+                                  final_norm, head, out, embed, n_vocab, bar, threads);
     const int64_t T = W + n, M = B * T, cached = n_layers * M * Hkv * Dh;
     float *ctx = malloc(sizeof(float) * B * W * D), *x = malloc(sizeof(float) * M * D);
     float *s = malloc(sizeof(float) * B * n * D), *t = malloc(sizeof(float)); /* no low-rank updates here */

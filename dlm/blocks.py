@@ -142,7 +142,7 @@ def _load() -> ctypes.CDLL | None:
         lib.blocks_forward.restype = ctypes.c_int
         lib.blocks_draft_pass.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
                                           + [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_float]
-                                          + [ctypes.c_void_p] * 6 + [ctypes.c_int])
+                                          + [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_float, ctypes.c_int])
         lib.blocks_draft_pass.restype = ctypes.c_int
         lib.blocks_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         lib.blocks_argmax.restype = None
@@ -646,9 +646,13 @@ class BlockDraftPass:
     (`BlockLayers`, over a scratch cache of the pass's positions) and a final norm, the slot rows
     through `head`: the same products in the same order as those steps one by one (the same
     bits), without the dozens of torch and ctypes calls between them that cost a fifth of a
-    decoding step's pass on a 2-core CPU (docs/benchmarks.md, "Session 37")."""
+    decoding step's pass on a 2-core CPU (docs/benchmarks.md, "Session 37"). With `embed` (a
+    causal head's, DraftHeadConfig.causal: the base's input embedding of each of the head's first
+    `n_vocab` outputs, (n_vocab, dim) bf16), the slots go one place at a time, each reading the
+    embedding of the one before it's draft (its largest score)."""
 
-    def __init__(self, fuse: BlockWeight, layers: BlockLayers, slots: Tensor, final_norm: Tensor, head: BlockWeight) -> None:
+    def __init__(self, fuse: BlockWeight, layers: BlockLayers, slots: Tensor, final_norm: Tensor, head: BlockWeight,
+                 embed: Tensor | None = None) -> None:
         if fuse.low_rank is not None or head.low_rank is not None:
             raise ValueError("a draft pass's input and output projections carry no low-rank update")
         if fuse.out_features != layers.dim or head.in_features != layers.dim or slots.shape[-1] != layers.dim:
@@ -658,12 +662,18 @@ class BlockDraftPass:
         self.slots = slots.detach().float().contiguous()
         self.final_norm = final_norm.detach().float().contiguous()
         self._fuse, self._head = _c_weight(fuse, None), _c_weight(head, None)
+        if embed is not None and (embed.dtype != torch.bfloat16 or embed.dim() != 2 or embed.shape[1] != layers.dim
+                                  or not 1 <= len(embed) <= head.out_features):
+            raise ValueError(f"a causal draft pass needs its outputs' embeddings (n <= {head.out_features}, "
+                             f"{layers.dim}) bf16, not {tuple(embed.shape)} {embed.dtype}")
+        self.embed = None if embed is None else embed.contiguous()
 
-    def __call__(self, inputs: Tensor, n: int, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def __call__(self, inputs: Tensor, n: int, cos: Tensor, sin: Tensor, mask: Tensor, bar: float = 0.0) -> Tensor:
         """inputs (B, W, fuse.in_features) float32 contiguous: the context rows' inputs; n slots
         (at most slots' rows); cos, sin (B * T, head_dim), T = W + n: each row's RoPE tables;
         mask (B * T, T) uint8 contiguous: which of its pass's positions each row attends to. ->
-        (B, n, head.out_features) float32."""
+        (B, n, head.out_features) float32. bar (causal only): after the first place where every
+        pass's chain confidence is below it, the later places are not drafted (their scores 0)."""
         B, W, width = inputs.shape
         T = W + n
         if width != self.fuse.in_features or inputs.dtype != torch.float32 or not inputs.is_contiguous():
@@ -677,13 +687,14 @@ class BlockDraftPass:
                for t in (cos, sin)):
             raise ValueError(f"a draft pass needs float32 contiguous RoPE tables ({B * T}, {self.layers.head_dim}), "
                              f"not {tuple(cos.shape)} and {tuple(sin.shape)}")
-        out = torch.empty(B, n, self.head.out_features)
+        out = (torch.empty if self.embed is None else torch.zeros)(B, n, self.head.out_features)
         lay = self.layers
         if B and _kernel().blocks_draft_pass(
                 inputs.data_ptr(), B, W, n, lay.dim, ctypes.addressof(self._fuse), self.slots.data_ptr(), len(lay._layers),
                 lay._address, lay.n_heads, lay.n_kv_heads, lay.head_dim, lay.intermediate, lay.eps, cos.data_ptr(),
                 sin.data_ptr(), mask.data_ptr(), self.final_norm.data_ptr(), ctypes.addressof(self._head), out.data_ptr(),
-                torch.get_num_threads()) != 0:
+                None if self.embed is None else self.embed.data_ptr(), 0 if self.embed is None else len(self.embed),
+                bar, torch.get_num_threads()) != 0:
             raise MemoryError("the draft pass could not allocate its buffers")
         return out
 

@@ -12,12 +12,17 @@ Contract:
   teacher's replies use), drafts the token i + 1 places after the context's last
   token. The context's last pair carries the token the verifier has just decided (the
   "bonus"), so unlike mask slots inside the base's forward (dlm/drafter.py) every draft knows the
-  token before it.
-- `forward(feats, tokens, valid, n)`: feats (B, W, dim) (n_features * dim with `feature_layers`),
-  tokens (B, W), valid (B,) how many of the W pairs (the last ones) are real (fewer where a
-  prefill forward held fewer positions, as a short new turn after prefix reuse) -> logits (B, n,
-  len(vocab)) in float32. The engine always asks for all `n_slots` (the slots see each other: a
-  shorter block is another input).
+  token before it. A causal head (`causal`) drafts one place at a time instead, as EAGLE's drafter
+  does: slot i > 0 also reads the input embedding of place i - 1's draft (trained on the teacher's
+  token there), and every position attends to those before it only; a pass then costs n small
+  steps, each knowing the drafts before it.
+- `forward(feats, tokens, valid, n, prev=None)`: feats (B, W, dim) (n_features * dim with
+  `feature_layers`), tokens (B, W), valid (B,) how many of the W pairs (the last ones) are real
+  (fewer where a prefill forward held fewer positions, as a short new turn after prefix reuse) ->
+  logits (B, n, len(vocab)) in float32. A causal head's place i drafts after the largest-scoring
+  draft of each place before it, or, with prev (B, n - 1) token ids, after prev's (training:
+  the teacher's tokens). The engine always asks for all `n_slots` (a parallel head's slots see each
+  other: a shorter block is another input).
 - It runs after the verifying forward, on that forward's hidden states (dlm.speculative's
   `HeadSpeculativeDecoder`): a forward feeds only the last final token and the drafts, so a row's
   forward costs 1 + k positions of the base, and drafting costs one small pass.
@@ -72,9 +77,13 @@ class DraftHeadConfig:
     # only. Training and evaluation compute them; the engine feeds the final state only, and
     # refuses a head that reads more (HeadSpeculativeDecoder).
     feature_layers: tuple[int, ...] = ()
+    # One place at a time, each slot reading the previous place's draft (see the module docstring);
+    # False: every slot in one pass, seeing the others' mask slots only.
+    causal: bool = False
 
     def __post_init__(self) -> None:
         self.feature_layers = tuple(self.feature_layers)
+        self.causal = bool(self.causal)
         if self.window < 1 or self.n_slots < 1 or self.n_layers < 1 or self.vocab_size < 1:
             raise ValueError("window, n_slots, n_layers and vocab_size must be >= 1")
         if any(i < 0 for i in self.feature_layers):
@@ -173,8 +182,10 @@ class DraftHead(nn.Module):
         rows = -len(self._head) % 16  # tiled products hold 16 outputs: zero rows, sliced off
         self._packed_head = BlockProjection(q8(torch.cat([self._head, self._head.new_zeros(rows, self._head.shape[1])])),
                                             None)
+        # A causal pass adds the previous draft's input embedding to each slot: the vocabulary's rows, in bf16.
+        embed = self._embed(self.vocab).to(torch.bfloat16) if self.config.causal else None
         self._draft_pass = BlockDraftPass(self.fuse.proj.weight, self._block_layers, self.slots, self.norm.weight,
-                                          self._packed_head.weight)
+                                          self._packed_head.weight, embed)
         return True
 
     def release_dense_weights(self) -> int:
@@ -208,19 +219,44 @@ class DraftHead(nn.Module):
             every_token = torch.arange(self.model_config.vocab_size, device=model.device)  # the table may be released
             self.slots.copy_(model.embed(every_token).float().mean(0, keepdim=True).expand_as(self.slots))
 
-    def forward(self, feats: Tensor, tokens: Tensor, valid: Tensor, n: int) -> Tensor:
-        """feats (B, W, n_features * dim): the feature layers' outputs, then the final normed state."""
+    def forward(self, feats: Tensor, tokens: Tensor, valid: Tensor, n: int, prev: Tensor | None = None,
+                bar: float = 0.0) -> Tensor:
+        """feats (B, W, n_features * dim): the feature layers' outputs, then the final normed state;
+        prev: a causal head's previous places' tokens (module docstring); bar: a causal head
+        drafting on its own stops after the first place where every row's chain confidence (the
+        product of its drafts' probabilities) is below bar > 0; the later places' scores are 0."""
         if self._embed is None or self._rope is None or (self._head is None and self._packed_head is None):
             raise RuntimeError("attach(model) first")
         B, W, _ = feats.shape
         T = W + n
-        if self._draft_pass is not None and not torch.is_grad_enabled():  # `use_blocks`: one C call
+        if self._draft_pass is not None and prev is None and not torch.is_grad_enabled():  # `use_blocks`: one C call
             inputs = torch.cat([feats.float(), self._embed(tokens).float()], dim=-1)  # (B, W, n_features * dim + dim)
             cos, sin = self._block_rope(B, T)
-            return self._draft_pass(inputs, n, cos, sin, self._block_mask(W, n, valid))[..., : len(self.vocab)]
+            return self._draft_pass(inputs, n, cos, sin, self._block_mask(W, n, valid), bar)[..., : len(self.vocab)]
+        if self.config.causal and prev is None:  # place by place, each after the drafts before it
+            out = torch.zeros(B, n, len(self.vocab), device=feats.device)
+            prev, sure = torch.zeros(B, 0, dtype=torch.long, device=feats.device), 1.0
+            for i in range(n):
+                out[:, i] = self._layers_pass(feats, tokens, valid, i + 1, prev)[:, -1]
+                top, best = out[:, i].softmax(-1).max(-1)
+                sure = sure * top
+                if i + 1 == n or (bar > 0 and bool((sure < bar).all())):
+                    return out
+                prev = torch.cat([prev, self.vocab[best][:, None]], dim=1)
+        return self._layers_pass(feats, tokens, valid, n, prev)
+
+    def _layers_pass(self, feats: Tensor, tokens: Tensor, valid: Tensor, n: int, prev: Tensor | None) -> Tensor:
+        """`forward` through the torch layers, every place at once (a causal head's after prev)."""
+        B, W, _ = feats.shape
+        T = W + n
         dtype = self.fuse.weight.dtype
         ctx = self.fuse(torch.cat([feats.to(dtype), self._embed(tokens).to(dtype)], dim=-1))  # (B, W, D)
-        x = torch.cat([ctx, self.slots[:n].to(ctx.dtype)[None].expand(B, -1, -1)], dim=1)  # (B, W + n, D)
+        slots = self.slots[:n].to(ctx.dtype)[None].expand(B, -1, -1)
+        if prev is not None and n > 1:
+            if not self.config.causal or prev.shape != (B, n - 1):
+                raise ValueError(f"prev: a causal head's (B, n - 1) = ({B}, {n - 1}) tokens, not {tuple(prev.shape)}")
+            slots = torch.cat([slots[:, :1], slots[:, 1:] + self._embed(prev).to(ctx.dtype)], dim=1)
+        x = torch.cat([ctx, slots], dim=1)  # (B, W + n, D)
         mask = self._mask(W, n, valid)
         cos, sin = self._rope[0][:T][None].to(x.dtype), self._rope[1][:T][None].to(x.dtype)
         for layer in self.layers:
@@ -232,12 +268,15 @@ class DraftHead(nn.Module):
 
     def _pattern(self, W: int, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(keys 0..T-1, the attention pattern without padding (T, T): the context causally, never
-        seeing the slots, the slots the whole context and block; the diagonal), T = W + n; made
-        once per shape (a pass's dozen small tensor calls cost more than its arithmetic at a step)."""
+        seeing the slots, the slots the whole context and block (a causal head's: those before
+        them); the diagonal), T = W + n; made once per shape (a pass's dozen small tensor calls cost
+        more than its arithmetic at a step)."""
         key = ("pattern", W, n, device)
         if key not in self._plans:
             keys = torch.arange(W + n, device=device)
-            causal = ((keys[None, :] < W) & (keys[:, None] >= keys[None, :])) | (keys[:, None] >= W)
+            causal = keys[:, None] >= keys[None, :]
+            if not self.config.causal:
+                causal = (causal & (keys[None, :] < W)) | (keys[:, None] >= W)
             self._plans[key] = (keys, causal, torch.eye(W + n, dtype=torch.bool, device=device))
         return self._plans[key]
 

@@ -596,7 +596,8 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
     """Drafts from a draft head (dlm/draft_head.py) after the verifying forward: a forward feeds
     each row's last final token and its drafts (1 + k positions, no mask slots); the verifier's
     final hidden states at the accepted positions, paired with the tokens they made final, join
-    the row's context window, and the head denoises the next n drafts from it in one small pass,
+    the row's context window, and the head denoises the next n drafts from it in one small pass
+    (a causal head: place by place, each after the draft before it, `DraftHeadConfig.causal`),
     knowing the token just decided. The prefill keeps the hidden states of a row's last prompt
     positions, so the first drafts come with the first token."""
 
@@ -866,11 +867,14 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
             rows = [row for row in rows if row not in skipping]
         if not rows:
             return
-        # Always the head's full block (the slots see each other: a shorter block is another
-        # input than it was trained on); each row keeps the drafts it asked for.
+        # A parallel head's full block (the slots see each other: a shorter block is another
+        # input than it was trained on); a causal head's places up to the longest draft a row asks
+        # for, none after every row's chain fell below the confidence bar (no draft, no tree node
+        # there could pass it). Each row keeps the drafts it asked for.
         index = torch.tensor([row.slot for row in rows], device=self.device)
         valid = torch.tensor([self.window_n[row.slot] for row in rows], device=self.device)
-        scores = self.head(self.window_h[index], self.window_t[index], valid, self.head.n_slots)  # (p, n, V')
+        n = max(self._n(row.settings) for row in rows) if self.head.config.causal else self.head.n_slots
+        scores = self.head(self.window_h[index], self.window_t[index], valid, n, bar=self.draft_confidence)  # (p, n, V')
         best, top = row_top(scores)  # each slot's top token and its probability, in one pass
         tokens, dists = self._propose(rows, scores, best)
         sure = top.cumprod(dim=-1).tolist()  # (p, n): each draft's chance that it and those before it are accepted
@@ -976,9 +980,12 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
     def _propose(self, rows: list[_Row], scores: Tensor, best: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
         """The head's scores (p, m, V') over its vocabulary and their argmax `best` -> drafts (and,
         for sampled rows, the distribution over the whole vocabulary they were drawn from: zero
-        off the head's)."""
-        if all(row.generator is None for row in rows):
-            return self.head.draft_ids(best).tolist(), [None] * len(rows)
+        off the head's). A causal head's place i scored after the top drafts before it, so its
+        sampled rows draft those too, as point masses (`_point_masses`): drafts its later places
+        were made for, and no draw that depends on how many places the batch asked for."""
+        if all(row.generator is None for row in rows) or self.head.config.causal:
+            tokens = self.head.draft_ids(best).tolist()
+            return tokens, [None if row.generator is None else self._point_masses(t) for row, t in zip(rows, tokens, strict=True)]
         full = torch.full((*scores.shape[:2], self.model.config.vocab_size), float("-inf"), device=self.device)
         full[..., self.head.vocab] = scores
         return self._pick(rows, full)

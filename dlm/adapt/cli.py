@@ -102,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction
     p.add_argument("--feature-layers", default="", metavar="I,J,...",
                    help="head: also read these base layers' outputs (EAGLE-3's low/mid features; training and "
                         "evaluation only, the engine does not feed them yet)")
+    p.add_argument("--causal", action="store_true",
+                   help="head: draft one place at a time, each slot reading the draft before it (EAGLE's order; "
+                        "with --init, a parallel head's weights become a causal head's start)")
     p.add_argument("--device", default="cpu", help="head: where the base's features and the training run (cpu, cuda)")
     p.add_argument("--max-vocab", type=int, default=0, metavar="N",
                    help="head: draft only the N tokens the training replies use most (default 0: every token "
@@ -245,7 +248,7 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
             cfg = HeadTrainConfig(max_steps=steps, batch_size=args.batch_size or 256, window=args.window,
                                   n_slots=args.slots, n_layers=args.layers, lr=args.lr, soft=args.soft,
                                   feature_layers=tuple(int(i) for i in args.feature_layers.split(",") if i),
-                                  time_budget_s=args.time_budget_s, max_vocab=args.max_vocab)
+                                  time_budget_s=args.time_budget_s, max_vocab=args.max_vocab, causal=args.causal)
             init = load_drafter(args.init, loaded, check_base=False) if args.init else None
             train_head(loaded, train_set, cfg, args.out, base, info=info, init=init)
         with torch.no_grad():

@@ -116,7 +116,7 @@ call2)
         # One run at a time: four at once on the one GPU printed nothing in 297 s and were killed
         # (session 21), where one alone takes about 100 s with h0's features. Best first.
         TRAIN_S=75
-        for run in "h1 --layers 2 --soft 0.5 --feature-layers 2,15" "h2 --layers 3 --soft 0.5" \
+        for run in "hc --layers 2 --soft 0.5 --causal" "h1 --layers 2 --soft 0.5 --feature-layers 2,15" "h2 --layers 3 --soft 0.5" \
                    "h3 --layers 2 --soft 0.5 --batch-size 1024" "h4 --layers 2 --soft 0.9" "h5 --layers 2 --soft 0.5 --window 8"; do
             [ "$(left)" -gt 130 ] || break
             log "head ${run%% *}, $(left) s left"

@@ -28,14 +28,20 @@ entropy over the head's vocabulary, weight `slot_decay ** i`: a draft counts onl
 one was accepted; with `soft`, that share of each target's loss is the cross entropy to the
 teacher's whole distribution there instead, computed from the stored final states). A share of
 samples (`short_window`) sees fewer pairs, as right after a prefill. The vocabulary is every
-token the training replies use (targets outside it cannot be drafted).
+token the training replies use (targets outside it cannot be drafted). A causal head (`causal`)
+is taught by teacher forcing: each slot after the first reads the teacher's token at the target
+before it, which is the draft it reads in decoding wherever the drafts before it were right
+(the only drafts that count).
 
 `evaluate_head(loaded, head, examples)` reports each slot's agreement with the teacher on
 held-out replies and, for each draft length n, the tokens per forward of greedy verification as
 decoding goes: from a reply's start, each forward makes 1 + the leading drafts that agree (at
 most n) final, and the next starts after them. That is what the engine does (it drafts after
 every forward from the same hidden states), apart from arithmetic (the engine's head runs on Q8
-blocks or packed bf16) and the short windows of prompts shorter than the window.
+blocks or packed bf16) and the short windows of prompts shorter than the window. A causal
+head is evaluated with the teacher's tokens before each slot (exactly its own drafts wherever
+those agree, so the tokens per forward are decoding's; its slot agreement is each slot's after
+right ones).
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ class HeadTrainConfig:
     slot_decay: float = 0.8
     soft: float = 0.0  # share of the loss that matches the teacher's distribution at each target (0: hard targets)
     feature_layers: tuple[int, ...] = ()  # DraftHeadConfig.feature_layers
+    causal: bool = False  # DraftHeadConfig.causal (with `init`: a parallel head's weights start a causal one)
     short_window: float = 0.1  # share of samples with a random shorter window
     seed: int = 0
     checkpoint_every: int = 500  # steps; 0: only at the end and at the time budget
@@ -128,6 +135,12 @@ class _Corpus:
         target = torch.where(target >= 0, remap[target.clamp_min(0)], target)
         valid = torch.full((len(t),), window, device=device) if valid is None else valid.to(device)
         return feats, tokens, valid, target
+
+    def prev(self, t: Tensor, n: int) -> Tensor:
+        """A causal head's inputs at samples t (S,): the teacher's tokens at each sample's first
+        n - 1 targets (S, n - 1) (0 past a reply's end, where no target counts)."""
+        t = t.to(self.ids.device)
+        return self.ids[t[:, None] + 2 + torch.arange(n - 1, device=t.device)[None]].clamp_min(0)
 
     def teacher_logits(self, t: Tensor, n: int, head_rows: Tensor) -> Tensor:
         """The teacher's logits over the head's vocabulary (its output embedding rows `head_rows`)
@@ -207,8 +220,9 @@ def _remap(vocab: Tensor, vocab_size: int) -> Tensor:
 def _loss(head: DraftHead, corpus: _Corpus, t: Tensor, valid: Tensor, remap: Tensor, cfg: HeadTrainConfig
           ) -> tuple[Tensor, float]:
     feats, tokens, valid, target = corpus.batch(t, cfg.window, cfg.n_slots, remap, valid)
+    prev = corpus.prev(t, cfg.n_slots) if head.config.causal else None  # teacher forcing
     with torch.autocast(feats.device.type, dtype=torch.bfloat16):
-        scores = head(feats, tokens, valid, cfg.n_slots)
+        scores = head(feats, tokens, valid, cfg.n_slots, prev)
     ce = F.cross_entropy(scores.float().reshape(-1, scores.shape[-1]), target.reshape(-1), reduction="none",
                          ignore_index=-100).view_as(target)
     if cfg.soft:
@@ -299,6 +313,7 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     if init is not None:
         cfg.window, cfg.n_slots, cfg.n_layers = init.config.window, init.config.n_slots, init.config.n_layers
         cfg.feature_layers = init.config.feature_layers
+        cfg.causal = cfg.causal or init.config.causal
         # Its vocabulary and every token the data's replies use: no weight is per token (the
         # output rows are the base's), so new tokens cost nothing but their rows' products.
         vocab = _vocab(examples, V, also=init.vocab, limit=cfg.max_vocab)
@@ -310,7 +325,8 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     corpus = _Corpus(examples, features, cfg.n_slots, device)
     remap = _remap(vocab, V).to(device)
     head = DraftHead(loaded.config, DraftHeadConfig(window=cfg.window, n_slots=cfg.n_slots, n_layers=cfg.n_layers,
-                                                    vocab_size=len(vocab), feature_layers=cfg.feature_layers)).to(device)
+                                                    vocab_size=len(vocab), feature_layers=cfg.feature_layers,
+                                                    causal=cfg.causal)).to(device)
     head.vocab.copy_(vocab)
     if init is not None:
         state = {k: v.float() if v.is_floating_point() else v for k, v in init.state_dict().items()}
@@ -377,9 +393,12 @@ def evaluate_head(loaded: Any, head: DraftHead, examples: list[Example], batch_s
         for start in range(0, len(corpus.samples), batch_size):
             feats, tokens, valid, target = corpus.batch(corpus.samples[start:start + batch_size], head.config.window, n,
                                                         remap)
-            hit = (head(feats, tokens, valid, n).argmax(-1) == target) & (target >= 0)
-            hits += hit.float().sum(0)
             t = corpus.samples[start:start + batch_size].to(device)
+            # A causal head's places after the teacher's tokens: where every earlier draft agrees,
+            # exactly the drafts decoding would make.
+            prev = corpus.prev(t, n) if head.config.causal else None
+            hit = (head(feats, tokens, valid, n, prev).argmax(-1) == target) & (target >= 0)
+            hits += hit.float().sum(0)
             counts += (corpus.ids[t[:, None] + 2 + torch.arange(n, device=device)[None]] >= 0).float().sum(0)
             runs.append(hit.long().cumprod(1).sum(1))
     run = torch.cat(runs).tolist()  # per sample: how many leading drafts agree

@@ -245,6 +245,85 @@ def test_a_draft_head_on_q8_blocks_drafts_what_its_float32_layers_draft(tmp_path
         _head(loaded, vocab).release_dense_weights()
 
 
+def _causal_head(loaded, vocab, n_slots=4):
+    head = DraftHead(loaded.config, DraftHeadConfig(window=3, n_slots=n_slots, vocab_size=len(vocab), causal=True))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, 0.3)
+        head.vocab.copy_(torch.tensor(vocab))
+    head.attach(loaded.model)
+    return head
+
+
+def _places_drafted(scores):
+    return [int(n) for n in (scores != 0).any(-1).sum(1)]
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["torch-layers", "q8-blocks"])
+def test_a_causal_head_drafts_place_by_place_after_its_own_drafts(tmp_path, blocks):
+    """A causal head's place i reads the draft of place i - 1: on its own it scores as it does
+    when given those drafts (teacher forcing, as in training), a place never depends on later
+    ones, each row is drafted as alone (on blocks bit for bit), and `bar` stops after the first place where every row's
+    chain is less sure than it (the later places' scores 0). On Q8 blocks (one C call, places one
+    at a time over a scratch cache) the scores are within that rounding of the float32 layers'
+    and the drafts the same."""
+    if blocks and dlm.blocks.available() is not None:
+        pytest.skip(f"block kernel unavailable: {dlm.blocks.available()}")
+    loaded = random_loaded("causal", seed=4, block_size=1, dim=64, n_heads=4, n_kv_heads=2, intermediate_size=128)
+    vocab = list(range(0, 60, 3))
+    head = _causal_head(loaded, vocab)
+    g = torch.Generator().manual_seed(5)
+    feats, tokens = torch.randn(3, 3, 64, generator=g), torch.randint(0, 60, (3, 3), generator=g)
+    valid = torch.tensor([3, 1, 2])
+    with torch.no_grad():
+        plain = head(feats, tokens, valid, 4)
+        forced = head(feats, tokens, valid, 4, head.draft_ids(plain.argmax(-1))[:, :3])
+        assert torch.allclose(forced, plain, atol=1e-5)
+        other = head(feats, tokens, valid, 4, torch.full((3, 3), 7))  # other tokens before: other scores after them
+        assert torch.equal(other[:, 0], forced[:, 0]) and not torch.allclose(other[:, 1:], forced[:, 1:], atol=1e-3)
+        if blocks:
+            assert head.use_blocks() and head._draft_pass.embed is not None
+            on_blocks = head(feats, tokens, valid, 4)
+            assert torch.equal(on_blocks.argmax(-1), plain.argmax(-1))
+            assert 0 < (on_blocks - plain).abs().max() < 0.03 * plain.abs().max()
+            plain = on_blocks
+        assert torch.equal(head(feats, tokens, valid, 2), plain[:, :2])
+        alone = head(feats[1:2], tokens[1:2], valid[1:2], 4)[0]
+        assert torch.equal(alone, plain[1]) if blocks else torch.allclose(alone, plain[1], atol=1e-6)
+        sure = plain.softmax(-1).max(-1).values.cumprod(-1)  # each row's chain confidence by place
+        bar = float(sure[:, 1].max()) * 1.01  # every row below it from place 1 on, some not at place 0
+        assert bar < float(sure[:, 0].max())
+        cut = head(feats, tokens, valid, 4, bar=bar)
+    assert _places_drafted(cut) == [2, 2, 2] and torch.equal(cut[:, :2], plain[:, :2])
+    parallel = _head(loaded, vocab)
+    parallel.attach(loaded.model)
+    with pytest.raises(ValueError, match="causal head"):
+        parallel(feats, tokens, valid, 3, torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_a_causal_head_learns_the_token_after_a_guess(base, tmp_path):
+    """Replies of pairs (a random a in 10..13, then a + 20): after a pair, no head can know the
+    next a, but a causal head, reading it (the teacher's in training, its own draft in decoding),
+    knows the b after it; a parallel head cannot. Saved and loaded, it stays causal."""
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(50):
+        a = torch.randint(10, 14, (6,), generator=g).tolist()
+        examples.append(Example([2, 3], [t for x in a for t in (x, x + 20)], [], "x", "greedy", i, "train"))
+    examples, heldout = examples[:40], examples[40:]
+    agreement = {}
+    for causal in (False, True):
+        cfg = HeadTrainConfig(max_steps=150, batch_size=64, window=2, n_slots=2, n_layers=1, lr=3e-3, warmup_steps=2,
+                              causal=causal)
+        head = train_head(base, examples, cfg, tmp_path / str(causal), base.path)
+        agreement[causal] = evaluate_head(base, head, heldout)["slot_agreement"]
+    # Place 1 after an a is the next a (a guess: 1 in 4 for both); after a b, the b of the next
+    # a: the causal head knows it from its input (the teacher's a), the parallel one guesses.
+    assert agreement[True][1] > 0.5 > 0.4 > agreement[False][1], agreement
+    back = load_drafter(tmp_path / "True" / "drafter.safetensors", base)
+    assert back.config.causal and read_drafter_meta(tmp_path / "True" / "drafter.safetensors")["config"]["causal"]
+
+
 def test_a_draft_head_learns_from_the_bases_hidden_states_and_resumes(base, tmp_path):
     """Replies that count up (next = last + 1): the head learns them from (hidden state, token)
     pairs of the frozen base; a rerun with more steps continues the same run."""

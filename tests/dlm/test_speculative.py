@@ -47,11 +47,12 @@ def _random_drafter(loaded, n_slots: int = 4, seed: int = 0, scale: float = 0.5)
     return drafter.eval()
 
 
-def _random_head(loaded, n_slots: int = 4, seed: int = 0, scale: float = 0.5, vocab: int = 0) -> DraftHead:
+def _random_head(loaded, n_slots: int = 4, seed: int = 0, scale: float = 0.5, vocab: int = 0,
+                 causal: bool = False) -> DraftHead:
     """A draft head with random weights over the first `vocab` token ids (0: all)."""
     torch.manual_seed(seed)
     V = vocab or loaded.config.vocab_size
-    head = DraftHead(loaded.config, DraftHeadConfig(window=3, n_slots=n_slots, vocab_size=V))
+    head = DraftHead(loaded.config, DraftHeadConfig(window=3, n_slots=n_slots, vocab_size=V, causal=causal))
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0.0, scale)
@@ -61,7 +62,9 @@ def _random_head(loaded, n_slots: int = 4, seed: int = 0, scale: float = 0.5, vo
 
 
 def _drafter(kind: str, loaded, **kwargs) -> Drafter | DraftHead:
-    return _random_head(loaded, **kwargs) if kind == "head" else _random_drafter(loaded, **kwargs)
+    if kind in ("head", "causal head"):
+        return _random_head(loaded, causal=kind == "causal head", **kwargs)
+    return _random_drafter(loaded, **kwargs)
 
 
 def _run(handle) -> tuple[list[int], int, str]:
@@ -80,7 +83,7 @@ def ar_alone_together(loaded, drafter, prompts, params, **kwargs) -> tuple[list,
 
 
 @pytest.mark.parametrize("kind,draft_len,tree", [("slots", 1, True), ("slots", 3, True), ("slots", 4, False),
-                                                  ("head", 1, True), ("head", 4, True)])
+                                                  ("head", 1, True), ("head", 4, True), ("causal head", 4, True)])
 def test_random_drafter_is_exact_and_batches_equal_each_alone(kind, draft_len, tree):
     loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
     expected, alone, together = ar_alone_together(loaded, _drafter(kind, loaded), PROMPTS,
@@ -276,7 +279,7 @@ def test_prompt_lookup_drafts_where_the_head_is_unsure_and_the_replies_stay_the_
 class _SureOfTheNext(DraftHead):
     """A head 0.9 sure of the counting model's next token and sure of nothing after it (uniform)."""
 
-    def forward(self, feats, tokens, valid, n):
+    def forward(self, feats, tokens, valid, n, prev=None, bar=0.0):
         V = self.model_config.vocab_size
         probs = torch.full((tokens.shape[0], n, V), 1 / V)
         probs[:, 0] = 0.1 / (V - 1)
@@ -600,6 +603,39 @@ def test_a_budget_drafts_less_in_a_batch_and_leaves_every_reply_as_it_was(sure, 
     assert [r[1] for r in alone] == [5] * 4  # the prefill's token, then 5 a forward
     assert [r[1] for r in together] == [together_steps] * 4  # the prefill's, then 3 (or 1) a forward
     assert sum(passes) == head_rows  # the rows' head passes (none after a row's last forward)
+
+
+def test_a_causal_head_drafts_only_the_places_its_rows_ask_for():
+    """A causal head's places depend only on those before them: a pass drafts up to the longest
+    draft its rows ask for (not the head's whole block) and stops where no row's chain is sure
+    enough (`bar`: no later draft could be kept); the replies stay the AR engine's, greedy and
+    sampled rows side by side."""
+    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
+    head = _random_head(loaded, n_slots=4, causal=True, scale=2.0)
+    asked, forward = [], head.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        asked.append((args[3], kwargs["bar"], int((out != 0).any(-1).sum(1).max())))  # n, bar, places drafted
+        return out
+
+    head.forward = spy
+    greedy, short = GenerationParams(max_new_tokens=16), GenerationParams(max_new_tokens=16, draft_len=2)
+    sampling = GenerationParams(max_new_tokens=16, temperature=1.0, seed=7, draft_len=2)
+    with AREngine(loaded, max_batch_size=4) as ar:
+        expected = [_run(ar.submit(p, greedy))[0] for p in PROMPTS[:2]]
+    with SpeculativeEngine(loaded, head, max_batch_size=4, draft_len=3, draft_confidence=0.0) as spec:
+        assert [_run(spec.submit(p, short))[0] for p in PROMPTS[:2]] == expected
+        assert {a[:2] for a in asked} == {(2, 0.0)}
+        asked.clear()
+        alone = _run(spec.submit(PROMPTS[2], sampling))[0]
+        together = [_run(h)[0] for h in [spec.submit(PROMPTS[0], greedy), spec.submit(PROMPTS[2], sampling)]]
+        assert together == [expected[0], alone]
+        assert {a[0] for a in asked} == {2, 3}  # alone 2; beside a row of the engine's 3: 3
+    with SpeculativeEngine(loaded, head, max_batch_size=4, draft_len=4, draft_confidence=0.9) as spec:
+        asked.clear()
+        assert [_run(spec.submit(p, greedy))[0] for p in PROMPTS[:2]] == expected
+    assert {a[:2] for a in asked} == {(4, 0.9)} and min(a[2] for a in asked) < 4  # a random head is rarely that sure
 
 
 def test_a_seeded_sampled_reply_is_the_same_alone_and_beside_rows_under_a_budget():
