@@ -322,6 +322,11 @@ def test_a_causal_head_learns_the_token_after_a_guess(base, tmp_path):
     assert agreement[True][1] > 0.5 > 0.4 > agreement[False][1], agreement
     back = load_drafter(tmp_path / "True" / "drafter.safetensors", base)
     assert back.config.causal and read_drafter_meta(tmp_path / "True" / "drafter.safetensors")["config"]["causal"]
+    # A parallel head continued as a causal one (`--causal --init`): its weights are the start.
+    parallel = load_drafter(tmp_path / "False" / "drafter.safetensors", base)
+    start = train_head(base, examples, HeadTrainConfig(max_steps=0, batch_size=64, causal=True), tmp_path / "start",
+                       base.path, init=parallel)
+    assert start.config.causal and torch.equal(start.fuse.weight, parallel.fuse.weight.float())
 
 
 def test_a_draft_head_learns_from_the_bases_hidden_states_and_resumes(base, tmp_path):

@@ -828,16 +828,8 @@ def test_sampled_rows_copy_drafts_from_their_text_and_keep_the_teacher_distribut
     instead of p without the copy fails it too: checked by hand)."""
     loaded = _constant_teacher(sharpness=2.25)  # repeated runs, so copies, are common
     head = _random_head(loaded, n_slots=4, seed=1, scale=0.0)  # sure of nothing: every draft is a copy
-    with torch.no_grad():
-        logits = loaded.model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], causal_mask(3))[0]
-        p = logits[-1].softmax(-1).double()
-
-    class Recording(HeadSpeculativeDecoder):
-        def _verify(self, rows, verify, drafts):
-            out = super()._verify(rows, verify, drafts)
-            for (j, tokens), d in zip(out, drafts, strict=True):
-                self.checked += [(c, tokens[i]) for i, c in enumerate(d.tokens[: j + 1])]
-            return out
+    p = _constant_p(loaded)
+    Recording = _Recording
 
     class KeepsEvery(HeadSpeculativeDecoder):
         def _verify(self, rows, verify, drafts):  # broken on purpose: every copy is kept
@@ -851,23 +843,76 @@ def test_sampled_rows_copy_drafts_from_their_text_and_keep_the_teacher_distribut
             return torch.full((len(tokens), self.model.config.vocab_size), 1.0 / self.model.config.vocab_size)
 
     def sample(decoder_cls) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        decoder = decoder_cls(loaded.model, loaded.spec, head, draft_len=4, max_batch_size=8, max_seq_len=512,
-                              prompt_lookup=4)
-        decoder.checked = []
-        return _sampled_counts(decoder, p.shape[0]), decoder.checked
-
-    def z(checked: list[tuple[int, int]]) -> float:
-        q = p[torch.tensor([c for c, _ in checked])]
-        hits = sum(c == token for c, token in checked)
-        return float((hits - q.sum()) / (q * (1 - q)).sum().sqrt())
+        return _recorded_sample(decoder_cls, loaded, head, p, prompt_lookup=4)
 
     counts, checked = sample(Recording)
     assert len(checked) > 300, len(checked)  # copies were verified, often
-    assert abs(z(checked)) < 3.29, z(checked)
+    assert abs(_z(checked, p)) < 3.29, _z(checked, p)
     stat, critical = _chi2(counts, p)
     assert stat < critical, (stat, critical)
     for broken in (AcceptAll, Flat):
-        assert z(sample(broken)[1]) > 3.29, broken.__name__
+        assert _z(sample(broken)[1], p) > 3.29, broken.__name__
+
+
+def test_a_causal_heads_sampled_rows_keep_the_teacher_distribution():
+    """A causal head's sampled rows verify its top drafts as point masses, as copies are verified:
+    wherever one is verified the final token equals it with probability p(c) (the copies' test's
+    martingale), and the tokens' frequencies pass the chi-square test. The same drafts verified
+    against the head's own distribution, as a parallel head's sampled drafts are (broken on
+    purpose: these drafts are its top tokens, not draws from it), fail the first."""
+    loaded = _constant_teacher(sharpness=2.25)
+    p = _constant_p(loaded)
+    head = _random_head(loaded, n_slots=4, scale=0.0, causal=True)  # every score 0: its first token, the teacher's likeliest
+    head.vocab.copy_(p.argsort(descending=True))
+
+    class HeadsQ(_Recording):
+        def _point_masses(self, tokens):  # broken on purpose: q where the drafts were not drawn from
+            return self.q.pop(0)
+
+        def _propose(self, rows, scores, best):
+            full = torch.zeros(*scores.shape[:2], self.model.config.vocab_size)
+            full[..., self.head.vocab] = scores.softmax(-1)
+            self.q = list(full)
+            return super()._propose(rows, scores, best)
+
+    counts, checked = _recorded_sample(_Recording, loaded, head, p, prompt_lookup=0, draft_confidence=0.0)
+    assert len(checked) > 300 and sum(c == t for c, t in checked) > 100, len(checked)  # often right, often not
+    assert abs(_z(checked, p)) < 3.29, _z(checked, p)
+    stat, critical = _chi2(counts, p)
+    assert stat < critical, (stat, critical)
+    assert abs(_z(_recorded_sample(HeadsQ, loaded, head, p, prompt_lookup=0, draft_confidence=0.0)[1], p)) > 3.29
+
+
+def _constant_p(loaded) -> torch.Tensor:
+    """The constant teacher's next-token distribution (float64)."""
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], causal_mask(3))[0]
+    return logits[-1].softmax(-1).double()
+
+
+class _Recording(HeadSpeculativeDecoder):
+    """Records (draft, the token that became final at its place) for every verified draft."""
+
+    def _verify(self, rows, verify, drafts):
+        out = super()._verify(rows, verify, drafts)
+        for (j, tokens), d in zip(out, drafts, strict=True):
+            self.checked += [(c, tokens[i]) for i, c in enumerate(d.tokens[: j + 1])]
+        return out
+
+
+def _recorded_sample(decoder_cls, loaded, head, p, **kwargs) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """`_sampled_counts` with a recording decoder: (token counts, verified (draft, final token))."""
+    decoder = decoder_cls(loaded.model, loaded.spec, head, draft_len=4, max_batch_size=8, max_seq_len=512, **kwargs)
+    decoder.checked = []
+    return _sampled_counts(decoder, p.shape[0]), decoder.checked
+
+
+def _z(checked: list[tuple[int, int]], p: torch.Tensor) -> float:
+    """(hits - sum of p(c)) / its standard deviation over the verified drafts c: about N(0, 1)
+    where each is final with probability p(c)."""
+    q = p[torch.tensor([c for c, _ in checked])]
+    hits = sum(c == token for c, token in checked)
+    return float((hits - q.sum()) / (q * (1 - q)).sum().sqrt())
 
 
 @pytest.mark.skipif(not can_pack_linears(torch.bfloat16, "cpu"), reason="no oneDNN bf16 on this CPU")
