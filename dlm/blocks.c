@@ -1359,7 +1359,8 @@ static int draft_chain(const float *in, int64_t B, int64_t W, int64_t n, int64_t
             for (int64_t p = 0; p < per; p++) {
                 const int64_t r = b * per + p, pos = first + p;
                 rows[r] = b, at[r] = pos;
-                memcpy(m + r * T, mask + (b * T + pos) * T, (size_t)T);
+                memcpy(m + r * T, mask + (b * T + pos) * T, (size_t)(pos + 1));
+                memset(m + r * T + pos + 1, 0, (size_t)(T - pos - 1)); /* never a place not drafted yet */
                 memcpy(c + r * Dh, cos + (b * T + pos) * Dh, sizeof(float) * Dh);
                 memcpy(sn + r * Dh, sin + (b * T + pos) * Dh, sizeof(float) * Dh);
             }

@@ -21,8 +21,8 @@ Contract:
   (fewer where a prefill forward held fewer positions, as a short new turn after prefix reuse) ->
   logits (B, n, len(vocab)) in float32. A causal head's place i drafts after the largest-scoring
   draft of each place before it, or, with prev (B, n - 1) token ids, after prev's (training:
-  the teacher's tokens). The engine always asks for all `n_slots` (a parallel head's slots see each
-  other: a shorter block is another input).
+  the teacher's tokens). The engine asks a parallel head for all `n_slots` (its slots see each
+  other: a shorter block is another input), a causal head for its rows' longest draft.
 - It runs after the verifying forward, on that forward's hidden states (dlm.speculative's
   `HeadSpeculativeDecoder`): a forward feeds only the last final token and the drafts, so a row's
   forward costs 1 + k positions of the base, and drafting costs one small pass.
@@ -182,7 +182,9 @@ class DraftHead(nn.Module):
         rows = -len(self._head) % 16  # tiled products hold 16 outputs: zero rows, sliced off
         self._packed_head = BlockProjection(q8(torch.cat([self._head, self._head.new_zeros(rows, self._head.shape[1])])),
                                             None)
-        # A causal pass adds the previous draft's input embedding to each slot: the vocabulary's rows, in bf16.
+        # A causal pass adds the previous draft's input embedding to each slot: the vocabulary's
+        # rows, rounded to bf16 (training adds them unrounded: a draft moves only where that
+        # rounding decides between two near-equal scores).
         embed = self._embed(self.vocab).to(torch.bfloat16) if self.config.causal else None
         self._draft_pass = BlockDraftPass(self.fuse.proj.weight, self._block_layers, self.slots, self.norm.weight,
                                           self._packed_head.weight, embed)
@@ -238,9 +240,9 @@ class DraftHead(nn.Module):
             prev, sure = torch.zeros(B, 0, dtype=torch.long, device=feats.device), 1.0
             for i in range(n):
                 out[:, i] = self._layers_pass(feats, tokens, valid, i + 1, prev)[:, -1]
-                top, best = out[:, i].softmax(-1).max(-1)
-                sure = sure * top
-                if i + 1 == n or (bar > 0 and bool((sure < bar).all())):
+                best = out[:, i].argmax(-1)  # as the engine drafts (softmax can tie what argmax tells apart)
+                sure = sure * out[:, i].softmax(-1).gather(-1, best[:, None])[:, 0]
+                if i + 1 == n or (bar > 0 and not bool((sure >= bar).any())):  # a NaN: below, as in C
                     return out
                 prev = torch.cat([prev, self.vocab[best][:, None]], dim=1)
         return self._layers_pass(feats, tokens, valid, n, prev)

@@ -906,8 +906,11 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
 
     def _branching(self, row: _Row) -> bool:
         """Whether a row's drafts may branch into a tree (`branches` > 1): greedy exact rows
-        without a constraint (a tree is walked down by the verifier's argmax alone, `_walk`)."""
-        return self.branches > 1 and self._greedy(row) and row.settings.constraint is None
+        without a constraint (a tree is walked down by the verifier's argmax alone, `_walk`),
+        drafted by a parallel head (a causal head scores each place after the top drafts before
+        it: another branch's children would be scored for a prefix they do not follow)."""
+        return (self.branches > 1 and self._greedy(row) and row.settings.constraint is None
+                and not self.head.config.causal)
 
     def _keep_tree(self, row: _Row, n: int, ids: list[list[int]], probs: list[list[float]]) -> None:
         """A row's next drafts as a tree (`draft_tree`) of its first n places' top tokens (ids,

@@ -114,7 +114,9 @@ call2)
         log "head h0 (the shipped head's recipe: its features for the others), $(left) s left"
         TRAIN_S=100 head_run h0 --layers 2 --soft 0.5
         # One run at a time: four at once on the one GPU printed nothing in 297 s and were killed
-        # (session 21), where one alone takes about 100 s with h0's features. Best first.
+        # (session 21), where one alone takes about 100 s with h0's features. Best first (hc: 4-6 %
+        # more tokens a forward than a parallel head in session 39's CPU comparison; h1-h5: within
+        # 0.05 of h0 in session 22).
         TRAIN_S=75
         for run in "hc --layers 2 --soft 0.5 --causal" "h1 --layers 2 --soft 0.5 --feature-layers 2,15" "h2 --layers 3 --soft 0.5" \
                    "h3 --layers 2 --soft 0.5 --batch-size 1024" "h4 --layers 2 --soft 0.9" "h5 --layers 2 --soft 0.5 --window 8"; do

@@ -131,16 +131,20 @@ class _Corpus:
         g = (t[:, None] + back[None]).clamp_min(0)
         feats = self.h[g].float()
         tokens = self.ids[g + 1].clamp_min(0)
-        target = self.ids[t[:, None] + 2 + torch.arange(n, device=device)[None]]
+        target = self.ids[self.targets_at(t, n)]
         target = torch.where(target >= 0, remap[target.clamp_min(0)], target)
         valid = torch.full((len(t),), window, device=device) if valid is None else valid.to(device)
         return feats, tokens, valid, target
 
+    def targets_at(self, t: Tensor, n: int) -> Tensor:
+        """The global positions of samples t's first n targets (S, n): t + 2 .. t + 1 + n."""
+        t = t.to(self.ids.device)
+        return t[:, None] + 2 + torch.arange(n, device=t.device)[None]
+
     def prev(self, t: Tensor, n: int) -> Tensor:
         """A causal head's inputs at samples t (S,): the teacher's tokens at each sample's first
         n - 1 targets (S, n - 1) (0 past a reply's end, where no target counts)."""
-        t = t.to(self.ids.device)
-        return self.ids[t[:, None] + 2 + torch.arange(n - 1, device=t.device)[None]].clamp_min(0)
+        return self.ids[self.targets_at(t, n - 1)].clamp_min(0)
 
     def teacher_logits(self, t: Tensor, n: int, head_rows: Tensor) -> Tensor:
         """The teacher's logits over the head's vocabulary (its output embedding rows `head_rows`)
@@ -302,7 +306,8 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     `init`: the weights to start from where out_dir holds no state yet (a shipped head, to train
     further; its window, slots and layers replace cfg's, its vocabulary grows by the tokens the
     data's replies use, up to `cfg.max_vocab`: no weight is per token, so a token dropped loses
-    nothing but its drafts)."""
+    nothing but its drafts; a causal `init` stays causal, and `cfg.causal` makes a parallel one's
+    weights a causal head's start)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = [e for e in examples if len(e.reply_ids) >= 2]
@@ -399,7 +404,7 @@ def evaluate_head(loaded: Any, head: DraftHead, examples: list[Example], batch_s
             prev = corpus.prev(t, n) if head.config.causal else None
             hit = (head(feats, tokens, valid, n, prev).argmax(-1) == target) & (target >= 0)
             hits += hit.float().sum(0)
-            counts += (corpus.ids[t[:, None] + 2 + torch.arange(n, device=device)[None]] >= 0).float().sum(0)
+            counts += (corpus.ids[corpus.targets_at(t, n)] >= 0).float().sum(0)
             runs.append(hit.long().cumprod(1).sum(1))
     run = torch.cat(runs).tolist()  # per sample: how many leading drafts agree
     # Tokens per forward as decoding gets them: from each reply's start, a forward at position t

@@ -58,6 +58,9 @@ def resume_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer
         return 0
     saved = torch.load(path, map_location="cpu", weights_only=True)
     changed = [k for k in ("batch_size", "seed") if saved["config"].get(k) != getattr(cfg, k)]
+    # A draft head's `causal` too (the same weights' shapes, another model; absent before session 39: False)
+    if bool(saved["config"].get("causal")) != bool(getattr(cfg, "causal", False)):
+        changed.append("causal")
     if changed:
         raise RuntimeError(f"{path.parent} was trained with another {' and '.join(changed)}: resuming would not "
                            f"continue the same run; use the same settings or delete {path} to restart")

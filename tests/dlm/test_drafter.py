@@ -287,14 +287,17 @@ def test_a_causal_head_drafts_place_by_place_after_its_own_drafts(tmp_path, bloc
             assert torch.equal(on_blocks.argmax(-1), plain.argmax(-1))
             assert 0 < (on_blocks - plain).abs().max() < 0.03 * plain.abs().max()
             plain = on_blocks
-        assert torch.equal(head(feats, tokens, valid, 2), plain[:, :2])
+        if blocks:  # one pass of 2 places (a scratch cache of its own size) as the first 2 of 4
+            assert torch.equal(head(feats, tokens, valid, 2), plain[:, :2])
         alone = head(feats[1:2], tokens[1:2], valid[1:2], 4)[0]
         assert torch.equal(alone, plain[1]) if blocks else torch.allclose(alone, plain[1], atol=1e-6)
         sure = plain.softmax(-1).max(-1).values.cumprod(-1)  # each row's chain confidence by place
-        bar = float(sure[:, 1].max()) * 1.01  # every row below it from place 1 on, some not at place 0
-        assert bar < float(sure[:, 0].max())
+        # A place k where some rows fall below the bar and others not (the pass goes on), and every
+        # row is below it at k + 1 (the pass stops there: k + 2 places drafted).
+        k, bar = next((k, float(sure[:, k].min() + sure[:, k].max()) / 2) for k in range(3)
+                      if float(sure[:, k + 1].max()) < float(sure[:, k].min() + sure[:, k].max()) / 2)
         cut = head(feats, tokens, valid, 4, bar=bar)
-    assert _places_drafted(cut) == [2, 2, 2] and torch.equal(cut[:, :2], plain[:, :2])
+    assert _places_drafted(cut) == [k + 2] * 3 and torch.equal(cut[:, : k + 2], plain[:, : k + 2])
     parallel = _head(loaded, vocab)
     parallel.attach(loaded.model)
     with pytest.raises(ValueError, match="causal head"):

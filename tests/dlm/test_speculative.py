@@ -11,6 +11,7 @@ import pytest
 import torch
 from dlm_tiny_models import COUNT_V, CharTokenizer, counting_loaded, random_loaded
 
+import dlm.blocks
 from dlm.ar import AREngine
 from dlm.blocks import row_top
 from dlm.decode import DecodeSettings
@@ -605,13 +606,18 @@ def test_a_budget_drafts_less_in_a_batch_and_leaves_every_reply_as_it_was(sure, 
     assert sum(passes) == head_rows  # the rows' head passes (none after a row's last forward)
 
 
-def test_a_causal_head_drafts_only_the_places_its_rows_ask_for():
+@pytest.mark.parametrize("blocks", [False, True], ids=["torch-layers", "q8-blocks"])
+def test_a_causal_head_drafts_only_the_places_its_rows_ask_for(blocks):
     """A causal head's places depend only on those before them: a pass drafts up to the longest
     draft its rows ask for (not the head's whole block) and stops where no row's chain is sure
     enough (`bar`: no later draft could be kept); the replies stay the AR engine's, greedy and
-    sampled rows side by side."""
-    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1)
+    sampled rows side by side; on Q8 blocks too (the places in one C call)."""
+    if blocks and dlm.blocks.available() is not None:
+        pytest.skip(f"block kernel unavailable: {dlm.blocks.available()}")
+    loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1, dim=64, n_heads=4, n_kv_heads=2,
+                           intermediate_size=128)
     head = _random_head(loaded, n_slots=4, causal=True, scale=2.0)
+    assert head.use_blocks() == blocks or not blocks
     asked, forward = [], head.forward
 
     def spy(*args, **kwargs):
