@@ -869,8 +869,8 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
             return
         # A parallel head's full block (the slots see each other: a shorter block is another
         # input than it was trained on); a causal head's places up to the longest draft a row asks
-        # for, none after every row's chain fell below the confidence bar (no draft, no tree node
-        # there could pass it). Each row keeps the drafts it asked for.
+        # for, none after every row's chain fell below the confidence bar (no draft there could
+        # pass it; a causal head drafts chains, `_branching`). Each row keeps the drafts it asked for.
         index = torch.tensor([row.slot for row in rows], device=self.device)
         valid = torch.tensor([self.window_n[row.slot] for row in rows], device=self.device)
         n = max(self._n(row.settings) for row in rows) if self.head.config.causal else self.head.n_slots

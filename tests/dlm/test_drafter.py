@@ -330,6 +330,9 @@ def test_a_causal_head_learns_the_token_after_a_guess(base, tmp_path):
     start = train_head(base, examples, HeadTrainConfig(max_steps=0, batch_size=64, causal=True), tmp_path / "start",
                        base.path, init=parallel)
     assert start.config.causal and torch.equal(start.fuse.weight, parallel.fuse.weight.float())
+    with pytest.raises(RuntimeError, match="another causal"):  # a parallel run is not resumed as a causal one
+        train_head(base, examples, HeadTrainConfig(max_steps=200, batch_size=64, window=2, n_slots=2, n_layers=1,
+                                                   causal=True), tmp_path / "False", base.path)
 
 
 def test_a_draft_head_learns_from_the_bases_hidden_states_and_resumes(base, tmp_path):
