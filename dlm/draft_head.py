@@ -16,13 +16,14 @@ Contract:
   does: slot i > 0 also reads the input embedding of place i - 1's draft (trained on the teacher's
   token there), and every position attends to those before it only; a pass then costs n small
   steps, each knowing the drafts before it.
-- `forward(feats, tokens, valid, n, prev=None)`: feats (B, W, dim) (n_features * dim with
+- `forward(feats, tokens, valid, n, prev=None, bar=0.0)`: feats (B, W, dim) (n_features * dim with
   `feature_layers`), tokens (B, W), valid (B,) how many of the W pairs (the last ones) are real
   (fewer where a prefill forward held fewer positions, as a short new turn after prefix reuse) ->
   logits (B, n, len(vocab)) in float32. A causal head's place i drafts after the largest-scoring
   draft of each place before it, or, with prev (B, n - 1) token ids, after prev's (training:
-  the teacher's tokens). The engine asks a parallel head for all `n_slots` (its slots see each
-  other: a shorter block is another input), a causal head for its rows' longest draft.
+  the teacher's tokens); with bar, drafting on its own it stops where no row's chain is that sure.
+  The engine asks a parallel head for all `n_slots` (its slots see each other: a shorter block is
+  another input), a causal head for its rows' longest draft, with its confidence bar.
 - It runs after the verifying forward, on that forward's hidden states (dlm.speculative's
   `HeadSpeculativeDecoder`): a forward feeds only the last final token and the drafts, so a row's
   forward costs 1 + k positions of the base, and drafting costs one small pass.
