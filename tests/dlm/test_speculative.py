@@ -617,7 +617,8 @@ def test_a_causal_head_drafts_only_the_places_its_rows_ask_for(blocks):
     loaded = random_loaded("causal", seed=3, eos=[1], scale=3.0, block_size=1, dim=64, n_heads=4, n_kv_heads=2,
                            intermediate_size=128)
     head = _random_head(loaded, n_slots=4, causal=True, scale=2.0)
-    assert head.use_blocks() == blocks or not blocks
+    if blocks:
+        assert head.use_blocks()
     asked, forward = [], head.forward
 
     def spy(*args, **kwargs):
