@@ -446,11 +446,13 @@ def test_a_tree_of_drafts_finds_second_choices_and_writes_the_ar_replies_alone_a
         counted = {round(c["confidence"][0], 1): c for c in spec.draft_acceptance()["head"]}
     assert [r[0] for r in alone] == [r[0] for r in together] == [r[0] for r in expected]
     assert any(r[2] == "eos" for r in expected) and any(r[2] == "length" for r in expected)
+    made = [len(r[0]) + (r[2] == "eos") for r in expected]  # EOS is a token made too
     if branches == 1:
-        assert [r[1] for r in alone] == [r[1] for r in expected]  # its first choices are all wrong
+        # Its first choices are all wrong: a token a forward (counted from the replies: the AR
+        # engine's own count read one more for one reply in a loaded CI run, session 39)
+        assert [r[1] for r in alone] == made
         assert counted[0.6]["accepted"] == 0
         return
-    made = [len(r[0]) + (r[2] == "eos") for r in expected]  # EOS is a token made too
     assert [r[1] for r in alone] == [1 + math.ceil((m - 1) / 3) for m in made]  # the prefill's token, then 3 a forward
     # Counted by confidence: the right nodes accepted (the second, 0.16 sure, not where an EOS
     # ended the reply at the first), the others never.
