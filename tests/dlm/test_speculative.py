@@ -845,23 +845,22 @@ def test_sampled_rows_copy_drafts_from_their_text_and_keep_the_teacher_distribut
     loaded = _constant_teacher(sharpness=2.25)  # repeated runs, so copies, are common
     head = _random_head(loaded, n_slots=4, seed=1, scale=0.0)  # sure of nothing: every draft is a copy
     p = _constant_p(loaded)
-    Recording = _Recording
 
     class KeepsEvery(HeadSpeculativeDecoder):
         def _verify(self, rows, verify, drafts):  # broken on purpose: every copy is kept
             return _every_draft_kept(super()._verify(rows, verify, drafts), drafts)
 
-    class AcceptAll(Recording, KeepsEvery):  # records what KeepsEvery keeps
+    class AcceptAll(_Recording, KeepsEvery):  # records what KeepsEvery keeps
         pass
 
-    class Flat(Recording):
+    class Flat(_Recording):
         def _point_masses(self, tokens):  # broken on purpose: the copies' q is not where they are
             return torch.full((len(tokens), self.model.config.vocab_size), 1.0 / self.model.config.vocab_size)
 
     def sample(decoder_cls) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         return _recorded_sample(decoder_cls, loaded, head, p, prompt_lookup=4)
 
-    counts, checked = sample(Recording)
+    counts, checked = sample(_Recording)
     assert len(checked) > 300, len(checked)  # copies were verified, often
     assert abs(_z(checked, p)) < 3.29, _z(checked, p)
     stat, critical = _chi2(counts, p)
