@@ -24,7 +24,10 @@ Contract:
   into one is held back until it cannot (or the reply ends). Same guarantees: emitted text never
   changes and never contains a broken character. With no tokenizer it emits no text.
   `TextStream(..., loop_guard=True)` also runs the text through a `LoopGuard`; `.finish_reason`
-  says why a stopped stream stopped ("stop" or "repetition").
+  says why a stopped stream stopped ("stop" or "repetition"). `.taken`: how many of the last
+  push's ids the text took: all of them, or where the push stopped the text, up to the id that
+  stopped it as pushing them one at a time would (a forward that makes several tokens final ends
+  the reply where a one-token-a-step engine does, whatever came after in the same forward).
 - `LoopGuard().push(text, final=False) -> (text to release, looped)`: a reply that starts
   repeating itself stops at the end of its last good sentence. A loop is a run of words said
   again right after itself (a unit of 1-3 words three times in a row, "il bacalaco, il bacalaco,
@@ -183,6 +186,15 @@ class IncrementalDetokenizer:
         self.text += delta
         return delta
 
+    def mark(self) -> tuple[int, int, int, int]:
+        """The state to `rewind` to (what a push changes)."""
+        return len(self.ids), len(self.text), self._prefix, self._read
+
+    def rewind(self, mark: tuple[int, int, int, int]) -> None:
+        n, t, self._prefix, self._read = mark
+        del self.ids[n:]
+        self.text = self.text[:t]
+
     def flush(self) -> str:
         """The held-back tail (an incomplete byte sequence decodes to U+FFFD here)."""
         before = self._decode(self.ids[self._prefix:self._read])
@@ -222,6 +234,14 @@ class LoopGuard:
             cut = max(self.released, max((e for e in ends if e <= loop), default=0))
             return self._release(cut), True
         return self._release(len(self.text) if final else min(partial, self._hold_from(starts, words, sentences))), False
+
+    def mark(self) -> tuple[int, int, bool, int, int]:
+        """The state to `rewind` to (what a push changes)."""
+        return len(self.text), self.released, self.looped, self._examined, self._ends_examined
+
+    def rewind(self, mark: tuple[int, int, bool, int, int]) -> None:
+        n, self.released, self.looped, self._examined, self._ends_examined = mark
+        self.text = self.text[:n]
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self.released)
@@ -299,12 +319,37 @@ class TextStream:
         self._guard = LoopGuard() if loop_guard else None
         self.stopped = False
         self.finish_reason: str | None = None  # "stop" or "repetition" once stopped
+        self.taken = 0  # of the last push's ids, those the text took (all unless it stopped)
 
     def push(self, ids: list[int], final: bool = False) -> tuple[str, bool]:
         """New committed ids -> (text to emit now, the text has ended: a stop string or a loop).
         `final`: the reply ends here, release everything (up to a stop string or a loop)."""
         if self._detok is None or self.stopped:
+            self.taken = 0 if self.stopped else len(ids)
             return "", self.stopped
+        if len(ids) < 2:
+            self.taken = len(ids)
+            return self._push(ids, final)
+        mark = (self._detok.mark(), self._held, None if self._guard is None else self._guard.mark())
+        text, stopped = self._push(ids, final)
+        self.taken = len(ids)
+        if not stopped:
+            return text, False
+        # Which id stopped it: the same ids again, one at a time (the rare path; see the docstring).
+        self._detok.rewind(mark[0])
+        self._held, self.stopped, self.finish_reason = mark[1], False, None
+        if self._guard is not None:
+            self._guard.rewind(mark[2])
+        pieces = []
+        for i, tid in enumerate(ids):
+            piece, stopped = self._push([tid], final and i == len(ids) - 1)
+            pieces.append(piece)
+            if stopped:
+                self.taken = i + 1
+                break
+        return "".join(pieces), stopped
+
+    def _push(self, ids: list[int], final: bool) -> tuple[str, bool]:
         text, stopped = self._stop_strings(self._held + self._detok.push(ids) + (self._detok.flush() if final else ""), final)
         if stopped:
             self.stopped, self.finish_reason = True, "stop"

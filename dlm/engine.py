@@ -542,16 +542,19 @@ class Engine:
 
     def _apply(self, req: _Request, u: RowUpdate) -> None:
         req.steps, req.tokens, req.prefill_steps = u.steps, u.tokens, u.prefill_steps
-        finish = u.finish_reason
-        text, stopped = req.text.push(u.new_ids, final=finish is not None)
+        finish, ids = u.finish_reason, u.new_ids
+        text, stopped = req.text.push(ids, final=finish is not None)
         if stopped:
             finish = req.text.finish_reason  # a stop string or a loop
+            # The reply ends at the token that ended its text, as a one-token-a-step engine's does.
+            req.tokens -= len(ids) - req.text.taken
+            ids = ids[: req.text.taken]
         if finish is not None:
             self._release(u.slot)
-            self._emit(req, Delta(text, u.new_ids, True, finish, None, u.steps, u.tokens, u.trace, u.prefill_steps,
+            self._emit(req, Delta(text, ids, True, finish, None, u.steps, req.tokens, u.trace, u.prefill_steps,
                                   u.eos_id if finish == "eos" else None), callback_errors=False)
-        elif text or u.new_ids or u.trace is not None:
-            self._emit(req, Delta(text, u.new_ids, steps=u.steps, tokens=u.tokens, trace=u.trace,
+        elif text or ids or u.trace is not None:
+            self._emit(req, Delta(text, ids, steps=u.steps, tokens=req.tokens, trace=u.trace,
                                   prefill_steps=u.prefill_steps))
 
     def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:

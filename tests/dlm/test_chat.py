@@ -134,3 +134,32 @@ def test_text_stream_cuts_at_the_first_stop_string(text, stop, chunks):
 
 def test_text_stream_without_a_tokenizer_emits_nothing():
     assert TextStream(None, ["x"]).push([1, 2, 3], final=True) == ("", False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.lists(st.sampled_from(["ab ", "c. ", "ab c ", "d"]), max_size=12).map("".join),
+       stop=st.lists(st.sampled_from(["c.", "d", "b c", "xy"]), max_size=2),
+       guard=st.booleans(), chunks=st.lists(st.integers(1, 6), max_size=12))
+def test_a_chunk_that_runs_past_the_end_takes_the_ids_one_at_a_time_would(text, stop, guard, chunks):
+    """A forward may make several tokens final at once: the stream's text, where it stopped and
+    why, and the ids it took (`taken`) are those of the same ids pushed one at a time, however
+    they are chunked (stop strings, and loops: "ab ab ab" is one)."""
+    ids = BYTE_LEVEL.encode(text, add_special_tokens=False)
+
+    def run(sizes):
+        stream = TextStream(BYTE_LEVEL, stop, loop_guard=guard)
+        out, taken, i = [], 0, 0
+        for size in [*sizes, len(ids)]:
+            chunk = ids[i:i + size]
+            piece, stopped = stream.push(chunk, final=i + size >= len(ids))
+            out.append(piece)
+            taken += stream.taken
+            assert stream.taken == len(chunk) or (stopped and 1 <= stream.taken < len(chunk))
+            i += size
+            if stopped or i >= len(ids):
+                break
+        return "".join(out), taken, stream.finish_reason
+
+    one_at_a_time = run([1] * len(ids))
+    assert run(chunks) == one_at_a_time
+    assert one_at_a_time[1] == len(ids) or one_at_a_time[2] is not None

@@ -113,6 +113,7 @@ def _scripted_engine(rule, loaded, kind: str = "slots", scale: float = 0.5, **kw
 
     class Scripted(SpeculativeEngine):
         def make_decoder(self, **kw):
+            kw["prefill_step_s"] = None  # a prompt in one prefill forward, whatever speed it measured
             if kind == "head":
                 kw["draft_confidence"] = self.draft_confidence
                 kw["prompt_lookup"] = self.prompt_lookup
@@ -182,6 +183,25 @@ def test_stop_strings_prefix_reuse_and_abort_free_the_row(kind):
         assert spec.load().idle
         # The row is free again, and the next request reuses the prompt's cached prefix exactly.
         assert spec.submit([1, 2, 3], GenerationParams(max_new_tokens=6)).result() == "efghij"
+
+
+@pytest.mark.parametrize("kind", ["slots", "head"])
+@pytest.mark.parametrize("stop", [["gh"], ["e"], ["k"], ["fgh", "i"]])
+def test_a_stop_inside_a_forwards_tokens_ends_the_reply_where_the_ar_engines_ends(kind, stop):
+    """A forward that makes several tokens final may run past a stop string: the reply's token ids
+    and token count end where the AR engine's do, at the token that completed it, not at the
+    forward's last (what an API reports as the reply's usage)."""
+    loaded = counting_loaded(attention="causal", block_size=1, tokenizer=CharTokenizer())
+    params = GenerationParams(max_new_tokens=40, stop=stop)
+    with AREngine(loaded, max_batch_size=1) as ar, _scripted_engine(_oracle, loaded, kind, draft_len=4,
+                                                                    max_batch_size=1) as spec:
+        want = list(ar.submit([1], params))
+        got = list(spec.submit([1], params))
+    assert [t for d in got for t in d.token_ids] == [t for d in want for t in d.token_ids]
+    assert "".join(d.text for d in got) == "".join(d.text for d in want)
+    assert (got[-1].tokens, got[-1].finish_reason) == (want[-1].tokens, "stop")
+    if want[-1].tokens > 5:  # several tokens a forward
+        assert got[-1].steps - got[-1].prefill_steps < want[-1].steps - want[-1].prefill_steps
 
 
 def test_a_heads_drafts_stop_where_its_chain_confidence_falls_below_the_bar():
@@ -516,6 +536,7 @@ def test_rows_whose_drafts_are_cut_to_different_lengths_batch_as_each_alone():
 
     class Engine(SpeculativeEngine):
         def make_decoder(self, **kw):
+            kw["prefill_step_s"] = None  # as in _scripted_engine: the step counts below assume it
             return Cut(self.model, self.spec, self.drafter, draft_len=4, **kw)
 
     prompts = [[3], [5, 6], [9], [2, 4, 7]]
@@ -599,6 +620,7 @@ def test_a_budget_drafts_less_in_a_batch_and_leaves_every_reply_as_it_was(sure, 
 
     class Engine(SpeculativeEngine):
         def make_decoder(self, **kw):
+            kw["prefill_step_s"] = None  # as in _scripted_engine: the step counts below assume it
             return Sure(self.model, self.spec, self.drafter, draft_len=4, draft_confidence=0.0,
                         row_cost=RowCost(2, 0.2), **kw)
 
