@@ -48,7 +48,10 @@ and detokenizes committed ids, but knows nothing about audio, sessions or server
   synthesized on the same cores (the rest of the reply is not needed before they have played).
 - Deltas carry text that is final: a block's tokens once the block is complete, and earlier the
   left-most contiguous committed part of the current block. Text is held back while it might be
-  the start of a stop string or ends inside a UTF-8 sequence (`dlm.chat.TextStream`).
+  the start of a stop string or ends inside a UTF-8 sequence (`dlm.chat.TextStream`). A reply
+  that a stop string or the loop guard ends stops at the token that ended its text, even where
+  its last forward made later tokens final too: its token ids and `tokens` are then those of a
+  one-token-a-step engine (the usage an API reports).
 - Sharing: one Engine serves any number of callers and threads (`submit`, `abort`,
   `abort_owner`, `load` and `close` are thread-safe and never block on the worker; one worker thread runs the model). Engines on the same model (the dLLM and
   its AR baseline) are independent: each owns its KV cache, canvas and carry, and the model's
