@@ -24,10 +24,11 @@ Contract:
   into one is held back until it cannot (or the reply ends). Same guarantees: emitted text never
   changes and never contains a broken character. With no tokenizer it emits no text.
   `TextStream(..., loop_guard=True)` also runs the text through a `LoopGuard`; `.finish_reason`
-  says why a stopped stream stopped ("stop" or "repetition"). `.taken`: how many of the last
-  push's ids the text took: all of them, or where the push stopped the text, up to the id that
-  stopped it as pushing them one at a time would (a forward that makes several tokens final ends
-  the reply where a one-token-a-step engine does, whatever came after in the same forward).
+  says why a stopped stream stopped ("stop" or "repetition"). Where it stops, and its text, do
+  not depend on how the ids were split into pushes: they are those of pushing them one at a time
+  (a forward that makes several tokens final ends the reply where a one-token-a-step engine does,
+  whatever came after in the same forward; with stops "b" and "aba", "aba" ends at "a").
+  `.taken`: how many of the last push's ids the text took (all, or up to the one that stopped it).
 - `LoopGuard().push(text, final=False) -> (text to release, looped)`: a reply that starts
   repeating itself stops at the end of its last good sentence. A loop is a run of words said
   again right after itself (a unit of 1-3 words three times in a row, "il bacalaco, il bacalaco,
@@ -186,6 +187,12 @@ class IncrementalDetokenizer:
         self.text += delta
         return delta
 
+    @property
+    def pending(self) -> bool:
+        """Whether ids pushed are not all in the text yet (a character's bytes still incomplete:
+        the whole window is held, complete characters before it too)."""
+        return self._read < len(self.ids)
+
     def mark(self) -> tuple[int, int, int, int]:
         """The state to `rewind` to (what a push changes)."""
         return len(self.ids), len(self.text), self._prefix, self._read
@@ -333,9 +340,11 @@ class TextStream:
         mark = (self._detok.mark(), self._held, None if self._guard is None else self._guard.mark())
         text, stopped = self._push(ids, final)
         self.taken = len(ids)
-        if not stopped:
+        if not stopped and not (self._detok.pending and (self.stop or self._guard is not None)):
             return text, False
-        # Which id stopped it: the same ids again, one at a time (the rare path; see the docstring).
+        # Which id stopped it, or whether one would have where a character still incomplete at the
+        # end held back complete text from the stop strings and the guard: the same ids again, one
+        # at a time (the rare path; see the docstring).
         self._detok.rewind(mark[0])
         self._held, self.stopped, self.finish_reason = mark[1], False, None
         if self._guard is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import tiny_checkpoints as tiny
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
@@ -112,20 +112,23 @@ def test_sentencepiece_property(ids, chunks):
        chunks=st.lists(st.integers(1, 4), max_size=12))
 def test_text_stream_cuts_at_the_first_stop_string(text, stop, chunks):
     """The engine's text path: deltas never retract, never split a character, and join to the
-    text up to the first stop string: the earliest one in the text pushed until some stop string
-    is complete (a later, overlapping one that starts earlier was never generated: text 'aba',
-    stops 'b' and 'aba', pushed 'ab' then 'a', ends at 'a')."""
+    text up to the first stop string: the earliest one in the text of the tokens up to the one
+    that completed some stop string, however they were pushed (a later, overlapping one that
+    starts earlier was never generated: text 'aba', stops 'b' and 'aba', ends at 'a')."""
     ids = BYTE_LEVEL.encode(text, add_special_tokens=False)
+    expected = (text, False)
+    for j in range(1, len(ids) + 1):
+        seen = BYTE_LEVEL.decode(ids[:j]).rstrip("\ufffd")  # the whole characters of the first j tokens
+        hits = [k for k in (seen.find(s) for s in stop) if k >= 0]
+        if hits:
+            expected = (text[: min(hits)], True)
+            break
     stream = TextStream(BYTE_LEVEL, stop)
-    out, i, stopped, expected = [], 0, False, (text, False)
+    out, i, stopped = [], 0, False
     for size in [*chunks, len(ids)]:
         piece, stopped = stream.push(ids[i:i + size], final=i + size >= len(ids))
         out.append(piece)
         i += size
-        seen = BYTE_LEVEL.decode(ids[:i]).rstrip("\ufffd")  # the whole characters pushed so far
-        hits = [k for k in (seen.find(s) for s in stop) if k >= 0]
-        if hits and not expected[1]:
-            expected = (text[: min(hits)], True)
         if stopped or i >= len(ids):
             break
     assert ("".join(out), stopped) == expected
@@ -137,13 +140,15 @@ def test_text_stream_without_a_tokenizer_emits_nothing():
 
 
 @settings(max_examples=150, deadline=None)
-@given(text=st.lists(st.sampled_from(["ab ", "c. ", "ab c ", "d"]), max_size=12).map("".join),
-       stop=st.lists(st.sampled_from(["c.", "d", "b c", "xy"]), max_size=2),
+@given(text=st.lists(st.sampled_from(["ab ", "c. ", "ab c ", "d", "😀 "]), max_size=12).map("".join),
+       stop=st.lists(st.sampled_from(["c.", "d", "b c", "😀", "xy"]), max_size=2),
        guard=st.booleans(), chunks=st.lists(st.integers(1, 6), max_size=12))
+@example(text="😀 😀 ", stop=["😀"], guard=False, chunks=[6])  # the stop complete before a broken character
 def test_a_chunk_that_runs_past_the_end_takes_the_ids_one_at_a_time_would(text, stop, guard, chunks):
     """A forward may make several tokens final at once: the stream's text, where it stopped and
     why, and the ids it took (`taken`) are those of the same ids pushed one at a time, however
-    they are chunked (stop strings, and loops: "ab ab ab" is one)."""
+    they are chunked (stop strings, and loops: "ab ab ab" is one), also where a chunk ends inside
+    a character (byte-level tokens: "😀" is four)."""
     ids = BYTE_LEVEL.encode(text, add_special_tokens=False)
 
     def run(sizes):
