@@ -38,7 +38,8 @@ Contract:
   holds back text while it could still become a loop: the longest run of last words that says
   again words said before (up to 24), and the sentence in progress while its words so far are the
   start of an earlier sentence. A word at the very end of the text so far is judged only once
-  something follows it (a token may be half a word). A reply that does not repeat itself streams
+  something follows it (a token may be half a word), and so is a sentence end there ("1." may
+  go on as "1.2"). A reply that does not repeat itself streams
   as it comes, a word or two later at most where a word recurs. Words are `[\w']+` runs,
   lower-cased.
 """
@@ -189,8 +190,9 @@ class IncrementalDetokenizer:
 
     @property
     def pending(self) -> bool:
-        """Whether ids pushed are not all in the text yet (a character's bytes still incomplete:
-        the whole window is held, complete characters before it too)."""
+        """Whether ids pushed are not all in the text yet: a character's bytes still incomplete
+        (the whole window is held, complete characters before it too), or ids that decode to
+        nothing (special ids)."""
         return self._read < len(self.ids)
 
     def mark(self) -> tuple[int, int, int, int]:
@@ -229,11 +231,13 @@ class LoopGuard:
             return "", True
         self.text += text
         found = list(_WORD.finditer(self.text))
-        # A word at the very end may still grow ("I" before "'m"): judged once something follows.
+        # A word at the very end may still grow ("I" before "'m"), and a sentence end at the very end
+        # may be none ("1." before "2"): each judged once something follows.
         partial = found.pop().start() if found and not final and found[-1].end() == len(self.text) else len(self.text)
         starts = [m.start() for m in found]
         words = [m.group().lower() for m in found]
-        ends = [m.end() for m in _SENTENCE_END.finditer(self.text) if m.end() <= partial]
+        ends = [m.end() for m in _SENTENCE_END.finditer(self.text)
+                if m.end() <= partial and (final or m.end() < len(self.text))]
         sentences = _sentences(starts, words, ends)
         loop = self._loop_start(starts, words, sentences)
         if loop is not None:
@@ -344,7 +348,8 @@ class TextStream:
             return text, False
         # Which id stopped it, or whether one would have where a character still incomplete at the
         # end held back complete text from the stop strings and the guard: the same ids again, one
-        # at a time (the rare path; see the docstring).
+        # at a time (see the docstring; rare in English, where a push seldom ends inside a
+        # character: text of many multi-byte characters replays often, at a one-token engine's cost).
         self._detok.rewind(mark[0])
         self._held, self.stopped, self.finish_reason = mark[1], False, None
         if self._guard is not None:

@@ -144,6 +144,7 @@ def test_text_stream_without_a_tokenizer_emits_nothing():
        stop=st.lists(st.sampled_from(["c.", "d", "b c", "😀", "xy"]), max_size=2),
        guard=st.booleans(), chunks=st.lists(st.integers(1, 6), max_size=12))
 @example(text="😀 😀 ", stop=["😀"], guard=False, chunks=[6])  # the stop complete before a broken character
+@example(text="ab c. ab c.5 d", stop=[], guard=True, chunks=[20])  # "c." at the end is no sentence end yet
 def test_a_chunk_that_runs_past_the_end_takes_the_ids_one_at_a_time_would(text, stop, guard, chunks):
     """A forward may make several tokens final at once: the stream's text, where it stopped and
     why, and the ids it took (`taken`) are those of the same ids pushed one at a time, however

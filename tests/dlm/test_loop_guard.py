@@ -60,6 +60,8 @@ def test_a_loop_inside_the_first_sentence_keeps_only_what_was_already_released()
         "It is very very good.",
         "I think that the answer is that the shop is open.",
         "We are open today. We are closed on Mondays.",
+        "Version 1. Version 1.2 is out now.",  # "1." is a sentence end only once a space follows
+        'I see. I see." he said.',
     ],
 )
 def test_ordinary_replies_pass_whole(reply):
