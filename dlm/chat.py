@@ -14,10 +14,11 @@ Contract:
   many conversations (the markup rendered once per role sequence).
 - `IncrementalDetokenizer(tokenizer).push(ids) -> str` returns the new text that is final:
   emitted text never changes later, never ends inside a UTF-8 sequence (an incomplete byte
-  sequence is held back until it completes), and keeps SentencePiece / byte-level BPE spacing
-  right by decoding each new token together with the tokens before it. `flush()` returns what
-  is still held back (at the end of a reply). Concatenated deltas equal
-  `tokenizer.decode(all_ids)` whenever that decodes to valid UTF-8.
+  sequence is held back until it completes; the complete characters before it are not), and
+  keeps SentencePiece / byte-level BPE spacing right by decoding each new token together with the
+  tokens before it. The text so far is the ids so far decoded less an incomplete tail, however
+  the ids came in pushes. `flush()` returns what is still held back (at the end of a reply).
+  Concatenated deltas equal `tokenizer.decode(all_ids)` whenever that decodes to valid UTF-8.
 - `TextStream(tokenizer, stop=()).push(ids, final=False) -> (text, stopped)`: the engine's one
   path from committed ids to reply text. An `IncrementalDetokenizer` plus stop strings: the text
   ends just before the first occurrence of any stop string, and a tail that could still grow
@@ -162,7 +163,10 @@ class IncrementalDetokenizer:
 
     Each push decodes only a window: the tokens since the last emitted boundary plus the ones
     before it (`_prefix`), so the cost per token stays constant and a SentencePiece "▁word" keeps
-    its leading space (a token decoded alone would lose it).
+    its leading space (a token decoded alone would lose it). While the window's last character is
+    incomplete, the complete characters before it are released (`_shown` of them past the
+    emitted ids' text), so the text so far is the ids so far decoded, less an incomplete tail,
+    however the ids were split into pushes.
     """
 
     def __init__(self, tokenizer: Any, *, skip_special_tokens: bool = True) -> None:
@@ -172,6 +176,7 @@ class IncrementalDetokenizer:
         self.text = ""  # everything emitted so far
         self._prefix = 0  # start of the decode window
         self._read = 0  # ids before this index are fully emitted
+        self._shown = 0  # characters emitted of the ids from _read on (complete ones before an incomplete one)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
@@ -181,26 +186,30 @@ class IncrementalDetokenizer:
         self.ids.extend(int(i) for i in ids)
         before = self._decode(self.ids[self._prefix:self._read])
         after = self._decode(self.ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""  # nothing new, or the last character's bytes are not all here yet
-        delta = after[len(before):]
-        self._prefix, self._read = self._read, len(self.ids)
+        start = len(before) + self._shown
+        if after.endswith("\ufffd"):  # the last character's bytes are not all here yet: what precedes it
+            delta = after[start:len(after.rstrip("\ufffd"))]
+            self._shown += len(delta)
+        elif len(after) <= start:
+            return ""  # nothing new (ids that decode to nothing)
+        else:
+            delta = after[start:]
+            self._prefix, self._read, self._shown = self._read, len(self.ids), 0
         self.text += delta
         return delta
 
     @property
     def pending(self) -> bool:
-        """Whether ids pushed are not all in the text yet: a character's bytes still incomplete
-        (the whole window is held, complete characters before it too), or ids that decode to
-        nothing (special ids)."""
+        """Whether ids pushed are not all in the text yet: a character's bytes still incomplete,
+        or ids that decode to nothing (special ids)."""
         return self._read < len(self.ids)
 
-    def mark(self) -> tuple[int, int, int, int]:
+    def mark(self) -> tuple[int, int, int, int, int]:
         """The state to `rewind` to (what a push changes)."""
-        return len(self.ids), len(self.text), self._prefix, self._read
+        return len(self.ids), len(self.text), self._prefix, self._read, self._shown
 
-    def rewind(self, mark: tuple[int, int, int, int]) -> None:
-        n, t, self._prefix, self._read = mark
+    def rewind(self, mark: tuple[int, int, int, int, int]) -> None:
+        n, t, self._prefix, self._read, self._shown = mark
         del self.ids[n:]
         self.text = self.text[:t]
 
@@ -208,8 +217,9 @@ class IncrementalDetokenizer:
         """The held-back tail (an incomplete byte sequence decodes to U+FFFD here)."""
         before = self._decode(self.ids[self._prefix:self._read])
         after = self._decode(self.ids[self._prefix:])
-        delta = after[len(before):] if len(after) > len(before) else ""
+        delta = after[len(before) + self._shown:]
         self._prefix = self._read = len(self.ids)
+        self._shown = 0
         self.text += delta
         return delta
 
@@ -344,12 +354,9 @@ class TextStream:
         mark = (self._detok.mark(), self._held, None if self._guard is None else self._guard.mark())
         text, stopped = self._push(ids, final)
         self.taken = len(ids)
-        if not stopped and not (self._detok.pending and (self.stop or self._guard is not None)):
+        if not stopped:  # the text so far is what one id at a time would have made (`IncrementalDetokenizer`)
             return text, False
-        # Which id stopped it, or whether one would have where a character still incomplete at the
-        # end held back complete text from the stop strings and the guard: the same ids again, one
-        # at a time (see the docstring; rare in English, where a push seldom ends inside a
-        # character: text of many multi-byte characters replays often, at a one-token engine's cost).
+        # Which id stopped it: the same ids again, one at a time (see the docstring).
         self._detok.rewind(mark[0])
         self._held, self.stopped, self.finish_reason = mark[1], False, None
         if self._guard is not None:

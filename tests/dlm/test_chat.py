@@ -83,7 +83,24 @@ def test_an_incomplete_character_is_held_back():
     assert detok.push(byte_ids[1:]) + detok.flush() == "😀"
 
 
+def test_the_characters_before_an_incomplete_one_are_not_held_back():
+    """A push whose last character is incomplete releases the complete ones before it: the text
+    so far is the same whether the ids came one at a time or together."""
+    ids = BYTE_LEVEL.encode("ab 😀 cd", add_special_tokens=False)
+    first_byte = next(i for i in range(len(ids)) if "\ufffd" in BYTE_LEVEL.decode(ids[:i + 1]))
+    detok = IncrementalDetokenizer(BYTE_LEVEL)
+    assert detok.push(ids[:first_byte + 1]) == "ab " and detok.pending
+    assert detok.push(ids[first_byte + 1:]) + detok.flush() == "😀 cd"
+
+
 def _property(tokenizer, ids: list[int], chunks: list[int]) -> None:
+    detok, i = IncrementalDetokenizer(tokenizer), 0
+    for size in [*chunks, len(ids)]:  # the text so far: the ids so far decoded, less an incomplete tail
+        detok.push(ids[i:i + size])
+        i += size
+        so_far = tokenizer.decode(ids[:i], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if "\ufffd" not in so_far.rstrip("\ufffd"):
+            assert detok.text == so_far.rstrip("\ufffd")
     deltas, joined = _stream(tokenizer, ids, chunks)
     full = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     if "\ufffd" not in full:
