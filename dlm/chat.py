@@ -47,6 +47,7 @@ Contract:
 
 from __future__ import annotations
 
+import bisect
 import re
 import secrets
 from typing import Any
@@ -226,51 +227,99 @@ class IncrementalDetokenizer:
 
 class LoopGuard:
     """Text in as it is decoded, text out until the reply starts repeating itself (see the module
-    docstring). Each push re-reads the text with one regex pass and checks only the words that
-    are new for loops: about 0.1 ms per push on a 180-word reply here."""
+    docstring). Incremental: each push reads only the text that is new since the words and
+    sentence ends already judged, and its checks look back through indexes (each word's places, a
+    trie of the sentences said), so a push costs the same early and late in a long reply."""
 
     def __init__(self) -> None:
         self.text = ""  # everything pushed
         self.released = 0  # characters of `text` handed out
         self.looped = False
+        self._clear()
+
+    def _clear(self) -> None:
+        """No word or sentence end judged yet (the indexes of `_scan`)."""
+        self._words: list[str] = []  # the words judged so far, lower-cased
+        self._starts: list[int] = []  # where each starts in `text`
+        self._places: dict[str, list[int]] = {}  # word -> its indexes in `_words`
+        self._ends: list[int] = []  # sentence ends judged so far (character index after each)
+        self._words_read = 0  # `text` before this is read for words (the end of the last one judged)
+        self._ends_read = 0  # ... for sentence ends (the last one judged)
+        self._sentence_from = 0  # index in `_words` of the sentence in progress's first word
+        self._said: set[tuple[str, ...]] = set()  # the complete sentences so far
+        self._trie: dict[str, dict] = {}  # the same, a word a level (sentences in progress that start one)
+        self._node: dict[str, dict] | None = self._trie  # where the sentence in progress's words lead in it
+        self._walked = 0  # ... its words walked so far (from `_sentence_from`)
         self._examined = 0  # words whose runs ending there were checked for a loop
-        self._ends_examined = 0  # sentence ends whose sentence was checked for a repeat
 
     def push(self, text: str, final: bool = False) -> tuple[str, bool]:
         if self.looped:
             return "", True
         self.text += text
-        found = list(_WORD.finditer(self.text))
-        # A word at the very end may still grow ("I" before "'m"), and a sentence end at the very end
-        # may be none ("1." before "2"): each judged once something follows.
-        partial = found.pop().start() if found and not final and found[-1].end() == len(self.text) else len(self.text)
-        starts = [m.start() for m in found]
-        words = [m.group().lower() for m in found]
-        ends = [m.end() for m in _SENTENCE_END.finditer(self.text)
-                if m.end() <= partial and (final or m.end() < len(self.text))]
-        sentences = _sentences(starts, words, ends)
-        loop = self._loop_start(starts, words, sentences)
+        partial, repeats = self._scan(final)
+        loop = self._loop_start(repeats)
         if loop is not None:
             self.looped = True
-            cut = max(self.released, max((e for e in ends if e <= loop), default=0))
+            cut = max(self.released, max((e for e in self._ends if e <= loop), default=0))
             return self._release(cut), True
-        return self._release(len(self.text) if final else min(partial, self._hold_from(starts, words, sentences))), False
+        return self._release(len(self.text) if final else min(partial, self._hold_from())), False
 
-    def mark(self) -> tuple[int, int, bool, int, int]:
+    def _scan(self, final: bool) -> tuple[int, list[int]]:
+        """Judge the words and sentence ends the new text completes -> (where the text still open
+        to change starts: a word at the very end, which may still grow ("I" before "'m"), else
+        len(text); the starts of the sentences completed now that say an earlier one again). A
+        sentence end at the very end may be none ("1." before "2"): each is judged once something
+        follows, or at the `final` push."""
+        partial = len(self.text)
+        for m in _WORD.finditer(self.text, self._words_read):
+            if m.end() == len(self.text) and not final:
+                partial = m.start()
+                break
+            word = m.group().lower()
+            self._places.setdefault(word, []).append(len(self._words))
+            self._words.append(word)
+            self._starts.append(m.start())
+            self._words_read = m.end()
+        repeats = []
+        for m in _SENTENCE_END.finditer(self.text, self._ends_read):
+            if m.end() > partial or (m.end() == len(self.text) and not final):
+                break
+            self._ends.append(m.end())
+            self._ends_read = m.end()
+            stop = bisect.bisect_left(self._starts, m.end(), lo=self._sentence_from)  # its words: those before it
+            if stop > self._sentence_from:  # a sentence of no words (".. !") is none
+                sentence = tuple(self._words[self._sentence_from:stop])
+                if len(sentence) >= 2 and sentence in self._said:
+                    repeats.append(self._starts[self._sentence_from])
+                self._said.add(sentence)
+                node = self._trie
+                for word in sentence:
+                    node = node.setdefault(word, {})
+                self._sentence_from = stop
+                self._node, self._walked = self._trie, 0
+        return partial, repeats
+
+    def mark(self) -> tuple[int, int, bool, int]:
         """The state to `rewind` to (what a push changes)."""
-        return len(self.text), self.released, self.looped, self._examined, self._ends_examined
+        return len(self.text), self.released, self.looped, self._examined
 
-    def rewind(self, mark: tuple[int, int, bool, int, int]) -> None:
-        n, self.released, self.looped, self._examined, self._ends_examined = mark
+    def rewind(self, mark: tuple[int, int, bool, int]) -> None:
+        """Back to `mark` (the indexes made again from its text: once, where a stream stops)."""
+        n, released, looped, examined = mark
         self.text = self.text[:n]
+        self._clear()
+        self._scan(final=False)  # marks are taken between pushes, and only the last push is final
+        self.released, self.looped, self._examined = released, looped, examined
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self.released)
         out, self.released = self.text[self.released : upto], upto
         return out
 
-    def _loop_start(self, starts: list[int], words: list[str], sentences: list[tuple[int, list[str], bool]]) -> int | None:
-        """Character index of the second copy of a loop that the new words complete, or None."""
+    def _loop_start(self, repeats: list[int]) -> int | None:
+        """Character index of the second copy of a loop that the new words complete (`repeats`:
+        the sentences just completed that say an earlier one again), or None."""
+        words, starts = self._words, self._starts
         first: int | None = None
         for e in range(self._examined, len(words)):  # a run of copies ending at word e
             for k, copies in _LOOP_UNITS:
@@ -281,48 +330,31 @@ class LoopGuard:
             if first is not None:
                 break
         self._examined = len(words)
-        complete = [x for x in sentences if x[2]]
-        for j in range(self._ends_examined, len(complete)):
-            start, sentence, _ = complete[j]
-            if len(sentence) >= 2 and any(sentence == earlier for _, earlier, _ in complete[:j]):
-                first = start if first is None else min(first, start)
-                break
-        self._ends_examined = len(complete)
+        if repeats:
+            first = repeats[0] if first is None else min(first, repeats[0])
         return first
 
-    def _hold_from(self, starts: list[int], words: list[str], sentences: list[tuple[int, list[str], bool]]) -> int:
+    def _hold_from(self) -> int:
         """Where the text that could still become a loop starts (len(text): nothing to hold): the
         longest run of last words that says again words said before, or the sentence in progress
         while its words so far are the start of an earlier sentence."""
-        n = len(words)
+        words, starts, n = self._words, self._starts, len(self._words)
         hold = len(self.text)
         if n >= 2:
             # Earlier positions e whose words up to e equal the last m words, for m = 1, 2, ...
-            matches = [e for e in range(n - 1) if words[e] == words[-1]]
+            matches = self._places[words[-1]][:-1]
             m = 0
             while matches and m < _MAX_HOLD_WORDS:
                 m += 1
                 hold = starts[n - m]
                 matches = [e for e in matches if e - m >= 0 and words[e - m] == words[n - 1 - m]]
-        if sentences and not sentences[-1][2]:
-            start, current, _ = sentences[-1]
-            if any(earlier[: len(current)] == current for _, earlier, complete in sentences[:-1] if complete):
-                hold = min(hold, start)
+        if self._sentence_from < n:  # a sentence in progress: walk its new words down the trie
+            while self._node is not None and self._sentence_from + self._walked < n:
+                self._node = self._node.get(words[self._sentence_from + self._walked])
+                self._walked += 1
+            if self._node is not None:
+                hold = min(hold, starts[self._sentence_from])
         return hold
-
-
-def _sentences(starts: list[int], words: list[str], ends: list[int]) -> list[tuple[int, list[str], bool]]:
-    """(start index, words, complete) of each sentence, the one in progress last."""
-    out: list[tuple[int, list[str], bool]] = []
-    i = 0
-    for end in [*ends, None]:
-        j = i
-        while j < len(words) and (end is None or starts[j] < end):
-            j += 1
-        if j > i:
-            out.append((starts[i], words[i:j], end is not None))
-        i = j
-    return out
 
 
 class TextStream:

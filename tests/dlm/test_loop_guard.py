@@ -93,6 +93,21 @@ def test_released_text_is_a_prefix_and_a_loop_free_reply_comes_out_whole(vocab_w
     assert whole_looped == looped or not text.strip()
 
 
+@given(st.lists(st.sampled_from(["the ", "shop. ", "opens ", "at", " nine.", "1.", "2 ", "no, ", "i'm ", "not. "]), max_size=30),
+       st.lists(st.booleans(), max_size=30))
+def test_a_push_taken_back_leaves_the_guard_as_it_was(pieces, detours):
+    """`rewind` to the `mark` taken before a push undoes it (what `TextStream` does where a
+    multi-token push stopped): the pushes after it release what they would have without it."""
+    plain, detoured = LoopGuard(), LoopGuard()
+    for i, piece in enumerate(pieces):
+        final = i == len(pieces) - 1
+        if not final and i < len(detours) and detours[i]:
+            mark = detoured.mark()
+            detoured.push(piece + piece + piece)  # other text, which may complete words, sentences or a loop
+            detoured.rewind(mark)
+        assert detoured.push(piece, final) == plain.push(piece, final)
+
+
 class WordTokenizer:
     """id t <-> "w{t % 3} ": the counting model's consecutive ids say "w0 w1 w2 w0 w1 w2 ..."."""
 
