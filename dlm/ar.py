@@ -104,9 +104,12 @@ class ARDecoder(BlockDecoder):
                 logits[i, 0] = mask_logits(logits[i, 0], row.settings.constraint.allowed())
         return logits
 
-    def _pick(self, rows: list[_Row], logits: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
+    def _pick(self, rows: list[_Row], logits: Tensor, places: list[int] | None = None
+              ) -> tuple[list[list[int]], list[Tensor | None]]:
         """logits (n, N, V) -> per row N tokens (argmax, or samples) and, for sampled rows, the
-        distribution (N, V) they were drawn from."""
+        distribution (N, V) they were drawn from. `places`: per row, how many leading places it
+        wants (default all N): a sampled row draws only those from its generator, so its draws
+        never depend on how many places the other rows of the batch asked for."""
         greedy = row_argmax(logits).tolist()
         if all(r.generator is None for r in rows):
             return greedy, [None] * len(rows)
@@ -118,8 +121,9 @@ class ARDecoder(BlockDecoder):
                 tokens.append(greedy[i])
                 dists.append(None)
             else:
-                tokens.append(torch.multinomial(probs[i], 1, generator=row.generator)[:, 0].tolist())
-                dists.append(probs[i])
+                wanted = probs[i] if places is None else probs[i, :places[i]]
+                tokens.append(torch.multinomial(wanted, 1, generator=row.generator)[:, 0].tolist())
+                dists.append(wanted)
         return tokens, dists
 
     # -- the step ------------------------------------------------------------------------------

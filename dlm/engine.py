@@ -394,8 +394,8 @@ class Engine:
         need = self._decoder.required_len(prompt_len, settings)
         if need > self.max_seq_len:
             raise InvalidRequestError(
-                f"prompt of {prompt_len} tokens + max_new_tokens {p.max_new_tokens} (rounded to blocks: "
-                f"{need}) exceeds the context of {self.max_seq_len}")
+                f"prompt of {prompt_len} tokens + max_new_tokens {p.max_new_tokens} (the positions its decoding "
+                f"needs: {need}) exceeds the context of {self.max_seq_len}")
         return settings
 
     # -- the worker ----------------------------------------------------------------------------

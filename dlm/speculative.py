@@ -521,10 +521,10 @@ class SpeculativeDecoder(_DraftVerifyDecoder):
         blocks = n + 1 if self.tree else 1
         return prompt_len + settings.max_new_tokens + n + blocks * n
 
-    def _propose(self, rows: list[_Row], logits: Tensor) -> tuple[list[list[int]], list[Tensor | None]]:
-        """The next drafts from the accepted block's logits (n, m, V): tokens per row and, for
-        sampled rows, the distribution q they were drawn from."""
-        return self._pick(rows, logits)
+    def _propose(self, rows: list[_Row], logits: Tensor, places: list[int]) -> tuple[list[list[int]], list[Tensor | None]]:
+        """The next drafts from the accepted block's logits (n, m, V): tokens per row (a sampled
+        row's first `places` of its own) and, for sampled rows, the distribution q they were drawn from."""
+        return self._pick(rows, logits, places)
 
     def _forward_and_decide(self, rows: list[_Row], new: dict[int, list[int]], updates: dict[int, RowUpdate]) -> None:
         n = len(rows)
@@ -584,7 +584,7 @@ class SpeculativeDecoder(_DraftVerifyDecoder):
             m = max(ns[b] for b, _, _ in picked)
             index = torch.tensor([[min(start + i, T - 1) for i in range(m)] for _, _, start in picked], device=self.device)
             lb = logits[torch.tensor([b for b, _, _ in picked], device=self.device)[:, None], index]  # (p, m, V)
-            picks = self._propose([row for _, row, _ in picked], lb)
+            picks = self._propose([row for _, row, _ in picked], lb, [ns[b] for b, _, _ in picked])
         by_slot = {row.slot: i for i, (_, row, _) in enumerate(picked)}
         for b, row, _ in going:
             i = by_slot.get(row.slot)
@@ -649,9 +649,15 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         self.undrafted: set[int] = set()
         self.acceptance = DraftAcceptance()  # greedy exact rows' drafts, verified and accepted
 
-    def required_len(self, prompt_len: int, settings: DecodeSettings) -> int:
-        """The text, plus room past it for the drafts."""
-        return prompt_len + settings.max_new_tokens + self._n(settings)
+    def add(self, slot: int, prompt_ids: list[int], settings: DecodeSettings) -> None:
+        super().add(slot, prompt_ids, settings)
+        self.window_n.pop(slot, None)  # the prefill's chunks fill it (`_prefill_and_keep`)
+
+    def prefix_match(self, slot: int, prompt_ids: list[int], settings: DecodeSettings) -> int:
+        """The cached prefix, less the prompt's last window positions: the prefill computes their
+        hidden states for the head's window (a cache holds K/V only), so the first drafts, and a
+        seeded sampled row's draws, are the same whether the prompt was cached or not."""
+        return min(super().prefix_match(slot, prompt_ids, settings), max(0, len(prompt_ids) - self.window_h.shape[1]))
 
     def remove(self, slot: int) -> None:
         super().remove(slot)
@@ -825,8 +831,9 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
     def _prefill_and_keep(self, tokens: Tensor, positions: Tensor, mask: Tensor, *, cache: Any, cache_rows: Tensor,
                           out_index: Tensor) -> Tensor:
         """model(...) of a prefill forward (logits at out_index, whose first column is each row's
-        last position), also writing the window of hidden states ending there; the window's last
-        token (the first reply token) comes with the commit."""
+        last position), also adding the hidden states of the chunk's last positions to the row's
+        window, after those of its earlier chunks (a short last chunk leaves the window as full
+        as one chunk would); the window's last token (the first reply token) comes with the commit."""
         W = self.window_h.shape[1]
         last = out_index[:, :1]  # (B, 1)
         index = (last + torch.arange(-W + 1, 1, device=self.device)[None]).clamp_min(0)  # (B, W)
@@ -834,10 +841,12 @@ class HeadSpeculativeDecoder(_DraftVerifyDecoder):
         logits = self.model.logits(h[:, -1:])  # (B, 1, V): the model's own prefill logits at `last`
         following = tokens.gather(1, (index + 1).clamp_max(tokens.shape[1] - 1))  # the token after each position
         for b, slot in enumerate(cache_rows.tolist()):
-            if slot != self.kv.scratch_row:
-                self.window_h[slot] = h[b].float()
-                self.window_t[slot] = following[b]
-                self.window_n[slot] = min(W, int(last[b]) + 1)
+            if slot == self.kv.scratch_row:
+                continue
+            k = min(W, int(last[b]) + 1)  # this chunk's positions in the window
+            if slot in self.window_n:  # a later chunk: the earlier one's last position made this one's first token
+                self.window_t[slot, -1] = tokens[b, 0]
+            self._extend_window(slot, h[b, W - k:], following[b, W - k:].tolist())
         return logits.expand(-1, out_index.shape[1], -1)
 
     def _decode_step(self, rows: list[_Row]) -> list[RowUpdate]:

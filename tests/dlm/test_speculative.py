@@ -504,6 +504,25 @@ def test_a_tree_keeps_only_the_nodes_whose_kv_fit_the_cache():
     assert steps[256] < steps[40] < sum(r[1] for r in expected)
 
 
+@pytest.mark.parametrize("branches", [1, 3])
+def test_a_head_engine_serves_every_request_that_fits_the_context_as_the_ar_engine_does(branches):
+    """A head's drafts stop before the reply's length limit (and a tree's nodes where the cache
+    ends), so a prompt plus max_new_tokens that fills the context exactly is served, not refused
+    for room past it (it was, 3-5 positions short), and its reply is the AR engine's."""
+    loaded = random_loaded("causal", seed=3, eos=[], scale=3.0, block_size=1)
+    S = loaded.config.max_seq_len
+    prompt, params = ([5, 6, 7] * S)[: S - 20], GenerationParams(max_new_tokens=20)
+    with AREngine(loaded, max_batch_size=1) as ar:
+        expected = _run(ar.submit(prompt, params))[0]
+        with pytest.raises(InvalidRequestError, match="exceeds the context"):
+            ar.submit([*prompt, 9], params)
+    with SpeculativeEngine(loaded, _random_head(loaded, n_slots=4), max_batch_size=1, draft_len=4,
+                           draft_confidence=0.0, draft_branches=branches) as spec:
+        assert _run(spec.submit(prompt, params))[0] == expected
+        with pytest.raises(InvalidRequestError, match="exceeds the context"):
+            spec.submit([*prompt, 9], params)
+
+
 def test_trees_are_for_greedy_exact_rows_and_bad_branches_are_refused():
     loaded = counting_loaded(attention="causal", block_size=1)
     head = _random_head(loaded, n_slots=4)
@@ -689,6 +708,56 @@ def test_a_seeded_sampled_reply_is_the_same_alone_and_beside_rows_under_a_budget
         handles = [spec.submit(PROMPTS[0], greedy), spec.submit(PROMPTS[1], sampling), spec.submit(PROMPTS[3], greedy)]
         together = [_run(h)[0] for h in handles]
     assert together[1] == alone
+
+
+def test_a_seeded_sampled_reply_of_a_mask_slot_drafter_is_the_same_beside_rows_that_draft_more():
+    """A batch's draft blocks are as long as its longest: a sampled row draws only its own
+    places from its generator (drawing the others too and dropping them moved its later draws:
+    beside a row of draft length 4, a row of 1 wrote another reply from its third token on)."""
+    loaded = random_loaded("causal", seed=3, eos=[], scale=3.0, block_size=1)
+    sampling = GenerationParams(max_new_tokens=30, temperature=1.0, seed=7, draft_len=1)
+    with SpeculativeEngine(loaded, _random_drafter(loaded, n_slots=4, seed=1, scale=1.0), max_batch_size=4,
+                           draft_len=1) as spec:
+        alone = _run(spec.submit(PROMPTS[1], sampling))[0]
+        for neighbour in (1, 4):
+            handles = [spec.submit(PROMPTS[0], GenerationParams(max_new_tokens=60, draft_len=neighbour)),
+                       spec.submit(PROMPTS[1], sampling)]
+            assert [_run(h)[0] for h in handles][1] == alone, neighbour
+
+
+@pytest.mark.parametrize("chunk", [64, 4, 1])
+def test_the_heads_first_window_is_the_same_after_prefix_reuse_and_in_short_chunks(chunk):
+    """The head's first drafts read the hidden states of the prompt's last positions: a prompt
+    whose prefix the row holds from the last request recomputes them (the cache holds K/V only),
+    and a prefill in chunks shorter than the window keeps those of the chunks before (a reused
+    prompt read a window of 1, and a 10-token prompt in chunks of 8 one of 2). So a seeded sampled
+    reply is the same on a fresh engine and after reuse."""
+    loaded = random_loaded("causal", seed=3, eos=[], scale=3.0, block_size=1)
+    head = _random_head(loaded, n_slots=4, seed=2, scale=2.0)
+    W = head.config.window
+    prompt = PROMPTS[3]
+    sampling = GenerationParams(max_new_tokens=30, temperature=1.0, seed=7)
+    with SpeculativeEngine(loaded, head, max_batch_size=1) as spec:
+        fresh, reused = (_run(spec.submit(prompt, sampling))[0] for _ in range(2))
+        settings = spec.prepare(prompt, GenerationParams(max_new_tokens=5))[1]
+    assert reused == fresh
+    windows = []
+    for size in (64, chunk):
+        decoder = HeadSpeculativeDecoder(loaded.model, spec.spec, head, draft_len=4, max_batch_size=1, max_seq_len=64,
+                                         prefill_step_s=None, prefill_chunk_tokens=size, prefill_budget_tokens=size)
+        for turn in range(2):
+            decoder.add(0, prompt, settings)
+            assert decoder.rows[0].prefill_upto == (0 if turn == 0 else len(prompt) - W)
+            with torch.inference_mode():  # as in an engine's worker
+                while decoder.rows[0].prefill_upto < decoder.rows[0].prefill_end:
+                    decoder.step()
+                windows.append((decoder.window_n[0], decoder.window_t[0, :-1].tolist(), decoder.window_h[0].clone()))
+                while not any(u.finish_reason for u in decoder.step()):
+                    pass
+            decoder.remove(0)
+    for n, tokens, h in windows:
+        assert (n, tokens) == (W, prompt[-W + 1:])  # each pair's token: the one after its position
+        torch.testing.assert_close(h, windows[0][2])
 
 
 def test_tree_rows_beside_sampled_and_lossy_rows_under_a_budget_keep_every_reply():
