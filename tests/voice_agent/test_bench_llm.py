@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ from voice_agent.commands.bench import speed_bars
 
 
 def _level(engine: str, timelines: list[list[list[float]]], tokens_per_forward: float) -> dict:
+    """A level's records: each reply's first text with its first final tokens (as `_measure` records)."""
     return {"engine": engine, "concurrency": 1, "tokens_per_forward": tokens_per_forward,
-            "replies_detail": [{"token_times": t} for t in timelines]}
+            "replies_detail": [{"token_times": t, "first_output_s": t[0][0], "first_output_tokens": t[0][1]}
+                               for t in timelines]}
 
 
 def test_bars_compare_the_same_number_of_tokens_prompt_by_prompt() -> None:
@@ -29,6 +32,11 @@ def test_bars_compare_the_same_number_of_tokens_prompt_by_prompt() -> None:
     assert bars["first_text_ratio"]["value"] == pytest.approx(0.15 / 0.21)
     assert not bars["first_text_ratio"]["pass"]
     assert bars["tokens_per_forward"]["pass"]
+    # Final tokens whose text the stream still held (a stop string's start): the text came later.
+    held = _level("dllm", dllm, 3.5)
+    held["replies_detail"][0].update(first_output_s=0.25, first_output_tokens=16)  # AR's 16th token: 0.37 s
+    assert speed_bars([held, _level("ar", ar, 1.0)])["first_text_ratio"]["value"] == pytest.approx(
+        (0.25 / 0.37 + 0.15 / 0.21) / 2)
 
 
 def test_bars_pass_when_the_dllm_is_fast_enough_and_need_both_engines() -> None:
@@ -59,6 +67,25 @@ def test_exact_bars_count_differing_replies_and_leave_out_the_prefill() -> None:
     assert bars["first8_ratio"]["value"] == pytest.approx((0.2 / 0.4 + 0.2 / 0.3) / 2)
     # 12 tokens: 0.6 / 0.3; 6 tokens: 0.3 / 0.2.
     assert bars["wall_speedup"]["value"] == pytest.approx((0.6 / 0.3 + 0.3 / 0.2) / 2) and not bars["wall_speedup"]["pass"]
+
+
+def test_tokens_per_forward_without_the_prefill_leave_out_the_token_it_made() -> None:
+    """An AR reply's first token comes from its prefill's logits: without the prefill's forwards,
+    nor that token, an AR engine makes exactly one token a forward."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "dlm"))
+    from dlm_tiny_models import random_loaded
+
+    from dlm.ar import AREngine
+    from dlm.engine import GenerationParams
+    from voice_agent.commands.bench import _measure, _summary
+
+    loaded = random_loaded("causal", seed=3, eos=[], block_size=1)
+    with AREngine(loaded, max_batch_size=2) as engine:
+        records, wall = _measure(engine, [[1, 2, 3], [4, 5]], GenerationParams(max_new_tokens=7))
+    assert [(r["tokens"], r["prefill_tokens"]) for r in records] == [(7, 1), (7, 1)]
+    summary = _summary("ar", 1, records, wall, None)
+    assert summary["decode_tokens_per_forward"] == 1.0
+    assert summary["tokens_per_forward"] == 14 / sum(r["steps"] for r in records)
 
 
 def test_reference_bars_compare_our_engines_with_llama_cpp() -> None:
@@ -129,10 +156,21 @@ def test_forward_costs_time_a_step_a_block_a_prefill_positions_and_a_heads_pass(
     assert len(costs["verify_ms_by_rows"]) == 8 and 1 <= costs["verify_row_cost"]["free"] <= 8
     # one position of one row is the step, timed once for both series
     assert costs["verify_ms_by_rows"][0] == costs["verify_ms_by_positions"][0] == pytest.approx(costs["step_ms"], abs=1e-3)
-    assert costs["engine_row_cost"] == {"free": 1, "each": 0.06}  # dense float32 weights (`row_cost_of`)
     passes = costs["head_pass"]
     assert passes["rows"] == [1, 2, 4, 8] and all(t > 0 for t in passes["ms"]) and passes["engine_share"] == 0.37
     assert forward_costs(model, context=20, block=4, prompt=12)["head_pass"] is None
+
+
+def test_the_engines_budget_is_the_price_llm_row_cost_gives() -> None:
+    from dlm.config import ModelConfig
+    from dlm.model import Transformer
+    from voice_agent.commands.bench import _engine_row_cost
+
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                                    max_seq_len=64)).eval()
+    assert _engine_row_cost(model, "auto") == {"free": 1, "each": 0.06}  # dense float32 weights (`row_cost_of`)
+    assert _engine_row_cost(model, 0.5) == {"free": 1, "each": 0.5}  # what `voice-agent calibrate` wrote
+    assert _engine_row_cost(model, 0) is None  # no budget
 
 
 def test_verify_cost_finds_the_free_positions_and_the_price_of_each_one_more() -> None:
@@ -146,6 +184,8 @@ def test_verify_cost_finds_the_free_positions_and_the_price_of_each_one_more() -
     assert verify_cost([2e-3] * 8) == {"free": 8, "each_ms": 0.0, "each": 0.0}  # memory-bound throughout
     linear = verify_cost([1e-3 * P for P in range(1, 9)])  # every position a whole forward
     assert linear["free"] == 1 and linear["each"] == pytest.approx(1.0)
+    # a last reading as fast as one position (noise) frees none of the positions before it
+    assert verify_cost([4.3e-3, 4.7e-3, 5.2e-3, 7.8e-3, 8.7e-3, 7.9e-3, 8.9e-3, 4.5e-3])["free"] == 1
     # The head's pass by rows (session 34: 0.60 / 0.99 / 1.88 / 3.66 ms), priced per verified position.
     passes = bench._head_pass([0.60e-3, 0.99e-3, 1.88e-3, 3.66e-3], {"each_ms": 1.17})
     assert passes["each_row_ms"] == pytest.approx(0.44, abs=0.005)

@@ -324,15 +324,17 @@ def _measure(engine, prompts: list[Any], params) -> tuple[list[dict[str, Any]], 
     handles = []
     t0 = time.perf_counter()
     for prompt in prompts:
-        rec: dict[str, Any] = {"first_output_s": None, "token_times": [], "token_ids": []}
+        rec: dict[str, Any] = {"first_output_s": None, "token_times": [], "token_ids": [], "prefill_tokens": 0}
 
         def on_delta(d, rec=rec):  # worker thread: record times (and ids) only
             now = time.perf_counter()
             if rec["first_output_s"] is None and (d.text or (d.token_ids and engine.tokenizer is None)):
-                rec["first_output_s"] = now - t0
+                rec["first_output_s"], rec["first_output_tokens"] = now - t0, d.tokens
             if d.token_ids:  # when each count of final tokens was reached: [seconds, tokens so far]
                 rec["token_times"].append([round(now - t0, 6), d.tokens])
                 rec["token_ids"] += d.token_ids
+                if d.steps <= d.prefill_steps:  # made by the prefill's forwards (an AR reply's first token)
+                    rec["prefill_tokens"] += len(d.token_ids)
             if d.finished:
                 rec.update(wall_s=now - t0, tokens=d.tokens, steps=d.steps, prefill_steps=d.prefill_steps,
                            finish=d.finish_reason, error=d.error)
@@ -365,9 +367,9 @@ def _summary(engine_name: str, concurrency: int, records: list[dict[str, Any]], 
         "median_wall_s": med("wall_s"),
         "median_tokens": med("tokens"),
         "tokens_per_forward": tokens / max(sum(r["steps"] for r in records), 1) if counted else None,
-        # The same without the forwards that prefilled the prompts.
-        "decode_tokens_per_forward": tokens / max(sum(r["steps"] - r.get("prefill_steps", 0) for r in records), 1)
-        if counted else None,
+        # The same without the forwards that prefilled the prompts, nor the tokens they made.
+        "decode_tokens_per_forward": (tokens - sum(r.get("prefill_tokens", 0) for r in records))
+        / max(sum(r["steps"] - r.get("prefill_steps", 0) for r in records), 1) if counted else None,
         "median_tokens_per_s_per_request": med("tokens_per_s"),
         "aggregate_tokens_per_s": tokens / max(wall_s, 1e-9),
         "level_wall_s": wall_s,
@@ -493,7 +495,6 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
         "verify_cost": fit,
         "verify_ms_by_rows": [round(1e3 * t, 3) for t in by_rows],
         "verify_row_cost": verify_cost(by_rows),
-        "engine_row_cost": _engine_row_cost(model),
         "head_pass": None if head is None else _head_pass(head_s, fit),
         "bars": {
             "block_step_ratio": {"value": verify_s / step_s, "limit": f"<= 1.3 ({block} positions as a step / one "
@@ -508,10 +509,11 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
 
 def verify_cost(times: list[float], within: float = 0.05) -> dict[str, float]:
     """A verifying forward's cost by positions (times[P - 1] for P = 1, 2, ...) as the engine's
-    budget prices it (`dlm.speculative.RowCost`): `free`, the most positions that cost at most
-    `within` more than one; `each_ms`, the least-squares slope of the time over the positions from
-    `free` on (what each one more costs); `each`, that as a share of one position's forward."""
-    free = max(P for P, t in enumerate(times, 1) if t <= (1 + within) * times[0])
+    budget prices it (`dlm.speculative.RowCost`): `free`, how many positions from the first cost
+    at most `within` more than one (up to the first that costs more: a later reading that noise
+    made as fast does not count); `each_ms`, the least-squares slope of the time over the positions
+    from `free` on (what each one more costs); `each`, that as a share of one position's forward."""
+    free = next((P - 1 for P, t in enumerate(times, 1) if t > (1 + within) * times[0]), len(times))
     points = list(enumerate(times, 1))[free - 1:]
     if len(points) < 2:
         return {"free": free, "each_ms": 0.0, "each": 0.0}
@@ -537,10 +539,12 @@ def _head_pass(times: list[float], fit: dict[str, float]) -> dict[str, Any]:
             "engine_share": HEAD_ROW_SHARE}
 
 
-def _engine_row_cost(model: Any) -> dict[str, float] | None:
-    from dlm.speculative import row_cost_of
+def _engine_row_cost(model: Any, row_cost: float | str) -> dict[str, float] | None:
+    """The price the draft-and-verify engine's budget takes (`llm.row_cost`: "auto" measures the
+    model's arithmetic, a number is what `voice-agent calibrate` wrote, 0 no budget), or None."""
+    from dlm.speculative import SpeculativeEngine
 
-    cost = row_cost_of(model)
+    cost = SpeculativeEngine._row_cost(model, row_cost)
     return None if cost is None else {"free": cost.free, "each": cost.each}
 
 
@@ -798,6 +802,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     release_free_memory()
     prompt_ids: list[list[int]] = []
     draft = {**config.llm.draft_settings(), "draft_len": args.draft_len or config.llm.draft_len}
+    if costs is not None and isinstance(head, DraftHead) and any(name == "dllm" for name, _ in engines):
+        costs["engine_row_cost"] = _engine_row_cost(loaded.model, draft["row_cost"])
     from voice_agent.bench.rounds import in_rounds
 
     def reset_peak() -> None:
@@ -953,8 +959,12 @@ def speed_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str,
         return None
     dllm, ar = levels
     speedups = _wall_speedups(dllm, ar)
-    # The dLLM's first final text, in tokens, against the AR's time to as many.
-    first_ratios = _time_ratios(dllm, ar, lambda d, a: min(d[0][1], a[-1][1]))
+    # The dLLM's first final text (its time, and its tokens then), against the AR's time to as many.
+    first_ratios = []
+    for d, a in zip(dllm["replies_detail"], ar["replies_detail"], strict=True):
+        n = d.get("first_output_tokens")
+        if n is not None and a.get("token_times") and (t_a := _time_to(a["token_times"], min(n, a["token_times"][-1][1]))):
+            first_ratios.append(d["first_output_s"] / t_a)
     tpf = dllm["tokens_per_forward"]
     wall, first = _median(speedups), _median(first_ratios)
     return {
@@ -997,7 +1007,8 @@ def exact_bars(results: list[dict[str, Any]], concurrency: int = 1) -> dict[str,
         "differing_replies": {"value": differing, "limit": "0 (token for token the AR engine's reply)",
                               "pass": differing == 0},
         "decode_tokens_per_forward": {"value": tpf, "limit": f">= {EXACT_BARS['decode_tokens_per_forward']} (prefill "
-                                                             f"not counted; counted: {dllm['tokens_per_forward']:.2f})",
+                                                             "not counted: its forwards, nor the first token it made; "
+                                                             f"counted: {dllm['tokens_per_forward']:.2f})",
                                       "pass": tpf >= EXACT_BARS["decode_tokens_per_forward"]},
         "wall_speedup": {"value": wall, "limit": f">= {EXACT_BARS['wall_speedup']} (AR time / ours to the same number "
                                                  f"of tokens, {BAR_TOKENS} or the shorter reply)",
@@ -1115,7 +1126,8 @@ def _print_table(report: dict[str, Any]) -> None:
                   + ", ".join(f"{P}: {t:.1f}" for P, t in enumerate(costs["verify_ms_by_positions"], 1))
                   + f"; {fit['free']} at one's price, then {fit['each_ms']:.2f} ms each ({fit['each']:.2f} of one); "
                   + ("the engine's budget prices " + f"{engine['free']} free, {engine['each']} each (of a whole step: "
-                     "with the head's pass and the step's other work)" if engine else "the engine prices none"))
+                     "with the head's pass and the step's other work)" if engine
+                     else "the engine's budget: none (llm.row_cost = 0, or no draft head ran)"))
         if costs.get("verify_ms_by_rows"):
             rows = costs["verify_row_cost"]
             print("verifying forwards by rows (one position each), ms: "
