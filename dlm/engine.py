@@ -138,6 +138,7 @@ class Delta:
     trace: StepTrace | None = None  # the current block after this step, where params.trace_steps
     prefill_steps: int = 0  # of `steps`, the forwards that prefilled the prompt
     eos_id: int | None = None  # the EOS id the model wrote (token_ids exclude it), where finish_reason == "eos"
+    prefill_tokens: int = 0  # of `tokens`, those the prefill's forwards made (an AR reply's first, from its logits)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ class _Request:
     steps: int = 0
     tokens: int = 0
     prefill_steps: int = 0
+    prefill_tokens: int = 0
 
 
 class Engine:
@@ -552,17 +554,19 @@ class Engine:
             # The reply ends at the token that ended its text, as a one-token-a-step engine's does.
             req.tokens -= len(ids) - req.text.taken
             ids = ids[: req.text.taken]
+        if u.steps <= u.prefill_steps:  # made by the prefill's forwards
+            req.prefill_tokens += len(ids)
         if finish is not None:
             self._release(u.slot)
             self._emit(req, Delta(text, ids, True, finish, None, u.steps, req.tokens, u.trace, u.prefill_steps,
-                                  u.eos_id if finish == "eos" else None), callback_errors=False)
+                                  u.eos_id if finish == "eos" else None, req.prefill_tokens), callback_errors=False)
         elif text or ids or u.trace is not None:
             self._emit(req, Delta(text, ids, steps=u.steps, tokens=req.tokens, trace=u.trace,
-                                  prefill_steps=u.prefill_steps))
+                                  prefill_steps=u.prefill_steps, prefill_tokens=req.prefill_tokens))
 
     def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
-        self._emit(req, Delta("", [], True, reason, error, req.steps, req.tokens, prefill_steps=req.prefill_steps),
-                   callback_errors=False)
+        self._emit(req, Delta("", [], True, reason, error, req.steps, req.tokens, prefill_steps=req.prefill_steps,
+                              prefill_tokens=req.prefill_tokens), callback_errors=False)
 
     def _emit(self, req: _Request, delta: Delta, callback_errors: bool = True) -> None:
         if delta.finished:

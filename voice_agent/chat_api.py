@@ -22,8 +22,9 @@ Contract:
   OpenAI refuses it (400 `unknown_parameter`).
 - Answers carry `usage`, `finish_reason` ("stop" or "length") and our statistics in the extension
   field `voice_agent` (`STATS_FIELD`), which OpenAI clients ignore: completion_tokens, forwards, prefill_forwards,
+  prefill_tokens (of them, those its prefill's forwards made: an AR reply's first token),
   tokens_per_forward (completion tokens per forward, as `voice-agent bench llm` counts them),
-  decode_tokens_per_forward (the prefill not counted), the engine's own finish reason
+  decode_tokens_per_forward (the prefill not counted: its forwards and tokens), the engine's own finish reason
   ("eos", "stop", "repetition", "length"), the replica, and first_text_ms: the server's own time
   from the request's arrival to its first text (sent, when streamed), so that a client can tell
   the time its request spent in the network and HTTP from the time it spent here. Every response, errors included,
@@ -418,12 +419,14 @@ class ChatService:
         prefill = last.prefill_steps or 0
         decoding = max(0, forwards - prefill)
         tokens = last.tokens or 0
+        prefill_tokens = min(last.prefill_tokens or 0, tokens)
         return {
             "completion_tokens": tokens,  # also in a streamed reply without include_usage (frontends count with it)
             "forwards": forwards,
             "prefill_forwards": prefill,
+            "prefill_tokens": prefill_tokens,
             "tokens_per_forward": round(tokens / forwards, 3) if forwards else None,
-            "decode_tokens_per_forward": round(tokens / decoding, 3) if decoding else None,
+            "decode_tokens_per_forward": round((tokens - prefill_tokens) / decoding, 3) if decoding else None,
             "finish_reason": last.finish_reason,
             "replica": self.replica,
             "first_text_ms": None if first_text_s is None else round(first_text_s * 1000, 1),

@@ -108,6 +108,7 @@ class LlmDelta:
     tokens: int | None = None  # tokens committed so far
     trace: BlockTrace | None = None  # where trace_steps was asked
     prefill_steps: int | None = None  # of `steps`, the forwards that prefilled the prompt
+    prefill_tokens: int | None = None  # of `tokens`, those the prefill's forwards made
     tool_calls: list[ToolCall] | None = None  # whole calls, on the last delta
 
 
@@ -366,6 +367,7 @@ class LocalDLM:
             tokens=delta.tokens,
             trace=trace,
             prefill_steps=getattr(delta, "prefill_steps", None),
+            prefill_tokens=getattr(delta, "prefill_tokens", None),
         )
 
     def _token_text(self, token_id: int) -> str:

@@ -27,6 +27,7 @@ def test_bench_llm_measures_a_server_by_url(tmp_path, monkeypatch, capsys):
             assert level["errors"] == 0 and level["median_tokens"] == 6
             assert level["median_first_output_s"] > 0
             assert level["tokens_per_forward"] is not None  # our tier reports its forwards
+            assert level["decode_tokens_per_forward"] == 1.0  # and what its prefill made: an AR engine's first token
         printed = capsys.readouterr().out
         assert "remote" in printed and tier.url in printed
         # A wrong key: every request fails, and the command says so.

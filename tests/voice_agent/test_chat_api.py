@@ -66,6 +66,8 @@ def test_completion_with_usage_finish_reason_and_statistics(tier, client):
     stats = completion.model_extra["voice_agent"]  # the SDK keeps the extension, ignoring it
     assert stats["completion_tokens"] == 6 and stats["forwards"] >= 6 and stats["prefill_forwards"] >= 1
     assert stats["tokens_per_forward"] == pytest.approx(6 / stats["forwards"], abs=1e-3)
+    # the first token came from the prefill's logits; after it, an AR engine makes one a forward
+    assert stats["prefill_tokens"] == 1 and stats["decode_tokens_per_forward"] == 1.0
     assert stats["finish_reason"] == "length" and stats["replica"] == tier.service.replica
     assert stats["first_text_ms"] > 0
 

@@ -65,7 +65,7 @@ class LlamaCppReference:
                     break
             wall = time.perf_counter() - t0
             n = len(rec["token_ids"])
-            rec.update(wall_s=wall, tokens=n, steps=n + (1 if finish == "eos" else 0), prefill_steps=1,
+            rec.update(wall_s=wall, tokens=n, steps=n + (1 if finish == "eos" else 0), prefill_steps=1, prefill_tokens=min(n, 1),
                        finish=finish, error=None, tokens_per_forward=1.0, tokens_per_s=n / max(wall, 1e-9),
                        text=self.llm.detokenize(rec["token_ids"]).decode("utf-8", "replace"))
             records.append(rec)

@@ -83,6 +83,7 @@ class RemoteChat:
                     if chunk.stats is not None:
                         rec["steps"] = chunk.stat("forwards")
                         rec["prefill_steps"] = chunk.stat("prefill_forwards") or 0
+                        rec["prefill_tokens"] = chunk.stat("prefill_tokens") or 0
                         server_ms = chunk.stats.get("first_text_ms")  # a float: not one of stat()'s integers
                         if isinstance(server_ms, int | float) and not isinstance(server_ms, bool):
                             rec["server_first_output_s"] = server_ms / 1000

@@ -324,7 +324,7 @@ def _measure(engine, prompts: list[Any], params) -> tuple[list[dict[str, Any]], 
     handles = []
     t0 = time.perf_counter()
     for prompt in prompts:
-        rec: dict[str, Any] = {"first_output_s": None, "token_times": [], "token_ids": [], "prefill_tokens": 0}
+        rec: dict[str, Any] = {"first_output_s": None, "token_times": [], "token_ids": []}
 
         def on_delta(d, rec=rec):  # worker thread: record times (and ids) only
             now = time.perf_counter()
@@ -333,10 +333,9 @@ def _measure(engine, prompts: list[Any], params) -> tuple[list[dict[str, Any]], 
             if d.token_ids:  # when each count of final tokens was reached: [seconds, tokens so far]
                 rec["token_times"].append([round(now - t0, 6), d.tokens])
                 rec["token_ids"] += d.token_ids
-                if d.steps <= d.prefill_steps:  # made by the prefill's forwards (an AR reply's first token)
-                    rec["prefill_tokens"] += len(d.token_ids)
             if d.finished:
                 rec.update(wall_s=now - t0, tokens=d.tokens, steps=d.steps, prefill_steps=d.prefill_steps,
+                           prefill_tokens=d.prefill_tokens,
                            finish=d.finish_reason, error=d.error)
 
         handles.append((engine.submit(prompt, params, on_delta=on_delta), rec))
