@@ -172,5 +172,5 @@ def load_adapter(path: str | Path, model_config: ModelConfig, base_path: str | P
         adapter = Adapter(model_config, AdapterConfig(**meta["config"]))
     except Exception as e:
         raise AdapterError(f"{where}: damaged ({type(e).__name__}: {e})") from e
-    tuned_file.read_tensors(path, adapter, where, AdapterError)
+    tuned_file.read_tensors(path, adapter, where, AdapterError, meta.get("tensors_sha256"))
     return adapter

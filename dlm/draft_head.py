@@ -65,6 +65,8 @@ from dlm.model import (
 __all__ = ["DRAFT_HEAD_FORMAT", "DraftHead", "DraftHeadConfig"]
 
 DRAFT_HEAD_FORMAT = "voice-agent-draft-head/1"
+# The most a head's config may say (a damaged file's window of 10**6 would allocate terabytes).
+MAX_WINDOW, MAX_SLOTS, MAX_LAYERS = 64, 16, 16
 
 
 @dataclass
@@ -83,11 +85,16 @@ class DraftHeadConfig:
     causal: bool = False
 
     def __post_init__(self) -> None:
+        # A file's values (JSON) as well as code's: integers in range, a real boolean (bool("no") is True).
+        for name, most in (("window", MAX_WINDOW), ("n_slots", MAX_SLOTS), ("n_layers", MAX_LAYERS),
+                           ("vocab_size", 1 << 20)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                raise ValueError(f"{name} must be an integer in [1, {most}], not {value!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be true or false, not {self.causal!r}")
         self.feature_layers = tuple(self.feature_layers)
-        self.causal = bool(self.causal)
-        if self.window < 1 or self.n_slots < 1 or self.n_layers < 1 or self.vocab_size < 1:
-            raise ValueError("window, n_slots, n_layers and vocab_size must be >= 1")
-        if any(i < 0 for i in self.feature_layers):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.feature_layers):
             raise ValueError("feature_layers are base layer indices >= 0")
 
     @property

@@ -221,9 +221,11 @@ def load_drafter(path: str | Path, loaded: Any, *, check_base: bool = True,
             drafter = Drafter(loaded.config, DrafterConfig(**meta["config"]))
     except Exception as e:
         raise DrafterError(f"{where}: damaged ({type(e).__name__}: {e})") from e
-    tuned_file.read_tensors(path, drafter, where, DrafterError)
+    tuned_file.read_tensors(path, drafter, where, DrafterError, meta.get("tensors_sha256"))
     if isinstance(drafter, DraftHead) and not bool(((drafter.vocab >= 0) & (drafter.vocab < loaded.config.vocab_size)).all()):
         raise DrafterError(f"{where}: damaged (token ids outside the vocabulary)")
+    if not all(bool(t.isfinite().all()) for t in drafter.state_dict().values() if t.is_floating_point()):
+        raise DrafterError(f"{where}: damaged (weights that are not finite numbers)")
     device = loaded.model.device
     drafter = drafter.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     if isinstance(drafter, DraftHead):

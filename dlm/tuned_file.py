@@ -7,16 +7,18 @@ Contract:
   file, a bd file, or a folder's *.safetensors, else *.gguf, in name order).
 - `base_record(config, base_path)`: {name, sha256, n_layers, dim, vocab_size} of the base.
 - `write(path, tensors, key, record, dtype)`: the floating-point tensors in `dtype` (integer ones
-  as they are) and the record, atomically.
+  as they are) and the record, atomically; the record gains `tensors_sha256` (`tensors_sha256`:
+  names, dtypes, shapes and bytes as written).
 - `read_record(path, key, fmt, what, error)`: the record, or `error` (a DlmError subclass) saying
-  the file cannot be read, is not such a file, has damaged metadata or another format (`fmt`: one
-  format or a tuple of those accepted).
+  the file cannot be read, is not such a file, has damaged metadata (its base and config, where
+  present, records) or another format (`fmt`: one format or a tuple of those accepted).
 - `check_base(record, config, base_path, where, error, check_sha)`: `error` where the record's
   shapes differ from `config` or (with check_sha) its sha256 from the base file's; `where` names
   the tuning file in the message, which names the base too.
-- `read_tensors(path, module, where, error)`: the file's tensors into `module` (floating-point
-  ones as float32, strict),
-  or `error` saying it is damaged.
+- `read_tensors(path, module, where, error, expected_sha256=None)`: the file's tensors into
+  `module` (floating-point ones as float32, strict), or `error` saying it is damaged (also where
+  they do not hash to `expected_sha256`, the record's `tensors_sha256`: files written before it
+  was recorded have none, and the registry checks the shipped ones whole).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from torch import nn
 from dlm.config import ModelConfig
 from dlm.errors import DlmError
 
-__all__ = ["base_fingerprint", "base_record", "check_base", "file_sha256", "read_record", "read_tensors", "write"]
+__all__ = ["base_fingerprint", "base_record", "check_base", "file_sha256", "read_record", "read_tensors",
+           "tensors_sha256", "write"]
 
 
 def _sha256(files: list[Path]) -> str:
@@ -58,6 +61,16 @@ def base_fingerprint(path: str | Path, error: type[DlmError] = DlmError) -> str:
     return _sha256(files)
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: each one's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def base_record(config: ModelConfig, base_path: str | Path) -> dict[str, Any]:
     return {"name": Path(base_path).name, "sha256": base_fingerprint(base_path), "n_layers": config.n_layers,
             "dim": config.dim, "vocab_size": config.vocab_size}
@@ -68,9 +81,9 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], key: str, record: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-               for k, v in tensors.items()}, str(tmp),
-              metadata={key: json.dumps(record)})
+    stored = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+              for k, v in tensors.items()}
+    save_file(stored, str(tmp), metadata={key: json.dumps({**record, "tensors_sha256": tensors_sha256(stored)})})
     tmp.replace(path)
     return path
 
@@ -89,9 +102,14 @@ def read_record(path: str | Path, key: str, fmt: str | tuple[str, ...], what: st
         record = json.loads(raw)
     except json.JSONDecodeError as e:
         raise error(f"{what} {path}: damaged metadata ({e})") from e
+    if not isinstance(record, dict):
+        raise error(f"{what} {path}: damaged metadata (not a record)")
     formats = (fmt,) if isinstance(fmt, str) else fmt
     if record.get("format") not in formats:
         raise error(f"{what} {path}: format {record.get('format')!r}, expected {' or '.join(map(repr, formats))}")
+    for name in ("base", "config"):
+        if not isinstance(record.get(name, {}), dict):
+            raise error(f"{what} {path}: damaged metadata (its {name} is not a record)")
     return record
 
 
@@ -107,10 +125,16 @@ def check_base(record: dict[str, Any], config: ModelConfig, base_path: str | Pat
             raise error(f"{where} was not made for the base {base_path} (sha256 {actual[:12]}...){retrain}")
 
 
-def read_tensors(path: str | Path, module: nn.Module, where: str, error: type[DlmError]) -> None:
+def read_tensors(path: str | Path, module: nn.Module, where: str, error: type[DlmError],
+                 expected_sha256: str | None = None) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:
+        raise error(f"{where}: damaged ({type(e).__name__}: {e})") from e
+    if expected_sha256 is not None and tensors_sha256(state) != expected_sha256:
+        raise error(f"{where}: damaged (its tensors do not hash to the sha256 recorded with them)")
+    try:
         module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     except Exception as e:
         raise error(f"{where}: damaged ({type(e).__name__}: {e})") from e

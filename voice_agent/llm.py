@@ -589,6 +589,7 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto",
     from voice_agent.models import resolve_llm_model
 
     resolved = resolve_llm_model(name)
+    resolved.check_files()
     if dtype == "auto" and resolved.dtype:
         dtype = resolved.dtype
     if weights == "auto":

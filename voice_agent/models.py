@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -109,6 +109,20 @@ class ResolvedLlm:
     adapter: Path | None = None  # the fine-tune merged into the model's weights at load (dlm.adapter)
     dtype: str | None = None  # the registry's dtype for it, used where llm.dtype is "auto"
     weights: str | None = None  # the registry's weight format for it, used where llm.weights is "auto"
+    # the sha256 the registry gives for each shipped file (`check_files`): file -> sha256
+    sha256: dict[Path, str] = field(default_factory=dict)
+
+    def check_files(self) -> None:
+        """UserError naming a shipped file (adapter, drafter) whose bytes are not the registry's:
+        damaged, or changed since it shipped (a damaged drafter could load and draft nothing)."""
+        from dlm.tuned_file import file_sha256
+
+        for path, expected in self.sha256.items():
+            actual = file_sha256(path)
+            if actual != expected:
+                raise UserError(f"model {self.name!r}: {path} is damaged or not the file that shipped: its sha256 is "
+                                f"{actual[:12]}..., the registry's (configs/models.toml) {expected[:12]}...; reinstall "
+                                "voice-agent (./install.sh)")
 
 
 def _registry_path(name: str, source: str) -> Path:
@@ -132,8 +146,10 @@ def resolve_llm_model(name: str) -> ResolvedLlm:
         path = _registry_path(name, entry["source"])
         drafter = _registry_path(name, entry["drafter"]) if "drafter" in entry else None
         adapter = _registry_path(name, entry["adapter"]) if "adapter" in entry else None
+        sha256 = {file: entry[f"{key}_sha256"] for key, file in (("drafter", drafter), ("adapter", adapter))
+                  if file is not None and f"{key}_sha256" in entry}
         return ResolvedLlm(path, name, drafter=drafter, adapter=adapter, dtype=entry.get("dtype"),
-                           weights=entry.get("weights"))
+                           weights=entry.get("weights"), sha256=sha256)
     except UserError:
         fallback = entry.get("fallback")
         if not fallback:

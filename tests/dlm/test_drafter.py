@@ -80,6 +80,43 @@ def test_damaged_or_foreign_files_fail_clearly(base, tmp_path):
         load_drafter(good, wide)
 
 
+def _rewritten(path, tmp_path, name, *, meta=None, flip_at=None):
+    """A copy of a drafter file with its record replaced (`meta`: a function of it) or one byte of
+    its tensor data flipped (`flip_at`: bytes from the data's end)."""
+    raw = bytearray(path.read_bytes())
+    if flip_at is not None:
+        raw[-flip_at] ^= 0x40
+    out = tmp_path / name
+    out.write_bytes(bytes(raw))
+    if meta is not None:
+        with __import__("safetensors").safe_open(str(out), "pt") as f:
+            record = json.loads(f.metadata()["voice_agent_drafter"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        save_file(tensors, str(out), metadata={"voice_agent_drafter": json.dumps(meta(record))})
+    return out
+
+
+def test_a_file_whose_tensors_or_record_were_changed_is_refused_naming_it(base, tmp_path):
+    """Bytes flipped in a weight (which loaded and drafted nothing: the verifier decides every
+    token, so a user saw only an AR-speed engine), a config a damaged file made absurd, a base that
+    is not a record, weights that are not numbers: each a DrafterError naming the file, at load."""
+    good = save_drafter(tmp_path / "h.safetensors", _head(base, [3, 7, 40, 61]), base.path, dtype=torch.float32)
+    with pytest.raises(DrafterError, match=r"flipped\.safetensors.*do not hash"):
+        load_drafter(_rewritten(good, tmp_path, "flipped.safetensors", flip_at=3), base)
+    for name, change in [("window", 10**6), ("window", 4.5), ("window", True), ("causal", "no"), ("n_slots", -1)]:
+        def meta(record, name=name, change=change):
+            return {**record, "config": {**record["config"], name: change}}
+        with pytest.raises(DrafterError, match=rf"edited\.safetensors .*: damaged .*{name}"):
+            load_drafter(_rewritten(good, tmp_path, "edited.safetensors", meta=meta), base)
+    with pytest.raises(DrafterError, match=r"nobase\.safetensors: damaged metadata"):
+        load_drafter(_rewritten(good, tmp_path, "nobase.safetensors", meta=lambda r: {**r, "base": None}), base)
+    nan = _head(base, [3, 7, 40, 61])
+    with torch.no_grad():
+        nan.fuse.weight.fill_(float("nan"))
+    with pytest.raises(DrafterError, match=r"nan\.safetensors .*: damaged \(weights that are not finite"):
+        load_drafter(save_drafter(tmp_path / "nan.safetensors", nan, base.path), base)
+
+
 def test_adapter_touches_mask_slots_only(base):
     """Positions before `start` compute exactly what the plain base computes; slots differ."""
     model, d = base.model, _drafter(base)

@@ -51,6 +51,26 @@ def test_the_shipped_drafter_belongs_to_the_installed_base(drafted):
     assert not info.fallback and "draft-and-verify" in info.detail
 
 
+def test_a_damaged_copy_of_a_shipped_file_is_refused_before_loading(drafted, tmp_path, monkeypatch):
+    """The registry's sha256 of each shipped file: the installed ones match it (they load above),
+    and a copy with one byte flipped in a weight (which would load and draft nothing) is an error
+    naming it, not an engine at AR speed."""
+    from voice_agent import models
+    from voice_agent.errors import UserError
+
+    _, resolved = drafted
+    assert resolved.sha256 == {resolved.drafter: models.model_registry()[NAME]["drafter_sha256"],
+                               resolved.adapter: models.model_registry()[NAME]["adapter_sha256"]}
+    raw = bytearray(resolved.drafter.read_bytes())
+    raw[-5] ^= 0x40
+    damaged = tmp_path / resolved.drafter.name
+    damaged.write_bytes(bytes(raw))
+    entry = {**models.model_registry()[NAME], "drafter": str(damaged)}
+    monkeypatch.setattr(models, "model_registry", lambda: {NAME: entry})
+    with pytest.raises(UserError, match=rf"{damaged}.*damaged or not the file that shipped"):
+        load_local_llm(NAME, device="cpu", dtype="auto")
+
+
 def test_it_writes_the_ar_reply_in_fewer_forwards(drafted):
     loaded, _ = drafted
     system = {"role": "system", "content": Config().agent.system_prompt}
