@@ -51,6 +51,8 @@ def test_every_default_key_is_in_default_toml() -> None:
         ("[llm]\naccept = 1.5\n", "llm.accept must lie in .0, 1.* not 1.5$"),
         ("[llm]\ndraft_confidence = 1\n", "llm.draft_confidence must lie in .0, 1. .0: always draft_len., not 1.0$"),
         ("[llm]\ndraft_confidence = -0.1\n", "llm.draft_confidence must lie in .0, 1."),
+        ("[llm]\ndraft_len = 1000\n", "llm.draft_len must lie in .0, 16. .0: the model's default., not 1000$"),
+        ("[llm]\ndraft_len = -3\n", "llm.draft_len must lie in .0, 16."),
         ("[llm]\nprompt_lookup = -1\n", "llm.prompt_lookup must lie in .0, 32. .0: off"),
         ("[llm]\ndraft_branches = 0\n", "llm.draft_branches must lie in .1, 8. .1: a chain of drafts., not 0$"),
         ("[llm]\ndraft_branches = 2.5\n", "llm.draft_branches: expected int"),

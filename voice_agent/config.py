@@ -334,6 +334,8 @@ class LlmConfig:
             raise ConfigError(f"llm.weights must be one of {', '.join(map(repr, LLM_WEIGHTS))}, not {self.weights!r}")
         if self.kv_cache not in LLM_KV_CACHES:
             raise ConfigError(f"llm.kv_cache must be one of {', '.join(map(repr, LLM_KV_CACHES))}, not {self.kv_cache!r}")
+        if not 0 <= self.draft_len <= 16:  # at most a drafter's places (checked against the model's at load)
+            raise ConfigError(f"llm.draft_len must lie in [0, 16] (0: the model's default), not {self.draft_len!r}")
         if not 0.0 <= self.draft_confidence < 1.0:
             raise ConfigError(f"llm.draft_confidence must lie in [0, 1) (0: always draft_len), not {self.draft_confidence!r}")
         if not 0.0 < self.accept <= 1.0:

@@ -662,7 +662,10 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
         decoding_name = decoding(loaded, config.engine)
     except ValueError as e:  # llm.engine = "speculative" on a model that has no way to draft
         raise UserError(f"llm.engine: {e}") from e
-    engine = make_engine(loaded, config.engine, max_batch_size=config.max_batch_size, **config.draft_settings())
+    try:
+        engine = make_engine(loaded, config.engine, max_batch_size=config.max_batch_size, **config.draft_settings())
+    except ValueError as e:  # a draft setting this model's drafter cannot take (llm.draft_len past its places)
+        raise UserError(f"the [llm] draft settings for {resolved.name!r}: {e}") from e
     if decoding_name == "AR" and not diffusion:
         decoding_name = "AR (causal checkpoint)"
     log.info("LLM: %s (%s, %s) on %s, %s, %s weights, %s decoding", resolved.name, loaded.family, resolved.path,

@@ -136,6 +136,26 @@ def test_engine_auto_uses_ar_for_a_causal_checkpoint(monkeypatch):
     asyncio.run(llm.aclose())
 
 
+def test_a_draft_length_past_the_drafters_places_is_one_clear_error(monkeypatch):
+    import pytest
+
+    import dlm.checkpoints
+    import voice_agent.models
+    from dlm.draft_head import DraftHead, DraftHeadConfig
+    from voice_agent.config import LlmConfig
+    from voice_agent.errors import UserError
+    from voice_agent.llm import build_llm
+    from voice_agent.models import ResolvedLlm
+
+    loaded = counting_loaded(attention="causal", block_size=1, tokenizer=CharTokenizer())
+    loaded.drafter = DraftHead(loaded.config, DraftHeadConfig(window=2, n_slots=3, vocab_size=4))
+    loaded.drafter.attach(loaded.model)
+    monkeypatch.setattr(voice_agent.models, "resolve_llm_model", lambda name: ResolvedLlm(Path("<memory>"), name))
+    monkeypatch.setattr(dlm.checkpoints, "load_model", lambda path, **kw: loaded)
+    with pytest.raises(UserError, match=r"draft settings for 'tiny'.*draft_len 5 must lie in \[1, 3\]"):
+        build_llm(LlmConfig(model="tiny", draft_len=5, max_batch_size=1))
+
+
 def test_unknown_engine_names_the_key():
     import pytest
 
