@@ -539,7 +539,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value); the value is read as TOML, else taken as a string."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
@@ -570,7 +570,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.It
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     for override in overrides:
-        (section, key), value = _parse_override(override)
+        (section, key), value = parse_override(override)
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"--set {override!r}: {section!r} is not a section")

@@ -15,7 +15,7 @@ from voice_agent.commands.calibrate import (
     draft_settings,
     measure,
     measure_batch,
-    with_llm_keys,
+    with_table_keys,
 )
 from voice_agent.config import default_config_text
 
@@ -25,17 +25,40 @@ from dlm_tiny_models import random_loaded
 from dlm.drafter import Drafter, DrafterConfig
 
 
-def test_with_llm_keys_replaces_adds_and_keeps_everything_else():
+def test_with_table_keys_replaces_adds_and_keeps_everything_else():
     text = default_config_text()
-    out = with_llm_keys(text, {"draft_len": "3", "draft_tree": "false"})
+    out = with_table_keys(text, "llm", {"draft_len": "3", "draft_tree": "false"})
     data, before = tomllib.loads(out), tomllib.loads(text)
     assert data["llm"]["draft_len"] == 3 and data["llm"]["draft_tree"] is False
     data["llm"].pop("draft_len"), data["llm"].pop("draft_tree")
     before["llm"].pop("draft_len"), before["llm"].pop("draft_tree")
     assert data == before  # nothing else changed
-    added = tomllib.loads(with_llm_keys("[llm]\nmodel = \"x\"\n[agent]\nmax_items = 3\n", {"draft_len": "2"}))
+    added = tomllib.loads(with_table_keys("[llm]\nmodel = \"x\"\n[agent]\nmax_items = 3\n", "llm", {"draft_len": "2"}))
     assert added == {"llm": {"model": "x", "draft_len": 2}, "agent": {"max_items": 3}}
-    assert tomllib.loads(with_llm_keys("[agent]\nmax_items = 3\n", {"draft_len": "5"}))["llm"] == {"draft_len": 5}
+    assert tomllib.loads(with_table_keys("[agent]\nmax_items = 3\n", "llm", {"draft_len": "5"}))["llm"] == {"draft_len": 5}
+    # a header with a comment is the table's (a second [llm] table made a file that would not load)
+    commented = with_table_keys("[llm]  # the language model\nmodel = \"x\"\n", "llm", {"draft_len": "2"})
+    assert tomllib.loads(commented) == {"llm": {"model": "x", "draft_len": 2}}
+
+
+def test_the_written_file_keeps_the_overrides_it_ran_with():
+    from voice_agent.commands.calibrate import with_overrides
+
+    text = with_overrides("[llm]\nmodel = \"default\"\n\n[server]\nport = 9999\n",
+                          ["llm.model=smollm2-135m-drafter", "server.port=7777", "llm.row_cost=0.5",
+                           "agent.greeting=Hi, \"you\"", "llm.draft_tree=false"])
+    assert tomllib.loads(text) == {"llm": {"model": "smollm2-135m-drafter", "row_cost": 0.5, "draft_tree": False},
+                                   "server": {"port": 7777}, "agent": {"greeting": 'Hi, "you"'}}
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys):
+    from voice_agent.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, why in [(tmp_path, "it is a directory"), (afile / "x.toml", "is not a directory")]:
+        assert main(["calibrate", "--out", str(out)]) == 2
+        assert why in capsys.readouterr().err
 
 
 def test_measure_reports_time_and_tokens_per_forward():
@@ -57,21 +80,21 @@ def test_choose_keeps_the_fastest_draft_setting_and_picks_ar_only_where_it_was_f
     keys, best = choose({"ms_per_token": 7.0}, drafted)
     assert keys == {"engine": '"ar"', "draft_len": "3", "draft_tree": "false", "draft_confidence": "0.0"}
     assert best is drafted[1]
-    written = tomllib.loads(with_llm_keys(default_config_text(), keys))["llm"]
+    written = tomllib.loads(with_table_keys(default_config_text(), "llm", keys))["llm"]
     assert (written["engine"], written["draft_len"], written["draft_tree"]) == ("ar", 3, False)
     # A draft head's settings carry their confidence bar, and the fastest one's is written.
     head = [{"draft_len": 6, "tree": True, "draft_confidence": 0.0, "prompt_lookup": 4, "ms_per_token": 6.0},
             {"draft_len": 6, "tree": True, "draft_confidence": 0.15, "prompt_lookup": 4, "ms_per_token": 5.0},
             {"draft_len": 6, "tree": True, "draft_confidence": 0.15, "prompt_lookup": 0, "ms_per_token": 5.5}]
     keys, best = choose({"ms_per_token": 7.0}, head)
-    written = tomllib.loads(with_llm_keys(default_config_text(), keys))["llm"]
+    written = tomllib.loads(with_table_keys(default_config_text(), "llm", keys))["llm"]
     assert best is head[1] and written["draft_confidence"] == 0.15 and written["prompt_lookup"] == 4
     head[2]["ms_per_token"] = 4.0  # prompt lookup off was faster here
-    assert tomllib.loads(with_llm_keys(default_config_text(), choose({"ms_per_token": 7.0}, head)[0]))["llm"][
+    assert tomllib.loads(with_table_keys(default_config_text(), "llm", choose({"ms_per_token": 7.0}, head)[0]))["llm"][
         "prompt_lookup"] == 0
     head.append({"draft_len": 6, "tree": True, "draft_confidence": 0.05, "prompt_lookup": 4, "draft_branches": 3,
                  "ms_per_token": 3.0})  # a tree was fastest (rows cost little here)
-    written = tomllib.loads(with_llm_keys(default_config_text(), choose({"ms_per_token": 7.0}, head)[0]))["llm"]
+    written = tomllib.loads(with_table_keys(default_config_text(), "llm", choose({"ms_per_token": 7.0}, head)[0]))["llm"]
     assert (written["draft_branches"], written["draft_confidence"]) == (3, 0.05)
 
 
@@ -194,3 +217,36 @@ def test_a_batch_decodes_at_once_with_the_row_cost_asked_for(monkeypatch):
     assert r["tokens"] == 4 * 10 and r["ms_per_token"] > 0 and r["tokens_per_forward"] >= 1.0
     ar = measure_batch(loaded, prompts, 10, "ar", draft_len=4, row_cost=0.3)  # the AR engine takes no draft keys
     assert asked[-1][0] == "ar" and ar["tokens"] == 4 * 10 and ar["tokens_per_forward"] == 1.0
+
+
+def test_the_written_config_is_the_one_it_ran_with_and_loads(tmp_path, monkeypatch, capsys):
+    """The run's own config file (a commented [llm] header, comments elsewhere) with its --set
+    overrides and the keys it measured, written whole; never a configs/default.toml that lies in
+    the working directory."""
+    import voice_agent.commands.calibrate as calibrate
+    import voice_agent.llm
+    from voice_agent.cli import main
+    from voice_agent.config import load_config
+    from voice_agent.models import ResolvedLlm
+
+    loaded = random_loaded("causal", seed=3, scale=3.0, block_size=1)
+    loaded.drafter = Drafter(loaded.config, DrafterConfig(rank=4, n_slots=3)).eval()
+    monkeypatch.setattr(voice_agent.llm, "load_local_llm",
+                        lambda name, **kw: (loaded, ResolvedLlm(Path("<memory>"), name)))
+    monkeypatch.setattr(calibrate, "measure", lambda loaded, prompts, draft_len=1, engine_kind="auto", **kw: {
+        "ms_per_token": 10.0 if engine_kind == "ar" else 10.0 - draft_len, "tokens_per_forward": 1.0 + draft_len / 2})
+    config = tmp_path / "mine.toml"
+    config.write_text("# my settings\n[llm]  # the language model\nmodel = \"default\"\n\n[server]\nport = 9999\n")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "default.toml").write_text("[server]\nport = 1\n")  # not the run's
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out" / "calibrated.toml"
+    assert main(["calibrate", "--config", str(config), "--set", "server.port=7777", "--out", str(out), "--rounds",
+                 "1", "--prompts", "1", "--draft-lens", "1,2", "--batch", "0"]) == 0, capsys.readouterr().err
+    written = out.read_text()
+    assert "# my settings" in written and "[llm]  # the language model" in written
+    assert load_config(out).server.port == 7777 and load_config(out).llm.draft_len == 2
+    assert main(["calibrate", "--set", "server.port=7777", "--out", str(out), "--rounds", "1", "--prompts", "1",
+                 "--draft-lens", "1", "--batch", "0"]) == 0
+    assert load_config(out).llm.model == "default" and load_config(out).server.port == 7777  # the embedded defaults
+    assert not list(out.parent.glob(".*.tmp"))

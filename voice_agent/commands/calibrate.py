@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import platform
 import re
 import sys
@@ -46,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from voice_agent.bench.rounds import in_rounds
-from voice_agent.config import Config, default_config_text
+from voice_agent.config import Config, default_config_text, parse_override
 
 HELP = "measure which draft length decodes fastest here, against the AR engine, and write the fastest into a config file"
 
@@ -103,14 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_ROUNDS})")
 
 
-def with_llm_keys(text: str, values: dict[str, str]) -> str:
-    """A TOML config text with keys of its [llm] table set to the given (already TOML) values:
-    replaced where the key is there, added right under the table header where not, the table
-    appended where the text has none. Comments and every other line stay as they are."""
+def with_table_keys(text: str, table: str, values: dict[str, str]) -> str:
+    """A TOML config text with keys of one table set to the given (already TOML) values: replaced
+    where the key is there, added right under the table header where not (a header may carry a
+    comment: `[llm]  # the language model`), the table appended where the text has none. Comments
+    and every other line stay as they are."""
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "[llm]"), None)
+    header = re.compile(rf"\s*\[\s*{re.escape(table)}\s*\]\s*(#.*)?$")
+    start = next((i for i, line in enumerate(lines) if header.match(line)), None)
     if start is None:
-        lines += ["", "[llm]", *(f"{k} = {v}" for k, v in values.items())]
+        lines += ["", f"[{table}]", *(f"{k} = {v}" for k, v in values.items())]
         return "\n".join(lines) + "\n"
     end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
     missing = dict(values)
@@ -120,6 +124,41 @@ def with_llm_keys(text: str, values: dict[str, str]) -> str:
             lines[i] = f"{m.group(1)} = {missing.pop(m.group(1))}"
     lines[start + 1:start + 1] = [f"{k} = {v}" for k, v in missing.items()]
     return "\n".join(lines) + "\n"
+
+
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (str, bool, int, float, or a list of those)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)  # inf, -inf and nan as TOML writes them too
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def with_overrides(text: str, overrides: list[str]) -> str:
+    """The config text with each `--set section.key=value` written into its table, so that the
+    written file runs what was measured (the model, the device, ...)."""
+    tables: dict[str, dict[str, str]] = {}
+    for override in overrides:
+        (section, key), value = parse_override(override)
+        tables.setdefault(section, {})[key] = toml_value(value)
+    for section, values in tables.items():
+        text = with_table_keys(text, section, values)
+    return text
+
+
+def _writable(out: Path) -> str | None:
+    """Why `out` cannot be written (None: it can), checked before the measuring starts."""
+    if out.is_dir():
+        return "it is a directory"
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        return "no permission to write it"
+    return None
 
 
 def measure(loaded: Any, prompts: list[list[dict[str, str]]], draft_len: int, tree: bool,
@@ -232,6 +271,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if any(not 0.0 <= c <= 16.0 for c in row_costs):
         print("--row-costs: each must lie in [0, 16] (0: no budget)", file=sys.stderr)
         return 2
+    out = args.out.expanduser()
+    why = _writable(out)
+    if why is not None:  # before minutes of measuring
+        print(f"--out {out}: cannot be written: {why}", file=sys.stderr)
+        return 2
     loaded, resolved = load_local_llm(config.llm.model, device=config.llm.device, dtype=config.llm.dtype,
                                       weights=config.llm.weights, kv_cache=config.llm.kv_cache)
     if loaded.drafter is None:
@@ -327,8 +371,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
                             report_batch)
         cheapest = min(batched[1:], key=lambda r: r["ms_per_token"])
         keys["row_cost"] = repr(cheapest["row_cost"])
-    template = Path(config.source).read_text(encoding="utf-8") if config.source and Path(config.source).is_file() \
-        else default_config_text()
+    # The file the run was configured from (never a configs/default.toml that happens to lie in
+    # the working directory), with the --set overrides it ran with, then the keys measured.
+    template = Path(args.config).expanduser().read_text(encoding="utf-8") if args.config else default_config_text()
+    template = with_overrides(template, args.overrides or [])
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     header = [f"# Written by `voice-agent calibrate` on {stamp} ({platform.processor() or platform.machine()}, "
               f"{resolved.name}, {config.llm.device}): ms per generated token, greedy, one call at a time, "
@@ -341,10 +387,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
                    f"#   AR engine: {batched[0]['ms_per_token']:.2f}"]
         header += [f"#   row cost {r['row_cost']:g}: {r['ms_per_token']:.2f}, {r['tokens_per_forward']:.2f} tokens/forward"
                    for r in batched[1:]]
-    text = with_llm_keys(template, keys)
-    out = args.out.expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(header) + "\n" + text, encoding="utf-8")
+    text = with_table_keys(template, "llm", keys)
+    try:  # whole or not at all: a file beside it, then renamed over it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text("\n".join(header) + "\n" + text, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as e:
+        print(f"voice-agent calibrate: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     speedup = ar["ms_per_token"] / max(best["ms_per_token"], 1e-9)
     if keys["engine"] == '"ar"':
         print(f"fastest: the AR engine ({ar['ms_per_token']:.1f} ms/token; the same replies): the best draft "
