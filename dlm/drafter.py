@@ -245,7 +245,7 @@ def _check_adapter(where: str, made_with: dict[str, str] | None, merged: Path | 
     expected = None if not made_with else made_with.get("sha256")
     if actual == expected:
         return
-    trained = f"the adapter {made_with.get('name')!r}" if made_with else "no adapter"
-    loaded = f"the adapter {merged}" if merged is not None else "no adapter"
+    trained = f"the adapter {made_with.get('name')!r} (sha256 {str(expected)[:12]}...)" if made_with else "no adapter"
+    loaded = f"the adapter {merged} (sha256 {actual[:12]}...)" if actual is not None else "no adapter"
     raise DrafterError(f"{where} was trained on the base with {trained}, but the model is loaded with {loaded}: "
                        "retrain it on this model's replies (voice-agent adapt drafter --adapter ...)")
