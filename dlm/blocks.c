@@ -761,8 +761,12 @@ VNNI_TARGET static void int_inputs_of(const float *x, int64_t M, int64_t K, int 
                                   _mm512_cvtps_epi32(_mm512_mul_ps(second, scale))};
             d[i] = nan || !(top < INFINITY) ? NAN : top / top_int; /* not finite in: NaN out (float32: NaN or inf) */
             s[i] = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
-            /* in uint32: a non-finite input's X (INT_MIN) wraps instead of overflowing (its outputs are NaN) */
-            offset[i] = (int32_t)(0u - 128u * (uint32_t)_mm512_reduce_add_epi32(_mm512_add_epi32(v[0], v[1])));
+            /* summed in uint32: a non-finite input's X (INT_MIN) wraps instead of overflowing a signed
+               sum, as the compiler's reduction of int32 lanes would (its outputs are NaN either way) */
+            uint32_t lanes[16], total = 0;
+            _mm512_storeu_si512((void *)lanes, _mm512_add_epi32(v[0], v[1]));
+            for (int j = 0; j < 16; j++) total += lanes[j];
+            offset[i] = (int32_t)(0u - 128u * total);
             for (int h = 0; h < 2; h++) {
                 __m512i high = v[h];
                 if (wide) {

@@ -581,6 +581,19 @@ class BlockLayers:
         reason = self.supported(layers[0].qkv.in_features, n_heads, n_kv_heads, head_dim, layers[0].down.in_features)
         if reason is not None:
             raise ValueError(reason)
+        dim, intermediate = layers[0].qkv.in_features, layers[0].down.in_features
+        for i, w in enumerate(layers):  # the C reads and writes by these shapes: every weight must have them
+            shapes = {"qkv": (w.qkv, (n_heads + 2 * n_kv_heads) * head_dim, dim), "o": (w.o, dim, n_heads * head_dim),
+                      "gate_up": (w.gate_up, 2 * intermediate, dim), "down": (w.down, dim, intermediate)}
+            for name, (weight, out_features, in_features) in shapes.items():
+                if (weight.out_features, weight.in_features) != (out_features, in_features):
+                    raise ValueError(f"layer {i} {name}: {weight.out_features} x {weight.in_features} weights where "
+                                     f"these dimensions need {out_features} x {in_features}")
+            norms = {"ln_in": w.ln_in, "ln_post": w.ln_post, **({} if w.qkv_bias is None else {"qkv_bias": w.qkv_bias})}
+            for name, t in norms.items():
+                want = (n_heads + 2 * n_kv_heads) * head_dim if name == "qkv_bias" else dim
+                if t.numel() != want:
+                    raise ValueError(f"layer {i} {name}: {t.numel()} values where these dimensions need {want}")
         self._keep = [(w.ln_in.detach().float().contiguous(), w.ln_post.detach().float().contiguous(),
                        None if w.qkv_bias is None else w.qkv_bias.detach().float().contiguous()) for w in layers]
         self._layers = (_CLayer * len(layers))(*[
@@ -595,6 +608,8 @@ class BlockLayers:
 
     @staticmethod
     def supported(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, intermediate: int) -> str | None:
+        if min(dim, head_dim, intermediate, n_heads, n_kv_heads) < 1:
+            return f"the fused block forward needs dimensions of at least 1, not {dim}, {head_dim}, {intermediate}"
         if dim % 16 or head_dim % 16 or intermediate % 16 or head_dim > 256:
             return (f"the fused block forward needs the width, head size and MLP size multiples of 16 (head size at "
                     f"most 256), not {dim}, {head_dim}, {intermediate}")
@@ -655,9 +670,11 @@ class BlockDraftPass:
                  embed: Tensor | None = None) -> None:
         if fuse.low_rank is not None or head.low_rank is not None:
             raise ValueError("a draft pass's input and output projections carry no low-rank update")
-        if fuse.out_features != layers.dim or head.in_features != layers.dim or slots.shape[-1] != layers.dim:
-            raise ValueError(f"a draft pass needs fuse -> {layers.dim}, slots (n, {layers.dim}) and head {layers.dim} -> "
-                             f"V, not {fuse.out_features}, {tuple(slots.shape)} and {head.in_features}")
+        if (fuse.out_features != layers.dim or head.in_features != layers.dim or slots.dim() != 2
+                or slots.shape[-1] != layers.dim or final_norm.numel() != layers.dim):
+            raise ValueError(f"a draft pass needs fuse -> {layers.dim}, slots (n, {layers.dim}), a final norm of "
+                             f"{layers.dim} and head {layers.dim} -> V, not {fuse.out_features}, {tuple(slots.shape)}, "
+                             f"{final_norm.numel()} and {head.in_features}")
         self.fuse, self.layers, self.head = fuse, layers, head
         self.slots = slots.detach().float().contiguous()
         self.final_norm = final_norm.detach().float().contiguous()

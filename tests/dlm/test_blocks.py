@@ -7,6 +7,7 @@ where the kernel cannot run, the registry's choice falls back (to dense, or from
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import pytest
@@ -846,3 +847,21 @@ def test_row_argmax_picks_what_torch_picks_and_row_top_its_probability(n, monkey
     monkeypatch.setattr(dlm.blocks, "_lib", None)  # the torch path
     again, again_top = dlm.blocks.row_top(x)
     assert torch.equal(again, best) and torch.allclose(again_top, top, rtol=1e-5, equal_nan=True)
+
+
+@needs_kernel
+def test_block_layers_refuse_weights_that_do_not_fit_their_dimensions():
+    """The C reads and writes each weight by the dimensions given: a layer whose weights are
+    another shape (the wrong head count, a wider MLP) is refused when the layers are built."""
+    from dlm.blocks import BlockLayers
+
+    _, on_blocks = _blocks_loaded(seed=5, dim=128, heads=(4, 2))
+    layers, model = on_blocks.model._block_layers, on_blocks.model
+    weights, cfg = layers._weights, model.config
+    BlockLayers(weights, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, eps=1e-5)
+    with pytest.raises(ValueError, match="layer 0 qkv"):
+        BlockLayers(weights, n_heads=2 * cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, eps=1e-5)
+    assert "at least 1" in BlockLayers.supported(cfg.dim, cfg.n_heads, cfg.n_kv_heads, 0, 256)
+    swapped = [*weights[:-1], dataclasses.replace(weights[-1], ln_post=weights[-1].ln_post[:16])]
+    with pytest.raises(ValueError, match=f"layer {len(weights) - 1} ln_post: 16 values"):
+        BlockLayers(swapped, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, eps=1e-5)
