@@ -229,7 +229,8 @@ class LoopGuard:
     """Text in as it is decoded, text out until the reply starts repeating itself (see the module
     docstring). Incremental: each push reads only the text that is new since the words and
     sentence ends already judged, and its checks look back through indexes (each word's places, a
-    trie of the sentences said), so a push costs the same early and late in a long reply."""
+    trie of the sentences said), so a push late in a long reply costs about what an early one does
+    (what grows is the list of the last word's earlier places). Pushes end at the `final` one."""
 
     def __init__(self) -> None:
         self.text = ""  # everything pushed

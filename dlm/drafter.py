@@ -245,7 +245,8 @@ def _check_adapter(where: str, made_with: dict[str, str] | None, merged: Path | 
     expected = None if not made_with else made_with.get("sha256")
     if actual == expected:
         return
-    trained = f"the adapter {made_with.get('name')!r} (sha256 {str(expected)[:12]}...)" if made_with else "no adapter"
+    trained = "no adapter" if not made_with else f"the adapter {made_with.get('name')!r}" + (
+        f" (sha256 {expected[:12]}...)" if isinstance(expected, str) else " (no sha256 recorded)")
     loaded = f"the adapter {merged} (sha256 {actual[:12]}...)" if actual is not None else "no adapter"
     raise DrafterError(f"{where} was trained on the base with {trained}, but the model is loaded with {loaded}: "
                        "retrain it on this model's replies (voice-agent adapt drafter --adapter ...)")

@@ -101,6 +101,9 @@ class HeadTrainConfig:
         self.feature_layers = tuple(self.feature_layers)
         if self.max_vocab < 0:
             raise ValueError(f"max_vocab must be >= 0 (0: no cap), not {self.max_vocab}")
+        # the head's own limits, before the minutes of features rather than at its first save
+        DraftHeadConfig(window=self.window, n_slots=self.n_slots, n_layers=self.n_layers, vocab_size=1,
+                        feature_layers=self.feature_layers, causal=self.causal)
 
 
 class _Corpus:

@@ -108,6 +108,10 @@ def test_a_file_whose_tensors_or_record_were_changed_is_refused_naming_it(base, 
             return {**record, "config": {**record["config"], name: change}}
         with pytest.raises(DrafterError, match=rf"edited\.safetensors .*: damaged .*{name}"):
             load_drafter(_rewritten(good, tmp_path, "edited.safetensors", meta=meta), base)
+    from dlm.adapt.head import HeadTrainConfig
+
+    with pytest.raises(ValueError, match="window must be an integer in"):  # before a training run's features
+        HeadTrainConfig(max_steps=1, window=80)
     with pytest.raises(DrafterError, match=r"nobase\.safetensors: damaged metadata"):
         load_drafter(_rewritten(good, tmp_path, "nobase.safetensors", meta=lambda r: {**r, "base": None}), base)
     nan = _head(base, [3, 7, 40, 61])

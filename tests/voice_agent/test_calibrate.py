@@ -49,6 +49,10 @@ def test_the_written_file_keeps_the_overrides_it_ran_with():
                            "agent.greeting=Hi, \"you\"", "llm.draft_tree=false"])
     assert tomllib.loads(text) == {"llm": {"model": "smollm2-135m-drafter", "row_cost": 0.5, "draft_tree": False},
                                    "server": {"port": 7777}, "agent": {"greeting": 'Hi, "you"'}}
+    # values over several lines are replaced whole; any character, emoji included, reads back
+    multi = "[agent]\nsystem_prompt = \"\"\"You are brief.\nAnswer in one sentence.\"\"\"\nx = [\n  1,\n]\ny = 2\n"
+    text = with_overrides(multi, ["agent.system_prompt=Be terse 😀 \\ \"q\"", "agent.x=[\"b😀\"]"])
+    assert tomllib.loads(text) == {"agent": {"system_prompt": 'Be terse 😀 \\ "q"', "x": ["b😀"], "y": 2}}
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys):
@@ -250,3 +254,10 @@ def test_the_written_config_is_the_one_it_ran_with_and_loads(tmp_path, monkeypat
                  "--draft-lens", "1", "--batch", "0"]) == 0
     assert load_config(out).llm.model == "default" and load_config(out).server.port == 7777  # the embedded defaults
     assert not list(out.parent.glob(".*.tmp"))
+    # written in place of a file that may hold a token: its mode kept; through a link, to its target
+    out.chmod(0o600)
+    link = tmp_path / "link.toml"
+    link.symlink_to(out)
+    assert main(["calibrate", "--out", str(link), "--rounds", "1", "--prompts", "1", "--draft-lens", "1",
+                 "--batch", "0"]) == 0
+    assert link.is_symlink() and (out.stat().st_mode & 0o777) == 0o600 and "Written by" in out.read_text()

@@ -42,8 +42,10 @@ import json
 import os
 import platform
 import re
+import stat
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +120,25 @@ def with_table_keys(text: str, table: str, values: dict[str, str]) -> str:
         return "\n".join(lines) + "\n"
     end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
     missing = dict(values)
-    for i in range(start + 1, end):
+    i = start + 1
+    while i < end:
         m = re.match(r"\s*([A-Za-z0-9_]+)\s*=", lines[i])
         if m and m.group(1) in missing:
-            lines[i] = f"{m.group(1)} = {missing.pop(m.group(1))}"
+            # its value may span lines (a multi-line string or array): up to the first line that ends it
+            last = next((j for j in range(i, end) if _parses("\n".join(lines[i:j + 1]))), i)
+            lines[i:last + 1] = [f"{m.group(1)} = {missing.pop(m.group(1))}"]
+            end -= last - i
+        i += 1
     lines[start + 1:start + 1] = [f"{k} = {v}" for k, v in missing.items()]
     return "\n".join(lines) + "\n"
+
+
+def _parses(text: str) -> bool:
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return False
+    return True
 
 
 def toml_value(value: Any) -> str:
@@ -134,7 +149,7 @@ def toml_value(value: Any) -> str:
         return repr(value)  # inf, -inf and nan as TOML writes them too
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
+    return json.dumps(str(value), ensure_ascii=False)  # escapes TOML reads back (\uD83D pairs it does not)
 
 
 def with_overrides(text: str, overrides: list[str]) -> str:
@@ -388,11 +403,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
         header += [f"#   row cost {r['row_cost']:g}: {r['ms_per_token']:.2f}, {r['tokens_per_forward']:.2f} tokens/forward"
                    for r in batched[1:]]
     text = with_table_keys(template, "llm", keys)
-    try:  # whole or not at all: a file beside it, then renamed over it
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
+    try:  # whole or not at all: a file beside it (the link's target's, its mode), then renamed over it
+        target = out.resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text("\n".join(header) + "\n" + text, encoding="utf-8")
-        tmp.replace(out)
+        if target.exists():  # a config may hold a token: keep who may read it
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        tmp.replace(target)
     except OSError as e:
         print(f"voice-agent calibrate: cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return 1
