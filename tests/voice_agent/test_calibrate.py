@@ -51,8 +51,8 @@ def test_the_written_file_keeps_the_overrides_it_ran_with():
                                    "server": {"port": 7777}, "agent": {"greeting": 'Hi, "you"'}}
     # values over several lines are replaced whole; any character, emoji included, reads back
     multi = "[agent]\nsystem_prompt = \"\"\"You are brief.\nAnswer in one sentence.\"\"\"\nx = [\n  1,\n]\ny = 2\n"
-    text = with_overrides(multi, ["agent.system_prompt=Be terse 😀 \\ \"q\"", "agent.x=[\"b😀\"]"])
-    assert tomllib.loads(text) == {"agent": {"system_prompt": 'Be terse 😀 \\ "q"', "x": ["b😀"], "y": 2}}
+    text = with_overrides(multi, ["agent.system_prompt=Be terse\x7f 😀 \\ \"q\"", "agent.x=[\"b😀\"]"])
+    assert tomllib.loads(text) == {"agent": {"system_prompt": 'Be terse\x7f 😀 \\ "q"', "x": ["b😀"], "y": 2}}
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys):

@@ -149,7 +149,9 @@ def toml_value(value: Any) -> str:
         return repr(value)  # inf, -inf and nan as TOML writes them too
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)  # escapes TOML reads back (\uD83D pairs it does not)
+    # JSON's escapes are TOML's, but for characters past U+FFFF (JSON pairs surrogates, TOML wants
+    # the character) and DEL (TOML escapes it, JSON need not)
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def with_overrides(text: str, overrides: list[str]) -> str:
