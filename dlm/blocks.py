@@ -578,20 +578,21 @@ class BlockLayers:
     dimensions fit the kernel (None) or why not."""
 
     def __init__(self, layers: list[LayerWeights], *, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> None:
-        reason = self.supported(layers[0].qkv.in_features, n_heads, n_kv_heads, head_dim, layers[0].down.in_features)
+        dim, intermediate = layers[0].qkv.in_features, layers[0].down.in_features
+        reason = self.supported(dim, n_heads, n_kv_heads, head_dim, intermediate)
         if reason is not None:
             raise ValueError(reason)
-        dim, intermediate = layers[0].qkv.in_features, layers[0].down.in_features
+        qkv_width = (n_heads + 2 * n_kv_heads) * head_dim
         for i, w in enumerate(layers):  # the C reads and writes by these shapes: every weight must have them
-            shapes = {"qkv": (w.qkv, (n_heads + 2 * n_kv_heads) * head_dim, dim), "o": (w.o, dim, n_heads * head_dim),
+            shapes = {"qkv": (w.qkv, qkv_width, dim), "o": (w.o, dim, n_heads * head_dim),
                       "gate_up": (w.gate_up, 2 * intermediate, dim), "down": (w.down, dim, intermediate)}
             for name, (weight, out_features, in_features) in shapes.items():
                 if (weight.out_features, weight.in_features) != (out_features, in_features):
                     raise ValueError(f"layer {i} {name}: {weight.out_features} x {weight.in_features} weights where "
                                      f"these dimensions need {out_features} x {in_features}")
-            norms = {"ln_in": w.ln_in, "ln_post": w.ln_post, **({} if w.qkv_bias is None else {"qkv_bias": w.qkv_bias})}
-            for name, t in norms.items():
-                want = (n_heads + 2 * n_kv_heads) * head_dim if name == "qkv_bias" else dim
+            norms = {"ln_in": (w.ln_in, dim), "ln_post": (w.ln_post, dim),
+                     **({} if w.qkv_bias is None else {"qkv_bias": (w.qkv_bias, qkv_width)})}
+            for name, (t, want) in norms.items():
                 if t.numel() != want:
                     raise ValueError(f"layer {i} {name}: {t.numel()} values where these dimensions need {want}")
         self._keep = [(w.ln_in.detach().float().contiguous(), w.ln_post.detach().float().contiguous(),
@@ -602,8 +603,8 @@ class BlockLayers:
             for w, (ln_in, ln_post, bias) in zip(layers, self._keep, strict=True)])
         self._weights = layers  # the blocks the structures point into stay alive with them
         self._address = ctypes.addressof(self._layers)
-        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = layers[0].qkv.in_features, n_heads, n_kv_heads, head_dim
-        self.intermediate = layers[0].down.in_features
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = dim, n_heads, n_kv_heads, head_dim
+        self.intermediate = intermediate
         self.eps = float(eps)
 
     @staticmethod
