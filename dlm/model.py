@@ -632,25 +632,31 @@ class DecoderLayer(nn.Module):
 class _Backbone(nn.Module):
     """The `model.` prefix of the Hugging Face names."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, init: bool = True) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        weight = None if init else torch.empty(config.vocab_size, config.dim)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, init: bool = True) -> None:
+        """init False, for a model built on the meta device whose tensors are assigned or allocated
+        after: the input embedding is left uninitialised and the RoPE tables unbuilt (the caller
+        calls `build_rope(device)`). Random numbers and arange on meta tensors import torch._dynamo:
+        a second of every load."""
         super().__init__()
         self.config = config
-        self.model = _Backbone(config)
+        self.model = _Backbone(config, init)
         # Tied: no lm_head parameter at all, so the state dict has no lm_head.weight.
         self.lm_head = None if config.tie_embeddings else Linear(config.dim, config.vocab_size, bias=False)
         self._head: Projection | BlockProjection | None = None  # the output head, packed (pack_linears, use_blocks)
         self._block_layers: BlockLayers | None = None  # every layer in one call (use_blocks), for forwards with a cache
         self._embed_blocks: BlockEmbedding | None = None  # the input embedding from blocks (use_block_embedding)
         self.kv_dtype: torch.dtype | None = None  # new caches' dtype where not the model's (`use_half_cache`)
-        self.build_rope()
+        if init:
+            self.build_rope()
 
     @property
     def device(self) -> torch.device:

@@ -53,7 +53,7 @@ def synthetic_model(name: str, *, device: str | torch.device = "cpu", dtype: tor
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):  # shapes only: the weights are allocated once, in dtype, on device
-        model = Transformer(config)
+        model = Transformer(config, init=False)
     model = model.to(dtype).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
