@@ -105,4 +105,15 @@ fi
 # on first use; build it now, so the first `serve` does not, and say where it cannot run.
 say "building the float32 block kernel (dlm/blocks.c)"
 "$venv/bin/python" -c 'import sys, dlm.blocks as b; r = b.available(); print(r or "ok"); sys.exit(0)'
+# The LLM's GGUF is read through a float32 copy with its tokenizer, made on first use (~10 s on two
+# cores, dlm/gguf_file.py `cached_gguf`); make it now too. Where the cache cannot be written, every
+# load converts in memory instead: said, not fatal.
+say "converting the LLM's GGUF once (dlm/gguf_file.py)"
+"$venv/bin/python" -c '
+from dlm.gguf_file import cached_gguf, default_cache_dir
+from voice_agent.models import resolve_llm_model
+try:
+    print(cached_gguf(resolve_llm_model("default").path, default_cache_dir()))
+except OSError as e:
+    print(f"not cached ({e}): each load converts it in memory")'
 say "done: run  $venv/bin/voice-agent serve"
