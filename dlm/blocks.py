@@ -607,6 +607,16 @@ class BlockLayers:
         self.intermediate = intermediate
         self.eps = float(eps)
 
+    def without_low_rank(self) -> BlockLayers:
+        """These layers on the same block weights (no copy) without the low-rank updates they carry
+        (an adapter's, dlm.adapter.unmerged_update): the base model's layers."""
+        def plain(w: BlockWeight) -> BlockWeight:
+            return w if w.low_rank is None else replace(w, low_rank=None)
+
+        return BlockLayers([replace(w, qkv=plain(w.qkv), o=plain(w.o), gate_up=plain(w.gate_up), down=plain(w.down))
+                            for w in self._weights],
+                           n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, eps=self.eps)
+
     @staticmethod
     def supported(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, intermediate: int) -> str | None:
         if min(dim, head_dim, intermediate, n_heads, n_kv_heads) < 1:

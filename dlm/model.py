@@ -67,6 +67,7 @@ Contract:
 
 from __future__ import annotations
 
+import copy
 import math
 import mmap
 from dataclasses import dataclass
@@ -655,6 +656,7 @@ class Transformer(nn.Module):
         self._block_layers: BlockLayers | None = None  # every layer in one call (use_blocks), for forwards with a cache
         self._embed_blocks: BlockEmbedding | None = None  # the input embedding from blocks (use_block_embedding)
         self.kv_dtype: torch.dtype | None = None  # new caches' dtype where not the model's (`use_half_cache`)
+        self._fused_only = False  # `without_low_rank`'s models: the fused block forward or nothing
         if init:
             self.build_rope()
 
@@ -736,6 +738,22 @@ class Transformer(nn.Module):
                               layer.self_attn.qkv.weight, layer.self_attn.qkv.bias, layer.self_attn.o_proj.proj.weight,
                               layer.mlp.gate_up.weight, layer.mlp.down_proj.proj.weight) for layer in self.model.layers],
                 n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, eps=c.norm_eps)
+
+    def without_low_rank(self) -> Transformer:
+        """This model on the same weights and tables (no copy) without the low-rank updates its block
+        weights carry (an adapter's, unmerged: `load_model(..., adapter=...)` on blocks): the base
+        model, for another reader of the same GGUF in the process (the text end-of-turn score beside
+        the adapted LLM) at no memory. It runs forwards with a cache on the fused block forward
+        (`forward(..., cache=...)` without gradients, a float32 or float16 cache) and refuses the
+        others, whose projections would still add the updates. ValueError where the model has no
+        fused block forward. Forwards of both may run at once from different threads (neither
+        writes the model's state)."""
+        if self._block_layers is None:
+            raise ValueError("only a model on the fused block forward (use_blocks) runs without its low-rank updates")
+        base = copy.copy(self)  # shares the modules, parameters, buffers and block weights
+        base._block_layers = self._block_layers.without_low_rank()
+        base._fused_only = True
+        return base
 
     def use_block_embedding(self, q: Tensor, scale: Tensor, minimum: Tensor) -> None:
         """Look the input embedding up in its GGUF blocks (`BlockEmbedding`), so that
@@ -891,6 +909,9 @@ class Transformer(nn.Module):
             x = self._blocks_forward(x, cos, sin, mask, cache, cache_rows, writes, draft)  # normed
             normed = True
         else:
+            if self._fused_only:  # its projections' own weights still carry the updates
+                raise ValueError("a model without its low-rank updates (`without_low_rank`) runs forwards with a "
+                                 "float32 or float16 cache, without gradients, on the fused block forward only")
             n_step = 0 if not step else x.shape[1] if draft is None else draft.start
             exact = exact_mask(mask) if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else None
             row = int(cache_rows[0]) if cache_rows is not None and cache_rows.shape[0] == 1 and x.device.type == "cpu" else None

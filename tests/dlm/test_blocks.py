@@ -865,3 +865,37 @@ def test_block_layers_refuse_weights_that_do_not_fit_their_dimensions():
     swapped = [*weights[:-1], dataclasses.replace(weights[-1], ln_post=weights[-1].ln_post[:16])]
     with pytest.raises(ValueError, match=f"layer {len(weights) - 1} ln_post: 16 values"):
         BlockLayers(swapped, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, eps=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("products", [None, pytest.param("int16", marks=needs_vnni)])
+def test_a_model_without_its_low_rank_updates_is_its_base_on_the_same_weights(products):
+    """`Transformer.without_low_rank()`: an adapted model on blocks (the update unmerged) read as its
+    base, on the same memory: the base's logits and replies bit for bit, the adapted model's
+    unchanged beside it, and no forward that would still add the updates."""
+    _, adapted = _blocks_loaded(adapted=True, products=products)
+    _, base = _blocks_loaded(adapted=False, products=products)
+    view = adapted.model.without_low_rank()
+    mine, theirs = view._block_layers._weights[0], adapted.model._block_layers._weights[0]
+    assert mine.qkv.data.data_ptr() == theirs.qkv.data.data_ptr() and theirs.qkv.low_rank is not None
+    assert mine.qkv.low_rank is None and view.model is adapted.model.model and view._head is adapted.model._head
+
+    def logits(model) -> torch.Tensor:
+        tokens = torch.tensor([[3, 9, 4, 1, 7, 7, 2]])
+        cache = model.new_cache(1, max_seq_len=16)
+        with torch.inference_mode():
+            return model(tokens, torch.arange(7)[None], causal_mask(7), cache=cache,
+                         cache_rows=torch.zeros(1, dtype=torch.long))
+
+    want, tuned = logits(base.model), logits(adapted.model)
+    assert torch.equal(logits(view), want) and not torch.equal(tuned, want)
+    assert torch.equal(logits(adapted.model), tuned)  # the adapted model keeps its updates
+    with AREngine(base, max_batch_size=2) as engine:
+        expected = [_run(engine.submit(p, PARAMS))[0] for p in BLOCK_PROMPTS[:2]]
+    with AREngine(dataclasses.replace(adapted, model=view), max_batch_size=2) as engine:
+        assert [_run(h)[0] for h in [engine.submit(p, PARAMS) for p in BLOCK_PROMPTS[:2]]] == expected
+    with pytest.raises(ValueError, match="fused block forward only"), torch.no_grad():
+        view(torch.tensor([[3, 9]]), torch.arange(2)[None], causal_mask(2))  # no cache: the projections' path
+    dense, _ = _blocks_loaded(adapted=True)
+    with pytest.raises(ValueError, match="only a model on the fused block forward"):
+        dense.model.without_low_rank()
