@@ -26,6 +26,10 @@ Contract:
   template (the embedded SmolLM2-135M-Instruct; `load_text_scorer(name)` loads one by registry
   name: in bfloat16, the fastest dtype on AMX; on a CPU without AMX but with AVX512-VNNI a GGUF's
   blocks in 16-bit integer products, 2.3x faster there and float32's scores within 0.001).
+  `load_text_scorer(name, share=loaded)`: where `loaded` (the local LLM's model, `LocalDLM.loaded`)
+  is that same GGUF on those same blocks, the scorer runs on its weights without its adapter
+  (`Transformer.without_low_rank`, the same bits as a model of its own) instead of loading a
+  second copy: about 210 MB and a second of start-up less for the default models.
 - `.probability(transcript) -> float`: the transcript so far is lower-cased and stripped of
   punctuation (`normalize_transcript`: ASR punctuation says little about a fragment), placed as the user's message in the
   chat template, and the model reads the next token: the probability of the template's
@@ -46,6 +50,8 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from voice_agent.transcription import normalize_transcript
@@ -92,7 +98,8 @@ def unsure_silence_ms(avg_logprob: float | None, unsure_logprob: float, silence_
 
 
 class TextTurnScorer:
-    def __init__(self, loaded: Any) -> None:
+    def __init__(self, loaded: Any, *, cache_dtype: Any = None) -> None:
+        """cache_dtype: its KV cache's (torch) dtype, else the model's choice (`Transformer.new_cache`)."""
         tokenizer = loaded.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("the text end-of-turn score needs a model with a tokenizer and a chat template")
@@ -111,7 +118,7 @@ class TextTurnScorer:
         self._end_ids = sorted(ends)
         self._lock = threading.Lock()
         self._prefix_ids = tokenizer(self._prefix, add_special_tokens=False)["input_ids"]
-        self._cache = self._model.new_cache(1, max_seq_len=len(self._prefix_ids) + MAX_TOKENS)
+        self._cache = self._model.new_cache(1, max_seq_len=len(self._prefix_ids) + MAX_TOKENS, dtype=cache_dtype)
         self._next_token_probs(self._prefix_ids, 0)  # fills the cache with the prefix
 
     def _next_token_probs(self, ids: list[int], start: int) -> Any:
@@ -145,10 +152,15 @@ class TextTurnScorer:
             return float(probs[self._end_ids].sum().clamp(0.0, 1.0))
 
 
-def load_text_scorer(name: str, *, device: str = "cpu") -> TextTurnScorer:
+def load_text_scorer(name: str, *, device: str = "cpu", share: Any = None) -> TextTurnScorer:
     """The scorer on a model from the registry (or a path): dense bfloat16, or, on a CPU without
     AMX where the integer block products run, a GGUF's blocks with 16-bit inputs (a score there
-    took 15.5 ms against 35.6 in bf16 at one thread on an AMD EPYC: docs/turn-taking.md)."""
+    took 15.5 ms against 35.6 in bf16 at one thread on an AMD EPYC: docs/turn-taking.md). `share`:
+    a dlm LoadedModel already in the process (the local LLM's); where it holds the blocks this
+    would load (the same file, the same format, on the CPU), the scorer runs on them without
+    their adapter instead (the module docstring)."""
+    import torch
+
     from dlm.blocks import amx_available, vnni_available
     from voice_agent.llm import load_local_llm
     from voice_agent.models import resolve_llm_model
@@ -156,6 +168,14 @@ def load_text_scorer(name: str, *, device: str = "cpu") -> TextTurnScorer:
     resolved = resolve_llm_model(name)
     float32_gguf = resolved.path.suffix == ".gguf" and resolved.dtype in (None, "float32")  # not an int4 entry
     if device == "cpu" and float32_gguf and amx_available() is not None and vnni_available() is None:
+        if (share is not None and getattr(share, "weights", None) == "blocks-int16"
+                and share.model.device.type == "cpu" and Path(share.path).resolve() == resolved.path.resolve()):
+            try:
+                base = share.model.without_low_rank()
+            except ValueError:  # no fused block forward: a model of its own
+                pass
+            else:  # a float32 cache, as a model of its own has (the LLM's may be float16)
+                return TextTurnScorer(SimpleNamespace(model=base, tokenizer=share.tokenizer), cache_dtype=torch.float32)
         loaded, _resolved = load_local_llm(name, device=device, dtype="auto", weights="blocks-int16")
     else:
         loaded, _resolved = load_local_llm(name, device=device, dtype="bfloat16")

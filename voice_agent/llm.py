@@ -203,8 +203,12 @@ class LocalDLM:
         *,
         tokenizer: Any = None,
         name: str = "local",
+        loaded: Any = None,
     ) -> None:
+        """loaded: the dlm LoadedModel the engine runs, where another reader of its weights may share
+        them (`voice_agent.end_of_turn.load_text_scorer`)."""
         self._engine = engine
+        self.loaded = loaded
         self._make_params = make_params
         self._tokenizer = tokenizer
         self._router: Any = None  # voice_agent.tools.ToolRouter, made at the first request with tools
@@ -678,4 +682,5 @@ def build_llm(config: LlmConfig, *, api_key: str = "") -> LlmClient:
         lambda trace: generation_params(config, trace_steps=trace),
         tokenizer=loaded.tokenizer,
         name=f"local:{resolved.name}{suffix}",
+        loaded=loaded,
     )

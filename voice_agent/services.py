@@ -136,11 +136,13 @@ class ModelServices:
 
             turn_model = ProsodyTurn(resolve_asr_model(EMBEDDED_ASR), resolve_turn_model(config.turn.model, "prosody"),
                                      threads=config.turn.threads)
+        llm = build_llm(config.llm, api_key=api_key)
         if "text" in turn_models(config.turn.detector):
             from voice_agent.end_of_turn import load_text_scorer
 
-            text_scorer = load_text_scorer(config.turn.text_model, device=config.llm.device)
-        llm = build_llm(config.llm, api_key=api_key)
+            # On the local LLM's weights where they are the ones it would load (no second copy)
+            text_scorer = load_text_scorer(config.turn.text_model, device=config.llm.device,
+                                           share=getattr(llm, "loaded", None))
         log.info("models ready: ASR %s, TTS %s, LLM %s, end of turn %s", config.asr.model, config.tts.voice, llm.name,
                  config.turn.detector)
         return cls(config, transcriber=transcriber, synthesizer=synthesizer, llm=llm, turn_model=turn_model,

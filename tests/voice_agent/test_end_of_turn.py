@@ -82,6 +82,28 @@ def test_the_chat_lm_scores_finished_requests_above_fragments(scorer):
     assert scorer.probability("What time do you close tonight") == scorer.probability("what time do you close tonight?")
 
 
+@pytest.mark.slow
+def test_the_score_on_the_llms_weights_is_the_score_of_a_model_of_its_own(scorer):
+    """The default LLM (the grounded adapter, unmerged on the GGUF's blocks) lends the scorer its
+    weights without the adapter where they are what the scorer would load: the same scores, bit
+    for bit; the adapted model's own would differ. Elsewhere (AMX: a bf16 scorer) it loads its own."""
+    import torch
+
+    from voice_agent.end_of_turn import load_text_scorer
+    from voice_agent.llm import load_local_llm
+
+    llm, _ = load_local_llm("default", device="cpu", dtype="auto", kv_cache="auto")
+    shared = load_text_scorer("smollm2-135m-instruct", share=llm)
+    texts = ["What time do you close tonight?", "I would like to book a table for", "hello", "ok so um"]
+    if llm.weights != "blocks-int16" or scorer._model.model.embed_tokens.weight.dtype != torch.float32:
+        assert shared._model.model is not llm.model.model  # not the blocks the scorer loads here: its own
+        return
+    assert shared._model.model is llm.model.model and shared._model is not llm.model
+    assert [shared.probability(t) for t in texts] == [scorer.probability(t) for t in texts]
+    adapted = TextTurnScorer(llm, cache_dtype=torch.float32)
+    assert [adapted.probability(t) for t in texts] != [scorer.probability(t) for t in texts]
+
+
 def test_a_model_without_a_chat_template_is_refused():
     from dlm_tiny_models import CharTokenizer, counting_loaded
 
