@@ -157,8 +157,8 @@ def load_text_scorer(name: str, *, device: str = "cpu", share: Any = None) -> Te
     AMX where the integer block products run, a GGUF's blocks with 16-bit inputs (a score there
     took 15.5 ms against 35.6 in bf16 at one thread on an AMD EPYC: docs/turn-taking.md). `share`:
     a dlm LoadedModel already in the process (the local LLM's); where it holds the blocks this
-    would load (the same file, the same format, on the CPU), the scorer runs on them without
-    their adapter instead (the module docstring)."""
+    would load (the same file, the same format, on the CPU; a scorer model without an adapter of
+    its own), the scorer runs on them without their adapter instead (the module docstring)."""
     import torch
 
     from dlm.blocks import amx_available, vnni_available
@@ -168,7 +168,7 @@ def load_text_scorer(name: str, *, device: str = "cpu", share: Any = None) -> Te
     resolved = resolve_llm_model(name)
     float32_gguf = resolved.path.suffix == ".gguf" and resolved.dtype in (None, "float32")  # not an int4 entry
     if device == "cpu" and float32_gguf and amx_available() is not None and vnni_available() is None:
-        if (share is not None and getattr(share, "weights", None) == "blocks-int16"
+        if (share is not None and resolved.adapter is None and getattr(share, "weights", None) == "blocks-int16"
                 and share.model.device.type == "cpu" and Path(share.path).resolve() == resolved.path.resolve()):
             try:
                 base = share.model.without_low_rank()

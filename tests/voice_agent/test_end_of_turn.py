@@ -102,6 +102,8 @@ def test_the_score_on_the_llms_weights_is_the_score_of_a_model_of_its_own(scorer
     assert [shared.probability(t) for t in texts] == [scorer.probability(t) for t in texts]
     adapted = TextTurnScorer(llm, cache_dtype=torch.float32)
     assert [adapted.probability(t) for t in texts] != [scorer.probability(t) for t in texts]
+    grounded = load_text_scorer("smollm2-135m-grounded", share=llm)  # an adapter of its own: not the base
+    assert grounded._model.model is not llm.model.model
 
 
 def test_a_model_without_a_chat_template_is_refused():
