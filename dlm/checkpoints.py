@@ -258,7 +258,10 @@ def _build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], path:
     if missing or unexpected:
         raise _unsupported(path, f"tensor names do not map onto the model: missing {missing[:4]}, "
                                  f"unexpected {unexpected[:4]} ({len(missing)} / {len(unexpected)} in all)")
-    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    try:
+        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    except RuntimeError as e:  # a tensor whose shape is not the configuration's
+        raise _unsupported(path, f"tensor shapes do not fit its configuration: {str(e).strip()[:400]}") from None
     # Norms and biases in memory of their own (a few kB; packed formats hold on to them): once the
     # big weights are released or packed, nothing keeps a safetensors checkpoint's memory map open,
     # and the pages read from it leave the process's resident size.

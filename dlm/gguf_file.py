@@ -76,11 +76,13 @@ def default_cache_dir() -> Path:
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)  # version 1 counted in 32 bits; 2 and 3 lay out the header alike
-_MAX_DIMS = 8  # ggml's tensors have at most 4
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+_MAX_STRING = 16 << 20  # bytes of one key, value or name: a chat template is some kB; a flipped length is not
+_MAX_NESTING = 8  # arrays of arrays: none in llama.cpp's files; bounded, so a crafted file cannot recurse
 # GGUF value type -> struct format of a scalar; 8 is a string, 9 an array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_U32_TYPE, _STRING, _ARRAY = 4, 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class _Header:
     def scalar(self, fmt: str) -> Any:
         try:
             value = struct.unpack_from(fmt, self.data, self.pos)[0]
-        except struct.error:
+        except (struct.error, OverflowError):
             raise self.damaged("the file ends inside a value") from None
         self.pos += struct.calcsize(fmt)
         return value
@@ -121,6 +123,8 @@ class _Header:
         n = self.scalar("<Q")
         if n > self.size - self.pos:
             raise self.damaged(f"a string of {n} bytes runs past the end of the file")
+        if n > _MAX_STRING:
+            raise self.damaged(f"a string of {n} bytes (at most {_MAX_STRING} are read)")
         try:
             text = bytes(self.data[self.pos:self.pos + n]).decode("utf-8")
         except UnicodeDecodeError:
@@ -128,8 +132,10 @@ class _Header:
         self.pos += n
         return text
 
-    def skip_array(self) -> int:
+    def skip_array(self, depth: int = 0) -> int:
         """Skip an array's items -> their count."""
+        if depth > _MAX_NESTING:
+            raise self.damaged(f"arrays nested more than {_MAX_NESTING} deep")
         item_type, count = self.scalar("<I"), self.scalar("<Q")
         if item_type in _SCALARS:
             n = struct.calcsize(_SCALARS[item_type]) * count
@@ -141,14 +147,14 @@ class _Header:
             try:
                 for _ in range(count):
                     pos += 8 + unpack(data, pos)[0]
-            except struct.error:
+            except (struct.error, OverflowError):  # past the end (or past any offset at all)
                 raise self.damaged(f"an array of {count} strings runs past the end of the file") from None
             if pos > self.size:
                 raise self.damaged(f"an array of {count} strings runs past the end of the file")
             self.pos = pos
         elif item_type == _ARRAY:
             for _ in range(count):
-                self.skip_array()
+                self.skip_array(depth + 1)
         else:
             raise self.damaged(f"an array of value type {item_type}")
         return count
@@ -193,6 +199,8 @@ def read_gguf(path: str | Path) -> GgufFile:
     for key, vtype, value in header.entries():
         if key in out.metadata or key in out.array_lengths:
             raise header.damaged(f"metadata {key!r} twice")
+        if key == "general.alignment" and vtype != _U32_TYPE:  # as gguf's reader and llama.cpp have it
+            raise header.damaged(f"general.alignment of value type {vtype}, not a uint32")
         (out.array_lengths if vtype == _ARRAY else out.metadata)[key] = value
     infos = []
     for _ in range(n_tensors):
@@ -200,14 +208,18 @@ def read_gguf(path: str | Path) -> GgufFile:
         if not 1 <= n_dims <= _MAX_DIMS:
             raise header.damaged(f"tensor {name!r} has {n_dims} dimensions")
         dims = [header.scalar("<Q") for _ in range(n_dims)]
+        if not all(1 <= d < 1 << 62 for d in dims):  # each at most the product, which the file's size bounds
+            raise header.damaged(f"tensor {name!r} has dimensions {dims}")
         raw_type, offset = header.scalar("<I"), header.scalar("<Q")
         try:
             tensor_type = GGMLQuantizationType(raw_type)
         except ValueError:
-            raise header.damaged(f"tensor {name!r} has type {raw_type}, unknown to this gguf package") from None
+            tensor_type = None
+        if tensor_type not in GGML_QUANT_SIZES:
+            raise header.damaged(f"tensor {name!r} has type {raw_type}, unknown to this gguf package")
         infos.append((name, dims, tensor_type, offset))
     alignment = out.metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if alignment <= 0 or alignment & (alignment - 1):
         raise header.damaged(f"general.alignment {alignment!r} is not a power of two")
     start = -(-header.pos // alignment) * alignment
     items = {GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F32: np.float32,
@@ -222,7 +234,7 @@ def read_gguf(path: str | Path) -> GgufFile:
         shape = tuple(reversed(dims))
         block, type_size = GGML_QUANT_SIZES[tensor_type]
         n = math.prod(dims)
-        if dims and dims[0] % block:
+        if dims[0] % block:
             raise header.damaged(f"tensor {name!r}: rows of {dims[0]} in blocks of {block}")
         first, end = start + offset, start + offset + n * type_size // block
         if end > header.size:
@@ -251,12 +263,33 @@ def _hf_config(gguf: GgufFile) -> dict[str, Any]:
     meta = gguf.metadata
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise UnsupportedCheckpointError(
-            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
+        raise UnsupportedCheckpointError(f"{gguf.path}: GGUF architecture {arch!r} is not supported (supported: "
+                                         f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
     needed = [f"{arch}.{key}" for key in ("attention.head_count", "embedding_length", "block_count",
                                           "feed_forward_length")]
     if missing := [key for key in needed if key not in meta]:
         raise UnsupportedCheckpointError(f"{gguf.path}: the GGUF's metadata lacks {', '.join(missing)}")
+    try:
+        config = _config_values(gguf, arch)
+    except (TypeError, ValueError, OverflowError) as e:  # a number stored as a string, NaN, ...
+        raise UnsupportedCheckpointError(f"{gguf.path}: the GGUF's metadata does not describe a model: {e}") from None
+    sizes = {k: v for k, v in config.items() if k in _POSITIVE}
+    if bad := {k: v for k, v in sizes.items() if not 1 <= v <= _POSITIVE[k]}:
+        raise UnsupportedCheckpointError(f"{gguf.path}: the GGUF's metadata does not describe a model: {bad}")
+    eos = config["eos_token_id"]
+    if eos is not None and (type(eos) is not int or not 0 <= eos < config["vocab_size"]):
+        raise UnsupportedCheckpointError(f"{gguf.path}: tokenizer.ggml.eos_token_id {eos!r} is no token of "
+                                         f"its {config['vocab_size']}")
+    return config
+
+
+# The sizes a model's metadata must give, each at least 1 and at most (far beyond any real model's)
+_POSITIVE = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10,
+             "num_key_value_heads": 1 << 10, "intermediate_size": 1 << 18, "max_position_embeddings": 1 << 24}
+
+
+def _config_values(gguf: GgufFile, arch: str) -> dict[str, Any]:
+    meta = gguf.metadata
     n_heads = int(meta[f"{arch}.attention.head_count"])
     config = {
         "model_type": arch,
@@ -275,6 +308,9 @@ def _hf_config(gguf: GgufFile) -> dict[str, Any]:
     }
     if arch == "qwen3":
         config["attention_bias"] = any(t.name.endswith("attn_q.bias") for t in gguf.tensors)
+    if not 0 <= config["head_dim"] <= 1 << 12 or not config["rms_norm_eps"] > 0 or not config["rope_theta"] > 0:
+        raise ValueError(f"head_dim {config['head_dim']}, rms_norm_eps {config['rms_norm_eps']}, "
+                         f"rope_theta {config['rope_theta']}")
     return config
 
 
@@ -309,10 +345,17 @@ def convert_gguf(path: str | Path):
     hf_config = _hf_config(gguf)
     arch = hf_config["model_type"]
     family = next(f for f in FAMILIES if f.name == "ar")
-    config = family.model_config(hf_config)
+    try:
+        config = family.model_config(hf_config)
+    except ValueError as e:  # heads that do not divide the width, ...
+        raise UnsupportedCheckpointError(f"{path}: the GGUF's metadata does not describe a model: {e}") from None
     state_dict: dict[str, torch.Tensor] = {}
     for tensor in gguf.tensors:
-        weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        try:
+            weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        except (NotImplementedError, ValueError) as e:  # a type the gguf package cannot dequantize
+            raise UnsupportedCheckpointError(f"{path}: tensor {tensor.name!r} of type {tensor.tensor_type.name}: "
+                                             f"{e or type(e).__name__}") from None
         if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
             weights = _unpermute(weights, config.n_heads)
         elif arch == "llama" and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
@@ -320,7 +363,11 @@ def convert_gguf(path: str | Path):
         # F32 tensors are read-only views of the memory map: copy those (only those) into owned memory.
         state_dict[_our_name(tensor.name)] = torch.from_numpy(np.require(weights, requirements=["C", "W"]))
     config.tie_embeddings = "lm_head.weight" not in state_dict
-    tokenizer = _tokenizer(path)
+    try:
+        tokenizer = _tokenizer(path)
+    except Exception as e:  # transformers' own GGUF parse: whatever damage its tokenizer arrays hold
+        raise UnsupportedCheckpointError(f"{path}: no tokenizer could be built from the GGUF: "
+                                         f"{type(e).__name__}: {e}") from None
     spec = family.spec(hf_config)
     spec.eos_token_ids = stop_token_ids(hf_config, tokenizer)
     return config, spec, state_dict, tokenizer

@@ -4,6 +4,7 @@ and a clear error for a damaged file."""
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 import gguf
@@ -133,3 +134,71 @@ def test_loading_a_truncated_gguf_names_the_file(tmp_path):
         with pytest.raises(UnsupportedCheckpointError, match=where):
             load_model(broken, cache_dir=tmp_path / "cache")
         assert detect_family(broken) == "ar"  # detection reads the header as far as the architecture only
+
+
+def _s(x: str | bytes) -> bytes:
+    x = x.encode() if isinstance(x, str) else x
+    return struct.pack("<Q", len(x)) + x
+
+
+def _kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return _s(key) + struct.pack("<I", vtype) + payload
+
+
+def _info(name: str, dims: list[int], tensor_type: int, offset: int = 0) -> bytes:
+    return (_s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+            + struct.pack("<IQ", tensor_type, offset))
+
+
+def _crafted(kvs: list[bytes], infos: tuple[bytes, ...] = (), data: bytes = bytes(64)) -> bytes:
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(infos), len(kvs)) + b"".join(kvs) + b"".join(infos)
+    return head + b"\0" * (-len(head) % 32) + data
+
+
+_ARCH = _kv("general.architecture", 8, _s("llama"))
+_U32 = struct.Struct("<I").pack
+_U64 = struct.Struct("<Q").pack
+
+
+@pytest.mark.parametrize("name,raw,message", [
+    ("nested", _crafted([_ARCH, _kv("x", 9, (_U32(9) + _U64(1)) * 5000 + _U32(0) + _U64(0))]), "nested"),
+    ("overflowing-string", _crafted([_ARCH, _kv("a", 9, _U32(8) + _U64(2) + _U64(2**63) + b"x" * 16)]), "strings"),
+    ("zero-and-huge-dims", _crafted([_ARCH], (_info("w", [2**62, 0], 0),)), "dimensions"),
+    ("huge-dims", _crafted([_ARCH], (_info("w", [0, 2**63], 0),)), "dimensions"),
+    ("five-dims", _crafted([_ARCH], (_info("w", [1, 1, 1, 1, 1], 0),)), "5 dimensions"),
+    ("unknown-type", _crafted([_ARCH], (_info("w", [4], 9999),)), "type 9999"),
+    ("alignment-u64", _crafted([_ARCH, _kv("general.alignment", 10, _U64(16))]), "not a uint32"),
+    ("alignment-array", _crafted([_ARCH, _kv("general.alignment", 9, _U32(4) + _U64(1) + _U32(64))]), "not a uint32"),
+    ("alignment-3", _crafted([_ARCH, _kv("general.alignment", 4, _U32(3))]), "power of two"),
+    ("long-string", _crafted([_ARCH, _kv("t", 8, _U64(17 << 20))], data=bytes(17 << 20)), "at most"),
+])
+def test_crafted_headers_are_named_damage(tmp_path, name, raw, message):
+    """Headers a flipped bit or a hostile file could hold: each a clear error, no recursion, no
+    overflow, no 2**62-element array, no copy of a 17 MB 'string'."""
+    path = tmp_path / f"{name}.gguf"
+    path.write_bytes(raw)
+    with pytest.raises(UnsupportedCheckpointError, match=message):
+        read_gguf(path)
+
+
+def _patched(whole: bytes, key: str, vtype: int, value: bytes) -> bytes:
+    """The tiny GGUF with one 4-byte metadata value (and its type) replaced."""
+    at = whole.index(_s(key)) + len(_s(key))
+    return whole[:at] + struct.pack("<I", vtype) + value + whole[at + 8:]
+
+
+def test_metadata_that_describes_no_model_is_named_at_load(tmp_path):
+    """A GGUF whose header parses but whose numbers make no model: UnsupportedCheckpointError from
+    load_model, not a ZeroDivisionError, a transformers validation error or a shape mismatch."""
+    path, _ = tiny.llama_gguf(tmp_path / "tiny.gguf")
+    whole = path.read_bytes()
+    cases = {"heads-0": ("llama.attention.head_count", 4, _U32(0), "num_attention_heads"),
+             "heads-3": ("llama.attention.head_count", 4, _U32(3), "not divisible"),
+             "heads-float": ("llama.attention.head_count", 6, struct.pack("<f", float("nan")), "does not describe"),
+             "eos-far": ("tokenizer.ggml.eos_token_id", 4, _U32(2**32 - 1), "no token"),
+             "width": ("llama.embedding_length", 4, _U32(64), "shapes do not fit")}
+    for name, (key, vtype, value, message) in cases.items():
+        broken = tmp_path / f"{name}.gguf"
+        broken.write_bytes(_patched(whole, key, vtype, value))
+        with pytest.raises(UnsupportedCheckpointError, match=message):
+            load_model(broken, cache_dir=tmp_path / "cache")
