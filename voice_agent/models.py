@@ -235,6 +235,10 @@ def _info(role: str, configured: str, resolve) -> ModelInfo:
     except UserError as e:
         return ModelInfo(role, configured, None, f"NOT FOUND: {e}")
     if isinstance(result, ResolvedLlm):
+        try:
+            result.check_files()  # the shipped adapter's and drafter's sha256 (some 20 MB read)
+        except UserError as e:
+            return ModelInfo(role, configured, result.path, f"DAMAGED: {e}")
         tuned = "" if result.adapter is None else f"; fine-tune {result.adapter.name} applied to its weights"
         if result.fallback_from:
             detail = (

@@ -69,6 +69,10 @@ def test_a_damaged_copy_of_a_shipped_file_is_refused_before_loading(drafted, tmp
     monkeypatch.setattr(models, "model_registry", lambda: {NAME: entry})
     with pytest.raises(UserError, match=rf"{damaged}.*damaged or not the file that shipped"):
         load_local_llm(NAME, device="cpu", dtype="auto")
+    config = Config()
+    config.llm.model = NAME
+    info = next(i for i in describe_models(config) if i.role == "dLLM")  # `voice-agent models` says so too
+    assert info.detail.startswith("DAMAGED") and str(damaged) in info.detail
 
 
 def test_it_writes_the_ar_reply_in_fewer_forwards(drafted):

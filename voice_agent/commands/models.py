@@ -1,4 +1,5 @@
-"""`voice-agent models`: every model role, what is configured, where it was found, its size."""
+"""`voice-agent models`: every model role, what is configured, where it was found, its size;
+exit status 1 where one is not found or a shipped file is damaged (its sha256 not the registry's)."""
 
 from __future__ import annotations
 
@@ -45,5 +46,5 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(f"{'':<12} path:   {i.path if i.path else '-'}")
             print(f"{'':<12} size:   {_human(i.size_bytes)}")
             print(f"{'':<12} status: {i.detail}")
-    missing = [i for i in infos if i.detail.startswith("NOT FOUND")]
+    missing = [i for i in infos if i.detail.startswith(("NOT FOUND", "DAMAGED"))]
     return 1 if missing else 0
