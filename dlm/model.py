@@ -689,6 +689,7 @@ class Transformer(nn.Module):
         everywhere with `head_amx=False` (no bf16 copy of the head: the prefill needs logits of
         one position per prompt; keep the copy where many positions need logits at once, as
         draft-and-verify's draft blocks do)."""
+        self._shares_weights("pack_linears()")
         weight = self.model.embed_tokens.weight
         if not can_pack_linears(weight.dtype, weight.device):
             return False
@@ -707,6 +708,7 @@ class Transformer(nn.Module):
         """Run every projection and the output head on float32 block weights, by state-dict name
         (the tied head: "model.embed_tokens.weight"); see the module docstring. ValueError naming
         the first projection without one: a model runs on blocks whole or not at all."""
+        self._shares_weights("use_blocks()")
         weight = self.model.embed_tokens.weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise ValueError(f"float32 block weights need a float32 model on a CPU, not {weight.dtype} on {weight.device}")
@@ -747,19 +749,41 @@ class Transformer(nn.Module):
         (`forward(..., cache=...)` without gradients, a float32 or float16 cache) and refuses the
         others, whose projections would still add the updates. ValueError where the model has no
         fused block forward. Forwards of both may run at once from different threads (neither
-        writes the model's state)."""
+        writes the model's state); what would change the shared modules (to(), train(), packing,
+        releasing, RoPE tables, `use_half_cache`) is refused on it. Its new caches take this model's
+        `kv_dtype`."""
         if self._block_layers is None:
             raise ValueError("only a model on the fused block forward (use_blocks) runs without its low-rank updates")
         base = copy.copy(self)  # shares the modules, parameters, buffers and block weights
+        for name, value in vars(self).items():
+            if "hooks" in name and isinstance(value, dict):  # hooks registered on it stay its own
+                base.__dict__[name] = type(value)(value)
         base._block_layers = self._block_layers.without_low_rank()
         base._fused_only = True
         return base
+
+    def _shares_weights(self, what: str) -> None:
+        """ValueError where this is a `without_low_rank` model: `what` would change the model whose
+        modules, parameters and buffers it shares."""
+        if getattr(self, "_fused_only", False):
+            raise ValueError(f"{what} on a model without its low-rank updates (`without_low_rank`) would change the "
+                             "model it shares its weights with; do it on that model")
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Transformer:  # to(), float(), to_empty(), ...
+        self._shares_weights("moving or converting its tensors")
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> Transformer:
+        if mode:
+            self._shares_weights("train()")
+        return super().train(mode)
 
     def use_block_embedding(self, q: Tensor, scale: Tensor, minimum: Tensor) -> None:
         """Look the input embedding up in its GGUF blocks (`BlockEmbedding`), so that
         `release_dense_weights()` frees the float32 table too (the tied output head already runs
         its own blocks after `use_blocks`). ValueError where a row differs from the table's by a
         bit (a fine-tune merged into it, other blocks than the table's): the table stays then."""
+        self._shares_weights("use_block_embedding()")
         table = self.model.embed_tokens.weight
         if table.dtype != torch.float32 or table.device.type != "cpu" or table.is_meta:
             raise ValueError(f"the embedding from blocks replaces a float32 table on a CPU, not {table.dtype} on "
@@ -775,6 +799,7 @@ class Transformer(nn.Module):
         self._embed_blocks = blocks
 
     def unpack_linears(self) -> None:
+        self._shares_weights("unpack_linears()")
         for module in self.model.layers.modules():
             if isinstance(module, Linear):
                 _dense(module.weight)
@@ -796,6 +821,7 @@ class Transformer(nn.Module):
         can differ from the float32 cache's (`llm.kv_cache`: "auto" asks for it where the products
         round their inputs anyway, voice_agent.llm). ValueError where the fused
         forward does not run (the torch layers compute in the model's dtype)."""
+        self._shares_weights("use_half_cache()")
         if self._block_layers is None:
             raise ValueError("a float16 KV cache needs the fused block forward (llm.weights blocks, blocks-int16, "
                              "blocks-int8, blocks-amx or blocks-bf16 on a CPU with AVX-512), which this model does not run")
@@ -812,6 +838,7 @@ class Transformer(nn.Module):
         embedding table stays (the lookup table, and the tied head's source), unless
         `use_block_embedding` gave the lookups its blocks and the output head does not read it
         (untied, or packed). An untied output head's dense weight stays."""
+        self._shares_weights("release_dense_weights()")
         if not self.packed:
             raise RuntimeError("pack_linears() or use_blocks() first: the packed copies are what runs")
         freed = 0
@@ -852,12 +879,15 @@ class Transformer(nn.Module):
             for proj in (getattr(module, "proj", None), getattr(module, "qkv", None), getattr(module, "gate_up", None)):
                 if isinstance(proj, Projection | BlockProjection):
                     total += proj.nbytes
+                    if self._fused_only and isinstance(proj, BlockProjection) and proj.weight.low_rank is not None:
+                        total -= proj.weight.low_rank.nbytes  # `without_low_rank`: its forward reads no update
         return total + (self._head.nbytes if self._head is not None else 0)
 
     # -- RoPE -----------------------------------------------------------------------------
     def build_rope(self, device: torch.device | str | None = None) -> None:
         """(Re)build the RoPE tables for positions 0..max_seq_len (one spare for the cache's
         scratch position) on `device`: needed after building the model on the meta device."""
+        self._shares_weights("build_rope()")
         D = self.config.head_dim
         n_positions = self.config.max_seq_len + 1
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=device) / D))
