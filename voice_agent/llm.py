@@ -379,8 +379,12 @@ class LocalDLM:
             return str(token_id)
         return self._tokenizer.decode([token_id])
 
+    def close(self) -> None:
+        """Stop the engine (blocks until its worker has stopped)."""
+        self._engine.close()
+
     async def aclose(self) -> None:
-        await asyncio.to_thread(self._engine.close)
+        await asyncio.to_thread(self.close)
 
 
 # OpenAI-compatible streaming server -----------------------------------------------------------

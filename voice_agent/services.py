@@ -140,9 +140,13 @@ class ModelServices:
         if "text" in turn_models(config.turn.detector):
             from voice_agent.end_of_turn import load_text_scorer
 
-            # On the local LLM's weights where they are the ones it would load (no second copy)
-            text_scorer = load_text_scorer(config.turn.text_model, device=config.llm.device,
-                                           share=getattr(llm, "loaded", None))
+            try:  # on the local LLM's weights where they are the ones it would load (no second copy)
+                text_scorer = load_text_scorer(config.turn.text_model, device=config.llm.device,
+                                               share=getattr(llm, "loaded", None))
+            except BaseException:
+                if callable(close := getattr(llm, "close", None)):  # no engine left running behind the error
+                    close()
+                raise
         log.info("models ready: ASR %s, TTS %s, LLM %s, end of turn %s", config.asr.model, config.tts.voice, llm.name,
                  config.turn.detector)
         return cls(config, transcriber=transcriber, synthesizer=synthesizer, llm=llm, turn_model=turn_model,

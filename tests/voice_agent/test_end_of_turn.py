@@ -214,3 +214,25 @@ def test_the_scorer_runs_16_bit_integer_products_where_amx_is_missing(scorer):
     model = scorer._model
     assert (model._block_layers is not None) == int16
     assert model.model.embed_tokens.weight.dtype == (torch.float32 if int16 else torch.bfloat16)
+
+
+def test_a_scorer_that_fails_to_load_leaves_no_llm_engine_running(monkeypatch):
+    """ModelServices.load builds the LLM before the text scorer (which may share its weights): where
+    the scorer then fails, the LLM is closed before the error goes on, not left decoding nothing."""
+    from voice_agent import services as services_module
+    from voice_agent.errors import UserError
+
+    class _Llm:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    llm = _Llm()
+    monkeypatch.setattr(services_module, "build_llm", lambda *_a, **_k: llm)
+    config = Config()
+    config.turn.detector = "text"
+    config.turn.text_model = "/nonexistent/turn-model.gguf"
+    with pytest.raises(UserError, match="nonexistent"):
+        ModelServices.load(config)
+    assert llm.closed
