@@ -99,7 +99,7 @@ say "embedded models: whisper tiny.en, piper en_US-joe-medium, SmolLM2-135M-Inst
 # --- check -----------------------------------------------------------------------------------
 say "checking the default models"
 if ! "$venv/bin/voice-agent" models; then
-  die "a default model was not found (see above)"
+  die "a default model was not found or is damaged (see above)"
 fi
 # The float32 kernel on the LLM's GGUF blocks (dlm/blocks.c) is compiled with the system C compiler
 # on first use; build it now, so the first `serve` does not, and say where it cannot run.
@@ -114,6 +114,6 @@ from dlm.gguf_file import cached_gguf, default_cache_dir
 from voice_agent.models import resolve_llm_model
 try:
     print(cached_gguf(resolve_llm_model("default").path, default_cache_dir()))
-except OSError as e:
+except OSError as e:  # a read-only cache (any other error is a damaged install: it stops here)
     print(f"not cached ({e}): each load converts it in memory")'
 say "done: run  $venv/bin/voice-agent serve"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
@@ -105,6 +105,7 @@ def save_bd_checkpoint(
 
     `dtype` is the storage type of float tensors (the 1-D ones only, under int8).
     A tied model (`config.tie_embeddings`) must not carry lm_head.weight.
+    OSError where the file cannot be written (safetensors' own write error included).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
@@ -130,7 +131,11 @@ def save_bd_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as e:  # raised for a read-only folder, a full disk, ...
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{tmp}: {e}") from e
     tmp.replace(path)  # atomic: a reader never sees half a file
     return path
 

@@ -40,11 +40,13 @@ from dlm.errors import ModelNotFoundError, UnsupportedCheckpointError
 from dlm.families import Family, family_for_config, stop_token_ids
 from dlm.gguf_file import (
     SUPPORTED_GGUF_ARCHITECTURES,
-    cached_gguf,
+    cache_file,
     convert_gguf,
     default_cache_dir,
     gguf_architecture,
+    is_gguf,
     read_quant_blocks,
+    write_converted,
 )
 from dlm.memory import release_free_memory
 from dlm.model import Int4Weight, Int8AsInt4Weight, Transformer, can_pack_linears
@@ -82,7 +84,6 @@ AMX_FORMATS = ("blocks-amx", "blocks-bf16")
 # 1 in 24 greedy replies of the default model differ from float32's, at a 1.4x faster dLLM)
 _SAME_ACCURACY = {"blocks-amx": "blocks", "blocks": "dense"}
 _NEARLY_SAME = {"blocks-amx": "blocks-int16", "blocks-int16": "blocks", "blocks": "dense"}
-_GGUF_MAGIC = b"GGUF"
 
 
 @dataclass
@@ -119,11 +120,6 @@ def _hf_cache_snapshot(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _is_gguf(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == _GGUF_MAGIC
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """The file or folder to load: expands ~, resolves a HF cache entry, picks the single bd or
     GGUF file of a folder without config.json."""
@@ -137,7 +133,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         path = snapshot
     if (path / "config.json").is_file():
         return path
-    singles = [p for p in sorted(path.iterdir()) if p.is_file() and (_is_gguf(p) or is_bd_checkpoint(p))]
+    singles = [p for p in sorted(path.iterdir()) if p.is_file() and (is_gguf(p) or is_bd_checkpoint(p))]
     if len(singles) == 1:
         return singles[0]
     if len(singles) > 1:
@@ -159,7 +155,7 @@ def _detect(path: Path) -> tuple[str, Family | None]:
     if path.is_file():
         if is_bd_checkpoint(path):
             return "bd", None
-        if _is_gguf(path):
+        if is_gguf(path):
             arch = gguf_architecture(path)
             if arch in SUPPORTED_GGUF_ARCHITECTURES:
                 return "ar", None
@@ -294,11 +290,16 @@ def _load_bd(path: Path, dtype: torch.dtype):
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path):
-    try:
-        return _load_bd(cached_gguf(path, cache_dir), dtype)
-    except OSError:  # a read-only cache location: convert in memory every time
-        config, spec, state_dict, tokenizer = convert_gguf(path)
-        return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
+    target = cache_file(path, cache_dir)
+    if not target.exists():
+        converted = convert_gguf(path)
+        try:
+            write_converted(path, converted, target)
+        except OSError as e:  # a read-only cache location: this conversion, in memory (and at every load)
+            log.warning("%s: its converted copy cannot be cached (%s); converted in memory", path, e)
+            config, spec, state_dict, tokenizer = converted
+            return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
+    return _load_bd(target, dtype)
 
 
 def _kernel_reason(weights: str) -> str | None:
@@ -358,7 +359,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     device = torch.device(device)
     if weights in FORMAT_DTYPES:
         dtype = FORMAT_DTYPES[weights] if dtype in (None, "auto") else dtype
-        if not _is_gguf(resolved):
+        if not is_gguf(resolved):
             raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r} runs a GGUF's own quantized "
                                              "blocks; this is not a GGUF file")
     if weights == "int4" and (resolve_dtype(dtype, device) != torch.bfloat16

@@ -4,15 +4,20 @@ Contract: `convert_gguf(path)` reads the GGUF metadata into Hugging Face config 
 every tensor to float32 and renames it to our Hugging Face Llama names; the tokenizer (with its
 chat template) is rebuilt from the GGUF by transformers, offline. `cached_gguf(path, cache_dir)`
 writes that conversion once as a `dlm.bd_format` file (float32, family "ar") and returns its
-path, so later loads are a memory map instead of a ~20 s parse; the cache key is the file's
-resolved path, size and modification time.
+path, so later loads are a memory map instead of a conversion (about 6 s for SmolLM2-135M on two
+cores, most of it transformers rebuilding the tokenizer); the cache key is the file's resolved
+path, size and modification time (`cache_file`; `write_converted` writes a conversion there, an
+OSError where the cache cannot be written).
 
 `read_gguf(path)` reads a GGUF's header: its scalar and string metadata, the lengths of its arrays
 (a tokenizer's 49k tokens and merges are skipped, not decoded: gguf's `GGUFReader` builds a numpy
 view of every one of them, 2.4 s of a 5.6 s load of the default model on a 2-core CPU) and its
 tensors as views of a memory map, shaped as `GGUFReader` shapes them (quantized types as bytes,
-(rows, bytes a row)). A damaged or truncated header raises `UnsupportedCheckpointError` naming the
-file and the offset, as does a big-endian or version-1 file.
+(rows, bytes a row)). A file that is no GGUF, a version other than 2 and 3, a damaged header (with
+the byte where it broke) or a tensor past the end of the file raises `UnsupportedCheckpointError`
+naming the file. So does metadata that describes no model (`_hf_config`: a size of 0 or far past
+any model's, heads that do not divide the width, an eos id outside the vocabulary), a tensor type
+the gguf package cannot dequantize, or a tokenizer transformers cannot build from it.
 
 llama.cpp stores the q/k projections of the "llama" architecture with each head's rows
 interleaved for its adjacent-pair RoPE; `_unpermute` restores the rotate-half layout that
@@ -37,8 +42,8 @@ from dlm.bd_format import save_bd_checkpoint
 from dlm.errors import UnsupportedCheckpointError
 from dlm.families import FAMILIES, stop_token_ids
 
-__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "GgufFile", "GgufTensor", "cached_gguf", "convert_gguf", "default_cache_dir",
-           "gguf_architecture", "read_gguf", "read_quant_blocks"]
+__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "GgufFile", "GgufTensor", "cache_file", "cached_gguf", "convert_gguf",
+           "default_cache_dir", "gguf_architecture", "is_gguf", "read_gguf", "read_quant_blocks", "write_converted"]
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _CACHE_VERSION = "1"
@@ -171,6 +176,12 @@ class _Header:
                 yield key, vtype, self.skip_array()
             else:
                 raise self.damaged(f"metadata {key!r} has value type {vtype}")
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether the file starts with the GGUF magic."""
+    with path.open("rb") as f:
+        return f.read(4) == _MAGIC
 
 
 def _open_header(path: Path) -> tuple[_Header, int, int]:
@@ -413,15 +424,26 @@ def read_quant_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor, to
     return out
 
 
-def cached_gguf(path: str | Path, cache_dir: Path) -> Path:
-    """The converted bd-format file of a GGUF, converting it on first use."""
+def cache_file(path: str | Path, cache_dir: Path) -> Path:
+    """Where `cached_gguf` keeps a GGUF's converted file (whether or not it exists yet)."""
     path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_VERSION}".encode()).hexdigest()[:16]
-    target = cache_dir / "gguf" / f"{path.stem}-{key}.safetensors"
-    if target.exists():
-        return target
-    config, spec, state_dict, tokenizer = convert_gguf(path)
-    save_bd_checkpoint(target, state_dict, config, spec, tokenizer, dtype=torch.float32,
-                       extra={"source": str(path), "converted_from": "gguf"})
+    return cache_dir / "gguf" / f"{path.stem}-{key}.safetensors"
+
+
+def write_converted(path: str | Path, converted: tuple[Any, Any, dict[str, torch.Tensor], Any], target: Path) -> Path:
+    """`convert_gguf(path)`'s result as the bd-format file `target`. OSError where it cannot be
+    written (a read-only cache)."""
+    config, spec, state_dict, tokenizer = converted
+    return save_bd_checkpoint(target, state_dict, config, spec, tokenizer, dtype=torch.float32,
+                              extra={"source": str(Path(path).resolve()), "converted_from": "gguf"})
+
+
+def cached_gguf(path: str | Path, cache_dir: Path) -> Path:
+    """The converted bd-format file of a GGUF, converting it on first use. OSError where the
+    cache cannot be written."""
+    target = cache_file(path, cache_dir)
+    if not target.exists():
+        write_converted(path, convert_gguf(path), target)
     return target

