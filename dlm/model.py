@@ -750,14 +750,16 @@ class Transformer(nn.Module):
         others, whose projections would still add the updates. ValueError where the model has no
         fused block forward. Forwards of both may run at once from different threads (neither
         writes the model's state); what would change the shared modules (to(), train(), packing,
-        releasing, RoPE tables, `use_half_cache`) is refused on it. Its new caches take this model's
-        `kv_dtype`."""
+        releasing, RoPE tables, `use_half_cache`) is refused on it. Make it once this model is
+        final: it keeps this model's `kv_dtype`, output head and embedding lookup as they are then."""
         if self._block_layers is None:
             raise ValueError("only a model on the fused block forward (use_blocks) runs without its low-rank updates")
-        base = copy.copy(self)  # shares the modules, parameters, buffers and block weights
+        base = copy.copy(self)  # shares the submodules, parameters, buffers and block weights
         for name, value in vars(self).items():
-            if "hooks" in name and isinstance(value, dict):  # hooks registered on it stay its own
+            if name in ("_modules", "_parameters", "_buffers"):  # setting or deleting one on it stays its own
                 base.__dict__[name] = type(value)(value)
+            elif "hooks" in name and isinstance(value, dict):  # none of this model's hooks; its own stay its own
+                base.__dict__[name] = type(value)()
         base._block_layers = self._block_layers.without_low_rank()
         base._fused_only = True
         return base

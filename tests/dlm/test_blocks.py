@@ -897,7 +897,8 @@ def test_a_model_without_its_low_rank_updates_is_its_base_on_the_same_weights(pr
     with pytest.raises(ValueError, match="fused block forward only"), torch.no_grad():
         view(torch.tensor([[3, 9]]), torch.arange(2)[None], causal_mask(2))  # no cache: the projections' path
     for change in (lambda: view.to(torch.float64), view.train, view.build_rope, view.use_half_cache,
-                   view.release_dense_weights):
+                   view.release_dense_weights, view.pack_linears, view.unpack_linears, lambda: view.use_blocks({}),
+                   lambda: view.use_block_embedding(None, None, None)):
         with pytest.raises(ValueError, match="would change the model it shares its weights with"):
             change()
     assert view.eval() is view and adapted.model.model.norm.weight.dtype == torch.float32
@@ -905,6 +906,8 @@ def test_a_model_without_its_low_rank_updates_is_its_base_on_the_same_weights(pr
     view.register_forward_hook(lambda *_: seen.append(1))
     logits(adapted.model)
     assert not seen  # a hook on it is its own
+    view.register_buffer("extra", torch.zeros(1), persistent=False)
+    assert not hasattr(adapted.model, "extra")  # so is a buffer set on it
     assert view.weight_bytes() == base.model.weight_bytes() < adapted.model.weight_bytes()
     dense, _ = _blocks_loaded(adapted=True)
     with pytest.raises(ValueError, match="only a model on the fused block forward"):
