@@ -29,7 +29,7 @@ Contract:
   `load_text_scorer(name, share=loaded)`: where `loaded` (the local LLM's model, `LocalDLM.loaded`)
   is that same GGUF on those same blocks, the scorer runs on its weights without its adapter
   (`Transformer.without_low_rank`, the same bits as a model of its own) instead of loading a
-  second copy: about 210 MB and a second of start-up less for the default models.
+  second copy: about 140 MB resident and a second of start-up less for the default models.
 - `.probability(transcript) -> float`: the transcript so far is lower-cased and stripped of
   punctuation (`normalize_transcript`: ASR punctuation says little about a fragment), placed as the user's message in the
   chat template, and the model reads the next token: the probability of the template's

@@ -21,6 +21,9 @@ Contract:
   (`LocalDLM`: the engine's `abort_owner`, effective within one denoising step; the OpenAI client
   holds nothing once its streams are closed). A session calls it when its call ends, so no work
   outlives the call even if a stream was never consumed.
+- `LocalDLM.loaded`: the dlm LoadedModel its engine runs (the text end-of-turn scorer may share
+  its weights: `voice_agent.end_of_turn.load_text_scorer`); `LocalDLM.close()` stops the engine
+  (`aclose()` from the event loop).
 - `LocalDLM.attach_share(share)`: the engine charges its steps to the calls of a
   `voice_agent.fair_share.CallShare` and holds back its background calls' rows (the services do
   it; a remote backend has no such method: its own server shares its engine).

@@ -7,6 +7,8 @@ by `voice-agent bench llm`)."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 import dlm.blocks
@@ -73,6 +75,9 @@ def test_a_damaged_copy_of_a_shipped_file_is_refused_before_loading(drafted, tmp
     config.llm.model = NAME
     info = next(i for i in describe_models(config) if i.role == "dLLM")  # `voice-agent models` says so too
     assert info.detail.startswith("DAMAGED") and str(damaged) in info.detail
+    from voice_agent.commands import models as models_command
+
+    assert models_command.run(argparse.Namespace(json=True), config) == 1  # install.sh's check stops there
 
 
 def test_it_writes_the_ar_reply_in_fewer_forwards(drafted):

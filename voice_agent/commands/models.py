@@ -46,5 +46,5 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(f"{'':<12} path:   {i.path if i.path else '-'}")
             print(f"{'':<12} size:   {_human(i.size_bytes)}")
             print(f"{'':<12} status: {i.detail}")
-    missing = [i for i in infos if i.detail.startswith(("NOT FOUND", "DAMAGED"))]
-    return 1 if missing else 0
+    unusable = [i for i in infos if i.detail.startswith(("NOT FOUND", "DAMAGED"))]
+    return 1 if unusable else 0
