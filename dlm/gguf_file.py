@@ -269,27 +269,27 @@ def gguf_architecture(path: str | Path) -> str:
     return ""
 
 
-def _hf_config(gguf: GgufFile) -> dict[str, Any]:
+def _hf_config(parsed: GgufFile) -> dict[str, Any]:
     """GGUF metadata -> the Hugging Face config.json keys the "ar" family reads."""
-    meta = gguf.metadata
+    meta = parsed.metadata
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise UnsupportedCheckpointError(f"{gguf.path}: GGUF architecture {arch!r} is not supported (supported: "
+        raise UnsupportedCheckpointError(f"{parsed.path}: GGUF architecture {arch!r} is not supported (supported: "
                                          f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
     needed = [f"{arch}.{key}" for key in ("attention.head_count", "embedding_length", "block_count",
                                           "feed_forward_length")]
     if missing := [key for key in needed if key not in meta]:
-        raise UnsupportedCheckpointError(f"{gguf.path}: the GGUF's metadata lacks {', '.join(missing)}")
+        raise UnsupportedCheckpointError(f"{parsed.path}: the GGUF's metadata lacks {', '.join(missing)}")
     try:
-        config = _config_values(gguf, arch)
+        config = _config_values(parsed, arch)
     except (TypeError, ValueError, OverflowError) as e:  # a number stored as a string, NaN, ...
-        raise UnsupportedCheckpointError(f"{gguf.path}: the GGUF's metadata does not describe a model: {e}") from None
+        raise UnsupportedCheckpointError(f"{parsed.path}: the GGUF's metadata does not describe a model: {e}") from None
     sizes = {k: v for k, v in config.items() if k in _POSITIVE}
     if bad := {k: v for k, v in sizes.items() if not 1 <= v <= _POSITIVE[k]}:
-        raise UnsupportedCheckpointError(f"{gguf.path}: the GGUF's metadata does not describe a model: {bad}")
+        raise UnsupportedCheckpointError(f"{parsed.path}: the GGUF's metadata does not describe a model: {bad}")
     eos = config["eos_token_id"]
     if eos is not None and (type(eos) is not int or not 0 <= eos < config["vocab_size"]):
-        raise UnsupportedCheckpointError(f"{gguf.path}: tokenizer.ggml.eos_token_id {eos!r} is no token of "
+        raise UnsupportedCheckpointError(f"{parsed.path}: tokenizer.ggml.eos_token_id {eos!r} is no token of "
                                          f"its {config['vocab_size']}")
     return config
 
@@ -299,12 +299,12 @@ _POSITIVE = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_hidden_layers":
              "num_key_value_heads": 1 << 10, "intermediate_size": 1 << 18, "max_position_embeddings": 1 << 24}
 
 
-def _config_values(gguf: GgufFile, arch: str) -> dict[str, Any]:
-    meta = gguf.metadata
+def _config_values(parsed: GgufFile, arch: str) -> dict[str, Any]:
+    meta = parsed.metadata
     n_heads = int(meta[f"{arch}.attention.head_count"])
     config = {
         "model_type": arch,
-        "vocab_size": int(meta.get(f"{arch}.vocab_size", gguf.array_lengths.get("tokenizer.ggml.tokens", 0))),
+        "vocab_size": int(meta.get(f"{arch}.vocab_size", parsed.array_lengths.get("tokenizer.ggml.tokens", 0))),
         "hidden_size": int(meta[f"{arch}.embedding_length"]),
         "num_hidden_layers": int(meta[f"{arch}.block_count"]),
         "num_attention_heads": n_heads,
@@ -315,10 +315,10 @@ def _config_values(gguf: GgufFile, arch: str) -> dict[str, Any]:
         "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
         "head_dim": int(meta.get(f"{arch}.attention.key_length", 0)),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "tie_word_embeddings": all(t.name != "output.weight" for t in gguf.tensors),
+        "tie_word_embeddings": all(t.name != "output.weight" for t in parsed.tensors),
     }
     if arch == "qwen3":
-        config["attention_bias"] = any(t.name.endswith("attn_q.bias") for t in gguf.tensors)
+        config["attention_bias"] = any(t.name.endswith("attn_q.bias") for t in parsed.tensors)
     if not 0 <= config["head_dim"] <= 1 << 12 or not config["rms_norm_eps"] > 0 or not config["rope_theta"] > 0:
         raise ValueError(f"head_dim {config['head_dim']}, rms_norm_eps {config['rms_norm_eps']}, "
                          f"rope_theta {config['rope_theta']}")
@@ -352,8 +352,8 @@ def convert_gguf(path: str | Path):
     from gguf.quants import dequantize
 
     path = Path(path)
-    gguf = read_gguf(path)
-    hf_config = _hf_config(gguf)
+    parsed = read_gguf(path)
+    hf_config = _hf_config(parsed)
     arch = hf_config["model_type"]
     family = next(f for f in FAMILIES if f.name == "ar")
     try:
@@ -361,7 +361,7 @@ def convert_gguf(path: str | Path):
     except ValueError as e:  # heads that do not divide the width, ...
         raise UnsupportedCheckpointError(f"{path}: the GGUF's metadata does not describe a model: {e}") from None
     state_dict: dict[str, torch.Tensor] = {}
-    for tensor in gguf.tensors:
+    for tensor in parsed.tensors:
         try:
             weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         except (NotImplementedError, ValueError) as e:  # a type the gguf package cannot dequantize
@@ -397,12 +397,12 @@ def read_quant_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor, to
     `convert_gguf` dequantises them (q/k rows un-permuted the same way); kind "q4" (q uint8
     0..15) or "q8" (q int8, minimum 0). Tensors of other types are left out."""
     path = Path(path)
-    gguf = read_gguf(path)
-    hf_config = _hf_config(gguf)
+    parsed = read_gguf(path)
+    hf_config = _hf_config(parsed)
     arch = hf_config["model_type"]
     n_heads, n_kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for tensor in gguf.tensors:
+    for tensor in parsed.tensors:
         block = _BLOCK_TYPES.get(tensor.tensor_type.name)
         if block is None or not tensor.name.endswith(".weight"):
             continue
