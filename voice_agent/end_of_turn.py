@@ -168,7 +168,8 @@ def load_text_scorer(name: str, *, device: str = "cpu", share: Any = None) -> Te
     resolved = resolve_llm_model(name)
     float32_gguf = resolved.path.suffix == ".gguf" and resolved.dtype in (None, "float32")  # not an int4 entry
     if device == "cpu" and float32_gguf and amx_available() is not None and vnni_available() is None:
-        if (share is not None and resolved.adapter is None and getattr(share, "weights", None) == "blocks-int16"
+        weights = "blocks-int16"
+        if (share is not None and resolved.adapter is None and getattr(share, "weights", None) == weights
                 and share.model.device.type == "cpu" and Path(share.path).resolve() == resolved.path.resolve()):
             try:
                 base = share.model.without_low_rank()
@@ -176,7 +177,7 @@ def load_text_scorer(name: str, *, device: str = "cpu", share: Any = None) -> Te
                 pass
             else:  # a float32 cache, as a model of its own has (the LLM's may be float16)
                 return TextTurnScorer(SimpleNamespace(model=base, tokenizer=share.tokenizer), cache_dtype=torch.float32)
-        loaded, _resolved = load_local_llm(name, device=device, dtype="auto", weights="blocks-int16")
+        loaded, _resolved = load_local_llm(name, device=device, dtype="auto", weights=weights)
     else:
         loaded, _resolved = load_local_llm(name, device=device, dtype="bfloat16")
     return TextTurnScorer(loaded)
