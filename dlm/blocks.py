@@ -343,9 +343,10 @@ class BlockWeight:
     def q4(cls, q: Tensor, scale: Tensor, minimum: Tensor) -> BlockWeight:
         """q (N, K) integers 0..15, scale and minimum (N, K / 32): w = q * scale + minimum."""
         n, k = _check_shape(q, scale)
-        lanes = q.to(torch.int32).view(n, k // UNIT, 4, 16)  # nibble s of lane j: weight s * 16 + j of the unit
-        packed = lanes[:, :, 0] | lanes[:, :, 1] << 4 | lanes[:, :, 2] << 8 | lanes[:, :, 3] << 12
-        data = packed.to(torch.int16).contiguous().view(torch.uint8).view(n, k // UNIT, 32)
+        lanes = q.to(torch.uint8).view(n, k // UNIT, 4, 16)  # nibble s of lane j: weight s * 16 + j of the unit
+        # 16-bit lane j in two bytes (little-endian, as the kernel reads it): nibbles 0, 1, then 2, 3
+        low, high = (lanes[:, :, s] | lanes[:, :, s + 1] << 4 for s in (0, 2))
+        data = torch.stack([low, high], dim=-1).view(n, k // UNIT, 32)
         scales = torch.stack([scale.float(), minimum.float()], dim=-1).view(n, k // UNIT, 4).contiguous()
         return cls(0, data, scales, k)
 
@@ -422,21 +423,22 @@ class BlockWeight:
         n, k = self.out_features, self.in_features
         q, d, m = self._integers()
         if self.kind == 1:
-            q = q + 128  # unsigned for VNNI; the kernel takes 128 times the inputs' sum off
+            q = q.view(torch.uint8) ^ 128  # q + 128, unsigned for VNNI; the kernel takes 128 times the inputs' sum off
         # vector i of a block: lane j (bytes 4j..4j+3) = inputs 4i..4i+3 of the tile's output j
         vectors = q.view(n // 16, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 8, 64)
         data = vectors[:, :, :4] | vectors[:, :, 4:] << 4 if self.kind == 0 else vectors
-        return replace(self, data=data.to(torch.uint8).contiguous(), scales=self._tile_scales(d, m), products=products)
+        return replace(self, data=data.contiguous(), scales=self._tile_scales(d, m), products=products)
 
     def _integers(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(q (N, K) int32, d, m (N, K / 32)) of float32-product blocks: w = q d + m (Q8: m = 0)."""
+        """(q (N, K), d, m (N, K / 32)) of float32-product blocks: w = q d + m; Q4: q uint8 0..15,
+        Q8: q int8 as stored, m = 0. A byte a weight: a re-layout's temporaries stay small."""
         n, k = self.out_features, self.in_features
         if self.kind == 0:
-            lanes = self.data.view(torch.int16).view(n, k // UNIT, 1, 16).to(torch.int32)
-            q = ((lanes >> torch.tensor([0, 4, 8, 12]).view(1, 1, 4, 1)) & 15).view(n, k)  # see `q4`
+            pairs = self.data.view(n, k // UNIT, 16, 2)  # lane j's two bytes: nibbles 0, 1 and 2, 3 (see `q4`)
+            q = torch.stack([pairs[..., 0] & 15, pairs[..., 0] >> 4, pairs[..., 1] & 15, pairs[..., 1] >> 4], dim=2)
             d, m = self.scales.view(n, k // 32, 2).unbind(-1)
-            return q, d, m
-        return self.data.to(torch.int32), self.scales, torch.zeros_like(self.scales)
+            return q.view(n, k), d, m
+        return self.data, self.scales, torch.zeros_like(self.scales)
 
     def _tile_scales(self, d: Tensor, m: Tensor) -> Tensor:
         """d and m by tiles of 16 outputs, in float16: (N / 16, K / 32, 2, 16)."""
