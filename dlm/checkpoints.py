@@ -15,7 +15,9 @@ Contract:
 - Errors: `ModelNotFoundError` for a path that does not exist, `UnsupportedCheckpointError`
   naming what was found (architectures, model_type, GGUF architecture) and the supported families.
 - A GGUF is converted once into a float32 bd file under `cache_dir` (default
-  `dlm.gguf_file.default_cache_dir()`); later loads memory-map that file.
+  `dlm.gguf_file.default_cache_dir()`); later loads memory-map that file. The block formats convert
+  only what they do not run as blocks (`convert_gguf(dense=False)`: the tokenizer, the norms, a few
+  MB); those weights stay on the meta device until the blocks replace them.
 - dtype (a torch dtype or "float32" / "bfloat16" / "float16" / "auto") None: float32 on CPU, bfloat16 elsewhere. max_seq_len None: the checkpoint's context
   length capped at `DEFAULT_MAX_SEQ_LEN` (it sizes the RoPE table and the default KV cache).
 Nothing here downloads anything or runs code shipped with a checkpoint.
@@ -241,21 +243,23 @@ def _load_hf_folder(folder: Path, family: Family, dtype: torch.dtype):
 # -- building the model ---------------------------------------------------------------------------
 
 def _build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], path: Path,
-                 device: torch.device, dtype: torch.dtype) -> Transformer:
+                 device: torch.device, dtype: torch.dtype, *, absent: frozenset[str] = frozenset()) -> Transformer:
+    """`absent`: weights the state dict leaves out on purpose (a GGUF's blocks, run as blocks: the
+    caller replaces them); they stay on the meta device."""
     # Tied checkpoints may still carry a copy of the embedding as lm_head; untied ones never lack it.
     if config.tie_embeddings:
         state_dict.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in state_dict:
+    elif "lm_head.weight" not in state_dict and "lm_head.weight" not in absent:
         config.tie_embeddings = True
     with torch.device("meta"):  # no random init, no memory: the checkpoint's tensors are assigned
         model = Transformer(config, init=False)
     expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    missing, unexpected = sorted(expected - set(state_dict) - absent), sorted(set(state_dict) - expected)
     if missing or unexpected:
         raise _unsupported(path, f"tensor names do not map onto the model: missing {missing[:4]}, "
                                  f"unexpected {unexpected[:4]} ({len(missing)} / {len(unexpected)} in all)")
     try:
-        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=not absent, assign=True)
     except RuntimeError as e:  # a tensor whose shape is not the configuration's
         raise _unsupported(path, f"tensor shapes do not fit its configuration: {str(e).strip()[:400]}") from None
     # Norms and biases in memory of their own (a few kB; packed formats hold on to them): once the
@@ -267,6 +271,8 @@ def _build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], path:
                 param.data = param.data.clone()
     # The RoPE tables are non-persistent buffers built on "meta" above: rebuild them for real.
     model.build_rope(device)
+    if absent:  # a CPU model (the block formats) whose absent weights stay on "meta" until replaced
+        return model.eval()
     return model.to(device).eval()
 
 
@@ -284,22 +290,27 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
-def _load_bd(path: Path, dtype: torch.dtype):
+def _load_bd(path: Path, dtype: torch.dtype, *, cached: bool = False):
+    """`cached`: a conversion in the GGUF cache (one without the block weights is expected there)."""
     bd = read_bd_checkpoint(path, dtype=dtype)
+    if bd.extra.get("without_blocks") == "true" and not cached:
+        raise UnsupportedCheckpointError(f"{path}: a cached conversion of {bd.extra.get('source', 'a GGUF')} without "
+                                         "its block weights; load that GGUF instead")
     return bd.config, bd.spec, bd.state_dict, bd.tokenizer
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path):
-    target = cache_file(path, cache_dir)
+def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path, *, dense: bool = True):
+    """dense=False: without the weights stored as blocks (`convert_gguf`)."""
+    target = cache_file(path, cache_dir, dense=dense)
     if not target.exists():
-        converted = convert_gguf(path)
+        converted = convert_gguf(path, dense=dense)
         try:
             write_converted(path, converted, target)
         except OSError as e:  # a read-only cache location: this conversion, in memory (and at every load)
             log.warning("%s: its converted copy cannot be cached (%s); converted in memory", path, e)
             config, spec, state_dict, tokenizer = converted
             return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
-    return _load_bd(target, dtype)
+    return _load_bd(target, dtype, cached=True)
 
 
 def _kernel_reason(weights: str) -> str | None:
@@ -371,15 +382,20 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         if (reason := _kernel_reason(weights)) is not None:
             raise ValueError(f"weights={weights!r}: {reason}")
     dtype = resolve_dtype(dtype, device)
+    quant = None
     if family is not None:
         config, spec, state_dict, tokenizer = _load_hf_folder(resolved, family, dtype)
     elif family_name == "bd":
         config, spec, state_dict, tokenizer = _load_bd(resolved, dtype)
     else:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        config, spec, state_dict, tokenizer = _load_gguf(resolved, dtype, cache)
+        dense = weights not in BLOCK_FORMATS  # the block formats run the weights stored as blocks from them
+        config, spec, state_dict, tokenizer = _load_gguf(resolved, dtype, cache, dense=dense)
+        if not dense:
+            quant = read_quant_blocks(resolved)
     config.max_seq_len = max_seq_len or min(config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
-    model = _build_model(config, state_dict, resolved, device, dtype)
+    model = _build_model(config, state_dict, resolved, device, dtype,
+                         absent=frozenset(quant or ()) - set(state_dict))
     fine_tune = None
     if adapter is not None:
         from dlm.adapter import load_adapter, merge_adapter, unmerged_update
@@ -399,7 +415,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         model.release_dense_weights()
         del int4
     elif weights in BLOCK_FORMATS:
-        quant = read_quant_blocks(resolved)
         blocks = {name: BlockWeight.q4(q, scale, minimum) if kind == "q4" else BlockWeight.q8(q, scale)
                   for name, (kind, q, scale, minimum) in quant.items() if q.shape[1] % BLOCK_UNIT == 0}
         embedding = quant.pop("model.embed_tokens.weight", None)
@@ -420,6 +435,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
             try:
                 model.use_block_embedding(*embedding[1:])
             except ValueError as e:  # the table stays (113 MB for SmolLM2): the same replies either way
+                if model.model.embed_tokens.weight.is_meta:  # no table was loaded: the blocks are the only one
+                    raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r}: {e}") from e
                 log.warning("%s: the input embedding stays a float32 table: %s", resolved, e)
         model.release_dense_weights()
         del blocks, embedding

@@ -7,7 +7,12 @@ writes that conversion once as a `dlm.bd_format` file (float32, family "ar") and
 path, so later loads are a memory map instead of a conversion (about 6 s for SmolLM2-135M on two
 cores, most of it transformers rebuilding the tokenizer); the cache key is the file's resolved
 path, size and modification time (`cache_file`; `write_converted` writes a conversion there, an
-OSError where the cache cannot be written).
+OSError where the cache cannot be written). `dense=False` (`convert_gguf`, `cache_file`,
+`cached_gguf`) leaves out the weights `read_quant_blocks` reads as blocks: what a load on the block
+formats needs besides them (the tokenizer, the configuration, norms and any tensor of another
+type), a few MB instead of SmolLM2's 540. Writing a conversion removes the cache's stale ones
+(`prune_cache`): those of a GGUF that is gone or has changed since (its size or modification time,
+as a reinstall changes them), and half-written files over an hour old.
 
 `read_gguf(path)` reads a GGUF's header: its scalar and string metadata, the lengths of its arrays
 (a tokenizer's 49k tokens and merges are skipped, not decoded: gguf's `GGUFReader` builds a numpy
@@ -27,10 +32,13 @@ Hugging Face (and our Transformer) use. "qwen2"/"qwen3" GGUFs are not permuted.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +51,14 @@ from dlm.errors import UnsupportedCheckpointError
 from dlm.families import FAMILIES, stop_token_ids
 
 __all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "GgufFile", "GgufTensor", "cache_file", "cached_gguf", "convert_gguf",
-           "default_cache_dir", "gguf_architecture", "is_gguf", "read_gguf", "read_quant_blocks", "write_converted"]
+           "default_cache_dir", "gguf_architecture", "is_gguf", "prune_cache", "read_gguf", "read_quant_blocks",
+           "write_converted"]
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _CACHE_VERSION = "1"
+_WITHOUT_BLOCKS = ".without-blocks"  # the name's mark of a conversion made with dense=False
 
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -347,8 +359,15 @@ def _tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
-def convert_gguf(path: str | Path):
-    """GGUF -> (ModelConfig, DiffusionSpec, float32 state dict in our names, tokenizer)."""
+def _stored_as_blocks(tensor: GgufTensor) -> bool:
+    """Whether `read_quant_blocks` reads this tensor (a weight of a block type it takes as stored)."""
+    return tensor.tensor_type.name in _BLOCK_TYPES and tensor.name.endswith(".weight")
+
+
+def convert_gguf(path: str | Path, *, dense: bool = True):
+    """GGUF -> (ModelConfig, DiffusionSpec, float32 state dict in our names, tokenizer). dense=False:
+    the state dict leaves out the weights `read_quant_blocks` reads (the block formats run them as
+    blocks), and holds the rest; an untied output head stays (a draft head reads its rows)."""
     from gguf.quants import dequantize
 
     path = Path(path)
@@ -361,7 +380,10 @@ def convert_gguf(path: str | Path):
     except ValueError as e:  # heads that do not divide the width, ...
         raise UnsupportedCheckpointError(f"{path}: the GGUF's metadata does not describe a model: {e}") from None
     state_dict: dict[str, torch.Tensor] = {}
+    names = [_our_name(tensor.name) for tensor in parsed.tensors]
     for tensor in parsed.tensors:
+        if not dense and _stored_as_blocks(tensor) and _our_name(tensor.name) != "lm_head.weight":
+            continue
         try:
             weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         except (NotImplementedError, ValueError) as e:  # a type the gguf package cannot dequantize
@@ -373,7 +395,7 @@ def convert_gguf(path: str | Path):
             weights = _unpermute(weights, config.n_kv_heads)
         # F32 tensors are read-only views of the memory map: copy those (only those) into owned memory.
         state_dict[_our_name(tensor.name)] = torch.from_numpy(np.require(weights, requirements=["C", "W"]))
-    config.tie_embeddings = "lm_head.weight" not in state_dict
+    config.tie_embeddings = "lm_head.weight" not in names
     try:
         tokenizer = _tokenizer(path)
     except Exception as e:  # transformers' own GGUF parse: whatever damage its tokenizer arrays hold
@@ -403,10 +425,9 @@ def read_quant_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor, to
     n_heads, n_kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for tensor in parsed.tensors:
-        block = _BLOCK_TYPES.get(tensor.tensor_type.name)
-        if block is None or not tensor.name.endswith(".weight"):
+        if not _stored_as_blocks(tensor):
             continue
-        size, kind = block
+        size, kind = _BLOCK_TYPES[tensor.tensor_type.name]
         blocks = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, size)  # (N, K / 32, bytes)
         scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
         if kind == "q8_0":
@@ -424,26 +445,69 @@ def read_quant_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor, to
     return out
 
 
-def cache_file(path: str | Path, cache_dir: Path) -> Path:
-    """Where `cached_gguf` keeps a GGUF's converted file (whether or not it exists yet)."""
+def cache_file(path: str | Path, cache_dir: Path, *, dense: bool = True) -> Path:
+    """Where `cached_gguf` keeps a GGUF's converted file (whether or not it exists yet); dense=False:
+    its conversion without the weights stored as blocks (`convert_gguf`)."""
     path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_VERSION}".encode()).hexdigest()[:16]
-    return cache_dir / "gguf" / f"{path.stem}-{key}.safetensors"
+    return cache_dir / "gguf" / f"{path.stem}-{key}{'' if dense else _WITHOUT_BLOCKS}.safetensors"
 
 
 def write_converted(path: str | Path, converted: tuple[Any, Any, dict[str, torch.Tensor], Any], target: Path) -> Path:
-    """`convert_gguf(path)`'s result as the bd-format file `target`. OSError where it cannot be
-    written (a read-only cache)."""
+    """`convert_gguf(path)`'s result as the bd-format file `target`, then the cache's stale
+    conversions removed (`prune_cache`). OSError where it cannot be written (a read-only cache)."""
     config, spec, state_dict, tokenizer = converted
-    return save_bd_checkpoint(target, state_dict, config, spec, tokenizer, dtype=torch.float32,
-                              extra={"source": str(Path(path).resolve()), "converted_from": "gguf"})
-
-
-def cached_gguf(path: str | Path, cache_dir: Path) -> Path:
-    """The converted bd-format file of a GGUF, converting it on first use. OSError where the
-    cache cannot be written."""
-    target = cache_file(path, cache_dir)
-    if not target.exists():
-        write_converted(path, convert_gguf(path), target)
+    extra = {"source": str(Path(path).resolve()), "converted_from": "gguf"}
+    if target.name.endswith(_WITHOUT_BLOCKS + ".safetensors"):
+        extra["without_blocks"] = "true"
+    save_bd_checkpoint(target, state_dict, config, spec, tokenizer, dtype=torch.float32, extra=extra)
+    prune_cache(target.parent.parent, keep=target)
     return target
+
+
+def cached_gguf(path: str | Path, cache_dir: Path, *, dense: bool = True) -> Path:
+    """The converted bd-format file of a GGUF (dense=False: without the weights stored as blocks),
+    converting it on first use. OSError where the cache cannot be written."""
+    target = cache_file(path, cache_dir, dense=dense)
+    if not target.exists():
+        write_converted(path, convert_gguf(path, dense=dense), target)
+    return target
+
+
+_STALE_TMP_S = 3600  # a half-written conversion this old has lost its writer
+
+
+def prune_cache(cache_dir: Path, *, keep: Path | None = None) -> list[Path]:
+    """Remove the GGUF conversions under `cache_dir` that no load will read again: those whose GGUF
+    is gone, or whose GGUF has changed since (another size or modification time: a reinstall, a
+    new version; `cache_file` names them by both), and half-written ones over an hour old; returns
+    what it removed. Files it did not write (no conversion's metadata), `keep`, and files it cannot
+    read or remove are left as they are. A process still reading a removed file keeps it until it
+    lets it go (POSIX)."""
+    from safetensors import safe_open
+
+    removed: list[Path] = []
+    folder = cache_dir / "gguf"
+    now = time.time()
+    for file in sorted(folder.glob("*.safetensors*")) if folder.is_dir() else []:
+        try:
+            if file.name.endswith(".safetensors.tmp"):
+                stale = now - file.stat().st_mtime > _STALE_TMP_S
+            elif file.name.endswith(".safetensors") and file != keep:
+                with safe_open(str(file), framework="pt") as f:
+                    extra = json.loads((f.metadata() or {}).get("extra", "{}"))
+                source = extra.get("source") if extra.get("converted_from") == "gguf" else None
+                stale = source is not None and (
+                    not Path(source).is_file()
+                    or file != cache_file(source, cache_dir, dense=extra.get("without_blocks") != "true"))
+            else:
+                continue
+            if stale:
+                size = file.stat().st_size
+                file.unlink()
+                removed.append(file)
+                log.info("removed the stale GGUF conversion %s (%.0f MB)", file, size / 1e6)
+        except Exception as e:  # not ours, damaged, gone meanwhile, not removable: left as it is
+            log.debug("left %s in the cache: %s", file, e)
+    return removed

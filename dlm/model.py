@@ -709,8 +709,8 @@ class Transformer(nn.Module):
         (the tied head: "model.embed_tokens.weight"); see the module docstring. ValueError naming
         the first projection without one: a model runs on blocks whole or not at all."""
         self._shares_weights("use_blocks()")
-        weight = self.model.embed_tokens.weight
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        weight = self.model.embed_tokens.weight  # on "meta" where the load left the blocks' weights out
+        if weight.dtype != torch.float32 or weight.device.type not in ("cpu", "meta"):
             raise ValueError(f"float32 block weights need a float32 model on a CPU, not {weight.dtype} on {weight.device}")
         head_name = "lm_head.weight" if self.lm_head is not None else "model.embed_tokens.weight"
         names = [f"model.layers.{i}.{name}.weight" for i in range(len(self.model.layers)) for name in PROJECTIONS.values()]
@@ -784,15 +784,20 @@ class Transformer(nn.Module):
         """Look the input embedding up in its GGUF blocks (`BlockEmbedding`), so that
         `release_dense_weights()` frees the float32 table too (the tied output head already runs
         its own blocks after `use_blocks`). ValueError where a row differs from the table's by a
-        bit (a fine-tune merged into it, other blocks than the table's): the table stays then."""
+        bit (a fine-tune merged into it, other blocks than the table's): the table stays then.
+        A table on the meta device (a load that left the GGUF's block weights out: these blocks
+        are its only source) takes them without the comparison."""
         self._shares_weights("use_block_embedding()")
         table = self.model.embed_tokens.weight
-        if table.dtype != torch.float32 or table.device.type != "cpu" or table.is_meta:
+        if table.dtype != torch.float32 or table.device.type not in ("cpu", "meta"):
             raise ValueError(f"the embedding from blocks replaces a float32 table on a CPU, not {table.dtype} on "
                              f"{table.device}")
         blocks = BlockEmbedding(q, scale, minimum)
         if blocks.q.shape != table.shape:
             raise ValueError(f"embedding blocks of {tuple(blocks.q.shape)} for a table of {tuple(table.shape)}")
+        if table.is_meta:
+            self._embed_blocks = blocks
+            return
         with torch.no_grad():
             for start in range(0, table.shape[0], 4096):  # every row, a slab at a time
                 ids = torch.arange(start, min(start + 4096, table.shape[0]))

@@ -1,19 +1,29 @@
 """dlm.gguf_file's header reader: what gguf's own GGUFReader reads, without decoding the arrays,
-and a clear error for a damaged file."""
+and a clear error for a damaged file; its cache of conversions: the block formats' small one, and
+the stale ones removed."""
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import tiny_checkpoints as tiny
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+import dlm.blocks
+from dlm.ar import AREngine
 from dlm.checkpoints import detect_family, load_model
+from dlm.engine import GenerationParams
 from dlm.errors import UnsupportedCheckpointError
-from dlm.gguf_file import cached_gguf, gguf_architecture, read_gguf
+from dlm.gguf_file import cache_file, cached_gguf, gguf_architecture, prune_cache, read_gguf
+from dlm.masks import causal_mask
 
 
 def _every_kind(path: Path) -> Path:
@@ -206,7 +216,7 @@ def test_a_cache_that_cannot_be_written_converts_once_in_memory(tmp_path, monkey
     path, _ = tiny.llama_gguf(tmp_path / "tiny.gguf")
     conversions = []
     convert = dlm.checkpoints.convert_gguf
-    monkeypatch.setattr(dlm.checkpoints, "convert_gguf", lambda p: conversions.append(p) or convert(p))
+    monkeypatch.setattr(dlm.checkpoints, "convert_gguf", lambda p, **k: conversions.append(p) or convert(p, **k))
 
     def refuse(*_a, **_k):
         raise SafetensorError("Permission denied (os error 13)")
@@ -234,3 +244,66 @@ def test_a_load_does_not_import_torch_dynamo(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.skipif(dlm.blocks.available() is not None, reason=f"block kernel: {dlm.blocks.available()}")
+@pytest.mark.parametrize("quant,tied", [("Q4_1", True), ("Q4_0", False), ("Q8_0", True)])
+def test_a_load_on_blocks_converts_only_what_the_blocks_do_not_hold(tmp_path, quant, tied):
+    """weights="blocks" caches the tokenizer, the configuration and the norms (an untied output
+    head too: a draft head reads its rows), not the weights it runs as blocks, and decodes what a
+    load through the whole float32 conversion decodes."""
+    path, _ = tiny.llama_gguf(tmp_path / "m.gguf", dim=64, quant=quant, tied=tied)
+    cache = tmp_path / "cache"
+    on_blocks = load_model(path, weights="blocks", cache_dir=cache, inference_only=True)
+    small = cache_file(path, cache, dense=False)
+    assert [p.name for p in (cache / "gguf").iterdir()] == [small.name]
+    with safe_open(str(small), framework="pt") as f:
+        kept = set(f.keys())
+    assert kept == {n for n in on_blocks.model.state_dict() if n.endswith("norm.weight")} | (
+        set() if tied else {"lm_head.weight"})
+    assert on_blocks.config.tie_embeddings == tied and on_blocks.model.model.embed_tokens.weight.is_meta
+
+    dense = load_model(path, cache_dir=cache)
+    assert sorted(p.name for p in (cache / "gguf").iterdir()) == sorted([small.name, cache_file(path, cache).name])
+    assert dense.config == on_blocks.config and dense.spec == on_blocks.spec
+    ids = torch.tensor([[5, 9, 40, 7, 3, 100, 2]])
+    with torch.no_grad():
+        want = dense.model(ids, torch.arange(7)[None], causal_mask(7))
+        got = on_blocks.model(ids, torch.arange(7)[None], causal_mask(7))
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    messages = [{"role": "user", "content": "hello there"}]
+    params = GenerationParams(max_new_tokens=12)
+    with AREngine(dense, max_batch_size=1) as a, AREngine(on_blocks, max_batch_size=1) as b:
+        reply = a.submit(messages, params).result()
+        assert reply and b.submit(messages, params).result() == reply
+    with pytest.raises(UnsupportedCheckpointError, match=r"without its block weights; load that GGUF"):
+        load_model(small)
+
+
+def test_writing_a_conversion_removes_the_stale_ones(tmp_path, caplog):
+    """Conversions of a GGUF that has changed since (a reinstall: another modification time) or is
+    gone, and half-written files over an hour old, go when a conversion is written; files the
+    cache did not write, and fresh half-written ones (a writer at work), stay."""
+    path, _ = tiny.llama_gguf(tmp_path / "a.gguf")
+    gone, _ = tiny.llama_gguf(tmp_path / "b.gguf")
+    cache = tmp_path / "cache"
+    first, first_small, of_gone = cached_gguf(path, cache), cached_gguf(path, cache, dense=False), cached_gguf(gone, cache)
+    foreign = cache / "gguf" / "someone-else.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign), metadata={"extra": '{"converted_from": "gguf"}'})
+    junk = cache / "gguf" / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    old_tmp, new_tmp = cache / "gguf" / "x-1.safetensors.tmp", cache / "gguf" / "x-2.safetensors.tmp"
+    old_tmp.write_bytes(b"half"), new_tmp.write_bytes(b"half")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old_tmp, (hours_ago, hours_ago))
+    gone.unlink()
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the GGUF rewritten
+
+    with caplog.at_level("INFO", logger="dlm.gguf_file"):
+        second = cached_gguf(path, cache)
+    assert second != first and second.exists()
+    assert not any(p.exists() for p in (first, first_small, of_gone, old_tmp))
+    assert foreign.exists() and junk.exists() and new_tmp.exists()
+    assert caplog.text.count("removed the stale GGUF conversion") == 4
+    assert prune_cache(cache) == [] and prune_cache(tmp_path / "nothing here") == []

@@ -172,13 +172,15 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_gguf(path: Path, context: int = 256):
-    """A GGUF written with gguf's GGUFWriter: llama arch, permuted q/k, Q8_0 matrices, gpt2 tokenizer;
-    `context`: its context length in tokens."""
+def llama_gguf(path: Path, context: int = 256, *, dim: int = 32, quant: str = "Q8_0", tied: bool = True):
+    """A GGUF written with gguf's GGUFWriter: llama arch, permuted q/k, `quant` matrices (Q8_0,
+    Q4_0, Q4_1: the block formats' kinds where `dim` is a multiple of 64), gpt2 tokenizer;
+    `context`: its context length in tokens; `tied`: no output.weight of its own."""
     import gguf
 
-    cfg = _small(tie_word_embeddings=True) | {"intermediate_size": 64}
+    cfg = _small(tie_word_embeddings=tied) | {"intermediate_size": 64, "hidden_size": dim}
     ref = _random(LlamaForCausalLM(LlamaConfig(**cfg)), 6)
+    kind = getattr(gguf.GGMLQuantizationType, quant)
     tok = byte_level_tokenizer()
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
@@ -188,7 +190,7 @@ def llama_gguf(path: Path, context: int = 256):
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(2)
     w.add_context_length(context)
-    w.add_embedding_length(32)
+    w.add_embedding_length(dim)
     w.add_feed_forward_length(64)
     w.add_head_count(4)
     w.add_head_count_kv(2)
@@ -203,12 +205,13 @@ def llama_gguf(path: Path, context: int = 256):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_chat_template(CHATML)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
     block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for name, tensor in ref.state_dict().items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and tied:
             continue
         a = tensor.numpy().astype(np.float32)
         if name in names:
@@ -221,13 +224,14 @@ def llama_gguf(path: Path, context: int = 256):
         elif gname.endswith("attn_k.weight"):
             a = _permute(a, 2)
         if a.ndim == 2:
-            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            q = gguf.quants.quantize(a, kind)
+            w.add_tensor(gname, q, raw_dtype=kind)
             # the reference holds exactly the weights the file holds
-            tensor.copy_(torch.from_numpy(_unpermute_for_ref(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0), gname)))
+            tensor.copy_(torch.from_numpy(_unpermute_for_ref(gguf.quants.dequantize(q, kind), gname)))
         else:
             w.add_tensor(gname, a)
-    ref.lm_head.weight = ref.model.embed_tokens.weight
+    if tied:
+        ref.lm_head.weight = ref.model.embed_tokens.weight
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -53,11 +53,12 @@ def test_conversations_never_hold_a_held_out_business_or_an_eval_wording():
         grounded.conversations(pb.HELDOUT_SEED + 1)
 
 
-def test_adapt_grounded_trains_an_adapter_on_a_tiny_model(tmp_path, capsys):
+def test_adapt_grounded_trains_an_adapter_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     from dlm.adapt.data import Example, write_dataset
     from dlm.adapter import read_adapter_meta
     from dlm.checkpoints import load_model
 
+    monkeypatch.setenv("VOICE_AGENT_CACHE_DIR", str(tmp_path / "cache"))  # the base's conversion: not the user's cache
     gguf, _ = tiny_checkpoints.llama_gguf(tmp_path / "tiny.gguf", context=1024)  # byte-level: long prompts
     teacher = tmp_path / "teacher.jsonl"
     msgs = [{"role": "user", "content": "hi"}]
@@ -73,6 +74,7 @@ def test_adapt_grounded_trains_an_adapter_on_a_tiny_model(tmp_path, capsys):
     meta = read_adapter_meta(tmp_path / "run" / "adapter.safetensors")
     assert meta["info"]["step"] == 3 and meta["config"]["rank"] == 2
     assert (tmp_path / "run" / "grounded-eval.json").exists()
-    load_model(gguf, cache_dir=tmp_path / "cache", adapter=tmp_path / "run" / "adapter.safetensors")
+    load_model(gguf, adapter=tmp_path / "run" / "adapter.safetensors")
+    assert list((tmp_path / "cache" / "gguf").glob("tiny-*.safetensors"))
     assert cli.main([*args, "--teacher-share", "1.5"]) == 2
     assert "--teacher-share must lie in [0, 1)" in capsys.readouterr().err
