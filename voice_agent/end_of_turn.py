@@ -161,23 +161,32 @@ def load_text_scorer(name: str, *, device: str = "cpu", share: Any = None) -> Te
     its own), the scorer runs on them without their adapter instead (the module docstring)."""
     import torch
 
-    from dlm.blocks import amx_available, vnni_available
     from voice_agent.llm import load_local_llm
     from voice_agent.models import resolve_llm_model
 
     resolved = resolve_llm_model(name)
+    dtype, weights = text_scorer_format(resolved, device)
+    if (weights == "blocks-int16" and share is not None and resolved.adapter is None
+            and getattr(share, "weights", None) == weights and share.model.device.type == "cpu"
+            and Path(share.path).resolve() == resolved.path.resolve()):
+        try:
+            base = share.model.without_low_rank()
+        except ValueError:  # no fused block forward: a model of its own
+            pass
+        else:  # a float32 cache, as a model of its own has (the LLM's may be float16)
+            return TextTurnScorer(SimpleNamespace(model=base, tokenizer=share.tokenizer), cache_dtype=torch.float32)
+    loaded, _resolved = load_local_llm(name, device=device, dtype=dtype, weights=weights)
+    return TextTurnScorer(loaded)
+
+
+def text_scorer_format(resolved: Any, device: str) -> tuple[str, str]:
+    """(dtype, weights) that `load_text_scorer` loads a registry entry (voice_agent.models.ResolvedLlm)
+    with: "blocks-int16" on a CPU without AMX where the integer block products run and the entry
+    is a float32 GGUF (not an int4 one), else bfloat16 in the registry's format for it."""
+    from dlm.blocks import amx_available, vnni_available
+    from voice_agent.llm import load_format
+
     float32_gguf = resolved.path.suffix == ".gguf" and resolved.dtype in (None, "float32")  # not an int4 entry
     if device == "cpu" and float32_gguf and amx_available() is not None and vnni_available() is None:
-        weights = "blocks-int16"
-        if (share is not None and resolved.adapter is None and getattr(share, "weights", None) == weights
-                and share.model.device.type == "cpu" and Path(share.path).resolve() == resolved.path.resolve()):
-            try:
-                base = share.model.without_low_rank()
-            except ValueError:  # no fused block forward: a model of its own
-                pass
-            else:  # a float32 cache, as a model of its own has (the LLM's may be float16)
-                return TextTurnScorer(SimpleNamespace(model=base, tokenizer=share.tokenizer), cache_dtype=torch.float32)
-        loaded, _resolved = load_local_llm(name, device=device, dtype="auto", weights=weights)
-    else:
-        loaded, _resolved = load_local_llm(name, device=device, dtype="bfloat16")
-    return TextTurnScorer(loaded)
+        return load_format(resolved, device=device, dtype="auto", weights="blocks-int16")
+    return load_format(resolved, device=device, dtype="bfloat16")

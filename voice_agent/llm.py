@@ -581,6 +581,16 @@ def _registry_weights(registry: str | None, device: str, dtype: str) -> str:
     return weights
 
 
+def load_format(resolved: Any, *, device: str, dtype: str, weights: str = "auto") -> tuple[str, str]:
+    """(dtype, weights) that `load_local_llm` loads a registry entry (voice_agent.models.ResolvedLlm)
+    with, "auto" resolved as it says."""
+    if dtype == "auto" and resolved.dtype:
+        dtype = resolved.dtype
+    if weights == "auto":
+        weights = _registry_weights(resolved.weights, device, dtype)
+    return dtype, weights
+
+
 def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto", kv_cache: str = "float32"
                    ) -> tuple[Any, Any]:
     """A model by registry name or path, with its adapter and drafter where the registry names them ->
@@ -601,10 +611,7 @@ def load_local_llm(name: str, *, device: str, dtype: str, weights: str = "auto",
 
     resolved = resolve_llm_model(name)
     resolved.check_files()
-    if dtype == "auto" and resolved.dtype:
-        dtype = resolved.dtype
-    if weights == "auto":
-        weights = _registry_weights(resolved.weights, device, dtype)
+    dtype, weights = load_format(resolved, device=device, dtype=dtype, weights=weights)
     if weights not in WEIGHT_FORMATS:
         raise UserError(f"llm.weights must be 'auto' or one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     if kv_cache not in LLM_KV_CACHES:

@@ -56,6 +56,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,30 @@ log = logging.getLogger(__name__)
 # Semantic VAD's eagerness -> a factor on the silence that ends a turn without a verdict.
 EAGERNESS_SCALE = {"low": 2.0, "medium": 1.0, "auto": 1.0, "high": 0.5}
 MIN_TURN_SILENCE_MS = 100
+
+
+def gguf_conversions(config: Config) -> dict[Path, set[bool]]:
+    """The GGUFs that `ModelServices.load(config)` reads, each with the conversions its loads read
+    (dlm.gguf_file `cached_gguf`'s `dense`: True, the whole float32 one, for a dense or int4 load;
+    False, the small one, for a block format): what install.sh makes ahead of the first `serve`."""
+    from dlm.checkpoints import BLOCK_FORMATS
+    from voice_agent.end_of_turn import text_scorer_format
+    from voice_agent.llm import load_format
+    from voice_agent.models import resolve_llm_model
+
+    loads = []
+    if config.llm.backend == "local":
+        resolved = resolve_llm_model(config.llm.model)
+        loads.append((resolved, load_format(resolved, device=config.llm.device, dtype=config.llm.dtype,
+                                            weights=config.llm.weights)[1]))
+    if "text" in turn_models(config.turn.detector):
+        resolved = resolve_llm_model(config.turn.text_model)
+        loads.append((resolved, text_scorer_format(resolved, config.llm.device)[1]))
+    out: dict[Path, set[bool]] = {}
+    for resolved, weights in loads:
+        if resolved.path.suffix == ".gguf":
+            out.setdefault(resolved.path, set()).add(weights not in BLOCK_FORMATS)
+    return out
 
 
 def vad_aggressiveness(threshold: float) -> int:

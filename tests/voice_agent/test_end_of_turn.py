@@ -236,3 +236,31 @@ def test_a_scorer_that_fails_to_load_leaves_no_llm_engine_running(monkeypatch):
     with pytest.raises(UserError, match="nonexistent"):
         ModelServices.load(config)
     assert llm.closed
+
+
+def test_install_converts_what_serve_will_read(monkeypatch):
+    """voice_agent.services.gguf_conversions (install.sh's list): the LLM and the text scorer on the
+    block formats read the GGUF's small conversion; a dense reader (llm.weights = "dense", the
+    scorer's bf16 where the integer products do not run) its float32 one; nothing where no local
+    model reads it."""
+    import dlm.blocks
+    from voice_agent.models import resolve_llm_model
+    from voice_agent.services import gguf_conversions
+
+    gguf = resolve_llm_model("default").path
+    assert resolve_llm_model(Config().turn.text_model).path == gguf
+    llm_dense = dlm.blocks.available() is not None
+    scorer_dense = not (dlm.blocks.amx_available() is not None and dlm.blocks.vnni_available() is None)
+    config = Config()
+    config.turn.detector = "smart-turn+text"
+    assert gguf_conversions(config) == {gguf: {llm_dense, scorer_dense}}
+    config.llm.weights = "dense"
+    assert gguf_conversions(config) == {gguf: {True, scorer_dense}}
+    config.turn.detector = "smart-turn"
+    assert gguf_conversions(config) == {gguf: {True}}
+    config.llm.backend = "openai"
+    assert gguf_conversions(config) == {}
+    monkeypatch.setenv("VOICE_AGENT_VNNI", "0")  # no integer products: the scorer loads dense bf16
+    config = Config()
+    config.turn.detector = "text"
+    assert gguf_conversions(config) == {gguf: {llm_dense, True}}
