@@ -4,7 +4,11 @@ JSON record of the format, the config and the base it was made for.
 
 Contract:
 - `file_sha256(path)`; `base_fingerprint(path)`: sha256 over a checkpoint's weight files (a GGUF
-  file, a bd file, or a folder's *.safetensors, else *.gguf, in name order).
+  file, a bd file, or a folder's *.safetensors, else *.gguf, in name order). Each is hashed once a
+  process while its path, size, modification time and inode stay the same (a load checks the
+  GGUF against the adapter's record and the drafter's, and `voice-agent models` each role's files;
+  a file written in the last seconds is hashed each time: a file system's clock may not tell two
+  writes that close apart).
 - `base_record(config, base_path)`: {name, sha256, n_layers, dim, vocab_size} of the base.
 - `write(path, tensors, key, record, dtype)`: the floating-point tensors in `dtype` (integer ones
   as they are) and the record, atomically; the record gains `tensors_sha256` (`tensors_sha256`:
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +45,27 @@ __all__ = ["base_fingerprint", "base_record", "check_base", "file_sha256", "read
            "tensors_sha256", "write"]
 
 
+_DIGESTS: dict[tuple[tuple[str, int, int, int, int], ...], str] = {}  # the files as they were -> their sha256
+_DIGESTS_KEPT = 64
+_SETTLED_S = 2.0  # a file modified longer ago than this has a modification time that tells a later write apart
+
+
 def _sha256(files: list[Path]) -> str:
+    stats = [(f.resolve(), f.stat()) for f in files]
+    key = tuple((str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) for path, st in stats)
+    if (digest := _DIGESTS.get(key)) is not None:
+        return digest
     h = hashlib.sha256()
     for f in files:
         with f.open("rb") as fh:
             while chunk := fh.read(1 << 22):
                 h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if all(time.time() - st.st_mtime > _SETTLED_S for _, st in stats):
+        if len(_DIGESTS) >= _DIGESTS_KEPT:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
 
 
 def file_sha256(path: str | Path) -> str:

@@ -189,3 +189,32 @@ def test_adapter_and_drafter_configs_take_a_non_empty_subset_of_the_projections(
     for bad in ([], ["q", "lm_head"]):
         with pytest.raises(ValueError, match="targets must be a non-empty subset"):
             make(bad)
+
+
+def test_a_file_is_hashed_once_while_it_stays_as_it_was(tmp_path, monkeypatch):
+    """dlm.tuned_file's sha256 memo: a settled file (modified over two seconds ago) is read once a
+    process; a rewrite (a new modification time) or another path is read again; a file written in
+    the last seconds is read every time."""
+    import hashlib
+    import os
+    import time
+
+    from dlm import tuned_file
+
+    monkeypatch.setattr(tuned_file, "_DIGESTS", {})
+    reads = []
+    real = hashlib.sha256
+    monkeypatch.setattr(tuned_file.hashlib, "sha256", lambda: reads.append(1) or real())
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    assert tuned_file.file_sha256(path) == tuned_file.file_sha256(path) == real(b"a" * 1000).hexdigest()
+    assert len(reads) == 2  # fresh: not kept
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    for _ in range(3):
+        assert tuned_file.file_sha256(path) == real(b"a" * 1000).hexdigest()
+    assert tuned_file.base_fingerprint(path) == real(b"a" * 1000).hexdigest()
+    assert len(reads) == 3  # settled: once
+    path.write_bytes(b"b" * 1000)  # the same size, a new modification time
+    os.utime(path, (old + 1, old + 1))
+    assert tuned_file.file_sha256(path) == real(b"b" * 1000).hexdigest() and len(reads) == 4
