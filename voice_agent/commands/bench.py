@@ -41,7 +41,7 @@ float32). On CPU every run also times single forwards (a step, a block of 16, a
 `--url URL` measures an OpenAI-compatible server instead (voice_agent/bench/remote.py): the same
 prompts, levels and records, streamed greedy completions; tokens per forward where the server
 reports its forwards (our LLM tier does). The other targets live in their own modules (`_OTHERS`: `bench_audio`, `bench_barge_in`,
-`bench_e2e`, `bench_hostile`, `bench_quality`, `bench_tools`, `bench_turns`).
+`bench_e2e`, `bench_hostile`, `bench_quality`, `bench_startup`, `bench_tools`, `bench_turns`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ REFERENCE = "llama.cpp"  # the reference engine of --reference (voice_agent/benc
 MAX_ROUNDS = 8  # rounds of C requests measured per concurrency level C (fewer where prompts run out)  # the profiled run: a few blocks, enough steps to average over
 
 _OTHERS = {"audio": "bench_audio", "barge-in": "bench_barge_in", "e2e": "bench_e2e", "hostile": "bench_hostile", "quality": "bench_quality",
-           "tools": "bench_tools", "turns": "bench_turns"}
+           "startup": "bench_startup", "tools": "bench_tools", "turns": "bench_turns"}
 
 
 def _other(target: str):
