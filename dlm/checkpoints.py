@@ -42,13 +42,12 @@ from dlm.errors import ModelNotFoundError, UnsupportedCheckpointError
 from dlm.families import Family, family_for_config, stop_token_ids
 from dlm.gguf_file import (
     SUPPORTED_GGUF_ARCHITECTURES,
-    cache_file,
-    convert_gguf,
+    ConversionNotCached,
+    cached_gguf,
     default_cache_dir,
     gguf_architecture,
     is_gguf,
     read_quant_blocks,
-    write_converted,
 )
 from dlm.memory import release_free_memory
 from dlm.model import Int4Weight, Int8AsInt4Weight, Transformer, can_pack_linears
@@ -301,15 +300,12 @@ def _load_bd(path: Path, dtype: torch.dtype, *, cached: bool = False):
 
 def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path, *, dense: bool = True):
     """dense=False: without the weights stored as blocks (`convert_gguf`)."""
-    target = cache_file(path, cache_dir, dense=dense)
-    if not target.exists():
-        converted = convert_gguf(path, dense=dense)
-        try:
-            write_converted(path, converted, target)
-        except OSError as e:  # a read-only cache location: this conversion, in memory (and at every load)
-            log.warning("%s: its converted copy cannot be cached (%s); converted in memory", path, e)
-            config, spec, state_dict, tokenizer = converted
-            return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
+    try:
+        target = cached_gguf(path, cache_dir, dense=dense)
+    except ConversionNotCached as e:  # a read-only cache location: this conversion, in memory (and at every load)
+        log.warning("%s: its converted copy cannot be cached (%s); converted in memory", path, e)
+        config, spec, state_dict, tokenizer = e.converted
+        return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
     return _load_bd(target, dtype, cached=True)
 
 

@@ -6,8 +6,9 @@ chat template) is rebuilt from the GGUF by transformers, offline. `cached_gguf(p
 writes that conversion once as a `dlm.bd_format` file (float32, family "ar") and returns its
 path, so later loads are a memory map instead of a conversion (about 6 s for SmolLM2-135M on two
 cores, most of it transformers rebuilding the tokenizer); the cache key is the file's resolved
-path, size and modification time (`cache_file`; `write_converted` writes a conversion there, an
-OSError where the cache cannot be written). `dense=False` (`convert_gguf`, `cache_file`,
+path, size and modification time (`cache_file`); where the cache cannot be written it raises
+`ConversionNotCached`, an OSError that holds the conversion for a caller that goes on in memory
+(`write_converted` writes one, an OSError where it cannot). `dense=False` (`convert_gguf`, `cache_file`,
 `cached_gguf`) leaves out the weights `read_quant_blocks` reads as blocks: what a load on the block
 formats needs besides them (the tokenizer, the configuration, norms and any tensor of another
 type), a few MB instead of SmolLM2's 540. Writing a conversion removes the cache's stale ones
@@ -50,7 +51,7 @@ from dlm.bd_format import save_bd_checkpoint
 from dlm.errors import UnsupportedCheckpointError
 from dlm.families import FAMILIES, stop_token_ids
 
-__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "GgufFile", "GgufTensor", "cache_file", "cached_gguf", "convert_gguf",
+__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "GgufTensor", "cache_file", "cached_gguf", "convert_gguf",
            "default_cache_dir", "gguf_architecture", "is_gguf", "prune_cache", "read_gguf", "read_quant_blocks",
            "write_converted"]
 
@@ -466,12 +467,26 @@ def write_converted(path: str | Path, converted: tuple[Any, Any, dict[str, torch
     return target
 
 
+class ConversionNotCached(OSError):
+    """`cached_gguf` converted the GGUF but could not write the result (a read-only cache): the
+    conversion is `converted` (`convert_gguf`'s tuple), for a caller that goes on in memory."""
+
+    def __init__(self, message: str, converted: tuple[Any, Any, dict[str, torch.Tensor], Any]):
+        super().__init__(message)
+        self.converted = converted
+
+
 def cached_gguf(path: str | Path, cache_dir: Path, *, dense: bool = True) -> Path:
     """The converted bd-format file of a GGUF (dense=False: without the weights stored as blocks),
-    converting it on first use. OSError where the cache cannot be written."""
+    converting it on first use. `ConversionNotCached` (an OSError holding the conversion) where
+    the cache cannot be written."""
     target = cache_file(path, cache_dir, dense=dense)
     if not target.exists():
-        write_converted(path, convert_gguf(path, dense=dense), target)
+        converted = convert_gguf(path, dense=dense)
+        try:
+            write_converted(path, converted, target)
+        except OSError as e:
+            raise ConversionNotCached(str(e), converted) from e
     return target
 
 

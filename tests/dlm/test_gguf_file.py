@@ -22,7 +22,14 @@ from dlm.ar import AREngine
 from dlm.checkpoints import detect_family, load_model
 from dlm.engine import GenerationParams
 from dlm.errors import UnsupportedCheckpointError
-from dlm.gguf_file import cache_file, cached_gguf, gguf_architecture, prune_cache, read_gguf
+from dlm.gguf_file import (
+    ConversionNotCached,
+    cache_file,
+    cached_gguf,
+    gguf_architecture,
+    prune_cache,
+    read_gguf,
+)
 from dlm.masks import causal_mask
 
 
@@ -211,12 +218,12 @@ def test_a_cache_that_cannot_be_written_converts_once_in_memory(tmp_path, monkey
     from safetensors import SafetensorError
 
     import dlm.bd_format
-    import dlm.checkpoints
+    import dlm.gguf_file
 
     path, _ = tiny.llama_gguf(tmp_path / "tiny.gguf")
     conversions = []
-    convert = dlm.checkpoints.convert_gguf
-    monkeypatch.setattr(dlm.checkpoints, "convert_gguf", lambda p, **k: conversions.append(p) or convert(p, **k))
+    convert = dlm.gguf_file.convert_gguf
+    monkeypatch.setattr(dlm.gguf_file, "convert_gguf", lambda p, **k: conversions.append(p) or convert(p, **k))
 
     def refuse(*_a, **_k):
         raise SafetensorError("Permission denied (os error 13)")
@@ -227,8 +234,9 @@ def test_a_cache_that_cannot_be_written_converts_once_in_memory(tmp_path, monkey
     assert loaded.config.n_layers == 2 and len(conversions) == 1
     assert "cannot be cached" in caplog.text and "Permission denied" in caplog.text
     assert not list((tmp_path / "cache").rglob("*.safetensors*"))  # no half-written file left
-    with pytest.raises(OSError, match="Permission denied"):
+    with pytest.raises(ConversionNotCached, match="Permission denied") as raised:
         cached_gguf(path, tmp_path / "cache")
+    assert raised.value.converted[0] == loaded.config and isinstance(raised.value, OSError)
 
 
 def test_a_load_does_not_import_torch_dynamo(tmp_path):
