@@ -21,6 +21,8 @@ spec, the tokenizer and the extra metadata. `is_bd_checkpoint(path)` reads only 
 from __future__ import annotations
 
 import json
+import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +132,8 @@ def save_bd_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # A temporary name of this writer's own (two processes converting one GGUF at once), renamed below.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
     except SafetensorError as e:  # raised for a read-only folder, a full disk, ...

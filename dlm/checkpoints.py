@@ -253,7 +253,7 @@ def _build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], path:
     with torch.device("meta"):  # no random init, no memory: the checkpoint's tensors are assigned
         model = Transformer(config, init=False)
     expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict) - absent), sorted(set(state_dict) - expected)
+    missing, unexpected = sorted(expected - set(state_dict) - absent), sorted((set(state_dict) | absent) - expected)
     if missing or unexpected:
         raise _unsupported(path, f"tensor names do not map onto the model: missing {missing[:4]}, "
                                  f"unexpected {unexpected[:4]} ({len(missing)} / {len(unexpected)} in all)")
@@ -300,13 +300,20 @@ def _load_bd(path: Path, dtype: torch.dtype, *, cached: bool = False):
 
 def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path, *, dense: bool = True):
     """dense=False: without the weights stored as blocks (`convert_gguf`)."""
-    try:
-        target = cached_gguf(path, cache_dir, dense=dense)
-    except ConversionNotCached as e:  # a read-only cache location: this conversion, in memory (and at every load)
-        log.warning("%s: its converted copy cannot be cached (%s); converted in memory", path, e)
-        config, spec, state_dict, tokenizer = e.converted
-        return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
-    return _load_bd(target, dtype, cached=True)
+    for attempt in range(2):
+        try:
+            target = cached_gguf(path, cache_dir, dense=dense)
+        except ConversionNotCached as e:  # a read-only cache location: this conversion, in memory (and at every load)
+            log.warning("%s: its converted copy cannot be cached (%s); converted in memory", path, e)
+            config, spec, state_dict, tokenizer = e.converted
+            return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
+        try:
+            return _load_bd(target, dtype, cached=True)
+        except Exception:
+            if attempt or target.exists():
+                raise
+            log.info("%s: its cached conversion was removed as it was opened; converting again", path)
+    raise AssertionError("unreachable")
 
 
 def _kernel_reason(weights: str) -> str | None:
@@ -386,12 +393,19 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     else:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         dense = weights not in BLOCK_FORMATS  # the block formats run the weights stored as blocks from them
+        if not dense and not (quant := read_quant_blocks(resolved)):  # before any conversion is written
+            raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r} runs a GGUF's Q4_0, Q4_1 or Q8_0 "
+                                             "blocks; this one has none")
         config, spec, state_dict, tokenizer = _load_gguf(resolved, dtype, cache, dense=dense)
-        if not dense:
-            quant = read_quant_blocks(resolved)
     config.max_seq_len = max_seq_len or min(config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
-    model = _build_model(config, state_dict, resolved, device, dtype,
-                         absent=frozenset(quant or ()) - set(state_dict))
+    absent = frozenset(quant or ()) - set(state_dict)
+    model = _build_model(config, state_dict, resolved, device, dtype, absent=absent)
+    params = dict(model.named_parameters())
+    for name in sorted(absent):  # what load_state_dict checks of the weights it loads
+        if tuple(quant[name][1].shape) != tuple(params[name].shape):
+            raise _unsupported(resolved, f"tensor shapes do not fit its configuration: {name} is "
+                                         f"{tuple(quant[name][1].shape)} in the GGUF, {tuple(params[name].shape)} "
+                                         "in the model it describes")
     fine_tune = None
     if adapter is not None:
         from dlm.adapter import load_adapter, merge_adapter, unmerged_update

@@ -11,9 +11,10 @@ path, size and modification time (`cache_file`); where the cache cannot be writt
 (`write_converted` writes one, an OSError where it cannot). `dense=False` (`convert_gguf`, `cache_file`,
 `cached_gguf`) leaves out the weights `read_quant_blocks` reads as blocks: what a load on the block
 formats needs besides them (the tokenizer, the configuration, norms and any tensor of another
-type), a few MB instead of SmolLM2's 540. Writing a conversion removes the cache's stale ones
-(`prune_cache`): those of a GGUF that is gone or has changed since (its size or modification time,
-as a reinstall changes them), and half-written files over an hour old.
+type; an untied output head stays whole, a draft head reads its rows), 2 MB instead of SmolLM2's
+540. Writing a conversion removes the cache's stale ones (`prune_cache`): those of a GGUF that is
+gone or has changed since (its size or modification time, as a reinstall changes them), another
+cache version's after 30 days, and half-written files over an hour old.
 
 `read_gguf(path)` reads a GGUF's header: its scalar and string metadata, the lengths of its arrays
 (a tokenizer's 49k tokens and merges are skipped, not decoded: gguf's `GGUFReader` builds a numpy
@@ -58,8 +59,11 @@ __all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "G
 log = logging.getLogger(__name__)
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "1"  # bump where a conversion's content changes (what dense=False leaves out included)
 _WITHOUT_BLOCKS = ".without-blocks"  # the name's mark of a conversion made with dense=False
+# A name `cache_file` gives, and a half-written one (`save_bd_checkpoint`'s temporary file beside it).
+_CACHE_NAME = re.compile(r".+-[0-9a-f]{16}(\.without-blocks)?\.safetensors")
+_CACHE_TMP = re.compile(r".+-[0-9a-f]{16}(\.without-blocks)?\.safetensors\..+\.tmp")
 
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -455,16 +459,15 @@ def cache_file(path: str | Path, cache_dir: Path, *, dense: bool = True) -> Path
     return cache_dir / "gguf" / f"{path.stem}-{key}{'' if dense else _WITHOUT_BLOCKS}.safetensors"
 
 
-def write_converted(path: str | Path, converted: tuple[Any, Any, dict[str, torch.Tensor], Any], target: Path) -> Path:
-    """`convert_gguf(path)`'s result as the bd-format file `target`, then the cache's stale
-    conversions removed (`prune_cache`). OSError where it cannot be written (a read-only cache)."""
+def write_converted(path: str | Path, converted: tuple[Any, Any, dict[str, torch.Tensor], Any], target: Path,
+                    *, dense: bool = True) -> Path:
+    """`convert_gguf(path, dense=dense)`'s result as the bd-format file `target`, recording its
+    source, `dense` and the cache version. OSError where it cannot be written (a read-only cache)."""
     config, spec, state_dict, tokenizer = converted
-    extra = {"source": str(Path(path).resolve()), "converted_from": "gguf"}
-    if target.name.endswith(_WITHOUT_BLOCKS + ".safetensors"):
+    extra = {"source": str(Path(path).resolve()), "converted_from": "gguf", "cache_version": _CACHE_VERSION}
+    if not dense:
         extra["without_blocks"] = "true"
-    save_bd_checkpoint(target, state_dict, config, spec, tokenizer, dtype=torch.float32, extra=extra)
-    prune_cache(target.parent.parent, keep=target)
-    return target
+    return save_bd_checkpoint(target, state_dict, config, spec, tokenizer, dtype=torch.float32, extra=extra)
 
 
 class ConversionNotCached(OSError):
@@ -484,38 +487,47 @@ def cached_gguf(path: str | Path, cache_dir: Path, *, dense: bool = True) -> Pat
     if not target.exists():
         converted = convert_gguf(path, dense=dense)
         try:
-            write_converted(path, converted, target)
+            write_converted(path, converted, target, dense=dense)
         except OSError as e:
             raise ConversionNotCached(str(e), converted) from e
+        prune_cache(cache_dir, keep=target)
     return target
 
 
 _STALE_TMP_S = 3600  # a half-written conversion this old has lost its writer
+_OTHER_VERSION_S = 30 * 86400  # another version's conversion of a GGUF still there: kept this long (another install may read it)
 
 
 def prune_cache(cache_dir: Path, *, keep: Path | None = None) -> list[Path]:
-    """Remove the GGUF conversions under `cache_dir` that no load will read again: those whose GGUF
-    is gone, or whose GGUF has changed since (another size or modification time: a reinstall, a
-    new version; `cache_file` names them by both), and half-written ones over an hour old; returns
-    what it removed. Files it did not write (no conversion's metadata), `keep`, and files it cannot
-    read or remove are left as they are. A process still reading a removed file keeps it until it
-    lets it go (POSIX)."""
+    """Remove the GGUF conversions under `cache_dir` that no load will read again, and return
+    them: those whose GGUF is gone or has changed since (another size or modification time: a
+    reinstall, a new version of it; `cache_file` names them by both), those another cache version
+    wrote over 30 days ago (another install sharing the cache reads its own until then), and
+    half-written ones over an hour old. Only files named as `cache_file` names them and holding a
+    conversion's metadata are candidates; `keep`, and files it cannot read or remove, stay. A
+    process still reading a removed file keeps it until it lets it go (POSIX); one that has yet to
+    open it converts again (`dlm.checkpoints`)."""
     from safetensors import safe_open
 
     removed: list[Path] = []
     folder = cache_dir / "gguf"
     now = time.time()
-    for file in sorted(folder.glob("*.safetensors*")) if folder.is_dir() else []:
+    for file in sorted(folder.iterdir()) if folder.is_dir() else []:
         try:
-            if file.name.endswith(".safetensors.tmp"):
-                stale = now - file.stat().st_mtime > _STALE_TMP_S
-            elif file.name.endswith(".safetensors") and file != keep:
+            age_s = now - file.stat().st_mtime
+            if _CACHE_TMP.fullmatch(file.name):
+                stale = age_s > _STALE_TMP_S
+            elif _CACHE_NAME.fullmatch(file.name) and file != keep:
                 with safe_open(str(file), framework="pt") as f:
                     extra = json.loads((f.metadata() or {}).get("extra", "{}"))
                 source = extra.get("source") if extra.get("converted_from") == "gguf" else None
-                stale = source is not None and (
-                    not Path(source).is_file()
-                    or file != cache_file(source, cache_dir, dense=extra.get("without_blocks") != "true"))
+                if source is None:
+                    continue
+                if extra.get("cache_version", "1") != _CACHE_VERSION:
+                    stale = not Path(source).is_file() or age_s > _OTHER_VERSION_S
+                else:
+                    stale = not Path(source).is_file() or file != cache_file(
+                        source, cache_dir, dense=extra.get("without_blocks") != "true")
             else:
                 continue
             if stale:
@@ -523,6 +535,6 @@ def prune_cache(cache_dir: Path, *, keep: Path | None = None) -> list[Path]:
                 file.unlink()
                 removed.append(file)
                 log.info("removed the stale GGUF conversion %s (%.0f MB)", file, size / 1e6)
-        except Exception as e:  # not ours, damaged, gone meanwhile, not removable: left as it is
+        except Exception as e:  # damaged, gone meanwhile, not removable: left as it is
             log.debug("left %s in the cache: %s", file, e)
     return removed

@@ -288,22 +288,66 @@ def test_a_load_on_blocks_converts_only_what_the_blocks_do_not_hold(tmp_path, qu
         load_model(small)
 
 
+@pytest.mark.skipif(dlm.blocks.available() is not None, reason=f"block kernel: {dlm.blocks.available()}")
+def test_a_load_on_blocks_checks_the_blocks_against_the_configuration(tmp_path, monkeypatch):
+    """The weights left on the meta device are checked as load_state_dict checks those it loads:
+    a GGUF whose metadata says another feed-forward width than its tensors hold is refused by
+    the block formats as by a dense load (heads of 8 dimensions: no fused forward to notice it);
+    and a GGUF with no blocks at all is refused before anything is converted."""
+    feed_forward = gguf.GGUFWriter.add_feed_forward_length
+    monkeypatch.setattr(gguf.GGUFWriter, "add_feed_forward_length", lambda self, n: feed_forward(self, 128))
+    heads, kv_heads = gguf.GGUFWriter.add_head_count, gguf.GGUFWriter.add_head_count_kv
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count", lambda self, n: heads(self, 8))
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda self, n: kv_heads(self, 4))
+    path, _ = tiny.llama_gguf(tmp_path / "bad.gguf", dim=64)
+    cache = tmp_path / "cache"
+    for weights in ("dense", "blocks"):
+        with pytest.raises(UnsupportedCheckpointError, match="shapes do not fit its configuration"):
+            load_model(path, weights=weights, cache_dir=cache)
+
+    monkeypatch.undo()
+    unquantized, _ = tiny.llama_gguf(tmp_path / "f32.gguf", dim=64, quant="F32")
+    with pytest.raises(UnsupportedCheckpointError, match="Q4_0, Q4_1 or Q8_0 blocks; this one has none"):
+        load_model(unquantized, weights="blocks", cache_dir=cache / "f32")
+    assert not (cache / "f32").exists()  # nothing converted
+
+
 def test_writing_a_conversion_removes_the_stale_ones(tmp_path, caplog):
     """Conversions of a GGUF that has changed since (a reinstall: another modification time) or is
-    gone, and half-written files over an hour old, go when a conversion is written; files the
-    cache did not write, and fresh half-written ones (a writer at work), stay."""
+    gone, another cache version's over 30 days old, and half-written files over an hour old go when
+    `cached_gguf` writes a conversion; files not named as the cache names them, conversions
+    without a source, another version's recent ones (another install may read them) and fresh
+    half-written ones (a writer at work) stay."""
+    import json
+
+    from dlm.gguf_file import convert_gguf, write_converted
+
     path, _ = tiny.llama_gguf(tmp_path / "a.gguf")
     gone, _ = tiny.llama_gguf(tmp_path / "b.gguf")
     cache = tmp_path / "cache"
     first, first_small, of_gone = cached_gguf(path, cache), cached_gguf(path, cache, dense=False), cached_gguf(gone, cache)
-    foreign = cache / "gguf" / "someone-else.safetensors"
-    save_file({"x": torch.zeros(2)}, str(foreign), metadata={"extra": '{"converted_from": "gguf"}'})
-    junk = cache / "gguf" / "junk.safetensors"
+    folder = cache / "gguf"
+    days_ago = time.time() - 40 * 86400
+
+    def other_version(name: str, age_s: float) -> Path:
+        file = folder / name
+        save_file({"x": torch.zeros(2)}, str(file), metadata={"extra": json.dumps(
+            {"converted_from": "gguf", "source": str(path.resolve()), "cache_version": "0"})})
+        os.utime(file, (time.time() - age_s, time.time() - age_s))
+        return file
+
+    old_version, recent_version = other_version("a-0000000000000000.safetensors", 40 * 86400), other_version(
+        "a-1111111111111111.safetensors", 60)
+    no_source = folder / "c-2222222222222222.safetensors"
+    save_file({"x": torch.zeros(2)}, str(no_source), metadata={"extra": '{"converted_from": "gguf"}'})
+    user_named = folder / "my-export.safetensors"  # the user's own conversion, of a GGUF that has changed
+    write_converted(path, convert_gguf(path), user_named)
+    junk = folder / "junk-3333333333333333.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    old_tmp, new_tmp = cache / "gguf" / "x-1.safetensors.tmp", cache / "gguf" / "x-2.safetensors.tmp"
+    old_tmp = folder / f"{first.name}.123-456.tmp"
+    new_tmp = folder / f"{first.name}.789-1011.tmp"
     old_tmp.write_bytes(b"half"), new_tmp.write_bytes(b"half")
-    hours_ago = time.time() - 2 * 3600
-    os.utime(old_tmp, (hours_ago, hours_ago))
+    os.utime(old_tmp, (days_ago, days_ago))
     gone.unlink()
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the GGUF rewritten
@@ -311,7 +355,33 @@ def test_writing_a_conversion_removes_the_stale_ones(tmp_path, caplog):
     with caplog.at_level("INFO", logger="dlm.gguf_file"):
         second = cached_gguf(path, cache)
     assert second != first and second.exists()
-    assert not any(p.exists() for p in (first, first_small, of_gone, old_tmp))
-    assert foreign.exists() and junk.exists() and new_tmp.exists()
-    assert caplog.text.count("removed the stale GGUF conversion") == 4
+    assert not any(p.exists() for p in (first, first_small, of_gone, old_version, old_tmp))
+    assert all(p.exists() for p in (recent_version, no_source, user_named, junk, new_tmp))
+    assert caplog.text.count("removed the stale GGUF conversion") == 5
     assert prune_cache(cache) == [] and prune_cache(tmp_path / "nothing here") == []
+    write_converted(path, convert_gguf(path), tmp_path / "elsewhere" / "x.safetensors")  # a write of its own
+    assert recent_version.exists()  # prunes nothing
+
+
+def test_a_conversion_removed_as_it_is_opened_is_made_again(tmp_path, monkeypatch, caplog):
+    """Another process's prune may remove a cached conversion between its check and its opening:
+    the load converts again instead of failing (once: a second failure is an error)."""
+    import dlm.checkpoints
+
+    path, _ = tiny.llama_gguf(tmp_path / "a.gguf")
+    cache = tmp_path / "cache"
+    target = cached_gguf(path, cache)
+    read = dlm.checkpoints.read_bd_checkpoint
+    calls = []
+
+    def removed_first(file, **kwargs):
+        calls.append(file)
+        if len(calls) == 1:
+            Path(file).unlink()
+        return read(file, **kwargs)
+
+    monkeypatch.setattr(dlm.checkpoints, "read_bd_checkpoint", removed_first)
+    with caplog.at_level("INFO", logger="dlm.checkpoints"):
+        loaded = load_model(path, cache_dir=cache)
+    assert loaded.config.n_layers == 2 and calls == [target, target] and target.exists()
+    assert "converting again" in caplog.text

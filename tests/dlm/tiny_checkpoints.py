@@ -174,7 +174,7 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def llama_gguf(path: Path, context: int = 256, *, dim: int = 32, quant: str = "Q8_0", tied: bool = True):
     """A GGUF written with gguf's GGUFWriter: llama arch, permuted q/k, `quant` matrices (Q8_0,
-    Q4_0, Q4_1: the block formats' kinds where `dim` is a multiple of 64), gpt2 tokenizer;
+    Q4_0, Q4_1: the block formats' kinds where `dim` is a multiple of 64; F32: unquantized), gpt2 tokenizer;
     `context`: its context length in tokens; `tied`: no output.weight of its own."""
     import gguf
 
@@ -223,7 +223,7 @@ def llama_gguf(path: Path, context: int = 256, *, dim: int = 32, quant: str = "Q
             a = _permute(a, 4)
         elif gname.endswith("attn_k.weight"):
             a = _permute(a, 2)
-        if a.ndim == 2:
+        if a.ndim == 2 and quant != "F32":
             q = gguf.quants.quantize(a, kind)
             w.add_tensor(gname, q, raw_dtype=kind)
             # the reference holds exactly the weights the file holds
