@@ -5,7 +5,7 @@ JSON record of the format, the config and the base it was made for.
 Contract:
 - `file_sha256(path)`; `base_fingerprint(path)`: sha256 over a checkpoint's weight files (a GGUF
   file, a bd file, or a folder's *.safetensors, else *.gguf, in name order). Each is hashed once a
-  process while its path, size, modification time and inode stay the same (a load checks the
+  process while its path, size, modification and change times and inode stay the same (a load checks the
   GGUF against the adapter's record and the drafter's, and `voice-agent models` each role's files;
   a file written in the last seconds is hashed each time: a file system's clock may not tell two
   writes that close apart).
@@ -45,14 +45,15 @@ __all__ = ["base_fingerprint", "base_record", "check_base", "file_sha256", "read
            "tensors_sha256", "write"]
 
 
-_DIGESTS: dict[tuple[tuple[str, int, int, int, int], ...], str] = {}  # the files as they were -> their sha256
+_DIGESTS: dict[tuple[tuple[str, int, int, int, int, int], ...], str] = {}  # the files as they were -> their sha256
 _DIGESTS_KEPT = 64
 _SETTLED_S = 2.0  # a file modified longer ago than this has a modification time that tells a later write apart
 
 
 def _sha256(files: list[Path]) -> str:
+    now = time.time()  # before the stats: a file modified after this is not taken as settled
     stats = [(f.resolve(), f.stat()) for f in files]
-    key = tuple((str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) for path, st in stats)
+    key = tuple((str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev) for path, st in stats)
     if (digest := _DIGESTS.get(key)) is not None:
         return digest
     h = hashlib.sha256()
@@ -61,7 +62,7 @@ def _sha256(files: list[Path]) -> str:
             while chunk := fh.read(1 << 22):
                 h.update(chunk)
     digest = h.hexdigest()
-    if all(time.time() - st.st_mtime > _SETTLED_S for _, st in stats):
+    if all(now - max(st.st_mtime, st.st_ctime) > _SETTLED_S for _, st in stats):
         if len(_DIGESTS) >= _DIGESTS_KEPT:
             _DIGESTS.clear()
         _DIGESTS[key] = digest

@@ -192,12 +192,12 @@ def test_adapter_and_drafter_configs_take_a_non_empty_subset_of_the_projections(
 
 
 def test_a_file_is_hashed_once_while_it_stays_as_it_was(tmp_path, monkeypatch):
-    """dlm.tuned_file's sha256 memo: a settled file (modified over two seconds ago) is read once a
-    process; a rewrite (a new modification time) or another path is read again; a file written in
+    """dlm.tuned_file's sha256 memo: a settled file (modified and changed over two seconds ago) is
+    read once a process; a rewrite (new times) or another path is read again; a file written in
     the last seconds is read every time."""
     import hashlib
-    import os
     import time
+    from types import SimpleNamespace
 
     from dlm import tuned_file
 
@@ -209,12 +209,13 @@ def test_a_file_is_hashed_once_while_it_stays_as_it_was(tmp_path, monkeypatch):
     path.write_bytes(b"a" * 1000)
     assert tuned_file.file_sha256(path) == tuned_file.file_sha256(path) == real(b"a" * 1000).hexdigest()
     assert len(reads) == 2  # fresh: not kept
-    old = time.time() - 60
-    os.utime(path, (old, old))
+    monkeypatch.setattr(tuned_file, "time", SimpleNamespace(time=lambda: time.time() + 60))  # a minute on
     for _ in range(3):
         assert tuned_file.file_sha256(path) == real(b"a" * 1000).hexdigest()
     assert tuned_file.base_fingerprint(path) == real(b"a" * 1000).hexdigest()
     assert len(reads) == 3  # settled: once
-    path.write_bytes(b"b" * 1000)  # the same size, a new modification time
-    os.utime(path, (old + 1, old + 1))
+    path.write_bytes(b"b" * 1000)  # the same size and inode, new times
     assert tuned_file.file_sha256(path) == real(b"b" * 1000).hexdigest() and len(reads) == 4
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(b"b" * 1000)
+    assert tuned_file.file_sha256(copy) == real(b"b" * 1000).hexdigest() and len(reads) == 5
