@@ -103,8 +103,9 @@ def start_server(name: str, overrides: list[str], work_dir: Path, *, config_path
     return ServerProcess(name, f"http://127.0.0.1:{port}", store_path, log_path, all_overrides, process)
 
 
-def wait_healthy(server: ServerProcess, timeout_s: float) -> dict[str, Any]:
-    """Wait until `/healthz` answers; raises UserError if the server exits or times out."""
+def wait_healthy(server: ServerProcess, timeout_s: float, *, poll_s: float = 0.5) -> dict[str, Any]:
+    """Wait until `/healthz` answers (asked every `poll_s`); raises UserError if the server exits or
+    times out."""
     deadline_s = time.monotonic() + timeout_s
     while True:
         if server.process.poll() is not None:
@@ -122,4 +123,4 @@ def wait_healthy(server: ServerProcess, timeout_s: float) -> dict[str, Any]:
                     f"the {server.name} server did not answer /healthz within {timeout_s:.0f} s; "
                     f"its log ({server.log_path}) ends with:\n{server.log_tail()}"
                 ) from None
-        time.sleep(0.5)
+        time.sleep(poll_s)

@@ -59,20 +59,13 @@ def measure_once(overrides: list[str], config_path: str | None, work_dir: Path, 
     started = time.perf_counter()
     server = servers.start_server("startup", overrides, work_dir, config_path=config_path)
     try:
-        while True:
-            if server.process.poll() is not None:
-                raise UserError(f"the server exited with status {server.process.returncode} while starting; its log "
-                                f"({server.log_path}) ends with:\n{server.log_tail()}")
-            try:
-                servers.check_url(server.url, timeout_s=2.0)
-                ready_s = time.perf_counter() - started
-                break
-            except UserError:
-                if time.perf_counter() - started > timeout_s:
-                    raise UserError(f"the server did not answer /healthz within {timeout_s:.0f} s; its log "
-                                    f"({server.log_path}) ends with:\n{server.log_tail()}") from None
-            time.sleep(POLL_S)
-        rss_mb, peak_mb = _memory_mb(server.process.pid)
+        servers.wait_healthy(server, timeout_s, poll_s=POLL_S)
+        ready_s = time.perf_counter() - started
+        try:
+            rss_mb, peak_mb = _memory_mb(server.process.pid)
+        except OSError:  # gone between its answer and this read
+            raise UserError(f"the server exited right after it answered; its log ({server.log_path}) ends with:\n"
+                            f"{server.log_tail()}") from None
     finally:
         server.stop()
     return {"ready_s": round(ready_s, 3), "rss_mb": round(rss_mb, 1), "peak_mb": round(peak_mb, 1)}
