@@ -357,6 +357,39 @@ class BlockWeight:
         return cls(1, q.to(torch.int8).contiguous(), scale.float().contiguous(), k)
 
     @classmethod
+    def from_gguf_blocks(cls, kind: str, blocks: Tensor, products: int = VNNI_INT16) -> BlockWeight:
+        """A GGUF's weight as stored (`dlm.gguf_file.read_block_bytes`: kind "q4_0", "q4_1" or "q8_0",
+        blocks (N, K / 32, bytes a block) uint8) laid out for the integer products (`products`:
+        VNNI_INT16 or VNNI_INT8, which share the layout) in one copy: the bytes
+        `q4(*codes).int16()` / `q8(...).int16()` make (`_integer_products`), without unpacking the
+        codes and packing them twice. A Q4 block's 16 bytes already hold the nibble pairs the
+        products read (byte j: weights j and j + 16), so they are only moved; a Q8 block's bytes
+        gain 128. RuntimeError where VNNI cannot run here; ValueError for a shape the products
+        cannot take."""
+        if products not in (VNNI_INT8, VNNI_INT16):
+            raise ValueError(f"products must be VNNI_INT8 or VNNI_INT16, not {products}")
+        if (reason := vnni_available()) is not None:
+            raise RuntimeError(f"integer block products cannot run: {reason}")
+        n, nb, size = blocks.shape
+        k = nb * 32
+        if kind not in ("q4_0", "q4_1", "q8_0") or size != {"q4_0": 18, "q4_1": 20, "q8_0": 34}[kind]:
+            raise ValueError(f"GGUF blocks of kind {kind!r} and {size} bytes are not Q4_0, Q4_1 or Q8_0 ones")
+        if k % UNIT or n % 16:
+            raise ValueError(f"integer block products need K a multiple of {UNIT} and outputs in multiples of 16, "
+                             f"not ({n}, {k})")
+        d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+        if kind == "q8_0":  # vector i of a block: lane j (bytes 4j..4j+3) = inputs 4i..4i+3 of the tile's output j
+            q = blocks[..., 2:].reshape(n, k) ^ 128  # the stored int8 + 128, unsigned (see `_integer_products`)
+            data = q.view(n // 16, 16, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, nb, 8, 64)
+            m = torch.zeros_like(d)
+        else:  # vector i < 4: lane j = nibble pairs 4i..4i+3 (weights 4i + b and 4i + b + 16) of output j
+            nibbles = blocks[..., 4:] if kind == "q4_1" else blocks[..., 2:]
+            data = nibbles.reshape(n // 16, 16, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, nb, 4, 64)
+            m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float() if kind == "q4_1" else -8 * d
+        weight = cls(1 if kind == "q8_0" else 0, data.contiguous(), d, k, products=products)
+        return replace(weight, scales=weight._tile_scales(d, m))
+
+    @classmethod
     def quantize_q8(cls, weight: Tensor) -> BlockWeight:
         """A float weight (N, K) rounded to Q8_0 blocks as a GGUF writer rounds it: for each 32
         inputs of an output a float16 scale d = max |w| / 127, q = round(w / d)."""

@@ -36,17 +36,19 @@ from safetensors import safe_open
 
 from dlm.bd_format import is_bd_checkpoint, read_bd_checkpoint
 from dlm.blocks import UNIT as BLOCK_UNIT
-from dlm.blocks import BlockWeight, amx_available, available, vnni_available
+from dlm.blocks import VNNI_INT8, VNNI_INT16, BlockWeight, amx_available, available, vnni_available
 from dlm.config import DiffusionSpec, ModelConfig
 from dlm.errors import ModelNotFoundError, UnsupportedCheckpointError
 from dlm.families import Family, family_for_config, stop_token_ids
 from dlm.gguf_file import (
     SUPPORTED_GGUF_ARCHITECTURES,
     ConversionNotCached,
+    block_codes,
     cached_gguf,
     default_cache_dir,
     gguf_architecture,
     is_gguf,
+    read_block_bytes,
     read_quant_blocks,
 )
 from dlm.memory import release_free_memory
@@ -316,6 +318,23 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path, *, dense: bool =
     raise AssertionError("unreachable")
 
 
+def _block_weights(stored: dict[str, tuple[str, torch.Tensor]], weights: str) -> dict[str, BlockWeight]:
+    """A GGUF's stored blocks (`read_block_bytes`) whose K the kernel takes, as `BlockWeight`s: laid
+    out for the integer products straight from their bytes (`BlockWeight.from_gguf_blocks`: what
+    the codes' `int8()` / `int16()` make, in one copy), else their codes as the float32 products
+    read them (`bf16()` and `split()` come after an adapter's update is attached)."""
+    out = {}
+    for name, (kind, raw) in stored.items():
+        if raw.shape[1] * 32 % BLOCK_UNIT:
+            continue
+        if weights in VNNI_FORMATS:
+            out[name] = BlockWeight.from_gguf_blocks(kind, raw, VNNI_INT8 if weights == "blocks-int8" else VNNI_INT16)
+        else:
+            code, q, scale, minimum = block_codes(kind, raw)
+            out[name] = BlockWeight.q4(q, scale, minimum) if code == "q4" else BlockWeight.q8(q, scale)
+    return out
+
+
 def _kernel_reason(weights: str) -> str | None:
     """None where `weights`' kernel runs on this machine (always, for dense and int4), else why not."""
     if weights not in BLOCK_FORMATS:
@@ -385,7 +404,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         if (reason := _kernel_reason(weights)) is not None:
             raise ValueError(f"weights={weights!r}: {reason}")
     dtype = resolve_dtype(dtype, device)
-    quant = None
+    stored = None
     if family is not None:
         config, spec, state_dict, tokenizer = _load_hf_folder(resolved, family, dtype)
     elif family_name == "bd":
@@ -393,18 +412,19 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     else:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         dense = weights not in BLOCK_FORMATS  # the block formats run the weights stored as blocks from them
-        if not dense and not (quant := read_quant_blocks(resolved)):  # before any conversion is written
+        if not dense and not (stored := read_block_bytes(resolved)):  # before any conversion is written
             raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r} runs a GGUF's Q4_0, Q4_1 or Q8_0 "
                                              "blocks; this one has none")
         config, spec, state_dict, tokenizer = _load_gguf(resolved, dtype, cache, dense=dense)
     config.max_seq_len = max_seq_len or min(config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
-    absent = frozenset(quant or ()) - set(state_dict)
+    absent = frozenset(stored or ()) - set(state_dict)
     model = _build_model(config, state_dict, resolved, device, dtype, absent=absent)
     params = dict(model.named_parameters())
     for name in sorted(absent):  # what load_state_dict checks of the weights it loads
-        if tuple(quant[name][1].shape) != tuple(params[name].shape):
+        rows, n_blocks, _ = stored[name][1].shape
+        if (rows, n_blocks * 32) != tuple(params[name].shape):
             raise _unsupported(resolved, f"tensor shapes do not fit its configuration: {name} is "
-                                         f"{tuple(quant[name][1].shape)} in the GGUF, {tuple(params[name].shape)} "
+                                         f"{(rows, n_blocks * 32)} in the GGUF, {tuple(params[name].shape)} "
                                          "in the model it describes")
     fine_tune = None
     if adapter is not None:
@@ -425,25 +445,22 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         model.release_dense_weights()
         del int4
     elif weights in BLOCK_FORMATS:
-        blocks = {name: BlockWeight.q4(q, scale, minimum) if kind == "q4" else BlockWeight.q8(q, scale)
-                  for name, (kind, q, scale, minimum) in quant.items() if q.shape[1] % BLOCK_UNIT == 0}
-        embedding = quant.pop("model.embed_tokens.weight", None)
-        del quant
-        if fine_tune is not None:
-            blocks = unmerged_update(blocks, fine_tune)
+        embedding = stored.get("model.embed_tokens.weight")
         try:
+            blocks = _block_weights(stored, weights)
+            del stored
+            if fine_tune is not None:
+                blocks = unmerged_update(blocks, fine_tune)
             if weights == "blocks-bf16":
                 blocks = {name: w.bf16() for name, w in blocks.items()}
             elif weights == "blocks-amx":
                 blocks = {name: w.split() for name, w in blocks.items()}
-            elif weights in VNNI_FORMATS:
-                blocks = {name: w.int8() if weights == "blocks-int8" else w.int16() for name, w in blocks.items()}
             model.use_blocks(blocks)
         except ValueError as e:
             raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r}: {e}") from e
         if embedding is not None:  # the lookups from the blocks too: the float32 table is freed below
             try:
-                model.use_block_embedding(*embedding[1:])
+                model.use_block_embedding(*block_codes(*embedding)[1:])
             except ValueError as e:  # the table stays (113 MB for SmolLM2): the same replies either way
                 if model.model.embed_tokens.weight.is_meta:  # no table was loaded: the blocks are the only one
                     raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r}: {e}") from e

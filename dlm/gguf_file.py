@@ -41,6 +41,7 @@ import os
 import re
 import struct
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,8 @@ from dlm.bd_format import save_bd_checkpoint
 from dlm.errors import UnsupportedCheckpointError
 from dlm.families import FAMILIES, stop_token_ids
 
-__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "GgufTensor", "cache_file", "cached_gguf", "convert_gguf",
-           "default_cache_dir", "gguf_architecture", "is_gguf", "prune_cache", "read_gguf", "read_quant_blocks",
+__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "GgufTensor", "block_codes", "cache_file", "cached_gguf", "convert_gguf",
+           "default_cache_dir", "gguf_architecture", "is_gguf", "prune_cache", "read_block_bytes", "read_gguf", "read_quant_blocks",
            "write_converted"]
 
 log = logging.getLogger(__name__)
@@ -418,36 +419,50 @@ def convert_gguf(path: str | Path, *, dense: bool = True):
 _BLOCK_TYPES = {"Q4_0": (18, "q4_0"), "Q4_1": (20, "q4_1"), "Q8_0": (34, "q8_0")}
 
 
-def read_quant_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The Q4_0, Q4_1 and Q8_0 weights of a GGUF as they are stored, by our name: (kind, q (N, K),
-    scale (N, K / 32) float32, minimum (N, K / 32) float32) with w = q * scale + minimum exactly as
-    `convert_gguf` dequantises them (q/k rows un-permuted the same way); kind "q4" (q uint8
-    0..15) or "q8" (q int8, minimum 0). Tensors of other types are left out."""
+def read_block_bytes(path: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """The Q4_0, Q4_1 and Q8_0 weights of a GGUF as they are stored, by our name: (GGUF kind "q4_0",
+    "q4_1" or "q8_0", blocks (N, K / 32, bytes a block) uint8: a view of the file's memory map, or
+    where llama's q/k rows are un-permuted (as `convert_gguf` does) a copy). Tensors of other types
+    are left out. `block_codes` unpacks one; the integer products lay them out as they are
+    (`dlm.blocks.BlockWeight.from_gguf_blocks`)."""
     path = Path(path)
     parsed = read_gguf(path)
     hf_config = _hf_config(parsed)
     arch = hf_config["model_type"]
     n_heads, n_kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
-    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    out: dict[str, tuple[str, torch.Tensor]] = {}
     for tensor in parsed.tensors:
         if not _stored_as_blocks(tensor):
             continue
         size, kind = _BLOCK_TYPES[tensor.tensor_type.name]
         blocks = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, size)  # (N, K / 32, bytes)
-        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        if kind == "q8_0":
-            q = blocks[..., 2:].copy().view(np.int8).reshape(blocks.shape[0], -1)
-            minimum = np.zeros_like(scale)
-        else:
-            nibbles = blocks[..., 4:] if kind == "q4_1" else blocks[..., 2:]
-            q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(blocks.shape[0], -1)
-            minimum = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "q4_1" else -8 * scale
         if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = n_heads if tensor.name.endswith("attn_q.weight") else n_kv_heads
-            q, scale, minimum = (_unpermute(a, heads) for a in (q, scale, minimum))
-        tensors = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, scale, minimum))
-        out[_our_name(tensor.name)] = ("q8" if kind == "q8_0" else "q4", *tensors)
+            blocks = _unpermute(blocks, n_heads if tensor.name.endswith("attn_q.weight") else n_kv_heads)
+        with warnings.catch_warnings():  # a read-only memory map: nothing here writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            out[_our_name(tensor.name)] = (kind, torch.from_numpy(blocks))
     return out
+
+
+def block_codes(kind: str, blocks: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One `read_block_bytes` entry unpacked: ("q4" (q uint8 0..15) or "q8" (q int8), q (N, K),
+    scale (N, K / 32) float32, minimum (N, K / 32) float32: 0 for Q8) with w = q * scale + minimum
+    exactly as `convert_gguf` dequantises them."""
+    n = blocks.shape[0]
+    scale = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    if kind == "q8_0":
+        return "q8", blocks[..., 2:].contiguous().view(torch.int8).reshape(n, -1), scale, torch.zeros_like(scale)
+    nibbles = blocks[..., 4:] if kind == "q4_1" else blocks[..., 2:]
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(n, -1)
+    minimum = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float() if kind == "q4_1" else -8 * scale
+    return "q4", q, scale, minimum
+
+
+def read_quant_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The Q4_0, Q4_1 and Q8_0 weights of a GGUF, by our name, unpacked (`block_codes`: kind, q,
+    scale, minimum) with w = q * scale + minimum exactly as `convert_gguf` dequantises them (q/k
+    rows un-permuted the same way). Tensors of other types are left out."""
+    return {name: block_codes(kind, blocks) for name, (kind, blocks) in read_block_bytes(path).items()}
 
 
 def cache_file(path: str | Path, cache_dir: Path, *, dense: bool = True) -> Path:

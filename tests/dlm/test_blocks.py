@@ -912,3 +912,34 @@ def test_a_model_without_its_low_rank_updates_is_its_base_on_the_same_weights(pr
     dense, _ = _blocks_loaded(adapted=True)
     with pytest.raises(ValueError, match="only a model on the fused block forward"):
         dense.model.without_low_rank()
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_integer_layouts_straight_from_a_ggufs_bytes_are_the_codes_own(kind):
+    """`BlockWeight.from_gguf_blocks` (what a load on the integer products uses): the bytes and
+    scales `int16()` / `int8()` make of the unpacked codes, from the stored blocks in one copy."""
+    import gguf
+    import numpy as np
+
+    from dlm.blocks import VNNI_INT8, VNNI_INT16
+    from dlm.gguf_file import block_codes
+
+    gtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    w = np.random.default_rng(4).normal(size=(48, 192)).astype(np.float32)
+    w[3, :32] = 0  # a block of zeros: scale 0
+    raw = torch.from_numpy(gguf.quants.quantize(w, gtype).reshape(48, 6, -1).copy())
+    code, q, scale, minimum = block_codes(kind, raw)
+    assert torch.equal(_dequantized(q, scale, minimum), torch.from_numpy(gguf.quants.dequantize(raw.reshape(48, -1).numpy(), gtype)))
+    codes = BlockWeight.q4(q, scale, minimum) if code == "q4" else BlockWeight.q8(q, scale)
+    for products, method in ((VNNI_INT16, "int16"), (VNNI_INT8, "int8")):
+        want, got = getattr(codes, method)(), BlockWeight.from_gguf_blocks(kind, raw, products)
+        assert (got.kind, got.in_features, got.out_features, got.products) == (want.kind, 192, 48, products)
+        assert got.data.dtype == want.data.dtype and torch.equal(got.data, want.data)
+        assert torch.equal(got.scales, want.scales)
+    x = torch.randn(3, 192)
+    assert torch.equal(BlockWeight.from_gguf_blocks(kind, raw)(x), codes.int16()(x))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        BlockWeight.from_gguf_blocks(kind, raw[:40])
+    with pytest.raises(ValueError, match="not Q4_0, Q4_1 or Q8_0"):
+        BlockWeight.from_gguf_blocks("q4_0" if kind == "q8_0" else "q8_0", raw)
