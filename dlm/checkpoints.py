@@ -16,8 +16,9 @@ Contract:
   naming what was found (architectures, model_type, GGUF architecture) and the supported families.
 - A GGUF is converted once into a float32 bd file under `cache_dir` (default
   `dlm.gguf_file.default_cache_dir()`); later loads memory-map that file. The block formats convert
-  only what they do not run as blocks (`convert_gguf(dense=False)`: the tokenizer, the norms, a few
-  MB); those weights stay on the meta device until the blocks replace them.
+  only what they do not run as blocks (`convert_gguf(dense=False)`: the tokenizer, the norms, an
+  untied output head; 2 MB for SmolLM2); those weights stay on the meta device, their shapes
+  checked, until the blocks replace them.
 - dtype (a torch dtype or "float32" / "bfloat16" / "float16" / "auto") None: float32 on CPU, bfloat16 elsewhere. max_seq_len None: the checkpoint's context
   length capped at `DEFAULT_MAX_SEQ_LEN` (it sizes the RoPE table and the default KV cache).
 Nothing here downloads anything or runs code shipped with a checkpoint.

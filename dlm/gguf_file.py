@@ -53,9 +53,9 @@ from dlm.bd_format import save_bd_checkpoint
 from dlm.errors import UnsupportedCheckpointError
 from dlm.families import FAMILIES, stop_token_ids
 
-__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "GgufTensor", "block_codes", "cache_file", "cached_gguf", "convert_gguf",
-           "default_cache_dir", "gguf_architecture", "is_gguf", "prune_cache", "read_block_bytes", "read_gguf", "read_quant_blocks",
-           "write_converted"]
+__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "GgufTensor", "block_codes", "cache_file",
+           "cached_gguf", "convert_gguf", "default_cache_dir", "gguf_architecture", "is_gguf", "prune_cache",
+           "read_block_bytes", "read_gguf", "read_quant_blocks", "write_converted"]
 
 log = logging.getLogger(__name__)
 
