@@ -27,6 +27,8 @@ Contract:
   rounded to 8 bits (llama.cpp-style: logits close to float32's, other greedy replies on
   some prompts) or 16 bits (logit errors some 250 times smaller) per block of 32; `vnni_available()`
   says whether they run here (VOICE_AGENT_VNNI not 0); a row's own bits too.
+  `BlockWeight.from_gguf_blocks(kind, blocks, products)`: the same weights in that layout straight
+  from a GGUF's stored bytes (dlm.gguf_file.read_block_bytes), in one copy.
 - `BlockLayers(layers, n_heads=, n_kv_heads=, head_dim=, eps=)` (`LayerWeights` per layer): a
   Llama-style decoder's every layer in one C call over a KV cache (dlm.model.Transformer.use_blocks
   builds it); each row from its own inputs and cache row only; `supported(...)` says which
@@ -366,27 +368,24 @@ class BlockWeight:
         products read (byte j: weights j and j + 16), so they are only moved; a Q8 block's bytes
         gain 128. RuntimeError where VNNI cannot run here; ValueError for a shape the products
         cannot take."""
+        from dlm.gguf_file import BLOCK_BYTES, block_scales
+
         if products not in (VNNI_INT8, VNNI_INT16):
             raise ValueError(f"products must be VNNI_INT8 or VNNI_INT16, not {products}")
         if (reason := vnni_available()) is not None:
             raise RuntimeError(f"integer block products cannot run: {reason}")
         n, nb, size = blocks.shape
-        k = nb * 32
-        if kind not in ("q4_0", "q4_1", "q8_0") or size != {"q4_0": 18, "q4_1": 20, "q8_0": 34}[kind]:
+        if BLOCK_BYTES.get(kind) != size:
             raise ValueError(f"GGUF blocks of kind {kind!r} and {size} bytes are not Q4_0, Q4_1 or Q8_0 ones")
-        if k % UNIT or n % 16:
+        if nb * 32 % UNIT or n % 16:
             raise ValueError(f"integer block products need K a multiple of {UNIT} and outputs in multiples of 16, "
-                             f"not ({n}, {k})")
-        d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
-        if kind == "q8_0":  # vector i of a block: lane j (bytes 4j..4j+3) = inputs 4i..4i+3 of the tile's output j
-            q = blocks[..., 2:].reshape(n, k) ^ 128  # the stored int8 + 128, unsigned (see `_integer_products`)
-            data = q.view(n // 16, 16, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, nb, 8, 64)
-            m = torch.zeros_like(d)
+                             f"not ({n}, {nb * 32})")
+        d, m = block_scales(kind, blocks)
+        if kind == "q8_0":  # the stored int8 + 128, unsigned (see `_integer_products`)
+            data = _by_tiles(blocks[..., 2:] ^ 128, 8)
         else:  # vector i < 4: lane j = nibble pairs 4i..4i+3 (weights 4i + b and 4i + b + 16) of output j
-            nibbles = blocks[..., 4:] if kind == "q4_1" else blocks[..., 2:]
-            data = nibbles.reshape(n // 16, 16, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, nb, 4, 64)
-            m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float() if kind == "q4_1" else -8 * d
-        weight = cls(1 if kind == "q8_0" else 0, data.contiguous(), d, k, products=products)
+            data = _by_tiles(blocks[..., 4:] if kind == "q4_1" else blocks[..., 2:], 4)
+        weight = cls(1 if kind == "q8_0" else 0, data, d, nb * 32, products=products)
         return replace(weight, scales=weight._tile_scales(d, m))
 
     @classmethod
@@ -457,8 +456,7 @@ class BlockWeight:
         q, d, m = self._integers()
         if self.kind == 1:
             q = q.view(torch.uint8) ^ 128  # q + 128, unsigned for VNNI; the kernel takes 128 times the inputs' sum off
-        # vector i of a block: lane j (bytes 4j..4j+3) = inputs 4i..4i+3 of the tile's output j
-        vectors = q.view(n // 16, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 8, 64)
+        vectors = _by_tiles(q.view(n, k // 32, 32), 8)
         data = vectors[:, :, :4] | vectors[:, :, 4:] << 4 if self.kind == 0 else vectors
         return replace(self, data=data.contiguous(), scales=self._tile_scales(d, m), products=products)
 
@@ -760,6 +758,14 @@ class BlockDraftPass:
                 bar, torch.get_num_threads()) != 0:
             raise MemoryError("the draft pass could not allocate its buffers")
         return out
+
+
+def _by_tiles(blocks: Tensor, vectors: int) -> Tensor:
+    """Bytes (N, K / 32, 4 * vectors) of each output's blocks as the integer products read them:
+    (N / 16, K / 32, vectors, 64), vector i of a block holding in lane j (bytes 4j..4j+3) bytes
+    4i..4i+3 of the tile's output j. A copy."""
+    n, nb, _ = blocks.shape
+    return blocks.reshape(n // 16, 16, nb, vectors, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, nb, vectors, 64).contiguous()
 
 
 def _half(t: Tensor) -> Tensor:

@@ -312,10 +312,20 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path, *, dense: bool =
             return config, spec, {k: v.to(dtype) for k, v in state_dict.items()}, tokenizer
         try:
             return _load_bd(target, dtype, cached=True)
-        except Exception:
-            if attempt or target.exists():
-                raise
-            log.info("%s: its cached conversion was removed as it was opened; converting again", path)
+        except Exception as e:
+            why = f"{type(e).__name__}: {str(e)[:300]}"
+            if attempt:
+                raise UnsupportedCheckpointError(f"{target}: the cached conversion of {path} cannot be read ({why})"
+                                                 ) from e
+            if not target.exists():  # another process's prune, between the check and the opening
+                log.info("%s: its cached conversion was removed as it was opened; converting again", path)
+                continue
+            log.warning("%s: its cached conversion %s cannot be read (%s); converting again", path, target, why)
+            try:
+                target.unlink()
+            except OSError as gone:
+                raise UnsupportedCheckpointError(f"{target}: the cached conversion of {path} cannot be read ({why}) "
+                                                 f"nor removed ({gone}); delete it to convert again") from e
     raise AssertionError("unreachable")
 
 

@@ -16,6 +16,9 @@ type; an untied output head stays whole, a draft head reads its rows), 2 MB inst
 gone or has changed since (its size or modification time, as a reinstall changes them), another
 cache version's after 30 days, and half-written files over an hour old.
 
+`read_block_bytes(path)` gives the Q4_0 / Q4_1 / Q8_0 weights as stored (what the block formats
+run), `block_codes` one of them unpacked, `read_quant_blocks` all of them unpacked.
+
 `read_gguf(path)` reads a GGUF's header: its scalar and string metadata, the lengths of its arrays
 (a tokenizer's 49k tokens and merges are skipped, not decoded: gguf's `GGUFReader` builds a numpy
 view of every one of them, 2.4 s of a 5.6 s load of the default model on a 2-core CPU) and its
@@ -53,7 +56,8 @@ from dlm.bd_format import save_bd_checkpoint
 from dlm.errors import UnsupportedCheckpointError
 from dlm.families import FAMILIES, stop_token_ids
 
-__all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "GgufTensor", "block_codes", "cache_file",
+__all__ = ["BLOCK_BYTES", "SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "GgufTensor", "block_codes", "block_scales",
+           "cache_file",
            "cached_gguf", "convert_gguf", "default_cache_dir", "gguf_architecture", "is_gguf", "prune_cache",
            "read_block_bytes", "read_gguf", "read_quant_blocks", "write_converted"]
 
@@ -63,8 +67,11 @@ SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _CACHE_VERSION = "1"  # bump where a conversion's content changes (what dense=False leaves out included)
 _WITHOUT_BLOCKS = ".without-blocks"  # the name's mark of a conversion made with dense=False
 # A name `cache_file` gives, and a half-written one (`save_bd_checkpoint`'s temporary file beside it).
-_CACHE_NAME = re.compile(r".+-[0-9a-f]{16}(\.without-blocks)?\.safetensors")
-_CACHE_TMP = re.compile(r".+-[0-9a-f]{16}(\.without-blocks)?\.safetensors\..+\.tmp")
+_CACHE_NAME = re.compile(r".+-[0-9a-f]{16}(\.without-blocks)?\.safetensors", re.DOTALL)
+_CACHE_TMP = re.compile(r".+-[0-9a-f]{16}(\.without-blocks)?\.safetensors(\..+)?\.tmp", re.DOTALL)
+# read_block_bytes hands out views of a read-only memory map; its readers copy (never write to them).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
 
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -417,14 +424,16 @@ def convert_gguf(path: str | Path, *, dense: bool = True):
 # (byte j holds weight j in its low nibble and weight j + 16 in its high one: ggml's layout);
 # Q8_0: fp16 d, then 32 int8, w = d * q.
 _BLOCK_TYPES = {"Q4_0": (18, "q4_0"), "Q4_1": (20, "q4_1"), "Q8_0": (34, "q8_0")}
+BLOCK_BYTES = {kind: size for size, kind in _BLOCK_TYPES.values()}  # read_block_bytes' kinds: bytes a block
 
 
 def read_block_bytes(path: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
     """The Q4_0, Q4_1 and Q8_0 weights of a GGUF as they are stored, by our name: (GGUF kind "q4_0",
-    "q4_1" or "q8_0", blocks (N, K / 32, bytes a block) uint8: a view of the file's memory map, or
-    where llama's q/k rows are un-permuted (as `convert_gguf` does) a copy). Tensors of other types
-    are left out. `block_codes` unpacks one; the integer products lay them out as they are
-    (`dlm.blocks.BlockWeight.from_gguf_blocks`)."""
+    "q4_1" or "q8_0", blocks (N, K / 32, `BLOCK_BYTES[kind]`) uint8: a view of the file's read-only
+    memory map, never to be written to (a write kills the process), or where llama's q/k rows are
+    un-permuted (as `convert_gguf` does) a copy). Tensors of other types are left out.
+    `block_codes` unpacks one (copies); the integer products lay them out as they are
+    (`dlm.blocks.BlockWeight.from_gguf_blocks`, copies)."""
     path = Path(path)
     parsed = read_gguf(path)
     hf_config = _hf_config(parsed)
@@ -438,10 +447,17 @@ def read_block_bytes(path: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
         blocks = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, size)  # (N, K / 32, bytes)
         if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
             blocks = _unpermute(blocks, n_heads if tensor.name.endswith("attn_q.weight") else n_kv_heads)
-        with warnings.catch_warnings():  # a read-only memory map: nothing here writes to it
-            warnings.simplefilter("ignore", UserWarning)
-            out[_our_name(tensor.name)] = (kind, torch.from_numpy(blocks))
+        out[_our_name(tensor.name)] = (kind, torch.from_numpy(blocks))
     return out
+
+
+def block_scales(kind: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale d and minimum m (N, K / 32) float32 of stored blocks (`read_block_bytes`): w = d q + m
+    (Q4_0: m = -8 d, Q8_0: m = 0)."""
+    scale = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    if kind == "q4_1":
+        return scale, blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+    return scale, -8 * scale if kind == "q4_0" else torch.zeros_like(scale)
 
 
 def block_codes(kind: str, blocks: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -449,13 +465,12 @@ def block_codes(kind: str, blocks: torch.Tensor) -> tuple[str, torch.Tensor, tor
     scale (N, K / 32) float32, minimum (N, K / 32) float32: 0 for Q8) with w = q * scale + minimum
     exactly as `convert_gguf` dequantises them."""
     n = blocks.shape[0]
-    scale = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
-    if kind == "q8_0":
-        return "q8", blocks[..., 2:].contiguous().view(torch.int8).reshape(n, -1), scale, torch.zeros_like(scale)
+    scale, minimum = block_scales(kind, blocks)
+    if kind == "q8_0":  # a copy, never a view of the memory map
+        q = blocks[..., 2:].clone(memory_format=torch.contiguous_format).view(torch.int8).reshape(n, -1)
+        return "q8", q, scale, minimum
     nibbles = blocks[..., 4:] if kind == "q4_1" else blocks[..., 2:]
-    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(n, -1)
-    minimum = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float() if kind == "q4_1" else -8 * scale
-    return "q4", q, scale, minimum
+    return "q4", torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(n, -1), scale, minimum
 
 
 def read_quant_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
