@@ -3,7 +3,7 @@
 Contract:
 - `start_server(name, overrides, work_dir, config_path=...)` starts `voice-agent serve` (or
   with `command_name="serve-llm"` the LLM tier) on a free port of 127.0.0.1 with its call store
-  and log in `work_dir`, and returns a `ServerProcess` at once; `wait_healthy(server, timeout_s)` then waits for `/healthz`. A server
+  and log in `work_dir`, and returns a `ServerProcess` at once; `wait_healthy(server, timeout_s, poll_s=0.5)` then waits for `/healthz`. A server
   that exits or does not answer in time raises `UserError` with the tail of its log.
   `stop()` is idempotent: SIGTERM, then SIGKILL after `grace_s`.
 - `check_url(base_url, timeout_s)` fetches `/healthz` of a running server and returns its JSON,

@@ -63,7 +63,7 @@ def measure_once(overrides: list[str], config_path: str | None, work_dir: Path, 
         ready_s = time.perf_counter() - started
         try:
             rss_mb, peak_mb = _memory_mb(server.process.pid)
-        except OSError:  # gone between its answer and this read
+        except (OSError, KeyError):  # gone between its answer and this read (a zombie has no VmRSS)
             raise UserError(f"the server exited right after it answered; its log ({server.log_path}) ends with:\n"
                             f"{server.log_tail()}") from None
     finally:
