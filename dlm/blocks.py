@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlm.gguf_file import default_cache_dir
+from dlm.gguf_file import BLOCK_BYTES, block_scales, default_cache_dir
 
 __all__ = ["AMX_BF16", "AMX_SPLIT", "FUSED_PROJECTIONS", "UNIT", "VNNI_INT8", "VNNI_INT16", "BlockDraftPass", "BlockLayers",
            "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "amx_available", "available", "row_argmax", "row_top",
@@ -368,8 +368,6 @@ class BlockWeight:
         products read (byte j: weights j and j + 16), so they are only moved; a Q8 block's bytes
         gain 128. RuntimeError where VNNI cannot run here; ValueError for a shape the products
         cannot take."""
-        from dlm.gguf_file import BLOCK_BYTES, block_scales
-
         if products not in (VNNI_INT8, VNNI_INT16):
             raise ValueError(f"products must be VNNI_INT8 or VNNI_INT16, not {products}")
         if (reason := vnni_available()) is not None:

@@ -63,6 +63,7 @@ __all__ = [
     "LoadedModel",
     "detect_family",
     "load_model",
+    "reads_dense_conversion",
     "resolve_checkpoint",
     "resolve_dtype",
     "runnable_weights",
@@ -329,6 +330,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path, *, dense: bool =
     raise AssertionError("unreachable")
 
 
+def reads_dense_conversion(weights: str) -> bool:
+    """Whether a GGUF load in format `weights` reads its whole float32 conversion (`cached_gguf`'s
+    `dense`), not the one without its block weights (the block formats run those from the GGUF)."""
+    return weights not in BLOCK_FORMATS
+
+
 def _block_weights(stored: dict[str, tuple[str, torch.Tensor]], weights: str) -> dict[str, BlockWeight]:
     """A GGUF's stored blocks (`read_block_bytes`) whose K the kernel takes, as `BlockWeight`s: laid
     out for the integer products straight from their bytes (`BlockWeight.from_gguf_blocks`: what
@@ -422,7 +429,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         config, spec, state_dict, tokenizer = _load_bd(resolved, dtype)
     else:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        dense = weights not in BLOCK_FORMATS  # the block formats run the weights stored as blocks from them
+        dense = reads_dense_conversion(weights)
         if not dense and not (stored := read_block_bytes(resolved)):  # before any conversion is written
             raise UnsupportedCheckpointError(f"{resolved}: weights={weights!r} runs a GGUF's Q4_0, Q4_1 or Q8_0 "
                                              "blocks; this one has none")

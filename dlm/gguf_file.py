@@ -56,10 +56,9 @@ from dlm.bd_format import save_bd_checkpoint
 from dlm.errors import UnsupportedCheckpointError
 from dlm.families import FAMILIES, stop_token_ids
 
-__all__ = ["BLOCK_BYTES", "SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "GgufTensor", "block_codes", "block_scales",
-           "cache_file",
-           "cached_gguf", "convert_gguf", "default_cache_dir", "gguf_architecture", "is_gguf", "prune_cache",
-           "read_block_bytes", "read_gguf", "read_quant_blocks", "write_converted"]
+__all__ = ["BLOCK_BYTES", "SUPPORTED_GGUF_ARCHITECTURES", "ConversionNotCached", "GgufFile", "GgufTensor", "block_codes",
+           "block_scales", "cache_file", "cached_gguf", "convert_gguf", "default_cache_dir", "gguf_architecture", "is_gguf",
+           "prune_cache", "read_block_bytes", "read_gguf", "read_quant_blocks", "write_converted"]
 
 log = logging.getLogger(__name__)
 
@@ -393,9 +392,9 @@ def convert_gguf(path: str | Path, *, dense: bool = True):
     except ValueError as e:  # heads that do not divide the width, ...
         raise UnsupportedCheckpointError(f"{path}: the GGUF's metadata does not describe a model: {e}") from None
     state_dict: dict[str, torch.Tensor] = {}
-    names = [_our_name(tensor.name) for tensor in parsed.tensors]
     for tensor in parsed.tensors:
-        if not dense and _stored_as_blocks(tensor) and _our_name(tensor.name) != "lm_head.weight":
+        name = _our_name(tensor.name)
+        if not dense and _stored_as_blocks(tensor) and name != "lm_head.weight":
             continue
         try:
             weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
@@ -407,8 +406,7 @@ def convert_gguf(path: str | Path, *, dense: bool = True):
         elif arch == "llama" and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
             weights = _unpermute(weights, config.n_kv_heads)
         # F32 tensors are read-only views of the memory map: copy those (only those) into owned memory.
-        state_dict[_our_name(tensor.name)] = torch.from_numpy(np.require(weights, requirements=["C", "W"]))
-    config.tie_embeddings = "lm_head.weight" not in names
+        state_dict[name] = torch.from_numpy(np.require(weights, requirements=["C", "W"]))
     try:
         tokenizer = _tokenizer(path)
     except Exception as e:  # transformers' own GGUF parse: whatever damage its tokenizer arrays hold

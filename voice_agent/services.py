@@ -80,7 +80,7 @@ def gguf_conversions(config: Config) -> dict[Path, set[bool]]:
     """The GGUFs that `ModelServices.load(config)` reads, each with the conversions its loads read
     (dlm.gguf_file `cached_gguf`'s `dense`: True, the whole float32 one, for a dense or int4 load;
     False, the small one, for a block format): what install.sh makes ahead of the first `serve`."""
-    from dlm.checkpoints import BLOCK_FORMATS
+    from dlm.checkpoints import reads_dense_conversion
     from voice_agent.end_of_turn import text_scorer_format
     from voice_agent.llm import load_format
     from voice_agent.models import resolve_llm_model
@@ -96,7 +96,7 @@ def gguf_conversions(config: Config) -> dict[Path, set[bool]]:
     out: dict[Path, set[bool]] = {}
     for resolved, weights in loads:
         if resolved.path.suffix == ".gguf":
-            out.setdefault(resolved.path, set()).add(weights not in BLOCK_FORMATS)
+            out.setdefault(resolved.path, set()).add(reads_dense_conversion(weights))
     return out
 
 
