@@ -131,6 +131,76 @@ def test_a_missing_llama_cpp_is_one_note_and_the_run_goes_on(monkeypatch, capsys
     assert _reference(argparse.Namespace(reference=None, synthetic=None), SimpleNamespace(path="m.gguf"), notes) is None
 
 
+def test_llama_cpp_runs_in_our_engines_rounds_one_model_in_memory_at_a_time(tmp_path, monkeypatch, capsys) -> None:
+    """`--reference` with `--repeats`: llama.cpp measured in every round beside our engine, in
+    rotating order, loaded for its round and closed after it, on as many prompts as our level 1,
+    its fastest round kept as ours are."""
+    import json
+
+    from voice_agent import cli
+    from voice_agent.bench import reference
+    from voice_agent.commands import bench
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "dlm"))
+    import tiny_checkpoints
+
+    monkeypatch.setenv("VOICE_AGENT_CACHE_DIR", str(tmp_path / "cache"))
+    gguf, _ = tiny_checkpoints.llama_gguf(tmp_path / "tiny.gguf", context=1024)
+    events: list[tuple[str, int]] = []
+    walls = iter([0.3, 0.1, 0.2])  # each round's measured wall time (the warm-ups' are not the level's)
+
+    class FakeLlamaCpp:
+        alive = 0
+
+        def __init__(self, path, *, threads: int, n_ctx: int) -> None:
+            assert Path(path) == gguf and threads >= 1 and n_ctx > 0
+            FakeLlamaCpp.alive += 1
+            assert FakeLlamaCpp.alive == 1, "a reference made while another is loaded"
+            self.path, self.version, self.measured = Path(path), "fake", 0
+
+        def measure(self, prompt_ids, max_new_tokens, eos_ids):
+            self.measured += 1
+            if self.measured == 1:  # the warm-up
+                return [], 0.0
+            events.append(("llama.cpp", len(prompt_ids)))
+            wall = next(walls)
+            records = [{"first_output_s": wall / 4, "token_times": [[wall / 4, 1], [wall / 2, 2]], "token_ids": [5, 6],
+                        "wall_s": wall / 2, "tokens": 2, "steps": 2, "prefill_steps": 1, "prefill_tokens": 1,
+                        "finish": "length", "error": None, "tokens_per_forward": 1.0, "tokens_per_s": 4 / wall,
+                        "text": "ab"} for _ in prompt_ids]
+            return records, wall
+
+        def close(self) -> None:
+            FakeLlamaCpp.alive -= 1
+
+    measure = bench._measure
+
+    def ours(engine, prompts, params):
+        records, wall = measure(engine, prompts, params)
+        events.append(("ours", len(prompts)))
+        return records, wall
+
+    monkeypatch.setattr(reference, "llama_cpp_missing", lambda: None)
+    monkeypatch.setattr(reference, "LlamaCppReference", FakeLlamaCpp)
+    monkeypatch.setattr(bench, "_measure", ours)
+    out = tmp_path / "llm.json"
+    assert cli.main(["bench", "--set", f"llm.model={gguf}", "llm", "--engines", "ar", "--concurrency", "1",
+                     "--max-new-tokens", "2", "--repeats", "3", "--reference", "llama.cpp", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    ar, ref = report["results"]
+    assert ar["engine"] == "ar" and ref["engine"] == "llama.cpp" and FakeLlamaCpp.alive == 0
+    assert ref["repeat_walls_s"] == [0.3, 0.1, 0.2] and ref["level_wall_s"] == 0.1  # the fastest round kept
+    assert len(ar["repeat_walls_s"]) == 3 and ref["replies"] == ar["replies"] == 8  # the voice prompts, one at a time
+    assert report["reference"] == {"engine": "llama.cpp", "version": "fake", "model": str(gguf)}
+    # Rounds in rotating order: [ar, llama.cpp], [ar, llama.cpp], [llama.cpp, ar]; each of our
+    # levels a warm-up and one request a round, llama.cpp as many requests as our level measured.
+    runs = [name for name, _ in events]
+    rounds = [runs[:10], runs[10:20], runs[20:]]
+    assert rounds[0] == rounds[1] == ["ours"] * 9 + ["llama.cpp"] and rounds[2] == ["llama.cpp"] + ["ours"] * 9
+    assert all(n == 8 for name, n in events if name == "llama.cpp")
+    assert "llama.cpp concurrency 1" in capsys.readouterr().err
+
+
 def test_forward_costs_time_a_step_a_block_a_prefill_positions_and_a_heads_pass() -> None:
     import torch
 

@@ -5,7 +5,7 @@ llama-cpp-python imports); `LlamaCppReference(gguf, threads, n_ctx)` loads the s
 our engine runs, and `measure(prompt_ids, max_new_tokens, eos_ids)` decodes each prompt (token
 ids from our own chat template, so both engines see the same tokens), greedy, one request at a
 time, and returns records shaped like `bench llm`'s own (first output, per-token times, ids, wall
-time, tokens, forward passes). llama-cpp-python keeps the K/V of the longest common prefix of the
+time, tokens, forward passes); `close()` frees the model. llama-cpp-python keeps the K/V of the longest common prefix of the
 previous prompt, as our engine's prefix reuse does, so a warm-up run leaves the shared system
 prompt cached for both. llama-cpp-python is an optional extra (README "llama.cpp reference": it
 builds from source, and a default `-march=native` build dies with SIGILL on some VMs).
@@ -41,6 +41,10 @@ class LlamaCppReference:
         import llama_cpp
 
         self.version = getattr(llama_cpp, "__version__", "?")
+
+    def close(self) -> None:
+        """Frees the model and its context (their memory goes back to the system); idempotent."""
+        self.llm.close()
 
     def measure(self, prompt_ids: list[list[int]], max_new_tokens: int,
                 eos_ids: list[int]) -> tuple[list[dict[str, Any]], float]:

@@ -32,8 +32,9 @@ torch.profiler over a short run at the first level and writes a table of the top
 `--weights int4` runs the GGUF's own 4-bit weights in the decoding steps, `--weights blocks` its own
 blocks at every position in float32 (docs/models.md).
 `--reference llama.cpp` runs llama.cpp (llama-cpp-python, an optional extra; one note line where
-it is missing) on the same GGUF and token ids at concurrency 1 in the same run, with bars for our
-engines against it; `--fidelity` compares the AR engine's greedy replies and logits with the same
+it is missing) on the same GGUF and token ids at concurrency 1 in the same run, in the same rounds
+as our engines (`--repeats`; loaded for its round alone, so that one engine is in memory at a
+time), with bars for our engines against it; `--fidelity` compares the AR engine's greedy replies and logits with the same
 weights in float32. With `--set llm.accept=A` (< 1: lossy acceptance) it also reports the
 teacher's NLL per token of the dLLM's replies against its own greedy replies' (the same weights in
 float32). On CPU every run also times single forwards (a step, a block of 16, a
@@ -47,6 +48,7 @@ reports its forwards (our LLM tier does). The other targets live in their own mo
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -155,8 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="with --url: also run the configured model in this process, prompt by prompt alternately "
                           "with the server at concurrency 1: the cost of the hop (the LLM tier's bar)")
     llm.add_argument("--repeats", type=_positive, default=1,
-                     help="measure each engine at each level this many times, in rotating order, and keep its "
-                          "fastest measurement (a shared machine's other work only slows a run; default 1)")
+                     help="measure each engine (--reference's too) at each level this many times, in rotating "
+                          "order, and keep its fastest measurement (a shared machine's other work only slows a run; "
+                          "default 1)")
     llm.add_argument("--json", metavar="FILE", help="write the raw results and the environment to FILE")
     llm.add_argument("--profile", metavar="FILE", help="profile a short run and write the top ops table to FILE")
     for target in _OTHERS:
@@ -647,8 +650,9 @@ def _lossy_quality(ref: Any, prompt_ids: list[list[int]], ours: list[dict[str, A
             "teacher_own_nll_per_token": ar_per, "nll_ratio": ours_per / ar_per if ar_per > 0 else None}
 
 
-def _reference(args: argparse.Namespace, loaded: Any, notes: list[str]):
-    """The llama.cpp reference where asked for and possible; otherwise None and a note saying why."""
+def _reference(args: argparse.Namespace, loaded: Any, notes: list[str]) -> Callable[[], Any] | None:
+    """What makes the llama.cpp reference (a `LlamaCppReference` loaded when called) where asked for
+    and possible; otherwise None and a note saying why."""
     if not getattr(args, "reference", None):
         return None
     from voice_agent.bench.reference import LlamaCppReference, llama_cpp_missing
@@ -666,7 +670,7 @@ def _reference(args: argparse.Namespace, loaded: Any, notes: list[str]):
 
     from dlm.threads import engine_threads
 
-    return LlamaCppReference(loaded.path, threads=engine_threads() or torch.get_num_threads(),
+    return functools.partial(LlamaCppReference, loaded.path, threads=engine_threads() or torch.get_num_threads(),
                              n_ctx=loaded.config.max_seq_len)
 
 
@@ -778,6 +782,10 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         return 2
     import gc
 
+    if args.reference:  # llama.cpp's libraries imported before the baseline: their pages are not our engines' memory
+        from voice_agent.bench.reference import llama_cpp_missing
+
+        llama_cpp_missing()
     gc.collect()  # what earlier work left is not the model's: freed and trimmed before the baseline
     release_free_memory()
     rss_before_load = resident_bytes()
@@ -811,12 +819,43 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
             torch.cuda.reset_peak_memory_stats()
 
     walls: dict[tuple[str, int], list[float]] = {}
+    make_reference = _reference(args, loaded, notes)
+    reference = None  # the last one made: its version and file for the report
+    replies_at_one = 0  # how many replies our engines' level 1 measures: the reference measures as many
+
+    def run_reference() -> dict[str, Any]:
+        """llama.cpp at concurrency 1 on the prompts our engines' level 1 ran (their token ids),
+        loaded for this round alone and closed after it, as each of our engines is made for its
+        own: one engine in memory at a time, so that each one's memory figure is its own."""
+        nonlocal reference
+        if not prompt_ids:
+            raise RuntimeError(f"{REFERENCE} measures the token ids our engines decode: one of them runs first")
+        reference = make_reference()
+        try:
+            from dlm.threads import in_engine_thread
+
+            def run() -> tuple[list[dict[str, Any]], float]:
+                eos = loaded.spec.eos_token_ids
+                reference.measure(prompt_ids[:1], args.max_new_tokens, eos)  # warm-up, as ours
+                return reference.measure(prompt_ids[1:1 + replies_at_one], args.max_new_tokens, eos)
+
+            # in a thread with the cores our engines get (dlm.threads): llama.cpp's OpenMP is torch's
+            records, wall = in_engine_thread(run)
+        finally:
+            reference.close()
+            gc.collect()
+            release_free_memory()
+        print(f"  {REFERENCE} concurrency 1: {wall:.2f} s", file=sys.stderr)
+        walls.setdefault((REFERENCE, 1), []).append(round(wall, 4))
+        return _summary(REFERENCE, 1, records, wall, None)
 
     def run_level(candidate: dict[str, Any]) -> dict[str, Any]:
         """One engine (made for this run alone: one engine alive at a time, dlm/threads.py) at one
         concurrency level."""
-        nonlocal prompt_ids
+        nonlocal prompt_ids, replies_at_one
         name, level = candidate["engine_name"], candidate["level"]
+        if name == REFERENCE:
+            return run_reference()
         with make_engine(loaded, candidate["kind"], max_batch_size=max_c, max_seq_len=max_seq_len,
                          compile_mode=args.compile, **draft) as engine:
             if not prompt_ids:  # the token ids both engines and the reference decode
@@ -836,6 +875,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 every_prompt=bool(args.heldout), before=before,  # --heldout: every held-out prompt
                 peak=lambda: torch.cuda.max_memory_allocated() if cuda else None)
             result["draft_acceptance"] = acceptance()
+            if level == 1:
+                replies_at_one = result["replies"]
             rss = resident_bytes()  # with this engine's cache holding what its level wrote
         if rss is not None and rss_before_load is not None:
             memory["in_use_bytes"][name] = max(memory["in_use_bytes"].get(name, 0), rss - rss_before_load)
@@ -843,28 +884,18 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         return result
 
     # Each engine at each level `--repeats` times, in rotating order, its fastest measurement kept
-    # (other work on a shared machine only slows a run): the ratios between engines are then
-    # measured under like conditions.
+    # (other work on a shared machine only slows a run): the ratios between engines, llama.cpp's
+    # among them, are then measured under like conditions. The reference comes last in the list,
+    # so that the first round's first run is ours and makes the token ids it decodes.
     candidates = [{"engine_name": name, "kind": kind, "level": c} for name, kind in engines for c in args.concurrency]
+    if make_reference is not None and engines and 1 in args.concurrency:
+        candidates.append({"engine_name": REFERENCE, "kind": None, "level": 1})
+    elif make_reference is not None:
+        notes.append(f"{REFERENCE} runs at concurrency 1, beside our engines' level 1; this run has none")
     for measured in in_rounds(candidates, args.repeats, run_level, key="level_wall_s"):
         name, level = measured.pop("engine_name"), measured.pop("level")
         del measured["kind"]
         results.append({**measured, "repeat_walls_s": walls[(name, level)]})
-    reference = _reference(args, loaded, notes)  # after our engines: llama.cpp is not in their memory figures
-    level = next((r for r in results if r["concurrency"] == 1), None)
-    if reference is not None and level is not None:
-        from dlm.threads import in_engine_thread
-
-        def run_reference() -> tuple[list[dict[str, Any]], float]:
-            reference.measure(prompt_ids[:1], args.max_new_tokens, loaded.spec.eos_token_ids)  # warm-up, as ours
-            return reference.measure(prompt_ids[1:1 + level["replies"]], args.max_new_tokens, loaded.spec.eos_token_ids)
-
-        # in a thread with the cores our engines get (dlm.threads): llama.cpp's OpenMP is torch's
-        records, wall = in_engine_thread(run_reference)
-        results.append(_summary(REFERENCE, 1, records, wall, None))
-        print(f"  {REFERENCE} concurrency 1: {wall:.2f} s", file=sys.stderr)
-    elif reference is not None:
-        notes.append(f"{REFERENCE} runs at concurrency 1, beside our engines' level 1; this run has none")
     ar_level = pair = None
     if args.fidelity:
         ar_level = next((r for r in results if r["engine"] == "ar" and r["concurrency"] == 1), None)
