@@ -301,6 +301,24 @@ def test_a_load_on_blocks_converts_only_what_the_blocks_do_not_hold(tmp_path, qu
         load_model(small)
 
 
+def test_the_stored_blocks_come_without_torchs_warning_about_read_only_memory(tmp_path):
+    """`read_block_bytes` hands out views of a read-only map (read-only by contract): torch's
+    warning about them is filtered where they are made, whatever filters the process set after
+    importing the module (a test framework replaces them for each test). In a fresh process: torch
+    warns once a process, so an earlier test's warning would hide it."""
+    import subprocess
+    import sys
+
+    path, _ = tiny.llama_gguf(tmp_path / "m.gguf", dim=64, quant="Q4_1")
+    code = ("import sys, warnings; from dlm.gguf_file import read_block_bytes; warnings.resetwarnings(); "
+            "warnings.filterwarnings('error', message='The given NumPy array is not writable'); "
+            "blocks = read_block_bytes(sys.argv[1]); print(sorted({kind for kind, _ in blocks.values()}), len(blocks))")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["['q4_1']", "15"]  # two layers' 7 matrices and the embedding
+
+
 @pytest.mark.skipif(dlm.blocks.available() is not None, reason=f"block kernel: {dlm.blocks.available()}")
 def test_a_load_on_blocks_checks_the_blocks_against_the_configuration(tmp_path, monkeypatch):
     """The weights left on the meta device are checked as load_state_dict checks those it loads:

@@ -826,7 +826,9 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     def run_reference() -> dict[str, Any]:
         """llama.cpp at concurrency 1 on the prompts our engines' level 1 ran (their token ids),
         loaded for this round alone and closed after it, as each of our engines is made for its
-        own: one engine in memory at a time, so that each one's memory figure is its own."""
+        own: one engine in memory at a time, so that each one's memory figure is its own (but for
+        about 5 MB that llama.cpp keeps once its first model is freed: measured on the default
+        model, session 44)."""
         nonlocal reference
         if not prompt_ids:
             raise RuntimeError(f"{REFERENCE} measures the token ids our engines decode: one of them runs first")
