@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from dlm_tiny_models import random_loaded, tiny_config
+from dlm_tiny_models import V, random_loaded, tiny_config
 from test_int4 import random_adapter
 from test_speculative import PROMPTS, _random_drafter, _random_head, _run, _tree_oracle, ar_alone_together
 
@@ -504,6 +504,56 @@ def test_a_float16_kv_cache_holds_each_k_and_v_rounded_and_decodes_alike_alone_b
         assert together == alone_ids == drafted
     finally:
         model.kv_dtype = None
+
+
+@needs_kernel
+@pytest.mark.parametrize("half", [False, True])
+def test_long_contexts_attend_alike_alone_batched_and_with_masked_keys(half):
+    """The fused forward's attention past many cached positions (its K and V fetched ahead of the
+    key being scored), in a float32 or float16 cache: one row alone (three KV heads on two
+    threads: the query heads shared out) gets, bit for bit, what it gets beside another row (the
+    KV heads shared out) and what it gets with the batch's keys past its own masked; close to the
+    layers' own torch forward; keys masked in the middle of the context are left out."""
+    _, on_blocks = _blocks_loaded(seed=11, adapted=False, dim=384, heads=(6, 3),
+                                  products="int16" if half and dlm.blocks.vnni_available() is None else None)
+    model = on_blocks.model
+    if half:
+        model.use_half_cache()
+    generator = torch.Generator().manual_seed(0)
+    n = 150  # cached positions: several times the keys fetched ahead, not a multiple of 16
+    prompts = torch.randint(2, V, (2, n), generator=generator)
+    cache = model.new_cache(3, 256)
+
+    def forward(tokens, start, rows, mask):
+        positions = torch.arange(start, start + tokens.shape[1]).expand(tokens.shape[0], -1)
+        with torch.no_grad():
+            return model(tokens, positions, mask, cache=cache, cache_rows=torch.tensor(rows))
+
+    forward(prompts, 0, [0, 1], causal_mask(n).expand(2, 1, n, n))
+    step = torch.tensor([[7], [9]])
+    mask = limit_mask(torch.full((2, 1), n + 1), n + 1)
+    alone = forward(step[:1], n, [0], mask[:1])
+    together = forward(step, n, [0, 1], mask)
+    assert torch.equal(alone[0], together[0])
+    wider = limit_mask(torch.full((1, 1), n + 1), n + 40)  # a batch's longer keys, masked for this row
+    assert torch.equal(forward(step[:1], n, [0], wider), alone)
+    saved = model._block_layers
+    model._block_layers = None  # the layers' torch forward on the same cache
+    try:
+        layers = forward(step[:1], n, [0], mask[:1])
+    finally:
+        model._block_layers = saved
+    assert (alone - layers).abs().max() < (3e-3 if half else 1e-4) * layers.abs().max()
+    holed = mask[:1].clone()
+    holed[..., 20:90] = False  # keys left out in the middle: another result, and the torch layers' one
+    without = forward(step[:1], n, [0], holed)
+    assert not torch.equal(without, alone)
+    model._block_layers = None
+    try:
+        layers = forward(step[:1], n, [0], holed)
+    finally:
+        model._block_layers = saved
+    assert (without - layers).abs().max() < (3e-3 if half else 1e-4) * layers.abs().max()
 
 
 def test_a_float16_kv_cache_needs_the_fused_block_forward():
