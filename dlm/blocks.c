@@ -1127,6 +1127,9 @@ TARGET INLINE void attend_prefetch(const void *keys, const void *values, const u
         _mm_prefetch((const char *)keys + at + b, _MM_HINT_T0);
         _mm_prefetch((const char *)values + at + b, _MM_HINT_T1);
     }
+    /* the last line too, where the head's values do not start on a line (Dh * bytes not a multiple of 64) */
+    _mm_prefetch((const char *)keys + at + Dh * bytes - 1, _MM_HINT_T0);
+    _mm_prefetch((const char *)values + at + Dh * bytes - 1, _MM_HINT_T1);
 }
 
 /* One query head over its row's cached keys 0..K-1 where mask allows: softmax(q k / sqrt(Dh)) v.
@@ -1317,23 +1320,23 @@ int blocks_forward(float *x, int64_t M, int64_t D, int64_t n_layers, const block
         const int64_t group = H / Hkv, pairs = M * Hkv;
         const int parallel = threads > 1 && pairs * group * K * Dh >= (int64_t)1 << 15;
         if (parallel && pairs % threads && pairs < 2 * threads) {
-            /* Fewer (row, KV head) pairs than would share out evenly (one row's 3 on 2 threads: 2
-               and 1): the query heads shared out instead, each thread its run of them, a KV head
-               split between two threads read by both (each head's bits are its own either way:
-               `attend_heads`). SmolLM2-135M after 1000 cached positions, one row: its attention
-               5 heads' work on the busier thread instead of 6 (session 44). */
+            /* (Row, KV head) pairs that do not share out evenly, fewer than two a thread (one row's
+               3 on 2 threads: 2 and 1): the query heads shared out instead, each thread its run of
+               them, a KV head split between two threads read by both (each head's bits are its own
+               either way: `attend_heads`). SmolLM2-135M, one row: the busier thread computes 5
+               heads instead of 6 and still reads two KV heads' K and V (session 44). */
 #pragma omp parallel num_threads(threads)
             {
-                const int t = omp_get_thread_num();
+                const int tid = omp_get_thread_num();
                 int64_t lo, hi;
-                share(M * H, 1, t, omp_get_num_threads(), &lo, &hi);
-                for (int64_t h = lo; h < hi;) { /* head h of the rows' M x H: row m, its head e, of KV head g */
-                    const int64_t m = h / H, e = h % H, g = e / group;
+                share(M * H, 1, tid, omp_get_num_threads(), &lo, &hi);
+                for (int64_t head = lo; head < hi;) { /* of the rows' M x H: row m, its head e, of KV head g */
+                    const int64_t m = head / H, e = head % H, g = e / group;
                     const int64_t end = hi < m * H + (g + 1) * group ? hi : m * H + (g + 1) * group;
                     const int64_t at = (cache_row[m] * S1 * kv + g * Dh) * bytes;
-                    attend_group(wide + m * QKV + e * Dh, end - h, kc + at, vc + at, mask + m * K, K, kv, Dh,
-                                 scores + (int64_t)t * (K + 1) * group, att + (m * H + e) * Dh, kv_half);
-                    h = end;
+                    attend_group(wide + m * QKV + e * Dh, end - head, kc + at, vc + at, mask + m * K, K, kv, Dh,
+                                 scores + (int64_t)tid * (K + 1) * group, att + (m * H + e) * Dh, kv_half);
+                    head = end;
                 }
             }
         } else {

@@ -435,18 +435,18 @@ def read_block_bytes(path: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
     arch = hf_config["model_type"]
     n_heads, n_kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     out: dict[str, tuple[str, torch.Tensor]] = {}
-    for tensor in parsed.tensors:
-        if not _stored_as_blocks(tensor):
-            continue
-        size, kind = _BLOCK_TYPES[tensor.tensor_type.name]
-        blocks = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, size)  # (N, K / 32, bytes)
-        if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-            blocks = _unpermute(blocks, n_heads if tensor.name.endswith("attn_q.weight") else n_kv_heads)
-        # Views of a read-only map, read-only by contract (the docstring; their readers copy): torch's
-        # warning about them says so. Filtered here, at the call, not by a filter of the module's
-        # import, which a test framework's per-test filters drop.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+    # Views of a read-only map, read-only by contract (the docstring; their readers copy): torch's
+    # warning about them says so. Filtered here, around the calls, not by a filter of the module's
+    # import, which a test framework's per-test filters drop.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        for tensor in parsed.tensors:
+            if not _stored_as_blocks(tensor):
+                continue
+            size, kind = _BLOCK_TYPES[tensor.tensor_type.name]
+            blocks = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, size)  # (N, K / 32, bytes)
+            if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+                blocks = _unpermute(blocks, n_heads if tensor.name.endswith("attn_q.weight") else n_kv_heads)
             out[_our_name(tensor.name)] = (kind, torch.from_numpy(blocks))
     return out
 

@@ -513,7 +513,18 @@ def test_long_contexts_attend_alike_alone_batched_and_with_masked_keys(half):
     key being scored), in a float32 or float16 cache: one row alone (three KV heads on two
     threads: the query heads shared out) gets, bit for bit, what it gets beside another row (the
     KV heads shared out) and what it gets with the batch's keys past its own masked; close to the
-    layers' own torch forward; keys masked in the middle of the context are left out."""
+    layers' own torch forward; keys masked in the middle of the context are left out. On two
+    threads, whatever the machine has (the kernel takes torch's count), so that both ways of
+    sharing the attention run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _long_contexts_alike(half)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _long_contexts_alike(half: bool) -> None:
     _, on_blocks = _blocks_loaded(seed=11, adapted=False, dim=384, heads=(6, 3),
                                   products="int16" if half and dlm.blocks.vnni_available() is None else None)
     model = on_blocks.model

@@ -5,9 +5,9 @@ llama-cpp-python imports); `LlamaCppReference(gguf, threads, n_ctx)` loads the s
 our engine runs, and `measure(prompt_ids, max_new_tokens, eos_ids)` decodes each prompt (token
 ids from our own chat template, so both engines see the same tokens), greedy, one request at a
 time, and returns records shaped like `bench llm`'s own (first output, per-token times, ids, wall
-time, tokens, forward passes); `close()` frees the model. llama-cpp-python keeps the K/V of the longest common prefix of the
-previous prompt, as our engine's prefix reuse does, so a warm-up run leaves the shared system
-prompt cached for both. llama-cpp-python is an optional extra (README "llama.cpp reference": it
+time, tokens, forward passes); `close()` frees the model. llama-cpp-python keeps the K/V of the
+longest common prefix of the previous prompt, as our engine's prefix reuse does, so a warm-up run
+leaves the shared system prompt cached for both. llama-cpp-python is an optional extra (README "llama.cpp reference": it
 builds from source, and a default `-march=native` build dies with SIGILL on some VMs).
 """
 

@@ -34,8 +34,8 @@ blocks at every position in float32 (docs/models.md).
 `--reference llama.cpp` runs llama.cpp (llama-cpp-python, an optional extra; one note line where
 it is missing) on the same GGUF and token ids at concurrency 1 in the same run, in the same rounds
 as our engines (`--repeats`; loaded for its round alone, so that one engine is in memory at a
-time), with bars for our engines against it; `--fidelity` compares the AR engine's greedy replies and logits with the same
-weights in float32. With `--set llm.accept=A` (< 1: lossy acceptance) it also reports the
+time), with bars for our engines against it; `--fidelity` compares the AR engine's greedy replies
+and logits with the same weights in float32. With `--set llm.accept=A` (< 1: lossy acceptance) it also reports the
 teacher's NLL per token of the dLLM's replies against its own greedy replies' (the same weights in
 float32). On CPU every run also times single forwards (a step, a block of 16, a
 150-token prefill: issue 15's bars) and reports the model's weight bytes and the process RSS.
@@ -822,16 +822,21 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     make_reference = _reference(args, loaded, notes)
     reference = None  # the last one made: its version and file for the report
     replies_at_one = 0  # how many replies our engines' level 1 measures: the reference measures as many
+    kept_by_reference = 0  # bytes the process holds more after llama.cpp's rounds than before them
 
     def run_reference() -> dict[str, Any]:
         """llama.cpp at concurrency 1 on the prompts our engines' level 1 ran (their token ids),
         loaded for this round alone and closed after it, as each of our engines is made for its
-        own: one engine in memory at a time, so that each one's memory figure is its own (but for
-        about 5 MB that llama.cpp keeps once its first model is freed: measured on the default
-        model, session 44)."""
-        nonlocal reference
-        if not prompt_ids:
-            raise RuntimeError(f"{REFERENCE} measures the token ids our engines decode: one of them runs first")
+        own: one engine in memory at a time, so that each one's memory figure is its own. What
+        llama.cpp keeps once its model is freed (about 5 MB on the default model after its first
+        round: its libraries' state; session 44) is measured around each round and left out of
+        our engines' figures."""
+        nonlocal reference, kept_by_reference
+        if not prompt_ids or not replies_at_one:
+            raise RuntimeError(f"{REFERENCE} measures the token ids our engines' level 1 decodes: it runs first")
+        gc.collect()  # what the round before freed, given back first: not counted as llama.cpp's
+        release_free_memory()
+        before = resident_bytes()
         reference = make_reference()
         try:
             from dlm.threads import in_engine_thread
@@ -847,6 +852,9 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
             reference.close()
             gc.collect()
             release_free_memory()
+            after = resident_bytes()
+            if before is not None and after is not None:
+                kept_by_reference += max(0, after - before)
         print(f"  {REFERENCE} concurrency 1: {wall:.2f} s", file=sys.stderr)
         walls.setdefault((REFERENCE, 1), []).append(round(wall, 4))
         return _summary(REFERENCE, 1, records, wall, None)
@@ -881,7 +889,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
                 replies_at_one = result["replies"]
             rss = resident_bytes()  # with this engine's cache holding what its level wrote
         if rss is not None and rss_before_load is not None:
-            memory["in_use_bytes"][name] = max(memory["in_use_bytes"].get(name, 0), rss - rss_before_load)
+            in_use = rss - rss_before_load - kept_by_reference
+            memory["in_use_bytes"][name] = max(memory["in_use_bytes"].get(name, 0), in_use)
         walls.setdefault((name, level), []).append(round(result["level_wall_s"], 4))
         return result
 
