@@ -131,10 +131,10 @@ def test_a_missing_llama_cpp_is_one_note_and_the_run_goes_on(monkeypatch, capsys
     assert _reference(argparse.Namespace(reference=None, synthetic=None), SimpleNamespace(path="m.gguf"), notes) is None
 
 
-def test_llama_cpp_runs_in_our_engines_rounds_one_model_in_memory_at_a_time(tmp_path, monkeypatch, capsys) -> None:
-    """`--reference` with `--repeats`: llama.cpp measured in every round beside our engine, in
-    rotating order, loaded for its round and closed after it, on as many prompts as our level 1,
-    its fastest round kept as ours are."""
+def _bench_with_fake_llama_cpp(tmp_path, monkeypatch, walls: list) -> tuple[dict, list[tuple[str, int]], type]:
+    """`bench llm --engines ar --repeats 3 --reference llama.cpp` on a tiny GGUF with a stand-in for
+    llama.cpp whose rounds take `walls` in turn (an exception: that round raises it): (the JSON
+    report, the sequence of measured levels (engine, requests), the stand-in's class)."""
     import json
 
     from voice_agent import cli
@@ -147,7 +147,7 @@ def test_llama_cpp_runs_in_our_engines_rounds_one_model_in_memory_at_a_time(tmp_
     monkeypatch.setenv("VOICE_AGENT_CACHE_DIR", str(tmp_path / "cache"))
     gguf, _ = tiny_checkpoints.llama_gguf(tmp_path / "tiny.gguf", context=1024)
     events: list[tuple[str, int]] = []
-    walls = iter([0.3, 0.1, 0.2])  # each round's measured wall time (the warm-ups' are not the level's)
+    rounds = iter(walls)
 
     class FakeLlamaCpp:
         alive = 0
@@ -163,7 +163,9 @@ def test_llama_cpp_runs_in_our_engines_rounds_one_model_in_memory_at_a_time(tmp_
             if self.measured == 1:  # the warm-up
                 return [], 0.0
             events.append(("llama.cpp", len(prompt_ids)))
-            wall = next(walls)
+            wall = next(rounds)
+            if isinstance(wall, Exception):
+                raise wall
             records = [{"first_output_s": wall / 4, "token_times": [[wall / 4, 1], [wall / 2, 2]], "token_ids": [5, 6],
                         "wall_s": wall / 2, "tokens": 2, "steps": 2, "prefill_steps": 1, "prefill_tokens": 1,
                         "finish": "length", "error": None, "tokens_per_forward": 1.0, "tokens_per_s": 4 / wall,
@@ -186,12 +188,19 @@ def test_llama_cpp_runs_in_our_engines_rounds_one_model_in_memory_at_a_time(tmp_
     out = tmp_path / "llm.json"
     assert cli.main(["bench", "--set", f"llm.model={gguf}", "llm", "--engines", "ar", "--concurrency", "1",
                      "--max-new-tokens", "2", "--repeats", "3", "--reference", "llama.cpp", "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), events, FakeLlamaCpp
+
+
+def test_llama_cpp_runs_in_our_engines_rounds_one_model_in_memory_at_a_time(tmp_path, monkeypatch, capsys) -> None:
+    """`--reference` with `--repeats`: llama.cpp measured in every round beside our engine, in
+    rotating order, loaded for its round and closed after it, on as many prompts as our level 1,
+    its fastest round kept as ours are."""
+    report, events, fake = _bench_with_fake_llama_cpp(tmp_path, monkeypatch, [0.3, 0.1, 0.2])
     ar, ref = report["results"]
-    assert ar["engine"] == "ar" and ref["engine"] == "llama.cpp" and FakeLlamaCpp.alive == 0
+    assert ar["engine"] == "ar" and ref["engine"] == "llama.cpp" and fake.alive == 0
     assert ref["repeat_walls_s"] == [0.3, 0.1, 0.2] and ref["level_wall_s"] == 0.1  # the fastest round kept
     assert len(ar["repeat_walls_s"]) == 3 and ref["replies"] == ar["replies"] == 8  # the voice prompts, one at a time
-    assert report["reference"] == {"engine": "llama.cpp", "version": "fake", "model": str(gguf)}
+    assert report["reference"] == {"engine": "llama.cpp", "version": "fake", "model": report["model"]}  # our GGUF
     # Rounds in rotating order: [ar, llama.cpp], [ar, llama.cpp], [llama.cpp, ar]; each of our
     # levels a warm-up and one request a round, llama.cpp as many requests as our level measured.
     runs = [name for name, _ in events]
@@ -199,6 +208,25 @@ def test_llama_cpp_runs_in_our_engines_rounds_one_model_in_memory_at_a_time(tmp_
     assert rounds[0] == rounds[1] == ["ours"] * 9 + ["llama.cpp"] and rounds[2] == ["llama.cpp"] + ["ours"] * 9
     assert all(n == 8 for name, n in events if name == "llama.cpp")
     assert "llama.cpp concurrency 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failing", ["first round", "second round"])
+def test_a_failing_llama_cpp_leaves_a_note_and_our_engines_results(tmp_path, monkeypatch, capsys, failing) -> None:
+    """llama.cpp raising in a round (a GGUF it cannot load, ...): closed, a note, no more of its
+    rounds; the run's report keeps our engine's rounds and llama.cpp's finished ones."""
+    walls = [RuntimeError("llama_decode returned -3")] if failing == "first round" else [
+        0.3, RuntimeError("llama_decode returned -3")]
+    report, events, fake = _bench_with_fake_llama_cpp(tmp_path, monkeypatch, walls)
+    assert fake.alive == 0 and [name for name, _ in events].count("llama.cpp") == len(walls)
+    assert any(n.startswith("llama.cpp failed (RuntimeError: llama_decode returned -3)") for n in report["notes"])
+    ar = report["results"][0]
+    assert ar["engine"] == "ar" and len(ar["repeat_walls_s"]) == 3  # every round of ours
+    if failing == "first round":
+        assert len(report["results"]) == 1 and report["reference"] is None and report["reference_bars"] is None
+    else:
+        ref = report["results"][1]
+        assert ref["engine"] == "llama.cpp" and ref["repeat_walls_s"] == [0.3] and report["reference_bars"] is not None
+    assert "note: llama.cpp failed" in capsys.readouterr().err
 
 
 def test_forward_costs_time_a_step_a_block_a_prefill_positions_and_a_heads_pass() -> None:

@@ -51,6 +51,7 @@ import argparse
 import functools
 import importlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -820,7 +821,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
 
     walls: dict[tuple[str, int], list[float]] = {}
     make_reference = _reference(args, loaded, notes)
-    reference = None  # the last one made: its version and file for the report
+    reference = None  # the last one that measured a round: its version and file for the report
+    reference_failed = False  # llama.cpp raised in a round: not tried again, its finished rounds kept
     replies_at_one = 0  # how many replies our engines' level 1 measures: the reference measures as many
     kept_by_reference = 0  # bytes the process holds more after llama.cpp's rounds than before them
 
@@ -830,31 +832,43 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         own: one engine in memory at a time, so that each one's memory figure is its own. What
         llama.cpp keeps once its model is freed (about 5 MB on the default model after its first
         round: its libraries' state; session 44) is measured around each round and left out of
-        our engines' figures."""
-        nonlocal reference, kept_by_reference
+        our engines' figures. Where llama.cpp fails (a GGUF it cannot load, ...), a note says so
+        and the run goes on without it: our engines' rounds are not lost."""
+        nonlocal reference, reference_failed, kept_by_reference
         if not prompt_ids or not replies_at_one:
             raise RuntimeError(f"{REFERENCE} measures the token ids our engines' level 1 decodes: it runs first")
+        if reference_failed:
+            return {"level_wall_s": math.inf}
         gc.collect()  # what the round before freed, given back first: not counted as llama.cpp's
         release_free_memory()
         before = resident_bytes()
-        reference = make_reference()
         try:
-            from dlm.threads import in_engine_thread
+            made = make_reference()
+            try:
+                from dlm.threads import in_engine_thread
 
-            def run() -> tuple[list[dict[str, Any]], float]:
-                eos = loaded.spec.eos_token_ids
-                reference.measure(prompt_ids[:1], args.max_new_tokens, eos)  # warm-up, as ours
-                return reference.measure(prompt_ids[1:1 + replies_at_one], args.max_new_tokens, eos)
+                def run() -> tuple[list[dict[str, Any]], float]:
+                    eos = loaded.spec.eos_token_ids
+                    made.measure(prompt_ids[:1], args.max_new_tokens, eos)  # warm-up, as ours
+                    return made.measure(prompt_ids[1:1 + replies_at_one], args.max_new_tokens, eos)
 
-            # in a thread with the cores our engines get (dlm.threads): llama.cpp's OpenMP is torch's
-            records, wall = in_engine_thread(run)
+                # in a thread with the cores our engines get (dlm.threads): llama.cpp's OpenMP is torch's
+                records, wall = in_engine_thread(run)
+            finally:
+                made.close()
+        except Exception as e:  # llama.cpp's own error, whatever its kind
+            reference_failed = True
+            note = f"{REFERENCE} failed ({type(e).__name__}: {str(e)[:300]}); no more of its rounds are run"
+            print(f"note: {note}", file=sys.stderr)
+            notes.append(note)
+            return {"level_wall_s": math.inf}
         finally:
-            reference.close()
             gc.collect()
             release_free_memory()
             after = resident_bytes()
             if before is not None and after is not None:
                 kept_by_reference += max(0, after - before)
+        reference = made
         print(f"  {REFERENCE} concurrency 1: {wall:.2f} s", file=sys.stderr)
         walls.setdefault((REFERENCE, 1), []).append(round(wall, 4))
         return _summary(REFERENCE, 1, records, wall, None)
@@ -906,7 +920,8 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
     for measured in in_rounds(candidates, args.repeats, run_level, key="level_wall_s"):
         name, level = measured.pop("engine_name"), measured.pop("level")
         del measured["kind"]
-        results.append({**measured, "repeat_walls_s": walls[(name, level)]})
+        if (name, level) in walls:  # not llama.cpp where no round of it finished
+            results.append({**measured, "repeat_walls_s": walls[(name, level)]})
     ar_level = pair = None
     if args.fidelity:
         ar_level = next((r for r in results if r["engine"] == "ar" and r["concurrency"] == 1), None)
