@@ -7,8 +7,9 @@ ids from our own chat template, so both engines see the same tokens), greedy, on
 time, and returns records shaped like `bench llm`'s own (first output, per-token times, ids, wall
 time, tokens, forward passes); `close()` frees the model. llama-cpp-python keeps the K/V of the
 longest common prefix of the previous prompt, as our engine's prefix reuse does, so a warm-up run
-leaves the shared system prompt cached for both. llama-cpp-python is an optional extra (README "llama.cpp reference": it
-builds from source, and a default `-march=native` build dies with SIGILL on some VMs).
+leaves the shared system prompt cached for both. llama-cpp-python is an optional extra (README
+"llama.cpp reference": it builds from source, and a default `-march=native` build dies with
+SIGILL on some VMs).
 """
 
 from __future__ import annotations

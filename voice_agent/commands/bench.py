@@ -35,10 +35,10 @@ blocks at every position in float32 (docs/models.md).
 it is missing) on the same GGUF and token ids at concurrency 1 in the same run, in the same rounds
 as our engines (`--repeats`; loaded for its round alone, so that one engine is in memory at a
 time), with bars for our engines against it; `--fidelity` compares the AR engine's greedy replies
-and logits with the same weights in float32. With `--set llm.accept=A` (< 1: lossy acceptance) it also reports the
-teacher's NLL per token of the dLLM's replies against its own greedy replies' (the same weights in
-float32). On CPU every run also times single forwards (a step, a block of 16, a
-150-token prefill: issue 15's bars) and reports the model's weight bytes and the process RSS.
+and logits with the same weights in float32. With `--set llm.accept=A` (< 1: lossy acceptance) it
+also reports the teacher's NLL per token of the dLLM's replies against its own greedy replies'
+(the same weights in float32). On CPU every run also times single forwards (a step, a block of
+16, a 150-token prefill: issue 15's bars) and reports the model's weight bytes and the process RSS.
 `--url URL` measures an OpenAI-compatible server instead (voice_agent/bench/remote.py): the same
 prompts, levels and records, streamed greedy completions; tokens per forward where the server
 reports its forwards (our LLM tier does). The other targets live in their own modules (`_OTHERS`: `bench_audio`, `bench_barge_in`,
@@ -783,7 +783,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         return 2
     import gc
 
-    if args.reference:  # llama.cpp's libraries imported before the baseline: their pages are not our engines' memory
+    if args.reference:  # llama.cpp's libraries imported before the baseline: not our engines' memory
         from voice_agent.bench.reference import llama_cpp_missing
 
         llama_cpp_missing()
