@@ -207,7 +207,12 @@ def test_llama_cpp_runs_in_our_engines_rounds_one_model_in_memory_at_a_time(tmp_
     rounds = [runs[:10], runs[10:20], runs[20:]]
     assert rounds[0] == rounds[1] == ["ours"] * 9 + ["llama.cpp"] and rounds[2] == ["llama.cpp"] + ["ours"] * 9
     assert all(n == 8 for name, n in events if name == "llama.cpp")
-    assert "llama.cpp concurrency 1" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "llama.cpp concurrency 1" in printed.err
+    header = next(line for line in printed.out.splitlines() if line.startswith("engine"))
+    rows = [line for line in printed.out.splitlines() if line.startswith(("ar ", "llama.cpp "))]
+    end = header.index("conc") + len("conc")  # the table's columns line up whatever the engines' names
+    assert len(rows) == 2 and all(row[end - 1] == "1" and row[end] == " " for row in rows)
 
 
 @pytest.mark.parametrize("failing", ["first round", "second round"])

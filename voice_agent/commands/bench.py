@@ -1134,7 +1134,8 @@ def _print_table(report: dict[str, Any]) -> None:
         print("draft settings: " + ", ".join(f"{k} {v}" for k, v in report["draft_settings"].items()))
     for note in report["notes"]:
         print(f"note: {note}")
-    print(f"{'engine':<6} {'conc':>5} {'first s':>8} {'wall s':>8} {'tokens':>7} {'tok/fwd':>8} "
+    width = max([6, *(len(r["engine"]) for r in report["results"])])  # "llama.cpp" is wider than ours
+    print(f"{'engine':<{width}} {'conc':>5} {'first s':>8} {'wall s':>8} {'tokens':>7} {'tok/fwd':>8} "
           f"{'tok/s/req':>10} {'agg tok/s':>10} {'peak MiB':>9}")
 
     def fmt(v: float | None, spec: str) -> str:
@@ -1142,7 +1143,7 @@ def _print_table(report: dict[str, Any]) -> None:
 
     for r in report["results"]:
         peak = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
-        print(f"{r['engine']:<6} {r['concurrency']:>5} {fmt(r['median_first_output_s'], '8.3f')} "
+        print(f"{r['engine']:<{width}} {r['concurrency']:>5} {fmt(r['median_first_output_s'], '8.3f')} "
               f"{fmt(r['median_wall_s'], '8.3f')} {fmt(r['median_tokens'], '7.0f')} {fmt(r['tokens_per_forward'], '8.2f')} "
               f"{fmt(r['median_tokens_per_s_per_request'], '10.1f')} {r['aggregate_tokens_per_s']:>10.1f} "
               f"{fmt(peak, '9.0f')}")
