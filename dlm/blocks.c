@@ -1110,14 +1110,14 @@ TARGET static float softmax_weights(float *scores, int64_t K, float top) {
 /* The cached K and V of key j + ATTEND_AHEAD on their way while key j's score is computed (K into
    L1, V into L2 for the weighted sum's pass that follows): a long context's keys and values come
    from memory, strided (a KV head's Dh values of each position's Hkv x Dh), and with the hardware's
-   prefetch alone the two passes read them at some 10 GB/s a thread. Measured on a 2-core AMD EPYC
-   (Zen 4; session 44), one thread, SmolLM2-135M's attention at 1000 cached positions in float16
-   (30 layers x 3 KV heads of 3 query heads), fastest of 20: 2.3-2.6 -> 1.7-1.8 ms (in a slower
-   spell of the VM 2.9-3.4 -> 2.0-2.2); 8, 16 and 32 keys ahead for K and 8 to 64 for V all gained,
-   32 and 32 the most. A whole forward after 1000 positions (with the query heads' sharing in
-   `blocks_forward`): one row 6.7 -> 6.2 ms, eight rows 21.9 -> 20.5, after 100 positions 2-3 %
-   less (the two kernels alternated in one process). A prefetch changes no result; a masked
-   key's (a shorter row's tail in a batch) is not fetched. */
+   prefetch alone the two passes read them at some 10 GB/s a thread. Measured by a throwaway C
+   harness on a 2-core AMD EPYC (Zen 4; session 44), one thread, SmolLM2-135M's attention at 1000
+   cached positions in float16 (30 layers x 3 KV heads of 3 query heads), fastest of 20: 2.3-2.6 ->
+   1.7-1.8 ms (in a slower spell of the VM 2.9-3.4 -> 2.0-2.2); 8, 16 and 32 keys ahead for K and 8
+   to 64 for V all gained, 32 and 32 the most. A whole forward after 1000 positions (with the query
+   heads' sharing in `blocks_forward`): one row 6.7 -> 6.2 ms, eight rows 21.9 -> 20.5, after 100
+   positions 2-3 % less (a throwaway script alternating the two kernels in one process). A
+   prefetch changes no result; a masked key's (a shorter row's tail in a batch) is not fetched. */
 #define ATTEND_AHEAD 32
 TARGET INLINE void attend_prefetch(const void *keys, const void *values, const uint8_t *mask, int64_t j, int64_t K,
                                    int64_t stride, int64_t Dh, int half) {

@@ -831,7 +831,7 @@ def run_llm(args: argparse.Namespace, config: Config) -> int:
         loaded for this round alone and closed after it, as each of our engines is made for its
         own: one engine in memory at a time, so that each one's memory figure is its own. What
         llama.cpp keeps once its model is freed (about 5 MB on the default model after its first
-        round: its libraries' state; session 44) is measured around each round and left out of
+        round: its libraries' state; a throwaway script, session 44) is measured around each round and left out of
         our engines' figures. Where llama.cpp fails (a GGUF it cannot load, ...), a note says so
         and the run goes on without it: our engines' rounds are not lost."""
         nonlocal reference, reference_failed, kept_by_reference
