@@ -1551,3 +1551,73 @@ TARGET void blocks_argmax(const float *x, int64_t M, int64_t N, int64_t *idx, fl
         top[m] = 1.0f / _mm512_reduce_add_ps(sum);
     }
 }
+
+/* ---- This CPU's peak rate of the products' instruction (`bench llm`'s floors) ----------------
+
+   Each of `threads` threads runs `rounds` rounds of PEAK_CHAINS independent instructions on
+   registers only (no memory; each chain depends on its own last round only, so the chains keep
+   the pipes full): FMAs, as the float32 products run (16 multiply-adds each), or vpdpbusd, as
+   the integer products do (64 multiply-adds each with 8-bit inputs; 16-bit inputs take two per
+   64, so 32 each). An empty asm after every round makes the compiler keep every instruction of
+   every round. Returns the multiply-adds done by all threads, counted at the products'
+   precision; -1 where this does not measure the products (the AMX tiles' own) or this CPU cannot
+   run them. No real product reaches this rate: it is the ceiling a kernel's products work under. */
+#define PEAK_CHAINS 12
+/* Twelve named accumulators, not an array: an array lives on the stack across the asm. */
+#define PEAK_EACH(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11)
+#define PEAK_KEEP                                                                                        \
+    __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7), \
+                     "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11))
+
+TARGET static int64_t peak_fma(int64_t rounds) {
+    __m512 w = _mm512_set1_ps(1.0f), x = _mm512_set1_ps(0.5f);
+    __asm__ volatile("" : "+v"(w), "+v"(x)); /* values the compiler cannot know */
+#define PEAK_INIT(i) __m512 a##i = _mm512_set1_ps((float)i);
+#define PEAK_STEP(i) a##i = _mm512_fmadd_ps(w, x, a##i);
+#define PEAK_SUM(i) s = _mm512_add_ps(s, a##i);
+    PEAK_EACH(PEAK_INIT)
+    for (int64_t r = 0; r < rounds; r++) {
+        PEAK_EACH(PEAK_STEP)
+        PEAK_KEEP;
+    }
+    __m512 s = _mm512_setzero_ps();
+    PEAK_EACH(PEAK_SUM)
+    volatile float sink = _mm512_reduce_add_ps(s);
+    (void)sink;
+    return rounds * PEAK_CHAINS;
+#undef PEAK_INIT
+#undef PEAK_STEP
+#undef PEAK_SUM
+}
+
+VNNI_TARGET static int64_t peak_dpbusd(int64_t rounds) {
+    __m512i w = _mm512_set1_epi32(0x01020304), x = _mm512_set1_epi32(0x05060708);
+    __asm__ volatile("" : "+v"(w), "+v"(x));
+#define PEAK_INIT(i) __m512i a##i = _mm512_set1_epi32(i);
+#define PEAK_STEP(i) a##i = _mm512_dpbusd_epi32(a##i, w, x);
+#define PEAK_SUM(i) s = _mm512_add_epi32(s, a##i);
+    PEAK_EACH(PEAK_INIT)
+    for (int64_t r = 0; r < rounds; r++) {
+        PEAK_EACH(PEAK_STEP)
+        PEAK_KEEP;
+    }
+    __m512i s = _mm512_setzero_si512();
+    PEAK_EACH(PEAK_SUM)
+    volatile int sink = _mm512_reduce_add_epi32(s);
+    (void)sink;
+    return rounds * PEAK_CHAINS;
+#undef PEAK_INIT
+#undef PEAK_STEP
+#undef PEAK_SUM
+}
+#undef PEAK_KEEP
+#undef PEAK_EACH
+
+int64_t blocks_peak(int products, int64_t rounds, int threads) {
+    const int64_t per = products == 0 ? 16 : products == 3 ? 64 : products == 4 ? 32 : 0; /* per instruction */
+    if (!per || rounds < 1 || threads < 1 || ((products == 3 || products == 4) && !blocks_vnni_supported())) return -1;
+    int64_t done = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : done)
+    done += products == 0 ? peak_fma(rounds) : peak_dpbusd(rounds);
+    return done * per;
+}

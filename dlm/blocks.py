@@ -58,6 +58,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -69,8 +70,8 @@ from torch import Tensor
 from dlm.gguf_file import BLOCK_BYTES, block_scales, default_cache_dir
 
 __all__ = ["AMX_BF16", "AMX_SPLIT", "FUSED_PROJECTIONS", "UNIT", "VNNI_INT8", "VNNI_INT16", "BlockDraftPass", "BlockLayers",
-           "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "amx_available", "available", "row_argmax", "row_top",
-           "vnni_available"]
+           "BlockWeight", "DraftUpdates", "LayerWeights", "LowRank", "amx_available", "available", "product_peak",
+           "row_argmax", "row_top", "vnni_available"]
 
 SOURCE = Path(__file__).with_name("blocks.c")
 UNIT = 64  # inputs per unit of the kernel (two blocks of 32): K must be a multiple
@@ -148,6 +149,8 @@ def _load() -> ctypes.CDLL | None:
         lib.blocks_draft_pass.restype = ctypes.c_int
         lib.blocks_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         lib.blocks_argmax.restype = None
+        lib.blocks_peak.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+        lib.blocks_peak.restype = ctypes.c_int64
         _lib = lib
         return lib
 
@@ -193,6 +196,43 @@ def _row_top(x: Tensor, with_top: bool) -> tuple[Tensor, Tensor | None]:
     if best.numel():
         lib.blocks_argmax(rows.data_ptr(), best.numel(), x.shape[-1], best.data_ptr(), None if top is None else top.data_ptr())
     return best, top
+
+
+PEAK_MEASURED = (0, VNNI_INT8, VNNI_INT16)  # `product_peak`: the products whose instruction it times
+
+
+def product_peak(products: int, threads: int, seconds: float = 0.05, tries: int = 3) -> float | None:
+    """This CPU's peak rate, in multiply-adds a second over `threads` threads, of the instruction
+    that block products `products` (0: float32, `VNNI_INT8`, `VNNI_INT16`; see `BlockWeight`) are
+    made of, counted at their precision: FMAs (16 a float32 instruction), vpdpbusd (64 with 8-bit
+    inputs, 32 with 16-bit ones, which take two). Registers only, each try about `seconds` long,
+    the fastest of `tries` kept (dlm/blocks.c `blocks_peak`): the ceiling no product of those
+    weights can pass here, whatever the kernel does. None for the AMX tiles' products (not
+    measured) or where this CPU cannot run them (no VNNI); RuntimeError where the kernel cannot
+    run at all; ValueError for an unknown kind, a thread count or a duration below 1 or 0."""
+    if products not in (*PEAK_MEASURED, AMX_BF16, AMX_SPLIT):
+        raise ValueError(f"no block products of kind {products!r} (0, AMX_BF16, AMX_SPLIT, VNNI_INT8 or VNNI_INT16)")
+    if threads < 1 or not seconds > 0 or tries < 1:
+        raise ValueError(f"product_peak needs threads >= 1, seconds > 0 and tries >= 1, not {threads}, {seconds}, {tries}")
+    lib = _kernel()
+    if products not in PEAK_MEASURED:
+        return None
+    rounds, best = 1 << 12, 0.0
+    for _ in range(40):  # grow the rounds until a try lasts about `seconds` (a few doublings)
+        t0 = time.perf_counter()
+        done = lib.blocks_peak(products, rounds, threads)
+        elapsed = time.perf_counter() - t0
+        if done < 0:
+            return None
+        if elapsed >= seconds / 2:
+            best = done / elapsed
+            break
+        rounds *= 2 if elapsed > seconds / 8 else 8
+    for _ in range(tries - 1):
+        t0 = time.perf_counter()
+        done = lib.blocks_peak(products, rounds, threads)
+        best = max(best, done / (time.perf_counter() - t0))
+    return best
 
 
 _amx_reason: str | None = None

@@ -35,6 +35,7 @@ def test_bench_llm_int4_reports_fidelity_costs_and_memory(tmp_path, monkeypatch,
     costs = report["forward_costs"]
     assert costs["step_ms"] > 0 and costs["prefill_ms"] > 0 and set(costs["bars"]) == {
         "block_step_ratio", "block_bulk_ratio", "prefill_ms"}
+    assert costs["floors"] == {"measured": False, "why": "the model does not run block products"}  # int4: torch's
     memory = report["memory"]
     assert 200e6 < memory["weight_bytes"] < 450e6
     # In a test process what the load added is whatever this process's allocator made of it (the
@@ -47,6 +48,7 @@ def test_bench_llm_int4_reports_fidelity_costs_and_memory(tmp_path, monkeypatch,
     assert "of which the model's load added" in printed and "llm_resident_mb" in printed
     assert "against the same weights in float32" in printed and "single forwards" in printed
     assert "torch.bfloat16 on int4 weights" in printed
+    assert "floors at this CPU's peak: not measured (the model does not run block products)" in printed
 
 
 @pytest.mark.slow

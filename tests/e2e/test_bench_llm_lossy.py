@@ -37,3 +37,10 @@ def test_exact_decoding_reports_no_lossy_quality(tmp_path):
                      "--n-prompts", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["lossy_quality"] is None and report["bars"]["differing_replies"]["value"] == 0
+    # The block kernel's products at this CPU's peak: what the forward bars' work costs at the least.
+    floors, costs = report["forward_costs"]["floors"], report["forward_costs"]
+    if floors["measured"]:
+        assert floors["layer_macs"] + floors["output_macs"] == 134_479_872  # SmolLM2-135M's projections
+        assert 0 < floors["block_ms"] < costs["block_step_ms"] and floors["prefill_ms"] > 0
+    else:
+        assert floors["why"]

@@ -262,6 +262,60 @@ def test_forward_costs_time_a_step_a_block_a_prefill_positions_and_a_heads_pass(
     passes = costs["head_pass"]
     assert passes["rows"] == [1, 2, 4, 8] and all(t > 0 for t in passes["ms"]) and passes["engine_share"] == 0.37
     assert forward_costs(model, context=20, block=4, prompt=12)["head_pass"] is None
+    assert costs["floors"] == {"measured": False, "why": "the model does not run block products"}  # dense torch layers
+
+
+def test_multiply_adds_are_the_projections_weights_of_a_position() -> None:
+    """`multiply_adds`: each projection weight once a position (the layers'; the output layer's
+    vocabulary x width): SmolLM2-135M's counts, and a tiny model's own weights counted."""
+    from dlm.config import ModelConfig
+    from dlm.model import PROJECTIONS, Transformer
+    from voice_agent.commands.bench import multiply_adds
+
+    smollm2 = ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536)
+    assert multiply_adds(smollm2) == (106_168_320, 28_311_552)  # 30 x (576 x 960 + 576 x 576 + 576 x 3072 + 1536 x 576)
+    config = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=48, head_dim=16)
+    model = Transformer(config)
+    weights = dict(model.named_parameters())
+    layers = sum(weights[f"model.layers.{i}.{p}.weight"].numel() for i in range(3) for p in PROJECTIONS.values())
+    assert multiply_adds(config) == (layers, 64 * 32)
+
+
+def test_product_floors_price_the_bars_work_at_the_measured_peak() -> None:
+    """The forward bars' work at this CPU's peak product rate: 16 positions with logits at each and
+    a prefill with logits at its last, from the model's multiply-adds and the measured rate; not
+    measured where the model runs no block products the peak stands for."""
+    from types import SimpleNamespace
+
+    import dlm.blocks
+    from dlm.blocks import AMX_SPLIT, VNNI_INT16
+    from dlm.config import ModelConfig
+    from voice_agent.commands.bench import multiply_adds, product_floors
+
+    config = ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536)
+
+    def model(products):
+        return SimpleNamespace(config=config, block_products=lambda: products)
+
+    assert product_floors(model(None), block=16, prompt=150, step_ms=4.0) == {
+        "measured": False, "why": "the model does not run block products"}
+    assert product_floors(SimpleNamespace(config=config), block=16, prompt=150, step_ms=4.0)["measured"] is False
+    assert product_floors(model(AMX_SPLIT), block=16, prompt=150, step_ms=4.0) == {
+        "measured": False, "why": "the AMX tiles' products are not measured"}
+    if dlm.blocks.available() is not None:
+        pytest.skip(f"float32 block kernel unavailable: {dlm.blocks.available()}")
+    layers, output = multiply_adds(config)
+    for products, name in ((0, "float32 FMAs"), (VNNI_INT16, "16-bit VNNI products")):
+        floors = product_floors(model(products), block=16, prompt=150, step_ms=4.0)
+        if products == VNNI_INT16 and not dlm.blocks._kernel().blocks_vnni_supported():
+            assert floors == {"measured": False, "why": "this CPU cannot run the model's products"}
+            continue
+        peak = floors["peak_gmacs"] * 1e9
+        assert floors["measured"] and floors["products"] == name and peak > 0 and floors["threads"] >= 1
+        assert (floors["layer_macs"], floors["output_macs"]) == (layers, output)
+        assert floors["block_ms"] == pytest.approx(1e3 * 16 * (layers + output) / peak)
+        assert floors["block_steps"] == pytest.approx(floors["block_ms"] / 4.0)
+        assert floors["prefill_ms"] == pytest.approx(1e3 * (150 * layers + output) / peak)
 
 
 def test_the_engines_budget_is_the_price_llm_row_cost_gives() -> None:

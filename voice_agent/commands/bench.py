@@ -490,6 +490,7 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
     verify_s, denoise_s, prefill_s, by_positions, by_rows, head_s = in_engine_thread(measure)
     step_s = by_positions[0]
     fit = verify_cost(by_positions)
+    floors = product_floors(model, block=block, prompt=prompt, step_ms=1e3 * step_s)
     return {
         "context": context, "step_ms": 1e3 * step_s, "block": block, "block_step_ms": 1e3 * verify_s,
         "block_bulk_ms": 1e3 * denoise_s,
@@ -499,6 +500,7 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
         "verify_ms_by_rows": [round(1e3 * t, 3) for t in by_rows],
         "verify_row_cost": verify_cost(by_rows),
         "head_pass": None if head is None else _head_pass(head_s, fit),
+        "floors": floors,
         "bars": {
             "block_step_ratio": {"value": verify_s / step_s, "limit": f"<= 1.3 ({block} positions as a step / one "
                                                                     "token's step)", "pass": verify_s / step_s <= 1.3},
@@ -508,6 +510,48 @@ def forward_costs(model: Any, *, context: int = 160, block: int = 16, prompt: in
                            "pass": prefill_s <= 0.040},
         },
     }
+
+
+def multiply_adds(config: Any) -> tuple[int, int]:
+    """(the decoder layers', the output layer's) multiply-adds of one position of a Llama-style
+    model: its projections' weights (q/k/v, o, gate/up, down; the output layer's vocabulary x
+    width), each used once a position. What attention adds (growing with the context), the norms
+    and a fine-tune's low-rank updates are left out: this is a lower bound on the work."""
+    D, H, Hkv, Dh, F = config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.intermediate_size
+    layer = D * (H + 2 * Hkv) * Dh + H * Dh * D + D * 2 * F + F * D
+    return config.n_layers * layer, config.vocab_size * D
+
+
+def product_floors(model: Any, *, block: int, prompt: int, step_ms: float) -> dict[str, Any]:
+    """What issue 15's forward bars would cost at this CPU's peak product rate (`dlm.blocks.product_peak`
+    for the model's block products, over the engines' threads): `block` positions with logits at
+    each, in ms and in steps of `step_ms`; a `prompt`-token prefill (logits at its last position
+    only), in ms. The projections' multiply-adds only (`multiply_adds`), each at the instruction's
+    full rate: no forward can be faster, so a bar below its floor is out of this CPU's reach with
+    that arithmetic. {"measured": False, "why": ...} where the model does not run block products
+    whose instruction `product_peak` times (dense weights, AMX tiles)."""
+    import torch
+
+    from dlm.blocks import product_peak
+    from dlm.threads import in_engine_thread
+
+    products = model.block_products() if hasattr(model, "block_products") else None
+    names = {0: "float32 FMAs", 3: "8-bit VNNI products", 4: "16-bit VNNI products"}
+    if products not in names:
+        return {"measured": False, "why": "the model does not run block products" if products is None
+                else "the AMX tiles' products are not measured"}
+    def measure() -> tuple[float | None, int]:
+        threads = torch.get_num_threads()
+        return product_peak(products, threads), threads
+
+    peak, threads = in_engine_thread(measure)  # the engines' threads, as the forwards above
+    if peak is None:
+        return {"measured": False, "why": "this CPU cannot run the model's products"}
+    layers, output = multiply_adds(model.config)
+    block_ms = 1e3 * block * (layers + output) / peak
+    return {"measured": True, "products": names[products], "threads": threads, "peak_gmacs": peak / 1e9,
+            "layer_macs": layers, "output_macs": output, "block_ms": block_ms, "block_steps": block_ms / step_ms,
+            "prefill_ms": 1e3 * (prompt * layers + output) / peak}
 
 
 def verify_cost(times: list[float], within: float = 0.05) -> dict[str, float]:
@@ -1177,6 +1221,14 @@ def _print_table(report: dict[str, Any]) -> None:
               f"prefill of {costs['prompt']} tokens {costs['prefill_ms']:.1f} ms")
         for name, bar in costs["bars"].items():
             print(f"  {name:<18} {fmt(bar['value'], '6.2f')}  {bar['limit']}: {'pass' if bar['pass'] else 'MISSED'}")
+        floors = costs.get("floors")
+        if floors and floors["measured"]:
+            print(f"  floors at this CPU's peak ({floors['products']}, {floors['threads']} threads: "
+                  f"{floors['peak_gmacs']:.0f} GMAC/s; the projections' {(floors['layer_macs'] + floors['output_macs']) / 1e6:.1f} M "
+                  f"multiply-adds a position and nothing else): {costs['block']} positions {floors['block_ms']:.1f} ms "
+                  f"({floors['block_steps']:.2f} steps), prefill of {costs['prompt']} tokens {floors['prefill_ms']:.1f} ms")
+        elif floors:
+            print(f"  floors at this CPU's peak: not measured ({floors['why']})")
         if costs.get("verify_ms_by_positions"):
             fit, engine = costs["verify_cost"], costs.get("engine_row_cost")
             print("verifying forwards by positions (logits at each), ms: "
