@@ -1559,9 +1559,9 @@ TARGET void blocks_argmax(const float *x, int64_t M, int64_t N, int64_t *idx, fl
    the pipes full): FMAs, as the float32 products run (16 multiply-adds each), or vpdpbusd, as
    the integer products do (64 multiply-adds each with 8-bit inputs; 16-bit inputs take two per
    64, so 32 each). An empty asm after every round makes the compiler keep every instruction of
-   every round. Returns the multiply-adds done by all threads, counted at the products'
-   precision; -1 where this does not measure the products (the AMX tiles' own) or this CPU cannot
-   run them. No real product reaches this rate: it is the ceiling a kernel's products work under. */
+   every round. Returns the multiply-adds done by the team OpenMP gave (at most `threads`), counted
+   at the products' precision; -1 where this does not measure the products (the AMX tiles' own),
+   this CPU cannot run them, or the count would not fit in 64 bits. No real product reaches this rate: it is the ceiling a kernel's products work under. */
 #define PEAK_CHAINS 12
 /* Twelve named accumulators, not an array: an array lives on the stack across the asm. */
 #define PEAK_EACH(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11)
@@ -1615,7 +1615,9 @@ VNNI_TARGET static int64_t peak_dpbusd(int64_t rounds) {
 
 int64_t blocks_peak(int products, int64_t rounds, int threads) {
     const int64_t per = products == 0 ? 16 : products == 3 ? 64 : products == 4 ? 32 : 0; /* per instruction */
-    if (!per || rounds < 1 || threads < 1 || ((products == 3 || products == 4) && !blocks_vnni_supported())) return -1;
+    if (!per || rounds < 1 || threads < 1 || rounds > INT64_MAX / (PEAK_CHAINS * per * threads) ||
+        ((products == 3 || products == 4) && !blocks_vnni_supported()))
+        return -1;
     int64_t done = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : done)
     done += products == 0 ? peak_fma(rounds) : peak_dpbusd(rounds);

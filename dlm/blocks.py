@@ -206,33 +206,34 @@ def product_peak(products: int, threads: int, seconds: float = 0.05, tries: int 
     that block products `products` (0: float32, `VNNI_INT8`, `VNNI_INT16`; see `BlockWeight`) are
     made of, counted at their precision: FMAs (16 a float32 instruction), vpdpbusd (64 with 8-bit
     inputs, 32 with 16-bit ones, which take two). Registers only, each try about `seconds` long,
-    the fastest of `tries` kept (dlm/blocks.c `blocks_peak`): the ceiling no product of those
-    weights can pass here, whatever the kernel does. None for the AMX tiles' products (not
-    measured) or where this CPU cannot run them (no VNNI); RuntimeError where the kernel cannot
-    run at all; ValueError for an unknown kind, a thread count or a duration below 1 or 0."""
+    the fastest of `tries` kept (dlm/blocks.c `blocks_peak`): the ceiling for products of those
+    weights made of that instruction, whatever the kernel around it. None for the AMX tiles'
+    products (not measured) or where this CPU cannot run them (no VNNI); RuntimeError where the
+    kernel cannot run at all; ValueError for an unknown kind, a thread count or a duration below
+    1 or 0."""
     if products not in (*PEAK_MEASURED, AMX_BF16, AMX_SPLIT):
         raise ValueError(f"no block products of kind {products!r} (0, AMX_BF16, AMX_SPLIT, VNNI_INT8 or VNNI_INT16)")
     if threads < 1 or not seconds > 0 or tries < 1:
         raise ValueError(f"product_peak needs threads >= 1, seconds > 0 and tries >= 1, not {threads}, {seconds}, {tries}")
-    lib = _kernel()
     if products not in PEAK_MEASURED:
         return None
-    rounds, best = 1 << 12, 0.0
-    for _ in range(40):  # grow the rounds until a try lasts about `seconds` (a few doublings)
+    lib = _kernel()
+
+    def rate(rounds: int) -> tuple[float, float] | None:
         t0 = time.perf_counter()
         done = lib.blocks_peak(products, rounds, threads)
         elapsed = time.perf_counter() - t0
-        if done < 0:
+        return None if done < 0 else (done / elapsed, elapsed)
+
+    rounds = 1 << 12
+    while True:  # grow the rounds until a try lasts about `seconds` (a few steps: each try lasts longer)
+        first = rate(rounds)
+        if first is None:
             return None
-        if elapsed >= seconds / 2:
-            best = done / elapsed
+        if first[1] >= seconds / 2:
             break
-        rounds *= 2 if elapsed > seconds / 8 else 8
-    for _ in range(tries - 1):
-        t0 = time.perf_counter()
-        done = lib.blocks_peak(products, rounds, threads)
-        best = max(best, done / (time.perf_counter() - t0))
-    return best
+        rounds *= 2 if first[1] > seconds / 8 else 8
+    return max(first[0], *(rate(rounds)[0] for _ in range(tries - 1)))
 
 
 _amx_reason: str | None = None

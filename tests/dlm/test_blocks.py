@@ -782,7 +782,8 @@ def test_a_failed_build_is_reported_and_the_registry_falls_back_to_dense(tmp_pat
 def test_the_peak_rate_counts_each_instruction_at_its_products_precision():
     """`blocks_peak` runs 12 instructions a round on each thread and counts the multiply-adds at the
     precision of the products it stands for: an FMA 16 (float32), a vpdpbusd 64 (8-bit inputs) or
-    32 (16-bit inputs take two); -1 for the AMX tiles' products, an unknown kind or no rounds.
+    32 (16-bit inputs take two); -1 for the AMX tiles' products, an unknown kind, no rounds or a
+    count past 64 bits.
     `product_peak` times it: a rate, or None where it does not measure the products."""
     from dlm.blocks import AMX_BF16, AMX_SPLIT, VNNI_INT8, VNNI_INT16, product_peak
 
@@ -791,9 +792,12 @@ def test_the_peak_rate_counts_each_instruction_at_its_products_precision():
     vnni = bool(lib.blocks_vnni_supported())
     assert lib.blocks_peak(VNNI_INT8, 7, 2) == (2 * 7 * 12 * 64 if vnni else -1)
     assert lib.blocks_peak(VNNI_INT16, 7, 2) == (2 * 7 * 12 * 32 if vnni else -1)
-    for products, rounds, threads in ((AMX_BF16, 5, 1), (AMX_SPLIT, 5, 1), (5, 5, 1), (0, 0, 1), (0, 5, 0)):
+    for products, rounds, threads in ((AMX_BF16, 5, 1), (AMX_SPLIT, 5, 1), (5, 5, 1), (0, 0, 1), (0, 5, 0),
+                                      (0, 2**62, 1)):  # that many rounds' count would not fit in 64 bits
         assert lib.blocks_peak(products, rounds, threads) == -1
-    assert product_peak(0, 1, seconds=0.005) > 1e9  # any CPU with AVX-512 does more than 1 GMAC/s in float32
+    # Any CPU with AVX-512 does more than 1 GMAC/s in float32, and none more than two 512-bit FMAs a
+    # cycle at 7 GHz: a loop the compiler emptied, or counted twice, would read above that.
+    assert 1e9 < product_peak(0, 1, seconds=0.005) < 16 * 2 * 7e9
     assert (product_peak(VNNI_INT16, 1, seconds=0.005) is None) == (not vnni)
     assert product_peak(AMX_BF16, 1) is None and product_peak(AMX_SPLIT, 2) is None
     for bad in ((9, 1), (0, 0), (VNNI_INT8, -1)):

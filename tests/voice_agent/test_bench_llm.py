@@ -281,10 +281,11 @@ def test_multiply_adds_are_the_projections_weights_of_a_position() -> None:
     assert multiply_adds(config) == (layers, 64 * 32)
 
 
-def test_product_floors_price_the_bars_work_at_the_measured_peak() -> None:
-    """The forward bars' work at this CPU's peak product rate: 16 positions with logits at each and
-    a prefill with logits at its last, from the model's multiply-adds and the measured rate; not
-    measured where the model runs no block products the peak stands for."""
+def test_product_floors_price_the_bars_work_at_the_measured_peak(monkeypatch) -> None:
+    """The forward bars' work at this CPU's peak product rate: `block` positions with logits at
+    the last (as `forward_costs` times them) and a prefill with logits at its last, from the
+    model's multiply-adds and the larger of the threads' rate and one thread's times the threads;
+    not measured where the model runs no block products the peak stands for."""
     from types import SimpleNamespace
 
     import dlm.blocks
@@ -302,20 +303,29 @@ def test_product_floors_price_the_bars_work_at_the_measured_peak() -> None:
     assert product_floors(SimpleNamespace(config=config), block=16, prompt=150, step_ms=4.0)["measured"] is False
     assert product_floors(model(AMX_SPLIT), block=16, prompt=150, step_ms=4.0) == {
         "measured": False, "why": "the AMX tiles' products are not measured"}
+    layers, output = multiply_adds(config)
+    rates = {1: 3e10, 2: 5e10}  # a busy moment: two threads' run below twice one thread's
+    monkeypatch.setattr(dlm.blocks, "product_peak", lambda products, threads: rates[threads])
+    monkeypatch.setattr("torch.get_num_threads", lambda: 2)
+    floors = product_floors(model(VNNI_INT16), block=16, prompt=150, step_ms=4.0)
+    assert floors["measured"] and floors["products"] == "16-bit VNNI products" and floors["threads"] == 2
+    assert (floors["threads_gmac_per_s"], floors["one_thread_gmac_per_s"], floors["peak_gmac_per_s"]) == (50, 30, 60)
+    assert (floors["layer_macs"], floors["output_macs"]) == (layers, output)
+    assert floors["block_ms"] == pytest.approx(1e3 * (16 * layers + output) / 6e10)
+    assert floors["block_steps"] == pytest.approx(floors["block_ms"] / 4.0)
+    assert floors["prefill_ms"] == pytest.approx(1e3 * (150 * layers + output) / 6e10)
+    rates[2] = 7e10  # a quiet one: the threads' own rate
+    assert product_floors(model(0), block=4, prompt=10, step_ms=1.0)["prefill_ms"] == pytest.approx(
+        1e3 * (10 * layers + output) / 7e10)
+    rates[1] = rates[2] = None  # no VNNI here
+    assert product_floors(model(VNNI_INT16), block=16, prompt=150, step_ms=4.0) == {
+        "measured": False, "why": "this CPU cannot run the model's products"}
+    monkeypatch.undo()
     if dlm.blocks.available() is not None:
         pytest.skip(f"float32 block kernel unavailable: {dlm.blocks.available()}")
-    layers, output = multiply_adds(config)
-    for products, name in ((0, "float32 FMAs"), (VNNI_INT16, "16-bit VNNI products")):
-        floors = product_floors(model(products), block=16, prompt=150, step_ms=4.0)
-        if products == VNNI_INT16 and not dlm.blocks._kernel().blocks_vnni_supported():
-            assert floors == {"measured": False, "why": "this CPU cannot run the model's products"}
-            continue
-        peak = floors["peak_gmacs"] * 1e9
-        assert floors["measured"] and floors["products"] == name and peak > 0 and floors["threads"] >= 1
-        assert (floors["layer_macs"], floors["output_macs"]) == (layers, output)
-        assert floors["block_ms"] == pytest.approx(1e3 * 16 * (layers + output) / peak)
-        assert floors["block_steps"] == pytest.approx(floors["block_ms"] / 4.0)
-        assert floors["prefill_ms"] == pytest.approx(1e3 * (150 * layers + output) / peak)
+    floors = product_floors(model(0), block=16, prompt=150, step_ms=4.0)  # the real peak of float32 FMAs
+    assert floors["measured"] and floors["products"] == "float32 FMAs"
+    assert floors["peak_gmac_per_s"] >= max(floors["threads_gmac_per_s"], floors["one_thread_gmac_per_s"]) > 0
 
 
 def test_the_engines_budget_is_the_price_llm_row_cost_gives() -> None:

@@ -523,33 +523,40 @@ def multiply_adds(config: Any) -> tuple[int, int]:
 
 
 def product_floors(model: Any, *, block: int, prompt: int, step_ms: float) -> dict[str, Any]:
-    """What issue 15's forward bars would cost at this CPU's peak product rate (`dlm.blocks.product_peak`
-    for the model's block products, over the engines' threads): `block` positions with logits at
-    each, in ms and in steps of `step_ms`; a `prompt`-token prefill (logits at its last position
-    only), in ms. The projections' multiply-adds only (`multiply_adds`), each at the instruction's
-    full rate: no forward can be faster, so a bar below its floor is out of this CPU's reach with
-    that arithmetic. {"measured": False, "why": ...} where the model does not run block products
-    whose instruction `product_peak` times (dense weights, AMX tiles)."""
+    """What the work of issue 15's forward bars costs at this CPU's peak rate for the instruction
+    the model's block products are made of (`dlm.blocks.product_peak`, over the engines' threads):
+    `block` positions after the context with logits at the last, as `forward_costs` times them, in
+    ms and in steps of `step_ms`; a `prompt`-token prefill, logits at its last position, in ms.
+    The projections' multiply-adds only (`multiply_adds`), each at the instruction's full rate: no
+    forward whose products are made of that instruction can be faster. The rate is the larger of
+    the threads' together and one thread's times the threads (a busy moment slows a run of
+    several threads; the larger keeps the floor a floor). {"measured": False, "why": ...} where the
+    model does not run block products whose instruction `product_peak` times (dense or int4
+    weights, AMX tiles) or this CPU cannot run them."""
     import torch
 
-    from dlm.blocks import product_peak
+    from dlm.blocks import VNNI_INT8, VNNI_INT16, product_peak
     from dlm.threads import in_engine_thread
 
     products = model.block_products() if hasattr(model, "block_products") else None
-    names = {0: "float32 FMAs", 3: "8-bit VNNI products", 4: "16-bit VNNI products"}
+    names = {0: "float32 FMAs", VNNI_INT8: "8-bit VNNI products", VNNI_INT16: "16-bit VNNI products"}
     if products not in names:
         return {"measured": False, "why": "the model does not run block products" if products is None
                 else "the AMX tiles' products are not measured"}
-    def measure() -> tuple[float | None, int]:
-        threads = torch.get_num_threads()
-        return product_peak(products, threads), threads
 
-    peak, threads = in_engine_thread(measure)  # the engines' threads, as the forwards above
-    if peak is None:
+    def measure() -> tuple[float | None, float | None, int]:
+        threads = torch.get_num_threads()
+        together = product_peak(products, threads)
+        return together, together if threads == 1 or together is None else product_peak(products, 1), threads
+
+    together, alone, threads = in_engine_thread(measure)  # the engines' threads, as the forwards above
+    if together is None or alone is None:
         return {"measured": False, "why": "this CPU cannot run the model's products"}
+    peak = max(together, threads * alone)
     layers, output = multiply_adds(model.config)
-    block_ms = 1e3 * block * (layers + output) / peak
-    return {"measured": True, "products": names[products], "threads": threads, "peak_gmacs": peak / 1e9,
+    block_ms = 1e3 * (block * layers + output) / peak
+    return {"measured": True, "products": names[products], "threads": threads, "peak_gmac_per_s": peak / 1e9,
+            "threads_gmac_per_s": together / 1e9, "one_thread_gmac_per_s": alone / 1e9,
             "layer_macs": layers, "output_macs": output, "block_ms": block_ms, "block_steps": block_ms / step_ms,
             "prefill_ms": 1e3 * (prompt * layers + output) / peak}
 
@@ -1224,9 +1231,10 @@ def _print_table(report: dict[str, Any]) -> None:
         floors = costs.get("floors")
         if floors and floors["measured"]:
             print(f"  floors at this CPU's peak ({floors['products']}, {floors['threads']} threads: "
-                  f"{floors['peak_gmacs']:.0f} GMAC/s; the projections' {(floors['layer_macs'] + floors['output_macs']) / 1e6:.1f} M "
-                  f"multiply-adds a position and nothing else): {costs['block']} positions {floors['block_ms']:.1f} ms "
-                  f"({floors['block_steps']:.2f} steps), prefill of {costs['prompt']} tokens {floors['prefill_ms']:.1f} ms")
+                  f"{floors['peak_gmac_per_s']:.0f} GMAC/s; the projections' multiply-adds and nothing else, "
+                  f"{floors['layer_macs'] / 1e6:.1f} M a position and {floors['output_macs'] / 1e6:.1f} M for logits): "
+                  f"{costs['block']} positions {floors['block_ms']:.1f} ms ({floors['block_steps']:.2f} steps), "
+                  f"prefill of {costs['prompt']} tokens {floors['prefill_ms']:.1f} ms")
         elif floors:
             print(f"  floors at this CPU's peak: not measured ({floors['why']})")
         if costs.get("verify_ms_by_positions"):
