@@ -1561,7 +1561,8 @@ TARGET void blocks_argmax(const float *x, int64_t M, int64_t N, int64_t *idx, fl
    64, so 32 each). An empty asm after every round makes the compiler keep every instruction of
    every round. Returns the multiply-adds done by the team OpenMP gave (at most `threads`), counted
    at the products' precision; -1 where this does not measure the products (the AMX tiles' own),
-   this CPU cannot run them, or the count would not fit in 64 bits. No real product reaches this rate: it is the ceiling a kernel's products work under. */
+   this CPU cannot run them, or the count would not fit in 64 bits. No real product reaches this
+   rate: it is the ceiling a kernel's products work under. */
 #define PEAK_CHAINS 12
 /* Twelve named accumulators, not an array: an array lives on the stack across the asm. */
 #define PEAK_EACH(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11)
