@@ -1565,52 +1565,42 @@ TARGET void blocks_argmax(const float *x, int64_t M, int64_t N, int64_t *idx, fl
    rate: it is the ceiling a kernel's products work under. */
 #define PEAK_CHAINS 12
 /* Twelve named accumulators, not an array: an array lives on the stack across the asm. */
-#define PEAK_EACH(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11)
+#define PEAK_EACH(m, arg) m(0, arg) m(1, arg) m(2, arg) m(3, arg) m(4, arg) m(5, arg) m(6, arg) m(7, arg) m(8, arg) \
+    m(9, arg) m(10, arg) m(11, arg)
 #define PEAK_KEEP                                                                                        \
     __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7), \
                      "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11))
-
-TARGET static int64_t peak_fma(int64_t rounds) {
-    __m512 w = _mm512_set1_ps(1.0f), x = _mm512_set1_ps(0.5f);
-    __asm__ volatile("" : "+v"(w), "+v"(x)); /* values the compiler cannot know */
-#define PEAK_INIT(i) __m512 a##i = _mm512_set1_ps((float)i);
-#define PEAK_STEP(i) a##i = _mm512_fmadd_ps(w, x, a##i);
-#define PEAK_SUM(i) s = _mm512_add_ps(s, a##i);
-    PEAK_EACH(PEAK_INIT)
-    for (int64_t r = 0; r < rounds; r++) {
-        PEAK_EACH(PEAK_STEP)
-        PEAK_KEEP;
+#define PEAK_INIT(i, vec) vec a##i = x;
+#define PEAK_STEP(i, op) a##i = op(a##i, w, x);
+#define PEAK_SUM(i, add) s = add(s, a##i);
+/* One instruction's loop as a function of its own, compiled for that instruction's target (so
+   vpdpbusd is never in a function a CPU without VNNI runs): vec its registers, set1 / add /
+   reduce their intrinsics, op(acc, w, x) the instruction timed, w0 and x0 its operands' lanes. */
+#define PEAK_FUNCTION(name, target, vec, set1, op, add, reduce, sink_t, w0, x0)                    \
+    target static int64_t name(int64_t rounds) {                                                    \
+        vec w = set1(w0), x = set1(x0);                                                             \
+        __asm__ volatile("" : "+v"(w), "+v"(x)); /* values the compiler cannot know */             \
+        PEAK_EACH(PEAK_INIT, vec)                                                                   \
+        for (int64_t r = 0; r < rounds; r++) {                                                      \
+            PEAK_EACH(PEAK_STEP, op)                                                                \
+            PEAK_KEEP;                                                                              \
+        }                                                                                           \
+        vec s = x;                                                                                  \
+        PEAK_EACH(PEAK_SUM, add)                                                                    \
+        volatile sink_t sink = reduce(s);                                                           \
+        (void)sink;                                                                                 \
+        return rounds * PEAK_CHAINS;                                                                \
     }
-    __m512 s = _mm512_setzero_ps();
-    PEAK_EACH(PEAK_SUM)
-    volatile float sink = _mm512_reduce_add_ps(s);
-    (void)sink;
-    return rounds * PEAK_CHAINS;
-#undef PEAK_INIT
-#undef PEAK_STEP
-#undef PEAK_SUM
-}
 
-VNNI_TARGET static int64_t peak_dpbusd(int64_t rounds) {
-    __m512i w = _mm512_set1_epi32(0x01020304), x = _mm512_set1_epi32(0x05060708);
-    __asm__ volatile("" : "+v"(w), "+v"(x));
-#define PEAK_INIT(i) __m512i a##i = _mm512_set1_epi32(i);
-#define PEAK_STEP(i) a##i = _mm512_dpbusd_epi32(a##i, w, x);
-#define PEAK_SUM(i) s = _mm512_add_epi32(s, a##i);
-    PEAK_EACH(PEAK_INIT)
-    for (int64_t r = 0; r < rounds; r++) {
-        PEAK_EACH(PEAK_STEP)
-        PEAK_KEEP;
-    }
-    __m512i s = _mm512_setzero_si512();
-    PEAK_EACH(PEAK_SUM)
-    volatile int sink = _mm512_reduce_add_epi32(s);
-    (void)sink;
-    return rounds * PEAK_CHAINS;
-#undef PEAK_INIT
-#undef PEAK_STEP
+TARGET INLINE __m512 peak_fma_step(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+PEAK_FUNCTION(peak_fma, TARGET, __m512, _mm512_set1_ps, peak_fma_step, _mm512_add_ps, _mm512_reduce_add_ps, float,
+              1.0f, 0.5f)
+PEAK_FUNCTION(peak_dpbusd, VNNI_TARGET, __m512i, _mm512_set1_epi32, _mm512_dpbusd_epi32, _mm512_add_epi32,
+              _mm512_reduce_add_epi32, int, 0x01020304, 0x05060708)
+#undef PEAK_FUNCTION
 #undef PEAK_SUM
-}
+#undef PEAK_STEP
+#undef PEAK_INIT
 #undef PEAK_KEEP
 #undef PEAK_EACH
 

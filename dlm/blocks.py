@@ -198,7 +198,8 @@ def _row_top(x: Tensor, with_top: bool) -> tuple[Tensor, Tensor | None]:
     return best, top
 
 
-PEAK_MEASURED = (0, VNNI_INT8, VNNI_INT16)  # `product_peak`: the products whose instruction it times
+# `product_peak`: the products whose instruction it times, each with what it times
+PEAK_MEASURED = {0: "float32 FMAs", VNNI_INT8: "8-bit VNNI products", VNNI_INT16: "16-bit VNNI products"}
 
 
 def product_peak(products: int, threads: int, seconds: float = 0.05, tries: int = 3) -> float | None:

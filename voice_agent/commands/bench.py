@@ -535,12 +535,11 @@ def product_floors(model: Any, *, block: int, prompt: int, step_ms: float) -> di
     weights, AMX tiles) or this CPU cannot run them."""
     import torch
 
-    from dlm.blocks import VNNI_INT8, VNNI_INT16, product_peak
+    from dlm.blocks import PEAK_MEASURED, product_peak
     from dlm.threads import in_engine_thread
 
     products = model.block_products() if hasattr(model, "block_products") else None
-    names = {0: "float32 FMAs", VNNI_INT8: "8-bit VNNI products", VNNI_INT16: "16-bit VNNI products"}
-    if products not in names:
+    if products not in PEAK_MEASURED:
         return {"measured": False, "why": "the model does not run block products" if products is None
                 else "the AMX tiles' products are not measured"}
 
@@ -555,7 +554,7 @@ def product_floors(model: Any, *, block: int, prompt: int, step_ms: float) -> di
     peak = max(together, threads * alone)
     layers, output = multiply_adds(model.config)
     block_ms = 1e3 * (block * layers + output) / peak
-    return {"measured": True, "products": names[products], "threads": threads, "peak_gmac_per_s": peak / 1e9,
+    return {"measured": True, "products": PEAK_MEASURED[products], "threads": threads, "peak_gmac_per_s": peak / 1e9,
             "threads_gmac_per_s": together / 1e9, "one_thread_gmac_per_s": alone / 1e9,
             "layer_macs": layers, "output_macs": output, "block_ms": block_ms, "block_steps": block_ms / step_ms,
             "prefill_ms": 1e3 * (prompt * layers + output) / peak}
