@@ -261,3 +261,33 @@ def test_the_written_config_is_the_one_it_ran_with_and_loads(tmp_path, monkeypat
     assert main(["calibrate", "--out", str(link), "--rounds", "1", "--prompts", "1", "--draft-lens", "1",
                  "--batch", "0"]) == 0
     assert link.is_symlink() and (out.stat().st_mode & 0o777) == 0o600 and "Written by" in out.read_text()
+
+
+def test_trees_are_refused_for_drafters_that_draft_chains(tmp_path, monkeypatch, capsys):
+    """--draft-branches above 1 asks for trees of a parallel head's places; a causal head (each
+    place scored after the drafts before it) and mask slots draft chains: refused before measuring,
+    naming why. A parallel head's trees pass the check."""
+    import voice_agent.commands.calibrate as calibrate
+    import voice_agent.llm
+    from dlm.draft_head import DraftHead, DraftHeadConfig
+    from voice_agent.cli import main
+    from voice_agent.models import ResolvedLlm
+
+    loaded = random_loaded("causal", seed=3, scale=3.0, block_size=1)
+    monkeypatch.setattr(voice_agent.llm, "load_local_llm",
+                        lambda name, **kw: (loaded, ResolvedLlm(Path("<memory>"), name)))
+    measured = []
+    monkeypatch.setattr(calibrate, "measure", lambda loaded, prompts, **kw: measured.append(kw) or {
+        "ms_per_token": 5.0, "tokens_per_forward": 1.5})
+    out = tmp_path / "c.toml"
+    args = ["calibrate", "--out", str(out), "--rounds", "1", "--prompts", "1", "--draft-lens", "3",
+            "--batch", "0", "--draft-branches", "1,2"]
+    for drafter, why in [(DraftHead(loaded.config, DraftHeadConfig(window=3, n_slots=3, vocab_size=8, causal=True)),
+                          "drafts with a causal draft head: one branch"),
+                         (Drafter(loaded.config, DrafterConfig(rank=4, n_slots=3)), "drafts with mask slots: one branch")]:
+        loaded.drafter = drafter.eval()
+        assert main(args) == 2
+        assert why in capsys.readouterr().err and not measured and not out.exists()
+    loaded.drafter = DraftHead(loaded.config, DraftHeadConfig(window=3, n_slots=3, vocab_size=8)).eval()
+    assert main(args) == 0, capsys.readouterr().err
+    assert {kw.get("draft_branches") for kw in measured} == {None, 1, 2}  # the AR engine's, a chain's, a tree's

@@ -344,9 +344,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except ValueError:
         print(f"--draft-branches: expected comma-separated integers, got {args.draft_branches!r}", file=sys.stderr)
         return 2
-    if any(not 1 <= k <= MAX_DRAFT_BRANCHES for k in branches) or (not head and branches != (1,)):
-        print(f"--draft-branches: each must lie in [1, {MAX_DRAFT_BRANCHES}]" + ("" if head else f" ({resolved.name!r} "
-              "drafts with mask slots: one branch)"), file=sys.stderr)
+    # Trees branch a parallel head's places; a causal head scores each place after the drafts
+    # before it, so it drafts chains (`HeadSpeculativeDecoder._branching`), as mask slots do.
+    chains_only = None if head and not loaded.drafter.config.causal else \
+        "a causal draft head" if head else "mask slots"
+    if any(not 1 <= k <= MAX_DRAFT_BRANCHES for k in branches) or (chains_only and branches != (1,)):
+        print(f"--draft-branches: each must lie in [1, {MAX_DRAFT_BRANCHES}]" + (
+            f" ({resolved.name!r} drafts with {chains_only}: one branch)" if chains_only else ""), file=sys.stderr)
         return 2
     tree_bars = confidences if args.draft_confidences.strip() else list(DEFAULT_TREE_CONFIDENCES)
     batch = args.batch if head else 0  # mask slots have no budget to price
