@@ -1,31 +1,30 @@
 """`voice-agent calibrate`: pick the draft length (and layout) that decodes fastest on this machine.
 
-Draft-and-verify decoding (a model with a drafter) trades tokens per forward against the cost of
-a forward: a longer draft block is accepted further on average but makes every forward wider,
-and where a wider forward stops being nearly free depends on the CPU (AMX, cores, memory) or the
-GPU. This command measures it instead of guessing: for every draft length (1 .. the drafter's
-slots) and, for a mask-slot drafter, both layouts (`draft_tree` true: a draft block per possible
-acceptance length; false: one block after the full draft; a draft head has one), for a draft head
-at the longest length each confidence bar (`llm.draft_confidence`: its drafts stop where it is
-less sure; 0: never) and each of `--draft-branches` (`llm.draft_branches`: its drafts as a tree
-of each place's top tokens, at bars of their own unless `--draft-confidences` says; default 1, a
-chain only: on a 2-core CPU a tree's extra rows cost more than its extra tokens, docs/models.md
-"A tree of drafts"), each of them with each prompt lookup length (`llm.prompt_lookup`: drafts
-copied from the reply's own text; 0: none), it decodes the same voice prompts one at a time,
-greedy, and records the wall time per generated token after the first (the prefill is the same
-for all) and the tokens per forward; and the same model's AR engine (no drafts: the same replies)
-as the baseline, since on some CPUs a verifying forward over several positions costs nearly as
-much as that many steps (no AMX: docs/benchmarks.md, "Session 22: a CPU without AMX"). Every
-setting is measured in `--rounds` rounds (default 3), each round in another order, and keeps its
-fastest round: on a shared machine other work only slows a run, and a machine that speeds up or
-slows down over the minutes of a calibration does so for every setting alike (session 32 saw
-one run of the same engine 25 % slower than the one before it). It writes the fastest into a
-config file that it names: a copy of the configuration in use (`--config`, else the embedded
-default) with `llm.engine` ("auto", or "ar" where the AR engine was fastest), `llm.draft_len`,
-`llm.draft_tree`, `llm.draft_confidence` and for a draft head `llm.prompt_lookup` and
-`llm.draft_branches` (the fastest draft setting) set, and a comment with the
-measurements. Use
-it with `voice-agent serve --config FILE`.
+Draft-and-verify decoding (a model with a drafter) trades tokens per forward against the cost of a
+forward: a longer draft block is accepted further on average but makes every forward wider, and
+where a wider forward stops being nearly free depends on the CPU (AMX, cores, memory) or the GPU.
+This command measures it instead of guessing: for every draft length (1 .. the drafter's slots) and,
+for a mask-slot drafter, both layouts (`draft_tree` true: a draft block per possible acceptance
+length; false: one block after the full draft; a draft head has one), for a draft head at the
+longest length each confidence bar (`llm.draft_confidence`: its drafts stop where it is less sure;
+0: never) and, for a parallel head, each of `--draft-branches` (`llm.draft_branches`: its drafts as
+a tree of each place's top tokens, at bars of their own unless `--draft-confidences` says; default
+1, a chain only: on a 2-core CPU a tree's extra rows cost more than its extra tokens, docs/models.md
+"A tree of drafts"; a causal head drafts chains only), each of them with each prompt lookup length
+(`llm.prompt_lookup`: drafts copied from the reply's own text; 0: none), it decodes the same voice
+prompts one at a time, greedy, and records the wall time per generated token after the first (the
+prefill is the same for all) and the tokens per forward; and the same model's AR engine (no drafts:
+the same replies) as the baseline, since on some CPUs a verifying forward over several positions
+costs nearly as much as that many steps (no AMX: docs/benchmarks.md, "Session 22: a CPU without
+AMX"). Every setting is measured in `--rounds` rounds (default 3), each round in another order, and
+keeps its fastest round: on a shared machine other work only slows a run, and a machine that speeds
+up or slows down over the minutes of a calibration does so for every setting alike (session 32 saw
+one run of the same engine 25 % slower than the one before it). It writes the fastest into a config
+file that it names: a copy of the configuration in use (`--config`, else the embedded default) with
+`llm.engine` ("auto", or "ar" where the AR engine was fastest), `llm.draft_len`, `llm.draft_tree`,
+`llm.draft_confidence` and for a draft head `llm.prompt_lookup` and `llm.draft_branches` (the
+fastest draft setting) set, and a comment with the measurements. Use it with `voice-agent serve
+--config FILE`.
 
 A draft head's batches are priced too: with the fastest setting, `--batch` requests (default 8)
 decode at once for each of `--row-costs` (`llm.row_cost`: what a verified position costs in a
@@ -89,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a draft head's confidence bars to try, each in [0, 1) (default: "
                              f"{','.join(map(str, DEFAULT_CONFIDENCES))}; a mask-slot drafter has none: 0)")
     parser.add_argument("--draft-branches", default="1", metavar="K1,K2,...",
-                        help="a draft head's branches to try at the longest length: 1 a chain, more a tree of each "
+                        help="a parallel draft head's branches to try at the longest length: 1 a chain, more a tree of each "
                              "place's top tokens at each confidence bar (--draft-confidences, else "
                              f"{','.join(map(str, DEFAULT_TREE_CONFIDENCES))}) (llm.draft_branches; default 1: on a "
                              "CPU a tree rarely pays for its rows; where rows are cheap, such as a GPU, try 1,2,3)")
