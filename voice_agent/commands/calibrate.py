@@ -88,8 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a draft head's confidence bars to try, each in [0, 1) (default: "
                              f"{','.join(map(str, DEFAULT_CONFIDENCES))}; a mask-slot drafter has none: 0)")
     parser.add_argument("--draft-branches", default="1", metavar="K1,K2,...",
-                        help="a parallel draft head's branches to try at the longest length: 1 a chain, more a tree of each "
-                             "place's top tokens at each confidence bar (--draft-confidences, else "
+                        help="a parallel draft head's branches to try at the longest length: 1 a chain, more a tree "
+                             "of each place's top tokens at each confidence bar (--draft-confidences, else "
                              f"{','.join(map(str, DEFAULT_TREE_CONFIDENCES))}) (llm.draft_branches; default 1: on a "
                              "CPU a tree rarely pays for its rows; where rows are cheap, such as a GPU, try 1,2,3)")
     parser.add_argument("--prompt-lookups", default="", metavar="N1,N2,...",
@@ -345,8 +345,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return 2
     # Trees branch a parallel head's places; a causal head scores each place after the drafts
     # before it, so it drafts chains (`HeadSpeculativeDecoder._branching`), as mask slots do.
-    chains_only = None if head and not loaded.drafter.config.causal else \
-        "a causal draft head" if head else "mask slots"
+    chains_only = "mask slots" if not head else "a causal draft head" if loaded.drafter.config.causal else None
     if any(not 1 <= k <= MAX_DRAFT_BRANCHES for k in branches) or (chains_only and branches != (1,)):
         print(f"--draft-branches: each must lie in [1, {MAX_DRAFT_BRANCHES}]" + (
             f" ({resolved.name!r} drafts with {chains_only}: one branch)" if chains_only else ""), file=sys.stderr)
