@@ -17,6 +17,9 @@ from pathlib import Path
 __all__ = ["add_arguments", "main", "run"]
 
 STEPS = ("data", "train", "eval", "export", "pipeline")
+# `adapt drafter`: tokens per forward on its training replies above the held-out ones by more than
+# this share say that the drafter learnt its replies more than their kind (the shipped head: 83 %).
+GENERALISATION_GAP = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
@@ -211,6 +214,7 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
     from dlm.adapt.data import read_dataset
     from dlm.checkpoints import load_model, runnable_weights
     from dlm.drafter import load_drafter
+    from dlm.tuned_file import file_sha256
 
     if args.max_vocab < 0:
         print(f"--max-vocab must be >= 0 (0: no cap), not {args.max_vocab}")
@@ -225,10 +229,21 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
     meta = sets[0][0]
     heldout = [e for e in sets[0][1] if e.split == "heldout"]
     held_prompts = {tuple(e.prompt_ids) for e in heldout}
-    train_set = [e for _, examples in sets for e in examples
-                 if e.split == "train" and tuple(e.prompt_ids) not in held_prompts]
+
+    def training(examples: list) -> list:
+        return [e for e in examples if e.split == "train" and tuple(e.prompt_ids) not in held_prompts]
+
+    train_set = [e for _, examples in sets for e in training(examples)]
     heldout = heldout[: args.eval_examples]
-    info = {"data": [data.name for data in files], "teacher": Path(str(meta.get("base"))).name}
+    if not _evaluable(heldout):
+        print(f"{files[0]}: none of its first {args.eval_examples} held-out replies has two tokens or more: "
+              "nothing to evaluate a drafter on (make the data with other held-out prompts)")
+        return 2
+    # As many of the first file's training replies: beside the held-out figures, how much of what
+    # the drafter drafts it learnt by heart (evaluated where its record names that file).
+    trained = training(sets[0][1])[: args.eval_examples]
+    info = {"data": [data.name for data in files], "data_sha256": [file_sha256(data) for data in files],
+            "teacher": Path(str(meta.get("base"))).name}
     if args.kind == "head":
         from dlm.adapt.head import DRAFTER_FILE, HeadTrainConfig, evaluate_head, train_head
 
@@ -252,7 +267,10 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
             init = load_drafter(args.init, loaded, check_base=False) if args.init else None
             train_head(loaded, train_set, cfg, args.out, base, info=info, init=init)
         with torch.no_grad():
-            report = evaluate_head(loaded, load_drafter(args.out / DRAFTER_FILE, loaded), heldout)
+            head = load_drafter(args.out / DRAFTER_FILE, loaded)
+            report = evaluate_head(loaded, head, heldout)
+            if _evaluable(trained) and _trained_on(args.out / DRAFTER_FILE, files[0]):
+                report["training_replies"] = evaluate_head(loaded, head, trained)
     else:
         from dlm.adapt.draft import DRAFTER_FILE, DraftTrainConfig, evaluate_drafter, train_drafter
 
@@ -269,9 +287,44 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
         drafter = load_drafter(args.out / DRAFTER_FILE, loaded)
         with torch.no_grad():
             report = evaluate_drafter(loaded, drafter, heldout, drafter.n_slots)
+            if _evaluable(trained) and _trained_on(args.out / DRAFTER_FILE, files[0]):
+                report["training_replies"] = evaluate_drafter(loaded, drafter, trained, drafter.n_slots)
     (args.out / "drafter-eval.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
+    if "training_replies" in report:
+        print(_generalisation(report["tokens_per_forward_by_draft_len"],
+                              report["training_replies"]["tokens_per_forward_by_draft_len"], len(heldout), len(trained)))
     return 0
+
+
+def _generalisation(heldout: dict[int, float], trained: dict[int, float], n_heldout: int, n_trained: int) -> str:
+    """A line comparing the tokens per forward on held-out replies with those on replies the
+    drafter trained on, at its longest draft length."""
+    k = max(heldout)
+    gap = trained[k] / max(heldout[k], 1e-9) - 1
+    verdict = (f"{gap:.0%} more on the replies it trained on: it learnt them more than their kind, and replies it "
+               "has not seen, not more steps on these, are what it needs" if gap > GENERALISATION_GAP else
+               "about the same on both: it drafts replies it has not seen about as well as those it learnt from")
+    return (f"tokens per forward at draft length {k}: {heldout[k]:.3f} on {n_heldout} held-out replies, "
+            f"{trained[k]:.3f} on {n_trained} it trained on ({verdict})")
+
+
+def _evaluable(examples: list) -> bool:
+    """Whether any of these replies has a token to draft after its first (two tokens or more)."""
+    return any(len(e.reply_ids) >= 2 for e in examples)
+
+
+def _trained_on(drafter: Path, data: Path) -> bool:
+    """Whether the drafter's last run trained on `data`: its sha256 among those the drafter file
+    records (since session 47; before, the files' names, which a run folder's `data.jsonl` shares
+    with every other run's: there the name is all there is to go by)."""
+    from dlm.drafter import read_drafter_meta
+    from dlm.tuned_file import file_sha256
+
+    info = read_drafter_meta(drafter).get("info", {})
+    if "data_sha256" in info:
+        return file_sha256(data) in info["data_sha256"]
+    return data.name in info.get("data", [])
 
 
 def main(argv: list[str] | None = None) -> int:

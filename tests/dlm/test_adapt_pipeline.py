@@ -12,7 +12,7 @@ from adapt_fixtures import tiny_ar_checkpoint
 
 from dlm.adapt.cli import main
 from dlm.adapt.convert import to_block_diffusion
-from dlm.adapt.data import Example
+from dlm.adapt.data import Example, write_dataset
 from dlm.adapt.evaluate import diffusion_decode
 from dlm.adapt.pipeline import default_base as pipeline_default_base
 from dlm.adapt.teacher import hf_teacher
@@ -227,3 +227,40 @@ def test_data_step_on_requests_the_teacher_writes(tmp_path: Path, monkeypatch: p
 def test_a_negative_max_vocab_is_refused_before_anything_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["drafter", "--out", str(tmp_path / "run"), "--max-vocab", "-3"]) == 2
     assert "--max-vocab must be >= 0" in capsys.readouterr().out
+
+
+def test_a_drafter_is_evaluated_on_replies_it_trained_on_beside_held_out_ones(
+        tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`adapt drafter` evaluates its head on as many of the first file's training replies as
+    held-out ones and prints both at the longest draft length; a file the drafter's record does not
+    name (a head evaluated on another file's replies) gets the held-out figures only; a file
+    without a held-out reply to draft in is refused before anything loads."""
+    def replies(name: str, length: int) -> Path:  # counting replies (next = last + 1), 4 held out
+        examples = [Example([5, 3 + i], [10 + i + k for k in range(length)], [], "x", "greedy", i,
+                            "heldout" if i >= 12 else "train") for i in range(16)]
+        return write_dataset(tmp_path / name / "data.jsonl", examples, {"base": str(tiny_base)})
+
+    data, other, short = replies("run", 8), replies("other", 6), replies("short", 1)
+    run = tmp_path / "run"
+    head = ["drafter", "--kind", "head", "--base", str(tiny_base), "--slots", "2", "--layers", "1",
+            "--eval-examples", "3", "--out", str(run)]
+    assert main([*head, "--max-steps", "2", "--data", str(data)]) == 0
+    report = json.loads((run / "drafter-eval.json").read_text())
+    trained = report["training_replies"]
+    assert trained["examples"] == report["examples"] == 3
+    assert set(trained["tokens_per_forward_by_draft_len"]) == {"1", "2"}
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("tokens per forward at draft length 2: ") and "on 3 held-out replies" in line
+    assert main([*head, "--eval-only", "--data", str(other)]) == 0
+    assert "training_replies" not in json.loads((run / "drafter-eval.json").read_text())
+    assert main([*head, "--eval-only", "--data", str(short)]) == 2
+    assert "none of its first 3 held-out replies has two tokens or more" in capsys.readouterr().out
+
+
+def test_the_generalisation_line_says_whether_a_drafter_learnt_its_replies_by_heart() -> None:
+    from dlm.adapt.cli import _generalisation
+
+    learnt = _generalisation({1: 1.5, 6: 2.044}, {1: 1.8, 6: 3.745}, 64, 64)
+    assert learnt.startswith("tokens per forward at draft length 6: 2.044 on 64 held-out replies, 3.745 on 64")
+    assert "83% more on the replies it trained on" in learnt
+    assert "about the same on both" in _generalisation({6: 2.0}, {6: 2.1}, 8, 8)
