@@ -211,13 +211,17 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
 
     import torch
 
-    from dlm.adapt.data import read_dataset
+    from dlm.adapt.data import Example, draftable, read_dataset
+    from dlm.adapt.draft import DRAFTER_FILE
     from dlm.checkpoints import load_model, runnable_weights
     from dlm.drafter import load_drafter
     from dlm.tuned_file import file_sha256
 
     if args.max_vocab < 0:
         print(f"--max-vocab must be >= 0 (0: no cap), not {args.max_vocab}")
+        return 2
+    if args.eval_examples < 1:
+        print(f"--eval-examples must be >= 1, not {args.eval_examples}")
         return 2
     base = args.base or default_base
     files = args.data or [args.out / "data.jsonl"]
@@ -230,22 +234,26 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
     heldout = [e for e in sets[0][1] if e.split == "heldout"]
     held_prompts = {tuple(e.prompt_ids) for e in heldout}
 
-    def training(examples: list) -> list:
+    def training(examples: list[Example]) -> list[Example]:
         return [e for e in examples if e.split == "train" and tuple(e.prompt_ids) not in held_prompts]
 
     train_set = [e for _, examples in sets for e in training(examples)]
-    heldout = heldout[: args.eval_examples]
-    if not _evaluable(heldout):
-        print(f"{files[0]}: none of its first {args.eval_examples} held-out replies has two tokens or more: "
-              "nothing to evaluate a drafter on (make the data with other held-out prompts)")
+    heldout = draftable(heldout)[: args.eval_examples]
+    if not heldout:
+        print(f"{files[0]}: no held-out reply with a token to draft (two tokens or more): nothing to evaluate a "
+              "drafter on (make the data with held-out prompts, --n-heldout)")
         return 2
     # As many of the first file's training replies: beside the held-out figures, how much of what
-    # the drafter drafts it learnt by heart (evaluated where its record names that file).
-    trained = training(sets[0][1])[: args.eval_examples]
-    info = {"data": [data.name for data in files], "data_sha256": [file_sha256(data) for data in files],
-            "teacher": Path(str(meta.get("base"))).name}
+    # the drafter drafts it learnt by heart (evaluated where the drafter trained on that file).
+    training_sample = draftable(training(sets[0][1]))[: len(heldout)]
+    shas = [file_sha256(data) for data in files]
+    if not args.eval_only and (other := _other_data(args.out / DRAFTER_FILE, shas)):
+        print(f"{args.out / DRAFTER_FILE} trained on other data files ({other}): give another --out (with --init "
+              "that file to continue from it); a rerun in the same folder resumes on the same files only")
+        return 2
+    info = {"data": [data.name for data in files], "data_sha256": shas, "teacher": Path(str(meta.get("base"))).name}
     if args.kind == "head":
-        from dlm.adapt.head import DRAFTER_FILE, HeadTrainConfig, evaluate_head, train_head
+        from dlm.adapt.head import HeadTrainConfig, evaluate_head, train_head
 
         # The head learns from the hidden states decoding will compute: float32 (on AMX where it
         # runs: the same accuracy, the features' prefills 1.7x faster; on a GPU dense float32,
@@ -266,13 +274,12 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
                                   time_budget_s=args.time_budget_s, max_vocab=args.max_vocab, causal=args.causal)
             init = load_drafter(args.init, loaded, check_base=False) if args.init else None
             train_head(loaded, train_set, cfg, args.out, base, info=info, init=init)
-        with torch.no_grad():
-            head = load_drafter(args.out / DRAFTER_FILE, loaded)
-            report = evaluate_head(loaded, head, heldout)
-            if _evaluable(trained) and _trained_on(args.out / DRAFTER_FILE, files[0]):
-                report["training_replies"] = evaluate_head(loaded, head, trained)
+        head = load_drafter(args.out / DRAFTER_FILE, loaded)
+
+        def evaluate(examples: list[Example]) -> dict:
+            return evaluate_head(loaded, head, examples)
     else:
-        from dlm.adapt.draft import DRAFTER_FILE, DraftTrainConfig, evaluate_drafter, train_drafter
+        from dlm.adapt.draft import DraftTrainConfig, evaluate_drafter, train_drafter
 
         loaded = load_model(base, dtype=args.dtype or "bfloat16", adapter=args.adapter)
         if not args.eval_only:
@@ -285,46 +292,65 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             train_drafter(loaded, train_set, cfg, args.out, base, info=info, init=init)
         drafter = load_drafter(args.out / DRAFTER_FILE, loaded)
-        with torch.no_grad():
-            report = evaluate_drafter(loaded, drafter, heldout, drafter.n_slots)
-            if _evaluable(trained) and _trained_on(args.out / DRAFTER_FILE, files[0]):
-                report["training_replies"] = evaluate_drafter(loaded, drafter, trained, drafter.n_slots)
+
+        def evaluate(examples: list[Example]) -> dict:
+            return evaluate_drafter(loaded, drafter, examples, drafter.n_slots)
+    with torch.no_grad():
+        report = evaluate(heldout)
+        if training_sample and _trained_on(args.out / DRAFTER_FILE, shas[0], files[0].name):
+            report["training_replies"] = evaluate(training_sample)
     (args.out / "drafter-eval.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
     if "training_replies" in report:
-        print(_generalisation(report["tokens_per_forward_by_draft_len"],
-                              report["training_replies"]["tokens_per_forward_by_draft_len"], len(heldout), len(trained)))
+        trained = report["training_replies"]
+        print(_generalisation(report["tokens_per_forward_by_draft_len"], trained["tokens_per_forward_by_draft_len"],
+                              report["examples"], trained["examples"]))
     return 0
 
 
-def _generalisation(heldout: dict[int, float], trained: dict[int, float], n_heldout: int, n_trained: int) -> str:
-    """A line comparing the tokens per forward on held-out replies with those on replies the
-    drafter trained on, at its longest draft length."""
-    k = max(heldout)
+def _generalisation(heldout: dict, trained: dict, n_heldout: int, n_trained: int) -> str:
+    """A line comparing the tokens per forward on held-out replies (by draft length: `heldout`)
+    with those on replies the drafter trained on (`trained`), at its longest draft length."""
+    k = max(heldout, key=int)
     gap = trained[k] / max(heldout[k], 1e-9) - 1
-    verdict = (f"{gap:.0%} more on the replies it trained on: it learnt them more than their kind, and replies it "
-               "has not seen, not more steps on these, are what it needs" if gap > GENERALISATION_GAP else
-               "about the same on both: it drafts replies it has not seen about as well as those it learnt from")
+    if gap > GENERALISATION_GAP:
+        verdict = (f"{gap:.0%} more on the replies it trained on: it learnt them more than their kind, and replies "
+                   "it has not seen, not more steps on these, are what it needs")
+    elif gap < -GENERALISATION_GAP:
+        verdict = f"{-gap:.0%} fewer on the replies it trained on: those are harder to draft than the held-out ones"
+    else:
+        verdict = "about the same on both: it drafts replies it has not seen about as well as those it learnt from"
     return (f"tokens per forward at draft length {k}: {heldout[k]:.3f} on {n_heldout} held-out replies, "
             f"{trained[k]:.3f} on {n_trained} it trained on ({verdict})")
 
 
-def _evaluable(examples: list) -> bool:
-    """Whether any of these replies has a token to draft after its first (two tokens or more)."""
-    return any(len(e.reply_ids) >= 2 for e in examples)
-
-
-def _trained_on(drafter: Path, data: Path) -> bool:
-    """Whether the drafter's last run trained on `data`: its sha256 among those the drafter file
-    records (since session 47; before, the files' names, which a run folder's `data.jsonl` shares
-    with every other run's: there the name is all there is to go by)."""
+def _recorded_data(drafter: Path) -> dict:
+    """The drafter file's record of its training data ({} where there is no file yet)."""
     from dlm.drafter import read_drafter_meta
-    from dlm.tuned_file import file_sha256
 
-    info = read_drafter_meta(drafter).get("info", {})
+    return read_drafter_meta(drafter).get("info", {}) if drafter.exists() else {}
+
+
+def _other_data(drafter: Path, shas: list[str]) -> str | None:
+    """Where the run folder's drafter trained on other data files than `shas` (by the sha256 its
+    record keeps since session 47): those files' names; else None (no drafter yet, an older record,
+    the same files). A resumed run would train on, and record, the new files after steps on the old."""
+    info = _recorded_data(drafter)
+    if "data_sha256" not in info or sorted(info["data_sha256"]) == sorted(shas):
+        return None
+    return ", ".join(info.get("data", [])) or "unnamed"
+
+
+def _trained_on(drafter: Path, sha: str, name: str) -> bool:
+    """Whether the drafter trained on the data file of this sha256 (and name): by the sha256 its
+    record keeps since session 47; in an older record by the name alone, unless it is the run
+    folder's DATA_FILE, which every run's data shares."""
+    from dlm.adapt.pipeline import DATA_FILE
+
+    info = _recorded_data(drafter)
     if "data_sha256" in info:
-        return file_sha256(data) in info["data_sha256"]
-    return data.name in info.get("data", [])
+        return sha in info["data_sha256"]
+    return name != DATA_FILE and name in info.get("data", [])
 
 
 def main(argv: list[str] | None = None) -> int:

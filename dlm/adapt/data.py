@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DATA_FORMAT", "Batch", "Example", "collate", "read_dataset", "steps_per_epoch",
+__all__ = ["DATA_FORMAT", "Batch", "Example", "collate", "draftable", "read_dataset", "steps_per_epoch",
            "training_batches", "write_dataset"]
 
 DATA_FORMAT = "voice-agent-adapt-data/1"
@@ -46,6 +46,12 @@ class Batch:
     tokens: Tensor  # (B, L) long: prompt, reply, EOS fill to the block boundary, then pad
     supervised: Tensor  # (B, L) bool: the positions that carry a loss (reply and EOS fill)
     n_real_tokens: int  # prompt + reply tokens, padding excluded (for tokens/s)
+
+
+def draftable(examples: Iterable[Example]) -> list[Example]:
+    """The examples whose reply has a token to draft after its first (two tokens or more): what a
+    drafter trains and is evaluated on."""
+    return [e for e in examples if len(e.reply_ids) >= 2]
 
 
 def write_dataset(path: str | Path, examples: Iterable[Example], meta: dict[str, Any]) -> Path:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from dlm.adapt.data import Example
+from dlm.adapt.data import Example, draftable
 from dlm.adapt.state import batch_indices, lr_at, resume_state, save_state
 from dlm.drafter import Drafter, DrafterConfig, save_drafter
 from dlm.model import DraftInputs, Transformer
@@ -69,11 +69,6 @@ class DraftTrainConfig:
     seed: int = 0
     checkpoint_every: int = 50  # steps; 0: only at the end and at the time budget
     time_budget_s: float = 0.0  # 0: no limit
-
-
-def _usable(examples: list[Example]) -> list[Example]:
-    """Sequences with at least two reply tokens (a draft block needs a target)."""
-    return [e for e in examples if len(e.reply_ids) >= 2]
 
 
 def _layout(examples: list[Example], cuts: list[list[int]], n: int, pad_id: int) -> dict[str, Tensor]:
@@ -174,7 +169,7 @@ def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, o
     out_dir.mkdir(parents=True, exist_ok=True)
     model: Transformer = loaded.model
     model.requires_grad_(False)
-    examples = _usable(examples)
+    examples = draftable(examples)  # a draft block needs a target
     if not examples:
         raise ValueError("no training example has a reply of two tokens or more")
     if init is not None:
@@ -224,7 +219,7 @@ def evaluate_drafter(loaded: Any, drafter: Drafter, examples: list[Example], n_s
                      batch_size: int = 8) -> dict[str, Any]:
     """Per-slot agreement with the teacher on held-out replies, and the tokens per forward that
     greedy verification would get with a block after every position (see the module docstring)."""
-    examples = _usable(examples)
+    examples = draftable(examples)  # a draft block needs a target
     pad_id = loaded.spec.eos_token_ids[0] if loaded.spec.eos_token_ids else 0
     hits = [0] * n_slots
     counts = [0] * n_slots

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from dlm.adapt.data import Example
+from dlm.adapt.data import Example, draftable
 from dlm.adapt.draft import DRAFTER_FILE, STATE_FILE
 from dlm.adapt.state import lr_at, resume_state, save_state
 from dlm.draft_head import DraftHead, DraftHeadConfig
@@ -313,7 +313,7 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     weights a causal head's start)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    examples = [e for e in examples if len(e.reply_ids) >= 2]
+    examples = draftable(examples)
     if not examples:
         raise ValueError("no training example has a reply of two tokens or more")
     model = loaded.model
@@ -390,7 +390,7 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
 def evaluate_head(loaded: Any, head: DraftHead, examples: list[Example], batch_size: int = 512) -> dict[str, Any]:
     """Per-slot agreement with the teacher on held-out replies, and the tokens per forward that
     greedy verification gets (see the module docstring)."""
-    examples = [e for e in examples if len(e.reply_ids) >= 2]
+    examples = draftable(examples)
     n, V = head.n_slots, loaded.config.vocab_size
     device = head.vocab.device
     corpus = _Corpus(examples, head_features(loaded, examples, desc="held-out features",

@@ -229,32 +229,64 @@ def test_a_negative_max_vocab_is_refused_before_anything_loads(tmp_path: Path, c
     assert "--max-vocab must be >= 0" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["head", "slots"])
 def test_a_drafter_is_evaluated_on_replies_it_trained_on_beside_held_out_ones(
-        tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`adapt drafter` evaluates its head on as many of the first file's training replies as
-    held-out ones and prints both at the longest draft length; a file the drafter's record does not
-    name (a head evaluated on another file's replies) gets the held-out figures only; a file
-    without a held-out reply to draft in is refused before anything loads."""
-    def replies(name: str, length: int) -> Path:  # counting replies (next = last + 1), 4 held out
-        examples = [Example([5, 3 + i], [10 + i + k for k in range(length)], [], "x", "greedy", i,
-                            "heldout" if i >= 12 else "train") for i in range(16)]
+        kind: str, tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`adapt drafter` evaluates the drafter on as many of the first file's training replies (not
+    those of a held-out prompt) as held-out ones and prints both at the longest draft length. A
+    file the drafter's record does not hold (the same name, other replies) gets the held-out
+    figures only, and a run folder is not resumed on it; a file without a held-out reply to draft
+    in, and --eval-examples 0, are refused before anything loads."""
+    def replies(name: str, length: int) -> Path:  # counting replies (next = last + 1), 4 held out, shorter
+        examples = [Example([5, 3 + i], [10 + i + k for k in range(length if i < 12 else max(1, length - 3))], [],
+                            "x", "greedy", i, "heldout" if i >= 12 else "train") for i in range(16)]
+        # first of the training replies, but its prompt is a held-out one's: never trained or evaluated on
+        examples.insert(0, Example([5, 15], list(range(20, 26)), [], "x", "sampled", 12, "train"))
         return write_dataset(tmp_path / name / "data.jsonl", examples, {"base": str(tiny_base)})
 
-    data, other, short = replies("run", 8), replies("other", 6), replies("short", 1)
+    data, other, short = replies("run", 8), replies("other", 7), replies("short", 1)
     run = tmp_path / "run"
-    head = ["drafter", "--kind", "head", "--base", str(tiny_base), "--slots", "2", "--layers", "1",
-            "--eval-examples", "3", "--out", str(run)]
-    assert main([*head, "--max-steps", "2", "--data", str(data)]) == 0
+    options = ["drafter", "--kind", kind, "--base", str(tiny_base), "--slots", "2", "--eval-examples", "3",
+               *(["--layers", "1"] if kind == "head" else [])]
+    drafter = [*options, "--out", str(run)]
+    assert main([*drafter, "--max-steps", "2", "--data", str(data)]) == 0
     report = json.loads((run / "drafter-eval.json").read_text())
     trained = report["training_replies"]
     assert trained["examples"] == report["examples"] == 3
-    assert set(trained["tokens_per_forward_by_draft_len"]) == {"1", "2"}
+    assert set(trained["tokens_per_forward_by_draft_len"]) == set(report["tokens_per_forward_by_draft_len"])
+    if kind == "head":  # a sample a reply token: three training replies of 8, not 6 + 8 + 8, not held-out 5s
+        assert (trained["samples"], report["samples"]) == (24, 15)
+    else:
+        assert trained["blocks"] > report["blocks"]
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("tokens per forward at draft length 2: ") and "on 3 held-out replies" in line
-    assert main([*head, "--eval-only", "--data", str(other)]) == 0
+    assert "on 3 it trained on" in line
+    assert main([*drafter, "--eval-only", "--data", str(other)]) == 0
     assert "training_replies" not in json.loads((run / "drafter-eval.json").read_text())
-    assert main([*head, "--eval-only", "--data", str(short)]) == 2
-    assert "none of its first 3 held-out replies has two tokens or more" in capsys.readouterr().out
+    assert main([*drafter, "--max-steps", "3", "--data", str(other)]) == 2
+    assert "trained on other data files (data.jsonl): give another --out" in capsys.readouterr().out
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr("dlm.checkpoints.load_model", no_load)
+    fresh = [*options, "--out", str(tmp_path / "fresh"), "--max-steps", "2"]
+    assert main([*fresh, "--data", str(short)]) == 2
+    assert "no held-out reply with a token to draft" in capsys.readouterr().out
+    assert main([*fresh, "--data", str(data), "--eval-examples", "0"]) == 2
+    assert "--eval-examples must be >= 1" in capsys.readouterr().out
+
+
+def test_an_older_drafter_record_names_its_files_and_a_run_folders_data_file_counts_for_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlm.adapt import cli
+
+    monkeypatch.setattr(cli, "_recorded_data", lambda drafter: {"data": ["a.jsonl.gz", "data.jsonl"]})
+    assert cli._trained_on(Path("d"), "sha", "a.jsonl.gz")
+    assert not cli._trained_on(Path("d"), "sha", "data.jsonl") and not cli._trained_on(Path("d"), "sha", "b.jsonl.gz")
+    monkeypatch.setattr(cli, "_recorded_data", lambda drafter: {"data": ["a.jsonl.gz"], "data_sha256": ["s1"]})
+    assert cli._trained_on(Path("d"), "s1", "other-name") and not cli._trained_on(Path("d"), "s2", "a.jsonl.gz")
+    assert cli._other_data(Path("d"), ["s1"]) is None and cli._other_data(Path("d"), ["s2"]) == "a.jsonl.gz"
 
 
 def test_the_generalisation_line_says_whether_a_drafter_learnt_its_replies_by_heart() -> None:
@@ -264,3 +296,4 @@ def test_the_generalisation_line_says_whether_a_drafter_learnt_its_replies_by_he
     assert learnt.startswith("tokens per forward at draft length 6: 2.044 on 64 held-out replies, 3.745 on 64")
     assert "83% more on the replies it trained on" in learnt
     assert "about the same on both" in _generalisation({6: 2.0}, {6: 2.1}, 8, 8)
+    assert "20% fewer on the replies it trained on" in _generalisation({"9": 2.0, "10": 2.5}, {"9": 1.0, "10": 2.0}, 8, 8)
