@@ -217,8 +217,9 @@ def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, o
 
 def evaluate_drafter(loaded: Any, drafter: Drafter, examples: list[Example], n_slots: int,
                      batch_size: int = 8) -> dict[str, Any]:
-    """Per-slot agreement with the teacher on held-out replies, and the tokens per forward that
-    greedy verification would get with a block after every position (see the module docstring)."""
+    """Per-slot agreement with the teacher on these replies (held-out ones; `adapt drafter` also
+    some it trained on, to compare), and the tokens per forward that greedy verification would get
+    with a block after every position (see the module docstring)."""
     examples = draftable(examples)  # a draft block needs a target
     pad_id = loaded.spec.eos_token_ids[0] if loaded.spec.eos_token_ids else 0
     hits = [0] * n_slots

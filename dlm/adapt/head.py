@@ -388,12 +388,13 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
 
 
 def evaluate_head(loaded: Any, head: DraftHead, examples: list[Example], batch_size: int = 512) -> dict[str, Any]:
-    """Per-slot agreement with the teacher on held-out replies, and the tokens per forward that
-    greedy verification gets (see the module docstring)."""
+    """Per-slot agreement with the teacher on these replies (held-out ones; `adapt drafter` also
+    some it trained on, to compare), and the tokens per forward that greedy verification gets (see
+    the module docstring)."""
     examples = draftable(examples)
     n, V = head.n_slots, loaded.config.vocab_size
     device = head.vocab.device
-    corpus = _Corpus(examples, head_features(loaded, examples, desc="held-out features",
+    corpus = _Corpus(examples, head_features(loaded, examples, desc="evaluation features",
                                              layers=head.config.feature_layers), n, device)
     remap = _remap(head.vocab, V).to(device)
     runs, hits, counts = [], torch.zeros(n, device=device), torch.zeros(n, device=device)
