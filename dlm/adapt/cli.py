@@ -213,6 +213,7 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
 
     from dlm.adapt.data import Example, draftable, read_dataset
     from dlm.adapt.draft import DRAFTER_FILE
+    from dlm.adapt.pipeline import DATA_FILE
     from dlm.checkpoints import load_model, runnable_weights
     from dlm.drafter import load_drafter
     from dlm.tuned_file import file_sha256
@@ -224,7 +225,7 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
         print(f"--eval-examples must be >= 1, not {args.eval_examples}")
         return 2
     base = args.base or default_base
-    files = args.data or [args.out / "data.jsonl"]
+    files = args.data or [args.out / DATA_FILE]
     for data in files:
         if not data.exists():
             print(f"{data} does not exist: make it first with: python -m dlm.adapt data --scale cpu --out {args.out}")
