@@ -5,7 +5,7 @@ The engine raises these for one request and keeps serving the others.
 
 from __future__ import annotations
 
-__all__ = ["DlmError", "InvalidRequestError", "ModelNotFoundError", "UnsupportedCheckpointError"]
+__all__ = ["DlmError", "InvalidRequestError", "ModelNotFoundError", "ResumeError", "UnsupportedCheckpointError"]
 
 
 class DlmError(Exception):
@@ -22,3 +22,8 @@ class UnsupportedCheckpointError(DlmError):
 
 class InvalidRequestError(DlmError):
     """A request the engine refuses (empty prompt, too long, absurd parameters)."""
+
+
+class ResumeError(DlmError):
+    """A training run folder whose saved state another run cannot continue (other settings or
+    other training data: dlm.adapt.state)."""

@@ -13,6 +13,10 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dlm.adapt.data import Example
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -211,7 +215,7 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
 
     import torch
 
-    from dlm.adapt.data import Example, draftable, read_dataset
+    from dlm.adapt.data import draftable, read_dataset
     from dlm.adapt.draft import DRAFTER_FILE
     from dlm.adapt.pipeline import DATA_FILE
     from dlm.checkpoints import load_model, runnable_weights
@@ -248,10 +252,6 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
     # the drafter drafts it learnt by heart (evaluated where the drafter trained on that file).
     training_sample = draftable(training(sets[0][1]))[: len(heldout)]
     shas = [file_sha256(data) for data in files]
-    if not args.eval_only and (other := _other_data(args.out / DRAFTER_FILE, shas)):
-        print(f"{args.out / DRAFTER_FILE} trained on other data files ({other}): give another --out (with --init "
-              "that file to continue from it); a rerun in the same folder resumes on the same files only")
-        return 2
     info = {"data": [data.name for data in files], "data_sha256": shas, "teacher": Path(str(meta.get("base"))).name}
     if args.kind == "head":
         from dlm.adapt.head import HeadTrainConfig, evaluate_head, train_head
@@ -274,7 +274,8 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
                                   feature_layers=tuple(int(i) for i in args.feature_layers.split(",") if i),
                                   time_budget_s=args.time_budget_s, max_vocab=args.max_vocab, causal=args.causal)
             init = load_drafter(args.init, loaded, check_base=False) if args.init else None
-            train_head(loaded, train_set, cfg, args.out, base, info=info, init=init)
+            if (refused := _train(train_head, loaded, train_set, cfg, args.out, base, info=info, init=init)) is not None:
+                return refused
         head = load_drafter(args.out / DRAFTER_FILE, loaded)
 
         def evaluate(examples: list[Example]) -> dict:
@@ -291,7 +292,8 @@ def _drafter(args: argparse.Namespace, default_base: Path) -> int:
             # A starting point only: it may come from the base without the adapter (the teacher before).
             init = load_drafter(args.init, loaded, check_base=False) if args.init else None
             args.out.mkdir(parents=True, exist_ok=True)
-            train_drafter(loaded, train_set, cfg, args.out, base, info=info, init=init)
+            if (refused := _train(train_drafter, loaded, train_set, cfg, args.out, base, info=info, init=init)) is not None:
+                return refused
         drafter = load_drafter(args.out / DRAFTER_FILE, loaded)
 
         def evaluate(examples: list[Example]) -> dict:
@@ -332,14 +334,18 @@ def _recorded_data(drafter: Path) -> dict:
     return read_drafter_meta(drafter).get("info", {}) if drafter.exists() else {}
 
 
-def _other_data(drafter: Path, shas: list[str]) -> str | None:
-    """Where the run folder's drafter trained on other data files than `shas` (by the sha256 its
-    record keeps since session 47): those files' names; else None (no drafter yet, an older record,
-    the same files). A resumed run would train on, and record, the new files after steps on the old."""
-    info = _recorded_data(drafter)
-    if "data_sha256" not in info or sorted(info["data_sha256"]) == sorted(shas):
-        return None
-    return ", ".join(info.get("data", [])) or "unnamed"
+def _train(trainer: Any, loaded: Any, train_set: list[Example], cfg: Any, out: Path, base: Path, **kwargs: Any) -> int | None:
+    """Run a drafter trainer; 2, with its message, where out holds a run it cannot continue
+    (other settings or other training examples: dlm.adapt.state), else None."""
+    from dlm.adapt.draft import DRAFTER_FILE
+    from dlm.errors import ResumeError
+
+    try:
+        trainer(loaded, train_set, cfg, out, base, **kwargs)
+    except ResumeError as e:
+        print(f"{e} (to go on from its drafter on these files: another --out, with --init {out / DRAFTER_FILE})")
+        return 2
+    return None
 
 
 def _trained_on(drafter: Path, sha: str, name: str) -> bool:

@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dlm.adapt.data import Example, draftable
-from dlm.adapt.state import batch_indices, lr_at, resume_state, save_state
+from dlm.adapt.state import batch_indices, data_fingerprint, lr_at, resume_state, save_state
 from dlm.drafter import Drafter, DrafterConfig, save_drafter
 from dlm.model import DraftInputs, Transformer
 
@@ -154,8 +154,8 @@ def draft_batch_loss(model: Transformer, drafter: Drafter, examples: list[Exampl
 
 
 def _save(out_dir: Path, drafter: Drafter, optimizer: torch.optim.Optimizer, step: int, cfg: DraftTrainConfig,
-          base_path: Path, info: dict[str, Any], adapter: Path | None) -> None:
-    save_state(out_dir / STATE_FILE, step, drafter, optimizer, cfg)
+          base_path: Path, info: dict[str, Any], adapter: Path | None, data: str) -> None:
+    save_state(out_dir / STATE_FILE, step, drafter, optimizer, cfg, data)
     save_drafter(out_dir / DRAFTER_FILE, drafter, base_path, {**info, "step": step, "train": asdict(cfg)},
                  adapter=adapter)
 
@@ -180,7 +180,8 @@ def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, o
         drafter.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    step = resume_state(out_dir / STATE_FILE, drafter, optimizer, cfg)
+    fingerprint = data_fingerprint((e.prompt_ids, e.reply_ids) for e in examples)
+    step = resume_state(out_dir / STATE_FILE, drafter, optimizer, cfg, fingerprint)
     if step:
         log.info("drafter: resuming from step %d of %d", step, cfg.max_steps)
     pad_id = loaded.spec.eos_token_ids[0] if loaded.spec.eos_token_ids else 0
@@ -209,9 +210,9 @@ def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, o
         bar.set_postfix(loss=f"{loss_ema:.3f}", acc0=f"{stats['acc0']:.2f}", acc1=f"{stats.get('acc1', 0):.2f}",
                         tok_s=f"{tokens_done / max(time.monotonic() - window_t0, 1e-9):.0f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save(out_dir, drafter, optimizer, step, cfg, Path(base_path), info, getattr(loaded, "adapter", None))
+            _save(out_dir, drafter, optimizer, step, cfg, Path(base_path), info, getattr(loaded, "adapter", None), fingerprint)
     bar.close()
-    _save(out_dir, drafter, optimizer, step, cfg, Path(base_path), info, getattr(loaded, "adapter", None))
+    _save(out_dir, drafter, optimizer, step, cfg, Path(base_path), info, getattr(loaded, "adapter", None), fingerprint)
     return drafter
 
 

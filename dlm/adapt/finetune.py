@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dlm.adapt.data import Example
-from dlm.adapt.state import batch_indices, lr_at, resume_state, save_state
+from dlm.adapt.state import batch_indices, data_fingerprint, lr_at, resume_state, save_state
 from dlm.adapter import TARGETS, Adapter, AdapterConfig, save_adapter
 
 __all__ = ["ADAPTER_FILE", "FinetuneConfig", "SupervisedSeq", "conversation_seq", "example_seq", "finetune",
@@ -128,8 +128,8 @@ def _batch_loss(model: Any, seqs: list[SupervisedSeq], pad_id: int) -> tuple[Ten
 
 
 def _save(out_dir: Path, adapter: Adapter, optimizer: torch.optim.Optimizer, step: int, cfg: FinetuneConfig,
-          base_path: Path, info: dict[str, Any]) -> None:
-    save_state(out_dir / STATE_FILE, step, adapter, optimizer, cfg)
+          base_path: Path, info: dict[str, Any], data: str) -> None:
+    save_state(out_dir / STATE_FILE, step, adapter, optimizer, cfg, data)
     save_adapter(out_dir / ADAPTER_FILE, adapter, base_path, {**info, "step": step, "train": asdict(cfg)})
 
 
@@ -153,7 +153,8 @@ def finetune(loaded: Any, seqs: list[SupervisedSeq], cfg: FinetuneConfig, out_di
     torch.manual_seed(cfg.seed)
     adapter = Adapter(loaded.config, AdapterConfig(rank=cfg.rank, alpha=cfg.alpha, targets=tuple(cfg.targets)))
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    step = resume_state(out_dir / STATE_FILE, adapter, optimizer, cfg)
+    fingerprint = data_fingerprint((s.ids, s.loss_mask) for s in seqs)
+    step = resume_state(out_dir / STATE_FILE, adapter, optimizer, cfg, fingerprint)
     if step:
         log.info("finetune: resuming from step %d of %d", step, cfg.max_steps)
     pad_id = loaded.spec.eos_token_ids[0] if loaded.spec.eos_token_ids else 0
@@ -180,11 +181,11 @@ def finetune(loaded: Any, seqs: list[SupervisedSeq], cfg: FinetuneConfig, out_di
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr_at(step, cfg):.1e}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                _save(out_dir, adapter, optimizer, step, cfg, Path(base_path), {**info, "loss_ema": loss_ema})
+                _save(out_dir, adapter, optimizer, step, cfg, Path(base_path), {**info, "loss_ema": loss_ema}, fingerprint)
     finally:
         Adapter.detach(handles)
         bar.close()
-    _save(out_dir, adapter, optimizer, step, cfg, Path(base_path), {**info, "loss_ema": loss_ema})
+    _save(out_dir, adapter, optimizer, step, cfg, Path(base_path), {**info, "loss_ema": loss_ema}, fingerprint)
     return adapter
 
 

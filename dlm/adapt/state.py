@@ -8,17 +8,27 @@ Contract:
 - `batch_indices(n, step, batch_size, seed)`: the indices of step's batch out of n items: an order
   shuffled per epoch that depends on (seed, epoch) only, so a resumed run sees the batches an
   uninterrupted one would.
-- `save_state(path, step, module, optimizer, cfg)` writes {step, weights (fp32), optimizer,
-  config} atomically; `resume_state(path, module, optimizer, cfg)` loads it into module and
-  optimizer and returns the step (0 where there is no file). A run saved with another batch size
-  or seed raises RuntimeError: its order of batches would not continue. A larger `max_steps`
-  (or another learning rate) is how a finished run is trained further.
+- `data_fingerprint(rows)`: the sha256 of a run's training rows in their order, each row a few
+  int sequences (a teacher reply's prompt and reply ids; a sequence's ids and loss mask).
+- `save_state(path, step, module, optimizer, cfg, data)` writes {step, weights (fp32), optimizer,
+  config, data (the fingerprint)} atomically; `resume_state(path, module, optimizer, cfg, data)`
+  loads it into module and optimizer and returns the step (0 where there is no file).
+  `check_resumable(path, cfg, data)` is its check alone, for a trainer that has minutes of work
+  to do before it loads the state (the draft head's features): a state saved with another batch
+  size, seed or head kind, or on other training rows, raises dlm.errors.ResumeError, since the
+  resumed run would not continue the same one (its batches would change, or steps on new data
+  would follow steps on the old under one record). A state saved before the fingerprint was
+  kept (session 48) resumes on any rows. A larger `max_steps` (or another learning rate) is how
+  a finished run is trained further.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["batch_indices", "lr_at", "resume_state", "save_state"]
+from dlm.errors import ResumeError
+
+__all__ = ["batch_indices", "check_resumable", "data_fingerprint", "lr_at", "resume_state", "save_state"]
 
 
 def lr_at(step: int, cfg: Any) -> float:
@@ -46,24 +58,53 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     return order[index * batch_size:(index + 1) * batch_size]
 
 
-def save_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any) -> None:
+def data_fingerprint(rows: Iterable[Sequence[Sequence[int]]]) -> str:
+    """The sha256 of training rows in their order: each row's part count and lengths, then its
+    parts' values (so a token moved from a prompt to its reply changes it too)."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(array("q", [len(row), *(len(part) for part in row)]).tobytes())
+        for part in row:
+            h.update(array("q", part).tobytes())
+    return h.hexdigest()
+
+
+def save_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
+               data: str | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"step": step, "weights": {k: v.detach().float() for k, v in module.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "config": asdict(cfg)}, tmp)
+                "optimizer": optimizer.state_dict(), "config": asdict(cfg), "data": data}, tmp)
     tmp.replace(path)
 
 
-def resume_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any) -> int:
+def check_resumable(path: Path, cfg: Any, data: str | None = None) -> dict | None:
+    """The state saved at path (None where there is none), once it is known to continue this run:
+    ResumeError where it was saved with another batch size, seed or head kind, or on training rows
+    of another fingerprint (where both the state and this run know theirs)."""
     if not path.exists():
-        return 0
+        return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
     changed = [k for k in ("batch_size", "seed") if saved["config"].get(k) != getattr(cfg, k)]
     # A draft head's `causal` too (the same weights' shapes, another model; absent before session 39: False)
     if bool(saved["config"].get("causal")) != bool(getattr(cfg, "causal", False)):
         changed.append("causal")
     if changed:
-        raise RuntimeError(f"{path.parent} was trained with another {' and '.join(changed)}: resuming would not "
-                           f"continue the same run; use the same settings or delete {path} to restart")
+        raise ResumeError(f"{path.parent} was trained with another {' and '.join(changed)}: resuming would not "
+                          f"continue the same run; use the same settings, another output folder, or delete {path} "
+                          "to restart")
+    if data is not None and saved.get("data") not in (None, data):
+        raise ResumeError(f"{path.parent} was trained on other data (other training examples, or the same in "
+                          f"another order): resuming would follow its steps with steps on these under one record; "
+                          f"use another output folder (starting from its trained file, where the trainer takes "
+                          f"one), or delete {path} to restart")
+    return saved
+
+
+def resume_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
+                 data: str | None = None) -> int:
+    saved = check_resumable(path, cfg, data)
+    if saved is None:
+        return 0
     module.load_state_dict(saved["weights"])
     optimizer.load_state_dict(saved["optimizer"])
     return int(saved["step"])

@@ -23,9 +23,11 @@ from dlm.adapt.prompts import (
     self_prompt_starts,
 )
 from dlm.adapt.quality import has_loop
+from dlm.adapt.state import data_fingerprint, resume_state, save_state
 from dlm.adapt.train import TrainConfig, lr_at
 from dlm.chat import ChatFormatter
 from dlm.config import DiffusionSpec, ModelConfig
+from dlm.errors import ResumeError
 from dlm.masks import block_diff_mask
 from dlm.model import Transformer
 
@@ -154,6 +156,29 @@ def test_training_batches_resume_mid_epoch_in_the_same_order() -> None:
     resumed = training_batches(examples, start_step=7, **kw)
     for k in range(7, 10):
         assert torch.equal(next(resumed).tokens, first[k])
+
+
+def test_a_saved_state_resumes_on_the_rows_it_was_trained_on_only(tmp_path) -> None:
+    """The state's fingerprint of its training rows: another row, a token moved from a prompt to
+    its reply or another order is refused; a state saved before there was a fingerprint resumes."""
+    from dlm.adapt.finetune import FinetuneConfig
+
+    rows = [([1, 2], [3, 4]), ([5], [6, 7])]
+    fingerprint = data_fingerprint(rows)
+    assert fingerprint == data_fingerprint([(list(a), tuple(b)) for a, b in rows])  # values, not containers
+    others = ([([1, 2, 3], [4]), ([5], [6, 7])], rows[::-1], [*rows, ([8], [9])], [([1, 2], [3, 4]), ([5], [6, 8])])
+    assert len({fingerprint, *(data_fingerprint(o) for o in others)}) == 1 + len(others)
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    cfg, path = FinetuneConfig(max_steps=9), tmp_path / "state.pt"
+    save_state(path, 4, module, optimizer, cfg, fingerprint)
+    assert resume_state(path, module, optimizer, cfg, fingerprint) == 4
+    with pytest.raises(ResumeError, match="trained on other data"):
+        resume_state(path, module, optimizer, cfg, data_fingerprint(others[0]))
+    with pytest.raises(ResumeError, match="another seed"):
+        resume_state(path, module, optimizer, FinetuneConfig(max_steps=9, seed=cfg.seed + 1), fingerprint)
+    save_state(path, 5, module, optimizer, cfg)  # as before session 48: no fingerprint kept
+    assert resume_state(path, module, optimizer, cfg, data_fingerprint(others[0])) == 5
 
 
 def test_prompts_are_distinct_deterministic_and_varied() -> None:

@@ -29,6 +29,7 @@ from dlm.chat import ChatFormatter
 from dlm.checkpoints import load_model
 from dlm.config import DiffusionSpec
 from dlm.drafter import Drafter, DrafterConfig, DrafterError, load_drafter, read_drafter_meta, save_drafter
+from dlm.errors import ResumeError
 from dlm.masks import causal_mask
 
 
@@ -171,6 +172,11 @@ def test_finetune_learns_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     cut = finetune(loaded, seqs, FinetuneConfig(**cfg, time_budget_s=6.5), tmp_path / "split", base)
     assert torch.load(tmp_path / "split" / "adapter-state.pt", weights_only=True)["step"] == 6
     assert not torch.equal(cut.state_dict()["b.0_q"], whole.state_dict()["b.0_q"])
+    moved = [SupervisedSeq(s.ids, [s.loss_mask[0], *s.loss_mask[2:], s.loss_mask[1]], s.kind) for s in seqs]
+    with pytest.raises(ResumeError, match="trained on other data"):  # the same ids, other targets: not its run
+        finetune(loaded, moved, FinetuneConfig(**cfg), tmp_path / "split", base)
+    with pytest.raises(ResumeError, match="trained on other data"):  # the same sequences in another order neither
+        finetune(loaded, seqs[::-1], FinetuneConfig(**cfg), tmp_path / "split", base)
     resumed = finetune(loaded, seqs, FinetuneConfig(**cfg), tmp_path / "split", base)
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

@@ -18,6 +18,7 @@ from dlm.adapt.draft import DraftTrainConfig, evaluate_drafter, train_drafter
 from dlm.adapt.head import HeadTrainConfig, evaluate_head, train_head
 from dlm.draft_head import DraftHead, DraftHeadConfig
 from dlm.drafter import Drafter, DrafterConfig, DrafterError, load_drafter, read_drafter_meta, save_drafter
+from dlm.errors import ResumeError
 from dlm.masks import causal_mask
 from dlm.model import DraftInputs, can_pack_linears
 
@@ -371,7 +372,7 @@ def test_a_causal_head_learns_the_token_after_a_guess(base, tmp_path):
     start = train_head(base, examples, HeadTrainConfig(max_steps=0, batch_size=64, causal=True), tmp_path / "start",
                        base.path, init=parallel)
     assert start.config.causal and torch.equal(start.fuse.weight, parallel.fuse.weight.float())
-    with pytest.raises(RuntimeError, match="another causal"):  # a parallel run is not resumed as a causal one
+    with pytest.raises(ResumeError, match="another causal"):  # a parallel run is not resumed as a causal one
         train_head(base, examples, HeadTrainConfig(max_steps=200, batch_size=64, window=2, n_slots=2, n_layers=1,
                                                    causal=True), tmp_path / "False", base.path)
 
@@ -394,6 +395,14 @@ def test_a_draft_head_learns_from_the_bases_hidden_states_and_resumes(base, tmp_
     train_head(base, examples, cfg, tmp_path / "run", base.path)
     assert torch.load(tmp_path / "run" / "drafter-state.pt", weights_only=True)["step"] == 82
     assert isinstance(load_drafter(tmp_path / "run" / "drafter.safetensors", base), DraftHead)
+    # Other replies (one token more in one of them) are refused before a feature is computed.
+    features = (tmp_path / "run" / "features.pt").stat().st_mtime_ns
+    other = [*examples[:-1], Example(examples[-1].prompt_ids, [*examples[-1].reply_ids, 50], [], "x", "greedy", 23,
+                                     "train")]
+    with pytest.raises(ResumeError, match="trained on other data"):
+        train_head(base, other, cfg, tmp_path / "run", base.path)
+    assert (tmp_path / "run" / "features.pt").stat().st_mtime_ns == features
+    assert torch.load(tmp_path / "run" / "drafter-state.pt", weights_only=True)["step"] == 82
 
 
 def test_a_continued_head_keeps_its_vocabulary_and_grows_it_up_to_max_vocab(base, tmp_path):
