@@ -1,4 +1,5 @@
-"""Errors the dlm package raises for bad input (unknown model, bad parameters).
+"""Errors the dlm package raises for bad input (unknown model, bad parameters, a training run
+folder that cannot be continued), each with a one-line message meant for the user.
 
 The engine raises these for one request and keeps serving the others.
 """

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dlm.adapt.data import Example
 
 __all__ = ["add_arguments", "main", "run"]
@@ -334,7 +336,7 @@ def _recorded_data(drafter: Path) -> dict:
     return read_drafter_meta(drafter).get("info", {}) if drafter.exists() else {}
 
 
-def _train(trainer: Any, loaded: Any, train_set: list[Example], cfg: Any, out: Path, base: Path, **kwargs: Any) -> int | None:
+def _train(trainer: Callable[..., Any], loaded: Any, train_set: list[Example], cfg: Any, out: Path, base: Path, **kwargs: Any) -> int | None:
     """Run a drafter trainer; 2, with its message, where out holds a run it cannot continue
     (other settings or other training examples: dlm.adapt.state), else None."""
     from dlm.adapt.draft import DRAFTER_FILE

@@ -9,6 +9,8 @@ Contract:
   never sees a prompt the student was trained on.
 - `training_batches(examples, ...)` yields padded `Batch`es in a deterministic order that depends
   only on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+- `replies_fingerprint(examples)`: dlm.adapt.state's fingerprint of the examples' (prompt, reply)
+  ids in their order, what a drafter's run state keeps of the data it trained on.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DATA_FORMAT", "Batch", "Example", "collate", "draftable", "read_dataset", "steps_per_epoch",
-           "training_batches", "write_dataset"]
+from dlm.adapt.state import data_fingerprint
+
+__all__ = ["DATA_FORMAT", "Batch", "Example", "collate", "draftable", "read_dataset", "replies_fingerprint",
+           "steps_per_epoch", "training_batches", "write_dataset"]
 
 DATA_FORMAT = "voice-agent-adapt-data/1"
 
@@ -52,6 +56,11 @@ def draftable(examples: Iterable[Example]) -> list[Example]:
     """The examples whose reply has a token to draft after its first (two tokens or more): what a
     drafter trains and is evaluated on."""
     return [e for e in examples if len(e.reply_ids) >= 2]
+
+
+def replies_fingerprint(examples: Iterable[Example]) -> str:
+    """The fingerprint of the examples' (prompt, reply) token ids in their order (dlm.adapt.state)."""
+    return data_fingerprint((e.prompt_ids, e.reply_ids) for e in examples)
 
 
 def write_dataset(path: str | Path, examples: Iterable[Example], meta: dict[str, Any]) -> Path:

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from dlm.adapt.data import Example, draftable
-from dlm.adapt.state import batch_indices, data_fingerprint, lr_at, resume_state, save_state
+from dlm.adapt.data import Example, draftable, replies_fingerprint
+from dlm.adapt.state import batch_indices, lr_at, resume_state, save_state
 from dlm.drafter import Drafter, DrafterConfig, save_drafter
 from dlm.model import DraftInputs, Transformer
 
@@ -180,7 +180,7 @@ def train_drafter(loaded: Any, examples: list[Example], cfg: DraftTrainConfig, o
         drafter.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    fingerprint = data_fingerprint((e.prompt_ids, e.reply_ids) for e in examples)
+    fingerprint = replies_fingerprint(examples)
     step = resume_state(out_dir / STATE_FILE, drafter, optimizer, cfg, fingerprint)
     if step:
         log.info("drafter: resuming from step %d of %d", step, cfg.max_steps)

@@ -59,9 +59,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from dlm.adapt.data import Example, draftable
+from dlm.adapt.data import Example, draftable, replies_fingerprint
 from dlm.adapt.draft import DRAFTER_FILE, STATE_FILE
-from dlm.adapt.state import check_resumable, data_fingerprint, lr_at, resume_state, save_state
+from dlm.adapt.state import check_resumable, lr_at, resume_state, save_state
 from dlm.draft_head import DraftHead, DraftHeadConfig
 from dlm.drafter import base_fingerprint, save_drafter
 from dlm.tuned_file import file_sha256
@@ -329,7 +329,7 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
         vocab = _vocab(examples, V, limit=cfg.max_vocab)
     device = model.device  # the embedding table may be released (block formats)
     adapter = getattr(loaded, "adapter", None)
-    fingerprint = data_fingerprint((e.prompt_ids, e.reply_ids) for e in examples)
+    fingerprint = replies_fingerprint(examples)
     check_resumable(out_dir / STATE_FILE, cfg, fingerprint)  # before the features' minutes
     features = _features(loaded, examples, out_dir, cfg.feature_layers, _features_source(base_path, adapter))
     corpus = _Corpus(examples, features, cfg.n_slots, device)

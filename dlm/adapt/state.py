@@ -1,6 +1,6 @@
 """What the resumable training runs of dlm.adapt share: the learning-rate schedule, the batch
-order, and the state file of a run that trains a small module on a frozen base (the drafter,
-dlm/adapt/draft.py; an adapter, dlm/adapt/finetune.py).
+order, and the state file of a run that trains a small module on a frozen base (the draft head,
+dlm/adapt/head.py; the mask-slot drafter, dlm/adapt/draft.py; an adapter, dlm/adapt/finetune.py).
 
 Contract:
 - `lr_at(step, cfg)`: linear warmup over `cfg.warmup_steps`, then cosine from `cfg.lr` to
@@ -18,7 +18,7 @@ Contract:
   size, seed or head kind, or on other training rows, raises dlm.errors.ResumeError, since the
   resumed run would not continue the same one (its batches would change, or steps on new data
   would follow steps on the old under one record). A state saved before the fingerprint was
-  kept (session 48) resumes on any rows. A larger `max_steps` (or another learning rate) is how
+  kept (session 48) resumes on any rows: its run cannot be told apart. A larger `max_steps` (or another learning rate) is how
   a finished run is trained further.
 """
 
@@ -70,17 +70,17 @@ def data_fingerprint(rows: Iterable[Sequence[Sequence[int]]]) -> str:
 
 
 def save_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
-               data: str | None = None) -> None:
+               data: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"step": step, "weights": {k: v.detach().float() for k, v in module.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "config": asdict(cfg), "data": data}, tmp)
     tmp.replace(path)
 
 
-def check_resumable(path: Path, cfg: Any, data: str | None = None) -> dict | None:
+def check_resumable(path: Path, cfg: Any, data: str) -> dict | None:
     """The state saved at path (None where there is none), once it is known to continue this run:
     ResumeError where it was saved with another batch size, seed or head kind, or on training rows
-    of another fingerprint (where both the state and this run know theirs)."""
+    of another fingerprint than `data` (a state saved before session 48 keeps none)."""
     if not path.exists():
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -92,16 +92,14 @@ def check_resumable(path: Path, cfg: Any, data: str | None = None) -> dict | Non
         raise ResumeError(f"{path.parent} was trained with another {' and '.join(changed)}: resuming would not "
                           f"continue the same run; use the same settings, another output folder, or delete {path} "
                           "to restart")
-    if data is not None and saved.get("data") not in (None, data):
-        raise ResumeError(f"{path.parent} was trained on other data (other training examples, or the same in "
-                          f"another order): resuming would follow its steps with steps on these under one record; "
-                          f"use another output folder (starting from its trained file, where the trainer takes "
-                          f"one), or delete {path} to restart")
+    if saved.get("data") not in (None, data):
+        raise ResumeError(f"{path.parent} was trained on other data (other training examples, or the same ones "
+                          f"filtered or ordered otherwise): resuming would follow its steps with steps on these "
+                          f"under one record; use another output folder, or delete {path} to restart")
     return saved
 
 
-def resume_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
-                 data: str | None = None) -> int:
+def resume_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, data: str) -> int:
     saved = check_resumable(path, cfg, data)
     if saved is None:
         return 0

@@ -30,6 +30,7 @@ from dlm.adapt.objective import diffusion_loss, diffusion_targets
 from dlm.adapt.state import lr_at
 from dlm.bd_format import read_bd_checkpoint, save_bd_checkpoint
 from dlm.config import DiffusionSpec
+from dlm.errors import ResumeError
 from dlm.model import Transformer
 
 __all__ = ["STUDENT_FILE", "TrainConfig", "TrainResult", "lr_at", "train"]
@@ -85,12 +86,12 @@ def _resume(out_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer,
     saved = torch.load(opt_file, map_location="cpu", weights_only=True)
     step = int(ckpt.extra["step"])
     if saved["step"] != step:
-        raise RuntimeError(f"{out_dir}: student at step {step} but optimizer at {saved['step']}; delete both to restart")
+        raise ResumeError(f"{out_dir}: student at step {step} but optimizer at {saved['step']}; delete both to restart")
     before = json.loads(ckpt.extra["train_config"])
     changed = [k for k in ("max_steps", "batch_size", "lr", "warmup_steps", "seed") if before[k] != getattr(cfg, k)]
     if changed:
-        raise RuntimeError(f"{out_dir} was trained with other settings ({', '.join(changed)}): resuming would not "
-                           f"continue the same run; use the same settings or delete {out_dir} to restart")
+        raise ResumeError(f"{out_dir} was trained with other settings ({', '.join(changed)}): resuming would not "
+                          f"continue the same run; use the same settings or delete {out_dir} to restart")
     device = model.model.embed_tokens.weight.device
     model.load_state_dict({k: v.to(device) for k, v in ckpt.state_dict.items()})
     optimizer.load_state_dict(saved["optimizer"])

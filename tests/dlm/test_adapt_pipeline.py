@@ -19,6 +19,7 @@ from dlm.adapt.teacher import hf_teacher
 from dlm.adapt.train import TrainConfig, train
 from dlm.bd_format import read_bd_checkpoint
 from dlm.checkpoints import load_model
+from dlm.errors import ResumeError
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_resume_refuses_a_changed_schedule(tiny_base: Path, tmp_path: Path) -> N
     spec = to_block_diffusion(loaded, block_size=8, sub_block_size=4)
     cfg = TrainConfig(max_steps=2, batch_size=4, warmup_steps=1, checkpoint_every=0, stop_at_step=1)
     train(loaded.model, spec, loaded.tokenizer, _examples(8), cfg, tmp_path)
-    with pytest.raises(RuntimeError, match="max_steps"):
+    with pytest.raises(ResumeError, match="max_steps"):
         train(loaded.model, spec, loaded.tokenizer, _examples(8), TrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path)
 
 
@@ -265,6 +266,8 @@ def test_a_drafter_is_evaluated_on_replies_it_trained_on_beside_held_out_ones(
     assert "training_replies" not in json.loads((run / "drafter-eval.json").read_text())
     assert main([*drafter, "--max-steps", "3", "--data", str(other)]) == 2
     refused = capsys.readouterr().out
+    assert main([*drafter, "--max-steps", "3", "--data", str(data)]) == 0  # its own data: resumed
+    assert torch.load(run / "drafter-state.pt", weights_only=True)["step"] == 3
     assert "was trained on other data" in refused and f"another --out, with --init {run / 'drafter.safetensors'}" in refused
 
     def no_load(*args: object, **kwargs: object) -> None:
