@@ -18,8 +18,8 @@ Contract:
   size, seed or head kind, or on other training rows, raises dlm.errors.ResumeError, since the
   resumed run would not continue the same one (its batches would change, or steps on new data
   would follow steps on the old under one record). A state saved before the fingerprint was
-  kept (session 48) resumes on any rows: its run cannot be told apart. A larger `max_steps` (or another learning rate) is how
-  a finished run is trained further.
+  kept (session 48) resumes on any rows: its run cannot be told apart. A larger `max_steps` (or
+  another learning rate) is how a finished run is trained further.
 """
 
 from __future__ import annotations
