@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from dlm.adapt.data import Example, draftable, replies_fingerprint
 from dlm.adapt.draft import DRAFTER_FILE, STATE_FILE
-from dlm.adapt.state import check_resumable, lr_at, resume_state, save_state
+from dlm.adapt.state import check_resumable, load_resumed, lr_at, save_state
 from dlm.draft_head import DraftHead, DraftHeadConfig
 from dlm.drafter import base_fingerprint, save_drafter
 from dlm.tuned_file import file_sha256
@@ -330,7 +330,7 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     device = model.device  # the embedding table may be released (block formats)
     adapter = getattr(loaded, "adapter", None)
     fingerprint = replies_fingerprint(examples)
-    check_resumable(out_dir / STATE_FILE, cfg, fingerprint)  # before the features' minutes
+    saved = check_resumable(out_dir / STATE_FILE, cfg, fingerprint)  # before the features' minutes
     features = _features(loaded, examples, out_dir, cfg.feature_layers, _features_source(base_path, adapter))
     corpus = _Corpus(examples, features, cfg.n_slots, device)
     remap = _remap(vocab, V).to(device)
@@ -347,7 +347,7 @@ def train_head(loaded: Any, examples: list[Example], cfg: HeadTrainConfig, out_d
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
                                   fused=device.type == "cuda")
-    step = resume_state(out_dir / STATE_FILE, head, optimizer, cfg, fingerprint)
+    step = load_resumed(saved, head, optimizer)
     if step:
         log.info("head: resuming from step %d of %d", step, cfg.max_steps)
     info = dict(info or {}, n_train=len(examples), n_samples=len(corpus.samples))

@@ -13,8 +13,9 @@ Contract:
 - `save_state(path, step, module, optimizer, cfg, data)` writes {step, weights (fp32), optimizer,
   config, data (the fingerprint)} atomically; `resume_state(path, module, optimizer, cfg, data)`
   loads it into module and optimizer and returns the step (0 where there is no file).
-  `check_resumable(path, cfg, data)` is its check alone, for a trainer that has minutes of work
-  to do before it loads the state (the draft head's features): a state saved with another batch
+  `check_resumable(path, cfg, data)` is its check alone, returning the state for
+  `load_resumed(saved, module, optimizer)`, for a trainer that has minutes of work to do between
+  the two (the draft head's features), so the file is read once: a state saved with another batch
   size, seed or head kind, or on other training rows, raises dlm.errors.ResumeError, since the
   resumed run would not continue the same one (its batches would change, or steps on new data
   would follow steps on the old under one record). A state saved before the fingerprint was
@@ -38,7 +39,8 @@ from torch import nn
 
 from dlm.errors import ResumeError
 
-__all__ = ["batch_indices", "check_resumable", "data_fingerprint", "lr_at", "resume_state", "save_state"]
+__all__ = ["batch_indices", "check_resumable", "data_fingerprint", "load_resumed", "lr_at", "resume_state",
+           "save_state"]
 
 
 def lr_at(step: int, cfg: Any) -> float:
@@ -99,10 +101,14 @@ def check_resumable(path: Path, cfg: Any, data: str) -> dict | None:
     return saved
 
 
-def resume_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, data: str) -> int:
-    saved = check_resumable(path, cfg, data)
+def load_resumed(saved: dict | None, module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """A state `check_resumable` returned, loaded into module and optimizer: its step (0: none)."""
     if saved is None:
         return 0
     module.load_state_dict(saved["weights"])
     optimizer.load_state_dict(saved["optimizer"])
     return int(saved["step"])
+
+
+def resume_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, data: str) -> int:
+    return load_resumed(check_resumable(path, cfg, data), module, optimizer)
