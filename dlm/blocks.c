@@ -779,6 +779,50 @@ VNNI_TARGET static void int_inputs_of(const float *x, int64_t M, int64_t K, int 
         }
 }
 
+/* acc + the products of w's unsigned bytes and the four signed bytes at p, broadcast from memory
+   inside the instruction (vpdpbusd's {1to16} operand: no separate broadcast). */
+VNNI_TARGET INLINE __m512i dp_bcast(__m512i acc, __m512i w, const quad *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*p));
+    return acc;
+}
+
+/* Rows r0..r0+n-1 (n at most 4, a compile-time constant after inlining) of chunk c against one
+   tile's unpacked weights w: their integer sums, then into their accumulators acc[0..n-1]. The
+   rows' chains run side by side: each product's sums are exact integers, so the order they are
+   made in changes no bit, and chains in flight together keep the multiply pipes busy where one
+   row's two chains of eight would wait on each other. With the inputs broadcast inside the
+   products (`dp_bcast`; the compiler had made each broadcast an instruction of its own), the
+   default model's forwards of 3 to 8 positions took 2-7 % less (a throwaway A/B of the two
+   libraries alternating in one process, session 49; docs/benchmarks.md); one position the same. */
+VNNI_TARGET INLINE void int_rows(const int_inputs *in, const __m512i w[8], const __m512 d, const __m512 mn, __m512 *acc,
+                                 int64_t K, int64_t chunks, int64_t c, const int r0, const int n, const int q8,
+                                 const int wide) {
+    __m512i sh[4], sl[4];
+    for (int j = 0; j < n; j++) {
+        sh[j] = _mm512_setzero_si512();
+        sl[j] = q8 ? _mm512_set1_epi32(in->offset[(r0 + j) * chunks + c]) : _mm512_setzero_si512();
+    }
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < n; j++) {
+            const quad *hi = (const quad *)(in->q + (r0 + j) * K + 32 * c);
+            if (wide) { /* S_H and S_L: S = 256 S_H + S_L (the offset in S_L) */
+                const quad *lo = (const quad *)(in->lo + (r0 + j) * K + 32 * c);
+                sh[j] = dp_bcast(sh[j], w[i], hi + i);
+                sl[j] = dp_bcast(sl[j], w[i], lo + i);
+            } else if (i % 2 == 0) { /* two chains of four products (the offset in the second) */
+                sh[j] = dp_bcast(sh[j], w[i], hi + i);
+            } else {
+                sl[j] = dp_bcast(sl[j], w[i], hi + i);
+            }
+        }
+    for (int j = 0; j < n; j++) {
+        const int64_t at = (r0 + j) * chunks + c;
+        const __m512i sum = wide ? _mm512_add_epi32(_mm512_slli_epi32(sh[j], 8), sl[j]) : _mm512_add_epi32(sh[j], sl[j]);
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(in->d[at])), acc[j]);
+        if (!q8) acc[j] = _mm512_fmadd_ps(mn, _mm512_set1_ps(in->s[at]), acc[j]);
+    }
+}
+
 /* Rows 0..R-1 of a group (`in` from its first row), tiles `tile`..+T-1 (16 outputs each) into y
    (rows N apart); lr: the update (t from the group's first row), or NULL. Where `ahead`, each
    block's load is preceded by a prefetch of the same block of the tile T further on, towards L2:
@@ -816,30 +860,12 @@ VNNI_TARGET INLINE void int_tile(const int_inputs *in, const uint8_t *data, cons
                 }
             const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
             const __m512 mn = q8 ? _mm512_setzero_ps() : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 16)));
-            for (int r = 0; r < R; r++) {
-                /* four inputs at a time, broadcast straight from memory into the products */
-                const quad *hi = (const quad *)(in->q + r * K + 32 * c);
-                const __m512i offset = q8 ? _mm512_set1_epi32(in->offset[r * chunks + c]) : _mm512_setzero_si512();
-                __m512i sum;
-                if (wide) { /* S_H and S_L, one chain each: S = 256 S_H + S_L (the offset in S_L) */
-                    const quad *lo = (const quad *)(in->lo + r * K + 32 * c);
-                    __m512i sh = _mm512_setzero_si512(), sl = offset;
-                    for (int i = 0; i < 8; i++) {
-                        sh = _mm512_dpbusd_epi32(sh, w[i], _mm512_set1_epi32(hi[i]));
-                        sl = _mm512_dpbusd_epi32(sl, w[i], _mm512_set1_epi32(lo[i]));
-                    }
-                    sum = _mm512_add_epi32(_mm512_slli_epi32(sh, 8), sl);
-                } else { /* two chains of four products (the offset in the second) */
-                    __m512i s0 = _mm512_setzero_si512(), s1 = offset;
-                    for (int i = 0; i < 8; i += 2) {
-                        s0 = _mm512_dpbusd_epi32(s0, w[i], _mm512_set1_epi32(hi[i]));
-                        s1 = _mm512_dpbusd_epi32(s1, w[i + 1], _mm512_set1_epi32(hi[i + 1]));
-                    }
-                    sum = _mm512_add_epi32(s0, s1);
-                }
-                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(in->d[r * chunks + c])),
-                                            acc[t][r]);
-                if (!q8) acc[t][r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(in->s[r * chunks + c]), acc[t][r]);
+            /* Up to four rows at a time, their chains side by side (`int_rows`). */
+            if (R <= 4) {
+                int_rows(in, w, d, mn, &acc[t][0], K, chunks, c, 0, R, q8, wide);
+            } else {
+                int_rows(in, w, d, mn, &acc[t][0], K, chunks, c, 0, 4, q8, wide);
+                int_rows(in, w, d, mn, &acc[t][4], K, chunks, c, 4, R - 4, q8, wide);
             }
         }
     for (int t = 0; t < T; t++) {
