@@ -176,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
                                 sampled_per_prompt=args.sampled_per_prompt, block_size=args.block_size,
                                 batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
                                 gen_batch_size=args.gen_batch_size, seed=args.seed)
+    if args.step in ("data", "pipeline") and (reason := pipeline.prompt_split_error(scale)):
+        print(reason)
+        return 2
     base = args.base or pipeline.default_base()
     run_dir: Path = args.out
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,8 @@ def run_data(run_dir: Path, base: str | Path, scale: Scale, device: str, time_bu
         raise ValueError("a requests file goes with prompt_source 'file', and only with it")
     if teacher_weights not in TEACHER_WEIGHTS:
         raise ValueError(f"teacher_weights must be one of {TEACHER_WEIGHTS}, not {teacher_weights!r}")
+    if (reason := prompt_split_error(scale)) is not None:
+        raise ValueError(reason)
     if not 0 <= first_prompt < scale.n_prompts - scale.n_heldout:
         raise ValueError(f"first_prompt must lie in [0, {scale.n_prompts - scale.n_heldout}) (the training prompts)")
     out = run_dir / DATA_FILE
@@ -301,6 +303,17 @@ def run_export(run_dir: Path, out: Path | None = None, student: str | Path | Non
     path = export_student(student or run_dir / TRAIN_DIR / STUDENT_FILE, out, extra=extra)
     _record(run_dir, "export", {"path": str(path), "bytes": path.stat().st_size})
     return path
+
+
+def prompt_split_error(scale: Scale) -> str | None:
+    """Why a run's prompts cannot be split into training and held-out ones (the last n_heldout are
+    held out, at least one must train), or None."""
+    if scale.n_prompts < 1:
+        return f"--n-prompts must be at least 1, not {scale.n_prompts}"
+    if not 0 <= scale.n_heldout < scale.n_prompts:
+        return (f"--n-heldout must lie in [0, {scale.n_prompts}) for {scale.n_prompts} prompts (the last n_heldout are "
+                f"held out and the rest train), not {scale.n_heldout}")
+    return None
 
 
 def scale_with(name: str, **overrides: Any) -> Scale:
