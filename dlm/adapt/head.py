@@ -164,7 +164,11 @@ def head_features(loaded: Any, examples: list[Example], desc: str = "features", 
     then the final state (DraftHeadConfig.feature_layers; the layers' own forwards only, not the
     block kernel's single call). `batch_size` sequences per forward (0: one on a CPU, 64
     elsewhere), padded at the end to the batch's longest (causal: padding changes no real
-    position's state)."""
+    position's state). One at a time on the block kernel (a CPU's), the sequences go in the order
+    of their tokens, and each runs only its positions after the prefix it shares with the one
+    before (the system prompt, at least), attending to that one's keys left in the cache: the
+    same bits as its whole forward (the kernel computes each position from its own inputs and
+    its keys in a fixed order), for about half the positions of chat prompts (`_shared_prefixes`)."""
     model = loaded.model
     if any(i >= len(model.model.layers) for i in layers):
         raise ValueError(f"feature layers {list(layers)}: the base has layers 0..{len(model.model.layers) - 1}")
@@ -174,6 +178,8 @@ def head_features(loaded: Any, examples: list[Example], desc: str = "features", 
     device = model.device  # the embedding table may be released (block formats)
     batch_size = batch_size or (1 if device.type == "cpu" else 64)
     seqs = [e.prompt_ids + e.reply_ids for e in examples]
+    if batch_size == 1 and not layers and model.fused_layers:
+        return _shared_prefixes(model, seqs, desc)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar lengths
     longest = max(map(len, seqs))
     cache = model.new_cache(batch_size, longest, device=device)
@@ -199,6 +205,36 @@ def head_features(loaded: Any, examples: list[Example], desc: str = "features", 
     finally:
         for hook in hooks:
             hook.remove()
+    return out  # type: ignore[return-value]
+
+
+def _shared_prefixes(model: Any, seqs: list[list[int]], desc: str) -> list[Tensor]:
+    """`head_features` one sequence at a time on the fused block forward, each after the prefix it
+    shares with the sequence before it in token order: that prefix's keys and values are still in
+    the cache row, and its final states are the earlier sequence's."""
+    device = model.device
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i])
+    cache = model.new_cache(1, max(map(len, seqs)), device=device)
+    row = torch.zeros(1, dtype=torch.long, device=device)
+    out: list[Tensor | None] = [None] * len(seqs)
+    before: list[int] = []
+    h_before = torch.empty(0, model.config.dim, dtype=torch.float16)
+    with torch.no_grad(), tqdm(total=len(seqs), desc=desc, unit="seq", mininterval=2.0) as bar:
+        for i in order:
+            seq = seqs[i]
+            shared = 0
+            for a, b in zip(before, seq):  # at most all but its last position
+                if a != b or shared == len(seq) - 1:
+                    break
+                shared += 1
+            T = len(seq)
+            positions = torch.arange(shared, T, device=device)
+            mask = (torch.arange(T, device=device)[None] <= positions[:, None])[None, None]  # (1, 1, T - shared, T)
+            h = model(torch.tensor(seq[shared:], device=device)[None], positions[None], mask, cache=cache,
+                      cache_rows=row, hidden=True)
+            out[i] = h_before = torch.cat([h_before[:shared], h[0].float().to(torch.float16).cpu()])
+            before = seq
+            bar.update(1)
     return out  # type: ignore[return-value]
 
 

@@ -884,6 +884,45 @@ def test_the_default_teacher_on_blocks_answers_as_the_dense_float32_one():
 
 
 @needs_kernel
+@pytest.mark.parametrize("products", [None, "int16"])
+def test_head_features_after_a_shared_prefix_are_each_sequences_whole_forwards_bit_for_bit(products):
+    """On the block kernel the head's features run each sequence after the prefix it shares with
+    the one before it in token order (a system prompt): the same bits as its whole forward, for
+    fewer positions; a sequence that is all of another's prefix, and repeats, included."""
+    from dlm.adapt.data import Example
+    from dlm.adapt.head import head_features
+
+    if products == "int16" and dlm.blocks.vnni_available() is not None:
+        pytest.skip(dlm.blocks.vnni_available())
+    _, on_blocks = _blocks_loaded(seed=7, products=products)
+    system = [5, 6, 7, 8, 9, 10]
+    prompts = [system + [20, 21], system + [20, 22, 23], system + [30], system + [20, 21], [11, 12], system]
+    examples = [Example(p, [40 + i + k for k in range(3 + i % 3)], [], "x", "greedy", i, "train")
+                for i, p in enumerate(prompts)]
+    examples.append(Example(prompts[0], examples[0].reply_ids[:2], [], "x", "greedy", 9, "train"))  # a prefix of one
+    model = on_blocks.model
+    computed = []
+    real = model.forward
+
+    def counting(tokens, *args, **kwargs):
+        computed.append(tokens.shape[1])
+        return real(tokens, *args, **kwargs)
+
+    model.forward = counting
+    try:
+        together = head_features(on_blocks, examples)
+        alone = [head_features(on_blocks, [e])[0] for e in examples]
+    finally:
+        del model.forward
+    for e, a, b in zip(examples, together, alone, strict=True):
+        assert a.shape == (len(e.prompt_ids) + len(e.reply_ids), on_blocks.config.dim)
+        assert torch.equal(a, b)
+    whole = sum(len(e.prompt_ids) + len(e.reply_ids) for e in examples)
+    assert sum(computed[: len(examples)]) < whole - 5 * len(system)  # five sequences ran after their system prompt
+    assert sum(computed[len(examples):]) == whole
+
+
+@needs_kernel
 def test_a_draft_head_trains_on_a_base_whose_embedding_table_is_freed(tmp_path):
     """`adapt drafter --kind head` loads the base on blocks, where the float32 embedding table is
     freed: the features, a fresh head's start and a continued head read embeddings through the
