@@ -790,10 +790,11 @@ VNNI_TARGET INLINE __m512i dp_bcast(__m512i acc, __m512i w, const quad *p) {
    tile's unpacked weights w: their integer sums, then into their accumulators acc[0..n-1]. The
    rows' chains run side by side: each product's sums are exact integers, so the order they are
    made in changes no bit, and chains in flight together keep the multiply pipes busy where one
-   row's two chains of eight would wait on each other. With the inputs broadcast inside the
-   products (`dp_bcast`; the compiler had made each broadcast an instruction of its own), the
-   default model's forwards of 3 to 8 positions took 2-7 % less (a throwaway A/B of the two
-   libraries alternating in one process, session 49; docs/benchmarks.md); one position the same. */
+   row's two chains (of eight products with 16-bit inputs, four with 8-bit) would wait on each
+   other. With the inputs broadcast inside the products (`dp_bcast`; the compiler had made each
+   broadcast an instruction of its own), the default model's forwards of 3 to 8 positions took
+   2-7 % less, 1 and 2 positions the same (a throwaway A/B of the two libraries alternating in one
+   process, session 49; docs/models.md, "Rows side by side in the products"). */
 VNNI_TARGET INLINE void int_rows(const int_inputs *in, const __m512i w[8], const __m512 d, const __m512 mn, __m512 *acc,
                                  int64_t K, int64_t chunks, int64_t c, const int r0, const int n, const int q8,
                                  const int wide) {

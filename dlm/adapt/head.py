@@ -164,22 +164,22 @@ def head_features(loaded: Any, examples: list[Example], desc: str = "features", 
     then the final state (DraftHeadConfig.feature_layers; the layers' own forwards only, not the
     block kernel's single call). `batch_size` sequences per forward (0: one on a CPU, 64
     elsewhere), padded at the end to the batch's longest (causal: padding changes no real
-    position's state). One at a time on the block kernel (a CPU's), the sequences go in the order
-    of their tokens, and each runs only its positions after the prefix it shares with the one
+    position's state). One at a time on the block kernel (a CPU's) and without `layers`, the
+    sequences go in the order of their tokens, and each runs only its positions after the prefix it shares with the one
     before (the system prompt, at least), attending to that one's keys left in the cache: the
     same bits as its whole forward (the kernel computes each position from its own inputs and
     its keys in a fixed order), for about half the positions of chat prompts (`_shared_prefixes`)."""
     model = loaded.model
     if any(i >= len(model.model.layers) for i in layers):
         raise ValueError(f"feature layers {list(layers)}: the base has layers 0..{len(model.model.layers) - 1}")
-    taps: list[Tensor] = []
-    hooks = [model.model.layers[i].register_forward_hook(lambda _m, _i, out: taps.append(F.rms_norm(
-        out.float(), out.shape[-1:]))) for i in layers]
     device = model.device  # the embedding table may be released (block formats)
     batch_size = batch_size or (1 if device.type == "cpu" else 64)
     seqs = [e.prompt_ids + e.reply_ids for e in examples]
     if batch_size == 1 and not layers and model.fused_layers:
         return _shared_prefixes(model, seqs, desc)
+    taps: list[Tensor] = []
+    hooks = [model.model.layers[i].register_forward_hook(lambda _m, _i, out: taps.append(F.rms_norm(
+        out.float(), out.shape[-1:]))) for i in layers]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar lengths
     longest = max(map(len, seqs))
     cache = model.new_cache(batch_size, longest, device=device)
@@ -223,7 +223,7 @@ def _shared_prefixes(model: Any, seqs: list[list[int]], desc: str) -> list[Tenso
         for i in order:
             seq = seqs[i]
             shared = 0
-            for a, b in zip(before, seq):  # at most all but its last position
+            for a, b in zip(before, seq, strict=False):  # at most all but its last position
                 if a != b or shared == len(seq) - 1:
                     break
                 shared += 1

@@ -39,7 +39,7 @@ from dlm.chat import ChatFormatter
 from dlm.checkpoints import LoadedModel, load_model
 from dlm.threads import claim_for_engine
 
-__all__ = ["SCALES", "Scale", "default_base", "run_data", "run_eval", "run_export", "run_train"]
+__all__ = ["SCALES", "Scale", "default_base", "prompt_split_error", "run_data", "run_eval", "run_export", "run_train"]
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +309,9 @@ def prompt_split_error(scale: Scale) -> str | None:
     """Why a run's prompts cannot be split into training and held-out ones (the last n_heldout are
     held out, at least one must train), or None."""
     if scale.n_prompts < 1:
-        return f"--n-prompts must be at least 1, not {scale.n_prompts}"
+        return f"n_prompts (--n-prompts) must be at least 1, not {scale.n_prompts}"
     if not 0 <= scale.n_heldout < scale.n_prompts:
-        return (f"--n-heldout must lie in [0, {scale.n_prompts}) for {scale.n_prompts} prompts (the last n_heldout are "
+        return (f"n_heldout (--n-heldout) must lie in [0, {scale.n_prompts}) for {scale.n_prompts} prompts (the last n_heldout are "
                 f"held out and the rest train), not {scale.n_heldout}")
     return None
 

@@ -238,14 +238,16 @@ def test_a_prompt_set_held_out_whole_is_refused_in_one_line_before_anything_load
         raise AssertionError("the data step ran")
 
     monkeypatch.setattr(pipeline, "run_data", no_data)
-    for held, prompts in (("5", "5"), ("6", "5"), ("-1", "5"), ("0", "0")):
-        assert main(["data", "--scale", "tiny", "--out", str(tmp_path / "run"), "--n-prompts", prompts,
-                     "--n-heldout", held]) == 2
-        out = capsys.readouterr().out
-        assert ("--n-heldout must lie in [0, 5)" if prompts == "5" else "--n-prompts must be at least 1") in out
+    for step in ("data", "pipeline"):
+        for held, prompts in (("5", "5"), ("6", "5"), ("-1", "5"), ("0", "0")):
+            assert main([step, "--scale", "tiny", "--out", str(tmp_path / "run"), "--n-prompts", prompts,
+                         "--n-heldout", held]) == 2
+            out = capsys.readouterr().out
+            assert ("n_heldout (--n-heldout) must lie in [0, 5)" if prompts == "5"
+                    else "n_prompts (--n-prompts) must be at least 1") in out
     assert not (tmp_path / "run").exists()
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="--n-heldout must lie in"):  # the Python call says the same
+    with pytest.raises(ValueError, match=r"n_heldout \(--n-heldout\) must lie in"):  # the Python call says the same
         pipeline.run_data(tmp_path / "run", Path("unused.gguf"), pipeline.scale_with("tiny", n_prompts=3, n_heldout=3),
                           "cpu", 0)
 

@@ -884,23 +884,40 @@ def test_the_default_teacher_on_blocks_answers_as_the_dense_float32_one():
 
 
 @needs_kernel
-@pytest.mark.parametrize("products", [None, "int16"])
+@pytest.mark.parametrize("products", [None, "int16", "int8"])
 def test_head_features_after_a_shared_prefix_are_each_sequences_whole_forwards_bit_for_bit(products):
     """On the block kernel the head's features run each sequence after the prefix it shares with
     the one before it in token order (a system prompt): the same bits as its whole forward, for
-    fewer positions; a sequence that is all of another's prefix, and repeats, included."""
+    fewer positions; a sequence that is all of another's prefix, and a repeat, included. The
+    float32 states too: a position after a cached prefix is the whole forward's, bit for bit."""
     from dlm.adapt.data import Example
     from dlm.adapt.head import head_features
 
-    if products == "int16" and dlm.blocks.vnni_available() is not None:
+    if products in ("int8", "int16") and dlm.blocks.vnni_available() is not None:
         pytest.skip(dlm.blocks.vnni_available())
     _, on_blocks = _blocks_loaded(seed=7, products=products)
+    model = on_blocks.model
     system = [5, 6, 7, 8, 9, 10]
-    prompts = [system + [20, 21], system + [20, 22, 23], system + [30], system + [20, 21], [11, 12], system]
+    whole, after = [*system, 20, 22, 23, 41, 42], [*system, 20, 21]
+    cache = model.new_cache(1, 16)
+    row = torch.zeros(1, dtype=torch.long)
+
+    def states(seq: list[int], start: int) -> torch.Tensor:
+        positions = torch.arange(start, len(seq))
+        mask = (torch.arange(len(seq))[None] <= positions[:, None])[None, None]
+        with torch.no_grad():
+            return model(torch.tensor(seq[start:])[None], positions[None], mask, cache=cache, cache_rows=row,
+                         hidden=True)[0]
+
+    alone = states(whole, 0)
+    states(after, 0)  # the cache row holds another sequence's system prompt and more
+    assert torch.equal(states(whole, len(system)), alone[len(system):])
+
+    prompts = [[*system, 20, 21], [*system, 20, 22, 23], [*system, 30], [*system, 20, 21], [11, 12], system]
     examples = [Example(p, [40 + i + k for k in range(3 + i % 3)], [], "x", "greedy", i, "train")
                 for i, p in enumerate(prompts)]
     examples.append(Example(prompts[0], examples[0].reply_ids[:2], [], "x", "greedy", 9, "train"))  # a prefix of one
-    model = on_blocks.model
+    examples.append(dataclasses.replace(examples[1], prompt_index=10))  # a repeat
     computed = []
     real = model.forward
 
@@ -917,9 +934,10 @@ def test_head_features_after_a_shared_prefix_are_each_sequences_whole_forwards_b
     for e, a, b in zip(examples, together, alone, strict=True):
         assert a.shape == (len(e.prompt_ids) + len(e.reply_ids), on_blocks.config.dim)
         assert torch.equal(a, b)
-    whole = sum(len(e.prompt_ids) + len(e.reply_ids) for e in examples)
-    assert sum(computed[: len(examples)]) < whole - 5 * len(system)  # five sequences ran after their system prompt
-    assert sum(computed[len(examples):]) == whole
+    every = sum(len(e.prompt_ids) + len(e.reply_ids) for e in examples)
+    assert sum(computed[: len(examples)]) < every - 6 * len(system)  # six sequences ran after their system prompt
+    assert sum(computed[len(examples):]) == every
+    assert 1 in computed[: len(examples)]  # the repeat: its last position only
 
 
 @needs_kernel
