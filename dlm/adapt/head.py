@@ -165,10 +165,11 @@ def head_features(loaded: Any, examples: list[Example], desc: str = "features", 
     block kernel's single call). `batch_size` sequences per forward (0: one on a CPU, 64
     elsewhere), padded at the end to the batch's longest (causal: padding changes no real
     position's state). One at a time on the block kernel (a CPU's) and without `layers`, the
-    sequences go in the order of their tokens, and each runs only its positions after the prefix it shares with the one
-    before (the system prompt, at least), attending to that one's keys left in the cache: the
-    same bits as its whole forward (the kernel computes each position from its own inputs and
-    its keys in a fixed order), for about half the positions of chat prompts (`_shared_prefixes`)."""
+    sequences go in the order of their tokens, and each runs only its positions after the prefix
+    it shares with the one before (the system prompt, at least), attending to that one's keys
+    left in the cache: the same bits as its whole forward (the kernel computes each position from
+    its own inputs and its keys in a fixed order), for about half the positions of chat prompts
+    (`_shared_prefixes`)."""
     model = loaded.model
     if any(i >= len(model.model.layers) for i in layers):
         raise ValueError(f"feature layers {list(layers)}: the base has layers 0..{len(model.model.layers) - 1}")
