@@ -223,12 +223,9 @@ def _shared_prefixes(model: Any, seqs: list[list[int]], desc: str) -> list[Tenso
     with torch.no_grad(), tqdm(total=len(seqs), desc=desc, unit="seq", mininterval=2.0) as bar:
         for i in order:
             seq = seqs[i]
-            shared = 0
-            for a, b in zip(before, seq, strict=False):  # at most all but its last position
-                if a != b or shared == len(seq) - 1:
-                    break
-                shared += 1
             T = len(seq)
+            end = min(len(before), T - 1)  # at most all but its last position
+            shared = next((j for j in range(end) if before[j] != seq[j]), end)
             positions = torch.arange(shared, T, device=device)
             mask = (torch.arange(T, device=device)[None] <= positions[:, None])[None, None]  # (1, 1, T - shared, T)
             h = model(torch.tensor(seq[shared:], device=device)[None], positions[None], mask, cache=cache,
